@@ -1,0 +1,327 @@
+"""Argument checking: every public entry point turns its arguments into one validated ``Problem``.
+
+Each error names the argument, the offending value and the fix. Nothing here touches a GPU except
+reading a varlen ``cu_seqlens`` back to the host (B + 1 integers) to check it.
+"""
+from __future__ import annotations
+
+import math
+import secrets
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+SUPPORTED_DTYPES = ("float16", "bfloat16", "float32", "float64")
+CAUSAL_VARIANTS = ("upper_left", "lower_right")
+
+
+def array_module(x, name: str):
+    """NumPy or CuPy, by the array's type; anything else is a TypeError."""
+    if isinstance(x, np.ndarray):
+        return np
+    if type(x).__module__.split(".")[0] == "cupy":
+        import cupy
+
+        return cupy
+    raise TypeError(
+        f"{name} must be a numpy.ndarray or cupy.ndarray, got {type(x).__module__}.{type(x).__name__}; "
+        "torch tensors go through interop.scaled_dot_product_attention"
+    )
+
+
+def device_of(x) -> str:
+    """'cpu' for NumPy arrays, 'cuda:N' for CuPy arrays."""
+    return "cpu" if isinstance(x, np.ndarray) else f"cuda:{x.device.id}"
+
+
+@dataclass(frozen=True)
+class Varlen:
+    """Packed variable-length batch: sequence b holds tokens cu_seqlens[b] : cu_seqlens[b + 1]."""
+
+    cu_seqlens_q: Any  # int32 array (B + 1,), same array type as q
+    cu_seqlens_k: Any
+    max_seqlen_q: int
+    max_seqlen_k: int
+    host_cu_q: np.ndarray  # int64 host copies, for the reference and for kernel grid sizes
+    host_cu_k: np.ndarray
+
+    @property
+    def batch(self) -> int:
+        return len(self.host_cu_q) - 1
+
+
+@dataclass(frozen=True)
+class Problem:
+    """Validated attention arguments.
+
+    Dense: q (*batch, Hq, L, E), k (*batch, Hkv, S, E), v (*batch, Hkv, S, Ev) with batch dims
+    broadcasting to ``batch_shape`` (rank-2 inputs are viewed with one head). Varlen: q (Tq, Hq, E),
+    k (Tk, Hkv, E), v (Tk, Hkv, Ev) and ``varlen`` set.
+    """
+
+    xp: Any
+    q: Any
+    k: Any
+    v: Any
+    batch_shape: tuple
+    hq: int
+    hkv: int
+    L: int
+    S: int
+    E: int
+    Ev: int
+    dtype: np.dtype
+    scale: float
+    mask: Any = None
+    mask_kind: str | None = None  # None, "bool" or "float"
+    causal: bool = False
+    lower_right: bool = False  # alignment of both causal and window
+    window: tuple[int, int] | None = None  # (left, right), -1 = unbounded
+    dropout_p: float = 0.0
+    seed: int = 0
+    offset: int = 0
+    out_rank: int = 4  # rank of the caller's output; 2 means no head dim
+    varlen: Varlen | None = None
+
+    @property
+    def q3(self):
+        """query with a head dim (rank-2 inputs get one head)."""
+        return self.q if self.q.ndim >= 3 else self.q[None]
+
+    @property
+    def k3(self):
+        return self.k if self.k.ndim >= 3 else self.k[None]
+
+    @property
+    def v3(self):
+        return self.v if self.v.ndim >= 3 else self.v[None]
+
+    @property
+    def group(self) -> int:
+        """Query heads per kv head (GQA): query head h reads kv head h // group."""
+        return self.hq // self.hkv
+
+    @property
+    def device(self) -> str:
+        return device_of(self.q)
+
+    @property
+    def dtype_name(self) -> str:
+        return self.dtype.name
+
+    @property
+    def out_shape(self) -> tuple:
+        if self.varlen is not None:
+            return (self.q.shape[0], self.hq, self.Ev)
+        shape = self.batch_shape + (self.hq, self.L, self.Ev)
+        return shape[len(shape) - self.out_rank:]
+
+    @property
+    def lse_shape(self) -> tuple:
+        if self.varlen is not None:
+            return (self.hq, self.q.shape[0])
+        return self.out_shape[:-1]
+
+    @property
+    def num_bh(self) -> int:
+        """Flattened batch-head count: the ``bh`` of the dropout counter runs over 0..num_bh-1."""
+        if self.varlen is not None:
+            return self.varlen.batch * self.hq
+        return math.prod(self.batch_shape) * self.hq
+
+
+def _dtype_name(x) -> str:
+    return np.dtype(x.dtype).name
+
+
+def _check_dtype(x, name: str) -> np.dtype:
+    if _dtype_name(x) not in SUPPORTED_DTYPES:
+        raise TypeError(
+            f"{name}.dtype={x.dtype} is not supported; use one of {', '.join(SUPPORTED_DTYPES)} "
+            "(cast with .astype)"
+        )
+    return np.dtype(x.dtype)
+
+
+def _check_arrays(q, k, v):
+    xp = array_module(q, "query")
+    for name, x in (("key", k), ("value", v)):
+        if array_module(x, name) is not xp:
+            raise TypeError(
+                f"query is a {xp.__name__} array but {name} is a {type(x).__module__} array; "
+                "NumPy and CuPy arrays cannot be mixed (move them with cupy.asarray / cupy.asnumpy)"
+            )
+    dtype = _check_dtype(q, "query")
+    for name, x in (("key", k), ("value", v)):
+        if _check_dtype(x, name) != dtype:
+            raise TypeError(
+                f"query.dtype={q.dtype} but {name}.dtype={x.dtype}; query, key and value must share one dtype"
+            )
+    if xp is not np:
+        devices = {name: device_of(x) for name, x in (("query", q), ("key", k), ("value", v))}
+        if len(set(devices.values())) > 1:
+            raise ValueError(f"inputs are on different devices {devices}; move them to one device")
+    return xp, dtype
+
+
+def _check_scale(scale, E: int) -> float:
+    if scale is None:
+        return 1.0 / math.sqrt(E)
+    try:
+        scale = float(scale)
+    except (TypeError, ValueError):
+        raise TypeError(f"scale={scale!r} must be a real number or None") from None
+    if not math.isfinite(scale) or scale <= 0:
+        raise ValueError(f"scale={scale} must be finite and positive; pass None for 1/sqrt(E)")
+    return scale
+
+
+def _check_dropout(dropout_p, seed):
+    try:
+        p = float(dropout_p)
+    except (TypeError, ValueError):
+        raise TypeError(f"dropout_p={dropout_p!r} must be a real number in [0, 1]") from None
+    if not 0.0 <= p <= 1.0:  # also rejects NaN
+        raise ValueError(f"dropout_p={dropout_p} must be in [0, 1]")
+    offset = 0
+    if isinstance(seed, tuple):
+        if len(seed) != 2:
+            raise ValueError(f"seed={seed!r} must be an int or a (seed, offset) pair")
+        seed, offset = seed
+    if seed is None:
+        seed = secrets.randbits(64) if p > 0 else 0
+    for name, val, bits in (("seed", seed, 64), ("seed offset", offset, 32)):
+        if isinstance(val, bool) or not isinstance(val, (int, np.integer)):
+            raise TypeError(f"{name}={val!r} must be an int")
+        if not 0 <= int(val) < 2**bits:
+            raise ValueError(f"{name}={val} must be in [0, 2**{bits})")
+    return p, int(seed), int(offset)
+
+
+def _check_causal(is_causal, causal_variant, window):
+    if causal_variant not in CAUSAL_VARIANTS:
+        raise ValueError(f"causal_variant={causal_variant!r} must be one of {CAUSAL_VARIANTS}")
+    if window is not None:
+        if not (isinstance(window, (tuple, list)) and len(window) == 2
+                and all(isinstance(w, (int, np.integer)) and not isinstance(w, bool) for w in window)):
+            raise TypeError(f"window={window!r} must be a (left, right) pair of ints (-1 = unbounded)")
+        window = (int(window[0]), int(window[1]))
+        if min(window) < -1:
+            raise ValueError(f"window={window} must hold sizes >= 0, or -1 for unbounded")
+        if window == (-1, -1):
+            window = None
+    return bool(is_causal), causal_variant == "lower_right", window
+
+
+def _check_mask(attn_mask, xp, full_shape: tuple, device: str):
+    if attn_mask is None:
+        return None, None
+    if array_module(attn_mask, "attn_mask") is not xp:
+        raise TypeError(f"attn_mask is a {type(attn_mask).__module__} array but query is a {xp.__name__} "
+                        "array; NumPy and CuPy arrays cannot be mixed")
+    if device_of(attn_mask) != device:
+        raise ValueError(f"attn_mask is on {device_of(attn_mask)} but query is on {device}; move it")
+    name = _dtype_name(attn_mask)
+    if name == "bool":
+        kind = "bool"
+    elif name in SUPPORTED_DTYPES:
+        kind = "float"
+    else:
+        raise TypeError(
+            f"attn_mask.dtype={attn_mask.dtype} is not supported; use bool (True = attend) or a float "
+            "dtype added to the scores (convert an integer mask with mask.astype(bool))"
+        )
+    shape = tuple(attn_mask.shape)
+    padded = (1,) * (len(full_shape) - len(shape)) + shape
+    if len(shape) > len(full_shape) or any(m not in (1, f) for m, f in zip(padded, full_shape)):
+        raise ValueError(f"attn_mask.shape={shape} does not broadcast to (..., Hq, L, S)={full_shape}; "
+                         "give it size 1 or the full size in each dim")
+    return attn_mask, kind
+
+
+def problem_from_dense(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+                       enable_gqa=False, causal_variant="upper_left", window=None, seed=None) -> Problem:
+    """Validate dense (..., H, L, E) arguments of ``scaled_dot_product_attention``."""
+    xp, dtype = _check_arrays(q, k, v)
+    for name, x in (("query", q), ("key", k), ("value", v)):
+        if x.ndim < 2:
+            raise ValueError(f"{name}.shape={tuple(x.shape)} has rank {x.ndim}; need (..., L, E) with rank >= 2")
+    q3, k3, v3 = (x if x.ndim >= 3 else x[None] for x in (q, k, v))
+    (hq, L, E), (hkv, S, Ek), (hv, Sv, Ev) = q3.shape[-3:], k3.shape[-3:], v3.shape[-3:]
+    if Ek != E:
+        raise ValueError(f"query.shape={tuple(q.shape)} and key.shape={tuple(k.shape)} differ in head dim "
+                         f"(E={E} vs {Ek}); query and key need the same last dim")
+    if E == 0:
+        raise ValueError(f"query.shape={tuple(q.shape)} has head dim 0; need E >= 1")
+    if Sv != S or hv != hkv:
+        raise ValueError(f"key.shape={tuple(k.shape)} and value.shape={tuple(v.shape)} must agree in heads and "
+                         f"length (Hkv, S); got ({hkv}, {S}) vs ({hv}, {Sv})")
+    if hq != hkv:
+        if not enable_gqa:
+            raise ValueError(f"query has {hq} heads but key/value have {hkv}; pass enable_gqa=True for "
+                             "grouped-query attention, or repeat the key/value heads")
+        if hkv == 0 or hq % hkv:
+            raise ValueError(f"enable_gqa=True needs query heads ({hq}) divisible by key/value heads ({hkv})")
+    try:
+        batch_shape = tuple(np.broadcast_shapes(q3.shape[:-3], k3.shape[:-3], v3.shape[:-3]))
+    except ValueError:
+        raise ValueError(f"batch dims of query {tuple(q.shape)}, key {tuple(k.shape)} and value "
+                         f"{tuple(v.shape)} do not broadcast; make the leading dims equal or 1") from None
+    mask, mask_kind = _check_mask(attn_mask, xp, batch_shape + (hq, L, S), device_of(q))
+    causal, lower_right, window = _check_causal(is_causal, causal_variant, window)
+    p, seed, offset = _check_dropout(dropout_p, seed)
+    return Problem(xp=xp, q=q, k=k, v=v, batch_shape=batch_shape, hq=hq, hkv=hkv, L=L, S=S, E=E, Ev=Ev,
+                   dtype=dtype, scale=_check_scale(scale, E), mask=mask, mask_kind=mask_kind, causal=causal,
+                   lower_right=lower_right, window=window, dropout_p=p, seed=seed, offset=offset,
+                   out_rank=max(q.ndim, k.ndim, v.ndim))
+
+
+def _check_cu_seqlens(cu, name: str, xp, tokens: int, tokens_name: str) -> np.ndarray:
+    if array_module(cu, name) is not xp:
+        raise TypeError(f"{name} is a {type(cu).__module__} array but query is a {xp.__name__} array")
+    if _dtype_name(cu) != "int32":
+        raise TypeError(f"{name}.dtype={cu.dtype} must be int32 (use .astype('int32'))")
+    if cu.ndim != 1 or cu.shape[0] < 1:
+        raise ValueError(f"{name}.shape={tuple(cu.shape)} must be (B + 1,)")
+    host = np.asarray(cu if xp is np else cu.get()).astype(np.int64)
+    if host[0] != 0:
+        raise ValueError(f"{name}[0]={host[0]} must be 0")
+    if np.any(np.diff(host) < 0):
+        raise ValueError(f"{name}={host.tolist()} must be non-decreasing")
+    if host[-1] != tokens:
+        raise ValueError(f"{name}[-1]={host[-1]} must equal the token count {tokens_name}={tokens}")
+    return host
+
+
+def problem_from_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
+                        is_causal=False, scale=None, enable_gqa=False, causal_variant="upper_left",
+                        window=None, seed=None) -> Problem:
+    """Validate packed (total_tokens, H, E) arguments of ``varlen_attention``."""
+    xp, dtype = _check_arrays(q, k, v)
+    for name, x in (("query", q), ("key", k), ("value", v)):
+        if x.ndim != 3:
+            raise ValueError(f"{name}.shape={tuple(x.shape)} must be (total_tokens, heads, head_dim)")
+    (tq, hq, E), (tk, hkv, Ek), (tv, hv, Ev) = q.shape, k.shape, v.shape
+    if Ek != E or E == 0:
+        raise ValueError(f"query head dim {E} and key head dim {Ek} must be equal and positive")
+    if (tv, hv) != (tk, hkv):
+        raise ValueError(f"key.shape={tuple(k.shape)} and value.shape={tuple(v.shape)} must agree in tokens and heads")
+    if hq != hkv and (not enable_gqa or hkv == 0 or hq % hkv):
+        raise ValueError(f"query has {hq} heads and key/value {hkv}: pass enable_gqa=True with Hq % Hkv == 0")
+    host_q = _check_cu_seqlens(cu_seqlens_q, "cu_seqlens_q", xp, tq, "query.shape[0]")
+    host_k = _check_cu_seqlens(cu_seqlens_k, "cu_seqlens_k", xp, tk, "key.shape[0]")
+    if len(host_q) != len(host_k):
+        raise ValueError(f"cu_seqlens_q has {len(host_q)} entries and cu_seqlens_k {len(host_k)}; both must be B + 1")
+    lens = {"max_seqlen_q": (max_seqlen_q, int(np.diff(host_q).max(initial=0))),
+            "max_seqlen_k": (max_seqlen_k, int(np.diff(host_k).max(initial=0)))}
+    for name, (given, actual) in lens.items():
+        if isinstance(given, bool) or not isinstance(given, (int, np.integer)) or given < actual:
+            raise ValueError(f"{name}={given!r} must be an int >= the longest sequence ({actual})")
+    causal, lower_right, window = _check_causal(is_causal, causal_variant, window)
+    p, seed, offset = _check_dropout(dropout_p, seed)
+    varlen = Varlen(cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k), host_q, host_k)
+    return Problem(xp=xp, q=q, k=k, v=v, batch_shape=(varlen.batch,), hq=hq, hkv=hkv, L=int(max_seqlen_q),
+                   S=int(max_seqlen_k), E=E, Ev=Ev, dtype=dtype, scale=_check_scale(scale, E), causal=causal,
+                   lower_right=lower_right, window=window, dropout_p=p, seed=seed, offset=offset, out_rank=3,
+                   varlen=varlen)

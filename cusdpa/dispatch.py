@@ -1,0 +1,158 @@
+"""Backends, what each supports (as data), and dispatch by priority list.
+
+Each backend module exposes an ``IMPL`` with a ``Capabilities`` record, ``environment_reasons``
+(what this machine or these arrays lack) and ``forward`` / ``backward``. Dispatch takes the first
+enabled backend with no reasons; ``sdpa_kernel`` restricts or reorders the list like
+``torch.nn.attention.sdpa_kernel``; tests skip on the same reasons.
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import enum
+import importlib
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+from . import checks
+
+
+class Backend(enum.Enum):
+    FLASH = "flash"
+    EFFICIENT = "efficient"
+    MATH = "math"
+
+
+DEFAULT_PRIORITY = (Backend.FLASH, Backend.EFFICIENT, Backend.MATH)
+_MODULES = {Backend.FLASH: "cusdpa.flash", Backend.EFFICIENT: "cusdpa.efficient", Backend.MATH: "cusdpa.math_backend"}
+_enabled: contextvars.ContextVar[tuple[Backend, ...]] = contextvars.ContextVar("cusdpa_backends",
+                                                                               default=DEFAULT_PRIORITY)
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a backend computes, independent of the machine it runs on."""
+
+    arrays: frozenset = frozenset({"numpy", "cupy"})
+    dtypes: frozenset = frozenset(checks.SUPPORTED_DTYPES)
+    max_head_dim: int | None = None  # E and Ev
+    head_dim_multiple: int = 1
+    mask_kinds: frozenset = frozenset({"bool", "float"})
+    mask_grad: bool = True
+    dropout: bool = True
+    gqa: bool = True
+    varlen: bool = True
+    window: bool = True
+    lower_right: bool = True
+    unit_stride: bool = False  # needs the last dim of q, k, v contiguous
+
+    def reasons(self, pr: checks.Problem, need_grad: bool) -> list[str]:
+        out = []
+        kind = "numpy" if pr.xp.__name__ == "numpy" else "cupy"
+        if kind not in self.arrays:
+            out.append(f"takes {' or '.join(sorted(self.arrays))} arrays, got {kind} arrays")
+        if pr.dtype_name not in self.dtypes:
+            out.append(f"dtype {pr.dtype_name} not supported (supports {', '.join(sorted(self.dtypes))})")
+        for name, d in (("E", pr.E), ("Ev", pr.Ev)):
+            if self.max_head_dim is not None and d > self.max_head_dim:
+                out.append(f"head dim {name}={d} > {self.max_head_dim}")
+            elif d % self.head_dim_multiple:
+                out.append(f"head dim {name}={d} is not a multiple of {self.head_dim_multiple}")
+        if pr.mask_kind is not None and pr.mask_kind not in self.mask_kinds:
+            out.append(f"{pr.mask_kind} attn_mask not supported")
+        if pr.mask_kind == "float" and need_grad and not self.mask_grad:
+            out.append("no gradient for a float attn_mask")
+        if pr.dropout_p > 0 and not self.dropout:
+            out.append("dropout not supported")
+        if pr.hq != pr.hkv and not self.gqa:
+            out.append("grouped-query attention (Hq != Hkv) not supported")
+        if pr.varlen is not None and not self.varlen:
+            out.append("variable-length batches not supported")
+        if pr.window is not None and not self.window:
+            out.append("sliding window not supported")
+        if pr.lower_right and not self.lower_right:
+            out.append("lower-right causal alignment not supported")
+        if self.unit_stride:
+            for name, x in (("query", pr.q), ("key", pr.k), ("value", pr.v)):
+                if x.shape[-1] > 1 and x.strides[-1] != x.itemsize:
+                    out.append(f"{name} has last-dim stride {x.strides[-1] // x.itemsize} elements, needs 1 "
+                               "(call .copy() or ascontiguousarray)")
+        return out
+
+
+@dataclass(frozen=True)
+class Implementation:
+    backend: Backend
+    capabilities: Capabilities
+    environment_reasons: Callable  # (Problem | None) -> list[str]: what the machine or arrays lack
+    forward: Callable  # (Problem) -> (out, lse)
+    backward: Callable  # (Problem, out, lse, dout, deterministic) -> grads
+    notes: tuple = field(default=())
+
+    def not_supported_reasons(self, pr: checks.Problem, need_grad: bool = False) -> list[str]:
+        return self.environment_reasons(pr) + self.capabilities.reasons(pr, need_grad)
+
+
+def implementation(backend: Backend) -> Implementation:
+    return importlib.import_module(_MODULES[backend]).IMPL
+
+
+def enabled_backends() -> tuple[Backend, ...]:
+    return _enabled.get()
+
+
+@contextlib.contextmanager
+def sdpa_kernel(backends: Backend | Sequence[Backend], set_priority: bool = False):
+    """Run the body with only ``backends`` enabled.
+
+    With ``set_priority=True`` they are tried in the given order; otherwise in the default order
+    FLASH, EFFICIENT, MATH (as ``torch.nn.attention.sdpa_kernel``).
+    """
+    chosen = [backends] if isinstance(backends, Backend) else list(backends)
+    for b in chosen:
+        if not isinstance(b, Backend):
+            raise TypeError(f"sdpa_kernel takes cusdpa.Backend members, got {b!r}")
+    order = tuple(dict.fromkeys(chosen)) if set_priority else tuple(b for b in DEFAULT_PRIORITY if b in chosen)
+    token = _enabled.set(order)
+    try:
+        yield
+    finally:
+        _enabled.reset(token)
+
+
+@dataclass(frozen=True)
+class Explanation:
+    """Which backend dispatch would pick, and why each other one would not run."""
+
+    chosen: Backend | None
+    reasons: dict  # Backend -> list[str]; empty list = would run
+
+    def __str__(self) -> str:
+        lines = [f"chosen: {self.chosen.name if self.chosen else 'none'}"]
+        for b, r in self.reasons.items():
+            lines.append(f"  {b.name}: " + ("available" if not r else "; ".join(r)))
+        return "\n".join(lines)
+
+
+def explain_problem(pr: checks.Problem, need_grad: bool = False) -> Explanation:
+    enabled = enabled_backends()
+    reasons, chosen = {}, None
+    for b in DEFAULT_PRIORITY:
+        r = implementation(b).not_supported_reasons(pr, need_grad)
+        if b not in enabled:
+            r = ["disabled by sdpa_kernel"] + r
+        reasons[b] = r
+    for b in enabled:
+        if not reasons[b]:
+            chosen = b
+            break
+    return Explanation(chosen, reasons)
+
+
+def select(pr: checks.Problem, need_grad: bool = False) -> Implementation:
+    """The first enabled backend that takes this problem; else one error listing every reason."""
+    for b in enabled_backends():
+        impl = implementation(b)
+        if not impl.not_supported_reasons(pr, need_grad):
+            return impl
+    raise NotImplementedError("no cusdpa backend can run these inputs:\n" + str(explain_problem(pr, need_grad)))

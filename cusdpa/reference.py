@@ -1,0 +1,266 @@
+"""The reference: attention exactly as DESIGN.md defines it, forward and backward, on NumPy or CuPy.
+
+This module is the oracle every backend is tested against. It is written against an array module
+``xp`` so the MATH backend runs the same code on CuPy arrays (fp32 accumulation). It works on
+chunks of whole GQA groups of heads, so the L x S score matrix of all heads never exists at once.
+
+Definitions, for one (batch, query head) slice with scores s = scale * q k^T (+ float mask):
+  allowed[i, j] = causal & window & bool mask (structural visibility); s[i, j] = -inf elsewhere
+  P = softmax(s) row-wise, with P = 0 on rows where every s is -inf; lse = log sum_j exp(s[i, j])
+  A = P * keep / (1 - p) under dropout (keep from cusdpa.philox), else A = P;  out = A v
+Key/value rows that no query of the slice may see, and query rows that see no key, are zeroed before
+the products, so NaN or inf stored there (padding) never reaches an output or a gradient.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+
+import numpy as np
+
+from . import checks, philox
+
+# Score elements per chunk: (heads in chunk) * L * S stays under this, whole GQA groups at a time.
+CHUNK_ELEMENTS = 1 << 24
+
+
+def structural_mask(L: int, S: int, causal: bool, lower_right: bool, window, xp=np):
+    """(L, S) bool visibility from causal and window, or None when everything is visible.
+
+    Both align to the top-left (key j vs query i) or, with lower_right, to the bottom-right
+    (key j vs query i + S - L), as FlashAttention and PyTorch's causal_lower_right do.
+    """
+    if not causal and window is None:
+        return None
+    diag = xp.arange(S)[None, :] - (xp.arange(L)[:, None] + (S - L if lower_right else 0))
+    allowed = xp.ones((L, S), dtype=bool)
+    if causal:
+        allowed &= diag <= 0
+    if window is not None:
+        left, right = window
+        if left >= 0:
+            allowed &= diag >= -left
+        if right >= 0:
+            allowed &= diag <= right
+    return allowed
+
+
+def _errstate(xp):
+    return np.errstate(divide="ignore", invalid="ignore", over="ignore") if xp is np else contextlib.nullcontext()
+
+
+def _accum_dtype(pr: checks.Problem, accum):
+    if accum is not None:
+        return np.dtype(accum)
+    return np.dtype(np.float64 if pr.xp is np or pr.dtype_name == "float64" else np.float32)
+
+
+def _chunks(pr: checks.Problem):
+    """(batch index, flat batch index, h0, h1) with [h0, h1) whole GQA groups of query heads."""
+    per_group = max(1, pr.group * pr.L * pr.S)
+    heads = pr.group * max(1, CHUNK_ELEMENTS // per_group)
+    for flat, b in enumerate(np.ndindex(*pr.batch_shape)):
+        for h0 in range(0, pr.hq, heads):
+            yield b, flat, h0, min(pr.hq, h0 + heads)
+
+
+@dataclasses.dataclass
+class _Slice:
+    """One chunk of heads with everything forward and backward share (all in the accumulation dtype)."""
+
+    q: object  # (n, L, E), rows that see no key zeroed
+    k: object  # (n, S, E) kv heads repeated per query head, columns nobody sees zeroed
+    v: object  # (n, S, Ev)
+    P: object  # (n, L, S) softmax probabilities, before dropout
+    drop: object  # (n, L, S) keep / (1 - p), or None without dropout
+    lse: object  # (n, L)
+    row_any: object  # (n, L, 1): the query row sees at least one key
+
+
+def _slice(pr: checks.Problem, b, bh0: int, h0: int, h1: int, acc, allowed_struct) -> _Slice:
+    xp, g = pr.xp, pr.group
+    full = pr.batch_shape
+    q = xp.broadcast_to(pr.q3, full + pr.q3.shape[-3:])[b][h0:h1].astype(acc)
+    kv = slice(h0 // g, -(-h1 // g))
+    k = xp.repeat(xp.broadcast_to(pr.k3, full + pr.k3.shape[-3:])[b][kv], g, axis=0).astype(acc)
+    v = xp.repeat(xp.broadcast_to(pr.v3, full + pr.v3.shape[-3:])[b][kv], g, axis=0).astype(acc)
+    n = h1 - h0
+
+    with _errstate(xp):  # NaN/inf stored where nobody looks is selected out below
+        s = (q @ k.swapaxes(-1, -2)) * acc.type(pr.scale)
+        allowed = allowed_struct
+        if pr.mask is not None:
+            m = xp.broadcast_to(pr.mask, full + (pr.hq, pr.L, pr.S))[b][h0:h1]
+            if pr.mask_kind == "float":
+                s = s + m.astype(acc)
+            else:
+                allowed = m if allowed is None else (allowed & m)
+        if allowed is not None:
+            s = xp.where(allowed, s, -xp.inf)
+        visible = s != -xp.inf  # NaN counts as visible, so it propagates where it is seen
+        row_any = visible.any(-1, keepdims=True)
+        col_any = visible.any(-2)[..., None]
+        m_i = s.max(-1, keepdims=True)
+        p = xp.exp(s - xp.where(m_i == -xp.inf, 0, m_i))
+        l_i = p.sum(-1, keepdims=True)
+        lse = (m_i + xp.log(l_i))[..., 0]
+        P = xp.where(l_i > 0, p / xp.where(l_i > 0, l_i, 1), 0)
+
+    drop = None
+    if pr.dropout_p > 0:
+        if pr.dropout_p >= 1:
+            drop = xp.zeros((n, pr.L, pr.S), dtype=acc)
+        else:
+            keep = philox.keep_mask(pr.seed, pr.offset, xp.arange(bh0 + h0, bh0 + h1), pr.L, pr.S,
+                                    pr.dropout_p, xp)
+            drop = keep.astype(acc) * acc.type(1.0 / (1.0 - pr.dropout_p))
+    return _Slice(q=xp.where(row_any, q, 0), k=xp.where(col_any, k, 0), v=xp.where(col_any, v, 0),
+                  P=P, drop=drop, lse=lse, row_any=row_any)
+
+
+def _dense(pr: checks.Problem, acc, bh_base: int, visit):
+    """Run ``visit(b, h0, h1, slice)`` over every chunk of a dense problem."""
+    allowed_struct = structural_mask(pr.L, pr.S, pr.causal, pr.lower_right, pr.window, pr.xp)
+    for b, flat, h0, h1 in _chunks(pr):
+        visit(b, h0, h1, _slice(pr, b, bh_base + flat * pr.hq, h0, h1, acc, allowed_struct))
+
+
+def _dense_forward(pr: checks.Problem, acc, bh_base: int = 0):
+    xp = pr.xp
+    full = pr.batch_shape + (pr.hq, pr.L)
+    out = xp.zeros(full + (pr.Ev,), dtype=acc)
+    lse = xp.full(full, -xp.inf, dtype=np.float32)
+    if pr.L == 0 or pr.S == 0:
+        return out, lse
+
+    def visit(b, h0, h1, sl):
+        A = sl.P if sl.drop is None else sl.P * sl.drop
+        out[b][h0:h1] = A @ sl.v
+        lse[b][h0:h1] = sl.lse
+
+    _dense(pr, acc, bh_base, visit)
+    return out, lse
+
+
+def _sum_to_shape(x, shape: tuple):
+    """Sum a broadcast result back to the shape of the operand that was broadcast."""
+    x = x.sum(axis=tuple(range(x.ndim - len(shape)))) if x.ndim > len(shape) else x
+    for axis, size in enumerate(shape):
+        if size == 1 and x.shape[axis] != 1:
+            x = x.sum(axis=axis, keepdims=True)
+    return x
+
+
+def _dense_backward(pr: checks.Problem, dout, acc, bh_base: int = 0):
+    xp = pr.xp
+    full = pr.batch_shape
+    dq = xp.zeros(full + (pr.hq, pr.L, pr.E), dtype=acc)
+    dk = xp.zeros(full + (pr.hkv, pr.S, pr.E), dtype=acc)
+    dv = xp.zeros(full + (pr.hkv, pr.S, pr.Ev), dtype=acc)
+    dmask = None
+    if pr.mask_kind == "float":
+        mask_full = (1,) * (len(full) + 3 - pr.mask.ndim) + tuple(pr.mask.shape)
+        dmask = xp.zeros(mask_full, dtype=acc)
+    dout = dout.reshape(full + (pr.hq, pr.L, pr.Ev))
+
+    def visit(b, h0, h1, sl):
+        g = pr.group
+        do = xp.where(sl.row_any, dout[b][h0:h1].astype(acc), 0)
+        A = sl.P if sl.drop is None else sl.P * sl.drop
+        dP = do @ sl.v.swapaxes(-1, -2)
+        if sl.drop is not None:
+            dP = dP * sl.drop
+        # softmax backward: dS = P * (dP - rowsum(P * dP)); rowsum(P * dP) = rowsum(dout * out)
+        dS = sl.P * (dP - (sl.P * dP).sum(-1, keepdims=True))
+        dq[b][h0:h1] = (dS @ sl.k) * acc.type(pr.scale)
+        n_groups = (h1 - h0) // g
+        dk_h = (dS.swapaxes(-1, -2) @ sl.q) * acc.type(pr.scale)
+        dv_h = A.swapaxes(-1, -2) @ do
+        # GQA: a kv head's gradient is the sum over the query heads of its group.
+        dk[b][h0 // g:h1 // g] += dk_h.reshape(n_groups, g, pr.S, pr.E).sum(1)
+        dv[b][h0 // g:h1 // g] += dv_h.reshape(n_groups, g, pr.S, pr.Ev).sum(1)
+        if dmask is not None:
+            r, heads = dS, slice(h0, h1)
+            for axis, size in ((0, mask_full[-3]), (1, mask_full[-2]), (2, mask_full[-1])):
+                if size == 1:
+                    r = r.sum(axis, keepdims=True)
+            if mask_full[-3] == 1:
+                heads = slice(0, 1)
+            bidx = tuple(bi if mask_full[i] != 1 else 0 for i, bi in enumerate(b))
+            dmask[bidx + (heads,)] += r
+
+    if pr.L and pr.S:
+        _dense(pr, acc, bh_base, visit)
+    grads = [_sum_to_shape(dq, pr.q3.shape), _sum_to_shape(dk, pr.k3.shape), _sum_to_shape(dv, pr.v3.shape)]
+    grads = [g.reshape(x.shape).astype(pr.dtype) for g, x in zip(grads, (pr.q, pr.k, pr.v))]
+    if dmask is not None:
+        grads.append(dmask.reshape(pr.mask.shape).astype(pr.mask.dtype))
+    return tuple(grads)
+
+
+def _varlen_pieces(pr: checks.Problem):
+    """Dense single-sequence problems (H, Lb, E) of a varlen problem, with their token ranges."""
+    vl = pr.varlen
+    for b in range(vl.batch):
+        qs, qe = int(vl.host_cu_q[b]), int(vl.host_cu_q[b + 1])
+        ks, ke = int(vl.host_cu_k[b]), int(vl.host_cu_k[b + 1])
+        sub = dataclasses.replace(pr, q=pr.q[qs:qe].swapaxes(0, 1), k=pr.k[ks:ke].swapaxes(0, 1),
+                                  v=pr.v[ks:ke].swapaxes(0, 1), batch_shape=(), L=qe - qs, S=ke - ks,
+                                  varlen=None, out_rank=3)
+        yield b, sub, slice(qs, qe), slice(ks, ke)
+
+
+def forward(pr: checks.Problem, accum=None):
+    """(out, lse) of a validated problem; out has the input dtype, lse is float32."""
+    acc = _accum_dtype(pr, accum)
+    xp = pr.xp
+    if pr.varlen is None:
+        out, lse = _dense_forward(pr, acc)
+        return out.reshape(pr.out_shape).astype(pr.dtype), lse.reshape(pr.lse_shape)
+    out = xp.zeros(pr.out_shape, dtype=pr.dtype)
+    lse = xp.full(pr.lse_shape, -xp.inf, dtype=np.float32)
+    for b, sub, qr, _ in _varlen_pieces(pr):
+        o, l = _dense_forward(sub, acc, bh_base=b * pr.hq)
+        out[qr] = o.swapaxes(0, 1).astype(pr.dtype)
+        lse[:, qr] = l
+    return out, lse
+
+
+def backward(pr: checks.Problem, dout, accum=None):
+    """Gradients (dq, dk, dv[, dmask for a float mask]) for the output gradient ``dout``."""
+    acc = _accum_dtype(pr, accum)
+    if pr.varlen is None:
+        return _dense_backward(pr, dout, acc)
+    xp = pr.xp
+    dq, dk, dv = (xp.zeros(x.shape, dtype=acc) for x in (pr.q, pr.k, pr.v))
+    for b, sub, qr, kr in _varlen_pieces(pr):
+        gq, gk, gv = _dense_backward(sub, dout[qr].swapaxes(0, 1), acc, bh_base=b * pr.hq)
+        dq[qr] = gq.swapaxes(0, 1)
+        dk[kr] = gk.swapaxes(0, 1)
+        dv[kr] = gv.swapaxes(0, 1)
+    return tuple(g.astype(pr.dtype) for g in (dq, dk, dv))
+
+
+def _as_numpy(x):
+    return x if x is None or isinstance(x, np.ndarray) else x.get()
+
+
+def attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False, *,
+              causal_variant="upper_left", window=None, seed=0, accum=np.float64):
+    """Reference (out, lse) in NumPy for dense arrays (CuPy inputs are copied to the host).
+
+    Shapes as ``cusdpa.scaled_dot_product_attention``; out has the input dtype. Tests and
+    benchmarks call this, never a copy of it.
+    """
+    pr = checks.problem_from_dense(*map(_as_numpy, (q, k, v)), _as_numpy(attn_mask), dropout_p, is_causal,
+                                   scale, enable_gqa, causal_variant, window, seed)
+    return forward(pr, accum)
+
+
+def attention_grads(q, k, v, dout, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+                    enable_gqa=False, *, causal_variant="upper_left", window=None, seed=0, accum=np.float64):
+    """Reference gradients (dq, dk, dv[, dmask]) in NumPy for dense arrays."""
+    pr = checks.problem_from_dense(*map(_as_numpy, (q, k, v)), _as_numpy(attn_mask), dropout_p, is_causal,
+                                   scale, enable_gqa, causal_variant, window, seed)
+    return backward(pr, _as_numpy(dout), accum)
+

@@ -1,0 +1,29 @@
+"""Shared fixtures: fresh random inputs per run (seed reported, replay with CUSDPA_TEST_SEED), GPU skips."""
+import os
+import secrets
+import zlib
+
+import numpy as np
+import pytest
+
+SESSION_SEED = int(os.environ.get("CUSDPA_TEST_SEED", secrets.randbits(32)))
+
+
+def pytest_report_header(config):
+    return f"cusdpa random seed: {SESSION_SEED} (replay with CUSDPA_TEST_SEED={SESSION_SEED})"
+
+
+@pytest.fixture
+def rng(request):
+    """A generator seeded from the session seed and the test id: fresh each run, reproducible on demand."""
+    return np.random.default_rng([SESSION_SEED, zlib.crc32(request.node.nodeid.encode())])
+
+
+def pytest_runtest_setup(item):
+    # Queried at run time, never at import or collection: a CPU machine skips without touching CUDA.
+    if item.get_closest_marker("gpu"):
+        from cusdpa import environment
+
+        problem = environment.cupy_problem()
+        if problem:
+            pytest.skip(f"needs a CUDA GPU: {problem}")
