@@ -11,7 +11,7 @@ import contextlib
 import contextvars
 import enum
 import importlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Sequence
 
 from . import checks
@@ -85,9 +85,13 @@ class Implementation:
     backend: Backend
     capabilities: Capabilities
     environment_reasons: Callable  # (Problem | None) -> list[str]: what the machine or arrays lack
-    forward: Callable  # (Problem) -> (out, lse)
-    backward: Callable  # (Problem, out, lse, dout, deterministic) -> grads
-    notes: tuple = field(default=())
+    # forward(pr, out=None, lse=None) -> (out, lse). Given ``out``/``lse`` (arrays of pr.xp with
+    # pr.out_shape / pr.lse_shape, dtypes pr.dtype / float32, e.g. views of torch-allocated memory),
+    # the results are written into them. Kernels run on CuPy's current stream.
+    forward: Callable
+    # backward(pr, out, lse, dout, deterministic=False, grads=None) -> (dq, dk, dv[, dmask]);
+    # ``grads`` likewise receives the results when given.
+    backward: Callable
 
     def not_supported_reasons(self, pr: checks.Problem, need_grad: bool = False) -> list[str]:
         return self.environment_reasons(pr) + self.capabilities.reasons(pr, need_grad)
