@@ -1,25 +1,362 @@
-"""FLASH: FlashAttention-2-style fused attention on tensor cores (CUDA C++ in cusdpa/cuda, via CuPy)."""
+"""FLASH: FlashAttention-2-style fused attention on tensor cores (CUDA C++ in cusdpa/cuda, via CuPy NVRTC).
+
+One compiled module per (device, dtype, E, Ev, dropout, tile configuration), cached in memory here and
+on disk by CuPy. Kernels run on CuPy's current stream. Inputs need only a unit last-dim stride,
+16-byte-aligned rows and a batch layout that collapses to one stride; anything else (and broadcast
+batch dims that do not collapse) is copied to a contiguous array first.
+"""
 from __future__ import annotations
 
-from . import environment
+import functools
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from . import environment, philox
 from .dispatch import Backend, Capabilities, Implementation
 
+CUDA_DIR = Path(__file__).parent / "cuda"
+MAX_GRID_Y = 65535
+
 CAPABILITIES = Capabilities(arrays=frozenset({"cupy"}), dtypes=frozenset({"float16", "bfloat16"}),
-                            max_head_dim=256, head_dim_multiple=8, mask_kinds=frozenset(), unit_stride=True)
+                            max_head_dim=256, head_dim_multiple=8, mask_kinds=frozenset())
+
+
+@dataclass(frozen=True)
+class FlashConfig:
+    """Tile shapes of the three kernels (see the .cu files). ``for_head_dims`` picks the defaults."""
+
+    fwd_warps: int = 4
+    fwd_m_tiles: int = 2  # m16 tiles per warp: 2 halves the shared-memory reads per mma
+    fwd_block_n: int = 64
+    bwd_warps: int = 8  # dK/dV kernel: 16 keys per warp
+    bwd_block_m: int = 64  # dK/dV kernel: queries per step
+    split_dkdv: bool = False  # dV then dK in two passes (registers for E > 128)
+    dq_warps: int = 8
+    dq_m_tiles: int = 1
+    dq_block_n: int = 64
+
+    @staticmethod
+    def for_head_dims(E: int, Ev: int) -> "FlashConfig":
+        d = max(_pad16(E), _pad16(Ev))
+        if d <= 64:
+            return FlashConfig()
+        if d <= 128:  # 32 rows x 128 accumulators per warp leave room for a 32-key score block only
+            return FlashConfig(fwd_block_n=32)
+        return FlashConfig(fwd_m_tiles=1, fwd_block_n=32, bwd_block_m=32, split_dkdv=True, dq_block_n=32)
+
+    @property
+    def fwd_block_m(self) -> int:
+        return self.fwd_warps * 16 * self.fwd_m_tiles
+
+    @property
+    def dq_block_m(self) -> int:
+        return self.dq_warps * 16 * self.dq_m_tiles
+
+    @property
+    def bwd_block_n(self) -> int:
+        return self.bwd_warps * 16
+
+
+def _pad16(d: int) -> int:
+    return (d + 15) // 16 * 16
+
+
+def _pitches(E: int, Ev: int) -> tuple[int, int]:
+    # Shared-memory row pitch (elements): padded head dim + 8, an odd number of 16-byte chunks.
+    return _pad16(E) + 8, _pad16(Ev) + 8
+
+
+def smem_bytes(kind: str, cfg: FlashConfig, E: int, Ev: int) -> int:
+    """Dynamic shared memory of each kernel, as laid out in the .cu files."""
+    qp, vp = _pitches(E, Ev)
+    if kind == "fwd":
+        bm, bn = cfg.fwd_block_m, cfg.fwd_block_n
+        return 2 * (bm * max(qp, vp) + 2 * bn * qp + 2 * bn * vp)
+    if kind == "dkdv":
+        bn, bm = cfg.bwd_block_n, cfg.bwd_block_m
+        return 2 * (bn * qp + bn * vp + 2 * bm * qp + 2 * bm * vp) + 4 * 4 * bm
+    if kind == "dq":
+        bm, bn = cfg.dq_block_m, cfg.dq_block_n
+        return 2 * (bm * qp + bm * vp + 2 * bn * qp + 2 * bn * vp)
+    raise ValueError(f"kind={kind!r}")
+
+
+def kernel_source(name: str) -> str:
+    """A .cu file with flash_common.cuh inlined, so CuPy's disk cache keys on the whole text."""
+    common = (CUDA_DIR / "flash_common.cuh").read_text()
+    return (CUDA_DIR / name).read_text().replace('#include "flash_common.cuh"', common)
+
+
+def compile_options(dtype_name: str, E: int, Ev: int, dropout: bool, cfg: FlashConfig, dkdv_part: int = 3) -> tuple:
+    """NVRTC/nvcc options of one module; the CPU test compiles the same list with nvcc."""
+    return ("-std=c++17", "--use_fast_math", f"-DCUSDPA_BF16={int(dtype_name == 'bfloat16')}",
+            f"-DHEAD_DIM={E}", f"-DHEAD_DIM_V={Ev}", f"-DIS_DROPOUT={int(dropout)}",
+            f"-DFWD_WARPS={cfg.fwd_warps}", f"-DFWD_M_TILES={cfg.fwd_m_tiles}", f"-DFWD_BLOCK_N={cfg.fwd_block_n}",
+            f"-DBWD_WARPS={cfg.bwd_warps}", f"-DBWD_BLOCK_M={cfg.bwd_block_m}", f"-DDKDV_PART={dkdv_part}",
+            f"-DDQ_WARPS={cfg.dq_warps}", f"-DDQ_M_TILES={cfg.dq_m_tiles}", f"-DDQ_BLOCK_N={cfg.dq_block_n}")
+
+
+@functools.cache
+def _module(device: int, source: str, options: tuple):
+    import cupy
+
+    with cupy.cuda.Device(device):
+        return cupy.RawModule(code=kernel_source(source), options=options)
+
+
+def _kernel(device: int, source: str, name: str, options: tuple, smem: int):
+    fn = _module(device, source, options).get_function(name)
+    if smem > 48 * 1024 and fn.max_dynamic_shared_size_bytes < smem:
+        fn.max_dynamic_shared_size_bytes = smem
+    return fn
+
+
+# ---- operands ------------------------------------------------------------------------------------------
+
+def _usable(x) -> bool:
+    """Unit last-dim stride, 16-byte aligned base and row strides: what cp.async and 16-byte stores need."""
+    item = x.itemsize
+    if x.ndim and x.shape[-1] > 1 and x.strides[-1] != item:
+        return False
+    return x.data.ptr % 16 == 0 and all(s % 16 == 0 for s, n in zip(x.strides[:-1], x.shape[:-1]) if n > 1)
+
+
+def _collapse(strides, shape) -> int | None:
+    """One stride for the flattened batch dims (row-major order), or None if they do not collapse."""
+    dims = [(st, n) for st, n in zip(strides, shape) if n > 1]
+    for (s_outer, _), (s_inner, n_inner) in zip(dims, dims[1:]):
+        if s_outer != s_inner * n_inner:
+            return None
+    return dims[-1][0] if dims else 0
+
+
+def _dense_operand(x, batch_shape):
+    """(array viewable as (*batch, H, R, D), flattened-batch stride in elements) for a dense operand."""
+    import cupy
+
+    x = x if x.ndim >= 3 else x[None]
+    full = cupy.broadcast_to(x, batch_shape + x.shape[-3:])
+    stride_b = _collapse(full.strides[:len(batch_shape)], batch_shape) if _usable(x) else None
+    if stride_b is None:
+        full = cupy.ascontiguousarray(full)
+        stride_b = _collapse(full.strides[:len(batch_shape)], batch_shape)
+    return full, stride_b // full.itemsize
+
+
+def _strides(x, dims) -> list[np.int64]:
+    return [np.int64(x.strides[d] // x.itemsize) for d in dims]
+
+
+def _mask_params(pr):
+    left, right = pr.window if pr.window is not None else (-1, -1)
+    if pr.causal:
+        right = 0 if right < 0 else min(right, 0)
+    return np.int32(left), np.int32(right), np.int32(pr.lower_right)
+
+
+def _dropout_params(pr):
+    p = pr.dropout_p
+    return (np.uint32(pr.seed & 0xFFFFFFFF), np.uint32(pr.seed >> 32), np.uint32(pr.offset),
+            np.uint32(philox.keep_threshold(p) if p > 0 else 0xFFFFFFFF),
+            np.float32(1.0 / (1.0 - p) if p < 1 else 0.0))
+
+
+@dataclass
+class _Layout:
+    """Kernel views of one problem: operands, batch count and the (b, h, row) strides of each."""
+
+    q: object
+    k: object
+    v: object
+    B: int
+    cu_q: object
+    cu_k: object
+    strides: dict  # name -> (stride_b, stride_h, stride_row) in elements
+
+
+def _layout(pr) -> _Layout:
+    import cupy
+
+    if pr.varlen is not None:
+        q, k, v = (x if _usable(x) else cupy.ascontiguousarray(x) for x in (pr.q, pr.k, pr.v))
+        strides = {n: [np.int64(0)] + _strides(x, (1, 0)) for n, x in (("q", q), ("k", k), ("v", v))}
+        return _Layout(q, k, v, pr.varlen.batch, pr.varlen.cu_seqlens_q, pr.varlen.cu_seqlens_k, strides)
+    (q, sq), (k, sk), (v, sv) = (_dense_operand(x, pr.batch_shape) for x in (pr.q, pr.k, pr.v))
+    nb = len(pr.batch_shape)
+    strides = {n: [np.int64(sb)] + _strides(x, (nb, nb + 1)) for n, x, sb in (("q", q, sq), ("k", k, sk), ("v", v, sv))}
+    null = np.uint64(0)
+    return _Layout(q, k, v, math.prod(pr.batch_shape), null, null, strides)
+
+
+def _out_view(pr, lay, x, heads, rows, dim):
+    """(B, H, rows, dim) contiguous view of a dense result (or the packed array itself) and its strides."""
+    if pr.varlen is not None:
+        return x, [np.int64(0)] + _strides(x, (1, 0))
+    v = x.reshape(lay.B, heads, rows, dim)
+    return v, _strides(v, (0, 1, 2))
+
+
+def _lse_strides(pr):
+    if pr.varlen is not None:
+        return [np.int64(0), np.int64(pr.q.shape[0])]
+    return [np.int64(pr.hq * pr.L), np.int64(pr.L)]
+
+
+def _common(pr, lay):
+    return (lay.cu_q, lay.cu_k, np.int32(pr.L), np.int32(pr.S), np.int32(pr.hq), np.int32(pr.group))
+
+
+# ---- forward / backward --------------------------------------------------------------------------------
+
+def _config(pr) -> FlashConfig:
+    return FlashConfig.for_head_dims(pr.E, pr.Ev)
+
+
+def _device(pr) -> int:
+    return pr.q.device.id
+
+
+def _forward(pr, out=None, lse=None):
+    import cupy
+
+    xp = cupy
+    with cupy.cuda.Device(_device(pr)):
+        res_out = out if out is not None and out.flags.c_contiguous and _usable(out) else \
+            xp.empty(pr.out_shape, dtype=pr.dtype)
+        res_lse = lse if lse is not None and lse.flags.c_contiguous else xp.empty(pr.lse_shape, dtype=np.float32)
+        if res_out.size or res_lse.size:
+            _launch_forward(pr, res_out, res_lse)
+        for dst, src in ((out, res_out), (lse, res_lse)):
+            if dst is not None and dst is not src:
+                xp.copyto(dst, src)
+        return (out if out is not None else res_out), (lse if lse is not None else res_lse)
+
+
+def _launch_forward(pr, out, lse):
+    cfg, lay = _config(pr), _layout(pr)
+    if lay.B * pr.hq == 0 or pr.L == 0:
+        return
+    o_view, o_strides = _out_view(pr, lay, out, pr.hq, pr.L, pr.Ev)
+    opts = compile_options(pr.dtype_name, pr.E, pr.Ev, pr.dropout_p > 0, cfg)
+    smem = smem_bytes("fwd", cfg, pr.E, pr.Ev)
+    fn = _kernel(_device(pr), "flash_fwd.cu", "flash_fwd", opts, smem)
+    grid = ((pr.L + cfg.fwd_block_m - 1) // cfg.fwd_block_m, lay.B * pr.hq)
+    args = (lay.q, lay.k, lay.v, o_view, lse, *_common(pr, lay), *lay.strides["q"], *lay.strides["k"],
+            *lay.strides["v"], *o_strides, *_lse_strides(pr), np.float32(pr.scale * math.log2(math.e)),
+            *_mask_params(pr), *_dropout_params(pr))
+    fn(grid, (cfg.fwd_warps * 32,), args, shared_mem=smem)
+
+
+def _backward(pr, out, lse, dout, deterministic=False, grads=None):
+    """dq, dk, dv. Every kernel reduces in a fixed order without atomics: always deterministic."""
+    import cupy
+
+    from .reference import _sum_to_shape
+
+    with cupy.cuda.Device(_device(pr)):
+        if pr.varlen is not None:
+            full = (pr.q.shape, pr.k.shape, pr.v.shape)
+        else:
+            bs = pr.batch_shape
+            full = (bs + (pr.hq, pr.L, pr.E), bs + (pr.hkv, pr.S, pr.E), bs + (pr.hkv, pr.S, pr.Ev))
+        inputs = (pr.q, pr.k, pr.v)
+        # Write straight into the caller's arrays when they have the kernels' layout (no broadcast to undo).
+        direct = [grads is not None and math.prod(x.shape) == math.prod(f) and grads[n].flags.c_contiguous
+                  and _usable(grads[n]) for n, (x, f) in enumerate(zip(inputs, full))]
+        work = [grads[n].reshape(f) if direct[n] else cupy.empty(f, dtype=pr.dtype) for n, f in enumerate(full)]
+        if any(w.size for w in work):
+            _launch_backward(pr, out, lse, dout, *work)
+        result = []
+        for n, (x, w) in enumerate(zip(inputs, work)):
+            if direct[n]:
+                result.append(grads[n])
+                continue
+            if pr.varlen is None:  # sum over batch dims that the inputs broadcast
+                w = _sum_to_shape(w, x.shape if x.ndim >= 3 else (1,) + x.shape).reshape(x.shape)
+            if grads is not None:
+                cupy.copyto(grads[n], w)
+                w = grads[n]
+            result.append(w)
+        return tuple(result)
+
+
+def _launch_backward(pr, out, lse, dout, dq, dk, dv):
+    import cupy
+
+    cfg, lay = _config(pr), _layout(pr)
+    dev = _device(pr)
+    if lay.B * pr.hq == 0:
+        return
+    out_c = out if _usable(out) else cupy.ascontiguousarray(out)
+    dout_c = dout if _usable(dout) else cupy.ascontiguousarray(dout)
+    o_view, o_strides = _out_view(pr, lay, out_c, pr.hq, pr.L, pr.Ev)
+    do_view, do_strides = _out_view(pr, lay, dout_c, pr.hq, pr.L, pr.Ev)
+    dq_view, dq_strides = _out_view(pr, lay, dq, pr.hq, pr.L, pr.E)
+    dk_view, dk_strides = _out_view(pr, lay, dk, pr.hkv, pr.S, pr.E)
+    dv_view, dv_strides = _out_view(pr, lay, dv, pr.hkv, pr.S, pr.Ev)
+    lse_c = cupy.ascontiguousarray(lse)
+    delta = cupy.empty_like(lse_c)
+    mask = _mask_params(pr)
+    drop = _dropout_params(pr)
+    scale, scale_log2 = np.float32(pr.scale), np.float32(pr.scale * math.log2(math.e))
+    parts = (1, 2) if cfg.split_dkdv else (3,)
+
+    def opts(part=3):
+        return compile_options(pr.dtype_name, pr.E, pr.Ev, pr.dropout_p > 0, cfg, part)
+
+    if pr.L:
+        rows = 64
+        pre = _kernel(dev, "flash_bwd.cu", "flash_bwd_preprocess", opts(parts[0]), 0)
+        pre(((pr.L + rows - 1) // rows, lay.B * pr.hq), (256,),
+            (o_view, do_view, delta, *_common(pr, lay)[:5], *o_strides, *do_strides, *_lse_strides(pr), *mask,
+             np.int32(rows)))
+    if pr.S:
+        smem = smem_bytes("dkdv", cfg, pr.E, pr.Ev)
+        grid = ((pr.S + cfg.bwd_block_n - 1) // cfg.bwd_block_n, lay.B * pr.hkv)
+        for part in parts:
+            fn = _kernel(dev, "flash_bwd.cu", "flash_bwd_dkdv", opts(part), smem)
+            fn(grid, (cfg.bwd_warps * 32,),
+               (lay.q, lay.k, lay.v, do_view, lse_c, delta, dk_view, dv_view, *_common(pr, lay), *lay.strides["q"],
+                *lay.strides["k"], *lay.strides["v"], *do_strides, *dk_strides, *dv_strides, *_lse_strides(pr),
+                scale, scale_log2, *mask, *drop), shared_mem=smem)
+    if pr.L:
+        smem = smem_bytes("dq", cfg, pr.E, pr.Ev)
+        fn = _kernel(dev, "flash_bwd.cu", "flash_bwd_dq", opts(parts[0]), smem)
+        grid = ((pr.L + cfg.dq_block_m - 1) // cfg.dq_block_m, lay.B * pr.hq)
+        fn(grid, (cfg.dq_warps * 32,),
+           (lay.q, lay.k, lay.v, do_view, lse_c, delta, dq_view, *_common(pr, lay), *lay.strides["q"],
+            *lay.strides["k"], *lay.strides["v"], *do_strides, *dq_strides, *_lse_strides(pr), scale, scale_log2,
+            *mask, *drop), shared_mem=smem)
+
+
+# ---- dispatch ---------------------------------------------------------------------------------------------
+
+@functools.cache
+def _compute_capability(device: int) -> int:
+    import cupy
+
+    return int(cupy.cuda.Device(device).compute_capability)
 
 
 def _environment_reasons(pr):
-    reasons = []
     problem = environment.cupy_problem()
     if problem:
-        reasons.append(problem)
-    reasons.append("the FLASH kernels are not built yet (issue #3)")
+        return [problem]
+    reasons = []
+    if pr is not None and min(pr.E, pr.Ev) < 8:
+        reasons.append(f"head dims E={pr.E}, Ev={pr.Ev} must be >= 8")
+    if pr is not None and pr.xp.__name__ == "cupy":
+        cc = _compute_capability(_device(pr))
+        if cc < 80:
+            reasons.append(f"needs compute capability >= 8.0 (bf16/fp16 mma.sync), cuda:{_device(pr)} has {cc / 10}")
+        batch = pr.varlen.batch if pr.varlen is not None else math.prod(pr.batch_shape)
+        if batch * max(pr.hq, 1) > MAX_GRID_Y:
+            reasons.append(f"batch x heads = {batch * pr.hq} > {MAX_GRID_Y} (grid limit)")
     return reasons
 
 
-def _unavailable(*args, **kwargs):
-    raise NotImplementedError("the FLASH kernels are not built yet")
-
-
 IMPL = Implementation(backend=Backend.FLASH, capabilities=CAPABILITIES, environment_reasons=_environment_reasons,
-                      forward=_unavailable, backward=_unavailable)
+                      forward=_forward, backward=_backward)

@@ -1,0 +1,467 @@
+// FLASH backward (FlashAttention-2 recomputation), in three deterministic kernels without atomics:
+//   flash_bwd_preprocess  D_i = rowsum(dO_i * O_i) (0 for rows that see no key)
+//   flash_bwd_dkdv        one CTA per block of keys of one kv head: loops over the query heads of its GQA
+//                         group and their query blocks, so dK/dV are summed in registers in a fixed order
+//   flash_bwd_dq          one CTA per block of queries: loops over key blocks, like the forward
+// With P = exp2(S * scale_log2 - lse_log2) recomputed from the forward's logsumexp and Z = keep / (1 - p):
+//   dV = (P o Z)^T dO,  dP = (dO V^T) o Z,  dS = P o (dP - D),  dQ = scale dS K,  dK = scale dS^T Q.
+// No atomics means bit-identical gradients run to run, so deterministic mode costs nothing extra.
+//
+// Extra -D options: BWD_WARPS (dkdv: 16 keys per warp), BWD_BLOCK_M (dkdv: queries per step),
+// DKDV_PART (3: dK and dV in one pass; 1: dV only; 2: dK only -- for E > 128, where both
+// accumulators of a warp's 16 keys would not fit in registers, the host runs 1 then 2, recomputing S^T),
+// DQ_WARPS, DQ_M_TILES, DQ_BLOCK_N.
+#include "flash_common.cuh"
+
+// ---------------------------------------------------------------------------------------------------
+// D = rowsum(dO o O): one warp per row, 8 elements per lane.
+constexpr int PRE_WARPS = 8;
+
+extern "C" __global__ void __launch_bounds__(PRE_WARPS * 32)
+flash_bwd_preprocess(const elem_t* __restrict__ o, const elem_t* __restrict__ dout, float* __restrict__ delta,
+                     const int* __restrict__ cu_q, const int* __restrict__ cu_k, int L, int S, int Hq,
+                     long long o_sb, long long o_sh, long long o_sm, long long do_sb, long long do_sh,
+                     long long do_sm, long long lse_sb, long long lse_sh, int left, int right, int lower_right,
+                     int rows_per_cta) {
+    const int bh = blockIdx.y, b = bh / Hq, h = bh % Hq;
+    const SeqInfo seq(b, cu_q, cu_k, L, S);
+    const Visibility vis{seq.L, seq.S, lower_right ? seq.S - seq.L : 0, left, right};
+    int i_lo, i_hi;
+    vis.query_range(0, seq.S, i_lo, i_hi);
+    if (seq.S == 0) i_hi = i_lo;
+    const bool packed = cu_q != nullptr;
+    const elem_t* ob = o + (packed ? 0 : b * o_sb) + h * o_sh + seq.start_q * o_sm;
+    const elem_t* dob = dout + (packed ? 0 : b * do_sb) + h * do_sh + seq.start_q * do_sm;
+    float* db = delta + b * lse_sb + h * lse_sh + seq.start_q;
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const int r_end = min(seq.L, (blockIdx.x + 1) * rows_per_cta);
+    for (int row = blockIdx.x * rows_per_cta + warp; row < r_end; row += PRE_WARPS) {
+        float sum = 0.f;
+        if (row >= i_lo && row < i_hi) {
+            for (int e = lane * 8; e < HEAD_DIM_V; e += 256) {
+                uint4 ov = *reinterpret_cast<const uint4*>(ob + row * o_sm + e);
+                uint4 dv = *reinterpret_cast<const uint4*>(dob + row * do_sm + e);
+                const elem_t* op = reinterpret_cast<const elem_t*>(&ov);
+                const elem_t* dp = reinterpret_cast<const elem_t*>(&dv);
+#pragma unroll
+                for (int x = 0; x < 8; ++x) sum += elem_to_float(op[x]) * elem_to_float(dp[x]);
+            }
+        }
+#pragma unroll
+        for (int w = 16; w > 0; w /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, w);
+        if (lane == 0) db[row] = sum;
+    }
+}
+
+// Store a 16-row x (8 * TILES)-column fp32 fragment block, scaled, as elem pairs; rows >= row_limit and
+// columns >= cols are skipped.
+template <int TILES>
+__device__ __forceinline__ void store_frag_rows(elem_t* base, long long pitch, const float (&f)[TILES][4], float scale,
+                                                int row0, int row_limit, int cols, int lane) {
+    const int g = lane / 4, t = lane % 4;
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        const int row = row0 + g + 8 * r;
+        if (row >= row_limit) continue;
+#pragma unroll
+        for (int nt = 0; nt < TILES; ++nt) {
+            const int col = nt * 8 + 2 * t;
+            if (col < cols)
+                *reinterpret_cast<u32*>(base + row * pitch + col) =
+                    pack_elem2(f[nt][2 * r] * scale, f[nt][2 * r + 1] * scale);
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------
+namespace dkdv {
+constexpr int NUM_WARPS = BWD_WARPS;
+constexpr int NTHREADS = NUM_WARPS * 32;
+constexpr int BLOCK_N = NUM_WARPS * 16;  // keys per CTA, 16 per warp
+constexpr int BLOCK_M = BWD_BLOCK_M;     // queries per step
+constexpr int QT = BLOCK_M / 8;          // n8 tiles of S^T over queries
+constexpr int PART = DKDV_PART;
+constexpr bool WITH_DV = (PART & 1) != 0, WITH_DK = (PART & 2) != 0;
+constexpr int ET = WITH_DK ? E_PAD / 8 : 1, EVT = WITH_DV ? EV_PAD / 8 : 1;
+constexpr int SQ_ELEMS = BLOCK_M * Q_PITCH, SDO_ELEMS = BLOCK_M * V_PITCH;
+static_assert(BLOCK_M % 16 == 0 && QT <= 32, "BWD_BLOCK_M must be a multiple of 16 and at most 128");
+}  // namespace dkdv
+
+extern "C" __global__ void __launch_bounds__(dkdv::NTHREADS)
+flash_bwd_dkdv(const elem_t* __restrict__ q, const elem_t* __restrict__ k, const elem_t* __restrict__ v,
+               const elem_t* __restrict__ dout, const float* __restrict__ lse, const float* __restrict__ delta,
+               elem_t* __restrict__ dk, elem_t* __restrict__ dv, const int* __restrict__ cu_q,
+               const int* __restrict__ cu_k, int L, int S, int Hq, int group,
+               long long q_sb, long long q_sh, long long q_sm, long long k_sb, long long k_sh, long long k_sm,
+               long long v_sb, long long v_sh, long long v_sm, long long do_sb, long long do_sh, long long do_sm,
+               long long dk_sb, long long dk_sh, long long dk_sm, long long dv_sb, long long dv_sh,
+               long long dv_sm, long long lse_sb, long long lse_sh, float scale, float scale_log2, int left,
+               int right, int lower_right, unsigned int seed_lo, unsigned int seed_hi, unsigned int offset,
+               unsigned int threshold, float rp_dropout) {
+    using namespace dkdv;
+    extern __shared__ __align__(16) unsigned char smem_raw[];
+    elem_t* sK = reinterpret_cast<elem_t*>(smem_raw);  // [BLOCK_N][Q_PITCH]
+    elem_t* sV = sK + BLOCK_N * Q_PITCH;                // [BLOCK_N][V_PITCH]
+    elem_t* sQ = sV + BLOCK_N * V_PITCH;                // [2][BLOCK_M][Q_PITCH]
+    elem_t* sdO = sQ + 2 * SQ_ELEMS;                    // [2][BLOCK_M][V_PITCH]
+    float* sLse = reinterpret_cast<float*>(sdO + 2 * SDO_ELEMS);  // [2][BLOCK_M], log2 domain
+    float* sD = sLse + 2 * BLOCK_M;                                // [2][BLOCK_M]
+
+    const int Hkv = Hq / group;
+    const int b = blockIdx.y / Hkv, kvh = blockIdx.y % Hkv;
+    const SeqInfo seq(b, cu_q, cu_k, L, S);
+    const int n0 = blockIdx.x * BLOCK_N;
+    if (n0 >= seq.S) return;
+    const Visibility vis{seq.L, seq.S, lower_right ? seq.S - seq.L : 0, left, right};
+    const bool packed = cu_q != nullptr;
+    const elem_t* kb = k + (packed ? 0 : b * k_sb) + kvh * k_sh + seq.start_k * k_sm;
+    const elem_t* vb = v + (packed ? 0 : b * v_sb) + kvh * v_sh + seq.start_k * v_sm;
+    elem_t* dkb = dk + (packed ? 0 : b * dk_sb) + kvh * dk_sh + seq.start_k * dk_sm;
+    elem_t* dvb = dv + (packed ? 0 : b * dv_sb) + kvh * dv_sh + seq.start_k * dv_sm;
+
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+    const int krow0 = warp * 16;
+    float dk_acc[ET][4], dv_acc[EVT][4];
+#pragma unroll
+    for (int x = 0; x < ET; ++x) dk_acc[x][0] = dk_acc[x][1] = dk_acc[x][2] = dk_acc[x][3] = 0.f;
+#pragma unroll
+    for (int x = 0; x < EVT; ++x) dv_acc[x][0] = dv_acc[x][1] = dv_acc[x][2] = dv_acc[x][3] = 0.f;
+
+    const int n1 = min(n0 + BLOCK_N, seq.S);
+    int i_lo, i_hi, jg_lo, jg_hi;
+    vis.query_range(n0, n1, i_lo, i_hi);  // query rows that see a key of this block
+    vis.key_range(0, seq.L, jg_lo, jg_hi);  // keys that any query sees
+    const int m_begin = i_lo / BLOCK_M, m_blocks = i_lo < i_hi ? (i_hi + BLOCK_M - 1) / BLOCK_M - m_begin : 0;
+    const int steps = seq.L > 0 ? group * m_blocks : 0;
+    if (steps > 0) {
+        // Keys no query may see are zero-filled: with P = 0 there, NaN in them would still poison dS.
+        load_tile<BLOCK_N, HEAD_DIM, E_PAD, Q_PITCH, NTHREADS>(sK, kb, k_sm, n0, jg_lo, jg_hi);
+        load_tile<BLOCK_N, HEAD_DIM_V, EV_PAD, V_PITCH, NTHREADS>(sV, vb, v_sm, n0, jg_lo, jg_hi);
+    }
+#if IS_DROPOUT
+    const Dropout drop{seed_lo, seed_hi, offset, threshold};
+#endif
+
+    // Issue the loads of step `it` (query head h = kvh * group + it / m_blocks, block it % m_blocks).
+    auto issue = [&](int it, int buf) {
+        const int h = kvh * group + it / m_blocks, m0 = (m_begin + it % m_blocks) * BLOCK_M;
+        const elem_t* qb = q + (packed ? 0 : b * q_sb) + h * q_sh + seq.start_q * q_sm;
+        const elem_t* dob = dout + (packed ? 0 : b * do_sb) + h * do_sh + seq.start_q * do_sm;
+        load_tile<BLOCK_M, HEAD_DIM, E_PAD, Q_PITCH, NTHREADS>(sQ + buf * SQ_ELEMS, qb, q_sm, m0, i_lo, i_hi);
+        load_tile<BLOCK_M, HEAD_DIM_V, EV_PAD, V_PITCH, NTHREADS>(sdO + buf * SDO_ELEMS, dob, do_sm, m0, i_lo, i_hi);
+        const long long lo = b * lse_sb + h * lse_sh + seq.start_q;
+        for (int r = threadIdx.x; r < BLOCK_M; r += NTHREADS) {
+            const int row = m0 + r;
+            const bool in = row >= i_lo && row < i_hi;
+            const float l = in ? lse[lo + row] : CUSDPA_INF;
+            // lse = -inf marks a row that sees nothing: +inf makes its recomputed P exactly 0.
+            sLse[buf * BLOCK_M + r] = l == -CUSDPA_INF ? CUSDPA_INF : l * LOG2E;
+            sD[buf * BLOCK_M + r] = in ? delta[lo + row] : 0.f;
+        }
+    };
+    if (steps > 0) issue(0, 0);
+    cp_async_commit();
+
+    for (int it = 0; it < steps; ++it) {
+        const int buf = it & 1;
+        const int h = kvh * group + it / m_blocks, m0 = (m_begin + it % m_blocks) * BLOCK_M;
+        const u32 bh = u32(b * Hq + h);
+        (void)bh;  // only the dropout keep test reads it
+        cp_async_wait<0>();
+        __syncthreads();  // step it's tiles landed; every warp is done with the other buffer
+        if (it + 1 < steps) issue(it + 1, buf ^ 1);
+        cp_async_commit();
+        const elem_t* sQb = sQ + buf * SQ_ELEMS;
+        const elem_t* sdOb = sdO + buf * SDO_ELEMS;
+        const float* sLseb = sLse + buf * BLOCK_M;
+        const float* sDb = sD + buf * BLOCK_M;
+
+        // S^T = K Q^T for this warp's 16 keys x BLOCK_M queries
+        float st[QT][4];
+#pragma unroll
+        for (int x = 0; x < QT; ++x) st[x][0] = st[x][1] = st[x][2] = st[x][3] = 0.f;
+#pragma unroll
+        for (int kk = 0; kk < E_PAD / 16; ++kk) {
+            u32 a[4];
+            ldmatrix_x4(a, a_frag_addr(sK + krow0 * Q_PITCH + kk * 16, Q_PITCH, lane));
+#pragma unroll
+            for (int nn = 0; nn < BLOCK_M / 16; ++nn) {
+                u32 bq[4];
+                ldmatrix_x4(bq, b_frag_addr(sQb + nn * 16 * Q_PITCH + kk * 16, Q_PITCH, lane));
+                mma_16816(st[2 * nn], a, bq[0], bq[1]);
+                mma_16816(st[2 * nn + 1], a, bq[2], bq[3]);
+            }
+        }
+        // P^T, and the dropout keep bits of each element (bit 4 * nt + c)
+        const bool full = vis.tile_full(m0, BLOCK_M, n0, BLOCK_N);
+        u32 keep_bits[QT / 8 > 0 ? QT / 8 : 1];
+#pragma unroll
+        for (int x = 0; x < (QT / 8 > 0 ? QT / 8 : 1); ++x) keep_bits[x] = 0xffffffffu;
+#pragma unroll
+        for (int nt = 0; nt < QT; ++nt) {
+#pragma unroll
+            for (int c = 0; c < 4; ++c) {
+                const int j = n0 + krow0 + g + (c >= 2 ? 8 : 0);
+                const int col = nt * 8 + 2 * t + (c & 1);
+                const bool vis_ij = full || vis.visible(m0 + col, j);
+                st[nt][c] = vis_ij ? exp2f(fmaf(st[nt][c], scale_log2, -sLseb[col])) : 0.f;
+#if IS_DROPOUT
+                if (!drop.keep(bh, m0 + col, j)) keep_bits[nt / 8] &= ~(1u << ((nt % 8) * 4 + c));
+#endif
+            }
+        }
+        // dV += (P o Z)^T dO
+#pragma unroll
+        for (int kk = 0; kk < (WITH_DV ? BLOCK_M / 16 : 0); ++kk) {
+            float pz[2][4];
+#pragma unroll
+            for (int half = 0; half < 2; ++half)
+#pragma unroll
+                for (int c = 0; c < 4; ++c) {
+                    const int nt = 2 * kk + half;
+                    const bool kept = (keep_bits[nt / 8] >> ((nt % 8) * 4 + c)) & 1u;
+                    pz[half][c] = kept ? st[nt][c] * rp_dropout : 0.f;
+                }
+            u32 a[4] = {pack_elem2(pz[0][0], pz[0][1]), pack_elem2(pz[0][2], pz[0][3]),
+                             pack_elem2(pz[1][0], pz[1][1]), pack_elem2(pz[1][2], pz[1][3])};
+#pragma unroll
+            for (int nn = 0; nn < EV_PAD / 16; ++nn) {
+                u32 bd[4];
+                ldmatrix_x4_trans(bd, bt_frag_addr(sdOb + kk * 16 * V_PITCH + nn * 16, V_PITCH, lane));
+                mma_16816(dv_acc[2 * nn], a, bd[0], bd[1]);
+                mma_16816(dv_acc[2 * nn + 1], a, bd[2], bd[3]);
+            }
+        }
+        if constexpr (!WITH_DK) continue;
+        // dP^T = V dO^T
+        float dpt[QT][4];
+#pragma unroll
+        for (int x = 0; x < QT; ++x) dpt[x][0] = dpt[x][1] = dpt[x][2] = dpt[x][3] = 0.f;
+#pragma unroll
+        for (int kk = 0; kk < EV_PAD / 16; ++kk) {
+            u32 a[4];
+            ldmatrix_x4(a, a_frag_addr(sV + krow0 * V_PITCH + kk * 16, V_PITCH, lane));
+#pragma unroll
+            for (int nn = 0; nn < BLOCK_M / 16; ++nn) {
+                u32 bd[4];
+                ldmatrix_x4(bd, b_frag_addr(sdOb + nn * 16 * V_PITCH + kk * 16, V_PITCH, lane));
+                mma_16816(dpt[2 * nn], a, bd[0], bd[1]);
+                mma_16816(dpt[2 * nn + 1], a, bd[2], bd[3]);
+            }
+        }
+        // dS^T = P^T o (dP^T o Z - D), kept in st
+#pragma unroll
+        for (int nt = 0; nt < QT; ++nt)
+#pragma unroll
+            for (int c = 0; c < 4; ++c) {
+                const bool kept = (keep_bits[nt / 8] >> ((nt % 8) * 4 + c)) & 1u;
+                const float dp = kept ? dpt[nt][c] * rp_dropout : 0.f;
+                st[nt][c] = st[nt][c] * (dp - sDb[nt * 8 + 2 * t + (c & 1)]);
+            }
+        // dK += dS^T Q
+#pragma unroll
+        for (int kk = 0; kk < BLOCK_M / 16; ++kk) {
+            u32 a[4] = {pack_elem2(st[2 * kk][0], st[2 * kk][1]), pack_elem2(st[2 * kk][2], st[2 * kk][3]),
+                             pack_elem2(st[2 * kk + 1][0], st[2 * kk + 1][1]),
+                             pack_elem2(st[2 * kk + 1][2], st[2 * kk + 1][3])};
+#pragma unroll
+            for (int nn = 0; nn < E_PAD / 16; ++nn) {
+                u32 bq[4];
+                ldmatrix_x4_trans(bq, bt_frag_addr(sQb + kk * 16 * Q_PITCH + nn * 16, Q_PITCH, lane));
+                mma_16816(dk_acc[2 * nn], a, bq[0], bq[1]);
+                mma_16816(dk_acc[2 * nn + 1], a, bq[2], bq[3]);
+            }
+        }
+    }
+    if constexpr (WITH_DK) store_frag_rows<ET>(dkb, dk_sm, dk_acc, scale, n0 + krow0, seq.S, HEAD_DIM, lane);
+    if constexpr (WITH_DV) store_frag_rows<EVT>(dvb, dv_sm, dv_acc, 1.f, n0 + krow0, seq.S, HEAD_DIM_V, lane);
+}
+
+// ---------------------------------------------------------------------------------------------------
+namespace dqk {
+constexpr int NUM_WARPS = DQ_WARPS;
+constexpr int NTHREADS = NUM_WARPS * 32;
+constexpr int MT = DQ_M_TILES;
+constexpr int WARP_M = 16 * MT;
+constexpr int BLOCK_M = NUM_WARPS * WARP_M;
+constexpr int BLOCK_N = DQ_BLOCK_N;
+constexpr int NT = BLOCK_N / 8, ET = E_PAD / 8;
+constexpr int SK_ELEMS = BLOCK_N * Q_PITCH, SV_ELEMS = BLOCK_N * V_PITCH;
+static_assert(BLOCK_N % 16 == 0, "DQ_BLOCK_N must be a multiple of 16");
+}  // namespace dqk
+
+extern "C" __global__ void __launch_bounds__(dqk::NTHREADS)
+flash_bwd_dq(const elem_t* __restrict__ q, const elem_t* __restrict__ k, const elem_t* __restrict__ v,
+             const elem_t* __restrict__ dout, const float* __restrict__ lse, const float* __restrict__ delta,
+             elem_t* __restrict__ dq, const int* __restrict__ cu_q, const int* __restrict__ cu_k, int L, int S,
+             int Hq, int group, long long q_sb, long long q_sh, long long q_sm, long long k_sb, long long k_sh,
+             long long k_sm, long long v_sb, long long v_sh, long long v_sm, long long do_sb, long long do_sh,
+             long long do_sm, long long dq_sb, long long dq_sh, long long dq_sm, long long lse_sb,
+             long long lse_sh, float scale, float scale_log2, int left, int right, int lower_right,
+             unsigned int seed_lo, unsigned int seed_hi, unsigned int offset, unsigned int threshold,
+             float rp_dropout) {
+    using namespace dqk;
+    extern __shared__ __align__(16) unsigned char smem_raw[];
+    elem_t* sQ = reinterpret_cast<elem_t*>(smem_raw);  // [BLOCK_M][Q_PITCH]
+    elem_t* sdO = sQ + BLOCK_M * Q_PITCH;               // [BLOCK_M][V_PITCH]
+    elem_t* sK = sdO + BLOCK_M * V_PITCH;               // [2][BLOCK_N][Q_PITCH]
+    elem_t* sV = sK + 2 * SK_ELEMS;                     // [2][BLOCK_N][V_PITCH]
+
+    const int m_block = gridDim.x - 1 - blockIdx.x;
+    const int bh = blockIdx.y, b = bh / Hq, h = bh % Hq, kvh = h / group;
+    (void)bh;
+    const SeqInfo seq(b, cu_q, cu_k, L, S);
+    const int m0 = m_block * BLOCK_M;
+    if (m0 >= seq.L) return;
+    const Visibility vis{seq.L, seq.S, lower_right ? seq.S - seq.L : 0, left, right};
+    const bool packed = cu_q != nullptr;
+    const elem_t* qb = q + (packed ? 0 : b * q_sb) + h * q_sh + seq.start_q * q_sm;
+    const elem_t* kb = k + (packed ? 0 : b * k_sb) + kvh * k_sh + seq.start_k * k_sm;
+    const elem_t* vb = v + (packed ? 0 : b * v_sb) + kvh * v_sh + seq.start_k * v_sm;
+    const elem_t* dob = dout + (packed ? 0 : b * do_sb) + h * do_sh + seq.start_q * do_sm;
+    elem_t* dqb = dq + (packed ? 0 : b * dq_sb) + h * dq_sh + seq.start_q * dq_sm;
+    const long long lse_off = b * lse_sb + h * lse_sh + seq.start_q;
+
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+    const int wrow0 = warp * WARP_M;
+    float dq_acc[MT][ET][4];
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int x = 0; x < ET; ++x) dq_acc[mt][x][0] = dq_acc[mt][x][1] = dq_acc[mt][x][2] = dq_acc[mt][x][3] = 0.f;
+
+    const int m1 = min(m0 + BLOCK_M, seq.L);
+    int j_lo, j_hi, i_lo, i_hi;
+    vis.key_range(m0, m1, j_lo, j_hi);
+    vis.query_range(0, seq.S, i_lo, i_hi);
+    const int n_begin = j_lo / BLOCK_N, n_end = j_lo < j_hi ? (j_hi + BLOCK_N - 1) / BLOCK_N : n_begin;
+    if (n_begin < n_end) {
+        load_tile<BLOCK_M, HEAD_DIM, E_PAD, Q_PITCH, NTHREADS>(sQ, qb, q_sm, m0, i_lo, i_hi);
+        load_tile<BLOCK_M, HEAD_DIM_V, EV_PAD, V_PITCH, NTHREADS>(sdO, dob, do_sm, m0, i_lo, i_hi);
+        load_tile<BLOCK_N, HEAD_DIM, E_PAD, Q_PITCH, NTHREADS>(sK, kb, k_sm, n_begin * BLOCK_N, j_lo, j_hi);
+        load_tile<BLOCK_N, HEAD_DIM_V, EV_PAD, V_PITCH, NTHREADS>(sV, vb, v_sm, n_begin * BLOCK_N, j_lo, j_hi);
+    }
+    cp_async_commit();
+    // Per-row lse (log2 domain; +inf for rows that see nothing so P = 0) and D.
+    float lse2[MT][2], d_row[MT][2];
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+            const int i = m0 + wrow0 + mt * 16 + g + 8 * r;
+            const bool in = i >= i_lo && i < i_hi;
+            const float l = in ? lse[lse_off + i] : CUSDPA_INF;
+            lse2[mt][r] = l == -CUSDPA_INF ? CUSDPA_INF : l * LOG2E;
+            d_row[mt][r] = in ? delta[lse_off + i] : 0.f;
+        }
+#if IS_DROPOUT
+    const Dropout drop{seed_lo, seed_hi, offset, threshold};
+#endif
+
+    for (int n = n_begin; n < n_end; ++n) {
+        const int buf = (n - n_begin) & 1, n0 = n * BLOCK_N;
+        const elem_t* sKn = sK + buf * SK_ELEMS;
+        const elem_t* sVn = sV + buf * SV_ELEMS;
+        cp_async_wait<0>();
+        __syncthreads();  // K_n, V_n landed; every warp is done with the other buffers
+        if (n + 1 < n_end) {
+            load_tile<BLOCK_N, HEAD_DIM, E_PAD, Q_PITCH, NTHREADS>(sK + (buf ^ 1) * SK_ELEMS, kb, k_sm, n0 + BLOCK_N,
+                                                                   j_lo, j_hi);
+            load_tile<BLOCK_N, HEAD_DIM_V, EV_PAD, V_PITCH, NTHREADS>(sV + (buf ^ 1) * SV_ELEMS, vb, v_sm,
+                                                                      n0 + BLOCK_N, j_lo, j_hi);
+        }
+        cp_async_commit();
+
+        // S = Q K^T and dP = dO V^T
+        float s[MT][NT][4], dp[MT][NT][4];
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+            for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+                for (int c = 0; c < 4; ++c) s[mt][nt][c] = dp[mt][nt][c] = 0.f;
+#pragma unroll
+        for (int kk = 0; kk < E_PAD / 16; ++kk) {
+            u32 a[MT][4];
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt)
+                ldmatrix_x4(a[mt], a_frag_addr(sQ + (wrow0 + mt * 16) * Q_PITCH + kk * 16, Q_PITCH, lane));
+#pragma unroll
+            for (int nn = 0; nn < BLOCK_N / 16; ++nn) {
+                u32 bk[4];
+                ldmatrix_x4(bk, b_frag_addr(sKn + nn * 16 * Q_PITCH + kk * 16, Q_PITCH, lane));
+#pragma unroll
+                for (int mt = 0; mt < MT; ++mt) {
+                    mma_16816(s[mt][2 * nn], a[mt], bk[0], bk[1]);
+                    mma_16816(s[mt][2 * nn + 1], a[mt], bk[2], bk[3]);
+                }
+            }
+        }
+#pragma unroll
+        for (int kk = 0; kk < EV_PAD / 16; ++kk) {
+            u32 a[MT][4];
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt)
+                ldmatrix_x4(a[mt], a_frag_addr(sdO + (wrow0 + mt * 16) * V_PITCH + kk * 16, V_PITCH, lane));
+#pragma unroll
+            for (int nn = 0; nn < BLOCK_N / 16; ++nn) {
+                u32 bv[4];
+                ldmatrix_x4(bv, b_frag_addr(sVn + nn * 16 * V_PITCH + kk * 16, V_PITCH, lane));
+#pragma unroll
+                for (int mt = 0; mt < MT; ++mt) {
+                    mma_16816(dp[mt][2 * nn], a[mt], bv[0], bv[1]);
+                    mma_16816(dp[mt][2 * nn + 1], a[mt], bv[2], bv[3]);
+                }
+            }
+        }
+        // dS = P o (dP o Z - D), into s
+        const bool full = vis.tile_full(m0, BLOCK_M, n0, BLOCK_N);
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+            for (int r = 0; r < 2; ++r) {
+                const int i = m0 + wrow0 + mt * 16 + g + 8 * r;
+#pragma unroll
+                for (int nt = 0; nt < NT; ++nt) {
+                    const int j0 = n0 + nt * 8 + 2 * t;
+                    bool keep0 = true, keep1 = true;
+#if IS_DROPOUT
+                    drop.keep_pair(u32(bh), i, j0, keep0, keep1);
+#endif
+#pragma unroll
+                    for (int c = 0; c < 2; ++c) {
+                        const bool vis_ij = full || vis.visible(i, j0 + c);
+                        const float p = vis_ij ? exp2f(fmaf(s[mt][nt][2 * r + c], scale_log2, -lse2[mt][r])) : 0.f;
+                        const bool kept = c == 0 ? keep0 : keep1;
+                        const float dpz = kept ? dp[mt][nt][2 * r + c] * rp_dropout : 0.f;
+                        s[mt][nt][2 * r + c] = p * (dpz - d_row[mt][r]);
+                    }
+                }
+            }
+        // dQ += dS K
+#pragma unroll
+        for (int kk = 0; kk < BLOCK_N / 16; ++kk) {
+            u32 a[MT][4];
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt) {
+                a[mt][0] = pack_elem2(s[mt][2 * kk][0], s[mt][2 * kk][1]);
+                a[mt][1] = pack_elem2(s[mt][2 * kk][2], s[mt][2 * kk][3]);
+                a[mt][2] = pack_elem2(s[mt][2 * kk + 1][0], s[mt][2 * kk + 1][1]);
+                a[mt][3] = pack_elem2(s[mt][2 * kk + 1][2], s[mt][2 * kk + 1][3]);
+            }
+#pragma unroll
+            for (int nn = 0; nn < E_PAD / 16; ++nn) {
+                u32 bk[4];
+                ldmatrix_x4_trans(bk, bt_frag_addr(sKn + kk * 16 * Q_PITCH + nn * 16, Q_PITCH, lane));
+#pragma unroll
+                for (int mt = 0; mt < MT; ++mt) {
+                    mma_16816(dq_acc[mt][2 * nn], a[mt], bk[0], bk[1]);
+                    mma_16816(dq_acc[mt][2 * nn + 1], a[mt], bk[2], bk[3]);
+                }
+            }
+        }
+    }
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+        store_frag_rows<ET>(dqb, dq_sm, dq_acc[mt], scale, m0 + wrow0 + mt * 16, seq.L, HEAD_DIM, lane);
+}

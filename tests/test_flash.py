@@ -1,0 +1,231 @@
+"""FLASH backend: nvcc compiles every kernel configuration (CPU), and on the GPU the kernels match the
+reference over sizes and features, judged against PyTorch's error at the same precision."""
+import concurrent.futures
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from attention_cases import Case, run_case
+from cusdpa import flash
+
+# One representative (E, Ev) per tile configuration class, incl. E != Ev and the split dK/dV passes.
+CONFIG_DIMS = [(40, 40), (72, 128), (256, 256)]
+
+
+def _nvrtc_jobs():
+    for E, Ev in CONFIG_DIMS:
+        cfg = flash.FlashConfig.for_head_dims(E, Ev)
+        # the dtype changes only the mma type and conversions, dropout only adds code: pair them up
+        for dtype, dropout in (("float16", False), ("bfloat16", True)):
+            yield "flash_fwd.cu", flash.compile_options(dtype, E, Ev, dropout, cfg)
+            for part in ((1, 2) if cfg.split_dkdv else (3,)):
+                yield "flash_bwd.cu", flash.compile_options(dtype, E, Ev, dropout, cfg, part)
+
+
+def _nvrtc_compile(source: str, options: tuple, arch: str) -> str | None:
+    """Compile as CuPy does at run time (NVRTC, no system headers); None or the error log."""
+    from cuda.bindings import nvrtc
+
+    err, prog = nvrtc.nvrtcCreateProgram(source.encode(), b"k.cu", 0, [], [])
+    opts = [o.encode() for o in options] + [f"-arch={arch}".encode()]
+    (err,) = nvrtc.nvrtcCompileProgram(prog, len(opts), opts)
+    log = None
+    if err != nvrtc.nvrtcResult.NVRTC_SUCCESS:
+        _, size = nvrtc.nvrtcGetProgramLogSize(prog)
+        buf = b" " * size
+        nvrtc.nvrtcGetProgramLog(prog, buf)
+        log = buf.decode(errors="replace")
+    nvrtc.nvrtcDestroyProgram(prog)
+    return log
+
+
+def test_every_kernel_configuration_compiles_with_nvrtc():
+    pytest.importorskip("cuda.bindings.nvrtc")
+    try:
+        from cuda.bindings import nvrtc
+
+        nvrtc.nvrtcVersion()
+    except Exception as e:  # the bindings are there but libnvrtc is not
+        pytest.skip(f"NVRTC not loadable: {e}")
+    # CuPy passes the CUDA toolkit's include dir at run time; numba-cuda ships the same fp16/bf16 headers.
+    numba_cuda = pytest.importorskip("numba_cuda")
+    include = Path(numba_cuda.__file__).parent / "numba" / "cuda" / "include" / "13"
+    if not (include / "cuda_bf16.h").exists():
+        pytest.skip(f"no cuda_bf16.h under {include}")
+    errors = []
+    for source, options in _nvrtc_jobs():
+        log = _nvrtc_compile(flash.kernel_source(source), options + (f"-I{include}",), "sm_90")
+        if log is not None:
+            errors.append(f"{source} {options}:\n{log[-2000:]}")
+    assert not errors, "\n\n".join(errors)
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not installed")
+def test_every_kernel_configuration_compiles_with_nvcc(tmp_path):
+    def compile_one(job):
+        (n, (source, options)), arch = job
+        src = tmp_path / f"k{n}_{arch}.cu"
+        src.write_text(flash.kernel_source(source))
+        cmd = ["nvcc", f"-arch={arch}", "-cubin", "-o", str(src.with_suffix(".cubin")), *options, str(src)]
+        run = subprocess.run(cmd, capture_output=True, text=True)
+        return None if run.returncode == 0 else f"{' '.join(cmd)}\n{run.stderr[-2000:]}"
+
+    jobs = [(job, arch) for job in enumerate(_nvrtc_jobs()) for arch in ("sm_80", "sm_90")]
+    with concurrent.futures.ThreadPoolExecutor(max_workers=4) as pool:
+        errors = [e for e in pool.map(compile_one, jobs) if e]
+    assert not errors, "\n\n".join(errors)
+
+
+def test_config_fits_shared_memory():
+    for E in range(8, 257, 8):
+        for Ev in (E, 8, 256):
+            cfg = flash.FlashConfig.for_head_dims(E, Ev)
+            for kind in ("fwd", "dkdv", "dq"):
+                assert flash.smem_bytes(kind, cfg, E, Ev) <= 227 * 1024, (E, Ev, kind)
+
+
+def test_harness_judges_the_math_backend_on_cpu(rng):
+    """The GPU harness itself, run on the CPU: MATH in bf16 must pass it, a perturbed result must not."""
+    pytest.importorskip("torch")
+    pytest.importorskip("ml_dtypes")
+    from cusdpa import math_backend
+
+    case = Case(dtype="bfloat16", L=9, S=13, E=16, hq=4, hkv=2, causal="lower_right", dropout_p=0.2)
+    assert run_case(case, math_backend.IMPL, np, rng) == []
+    varlen = Case(dtype="float16", hq=2, hkv=1, E=8, varlen=((3, 5), (0, 2), (6, 4)), causal="upper_left")
+    assert run_case(varlen, math_backend.IMPL, np, rng) == []
+
+    class Off:  # MATH with a small error in one output element
+        @staticmethod
+        def forward(pr, out=None, lse=None):
+            o, l = math_backend.IMPL.forward(pr, out, lse)
+            o[0, 0, 1, 2] += 0.5
+            return o, l
+
+        backward = math_backend.IMPL.backward
+
+    failures = run_case(case, Off, np, rng, grads=False)
+    assert len(failures) == 1 and "out: max error" in failures[0]
+
+
+# ---- GPU ---------------------------------------------------------------------------------------------------
+
+SIZES = [(1, 17), (17, 1), (97, 1025), (1025, 97), (128, 128), (1025, 1025), (17, 97)]
+VARIANTS = [None, "upper_left", "lower_right"]
+
+
+def _gpu_check(case, rng, grads=True):
+    import cupy
+
+    failures = run_case(case, flash.IMPL, cupy, rng, grads=grads, torch_device="cuda")
+    assert not failures, "\n".join(failures)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("E", [32, 40, 64, 72, 128, 256])
+@pytest.mark.parametrize("n", range(len(SIZES)))
+def test_sizes_and_head_dims(dtype, E, n, rng):
+    L, S = SIZES[n]
+    _gpu_check(Case(dtype=dtype, batch=(1,), hq=2, hkv=2, L=L, S=S, E=E, causal=VARIANTS[(n + E) % 3]), rng)
+
+
+FEATURES = {
+    "gqa": Case(hq=8, hkv=2, L=130, S=200, E=64, causal="upper_left"),
+    "mqa": Case(dtype="float16", hq=6, hkv=1, L=77, S=77, E=128),
+    "window": Case(L=300, S=300, E=64, window=(37, 11)),
+    "window_lower_right": Case(dtype="float16", L=150, S=333, E=72, window=(64, 0), causal="lower_right"),
+    "causal_short_keys": Case(L=200, S=70, E=64, causal="lower_right"),
+    "dropout": Case(L=150, S=140, E=64, dropout_p=0.3, causal="upper_left"),
+    "dropout_gqa_fp16": Case(dtype="float16", hq=4, hkv=2, L=65, S=190, E=128, dropout_p=0.1),
+    "ev_differs": Case(L=100, S=120, E=40, Ev=128),
+    "ev_smaller": Case(dtype="float16", L=100, S=120, E=256, Ev=64, causal="lower_right"),
+    "batch_dims": Case(batch=(2, 3), hq=2, hkv=1, L=33, S=65, E=64),
+    "kv_batch_broadcast": Case(batch=(3,), L=40, S=50, E=64, kv_batch_broadcast=True),
+    "strided": Case(L=91, S=77, E=128, transposed=True, causal="upper_left"),
+    "varlen": Case(hq=4, hkv=2, E=64, varlen=((100, 130), (0, 5), (257, 64), (3, 0), (64, 64)),
+                   causal="lower_right"),
+    "varlen_window_dropout": Case(dtype="float16", E=128, varlen=((130, 130), (47, 200)), window=(20, 5),
+                                  dropout_p=0.2),
+    "empty_queries": Case(L=0, S=40, E=64),
+    "empty_keys": Case(L=40, S=0, E=64),
+}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", sorted(FEATURES))
+def test_features(name, rng):
+    _gpu_check(FEATURES[name], rng)
+
+
+@pytest.mark.gpu
+def test_dropout_mask_is_bit_identical_to_the_reference(rng):
+    """With V = I the output is the dropped attention matrix itself: its zeros are the keep-mask."""
+    import cupy
+
+    from cusdpa import checks, philox
+
+    L, S, p, seed = 70, 64, 0.4, int(rng.integers(0, 2**63))
+    q = cupy.asarray(rng.standard_normal((2, 3, L, 64)) * 0.1, dtype=np.float16)
+    k = cupy.asarray(rng.standard_normal((2, 3, S, 64)) * 0.1, dtype=np.float16)
+    v = cupy.asarray(np.broadcast_to(np.eye(S), (2, 3, S, S)), dtype=np.float16)
+    pr = checks.problem_from_dense(q, k, v, dropout_p=p, seed=(seed, 5))
+    out, _ = flash.IMPL.forward(pr)
+    keep = philox.keep_mask(seed, 5, np.arange(6), L, S, p).reshape(2, 3, L, S)
+    np.testing.assert_array_equal(cupy.asnumpy(out) != 0, keep)
+
+
+@pytest.mark.gpu
+def test_backward_is_bit_identical_run_to_run(rng):
+    import cupy
+
+    from attention_cases import make_inputs, problem
+
+    case = Case(hq=4, hkv=1, L=300, S=300, E=128, causal="upper_left", dropout_p=0.1)
+    arrays = make_inputs(case, rng)
+    q, k, v, dout = (cupy.asarray(x) for x in arrays[:4])
+    pr = problem(case, (q, k, v, None, None), seed=7)
+    out, lse = flash.IMPL.forward(pr)
+    first = flash.IMPL.backward(pr, out, lse, dout, True)
+    for _ in range(3):
+        again = flash.IMPL.backward(pr, out, lse, dout, True)
+        for a, b in zip(first, again):
+            assert cupy.array_equal(a.view(np.uint16), b.view(np.uint16))
+
+
+@pytest.mark.gpu
+def test_nan_in_keys_nobody_sees_does_not_leak(rng):
+    import cupy
+
+    import cusdpa
+
+    q = cupy.asarray(rng.standard_normal((2, 2, 50, 64)), dtype=np.float16)
+    k = cupy.asarray(rng.standard_normal((2, 2, 90, 64)), dtype=np.float16)
+    v = cupy.asarray(rng.standard_normal((2, 2, 90, 64)), dtype=np.float16)
+    clean, vjp = cusdpa.attention_vjp(q, k, v, is_causal=True)  # upper-left: keys >= 50 are never seen
+    k2, v2 = k.copy(), v.copy()
+    k2[:, :, 60:] = np.nan
+    v2[:, :, 50:] = np.inf
+    dirty, vjp2 = cusdpa.attention_vjp(q, k2, v2, is_causal=True)
+    assert cupy.array_equal(clean, dirty)
+    dout = cupy.ones_like(clean)
+    for a, b in zip(vjp(dout), vjp2(dout)):
+        assert bool(cupy.isfinite(b[:, :, :50]).all())
+        assert cupy.array_equal(a[:, :, :50], b[:, :, :50])
+
+
+@pytest.mark.gpu
+def test_dispatch_picks_flash_and_explains_fallbacks(rng):
+    import cupy
+
+    import cusdpa
+
+    q = cupy.asarray(rng.standard_normal((1, 2, 16, 64)), dtype=np.float16)
+    assert cusdpa.explain(q, q, q).chosen is cusdpa.Backend.FLASH
+    q32 = q.astype(np.float32)
+    assert any("float32" in r for r in cusdpa.explain(q32, q32, q32).reasons[cusdpa.Backend.FLASH])
+    mask = cupy.zeros((16, 16), np.float16)
+    assert any("float attn_mask" in r for r in cusdpa.explain(q, q, q, mask).reasons[cusdpa.Backend.FLASH])
