@@ -1,6 +1,9 @@
 """PyTorch bridge on CPU tensors (the reference backend): values and gradients against PyTorch's SDPA,
 custom-op checks, torch.compile, dropout seeding, the SDPA override, nested tensors, the profiler."""
 import dataclasses
+import importlib.util
+import pathlib
+import sys
 import warnings
 
 import numpy as np
@@ -14,6 +17,8 @@ import cusdpa  # noqa: E402
 import interop  # noqa: E402
 from cusdpa import Backend, dispatch, reference, testing  # noqa: E402
 from interop import functional, ops, override  # noqa: E402
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def randn(rng, *shape, dtype=torch.float32, grad=True):
@@ -435,3 +440,13 @@ def test_errors_name_the_value_and_the_fix(rng):
         interop.scaled_dot_product_attention(q, k, v, window=4)
     with pytest.raises(ValueError, match="causal_variant"):
         interop.scaled_dot_product_attention(q, k, v, causal_variant="diagonal")
+
+
+def test_train_gpt_example_runs_on_the_cpu(capsys, monkeypatch):
+    spec = importlib.util.spec_from_file_location("train_gpt", ROOT / "examples" / "train_gpt.py")
+    train_gpt = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "train_gpt", train_gpt)  # its dataclasses look themselves up there
+    spec.loader.exec_module(train_gpt)
+    assert train_gpt.main(["--device", "cpu", "--steps", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "cusdpa::math_fwd" in out and "within the 1% tolerance" in out
