@@ -89,7 +89,7 @@ def test_half_precision_keeps_dtype_and_matches_pytorch(rng, dtype):
     base = F.scaled_dot_product_attention(q, k, v, mask)
     truth = F.scaled_dot_product_attention(*(x.detach().double() for x in (q, k, v, mask)))
     assert out.dtype == dtype
-    to64 = lambda x: x.detach().double().numpy()  # noqa: E731
+    to64 = lambda x: x.detach().double().numpy()
     assert testing.judge("out", to64(out), to64(truth), to64(base)) is None
     grads = grads_of(out, (q, k, v, mask), torch.ones_like(out))
     assert [g.dtype for g in grads] == [dtype] * 4
@@ -126,7 +126,8 @@ def test_dropout_is_seeded_by_torch_and_the_backward_replays_the_mask(rng):
     kw = dict(dropout_p=0.4, enable_gqa=True, is_causal=True, seed=seed)
     np.testing.assert_allclose(out.detach().numpy(), reference.attention(*arrays, **kw)[0], rtol=1e-12)
     dout = randn(rng, *out.shape, dtype=torch.float64, grad=False)
-    for got, w in zip(torch.autograd.grad(out, (q, k, v), dout), reference.attention_grads(*arrays, dout.numpy(), **kw)):
+    want = reference.attention_grads(*arrays, dout.numpy(), **kw)
+    for got, w in zip(torch.autograd.grad(out, (q, k, v), dout), want):
         np.testing.assert_allclose(got.numpy(), w, rtol=1e-10, atol=1e-12)
     # Without dropout nothing is drawn: the caller's random stream is left as it was.
     torch.manual_seed(3)
