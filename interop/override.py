@@ -99,17 +99,23 @@ def _warn_once(reason: str) -> bool:
     return True
 
 
+def _fallback(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa):
+    # enable_gqa only when set: PyTorch before 2.5 has no such argument.
+    gqa = {"enable_gqa": True} if enable_gqa else {}
+    return _ORIGINAL(query, key, value, attn_mask, dropout_p, is_causal, scale=scale, **gqa)
+
+
 def _routed(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
     reason = unsupported_reason(query, key, value, attn_mask, scale)
     if reason is not None:
         _warn_once(reason)
-        return _ORIGINAL(query, key, value, attn_mask, dropout_p, is_causal, scale=scale, enable_gqa=enable_gqa)
+        return _fallback(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
     try:
         return functional.scaled_dot_product_attention(query, key, value, attn_mask, dropout_p, is_causal, scale,
                                                        enable_gqa, backend=_state["backend"])
     except NotImplementedError as e:  # no enabled cusdpa backend runs these inputs; the message says why
         _warn_once(str(e))
-        return _ORIGINAL(query, key, value, attn_mask, dropout_p, is_causal, scale=scale, enable_gqa=enable_gqa)
+        return _fallback(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
 
 
 _routed.__doc__ = f"cusdpa's route for torch.nn.functional.scaled_dot_product_attention.\n\n{_ORIGINAL.__doc__}"
