@@ -1,0 +1,453 @@
+"""PyTorch bridge on CPU tensors (the reference backend): values and gradients against PyTorch's SDPA,
+custom-op checks, torch.compile, dropout seeding, the SDPA override, nested tensors, the profiler."""
+import dataclasses
+import importlib.util
+import pathlib
+import sys
+import warnings
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+from torch import nn  # noqa: E402
+from torch.nn import functional as F  # noqa: E402
+
+import cusdpa  # noqa: E402
+import interop  # noqa: E402
+from cusdpa import Backend, dispatch, reference, testing  # noqa: E402
+from interop import functional, ops, override  # noqa: E402
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def randn(rng, *shape, dtype=torch.float32, grad=True):
+    return torch.tensor(rng.standard_normal(shape), dtype=dtype).requires_grad_(grad)
+
+
+@dataclasses.dataclass
+class Case:
+    q: tuple = (2, 3, 9, 8)
+    kv: tuple = (2, 3, 13, 8)
+    ev: int = 8
+    mask: str | None = None  # None, "bool" or "float"
+    mask_shape: tuple = (9, 13)
+    kwargs: dict = dataclasses.field(default_factory=dict)
+
+
+CASES = {
+    "plain": Case(),
+    "causal": Case(kwargs=dict(is_causal=True)),
+    "causal_square_odd": Case(q=(1, 2, 37, 40), kv=(1, 2, 37, 40), ev=40, kwargs=dict(is_causal=True)),
+    "bool_mask": Case(mask="bool", mask_shape=(2, 1, 9, 13)),
+    "float_mask": Case(mask="float", mask_shape=(3, 9, 13)),
+    "gqa": Case(q=(2, 6, 9, 8), kv=(2, 2, 13, 8), kwargs=dict(enable_gqa=True, is_causal=True)),
+    "scale_and_ev": Case(ev=5, kwargs=dict(scale=0.3)),
+    "rank3_broadcast_kv": Case(q=(3, 9, 8), kv=(3, 13, 8), mask="float", mask_shape=(13,)),
+}
+
+
+def make_case(rng, case: Case, dtype=torch.float32):
+    q = randn(rng, *case.q, dtype=dtype)
+    k = randn(rng, *case.kv, dtype=dtype)
+    v = randn(rng, *case.kv[:-1], case.ev, dtype=dtype)
+    mask = None
+    if case.mask == "bool":
+        allowed = rng.random(case.mask_shape) < 0.7
+        allowed[..., 0] = True  # PyTorch returns NaN for a row with no visible key; cusdpa returns 0
+        mask = torch.tensor(allowed)
+    elif case.mask == "float":
+        mask = randn(rng, *case.mask_shape, dtype=dtype)
+    return q, k, v, mask
+
+
+def grads_of(out, inputs, dout):
+    wanted = [x for x in inputs if x is not None and x.requires_grad]
+    return torch.autograd.grad(out, wanted, dout)
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_values_and_gradients_match_pytorch(rng, name):
+    q, k, v, mask = make_case(rng, CASES[name])
+    kwargs = CASES[name].kwargs
+    out = interop.scaled_dot_product_attention(q, k, v, mask, **kwargs)
+    base = F.scaled_dot_product_attention(q, k, v, mask, **kwargs)
+    f64 = [None if x is None else x.detach().double().requires_grad_(x.requires_grad) for x in (q, k, v, mask)]
+    truth = F.scaled_dot_product_attention(*f64, **kwargs)
+    assert out.dtype == q.dtype and out.shape == base.shape
+    assert testing.judge("out", out.detach().numpy(), truth.detach().numpy(), base.detach().numpy()) is None
+    dout = randn(rng, *out.shape, grad=False)
+    for i, (got, b, t) in enumerate(zip(grads_of(out, (q, k, v, mask), dout), grads_of(base, (q, k, v, mask), dout),
+                                        grads_of(truth, f64, dout.double()))):
+        assert testing.judge(f"grad {i}", got.numpy(), t.numpy(), b.numpy(), factor=3.0) is None
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_keeps_dtype_and_matches_pytorch(rng, dtype):
+    q, k, v, mask = make_case(rng, CASES["float_mask"], dtype=dtype)
+    out = interop.scaled_dot_product_attention(q, k, v, mask)
+    base = F.scaled_dot_product_attention(q, k, v, mask)
+    truth = F.scaled_dot_product_attention(*(x.detach().double() for x in (q, k, v, mask)))
+    assert out.dtype == dtype
+    to64 = lambda x: x.detach().double().numpy()
+    assert testing.judge("out", to64(out), to64(truth), to64(base)) is None
+    grads = grads_of(out, (q, k, v, mask), torch.ones_like(out))
+    assert [g.dtype for g in grads] == [dtype] * 4
+
+
+def test_extras_lower_right_window_and_empty_rows_follow_the_reference(rng):
+    q, k, v = randn(rng, 2, 4, 7, 8, dtype=torch.float64), randn(rng, 2, 2, 11, 8, dtype=torch.float64), \
+        randn(rng, 2, 2, 11, 6, dtype=torch.float64)
+    mask = torch.tensor(rng.random((7, 11)) < 0.5)
+    mask[3] = False  # a query row that sees nothing: output 0 and zero gradients, never NaN
+    kw = dict(is_causal=True, enable_gqa=True, causal_variant="lower_right", window=(3, -1))
+    out = interop.scaled_dot_product_attention(q, k, v, mask, **kw)
+    arrays = [x.detach().numpy() for x in (q, k, v)]
+    np.testing.assert_allclose(out.detach().numpy(), reference.attention(*arrays, mask.numpy(), **kw)[0], rtol=1e-12)
+    assert torch.all(out[:, :, 3] == 0)
+    dout = randn(rng, *out.shape, dtype=torch.float64, grad=False)
+    want = reference.attention_grads(*arrays, dout.numpy(), mask.numpy(), **kw)
+    for got, w in zip(torch.autograd.grad(out, (q, k, v), dout), want):
+        np.testing.assert_allclose(got.numpy(), w, rtol=1e-10, atol=1e-12)
+
+
+def test_dropout_is_seeded_by_torch_and_the_backward_replays_the_mask(rng):
+    q, k, v, _ = make_case(rng, CASES["gqa"], dtype=torch.float64)
+
+    def run(seed):
+        torch.manual_seed(seed)
+        return interop.scaled_dot_product_attention(q, k, v, dropout_p=0.4, enable_gqa=True, is_causal=True)
+
+    out = run(7)
+    assert torch.equal(out, run(7)) and not torch.equal(out, run(8))
+    torch.manual_seed(7)
+    seed = int(functional.draw_seed(0.4))  # the seed the call above drew
+    arrays = [x.detach().numpy() for x in (q, k, v)]
+    kw = dict(dropout_p=0.4, enable_gqa=True, is_causal=True, seed=seed)
+    np.testing.assert_allclose(out.detach().numpy(), reference.attention(*arrays, **kw)[0], rtol=1e-12)
+    dout = randn(rng, *out.shape, dtype=torch.float64, grad=False)
+    want = reference.attention_grads(*arrays, dout.numpy(), **kw)
+    for got, w in zip(torch.autograd.grad(out, (q, k, v), dout), want):
+        np.testing.assert_allclose(got.numpy(), w, rtol=1e-10, atol=1e-12)
+    # Without dropout nothing is drawn: the caller's random stream is left as it was.
+    torch.manual_seed(3)
+    interop.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+    after = torch.rand(1)
+    torch.manual_seed(3)
+    assert torch.equal(after, torch.rand(1))
+
+
+def test_opcheck_passes_for_every_op(rng):
+    q, k, v, mask = make_case(rng, CASES["float_mask"])
+    seed = torch.tensor([11])
+    torch.library.opcheck(ops.sdpa_fwd, (q, k, v, mask, 0.2, True, None, False, "upper_left", None, seed, "math"))
+    qg, kg, vg, _ = make_case(rng, CASES["gqa"])
+    torch.library.opcheck(ops.sdpa_fwd, (qg, kg, vg, None, 0.0, True, 0.5, True, "lower_right", [4, 0], None, "math"))
+    q, k, v, mask = (x.detach() for x in (q, k, v, mask))  # no double backward: the backward has no gradient
+    out, lse = ops.sdpa_fwd(q, k, v, mask, 0.0, False, None, False, "upper_left", None, None, "math")
+    torch.library.opcheck(ops.sdpa_bwd, (torch.randn_like(out), q, k, v, mask, out, lse, 0.2, False, None, False,
+                                         "upper_left", None, seed, "math", False))
+    cu = torch.tensor([0, 3, 3, 10], dtype=torch.int32)
+    qv, kv, vv = (randn(rng, 10, 2, 8) for _ in range(3))
+    torch.library.opcheck(ops.varlen_fwd, (qv, kv, vv, cu, cu, 7, 7, 0.3, True, None, False, "upper_left", None,
+                                           seed, "math"))
+
+
+class TinyBlock(nn.Module):
+    def __init__(self, attention="cusdpa", dropout=0.0):
+        super().__init__()
+        self.ln = nn.LayerNorm(16)
+        self.attn = interop.CausalSelfAttention(2, 16, bias=True, is_causal=True, dropout=dropout, attention=attention)
+
+    def forward(self, x):
+        return x + self.attn(self.ln(x))
+
+
+def compile_capturing(fn):
+    """torch.compile(fullgraph=True) on aot_eager (CPU inductor is too slow for CI), keeping the graphs."""
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return torch._dynamo.backends.debugging.aot_eager(gm, example_inputs)
+
+    return torch.compile(fn, fullgraph=True, backend=backend), graphs
+
+
+def calls_cusdpa(graphs, op="sdpa_fwd"):
+    target = getattr(torch.ops.cusdpa, op).default
+    return any(n.target in (target, getattr(torch.ops.cusdpa, op)) for gm in graphs for n in gm.graph.nodes)
+
+
+def test_compile_fullgraph_matches_eager_values_and_gradients(rng):
+    torch.manual_seed(0)
+    model = TinyBlock()
+    x = randn(rng, 3, 11, 16)
+    compiled, graphs = compile_capturing(model)
+    got = compiled(x)
+    got_grads = torch.autograd.grad(got.sum(), [x, *model.parameters()])
+    assert calls_cusdpa(graphs)
+    want = model(x)
+    want_grads = torch.autograd.grad(want.sum(), [x, *model.parameters()])
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    for g, w in zip(got_grads, want_grads):
+        torch.testing.assert_close(g, w)
+
+
+def test_compile_float_mask_gradient_and_dropout(rng):
+    q, k, v, mask = make_case(rng, CASES["float_mask"])
+
+    def f(q, k, v, mask):
+        return interop.scaled_dot_product_attention(q, k, v, mask, dropout_p=0.3, is_causal=True)
+
+    compiled, graphs = compile_capturing(f)
+    torch.manual_seed(5)
+    got = compiled(q, k, v, mask)
+    got_grads = torch.autograd.grad(got.sum(), (q, k, v, mask))
+    torch.manual_seed(5)
+    want = f(q, k, v, mask)  # aot_eager draws the seed exactly as eager mode does
+    want_grads = torch.autograd.grad(want.sum(), (q, k, v, mask))
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    for g, w in zip(got_grads, want_grads):
+        torch.testing.assert_close(g, w, rtol=0, atol=0)
+    torch.manual_seed(6)
+    assert not torch.equal(compiled(q, k, v, mask), got)  # a fresh seed per call, not one baked in
+
+
+@pytest.fixture
+def cusdpa_calls(monkeypatch):
+    """Counts calls of the dense and varlen forward ops (eager mode)."""
+    calls = {"sdpa_fwd": 0, "varlen_fwd": 0}
+    for name in calls:
+        real = getattr(ops, name)
+
+        def spy(*args, _real=real, _name=name):
+            calls[_name] += 1
+            return _real(*args)
+
+        monkeypatch.setattr(ops, name, spy)
+    return calls
+
+
+def same_module_outputs(rng, make, inputs, calls, key="sdpa_fwd"):
+    """Run ``make()`` twice from one seed, with and without the override: same values and gradients,
+    and cusdpa ran only under the override."""
+    torch.manual_seed(0)
+    want_mod = make()
+    torch.manual_seed(0)
+    got_mod = make()
+    want = want_mod(*inputs)
+    assert calls[key] == 0
+    with interop.sdpa_override():
+        got = got_mod(*inputs)
+    assert calls[key] > 0
+    got, want = (x[0] if isinstance(x, tuple) else x for x in (got, want))
+    torch.testing.assert_close(got, want)
+    got_grads = torch.autograd.grad(got.sum(), list(got_mod.parameters()))
+    want_grads = torch.autograd.grad(want.sum(), list(want_mod.parameters()))
+    for g, w in zip(got_grads, want_grads):
+        torch.testing.assert_close(g, w)
+
+
+def test_override_reaches_transformer_encoder_layer_in_training(rng, cusdpa_calls):
+    x = randn(rng, 3, 10, 16, grad=False)
+    causal = nn.Transformer.generate_square_subsequent_mask(10)
+    padding = torch.zeros(3, 10)
+    padding[1, 7:] = float("-inf")
+
+    def make():
+        return nn.TransformerEncoderLayer(16, 4, dim_feedforward=32, dropout=0.0, batch_first=True).train()
+
+    same_module_outputs(rng, make, (x, causal, padding), cusdpa_calls)
+
+
+def test_override_reaches_multihead_attention(rng, cusdpa_calls):
+    x, mem = randn(rng, 2, 9, 16, grad=False), randn(rng, 2, 12, 16, grad=False)
+    padding = torch.zeros(2, 12, dtype=torch.bool)
+    padding[0, 10:] = True
+
+    class Cross(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.mha = nn.MultiheadAttention(16, 4, batch_first=True, kdim=8, vdim=8)
+
+        def forward(self, x, mem):
+            return self.mha(x, mem[..., :8], mem[..., 8:], key_padding_mask=padding, need_weights=False)[0]
+
+    same_module_outputs(rng, Cross, (x, mem), cusdpa_calls)
+
+
+def test_override_reaches_the_tutorial_module(rng, cusdpa_calls):
+    x = randn(rng, 2, 9, 16, grad=False)
+    same_module_outputs(rng, lambda: TinyBlock(attention="torch"), (x,), cusdpa_calls)
+
+
+def test_override_falls_back_with_one_warning_per_reason(rng, cusdpa_calls, monkeypatch):
+    monkeypatch.setattr(override, "_warned", set())
+    q, k, v = (randn(rng, 2, 5, 8, grad=False) for _ in range(3))
+    with interop.sdpa_override():
+        with pytest.warns(UserWarning, match=r"scale=-0.5 .*falling back to PyTorch"):
+            got = F.scaled_dot_product_attention(q, k, v, scale=-0.5)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            F.scaled_dot_product_attention(q, k, v, scale=-0.5)  # the same reason warns once
+        with pytest.warns(UserWarning, match="no cusdpa backend can run"):
+            with cusdpa.sdpa_kernel(Backend.FLASH):
+                F.scaled_dot_product_attention(q, k, v)
+    assert cusdpa_calls["sdpa_fwd"] == 1  # only the attempt that dispatch refused
+    torch.testing.assert_close(got, override._ORIGINAL(q, k, v, scale=-0.5))
+
+
+def test_override_enable_disable_and_nesting(rng):
+    original = F.scaled_dot_product_attention
+    interop.enable_sdpa_override()
+    try:
+        assert F.scaled_dot_product_attention is not original
+        with interop.sdpa_override(backend=Backend.MATH):
+            assert override._state["backend"] is Backend.MATH
+        assert override.override_enabled() and override._state["backend"] is None
+    finally:
+        interop.disable_sdpa_override()
+    assert F.scaled_dot_product_attention is original
+    with pytest.raises(TypeError, match="cusdpa.Backend"):
+        interop.enable_sdpa_override(backend="flash")
+    assert F.scaled_dot_product_attention is original
+
+
+def test_override_compiles_without_graph_break(rng):
+    x = randn(rng, 2, 9, 16, grad=False)
+    torch.manual_seed(0)
+    model = TinyBlock(attention="torch")
+    with interop.sdpa_override():
+        compiled, graphs = compile_capturing(model)
+        got = compiled(x)
+    assert calls_cusdpa(graphs)
+    torch.testing.assert_close(got, model(x))
+
+
+def nested_batch(rng, lengths, dim, grad=True):
+    return torch.nested.nested_tensor([torch.tensor(rng.standard_normal((n, dim)), dtype=torch.float32)
+                                       for n in lengths], layout=torch.jagged, requires_grad=grad)
+
+
+@pytest.mark.parametrize("route", ["cusdpa", "override"])
+def test_nested_jagged_batch_matches_per_sequence_attention(rng, route, cusdpa_calls):
+    lengths = [5, 1, 9, 3]
+    x = nested_batch(rng, lengths, 16)
+    torch.manual_seed(0)
+    model = TinyBlock(attention="torch" if route == "override" else "cusdpa")
+    if route == "override":  # PyTorch's own jagged SDPA has no CPU kernel for these strided views
+        with interop.sdpa_override():
+            y = model(x)
+    else:
+        y = model(x)
+    assert cusdpa_calls["varlen_fwd"] == 1 and y.is_nested
+    y.values().square().sum().backward()
+    nested_grads = [x.grad.values().clone(), *(p.grad.clone() for p in model.parameters())]
+    model.zero_grad()
+    dense = [t.detach().requires_grad_() for t in x.unbind()]
+    ys = [model(t[None])[0] for t in dense]  # one sequence at a time with cusdpa's dense path
+    sum(t.square().sum() for t in ys).backward()
+    torch.testing.assert_close(y.values(), torch.cat(ys))
+    torch.testing.assert_close(nested_grads[0], torch.cat([t.grad for t in dense]))
+    for g, p in zip(nested_grads[1:], model.parameters()):
+        torch.testing.assert_close(g, p.grad)
+
+
+def test_nested_dropout_and_gqa_follow_the_varlen_reference(rng):
+    offsets = torch.tensor([0, 4, 11, 13])
+    packed = [randn(rng, 13, 4, 8), randn(rng, 13, 2, 8), randn(rng, 13, 2, 8)]  # (tokens, H, E) leaves
+    q, k, v = (torch.nested.nested_tensor_from_jagged(t, offsets).transpose(1, 2) for t in packed)
+    torch.manual_seed(4)
+    out = interop.scaled_dot_product_attention(q, k, v, dropout_p=0.25, is_causal=True, enable_gqa=True)
+    torch.manual_seed(4)
+    seed = int(functional.draw_seed(0.25))
+    cu = offsets.numpy().astype(np.int32)
+    want, vjp = cusdpa.varlen_attention_vjp(*(t.detach().numpy() for t in packed), cu, cu, 7, 7, dropout_p=0.25,
+                                            is_causal=True, enable_gqa=True, seed=seed)
+    got = out.transpose(1, 2).values()
+    np.testing.assert_allclose(got.detach().numpy(), want, rtol=1e-6, atol=1e-6)
+    dout = rng.standard_normal(want.shape).astype(np.float32)
+    for g, w in zip(torch.autograd.grad(got, packed, torch.from_numpy(dout)), vjp(dout)):
+        np.testing.assert_allclose(g.numpy(), w, rtol=1e-5, atol=1e-6)
+
+
+def test_nested_errors_name_the_fix(rng):
+    x = nested_batch(rng, [3, 4], 8, grad=False).unflatten(-1, (2, 4)).transpose(1, 2)
+    dense = randn(rng, 2, 2, 4, 4, grad=False)
+    with pytest.raises(ValueError, match="attn_mask is not supported with nested"):
+        interop.scaled_dot_product_attention(x, x, x, attn_mask=torch.ones(4, 4, dtype=torch.bool))
+    with pytest.raises(TypeError, match="must all be jagged nested tensors"):
+        interop.scaled_dot_product_attention(x, dense, dense)
+
+
+def test_profiler_shows_the_ops_and_the_backend(rng):
+    q, k, v, mask = make_case(rng, CASES["float_mask"])
+    with torch.profiler.profile() as prof:
+        interop.scaled_dot_product_attention(q, k, v, mask).sum().backward()
+    names = {e.key for e in prof.key_averages()}
+    assert {"cusdpa::sdpa_fwd", "cusdpa::sdpa_bwd", "cusdpa::math_fwd", "cusdpa::math_bwd"} <= names
+
+
+def test_inputs_cross_without_copies_and_outputs_are_torch_allocated(rng, monkeypatch):
+    seen = {}
+    real = dispatch.implementation
+
+    def spying(backend):
+        impl = real(backend)
+
+        def forward(pr, out=None, lse=None):
+            seen.update(q=pr.q.ctypes.data, k=pr.k.ctypes.data, out=out.ctypes.data, lse=lse.ctypes.data)
+            return impl.forward(pr, out, lse)
+
+        return dataclasses.replace(impl, forward=forward)
+
+    monkeypatch.setattr(dispatch, "implementation", spying)
+    qkv = randn(rng, 2, 9, 3, 4, 8, grad=False)  # (B, L, 3, H, E): q, k, v are strided views of it
+    q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))
+    out = interop.scaled_dot_product_attention(q, k, v)
+    assert (seen["q"], seen["k"], seen["out"]) == (q.data_ptr(), k.data_ptr(), out.data_ptr())
+    strided = randn(rng, 2, 4, 9, 16, grad=False)[..., ::2]  # last-dim stride 2: the fused kernels need 1
+    interop.scaled_dot_product_attention(strided, k, v)
+    assert seen["q"] != strided.data_ptr()
+
+
+@pytest.mark.parametrize("backend", [Backend.MATH, [Backend.MATH, Backend.FLASH]])
+def test_backend_argument_restricts_dispatch(rng, backend):
+    q, k, v, _ = make_case(rng, CASES["plain"])
+    torch.testing.assert_close(interop.scaled_dot_product_attention(q, k, v, backend=backend),
+                               F.scaled_dot_product_attention(q, k, v))
+
+
+def test_errors_name_the_value_and_the_fix(rng):
+    q, k, v, _ = make_case(rng, CASES["plain"])
+    with pytest.raises(NotImplementedError, match="FLASH"):
+        interop.scaled_dot_product_attention(q, k, v, backend=Backend.FLASH)
+    with cusdpa.sdpa_kernel(Backend.FLASH), pytest.raises(NotImplementedError, match="no cusdpa backend"):
+        interop.scaled_dot_product_attention(q, k, v)
+    with pytest.raises(TypeError, match="cusdpa.Backend"):
+        interop.scaled_dot_product_attention(q, k, v, backend="math")
+    with pytest.raises(TypeError, match="must be a torch.Tensor"):
+        interop.scaled_dot_product_attention(q.detach().numpy(), k, v)
+    with pytest.raises(TypeError, match="key.dtype=torch.float64"):
+        interop.scaled_dot_product_attention(q, k.double(), v)
+    with pytest.raises(TypeError, match="torch.int32 is not supported"):
+        interop.scaled_dot_product_attention(q.int(), k.int(), v.int())
+    with pytest.raises(ValueError, match="is on meta"):
+        interop.scaled_dot_product_attention(q.to("meta"), k.to("meta"), v.to("meta"))
+    with pytest.raises(TypeError, match="attn_mask.dtype=torch.int64"):
+        interop.scaled_dot_product_attention(q, k, v, torch.ones(9, 13, dtype=torch.int64))
+    with pytest.raises(TypeError, match="window="):
+        interop.scaled_dot_product_attention(q, k, v, window=4)
+    with pytest.raises(ValueError, match="causal_variant"):
+        interop.scaled_dot_product_attention(q, k, v, causal_variant="diagonal")
+
+
+def test_train_gpt_example_runs_on_the_cpu(capsys, monkeypatch):
+    spec = importlib.util.spec_from_file_location("train_gpt", ROOT / "examples" / "train_gpt.py")
+    train_gpt = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "train_gpt", train_gpt)  # its dataclasses look themselves up there
+    spec.loader.exec_module(train_gpt)
+    assert train_gpt.main(["--device", "cpu", "--steps", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "cusdpa::math_fwd" in out and "within the 1% tolerance" in out

@@ -1,0 +1,310 @@
+"""The PyTorch bridge on CUDA tensors, whichever cusdpa backend dispatch picks: values and gradients
+judged against PyTorch's SDPA at the same precision, bf16 through DLPack, the current (non-default)
+stream, cuda:N, no host synchronisation, torch.compile with inductor, override, nested, profiler."""
+import dataclasses
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+from torch import nn  # noqa: E402
+from torch.nn import functional as F  # noqa: E402
+
+import interop  # noqa: E402
+from cusdpa import dispatch, reference, testing  # noqa: E402
+from interop import bridge, functional, ops  # noqa: E402
+
+pytestmark = pytest.mark.gpu
+
+
+@pytest.fixture(autouse=True)
+def _torch_cuda():
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA build of torch")
+
+
+def randn(rng, *shape, dtype=torch.float32, device="cuda", grad=True):
+    x = torch.tensor(rng.standard_normal(shape), dtype=torch.float32).to(device=device, dtype=dtype)
+    return x.requires_grad_(grad)
+
+
+def f64(x):
+    if x is None or not x.dtype.is_floating_point:  # bool masks stay bool
+        return x
+    return x.detach().double().requires_grad_(x.requires_grad)
+
+
+def host(x):
+    return x.detach().double().cpu().numpy()
+
+
+def judge_attention(rng, q, k, v, mask=None, **kw):
+    """Values and gradients of cusdpa vs PyTorch at the same precision, both against float64."""
+    out = interop.scaled_dot_product_attention(q, k, v, mask, **kw)
+    base = F.scaled_dot_product_attention(q, k, v, mask, **kw)
+    truth_in = [f64(x) for x in (q, k, v, mask)]
+    truth = F.scaled_dot_product_attention(*truth_in, **kw)
+    assert out.dtype == q.dtype and out.device == q.device
+    assert testing.judge("out", host(out), host(truth), host(base)) is None
+    dout = randn(rng, *out.shape, dtype=q.dtype, device=q.device, grad=False)
+    wanted = [x for x in (q, k, v, mask) if x is not None and x.requires_grad]
+    wanted64 = [x for x in truth_in if x is not None and x.requires_grad]
+    got = torch.autograd.grad(out, wanted, dout)
+    ref = torch.autograd.grad(base, wanted, dout)
+    exact = torch.autograd.grad(truth, wanted64, dout.double())
+    for i, (g, b, t) in enumerate(zip(got, ref, exact)):
+        assert testing.judge(f"grad {i}", host(g), host(t), host(b), factor=3.0) is None
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("shape", [((2, 8, 97, 64), (2, 8, 97, 64)), ((1, 4, 1025, 40), (1, 4, 1025, 40)),
+                                   ((2, 8, 128, 128), (2, 2, 300, 128))], ids=["L97", "L1025_E40", "gqa_E128"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_values_and_gradients_match_pytorch(rng, dtype, shape, causal):
+    (sq, sk) = shape
+    q, k, v = randn(rng, *sq, dtype=dtype), randn(rng, *sk, dtype=dtype), randn(rng, *sk, dtype=dtype)
+    judge_attention(rng, q, k, v, is_causal=causal, enable_gqa=sq[1] != sk[1])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("kind", ["bool", "float"])
+def test_masks_match_pytorch(rng, dtype, kind):
+    q, k, v = (randn(rng, 2, 4, 77, 64, dtype=dtype) for _ in range(3))
+    if kind == "bool":
+        allowed = torch.rand(2, 1, 77, 77, device="cuda") < 0.7
+        allowed[..., 0] = True  # PyTorch gives NaN on a row with no visible key
+        mask = allowed
+    else:
+        mask = randn(rng, 4, 77, 77, dtype=dtype)
+    judge_attention(rng, q, k, v, mask)
+
+
+def test_dropout_on_cuda_replays_the_reference_mask(rng):
+    q, k, v = (randn(rng, 2, 4, 65, 32) for _ in range(3))
+    torch.manual_seed(9)
+    out = interop.scaled_dot_product_attention(q, k, v, dropout_p=0.3, is_causal=True)
+    torch.manual_seed(9)
+    seed = int(functional.draw_seed(0.3))
+    torch.manual_seed(9)
+    assert torch.equal(out, interop.scaled_dot_product_attention(q, k, v, dropout_p=0.3, is_causal=True))
+    arrays = [host(x) for x in (q, k, v)]
+    kw = dict(dropout_p=0.3, is_causal=True, seed=seed)
+    truth = reference.attention(*arrays, **kw)[0]
+    same_precision = reference.attention(*(a.astype(np.float32) for a in arrays), accum=np.float32, **kw)[0]
+    assert testing.judge("out", host(out), truth, same_precision) is None
+    dout = randn(rng, *out.shape, grad=False)
+    exact = reference.attention_grads(*arrays, host(dout), **kw)
+    fp32 = reference.attention_grads(*(a.astype(np.float32) for a in arrays), host(dout).astype(np.float32),
+                                     accum=np.float32, **kw)
+    for i, (g, t, b) in enumerate(zip(torch.autograd.grad(out, (q, k, v), dout), exact, fp32)):
+        assert testing.judge(f"grad {i}", host(g), t, b, factor=3.0) is None
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.bool, torch.float16])
+def test_dlpack_views_share_memory_both_ways(dtype):
+    import cupy
+
+    base = (torch.randn(6, 10, device="cuda") > 0) if dtype == torch.bool else torch.randn(6, 10, device="cuda")
+    src = base.to(dtype).t()[2:]  # strided, offset view
+    arr = bridge.as_array(src)
+    assert arr.data.ptr == src.data_ptr() and arr.shape == tuple(src.shape)
+    assert arr.strides == tuple(s * src.element_size() for s in src.stride())
+    assert str(arr.dtype) == {torch.bfloat16: "bfloat16", torch.bool: "bool", torch.float16: "float16"}[dtype]
+    np.testing.assert_array_equal(cupy.asnumpy(arr).astype(np.float32), src.float().cpu().numpy())
+    dst = torch.zeros_like(src)
+    cupy.copyto(bridge.as_array(dst), arr)  # written through the CuPy view, seen by torch
+    assert torch.equal(dst, src)
+
+
+@pytest.fixture
+def launch_context(monkeypatch):
+    """Records (CuPy's current device, its current stream, the Problem) as each backend's forward and
+    backward start."""
+    import cupy
+
+    seen = []
+    real = dispatch.implementation
+
+    def spying(backend):
+        impl = real(backend)
+
+        def record(fn):
+            def wrapped(pr, *args, **kwargs):
+                seen.append((cupy.cuda.Device().id, cupy.cuda.get_current_stream().ptr, pr))
+                return fn(pr, *args, **kwargs)
+            return wrapped
+
+        return dataclasses.replace(impl, forward=record(impl.forward), backward=record(impl.backward))
+
+    monkeypatch.setattr(dispatch, "implementation", spying)
+    return seen
+
+
+def test_runs_on_the_current_non_default_stream(rng, launch_context):
+    src = [randn(rng, 4, 8, 512, 64, dtype=torch.float16, grad=False) for _ in range(3)]
+    want = F.scaled_dot_product_attention(*src, is_causal=True)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        # Filled on the side stream just before the call: reading them on any other stream races.
+        q, k, v = (torch.empty_like(x).copy_(x).requires_grad_() for x in src)
+        out = interop.scaled_dot_product_attention(q, k, v, is_causal=True)
+        out.backward(torch.ones_like(out))
+    torch.cuda.current_stream().wait_stream(side)
+    device = torch.cuda.current_device()
+    assert launch_context and all(entry[:2] == (device, side.cuda_stream) for entry in launch_context)
+    # A kernel on another stream would read the uninitialised empty_like memory: far off, or NaN.
+    torch.testing.assert_close(out, want, rtol=1e-2, atol=1e-2)
+    assert q.grad is not None and torch.isfinite(q.grad).all()
+
+
+def test_runs_on_the_tensors_device(rng, launch_context):
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two GPUs")
+    q, k, v = (randn(rng, 2, 4, 100, 64, dtype=torch.bfloat16, device="cuda:1") for _ in range(3))
+    with torch.cuda.device(0):
+        out = interop.scaled_dot_product_attention(q, k, v, is_causal=True)
+        out.sum().backward()
+    assert out.device == torch.device("cuda:1") and q.grad.device == torch.device("cuda:1")
+    stream1 = torch.cuda.current_stream(1).cuda_stream
+    assert launch_context and all(entry[:2] == (1, stream1) for entry in launch_context)
+    judge_attention(rng, q, k, v, is_causal=True)
+
+
+def test_inputs_cross_without_copies(rng, launch_context):
+    qkv = randn(rng, 2, 100, 3, 4, 64, dtype=torch.bfloat16, grad=False)  # (B, L, 3, H, E), as from one Linear
+    q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))
+    interop.scaled_dot_product_attention(q, k, v)
+    pr = launch_context[0][2]
+    assert (pr.q.data.ptr, pr.k.data.ptr, pr.v.data.ptr) == (q.data_ptr(), k.data_ptr(), v.data_ptr())
+
+
+def test_no_host_synchronisation_on_the_hot_path(rng):
+    q, k, v = (randn(rng, 2, 8, 256, 64, dtype=torch.bfloat16) for _ in range(3))
+    mask = randn(rng, 8, 256, 256, dtype=torch.bfloat16)
+
+    def step():
+        out = interop.scaled_dot_product_attention(q, k, v, mask, dropout_p=0.1)
+        out.backward(torch.ones_like(out))
+
+    step()  # the first call may compile kernels and probes CuPy's bf16 support
+    torch.cuda.set_sync_debug_mode("error")  # any torch-side synchronisation now raises
+    try:
+        step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+class TinyBlock(nn.Module):
+    def __init__(self, attention="cusdpa", dropout=0.0):
+        super().__init__()
+        self.ln = nn.LayerNorm(128)
+        self.attn = interop.CausalSelfAttention(2, 128, is_causal=True, dropout=dropout, attention=attention)
+
+    def forward(self, x):
+        return x + self.attn(self.ln(x))
+
+
+def test_compile_with_inductor_fullgraph_matches_eager(rng):
+    torch.manual_seed(0)
+    model = TinyBlock().cuda()
+    x = randn(rng, 4, 200, 128)
+    compiled = torch.compile(model, fullgraph=True, backend="inductor")
+    got = compiled(x)
+    got_grads = torch.autograd.grad(got.sum(), [x, *model.parameters()])
+    want = model(x)
+    want_grads = torch.autograd.grad(want.sum(), [x, *model.parameters()])
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    for g, w in zip(got_grads, want_grads):
+        torch.testing.assert_close(g, w, rtol=1e-3, atol=1e-3)
+    model.attn.dropout = 0.2
+    torch.manual_seed(3)
+    a = compiled(x)
+    torch.manual_seed(3)
+    assert torch.equal(a, compiled(x))
+
+
+def test_opcheck_on_cuda(rng):
+    backends = functional.backend_names(None)
+    q, k, v = (randn(rng, 2, 4, 33, 64, dtype=torch.float16) for _ in range(3))
+    mask = randn(rng, 33, 33)
+    cu = torch.tensor([0, 13, 13, 40], dtype=torch.int32, device="cuda")
+    qv, kv, vv = (randn(rng, 40, 4, 64, dtype=torch.bfloat16) for _ in range(3))
+    # opcheck compares gradients of repeated runs: ask the backends for bit-identical ones.
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        torch.library.opcheck(ops.sdpa_fwd, (q, k, v, None, 0.1, True, None, False, "upper_left", None,
+                                             torch.tensor([5]), backends))
+        torch.library.opcheck(ops.sdpa_fwd, (q.float(), k.float(), v.float(), mask, 0.0, False, None, False,
+                                             "upper_left", None, None, backends))
+        torch.library.opcheck(ops.varlen_fwd, (qv, kv, vv, cu, cu, 27, 27, 0.0, True, None, False, "upper_left",
+                                               None, None, backends))
+    finally:
+        torch.use_deterministic_algorithms(False)
+
+
+@pytest.mark.parametrize("name", ["encoder_layer", "multihead_attention", "tutorial_module"])
+def test_override_on_modules(rng, name):
+    x = randn(rng, 4, 64, 128, grad=False)
+    torch.manual_seed(0)
+    if name == "encoder_layer":
+        module = nn.TransformerEncoderLayer(128, 4, dim_feedforward=256, dropout=0.0, batch_first=True)
+        causal = nn.Transformer.generate_square_subsequent_mask(64, device="cuda")
+        run = lambda: module(x, src_mask=causal, is_causal=True)
+    elif name == "multihead_attention":
+        module = nn.MultiheadAttention(128, 4, batch_first=True)
+        run = lambda: module(x, x, x, need_weights=False)[0]
+    else:
+        module = TinyBlock(attention="torch")
+        run = lambda: module(x)
+    module.cuda().train()
+    want = run()
+    want_grads = torch.autograd.grad(want.sum(), list(module.parameters()))
+    with torch.profiler.profile() as prof, interop.sdpa_override():
+        got = run()
+        got_grads = torch.autograd.grad(got.sum(), list(module.parameters()))
+    assert "cusdpa::sdpa_fwd" in {e.key for e in prof.key_averages()}
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    for g, w in zip(got_grads, want_grads):
+        torch.testing.assert_close(g, w, rtol=1e-3, atol=1e-3)
+
+
+def test_nested_jagged_batch_on_cuda(rng):
+    lengths = [70, 3, 128, 31]
+    seqs = [randn(rng, n, 128, dtype=torch.float16, grad=False) for n in lengths]
+    x = torch.nested.nested_tensor(seqs, layout=torch.jagged, requires_grad=True)
+    torch.manual_seed(0)
+    model = TinyBlock().cuda().half()
+    y = model(x)
+    y.values().float().square().sum().backward()
+    dense = [s.clone().requires_grad_() for s in seqs]
+    ys = [model.attn(model.ln(s[None]))[0] + s for s in dense]
+    sum(t.float().square().sum() for t in ys).backward()
+    # Packed vs one-sequence-at-a-time runs of cusdpa in fp16: they differ by accumulation order only,
+    # while a packing bug (a wrong offset, a sequence attending across its boundary) is off by O(1).
+    torch.testing.assert_close(y.values(), torch.cat(ys), rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(x.grad.values(), torch.cat([s.grad for s in dense]), rtol=1e-2, atol=1e-2)
+
+
+def test_profiler_names_the_ops_and_the_backend(rng):
+    q, k, v = (randn(rng, 2, 4, 128, 64, dtype=torch.bfloat16) for _ in range(3))
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                            torch.profiler.ProfilerActivity.CUDA]) as prof:
+        interop.scaled_dot_product_attention(q, k, v, is_causal=True).sum().backward()
+    names = {e.key for e in prof.key_averages()}
+    assert {"cusdpa::sdpa_fwd", "cusdpa::sdpa_bwd"} <= names
+    assert any(n.startswith("cusdpa::") and n.endswith("_fwd") and n != "cusdpa::sdpa_fwd" for n in names)
+
+
+@pytest.mark.slow
+def test_train_gpt_example_on_cuda(monkeypatch):
+    import importlib.util
+    import pathlib
+    import sys
+
+    path = pathlib.Path(__file__).resolve().parents[1] / "examples" / "train_gpt.py"
+    spec = importlib.util.spec_from_file_location("train_gpt", path)
+    train_gpt = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "train_gpt", train_gpt)
+    spec.loader.exec_module(train_gpt)
+    assert train_gpt.main(["--device", "cuda"]) == 0
