@@ -37,14 +37,19 @@ class FlashConfig:
     dq_warps: int = 8
     dq_m_tiles: int = 1
     dq_block_n: int = 64
+    use_wgmma: bool = True  # Hopper forward (flash_fwd_sm90.cu) where the device and head dims allow
+    fwd90_warpgroups: int = 2  # 64 query rows each
+    fwd90_block_n: int = 128
 
     @staticmethod
     def for_head_dims(E: int, Ev: int) -> "FlashConfig":
         d = max(_pad16(E), _pad16(Ev))
+        # Tile choices measured on the H100 with benchmarks/flash_sweep.py (BENCHMARKS.md).
         if d <= 64:
-            return FlashConfig()
+            return FlashConfig(bwd_block_m=128, dq_warps=4, fwd90_block_n=64)
         if d <= 128:  # 32 rows x 128 accumulators per warp leave room for a 32-key score block only
-            return FlashConfig(fwd_block_n=32)
+            return FlashConfig(fwd_block_n=32, dq_warps=4, dq_m_tiles=2, dq_block_n=32, fwd90_warpgroups=3,
+                               fwd90_block_n=64)
         return FlashConfig(fwd_m_tiles=1, fwd_block_n=32, bwd_block_m=32, split_dkdv=True, dq_block_n=32)
 
     @property
@@ -75,6 +80,9 @@ def smem_bytes(kind: str, cfg: FlashConfig, E: int, Ev: int) -> int:
     if kind == "fwd":
         bm, bn = cfg.fwd_block_m, cfg.fwd_block_n
         return 2 * (bm * max(qp, vp) + 2 * bn * qp + 2 * bn * vp)
+    if kind == "fwd_sm90":  # unpadded, swizzled tiles
+        bm, bn = 64 * cfg.fwd90_warpgroups, cfg.fwd90_block_n
+        return 2 * (bm * E + 2 * bn * E + 2 * bn * Ev)
     if kind == "dkdv":
         bn, bm = cfg.bwd_block_n, cfg.bwd_block_m
         return 2 * (bn * qp + bn * vp + 2 * bm * qp + 2 * bm * vp) + 4 * 4 * bm
@@ -84,10 +92,41 @@ def smem_bytes(kind: str, cfg: FlashConfig, E: int, Ev: int) -> int:
     raise ValueError(f"kind={kind!r}")
 
 
+def _wgmma_wrappers(widths=(64, 128)) -> str:
+    """wgmma m64nNk16 wrappers, overloaded on the accumulator array size (N / 2 floats per thread).
+
+    wgmma_ss: A and B from shared-memory descriptors, accumulate iff ``acc``; wgmma_rs: A from four
+    registers, B from a descriptor read transposed (MN-major), always accumulating. Generated because
+    each width needs its own operand list.
+    """
+    out = []
+    for n in widths:
+        k = n // 2
+        dregs = ", ".join(f"%{i}" for i in range(k))
+        dcons = ", ".join(f'"+f"(d[{i}])' for i in range(k))
+        mma = f'"wgmma.mma_async.sync.aligned.m64n{n}k16.f32." CUSDPA_MMA_TYPE "." CUSDPA_MMA_TYPE " "'
+        out.append(
+            f"__device__ __forceinline__ void wgmma_ss(float (&d)[{k}], unsigned long long da, "
+            f"unsigned long long db, int acc) {{\n"
+            f'    asm volatile("{{\\n.reg .pred p;\\nsetp.ne.b32 p, %{k + 2}, 0;\\n" {mma}\n'
+            f'                 "{{{dregs}}}, %{k}, %{k + 1}, p, 1, 1, 0, 0;\\n}}\\n"\n'
+            f'                 : {dcons}\n                 : "l"(da), "l"(db), "r"(acc));\n}}\n')
+        out.append(
+            f"__device__ __forceinline__ void wgmma_rs(float (&d)[{k}], const u32 (&a)[4], "
+            f"unsigned long long db) {{\n"
+            f"    asm volatile({mma}\n"
+            f'                 "{{{dregs}}}, {{%{k}, %{k + 1}, %{k + 2}, %{k + 3}}}, %{k + 4}, 1, 1, 1, 1;\\n"\n'
+            f'                 : {dcons}\n'
+            f'                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db));\n}}\n')
+    return "".join(out)
+
+
 def kernel_source(name: str) -> str:
-    """A .cu file with flash_common.cuh inlined, so CuPy's disk cache keys on the whole text."""
+    """A .cu file with flash_common.cuh inlined (and the generated wgmma wrappers where it asks for
+    them), so CuPy's disk cache keys on the whole text."""
     common = (CUDA_DIR / "flash_common.cuh").read_text()
-    return (CUDA_DIR / name).read_text().replace('#include "flash_common.cuh"', common)
+    text = (CUDA_DIR / name).read_text().replace('#include "flash_common.cuh"', common)
+    return text.replace("// @WGMMA_WRAPPERS@", _wgmma_wrappers())
 
 
 def compile_options(dtype_name: str, E: int, Ev: int, dropout: bool, cfg: FlashConfig, dkdv_part: int = 3) -> tuple:
@@ -96,7 +135,14 @@ def compile_options(dtype_name: str, E: int, Ev: int, dropout: bool, cfg: FlashC
             f"-DHEAD_DIM={E}", f"-DHEAD_DIM_V={Ev}", f"-DIS_DROPOUT={int(dropout)}",
             f"-DFWD_WARPS={cfg.fwd_warps}", f"-DFWD_M_TILES={cfg.fwd_m_tiles}", f"-DFWD_BLOCK_N={cfg.fwd_block_n}",
             f"-DBWD_WARPS={cfg.bwd_warps}", f"-DBWD_BLOCK_M={cfg.bwd_block_m}", f"-DDKDV_PART={dkdv_part}",
-            f"-DDQ_WARPS={cfg.dq_warps}", f"-DDQ_M_TILES={cfg.dq_m_tiles}", f"-DDQ_BLOCK_N={cfg.dq_block_n}")
+            f"-DDQ_WARPS={cfg.dq_warps}", f"-DDQ_M_TILES={cfg.dq_m_tiles}",
+            f"-DDQ_BLOCK_N={cfg.dq_block_n}", f"-DFWD90_WARPGROUPS={cfg.fwd90_warpgroups}",
+            f"-DFWD90_BLOCK_N={cfg.fwd90_block_n}")
+
+
+def sm90_forward_applies(E: int, Ev: int, compute_capability: int, cfg: FlashConfig) -> bool:
+    """The wgmma forward takes E, Ev in {64, 128} on compute capability 9.0 (sm_90a instructions)."""
+    return cfg.use_wgmma and compute_capability == 90 and E in (64, 128) and Ev in (64, 128)
 
 
 @functools.cache
@@ -107,7 +153,13 @@ def _module(device: int, source: str, options: tuple):
         return cupy.RawModule(code=kernel_source(source), options=options)
 
 
+MAX_SMEM = 227 * 1024  # opt-in shared memory per block on sm_80 / sm_90
+
+
 def _kernel(device: int, source: str, name: str, options: tuple, smem: int):
+    if smem > MAX_SMEM:
+        raise ValueError(f"{name} with {options} needs {smem} bytes of shared memory > {MAX_SMEM}; "
+                         "choose smaller tiles in FlashConfig")
     fn = _module(device, source, options).get_function(name)
     if smem > 48 * 1024 and fn.max_dynamic_shared_size_bytes < smem:
         fn.max_dynamic_shared_size_bytes = smem
@@ -241,17 +293,24 @@ def _launch_forward(pr, out, lse):
         return
     o_view, o_strides = _out_view(pr, lay, out, pr.hq, pr.L, pr.Ev)
     opts = compile_options(pr.dtype_name, pr.E, pr.Ev, pr.dropout_p > 0, cfg)
-    smem = smem_bytes("fwd", cfg, pr.E, pr.Ev)
-    fn = _kernel(_device(pr), "flash_fwd.cu", "flash_fwd", opts, smem)
-    grid = ((pr.L + cfg.fwd_block_m - 1) // cfg.fwd_block_m, lay.B * pr.hq)
+    if sm90_forward_applies(pr.E, pr.Ev, _compute_capability(_device(pr)), cfg):
+        smem = smem_bytes("fwd_sm90", cfg, pr.E, pr.Ev)
+        block_m, threads = 64 * cfg.fwd90_warpgroups, 128 * cfg.fwd90_warpgroups
+        fn = _kernel(_device(pr), "flash_fwd_sm90.cu", "flash_fwd_sm90", opts + ("-arch=sm_90a",), smem)
+    else:
+        smem, block_m, threads = smem_bytes("fwd", cfg, pr.E, pr.Ev), cfg.fwd_block_m, cfg.fwd_warps * 32
+        fn = _kernel(_device(pr), "flash_fwd.cu", "flash_fwd", opts, smem)
+    grid = ((pr.L + block_m - 1) // block_m, lay.B * pr.hq)
     args = (lay.q, lay.k, lay.v, o_view, lse, *_common(pr, lay), *lay.strides["q"], *lay.strides["k"],
             *lay.strides["v"], *o_strides, *_lse_strides(pr), np.float32(pr.scale * math.log2(math.e)),
             *_mask_params(pr), *_dropout_params(pr))
-    fn(grid, (cfg.fwd_warps * 32,), args, shared_mem=smem)
+    fn(grid, (threads,), args, shared_mem=smem)
 
 
 def _backward(pr, out, lse, dout, deterministic=False, grads=None):
-    """dq, dk, dv. Every kernel reduces in a fixed order without atomics: always deterministic."""
+    """dq, dk, dv. Every kernel sums in a fixed order without atomics, so the gradients are bit-identical
+    run to run whatever ``deterministic`` says. (An fp32-atomic dQ inside the dK/dV kernel, as
+    FlashAttention-2 does it, measured slower on the H100 than the separate dQ pass: see BENCHMARKS.md.)"""
     import cupy
 
     from .reference import _sum_to_shape
@@ -314,8 +373,8 @@ def _launch_backward(pr, out, lse, dout, dq, dk, dv):
             (o_view, do_view, delta, *_common(pr, lay)[:5], *o_strides, *do_strides, *_lse_strides(pr), *mask,
              np.int32(rows)))
     if pr.S:
-        smem = smem_bytes("dkdv", cfg, pr.E, pr.Ev)
         grid = ((pr.S + cfg.bwd_block_n - 1) // cfg.bwd_block_n, lay.B * pr.hkv)
+        smem = smem_bytes("dkdv", cfg, pr.E, pr.Ev)
         for part in parts:
             fn = _kernel(dev, "flash_bwd.cu", "flash_bwd_dkdv", opts(part), smem)
             fn(grid, (cfg.bwd_warps * 32,),

@@ -12,7 +12,7 @@ from attention_cases import Case, run_case
 from cusdpa import flash
 
 # One representative (E, Ev) per tile configuration class, incl. E != Ev and the split dK/dV passes.
-CONFIG_DIMS = [(40, 40), (72, 128), (256, 256)]
+CONFIG_DIMS = [(40, 40), (64, 128), (72, 128), (256, 256)]
 
 
 def _nvrtc_jobs():
@@ -21,6 +21,8 @@ def _nvrtc_jobs():
         # the dtype changes only the mma type and conversions, dropout only adds code: pair them up
         for dtype, dropout in (("float16", False), ("bfloat16", True)):
             yield "flash_fwd.cu", flash.compile_options(dtype, E, Ev, dropout, cfg)
+            if flash.sm90_forward_applies(E, Ev, 90, cfg):
+                yield "flash_fwd_sm90.cu", flash.compile_options(dtype, E, Ev, dropout, cfg) + ("-arch=sm_90a",)
             for part in ((1, 2) if cfg.split_dkdv else (3,)):
                 yield "flash_bwd.cu", flash.compile_options(dtype, E, Ev, dropout, cfg, part)
 
@@ -57,7 +59,9 @@ def test_every_kernel_configuration_compiles_with_nvrtc():
         pytest.skip(f"no cuda_bf16.h under {include}")
     errors = []
     for source, options in _nvrtc_jobs():
-        log = _nvrtc_compile(flash.kernel_source(source), options + (f"-I{include}",), "sm_90")
+        arch = "sm_90a" if "-arch=sm_90a" in options else "sm_90"
+        options = tuple(o for o in options if o != "-arch=sm_90a") + (f"-I{include}",)
+        log = _nvrtc_compile(flash.kernel_source(source), options, arch)
         if log is not None:
             errors.append(f"{source} {options}:\n{log[-2000:]}")
     assert not errors, "\n\n".join(errors)
@@ -66,16 +70,20 @@ def test_every_kernel_configuration_compiles_with_nvrtc():
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not installed")
 def test_every_kernel_configuration_compiles_with_nvcc(tmp_path):
     def compile_one(job):
-        (n, (source, options)), arch = job
-        src = tmp_path / f"k{n}_{arch}.cu"
+        n, (source, options) = job
+        src = tmp_path / f"k{n}.cu"
         src.write_text(flash.kernel_source(source))
-        cmd = ["nvcc", f"-arch={arch}", "-cubin", "-o", str(src.with_suffix(".cubin")), *options, str(src)]
+        if "-arch=sm_90a" in options:  # wgmma: only the sm_90a target, spelled as nvcc 13.0 accepts it
+            options = tuple(o for o in options if o != "-arch=sm_90a")
+            targets = ["-gencode=arch=compute_90a,code=sm_90a"]
+        else:  # one front-end pass, machine code for both architectures
+            targets = ["-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90,code=sm_90"]
+        cmd = ["nvcc", *targets, "-fatbin", "-o", str(src.with_suffix(".fatbin")), *options, str(src)]
         run = subprocess.run(cmd, capture_output=True, text=True)
         return None if run.returncode == 0 else f"{' '.join(cmd)}\n{run.stderr[-2000:]}"
 
-    jobs = [(job, arch) for job in enumerate(_nvrtc_jobs()) for arch in ("sm_80", "sm_90")]
-    with concurrent.futures.ThreadPoolExecutor(max_workers=4) as pool:
-        errors = [e for e in pool.map(compile_one, jobs) if e]
+    with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
+        errors = [e for e in pool.map(compile_one, enumerate(_nvrtc_jobs())) if e]
     assert not errors, "\n\n".join(errors)
 
 
@@ -83,7 +91,8 @@ def test_config_fits_shared_memory():
     for E in range(8, 257, 8):
         for Ev in (E, 8, 256):
             cfg = flash.FlashConfig.for_head_dims(E, Ev)
-            for kind in ("fwd", "dkdv", "dq"):
+            kinds = ["fwd", "dkdv", "dq"] + (["fwd_sm90"] if flash.sm90_forward_applies(E, Ev, 90, cfg) else [])
+            for kind in kinds:
                 assert flash.smem_bytes(kind, cfg, E, Ev) <= 227 * 1024, (E, Ev, kind)
 
 
@@ -158,6 +167,17 @@ FEATURES = {
 @pytest.mark.gpu
 @pytest.mark.parametrize("name", sorted(FEATURES))
 def test_features(name, rng):
+    _gpu_check(FEATURES[name], rng)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["gqa", "mqa", "dropout", "strided", "varlen", "causal_short_keys"])
+def test_mma_sync_forward_where_wgmma_would_run(name, rng, monkeypatch):
+    """On Hopper E, Ev in {64, 128} take the wgmma forward; the portable mma.sync one must stay right too."""
+    import dataclasses
+
+    monkeypatch.setattr(flash, "_config", lambda pr: dataclasses.replace(
+        flash.FlashConfig.for_head_dims(pr.E, pr.Ev), use_wgmma=False))
     _gpu_check(FEATURES[name], rng)
 
 

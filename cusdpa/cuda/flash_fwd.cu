@@ -136,6 +136,8 @@ flash_fwd(const elem_t* __restrict__ q, const elem_t* __restrict__ k, const elem
         }
 
         const bool full = vis.tile_full(m0, BLOCK_M, n0, BLOCK_N);
+        float m_use[MT][2], alpha[MT][2];
+        bool rescale = false;
 #pragma unroll
         for (int mt = 0; mt < MT; ++mt) {
 #pragma unroll
@@ -155,19 +157,33 @@ flash_fwd(const elem_t* __restrict__ q, const elem_t* __restrict__ k, const elem
                 mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
                 const float m_new = fmaxf(m_i[mt][r], mx * scale_log2);
                 // A row with nothing visible yet keeps m = -inf; subtract 0 instead so exp2 gives 0, not NaN.
-                const float m_use = m_new == -CUSDPA_INF ? 0.f : m_new;
-                const float alpha = exp2f(m_i[mt][r] - m_use);
+                m_use[mt][r] = m_new == -CUSDPA_INF ? 0.f : m_new;
+                alpha[mt][r] = exp2f(m_i[mt][r] - m_use[mt][r]);
+                rescale |= m_new != m_i[mt][r];
                 m_i[mt][r] = m_new;
-                l_i[mt][r] *= alpha;
+                l_i[mt][r] *= alpha[mt][r];
+            }
+        }
+        // Once the running maxima settle, most blocks change no row's max: skip the O(Ev) rescale then
+        // (warp-uniform branch, alpha == 1 exactly when the max is unchanged).
+        if (__any_sync(0xffffffffu, rescale)) {
 #pragma unroll
-                for (int vt = 0; vt < VT; ++vt) {
-                    acc[mt][vt][2 * r] *= alpha;
-                    acc[mt][vt][2 * r + 1] *= alpha;
-                }
+            for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+                for (int vt = 0; vt < VT; ++vt)
+#pragma unroll
+                    for (int c = 0; c < 4; ++c) acc[mt][vt][c] *= alpha[mt][c / 2];
+        }
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+            for (int r = 0; r < 2; ++r) {
+                const int i = m0 + wrow0 + mt * 16 + g + 8 * r;
+                (void)i;  // read by the dropout keep test
 #pragma unroll
                 for (int nt = 0; nt < NT; ++nt) {
-                    float p0 = exp2f(fmaf(s[mt][nt][2 * r], scale_log2, -m_use));
-                    float p1 = exp2f(fmaf(s[mt][nt][2 * r + 1], scale_log2, -m_use));
+                    float p0 = exp2f(fmaf(s[mt][nt][2 * r], scale_log2, -m_use[mt][r]));
+                    float p1 = exp2f(fmaf(s[mt][nt][2 * r + 1], scale_log2, -m_use[mt][r]));
                     l_i[mt][r] += p0 + p1;  // the softmax normaliser is taken before dropout
 #if IS_DROPOUT
                     bool keep0, keep1;

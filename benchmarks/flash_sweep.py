@@ -1,0 +1,71 @@
+"""Time FLASH tile configurations against each other (and PyTorch's FLASH backend) on a few grid points.
+
+    python benchmarks/flash_sweep.py [--lengths 4096] [--head-dims 64 128]
+
+Used to choose FlashConfig.for_head_dims; prints one line per (point, direction, config), best first.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+
+import cupy
+import torch
+import triton.testing
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from cusdpa import checks, flash
+
+FWD = [dict(use_wgmma=True), dict(use_wgmma=True, fwd90_block_n=64), dict(use_wgmma=True, fwd90_warpgroups=1),
+       dict(use_wgmma=True, fwd90_warpgroups=3, fwd90_block_n=64), dict(use_wgmma=False),
+       dict(use_wgmma=False, fwd_warps=8, fwd_m_tiles=2, fwd_block_n=32)]
+BWD = [dict(bwd_block_m=64), dict(bwd_block_m=128), dict(bwd_block_m=32), dict(bwd_warps=4, bwd_block_m=64)]
+DQ = [dict(dq_warps=8), dict(dq_warps=4), dict(dq_warps=4, dq_m_tiles=2, dq_block_n=32)]
+
+
+def ms(fn):
+    return triton.testing.do_bench(fn, warmup=10, rep=60, return_mode="median")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--lengths", type=int, nargs="+", default=[4096])
+    ap.add_argument("--head-dims", type=int, nargs="+", default=[64, 128])
+    args = ap.parse_args()
+    for E in args.head_dims:
+        for L in args.lengths:
+            for causal in (False, True):
+                B, H = 16384 // L, 2048 // E
+                q, k, v, do = (torch.randn(B, H, L, E, device="cuda", dtype=torch.bfloat16) for _ in range(4))
+                cq, ck, cv, cdo = (cupy.from_dlpack(x) for x in (q, k, v, do))
+                flop = 4.0 * B * H * L * L * E / (2 if causal else 1)
+                pr = checks.problem_from_dense(cq, ck, cv, is_causal=causal)
+                qg, kg, vg = (x.detach().requires_grad_() for x in (q, k, v))
+                with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+                    t_fwd = ms(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal))
+                    o = torch.nn.functional.scaled_dot_product_attention(qg, kg, vg, is_causal=causal)
+                    t_bwd = ms(lambda: o.backward(do, retain_graph=True))
+                base = flash.FlashConfig.for_head_dims(E, E)
+                rows = []
+                out, lse = flash.IMPL.forward(pr)
+                bwd = lambda: flash.IMPL.backward(pr, out, lse, cdo)
+                runs = [("fwd", FWD, lambda: flash.IMPL.forward(pr), t_fwd, 1.0),
+                        ("bwd dkdv", BWD, bwd, t_bwd, 2.5), ("bwd dq", DQ, bwd, t_bwd, 2.5)]
+                for kind, variants, fn, t_torch, mult in runs:
+                    for knobs in variants:
+                        cfg = dataclasses.replace(base, **knobs)
+                        flash._config = lambda pr, cfg=cfg: cfg
+                        try:
+                            rows.append((kind, cfg, ms(fn), t_torch, mult))
+                        except ValueError as e:  # tiles that do not fit in shared memory
+                            print(f"E={E} {kind} {knobs}: {e}")
+                flash._config = lambda pr: base
+                rows.sort(key=lambda r: (r[0], r[2]))
+                for kind, cfg, t, tt, mult in rows:
+                    knobs = {k: v for k, v in dataclasses.asdict(cfg).items() if getattr(base, k) != v}
+                    print(f"E={E} L={L} causal={causal!s:5} {kind:10} {flop * mult / t / 1e9:6.1f} TF/s "
+                          f"x torch_flash {tt / t:4.2f}  {knobs or 'default'}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
