@@ -174,7 +174,10 @@ def forward(pr, out=None, lse=None, config=None):
 
 
 def backward(pr, out, lse, dout, grads=None, config=None):
-    """(dq, dk, dv[, dmask]) for output gradient ``dout``; deterministic (no atomics) by construction."""
+    """(dq, dk, dv[, dmask]) for output gradient ``dout``; deterministic (no atomics) by construction.
+
+    ``out`` is not read: delta = rowsum(P * dP) is summed from P and dP in fp32 (see portable.py).
+    """
     cfg = config or config_module.current()
     xp = pr.xp
     targets = [_target(xp, None if grads is None else grads[n], x.shape, pr.dtype)
@@ -192,21 +195,17 @@ def backward(pr, out, lse, dout, grads=None, config=None):
     spec = _spec(pr, cfg)
     varlen = pr.varlen is not None
     if varlen:
-        out_v, dout_v, lse_v = (_rows_view(pr, plan, x, None) for x in (out, dout, lse))
-        delta = xp.empty(lse.shape, dtype=np.float32)
-        delta_v = delta[None, None, None]
-        rows = pr.q.shape[0]
+        dout_v, lse_v = (_rows_view(pr, plan, x, None) for x in (dout, lse))
+        delta_v = xp.empty(lse.shape, dtype=np.float32)[None, None, None]
         dq_v, dk_v, dv_v = (_rows_view(pr, plan, t, None) for t in targets[:3])
         own_q = own_k = own_v = (1, 1, 1)
         n_own_q, n_own_k, n_own_v = (pr.varlen.batch,) * 3
         reps_q = reps_k = reps_v = 1
     else:
         full5 = pr.batch_shape + (pr.hq, pr.L)
-        out_v = _rows_view(pr, plan, out.reshape(full5 + (pr.Ev,)), (pr.hq, pr.L, pr.Ev))
         dout_v = _rows_view(pr, plan, dout.reshape(full5 + (pr.Ev,)), (pr.hq, pr.L, pr.Ev))
         lse_v = _rows_view(pr, plan, lse.reshape(full5), (pr.hq, pr.L))
         delta_v = xp.empty(plan.shape3 + (pr.hq, pr.L), dtype=np.float32)
-        rows = pr.L
         own_q, own_k, own_v = (plan.own3(x) for x in (pr.q3, pr.k3, pr.v3))
         dq_v = targets[0].reshape(own_q + pr.q3.shape[-3:])
         dk_v = targets[1].reshape(own_k + pr.k3.shape[-3:])
@@ -228,11 +227,8 @@ def backward(pr, out, lse, dout, grads=None, config=None):
     with cuda.gpus[layout.device_of(pr.q)]:
         stream = layout.stream_of(xp)
         bq, bk, bv, bmask = (a(layout.bits(x)) for x in (views.q, views.k, views.v, views.mask))
-        bout, bdout, blse, bdelta = a(layout.bits(out_v)), a(layout.bits(dout_v)), a(lse_v), a(delta_v)
+        bdout, blse, bdelta = a(layout.bits(dout_v)), a(lse_v), a(delta_v)
         cu_q, cu_k = a(views.cu_q), a(views.cu_k)
-        portable.delta_kernel(block, spec.bf16)[(pr.hq if varlen else views.n_batch * pr.hq, cdiv(rows, block)),
-                                                block, stream](
-            bout, bdout, bdelta, views.nb1, views.nb2, pr.hq, rows, pr.Ev)
         portable.dq_kernel(spec, dmask_direct)[(n_own_q * pr.hq, cdiv(pr.L, block)), block, stream](
             bq, bk, bv, bmask, bdout, blse, bdelta, a(layout.bits(dq_v)), a(layout.bits(dmask_v)), cu_q, cu_k,
             views.nb1, views.nb2, own_q[1], own_q[2], reps_q, pr.hq, pr.group, pr.L, pr.S, pr.E, pr.Ev, pr.scale,

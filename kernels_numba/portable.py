@@ -8,8 +8,11 @@ Varlen problems come as B0 = B1 = B2 = 1 views over the packed tokens, rows offs
 Forward (one thread per query row, FlashAttention's online softmax): stream tiles of K and V
 through shared memory; per tile the row's running max m_i and normaliser l_i are updated and acc
 is rescaled by exp(m_old - m_new), so the L x S scores never exist. lse = m_i + log(l_i).
-Backward (FlashAttention-2's split): delta_i = rowsum(dout_i * out_i) (equal to rowsum(P * dP) even
-under dropout); dq with one thread per query row streaming K/V tiles; dk/dv with one thread per key
+Backward (FlashAttention-2's split): dq with one thread per query row streaming K/V tiles, twice:
+first for delta_i = rowsum(P * dP), then for dS = P * (dP - delta_i). FlashAttention takes delta
+from rowsum(dout * out) instead, one pass cheaper, but out is rounded to the input dtype and that
+rounding (2**-9 relative in bf16) lands in every gradient; summed in fp32 from P and dP, the
+gradients stay as accurate as an fp32 reference. dk/dv with one thread per key
 row streaming Q/dout tiles, summing the query heads of its GQA group and any batch it is broadcast
 over; a float mask's gradient dS is written by the dq kernel where each mask element belongs to one
 score, else reduced by its own kernel in a fixed order. No atomics anywhere: the gradients are the
@@ -206,28 +209,6 @@ def forward_kernel(spec: Spec):
 
 
 @functools.cache
-def delta_kernel(block_rows: int, bf16: bool):
-    load = device.loader(bf16)
-
-    @cuda.jit
-    def attention_delta(out, dout, delta, nb1, nb2, hq, rows, Ev):
-        """delta_i = rowsum(dout_i * out_i), the softmax-backward correction of row i."""
-        r = cuda.blockIdx.y * block_rows + cuda.threadIdx.x
-        bh = cuda.blockIdx.x
-        if r >= rows:
-            return
-        h = bh % hq
-        flat = bh // hq
-        b0, b1, b2 = flat // (nb1 * nb2), (flat // nb2) % nb1, flat % nb2
-        acc = np.float32(0.0)
-        for d in range(Ev):
-            acc += load(dout[b0, b1, b2, h, r, d]) * load(out[b0, b1, b2, h, r, d])
-        delta[b0, b1, b2, h, r] = acc
-
-    return attention_delta
-
-
-@functools.cache
 def dq_kernel(spec: Spec, dmask_direct: bool):
     load, visible, key_range, _, sequence, batch_index, score, unmasked, stage, contributor = _common(spec)
     store = device.storer(spec.bf16)
@@ -239,7 +220,7 @@ def dq_kernel(spec: Spec, dmask_direct: bool):
     def attention_dq(q, k, v, mask, dout, lse, delta, dq, dmask, cu_q, cu_k, nb1, nb2, own1, own2, reps,
                      hq, group, L, S, E, Ev, scale, left, right, seed_lo, seed_hi, offset, threshold, rescale):
         """dq_i = scale * sum_j dS_ij k_j with dS = P * (dP - delta); q's own batch element sums every
-        problem batch it was broadcast to (``reps`` of them, decoded by batch_of)."""
+        problem batch it was broadcast to (``reps`` of them, decoded by batch_of). Writes delta."""
         tid = cuda.threadIdx.x
         h = cuda.blockIdx.x % hq
         hk = h // group
@@ -267,10 +248,8 @@ def dq_kernel(spec: Spec, dmask_direct: bool):
             i = m_first + tid
             active = i < L_b
             lse_i = np.float32(NEG_INF)
-            delta_i = np.float32(0.0)
             if active:
                 lse_i = lse[b0, b1, b2, h, q0 + i]
-                delta_i = delta[b0, b1, b2, h, q0 + i]
                 active = lse_i != NEG_INF  # a row that sees nothing has zero gradients
             if active:
                 for e in range(E):
@@ -278,32 +257,41 @@ def dq_kernel(spec: Spec, dmask_direct: bool):
                 for d in range(Ev):
                     do_i[d] = load(dout[b0, b1, b2, h, q0 + i, d])
             lo, hi = key_range(m_first, min(L_b, m_first + BLOCK_M) - 1, shift, S_b, left, right)
-            for n0 in range(lo // BLOCK_N * BLOCK_N, hi, BLOCK_N):
-                cuda.syncthreads()
-                stage(k_tile, k, b0, b1, b2, hk, k0, n0, S_b, E, tid, BLOCK_M)
-                stage(v_tile, v, b0, b1, b2, hk, k0, n0, S_b, Ev, tid, BLOCK_M)
-                cuda.syncthreads()
-                if active:
-                    for jj in range(BLOCK_N):
-                        j = n0 + jj
-                        if j < S_b and visible(i, j, shift, left, right) and unmasked(mask, b0, b1, b2, h, i, j):
-                            dot = np.float32(0.0)
-                            for e in range(E):
-                                dot += q_i[e] * k_tile[jj, e]
-                            s = np.float32(score(mask, b0, b1, b2, h, i, j, dot * scale32))
-                            if s != NEG_INF:
-                                p = np.float32(math.exp(s - lse_i))
-                                dp = np.float32(0.0)
-                                for d in range(Ev):
-                                    dp += do_i[d] * v_tile[jj, d]
-                                if DROPOUT:
-                                    dp *= device.keep_scale(j, i, bh, offset, seed_lo, seed_hi, threshold,
-                                                            drop_scale)
-                                ds = p * (dp - delta_i)
+            # Pass 0 sums delta_i = rowsum(P * dP); pass 1 uses it in dS = P * (dP - delta_i).
+            delta_i = np.float32(0.0)
+            for phase in range(2):
+                for n0 in range(lo // BLOCK_N * BLOCK_N, hi, BLOCK_N):
+                    cuda.syncthreads()
+                    stage(k_tile, k, b0, b1, b2, hk, k0, n0, S_b, E, tid, BLOCK_M)
+                    stage(v_tile, v, b0, b1, b2, hk, k0, n0, S_b, Ev, tid, BLOCK_M)
+                    cuda.syncthreads()
+                    if active:
+                        for jj in range(BLOCK_N):
+                            j = n0 + jj
+                            if j < S_b and visible(i, j, shift, left, right) and \
+                                    unmasked(mask, b0, b1, b2, h, i, j):
+                                dot = np.float32(0.0)
                                 for e in range(E):
-                                    dq_i[e] += ds * k_tile[jj, e]
-                                if DMASK_DIRECT:
-                                    dmask[b0, b1, b2, h, i, j] = store_mask(ds)
+                                    dot += q_i[e] * k_tile[jj, e]
+                                s = np.float32(score(mask, b0, b1, b2, h, i, j, dot * scale32))
+                                if s != NEG_INF:
+                                    p = np.float32(math.exp(s - lse_i))
+                                    dp = np.float32(0.0)
+                                    for d in range(Ev):
+                                        dp += do_i[d] * v_tile[jj, d]
+                                    if DROPOUT:
+                                        dp *= device.keep_scale(j, i, bh, offset, seed_lo, seed_hi, threshold,
+                                                                drop_scale)
+                                    if phase == 0:
+                                        delta_i += p * dp
+                                    else:
+                                        ds = p * (dp - delta_i)
+                                        for e in range(E):
+                                            dq_i[e] += ds * k_tile[jj, e]
+                                        if DMASK_DIRECT:
+                                            dmask[b0, b1, b2, h, i, j] = store_mask(ds)
+            if i < L_b:
+                delta[b0, b1, b2, h, q0 + i] = delta_i  # for the dk/dv and dmask kernels, launched after
         if m_first + tid < L_b:
             for e in range(E):
                 dq[o0, o1, o2, h, q0 + m_first + tid, e] = store(dq_i[e] * scale32)
