@@ -42,8 +42,9 @@ def _plan(pr):
     return layout.batch_plan(pr.batch_shape, operands)
 
 
-def _round8(d: int) -> int:
-    return max(8, -(-d // 8) * 8)
+def _bucket(d: int) -> int:
+    """Local-array size for a head dim: few buckets, so few compiles (the loops run to the true size)."""
+    return next(b for b in (32, 64, 128, 256) if b >= d)
 
 
 @dataclass
@@ -97,20 +98,19 @@ def _rows_view(pr, plan, x, tail):
 
 
 def _spec(pr, cfg) -> portable.Spec:
-    head_dim, head_dim_v = _round8(pr.E), _round8(pr.Ev)
+    head_dim, head_dim_v = _bucket(pr.E), _bucket(pr.Ev)
     float_mask_bf16 = pr.mask_kind == "float" and pr.mask.dtype.name == "bfloat16"
     mask = {None: portable.MASK_NONE, "bool": portable.MASK_BOOL, "float": portable.MASK_FLOAT}[pr.mask_kind]
     return portable.Spec(block_rows=cfg.block_rows, tile=cfg.tile_for(head_dim, head_dim_v), head_dim=head_dim,
                          head_dim_v=head_dim_v, bf16=pr.dtype.name == "bfloat16", mask=mask,
-                         mask_bf16=float_mask_bf16, causal=pr.causal, lower_right=pr.lower_right,
-                         dropout=pr.dropout_p > 0, varlen=pr.varlen is not None)
+                         mask_bf16=float_mask_bf16, dropout=pr.dropout_p > 0, varlen=pr.varlen is not None)
 
 
 def _structure_args(pr):
     left, right = pr.window if pr.window is not None else (-1, -1)
     p = pr.dropout_p
-    return (left, right, pr.seed & 0xFFFFFFFF, pr.seed >> 32, pr.offset & 0xFFFFFFFF, keep_threshold(p),
-            1.0 / (1.0 - p) if p < 1 else 0.0)
+    return (pr.causal, pr.lower_right, left, right, pr.seed & 0xFFFFFFFF, pr.seed >> 32, pr.offset & 0xFFFFFFFF,
+            keep_threshold(p), 1.0 / (1.0 - p) if p < 1 else 0.0)
 
 
 def _target(xp, given, shape, dtype):

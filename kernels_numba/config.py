@@ -18,7 +18,7 @@ class KernelConfig:
 
     variant: "portable" is pure Numba (fp32 FMAs; every dtype and feature; the one the CUDA
       simulator runs); "tensor_core" runs the forward tile loop in a linked CUDA C device function on
-      mma.sync (fp16/bf16, unit-stride head dim, E and Ev <= 256, real GPU only); "auto" takes
+      mma.sync (fp16/bf16, unit-stride head dim, E and Ev <= 128, real GPU only); "auto" takes
       tensor_core where it applies and portable elsewhere. The backward is portable in every variant.
     block_rows: threads per block of the portable kernels, one query row (forward, dq) or one key row
       (dk/dv) per thread. 64 keeps two warps busy per block on short sequences.

@@ -120,48 +120,46 @@ def keep_scale(j, i, bh, offset, seed_lo, seed_hi, threshold, rescale):
     return rescale if word < np.uint64(threshold) else np.float32(0.0)
 
 
-def structure(causal: bool):
-    """Device functions for causal/window visibility of key j to query i.
+# Causal/window visibility of key j to query i. ``shift`` is S - L for lower-right alignment (else 0),
+# so the aligned diagonal is j == i + shift; ``left``/``right`` bound the window around it, -1 meaning
+# unbounded. Runtime arguments, not compile-time ones: a branch costs less than another compile.
 
-    ``shift`` is S - L for lower-right alignment (else 0), so the aligned diagonal is j == i + shift;
-    ``left``/``right`` bound the window around it, -1 meaning unbounded.
-    """
 
-    @cuda.jit(device=True)
-    def visible(i, j, shift, left, right):
-        d = j - i - shift
-        if causal and d > 0:
-            return False
-        if left >= 0 and d < -left:
-            return False
-        if right >= 0 and d > right:
-            return False
-        return True
+@cuda.jit(device=True)
+def visible(i, j, causal, shift, left, right):
+    d = j - i - shift
+    if causal and d > 0:
+        return False
+    if left >= 0 and d < -left:
+        return False
+    if right >= 0 and d > right:
+        return False
+    return True
 
-    @cuda.jit(device=True)
-    def key_range(i_first, i_last, shift, S, left, right):
-        """[lo, hi): the keys some query row in [i_first, i_last] may see."""
-        lo = 0
-        hi = S
-        if left >= 0:
-            lo = max(0, i_first + shift - left)
-        if causal:
-            hi = min(hi, i_last + shift + 1)
-        if right >= 0:
-            hi = min(hi, i_last + shift + right + 1)
-        return lo, max(lo, hi)
 
-    @cuda.jit(device=True)
-    def query_range(j_first, j_last, shift, L, left, right):
-        """[lo, hi): the query rows that may see some key in [j_first, j_last]."""
-        lo = 0
-        hi = L
-        if causal:
-            lo = max(lo, j_first - shift)
-        if right >= 0:
-            lo = max(lo, j_first - shift - right)
-        if left >= 0:
-            hi = min(hi, j_last - shift + left + 1)
-        return lo, max(lo, hi)
+@cuda.jit(device=True)
+def key_range(i_first, i_last, causal, shift, S, left, right):
+    """[lo, hi): the keys some query row in [i_first, i_last] may see."""
+    lo = 0
+    hi = S
+    if left >= 0:
+        lo = max(0, i_first + shift - left)
+    if causal:
+        hi = min(hi, i_last + shift + 1)
+    if right >= 0:
+        hi = min(hi, i_last + shift + right + 1)
+    return lo, max(lo, hi)
 
-    return visible, key_range, query_range
+
+@cuda.jit(device=True)
+def query_range(j_first, j_last, causal, shift, L, left, right):
+    """[lo, hi): the query rows that may see some key in [j_first, j_last]."""
+    lo = 0
+    hi = L
+    if causal:
+        lo = max(lo, j_first - shift)
+    if right >= 0:
+        lo = max(lo, j_first - shift - right)
+    if left >= 0:
+        hi = min(hi, j_last - shift + left + 1)
+    return lo, max(lo, hi)

@@ -47,8 +47,6 @@ class Spec:
     bf16: bool  # q/k/v/out are uint16 bf16 bits
     mask: int  # MASK_NONE / MASK_BOOL / MASK_FLOAT
     mask_bf16: bool  # float mask stored as bf16 bits
-    causal: bool
-    lower_right: bool
     dropout: bool
     varlen: bool
 
@@ -56,7 +54,7 @@ class Spec:
 def _common(spec: Spec):
     load = device.loader(spec.bf16)
     load_mask = device.loader(spec.mask_bf16)
-    visible, key_range, query_range = _structure(spec.causal)
+    visible, key_range, query_range = device.visible, device.key_range, device.query_range
     VARLEN, MASK = spec.varlen, spec.mask
 
     @cuda.jit(device=True)
@@ -113,20 +111,15 @@ def _common(spec: Spec):
 
 
 @functools.cache
-def _structure(causal: bool):
-    return device.structure(causal)
-
-
-@functools.cache
 def forward_kernel(spec: Spec):
     load, visible, key_range, _, sequence, batch_index, score, unmasked, stage, contributor = _common(spec)
     store = device.storer(spec.bf16)
     BLOCK_M, BLOCK_N, HEAD_DIM, HEAD_DIM_V = spec.block_rows, spec.tile, spec.head_dim, spec.head_dim_v
-    LOWER_RIGHT, DROPOUT = spec.lower_right, spec.dropout
+    DROPOUT = spec.dropout
 
     @cuda.jit
     def attention_forward(q, k, v, mask, out, lse, cu_q, cu_k, nb1, nb2, hq, group, L, S, E, Ev, scale,
-                          left, right, seed_lo, seed_hi, offset, threshold, rescale):
+                          causal, lower_right, left, right, seed_lo, seed_hi, offset, threshold, rescale):
         tid = cuda.threadIdx.x
         bh = cuda.blockIdx.x
         h = bh % hq
@@ -136,7 +129,7 @@ def forward_kernel(spec: Spec):
         m_first = cuda.blockIdx.y * BLOCK_M
         if m_first >= L_b:
             return  # whole block: varlen grids are sized for the longest sequence
-        shift = S_b - L_b if LOWER_RIGHT else 0
+        shift = S_b - L_b if lower_right else 0
         scale32 = np.float32(scale)
         drop_scale = np.float32(rescale)
 
@@ -155,7 +148,7 @@ def forward_kernel(spec: Spec):
         m_i = np.float32(NEG_INF)
         l_i = np.float32(0.0)
 
-        lo, hi = key_range(m_first, min(L_b, m_first + BLOCK_M) - 1, shift, S_b, left, right)
+        lo, hi = key_range(m_first, min(L_b, m_first + BLOCK_M) - 1, causal, shift, S_b, left, right)
         for n0 in range(lo // BLOCK_N * BLOCK_N, hi, BLOCK_N):
             cuda.syncthreads()  # the previous tile is no longer read
             stage(k_tile, k, b0, b1, b2, hk, k0, n0, S_b, E, tid, BLOCK_M)
@@ -166,7 +159,8 @@ def forward_kernel(spec: Spec):
                 for jj in range(BLOCK_N):
                     j = n0 + jj
                     s = np.float32(NEG_INF)
-                    if j < S_b and visible(i, j, shift, left, right) and unmasked(mask, b0, b1, b2, h, i, j):
+                    if j < S_b and visible(i, j, causal, shift, left, right) and \
+                            unmasked(mask, b0, b1, b2, h, i, j):
                         dot = np.float32(0.0)
                         for e in range(E):
                             dot += q_i[e] * k_tile[jj, e]
@@ -214,11 +208,12 @@ def dq_kernel(spec: Spec, dmask_direct: bool):
     store = device.storer(spec.bf16)
     store_mask = device.storer(spec.mask_bf16)
     BLOCK_M, BLOCK_N, HEAD_DIM, HEAD_DIM_V = spec.block_rows, spec.tile, spec.head_dim, spec.head_dim_v
-    LOWER_RIGHT, DROPOUT, DMASK_DIRECT = spec.lower_right, spec.dropout, dmask_direct
+    DROPOUT, DMASK_DIRECT = spec.dropout, dmask_direct
 
     @cuda.jit
     def attention_dq(q, k, v, mask, dout, lse, delta, dq, dmask, cu_q, cu_k, nb1, nb2, own1, own2, reps,
-                     hq, group, L, S, E, Ev, scale, left, right, seed_lo, seed_hi, offset, threshold, rescale):
+                     hq, group, L, S, E, Ev, scale, causal, lower_right, left, right, seed_lo, seed_hi, offset,
+                     threshold, rescale):
         """dq_i = scale * sum_j dS_ij k_j with dS = P * (dP - delta); q's own batch element sums every
         problem batch it was broadcast to (``reps`` of them, decoded by batch_of). Writes delta."""
         tid = cuda.threadIdx.x
@@ -244,7 +239,7 @@ def dq_kernel(spec: Spec, dmask_direct: bool):
             if m_first >= L_b:
                 break  # uniform over the block; only varlen (reps == 1) gets here
             bh = flat * hq + h
-            shift = S_b - L_b if LOWER_RIGHT else 0
+            shift = S_b - L_b if lower_right else 0
             i = m_first + tid
             active = i < L_b
             lse_i = np.float32(NEG_INF)
@@ -256,7 +251,7 @@ def dq_kernel(spec: Spec, dmask_direct: bool):
                     q_i[e] = load(q[b0, b1, b2, h, q0 + i, e])
                 for d in range(Ev):
                     do_i[d] = load(dout[b0, b1, b2, h, q0 + i, d])
-            lo, hi = key_range(m_first, min(L_b, m_first + BLOCK_M) - 1, shift, S_b, left, right)
+            lo, hi = key_range(m_first, min(L_b, m_first + BLOCK_M) - 1, causal, shift, S_b, left, right)
             # Pass 0 sums delta_i = rowsum(P * dP); pass 1 uses it in dS = P * (dP - delta_i).
             delta_i = np.float32(0.0)
             for phase in range(2):
@@ -268,7 +263,7 @@ def dq_kernel(spec: Spec, dmask_direct: bool):
                     if active:
                         for jj in range(BLOCK_N):
                             j = n0 + jj
-                            if j < S_b and visible(i, j, shift, left, right) and \
+                            if j < S_b and visible(i, j, causal, shift, left, right) and \
                                     unmasked(mask, b0, b1, b2, h, i, j):
                                 dot = np.float32(0.0)
                                 for e in range(E):
@@ -324,11 +319,12 @@ def dkdv_kernel(spec: Spec):
     load, visible, _, query_range, sequence, batch_index, score, unmasked, stage, contributor = _common(spec)
     store = device.storer(spec.bf16)
     BLOCK_N, BLOCK_M, HEAD_DIM, HEAD_DIM_V = spec.block_rows, spec.tile, spec.head_dim, spec.head_dim_v
-    LOWER_RIGHT, DROPOUT = spec.lower_right, spec.dropout
+    DROPOUT = spec.dropout
 
     @cuda.jit
     def attention_dkdv(q, k, v, mask, dout, lse, delta, dk, dv, cu_q, cu_k, nb1, nb2, own1, own2, reps,
-                       want_dk, want_dv, hq, hkv, group, L, S, E, Ev, scale, left, right, seed_lo, seed_hi,
+                       want_dk, want_dv, hq, hkv, group, L, S, E, Ev, scale, causal, lower_right, left, right, seed_lo,
+                       seed_hi,
                        offset, threshold, rescale):
         """dv_j = sum_i A_ij dout_i and dk_j = scale * sum_i dS_ij q_i for one key row per thread, over the
         query heads of its GQA group and every problem batch its own batch element was broadcast to."""
@@ -358,7 +354,7 @@ def dkdv_kernel(spec: Spec):
             q0, L_b, k0, S_b = sequence(cu_q, cu_k, flat, L, S)
             if n_first >= S_b:
                 break  # uniform over the block; only varlen (reps == 1) gets here
-            shift = S_b - L_b if LOWER_RIGHT else 0
+            shift = S_b - L_b if lower_right else 0
             j = n_first + tid
             col_ok = j < S_b
             if col_ok:
@@ -366,7 +362,7 @@ def dkdv_kernel(spec: Spec):
                     k_j[e] = load(k[b0, b1, b2, hk, k0 + j, e])
                 for d in range(Ev):
                     v_j[d] = load(v[b0, b1, b2, hk, k0 + j, d])
-            lo, hi = query_range(n_first, min(S_b, n_first + BLOCK_N) - 1, shift, L_b, left, right)
+            lo, hi = query_range(n_first, min(S_b, n_first + BLOCK_N) - 1, causal, shift, L_b, left, right)
             for h in range(hk * group, hk * group + group):
                 bh = flat * hq + h
                 for m0 in range(lo // BLOCK_M * BLOCK_M, hi, BLOCK_M):
@@ -382,7 +378,7 @@ def dkdv_kernel(spec: Spec):
                         for ii in range(BLOCK_M):
                             i = m0 + ii
                             lse_i = lse_tile[ii]
-                            if lse_i != NEG_INF and visible(i, j, shift, left, right) and \
+                            if lse_i != NEG_INF and visible(i, j, causal, shift, left, right) and \
                                     unmasked(mask, b0, b1, b2, h, i, j):
                                 dot = np.float32(0.0)
                                 for e in range(E):
@@ -419,10 +415,11 @@ def dmask_kernel(spec: Spec):
     load, visible = _common(spec)[:2]
     load_mask = device.loader(spec.mask_bf16)
     store_mask = device.storer(spec.mask_bf16)
-    LOWER_RIGHT, DROPOUT, BLOCK = spec.lower_right, spec.dropout, spec.block_rows
+    DROPOUT, BLOCK = spec.dropout, spec.block_rows
 
     @cuda.jit
-    def attention_dmask(q, k, v, mask, dout, lse, delta, dmask, dshape, full, group, E, Ev, scale, left, right,
+    def attention_dmask(q, k, v, mask, dout, lse, delta, dmask, dshape, full, group, E, Ev, scale, causal,
+                        lower_right, left, right,
                         seed_lo, seed_hi, offset, threshold, rescale):
         """One thread per element of a broadcast float mask's gradient: the sum of dS over every score
         the element was added to, recomputed pair by pair in a fixed order (no atomics)."""
@@ -443,7 +440,7 @@ def dmask_kernel(spec: Spec):
                 reps *= full[a]
         L = full[4]
         S = full[5]
-        shift = S - L if LOWER_RIGHT else 0
+        shift = S - L if lower_right else 0
         scale32 = np.float32(scale)
         drop_scale = np.float32(rescale)
         idx = cuda.local.array(6, np.int64)
@@ -458,7 +455,7 @@ def dmask_kernel(spec: Spec):
                     idx[a] = own[a]
             b0, b1, b2, h, i, j = idx[0], idx[1], idx[2], idx[3], idx[4], idx[5]
             lse_i = lse[b0, b1, b2, h, i]
-            if lse_i == NEG_INF or not visible(i, j, shift, left, right):
+            if lse_i == NEG_INF or not visible(i, j, causal, shift, left, right):
                 continue
             hk = h // group
             dot = np.float32(0.0)

@@ -112,7 +112,7 @@ def _address_and_strides(x):
 
 def forward(pr, views, out_v, lse_v, stream, structure):
     """Launch the tensor_core forward into out_v (6-D) and lse_v (5-D) views; see attention.forward."""
-    left, right, seed_lo, seed_hi, offset, threshold, rescale = structure
+    _, _, left, right, seed_lo, seed_hi, offset, threshold, rescale = structure
     head_dim = head_dim_for(pr.E, pr.Ev)
     kernel = _kernel(head_dim, pr.dtype.name == "bfloat16")
     q, qs = _address_and_strides(views.q)

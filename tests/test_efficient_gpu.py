@@ -6,7 +6,10 @@ window) written as an explicit mask; where PyTorch has no equivalent (our dropou
 varlen) it is the same attention written out in torch at the input precision (P rounded to the
 input dtype before P @ V, as tensor-core kernels do). Every output is NaN-poisoned before the run.
 The grid is FLASH's: L, S in {1, 17, 97, 128, 1025}, E in {32, 40, 64, 72, 128, 256}; the default
-run pairs every L with one S, ``-m slow`` runs the whole cross product.
+run pairs every L with one S, ``-m slow`` runs the whole cross product. Expect minutes: most of it is
+Numba compiling one specialisation per dtype, head-dim bucket and mask kind (cached per process).
+
+    python -m pytest -m "gpu and not slow" tests/test_efficient_gpu.py
 """
 import dataclasses
 import itertools
