@@ -1,0 +1,140 @@
+"""EFFICIENT backend on the GPU: correctness first, then forward/backward TFLOP/s against PyTorch.
+
+    python benchmarks/efficient_gpu.py [--reps N] [--variant auto|portable|tensor_core]
+
+Shapes (issue 4): fp16 and bf16, E in {64, 128}, L = S = 4096, B = 4, Hq * E = 2048, causal and not.
+FLOPs (DESIGN.md): forward 4 * B * Hq * L * S * E, halved for causal; backward 2.5x forward.
+Timing: CUDA events around each call after a warm-up, median of ``--reps`` runs, rotating among three
+input sets so the 50 MB L2 does not serve repeats. PyTorch's EFFICIENT_ATTENTION backend runs in the
+same process on the same inputs. The table comes last. About 3 minutes on an H100, most of it in
+the portable backward (seconds per call at this size).
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+
+import numpy as np
+
+
+def _torch_dtype(torch, name):
+    return {"float16": torch.float16, "bfloat16": torch.bfloat16}[name]
+
+
+def _time(fn, inputs, reps, warmup=2):
+    import torch
+
+    for n in range(warmup):
+        fn(*inputs[n % len(inputs)])
+    times = []
+    for n in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        args = inputs[n % len(inputs)]
+        start.record()
+        fn(*args)
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return statistics.median(times)
+
+
+def check(torch, cp, cusdpa):
+    """EFFICIENT vs the float64 reference and PyTorch on a few shapes, before any timing."""
+    from cusdpa import Backend, reference
+    from cusdpa.testing import judge
+
+    failures = []
+    for dtype, E, causal, L in (("float16", 64, True, 300), ("bfloat16", 128, False, 257), ("float16", 128, True, 1)):
+        q, k, v = (torch.randn(2, 4, L, E, device="cuda", dtype=_torch_dtype(torch, dtype)) for _ in range(3))
+        with cusdpa.sdpa_kernel([Backend.EFFICIENT]):
+            out, vjp = cusdpa.attention_vjp(*(cp.from_dlpack(x) for x in (q, k, v)), is_causal=causal)
+            dout = torch.randn_like(q)
+            grads = vjp(cp.from_dlpack(dout))
+        host = [x.double().cpu().numpy() for x in (q, k, v, dout)]
+        ref_out = reference.attention(*host[:3], is_causal=causal)[0]
+        ref_grads = reference.attention_grads(*host, is_causal=causal)
+        tq, tk, tv = (x.clone().requires_grad_() for x in (q, k, v))
+        t_out = torch.nn.functional.scaled_dot_product_attention(tq, tk, tv, is_causal=causal)
+        t_out.backward(dout)
+        to_np = lambda x: torch.from_dlpack(x).float().cpu().numpy() if not isinstance(x, torch.Tensor) \
+            else x.detach().float().cpu().numpy()  # noqa: E731
+        failures += [m for m in [judge(f"{dtype} E={E} L={L} out", to_np(out), ref_out, to_np(t_out))] +
+                     [judge(f"{dtype} E={E} L={L} {n}", to_np(g), r, to_np(t.grad), factor=3)
+                      for n, g, r, t in zip(("dq", "dk", "dv"), grads, ref_grads, (tq, tk, tv))] if m]
+    return failures
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--reps", type=int, default=10, help="timed forward runs per config (our backward: a quarter)")
+    parser.add_argument("--variant", default="auto", choices=("auto", "portable", "tensor_core"))
+    parser.add_argument("--L", type=int, default=4096)
+    args = parser.parse_args(argv)
+
+    import cupy as cp
+    import torch
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    import cusdpa
+    import kernels_numba
+    from cusdpa import Backend
+
+    print(f"GPU: {torch.cuda.get_device_name()}  torch {torch.__version__}  cupy {cp.__version__}")
+    with kernels_numba.configured(kernels_numba.KernelConfig(variant=args.variant)):
+        failures = check(torch, cp, cusdpa)
+    print("correctness: " + ("ok" if not failures else "FAILED\n  " + "\n  ".join(failures)))
+    if failures:
+        return 1
+
+    B, L = 4, args.L
+    rows = []
+    for dtype in ("float16", "bfloat16"):
+        for E in (64, 128):
+            for causal in (False, True):
+                H = 2048 // E
+                flops = 4 * B * H * L * L * E / (2 if causal else 1)
+                inputs = [[torch.randn(B, H, L, E, device="cuda", dtype=_torch_dtype(torch, dtype))
+                           for _ in range(4)] for _ in range(3)]
+                cu_inputs = [[cp.from_dlpack(x) for x in group] for group in inputs]
+                cfg = kernels_numba.KernelConfig(variant=args.variant)
+
+                def ours_fwd(q, k, v, dout):
+                    with kernels_numba.configured(cfg), cusdpa.sdpa_kernel([Backend.EFFICIENT]):
+                        cusdpa.scaled_dot_product_attention(q, k, v, is_causal=causal)
+
+                def ours_bwd(q, k, v, dout):
+                    with kernels_numba.configured(cfg), cusdpa.sdpa_kernel([Backend.EFFICIENT]):
+                        _, vjp = cusdpa.attention_vjp(q, k, v, is_causal=causal)
+                        vjp(dout)
+
+                def torch_fwd(q, k, v, dout):
+                    with sdpa_kernel(SDPBackend.EFFICIENT_ATTENTION):
+                        torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal)
+
+                def torch_fwd_bwd(q, k, v, dout):
+                    q, k, v = (x.detach().requires_grad_() for x in (q, k, v))
+                    with sdpa_kernel(SDPBackend.EFFICIENT_ATTENTION):
+                        torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal).backward(dout)
+
+                t_ours = _time(ours_fwd, cu_inputs, args.reps)
+                t_torch = _time(torch_fwd, inputs, args.reps)
+                # backward timings include their forward (vjp recomputes out and lse); subtract it
+                # the portable backward takes seconds at this size: fewer runs of it
+                t_ours_b = _time(ours_bwd, cu_inputs, max(2, args.reps // 4), warmup=1) - t_ours
+                t_torch_b = _time(torch_fwd_bwd, inputs, args.reps, warmup=1) - t_torch
+                row = (dtype, E, causal, flops / t_ours / 1e12, flops / t_torch / 1e12,
+                       2.5 * flops / t_ours_b / 1e12, 2.5 * flops / t_torch_b / 1e12)
+                rows.append(row)
+                print(f"{dtype} E={E} causal={causal}: fwd {t_ours * 1e3:.2f} ms (torch {t_torch * 1e3:.2f}), "
+                      f"bwd {t_ours_b * 1e3:.2f} ms (torch {t_torch_b * 1e3:.2f})", flush=True)
+    print(f"\nEFFICIENT ({args.variant}) vs torch EFFICIENT_ATTENTION, B={B} L=S={L} Hq*E=2048, TFLOP/s")
+    print(f"{'dtype':9s} {'E':>4s} {'causal':>6s} | {'fwd':>7s} {'torch':>7s} {'ratio':>6s} | "
+          f"{'bwd':>7s} {'torch':>7s} {'ratio':>6s}")
+    for dtype, E, causal, f, tf, b, tb in rows:
+        print(f"{dtype:9s} {E:4d} {str(causal):>6s} | {f:7.1f} {tf:7.1f} {f / tf:6.2f} | "
+              f"{b:7.2f} {tb:7.1f} {b / tb:6.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

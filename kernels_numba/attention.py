@@ -1,0 +1,249 @@
+"""Forward and backward entry points of the EFFICIENT kernels.
+
+``problem`` is any object with the attributes of ``cusdpa.checks.Problem`` (xp, q, k, v, q3, k3,
+v3, batch_shape, hq, hkv, L, S, E, Ev, dtype, scale, mask, mask_kind, causal, lower_right, window,
+dropout_p, seed, offset, varlen, out_shape, lse_shape, group); this package does not import cusdpa.
+Arrays are NumPy under the CUDA simulator, CuPy (or __dlpack__ exporters) on a GPU; kernels run on
+CuPy's current stream, and results go into caller-provided arrays when given.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+from numba import cuda
+
+from . import config as config_module
+from . import layout, portable, tensor_core
+from .layout import cdiv, kernel_array
+
+DTYPES = ("float16", "bfloat16", "float32")
+MAX_HEAD_DIM = 256
+
+
+def keep_threshold(dropout_p: float) -> int:
+    """DESIGN.md's dropout rule: keep an element iff its Philox word < floor((1 - p) * 2**32)."""
+    return min(0xFFFFFFFF, int(math.floor((1.0 - dropout_p) * 2.0**32)))
+
+
+def reasons(problem) -> list[str]:
+    """What these kernels cannot do with this problem (beyond the backend's Capabilities)."""
+    if problem.varlen is not None:
+        return []
+    plan = _plan(problem)
+    return [plan] if isinstance(plan, str) else []
+
+
+def _plan(pr):
+    operands = [(pr.q3, 3), (pr.k3, 3), (pr.v3, 3)]
+    if pr.mask is not None:
+        operands.append((pr.mask, 3))
+    return layout.batch_plan(pr.batch_shape, operands)
+
+
+def _bucket(d: int) -> int:
+    """Local-array size for a head dim: few buckets, so few compiles (the loops run to the true size)."""
+    return next(b for b in (32, 64, 128, 256) if b >= d)
+
+
+@dataclass
+class _Views:
+    """The kernels' views of one problem (see kernels_numba.layout)."""
+
+    q: object
+    k: object
+    v: object
+    mask: object
+    cu_q: object
+    cu_k: object
+    nb1: int
+    nb2: int
+    n_batch: int  # flat problem batch elements (varlen: sequences)
+    plan: object  # BatchPlan, or None for varlen
+
+
+def _views(pr) -> _Views:
+    xp = pr.xp
+    if pr.varlen is not None:
+        def packed(x):
+            return x.transpose(1, 0, 2)[None, None, None]
+
+        vl = pr.varlen
+        return _Views(packed(pr.q), packed(pr.k), packed(pr.v), _dummy_mask(xp), vl.cu_seqlens_q, vl.cu_seqlens_k,
+                      1, 1, vl.batch, None)
+    plan = _plan(pr)
+    if isinstance(plan, str):
+        raise NotImplementedError(plan)
+    q = layout.dense_view(xp, plan, pr.q3, (pr.hq, pr.L, pr.E))
+    k = layout.dense_view(xp, plan, pr.k3, (pr.hkv, pr.S, pr.E))
+    v = layout.dense_view(xp, plan, pr.v3, (pr.hkv, pr.S, pr.Ev))
+    mask = _dummy_mask(xp)
+    if pr.mask is not None:
+        mask = layout.dense_view(xp, plan, pr.mask, (pr.hq, pr.L, pr.S))
+    dummy_cu = xp.zeros(1, dtype=np.int32)
+    b0, b1, b2 = plan.shape3
+    return _Views(q, k, v, mask, dummy_cu, dummy_cu, b1, b2, b0 * b1 * b2, plan)
+
+
+def _dummy_mask(xp):
+    return xp.zeros((1,) * 6, dtype=bool)
+
+
+def _rows_view(pr, plan, x, tail):
+    """A contiguous result array (problem layout) as the kernels' 6-D / 5-D view."""
+    if pr.varlen is not None:
+        return (x.transpose(1, 0, 2) if x.ndim == 3 else x)[None, None, None]
+    return x.reshape(plan.shape3 + tail)
+
+
+def _spec(pr, cfg) -> portable.Spec:
+    head_dim, head_dim_v = _bucket(pr.E), _bucket(pr.Ev)
+    float_mask_bf16 = pr.mask_kind == "float" and pr.mask.dtype.name == "bfloat16"
+    mask = {None: portable.MASK_NONE, "bool": portable.MASK_BOOL, "float": portable.MASK_FLOAT}[pr.mask_kind]
+    return portable.Spec(block_rows=cfg.block_rows, tile=cfg.tile_for(head_dim, head_dim_v), head_dim=head_dim,
+                         head_dim_v=head_dim_v, bf16=pr.dtype.name == "bfloat16", mask=mask,
+                         mask_bf16=float_mask_bf16, dropout=pr.dropout_p > 0, varlen=pr.varlen is not None)
+
+
+def _structure_args(pr):
+    left, right = pr.window if pr.window is not None else (-1, -1)
+    p = pr.dropout_p
+    return (pr.causal, pr.lower_right, left, right, pr.seed & 0xFFFFFFFF, pr.seed >> 32, pr.offset & 0xFFFFFFFF,
+            keep_threshold(p), 1.0 / (1.0 - p) if p < 1 else 0.0)
+
+
+def _target(xp, given, shape, dtype):
+    """The caller's array when the kernels can write it in place (C-contiguous), else a fresh one."""
+    if given is not None and tuple(given.shape) == tuple(shape) and given.flags.c_contiguous:
+        return given
+    return xp.empty(shape, dtype=dtype)
+
+
+def _deliver(xp, results, given):
+    if given is None:
+        return tuple(results)
+    for dst, src in zip(given, results):
+        if dst is not src:
+            xp.copyto(dst, src)
+    return tuple(given)
+
+
+def variant_for(pr, cfg) -> str:
+    """The kernel variant that runs this forward: the config's choice, "auto" resolved."""
+    if cfg.variant == "portable":
+        return "portable"
+    why = tensor_core.reasons(pr)
+    if cfg.variant == "tensor_core":
+        if why:
+            raise NotImplementedError("the tensor_core variant cannot run this problem: " + "; ".join(why))
+        return "tensor_core"
+    return "portable" if why else "tensor_core"
+
+
+def forward(pr, out=None, lse=None, config=None):
+    """(out, lse) of ``pr``; out has pr.out_shape and the input dtype, lse is float32 pr.lse_shape."""
+    cfg = config or config_module.current()
+    xp = pr.xp
+    out_t = _target(xp, out, pr.out_shape, pr.dtype)
+    lse_t = _target(xp, lse, pr.lse_shape, np.float32)
+    if lse_t.size == 0 or pr.k.size == 0:
+        out_t[...] = 0
+        lse_t[...] = -np.inf
+        return _deliver(xp, (out_t, lse_t), None if out is None else (out, lse))
+    views = _views(pr)
+    plan = views.plan
+    if pr.varlen is None:
+        out_v = _rows_view(pr, plan, out_t.reshape(pr.batch_shape + (pr.hq, pr.L, pr.Ev)), (pr.hq, pr.L, pr.Ev))
+        lse_v = _rows_view(pr, plan, lse_t.reshape(pr.batch_shape + (pr.hq, pr.L)), (pr.hq, pr.L))
+    else:
+        out_v, lse_v = _rows_view(pr, plan, out_t, None), lse_t[None, None, None]
+    with cuda.gpus[layout.device_of(pr.q)]:
+        stream = layout.stream_of(xp)
+        if variant_for(pr, cfg) == "tensor_core":
+            tensor_core.forward(pr, views, out_v, lse_v, stream, _structure_args(pr))
+        else:
+            spec = _spec(pr, cfg)
+            kernel = portable.forward_kernel(spec)
+            grid = (views.n_batch * pr.hq, cdiv(pr.L, spec.block_rows))
+            args = [kernel_array(layout.bits(x)) for x in (views.q, views.k, views.v, views.mask, out_v, lse_v,
+                                                          views.cu_q, views.cu_k)]
+            kernel[grid, spec.block_rows, stream](*args, views.nb1, views.nb2, pr.hq, pr.group, pr.L, pr.S,
+                                                  pr.E, pr.Ev, pr.scale, *_structure_args(pr))
+    return _deliver(xp, (out_t, lse_t), None if out is None else (out, lse))
+
+
+def backward(pr, out, lse, dout, grads=None, config=None):
+    """(dq, dk, dv[, dmask]) for output gradient ``dout``; deterministic (no atomics) by construction.
+
+    ``out`` is not read: delta = rowsum(P * dP) is summed from P and dP in fp32 (see portable.py).
+    """
+    cfg = config or config_module.current()
+    xp = pr.xp
+    targets = [_target(xp, None if grads is None else grads[n], x.shape, pr.dtype)
+               for n, x in enumerate((pr.q, pr.k, pr.v))]
+    if pr.mask_kind == "float":
+        targets.append(_target(xp, None if grads is None else grads[3], pr.mask.shape, pr.mask.dtype))
+    if pr.q.size == 0 or pr.k.size == 0:
+        for t in targets:
+            t[...] = 0
+        return _deliver(xp, targets, grads)
+    if pr.mask_kind == "float":
+        targets[3][...] = 0  # the dq kernel writes only the visible scores' entries
+    views = _views(pr)
+    plan = views.plan
+    spec = _spec(pr, cfg)
+    varlen = pr.varlen is not None
+    if varlen:
+        dout_v, lse_v = (_rows_view(pr, plan, x, None) for x in (dout, lse))
+        delta_v = xp.empty(lse.shape, dtype=np.float32)[None, None, None]
+        dq_v, dk_v, dv_v = (_rows_view(pr, plan, t, None) for t in targets[:3])
+        own_q = own_k = own_v = (1, 1, 1)
+        n_own_q, n_own_k, n_own_v = (pr.varlen.batch,) * 3
+        reps_q = reps_k = reps_v = 1
+    else:
+        full5 = pr.batch_shape + (pr.hq, pr.L)
+        dout_v = _rows_view(pr, plan, dout.reshape(full5 + (pr.Ev,)), (pr.hq, pr.L, pr.Ev))
+        lse_v = _rows_view(pr, plan, lse.reshape(full5), (pr.hq, pr.L))
+        delta_v = xp.empty(plan.shape3 + (pr.hq, pr.L), dtype=np.float32)
+        own_q, own_k, own_v = (plan.own3(x) for x in (pr.q3, pr.k3, pr.v3))
+        dq_v = targets[0].reshape(own_q + pr.q3.shape[-3:])
+        dk_v = targets[1].reshape(own_k + pr.k3.shape[-3:])
+        dv_v = targets[2].reshape(own_v + pr.v3.shape[-3:])
+        n_full = views.n_batch
+        n_own_q, n_own_k, n_own_v = (math.prod(o) for o in (own_q, own_k, own_v))
+        reps_q, reps_k, reps_v = n_full // n_own_q, n_full // n_own_k, n_full // n_own_v
+    dmask_direct = False
+    dmask_v = xp.zeros((1,) * 6, dtype=np.float32)
+    if pr.mask_kind == "float":
+        mask_tail = (1,) * (3 + plan.nb - pr.mask.ndim) + tuple(pr.mask.shape)
+        dshape = plan.own3(pr.mask.reshape(mask_tail)) + mask_tail[-3:]
+        full6 = plan.shape3 + (pr.hq, pr.L, pr.S)
+        dmask_v = targets[3].reshape(dshape)
+        dmask_direct = dshape == full6
+    structure = _structure_args(pr)
+    block = spec.block_rows
+    a = kernel_array
+    with cuda.gpus[layout.device_of(pr.q)]:
+        stream = layout.stream_of(xp)
+        bq, bk, bv, bmask = (a(layout.bits(x)) for x in (views.q, views.k, views.v, views.mask))
+        bdout, blse, bdelta = a(layout.bits(dout_v)), a(lse_v), a(delta_v)
+        cu_q, cu_k = a(views.cu_q), a(views.cu_k)
+        portable.dq_kernel(spec, dmask_direct)[(n_own_q * pr.hq, cdiv(pr.L, block)), block, stream](
+            bq, bk, bv, bmask, bdout, blse, bdelta, a(layout.bits(dq_v)), a(layout.bits(dmask_v)), cu_q, cu_k,
+            views.nb1, views.nb2, own_q[1], own_q[2], reps_q, pr.hq, pr.group, pr.L, pr.S, pr.E, pr.Ev, pr.scale,
+            *structure)
+        dkdv = portable.dkdv_kernel(spec)
+        launches = [(own_k, n_own_k, reps_k, True, True)] if own_k == own_v else \
+            [(own_k, n_own_k, reps_k, True, False), (own_v, n_own_v, reps_v, False, True)]
+        for own, n_own, reps, want_dk, want_dv in launches:
+            dkdv[(n_own * pr.hkv, cdiv(pr.S, block)), block, stream](
+                bq, bk, bv, bmask, bdout, blse, bdelta, a(layout.bits(dk_v)), a(layout.bits(dv_v)), cu_q, cu_k,
+                views.nb1, views.nb2, own[1], own[2], reps, want_dk, want_dv, pr.hq, pr.hkv, pr.group, pr.L, pr.S,
+                pr.E, pr.Ev, pr.scale, *structure)
+        if pr.mask_kind == "float" and not dmask_direct:
+            n = math.prod(dshape)
+            portable.dmask_kernel(spec)[cdiv(n, block), block, stream](
+                bq, bk, bv, bmask, bdout, blse, bdelta, a(layout.bits(dmask_v)), tuple(dshape), tuple(full6),
+                pr.group, pr.E, pr.Ev, pr.scale, *structure)
+    return _deliver(xp, targets, grads)

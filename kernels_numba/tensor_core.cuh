@@ -1,0 +1,406 @@
+// Forward tile loop of the EFFICIENT backend's tensor_core variant: FlashAttention-2 on mma.sync.
+//
+// Called once per thread block (4 warps, BLOCK_M = 64 query rows, 16 per warp) by a Numba kernel
+// that has already resolved batch, head, varlen offsets and strides into the row pointers below.
+// Per key tile: S = Q K^T on m16n8k16 tensor-core MMAs (fp32 accumulators), then mask, scale and
+// online softmax in registers (each row lives in one quad of 4 lanes), then O += P V with P
+// converted to the input type. Q stays in registers (A fragments); K and V tiles go through shared
+// memory with cp.async (16 B, zero-filled past the sequence) and are read back with ldmatrix
+// (.trans for V). The V tile for tile n+1 overlaps the softmax of tile n (FlashAttention-2's
+// single-buffer schedule). Rows of the V tile that no query of the block may see are zeroed before
+// P V: P is 0 there, but 0 * NaN is NaN, and the contract says padding never leaks.
+//
+// Only NVRTC built-ins and inline PTX: no headers, so it compiles wherever Numba finds NVRTC.
+
+#define EFF_WARPS 4
+#define EFF_BLOCK_M (16 * EFF_WARPS)
+#define EFF_LOG2E 1.4426950408889634f
+#define EFF_NEG_INF (-__int_as_float(0x7f800000))
+
+namespace efficient {
+
+typedef unsigned int u32;
+typedef unsigned short u16;
+typedef unsigned long long u64;
+typedef long long i64;
+
+// Mask element kinds, as kernels_numba.tensor_core numbers them.
+enum MaskKind { MASK_NONE = 0, MASK_BOOL = 1, MASK_F16 = 2, MASK_BF16 = 3, MASK_F32 = 4, MASK_F64 = 5 };
+
+__device__ __forceinline__ float f16_to_f32(u16 h) {
+  float f;
+  asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
+  return f;
+}
+
+__device__ __forceinline__ float bf16_to_f32(u16 h) { return __int_as_float(((u32)h) << 16); }
+
+template <bool BF16>
+__device__ __forceinline__ u32 pack2(float lo, float hi) {
+  // cvt.rn.*x2.f32 d, a, b puts a in the upper half and b in the lower half.
+  u32 d;
+  if (BF16)
+    asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(d) : "f"(hi), "f"(lo));
+  else
+    asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(d) : "f"(hi), "f"(lo));
+  return d;
+}
+
+template <bool BF16>
+__device__ __forceinline__ void mma16816(float (&d)[4], const u32 (&a)[4], u32 b0, u32 b1) {
+  if (BF16)
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  else
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+__device__ __forceinline__ void ldmatrix_x4(u32 (&r)[4], const void* smem) {
+  u32 addr = (u32)__cvta_generic_to_shared(smem);
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(addr));
+}
+
+__device__ __forceinline__ void ldmatrix_x4_trans(u32 (&r)[4], const void* smem) {
+  u32 addr = (u32)__cvta_generic_to_shared(smem);
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(addr));
+}
+
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool valid) {
+  // src-size 0 zero-fills the 16 bytes: rows past the sequence read as zeros, no branch.
+  u32 addr = (u32)__cvta_generic_to_shared(smem);
+  int src_size = valid ? 16 : 0;
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(addr), "l"(gmem), "r"(src_size));
+}
+
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;"); }
+
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;" ::"n"(N));
+}
+
+// Philox4x32-10 (Random123); the same function as cusdpa/philox.py, compared bit for bit in tests.
+__device__ __forceinline__ void philox(u32 (&c)[4], u32 k0, u32 k1) {
+#pragma unroll
+  for (int r = 0; r < 10; ++r) {
+    u32 lo0 = c[0] * 0xD2511F53u, hi0 = __umulhi(c[0], 0xD2511F53u);
+    u32 lo1 = c[2] * 0xCD9E8D57u, hi1 = __umulhi(c[2], 0xCD9E8D57u);
+    u32 n0 = hi1 ^ c[1] ^ k0, n2 = hi0 ^ c[3] ^ k1;
+    c[0] = n0;
+    c[1] = lo1;
+    c[2] = n2;
+    c[3] = lo0;
+    k0 += 0x9E3779B9u;
+    k1 += 0xBB67AE85u;
+  }
+}
+
+struct Args {
+  const u16* q;  // q[row][e] at q + row * q_rs + e (unit stride along e), rows from this block's sequence start
+  i64 q_rs;
+  const u16* k;
+  i64 k_rs;
+  const u16* v;
+  i64 v_rs;
+  u16* out;
+  i64 out_rs;
+  float* lse;
+  i64 lse_rs;
+  const unsigned char* mask;  // mask[i][j] at mask + (i * mask_rs + j * mask_cs) * mask element size
+  i64 mask_rs, mask_cs;
+  int mask_kind;
+  i64 m_first, L, S, E, Ev, shift, left, right;
+  bool causal;
+  float scale;
+  bool dropout;
+  u32 bh, seed_lo, seed_hi, offset, threshold;
+  float rescale;
+};
+
+__device__ __forceinline__ bool visible(const Args& a, i64 i, i64 j) {
+  i64 d = j - i - a.shift;
+  if (a.causal && d > 0) return false;
+  if (a.left >= 0 && d < -a.left) return false;
+  if (a.right >= 0 && d > a.right) return false;
+  return i < a.L && j < a.S;
+}
+
+// Applies the mask to one scaled score; -inf means selected out.
+__device__ __forceinline__ float masked_score(const Args& a, i64 i, i64 j, float s) {
+  if (!visible(a, i, j)) return EFF_NEG_INF;
+  if (a.mask_kind == MASK_NONE) return s;
+  i64 at = i * a.mask_rs + j * a.mask_cs;
+  switch (a.mask_kind) {
+    case MASK_BOOL: return a.mask[at] ? s : EFF_NEG_INF;
+    case MASK_F16: return s + f16_to_f32(((const u16*)a.mask)[at]);
+    case MASK_BF16: return s + bf16_to_f32(((const u16*)a.mask)[at]);
+    case MASK_F32: return s + ((const float*)a.mask)[at];
+    default: return s + (float)((const double*)a.mask)[at];
+  }
+}
+
+// Stages rows [n0, n0 + BLOCK_N) of a K or V tile into shared memory (row stride HEAD_DIM + 8
+// halves: the 16-byte pad spreads ldmatrix's eight row addresses over all 32 banks).
+template <int HEAD_DIM, int BLOCK_N>
+__device__ __forceinline__ void stage_tile(u16* tile, const u16* src, i64 rs, i64 n0, i64 S, i64 width,
+                                           bool vec) {
+  constexpr int STRIDE = HEAD_DIM + 8;
+  constexpr int CHUNKS = HEAD_DIM / 8;
+  for (int c = threadIdx.x; c < BLOCK_N * CHUNKS; c += 32 * EFF_WARPS) {
+    int r = c / CHUNKS, e = (c % CHUNKS) * 8;
+    u16* dst = tile + r * STRIDE + e;
+    bool row_ok = n0 + r < S;
+    if (vec && e < width) {
+      // width % 8 == 0 on this path, so a chunk is either wholly inside the head dim or wholly past it.
+      const u16* g = src + (row_ok ? (n0 + r) * rs + e : 0);
+      cp_async16(dst, g, row_ok);
+    } else {
+#pragma unroll
+      for (int x = 0; x < 8; ++x) dst[x] = (row_ok && e + x < width) ? src[(n0 + r) * rs + e + x] : (u16)0;
+    }
+  }
+}
+
+template <int HEAD_DIM, int BLOCK_N, bool BF16>
+__device__ void forward(const Args& a) {
+  constexpr int STRIDE = HEAD_DIM + 8;
+  constexpr int KSTEPS = HEAD_DIM / 16;  // k-steps of Q K^T
+  constexpr int NTILES = BLOCK_N / 8;    // n8 tiles of S
+  constexpr int DTILES = HEAD_DIM / 8;   // n8 tiles of O
+  __shared__ __align__(16) u16 k_tile[BLOCK_N * STRIDE];
+  __shared__ __align__(16) u16 v_tile[BLOCK_N * STRIDE];
+  __shared__ int col_seen[BLOCK_N];
+
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  const int g = lane / 4, t = lane % 4;  // mma fragment coordinates: row group, thread in group
+  const i64 row0 = a.m_first + warp * 16 + g;  // this thread's rows: row0 and row0 + 8
+  const i64 m_last = min(a.L, a.m_first + EFF_BLOCK_M) - 1;
+  const bool vec = (a.E % 8 == 0) && (a.Ev % 8 == 0) && (a.k_rs % 8 == 0) && (a.v_rs % 8 == 0) &&
+                   ((u64)a.k % 16 == 0) && ((u64)a.v % 16 == 0);
+
+  // Q as A fragments, straight from global memory (once per block; any row stride).
+  u32 qf[KSTEPS][4];
+#pragma unroll
+  for (int ks = 0; ks < KSTEPS; ++ks) {
+#pragma unroll
+    for (int r = 0; r < 4; ++r) {
+      i64 row = row0 + (r % 2) * 8;
+      i64 col = ks * 16 + (r / 2) * 8 + 2 * t;
+      u32 lo = (row < a.L && col < a.E) ? a.q[row * a.q_rs + col] : 0u;
+      u32 hi = (row < a.L && col + 1 < a.E) ? a.q[row * a.q_rs + col + 1] : 0u;
+      qf[ks][r] = lo | (hi << 16);
+    }
+  }
+
+  float acc[DTILES][4];
+#pragma unroll
+  for (int d = 0; d < DTILES; ++d) acc[d][0] = acc[d][1] = acc[d][2] = acc[d][3] = 0.f;
+  float m_i[2] = {EFF_NEG_INF, EFF_NEG_INF}, l_i[2] = {0.f, 0.f};  // rows row0, row0 + 8
+
+  // Keys some row of the block may see.
+  i64 lo = 0, hi = a.S;
+  if (a.left >= 0) lo = max((i64)0, a.m_first + a.shift - a.left);
+  if (a.causal) hi = min(hi, m_last + a.shift + 1);
+  if (a.right >= 0) hi = min(hi, m_last + a.shift + a.right + 1);
+  const i64 n_begin = lo / BLOCK_N * BLOCK_N;
+
+  if (n_begin < hi) {
+    stage_tile<HEAD_DIM, BLOCK_N>(k_tile, a.k, a.k_rs, n_begin, a.S, a.E, vec);
+    cp_async_commit();
+  }
+  for (i64 n0 = n_begin; n0 < hi; n0 += BLOCK_N) {
+    const bool has_next = n0 + BLOCK_N < hi;
+    stage_tile<HEAD_DIM, BLOCK_N>(v_tile, a.v, a.v_rs, n0, a.S, a.Ev, vec);
+    cp_async_commit();
+    // Does every (row, key) pair of this tile pass? Then no per-element work and no V row zeroing.
+    const i64 d_max = n0 + BLOCK_N - 1 - a.m_first - a.shift, d_min = n0 - m_last - a.shift;
+    const bool check = a.mask_kind != MASK_NONE || n0 + BLOCK_N > a.S || (a.causal && d_max > 0) ||
+                       (a.left >= 0 && d_min < -a.left) || (a.right >= 0 && d_max > a.right);
+    if (check && threadIdx.x < BLOCK_N) col_seen[threadIdx.x] = 0;
+    cp_async_wait<1>();  // K of this tile has landed (V may still be in flight)
+    __syncthreads();
+
+    float s[NTILES][4];
+#pragma unroll
+    for (int nt = 0; nt < NTILES; ++nt) s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
+#pragma unroll
+    for (int nt = 0; nt < NTILES; ++nt) {
+#pragma unroll
+      for (int ks = 0; ks < KSTEPS; ks += 2) {
+        // Four 8x8 matrices: key rows nt*8.., head dims ks*16 + {0, 8, 16, 24}: B fragments of two k-steps.
+        u32 b[4];
+        ldmatrix_x4(b, k_tile + (nt * 8 + lane % 8) * STRIDE + ks * 16 + (lane / 8) * 8);
+        mma16816<BF16>(s[nt], qf[ks], b[0], b[1]);
+        if (ks + 1 < KSTEPS) mma16816<BF16>(s[nt], qf[ks + 1], b[2], b[3]);
+      }
+    }
+
+    // Scale, mask, and the online-softmax update, row by row (this thread holds 2 rows x 2 columns per n8 tile).
+    float tile_max[2] = {EFF_NEG_INF, EFF_NEG_INF};
+#pragma unroll
+    for (int nt = 0; nt < NTILES; ++nt) {
+#pragma unroll
+      for (int x = 0; x < 4; ++x) {
+        float v = s[nt][x] * a.scale;
+        if (check) {
+          i64 i = row0 + (x / 2) * 8, j = n0 + nt * 8 + 2 * t + (x % 2);
+          v = masked_score(a, i, j, v);
+          if (v != EFF_NEG_INF) col_seen[nt * 8 + 2 * t + (x % 2)] = 1;  // same value from every writer
+        }
+        s[nt][x] = v;
+        tile_max[x / 2] = fmaxf(tile_max[x / 2], v);
+      }
+    }
+    float alpha[2], m_use[2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      tile_max[r] = fmaxf(tile_max[r], __shfl_xor_sync(0xffffffffu, tile_max[r], 1));
+      tile_max[r] = fmaxf(tile_max[r], __shfl_xor_sync(0xffffffffu, tile_max[r], 2));
+      float m_new = fmaxf(m_i[r], tile_max[r]);
+      m_use[r] = m_new == EFF_NEG_INF ? 0.f : m_new;  // a row with nothing visible yet keeps p = 0
+      alpha[r] = exp2f((m_i[r] - m_use[r]) * EFF_LOG2E);
+      m_i[r] = m_new;
+      l_i[r] *= alpha[r];
+    }
+#pragma unroll
+    for (int d = 0; d < DTILES; ++d) {
+      acc[d][0] *= alpha[0];
+      acc[d][1] *= alpha[0];
+      acc[d][2] *= alpha[1];
+      acc[d][3] *= alpha[1];
+    }
+    u32 pf[NTILES][2];  // P in the input type, packed as the A operand of P V expects
+#pragma unroll
+    for (int nt = 0; nt < NTILES; ++nt) {
+      float p[4];
+#pragma unroll
+      for (int x = 0; x < 4; ++x) {
+        p[x] = exp2f(s[nt][x] * EFF_LOG2E - m_use[x / 2] * EFF_LOG2E);
+        l_i[x / 2] += p[x];  // the normaliser counts every visible key, dropped or not
+      }
+      if (a.dropout) {
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+          // Columns j, j + 1 (j even) share the Philox group j / 4: words j % 4 and j % 4 + 1.
+          i64 j = n0 + nt * 8 + 2 * t;
+          u32 c[4] = {(u32)(j / 4), (u32)(row0 + r * 8), a.bh, a.offset};
+          philox(c, a.seed_lo, a.seed_hi);
+          u32 w0 = (j % 4 == 0) ? c[0] : c[2], w1 = (j % 4 == 0) ? c[1] : c[3];
+          p[2 * r] = w0 < a.threshold ? p[2 * r] * a.rescale : 0.f;
+          p[2 * r + 1] = w1 < a.threshold ? p[2 * r + 1] * a.rescale : 0.f;
+        }
+      }
+      pf[nt][0] = pack2<BF16>(p[0], p[1]);
+      pf[nt][1] = pack2<BF16>(p[2], p[3]);
+    }
+
+    __syncthreads();  // every warp is done with this K tile
+    if (has_next) {
+      stage_tile<HEAD_DIM, BLOCK_N>(k_tile, a.k, a.k_rs, n0 + BLOCK_N, a.S, a.E, vec);
+      cp_async_commit();
+      cp_async_wait<1>();  // V of this tile has landed (the next K may still be in flight)
+    } else {
+      cp_async_wait<0>();
+    }
+    __syncthreads();
+    if (check) {
+      for (int c = threadIdx.x; c < BLOCK_N * (HEAD_DIM / 8); c += 32 * EFF_WARPS) {
+        int r = c / (HEAD_DIM / 8);
+        if (!col_seen[r]) {
+#pragma unroll
+          for (int x = 0; x < 8; ++x) v_tile[r * STRIDE + (c % (HEAD_DIM / 8)) * 8 + x] = 0;
+        }
+      }
+      __syncthreads();
+    }
+
+#pragma unroll
+    for (int kk = 0; kk < NTILES / 2; ++kk) {
+      const u32 pa[4] = {pf[2 * kk][0], pf[2 * kk][1], pf[2 * kk + 1][0], pf[2 * kk + 1][1]};
+#pragma unroll
+      for (int d = 0; d < DTILES; d += 2) {
+        // Four 8x8 matrices: keys kk*16 + {0, 8}, head dims d*8 + {0, 8}; .trans gives V's B fragments.
+        u32 b[4];
+        ldmatrix_x4_trans(b, v_tile + (kk * 16 + (lane / 8 % 2) * 8 + lane % 8) * STRIDE + d * 8 + (lane / 16) * 8);
+        mma16816<BF16>(acc[d], pa, b[0], b[1]);
+        mma16816<BF16>(acc[d + 1], pa, b[2], b[3]);
+      }
+    }
+    __syncthreads();  // every warp is done with this V tile before the next one is staged
+  }
+
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    l_i[r] += __shfl_xor_sync(0xffffffffu, l_i[r], 1);
+    l_i[r] += __shfl_xor_sync(0xffffffffu, l_i[r], 2);
+    const i64 row = row0 + r * 8;
+    if (row >= a.L) continue;
+    const bool seen = m_i[r] != EFF_NEG_INF;
+    const float inv = seen ? 1.f / l_i[r] : 0.f;
+#pragma unroll
+    for (int d = 0; d < DTILES; ++d) {
+      const i64 col = d * 8 + 2 * t;
+      u32 two = pack2<BF16>(acc[d][2 * r] * inv, acc[d][2 * r + 1] * inv);
+      if (col < a.Ev) a.out[row * a.out_rs + col] = (u16)(two & 0xffffu);
+      if (col + 1 < a.Ev) a.out[row * a.out_rs + col + 1] = (u16)(two >> 16);
+    }
+    if (t == 0) a.lse[row * a.lse_rs] = seen ? m_i[r] + logf(l_i[r]) : EFF_NEG_INF;
+  }
+}
+
+}  // namespace efficient
+
+// The C-ABI entry the Numba kernel calls; EFF_NAME, EFF_HEAD_DIM, EFF_BLOCK_N and EFF_BF16 are
+// defined by kernels_numba.tensor_core in front of this source, one instantiation per module.
+// It returns 0: Numba's C ABI lowers a void result to a pointer-sized one, which would not match.
+extern "C" __device__ int EFF_NAME(
+    unsigned long long q, long long q_rs, unsigned long long k, long long k_rs, unsigned long long v,
+    long long v_rs, unsigned long long out, long long out_rs, unsigned long long lse, long long lse_rs,
+    unsigned long long mask, long long mask_rs, long long mask_cs, long long mask_kind, long long m_first,
+    long long L, long long S, long long E, long long Ev, long long shift, long long left, long long right,
+    long long causal, float scale, long long dropout, long long bh, long long seed_lo, long long seed_hi,
+    long long offset, long long threshold, float rescale) {
+  efficient::Args a;
+  a.q = (const efficient::u16*)q;
+  a.q_rs = q_rs;
+  a.k = (const efficient::u16*)k;
+  a.k_rs = k_rs;
+  a.v = (const efficient::u16*)v;
+  a.v_rs = v_rs;
+  a.out = (efficient::u16*)out;
+  a.out_rs = out_rs;
+  a.lse = (float*)lse;
+  a.lse_rs = lse_rs;
+  a.mask = (const unsigned char*)mask;
+  a.mask_rs = mask_rs;
+  a.mask_cs = mask_cs;
+  a.mask_kind = (int)mask_kind;
+  a.m_first = m_first;
+  a.L = L;
+  a.S = S;
+  a.E = E;
+  a.Ev = Ev;
+  a.shift = shift;
+  a.left = left;
+  a.right = right;
+  a.causal = causal != 0;
+  a.scale = scale;
+  a.dropout = dropout != 0;
+  a.bh = (efficient::u32)bh;
+  a.seed_lo = (efficient::u32)seed_lo;
+  a.seed_hi = (efficient::u32)seed_hi;
+  a.offset = (efficient::u32)offset;
+  a.threshold = (efficient::u32)threshold;
+  a.rescale = rescale;
+  efficient::forward<EFF_HEAD_DIM, EFF_BLOCK_N, EFF_BF16>(a);
+  return 0;
+}

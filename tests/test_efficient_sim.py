@@ -1,0 +1,327 @@
+"""EFFICIENT kernels on Numba's CUDA simulator (CPU): every feature, forward and backward, tiny shapes.
+
+Numba reads NUMBA_ENABLE_CUDASIM once, when numba.cuda is first imported, so the simulator cannot be
+switched on inside a pytest process that may already hold the real CUDA target (or need it for GPU
+tests). The cases therefore run in one child process started with the variable set (this file run
+as a script); each pytest test reports its own case's result. Tiles are tiny (4 to 8 rows) so the
+tile loops, partial tiles and skipped tiles are all exercised on shapes the simulator runs quickly.
+
+Error rule (cusdpa.testing.judge): against the float64 reference, at most 2x (3x for gradients) the
+error of the same computation in the input precision (the reference with float32 accumulation),
+plus a small floor. Every output array is NaN-poisoned before the kernels write it.
+"""
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+from concurrent.futures import ProcessPoolExecutor
+
+import numpy as np
+import pytest
+
+from cusdpa import checks
+
+CASES = {}
+
+
+def case(fn):
+    CASES[fn.__name__.removeprefix("case_")] = fn
+    return fn
+
+
+def _poisoned(shape, dtype):
+    return np.full(shape, np.nan, dtype=dtype)
+
+
+def _judge_all(names, got, ref, base, factor):
+    from cusdpa.testing import judge
+
+    return [m for m in (judge(n, g, r, b, factor=factor) for n, g, r, b in zip(names, got, ref, base)) if m]
+
+
+def _check_problem(rng, pr, grad=True):
+    """Run EFFICIENT's forward (and backward) on a validated problem into poisoned outputs; judge them."""
+    from cusdpa import efficient, reference
+
+    wide = {name: getattr(pr, name).astype(np.float64) for name in ("q", "k", "v")}
+    if pr.mask_kind == "float":
+        wide["mask"] = pr.mask.astype(np.float64)
+    f64 = dataclasses.replace(pr, dtype=np.dtype(np.float64), **wide)
+    out, lse = efficient.IMPL.forward(pr, _poisoned(pr.out_shape, pr.dtype), _poisoned(pr.lse_shape, np.float32))
+    failures = _judge_all(("out", "lse"), (out, lse), reference.forward(f64), reference.forward(pr, np.float32), 2)
+    if not grad:
+        return failures
+    dout = rng.standard_normal(pr.out_shape).astype(pr.dtype)
+    wrt = [pr.q, pr.k, pr.v] + ([pr.mask] if pr.mask_kind == "float" else [])
+    grads = efficient.IMPL.backward(pr, out, lse, dout, grads=tuple(_poisoned(x.shape, x.dtype) for x in wrt))
+    names = ("dq", "dk", "dv", "dmask")
+    ref = reference.backward(f64, dout.astype(np.float64))
+    return failures + _judge_all(names, grads, ref, reference.backward(pr, dout, np.float32), 3)
+
+
+def _check(rng, q, k, v, mask=None, grad=True, **kw):
+    return _check_problem(rng, checks.problem_from_dense(q, k, v, mask, **kw), grad)
+
+
+def _qkv(rng, batch, hq, hkv, L, S, E, Ev, dtype=np.float32):
+    def draw(shape):
+        return rng.standard_normal(shape).astype(dtype)
+
+    return draw(batch + (hq, L, E)), draw(batch + (hkv, S, E)), draw(batch + (hkv, S, Ev))
+
+
+@case
+def case_causal_upper_left_odd_sizes(rng):
+    return _check(rng, *_qkv(rng, (2,), 2, 2, 13, 19, 8, 5), is_causal=True)
+
+
+@case
+def case_causal_lower_right_both_shapes(rng):
+    return (_check(rng, *_qkv(rng, (1,), 2, 2, 7, 18, 4, 4), is_causal=True, causal_variant="lower_right")
+            + _check(rng, *_qkv(rng, (1,), 1, 1, 17, 6, 4, 3), is_causal=True, causal_variant="lower_right"))
+
+
+@case
+def case_sliding_window(rng):
+    return (_check(rng, *_qkv(rng, (), 2, 2, 15, 15, 4, 4), window=(3, 1))
+            + _check(rng, *_qkv(rng, (), 1, 1, 9, 16, 4, 4), is_causal=True, causal_variant="lower_right",
+                     window=(2, -1))
+            + _check(rng, *_qkv(rng, (), 1, 1, 12, 7, 4, 4), window=(-1, 0)))
+
+
+@case
+def case_gqa_sums_dk_dv_over_the_group(rng):
+    return _check(rng, *_qkv(rng, (2,), 4, 2, 9, 11, 8, 8), enable_gqa=True, is_causal=True)
+
+
+BOOL_MASKS = {"full": (2, 2, 9, 10), "key_padding": (2, 1, 1, 10), "per_head": (2, 9, 10), "2d": (9, 10),
+              "key_only": (10,), "query_only": (9, 1)}
+
+
+@case
+def case_bool_masks_every_broadcast_shape(rng):
+    failures = []
+    for name, shape in BOOL_MASKS.items():
+        mask = rng.random(shape) > 0.3
+        failures += [f"{name}: {m}" for m in _check(rng, *_qkv(rng, (2,), 2, 2, 9, 10, 4, 4), mask)]
+    return failures
+
+
+@case
+def case_float_masks_and_their_gradient(rng):
+    failures = []
+    for name, shape in {"full": (2, 2, 7, 6), "2d": (7, 6), "key_only": (6,), "per_head": (2, 7, 6),
+                        "query_only": (7, 1)}.items():
+        mask = rng.standard_normal(shape).astype(np.float32)
+        mask = np.where(rng.random(shape) < 0.15, -np.inf, mask).astype(np.float32)
+        failures += [f"{name}: {m}" for m in _check(rng, *_qkv(rng, (2,), 2, 2, 7, 6, 4, 4), mask)]
+    return failures
+
+
+@case
+def case_float_mask_of_another_dtype_with_gqa(rng):
+    mask = rng.standard_normal((4, 5, 6)).astype(np.float16)
+    return _check(rng, *_qkv(rng, (1,), 4, 2, 5, 6, 4, 4), mask, enable_gqa=True, is_causal=True,
+                  causal_variant="lower_right")
+
+
+@case
+def case_fp16_and_bf16(rng):
+    import ml_dtypes
+
+    failures = []
+    for dtype in (np.float16, ml_dtypes.bfloat16):
+        mask = (rng.standard_normal((6, 9)) * 2).astype(dtype)
+        failures += [f"{np.dtype(dtype).name}: {m}"
+                     for m in _check(rng, *_qkv(rng, (1,), 2, 1, 6, 9, 8, 4, dtype), mask, enable_gqa=True)]
+    return failures
+
+
+@case
+def case_dropout_mask_bit_identical_to_philox(rng):
+    """q = 0 makes P uniform (1/S); v = identity makes out[i, j] = P_ij * keep_ij / (1 - p)."""
+    from cusdpa import philox
+
+    hq, L, S, p, seed, offset = 3, 5, 11, 0.4, (7 << 32) | 12345, 3
+    q = np.zeros((2, hq, L, 4), np.float32)
+    k = rng.standard_normal((2, hq, S, 4)).astype(np.float32)
+    v = np.broadcast_to(np.eye(S, dtype=np.float32), (2, hq, S, S))
+    pr = checks.problem_from_dense(q, k, v, dropout_p=p, seed=(seed, offset))
+    from cusdpa import efficient
+
+    out, _ = efficient.IMPL.forward(pr)
+    want = philox.keep_mask(seed, offset, np.arange(2 * hq).reshape(2, hq), L, S, p)
+    failures = [] if np.array_equal(out != 0, want) else [
+        f"keep-mask differs from cusdpa.philox at {int((want != (out != 0)).sum())} of {want.size} elements"]
+    kept = out[want]
+    if not np.allclose(kept, 1 / (S * (1 - p)), rtol=1e-6):
+        failures.append(f"kept values {kept[:4]} are not 1/(S(1-p)) = {1 / (S * (1 - p))}")
+    return failures
+
+
+@case
+def case_dropout_forward_backward(rng):
+    q, k, v = _qkv(rng, (2,), 2, 1, 7, 10, 4, 4)
+    mask = rng.standard_normal((7, 10)).astype(np.float32)
+    return (_check(rng, q, k, v, mask, dropout_p=0.3, seed=99, enable_gqa=True, is_causal=True)
+            + _check(rng, q, k, v, dropout_p=1.0, seed=5, enable_gqa=True))
+
+
+@case
+def case_varlen(rng):
+    failures = []
+    lens_q, lens_k = [5, 0, 9, 3], [7, 4, 6, 0]
+    cu_q = np.concatenate([[0], np.cumsum(lens_q)]).astype(np.int32)
+    cu_k = np.concatenate([[0], np.cumsum(lens_k)]).astype(np.int32)
+    for kw in (dict(is_causal=True), dict(is_causal=True, causal_variant="lower_right", window=(2, 1)),
+               dict(dropout_p=0.25, seed=11)):
+        q = rng.standard_normal((cu_q[-1], 4, 4)).astype(np.float32)
+        k = rng.standard_normal((cu_k[-1], 2, 4)).astype(np.float32)
+        v = rng.standard_normal((cu_k[-1], 2, 3)).astype(np.float32)
+        pr = checks.problem_from_varlen(q, k, v, cu_q, cu_k, 9, 8, enable_gqa=True, **kw)
+        failures += [f"{kw}: {m}" for m in _check_problem(rng, pr)]
+    return failures
+
+
+@case
+def case_strided_and_broadcast_inputs(rng):
+    base = rng.standard_normal((3, 2, 9, 2, 12)).astype(np.float32)
+    q = base.transpose(1, 3, 2, 0, 4)[..., :8]  # (2, 2, 9, 3, 8): head dim strided, batch dims permuted
+    q = q.transpose(0, 3, 1, 2, 4)  # (2, 3, 2, 9, 8)
+    k = rng.standard_normal((1, 3, 2, 20, 8)).astype(np.float32)[:, :, :, ::2]  # (1, 3, 2, 10, 8), broadcast
+    v = rng.standard_normal((2, 1, 2, 10, 5)).astype(np.float32)[:, :, ::-1]  # negative row stride
+    mask = rng.random((3, 1, 9, 10)) > 0.2
+    return _check(rng, q, k, v, mask, is_causal=True)
+
+
+@case
+def case_rank2_inputs_and_broadcast_query(rng):
+    q = rng.standard_normal((6, 4)).astype(np.float32)
+    k, v = (rng.standard_normal((2, 1, 8, d)).astype(np.float32) for d in (4, 3))
+    return _check(rng, q, k, v, window=(2, 2))
+
+
+@case
+def case_four_batch_dims_merge(rng):
+    q, k, v = _qkv(rng, (2, 1, 2, 2), 1, 1, 5, 6, 4, 4)
+    mask = rng.standard_normal((2, 1, 1, 1, 1, 5, 6)).astype(np.float32)
+    return _check(rng, q, k, v, mask)
+
+
+@case
+def case_fully_masked_rows(rng):
+    q, k, v = _qkv(rng, (1,), 2, 2, 6, 9, 4, 4)
+    mask = rng.random((1, 2, 6, 9)) > 0.4
+    mask[0, 0, 2] = False
+    mask[0, 1, 5] = False
+    fmask = np.where(mask, 0.5, -np.inf).astype(np.float32)
+    return _check(rng, q, k, v, mask) + _check(rng, q, k, v, fmask)
+
+
+@case
+def case_nan_padding_does_not_leak(rng):
+    q, k, v = _qkv(rng, (2,), 2, 2, 8, 12, 4, 4)
+    keys = np.ones((2, 1, 1, 12), bool)
+    keys[0, ..., 9:] = False
+    keys[1, ..., 4:6] = False
+    rows = np.ones((2, 1, 8, 1), bool)
+    rows[1, :, 6:] = False
+    k[0, :, 9:] = np.nan
+    v[0, :, 9:] = np.inf
+    k[1, :, 4:6] = np.nan
+    v[1, :, 4:6] = np.nan
+    q[1, :, 6:] = np.nan
+    return _check(rng, q, k, v, keys & rows)
+
+
+@case
+def case_empty_sequences(rng):
+    failures = []
+    for L, S in ((0, 5), (4, 0)):
+        failures += [f"L={L} S={S}: {m}" for m in _check(rng, *_qkv(rng, (2,), 2, 2, L, S, 4, 4), is_causal=True)]
+    return failures
+
+
+@case
+def case_public_api_dispatch_under_the_simulator(rng):
+    import cusdpa
+    from cusdpa import Backend, reference
+
+    q, k, v = _qkv(rng, (1,), 2, 2, 5, 7, 4, 4)
+    failures = []
+    if cusdpa.explain(q, k, v).chosen is not Backend.MATH:
+        failures.append("MATH must stay the default on NumPy arrays with the simulator on")
+    with cusdpa.sdpa_kernel([Backend.EFFICIENT]):
+        if cusdpa.explain(q, k, v).chosen is not Backend.EFFICIENT:
+            failures.append(f"EFFICIENT not chosen when selected: {cusdpa.explain(q, k, v)}")
+        out, vjp = cusdpa.attention_vjp(q, k, v, is_causal=True)
+        dq = vjp(np.ones_like(out))[0]
+    want = reference.attention(q, k, v, is_causal=True)[0]
+    want_dq = reference.attention_grads(q, k, v, np.ones_like(out), is_causal=True)[0]
+    if not (np.allclose(out, want, atol=1e-5) and np.allclose(dq, want_dq, atol=1e-5)):
+        failures.append("public API under sdpa_kernel([EFFICIENT]) disagrees with the reference")
+    return failures
+
+
+def _run_case(name_seed):
+    import zlib
+
+    name, seed = name_seed
+    rng = np.random.default_rng([seed, zlib.crc32(name.encode())])
+    from kernels_numba import KernelConfig, configured
+
+    try:
+        with configured(KernelConfig(variant="portable", block_rows=8, tile_rows=4)):
+            return name, CASES[name](rng)
+    except Exception as e:  # reported as the case's failure, with its type and message
+        import traceback
+
+        return name, [f"{type(e).__name__}: {e}\n{traceback.format_exc()}"]
+
+
+def _child(seed: int):
+    from cusdpa import environment
+
+    assert environment.simulator_enabled()
+    with ProcessPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1))) as pool:
+        results = dict(pool.map(_run_case, [(name, seed) for name in CASES]))
+    print(json.dumps(results))
+
+
+@pytest.fixture(scope="module")
+def simulator_results():
+    from conftest import SESSION_SEED
+
+    env = dict(os.environ, NUMBA_ENABLE_CUDASIM="1")
+    proc = subprocess.run([sys.executable, __file__, str(SESSION_SEED)], env=env, capture_output=True, text=True,
+                          timeout=600)
+    if proc.returncode != 0:
+        pytest.fail(f"simulator child failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_on_the_simulator(name, simulator_results):
+    failures = simulator_results[name]
+    assert not failures, "\n".join(failures)
+
+
+def test_numpy_arrays_need_the_simulator_and_an_explicit_choice(rng):
+    """In this (non-simulator) process EFFICIENT declines NumPy arrays with a reason that says how."""
+    import cusdpa
+    from cusdpa import Backend
+
+    q, k, v = _qkv(rng, (1,), 1, 1, 3, 3, 4, 4)
+    with cusdpa.sdpa_kernel([Backend.EFFICIENT]):
+        reasons = cusdpa.explain(q, k, v).reasons[Backend.EFFICIENT]
+    from cusdpa import environment
+
+    if environment.simulator_enabled():
+        pytest.skip("this pytest process itself runs with NUMBA_ENABLE_CUDASIM=1")
+    assert any("NUMBA_ENABLE_CUDASIM=1" in r for r in reasons), reasons
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    _child(int(sys.argv[1]))
