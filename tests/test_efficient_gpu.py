@@ -96,6 +96,8 @@ def _baseline(pr, dout, grad, manual):
     if allowed is not None:
         zero = torch.zeros((), dtype=tq.dtype, device="cuda")
         bias = torch.where(torch.as_tensor(allowed, device="cuda"), tm if tm is not None else zero, -torch.inf)
+    if bias is not None:  # PyTorch's CUDA SDPA rejects some low-rank masks that broadcast fine
+        bias = bias.expand(pr.batch_shape + (pr.hq, pr.L, pr.S))
     rep = pr.hq // pr.hkv
     if manual:  # the same computation written out: fp32 softmax, P rounded to the input dtype before P @ V
         s = (tq.float() @ tk.float().repeat_interleave(rep, -3).transpose(-1, -2)) * pr.scale
