@@ -30,8 +30,8 @@ flash_bwd_preprocess(const elem_t* __restrict__ o, const elem_t* __restrict__ do
     vis.query_range(0, seq.S, i_lo, i_hi);
     if (seq.S == 0) i_hi = i_lo;
     const bool packed = cu_q != nullptr;
-    const elem_t* ob = o + (packed ? 0 : b * o_sb) + h * o_sh + seq.start_q * o_sm;
-    const elem_t* dob = dout + (packed ? 0 : b * do_sb) + h * do_sh + seq.start_q * do_sm;
+    const elem_t* ob = slice_ptr(o, packed, b, h, seq.start_q, o_sb, o_sh, o_sm);
+    const elem_t* dob = slice_ptr(dout, packed, b, h, seq.start_q, do_sb, do_sh, do_sm);
     float* db = delta + b * lse_sb + h * lse_sh + seq.start_q;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const int r_end = min(seq.L, (blockIdx.x + 1) * rows_per_cta);
@@ -82,7 +82,7 @@ constexpr int BLOCK_M = BWD_BLOCK_M;     // queries per step
 constexpr int QT = BLOCK_M / 8;          // n8 tiles of S^T over queries
 constexpr int PART = DKDV_PART;
 constexpr bool WITH_DV = (PART & 1) != 0, WITH_DK = (PART & 2) != 0;
-constexpr int ET = WITH_DK ? E_PAD / 8 : 1, EVT = WITH_DV ? EV_PAD / 8 : 1;
+constexpr int ET = E_PAD / 8, EVT = EV_PAD / 8;  // a pass's unused accumulators are optimised away
 constexpr int SQ_ELEMS = BLOCK_M * Q_PITCH, SDO_ELEMS = BLOCK_M * V_PITCH;
 static_assert(BLOCK_M % 16 == 0 && QT <= 32, "BWD_BLOCK_M must be a multiple of 16 and at most 128");
 }  // namespace dkdv
@@ -114,18 +114,18 @@ flash_bwd_dkdv(const elem_t* __restrict__ q, const elem_t* __restrict__ k, const
     if (n0 >= seq.S) return;
     const Visibility vis{seq.L, seq.S, lower_right ? seq.S - seq.L : 0, left, right};
     const bool packed = cu_q != nullptr;
-    const elem_t* kb = k + (packed ? 0 : b * k_sb) + kvh * k_sh + seq.start_k * k_sm;
-    const elem_t* vb = v + (packed ? 0 : b * v_sb) + kvh * v_sh + seq.start_k * v_sm;
-    elem_t* dkb = dk + (packed ? 0 : b * dk_sb) + kvh * dk_sh + seq.start_k * dk_sm;
-    elem_t* dvb = dv + (packed ? 0 : b * dv_sb) + kvh * dv_sh + seq.start_k * dv_sm;
+    const elem_t* kb = slice_ptr(k, packed, b, kvh, seq.start_k, k_sb, k_sh, k_sm);
+    const elem_t* vb = slice_ptr(v, packed, b, kvh, seq.start_k, v_sb, v_sh, v_sm);
+    elem_t* dkb = slice_ptr(dk, packed, b, kvh, seq.start_k, dk_sb, dk_sh, dk_sm);
+    elem_t* dvb = slice_ptr(dv, packed, b, kvh, seq.start_k, dv_sb, dv_sh, dv_sm);
 
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
     const int krow0 = warp * 16;
-    float dk_acc[ET][4], dv_acc[EVT][4];
+    float dk_acc[1][ET][4], dv_acc[1][EVT][4];
 #pragma unroll
-    for (int x = 0; x < ET; ++x) dk_acc[x][0] = dk_acc[x][1] = dk_acc[x][2] = dk_acc[x][3] = 0.f;
+    for (int x = 0; x < ET; ++x) dk_acc[0][x][0] = dk_acc[0][x][1] = dk_acc[0][x][2] = dk_acc[0][x][3] = 0.f;
 #pragma unroll
-    for (int x = 0; x < EVT; ++x) dv_acc[x][0] = dv_acc[x][1] = dv_acc[x][2] = dv_acc[x][3] = 0.f;
+    for (int x = 0; x < EVT; ++x) dv_acc[0][x][0] = dv_acc[0][x][1] = dv_acc[0][x][2] = dv_acc[0][x][3] = 0.f;
 
     const int n1 = min(n0 + BLOCK_N, seq.S);
     int i_lo, i_hi, jg_lo, jg_hi;
@@ -145,8 +145,8 @@ flash_bwd_dkdv(const elem_t* __restrict__ q, const elem_t* __restrict__ k, const
     // Issue the loads of step `it` (query head h = kvh * group + it / m_blocks, block it % m_blocks).
     auto issue = [&](int it, int buf) {
         const int h = kvh * group + it / m_blocks, m0 = (m_begin + it % m_blocks) * BLOCK_M;
-        const elem_t* qb = q + (packed ? 0 : b * q_sb) + h * q_sh + seq.start_q * q_sm;
-        const elem_t* dob = dout + (packed ? 0 : b * do_sb) + h * do_sh + seq.start_q * do_sm;
+        const elem_t* qb = slice_ptr(q, packed, b, h, seq.start_q, q_sb, q_sh, q_sm);
+        const elem_t* dob = slice_ptr(dout, packed, b, h, seq.start_q, do_sb, do_sh, do_sm);
         load_tile<BLOCK_M, HEAD_DIM, E_PAD, Q_PITCH, NTHREADS>(sQ + buf * SQ_ELEMS, qb, q_sm, m0, i_lo, i_hi);
         load_tile<BLOCK_M, HEAD_DIM_V, EV_PAD, V_PITCH, NTHREADS>(sdO + buf * SDO_ELEMS, dob, do_sm, m0, i_lo, i_hi);
         const long long lo = b * lse_sb + h * lse_sh + seq.start_q;
@@ -177,21 +177,10 @@ flash_bwd_dkdv(const elem_t* __restrict__ q, const elem_t* __restrict__ k, const
         const float* sDb = sD + buf * BLOCK_M;
 
         // S^T = K Q^T for this warp's 16 keys x BLOCK_M queries
-        float st[QT][4];
+        float st[1][QT][4];
 #pragma unroll
-        for (int x = 0; x < QT; ++x) st[x][0] = st[x][1] = st[x][2] = st[x][3] = 0.f;
-#pragma unroll
-        for (int kk = 0; kk < E_PAD / 16; ++kk) {
-            u32 a[4];
-            ldmatrix_x4(a, a_frag_addr(sK + krow0 * Q_PITCH + kk * 16, Q_PITCH, lane));
-#pragma unroll
-            for (int nn = 0; nn < BLOCK_M / 16; ++nn) {
-                u32 bq[4];
-                ldmatrix_x4(bq, b_frag_addr(sQb + nn * 16 * Q_PITCH + kk * 16, Q_PITCH, lane));
-                mma_16816(st[2 * nn], a, bq[0], bq[1]);
-                mma_16816(st[2 * nn + 1], a, bq[2], bq[3]);
-            }
-        }
+        for (int x = 0; x < QT; ++x) st[0][x][0] = st[0][x][1] = st[0][x][2] = st[0][x][3] = 0.f;
+        mma_abt<1, BLOCK_M / 16, E_PAD / 16>(st, sK + krow0 * Q_PITCH, Q_PITCH, sQb, Q_PITCH, lane);
         // P^T, and the dropout keep bits of each element (bit 4 * nt + c)
         const bool full = vis.tile_full(m0, BLOCK_M, n0, BLOCK_N);
         u32 keep_bits[QT / 8 > 0 ? QT / 8 : 1];
@@ -204,77 +193,36 @@ flash_bwd_dkdv(const elem_t* __restrict__ q, const elem_t* __restrict__ k, const
                 const int j = n0 + krow0 + g + (c >= 2 ? 8 : 0);
                 const int col = nt * 8 + 2 * t + (c & 1);
                 const bool vis_ij = full || vis.visible(m0 + col, j);
-                st[nt][c] = vis_ij ? exp2f(fmaf(st[nt][c], scale_log2, -sLseb[col])) : 0.f;
+                st[0][nt][c] = vis_ij ? exp2f(fmaf(st[0][nt][c], scale_log2, -sLseb[col])) : 0.f;
 #if IS_DROPOUT
                 if (!drop.keep(bh, m0 + col, j)) keep_bits[nt / 8] &= ~(1u << ((nt % 8) * 4 + c));
 #endif
             }
         }
+        // Z = keep / (1 - p) applied element by element on the way into the tensor cores
+        auto dropped = [&](float x, int nt, int c) {
+            return ((keep_bits[nt / 8] >> ((nt % 8) * 4 + c)) & 1u) ? x * rp_dropout : 0.f;
+        };
         // dV += (P o Z)^T dO
+        if constexpr (WITH_DV) mma_pb<1, EV_PAD / 16, BLOCK_M / 16>(dv_acc, st, dropped, sdOb, V_PITCH, lane);
+        if constexpr (WITH_DK) {
+            // dP^T = V dO^T
+            float dpt[1][QT][4];
 #pragma unroll
-        for (int kk = 0; kk < (WITH_DV ? BLOCK_M / 16 : 0); ++kk) {
-            float pz[2][4];
+            for (int x = 0; x < QT; ++x) dpt[0][x][0] = dpt[0][x][1] = dpt[0][x][2] = dpt[0][x][3] = 0.f;
+            mma_abt<1, BLOCK_M / 16, EV_PAD / 16>(dpt, sV + krow0 * V_PITCH, V_PITCH, sdOb, V_PITCH, lane);
+            // dS^T = P^T o (dP^T o Z - D), kept in st
 #pragma unroll
-            for (int half = 0; half < 2; ++half)
+            for (int nt = 0; nt < QT; ++nt)
 #pragma unroll
-                for (int c = 0; c < 4; ++c) {
-                    const int nt = 2 * kk + half;
-                    const bool kept = (keep_bits[nt / 8] >> ((nt % 8) * 4 + c)) & 1u;
-                    pz[half][c] = kept ? st[nt][c] * rp_dropout : 0.f;
-                }
-            u32 a[4] = {pack_elem2(pz[0][0], pz[0][1]), pack_elem2(pz[0][2], pz[0][3]),
-                             pack_elem2(pz[1][0], pz[1][1]), pack_elem2(pz[1][2], pz[1][3])};
-#pragma unroll
-            for (int nn = 0; nn < EV_PAD / 16; ++nn) {
-                u32 bd[4];
-                ldmatrix_x4_trans(bd, bt_frag_addr(sdOb + kk * 16 * V_PITCH + nn * 16, V_PITCH, lane));
-                mma_16816(dv_acc[2 * nn], a, bd[0], bd[1]);
-                mma_16816(dv_acc[2 * nn + 1], a, bd[2], bd[3]);
-            }
-        }
-        if constexpr (!WITH_DK) continue;
-        // dP^T = V dO^T
-        float dpt[QT][4];
-#pragma unroll
-        for (int x = 0; x < QT; ++x) dpt[x][0] = dpt[x][1] = dpt[x][2] = dpt[x][3] = 0.f;
-#pragma unroll
-        for (int kk = 0; kk < EV_PAD / 16; ++kk) {
-            u32 a[4];
-            ldmatrix_x4(a, a_frag_addr(sV + krow0 * V_PITCH + kk * 16, V_PITCH, lane));
-#pragma unroll
-            for (int nn = 0; nn < BLOCK_M / 16; ++nn) {
-                u32 bd[4];
-                ldmatrix_x4(bd, b_frag_addr(sdOb + nn * 16 * V_PITCH + kk * 16, V_PITCH, lane));
-                mma_16816(dpt[2 * nn], a, bd[0], bd[1]);
-                mma_16816(dpt[2 * nn + 1], a, bd[2], bd[3]);
-            }
-        }
-        // dS^T = P^T o (dP^T o Z - D), kept in st
-#pragma unroll
-        for (int nt = 0; nt < QT; ++nt)
-#pragma unroll
-            for (int c = 0; c < 4; ++c) {
-                const bool kept = (keep_bits[nt / 8] >> ((nt % 8) * 4 + c)) & 1u;
-                const float dp = kept ? dpt[nt][c] * rp_dropout : 0.f;
-                st[nt][c] = st[nt][c] * (dp - sDb[nt * 8 + 2 * t + (c & 1)]);
-            }
-        // dK += dS^T Q
-#pragma unroll
-        for (int kk = 0; kk < BLOCK_M / 16; ++kk) {
-            u32 a[4] = {pack_elem2(st[2 * kk][0], st[2 * kk][1]), pack_elem2(st[2 * kk][2], st[2 * kk][3]),
-                             pack_elem2(st[2 * kk + 1][0], st[2 * kk + 1][1]),
-                             pack_elem2(st[2 * kk + 1][2], st[2 * kk + 1][3])};
-#pragma unroll
-            for (int nn = 0; nn < E_PAD / 16; ++nn) {
-                u32 bq[4];
-                ldmatrix_x4_trans(bq, bt_frag_addr(sQb + kk * 16 * Q_PITCH + nn * 16, Q_PITCH, lane));
-                mma_16816(dk_acc[2 * nn], a, bq[0], bq[1]);
-                mma_16816(dk_acc[2 * nn + 1], a, bq[2], bq[3]);
-            }
+                for (int c = 0; c < 4; ++c)
+                    st[0][nt][c] *= dropped(dpt[0][nt][c], nt, c) - sDb[nt * 8 + 2 * t + (c & 1)];
+            // dK += dS^T Q
+            mma_pb<1, E_PAD / 16, BLOCK_M / 16>(dk_acc, st, Identity{}, sQb, Q_PITCH, lane);
         }
     }
-    if constexpr (WITH_DK) store_frag_rows<ET>(dkb, dk_sm, dk_acc, scale, n0 + krow0, seq.S, HEAD_DIM, lane);
-    if constexpr (WITH_DV) store_frag_rows<EVT>(dvb, dv_sm, dv_acc, 1.f, n0 + krow0, seq.S, HEAD_DIM_V, lane);
+    if constexpr (WITH_DK) store_frag_rows<ET>(dkb, dk_sm, dk_acc[0], scale, n0 + krow0, seq.S, HEAD_DIM, lane);
+    if constexpr (WITH_DV) store_frag_rows<EVT>(dvb, dv_sm, dv_acc[0], 1.f, n0 + krow0, seq.S, HEAD_DIM_V, lane);
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -315,11 +263,11 @@ flash_bwd_dq(const elem_t* __restrict__ q, const elem_t* __restrict__ k, const e
     if (m0 >= seq.L) return;
     const Visibility vis{seq.L, seq.S, lower_right ? seq.S - seq.L : 0, left, right};
     const bool packed = cu_q != nullptr;
-    const elem_t* qb = q + (packed ? 0 : b * q_sb) + h * q_sh + seq.start_q * q_sm;
-    const elem_t* kb = k + (packed ? 0 : b * k_sb) + kvh * k_sh + seq.start_k * k_sm;
-    const elem_t* vb = v + (packed ? 0 : b * v_sb) + kvh * v_sh + seq.start_k * v_sm;
-    const elem_t* dob = dout + (packed ? 0 : b * do_sb) + h * do_sh + seq.start_q * do_sm;
-    elem_t* dqb = dq + (packed ? 0 : b * dq_sb) + h * dq_sh + seq.start_q * dq_sm;
+    const elem_t* qb = slice_ptr(q, packed, b, h, seq.start_q, q_sb, q_sh, q_sm);
+    const elem_t* kb = slice_ptr(k, packed, b, kvh, seq.start_k, k_sb, k_sh, k_sm);
+    const elem_t* vb = slice_ptr(v, packed, b, kvh, seq.start_k, v_sb, v_sh, v_sm);
+    const elem_t* dob = slice_ptr(dout, packed, b, h, seq.start_q, do_sb, do_sh, do_sm);
+    elem_t* dqb = slice_ptr(dq, packed, b, h, seq.start_q, dq_sb, dq_sh, dq_sm);
     const long long lse_off = b * lse_sb + h * lse_sh + seq.start_q;
 
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
@@ -380,40 +328,8 @@ flash_bwd_dq(const elem_t* __restrict__ q, const elem_t* __restrict__ k, const e
             for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
                 for (int c = 0; c < 4; ++c) s[mt][nt][c] = dp[mt][nt][c] = 0.f;
-#pragma unroll
-        for (int kk = 0; kk < E_PAD / 16; ++kk) {
-            u32 a[MT][4];
-#pragma unroll
-            for (int mt = 0; mt < MT; ++mt)
-                ldmatrix_x4(a[mt], a_frag_addr(sQ + (wrow0 + mt * 16) * Q_PITCH + kk * 16, Q_PITCH, lane));
-#pragma unroll
-            for (int nn = 0; nn < BLOCK_N / 16; ++nn) {
-                u32 bk[4];
-                ldmatrix_x4(bk, b_frag_addr(sKn + nn * 16 * Q_PITCH + kk * 16, Q_PITCH, lane));
-#pragma unroll
-                for (int mt = 0; mt < MT; ++mt) {
-                    mma_16816(s[mt][2 * nn], a[mt], bk[0], bk[1]);
-                    mma_16816(s[mt][2 * nn + 1], a[mt], bk[2], bk[3]);
-                }
-            }
-        }
-#pragma unroll
-        for (int kk = 0; kk < EV_PAD / 16; ++kk) {
-            u32 a[MT][4];
-#pragma unroll
-            for (int mt = 0; mt < MT; ++mt)
-                ldmatrix_x4(a[mt], a_frag_addr(sdO + (wrow0 + mt * 16) * V_PITCH + kk * 16, V_PITCH, lane));
-#pragma unroll
-            for (int nn = 0; nn < BLOCK_N / 16; ++nn) {
-                u32 bv[4];
-                ldmatrix_x4(bv, b_frag_addr(sVn + nn * 16 * V_PITCH + kk * 16, V_PITCH, lane));
-#pragma unroll
-                for (int mt = 0; mt < MT; ++mt) {
-                    mma_16816(dp[mt][2 * nn], a[mt], bv[0], bv[1]);
-                    mma_16816(dp[mt][2 * nn + 1], a[mt], bv[2], bv[3]);
-                }
-            }
-        }
+        mma_abt<MT, BLOCK_N / 16, E_PAD / 16>(s, sQ + wrow0 * Q_PITCH, Q_PITCH, sKn, Q_PITCH, lane);
+        mma_abt<MT, BLOCK_N / 16, EV_PAD / 16>(dp, sdO + wrow0 * V_PITCH, V_PITCH, sVn, V_PITCH, lane);
         // dS = P o (dP o Z - D), into s
         const bool full = vis.tile_full(m0, BLOCK_M, n0, BLOCK_N);
 #pragma unroll
@@ -439,27 +355,7 @@ flash_bwd_dq(const elem_t* __restrict__ q, const elem_t* __restrict__ k, const e
                 }
             }
         // dQ += dS K
-#pragma unroll
-        for (int kk = 0; kk < BLOCK_N / 16; ++kk) {
-            u32 a[MT][4];
-#pragma unroll
-            for (int mt = 0; mt < MT; ++mt) {
-                a[mt][0] = pack_elem2(s[mt][2 * kk][0], s[mt][2 * kk][1]);
-                a[mt][1] = pack_elem2(s[mt][2 * kk][2], s[mt][2 * kk][3]);
-                a[mt][2] = pack_elem2(s[mt][2 * kk + 1][0], s[mt][2 * kk + 1][1]);
-                a[mt][3] = pack_elem2(s[mt][2 * kk + 1][2], s[mt][2 * kk + 1][3]);
-            }
-#pragma unroll
-            for (int nn = 0; nn < E_PAD / 16; ++nn) {
-                u32 bk[4];
-                ldmatrix_x4_trans(bk, bt_frag_addr(sKn + kk * 16 * Q_PITCH + nn * 16, Q_PITCH, lane));
-#pragma unroll
-                for (int mt = 0; mt < MT; ++mt) {
-                    mma_16816(dq_acc[mt][2 * nn], a[mt], bk[0], bk[1]);
-                    mma_16816(dq_acc[mt][2 * nn + 1], a[mt], bk[2], bk[3]);
-                }
-            }
-        }
+        mma_pb<MT, E_PAD / 16, BLOCK_N / 16>(dq_acc, s, Identity{}, sKn, Q_PITCH, lane);
     }
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt)

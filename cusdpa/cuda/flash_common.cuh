@@ -182,3 +182,69 @@ struct SeqInfo {
         }
     }
 };
+
+// Start of one (batch, head) slice: dense tensors by batch stride, packed varlen ones by first token.
+template <class T>
+__device__ __forceinline__ T* slice_ptr(T* base, bool packed, int b, int h, int start, long long sb, long long sh,
+                                        long long sm) {
+    return base + (packed ? 0 : b * sb) + h * sh + start * sm;
+}
+
+// c += A B^T with A (MT*16 rows) and B (N16*16 rows) both row-major over the K16*16 reduction dim in shared
+// memory: the S = Q K^T shape (also dP = dO V^T, S^T = K Q^T, dP^T = V dO^T). c[mt][nt] is an m16n8 tile.
+template <int MT, int N16, int K16>
+__device__ __forceinline__ void mma_abt(float (&c)[MT][2 * N16][4], const elem_t* sA, int a_pitch, const elem_t* sB,
+                                        int b_pitch, int lane) {
+#pragma unroll
+    for (int kk = 0; kk < K16; ++kk) {
+        u32 a[MT][4];
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) ldmatrix_x4(a[mt], a_frag_addr(sA + mt * 16 * a_pitch + kk * 16, a_pitch, lane));
+#pragma unroll
+        for (int nn = 0; nn < N16; ++nn) {
+            u32 b[4];
+            ldmatrix_x4(b, b_frag_addr(sB + nn * 16 * b_pitch + kk * 16, b_pitch, lane));
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt) {
+                mma_16816(c[mt][2 * nn], a[mt], b[0], b[1]);
+                mma_16816(c[mt][2 * nn + 1], a[mt], b[2], b[3]);
+            }
+        }
+    }
+}
+
+// c += f(P) B with P held in registers as fp32 m16n8 accumulator tiles p[mt][2 * K16] (two adjacent n-tiles
+// are one m16k16 A fragment once rounded to elem) and B (K16*16 rows x N16*16 columns) row-major in shared
+// memory, read transposed by ldmatrix: the O += P V shape (also dQ += dS K, dV += P^T dO, dK += dS^T Q).
+// f(value, nt, c) transforms each element on the way (dropout, identity).
+template <int MT, int N16, int K16, class F>
+__device__ __forceinline__ void mma_pb(float (&c)[MT][2 * N16][4], const float (&p)[MT][2 * K16][4], F f,
+                                       const elem_t* sB, int b_pitch, int lane) {
+#pragma unroll
+    for (int kk = 0; kk < K16; ++kk) {
+        u32 a[MT][4];
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) {
+            const float(&lo)[4] = p[mt][2 * kk];
+            const float(&hi)[4] = p[mt][2 * kk + 1];
+            a[mt][0] = pack_elem2(f(lo[0], 2 * kk, 0), f(lo[1], 2 * kk, 1));
+            a[mt][1] = pack_elem2(f(lo[2], 2 * kk, 2), f(lo[3], 2 * kk, 3));
+            a[mt][2] = pack_elem2(f(hi[0], 2 * kk + 1, 0), f(hi[1], 2 * kk + 1, 1));
+            a[mt][3] = pack_elem2(f(hi[2], 2 * kk + 1, 2), f(hi[3], 2 * kk + 1, 3));
+        }
+#pragma unroll
+        for (int nn = 0; nn < N16; ++nn) {
+            u32 b[4];
+            ldmatrix_x4_trans(b, bt_frag_addr(sB + kk * 16 * b_pitch + nn * 16, b_pitch, lane));
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt) {
+                mma_16816(c[mt][2 * nn], a[mt], b[0], b[1]);
+                mma_16816(c[mt][2 * nn + 1], a[mt], b[2], b[3]);
+            }
+        }
+    }
+}
+
+struct Identity {
+    __device__ __forceinline__ float operator()(float x, int, int) const { return x; }
+};

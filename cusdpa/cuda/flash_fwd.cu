@@ -59,10 +59,10 @@ flash_fwd(const elem_t* __restrict__ q, const elem_t* __restrict__ k, const elem
     if (m0 >= seq.L) return;
     const Visibility vis{seq.L, seq.S, lower_right ? seq.S - seq.L : 0, left, right};
     const bool packed = cu_q != nullptr;
-    const elem_t* qb = q + (packed ? 0 : b * q_sb) + h * q_sh + seq.start_q * q_sm;
-    const elem_t* kb = k + (packed ? 0 : b * k_sb) + kvh * k_sh + seq.start_k * k_sm;
-    const elem_t* vb = v + (packed ? 0 : b * v_sb) + kvh * v_sh + seq.start_k * v_sm;
-    elem_t* ob = o + (packed ? 0 : b * o_sb) + h * o_sh + seq.start_q * o_sm;
+    const elem_t* qb = slice_ptr(q, packed, b, h, seq.start_q, q_sb, q_sh, q_sm);
+    const elem_t* kb = slice_ptr(k, packed, b, kvh, seq.start_k, k_sb, k_sh, k_sm);
+    const elem_t* vb = slice_ptr(v, packed, b, kvh, seq.start_k, v_sb, v_sh, v_sm);
+    elem_t* ob = slice_ptr(o, packed, b, h, seq.start_q, o_sb, o_sh, o_sm);
     float* lseb = lse + b * lse_sb + h * lse_sh + seq.start_q;
 
     const int m1 = min(m0 + BLOCK_M, seq.L);
@@ -117,23 +117,7 @@ flash_fwd(const elem_t* __restrict__ q, const elem_t* __restrict__ k, const elem
         for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
             for (int nt = 0; nt < NT; ++nt) s[mt][nt][0] = s[mt][nt][1] = s[mt][nt][2] = s[mt][nt][3] = 0.f;
-#pragma unroll
-        for (int kk = 0; kk < E_PAD / 16; ++kk) {
-            u32 a[MT][4];
-#pragma unroll
-            for (int mt = 0; mt < MT; ++mt)
-                ldmatrix_x4(a[mt], a_frag_addr(sQ + (wrow0 + mt * 16) * Q_PITCH + kk * 16, Q_PITCH, lane));
-#pragma unroll
-            for (int nn = 0; nn < BLOCK_N / 16; ++nn) {
-                u32 bk[4];
-                ldmatrix_x4(bk, b_frag_addr(sKn + nn * 16 * Q_PITCH + kk * 16, Q_PITCH, lane));
-#pragma unroll
-                for (int mt = 0; mt < MT; ++mt) {
-                    mma_16816(s[mt][2 * nn], a[mt], bk[0], bk[1]);
-                    mma_16816(s[mt][2 * nn + 1], a[mt], bk[2], bk[3]);
-                }
-            }
-        }
+        mma_abt<MT, BLOCK_N / 16, E_PAD / 16>(s, sQ + wrow0 * Q_PITCH, Q_PITCH, sKn, Q_PITCH, lane);
 
         const bool full = vis.tile_full(m0, BLOCK_M, n0, BLOCK_N);
         float m_use[MT][2], alpha[MT][2];
@@ -204,27 +188,7 @@ flash_fwd(const elem_t* __restrict__ q, const elem_t* __restrict__ k, const elem
                                                                       j_lo, j_hi);
         cp_async_commit();
 
-#pragma unroll
-        for (int kk = 0; kk < BLOCK_N / 16; ++kk) {
-            u32 a[MT][4];
-#pragma unroll
-            for (int mt = 0; mt < MT; ++mt) {
-                a[mt][0] = pack_elem2(s[mt][2 * kk][0], s[mt][2 * kk][1]);
-                a[mt][1] = pack_elem2(s[mt][2 * kk][2], s[mt][2 * kk][3]);
-                a[mt][2] = pack_elem2(s[mt][2 * kk + 1][0], s[mt][2 * kk + 1][1]);
-                a[mt][3] = pack_elem2(s[mt][2 * kk + 1][2], s[mt][2 * kk + 1][3]);
-            }
-#pragma unroll
-            for (int nn = 0; nn < EV_PAD / 16; ++nn) {
-                u32 bv[4];
-                ldmatrix_x4_trans(bv, bt_frag_addr(sVn + kk * 16 * V_PITCH + nn * 16, V_PITCH, lane));
-#pragma unroll
-                for (int mt = 0; mt < MT; ++mt) {
-                    mma_16816(acc[mt][2 * nn], a[mt], bv[0], bv[1]);
-                    mma_16816(acc[mt][2 * nn + 1], a[mt], bv[2], bv[3]);
-                }
-            }
-        }
+        mma_pb<MT, EV_PAD / 16, BLOCK_N / 16>(acc, s, Identity{}, sVn, V_PITCH, lane);
     }
 
     // Epilogue: normalise, stage through shared memory (every warp is done with sQ), store 16-byte rows.

@@ -82,10 +82,10 @@ flash_fwd_sm90(const elem_t* __restrict__ q, const elem_t* __restrict__ k, const
     if (m0 >= seq.L) return;
     const Visibility vis{seq.L, seq.S, lower_right ? seq.S - seq.L : 0, left, right};
     const bool packed = cu_q != nullptr;
-    const elem_t* qb = q + (packed ? 0 : b * q_sb) + h * q_sh + seq.start_q * q_sm;
-    const elem_t* kb = k + (packed ? 0 : b * k_sb) + kvh * k_sh + seq.start_k * k_sm;
-    const elem_t* vb = v + (packed ? 0 : b * v_sb) + kvh * v_sh + seq.start_k * v_sm;
-    elem_t* ob = o + (packed ? 0 : b * o_sb) + h * o_sh + seq.start_q * o_sm;
+    const elem_t* qb = slice_ptr(q, packed, b, h, seq.start_q, q_sb, q_sh, q_sm);
+    const elem_t* kb = slice_ptr(k, packed, b, kvh, seq.start_k, k_sb, k_sh, k_sm);
+    const elem_t* vb = slice_ptr(v, packed, b, kvh, seq.start_k, v_sb, v_sh, v_sm);
+    elem_t* ob = slice_ptr(o, packed, b, h, seq.start_q, o_sb, o_sh, o_sm);
     float* lseb = lse + b * lse_sb + h * lse_sh + seq.start_q;
 
     const int m1 = min(m0 + BLOCK_M, seq.L);
