@@ -272,7 +272,8 @@ def _run_case(name_seed):
     from kernels_numba import KernelConfig, configured
 
     try:
-        with configured(KernelConfig(variant="portable", block_rows=8, tile_rows=4)):
+        with configured(KernelConfig(variant="portable", block_rows=8, tile_rows=4, bwd_threads=2, bwd_sub=2,
+                                     bwd_chunk=4)):
             return name, CASES[name](rng)
     except Exception as e:  # reported as the case's failure, with its type and message
         import traceback
