@@ -56,6 +56,13 @@ def inline(fn):
     return cuda.jit(device=True, forceinline=True)(fn)
 
 
+def kernel(max_registers: int):
+    """cuda.jit for a kernel whose registers per thread are capped (the simulator has no registers)."""
+    if SIMULATOR:
+        return cuda.jit
+    return cuda.jit(max_registers=max_registers)
+
+
 @cuda.jit(device=True)
 def f32_to_bf16(x):
     """fp32 -> bf16 bits, round to nearest even; NaN stays a (quiet) NaN."""
