@@ -186,7 +186,7 @@ def forward(pr, out=None, lse=None, config=None):
 def backward(pr, out, lse, dout, grads=None, config=None):
     """(dq, dk, dv[, dmask]) for output gradient ``dout``; deterministic (no atomics) by construction.
 
-    ``out`` is not read: delta = rowsum(P * dP) is summed from P and dP in fp32 (see portable.py).
+    ``out`` is not read: delta = rowsum(P * dP) is summed from P and dP in fp32 (see gradients.py).
     """
     cfg = config or config_module.current()
     xp = pr.xp
