@@ -3,7 +3,8 @@
 Two variants of the forward (``KernelConfig.variant``): "portable", pure Numba with fp32 FMAs, which
 runs every dtype and feature and also runs on the CPU under NUMBA_ENABLE_CUDASIM=1; and
 "tensor_core", whose tile loop is a linked CUDA C device function on mma.sync (fp16/bf16 on a GPU).
-The backward is portable. Importing this package imports numba.cuda (not cusdpa, not interop).
+The backward (kernels_numba.gradients) is pure Numba in every variant: dq and dk/dv kernels blocked
+like a GEMM. Importing this package imports numba.cuda (not cusdpa, not interop).
 """
 from .attention import backward, forward, reasons, variant_for
 from .config import KernelConfig, configured, current

@@ -15,7 +15,7 @@ import numpy as np
 from numba import cuda
 
 from . import config as config_module
-from . import layout, portable, tensor_core
+from . import gradients, layout, portable, tensor_core
 from .layout import cdiv, kernel_array
 
 DTYPES = ("float16", "bfloat16", "float32")
@@ -106,6 +106,16 @@ def _spec(pr, cfg) -> portable.Spec:
                          mask_bf16=float_mask_bf16, dropout=pr.dropout_p > 0, varlen=pr.varlen is not None)
 
 
+def _backward_spec(pr, cfg, dkdv: bool) -> gradients.Spec:
+    step = max(16, cfg.bwd_threads)  # a multiple of bwd_threads: each thread owns every bwd_threads-th column
+    head_dim, head_dim_v = cdiv(pr.E, step) * step, cdiv(pr.Ev, step) * step
+    sub_n, sub_m, rows = cfg.backward_tiles(head_dim, head_dim_v, dkdv)
+    fwd = _spec(pr, cfg)
+    return gradients.Spec(threads=cfg.bwd_threads, sub_n=sub_n, sub_m=sub_m, chunk=cfg.bwd_chunk, rows=rows,
+                                 head_dim=head_dim, head_dim_v=head_dim_v, bf16=fwd.bf16, mask=fwd.mask,
+                                 mask_bf16=fwd.mask_bf16, dropout=fwd.dropout, varlen=fwd.varlen)
+
+
 def _structure_args(pr):
     left, right = pr.window if pr.window is not None else (-1, -1)
     p = pr.dropout_p
@@ -176,7 +186,7 @@ def forward(pr, out=None, lse=None, config=None):
 def backward(pr, out, lse, dout, grads=None, config=None):
     """(dq, dk, dv[, dmask]) for output gradient ``dout``; deterministic (no atomics) by construction.
 
-    ``out`` is not read: delta = rowsum(P * dP) is summed from P and dP in fp32 (see portable.py).
+    ``out`` is not read: delta = rowsum(P * dP) is summed from P and dP in fp32 (see gradients.py).
     """
     cfg = config or config_module.current()
     xp = pr.xp
@@ -192,7 +202,8 @@ def backward(pr, out, lse, dout, grads=None, config=None):
         targets[3][...] = 0  # the dq kernel writes only the visible scores' entries
     views = _views(pr)
     plan = views.plan
-    spec = _spec(pr, cfg)
+    dq_spec, dkdv_spec = _backward_spec(pr, cfg, False), _backward_spec(pr, cfg, True)
+    threads = cfg.bwd_threads ** 2
     varlen = pr.varlen is not None
     if varlen:
         dout_v, lse_v = (_rows_view(pr, plan, x, None) for x in (dout, lse))
@@ -222,28 +233,28 @@ def backward(pr, out, lse, dout, grads=None, config=None):
         dmask_v = targets[3].reshape(dshape)
         dmask_direct = dshape == full6
     structure = _structure_args(pr)
-    block = spec.block_rows
     a = kernel_array
     with cuda.gpus[layout.device_of(pr.q)]:
         stream = layout.stream_of(xp)
         bq, bk, bv, bmask = (a(layout.bits(x)) for x in (views.q, views.k, views.v, views.mask))
         bdout, blse, bdelta = a(layout.bits(dout_v)), a(lse_v), a(delta_v)
         cu_q, cu_k = a(views.cu_q), a(views.cu_k)
-        portable.dq_kernel(spec, dmask_direct)[(n_own_q * pr.hq, cdiv(pr.L, block)), block, stream](
+        dq_grid = (n_own_q * pr.hq, cdiv(pr.L, dq_spec.block_m))
+        gradients.dq_kernel(dq_spec, dmask_direct)[dq_grid, threads, stream](
             bq, bk, bv, bmask, bdout, blse, bdelta, a(layout.bits(dq_v)), a(layout.bits(dmask_v)), cu_q, cu_k,
             views.nb1, views.nb2, own_q[1], own_q[2], reps_q, pr.hq, pr.group, pr.L, pr.S, pr.E, pr.Ev, pr.scale,
             *structure)
-        dkdv = portable.dkdv_kernel(spec)
+        dkdv = gradients.dkdv_kernel(dkdv_spec)
         launches = [(own_k, n_own_k, reps_k, True, True)] if own_k == own_v else \
             [(own_k, n_own_k, reps_k, True, False), (own_v, n_own_v, reps_v, False, True)]
         for own, n_own, reps, want_dk, want_dv in launches:
-            dkdv[(n_own * pr.hkv, cdiv(pr.S, block)), block, stream](
+            dkdv[(n_own * pr.hkv, cdiv(pr.S, dkdv_spec.block_n)), threads, stream](
                 bq, bk, bv, bmask, bdout, blse, bdelta, a(layout.bits(dk_v)), a(layout.bits(dv_v)), cu_q, cu_k,
                 views.nb1, views.nb2, own[1], own[2], reps, want_dk, want_dv, pr.hq, pr.hkv, pr.group, pr.L, pr.S,
                 pr.E, pr.Ev, pr.scale, *structure)
         if pr.mask_kind == "float" and not dmask_direct:
             n = math.prod(dshape)
-            portable.dmask_kernel(spec)[cdiv(n, block), block, stream](
+            gradients.dmask_kernel(dq_spec)[cdiv(n, threads), threads, stream](
                 bq, bk, bv, bmask, bdout, blse, bdelta, a(layout.bits(dmask_v)), tuple(dshape), tuple(full6),
                 pr.group, pr.E, pr.Ev, pr.scale, *structure)
     return _deliver(xp, targets, grads)

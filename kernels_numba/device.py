@@ -47,6 +47,22 @@ else:
         return np.uint32(libdevice.float_as_int(x))
 
 
+def inline(fn):
+    """A device function inlined into its caller by NVVM: a local array it takes (an accumulator tile)
+    then has constant indices once the loops unroll, and stays in registers. The simulator's jit has
+    no forceinline option (and no registers)."""
+    if SIMULATOR:
+        return cuda.jit(device=True)(fn)
+    return cuda.jit(device=True, forceinline=True)(fn)
+
+
+def kernel(max_registers: int):
+    """cuda.jit for a kernel whose registers per thread are capped (the simulator has no registers)."""
+    if SIMULATOR:
+        return cuda.jit
+    return cuda.jit(max_registers=max_registers)
+
+
 @cuda.jit(device=True)
 def f32_to_bf16(x):
     """fp32 -> bf16 bits, round to nearest even; NaN stays a (quiet) NaN."""

@@ -244,6 +244,20 @@ def case_empty_sequences(rng):
 
 
 @case
+def case_backward_tiles_of_other_shapes(rng):
+    """4 x 4 pieces per thread (4 keys share one Philox call), gradient products streamed in 2-row
+    slices, and a head dim over 128 (the dk/dv kernel halves its keys per thread)."""
+    from kernels_numba import KernelConfig, configured
+
+    with configured(KernelConfig(variant="portable", block_rows=8, tile_rows=4, bwd_threads=2, bwd_sub=4,
+                                 bwd_chunk=2)):
+        mask = rng.standard_normal((11, 13)).astype(np.float32)
+        return (_check(rng, *_qkv(rng, (1,), 2, 1, 11, 13, 8, 6), mask, dropout_p=0.3, seed=7, enable_gqa=True,
+                       is_causal=True)
+                + _check(rng, *_qkv(rng, (), 1, 1, 5, 6, 136, 130), window=(2, 1)))
+
+
+@case
 def case_public_api_dispatch_under_the_simulator(rng):
     import cusdpa
     from cusdpa import Backend, reference
@@ -272,7 +286,8 @@ def _run_case(name_seed):
     from kernels_numba import KernelConfig, configured
 
     try:
-        with configured(KernelConfig(variant="portable", block_rows=8, tile_rows=4)):
+        with configured(KernelConfig(variant="portable", block_rows=8, tile_rows=4, bwd_threads=2, bwd_sub=2,
+                                     bwd_chunk=4)):
             return name, CASES[name](rng)
     except Exception as e:  # reported as the case's failure, with its type and message
         import traceback
@@ -320,6 +335,66 @@ def test_numpy_arrays_need_the_simulator_and_an_explicit_choice(rng):
     if environment.simulator_enabled():
         pytest.skip("this pytest process itself runs with NUMBA_ENABLE_CUDASIM=1")
     assert any("NUMBA_ENABLE_CUDASIM=1" in r for r in reasons), reasons
+
+
+SM90_CASES = {  # (dtype, head dim, mask kind, float mask dtype, dropout, varlen)
+    "f16_d64_plain": ("float16", 64, None, None, False, False),  # the benchmark's shapes
+    "f32_d128_bool_mask": ("float32", 128, "bool", None, False, False),
+    "bf16_d256_bf16_mask_dropout_varlen": ("bfloat16", 256, "float", "bfloat16", True, True),
+}
+
+
+@pytest.mark.parametrize("name", list(SM90_CASES))
+def test_backward_compiles_for_sm90(name, monkeypatch):
+    """The GPU path of the backward kernels (not the simulator's) compiles to sm_90 PTX here, without a
+    GPU, and ptxas assembles it at the kernels' register cap."""
+    import shutil
+    import types
+
+    from cusdpa import environment
+
+    if environment.simulator_enabled():
+        pytest.skip("this pytest process runs with NUMBA_ENABLE_CUDASIM=1")
+    import numba.cuda.dispatcher
+    from numba import cuda
+    from numba import types as nt
+
+    from kernels_numba import KernelConfig, gradients, portable
+
+    # Numba asks the current device for the target of device functions; there is none here.
+    monkeypatch.setattr(numba.cuda.dispatcher, "get_current_device",
+                        lambda: types.SimpleNamespace(compute_capability=(9, 0)))
+    dtype, hd, mask_kind, mask_dtype, dropout, varlen = SM90_CASES[name]
+    element = {"float16": nt.float16, "bfloat16": nt.uint16, "float32": nt.float32}
+    mask_element = nt.boolean if mask_kind != "float" else element[mask_dtype]
+    rows6, scalars5 = nt.Array(element[dtype], 6, "A"), nt.Array(nt.float32, 5, "A")
+    mask6, dmask6, cu = nt.Array(mask_element, 6, "A"), nt.Array(mask_element, 6, "A"), nt.Array(nt.int32, 1, "A")
+    i, f, b = nt.int64, nt.float64, nt.boolean
+    structure = (f, b, b, i, i, i, i, i, i, f)  # scale, causal, lower_right, left, right, seed.., threshold, rescale
+    arrays = (rows6, rows6, rows6, mask6, rows6, scalars5, scalars5)
+    kinds = {None: portable.MASK_NONE, "bool": portable.MASK_BOOL, "float": portable.MASK_FLOAT}
+    for dkdv in (False, True):
+        sub_n, sub_m, rows = KernelConfig().backward_tiles(hd, hd, dkdv)
+        spec = gradients.Spec(threads=16, sub_n=sub_n, sub_m=sub_m, chunk=32, rows=rows, head_dim=hd, head_dim_v=hd,
+                              bf16=dtype == "bfloat16", mask=kinds[mask_kind], mask_bf16=mask_dtype == "bfloat16",
+                              dropout=dropout, varlen=varlen)
+        if dkdv:
+            kernel = gradients.dkdv_kernel(spec)
+            sig = arrays + (rows6, rows6, cu, cu) + (i,) * 5 + (b, b) + (i,) * 7 + structure
+        else:
+            kernel = gradients.dq_kernel(spec, mask_kind == "float")
+            sig = arrays + (rows6, dmask6, cu, cu) + (i,) * 11 + structure
+        ptx, _ = cuda.compile_ptx(kernel.py_func, sig, cc=(9, 0))
+        assert ".target sm_90" in ptx
+        ptxas = shutil.which("ptxas")
+        if ptxas:
+            path = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"cusdpa_{name}_{dkdv}.ptx")
+            with open(path, "w") as fh:
+                fh.write(ptx)
+            proc = subprocess.run([ptxas, "-arch=sm_90", f"-maxrregcount={gradients._max_registers(spec)}", path,
+                                   "-o", os.devnull], capture_output=True, text=True)
+            os.remove(path)
+            assert proc.returncode == 0, proc.stderr[-2000:]
 
 
 if __name__ == "__main__":
