@@ -13,12 +13,21 @@ def to_float64(x):
     """float64 copy of a NumPy/CuPy array (bf16 included), on the array's own device: a GPU array stays
     there, because judging tens of millions of elements on the host takes seconds per array."""
     if isinstance(x, np.ndarray):
-        return np.asarray(x).astype(np.float64)
+        return x.astype(np.float64, copy=False)
     if x.dtype.name == "bfloat16":  # bf16 is the top half of a float32; integer ops work in every CuPy
         import cupy
 
         return (x.view(cupy.uint16).astype(cupy.uint32) << 16).view(cupy.float32).astype(cupy.float64)
-    return x.astype(np.float64)
+    return x.astype(np.float64, copy=False)
+
+
+def _module(x):
+    """NumPy or CuPy, whichever ``x`` belongs to."""
+    if isinstance(x, np.ndarray):
+        return np
+    import cupy
+
+    return cupy
 
 
 def _same_device(got, ref):
@@ -35,12 +44,12 @@ def max_error(got, ref) -> float:
         raise ValueError(f"shape {got.shape} vs reference {ref.shape}")
     if got.size == 0:
         return 0.0
-    # NumPy functions dispatch to CuPy on CuPy arrays (__array_ufunc__ / __array_function__).
-    same_special = (np.isnan(got) & np.isnan(ref)) | (np.isinf(got) & (got == ref))
-    bad_special = ~same_special & ~(np.isfinite(got) & np.isfinite(ref))
+    xp = _module(got)
+    same_special = (xp.isnan(got) & xp.isnan(ref)) | (xp.isinf(got) & (got == ref))
+    bad_special = ~same_special & ~(xp.isfinite(got) & xp.isfinite(ref))
     if bad_special.any():
         return float("inf")
-    diff = np.where(same_special, 0.0, np.abs(np.where(same_special, 0, got) - np.where(same_special, 0, ref)))
+    diff = xp.where(same_special, 0.0, xp.abs(xp.where(same_special, 0, got) - xp.where(same_special, 0, ref)))
     return float(diff.max())
 
 
@@ -48,7 +57,8 @@ def judge(name: str, got, ref, baseline, factor: float = 2.0, floor: float = 1e-
     """None when max_error(got, ref) <= factor * max_error(baseline, ref) + floor * max|ref|, else a message."""
     err, base = max_error(got, ref), max_error(baseline, ref)
     wide = to_float64(ref)
-    scale = float(np.abs(np.where(np.isfinite(wide), wide, 0)).max()) if wide.size else 0.0
+    xp = _module(wide)
+    scale = float(xp.abs(xp.where(xp.isfinite(wide), wide, 0)).max()) if wide.size else 0.0
     limit = factor * base + floor * max(scale, 1.0)
     if err <= limit:
         return None

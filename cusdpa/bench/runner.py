@@ -1,0 +1,105 @@
+"""``python -m cusdpa bench``: the parts in order, a progress bar, and the results as a table on screen,
+results.json, tables.md and PNG plots in the output folder."""
+from __future__ import annotations
+
+import datetime
+import sys
+import traceback
+
+from .. import environment
+from . import modules, plots, report, sdpa
+from .config import PARTS, Options
+from .device import Device
+
+PROTOCOL = [
+    "each provider is checked against the float64 reference (cusdpa.reference) on the very inputs it is timed on, "
+    "before any timing: error at most 2x PyTorch's same-precision error (3x for gradients) plus one ulp",
+    "GPU times are medians of CUDA-event timings after warm-up with the L2 cache flushed before each run "
+    "(triton.testing.do_bench where triton is installed); calls too slow for 5 runs in the budget get 3 runs",
+    "FLOPs: forward 4*B*H*L*S*E, halved for causal with L == S; backward 2.5x forward; backward times exclude "
+    "the forward",
+]
+
+
+def _units(opts: Options) -> int:
+    """Measurements the progress bar counts."""
+    n = 0
+    for part in opts.parts:
+        if part == "a":
+            n += len(opts.providers_for("a"))
+        elif part == "d":
+            n += len(sdpa.grid_points(opts)) * len(opts.providers_for("d")) * len(opts.directions)
+        else:
+            n += 4
+    return n
+
+
+def _progress_bar(total: int):
+    try:
+        from tqdm import tqdm
+    except ImportError as e:
+        raise ImportError("bench shows its progress with tqdm: pip install tqdm (or cusdpa[bench])") from e
+    return tqdm(total=total, unit="run", dynamic_ncols=True, file=sys.stderr)
+
+
+def _meta(opts: Options, where: str, argv) -> dict:
+    started = datetime.datetime.now().isoformat(timespec="seconds")
+    return dict(command="python -m cusdpa " + " ".join(argv), started=started, machine=where, gpus=environment.gpus(), versions=environment.versions(), options=opts.as_dict(),
+                protocol=PROTOCOL)
+
+
+def run(opts: Options, argv=()) -> int:
+    """Run the selected parts; 0 when every cusdpa result passed its check, 1 otherwise."""
+    try:
+        import matplotlib  # noqa: F401  (checked before hours of work, not after)
+    except ImportError as e:
+        raise ImportError("bench writes PNG plots with matplotlib: pip install matplotlib (or cusdpa[bench])") from e
+    dev, where = Device.detect(opts.sizes)
+    print(where)
+    results = report.Results(opts.out, _meta(opts, where, argv))
+    providers_d = [p.id for p in opts.providers_for("d")]
+    if "d" in opts.parts and "cusdpa-efficient" in providers_d and "bwd" in opts.directions:
+        results.note(f"cusdpa EFFICIENT backward is timed only up to L = {opts.efficient_bwd_max_len} "
+                         "(seconds per call beyond; --efficient-bwd-max-len)")
+    bar = _progress_bar(_units(opts))
+    progress = bar.update
+    try:
+        for part in opts.parts:
+            bar.set_description(f"part {part}")
+            try:
+                if part == "a":
+                    sdpa.measure("a", sdpa.tutorial_point(opts), opts.providers_for("a"), ("fwd",), opts, dev,
+                                 results, opts.seed, progress)
+                elif part == "d":
+                    for i, point in enumerate(sdpa.grid_points(opts)):
+                        bar.set_description(f"part d {point.dtype} E={point.E} L={point.L}"
+                                            f"{' causal' if point.causal else ''}")
+                        sdpa.measure("d", point, opts.providers_for("d"), opts.directions, opts, dev, results,
+                                     opts.seed + 1 + i, progress)
+                else:
+                    modules.measure(part, opts, dev, results, progress)
+            except Exception as e:  # a broken part is reported; the others still run
+                results.note(f"part {part} stopped: {type(e).__name__}: {e}")
+                bar.write(f"part {part} stopped:\n{traceback.format_exc()}")
+                dev.free()
+            bar.write("\n" + report.tables(results, [part], providers_d) + "\n")
+    finally:
+        bar.close()
+        _finish(results, opts, providers_d)
+    failed = [r for r in results.records if r.get("status") == "failed" and r.get("provider", "").startswith("cusdpa")]
+    return 1 if failed else 0
+
+
+def _finish(results: report.Results, opts: Options, providers_d: list[str]) -> None:
+    """tables.md and the plots, from whatever was measured."""
+    results.meta["finished"] = datetime.datetime.now().isoformat(timespec="seconds")
+    results.write()
+    text = report.tables(results, list(PARTS), providers_d)
+    notes = "\n".join(f"- {n}" for n in results.notes)
+    (opts.out / "tables.md").write_text(f"{text}\n\nNotes:\n{notes}\n" if notes else f"{text}\n")
+    written = plots.grid(results.part("d"), opts.out) if results.part("d") else []
+    bars = plots.tutorial({p: results.part(p) for p in "abc"}, opts.out)
+    written += [bars] if bars else []
+    print(f"\nresults: {results.path}, {opts.out / 'tables.md'}" + "".join(f", {p}" for p in written))
+    for n in results.notes:
+        print(f"note: {n}")
