@@ -99,8 +99,11 @@ def _reasons(records: list[dict], fields) -> list[str]:
         if r["status"] != "ok":
             where = ", ".join(f"{f}={r[f]}" for f in fields if f in r)
             seen.setdefault((r.get("provider", ""), r["status"], r.get("reason", "")), []).append(where)
-    return [f"- {p} {s} ({'; '.join(w) if len(w) <= 2 else f'{len(w)} cases'}): {reason}"
-            for (p, s, reason), w in seen.items()]
+    lines = []
+    for (provider, status, reason), where in seen.items():
+        cases = "" if not any(where) else "; ".join(where) if len(where) <= 2 else f"{len(where)} cases"
+        lines.append(f"- {provider} {status}" + (f" ({cases})" if cases else "") + f": {reason}")
+    return lines
 
 
 def _error(r: dict) -> str:
