@@ -83,6 +83,7 @@ def measure(part: str, point: Point, providers: list[Provider], directions, opts
     inputs = dev.inputs(point, seed)
     need_grad = "bwd" in directions
     truth = _truth(dev, inputs.arrays, point, need_grad)
+    dev.free()  # the reference's temporaries (GBs at L = 16384) go back before any provider runs
     base = _yardstick(dev, inputs, point, need_grad)
     base_errors = {name: testing.max_error(x, truth[name]) for name, x in base.items()}
     checked = []
