@@ -90,7 +90,12 @@ def cmd_bench(args) -> int:
 
     from .bench import config
 
-    preset = args.preset or ("quick" if args.quick else "full" if environment.cupy_problem() is None else "tiny")
+    no_gpu = environment.cupy_problem()
+    preset = args.preset or ("quick" if args.quick else "tiny" if no_gpu else "full")
+    if no_gpu and preset != "tiny":
+        print(f"bench: the '{preset}' sizes need a CUDA GPU ({no_gpu}); without one run the default tiny CPU "
+              "configuration (leave out --preset/--quick; --lengths etc. still select)", file=sys.stderr)
+        return 2
     sizes = dataclasses.replace(config.PRESETS[preset], **{
         name: tuple(value) if isinstance(value, list) else value
         for name in ("dtypes", "lengths", "head_dims", "tokens", "hidden", "warmup_ms", "rep_ms")

@@ -131,3 +131,12 @@ def test_grid_sizes_must_divide():
         Options(sizes=dataclasses.replace(PRESETS["full"], head_dims=(96,)))
     points = sdpa.grid_points(Options())
     assert len(points) == 24 and {(p.B * p.L, p.H * p.E) for p in points} == {(16384, 2048)}
+
+
+def test_the_gpu_sizes_ask_for_a_gpu(capsys):
+    if not environment.cupy_problem():
+        pytest.skip("this machine has a GPU")
+    from cusdpa import cli
+
+    assert cli.main(["bench", "--quick"]) == 2
+    assert "need a CUDA GPU" in capsys.readouterr().err
