@@ -110,7 +110,11 @@ def cmd_bench(args) -> int:
     print(f"cusdpa bench: parts {', '.join(opts.parts)}, sizes '{preset}'" + (f"; {note}" if note else ""))
     from .bench import runner
 
-    return runner.run(opts, argv=args.argv)
+    try:
+        return runner.run(opts, argv=args.argv)
+    except config.SetupError as e:
+        print(f"bench: {e}", file=sys.stderr)
+        return 2
 
 
 def _bench_parser(sub) -> None:

@@ -13,6 +13,10 @@ PARTS = {
 }
 
 
+class SetupError(Exception):
+    """The bench cannot start on this machine; the message says what to install or change."""
+
+
 @dataclass(frozen=True)
 class Provider:
     """One implementation of attention: a library and a backend in it (None: its default dispatch)."""
@@ -66,7 +70,7 @@ class Sizes:
 
 PRESETS = {
     "full": Sizes(),
-    # every code path on the GPU in about a minute: one dtype, the two shorter lengths, short timing
+    # every part on the GPU, smaller: one dtype, the two shorter lengths, a fifth of the timing budget
     "quick": Sizes(lengths=(1024, 4096), dtypes=("bfloat16",), warmup_ms=5.0, rep_ms=20.0),
     # the CPU configuration: the reference, Numba's CUDA simulator and torch's CPU SDPA on toy sizes
     "tiny": Sizes(tutorial=(1, 2, 16, 16), module_heads=2, module_head_dim=8, module_batch=2, module_len=16,

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .. import check, environment, testing
+from .config import SetupError
 from .timing import CpuTimer, GpuTimer
 
 
@@ -61,7 +62,7 @@ class Device:
         cupy_problem = environment.cupy_problem()
         if cupy_problem is None:
             if torch is None or not torch.cuda.is_available():
-                raise RuntimeError("bench on a GPU compares with PyTorch and times with its CUDA events; install a "
+                raise SetupError("bench on a GPU compares with PyTorch and times with its CUDA events; install a "
                                    "CUDA build of torch (pip install 'cusdpa[bench]')")
             return cls(True, torch, sizes), f"GPU: {environment.gpus()[0]}"
         line = (f"no GPU comparison: it needs a CUDA GPU with CuPy ({cupy_problem}). Running the small CPU "

@@ -8,7 +8,7 @@ import traceback
 
 from .. import environment
 from . import modules, plots, report, sdpa
-from .config import PARTS, Options
+from .config import PARTS, Options, SetupError
 from .device import Device
 
 PROTOCOL = [
@@ -35,12 +35,17 @@ def _units(opts: Options) -> int:
     return n
 
 
-def _progress_bar(total: int):
+def _requirements():
+    """tqdm's progress bar class; both it and matplotlib are checked before minutes of work, not after."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError as e:
+        raise SetupError("bench writes PNG plots with matplotlib: pip install matplotlib (or cusdpa[bench])") from e
     try:
         from tqdm import tqdm
     except ImportError as e:
-        raise ImportError("bench shows its progress with tqdm: pip install tqdm (or cusdpa[bench])") from e
-    return tqdm(total=total, unit="run", dynamic_ncols=True, file=sys.stderr)
+        raise SetupError("bench shows its progress with tqdm: pip install tqdm (or cusdpa[bench])") from e
+    return tqdm
 
 
 def _meta(opts: Options, where: str, argv) -> dict:
@@ -67,10 +72,7 @@ def _skip_notes(opts: Options) -> list[str]:
 
 def run(opts: Options, argv=()) -> int:
     """Run the selected parts; 0 when every cusdpa result passed its check, 1 otherwise."""
-    try:
-        import matplotlib  # noqa: F401  (checked before hours of work, not after)
-    except ImportError as e:
-        raise ImportError("bench writes PNG plots with matplotlib: pip install matplotlib (or cusdpa[bench])") from e
+    tqdm = _requirements()
     dev, where = Device.detect(opts.sizes)
     print(where)
     results = report.Results(opts.out, _meta(opts, where, argv))
@@ -78,7 +80,7 @@ def run(opts: Options, argv=()) -> int:
     for note in _skip_notes(opts):
         results.note(note)
         print(f"note: {note}")
-    bar = _progress_bar(_units(opts))
+    bar = tqdm(total=_units(opts), unit="run", dynamic_ncols=True, file=sys.stderr)
     progress = bar.update
     try:
         for part in opts.parts:
