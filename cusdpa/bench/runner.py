@@ -113,9 +113,12 @@ def _finish(results: report.Results, opts: Options, providers_d: list[str]) -> N
     """tables.md and the plots, from whatever was measured."""
     results.meta["finished"] = datetime.datetime.now().isoformat(timespec="seconds")
     results.write()
+    m = results.meta
+    versions = ", ".join(f"{k} {v}" for k, v in m["versions"].items() if v != "not installed")
+    head = f"`{m['command']}`, {m['started']} to {m['finished']}\n\n{m['machine']}\n\n{versions}"
+    notes = "".join(f"\n- {n}" for n in results.notes)
     text = report.tables(results, list(PARTS), providers_d)
-    notes = "\n".join(f"- {n}" for n in results.notes)
-    (opts.out / "tables.md").write_text(f"{text}\n\nNotes:\n{notes}\n" if notes else f"{text}\n")
+    (opts.out / "tables.md").write_text(f"{head}\n\n{text}\n" + (f"\nNotes:{notes}\n" if notes else ""))
     written = plots.grid(results.part("d"), opts.out) if results.part("d") else []
     bars = plots.tutorial({p: results.part(p) for p in "abc"}, opts.out)
     written += [bars] if bars else []
