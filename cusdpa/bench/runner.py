@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import sys
+import time
 import traceback
 
 from .. import environment
@@ -85,6 +86,7 @@ def run(opts: Options, argv=()) -> int:
     try:
         for part in opts.parts:
             bar.set_description(f"part {part}")
+            start = time.perf_counter()
             try:
                 if part == "a":
                     sdpa.measure("a", sdpa.tutorial_point(opts), opts.providers_for("a"), ("fwd",), opts, dev,
@@ -101,7 +103,11 @@ def run(opts: Options, argv=()) -> int:
                 results.note(f"part {part} stopped: {type(e).__name__}: {e}")
                 bar.write(f"part {part} stopped:\n{traceback.format_exc()}")
                 dev.free()
-            bar.write("\n" + report.tables(results, [part], providers_d) + "\n")
+            # wall time of the part, compilation included: what a run costs on a lent machine
+            results.meta.setdefault("part_seconds", {})[part] = round(time.perf_counter() - start, 1)
+            results.write()
+            bar.write("\n" + report.tables(results, [part], providers_d)
+                      + f"\n\npart {part} took {time.perf_counter() - start:.0f} s\n")
     finally:
         bar.close()
         _finish(results, opts, providers_d)
