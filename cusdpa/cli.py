@@ -146,7 +146,7 @@ def _bench_parser(sub) -> None:
     p.add_argument("--warmup-ms", type=float, default=None, help="warm-up time per measurement")
     p.add_argument("--rep-ms", type=float, default=None, help="repetition time per measurement")
     p.add_argument("--efficient-bwd-max-len", type=int, default=config.Options.efficient_bwd_max_len,
-                   help="time cusdpa EFFICIENT's backward only up to this L (it takes seconds per call beyond)")
+                   help="time cusdpa EFFICIENT's backward only up to this L (its fp32 kernels are slow beyond)")
     p.add_argument("--math-max-len", type=int, default=config.Options.math_max_len,
                    help="time the unfused MATH backends only up to this L (they hold every L x S score)")
     p.add_argument("--compile-backend", default=config.Options.compile_backend, help="part c: torch.compile backend")

@@ -63,8 +63,8 @@ def _skip_notes(opts: Options) -> list[str]:
     longest = max(opts.sizes.lengths)
     notes = []
     if "cusdpa-efficient" in ids and "bwd" in opts.directions and longest > opts.efficient_bwd_max_len:
-        notes.append(f"cusdpa EFFICIENT's backward is timed only up to L = {opts.efficient_bwd_max_len}: it takes "
-                     "seconds per call beyond (--efficient-bwd-max-len)")
+        notes.append(f"cusdpa EFFICIENT's backward is timed only up to L = {opts.efficient_bwd_max_len}: its fp32 "
+                     "kernels are slow on longer sequences (--efficient-bwd-max-len)")
     if any(p.endswith("-math") for p in ids) and longest > opts.math_max_len:
         notes.append(f"the unfused MATH backends are timed only up to L = {opts.math_max_len}: they hold every "
                      "L x S score (--math-max-len)")
