@@ -9,32 +9,56 @@ from __future__ import annotations
 import numpy as np
 
 
-def to_float64(x) -> np.ndarray:
-    """Host float64 copy of a NumPy/CuPy array (bf16 included)."""
-    if not isinstance(x, np.ndarray):
-        x = x.get()
-    return np.asarray(x).astype(np.float64)
+def to_float64(x):
+    """float64 copy of a NumPy/CuPy array (bf16 included), on the array's own device: a GPU array stays
+    there, because judging tens of millions of elements on the host takes seconds per array."""
+    if isinstance(x, np.ndarray):
+        return x.astype(np.float64, copy=False)
+    if x.dtype.name == "bfloat16":  # bf16 is the top half of a float32; integer ops work in every CuPy
+        import cupy
+
+        return (x.view(cupy.uint16).astype(cupy.uint32) << 16).view(cupy.float32).astype(cupy.float64)
+    return x.astype(np.float64, copy=False)
+
+
+def _module(x):
+    """NumPy or CuPy, whichever ``x`` belongs to."""
+    if isinstance(x, np.ndarray):
+        return np
+    import cupy
+
+    return cupy
+
+
+def _same_device(got, ref):
+    got, ref = to_float64(got), to_float64(ref)
+    if type(got) is not type(ref):  # one of them is on the host: compare there
+        got, ref = (x if isinstance(x, np.ndarray) else x.get() for x in (got, ref))
+    return got, ref
 
 
 def max_error(got, ref) -> float:
     """max |got - ref|, where a NaN/inf mismatch (NaN vs number, inf vs different value) counts as inf."""
-    got, ref = to_float64(got), to_float64(ref)
+    got, ref = _same_device(got, ref)
     if got.shape != ref.shape:
         raise ValueError(f"shape {got.shape} vs reference {ref.shape}")
     if got.size == 0:
         return 0.0
-    same_special = (np.isnan(got) & np.isnan(ref)) | (np.isinf(got) & (got == ref))
-    bad_special = ~same_special & ~(np.isfinite(got) & np.isfinite(ref))
+    xp = _module(got)
+    same_special = (xp.isnan(got) & xp.isnan(ref)) | (xp.isinf(got) & (got == ref))
+    bad_special = ~same_special & ~(xp.isfinite(got) & xp.isfinite(ref))
     if bad_special.any():
         return float("inf")
-    diff = np.where(same_special, 0.0, np.abs(np.where(same_special, 0, got) - np.where(same_special, 0, ref)))
+    diff = xp.where(same_special, 0.0, xp.abs(xp.where(same_special, 0, got) - xp.where(same_special, 0, ref)))
     return float(diff.max())
 
 
 def judge(name: str, got, ref, baseline, factor: float = 2.0, floor: float = 1e-5) -> str | None:
     """None when max_error(got, ref) <= factor * max_error(baseline, ref) + floor * max|ref|, else a message."""
     err, base = max_error(got, ref), max_error(baseline, ref)
-    scale = float(np.nanmax(np.abs(np.where(np.isfinite(to_float64(ref)), to_float64(ref), 0)), initial=1.0))
+    wide = to_float64(ref)
+    xp = _module(wide)
+    scale = float(xp.abs(xp.where(xp.isfinite(wide), wide, 0)).max()) if wide.size else 0.0
     limit = factor * base + floor * max(scale, 1.0)
     if err <= limit:
         return None

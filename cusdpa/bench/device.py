@@ -1,0 +1,117 @@
+"""Where the bench runs: a CUDA GPU (CuPy arrays for cusdpa, torch tensors sharing their memory for
+PyTorch) or the CPU (NumPy arrays; torch CPU tensors when torch is installed)."""
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+
+import numpy as np
+
+from .. import check, environment, testing
+from .config import SetupError
+from .timing import CpuTimer, GpuTimer
+
+
+@dataclass(frozen=True)
+class Point:
+    """One dense attention problem: (B, H, L, E) query, (B, H, S, E) key and value."""
+
+    B: int
+    H: int
+    L: int
+    S: int
+    E: int
+    dtype: str
+    causal: bool
+
+    def flops(self, direction: str) -> float:
+        """DESIGN.md: forward 4 B H L S E, halved for causal with L == S; backward 2.5x forward."""
+        f = 4.0 * self.B * self.H * self.L * self.S * self.E
+        if self.causal and self.L == self.S:
+            f /= 2
+        return f * (2.5 if direction == "bwd" else 1.0)
+
+    def fields(self) -> dict:
+        return dict(dtype=self.dtype, B=self.B, H=self.H, L=self.L, S=self.S, E=self.E, causal=self.causal)
+
+
+@dataclass
+class Inputs:
+    """q, k, v, dout as cusdpa arrays (NumPy or CuPy) and as torch tensors (None without torch)."""
+
+    arrays: tuple
+    tensors: tuple | None
+
+
+class Device:
+    """The machine's side of the bench: inputs, float64 copies for judging, memory, the timer."""
+
+    def __init__(self, gpu: bool, torch, sizes):
+        self.gpu, self.torch = gpu, torch
+        if gpu:
+            self.timer = GpuTimer(torch, sizes.warmup_ms, sizes.rep_ms)
+        else:
+            self.timer = CpuTimer(sizes.warmup_ms, sizes.rep_ms)
+
+    @classmethod
+    def detect(cls, sizes) -> tuple["Device", str]:
+        """The device and a line saying what runs where."""
+        torch = None
+        if importlib.util.find_spec("torch") is not None:
+            import torch
+        cupy_problem = environment.cupy_problem()
+        if cupy_problem is None:
+            if torch is None or not torch.cuda.is_available():
+                raise SetupError("bench on a GPU compares with PyTorch and times with its CUDA events; install a "
+                                   "CUDA build of torch (pip install 'cusdpa[bench]')")
+            return cls(True, torch, sizes), f"GPU: {environment.gpus()[0]}"
+        line = (f"no GPU comparison: it needs a CUDA GPU with CuPy ({cupy_problem}). Running the small CPU "
+                "configuration instead: the NumPy reference (MATH), EFFICIENT on Numba's CUDA simulator, "
+                + ("torch's CPU SDPA" if torch is not None else "no torch (not installed)")
+                + "; CPU wall-clock timings of toy sizes say nothing about GPU speed")
+        return cls(False, torch, sizes), line
+
+    def inputs(self, point: Point, seed: int) -> Inputs:
+        shapes = [(point.B, point.H, n, point.E) for n in (point.L, point.S, point.S, point.L)]
+        if self.gpu:
+            from interop import bridge
+
+            torch = self.torch
+            gen = torch.Generator(device="cuda").manual_seed(seed)
+            tensors = tuple(torch.randn(s, generator=gen, device="cuda", dtype=getattr(torch, point.dtype))
+                            for s in shapes)
+            return Inputs(tuple(bridge.as_array(t) for t in tensors), tensors)
+        rng = np.random.default_rng(seed)
+        arrays = tuple(rng.standard_normal(s).astype(np.float32).astype(check.np_dtype(point.dtype)) for s in shapes)
+        return Inputs(arrays, self.torch_copies(arrays))
+
+    def torch_copies(self, arrays) -> tuple | None:
+        """CPU torch tensors with the values of NumPy ``arrays`` (None without torch)."""
+        if self.torch is None:
+            return None
+        torch = self.torch
+        return tuple(torch.from_numpy(x.astype(np.float32)).to(getattr(torch, x.dtype.name)) for x in arrays)
+
+    def wide(self, x):
+        """float64 copy on this device of a NumPy/CuPy array or a torch tensor, for judging."""
+        if self.torch is not None and isinstance(x, self.torch.Tensor):
+            x = x.detach().double()
+            if not self.gpu:
+                return x.numpy()
+            from interop import bridge
+
+            return bridge.as_array(x)
+        return testing.to_float64(x)
+
+    def free(self) -> None:
+        """Give cached memory back, so the next point (or torch's MATH) finds it."""
+        if not self.gpu:
+            return
+        import cupy
+
+        cupy.get_default_memory_pool().free_all_blocks()
+        self.torch.cuda.empty_cache()
+
+    def synchronize(self) -> None:
+        if self.gpu:
+            self.torch.cuda.synchronize()

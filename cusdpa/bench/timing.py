@@ -1,0 +1,108 @@
+"""Timers: medians of CUDA-event timings after warm-up with the L2 cache flushed (GPU), or of
+wall-clock timings (CPU).
+
+Every function is called once, outside the timer, before it is timed (the correctness check), so
+compilation never lands in a measurement. The timer then times one more call, the probe. When at
+least ``FEW`` calls fit in the repetition budget, the GPU timer hands the function to
+``triton.testing.do_bench`` (where triton is installed; else an equivalent loop of CUDA events);
+slower calls get ``min_runs`` runs in all, the probe included, so a call of seconds costs seconds.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass
+
+FEW = 5
+L2_FLUSH_BYTES = 256 * 2**20  # larger than any GPU's L2 (50 MB on an H100), as triton's do_bench uses
+
+
+@dataclass(frozen=True)
+class Timing:
+    ms: float  # median
+    runs: int | None  # None: triton's do_bench chose how many
+    method: str
+
+
+class Timer:
+    """The common protocol; subclasses time ``n`` runs of a function."""
+
+    method = ""
+
+    def __init__(self, warmup_ms: float, rep_ms: float, min_runs: int):
+        self.warmup_ms, self.rep_ms, self.min_runs = warmup_ms, rep_ms, min_runs
+
+    def runs(self, fn, n: int, grad_to_none) -> list[float]:
+        raise NotImplementedError
+
+    def many(self, fn, probe: float, fits: int, grad_to_none) -> Timing:
+        self.runs(fn, max(1, int(self.warmup_ms / max(probe, 1e-3))), grad_to_none)
+        times = self.runs(fn, min(fits, 1000), grad_to_none)
+        return Timing(statistics.median(times), len(times), self.method)
+
+    def __call__(self, fn, grad_to_none=None) -> Timing:
+        """Median milliseconds of ``fn()``; ``grad_to_none`` tensors get .grad = None before each run."""
+        probe = self.runs(fn, 1, grad_to_none)[0]
+        fits = int(self.rep_ms / max(probe, 1e-3))
+        if fits >= FEW:
+            return self.many(fn, probe, fits, grad_to_none)
+        times = [probe] + self.runs(fn, max(0, self.min_runs - 1), grad_to_none)
+        return Timing(statistics.median(times), len(times), self.method + " (slow call: few runs)")
+
+
+class GpuTimer(Timer):
+    """CUDA events on torch's current stream, the one CuPy's and Numba's default launches also use."""
+
+    method = "cuda events, L2 flushed"
+
+    def __init__(self, torch, warmup_ms: float, rep_ms: float, min_runs: int = 3):
+        super().__init__(warmup_ms, rep_ms, min_runs)
+        self.torch = torch
+        try:
+            import triton.testing
+
+            self.do_bench = triton.testing.do_bench
+        except ImportError:
+            self.do_bench = None
+        self._flush = None
+
+    def runs(self, fn, n: int, grad_to_none) -> list[float]:
+        torch = self.torch
+        if self._flush is None:
+            self._flush = torch.empty(L2_FLUSH_BYTES, dtype=torch.int8, device="cuda")
+        pairs = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(n)]
+        for start, end in pairs:
+            for x in grad_to_none or ():
+                x.grad = None
+            self._flush.zero_()
+            start.record()
+            fn()
+            end.record()
+        torch.cuda.synchronize()
+        return [start.elapsed_time(end) for start, end in pairs]
+
+    def many(self, fn, probe: float, fits: int, grad_to_none) -> Timing:
+        if self.do_bench is None:
+            return super().many(fn, probe, fits, grad_to_none)
+        ms = self.do_bench(fn, warmup=self.warmup_ms, rep=self.rep_ms, grad_to_none=grad_to_none,
+                           return_mode="median")
+        return Timing(float(ms), None, "triton.testing.do_bench, L2 flushed")
+
+
+class CpuTimer(Timer):
+    """Wall-clock medians, nothing flushed: CPU timings of toy sizes, no statement about GPU speed."""
+
+    method = "wall clock"
+
+    def __init__(self, warmup_ms: float, rep_ms: float, min_runs: int = 1):
+        super().__init__(warmup_ms, rep_ms, min_runs)
+
+    def runs(self, fn, n: int, grad_to_none) -> list[float]:
+        out = []
+        for _ in range(n):
+            for x in grad_to_none or ():
+                x.grad = None
+            t0 = time.perf_counter()
+            fn()
+            out.append((time.perf_counter() - t0) * 1e3)
+        return out

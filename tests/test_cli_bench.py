@@ -1,0 +1,142 @@
+"""python -m cusdpa bench at toy sizes: every part writes its table, valid JSON and PNG plots; a wrong or
+crashing backend is recorded (failed / error) and the rest still runs."""
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from cusdpa import environment, math_backend
+from cusdpa.bench import PRESETS, Options, config, device, report, sdpa
+
+pytest.importorskip("torch")
+pytest.importorskip("matplotlib")
+pytest.importorskip("tqdm")
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def _strict_json(path):
+    """Parse as standard JSON: NaN and Infinity are not JSON."""
+    return json.loads(path.read_text(), parse_constant=lambda name: pytest.fail(f"{name} in {path}"))
+
+
+def test_bench_runs_every_part_and_writes_table_json_and_plots(tmp_path):
+    providers = ["cusdpa", "cusdpa-efficient", "cusdpa-math", "torch", "torch-flash", "torch-math"]
+    cmd = [sys.executable, "-m", "cusdpa", "bench", "--preset", "tiny", "--out", str(tmp_path), "--lengths", "8",
+           "--causal", "causal", "--providers", *providers]
+    # aot_eager: part c through torch.compile's graph capture without waiting for a C++ compiler
+    run = subprocess.run(cmd + ["--compile-backend", "aot_eager"], capture_output=True, text=True, timeout=300,
+                         env=dict(os.environ, NUMBA_ENABLE_CUDASIM="1"))
+    assert run.returncode == 0, run.stdout + run.stderr[-3000:]
+    if environment.cupy_problem():
+        assert "no GPU comparison: it needs a CUDA GPU" in run.stdout
+    for title in ("(a) SDPA", "(b) CausalSelfAttention", "(c) CausalSelfAttention under torch.compile",
+                  "(d) standard grid"):
+        assert title in run.stdout and title in (tmp_path / "tables.md").read_text()
+
+    doc = _strict_json(tmp_path / "results.json")
+    assert doc["finished"] and doc["options"]["sizes"]["lengths"] == [8]
+    records = doc["records"]
+    assert {r["part"] for r in records} == {"a", "b", "c", "d"}
+    assert not [r for r in records if r["status"] in ("failed", "error")]
+    grid = [r for r in records if r["part"] == "d"]
+    assert len(grid) == len(providers) * 2  # one point, forward and backward
+    for r in grid:
+        if r["status"] == "ok":
+            assert r["tflops"] == pytest.approx(r["flops"] / r["ms"] / 1e9)
+            assert max(r["error"].values()) < 1e-2
+    measured = {(r["provider"], r["direction"]) for r in grid if r["status"] == "ok"}
+    assert {("cusdpa-math", "fwd"), ("cusdpa-math", "bwd"), ("torch-math", "bwd")} <= measured
+    assert {(r["cusdpa"], r["torch"], r["direction"]) for r in doc["ratios"]} >= {("cusdpa-math", "torch-math", "bwd")}
+    compiled = [r for r in records if r["part"] == "c" and r["mode"] == "compiled"]
+    assert len(compiled) == 2 and all(r["status"] == "ok" and r["compile_s"] > 0 for r in compiled)
+    for png in ("grid_float16.png", "tutorial.png"):
+        assert (tmp_path / png).read_bytes()[:8] == PNG
+
+
+def _cpu(torch_too=True):
+    import torch
+
+    return device.Device(False, torch if torch_too else None, PRESETS["tiny"])
+
+
+def _measure(tmp_path, providers, directions=("fwd", "bwd"), **options):
+    opts = Options(sizes=PRESETS["tiny"], out=tmp_path, providers=tuple(providers), **options)
+    results = report.Results(tmp_path, {})
+    point = device.Point(2, 2, 8, 8, 16, "float16", True)
+    sdpa.measure("d", point, opts.providers_for("d"), directions, opts, _cpu(), results, 0, lambda n=1: None)
+    return {(r["provider"], r["direction"]): r for r in results.records}, _strict_json(results.path)
+
+
+def test_a_wrong_backend_fails_its_check_and_is_not_timed(tmp_path, monkeypatch):
+    right = math_backend.IMPL.forward
+
+    def forward(pr, out=None, lse=None):
+        out, lse = right(pr, out, lse)
+        out[..., 3, :] *= 1.01
+        return out, lse
+
+    monkeypatch.setattr(math_backend, "IMPL", dataclasses.replace(math_backend.IMPL, forward=forward))
+    got, doc = _measure(tmp_path, ["cusdpa-math", "torch-math"])
+    wrong = got["cusdpa-math", "fwd"]
+    assert wrong["status"] == "failed" and "out: max error" in wrong["reason"] and "ms" not in wrong
+    assert got["cusdpa-math", "bwd"]["status"] == "ok"  # the backward never used the broken forward
+    assert got["torch-math", "fwd"]["status"] == "ok" and got["torch-math", "fwd"]["ms"] > 0
+    assert len(doc["records"]) == 4
+
+
+def test_a_crashing_backend_is_recorded_and_the_others_still_run(tmp_path, monkeypatch):
+    def backward(*args, **kwargs):
+        raise MemoryError("out of memory")
+
+    monkeypatch.setattr(math_backend, "IMPL", dataclasses.replace(math_backend.IMPL, backward=backward))
+    got, _ = _measure(tmp_path, ["cusdpa-math", "cusdpa-flash", "torch-math"])
+    assert got["cusdpa-math", "bwd"]["status"] == "error" and "MemoryError" in got["cusdpa-math", "bwd"]["reason"]
+    assert got["cusdpa-math", "fwd"]["status"] == "ok"
+    assert got["cusdpa-flash", "fwd"]["status"] in ("n/a", "ok")  # n/a without CuPy, with cusdpa's reason
+    assert got["torch-math", "bwd"]["status"] == "ok"
+
+
+def test_slow_providers_are_skipped_beyond_their_length_and_say_why(tmp_path):
+    opts = Options(efficient_bwd_max_len=4)
+    assert "--efficient-bwd-max-len" in opts.skip_reason(config.BY_ID["cusdpa-efficient"], 8, "bwd")
+    assert opts.skip_reason(config.BY_ID["cusdpa-efficient"], 8, "fwd") is None
+    got, doc = _measure(tmp_path, ["cusdpa-math", "torch-math", "torch-flash"], ("fwd",), math_max_len=4)
+    for pid in ("cusdpa-math", "torch-math"):
+        assert got[pid, "fwd"]["status"] == "skipped" and "--math-max-len" in got[pid, "fwd"]["reason"]
+    assert got["torch-flash", "fwd"]["status"] == "ok"
+
+
+def test_results_json_stays_standard_with_infinite_errors(tmp_path):
+    results = report.Results(tmp_path, {"command": "test"})
+    results.add({"part": "a", "provider": "cusdpa", "status": "failed", "error": {"out": float("inf")}})
+    assert _strict_json(results.path)["records"][0]["error"] == {"out": "inf"}
+
+
+def test_flops_follow_the_protocol():
+    p = device.Point(B=2, H=3, L=64, S=64, E=32, dtype="float16", causal=False)
+    assert p.flops("fwd") == 4 * 2 * 3 * 64 * 64 * 32
+    assert p.flops("bwd") == 2.5 * p.flops("fwd")
+    assert dataclasses.replace(p, causal=True).flops("fwd") == p.flops("fwd") / 2
+    assert dataclasses.replace(p, causal=True, S=128).flops("fwd") == 4 * 2 * 3 * 64 * 128 * 32  # L != S: no halving
+
+
+def test_grid_sizes_must_divide():
+    with pytest.raises(ValueError, match="length 3000 must divide tokens=16384"):
+        Options(sizes=dataclasses.replace(PRESETS["full"], lengths=(3000,)))
+    with pytest.raises(ValueError, match="head dim 96 must divide hidden=2048"):
+        Options(sizes=dataclasses.replace(PRESETS["full"], head_dims=(96,)))
+    points = sdpa.grid_points(Options())
+    assert len(points) == 24 and {(p.B * p.L, p.H * p.E) for p in points} == {(16384, 2048)}
+
+
+def test_the_gpu_sizes_ask_for_a_gpu(capsys):
+    if not environment.cupy_problem():
+        pytest.skip("this machine has a GPU")
+    from cusdpa import cli
+
+    assert cli.main(["bench", "--quick"]) == 2
+    assert "need a CUDA GPU" in capsys.readouterr().err
