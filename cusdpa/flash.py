@@ -42,6 +42,7 @@ class FlashConfig:
     fwd90_block_n: int = 128
 
     @staticmethod
+    @functools.cache
     def for_head_dims(E: int, Ev: int) -> "FlashConfig":
         d = max(_pad16(E), _pad16(Ev))
         # Tile choices measured on the H100 with benchmarks/flash_sweep.py (BENCHMARKS.md).
@@ -129,6 +130,7 @@ def kernel_source(name: str) -> str:
     return text.replace("// @WGMMA_WRAPPERS@", _wgmma_wrappers())
 
 
+@functools.cache
 def compile_options(dtype_name: str, E: int, Ev: int, dropout: bool, cfg: FlashConfig, dkdv_part: int = 3) -> tuple:
     """NVRTC/nvcc options of one module; the CPU test compiles the same list with nvcc."""
     return ("-std=c++17", "--use_fast_math", f"-DCUSDPA_BF16={int(dtype_name == 'bfloat16')}",
@@ -156,6 +158,7 @@ def _module(device: int, source: str, options: tuple):
 MAX_SMEM = 227 * 1024  # opt-in shared memory per block on sm_80 / sm_90
 
 
+@functools.cache  # per-call lookups and driver attribute calls add up on small problems
 def _kernel(device: int, source: str, name: str, options: tuple, smem: int):
     if smem > MAX_SMEM:
         raise ValueError(f"{name} with {options} needs {smem} bytes of shared memory > {MAX_SMEM}; "

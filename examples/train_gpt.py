@@ -160,6 +160,15 @@ def main(argv=None) -> int:
     if len(runs) < 2:
         return 0
     gaps = [abs(a - b) / abs(b) for a, b in zip(runs["cusdpa"], runs["torch"])]
+    if device.type == "cuda":
+        # The noise floor: PyTorch against itself with another of its SDPA kernels. Two correct kernels
+        # round differently, and training amplifies the difference.
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        with sdpa_kernel(SDPBackend.EFFICIENT_ATTENTION):
+            other, _, _ = train(cfg, data, vocab, "torch", args)
+        floor = max(abs(a - b) / abs(b) for a, b in zip(other, runs["torch"]))
+        print(f"noise floor: PyTorch EFFICIENT_ATTENTION vs its default SDPA differ by up to {floor:.3%}")
     for step in sorted({*range(0, cfg.steps, max(1, cfg.steps // 10)), cfg.steps - 1}):
         print(f"  step {step:4d}  cusdpa {runs['cusdpa'][step]:.4f}  torch {runs['torch'][step]:.4f}  "
               f"gap {gaps[step]:.2%}")
