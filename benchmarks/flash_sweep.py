@@ -3,6 +3,8 @@
     python benchmarks/flash_sweep.py [--lengths 4096] [--head-dims 64 128]
 
 Used to choose FlashConfig.for_head_dims; prints one line per (point, direction, config), best first.
+Each forward variant's output is compared with PyTorch's (relative Frobenius error, ~1e-3 in bf16) before
+it is timed, so a broken tile configuration shows up as an error, not as a speed.
 """
 from __future__ import annotations
 
@@ -16,9 +18,9 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from cusdpa import checks, flash
 
-FWD = [dict(use_wgmma=True), dict(use_wgmma=True, fwd90_block_n=64), dict(use_wgmma=True, fwd90_warpgroups=1),
-       dict(use_wgmma=True, fwd90_warpgroups=3, fwd90_block_n=64), dict(use_wgmma=False),
-       dict(use_wgmma=False, fwd_warps=8, fwd_m_tiles=2, fwd_block_n=32)]
+# Forward variants are absolute (not relative to the default), so every point sees the same list.
+FWD = [dict(use_wgmma=True, fwd90_warpgroups=wg, fwd90_block_n=bn) for wg in (1, 2, 3) for bn in (64, 128)] + \
+      [dict(use_wgmma=False)]
 BWD = [dict(bwd_block_m=64), dict(bwd_block_m=128), dict(bwd_block_m=32), dict(bwd_warps=4, bwd_block_m=64)]
 DQ = [dict(dq_warps=8), dict(dq_warps=4), dict(dq_warps=4, dq_m_tiles=2, dq_block_n=32)]
 
@@ -31,10 +33,12 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--lengths", type=int, nargs="+", default=[4096])
     ap.add_argument("--head-dims", type=int, nargs="+", default=[64, 128])
+    ap.add_argument("--causal", choices=("both", "yes", "no"), default="both")
+    ap.add_argument("--forward-only", action="store_true")
     args = ap.parse_args()
     for E in args.head_dims:
         for L in args.lengths:
-            for causal in (False, True):
+            for causal in {"both": (False, True), "yes": (True,), "no": (False,)}[args.causal]:
                 B, H = 16384 // L, 2048 // E
                 q, k, v, do = (torch.randn(B, H, L, E, device="cuda", dtype=torch.bfloat16) for _ in range(4))
                 cq, ck, cv, cdo = (cupy.from_dlpack(x) for x in (q, k, v, do))
@@ -45,17 +49,26 @@ def main():
                     t_fwd = ms(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal))
                     o = torch.nn.functional.scaled_dot_product_attention(qg, kg, vg, is_causal=causal)
                     t_bwd = ms(lambda: o.backward(do, retain_graph=True))
-                base = flash.FlashConfig.for_head_dims(E, E)
+                o_ref = o.detach().float()
+                base = flash.FlashConfig.for_problem(E, E, L, causal)
                 rows = []
                 out, lse = flash.IMPL.forward(pr)
                 bwd = lambda: flash.IMPL.backward(pr, out, lse, cdo)
                 runs = [("fwd", FWD, lambda: flash.IMPL.forward(pr), t_fwd, 1.0),
                         ("bwd dkdv", BWD, bwd, t_bwd, 2.5), ("bwd dq", DQ, bwd, t_bwd, 2.5)]
+                if args.forward_only:
+                    runs = runs[:1]
                 for kind, variants, fn, t_torch, mult in runs:
                     for knobs in variants:
                         cfg = dataclasses.replace(base, **knobs)
                         flash._config = lambda pr, cfg=cfg: cfg
                         try:
+                            if kind == "fwd":
+                                got = torch.from_dlpack(fn()[0]).float()
+                                err = float((got - o_ref).norm() / o_ref.norm())
+                                if not err < 2e-2:
+                                    print(f"E={E} L={L} causal={causal} {knobs}: WRONG, relative error {err:.3g}")
+                                    continue
                             rows.append((kind, cfg, ms(fn), t_torch, mult))
                         except ValueError as e:  # tiles that do not fit in shared memory
                             print(f"E={E} {kind} {knobs}: {e}")

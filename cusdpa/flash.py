@@ -7,6 +7,7 @@ batch dims that do not collapse) is copied to a contiguous array first.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from dataclasses import dataclass
@@ -45,13 +46,26 @@ class FlashConfig:
     @functools.cache
     def for_head_dims(E: int, Ev: int) -> "FlashConfig":
         d = max(_pad16(E), _pad16(Ev))
-        # Tile choices measured on the H100 with benchmarks/flash_sweep.py (BENCHMARKS.md).
+        # Tile choices measured with benchmarks/flash_sweep.py (BENCHMARKS.md): backward on the H100,
+        # Hopper forward on the H200.
         if d <= 64:
-            return FlashConfig(bwd_block_m=128, dq_warps=4, fwd90_block_n=64)
+            return FlashConfig(bwd_block_m=128, dq_warps=4, fwd90_warpgroups=3)
         if d <= 128:  # 32 rows x 128 accumulators per warp leave room for a 32-key score block only
             return FlashConfig(fwd_block_n=32, dq_warps=4, dq_m_tiles=2, dq_block_n=32, fwd90_warpgroups=3,
                                fwd90_block_n=64)
         return FlashConfig(fwd_m_tiles=1, fwd_block_n=32, bwd_block_m=32, split_dkdv=True, dq_block_n=32)
+
+    @staticmethod
+    @functools.cache
+    def for_problem(E: int, Ev: int, L: int, causal: bool) -> "FlashConfig":
+        """``for_head_dims``, with smaller Hopper forward tiles for short causal problems: a tall query block
+        spends more of its time on the masked diagonal and leaves fewer blocks to balance the triangle.
+        Measured at L = 1024 and 4096 (BENCHMARKS.md); the switch at L <= 2048 lies between the two."""
+        cfg = FlashConfig.for_head_dims(E, Ev)
+        if causal and L <= 2048 and max(E, Ev) <= 128:
+            wide = max(E, Ev) > 64
+            return dataclasses.replace(cfg, fwd90_warpgroups=2 if wide else 1, fwd90_block_n=128 if wide else 64)
+        return cfg
 
     @property
     def fwd_block_m(self) -> int:
@@ -267,7 +281,7 @@ def _common(pr, lay):
 # ---- forward / backward --------------------------------------------------------------------------------
 
 def _config(pr) -> FlashConfig:
-    return FlashConfig.for_head_dims(pr.E, pr.Ev)
+    return FlashConfig.for_problem(pr.E, pr.Ev, pr.L, pr.causal)
 
 
 def _device(pr) -> int:

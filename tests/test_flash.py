@@ -1,6 +1,7 @@
 """FLASH backend: nvcc compiles every kernel configuration (CPU), and on the GPU the kernels match the
 reference over sizes and features, judged against PyTorch's error at the same precision."""
 import concurrent.futures
+import itertools
 import shutil
 import subprocess
 from pathlib import Path
@@ -12,7 +13,7 @@ from attention_cases import Case, run_case
 from cusdpa import flash
 
 # One representative (E, Ev) per tile configuration class, incl. E != Ev and the split dK/dV passes.
-CONFIG_DIMS = [(40, 40), (64, 128), (72, 128), (256, 256)]
+CONFIG_DIMS = [(40, 40), (64, 64), (64, 128), (72, 128), (256, 256)]
 
 
 def _nvrtc_jobs():
@@ -21,8 +22,9 @@ def _nvrtc_jobs():
         # the dtype changes only the mma type and conversions, dropout only adds code: pair them up
         for dtype, dropout in (("float16", False), ("bfloat16", True)):
             yield "flash_fwd.cu", flash.compile_options(dtype, E, Ev, dropout, cfg)
-            if flash.sm90_forward_applies(E, Ev, 90, cfg):
-                yield "flash_fwd_sm90.cu", flash.compile_options(dtype, E, Ev, dropout, cfg) + ("-arch=sm_90a",)
+            for fwd_cfg in {cfg, flash.FlashConfig.for_problem(E, Ev, 1024, True)}:  # + short causal tiles
+                if flash.sm90_forward_applies(E, Ev, 90, fwd_cfg):
+                    yield "flash_fwd_sm90.cu", flash.compile_options(dtype, E, Ev, dropout, fwd_cfg) + ("-arch=sm_90a",)
             for part in ((1, 2) if cfg.split_dkdv else (3,)):
                 yield "flash_bwd.cu", flash.compile_options(dtype, E, Ev, dropout, cfg, part)
 
@@ -88,9 +90,9 @@ def test_every_kernel_configuration_compiles_with_nvcc(tmp_path):
 
 
 def test_config_fits_shared_memory():
-    for E in range(8, 257, 8):
-        for Ev in (E, 8, 256):
-            cfg = flash.FlashConfig.for_head_dims(E, Ev)
+    for E, other, L, causal in itertools.product(range(8, 257, 8), (8, 64, 256), (1024, 4096), (False, True)):
+        for Ev in (E, other):
+            cfg = flash.FlashConfig.for_problem(E, Ev, L, causal)
             kinds = ["fwd", "dkdv", "dq"] + (["fwd_sm90"] if flash.sm90_forward_applies(E, Ev, 90, cfg) else [])
             for kind in kinds:
                 assert flash.smem_bytes(kind, cfg, E, Ev) <= 227 * 1024, (E, Ev, kind)
