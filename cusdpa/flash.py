@@ -17,6 +17,7 @@ import numpy as np
 
 from . import environment, philox
 from .dispatch import Backend, Capabilities, Implementation
+from .launch import Launch, Slot
 
 CUDA_DIR = Path(__file__).parent / "cuda"
 MAX_GRID_Y = 65535
@@ -177,10 +178,13 @@ def _kernel(device: int, source: str, name: str, options: tuple, smem: int):
     if smem > MAX_SMEM:
         raise ValueError(f"{name} with {options} needs {smem} bytes of shared memory > {MAX_SMEM}; "
                          "choose smaller tiles in FlashConfig")
-    fn = _module(device, source, options).get_function(name)
-    if smem > 48 * 1024 and fn.max_dynamic_shared_size_bytes < smem:
-        fn.max_dynamic_shared_size_bytes = smem
-    return fn
+    import cupy
+
+    with cupy.cuda.Device(device):  # the attribute and the driver function are per device
+        fn = _module(device, source, options).get_function(name)
+        if smem > 48 * 1024 and fn.max_dynamic_shared_size_bytes < smem:
+            fn.max_dynamic_shared_size_bytes = smem
+        return fn.kernel  # cupy.cuda.function.Function, whose .ptr cusdpa.launch hands to the driver
 
 
 # ---- operands ------------------------------------------------------------------------------------------
@@ -202,6 +206,19 @@ def _collapse(strides, shape) -> int | None:
     return dims[-1][0] if dims else 0
 
 
+def _fresh(x):
+    """A new C-contiguous copy: its own allocation is aligned, where ``ascontiguousarray`` would hand back
+    a contiguous array whose base is not 16-byte aligned unchanged (cp.async then faults)."""
+    import cupy
+
+    return cupy.array(x, order="C", copy=True)
+
+
+def _readable(x):
+    """``x`` when the kernels can read it in place, else a fresh copy."""
+    return x if _usable(x) else _fresh(x)
+
+
 def _dense_operand(x, batch_shape):
     """(array viewable as (*batch, H, R, D), flattened-batch stride in elements) for a dense operand."""
     import cupy
@@ -210,7 +227,7 @@ def _dense_operand(x, batch_shape):
     full = cupy.broadcast_to(x, batch_shape + x.shape[-3:])
     stride_b = _collapse(full.strides[:len(batch_shape)], batch_shape) if _usable(x) else None
     if stride_b is None:
-        full = cupy.ascontiguousarray(full)
+        full = _fresh(full)
         stride_b = _collapse(full.strides[:len(batch_shape)], batch_shape)
     return full, stride_b // full.itemsize
 
@@ -228,9 +245,14 @@ def _mask_params(pr):
 
 def _dropout_params(pr):
     p = pr.dropout_p
-    return (np.uint32(pr.seed & 0xFFFFFFFF), np.uint32(pr.seed >> 32), np.uint32(pr.offset),
+    return (Slot("seed_lo"), Slot("seed_hi"), np.uint32(pr.offset),
             np.uint32(philox.keep_threshold(p) if p > 0 else 0xFFFFFFFF),
             np.float32(1.0 / (1.0 - p) if p < 1 else 0.0))
+
+
+def seed_values(seed: int) -> dict:
+    """The dropout seed's slot values (the key words of Philox, as ints: a launch cell holds either)."""
+    return {"seed_lo": seed & 0xFFFFFFFF, "seed_hi": seed >> 32}
 
 
 @dataclass
@@ -247,10 +269,8 @@ class _Layout:
 
 
 def _layout(pr) -> _Layout:
-    import cupy
-
     if pr.varlen is not None:
-        q, k, v = (x if _usable(x) else cupy.ascontiguousarray(x) for x in (pr.q, pr.k, pr.v))
+        q, k, v = (_readable(x) for x in (pr.q, pr.k, pr.v))
         strides = {n: [np.int64(0)] + _strides(x, (1, 0)) for n, x in (("q", q), ("k", k), ("v", v))}
         return _Layout(q, k, v, pr.varlen.batch, pr.varlen.cu_seqlens_q, pr.varlen.cu_seqlens_k, strides)
     (q, sq), (k, sk), (v, sv) = (_dense_operand(x, pr.batch_shape) for x in (pr.q, pr.k, pr.v))
@@ -304,11 +324,11 @@ def _forward(pr, out=None, lse=None):
         return (out if out is not None else res_out), (lse if lse is not None else res_lse)
 
 
-def _launch_forward(pr, out, lse):
-    cfg, lay = _config(pr), _layout(pr)
+def _forward_launch(pr, lay, o_strides) -> Launch | None:
+    """The forward kernel of ``pr`` with slots q, k, v, o, lse and the seed; None when there is nothing to do."""
     if lay.B * pr.hq == 0 or pr.L == 0:
-        return
-    o_view, o_strides = _out_view(pr, lay, out, pr.hq, pr.L, pr.Ev)
+        return None
+    cfg = _config(pr)
     opts = compile_options(pr.dtype_name, pr.E, pr.Ev, pr.dropout_p > 0, cfg)
     if sm90_forward_applies(pr.E, pr.Ev, _compute_capability(_device(pr)), cfg):
         smem = smem_bytes("fwd_sm90", cfg, pr.E, pr.Ev)
@@ -318,10 +338,21 @@ def _launch_forward(pr, out, lse):
         smem, block_m, threads = smem_bytes("fwd", cfg, pr.E, pr.Ev), cfg.fwd_block_m, cfg.fwd_warps * 32
         fn = _kernel(_device(pr), "flash_fwd.cu", "flash_fwd", opts, smem)
     grid = ((pr.L + block_m - 1) // block_m, lay.B * pr.hq)
-    args = (lay.q, lay.k, lay.v, o_view, lse, *_common(pr, lay), *lay.strides["q"], *lay.strides["k"],
-            *lay.strides["v"], *o_strides, *_lse_strides(pr), np.float32(pr.scale * math.log2(math.e)),
-            *_mask_params(pr), *_dropout_params(pr))
-    fn(grid, (threads,), args, shared_mem=smem)
+    args = (Slot("q"), Slot("k"), Slot("v"), Slot("o"), Slot("lse"), *_common(pr, lay), *lay.strides["q"],
+            *lay.strides["k"], *lay.strides["v"], *o_strides, *_lse_strides(pr),
+            np.float32(pr.scale * math.log2(math.e)), *_mask_params(pr), *_dropout_params(pr))
+    return Launch(fn, grid, (threads,), smem, args)
+
+
+def _launch_forward(pr, out, lse):
+    import cupy
+
+    lay = _layout(pr)
+    o_view, o_strides = _out_view(pr, lay, out, pr.hq, pr.L, pr.Ev)
+    launch = _forward_launch(pr, lay, o_strides)
+    if launch is not None:
+        launch(dict(q=lay.q, k=lay.k, v=lay.v, o=o_view, lse=lse, **seed_values(pr.seed)),
+               cupy.cuda.get_current_stream().ptr)
 
 
 def _backward(pr, out, lse, dout, deterministic=False, grads=None):
@@ -359,53 +390,108 @@ def _backward(pr, out, lse, dout, deterministic=False, grads=None):
         return tuple(result)
 
 
-def _launch_backward(pr, out, lse, dout, dq, dk, dv):
-    import cupy
-
-    cfg, lay = _config(pr), _layout(pr)
-    dev = _device(pr)
+def _backward_launches(pr, lay, strides) -> list[Launch]:
+    """The backward kernels of ``pr`` in launch order, with slots q, k, v, o, do, lse, delta, dq, dk, dv
+    and the seed; ``strides`` holds the (b, h, row) strides of o, do, dq, dk and dv."""
     if lay.B * pr.hq == 0:
-        return
-    out_c = out if _usable(out) else cupy.ascontiguousarray(out)
-    dout_c = dout if _usable(dout) else cupy.ascontiguousarray(dout)
-    o_view, o_strides = _out_view(pr, lay, out_c, pr.hq, pr.L, pr.Ev)
-    do_view, do_strides = _out_view(pr, lay, dout_c, pr.hq, pr.L, pr.Ev)
-    dq_view, dq_strides = _out_view(pr, lay, dq, pr.hq, pr.L, pr.E)
-    dk_view, dk_strides = _out_view(pr, lay, dk, pr.hkv, pr.S, pr.E)
-    dv_view, dv_strides = _out_view(pr, lay, dv, pr.hkv, pr.S, pr.Ev)
-    lse_c = cupy.ascontiguousarray(lse)
-    delta = cupy.empty_like(lse_c)
+        return []
+    cfg, dev = _config(pr), _device(pr)
     mask = _mask_params(pr)
     drop = _dropout_params(pr)
     scale, scale_log2 = np.float32(pr.scale), np.float32(pr.scale * math.log2(math.e))
     parts = (1, 2) if cfg.split_dkdv else (3,)
+    qkv = (Slot("q"), Slot("k"), Slot("v"))
+    ranks = (*_common(pr, lay), *lay.strides["q"], *lay.strides["k"], *lay.strides["v"], *strides["do"])
 
     def opts(part=3):
         return compile_options(pr.dtype_name, pr.E, pr.Ev, pr.dropout_p > 0, cfg, part)
 
+    launches = []
     if pr.L:
         rows = 64
         pre = _kernel(dev, "flash_bwd.cu", "flash_bwd_preprocess", opts(parts[0]), 0)
-        pre(((pr.L + rows - 1) // rows, lay.B * pr.hq), (256,),
-            (o_view, do_view, delta, *_common(pr, lay)[:5], *o_strides, *do_strides, *_lse_strides(pr), *mask,
-             np.int32(rows)))
+        launches.append(Launch(pre, ((pr.L + rows - 1) // rows, lay.B * pr.hq), (256,), 0,
+                               (Slot("o"), Slot("do"), Slot("delta"), *_common(pr, lay)[:5], *strides["o"],
+                                *strides["do"], *_lse_strides(pr), *mask, np.int32(rows))))
     if pr.S:
         grid = ((pr.S + cfg.bwd_block_n - 1) // cfg.bwd_block_n, lay.B * pr.hkv)
         smem = smem_bytes("dkdv", cfg, pr.E, pr.Ev)
         for part in parts:
             fn = _kernel(dev, "flash_bwd.cu", "flash_bwd_dkdv", opts(part), smem)
-            fn(grid, (cfg.bwd_warps * 32,),
-               (lay.q, lay.k, lay.v, do_view, lse_c, delta, dk_view, dv_view, *_common(pr, lay), *lay.strides["q"],
-                *lay.strides["k"], *lay.strides["v"], *do_strides, *dk_strides, *dv_strides, *_lse_strides(pr),
-                scale, scale_log2, *mask, *drop), shared_mem=smem)
+            launches.append(Launch(fn, grid, (cfg.bwd_warps * 32,), smem,
+                                   (*qkv, Slot("do"), Slot("lse"), Slot("delta"), Slot("dk"), Slot("dv"), *ranks,
+                                    *strides["dk"], *strides["dv"], *_lse_strides(pr), scale, scale_log2, *mask,
+                                    *drop)))
     if pr.L:
         smem = smem_bytes("dq", cfg, pr.E, pr.Ev)
         fn = _kernel(dev, "flash_bwd.cu", "flash_bwd_dq", opts(parts[0]), smem)
         grid = ((pr.L + cfg.dq_block_m - 1) // cfg.dq_block_m, lay.B * pr.hq)
-        fn(grid, (cfg.dq_warps * 32,),
-           (lay.q, lay.k, lay.v, do_view, lse_c, delta, dq_view, *_common(pr, lay), *lay.strides["q"],
-            *lay.strides["k"], *lay.strides["v"], *do_strides, *dq_strides, *_lse_strides(pr), scale, scale_log2,
-            *mask, *drop), shared_mem=smem)
+        launches.append(Launch(fn, grid, (cfg.dq_warps * 32,), smem,
+                               (*qkv, Slot("do"), Slot("lse"), Slot("delta"), Slot("dq"), *ranks, *strides["dq"],
+                                *_lse_strides(pr), scale, scale_log2, *mask, *drop)))
+    return launches
+
+
+def _launch_backward(pr, out, lse, dout, dq, dk, dv):
+    import cupy
+
+    lay = _layout(pr)
+    out_c, dout_c = _readable(out), _readable(dout)
+    views, strides = {}, {}
+    for name, x, heads, rows, dim in (("o", out_c, pr.hq, pr.L, pr.Ev), ("do", dout_c, pr.hq, pr.L, pr.Ev),
+                                      ("dq", dq, pr.hq, pr.L, pr.E), ("dk", dk, pr.hkv, pr.S, pr.E),
+                                      ("dv", dv, pr.hkv, pr.S, pr.Ev)):
+        views[name], strides[name] = _out_view(pr, lay, x, heads, rows, dim)
+    lse_c = cupy.ascontiguousarray(lse)
+    values = dict(q=lay.q, k=lay.k, v=lay.v, lse=lse_c, delta=cupy.empty_like(lse_c), **views,
+                  **seed_values(pr.seed))
+    stream = cupy.cuda.get_current_stream().ptr
+    for launch in _backward_launches(pr, lay, strides):
+        launch(values, stream)
+
+
+# ---- cached plans ------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Plan:
+    """Every launch of one problem signature, for callers that repeat it (the torch bridge's eager path).
+
+    Operands are read in place and results written to fresh contiguous buffers: q, k, v as they are,
+    out (``out_shape``) and lse (``lse_shape``, float32), delta like lse, dq, dk, dv in the shapes of
+    q, k and v. The slot values are device pointers (ints) and ``seed_values``; launches go on the given
+    stream of ``device``, whose CuPy context must be current.
+    """
+
+    device: int
+    out_shape: tuple
+    lse_shape: tuple
+    forward: Launch | None
+    backward: tuple
+
+
+def plan(pr, backward: bool = True) -> Plan | None:
+    """A Plan for dense problems whose q, k and v the kernels read in place with every batch dim present
+    (no broadcast to sum gradients over); None for anything else, which takes the general path. Without
+    ``backward`` the backward kernels are neither compiled nor planned (inference)."""
+    if pr.varlen is not None or pr.mask is not None:
+        return None
+    q, k, v = pr.q, pr.k, pr.v
+    if not (q.ndim == k.ndim == v.ndim >= 3 and q.shape[:-3] == k.shape[:-3] == v.shape[:-3] == pr.batch_shape):
+        return None
+    if not all(_usable(x) for x in (q, k, v)):
+        return None
+    lay = _layout(pr)
+    if any(a.data.ptr != x.data.ptr for a, x in ((lay.q, q), (lay.k, k), (lay.v, v))):  # copied: no in-place read
+        return None
+
+    def contiguous(heads, rows, dim):
+        return [np.int64(heads * rows * dim), np.int64(rows * dim), np.int64(dim)]
+
+    strides = {"o": contiguous(pr.hq, pr.L, pr.Ev), "do": contiguous(pr.hq, pr.L, pr.Ev),
+               "dq": contiguous(pr.hq, pr.L, pr.E), "dk": contiguous(pr.hkv, pr.S, pr.E),
+               "dv": contiguous(pr.hkv, pr.S, pr.Ev)}
+    return Plan(_device(pr), pr.out_shape, pr.lse_shape, _forward_launch(pr, lay, strides["o"]),
+                tuple(_backward_launches(pr, lay, strides)) if backward else ())
 
 
 # ---- dispatch ---------------------------------------------------------------------------------------------

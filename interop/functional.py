@@ -9,7 +9,7 @@ import torch
 from cusdpa import dispatch
 from cusdpa.dispatch import Backend
 
-from . import bridge, nested, ops
+from . import bridge, fastpath, nested, ops
 
 
 def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
@@ -29,7 +29,8 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
 
     Dropout draws its seed from torch's CPU generator, so ``torch.manual_seed`` reproduces a run and
     the backward regenerates the forward's keep-mask. CPU tensors run on the NumPy reference; CUDA
-    tensors on their own device, on torch's current stream, without copying contiguous inputs.
+    tensors on their own device, on torch's current stream, without copying contiguous inputs. In eager
+    mode a repeated call replays the kernel launches its first call prepared (interop/fastpath.py).
     ``backend`` (a cusdpa.Backend or a sequence of them) restricts the backends tried, like
     ``cusdpa.sdpa_kernel``; by default the ones ``cusdpa.sdpa_kernel`` enables (under torch.compile:
     those enabled when the graph was traced).
@@ -40,8 +41,12 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
                                 causal_variant, window, backend)
     check_tensors(tensors, attn_mask)
     query, key, value = (unit_stride(x) for x in (query, key, value))
-    out, _ = ops.sdpa_fwd(query, key, value, attn_mask, *options(dropout_p, is_causal, scale, enable_gqa,
-                                                                   causal_variant, window, backend))
+    opts = options(dropout_p, is_causal, scale, enable_gqa, causal_variant, window, backend)
+    if fastpath.applies(query, key, value, attn_mask):
+        out = fastpath.attention(query, key, value, opts)
+        if out is not None:
+            return out
+    out, _ = ops.sdpa_fwd(query, key, value, attn_mask, *opts)
     return out
 
 

@@ -119,9 +119,13 @@ def test_cuda_views_share_memory_both_ways(dtype):
 @pytest.fixture
 def launch_context(monkeypatch):
     """Records (CuPy's current device, its current stream, the Problem) as each backend's forward and
-    backward start."""
+    backward start. Calls take the custom ops (the eager fast path, which skips the backends' entry
+    points, has its own tests in test_fastpath.py)."""
     import cupy
 
+    from interop import fastpath
+
+    monkeypatch.setattr(fastpath, "applies", lambda *args: False)
     seen = []
     real = dispatch.implementation
 
@@ -297,9 +301,9 @@ def test_profiler_names_the_ops_and_the_backend(rng):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(reason="measured on the H100: two correct bf16 kernels give loss curves that drift apart "
-                          "after ~70 steps (PyTorch EFFICIENT_ATTENTION vs its default SDPA: up to 28%), so "
-                          "the 1% criterion fails for cusdpa too (up to 29%); see BENCHMARKS.md", strict=False)
+@pytest.mark.xfail(reason="measured on the H200 with nanoGPT's recipe: largest gap 1.16% (step 158), at the "
+                          "noise floor of two correct bf16 kernels (PyTorch EFFICIENT_ATTENTION vs its default "
+                          "SDPA: 1.155%), so the 1% tolerance is not reliably met; see BENCHMARKS.md", strict=False)
 def test_train_gpt_example_on_cuda(monkeypatch):
     import importlib.util
     import pathlib

@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# One call of the lent GPU machine: set up, then run the named stages in order, logged to $OUT/log.txt
+# (one file: the tool brings back at most 8), each stage's tail also on screen.
+#
+#   bash benchmarks/on_device.sh STAGE...     (from the repository root, with .whl carried)
+#
+# The machine has torch, CuPy, numba-cuda and triton but numpy 2.5, which numba-cuda 0.30 cannot import:
+# a numpy < 2.5 wheel travels in .whl (README of the device tool) and goes first on PYTHONPATH.
+# Stages: flash-tests, fastpath-tests, interop-tests, efficient-tests, sweep, overhead, bench (every provider),
+# bench-flash (cusdpa FLASH against PyTorch's FLASH and cuDNN only), train.
+set -uo pipefail
+OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT"
+python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl || exit 1
+export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,temperature.gpu --format=csv,noheader
+summary=()
+for stage in "$@"; do
+  start=$(date +%s)
+  case $stage in
+    flash-tests) cmd=(python3 -m pytest -q -m "gpu and not slow" -p no:cacheprovider tests/test_flash.py) ;;
+    fastpath-tests) cmd=(python3 -m pytest -q -p no:cacheprovider tests/test_fastpath.py) ;;
+    interop-tests) cmd=(python3 -m pytest -q -m "gpu and not slow" -p no:cacheprovider tests/test_interop_gpu.py) ;;
+    efficient-tests) cmd=(python3 -m pytest -q -m "gpu and not slow" -p no:cacheprovider tests/test_efficient_gpu.py) ;;
+    sweep) cmd=(python3 benchmarks/flash_sweep.py --forward-only --lengths 1024 4096 16384) ;;
+    overhead) cmd=(python3 benchmarks/overhead.py --profile) ;;
+    bench) cmd=(python3 -m cusdpa bench --out "$OUT/bench") ;;
+    bench-flash) cmd=(python3 -m cusdpa bench --out "$OUT/bench" --providers cusdpa cusdpa-flash torch torch-flash
+                      torch-cudnn) ;;
+    train) cmd=(python3 examples/train_gpt.py --device cuda) ;;
+    *) echo "unknown stage $stage" >&2; exit 2 ;;
+  esac
+  echo "=== $stage: ${cmd[*]}"
+  "${cmd[@]}" > "/tmp/$stage.log" 2>&1
+  rc=$?
+  { echo "=== $stage: ${cmd[*]} (rc=$rc)"; cat "/tmp/$stage.log"; } >> "$OUT/log.txt"
+  tail -n 25 "/tmp/$stage.log"
+  summary+=("$stage rc=$rc $(( $(date +%s) - start ))s")
+done
+printf '%s\n' "${summary[@]}"

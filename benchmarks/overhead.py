@@ -1,0 +1,87 @@
+"""Host time per attention call, stage by stage, on a problem small enough that the host dominates.
+
+    python benchmarks/overhead.py [--profile]
+
+The tutorial's module (8 heads x 64, 32 x 512 tokens, fp16, causal, inference). Each line is the
+mean wall time of 200 calls issued back to back and then synchronised once, so a stage that is
+cheaper than the GPU work behind it still shows its host cost. ``--profile`` adds a cProfile table
+of ``interop.scaled_dot_product_attention`` (the eager fast path once warm), sorted by own time.
+"""
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import pstats
+import time
+
+import torch
+
+import cusdpa
+import interop
+from cusdpa import checks, dispatch, flash
+from interop import bridge
+
+
+def timed(name, fn, n=200):
+    fn()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(n):
+        fn()
+    host = time.perf_counter() - start
+    torch.cuda.synchronize()
+    total = time.perf_counter() - start
+    print(f"{name:34s} host {1e6 * host / n:7.1f} us   with GPU {1e6 * total / n:7.1f} us", flush=True)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--profile", action="store_true")
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    module = interop.CausalSelfAttention(8, 512, is_causal=True).cuda().half().eval()
+    reference = interop.CausalSelfAttention(8, 512, is_causal=True, attention="torch").cuda().half().eval()
+    x = torch.randn(32, 512, 512, device="cuda", dtype=torch.half)
+    q = torch.randn(32, 8, 512, 64, device="cuda", dtype=torch.half)
+    out, lse = torch.empty_like(q), torch.empty(32, 8, 512, device="cuda")
+    cq, cout, clse = (bridge.as_array(t) for t in (q, out, lse))
+    pr = checks.problem_from_dense(cq, cq, cq, is_causal=True)
+    op = torch.ops.cusdpa.sdpa_fwd
+    with torch.no_grad():
+        stages = [
+            ("bridge.as_array (one tensor)", lambda: bridge.as_array(q)),
+            ("checks.problem_from_dense", lambda: checks.problem_from_dense(cq, cq, cq, is_causal=True)),
+            ("dispatch.select", lambda: dispatch.select(pr)),
+            ("flash forward into out, lse", lambda: flash.IMPL.forward(pr, cout, clse)),
+            ("cusdpa sdpa on CuPy", lambda: cusdpa.scaled_dot_product_attention(cq, cq, cq, is_causal=True)),
+            ("op cusdpa::sdpa_fwd", lambda: op(q, q, q, None, 0.0, True, None, False, "upper_left", None, None,
+                                               "flash,efficient,math")),
+            ("interop.scaled_dot_product_attention",
+             lambda: interop.scaled_dot_product_attention(q, q, q, is_causal=True)),
+            ("torch SDPA", lambda: torch.nn.functional.scaled_dot_product_attention(q, q, q, is_causal=True)),
+            ("module, cusdpa", lambda: module(x)),
+            ("module, torch", lambda: reference(x)),
+        ]
+        for name, fn in stages:
+            timed(name, fn)
+    # training: forward and backward of one call, gradients to q, k and v
+    qg = q.detach().requires_grad_()
+    for name, attend in (("fwd+bwd, cusdpa", interop.scaled_dot_product_attention),
+                         ("fwd+bwd, torch", torch.nn.functional.scaled_dot_product_attention)):
+        timed(name, lambda: attend(qg, qg, qg, is_causal=True).backward(q))
+    with torch.no_grad():
+        if args.profile:
+            prof = cProfile.Profile()
+            prof.enable()
+            for _ in range(50):
+                interop.scaled_dot_product_attention(q, q, q, is_causal=True)
+            torch.cuda.synchronize()
+            prof.disable()
+            text = io.StringIO()
+            pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(30)
+            print(text.getvalue())
+
+
+if __name__ == "__main__":
+    main()
