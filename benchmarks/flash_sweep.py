@@ -2,9 +2,10 @@
 
     python benchmarks/flash_sweep.py [--lengths 4096] [--head-dims 64 128]
 
-Used to choose FlashConfig.for_head_dims; prints one line per (point, direction, config), best first.
-Each forward variant's output is compared with PyTorch's (relative Frobenius error, ~1e-3 in bf16) before
-it is timed, so a broken tile configuration shows up as an error, not as a speed.
+Used to choose FlashConfig.for_head_dims and for_problem (each point starts from the latter's tiles);
+prints one line per (point, direction, config), best first. Each forward variant's output is compared
+with PyTorch's (relative Frobenius error, ~1e-3 in bf16) before it is timed, so a broken tile
+configuration shows up as an error, not as a speed.
 """
 from __future__ import annotations
 

@@ -459,10 +459,9 @@ class Plan:
     Operands are read in place and results written to fresh contiguous buffers: q, k, v as they are,
     out (``out_shape``) and lse (``lse_shape``, float32), delta like lse, dq, dk, dv in the shapes of
     q, k and v. The slot values are device pointers (ints) and ``seed_values``; launches go on the given
-    stream of ``device``, whose CuPy context must be current.
+    stream, with the operands' device current.
     """
 
-    device: int
     out_shape: tuple
     lse_shape: tuple
     forward: Launch | None
@@ -490,7 +489,7 @@ def plan(pr, backward: bool = True) -> Plan | None:
     strides = {"o": contiguous(pr.hq, pr.L, pr.Ev), "do": contiguous(pr.hq, pr.L, pr.Ev),
                "dq": contiguous(pr.hq, pr.L, pr.E), "dk": contiguous(pr.hkv, pr.S, pr.E),
                "dv": contiguous(pr.hkv, pr.S, pr.Ev)}
-    return Plan(_device(pr), pr.out_shape, pr.lse_shape, _forward_launch(pr, lay, strides["o"]),
+    return Plan(pr.out_shape, pr.lse_shape, _forward_launch(pr, lay, strides["o"]),
                 tuple(_backward_launches(pr, lay, strides)) if backward else ())
 
 
