@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import statistics
 
-import numpy as np
 
 
 def _torch_dtype(torch, name):

@@ -2,7 +2,8 @@
 
     python benchmarks/overhead.py [--profile]
 
-The tutorial's module (8 heads x 64, 32 x 512 tokens, fp16, causal, inference). Each line is the
+The tutorial's module (8 heads x 64, 32 x 512 tokens, fp16, causal, inference), eager and under
+torch.compile (whose graphs call the custom op). Each line is the
 mean wall time of 200 calls issued back to back and then synchronised once, so a stage that is
 cheaper than the GPU work behind it still shows its host cost. ``--profile`` adds a cProfile table
 of ``interop.scaled_dot_product_attention`` (the eager fast path once warm), sorted by own time.
@@ -48,6 +49,7 @@ def main():
     cq, cout, clse = (bridge.as_array(t) for t in (q, out, lse))
     pr = checks.problem_from_dense(cq, cq, cq, is_causal=True)
     op = torch.ops.cusdpa.sdpa_fwd
+    compiled, compiled_reference = torch.compile(module), torch.compile(reference)
     with torch.no_grad():
         stages = [
             ("bridge.as_array (one tensor)", lambda: bridge.as_array(q)),
@@ -62,12 +64,17 @@ def main():
             ("torch SDPA", lambda: torch.nn.functional.scaled_dot_product_attention(q, q, q, is_causal=True)),
             ("module, cusdpa", lambda: module(x)),
             ("module, torch", lambda: reference(x)),
+            ("module compiled, cusdpa", lambda: compiled(x)),
+            ("module compiled, torch", lambda: compiled_reference(x)),
         ]
         for name, fn in stages:
             timed(name, fn)
     # training: forward and backward of one call, gradients to q, k and v
     qg = q.detach().requires_grad_()
+    through_op = lambda q, k, v, is_causal: op(q, k, v, None, 0.0, is_causal, None, False, "upper_left", None, None,
+                                                "flash,efficient,math")[0]
     for name, attend in (("fwd+bwd, cusdpa", interop.scaled_dot_product_attention),
+                         ("fwd+bwd, cusdpa custom op", through_op),
                          ("fwd+bwd, torch", torch.nn.functional.scaled_dot_product_attention)):
         timed(name, lambda: attend(qg, qg, qg, is_causal=True).backward(q))
     with torch.no_grad():

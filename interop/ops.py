@@ -3,7 +3,9 @@
 The ops are functional: nothing is mutated and no global state is read. The dropout seed and the
 backends to try are inputs, so eager mode, a torch.compile graph and a backward that runs on
 autograd's own thread all see the same keep-mask and the same dispatch. Outputs are allocated by
-torch (its caching allocator owns them) and filled in place by the backend through array views.
+torch (its caching allocator owns them) and filled in place by the backend through array views. A
+dense call on CUDA tensors whose signature FLASH ran before replays that call's prepared launches
+(plans.py), in eager mode and in compiled graphs alike.
 
 In torch.profiler tables each call shows as the op (``cusdpa::sdpa_fwd``, ``cusdpa::varlen_bwd``,
 ...) with the backend that ran nested inside it (``cusdpa::flash_fwd``, ``cusdpa::math_bwd``, ...).
@@ -15,10 +17,9 @@ from typing import Optional
 
 import torch
 
-from cusdpa import checks, dispatch
-from cusdpa.dispatch import Backend
+from cusdpa import checks
 
-from . import bridge
+from . import bridge, plans
 
 Tensor = torch.Tensor
 
@@ -32,22 +33,8 @@ def dense_out_shape(query: Tensor, key: Tensor, value: Tensor) -> tuple:
     return shape[len(shape) - rank:]
 
 
-def _seed(seed: Optional[Tensor], dropout_p: float):
-    if seed is None:
-        if dropout_p > 0:
-            raise ValueError(f"dropout_p={dropout_p} needs a seed tensor: the op draws no randomness itself")
-        return 0
-    # An int64 CPU tensor: reading it never waits on a GPU.
-    return int(seed.item()) & (2**64 - 1)
-
-
 def _window(window: Optional[list[int]]):
     return None if window is None else tuple(window)
-
-
-def _select(pr: checks.Problem, backends: str, need_grad: bool) -> dispatch.Implementation:
-    with dispatch.sdpa_kernel([Backend(name) for name in backends.split(",")], set_priority=True):
-        return dispatch.select(pr, need_grad)
 
 
 def _profiled(name: str):
@@ -62,7 +49,7 @@ def _arrays(*tensors):
 
 
 def _forward(pr: checks.Problem, like: Tensor, backends: str) -> tuple[Tensor, Tensor]:
-    impl = _select(pr, backends, need_grad=False)
+    impl = plans.select(pr, backends, need_grad=False)
     out = like.new_empty(pr.out_shape)
     lse = like.new_empty(pr.lse_shape, dtype=torch.float32)
     with _profiled(f"cusdpa::{impl.backend.value}_fwd"):
@@ -72,9 +59,18 @@ def _forward(pr: checks.Problem, like: Tensor, backends: str) -> tuple[Tensor, T
 
 def _backward(pr: checks.Problem, grads: list[Tensor], grad_out: Tensor, out: Tensor, lse: Tensor, backends: str,
               deterministic: bool) -> None:
-    impl = _select(pr, backends, need_grad=True)
+    impl = plans.select(pr, backends, need_grad=True)
     with _profiled(f"cusdpa::{impl.backend.value}_bwd"):
         impl.backward(pr, *_arrays(out, lse, grad_out), deterministic, tuple(_arrays(*grads)))
+
+
+def _plan(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, causal_variant, window, backends,
+          backward):
+    """The prepared launches of a dense call (plans.py), or None: validate and dispatch in full."""
+    if attn_mask is not None or not query.is_cuda:
+        return None
+    return plans.lookup(query, key, value, dropout_p, is_causal, scale, enable_gqa, causal_variant, window,
+                        backends, backward)
 
 
 # ---- dense ------------------------------------------------------------------------------------
@@ -85,9 +81,14 @@ def sdpa_fwd(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tens
              window: Optional[list[int]], seed: Optional[Tensor], backends: str) -> tuple[Tensor, Tensor]:
     """(out, lse) of dense attention. ``seed``: int64 CPU tensor (1,) or None without dropout;
     ``backends``: comma-separated cusdpa.Backend values, tried in that order."""
+    plan = _plan(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, causal_variant, window,
+                 backends, backward=False)
+    if plan is not None:
+        with _profiled("cusdpa::flash_fwd"):
+            return plans.forward(plan, query, key, value, plans.seed_of(seed, dropout_p))
     with bridge.on_stream(query.device):
         pr = checks.problem_from_dense(*_arrays(query, key, value, attn_mask), dropout_p, is_causal, scale,
-                                       enable_gqa, causal_variant, _window(window), _seed(seed, dropout_p))
+                                       enable_gqa, causal_variant, _window(window), plans.seed_of(seed, dropout_p))
         return _forward(pr, query, backends)
 
 
@@ -108,9 +109,15 @@ def sdpa_bwd(grad_out: Tensor, query: Tensor, key: Tensor, value: Tensor, attn_m
              deterministic: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(dq, dk, dv, dmask); dmask has attn_mask's shape for a float mask and 0 elements otherwise
     (an op cannot return None)."""
+    plan = _plan(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, causal_variant, window,
+                 backends, backward=True)
+    if plan is not None and plans.backward_takes(plan, query, grad_out, out, lse):
+        with _profiled("cusdpa::flash_bwd"):
+            dq, dk, dv = plans.backward(plan, grad_out, query, key, value, out, lse, plans.seed_of(seed, dropout_p))
+        return dq, dk, dv, query.new_empty(0)
     with bridge.on_stream(query.device):
         pr = checks.problem_from_dense(*_arrays(query, key, value, attn_mask), dropout_p, is_causal, scale,
-                                       enable_gqa, causal_variant, _window(window), _seed(seed, dropout_p))
+                                       enable_gqa, causal_variant, _window(window), plans.seed_of(seed, dropout_p))
         grads = [query.new_empty(x.shape) for x in (query, key, value)]
         dmask = attn_mask.new_empty(attn_mask.shape) if _float_mask(attn_mask) else query.new_empty(0)
         _backward(pr, grads + [dmask] if _float_mask(attn_mask) else grads, grad_out, out, lse, backends,
@@ -155,7 +162,7 @@ def varlen_fwd(query: Tensor, key: Tensor, value: Tensor, cu_seqlens_q: Tensor, 
     with bridge.on_stream(query.device):
         pr = checks.problem_from_varlen(*_arrays(query, key, value, cu_seqlens_q, cu_seqlens_k), max_seqlen_q,
                                         max_seqlen_k, dropout_p, is_causal, scale, enable_gqa, causal_variant,
-                                        _window(window), _seed(seed, dropout_p))
+                                        _window(window), plans.seed_of(seed, dropout_p))
         return _forward(pr, query, backends)
 
 
@@ -175,7 +182,7 @@ def varlen_bwd(grad_out: Tensor, query: Tensor, key: Tensor, value: Tensor, cu_s
     with bridge.on_stream(query.device):
         pr = checks.problem_from_varlen(*_arrays(query, key, value, cu_seqlens_q, cu_seqlens_k), max_seqlen_q,
                                         max_seqlen_k, dropout_p, is_causal, scale, enable_gqa, causal_variant,
-                                        _window(window), _seed(seed, dropout_p))
+                                        _window(window), plans.seed_of(seed, dropout_p))
         grads = [query.new_empty(x.shape) for x in (query, key, value)]
         _backward(pr, grads, grad_out, out, lse, backends, deterministic)
     return tuple(grads)

@@ -66,34 +66,78 @@ CASES = {
 }
 
 
+def _options(functional, kw):
+    return functional.options(kw.get("dropout_p", 0.0), kw.get("is_causal", False), kw.get("scale"),
+                              kw.get("enable_gqa", False), kw.get("causal_variant", "upper_left"), kw.get("window"),
+                              None)
+
+
+def _general(monkeypatch, ops, q, k, v, opts, dout):
+    """out and (dq, dk, dv) through the ops with plans turned off: full validation, dispatch, CuPy views."""
+    import torch
+
+    from interop import plans
+
+    with monkeypatch.context() as patched:
+        patched.setattr(plans, "lookup", lambda *args, **kwargs: None)
+        out, _ = ops.sdpa_fwd(q, k, v, None, *opts)
+        return out.detach(), torch.autograd.grad(out, (q, k, v), dout)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("name", sorted(CASES))
-def test_fast_path_is_bit_identical_to_the_ops(name, rng):
+def test_fast_path_is_bit_identical_to_the_general_path(name, rng, monkeypatch):
     torch = _torch_cuda()
     import interop
-    from interop import fastpath, functional, ops
+    from interop import functional, ops, plans
 
     case = CASES[name]
     dtype = getattr(torch, case["dtype"])
     q, k, v = _inputs(torch, case["q"], case["kv"], dtype, int(rng.integers(2**31)))
     kw = case["kw"]
-    fastpath._plans.clear()
+    plans._plans.clear()
     for _ in range(2):  # the first call builds the plan, the second replays it
         torch.manual_seed(5)
         fast = interop.scaled_dot_product_attention(q, k, v, **kw)
-    plans = [p for p in fastpath._plans.values() if p is not None]
-    assert len(plans) == 1, "the repeated call must replay one cached FLASH plan"
+    built = [p for p in plans._plans.values() if p is not None]
+    assert len(built) == 1 and built[0].backward, "the repeated call must replay one cached FLASH plan"
     torch.manual_seed(5)
-    opts = functional.options(kw.get("dropout_p", 0.0), kw.get("is_causal", False), kw.get("scale"),
-                              kw.get("enable_gqa", False), kw.get("causal_variant", "upper_left"), kw.get("window"),
-                              None)
-    slow, _ = ops.sdpa_fwd(q, k, v, None, *opts)
-    assert torch.equal(fast, slow)
+    opts = _options(functional, kw)  # draws the same dropout seed as the calls above
     dout = torch.randn_like(fast)
+    slow, want = _general(monkeypatch, ops, q, k, v, opts, dout)
+    assert torch.equal(fast, slow)
     got = torch.autograd.grad(fast, (q, k, v), dout)
-    want = torch.autograd.grad(slow, (q, k, v), dout)
     for g, w in zip(got, want):
         assert g.shape == w.shape and torch.equal(g, w)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["causal_bf16", "window_dropout"])
+def test_ops_replay_plans_bit_identically(name, rng, monkeypatch):
+    """The custom ops themselves (what a compiled graph calls) replay the plans, forward and backward."""
+    torch = _torch_cuda()
+    from interop import functional, ops, plans
+
+    case = CASES[name]
+    q, k, v = _inputs(torch, case["q"], case["kv"], getattr(torch, case["dtype"]), int(rng.integers(2**31)))
+    opts = _options(functional, case["kw"])
+    plans._plans.clear()
+    out, lse = ops.sdpa_fwd(q, k, v, None, *opts)
+    dout = torch.randn_like(out)
+    got = torch.autograd.grad(out, (q, k, v), dout)
+    assert sorted(bool(p.backward) for p in plans._plans.values()) == [False, True]  # inference and training plans
+    slow, want = _general(monkeypatch, ops, q, k, v, opts, dout)
+    assert torch.equal(out.detach(), slow)
+    for g, w in zip(got, want):
+        assert torch.equal(g, w)
+    # A backward op handed an out it cannot read in place (here a strided copy) takes the general path.
+    strided = torch.empty(*out.shape[:-1], 2 * out.shape[-1], dtype=out.dtype, device="cuda")[..., ::2]
+    strided.copy_(out.detach())
+    training = next(p for p in plans._plans.values() if p.backward)
+    assert not plans.backward_takes(training, q, dout, strided, lse)
+    dq, dk, dv, _ = ops.sdpa_bwd(dout, q.detach(), k.detach(), v.detach(), None, strided, lse, *opts, False)
+    for g, w in zip((dq, dk, dv), want):
+        assert torch.equal(g, w)
 
 
 @pytest.mark.gpu
@@ -130,17 +174,18 @@ def test_fast_path_steps_aside():
     """Masks, misaligned or non-collapsing inputs and fp32 take the ops (and stay right)."""
     torch = _torch_cuda()
     import interop
-    from interop import fastpath
+    from interop import fastpath, plans
 
     q, k, v = _inputs(torch, (2, 2, 64, 64), (2, 2, 64, 64), torch.float16, 4)
     assert not fastpath.applies(q, k, v, torch.ones(64, 64, dtype=torch.bool, device="cuda"))
-    fastpath._plans.clear()
+    plans._plans.clear()
     base = torch.empty(2 * 2 * 64 * 64 + 1, device="cuda", dtype=torch.float16)
     shifted = base[1:].view(2, 2, 64, 64)  # 2-byte offset: cp.async needs 16-byte rows
     shifted.copy_(q.detach())
     got = interop.scaled_dot_product_attention(shifted, k.detach(), v.detach())
-    assert list(fastpath._plans.values()) == [None]
+    assert list(plans._plans.values()) == [None]
     assert torch.equal(got, interop.scaled_dot_product_attention(q.detach(), k.detach(), v.detach()))
+    plans._plans.clear()
     q32 = q.detach().float()
     interop.scaled_dot_product_attention(q32, q32, q32)
-    assert all(p is None for p in fastpath._plans.values())
+    assert all(p is None for p in plans._plans.values())

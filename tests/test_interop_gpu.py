@@ -119,13 +119,13 @@ def test_cuda_views_share_memory_both_ways(dtype):
 @pytest.fixture
 def launch_context(monkeypatch):
     """Records (CuPy's current device, its current stream, the Problem) as each backend's forward and
-    backward start. Calls take the custom ops (the eager fast path, which skips the backends' entry
-    points, has its own tests in test_fastpath.py)."""
+    backward start. Plans are off, so every call enters a backend (the prepared launches, which skip
+    the backends' entry points, have their own tests in test_fastpath.py)."""
     import cupy
 
-    from interop import fastpath
+    from interop import plans
 
-    monkeypatch.setattr(fastpath, "applies", lambda *args: False)
+    monkeypatch.setattr(plans, "lookup", lambda *args, **kwargs: None)
     seen = []
     real = dispatch.implementation
 
