@@ -15,7 +15,6 @@ import argparse
 import statistics
 
 
-
 def _torch_dtype(torch, name):
     return {"float16": torch.float16, "bfloat16": torch.bfloat16}[name]
 
