@@ -7,7 +7,8 @@
 # The machine has torch, CuPy, numba-cuda and triton but numpy 2.5, which numba-cuda 0.30 cannot import:
 # a numpy < 2.5 wheel travels in .whl (README of the device tool) and goes first on PYTHONPATH.
 # Stages: flash-tests, fastpath-tests, interop-tests, efficient-tests, sweep, overhead, bench (every provider),
-# bench-flash (cusdpa FLASH against PyTorch's FLASH and cuDNN only), train.
+# bench-flash (cusdpa FLASH against PyTorch's FLASH and cuDNN only), bench-module (the tutorial module: parts b
+# and c), train (bf16 autocast), train-fp32, train-compiled (bf16, torch.compile).
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
@@ -27,7 +28,10 @@ for stage in "$@"; do
     bench) cmd=(python3 -m cusdpa bench --out "$OUT/bench") ;;
     bench-flash) cmd=(python3 -m cusdpa bench --out "$OUT/bench" --providers cusdpa cusdpa-flash torch torch-flash
                       torch-cudnn) ;;
+    bench-module) cmd=(python3 -m cusdpa bench --out "$OUT/bench" --parts b c) ;;
     train) cmd=(python3 examples/train_gpt.py --device cuda) ;;
+    train-fp32) cmd=(python3 examples/train_gpt.py --device cuda --fp32) ;;
+    train-compiled) cmd=(python3 examples/train_gpt.py --device cuda --compile) ;;
     *) echo "unknown stage $stage" >&2; exit 2 ;;
   esac
   echo "=== $stage: ${cmd[*]}"
