@@ -5,8 +5,9 @@
 The tutorial's module (8 heads x 64, 32 x 512 tokens, fp16, causal, inference), eager and under
 torch.compile (whose graphs call the custom op). Each line is the
 mean wall time of 200 calls issued back to back and then synchronised once, so a stage that is
-cheaper than the GPU work behind it still shows its host cost. ``--profile`` adds a cProfile table
-of ``interop.scaled_dot_product_attention`` (the eager fast path once warm), sorted by own time.
+cheaper than the GPU work behind it still shows its host cost. ``--profile`` adds the GPU kernel
+times of both modules (torch.profiler) and a cProfile table of ``interop.scaled_dot_product_attention``
+(the eager fast path once warm), sorted by own time.
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ import torch
 import cusdpa
 import interop
 from cusdpa import checks, dispatch, flash
-from interop import bridge
+from interop import bridge, plans
 
 
 def timed(name, fn, n=200):
@@ -49,6 +50,8 @@ def main():
     cq, cout, clse = (bridge.as_array(t) for t in (q, out, lse))
     pr = checks.problem_from_dense(cq, cq, cq, is_causal=True)
     op = torch.ops.cusdpa.sdpa_fwd
+    plan_args = (q, q, q, 0.0, True, None, False, "upper_left", None, "flash,efficient,math")
+    plan = plans.lookup(*plan_args, backward=False)
     compiled, compiled_reference = torch.compile(module), torch.compile(reference)
     with torch.no_grad():
         stages = [
@@ -57,6 +60,9 @@ def main():
             ("dispatch.select", lambda: dispatch.select(pr)),
             ("flash forward into out, lse", lambda: flash.IMPL.forward(pr, cout, clse)),
             ("cusdpa sdpa on CuPy", lambda: cusdpa.scaled_dot_product_attention(cq, cq, cq, is_causal=True)),
+            ("plans.lookup (a hit)", lambda: plans.lookup(*plan_args, backward=False)),
+            ("plans.forward (2 tensors, 1 launch)", lambda: plans.forward(plan, q, q, q, 0)),
+            ("torch.empty x2", lambda: (torch.empty_like(q), torch.empty_like(lse))),
             ("op cusdpa::sdpa_fwd", lambda: op(q, q, q, None, 0.0, True, None, False, "upper_left", None, None,
                                                "flash,efficient,math")),
             ("interop.scaled_dot_product_attention",
@@ -79,6 +85,15 @@ def main():
         timed(name, lambda: attend(qg, qg, qg, is_causal=True).backward(q))
     with torch.no_grad():
         if args.profile:
+            # GPU time per kernel of the two modules (a profiler makes cusdpa take its custom op, which
+            # replays the same plan): separates kernel time from host time in the rows above
+            for name, fn in (("module, cusdpa", lambda: module(x)), ("module, torch", lambda: reference(x))):
+                with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as kernels:
+                    for _ in range(20):
+                        fn()
+                    torch.cuda.synchronize()
+                print(f"{name}: GPU kernels of 20 calls")
+                print(kernels.key_averages().table(sort_by="cuda_time_total", row_limit=6))
             prof = cProfile.Profile()
             prof.enable()
             for _ in range(50):

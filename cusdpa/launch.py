@@ -57,7 +57,8 @@ class Launch:
             runtime.setDevice(runtime.getDevice())
         cells = self.cells.copy()  # per call: concurrent launches from other threads never share a buffer
         for i, name in self.slots:
-            cells[i] = _cell(values[name])
+            value = values[name]
+            cells[i] = value if type(value) is int else _cell(value)  # raw pointers and seeds are ints
         params = self.offsets + np.uint64(cells.ctypes.data)
         gx, gy = self.grid
         driver.launchKernel(self.fn.ptr, gx, gy, 1, self.block[0], 1, 1, self.smem, stream_ptr, params.ctypes.data, 0)

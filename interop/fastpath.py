@@ -31,6 +31,8 @@ def attention(query, key, value, options: tuple):
                         backends, backward=needs_grad)
     if plan is None:
         return None
+    if not needs_grad:  # inference: no autograd node to build
+        return plans.forward(plan, query, key, value, plans.seed_of(seed, dropout_p))[0]
     return _Attention.apply(query, key, value, plan, plans.seed_of(seed, dropout_p))
 
 

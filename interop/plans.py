@@ -71,7 +71,9 @@ def _launch(launches, device: torch.device, values: dict) -> None:
     import cupy
 
     with cupy.cuda.Device(device.index):
-        stream = torch.cuda.current_stream(device).cuda_stream
+        # torch's current stream there as a raw handle: what inductor's generated code reads, one C call
+        # where torch.cuda.current_stream builds a Stream object
+        stream = torch._C._cuda_getCurrentRawStream(device.index)
         for launch in launches:
             launch(values, stream)
 
