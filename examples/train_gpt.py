@@ -4,8 +4,12 @@ PyTorch's SDPA (same seed, same batches, no dropout), then compare the loss curv
     python examples/train_gpt.py --device cuda            # 200 steps, bf16 autocast
     python examples/train_gpt.py --device cpu --steps 3   # tiny model; cusdpa runs its NumPy reference
 
-Exits with status 1 when the two loss curves differ by more than ``--tolerance`` (relative) at any
-step. Run it from the repository root with the package installed (``pip install -e .``).
+On the GPU it also measures the noise floor: PyTorch against itself, with EFFICIENT_ATTENTION instead
+of its default kernel. Two correct kernels round differently and training amplifies it: on the H200,
+PyTorch's two kernels part by up to 1.0-1.3% per step (fp32 and bf16, eager and compiled). Exits with
+status 1 when the two loss curves differ by more than ``--tolerance`` (relative) at some step and, on
+the GPU, also by more than ``--noise-factor`` times that floor. Run it from the repository root with
+the package installed (``pip install -e .``).
 """
 from __future__ import annotations
 
@@ -149,6 +153,8 @@ def main(argv=None) -> int:
     p.add_argument("--compile", action="store_true", help="torch.compile(fullgraph=True) the model")
     p.add_argument("--fp32", dest="bf16", action="store_false", help="no bf16 autocast on cuda")
     p.add_argument("--tolerance", type=float, default=0.01, help="largest allowed relative loss gap")
+    p.add_argument("--noise-factor", type=float, default=1.5,
+                   help="on the GPU, also allow a gap up to this multiple of PyTorch's own noise floor")
     p.add_argument("--seed", type=int, default=1337)
     args = p.parse_args(argv)
     device = torch.device(args.device)
@@ -169,6 +175,7 @@ def main(argv=None) -> int:
     if len(runs) < 2:
         return 0
     gaps = [abs(a - b) / abs(b) for a, b in zip(runs["cusdpa"], runs["torch"])]
+    floor = None
     if device.type == "cuda":
         # The noise floor: PyTorch against itself with another of its SDPA kernels. Two correct kernels
         # round differently, and training amplifies the difference.
@@ -182,10 +189,14 @@ def main(argv=None) -> int:
         print(f"  step {step:4d}  cusdpa {runs['cusdpa'][step]:.4f}  torch {runs['torch'][step]:.4f}  "
               f"gap {gaps[step]:.2%}")
     worst = max(range(cfg.steps), key=gaps.__getitem__)
-    ok = gaps[worst] <= args.tolerance
+    within = gaps[worst] <= args.tolerance
     print(f"largest relative gap {gaps[worst]:.3%} at step {worst} "
-          f"({'within' if ok else 'OVER'} the {args.tolerance:.0%} tolerance)")
-    return 0 if ok else 1
+          f"({'within' if within else 'OVER'} the {args.tolerance:.0%} tolerance)")
+    if not within and floor is not None:
+        within = gaps[worst] <= args.noise_factor * floor
+        print(f"  {gaps[worst] / floor:.2f}x PyTorch's own noise floor ({'within' if within else 'OVER'} "
+              f"the {args.noise_factor}x allowed)")
+    return 0 if within else 1
 
 
 if __name__ == "__main__":
