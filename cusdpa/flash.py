@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import environment, philox
+from . import checks, environment, philox
 from .dispatch import Backend, Capabilities, Implementation
 from .launch import Launch, Slot
 
@@ -456,13 +456,15 @@ def _launch_backward(pr, out, lse, dout, dq, dk, dv):
 class Plan:
     """Every launch of one problem signature, for callers that repeat it (the torch bridge's eager path).
 
-    Operands are read in place and results written to fresh contiguous buffers: q, k, v as they are,
-    out (``out_shape``) and lse (``lse_shape``, float32), delta like lse, dq, dk, dv in the shapes of
-    q, k and v. The slot values are device pointers (ints) and ``seed_values``; launches go on the given
-    stream, with the operands' device current.
+    Operands are read in place and results written to fresh buffers: q, k, v as they are, out
+    (``out_shape``) and dout in ``out_strides`` (``checks.token_major_strides``: PyTorch's layout for
+    fused SDPA outputs), lse (``lse_shape``, float32), delta like lse, and dq, dk, dv contiguous in the
+    shapes of q, k and v. The slot values are device pointers (ints) and ``seed_values``; launches go
+    on the given stream, with the operands' device current.
     """
 
     out_shape: tuple
+    out_strides: tuple  # in elements
     lse_shape: tuple
     forward: Launch | None
     backward: tuple
@@ -486,11 +488,12 @@ def plan(pr, backward: bool = True) -> Plan | None:
     def contiguous(heads, rows, dim):
         return [np.int64(heads * rows * dim), np.int64(rows * dim), np.int64(dim)]
 
-    strides = {"o": contiguous(pr.hq, pr.L, pr.Ev), "do": contiguous(pr.hq, pr.L, pr.Ev),
-               "dq": contiguous(pr.hq, pr.L, pr.E), "dk": contiguous(pr.hkv, pr.S, pr.E),
-               "dv": contiguous(pr.hkv, pr.S, pr.Ev)}
-    return Plan(pr.out_shape, pr.lse_shape, _forward_launch(pr, lay, strides["o"]),
-                tuple(_backward_launches(pr, lay, strides)) if backward else ())
+    token_major = [np.int64(pr.L * pr.hq * pr.Ev), np.int64(pr.Ev), np.int64(pr.hq * pr.Ev)]  # (b, h, row)
+    strides = {"o": token_major, "do": token_major, "dq": contiguous(pr.hq, pr.L, pr.E),
+               "dk": contiguous(pr.hkv, pr.S, pr.E), "dv": contiguous(pr.hkv, pr.S, pr.Ev)}
+    backward_launches = tuple(_backward_launches(pr, lay, strides)) if backward else ()
+    return Plan(pr.out_shape, checks.token_major_strides(pr.out_shape), pr.lse_shape,
+                _forward_launch(pr, lay, strides["o"]), backward_launches)
 
 
 # ---- dispatch ---------------------------------------------------------------------------------------------

@@ -50,7 +50,8 @@ def _arrays(*tensors):
 
 def _forward(pr: checks.Problem, like: Tensor, backends: str) -> tuple[Tensor, Tensor]:
     impl = plans.select(pr, backends, need_grad=False)
-    out = like.new_empty(pr.out_shape)
+    out = like.new_empty(pr.out_shape) if pr.varlen is not None else \
+        like.new_empty_strided(pr.out_shape, checks.token_major_strides(pr.out_shape))
     lse = like.new_empty(pr.lse_shape, dtype=torch.float32)
     with _profiled(f"cusdpa::{impl.backend.value}_fwd"):
         impl.forward(pr, *_arrays(out, lse))
@@ -79,7 +80,8 @@ def _plan(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
 def sdpa_fwd(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor], dropout_p: float,
              is_causal: bool, scale: Optional[float], enable_gqa: bool, causal_variant: str,
              window: Optional[list[int]], seed: Optional[Tensor], backends: str) -> tuple[Tensor, Tensor]:
-    """(out, lse) of dense attention. ``seed``: int64 CPU tensor (1,) or None without dropout;
+    """(out, lse) of dense attention; out is laid out token-major (``checks.token_major_strides``), as
+    PyTorch's fused kernels lay out theirs. ``seed``: int64 CPU tensor (1,) or None without dropout;
     ``backends``: comma-separated cusdpa.Backend values, tried in that order."""
     plan = _plan(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, causal_variant, window,
                  backends, backward=False)
@@ -95,7 +97,8 @@ def sdpa_fwd(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tens
 @sdpa_fwd.register_fake
 def _(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, causal_variant, window, seed, backends):
     shape = dense_out_shape(query, key, value)
-    return query.new_empty(shape), query.new_empty(shape[:-1], dtype=torch.float32)
+    return (query.new_empty_strided(shape, checks.token_major_strides(shape)),
+            query.new_empty(shape[:-1], dtype=torch.float32))
 
 
 def _float_mask(attn_mask: Optional[Tensor]) -> bool:
@@ -115,6 +118,7 @@ def sdpa_bwd(grad_out: Tensor, query: Tensor, key: Tensor, value: Tensor, attn_m
         with _profiled("cusdpa::flash_bwd"):
             dq, dk, dv = plans.backward(plan, grad_out, query, key, value, out, lse, plans.seed_of(seed, dropout_p))
         return dq, dk, dv, query.new_empty(0)
+    grad_out = grad_out.contiguous()
     with bridge.on_stream(query.device):
         pr = checks.problem_from_dense(*_arrays(query, key, value, attn_mask), dropout_p, is_causal, scale,
                                        enable_gqa, causal_variant, _window(window), plans.seed_of(seed, dropout_p))
@@ -142,7 +146,7 @@ def _sdpa_setup_context(ctx, inputs, output):
 def _sdpa_backward(ctx, grad_out, _grad_lse):
     query, key, value, attn_mask, out, lse, seed = ctx.saved_tensors
     dropout_p, is_causal, scale, enable_gqa, causal_variant, window, backends = ctx.options
-    dq, dk, dv, dmask = sdpa_bwd(grad_out.contiguous(), query, key, value, attn_mask, out, lse, dropout_p,
+    dq, dk, dv, dmask = sdpa_bwd(grad_out, query, key, value, attn_mask, out, lse, dropout_p,
                                  is_causal, scale, enable_gqa, causal_variant, window, seed, backends,
                                  torch.are_deterministic_algorithms_enabled())
     return dq, dk, dv, dmask if ctx.needs_input_grad[3] else None, *[None] * 8

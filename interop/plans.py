@@ -79,8 +79,8 @@ def _launch(launches, device: torch.device, values: dict) -> None:
 
 
 def forward(plan: flash.Plan, query, key, value, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(out, lse) of the planned call, in fresh contiguous tensors."""
-    out = torch.empty(plan.out_shape, dtype=query.dtype, device=query.device)
+    """(out, lse) of the planned call, in fresh tensors: out in ``plan.out_strides``, lse contiguous."""
+    out = torch.empty_strided(plan.out_shape, plan.out_strides, dtype=query.dtype, device=query.device)
     lse = torch.empty(plan.lse_shape, dtype=torch.float32, device=query.device)
     if plan.forward is not None:
         _launch((plan.forward,), query.device, dict(q=query.data_ptr(), k=key.data_ptr(), v=value.data_ptr(),
@@ -88,22 +88,27 @@ def forward(plan: flash.Plan, query, key, value, seed: int) -> tuple[torch.Tenso
     return out, lse
 
 
-def _in_place(x: torch.Tensor) -> bool:
-    return x.is_contiguous() and x.data_ptr() % 16 == 0
+def _laid_out(x: torch.Tensor, strides: tuple) -> bool:
+    """Whether ``x`` has these strides (where they matter: dims longer than 1) and a 16-byte aligned base."""
+    return (x.data_ptr() % 16 == 0
+            and all(n == 1 or have == want for n, have, want in zip(x.shape, x.stride(), strides)))
 
 
 def backward_takes(plan: flash.Plan, query, grad_out, out, lse) -> bool:
-    """Whether the plan's backward reads these ``out``, ``lse`` and ``grad_out``: the forward's own
+    """Whether the plan's backward runs on these ``out``, ``lse`` and ``grad_out``: the forward's own
     outputs always qualify; a caller of the backward op may pass others, which take the general path."""
     return (tuple(out.shape) == tuple(grad_out.shape) == plan.out_shape and tuple(lse.shape) == plan.lse_shape
             and out.dtype == grad_out.dtype == query.dtype and lse.dtype == torch.float32
-            and out.device == grad_out.device == lse.device == query.device and _in_place(out) and _in_place(lse))
+            and out.device == grad_out.device == lse.device == query.device
+            and _laid_out(out, plan.out_strides) and lse.is_contiguous() and lse.data_ptr() % 16 == 0)
 
 
 def backward(plan: flash.Plan, grad_out, query, key, value, out, lse, seed: int) -> list[torch.Tensor]:
     """[dq, dk, dv] of the planned call (``backward_takes`` must hold)."""
-    if not _in_place(grad_out):  # a view with an odd offset is contiguous but not 16-byte aligned
-        grad_out = grad_out.clone(memory_format=torch.contiguous_format)
+    if not _laid_out(grad_out, plan.out_strides):
+        # Merging heads into features makes grad_out token-major already; anything else is copied.
+        grad_out = torch.empty_strided(plan.out_shape, plan.out_strides, dtype=grad_out.dtype,
+                                       device=grad_out.device).copy_(grad_out)
     grads = [torch.empty(x.shape, dtype=x.dtype, device=x.device) for x in (query, key, value)]
     delta = torch.empty_like(lse)
     _launch(plan.backward, query.device,

@@ -412,6 +412,42 @@ def test_inputs_cross_without_copies_and_outputs_are_torch_allocated(rng, monkey
     assert seen["q"] != strided.data_ptr()
 
 
+@pytest.mark.parametrize("shape, strides", [
+    ((5, 7), (7, 1)),  # rank 2: one head, row-major
+    ((3, 4, 5), (5, 15, 1)),
+    ((2, 3, 4, 5), (60, 5, 15, 1)),
+    ((6, 2, 3, 4, 5), (120, 60, 5, 15, 1)),
+])
+def test_token_major_strides(shape, strides):
+    from cusdpa import checks
+
+    assert checks.token_major_strides(shape) == strides
+    if len(shape) >= 3:  # what torch gives a (..., L, H, Ev) buffer viewed as (..., H, L, Ev)
+        assert torch.empty(shape).transpose(-3, -2).contiguous().transpose(-3, -2).stride() == strides
+
+
+def test_output_is_token_major_so_merging_heads_is_a_view(rng):
+    """As with PyTorch's fused kernels, out (B, H, L, Ev) lies (B, L, H, Ev) in memory: a module's
+    transpose(1, 2).reshape(B, L, H * Ev) costs no copy, eager or compiled, and the gradient flowing
+    back through it arrives in the same layout."""
+    q, k, v = (randn(rng, 2, 3, 9, 8) for _ in range(3))
+
+    def merged(q, k, v):
+        return interop.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(2, 9, 24)
+
+    out = interop.scaled_dot_product_attention(q, k, v, is_causal=True)
+    assert out.stride() == (216, 8, 24, 1)
+    view = out.transpose(1, 2).reshape(2, 9, 24)
+    assert view.data_ptr() == out.data_ptr() and view.is_contiguous()
+    want = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(2, 9, 24)
+    got, compiled = merged(q, k, v), torch.compile(merged, fullgraph=True)(q, k, v)
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(compiled, got, rtol=0, atol=0)
+    dout = randn(rng, 2, 9, 24, grad=False)
+    for g, w in zip(torch.autograd.grad(got, (q, k, v), dout), torch.autograd.grad(want, (q, k, v), dout)):
+        torch.testing.assert_close(g, w)
+
+
 @pytest.mark.parametrize("backend", [Backend.MATH, [Backend.MATH, Backend.FLASH]])
 def test_backend_argument_restricts_dispatch(rng, backend):
     q, k, v, _ = make_case(rng, CASES["plain"])
