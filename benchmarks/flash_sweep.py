@@ -1,9 +1,12 @@
 """Time FLASH tile configurations against each other (and PyTorch's FLASH backend) on a few grid points.
 
-    python benchmarks/flash_sweep.py [--lengths 4096] [--head-dims 64 128]
+    python benchmarks/flash_sweep.py [--lengths 4096] [--head-dims 64 128] [--tokens 16384] [--hidden 2048]
 
 Used to choose FlashConfig.for_head_dims and for_problem (each point starts from the latter's tiles);
-prints one line per (point, direction, config), best first. Each forward variant's output is compared
+prints one line per (point, direction, config), best first, with its ratio to PyTorch's FLASH_ATTENTION
+(and, forward, to CUDNN_ATTENTION). B = tokens / L and H = hidden / E: the defaults are DESIGN.md's grid;
+``--tokens 16384 --hidden 512 --lengths 512`` is the tutorial module's attention. Each forward variant's
+output is compared
 with PyTorch's (relative Frobenius error, ~1e-3 in bf16) before it is timed, so a broken tile
 configuration shows up as an error, not as a speed.
 """
@@ -36,11 +39,13 @@ def main():
     ap.add_argument("--head-dims", type=int, nargs="+", default=[64, 128])
     ap.add_argument("--causal", choices=("both", "yes", "no"), default="both")
     ap.add_argument("--forward-only", action="store_true")
+    ap.add_argument("--tokens", type=int, default=16384, help="B * L")
+    ap.add_argument("--hidden", type=int, default=2048, help="H * E")
     args = ap.parse_args()
     for E in args.head_dims:
         for L in args.lengths:
             for causal in {"both": (False, True), "yes": (True,), "no": (False,)}[args.causal]:
-                B, H = 16384 // L, 2048 // E
+                B, H = args.tokens // L, args.hidden // E
                 q, k, v, do = (torch.randn(B, H, L, E, device="cuda", dtype=torch.bfloat16) for _ in range(4))
                 cq, ck, cv, cdo = (cupy.from_dlpack(x) for x in (q, k, v, do))
                 flop = 4.0 * B * H * L * L * E / (2 if causal else 1)
@@ -50,6 +55,8 @@ def main():
                     t_fwd = ms(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal))
                     o = torch.nn.functional.scaled_dot_product_attention(qg, kg, vg, is_causal=causal)
                     t_bwd = ms(lambda: o.backward(do, retain_graph=True))
+                with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+                    t_cudnn = ms(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal))
                 o_ref = o.detach().float()
                 base = flash.FlashConfig.for_problem(E, E, L, causal)
                 rows = []
@@ -70,15 +77,16 @@ def main():
                                 if not err < 2e-2:
                                     print(f"E={E} L={L} causal={causal} {knobs}: WRONG, relative error {err:.3g}")
                                     continue
-                            rows.append((kind, cfg, ms(fn), t_torch, mult))
+                            rows.append((kind, cfg, ms(fn), t_torch, t_cudnn if kind == "fwd" else None, mult))
                         except ValueError as e:  # tiles that do not fit in shared memory
                             print(f"E={E} {kind} {knobs}: {e}")
                 flash._config = lambda pr: base
                 rows.sort(key=lambda r: (r[0], r[2]))
-                for kind, cfg, t, tt, mult in rows:
+                for kind, cfg, t, tt, tc, mult in rows:
                     knobs = {k: v for k, v in dataclasses.asdict(cfg).items() if getattr(base, k) != v}
-                    print(f"E={E} L={L} causal={causal!s:5} {kind:10} {flop * mult / t / 1e9:6.1f} TF/s "
-                          f"x torch_flash {tt / t:4.2f}  {knobs or 'default'}", flush=True)
+                    cudnn = f" x cudnn {tc / t:4.2f}" if tc is not None else ""
+                    print(f"B={B} H={H} E={E} L={L} causal={causal!s:5} {kind:10} {flop * mult / t / 1e9:6.1f} TF/s "
+                          f"{1e3 * t:8.1f} us  x torch_flash {tt / t:4.2f}{cudnn}  {knobs or 'default'}", flush=True)
 
 
 if __name__ == "__main__":

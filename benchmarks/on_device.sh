@@ -6,7 +6,8 @@
 #
 # The machine has torch, CuPy, numba-cuda and triton but numpy 2.5, which numba-cuda 0.30 cannot import:
 # a numpy < 2.5 wheel travels in .whl (README of the device tool) and goes first on PYTHONPATH.
-# Stages: flash-tests, fastpath-tests, interop-tests, efficient-tests, sweep, overhead, bench (every provider),
+# Stages: flash-tests, fastpath-tests, interop-tests, efficient-tests, sweep, sweep-module (the tutorial module's
+# attention shape), overhead, bench (every provider),
 # bench-flash (cusdpa FLASH against PyTorch's FLASH and cuDNN only), bench-module (the tutorial module: parts b
 # and c), train (bf16 autocast), train-fp32, train-compiled (bf16, torch.compile).
 set -uo pipefail
@@ -24,6 +25,8 @@ for stage in "$@"; do
     interop-tests) cmd=(python3 -m pytest -q -m "gpu and not slow" -p no:cacheprovider tests/test_interop_gpu.py) ;;
     efficient-tests) cmd=(python3 -m pytest -q -m "gpu and not slow" -p no:cacheprovider tests/test_efficient_gpu.py) ;;
     sweep) cmd=(python3 benchmarks/flash_sweep.py --forward-only --lengths 1024 4096 16384) ;;
+    sweep-module) cmd=(python3 benchmarks/flash_sweep.py --forward-only --tokens 16384 --hidden 512 --lengths 512
+                       --head-dims 64 --causal yes) ;;
     overhead) cmd=(python3 benchmarks/overhead.py --profile) ;;
     bench) cmd=(python3 -m cusdpa bench --out "$OUT/bench") ;;
     bench-flash) cmd=(python3 -m cusdpa bench --out "$OUT/bench" --providers cusdpa cusdpa-flash torch torch-flash
