@@ -1,11 +1,12 @@
 """torch.library custom ops: dense and variable-length attention, forward and backward.
 
-The ops are functional: nothing is mutated and no global state is read. The dropout seed and the
-backends to try are inputs, so eager mode, a torch.compile graph and a backward that runs on
-autograd's own thread all see the same keep-mask and the same dispatch. Outputs are allocated by
-torch (its caching allocator owns them) and filled in place by the backend through array views. A
-dense call on CUDA tensors whose signature FLASH ran before replays that call's prepared launches
-(plans.py), in eager mode and in compiled graphs alike.
+The ops are functional: nothing is mutated and no global state decides a result (the plan cache only
+remembers how a signature was launched). The dropout seed and the backends to try are inputs, so
+eager mode, a torch.compile graph and a backward that runs on autograd's own thread all see the same
+keep-mask and the same dispatch. Outputs are allocated by torch (its caching allocator owns them) and
+filled in place by the backend through array views. A dense call on CUDA tensors whose signature
+FLASH ran before replays that call's prepared launches (plans.py), in eager mode and in compiled
+graphs alike.
 
 In torch.profiler tables each call shows as the op (``cusdpa::sdpa_fwd``, ``cusdpa::varlen_bwd``,
 ...) with the backend that ran nested inside it (``cusdpa::flash_fwd``, ``cusdpa::math_bwd``, ...).
