@@ -26,8 +26,8 @@ def _cell(value) -> int:
     data = getattr(value, "data", None)
     if data is not None and hasattr(data, "ptr"):  # a CuPy array
         return data.ptr
-    if isinstance(value, (int, np.integer)) and not isinstance(value, np.generic):
-        return int(value)
+    if isinstance(value, int):  # Python ints only: NumPy scalars keep their width below
+        return value
     raw = np.asarray(value).tobytes()
     if len(raw) > 8:
         raise TypeError(f"kernel argument {value!r} of {len(raw)} bytes does not fit a parameter cell")

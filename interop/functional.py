@@ -29,8 +29,8 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
 
     Dropout draws its seed from torch's CPU generator, so ``torch.manual_seed`` reproduces a run and
     the backward regenerates the forward's keep-mask. CPU tensors run on the NumPy reference; CUDA
-    tensors on their own device, on torch's current stream, without copying contiguous inputs. In eager
-    mode a repeated call replays the kernel launches its first call prepared (interop/fastpath.py).
+    tensors on their own device, on torch's current stream, without copying contiguous inputs. A repeated
+    call, eager or compiled, replays the kernel launches its first call prepared (interop/plans.py).
     ``backend`` (a cusdpa.Backend or a sequence of them) restricts the backends tried, like
     ``cusdpa.sdpa_kernel``; by default the ones ``cusdpa.sdpa_kernel`` enables (under torch.compile:
     those enabled when the graph was traced).
