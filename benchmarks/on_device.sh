@@ -25,7 +25,7 @@ for stage in "$@"; do
     interop-tests) cmd=(python3 -m pytest -q -m "gpu and not slow" -p no:cacheprovider tests/test_interop_gpu.py) ;;
     efficient-tests) cmd=(python3 -m pytest -q -m "gpu and not slow" -p no:cacheprovider tests/test_efficient_gpu.py) ;;
     sweep) cmd=(python3 benchmarks/flash_sweep.py --forward-only --lengths 1024 4096 16384) ;;
-    sweep-module) cmd=(python3 benchmarks/flash_sweep.py --forward-only --tokens 16384 --hidden 512 --lengths 512
+    sweep-module) cmd=(python3 benchmarks/flash_sweep.py --forward-only --tokens 16384 --hidden 512 --lengths 256 512 1024
                        --head-dims 64 --causal yes) ;;
     overhead) cmd=(python3 benchmarks/overhead.py --profile) ;;
     bench) cmd=(python3 -m cusdpa bench --out "$OUT/bench") ;;

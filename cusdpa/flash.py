@@ -42,6 +42,7 @@ class FlashConfig:
     use_wgmma: bool = True  # Hopper forward (flash_fwd_sm90.cu) where the device and head dims allow
     fwd90_warpgroups: int = 2  # 64 query rows each
     fwd90_block_n: int = 128
+    fwd90_min_blocks: int = 1  # __launch_bounds__ minimum: > 1 caps registers so more CTAs share an SM
 
     @staticmethod
     @functools.cache
@@ -59,13 +60,20 @@ class FlashConfig:
     @staticmethod
     @functools.cache
     def for_problem(E: int, Ev: int, L: int, causal: bool) -> "FlashConfig":
-        """``for_head_dims``, with smaller Hopper forward tiles for short causal problems: a tall query block
-        spends more of its time on the masked diagonal and leaves fewer blocks to balance the triangle.
-        Measured at L = 1024 and 4096 (BENCHMARKS.md); the switch at L <= 2048 lies between the two."""
+        """``for_head_dims``, with other Hopper forward tiles for short or causal problems. A tall query block
+        spends more of its time on the masked diagonal and leaves fewer blocks to balance the triangle; with
+        E <= 64, capping registers (``fwd90_min_blocks``, one 8-byte spill) doubles the blocks resident per
+        SM, so one block's loads overlap another's math where each has only a few key blocks to pipeline.
+        Kernel times swept at L = 256 to 16384 on the H200 (BENCHMARKS.md)."""
         cfg = FlashConfig.for_head_dims(E, Ev)
-        if causal and L <= 2048 and max(E, Ev) <= 128:
-            wide = max(E, Ev) > 64
-            return dataclasses.replace(cfg, fwd90_warpgroups=2 if wide else 1, fwd90_block_n=128 if wide else 64)
+        d = max(E, Ev)
+        if d <= 64:
+            if causal and L <= 1024:  # 64-row blocks, four per SM
+                return dataclasses.replace(cfg, fwd90_warpgroups=1, fwd90_block_n=64, fwd90_min_blocks=4)
+            if causal or L <= 2048:  # 128-row blocks, two per SM
+                return dataclasses.replace(cfg, fwd90_warpgroups=2, fwd90_block_n=64, fwd90_min_blocks=2)
+        elif causal and L <= 2048 and d <= 128:
+            return dataclasses.replace(cfg, fwd90_warpgroups=2, fwd90_block_n=128)
         return cfg
 
     @property
@@ -154,7 +162,8 @@ def compile_options(dtype_name: str, E: int, Ev: int, dropout: bool, cfg: FlashC
             f"-DBWD_WARPS={cfg.bwd_warps}", f"-DBWD_BLOCK_M={cfg.bwd_block_m}", f"-DDKDV_PART={dkdv_part}",
             f"-DDQ_WARPS={cfg.dq_warps}", f"-DDQ_M_TILES={cfg.dq_m_tiles}",
             f"-DDQ_BLOCK_N={cfg.dq_block_n}", f"-DFWD90_WARPGROUPS={cfg.fwd90_warpgroups}",
-            f"-DFWD90_BLOCK_N={cfg.fwd90_block_n}")
+            f"-DFWD90_BLOCK_N={cfg.fwd90_block_n}",
+            f"-DFWD90_MIN_BLOCKS={cfg.fwd90_min_blocks}")
 
 
 def sm90_forward_applies(E: int, Ev: int, compute_capability: int, cfg: FlashConfig) -> bool:

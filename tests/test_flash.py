@@ -22,7 +22,8 @@ def _nvrtc_jobs():
         # the dtype changes only the mma type and conversions, dropout only adds code: pair them up
         for dtype, dropout in (("float16", False), ("bfloat16", True)):
             yield "flash_fwd.cu", flash.compile_options(dtype, E, Ev, dropout, cfg)
-            for fwd_cfg in {cfg, flash.FlashConfig.for_problem(E, Ev, 1024, True)}:  # + short causal tiles
+            # + the Hopper forward tiles of short and causal problems
+            for fwd_cfg in {flash.FlashConfig.for_problem(E, Ev, L, c) for L in (1024, 2048, 16384) for c in (0, 1)}:
                 if flash.sm90_forward_applies(E, Ev, 90, fwd_cfg):
                     yield "flash_fwd_sm90.cu", flash.compile_options(dtype, E, Ev, dropout, fwd_cfg) + ("-arch=sm_90a",)
             for part in ((1, 2) if cfg.split_dkdv else (3,)):

@@ -12,7 +12,7 @@
 // the softmax of block n + 1 runs on the CUDA cores while the tensor cores finish P V of block n. The
 // O rescale by alpha then waits for that P V, so the max update and the exponentials never wait on it.
 //
-// Extra -D options: FWD90_WARPGROUPS, FWD90_BLOCK_N. Needs E and Ev in {64, 128}.
+// Extra -D options: FWD90_WARPGROUPS, FWD90_BLOCK_N, FWD90_MIN_BLOCKS. Needs E and Ev in {64, 128}.
 #include "flash_common.cuh"
 // @WGMMA_WRAPPERS@
 
@@ -149,7 +149,7 @@ __device__ __forceinline__ void rescale_acc(float (&acc)[VT * 4], const float (&
     for (int x = 0; x < VT * 4; ++x) acc[x] *= alpha[(x % 4) / 2];
 }
 
-extern "C" __global__ void __launch_bounds__(NTHREADS, 1)
+extern "C" __global__ void __launch_bounds__(NTHREADS, FWD90_MIN_BLOCKS)
 flash_fwd_sm90(const elem_t* __restrict__ q, const elem_t* __restrict__ k, const elem_t* __restrict__ v,
                elem_t* __restrict__ o, float* __restrict__ lse, const int* __restrict__ cu_q,
                const int* __restrict__ cu_k, int L, int S, int Hq, int group,
