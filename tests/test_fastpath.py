@@ -170,6 +170,31 @@ def test_fast_path_on_a_side_stream_without_host_sync_or_grad():
 
 
 @pytest.mark.gpu
+def test_fast_path_on_the_tensors_device(monkeypatch):
+    """Plans replayed on cuda:1 while cuda:0 is current: outputs and gradients there, equal to the general path."""
+    torch = _torch_cuda()
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two GPUs")
+    import interop
+    from interop import functional, ops, plans
+
+    with torch.cuda.device(1):
+        q, k, v = _inputs(torch, (2, 4, 300, 64), (2, 4, 300, 64), torch.bfloat16, 7)
+        dout = torch.randn(2, 4, 300, 64, device="cuda", dtype=torch.bfloat16)
+    plans._plans.clear()
+    with torch.cuda.device(0):
+        for _ in range(2):  # the first call builds the plan, the second replays it
+            fast = interop.scaled_dot_product_attention(q, k, v, is_causal=True)
+        got = torch.autograd.grad(fast, (q, k, v), dout)
+    assert any(p is not None and p.backward for p in plans._plans.values())
+    with torch.cuda.device(1):
+        slow, want = _general(monkeypatch, ops, q, k, v, _options(functional, dict(is_causal=True)), dout)
+    assert fast.device == torch.device("cuda:1") and torch.equal(fast.detach(), slow)
+    for g, w in zip(got, want):
+        assert g.device == torch.device("cuda:1") and torch.equal(g, w)
+
+
+@pytest.mark.gpu
 def test_fast_path_steps_aside():
     """Masks, misaligned or non-collapsing inputs and fp32 take the ops (and stay right)."""
     torch = _torch_cuda()
