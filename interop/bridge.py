@@ -56,6 +56,19 @@ def _cupy_view(t: torch.Tensor):
                         tuple(s * item for s in t.stride()))
 
 
+class _TorchStream:
+    """A raw stream handle in the CUDA stream protocol, which ``cupy.cuda.Stream.from_external`` takes
+    (CuPy 14 deprecates ``ExternalStream``); torch's own Stream has the protocol only in recent releases."""
+
+    __slots__ = ("handle",)
+
+    def __init__(self, handle: int):
+        self.handle = handle
+
+    def __cuda_stream__(self) -> tuple[int, int]:
+        return (0, self.handle)
+
+
 @contextlib.contextmanager
 def on_stream(device: torch.device):
     """Run the body with CuPy on ``device`` and on torch's current stream there (no-op on the CPU)."""
@@ -65,5 +78,7 @@ def on_stream(device: torch.device):
     import cupy
 
     with cupy.cuda.Device(device.index):
-        with cupy.cuda.ExternalStream(torch.cuda.current_stream(device).cuda_stream):
+        # the raw handle: what inductor's generated code reads, without building a torch.cuda.Stream
+        current = _TorchStream(torch._C._cuda_getCurrentRawStream(device.index))
+        with cupy.cuda.Stream.from_external(current):
             yield
