@@ -39,7 +39,7 @@ def _time(fn, inputs, reps, warmup=2):
 def check(torch, cp, cusdpa):
     """EFFICIENT vs the float64 reference and PyTorch on a few shapes, before any timing."""
     from cusdpa import Backend, reference
-    from cusdpa.testing import judge
+    from cusdpa.verify.judge import judge
 
     failures = []
     for dtype, E, causal, L in (("float16", 64, True, 300), ("bfloat16", 128, False, 257), ("float16", 128, True, 1)):

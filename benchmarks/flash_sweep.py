@@ -19,7 +19,9 @@ import cupy
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from cusdpa import checks, flash
+from cusdpa import problem
+from cusdpa.backends import flash
+from cusdpa.backends.flash import config, launches
 
 # Forward variants are absolute (not relative to the default), so every point sees the same list.
 FWD = [dict(use_wgmma=True, fwd90_warpgroups=wg, fwd90_block_n=bn, fwd90_min_blocks=1) for wg in (1, 2, 3)
@@ -60,7 +62,7 @@ def main():
                 q, k, v, do = (torch.randn(B, H, L, E, device="cuda", dtype=torch.bfloat16) for _ in range(4))
                 cq, ck, cv, cdo = (cupy.from_dlpack(x) for x in (q, k, v, do))
                 flop = 4.0 * B * H * L * L * E / (2 if causal else 1)
-                pr = checks.problem_from_dense(cq, ck, cv, is_causal=causal)
+                pr = problem.from_dense(cq, ck, cv, None, problem.Options(is_causal=causal))
                 qg, kg, vg = (x.detach().requires_grad_() for x in (q, k, v))
                 with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
                     t_fwd = ms(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal))
@@ -69,7 +71,7 @@ def main():
                 with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
                     t_cudnn = ms(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal))
                 o_ref = o.detach().float()
-                base = flash.FlashConfig.for_problem(E, E, L, causal)
+                base = config.FlashConfig.for_problem(E, E, L, causal)
                 rows = []
                 out, lse = flash.IMPL.forward(pr)
                 bwd = lambda: flash.IMPL.backward(pr, out, lse, cdo)
@@ -80,7 +82,7 @@ def main():
                 for kind, variants, fn, t_torch, mult in runs:
                     for knobs in variants:
                         cfg = dataclasses.replace(base, **knobs)
-                        flash._config = lambda pr, cfg=cfg: cfg
+                        launches.config = lambda pr, cfg=cfg: cfg
                         try:
                             if kind == "fwd":
                                 got = torch.from_dlpack(fn()[0]).float()
@@ -91,7 +93,7 @@ def main():
                             rows.append((kind, cfg, ms(fn), t_torch, t_cudnn if kind == "fwd" else None, mult))
                         except ValueError as e:  # tiles that do not fit in shared memory
                             print(f"E={E} {kind} {knobs}: {e}")
-                flash._config = lambda pr: base
+                launches.config = lambda pr: base
                 rows.sort(key=lambda r: (r[0], r[2]))
                 for kind, cfg, t, tt, tc, mult in rows:
                     knobs = {k: v for k, v in dataclasses.asdict(cfg).items() if getattr(base, k) != v}

@@ -6,7 +6,7 @@
 #
 # The machine has torch, CuPy, numba-cuda and triton but numpy 2.5, which numba-cuda 0.30 cannot import:
 # a numpy < 2.5 wheel travels in .whl (README of the device tool) and goes first on PYTHONPATH.
-# Stages: flash-tests, fastpath-tests, interop-tests, efficient-tests, sweep, sweep-module (the tutorial module's
+# Stages: flash-tests, plans-tests, interop-tests, efficient-tests, sweep, sweep-module (the tutorial module's
 # attention shape), overhead, bench (every provider),
 # bench-flash (cusdpa FLASH against PyTorch's FLASH and cuDNN only), bench-module (the tutorial module: parts b
 # and c), train (bf16 autocast), train-fp32, train-compiled (bf16, torch.compile).
@@ -21,7 +21,7 @@ for stage in "$@"; do
   start=$(date +%s)
   case $stage in
     flash-tests) cmd=(python3 -m pytest -q -m "gpu and not slow" -p no:cacheprovider tests/test_flash.py) ;;
-    fastpath-tests) cmd=(python3 -m pytest -q -p no:cacheprovider tests/test_fastpath.py) ;;
+    plans-tests) cmd=(python3 -m pytest -q -p no:cacheprovider tests/test_plans.py) ;;
     interop-tests) cmd=(python3 -m pytest -q -m "gpu and not slow" -p no:cacheprovider tests/test_interop_gpu.py) ;;
     efficient-tests) cmd=(python3 -m pytest -q -m "gpu and not slow" -p no:cacheprovider tests/test_efficient_gpu.py) ;;
     sweep) cmd=(python3 benchmarks/flash_sweep.py --forward-only --lengths 1024 4096 16384) ;;

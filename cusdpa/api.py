@@ -1,11 +1,16 @@
-"""The public functions: validate, dispatch, run; return the caller's array type."""
+"""The public functions: validate, dispatch, run; return the caller's array type. A repeated dense call on
+CuPy arrays replays the launches its first call prepared (cusdpa.backends.flash.plans)."""
 from __future__ import annotations
 
-from . import checks, dispatch
+import secrets
+import sys
+
+from . import dispatch, problem
+from .problem import Options
 
 
-def _check_dout(pr: checks.Problem, dout):
-    if checks.array_module(dout, "dout") is not pr.xp:
+def _check_dout(pr: problem.Problem, dout):
+    if problem.array_module(dout, "dout") is not pr.xp:
         raise TypeError(f"dout is a {type(dout).__module__} array but the inputs are {pr.xp.__name__} arrays")
     if tuple(dout.shape) != pr.out_shape:
         raise ValueError(f"dout.shape={tuple(dout.shape)} must equal the output shape {pr.out_shape}")
@@ -13,12 +18,12 @@ def _check_dout(pr: checks.Problem, dout):
         raise TypeError(f"dout.dtype={dout.dtype} must equal the input dtype {pr.dtype}")
 
 
-def _run(pr: checks.Problem, return_lse: bool):
+def _run(pr: problem.Problem, return_lse: bool):
     out, lse = dispatch.select(pr).forward(pr)
     return (out, lse) if return_lse else out
 
 
-def _vjp(pr: checks.Problem, return_lse: bool, deterministic: bool):
+def _vjp(pr: problem.Problem, return_lse: bool, deterministic: bool):
     impl = dispatch.select(pr, need_grad=True)
     out, lse = impl.forward(pr)
 
@@ -27,6 +32,42 @@ def _vjp(pr: checks.Problem, return_lse: bool, deterministic: bool):
         return impl.backward(pr, out, lse, dout, deterministic)
 
     return ((out, lse) if return_lse else out), vjp
+
+
+def _planned(query, key, value, options: tuple, seed, return_lse: bool):
+    """The result of a dense call on CuPy arrays through its plan, or None: take the general path (no plan
+    for this signature, or arguments only the general path checks: a (seed, offset) pair, a list window)."""
+    cupy = sys.modules.get("cupy")  # no CuPy imported: no CuPy arrays
+    if cupy is None or not (type(query) is type(key) is type(value) is cupy.ndarray):
+        return None
+    dropout_p, is_causal, scale, enable_gqa, causal_variant, window = options
+    if not (seed is None or (type(seed) is int and 0 <= seed < 2**64)) or not (window is None or type(window) is tuple):
+        return None
+    from .backends.flash import plans
+
+    aligned = (query.data.ptr | key.data.ptr | value.data.ptr) % 16 == 0
+    signature = ("cupy", query.shape, query.strides, key.shape, key.strides, value.shape, value.strides, query.dtype,
+                 key.dtype, value.dtype, query.device.id, key.device.id, value.device.id, aligned,
+                 type(dropout_p), dropout_p, type(is_causal), is_causal, type(scale), scale, type(enable_gqa),
+                 enable_gqa, causal_variant, window and tuple(map(type, window)), window, dispatch.enabled_backends())
+
+    def make():
+        pr = problem.from_dense(query, key, value, None, Options(*options), seed)
+        if dispatch.select(pr).backend is not dispatch.Backend.FLASH:
+            return None
+        return plans.build(pr, plans.contiguous_strides(pr.out_shape), backward=False)
+
+    plan = plans.lookup(signature, make)
+    if plan is None:
+        return None
+    if seed is None:
+        seed = secrets.randbits(64) if dropout_p > 0 else 0
+    with cupy.cuda.Device(plan.device):
+        out = cupy.empty(plan.out_shape, dtype=query.dtype)
+        lse = cupy.empty(plan.lse_shape, dtype="float32")
+        plan.run_forward(query.data.ptr, key.data.ptr, value.data.ptr, out.data.ptr, lse.data.ptr, seed,
+                         cupy.cuda.get_current_stream().ptr)
+    return (out, lse) if return_lse else out
 
 
 def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
@@ -45,9 +86,12 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     (seed, offset) pair; None draws one). ``return_lse`` also returns the float32 logsumexp
     (..., Hq, L).
     """
-    pr = checks.problem_from_dense(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
-                                   causal_variant, window, seed)
-    return _run(pr, return_lse)
+    options = (dropout_p, is_causal, scale, enable_gqa, causal_variant, window)
+    if attn_mask is None:
+        result = _planned(query, key, value, options, seed, return_lse)
+        if result is not None:
+            return result
+    return _run(problem.from_dense(query, key, value, attn_mask, Options(*options), seed), return_lse)
 
 
 def attention_vjp(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
@@ -56,8 +100,8 @@ def attention_vjp(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=Fa
     """(output, vjp): as ``scaled_dot_product_attention``, plus ``vjp(dout)`` returning (dq, dk, dv), and
     d(attn_mask) fourth for a float mask. ``deterministic=True`` asks for bit-identical gradients run
     to run. Dropout reuses the forward's seed, so the backward sees the same keep-mask."""
-    pr = checks.problem_from_dense(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
-                                   causal_variant, window, seed)
+    pr = problem.from_dense(query, key, value, attn_mask,
+                            Options(dropout_p, is_causal, scale, enable_gqa, causal_variant, window), seed)
     return _vjp(pr, return_lse, deterministic)
 
 
@@ -72,8 +116,8 @@ def varlen_attention(query, key, value, cu_seqlens_q, cu_seqlens_k, max_seqlen_q
     ``scaled_dot_product_attention``; dropout's batch-head index is b * Hq + h, rows and columns
     count from each sequence's start.
     """
-    pr = checks.problem_from_varlen(query, key, value, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                                    dropout_p, is_causal, scale, enable_gqa, causal_variant, window, seed)
+    pr = problem.from_varlen(query, key, value, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                             Options(dropout_p, is_causal, scale, enable_gqa, causal_variant, window), seed)
     return _run(pr, return_lse)
 
 
@@ -82,14 +126,14 @@ def varlen_attention_vjp(query, key, value, cu_seqlens_q, cu_seqlens_k, max_seql
                          causal_variant="upper_left", window=None, seed=None, return_lse=False,
                          deterministic=False):
     """(output, vjp) for ``varlen_attention``; ``vjp(dout)`` returns (dq, dk, dv) in the packed layout."""
-    pr = checks.problem_from_varlen(query, key, value, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                                    dropout_p, is_causal, scale, enable_gqa, causal_variant, window, seed)
+    pr = problem.from_varlen(query, key, value, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                             Options(dropout_p, is_causal, scale, enable_gqa, causal_variant, window), seed)
     return _vjp(pr, return_lse, deterministic)
 
 
 def explain(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False, *,
             causal_variant="upper_left", window=None, seed=None, need_grad=False) -> dispatch.Explanation:
     """Which backend would run these dense inputs, and the reasons each other backend would not."""
-    pr = checks.problem_from_dense(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
-                                   causal_variant, window, seed)
+    pr = problem.from_dense(query, key, value, attn_mask,
+                            Options(dropout_p, is_causal, scale, enable_gqa, causal_variant, window), seed)
     return dispatch.explain_problem(pr, need_grad)

@@ -14,7 +14,7 @@ import importlib
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
-from . import checks
+from . import problem
 
 
 class Backend(enum.Enum):
@@ -24,7 +24,8 @@ class Backend(enum.Enum):
 
 
 DEFAULT_PRIORITY = (Backend.FLASH, Backend.EFFICIENT, Backend.MATH)
-_MODULES = {Backend.FLASH: "cusdpa.flash", Backend.EFFICIENT: "cusdpa.efficient", Backend.MATH: "cusdpa.math_backend"}
+_MODULES = {Backend.FLASH: "cusdpa.backends.flash", Backend.EFFICIENT: "cusdpa.backends.efficient",
+            Backend.MATH: "cusdpa.backends.math"}
 _enabled: contextvars.ContextVar[tuple[Backend, ...]] = contextvars.ContextVar("cusdpa_backends",
                                                                                default=DEFAULT_PRIORITY)
 
@@ -34,7 +35,7 @@ class Capabilities:
     """What a backend computes, independent of the machine it runs on."""
 
     arrays: frozenset = frozenset({"numpy", "cupy"})
-    dtypes: frozenset = frozenset(checks.SUPPORTED_DTYPES)
+    dtypes: frozenset = frozenset(problem.SUPPORTED_DTYPES)
     max_head_dim: int | None = None  # E and Ev
     head_dim_multiple: int = 1
     mask_kinds: frozenset = frozenset({"bool", "float"})
@@ -46,7 +47,7 @@ class Capabilities:
     lower_right: bool = True
     unit_stride: bool = False  # needs the last dim of q, k, v contiguous
 
-    def reasons(self, pr: checks.Problem, need_grad: bool) -> list[str]:
+    def reasons(self, pr: problem.Problem, need_grad: bool) -> list[str]:
         out = []
         kind = "numpy" if pr.xp.__name__ == "numpy" else "cupy"
         if kind not in self.arrays:
@@ -93,7 +94,7 @@ class Implementation:
     # ``grads`` likewise receives the results when given.
     backward: Callable
 
-    def not_supported_reasons(self, pr: checks.Problem, need_grad: bool = False) -> list[str]:
+    def not_supported_reasons(self, pr: problem.Problem, need_grad: bool = False) -> list[str]:
         return self.environment_reasons(pr) + self.capabilities.reasons(pr, need_grad)
 
 
@@ -138,7 +139,7 @@ class Explanation:
         return "\n".join(lines)
 
 
-def explain_problem(pr: checks.Problem, need_grad: bool = False) -> Explanation:
+def explain_problem(pr: problem.Problem, need_grad: bool = False) -> Explanation:
     enabled = enabled_backends()
     reasons, chosen = {}, None
     for b in DEFAULT_PRIORITY:
@@ -153,7 +154,7 @@ def explain_problem(pr: checks.Problem, need_grad: bool = False) -> Explanation:
     return Explanation(chosen, reasons)
 
 
-def select(pr: checks.Problem, need_grad: bool = False) -> Implementation:
+def select(pr: problem.Problem, need_grad: bool = False) -> Implementation:
     """The first enabled backend that takes this problem; else one error listing every reason."""
     for b in enabled_backends():
         impl = implementation(b)

@@ -7,13 +7,29 @@ from __future__ import annotations
 import functools
 import importlib
 import importlib.metadata
+import importlib.util
 import os
 import platform
+import sys
 
 
 def simulator_enabled() -> bool:
     """NUMBA_ENABLE_CUDASIM=1: Numba CUDA kernels run on the CPU (tiny shapes only)."""
     return os.environ.get("NUMBA_ENABLE_CUDASIM", "0") not in ("", "0")
+
+
+def simulate_missing_gpu() -> str | None:
+    """Without a usable GPU, switch Numba to its CUDA simulator so that EFFICIENT runs on the CPU.
+
+    Numba reads NUMBA_ENABLE_CUDASIM once, when numba.cuda is first imported, so this only works
+    before that; returns a note for the user when it switched.
+    """
+    if simulator_enabled() or cupy_problem() is None or "numba" in sys.modules:
+        return None
+    if importlib.util.find_spec("numba") is None:
+        return None
+    os.environ["NUMBA_ENABLE_CUDASIM"] = "1"
+    return "no usable CUDA GPU: EFFICIENT runs on Numba's CUDA simulator (NUMBA_ENABLE_CUDASIM=1), tiny sizes only"
 
 
 @functools.cache

@@ -18,7 +18,7 @@ import dataclasses
 
 import numpy as np
 
-from . import checks, philox
+from . import philox, problem
 
 # Score elements per chunk: (heads in chunk) * L * S stays under this, whole GQA groups at a time.
 CHUNK_ELEMENTS = 1 << 24
@@ -49,13 +49,13 @@ def _errstate(xp):
     return np.errstate(divide="ignore", invalid="ignore", over="ignore") if xp is np else contextlib.nullcontext()
 
 
-def _accum_dtype(pr: checks.Problem, accum):
+def _accum_dtype(pr: problem.Problem, accum):
     if accum is not None:
         return np.dtype(accum)
     return np.dtype(np.float64 if pr.xp is np or pr.dtype_name == "float64" else np.float32)
 
 
-def _chunks(pr: checks.Problem):
+def _chunks(pr: problem.Problem):
     """(batch index, flat batch index, h0, h1) with [h0, h1) whole GQA groups of query heads."""
     per_group = max(1, pr.group * pr.L * pr.S)
     heads = pr.group * max(1, CHUNK_ELEMENTS // per_group)
@@ -77,7 +77,7 @@ class _Slice:
     row_any: object  # (n, L, 1): the query row sees at least one key
 
 
-def _slice(pr: checks.Problem, b, bh0: int, h0: int, h1: int, acc, allowed_struct) -> _Slice:
+def _slice(pr: problem.Problem, b, bh0: int, h0: int, h1: int, acc, allowed_struct) -> _Slice:
     xp, g = pr.xp, pr.group
     full = pr.batch_shape
     q = xp.broadcast_to(pr.q3, full + pr.q3.shape[-3:])[b][h0:h1].astype(acc)
@@ -118,14 +118,14 @@ def _slice(pr: checks.Problem, b, bh0: int, h0: int, h1: int, acc, allowed_struc
                   P=P, drop=drop, lse=lse, row_any=row_any)
 
 
-def _dense(pr: checks.Problem, acc, bh_base: int, visit):
+def _dense(pr: problem.Problem, acc, bh_base: int, visit):
     """Run ``visit(b, h0, h1, slice)`` over every chunk of a dense problem."""
     allowed_struct = structural_mask(pr.L, pr.S, pr.causal, pr.lower_right, pr.window, pr.xp)
     for b, flat, h0, h1 in _chunks(pr):
         visit(b, h0, h1, _slice(pr, b, bh_base + flat * pr.hq, h0, h1, acc, allowed_struct))
 
 
-def _dense_forward(pr: checks.Problem, acc, bh_base: int = 0):
+def _dense_forward(pr: problem.Problem, acc, bh_base: int = 0):
     xp = pr.xp
     full = pr.batch_shape + (pr.hq, pr.L)
     out = xp.zeros(full + (pr.Ev,), dtype=acc)
@@ -142,7 +142,7 @@ def _dense_forward(pr: checks.Problem, acc, bh_base: int = 0):
     return out, lse
 
 
-def _sum_to_shape(x, shape: tuple):
+def sum_to_shape(x, shape: tuple):
     """Sum a broadcast result back to the shape of the operand that was broadcast."""
     x = x.sum(axis=tuple(range(x.ndim - len(shape)))) if x.ndim > len(shape) else x
     for axis, size in enumerate(shape):
@@ -151,7 +151,7 @@ def _sum_to_shape(x, shape: tuple):
     return x
 
 
-def _dense_backward(pr: checks.Problem, dout, acc, bh_base: int = 0):
+def _dense_backward(pr: problem.Problem, dout, acc, bh_base: int = 0):
     xp = pr.xp
     full = pr.batch_shape
     dq = xp.zeros(full + (pr.hq, pr.L, pr.E), dtype=acc)
@@ -191,14 +191,14 @@ def _dense_backward(pr: checks.Problem, dout, acc, bh_base: int = 0):
 
     if pr.L and pr.S:
         _dense(pr, acc, bh_base, visit)
-    grads = [_sum_to_shape(dq, pr.q3.shape), _sum_to_shape(dk, pr.k3.shape), _sum_to_shape(dv, pr.v3.shape)]
+    grads = [sum_to_shape(dq, pr.q3.shape), sum_to_shape(dk, pr.k3.shape), sum_to_shape(dv, pr.v3.shape)]
     grads = [g.reshape(x.shape).astype(pr.dtype) for g, x in zip(grads, (pr.q, pr.k, pr.v))]
     if dmask is not None:
         grads.append(dmask.reshape(pr.mask.shape).astype(pr.mask.dtype))
     return tuple(grads)
 
 
-def _varlen_pieces(pr: checks.Problem):
+def _varlen_pieces(pr: problem.Problem):
     """Dense single-sequence problems (H, Lb, E) of a varlen problem, with their token ranges."""
     vl = pr.varlen
     for b in range(vl.batch):
@@ -210,7 +210,7 @@ def _varlen_pieces(pr: checks.Problem):
         yield b, sub, slice(qs, qe), slice(ks, ke)
 
 
-def forward(pr: checks.Problem, accum=None):
+def forward(pr: problem.Problem, accum=None):
     """(out, lse) of a validated problem; out has the input dtype, lse is float32."""
     acc = _accum_dtype(pr, accum)
     xp = pr.xp
@@ -226,7 +226,7 @@ def forward(pr: checks.Problem, accum=None):
     return out, lse
 
 
-def backward(pr: checks.Problem, dout, accum=None):
+def backward(pr: problem.Problem, dout, accum=None):
     """Gradients (dq, dk, dv[, dmask for a float mask]) for the output gradient ``dout``."""
     acc = _accum_dtype(pr, accum)
     if pr.varlen is None:
@@ -252,15 +252,15 @@ def attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=Non
     Shapes as ``cusdpa.scaled_dot_product_attention``; out has the input dtype. Tests and
     benchmarks call this, never a copy of it.
     """
-    pr = checks.problem_from_dense(*map(_as_numpy, (q, k, v)), _as_numpy(attn_mask), dropout_p, is_causal,
-                                   scale, enable_gqa, causal_variant, window, seed)
+    pr = problem.from_dense(*map(_as_numpy, (q, k, v)), _as_numpy(attn_mask),
+                            problem.Options(dropout_p, is_causal, scale, enable_gqa, causal_variant, window), seed)
     return forward(pr, accum)
 
 
 def attention_grads(q, k, v, dout, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
                     enable_gqa=False, *, causal_variant="upper_left", window=None, seed=0, accum=np.float64):
     """Reference gradients (dq, dk, dv[, dmask]) in NumPy for dense arrays."""
-    pr = checks.problem_from_dense(*map(_as_numpy, (q, k, v)), _as_numpy(attn_mask), dropout_p, is_causal,
-                                   scale, enable_gqa, causal_variant, window, seed)
+    pr = problem.from_dense(*map(_as_numpy, (q, k, v)), _as_numpy(attn_mask),
+                            problem.Options(dropout_p, is_causal, scale, enable_gqa, causal_variant, window), seed)
     return backward(pr, _as_numpy(dout), accum)
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from . import functional, ops
+from . import arguments, autograd
 
 
 def attention(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, causal_variant, window,
@@ -27,7 +27,7 @@ def attention(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_
     if attn_mask is not None:
         raise ValueError("attn_mask is not supported with nested inputs: the sequences already have their own "
                          "lengths; use is_causal / window, or pad to a dense batch for an arbitrary mask")
-    functional.check_tensors(tensors)
+    arguments.check_tensors(tensors)
     packed = [t.transpose(1, 2) for t in (query, key, value)]  # (B, j, H, E): values() is (total, H, E)
     for name, t in zip(tensors, packed):
         if t.lengths() is not None:
@@ -35,10 +35,10 @@ def attention(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_
     if packed[1].offsets() is not packed[2].offsets() and not torch.equal(packed[1].offsets(), packed[2].offsets()):
         raise ValueError("key and value have different sequence lengths; they must share one jagged structure")
     offsets_q, offsets_k = packed[0].offsets(), packed[1].offsets()
-    out, _ = ops.varlen_fwd(*(functional.unit_stride(t.values()) for t in packed), offsets_q.to(torch.int32),
-                            offsets_k.to(torch.int32), _max_seqlen(offsets_q), _max_seqlen(offsets_k),
-                            *functional.options(dropout_p, is_causal, scale, enable_gqa, causal_variant, window,
-                                                backend))
+    options = arguments.options(dropout_p, is_causal, scale, enable_gqa, causal_variant, window)
+    out = autograd.varlen_attention(*(arguments.unit_stride(t.values()) for t in packed), offsets_q.to(torch.int32),
+                                    offsets_k.to(torch.int32), _max_seqlen(offsets_q), _max_seqlen(offsets_k),
+                                    arguments.draw_seed(dropout_p), arguments.backend_names(backend), options)
     return torch.nested.nested_tensor_from_jagged(out, offsets_q).transpose(1, 2)
 
 

@@ -1,28 +1,71 @@
-"""torch.library custom ops: dense and variable-length attention, forward and backward.
+"""The torch.library custom ops: dense and variable-length attention, forward and backward.
 
-The ops are functional: nothing is mutated and no global state decides a result (the plan cache only
-remembers how a signature was launched). The dropout seed and the backends to try are inputs, so
-eager mode, a torch.compile graph and a backward that runs on autograd's own thread all see the same
-keep-mask and the same dispatch. Outputs are allocated by torch (its caching allocator owns them) and
-filled in place by the backend through array views. A dense call on CUDA tensors whose signature
-FLASH ran before replays that call's prepared launches (plans.py), in eager mode and in compiled
-graphs alike.
+The ops are thin and functional: nothing is mutated and no global state decides a result (the plan cache
+only remembers how a signature was launched). Their option arguments are the fields of
+``cusdpa.problem.Options``, their schema written from those fields. The dropout seed and the backends to
+try are inputs, so eager mode, a compiled graph and a backward on autograd's own thread all see the same
+keep-mask and the same dispatch. Outputs are allocated by torch (its caching allocator owns them).
 
-In torch.profiler tables each call shows as the op (``cusdpa::sdpa_fwd``, ``cusdpa::varlen_bwd``,
-...) with the backend that ran nested inside it (``cusdpa::flash_fwd``, ``cusdpa::math_bwd``, ...).
+A dense call on CUDA tensors looks its signature up once (``cusdpa.backends.flash.plans``): a hit
+allocates the outputs and replays the prepared launches on raw pointers; the first call of a signature,
+and every call FLASH does not take in place, validates, dispatches and runs the backend on array views.
+The ops carry no autograd formula: ``interop.autograd`` differentiates them, in eager mode and (through
+AOTAutograd) in compiled graphs alike.
+
+In torch.profiler tables each call shows as the op (``cusdpa::sdpa_fwd``, ``cusdpa::varlen_bwd``, ...)
+with the backend that ran nested inside it (``cusdpa::flash_fwd``, ``cusdpa::math_bwd``, ...).
 """
 from __future__ import annotations
 
 import contextlib
-from typing import Optional
+import dataclasses
 
 import torch
 
-from cusdpa import checks
+from cusdpa import dispatch, problem
+from cusdpa.backends.flash import plans
+from cusdpa.dispatch import Backend
 
-from . import bridge, plans
+from . import arguments, bridge
 
 Tensor = torch.Tensor
+
+# Schema types of the Options fields (``from __future__ import annotations`` makes each field's type its
+# source text); an option of another type fails here, at import, for whoever adds it.
+_SCHEMA_TYPES = {"float": "float", "bool": "bool", "Optional[float]": "float?", "str": "str",
+                 "Optional[tuple[int, int]]": "int[]?"}
+OPTIONS_SCHEMA = ", ".join(f"{_SCHEMA_TYPES[f.type]} {f.name}" for f in dataclasses.fields(problem.Options))
+
+_lib = torch.library.Library("cusdpa", "DEF")
+_lib.define(f"sdpa_fwd(Tensor query, Tensor key, Tensor value, Tensor? attn_mask, {OPTIONS_SCHEMA}, Tensor? seed, "
+            "str backends) -> (Tensor, Tensor)")
+_lib.define(f"sdpa_bwd(Tensor grad_out, Tensor query, Tensor key, Tensor value, Tensor? attn_mask, Tensor out, "
+            f"Tensor lse, {OPTIONS_SCHEMA}, Tensor? seed, str backends, bool deterministic) "
+            "-> (Tensor, Tensor, Tensor, Tensor)")
+_lib.define(f"varlen_fwd(Tensor query, Tensor key, Tensor value, Tensor cu_seqlens_q, Tensor cu_seqlens_k, "
+            f"SymInt max_seqlen_q, SymInt max_seqlen_k, {OPTIONS_SCHEMA}, Tensor? seed, str backends) "
+            "-> (Tensor, Tensor)")
+_lib.define(f"varlen_bwd(Tensor grad_out, Tensor query, Tensor key, Tensor value, Tensor cu_seqlens_q, "
+            f"Tensor cu_seqlens_k, Tensor out, Tensor lse, SymInt max_seqlen_q, SymInt max_seqlen_k, "
+            f"{OPTIONS_SCHEMA}, Tensor? seed, str backends, bool deterministic) -> (Tensor, Tensor, Tensor)")
+
+sdpa_fwd = torch.ops.cusdpa.sdpa_fwd.default
+sdpa_bwd = torch.ops.cusdpa.sdpa_bwd.default
+varlen_fwd = torch.ops.cusdpa.varlen_fwd.default
+varlen_bwd = torch.ops.cusdpa.varlen_bwd.default
+
+
+def _implement(name: str):
+    """Register the decorated function as the op's CPU and CUDA kernel (CPU tensors run the reference). The
+    Autograd key falls through: the op has no gradient of its own (interop.autograd's Function is its
+    derivative), so a direct call on tensors that require grad returns outputs that do not."""
+    def register(fn):
+        _lib.impl(name, fn, "CPU")
+        _lib.impl(name, fn, "CUDA")
+        _lib.impl(name, torch.library.fallthrough_kernel, "Autograd")
+        return fn
+
+    return register
 
 
 def dense_out_shape(query: Tensor, key: Tensor, value: Tensor) -> tuple:
@@ -32,10 +75,6 @@ def dense_out_shape(query: Tensor, key: Tensor, value: Tensor) -> tuple:
     hq = query.shape[-3] if query.dim() >= 3 else 1  # rank-2 inputs have one head
     shape = (*batch, hq, query.shape[-2], value.shape[-1])
     return shape[len(shape) - rank:]
-
-
-def _window(window: Optional[list[int]]):
-    return None if window is None else tuple(window)
 
 
 def _profiled(name: str):
@@ -49,80 +88,131 @@ def _arrays(*tensors):
     return [None if t is None else bridge.as_array(t) for t in tensors]
 
 
-def _forward(pr: checks.Problem, like: Tensor, backends: str) -> tuple[Tensor, Tensor]:
-    impl = plans.select(pr, backends, need_grad=False)
+def seed_of(seed: Tensor | None, dropout_p: float) -> int:
+    """The dropout seed the ops take (an int64 CPU tensor, or None without dropout) as an int."""
+    if seed is None:
+        if dropout_p > 0:
+            raise ValueError(f"dropout_p={dropout_p} needs a seed tensor: the op draws no randomness itself")
+        return 0
+    return int(seed.item()) & (2**64 - 1)  # a CPU tensor: reading it never waits on a GPU
+
+
+def _select(pr: problem.Problem, backends: str, need_grad: bool) -> dispatch.Implementation:
+    """The backend that runs ``pr`` among ``backends`` (comma-separated Backend values, in priority order)."""
+    with dispatch.sdpa_kernel([Backend(name) for name in backends.split(",")], set_priority=True):
+        return dispatch.select(pr, need_grad)
+
+
+# ---- plans --------------------------------------------------------------------------------------------
+
+def _plan(query, key, value, options: tuple, backends: str, backward: bool) -> plans.Plan | None:
+    """The plan of a dense call on CUDA tensors without a mask, or None: take the general path. The first
+    call of a signature validates it as the general path would, and raises what it raises."""
+    window = options[-1]
+    aligned = (query.data_ptr() | key.data_ptr() | value.data_ptr()) % 16 == 0
+    signature = ("torch", query.shape, query.stride(), key.shape, key.stride(), value.shape, value.stride(),
+                 query.dtype, key.dtype, value.dtype, query.device, key.device, value.device, aligned,
+                 *options[:-1], None if window is None else tuple(window), backends, backward)
+
+    def make():
+        with bridge.on_stream(query.device):
+            pr = problem.from_dense(*_arrays(query, key, value), None, arguments.from_op(options), 0)
+            if _select(pr, backends, need_grad=backward).backend is not Backend.FLASH:
+                return None
+            return plans.build(pr, plans.token_major_strides(pr.out_shape), backward)
+
+    return plans.lookup(signature, make)
+
+
+def _stream(device: torch.device) -> int:
+    # torch's current stream as a raw handle: what inductor's generated code reads, one C call where
+    # torch.cuda.current_stream builds a Stream object
+    return torch._C._cuda_getCurrentRawStream(device.index)
+
+
+def _laid_out(x: Tensor, strides: tuple) -> bool:
+    """Whether ``x`` has these strides (where they matter: dims longer than 1) and a 16-byte aligned base."""
+    return (x.data_ptr() % 16 == 0
+            and all(n == 1 or have == want for n, have, want in zip(x.shape, x.stride(), strides)))
+
+
+def _backward_takes(plan: plans.Plan, query, grad_out, out, lse) -> bool:
+    """Whether the plan's backward runs on these ``out``, ``lse`` and ``grad_out``: the forward's own
+    outputs always qualify; a caller of the backward op may pass others, which take the general path."""
+    return (tuple(out.shape) == tuple(grad_out.shape) == plan.out_shape and tuple(lse.shape) == plan.lse_shape
+            and out.dtype == grad_out.dtype == query.dtype and lse.dtype == torch.float32
+            and out.device == grad_out.device == lse.device == query.device
+            and _laid_out(out, plan.out_strides) and lse.is_contiguous() and lse.data_ptr() % 16 == 0)
+
+
+# ---- dense ----------------------------------------------------------------------------------------------
+
+@_implement("sdpa_fwd")
+def _sdpa_fwd(query, key, value, attn_mask, *rest):
+    """(out, lse); out is laid out token-major (``plans.token_major_strides``), as PyTorch's fused kernels
+    lay out theirs. ``seed``: an int64 CPU tensor (1,), or None without dropout; ``backends``:
+    comma-separated cusdpa.Backend values, tried in that order."""
+    *options, seed, backends = rest
+    if attn_mask is None and query.is_cuda:
+        plan = _plan(query, key, value, options, backends, backward=False)
+        if plan is not None:
+            out = torch.empty_strided(plan.out_shape, plan.out_strides, dtype=query.dtype, device=query.device)
+            lse = torch.empty(plan.lse_shape, dtype=torch.float32, device=query.device)
+            with _profiled("cusdpa::flash_fwd"):
+                plan.run_forward(query.data_ptr(), key.data_ptr(), value.data_ptr(), out.data_ptr(), lse.data_ptr(),
+                                 seed_of(seed, options[0]), _stream(query.device))
+            return out, lse
+    with bridge.on_stream(query.device):
+        pr = problem.from_dense(*_arrays(query, key, value, attn_mask), arguments.from_op(options),
+                                seed_of(seed, options[0]))
+        return _forward(pr, query, backends)
+
+
+def _forward(pr: problem.Problem, like: Tensor, backends: str) -> tuple[Tensor, Tensor]:
+    impl = _select(pr, backends, need_grad=False)
     out = like.new_empty(pr.out_shape) if pr.varlen is not None else \
-        like.new_empty_strided(pr.out_shape, checks.token_major_strides(pr.out_shape))
+        like.new_empty_strided(pr.out_shape, plans.token_major_strides(pr.out_shape))
     lse = like.new_empty(pr.lse_shape, dtype=torch.float32)
     with _profiled(f"cusdpa::{impl.backend.value}_fwd"):
         impl.forward(pr, *_arrays(out, lse))
     return out, lse
 
 
-def _backward(pr: checks.Problem, grads: list[Tensor], grad_out: Tensor, out: Tensor, lse: Tensor, backends: str,
-              deterministic: bool) -> None:
-    impl = plans.select(pr, backends, need_grad=True)
-    with _profiled(f"cusdpa::{impl.backend.value}_bwd"):
-        impl.backward(pr, *_arrays(out, lse, grad_out), deterministic, tuple(_arrays(*grads)))
-
-
-def _plan(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, causal_variant, window, backends,
-          backward):
-    """The prepared launches of a dense call (plans.py), or None: validate and dispatch in full."""
-    if attn_mask is not None or not query.is_cuda:
-        return None
-    return plans.lookup(query, key, value, dropout_p, is_causal, scale, enable_gqa, causal_variant, window,
-                        backends, backward)
-
-
-# ---- dense ------------------------------------------------------------------------------------
-
-@torch.library.custom_op("cusdpa::sdpa_fwd", mutates_args=())
-def sdpa_fwd(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor], dropout_p: float,
-             is_causal: bool, scale: Optional[float], enable_gqa: bool, causal_variant: str,
-             window: Optional[list[int]], seed: Optional[Tensor], backends: str) -> tuple[Tensor, Tensor]:
-    """(out, lse) of dense attention; out is laid out token-major (``checks.token_major_strides``), as
-    PyTorch's fused kernels lay out theirs. ``seed``: int64 CPU tensor (1,) or None without dropout;
-    ``backends``: comma-separated cusdpa.Backend values, tried in that order."""
-    plan = _plan(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, causal_variant, window,
-                 backends, backward=False)
-    if plan is not None:
-        with _profiled("cusdpa::flash_fwd"):
-            return plans.forward(plan, query, key, value, plans.seed_of(seed, dropout_p))
-    with bridge.on_stream(query.device):
-        pr = checks.problem_from_dense(*_arrays(query, key, value, attn_mask), dropout_p, is_causal, scale,
-                                       enable_gqa, causal_variant, _window(window), plans.seed_of(seed, dropout_p))
-        return _forward(pr, query, backends)
-
-
-@sdpa_fwd.register_fake
-def _(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, causal_variant, window, seed, backends):
+@torch.library.register_fake("cusdpa::sdpa_fwd")
+def _(query, key, value, *rest):
     shape = dense_out_shape(query, key, value)
-    return (query.new_empty_strided(shape, checks.token_major_strides(shape)),
+    return (query.new_empty_strided(shape, plans.token_major_strides(shape)),
             query.new_empty(shape[:-1], dtype=torch.float32))
 
 
-def _float_mask(attn_mask: Optional[Tensor]) -> bool:
+def _float_mask(attn_mask: Tensor | None) -> bool:
     return attn_mask is not None and attn_mask.dtype.is_floating_point
 
 
-@torch.library.custom_op("cusdpa::sdpa_bwd", mutates_args=())
-def sdpa_bwd(grad_out: Tensor, query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor], out: Tensor,
-             lse: Tensor, dropout_p: float, is_causal: bool, scale: Optional[float], enable_gqa: bool,
-             causal_variant: str, window: Optional[list[int]], seed: Optional[Tensor], backends: str,
-             deterministic: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(dq, dk, dv, dmask); dmask has attn_mask's shape for a float mask and 0 elements otherwise
-    (an op cannot return None)."""
-    plan = _plan(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, causal_variant, window,
-                 backends, backward=True)
-    if plan is not None and plans.backward_takes(plan, query, grad_out, out, lse):
-        with _profiled("cusdpa::flash_bwd"):
-            dq, dk, dv = plans.backward(plan, grad_out, query, key, value, out, lse, plans.seed_of(seed, dropout_p))
-        return dq, dk, dv, query.new_empty(0)
+@_implement("sdpa_bwd")
+def _sdpa_bwd(grad_out, query, key, value, attn_mask, out, lse, *rest):
+    """(dq, dk, dv, dmask); dmask has attn_mask's shape for a float mask and 0 elements otherwise (an op
+    cannot return None)."""
+    *options, seed, backends, deterministic = rest
+    if attn_mask is None and query.is_cuda:
+        plan = _plan(query, key, value, options, backends, backward=True)
+        if plan is not None and _backward_takes(plan, query, grad_out, out, lse):
+            if not _laid_out(grad_out, plan.out_strides):
+                # Merging heads into features makes grad_out token-major already; anything else is copied.
+                grad_out = torch.empty_strided(plan.out_shape, plan.out_strides, dtype=grad_out.dtype,
+                                               device=grad_out.device).copy_(grad_out)
+            grads = [torch.empty(x.shape, dtype=x.dtype, device=x.device) for x in (query, key, value)]
+            delta = torch.empty_like(lse)
+            with _profiled("cusdpa::flash_bwd"):
+                plan.run_backward(query.data_ptr(), key.data_ptr(), value.data_ptr(), out.data_ptr(),
+                                  grad_out.data_ptr(), lse.data_ptr(), delta.data_ptr(), grads[0].data_ptr(),
+                                  grads[1].data_ptr(), grads[2].data_ptr(), seed_of(seed, options[0]),
+                                  _stream(query.device))
+            return (*grads, query.new_empty(0))
     grad_out = grad_out.contiguous()
     with bridge.on_stream(query.device):
-        pr = checks.problem_from_dense(*_arrays(query, key, value, attn_mask), dropout_p, is_causal, scale,
-                                       enable_gqa, causal_variant, _window(window), plans.seed_of(seed, dropout_p))
+        pr = problem.from_dense(*_arrays(query, key, value, attn_mask), arguments.from_op(options),
+                                seed_of(seed, options[0]))
         grads = [query.new_empty(x.shape) for x in (query, key, value)]
         dmask = attn_mask.new_empty(attn_mask.shape) if _float_mask(attn_mask) else query.new_empty(0)
         _backward(pr, grads + [dmask] if _float_mask(attn_mask) else grads, grad_out, out, lse, backends,
@@ -130,89 +220,50 @@ def sdpa_bwd(grad_out: Tensor, query: Tensor, key: Tensor, value: Tensor, attn_m
     return (*grads, dmask)
 
 
-@sdpa_bwd.register_fake
-def _(grad_out, query, key, value, attn_mask, *options):
+def _backward(pr: problem.Problem, grads: list[Tensor], grad_out: Tensor, out: Tensor, lse: Tensor, backends: str,
+              deterministic: bool) -> None:
+    impl = _select(pr, backends, need_grad=True)
+    with _profiled(f"cusdpa::{impl.backend.value}_bwd"):
+        impl.backward(pr, *_arrays(out, lse, grad_out), deterministic, tuple(_arrays(*grads)))
+
+
+@torch.library.register_fake("cusdpa::sdpa_bwd")
+def _(grad_out, query, key, value, attn_mask, *rest):
     dmask = attn_mask.new_empty(attn_mask.shape) if _float_mask(attn_mask) else query.new_empty(0)
     return query.new_empty(query.shape), key.new_empty(key.shape), value.new_empty(value.shape), dmask
 
 
-def _sdpa_setup_context(ctx, inputs, output):
-    (query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, causal_variant, window, seed,
-     backends) = inputs
-    ctx.save_for_backward(query, key, value, attn_mask, *output, seed)
-    ctx.options = (dropout_p, is_causal, scale, enable_gqa, causal_variant, window, backends)
-    ctx.mark_non_differentiable(output[1])  # lse is for the backward only
+# ---- variable length (packed) -----------------------------------------------------------------------------
 
-
-def _sdpa_backward(ctx, grad_out, _grad_lse):
-    query, key, value, attn_mask, out, lse, seed = ctx.saved_tensors
-    dropout_p, is_causal, scale, enable_gqa, causal_variant, window, backends = ctx.options
-    dq, dk, dv, dmask = sdpa_bwd(grad_out, query, key, value, attn_mask, out, lse, dropout_p,
-                                 is_causal, scale, enable_gqa, causal_variant, window, seed, backends,
-                                 torch.are_deterministic_algorithms_enabled())
-    return dq, dk, dv, dmask if ctx.needs_input_grad[3] else None, *[None] * 8
-
-
-sdpa_fwd.register_autograd(_sdpa_backward, setup_context=_sdpa_setup_context)
-
-
-# ---- variable length (packed) -----------------------------------------------------------------
-
-@torch.library.custom_op("cusdpa::varlen_fwd", mutates_args=())
-def varlen_fwd(query: Tensor, key: Tensor, value: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor,
-               max_seqlen_q: int, max_seqlen_k: int, dropout_p: float, is_causal: bool, scale: Optional[float],
-               enable_gqa: bool, causal_variant: str, window: Optional[list[int]], seed: Optional[Tensor],
-               backends: str) -> tuple[Tensor, Tensor]:
+@_implement("varlen_fwd")
+def _varlen_fwd(query, key, value, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *rest):
     """(out (Tq, Hq, Ev), lse (Hq, Tq)) of packed variable-length attention (cusdpa.varlen_attention)."""
+    *options, seed, backends = rest
     with bridge.on_stream(query.device):
-        pr = checks.problem_from_varlen(*_arrays(query, key, value, cu_seqlens_q, cu_seqlens_k), max_seqlen_q,
-                                        max_seqlen_k, dropout_p, is_causal, scale, enable_gqa, causal_variant,
-                                        _window(window), plans.seed_of(seed, dropout_p))
+        pr = problem.from_varlen(*_arrays(query, key, value, cu_seqlens_q, cu_seqlens_k), max_seqlen_q,
+                                 max_seqlen_k, arguments.from_op(options), seed_of(seed, options[0]))
         return _forward(pr, query, backends)
 
 
-@varlen_fwd.register_fake
-def _(query, key, value, *options):
+@torch.library.register_fake("cusdpa::varlen_fwd")
+def _(query, key, value, *rest):
     return (query.new_empty((*query.shape[:2], value.shape[-1])),
             query.new_empty((query.shape[1], query.shape[0]), dtype=torch.float32))
 
 
-@torch.library.custom_op("cusdpa::varlen_bwd", mutates_args=())
-def varlen_bwd(grad_out: Tensor, query: Tensor, key: Tensor, value: Tensor, cu_seqlens_q: Tensor,
-               cu_seqlens_k: Tensor, out: Tensor, lse: Tensor, max_seqlen_q: int, max_seqlen_k: int,
-               dropout_p: float, is_causal: bool, scale: Optional[float], enable_gqa: bool, causal_variant: str,
-               window: Optional[list[int]], seed: Optional[Tensor], backends: str,
-               deterministic: bool) -> tuple[Tensor, Tensor, Tensor]:
+@_implement("varlen_bwd")
+def _varlen_bwd(grad_out, query, key, value, cu_seqlens_q, cu_seqlens_k, out, lse, max_seqlen_q, max_seqlen_k,
+                *rest):
     """(dq, dk, dv) in the packed layout."""
+    *options, seed, backends, deterministic = rest
     with bridge.on_stream(query.device):
-        pr = checks.problem_from_varlen(*_arrays(query, key, value, cu_seqlens_q, cu_seqlens_k), max_seqlen_q,
-                                        max_seqlen_k, dropout_p, is_causal, scale, enable_gqa, causal_variant,
-                                        _window(window), plans.seed_of(seed, dropout_p))
+        pr = problem.from_varlen(*_arrays(query, key, value, cu_seqlens_q, cu_seqlens_k), max_seqlen_q,
+                                 max_seqlen_k, arguments.from_op(options), seed_of(seed, options[0]))
         grads = [query.new_empty(x.shape) for x in (query, key, value)]
-        _backward(pr, grads, grad_out, out, lse, backends, deterministic)
+        _backward(pr, grads, grad_out.contiguous(), out, lse, backends, deterministic)
     return tuple(grads)
 
 
-@varlen_bwd.register_fake
-def _(grad_out, query, key, value, *options):
+@torch.library.register_fake("cusdpa::varlen_bwd")
+def _(grad_out, query, key, value, *rest):
     return query.new_empty(query.shape), key.new_empty(key.shape), value.new_empty(value.shape)
-
-
-def _varlen_setup_context(ctx, inputs, output):
-    (query, key, value, cu_seqlens_q, cu_seqlens_k, max_q, max_k, dropout_p, is_causal, scale, enable_gqa,
-     causal_variant, window, seed, backends) = inputs
-    ctx.save_for_backward(query, key, value, cu_seqlens_q, cu_seqlens_k, *output, seed)
-    ctx.options = (max_q, max_k, dropout_p, is_causal, scale, enable_gqa, causal_variant, window, backends)
-    ctx.mark_non_differentiable(output[1])
-
-
-def _varlen_backward(ctx, grad_out, _grad_lse):
-    query, key, value, cu_seqlens_q, cu_seqlens_k, out, lse, seed = ctx.saved_tensors
-    max_q, max_k, dropout_p, is_causal, scale, enable_gqa, causal_variant, window, backends = ctx.options
-    grads = varlen_bwd(grad_out.contiguous(), query, key, value, cu_seqlens_q, cu_seqlens_k, out, lse, max_q,
-                       max_k, dropout_p, is_causal, scale, enable_gqa, causal_variant, window, seed, backends,
-                       torch.are_deterministic_algorithms_enabled())
-    return *grads, *[None] * 12
-
-
-varlen_fwd.register_autograd(_varlen_backward, setup_context=_varlen_setup_context)

@@ -19,7 +19,7 @@ import warnings
 
 import torch
 
-from . import bridge, functional
+from . import arguments, bridge, functional
 
 _ORIGINAL = torch.nn.functional.scaled_dot_product_attention
 _state = {"backend": None}  # the backend restriction of the active override
@@ -32,7 +32,7 @@ def enable_sdpa_override(backend=None) -> None:
     ``backend`` restricts the cusdpa backends (a cusdpa.Backend or a sequence), as in
     ``interop.scaled_dot_product_attention``.
     """
-    functional.backend_names(backend)  # reject a bad backend now rather than at the first call
+    arguments.backend_names(backend)  # reject a bad backend now rather than at the first call
     _state["backend"] = backend
     torch.nn.functional.scaled_dot_product_attention = _routed
 

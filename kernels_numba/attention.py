@@ -1,8 +1,9 @@
 """Forward and backward entry points of the EFFICIENT kernels.
 
-``problem`` is any object with the attributes of ``cusdpa.checks.Problem`` (xp, q, k, v, q3, k3,
-v3, batch_shape, hq, hkv, L, S, E, Ev, dtype, scale, mask, mask_kind, causal, lower_right, window,
-dropout_p, seed, offset, varlen, out_shape, lse_shape, group); this package does not import cusdpa.
+``problem`` is any object with the attributes of ``cusdpa.problem.Problem`` (xp, q, k, v, q3, k3,
+v3, batch_shape, hq, hkv, L, S, E, Ev, dtype, scale, mask, mask_kind, causal, lower_right,
+window_bounds, dropout_p, seed_words, offset, keep_threshold, dropout_rescale, varlen, out_shape,
+lse_shape, group); this package does not import cusdpa.
 Arrays are NumPy under the CUDA simulator, CuPy (or __dlpack__ exporters) on a GPU; kernels run on
 CuPy's current stream, and results go into caller-provided arrays when given.
 """
@@ -20,11 +21,6 @@ from .layout import cdiv, kernel_array
 
 DTYPES = ("float16", "bfloat16", "float32")
 MAX_HEAD_DIM = 256
-
-
-def keep_threshold(dropout_p: float) -> int:
-    """DESIGN.md's dropout rule: keep an element iff its Philox word < floor((1 - p) * 2**32)."""
-    return min(0xFFFFFFFF, int(math.floor((1.0 - dropout_p) * 2.0**32)))
 
 
 def reasons(problem) -> list[str]:
@@ -117,10 +113,10 @@ def _backward_spec(pr, cfg, dkdv: bool) -> gradients.Spec:
 
 
 def _structure_args(pr):
-    left, right = pr.window if pr.window is not None else (-1, -1)
-    p = pr.dropout_p
-    return (pr.causal, pr.lower_right, left, right, pr.seed & 0xFFFFFFFF, pr.seed >> 32, pr.offset & 0xFFFFFFFF,
-            keep_threshold(p), 1.0 / (1.0 - p) if p < 1 else 0.0)
+    left, right = pr.window_bounds
+    seed_lo, seed_hi = pr.seed_words
+    return (pr.causal, pr.lower_right, left, right, seed_lo, seed_hi, pr.offset & 0xFFFFFFFF, pr.keep_threshold,
+            pr.dropout_rescale)
 
 
 def _target(xp, given, shape, dtype):

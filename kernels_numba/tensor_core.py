@@ -2,7 +2,7 @@
 
 The Numba kernel resolves what differs per block (batch and head from the grid, GQA's kv head,
 varlen sequence bounds, strided and broadcast operands) into row pointers and row strides, and
-calls ``efficient::forward`` in tensor_core.cuh, which runs FlashAttention-2's tile loop on
+calls ``efficient::forward`` in kernels_cuda/efficient_fwd.cuh, which runs FlashAttention-2's tile loop on
 mma.sync. The C source is linked through ``cuda.declare_device(..., link=[CUSource], abi="c")``,
 one instantiation (head dim, dtype) per source so NVRTC compiles only what a problem needs, once
 per process. fp16/bf16, E and Ev <= 128 (padded to 32/64/96/128), unit stride along the head dim;
@@ -11,21 +11,21 @@ every mask kind, causal, window, dropout, GQA and varlen as in the portable vari
 from __future__ import annotations
 
 import functools
-import os
 
 import numpy as np
 from numba import cuda
+
+import kernels_cuda
 
 from .device import SIMULATOR
 from .layout import cdiv, kernel_array
 
 HEAD_DIMS = (32, 64, 96, 128)
-BLOCK_M = 64  # 4 warps x 16 rows (tensor_core.cuh's EFF_BLOCK_M)
+BLOCK_M = 64  # 4 warps x 16 rows (efficient_fwd.cuh's EFF_BLOCK_M)
 BLOCK_N = 64  # keys per shared-memory tile: 2 tiles of 64 x (128 + 8) halves = 34 KiB at head dim 128
 THREADS = 128
 MASK_KINDS = {"bool": 1, "float16": 2, "bfloat16": 3, "float32": 4, "float64": 5}
-_SOURCE = os.path.join(os.path.dirname(__file__), "tensor_core.cuh")
-# The C entry's parameters (tensor_core.cuh, EFF_NAME): pointers travel as int64 addresses.
+# The C entry's parameters (efficient_fwd.cuh, EFF_NAME): pointers travel as int64 addresses.
 _ARGS = ("int64, int64, int64, int64, int64, int64, int64, int64, int64, int64, int64, int64, int64, int64, "
          "int64, int64, int64, int64, int64, int64, int64, int64, int64, float32, int64, int64, int64, int64, "
          "int64, int64, float32")
@@ -57,9 +57,8 @@ def head_dim_for(E: int, Ev: int) -> int:
 @functools.cache
 def _tile_loop(head_dim: int, bf16: bool):
     name = f"efficient_forward_{'bf16' if bf16 else 'f16'}_d{head_dim}"
-    with open(_SOURCE) as f:
-        source = (f"#define EFF_NAME {name}\n#define EFF_HEAD_DIM {head_dim}\n#define EFF_BLOCK_N {BLOCK_N}\n"
-                  f"#define EFF_BF16 {'true' if bf16 else 'false'}\n" + f.read())
+    source = (f"#define EFF_NAME {name}\n#define EFF_HEAD_DIM {head_dim}\n#define EFF_BLOCK_N {BLOCK_N}\n"
+              f"#define EFF_BF16 {'true' if bf16 else 'false'}\n" + kernels_cuda.source("efficient_fwd.cuh"))
     return cuda.declare_device(name, f"int32({_ARGS})", link=[cuda.CUSource(source, name=f"{name}.cu")], abi="c")
 
 

@@ -8,8 +8,9 @@ import sys
 
 import pytest
 
-from cusdpa import environment, math_backend
-from cusdpa.bench import PRESETS, Options, config, device, report, sdpa
+from benchmarks.bench import PRESETS, Options, config, device, report, sdpa
+from cusdpa import environment
+from cusdpa.backends import math as math_backend
 
 pytest.importorskip("torch")
 pytest.importorskip("matplotlib")
@@ -136,7 +137,7 @@ def test_grid_sizes_must_divide():
 def test_the_gpu_sizes_ask_for_a_gpu(capsys):
     if not environment.cupy_problem():
         pytest.skip("this machine has a GPU")
-    from cusdpa import cli
+    from cusdpa.__main__ import main
 
-    assert cli.main(["bench", "--quick"]) == 2
+    assert main(["bench", "--quick"]) == 2
     assert "need a CUDA GPU" in capsys.readouterr().err

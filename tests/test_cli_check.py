@@ -6,7 +6,8 @@ import sys
 
 import pytest
 
-from cusdpa import cli, math_backend
+from cusdpa import cli
+from cusdpa.backends import math as math_backend
 
 pytest.importorskip("torch")
 

@@ -1,6 +1,6 @@
 """EFFICIENT kernels on a CUDA GPU (CuPy arrays), both variants, against the float64 reference.
 
-Error rule (cusdpa.testing.judge): at most 2x (3x for gradients) PyTorch's own error on the GPU at
+Error rule (cusdpa.verify.judge): at most 2x (3x for gradients) PyTorch's own error on the GPU at
 the same precision, plus a small floor. PyTorch's baseline is its SDPA with the structure (causal,
 window) written as an explicit mask; where PyTorch has no equivalent (our dropout keep-mask,
 varlen) it is the same attention written out in torch at the input precision (P rounded to the
@@ -17,8 +17,8 @@ import itertools
 import numpy as np
 import pytest
 
-from cusdpa import checks, reference
-from cusdpa.testing import judge
+from cusdpa import problem, reference
+from cusdpa.verify.judge import judge
 
 pytestmark = pytest.mark.gpu
 SIZES = (1, 17, 97, 128, 1025)
@@ -148,7 +148,7 @@ def _nan_rows_to_zero(x, ref_lse):
 def run_and_judge(gpu, pr, rng, variant, grad=True, manual=False):
     """EFFICIENT forward/backward on ``pr`` into poisoned outputs; failures against the reference."""
     cp, _, kn = gpu
-    from cusdpa import efficient
+    from cusdpa.backends import efficient
 
     with kn.configured(kn.KernelConfig(variant=variant)):
         out, lse = efficient.IMPL.forward(pr, cp.full(pr.out_shape, cp.nan, dtype=pr.dtype),
@@ -182,7 +182,8 @@ def _dense(gpu, rng, dtype, batch, hq, hkv, L, S, E, Ev, mask_shape=None, mask_k
     elif mask_kind == "float":
         m = rng.standard_normal(mask_shape)
         mask = _to_gpu(cp, np.where(rng.random(mask_shape) < 0.1, -np.inf, m).astype(dt))
-    return checks.problem_from_dense(q, k, v, mask, enable_gqa=hq != hkv, **kw)
+    seed = kw.pop("seed", None)
+    return problem.from_dense(q, k, v, mask, problem.Options(enable_gqa=hq != hkv, **kw), seed)
 
 
 def _skip_unless_variant_runs(gpu, pr, variant):
@@ -252,13 +253,14 @@ def test_causal_variants_window_gqa(gpu, rng, variant):
 def test_dropout_keep_mask_is_bit_identical(gpu, rng, variant):
     """q = 0 makes P uniform; v = identity makes out[i, j] = keep_ij / (S (1 - p)): the mask, read back."""
     cp = gpu[0]
-    from cusdpa import efficient, philox
+    from cusdpa import philox
+    from cusdpa.backends import efficient
 
     hq, L, S, p, seed, offset = 3, 70, 37, 0.3, (5 << 32) | 77, 9
     q = cp.zeros((2, hq, L, 16), dtype=np.float16)
     k = _to_gpu(cp, rng.standard_normal((2, hq, S, 16)).astype(np.float16))
     v = cp.ascontiguousarray(cp.broadcast_to(cp.eye(S, dtype=np.float16), (2, hq, S, S)))
-    pr = checks.problem_from_dense(q, k, v, dropout_p=p, seed=(seed, offset))
+    pr = problem.from_dense(q, k, v, None, problem.Options(dropout_p=p), (seed, offset))
     with gpu[2].configured(gpu[2].KernelConfig(variant=variant)):
         out, _ = efficient.IMPL.forward(pr)
     want = philox.keep_mask(seed, offset, np.arange(2 * hq).reshape(2, hq), L, S, p)
@@ -278,7 +280,7 @@ def test_varlen_equals_each_sequence_alone(gpu, rng, variant):
     """A packed batch runs the same arithmetic as each sequence on its own (tiles start at each
     sequence's first row), so the results agree bit for bit; the dense runs are judged elsewhere."""
     cp, _, kn = gpu
-    from cusdpa import efficient
+    from cusdpa.backends import efficient
 
     lens_q, lens_k = [70, 0, 129, 5], [64, 9, 200, 0]
     cu = [np.concatenate([[0], np.cumsum(n)]).astype(np.int32) for n in (lens_q, lens_k)]
@@ -288,16 +290,16 @@ def test_varlen_equals_each_sequence_alone(gpu, rng, variant):
     failures = []
     for kw in (dict(is_causal=True), dict(is_causal=True, causal_variant="lower_right", window=(16, 0))):
         with kn.configured(kn.KernelConfig(variant=variant)):
-            pr = checks.problem_from_varlen(q, k, v, cp.asarray(cu[0]), cp.asarray(cu[1]), 129, 200,
-                                            enable_gqa=True, **kw)
+            pr = problem.from_varlen(q, k, v, cp.asarray(cu[0]), cp.asarray(cu[1]), 129, 200,
+                                     problem.Options(enable_gqa=True, **kw))
             out, lse = efficient.IMPL.forward(pr, cp.full(pr.out_shape, cp.nan, dtype=pr.dtype),
                                               cp.full(pr.lse_shape, cp.nan, dtype=np.float32))
             grads = efficient.IMPL.backward(pr, out, lse, dout, grads=tuple(cp.full(x.shape, cp.nan, x.dtype)
                                                                              for x in (q, k, v)))
             for b in range(len(lens_q)):
                 qs, ks = slice(cu[0][b], cu[0][b + 1]), slice(cu[1][b], cu[1][b + 1])
-                alone = checks.problem_from_dense(*(x[r].transpose(1, 0, 2) for x, r in ((q, qs), (k, ks), (v, ks))),
-                                                  enable_gqa=True, **kw)
+                alone = problem.from_dense(*(x[r].transpose(1, 0, 2) for x, r in ((q, qs), (k, ks), (v, ks))),
+                                           None, problem.Options(enable_gqa=True, **kw))
                 o, l = efficient.IMPL.forward(alone)
                 g = efficient.IMPL.backward(alone, o, l, dout[qs].transpose(1, 0, 2))
                 pairs = [("out", out[qs], o.transpose(1, 0, 2)), ("lse", lse[:, qs], l),
@@ -319,14 +321,14 @@ def test_strided_broadcast_and_nan_padding(gpu, rng, variant):
     keys[0, ..., 60:] = False  # batch 0's padding: no query there may see its last 40 keys
     v[0, :, :, 60:] = cp.nan
     v[0, :, :, 70] = cp.inf
-    pr = checks.problem_from_dense(q, k, v, cp.asarray(keys))
+    pr = problem.from_dense(q, k, v, cp.asarray(keys))
     assert not (failures := run_and_judge(gpu, pr, rng, variant)), "\n".join(failures)
 
 
 def test_empty_sequences(gpu, rng):
     for L, S in ((0, 17), (17, 0)):
         pr = _dense(gpu, rng, "float16", (2,), 2, 2, L, S, 64, 64, is_causal=True)
-        from cusdpa import efficient
+        from cusdpa.backends import efficient
 
         out, lse = efficient.IMPL.forward(pr)
         assert out.shape == pr.out_shape and not _host(out).any()

@@ -6,7 +6,7 @@ tests). The cases therefore run in one child process started with the variable s
 as a script); each pytest test reports its own case's result. Tiles are tiny (4 to 8 rows) so the
 tile loops, partial tiles and skipped tiles are all exercised on shapes the simulator runs quickly.
 
-Error rule (cusdpa.testing.judge): against the float64 reference, at most 2x (3x for gradients) the
+Error rule (cusdpa.verify.judge): against the float64 reference, at most 2x (3x for gradients) the
 error of the same computation in the input precision (the reference with float32 accumulation),
 plus a small floor. Every output array is NaN-poisoned before the kernels write it.
 """
@@ -20,7 +20,7 @@ from concurrent.futures import ProcessPoolExecutor
 import numpy as np
 import pytest
 
-from cusdpa import checks
+from cusdpa import problem
 
 CASES = {}
 
@@ -35,14 +35,15 @@ def _poisoned(shape, dtype):
 
 
 def _judge_all(names, got, ref, base, factor):
-    from cusdpa.testing import judge
+    from cusdpa.verify.judge import judge
 
     return [m for m in (judge(n, g, r, b, factor=factor) for n, g, r, b in zip(names, got, ref, base)) if m]
 
 
 def _check_problem(rng, pr, grad=True):
     """Run EFFICIENT's forward (and backward) on a validated problem into poisoned outputs; judge them."""
-    from cusdpa import efficient, reference
+    from cusdpa import reference
+    from cusdpa.backends import efficient
 
     wide = {name: getattr(pr, name).astype(np.float64) for name in ("q", "k", "v")}
     if pr.mask_kind == "float":
@@ -61,7 +62,8 @@ def _check_problem(rng, pr, grad=True):
 
 
 def _check(rng, q, k, v, mask=None, grad=True, **kw):
-    return _check_problem(rng, checks.problem_from_dense(q, k, v, mask, **kw), grad)
+    seed = kw.pop("seed", None)
+    return _check_problem(rng, problem.from_dense(q, k, v, mask, problem.Options(**kw), seed), grad)
 
 
 def _qkv(rng, batch, hq, hkv, L, S, E, Ev, dtype=np.float32):
@@ -147,8 +149,8 @@ def case_dropout_mask_bit_identical_to_philox(rng):
     q = np.zeros((2, hq, L, 4), np.float32)
     k = rng.standard_normal((2, hq, S, 4)).astype(np.float32)
     v = np.broadcast_to(np.eye(S, dtype=np.float32), (2, hq, S, S))
-    pr = checks.problem_from_dense(q, k, v, dropout_p=p, seed=(seed, offset))
-    from cusdpa import efficient
+    pr = problem.from_dense(q, k, v, None, problem.Options(dropout_p=p), (seed, offset))
+    from cusdpa.backends import efficient
 
     out, _ = efficient.IMPL.forward(pr)
     want = philox.keep_mask(seed, offset, np.arange(2 * hq).reshape(2, hq), L, S, p)
@@ -179,7 +181,8 @@ def case_varlen(rng):
         q = rng.standard_normal((cu_q[-1], 4, 4)).astype(np.float32)
         k = rng.standard_normal((cu_k[-1], 2, 4)).astype(np.float32)
         v = rng.standard_normal((cu_k[-1], 2, 3)).astype(np.float32)
-        pr = checks.problem_from_varlen(q, k, v, cu_q, cu_k, 9, 8, enable_gqa=True, **kw)
+        seed = kw.pop("seed", None)
+        pr = problem.from_varlen(q, k, v, cu_q, cu_k, 9, 8, problem.Options(enable_gqa=True, **kw), seed)
         failures += [f"{kw}: {m}" for m in _check_problem(rng, pr)]
     return failures
 

@@ -9,8 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from attention_cases import Case, run_case
-from cusdpa import flash
+from cusdpa.backends import flash
+from cusdpa.backends.flash import config, sources
+from cusdpa.verify.harness import Case, run_case
 
 # One representative (E, Ev) per tile configuration class, incl. E != Ev and the split dK/dV passes.
 CONFIG_DIMS = [(40, 40), (64, 64), (64, 128), (72, 128), (256, 256)]
@@ -18,16 +19,16 @@ CONFIG_DIMS = [(40, 40), (64, 64), (64, 128), (72, 128), (256, 256)]
 
 def _nvrtc_jobs():
     for E, Ev in CONFIG_DIMS:
-        cfg = flash.FlashConfig.for_head_dims(E, Ev)
+        cfg = config.FlashConfig.for_head_dims(E, Ev)
         # the dtype changes only the mma type and conversions, dropout only adds code: pair them up
         for dtype, dropout in (("float16", False), ("bfloat16", True)):
-            yield "flash_fwd.cu", flash.compile_options(dtype, E, Ev, dropout, cfg)
+            yield "flash_fwd.cu", sources.compile_options(dtype, E, Ev, dropout, cfg)
             # + the Hopper forward tiles of short and causal problems
-            for fwd_cfg in {flash.FlashConfig.for_problem(E, Ev, L, c) for L in (1024, 2048, 16384) for c in (0, 1)}:
-                if flash.sm90_forward_applies(E, Ev, 90, fwd_cfg):
-                    yield "flash_fwd_sm90.cu", flash.compile_options(dtype, E, Ev, dropout, fwd_cfg) + ("-arch=sm_90a",)
+            for fwd_cfg in {config.FlashConfig.for_problem(E, Ev, L, c) for L in (1024, 2048, 16384) for c in (0, 1)}:
+                if config.sm90_forward_applies(E, Ev, 90, fwd_cfg):
+                    yield "flash_fwd_sm90.cu", sources.compile_options(dtype, E, Ev, dropout, fwd_cfg) + ("-arch=sm_90a",)
             for part in ((1, 2) if cfg.split_dkdv else (3,)):
-                yield "flash_bwd.cu", flash.compile_options(dtype, E, Ev, dropout, cfg, part)
+                yield "flash_bwd.cu", sources.compile_options(dtype, E, Ev, dropout, cfg, part)
 
 
 def _nvrtc_compile(source: str, options: tuple, arch: str) -> str | None:
@@ -64,7 +65,7 @@ def test_every_kernel_configuration_compiles_with_nvrtc():
     for source, options in _nvrtc_jobs():
         arch = "sm_90a" if "-arch=sm_90a" in options else "sm_90"
         options = tuple(o for o in options if o != "-arch=sm_90a") + (f"-I{include}",)
-        log = _nvrtc_compile(flash.kernel_source(source), options, arch)
+        log = _nvrtc_compile(sources.kernel_source(source), options, arch)
         if log is not None:
             errors.append(f"{source} {options}:\n{log[-2000:]}")
     assert not errors, "\n\n".join(errors)
@@ -75,7 +76,7 @@ def test_every_kernel_configuration_compiles_with_nvcc(tmp_path):
     def compile_one(job):
         n, (source, options) = job
         src = tmp_path / f"k{n}.cu"
-        src.write_text(flash.kernel_source(source))
+        src.write_text(sources.kernel_source(source))
         if "-arch=sm_90a" in options:  # wgmma: only the sm_90a target, spelled as nvcc 13.0 accepts it
             options = tuple(o for o in options if o != "-arch=sm_90a")
             targets = ["-gencode=arch=compute_90a,code=sm_90a"]
@@ -93,17 +94,17 @@ def test_every_kernel_configuration_compiles_with_nvcc(tmp_path):
 def test_config_fits_shared_memory():
     for E, other, L, causal in itertools.product(range(8, 257, 8), (8, 64, 256), (1024, 4096), (False, True)):
         for Ev in (E, other):
-            cfg = flash.FlashConfig.for_problem(E, Ev, L, causal)
-            kinds = ["fwd", "dkdv", "dq"] + (["fwd_sm90"] if flash.sm90_forward_applies(E, Ev, 90, cfg) else [])
+            cfg = config.FlashConfig.for_problem(E, Ev, L, causal)
+            kinds = ["fwd", "dkdv", "dq"] + (["fwd_sm90"] if config.sm90_forward_applies(E, Ev, 90, cfg) else [])
             for kind in kinds:
-                assert flash.smem_bytes(kind, cfg, E, Ev) <= 227 * 1024, (E, Ev, kind)
+                assert config.smem_bytes(kind, cfg, E, Ev) <= 227 * 1024, (E, Ev, kind)
 
 
 def test_harness_judges_the_math_backend_on_cpu(rng):
     """The GPU harness itself, run on the CPU: MATH in bf16 must pass it, a perturbed result must not."""
     pytest.importorskip("torch")
     pytest.importorskip("ml_dtypes")
-    from cusdpa import math_backend
+    from cusdpa.backends import math as math_backend
 
     case = Case(dtype="bfloat16", L=9, S=13, E=16, hq=4, hkv=2, causal="lower_right", dropout_p=0.2)
     assert run_case(case, math_backend.IMPL, np, rng) == []
@@ -179,8 +180,10 @@ def test_mma_sync_forward_where_wgmma_would_run(name, rng, monkeypatch):
     """On Hopper E, Ev in {64, 128} take the wgmma forward; the portable mma.sync one must stay right too."""
     import dataclasses
 
-    monkeypatch.setattr(flash, "_config", lambda pr: dataclasses.replace(
-        flash.FlashConfig.for_head_dims(pr.E, pr.Ev), use_wgmma=False))
+    from cusdpa.backends.flash import launches
+
+    monkeypatch.setattr(launches, "config", lambda pr: dataclasses.replace(
+        config.FlashConfig.for_head_dims(pr.E, pr.Ev), use_wgmma=False))
     _gpu_check(FEATURES[name], rng)
 
 
@@ -189,13 +192,13 @@ def test_dropout_mask_is_bit_identical_to_the_reference(rng):
     """With V = I the output is the dropped attention matrix itself: its zeros are the keep-mask."""
     import cupy
 
-    from cusdpa import checks, philox
+    from cusdpa import philox, problem
 
     L, S, p, seed = 70, 64, 0.4, int(rng.integers(0, 2**63))
     q = cupy.asarray(rng.standard_normal((2, 3, L, 64)) * 0.1, dtype=np.float16)
     k = cupy.asarray(rng.standard_normal((2, 3, S, 64)) * 0.1, dtype=np.float16)
     v = cupy.asarray(np.broadcast_to(np.eye(S), (2, 3, S, S)), dtype=np.float16)
-    pr = checks.problem_from_dense(q, k, v, dropout_p=p, seed=(seed, 5))
+    pr = problem.from_dense(q, k, v, None, problem.Options(dropout_p=p), (seed, 5))
     out, _ = flash.IMPL.forward(pr)
     keep = philox.keep_mask(seed, 5, np.arange(6), L, S, p).reshape(2, 3, L, S)
     np.testing.assert_array_equal(cupy.asnumpy(out) != 0, keep)
@@ -205,12 +208,12 @@ def test_dropout_mask_is_bit_identical_to_the_reference(rng):
 def test_backward_is_bit_identical_run_to_run(rng):
     import cupy
 
-    from attention_cases import make_inputs, problem
+    from cusdpa.verify.harness import make_inputs, make_problem
 
     case = Case(hq=4, hkv=1, L=300, S=300, E=128, causal="upper_left", dropout_p=0.1)
     arrays = make_inputs(case, rng)
     q, k, v, dout = (cupy.asarray(x) for x in arrays[:4])
-    pr = problem(case, (q, k, v, None, None), seed=7)
+    pr = make_problem(case, (q, k, v, None, None), seed=7)
     out, lse = flash.IMPL.forward(pr)
     first = flash.IMPL.backward(pr, out, lse, dout, True)
     for _ in range(3):
@@ -226,17 +229,17 @@ def test_contiguous_input_off_16_byte_alignment(which, rng):
     is bit-identical to that of an aligned copy, forward and backward."""
     import cupy
 
-    from cusdpa import checks
+    from cusdpa import problem
 
     q, k, v, dout = (cupy.asarray(rng.standard_normal((2, 3, 70, 64)), dtype=np.float16) for _ in range(4))
-    pr = checks.problem_from_dense(q, k, v, is_causal=True)
+    pr = problem.from_dense(q, k, v, None, problem.Options(is_causal=True))
     out, lse = flash.IMPL.forward(pr)
     grads = flash.IMPL.backward(pr, out, lse, dout)
     base = cupy.empty(q.size + 1, dtype=np.float16)
     shifted = base[1:].reshape(q.shape)
     shifted[...] = q if which == "query" else v
     args = (shifted, k, v) if which == "query" else (q, k, shifted)
-    pr2 = checks.problem_from_dense(*args, is_causal=True)
+    pr2 = problem.from_dense(*args, None, problem.Options(is_causal=True))
     out2, lse2 = flash.IMPL.forward(pr2)
     assert cupy.array_equal(out, out2) and cupy.array_equal(lse, lse2)
     for a, b in zip(grads, flash.IMPL.backward(pr2, out2, lse2, dout)):

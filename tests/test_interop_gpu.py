@@ -11,8 +11,9 @@ from torch import nn  # noqa: E402
 from torch.nn import functional as F  # noqa: E402
 
 import interop  # noqa: E402
-from cusdpa import dispatch, reference, testing  # noqa: E402
-from interop import bridge, functional, ops  # noqa: E402
+from cusdpa import dispatch, reference
+from cusdpa.verify import judge as testing  # noqa: E402
+from interop import arguments, bridge, functional, ops  # noqa: E402
 
 pytestmark = pytest.mark.gpu
 
@@ -84,7 +85,7 @@ def test_dropout_on_cuda_replays_the_reference_mask(rng):
     torch.manual_seed(9)
     out = interop.scaled_dot_product_attention(q, k, v, dropout_p=0.3, is_causal=True)
     torch.manual_seed(9)
-    seed = int(functional.draw_seed(0.3))
+    seed = int(arguments.draw_seed(0.3))
     torch.manual_seed(9)
     assert torch.equal(out, interop.scaled_dot_product_attention(q, k, v, dropout_p=0.3, is_causal=True))
     arrays = [host(x) for x in (q, k, v)]
@@ -120,12 +121,12 @@ def test_cuda_views_share_memory_both_ways(dtype):
 def launch_context(monkeypatch):
     """Records (CuPy's current device, its current stream, the Problem) as each backend's forward and
     backward start. Plans are off, so every call enters a backend (the prepared launches, which skip
-    the backends' entry points, have their own tests in test_fastpath.py)."""
+    the backends' entry points, have their own tests in test_plans.py)."""
     import cupy
 
-    from interop import plans
+    from cusdpa.backends.flash import plans
 
-    monkeypatch.setattr(plans, "lookup", lambda *args, **kwargs: None)
+    monkeypatch.setattr(plans, "lookup", lambda signature, make: None)
     seen = []
     real = dispatch.implementation
 
@@ -229,7 +230,7 @@ def test_compile_with_inductor_fullgraph_matches_eager(rng):
 
 
 def test_opcheck_on_cuda(rng):
-    backends = functional.backend_names(None)
+    backends = arguments.backend_names(None)
     q, k, v = (randn(rng, 2, 4, 33, 64, dtype=torch.float16) for _ in range(3))
     mask = randn(rng, 33, 33)
     cu = torch.tensor([0, 13, 13, 40], dtype=torch.int32, device="cuda")

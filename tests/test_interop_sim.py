@@ -16,7 +16,7 @@ pytest.importorskip("torch")
 
 
 def _judged(name, got, truth, base, factor):
-    from cusdpa import testing
+    from cusdpa.verify import judge as testing
 
     host = [x.detach().double().numpy() for x in (got, truth, base)]
     return [m for m in [testing.judge(name, *host, factor=factor)] if m]
@@ -78,11 +78,11 @@ def efficient_reasons():
     import numpy as np
 
     import cusdpa
-    from cusdpa import Backend, checks, dispatch
+    from cusdpa import Backend, dispatch, problem
 
     x = np.zeros((1, 1, 4, 8), np.float32)
     with cusdpa.sdpa_kernel(Backend.EFFICIENT):
-        return dispatch.implementation(Backend.EFFICIENT).not_supported_reasons(checks.problem_from_dense(x, x, x),
+        return dispatch.implementation(Backend.EFFICIENT).not_supported_reasons(problem.from_dense(x, x, x),
                                                                                 need_grad=True)
 
 

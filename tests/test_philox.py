@@ -2,7 +2,8 @@
 import numpy as np
 import pytest
 
-from cusdpa import philox, selfcheck
+from cusdpa import philox
+from cusdpa.verify import selfcheck
 
 
 @pytest.mark.parametrize("counter,key,want", selfcheck.PHILOX_KAT)

@@ -291,7 +291,7 @@ def test_dropout_one_gives_zeros(rng):
 # ---- varlen ----------------------------------------------------------------------------------------------
 
 def test_varlen_matches_dense_per_sequence(rng):
-    from cusdpa import checks
+    from cusdpa import problem
 
     lens_q, lens_k = [5, 0, 9, 3], [7, 4, 9, 0]
     cu_q = np.concatenate([[0], np.cumsum(lens_q)]).astype(np.int32)
@@ -301,7 +301,7 @@ def test_varlen_matches_dense_per_sequence(rng):
     k = rng.standard_normal((cu_k[-1], hkv, 8))
     v = rng.standard_normal((cu_k[-1], hkv, 6))
     kw = dict(is_causal=True, causal_variant="lower_right", window=(3, -1), enable_gqa=True)
-    pr = checks.problem_from_varlen(q, k, v, cu_q, cu_k, 9, 9, **kw)
+    pr = problem.from_varlen(q, k, v, cu_q, cu_k, 9, 9, problem.Options(**kw))
     out, lse = reference.forward(pr)
     dout = rng.standard_normal(out.shape)
     dq, dk, dv = reference.backward(pr, dout)
@@ -317,7 +317,7 @@ def test_varlen_matches_dense_per_sequence(rng):
 
 
 def test_varlen_dropout_counts_batch_heads_per_sequence(rng):
-    from cusdpa import checks
+    from cusdpa import problem
 
     lens = [4, 6]
     cu = np.array([0, 4, 10], np.int32)
@@ -326,9 +326,9 @@ def test_varlen_dropout_counts_batch_heads_per_sequence(rng):
     v = np.zeros((10, H, S))
     for b, (start, n) in enumerate(zip(cu[:-1], lens)):
         v[start:start + n] = np.eye(S)[:n, None, :]  # out row = attention weights over the sequence
-    pr = checks.problem_from_varlen(q, k, v, cu, cu, 6, 6, dropout_p=0.5, seed=99)
+    pr = problem.from_varlen(q, k, v, cu, cu, 6, 6, problem.Options(dropout_p=0.5), 99)
     A, _ = reference.forward(pr)
-    P, _ = reference.forward(checks.problem_from_varlen(q, k, v, cu, cu, 6, 6))
+    P, _ = reference.forward(problem.from_varlen(q, k, v, cu, cu, 6, 6))
     for b, n in enumerate(lens):
         keep = philox.keep_mask(99, 0, np.arange(b * H, b * H + H), n, n, 0.5)  # (H, n, n)
         rows = slice(cu[b], cu[b + 1])

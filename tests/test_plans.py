@@ -1,11 +1,11 @@
-"""The eager fast path of the torch bridge (interop/fastpath.py) and the prepared launches under it
-(cusdpa/launch.py): argument cells on the CPU; on the GPU, the fast path must give bit for bit what the
-custom ops give (same kernels, same arguments), forward, backward and dropout, and step aside for
-everything its plans do not cover."""
+"""Plans (cusdpa/backends/flash/plans.py) and the prepared launches under them (cusdpa/backends/launch.py):
+argument cells on the CPU; on the GPU, a replayed plan must give bit for bit what the general path gives
+(same kernels, same arguments), forward, backward and dropout, through the torch bridge and for CuPy
+callers, and calls that plans do not cover must take the general path."""
 import numpy as np
 import pytest
 
-from cusdpa import launch
+from cusdpa.backends import launch
 
 
 class FakeCupyArray:  # what _cell reads of a CuPy array
@@ -31,8 +31,7 @@ def test_argument_cells(value, cell):
 def test_slots_are_left_for_the_call():
     prepared = launch.Launch(None, (3, 4), (128,), 0, (launch.Slot("q"), np.int32(5), launch.Slot("seed_lo")))
     assert prepared.slots == ((0, "q"), (2, "seed_lo"))
-    assert prepared.cells.tolist() == [0, 5, 0]
-    assert prepared.offsets.tolist() == [0, 8, 16]
+    assert prepared.cells == (0, 5, 0)
 
 
 def test_oversized_argument_is_refused():
@@ -66,30 +65,32 @@ CASES = {
 }
 
 
-def _options(functional, kw):
-    return functional.options(kw.get("dropout_p", 0.0), kw.get("is_causal", False), kw.get("scale"),
-                              kw.get("enable_gqa", False), kw.get("causal_variant", "upper_left"), kw.get("window"),
-                              None)
+def _options(kw):
+    from interop import arguments
+
+    return arguments.options(kw.get("dropout_p", 0.0), kw.get("is_causal", False), kw.get("scale"),
+                             kw.get("enable_gqa", False), kw.get("causal_variant", "upper_left"), kw.get("window"))
 
 
-def _general(monkeypatch, ops, q, k, v, opts, dout):
-    """out and (dq, dk, dv) through the ops with plans turned off: full validation, dispatch, CuPy views."""
+def _general(monkeypatch, q, k, v, kw, dout):
+    """out and (dq, dk, dv) with plans turned off: full validation, dispatch, CuPy views."""
     import torch
 
-    from interop import plans
+    import interop
+    from cusdpa.backends.flash import plans
 
     with monkeypatch.context() as patched:
-        patched.setattr(plans, "lookup", lambda *args, **kwargs: None)
-        out, _ = ops.sdpa_fwd(q, k, v, None, *opts)
+        patched.setattr(plans, "lookup", lambda signature, make: None)
+        out = interop.scaled_dot_product_attention(q, k, v, **kw)
         return out.detach(), torch.autograd.grad(out, (q, k, v), dout)
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("name", sorted(CASES))
-def test_fast_path_is_bit_identical_to_the_general_path(name, rng, monkeypatch):
+def test_replayed_plans_are_bit_identical_to_the_general_path(name, rng, monkeypatch):
     torch = _torch_cuda()
     import interop
-    from interop import functional, ops, plans
+    from cusdpa.backends.flash import plans
 
     case = CASES[name]
     dtype = getattr(torch, case["dtype"])
@@ -99,49 +100,52 @@ def test_fast_path_is_bit_identical_to_the_general_path(name, rng, monkeypatch):
     for _ in range(2):  # the first call builds the plan, the second replays it
         torch.manual_seed(5)
         fast = interop.scaled_dot_product_attention(q, k, v, **kw)
-    built = [p for p in plans._plans.values() if p is not None]
-    assert len(built) == 1 and built[0].backward, "the repeated call must replay one cached FLASH plan"
-    torch.manual_seed(5)
-    opts = _options(functional, kw)  # draws the same dropout seed as the calls above
     dout = torch.randn_like(fast)
-    slow, want = _general(monkeypatch, ops, q, k, v, opts, dout)
-    assert torch.equal(fast, slow) and fast.stride() == slow.stride()  # both token-major
     got = torch.autograd.grad(fast, (q, k, v), dout)
+    built = [p for p in plans._plans.values() if p is not None]
+    assert sorted(bool(p.backward) for p in built) == [False, True], "one forward plan, one training plan"
+    torch.manual_seed(5)  # the general path draws the same dropout seed
+    slow, want = _general(monkeypatch, q, k, v, kw, dout)
+    assert torch.equal(fast.detach(), slow) and fast.stride() == slow.stride()  # both token-major
     for g, w in zip(got, want):
         assert g.shape == w.shape and torch.equal(g, w)
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("name", ["causal_bf16", "window_dropout"])
-def test_ops_replay_plans_bit_identically(name, rng, monkeypatch):
-    """The custom ops themselves (what a compiled graph calls) replay the plans, forward and backward."""
+def test_the_ops_replay_plans_for_compiled_graphs(name, rng, monkeypatch):
+    """The custom ops themselves (what a compiled graph calls) replay the plans; a backward op handed an out
+    it cannot read in place takes the general path."""
     torch = _torch_cuda()
-    from interop import functional, ops, plans
+    from cusdpa.backends.flash import plans
+    from interop import ops
 
     case = CASES[name]
     q, k, v = _inputs(torch, case["q"], case["kv"], getattr(torch, case["dtype"]), int(rng.integers(2**31)))
-    opts = _options(functional, case["kw"])
+    opts = _options(case["kw"])
+    seed = torch.tensor([77]) if case["kw"].get("dropout_p") else None
+    backends = "flash,efficient,math"
     plans._plans.clear()
-    out, lse = ops.sdpa_fwd(q, k, v, None, *opts)
+    out, lse = ops.sdpa_fwd(q, k, v, None, *opts, seed, backends)
     dout = torch.randn_like(out)
-    got = torch.autograd.grad(out, (q, k, v), dout)
-    assert sorted(bool(p.backward) for p in plans._plans.values()) == [False, True]  # inference and training plans
-    slow, want = _general(monkeypatch, ops, q, k, v, opts, dout)
-    assert torch.equal(out.detach(), slow)
-    for g, w in zip(got, want):
-        assert torch.equal(g, w)
-    # A backward op handed an out it cannot read in place (here a strided copy) takes the general path.
-    strided = torch.empty(*out.shape[:-1], 2 * out.shape[-1], dtype=out.dtype, device="cuda")[..., ::2]
-    strided.copy_(out.detach())
-    training = next(p for p in plans._plans.values() if p.backward)
-    assert not plans.backward_takes(training, q, dout, strided, lse)
-    dq, dk, dv, _ = ops.sdpa_bwd(dout, q.detach(), k.detach(), v.detach(), None, strided, lse, *opts, False)
+    dq, dk, dv, _ = ops.sdpa_bwd(dout, q, k, v, None, out, lse, *opts, seed, backends, False)
+    assert sorted(bool(p.backward) for p in plans._plans.values()) == [False, True]
+    with monkeypatch.context() as patched:
+        patched.setattr(plans, "lookup", lambda signature, make: None)
+        slow, slow_lse = ops.sdpa_fwd(q, k, v, None, *opts, seed, backends)
+        want = ops.sdpa_bwd(dout, q, k, v, None, slow, slow_lse, *opts, seed, backends, False)[:3]
+    assert torch.equal(out, slow) and torch.equal(lse, slow_lse)
     for g, w in zip((dq, dk, dv), want):
+        assert torch.equal(g, w)
+    strided = torch.empty(*out.shape[:-1], 2 * out.shape[-1], dtype=out.dtype, device="cuda")[..., ::2]
+    strided.copy_(out)
+    again = ops.sdpa_bwd(dout, q, k, v, None, strided, lse, *opts, seed, backends, False)[:3]
+    for g, w in zip(again, want):
         assert torch.equal(g, w)
 
 
 @pytest.mark.gpu
-def test_fast_path_on_a_side_stream_without_host_sync_or_grad():
+def test_plans_on_a_side_stream_without_host_sync():
     torch = _torch_cuda()
     import interop
 
@@ -170,13 +174,13 @@ def test_fast_path_on_a_side_stream_without_host_sync_or_grad():
 
 
 @pytest.mark.gpu
-def test_fast_path_on_the_tensors_device(monkeypatch):
+def test_plans_on_the_tensors_device(monkeypatch):
     """Plans replayed on cuda:1 while cuda:0 is current: outputs and gradients there, equal to the general path."""
     torch = _torch_cuda()
     if torch.cuda.device_count() < 2:
         pytest.skip("needs two GPUs")
     import interop
-    from interop import functional, ops, plans
+    from cusdpa.backends.flash import plans
 
     with torch.cuda.device(1):
         q, k, v = _inputs(torch, (2, 4, 300, 64), (2, 4, 300, 64), torch.bfloat16, 7)
@@ -186,30 +190,34 @@ def test_fast_path_on_the_tensors_device(monkeypatch):
         for _ in range(2):  # the first call builds the plan, the second replays it
             fast = interop.scaled_dot_product_attention(q, k, v, is_causal=True)
         got = torch.autograd.grad(fast, (q, k, v), dout)
+        assert torch.cuda.current_device() == 0
     assert any(p is not None and p.backward for p in plans._plans.values())
     with torch.cuda.device(1):
-        slow, want = _general(monkeypatch, ops, q, k, v, _options(functional, dict(is_causal=True)), dout)
+        slow, want = _general(monkeypatch, q, k, v, dict(is_causal=True), dout)
     assert fast.device == torch.device("cuda:1") and torch.equal(fast.detach(), slow)
     for g, w in zip(got, want):
         assert g.device == torch.device("cuda:1") and torch.equal(g, w)
 
 
 @pytest.mark.gpu
-def test_fast_path_steps_aside():
-    """Masks, misaligned or non-collapsing inputs and fp32 take the ops (and stay right)."""
+def test_calls_plans_do_not_cover_take_the_general_path():
+    """Masks, misaligned inputs and fp32 build no plan (and stay right)."""
     torch = _torch_cuda()
     import interop
-    from interop import fastpath, plans
+    from cusdpa.backends.flash import plans
 
     q, k, v = _inputs(torch, (2, 2, 64, 64), (2, 2, 64, 64), torch.float16, 4)
-    assert not fastpath.applies(q, k, v, torch.ones(64, 64, dtype=torch.bool, device="cuda"))
     plans._plans.clear()
+    mask = torch.ones(64, 64, dtype=torch.bool, device="cuda")
+    interop.scaled_dot_product_attention(q.detach(), k.detach(), v.detach(), attn_mask=mask)
+    assert plans._plans == {}
     base = torch.empty(2 * 2 * 64 * 64 + 1, device="cuda", dtype=torch.float16)
     shifted = base[1:].view(2, 2, 64, 64)  # 2-byte offset: cp.async needs 16-byte rows
     shifted.copy_(q.detach())
     got = interop.scaled_dot_product_attention(shifted, k.detach(), v.detach())
     assert list(plans._plans.values()) == [None]
-    assert torch.equal(got, interop.scaled_dot_product_attention(q.detach(), k.detach(), v.detach()))
+    want = interop.scaled_dot_product_attention(q.detach(), k.detach(), v.detach())
+    assert torch.equal(got, want)
     plans._plans.clear()
     q32 = q.detach().float()
     interop.scaled_dot_product_attention(q32, q32, q32)

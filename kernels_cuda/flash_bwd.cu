@@ -11,7 +11,7 @@
 // DKDV_PART (3: dK and dV in one pass; 1: dV only; 2: dK only -- for E > 128, where both
 // accumulators of a warp's 16 keys would not fit in registers, the host runs 1 then 2, recomputing S^T),
 // DQ_WARPS, DQ_M_TILES, DQ_BLOCK_N.
-#include "flash_common.cuh"
+#include "common.cuh"
 
 // ---------------------------------------------------------------------------------------------------
 // D = rowsum(dO o O): one warp per row, 8 elements per lane.

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from .. import check, checks, reference, testing
+from cusdpa import problem, reference
+from cusdpa.verify import harness, judge
 from .config import Options, Provider
 from .device import Device, Point
 from .providers import NotAvailable, TorchRun, make_run
@@ -33,7 +34,7 @@ def tutorial_point(opts: Options) -> Point:
 
 def _truth(dev: Device, arrays, point: Point, need_grad: bool) -> dict:
     q, k, v, dout = (dev.wide(x) for x in arrays)
-    pr = checks.problem_from_dense(q, k, v, is_causal=point.causal)
+    pr = problem.from_dense(q, k, v, None, problem.Options(is_causal=point.causal))
     truth = {"out": reference.forward(pr)[0]}
     if need_grad:
         truth.update(zip(GRADS, reference.backward(pr, dout)))
@@ -48,7 +49,7 @@ def _yardstick(dev: Device, inputs, point: Point, need_grad: bool) -> dict:
             base.update(zip(GRADS, run.backward()[2]))
     else:
         q, k, v, dout = inputs.arrays
-        pr = checks.problem_from_dense(q, k, v, is_causal=point.causal)
+        pr = problem.from_dense(q, k, v, None, problem.Options(is_causal=point.causal))
         base = {"out": reference.forward(pr, np.float32)[0]}
         if need_grad:
             base.update(zip(GRADS, reference.backward(pr, dout, np.float32)))
@@ -60,9 +61,9 @@ def _judged(dev: Device, got: dict, truth: dict, base: dict, dtype: str) -> tupl
     errors, failures = {}, []
     for name, x in got.items():
         wide = dev.wide(x)
-        errors[name] = testing.max_error(wide, truth[name])
-        verdict = testing.judge(name, wide, truth[name], base[name], 2.0 if name == "out" else 3.0,
-                                check.FLOOR[dtype])
+        errors[name] = judge.max_error(wide, truth[name])
+        verdict = judge.judge(name, wide, truth[name], base[name], 2.0 if name == "out" else 3.0,
+                                harness.FLOOR[dtype])
         if verdict:
             failures.append(verdict)
     return errors, failures
@@ -85,7 +86,7 @@ def measure(part: str, point: Point, providers: list[Provider], directions, opts
     truth = _truth(dev, inputs.arrays, point, need_grad)
     dev.free()  # the reference's temporaries (GBs at L = 16384) go back before any provider runs
     base = _yardstick(dev, inputs, point, need_grad)
-    base_errors = {name: testing.max_error(x, truth[name]) for name, x in base.items()}
+    base_errors = {name: judge.max_error(x, truth[name]) for name, x in base.items()}
     checked = []
     for provider in providers:
         for direction in directions:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import philox, reference
+from .. import philox, reference
 
 # Random123's published known-answer vectors for Philox4x32-10: (counter, key) -> output words.
 PHILOX_KAT = (

@@ -7,7 +7,7 @@ import sys
 import time
 import traceback
 
-from .. import environment
+from cusdpa import environment
 from . import modules, plots, report, sdpa
 from .config import PARTS, Options, SetupError
 from .device import Device

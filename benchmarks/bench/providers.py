@@ -22,7 +22,7 @@ class NotAvailable(Exception):
 
 class CusdpaRun:
     def __init__(self, provider: Provider, inputs: Inputs, point: Point):
-        from ..dispatch import Backend
+        from cusdpa.dispatch import Backend
 
         self.backend = None if provider.backend is None else Backend[provider.backend]
         self.q, self.k, self.v, self.dout = inputs.arrays
@@ -30,13 +30,13 @@ class CusdpaRun:
 
     def context(self):
         """Only this backend enabled (EFFICIENT takes NumPy arrays only while MATH is disabled)."""
-        from .. import sdpa_kernel
+        from cusdpa import sdpa_kernel
 
         return contextlib.nullcontext() if self.backend is None else sdpa_kernel([self.backend])
 
     def chosen(self, need_grad: bool) -> str:
         """The backend that runs (the one dispatch picks for the default provider); NotAvailable if none."""
-        from .. import explain
+        from cusdpa import explain
 
         ex = explain(self.q, self.k, self.v, is_causal=self.causal, need_grad=need_grad)
         if self.backend is None:
@@ -49,14 +49,14 @@ class CusdpaRun:
 
     def forward(self):
         """(timed function, its output)."""
-        from .. import scaled_dot_product_attention
+        from cusdpa import scaled_dot_product_attention
 
         fn = lambda: scaled_dot_product_attention(self.q, self.k, self.v, is_causal=self.causal)  # noqa: E731
         return fn, fn()
 
     def backward(self):
         """(timed function, grad_to_none, gradients): the backward alone, after one forward."""
-        from .. import attention_vjp
+        from cusdpa import attention_vjp
 
         _, vjp = attention_vjp(self.q, self.k, self.v, is_causal=self.causal)
         fn = lambda: vjp(self.dout)  # noqa: E731

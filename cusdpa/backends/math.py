@@ -2,8 +2,8 @@
 runs as cuBLAS matmuls and elementwise masked softmax with fp32 accumulation (fp64 for fp64 inputs)."""
 from __future__ import annotations
 
-from . import reference
-from .dispatch import Backend, Capabilities, Implementation
+from .. import reference
+from ..dispatch import Backend, Capabilities, Implementation
 
 
 def deliver(xp, results, into):

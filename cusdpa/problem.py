@@ -1,16 +1,25 @@
-"""Argument checking: every public entry point turns its arguments into one validated ``Problem``.
+"""The Problem: every entry point turns its arguments into one validated ``Problem``, which also
+carries the scalars every backend derives from them (the window with causal folded in, the seed's
+Philox key words, the dropout keep threshold), computed here once.
+
+``Options`` holds the scalar arguments of an attention call as one frozen record; the torch bridge
+derives its custom ops' schemas from its fields, so an option is added in one place.
 
 Each error names the argument, the offending value and the fix. Nothing here touches a GPU except
 reading a varlen ``cu_seqlens`` back to the host (B + 1 integers) to check it.
 """
 from __future__ import annotations
 
+import dataclasses
+import functools
 import math
 import secrets
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
+
+from . import philox
 
 SUPPORTED_DTYPES = ("float16", "bfloat16", "float32", "float64")
 CAUSAL_VARIANTS = ("upper_left", "lower_right")
@@ -33,6 +42,23 @@ def array_module(x, name: str):
 def device_of(x) -> str:
     """'cpu' for NumPy arrays, 'cuda:N' for CuPy arrays."""
     return "cpu" if isinstance(x, np.ndarray) else f"cuda:{x.device.id}"
+
+
+@dataclass(frozen=True)
+class Options:
+    """The scalar arguments of one attention call, as the caller gave them (checked when a Problem is
+    built). ``window`` is a (left, right) pair, -1 = unbounded; ``causal_variant`` "upper_left" or
+    "lower_right" aligns both causal and window."""
+
+    dropout_p: float = 0.0
+    is_causal: bool = False
+    scale: Optional[float] = None
+    enable_gqa: bool = False
+    causal_variant: str = "upper_left"
+    window: Optional[tuple[int, int]] = None
+
+
+OPTION_NAMES = tuple(f.name for f in dataclasses.fields(Options))
 
 
 @dataclass(frozen=True)
@@ -122,6 +148,30 @@ class Problem:
         if self.varlen is not None:
             return (self.hq, self.q.shape[0])
         return self.out_shape[:-1]
+
+    @functools.cached_property
+    def window_bounds(self) -> tuple[int, int]:
+        """(left, right) keys around the aligned diagonal, -1 = unbounded, with causal folded in as
+        right <= 0: the one visibility rule every kernel applies."""
+        left, right = self.window if self.window is not None else (-1, -1)
+        if self.causal:
+            right = 0 if right < 0 else min(right, 0)
+        return left, right
+
+    @property
+    def seed_words(self) -> tuple[int, int]:
+        """The Philox key: (seed & 0xffffffff, seed >> 32)."""
+        return self.seed & 0xFFFFFFFF, self.seed >> 32
+
+    @functools.cached_property
+    def keep_threshold(self) -> int:
+        """An element survives dropout iff its Philox word is below this (0xffffffff without dropout)."""
+        return philox.keep_threshold(self.dropout_p) if self.dropout_p > 0 else 0xFFFFFFFF
+
+    @property
+    def dropout_rescale(self) -> float:
+        """The factor of kept probabilities, 1 / (1 - p); 0 when p == 1 (everything dropped)."""
+        return 1.0 / (1.0 - self.dropout_p) if self.dropout_p < 1 else 0.0
 
     @property
     def num_bh(self) -> int:
@@ -255,9 +305,9 @@ def _check_mask(attn_mask, xp, full_shape: tuple, device: str):
     return attn_mask, kind
 
 
-def problem_from_dense(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
-                       enable_gqa=False, causal_variant="upper_left", window=None, seed=None) -> Problem:
+def from_dense(q, k, v, attn_mask=None, options: Options = Options(), seed=None) -> Problem:
     """Validate dense (..., H, L, E) arguments of ``scaled_dot_product_attention``."""
+    dropout_p, is_causal, scale, enable_gqa, causal_variant, window = _options(options)
     xp, dtype = _check_arrays(q, k, v)
     for name, x in (("query", q), ("key", k), ("value", v)):
         if x.ndim < 2:
@@ -292,6 +342,12 @@ def problem_from_dense(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, 
                    out_rank=max(q.ndim, k.ndim, v.ndim))
 
 
+def _options(options: Options) -> tuple:
+    if not isinstance(options, Options):
+        raise TypeError(f"options={options!r} must be a cusdpa.problem.Options")
+    return tuple(getattr(options, name) for name in OPTION_NAMES)
+
+
 def _check_cu_seqlens(cu, name: str, xp, tokens: int, tokens_name: str) -> np.ndarray:
     if array_module(cu, name) is not xp:
         raise TypeError(f"{name} is a {type(cu).__module__} array but query is a {xp.__name__} array")
@@ -309,10 +365,10 @@ def _check_cu_seqlens(cu, name: str, xp, tokens: int, tokens_name: str) -> np.nd
     return host
 
 
-def problem_from_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
-                        is_causal=False, scale=None, enable_gqa=False, causal_variant="upper_left",
-                        window=None, seed=None) -> Problem:
+def from_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, options: Options = Options(),
+                seed=None) -> Problem:
     """Validate packed (total_tokens, H, E) arguments of ``varlen_attention``."""
+    dropout_p, is_causal, scale, enable_gqa, causal_variant, window = _options(options)
     xp, dtype = _check_arrays(q, k, v)
     for name, x in (("query", q), ("key", k), ("value", v)):
         if x.ndim != 3:

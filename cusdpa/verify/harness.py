@@ -15,8 +15,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from . import checks, dispatch, environment, philox, reference, testing
-from .dispatch import Backend
+from .. import dispatch, environment, philox, problem, reference
+from ..dispatch import Backend
+from . import judge
 
 # The floor of the error rule, relative to max|reference|: the unit roundoff of fp16 and bf16 (their
 # output rounding dominates the yardstick anyway); 32 units for fp32, where nothing rounds coarsely and
@@ -45,9 +46,10 @@ class Case:
     def ev(self) -> int:
         return self.E if self.Ev is None else self.Ev
 
-    def kwargs(self) -> dict:
-        return dict(dropout_p=self.dropout_p, is_causal=self.causal is not None,
-                    causal_variant=self.causal or "upper_left", window=self.window, enable_gqa=self.hq != self.hkv)
+    def options(self) -> problem.Options:
+        return problem.Options(dropout_p=self.dropout_p, is_causal=self.causal is not None,
+                               causal_variant=self.causal or "upper_left", window=self.window,
+                               enable_gqa=self.hq != self.hkv)
 
 
 def np_dtype(name: str):
@@ -85,11 +87,11 @@ def make_inputs(case: Case, rng):
     return q, k, v, dout, None
 
 
-def problem(case: Case, arrays, seed: int):
+def make_problem(case: Case, arrays, seed: int):
     q, k, v, _, vl = arrays
     if vl is None:
-        return checks.problem_from_dense(q, k, v, None, seed=seed, **case.kwargs())
-    return checks.problem_from_varlen(q, k, v, *vl, seed=seed, **case.kwargs())
+        return problem.from_dense(q, k, v, None, case.options(), seed)
+    return problem.from_varlen(q, k, v, *vl, case.options(), seed)
 
 
 # ---- PyTorch at the same precision ---------------------------------------------------------------------
@@ -158,7 +160,7 @@ def unsupported(case: Case, impl, xp, grads: bool = True) -> list[str]:
     """Why ``impl`` cannot run ``case`` on arrays of ``xp`` (empty when it can), from the backend itself."""
     rng = np.random.default_rng(0)
     dev, vl = _device_arrays(case, make_inputs(case, rng), xp)
-    return impl.not_supported_reasons(problem(case, (*dev[:3], None, vl), 0), need_grad=grads)
+    return impl.not_supported_reasons(make_problem(case, (*dev[:3], None, vl), 0), need_grad=grads)
 
 
 def run_case(case: Case, impl, xp, rng, *, grads: bool = True, torch_device: str = "cpu") -> list[str]:
@@ -166,8 +168,8 @@ def run_case(case: Case, impl, xp, rng, *, grads: bool = True, torch_device: str
     arrays = make_inputs(case, rng)
     seed = int(rng.integers(0, 2**63))
     dev, vl = _device_arrays(case, arrays, xp)
-    pr = problem(case, (*dev[:3], None, vl), seed)
-    ref_pr = problem(case, (*(x.astype(np.float64) for x in arrays[:3]), None, arrays[4]), seed)
+    pr = make_problem(case, (*dev[:3], None, vl), seed)
+    ref_pr = make_problem(case, (*(x.astype(np.float64) for x in arrays[:3]), None, arrays[4]), seed)
 
     out = xp.full(pr.out_shape, np.nan, dtype=pr.dtype)
     lse = xp.full(pr.lse_shape, np.nan, dtype=np.float32)
@@ -175,15 +177,15 @@ def run_case(case: Case, impl, xp, rng, *, grads: bool = True, torch_device: str
     ref_out, ref_lse = reference.forward(ref_pr)
     base = torch_same_precision(case, arrays, seed, torch_device)
     floor = FLOOR[case.dtype]
-    failures = [testing.judge("out", got_out, ref_out, base[0], 2.0, floor),
-                testing.judge("lse", got_lse, ref_lse, base[1], 2.0, 2e-5)]
+    failures = [judge.judge("out", got_out, ref_out, base[0], 2.0, floor),
+                judge.judge("lse", got_lse, ref_lse, base[1], 2.0, 2e-5)]
     if grads:
         dout = dev[3]
         poisoned = tuple(xp.full(x.shape, np.nan, dtype=pr.dtype) for x in (pr.q, pr.k, pr.v))
         got = impl.backward(pr, got_out, got_lse, dout, False, poisoned)
         want = reference.backward(ref_pr, arrays[3].astype(np.float64))
         for name, g, w, b in zip(("dq", "dk", "dv"), got, want, base[2:]):
-            failures.append(testing.judge(name, g, w, b, 3.0, floor))
+            failures.append(judge.judge(name, g, w, b, 3.0, floor))
     return [f"{case}: {f}" for f in failures if f]
 
 

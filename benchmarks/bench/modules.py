@@ -11,7 +11,7 @@ import time
 
 import numpy as np
 
-from .. import check, testing
+from cusdpa.verify import harness, judge
 from .config import Options
 from .device import Device
 from .providers import NotAvailable, torch_dispatch_errors
@@ -24,7 +24,7 @@ class Models:
 
     def __init__(self, torch, opts: Options, device: str):
         import interop
-        from ..dispatch import Backend
+        from cusdpa.dispatch import Backend
 
         s = opts.sizes
         torch.manual_seed(opts.seed)
@@ -138,10 +138,10 @@ def _judge(dev: Device, records, outputs: dict, truth) -> None:
     base = None if base is None else dev.wide(base)
     for record in records:
         got = dev.wide(outputs[record["provider"], record["mode"]])
-        record["error"] = {"out": testing.max_error(got, truth)}
+        record["error"] = {"out": judge.max_error(got, truth)}
         if base is None:
             record["note"] = "not judged: the torch module, the yardstick, did not run"
             continue
-        verdict = testing.judge("out", got, truth, base, 2.0, check.FLOOR[DTYPE])
+        verdict = judge.judge("out", got, truth, base, 2.0, harness.FLOOR[DTYPE])
         if verdict:
             record.update(status="failed", reason=verdict)

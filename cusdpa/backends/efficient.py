@@ -7,8 +7,8 @@ arrays because the simulator is a CPU emulation of a GPU, for tests on tiny shap
 """
 from __future__ import annotations
 
-from . import dispatch, environment
-from .dispatch import Backend, Capabilities, Implementation
+from .. import dispatch, environment
+from ..dispatch import Backend, Capabilities, Implementation
 
 CAPABILITIES = Capabilities(dtypes=frozenset({"float16", "bfloat16", "float32"}), max_head_dim=256)
 

@@ -7,7 +7,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .. import check, environment, testing
+from cusdpa import environment
+from cusdpa.verify import harness, judge
 from .config import SetupError
 from .timing import CpuTimer, GpuTimer
 
@@ -82,7 +83,7 @@ class Device:
                             for s in shapes)
             return Inputs(tuple(bridge.as_array(t) for t in tensors), tensors)
         rng = np.random.default_rng(seed)
-        arrays = tuple(rng.standard_normal(s).astype(np.float32).astype(check.np_dtype(point.dtype)) for s in shapes)
+        arrays = tuple(rng.standard_normal(s).astype(np.float32).astype(harness.np_dtype(point.dtype)) for s in shapes)
         return Inputs(arrays, self.torch_copies(arrays))
 
     def torch_copies(self, arrays) -> tuple | None:
@@ -101,7 +102,7 @@ class Device:
             from interop import bridge
 
             return bridge.as_array(x)
-        return testing.to_float64(x)
+        return judge.to_float64(x)
 
     def free(self) -> None:
         """Give cached memory back, so the next point (or torch's MATH) finds it."""

@@ -9,7 +9,7 @@
 // the visible band (causal / window / sequence end) pay for the per-element mask.
 //
 // Extra -D options: FWD_WARPS, FWD_M_TILES, FWD_BLOCK_N.
-#include "flash_common.cuh"
+#include "common.cuh"
 
 constexpr int NUM_WARPS = FWD_WARPS;
 constexpr int NTHREADS = NUM_WARPS * 32;

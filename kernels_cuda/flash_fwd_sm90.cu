@@ -13,7 +13,7 @@
 // O rescale by alpha then waits for that P V, so the max update and the exponentials never wait on it.
 //
 // Extra -D options: FWD90_WARPGROUPS, FWD90_BLOCK_N, FWD90_MIN_BLOCKS. Needs E and Ev in {64, 128}.
-#include "flash_common.cuh"
+#include "common.cuh"
 // @WGMMA_WRAPPERS@
 
 constexpr int NWG = FWD90_WARPGROUPS;

@@ -1,0 +1,103 @@
+"""Tile shapes of the FLASH kernels: one frozen record per configuration, chosen per problem."""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from dataclasses import dataclass
+
+MAX_SMEM = 227 * 1024  # opt-in shared memory per block on sm_80 / sm_90
+
+
+@dataclass(frozen=True)
+class FlashConfig:
+    """Tile shapes of the three kernels (see kernels_cuda/flash_*.cu). ``for_head_dims`` picks the defaults."""
+
+    fwd_warps: int = 4
+    fwd_m_tiles: int = 2  # m16 tiles per warp: 2 halves the shared-memory reads per mma
+    fwd_block_n: int = 64
+    bwd_warps: int = 8  # dK/dV kernel: 16 keys per warp
+    bwd_block_m: int = 64  # dK/dV kernel: queries per step
+    split_dkdv: bool = False  # dV then dK in two passes (registers for E > 128)
+    dq_warps: int = 8
+    dq_m_tiles: int = 1
+    dq_block_n: int = 64
+    use_wgmma: bool = True  # Hopper forward (flash_fwd_sm90.cu) where the device and head dims allow
+    fwd90_warpgroups: int = 2  # 64 query rows each
+    fwd90_block_n: int = 128
+    fwd90_min_blocks: int = 1  # __launch_bounds__ minimum: > 1 caps registers so more CTAs share an SM
+
+    @staticmethod
+    @functools.cache
+    def for_head_dims(E: int, Ev: int) -> "FlashConfig":
+        d = max(pad16(E), pad16(Ev))
+        # Tile choices measured with benchmarks/flash_sweep.py (BENCHMARKS.md): backward on the H100,
+        # Hopper forward on the H200.
+        if d <= 64:
+            return FlashConfig(bwd_block_m=128, dq_warps=4, fwd90_warpgroups=3)
+        if d <= 128:  # 32 rows x 128 accumulators per warp leave room for a 32-key score block only
+            return FlashConfig(fwd_block_n=32, dq_warps=4, dq_m_tiles=2, dq_block_n=32, fwd90_warpgroups=3,
+                               fwd90_block_n=64)
+        return FlashConfig(fwd_m_tiles=1, fwd_block_n=32, bwd_block_m=32, split_dkdv=True, dq_block_n=32)
+
+    @staticmethod
+    @functools.cache
+    def for_problem(E: int, Ev: int, L: int, causal: bool) -> "FlashConfig":
+        """``for_head_dims``, with other Hopper forward tiles for short or causal problems. A tall query block
+        spends more of its time on the masked diagonal and leaves fewer blocks to balance the triangle; with
+        E <= 64, capping registers (``fwd90_min_blocks``, one 8-byte spill) doubles the blocks resident per
+        SM, so one block's loads overlap another's math where each has only a few key blocks to pipeline.
+        Kernel times swept at L = 256 to 16384 on the H200 (BENCHMARKS.md)."""
+        cfg = FlashConfig.for_head_dims(E, Ev)
+        d = max(E, Ev)
+        if d <= 64:
+            if causal and L <= 1024:  # 64-row blocks, four per SM
+                return dataclasses.replace(cfg, fwd90_warpgroups=1, fwd90_block_n=64, fwd90_min_blocks=4)
+            if causal or L <= 2048:  # 128-row blocks, two per SM
+                return dataclasses.replace(cfg, fwd90_warpgroups=2, fwd90_block_n=64, fwd90_min_blocks=2)
+        elif causal and L <= 2048 and d <= 128:
+            return dataclasses.replace(cfg, fwd90_warpgroups=2, fwd90_block_n=128)
+        return cfg
+
+    @property
+    def fwd_block_m(self) -> int:
+        return self.fwd_warps * 16 * self.fwd_m_tiles
+
+    @property
+    def dq_block_m(self) -> int:
+        return self.dq_warps * 16 * self.dq_m_tiles
+
+    @property
+    def bwd_block_n(self) -> int:
+        return self.bwd_warps * 16
+
+
+def pad16(d: int) -> int:
+    return (d + 15) // 16 * 16
+
+
+def _pitches(E: int, Ev: int) -> tuple[int, int]:
+    # Shared-memory row pitch (elements): padded head dim + 8, an odd number of 16-byte chunks.
+    return pad16(E) + 8, pad16(Ev) + 8
+
+
+def smem_bytes(kind: str, cfg: FlashConfig, E: int, Ev: int) -> int:
+    """Dynamic shared memory of each kernel, as laid out in the .cu files."""
+    qp, vp = _pitches(E, Ev)
+    if kind == "fwd":
+        bm, bn = cfg.fwd_block_m, cfg.fwd_block_n
+        return 2 * (bm * max(qp, vp) + 2 * bn * qp + 2 * bn * vp)
+    if kind == "fwd_sm90":  # unpadded, swizzled tiles
+        bm, bn = 64 * cfg.fwd90_warpgroups, cfg.fwd90_block_n
+        return 2 * (bm * E + 2 * bn * E + 2 * bn * Ev)
+    if kind == "dkdv":
+        bn, bm = cfg.bwd_block_n, cfg.bwd_block_m
+        return 2 * (bn * qp + bn * vp + 2 * bm * qp + 2 * bm * vp) + 4 * 4 * bm
+    if kind == "dq":
+        bm, bn = cfg.dq_block_m, cfg.dq_block_n
+        return 2 * (bm * qp + bm * vp + 2 * bn * qp + 2 * bn * vp)
+    raise ValueError(f"kind={kind!r}")
+
+
+def sm90_forward_applies(E: int, Ev: int, compute_capability: int, cfg: FlashConfig) -> bool:
+    """The wgmma forward takes E, Ev in {64, 128} on compute capability 9.0 (sm_90a instructions)."""
+    return cfg.use_wgmma and compute_capability == 90 and E in (64, 128) and Ev in (64, 128)

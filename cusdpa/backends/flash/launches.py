@@ -1,0 +1,292 @@
+"""FLASH launches: the kernels' views of a problem's operands, the forward and backward launches built
+from them, and the general path that runs them on CuPy arrays.
+
+Inputs need only a unit last-dim stride, 16-byte-aligned rows and a batch layout that collapses to one
+stride; anything else (and broadcast batch dims that do not collapse) is copied to a contiguous array
+first. Kernels run on CuPy's current stream.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..launch import Launch, Slot, run
+from . import sources
+from .config import FlashConfig, sm90_forward_applies, smem_bytes
+
+MAX_GRID_Y = 65535
+
+
+# ---- operands ------------------------------------------------------------------------------------------
+
+def usable(x) -> bool:
+    """Unit last-dim stride, 16-byte aligned base and row strides: what cp.async and 16-byte stores need."""
+    item = x.itemsize
+    if x.ndim and x.shape[-1] > 1 and x.strides[-1] != item:
+        return False
+    return x.data.ptr % 16 == 0 and all(s % 16 == 0 for s, n in zip(x.strides[:-1], x.shape[:-1]) if n > 1)
+
+
+def _collapse(strides, shape) -> int | None:
+    """One stride for the flattened batch dims (row-major order), or None if they do not collapse."""
+    dims = [(st, n) for st, n in zip(strides, shape) if n > 1]
+    for (s_outer, _), (s_inner, n_inner) in zip(dims, dims[1:]):
+        if s_outer != s_inner * n_inner:
+            return None
+    return dims[-1][0] if dims else 0
+
+
+def _fresh(x):
+    """A new C-contiguous copy: its own allocation is aligned, where ``ascontiguousarray`` would hand back
+    a contiguous array whose base is not 16-byte aligned unchanged (cp.async then faults)."""
+    import cupy
+
+    return cupy.array(x, order="C", copy=True)
+
+
+def _readable(x):
+    """``x`` when the kernels can read it in place, else a fresh copy."""
+    return x if usable(x) else _fresh(x)
+
+
+def _dense_operand(x, batch_shape):
+    """(array viewable as (*batch, H, R, D), flattened-batch stride in elements) for a dense operand."""
+    import cupy
+
+    x = x if x.ndim >= 3 else x[None]
+    full = cupy.broadcast_to(x, batch_shape + x.shape[-3:])
+    stride_b = _collapse(full.strides[:len(batch_shape)], batch_shape) if usable(x) else None
+    if stride_b is None:
+        full = _fresh(full)
+        stride_b = _collapse(full.strides[:len(batch_shape)], batch_shape)
+    return full, stride_b // full.itemsize
+
+
+def _strides(x, dims) -> list[np.int64]:
+    return [np.int64(x.strides[d] // x.itemsize) for d in dims]
+
+
+@dataclass
+class Layout:
+    """Kernel views of one problem: operands, batch count and the (b, h, row) strides of each."""
+
+    q: object
+    k: object
+    v: object
+    B: int
+    cu_q: object
+    cu_k: object
+    strides: dict  # name -> (stride_b, stride_h, stride_row) in elements
+
+
+def layout(pr) -> Layout:
+    if pr.varlen is not None:
+        q, k, v = (_readable(x) for x in (pr.q, pr.k, pr.v))
+        strides = {n: [np.int64(0)] + _strides(x, (1, 0)) for n, x in (("q", q), ("k", k), ("v", v))}
+        return Layout(q, k, v, pr.varlen.batch, pr.varlen.cu_seqlens_q, pr.varlen.cu_seqlens_k, strides)
+    (q, sq), (k, sk), (v, sv) = (_dense_operand(x, pr.batch_shape) for x in (pr.q, pr.k, pr.v))
+    nb = len(pr.batch_shape)
+    strides = {n: [np.int64(sb)] + _strides(x, (nb, nb + 1)) for n, x, sb in (("q", q, sq), ("k", k, sk), ("v", v, sv))}
+    null = np.uint64(0)
+    return Layout(q, k, v, math.prod(pr.batch_shape), null, null, strides)
+
+
+def _out_view(pr, lay, x, heads, rows, dim):
+    """(B, H, rows, dim) contiguous view of a dense result (or the packed array itself) and its strides."""
+    if pr.varlen is not None:
+        return x, [np.int64(0)] + _strides(x, (1, 0))
+    v = x.reshape(lay.B, heads, rows, dim)
+    return v, _strides(v, (0, 1, 2))
+
+
+def _lse_strides(pr):
+    if pr.varlen is not None:
+        return [np.int64(0), np.int64(pr.q.shape[0])]
+    return [np.int64(pr.hq * pr.L), np.int64(pr.L)]
+
+
+def _common(pr, lay):
+    return (lay.cu_q, lay.cu_k, np.int32(pr.L), np.int32(pr.S), np.int32(pr.hq), np.int32(pr.group))
+
+
+def _visibility(pr):
+    left, right = pr.window_bounds
+    return np.int32(left), np.int32(right), np.int32(pr.lower_right)
+
+
+def _dropout(pr):
+    return (Slot("seed_lo"), Slot("seed_hi"), Slot("offset"), np.uint32(pr.keep_threshold),
+            np.float32(pr.dropout_rescale))
+
+
+def seed_values(seed: int, offset: int = 0) -> dict:
+    """The dropout slots' values: Philox key words and counter offset, as ints (a launch cell holds either)."""
+    return {"seed_lo": seed & 0xFFFFFFFF, "seed_hi": seed >> 32, "offset": offset}
+
+
+def config(pr) -> FlashConfig:
+    return FlashConfig.for_problem(pr.E, pr.Ev, pr.L, pr.causal)
+
+
+def device(pr) -> int:
+    return pr.q.device.id
+
+
+# ---- launches -----------------------------------------------------------------------------------------
+
+def forward_launch(pr, lay, o_strides) -> Launch | None:
+    """The forward kernel of ``pr`` with slots q, k, v, o, lse and the seed; None when there is nothing to do."""
+    if lay.B * pr.hq == 0 or pr.L == 0:
+        return None
+    cfg, dev = config(pr), device(pr)
+    opts = sources.compile_options(pr.dtype_name, pr.E, pr.Ev, pr.dropout_p > 0, cfg)
+    if sm90_forward_applies(pr.E, pr.Ev, sources.compute_capability(dev), cfg):
+        smem = smem_bytes("fwd_sm90", cfg, pr.E, pr.Ev)
+        block_m, threads = 64 * cfg.fwd90_warpgroups, 128 * cfg.fwd90_warpgroups
+        fn = sources.kernel(dev, "flash_fwd_sm90.cu", "flash_fwd_sm90", opts + ("-arch=sm_90a",), smem)
+    else:
+        smem, block_m, threads = smem_bytes("fwd", cfg, pr.E, pr.Ev), cfg.fwd_block_m, cfg.fwd_warps * 32
+        fn = sources.kernel(dev, "flash_fwd.cu", "flash_fwd", opts, smem)
+    grid = ((pr.L + block_m - 1) // block_m, lay.B * pr.hq)
+    args = (Slot("q"), Slot("k"), Slot("v"), Slot("o"), Slot("lse"), *_common(pr, lay), *lay.strides["q"],
+            *lay.strides["k"], *lay.strides["v"], *o_strides, *_lse_strides(pr),
+            np.float32(pr.scale * math.log2(math.e)), *_visibility(pr), *_dropout(pr))
+    return Launch(fn, grid, (threads,), smem, args)
+
+
+def backward_launches(pr, lay, strides) -> list[Launch]:
+    """The backward kernels of ``pr`` in launch order, with slots q, k, v, o, do, lse, delta, dq, dk, dv
+    and the seed; ``strides`` holds the (b, h, row) strides of o, do, dq, dk and dv."""
+    if lay.B * pr.hq == 0:
+        return []
+    cfg, dev = config(pr), device(pr)
+    vis = _visibility(pr)
+    drop = _dropout(pr)
+    scale, scale_log2 = np.float32(pr.scale), np.float32(pr.scale * math.log2(math.e))
+    parts = (1, 2) if cfg.split_dkdv else (3,)
+    qkv = (Slot("q"), Slot("k"), Slot("v"))
+    ranks = (*_common(pr, lay), *lay.strides["q"], *lay.strides["k"], *lay.strides["v"], *strides["do"])
+
+    def opts(part=3):
+        return sources.compile_options(pr.dtype_name, pr.E, pr.Ev, pr.dropout_p > 0, cfg, part)
+
+    launches = []
+    if pr.L:
+        rows = 64
+        pre = sources.kernel(dev, "flash_bwd.cu", "flash_bwd_preprocess", opts(parts[0]), 0)
+        launches.append(Launch(pre, ((pr.L + rows - 1) // rows, lay.B * pr.hq), (256,), 0,
+                               (Slot("o"), Slot("do"), Slot("delta"), *_common(pr, lay)[:5], *strides["o"],
+                                *strides["do"], *_lse_strides(pr), *vis, np.int32(rows))))
+    if pr.S:
+        grid = ((pr.S + cfg.bwd_block_n - 1) // cfg.bwd_block_n, lay.B * pr.hkv)
+        smem = smem_bytes("dkdv", cfg, pr.E, pr.Ev)
+        for part in parts:
+            fn = sources.kernel(dev, "flash_bwd.cu", "flash_bwd_dkdv", opts(part), smem)
+            launches.append(Launch(fn, grid, (cfg.bwd_warps * 32,), smem,
+                                   (*qkv, Slot("do"), Slot("lse"), Slot("delta"), Slot("dk"), Slot("dv"), *ranks,
+                                    *strides["dk"], *strides["dv"], *_lse_strides(pr), scale, scale_log2, *vis,
+                                    *drop)))
+    if pr.L:
+        smem = smem_bytes("dq", cfg, pr.E, pr.Ev)
+        fn = sources.kernel(dev, "flash_bwd.cu", "flash_bwd_dq", opts(parts[0]), smem)
+        grid = ((pr.L + cfg.dq_block_m - 1) // cfg.dq_block_m, lay.B * pr.hq)
+        launches.append(Launch(fn, grid, (cfg.dq_warps * 32,), smem,
+                               (*qkv, Slot("do"), Slot("lse"), Slot("delta"), Slot("dq"), *ranks, *strides["dq"],
+                                *_lse_strides(pr), scale, scale_log2, *vis, *drop)))
+    return launches
+
+
+# ---- the general path ------------------------------------------------------------------------------
+
+def forward(pr, out=None, lse=None):
+    import cupy
+
+    with cupy.cuda.Device(device(pr)):
+        res_out = out if out is not None and out.flags.c_contiguous and usable(out) else \
+            cupy.empty(pr.out_shape, dtype=pr.dtype)
+        res_lse = lse if lse is not None and lse.flags.c_contiguous else cupy.empty(pr.lse_shape, dtype=np.float32)
+        if res_out.size or res_lse.size:
+            lay = layout(pr)
+            o_view, o_strides = _out_view(pr, lay, res_out, pr.hq, pr.L, pr.Ev)
+            fwd = forward_launch(pr, lay, o_strides)
+            if fwd is not None:
+                run((fwd,), dict(q=lay.q, k=lay.k, v=lay.v, o=o_view, lse=res_lse, **seed_values(pr.seed, pr.offset)),
+                    cupy.cuda.get_current_stream().ptr, device(pr))
+        for dst, src in ((out, res_out), (lse, res_lse)):
+            if dst is not None and dst is not src:
+                cupy.copyto(dst, src)
+        return (out if out is not None else res_out), (lse if lse is not None else res_lse)
+
+
+def backward(pr, out, lse, dout, deterministic=False, grads=None):
+    """dq, dk, dv. Every kernel sums in a fixed order without atomics, so the gradients are bit-identical
+    run to run whatever ``deterministic`` says. (An fp32-atomic dQ inside the dK/dV kernel, as
+    FlashAttention-2 does it, measured slower on the H100 than the separate dQ pass: see BENCHMARKS.md.)"""
+    import cupy
+
+    from ...reference import sum_to_shape
+
+    with cupy.cuda.Device(device(pr)):
+        if pr.varlen is not None:
+            full = (pr.q.shape, pr.k.shape, pr.v.shape)
+        else:
+            bs = pr.batch_shape
+            full = (bs + (pr.hq, pr.L, pr.E), bs + (pr.hkv, pr.S, pr.E), bs + (pr.hkv, pr.S, pr.Ev))
+        inputs = (pr.q, pr.k, pr.v)
+        # Write straight into the caller's arrays when they have the kernels' layout (no broadcast to undo).
+        direct = [grads is not None and math.prod(x.shape) == math.prod(f) and grads[n].flags.c_contiguous
+                  and usable(grads[n]) for n, (x, f) in enumerate(zip(inputs, full))]
+        work = [grads[n].reshape(f) if direct[n] else cupy.empty(f, dtype=pr.dtype) for n, f in enumerate(full)]
+        if any(w.size for w in work):
+            _run_backward(pr, out, lse, dout, *work)
+        result = []
+        for n, (x, w) in enumerate(zip(inputs, work)):
+            if direct[n]:
+                result.append(grads[n])
+                continue
+            if pr.varlen is None:  # sum over batch dims that the inputs broadcast
+                w = sum_to_shape(w, x.shape if x.ndim >= 3 else (1,) + x.shape).reshape(x.shape)
+            if grads is not None:
+                cupy.copyto(grads[n], w)
+                w = grads[n]
+            result.append(w)
+        return tuple(result)
+
+
+def _run_backward(pr, out, lse, dout, dq, dk, dv):
+    import cupy
+
+    lay = layout(pr)
+    out_c, dout_c = _readable(out), _readable(dout)
+    views, strides = {}, {}
+    for name, x, heads, rows, dim in (("o", out_c, pr.hq, pr.L, pr.Ev), ("do", dout_c, pr.hq, pr.L, pr.Ev),
+                                      ("dq", dq, pr.hq, pr.L, pr.E), ("dk", dk, pr.hkv, pr.S, pr.E),
+                                      ("dv", dv, pr.hkv, pr.S, pr.Ev)):
+        views[name], strides[name] = _out_view(pr, lay, x, heads, rows, dim)
+    lse_c = cupy.ascontiguousarray(lse)
+    values = dict(q=lay.q, k=lay.k, v=lay.v, lse=lse_c, delta=cupy.empty_like(lse_c), **views,
+                  **seed_values(pr.seed, pr.offset))
+    run(backward_launches(pr, lay, strides), values, cupy.cuda.get_current_stream().ptr, device(pr))
+
+
+def environment_reasons(pr) -> list[str]:
+    """What this machine or these arrays lack for FLASH (beyond its Capabilities)."""
+    from ... import environment
+
+    problem = environment.cupy_problem()
+    if problem:
+        return [problem]
+    reasons = []
+    if pr is not None and min(pr.E, pr.Ev) < 8:
+        reasons.append(f"head dims E={pr.E}, Ev={pr.Ev} must be >= 8")
+    if pr is not None and pr.xp.__name__ == "cupy":
+        cc = sources.compute_capability(device(pr))
+        if cc < 80:
+            reasons.append(f"needs compute capability >= 8.0 (bf16/fp16 mma.sync), cuda:{device(pr)} has {cc / 10}")
+        batch = pr.varlen.batch if pr.varlen is not None else math.prod(pr.batch_shape)
+        if batch * max(pr.hq, 1) > MAX_GRID_Y:
+            reasons.append(f"batch x heads = {batch * pr.hq} > {MAX_GRID_Y} (grid limit)")
+    return reasons
+

@@ -1,0 +1,114 @@
+"""Plans: every FLASH launch of one dense call signature, prepared by its first call and replayed by the
+calls that repeat it, for the torch bridge (its custom ops) and for CuPy callers alike.
+
+Validating the arguments, dispatching and building CuPy views cost about 250 us of host time per call
+on the H200 machine, for an attention whose kernel may take 40 us. A signature (shapes, strides, dtypes,
+devices, 16-byte alignment of each base, every option and the enabled backends) fully decides all of
+that, so a call whose signature was seen before only allocates its outputs and launches the same kernels,
+with the same arguments, on raw pointers. The first call of a signature builds the plan from a
+validated Problem; a signature FLASH does not run, or could run only on copies of its inputs, caches
+None and takes the general path.
+"""
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..launch import Launch, run
+from . import launches
+
+MAX_PLANS = 1024  # distinct signatures kept; past that the cache starts over
+_plans: dict = {}  # signature -> Plan, or None: that signature takes the general path
+_lock = threading.Lock()
+_MISS = object()
+
+
+def token_major_strides(shape) -> tuple:
+    """Element strides of a dense output (..., Hq, L, Ev) laid out (..., L, Hq, Ev) in memory, as PyTorch's
+    fused SDPA kernels lay theirs out: merging the heads back into features (``transpose(-3, -2)`` then
+    ``reshape``) is then a view instead of a copy. Rank 2 (L, Ev) is row-major. Works on symbolic sizes."""
+    if len(shape) < 3:
+        return tuple(shape[1:]) + (1,)
+    hq, L, ev = shape[-3:]
+    strides = [ev, hq * ev, 1]
+    inner = L * hq * ev
+    for n in reversed(shape[:-3]):
+        strides.insert(0, inner)
+        inner = inner * n
+    return tuple(strides)
+
+
+def contiguous_strides(shape) -> tuple:
+    strides, inner = [], 1
+    for n in reversed(shape):
+        strides.insert(0, inner)
+        inner *= n
+    return tuple(strides)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Every launch of one problem signature. Operands are read in place and results written to buffers
+    the caller allocates: out (``out_shape``, ``out_strides`` in elements) and dout in the same layout,
+    lse (``lse_shape``, float32) and delta like it, dq, dk, dv contiguous in the shapes of q, k and v.
+    Arguments are raw device pointers (ints); launches go on ``stream`` on ``device``."""
+
+    device: int
+    out_shape: tuple
+    out_strides: tuple
+    lse_shape: tuple
+    forward: Launch | None
+    backward: tuple
+
+    def run_forward(self, q: int, k: int, v: int, o: int, lse: int, seed: int, stream: int) -> None:
+        if self.forward is not None:
+            run((self.forward,), dict(q=q, k=k, v=v, o=o, lse=lse, **launches.seed_values(seed)), stream,
+                self.device)
+
+    def run_backward(self, q: int, k: int, v: int, o: int, do: int, lse: int, delta: int, dq: int, dk: int,
+                     dv: int, seed: int, stream: int) -> None:
+        run(self.backward, dict(q=q, k=k, v=v, o=o, do=do, lse=lse, delta=delta, dq=dq, dk=dk, dv=dv,
+                                **launches.seed_values(seed)), stream, self.device)
+
+
+def build(pr, out_strides: tuple, backward: bool) -> Plan | None:
+    """The Plan of a validated dense problem whose q, k and v the kernels read in place with every batch
+    dim present (no broadcast to sum gradients over), its output laid out with ``out_strides``; None for
+    anything else. Without ``backward`` the backward kernels are neither compiled nor planned."""
+    if pr.varlen is not None or pr.mask is not None or pr.offset:
+        return None
+    q, k, v = pr.q, pr.k, pr.v
+    if not (q.ndim == k.ndim == v.ndim >= 3 and q.shape[:-3] == k.shape[:-3] == v.shape[:-3] == pr.batch_shape):
+        return None
+    if not all(launches.usable(x) for x in (q, k, v)):
+        return None
+    lay = launches.layout(pr)
+    if any(a.data.ptr != x.data.ptr for a, x in ((lay.q, q), (lay.k, k), (lay.v, v))):  # copied: no in-place read
+        return None
+
+    def contiguous(heads, rows, dim):
+        return [np.int64(heads * rows * dim), np.int64(rows * dim), np.int64(dim)]
+
+    # (b, h, row) strides of out for the flattened batch index b: the innermost batch dim's stride, as the
+    # output's batch dims are row-major in both layouts
+    o = [np.int64(s) for s in (out_strides[-4] if len(out_strides) > 3 else 0,) + tuple(out_strides[-3:-1])]
+    strides = {"o": o, "do": o, "dq": contiguous(pr.hq, pr.L, pr.E), "dk": contiguous(pr.hkv, pr.S, pr.E),
+               "dv": contiguous(pr.hkv, pr.S, pr.Ev)}
+    backward_launches = tuple(launches.backward_launches(pr, lay, strides)) if backward else ()
+    return Plan(launches.device(pr), pr.out_shape, tuple(out_strides), pr.lse_shape,
+                launches.forward_launch(pr, lay, strides["o"]), backward_launches)
+
+
+def lookup(signature: tuple, make) -> Plan | None:
+    """The plan cached for ``signature``; on a miss ``make()`` builds it (validating the call as the general
+    path would, and raising what it raises) or returns None for calls that take the general path."""
+    plan = _plans.get(signature, _MISS)
+    if plan is _MISS:
+        plan = make()
+        with _lock:
+            if len(_plans) >= MAX_PLANS:
+                _plans.clear()
+            _plans[signature] = plan
+    return plan

@@ -1,0 +1,87 @@
+"""FLASH kernel sources and their compiled functions: one module per (device, source, options), cached in
+memory here and on disk by CuPy."""
+from __future__ import annotations
+
+import functools
+
+import kernels_cuda
+
+from .config import MAX_SMEM, FlashConfig
+
+
+def _wgmma_wrappers(widths=(64, 128)) -> str:
+    """wgmma m64nNk16 wrappers, overloaded on the accumulator array size (N / 2 floats per thread).
+
+    wgmma_ss: A and B from shared-memory descriptors, accumulate iff ``acc``; wgmma_rs: A from four
+    registers, B from a descriptor read transposed (MN-major), always accumulating. Generated because
+    each width needs its own operand list.
+    """
+    out = []
+    for n in widths:
+        k = n // 2
+        dregs = ", ".join(f"%{i}" for i in range(k))
+        dcons = ", ".join(f'"+f"(d[{i}])' for i in range(k))
+        mma = f'"wgmma.mma_async.sync.aligned.m64n{n}k16.f32." CUSDPA_MMA_TYPE "." CUSDPA_MMA_TYPE " "'
+        out.append(
+            f"__device__ __forceinline__ void wgmma_ss(float (&d)[{k}], unsigned long long da, "
+            f"unsigned long long db, int acc) {{\n"
+            f'    asm volatile("{{\\n.reg .pred p;\\nsetp.ne.b32 p, %{k + 2}, 0;\\n" {mma}\n'
+            f'                 "{{{dregs}}}, %{k}, %{k + 1}, p, 1, 1, 0, 0;\\n}}\\n"\n'
+            f'                 : {dcons}\n                 : "l"(da), "l"(db), "r"(acc));\n}}\n')
+        out.append(
+            f"__device__ __forceinline__ void wgmma_rs(float (&d)[{k}], const u32 (&a)[4], "
+            f"unsigned long long db) {{\n"
+            f"    asm volatile({mma}\n"
+            f'                 "{{{dregs}}}, {{%{k}, %{k + 1}, %{k + 2}, %{k + 3}}}, %{k + 4}, 1, 1, 1, 1;\\n"\n'
+            f'                 : {dcons}\n'
+            f'                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db));\n}}\n')
+    return "".join(out)
+
+
+def kernel_source(name: str) -> str:
+    """A kernels_cuda source with its includes inlined and the generated wgmma wrappers where it asks for
+    them."""
+    return kernels_cuda.source(name).replace("// @WGMMA_WRAPPERS@", _wgmma_wrappers())
+
+
+@functools.cache
+def compile_options(dtype_name: str, E: int, Ev: int, dropout: bool, cfg: FlashConfig, dkdv_part: int = 3) -> tuple:
+    """NVRTC/nvcc options of one module; the CPU test compiles the same list with nvcc."""
+    return ("-std=c++17", "--use_fast_math", f"-DCUSDPA_BF16={int(dtype_name == 'bfloat16')}",
+            f"-DHEAD_DIM={E}", f"-DHEAD_DIM_V={Ev}", f"-DIS_DROPOUT={int(dropout)}",
+            f"-DFWD_WARPS={cfg.fwd_warps}", f"-DFWD_M_TILES={cfg.fwd_m_tiles}", f"-DFWD_BLOCK_N={cfg.fwd_block_n}",
+            f"-DBWD_WARPS={cfg.bwd_warps}", f"-DBWD_BLOCK_M={cfg.bwd_block_m}", f"-DDKDV_PART={dkdv_part}",
+            f"-DDQ_WARPS={cfg.dq_warps}", f"-DDQ_M_TILES={cfg.dq_m_tiles}",
+            f"-DDQ_BLOCK_N={cfg.dq_block_n}", f"-DFWD90_WARPGROUPS={cfg.fwd90_warpgroups}",
+            f"-DFWD90_BLOCK_N={cfg.fwd90_block_n}",
+            f"-DFWD90_MIN_BLOCKS={cfg.fwd90_min_blocks}")
+
+
+@functools.cache
+def _module(device: int, source: str, options: tuple):
+    import cupy
+
+    with cupy.cuda.Device(device):
+        return cupy.RawModule(code=kernel_source(source), options=options)
+
+
+@functools.cache  # per-call lookups and driver attribute calls add up on small problems
+def kernel(device: int, source: str, name: str, options: tuple, smem: int):
+    """The compiled function ``name`` of ``source`` on ``device``, its dynamic shared memory raised to ``smem``."""
+    if smem > MAX_SMEM:
+        raise ValueError(f"{name} with {options} needs {smem} bytes of shared memory > {MAX_SMEM}; "
+                         "choose smaller tiles in FlashConfig")
+    import cupy
+
+    with cupy.cuda.Device(device):  # the attribute and the driver function are per device
+        fn = _module(device, source, options).get_function(name)
+        if smem > 48 * 1024 and fn.max_dynamic_shared_size_bytes < smem:
+            fn.max_dynamic_shared_size_bytes = smem
+        return fn.kernel  # cupy.cuda.function.Function, whose .ptr backends.launch hands to the driver
+
+
+@functools.cache
+def compute_capability(device: int) -> int:
+    import cupy
+
+    return int(cupy.cuda.Device(device).compute_capability)

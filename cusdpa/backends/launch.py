@@ -1,0 +1,92 @@
+"""A kernel launch prepared once and issued many times, straight through ``cuLaunchKernel``.
+
+A ``Launch`` holds a compiled function, its grid, block and shared memory, and every argument already
+encoded, except named ``Slot``s (device pointers, the dropout seed) that each call fills in. The general
+path fills the slots with CuPy arrays; a plan (``backends.flash.plans``) fills them with raw pointers, so
+a repeated call costs a few stores into a parameter buffer and one driver call instead of building CuPy
+views and converting some forty arguments every time.
+"""
+from __future__ import annotations
+
+import ctypes
+import threading
+from typing import NamedTuple
+
+import numpy as np
+
+
+class Slot(NamedTuple):
+    """An argument filled in per call, by name."""
+
+    name: str
+
+
+def _cell(value) -> int:
+    """A kernel argument as the 8-byte cell that holds it: device pointers (CuPy arrays, ints) as
+    addresses, NumPy scalars by their bytes, little-endian in the cell's low bytes (4-byte int and
+    float parameters read only those)."""
+    data = getattr(value, "data", None)
+    if data is not None and hasattr(data, "ptr"):  # a CuPy array
+        return data.ptr
+    if isinstance(value, int):  # Python ints only: NumPy scalars keep their width below
+        return value & 0xFFFF_FFFF_FFFF_FFFF
+    raw = np.asarray(value).tobytes()
+    if len(raw) > 8:
+        raise TypeError(f"kernel argument {value!r} of {len(raw)} bytes does not fit a parameter cell")
+    return int.from_bytes(raw, "little")
+
+
+class Launch:
+    """One kernel launch; ``launch(values, stream_ptr)`` fills the slots from ``values`` and issues it on
+    the current device, which must be the one ``fn`` was loaded on (``run`` sees to that)."""
+
+    __slots__ = ("fn", "grid", "block", "smem", "cells", "slots", "_buffers")
+
+    def __init__(self, fn, grid: tuple, block: tuple, smem: int, args):
+        self.fn, self.grid, self.block, self.smem = fn, grid, block, smem
+        self.slots = tuple((i, a.name) for i, a in enumerate(args) if isinstance(a, Slot))
+        self.cells = tuple(0 if isinstance(a, Slot) else _cell(a) for a in args)
+        self._buffers: dict = {}  # thread id -> (cells, address of the pointer array cuLaunchKernel takes)
+
+    def _buffer(self):
+        # One parameter buffer per thread, made once: the driver copies the parameters during the call, so
+        # the buffer may be refilled right after, and threads launching the same kernel never share one.
+        key = threading.get_ident()
+        buf = self._buffers.get(key)
+        if buf is None:
+            n = max(1, len(self.cells))
+            cells = (ctypes.c_uint64 * n)(*self.cells)
+            pointers = (ctypes.c_void_p * n)(*(ctypes.addressof(cells) + 8 * i for i in range(n)))
+            buf = self._buffers[key] = (cells, pointers, ctypes.addressof(pointers))
+        return buf
+
+    def __call__(self, values: dict, stream_ptr: int) -> None:
+        from cupy.cuda import driver
+
+        cells, _, params = self._buffer()
+        for i, name in self.slots:
+            value = values[name]
+            cells[i] = value if type(value) is int else _cell(value)  # raw pointers and seeds are ints
+        gx, gy = self.grid
+        driver.launchKernel(self.fn.ptr, gx, gy, 1, self.block[0], 1, 1, self.smem, stream_ptr, params, 0)
+
+
+def run(launches, values: dict, stream_ptr: int, device: int) -> None:
+    """Issue ``launches`` in order on ``device`` and ``stream_ptr``, restoring the caller's device after."""
+    from cupy.cuda import driver, runtime
+
+    current = runtime.getDevice()
+    if current == device and driver.ctxGetCurrent() != 0:
+        for prepared in launches:
+            prepared(values, stream_ptr)
+        return
+    # A thread can have a current device but no current context: torch's autograd threads select the device
+    # lazily, and a kernel as the first CUDA work of a backward then failed with CUDA_ERROR_INVALID_CONTEXT.
+    # cudaSetDevice makes the device's primary context current.
+    runtime.setDevice(device)
+    try:
+        for prepared in launches:
+            prepared(values, stream_ptr)
+    finally:
+        if current != device:
+            runtime.setDevice(current)

@@ -1,0 +1,98 @@
+"""The torch-side arguments of an attention call: errors in torch's terms for the tensors, and the scalar
+options turned into what the custom ops take (the values of ``cusdpa.problem.Options``, a dropout seed
+drawn from torch's generator, the backends to try)."""
+from __future__ import annotations
+
+import numbers
+from typing import Sequence
+
+import torch
+
+from cusdpa import dispatch
+from cusdpa.dispatch import Backend
+from cusdpa.problem import OPTION_NAMES, Options
+
+from . import bridge
+
+
+def check_tensors(tensors: dict, attn_mask=None) -> None:
+    """Errors in torch's terms: type, device and dtype of query/key/value (and attn_mask)."""
+    for name, t in tensors.items():
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__module__}.{type(t).__name__}; "
+                            "NumPy and CuPy arrays go through cusdpa.scaled_dot_product_attention")
+        bridge.check_device(t, name)
+    query = tensors["query"]
+    if query.dtype not in bridge.SUPPORTED_DTYPES:
+        raise TypeError(f"query.dtype={query.dtype} is not supported; use one of "
+                        f"{', '.join(map(str, bridge.SUPPORTED_DTYPES))} (cast with .to)")
+    for name, t in tensors.items():
+        if t.dtype != query.dtype:
+            raise TypeError(f"query.dtype={query.dtype} but {name}.dtype={t.dtype}; cast them to one dtype with .to")
+        if t.device != query.device:
+            raise ValueError(f"query is on {query.device} but {name} is on {t.device}; move them to one device "
+                             "with .to(query.device)")
+    if attn_mask is not None:
+        if not isinstance(attn_mask, torch.Tensor):
+            raise TypeError(f"attn_mask must be a torch.Tensor or None, got {type(attn_mask).__name__}")
+        if attn_mask.device != query.device:
+            raise ValueError(f"attn_mask is on {attn_mask.device} but query is on {query.device}; "
+                             "move it with .to(query.device)")
+        if attn_mask.dtype != torch.bool and attn_mask.dtype not in bridge.SUPPORTED_DTYPES:
+            raise TypeError(f"attn_mask.dtype={attn_mask.dtype} is not supported; use torch.bool (True = attend) "
+                            "or a float dtype added to the scores (convert an integer mask with .bool())")
+
+
+def unit_stride(x: torch.Tensor) -> torch.Tensor:
+    """``x`` itself when its last dim is contiguous (no copy), else a contiguous copy, as PyTorch's
+    SDPA does: the fused backends read rows of E elements."""
+    return x if x.shape[-1] <= 1 or x.stride(-1) == 1 else x.contiguous()
+
+
+def options(dropout_p, is_causal, scale, enable_gqa, causal_variant, window) -> tuple:
+    """The values of ``Options`` in the order of its fields, as the ops take them (``window`` a list, as
+    their schema says). Types are checked here; values by cusdpa inside the op."""
+    for name, val in (("dropout_p", dropout_p), ("scale", scale)):
+        if not isinstance(val, numbers.Real) and not (name == "scale" and val is None):
+            raise TypeError(f"{name}={val!r} must be a real number" + (" or None" if name == "scale" else ""))
+    if window is not None and not (isinstance(window, (tuple, list)) and len(window) == 2
+                                   and all(isinstance(w, int) for w in window)):
+        raise TypeError(f"window={window!r} must be a (left, right) pair of ints (-1 = unbounded)")
+    return (float(dropout_p), bool(is_causal), None if scale is None else float(scale), bool(enable_gqa),
+            causal_variant, None if window is None else list(window))
+
+
+def from_op(values) -> Options:
+    """The ``Options`` of the ops' option arguments (the inverse of ``options``)."""
+    named = dict(zip(OPTION_NAMES, values))
+    if named["window"] is not None:
+        named["window"] = tuple(named["window"])
+    return Options(**named)
+
+
+def draw_seed(dropout_p: float) -> torch.Tensor | None:
+    """A dropout seed from torch's default CPU generator (``torch.manual_seed`` sets it), or None without
+    dropout. On the CPU so that the op reads it without waiting on a GPU; a tensor so that a compiled
+    graph draws a fresh one each call instead of baking one in."""
+    if dropout_p <= 0:
+        return None
+    return torch.randint(0, 2**63 - 1, (1,), dtype=torch.int64)
+
+
+@torch.compiler.assume_constant_result
+def _enabled_names() -> str:
+    # Dynamo cannot trace ContextVar.get; evaluated once while tracing, the enabled set is baked in.
+    return ",".join(b.value for b in dispatch.enabled_backends())
+
+
+def backend_names(backend: Backend | Sequence[Backend] | None) -> str:
+    """The ops' ``backends`` argument: comma-separated Backend values in priority order."""
+    if backend is None:
+        return _enabled_names()
+    chosen = [backend] if isinstance(backend, Backend) else list(backend)
+    for b in chosen:
+        if not isinstance(b, Backend):
+            raise TypeError(f"backend takes cusdpa.Backend members (or a sequence of them), got {b!r}")
+    if not chosen:
+        raise ValueError("backend=[] enables no backend; pass None for the default order")
+    return ",".join(b.value for b in dispatch.DEFAULT_PRIORITY if b in chosen)

@@ -1,0 +1,112 @@
+"""The one autograd path of the torch bridge: ``torch.autograd.Function``s whose forward and backward are
+the custom ops (ops.py), for every call on torch tensors: eager, masked, profiled, under functorch
+transforms and in compiled graphs (Dynamo traces the Function; AOTAutograd splits it into the two ops).
+
+``Function.apply`` binds its arguments with ``inspect.signature`` on every call (about 25 us of host time,
+more than the op itself); outside functorch transforms and compilation the Function is applied through
+the C entry ``apply`` uses after that binding, which sees the same Function (setup_context, saved tensors,
+backward) and skips the binding. A call where no input needs a gradient runs the forward op alone, as the
+Function's forward would, without building an autograd node (eager and compiled alike: Dynamo cannot
+trace a Function in no-grad mode).
+"""
+from __future__ import annotations
+
+import torch
+
+from . import ops
+
+# The C implementation behind Function.apply (torch/autograd/function.py): a classmethod of _FunctionBase.
+_C_APPLY = torch._C._FunctionBase.__dict__["apply"]
+
+
+def _needs_grad(*tensors) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def _apply(function, *args):
+    if torch.compiler.is_compiling():
+        return function.apply(*_distinct(args))
+    if torch._C._are_functorch_transforms_active():
+        return function.apply(*args)
+    return _C_APPLY.__get__(None, function)(*args)
+
+
+def _distinct(args: tuple) -> tuple:
+    """``args`` with each repeated tensor (self-attention's ``f(x, x, x)``) replaced by a view of itself:
+    Dynamo does not trace a Function given one tensor as several inputs, and a view shares the memory and
+    carries its gradient back to the tensor."""
+    seen: list = []
+    out = []
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            if any(a is s for s in seen):
+                a = a.view_as(a)
+            seen.append(a)
+        out.append(a)
+    return tuple(out)
+
+
+class Attention(torch.autograd.Function):
+    """Dense attention: ``cusdpa::sdpa_fwd`` forward, ``cusdpa::sdpa_bwd`` backward. Arguments: query, key,
+    value, attn_mask, seed, backends, then the option values (``arguments.options``)."""
+
+    @staticmethod
+    def forward(query, key, value, attn_mask, seed, backends, *options):
+        return ops.sdpa_fwd(query, key, value, attn_mask, *options, seed, backends)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        query, key, value, attn_mask, seed, backends, *options = inputs
+        ctx.save_for_backward(query, key, value, attn_mask, *output, seed)
+        ctx.backends, ctx.options = backends, options
+        ctx.mark_non_differentiable(output[1])  # lse is for the backward only
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out, _grad_lse):
+        query, key, value, attn_mask, out, lse, seed = ctx.saved_tensors
+        dq, dk, dv, dmask = ops.sdpa_bwd(grad_out, query, key, value, attn_mask, out, lse, *ctx.options, seed,
+                                         ctx.backends, torch.are_deterministic_algorithms_enabled())
+        return dq, dk, dv, dmask if ctx.needs_input_grad[3] else None, None, None, *[None] * len(ctx.options)
+
+
+class VarlenAttention(torch.autograd.Function):
+    """Packed variable-length attention: ``cusdpa::varlen_fwd`` / ``cusdpa::varlen_bwd``. Arguments: query,
+    key, value, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seed, backends, option values."""
+
+    @staticmethod
+    def forward(query, key, value, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seed, backends, *options):
+        return ops.varlen_fwd(query, key, value, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *options,
+                              seed, backends)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        query, key, value, cu_seqlens_q, cu_seqlens_k, max_q, max_k, seed, backends, *options = inputs
+        ctx.save_for_backward(query, key, value, cu_seqlens_q, cu_seqlens_k, *output, seed)
+        ctx.max_seqlens, ctx.backends, ctx.options = (max_q, max_k), backends, options
+        ctx.mark_non_differentiable(output[1])
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out, _grad_lse):
+        query, key, value, cu_seqlens_q, cu_seqlens_k, out, lse, seed = ctx.saved_tensors
+        grads = ops.varlen_bwd(grad_out, query, key, value, cu_seqlens_q, cu_seqlens_k, out, lse, *ctx.max_seqlens,
+                               *ctx.options, seed, ctx.backends, torch.are_deterministic_algorithms_enabled())
+        return *grads, *[None] * (6 + len(ctx.options))
+
+
+def attention(query, key, value, attn_mask, seed, backends: str, options: tuple) -> torch.Tensor:
+    """The output of dense attention, differentiable in query, key, value and a float attn_mask."""
+    if not _needs_grad(query, key, value, attn_mask):
+        return ops.sdpa_fwd(query, key, value, attn_mask, *options, seed, backends)[0]
+    return _apply(Attention, query, key, value, attn_mask, seed, backends, *options)[0]
+
+
+def varlen_attention(query, key, value, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seed,
+                     backends: str, options: tuple) -> torch.Tensor:
+    """The packed output of variable-length attention, differentiable in query, key and value."""
+    if not _needs_grad(query, key, value):
+        return ops.varlen_fwd(query, key, value, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *options,
+                              seed, backends)[0]
+    return _apply(VarlenAttention, query, key, value, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seed,
+                  backends, *options)[0]
