@@ -25,7 +25,7 @@ import cusdpa
 import interop
 from cusdpa import dispatch, problem
 from cusdpa.backends import flash
-from interop import bridge, ops
+from interop import autograd, bridge, ops
 
 N = 200
 
@@ -42,6 +42,18 @@ def timed(name, fn, n=N) -> tuple[float, float]:
     total = time.perf_counter() - start
     print(f"{name:40s} host {1e6 * host / n:7.1f} us   with GPU {1e6 * total / n:7.1f} us", flush=True)
     return 1e6 * host / n, 1e6 * total / n
+
+
+class _Trivial(torch.autograd.Function):
+    """The floor of any Python autograd.Function: one elementwise kernel forward, none backward."""
+
+    @staticmethod
+    def forward(ctx, q, k, v):
+        return q * 1
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, grad, grad
 
 
 def main():
@@ -68,7 +80,8 @@ def main():
             ("dispatch.select", lambda: dispatch.select(pr)),
             ("flash general path into out, lse", lambda: flash.IMPL.forward(pr, cout, clse)),
             ("torch.empty x2", lambda: (torch.empty_like(q), torch.empty_like(lse))),
-            ("op cusdpa::sdpa_fwd (a plan)", lambda: ops.sdpa_fwd(*op_args)),
+            ("op cusdpa::sdpa_fwd (dispatcher, a plan)", lambda: ops.sdpa_fwd(*op_args)),
+            ("op kernel called directly (a plan)", lambda: ops.call(ops.sdpa_fwd, *op_args)),
             ("cusdpa on CuPy arrays", lambda: cusdpa.scaled_dot_product_attention(cq, cq, cq, is_causal=True)),
             ("interop.scaled_dot_product_attention", lambda: interop.scaled_dot_product_attention(q, q, q, is_causal=True)),
             ("torch SDPA", lambda: sdpa(q, q, q, is_causal=True)),
@@ -81,8 +94,27 @@ def main():
             t[name] = timed(name, fn)
     # training: forward and backward of one call, gradients to q, k and v
     qg = q.detach().requires_grad_()
-    for name, attend in (("fwd+bwd, cusdpa", interop.scaled_dot_product_attention), ("fwd+bwd, torch", sdpa)):
+    for name, attend in (("fwd+bwd, cusdpa", interop.scaled_dot_product_attention), ("fwd+bwd, torch", sdpa),
+                         ("fwd+bwd, trivial Python Function", lambda q, k, v, is_causal: _Trivial.apply(q, k, v))):
         t[name] = timed(name, lambda: attend(qg, qg, qg, is_causal=True).backward(q))
+    out, lse = ops.sdpa_fwd(*op_args)
+    bwd_args = (q, q, q, q, None, out, lse, 0.0, True, None, False, "upper_left", None, None, "flash,efficient,math",
+                False)
+    timed("op kernel of sdpa_bwd directly (a plan)", lambda: ops.call(ops.sdpa_bwd, *bwd_args))
+    spent = []
+    real = autograd.Attention.backward
+
+    def backward(ctx, *grads):  # the time autograd's thread spends in cusdpa's backward
+        start = time.perf_counter()
+        result = real(ctx, *grads)
+        spent.append(time.perf_counter() - start)
+        return result
+
+    autograd.Attention.backward = staticmethod(backward)
+    timed("fwd+bwd, cusdpa (Function.backward timed)",
+          lambda: interop.scaled_dot_product_attention(qg, qg, qg, is_causal=True).backward(q))
+    autograd.Attention.backward = real
+    print(f"{'  of which in Attention.backward':40s}      {1e6 * sum(spent) / len(spent):7.1f} us", flush=True)
     print("\ncusdpa's host time over PyTorch's (bars: eager forward 1.3, forward + backward 1.3, CuPy call against "
           "torch eager 1.5), and the compiled module's speed, PyTorch's time with GPU over cusdpa's (bar 0.95)")
     for what, ours, theirs in (("eager forward", "interop.scaled_dot_product_attention", "torch SDPA"),

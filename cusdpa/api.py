@@ -65,8 +65,8 @@ def _planned(query, key, value, options: tuple, seed, return_lse: bool):
     with cupy.cuda.Device(plan.device):
         out = cupy.empty(plan.out_shape, dtype=query.dtype)
         lse = cupy.empty(plan.lse_shape, dtype="float32")
-        plan.run_forward(query.data.ptr, key.data.ptr, value.data.ptr, out.data.ptr, lse.data.ptr, seed,
-                         cupy.cuda.get_current_stream().ptr)
+        plan.run_forward(cupy.cuda.get_current_stream().ptr, query.data.ptr, key.data.ptr, value.data.ptr,
+                         out.data.ptr, lse.data.ptr, seed)
     return (out, lse) if return_lse else out
 
 

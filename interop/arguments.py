@@ -43,6 +43,18 @@ def check_tensors(tensors: dict, attn_mask=None) -> None:
                             "or a float dtype added to the scores (convert an integer mask with .bool())")
 
 
+_FAST_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def plain_cuda(query, key, value, attn_mask) -> bool:
+    """The common call, which ``check_tensors`` would pass: dense fp16/bf16 CUDA tensors of class Tensor on one
+    device, of one dtype, without a mask."""
+    return (type(query) is torch.Tensor and type(key) is torch.Tensor and type(value) is torch.Tensor
+            and attn_mask is None and query.is_cuda and query.dtype in _FAST_DTYPES and key.dtype == query.dtype
+            and value.dtype == query.dtype and query.get_device() == key.get_device() == value.get_device()
+            and not (query.is_nested or key.is_nested or value.is_nested))
+
+
 def unit_stride(x: torch.Tensor) -> torch.Tensor:
     """``x`` itself when its last dim is contiguous (no copy), else a contiguous copy, as PyTorch's
     SDPA does: the fused backends read rows of E elements."""
@@ -68,6 +80,30 @@ def from_op(values) -> Options:
     if named["window"] is not None:
         named["window"] = tuple(named["window"])
     return Options(**named)
+
+
+_resolved: dict = {}  # the arguments of ``resolve`` (with their types) -> its result
+
+
+def resolve(dropout_p, is_causal, scale, enable_gqa, causal_variant, window, backend) -> tuple[tuple, str]:
+    """(``options(...)``, ``backend_names(backend)``), remembered per distinct argument values: a model calls
+    attention with the same few option sets over and over."""
+    try:
+        if torch.compiler.is_compiling():
+            raise TypeError  # no memo while Dynamo traces: the result is a constant of the graph
+        key = (dropout_p, type(dropout_p), is_causal, type(is_causal), scale, type(scale), enable_gqa,
+               type(enable_gqa), causal_variant, window, type(backend),
+               backend if backend is None or type(backend) is Backend else tuple(backend),
+               dispatch.enabled_backends() if backend is None else None)
+        found = _resolved.get(key)
+    except TypeError:  # unhashable arguments: checked (and any error raised) without the memo
+        return options(dropout_p, is_causal, scale, enable_gqa, causal_variant, window), backend_names(backend)
+    if found is None:
+        found = options(dropout_p, is_causal, scale, enable_gqa, causal_variant, window), backend_names(backend)
+        if len(_resolved) > 1024:  # bounded: the arguments are the caller's, whatever they are
+            _resolved.clear()
+        _resolved[key] = found
+    return found
 
 
 def draw_seed(dropout_p: float) -> torch.Tensor | None:

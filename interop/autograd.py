@@ -52,7 +52,7 @@ class Attention(torch.autograd.Function):
 
     @staticmethod
     def forward(query, key, value, attn_mask, seed, backends, *options):
-        return ops.sdpa_fwd(query, key, value, attn_mask, *options, seed, backends)
+        return ops.call(ops.sdpa_fwd, query, key, value, attn_mask, *options, seed, backends)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -65,8 +65,8 @@ class Attention(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out, _grad_lse):
         query, key, value, attn_mask, out, lse, seed = ctx.saved_tensors
-        dq, dk, dv, dmask = ops.sdpa_bwd(grad_out, query, key, value, attn_mask, out, lse, *ctx.options, seed,
-                                         ctx.backends, torch.are_deterministic_algorithms_enabled())
+        dq, dk, dv, dmask = ops.call(ops.sdpa_bwd, grad_out, query, key, value, attn_mask, out, lse, *ctx.options,
+                                     seed, ctx.backends, torch.are_deterministic_algorithms_enabled())
         return dq, dk, dv, dmask if ctx.needs_input_grad[3] else None, None, None, *[None] * len(ctx.options)
 
 
@@ -76,8 +76,8 @@ class VarlenAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(query, key, value, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seed, backends, *options):
-        return ops.varlen_fwd(query, key, value, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *options,
-                              seed, backends)
+        return ops.call(ops.varlen_fwd, query, key, value, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                        *options, seed, backends)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -90,15 +90,16 @@ class VarlenAttention(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out, _grad_lse):
         query, key, value, cu_seqlens_q, cu_seqlens_k, out, lse, seed = ctx.saved_tensors
-        grads = ops.varlen_bwd(grad_out, query, key, value, cu_seqlens_q, cu_seqlens_k, out, lse, *ctx.max_seqlens,
-                               *ctx.options, seed, ctx.backends, torch.are_deterministic_algorithms_enabled())
+        grads = ops.call(ops.varlen_bwd, grad_out, query, key, value, cu_seqlens_q, cu_seqlens_k, out, lse,
+                         *ctx.max_seqlens, *ctx.options, seed, ctx.backends,
+                         torch.are_deterministic_algorithms_enabled())
         return *grads, *[None] * (6 + len(ctx.options))
 
 
 def attention(query, key, value, attn_mask, seed, backends: str, options: tuple) -> torch.Tensor:
     """The output of dense attention, differentiable in query, key, value and a float attn_mask."""
     if not _needs_grad(query, key, value, attn_mask):
-        return ops.sdpa_fwd(query, key, value, attn_mask, *options, seed, backends)[0]
+        return ops.call(ops.sdpa_fwd, query, key, value, attn_mask, *options, seed, backends)[0]
     return _apply(Attention, query, key, value, attn_mask, seed, backends, *options)[0]
 
 
@@ -106,7 +107,7 @@ def varlen_attention(query, key, value, cu_seqlens_q, cu_seqlens_k, max_seqlen_q
                      backends: str, options: tuple) -> torch.Tensor:
     """The packed output of variable-length attention, differentiable in query, key and value."""
     if not _needs_grad(query, key, value):
-        return ops.varlen_fwd(query, key, value, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *options,
-                              seed, backends)[0]
+        return ops.call(ops.varlen_fwd, query, key, value, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                        *options, seed, backends)[0]
     return _apply(VarlenAttention, query, key, value, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seed,
                   backends, *options)[0]

@@ -30,11 +30,12 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     ``cusdpa.sdpa_kernel``; by default the ones ``cusdpa.sdpa_kernel`` enables (under torch.compile:
     those enabled when the graph was traced).
     """
-    tensors = {"query": query, "key": key, "value": value}
-    if any(isinstance(t, torch.Tensor) and t.is_nested for t in tensors.values()):
-        return nested.attention(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
-                                causal_variant, window, backend)
-    arguments.check_tensors(tensors, attn_mask)
-    options = arguments.options(dropout_p, is_causal, scale, enable_gqa, causal_variant, window)
-    return autograd.attention(*(arguments.unit_stride(x) for x in (query, key, value)), attn_mask,
-                              arguments.draw_seed(dropout_p), arguments.backend_names(backend), options)
+    if not arguments.plain_cuda(query, key, value, attn_mask):  # else checked in a few attribute reads
+        tensors = {"query": query, "key": key, "value": value}
+        if any(isinstance(t, torch.Tensor) and t.is_nested for t in tensors.values()):
+            return nested.attention(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
+                                    causal_variant, window, backend)
+        arguments.check_tensors(tensors, attn_mask)
+    options, backends = arguments.resolve(dropout_p, is_causal, scale, enable_gqa, causal_variant, window, backend)
+    return autograd.attention(arguments.unit_stride(query), arguments.unit_stride(key), arguments.unit_stride(value),
+                              attn_mask, arguments.draw_seed(dropout_p), backends, options)

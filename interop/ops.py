@@ -23,7 +23,7 @@ import dataclasses
 import torch
 
 from cusdpa import dispatch, problem
-from cusdpa.backends.flash import plans
+from cusdpa.backends.flash import launches, plans
 from cusdpa.dispatch import Backend
 
 from . import arguments, bridge
@@ -55,6 +55,20 @@ varlen_fwd = torch.ops.cusdpa.varlen_fwd.default
 varlen_bwd = torch.ops.cusdpa.varlen_bwd.default
 
 
+def call(op, *args):
+    """``op(*args)``; in plain eager mode (tensors of class Tensor, no compilation, profiler, functorch transform
+    or dispatch mode) its kernel is called directly, which is what the dispatcher would call, without boxing
+    a dozen arguments into it and back (a few microseconds of host time per call)."""
+    if (torch.compiler.is_compiling() or torch.autograd.profiler._is_profiler_enabled
+            or torch._C._len_torch_dispatch_stack() or torch._C._are_functorch_transforms_active()
+            or any(isinstance(a, Tensor) and type(a) is not Tensor for a in args[:8]) or op not in _KERNELS):
+        return op(*args)
+    return _KERNELS[op](*args)
+
+
+_KERNELS: dict = {}  # op -> its CPU/CUDA kernel
+
+
 def _implement(name: str):
     """Register the decorated function as the op's CPU and CUDA kernel (CPU tensors run the reference). The
     Autograd key falls through: the op has no gradient of its own (interop.autograd's Function is its
@@ -63,6 +77,7 @@ def _implement(name: str):
         _lib.impl(name, fn, "CPU")
         _lib.impl(name, fn, "CUDA")
         _lib.impl(name, torch.library.fallthrough_kernel, "Autograd")
+        _KERNELS[getattr(torch.ops.cusdpa, name).default] = fn
         return fn
 
     return register
@@ -105,44 +120,53 @@ def _select(pr: problem.Problem, backends: str, need_grad: bool) -> dispatch.Imp
 
 # ---- plans --------------------------------------------------------------------------------------------
 
-def _plan(query, key, value, options: tuple, backends: str, backward: bool) -> plans.Plan | None:
-    """The plan of a dense call on CUDA tensors without a mask, or None: take the general path. The first
-    call of a signature validates it as the general path would, and raises what it raises."""
+def _signature(query, key, value, options: tuple, backends: str) -> tuple:
+    """What decides a dense call's launches: shapes, strides, dtypes, devices, 16-byte alignment, options."""
     window = options[-1]
-    aligned = (query.data_ptr() | key.data_ptr() | value.data_ptr()) % 16 == 0
-    signature = ("torch", query.shape, query.stride(), key.shape, key.stride(), value.shape, value.stride(),
-                 query.dtype, key.dtype, value.dtype, query.device, key.device, value.device, aligned,
-                 *options[:-1], None if window is None else tuple(window), backends, backward)
+    if window is not None:
+        options = options[:-1] + (tuple(window),)
+    return ("torch", query.shape, query.stride(), key.shape, key.stride(), value.shape, value.stride(), query.dtype,
+            key.dtype, value.dtype, query.get_device(), key.get_device(), value.get_device(),
+            (query.data_ptr() | key.data_ptr() | value.data_ptr()) % 16 == 0, options, backends)
+
+
+def _plan(query, key, value, options: tuple, backends: str, grad_out=None) -> plans.Plan | None:
+    """The plan of a dense call on CUDA tensors without a mask (with its backward for this ``grad_out``
+    layout when one is given), or None: take the general path. The first call of a signature validates it
+    as the general path would, and raises what it raises."""
+    signature = _signature(query, key, value, options, backends)
+    if grad_out is not None:
+        signature += (grad_out.shape, grad_out.stride(), grad_out.data_ptr() % 16 == 0)
 
     def make():
         with bridge.on_stream(query.device):
             pr = problem.from_dense(*_arrays(query, key, value), None, arguments.from_op(options), 0)
-            if _select(pr, backends, need_grad=backward).backend is not Backend.FLASH:
+            if _select(pr, backends, need_grad=grad_out is not None).backend is not Backend.FLASH:
                 return None
-            return plans.build(pr, plans.token_major_strides(pr.out_shape), backward)
+            dout_strides = None
+            if grad_out is not None:
+                if tuple(grad_out.shape) != pr.out_shape or grad_out.data_ptr() % 16:
+                    return None
+                dout_strides = grad_out.stride()
+            return plans.build(pr, plans.token_major_strides(pr.out_shape), grad_out is not None, dout_strides)
 
     return plans.lookup(signature, make)
 
 
-def _stream(device: torch.device) -> int:
+def _stream(query: Tensor) -> int:
     # torch's current stream as a raw handle: what inductor's generated code reads, one C call where
     # torch.cuda.current_stream builds a Stream object
-    return torch._C._cuda_getCurrentRawStream(device.index)
+    return torch._C._cuda_getCurrentRawStream(query.get_device())
 
 
-def _laid_out(x: Tensor, strides: tuple) -> bool:
-    """Whether ``x`` has these strides (where they matter: dims longer than 1) and a 16-byte aligned base."""
-    return (x.data_ptr() % 16 == 0
-            and all(n == 1 or have == want for n, have, want in zip(x.shape, x.stride(), strides)))
-
-
-def _backward_takes(plan: plans.Plan, query, grad_out, out, lse) -> bool:
-    """Whether the plan's backward runs on these ``out``, ``lse`` and ``grad_out``: the forward's own
-    outputs always qualify; a caller of the backward op may pass others, which take the general path."""
-    return (tuple(out.shape) == tuple(grad_out.shape) == plan.out_shape and tuple(lse.shape) == plan.lse_shape
-            and out.dtype == grad_out.dtype == query.dtype and lse.dtype == torch.float32
-            and out.device == grad_out.device == lse.device == query.device
-            and _laid_out(out, plan.out_strides) and lse.is_contiguous() and lse.data_ptr() % 16 == 0)
+def _reads(plan: plans.Plan, query, grad_out, out, lse) -> bool:
+    """Whether the plan's backward reads these ``out`` and ``lse``: the forward's own outputs always qualify;
+    a caller of the backward op may pass others, which take the general path."""
+    return (out.shape == grad_out.shape and out.dtype == grad_out.dtype == query.dtype
+            and out.get_device() == lse.get_device() == query.get_device() and lse.dtype == torch.float32
+            and tuple(lse.shape) == plan.lse_shape and lse.is_contiguous() and lse.data_ptr() % 16 == 0
+            and out.data_ptr() % 16 == 0
+            and all(n == 1 or have == want for n, have, want in zip(out.shape, out.stride(), plan.out_strides)))
 
 
 # ---- dense ----------------------------------------------------------------------------------------------
@@ -150,17 +174,17 @@ def _backward_takes(plan: plans.Plan, query, grad_out, out, lse) -> bool:
 @_implement("sdpa_fwd")
 def _sdpa_fwd(query, key, value, attn_mask, *rest):
     """(out, lse); out is laid out token-major (``plans.token_major_strides``), as PyTorch's fused kernels
-    lay out theirs. ``seed``: an int64 CPU tensor (1,), or None without dropout; ``backends``:
-    comma-separated cusdpa.Backend values, tried in that order."""
-    *options, seed, backends = rest
+    lay out theirs. ``rest``: the option values, then ``seed`` (an int64 CPU tensor (1,), or None without
+    dropout) and ``backends`` (comma-separated cusdpa.Backend values, tried in that order)."""
+    options, seed, backends = rest[:-2], rest[-2], rest[-1]
     if attn_mask is None and query.is_cuda:
-        plan = _plan(query, key, value, options, backends, backward=False)
+        plan = _plan(query, key, value, options, backends)
         if plan is not None:
-            out = torch.empty_strided(plan.out_shape, plan.out_strides, dtype=query.dtype, device=query.device)
-            lse = torch.empty(plan.lse_shape, dtype=torch.float32, device=query.device)
+            out = query.new_empty_strided(plan.out_shape, plan.out_strides)
+            lse = query.new_empty(plan.lse_shape, dtype=torch.float32)
             with _profiled("cusdpa::flash_fwd"):
-                plan.run_forward(query.data_ptr(), key.data_ptr(), value.data_ptr(), out.data_ptr(), lse.data_ptr(),
-                                 seed_of(seed, options[0]), _stream(query.device))
+                plan.run_forward(_stream(query), query.data_ptr(), key.data_ptr(), value.data_ptr(), out.data_ptr(),
+                                 lse.data_ptr(), seed_of(seed, options[0]))
             return out, lse
     with bridge.on_stream(query.device):
         pr = problem.from_dense(*_arrays(query, key, value, attn_mask), arguments.from_op(options),
@@ -192,23 +216,23 @@ def _float_mask(attn_mask: Tensor | None) -> bool:
 @_implement("sdpa_bwd")
 def _sdpa_bwd(grad_out, query, key, value, attn_mask, out, lse, *rest):
     """(dq, dk, dv, dmask); dmask has attn_mask's shape for a float mask and 0 elements otherwise (an op
-    cannot return None)."""
-    *options, seed, backends, deterministic = rest
+    cannot return None). ``rest``: the option values, seed, backends, deterministic."""
+    options, seed, backends, deterministic = rest[:-3], rest[-3], rest[-2], rest[-1]
     if attn_mask is None and query.is_cuda:
-        plan = _plan(query, key, value, options, backends, backward=True)
-        if plan is not None and _backward_takes(plan, query, grad_out, out, lse):
-            if not _laid_out(grad_out, plan.out_strides):
-                # Merging heads into features makes grad_out token-major already; anything else is copied.
-                grad_out = torch.empty_strided(plan.out_shape, plan.out_strides, dtype=grad_out.dtype,
-                                               device=grad_out.device).copy_(grad_out)
-            grads = [torch.empty(x.shape, dtype=x.dtype, device=x.device) for x in (query, key, value)]
+        if grad_out.dim() >= 3 and (grad_out.data_ptr() % 16 or launches.kernel_strides(
+                grad_out.shape, grad_out.stride(), grad_out.dim() - 3, grad_out.element_size()) is None):
+            # the kernels read dout in place in most layouts (merged heads, contiguous); others (an expanded
+            # gradient of out.sum()) are copied into out's
+            grad_out = torch.empty_like(out).copy_(grad_out)
+        plan = _plan(query, key, value, options, backends, grad_out)
+        if plan is not None and _reads(plan, query, grad_out, out, lse):
+            dq, dk, dv = (torch.empty_like(x, memory_format=torch.contiguous_format) for x in (query, key, value))
             delta = torch.empty_like(lse)
             with _profiled("cusdpa::flash_bwd"):
-                plan.run_backward(query.data_ptr(), key.data_ptr(), value.data_ptr(), out.data_ptr(),
-                                  grad_out.data_ptr(), lse.data_ptr(), delta.data_ptr(), grads[0].data_ptr(),
-                                  grads[1].data_ptr(), grads[2].data_ptr(), seed_of(seed, options[0]),
-                                  _stream(query.device))
-            return (*grads, query.new_empty(0))
+                plan.run_backward(_stream(query), query.data_ptr(), key.data_ptr(), value.data_ptr(), out.data_ptr(),
+                                  grad_out.data_ptr(), lse.data_ptr(), delta.data_ptr(), dq.data_ptr(),
+                                  dk.data_ptr(), dv.data_ptr(), seed_of(seed, options[0]))
+            return dq, dk, dv, query.new_empty(0)
     grad_out = grad_out.contiguous()
     with bridge.on_stream(query.device):
         pr = problem.from_dense(*_arrays(query, key, value, attn_mask), arguments.from_op(options),
@@ -238,7 +262,7 @@ def _(grad_out, query, key, value, attn_mask, *rest):
 @_implement("varlen_fwd")
 def _varlen_fwd(query, key, value, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *rest):
     """(out (Tq, Hq, Ev), lse (Hq, Tq)) of packed variable-length attention (cusdpa.varlen_attention)."""
-    *options, seed, backends = rest
+    options, seed, backends = rest[:-2], rest[-2], rest[-1]
     with bridge.on_stream(query.device):
         pr = problem.from_varlen(*_arrays(query, key, value, cu_seqlens_q, cu_seqlens_k), max_seqlen_q,
                                  max_seqlen_k, arguments.from_op(options), seed_of(seed, options[0]))
@@ -255,7 +279,7 @@ def _(query, key, value, *rest):
 def _varlen_bwd(grad_out, query, key, value, cu_seqlens_q, cu_seqlens_k, out, lse, max_seqlen_q, max_seqlen_k,
                 *rest):
     """(dq, dk, dv) in the packed layout."""
-    *options, seed, backends, deterministic = rest
+    options, seed, backends, deterministic = rest[:-3], rest[-3], rest[-2], rest[-1]
     with bridge.on_stream(query.device):
         pr = problem.from_varlen(*_arrays(query, key, value, cu_seqlens_q, cu_seqlens_k), max_seqlen_q,
                                  max_seqlen_k, arguments.from_op(options), seed_of(seed, options[0]))

@@ -30,8 +30,9 @@ def test_argument_cells(value, cell):
 
 def test_slots_are_left_for_the_call():
     prepared = launch.Launch(None, (3, 4), (128,), 0, (launch.Slot("q"), np.int32(5), launch.Slot("seed_lo")))
-    assert prepared.slots == ((0, "q"), (2, "seed_lo"))
+    assert prepared.slots == ((0, launch.SLOTS.index("q")), (2, launch.SLOTS.index("seed_lo")))
     assert prepared.cells == (0, 5, 0)
+    assert launch.values(q=7, seed_lo=3) == tuple({"q": 7, "seed_lo": 3}.get(name) for name in launch.SLOTS)
 
 
 def test_oversized_argument_is_refused():

@@ -5,6 +5,9 @@ encoded, except named ``Slot``s (device pointers, the dropout seed) that each ca
 path fills the slots with CuPy arrays; a plan (``backends.flash.plans``) fills them with raw pointers, so
 a repeated call costs a few stores into a parameter buffer and one driver call instead of building CuPy
 views and converting some forty arguments every time.
+
+Slot values travel as one tuple in the order of ``SLOTS`` (``values(q=..., ...)`` builds it by name): a
+launch knows where each of its slots sits in that tuple, so a call does no dictionary work.
 """
 from __future__ import annotations
 
@@ -14,11 +17,28 @@ from typing import NamedTuple
 
 import numpy as np
 
+# Every slot name any kernel takes, in the order of the value tuples.
+SLOTS = ("q", "k", "v", "o", "lse", "do", "delta", "dq", "dk", "dv", "seed_lo", "seed_hi", "offset")
+_POSITION = {name: n for n, name in enumerate(SLOTS)}
+
 
 class Slot(NamedTuple):
-    """An argument filled in per call, by name."""
+    """An argument filled in per call, by name (one of ``SLOTS``)."""
 
     name: str
+
+
+def values(**named) -> tuple:
+    """The value tuple of a call: ``named`` slots in place, None elsewhere."""
+    out = [None] * len(SLOTS)
+    for name, value in named.items():
+        out[_POSITION[name]] = value
+    return tuple(out)
+
+
+def seed_values(seed: int, offset: int = 0) -> dict:
+    """The dropout slots' values: Philox key words and counter offset (ints: a launch cell holds either)."""
+    return {"seed_lo": seed & 0xFFFFFFFF, "seed_hi": seed >> 32, "offset": offset}
 
 
 def _cell(value) -> int:
@@ -36,17 +56,31 @@ def _cell(value) -> int:
     return int.from_bytes(raw, "little")
 
 
+class _Driver:
+    """CuPy's driver and runtime modules, imported at the first launch (``import cusdpa`` needs no CuPy)."""
+
+    driver = runtime = None
+
+    @classmethod
+    def load(cls):
+        from cupy.cuda import driver, runtime
+
+        cls.driver, cls.runtime = driver, runtime
+        return cls
+
+
 class Launch:
-    """One kernel launch; ``launch(values, stream_ptr)`` fills the slots from ``values`` and issues it on
+    """One kernel launch; ``launch(values, stream_ptr)`` fills the slots from the value tuple and issues it on
     the current device, which must be the one ``fn`` was loaded on (``run`` sees to that)."""
 
     __slots__ = ("fn", "grid", "block", "smem", "cells", "slots", "_buffers")
 
     def __init__(self, fn, grid: tuple, block: tuple, smem: int, args):
         self.fn, self.grid, self.block, self.smem = fn, grid, block, smem
-        self.slots = tuple((i, a.name) for i, a in enumerate(args) if isinstance(a, Slot))
+        # (cell index, position in the value tuple) of each slot
+        self.slots = tuple((i, _POSITION[a.name]) for i, a in enumerate(args) if isinstance(a, Slot))
         self.cells = tuple(0 if isinstance(a, Slot) else _cell(a) for a in args)
-        self._buffers: dict = {}  # thread id -> (cells, address of the pointer array cuLaunchKernel takes)
+        self._buffers: dict = {}  # thread id -> (cells, pointer array, its address)
 
     def _buffer(self):
         # One parameter buffer per thread, made once: the driver copies the parameters during the call, so
@@ -60,33 +94,31 @@ class Launch:
             buf = self._buffers[key] = (cells, pointers, ctypes.addressof(pointers))
         return buf
 
-    def __call__(self, values: dict, stream_ptr: int) -> None:
-        from cupy.cuda import driver
-
+    def __call__(self, values: tuple, stream_ptr: int) -> None:
         cells, _, params = self._buffer()
-        for i, name in self.slots:
-            value = values[name]
+        for i, j in self.slots:
+            value = values[j]
             cells[i] = value if type(value) is int else _cell(value)  # raw pointers and seeds are ints
         gx, gy = self.grid
-        driver.launchKernel(self.fn.ptr, gx, gy, 1, self.block[0], 1, 1, self.smem, stream_ptr, params, 0)
+        (_Driver.driver or _Driver.load().driver).launchKernel(self.fn.ptr, gx, gy, 1, self.block[0], 1, 1, self.smem,
+                                                               stream_ptr, params, 0)
 
 
-def run(launches, values: dict, stream_ptr: int, device: int) -> None:
+def run(launches, values: tuple, stream_ptr: int, device: int) -> None:
     """Issue ``launches`` in order on ``device`` and ``stream_ptr``, restoring the caller's device after."""
-    from cupy.cuda import driver, runtime
-
-    current = runtime.getDevice()
-    if current == device and driver.ctxGetCurrent() != 0:
+    cuda = _Driver if _Driver.runtime is not None else _Driver.load()
+    current = cuda.runtime.getDevice()
+    if current == device and cuda.driver.ctxGetCurrent() != 0:
         for prepared in launches:
             prepared(values, stream_ptr)
         return
     # A thread can have a current device but no current context: torch's autograd threads select the device
     # lazily, and a kernel as the first CUDA work of a backward then failed with CUDA_ERROR_INVALID_CONTEXT.
     # cudaSetDevice makes the device's primary context current.
-    runtime.setDevice(device)
+    cuda.runtime.setDevice(device)
     try:
         for prepared in launches:
             prepared(values, stream_ptr)
     finally:
         if current != device:
-            runtime.setDevice(current)
+            cuda.runtime.setDevice(current)

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..launch import Launch, Slot, run
+from ..launch import Launch, Slot, run, seed_values, values
 from . import sources
 from .config import FlashConfig, sm90_forward_applies, smem_bytes
 
@@ -62,6 +62,20 @@ def _dense_operand(x, batch_shape):
         full = _fresh(full)
         stride_b = _collapse(full.strides[:len(batch_shape)], batch_shape)
     return full, stride_b // full.itemsize
+
+
+def kernel_strides(shape, strides, batch_ndim: int, itemsize: int) -> list[np.int64] | None:
+    """(b, h, row) element strides of a dense (*batch, H, rows, dim) operand for the flattened batch index b,
+    or None when the kernels cannot read it in place: its last dim not contiguous, a stride off the 16 bytes
+    that cp.async moves, or batch dims that do not collapse to one stride."""
+    if shape[-1] > 1 and strides[-1] != 1:
+        return None
+    if any(s * itemsize % 16 for s, n in zip(strides[:-1], shape[:-1]) if n > 1):
+        return None
+    stride_b = _collapse(strides[:batch_ndim], shape[:batch_ndim])
+    if stride_b is None:
+        return None
+    return [np.int64(stride_b), np.int64(strides[batch_ndim]), np.int64(strides[batch_ndim + 1])]
 
 
 def _strides(x, dims) -> list[np.int64]:
@@ -119,11 +133,6 @@ def _visibility(pr):
 def _dropout(pr):
     return (Slot("seed_lo"), Slot("seed_hi"), Slot("offset"), np.uint32(pr.keep_threshold),
             np.float32(pr.dropout_rescale))
-
-
-def seed_values(seed: int, offset: int = 0) -> dict:
-    """The dropout slots' values: Philox key words and counter offset, as ints (a launch cell holds either)."""
-    return {"seed_lo": seed & 0xFFFFFFFF, "seed_hi": seed >> 32, "offset": offset}
 
 
 def config(pr) -> FlashConfig:
@@ -212,7 +221,7 @@ def forward(pr, out=None, lse=None):
             o_view, o_strides = _out_view(pr, lay, res_out, pr.hq, pr.L, pr.Ev)
             fwd = forward_launch(pr, lay, o_strides)
             if fwd is not None:
-                run((fwd,), dict(q=lay.q, k=lay.k, v=lay.v, o=o_view, lse=res_lse, **seed_values(pr.seed, pr.offset)),
+                run((fwd,), values(q=lay.q, k=lay.k, v=lay.v, o=o_view, lse=res_lse, **seed_values(pr.seed, pr.offset)),
                     cupy.cuda.get_current_stream().ptr, device(pr))
         for dst, src in ((out, res_out), (lse, res_lse)):
             if dst is not None and dst is not src:
@@ -266,9 +275,9 @@ def _run_backward(pr, out, lse, dout, dq, dk, dv):
                                       ("dv", dv, pr.hkv, pr.S, pr.Ev)):
         views[name], strides[name] = _out_view(pr, lay, x, heads, rows, dim)
     lse_c = cupy.ascontiguousarray(lse)
-    values = dict(q=lay.q, k=lay.k, v=lay.v, lse=lse_c, delta=cupy.empty_like(lse_c), **views,
-                  **seed_values(pr.seed, pr.offset))
-    run(backward_launches(pr, lay, strides), values, cupy.cuda.get_current_stream().ptr, device(pr))
+    slots = values(q=lay.q, k=lay.k, v=lay.v, lse=lse_c, delta=cupy.empty_like(lse_c), **views,
+                   **seed_values(pr.seed, pr.offset))
+    run(backward_launches(pr, lay, strides), slots, cupy.cuda.get_current_stream().ptr, device(pr))
 
 
 def environment_reasons(pr) -> list[str]:

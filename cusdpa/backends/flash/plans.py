@@ -51,9 +51,9 @@ def contiguous_strides(shape) -> tuple:
 @dataclass(frozen=True)
 class Plan:
     """Every launch of one problem signature. Operands are read in place and results written to buffers
-    the caller allocates: out (``out_shape``, ``out_strides`` in elements) and dout in the same layout,
-    lse (``lse_shape``, float32) and delta like it, dq, dk, dv contiguous in the shapes of q, k and v.
-    Arguments are raw device pointers (ints); launches go on ``stream`` on ``device``."""
+    the caller allocates: out (``out_shape``, ``out_strides`` in elements), lse (``lse_shape``, float32) and
+    delta like it, dq, dk, dv contiguous in the shapes of q, k and v; dout is read in the layout the plan
+    was built for. Arguments are raw device pointers (ints); launches go on ``stream`` on ``device``."""
 
     device: int
     out_shape: tuple
@@ -62,21 +62,22 @@ class Plan:
     forward: Launch | None
     backward: tuple
 
-    def run_forward(self, q: int, k: int, v: int, o: int, lse: int, seed: int, stream: int) -> None:
-        if self.forward is not None:
-            run((self.forward,), dict(q=q, k=k, v=v, o=o, lse=lse, **launches.seed_values(seed)), stream,
-                self.device)
+    def run_forward(self, stream: int, q: int, k: int, v: int, o: int, lse: int, seed: int) -> None:
+        if self.forward is not None:  # the value tuple in launch.SLOTS order
+            run((self.forward,), (q, k, v, o, lse, None, None, None, None, None, seed & 0xFFFFFFFF, seed >> 32, 0),
+                stream, self.device)
 
-    def run_backward(self, q: int, k: int, v: int, o: int, do: int, lse: int, delta: int, dq: int, dk: int,
-                     dv: int, seed: int, stream: int) -> None:
-        run(self.backward, dict(q=q, k=k, v=v, o=o, do=do, lse=lse, delta=delta, dq=dq, dk=dk, dv=dv,
-                                **launches.seed_values(seed)), stream, self.device)
+    def run_backward(self, stream: int, q: int, k: int, v: int, o: int, do: int, lse: int, delta: int, dq: int,
+                     dk: int, dv: int, seed: int) -> None:
+        run(self.backward, (q, k, v, o, lse, do, delta, dq, dk, dv, seed & 0xFFFFFFFF, seed >> 32, 0), stream,
+            self.device)
 
 
-def build(pr, out_strides: tuple, backward: bool) -> Plan | None:
+def build(pr, out_strides: tuple, backward: bool, dout_strides: tuple | None = None) -> Plan | None:
     """The Plan of a validated dense problem whose q, k and v the kernels read in place with every batch
-    dim present (no broadcast to sum gradients over), its output laid out with ``out_strides``; None for
-    anything else. Without ``backward`` the backward kernels are neither compiled nor planned."""
+    dim present (no broadcast to sum gradients over), its output laid out with ``out_strides`` and the
+    backward's dout with ``dout_strides`` (default: as out); None for anything else. Without ``backward``
+    the backward kernels are neither compiled nor planned."""
     if pr.varlen is not None or pr.mask is not None or pr.offset:
         return None
     q, k, v = pr.q, pr.k, pr.v
@@ -91,10 +92,12 @@ def build(pr, out_strides: tuple, backward: bool) -> Plan | None:
     def contiguous(heads, rows, dim):
         return [np.int64(heads * rows * dim), np.int64(rows * dim), np.int64(dim)]
 
-    # (b, h, row) strides of out for the flattened batch index b: the innermost batch dim's stride, as the
-    # output's batch dims are row-major in both layouts
-    o = [np.int64(s) for s in (out_strides[-4] if len(out_strides) > 3 else 0,) + tuple(out_strides[-3:-1])]
-    strides = {"o": o, "do": o, "dq": contiguous(pr.hq, pr.L, pr.E), "dk": contiguous(pr.hkv, pr.S, pr.E),
+    nb = len(pr.batch_shape)
+    o = launches.kernel_strides(pr.out_shape, out_strides, nb, pr.dtype.itemsize)
+    do = o if dout_strides is None else launches.kernel_strides(pr.out_shape, dout_strides, nb, pr.dtype.itemsize)
+    if o is None or do is None:
+        return None
+    strides = {"o": o, "do": do, "dq": contiguous(pr.hq, pr.L, pr.E), "dk": contiguous(pr.hkv, pr.S, pr.E),
                "dv": contiguous(pr.hkv, pr.S, pr.Ev)}
     backward_launches = tuple(launches.backward_launches(pr, lay, strides)) if backward else ()
     return Plan(launches.device(pr), pr.out_shape, tuple(out_strides), pr.lse_shape,
