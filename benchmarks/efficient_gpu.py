@@ -3,7 +3,7 @@
     python benchmarks/efficient_gpu.py [--reps N] [--variant auto|portable|tensor_core]
 
 Shapes (issue 4): fp16 and bf16, E in {64, 128}, L = S = 4096, B = 4, Hq * E = 2048, causal and not.
-FLOPs (DESIGN.md): forward 4 * B * Hq * L * S * E, halved for causal; backward 2.5x forward.
+FLOPs (docs/DESIGN.md): forward 4 * B * Hq * L * S * E, halved for causal; backward 2.5x forward.
 Timing: CUDA events around each call after a warm-up, median of ``--reps`` runs, rotating among three
 input sets so the 50 MB L2 does not serve repeats. PyTorch's EFFICIENT_ATTENTION backend runs in the
 same process on the same inputs. The table comes last. A few minutes on an H100, most of it Numba

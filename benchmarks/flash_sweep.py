@@ -4,7 +4,7 @@
 
 Used to choose FlashConfig.for_head_dims and for_problem (each point starts from the latter's tiles);
 prints one line per (point, direction, config), best first, with its ratio to PyTorch's FLASH_ATTENTION
-(and, forward, to CUDNN_ATTENTION). B = tokens / L and H = hidden / E: the defaults are DESIGN.md's grid;
+(and, forward, to CUDNN_ATTENTION). B = tokens / L and H = hidden / E: the defaults are docs/DESIGN.md's grid;
 ``--tokens 16384 --hidden 512 --lengths 512`` is the tutorial module's attention. Each forward variant's
 output is compared
 with PyTorch's (relative Frobenius error, ~1e-3 in bf16) before it is timed, so a broken tile

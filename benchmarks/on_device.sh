@@ -6,8 +6,9 @@
 #
 # The machine has torch, CuPy, numba-cuda and triton but numpy 2.5, which numba-cuda 0.30 cannot import:
 # a numpy < 2.5 wheel travels in .whl (README of the device tool) and goes first on PYTHONPATH.
-# Stages: flash-tests, plans-tests, interop-tests, efficient-tests, sweep, sweep-module (the tutorial module's
-# attention shape), overhead, bench (every provider),
+# Stages: flash-tests, plans-tests, interop-tests, efficient-tests, fuzz (90 s of random cases against the
+# reference), sanitize (every kernel family under compute-sanitizer's four tools), sweep, sweep-module (the
+# tutorial module's attention shape), overhead, bench (every provider),
 # bench-flash (cusdpa FLASH against PyTorch's FLASH and cuDNN only), bench-module (the tutorial module: parts b
 # and c), train (bf16 autocast), train-fp32, train-compiled (bf16, torch.compile).
 set -uo pipefail
@@ -24,6 +25,10 @@ for stage in "$@"; do
     plans-tests) cmd=(python3 -m pytest -q -p no:cacheprovider tests/test_plans.py) ;;
     interop-tests) cmd=(python3 -m pytest -q -m "gpu and not slow" -p no:cacheprovider tests/test_interop_gpu.py) ;;
     efficient-tests) cmd=(python3 -m pytest -q -m "gpu and not slow" -p no:cacheprovider tests/test_efficient_gpu.py) ;;
+    fuzz) cmd=(python3 -m cusdpa check --fuzz 90) ;;
+    sanitize) cmd=(bash -c 'for tool in memcheck racecheck synccheck initcheck; do
+                     echo "--- $tool"; compute-sanitizer --tool $tool --report-api-errors no --error-exitcode 3 \
+                       python3 benchmarks/sanitize.py | tail -n 12 || exit $?; done') ;;
     sweep) cmd=(python3 benchmarks/flash_sweep.py --forward-only --lengths 1024 4096 16384) ;;
     sweep-module) cmd=(python3 benchmarks/flash_sweep.py --forward-only --tokens 16384 --hidden 512 --lengths 256 512 1024
                        --head-dims 64 --causal yes) ;;

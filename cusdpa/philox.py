@@ -1,4 +1,4 @@
-"""Counter-based Philox4x32-10 and the dropout keep-mask of DESIGN.md, vectorised over any array module.
+"""Counter-based Philox4x32-10 and the dropout keep-mask of docs/DESIGN.md, vectorised over any array module.
 
 The keep decision for query row i, key column j of flattened batch-head ``bh`` is a pure function of
 (seed, offset, bh, i, j): counter = (j // 4, i, bh, offset), key = (seed lo, seed hi), word j % 4 of

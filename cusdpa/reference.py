@@ -1,4 +1,4 @@
-"""The reference: attention exactly as DESIGN.md defines it, forward and backward, on NumPy or CuPy.
+"""The reference: attention exactly as docs/DESIGN.md defines it, forward and backward, on NumPy or CuPy.
 
 This module is the oracle every backend is tested against. It is written against an array module
 ``xp`` so the MATH backend runs the same code on CuPy arrays (fp32 accumulation). It works on

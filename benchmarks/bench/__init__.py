@@ -1,4 +1,4 @@
-"""``python -m cusdpa bench``: the experiments of PyTorch's SDPA tutorial and DESIGN.md's standard grid,
+"""``python -m cusdpa bench``: the experiments of PyTorch's SDPA tutorial and docs/DESIGN.md's standard grid,
 cusdpa and PyTorch side by side in one process. From Python: ``bench.run(bench.Options(...))``.
 
 It uses torch and the interop bridge (lazily, inside functions): comparing with PyTorch is its job.

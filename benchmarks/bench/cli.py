@@ -43,7 +43,7 @@ def cmd_bench(args) -> int:
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m cusdpa bench",
                                 description="cusdpa and PyTorch side by side in one process: the experiments of PyTorch's "
-                                   "SDPA tutorial (parts a-c) and DESIGN.md's standard grid (part d). Every result "
+                                   "SDPA tutorial (parts a-c) and docs/DESIGN.md's standard grid (part d). Every result "
                                    "is checked against the float64 reference before it is timed. Writes "
                                    "results.json (after every measurement), tables.md, grid_<dtype>.png and "
                                    "tutorial.png to --out. Without a CUDA GPU it runs the tiny CPU configuration.")
@@ -51,7 +51,7 @@ def parser() -> argparse.ArgumentParser:
                    help="; ".join(f"{k}: {v}" for k, v in config.PARTS.items()))
     sizes = p.add_mutually_exclusive_group()
     sizes.add_argument("--preset", choices=list(config.PRESETS), default=None,
-                       help="sizes: full (the tutorial's and DESIGN.md's; default on a GPU), quick (every part, "
+                       help="sizes: full (the tutorial's and docs/DESIGN.md's; default on a GPU), quick (every part, "
                             "smaller grid, shorter timing), tiny (the CPU configuration; default without a GPU)")
     sizes.add_argument("--quick", action="store_true", help="same as --preset quick")
     p.add_argument("--providers", nargs="+", choices=list(config.BY_ID), default=None, metavar="PROVIDER",

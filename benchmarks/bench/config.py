@@ -51,7 +51,7 @@ BY_ID = {p.id: p for p in PROVIDERS}
 @dataclass(frozen=True)
 class Sizes:
     """Problem sizes of every part, and the time budget of one measurement (triton.testing.do_bench's
-    warm-up and repetition times). The defaults are the tutorial's and DESIGN.md's grid."""
+    warm-up and repetition times). The defaults are the tutorial's and docs/DESIGN.md's grid."""
 
     tutorial: tuple = (32, 32, 1024, 32)  # part a: B, H, L = S, E (fp16)
     module_heads: int = 8  # parts b, c: CausalSelfAttention with 8 heads of 64 (fp16)

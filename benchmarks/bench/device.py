@@ -26,7 +26,7 @@ class Point:
     causal: bool
 
     def flops(self, direction: str) -> float:
-        """DESIGN.md: forward 4 B H L S E, halved for causal with L == S; backward 2.5x forward."""
+        """docs/DESIGN.md: forward 4 B H L S E, halved for causal with L == S; backward 2.5x forward."""
         f = 4.0 * self.B * self.H * self.L * self.S * self.E
         if self.causal and self.L == self.S:
             f /= 2

@@ -1,0 +1,95 @@
+"""Every kernel family once, forward and backward, on small shapes: what ``on_device.sh sanitize`` runs under
+compute-sanitizer's memcheck, racecheck, synccheck and initcheck.
+
+    compute-sanitizer --tool memcheck python benchmarks/sanitize.py
+
+FLASH: the Hopper wgmma forward (E = 64 and 128), the mma.sync forward (E = 40, E != Ev, and E = 64 with
+wgmma turned off), the backward's preprocess, dK/dV (whole and split in two passes for E = 256) and dQ
+kernels, with causal, window, GQA, dropout and varlen. EFFICIENT: the tensor_core and portable forwards,
+the dQ, dK/dV and mask-gradient kernels, with bool and float masks. Odd sizes, so every kernel runs partial
+tiles. Each case is checked against the float64 reference, so a kernel that the sanitizer slows down or
+that reads garbage is also caught here.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+import cusdpa
+import kernels_numba
+from cusdpa import Backend, reference
+from cusdpa.backends.flash import config, launches
+
+CASES = [  # (name, backend, dtype, (B, Hq, Hkv, L, S, E, Ev), options, mask kind, EFFICIENT variant)
+    ("flash wgmma E64 causal", Backend.FLASH, "bfloat16", (2, 4, 2, 77, 77, 64, 64), dict(is_causal=True), None, None),
+    ("flash wgmma E128 window dropout", Backend.FLASH, "float16", (1, 2, 2, 70, 133, 128, 128),
+     dict(window=(20, 5), dropout_p=0.2), None, None),
+    ("flash mma.sync E40/Ev72 lower-right", Backend.FLASH, "bfloat16", (1, 4, 1, 45, 90, 40, 72),
+     dict(is_causal=True, causal_variant="lower_right"), None, None),
+    ("flash mma.sync E256 split dK/dV", Backend.FLASH, "float16", (1, 2, 2, 33, 65, 256, 256), {}, None, None),
+    ("flash mma.sync E64 (wgmma off)", Backend.FLASH, "bfloat16", (1, 2, 2, 50, 50, 64, 64), dict(is_causal=True),
+     None, "mma_sync"),
+    ("efficient tensor_core bool mask", Backend.EFFICIENT, "float16", (2, 2, 2, 37, 51, 64, 64), {}, "bool",
+     "tensor_core"),
+    ("efficient portable float mask", Backend.EFFICIENT, "float32", (1, 2, 1, 29, 41, 72, 40), dict(is_causal=True),
+     "float", "portable"),
+    ("efficient portable dropout", Backend.EFFICIENT, "bfloat16", (1, 2, 2, 30, 30, 64, 64), dict(dropout_p=0.3),
+     None, "portable"),
+]
+
+
+def _dtype(name):
+    import ml_dtypes
+
+    return np.dtype(ml_dtypes.bfloat16) if name == "bfloat16" else np.dtype(name)
+
+
+def run(name, backend, dtype, dims, options, mask_kind, variant, rng) -> float:
+    """Forward and backward of one case; the largest error against the reference, relative to its scale."""
+    import cupy
+
+    B, hq, hkv, L, S, E, Ev = dims
+    host = [rng.standard_normal(s).astype(np.float32).astype(_dtype(dtype))
+            for s in ((B, hq, L, E), (B, hkv, S, E), (B, hkv, S, Ev), (B, hq, L, Ev))]
+    mask = None
+    if mask_kind == "bool":
+        mask = rng.random((B, 1, L, S)) > 0.2
+    elif mask_kind == "float":
+        mask = rng.standard_normal((hq, L, S)).astype(np.float32)
+    q, k, v, dout = (cupy.asarray(x) for x in host)
+    kw = dict(options, enable_gqa=hq != hkv, seed=11)
+    knobs = kernels_numba.KernelConfig(variant=variant) if backend is Backend.EFFICIENT else kernels_numba.current()
+    with cusdpa.sdpa_kernel([backend]), kernels_numba.configured(knobs):
+        out, vjp = cusdpa.attention_vjp(q, k, v, None if mask is None else cupy.asarray(mask), **kw)
+        grads = vjp(dout)
+    cupy.cuda.get_current_stream().synchronize()
+    wide = [x.astype(np.float64) for x in host]
+    want = [reference.attention(*wide[:3], mask, **kw)[0], *reference.attention_grads(*wide, mask, **kw)]
+    return max(float(np.abs(cupy.asnumpy(g).astype(np.float64) - w).max() / max(1.0, np.abs(w).max()))
+               for g, w in zip((out, *grads), want))
+
+
+def main() -> int:
+    rng = np.random.default_rng(0)
+    worst = 0.0
+    for name, backend, dtype, dims, options, mask_kind, variant in CASES:
+        if variant == "mma_sync":  # the mma.sync forward where the wgmma one would run
+            real = launches.config
+            launches.config = lambda pr: dataclasses.replace(config.FlashConfig.for_head_dims(pr.E, pr.Ev),
+                                                             use_wgmma=False)
+            try:
+                err = run(name, backend, dtype, dims, options, mask_kind, None, rng)
+            finally:
+                launches.config = real
+        else:
+            err = run(name, backend, dtype, dims, options, mask_kind, variant, rng)
+        worst = max(worst, err)
+        print(f"{name:40s} largest error / scale {err:.2e}", flush=True)
+    # bf16 outputs round to 2**-8 relative; anything far above that is a wrong kernel, not rounding
+    print(f"sanitize: {len(CASES)} cases, largest error {worst:.2e} " + ("ok" if worst < 3e-2 else "TOO LARGE"))
+    return 0 if worst < 3e-2 else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
