@@ -1,22 +1,22 @@
-"""Host time per attention call, stage by stage, cusdpa against PyTorch in one process, on a problem small
-enough that the host dominates.
+"""Host time per attention call, cusdpa against PyTorch in one process, on a problem small enough that the
+host dominates.
 
     python benchmarks/overhead.py [--profile]
 
 The tutorial's module (8 heads x 64, 32 x 512 tokens, fp16, causal), eager and under torch.compile, and one
-attention call of its shape on torch tensors and on CuPy arrays, inference and forward + backward. Each line
-is the mean wall time of 200 calls issued back to back and then synchronised once ("host"), so a stage that
-is cheaper than the GPU work behind it still shows its host cost, and the mean including that wait ("with
-GPU"). The table at the end gives cusdpa's host time over PyTorch's for the issue's four comparisons.
-``--profile`` adds the GPU kernel times of both modules (torch.profiler) and a cProfile table of the eager
-call, sorted by own time.
+attention call of its shape on torch tensors and on CuPy arrays, inference and forward + backward. A round
+times 200 calls issued back to back and then synchronised once: "host" is the time until the last call
+returns (so a call cheaper than the GPU work behind it still shows its host cost), "with GPU" the time
+until the GPU is done. The lent machine's host speed drifts by up to 2x within minutes, so cusdpa's and
+PyTorch's rounds alternate, seven of each, and the table reports medians. ``--profile`` adds the GPU
+kernel times of both modules (torch.profiler) and cProfile tables, in microseconds per call, of the eager
+forward call and of the backward op.
 """
 from __future__ import annotations
 
 import argparse
 import cProfile
-import io
-import pstats
+import statistics
 import time
 
 import torch
@@ -27,21 +27,34 @@ from cusdpa import dispatch, problem
 from cusdpa.backends import flash
 from interop import autograd, bridge, ops
 
-N = 200
+CALLS, ROUNDS = 200, 7
 
 
-def timed(name, fn, n=N) -> tuple[float, float]:
-    """(host, host + GPU) microseconds per call."""
-    fn()
+def _round(fn, n=CALLS) -> tuple[float, float]:
+    """(host, with GPU) microseconds per call over n back-to-back calls."""
     torch.cuda.synchronize()
     start = time.perf_counter()
     for _ in range(n):
         fn()
     host = time.perf_counter() - start
     torch.cuda.synchronize()
-    total = time.perf_counter() - start
-    print(f"{name:40s} host {1e6 * host / n:7.1f} us   with GPU {1e6 * total / n:7.1f} us", flush=True)
-    return 1e6 * host / n, 1e6 * total / n
+    return 1e6 * host / n, 1e6 * (time.perf_counter() - start) / n
+
+
+def measure(stages: dict) -> dict:
+    """name -> (median host, median with GPU) over ROUNDS rounds, the stages' rounds interleaved."""
+    for fn in stages.values():
+        fn()  # warm: plans built, kernels loaded
+    rounds = {name: [] for name in stages}
+    for _ in range(ROUNDS):
+        for name, fn in stages.items():
+            rounds[name].append(_round(fn))
+    out = {}
+    for name, rs in rounds.items():
+        out[name] = (statistics.median(r[0] for r in rs), statistics.median(r[1] for r in rs))
+        print(f"{name:44s} host {out[name][0]:7.1f} us   with GPU {out[name][1]:7.1f} us   "
+              f"(host rounds {min(r[0] for r in rs):.1f}-{max(r[0] for r in rs):.1f})", flush=True)
+    return out
 
 
 class _Trivial(torch.autograd.Function):
@@ -54,6 +67,22 @@ class _Trivial(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         return grad, grad, grad
+
+
+def _profile(name: str, fn, calls=2000, rows=18):
+    """cProfile of ``calls`` calls of fn, own time per call in microseconds, largest first."""
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(calls):
+        fn()
+    prof.disable()
+    torch.cuda.synchronize()
+    prof.create_stats()
+    table = sorted(prof.stats.items(), key=lambda item: -item[1][2])[:rows]
+    print(f"\n{name}: own time per call (us), cProfile over {calls} calls (adds its own overhead)")
+    for (file, line, func), (_, ncalls, tottime, cumtime, _) in table:
+        where = f"{file.rsplit('/', 2)[-1]}:{line}({func})" if line else func
+        print(f"  {1e6 * tottime / calls:7.2f}  cum {1e6 * cumtime / calls:7.2f}  x{ncalls / calls:4.1f}  {where}")
 
 
 def main():
@@ -72,35 +101,34 @@ def main():
     op_args = (q, q, q, None, 0.0, True, None, False, "upper_left", None, None, "flash,efficient,math")
     compiled, compiled_reference = torch.compile(module), torch.compile(reference)
     sdpa = torch.nn.functional.scaled_dot_product_attention
-    t = {}
-    with torch.no_grad():
-        stages = [
-            ("bridge.as_array (one tensor)", lambda: bridge.as_array(q)),
-            ("problem.from_dense", lambda: problem.from_dense(cq, cq, cq, None, causal)),
-            ("dispatch.select", lambda: dispatch.select(pr)),
-            ("flash general path into out, lse", lambda: flash.IMPL.forward(pr, cout, clse)),
-            ("torch.empty x2", lambda: (torch.empty_like(q), torch.empty_like(lse))),
-            ("op cusdpa::sdpa_fwd (dispatcher, a plan)", lambda: ops.sdpa_fwd(*op_args)),
-            ("op kernel called directly (a plan)", lambda: ops.call(ops.sdpa_fwd, *op_args)),
-            ("cusdpa on CuPy arrays", lambda: cusdpa.scaled_dot_product_attention(cq, cq, cq, is_causal=True)),
-            ("interop.scaled_dot_product_attention", lambda: interop.scaled_dot_product_attention(q, q, q, is_causal=True)),
-            ("torch SDPA", lambda: sdpa(q, q, q, is_causal=True)),
-            ("module, cusdpa", lambda: module(x)),
-            ("module, torch", lambda: reference(x)),
-            ("module compiled, cusdpa", lambda: compiled(x)),
-            ("module compiled, torch", lambda: compiled_reference(x)),
-        ]
-        for name, fn in stages:
-            t[name] = timed(name, fn)
-    # training: forward and backward of one call, gradients to q, k and v
     qg = q.detach().requires_grad_()
-    for name, attend in (("fwd+bwd, cusdpa", interop.scaled_dot_product_attention), ("fwd+bwd, torch", sdpa),
-                         ("fwd+bwd, trivial Python Function", lambda q, k, v, is_causal: _Trivial.apply(q, k, v))):
-        t[name] = timed(name, lambda: attend(qg, qg, qg, is_causal=True).backward(q))
-    out, lse = ops.sdpa_fwd(*op_args)
-    bwd_args = (q, q, q, q, None, out, lse, 0.0, True, None, False, "upper_left", None, None, "flash,efficient,math",
-                False)
-    timed("op kernel of sdpa_bwd directly (a plan)", lambda: ops.call(ops.sdpa_bwd, *bwd_args))
+    fwd_out, fwd_lse = ops.sdpa_fwd(*op_args)
+    bwd_args = (q, q, q, q, None, fwd_out, fwd_lse, 0.0, True, None, False, "upper_left", None, None,
+                "flash,efficient,math", False)
+    with torch.no_grad():
+        print("the general path (first calls of a signature; masks, varlen):")
+        measure({"problem.from_dense": lambda: problem.from_dense(cq, cq, cq, None, causal),
+                 "dispatch.select": lambda: dispatch.select(pr),
+                 "flash general path into out, lse": lambda: flash.IMPL.forward(pr, cout, clse)})
+        print("\none call, inference:")
+        t = measure({
+            "torch.empty x2": lambda: (torch.empty_like(q), torch.empty_like(lse)),
+            "op cusdpa::sdpa_fwd through the dispatcher": lambda: ops.sdpa_fwd(*op_args),
+            "op kernel called directly": lambda: ops.call(ops.sdpa_fwd, *op_args),
+            "cusdpa on CuPy arrays": lambda: cusdpa.scaled_dot_product_attention(cq, cq, cq, is_causal=True),
+            "interop.scaled_dot_product_attention": lambda: interop.scaled_dot_product_attention(
+                q, q, q, is_causal=True),
+            "torch SDPA": lambda: sdpa(q, q, q, is_causal=True)})
+        print("\nthe tutorial's module, inference:")
+        t.update(measure({"module, cusdpa": lambda: module(x), "module, torch": lambda: reference(x),
+                          "module compiled, cusdpa": lambda: compiled(x),
+                          "module compiled, torch": lambda: compiled_reference(x)}))
+    print("\none call, forward and backward (gradients to q, k and v):")
+    t.update(measure({
+        "fwd+bwd, cusdpa": lambda: interop.scaled_dot_product_attention(qg, qg, qg, is_causal=True).backward(q),
+        "fwd+bwd, torch": lambda: sdpa(qg, qg, qg, is_causal=True).backward(q),
+        "fwd+bwd, trivial Python Function": lambda: _Trivial.apply(qg, qg, qg).backward(q),
+        "backward op kernel called directly": lambda: ops.call(ops.sdpa_bwd, *bwd_args)}))
     spent = []
     real = autograd.Attention.backward
 
@@ -111,10 +139,11 @@ def main():
         return result
 
     autograd.Attention.backward = staticmethod(backward)
-    timed("fwd+bwd, cusdpa (Function.backward timed)",
-          lambda: interop.scaled_dot_product_attention(qg, qg, qg, is_causal=True).backward(q))
+    for _ in range(CALLS):
+        interop.scaled_dot_product_attention(qg, qg, qg, is_causal=True).backward(q)
     autograd.Attention.backward = real
-    print(f"{'  of which in Attention.backward':40s}      {1e6 * sum(spent) / len(spent):7.1f} us", flush=True)
+    print(f"{'time in Attention.backward per call':44s} host {1e6 * statistics.median(spent):7.1f} us")
+
     print("\ncusdpa's host time over PyTorch's (bars: eager forward 1.3, forward + backward 1.3, CuPy call against "
           "torch eager 1.5), and the compiled module's speed, PyTorch's time with GPU over cusdpa's (bar 0.95)")
     for what, ours, theirs in (("eager forward", "interop.scaled_dot_product_attention", "torch SDPA"),
@@ -124,25 +153,19 @@ def main():
     ours, theirs = t["module compiled, cusdpa"], t["module compiled, torch"]
     print(f"  {'compiled module':28s} host {ours[0]:7.1f} / {theirs[0]:7.1f} us; with GPU {ours[1]:7.1f} / "
           f"{theirs[1]:7.1f} us: speed {theirs[1] / ours[1]:5.2f}x")
-    with torch.no_grad():
-        if args.profile:
-            # GPU time per kernel of the two modules: separates kernel time from host time in the rows above
+    if args.profile:
+        with torch.no_grad():
+            # GPU time per kernel of the two modules: separates kernel time from host time above
             for name, fn in (("module, cusdpa", lambda: module(x)), ("module, torch", lambda: reference(x))):
                 with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as kernels:
                     for _ in range(20):
                         fn()
                     torch.cuda.synchronize()
-                print(f"{name}: GPU kernels of 20 calls")
+                print(f"\n{name}: GPU kernels of 20 calls")
                 print(kernels.key_averages().table(sort_by="cuda_time_total", row_limit=6))
-            prof = cProfile.Profile()
-            prof.enable()
-            for _ in range(50):
-                interop.scaled_dot_product_attention(q, q, q, is_causal=True)
-            torch.cuda.synchronize()
-            prof.disable()
-            text = io.StringIO()
-            pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(25)
-            print(text.getvalue())
+            _profile("interop.scaled_dot_product_attention, inference",
+                     lambda: interop.scaled_dot_product_attention(q, q, q, is_causal=True))
+        _profile("backward op kernel called directly", lambda: ops.call(ops.sdpa_bwd, *bwd_args), calls=500)
 
 
 if __name__ == "__main__":

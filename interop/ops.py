@@ -59,17 +59,21 @@ def call(op, *args):
     """``op(*args)``; in plain eager mode (tensors of class Tensor, no compilation, profiler, functorch transform
     or dispatch mode) its kernel is called directly, which is what the dispatcher would call, without boxing
     a dozen arguments into it and back (a few microseconds of host time per call)."""
-    if (torch.compiler.is_compiling() or torch.autograd.profiler._is_profiler_enabled
-            or torch._C._len_torch_dispatch_stack() or torch._C._are_functorch_transforms_active()
-            or any(isinstance(a, Tensor) and type(a) is not Tensor for a in args[:8]) or op not in _KERNELS):
+    kernel = _KERNELS.get(op)
+    if (kernel is None or torch.compiler.is_compiling() or torch.autograd.profiler._is_profiler_enabled
+            or torch._C._len_torch_dispatch_stack() or torch._C._are_functorch_transforms_active()):
         return op(*args)
-    return _KERNELS[op](*args)
+    fn, tensors = kernel
+    for a in args[:tensors]:
+        if a is not None and type(a) is not Tensor:  # a subclass: its own dispatch decides
+            return op(*args)
+    return fn(*args)
 
 
-_KERNELS: dict = {}  # op -> its CPU/CUDA kernel
+_KERNELS: dict = {}  # op -> (its CPU/CUDA kernel, how many of its leading arguments are tensors)
 
 
-def _implement(name: str):
+def _implement(name: str, tensors: int):
     """Register the decorated function as the op's CPU and CUDA kernel (CPU tensors run the reference). The
     Autograd key falls through: the op has no gradient of its own (interop.autograd's Function is its
     derivative), so a direct call on tensors that require grad returns outputs that do not."""
@@ -77,7 +81,7 @@ def _implement(name: str):
         _lib.impl(name, fn, "CPU")
         _lib.impl(name, fn, "CUDA")
         _lib.impl(name, torch.library.fallthrough_kernel, "Autograd")
-        _KERNELS[getattr(torch.ops.cusdpa, name).default] = fn
+        _KERNELS[getattr(torch.ops.cusdpa, name).default] = (fn, tensors)
         return fn
 
     return register
@@ -92,11 +96,14 @@ def dense_out_shape(query: Tensor, key: Tensor, value: Tensor) -> tuple:
     return shape[len(shape) - rank:]
 
 
+_NOT_PROFILED = contextlib.nullcontext()
+
+
 def _profiled(name: str):
     # record_function costs ~15 us per call even with no profiler running: only pay it when one is.
     if torch.autograd.profiler._is_profiler_enabled:
         return torch.profiler.record_function(name)
-    return contextlib.nullcontext()
+    return _NOT_PROFILED
 
 
 def _arrays(*tensors):
@@ -130,27 +137,51 @@ def _signature(query, key, value, options: tuple, backends: str) -> tuple:
             (query.data_ptr() | key.data_ptr() | value.data_ptr()) % 16 == 0, options, backends)
 
 
-def _plan(query, key, value, options: tuple, backends: str, grad_out=None) -> plans.Plan | None:
-    """The plan of a dense call on CUDA tensors without a mask (with its backward for this ``grad_out``
-    layout when one is given), or None: take the general path. The first call of a signature validates it
-    as the general path would, and raises what it raises."""
-    signature = _signature(query, key, value, options, backends)
-    if grad_out is not None:
-        signature += (grad_out.shape, grad_out.stride(), grad_out.data_ptr() % 16 == 0)
+def _plan(query, key, value, options: tuple, backends: str) -> plans.Plan | None:
+    """The forward plan of a dense call on CUDA tensors without a mask, or None: take the general path. The
+    first call of a signature validates it as the general path would, and raises what it raises."""
+    def make():
+        pr = _problem(query, key, value, options)
+        if _select(pr, backends, need_grad=False).backend is not Backend.FLASH:
+            return None
+        return plans.build(pr, plans.token_major_strides(pr.out_shape), backward=False)
+
+    return plans.lookup(_signature(query, key, value, options, backends), make)
+
+
+def _backward_plan(query, key, value, options: tuple, backends: str, grad_out, out, lse) -> plans.Plan | None:
+    """The training plan of a dense call for these ``grad_out``, ``out`` and ``lse`` (their layouts are part of
+    the signature), or None: take the general path. The forward's own out and lse always qualify; a grad_out
+    the kernels cannot read in place (an expanded gradient of ``out.sum()``) gets a plan that copies it into
+    out's layout first (``Plan.copies_dout``)."""
+    signature = _signature(query, key, value, options, backends) + (
+        grad_out.shape, grad_out.stride(), grad_out.dtype, grad_out.get_device(), out.shape, out.stride(), out.dtype,
+        out.get_device(), lse.shape, lse.stride(), lse.dtype, lse.get_device(),
+        (grad_out.data_ptr() | out.data_ptr() | lse.data_ptr()) % 16 == 0)
 
     def make():
-        with bridge.on_stream(query.device):
-            pr = problem.from_dense(*_arrays(query, key, value), None, arguments.from_op(options), 0)
-            if _select(pr, backends, need_grad=grad_out is not None).backend is not Backend.FLASH:
-                return None
-            dout_strides = None
-            if grad_out is not None:
-                if tuple(grad_out.shape) != pr.out_shape or grad_out.data_ptr() % 16:
-                    return None
-                dout_strides = grad_out.stride()
-            return plans.build(pr, plans.token_major_strides(pr.out_shape), grad_out is not None, dout_strides)
+        pr = _problem(query, key, value, options)
+        if _select(pr, backends, need_grad=True).backend is not Backend.FLASH:
+            return None
+        out_strides = plans.token_major_strides(pr.out_shape)
+        device = query.get_device()
+        if not (tuple(out.shape) == tuple(grad_out.shape) == pr.out_shape and out.dtype == grad_out.dtype == query.dtype
+                and out.get_device() == grad_out.get_device() == lse.get_device() == device
+                and all(n == 1 or have == want for n, have, want in zip(out.shape, out.stride(), out_strides))
+                and tuple(lse.shape) == pr.lse_shape and lse.dtype == torch.float32 and lse.is_contiguous()
+                and (out.data_ptr() | lse.data_ptr()) % 16 == 0):
+            return None  # out or lse are not the forward's: the general path reads any
+        readable = grad_out.data_ptr() % 16 == 0 and launches.kernel_strides(
+            pr.out_shape, grad_out.stride(), len(pr.batch_shape), pr.dtype.itemsize) is not None
+        return plans.build(pr, out_strides, backward=True, dout_strides=grad_out.stride() if readable else None)
 
     return plans.lookup(signature, make)
+
+
+def _problem(query, key, value, options) -> problem.Problem:
+    """The validated Problem of a dense call without a mask, on array views of the tensors."""
+    with bridge.on_stream(query.device):
+        return problem.from_dense(*_arrays(query, key, value), None, arguments.from_op(options), 0)
 
 
 def _stream(query: Tensor) -> int:
@@ -159,19 +190,22 @@ def _stream(query: Tensor) -> int:
     return torch._C._cuda_getCurrentRawStream(query.get_device())
 
 
-def _reads(plan: plans.Plan, query, grad_out, out, lse) -> bool:
-    """Whether the plan's backward reads these ``out`` and ``lse``: the forward's own outputs always qualify;
-    a caller of the backward op may pass others, which take the general path."""
-    return (out.shape == grad_out.shape and out.dtype == grad_out.dtype == query.dtype
-            and out.get_device() == lse.get_device() == query.get_device() and lse.dtype == torch.float32
-            and tuple(lse.shape) == plan.lse_shape and lse.is_contiguous() and lse.data_ptr() % 16 == 0
-            and out.data_ptr() % 16 == 0
-            and all(n == 1 or have == want for n, have, want in zip(out.shape, out.stride(), plan.out_strides)))
+_empty: dict = {}  # (device, dtype) -> a tensor of no elements
+
+
+def _nothing(like: Tensor) -> Tensor:
+    """A tensor of no elements (the dmask of a call without a float mask): one per device and dtype, since
+    nothing can be written to it."""
+    key = (like.get_device(), like.dtype)
+    found = _empty.get(key)
+    if found is None:
+        found = _empty[key] = like.new_empty(0)
+    return found
 
 
 # ---- dense ----------------------------------------------------------------------------------------------
 
-@_implement("sdpa_fwd")
+@_implement("sdpa_fwd", tensors=4)
 def _sdpa_fwd(query, key, value, attn_mask, *rest):
     """(out, lse); out is laid out token-major (``plans.token_major_strides``), as PyTorch's fused kernels
     lay out theirs. ``rest``: the option values, then ``seed`` (an int64 CPU tensor (1,), or None without
@@ -213,26 +247,23 @@ def _float_mask(attn_mask: Tensor | None) -> bool:
     return attn_mask is not None and attn_mask.dtype.is_floating_point
 
 
-@_implement("sdpa_bwd")
+@_implement("sdpa_bwd", tensors=7)
 def _sdpa_bwd(grad_out, query, key, value, attn_mask, out, lse, *rest):
     """(dq, dk, dv, dmask); dmask has attn_mask's shape for a float mask and 0 elements otherwise (an op
     cannot return None). ``rest``: the option values, seed, backends, deterministic."""
     options, seed, backends, deterministic = rest[:-3], rest[-3], rest[-2], rest[-1]
     if attn_mask is None and query.is_cuda:
-        if grad_out.dim() >= 3 and (grad_out.data_ptr() % 16 or launches.kernel_strides(
-                grad_out.shape, grad_out.stride(), grad_out.dim() - 3, grad_out.element_size()) is None):
-            # the kernels read dout in place in most layouts (merged heads, contiguous); others (an expanded
-            # gradient of out.sum()) are copied into out's
-            grad_out = torch.empty_like(out).copy_(grad_out)
-        plan = _plan(query, key, value, options, backends, grad_out)
-        if plan is not None and _reads(plan, query, grad_out, out, lse):
-            dq, dk, dv = (torch.empty_like(x, memory_format=torch.contiguous_format) for x in (query, key, value))
-            delta = torch.empty_like(lse)
+        plan = _backward_plan(query, key, value, options, backends, grad_out, out, lse)
+        if plan is not None:
+            if plan.copies_dout:
+                grad_out = torch.empty_like(out).copy_(grad_out)
+            dq, dk, dv = (x.new_empty(x.shape) for x in (query, key, value))
+            delta = lse.new_empty(lse.shape)
             with _profiled("cusdpa::flash_bwd"):
                 plan.run_backward(_stream(query), query.data_ptr(), key.data_ptr(), value.data_ptr(), out.data_ptr(),
                                   grad_out.data_ptr(), lse.data_ptr(), delta.data_ptr(), dq.data_ptr(),
                                   dk.data_ptr(), dv.data_ptr(), seed_of(seed, options[0]))
-            return dq, dk, dv, query.new_empty(0)
+            return dq, dk, dv, _nothing(query)
     grad_out = grad_out.contiguous()
     with bridge.on_stream(query.device):
         pr = problem.from_dense(*_arrays(query, key, value, attn_mask), arguments.from_op(options),
@@ -259,7 +290,7 @@ def _(grad_out, query, key, value, attn_mask, *rest):
 
 # ---- variable length (packed) -----------------------------------------------------------------------------
 
-@_implement("varlen_fwd")
+@_implement("varlen_fwd", tensors=5)
 def _varlen_fwd(query, key, value, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *rest):
     """(out (Tq, Hq, Ev), lse (Hq, Tq)) of packed variable-length attention (cusdpa.varlen_attention)."""
     options, seed, backends = rest[:-2], rest[-2], rest[-1]
@@ -275,7 +306,7 @@ def _(query, key, value, *rest):
             query.new_empty((query.shape[1], query.shape[0]), dtype=torch.float32))
 
 
-@_implement("varlen_bwd")
+@_implement("varlen_bwd", tensors=8)
 def _varlen_bwd(grad_out, query, key, value, cu_seqlens_q, cu_seqlens_k, out, lse, max_seqlen_q, max_seqlen_k,
                 *rest):
     """(dq, dk, dv) in the packed layout."""

@@ -61,6 +61,7 @@ class Plan:
     lse_shape: tuple
     forward: Launch | None
     backward: tuple
+    copies_dout: bool = False  # dout is read in out's layout: the caller copies it there first
 
     def run_forward(self, stream: int, q: int, k: int, v: int, o: int, lse: int, seed: int) -> None:
         if self.forward is not None:  # the value tuple in launch.SLOTS order
@@ -101,7 +102,8 @@ def build(pr, out_strides: tuple, backward: bool, dout_strides: tuple | None = N
                "dv": contiguous(pr.hkv, pr.S, pr.Ev)}
     backward_launches = tuple(launches.backward_launches(pr, lay, strides)) if backward else ()
     return Plan(launches.device(pr), pr.out_shape, tuple(out_strides), pr.lse_shape,
-                launches.forward_launch(pr, lay, strides["o"]), backward_launches)
+                launches.forward_launch(pr, lay, strides["o"]), backward_launches,
+                copies_dout=backward and dout_strides is None)
 
 
 def lookup(signature: tuple, make) -> Plan | None:
