@@ -49,7 +49,7 @@ def _planned(query, key, value, options: tuple, seed, return_lse: bool):
     signature = ("cupy", query.shape, query.strides, key.shape, key.strides, value.shape, value.strides, query.dtype,
                  key.dtype, value.dtype, query.device.id, key.device.id, value.device.id, aligned,
                  type(dropout_p), dropout_p, type(is_causal), is_causal, type(scale), scale, type(enable_gqa),
-                 enable_gqa, causal_variant, window and tuple(map(type, window)), window, dispatch.enabled_backends())
+                 enable_gqa, causal_variant, window and tuple(map(type, window)), window, dispatch.enabled_key())
 
     def make():
         pr = problem.from_dense(query, key, value, None, Options(*options), seed)

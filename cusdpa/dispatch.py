@@ -26,8 +26,21 @@ class Backend(enum.Enum):
 DEFAULT_PRIORITY = (Backend.FLASH, Backend.EFFICIENT, Backend.MATH)
 _MODULES = {Backend.FLASH: "cusdpa.backends.flash", Backend.EFFICIENT: "cusdpa.backends.efficient",
             Backend.MATH: "cusdpa.backends.math"}
-_enabled: contextvars.ContextVar[tuple[Backend, ...]] = contextvars.ContextVar("cusdpa_backends",
-                                                                               default=DEFAULT_PRIORITY)
+
+class _Enabled(tuple):
+    """The enabled backends in priority order, with their names as one string: a plan's signature takes the
+    string, whose hash Python keeps (an Enum member's hash is computed in Python on every call)."""
+
+    key: str
+
+    def __new__(cls, order):
+        self = super().__new__(cls, order)
+        self.key = ",".join(b.value for b in order)
+        return self
+
+
+_enabled: contextvars.ContextVar[_Enabled] = contextvars.ContextVar("cusdpa_backends",
+                                                                     default=_Enabled(DEFAULT_PRIORITY))
 
 
 @dataclass(frozen=True)
@@ -106,6 +119,11 @@ def enabled_backends() -> tuple[Backend, ...]:
     return _enabled.get()
 
 
+def enabled_key() -> str:
+    """The enabled backends as one string ("flash,efficient,math"): what a cache key should hold."""
+    return _enabled.get().key
+
+
 @contextlib.contextmanager
 def sdpa_kernel(backends: Backend | Sequence[Backend], set_priority: bool = False):
     """Run the body with only ``backends`` enabled.
@@ -118,7 +136,7 @@ def sdpa_kernel(backends: Backend | Sequence[Backend], set_priority: bool = Fals
         if not isinstance(b, Backend):
             raise TypeError(f"sdpa_kernel takes cusdpa.Backend members, got {b!r}")
     order = tuple(dict.fromkeys(chosen)) if set_priority else tuple(b for b in DEFAULT_PRIORITY if b in chosen)
-    token = _enabled.set(order)
+    token = _enabled.set(_Enabled(order))
     try:
         yield
     finally:

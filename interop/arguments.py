@@ -94,7 +94,7 @@ def resolve(dropout_p, is_causal, scale, enable_gqa, causal_variant, window, bac
         key = (dropout_p, type(dropout_p), is_causal, type(is_causal), scale, type(scale), enable_gqa,
                type(enable_gqa), causal_variant, window, type(backend),
                backend if backend is None or type(backend) is Backend else tuple(backend),
-               dispatch.enabled_backends() if backend is None else None)
+               dispatch.enabled_key() if backend is None else None)
         found = _resolved.get(key)
     except TypeError:  # unhashable arguments: checked (and any error raised) without the memo
         return options(dropout_p, is_causal, scale, enable_gqa, causal_variant, window), backend_names(backend)
@@ -118,7 +118,7 @@ def draw_seed(dropout_p: float) -> torch.Tensor | None:
 @torch.compiler.assume_constant_result
 def _enabled_names() -> str:
     # Dynamo cannot trace ContextVar.get; evaluated once while tracing, the enabled set is baked in.
-    return ",".join(b.value for b in dispatch.enabled_backends())
+    return dispatch.enabled_key()
 
 
 def backend_names(backend: Backend | Sequence[Backend] | None) -> str:
