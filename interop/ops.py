@@ -65,8 +65,8 @@ def call(op, *args):
         return op(*args)
     fn, tensors = kernel
     for a in args[:tensors]:
-        if a is not None and type(a) is not Tensor:  # a subclass: its own dispatch decides
-            return op(*args)
+        if a is not None and (type(a) is not Tensor or a.is_meta):  # a subclass or meta tensor: the dispatcher
+            return op(*args)                                        # decides (the meta kernel is the fake op)
     return fn(*args)
 
 
