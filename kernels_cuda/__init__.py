@@ -1,6 +1,9 @@
 """CUDA C++ sources of cusdpa's kernels, compiled at run time by NVRTC: the FLASH kernels (through CuPy)
 and the forward tile loop that the EFFICIENT backend links into its Numba kernels, both built on one
-header of tensor-core helpers, Philox and visibility (``common.cuh``).
+header of tensor-core helpers, Philox and visibility (``common.cuh``, which includes nothing, so the
+Numba-linked source compiles wherever Numba finds NVRTC, CUDA headers or not). The FLASH kernels add
+``flash_common.cuh``: the element type from <cuda_fp16.h>/<cuda_bf16.h>, shared-memory tile loads and
+products, and the prologue that maps a CTA to its (batch, head) slice.
 
 This package holds source text only; it imports nothing. ``source(name)`` returns a file with its
 local includes inlined, so no compiler needs an include path and a compile cache keys on the whole

@@ -10,16 +10,15 @@
 // single-buffer schedule). Rows of the V tile that no query of the block may see are zeroed before
 // P V: P is 0 there, but 0 * NaN is NaN, and the contract says padding never leaks.
 //
-// Only NVRTC built-ins and inline PTX: no headers, so it compiles wherever Numba finds NVRTC.
+// Only NVRTC built-ins and inline PTX, here and in common.cuh: no headers, so it compiles wherever Numba
+// finds NVRTC.
+#include "common.cuh"
 
 #define EFF_WARPS 4
 #define EFF_BLOCK_M (16 * EFF_WARPS)
-#define EFF_LOG2E 1.4426950408889634f
-#define EFF_NEG_INF (-__int_as_float(0x7f800000))
 
 namespace efficient {
 
-typedef unsigned int u32;
 typedef unsigned short u16;
 typedef unsigned long long u64;
 typedef long long i64;
@@ -35,75 +34,6 @@ __device__ __forceinline__ float f16_to_f32(u16 h) {
 
 __device__ __forceinline__ float bf16_to_f32(u16 h) { return __int_as_float(((u32)h) << 16); }
 
-template <bool BF16>
-__device__ __forceinline__ u32 pack2(float lo, float hi) {
-  // cvt.rn.*x2.f32 d, a, b puts a in the upper half and b in the lower half.
-  u32 d;
-  if (BF16)
-    asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(d) : "f"(hi), "f"(lo));
-  else
-    asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(d) : "f"(hi), "f"(lo));
-  return d;
-}
-
-template <bool BF16>
-__device__ __forceinline__ void mma16816(float (&d)[4], const u32 (&a)[4], u32 b0, u32 b1) {
-  if (BF16)
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-        "{%0,%1,%2,%3};"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-  else
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-        "{%0,%1,%2,%3};"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-
-__device__ __forceinline__ void ldmatrix_x4(u32 (&r)[4], const void* smem) {
-  u32 addr = (u32)__cvta_generic_to_shared(smem);
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(addr));
-}
-
-__device__ __forceinline__ void ldmatrix_x4_trans(u32 (&r)[4], const void* smem) {
-  u32 addr = (u32)__cvta_generic_to_shared(smem);
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(addr));
-}
-
-__device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool valid) {
-  // src-size 0 zero-fills the 16 bytes: rows past the sequence read as zeros, no branch.
-  u32 addr = (u32)__cvta_generic_to_shared(smem);
-  int src_size = valid ? 16 : 0;
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(addr), "l"(gmem), "r"(src_size));
-}
-
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;"); }
-
-template <int N>
-__device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;" ::"n"(N));
-}
-
-// Philox4x32-10 (Random123); the same function as cusdpa/philox.py, compared bit for bit in tests.
-__device__ __forceinline__ void philox(u32 (&c)[4], u32 k0, u32 k1) {
-#pragma unroll
-  for (int r = 0; r < 10; ++r) {
-    u32 lo0 = c[0] * 0xD2511F53u, hi0 = __umulhi(c[0], 0xD2511F53u);
-    u32 lo1 = c[2] * 0xCD9E8D57u, hi1 = __umulhi(c[2], 0xCD9E8D57u);
-    u32 n0 = hi1 ^ c[1] ^ k0, n2 = hi0 ^ c[3] ^ k1;
-    c[0] = n0;
-    c[1] = lo1;
-    c[2] = n2;
-    c[3] = lo0;
-    k0 += 0x9E3779B9u;
-    k1 += 0xBB67AE85u;
-  }
-}
-
 struct Args {
   const u16* q;  // q[row][e] at q + row * q_rs + e (unit stride along e), rows from this block's sequence start
   i64 q_rs;
@@ -118,29 +48,22 @@ struct Args {
   const unsigned char* mask;  // mask[i][j] at mask + (i * mask_rs + j * mask_cs) * mask element size
   i64 mask_rs, mask_cs;
   int mask_kind;
-  i64 m_first, L, S, E, Ev, shift, left, right;
-  bool causal;
+  i64 m_first, E, Ev;
+  Visibility<i64> vis;  // of this (batch, head) slice: holds its lengths L and S
   float scale;
   bool dropout;
-  u32 bh, seed_lo, seed_hi, offset, threshold;
+  u32 bh;
+  Dropout drop;
   float rescale;
 };
 
-__device__ __forceinline__ bool visible(const Args& a, i64 i, i64 j) {
-  i64 d = j - i - a.shift;
-  if (a.causal && d > 0) return false;
-  if (a.left >= 0 && d < -a.left) return false;
-  if (a.right >= 0 && d > a.right) return false;
-  return i < a.L && j < a.S;
-}
-
 // Applies the mask to one scaled score; -inf means selected out.
 __device__ __forceinline__ float masked_score(const Args& a, i64 i, i64 j, float s) {
-  if (!visible(a, i, j)) return EFF_NEG_INF;
+  if (!a.vis.visible(i, j)) return -CUSDPA_INF;
   if (a.mask_kind == MASK_NONE) return s;
   i64 at = i * a.mask_rs + j * a.mask_cs;
   switch (a.mask_kind) {
-    case MASK_BOOL: return a.mask[at] ? s : EFF_NEG_INF;
+    case MASK_BOOL: return a.mask[at] ? s : -CUSDPA_INF;
     case MASK_F16: return s + f16_to_f32(((const u16*)a.mask)[at]);
     case MASK_BF16: return s + bf16_to_f32(((const u16*)a.mask)[at]);
     case MASK_F32: return s + ((const float*)a.mask)[at];
@@ -162,7 +85,7 @@ __device__ __forceinline__ void stage_tile(u16* tile, const u16* src, i64 rs, i6
     if (vec && e < width) {
       // width % 8 == 0 on this path, so a chunk is either wholly inside the head dim or wholly past it.
       const u16* g = src + (row_ok ? (n0 + r) * rs + e : 0);
-      cp_async16(dst, g, row_ok);
+      cp_async_16(dst, g, row_ok);
     } else {
 #pragma unroll
       for (int x = 0; x < 8; ++x) dst[x] = (row_ok && e + x < width) ? src[(n0 + r) * rs + e + x] : (u16)0;
@@ -183,7 +106,7 @@ __device__ void forward(const Args& a) {
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   const int g = lane / 4, t = lane % 4;  // mma fragment coordinates: row group, thread in group
   const i64 row0 = a.m_first + warp * 16 + g;  // this thread's rows: row0 and row0 + 8
-  const i64 m_last = min(a.L, a.m_first + EFF_BLOCK_M) - 1;
+  const i64 m_last = min(a.vis.L, a.m_first + EFF_BLOCK_M) - 1;
   const bool vec = (a.E % 8 == 0) && (a.Ev % 8 == 0) && (a.k_rs % 8 == 0) && (a.v_rs % 8 == 0) &&
                    ((u64)a.k % 16 == 0) && ((u64)a.v % 16 == 0);
 
@@ -195,8 +118,8 @@ __device__ void forward(const Args& a) {
     for (int r = 0; r < 4; ++r) {
       i64 row = row0 + (r % 2) * 8;
       i64 col = ks * 16 + (r / 2) * 8 + 2 * t;
-      u32 lo = (row < a.L && col < a.E) ? a.q[row * a.q_rs + col] : 0u;
-      u32 hi = (row < a.L && col + 1 < a.E) ? a.q[row * a.q_rs + col + 1] : 0u;
+      u32 lo = (row < a.vis.L && col < a.E) ? a.q[row * a.q_rs + col] : 0u;
+      u32 hi = (row < a.vis.L && col + 1 < a.E) ? a.q[row * a.q_rs + col + 1] : 0u;
       qf[ks][r] = lo | (hi << 16);
     }
   }
@@ -204,27 +127,24 @@ __device__ void forward(const Args& a) {
   float acc[DTILES][4];
 #pragma unroll
   for (int d = 0; d < DTILES; ++d) acc[d][0] = acc[d][1] = acc[d][2] = acc[d][3] = 0.f;
-  float m_i[2] = {EFF_NEG_INF, EFF_NEG_INF}, l_i[2] = {0.f, 0.f};  // rows row0, row0 + 8
+  float m_i[2] = {-CUSDPA_INF, -CUSDPA_INF}, l_i[2] = {0.f, 0.f};  // rows row0, row0 + 8
 
   // Keys some row of the block may see.
-  i64 lo = 0, hi = a.S;
-  if (a.left >= 0) lo = max((i64)0, a.m_first + a.shift - a.left);
-  if (a.causal) hi = min(hi, m_last + a.shift + 1);
-  if (a.right >= 0) hi = min(hi, m_last + a.shift + a.right + 1);
+  i64 lo, hi;
+  a.vis.key_range(a.m_first, m_last + 1, lo, hi);
   const i64 n_begin = lo / BLOCK_N * BLOCK_N;
 
   if (n_begin < hi) {
-    stage_tile<HEAD_DIM, BLOCK_N>(k_tile, a.k, a.k_rs, n_begin, a.S, a.E, vec);
+    stage_tile<HEAD_DIM, BLOCK_N>(k_tile, a.k, a.k_rs, n_begin, a.vis.S, a.E, vec);
     cp_async_commit();
   }
   for (i64 n0 = n_begin; n0 < hi; n0 += BLOCK_N) {
     const bool has_next = n0 + BLOCK_N < hi;
-    stage_tile<HEAD_DIM, BLOCK_N>(v_tile, a.v, a.v_rs, n0, a.S, a.Ev, vec);
+    stage_tile<HEAD_DIM, BLOCK_N>(v_tile, a.v, a.v_rs, n0, a.vis.S, a.Ev, vec);
     cp_async_commit();
     // Does every (row, key) pair of this tile pass? Then no per-element work and no V row zeroing.
-    const i64 d_max = n0 + BLOCK_N - 1 - a.m_first - a.shift, d_min = n0 - m_last - a.shift;
-    const bool check = a.mask_kind != MASK_NONE || n0 + BLOCK_N > a.S || (a.causal && d_max > 0) ||
-                       (a.left >= 0 && d_min < -a.left) || (a.right >= 0 && d_max > a.right);
+    // Only the block's rows below L count: the rest hold zeros of Q and are never stored.
+    const bool check = a.mask_kind != MASK_NONE || !a.vis.tile_full(a.m_first, m_last + 1 - a.m_first, n0, BLOCK_N);
     if (check && threadIdx.x < BLOCK_N) col_seen[threadIdx.x] = 0;
     cp_async_wait<1>();  // K of this tile has landed (V may still be in flight)
     __syncthreads();
@@ -239,13 +159,13 @@ __device__ void forward(const Args& a) {
         // Four 8x8 matrices: key rows nt*8.., head dims ks*16 + {0, 8, 16, 24}: B fragments of two k-steps.
         u32 b[4];
         ldmatrix_x4(b, k_tile + (nt * 8 + lane % 8) * STRIDE + ks * 16 + (lane / 8) * 8);
-        mma16816<BF16>(s[nt], qf[ks], b[0], b[1]);
-        if (ks + 1 < KSTEPS) mma16816<BF16>(s[nt], qf[ks + 1], b[2], b[3]);
+        mma_16816<BF16>(s[nt], qf[ks], b[0], b[1]);
+        if (ks + 1 < KSTEPS) mma_16816<BF16>(s[nt], qf[ks + 1], b[2], b[3]);
       }
     }
 
     // Scale, mask, and the online-softmax update, row by row (this thread holds 2 rows x 2 columns per n8 tile).
-    float tile_max[2] = {EFF_NEG_INF, EFF_NEG_INF};
+    float tile_max[2] = {-CUSDPA_INF, -CUSDPA_INF};
 #pragma unroll
     for (int nt = 0; nt < NTILES; ++nt) {
 #pragma unroll
@@ -254,7 +174,7 @@ __device__ void forward(const Args& a) {
         if (check) {
           i64 i = row0 + (x / 2) * 8, j = n0 + nt * 8 + 2 * t + (x % 2);
           v = masked_score(a, i, j, v);
-          if (v != EFF_NEG_INF) col_seen[nt * 8 + 2 * t + (x % 2)] = 1;  // same value from every writer
+          if (v != -CUSDPA_INF) col_seen[nt * 8 + 2 * t + (x % 2)] = 1;  // same value from every writer
         }
         s[nt][x] = v;
         tile_max[x / 2] = fmaxf(tile_max[x / 2], v);
@@ -266,8 +186,8 @@ __device__ void forward(const Args& a) {
       tile_max[r] = fmaxf(tile_max[r], __shfl_xor_sync(0xffffffffu, tile_max[r], 1));
       tile_max[r] = fmaxf(tile_max[r], __shfl_xor_sync(0xffffffffu, tile_max[r], 2));
       float m_new = fmaxf(m_i[r], tile_max[r]);
-      m_use[r] = m_new == EFF_NEG_INF ? 0.f : m_new;  // a row with nothing visible yet keeps p = 0
-      alpha[r] = exp2f((m_i[r] - m_use[r]) * EFF_LOG2E);
+      m_use[r] = m_new == -CUSDPA_INF ? 0.f : m_new;  // a row with nothing visible yet keeps p = 0
+      alpha[r] = exp2f((m_i[r] - m_use[r]) * LOG2E);
       m_i[r] = m_new;
       l_i[r] *= alpha[r];
     }
@@ -284,19 +204,16 @@ __device__ void forward(const Args& a) {
       float p[4];
 #pragma unroll
       for (int x = 0; x < 4; ++x) {
-        p[x] = exp2f(s[nt][x] * EFF_LOG2E - m_use[x / 2] * EFF_LOG2E);
+        p[x] = exp2f(s[nt][x] * LOG2E - m_use[x / 2] * LOG2E);
         l_i[x / 2] += p[x];  // the normaliser counts every visible key, dropped or not
       }
       if (a.dropout) {
 #pragma unroll
         for (int r = 0; r < 2; ++r) {
-          // Columns j, j + 1 (j even) share the Philox group j / 4: words j % 4 and j % 4 + 1.
-          i64 j = n0 + nt * 8 + 2 * t;
-          u32 c[4] = {(u32)(j / 4), (u32)(row0 + r * 8), a.bh, a.offset};
-          philox(c, a.seed_lo, a.seed_hi);
-          u32 w0 = (j % 4 == 0) ? c[0] : c[2], w1 = (j % 4 == 0) ? c[1] : c[3];
-          p[2 * r] = w0 < a.threshold ? p[2 * r] * a.rescale : 0.f;
-          p[2 * r + 1] = w1 < a.threshold ? p[2 * r + 1] * a.rescale : 0.f;
+          bool keep0, keep1;
+          a.drop.keep_pair(a.bh, row0 + r * 8, n0 + nt * 8 + 2 * t, keep0, keep1);
+          p[2 * r] = keep0 ? p[2 * r] * a.rescale : 0.f;
+          p[2 * r + 1] = keep1 ? p[2 * r + 1] * a.rescale : 0.f;
         }
       }
       pf[nt][0] = pack2<BF16>(p[0], p[1]);
@@ -305,7 +222,7 @@ __device__ void forward(const Args& a) {
 
     __syncthreads();  // every warp is done with this K tile
     if (has_next) {
-      stage_tile<HEAD_DIM, BLOCK_N>(k_tile, a.k, a.k_rs, n0 + BLOCK_N, a.S, a.E, vec);
+      stage_tile<HEAD_DIM, BLOCK_N>(k_tile, a.k, a.k_rs, n0 + BLOCK_N, a.vis.S, a.E, vec);
       cp_async_commit();
       cp_async_wait<1>();  // V of this tile has landed (the next K may still be in flight)
     } else {
@@ -331,8 +248,8 @@ __device__ void forward(const Args& a) {
         // Four 8x8 matrices: keys kk*16 + {0, 8}, head dims d*8 + {0, 8}; .trans gives V's B fragments.
         u32 b[4];
         ldmatrix_x4_trans(b, v_tile + (kk * 16 + (lane / 8 % 2) * 8 + lane % 8) * STRIDE + d * 8 + (lane / 16) * 8);
-        mma16816<BF16>(acc[d], pa, b[0], b[1]);
-        mma16816<BF16>(acc[d + 1], pa, b[2], b[3]);
+        mma_16816<BF16>(acc[d], pa, b[0], b[1]);
+        mma_16816<BF16>(acc[d + 1], pa, b[2], b[3]);
       }
     }
     __syncthreads();  // every warp is done with this V tile before the next one is staged
@@ -343,8 +260,8 @@ __device__ void forward(const Args& a) {
     l_i[r] += __shfl_xor_sync(0xffffffffu, l_i[r], 1);
     l_i[r] += __shfl_xor_sync(0xffffffffu, l_i[r], 2);
     const i64 row = row0 + r * 8;
-    if (row >= a.L) continue;
-    const bool seen = m_i[r] != EFF_NEG_INF;
+    if (row >= a.vis.L) continue;
+    const bool seen = m_i[r] != -CUSDPA_INF;
     const float inv = seen ? 1.f / l_i[r] : 0.f;
 #pragma unroll
     for (int d = 0; d < DTILES; ++d) {
@@ -353,7 +270,7 @@ __device__ void forward(const Args& a) {
       if (col < a.Ev) a.out[row * a.out_rs + col] = (u16)(two & 0xffffu);
       if (col + 1 < a.Ev) a.out[row * a.out_rs + col + 1] = (u16)(two >> 16);
     }
-    if (t == 0) a.lse[row * a.lse_rs] = seen ? m_i[r] + logf(l_i[r]) : EFF_NEG_INF;
+    if (t == 0) a.lse[row * a.lse_rs] = seen ? m_i[r] + logf(l_i[r]) : -CUSDPA_INF;
   }
 }
 
@@ -367,8 +284,8 @@ extern "C" __device__ int EFF_NAME(
     long long v_rs, unsigned long long out, long long out_rs, unsigned long long lse, long long lse_rs,
     unsigned long long mask, long long mask_rs, long long mask_cs, long long mask_kind, long long m_first,
     long long L, long long S, long long E, long long Ev, long long shift, long long left, long long right,
-    long long causal, float scale, long long dropout, long long bh, long long seed_lo, long long seed_hi,
-    long long offset, long long threshold, float rescale) {
+    float scale, long long dropout, long long bh, long long seed_lo, long long seed_hi, long long offset,
+    long long threshold, float rescale) {
   efficient::Args a;
   a.q = (const efficient::u16*)q;
   a.q_rs = q_rs;
@@ -385,21 +302,13 @@ extern "C" __device__ int EFF_NAME(
   a.mask_cs = mask_cs;
   a.mask_kind = (int)mask_kind;
   a.m_first = m_first;
-  a.L = L;
-  a.S = S;
   a.E = E;
   a.Ev = Ev;
-  a.shift = shift;
-  a.left = left;
-  a.right = right;
-  a.causal = causal != 0;
+  a.vis = Visibility<long long>{L, S, shift, left, right};
   a.scale = scale;
   a.dropout = dropout != 0;
-  a.bh = (efficient::u32)bh;
-  a.seed_lo = (efficient::u32)seed_lo;
-  a.seed_hi = (efficient::u32)seed_hi;
-  a.offset = (efficient::u32)offset;
-  a.threshold = (efficient::u32)threshold;
+  a.bh = (u32)bh;
+  a.drop = Dropout{(u32)seed_lo, (u32)seed_hi, (u32)offset, (u32)threshold};
   a.rescale = rescale;
   efficient::forward<EFF_HEAD_DIM, EFF_BLOCK_N, EFF_BF16>(a);
   return 0;

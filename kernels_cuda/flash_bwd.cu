@@ -11,7 +11,7 @@
 // DKDV_PART (3: dK and dV in one pass; 1: dV only; 2: dK only -- for E > 128, where both
 // accumulators of a warp's 16 keys would not fit in registers, the host runs 1 then 2, recomputing S^T),
 // DQ_WARPS, DQ_M_TILES, DQ_BLOCK_N.
-#include "common.cuh"
+#include "flash_common.cuh"
 
 // ---------------------------------------------------------------------------------------------------
 // D = rowsum(dO o O): one warp per row, 8 elements per lane.
@@ -23,18 +23,15 @@ flash_bwd_preprocess(const elem_t* __restrict__ o, const elem_t* __restrict__ do
                      long long o_sb, long long o_sh, long long o_sm, long long do_sb, long long do_sh,
                      long long do_sm, long long lse_sb, long long lse_sh, int left, int right, int lower_right,
                      int rows_per_cta) {
-    const int bh = blockIdx.y, b = bh / Hq, h = bh % Hq;
-    const SeqInfo seq(b, cu_q, cu_k, L, S);
-    const Visibility vis{seq.L, seq.S, lower_right ? seq.S - seq.L : 0, left, right};
+    const Slice slice = Slice::per_query_head(Hq, 1, cu_q, cu_k, L, S, left, right, lower_right);  // no kv head read
     int i_lo, i_hi;
-    vis.query_range(0, seq.S, i_lo, i_hi);
-    if (seq.S == 0) i_hi = i_lo;
-    const bool packed = cu_q != nullptr;
-    const elem_t* ob = slice_ptr(o, packed, b, h, seq.start_q, o_sb, o_sh, o_sm);
-    const elem_t* dob = slice_ptr(dout, packed, b, h, seq.start_q, do_sb, do_sh, do_sm);
-    float* db = delta + b * lse_sb + h * lse_sh + seq.start_q;
+    slice.vis.query_range(0, slice.S, i_lo, i_hi);
+    if (slice.S == 0) i_hi = i_lo;
+    const elem_t* ob = slice.query_rows(o, o_sb, o_sh, o_sm);
+    const elem_t* dob = slice.query_rows(dout, do_sb, do_sh, do_sm);
+    float* db = delta + slice.stats_offset(lse_sb, lse_sh);
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-    const int r_end = min(seq.L, (blockIdx.x + 1) * rows_per_cta);
+    const int r_end = min(slice.L, (blockIdx.x + 1) * rows_per_cta);
     for (int row = blockIdx.x * rows_per_cta + warp; row < r_end; row += PRE_WARPS) {
         float sum = 0.f;
         if (row >= i_lo && row < i_hi) {
@@ -68,7 +65,7 @@ __device__ __forceinline__ void store_frag_rows(elem_t* base, long long pitch, c
             const int col = nt * 8 + 2 * t;
             if (col < cols)
                 *reinterpret_cast<u32*>(base + row * pitch + col) =
-                    pack_elem2(f[nt][2 * r] * scale, f[nt][2 * r + 1] * scale);
+                    pack2<IS_BF16>(f[nt][2 * r] * scale, f[nt][2 * r + 1] * scale);
         }
     }
 }
@@ -107,17 +104,14 @@ flash_bwd_dkdv(const elem_t* __restrict__ q, const elem_t* __restrict__ k, const
     float* sLse = reinterpret_cast<float*>(sdO + 2 * SDO_ELEMS);  // [2][BLOCK_M], log2 domain
     float* sD = sLse + 2 * BLOCK_M;                                // [2][BLOCK_M]
 
-    const int Hkv = Hq / group;
-    const int b = blockIdx.y / Hkv, kvh = blockIdx.y % Hkv;
-    const SeqInfo seq(b, cu_q, cu_k, L, S);
+    const Slice slice = Slice::per_kv_head(Hq, group, cu_q, cu_k, L, S, left, right, lower_right);
     const int n0 = blockIdx.x * BLOCK_N;
-    if (n0 >= seq.S) return;
-    const Visibility vis{seq.L, seq.S, lower_right ? seq.S - seq.L : 0, left, right};
-    const bool packed = cu_q != nullptr;
-    const elem_t* kb = slice_ptr(k, packed, b, kvh, seq.start_k, k_sb, k_sh, k_sm);
-    const elem_t* vb = slice_ptr(v, packed, b, kvh, seq.start_k, v_sb, v_sh, v_sm);
-    elem_t* dkb = slice_ptr(dk, packed, b, kvh, seq.start_k, dk_sb, dk_sh, dk_sm);
-    elem_t* dvb = slice_ptr(dv, packed, b, kvh, seq.start_k, dv_sb, dv_sh, dv_sm);
+    if (n0 >= slice.S) return;
+    const Visibility<int>& vis = slice.vis;
+    const elem_t* kb = slice.key_rows(k, k_sb, k_sh, k_sm);
+    const elem_t* vb = slice.key_rows(v, v_sb, v_sh, v_sm);
+    elem_t* dkb = slice.key_rows(dk, dk_sb, dk_sh, dk_sm);
+    elem_t* dvb = slice.key_rows(dv, dv_sb, dv_sh, dv_sm);
 
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
     const int krow0 = warp * 16;
@@ -127,12 +121,12 @@ flash_bwd_dkdv(const elem_t* __restrict__ q, const elem_t* __restrict__ k, const
 #pragma unroll
     for (int x = 0; x < EVT; ++x) dv_acc[0][x][0] = dv_acc[0][x][1] = dv_acc[0][x][2] = dv_acc[0][x][3] = 0.f;
 
-    const int n1 = min(n0 + BLOCK_N, seq.S);
+    const int n1 = min(n0 + BLOCK_N, slice.S);
     int i_lo, i_hi, jg_lo, jg_hi;
     vis.query_range(n0, n1, i_lo, i_hi);  // query rows that see a key of this block
-    vis.key_range(0, seq.L, jg_lo, jg_hi);  // keys that any query sees
+    vis.key_range(0, slice.L, jg_lo, jg_hi);  // keys that any query sees
     const int m_begin = i_lo / BLOCK_M, m_blocks = i_lo < i_hi ? (i_hi + BLOCK_M - 1) / BLOCK_M - m_begin : 0;
-    const int steps = seq.L > 0 ? group * m_blocks : 0;
+    const int steps = slice.L > 0 ? group * m_blocks : 0;
     if (steps > 0) {
         // Keys no query may see are zero-filled: with P = 0 there, NaN in them would still poison dS.
         load_tile<BLOCK_N, HEAD_DIM, E_PAD, Q_PITCH, NTHREADS>(sK, kb, k_sm, n0, jg_lo, jg_hi);
@@ -142,14 +136,14 @@ flash_bwd_dkdv(const elem_t* __restrict__ q, const elem_t* __restrict__ k, const
     const Dropout drop{seed_lo, seed_hi, offset, threshold};
 #endif
 
-    // Issue the loads of step `it` (query head h = kvh * group + it / m_blocks, block it % m_blocks).
+    // Issue the loads of step `it` (query head slice.h + it / m_blocks, block it % m_blocks).
     auto issue = [&](int it, int buf) {
-        const int h = kvh * group + it / m_blocks, m0 = (m_begin + it % m_blocks) * BLOCK_M;
-        const elem_t* qb = slice_ptr(q, packed, b, h, seq.start_q, q_sb, q_sh, q_sm);
-        const elem_t* dob = slice_ptr(dout, packed, b, h, seq.start_q, do_sb, do_sh, do_sm);
+        const int h = slice.h + it / m_blocks, m0 = (m_begin + it % m_blocks) * BLOCK_M;
+        const elem_t* qb = slice.query_rows(q, q_sb, q_sh, q_sm, h);
+        const elem_t* dob = slice.query_rows(dout, do_sb, do_sh, do_sm, h);
         load_tile<BLOCK_M, HEAD_DIM, E_PAD, Q_PITCH, NTHREADS>(sQ + buf * SQ_ELEMS, qb, q_sm, m0, i_lo, i_hi);
         load_tile<BLOCK_M, HEAD_DIM_V, EV_PAD, V_PITCH, NTHREADS>(sdO + buf * SDO_ELEMS, dob, do_sm, m0, i_lo, i_hi);
-        const long long lo = b * lse_sb + h * lse_sh + seq.start_q;
+        const long long lo = slice.stats_offset(lse_sb, lse_sh, h);
         for (int r = threadIdx.x; r < BLOCK_M; r += NTHREADS) {
             const int row = m0 + r;
             const bool in = row >= i_lo && row < i_hi;
@@ -164,8 +158,8 @@ flash_bwd_dkdv(const elem_t* __restrict__ q, const elem_t* __restrict__ k, const
 
     for (int it = 0; it < steps; ++it) {
         const int buf = it & 1;
-        const int h = kvh * group + it / m_blocks, m0 = (m_begin + it % m_blocks) * BLOCK_M;
-        const u32 bh = u32(b * Hq + h);
+        const int m0 = (m_begin + it % m_blocks) * BLOCK_M;
+        const u32 bh = slice.bh + it / m_blocks;  // of query head slice.h + it / m_blocks
         (void)bh;  // only the dropout keep test reads it
         cp_async_wait<0>();
         __syncthreads();  // step it's tiles landed; every warp is done with the other buffer
@@ -221,8 +215,8 @@ flash_bwd_dkdv(const elem_t* __restrict__ q, const elem_t* __restrict__ k, const
             mma_pb<1, E_PAD / 16, BLOCK_M / 16>(dk_acc, st, Identity{}, sQb, Q_PITCH, lane);
         }
     }
-    if constexpr (WITH_DK) store_frag_rows<ET>(dkb, dk_sm, dk_acc[0], scale, n0 + krow0, seq.S, HEAD_DIM, lane);
-    if constexpr (WITH_DV) store_frag_rows<EVT>(dvb, dv_sm, dv_acc[0], 1.f, n0 + krow0, seq.S, HEAD_DIM_V, lane);
+    if constexpr (WITH_DK) store_frag_rows<ET>(dkb, dk_sm, dk_acc[0], scale, n0 + krow0, slice.S, HEAD_DIM, lane);
+    if constexpr (WITH_DV) store_frag_rows<EVT>(dvb, dv_sm, dv_acc[0], 1.f, n0 + krow0, slice.S, HEAD_DIM_V, lane);
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -256,19 +250,16 @@ flash_bwd_dq(const elem_t* __restrict__ q, const elem_t* __restrict__ k, const e
     elem_t* sV = sK + 2 * SK_ELEMS;                     // [2][BLOCK_N][V_PITCH]
 
     const int m_block = gridDim.x - 1 - blockIdx.x;
-    const int bh = blockIdx.y, b = bh / Hq, h = bh % Hq, kvh = h / group;
-    (void)bh;
-    const SeqInfo seq(b, cu_q, cu_k, L, S);
+    const Slice slice = Slice::per_query_head(Hq, group, cu_q, cu_k, L, S, left, right, lower_right);
     const int m0 = m_block * BLOCK_M;
-    if (m0 >= seq.L) return;
-    const Visibility vis{seq.L, seq.S, lower_right ? seq.S - seq.L : 0, left, right};
-    const bool packed = cu_q != nullptr;
-    const elem_t* qb = slice_ptr(q, packed, b, h, seq.start_q, q_sb, q_sh, q_sm);
-    const elem_t* kb = slice_ptr(k, packed, b, kvh, seq.start_k, k_sb, k_sh, k_sm);
-    const elem_t* vb = slice_ptr(v, packed, b, kvh, seq.start_k, v_sb, v_sh, v_sm);
-    const elem_t* dob = slice_ptr(dout, packed, b, h, seq.start_q, do_sb, do_sh, do_sm);
-    elem_t* dqb = slice_ptr(dq, packed, b, h, seq.start_q, dq_sb, dq_sh, dq_sm);
-    const long long lse_off = b * lse_sb + h * lse_sh + seq.start_q;
+    if (m0 >= slice.L) return;
+    const Visibility<int>& vis = slice.vis;
+    const elem_t* qb = slice.query_rows(q, q_sb, q_sh, q_sm);
+    const elem_t* kb = slice.key_rows(k, k_sb, k_sh, k_sm);
+    const elem_t* vb = slice.key_rows(v, v_sb, v_sh, v_sm);
+    const elem_t* dob = slice.query_rows(dout, do_sb, do_sh, do_sm);
+    elem_t* dqb = slice.query_rows(dq, dq_sb, dq_sh, dq_sm);
+    const long long lse_off = slice.stats_offset(lse_sb, lse_sh);
 
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
     const int wrow0 = warp * WARP_M;
@@ -278,10 +269,10 @@ flash_bwd_dq(const elem_t* __restrict__ q, const elem_t* __restrict__ k, const e
 #pragma unroll
         for (int x = 0; x < ET; ++x) dq_acc[mt][x][0] = dq_acc[mt][x][1] = dq_acc[mt][x][2] = dq_acc[mt][x][3] = 0.f;
 
-    const int m1 = min(m0 + BLOCK_M, seq.L);
+    const int m1 = min(m0 + BLOCK_M, slice.L);
     int j_lo, j_hi, i_lo, i_hi;
     vis.key_range(m0, m1, j_lo, j_hi);
-    vis.query_range(0, seq.S, i_lo, i_hi);
+    vis.query_range(0, slice.S, i_lo, i_hi);
     const int n_begin = j_lo / BLOCK_N, n_end = j_lo < j_hi ? (j_hi + BLOCK_N - 1) / BLOCK_N : n_begin;
     if (n_begin < n_end) {
         load_tile<BLOCK_M, HEAD_DIM, E_PAD, Q_PITCH, NTHREADS>(sQ, qb, q_sm, m0, i_lo, i_hi);
@@ -342,7 +333,7 @@ flash_bwd_dq(const elem_t* __restrict__ q, const elem_t* __restrict__ k, const e
                     const int j0 = n0 + nt * 8 + 2 * t;
                     bool keep0 = true, keep1 = true;
 #if IS_DROPOUT
-                    drop.keep_pair(u32(bh), i, j0, keep0, keep1);
+                    drop.keep_pair(slice.bh, i, j0, keep0, keep1);
 #endif
 #pragma unroll
                     for (int c = 0; c < 2; ++c) {
@@ -359,5 +350,5 @@ flash_bwd_dq(const elem_t* __restrict__ q, const elem_t* __restrict__ k, const e
     }
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt)
-        store_frag_rows<ET>(dqb, dq_sm, dq_acc[mt], scale, m0 + wrow0 + mt * 16, seq.L, HEAD_DIM, lane);
+        store_frag_rows<ET>(dqb, dq_sm, dq_acc[mt], scale, m0 + wrow0 + mt * 16, slice.L, HEAD_DIM, lane);
 }

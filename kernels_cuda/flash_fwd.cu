@@ -9,7 +9,7 @@
 // the visible band (causal / window / sequence end) pay for the per-element mask.
 //
 // Extra -D options: FWD_WARPS, FWD_M_TILES, FWD_BLOCK_N.
-#include "common.cuh"
+#include "flash_common.cuh"
 
 constexpr int NUM_WARPS = FWD_WARPS;
 constexpr int NTHREADS = NUM_WARPS * 32;
@@ -53,24 +53,22 @@ flash_fwd(const elem_t* __restrict__ q, const elem_t* __restrict__ k, const elem
 
     // Reverse order: under causal masking the last query blocks have the most keys; start them first.
     const int m_block = gridDim.x - 1 - blockIdx.x;
-    const int bh = blockIdx.y, b = bh / Hq, h = bh % Hq, kvh = h / group;
-    const SeqInfo seq(b, cu_q, cu_k, L, S);
+    const Slice slice = Slice::per_query_head(Hq, group, cu_q, cu_k, L, S, left, right, lower_right);
     const int m0 = m_block * BLOCK_M;
-    if (m0 >= seq.L) return;
-    const Visibility vis{seq.L, seq.S, lower_right ? seq.S - seq.L : 0, left, right};
-    const bool packed = cu_q != nullptr;
-    const elem_t* qb = slice_ptr(q, packed, b, h, seq.start_q, q_sb, q_sh, q_sm);
-    const elem_t* kb = slice_ptr(k, packed, b, kvh, seq.start_k, k_sb, k_sh, k_sm);
-    const elem_t* vb = slice_ptr(v, packed, b, kvh, seq.start_k, v_sb, v_sh, v_sm);
-    elem_t* ob = slice_ptr(o, packed, b, h, seq.start_q, o_sb, o_sh, o_sm);
-    float* lseb = lse + b * lse_sb + h * lse_sh + seq.start_q;
+    if (m0 >= slice.L) return;
+    const Visibility<int>& vis = slice.vis;
+    const elem_t* qb = slice.query_rows(q, q_sb, q_sh, q_sm);
+    const elem_t* kb = slice.key_rows(k, k_sb, k_sh, k_sm);
+    const elem_t* vb = slice.key_rows(v, v_sb, v_sh, v_sm);
+    elem_t* ob = slice.query_rows(o, o_sb, o_sh, o_sm);
+    float* lseb = lse + slice.stats_offset(lse_sb, lse_sh);
 
-    const int m1 = min(m0 + BLOCK_M, seq.L);
+    const int m1 = min(m0 + BLOCK_M, slice.L);
     int j_lo, j_hi, i_lo, i_hi;
-    vis.key_range(m0, m1, j_lo, j_hi);     // keys some row of this block sees
-    vis.query_range(0, seq.S, i_lo, i_hi);  // rows that see any key at all
+    vis.key_range(m0, m1, j_lo, j_hi);        // keys some row of this block sees
+    vis.query_range(0, slice.S, i_lo, i_hi);  // rows that see any key at all
     if (j_lo >= j_hi) {  // no row of the block sees a key: output 0, lse -inf
-        store_rows(ob, o_sm, nullptr, m0, BLOCK_M, seq.L);
+        store_rows(ob, o_sm, nullptr, m0, BLOCK_M, slice.L);
         for (int r = threadIdx.x; r < m1 - m0; r += NTHREADS) lseb[m0 + r] = -CUSDPA_INF;
         return;
     }
@@ -171,7 +169,7 @@ flash_fwd(const elem_t* __restrict__ q, const elem_t* __restrict__ k, const elem
                     l_i[mt][r] += p0 + p1;  // the softmax normaliser is taken before dropout
 #if IS_DROPOUT
                     bool keep0, keep1;
-                    drop.keep_pair(u32(bh), i, n0 + nt * 8 + 2 * t, keep0, keep1);
+                    drop.keep_pair(slice.bh, i, n0 + nt * 8 + 2 * t, keep0, keep1);
                     p0 = keep0 ? p0 : 0.f;
                     p1 = keep1 ? p1 : 0.f;
 #endif
@@ -206,10 +204,10 @@ flash_fwd(const elem_t* __restrict__ q, const elem_t* __restrict__ k, const elem
 #pragma unroll
             for (int vt = 0; vt < VT; ++vt)
                 *reinterpret_cast<u32*>(sO + row * O_PITCH + vt * 8 + 2 * t) =
-                    pack_elem2(acc[mt][vt][2 * r] * inv, acc[mt][vt][2 * r + 1] * inv);
-            if (t == 0 && m0 + row < seq.L) lseb[m0 + row] = l == 0.f ? -CUSDPA_INF : (m_i[mt][r] + log2f(l)) * LN2;
+                    pack2<IS_BF16>(acc[mt][vt][2 * r] * inv, acc[mt][vt][2 * r + 1] * inv);
+            if (t == 0 && m0 + row < slice.L) lseb[m0 + row] = l == 0.f ? -CUSDPA_INF : (m_i[mt][r] + log2f(l)) * LN2;
         }
     }
     __syncthreads();
-    store_rows(ob, o_sm, sO, m0, BLOCK_M, seq.L);
+    store_rows(ob, o_sm, sO, m0, BLOCK_M, slice.L);
 }

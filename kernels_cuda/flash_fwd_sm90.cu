@@ -13,7 +13,7 @@
 // O rescale by alpha then waits for that P V, so the max update and the exponentials never wait on it.
 //
 // Extra -D options: FWD90_WARPGROUPS, FWD90_BLOCK_N, FWD90_MIN_BLOCKS. Needs E and Ev in {64, 128}.
-#include "common.cuh"
+#include "flash_common.cuh"
 // @WGMMA_WRAPPERS@
 
 constexpr int NWG = FWD90_WARPGROUPS;
@@ -100,7 +100,7 @@ __device__ __forceinline__ void issue_pv(float (&acc)[VT * 4], const u32 (&p)[NT
 // before dropout). alpha[r] is the factor the output accumulated so far needs; the return value says
 // whether any row of the warp changed its max (else alpha is 1 everywhere and the rescale is skipped).
 __device__ __forceinline__ bool softmax_block(float (&s)[NT * 4], u32 (&p)[NT * 2], float (&m_i)[2], float (&l_i)[2],
-                                              float (&alpha)[2], const Visibility& vis, bool full, int i, int n0,
+                                              float (&alpha)[2], const Visibility<int>& vis, bool full, int i, int n0,
                                               int t, float scale_log2, const Dropout& drop, u32 bh) {
     float m_use[2];
     bool rescale = false;
@@ -138,7 +138,7 @@ __device__ __forceinline__ bool softmax_block(float (&s)[NT * 4], u32 (&p)[NT * 
             p0 = keep0 ? p0 : 0.f;
             p1 = keep1 ? p1 : 0.f;
 #endif
-            p[nt * 2 + r] = pack_elem2(p0, p1);  // n8 tile nt -> p[2 nt] (row g), p[2 nt + 1] (row g + 8)
+            p[nt * 2 + r] = pack2<IS_BF16>(p0, p1);  // n8 tile nt -> p[2 nt] (row g), p[2 nt + 1] (row g + 8)
         }
     }
     return __any_sync(0xffffffffu, rescale);
@@ -164,22 +164,20 @@ flash_fwd_sm90(const elem_t* __restrict__ q, const elem_t* __restrict__ k, const
     unsigned char* sV = sK + 2 * SK_BYTES;
 
     const int m_block = gridDim.x - 1 - blockIdx.x;
-    const int bh = blockIdx.y, b = bh / Hq, h = bh % Hq, kvh = h / group;
-    const SeqInfo seq(b, cu_q, cu_k, L, S);
+    const Slice slice = Slice::per_query_head(Hq, group, cu_q, cu_k, L, S, left, right, lower_right);
     const int m0 = m_block * BLOCK_M;
-    if (m0 >= seq.L) return;
-    const Visibility vis{seq.L, seq.S, lower_right ? seq.S - seq.L : 0, left, right};
-    const bool packed = cu_q != nullptr;
-    const elem_t* qb = slice_ptr(q, packed, b, h, seq.start_q, q_sb, q_sh, q_sm);
-    const elem_t* kb = slice_ptr(k, packed, b, kvh, seq.start_k, k_sb, k_sh, k_sm);
-    const elem_t* vb = slice_ptr(v, packed, b, kvh, seq.start_k, v_sb, v_sh, v_sm);
-    elem_t* ob = slice_ptr(o, packed, b, h, seq.start_q, o_sb, o_sh, o_sm);
-    float* lseb = lse + b * lse_sb + h * lse_sh + seq.start_q;
+    if (m0 >= slice.L) return;
+    const Visibility<int>& vis = slice.vis;
+    const elem_t* qb = slice.query_rows(q, q_sb, q_sh, q_sm);
+    const elem_t* kb = slice.key_rows(k, k_sb, k_sh, k_sm);
+    const elem_t* vb = slice.key_rows(v, v_sb, v_sh, v_sm);
+    elem_t* ob = slice.query_rows(o, o_sb, o_sh, o_sm);
+    float* lseb = lse + slice.stats_offset(lse_sb, lse_sh);
 
-    const int m1 = min(m0 + BLOCK_M, seq.L);
+    const int m1 = min(m0 + BLOCK_M, slice.L);
     int j_lo, j_hi, i_lo, i_hi;
     vis.key_range(m0, m1, j_lo, j_hi);
-    vis.query_range(0, seq.S, i_lo, i_hi);
+    vis.query_range(0, slice.S, i_lo, i_hi);
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
     const int wg = warp / 4;
     const int wrow0 = warp * 16;  // this warp's 16 rows: warpgroup wg's rows 64 wg + 16 (warp % 4)
@@ -225,7 +223,7 @@ flash_fwd_sm90(const elem_t* __restrict__ q, const elem_t* __restrict__ k, const
     wgmma_wait<0>();
     fence_regs(s);
     softmax_block(s, p, m_i, l_i, alpha, vis, vis.tile_full(m0, BLOCK_M, n_begin * BLOCK_N, BLOCK_N), i,
-                  n_begin * BLOCK_N, t, scale_log2, drop, u32(bh));
+                  n_begin * BLOCK_N, t, scale_log2, drop, slice.bh);
     for (int n = n_begin; n + 1 < n_end; ++n) {  // unconditional wgmmas: a branch around one serialises them
         const int buf = (n - n_begin) & 1, n1 = (n + 1) * BLOCK_N;
         cp_async_wait<0>();  // V of block n and K of block n + 1
@@ -247,7 +245,7 @@ flash_fwd_sm90(const elem_t* __restrict__ q, const elem_t* __restrict__ k, const
         fence_regs(s);
         u32 p_next[NT * 2];
         const bool rescale = softmax_block(s, p_next, m_i, l_i, alpha, vis, vis.tile_full(m0, BLOCK_M, n1, BLOCK_N), i,
-                                           n1, t, scale_log2, drop, u32(bh));
+                                           n1, t, scale_log2, drop, slice.bh);
         wgmma_wait<0>();
         fence_regs(acc);
         if (rescale) rescale_acc(acc, alpha);
@@ -274,11 +272,11 @@ flash_fwd_sm90(const elem_t* __restrict__ q, const elem_t* __restrict__ k, const
         l += __shfl_xor_sync(0xffffffffu, l, 2);
         const float inv = l == 0.f ? 0.f : rp_dropout / l;
         const int row = i + 8 * r;
-        if (row < seq.L) {
+        if (row < slice.L) {
 #pragma unroll
             for (int vt = 0; vt < VT; ++vt)
                 *reinterpret_cast<u32*>(ob + row * o_sm + vt * 8 + 2 * t) =
-                    pack_elem2(acc[vt * 4 + 2 * r] * inv, acc[vt * 4 + 2 * r + 1] * inv);
+                    pack2<IS_BF16>(acc[vt * 4 + 2 * r] * inv, acc[vt * 4 + 2 * r + 1] * inv);
             if (t == 0) lseb[row] = l == 0.f ? -CUSDPA_INF : (m_i[r] + log2f(l)) * LN2;
         }
     }

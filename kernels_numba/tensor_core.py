@@ -27,8 +27,8 @@ THREADS = 128
 MASK_KINDS = {"bool": 1, "float16": 2, "bfloat16": 3, "float32": 4, "float64": 5}
 # The C entry's parameters (efficient_fwd.cuh, EFF_NAME): pointers travel as int64 addresses.
 _ARGS = ("int64, int64, int64, int64, int64, int64, int64, int64, int64, int64, int64, int64, int64, int64, "
-         "int64, int64, int64, int64, int64, int64, int64, int64, int64, float32, int64, int64, int64, int64, "
-         "int64, int64, float32")
+         "int64, int64, int64, int64, int64, int64, int64, int64, float32, int64, int64, int64, int64, int64, "
+         "int64, float32")
 
 
 def reasons(pr) -> list[str]:
@@ -68,10 +68,11 @@ def _kernel(head_dim: int, bf16: bool):
 
     @cuda.jit
     def attention_forward_tc(q, qs, k, ks, v, vs, out, os_, lse, ls, mask, ms, mask_kind, cu_q, cu_k, varlen,
-                             nb1, nb2, hq, group, L, S, E, Ev, scale, causal, lower_right, left, right, dropout,
+                             nb1, nb2, hq, group, L, S, E, Ev, scale, lower_right, left, right, dropout,
                              seed_lo, seed_hi, offset, threshold, rescale):
         """One block per (batch-head, 64 query rows); q/k/v/out/lse/mask are base addresses and
-        qs/ks/... their element strides over (B0, B1, B2, H, row[, col])."""
+        qs/ks/... their element strides over (B0, B1, B2, H, row[, col]); causal comes folded into
+        (left, right) as the window around the diagonal (Problem.window_bounds)."""
         bh = cuda.blockIdx.x
         h = bh % hq
         hk = h // group
@@ -98,7 +99,7 @@ def _kernel(head_dim: int, bf16: bool):
         mask_at = mask + ms[6] * (b0 * ms[0] + b1 * ms[1] + b2 * ms[2] + h * ms[3])
         shift = S_b - L_b if lower_right else 0
         tile_loop(q_at, qs[4], k_at, ks[4], v_at, vs[4], out_at, os_[4], lse_at, ls[4], mask_at, ms[4], ms[5],
-                  mask_kind, m_first, L_b, S_b, E, Ev, shift, left, right, causal, np.float32(scale), dropout, bh,
+                  mask_kind, m_first, L_b, S_b, E, Ev, shift, left, right, np.float32(scale), dropout, bh,
                   seed_lo, seed_hi, offset, threshold, np.float32(rescale))
 
     return attention_forward_tc
@@ -128,5 +129,5 @@ def forward(pr, views, out_v, lse_v, stream, structure):
     grid = (views.n_batch * pr.hq, cdiv(pr.L, BLOCK_M))
     kernel[grid, THREADS, stream](q, qs[:5], k, ks[:5], v, vs[:5], out, os_[:5], lse, ls, mask, ms, mask_kind,
                                   kernel_array(views.cu_q), kernel_array(views.cu_k), varlen, views.nb1, views.nb2,
-                                  pr.hq, pr.group, pr.L, pr.S, pr.E, pr.Ev, pr.scale, pr.causal, pr.lower_right,
+                                  pr.hq, pr.group, pr.L, pr.S, pr.E, pr.Ev, pr.scale, pr.lower_right,
                                   left, right, pr.dropout_p > 0, seed_lo, seed_hi, offset, threshold, rescale)
