@@ -34,7 +34,7 @@ def cmd_info(args) -> int:
 
 
 def cmd_check(args) -> int:
-    from .verify import harness
+    from .verify import check
 
     if importlib.util.find_spec("torch") is None:
         print("check judges each backend against PyTorch's error at the same precision and needs torch: "
@@ -49,9 +49,12 @@ def cmd_check(args) -> int:
     import numpy as np
 
     rng = np.random.default_rng(seed)
-    passed = failed = 0
-    for backend, xp_name in harness.targets(backends):
-        outcome = harness.check_target(backend, xp_name, rng)
+    return _summary([check.check_target(target, rng) for target in check.targets(backends)])
+
+
+def _summary(outcomes) -> int:
+    """A line per target with its failures, the verdict, the exit code."""
+    for outcome in outcomes:
         if outcome.skipped:
             print(f"  {outcome.target:18s} skipped: {outcome.skipped}", flush=True)
             continue
@@ -60,8 +63,7 @@ def cmd_check(args) -> int:
               f"{outcome.not_supported} not supported by the backend", flush=True)
         for failure in outcome.failures:
             print(f"      {failure}")
-        passed += outcome.passed
-        failed += outcome.failed
+    passed, failed = sum(o.passed for o in outcomes), sum(o.failed for o in outcomes)
     if passed + failed == 0:
         print("check: no backend could run on this machine")
         return 1
