@@ -1,5 +1,5 @@
 """What ``python -m cusdpa check`` runs: the targets (a backend on an array type), its suite of cases, and
-the bookkeeping of one case on one target."""
+the bookkeeping of one case on one target that the suite and the fuzz (fuzz.py) share."""
 from __future__ import annotations
 
 import contextlib

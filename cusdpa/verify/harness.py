@@ -1,5 +1,5 @@
-"""The one harness that runs attention and judges it, for every test, ``python -m cusdpa check`` and the
-bench.
+"""The one harness that runs attention and judges it, for every test, ``python -m cusdpa check`` (its suite
+and its fuzz) and the bench.
 
 ``expect(pr, dout)`` computes what a problem's outputs are judged against: the float64 reference
 (cusdpa.reference, on the problem's own device) and the bounds that judge.py's rule derives from the
@@ -7,7 +7,7 @@ yardstick (yardstick.same_precision). ``judged(expected, outputs)`` judges outpu
 (NumPy or CuPy arrays, torch tensors). On top of those:
 
   ``run_problem``  a backend's forward and backward on a validated Problem;
-  ``run_case``     the same on a ``Case``, a description of a random problem (what tests and check draw);
+  ``run_case``     the same on a ``Case``, a description of a random problem (what tests, check and fuzz draw);
   ``run_torch``    a function with torch's SDPA signature (the bridge) on torch tensors, with autograd.
 
 Outputs and gradients are poisoned with NaN before a backend writes them, so an element it never
