@@ -36,29 +36,18 @@ def _time(fn, inputs, reps, warmup=2):
     return statistics.median(times)
 
 
-def check(torch, cp, cusdpa):
-    """EFFICIENT vs the float64 reference and PyTorch on a few shapes, before any timing."""
-    from cusdpa import Backend, reference
-    from cusdpa.verify.judge import judge
+def check(cp):
+    """EFFICIENT vs the float64 reference on a few shapes, judged by the one harness, before any timing."""
+    import numpy as np
 
+    from cusdpa.backends import efficient
+    from cusdpa.verify.harness import Case, run_case
+
+    rng = np.random.default_rng(0)
     failures = []
     for dtype, E, causal, L in (("float16", 64, True, 300), ("bfloat16", 128, False, 257), ("float16", 128, True, 1)):
-        q, k, v = (torch.randn(2, 4, L, E, device="cuda", dtype=_torch_dtype(torch, dtype)) for _ in range(3))
-        with cusdpa.sdpa_kernel([Backend.EFFICIENT]):
-            out, vjp = cusdpa.attention_vjp(*(cp.from_dlpack(x) for x in (q, k, v)), is_causal=causal)
-            dout = torch.randn_like(q)
-            grads = vjp(cp.from_dlpack(dout))
-        host = [x.double().cpu().numpy() for x in (q, k, v, dout)]
-        ref_out = reference.attention(*host[:3], is_causal=causal)[0]
-        ref_grads = reference.attention_grads(*host, is_causal=causal)
-        tq, tk, tv = (x.clone().requires_grad_() for x in (q, k, v))
-        t_out = torch.nn.functional.scaled_dot_product_attention(tq, tk, tv, is_causal=causal)
-        t_out.backward(dout)
-        to_np = lambda x: torch.from_dlpack(x).float().cpu().numpy() if not isinstance(x, torch.Tensor) \
-            else x.detach().float().cpu().numpy()  # noqa: E731
-        failures += [m for m in [judge(f"{dtype} E={E} L={L} out", to_np(out), ref_out, to_np(t_out))] +
-                     [judge(f"{dtype} E={E} L={L} {n}", to_np(g), r, to_np(t.grad), factor=3)
-                      for n, g, r, t in zip(("dq", "dk", "dv"), grads, ref_grads, (tq, tk, tv))] if m]
+        case = Case(dtype, batch=(2,), hq=4, hkv=4, L=L, S=L, E=E, causal="upper_left" if causal else None)
+        failures += run_case(case, efficient.IMPL, cp, rng)
     return failures
 
 
@@ -79,7 +68,7 @@ def main(argv=None) -> int:
 
     print(f"GPU: {torch.cuda.get_device_name()}  torch {torch.__version__}  cupy {cp.__version__}")
     with kernels_numba.configured(kernels_numba.KernelConfig(variant=args.variant)):
-        failures = check(torch, cp, cusdpa)
+        failures = check(cp)
     print("correctness: " + ("ok" if not failures else "FAILED\n  " + "\n  ".join(failures)))
     if failures:
         return 1

@@ -1,5 +1,6 @@
 """``python -m cusdpa``: info (this machine, libraries, backends) and check (every backend against the
-reference). ``python -m cusdpa bench`` runs the benchmark application of benchmarks/ (cusdpa/__main__.py)."""
+reference, on a fixed suite or, with --fuzz, on random cases). ``python -m cusdpa bench`` runs the
+benchmark application of benchmarks/ (cusdpa/__main__.py)."""
 from __future__ import annotations
 
 import argparse
@@ -34,7 +35,7 @@ def cmd_info(args) -> int:
 
 
 def cmd_check(args) -> int:
-    from .verify import harness
+    from .verify import check
 
     if importlib.util.find_spec("torch") is None:
         print("check judges each backend against PyTorch's error at the same precision and needs torch: "
@@ -43,29 +44,48 @@ def cmd_check(args) -> int:
     backends = [dispatch.Backend[name.upper()] for name in args.backends]
     note = environment.simulate_missing_gpu() if dispatch.Backend.EFFICIENT in backends else None
     seed = args.seed if args.seed is not None else secrets.randbits(32)
-    print(f"cusdpa check: random inputs with seed {seed} (replay with --seed {seed})")
+    print(f"cusdpa check: random inputs with seed {seed} (replay with --seed {seed})" if args.fuzz is None else
+          f"cusdpa check --fuzz {args.fuzz:g}: random cases from seed {seed}; a failure prints the command that "
+          "replays it")
     if note:
         print(note)
+    targets = check.targets(backends)
+    if args.fuzz is not None:
+        return _summary(*_fuzz(targets, args.fuzz, seed))
     import numpy as np
 
     rng = np.random.default_rng(seed)
-    passed = failed = 0
-    for backend, xp_name in harness.targets(backends):
-        outcome = harness.check_target(backend, xp_name, rng)
+    return _summary([check.check_target(target, rng) for target in targets])
+
+
+def _fuzz(targets, seconds: float, seed: int):
+    from .verify import fuzz
+
+    def on_failure(target, case_seed, case, failures):
+        messages = " ".join("; ".join(failures).split())  # one line, whatever the messages hold
+        print(f"  FAILED {target.name} {case}: {messages}; replay: {fuzz.replay(case_seed, target)}", flush=True)
+
+    return fuzz.run(targets, seconds, seed, on_failure)
+
+
+def _summary(outcomes, fuzz_cases: int | None = None) -> int:
+    """A line per target (with the suite's failures; the fuzz printed its own), the verdict, the exit code."""
+    for outcome in outcomes:
         if outcome.skipped:
             print(f"  {outcome.target:18s} skipped: {outcome.skipped}", flush=True)
             continue
         status = "ok" if not outcome.failed else f"FAILED ({outcome.failed} of {outcome.passed + outcome.failed})"
         print(f"  {outcome.target:18s} {status}: {outcome.passed} cases passed, "
               f"{outcome.not_supported} not supported by the backend", flush=True)
-        for failure in outcome.failures:
-            print(f"      {failure}")
-        passed += outcome.passed
-        failed += outcome.failed
+        if fuzz_cases is None:
+            for failure in outcome.failures:
+                print(f"      {failure}")
+    passed, failed = sum(o.passed for o in outcomes), sum(o.failed for o in outcomes)
     if passed + failed == 0:
         print("check: no backend could run on this machine")
         return 1
-    print(f"check: {'ok' if not failed else 'FAILED'}: {passed} cases passed, {failed} failed "
+    seeds = "" if fuzz_cases is None else f" from {fuzz_cases} case seeds"
+    print(f"check: {'ok' if not failed else 'FAILED'}: {passed} cases passed, {failed} failed{seeds} "
           "(judged against the float64 reference: at most 2x PyTorch's same-precision error, 3x for gradients)")
     return 1 if failed else 0
 
@@ -80,7 +100,12 @@ def main(argv=None) -> int:
     check.add_argument("--backends", nargs="+", default=[b.name.lower() for b in dispatch.DEFAULT_PRIORITY],
                        choices=[b.name.lower() for b in dispatch.DEFAULT_PRIORITY], metavar="BACKEND",
                        help="which backends (flash, efficient, math; default: all)")
-    check.add_argument("--seed", type=int, default=None, help="seed of the random inputs (default: a fresh one)")
+    check.add_argument("--seed", type=int, default=None,
+                       help="seed of the random inputs, or with --fuzz of the first case (default: a fresh one)")
+    check.add_argument("--fuzz", type=float, default=None, metavar="SECONDS",
+                       help="instead of the fixed suite, draw random cases (sizes, dtypes, options, masks, layouts) "
+                            "for SECONDS on every backend; each failure prints the command that replays it "
+                            "(--fuzz 0 --seed S: case S alone)")
     args = parser.parse_args(argv)
     return {"info": cmd_info, "check": cmd_check}[args.command](args)
 

@@ -55,8 +55,9 @@ def _accum_dtype(pr: problem.Problem, accum):
     return np.dtype(np.float64 if pr.xp is np or pr.dtype_name == "float64" else np.float32)
 
 
-def _chunks(pr: problem.Problem):
-    """(batch index, flat batch index, h0, h1) with [h0, h1) whole GQA groups of query heads."""
+def chunks(pr: problem.Problem):
+    """(batch index, flat batch index, h0, h1) with [h0, h1) whole GQA groups of query heads; the
+    yardstick (cusdpa.verify.yardstick) walks the same chunks."""
     per_group = max(1, pr.group * pr.L * pr.S)
     heads = pr.group * max(1, CHUNK_ELEMENTS // per_group)
     for flat, b in enumerate(np.ndindex(*pr.batch_shape)):
@@ -121,7 +122,7 @@ def _slice(pr: problem.Problem, b, bh0: int, h0: int, h1: int, acc, allowed_stru
 def _dense(pr: problem.Problem, acc, bh_base: int, visit):
     """Run ``visit(b, h0, h1, slice)`` over every chunk of a dense problem."""
     allowed_struct = structural_mask(pr.L, pr.S, pr.causal, pr.lower_right, pr.window, pr.xp)
-    for b, flat, h0, h1 in _chunks(pr):
+    for b, flat, h0, h1 in chunks(pr):
         visit(b, h0, h1, _slice(pr, b, bh_base + flat * pr.hq, h0, h1, acc, allowed_struct))
 
 
@@ -198,8 +199,9 @@ def _dense_backward(pr: problem.Problem, dout, acc, bh_base: int = 0):
     return tuple(grads)
 
 
-def _varlen_pieces(pr: problem.Problem):
-    """Dense single-sequence problems (H, Lb, E) of a varlen problem, with their token ranges."""
+def varlen_pieces(pr: problem.Problem):
+    """(b, dense single-sequence problem (H, Lb, E), query tokens, key tokens) of each sequence of a
+    varlen problem."""
     vl = pr.varlen
     for b in range(vl.batch):
         qs, qe = int(vl.host_cu_q[b]), int(vl.host_cu_q[b + 1])
@@ -219,7 +221,7 @@ def forward(pr: problem.Problem, accum=None):
         return out.reshape(pr.out_shape).astype(pr.dtype), lse.reshape(pr.lse_shape)
     out = xp.zeros(pr.out_shape, dtype=pr.dtype)
     lse = xp.full(pr.lse_shape, -xp.inf, dtype=np.float32)
-    for b, sub, qr, _ in _varlen_pieces(pr):
+    for b, sub, qr, _ in varlen_pieces(pr):
         o, l = _dense_forward(sub, acc, bh_base=b * pr.hq)
         out[qr] = o.swapaxes(0, 1).astype(pr.dtype)
         lse[:, qr] = l
@@ -233,7 +235,7 @@ def backward(pr: problem.Problem, dout, accum=None):
         return _dense_backward(pr, dout, acc)
     xp = pr.xp
     dq, dk, dv = (xp.zeros(x.shape, dtype=acc) for x in (pr.q, pr.k, pr.v))
-    for b, sub, qr, kr in _varlen_pieces(pr):
+    for b, sub, qr, kr in varlen_pieces(pr):
         gq, gk, gv = _dense_backward(sub, dout[qr].swapaxes(0, 1), acc, bh_base=b * pr.hq)
         dq[qr] = gq.swapaxes(0, 1)
         dk[kr] = gk.swapaxes(0, 1)

@@ -58,10 +58,10 @@ def test_bench_runs_every_part_and_writes_table_json_and_plots(tmp_path):
         assert (tmp_path / png).read_bytes()[:8] == PNG
 
 
-def _cpu(torch_too=True):
+def _cpu():
     import torch
 
-    return device.Device(False, torch if torch_too else None, PRESETS["tiny"])
+    return device.Device(False, torch, PRESETS["tiny"])
 
 
 def _measure(tmp_path, providers, directions=("fwd", "bwd"), **options):

@@ -3,14 +3,15 @@
 Numba reads NUMBA_ENABLE_CUDASIM once, when numba.cuda is first imported, so the simulator cannot be
 switched on inside a pytest process that may already hold the real CUDA target (or need it for GPU
 tests). The cases therefore run in one child process started with the variable set (this file run
-as a script); each pytest test reports its own case's result. Tiles are tiny (4 to 8 rows) so the
-tile loops, partial tiles and skipped tiles are all exercised on shapes the simulator runs quickly.
+as a script), spread over a pool of worker processes; each pytest test reports its own case's result.
+Tiles are tiny (4 to 8 rows) so the tile loops, partial tiles and skipped tiles are all exercised on
+shapes the simulator runs quickly.
 
-Error rule (cusdpa.verify.judge): against the float64 reference, at most 2x (3x for gradients) the
-error of the same computation in the input precision (the reference with float32 accumulation),
-plus a small floor. Every output array is NaN-poisoned before the kernels write it.
+Every problem goes through the one harness (cusdpa.verify.harness.run_problem): outputs NaN-poisoned
+before the kernels write them, then judged by the error rule of cusdpa.verify.judge against the float64
+reference (at most 2x, 3x for gradients, the error of PyTorch at the same precision on the CPU, plus a
+floor).
 """
-import dataclasses
 import json
 import os
 import subprocess
@@ -21,6 +22,8 @@ import numpy as np
 import pytest
 
 from cusdpa import problem
+from cusdpa.backends import efficient
+from cusdpa.verify import harness
 
 CASES = {}
 
@@ -30,40 +33,11 @@ def case(fn):
     return fn
 
 
-def _poisoned(shape, dtype):
-    return np.full(shape, np.nan, dtype=dtype)
-
-
-def _judge_all(names, got, ref, base, factor):
-    from cusdpa.verify.judge import judge
-
-    return [m for m in (judge(n, g, r, b, factor=factor) for n, g, r, b in zip(names, got, ref, base)) if m]
-
-
-def _check_problem(rng, pr, grad=True):
-    """Run EFFICIENT's forward (and backward) on a validated problem into poisoned outputs; judge them."""
-    from cusdpa import reference
-    from cusdpa.backends import efficient
-
-    wide = {name: getattr(pr, name).astype(np.float64) for name in ("q", "k", "v")}
-    if pr.mask_kind == "float":
-        wide["mask"] = pr.mask.astype(np.float64)
-    f64 = dataclasses.replace(pr, dtype=np.dtype(np.float64), **wide)
-    out, lse = efficient.IMPL.forward(pr, _poisoned(pr.out_shape, pr.dtype), _poisoned(pr.lse_shape, np.float32))
-    failures = _judge_all(("out", "lse"), (out, lse), reference.forward(f64), reference.forward(pr, np.float32), 2)
-    if not grad:
-        return failures
-    dout = rng.standard_normal(pr.out_shape).astype(pr.dtype)
-    wrt = [pr.q, pr.k, pr.v] + ([pr.mask] if pr.mask_kind == "float" else [])
-    grads = efficient.IMPL.backward(pr, out, lse, dout, grads=tuple(_poisoned(x.shape, x.dtype) for x in wrt))
-    names = ("dq", "dk", "dv", "dmask")
-    ref = reference.backward(f64, dout.astype(np.float64))
-    return failures + _judge_all(names, grads, ref, reference.backward(pr, dout, np.float32), 3)
-
-
 def _check(rng, q, k, v, mask=None, grad=True, **kw):
+    """EFFICIENT on the problem of these arguments, judged by the harness."""
     seed = kw.pop("seed", None)
-    return _check_problem(rng, problem.from_dense(q, k, v, mask, problem.Options(**kw), seed), grad)
+    pr = problem.from_dense(q, k, v, mask, problem.Options(**kw), seed)
+    return harness.run_problem(pr, efficient.IMPL, rng, grad)
 
 
 def _qkv(rng, batch, hq, hkv, L, S, E, Ev, dtype=np.float32):
@@ -150,8 +124,6 @@ def case_dropout_mask_bit_identical_to_philox(rng):
     k = rng.standard_normal((2, hq, S, 4)).astype(np.float32)
     v = np.broadcast_to(np.eye(S, dtype=np.float32), (2, hq, S, S))
     pr = problem.from_dense(q, k, v, None, problem.Options(dropout_p=p), (seed, offset))
-    from cusdpa.backends import efficient
-
     out, _ = efficient.IMPL.forward(pr)
     want = philox.keep_mask(seed, offset, np.arange(2 * hq).reshape(2, hq), L, S, p)
     failures = [] if np.array_equal(out != 0, want) else [
@@ -183,7 +155,7 @@ def case_varlen(rng):
         v = rng.standard_normal((cu_k[-1], 2, 3)).astype(np.float32)
         seed = kw.pop("seed", None)
         pr = problem.from_varlen(q, k, v, cu_q, cu_k, 9, 8, problem.Options(enable_gqa=True, **kw), seed)
-        failures += [f"{kw}: {m}" for m in _check_problem(rng, pr)]
+        failures += [f"{kw}: {m}" for m in harness.run_problem(pr, efficient.IMPL, rng)]
     return failures
 
 
@@ -286,11 +258,12 @@ def _run_case(name_seed):
 
     name, seed = name_seed
     rng = np.random.default_rng([seed, zlib.crc32(name.encode())])
-    from kernels_numba import KernelConfig, configured
+    from kernels_numba import configured
+
+    from cusdpa.verify.check import simulator_tiles
 
     try:
-        with configured(KernelConfig(variant="portable", block_rows=8, tile_rows=4, bwd_threads=2, bwd_sub=2,
-                                     bwd_chunk=4)):
+        with configured(simulator_tiles()):
             return name, CASES[name](rng)
     except Exception as e:  # reported as the case's failure, with its type and message
         import traceback

@@ -11,7 +11,7 @@ import pytest
 
 from cusdpa.backends import flash
 from cusdpa.backends.flash import config, sources
-from cusdpa.verify.harness import Case, run_case
+from cusdpa.verify.harness import Case, build, draw, run_case
 
 # One representative (E, Ev) per tile configuration class, incl. E != Ev and the split dK/dV passes.
 CONFIG_DIMS = [(40, 40), (64, 64), (64, 128), (72, 128), (256, 256)]
@@ -208,12 +208,8 @@ def test_dropout_mask_is_bit_identical_to_the_reference(rng):
 def test_backward_is_bit_identical_run_to_run(rng):
     import cupy
 
-    from cusdpa.verify.harness import make_inputs, make_problem
-
-    case = Case(hq=4, hkv=1, L=300, S=300, E=128, causal="upper_left", dropout_p=0.1)
-    arrays = make_inputs(case, rng)
-    q, k, v, dout = (cupy.asarray(x) for x in arrays[:4])
-    pr = make_problem(case, (q, k, v, None, None), seed=7)
+    pr = build(Case(hq=4, hkv=1, L=300, S=300, E=128, causal="upper_left", dropout_p=0.1, seed=7), cupy, rng)
+    dout = cupy.asarray(draw(rng, pr.out_shape, pr.dtype_name))
     out, lse = flash.IMPL.forward(pr)
     first = flash.IMPL.backward(pr, out, lse, dout, True)
     for _ in range(3):

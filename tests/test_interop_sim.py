@@ -15,37 +15,25 @@ import pytest
 pytest.importorskip("torch")
 
 
-def _judged(name, got, truth, base, factor):
-    from cusdpa.verify import judge as testing
-
-    host = [x.detach().double().numpy() for x in (got, truth, base)]
-    return [m for m in [testing.judge(name, *host, factor=factor)] if m]
-
-
 def check_dense(dtype_name):
-    """GQA + float mask (with its gradient): EFFICIENT vs float64, baseline PyTorch at the same precision."""
+    """GQA + float mask (with its gradient) through EFFICIENT, judged by the harness (the float64 reference,
+    PyTorch's error at the same precision)."""
+    import functools
+
+    import numpy as np
     import torch
-    from torch.nn import functional as F
 
     import interop
     from cusdpa import Backend
+    from cusdpa.verify import harness
 
     dtype = getattr(torch, dtype_name)
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(*s, generator=g).to(dtype).requires_grad_() for s in ((2, 4, 7, 8), (2, 2, 9, 8),
                                                                                  (2, 2, 9, 8)))
     mask = torch.randn(4, 7, 9, generator=g).to(dtype).requires_grad_()
-    inputs = (q, k, v, mask)
-    wide = [x.detach().double().requires_grad_() for x in inputs]
-    got = interop.scaled_dot_product_attention(*inputs, enable_gqa=True, backend=Backend.EFFICIENT)
-    base = F.scaled_dot_product_attention(*inputs, enable_gqa=True)
-    truth = F.scaled_dot_product_attention(*wide, enable_gqa=True)
-    failures = _judged("out", got, truth, base, 2.0)
-    dout = torch.randn(got.shape, generator=g).to(dtype)
-    for name, a, b, c in zip(("dq", "dk", "dv", "dmask"), torch.autograd.grad(got, inputs, dout),
-                             torch.autograd.grad(base, inputs, dout), torch.autograd.grad(truth, wide, dout.double())):
-        failures += _judged(name, a, c, b, 3.0)
-    return failures
+    efficient = functools.partial(interop.scaled_dot_product_attention, backend=Backend.EFFICIENT)
+    return harness.run_torch(efficient, q, k, v, mask, rng=np.random.default_rng(0), enable_gqa=True)
 
 
 def check_dropout_and_nested():

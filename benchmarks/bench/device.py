@@ -1,5 +1,5 @@
 """Where the bench runs: a CUDA GPU (CuPy arrays for cusdpa, torch tensors sharing their memory for
-PyTorch) or the CPU (NumPy arrays; torch CPU tensors when torch is installed)."""
+PyTorch) or the CPU (NumPy arrays and torch CPU tensors with the same values)."""
 from __future__ import annotations
 
 import importlib.util
@@ -38,7 +38,7 @@ class Point:
 
 @dataclass
 class Inputs:
-    """q, k, v, dout as cusdpa arrays (NumPy or CuPy) and as torch tensors (None without torch)."""
+    """q, k, v, dout as cusdpa arrays (NumPy or CuPy) and as torch tensors with the same values."""
 
     arrays: tuple
     tensors: tuple | None
@@ -57,45 +57,40 @@ class Device:
     @classmethod
     def detect(cls, sizes) -> tuple["Device", str]:
         """The device and a line saying what runs where."""
-        torch = None
-        if importlib.util.find_spec("torch") is not None:
-            import torch
+        if importlib.util.find_spec("torch") is None:
+            raise SetupError("bench compares with PyTorch and checks every result against PyTorch's error at the "
+                             "same precision; install torch (pip install 'cusdpa[bench]')")
+        import torch
+
         cupy_problem = environment.cupy_problem()
         if cupy_problem is None:
-            if torch is None or not torch.cuda.is_available():
+            if not torch.cuda.is_available():
                 raise SetupError("bench on a GPU compares with PyTorch and times with its CUDA events; install a "
                                    "CUDA build of torch (pip install 'cusdpa[bench]')")
             return cls(True, torch, sizes), f"GPU: {environment.gpus()[0]}"
         line = (f"no GPU comparison: it needs a CUDA GPU with CuPy ({cupy_problem}). Running the small CPU "
                 "configuration instead: the NumPy reference (MATH), EFFICIENT on Numba's CUDA simulator, "
-                + ("torch's CPU SDPA" if torch is not None else "no torch (not installed)")
-                + "; CPU wall-clock timings of toy sizes say nothing about GPU speed")
+                "torch's CPU SDPA; CPU wall-clock timings of toy sizes say nothing about GPU speed")
         return cls(False, torch, sizes), line
 
     def inputs(self, point: Point, seed: int) -> Inputs:
         shapes = [(point.B, point.H, n, point.E) for n in (point.L, point.S, point.S, point.L)]
+        torch = self.torch
         if self.gpu:
             from interop import bridge
 
-            torch = self.torch
             gen = torch.Generator(device="cuda").manual_seed(seed)
             tensors = tuple(torch.randn(s, generator=gen, device="cuda", dtype=getattr(torch, point.dtype))
                             for s in shapes)
             return Inputs(tuple(bridge.as_array(t) for t in tensors), tensors)
         rng = np.random.default_rng(seed)
-        arrays = tuple(rng.standard_normal(s).astype(np.float32).astype(harness.np_dtype(point.dtype)) for s in shapes)
-        return Inputs(arrays, self.torch_copies(arrays))
-
-    def torch_copies(self, arrays) -> tuple | None:
-        """CPU torch tensors with the values of NumPy ``arrays`` (None without torch)."""
-        if self.torch is None:
-            return None
-        torch = self.torch
-        return tuple(torch.from_numpy(x.astype(np.float32)).to(getattr(torch, x.dtype.name)) for x in arrays)
+        arrays = tuple(harness.draw(rng, s, point.dtype) for s in shapes)
+        return Inputs(arrays, tuple(torch.from_numpy(x.astype(np.float32)).to(getattr(torch, point.dtype))
+                                    for x in arrays))
 
     def wide(self, x):
         """float64 copy on this device of a NumPy/CuPy array or a torch tensor, for judging."""
-        if self.torch is not None and isinstance(x, self.torch.Tensor):
+        if isinstance(x, self.torch.Tensor):
             x = x.detach().double()
             if not self.gpu:
                 return x.numpy()

@@ -11,7 +11,7 @@ import time
 
 import numpy as np
 
-from cusdpa.verify import harness, judge
+from cusdpa.verify import judge
 from .config import Options
 from .device import Device
 from .providers import NotAvailable, torch_dispatch_errors
@@ -75,10 +75,6 @@ def _batches(torch, opts: Options, device: str, part: str) -> dict:
 def measure(part: str, opts: Options, dev: Device, results, progress) -> None:
     """Part b (dense and nested batches) or part c (eager and torch.compile), cusdpa and torch."""
     torch = dev.torch
-    if torch is None:
-        results.add(dict(part=part, status="n/a", reason="torch is not installed"))
-        progress(4)
-        return
     device = "cuda" if dev.gpu else "cpu"
     models = Models(torch, opts, device)
     modes = ("eager", "compiled") if part == "c" else ("eager",)
@@ -135,13 +131,13 @@ def _judge(dev: Device, records, outputs: dict, truth) -> None:
     """Max error of each output; one beyond 2x the torch eager module's error (the yardstick) fails."""
     truth = dev.wide(truth)
     base = outputs.get(("torch", "eager"))
-    base = None if base is None else dev.wide(base)
+    bound = None if base is None else judge.bound("out", truth, dev.wide(base), DTYPE)
     for record in records:
         got = dev.wide(outputs[record["provider"], record["mode"]])
         record["error"] = {"out": judge.max_error(got, truth)}
-        if base is None:
+        if bound is None:
             record["note"] = "not judged: the torch module, the yardstick, did not run"
             continue
-        verdict = judge.judge("out", got, truth, base, 2.0, harness.FLOOR[DTYPE])
+        verdict = bound.verdict(record["error"]["out"])
         if verdict:
             record.update(status="failed", reason=verdict)

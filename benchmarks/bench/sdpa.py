@@ -1,21 +1,19 @@
 """Parts a and d: one attention problem through every provider, each checked against the float64
 reference before anything is timed.
 
-The reference is cusdpa.reference in float64 on the problem's own device (CuPy on a GPU). The
-yardstick (DESIGN.md) is PyTorch at the same precision: on a GPU its default SDPA on the same inputs,
-on the CPU the reference with float32 accumulation and outputs in the input dtype. A provider may
-err by at most 2x the yardstick's error (3x for gradients) plus one unit in the last place; one
-that errs more is reported as failed and not timed.
+The check is the one harness's (cusdpa.verify.harness.expect and judged): the reference is
+cusdpa.reference in float64 on the problem's own device (CuPy on a GPU), the yardstick PyTorch at the
+same precision on that device (cusdpa.verify.yardstick). A provider may err by at most 2x the
+yardstick's error (3x for gradients) plus a unit of roundoff; one that errs more is reported as failed
+and not timed.
 """
 from __future__ import annotations
 
-import numpy as np
-
-from cusdpa import problem, reference
-from cusdpa.verify import harness, judge
+from cusdpa import problem
+from cusdpa.verify import harness
 from .config import Options, Provider
 from .device import Device, Point
-from .providers import NotAvailable, TorchRun, make_run
+from .providers import NotAvailable, make_run
 
 GRADS = ("dq", "dk", "dv")
 
@@ -32,43 +30,6 @@ def tutorial_point(opts: Options) -> Point:
     return Point(B, H, L, L, E, "float16", False)
 
 
-def _truth(dev: Device, arrays, point: Point, need_grad: bool) -> dict:
-    q, k, v, dout = (dev.wide(x) for x in arrays)
-    pr = problem.from_dense(q, k, v, None, problem.Options(is_causal=point.causal))
-    truth = {"out": reference.forward(pr)[0]}
-    if need_grad:
-        truth.update(zip(GRADS, reference.backward(pr, dout)))
-    return truth
-
-
-def _yardstick(dev: Device, inputs, point: Point, need_grad: bool) -> dict:
-    if dev.gpu:
-        run = TorchRun(Provider("torch", "torch", None), inputs, point)
-        base = {"out": run.forward()[1]}
-        if need_grad:
-            base.update(zip(GRADS, run.backward()[2]))
-    else:
-        q, k, v, dout = inputs.arrays
-        pr = problem.from_dense(q, k, v, None, problem.Options(is_causal=point.causal))
-        base = {"out": reference.forward(pr, np.float32)[0]}
-        if need_grad:
-            base.update(zip(GRADS, reference.backward(pr, dout, np.float32)))
-    return {name: dev.wide(x) for name, x in base.items()}
-
-
-def _judged(dev: Device, got: dict, truth: dict, base: dict, dtype: str) -> tuple[dict, list[str]]:
-    """Max errors against the reference, and the verdicts of the ones that exceed the yardstick."""
-    errors, failures = {}, []
-    for name, x in got.items():
-        wide = dev.wide(x)
-        errors[name] = judge.max_error(wide, truth[name])
-        verdict = judge.judge(name, wide, truth[name], base[name], 2.0 if name == "out" else 3.0,
-                                harness.FLOOR[dtype])
-        if verdict:
-            failures.append(verdict)
-    return errors, failures
-
-
 def _first_call(run, direction: str):
     """(function to time, grad_to_none, outputs by name) after calling it once."""
     if direction == "fwd":
@@ -82,18 +43,17 @@ def measure(part: str, point: Point, providers: list[Provider], directions, opts
             results, seed: int, progress) -> None:
     """Check every (provider, direction) on ``point``, then time the ones that passed; one record each."""
     inputs = dev.inputs(point, seed)
-    need_grad = "bwd" in directions
-    truth = _truth(dev, inputs.arrays, point, need_grad)
-    dev.free()  # the reference's temporaries (GBs at L = 16384) go back before any provider runs
-    base = _yardstick(dev, inputs, point, need_grad)
-    base_errors = {name: judge.max_error(x, truth[name]) for name, x in base.items()}
+    q, k, v, dout = inputs.arrays
+    pr = problem.from_dense(q, k, v, None, problem.Options(is_causal=point.causal))
+    expected = harness.expect(pr, dout if "bwd" in directions else None)
+    dev.free()  # the reference's and the yardstick's temporaries (GBs at L = 16384) go back before any provider
     checked = []
     for provider in providers:
         for direction in directions:
             record = dict(part=part, **point.fields(), direction=direction, provider=provider.id,
                           label=provider.label, flops=point.flops(direction))
             names = ("out",) if direction == "fwd" else GRADS
-            record["yardstick_error"] = {n: base_errors[n] for n in names}
+            record["yardstick_error"] = {n: expected.bounds[n].yardstick_error for n in names}
             skip = opts.skip_reason(provider, point.L, direction)
             if skip:
                 results.add(dict(record, status="skipped", reason=skip))
@@ -106,7 +66,7 @@ def measure(part: str, point: Point, providers: list[Provider], directions, opts
                     if runs_on:
                         record["runs_on"] = runs_on
                     fn, leaves, got = _first_call(run, direction)
-                record["error"], failures = _judged(dev, got, truth, base, point.dtype)
+                record["error"], failures = harness.judged(expected, got)
                 del got
             except NotAvailable as e:
                 results.add(dict(record, status="n/a", reason=str(e)))
@@ -122,7 +82,7 @@ def measure(part: str, point: Point, providers: list[Provider], directions, opts
                 progress()
                 continue
             checked.append((record, run, fn, leaves))
-    del truth, base
+    del expected
     dev.free()
     for record, run, fn, leaves in checked:
         try:
