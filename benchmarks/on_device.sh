@@ -2,7 +2,10 @@
 # One call of the lent GPU machine: set up, then run the named stages in order, logged to $OUT/log.txt
 # (one file: the tool brings back at most 8), each stage's tail also on screen.
 #
-#   bash benchmarks/on_device.sh STAGE...     (from the repository root, with .whl carried)
+#   bash benchmarks/on_device.sh [-j] STAGE...     (from the repository root, with .whl carried)
+#
+# With -j the stages run concurrently (tests and sanitizer runs are mostly compilation on the host's 16 cores;
+# never for timing stages), then their logs follow one another.
 #
 # The machine has torch, CuPy, numba-cuda and triton but numpy 2.5, which numba-cuda 0.30 cannot import:
 # a numpy < 2.5 wheel travels in .whl (README of the device tool) and goes first on PYTHONPATH.
@@ -14,19 +17,21 @@
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
-python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl || exit 1
+parallel=0
+if [ "${1:-}" = "-j" ]; then parallel=1; shift; fi
+[ -d /tmp/site/numpy ] || python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,temperature.gpu --format=csv,noheader
-summary=()
-for stage in "$@"; do
-  start=$(date +%s)
+
+command_of() {  # the command of stage $1, into the array cmd
+  local stage=$1
   case $stage in
     flash-tests) cmd=(python3 -m pytest -q -m "gpu and not slow" -p no:cacheprovider tests/test_flash.py) ;;
     plans-tests) cmd=(python3 -m pytest -q -p no:cacheprovider tests/test_plans.py) ;;
     interop-tests) cmd=(python3 -m pytest -q -m "gpu and not slow" -p no:cacheprovider tests/test_interop_gpu.py) ;;
     efficient-tests) cmd=(python3 -m pytest -q -m "gpu and not slow" -p no:cacheprovider tests/test_efficient_gpu.py) ;;
     fuzz) cmd=(python3 -m cusdpa check --fuzz 90) ;;
-    sanitize) cmd=(bash -c 'for tool in memcheck racecheck synccheck initcheck; do
+    sanitize) cmd=(bash -c 'set -o pipefail; for tool in memcheck racecheck synccheck initcheck; do
                      echo "--- $tool"; compute-sanitizer --tool $tool --report-api-errors no --error-exitcode 3 \
                        python3 benchmarks/sanitize.py | tail -n 12 || exit $?; done') ;;
     sweep) cmd=(python3 benchmarks/flash_sweep.py --forward-only --lengths 1024 4096 16384) ;;
@@ -42,11 +47,31 @@ for stage in "$@"; do
     train-compiled) cmd=(python3 examples/train_gpt.py --device cuda --compile) ;;
     *) echo "unknown stage $stage" >&2; exit 2 ;;
   esac
-  echo "=== $stage: ${cmd[*]}"
+}
+
+run_stage() {  # run stage $1, log to /tmp/$1.log, record "stage rc seconds" in /tmp/$1.rc
+  local stage=$1 start rc
+  start=$(date +%s)
+  command_of "$stage"
   "${cmd[@]}" > "/tmp/$stage.log" 2>&1
   rc=$?
-  { echo "=== $stage: ${cmd[*]} (rc=$rc)"; cat "/tmp/$stage.log"; } >> "$OUT/log.txt"
+  echo "$stage rc=$rc $(( $(date +%s) - start ))s" > "/tmp/$stage.rc"
+}
+
+report() {  # append stage $1's log to $OUT/log.txt and show its tail
+  local stage=$1
+  command_of "$stage"
+  { echo "=== $stage: ${cmd[*]} ($(cat "/tmp/$stage.rc"))"; cat "/tmp/$stage.log"; } >> "$OUT/log.txt"
+  echo "=== $stage: ${cmd[*]}"
   tail -n 25 "/tmp/$stage.log"
-  summary+=("$stage rc=$rc $(( $(date +%s) - start ))s")
-done
-printf '%s\n' "${summary[@]}"
+}
+
+for stage in "$@"; do command_of "$stage"; done  # unknown stages stop here, before anything runs
+if [ $parallel = 1 ]; then
+  for stage in "$@"; do run_stage "$stage" & done
+  wait
+  for stage in "$@"; do report "$stage"; done
+else
+  for stage in "$@"; do run_stage "$stage"; report "$stage"; done
+fi
+for stage in "$@"; do cat "/tmp/$stage.rc"; done
