@@ -181,21 +181,6 @@ class Problem:
         return math.prod(self.batch_shape) * self.hq
 
 
-def token_major_strides(shape) -> tuple:
-    """Element strides of a dense output (..., Hq, L, Ev) laid out (..., L, Hq, Ev) in memory, as PyTorch's
-    fused SDPA kernels lay theirs out: merging the heads back into features (``transpose(-3, -2)`` then
-    ``reshape``) is then a view instead of a copy. Rank 2 (L, Ev) is row-major. Works on symbolic sizes."""
-    if len(shape) < 3:
-        return tuple(shape[1:]) + (1,)
-    hq, L, ev = shape[-3:]
-    strides = [ev, hq * ev, 1]
-    inner = L * hq * ev
-    for n in reversed(shape[:-3]):
-        strides.insert(0, inner)
-        inner = inner * n
-    return tuple(strides)
-
-
 def _dtype_name(x) -> str:
     return np.dtype(x.dtype).name
 
