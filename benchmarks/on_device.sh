@@ -4,7 +4,8 @@
 #
 #   bash benchmarks/on_device.sh [-j] STAGE...     (from the repository root, with .whl carried)
 #
-# With -j the stages run concurrently (tests and sanitizer runs are mostly compilation on the host's 16 cores;
+# STAGE_TIMEOUT=SECONDS stops a stage that runs longer (rc 124), so a call of the lent machine ends within
+# its limit with every log written. With -j the stages run concurrently (tests and sanitizer runs are mostly compilation on the host's 16 cores;
 # never for timing stages), then their logs follow one another.
 #
 # The machine has torch, CuPy, numba-cuda and triton but numpy 2.5, which numba-cuda 0.30 cannot import:
@@ -53,7 +54,7 @@ run_stage() {  # run stage $1, log to /tmp/$1.log, record "stage rc seconds" in 
   local stage=$1 start rc
   start=$(date +%s)
   command_of "$stage"
-  "${cmd[@]}" > "/tmp/$stage.log" 2>&1
+  timeout "${STAGE_TIMEOUT:-3600}" "${cmd[@]}" > "/tmp/$stage.log" 2>&1
   rc=$?
   echo "$stage rc=$rc $(( $(date +%s) - start ))s" > "/tmp/$stage.rc"
 }
