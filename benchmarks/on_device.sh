@@ -10,7 +10,7 @@
 #
 # The machine has torch, CuPy, numba-cuda and triton but numpy 2.5, which numba-cuda 0.30 cannot import:
 # a numpy < 2.5 wheel travels in .whl (README of the device tool) and goes first on PYTHONPATH.
-# Stages: flash-tests, plans-tests, interop-tests, efficient-tests, fuzz (90 s of random cases against the
+# Stages: flash-tests, plans-tests, interop-tests, efficient-tests, fuzz (60 s of random cases against the
 # reference), sanitize (every kernel family under compute-sanitizer's four tools), sweep, sweep-module (the
 # tutorial module's attention shape), overhead, bench (every provider),
 # bench-flash (cusdpa FLASH against PyTorch's FLASH and cuDNN only), bench-module (the tutorial module: parts b
@@ -31,7 +31,7 @@ command_of() {  # the command of stage $1, into the array cmd
     plans-tests) cmd=(python3 -m pytest -q -p no:cacheprovider tests/test_plans.py) ;;
     interop-tests) cmd=(python3 -m pytest -q -m "gpu and not slow" -p no:cacheprovider tests/test_interop_gpu.py) ;;
     efficient-tests) cmd=(python3 -m pytest -q -m "gpu and not slow" -p no:cacheprovider tests/test_efficient_gpu.py) ;;
-    fuzz) cmd=(python3 -m cusdpa check --fuzz 90) ;;
+    fuzz) cmd=(python3 -m cusdpa check --fuzz 60) ;;
     sanitize) cmd=(bash -c 'set -o pipefail; for tool in memcheck racecheck synccheck initcheck; do
                      echo "--- $tool"; compute-sanitizer --tool $tool --report-api-errors no --error-exitcode 3 \
                        python3 benchmarks/sanitize.py | tail -n 12 || exit $?; done') ;;
