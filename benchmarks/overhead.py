@@ -5,10 +5,13 @@ host dominates.
 
 The tutorial's module (8 heads x 64, 32 x 512 tokens, fp16, causal), eager and under torch.compile, and one
 attention call of its shape on torch tensors and on CuPy arrays, inference and forward + backward. A round
-times 200 calls issued back to back and then synchronised once: "host" is the time until the last call
-returns (so a call cheaper than the GPU work behind it still shows its host cost), "with GPU" the time
-until the GPU is done. The lent machine's host speed drifts by up to 2x within minutes, so cusdpa's and
-PyTorch's rounds alternate, seven of each, and the table reports medians. ``--profile`` adds the GPU
+times a few dozen to 200 calls issued back to back and then synchronised once: "host" is the time until
+the last call returns (so a call cheaper than the GPU work behind it still shows its host cost), "with
+GPU" the time until the GPU is done. A round stays under ~500 launches: past about a thousand pending
+launches a stream's queue is full and the host waits for the GPU, which would count GPU time as host time
+(a forward + backward is about seven launches and outlasts its host work here). The lent machine's host
+speed drifts by up to 2x within minutes, so cusdpa's and PyTorch's rounds alternate, seven of each, and
+the table reports medians. ``--profile`` adds the GPU
 kernel times of both modules (torch.profiler) and cProfile tables, in microseconds per call, of the eager
 forward call and of the backward op.
 """
@@ -28,6 +31,8 @@ from cusdpa.backends import flash
 from interop import autograd, bridge, ops
 
 CALLS, ROUNDS = 200, 7
+MODULE_CALLS = 100  # a module call is ~4 launches
+TRAINING_CALLS = 50  # forward + backward: ~7 launches each
 
 
 def _round(fn, n=CALLS) -> tuple[float, float]:
@@ -41,14 +46,15 @@ def _round(fn, n=CALLS) -> tuple[float, float]:
     return 1e6 * host / n, 1e6 * (time.perf_counter() - start) / n
 
 
-def measure(stages: dict) -> dict:
-    """name -> (median host, median with GPU) over ROUNDS rounds, the stages' rounds interleaved."""
+def measure(stages: dict, calls: int = CALLS) -> dict:
+    """name -> (median host, median with GPU) over ROUNDS rounds of ``calls`` calls, the stages' rounds
+    interleaved."""
     for fn in stages.values():
         fn()  # warm: plans built, kernels loaded
     rounds = {name: [] for name in stages}
     for _ in range(ROUNDS):
         for name, fn in stages.items():
-            rounds[name].append(_round(fn))
+            rounds[name].append(_round(fn, calls))
     out = {}
     for name, rs in rounds.items():
         out[name] = (statistics.median(r[0] for r in rs), statistics.median(r[1] for r in rs))
@@ -122,13 +128,13 @@ def main():
         print("\nthe tutorial's module, inference:")
         t.update(measure({"module, cusdpa": lambda: module(x), "module, torch": lambda: reference(x),
                           "module compiled, cusdpa": lambda: compiled(x),
-                          "module compiled, torch": lambda: compiled_reference(x)}))
+                          "module compiled, torch": lambda: compiled_reference(x)}, MODULE_CALLS))
     print("\none call, forward and backward (gradients to q, k and v):")
     t.update(measure({
         "fwd+bwd, cusdpa": lambda: interop.scaled_dot_product_attention(qg, qg, qg, is_causal=True).backward(q),
         "fwd+bwd, torch": lambda: sdpa(qg, qg, qg, is_causal=True).backward(q),
         "fwd+bwd, trivial Python Function": lambda: _Trivial.apply(qg, qg, qg).backward(q),
-        "backward op kernel called directly": lambda: ops.call(ops.sdpa_bwd, *bwd_args)}))
+        "backward op kernel called directly": lambda: ops.call(ops.sdpa_bwd, *bwd_args)}, TRAINING_CALLS))
     spent = []
     real = autograd.Attention.backward
 
@@ -139,7 +145,7 @@ def main():
         return result
 
     autograd.Attention.backward = staticmethod(backward)
-    for _ in range(CALLS):
+    for _ in range(TRAINING_CALLS):
         interop.scaled_dot_product_attention(qg, qg, qg, is_causal=True).backward(q)
     autograd.Attention.backward = real
     print(f"{'time in Attention.backward per call':44s} host {1e6 * statistics.median(spent):7.1f} us")
