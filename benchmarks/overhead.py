@@ -4,16 +4,14 @@ host dominates.
     python benchmarks/overhead.py [--profile]
 
 The tutorial's module (8 heads x 64, 32 x 512 tokens, fp16, causal), eager and under torch.compile, and one
-attention call of its shape on torch tensors and on CuPy arrays, inference and forward + backward. A round
-times a few dozen to 200 calls issued back to back and then synchronised once: "host" is the time until
-the last call returns (so a call cheaper than the GPU work behind it still shows its host cost), "with
-GPU" the time until the GPU is done. A round stays under ~500 launches: past about a thousand pending
-launches a stream's queue is full and the host waits for the GPU, which would count GPU time as host time
-(a forward + backward is about seven launches and outlasts its host work here). The lent machine's host
-speed drifts by up to 2x within minutes, so cusdpa's and PyTorch's rounds alternate, seven of each, and
-the table reports medians. ``--profile`` adds the GPU
-kernel times of both modules (torch.profiler) and cProfile tables, in microseconds per call, of the eager
-forward call and of the backward op.
+attention call of its shape on torch tensors and on CuPy arrays, inference and forward + backward; forward
++ backward also on a small problem (1 x 8 heads x 128 tokens), where the GPU work is negligible. "host" is the
+time until one call returns, started with an empty stream queue (each call follows a synchronize), so
+neither the GPU work behind earlier calls nor a full launch queue counts as host time; "with GPU" is the
+time per call of a round of back-to-back calls synchronised once. The lent machine's host speed drifts by up
+to 2x within minutes, so cusdpa's and PyTorch's rounds alternate, seven of each, and the table reports
+medians. ``--profile`` adds the GPU kernel times of both modules (torch.profiler) and cProfile tables, in
+microseconds per call, of the eager forward call and of the backward op.
 """
 from __future__ import annotations
 
@@ -30,20 +28,28 @@ from cusdpa import dispatch, problem
 from cusdpa.backends import flash
 from interop import autograd, bridge, ops
 
+# Calls per round: a back-to-back round stays under ~500 launches, since past about a thousand pending
+# launches a stream's queue is full and the with-GPU figure would stop meaning anything.
 CALLS, ROUNDS = 200, 7
 MODULE_CALLS = 100  # a module call is ~4 launches
 TRAINING_CALLS = 50  # forward + backward: ~7 launches each
 
 
-def _round(fn, n=CALLS) -> tuple[float, float]:
-    """(host, with GPU) microseconds per call over n back-to-back calls."""
+def _round(fn, n=CALLS) -> tuple[list, float]:
+    """(host microseconds of each of n calls, each started with an empty queue; with-GPU microseconds per
+    call of n back-to-back calls)."""
+    host = []
+    for _ in range(n):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        host.append(1e6 * (time.perf_counter() - start))
     torch.cuda.synchronize()
     start = time.perf_counter()
     for _ in range(n):
         fn()
-    host = time.perf_counter() - start
     torch.cuda.synchronize()
-    return 1e6 * host / n, 1e6 * (time.perf_counter() - start) / n
+    return host, 1e6 * (time.perf_counter() - start) / n
 
 
 def measure(stages: dict, calls: int = CALLS) -> dict:
@@ -57,9 +63,10 @@ def measure(stages: dict, calls: int = CALLS) -> dict:
             rounds[name].append(_round(fn, calls))
     out = {}
     for name, rs in rounds.items():
-        out[name] = (statistics.median(r[0] for r in rs), statistics.median(r[1] for r in rs))
+        medians = [statistics.median(r[0]) for r in rs]
+        out[name] = (statistics.median(h for r in rs for h in r[0]), statistics.median(r[1] for r in rs))
         print(f"{name:44s} host {out[name][0]:7.1f} us   with GPU {out[name][1]:7.1f} us   "
-              f"(host rounds {min(r[0] for r in rs):.1f}-{max(r[0] for r in rs):.1f})", flush=True)
+              f"(host round medians {min(medians):.1f}-{max(medians):.1f})", flush=True)
     return out
 
 
@@ -108,6 +115,8 @@ def main():
     compiled, compiled_reference = torch.compile(module), torch.compile(reference)
     sdpa = torch.nn.functional.scaled_dot_product_attention
     qg = q.detach().requires_grad_()
+    small = torch.randn(1, 8, 128, 64, device="cuda", dtype=torch.half)
+    sg = small.detach().requires_grad_()
     fwd_out, fwd_lse = ops.sdpa_fwd(*op_args)
     bwd_args = (q, q, q, q, None, fwd_out, fwd_lse, 0.0, True, None, False, "upper_left", None, None,
                 "flash,efficient,math", False)
@@ -134,6 +143,9 @@ def main():
         "fwd+bwd, cusdpa": lambda: interop.scaled_dot_product_attention(qg, qg, qg, is_causal=True).backward(q),
         "fwd+bwd, torch": lambda: sdpa(qg, qg, qg, is_causal=True).backward(q),
         "fwd+bwd, trivial Python Function": lambda: _Trivial.apply(qg, qg, qg).backward(q),
+        "small fwd+bwd, cusdpa": lambda: interop.scaled_dot_product_attention(sg, sg, sg, is_causal=True).backward(
+            small),
+        "small fwd+bwd, torch": lambda: sdpa(sg, sg, sg, is_causal=True).backward(small),
         "backward op kernel called directly": lambda: ops.call(ops.sdpa_bwd, *bwd_args)}, TRAINING_CALLS))
     spent = []
     real = autograd.Attention.backward
@@ -154,6 +166,7 @@ def main():
           "torch eager 1.5), and the compiled module's speed, PyTorch's time with GPU over cusdpa's (bar 0.95)")
     for what, ours, theirs in (("eager forward", "interop.scaled_dot_product_attention", "torch SDPA"),
                                ("eager forward + backward", "fwd+bwd, cusdpa", "fwd+bwd, torch"),
+                               ("small forward + backward", "small fwd+bwd, cusdpa", "small fwd+bwd, torch"),
                                ("CuPy call vs torch eager", "cusdpa on CuPy arrays", "torch SDPA")):
         print(f"  {what:28s} host {t[ours][0]:7.1f} / {t[theirs][0]:7.1f} us = {t[ours][0] / t[theirs][0]:5.2f}x")
     ours, theirs = t["module compiled, cusdpa"], t["module compiled, torch"]

@@ -46,28 +46,37 @@ def _distinct(args: tuple) -> tuple:
     return tuple(out)
 
 
+def _first_order(ctx) -> None:
+    # Autograd runs a backward in grad mode only for create_graph=True. The ops carry no derivative of their
+    # own, so a second-order gradient would silently be zero: refuse it, as once_differentiable would (its
+    # wrapper costs a few microseconds on every backward).
+    if torch.is_grad_enabled():
+        raise RuntimeError("cusdpa attention is differentiable once: its backward cannot be differentiated "
+                           "(create_graph=True, double backward)")
+
+
 class Attention(torch.autograd.Function):
     """Dense attention: ``cusdpa::sdpa_fwd`` forward, ``cusdpa::sdpa_bwd`` backward. Arguments: query, key,
-    value, attn_mask, seed, backends, then the option values (``arguments.options``)."""
+    value, attn_mask, seed, backends, and the tuple of option values (``arguments.options``): one argument,
+    since autograd handles every argument of apply and of backward's result on every call."""
 
     @staticmethod
-    def forward(query, key, value, attn_mask, seed, backends, *options):
+    def forward(query, key, value, attn_mask, seed, backends, options):
         return ops.call(ops.sdpa_fwd, query, key, value, attn_mask, *options, seed, backends)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        query, key, value, attn_mask, seed, backends, *options = inputs
+        query, key, value, attn_mask, seed, ctx.backends, ctx.options = inputs
         ctx.save_for_backward(query, key, value, attn_mask, *output, seed)
-        ctx.backends, ctx.options = backends, options
         ctx.mark_non_differentiable(output[1])  # lse is for the backward only
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out, _grad_lse):
+        _first_order(ctx)
         query, key, value, attn_mask, out, lse, seed = ctx.saved_tensors
         dq, dk, dv, dmask = ops.call(ops.sdpa_bwd, grad_out, query, key, value, attn_mask, out, lse, *ctx.options,
                                      seed, ctx.backends, torch.are_deterministic_algorithms_enabled())
-        return dq, dk, dv, dmask if ctx.needs_input_grad[3] else None, None, None, *[None] * len(ctx.options)
+        return dq, dk, dv, dmask if attn_mask is not None and ctx.needs_input_grad[3] else None, None, None, None
 
 
 class VarlenAttention(torch.autograd.Function):
@@ -75,32 +84,32 @@ class VarlenAttention(torch.autograd.Function):
     key, value, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seed, backends, option values."""
 
     @staticmethod
-    def forward(query, key, value, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seed, backends, *options):
+    def forward(query, key, value, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seed, backends, options):
         return ops.call(ops.varlen_fwd, query, key, value, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                         *options, seed, backends)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        query, key, value, cu_seqlens_q, cu_seqlens_k, max_q, max_k, seed, backends, *options = inputs
+        query, key, value, cu_seqlens_q, cu_seqlens_k, max_q, max_k, seed, ctx.backends, ctx.options = inputs
         ctx.save_for_backward(query, key, value, cu_seqlens_q, cu_seqlens_k, *output, seed)
-        ctx.max_seqlens, ctx.backends, ctx.options = (max_q, max_k), backends, options
+        ctx.max_seqlens = (max_q, max_k)
         ctx.mark_non_differentiable(output[1])
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out, _grad_lse):
+        _first_order(ctx)
         query, key, value, cu_seqlens_q, cu_seqlens_k, out, lse, seed = ctx.saved_tensors
         grads = ops.call(ops.varlen_bwd, grad_out, query, key, value, cu_seqlens_q, cu_seqlens_k, out, lse,
                          *ctx.max_seqlens, *ctx.options, seed, ctx.backends,
                          torch.are_deterministic_algorithms_enabled())
-        return *grads, *[None] * (6 + len(ctx.options))
+        return *grads, *[None] * 7
 
 
 def attention(query, key, value, attn_mask, seed, backends: str, options: tuple) -> torch.Tensor:
     """The output of dense attention, differentiable in query, key, value and a float attn_mask."""
     if not _needs_grad(query, key, value, attn_mask):
         return ops.call(ops.sdpa_fwd, query, key, value, attn_mask, *options, seed, backends)[0]
-    return _apply(Attention, query, key, value, attn_mask, seed, backends, *options)[0]
+    return _apply(Attention, query, key, value, attn_mask, seed, backends, options)[0]
 
 
 def varlen_attention(query, key, value, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seed,
@@ -110,4 +119,4 @@ def varlen_attention(query, key, value, cu_seqlens_q, cu_seqlens_k, max_seqlen_q
         return ops.call(ops.varlen_fwd, query, key, value, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                         *options, seed, backends)[0]
     return _apply(VarlenAttention, query, key, value, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seed,
-                  backends, *options)[0]
+                  backends, options)[0]

@@ -87,6 +87,20 @@ def test_half_precision_keeps_dtype_and_matches_pytorch(rng, dtype):
     assert [g.dtype for g in grads] == [dtype] * 4
 
 
+def test_double_backward_is_refused_not_silently_zero(rng):
+    """The ops have no derivative of their own: create_graph=True must raise rather than give a zero
+    second-order gradient."""
+    q = randn(rng, 1, 2, 5, 8, dtype=torch.float64)
+    out = interop.scaled_dot_product_attention(q, q, q)
+    with pytest.raises(RuntimeError, match="differentiable once"):
+        torch.autograd.grad(out.sum(), q, create_graph=True)
+    packed = randn(rng, 7, 2, 8, dtype=torch.float64)
+    jagged = torch.nested.nested_tensor_from_jagged(packed, torch.tensor([0, 3, 7])).transpose(1, 2)
+    out = interop.scaled_dot_product_attention(jagged, jagged, jagged)
+    with pytest.raises(RuntimeError, match="differentiable once"):
+        torch.autograd.grad(out.values().sum(), packed, create_graph=True)
+
+
 def test_extras_lower_right_window_and_empty_rows_follow_the_reference(rng):
     q, k, v = randn(rng, 2, 4, 7, 8, dtype=torch.float64), randn(rng, 2, 2, 11, 8, dtype=torch.float64), \
         randn(rng, 2, 2, 11, 6, dtype=torch.float64)
