@@ -5,7 +5,8 @@
 from .api import (attention_vjp, explain, scaled_dot_product_attention, varlen_attention,
                   varlen_attention_vjp)
 from .dispatch import Backend, sdpa_kernel
+from .errors import ArgumentError, ArgumentTypeError
 
 __version__ = "0.1.0"
 __all__ = ["scaled_dot_product_attention", "attention_vjp", "varlen_attention", "varlen_attention_vjp",
-           "Backend", "sdpa_kernel", "explain"]
+           "Backend", "sdpa_kernel", "explain", "ArgumentError", "ArgumentTypeError"]

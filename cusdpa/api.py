@@ -6,16 +6,17 @@ import secrets
 import sys
 
 from . import dispatch, problem
+from .errors import ArgumentError, ArgumentTypeError
 from .problem import Options
 
 
 def _check_dout(pr: problem.Problem, dout):
     if problem.array_module(dout, "dout") is not pr.xp:
-        raise TypeError(f"dout is a {type(dout).__module__} array but the inputs are {pr.xp.__name__} arrays")
+        raise ArgumentTypeError(f"dout is a {type(dout).__module__} array but the inputs are {pr.xp.__name__} arrays")
     if tuple(dout.shape) != pr.out_shape:
-        raise ValueError(f"dout.shape={tuple(dout.shape)} must equal the output shape {pr.out_shape}")
+        raise ArgumentError(f"dout.shape={tuple(dout.shape)} must equal the output shape {pr.out_shape}")
     if dout.dtype != pr.dtype:
-        raise TypeError(f"dout.dtype={dout.dtype} must equal the input dtype {pr.dtype}")
+        raise ArgumentTypeError(f"dout.dtype={dout.dtype} must equal the input dtype {pr.dtype}")
 
 
 def _run(pr: problem.Problem, return_lse: bool):
@@ -76,17 +77,22 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     """softmax(scale * query @ key^T + mask) @ value, on NumPy or CuPy arrays.
 
     Shapes: query (..., Hq, L, E), key (..., Hkv, S, E), value (..., Hkv, S, Ev) -> output
-    (..., Hq, L, Ev) of the input dtype; leading dims broadcast; rank-2 inputs mean one head.
-    ``attn_mask`` is bool (True = attend) or float (added to the scores), broadcastable to
+    (..., Hq, L, Ev) of the input dtype. As in PyTorch, every dim but the last two broadcasts (a rank-2
+    input has one head, which stretches like any dim of size 1), and ``enable_gqa`` lets key and value
+    heads (the two counts may differ) each divide Hq. E or Ev may be 0 (E = 0: every visible key weighs
+    the same). ``attn_mask`` is bool (True = attend) or float (added to the scores), broadcastable to
     (..., Hq, L, S). ``is_causal`` lets query i see key j iff j <= i (upper-left); with
     ``causal_variant="lower_right"`` iff j <= i + S - L. ``window=(left, right)`` keeps keys within
     left before and right after the (equally aligned) diagonal, -1 = unbounded. Masks, causal and
-    window intersect; a query that sees no key gets 0 (lse -inf). ``enable_gqa`` lets query head h
-    read kv head h // (Hq // Hkv). Dropout's keep-mask is a pure function of ``seed`` (an int, or a
-    (seed, offset) pair; None draws one). ``return_lse`` also returns the float32 logsumexp
-    (..., Hq, L).
+    window intersect; a query that sees no key gets 0 (lse -inf); NaN or inf at a position a query
+    sees propagates to that query's output, as in PyTorch. ``enable_gqa`` lets query head h read key
+    head h // (Hq // Hk) and value head h // (Hq // Hv). Dropout's keep-mask is a pure function of
+    ``seed`` (an int, or a (seed, offset) pair; None draws one). ``return_lse`` also returns the
+    float32 logsumexp (..., Hq, L). Bad arguments raise ``cusdpa.ArgumentError`` (a ValueError and a
+    RuntimeError) or ``cusdpa.ArgumentTypeError`` (a TypeError and a RuntimeError).
     """
     options = (dropout_p, is_causal, scale, enable_gqa, causal_variant, window)
+    query, key, value, _ = problem.broadcast_heads(query, key, value, enable_gqa)
     if attn_mask is None:
         result = _planned(query, key, value, options, seed, return_lse)
         if result is not None:
@@ -100,9 +106,14 @@ def attention_vjp(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=Fa
     """(output, vjp): as ``scaled_dot_product_attention``, plus ``vjp(dout)`` returning (dq, dk, dv), and
     d(attn_mask) fourth for a float mask. ``deterministic=True`` asks for bit-identical gradients run
     to run. Dropout reuses the forward's seed, so the backward sees the same keep-mask."""
+    shapes = (query.shape, key.shape, value.shape)
+    query, key, value, heads = problem.broadcast_heads(query, key, value, enable_gqa)
     pr = problem.from_dense(query, key, value, attn_mask,
                             Options(dropout_p, is_causal, scale, enable_gqa, causal_variant, window), seed)
-    return _vjp(pr, return_lse, deterministic)
+    result, vjp = _vjp(pr, return_lse, deterministic)
+    if heads is None:
+        return result, vjp
+    return result, lambda dout: problem.sum_head_grads(heads, vjp(dout), shapes)
 
 
 def varlen_attention(query, key, value, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
@@ -134,6 +145,7 @@ def varlen_attention_vjp(query, key, value, cu_seqlens_q, cu_seqlens_k, max_seql
 def explain(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False, *,
             causal_variant="upper_left", window=None, seed=None, need_grad=False) -> dispatch.Explanation:
     """Which backend would run these dense inputs, and the reasons each other backend would not."""
+    query, key, value, _ = problem.broadcast_heads(query, key, value, enable_gqa)
     pr = problem.from_dense(query, key, value, attn_mask,
                             Options(dropout_p, is_causal, scale, enable_gqa, causal_variant, window), seed)
     return dispatch.explain_problem(pr, need_grad)

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Callable, Sequence
 
 from . import problem
+from .errors import ArgumentTypeError
 
 
 class Backend(enum.Enum):
@@ -51,6 +52,7 @@ class Capabilities:
     dtypes: frozenset = frozenset(problem.SUPPORTED_DTYPES)
     max_head_dim: int | None = None  # E and Ev
     head_dim_multiple: int = 1
+    zero_head_dim: bool = True  # E = 0 or Ev = 0 (PyTorch takes them; a tiled kernel has no tile to load)
     mask_kinds: frozenset = frozenset({"bool", "float"})
     mask_grad: bool = True
     dropout: bool = True
@@ -68,7 +70,9 @@ class Capabilities:
         if pr.dtype_name not in self.dtypes:
             out.append(f"dtype {pr.dtype_name} not supported (supports {', '.join(sorted(self.dtypes))})")
         for name, d in (("E", pr.E), ("Ev", pr.Ev)):
-            if self.max_head_dim is not None and d > self.max_head_dim:
+            if d == 0 and not self.zero_head_dim:
+                out.append(f"head dim {name}=0 not supported")
+            elif self.max_head_dim is not None and d > self.max_head_dim:
                 out.append(f"head dim {name}={d} > {self.max_head_dim}")
             elif d % self.head_dim_multiple:
                 out.append(f"head dim {name}={d} is not a multiple of {self.head_dim_multiple}")
@@ -134,7 +138,7 @@ def sdpa_kernel(backends: Backend | Sequence[Backend], set_priority: bool = Fals
     chosen = [backends] if isinstance(backends, Backend) else list(backends)
     for b in chosen:
         if not isinstance(b, Backend):
-            raise TypeError(f"sdpa_kernel takes cusdpa.Backend members, got {b!r}")
+            raise ArgumentTypeError(f"sdpa_kernel takes cusdpa.Backend members, got {b!r}")
     order = tuple(dict.fromkeys(chosen)) if set_priority else tuple(b for b in DEFAULT_PRIORITY if b in chosen)
     token = _enabled.set(_Enabled(order))
     try:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import numbers
 import secrets
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -20,6 +21,7 @@ from typing import Any, Optional
 import numpy as np
 
 from . import philox
+from .errors import ArgumentError, ArgumentTypeError
 
 SUPPORTED_DTYPES = ("float16", "bfloat16", "float32", "float64")
 CAUSAL_VARIANTS = ("upper_left", "lower_right")
@@ -33,7 +35,7 @@ def array_module(x, name: str):
         import cupy
 
         return cupy
-    raise TypeError(
+    raise ArgumentTypeError(
         f"{name} must be a numpy.ndarray or cupy.ndarray, got {type(x).__module__}.{type(x).__name__}; "
         "torch tensors go through interop.scaled_dot_product_attention"
     )
@@ -187,7 +189,7 @@ def _dtype_name(x) -> str:
 
 def _check_dtype(x, name: str) -> np.dtype:
     if _dtype_name(x) not in SUPPORTED_DTYPES:
-        raise TypeError(
+        raise ArgumentTypeError(
             f"{name}.dtype={x.dtype} is not supported; use one of {', '.join(SUPPORTED_DTYPES)} "
             "(cast with .astype)"
         )
@@ -198,126 +200,220 @@ def _check_arrays(q, k, v):
     xp = array_module(q, "query")
     for name, x in (("key", k), ("value", v)):
         if array_module(x, name) is not xp:
-            raise TypeError(
+            raise ArgumentTypeError(
                 f"query is a {xp.__name__} array but {name} is a {type(x).__module__} array; "
                 "NumPy and CuPy arrays cannot be mixed (move them with cupy.asarray / cupy.asnumpy)"
             )
     dtype = _check_dtype(q, "query")
     for name, x in (("key", k), ("value", v)):
         if _check_dtype(x, name) != dtype:
-            raise TypeError(
+            raise ArgumentTypeError(
                 f"query.dtype={q.dtype} but {name}.dtype={x.dtype}; query, key and value must share one dtype"
             )
     if xp is not np:
         devices = {name: device_of(x) for name, x in (("query", q), ("key", k), ("value", v))}
         if len(set(devices.values())) > 1:
-            raise ValueError(f"inputs are on different devices {devices}; move them to one device")
+            raise ArgumentError(f"inputs are on different devices {devices}; move them to one device")
     return xp, dtype
 
 
+def check_flag(value, name: str) -> bool:
+    """A bool argument (is_causal, enable_gqa): a Python or NumPy bool, as PyTorch takes only bools. A
+    positionally ported call (FlashAttention's softmax_scale landing on is_causal) fails here instead of
+    running with a truthy float."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise ArgumentTypeError(f"{name}={value!r} must be a bool (True or False), got {type(value).__name__}")
+    return bool(value)
+
+
+def check_real(value, name: str, optional: bool = False) -> float | None:
+    """A real-number argument (dropout_p, scale): ints and floats of Python or NumPy, never a bool (which is
+    an int to Python, and a sign of arguments passed in the wrong order)."""
+    if value is None and optional:
+        return None
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+        raise ArgumentTypeError(f"{name}={value!r} must be a real number" + (" or None" if optional else "")
+                                + f", got {type(value).__name__}")
+    return float(value)
+
+
 def _check_scale(scale, E: int) -> float:
+    scale = check_real(scale, "scale", optional=True)
     if scale is None:
-        return 1.0 / math.sqrt(E)
-    try:
-        scale = float(scale)
-    except (TypeError, ValueError):
-        raise TypeError(f"scale={scale!r} must be a real number or None") from None
+        # With E = 0 every score is exactly 0 whatever the scale (PyTorch's 1/sqrt(0) = inf multiplies no
+        # element); 1 keeps 0 * scale finite where a float mask is added.
+        return 1.0 / math.sqrt(E) if E else 1.0
     if not math.isfinite(scale) or scale <= 0:
-        raise ValueError(f"scale={scale} must be finite and positive; pass None for 1/sqrt(E)")
+        raise ArgumentError(f"scale={scale} must be finite and positive; pass None for 1/sqrt(E)")
     return scale
 
 
 def _check_dropout(dropout_p, seed):
-    try:
-        p = float(dropout_p)
-    except (TypeError, ValueError):
-        raise TypeError(f"dropout_p={dropout_p!r} must be a real number in [0, 1]") from None
+    p = check_real(dropout_p, "dropout_p")
     if not 0.0 <= p <= 1.0:  # also rejects NaN
-        raise ValueError(f"dropout_p={dropout_p} must be in [0, 1]")
+        raise ArgumentError(f"dropout_p={dropout_p} must be in [0, 1]")
     offset = 0
     if isinstance(seed, tuple):
         if len(seed) != 2:
-            raise ValueError(f"seed={seed!r} must be an int or a (seed, offset) pair")
+            raise ArgumentError(f"seed={seed!r} must be an int or a (seed, offset) pair")
         seed, offset = seed
     if seed is None:
         seed = secrets.randbits(64) if p > 0 else 0
     for name, val, bits in (("seed", seed, 64), ("seed offset", offset, 32)):
         if isinstance(val, bool) or not isinstance(val, (int, np.integer)):
-            raise TypeError(f"{name}={val!r} must be an int")
+            raise ArgumentTypeError(f"{name}={val!r} must be an int")
         if not 0 <= int(val) < 2**bits:
-            raise ValueError(f"{name}={val} must be in [0, 2**{bits})")
+            raise ArgumentError(f"{name}={val} must be in [0, 2**{bits})")
     return p, int(seed), int(offset)
 
 
 def _check_causal(is_causal, causal_variant, window):
     if causal_variant not in CAUSAL_VARIANTS:
-        raise ValueError(f"causal_variant={causal_variant!r} must be one of {CAUSAL_VARIANTS}")
+        raise ArgumentError(f"causal_variant={causal_variant!r} must be one of {CAUSAL_VARIANTS}")
     if window is not None:
         if not (isinstance(window, (tuple, list)) and len(window) == 2
                 and all(isinstance(w, (int, np.integer)) and not isinstance(w, bool) for w in window)):
-            raise TypeError(f"window={window!r} must be a (left, right) pair of ints (-1 = unbounded)")
+            raise ArgumentTypeError(f"window={window!r} must be a (left, right) pair of ints (-1 = unbounded)")
         window = (int(window[0]), int(window[1]))
         if min(window) < -1:
-            raise ValueError(f"window={window} must hold sizes >= 0, or -1 for unbounded")
+            raise ArgumentError(f"window={window} must hold sizes >= 0, or -1 for unbounded")
         if window == (-1, -1):
             window = None
-    return bool(is_causal), causal_variant == "lower_right", window
+    return check_flag(is_causal, "is_causal"), causal_variant == "lower_right", window
 
 
 def _check_mask(attn_mask, xp, full_shape: tuple, device: str):
     if attn_mask is None:
         return None, None
     if array_module(attn_mask, "attn_mask") is not xp:
-        raise TypeError(f"attn_mask is a {type(attn_mask).__module__} array but query is a {xp.__name__} "
-                        "array; NumPy and CuPy arrays cannot be mixed")
+        raise ArgumentTypeError(f"attn_mask is a {type(attn_mask).__module__} array but query is a {xp.__name__} "
+                                "array; NumPy and CuPy arrays cannot be mixed")
     if device_of(attn_mask) != device:
-        raise ValueError(f"attn_mask is on {device_of(attn_mask)} but query is on {device}; move it")
+        raise ArgumentError(f"attn_mask is on {device_of(attn_mask)} but query is on {device}; move it")
     name = _dtype_name(attn_mask)
     if name == "bool":
         kind = "bool"
     elif name in SUPPORTED_DTYPES:
         kind = "float"
     else:
-        raise TypeError(
+        raise ArgumentTypeError(
             f"attn_mask.dtype={attn_mask.dtype} is not supported; use bool (True = attend) or a float "
             "dtype added to the scores (convert an integer mask with mask.astype(bool))"
         )
     shape = tuple(attn_mask.shape)
     padded = (1,) * (len(full_shape) - len(shape)) + shape
     if len(shape) > len(full_shape) or any(m not in (1, f) for m, f in zip(padded, full_shape)):
-        raise ValueError(f"attn_mask.shape={shape} does not broadcast to (..., Hq, L, S)={full_shape}; "
-                         "give it size 1 or the full size in each dim")
+        raise ArgumentError(f"attn_mask.shape={shape} does not broadcast to (..., Hq, L, S)={full_shape}; "
+                            "give it size 1 or the full size in each dim")
     return attn_mask, kind
 
 
+@dataclass(frozen=True)
+class HeadPlan:
+    """How query, key and value heads that differ meet, as PyTorch's SDPA lets them: by broadcasting (a
+    dim of size 1, a rank-2 input included, stretches to the others) or, with ``enable_gqa``, by grouping
+    (key and value heads each dividing the query heads, their counts possibly different). The kernels take
+    one head count for key and value, dividing the query's; ``broadcast_heads`` (here for arrays,
+    ``interop.arguments`` for tensors) turns the inputs into that before a Problem is built, so the
+    gradient of each input comes back summed over its copies."""
+
+    hq: int  # query heads of the call, the output's
+    hkv: int  # key/value heads the kernels read
+    expand_q: bool  # query has one head, broadcast (a stride-0 view) to hq
+    k_repeat: int  # each key head repeated this many times (a single head as a stride-0 view, else a copy)
+    v_repeat: int
+
+
+def _heads(shape) -> int:
+    return shape[-3] if len(shape) >= 3 else 1
+
+
+def head_plan(q_shape, k_shape, v_shape, enable_gqa: bool) -> HeadPlan | None:
+    """The HeadPlan of dense inputs of these shapes; None when the kernels take them as they are (equal
+    heads, one key/value head for all, or grouped-query heads with enable_gqa). Raises for heads that
+    neither broadcast nor group."""
+    hq, hk, hv = _heads(q_shape), _heads(k_shape), _heads(v_shape)
+    if hk == hv and (hq == hk or hk == 1 or (enable_gqa and hk and hq % hk == 0)):
+        return None
+    hkv = math.lcm(hk, hv)
+    h = hkv if hq == 1 else hq
+    broadcasts = hk in (1, hkv) and hv in (1, hkv) and (h == hkv or hkv == 1)
+    groups = enable_gqa and hk and hv and h % hk == 0 and h % hv == 0
+    if not (hq and (broadcasts or groups)):
+        hint = "; pass enable_gqa=True for grouped-query attention" if (
+            not enable_gqa and hk and hv and hq % hk == 0 and hq % hv == 0) else ""
+        raise ArgumentError(f"query, key and value have {hq}, {hk} and {hv} heads, which neither broadcast "
+                            "(each 1 or the same) nor group (enable_gqa=True with the query heads divisible by "
+                            f"the key heads and by the value heads){hint}")
+    return HeadPlan(hq=h, hkv=hkv, expand_q=hq == 1 and h > 1, k_repeat=hkv // hk, v_repeat=hkv // hv)
+
+
+def _with_heads(xp, x, heads: int, repeat: int):
+    x3 = x if x.ndim >= 3 else x[None]
+    if repeat == 1 and x3.shape[-3] == heads:
+        return x
+    if x3.shape[-3] == 1:
+        return xp.broadcast_to(x3, x3.shape[:-3] + (heads,) + x3.shape[-2:])
+    return xp.repeat(x3, repeat, axis=-3)
+
+
+def broadcast_heads(q, k, v, enable_gqa: bool):
+    """(q, k, v, plan): NumPy or CuPy inputs whose heads meet as the kernels take them, and the HeadPlan
+    used (None: the inputs themselves); ``sum_head_grads`` brings gradients back to the inputs' shapes."""
+    check_flag(enable_gqa, "enable_gqa")
+    if not all(getattr(x, "ndim", 0) >= 2 for x in (q, k, v)):
+        return q, k, v, None  # not arrays of rank >= 2: from_dense says what is wrong
+    plan = head_plan(q.shape, k.shape, v.shape, enable_gqa)
+    if plan is None:
+        return q, k, v, None
+    xp = array_module(q, "query")
+    return (_with_heads(xp, q, plan.hq, plan.hq if plan.expand_q else 1), _with_heads(xp, k, plan.hkv, plan.k_repeat),
+            _with_heads(xp, v, plan.hkv, plan.v_repeat), plan)
+
+
+def _summed_heads(g, shape: tuple, repeat: int):
+    """Gradient ``g`` of an input of ``shape`` that ``_with_heads`` broadcast or repeated ``repeat`` times."""
+    heads = _heads(shape)
+    if heads == 1:
+        g = g.sum(axis=-3, keepdims=True)
+    elif repeat > 1:
+        g = g.reshape(g.shape[:-3] + (heads, repeat) + g.shape[-2:]).sum(axis=-3)
+    return g.reshape(shape)
+
+
+def sum_head_grads(plan: HeadPlan | None, grads: tuple, shapes: tuple) -> tuple:
+    """(dq, dk, dv, ...) of the inputs ``broadcast_heads`` gave, as gradients of the inputs of ``shapes``."""
+    if plan is None:
+        return grads
+    repeats = (plan.hq if plan.expand_q else 1, plan.k_repeat, plan.v_repeat)
+    return tuple(_summed_heads(g, tuple(s), r) if g.shape != tuple(s) else g
+                 for g, s, r in zip(grads, shapes, repeats)) + tuple(grads[3:])
+
+
 def from_dense(q, k, v, attn_mask=None, options: Options = Options(), seed=None) -> Problem:
-    """Validate dense (..., H, L, E) arguments of ``scaled_dot_product_attention``."""
+    """Validate dense (..., H, L, E) arguments of ``scaled_dot_product_attention`` whose heads meet as the
+    kernels take them (``broadcast_heads`` first otherwise)."""
     dropout_p, is_causal, scale, enable_gqa, causal_variant, window = _options(options)
     xp, dtype = _check_arrays(q, k, v)
     for name, x in (("query", q), ("key", k), ("value", v)):
         if x.ndim < 2:
-            raise ValueError(f"{name}.shape={tuple(x.shape)} has rank {x.ndim}; need (..., L, E) with rank >= 2")
+            raise ArgumentError(f"{name}.shape={tuple(x.shape)} has rank {x.ndim}; need (..., L, E) with rank >= 2")
     q3, k3, v3 = (x if x.ndim >= 3 else x[None] for x in (q, k, v))
     (hq, L, E), (hkv, S, Ek), (hv, Sv, Ev) = q3.shape[-3:], k3.shape[-3:], v3.shape[-3:]
     if Ek != E:
-        raise ValueError(f"query.shape={tuple(q.shape)} and key.shape={tuple(k.shape)} differ in head dim "
-                         f"(E={E} vs {Ek}); query and key need the same last dim")
-    if E == 0:
-        raise ValueError(f"query.shape={tuple(q.shape)} has head dim 0; need E >= 1")
-    if Sv != S or hv != hkv:
-        raise ValueError(f"key.shape={tuple(k.shape)} and value.shape={tuple(v.shape)} must agree in heads and "
-                         f"length (Hkv, S); got ({hkv}, {S}) vs ({hv}, {Sv})")
-    if hq != hkv:
-        if not enable_gqa:
-            raise ValueError(f"query has {hq} heads but key/value have {hkv}; pass enable_gqa=True for "
-                             "grouped-query attention, or repeat the key/value heads")
-        if hkv == 0 or hq % hkv:
-            raise ValueError(f"enable_gqa=True needs query heads ({hq}) divisible by key/value heads ({hkv})")
+        raise ArgumentError(f"query.shape={tuple(q.shape)} and key.shape={tuple(k.shape)} differ in head dim "
+                            f"(E={E} vs {Ek}); query and key need the same last dim")
+    if Sv != S:
+        raise ArgumentError(f"key.shape={tuple(k.shape)} and value.shape={tuple(v.shape)} must agree in length S; "
+                            f"got {S} vs {Sv}")
+    if head_plan(q.shape, k.shape, v.shape, check_flag(enable_gqa, "enable_gqa")) is not None:
+        raise ArgumentError(f"query, key and value have {hq}, {hkv} and {hv} heads: pass them through "
+                            "problem.broadcast_heads before building the Problem")
     try:
         batch_shape = tuple(np.broadcast_shapes(q3.shape[:-3], k3.shape[:-3], v3.shape[:-3]))
     except ValueError:
-        raise ValueError(f"batch dims of query {tuple(q.shape)}, key {tuple(k.shape)} and value "
-                         f"{tuple(v.shape)} do not broadcast; make the leading dims equal or 1") from None
+        raise ArgumentError(f"batch dims of query {tuple(q.shape)}, key {tuple(k.shape)} and value "
+                            f"{tuple(v.shape)} do not broadcast; make the leading dims equal or 1") from None
     mask, mask_kind = _check_mask(attn_mask, xp, batch_shape + (hq, L, S), device_of(q))
     causal, lower_right, window = _check_causal(is_causal, causal_variant, window)
     p, seed, offset = _check_dropout(dropout_p, seed)
@@ -329,24 +425,24 @@ def from_dense(q, k, v, attn_mask=None, options: Options = Options(), seed=None)
 
 def _options(options: Options) -> tuple:
     if not isinstance(options, Options):
-        raise TypeError(f"options={options!r} must be a cusdpa.problem.Options")
+        raise ArgumentTypeError(f"options={options!r} must be a cusdpa.problem.Options")
     return tuple(getattr(options, name) for name in OPTION_NAMES)
 
 
 def _check_cu_seqlens(cu, name: str, xp, tokens: int, tokens_name: str) -> np.ndarray:
     if array_module(cu, name) is not xp:
-        raise TypeError(f"{name} is a {type(cu).__module__} array but query is a {xp.__name__} array")
+        raise ArgumentTypeError(f"{name} is a {type(cu).__module__} array but query is a {xp.__name__} array")
     if _dtype_name(cu) != "int32":
-        raise TypeError(f"{name}.dtype={cu.dtype} must be int32 (use .astype('int32'))")
+        raise ArgumentTypeError(f"{name}.dtype={cu.dtype} must be int32 (use .astype('int32'))")
     if cu.ndim != 1 or cu.shape[0] < 1:
-        raise ValueError(f"{name}.shape={tuple(cu.shape)} must be (B + 1,)")
+        raise ArgumentError(f"{name}.shape={tuple(cu.shape)} must be (B + 1,)")
     host = np.asarray(cu if xp is np else cu.get()).astype(np.int64)
     if host[0] != 0:
-        raise ValueError(f"{name}[0]={host[0]} must be 0")
+        raise ArgumentError(f"{name}[0]={host[0]} must be 0")
     if np.any(np.diff(host) < 0):
-        raise ValueError(f"{name}={host.tolist()} must be non-decreasing")
+        raise ArgumentError(f"{name}={host.tolist()} must be non-decreasing")
     if host[-1] != tokens:
-        raise ValueError(f"{name}[-1]={host[-1]} must equal the token count {tokens_name}={tokens}")
+        raise ArgumentError(f"{name}[-1]={host[-1]} must equal the token count {tokens_name}={tokens}")
     return host
 
 
@@ -357,23 +453,25 @@ def from_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
     xp, dtype = _check_arrays(q, k, v)
     for name, x in (("query", q), ("key", k), ("value", v)):
         if x.ndim != 3:
-            raise ValueError(f"{name}.shape={tuple(x.shape)} must be (total_tokens, heads, head_dim)")
+            raise ArgumentError(f"{name}.shape={tuple(x.shape)} must be (total_tokens, heads, head_dim)")
     (tq, hq, E), (tk, hkv, Ek), (tv, hv, Ev) = q.shape, k.shape, v.shape
-    if Ek != E or E == 0:
-        raise ValueError(f"query head dim {E} and key head dim {Ek} must be equal and positive")
+    if Ek != E:
+        raise ArgumentError(f"query head dim {E} and key head dim {Ek} must be equal")
     if (tv, hv) != (tk, hkv):
-        raise ValueError(f"key.shape={tuple(k.shape)} and value.shape={tuple(v.shape)} must agree in tokens and heads")
-    if hq != hkv and (not enable_gqa or hkv == 0 or hq % hkv):
-        raise ValueError(f"query has {hq} heads and key/value {hkv}: pass enable_gqa=True with Hq % Hkv == 0")
+        raise ArgumentError(f"key.shape={tuple(k.shape)} and value.shape={tuple(v.shape)} must agree in tokens "
+                            "and heads")
+    if hq != hkv and (not check_flag(enable_gqa, "enable_gqa") or hkv == 0 or hq % hkv):
+        raise ArgumentError(f"query has {hq} heads and key/value {hkv}: pass enable_gqa=True with Hq % Hkv == 0")
     host_q = _check_cu_seqlens(cu_seqlens_q, "cu_seqlens_q", xp, tq, "query.shape[0]")
     host_k = _check_cu_seqlens(cu_seqlens_k, "cu_seqlens_k", xp, tk, "key.shape[0]")
     if len(host_q) != len(host_k):
-        raise ValueError(f"cu_seqlens_q has {len(host_q)} entries and cu_seqlens_k {len(host_k)}; both must be B + 1")
+        raise ArgumentError(f"cu_seqlens_q has {len(host_q)} entries and cu_seqlens_k {len(host_k)}; both must be "
+                            "B + 1")
     lens = {"max_seqlen_q": (max_seqlen_q, int(np.diff(host_q).max(initial=0))),
             "max_seqlen_k": (max_seqlen_k, int(np.diff(host_k).max(initial=0)))}
     for name, (given, actual) in lens.items():
         if isinstance(given, bool) or not isinstance(given, (int, np.integer)) or given < actual:
-            raise ValueError(f"{name}={given!r} must be an int >= the longest sequence ({actual})")
+            raise ArgumentError(f"{name}={given!r} must be an int >= the longest sequence ({actual})")
     causal, lower_right, window = _check_causal(is_causal, causal_variant, window)
     p, seed, offset = _check_dropout(dropout_p, seed)
     varlen = Varlen(cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k), host_q, host_k)

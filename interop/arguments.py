@@ -3,13 +3,13 @@ options turned into what the custom ops take (the values of ``cusdpa.problem.Opt
 drawn from torch's generator, the backends to try)."""
 from __future__ import annotations
 
-import numbers
 from typing import Sequence
 
 import torch
 
-from cusdpa import dispatch
+from cusdpa import dispatch, problem
 from cusdpa.dispatch import Backend
+from cusdpa.errors import ArgumentError, ArgumentTypeError
 from cusdpa.problem import OPTION_NAMES, Options
 
 from . import bridge
@@ -19,28 +19,30 @@ def check_tensors(tensors: dict, attn_mask=None) -> None:
     """Errors in torch's terms: type, device and dtype of query/key/value (and attn_mask)."""
     for name, t in tensors.items():
         if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__module__}.{type(t).__name__}; "
-                            "NumPy and CuPy arrays go through cusdpa.scaled_dot_product_attention")
+            raise ArgumentTypeError(f"{name} must be a torch.Tensor, got {type(t).__module__}.{type(t).__name__}; "
+                                    "NumPy and CuPy arrays go through cusdpa.scaled_dot_product_attention")
         bridge.check_device(t, name)
     query = tensors["query"]
     if query.dtype not in bridge.SUPPORTED_DTYPES:
-        raise TypeError(f"query.dtype={query.dtype} is not supported; use one of "
-                        f"{', '.join(map(str, bridge.SUPPORTED_DTYPES))} (cast with .to)")
+        raise ArgumentTypeError(f"query.dtype={query.dtype} is not supported; use one of "
+                                f"{', '.join(map(str, bridge.SUPPORTED_DTYPES))} (cast with .to)")
     for name, t in tensors.items():
         if t.dtype != query.dtype:
-            raise TypeError(f"query.dtype={query.dtype} but {name}.dtype={t.dtype}; cast them to one dtype with .to")
+            raise ArgumentTypeError(f"query.dtype={query.dtype} but {name}.dtype={t.dtype}; cast them to one dtype "
+                                    "with .to")
         if t.device != query.device:
-            raise ValueError(f"query is on {query.device} but {name} is on {t.device}; move them to one device "
-                             "with .to(query.device)")
+            raise ArgumentError(f"query is on {query.device} but {name} is on {t.device}; move them to one device "
+                                "with .to(query.device)")
     if attn_mask is not None:
         if not isinstance(attn_mask, torch.Tensor):
-            raise TypeError(f"attn_mask must be a torch.Tensor or None, got {type(attn_mask).__name__}")
+            raise ArgumentTypeError(f"attn_mask must be a torch.Tensor or None, got {type(attn_mask).__name__}")
         if attn_mask.device != query.device:
-            raise ValueError(f"attn_mask is on {attn_mask.device} but query is on {query.device}; "
-                             "move it with .to(query.device)")
+            raise ArgumentError(f"attn_mask is on {attn_mask.device} but query is on {query.device}; "
+                                "move it with .to(query.device)")
         if attn_mask.dtype != torch.bool and attn_mask.dtype not in bridge.SUPPORTED_DTYPES:
-            raise TypeError(f"attn_mask.dtype={attn_mask.dtype} is not supported; use torch.bool (True = attend) "
-                            "or a float dtype added to the scores (convert an integer mask with .bool())")
+            raise ArgumentTypeError(f"attn_mask.dtype={attn_mask.dtype} is not supported; use torch.bool "
+                                    "(True = attend) or a float dtype added to the scores (convert an integer mask "
+                                    "with .bool())")
 
 
 _FAST_DTYPES = (torch.float16, torch.bfloat16)
@@ -63,15 +65,50 @@ def unit_stride(x: torch.Tensor) -> torch.Tensor:
 
 def options(dropout_p, is_causal, scale, enable_gqa, causal_variant, window) -> tuple:
     """The values of ``Options`` in the order of its fields, as the ops take them (``window`` a list, as
-    their schema says). Types are checked here; values by cusdpa inside the op."""
-    for name, val in (("dropout_p", dropout_p), ("scale", scale)):
-        if not isinstance(val, numbers.Real) and not (name == "scale" and val is None):
-            raise TypeError(f"{name}={val!r} must be a real number" + (" or None" if name == "scale" else ""))
+    their schema says). Types are checked here, as cusdpa checks them (a bool is not a number, a number is
+    not a bool); values by cusdpa inside the op."""
     if window is not None and not (isinstance(window, (tuple, list)) and len(window) == 2
-                                   and all(isinstance(w, int) for w in window)):
-        raise TypeError(f"window={window!r} must be a (left, right) pair of ints (-1 = unbounded)")
-    return (float(dropout_p), bool(is_causal), None if scale is None else float(scale), bool(enable_gqa),
+                                   and all(isinstance(w, int) and not isinstance(w, bool) for w in window)):
+        raise ArgumentTypeError(f"window={window!r} must be a (left, right) pair of ints (-1 = unbounded)")
+    return (problem.check_real(dropout_p, "dropout_p"), problem.check_flag(is_causal, "is_causal"),
+            problem.check_real(scale, "scale", optional=True), problem.check_flag(enable_gqa, "enable_gqa"),
             causal_variant, None if window is None else list(window))
+
+
+def broadcast_heads(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, enable_gqa: bool) -> tuple:
+    """query, key and value with their heads meeting as the kernels take them (``problem.head_plan``:
+    PyTorch's broadcasting of heads and ranks, and grouped key and value heads of different counts), made
+    with torch's expand and repeat_interleave, so that autograd sums each input's gradient over its copies."""
+    if query.dim() >= 3 and key.dim() >= 3 and value.dim() >= 3 and query.shape[-3] == key.shape[-3] == value.shape[-3]:
+        return query, key, value  # the common call, in a few attribute reads
+    plan = problem.head_plan(query.shape, key.shape, value.shape, enable_gqa)
+    if plan is None:
+        return query, key, value
+
+    def heads(x: torch.Tensor, count: int, repeat: int) -> torch.Tensor:
+        x3 = x if x.dim() >= 3 else x.unsqueeze(0)
+        if x3.shape[-3] == count:
+            return x
+        if x3.shape[-3] == 1:
+            return x3.expand(*x3.shape[:-3], count, *x3.shape[-2:])
+        return x3.repeat_interleave(repeat, dim=-3)
+
+    return heads(query, plan.hq, 1), heads(key, plan.hkv, plan.k_repeat), heads(value, plan.hkv, plan.v_repeat)
+
+
+def autocast_dtype(device_type: str) -> torch.dtype | None:
+    """The dtype autocast casts attention's inputs to on ``device_type``, or None outside autocast (and on
+    devices cusdpa does not run, which the argument checks then name)."""
+    if device_type not in ("cuda", "cpu") or not torch.is_autocast_enabled(device_type):
+        return None
+    return torch.get_autocast_dtype(device_type)
+
+
+def autocast(dtype: torch.dtype, *tensors) -> tuple:
+    """``tensors`` as autocast gives them to PyTorch's SDPA (its lower-precision list): every floating
+    tensor but a float64 one cast to ``dtype``; bool masks and None as they are."""
+    return tuple(t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype != torch.float64
+                 else t for t in tensors)
 
 
 def from_op(values) -> Options:
@@ -128,7 +165,7 @@ def backend_names(backend: Backend | Sequence[Backend] | None) -> str:
     chosen = [backend] if isinstance(backend, Backend) else list(backend)
     for b in chosen:
         if not isinstance(b, Backend):
-            raise TypeError(f"backend takes cusdpa.Backend members (or a sequence of them), got {b!r}")
+            raise ArgumentTypeError(f"backend takes cusdpa.Backend members (or a sequence of them), got {b!r}")
     if not chosen:
-        raise ValueError("backend=[] enables no backend; pass None for the default order")
+        raise ArgumentError("backend=[] enables no backend; pass None for the default order")
     return ",".join(b.value for b in dispatch.DEFAULT_PRIORITY if b in chosen)

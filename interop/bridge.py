@@ -16,13 +16,15 @@ import functools
 import numpy as np
 import torch
 
+from cusdpa.errors import ArgumentError
+
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def check_device(t: torch.Tensor, name: str) -> None:
     if t.device.type not in ("cpu", "cuda"):
-        raise ValueError(f"{name} is on {t.device}; cusdpa runs CPU tensors (on the reference) and CUDA tensors, "
-                         "move it with .cpu() or .cuda()")
+        raise ArgumentError(f"{name} is on {t.device}; cusdpa runs CPU tensors (on the reference) and CUDA tensors, "
+                            "move it with .cpu() or .cuda()")
 
 
 @functools.cache

@@ -11,12 +11,16 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     """softmax(scale * query @ key^T + mask) @ value on torch tensors, with autograd; torch.compile-able.
 
     Shapes: query (..., Hq, L, E), key (..., Hkv, S, E), value (..., Hkv, S, Ev) -> (..., Hq, L, Ev)
-    of the input dtype; leading dims broadcast. ``attn_mask`` is bool (True = attend) or float (added
-    to the scores; it gets a gradient), broadcastable to (..., Hq, L, S). ``is_causal`` lets query i see
+    of the input dtype; every dim but the last two broadcasts, heads and ranks included, as in PyTorch;
+    E or Ev may be 0. Under ``torch.autocast`` the floating inputs are cast to the autocast dtype first,
+    as PyTorch's SDPA casts them. ``attn_mask`` is bool (True = attend) or float (added
+    to the scores; it gets a gradient), broadcastable to (..., Hq, L, S). NaN or inf where a query
+    looks propagates to its output, as in PyTorch. ``is_causal`` lets query i see
     key j iff j <= i (upper-left, PyTorch's alignment); ``causal_variant="lower_right"`` iff
     j <= i + S - L. ``window=(left, right)`` keeps keys within left before and right after the equally
     aligned diagonal (-1 = unbounded). Masks, causal and window intersect; a query that sees no key
-    gets 0. ``enable_gqa`` lets query head h read kv head h // (Hq // Hkv).
+    gets 0. ``enable_gqa`` lets query head h read key head h // (Hq // Hk) and value head
+    h // (Hq // Hv).
 
     Jagged nested tensors (B, H, j, E) (``torch.nested``, layout=torch.jagged) run through cusdpa's
     variable-length path; causal and window then align per sequence.
@@ -30,6 +34,10 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     ``cusdpa.sdpa_kernel``; by default the ones ``cusdpa.sdpa_kernel`` enables (under torch.compile:
     those enabled when the graph was traced).
     """
+    if isinstance(query, torch.Tensor):
+        dtype = arguments.autocast_dtype(query.device.type)
+        if dtype is not None:
+            query, key, value, attn_mask = arguments.autocast(dtype, query, key, value, attn_mask)
     if not arguments.plain_cuda(query, key, value, attn_mask):  # else checked in a few attribute reads
         tensors = {"query": query, "key": key, "value": value}
         if any(isinstance(t, torch.Tensor) and t.is_nested for t in tensors.values()):
@@ -37,5 +45,6 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
                                     causal_variant, window, backend)
         arguments.check_tensors(tensors, attn_mask)
     options, backends = arguments.resolve(dropout_p, is_causal, scale, enable_gqa, causal_variant, window, backend)
+    query, key, value = arguments.broadcast_heads(query, key, value, options[3])
     return autograd.attention(arguments.unit_stride(query), arguments.unit_stride(key), arguments.unit_stride(value),
                               attn_mask, arguments.draw_seed(dropout_p), backends, options)

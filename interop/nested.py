@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import torch
 
+from cusdpa.errors import ArgumentError, ArgumentTypeError
+
 from . import arguments, autograd
 
 
@@ -19,21 +21,21 @@ def attention(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_
         if not (isinstance(t, torch.Tensor) and t.is_nested and t.layout == torch.jagged):
             kind = "a torch.strided nested tensor" if isinstance(t, torch.Tensor) and t.is_nested else \
                 f"a {type(t).__name__}" if not isinstance(t, torch.Tensor) else "a dense tensor"
-            raise TypeError(f"{name} is {kind} but query/key/value must all be jagged nested tensors "
-                            "(torch.nested.nested_tensor(..., layout=torch.jagged)) or all dense")
+            raise ArgumentTypeError(f"{name} is {kind} but query/key/value must all be jagged nested tensors "
+                                    "(torch.nested.nested_tensor(..., layout=torch.jagged)) or all dense")
         if t.dim() != 4 or t._ragged_idx != 2:
-            raise ValueError(f"{name}.shape={tuple(t.shape)} must be (B, H, j, E) with the ragged dim third "
-                             "(transpose(1, 2) a (B, j, H, E) nested tensor)")
+            raise ArgumentError(f"{name}.shape={tuple(t.shape)} must be (B, H, j, E) with the ragged dim third "
+                                "(transpose(1, 2) a (B, j, H, E) nested tensor)")
     if attn_mask is not None:
-        raise ValueError("attn_mask is not supported with nested inputs: the sequences already have their own "
-                         "lengths; use is_causal / window, or pad to a dense batch for an arbitrary mask")
+        raise ArgumentError("attn_mask is not supported with nested inputs: the sequences already have their own "
+                            "lengths; use is_causal / window, or pad to a dense batch for an arbitrary mask")
     arguments.check_tensors(tensors)
     packed = [t.transpose(1, 2) for t in (query, key, value)]  # (B, j, H, E): values() is (total, H, E)
     for name, t in zip(tensors, packed):
         if t.lengths() is not None:
-            raise ValueError(f"{name} is a nested tensor with holes (lengths() is set); call .contiguous() on it")
+            raise ArgumentError(f"{name} is a nested tensor with holes (lengths() is set); call .contiguous() on it")
     if packed[1].offsets() is not packed[2].offsets() and not torch.equal(packed[1].offsets(), packed[2].offsets()):
-        raise ValueError("key and value have different sequence lengths; they must share one jagged structure")
+        raise ArgumentError("key and value have different sequence lengths; they must share one jagged structure")
     offsets_q, offsets_k = packed[0].offsets(), packed[1].offsets()
     options = arguments.options(dropout_p, is_causal, scale, enable_gqa, causal_variant, window)
     out = autograd.varlen_attention(*(arguments.unit_stride(t.values()) for t in packed), offsets_q.to(torch.int32),

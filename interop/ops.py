@@ -25,6 +25,7 @@ import torch
 from cusdpa import dispatch, problem
 from cusdpa.backends.flash import launches, plans
 from cusdpa.dispatch import Backend
+from cusdpa.errors import ArgumentError
 
 from . import arguments, bridge
 
@@ -87,6 +88,28 @@ def _implement(name: str, tensors: int):
     return register
 
 
+def _autocast(name: str, floats: int):
+    """Autocast kernels (CUDA and CPU) of the forward op ``name``: its first ``floats`` arguments cast as
+    PyTorch's SDPA casts its inputs under ``torch.autocast`` (``arguments.autocast``), then the op below
+    autocast. The torch entry points cast before the autograd Function (so gradients flow through the
+    casts); this serves the op called on its own."""
+    op = getattr(torch.ops.cusdpa, name).default
+    for device_type in ("cuda", "cpu"):
+        key = "Autocast" + torch._C._dispatch_key_for_device(device_type)
+        below = torch._C.DispatchKeySet(getattr(torch._C.DispatchKey, key))
+
+        def kernel(*args, device_type=device_type, below=below):
+            dtype = torch.get_autocast_dtype(device_type)
+            with torch._C._ExcludeDispatchKeyGuard(below):
+                return op(*arguments.autocast(dtype, *args[:floats]), *args[floats:])
+
+        _lib.impl(name, kernel, key)
+
+
+_autocast("sdpa_fwd", floats=4)
+_autocast("varlen_fwd", floats=3)
+
+
 def dense_out_shape(query: Tensor, key: Tensor, value: Tensor) -> tuple:
     """Output shape (..., Hq, L, Ev) of dense attention, symbolic sizes included (for the fake ops)."""
     rank = max(query.dim(), key.dim(), value.dim())
@@ -114,7 +137,7 @@ def seed_of(seed: Tensor | None, dropout_p: float) -> int:
     """The dropout seed the ops take (an int64 CPU tensor, or None without dropout) as an int."""
     if seed is None:
         if dropout_p > 0:
-            raise ValueError(f"dropout_p={dropout_p} needs a seed tensor: the op draws no randomness itself")
+            raise ArgumentError(f"dropout_p={dropout_p} needs a seed tensor: the op draws no randomness itself")
         return 0
     return int(seed.item()) & (2**64 - 1)  # a CPU tensor: reading it never waits on a GPU
 

@@ -124,10 +124,12 @@ BAD_DENSE = [
     # (description, kwargs transform, exception, message fragment)
     ("head dims differ", dict(k=(2, 4, 11, 6)), ValueError, "differ in head dim"),
     ("batch dims", dict(q=(3, 4, 9, 8)), ValueError, "do not broadcast"),
-    ("kv length", dict(v=(2, 4, 12, 8)), ValueError, "agree in heads and length"),
+    ("kv length", dict(v=(2, 4, 12, 8)), ValueError, "must agree in length S"),
     ("gqa off", dict(q=(2, 8, 9, 8)), ValueError, "enable_gqa=True"),
     ("gqa divisibility", dict(q=(2, 6, 9, 8), k=(2, 4, 11, 8), v=(2, 4, 11, 8), enable_gqa=True), ValueError,
-     "divisible"),
+     "neither broadcast (each 1 or the same) nor group"),
+    ("heads neither broadcast", dict(q=(2, 2, 9, 8), k=(2, 3, 11, 8), v=(2, 3, 11, 8)), ValueError,
+     "have 2, 3 and 3 heads"),
     ("rank 1", dict(q=(8,)), ValueError, "rank 1"),
     ("mask shape", dict(attn_mask=np.zeros((9, 10), bool)), ValueError, "does not broadcast"),
     ("mask rank", dict(attn_mask=np.zeros((1, 2, 4, 9, 11), bool)), ValueError, "does not broadcast"),
@@ -140,6 +142,12 @@ BAD_DENSE = [
     ("scale inf", dict(scale=float("inf")), ValueError, "scale=inf"),
     ("scale nan", dict(scale=float("nan")), ValueError, "scale=nan"),
     ("scale type", dict(scale="big"), TypeError, "scale='big'"),
+    # a FlashAttention call ported positionally: softmax_scale lands on is_causal, causal on scale
+    ("is_causal float", dict(is_causal=0.25), TypeError, "is_causal=0.25 must be a bool"),
+    ("is_causal str", dict(is_causal="no"), TypeError, "is_causal='no' must be a bool"),
+    ("scale bool", dict(scale=True), TypeError, "scale=True must be a real number"),
+    ("dropout bool", dict(dropout_p=True), TypeError, "dropout_p=True must be a real number"),
+    ("gqa int", dict(enable_gqa=1), TypeError, "enable_gqa=1 must be a bool"),
     ("mixed dtypes", dict(k_dtype=np.float16), TypeError, "must share one dtype"),
     ("int inputs", dict(dtype=np.int32), TypeError, "query.dtype=int32"),
     ("complex inputs", dict(dtype=np.complex64), TypeError, "query.dtype=complex64"),
@@ -160,8 +168,9 @@ def test_bad_dense_arguments(desc, change, exc, fragment, rng):
     arrays = {n: (rng.standard_normal(s) * 3).astype(dtype) for n, s in shapes.items()}
     if "k_dtype" in change:
         arrays["k"] = arrays["k"].astype(change.pop("k_dtype"))
-    with pytest.raises(exc, match=fragment.replace("(", r"\(").replace(")", r"\)").replace(".", r"\.")):
+    with pytest.raises(exc, match=fragment.replace("(", r"\(").replace(")", r"\)").replace(".", r"\.")) as raised:
         cusdpa.scaled_dot_product_attention(arrays["q"], arrays["k"], arrays["v"], **change)
+    assert isinstance(raised.value, RuntimeError), "callers written for PyTorch catch RuntimeError"
 
 
 def test_non_array_input_is_a_type_error():

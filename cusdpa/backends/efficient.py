@@ -10,7 +10,8 @@ from __future__ import annotations
 from .. import dispatch, environment
 from ..dispatch import Backend, Capabilities, Implementation
 
-CAPABILITIES = Capabilities(dtypes=frozenset({"float16", "bfloat16", "float32"}), max_head_dim=256)
+CAPABILITIES = Capabilities(dtypes=frozenset({"float16", "bfloat16", "float32"}), max_head_dim=256,
+                            zero_head_dim=False)
 
 
 def _environment_reasons(pr):

@@ -10,7 +10,8 @@ from ...dispatch import Backend, Capabilities, Implementation
 from . import launches
 
 CAPABILITIES = Capabilities(arrays=frozenset({"cupy"}), dtypes=frozenset({"float16", "bfloat16"}),
-                            max_head_dim=256, head_dim_multiple=8, mask_kinds=frozenset())
+                            max_head_dim=256, head_dim_multiple=8, zero_head_dim=False,
+                            mask_kinds=frozenset())
 
 IMPL = Implementation(backend=Backend.FLASH, capabilities=CAPABILITIES,
                       environment_reasons=launches.environment_reasons, forward=launches.forward,
