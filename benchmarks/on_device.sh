@@ -10,9 +10,10 @@
 #
 # The machine has torch, CuPy, numba-cuda and triton but numpy 2.5, which numba-cuda 0.30 cannot import:
 # a numpy < 2.5 wheel travels in .whl (README of the device tool) and goes first on PYTHONPATH.
-# Stages: flash-tests, plans-tests, interop-tests, efficient-tests, fuzz (60 s of random cases against the
+# Stages: flash-tests, plans-tests, interop-tests, efficient-tests, fidelity-tests (PyTorch's behaviours, non-finite
+# inputs, the flash-attention slot, Hugging Face models), fuzz (60 s of random cases against the
 # reference), sanitize (every kernel family under compute-sanitizer's four tools), sweep, sweep-module (the
-# tutorial module's attention shape), overhead, bench (every provider),
+# tutorial module's attention shape), overhead, hf (Hugging Face models, "cusdpa" against "sdpa"), bench (every provider),
 # bench-flash (cusdpa FLASH against PyTorch's FLASH and cuDNN only), bench-module (the tutorial module: parts b
 # and c), train (bf16 autocast), train-fp32, train-compiled (bf16, torch.compile).
 set -uo pipefail
@@ -31,6 +32,8 @@ command_of() {  # the command of stage $1, into the array cmd
     plans-tests) cmd=(python3 -m pytest -q -p no:cacheprovider tests/test_plans.py) ;;
     interop-tests) cmd=(python3 -m pytest -q -m "gpu and not slow" -p no:cacheprovider tests/test_interop_gpu.py) ;;
     efficient-tests) cmd=(python3 -m pytest -q -m "gpu and not slow" -p no:cacheprovider tests/test_efficient_gpu.py) ;;
+    fidelity-tests) cmd=(python3 -m pytest -q -m "gpu and not slow" -p no:cacheprovider tests/test_fidelity.py
+                         tests/test_nonfinite.py tests/test_flash_slot.py tests/test_hf.py) ;;
     fuzz) cmd=(python3 -m cusdpa check --fuzz 60) ;;
     sanitize) cmd=(bash -c 'set -o pipefail; for tool in memcheck racecheck synccheck initcheck; do
                      echo "--- $tool"; compute-sanitizer --tool $tool --report-api-errors no --error-exitcode 3 \
@@ -43,6 +46,7 @@ command_of() {  # the command of stage $1, into the array cmd
     bench-flash) cmd=(python3 -m cusdpa bench --out "$OUT/bench" --providers cusdpa cusdpa-flash torch torch-flash
                       torch-cudnn) ;;
     bench-module) cmd=(python3 -m cusdpa bench --out "$OUT/bench" --parts b c) ;;
+    hf) cmd=(python3 benchmarks/hf_models.py) ;;
     train) cmd=(python3 examples/train_gpt.py --device cuda) ;;
     train-fp32) cmd=(python3 examples/train_gpt.py --device cuda --fp32) ;;
     train-compiled) cmd=(python3 examples/train_gpt.py --device cuda --compile) ;;

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from benchmarks.bench import PRESETS, Options, config, device, report, sdpa
+from benchmarks.bench import PRESETS, Options, config, device, plots, providers, report, sdpa, timing
 from cusdpa import environment
 from cusdpa.backends import math as math_backend
 
@@ -32,13 +32,24 @@ def test_bench_runs_every_part_and_writes_table_json_and_plots(tmp_path):
     run = subprocess.run(cmd + ["--compile-backend", "aot_eager"], capture_output=True, text=True, timeout=300,
                          env=dict(os.environ, NUMBA_ENABLE_CUDASIM="1"))
     assert run.returncode == 0, run.stdout + run.stderr[-3000:]
-    if environment.cupy_problem():
+    tables = (tmp_path / "tables.md").read_text()
+    doc = _strict_json(tmp_path / "results.json")
+    on_cpu = bool(environment.cupy_problem())
+    if on_cpu:
         assert "no GPU comparison: it needs a CUDA GPU" in run.stdout
+        # every table says what a CPU run is, on screen and in tables.md; so do the plots' titles (in plots.py)
+        assert doc["caveat"] == device.CPU_CAVEAT and "not a performance result" in device.CPU_CAVEAT
+        assert run.stdout.count(device.CPU_CAVEAT) == 4 and tables.count(device.CPU_CAVEAT) == 5  # + the head
     for title in ("(a) SDPA", "(b) CausalSelfAttention", "(c) CausalSelfAttention under torch.compile",
                   "(d) standard grid"):
-        assert title in run.stdout and title in (tmp_path / "tables.md").read_text()
+        assert title in run.stdout and title in tables
+    # torch's nested-tensor SDPA logs why it refuses a nested batch, and nested_tensor_from_jagged a notice
+    # about torch's own API: neither reaches the screen, and the refusal's reason is in the n/a record
+    assert "not used because" not in run.stderr and "is_fx_tracing" not in run.stderr, run.stderr[-3000:]
+    nested = next(r for r in doc["records"] if r["part"] == "b" and r["batch"] == "nested" and r["provider"] == "torch")
+    if nested["status"] == "n/a":
+        assert "No viable backend" in nested["reason"]
 
-    doc = _strict_json(tmp_path / "results.json")
     assert doc["finished"] and doc["options"]["sizes"]["lengths"] == [8]
     records = doc["records"]
     assert {r["part"] for r in records} == {"a", "b", "c", "d"}
@@ -141,3 +152,56 @@ def test_the_gpu_sizes_ask_for_a_gpu(capsys):
 
     assert main(["bench", "--quick"]) == 2
     assert "need a CUDA GPU" in capsys.readouterr().err
+
+
+def test_ratios_keep_two_significant_digits():
+    assert [report._ratio(x) for x in (1.0, 0.98, 12.5, 0.1, 0.036, 0.0012, 3.5e-05, 0.0)] == \
+        ["1.00", "0.98", "12.50", "0.10", "0.036", "0.0012", "3.5e-05", "0"]
+
+
+def test_tables_print_small_ratios_and_carry_the_cpu_caveat(tmp_path):
+    results = report.Results(tmp_path, {"caveat": device.CPU_CAVEAT})
+    point = dict(part="d", dtype="float16", B=2, H=2, L=8, S=8, E=16, causal=False, direction="fwd", status="ok")
+    results.add(dict(point, provider="cusdpa-efficient", tflops=3.5e-08))
+    results.add(dict(point, provider="torch-math", tflops=1e-3))
+    text = report.tables(results, ["d"], ["cusdpa-efficient", "torch-math"])
+    title, caveat = text.splitlines()[:2]
+    assert title.startswith("(d) standard grid") and caveat == device.CPU_CAVEAT
+    row = text.splitlines()[-1]
+    assert row.split("|")[-2].strip() == "3.5e-05" and "0.00 " not in row
+    assert device.CPU_CAVEAT not in report.tables(report.Results(tmp_path / "gpu", {}), ["d"], ["torch-math"])
+
+
+def test_plots_take_a_log_axis_where_values_span_orders_of_magnitude():
+    scales = []
+    plots._log_if_wide([3.5e-08, 1e-3, 2e-3], scales.append)
+    plots._log_if_wide([150.0, 400.0], scales.append)
+    assert scales == ["log"]
+
+
+def test_one_interrupted_probe_does_not_make_a_fast_call_slow():
+    import itertools
+
+    class Scripted(timing.Timer):
+        def __init__(self, times):
+            super().__init__(warmup_ms=0.0, rep_ms=10.0, min_runs=1)
+            self.times = iter(times)
+
+        def runs(self, fn, n, grad_to_none):
+            return [next(self.times) for _ in range(n)]
+
+    fast = Scripted(itertools.chain([50.0], itertools.repeat(0.01)))(lambda: None)
+    assert fast.ms == 0.01 and "slow" not in fast.method and fast.runs > 5
+    slow = Scripted([50.0, 40.0])(lambda: None)
+    assert slow.ms == 45.0 and slow.runs == 2 and "slow call" in slow.method
+
+
+def test_efficient_runs_the_simulator_knobs_on_the_cpu(monkeypatch):
+    kernels_numba = pytest.importorskip("kernels_numba")
+    monkeypatch.setenv("NUMBA_ENABLE_CUDASIM", "1")
+    point = device.Point(1, 1, 8, 8, 16, "float16", False)
+    inputs = device.Inputs((None,) * 4, None)
+    with providers.make_run(config.BY_ID["cusdpa-efficient"], inputs, point).context():
+        assert kernels_numba.current() == kernels_numba.KernelConfig(**config.SIMULATOR_KNOBS)
+    with providers.make_run(config.BY_ID["cusdpa-math"], inputs, point).context():
+        assert kernels_numba.current() == kernels_numba.KernelConfig()

@@ -74,9 +74,16 @@ PRESETS = {
     "quick": Sizes(lengths=(1024, 4096), dtypes=("bfloat16",), warmup_ms=5.0, rep_ms=20.0),
     # the CPU configuration: the reference, Numba's CUDA simulator and torch's CPU SDPA on toy sizes
     "tiny": Sizes(tutorial=(1, 2, 16, 16), module_heads=2, module_head_dim=8, module_batch=2, module_len=16,
-                  compile_len=8, lengths=(8, 16), head_dims=(16,), dtypes=("float16",), tokens=32, hidden=32,
+                  compile_len=8, lengths=(8, 16), head_dims=(16,), dtypes=("float16",), tokens=16, hidden=16,
                   warmup_ms=1.0, rep_ms=10.0),
 }
+
+
+# kernels_numba.KernelConfig of EFFICIENT on Numba's CUDA simulator (the CPU configuration), where every GPU
+# thread is a Python thread and every barrier a round of thread switches: one 16-row tile per head at the
+# tiny sizes, 4 x 4-thread backward blocks staging 16 columns a step. The default knobs (16 x 16-thread
+# blocks, 32-column steps) take about 3 s per head for a backward at L = 16 there; these take about 0.3 s.
+SIMULATOR_KNOBS = dict(variant="portable", block_rows=16, tile_rows=16, bwd_threads=4, bwd_sub=4, bwd_chunk=16)
 
 
 @dataclass(frozen=True)

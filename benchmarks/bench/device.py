@@ -12,6 +12,10 @@ from cusdpa.verify import harness, judge
 from .config import SetupError
 from .timing import CpuTimer, GpuTimer
 
+# on every table and plot of a run without a GPU
+CPU_CAVEAT = ("CPU, toy sizes, reference implementation - not a performance result (cusdpa: its NumPy reference "
+              "and EFFICIENT on Numba's CUDA simulator; torch: its CPU kernels, one thread)")
+
 
 @dataclass(frozen=True)
 class Point:
@@ -45,10 +49,12 @@ class Inputs:
 
 
 class Device:
-    """The machine's side of the bench: inputs, float64 copies for judging, memory, the timer."""
+    """The machine's side of the bench: inputs, float64 copies for judging, memory, the timer, and the caveat
+    every table and plot of a CPU run carries (None on a GPU)."""
 
     def __init__(self, gpu: bool, torch, sizes):
         self.gpu, self.torch = gpu, torch
+        self.caveat = None if gpu else CPU_CAVEAT
         if gpu:
             self.timer = GpuTimer(torch, sizes.warmup_ms, sizes.rep_ms)
         else:
@@ -68,9 +74,12 @@ class Device:
                 raise SetupError("bench on a GPU compares with PyTorch and times with its CUDA events; install a "
                                    "CUDA build of torch (pip install 'cusdpa[bench]')")
             return cls(True, torch, sizes), f"GPU: {environment.gpus()[0]}"
+        # Toy sizes gain nothing from torch's intra-op threads, and on a busy machine a call of microseconds
+        # then waits milliseconds for a descheduled thread: torch gets one thread, as NumPy's small calls have
+        torch.set_num_threads(1)
         line = (f"no GPU comparison: it needs a CUDA GPU with CuPy ({cupy_problem}). Running the small CPU "
                 "configuration instead: the NumPy reference (MATH), EFFICIENT on Numba's CUDA simulator, "
-                "torch's CPU SDPA; CPU wall-clock timings of toy sizes say nothing about GPU speed")
+                "torch's CPU SDPA on one thread; CPU wall-clock timings of toy sizes say nothing about GPU speed")
         return cls(False, torch, sizes), line
 
     def inputs(self, point: Point, seed: int) -> Inputs:

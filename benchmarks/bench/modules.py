@@ -7,6 +7,8 @@ run sequence by sequence for the nested batch; the yardstick is the torch module
 """
 from __future__ import annotations
 
+import contextlib
+import logging
 import time
 
 import numpy as np
@@ -17,6 +19,27 @@ from .device import Device
 from .providers import NotAvailable, torch_dispatch_errors
 
 DTYPE = "float16"
+
+# interop's nested path builds its output with torch.nested.nested_tensor_from_jagged, whose check for
+# fx.symbolic_trace logs (once a process, torch 2.13) a notice about torch's own is_fx_tracing API: not
+# about this batch or the bench, so kept off the screen while the modules run
+FX_NOTICE_LOGGER, FX_NOTICE = "torch.fx._symbolic_trace", "is_fx_tracing will return true"
+
+
+class _DropFxNotice(logging.Filter):
+    def filter(self, record) -> bool:
+        return not record.getMessage().startswith(FX_NOTICE)
+
+
+@contextlib.contextmanager
+def _quiet():
+    """The modules' calls without the is_fx_tracing notice (every other log record still shows)."""
+    logger, notice = logging.getLogger(FX_NOTICE_LOGGER), _DropFxNotice()
+    logger.addFilter(notice)
+    try:
+        yield
+    finally:
+        logger.removeFilter(notice)
 
 
 class Models:
@@ -89,7 +112,7 @@ def measure(part: str, opts: Options, dev: Device, results, progress) -> None:
                 try:
                     fn = _compiled(torch, model, x, opts, record) if mode == "compiled" else \
                         (lambda m=model, x=x: m(x))
-                    with torch.no_grad(), torch_dispatch_errors():
+                    with torch.no_grad(), torch_dispatch_errors(), _quiet():
                         outputs[library, mode] = _tokens(fn())
                 except NotAvailable as e:
                     results.add(dict(record, status="n/a", reason=str(e)))
@@ -106,7 +129,7 @@ def measure(part: str, opts: Options, dev: Device, results, progress) -> None:
     for record, fn in checked:
         if "status" not in record:  # passed its check
             try:
-                with torch.no_grad():
+                with torch.no_grad(), _quiet():
                     t = dev.timer(fn)
                 record.update(status="ok", ms=t.ms, runs=t.runs, timer=t.method)
             except Exception as e:

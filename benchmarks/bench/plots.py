@@ -1,13 +1,31 @@
 """PNG plots of the bench's results (matplotlib's Agg backend: no display needed).
 
 grid_<dtype>.png: part d, TFLOP/s against sequence length per provider, one panel per head dim,
-causal flag and direction. tutorial.png: parts a to c, microseconds per provider.
+causal flag and direction. tutorial.png: parts a to c, microseconds per provider. Values spanning more
+than SPAN (a factor) go on a log axis, so the slowest provider is not flattened onto zero; a run's caveat
+(the CPU configuration's) is part of every figure's title.
 """
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 
 from .config import BY_ID
+
+SPAN = 50
+
+
+def _log_if_wide(values, set_scale) -> None:
+    positive = [v for v in values if v > 0]
+    if positive and max(positive) > SPAN * min(positive):
+        set_scale("log")
+
+
+def _title(fig, title: str, caveat: str | None) -> None:
+    if caveat:
+        fig.suptitle("\n".join([title] + textwrap.wrap(caveat, 100)), fontsize=11)
+    else:
+        fig.suptitle(title)
 
 
 def _pyplot():
@@ -29,7 +47,7 @@ def _style(provider: str) -> dict:
     return dict(color=colour, linestyle="--", marker="s", markerfacecolor="none")
 
 
-def grid(records: list[dict], out: Path) -> list[Path]:
+def grid(records: list[dict], out: Path, caveat: str | None = None) -> list[Path]:
     """One figure per dtype; rows are directions, columns (head dim, causal)."""
     plt = _pyplot()
     written = []
@@ -49,6 +67,7 @@ def grid(records: list[dict], out: Path) -> list[Path]:
                     if points:
                         ax.plot(*zip(*points), label=BY_ID[provider].label, **_style(provider))
                 ax.set_xscale("log", base=2)
+                _log_if_wide([r["tflops"] for r in panel if r["status"] == "ok"], ax.set_yscale)
                 ax.set_title(f"E={E}, {'causal' if causal else 'not causal'}, {direction}", fontsize=10)
                 ax.set_xlabel("sequence length L = S")
                 ax.set_ylabel("TFLOP/s")
@@ -58,7 +77,7 @@ def grid(records: list[dict], out: Path) -> list[Path]:
             handles.update(zip(*reversed(ax.get_legend_handles_labels())))
         fig.legend(handles.values(), handles.keys(), loc="outside lower center", ncol=min(len(handles), 4) or 1,
                    fontsize=9)
-        fig.suptitle(f"attention {dtype}: cusdpa (solid) and PyTorch (dashed)")
+        _title(fig, f"attention {dtype}: cusdpa (solid) and PyTorch (dashed)", caveat)
         path = out / f"grid_{dtype}.png"
         fig.savefig(path, dpi=110)
         plt.close(fig)
@@ -66,7 +85,7 @@ def grid(records: list[dict], out: Path) -> list[Path]:
     return written
 
 
-def tutorial(parts: dict, out: Path) -> Path | None:
+def tutorial(parts: dict, out: Path, caveat: str | None = None) -> Path | None:
     """Bars of microseconds, one panel per part among a, b, c that has measurements."""
     panels = {name: [r for r in records if r["status"] == "ok"] for name, records in parts.items()}
     panels = {name: records for name, records in panels.items() if records}
@@ -83,12 +102,12 @@ def tutorial(parts: dict, out: Path) -> Path | None:
         colours = ["C0" if r["provider"].startswith("cusdpa") else "C7" for r in records]
         us = [r["ms"] * 1e3 for r in records]
         ax.barh(labels, us, color=colours)
-        if max(us) > 50 * min(us):
-            ax.set_xscale("log")
+        _log_if_wide(us, ax.set_xscale)
         ax.invert_yaxis()
         ax.set_xlabel("microseconds (lower is better)")
         ax.set_title(titles[name], fontsize=10)
         ax.grid(axis="x", alpha=0.3)
+    _title(fig, "cusdpa (blue) and PyTorch (grey)", caveat)
     path = out / "tutorial.png"
     fig.savefig(path, dpi=110)
     plt.close(fig)

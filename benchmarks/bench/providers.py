@@ -10,9 +10,10 @@ Each run is used inside its ``context()``: ``chosen`` names the cusdpa backend t
 from __future__ import annotations
 
 import contextlib
+import logging
 import warnings
 
-from .config import Provider
+from .config import SIMULATOR_KNOBS, Provider
 from .device import Inputs, Point
 
 
@@ -28,11 +29,20 @@ class CusdpaRun:
         self.q, self.k, self.v, self.dout = inputs.arrays
         self.causal = point.causal
 
+    @contextlib.contextmanager
     def context(self):
-        """Only this backend enabled (EFFICIENT takes NumPy arrays only while MATH is disabled)."""
-        from cusdpa import sdpa_kernel
+        """Only this backend enabled (EFFICIENT takes NumPy arrays only while MATH is disabled); on Numba's
+        CUDA simulator, EFFICIENT with SIMULATOR_KNOBS."""
+        from cusdpa import Backend, environment, sdpa_kernel
 
-        return contextlib.nullcontext() if self.backend is None else sdpa_kernel([self.backend])
+        with contextlib.ExitStack() as stack:
+            if self.backend is not None:
+                stack.enter_context(sdpa_kernel([self.backend]))
+            if self.backend is Backend.EFFICIENT and environment.simulator_enabled():
+                import kernels_numba
+
+                stack.enter_context(kernels_numba.configured(kernels_numba.KernelConfig(**SIMULATOR_KNOBS)))
+            yield
 
     def chosen(self, need_grad: bool) -> str:
         """The backend that runs (the one dispatch picks for the default provider); NotAvailable if none."""
@@ -63,23 +73,47 @@ class CusdpaRun:
         return fn, None, fn()
 
 
-def _torch_reason(error: Exception, caught) -> str:
+# torch's SDPA on nested (jagged) tensors logs, at WARNING on this logger, why each kernel refuses the batch
+# ("... not used because:" and the reason) before it raises "No viable backend"
+NESTED_SDPA_LOGGER = "torch.nested._internal.sdpa"
+
+
+class _Collect(logging.Filter):
+    """Keeps a logger's messages (for the n/a reason) instead of letting them reach stderr."""
+
+    def __init__(self):
+        super().__init__()
+        self.messages = []
+
+    def filter(self, record) -> bool:
+        self.messages.append(record.getMessage())
+        return False
+
+
+def _torch_reason(error: Exception, caught, logged) -> str:
     lines = [str(w.message).split("(Triggered internally")[0].strip() for w in caught]
-    return "; ".join([line for line in lines if line] + [str(error).splitlines()[0]])
+    lines += [m.strip() for m in logged if not m.rstrip().endswith("not used because:")]
+    return "; ".join([line for line in dict.fromkeys(lines) if line] + [str(error).splitlines()[0]])
 
 
 @contextlib.contextmanager
 def torch_dispatch_errors():
-    """Turn torch's 'no kernel for these inputs' into NotAvailable, with the reasons it warned about."""
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        try:
-            yield
-        except RuntimeError as e:
-            text = str(e)
-            if "No available kernel" in text or "No viable backend" in text:
-                raise NotAvailable(_torch_reason(e, caught)) from e
-            raise
+    """Turn torch's 'no kernel for these inputs' into NotAvailable, with the reasons it warned or logged
+    about (the nested-tensor SDPA logs them, which would otherwise spill onto stderr)."""
+    logger, logged = logging.getLogger(NESTED_SDPA_LOGGER), _Collect()
+    logger.addFilter(logged)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            try:
+                yield
+            except RuntimeError as e:
+                text = str(e)
+                if "No available kernel" in text or "No viable backend" in text:
+                    raise NotAvailable(_torch_reason(e, caught, logged.messages)) from e
+                raise
+    finally:
+        logger.removeFilter(logged)
 
 
 class TorchRun:

@@ -86,6 +86,17 @@ def _tflops(r: dict | None) -> str:
     return _value(r, lambda r: f"{r['tflops']:.3g}")
 
 
+def _ratio(x: float) -> str:
+    """A speed ratio with two decimals where that keeps two significant digits (0.98, 1.21, 12.50), else two
+    significant digits (0.036, 0.0012, 3.5e-05): a small ratio never reads 0.00."""
+    return f"{x:.2f}" if x >= 0.1 else f"{x:.2g}"
+
+
+def _titled(title: str, caveat: str | None, table: str, reasons: list[str]) -> str:
+    """A table under its title and the run's caveat (the CPU configuration's), then the reasons of its n/a's."""
+    return "\n".join([title] + ([caveat] if caveat else []) + ["", table] + reasons)
+
+
 def _markdown(header: list[str], rows: list[list[str]]) -> str:
     widths = [max(len(str(c)) for c in col) for col in zip(header, *rows)]
     line = lambda cells: "| " + " | ".join(str(c).rjust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
@@ -111,37 +122,37 @@ def _error(r: dict) -> str:
     return f"{max(errors.values()):.2g}" if errors else ""
 
 
-def table_a(records: list[dict]) -> str:
+def table_a(records: list[dict], caveat: str | None = None) -> str:
     base = next((r for r in records if r["provider"] == "torch" and r["status"] == "ok"), None)
     rows = []
     for r in sorted(records, key=lambda r: ORDER[r["provider"]]):
-        speed = f"{base['ms'] / r['ms']:.2f}" if base and r["status"] == "ok" else ""
+        speed = _ratio(base["ms"] / r["ms"]) if base and r["status"] == "ok" else ""
         rows.append([r["provider"], r.get("runs_on", ""), _us(r), speed, _error(r)])
     head = records[0] if records else {}
     title = (f"(a) SDPA B={head.get('B')} H={head.get('H')} L=S={head.get('L')} E={head.get('E')} "
              f"{head.get('dtype')}, forward, microseconds; x torch: torch's default time over this one")
-    return "\n".join([title, "", _markdown(["provider", "dispatch", "us", "x torch", "max error"], rows)]
-                     + _reasons(records, ()))
+    return _titled(title, caveat, _markdown(["provider", "dispatch", "us", "x torch", "max error"], rows),
+                   _reasons(records, ()))
 
 
-def table_modules(part: str, records: list[dict]) -> str:
+def table_modules(part: str, records: list[dict], caveat: str | None = None) -> str:
     ok = {(r.get("batch"), r.get("provider"), r.get("mode")): r for r in records if r["status"] == "ok"}
     rows = []
     batches = ("dense", "nested")
     for r in sorted((r for r in records if "batch" in r),
                     key=lambda r: (batches.index(r["batch"]), ORDER[r["provider"]], r["mode"] == "compiled")):
         base = ok.get((r["batch"], "torch", r["mode"]))
-        speed = f"{base['ms'] / r['ms']:.2f}" if base and r["status"] == "ok" else ""
+        speed = _ratio(base["ms"] / r["ms"]) if base and r["status"] == "ok" else ""
         compile_s = f"{r['compile_s']:.1f}" if "compile_s" in r else ""
         rows.append([r["batch"], f"{r['sequences']}x{r['max_len']} ({r['tokens']} tokens)", r["provider"], r["mode"],
                      _us(r), speed, compile_s, _error(r)])
     title = {"b": "(b) CausalSelfAttention, dense and nested batches, inference, microseconds",
              "c": "(c) CausalSelfAttention under torch.compile, inference, microseconds"}[part]
-    return "\n".join([title, "", _markdown(["batch", "size", "attention", "mode", "us", "x torch", "compile s",
-                                            "max error"], rows)] + _reasons(records, ("batch", "mode")))
+    table = _markdown(["batch", "size", "attention", "mode", "us", "x torch", "compile s", "max error"], rows)
+    return _titled(title, caveat, table, _reasons(records, ("batch", "mode")))
 
 
-def table_d(records: list[dict], providers: list[str]) -> str:
+def table_d(records: list[dict], providers: list[str], caveat: str | None = None) -> str:
     """One row per point and direction: each provider's TFLOP/s, then the lead cusdpa provider's ratios."""
     by = {}
     for r in records:
@@ -159,26 +170,28 @@ def table_d(records: list[dict], providers: list[str]) -> str:
         for t in theirs if lead else ():
             a, b = row.get(lead), row.get(t)
             ok = a and b and a["status"] == "ok" and b["status"] == "ok"
-            cells.append(f"{a['tflops'] / b['tflops']:.2f}" if ok else "")
+            cells.append(_ratio(a["tflops"] / b["tflops"]) if ok else "")
         rows.append(cells)
     head = records[0] if records else {}
     title = (f"(d) standard grid, B*L = {head.get('B', 0) * head.get('L', 0)}, H*E = {head.get('H', 0) * head.get('E', 0)}"
              ": TFLOP/s (forward 4*B*H*L*S*E, halved when causal, backward 2.5x)"
              + (f"; x torch-...: {lead}'s TFLOP/s over that torch backend's" if lead else ""))
-    return "\n".join([title, "", _markdown(header, rows)] + _reasons(records, ("dtype", "E", "causal", "L", "direction")))
+    return _titled(title, caveat, _markdown(header, rows), _reasons(records, POINT_FIELDS))
 
 
 def tables(results: Results, parts, providers_d: list[str]) -> str:
-    """The tables of ``parts`` that have records, in order; part d's columns are ``providers_d``."""
+    """The tables of ``parts`` that have records, in order; part d's columns are ``providers_d``. Each title
+    carries the run's caveat, where it has one (the CPU configuration's)."""
+    caveat = results.meta.get("caveat")
     out = []
     for part in parts:
         records = results.part(part)
         if not records:
             continue
         if part == "a":
-            out.append(table_a(records))
+            out.append(table_a(records, caveat))
         elif part == "d":
-            out.append(table_d(records, providers_d))
+            out.append(table_d(records, providers_d, caveat))
         else:
-            out.append(table_modules(part, records))
+            out.append(table_modules(part, records, caveat))
     return "\n\n".join(out)

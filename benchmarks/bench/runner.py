@@ -49,10 +49,13 @@ def _requirements():
     return tqdm
 
 
-def _meta(opts: Options, where: str, argv) -> dict:
+def _meta(opts: Options, dev: Device, where: str, argv) -> dict:
     started = datetime.datetime.now().isoformat(timespec="seconds")
-    return dict(command="python -m cusdpa " + " ".join(argv), started=started, machine=where, gpus=environment.gpus(),
+    meta = dict(command="python -m cusdpa " + " ".join(argv), started=started, machine=where, gpus=environment.gpus(),
                 versions=environment.versions(), options=opts.as_dict(), protocol=PROTOCOL)
+    if dev.caveat:
+        meta["caveat"] = dev.caveat
+    return meta
 
 
 def _skip_notes(opts: Options) -> list[str]:
@@ -76,7 +79,7 @@ def run(opts: Options, argv=()) -> int:
     tqdm = _requirements()
     dev, where = Device.detect(opts.sizes)
     print(where)
-    results = report.Results(opts.out, _meta(opts, where, argv))
+    results = report.Results(opts.out, _meta(opts, dev, where, argv))
     providers_d = [p.id for p in opts.providers_for("d")]
     for note in _skip_notes(opts):
         results.note(note)
@@ -122,11 +125,13 @@ def _finish(results: report.Results, opts: Options, providers_d: list[str]) -> N
     m = results.meta
     versions = ", ".join(f"{k} {v}" for k, v in m["versions"].items() if v != "not installed")
     head = f"`{m['command']}`, {m['started']} to {m['finished']}\n\n{m['machine']}\n\n{versions}"
+    head = f"**{m['caveat']}**\n\n{head}" if m.get("caveat") else head
     notes = "".join(f"\n- {n}" for n in results.notes)
     text = report.tables(results, list(PARTS), providers_d)
     (opts.out / "tables.md").write_text(f"{head}\n\n{text}\n" + (f"\nNotes:{notes}\n" if notes else ""))
-    written = plots.grid(results.part("d"), opts.out) if results.part("d") else []
-    bars = plots.tutorial({p: results.part(p) for p in "abc"}, opts.out)
+    caveat = m.get("caveat")
+    written = plots.grid(results.part("d"), opts.out, caveat) if results.part("d") else []
+    bars = plots.tutorial({p: results.part(p) for p in "abc"}, opts.out, caveat)
     written += [bars] if bars else []
     print(f"\nresults: {results.path}, {opts.out / 'tables.md'}" + "".join(f", {p}" for p in written))
     for n in results.notes:
