@@ -5,11 +5,25 @@ This module is the oracle every backend is tested against. It is written against
 chunks of whole GQA groups of heads, so the L x S score matrix of all heads never exists at once.
 
 Definitions, for one (batch, query head) slice with scores s = scale * q k^T (+ float mask):
-  allowed[i, j] = causal & window & bool mask (structural visibility); s[i, j] = -inf elsewhere
+  allowed[i, j] = causal & window & bool mask & (float mask != -inf); s[i, j] = -inf elsewhere
   P = softmax(s) row-wise, with P = 0 on rows where every s is -inf; lse = log sum_j exp(s[i, j])
   A = P * keep / (1 - p) under dropout (keep from cusdpa.philox), else A = P;  out = A v
-Key/value rows that no query of the slice may see, and query rows that see no key, are zeroed before
-the products, so NaN or inf stored there (padding) never reaches an output or a gradient.
+
+Non-finite values follow PyTorch's math backend, except where no query may look:
+  - Selected out, whatever they hold: a score that is not allowed is -inf before any arithmetic (so a
+    -inf float-mask entry hides NaN in q k^T); key/value rows that no query of the slice sees and query
+    rows that see no key are zeroed before the products; a row that sees no key gets out 0, lse -inf and
+    dq 0 and adds nothing to dk, dv or dmask, however NaN the other rows are. A score of -inf, allowed
+    or not (q k^T may overflow), has P = 0 even on a NaN row (PyTorch's softmax gives NaN there), and a
+    row whose scores are all -inf sees no key.
+  - Everything else is IEEE arithmetic of the formulas above: a NaN or +inf among a row's scores makes
+    its P (but at -inf scores), out, lse and dq NaN, and through the products dk of every key of the
+    slice and dv of every key the row sees; NaN or inf in a value row reaches out in its columns and,
+    through dP, dq and dk; 0 * NaN in the products A v, dS k and dS^T q is NaN, as in PyTorch.
+Kernels give NaN and inf where the reference does, with one freedom: where the reference's NaN comes
+only from 0 * NaN (or 0 * inf) at a pair whose P is 0 (not allowed, or a -inf score) -- in A v, in
+dS = P (dP - D), in dS k or dS^T q -- a kernel that skips the pair's tile or selects per pair may give a
+finite value instead. Tests compare NaN patterns on problems without such pairs.
 """
 from __future__ import annotations
 
@@ -87,25 +101,26 @@ def _slice(pr: problem.Problem, b, bh0: int, h0: int, h1: int, acc, allowed_stru
     v = xp.repeat(xp.broadcast_to(pr.v3, full + pr.v3.shape[-3:])[b][kv], g, axis=0).astype(acc)
     n = h1 - h0
 
-    with _errstate(xp):  # NaN/inf stored where nobody looks is selected out below
-        s = (q @ k.swapaxes(-1, -2)) * acc.type(pr.scale)
-        allowed = allowed_struct
-        if pr.mask is not None:
-            m = xp.broadcast_to(pr.mask, full + (pr.hq, pr.L, pr.S))[b][h0:h1]
-            if pr.mask_kind == "float":
-                s = s + m.astype(acc)
-            else:
-                allowed = m if allowed is None else (allowed & m)
-        if allowed is not None:
-            s = xp.where(allowed, s, -xp.inf)
-        visible = s != -xp.inf  # NaN counts as visible, so it propagates where it is seen
-        row_any = visible.any(-1, keepdims=True)
-        col_any = visible.any(-2)[..., None]
-        m_i = s.max(-1, keepdims=True)
-        p = xp.exp(s - xp.where(m_i == -xp.inf, 0, m_i))
-        l_i = p.sum(-1, keepdims=True)
-        lse = (m_i + xp.log(l_i))[..., 0]
-        P = xp.where(l_i > 0, p / xp.where(l_i > 0, l_i, 1), 0)
+    s = (q @ k.swapaxes(-1, -2)) * acc.type(pr.scale)
+    allowed = allowed_struct
+    if pr.mask is not None:
+        m = xp.broadcast_to(pr.mask, full + (pr.hq, pr.L, pr.S))[b][h0:h1]
+        if pr.mask_kind == "float":
+            # -inf selects the score out, like False in a bool mask: NaN in q k^T there stays unseen
+            s = xp.where(m == -xp.inf, -xp.inf, s + m.astype(acc))
+        else:
+            allowed = m if allowed is None else (allowed & m)
+    if allowed is not None:
+        s = xp.where(allowed, s, -xp.inf)
+    visible = s != -xp.inf  # NaN counts as visible, so it propagates where it is seen
+    row_any = visible.any(-1, keepdims=True)
+    col_any = visible.any(-2)[..., None]
+    m_i = s.max(-1, keepdims=True)  # NaN when the row sees a NaN; then p, l_i, P and lse are NaN
+    p = xp.exp(s - xp.where(m_i == -xp.inf, 0, m_i))
+    l_i = p.sum(-1, keepdims=True)
+    lse = (m_i + xp.log(l_i))[..., 0]
+    # 0 where not visible (a NaN row's exp(-inf - NaN) included) and on rows that see nothing (0 / 0)
+    P = xp.where(visible, p / l_i, 0)
 
     drop = None
     if pr.dropout_p > 0:
@@ -122,8 +137,10 @@ def _slice(pr: problem.Problem, b, bh0: int, h0: int, h1: int, acc, allowed_stru
 def _dense(pr: problem.Problem, acc, bh_base: int, visit):
     """Run ``visit(b, h0, h1, slice)`` over every chunk of a dense problem."""
     allowed_struct = structural_mask(pr.L, pr.S, pr.causal, pr.lower_right, pr.window, pr.xp)
-    for b, flat, h0, h1 in chunks(pr):
-        visit(b, h0, h1, _slice(pr, b, bh_base + flat * pr.hq, h0, h1, acc, allowed_struct))
+    # NaN/inf is selected out where nobody looks and propagates where a query does: no warnings for either
+    with _errstate(pr.xp):
+        for b, flat, h0, h1 in chunks(pr):
+            visit(b, h0, h1, _slice(pr, b, bh_base + flat * pr.hq, h0, h1, acc, allowed_struct))
 
 
 def _dense_forward(pr: problem.Problem, acc, bh_base: int = 0):
@@ -136,7 +153,7 @@ def _dense_forward(pr: problem.Problem, acc, bh_base: int = 0):
 
     def visit(b, h0, h1, sl):
         A = sl.P if sl.drop is None else sl.P * sl.drop
-        out[b][h0:h1] = A @ sl.v
+        out[b][h0:h1] = xp.where(sl.row_any, A @ sl.v, 0)  # 0 * NaN of a value row others see
         lse[b][h0:h1] = sl.lse
 
     _dense(pr, acc, bh_base, visit)
@@ -172,8 +189,9 @@ def _dense_backward(pr: problem.Problem, dout, acc, bh_base: int = 0):
         if sl.drop is not None:
             dP = dP * sl.drop
         # softmax backward: dS = P * (dP - rowsum(P * dP)); rowsum(P * dP) = rowsum(dout * out)
-        dS = sl.P * (dP - (sl.P * dP).sum(-1, keepdims=True))
-        dq[b][h0:h1] = (dS @ sl.k) * acc.type(pr.scale)
+        # Rows that see nothing: 0, where P = 0 meets NaN in dP through a value row others see.
+        dS = xp.where(sl.row_any, sl.P * (dP - (sl.P * dP).sum(-1, keepdims=True)), 0)
+        dq[b][h0:h1] = xp.where(sl.row_any, dS @ sl.k, 0) * acc.type(pr.scale)
         n_groups = (h1 - h0) // g
         dk_h = (dS.swapaxes(-1, -2) @ sl.q) * acc.type(pr.scale)
         dv_h = A.swapaxes(-1, -2) @ do

@@ -57,18 +57,21 @@ struct Args {
   float rescale;
 };
 
-// Applies the mask to one scaled score; -inf means selected out.
+// Applies the mask to one scaled score; -inf means selected out. A -inf float-mask entry selects the
+// score out as a False bool entry does, so NaN in q k^T there is never added in.
 __device__ __forceinline__ float masked_score(const Args& a, i64 i, i64 j, float s) {
   if (!a.vis.visible(i, j)) return -CUSDPA_INF;
   if (a.mask_kind == MASK_NONE) return s;
   i64 at = i * a.mask_rs + j * a.mask_cs;
+  float m;
   switch (a.mask_kind) {
     case MASK_BOOL: return a.mask[at] ? s : -CUSDPA_INF;
-    case MASK_F16: return s + f16_to_f32(((const u16*)a.mask)[at]);
-    case MASK_BF16: return s + bf16_to_f32(((const u16*)a.mask)[at]);
-    case MASK_F32: return s + ((const float*)a.mask)[at];
-    default: return s + (float)((const double*)a.mask)[at];
+    case MASK_F16: m = f16_to_f32(((const u16*)a.mask)[at]); break;
+    case MASK_BF16: m = bf16_to_f32(((const u16*)a.mask)[at]); break;
+    case MASK_F32: m = ((const float*)a.mask)[at]; break;
+    default: m = (float)((const double*)a.mask)[at];
   }
+  return m == -CUSDPA_INF ? -CUSDPA_INF : s + m;
 }
 
 // Stages rows [n0, n0 + BLOCK_N) of a K or V tile into shared memory (row stride HEAD_DIM + 8
@@ -177,10 +180,10 @@ __device__ void forward(const Args& a) {
           if (v != -CUSDPA_INF) col_seen[nt * 8 + 2 * t + (x % 2)] = 1;  // same value from every writer
         }
         s[nt][x] = v;
-        tile_max[x / 2] = fmaxf(tile_max[x / 2], v);
+        tile_max[x / 2] = fmaxf(tile_max[x / 2], v);  // skips NaN: a NaN score poisons l_i through its p
       }
     }
-    float alpha[2], m_use[2];
+    float alpha[2], m_use[2], m_log2[2];
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
       tile_max[r] = fmaxf(tile_max[r], __shfl_xor_sync(0xffffffffu, tile_max[r], 1));
@@ -188,6 +191,7 @@ __device__ void forward(const Args& a) {
       float m_new = fmaxf(m_i[r], tile_max[r]);
       m_use[r] = m_new == -CUSDPA_INF ? 0.f : m_new;  // a row with nothing visible yet keeps p = 0
       alpha[r] = exp2f((m_i[r] - m_use[r]) * LOG2E);
+      m_log2[r] = __fmul_rn(m_use[r], LOG2E);
       m_i[r] = m_new;
       l_i[r] *= alpha[r];
     }
@@ -202,9 +206,13 @@ __device__ void forward(const Args& a) {
 #pragma unroll
     for (int nt = 0; nt < NTILES; ++nt) {
       float p[4];
+      // Both products rounded alone (rounding is monotonic, so m_log2 is the largest of them): the max
+      // element gets exp2(0) = 1 exactly. The fmaf(s, LOG2E, -m_log2) the compiler would contract to is off
+      // by up to half an ulp of s * LOG2E: thousands at |s| ~ 1e11 (q = k = 133120 in bf16), so exp2
+      // overflows (inf / inf = NaN).
 #pragma unroll
       for (int x = 0; x < 4; ++x) {
-        p[x] = exp2f(s[nt][x] * LOG2E - m_use[x / 2] * LOG2E);
+        p[x] = exp2f(__fmul_rn(s[nt][x], LOG2E) - m_log2[x / 2]);
         l_i[x / 2] += p[x];  // the normaliser counts every visible key, dropped or not
       }
       if (a.dropout) {
@@ -261,12 +269,15 @@ __device__ void forward(const Args& a) {
     l_i[r] += __shfl_xor_sync(0xffffffffu, l_i[r], 2);
     const i64 row = row0 + r * 8;
     if (row >= a.vis.L) continue;
-    const bool seen = m_i[r] != -CUSDPA_INF;
-    const float inv = seen ? 1.f / l_i[r] : 0.f;
+    // Decided by l_i, not m_i (fmaxf skips NaN, so an all-NaN row keeps m_i = -inf): l_i >= 1 on a row
+    // that sees a finite score, NaN on one that sees NaN or +inf, 0 on one that sees nothing. That row
+    // stores 0, not acc * 0: acc is NaN when a V row another row of the block sees holds NaN.
+    const bool seen = l_i[r] != 0.f;
+    const float inv = 1.f / l_i[r];
 #pragma unroll
     for (int d = 0; d < DTILES; ++d) {
       const i64 col = d * 8 + 2 * t;
-      u32 two = pack2<BF16>(acc[d][2 * r] * inv, acc[d][2 * r + 1] * inv);
+      u32 two = pack2<BF16>(seen ? acc[d][2 * r] * inv : 0.f, seen ? acc[d][2 * r + 1] * inv : 0.f);
       if (col < a.Ev) a.out[row * a.out_rs + col] = (u16)(two & 0xffffu);
       if (col + 1 < a.Ev) a.out[row * a.out_rs + col + 1] = (u16)(two >> 16);
     }

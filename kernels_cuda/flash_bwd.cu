@@ -5,6 +5,10 @@
 //   flash_bwd_dq          one CTA per block of queries: loops over key blocks, like the forward
 // With P = exp2(S * scale_log2 - lse_log2) recomputed from the forward's logsumexp and Z = keep / (1 - p):
 //   dV = (P o Z)^T dO,  dP = (dO V^T) o Z,  dS = P o (dP - D),  dQ = scale dS K,  dK = scale dS^T Q.
+// S * scale_log2 and lse_log2 = lse * log2(e) are rounded alone, never fused into an fmaf, as the forward
+// rounds its max: a row's single max then gets P = 1 exactly whenever lse_log2 comes back to the forward's
+// log2-domain max (most values; else it is an ulp off, thousands on scores of ~1e12, which an fp32 lse
+// cannot avoid). An fmaf would always be off by up to half an ulp of the product.
 // No atomics means bit-identical gradients run to run, so deterministic mode costs nothing extra.
 //
 // Extra -D options: BWD_WARPS (dkdv: 16 keys per warp), BWD_BLOCK_M (dkdv: queries per step),
@@ -51,21 +55,23 @@ flash_bwd_preprocess(const elem_t* __restrict__ o, const elem_t* __restrict__ do
 }
 
 // Store a 16-row x (8 * TILES)-column fp32 fragment block, scaled, as elem pairs; rows >= row_limit and
-// columns >= cols are skipped.
+// columns >= cols are skipped, and the thread's row g (g + 8) is stored as zeros where bit 0 (1) of
+// zero_rows is set.
 template <int TILES>
 __device__ __forceinline__ void store_frag_rows(elem_t* base, long long pitch, const float (&f)[TILES][4], float scale,
-                                                int row0, int row_limit, int cols, int lane) {
+                                                int row0, int row_limit, int cols, int lane, u32 zero_rows = 0) {
     const int g = lane / 4, t = lane % 4;
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
         const int row = row0 + g + 8 * r;
         if (row >= row_limit) continue;
+        const bool zero = (zero_rows >> r) & 1u;
 #pragma unroll
         for (int nt = 0; nt < TILES; ++nt) {
             const int col = nt * 8 + 2 * t;
             if (col < cols)
                 *reinterpret_cast<u32*>(base + row * pitch + col) =
-                    pack2<IS_BF16>(f[nt][2 * r] * scale, f[nt][2 * r + 1] * scale);
+                    zero ? 0u : pack2<IS_BF16>(f[nt][2 * r] * scale, f[nt][2 * r + 1] * scale);
         }
     }
 }
@@ -149,7 +155,7 @@ flash_bwd_dkdv(const elem_t* __restrict__ q, const elem_t* __restrict__ k, const
             const bool in = row >= i_lo && row < i_hi;
             const float l = in ? lse[lo + row] : CUSDPA_INF;
             // lse = -inf marks a row that sees nothing: +inf makes its recomputed P exactly 0.
-            sLse[buf * BLOCK_M + r] = l == -CUSDPA_INF ? CUSDPA_INF : l * LOG2E;
+            sLse[buf * BLOCK_M + r] = l == -CUSDPA_INF ? CUSDPA_INF : __fmul_rn(l, LOG2E);
             sD[buf * BLOCK_M + r] = in ? delta[lo + row] : 0.f;
         }
     };
@@ -187,7 +193,7 @@ flash_bwd_dkdv(const elem_t* __restrict__ q, const elem_t* __restrict__ k, const
                 const int j = n0 + krow0 + g + (c >= 2 ? 8 : 0);
                 const int col = nt * 8 + 2 * t + (c & 1);
                 const bool vis_ij = full || vis.visible(m0 + col, j);
-                st[0][nt][c] = vis_ij ? exp2f(fmaf(st[0][nt][c], scale_log2, -sLseb[col])) : 0.f;
+                st[0][nt][c] = vis_ij ? exp2f(__fmul_rn(st[0][nt][c], scale_log2) - sLseb[col]) : 0.f;
 #if IS_DROPOUT
                 if (!drop.keep(bh, m0 + col, j)) keep_bits[nt / 8] &= ~(1u << ((nt % 8) * 4 + c));
 #endif
@@ -281,8 +287,11 @@ flash_bwd_dq(const elem_t* __restrict__ q, const elem_t* __restrict__ k, const e
         load_tile<BLOCK_N, HEAD_DIM_V, EV_PAD, V_PITCH, NTHREADS>(sV, vb, v_sm, n_begin * BLOCK_N, j_lo, j_hi);
     }
     cp_async_commit();
-    // Per-row lse (log2 domain; +inf for rows that see nothing so P = 0) and D.
+    // Per-row lse (log2 domain; +inf for rows that see nothing so P = 0) and D. Rows that see nothing store
+    // dQ = 0 (bit 2 mt + r of `empty`): their dS is 0, but 0 * NaN in a K row that other rows of the block
+    // see is NaN. A bit mask, not i_lo / i_hi kept live over the loop: those cost spills.
     float lse2[MT][2], d_row[MT][2];
+    u32 empty = 0;
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
@@ -290,8 +299,9 @@ flash_bwd_dq(const elem_t* __restrict__ q, const elem_t* __restrict__ k, const e
             const int i = m0 + wrow0 + mt * 16 + g + 8 * r;
             const bool in = i >= i_lo && i < i_hi;
             const float l = in ? lse[lse_off + i] : CUSDPA_INF;
-            lse2[mt][r] = l == -CUSDPA_INF ? CUSDPA_INF : l * LOG2E;
+            lse2[mt][r] = l == -CUSDPA_INF ? CUSDPA_INF : __fmul_rn(l, LOG2E);
             d_row[mt][r] = in ? delta[lse_off + i] : 0.f;
+            if (!in) empty |= 1u << (2 * mt + r);
         }
 #if IS_DROPOUT
     const Dropout drop{seed_lo, seed_hi, offset, threshold};
@@ -338,7 +348,8 @@ flash_bwd_dq(const elem_t* __restrict__ q, const elem_t* __restrict__ k, const e
 #pragma unroll
                     for (int c = 0; c < 2; ++c) {
                         const bool vis_ij = full || vis.visible(i, j0 + c);
-                        const float p = vis_ij ? exp2f(fmaf(s[mt][nt][2 * r + c], scale_log2, -lse2[mt][r])) : 0.f;
+                        const float p =
+                            vis_ij ? exp2f(__fmul_rn(s[mt][nt][2 * r + c], scale_log2) - lse2[mt][r]) : 0.f;
                         const bool kept = c == 0 ? keep0 : keep1;
                         const float dpz = kept ? dp[mt][nt][2 * r + c] * rp_dropout : 0.f;
                         s[mt][nt][2 * r + c] = p * (dpz - d_row[mt][r]);
@@ -350,5 +361,6 @@ flash_bwd_dq(const elem_t* __restrict__ q, const elem_t* __restrict__ k, const e
     }
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt)
-        store_frag_rows<ET>(dqb, dq_sm, dq_acc[mt], scale, m0 + wrow0 + mt * 16, slice.L, HEAD_DIM, lane);
+        store_frag_rows<ET>(dqb, dq_sm, dq_acc[mt], scale, m0 + wrow0 + mt * 16, slice.L, HEAD_DIM, lane,
+                            empty >> (2 * mt));
 }

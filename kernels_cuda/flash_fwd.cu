@@ -137,7 +137,8 @@ flash_fwd(const elem_t* __restrict__ q, const elem_t* __restrict__ k, const elem
                 for (int nt = 0; nt < NT; ++nt) mx = fmaxf(mx, fmaxf(s[mt][nt][2 * r], s[mt][nt][2 * r + 1]));
                 mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
                 mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-                const float m_new = fmaxf(m_i[mt][r], mx * scale_log2);
+                // fmaxf skips NaN: a NaN score poisons the row through its p = exp2(NaN) instead.
+                const float m_new = fmaxf(m_i[mt][r], __fmul_rn(mx, scale_log2));
                 // A row with nothing visible yet keeps m = -inf; subtract 0 instead so exp2 gives 0, not NaN.
                 m_use[mt][r] = m_new == -CUSDPA_INF ? 0.f : m_new;
                 alpha[mt][r] = exp2f(m_i[mt][r] - m_use[mt][r]);
@@ -162,10 +163,14 @@ flash_fwd(const elem_t* __restrict__ q, const elem_t* __restrict__ k, const elem
             for (int r = 0; r < 2; ++r) {
                 const int i = m0 + wrow0 + mt * 16 + g + 8 * r;
                 (void)i;  // read by the dropout keep test
+                // Each scaled score is rounded alone, as the row max was (rounding is monotonic, so m is the
+                // largest of these products): the max element gets exp2(0) = 1 exactly. fmaf(s, scale_log2,
+                // -m) would subtract the rounded max from the exact product, off by up to half an ulp of it:
+                // thousands at |s| ~ 1e12 (q = k = 133120 in bf16), so exp2 overflows (inf / inf = NaN).
 #pragma unroll
                 for (int nt = 0; nt < NT; ++nt) {
-                    float p0 = exp2f(fmaf(s[mt][nt][2 * r], scale_log2, -m_use[mt][r]));
-                    float p1 = exp2f(fmaf(s[mt][nt][2 * r + 1], scale_log2, -m_use[mt][r]));
+                    float p0 = exp2f(__fmul_rn(s[mt][nt][2 * r], scale_log2) - m_use[mt][r]);
+                    float p1 = exp2f(__fmul_rn(s[mt][nt][2 * r + 1], scale_log2) - m_use[mt][r]);
                     l_i[mt][r] += p0 + p1;  // the softmax normaliser is taken before dropout
 #if IS_DROPOUT
                     bool keep0, keep1;
@@ -199,13 +204,17 @@ flash_fwd(const elem_t* __restrict__ q, const elem_t* __restrict__ k, const elem
             float l = l_i[mt][r];
             l += __shfl_xor_sync(0xffffffffu, l, 1);
             l += __shfl_xor_sync(0xffffffffu, l, 2);
-            const float inv = l == 0.f ? 0.f : rp_dropout / l;  // NaN stays NaN
+            // l >= 1 on a row that sees a finite score, NaN on one that sees NaN or +inf (and stays NaN),
+            // 0 on one that sees nothing: that row stores 0, not acc * 0, since acc is NaN when a V row
+            // another row of the block sees holds NaN (P = 0 there, but 0 * NaN = NaN).
+            const bool empty = l == 0.f;
+            const float inv = rp_dropout / l;
             const int row = wrow0 + mt * 16 + g + 8 * r;
 #pragma unroll
             for (int vt = 0; vt < VT; ++vt)
                 *reinterpret_cast<u32*>(sO + row * O_PITCH + vt * 8 + 2 * t) =
-                    pack2<IS_BF16>(acc[mt][vt][2 * r] * inv, acc[mt][vt][2 * r + 1] * inv);
-            if (t == 0 && m0 + row < slice.L) lseb[m0 + row] = l == 0.f ? -CUSDPA_INF : (m_i[mt][r] + log2f(l)) * LN2;
+                    pack2<IS_BF16>(empty ? 0.f : acc[mt][vt][2 * r] * inv, empty ? 0.f : acc[mt][vt][2 * r + 1] * inv);
+            if (t == 0 && m0 + row < slice.L) lseb[m0 + row] = empty ? -CUSDPA_INF : (m_i[mt][r] + log2f(l)) * LN2;
         }
     }
     __syncthreads();

@@ -118,19 +118,22 @@ __device__ __forceinline__ bool softmax_block(float (&s)[NT * 4], u32 (&p)[NT * 
         for (int nt = 0; nt < NT; ++nt) mx = fmaxf(mx, fmaxf(s[nt * 4 + 2 * r], s[nt * 4 + 2 * r + 1]));
         mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
         mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-        const float m_new = fmaxf(m_i[r], mx * scale_log2);
+        // fmaxf skips NaN: a NaN score poisons the row through its p = exp2(NaN) instead.
+        const float m_new = fmaxf(m_i[r], __fmul_rn(mx, scale_log2));
         m_use[r] = m_new == -CUSDPA_INF ? 0.f : m_new;  // a row with nothing visible yet: exp2(-inf) = 0
         alpha[r] = exp2f(m_i[r] - m_use[r]);
         rescale |= m_new != m_i[r];
         m_i[r] = m_new;
         l_i[r] *= alpha[r];
     }
+    // Scores rounded alone, as the row max was, so the max element gets exp2(0) = 1 exactly (flash_fwd.cu
+    // says why a fused fmaf would overflow on large scores).
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt) {
 #pragma unroll
         for (int r = 0; r < 2; ++r) {
-            float p0 = exp2f(fmaf(s[nt * 4 + 2 * r], scale_log2, -m_use[r]));
-            float p1 = exp2f(fmaf(s[nt * 4 + 2 * r + 1], scale_log2, -m_use[r]));
+            float p0 = exp2f(__fmul_rn(s[nt * 4 + 2 * r], scale_log2) - m_use[r]);
+            float p1 = exp2f(__fmul_rn(s[nt * 4 + 2 * r + 1], scale_log2) - m_use[r]);
             l_i[r] += p0 + p1;
 #if IS_DROPOUT
             bool keep0, keep1;
@@ -270,14 +273,17 @@ flash_fwd_sm90(const elem_t* __restrict__ q, const elem_t* __restrict__ k, const
         float l = l_i[r];
         l += __shfl_xor_sync(0xffffffffu, l, 1);
         l += __shfl_xor_sync(0xffffffffu, l, 2);
-        const float inv = l == 0.f ? 0.f : rp_dropout / l;
+        // l = 0: the row sees nothing and stores 0, not acc * 0 (NaN after 0 * NaN of a V row another row
+        // sees); l = NaN (a NaN or +inf score) stays NaN.
+        const bool empty = l == 0.f;
+        const float inv = rp_dropout / l;
         const int row = i + 8 * r;
         if (row < slice.L) {
 #pragma unroll
             for (int vt = 0; vt < VT; ++vt)
-                *reinterpret_cast<u32*>(ob + row * o_sm + vt * 8 + 2 * t) =
-                    pack2<IS_BF16>(acc[vt * 4 + 2 * r] * inv, acc[vt * 4 + 2 * r + 1] * inv);
-            if (t == 0) lseb[row] = l == 0.f ? -CUSDPA_INF : (m_i[r] + log2f(l)) * LN2;
+                *reinterpret_cast<u32*>(ob + row * o_sm + vt * 8 + 2 * t) = pack2<IS_BF16>(
+                    empty ? 0.f : acc[vt * 4 + 2 * r] * inv, empty ? 0.f : acc[vt * 4 + 2 * r + 1] * inv);
+            if (t == 0) lseb[row] = empty ? -CUSDPA_INF : (m_i[r] + log2f(l)) * LN2;
         }
     }
 }

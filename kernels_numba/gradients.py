@@ -411,8 +411,7 @@ def dkdv_kernel(spec: Spec):
 
 @functools.cache
 def dmask_kernel(spec: Spec):
-    load, visible = _common(spec)[:2]
-    load_mask = device.loader(spec.mask_bf16)
+    load, visible, _, _, _, _, score = _common(spec)[:7]
     store_mask = device.storer(spec.mask_bf16)
     DROPOUT, BLOCK = spec.dropout, spec.threads * spec.threads
 
@@ -460,7 +459,7 @@ def dmask_kernel(spec: Spec):
             dot = np.float32(0.0)
             for e in range(E):
                 dot += load(q[b0, b1, b2, h, i, e]) * load(k[b0, b1, b2, hk, j, e])
-            s = dot * scale32 + load_mask(mask[b0, b1, b2, h, i, j])
+            s = np.float32(score(mask, b0, b1, b2, h, i, j, dot * scale32))
             if s == NEG_INF:
                 continue
             p = np.float32(math.exp(s - lse_i))

@@ -68,12 +68,16 @@ def _common(spec: Spec):
 
     @cuda.jit(device=True)
     def score(mask, b0, b1, b2, h, i, j, s):
-        """Apply the attention mask to a visible pair: -inf means masked (selected out)."""
+        """Apply the attention mask to a visible pair: -inf means masked (selected out). A -inf float-mask
+        entry selects the score out as a False bool entry does, so NaN in q k^T there is never added in."""
         if MASK == MASK_BOOL:
             if not mask[b0, b1, b2, h, i, j]:
                 return NEG_INF
         elif MASK == MASK_FLOAT:
-            s += load_mask(mask[b0, b1, b2, h, i, j])
+            m = load_mask(mask[b0, b1, b2, h, i, j])
+            if m == NEG_INF:
+                return NEG_INF
+            s += m
         return s
 
     @cuda.jit(device=True)

@@ -12,14 +12,12 @@ before the kernels write them, then judged by the error rule of cusdpa.verify.ju
 reference (at most 2x, 3x for gradients, the error of PyTorch at the same precision on the CPU, plus a
 floor).
 """
-import json
 import os
 import subprocess
-import sys
-from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
 import pytest
+import simulator_child
 
 from cusdpa import problem
 from cusdpa.backends import efficient
@@ -271,25 +269,9 @@ def _run_case(name_seed):
         return name, [f"{type(e).__name__}: {e}\n{traceback.format_exc()}"]
 
 
-def _child(seed: int):
-    from cusdpa import environment
-
-    assert environment.simulator_enabled()
-    with ProcessPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1))) as pool:
-        results = dict(pool.map(_run_case, [(name, seed) for name in CASES]))
-    print(json.dumps(results))
-
-
 @pytest.fixture(scope="module")
 def simulator_results():
-    from conftest import SESSION_SEED
-
-    env = dict(os.environ, NUMBA_ENABLE_CUDASIM="1")
-    proc = subprocess.run([sys.executable, __file__, str(SESSION_SEED)], env=env, capture_output=True, text=True,
-                          timeout=600)
-    if proc.returncode != 0:
-        pytest.fail(f"simulator child failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return simulator_child.results(__file__)
 
 
 @pytest.mark.parametrize("name", list(CASES))
@@ -374,5 +356,4 @@ def test_backward_compiles_for_sm90(name, monkeypatch):
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    _child(int(sys.argv[1]))
+    simulator_child.serve(_run_case, list(CASES))
