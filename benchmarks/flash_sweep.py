@@ -24,10 +24,9 @@ from cusdpa.backends import flash
 from cusdpa.backends.flash import config, launches
 
 # Forward variants are absolute (not relative to the default), so every point sees the same list.
-FWD = [dict(use_wgmma=True, fwd90_warpgroups=wg, fwd90_block_n=bn, fwd90_min_blocks=1) for wg in (1, 2, 3)
-       for bn in (64, 128)] + \
-      [dict(use_wgmma=True, fwd90_warpgroups=1, fwd90_block_n=64, fwd90_min_blocks=4),
-       dict(use_wgmma=True, fwd90_warpgroups=2, fwd90_block_n=64, fwd90_min_blocks=2), dict(use_wgmma=False)]
+FWD = [dict(use_wgmma=True, fwd90_warpgroups=wg, fwd90_block_n=bn)
+       for wg, bn in ((2, 64), (2, 80), (2, 112), (2, 128), (2, 144), (2, 176), (3, 64), (3, 96), (3, 128))] + \
+      [dict(use_wgmma=False)]
 BWD = [dict(bwd_block_m=64), dict(bwd_block_m=128), dict(bwd_block_m=32), dict(bwd_warps=4, bwd_block_m=64)]
 DQ = [dict(dq_warps=8), dict(dq_warps=4), dict(dq_warps=4, dq_m_tiles=2, dq_block_n=32)]
 

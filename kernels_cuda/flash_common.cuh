@@ -42,11 +42,16 @@ struct Slice {
     bool packed;
     Visibility<int> vis;
 
+    // The slice of (batch, query head) bh = b * Hq + h.
+    static __device__ __forceinline__ Slice query_head(int bh, int Hq, int group, const int* cu_q, const int* cu_k,
+                                                       int L, int S, int left, int right, int lower_right) {
+        const int h = bh % Hq;
+        return Slice(bh / Hq, h, h / group, bh, cu_q, cu_k, L, S, left, right, lower_right);
+    }
     // Grid rows over (batch, query head): blockIdx.y = b * Hq + h.
     static __device__ __forceinline__ Slice per_query_head(int Hq, int group, const int* cu_q, const int* cu_k,
                                                            int L, int S, int left, int right, int lower_right) {
-        const int bh = blockIdx.y, h = bh % Hq;
-        return Slice(bh / Hq, h, h / group, bh, cu_q, cu_k, L, S, left, right, lower_right);
+        return query_head(blockIdx.y, Hq, group, cu_q, cu_k, L, S, left, right, lower_right);
     }
     // Grid rows over (batch, kv head): blockIdx.y = b * (Hq / group) + kvh; h is the group's first query head.
     static __device__ __forceinline__ Slice per_kv_head(int Hq, int group, const int* cu_q, const int* cu_k, int L,

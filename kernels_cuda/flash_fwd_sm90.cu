@@ -1,55 +1,131 @@
-// FLASH forward for Hopper (sm_90a): the FlashAttention-2 loop of flash_fwd.cu with both products on
-// warpgroup tensor-core instructions (wgmma), which read their operands straight from shared memory.
+// FLASH forward for Hopper (sm_90a), built as FlashAttention-3 builds its forward.
 //
-// Each warpgroup (4 warps, 128 threads) owns 64 query rows. S = Q K^T is one chain of m64nBLOCK_Nk16
-// wgmmas with Q and K in shared memory; O += P V takes P from registers (the S accumulator layout is the
-// A-fragment layout) and V from shared memory, transposed by the instruction. Tiles are stored in the
-// 128-byte swizzle the wgmma descriptors expect: [D / 64][rows][64] with the 16-byte chunk c of row r at
-// chunk c ^ (r % 8), so the 8 rows of a core matrix hit 8 different bank groups.
+// Warp specialisation. Warpgroup 0 is the producer: one warp moves Q, K and V tiles into shared memory
+// with TMA (cp.async.bulk.tensor), K and V through a ring of STAGES buffers guarded by mbarriers ("full":
+// the bytes arrived; "empty": every consumer warp is done reading). Warpgroups 1..MMA_WG are consumers,
+// 64 query rows each, computing with wgmma from shared memory. setmaxnreg hands the producer's registers
+// (it needs few) to the consumers, which hold S, P and O in registers.
 //
-// The products of two key blocks overlap inside each warpgroup (FlashAttention-3's intra-warpgroup
-// pipelining): S = Q K^T of block n + 1 and O += P V of block n are issued together, and
-// the softmax of block n + 1 runs on the CUDA cores while the tensor cores finish P V of block n. The
-// O rescale by alpha then waits for that P V, so the max update and the exponentials never wait on it.
+// Overlap at three levels:
+//  - across tiles: the grid is persistent (one CTA per SM); the producer loads the next tile's Q, K and V
+//    while the consumers finish the current tile, and the Q buffer is released as soon as its last
+//    product is done, before the epilogue.
+//  - across warpgroups (ping-pong): consumers take turns issuing their products (named barriers, in a
+//    cycle), so one warpgroup's softmax runs on the CUDA cores while another's products run on the tensor
+//    cores.
+//  - inside a warpgroup: S = Q K^T of block n + 1 is issued with O += P V of block n, and the softmax of
+//    block n + 1 runs while P V of block n finishes; P is rounded into the wgmma operand registers only
+//    once P V of block n is done with them.
 //
-// Extra -D options: FWD90_WARPGROUPS, FWD90_BLOCK_N, FWD90_MIN_BLOCKS. Needs E and Ev in {64, 128}.
+// Tiles are (batch * head, query block) pairs, dealt statically: tile t goes to CTA t % gridDim.x. The
+// order: heads in chunks of `chunk_heads` (few enough that their K and V stay in L2), and within a chunk
+// the query blocks from the last (the heaviest under causal masking) to the first, heads innermost.
+//
+// Shared memory: Q [E/64][BLOCK_M][64], K [STAGES][E/64][BLOCK_N][64], V [STAGES][Ev/64][BLOCK_N][64],
+// each 64-column chunk in the 128-byte swizzle that TMA writes and wgmma reads (16-byte chunk c of row r
+// at c ^ (r % 8); 1024-byte aligned), then the mbarriers.
+//
+// Rows no query may see. TMA writes zeros for rows outside the tensor. A V block that reaches past the
+// keys the slice's queries see (windows, upper-left causal with S > L, the next sequence of a packed
+// batch) has those rows zeroed by the producer before the consumers may read it, so NaN stored there never
+// meets a P of 0. K needs nothing: its scores there are selected out.
+//
+// Extra -D options: FWD90_WARPGROUPS (consumer warpgroups, 2 or 3), FWD90_BLOCK_N. E and Ev in
+// {64, 128, 192, 256}.
 #include "flash_common.cuh"
 // @WGMMA_WRAPPERS@
 
-constexpr int NWG = FWD90_WARPGROUPS;
-constexpr int NTHREADS = NWG * 128;
-constexpr int BLOCK_M = NWG * 64;
+constexpr int MMA_WG = FWD90_WARPGROUPS;
+constexpr int NTHREADS = (MMA_WG + 1) * 128;
+constexpr int BLOCK_M = MMA_WG * 64;
 constexpr int BLOCK_N = FWD90_BLOCK_N;
+constexpr int STAGES = 2;
 constexpr int NT = BLOCK_N / 8;  // n8 tiles of a warp's score rows
 constexpr int VT = HEAD_DIM_V / 8;
 constexpr int SQ_BYTES = BLOCK_M * HEAD_DIM * 2;
 constexpr int SK_BYTES = BLOCK_N * HEAD_DIM * 2;
 constexpr int SV_BYTES = BLOCK_N * HEAD_DIM_V * 2;
-static_assert(HEAD_DIM % 64 == 0 && HEAD_DIM_V % 64 == 0 && HEAD_DIM <= 128 && HEAD_DIM_V <= 128,
-              "the sm90 kernel takes E, Ev in {64, 128}");
-static_assert(BLOCK_N == 64 || BLOCK_N == 128, "FWD90_BLOCK_N must be 64 or 128");
+constexpr int SMEM_TILES = SQ_BYTES + STAGES * (SK_BYTES + SV_BYTES);
+// Registers per thread after setmaxnreg (FlashAttention-3's split; the sums fill the 64K register file).
+constexpr int LOAD_REGS = MMA_WG == 2 ? 24 : 32;
+constexpr int MMA_REGS = MMA_WG == 2 ? 240 : 160;
+constexpr int CONSUMER_WARPS = MMA_WG * 4;
+static_assert(HEAD_DIM % 64 == 0 && HEAD_DIM_V % 64 == 0 && HEAD_DIM <= 256 && HEAD_DIM_V <= 256,
+              "the sm90 kernel takes E, Ev in {64, 128, 192, 256}");
+static_assert(MMA_WG == 2 || MMA_WG == 3, "FWD90_WARPGROUPS must be 2 or 3");
+static_assert(BLOCK_N % 16 == 0 && BLOCK_N >= 16 && BLOCK_N <= 256, "FWD90_BLOCK_N: a multiple of 16 up to 256");
 
-// Rows [row0, row0 + ROWS) of a row-major global matrix of D columns into the swizzled layout; rows
-// outside [row_lo, row_hi) become zeros.
-template <int ROWS, int D>
-__device__ __forceinline__ void load_tile_sw128(unsigned char* s, const elem_t* g, long long pitch, int row0,
-                                                int row_lo, int row_hi) {
-    constexpr int CHUNKS = D / 8;
-#pragma unroll
-    for (int c = threadIdx.x; c < ROWS * CHUNKS; c += NTHREADS) {
-        const int r = c / CHUNKS, ch = c % CHUNKS, row = row0 + r;
-        const bool pred = row >= row_lo && row < row_hi;
-        unsigned char* dst = s + (ch / 8) * (ROWS * 128) + r * 128 + (((ch % 8) ^ (r % 8)) * 16);
-        cp_async_16(reinterpret_cast<elem_t*>(dst), pred ? g + row * pitch + ch * 8 : g, pred);
-    }
+// A CUtensorMap, opaque: 128 bytes encoded by the driver on the host, passed by value as a __grid_constant__.
+struct __align__(64) TmaMap {
+    unsigned long long bits[16];
+};
+
+__device__ __forceinline__ u32 smem_u32(const void* p) { return static_cast<u32>(__cvta_generic_to_shared(p)); }
+
+// ---- mbarriers and TMA ---------------------------------------------------------------------------------
+
+__device__ __forceinline__ void mbar_init(unsigned long long* bar, u32 count) {
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(smem_u32(bar)), "r"(count) : "memory");
 }
+// Arrive and add `bytes` to the transaction count the phase waits for (the TMA copies complete them).
+__device__ __forceinline__ void mbar_expect_tx(unsigned long long* bar, u32 bytes) {
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(smem_u32(bar)), "r"(bytes) : "memory");
+}
+__device__ __forceinline__ void mbar_arrive(unsigned long long* bar) {
+    asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(smem_u32(bar)) : "memory");
+}
+// Wait until the phase of parity `phase` completed. A fresh barrier counts the phase before it (parity 1)
+// as completed, which is how producers start on "empty" barriers.
+__device__ __forceinline__ void mbar_wait(unsigned long long* bar, u32 phase) {
+    u32 done;
+    do {
+        asm volatile(
+            "{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\nselp.u32 %0, 1, 0, p;\n}\n"
+            : "=r"(done)
+            : "r"(smem_u32(bar)), "r"(phase)
+            : "memory");
+    } while (!done);
+}
+// Box (c0, c1, c2, c3) of a 4-D tensor map into shared memory; completes `bytes` on `bar`.
+__device__ __forceinline__ void tma_load(void* dst, const TmaMap& map, unsigned long long* bar, int c0, int c1, int c2,
+                                         int c3) {
+    asm volatile(
+        "cp.async.bulk.tensor.4d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%3, %4, %5, %6}], [%2];\n"
+        ::"r"(smem_u32(dst)), "l"(reinterpret_cast<unsigned long long>(&map)), "r"(smem_u32(bar)), "r"(c0), "r"(c1),
+        "r"(c2), "r"(c3)
+        : "memory");
+}
+// A ROWS x D tile (its D / 64 swizzled column chunks) at row `row`, head and batch coordinates `head`,
+// `batch`: the bytes announced on `bar`, then the copies that complete them.
+template <int ROWS, int D>
+__device__ __forceinline__ void tma_load_tile(unsigned char* dst, const TmaMap& map, unsigned long long* bar, int row,
+                                              int head, int batch) {
+    mbar_expect_tx(bar, ROWS * D * 2);
+#pragma unroll
+    for (int c = 0; c < D / 64; ++c) tma_load(dst + c * ROWS * 128, map, bar, 64 * c, row, head, batch);
+}
+__device__ __forceinline__ void tma_prefetch(const TmaMap& map) {
+    asm volatile("prefetch.tensormap [%0];\n" ::"l"(reinterpret_cast<unsigned long long>(&map)) : "memory");
+}
+
+// ---- registers and named barriers ---------------------------------------------------------------------
+
+template <int N>
+__device__ __forceinline__ void setmaxnreg_dec() { asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(N)); }
+template <int N>
+__device__ __forceinline__ void setmaxnreg_inc() { asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(N)); }
+// Barrier 0 is __syncthreads; 1..MMA_WG are the consumers' turns to issue products.
+__device__ __forceinline__ void turn_sync(int id) { asm volatile("bar.sync %0, 256;\n" ::"r"(id) : "memory"); }
+__device__ __forceinline__ void turn_arrive(int id) { asm volatile("bar.arrive %0, 256;\n" ::"r"(id) : "memory"); }
+
+// ---- wgmma ---------------------------------------------------------------------------------------------
 
 // Shared-memory matrix descriptor, 128-byte swizzle. K-major operands (Q, K) step through K within a
 // swizzle row by moving the start address 32 bytes per k16; the leading offset is unused for them.
 // For V (MN-major) the leading offset is the distance between 64-column chunks and the stride offset
 // the distance between groups of 8 rows.
 __device__ __forceinline__ unsigned long long sw128_desc(const void* p, unsigned lbo, unsigned sbo) {
-    const unsigned long long addr = static_cast<unsigned>(__cvta_generic_to_shared(p));
+    const unsigned long long addr = smem_u32(p);
     return ((addr & 0x3FFFF) >> 4) | (static_cast<unsigned long long>(lbo >> 4) << 16) |
            (static_cast<unsigned long long>(sbo >> 4) << 32) | (1ull << 62);
 }
@@ -59,23 +135,22 @@ __device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_grou
 template <int N>
 __device__ __forceinline__ void wgmma_wait() { asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory"); }
 // After the wait: tell the compiler the accumulators change here, so no read of them moves above it.
+// Before wgmma.fence, the same pins the last definition of a wgmma's input registers: a register move
+// the compiler sinks between wgmma.fence and the wgmma makes ptxas serialise the wgmmas (C7513).
 template <int N>
 __device__ __forceinline__ void fence_regs(float (&d)[N]) {
 #pragma unroll
     for (int i = 0; i < N; ++i) asm volatile("" : "+f"(d[i])::"memory");
 }
-// Before wgmma.fence, the same pins the last definition of a wgmma's input registers (P, and S and O
-// after their conditional updates): a register move the compiler sinks between wgmma.fence and the
-// wgmma makes ptxas serialise the wgmmas (C7513).
 template <int N>
 __device__ __forceinline__ void fence_regs(u32 (&d)[N]) {
 #pragma unroll
     for (int i = 0; i < N; ++i) asm volatile("" : "+r"(d[i])::"memory");
 }
-// Generic-proxy writes (cp.async, zero fill) must be ordered before the tensor cores' async-proxy reads.
+// Generic-proxy writes (the producer's zeroed rows) must be ordered before the tensor cores' async-proxy reads.
 __device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
 
-// S = Q K^T for this warpgroup's 64 rows and one key block (issued, not waited for).
+// S = Q K^T for one warpgroup's 64 rows and one key block (issued, not waited for).
 __device__ __forceinline__ void issue_qk(float (&s)[NT * 4], const unsigned char* sQwg, const unsigned char* sKn) {
 #pragma unroll
     for (int kk = 0; kk < HEAD_DIM / 16; ++kk) {
@@ -95,13 +170,15 @@ __device__ __forceinline__ void issue_pv(float (&acc)[VT * 4], const u32 (&p)[NT
     }
 }
 
+// ---- softmax -------------------------------------------------------------------------------------------
+
 // Online softmax of one key block for this thread's rows i (g) and i + 8: masks the scores, moves the row
-// maxima m_i, rescales l_i, and turns the scores into P (rounded to elem, dropout applied; l_i sums P
+// maxima m_i, rescales l_i, and turns the scores into unnormalised probabilities in place (l_i sums them,
 // before dropout). alpha[r] is the factor the output accumulated so far needs; the return value says
 // whether any row of the warp changed its max (else alpha is 1 everywhere and the rescale is skipped).
-__device__ __forceinline__ bool softmax_block(float (&s)[NT * 4], u32 (&p)[NT * 2], float (&m_i)[2], float (&l_i)[2],
-                                              float (&alpha)[2], const Visibility<int>& vis, bool full, int i, int n0,
-                                              int t, float scale_log2, const Dropout& drop, u32 bh) {
+__device__ __forceinline__ bool softmax_block(float (&s)[NT * 4], float (&m_i)[2], float (&l_i)[2], float (&alpha)[2],
+                                              const Visibility<int>& vis, bool full, int i, int n0, int t,
+                                              float scale_log2) {
     float m_use[2];
     bool rescale = false;
 #pragma unroll
@@ -132,19 +209,34 @@ __device__ __forceinline__ bool softmax_block(float (&s)[NT * 4], u32 (&p)[NT * 
     for (int nt = 0; nt < NT; ++nt) {
 #pragma unroll
         for (int r = 0; r < 2; ++r) {
-            float p0 = exp2f(__fmul_rn(s[nt * 4 + 2 * r], scale_log2) - m_use[r]);
-            float p1 = exp2f(__fmul_rn(s[nt * 4 + 2 * r + 1], scale_log2) - m_use[r]);
+            const float p0 = exp2f(__fmul_rn(s[nt * 4 + 2 * r], scale_log2) - m_use[r]);
+            const float p1 = exp2f(__fmul_rn(s[nt * 4 + 2 * r + 1], scale_log2) - m_use[r]);
             l_i[r] += p0 + p1;
+            s[nt * 4 + 2 * r] = p0;
+            s[nt * 4 + 2 * r + 1] = p1;
+        }
+    }
+    return __any_sync(0xffffffffu, rescale);
+}
+
+// P rounded to elem into the A-operand registers of P V (n8 tile nt -> p[2 nt] (row g), p[2 nt + 1]
+// (row g + 8)), the dropout keep-mask applied.
+__device__ __forceinline__ void round_p(const float (&s)[NT * 4], u32 (&p)[NT * 2], int i, int n0, int t,
+                                        const Dropout& drop, u32 bh) {
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+            float p0 = s[nt * 4 + 2 * r], p1 = s[nt * 4 + 2 * r + 1];
 #if IS_DROPOUT
             bool keep0, keep1;
             drop.keep_pair(bh, i + 8 * r, n0 + nt * 8 + 2 * t, keep0, keep1);
             p0 = keep0 ? p0 : 0.f;
             p1 = keep1 ? p1 : 0.f;
 #endif
-            p[nt * 2 + r] = pack2<IS_BF16>(p0, p1);  // n8 tile nt -> p[2 nt] (row g), p[2 nt + 1] (row g + 8)
+            p[nt * 2 + r] = pack2<IS_BF16>(p0, p1);
         }
     }
-    return __any_sync(0xffffffffu, rescale);
 }
 
 __device__ __forceinline__ void rescale_acc(float (&acc)[VT * 4], const float (&alpha)[2]) {
@@ -152,138 +244,259 @@ __device__ __forceinline__ void rescale_acc(float (&acc)[VT * 4], const float (&
     for (int x = 0; x < VT * 4; ++x) acc[x] *= alpha[(x % 4) / 2];
 }
 
-extern "C" __global__ void __launch_bounds__(NTHREADS, FWD90_MIN_BLOCKS)
-flash_fwd_sm90(const elem_t* __restrict__ q, const elem_t* __restrict__ k, const elem_t* __restrict__ v,
-               elem_t* __restrict__ o, float* __restrict__ lse, const int* __restrict__ cu_q,
-               const int* __restrict__ cu_k, int L, int S, int Hq, int group,
-               long long q_sb, long long q_sh, long long q_sm, long long k_sb, long long k_sh, long long k_sm,
-               long long v_sb, long long v_sh, long long v_sm, long long o_sb, long long o_sh, long long o_sm,
-               long long lse_sb, long long lse_sh, float scale_log2, int left, int right, int lower_right,
-               unsigned int seed_lo, unsigned int seed_hi, unsigned int offset, unsigned int threshold,
-               float rp_dropout) {
+// ---- tiles ---------------------------------------------------------------------------------------------
+
+// What producer and consumers both derive from a tile index: its slice, query rows and key blocks.
+struct Tile {
+    Slice slice;
+    int m0;              // first query row
+    int n_begin, n_end;  // key blocks [n_begin, n_end); empty when no query row of the tile sees a key
+    int j_lo, j_hi;      // keys [j_lo, j_hi) seen by some query of the slice (the rest of a V block is zeroed)
+    bool live;           // false when the tile starts past the slice's queries (a short packed sequence)
+};
+
+__device__ __forceinline__ Tile tile_at(int t, int num_m, int chunk_heads, int BH, int Hq, int group, const int* cu_q,
+                                        const int* cu_k, int L, int S, int left, int right, int lower_right) {
+    const int per_chunk = chunk_heads * num_m;
+    const int chunk = t / per_chunk, rem = t - chunk * per_chunk;
+    const int heads = min(chunk_heads, BH - chunk * chunk_heads);
+    const int m_block = num_m - 1 - rem / heads;
+    const int bh = chunk * chunk_heads + rem % heads;
+    Tile tile{Slice::query_head(bh, Hq, group, cu_q, cu_k, L, S, left, right, lower_right), m_block * BLOCK_M, 0, 0, 0,
+              0, false};
+    if (tile.m0 >= tile.slice.L) return tile;
+    tile.live = true;
+    int lo, hi;
+    tile.slice.vis.key_range(tile.m0, min(tile.m0 + BLOCK_M, tile.slice.L), lo, hi);
+    if (lo < hi) {
+        tile.n_begin = lo / BLOCK_N;
+        tile.n_end = (hi + BLOCK_N - 1) / BLOCK_N;
+    }
+    tile.slice.vis.key_range(0, tile.slice.L, tile.j_lo, tile.j_hi);
+    return tile;
+}
+
+extern "C" __global__ void __launch_bounds__(NTHREADS, 1)
+flash_fwd_sm90(const __grid_constant__ TmaMap tm_q, const __grid_constant__ TmaMap tm_k,
+               const __grid_constant__ TmaMap tm_v, elem_t* __restrict__ o, float* __restrict__ lse,
+               const int* __restrict__ cu_q, const int* __restrict__ cu_k, int L, int S, int Hq, int group,
+               int q_hm, int q_bm, int k_hm, int k_bm, int v_hm, int v_bm, long long o_sb, long long o_sh,
+               long long o_sm, long long lse_sb, long long lse_sh, float scale_log2, int left, int right,
+               int lower_right, unsigned int seed_lo, unsigned int seed_hi, unsigned int offset,
+               unsigned int threshold, float rp_dropout, int BH, int num_m, int chunk_heads) {
     extern __shared__ __align__(1024) unsigned char smem[];
-    unsigned char* sQ = smem;                    // swizzle atoms need 1024-byte alignment: every size below
-    unsigned char* sK = sQ + SQ_BYTES;           // is a multiple of 1024
-    unsigned char* sV = sK + 2 * SK_BYTES;
+    unsigned char* sQ = smem;  // every size is a multiple of 1024: each tile keeps the swizzle alignment
+    unsigned char* sK = sQ + SQ_BYTES;
+    unsigned char* sV = sK + STAGES * SK_BYTES;
+    unsigned long long* bars = reinterpret_cast<unsigned long long*>(smem + SMEM_TILES);
+    unsigned long long* q_full = bars;
+    unsigned long long* q_empty = bars + 1;
+    unsigned long long* k_full = bars + 2;
+    unsigned long long* k_empty = k_full + STAGES;
+    unsigned long long* v_full = k_empty + STAGES;
+    unsigned long long* v_empty = v_full + STAGES;
+    unsigned long long* v_staged = v_empty + STAGES;  // the producer's own: a V block it must zero rows of
 
-    const int m_block = gridDim.x - 1 - blockIdx.x;
-    const Slice slice = Slice::per_query_head(Hq, group, cu_q, cu_k, L, S, left, right, lower_right);
-    const int m0 = m_block * BLOCK_M;
-    if (m0 >= slice.L) return;
-    const Visibility<int>& vis = slice.vis;
-    const elem_t* qb = slice.query_rows(q, q_sb, q_sh, q_sm);
-    const elem_t* kb = slice.key_rows(k, k_sb, k_sh, k_sm);
-    const elem_t* vb = slice.key_rows(v, v_sb, v_sh, v_sm);
-    elem_t* ob = slice.query_rows(o, o_sb, o_sh, o_sm);
-    float* lseb = lse + slice.stats_offset(lse_sb, lse_sh);
-
-    const int m1 = min(m0 + BLOCK_M, slice.L);
-    int j_lo, j_hi, i_lo, i_hi;
-    vis.key_range(m0, m1, j_lo, j_hi);
-    vis.query_range(0, slice.S, i_lo, i_hi);
-    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
-    const int wg = warp / 4;
-    const int wrow0 = warp * 16;  // this warp's 16 rows: warpgroup wg's rows 64 wg + 16 (warp % 4)
-    const int i = m0 + wrow0 + g;  // this thread's rows are i and i + 8
-    if (j_lo >= j_hi) {
-        for (int c = threadIdx.x; c < (m1 - m0) * (HEAD_DIM_V / 8); c += NTHREADS) {
-            const int r = c / (HEAD_DIM_V / 8), ch = c % (HEAD_DIM_V / 8);
-            *reinterpret_cast<uint4*>(ob + (m0 + r) * o_sm + ch * 8) = make_uint4(0, 0, 0, 0);
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, wg = warp / 4;
+    const int num_tiles = BH * num_m;
+    if (threadIdx.x == 0) {
+        mbar_init(q_full, 1);
+        mbar_init(q_empty, CONSUMER_WARPS);
+        for (int st = 0; st < STAGES; ++st) {
+            mbar_init(k_full + st, 1);
+            mbar_init(v_full + st, 1);
+            mbar_init(k_empty + st, CONSUMER_WARPS);
+            mbar_init(v_empty + st, CONSUMER_WARPS);
         }
-        for (int r = threadIdx.x; r < m1 - m0; r += NTHREADS) lseb[m0 + r] = -CUSDPA_INF;
+        mbar_init(v_staged, 1);
+    }
+    __syncthreads();
+
+    if (wg == 0) {  // ---- producer ----
+        setmaxnreg_dec<LOAD_REGS>();
+        if (warp != 0) return;
+        if (lane == 0) {
+            tma_prefetch(tm_q);
+            tma_prefetch(tm_k);
+            tma_prefetch(tm_v);
+        }
+        u32 it = 0, q_phase = 0, staged_phase = 0;
+        for (int t = blockIdx.x; t < num_tiles; t += gridDim.x) {
+            const Tile tile = tile_at(t, num_m, chunk_heads, BH, Hq, group, cu_q, cu_k, L, S, left, right, lower_right);
+            if (!tile.live || tile.n_begin >= tile.n_end) continue;
+            const Slice& sl = tile.slice;
+            if (lane == 0) {
+                mbar_wait(q_empty, q_phase ^ 1);
+                tma_load_tile<BLOCK_M, HEAD_DIM>(sQ, tm_q, q_full, sl.start_q + tile.m0, sl.h * q_hm, sl.b * q_bm);
+            }
+            q_phase ^= 1;
+            for (int n = tile.n_begin; n < tile.n_end; ++n, ++it) {
+                const int st = it % STAGES;
+                const u32 phase = (it / STAGES) & 1;
+                const int j0 = n * BLOCK_N, row = sl.start_k + j0;
+                unsigned char* sVs = sV + st * SV_BYTES;
+                if (lane == 0) {
+                    mbar_wait(k_empty + st, phase ^ 1);
+                    tma_load_tile<BLOCK_N, HEAD_DIM>(sK + st * SK_BYTES, tm_k, k_full + st, row, sl.kvh * k_hm, sl.b * k_bm);
+                }
+                // Rows of this block past the slice's visible keys that the tensor holds (a packed tensor
+                // holds the next sequence) are zeroed before the consumers hear of the block; rows past a
+                // dense tensor's end arrive as zeros.
+                const int zero_end = sl.packed ? j0 + BLOCK_N : min(j0 + BLOCK_N, sl.S);
+                const bool dirty = j0 < tile.j_lo || zero_end > tile.j_hi;
+                mbar_wait(v_empty + st, phase ^ 1);
+                if (lane == 0)
+                    tma_load_tile<BLOCK_N, HEAD_DIM_V>(sVs, tm_v, dirty ? v_staged : v_full + st, row, sl.kvh * v_hm,
+                                                       sl.b * v_bm);
+                if (!dirty) continue;
+                mbar_wait(v_staged, staged_phase);
+                staged_phase ^= 1;
+                const int lo_rows = max(0, min(tile.j_lo - j0, BLOCK_N));  // rows [0, lo_rows) and [hi_row, BLOCK_N)
+                const int hi_row = max(lo_rows, min(tile.j_hi - j0, BLOCK_N));
+                for (int x = lane; x < BLOCK_N * (HEAD_DIM_V / 64) * 8; x += 32) {
+                    const int r = x / ((HEAD_DIM_V / 64) * 8), c = (x / 8) % (HEAD_DIM_V / 64), ch = x % 8;
+                    if (r < lo_rows || r >= hi_row)
+                        *reinterpret_cast<uint4*>(sVs + c * BLOCK_N * 128 + r * 128 + ch * 16) = make_uint4(0, 0, 0, 0);
+                }
+                fence_proxy_async();
+                __syncwarp();
+                if (lane == 0) mbar_arrive(v_full + st);
+            }
+        }
         return;
     }
 
-    const int n_begin = j_lo / BLOCK_N, n_end = (j_hi + BLOCK_N - 1) / BLOCK_N;
-    load_tile_sw128<BLOCK_M, HEAD_DIM>(sQ, qb, q_sm, m0, i_lo, i_hi);
-    load_tile_sw128<BLOCK_N, HEAD_DIM>(sK, kb, k_sm, n_begin * BLOCK_N, j_lo, j_hi);
-    cp_async_commit();
-    load_tile_sw128<BLOCK_N, HEAD_DIM_V>(sV, vb, v_sm, n_begin * BLOCK_N, j_lo, j_hi);
-    cp_async_commit();
+    // ---- consumers ----
+    setmaxnreg_inc<MMA_REGS>();
+    const int cw = wg - 1;  // consumer index: rows 64 cw .. 64 cw + 63 of each tile
+    const int g = lane / 4, t4 = lane % 4;
+    const unsigned char* sQwg = sQ + cw * 64 * 128;
     const Dropout drop{seed_lo, seed_hi, offset, threshold};
-    const unsigned char* sQwg = sQ + wg * 64 * 128;
+    // Ping-pong: consumer cw issues after barrier 1 + cw opens and then opens the next consumer's. The
+    // first consumer's first turn is free; the last consumer's last opening is absorbed at the end.
+    bool first_turn = cw == 0, issued = false;
+    auto turn_begin = [&] {
+        if (!first_turn) turn_sync(1 + cw);
+        first_turn = false;
+    };
+    auto turn_end = [&] {
+        turn_arrive(1 + (cw + 1) % MMA_WG);
+        issued = true;
+    };
+    auto release = [&](unsigned long long* bar) {
+        if (lane == 0) mbar_arrive(bar);
+    };
+    u32 it = 0, q_phase = 0;
+    for (int tt = blockIdx.x; tt < num_tiles; tt += gridDim.x) {
+        const Tile tile = tile_at(tt, num_m, chunk_heads, BH, Hq, group, cu_q, cu_k, L, S, left, right, lower_right);
+        if (!tile.live) continue;
+        const Slice& sl = tile.slice;
+        const Visibility<int>& vis = sl.vis;
+        const int mw = tile.m0 + cw * 64;   // this warpgroup's first row
+        const int i = mw + (warp % 4) * 16 + g;  // this thread's rows are i and i + 8
+        elem_t* ob = sl.query_rows(o, o_sb, o_sh, o_sm);
+        float* lseb = lse + sl.stats_offset(lse_sb, lse_sh);
+        if (tile.n_begin >= tile.n_end) {  // no query of the tile sees a key: out 0, lse -inf
+            for (int x = threadIdx.x - 128 * wg; x < 64 * (HEAD_DIM_V / 8); x += 128) {
+                const int row = mw + x / (HEAD_DIM_V / 8), ch = x % (HEAD_DIM_V / 8);
+                if (row < sl.L) *reinterpret_cast<uint4*>(ob + row * o_sm + ch * 8) = make_uint4(0, 0, 0, 0);
+            }
+            for (int r = threadIdx.x - 128 * wg; r < 64; r += 128)
+                if (mw + r < sl.L) lseb[mw + r] = -CUSDPA_INF;
+            continue;
+        }
 
-    float acc[VT * 4];
-    float m_i[2] = {-CUSDPA_INF, -CUSDPA_INF}, l_i[2] = {0.f, 0.f}, alpha[2];
+        float acc[VT * 4];
 #pragma unroll
-    for (int x = 0; x < VT * 4; ++x) acc[x] = 0.f;
-    float s[NT * 4];
-    u32 p[NT * 2];
+        for (int x = 0; x < VT * 4; ++x) acc[x] = 0.f;
+        float m_i[2] = {-CUSDPA_INF, -CUSDPA_INF}, l_i[2] = {0.f, 0.f}, alpha[2];
+        float s[NT * 4];
+        u32 p[NT * 2];
 
-    // Prologue: S and P of the first block. Then each step n issues S of block n + 1 and P V of block n,
-    // so the softmax of block n + 1 overlaps P V of block n. Shared-memory buffers: K of block n in
-    // sK[(n - n_begin) & 1], V likewise; the copies for blocks n + 1 (V) and n + 2 (K) go into the buffers
-    // whose readers finished (waited for) in step n - 1.
-    cp_async_wait<1>();
-    fence_proxy_async();
-    __syncthreads();
-    if (n_begin + 1 < n_end)
-        load_tile_sw128<BLOCK_N, HEAD_DIM>(sK + SK_BYTES, kb, k_sm, (n_begin + 1) * BLOCK_N, j_lo, j_hi);
-    cp_async_commit();
-    wgmma_fence();
-    issue_qk(s, sQwg, sK);
-    wgmma_commit();
-    wgmma_wait<0>();
-    fence_regs(s);
-    softmax_block(s, p, m_i, l_i, alpha, vis, vis.tile_full(m0, BLOCK_M, n_begin * BLOCK_N, BLOCK_N), i,
-                  n_begin * BLOCK_N, t, scale_log2, drop, slice.bh);
-    for (int n = n_begin; n + 1 < n_end; ++n) {  // unconditional wgmmas: a branch around one serialises them
-        const int buf = (n - n_begin) & 1, n1 = (n + 1) * BLOCK_N;
-        cp_async_wait<0>();  // V of block n and K of block n + 1
-        fence_proxy_async();
-        __syncthreads();
-        load_tile_sw128<BLOCK_N, HEAD_DIM_V>(sV + (buf ^ 1) * SV_BYTES, vb, v_sm, n1, j_lo, j_hi);
-        if (n + 2 < n_end) load_tile_sw128<BLOCK_N, HEAD_DIM>(sK + buf * SK_BYTES, kb, k_sm, n1 + BLOCK_N, j_lo, j_hi);
-        cp_async_commit();
-
-        fence_regs(p);
+        // The first block: S, softmax, P.
+        mbar_wait(q_full, q_phase);
+        q_phase ^= 1;
+        int st = it % STAGES;
+        u32 phase = (it / STAGES) & 1;
+        mbar_wait(k_full + st, phase);
+        turn_begin();
+        wgmma_fence();
+        issue_qk(s, sQwg, sK + st * SK_BYTES);
+        wgmma_commit();
+        turn_end();
+        wgmma_wait<0>();
         fence_regs(s);
+        release(k_empty + st);
+        if (tile.n_begin + 1 == tile.n_end) release(q_empty);
+        int n0 = tile.n_begin * BLOCK_N;
+        softmax_block(s, m_i, l_i, alpha, vis, vis.tile_full(mw, 64, n0, BLOCK_N), i, n0, t4, scale_log2);
+        round_p(s, p, i, n0, t4, drop, sl.bh);
+
+        // Block n: S of block n with P V of block n - 1, whose K and V buffers are st and prev.
+        for (int n = tile.n_begin + 1; n < tile.n_end; ++n) {
+            const int prev = st;
+            const u32 prev_phase = phase;
+            ++it;
+            st = it % STAGES;
+            phase = (it / STAGES) & 1;
+            mbar_wait(k_full + st, phase);
+            mbar_wait(v_full + prev, prev_phase);
+            turn_begin();
+            fence_regs(p);
+            fence_regs(s);
+            fence_regs(acc);
+            wgmma_fence();
+            issue_qk(s, sQwg, sK + st * SK_BYTES);
+            wgmma_commit();
+            issue_pv(acc, p, sV + prev * SV_BYTES);
+            wgmma_commit();
+            turn_end();
+            wgmma_wait<1>();  // S of block n; P V of block n - 1 still runs
+            fence_regs(s);
+            release(k_empty + st);
+            if (n + 1 == tile.n_end) release(q_empty);
+            n0 = n * BLOCK_N;
+            const bool rescale =
+                softmax_block(s, m_i, l_i, alpha, vis, vis.tile_full(mw, 64, n0, BLOCK_N), i, n0, t4, scale_log2);
+            wgmma_wait<0>();
+            fence_regs(acc);
+            release(v_empty + prev);
+            if (rescale) rescale_acc(acc, alpha);
+            round_p(s, p, i, n0, t4, drop, sl.bh);
+        }
+        // P V of the last block.
+        mbar_wait(v_full + st, phase);
+        turn_begin();
+        fence_regs(p);
         fence_regs(acc);
         wgmma_fence();
-        issue_qk(s, sQwg, sK + (buf ^ 1) * SK_BYTES);
+        issue_pv(acc, p, sV + st * SV_BYTES);
         wgmma_commit();
-        issue_pv(acc, p, sV + buf * SV_BYTES);
-        wgmma_commit();
-        wgmma_wait<1>();  // S of block n + 1; P V of block n still runs
-        fence_regs(s);
-        u32 p_next[NT * 2];
-        const bool rescale = softmax_block(s, p_next, m_i, l_i, alpha, vis, vis.tile_full(m0, BLOCK_M, n1, BLOCK_N), i,
-                                           n1, t, scale_log2, drop, slice.bh);
+        turn_end();
         wgmma_wait<0>();
         fence_regs(acc);
-        if (rescale) rescale_acc(acc, alpha);
-        // A move the compiler cannot see through: with a plain copy it writes P of block n + 1 straight
-        // into the registers P V of block n is still reading, and ptxas serialises every wgmma (C7513).
-#pragma unroll
-        for (int x = 0; x < NT * 2; ++x) asm volatile("mov.b32 %0, %1;" : "=r"(p[x]) : "r"(p_next[x]));
-    }
-    cp_async_wait<0>();  // V of the last block
-    fence_proxy_async();
-    __syncthreads();
-    fence_regs(p);
-    fence_regs(acc);
-    wgmma_fence();
-    issue_pv(acc, p, sV + ((n_end - 1 - n_begin) & 1) * SV_BYTES);
-    wgmma_commit();
-    wgmma_wait<0>();
-    fence_regs(acc);
+        release(v_empty + st);
+        ++it;
 
 #pragma unroll
-    for (int r = 0; r < 2; ++r) {
-        float l = l_i[r];
-        l += __shfl_xor_sync(0xffffffffu, l, 1);
-        l += __shfl_xor_sync(0xffffffffu, l, 2);
-        // l = 0: the row sees nothing and stores 0, not acc * 0 (NaN after 0 * NaN of a V row another row
-        // sees); l = NaN (a NaN or +inf score) stays NaN.
-        const bool empty = l == 0.f;
-        const float inv = rp_dropout / l;
-        const int row = i + 8 * r;
-        if (row < slice.L) {
+        for (int r = 0; r < 2; ++r) {
+            float l = l_i[r];
+            l += __shfl_xor_sync(0xffffffffu, l, 1);
+            l += __shfl_xor_sync(0xffffffffu, l, 2);
+            // l = 0: the row sees nothing and stores 0, not acc * 0 (NaN after 0 * NaN of a V row another
+            // row sees); l = NaN (a NaN or +inf score) stays NaN.
+            const bool empty = l == 0.f;
+            const float inv = rp_dropout / l;
+            const int row = i + 8 * r;
+            if (row < sl.L) {
 #pragma unroll
-            for (int vt = 0; vt < VT; ++vt)
-                *reinterpret_cast<u32*>(ob + row * o_sm + vt * 8 + 2 * t) = pack2<IS_BF16>(
-                    empty ? 0.f : acc[vt * 4 + 2 * r] * inv, empty ? 0.f : acc[vt * 4 + 2 * r + 1] * inv);
-            if (t == 0) lseb[row] = empty ? -CUSDPA_INF : (m_i[r] + log2f(l)) * LN2;
+                for (int vt = 0; vt < VT; ++vt)
+                    *reinterpret_cast<u32*>(ob + row * o_sm + vt * 8 + 2 * t4) = pack2<IS_BF16>(
+                        empty ? 0.f : acc[vt * 4 + 2 * r] * inv, empty ? 0.f : acc[vt * 4 + 2 * r + 1] * inv);
+                if (t4 == 0) lseb[row] = empty ? -CUSDPA_INF : (m_i[r] + log2f(l)) * LN2;
+            }
         }
     }
+    // The last consumer opened the first one's barrier once more than the first consumer waited on it.
+    if (cw == 0 && issued) turn_sync(1);
 }

@@ -65,7 +65,7 @@ def test_every_kernel_configuration_compiles_with_nvrtc():
     for source, options in _nvrtc_jobs():
         arch = "sm_90a" if "-arch=sm_90a" in options else "sm_90"
         options = tuple(o for o in options if o != "-arch=sm_90a") + (f"-I{include}",)
-        log = _nvrtc_compile(sources.kernel_source(source), options, arch)
+        log = _nvrtc_compile(sources.kernel_source(source, options), options, arch)
         if log is not None:
             errors.append(f"{source} {options}:\n{log[-2000:]}")
     assert not errors, "\n\n".join(errors)
@@ -76,7 +76,7 @@ def test_every_kernel_configuration_compiles_with_nvcc(tmp_path):
     def compile_one(job):
         n, (source, options) = job
         src = tmp_path / f"k{n}.cu"
-        src.write_text(sources.kernel_source(source))
+        src.write_text(sources.kernel_source(source, options))
         if "-arch=sm_90a" in options:  # wgmma: only the sm_90a target, spelled as nvcc 13.0 accepts it
             options = tuple(o for o in options if o != "-arch=sm_90a")
             targets = ["-gencode=arch=compute_90a,code=sm_90a"]

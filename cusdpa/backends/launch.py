@@ -28,6 +28,14 @@ class Slot(NamedTuple):
     name: str
 
 
+class MapSlot(NamedTuple):
+    """A TMA tensor map argument (128 bytes, passed by value) of the tensor a slot names: ``tensor_map``
+    (``backends.flash.tma.TensorMap``) writes the map of each call's address."""
+
+    name: str
+    tensor_map: object
+
+
 def values(**named) -> tuple:
     """The value tuple of a call: ``named`` slots in place, None elsewhere."""
     out = [None] * len(SLOTS)
@@ -73,14 +81,16 @@ class Launch:
     """One kernel launch; ``launch(values, stream_ptr)`` fills the slots from the value tuple and issues it on
     the current device, which must be the one ``fn`` was loaded on (``run`` sees to that)."""
 
-    __slots__ = ("fn", "grid", "block", "smem", "cells", "slots", "_buffers")
+    __slots__ = ("fn", "grid", "block", "smem", "cells", "slots", "maps", "_buffers")
 
     def __init__(self, fn, grid: tuple, block: tuple, smem: int, args):
         self.fn, self.grid, self.block, self.smem = fn, grid, block, smem
-        # (cell index, position in the value tuple) of each slot
+        # (cell index, position in the value tuple) of each slot; a map's cell is unused, its bytes live in
+        # a buffer of their own: (cell index, position, TensorMap)
         self.slots = tuple((i, _POSITION[a.name]) for i, a in enumerate(args) if isinstance(a, Slot))
-        self.cells = tuple(0 if isinstance(a, Slot) else _cell(a) for a in args)
-        self._buffers: dict = {}  # thread id -> (cells, pointer array, its address)
+        self.maps = tuple((i, _POSITION[a.name], a.tensor_map) for i, a in enumerate(args) if isinstance(a, MapSlot))
+        self.cells = tuple(0 if isinstance(a, (Slot, MapSlot)) else _cell(a) for a in args)
+        self._buffers: dict = {}  # thread id -> (cells, map buffers, pointer array, its address)
 
     def _buffer(self):
         # One parameter buffer per thread, made once: the driver copies the parameters during the call, so
@@ -90,15 +100,24 @@ class Launch:
         if buf is None:
             n = max(1, len(self.cells))
             cells = (ctypes.c_uint64 * n)(*self.cells)
-            pointers = (ctypes.c_void_p * n)(*(ctypes.addressof(cells) + 8 * i for i in range(n)))
-            buf = self._buffers[key] = (cells, pointers, ctypes.addressof(pointers))
+            addresses = [ctypes.addressof(cells) + 8 * i for i in range(n)]
+            maps = []
+            for i, _, tensor_map in self.maps:
+                storage = (ctypes.c_uint64 * 16).from_buffer_copy(tensor_map.template)
+                maps.append((ctypes.addressof(storage), storage))
+                addresses[i] = ctypes.addressof(storage)
+            pointers = (ctypes.c_void_p * n)(*addresses)
+            buf = self._buffers[key] = (cells, tuple(maps), pointers, ctypes.addressof(pointers))
         return buf
 
     def __call__(self, values: tuple, stream_ptr: int) -> None:
-        cells, _, params = self._buffer()
+        cells, maps, _, params = self._buffer()
         for i, j in self.slots:
             value = values[j]
             cells[i] = value if type(value) is int else _cell(value)  # raw pointers and seeds are ints
+        for (_, j, tensor_map), (address, _) in zip(self.maps, maps):
+            value = values[j]
+            tensor_map.write(address, value if type(value) is int else _cell(value))
         gx, gy = self.grid
         (_Driver.driver or _Driver.load().driver).launchKernel(self.fn.ptr, gx, gy, 1, self.block[0], 1, 1, self.smem,
                                                                stream_ptr, params, 0)

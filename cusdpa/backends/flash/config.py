@@ -22,41 +22,36 @@ class FlashConfig:
     dq_m_tiles: int = 1
     dq_block_n: int = 64
     use_wgmma: bool = True  # Hopper forward (flash_fwd_sm90.cu) where the device and head dims allow
-    fwd90_warpgroups: int = 2  # 64 query rows each
+    fwd90_warpgroups: int = 2  # consumer warpgroups, 64 query rows each
     fwd90_block_n: int = 128
-    fwd90_min_blocks: int = 1  # __launch_bounds__ minimum: > 1 caps registers so more CTAs share an SM
 
     @staticmethod
     @functools.cache
     def for_head_dims(E: int, Ev: int) -> "FlashConfig":
         d = max(pad16(E), pad16(Ev))
-        # Tile choices measured with benchmarks/flash_sweep.py (BENCHMARKS.md): backward on the H100,
-        # Hopper forward on the H200.
+        # Tile choices measured with benchmarks/flash_sweep.py (BENCHMARKS.md): backward on the H100.
         if d <= 64:
-            return FlashConfig(bwd_block_m=128, dq_warps=4, fwd90_warpgroups=3)
+            return FlashConfig(bwd_block_m=128, dq_warps=4)
         if d <= 128:  # 32 rows x 128 accumulators per warp leave room for a 32-key score block only
-            return FlashConfig(fwd_block_n=32, dq_warps=4, dq_m_tiles=2, dq_block_n=32, fwd90_warpgroups=3,
-                               fwd90_block_n=64)
+            return FlashConfig(fwd_block_n=32, dq_warps=4, dq_m_tiles=2, dq_block_n=32)
         return FlashConfig(fwd_m_tiles=1, fwd_block_n=32, bwd_block_m=32, split_dkdv=True, dq_block_n=32)
 
     @staticmethod
     @functools.cache
     def for_problem(E: int, Ev: int, L: int, causal: bool) -> "FlashConfig":
-        """``for_head_dims``, with other Hopper forward tiles for short or causal problems. A tall query block
-        spends more of its time on the masked diagonal and leaves fewer blocks to balance the triangle; with
-        E <= 64, capping registers (``fwd90_min_blocks``, one 8-byte spill) doubles the blocks resident per
-        SM, so one block's loads overlap another's math where each has only a few key blocks to pipeline.
-        Kernel times swept at L = 256 to 16384 on the H200 (BENCHMARKS.md)."""
+        """``for_head_dims`` with the Hopper forward's tiles, from a sweep on the H200 (BENCHMARKS.md): two
+        consumer warpgroups and 128-key blocks for E <= 128 (three warpgroups, 192 query rows, only pay on
+        long non-causal E = 64 problems); for larger head dims FlashAttention-3's key blocks, as long as
+        registers and shared memory allow."""
         cfg = FlashConfig.for_head_dims(E, Ev)
         d = max(E, Ev)
-        if d <= 64:
-            if causal and L <= 1024:  # 64-row blocks, four per SM
-                return dataclasses.replace(cfg, fwd90_warpgroups=1, fwd90_block_n=64, fwd90_min_blocks=4)
-            if causal or L <= 2048:  # 128-row blocks, two per SM
-                return dataclasses.replace(cfg, fwd90_warpgroups=2, fwd90_block_n=64, fwd90_min_blocks=2)
-        elif causal and L <= 2048 and d <= 128:
-            return dataclasses.replace(cfg, fwd90_warpgroups=2, fwd90_block_n=128)
-        return cfg
+        if d <= 64 and not causal and L >= 16384:
+            return dataclasses.replace(cfg, fwd90_warpgroups=3, fwd90_block_n=128)
+        if d <= 128:
+            return dataclasses.replace(cfg, fwd90_block_n=128)
+        if d <= 192:
+            return dataclasses.replace(cfg, fwd90_block_n=112 if Ev > 128 else 128)
+        return dataclasses.replace(cfg, fwd90_block_n=80)
 
     @property
     def fwd_block_m(self) -> int:
@@ -86,9 +81,9 @@ def smem_bytes(kind: str, cfg: FlashConfig, E: int, Ev: int) -> int:
     if kind == "fwd":
         bm, bn = cfg.fwd_block_m, cfg.fwd_block_n
         return 2 * (bm * max(qp, vp) + 2 * bn * qp + 2 * bn * vp)
-    if kind == "fwd_sm90":  # unpadded, swizzled tiles
+    if kind == "fwd_sm90":  # unpadded, swizzled tiles (two K and V stages), then 11 mbarriers
         bm, bn = 64 * cfg.fwd90_warpgroups, cfg.fwd90_block_n
-        return 2 * (bm * E + 2 * bn * E + 2 * bn * Ev)
+        return 2 * (bm * E + 2 * bn * E + 2 * bn * Ev) + 128
     if kind == "dkdv":
         bn, bm = cfg.bwd_block_n, cfg.bwd_block_m
         return 2 * (bn * qp + bn * vp + 2 * bm * qp + 2 * bm * vp) + 4 * 4 * bm
@@ -99,5 +94,6 @@ def smem_bytes(kind: str, cfg: FlashConfig, E: int, Ev: int) -> int:
 
 
 def sm90_forward_applies(E: int, Ev: int, compute_capability: int, cfg: FlashConfig) -> bool:
-    """The wgmma forward takes E, Ev in {64, 128} on compute capability 9.0 (sm_90a instructions)."""
-    return cfg.use_wgmma and compute_capability == 90 and E in (64, 128) and Ev in (64, 128)
+    """The wgmma forward takes E, Ev in {64, 128, 192, 256} on compute capability 9.0 (sm_90a instructions)."""
+    dims = (64, 128, 192, 256)
+    return cfg.use_wgmma and compute_capability == 90 and E in dims and Ev in dims

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..launch import Launch, Slot, run, seed_values, values
-from . import sources
+from ..launch import Launch, MapSlot, Slot, run, seed_values, values
+from . import sources, tma
 from .config import FlashConfig, sm90_forward_applies, smem_bytes
 
 MAX_GRID_Y = 65535
@@ -151,18 +151,45 @@ def forward_launch(pr, lay, o_strides) -> Launch | None:
         return None
     cfg, dev = config(pr), device(pr)
     opts = sources.compile_options(pr.dtype_name, pr.E, pr.Ev, pr.dropout_p > 0, cfg)
+    tail = (*_lse_strides(pr), np.float32(pr.scale * math.log2(math.e)), *_visibility(pr), *_dropout(pr))
     if sm90_forward_applies(pr.E, pr.Ev, sources.compute_capability(dev), cfg):
-        smem = smem_bytes("fwd_sm90", cfg, pr.E, pr.Ev)
-        block_m, threads = 64 * cfg.fwd90_warpgroups, 128 * cfg.fwd90_warpgroups
-        fn = sources.kernel(dev, "flash_fwd_sm90.cu", "flash_fwd_sm90", opts + ("-arch=sm_90a",), smem)
-    else:
-        smem, block_m, threads = smem_bytes("fwd", cfg, pr.E, pr.Ev), cfg.fwd_block_m, cfg.fwd_warps * 32
-        fn = sources.kernel(dev, "flash_fwd.cu", "flash_fwd", opts, smem)
+        return _sm90_forward_launch(pr, lay, o_strides, cfg, opts, tail)
+    smem, block_m, threads = smem_bytes("fwd", cfg, pr.E, pr.Ev), cfg.fwd_block_m, cfg.fwd_warps * 32
+    fn = sources.kernel(dev, "flash_fwd.cu", "flash_fwd", opts, smem)
     grid = ((pr.L + block_m - 1) // block_m, lay.B * pr.hq)
     args = (Slot("q"), Slot("k"), Slot("v"), Slot("o"), Slot("lse"), *_common(pr, lay), *lay.strides["q"],
-            *lay.strides["k"], *lay.strides["v"], *o_strides, *_lse_strides(pr),
-            np.float32(pr.scale * math.log2(math.e)), *_visibility(pr), *_dropout(pr))
+            *lay.strides["k"], *lay.strides["v"], *o_strides, *tail)
     return Launch(fn, grid, (threads,), smem, args)
+
+
+L2_SHARE = 24 << 20  # bytes of K and V that the heads of one tile chunk keep in L2 (half the H200's 50 MB)
+
+
+def _sm90_forward_launch(pr, lay, o_strides, cfg, opts, tail) -> Launch:
+    """The persistent Hopper forward: TMA maps of q, k and v, one CTA per SM over the (head, query block)
+    tiles (see kernels_cuda/flash_fwd_sm90.cu)."""
+    dev = device(pr)
+    smem = smem_bytes("fwd_sm90", cfg, pr.E, pr.Ev)
+    block_m, block_n = 64 * cfg.fwd90_warpgroups, cfg.fwd90_block_n
+    fn = sources.kernel(dev, "flash_fwd_sm90.cu", "flash_fwd_sm90", opts + ("-arch=sm_90a",), smem)
+    packed = pr.varlen is not None
+    maps = []
+    for name, x, D, rows, heads, box in (("q", lay.q, pr.E, pr.L, pr.hq, block_m),
+                                         ("k", lay.k, pr.E, pr.S, pr.hkv, block_n),
+                                         ("v", lay.v, pr.Ev, pr.S, pr.hkv, block_n)):
+        if packed:
+            rows = x.shape[0]
+        tensor_map, hm, bm = tma.operand_map(pr.dtype_name, x.data.ptr, D, rows, heads, 1 if packed else lay.B,
+                                             lay.strides[name], box)
+        maps.append((MapSlot(name, tensor_map), np.int32(hm), np.int32(bm)))
+    BH, num_m = lay.B * pr.hq, (pr.L + block_m - 1) // block_m
+    kv_bytes_per_head = max(pr.S, 1) * (pr.E + pr.Ev) * 2 / pr.group
+    chunk_heads = int(min(BH, max(1, L2_SHARE // kv_bytes_per_head)))
+    grid = (min(BH * num_m, sources.multiprocessors(dev)), 1)
+    args = (*(m for m, _, _ in maps), Slot("o"), Slot("lse"), *_common(pr, lay),
+            *(x for _, hm, bm in maps for x in (hm, bm)), *o_strides, *tail, np.int32(BH), np.int32(num_m),
+            np.int32(chunk_heads))
+    return Launch(fn, grid, (128 * (cfg.fwd90_warpgroups + 1),), smem, args)
 
 
 def backward_launches(pr, lay, strides) -> list[Launch]:

@@ -9,7 +9,7 @@ import kernels_cuda
 from .config import MAX_SMEM, FlashConfig
 
 
-def _wgmma_wrappers(widths=(64, 128)) -> str:
+def _wgmma_wrappers(widths) -> str:
     """wgmma m64nNk16 wrappers, overloaded on the accumulator array size (N / 2 floats per thread).
 
     wgmma_ss: A and B from shared-memory descriptors, accumulate iff ``acc``; wgmma_rs: A from four
@@ -38,10 +38,18 @@ def _wgmma_wrappers(widths=(64, 128)) -> str:
     return "".join(out)
 
 
-def kernel_source(name: str) -> str:
-    """A kernels_cuda source with its includes inlined and the generated wgmma wrappers where it asks for
-    them."""
-    return kernels_cuda.source(name).replace("// @WGMMA_WRAPPERS@", _wgmma_wrappers())
+def _define(options, name: str) -> int:
+    return int(next(o.split("=", 1)[1] for o in options if o.startswith(f"-D{name}=")))
+
+
+def kernel_source(name: str, options: tuple = ()) -> str:
+    """A kernels_cuda source with its includes inlined and, where it asks for them, the wgmma wrappers of
+    the widths its options need (S = Q K^T: the key block; O += P V: Ev)."""
+    text = kernels_cuda.source(name)
+    if "// @WGMMA_WRAPPERS@" not in text:
+        return text
+    widths = sorted({_define(options, "FWD90_BLOCK_N"), _define(options, "HEAD_DIM_V")})
+    return text.replace("// @WGMMA_WRAPPERS@", _wgmma_wrappers(widths))
 
 
 @functools.cache
@@ -53,8 +61,7 @@ def compile_options(dtype_name: str, E: int, Ev: int, dropout: bool, cfg: FlashC
             f"-DBWD_WARPS={cfg.bwd_warps}", f"-DBWD_BLOCK_M={cfg.bwd_block_m}", f"-DDKDV_PART={dkdv_part}",
             f"-DDQ_WARPS={cfg.dq_warps}", f"-DDQ_M_TILES={cfg.dq_m_tiles}",
             f"-DDQ_BLOCK_N={cfg.dq_block_n}", f"-DFWD90_WARPGROUPS={cfg.fwd90_warpgroups}",
-            f"-DFWD90_BLOCK_N={cfg.fwd90_block_n}",
-            f"-DFWD90_MIN_BLOCKS={cfg.fwd90_min_blocks}")
+            f"-DFWD90_BLOCK_N={cfg.fwd90_block_n}")
 
 
 @functools.cache
@@ -62,7 +69,7 @@ def _module(device: int, source: str, options: tuple):
     import cupy
 
     with cupy.cuda.Device(device):
-        return cupy.RawModule(code=kernel_source(source), options=options)
+        return cupy.RawModule(code=kernel_source(source, options), options=options)
 
 
 @functools.cache  # per-call lookups and driver attribute calls add up on small problems
@@ -85,3 +92,10 @@ def compute_capability(device: int) -> int:
     import cupy
 
     return int(cupy.cuda.Device(device).compute_capability)
+
+
+@functools.cache
+def multiprocessors(device: int) -> int:
+    import cupy
+
+    return int(cupy.cuda.Device(device).attributes["MultiProcessorCount"])
