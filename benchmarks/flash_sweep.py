@@ -1,6 +1,7 @@
 """Time FLASH tile configurations against each other (and PyTorch's FLASH backend) on a few grid points.
 
     python benchmarks/flash_sweep.py [--lengths 4096] [--head-dims 64 128] [--tokens 16384] [--hidden 2048]
+                                     [--forward-only] [--default-only]
 
 Used to choose FlashConfig.for_head_dims and for_problem (each point starts from the latter's tiles);
 prints one line per (point, direction, config), best first, with its ratio to PyTorch's FLASH_ATTENTION
@@ -51,6 +52,7 @@ def main():
     ap.add_argument("--head-dims", type=int, nargs="+", default=[64, 128])
     ap.add_argument("--causal", choices=("both", "yes", "no"), default="both")
     ap.add_argument("--forward-only", action="store_true")
+    ap.add_argument("--default-only", action="store_true", help="time only the tiles FlashConfig.for_problem picks")
     ap.add_argument("--tokens", type=int, default=16384, help="B * L")
     ap.add_argument("--hidden", type=int, default=2048, help="H * E")
     args = ap.parse_args()
@@ -79,7 +81,7 @@ def main():
                 if args.forward_only:
                     runs = runs[:1]
                 for kind, variants, fn, t_torch, mult in runs:
-                    for knobs in variants:
+                    for knobs in ([{}] if args.default_only else variants):
                         cfg = dataclasses.replace(base, **knobs)
                         launches.config = lambda pr, cfg=cfg: cfg
                         try:

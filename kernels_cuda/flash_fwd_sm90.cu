@@ -21,17 +21,18 @@
 // order: heads in chunks of `chunk_heads` (few enough that their K and V stay in L2), and within a chunk
 // the query blocks from the last (the heaviest under causal masking) to the first, heads innermost.
 //
-// Shared memory: Q [E/64][BLOCK_M][64], K [STAGES][E/64][BLOCK_N][64], V [STAGES][Ev/64][BLOCK_N][64],
-// each 64-column chunk in the 128-byte swizzle that TMA writes and wgmma reads (16-byte chunk c of row r
-// at c ^ (r % 8); 1024-byte aligned), then the mbarriers.
+// Shared memory: Q [E/W][BLOCK_M][W], K [STAGES][E/W][BLOCK_N][W], V [STAGES][Ev/W'][BLOCK_N][W'], each
+// column chunk in the swizzle that TMA writes and wgmma reads: W = 64 columns (128-byte rows, 16-byte
+// chunk c of row r at c ^ (r % 8)) when the head dim is a multiple of 64, else W = 32 (64-byte rows,
+// c ^ ((r / 2) % 4)); then the mbarriers.
 //
 // Rows no query may see. TMA writes zeros for rows outside the tensor. A V block that reaches past the
 // keys the slice's queries see (windows, upper-left causal with S > L, the next sequence of a packed
 // batch) has those rows zeroed by the producer before the consumers may read it, so NaN stored there never
 // meets a P of 0. K needs nothing: its scores there are selected out.
 //
-// Extra -D options: FWD90_WARPGROUPS (consumer warpgroups, 2 or 3), FWD90_BLOCK_N. E and Ev in
-// {64, 128, 192, 256}.
+// Extra -D options: FWD90_WARPGROUPS (consumer warpgroups, 2 or 3), FWD90_BLOCK_N. E and Ev multiples of
+// 32 up to 256.
 #include "flash_common.cuh"
 // @WGMMA_WRAPPERS@
 
@@ -50,8 +51,11 @@ constexpr int SMEM_TILES = SQ_BYTES + STAGES * (SK_BYTES + SV_BYTES);
 constexpr int LOAD_REGS = MMA_WG == 2 ? 24 : 32;
 constexpr int MMA_REGS = MMA_WG == 2 ? 240 : 160;
 constexpr int CONSUMER_WARPS = MMA_WG * 4;
-static_assert(HEAD_DIM % 64 == 0 && HEAD_DIM_V % 64 == 0 && HEAD_DIM <= 256 && HEAD_DIM_V <= 256,
-              "the sm90 kernel takes E, Ev in {64, 128, 192, 256}");
+static_assert(HEAD_DIM % 32 == 0 && HEAD_DIM_V % 32 == 0 && HEAD_DIM <= 256 && HEAD_DIM_V <= 256,
+              "the sm90 kernel takes E, Ev multiples of 32 up to 256");
+// Swizzle of each operand's tiles: bytes per row of a column chunk (128 or 64).
+constexpr int QK_SW = HEAD_DIM % 64 == 0 ? 128 : 64;
+constexpr int V_SW = HEAD_DIM_V % 64 == 0 ? 128 : 64;
 static_assert(MMA_WG == 2 || MMA_WG == 3, "FWD90_WARPGROUPS must be 2 or 3");
 static_assert(BLOCK_N % 16 == 0 && BLOCK_N >= 16 && BLOCK_N <= 256, "FWD90_BLOCK_N: a multiple of 16 up to 256");
 
@@ -95,14 +99,14 @@ __device__ __forceinline__ void tma_load(void* dst, const TmaMap& map, unsigned 
         "r"(c2), "r"(c3)
         : "memory");
 }
-// A ROWS x D tile (its D / 64 swizzled column chunks) at row `row`, head and batch coordinates `head`,
-// `batch`: the bytes announced on `bar`, then the copies that complete them.
-template <int ROWS, int D>
+// A ROWS x D tile (its D / (SW / 2) swizzled column chunks) at row `row`, head and batch coordinates
+// `head`, `batch`: the bytes announced on `bar`, then the copies that complete them.
+template <int ROWS, int D, int SW>
 __device__ __forceinline__ void tma_load_tile(unsigned char* dst, const TmaMap& map, unsigned long long* bar, int row,
                                               int head, int batch) {
     mbar_expect_tx(bar, ROWS * D * 2);
 #pragma unroll
-    for (int c = 0; c < D / 64; ++c) tma_load(dst + c * ROWS * 128, map, bar, 64 * c, row, head, batch);
+    for (int c = 0; c < D / (SW / 2); ++c) tma_load(dst + c * ROWS * SW, map, bar, SW / 2 * c, row, head, batch);
 }
 __device__ __forceinline__ void tma_prefetch(const TmaMap& map) {
     asm volatile("prefetch.tensormap [%0];\n" ::"l"(reinterpret_cast<unsigned long long>(&map)) : "memory");
@@ -120,14 +124,15 @@ __device__ __forceinline__ void turn_arrive(int id) { asm volatile("bar.arrive %
 
 // ---- wgmma ---------------------------------------------------------------------------------------------
 
-// Shared-memory matrix descriptor, 128-byte swizzle. K-major operands (Q, K) step through K within a
-// swizzle row by moving the start address 32 bytes per k16; the leading offset is unused for them.
-// For V (MN-major) the leading offset is the distance between 64-column chunks and the stride offset
-// the distance between groups of 8 rows.
-__device__ __forceinline__ unsigned long long sw128_desc(const void* p, unsigned lbo, unsigned sbo) {
+// Shared-memory matrix descriptor of a tile in the SW-byte swizzle (128 or 64). K-major operands (Q, K)
+// step through K within a swizzle row by moving the start address 32 bytes per k16; the leading offset
+// is unused for them. For V (MN-major) the leading offset is the distance between column chunks. The
+// stride offset is the distance between groups of 8 rows.
+template <int SW>
+__device__ __forceinline__ unsigned long long sw_desc(const void* p, unsigned lbo) {
     const unsigned long long addr = smem_u32(p);
     return ((addr & 0x3FFFF) >> 4) | (static_cast<unsigned long long>(lbo >> 4) << 16) |
-           (static_cast<unsigned long long>(sbo >> 4) << 32) | (1ull << 62);
+           (static_cast<unsigned long long>(8 * SW >> 4) << 32) | ((SW == 128 ? 1ull : 2ull) << 62);
 }
 
 __device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
@@ -154,9 +159,10 @@ __device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.
 __device__ __forceinline__ void issue_qk(float (&s)[NT * 4], const unsigned char* sQwg, const unsigned char* sKn) {
 #pragma unroll
     for (int kk = 0; kk < HEAD_DIM / 16; ++kk) {
-        const int chunk = kk / 4, inner = (kk % 4) * 32;
-        const unsigned long long da = sw128_desc(sQwg + chunk * BLOCK_M * 128 + inner, 16, 1024);
-        const unsigned long long db = sw128_desc(sKn + chunk * BLOCK_N * 128 + inner, 16, 1024);
+        constexpr int K16_PER_CHUNK = QK_SW / 32;
+        const int chunk = kk / K16_PER_CHUNK, inner = (kk % K16_PER_CHUNK) * 32;
+        const unsigned long long da = sw_desc<QK_SW>(sQwg + chunk * BLOCK_M * QK_SW + inner, 16);
+        const unsigned long long db = sw_desc<QK_SW>(sKn + chunk * BLOCK_N * QK_SW + inner, 16);
         wgmma_ss(s, da, db, kk > 0);
     }
 }
@@ -166,7 +172,7 @@ __device__ __forceinline__ void issue_pv(float (&acc)[VT * 4], const u32 (&p)[NT
 #pragma unroll
     for (int kk = 0; kk < BLOCK_N / 16; ++kk) {
         const u32 a[4] = {p[4 * kk], p[4 * kk + 1], p[4 * kk + 2], p[4 * kk + 3]};
-        wgmma_rs(acc, a, sw128_desc(sVn + kk * 16 * 128, BLOCK_N * 128, 1024));
+        wgmma_rs(acc, a, sw_desc<V_SW>(sVn + kk * 16 * V_SW, BLOCK_N * V_SW));
     }
 }
 
@@ -327,7 +333,7 @@ flash_fwd_sm90(const __grid_constant__ TmaMap tm_q, const __grid_constant__ TmaM
             const Slice& sl = tile.slice;
             if (lane == 0) {
                 mbar_wait(q_empty, q_phase ^ 1);
-                tma_load_tile<BLOCK_M, HEAD_DIM>(sQ, tm_q, q_full, sl.start_q + tile.m0, sl.h * q_hm, sl.b * q_bm);
+                tma_load_tile<BLOCK_M, HEAD_DIM, QK_SW>(sQ, tm_q, q_full, sl.start_q + tile.m0, sl.h * q_hm, sl.b * q_bm);
             }
             q_phase ^= 1;
             for (int n = tile.n_begin; n < tile.n_end; ++n, ++it) {
@@ -337,7 +343,7 @@ flash_fwd_sm90(const __grid_constant__ TmaMap tm_q, const __grid_constant__ TmaM
                 unsigned char* sVs = sV + st * SV_BYTES;
                 if (lane == 0) {
                     mbar_wait(k_empty + st, phase ^ 1);
-                    tma_load_tile<BLOCK_N, HEAD_DIM>(sK + st * SK_BYTES, tm_k, k_full + st, row, sl.kvh * k_hm, sl.b * k_bm);
+                    tma_load_tile<BLOCK_N, HEAD_DIM, QK_SW>(sK + st * SK_BYTES, tm_k, k_full + st, row, sl.kvh * k_hm, sl.b * k_bm);
                 }
                 // Rows of this block past the slice's visible keys that the tensor holds (a packed tensor
                 // holds the next sequence) are zeroed before the consumers hear of the block; rows past a
@@ -346,17 +352,18 @@ flash_fwd_sm90(const __grid_constant__ TmaMap tm_q, const __grid_constant__ TmaM
                 const bool dirty = j0 < tile.j_lo || zero_end > tile.j_hi;
                 mbar_wait(v_empty + st, phase ^ 1);
                 if (lane == 0)
-                    tma_load_tile<BLOCK_N, HEAD_DIM_V>(sVs, tm_v, dirty ? v_staged : v_full + st, row, sl.kvh * v_hm,
+                    tma_load_tile<BLOCK_N, HEAD_DIM_V, V_SW>(sVs, tm_v, dirty ? v_staged : v_full + st, row, sl.kvh * v_hm,
                                                        sl.b * v_bm);
                 if (!dirty) continue;
                 mbar_wait(v_staged, staged_phase);
                 staged_phase ^= 1;
                 const int lo_rows = max(0, min(tile.j_lo - j0, BLOCK_N));  // rows [0, lo_rows) and [hi_row, BLOCK_N)
                 const int hi_row = max(lo_rows, min(tile.j_hi - j0, BLOCK_N));
-                for (int x = lane; x < BLOCK_N * (HEAD_DIM_V / 64) * 8; x += 32) {
-                    const int r = x / ((HEAD_DIM_V / 64) * 8), c = (x / 8) % (HEAD_DIM_V / 64), ch = x % 8;
+                constexpr int ROW_CHUNKS = HEAD_DIM_V * 2 / 16;  // 16-byte pieces of one row, over all column chunks
+                for (int x = lane; x < BLOCK_N * ROW_CHUNKS; x += 32) {
+                    const int r = x / ROW_CHUNKS, c = (x % ROW_CHUNKS) / (V_SW / 16), ch = x % (V_SW / 16);
                     if (r < lo_rows || r >= hi_row)
-                        *reinterpret_cast<uint4*>(sVs + c * BLOCK_N * 128 + r * 128 + ch * 16) = make_uint4(0, 0, 0, 0);
+                        *reinterpret_cast<uint4*>(sVs + c * BLOCK_N * V_SW + r * V_SW + ch * 16) = make_uint4(0, 0, 0, 0);
                 }
                 fence_proxy_async();
                 __syncwarp();
@@ -370,7 +377,7 @@ flash_fwd_sm90(const __grid_constant__ TmaMap tm_q, const __grid_constant__ TmaM
     setmaxnreg_inc<MMA_REGS>();
     const int cw = wg - 1;  // consumer index: rows 64 cw .. 64 cw + 63 of each tile
     const int g = lane / 4, t4 = lane % 4;
-    const unsigned char* sQwg = sQ + cw * 64 * 128;
+    const unsigned char* sQwg = sQ + cw * 64 * QK_SW;
     const Dropout drop{seed_lo, seed_hi, offset, threshold};
     // Ping-pong: consumer cw issues after barrier 1 + cw opens and then opens the next consumer's. The
     // first consumer's first turn is free; the last consumer's last opening is absorbed at the end.

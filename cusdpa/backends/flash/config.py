@@ -94,6 +94,6 @@ def smem_bytes(kind: str, cfg: FlashConfig, E: int, Ev: int) -> int:
 
 
 def sm90_forward_applies(E: int, Ev: int, compute_capability: int, cfg: FlashConfig) -> bool:
-    """The wgmma forward takes E, Ev in {64, 128, 192, 256} on compute capability 9.0 (sm_90a instructions)."""
-    dims = (64, 128, 192, 256)
-    return cfg.use_wgmma and compute_capability == 90 and E in dims and Ev in dims
+    """The wgmma forward takes E, Ev multiples of 32 up to 256 on compute capability 9.0 (sm_90a
+    instructions)."""
+    return cfg.use_wgmma and compute_capability == 90 and all(d % 32 == 0 and 32 <= d <= 256 for d in (E, Ev))

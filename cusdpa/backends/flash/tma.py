@@ -14,7 +14,8 @@ import functools
 
 MAP_BYTES = 128
 _DTYPE = {"float16": 6, "bfloat16": 9}  # CU_TENSOR_MAP_DATA_TYPE_FLOAT16, _BFLOAT16
-_SWIZZLE_128B, _L2_PROMOTION_256B, _INTERLEAVE_NONE, _OOB_FILL_ZERO = 3, 3, 0, 0
+_SWIZZLE = {64: 2, 128: 3}  # CU_TENSOR_MAP_SWIZZLE_64B, _128B, by bytes per swizzled row
+_L2_PROMOTION_256B, _INTERLEAVE_NONE, _OOB_FILL_ZERO = 3, 0, 0
 
 
 @functools.cache
@@ -30,14 +31,14 @@ def _encoder():
 
 def encode(dtype_name: str, ptr: int, dims, strides_bytes, box) -> bytes:
     """The 128 bytes of a tiled map over a tensor at ``ptr``: ``dims`` innermost first, ``strides_bytes``
-    of dims 1.. (the innermost is contiguous), ``box`` the tile each copy moves, 128-byte swizzle, zeros
-    outside the tensor."""
+    of dims 1.. (the innermost is contiguous), ``box`` the tile each copy moves (its rows of 64 or 128
+    bytes swizzled at that width), zeros outside the tensor."""
     rank = len(dims)
     out = (ctypes.c_uint64 * (MAP_BYTES // 8))()  # 8-byte aligned; the driver asks 64 only of device copies
     err = _encoder()(ctypes.addressof(out), _DTYPE[dtype_name], rank, ctypes.c_void_p(ptr),
                      (ctypes.c_uint64 * rank)(*dims), (ctypes.c_uint64 * (rank - 1))(*strides_bytes),
                      (ctypes.c_uint32 * rank)(*box), (ctypes.c_uint32 * rank)(*([1] * rank)), _INTERLEAVE_NONE,
-                     _SWIZZLE_128B, _L2_PROMOTION_256B, _OOB_FILL_ZERO)
+                     _SWIZZLE[box[0] * 2], _L2_PROMOTION_256B, _OOB_FILL_ZERO)
     if err != 0:
         raise RuntimeError(f"cuTensorMapEncodeTiled failed (CUresult {err}) for dims {dims}, strides {strides_bytes} "
                            f"bytes, box {box}")
@@ -74,7 +75,8 @@ class TensorMap:
 
 def operand_map(dtype_name: str, ptr: int, D: int, rows: int, heads: int, batch: int, strides, box_rows: int):
     """(TensorMap, head multiplier, batch multiplier) of a (batch, heads, rows, D) operand with element
-    strides (batch, head, row) and 2-byte elements, boxes of 64 columns x ``box_rows`` rows. A head or batch
+    strides (batch, head, row) and 2-byte elements, boxes of ``box_rows`` rows and 64 columns (32 when D is
+    not a multiple of 64: the kernel's swizzle of such tiles is 64 bytes wide). A head or batch
     dim that is broadcast (stride 0) or single becomes a dim of size 1 that the kernel addresses with
     coordinate 0 (multiplier 0)."""
     sb, sh, sm = (int(s) * 2 for s in strides)
@@ -87,4 +89,4 @@ def operand_map(dtype_name: str, ptr: int, D: int, rows: int, heads: int, batch:
     # A dim of size 1 is never stepped over; any stride the driver accepts serves (a multiple of 16).
     sh = sh if hm else max(16, (row_bytes + 15) // 16 * 16)
     sb = sb if bm else max(16, (dims[2] * sh + 15) // 16 * 16)
-    return TensorMap(dtype_name, ptr, dims, [sm, sh, sb], [64, box_rows, 1, 1]), hm, bm
+    return TensorMap(dtype_name, ptr, dims, [sm, sh, sb], [64 if D % 64 == 0 else 32, box_rows, 1, 1]), hm, bm
