@@ -1,7 +1,7 @@
 """Time FLASH tile configurations against each other (and PyTorch's FLASH backend) on a few grid points.
 
     python benchmarks/flash_sweep.py [--lengths 4096] [--head-dims 64 128] [--tokens 16384] [--hidden 2048]
-                                     [--forward-only] [--default-only]
+                                     [--forward-only] [--default-only] [--variants '' fwd90_stages=3 ...]
 
 Used to choose FlashConfig.for_head_dims and for_problem (each point starts from the latter's tiles);
 prints one line per (point, direction, config), best first, with its ratio to PyTorch's FLASH_ATTENTION
@@ -32,6 +32,16 @@ BWD = [dict(bwd_block_m=64), dict(bwd_block_m=128), dict(bwd_block_m=32), dict(b
 DQ = [dict(dq_warps=8), dict(dq_warps=4), dict(dq_warps=4, dq_m_tiles=2, dq_block_n=32)]
 
 
+def _knobs(spec: str) -> dict:
+    """'fwd90_stages=3,fwd90_pingpong=0' -> FlashConfig changes, each value of its field's type."""
+    fields = {f.name: f.type for f in dataclasses.fields(config.FlashConfig)}
+    out = {}
+    for item in filter(None, spec.split(",")):
+        name, value = item.split("=")
+        out[name] = bool(int(value)) if fields[name] in ("bool", bool) else int(value)
+    return out
+
+
 def ms(fn, calls=30):
     """GPU time per call (ms): the kernels' own durations from torch.profiler, summed. At short lengths one
     call's host work (validation, dispatch, views) outlasts its kernels, so wall-clock timing of back-to-back
@@ -52,7 +62,11 @@ def main():
     ap.add_argument("--head-dims", type=int, nargs="+", default=[64, 128])
     ap.add_argument("--causal", choices=("both", "yes", "no"), default="both")
     ap.add_argument("--forward-only", action="store_true")
+    ap.add_argument("--dtype", choices=("bfloat16", "float16"), default="bfloat16")
     ap.add_argument("--default-only", action="store_true", help="time only the tiles FlashConfig.for_problem picks")
+    ap.add_argument("--variants", nargs="+", metavar="KNOB=VALUE,...",
+                    help="forward variants instead of the built-in list, each a comma-separated list of FlashConfig "
+                         "changes to the point's default ('' is the default itself), e.g. '' fwd90_stages=3")
     ap.add_argument("--tokens", type=int, default=16384, help="B * L")
     ap.add_argument("--hidden", type=int, default=2048, help="H * E")
     args = ap.parse_args()
@@ -60,7 +74,7 @@ def main():
         for L in args.lengths:
             for causal in {"both": (False, True), "yes": (True,), "no": (False,)}[args.causal]:
                 B, H = args.tokens // L, args.hidden // E
-                q, k, v, do = (torch.randn(B, H, L, E, device="cuda", dtype=torch.bfloat16) for _ in range(4))
+                q, k, v, do = (torch.randn(B, H, L, E, device="cuda", dtype=getattr(torch, args.dtype)) for _ in range(4))
                 cq, ck, cv, cdo = (cupy.from_dlpack(x) for x in (q, k, v, do))
                 flop = 4.0 * B * H * L * L * E / (2 if causal else 1)
                 pr = problem.from_dense(cq, ck, cv, None, problem.Options(is_causal=causal))
@@ -81,7 +95,11 @@ def main():
                 if args.forward_only:
                     runs = runs[:1]
                 for kind, variants, fn, t_torch, mult in runs:
-                    for knobs in ([{}] if args.default_only else variants):
+                    if args.default_only:
+                        variants = [{}]
+                    elif kind == "fwd" and args.variants is not None:
+                        variants = [_knobs(spec) for spec in args.variants]
+                    for knobs in variants:
                         cfg = dataclasses.replace(base, **knobs)
                         launches.config = lambda pr, cfg=cfg: cfg
                         try:

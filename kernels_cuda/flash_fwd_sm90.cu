@@ -31,8 +31,9 @@
 // batch) has those rows zeroed by the producer before the consumers may read it, so NaN stored there never
 // meets a P of 0. K needs nothing: its scores there are selected out.
 //
-// Extra -D options: FWD90_WARPGROUPS (consumer warpgroups, 2 or 3), FWD90_BLOCK_N. E and Ev multiples of
-// 32 up to 256.
+// Extra -D options: FWD90_WARPGROUPS (consumer warpgroups, 2 or 3), FWD90_BLOCK_N, FWD90_STAGES (K/V
+// buffers), FWD90_PINGPONG (1: consumers take turns; 0: they issue when ready). E and Ev multiples of 32
+// up to 256.
 #include "flash_common.cuh"
 // @WGMMA_WRAPPERS@
 
@@ -40,7 +41,7 @@ constexpr int MMA_WG = FWD90_WARPGROUPS;
 constexpr int NTHREADS = (MMA_WG + 1) * 128;
 constexpr int BLOCK_M = MMA_WG * 64;
 constexpr int BLOCK_N = FWD90_BLOCK_N;
-constexpr int STAGES = 2;
+constexpr int STAGES = FWD90_STAGES;
 constexpr int NT = BLOCK_N / 8;  // n8 tiles of a warp's score rows
 constexpr int VT = HEAD_DIM_V / 8;
 constexpr int SQ_BYTES = BLOCK_M * HEAD_DIM * 2;
@@ -89,6 +90,12 @@ __device__ __forceinline__ void mbar_wait(unsigned long long* bar, u32 phase) {
             : "r"(smem_u32(bar)), "r"(phase)
             : "memory");
     } while (!done);
+}
+// The same by every lane of a warp, which then runs on converged: the lanes may leave the spin loop at
+// different polls, and the .aligned instructions that follow (bar.sync, wgmma) need the whole warp.
+__device__ __forceinline__ void mbar_wait_warp(unsigned long long* bar, u32 phase) {
+    mbar_wait(bar, phase);
+    __syncwarp();
 }
 // Box (c0, c1, c2, c3) of a 4-D tensor map into shared memory; completes `bytes` on `bar`.
 __device__ __forceinline__ void tma_load(void* dst, const TmaMap& map, unsigned long long* bar, int c0, int c1, int c2,
@@ -209,19 +216,28 @@ __device__ __forceinline__ bool softmax_block(float (&s)[NT * 4], float (&m_i)[2
         m_i[r] = m_new;
         l_i[r] *= alpha[r];
     }
-    // Scores rounded alone, as the row max was, so the max element gets exp2(0) = 1 exactly (flash_fwd.cu
-    // says why a fused fmaf would overflow on large scores).
+    // p = exp2(s * scale_log2 - m) as one fmaf: the max element gets exp2 of the product's rounding error,
+    // within 2^-8 of 1 while |m| < 2^15. Beyond that (scores near fp32's range) the error grows with m and
+    // can overflow, so the warp rounds the product alone, as the row max was, and the max element gets
+    // exp2(0) = 1 exactly (flash_fwd.cu says more).
+    const bool exact = __any_sync(0xffffffffu, fabsf(m_use[0]) >= 32768.f || fabsf(m_use[1]) >= 32768.f);
+    auto exponentiate = [&](auto power) {
 #pragma unroll
-    for (int nt = 0; nt < NT; ++nt) {
+        for (int nt = 0; nt < NT; ++nt) {
 #pragma unroll
-        for (int r = 0; r < 2; ++r) {
-            const float p0 = exp2f(__fmul_rn(s[nt * 4 + 2 * r], scale_log2) - m_use[r]);
-            const float p1 = exp2f(__fmul_rn(s[nt * 4 + 2 * r + 1], scale_log2) - m_use[r]);
-            l_i[r] += p0 + p1;
-            s[nt * 4 + 2 * r] = p0;
-            s[nt * 4 + 2 * r + 1] = p1;
+            for (int r = 0; r < 2; ++r) {
+                const float p0 = power(s[nt * 4 + 2 * r], m_use[r]);
+                const float p1 = power(s[nt * 4 + 2 * r + 1], m_use[r]);
+                l_i[r] += p0 + p1;
+                s[nt * 4 + 2 * r] = p0;
+                s[nt * 4 + 2 * r + 1] = p1;
+            }
         }
-    }
+    };
+    if (exact)
+        exponentiate([scale_log2](float x, float m) { return exp2f(__fmul_rn(x, scale_log2) - m); });
+    else
+        exponentiate([scale_log2](float x, float m) { return exp2f(fmaf(x, scale_log2, -m)); });
     return __any_sync(0xffffffffu, rescale);
 }
 
@@ -383,11 +399,11 @@ flash_fwd_sm90(const __grid_constant__ TmaMap tm_q, const __grid_constant__ TmaM
     // first consumer's first turn is free; the last consumer's last opening is absorbed at the end.
     bool first_turn = cw == 0, issued = false;
     auto turn_begin = [&] {
-        if (!first_turn) turn_sync(1 + cw);
+        if (FWD90_PINGPONG && !first_turn) turn_sync(1 + cw);
         first_turn = false;
     };
     auto turn_end = [&] {
-        turn_arrive(1 + (cw + 1) % MMA_WG);
+        if (FWD90_PINGPONG) turn_arrive(1 + (cw + 1) % MMA_WG);
         issued = true;
     };
     auto release = [&](unsigned long long* bar) {
@@ -421,11 +437,11 @@ flash_fwd_sm90(const __grid_constant__ TmaMap tm_q, const __grid_constant__ TmaM
         u32 p[NT * 2];
 
         // The first block: S, softmax, P.
-        mbar_wait(q_full, q_phase);
+        mbar_wait_warp(q_full, q_phase);
         q_phase ^= 1;
         int st = it % STAGES;
         u32 phase = (it / STAGES) & 1;
-        mbar_wait(k_full + st, phase);
+        mbar_wait_warp(k_full + st, phase);
         turn_begin();
         wgmma_fence();
         issue_qk(s, sQwg, sK + st * SK_BYTES);
@@ -446,8 +462,8 @@ flash_fwd_sm90(const __grid_constant__ TmaMap tm_q, const __grid_constant__ TmaM
             ++it;
             st = it % STAGES;
             phase = (it / STAGES) & 1;
-            mbar_wait(k_full + st, phase);
-            mbar_wait(v_full + prev, prev_phase);
+            mbar_wait_warp(k_full + st, phase);
+            mbar_wait_warp(v_full + prev, prev_phase);
             turn_begin();
             fence_regs(p);
             fence_regs(s);
@@ -472,7 +488,7 @@ flash_fwd_sm90(const __grid_constant__ TmaMap tm_q, const __grid_constant__ TmaM
             round_p(s, p, i, n0, t4, drop, sl.bh);
         }
         // P V of the last block.
-        mbar_wait(v_full + st, phase);
+        mbar_wait_warp(v_full + st, phase);
         turn_begin();
         fence_regs(p);
         fence_regs(acc);
@@ -505,5 +521,5 @@ flash_fwd_sm90(const __grid_constant__ TmaMap tm_q, const __grid_constant__ TmaM
         }
     }
     // The last consumer opened the first one's barrier once more than the first consumer waited on it.
-    if (cw == 0 && issued) turn_sync(1);
+    if (FWD90_PINGPONG && cw == 0 && issued) turn_sync(1);
 }

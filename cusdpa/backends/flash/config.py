@@ -24,6 +24,8 @@ class FlashConfig:
     use_wgmma: bool = True  # Hopper forward (flash_fwd_sm90.cu) where the device and head dims allow
     fwd90_warpgroups: int = 2  # consumer warpgroups, 64 query rows each
     fwd90_block_n: int = 128
+    fwd90_stages: int = 2  # K and V buffers of the producer's ring
+    fwd90_pingpong: bool = True  # consumer warpgroups take turns issuing their products
 
     @staticmethod
     @functools.cache
@@ -39,10 +41,11 @@ class FlashConfig:
     @staticmethod
     @functools.cache
     def for_problem(E: int, Ev: int, L: int, causal: bool) -> "FlashConfig":
-        """``for_head_dims`` with the Hopper forward's tiles, from a sweep on the H200 (BENCHMARKS.md): two
+        """``for_head_dims`` with the Hopper forward's tiles, from sweeps on the H200 (BENCHMARKS.md): two
         consumer warpgroups and 128-key blocks for E <= 128 (three warpgroups, 192 query rows, only pay on
         long non-causal E = 64 problems); for larger head dims FlashAttention-3's key blocks, as long as
-        registers and shared memory allow."""
+        registers and shared memory allow. Two K/V stages: a third measured 1-3% faster on causal problems
+        but is not the default until the GPU suite has passed with it (BENCHMARKS.md, the open hang)."""
         cfg = FlashConfig.for_head_dims(E, Ev)
         d = max(E, Ev)
         if d <= 64 and not causal and L >= 16384:
@@ -81,9 +84,9 @@ def smem_bytes(kind: str, cfg: FlashConfig, E: int, Ev: int) -> int:
     if kind == "fwd":
         bm, bn = cfg.fwd_block_m, cfg.fwd_block_n
         return 2 * (bm * max(qp, vp) + 2 * bn * qp + 2 * bn * vp)
-    if kind == "fwd_sm90":  # unpadded, swizzled tiles (two K and V stages), then 11 mbarriers
-        bm, bn = 64 * cfg.fwd90_warpgroups, cfg.fwd90_block_n
-        return 2 * (bm * E + 2 * bn * E + 2 * bn * Ev) + 128
+    if kind == "fwd_sm90":  # unpadded, swizzled tiles (K and V stages), then the mbarriers
+        bm, bn, st = 64 * cfg.fwd90_warpgroups, cfg.fwd90_block_n, cfg.fwd90_stages
+        return 2 * (bm * E + st * bn * E + st * bn * Ev) + 8 * (3 + 4 * st)
     if kind == "dkdv":
         bn, bm = cfg.bwd_block_n, cfg.bwd_block_m
         return 2 * (bn * qp + bn * vp + 2 * bm * qp + 2 * bm * vp) + 4 * 4 * bm

@@ -61,7 +61,8 @@ def compile_options(dtype_name: str, E: int, Ev: int, dropout: bool, cfg: FlashC
             f"-DBWD_WARPS={cfg.bwd_warps}", f"-DBWD_BLOCK_M={cfg.bwd_block_m}", f"-DDKDV_PART={dkdv_part}",
             f"-DDQ_WARPS={cfg.dq_warps}", f"-DDQ_M_TILES={cfg.dq_m_tiles}",
             f"-DDQ_BLOCK_N={cfg.dq_block_n}", f"-DFWD90_WARPGROUPS={cfg.fwd90_warpgroups}",
-            f"-DFWD90_BLOCK_N={cfg.fwd90_block_n}")
+            f"-DFWD90_BLOCK_N={cfg.fwd90_block_n}", f"-DFWD90_STAGES={cfg.fwd90_stages}",
+            f"-DFWD90_PINGPONG={int(cfg.fwd90_pingpong)}")
 
 
 @functools.cache
