@@ -2,6 +2,8 @@
 argument cells on the CPU; on the GPU, a replayed plan must give bit for bit what the general path gives
 (same kernels, same arguments), forward, backward and dropout, through the torch bridge and for CuPy
 callers, and calls that plans do not cover must take the general path."""
+import ctypes
+
 import numpy as np
 import pytest
 
@@ -38,6 +40,63 @@ def test_slots_are_left_for_the_call():
 def test_oversized_argument_is_refused():
     with pytest.raises(TypeError, match="does not fit"):
         launch._cell(np.zeros(3, np.float64))
+
+
+class FakeMap:  # a TensorMap that writes the address at byte 16 of a 128-byte template
+    template = bytes(range(128))
+
+    def write(self, dst, ptr):
+        ctypes.c_uint64.from_address(dst + 16).value = ptr
+
+
+def test_map_slots_pass_each_calls_map_by_value(monkeypatch):
+    """A MapSlot's parameter is 128 bytes of its own: the template with the call's address written in."""
+    seen = {}
+
+    class Driver:
+        @staticmethod
+        def launchKernel(fn, gx, gy, gz, bx, by, bz, smem, stream, params, extra):
+            pointers = (ctypes.c_void_p * 3).from_address(params)
+            seen["map"] = ctypes.string_at(pointers[0], 128)
+            seen["cells"] = [ctypes.c_uint64.from_address(pointers[i]).value for i in (1, 2)]
+
+    monkeypatch.setattr(launch._Driver, "driver", Driver)
+    fn = type("Fn", (), {"ptr": 1})()
+    prepared = launch.Launch(fn, (1, 1), (128,), 0, (launch.MapSlot("q", FakeMap()), launch.Slot("o"), np.int32(9)))
+    assert prepared.maps == ((0, launch.SLOTS.index("q"), prepared.maps[0][2]),) and prepared.slots == ((1, 3),)
+    for q, o in ((0x1000, 0x2000), (0x7F00_0000_1230, 0x3000)):
+        prepared(launch.values(q=q, o=o), 0)
+        want = bytearray(FakeMap.template)
+        want[16:24] = q.to_bytes(8, "little")
+        assert seen["map"] == bytes(want) and seen["cells"] == [o, 9]
+
+
+def test_tensor_maps_find_where_the_address_lives(monkeypatch):
+    from cusdpa.backends.flash import tma
+
+    calls = []
+
+    def encode(dtype_name, ptr, dims, strides, box):  # a driver that keeps the address at byte 8
+        calls.append((dims, strides, box))
+        return bytes(8) + ptr.to_bytes(8, "little") + bytes([len(dims)]) * 112
+
+    monkeypatch.setattr(tma, "encode", encode)
+    m, hm, bm = tma.operand_map("bfloat16", 0x10000, 96, 300, 4, 2, (4 * 300 * 96, 0, 96), box_rows=128)
+    assert m.offset == 8 and (hm, bm) == (0, 1)  # head stride 0: a broadcast head, addressed at coordinate 0
+    dims, strides, box = calls[0]
+    assert dims == (96, 300, 1, 2) and box == (32, 128, 1, 1)  # 96 columns: 64-byte swizzle, 32-column boxes
+    assert strides[0] == 192 and strides[2] == 4 * 300 * 96 * 2 and all(x % 16 == 0 for x in strides)
+    buf = ctypes.create_string_buffer(m.template, 128)
+    m.write(ctypes.addressof(buf), 0x20000)
+    assert buf.raw == encode("bfloat16", 0x20000, *calls[0])
+    _, _, bm = tma.operand_map("float16", 0x10000, 64, 0, 2, 1, (0, 64 * 5, 64), box_rows=80)
+    assert bm == 0 and calls[-1][0] == (64, 1, 2, 1)  # no rows: still a valid map; one batch: coordinate 0
+    # a driver that encodes the address some other way: every call encodes afresh
+    monkeypatch.setattr(tma, "encode", lambda d, ptr, *a: (ptr * 3).to_bytes(16, "little") + bytes(112))
+    m = tma.TensorMap("bfloat16", 0x10000, (64, 8, 1, 1), (128, 1024, 1024), (64, 8, 1, 1))
+    assert m.offset is None
+    m.write(ctypes.addressof(buf), 0x30000)
+    assert buf.raw[:16] == (0x30000 * 3).to_bytes(16, "little")
 
 
 # ---- GPU ------------------------------------------------------------------------------------------------
