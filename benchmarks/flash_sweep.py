@@ -6,7 +6,9 @@
 Used to choose FlashConfig.for_head_dims and for_problem (each point starts from the latter's tiles);
 prints one line per (point, direction, config), best first, with its ratio to PyTorch's FLASH_ATTENTION
 (and, forward, to CUDNN_ATTENTION). B = tokens / L and H = hidden / E: the defaults are docs/DESIGN.md's grid;
-``--tokens 16384 --hidden 512 --lengths 512`` is the tutorial module's attention. Each forward variant's
+``--tokens 16384 --hidden 512 --lengths 512`` is the tutorial module's attention; ``--hidden 4096 --kv-heads 8
+--head-dims 128 --causal yes`` grouped-query attention (32 query heads, 8 key/value heads); ``--tokens 32768
+--lengths 32768 --head-dims 128`` long context (B = 1, H = 16). Each forward variant's
 output is compared
 with PyTorch's (relative Frobenius error, ~1e-3 in bf16) before it is timed, so a broken tile
 configuration shows up as an error, not as a speed.
@@ -69,22 +71,31 @@ def main():
                          "changes to the point's default ('' is the default itself), e.g. '' fwd90_stages=3")
     ap.add_argument("--tokens", type=int, default=16384, help="B * L")
     ap.add_argument("--hidden", type=int, default=2048, help="H * E")
+    ap.add_argument("--kv-heads", type=int, help="key/value heads (grouped-query attention); default H")
     args = ap.parse_args()
     for E in args.head_dims:
         for L in args.lengths:
             for causal in {"both": (False, True), "yes": (True,), "no": (False,)}[args.causal]:
                 B, H = args.tokens // L, args.hidden // E
-                q, k, v, do = (torch.randn(B, H, L, E, device="cuda", dtype=getattr(torch, args.dtype)) for _ in range(4))
+                Hkv = args.kv_heads or H
+                dtype = getattr(torch, args.dtype)
+                q, do = (torch.randn(B, H, L, E, device="cuda", dtype=dtype) for _ in range(2))
+                k, v = (torch.randn(B, Hkv, L, E, device="cuda", dtype=dtype) for _ in range(2))
                 cq, ck, cv, cdo = (cupy.from_dlpack(x) for x in (q, k, v, do))
                 flop = 4.0 * B * H * L * L * E / (2 if causal else 1)
-                pr = problem.from_dense(cq, ck, cv, None, problem.Options(is_causal=causal))
+                gqa = Hkv != H
+                pr = problem.from_dense(cq, ck, cv, None, problem.Options(is_causal=causal, enable_gqa=gqa))
                 qg, kg, vg = (x.detach().requires_grad_() for x in (q, k, v))
+
+                def torch_sdpa(*qkv):
+                    return torch.nn.functional.scaled_dot_product_attention(*qkv, is_causal=causal, enable_gqa=gqa)
+
                 with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
-                    t_fwd = ms(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal))
-                    o = torch.nn.functional.scaled_dot_product_attention(qg, kg, vg, is_causal=causal)
-                    t_bwd = ms(lambda: o.backward(do, retain_graph=True))
+                    t_fwd = ms(lambda: torch_sdpa(q, k, v))
+                    o = torch_sdpa(qg, kg, vg)
+                    t_bwd = None if args.forward_only else ms(lambda: o.backward(do, retain_graph=True))
                 with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
-                    t_cudnn = ms(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal))
+                    t_cudnn = ms(lambda: torch_sdpa(q, k, v))
                 o_ref = o.detach().float()
                 base = config.FlashConfig.for_problem(E, E, L, causal)
                 rows = []
@@ -117,7 +128,7 @@ def main():
                 for kind, cfg, t, tt, tc, mult in rows:
                     knobs = {k: v for k, v in dataclasses.asdict(cfg).items() if getattr(base, k) != v}
                     cudnn = f" x cudnn {tc / t:4.2f}" if tc is not None else ""
-                    print(f"B={B} H={H} E={E} L={L} causal={causal!s:5} {kind:10} {flop * mult / t / 1e9:6.1f} TF/s "
+                    print(f"B={B} H={H}/{Hkv} E={E} L={L} causal={causal!s:5} {kind:10} {flop * mult / t / 1e9:6.1f} TF/s "
                           f"{1e3 * t:8.1f} us  x torch_flash {tt / t:4.2f}{cudnn}  {knobs or 'default'}", flush=True)
 
 
