@@ -139,7 +139,7 @@ def _gpu_check(case, rng, grads=True):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
-@pytest.mark.parametrize("E", [32, 40, 64, 72, 128, 256])
+@pytest.mark.parametrize("E", [32, 40, 64, 72, 96, 128, 192, 256])
 @pytest.mark.parametrize("n", range(len(SIZES)))
 def test_sizes_and_head_dims(dtype, E, n, rng):
     L, S = SIZES[n]
@@ -156,6 +156,7 @@ FEATURES = {
     "dropout_gqa_fp16": Case(dtype="float16", hq=4, hkv=2, L=65, S=190, E=128, dropout_p=0.1),
     "ev_differs": Case(L=100, S=120, E=40, Ev=128),
     "ev_smaller": Case(dtype="float16", L=100, S=120, E=256, Ev=64, causal="lower_right"),
+    "swizzles_differ": Case(L=100, S=120, E=96, Ev=64, causal="lower_right"),  # Hopper: 64- and 128-byte
     "batch_dims": Case(batch=(2, 3), hq=2, hkv=1, L=33, S=65, E=64),
     "kv_batch_broadcast": Case(batch=(3,), L=40, S=50, E=64, kv_batch_broadcast=True),
     "strided": Case(L=91, S=77, E=128, transposed=True, causal="upper_left"),

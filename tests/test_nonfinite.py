@@ -351,11 +351,12 @@ def test_gpu_nan_and_inf_propagate(on_gpu, dtype, name, rng):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("E", [16, 64])  # 64: FLASH's Hopper forward, whose producer zeroes V rows nobody sees
 @pytest.mark.parametrize("name", HIDDEN)
-def test_gpu_nan_where_no_query_looks_stays_there(on_gpu, name, rng):
+def test_gpu_nan_where_no_query_looks_stays_there(on_gpu, name, E, rng):
     import cupy
 
-    failures = on_gpu(lambda impl: hidden_failures(impl, rng, name, "float16", cupy, E=16, Ev=16))
+    failures = on_gpu(lambda impl: hidden_failures(impl, rng, name, "float16", cupy, E=E, Ev=E))
     if failures is None:
         pytest.skip("the backend does not take this problem")
     assert not failures, "\n".join(failures)
