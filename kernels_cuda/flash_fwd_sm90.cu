@@ -76,6 +76,11 @@ __device__ __forceinline__ void mbar_init(unsigned long long* bar, u32 count) {
 __device__ __forceinline__ void mbar_expect_tx(unsigned long long* bar, u32 bytes) {
     asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(smem_u32(bar)), "r"(bytes) : "memory");
 }
+// After the inits, before the CTA-wide barrier that publishes them: the inits made visible to the other
+// threads' arrives and to the async proxy, whose TMA copies complete transactions on them.
+__device__ __forceinline__ void mbar_init_fence() {
+    asm volatile("fence.mbarrier_init.release.cluster;\nfence.proxy.async.shared::cta;\n" ::: "memory");
+}
 __device__ __forceinline__ void mbar_arrive(unsigned long long* bar) {
     asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(smem_u32(bar)) : "memory");
 }
@@ -331,6 +336,7 @@ flash_fwd_sm90(const __grid_constant__ TmaMap tm_q, const __grid_constant__ TmaM
             mbar_init(v_empty + st, CONSUMER_WARPS);
         }
         mbar_init(v_staged, 1);
+        mbar_init_fence();
     }
     __syncthreads();
 
