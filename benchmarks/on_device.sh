@@ -13,7 +13,8 @@
 # Stages: flash-tests, plans-tests, interop-tests, efficient-tests, fidelity-tests (PyTorch's behaviours, non-finite
 # inputs, the flash-attention slot, Hugging Face models), fuzz (60 s of random cases against the
 # reference), sanitize (every kernel family under compute-sanitizer's four tools), sweep, sweep-module (the
-# tutorial module's attention shape), overhead, hf (Hugging Face models, "cusdpa" against "sdpa"), bench (every provider),
+# tutorial module's attention shape), hopper-fwd (the Hopper forward issue's points against cuDNN: the grid
+# in bf16 and fp16, head dims, the tutorial's call, GQA 32/8, long context), overhead, hf (Hugging Face models, "cusdpa" against "sdpa"), bench (every provider),
 # bench-flash (cusdpa FLASH against PyTorch's FLASH and cuDNN only), bench-module (the tutorial module: parts b
 # and c), train (bf16 autocast), train-fp32, train-compiled (bf16, torch.compile).
 set -uo pipefail
@@ -39,6 +40,12 @@ command_of() {  # the command of stage $1, into the array cmd
                      echo "--- $tool"; compute-sanitizer --tool $tool --report-api-errors no --error-exitcode 3 \
                        python3 benchmarks/sanitize.py | tail -n 12 || exit $?; done') ;;
     sweep) cmd=(python3 benchmarks/flash_sweep.py --forward-only --lengths 1024 4096 16384) ;;
+    hopper-fwd) cmd=(bash -c 'S="python3 benchmarks/flash_sweep.py --forward-only --default-only"
+                     for dt in bfloat16 float16; do $S --dtype $dt --lengths 1024 4096 16384 --head-dims 64 128; done
+                     $S --lengths 4096 --head-dims 32 96 192 256
+                     $S --dtype float16 --lengths 1024 --head-dims 32 --tokens 32768 --hidden 1024 --causal no
+                     $S --lengths 4096 --head-dims 128 --hidden 4096 --kv-heads 8 --causal yes
+                     for L in 32768 131072; do $S --lengths $L --head-dims 128 --tokens $L --causal yes; done') ;;
     sweep-module) cmd=(python3 benchmarks/flash_sweep.py --forward-only --tokens 16384 --hidden 512 --lengths 256 512 1024
                        --head-dims 64 --causal yes) ;;
     overhead) cmd=(python3 benchmarks/overhead.py --profile) ;;
