@@ -41,7 +41,7 @@ def _planned(query, key, value, options: tuple, seed, return_lse: bool):
     cupy = sys.modules.get("cupy")  # no CuPy imported: no CuPy arrays
     if cupy is None or not (type(query) is type(key) is type(value) is cupy.ndarray):
         return None
-    dropout_p, is_causal, scale, enable_gqa, causal_variant, window = options
+    dropout_p, is_causal, scale, enable_gqa, causal_variant, window, softcap = options
     if not (seed is None or (type(seed) is int and 0 <= seed < 2**64)) or not (window is None or type(window) is tuple):
         return None
     from .backends.flash import plans
@@ -50,7 +50,8 @@ def _planned(query, key, value, options: tuple, seed, return_lse: bool):
     signature = ("cupy", query.shape, query.strides, key.shape, key.strides, value.shape, value.strides, query.dtype,
                  key.dtype, value.dtype, query.device.id, key.device.id, value.device.id, aligned,
                  type(dropout_p), dropout_p, type(is_causal), is_causal, type(scale), scale, type(enable_gqa),
-                 enable_gqa, causal_variant, window and tuple(map(type, window)), window, dispatch.enabled_key())
+                 enable_gqa, causal_variant, window and tuple(map(type, window)), window, type(softcap), softcap,
+                 dispatch.enabled_key())
 
     def make():
         pr = problem.from_dense(query, key, value, None, Options(*options), seed)
@@ -72,7 +73,7 @@ def _planned(query, key, value, options: tuple, seed, return_lse: bool):
 
 
 def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
-                                 enable_gqa=False, *, causal_variant="upper_left", window=None, seed=None,
+                                 enable_gqa=False, *, causal_variant="upper_left", window=None, softcap=0.0, seed=None,
                                  return_lse=False):
     """softmax(scale * query @ key^T + mask) @ value, on NumPy or CuPy arrays.
 
@@ -86,12 +87,14 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     left before and right after the (equally aligned) diagonal, -1 = unbounded. Masks, causal and
     window intersect; a query that sees no key gets 0 (lse -inf); NaN or inf at a position a query
     sees propagates to that query's output, as in PyTorch. ``enable_gqa`` lets query head h read key
-    head h // (Hq // Hk) and value head h // (Hq // Hv). Dropout's keep-mask is a pure function of
+    head h // (Hq // Hk) and value head h // (Hq // Hv). ``softcap`` > 0 soft-caps the scaled scores,
+    softcap * tanh(score / softcap), before the mask is added (FlashAttention's softcap; on the MATH
+    backend until the kernels take it). Dropout's keep-mask is a pure function of
     ``seed`` (an int, or a (seed, offset) pair; None draws one). ``return_lse`` also returns the
     float32 logsumexp (..., Hq, L). Bad arguments raise ``cusdpa.ArgumentError`` (a ValueError and a
     RuntimeError) or ``cusdpa.ArgumentTypeError`` (a TypeError and a RuntimeError).
     """
-    options = (dropout_p, is_causal, scale, enable_gqa, causal_variant, window)
+    options = (dropout_p, is_causal, scale, enable_gqa, causal_variant, window, softcap)
     query, key, value, _ = problem.broadcast_heads(query, key, value, enable_gqa)
     if attn_mask is None:
         result = _planned(query, key, value, options, seed, return_lse)
@@ -101,15 +104,15 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
 
 
 def attention_vjp(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
-                  enable_gqa=False, *, causal_variant="upper_left", window=None, seed=None, return_lse=False,
-                  deterministic=False):
+                  enable_gqa=False, *, causal_variant="upper_left", window=None, softcap=0.0, seed=None,
+                  return_lse=False, deterministic=False):
     """(output, vjp): as ``scaled_dot_product_attention``, plus ``vjp(dout)`` returning (dq, dk, dv), and
     d(attn_mask) fourth for a float mask. ``deterministic=True`` asks for bit-identical gradients run
     to run. Dropout reuses the forward's seed, so the backward sees the same keep-mask."""
     shapes = (query.shape, key.shape, value.shape)
     query, key, value, heads = problem.broadcast_heads(query, key, value, enable_gqa)
     pr = problem.from_dense(query, key, value, attn_mask,
-                            Options(dropout_p, is_causal, scale, enable_gqa, causal_variant, window), seed)
+                            Options(dropout_p, is_causal, scale, enable_gqa, causal_variant, window, softcap), seed)
     result, vjp = _vjp(pr, return_lse, deterministic)
     if heads is None:
         return result, vjp
@@ -118,7 +121,7 @@ def attention_vjp(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=Fa
 
 def varlen_attention(query, key, value, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
                      is_causal=False, scale=None, enable_gqa=False, *, causal_variant="upper_left", window=None,
-                     seed=None, return_lse=False):
+                     softcap=0.0, seed=None, return_lse=False):
     """Attention over a packed batch of variable-length sequences (FlashAttention's layout).
 
     query (Tq, Hq, E), key (Tk, Hkv, E), value (Tk, Hkv, Ev); sequence b holds query tokens
@@ -128,24 +131,24 @@ def varlen_attention(query, key, value, cu_seqlens_q, cu_seqlens_k, max_seqlen_q
     count from each sequence's start.
     """
     pr = problem.from_varlen(query, key, value, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                             Options(dropout_p, is_causal, scale, enable_gqa, causal_variant, window), seed)
+                             Options(dropout_p, is_causal, scale, enable_gqa, causal_variant, window, softcap), seed)
     return _run(pr, return_lse)
 
 
 def varlen_attention_vjp(query, key, value, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                          dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False, *,
-                         causal_variant="upper_left", window=None, seed=None, return_lse=False,
+                         causal_variant="upper_left", window=None, softcap=0.0, seed=None, return_lse=False,
                          deterministic=False):
     """(output, vjp) for ``varlen_attention``; ``vjp(dout)`` returns (dq, dk, dv) in the packed layout."""
     pr = problem.from_varlen(query, key, value, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                             Options(dropout_p, is_causal, scale, enable_gqa, causal_variant, window), seed)
+                             Options(dropout_p, is_causal, scale, enable_gqa, causal_variant, window, softcap), seed)
     return _vjp(pr, return_lse, deterministic)
 
 
 def explain(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False, *,
-            causal_variant="upper_left", window=None, seed=None, need_grad=False) -> dispatch.Explanation:
+            causal_variant="upper_left", window=None, softcap=0.0, seed=None, need_grad=False) -> dispatch.Explanation:
     """Which backend would run these dense inputs, and the reasons each other backend would not."""
     query, key, value, _ = problem.broadcast_heads(query, key, value, enable_gqa)
     pr = problem.from_dense(query, key, value, attn_mask,
-                            Options(dropout_p, is_causal, scale, enable_gqa, causal_variant, window), seed)
+                            Options(dropout_p, is_causal, scale, enable_gqa, causal_variant, window, softcap), seed)
     return dispatch.explain_problem(pr, need_grad)

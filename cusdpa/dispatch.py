@@ -60,6 +60,7 @@ class Capabilities:
     varlen: bool = True
     window: bool = True
     lower_right: bool = True
+    softcap: bool = True  # logit soft-capping
     unit_stride: bool = False  # needs the last dim of q, k, v contiguous
 
     def reasons(self, pr: problem.Problem, need_grad: bool) -> list[str]:
@@ -90,6 +91,8 @@ class Capabilities:
             out.append("sliding window not supported")
         if pr.lower_right and not self.lower_right:
             out.append("lower-right causal alignment not supported")
+        if pr.softcap and not self.softcap:
+            out.append("logit soft-capping (softcap) not supported yet")
         if self.unit_stride:
             for name, x in (("query", pr.q), ("key", pr.k), ("value", pr.v)):
                 if x.shape[-1] > 1 and x.strides[-1] != x.itemsize:

@@ -50,7 +50,9 @@ def device_of(x) -> str:
 class Options:
     """The scalar arguments of one attention call, as the caller gave them (checked when a Problem is
     built). ``window`` is a (left, right) pair, -1 = unbounded; ``causal_variant`` "upper_left" or
-    "lower_right" aligns both causal and window."""
+    "lower_right" aligns both causal and window; ``softcap`` > 0 caps the scaled scores at
+    softcap * tanh(score / softcap) before a float mask is added (FlashAttention's logit soft-capping;
+    0 = off)."""
 
     dropout_p: float = 0.0
     is_causal: bool = False
@@ -58,6 +60,7 @@ class Options:
     enable_gqa: bool = False
     causal_variant: str = "upper_left"
     window: Optional[tuple[int, int]] = None
+    softcap: float = 0.0
 
 
 OPTION_NAMES = tuple(f.name for f in dataclasses.fields(Options))
@@ -107,6 +110,7 @@ class Problem:
     lower_right: bool = False  # alignment of both causal and window
     window: tuple[int, int] | None = None  # (left, right), -1 = unbounded
     dropout_p: float = 0.0
+    softcap: float = 0.0  # > 0: scaled scores become softcap * tanh(score / softcap)
     seed: int = 0
     offset: int = 0
     out_rank: int = 4  # rank of the caller's output; 2 means no head dim
@@ -246,6 +250,13 @@ def _check_scale(scale, E: int) -> float:
     if not math.isfinite(scale) or scale <= 0:
         raise ArgumentError(f"scale={scale} must be finite and positive; pass None for 1/sqrt(E)")
     return scale
+
+
+def _check_softcap(softcap) -> float:
+    cap = check_real(softcap, "softcap")
+    if not (math.isfinite(cap) and cap >= 0):
+        raise ArgumentError(f"softcap={softcap} must be finite and >= 0 (0 turns soft-capping off)")
+    return cap
 
 
 def _check_dropout(dropout_p, seed):
@@ -393,7 +404,7 @@ def sum_head_grads(plan: HeadPlan | None, grads: tuple, shapes: tuple) -> tuple:
 def from_dense(q, k, v, attn_mask=None, options: Options = Options(), seed=None) -> Problem:
     """Validate dense (..., H, L, E) arguments of ``scaled_dot_product_attention`` whose heads meet as the
     kernels take them (``broadcast_heads`` first otherwise)."""
-    dropout_p, is_causal, scale, enable_gqa, causal_variant, window = _options(options)
+    dropout_p, is_causal, scale, enable_gqa, causal_variant, window, softcap = _options(options)
     xp, dtype = _check_arrays(q, k, v)
     for name, x in (("query", q), ("key", k), ("value", v)):
         if x.ndim < 2:
@@ -419,8 +430,8 @@ def from_dense(q, k, v, attn_mask=None, options: Options = Options(), seed=None)
     p, seed, offset = _check_dropout(dropout_p, seed)
     return Problem(xp=xp, q=q, k=k, v=v, batch_shape=batch_shape, hq=hq, hkv=hkv, L=L, S=S, E=E, Ev=Ev,
                    dtype=dtype, scale=_check_scale(scale, E), mask=mask, mask_kind=mask_kind, causal=causal,
-                   lower_right=lower_right, window=window, dropout_p=p, seed=seed, offset=offset,
-                   out_rank=max(q.ndim, k.ndim, v.ndim))
+                   lower_right=lower_right, window=window, dropout_p=p, softcap=_check_softcap(softcap), seed=seed,
+                   offset=offset, out_rank=max(q.ndim, k.ndim, v.ndim))
 
 
 def _options(options: Options) -> tuple:
@@ -449,7 +460,7 @@ def _check_cu_seqlens(cu, name: str, xp, tokens: int, tokens_name: str) -> np.nd
 def from_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, options: Options = Options(),
                 seed=None) -> Problem:
     """Validate packed (total_tokens, H, E) arguments of ``varlen_attention``."""
-    dropout_p, is_causal, scale, enable_gqa, causal_variant, window = _options(options)
+    dropout_p, is_causal, scale, enable_gqa, causal_variant, window, softcap = _options(options)
     xp, dtype = _check_arrays(q, k, v)
     for name, x in (("query", q), ("key", k), ("value", v)):
         if x.ndim != 3:
@@ -477,5 +488,5 @@ def from_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
     varlen = Varlen(cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k), host_q, host_k)
     return Problem(xp=xp, q=q, k=k, v=v, batch_shape=(varlen.batch,), hq=hq, hkv=hkv, L=int(max_seqlen_q),
                    S=int(max_seqlen_k), E=E, Ev=Ev, dtype=dtype, scale=_check_scale(scale, E), causal=causal,
-                   lower_right=lower_right, window=window, dropout_p=p, seed=seed, offset=offset, out_rank=3,
-                   varlen=varlen)
+                   lower_right=lower_right, window=window, dropout_p=p, softcap=_check_softcap(softcap), seed=seed,
+                   offset=offset, out_rank=3, varlen=varlen)

@@ -4,7 +4,8 @@ This module is the oracle every backend is tested against. It is written against
 ``xp`` so the MATH backend runs the same code on CuPy arrays (fp32 accumulation). It works on
 chunks of whole GQA groups of heads, so the L x S score matrix of all heads never exists at once.
 
-Definitions, for one (batch, query head) slice with scores s = scale * q k^T (+ float mask):
+Definitions, for one (batch, query head) slice with scores s = cap(scale * q k^T) (+ float mask), where
+cap(x) = softcap * tanh(x / softcap) with soft-capping (softcap > 0) and x without:
   allowed[i, j] = causal & window & bool mask & (float mask != -inf); s[i, j] = -inf elsewhere
   P = softmax(s) row-wise, with P = 0 on rows where every s is -inf; lse = log sum_j exp(s[i, j])
   A = P * keep / (1 - p) under dropout (keep from cusdpa.philox), else A = P;  out = A v
@@ -90,6 +91,7 @@ class _Slice:
     drop: object  # (n, L, S) keep / (1 - p), or None without dropout
     lse: object  # (n, L)
     row_any: object  # (n, L, 1): the query row sees at least one key
+    cap_grad: object  # (n, L, S) d cap(x) / dx = 1 - tanh^2 with soft-capping, else None
 
 
 def _slice(pr: problem.Problem, b, bh0: int, h0: int, h1: int, acc, allowed_struct) -> _Slice:
@@ -102,6 +104,10 @@ def _slice(pr: problem.Problem, b, bh0: int, h0: int, h1: int, acc, allowed_stru
     n = h1 - h0
 
     s = (q @ k.swapaxes(-1, -2)) * acc.type(pr.scale)
+    cap_grad = None
+    if pr.softcap:
+        t = xp.tanh(s / acc.type(pr.softcap))
+        s, cap_grad = acc.type(pr.softcap) * t, 1 - t * t
     allowed = allowed_struct
     if pr.mask is not None:
         m = xp.broadcast_to(pr.mask, full + (pr.hq, pr.L, pr.S))[b][h0:h1]
@@ -131,7 +137,7 @@ def _slice(pr: problem.Problem, b, bh0: int, h0: int, h1: int, acc, allowed_stru
                                     pr.dropout_p, xp)
             drop = keep.astype(acc) * acc.type(1.0 / (1.0 - pr.dropout_p))
     return _Slice(q=xp.where(row_any, q, 0), k=xp.where(col_any, k, 0), v=xp.where(col_any, v, 0),
-                  P=P, drop=drop, lse=lse, row_any=row_any)
+                  P=P, drop=drop, lse=lse, row_any=row_any, cap_grad=cap_grad)
 
 
 def _dense(pr: problem.Problem, acc, bh_base: int, visit):
@@ -191,9 +197,11 @@ def _dense_backward(pr: problem.Problem, dout, acc, bh_base: int = 0):
         # softmax backward: dS = P * (dP - rowsum(P * dP)); rowsum(P * dP) = rowsum(dout * out)
         # Rows that see nothing: 0, where P = 0 meets NaN in dP through a value row others see.
         dS = xp.where(sl.row_any, sl.P * (dP - (sl.P * dP).sum(-1, keepdims=True)), 0)
-        dq[b][h0:h1] = xp.where(sl.row_any, dS @ sl.k, 0) * acc.type(pr.scale)
+        # through the cap to scale * q k^T (a float mask is added after it: its gradient is dS itself)
+        dX = dS if sl.cap_grad is None else xp.where(sl.P != 0, dS * sl.cap_grad, 0)
+        dq[b][h0:h1] = xp.where(sl.row_any, dX @ sl.k, 0) * acc.type(pr.scale)
         n_groups = (h1 - h0) // g
-        dk_h = (dS.swapaxes(-1, -2) @ sl.q) * acc.type(pr.scale)
+        dk_h = (dX.swapaxes(-1, -2) @ sl.q) * acc.type(pr.scale)
         dv_h = A.swapaxes(-1, -2) @ do
         # GQA: a kv head's gradient is the sum over the query heads of its group.
         dk[b][h0 // g:h1 // g] += dk_h.reshape(n_groups, g, pr.S, pr.E).sum(1)
@@ -266,21 +274,24 @@ def _as_numpy(x):
 
 
 def attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False, *,
-              causal_variant="upper_left", window=None, seed=0, accum=np.float64):
+              causal_variant="upper_left", window=None, softcap=0.0, seed=0, accum=np.float64):
     """Reference (out, lse) in NumPy for dense arrays (CuPy inputs are copied to the host).
 
     Shapes as ``cusdpa.scaled_dot_product_attention``; out has the input dtype. Tests and
     benchmarks call this, never a copy of it.
     """
     pr = problem.from_dense(*map(_as_numpy, (q, k, v)), _as_numpy(attn_mask),
-                            problem.Options(dropout_p, is_causal, scale, enable_gqa, causal_variant, window), seed)
+                            problem.Options(dropout_p, is_causal, scale, enable_gqa, causal_variant, window,
+                                            softcap), seed)
     return forward(pr, accum)
 
 
 def attention_grads(q, k, v, dout, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
-                    enable_gqa=False, *, causal_variant="upper_left", window=None, seed=0, accum=np.float64):
+                    enable_gqa=False, *, causal_variant="upper_left", window=None, softcap=0.0, seed=0,
+                    accum=np.float64):
     """Reference gradients (dq, dk, dv[, dmask]) in NumPy for dense arrays."""
     pr = problem.from_dense(*map(_as_numpy, (q, k, v)), _as_numpy(attn_mask),
-                            problem.Options(dropout_p, is_causal, scale, enable_gqa, causal_variant, window), seed)
+                            problem.Options(dropout_p, is_causal, scale, enable_gqa, causal_variant, window,
+                                            softcap), seed)
     return backward(pr, _as_numpy(dout), accum)
 

@@ -63,7 +63,7 @@ def unit_stride(x: torch.Tensor) -> torch.Tensor:
     return x if x.shape[-1] <= 1 or x.stride(-1) == 1 else x.contiguous()
 
 
-def options(dropout_p, is_causal, scale, enable_gqa, causal_variant, window) -> tuple:
+def options(dropout_p, is_causal, scale, enable_gqa, causal_variant, window, softcap) -> tuple:
     """The values of ``Options`` in the order of its fields, as the ops take them (``window`` a list, as
     their schema says). Types are checked here, as cusdpa checks them (a bool is not a number, a number is
     not a bool); values by cusdpa inside the op."""
@@ -72,7 +72,7 @@ def options(dropout_p, is_causal, scale, enable_gqa, causal_variant, window) -> 
         raise ArgumentTypeError(f"window={window!r} must be a (left, right) pair of ints (-1 = unbounded)")
     return (problem.check_real(dropout_p, "dropout_p"), problem.check_flag(is_causal, "is_causal"),
             problem.check_real(scale, "scale", optional=True), problem.check_flag(enable_gqa, "enable_gqa"),
-            causal_variant, None if window is None else list(window))
+            causal_variant, None if window is None else list(window), problem.check_real(softcap, "softcap"))
 
 
 def broadcast_heads(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, enable_gqa: bool) -> tuple:
@@ -122,21 +122,23 @@ def from_op(values) -> Options:
 _resolved: dict = {}  # the arguments of ``resolve`` (with their types) -> its result
 
 
-def resolve(dropout_p, is_causal, scale, enable_gqa, causal_variant, window, backend) -> tuple[tuple, str]:
+def resolve(dropout_p, is_causal, scale, enable_gqa, causal_variant, window, softcap, backend) -> tuple[tuple, str]:
     """(``options(...)``, ``backend_names(backend)``), remembered per distinct argument values: a model calls
     attention with the same few option sets over and over."""
     try:
         if torch.compiler.is_compiling():
             raise TypeError  # no memo while Dynamo traces: the result is a constant of the graph
         key = (dropout_p, type(dropout_p), is_causal, type(is_causal), scale, type(scale), enable_gqa,
-               type(enable_gqa), causal_variant, window, type(backend),
+               type(enable_gqa), causal_variant, window, softcap, type(softcap), type(backend),
                backend if backend is None or type(backend) is Backend else tuple(backend),
                dispatch.enabled_key() if backend is None else None)
         found = _resolved.get(key)
     except TypeError:  # unhashable arguments: checked (and any error raised) without the memo
-        return options(dropout_p, is_causal, scale, enable_gqa, causal_variant, window), backend_names(backend)
+        return (options(dropout_p, is_causal, scale, enable_gqa, causal_variant, window, softcap),
+                backend_names(backend))
     if found is None:
-        found = options(dropout_p, is_causal, scale, enable_gqa, causal_variant, window), backend_names(backend)
+        found = (options(dropout_p, is_causal, scale, enable_gqa, causal_variant, window, softcap),
+                 backend_names(backend))
         if len(_resolved) > 1024:  # bounded: the arguments are the caller's, whatever they are
             _resolved.clear()
         _resolved[key] = found

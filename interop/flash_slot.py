@@ -130,7 +130,7 @@ def _resolve(dropout_p, is_causal, scale, enable_gqa, window_left=None, window_r
     left = -1 if window_left is None or window_left < 0 else int(window_left)
     right = -1 if window_right is None or window_right < 0 else int(window_right)
     window = None if (left, right) == (-1, -1) else (left, right)
-    return arguments.resolve(dropout_p, is_causal, scale, enable_gqa, "lower_right", window, _state["backend"])
+    return arguments.resolve(dropout_p, is_causal, scale, enable_gqa, "lower_right", window, 0.0, _state["backend"])
 
 
 def _draw_rng(query: torch.Tensor, dropout_p: float) -> tuple:

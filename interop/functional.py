@@ -7,7 +7,8 @@ from . import arguments, autograd, nested
 
 
 def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
-                                 enable_gqa=False, *, causal_variant="upper_left", window=None, backend=None):
+                                 enable_gqa=False, *, causal_variant="upper_left", window=None, softcap=0.0,
+                                 backend=None):
     """softmax(scale * query @ key^T + mask) @ value on torch tensors, with autograd; torch.compile-able.
 
     Shapes: query (..., Hq, L, E), key (..., Hkv, S, E), value (..., Hkv, S, Ev) -> (..., Hq, L, Ev)
@@ -19,7 +20,8 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     key j iff j <= i (upper-left, PyTorch's alignment); ``causal_variant="lower_right"`` iff
     j <= i + S - L. ``window=(left, right)`` keeps keys within left before and right after the equally
     aligned diagonal (-1 = unbounded). Masks, causal and window intersect; a query that sees no key
-    gets 0. ``enable_gqa`` lets query head h read key head h // (Hq // Hk) and value head
+    gets 0. ``softcap`` > 0 soft-caps the scaled scores (softcap * tanh(score / softcap)) before the mask is
+    added, as FlashAttention's softcap. ``enable_gqa`` lets query head h read key head h // (Hq // Hk) and value head
     h // (Hq // Hv).
 
     Jagged nested tensors (B, H, j, E) (``torch.nested``, layout=torch.jagged) run through cusdpa's
@@ -42,9 +44,10 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
         tensors = {"query": query, "key": key, "value": value}
         if any(isinstance(t, torch.Tensor) and t.is_nested for t in tensors.values()):
             return nested.attention(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
-                                    causal_variant, window, backend)
+                                    causal_variant, window, softcap, backend)
         arguments.check_tensors(tensors, attn_mask)
-    options, backends = arguments.resolve(dropout_p, is_causal, scale, enable_gqa, causal_variant, window, backend)
+    options, backends = arguments.resolve(dropout_p, is_causal, scale, enable_gqa, causal_variant, window, softcap,
+                                          backend)
     query, key, value = arguments.broadcast_heads(query, key, value, options[3])
     return autograd.attention(arguments.unit_stride(query), arguments.unit_stride(key), arguments.unit_stride(value),
                               attn_mask, arguments.draw_seed(dropout_p), backends, options)

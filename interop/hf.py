@@ -36,9 +36,11 @@ query (B, Hq, L, D), key/value (B, Hkv, S, D), returns (output (B, L, Hq, D), No
 - *Dropout*: ``dropout`` is used as given; the models already pass 0 unless ``module.training``.
   cusdpa draws its seed from torch's CPU generator (``torch.manual_seed`` reproduces it).
 
+- *Logit soft-capping* (``softcap``, Gemma-2-style models) is passed on: cusdpa computes it (where sdpa
+  raises), on its MATH backend until the kernels take it.
+
 **What it does not take.** Arguments that change the numbers and that cusdpa cannot compute raise
-``ValueError`` naming the alternative: ``softcap`` (logit soft-capping, as sdpa raises), ``head_mask``
-and ``s_aux`` (attention sinks). ``output_attentions=True`` warns once and returns no weights, exactly as
+``ValueError`` naming the alternative: ``head_mask`` and ``s_aux`` (attention sinks). ``output_attentions=True`` warns once and returns no weights, exactly as
 sdpa does. Inputs cusdpa cannot take (another device type such as MPS or XPU, another dtype, an integer
 mask, a non-positive scale) and, in eager mode, inputs no enabled cusdpa backend runs go to
 transformers' own "sdpa" function, with a warning once per reason.
@@ -66,7 +68,6 @@ NAME = "cusdpa"
 
 # Keyword arguments that change the result and that neither cusdpa nor PyTorch's SDPA computes.
 _UNSUPPORTED = {
-    "softcap": "logit soft-capping (softcap)",
     "head_mask": "a head mask (head_mask)",
     "s_aux": "attention sinks (s_aux)",
 }
@@ -148,7 +149,8 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
     try:
         out = functional.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=dropout,
                                                       is_causal=is_causal, scale=scaling,
-                                                      enable_gqa=query.shape[1] != key.shape[1])
+                                                      enable_gqa=query.shape[1] != key.shape[1],
+                                                      softcap=kwargs.get("softcap") or 0.0)
     except NotImplementedError as e:  # no enabled cusdpa backend runs these inputs; the message says why
         _warn_once(f"{e}; falling back to transformers' 'sdpa' attention")
         return _sdpa_fallback(*received, **kwargs)

@@ -14,7 +14,7 @@ from . import arguments, autograd
 
 
 def attention(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, causal_variant, window,
-              backend):
+              softcap, backend):
     """Attention of jagged nested (B, H, j, E) query/key/value; returns a jagged (B, H, j, Ev) tensor."""
     tensors = {"query": query, "key": key, "value": value}
     for name, t in tensors.items():
@@ -37,7 +37,7 @@ def attention(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_
     if packed[1].offsets() is not packed[2].offsets() and not torch.equal(packed[1].offsets(), packed[2].offsets()):
         raise ArgumentError("key and value have different sequence lengths; they must share one jagged structure")
     offsets_q, offsets_k = packed[0].offsets(), packed[1].offsets()
-    options = arguments.options(dropout_p, is_causal, scale, enable_gqa, causal_variant, window)
+    options = arguments.options(dropout_p, is_causal, scale, enable_gqa, causal_variant, window, softcap)
     out = autograd.varlen_attention(*(arguments.unit_stride(t.values()) for t in packed), offsets_q.to(torch.int32),
                                     offsets_k.to(torch.int32), _max_seqlen(offsets_q), _max_seqlen(offsets_k),
                                     arguments.draw_seed(dropout_p), arguments.backend_names(backend), options)

@@ -338,11 +338,20 @@ def test_position_bias_matches_sdpa_function():
 
 
 # --- what it does not take -------------------------------------------------------------------------------
-def test_softcap_and_head_mask_raise():
+def test_head_mask_raises():
     q, k, v = qkv(1, 2, 2, 4, 4)
-    for kwargs in (dict(softcap=30.0), dict(head_mask=torch.ones(2))):
-        with pytest.raises(ValueError, match="attn_implementation='eager'"):
-            interop.hf.attention_forward(Module(), q, k, v, None, **kwargs)
+    with pytest.raises(ValueError, match="attn_implementation='eager'"):
+        interop.hf.attention_forward(Module(), q, k, v, None, head_mask=torch.ones(2))
+
+
+def test_softcap_is_computed():
+    """Gemma-2's soft-capping, where transformers' sdpa raises: the capped scores, as eager attention has them."""
+    q, k, v = qkv(1, 4, 2, 5, 5)
+    out, _ = interop.hf.attention_forward(Module(groups=2), q, k, v, None, scaling=0.5, softcap=1.5)
+    s = 1.5 * torch.tanh((q @ k.repeat_interleave(2, 1).transpose(-1, -2)) * 0.5 / 1.5)
+    s = s.masked_fill(torch.ones(5, 5, dtype=torch.bool).triu(1), -torch.inf)
+    expected = (torch.softmax(s, -1) @ v.repeat_interleave(2, 1)).transpose(1, 2)
+    assert_same_precision(out, expected)
 
 
 def test_output_attentions_warns_once_and_returns_no_weights():

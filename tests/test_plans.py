@@ -129,7 +129,8 @@ def _options(kw):
     from interop import arguments
 
     return arguments.options(kw.get("dropout_p", 0.0), kw.get("is_causal", False), kw.get("scale"),
-                             kw.get("enable_gqa", False), kw.get("causal_variant", "upper_left"), kw.get("window"))
+                             kw.get("enable_gqa", False), kw.get("causal_variant", "upper_left"), kw.get("window"),
+                             kw.get("softcap", 0.0))
 
 
 def _general(monkeypatch, q, k, v, kw, dout):

@@ -41,6 +41,7 @@ class Case:
     causal: str | None = None  # None, "upper_left" or "lower_right"
     window: tuple | None = None
     dropout_p: float = 0.0
+    softcap: float = 0.0
     seed: int | None = None  # the dropout seed; None: drawn by ``build``
     offset: int = 0  # the dropout offset
     mask: str | None = None  # None, "bool" or "float"
@@ -63,7 +64,7 @@ class Case:
     def options(self) -> problem.Options:
         return problem.Options(dropout_p=self.dropout_p, is_causal=self.causal is not None,
                                causal_variant=self.causal or "upper_left", window=self.window,
-                               enable_gqa=self.hq != self.hkv)
+                               enable_gqa=self.hq != self.hkv, softcap=self.softcap)
 
 
 def np_dtype(name: str):

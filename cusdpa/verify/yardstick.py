@@ -7,7 +7,7 @@ broadcast batch inputs; empty sizes) on NumPy or CuPy arrays and runs it in torc
 numerics of a careful fused kernel, so that a backend is held to what its precision allows:
 
   s = scale * q k^T from the low-precision inputs, accumulated in fp32 (fp64 for fp64 inputs),
-      plus a float mask converted to that precision;
+      soft-capped (softcap * tanh(s / softcap)) if asked, plus a float mask converted to that precision;
   causal, window and a bool mask as -inf; softmax in fp32; P = 0 on rows that see no key;
   dropout: P * keep / (1 - p), keep the exact mask of cusdpa.philox (seed, offset, flat batch-head);
   P rounded to the input dtype before P @ V, the output in the input dtype; lse = logsumexp(s) in fp32.
@@ -97,6 +97,8 @@ def _dense(torch, pr: problem.Problem, dout, bh_base: int):
         leaves = [x.detach().requires_grad_(dout is not None) for x in parts]
         qc, kc, vc = leaves[:3]
         s = (qc.to(acc) @ kc.repeat_interleave(g, 0).to(acc).transpose(-1, -2)) * pr.scale
+        if pr.softcap:
+            s = pr.softcap * torch.tanh(s / pr.softcap)
         if float_mask:
             s = s + leaves[3]
         visible = allowed
