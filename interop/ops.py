@@ -150,11 +150,14 @@ def _select(pr: problem.Problem, backends: str, need_grad: bool) -> dispatch.Imp
 
 # ---- plans --------------------------------------------------------------------------------------------
 
+_WINDOW = problem.OPTION_NAMES.index("window")  # the one option the ops take as a list (unhashable)
+
+
 def _signature(query, key, value, options: tuple, backends: str) -> tuple:
     """What decides a dense call's launches: shapes, strides, dtypes, devices, 16-byte alignment, options."""
-    window = options[-1]
+    window = options[_WINDOW]
     if window is not None:
-        options = options[:-1] + (tuple(window),)
+        options = options[:_WINDOW] + (tuple(window),) + options[_WINDOW + 1:]
     return ("torch", query.shape, query.stride(), key.shape, key.stride(), value.shape, value.stride(), query.dtype,
             key.dtype, value.dtype, query.get_device(), key.get_device(), value.get_device(),
             (query.data_ptr() | key.data_ptr() | value.data_ptr()) % 16 == 0, options, backends)

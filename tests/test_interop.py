@@ -162,6 +162,13 @@ def test_opcheck_passes_for_every_op(rng):
                                            0.0, seed, "math"))
 
 
+def test_plan_signatures_are_hashable_and_tell_every_option_apart():
+    q = torch.zeros(1, 2, 8, 16)
+    signatures = {ops._signature(q, q, q, arguments.options(0.0, True, None, False, "upper_left", window, cap), "math")
+                  for window in (None, [4, 0], (4, 0)) for cap in (0.0, 2.0)}
+    assert len(signatures) == 4  # a list window and a tuple window are one signature
+
+
 class TinyBlock(nn.Module):
     def __init__(self, attention="cusdpa", dropout=0.0):
         super().__init__()
