@@ -81,6 +81,7 @@ def test_tensor_maps_find_where_the_address_lives(monkeypatch):
         return bytes(8) + ptr.to_bytes(8, "little") + bytes([len(dims)]) * 112
 
     monkeypatch.setattr(tma, "encode", encode)
+    monkeypatch.setattr(tma, "_DRIVER", {})
     m, hm, bm = tma.operand_map("bfloat16", 0x10000, 96, 300, 4, 2, (4 * 300 * 96, 0, 96), box_rows=128)
     assert m.offset == 8 and (hm, bm) == (0, 1)  # head stride 0: a broadcast head, addressed at coordinate 0
     dims, strides, box = calls[0]
@@ -89,10 +90,13 @@ def test_tensor_maps_find_where_the_address_lives(monkeypatch):
     buf = ctypes.create_string_buffer(m.template, 128)
     m.write(ctypes.addressof(buf), 0x20000)
     assert buf.raw == encode("bfloat16", 0x20000, *calls[0])
+    before = len(calls)
     _, _, bm = tma.operand_map("float16", 0x10000, 64, 0, 2, 1, (0, 64 * 5, 64), box_rows=80)
+    assert len(calls) == before + 1  # the driver was probed once, by the first map: one encode per map after
     assert bm == 0 and calls[-1][0] == (64, 1, 2, 1)  # no rows: still a valid map; one batch: coordinate 0
     # a driver that encodes the address some other way: every call encodes afresh
     monkeypatch.setattr(tma, "encode", lambda d, ptr, *a: (ptr * 3).to_bytes(16, "little") + bytes(112))
+    monkeypatch.setattr(tma, "_DRIVER", {})
     m = tma.TensorMap("bfloat16", 0x10000, (64, 8, 1, 1), (128, 1024, 1024), (64, 8, 1, 1))
     assert m.offset is None
     m.write(ctypes.addressof(buf), 0x30000)

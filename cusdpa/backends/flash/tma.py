@@ -3,9 +3,9 @@
 ``cuTensorMapEncodeTiled`` is called through ctypes on the driver library CuPy already loaded (no extra
 dependency). A map names a global address, so a prepared launch would need a new map per call; instead
 ``TensorMap`` encodes once and, per call, writes the new address into the map's bytes at the offset where
-the encoding keeps it. That offset is found by encoding the same tensor at two addresses and comparing;
-should a driver ever encode differently (the address not stored verbatim, or other bytes depending on
-it), every call encodes afresh.
+the encoding keeps it. That offset is the driver's, the same for every map: it is found once per process,
+by encoding the first map at a second address and comparing; should a driver encode differently (the
+address not stored verbatim, or other bytes depending on it), every call encodes afresh.
 """
 from __future__ import annotations
 
@@ -54,6 +54,9 @@ def _address_offset(a: bytes, b: bytes, ptr_a: int, ptr_b: int) -> int | None:
     return None
 
 
+_DRIVER: dict = {}  # probed once: "address_offset" -> where this driver's maps keep the address, or None
+
+
 class TensorMap:
     """A map of one operand's shape, strides and box, for any address: ``write(dst, ptr)`` puts the map of
     the tensor at ``ptr`` into the 128 bytes at host address ``dst``."""
@@ -63,8 +66,11 @@ class TensorMap:
     def __init__(self, dtype_name: str, ptr: int, dims, strides_bytes, box):
         self.args = (dtype_name, tuple(dims), tuple(strides_bytes), tuple(box))
         self.template = encode(dtype_name, ptr, *self.args[1:])
-        other = ptr + (1 << 20)
-        self.offset = _address_offset(self.template, encode(dtype_name, other, *self.args[1:]), ptr, other)
+        if "address_offset" not in _DRIVER:
+            other = ptr + (1 << 20)
+            _DRIVER["address_offset"] = _address_offset(self.template, encode(dtype_name, other, *self.args[1:]),
+                                                        ptr, other)
+        self.offset = _DRIVER["address_offset"]
 
     def write(self, dst: int, ptr: int) -> None:
         if self.offset is None:
