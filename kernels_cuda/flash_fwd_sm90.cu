@@ -34,8 +34,8 @@
 // Extra -D options: FWD90_WARPGROUPS (consumer warpgroups, 2 or 3), FWD90_BLOCK_N, FWD90_STAGES (K/V
 // buffers), FWD90_PINGPONG (1: consumers take turns; 0: they issue when ready). E and Ev multiples of 32
 // up to 256.
-#include "flash_common.cuh"
-// @WGMMA_WRAPPERS@
+#include "sm90.cuh"
+// @WGMMA_WRAPPERS@ FWD90_BLOCK_N HEAD_DIM_V
 
 constexpr int MMA_WG = FWD90_WARPGROUPS;
 constexpr int NTHREADS = (MMA_WG + 1) * 128;
@@ -60,112 +60,6 @@ constexpr int V_SW = HEAD_DIM_V % 64 == 0 ? 128 : 64;
 static_assert(MMA_WG == 2 || MMA_WG == 3, "FWD90_WARPGROUPS must be 2 or 3");
 static_assert(BLOCK_N % 16 == 0 && BLOCK_N >= 16 && BLOCK_N <= 256, "FWD90_BLOCK_N: a multiple of 16 up to 256");
 
-// A CUtensorMap, opaque: 128 bytes encoded by the driver on the host, passed by value as a __grid_constant__.
-struct __align__(64) TmaMap {
-    unsigned long long bits[16];
-};
-
-__device__ __forceinline__ u32 smem_u32(const void* p) { return static_cast<u32>(__cvta_generic_to_shared(p)); }
-
-// ---- mbarriers and TMA ---------------------------------------------------------------------------------
-
-__device__ __forceinline__ void mbar_init(unsigned long long* bar, u32 count) {
-    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(smem_u32(bar)), "r"(count) : "memory");
-}
-// Arrive and add `bytes` to the transaction count the phase waits for (the TMA copies complete them).
-__device__ __forceinline__ void mbar_expect_tx(unsigned long long* bar, u32 bytes) {
-    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(smem_u32(bar)), "r"(bytes) : "memory");
-}
-// After the inits, before the CTA-wide barrier that publishes them: the inits made visible to the other
-// threads' arrives and to the async proxy, whose TMA copies complete transactions on them.
-__device__ __forceinline__ void mbar_init_fence() {
-    asm volatile("fence.mbarrier_init.release.cluster;\nfence.proxy.async.shared::cta;\n" ::: "memory");
-}
-__device__ __forceinline__ void mbar_arrive(unsigned long long* bar) {
-    asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(smem_u32(bar)) : "memory");
-}
-// Wait until the phase of parity `phase` completed. A fresh barrier counts the phase before it (parity 1)
-// as completed, which is how producers start on "empty" barriers.
-__device__ __forceinline__ void mbar_wait(unsigned long long* bar, u32 phase) {
-    u32 done;
-    do {
-        asm volatile(
-            "{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\nselp.u32 %0, 1, 0, p;\n}\n"
-            : "=r"(done)
-            : "r"(smem_u32(bar)), "r"(phase)
-            : "memory");
-    } while (!done);
-}
-// The same by every lane of a warp, which then runs on converged: the lanes may leave the spin loop at
-// different polls, and the .aligned instructions that follow (bar.sync, wgmma) need the whole warp.
-__device__ __forceinline__ void mbar_wait_warp(unsigned long long* bar, u32 phase) {
-    mbar_wait(bar, phase);
-    __syncwarp();
-}
-// Box (c0, c1, c2, c3) of a 4-D tensor map into shared memory; completes `bytes` on `bar`.
-__device__ __forceinline__ void tma_load(void* dst, const TmaMap& map, unsigned long long* bar, int c0, int c1, int c2,
-                                         int c3) {
-    asm volatile(
-        "cp.async.bulk.tensor.4d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%3, %4, %5, %6}], [%2];\n"
-        ::"r"(smem_u32(dst)), "l"(reinterpret_cast<unsigned long long>(&map)), "r"(smem_u32(bar)), "r"(c0), "r"(c1),
-        "r"(c2), "r"(c3)
-        : "memory");
-}
-// A ROWS x D tile (its D / (SW / 2) swizzled column chunks) at row `row`, head and batch coordinates
-// `head`, `batch`: the bytes announced on `bar`, then the copies that complete them.
-template <int ROWS, int D, int SW>
-__device__ __forceinline__ void tma_load_tile(unsigned char* dst, const TmaMap& map, unsigned long long* bar, int row,
-                                              int head, int batch) {
-    mbar_expect_tx(bar, ROWS * D * 2);
-#pragma unroll
-    for (int c = 0; c < D / (SW / 2); ++c) tma_load(dst + c * ROWS * SW, map, bar, SW / 2 * c, row, head, batch);
-}
-__device__ __forceinline__ void tma_prefetch(const TmaMap& map) {
-    asm volatile("prefetch.tensormap [%0];\n" ::"l"(reinterpret_cast<unsigned long long>(&map)) : "memory");
-}
-
-// ---- registers and named barriers ---------------------------------------------------------------------
-
-template <int N>
-__device__ __forceinline__ void setmaxnreg_dec() { asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(N)); }
-template <int N>
-__device__ __forceinline__ void setmaxnreg_inc() { asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(N)); }
-// Barrier 0 is __syncthreads; 1..MMA_WG are the consumers' turns to issue products.
-__device__ __forceinline__ void turn_sync(int id) { asm volatile("bar.sync %0, 256;\n" ::"r"(id) : "memory"); }
-__device__ __forceinline__ void turn_arrive(int id) { asm volatile("bar.arrive %0, 256;\n" ::"r"(id) : "memory"); }
-
-// ---- wgmma ---------------------------------------------------------------------------------------------
-
-// Shared-memory matrix descriptor of a tile in the SW-byte swizzle (128 or 64). K-major operands (Q, K)
-// step through K within a swizzle row by moving the start address 32 bytes per k16; the leading offset
-// is unused for them. For V (MN-major) the leading offset is the distance between column chunks. The
-// stride offset is the distance between groups of 8 rows.
-template <int SW>
-__device__ __forceinline__ unsigned long long sw_desc(const void* p, unsigned lbo) {
-    const unsigned long long addr = smem_u32(p);
-    return ((addr & 0x3FFFF) >> 4) | (static_cast<unsigned long long>(lbo >> 4) << 16) |
-           (static_cast<unsigned long long>(8 * SW >> 4) << 32) | ((SW == 128 ? 1ull : 2ull) << 62);
-}
-
-__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
-__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
-template <int N>
-__device__ __forceinline__ void wgmma_wait() { asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory"); }
-// After the wait: tell the compiler the accumulators change here, so no read of them moves above it.
-// Before wgmma.fence, the same pins the last definition of a wgmma's input registers: a register move
-// the compiler sinks between wgmma.fence and the wgmma makes ptxas serialise the wgmmas (C7513).
-template <int N>
-__device__ __forceinline__ void fence_regs(float (&d)[N]) {
-#pragma unroll
-    for (int i = 0; i < N; ++i) asm volatile("" : "+f"(d[i])::"memory");
-}
-template <int N>
-__device__ __forceinline__ void fence_regs(u32 (&d)[N]) {
-#pragma unroll
-    for (int i = 0; i < N; ++i) asm volatile("" : "+r"(d[i])::"memory");
-}
-// Generic-proxy writes (the producer's zeroed rows) must be ordered before the tensor cores' async-proxy reads.
-__device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
 
 // S = Q K^T for one warpgroup's 64 rows and one key block (issued, not waited for).
 __device__ __forceinline__ void issue_qk(float (&s)[NT * 4], const unsigned char* sQwg, const unsigned char* sKn) {
@@ -405,11 +299,11 @@ flash_fwd_sm90(const __grid_constant__ TmaMap tm_q, const __grid_constant__ TmaM
     // first consumer's first turn is free; the last consumer's last opening is absorbed at the end.
     bool first_turn = cw == 0, issued = false;
     auto turn_begin = [&] {
-        if (FWD90_PINGPONG && !first_turn) turn_sync(1 + cw);
+        if (FWD90_PINGPONG && !first_turn) named_sync<256>(1 + cw);
         first_turn = false;
     };
     auto turn_end = [&] {
-        if (FWD90_PINGPONG) turn_arrive(1 + (cw + 1) % MMA_WG);
+        if (FWD90_PINGPONG) named_arrive<256>(1 + (cw + 1) % MMA_WG);
         issued = true;
     };
     auto release = [&](unsigned long long* bar) {
@@ -527,5 +421,5 @@ flash_fwd_sm90(const __grid_constant__ TmaMap tm_q, const __grid_constant__ TmaM
         }
     }
     // The last consumer opened the first one's barrier once more than the first consumer waited on it.
-    if (FWD90_PINGPONG && cw == 0 && issued) turn_sync(1);
+    if (FWD90_PINGPONG && cw == 0 && issued) named_sync<256>(1);
 }

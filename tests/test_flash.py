@@ -29,6 +29,8 @@ def _nvrtc_jobs():
                     yield "flash_fwd_sm90.cu", sources.compile_options(dtype, E, Ev, dropout, fwd_cfg) + ("-arch=sm_90a",)
             for part in ((1, 2) if cfg.split_dkdv else (3,)):
                 yield "flash_bwd.cu", sources.compile_options(dtype, E, Ev, dropout, cfg, part)
+            if config.sm90_backward_applies(E, Ev, 90, cfg, False):
+                yield "flash_bwd_sm90.cu", sources.compile_options(dtype, E, Ev, False, cfg) + ("-arch=sm_90a",)
 
 
 def _nvrtc_compile(source: str, options: tuple, arch: str) -> str | None:
@@ -95,7 +97,8 @@ def test_config_fits_shared_memory():
     for E, other, L, causal in itertools.product(range(8, 257, 8), (8, 64, 256), (1024, 4096), (False, True)):
         for Ev in (E, other):
             cfg = config.FlashConfig.for_problem(E, Ev, L, causal)
-            kinds = ["fwd", "dkdv", "dq"] + (["fwd_sm90"] if config.sm90_forward_applies(E, Ev, 90, cfg) else [])
+            kinds = ["fwd", "dkdv", "dq"] + (["fwd_sm90"] if config.sm90_forward_applies(E, Ev, 90, cfg) else []) + \
+                (["dkdv_sm90"] if config.sm90_backward_applies(E, Ev, 90, cfg, False) else [])
             for kind in kinds:
                 assert config.smem_bytes(kind, cfg, E, Ev) <= 227 * 1024, (E, Ev, kind)
 
@@ -177,14 +180,14 @@ def test_features(name, rng):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("name", ["gqa", "mqa", "dropout", "strided", "varlen", "causal_short_keys"])
-def test_mma_sync_forward_where_wgmma_would_run(name, rng, monkeypatch):
-    """On Hopper E, Ev in {64, 128} take the wgmma forward; the portable mma.sync one must stay right too."""
+def test_mma_sync_kernels_where_wgmma_would_run(name, rng, monkeypatch):
+    """On Hopper the forward and dK/dV take the wgmma kernels; the portable mma.sync ones must stay right too."""
     import dataclasses
 
     from cusdpa.backends.flash import launches
 
     monkeypatch.setattr(launches, "config", lambda pr: dataclasses.replace(
-        config.FlashConfig.for_head_dims(pr.E, pr.Ev), use_wgmma=False))
+        config.FlashConfig.for_head_dims(pr.E, pr.Ev), use_wgmma=False, use_wgmma_bwd=False))
     _gpu_check(FEATURES[name], rng)
 
 

@@ -26,6 +26,8 @@ class FlashConfig:
     fwd90_block_n: int = 128
     fwd90_stages: int = 2  # K and V buffers of the producer's ring
     fwd90_pingpong: bool = True  # consumer warpgroups take turns issuing their products
+    use_wgmma_bwd: bool = True  # Hopper dK/dV (flash_bwd_sm90.cu) where the device, head dims and options allow
+    bwd90_block_m: int = 64  # queries per step of the Hopper dK/dV kernel
 
     @staticmethod
     @functools.cache
@@ -87,6 +89,9 @@ def smem_bytes(kind: str, cfg: FlashConfig, E: int, Ev: int) -> int:
     if kind == "fwd_sm90":  # unpadded, swizzled tiles (K and V stages), then the mbarriers
         bm, bn, st = 64 * cfg.fwd90_warpgroups, cfg.fwd90_block_n, cfg.fwd90_stages
         return 2 * (bm * E + st * bn * E + st * bn * Ev) + 8 * (3 + 4 * st)
+    if kind == "dkdv_sm90":  # swizzled K, V and two Q / dO stages, lse and D per stage, 6 mbarriers
+        bn, bm = 128, cfg.bwd90_block_m
+        return 2 * (bn * E + bn * Ev + 2 * bm * E + 2 * bm * Ev) + 2 * 2 * bm * 4 + 8 * 6
     if kind == "dkdv":
         bn, bm = cfg.bwd_block_n, cfg.bwd_block_m
         return 2 * (bn * qp + bn * vp + 2 * bm * qp + 2 * bm * vp) + 4 * 4 * bm
@@ -100,3 +105,8 @@ def sm90_forward_applies(E: int, Ev: int, compute_capability: int, cfg: FlashCon
     """The wgmma forward takes E, Ev multiples of 32 up to 256 on compute capability 9.0 (sm_90a
     instructions)."""
     return cfg.use_wgmma and compute_capability == 90 and all(d % 32 == 0 and 32 <= d <= 256 for d in (E, Ev))
+
+
+def sm90_backward_applies(E: int, Ev: int, compute_capability: int, cfg: FlashConfig, dropout: bool) -> bool:
+    """The wgmma dK/dV kernel takes E, Ev in {64, 128} without dropout on compute capability 9.0."""
+    return cfg.use_wgmma_bwd and compute_capability == 90 and E in (64, 128) and Ev in (64, 128) and not dropout

@@ -14,7 +14,7 @@ import numpy as np
 
 from ..launch import Launch, MapSlot, Slot, run, seed_values, values
 from . import sources, tma
-from .config import FlashConfig, sm90_forward_applies, smem_bytes
+from .config import FlashConfig, sm90_backward_applies, sm90_forward_applies, smem_bytes
 
 MAX_GRID_Y = 65535
 
@@ -215,7 +215,9 @@ def backward_launches(pr, lay, strides) -> list[Launch]:
         launches.append(Launch(pre, ((pr.L + rows - 1) // rows, lay.B * pr.hq), (256,), 0,
                                (Slot("o"), Slot("do"), Slot("delta"), *_common(pr, lay)[:5], *strides["o"],
                                 *strides["do"], *_lse_strides(pr), *vis, np.int32(rows))))
-    if pr.S:
+    if pr.S and sm90_backward_applies(pr.E, pr.Ev, sources.compute_capability(dev), cfg, pr.dropout_p > 0):
+        launches.append(_sm90_dkdv_launch(pr, lay, strides, cfg, opts(), (scale, scale_log2, *vis)))
+    elif pr.S:
         grid = ((pr.S + cfg.bwd_block_n - 1) // cfg.bwd_block_n, lay.B * pr.hkv)
         smem = smem_bytes("dkdv", cfg, pr.E, pr.Ev)
         for part in parts:
@@ -232,6 +234,28 @@ def backward_launches(pr, lay, strides) -> list[Launch]:
                                (*qkv, Slot("do"), Slot("lse"), Slot("delta"), Slot("dq"), *ranks, *strides["dq"],
                                 *_lse_strides(pr), scale, scale_log2, *vis, *drop)))
     return launches
+
+
+def _sm90_dkdv_launch(pr, lay, strides, cfg, opts, tail) -> Launch:
+    """The Hopper dK/dV kernel: TMA maps of q, k, v and do (do's encoded at q's address, rewritten per call),
+    one CTA per 128 keys of each (batch, kv head) (see kernels_cuda/flash_bwd_sm90.cu)."""
+    dev = device(pr)
+    smem = smem_bytes("dkdv_sm90", cfg, pr.E, pr.Ev)
+    fn = sources.kernel(dev, "flash_bwd_sm90.cu", "flash_bwd_dkdv_sm90", opts + ("-arch=sm_90a",), smem)
+    packed = pr.varlen is not None
+    q_rows, k_rows = (pr.q.shape[0], pr.k.shape[0]) if packed else (pr.L, pr.S)
+    maps = []
+    for name, ptr, D, rows, heads, box, st in (
+            ("q", lay.q.data.ptr, pr.E, q_rows, pr.hq, cfg.bwd90_block_m, lay.strides["q"]),
+            ("k", lay.k.data.ptr, pr.E, k_rows, pr.hkv, 128, lay.strides["k"]),
+            ("v", lay.v.data.ptr, pr.Ev, k_rows, pr.hkv, 128, lay.strides["v"]),
+            ("do", lay.q.data.ptr, pr.Ev, q_rows, pr.hq, cfg.bwd90_block_m, strides["do"])):
+        tensor_map, hm, bm = tma.operand_map(pr.dtype_name, ptr, D, rows, heads, 1 if packed else lay.B, st, box)
+        maps.append((MapSlot(name, tensor_map), np.int32(hm), np.int32(bm)))
+    grid = ((pr.S + 127) // 128, lay.B * pr.hkv)
+    args = (*(m for m, _, _ in maps), Slot("lse"), Slot("delta"), Slot("dk"), Slot("dv"), *_common(pr, lay),
+            *(x for _, hm, bm in maps for x in (hm, bm)), *strides["dk"], *strides["dv"], *_lse_strides(pr), *tail)
+    return Launch(fn, grid, (384,), smem, args)
 
 
 # ---- the general path ------------------------------------------------------------------------------

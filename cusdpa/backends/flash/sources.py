@@ -3,6 +3,7 @@ memory here and on disk by CuPy."""
 from __future__ import annotations
 
 import functools
+import re
 
 import kernels_cuda
 
@@ -38,18 +39,22 @@ def _wgmma_wrappers(widths) -> str:
     return "".join(out)
 
 
+_WRAPPERS = re.compile(r"^// @WGMMA_WRAPPERS@(.*)$", re.MULTILINE)
+
+
 def _define(options, name: str) -> int:
     return int(next(o.split("=", 1)[1] for o in options if o.startswith(f"-D{name}=")))
 
 
 def kernel_source(name: str, options: tuple = ()) -> str:
-    """A kernels_cuda source with its includes inlined and, where it asks for them, the wgmma wrappers of
-    the widths its options need (S = Q K^T: the key block; O += P V: Ev)."""
+    """A kernels_cuda source with its includes inlined and, where it asks for them with a line
+    ``// @WGMMA_WRAPPERS@ NAME...``, the wgmma wrappers of the widths that those -D options give."""
     text = kernels_cuda.source(name)
-    if "// @WGMMA_WRAPPERS@" not in text:
-        return text
-    widths = sorted({_define(options, "FWD90_BLOCK_N"), _define(options, "HEAD_DIM_V")})
-    return text.replace("// @WGMMA_WRAPPERS@", _wgmma_wrappers(widths))
+
+    def wrappers(match: re.Match) -> str:
+        return _wgmma_wrappers(sorted({_define(options, n) for n in match.group(1).split()}))
+
+    return _WRAPPERS.sub(wrappers, text)
 
 
 @functools.cache
@@ -62,7 +67,7 @@ def compile_options(dtype_name: str, E: int, Ev: int, dropout: bool, cfg: FlashC
             f"-DDQ_WARPS={cfg.dq_warps}", f"-DDQ_M_TILES={cfg.dq_m_tiles}",
             f"-DDQ_BLOCK_N={cfg.dq_block_n}", f"-DFWD90_WARPGROUPS={cfg.fwd90_warpgroups}",
             f"-DFWD90_BLOCK_N={cfg.fwd90_block_n}", f"-DFWD90_STAGES={cfg.fwd90_stages}",
-            f"-DFWD90_PINGPONG={int(cfg.fwd90_pingpong)}")
+            f"-DFWD90_PINGPONG={int(cfg.fwd90_pingpong)}", f"-DBWD90_BLOCK_M={cfg.bwd90_block_m}")
 
 
 @functools.cache

@@ -1,0 +1,262 @@
+// FLASH backward dK and dV for Hopper (sm_90a): flash_bwd.cu's flash_bwd_dkdv with its four products on
+// wgmma and its loads on TMA, warp-specialised as the Hopper forward is. dQ keeps its own pass
+// (flash_bwd_dq), so the backward stays free of atomics and bit-identical run to run.
+//
+// One CTA per block of BLOCK_N keys of one (batch, kv head); consumer warpgroup w owns keys
+// [64 w, 64 w + 64) of it and keeps their dK and dV accumulators in registers while it loops over the
+// query heads of the GQA group and their query blocks (BLOCK_M = 64 rows per step):
+//   S^T = K Q^T, dP^T = V dO^T                       (wgmma, both operands from shared memory, key-major:
+//                                                     P^T and dS^T come out in the A-fragment layout)
+//   P^T = exp2(S^T scale log2 e - lse log2 e), dS^T = P^T o (dP^T - D)     (masked pairs selected to 0)
+//   dV += P^T dO, dK += dS^T Q                       (wgmma, A from registers, dO and Q read transposed)
+// The producer warp loads K and V once and Q, dO (TMA) with lse and D (plain loads) into STAGES buffers.
+//
+// NaN where nobody looks: K and V rows only meet their own S^T and dP^T rows, which are selected out
+// where no query sees the key; but dV += P^T dO and dK += dS^T Q sum over queries, multiplying a
+// selected-out 0 by whatever dO and Q hold, so the producer zeroes the rows of Q and dO that see no key
+// (and, in a packed batch, the next sequence's rows).
+//
+// Extra -D options: BWD90_BLOCK_M (queries per step, 64). E and Ev in {64, 128}; no dropout (the host
+// runs flash_bwd_dkdv for those).
+#include "sm90.cuh"
+// @WGMMA_WRAPPERS@ BWD90_BLOCK_M HEAD_DIM HEAD_DIM_V
+
+constexpr int MMA_WG = 2;
+constexpr int NTHREADS = (MMA_WG + 1) * 128;
+constexpr int BLOCK_N = 64 * MMA_WG;  // keys per CTA
+constexpr int BLOCK_M = BWD90_BLOCK_M;
+constexpr int STAGES = 2;
+constexpr int QT = BLOCK_M / 8;  // n8 tiles of S^T over queries
+constexpr int ET = HEAD_DIM / 8, EVT = HEAD_DIM_V / 8;
+constexpr int SK_BYTES = BLOCK_N * HEAD_DIM * 2, SV_BYTES = BLOCK_N * HEAD_DIM_V * 2;
+constexpr int SQ_BYTES = BLOCK_M * HEAD_DIM * 2, SDO_BYTES = BLOCK_M * HEAD_DIM_V * 2;
+constexpr int SMEM_TILES = SK_BYTES + SV_BYTES + STAGES * (SQ_BYTES + SDO_BYTES);
+constexpr int LOAD_REGS = 24, MMA_REGS = 240;
+constexpr int CONSUMER_WARPS = MMA_WG * 4;
+static_assert(HEAD_DIM % 64 == 0 && HEAD_DIM_V % 64 == 0 && HEAD_DIM <= 128 && HEAD_DIM_V <= 128,
+              "the sm90 dK/dV kernel takes E, Ev in {64, 128}");
+static_assert(BLOCK_M == 64, "BWD90_BLOCK_M must be 64: one 128-byte swizzle row of queries");
+static_assert(!IS_DROPOUT, "dropout runs on flash_bwd_dkdv");
+
+// acc += A B^T over D columns for one warpgroup's 64 rows of A (K or V) and the BLOCK_M rows of B (Q or dO),
+// both K-major in the 128-byte swizzle (issued, not waited for).
+template <int D, int A_ROWS>
+__device__ __forceinline__ void issue_abt(float (&acc)[QT * 4], const unsigned char* sA, const unsigned char* sB) {
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) {
+        const int chunk = kk / 4, inner = (kk % 4) * 32;
+        wgmma_ss(acc, sw_desc<128>(sA + chunk * A_ROWS * 128 + inner, 16),
+                 sw_desc<128>(sB + chunk * BLOCK_M * 128 + inner, 16), kk > 0);
+    }
+}
+
+// acc += X^T B for X^T (this warpgroup's 64 keys x BLOCK_M queries) in A-fragment registers and B
+// (BLOCK_M rows x D columns, Q or dO) read transposed from shared memory (issued, not waited for).
+template <int D>
+__device__ __forceinline__ void issue_xtb(float (&acc)[D / 2], const u32 (&x)[QT * 2], const unsigned char* sB) {
+#pragma unroll
+    for (int kk = 0; kk < BLOCK_M / 16; ++kk) {
+        const u32 a[4] = {x[4 * kk], x[4 * kk + 1], x[4 * kk + 2], x[4 * kk + 3]};
+        wgmma_rs(acc, a, sw_desc<128>(sB + kk * 16 * 128, BLOCK_M * 128));
+    }
+}
+
+// Zero rows [0, lo) and [hi, ROWS) of a ROWS x D tile in the 128-byte swizzle (whole rows: the swizzle
+// only permutes 16-byte pieces within a row), by the 32 lanes of a warp.
+template <int ROWS, int D>
+__device__ __forceinline__ void zero_rows_outside(unsigned char* tile, int lo, int hi, int lane) {
+    constexpr int PIECES = D * 2 / 16;  // 16-byte pieces of one row, over all column chunks
+    for (int x = lane; x < ROWS * PIECES; x += 32) {
+        const int r = x / PIECES, c = (x % PIECES) / 8, ch = x % 8;
+        if (r < lo || r >= hi) *reinterpret_cast<uint4*>(tile + c * ROWS * 128 + r * 128 + ch * 16) = make_uint4(0, 0, 0, 0);
+    }
+}
+
+// A warp's 16 rows of an accumulator (N / 4 n8 tiles), scaled and rounded, rows >= `rows` skipped.
+template <int N>
+__device__ __forceinline__ void store_rows(elem_t* base, long long pitch, const float (&acc)[N], float scale,
+                                           int row0, int rows, int lane) {
+    const int g = lane / 4, t = lane % 4;
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        const int row = row0 + g + 8 * r;
+        if (row >= rows) continue;
+#pragma unroll
+        for (int nt = 0; nt < N / 4; ++nt)
+            *reinterpret_cast<u32*>(base + row * pitch + nt * 8 + 2 * t) =
+                pack2<IS_BF16>(acc[nt * 4 + 2 * r] * scale, acc[nt * 4 + 2 * r + 1] * scale);
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(NTHREADS, 1)
+flash_bwd_dkdv_sm90(const __grid_constant__ TmaMap tm_q, const __grid_constant__ TmaMap tm_k,
+                    const __grid_constant__ TmaMap tm_v, const __grid_constant__ TmaMap tm_do,
+                    const float* __restrict__ lse, const float* __restrict__ delta, elem_t* __restrict__ dk,
+                    elem_t* __restrict__ dv, const int* __restrict__ cu_q, const int* __restrict__ cu_k, int L, int S,
+                    int Hq, int group, int q_hm, int q_bm, int k_hm, int k_bm, int v_hm, int v_bm, int do_hm,
+                    int do_bm, long long dk_sb, long long dk_sh, long long dk_sm, long long dv_sb, long long dv_sh,
+                    long long dv_sm, long long lse_sb, long long lse_sh, float scale, float scale_log2, int left,
+                    int right, int lower_right) {
+    extern __shared__ __align__(1024) unsigned char smem[];
+    unsigned char* sK = smem;  // every size is a multiple of 1024: each tile keeps the swizzle alignment
+    unsigned char* sV = sK + SK_BYTES;
+    unsigned char* sQ = sV + SV_BYTES;
+    unsigned char* sdO = sQ + STAGES * SQ_BYTES;
+    float* sLse = reinterpret_cast<float*>(smem + SMEM_TILES);  // [STAGES][BLOCK_M], log2 domain
+    float* sD = sLse + STAGES * BLOCK_M;                        // [STAGES][BLOCK_M]
+    unsigned long long* bars = reinterpret_cast<unsigned long long*>(sD + STAGES * BLOCK_M);
+    unsigned long long* kv_full = bars;
+    unsigned long long* staged = bars + 1;  // the producer's own: Q and dO tiles it zeroes rows of first
+    unsigned long long* q_full = bars + 2;
+    unsigned long long* q_empty = q_full + STAGES;
+
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, wg = warp / 4;
+    const Slice slice = Slice::per_kv_head(Hq, group, cu_q, cu_k, L, S, left, right, lower_right);
+    const int n0 = blockIdx.x * BLOCK_N;
+    if (n0 >= slice.S) return;
+    const Visibility<int>& vis = slice.vis;
+    const int n1 = min(n0 + BLOCK_N, slice.S);
+    int i_lo, i_hi, qi_lo, qi_hi;
+    vis.query_range(n0, n1, i_lo, i_hi);            // query rows that see a key of this block
+    vis.query_range(0, slice.S, qi_lo, qi_hi);      // query rows that see any key
+    const int m_begin = i_lo / BLOCK_M, m_blocks = i_lo < i_hi ? (i_hi + BLOCK_M - 1) / BLOCK_M - m_begin : 0;
+    const int steps = slice.L > 0 ? group * m_blocks : 0;
+
+    if (threadIdx.x == 0) {
+        mbar_init(kv_full, 1);
+        mbar_init(staged, 1);
+        for (int st = 0; st < STAGES; ++st) {
+            mbar_init(q_full + st, 1);
+            mbar_init(q_empty + st, CONSUMER_WARPS);
+        }
+    }
+    __syncthreads();
+
+    if (wg == 0) {  // ---- producer ----
+        setmaxnreg_dec<LOAD_REGS>();
+        if (warp != 0 || steps == 0) return;
+        u32 staged_phase = 0;
+        const int krow = slice.start_k + n0;
+        if (lane == 0) {
+            mbar_expect_tx(kv_full, SK_BYTES + SV_BYTES);
+#pragma unroll
+            for (int c = 0; c < HEAD_DIM / 64; ++c)
+                tma_load(sK + c * BLOCK_N * 128, tm_k, kv_full, 64 * c, krow, slice.kvh * k_hm, slice.b * k_bm);
+#pragma unroll
+            for (int c = 0; c < HEAD_DIM_V / 64; ++c)
+                tma_load(sV + c * BLOCK_N * 128, tm_v, kv_full, 64 * c, krow, slice.kvh * v_hm, slice.b * v_bm);
+        }
+
+        for (int it = 0; it < steps; ++it) {
+            const int st = it % STAGES;
+            const u32 phase = (it / STAGES) & 1;
+            const int h = slice.h + it / m_blocks, m0 = (m_begin + it % m_blocks) * BLOCK_M;
+            mbar_wait(q_empty + st, phase ^ 1);
+            const long long lo = slice.stats_offset(lse_sb, lse_sh, h);
+            for (int r = lane; r < BLOCK_M; r += 32) {
+                const int row = m0 + r;
+                const bool in = row >= qi_lo && row < qi_hi;
+                sLse[st * BLOCK_M + r] = in ? __fmul_rn(lse[lo + row], LOG2E) : 0.f;
+                sD[st * BLOCK_M + r] = in ? delta[lo + row] : 0.f;
+            }
+            __syncwarp();
+            // Q and dO rows that see no key (and, packed, the next sequence's rows) are zeroed.
+            const int q_end = slice.packed ? m0 + BLOCK_M : min(m0 + BLOCK_M, slice.L);
+            const bool dirty = m0 < qi_lo || q_end > qi_hi;
+            unsigned long long* bar = dirty ? staged : q_full + st;
+            unsigned char* sQs = sQ + st * SQ_BYTES;
+            unsigned char* sdOs = sdO + st * SDO_BYTES;
+            const int qrow = slice.start_q + m0;
+            if (lane == 0) {
+                mbar_expect_tx(bar, SQ_BYTES + SDO_BYTES);
+#pragma unroll
+                for (int c = 0; c < HEAD_DIM / 64; ++c)
+                    tma_load(sQs + c * BLOCK_M * 128, tm_q, bar, 64 * c, qrow, h * q_hm, slice.b * q_bm);
+#pragma unroll
+                for (int c = 0; c < HEAD_DIM_V / 64; ++c)
+                    tma_load(sdOs + c * BLOCK_M * 128, tm_do, bar, 64 * c, qrow, h * do_hm, slice.b * do_bm);
+            }
+            if (!dirty) continue;
+            mbar_wait(staged, staged_phase);
+            staged_phase ^= 1;
+            const int lo_rows = max(0, min(qi_lo - m0, BLOCK_M)), hi_row = max(lo_rows, min(qi_hi - m0, BLOCK_M));
+            zero_rows_outside<BLOCK_M, HEAD_DIM>(sQs, lo_rows, hi_row, lane);
+            zero_rows_outside<BLOCK_M, HEAD_DIM_V>(sdOs, lo_rows, hi_row, lane);
+            fence_proxy_async();
+            __syncwarp();
+            if (lane == 0) mbar_arrive(q_full + st);
+        }
+        return;
+    }
+
+    // ---- consumers ----
+    setmaxnreg_inc<MMA_REGS>();
+    const int cw = wg - 1;  // keys [64 cw, 64 cw + 64) of the block
+    const int g = lane / 4, t = lane % 4;
+    const int j = n0 + cw * 64 + (warp % 4) * 16 + g;  // this thread's keys are j and j + 8
+    float dk_acc[ET * 4], dv_acc[EVT * 4];
+#pragma unroll
+    for (int x = 0; x < ET * 4; ++x) dk_acc[x] = 0.f;
+#pragma unroll
+    for (int x = 0; x < EVT * 4; ++x) dv_acc[x] = 0.f;
+    const unsigned char* sKw = sK + cw * 64 * 128;
+    const unsigned char* sVw = sV + cw * 64 * 128;
+    if (steps > 0) mbar_wait_warp(kv_full, 0);
+
+    for (int it = 0; it < steps; ++it) {
+        const int st = it % STAGES;
+        const u32 phase = (it / STAGES) & 1;
+        const int m0 = (m_begin + it % m_blocks) * BLOCK_M;
+        mbar_wait_warp(q_full + st, phase);
+        const unsigned char* sQs = sQ + st * SQ_BYTES;
+        const unsigned char* sdOs = sdO + st * SDO_BYTES;
+        float s[QT * 4], dp[QT * 4];
+        fence_regs(dk_acc);
+        fence_regs(dv_acc);
+        wgmma_fence();
+        issue_abt<HEAD_DIM, BLOCK_N>(s, sKw, sQs);
+        issue_abt<HEAD_DIM_V, BLOCK_N>(dp, sVw, sdOs);
+        wgmma_commit();
+        wgmma_wait<0>();
+        fence_regs(s);
+        fence_regs(dp);
+        // P^T and dS^T, element (key j + 8 r, query m0 + nt * 8 + 2 t + c) at [nt * 4 + 2 r + c]
+        const float* sLses = sLse + st * BLOCK_M;
+        const float* sDs = sD + st * BLOCK_M;
+        const bool full = vis.tile_full(m0, BLOCK_M, n0 + cw * 64, 64);
+        u32 pt[QT * 2], dst[QT * 2];
+#pragma unroll
+        for (int nt = 0; nt < QT; ++nt) {
+#pragma unroll
+            for (int r = 0; r < 2; ++r) {
+                float pv[2], dsv[2];
+#pragma unroll
+                for (int c = 0; c < 2; ++c) {
+                    const int col = nt * 8 + 2 * t + c;
+                    const bool seen = full || vis.visible(m0 + col, j + 8 * r);
+                    const float p = exp2f(__fmul_rn(s[nt * 4 + 2 * r + c], scale_log2) - sLses[col]);
+                    pv[c] = seen ? p : 0.f;
+                    dsv[c] = seen ? p * (dp[nt * 4 + 2 * r + c] - sDs[col]) : 0.f;
+                }
+                pt[nt * 2 + r] = pack2<IS_BF16>(pv[0], pv[1]);
+                dst[nt * 2 + r] = pack2<IS_BF16>(dsv[0], dsv[1]);
+            }
+        }
+        fence_regs(pt);
+        fence_regs(dst);
+        fence_regs(dk_acc);
+        fence_regs(dv_acc);
+        wgmma_fence();
+        issue_xtb<HEAD_DIM_V>(dv_acc, pt, sdOs);
+        issue_xtb<HEAD_DIM>(dk_acc, dst, sQs);
+        wgmma_commit();
+        wgmma_wait<0>();
+        fence_regs(dk_acc);
+        fence_regs(dv_acc);
+        if (lane == 0) mbar_arrive(q_empty + st);
+    }
+
+    const int row0 = n0 + cw * 64 + (warp % 4) * 16;
+    store_rows(slice.key_rows(dk, dk_sb, dk_sh, dk_sm), dk_sm, dk_acc, scale, row0, slice.S, lane);
+    store_rows(slice.key_rows(dv, dv_sb, dv_sh, dv_sm), dv_sm, dv_acc, 1.f, row0, slice.S, lane);
+}
