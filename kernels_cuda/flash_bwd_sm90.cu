@@ -129,6 +129,7 @@ flash_bwd_dkdv_sm90(const __grid_constant__ TmaMap tm_q, const __grid_constant__
             mbar_init(q_full + st, 1);
             mbar_init(q_empty + st, CONSUMER_WARPS);
         }
+        mbar_init_fence();
     }
     __syncthreads();
 
