@@ -1,10 +1,10 @@
-// FLASH backward dK and dV for Hopper (sm_90a): flash_bwd.cu's flash_bwd_dkdv with its four products on
-// wgmma and its loads on TMA, warp-specialised as the Hopper forward is. dQ keeps its own pass
-// (flash_bwd_dq), so the backward stays free of atomics and bit-identical run to run.
+// FLASH backward on Hopper (sm_90a): flash_bwd.cu's dK/dV and dQ kernels with their products on wgmma
+// and their loads on TMA, warp-specialised as the Hopper forward is. Like the mma.sync kernels they
+// recompute P in each, use no atomics, and so give bit-identical gradients run to run.
 //
-// One CTA per block of BLOCK_N keys of one (batch, kv head); consumer warpgroup w owns keys
-// [64 w, 64 w + 64) of it and keeps their dK and dV accumulators in registers while it loops over the
-// query heads of the GQA group and their query blocks (BLOCK_M = 64 rows per step):
+// flash_bwd_dkdv_sm90: one CTA per block of BLOCK_N keys of one (batch, kv head); consumer warpgroup w
+// owns keys [64 w, 64 w + 64) of it and keeps their dK and dV accumulators in registers while it loops
+// over the query heads of the GQA group and their query blocks (BLOCK_M = 64 rows per step):
 //   S^T = K Q^T, dP^T = V dO^T                       (wgmma, both operands from shared memory, key-major:
 //                                                     P^T and dS^T come out in the A-fragment layout)
 //   P^T = exp2(S^T scale log2 e - lse log2 e), dS^T = P^T o (dP^T - D)     (masked pairs selected to 0)
@@ -16,11 +16,12 @@
 // selected-out 0 by whatever dO and Q hold, so the producer zeroes the rows of Q and dO that see no key
 // (and, in a packed batch, the next sequence's rows).
 //
-// Extra -D options: BWD90_BLOCK_M (queries per step, 64). E and Ev in {64, 128}; no dropout (the host
-// runs flash_bwd_dkdv for those).
+// Extra -D options: BWD90_BLOCK_M (the 64-row step: queries per dK/dV step, keys per dQ step). E and Ev
+// in {64, 128}; no dropout (the host runs the mma.sync kernels for those).
 #include "sm90.cuh"
 // @WGMMA_WRAPPERS@ BWD90_BLOCK_M HEAD_DIM HEAD_DIM_V
 
+namespace dkdv90 {
 constexpr int MMA_WG = 2;
 constexpr int NTHREADS = (MMA_WG + 1) * 128;
 constexpr int BLOCK_N = 64 * MMA_WG;  // keys per CTA
@@ -36,28 +37,29 @@ constexpr int CONSUMER_WARPS = MMA_WG * 4;
 static_assert(HEAD_DIM % 64 == 0 && HEAD_DIM_V % 64 == 0 && HEAD_DIM <= 128 && HEAD_DIM_V <= 128,
               "the sm90 dK/dV kernel takes E, Ev in {64, 128}");
 static_assert(BLOCK_M == 64, "BWD90_BLOCK_M must be 64: one 128-byte swizzle row of queries");
-static_assert(!IS_DROPOUT, "dropout runs on flash_bwd_dkdv");
+}  // namespace dkdv90
+static_assert(!IS_DROPOUT, "dropout runs on the mma.sync kernels");
 
-// acc += A B^T over D columns for one warpgroup's 64 rows of A (K or V) and the BLOCK_M rows of B (Q or dO),
-// both K-major in the 128-byte swizzle (issued, not waited for).
-template <int D, int A_ROWS>
-__device__ __forceinline__ void issue_abt(float (&acc)[QT * 4], const unsigned char* sA, const unsigned char* sB) {
+// acc += A B^T over D columns: 64 rows of A (from a tile of A_ROWS rows) against all B_ROWS rows of B, both
+// K-major in the 128-byte swizzle (issued, not waited for).
+template <int D, int A_ROWS, int B_ROWS>
+__device__ __forceinline__ void issue_abt(float (&acc)[B_ROWS / 2], const unsigned char* sA, const unsigned char* sB) {
 #pragma unroll
     for (int kk = 0; kk < D / 16; ++kk) {
         const int chunk = kk / 4, inner = (kk % 4) * 32;
         wgmma_ss(acc, sw_desc<128>(sA + chunk * A_ROWS * 128 + inner, 16),
-                 sw_desc<128>(sB + chunk * BLOCK_M * 128 + inner, 16), kk > 0);
+                 sw_desc<128>(sB + chunk * B_ROWS * 128 + inner, 16), kk > 0);
     }
 }
 
-// acc += X^T B for X^T (this warpgroup's 64 keys x BLOCK_M queries) in A-fragment registers and B
-// (BLOCK_M rows x D columns, Q or dO) read transposed from shared memory (issued, not waited for).
-template <int D>
-__device__ __forceinline__ void issue_xtb(float (&acc)[D / 2], const u32 (&x)[QT * 2], const unsigned char* sB) {
+// acc += X B for X (64 rows x K_ROWS) in A-fragment registers and B (K_ROWS rows x D columns) read
+// transposed from shared memory (issued, not waited for).
+template <int D, int K_ROWS>
+__device__ __forceinline__ void issue_xtb(float (&acc)[D / 2], const u32 (&x)[K_ROWS / 4], const unsigned char* sB) {
 #pragma unroll
-    for (int kk = 0; kk < BLOCK_M / 16; ++kk) {
+    for (int kk = 0; kk < K_ROWS / 16; ++kk) {
         const u32 a[4] = {x[4 * kk], x[4 * kk + 1], x[4 * kk + 2], x[4 * kk + 3]};
-        wgmma_rs(acc, a, sw_desc<128>(sB + kk * 16 * 128, BLOCK_M * 128));
+        wgmma_rs(acc, a, sw_desc<128>(sB + kk * 16 * 128, K_ROWS * 128));
     }
 }
 
@@ -88,7 +90,7 @@ __device__ __forceinline__ void store_rows(elem_t* base, long long pitch, const 
     }
 }
 
-extern "C" __global__ void __launch_bounds__(NTHREADS, 1)
+extern "C" __global__ void __launch_bounds__(dkdv90::NTHREADS, 1)
 flash_bwd_dkdv_sm90(const __grid_constant__ TmaMap tm_q, const __grid_constant__ TmaMap tm_k,
                     const __grid_constant__ TmaMap tm_v, const __grid_constant__ TmaMap tm_do,
                     const float* __restrict__ lse, const float* __restrict__ delta, elem_t* __restrict__ dk,
@@ -97,6 +99,7 @@ flash_bwd_dkdv_sm90(const __grid_constant__ TmaMap tm_q, const __grid_constant__
                     int do_bm, long long dk_sb, long long dk_sh, long long dk_sm, long long dv_sb, long long dv_sh,
                     long long dv_sm, long long lse_sb, long long lse_sh, float scale, float scale_log2, int left,
                     int right, int lower_right) {
+    using namespace dkdv90;
     extern __shared__ __align__(1024) unsigned char smem[];
     unsigned char* sK = smem;  // every size is a multiple of 1024: each tile keeps the swizzle alignment
     unsigned char* sV = sK + SK_BYTES;
@@ -215,8 +218,8 @@ flash_bwd_dkdv_sm90(const __grid_constant__ TmaMap tm_q, const __grid_constant__
         fence_regs(dk_acc);
         fence_regs(dv_acc);
         wgmma_fence();
-        issue_abt<HEAD_DIM, BLOCK_N>(s, sKw, sQs);
-        issue_abt<HEAD_DIM_V, BLOCK_N>(dp, sVw, sdOs);
+        issue_abt<HEAD_DIM, BLOCK_N, BLOCK_M>(s, sKw, sQs);
+        issue_abt<HEAD_DIM_V, BLOCK_N, BLOCK_M>(dp, sVw, sdOs);
         wgmma_commit();
         wgmma_wait<0>();
         fence_regs(s);
@@ -248,8 +251,8 @@ flash_bwd_dkdv_sm90(const __grid_constant__ TmaMap tm_q, const __grid_constant__
         fence_regs(dk_acc);
         fence_regs(dv_acc);
         wgmma_fence();
-        issue_xtb<HEAD_DIM_V>(dv_acc, pt, sdOs);
-        issue_xtb<HEAD_DIM>(dk_acc, dst, sQs);
+        issue_xtb<HEAD_DIM_V, BLOCK_M>(dv_acc, pt, sdOs);
+        issue_xtb<HEAD_DIM, BLOCK_M>(dk_acc, dst, sQs);
         wgmma_commit();
         wgmma_wait<0>();
         fence_regs(dk_acc);
@@ -260,4 +263,190 @@ flash_bwd_dkdv_sm90(const __grid_constant__ TmaMap tm_q, const __grid_constant__
     const int row0 = n0 + cw * 64 + (warp % 4) * 16;
     store_rows(slice.key_rows(dk, dk_sb, dk_sh, dk_sm), dk_sm, dk_acc, scale, row0, slice.S, lane);
     store_rows(slice.key_rows(dv, dv_sb, dv_sh, dv_sm), dv_sm, dv_acc, 1.f, row0, slice.S, lane);
+}
+
+// ---------------------------------------------------------------------------------------------------
+// dQ on Hopper: flash_bwd_dq's loop (one CTA per block of queries, over the key blocks) with its three
+// products on wgmma, warp-specialised like the forward. Consumer warpgroup w owns queries
+// [64 w, 64 w + 64) of the block:
+//   S = Q K^T, dP = dO V^T     (wgmma, shared memory operands)
+//   dS = P o (dP - D) with P = exp2(S scale log2 e - lse log2 e), masked pairs selected to 0
+//   dQ += dS K                 (wgmma, dS from registers, K read transposed)
+// dQ sums over keys, so the producer zeroes the K rows that no query of the slice sees; rows that see no
+// key store 0 (their dS is 0, but K may hold NaN where another row looks).
+namespace dq90 {
+constexpr int MMA_WG = 2;
+constexpr int NTHREADS = (MMA_WG + 1) * 128;
+constexpr int BLOCK_M = 64 * MMA_WG;  // queries per CTA
+constexpr int BLOCK_N = BWD90_BLOCK_M;  // keys per step
+constexpr int STAGES = 2;
+constexpr int NT = BLOCK_N / 8;
+constexpr int ET = HEAD_DIM / 8;
+constexpr int SQ_BYTES = BLOCK_M * HEAD_DIM * 2, SDO_BYTES = BLOCK_M * HEAD_DIM_V * 2;
+constexpr int SK_BYTES = BLOCK_N * HEAD_DIM * 2, SV_BYTES = BLOCK_N * HEAD_DIM_V * 2;
+constexpr int SMEM_TILES = SQ_BYTES + SDO_BYTES + STAGES * (SK_BYTES + SV_BYTES);
+constexpr int LOAD_REGS = 24, MMA_REGS = 240;
+constexpr int CONSUMER_WARPS = MMA_WG * 4;
+}  // namespace dq90
+
+extern "C" __global__ void __launch_bounds__(dq90::NTHREADS, 1)
+flash_bwd_dq_sm90(const __grid_constant__ TmaMap tm_q, const __grid_constant__ TmaMap tm_k,
+                  const __grid_constant__ TmaMap tm_v, const __grid_constant__ TmaMap tm_do,
+                  const float* __restrict__ lse, const float* __restrict__ delta, elem_t* __restrict__ dq,
+                  const int* __restrict__ cu_q, const int* __restrict__ cu_k, int L, int S, int Hq, int group,
+                  int q_hm, int q_bm, int k_hm, int k_bm, int v_hm, int v_bm, int do_hm, int do_bm, long long dq_sb,
+                  long long dq_sh, long long dq_sm, long long lse_sb, long long lse_sh, float scale,
+                  float scale_log2, int left, int right, int lower_right) {
+    using namespace dq90;
+    extern __shared__ __align__(1024) unsigned char smem[];
+    unsigned char* sQ = smem;  // every size is a multiple of 1024: each tile keeps the swizzle alignment
+    unsigned char* sdO = sQ + SQ_BYTES;
+    unsigned char* sK = sdO + SDO_BYTES;
+    unsigned char* sV = sK + STAGES * SK_BYTES;
+    unsigned long long* bars = reinterpret_cast<unsigned long long*>(smem + SMEM_TILES);
+    unsigned long long* q_full = bars;
+    unsigned long long* staged = bars + 1;  // the producer's own: K/V blocks it zeroes K rows of first
+    unsigned long long* kv_full = bars + 2;
+    unsigned long long* kv_empty = kv_full + STAGES;
+
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, wg = warp / 4;
+    const Slice slice = Slice::per_query_head(Hq, group, cu_q, cu_k, L, S, left, right, lower_right);
+    const int m0 = blockIdx.x * BLOCK_M;
+    if (m0 >= slice.L) return;
+    const Visibility<int>& vis = slice.vis;
+    int j_lo, j_hi, kj_lo, kj_hi, qi_lo, qi_hi;
+    vis.key_range(m0, min(m0 + BLOCK_M, slice.L), j_lo, j_hi);  // keys some row of the block sees
+    vis.key_range(0, slice.L, kj_lo, kj_hi);                     // keys some row of the slice sees
+    vis.query_range(0, slice.S, qi_lo, qi_hi);                   // rows that see some key
+    if (slice.S == 0) qi_hi = qi_lo;
+    const int n_begin = j_lo / BLOCK_N, n_end = j_lo < j_hi ? (j_hi + BLOCK_N - 1) / BLOCK_N : n_begin;
+
+    if (threadIdx.x == 0) {
+        mbar_init(q_full, 1);
+        mbar_init(staged, 1);
+        for (int st = 0; st < STAGES; ++st) {
+            mbar_init(kv_full + st, 1);
+            mbar_init(kv_empty + st, CONSUMER_WARPS);
+        }
+        mbar_init_fence();
+    }
+    __syncthreads();
+
+    if (wg == 0) {  // ---- producer ----
+        setmaxnreg_dec<LOAD_REGS>();
+        if (warp != 0 || n_begin >= n_end) return;
+        const int qrow = slice.start_q + m0;
+        if (lane == 0) {
+            mbar_expect_tx(q_full, SQ_BYTES + SDO_BYTES);
+#pragma unroll
+            for (int c = 0; c < HEAD_DIM / 64; ++c)
+                tma_load(sQ + c * BLOCK_M * 128, tm_q, q_full, 64 * c, qrow, slice.h * q_hm, slice.b * q_bm);
+#pragma unroll
+            for (int c = 0; c < HEAD_DIM_V / 64; ++c)
+                tma_load(sdO + c * BLOCK_M * 128, tm_do, q_full, 64 * c, qrow, slice.h * do_hm, slice.b * do_bm);
+        }
+        u32 staged_phase = 0;
+        for (int n = n_begin; n < n_end; ++n) {
+            const int it = n - n_begin, st = it % STAGES;
+            const u32 phase = (it / STAGES) & 1;
+            const int j0 = n * BLOCK_N, krow = slice.start_k + j0;
+            const int k_end = slice.packed ? j0 + BLOCK_N : min(j0 + BLOCK_N, slice.S);
+            const bool dirty = j0 < kj_lo || k_end > kj_hi;
+            unsigned long long* bar = dirty ? staged : kv_full + st;
+            unsigned char* sKs = sK + st * SK_BYTES;
+            mbar_wait(kv_empty + st, phase ^ 1);
+            if (lane == 0) {
+                mbar_expect_tx(bar, SK_BYTES + SV_BYTES);
+#pragma unroll
+                for (int c = 0; c < HEAD_DIM / 64; ++c)
+                    tma_load(sKs + c * BLOCK_N * 128, tm_k, bar, 64 * c, krow, slice.kvh * k_hm, slice.b * k_bm);
+#pragma unroll
+                for (int c = 0; c < HEAD_DIM_V / 64; ++c)
+                    tma_load(sV + st * SV_BYTES + c * BLOCK_N * 128, tm_v, bar, 64 * c, krow, slice.kvh * v_hm,
+                             slice.b * v_bm);
+            }
+            if (!dirty) continue;
+            mbar_wait(staged, staged_phase);
+            staged_phase ^= 1;
+            const int lo_rows = max(0, min(kj_lo - j0, BLOCK_N)), hi_row = max(lo_rows, min(kj_hi - j0, BLOCK_N));
+            zero_rows_outside<BLOCK_N, HEAD_DIM>(sKs, lo_rows, hi_row, lane);
+            fence_proxy_async();
+            __syncwarp();
+            if (lane == 0) mbar_arrive(kv_full + st);
+        }
+        return;
+    }
+
+    // ---- consumers ----
+    setmaxnreg_inc<MMA_REGS>();
+    const int cw = wg - 1;  // queries [64 cw, 64 cw + 64) of the block
+    const int g = lane / 4, t = lane % 4;
+    const int i = m0 + cw * 64 + (warp % 4) * 16 + g;  // this thread's rows are i and i + 8
+    float dq_acc[ET * 4];
+#pragma unroll
+    for (int x = 0; x < ET * 4; ++x) dq_acc[x] = 0.f;
+    float lse2[2], dd[2];
+    const long long so = slice.stats_offset(lse_sb, lse_sh);
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        const bool in = i + 8 * r >= qi_lo && i + 8 * r < qi_hi;
+        lse2[r] = in ? __fmul_rn(lse[so + i + 8 * r], LOG2E) : 0.f;
+        dd[r] = in ? delta[so + i + 8 * r] : 0.f;
+    }
+    const unsigned char* sQw = sQ + cw * 64 * 128;
+    const unsigned char* sdOw = sdO + cw * 64 * 128;
+    if (n_begin < n_end) mbar_wait_warp(q_full, 0);
+    for (int n = n_begin; n < n_end; ++n) {
+        const int it = n - n_begin, st = it % STAGES;
+        const u32 phase = (it / STAGES) & 1;
+        const int j0 = n * BLOCK_N;
+        mbar_wait_warp(kv_full + st, phase);
+        const unsigned char* sKs = sK + st * SK_BYTES;
+        float s[NT * 4], dp[NT * 4];
+        fence_regs(dq_acc);
+        wgmma_fence();
+        issue_abt<HEAD_DIM, BLOCK_M, BLOCK_N>(s, sQw, sKs);
+        issue_abt<HEAD_DIM_V, BLOCK_M, BLOCK_N>(dp, sdOw, sV + st * SV_BYTES);
+        wgmma_commit();
+        wgmma_wait<0>();
+        fence_regs(s);
+        fence_regs(dp);
+        // dS, element (query i + 8 r, key j0 + nt * 8 + 2 t + c) at [nt * 4 + 2 r + c]
+        const bool full = vis.tile_full(m0 + cw * 64, 64, j0, BLOCK_N);
+        u32 ds[NT * 2];
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt) {
+#pragma unroll
+            for (int r = 0; r < 2; ++r) {
+                float v[2];
+#pragma unroll
+                for (int c = 0; c < 2; ++c) {
+                    const float p = exp2f(__fmul_rn(s[nt * 4 + 2 * r + c], scale_log2) - lse2[r]);
+                    const bool seen = full || vis.visible(i + 8 * r, j0 + nt * 8 + 2 * t + c);
+                    v[c] = seen ? p * (dp[nt * 4 + 2 * r + c] - dd[r]) : 0.f;
+                }
+                ds[nt * 2 + r] = pack2<IS_BF16>(v[0], v[1]);
+            }
+        }
+        fence_regs(ds);
+        fence_regs(dq_acc);
+        wgmma_fence();
+        issue_xtb<HEAD_DIM, BLOCK_N>(dq_acc, ds, sKs);
+        wgmma_commit();
+        wgmma_wait<0>();
+        fence_regs(dq_acc);
+        if (lane == 0) mbar_arrive(kv_empty + st);
+    }
+
+    elem_t* dqb = slice.query_rows(dq, dq_sb, dq_sh, dq_sm);
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        const int row = i + 8 * r;
+        if (row >= slice.L) continue;
+        const bool empty = row < qi_lo || row >= qi_hi;  // sees no key: 0, not 0 * K
+#pragma unroll
+        for (int et = 0; et < ET; ++et)
+            *reinterpret_cast<u32*>(dqb + row * dq_sm + et * 8 + 2 * t) =
+                empty ? 0u : pack2<IS_BF16>(dq_acc[et * 4 + 2 * r] * scale, dq_acc[et * 4 + 2 * r + 1] * scale);
+    }
 }

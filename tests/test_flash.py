@@ -98,7 +98,7 @@ def test_config_fits_shared_memory():
         for Ev in (E, other):
             cfg = config.FlashConfig.for_problem(E, Ev, L, causal)
             kinds = ["fwd", "dkdv", "dq"] + (["fwd_sm90"] if config.sm90_forward_applies(E, Ev, 90, cfg) else []) + \
-                (["dkdv_sm90"] if config.sm90_backward_applies(E, Ev, 90, cfg, False) else [])
+                (["dkdv_sm90", "dq_sm90"] if config.sm90_backward_applies(E, Ev, 90, cfg, False) else [])
             for kind in kinds:
                 assert config.smem_bytes(kind, cfg, E, Ev) <= 227 * 1024, (E, Ev, kind)
 

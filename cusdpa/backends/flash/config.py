@@ -26,8 +26,8 @@ class FlashConfig:
     fwd90_block_n: int = 128
     fwd90_stages: int = 2  # K and V buffers of the producer's ring
     fwd90_pingpong: bool = True  # consumer warpgroups take turns issuing their products
-    use_wgmma_bwd: bool = True  # Hopper dK/dV (flash_bwd_sm90.cu) where the device, head dims and options allow
-    bwd90_block_m: int = 64  # queries per step of the Hopper dK/dV kernel
+    use_wgmma_bwd: bool = True  # Hopper backward (flash_bwd_sm90.cu) where the device, head dims and options allow
+    bwd90_block_m: int = 64  # the Hopper backward's step: queries per dK/dV step, keys per dQ step
 
     @staticmethod
     @functools.cache
@@ -92,6 +92,9 @@ def smem_bytes(kind: str, cfg: FlashConfig, E: int, Ev: int) -> int:
     if kind == "dkdv_sm90":  # swizzled K, V and two Q / dO stages, lse and D per stage, 6 mbarriers
         bn, bm = 128, cfg.bwd90_block_m
         return 2 * (bn * E + bn * Ev + 2 * bm * E + 2 * bm * Ev) + 2 * 2 * bm * 4 + 8 * 6
+    if kind == "dq_sm90":  # swizzled Q, dO and two K / V stages, 6 mbarriers
+        bm, bn = 128, cfg.bwd90_block_m
+        return 2 * (bm * E + bm * Ev + 2 * bn * E + 2 * bn * Ev) + 8 * 6
     if kind == "dkdv":
         bn, bm = cfg.bwd_block_n, cfg.bwd_block_m
         return 2 * (bn * qp + bn * vp + 2 * bm * qp + 2 * bm * vp) + 4 * 4 * bm
@@ -108,5 +111,5 @@ def sm90_forward_applies(E: int, Ev: int, compute_capability: int, cfg: FlashCon
 
 
 def sm90_backward_applies(E: int, Ev: int, compute_capability: int, cfg: FlashConfig, dropout: bool) -> bool:
-    """The wgmma dK/dV kernel takes E, Ev in {64, 128} without dropout on compute capability 9.0."""
+    """The wgmma backward kernels take E, Ev in {64, 128} without dropout on compute capability 9.0."""
     return cfg.use_wgmma_bwd and compute_capability == 90 and E in (64, 128) and Ev in (64, 128) and not dropout

@@ -215,9 +215,13 @@ def backward_launches(pr, lay, strides) -> list[Launch]:
         launches.append(Launch(pre, ((pr.L + rows - 1) // rows, lay.B * pr.hq), (256,), 0,
                                (Slot("o"), Slot("do"), Slot("delta"), *_common(pr, lay)[:5], *strides["o"],
                                 *strides["do"], *_lse_strides(pr), *vis, np.int32(rows))))
-    if pr.S and sm90_backward_applies(pr.E, pr.Ev, sources.compute_capability(dev), cfg, pr.dropout_p > 0):
-        launches.append(_sm90_dkdv_launch(pr, lay, strides, cfg, opts(), (scale, scale_log2, *vis)))
-    elif pr.S:
+    hopper = sm90_backward_applies(pr.E, pr.Ev, sources.compute_capability(dev), cfg, pr.dropout_p > 0)
+    if hopper:
+        for kernel, size in (("flash_bwd_dkdv_sm90", pr.S), ("flash_bwd_dq_sm90", pr.L)):
+            if size:
+                launches.append(_sm90_backward_launch(pr, lay, strides, cfg, opts(), (scale, scale_log2, *vis), kernel))
+        return launches
+    if pr.S:
         grid = ((pr.S + cfg.bwd_block_n - 1) // cfg.bwd_block_n, lay.B * pr.hkv)
         smem = smem_bytes("dkdv", cfg, pr.E, pr.Ev)
         for part in parts:
@@ -236,25 +240,35 @@ def backward_launches(pr, lay, strides) -> list[Launch]:
     return launches
 
 
-def _sm90_dkdv_launch(pr, lay, strides, cfg, opts, tail) -> Launch:
-    """The Hopper dK/dV kernel: TMA maps of q, k, v and do (do's encoded at q's address, rewritten per call),
-    one CTA per 128 keys of each (batch, kv head) (see kernels_cuda/flash_bwd_sm90.cu)."""
+def _sm90_backward_launch(pr, lay, strides, cfg, opts, tail, kernel: str) -> Launch:
+    """A Hopper backward kernel (kernels_cuda/flash_bwd_sm90.cu) with TMA maps of q, k, v and do (do's
+    encoded at q's address, rewritten per call): ``flash_bwd_dkdv_sm90``, one CTA per 128 keys of each
+    (batch, kv head), writing dk and dv, or ``flash_bwd_dq_sm90``, one CTA per 128 queries of each (batch,
+    query head), writing dq."""
     dev = device(pr)
-    smem = smem_bytes("dkdv_sm90", cfg, pr.E, pr.Ev)
-    fn = sources.kernel(dev, "flash_bwd_sm90.cu", "flash_bwd_dkdv_sm90", opts + ("-arch=sm_90a",), smem)
+    dkdv = kernel == "flash_bwd_dkdv_sm90"
+    smem = smem_bytes("dkdv_sm90" if dkdv else "dq_sm90", cfg, pr.E, pr.Ev)
+    fn = sources.kernel(dev, "flash_bwd_sm90.cu", kernel, opts + ("-arch=sm_90a",), smem)
     packed = pr.varlen is not None
     q_rows, k_rows = (pr.q.shape[0], pr.k.shape[0]) if packed else (pr.L, pr.S)
+    q_box, k_box = (cfg.bwd90_block_m, 128) if dkdv else (128, cfg.bwd90_block_m)
     maps = []
     for name, ptr, D, rows, heads, box, st in (
-            ("q", lay.q.data.ptr, pr.E, q_rows, pr.hq, cfg.bwd90_block_m, lay.strides["q"]),
-            ("k", lay.k.data.ptr, pr.E, k_rows, pr.hkv, 128, lay.strides["k"]),
-            ("v", lay.v.data.ptr, pr.Ev, k_rows, pr.hkv, 128, lay.strides["v"]),
-            ("do", lay.q.data.ptr, pr.Ev, q_rows, pr.hq, cfg.bwd90_block_m, strides["do"])):
+            ("q", lay.q.data.ptr, pr.E, q_rows, pr.hq, q_box, lay.strides["q"]),
+            ("k", lay.k.data.ptr, pr.E, k_rows, pr.hkv, k_box, lay.strides["k"]),
+            ("v", lay.v.data.ptr, pr.Ev, k_rows, pr.hkv, k_box, lay.strides["v"]),
+            ("do", lay.q.data.ptr, pr.Ev, q_rows, pr.hq, q_box, strides["do"])):
         tensor_map, hm, bm = tma.operand_map(pr.dtype_name, ptr, D, rows, heads, 1 if packed else lay.B, st, box)
         maps.append((MapSlot(name, tensor_map), np.int32(hm), np.int32(bm)))
-    grid = ((pr.S + 127) // 128, lay.B * pr.hkv)
-    args = (*(m for m, _, _ in maps), Slot("lse"), Slot("delta"), Slot("dk"), Slot("dv"), *_common(pr, lay),
-            *(x for _, hm, bm in maps for x in (hm, bm)), *strides["dk"], *strides["dv"], *_lse_strides(pr), *tail)
+    multipliers = tuple(x for _, hm, bm in maps for x in (hm, bm))
+    if dkdv:
+        grid = ((pr.S + 127) // 128, lay.B * pr.hkv)
+        outputs, out_strides = (Slot("dk"), Slot("dv")), (*strides["dk"], *strides["dv"])
+    else:
+        grid = ((pr.L + 127) // 128, lay.B * pr.hq)
+        outputs, out_strides = (Slot("dq"),), tuple(strides["dq"])
+    args = (*(m for m, _, _ in maps), Slot("lse"), Slot("delta"), *outputs, *_common(pr, lay), *multipliers,
+            *out_strides, *_lse_strides(pr), *tail)
     return Launch(fn, grid, (384,), smem, args)
 
 
