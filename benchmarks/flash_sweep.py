@@ -5,12 +5,11 @@
 
 Used to choose FlashConfig.for_head_dims and for_problem (each point starts from the latter's tiles);
 prints one line per (point, direction, config), best first, with its ratio to PyTorch's FLASH_ATTENTION
-(and, forward, to CUDNN_ATTENTION). B = tokens / L and H = hidden / E: the defaults are docs/DESIGN.md's grid;
+and to CUDNN_ATTENTION. B = tokens / L and H = hidden / E: the defaults are docs/DESIGN.md's grid;
 ``--tokens 16384 --hidden 512 --lengths 512`` is the tutorial module's attention; ``--hidden 4096 --kv-heads 8
 --head-dims 128 --causal yes`` grouped-query attention (32 query heads, 8 key/value heads); ``--tokens 32768
---lengths 32768 --head-dims 128`` long context (B = 1, H = 16). Each forward variant's
-output is compared
-with PyTorch's (relative Frobenius error, ~1e-3 in bf16) before it is timed, so a broken tile
+--lengths 32768 --head-dims 128`` long context (B = 1, H = 16). Each variant's output (backward: its dq,
+dk and dv) is compared with PyTorch's (relative Frobenius error, ~1e-3 in bf16) before it is timed, so a broken tile
 configuration shows up as an error, not as a speed.
 """
 from __future__ import annotations
@@ -30,8 +29,10 @@ from cusdpa.backends.flash import config, launches
 FWD = [dict(use_wgmma=True, fwd90_warpgroups=wg, fwd90_block_n=bn)
        for wg, bn in ((2, 64), (2, 80), (2, 112), (2, 128), (2, 144), (2, 176), (3, 64), (3, 96), (3, 128))] + \
       [dict(use_wgmma=False)]
-BWD = [dict(bwd_block_m=64), dict(bwd_block_m=128), dict(bwd_block_m=32), dict(bwd_warps=4, bwd_block_m=64)]
-DQ = [dict(dq_warps=8), dict(dq_warps=4), dict(dq_warps=4, dq_m_tiles=2, dq_block_n=32)]
+# Backward variants: the Hopper kernels at their two steps, then the mma.sync kernels' dK/dV and dQ tiles.
+BWD = [dict(bwd90_block_m=64), dict(bwd90_block_m=32)] + \
+      [dict(use_wgmma_bwd=False, **t) for t in (dict(bwd_block_m=64), dict(bwd_block_m=128), dict(bwd_warps=4, bwd_block_m=64),
+                                              dict(dq_warps=4), dict(dq_warps=4, dq_m_tiles=2, dq_block_n=32))]
 
 
 def _knobs(spec: str) -> dict:
@@ -94,40 +95,45 @@ def main():
                     t_fwd = ms(lambda: torch_sdpa(q, k, v))
                     o = torch_sdpa(qg, kg, vg)
                     t_bwd = None if args.forward_only else ms(lambda: o.backward(do, retain_graph=True))
+                    if not args.forward_only:
+                        g_ref = [g.float() for g in torch.autograd.grad(o, (qg, kg, vg), do, retain_graph=True)]
                 with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
                     t_cudnn = ms(lambda: torch_sdpa(q, k, v))
+                    oc = torch_sdpa(qg, kg, vg)
+                    t_cudnn_bwd = None if args.forward_only else ms(lambda: oc.backward(do, retain_graph=True))
                 o_ref = o.detach().float()
                 base = config.FlashConfig.for_problem(E, E, L, causal)
                 rows = []
                 out, lse = flash.IMPL.forward(pr)
                 bwd = lambda: flash.IMPL.backward(pr, out, lse, cdo)
-                runs = [("fwd", FWD, lambda: flash.IMPL.forward(pr), t_fwd, 1.0),
-                        ("bwd dkdv", BWD, bwd, t_bwd, 2.5), ("bwd dq", DQ, bwd, t_bwd, 2.5)]
+                runs = [("fwd", FWD, lambda: flash.IMPL.forward(pr), t_fwd, t_cudnn, 1.0),
+                        ("bwd", BWD, bwd, t_bwd, t_cudnn_bwd, 2.5)]
                 if args.forward_only:
                     runs = runs[:1]
-                for kind, variants, fn, t_torch, mult in runs:
+                for kind, variants, fn, t_torch, t_cud, mult in runs:
                     if args.default_only:
                         variants = [{}]
-                    elif kind == "fwd" and args.variants is not None:
+                    elif args.variants is not None:
                         variants = [_knobs(spec) for spec in args.variants]
                     for knobs in variants:
                         cfg = dataclasses.replace(base, **knobs)
                         launches.config = lambda pr, cfg=cfg: cfg
                         try:
-                            if kind == "fwd":
-                                got = torch.from_dlpack(fn()[0]).float()
-                                err = float((got - o_ref).norm() / o_ref.norm())
-                                if not err < 2e-2:
-                                    print(f"E={E} L={L} causal={causal} {knobs}: WRONG, relative error {err:.3g}")
-                                    continue
-                            rows.append((kind, cfg, ms(fn), t_torch, t_cudnn if kind == "fwd" else None, mult))
+                            got = fn()
+                            got, want = ([got[0]], [o_ref]) if kind == "fwd" else (got, g_ref)
+                            err = max(float((torch.from_dlpack(g).float() - w).norm() / w.norm())
+                                      for g, w in zip(got, want))
+                            if not err < 2e-2:
+                                print(f"E={E} L={L} causal={causal} {kind} {knobs}: WRONG, relative error {err:.3g}")
+                                continue
+                            rows.append((kind, cfg, ms(fn), t_torch, t_cud, mult))
                         except ValueError as e:  # tiles that do not fit in shared memory
                             print(f"E={E} {kind} {knobs}: {e}")
                 launches.config = lambda pr: base
                 rows.sort(key=lambda r: (r[0], r[2]))
                 for kind, cfg, t, tt, tc, mult in rows:
                     knobs = {k: v for k, v in dataclasses.asdict(cfg).items() if getattr(base, k) != v}
-                    cudnn = f" x cudnn {tc / t:4.2f}" if tc is not None else ""
+                    cudnn = f" x cudnn {tc / t:4.2f}"
                     print(f"B={B} H={H}/{Hkv} E={E} L={L} causal={causal!s:5} {kind:10} {flop * mult / t / 1e9:6.1f} TF/s "
                           f"{1e3 * t:8.1f} us  x torch_flash {tt / t:4.2f}{cudnn}  {knobs or 'default'}", flush=True)
 
