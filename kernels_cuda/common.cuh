@@ -114,6 +114,11 @@ struct Visibility {
         Index d = j - i - shift;
         return j < S && i < L && (left < 0 || d >= -left) && (right < 0 || d <= right);
     }
+    // Keys [lo, hi) that row i sees (empty past the last row): the per-element rule as two limits.
+    __device__ __forceinline__ void row_keys(Index i, Index& lo, Index& hi) const {
+        lo = left >= 0 ? max(Index(0), i + shift - left) : 0;
+        hi = i >= L ? 0 : (right >= 0 ? min(S, i + shift + right + 1) : S);
+    }
     // Keys [lo, hi) seen by some query row in [i0, i1).
     __device__ __forceinline__ void key_range(Index i0, Index i1, Index& lo, Index& hi) const {
         lo = left >= 0 ? max(Index(0), i0 + shift - left) : 0;

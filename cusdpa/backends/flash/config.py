@@ -26,6 +26,7 @@ class FlashConfig:
     fwd90_block_n: int = 128
     fwd90_stages: int = 2  # K and V buffers of the producer's ring
     fwd90_pingpong: bool = True  # consumer warpgroups take turns issuing their products
+    fwd90_poly_exp: int = 0  # of every 4 score column tiles, how many exponentiate on the FMA pipe
     use_wgmma_bwd: bool = True  # Hopper backward (flash_bwd_sm90.cu) where the device, head dims and options allow
     bwd90_block_m: int = 64  # the Hopper backward's step: queries per dK/dV step, keys per dQ step
 
@@ -46,17 +47,22 @@ class FlashConfig:
         """``for_head_dims`` with the Hopper forward's tiles, from sweeps on the H200 (BENCHMARKS.md): two
         consumer warpgroups and 128-key blocks for E <= 128 (three warpgroups, 192 query rows, only pay on
         long non-causal E = 64 problems); for larger head dims FlashAttention-3's key blocks, as long as
-        registers and shared memory allow. Two K/V stages: a third measured 1-3% faster on causal problems
-        but is not the default until the GPU suite has passed with it (BENCHMARKS.md, the open hang)."""
+        registers and shared memory allow. Causal problems take a third K/V stage where it fits (1-3%
+        faster: more of the next tile's loads in flight while the diagonal blocks are masked)."""
         cfg = FlashConfig.for_head_dims(E, Ev)
         d = max(E, Ev)
         if d <= 64 and not causal and L >= 16384:
-            return dataclasses.replace(cfg, fwd90_warpgroups=3, fwd90_block_n=128)
-        if d <= 128:
-            return dataclasses.replace(cfg, fwd90_block_n=128)
-        if d <= 192:
-            return dataclasses.replace(cfg, fwd90_block_n=112 if Ev > 128 else 128)
-        return dataclasses.replace(cfg, fwd90_block_n=80)
+            cfg = dataclasses.replace(cfg, fwd90_warpgroups=3, fwd90_block_n=128)
+        elif d <= 128:
+            cfg = dataclasses.replace(cfg, fwd90_block_n=128)
+        elif d <= 192:
+            cfg = dataclasses.replace(cfg, fwd90_block_n=112 if Ev > 128 else 128)
+        else:
+            cfg = dataclasses.replace(cfg, fwd90_block_n=80)
+        deeper = dataclasses.replace(cfg, fwd90_stages=3)
+        if causal and smem_bytes("fwd_sm90", deeper, E, Ev) <= MAX_SMEM:
+            cfg = deeper
+        return cfg
 
     @property
     def fwd_block_m(self) -> int:
