@@ -32,8 +32,7 @@
 // meets a P of 0. K needs nothing: its scores there are selected out.
 //
 // Extra -D options: FWD90_WARPGROUPS (consumer warpgroups, 2 or 3), FWD90_BLOCK_N, FWD90_STAGES (K/V
-// buffers), FWD90_PINGPONG (1: consumers take turns; 0: they issue when ready), FWD90_POLY_EXP (0-4:
-// column tiles of every 4 whose exponentials run on the FMA pipe). E and Ev multiples of 32
+// buffers), FWD90_PINGPONG (1: consumers take turns; 0: they issue when ready). E and Ev multiples of 32
 // up to 256.
 #include "sm90.cuh"
 // @WGMMA_WRAPPERS@ FWD90_BLOCK_N HEAD_DIM_V
@@ -85,20 +84,6 @@ __device__ __forceinline__ void issue_pv(float (&acc)[VT * 4], const u32 (&p)[NT
 
 // ---- softmax -------------------------------------------------------------------------------------------
 
-// 2^x for x <= 0 on the FMA pipe (FlashAttention-4's trick): at small head dims the exponentials on the
-// MUFU unit (16 per clock per SM) take as long as both products, so part of them go here instead.
-// 2^x = 2^n 2^f with n = round(x) (from the mantissa of x + 1.5 * 2^23) and f in [-0.5, 0.5], 2^f a cubic
-// (relative error 7.5e-5, below fp16's rounding of P), 2^n added to the exponent bits. x < -125 gives 0
-// (-inf, a masked score, exactly 0), NaN stays NaN.
-__device__ __forceinline__ float exp2_fma(float x) {
-    const float xc = fmaxf(x, -125.f);
-    const float t = __fadd_rn(xc, 12582912.f);
-    const float f = __fadd_rn(xc, -__fadd_rn(t, -12582912.f));
-    const float p = fmaf(fmaf(fmaf(0.0551715f, f, 0.2426112f), f, 0.6932610f), f, 0.9999281f);
-    const float r = __int_as_float(__float_as_int(p) + (__float_as_int(t) << 23));
-    return x < -125.f ? 0.f : (x != x ? x : r);
-}
-
 // Online softmax of one key block for this thread's rows i (g) and i + 8: masks the scores, moves the row
 // maxima m_i, rescales l_i, and turns the scores into unnormalised probabilities in place (l_i sums them,
 // before dropout). alpha[r] is the factor the output accumulated so far needs; the return value says
@@ -144,8 +129,8 @@ __device__ __forceinline__ bool softmax_block(float (&s)[NT * 4], float (&m_i)[2
         for (int nt = 0; nt < NT; ++nt) {
 #pragma unroll
             for (int r = 0; r < 2; ++r) {
-                const float p0 = power(s[nt * 4 + 2 * r], m_use[r], nt);
-                const float p1 = power(s[nt * 4 + 2 * r + 1], m_use[r], nt);
+                const float p0 = power(s[nt * 4 + 2 * r], m_use[r]);
+                const float p1 = power(s[nt * 4 + 2 * r + 1], m_use[r]);
                 l_i[r] += p0 + p1;
                 s[nt * 4 + 2 * r] = p0;
                 s[nt * 4 + 2 * r + 1] = p1;
@@ -153,12 +138,9 @@ __device__ __forceinline__ bool softmax_block(float (&s)[NT * 4], float (&m_i)[2
         }
     };
     if (exact)
-        exponentiate([scale_log2](float x, float m, int) { return exp2f(__fmul_rn(x, scale_log2) - m); });
-    else  // FWD90_POLY_EXP of every 4 column tiles on the FMA pipe, the rest on the MUFU unit
-        exponentiate([scale_log2](float x, float m, int nt) {
-            const float arg = fmaf(x, scale_log2, -m);
-            return nt % 4 < FWD90_POLY_EXP ? exp2_fma(arg) : exp2f(arg);
-        });
+        exponentiate([scale_log2](float x, float m) { return exp2f(__fmul_rn(x, scale_log2) - m); });
+    else
+        exponentiate([scale_log2](float x, float m) { return exp2f(fmaf(x, scale_log2, -m)); });
     return __any_sync(0xffffffffu, rescale);
 }
 

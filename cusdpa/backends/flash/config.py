@@ -26,7 +26,6 @@ class FlashConfig:
     fwd90_block_n: int = 128
     fwd90_stages: int = 2  # K and V buffers of the producer's ring
     fwd90_pingpong: bool = True  # consumer warpgroups take turns issuing their products
-    fwd90_poly_exp: int = 0  # of every 4 score column tiles, how many exponentiate on the FMA pipe
     use_wgmma_bwd: bool = True  # Hopper backward (flash_bwd_sm90.cu) where the device, head dims and options allow
     bwd90_block_m: int = 64  # the Hopper backward's step: queries per dK/dV step, keys per dQ step
 
@@ -117,5 +116,8 @@ def sm90_forward_applies(E: int, Ev: int, compute_capability: int, cfg: FlashCon
 
 
 def sm90_backward_applies(E: int, Ev: int, compute_capability: int, cfg: FlashConfig, dropout: bool) -> bool:
-    """The wgmma backward kernels take E, Ev in {64, 128} without dropout on compute capability 9.0."""
-    return cfg.use_wgmma_bwd and compute_capability == 90 and E in (64, 128) and Ev in (64, 128) and not dropout
+    """The wgmma backward kernels take E, Ev in {64, 128} without dropout on compute capability 9.0; they
+    run where one of them is 128 (at E = Ev = 64 they measured 6% slower than the mma.sync kernels on the
+    H200 without a mask, even with one: BENCHMARKS.md)."""
+    return (cfg.use_wgmma_bwd and compute_capability == 90 and E in (64, 128) and Ev in (64, 128)
+            and max(E, Ev) == 128 and not dropout)

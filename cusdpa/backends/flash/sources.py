@@ -67,8 +67,7 @@ def compile_options(dtype_name: str, E: int, Ev: int, dropout: bool, cfg: FlashC
             f"-DDQ_WARPS={cfg.dq_warps}", f"-DDQ_M_TILES={cfg.dq_m_tiles}",
             f"-DDQ_BLOCK_N={cfg.dq_block_n}", f"-DFWD90_WARPGROUPS={cfg.fwd90_warpgroups}",
             f"-DFWD90_BLOCK_N={cfg.fwd90_block_n}", f"-DFWD90_STAGES={cfg.fwd90_stages}",
-            f"-DFWD90_PINGPONG={int(cfg.fwd90_pingpong)}", f"-DFWD90_POLY_EXP={cfg.fwd90_poly_exp}",
-            f"-DBWD90_BLOCK_M={cfg.bwd90_block_m}")
+            f"-DFWD90_PINGPONG={int(cfg.fwd90_pingpong)}", f"-DBWD90_BLOCK_M={cfg.bwd90_block_m}")
 
 
 @functools.cache
