@@ -4,8 +4,8 @@
                                      [--forward-only] [--default-only] [--variants '' fwd90_stages=3 ...]
 
 Used to choose FlashConfig.for_head_dims and for_problem (each point starts from the latter's tiles);
-prints one line per (point, direction, config), best first, with its ratio to PyTorch's FLASH_ATTENTION
-and to CUDNN_ATTENTION. B = tokens / L and H = hidden / E: the defaults are docs/DESIGN.md's grid;
+prints one line per (point, direction, config), best first ("bwd det": deterministic=True), with its
+ratio to PyTorch's FLASH_ATTENTION and to CUDNN_ATTENTION. B = tokens / L and H = hidden / E: the defaults are docs/DESIGN.md's grid;
 ``--tokens 16384 --hidden 512 --lengths 512`` is the tutorial module's attention; ``--hidden 4096 --kv-heads 8
 --head-dims 128 --causal yes`` grouped-query attention (32 query heads, 8 key/value heads); ``--tokens 32768
 --lengths 32768 --head-dims 128`` long context (B = 1, H = 16). Each variant's output (backward: its dq,
@@ -29,10 +29,10 @@ from cusdpa.backends.flash import config, launches
 FWD = [dict(use_wgmma=True, fwd90_warpgroups=wg, fwd90_block_n=bn)
        for wg, bn in ((2, 64), (2, 80), (2, 112), (2, 128), (2, 144), (2, 176), (3, 64), (3, 96), (3, 128))] + \
       [dict(use_wgmma=False)]
-# Backward variants: the Hopper kernels at their two steps, then the mma.sync kernels' dK/dV and dQ tiles.
-BWD = [dict(bwd90_block_m=64), dict(bwd90_block_m=32)] + \
-      [dict(use_wgmma_bwd=False, **t) for t in (dict(bwd_block_m=64), dict(bwd_block_m=128), dict(bwd_warps=4, bwd_block_m=64),
-                                              dict(dq_warps=4), dict(dq_warps=4, dq_m_tiles=2, dq_block_n=32))]
+# Backward variants: the Hopper kernel, then the mma.sync kernels' dK/dV and dQ tiles.
+BWD = [dict()] + [dict(use_wgmma_bwd=False, **t) for t in (
+    dict(bwd_block_m=64), dict(bwd_block_m=128), dict(bwd_warps=4, bwd_block_m=64), dict(dq_warps=4),
+    dict(dq_warps=4, dq_m_tiles=2, dq_block_n=32))]
 
 
 def _knobs(spec: str) -> dict:
@@ -107,11 +107,12 @@ def main():
                 out, lse = flash.IMPL.forward(pr)
                 bwd = lambda: flash.IMPL.backward(pr, out, lse, cdo)
                 runs = [("fwd", FWD, lambda: flash.IMPL.forward(pr), t_fwd, t_cudnn, 1.0),
-                        ("bwd", BWD, bwd, t_bwd, t_cudnn_bwd, 2.5)]
+                        ("bwd", BWD, bwd, t_bwd, t_cudnn_bwd, 2.5),
+                        ("bwd det", [{}], lambda: flash.IMPL.backward(pr, out, lse, cdo, True), t_bwd, t_cudnn_bwd, 2.5)]
                 if args.forward_only:
                     runs = runs[:1]
                 for kind, variants, fn, t_torch, t_cud, mult in runs:
-                    if args.default_only:
+                    if args.default_only or kind == "bwd det":  # deterministic: the default tiles only
                         variants = [{}]
                     elif args.variants is not None:
                         variants = [_knobs(spec) for spec in args.variants]

@@ -175,7 +175,8 @@ def _plan(query, key, value, options: tuple, backends: str) -> plans.Plan | None
     return plans.lookup(_signature(query, key, value, options, backends), make)
 
 
-def _backward_plan(query, key, value, options: tuple, backends: str, grad_out, out, lse) -> plans.Plan | None:
+def _backward_plan(query, key, value, options: tuple, backends: str, grad_out, out, lse,
+                   deterministic: bool) -> plans.Plan | None:
     """The training plan of a dense call for these ``grad_out``, ``out`` and ``lse`` (their layouts are part of
     the signature), or None: take the general path. The forward's own out and lse always qualify; a grad_out
     the kernels cannot read in place (an expanded gradient of ``out.sum()``) gets a plan that copies it into
@@ -183,7 +184,7 @@ def _backward_plan(query, key, value, options: tuple, backends: str, grad_out, o
     signature = _signature(query, key, value, options, backends) + (
         grad_out.shape, grad_out.stride(), grad_out.dtype, grad_out.get_device(), out.shape, out.stride(), out.dtype,
         out.get_device(), lse.shape, lse.stride(), lse.dtype, lse.get_device(),
-        (grad_out.data_ptr() | out.data_ptr() | lse.data_ptr()) % 16 == 0)
+        (grad_out.data_ptr() | out.data_ptr() | lse.data_ptr()) % 16 == 0, deterministic)
 
     def make():
         pr = _problem(query, key, value, options)
@@ -199,7 +200,8 @@ def _backward_plan(query, key, value, options: tuple, backends: str, grad_out, o
             return None  # out or lse are not the forward's: the general path reads any
         readable = grad_out.data_ptr() % 16 == 0 and launches.kernel_strides(
             pr.out_shape, grad_out.stride(), len(pr.batch_shape), pr.dtype.itemsize) is not None
-        return plans.build(pr, out_strides, backward=True, dout_strides=grad_out.stride() if readable else None)
+        return plans.build(pr, out_strides, backward=True, dout_strides=grad_out.stride() if readable else None,
+                           deterministic=deterministic)
 
     return plans.lookup(signature, make)
 
@@ -279,16 +281,18 @@ def _sdpa_bwd(grad_out, query, key, value, attn_mask, out, lse, *rest):
     cannot return None). ``rest``: the option values, seed, backends, deterministic."""
     options, seed, backends, deterministic = rest[:-3], rest[-3], rest[-2], rest[-1]
     if attn_mask is None and query.is_cuda:
-        plan = _backward_plan(query, key, value, options, backends, grad_out, out, lse)
+        plan = _backward_plan(query, key, value, options, backends, grad_out, out, lse, deterministic)
         if plan is not None:
             if plan.copies_dout:
                 grad_out = torch.empty_like(out).copy_(grad_out)
             dq, dk, dv = (x.new_empty(x.shape) for x in (query, key, value))
             delta = lse.new_empty(lse.shape)
+            dq_accum = query.new_empty(plan.dq_accum_elements, dtype=torch.float32) if plan.dq_accum_elements else None
             with _profiled("cusdpa::flash_bwd"):
                 plan.run_backward(_stream(query), query.data_ptr(), key.data_ptr(), value.data_ptr(), out.data_ptr(),
                                   grad_out.data_ptr(), lse.data_ptr(), delta.data_ptr(), dq.data_ptr(),
-                                  dk.data_ptr(), dv.data_ptr(), seed_of(seed, options[0]))
+                                  dk.data_ptr(), dv.data_ptr(), seed_of(seed, options[0]),
+                                  dq_accum.data_ptr() if dq_accum is not None else 0)
             return dq, dk, dv, _nothing(query)
     grad_out = grad_out.contiguous()
     with bridge.on_stream(query.device):

@@ -1,23 +1,33 @@
-// FLASH backward on Hopper (sm_90a): flash_bwd.cu's dK/dV and dQ kernels with their products on wgmma
-// and their loads on TMA, warp-specialised as the Hopper forward is. Like the mma.sync kernels they
-// recompute P in each, use no atomics, and so give bit-identical gradients run to run.
+// FLASH backward on Hopper (sm_90a): FlashAttention-3's backward, its products on wgmma and its loads on
+// TMA, warp-specialised as the Hopper forward is.
 //
-// flash_bwd_dkdv_sm90: one CTA per block of BLOCK_N keys of one (batch, kv head); consumer warpgroup w
+// flash_bwd_sm90: one CTA per block of BLOCK_N = 128 keys of one (batch, kv head); consumer warpgroup w
 // owns keys [64 w, 64 w + 64) of it and keeps their dK and dV accumulators in registers while it loops
-// over the query heads of the GQA group and their query blocks (BLOCK_M = 64 rows per step):
+// over the query heads of the GQA group and their query blocks (BLOCK_M rows per step):
 //   S^T = K Q^T, dP^T = V dO^T                       (wgmma, both operands from shared memory, key-major:
 //                                                     P^T and dS^T come out in the A-fragment layout)
 //   P^T = exp2(S^T scale log2 e - lse log2 e), dS^T = P^T o (dP^T - D)     (masked pairs selected to 0)
 //   dV += P^T dO, dK += dS^T Q                       (wgmma, A from registers, dO and Q read transposed)
+//   dQ_step = dS K                                   (wgmma, dS^T of both warpgroups through shared memory)
+// and adds dQ_step into an fp32 dQ accumulator in global memory with vector reductions (red.add.v2.f32),
+// since every key block of the query rows contributes to it. Warpgroup w takes the (64-row, all-column)
+// piece w of the step's dQ when BLOCK_M = 128 (E = 64) and the column half w when BLOCK_M = 64 (E = 128),
+// so the reductions of a step never overlap. flash_bwd_dq_convert then writes dQ = scale * accumulator in
+// the input dtype. The order of the reductions varies run to run, and with it dQ's last bits; the
+// deterministic mode orders them: a semaphore per (batch, head, query block) counts the key blocks that
+// have added theirs, and key block n adds only when the count says every key block before it has (CTAs
+// start in blockIdx order, so the ones waited for are running or done).
+//
 // The producer warp loads K and V once and Q, dO (TMA) with lse and D (plain loads) into STAGES buffers.
 //
 // NaN where nobody looks: K and V rows only meet their own S^T and dP^T rows, which are selected out
 // where no query sees the key; but dV += P^T dO and dK += dS^T Q sum over queries, multiplying a
 // selected-out 0 by whatever dO and Q hold, so the producer zeroes the rows of Q and dO that see no key
-// (and, in a packed batch, the next sequence's rows).
+// (and, in a packed batch, the next sequence's rows); dQ sums over keys, so it zeroes the K rows that no
+// query of the slice sees, and rows that see no key add nothing (their accumulator stays 0).
 //
-// Extra -D options: BWD90_BLOCK_M (the 64-row step: queries per dK/dV step, keys per dQ step). E and Ev
-// in {64, 128}; no dropout (the host runs the mma.sync kernels for those).
+// Extra -D options: BWD90_BLOCK_M (queries per step: 64 for E = 128, 128 for E = 64). E = Ev in
+// {64, 128}; no dropout (the host runs the mma.sync kernels for those).
 #include "sm90.cuh"
 // @WGMMA_WRAPPERS@ BWD90_BLOCK_M HEAD_DIM HEAD_DIM_V
 
@@ -31,12 +41,17 @@ constexpr int QT = BLOCK_M / 8;  // n8 tiles of S^T over queries
 constexpr int ET = HEAD_DIM / 8, EVT = HEAD_DIM_V / 8;
 constexpr int SK_BYTES = BLOCK_N * HEAD_DIM * 2, SV_BYTES = BLOCK_N * HEAD_DIM_V * 2;
 constexpr int SQ_BYTES = BLOCK_M * HEAD_DIM * 2, SDO_BYTES = BLOCK_M * HEAD_DIM_V * 2;
-constexpr int SMEM_TILES = SK_BYTES + SV_BYTES + STAGES * (SQ_BYTES + SDO_BYTES);
+constexpr int SDS_BYTES = BLOCK_N * BLOCK_M * 2;  // dS^T, key-major: BLOCK_M / 64 chunks of 64 queries
+constexpr int SMEM_TILES = SK_BYTES + SV_BYTES + STAGES * (SQ_BYTES + SDO_BYTES) + 2 * SDS_BYTES;
 constexpr int LOAD_REGS = 24, MMA_REGS = 240;
 constexpr int CONSUMER_WARPS = MMA_WG * 4;
+// dQ of a step: warpgroup w computes DQ_N = 64 columns of 64 rows (BLOCK_M = 128: rows 64 w, every
+// column; BLOCK_M = 64: columns 64 w of every row), a width the wrappers have.
+constexpr int DQ_N = HEAD_DIM * BLOCK_M / 128;
 static_assert(HEAD_DIM % 64 == 0 && HEAD_DIM_V % 64 == 0 && HEAD_DIM <= 128 && HEAD_DIM_V <= 128,
-              "the sm90 dK/dV kernel takes E, Ev in {64, 128}");
-static_assert(BLOCK_M == 64, "BWD90_BLOCK_M must be 64: one 128-byte swizzle row of queries");
+              "the sm90 backward takes E, Ev in {64, 128}");
+static_assert(BLOCK_M % 64 == 0 && DQ_N == 64,
+              "BWD90_BLOCK_M: 64 queries per step at E = 128, 128 at E = 64");
 }  // namespace dkdv90
 static_assert(!IS_DROPOUT, "dropout runs on the mma.sync kernels");
 
@@ -74,6 +89,50 @@ __device__ __forceinline__ void zero_rows_outside(unsigned char* tile, int lo, i
     }
 }
 
+// A warp's share of dS^T (its 16 key rows from kr: this thread's are kr + g and kr + g + 8) into the
+// key-major shared tile the dQ product reads as its MN-major A operand: rows of 128 bytes (64 queries)
+// per key, BLOCK_M / 64 such chunks of `keys` rows, 16-byte pieces swizzled by the key row
+// (conflict-free: the 8 rows g of a store land on 8 different pieces).
+template <int QT>
+__device__ __forceinline__ void store_ds_t(unsigned char* sdS, int keys, const u32 (&dst)[QT * 2], int kr, int lane) {
+    const int g = lane / 4, t = lane % 4;
+#pragma unroll
+    for (int nt = 0; nt < QT; ++nt)
+#pragma unroll
+        for (int r = 0; r < 2; ++r)
+            *reinterpret_cast<u32*>(sdS + (nt / 8) * keys * 128 + (kr + g + 8 * r) * 128 + (((nt % 8) ^ g) * 16) +
+                                    4 * t) = dst[nt * 2 + r];
+}
+
+// acc += dS B over the step's keys: dS (64 queries x BLOCK_N keys) read transposed from the key-major
+// chunk of its queries, B (BLOCK_N keys x 64 columns) from the key-major 64-column chunk of K (issued,
+// not waited for).
+template <int KEYS>
+__device__ __forceinline__ void issue_ds_k(float (&acc)[32], const unsigned char* sdS, const unsigned char* sK) {
+#pragma unroll
+    for (int kk = 0; kk < KEYS / 16; ++kk)
+        wgmma_ss<1, 1>(acc, sw_desc<128>(sdS + kk * 16 * 128, KEYS * 128), sw_desc<128>(sK + kk * 16 * 128, KEYS * 128),
+                       kk > 0);
+}
+
+// Add a warpgroup's 64 x 64 piece of dQ into the fp32 accumulator (rows at `acc`, pitch `pitch`): one
+// red.add.v2 per element pair; rows outside [lo, hi) (no key seen, or another sequence's) add nothing.
+__device__ __forceinline__ void reduce_dq(float* acc, long long pitch, const float (&dq)[32], int row0, int lo, int hi,
+                                          int lane) {
+    const int g = lane / 4, t = lane % 4;
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        const int row = row0 + g + 8 * r;
+        if (row < lo || row >= hi) continue;
+        float* p = acc + row * pitch + 2 * t;
+#pragma unroll
+        for (int nt = 0; nt < 8; ++nt)
+            asm volatile("red.global.add.v2.f32 [%0], {%1, %2};\n" ::"l"(p + nt * 8), "f"(dq[nt * 4 + 2 * r]),
+                         "f"(dq[nt * 4 + 2 * r + 1])
+                         : "memory");
+    }
+}
+
 // A warp's 16 rows of an accumulator (N / 4 n8 tiles), scaled and rounded, rows >= `rows` skipped.
 template <int N>
 __device__ __forceinline__ void store_rows(elem_t* base, long long pitch, const float (&acc)[N], float scale,
@@ -91,20 +150,23 @@ __device__ __forceinline__ void store_rows(elem_t* base, long long pitch, const 
 }
 
 extern "C" __global__ void __launch_bounds__(dkdv90::NTHREADS, 1)
-flash_bwd_dkdv_sm90(const __grid_constant__ TmaMap tm_q, const __grid_constant__ TmaMap tm_k,
-                    const __grid_constant__ TmaMap tm_v, const __grid_constant__ TmaMap tm_do,
-                    const float* __restrict__ lse, const float* __restrict__ delta, elem_t* __restrict__ dk,
-                    elem_t* __restrict__ dv, const int* __restrict__ cu_q, const int* __restrict__ cu_k, int L, int S,
-                    int Hq, int group, int q_hm, int q_bm, int k_hm, int k_bm, int v_hm, int v_bm, int do_hm,
-                    int do_bm, long long dk_sb, long long dk_sh, long long dk_sm, long long dv_sb, long long dv_sh,
-                    long long dv_sm, long long lse_sb, long long lse_sh, float scale, float scale_log2, int left,
-                    int right, int lower_right) {
+flash_bwd_sm90(const __grid_constant__ TmaMap tm_q, const __grid_constant__ TmaMap tm_k,
+               const __grid_constant__ TmaMap tm_v, const __grid_constant__ TmaMap tm_do,
+               const float* __restrict__ lse, const float* __restrict__ delta, elem_t* __restrict__ dk,
+               elem_t* __restrict__ dv, float* __restrict__ dq_accum, long long sem_offset, int sem_stride,
+               const int* __restrict__ cu_q,
+               const int* __restrict__ cu_k, int L, int S, int Hq, int group, int q_hm, int q_bm, int k_hm, int k_bm,
+               int v_hm, int v_bm, int do_hm, int do_bm, long long dk_sb, long long dk_sh, long long dk_sm,
+               long long dv_sb, long long dv_sh, long long dv_sm, long long acc_sb, long long acc_sh,
+               long long acc_sm, long long lse_sb, long long lse_sh, float scale, float scale_log2, int left,
+               int right, int lower_right) {
     using namespace dkdv90;
     extern __shared__ __align__(1024) unsigned char smem[];
     unsigned char* sK = smem;  // every size is a multiple of 1024: each tile keeps the swizzle alignment
     unsigned char* sV = sK + SK_BYTES;
     unsigned char* sQ = sV + SV_BYTES;
     unsigned char* sdO = sQ + STAGES * SQ_BYTES;
+    unsigned char* sdS = sdO + STAGES * SDO_BYTES;  // two buffers: a step writes one while the last is read
     float* sLse = reinterpret_cast<float*>(smem + SMEM_TILES);  // [STAGES][BLOCK_M], log2 domain
     float* sD = sLse + STAGES * BLOCK_M;                        // [STAGES][BLOCK_M]
     unsigned long long* bars = reinterpret_cast<unsigned long long*>(sD + STAGES * BLOCK_M);
@@ -119,9 +181,12 @@ flash_bwd_dkdv_sm90(const __grid_constant__ TmaMap tm_q, const __grid_constant__
     if (n0 >= slice.S) return;
     const Visibility<int>& vis = slice.vis;
     const int n1 = min(n0 + BLOCK_N, slice.S);
-    int i_lo, i_hi, qi_lo, qi_hi;
+    int i_lo, i_hi, qi_lo, qi_hi, kj_lo, kj_hi;
     vis.query_range(n0, n1, i_lo, i_hi);            // query rows that see a key of this block
     vis.query_range(0, slice.S, qi_lo, qi_hi);      // query rows that see any key
+    vis.key_range(0, slice.L, kj_lo, kj_hi);        // keys some query row sees
+    // deterministic mode: [b][h][query block] counters after the accumulator (sem_offset < 0: unordered)
+    int* sem = sem_offset >= 0 ? reinterpret_cast<int*>(dq_accum + sem_offset) : nullptr;
     const int m_begin = i_lo / BLOCK_M, m_blocks = i_lo < i_hi ? (i_hi + BLOCK_M - 1) / BLOCK_M - m_begin : 0;
     const int steps = slice.L > 0 ? group * m_blocks : 0;
 
@@ -141,14 +206,27 @@ flash_bwd_dkdv_sm90(const __grid_constant__ TmaMap tm_q, const __grid_constant__
         if (warp != 0 || steps == 0) return;
         u32 staged_phase = 0;
         const int krow = slice.start_k + n0;
+        // dQ sums over keys: K rows that no query sees (and, packed, the next sequence's) are zeroed first.
+        const int k_end = slice.packed ? n0 + BLOCK_N : min(n0 + BLOCK_N, slice.S);
+        const bool k_dirty = n0 < kj_lo || k_end > kj_hi;
+        unsigned long long* kbar = k_dirty ? staged : kv_full;
         if (lane == 0) {
-            mbar_expect_tx(kv_full, SK_BYTES + SV_BYTES);
+            mbar_expect_tx(kbar, SK_BYTES + SV_BYTES);
 #pragma unroll
             for (int c = 0; c < HEAD_DIM / 64; ++c)
-                tma_load(sK + c * BLOCK_N * 128, tm_k, kv_full, 64 * c, krow, slice.kvh * k_hm, slice.b * k_bm);
+                tma_load(sK + c * BLOCK_N * 128, tm_k, kbar, 64 * c, krow, slice.kvh * k_hm, slice.b * k_bm);
 #pragma unroll
             for (int c = 0; c < HEAD_DIM_V / 64; ++c)
-                tma_load(sV + c * BLOCK_N * 128, tm_v, kv_full, 64 * c, krow, slice.kvh * v_hm, slice.b * v_bm);
+                tma_load(sV + c * BLOCK_N * 128, tm_v, kbar, 64 * c, krow, slice.kvh * v_hm, slice.b * v_bm);
+        }
+        if (k_dirty) {
+            mbar_wait(staged, staged_phase);
+            staged_phase ^= 1;
+            const int lo_rows = max(0, min(kj_lo - n0, BLOCK_N)), hi_row = max(lo_rows, min(kj_hi - n0, BLOCK_N));
+            zero_rows_outside<BLOCK_N, HEAD_DIM>(sK, lo_rows, hi_row, lane);
+            fence_proxy_async();
+            __syncwarp();
+            if (lane == 0) mbar_arrive(kv_full);
         }
 
         for (int it = 0; it < steps; ++it) {
@@ -207,10 +285,12 @@ flash_bwd_dkdv_sm90(const __grid_constant__ TmaMap tm_q, const __grid_constant__
     const unsigned char* sVw = sV + cw * 64 * 128;
     if (steps > 0) mbar_wait_warp(kv_full, 0);
 
+    // dQ piece of this warpgroup: 64 rows from mrow0 of the step, 64 columns from chunk dq_chunk of K
+    const int mrow0 = BLOCK_M == 128 ? 64 * cw : 0, dq_chunk = BLOCK_M == 128 ? 0 : cw;
     for (int it = 0; it < steps; ++it) {
         const int st = it % STAGES;
         const u32 phase = (it / STAGES) & 1;
-        const int m0 = (m_begin + it % m_blocks) * BLOCK_M;
+        const int h = slice.h + it / m_blocks, m0 = (m_begin + it % m_blocks) * BLOCK_M;
         mbar_wait_warp(q_full + st, phase);
         const unsigned char* sQs = sQ + st * SQ_BYTES;
         const unsigned char* sdOs = sdO + st * SDO_BYTES;
@@ -254,10 +334,44 @@ flash_bwd_dkdv_sm90(const __grid_constant__ TmaMap tm_q, const __grid_constant__
         issue_xtb<HEAD_DIM_V, BLOCK_M>(dv_acc, pt, sdOs);
         issue_xtb<HEAD_DIM, BLOCK_M>(dk_acc, dst, sQs);
         wgmma_commit();
-        wgmma_wait<0>();
+        // dQ of the step while dV and dK run: dS^T of both warpgroups into shared memory (the buffer of two
+        // steps ago, which both finished reading before they met at the last step's barrier).
+        unsigned char* sdSs = sdS + (it % 2) * SDS_BYTES;
+        store_ds_t<QT>(sdSs, BLOCK_N, dst, cw * 64 + (warp % 4) * 16, lane);
+        fence_proxy_async();
+        named_sync<CONSUMER_WARPS * 32>(1);
+        float dq[32];
+        fence_regs(dq);
+        wgmma_fence();
+        issue_ds_k<BLOCK_N>(dq, sdSs + (mrow0 / 64) * BLOCK_N * 128, sK + dq_chunk * BLOCK_N * 128);
+        wgmma_commit();
+        wgmma_wait<1>();  // dV and dK done: the Q and dO stage is free
         fence_regs(dk_acc);
         fence_regs(dv_acc);
         if (lane == 0) mbar_arrive(q_empty + st);
+        wgmma_wait<0>();
+        fence_regs(dq);
+        int* count = nullptr;
+        if (sem != nullptr) {  // wait for the key blocks before this one, from the first that this block's rows see
+            int j_first, j_end;
+            vis.key_range(m0, min(m0 + BLOCK_M, slice.L), j_first, j_end);
+            count = sem + (static_cast<long long>(slice.b) * Hq + h) * sem_stride + m0 / BLOCK_M;
+            if (threadIdx.x == 128) {
+                const int before = blockIdx.x - j_first / BLOCK_N;
+                int seen;
+                do {
+                    asm volatile("ld.acquire.gpu.global.b32 %0, [%1];\n" : "=r"(seen) : "l"(count) : "memory");
+                } while (seen != before);
+            }
+            named_sync<CONSUMER_WARPS * 32>(2);
+        }
+        reduce_dq(slice.query_rows(dq_accum, acc_sb, acc_sh, acc_sm, h) + dq_chunk * 64, acc_sm, dq,
+                  m0 + mrow0 + (warp % 4) * 16, qi_lo, min(qi_hi, slice.L), lane);
+        if (count != nullptr) {  // every thread's reductions visible before the count moves on
+            __threadfence();
+            named_sync<CONSUMER_WARPS * 32>(2);
+            if (threadIdx.x == 128) asm volatile("red.release.gpu.global.add.s32 [%0], 1;\n" ::"l"(count) : "memory");
+        }
     }
 
     const int row0 = n0 + cw * 64 + (warp % 4) * 16;
@@ -266,187 +380,23 @@ flash_bwd_dkdv_sm90(const __grid_constant__ TmaMap tm_q, const __grid_constant__
 }
 
 // ---------------------------------------------------------------------------------------------------
-// dQ on Hopper: flash_bwd_dq's loop (one CTA per block of queries, over the key blocks) with its three
-// products on wgmma, warp-specialised like the forward. Consumer warpgroup w owns queries
-// [64 w, 64 w + 64) of the block:
-//   S = Q K^T, dP = dO V^T     (wgmma, shared memory operands)
-//   dS = P o (dP - D) with P = exp2(S scale log2 e - lse log2 e), masked pairs selected to 0
-//   dQ += dS K                 (wgmma, dS from registers, K read transposed)
-// dQ sums over keys, so the producer zeroes the K rows that no query of the slice sees; rows that see no
-// key store 0 (their dS is 0, but K may hold NaN where another row looks).
-namespace dq90 {
-constexpr int MMA_WG = 2;
-constexpr int NTHREADS = (MMA_WG + 1) * 128;
-constexpr int BLOCK_M = 64 * MMA_WG;  // queries per CTA
-constexpr int BLOCK_N = BWD90_BLOCK_M;  // keys per step
-constexpr int STAGES = 2;
-constexpr int NT = BLOCK_N / 8;
-constexpr int ET = HEAD_DIM / 8;
-constexpr int SQ_BYTES = BLOCK_M * HEAD_DIM * 2, SDO_BYTES = BLOCK_M * HEAD_DIM_V * 2;
-constexpr int SK_BYTES = BLOCK_N * HEAD_DIM * 2, SV_BYTES = BLOCK_N * HEAD_DIM_V * 2;
-constexpr int SMEM_TILES = SQ_BYTES + SDO_BYTES + STAGES * (SK_BYTES + SV_BYTES);
-constexpr int LOAD_REGS = 24, MMA_REGS = 240;
-constexpr int CONSUMER_WARPS = MMA_WG * 4;
-}  // namespace dq90
+// dQ = scale * the fp32 accumulator flash_bwd_sm90 reduced into (zeroed by flash_bwd_preprocess, with the
+// semaphores), in the input dtype: one warp per row, two columns per lane and pass.
+constexpr int CONVERT_WARPS = 8;
 
-extern "C" __global__ void __launch_bounds__(dq90::NTHREADS, 1)
-flash_bwd_dq_sm90(const __grid_constant__ TmaMap tm_q, const __grid_constant__ TmaMap tm_k,
-                  const __grid_constant__ TmaMap tm_v, const __grid_constant__ TmaMap tm_do,
-                  const float* __restrict__ lse, const float* __restrict__ delta, elem_t* __restrict__ dq,
-                  const int* __restrict__ cu_q, const int* __restrict__ cu_k, int L, int S, int Hq, int group,
-                  int q_hm, int q_bm, int k_hm, int k_bm, int v_hm, int v_bm, int do_hm, int do_bm, long long dq_sb,
-                  long long dq_sh, long long dq_sm, long long lse_sb, long long lse_sh, float scale,
-                  float scale_log2, int left, int right, int lower_right) {
-    using namespace dq90;
-    extern __shared__ __align__(1024) unsigned char smem[];
-    unsigned char* sQ = smem;  // every size is a multiple of 1024: each tile keeps the swizzle alignment
-    unsigned char* sdO = sQ + SQ_BYTES;
-    unsigned char* sK = sdO + SDO_BYTES;
-    unsigned char* sV = sK + STAGES * SK_BYTES;
-    unsigned long long* bars = reinterpret_cast<unsigned long long*>(smem + SMEM_TILES);
-    unsigned long long* q_full = bars;
-    unsigned long long* staged = bars + 1;  // the producer's own: K/V blocks it zeroes K rows of first
-    unsigned long long* kv_full = bars + 2;
-    unsigned long long* kv_empty = kv_full + STAGES;
-
-    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, wg = warp / 4;
-    const Slice slice = Slice::per_query_head(Hq, group, cu_q, cu_k, L, S, left, right, lower_right);
-    const int m0 = blockIdx.x * BLOCK_M;
-    if (m0 >= slice.L) return;
-    const Visibility<int>& vis = slice.vis;
-    int j_lo, j_hi, kj_lo, kj_hi, qi_lo, qi_hi;
-    vis.key_range(m0, min(m0 + BLOCK_M, slice.L), j_lo, j_hi);  // keys some row of the block sees
-    vis.key_range(0, slice.L, kj_lo, kj_hi);                     // keys some row of the slice sees
-    vis.query_range(0, slice.S, qi_lo, qi_hi);                   // rows that see some key
-    if (slice.S == 0) qi_hi = qi_lo;
-    const int n_begin = j_lo / BLOCK_N, n_end = j_lo < j_hi ? (j_hi + BLOCK_N - 1) / BLOCK_N : n_begin;
-
-    if (threadIdx.x == 0) {
-        mbar_init(q_full, 1);
-        mbar_init(staged, 1);
-        for (int st = 0; st < STAGES; ++st) {
-            mbar_init(kv_full + st, 1);
-            mbar_init(kv_empty + st, CONSUMER_WARPS);
+extern "C" __global__ void __launch_bounds__(CONVERT_WARPS * 32)
+flash_bwd_dq_convert(const float* __restrict__ dq_accum, elem_t* __restrict__ dq, const int* __restrict__ cu_q,
+                     const int* __restrict__ cu_k, int L, int S, int Hq, long long acc_sb, long long acc_sh,
+                     long long acc_sm, long long dq_sb, long long dq_sh, long long dq_sm, float scale, int left,
+                     int right, int lower_right, int rows_per_cta) {
+    const Slice slice = Slice::per_query_head(Hq, 1, cu_q, cu_k, L, S, left, right, lower_right);
+    const float* acc = slice.query_rows(dq_accum, acc_sb, acc_sh, acc_sm);
+    elem_t* out = slice.query_rows(dq, dq_sb, dq_sh, dq_sm);
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const int r_end = min(slice.L, (blockIdx.x + 1) * rows_per_cta);
+    for (int row = blockIdx.x * rows_per_cta + warp; row < r_end; row += CONVERT_WARPS)
+        for (int e = 2 * lane; e < HEAD_DIM; e += 64) {
+            const float2 a = *reinterpret_cast<const float2*>(acc + row * acc_sm + e);
+            *reinterpret_cast<u32*>(out + row * dq_sm + e) = pack2<IS_BF16>(a.x * scale, a.y * scale);
         }
-        mbar_init_fence();
-    }
-    __syncthreads();
-
-    if (wg == 0) {  // ---- producer ----
-        setmaxnreg_dec<LOAD_REGS>();
-        if (warp != 0 || n_begin >= n_end) return;
-        const int qrow = slice.start_q + m0;
-        if (lane == 0) {
-            mbar_expect_tx(q_full, SQ_BYTES + SDO_BYTES);
-#pragma unroll
-            for (int c = 0; c < HEAD_DIM / 64; ++c)
-                tma_load(sQ + c * BLOCK_M * 128, tm_q, q_full, 64 * c, qrow, slice.h * q_hm, slice.b * q_bm);
-#pragma unroll
-            for (int c = 0; c < HEAD_DIM_V / 64; ++c)
-                tma_load(sdO + c * BLOCK_M * 128, tm_do, q_full, 64 * c, qrow, slice.h * do_hm, slice.b * do_bm);
-        }
-        u32 staged_phase = 0;
-        for (int n = n_begin; n < n_end; ++n) {
-            const int it = n - n_begin, st = it % STAGES;
-            const u32 phase = (it / STAGES) & 1;
-            const int j0 = n * BLOCK_N, krow = slice.start_k + j0;
-            const int k_end = slice.packed ? j0 + BLOCK_N : min(j0 + BLOCK_N, slice.S);
-            const bool dirty = j0 < kj_lo || k_end > kj_hi;
-            unsigned long long* bar = dirty ? staged : kv_full + st;
-            unsigned char* sKs = sK + st * SK_BYTES;
-            mbar_wait(kv_empty + st, phase ^ 1);
-            if (lane == 0) {
-                mbar_expect_tx(bar, SK_BYTES + SV_BYTES);
-#pragma unroll
-                for (int c = 0; c < HEAD_DIM / 64; ++c)
-                    tma_load(sKs + c * BLOCK_N * 128, tm_k, bar, 64 * c, krow, slice.kvh * k_hm, slice.b * k_bm);
-#pragma unroll
-                for (int c = 0; c < HEAD_DIM_V / 64; ++c)
-                    tma_load(sV + st * SV_BYTES + c * BLOCK_N * 128, tm_v, bar, 64 * c, krow, slice.kvh * v_hm,
-                             slice.b * v_bm);
-            }
-            if (!dirty) continue;
-            mbar_wait(staged, staged_phase);
-            staged_phase ^= 1;
-            const int lo_rows = max(0, min(kj_lo - j0, BLOCK_N)), hi_row = max(lo_rows, min(kj_hi - j0, BLOCK_N));
-            zero_rows_outside<BLOCK_N, HEAD_DIM>(sKs, lo_rows, hi_row, lane);
-            fence_proxy_async();
-            __syncwarp();
-            if (lane == 0) mbar_arrive(kv_full + st);
-        }
-        return;
-    }
-
-    // ---- consumers ----
-    setmaxnreg_inc<MMA_REGS>();
-    const int cw = wg - 1;  // queries [64 cw, 64 cw + 64) of the block
-    const int g = lane / 4, t = lane % 4;
-    const int i = m0 + cw * 64 + (warp % 4) * 16 + g;  // this thread's rows are i and i + 8
-    float dq_acc[ET * 4];
-#pragma unroll
-    for (int x = 0; x < ET * 4; ++x) dq_acc[x] = 0.f;
-    float lse2[2], dd[2];
-    const long long so = slice.stats_offset(lse_sb, lse_sh);
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-        const bool in = i + 8 * r >= qi_lo && i + 8 * r < qi_hi;
-        lse2[r] = in ? __fmul_rn(lse[so + i + 8 * r], LOG2E) : 0.f;
-        dd[r] = in ? delta[so + i + 8 * r] : 0.f;
-    }
-    const unsigned char* sQw = sQ + cw * 64 * 128;
-    const unsigned char* sdOw = sdO + cw * 64 * 128;
-    if (n_begin < n_end) mbar_wait_warp(q_full, 0);
-    for (int n = n_begin; n < n_end; ++n) {
-        const int it = n - n_begin, st = it % STAGES;
-        const u32 phase = (it / STAGES) & 1;
-        const int j0 = n * BLOCK_N;
-        mbar_wait_warp(kv_full + st, phase);
-        const unsigned char* sKs = sK + st * SK_BYTES;
-        float s[NT * 4], dp[NT * 4];
-        fence_regs(dq_acc);
-        wgmma_fence();
-        issue_abt<HEAD_DIM, BLOCK_M, BLOCK_N>(s, sQw, sKs);
-        issue_abt<HEAD_DIM_V, BLOCK_M, BLOCK_N>(dp, sdOw, sV + st * SV_BYTES);
-        wgmma_commit();
-        wgmma_wait<0>();
-        fence_regs(s);
-        fence_regs(dp);
-        // dS, element (query i + 8 r, key j0 + nt * 8 + 2 t + c) at [nt * 4 + 2 r + c]
-        const bool full = vis.tile_full(m0 + cw * 64, 64, j0, BLOCK_N);
-        u32 ds[NT * 2];
-#pragma unroll
-        for (int nt = 0; nt < NT; ++nt) {
-#pragma unroll
-            for (int r = 0; r < 2; ++r) {
-                float v[2];
-#pragma unroll
-                for (int c = 0; c < 2; ++c) {
-                    const float p = exp2f(__fmul_rn(s[nt * 4 + 2 * r + c], scale_log2) - lse2[r]);
-                    const bool seen = full || vis.visible(i + 8 * r, j0 + nt * 8 + 2 * t + c);
-                    v[c] = seen ? p * (dp[nt * 4 + 2 * r + c] - dd[r]) : 0.f;
-                }
-                ds[nt * 2 + r] = pack2<IS_BF16>(v[0], v[1]);
-            }
-        }
-        fence_regs(ds);
-        fence_regs(dq_acc);
-        wgmma_fence();
-        issue_xtb<HEAD_DIM, BLOCK_N>(dq_acc, ds, sKs);
-        wgmma_commit();
-        wgmma_wait<0>();
-        fence_regs(dq_acc);
-        if (lane == 0) mbar_arrive(kv_empty + st);
-    }
-
-    elem_t* dqb = slice.query_rows(dq, dq_sb, dq_sh, dq_sm);
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-        const int row = i + 8 * r;
-        if (row >= slice.L) continue;
-        const bool empty = row < qi_lo || row >= qi_hi;  // sees no key: 0, not 0 * K
-#pragma unroll
-        for (int et = 0; et < ET; ++et)
-            *reinterpret_cast<u32*>(dqb + row * dq_sm + et * 8 + 2 * t) =
-                empty ? 0u : pack2<IS_BF16>(dq_acc[et * 4 + 2 * r] * scale, dq_acc[et * 4 + 2 * r + 1] * scale);
-    }
 }

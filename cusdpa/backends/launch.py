@@ -18,7 +18,7 @@ from typing import NamedTuple
 import numpy as np
 
 # Every slot name any kernel takes, in the order of the value tuples.
-SLOTS = ("q", "k", "v", "o", "lse", "do", "delta", "dq", "dk", "dv", "seed_lo", "seed_hi", "offset")
+SLOTS = ("q", "k", "v", "o", "lse", "do", "delta", "dq", "dk", "dv", "seed_lo", "seed_hi", "offset", "dq_accum")
 _POSITION = {name: n for n, name in enumerate(SLOTS)}
 
 

@@ -27,15 +27,15 @@ class FlashConfig:
     fwd90_stages: int = 2  # K and V buffers of the producer's ring
     fwd90_pingpong: bool = True  # consumer warpgroups take turns issuing their products
     use_wgmma_bwd: bool = True  # Hopper backward (flash_bwd_sm90.cu) where the device, head dims and options allow
-    bwd90_block_m: int = 64  # the Hopper backward's step: queries per dK/dV step, keys per dQ step
+    bwd90_block_m: int = 64  # the Hopper backward's step: queries per step (128 at E = 64)
 
     @staticmethod
     @functools.cache
     def for_head_dims(E: int, Ev: int) -> "FlashConfig":
         d = max(pad16(E), pad16(Ev))
         # Tile choices measured with benchmarks/flash_sweep.py (BENCHMARKS.md): backward on the H100.
-        if d <= 64:
-            return FlashConfig(bwd_block_m=128, dq_warps=4)
+        if d <= 64:  # the Hopper backward: 128 queries per step, so each warpgroup's dQ piece is 64 x 64
+            return FlashConfig(bwd_block_m=128, dq_warps=4, bwd90_block_m=128)
         if d <= 128:  # 32 rows x 128 accumulators per warp leave room for a 32-key score block only
             return FlashConfig(fwd_block_n=32, dq_warps=4, dq_m_tiles=2, dq_block_n=32)
         return FlashConfig(fwd_m_tiles=1, fwd_block_n=32, bwd_block_m=32, split_dkdv=True, dq_block_n=32)
@@ -94,12 +94,9 @@ def smem_bytes(kind: str, cfg: FlashConfig, E: int, Ev: int) -> int:
     if kind == "fwd_sm90":  # unpadded, swizzled tiles (K and V stages), then the mbarriers
         bm, bn, st = 64 * cfg.fwd90_warpgroups, cfg.fwd90_block_n, cfg.fwd90_stages
         return 2 * (bm * E + st * bn * E + st * bn * Ev) + 8 * (3 + 4 * st)
-    if kind == "dkdv_sm90":  # swizzled K, V and two Q / dO stages, lse and D per stage, 6 mbarriers
+    if kind == "bwd_sm90":  # swizzled K, V, two Q / dO stages and two dS^T buffers, lse and D per stage, 6 mbarriers
         bn, bm = 128, cfg.bwd90_block_m
-        return 2 * (bn * E + bn * Ev + 2 * bm * E + 2 * bm * Ev) + 2 * 2 * bm * 4 + 8 * 6
-    if kind == "dq_sm90":  # swizzled Q, dO and two K / V stages, 6 mbarriers
-        bm, bn = 128, cfg.bwd90_block_m
-        return 2 * (bm * E + bm * Ev + 2 * bn * E + 2 * bn * Ev) + 8 * 6
+        return 2 * (bn * E + bn * Ev + 2 * bm * E + 2 * bm * Ev + 2 * bn * bm) + 2 * 2 * bm * 4 + 8 * 6
     if kind == "dkdv":
         bn, bm = cfg.bwd_block_n, cfg.bwd_block_m
         return 2 * (bn * qp + bn * vp + 2 * bm * qp + 2 * bm * vp) + 4 * 4 * bm
@@ -116,8 +113,5 @@ def sm90_forward_applies(E: int, Ev: int, compute_capability: int, cfg: FlashCon
 
 
 def sm90_backward_applies(E: int, Ev: int, compute_capability: int, cfg: FlashConfig, dropout: bool) -> bool:
-    """The wgmma backward kernels take E, Ev in {64, 128} without dropout on compute capability 9.0; they
-    run where one of them is 128 (at E = Ev = 64 they measured 6% slower than the mma.sync kernels on the
-    H200 without a mask, even with one: BENCHMARKS.md)."""
-    return (cfg.use_wgmma_bwd and compute_capability == 90 and E in (64, 128) and Ev in (64, 128)
-            and max(E, Ev) == 128 and not dropout)
+    """The wgmma backward takes E = Ev in {64, 128} without dropout on compute capability 9.0."""
+    return cfg.use_wgmma_bwd and compute_capability == 90 and E == Ev and E in (64, 128) and not dropout

@@ -192,12 +192,37 @@ def _sm90_forward_launch(pr, lay, o_strides, cfg, opts, tail) -> Launch:
     return Launch(fn, grid, (128 * (cfg.fwd90_warpgroups + 1),), smem, args)
 
 
-def backward_launches(pr, lay, strides) -> list[Launch]:
-    """The backward kernels of ``pr`` in launch order, with slots q, k, v, o, do, lse, delta, dq, dk, dv
-    and the seed; ``strides`` holds the (b, h, row) strides of o, do, dq, dk and dv."""
+def _q_elements(pr) -> int:
+    return pr.q.shape[0] * pr.hq * pr.E if pr.varlen is not None else math.prod(pr.batch_shape) * pr.hq * pr.L * pr.E
+
+
+def _semaphore_stride(pr, cfg) -> int:
+    """Query blocks per (batch, head): the deterministic backward's semaphores per slice."""
+    return -(-pr.L // cfg.bwd90_block_m)
+
+
+def dq_accum_elements(pr, deterministic: bool) -> int:
+    """4-byte elements of the workspace (slot dq_accum) the backward of ``pr`` needs, 0 for none: on the
+    Hopper kernels an fp32 dQ accumulator laid out as q, and for a ``deterministic`` one a semaphore per
+    (batch, head, query block) after it."""
+    cfg = config(pr)
+    if not sm90_backward_applies(pr.E, pr.Ev, sources.compute_capability(device(pr)), cfg, pr.dropout_p > 0):
+        return 0
+    batch = pr.varlen.batch if pr.varlen is not None else math.prod(pr.batch_shape)
+    return _q_elements(pr) + (batch * pr.hq * _semaphore_stride(pr, cfg) if deterministic else 0)
+
+
+def backward_launches(pr, lay, strides, deterministic: bool = False) -> list[Launch]:
+    """The backward kernels of ``pr`` in launch order, with slots q, k, v, o, do, lse, delta, dq, dk, dv,
+    dq_accum (where ``dq_accum_elements``) and the seed; ``strides`` holds the (b, h, row) strides of o,
+    do, dq, dk, dv and dq_accum (its accumulator, laid out as q, where used)."""
     if lay.B * pr.hq == 0:
         return []
     cfg, dev = config(pr), device(pr)
+    atomic = dq_accum_elements(pr, deterministic) > 0
+    # the accumulator, where its semaphores start (-1: none) and how many per slice, its strides
+    accum = (Slot("dq_accum"), np.int64(_q_elements(pr) if deterministic else -1), np.int32(_semaphore_stride(pr, cfg)),
+             *strides["dq_accum"]) if atomic else (0, np.int64(-1), np.int32(0), *[np.int64(0)] * 3)
     vis = _visibility(pr)
     drop = _dropout(pr)
     scale, scale_log2 = np.float32(pr.scale), np.float32(pr.scale * math.log2(math.e))
@@ -213,13 +238,18 @@ def backward_launches(pr, lay, strides) -> list[Launch]:
         rows = 64
         pre = sources.kernel(dev, "flash_bwd.cu", "flash_bwd_preprocess", opts(parts[0]), 0)
         launches.append(Launch(pre, ((pr.L + rows - 1) // rows, lay.B * pr.hq), (256,), 0,
-                               (Slot("o"), Slot("do"), Slot("delta"), *_common(pr, lay)[:5], *strides["o"],
-                                *strides["do"], *_lse_strides(pr), *vis, np.int32(rows))))
+                               (Slot("o"), Slot("do"), Slot("delta"), *accum[:3], *_common(pr, lay)[:5], *strides["o"],
+                                *strides["do"], *accum[3:], *_lse_strides(pr), *vis, np.int32(rows))))
     hopper = sm90_backward_applies(pr.E, pr.Ev, sources.compute_capability(dev), cfg, pr.dropout_p > 0)
     if hopper:
-        for kernel, size in (("flash_bwd_dkdv_sm90", pr.S), ("flash_bwd_dq_sm90", pr.L)):
-            if size:
-                launches.append(_sm90_backward_launch(pr, lay, strides, cfg, opts(), (scale, scale_log2, *vis), kernel))
+        tail = (scale, scale_log2, *vis)
+        if pr.S:
+            launches.append(_sm90_backward_launch(pr, lay, strides, cfg, opts(), tail, accum))
+        if pr.L:
+            fn = sources.kernel(dev, "flash_bwd_sm90.cu", "flash_bwd_dq_convert", opts() + ("-arch=sm_90a",), 0)
+            launches.append(Launch(fn, ((pr.L + rows - 1) // rows, lay.B * pr.hq), (256,), 0,
+                                   (Slot("dq_accum"), Slot("dq"), *_common(pr, lay)[:5], *accum[3:], *strides["dq"],
+                                    scale, *vis, np.int32(rows))))
         return launches
     if pr.S:
         grid = ((pr.S + cfg.bwd_block_n - 1) // cfg.bwd_block_n, lay.B * pr.hkv)
@@ -240,36 +270,27 @@ def backward_launches(pr, lay, strides) -> list[Launch]:
     return launches
 
 
-def _sm90_backward_launch(pr, lay, strides, cfg, opts, tail, kernel: str) -> Launch:
-    """A Hopper backward kernel (kernels_cuda/flash_bwd_sm90.cu) with TMA maps of q, k, v and do (do's
-    encoded at q's address, rewritten per call): ``flash_bwd_dkdv_sm90``, one CTA per 128 keys of each
-    (batch, kv head), writing dk and dv, or ``flash_bwd_dq_sm90``, one CTA per 128 queries of each (batch,
-    query head), writing dq."""
+def _sm90_backward_launch(pr, lay, strides, cfg, opts, tail, accum) -> Launch:
+    """The Hopper backward kernel (kernels_cuda/flash_bwd_sm90.cu: one CTA per 128 keys of each (batch, kv
+    head), writing dk and dv and adding dQ into the accumulator ``accum``: its slot, semaphore offset and
+    stride, and strides) with TMA maps of q, k, v and do (do's encoded at q's address, rewritten per call)."""
     dev = device(pr)
-    dkdv = kernel == "flash_bwd_dkdv_sm90"
-    smem = smem_bytes("dkdv_sm90" if dkdv else "dq_sm90", cfg, pr.E, pr.Ev)
-    fn = sources.kernel(dev, "flash_bwd_sm90.cu", kernel, opts + ("-arch=sm_90a",), smem)
+    smem = smem_bytes("bwd_sm90", cfg, pr.E, pr.Ev)
+    fn = sources.kernel(dev, "flash_bwd_sm90.cu", "flash_bwd_sm90", opts + ("-arch=sm_90a",), smem)
     packed = pr.varlen is not None
     q_rows, k_rows = (pr.q.shape[0], pr.k.shape[0]) if packed else (pr.L, pr.S)
-    q_box, k_box = (cfg.bwd90_block_m, 128) if dkdv else (128, cfg.bwd90_block_m)
     maps = []
     for name, ptr, D, rows, heads, box, st in (
-            ("q", lay.q.data.ptr, pr.E, q_rows, pr.hq, q_box, lay.strides["q"]),
-            ("k", lay.k.data.ptr, pr.E, k_rows, pr.hkv, k_box, lay.strides["k"]),
-            ("v", lay.v.data.ptr, pr.Ev, k_rows, pr.hkv, k_box, lay.strides["v"]),
-            ("do", lay.q.data.ptr, pr.Ev, q_rows, pr.hq, q_box, strides["do"])):
+            ("q", lay.q.data.ptr, pr.E, q_rows, pr.hq, cfg.bwd90_block_m, lay.strides["q"]),
+            ("k", lay.k.data.ptr, pr.E, k_rows, pr.hkv, 128, lay.strides["k"]),
+            ("v", lay.v.data.ptr, pr.Ev, k_rows, pr.hkv, 128, lay.strides["v"]),
+            ("do", lay.q.data.ptr, pr.Ev, q_rows, pr.hq, cfg.bwd90_block_m, strides["do"])):
         tensor_map, hm, bm = tma.operand_map(pr.dtype_name, ptr, D, rows, heads, 1 if packed else lay.B, st, box)
         maps.append((MapSlot(name, tensor_map), np.int32(hm), np.int32(bm)))
     multipliers = tuple(x for _, hm, bm in maps for x in (hm, bm))
-    if dkdv:
-        grid = ((pr.S + 127) // 128, lay.B * pr.hkv)
-        outputs, out_strides = (Slot("dk"), Slot("dv")), (*strides["dk"], *strides["dv"])
-    else:
-        grid = ((pr.L + 127) // 128, lay.B * pr.hq)
-        outputs, out_strides = (Slot("dq"),), tuple(strides["dq"])
-    args = (*(m for m, _, _ in maps), Slot("lse"), Slot("delta"), *outputs, *_common(pr, lay), *multipliers,
-            *out_strides, *_lse_strides(pr), *tail)
-    return Launch(fn, grid, (384,), smem, args)
+    args = (*(m for m, _, _ in maps), Slot("lse"), Slot("delta"), Slot("dk"), Slot("dv"), *accum[:3],
+            *_common(pr, lay), *multipliers, *strides["dk"], *strides["dv"], *accum[3:], *_lse_strides(pr), *tail)
+    return Launch(fn, ((pr.S + 127) // 128, lay.B * pr.hkv), (384,), smem, args)
 
 
 # ---- the general path ------------------------------------------------------------------------------
@@ -295,9 +316,8 @@ def forward(pr, out=None, lse=None):
 
 
 def backward(pr, out, lse, dout, deterministic=False, grads=None):
-    """dq, dk, dv. Every kernel sums in a fixed order without atomics, so the gradients are bit-identical
-    run to run whatever ``deterministic`` says. (An fp32-atomic dQ inside the dK/dV kernel, as
-    FlashAttention-2 does it, measured slower on the H100 than the separate dQ pass: see BENCHMARKS.md.)"""
+    """dq, dk, dv. The Hopper kernel adds dQ up with fp32 atomics, whose order (and so dQ's last bits) varies
+    run to run unless ``deterministic`` orders them; every other kernel sums in a fixed order."""
     import cupy
 
     from ...reference import sum_to_shape
@@ -314,7 +334,7 @@ def backward(pr, out, lse, dout, deterministic=False, grads=None):
                   and usable(grads[n]) for n, (x, f) in enumerate(zip(inputs, full))]
         work = [grads[n].reshape(f) if direct[n] else cupy.empty(f, dtype=pr.dtype) for n, f in enumerate(full)]
         if any(w.size for w in work):
-            _run_backward(pr, out, lse, dout, *work)
+            _run_backward(pr, out, lse, dout, *work, deterministic)
         result = []
         for n, (x, w) in enumerate(zip(inputs, work)):
             if direct[n]:
@@ -329,20 +349,25 @@ def backward(pr, out, lse, dout, deterministic=False, grads=None):
         return tuple(result)
 
 
-def _run_backward(pr, out, lse, dout, dq, dk, dv):
+def _run_backward(pr, out, lse, dout, dq, dk, dv, deterministic):
     import cupy
 
     lay = layout(pr)
+    accum_elements = dq_accum_elements(pr, deterministic)
+    accum = cupy.empty(accum_elements, dtype=np.float32) if accum_elements else None
     out_c, dout_c = _readable(out), _readable(dout)
     views, strides = {}, {}
     for name, x, heads, rows, dim in (("o", out_c, pr.hq, pr.L, pr.Ev), ("do", dout_c, pr.hq, pr.L, pr.Ev),
                                       ("dq", dq, pr.hq, pr.L, pr.E), ("dk", dk, pr.hkv, pr.S, pr.E),
                                       ("dv", dv, pr.hkv, pr.S, pr.Ev)):
         views[name], strides[name] = _out_view(pr, lay, x, heads, rows, dim)
+    if accum is not None:
+        _, strides["dq_accum"] = _out_view(pr, lay, accum[:dq.size].reshape(dq.shape), pr.hq, pr.L, pr.E)
+        views["dq_accum"] = accum
     lse_c = cupy.ascontiguousarray(lse)
     slots = values(q=lay.q, k=lay.k, v=lay.v, lse=lse_c, delta=cupy.empty_like(lse_c), **views,
                    **seed_values(pr.seed, pr.offset))
-    run(backward_launches(pr, lay, strides), slots, cupy.cuda.get_current_stream().ptr, device(pr))
+    run(backward_launches(pr, lay, strides, deterministic), slots, cupy.cuda.get_current_stream().ptr, device(pr))
 
 
 def environment_reasons(pr) -> list[str]:

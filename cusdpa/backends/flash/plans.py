@@ -52,8 +52,10 @@ def contiguous_strides(shape) -> tuple:
 class Plan:
     """Every launch of one problem signature. Operands are read in place and results written to buffers
     the caller allocates: out (``out_shape``, ``out_strides`` in elements), lse (``lse_shape``, float32) and
-    delta like it, dq, dk, dv contiguous in the shapes of q, k and v; dout is read in the layout the plan
-    was built for. Arguments are raw device pointers (ints); launches go on ``stream`` on ``device``."""
+    delta like it, dq, dk, dv contiguous in the shapes of q, k and v, and a workspace dq_accum of
+    ``dq_accum_elements`` 4-byte elements where that is not 0 (the kernels zero it); dout is read in the
+    layout the plan was built for.
+    Arguments are raw device pointers (ints); launches go on ``stream`` on ``device``."""
 
     device: int
     out_shape: tuple
@@ -62,23 +64,27 @@ class Plan:
     forward: Launch | None
     backward: tuple
     copies_dout: bool = False  # dout is read in out's layout: the caller copies it there first
+    dq_accum_elements: int = 0  # the backward's workspace
 
     def run_forward(self, stream: int, q: int, k: int, v: int, o: int, lse: int, seed: int) -> None:
         if self.forward is not None:  # the value tuple in launch.SLOTS order
-            run((self.forward,), (q, k, v, o, lse, None, None, None, None, None, seed & 0xFFFFFFFF, seed >> 32, 0),
-                stream, self.device)
+            run((self.forward,),
+                (q, k, v, o, lse, None, None, None, None, None, seed & 0xFFFFFFFF, seed >> 32, 0, None), stream,
+                self.device)
 
     def run_backward(self, stream: int, q: int, k: int, v: int, o: int, do: int, lse: int, delta: int, dq: int,
-                     dk: int, dv: int, seed: int) -> None:
-        run(self.backward, (q, k, v, o, lse, do, delta, dq, dk, dv, seed & 0xFFFFFFFF, seed >> 32, 0), stream,
-            self.device)
+                     dk: int, dv: int, seed: int, dq_accum: int = 0) -> None:
+        run(self.backward, (q, k, v, o, lse, do, delta, dq, dk, dv, seed & 0xFFFFFFFF, seed >> 32, 0, dq_accum),
+            stream, self.device)
 
 
-def build(pr, out_strides: tuple, backward: bool, dout_strides: tuple | None = None) -> Plan | None:
+def build(pr, out_strides: tuple, backward: bool, dout_strides: tuple | None = None,
+          deterministic: bool = False) -> Plan | None:
     """The Plan of a validated dense problem whose q, k and v the kernels read in place with every batch
     dim present (no broadcast to sum gradients over), its output laid out with ``out_strides`` and the
     backward's dout with ``dout_strides`` (default: as out); None for anything else. Without ``backward``
-    the backward kernels are neither compiled nor planned."""
+    the backward kernels are neither compiled nor planned; ``deterministic`` backward kernels sum in a
+    fixed order."""
     if pr.varlen is not None or pr.mask is not None or pr.offset:
         return None
     q, k, v = pr.q, pr.k, pr.v
@@ -99,11 +105,12 @@ def build(pr, out_strides: tuple, backward: bool, dout_strides: tuple | None = N
     if o is None or do is None:
         return None
     strides = {"o": o, "do": do, "dq": contiguous(pr.hq, pr.L, pr.E), "dk": contiguous(pr.hkv, pr.S, pr.E),
-               "dv": contiguous(pr.hkv, pr.S, pr.Ev)}
-    backward_launches = tuple(launches.backward_launches(pr, lay, strides)) if backward else ()
+               "dv": contiguous(pr.hkv, pr.S, pr.Ev), "dq_accum": contiguous(pr.hq, pr.L, pr.E)}
+    backward_launches = tuple(launches.backward_launches(pr, lay, strides, deterministic)) if backward else ()
     return Plan(launches.device(pr), pr.out_shape, tuple(out_strides), pr.lse_shape,
                 launches.forward_launch(pr, lay, strides["o"]), backward_launches,
-                copies_dout=backward and dout_strides is None)
+                copies_dout=backward and dout_strides is None,
+                dq_accum_elements=launches.dq_accum_elements(pr, deterministic) if backward else 0)
 
 
 def lookup(signature: tuple, make) -> Plan | None:

@@ -13,9 +13,9 @@ from .config import MAX_SMEM, FlashConfig
 def _wgmma_wrappers(widths) -> str:
     """wgmma m64nNk16 wrappers, overloaded on the accumulator array size (N / 2 floats per thread).
 
-    wgmma_ss: A and B from shared-memory descriptors, accumulate iff ``acc``; wgmma_rs: A from four
-    registers, B from a descriptor read transposed (MN-major), always accumulating. Generated because
-    each width needs its own operand list.
+    wgmma_ss<TRANS_A, TRANS_B>: A and B from shared-memory descriptors (K-major, or MN-major where the
+    flag is 1), accumulate iff ``acc``; wgmma_rs: A from four registers, B from a descriptor read
+    transposed (MN-major), always accumulating. Generated because each width needs its own operand list.
     """
     out = []
     for n in widths:
@@ -24,11 +24,12 @@ def _wgmma_wrappers(widths) -> str:
         dcons = ", ".join(f'"+f"(d[{i}])' for i in range(k))
         mma = f'"wgmma.mma_async.sync.aligned.m64n{n}k16.f32." CUSDPA_MMA_TYPE "." CUSDPA_MMA_TYPE " "'
         out.append(
+            f"template <int TRANS_A = 0, int TRANS_B = 0>\n"
             f"__device__ __forceinline__ void wgmma_ss(float (&d)[{k}], unsigned long long da, "
             f"unsigned long long db, int acc) {{\n"
             f'    asm volatile("{{\\n.reg .pred p;\\nsetp.ne.b32 p, %{k + 2}, 0;\\n" {mma}\n'
-            f'                 "{{{dregs}}}, %{k}, %{k + 1}, p, 1, 1, 0, 0;\\n}}\\n"\n'
-            f'                 : {dcons}\n                 : "l"(da), "l"(db), "r"(acc));\n}}\n')
+            f'                 "{{{dregs}}}, %{k}, %{k + 1}, p, 1, 1, %{k + 3}, %{k + 4};\\n}}\\n"\n'
+            f'                 : {dcons}\n                 : "l"(da), "l"(db), "r"(acc), "n"(TRANS_A), "n"(TRANS_B));\n}}\n')
         out.append(
             f"__device__ __forceinline__ void wgmma_rs(float (&d)[{k}], const u32 (&a)[4], "
             f"unsigned long long db) {{\n"
