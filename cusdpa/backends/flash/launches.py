@@ -219,10 +219,10 @@ def backward_launches(pr, lay, strides, deterministic: bool = False) -> list[Lau
     if lay.B * pr.hq == 0:
         return []
     cfg, dev = config(pr), device(pr)
-    atomic = dq_accum_elements(pr, deterministic) > 0
+    hopper = sm90_backward_applies(pr.E, pr.Ev, sources.compute_capability(dev), cfg, pr.dropout_p > 0)
     # the accumulator, where its semaphores start (-1: none) and how many per slice, its strides
     accum = (Slot("dq_accum"), np.int64(_q_elements(pr) if deterministic else -1), np.int32(_semaphore_stride(pr, cfg)),
-             *strides["dq_accum"]) if atomic else (0, np.int64(-1), np.int32(0), *[np.int64(0)] * 3)
+             *strides["dq_accum"]) if hopper else (0, np.int64(-1), np.int32(0), *[np.int64(0)] * 3)
     vis = _visibility(pr)
     drop = _dropout(pr)
     scale, scale_log2 = np.float32(pr.scale), np.float32(pr.scale * math.log2(math.e))
@@ -240,7 +240,6 @@ def backward_launches(pr, lay, strides, deterministic: bool = False) -> list[Lau
         launches.append(Launch(pre, ((pr.L + rows - 1) // rows, lay.B * pr.hq), (256,), 0,
                                (Slot("o"), Slot("do"), Slot("delta"), *accum[:3], *_common(pr, lay)[:5], *strides["o"],
                                 *strides["do"], *accum[3:], *_lse_strides(pr), *vis, np.int32(rows))))
-    hopper = sm90_backward_applies(pr.E, pr.Ev, sources.compute_capability(dev), cfg, pr.dropout_p > 0)
     if hopper:
         tail = (scale, scale_log2, *vis)
         if pr.S:

@@ -54,8 +54,8 @@ class Plan:
     the caller allocates: out (``out_shape``, ``out_strides`` in elements), lse (``lse_shape``, float32) and
     delta like it, dq, dk, dv contiguous in the shapes of q, k and v, and a workspace dq_accum of
     ``dq_accum_elements`` 4-byte elements where that is not 0 (the kernels zero it); dout is read in the
-    layout the plan was built for.
-    Arguments are raw device pointers (ints); launches go on ``stream`` on ``device``."""
+    layout the plan was built for. Arguments are raw device pointers (ints); launches go on ``stream`` on
+    ``device``."""
 
     device: int
     out_shape: tuple
