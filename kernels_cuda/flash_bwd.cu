@@ -1,6 +1,6 @@
 // FLASH backward (FlashAttention-2 recomputation), in three deterministic kernels without atomics:
-//   flash_bwd_preprocess  D_i = rowsum(dO_i * O_i) (0 for rows that see no key); zeroes the fp32 dQ
-//                         accumulator of the Hopper backward (and its semaphores) when given one
+//   flash_bwd_preprocess  D_i = rowsum(dO_i * O_i) (0 for rows that see no key); zeroes the blocked fp32
+//                         dQ accumulator of the Hopper backward (and its semaphores) when given one
 //   flash_bwd_dkdv        one CTA per block of keys of one kv head: loops over the query heads of its GQA
 //                         group and their query blocks, so dK/dV are summed in registers in a fixed order
 //   flash_bwd_dq          one CTA per block of queries: loops over key blocks, like the forward
@@ -24,11 +24,11 @@ constexpr int PRE_WARPS = 8;
 
 extern "C" __global__ void __launch_bounds__(PRE_WARPS * 32)
 flash_bwd_preprocess(const elem_t* __restrict__ o, const elem_t* __restrict__ dout, float* __restrict__ delta,
-                     float* __restrict__ dq_accum, long long sem_offset, int sem_stride,
-                     const int* __restrict__ cu_q, const int* __restrict__ cu_k, int L,
-                     int S, int Hq, long long o_sb, long long o_sh, long long o_sm, long long do_sb, long long do_sh,
-                     long long do_sm, long long acc_sb, long long acc_sh, long long acc_sm, long long lse_sb,
-                     long long lse_sh, int left, int right, int lower_right, int rows_per_cta) {
+                     float* __restrict__ dq_accum, long long sem_offset, const int* __restrict__ cu_q,
+                     const int* __restrict__ cu_k, int L, int S, int Hq, long long o_sb, long long o_sh,
+                     long long o_sm, long long do_sb, long long do_sh, long long do_sm, long long acc_sb,
+                     long long acc_sh, long long lse_sb, long long lse_sh, int left, int right, int lower_right,
+                     int rows_per_cta) {
     const Slice slice = Slice::per_query_head(Hq, 1, cu_q, cu_k, L, S, left, right, lower_right);  // no kv head read
     int i_lo, i_hi;
     slice.vis.query_range(0, slice.S, i_lo, i_hi);
@@ -36,10 +36,9 @@ flash_bwd_preprocess(const elem_t* __restrict__ o, const elem_t* __restrict__ do
     const elem_t* ob = slice.query_rows(o, o_sb, o_sh, o_sm);
     const elem_t* dob = slice.query_rows(dout, do_sb, do_sh, do_sm);
     float* db = delta + slice.stats_offset(lse_sb, lse_sh);
-    float* accb = dq_accum != nullptr ? slice.query_rows(dq_accum, acc_sb, acc_sh, acc_sm) : nullptr;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-    const int r_end = min(slice.L, (blockIdx.x + 1) * rows_per_cta);
-    for (int row = blockIdx.x * rows_per_cta + warp; row < r_end; row += PRE_WARPS) {
+    const int r0 = blockIdx.x * rows_per_cta, r_end = min(slice.L, r0 + rows_per_cta);
+    for (int row = r0 + warp; row < r_end; row += PRE_WARPS) {
         float sum = 0.f;
         if (row >= i_lo && row < i_hi) {
             for (int e = lane * 8; e < HEAD_DIM_V; e += 256) {
@@ -54,13 +53,17 @@ flash_bwd_preprocess(const elem_t* __restrict__ o, const elem_t* __restrict__ do
 #pragma unroll
         for (int w = 16; w > 0; w /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, w);
         if (lane == 0) db[row] = sum;
-        if (dq_accum == nullptr) continue;
-        for (int e = lane * 4; e < HEAD_DIM; e += 128)
-            *reinterpret_cast<float4*>(accb + row * acc_sm + e) = make_float4(0.f, 0.f, 0.f, 0.f);
-        if (sem_offset >= 0 && row % BWD90_BLOCK_M == 0 && lane == 0)  // the query block's semaphore
-            reinterpret_cast<int*>(dq_accum + sem_offset)[(static_cast<long long>(slice.b) * Hq + slice.h) * sem_stride +
-                                                          row / BWD90_BLOCK_M] = 0;
     }
+    if (dq_accum == nullptr || r0 >= slice.L) return;
+    // The Hopper backward's accumulator block of these rows, blocked as flash_bwd_sm90.cu lays it out: the
+    // CTAs of its BWD90_BLOCK_M / rows_per_cta row ranges zero one part each (rows padded past L included).
+    constexpr int DQ_BLOCK = BWD90_BLOCK_M * HEAD_DIM;
+    const long long blk = slice.query_block(acc_sb, acc_sh, slice.h, BWD90_BLOCK_M, r0 / BWD90_BLOCK_M);
+    const int part = DQ_BLOCK / (BWD90_BLOCK_M / rows_per_cta);
+    float4* acc = reinterpret_cast<float4*>(dq_accum + blk * DQ_BLOCK + (r0 % BWD90_BLOCK_M) / rows_per_cta * part);
+    for (int x = threadIdx.x; x < part / 4; x += PRE_WARPS * 32) acc[x] = make_float4(0.f, 0.f, 0.f, 0.f);
+    if (sem_offset >= 0 && r0 % BWD90_BLOCK_M == 0 && threadIdx.x == 0)  // the block's semaphore
+        reinterpret_cast<int*>(dq_accum + sem_offset)[blk] = 0;
 }
 
 // Store a 16-row x (8 * TILES)-column fp32 fragment block, scaled, as elem pairs; rows >= row_limit and

@@ -9,14 +9,25 @@
 //   P^T = exp2(S^T scale log2 e - lse log2 e), dS^T = P^T o (dP^T - D)     (masked pairs selected to 0)
 //   dV += P^T dO, dK += dS^T Q                       (wgmma, A from registers, dO and Q read transposed)
 //   dQ_step = dS K                                   (wgmma, dS^T of both warpgroups through shared memory)
-// and adds dQ_step into an fp32 dQ accumulator in global memory with vector reductions (red.add.v2.f32),
-// since every key block of the query rows contributes to it. Warpgroup w takes the (64-row, all-column)
-// piece w of the step's dQ when BLOCK_M = 128 (E = 64) and the column half w when BLOCK_M = 64 (E = 128),
-// so the reductions of a step never overlap. flash_bwd_dq_convert then writes dQ = scale * accumulator in
-// the input dtype. The order of the reductions varies run to run, and with it dQ's last bits; the
-// deterministic mode orders them: a semaphore per (batch, head, query block) counts the key blocks that
-// have added theirs, and key block n adds only when the count says every key block before it has (CTAs
-// start in blockIdx order, so the ones waited for are running or done).
+// and hands dQ_step, through a shared-memory buffer, to a dQ writer warp, which adds it into an fp32 dQ
+// accumulator in global memory with one bulk reduction (cp.reduce.async.bulk .add.f32), since every key
+// block of the query rows contributes to it: the consumers store their 32 floats a thread and go on, the
+// writer waits for the reduction (FlashAttention-3's dQ path). The accumulator is blocked: per (batch, head,
+// query block) BLOCK_M x E floats in the order the consumers hold them (warpgroup w's 64 x 64 piece, then
+// register k of thread x at k * 128 + x), so one contiguous reduction covers a step and the threads' stores
+// into its buffer are conflict-free. Warpgroup w's piece is rows 64 w when BLOCK_M = 128 (E = 64) and the
+// column half w when BLOCK_M = 64 (E = 128). flash_bwd_dq_convert then writes dQ = scale * accumulator in
+// the input dtype, in q's layout.
+//
+// The order of the reductions varies run to run, and with it dQ's last bits; the deterministic mode
+// orders them with a semaphore per accumulator block that counts the key blocks that have added theirs.
+// Its CTAs take the key blocks in descending order (blockIdx.x = 0 is the last block): under a causal or
+// window band a higher key block reaches a query block in fewer steps, so the order "highest key block
+// first" is the order they arrive in and nobody waits long. Where every query sees every key (and the
+// key blocks, all co-resident, are no more than the query blocks), key block n starts its query loop at
+// block n (rotated), so at any step the key blocks add into different query blocks, in arrival order
+// again (the default mode rotates too, FlashConfig.bwd90_rotate). A waited-for CTA is always one launched
+// earlier (banded) or co-resident (rotated): no deadlock.
 //
 // The producer warp loads K and V once and Q, dO (TMA) with lse and D (plain loads) into STAGES buffers.
 //
@@ -24,10 +35,11 @@
 // where no query sees the key; but dV += P^T dO and dK += dS^T Q sum over queries, multiplying a
 // selected-out 0 by whatever dO and Q hold, so the producer zeroes the rows of Q and dO that see no key
 // (and, in a packed batch, the next sequence's rows); dQ sums over keys, so it zeroes the K rows that no
-// query of the slice sees, and rows that see no key add nothing (their accumulator stays 0).
+// query of the slice sees, and rows that see no key add zeros (their accumulator stays 0).
 //
 // Extra -D options: BWD90_BLOCK_M (queries per step: 64 for E = 128, 128 for E = 64). E = Ev in
-// {64, 128}; no dropout (the host runs the mma.sync kernels for those).
+// {64, 128}; no dropout (the host runs the mma.sync kernels for those). The accumulator's block layout
+// (DQ_BLOCK floats per block, Slice::query_block) is shared with flash_bwd_preprocess, which zeroes it.
 #include "sm90.cuh"
 // @WGMMA_WRAPPERS@ BWD90_BLOCK_M HEAD_DIM HEAD_DIM_V
 
@@ -42,12 +54,23 @@ constexpr int ET = HEAD_DIM / 8, EVT = HEAD_DIM_V / 8;
 constexpr int SK_BYTES = BLOCK_N * HEAD_DIM * 2, SV_BYTES = BLOCK_N * HEAD_DIM_V * 2;
 constexpr int SQ_BYTES = BLOCK_M * HEAD_DIM * 2, SDO_BYTES = BLOCK_M * HEAD_DIM_V * 2;
 constexpr int SDS_BYTES = BLOCK_N * BLOCK_M * 2;  // dS^T, key-major: BLOCK_M / 64 chunks of 64 queries
-constexpr int SMEM_TILES = SK_BYTES + SV_BYTES + STAGES * (SQ_BYTES + SDO_BYTES) + 2 * SDS_BYTES;
+constexpr int DQ_BLOCK = BLOCK_M * HEAD_DIM;  // floats of one accumulator block (a step's dQ)
+constexpr int SDQ_BYTES = DQ_BLOCK * 4;        // two buffers: the writer reduces one while the next is filled
+constexpr int SMEM_TILES = SK_BYTES + SV_BYTES + STAGES * (SQ_BYTES + SDO_BYTES) + 2 * SDS_BYTES + 2 * SDQ_BYTES;
+// setmaxnreg moves registers within the CTA's launch allocation (168 a thread at 384 threads): the
+// consumers' increase waits forever unless the producer warpgroup's decrease freed enough.
 constexpr int LOAD_REGS = 24, MMA_REGS = 240;
 constexpr int CONSUMER_WARPS = MMA_WG * 4;
 // dQ of a step: warpgroup w computes DQ_N = 64 columns of 64 rows (BLOCK_M = 128: rows 64 w, every
 // column; BLOCK_M = 64: columns 64 w of every row), a width the wrappers have.
 constexpr int DQ_N = HEAD_DIM * BLOCK_M / 128;
+// Named barriers (0 is __syncthreads): the consumers' dS^T exchange, and per dQ buffer "full" (consumers
+// arrive, the writer waits) and "empty" (the writer arrives, consumers wait), each met by the consumers
+// and the writer warp.
+constexpr int BAR_DS = 1, BAR_DQ_FULL = 2, BAR_DQ_EMPTY = 4;
+constexpr int DQ_SYNC = CONSUMER_WARPS * 32 + 32;
+static_assert(128 * LOAD_REGS + CONSUMER_WARPS * 32 * MMA_REGS <= 65536 / NTHREADS / 8 * 8 * NTHREADS,
+              "register reallocation beyond the launch allocation");
 static_assert(HEAD_DIM % 64 == 0 && HEAD_DIM_V % 64 == 0 && HEAD_DIM <= 128 && HEAD_DIM_V <= 128,
               "the sm90 backward takes E, Ev in {64, 128}");
 static_assert(BLOCK_M % 64 == 0 && DQ_N == 64,
@@ -115,22 +138,55 @@ __device__ __forceinline__ void issue_ds_k(float (&acc)[32], const unsigned char
                        kk > 0);
 }
 
-// Add a warpgroup's 64 x 64 piece of dQ into the fp32 accumulator (rows at `acc`, pitch `pitch`): one
-// red.add.v2 per element pair; rows outside [lo, hi) (no key seen, or another sequence's) add nothing.
-__device__ __forceinline__ void reduce_dq(float* acc, long long pitch, const float (&dq)[32], int row0, int lo, int hi,
-                                          int lane) {
-    const int g = lane / 4, t = lane % 4;
+// A warpgroup's 64 x 64 piece of dQ into its half of a step's buffer: register k of thread x (of 128) at
+// float4 k * 128 + x, so each warp's store is 512 contiguous bytes (no bank conflicts).
+__device__ __forceinline__ void store_dq(float* piece, const float (&dq)[32], int x) {
 #pragma unroll
-    for (int r = 0; r < 2; ++r) {
-        const int row = row0 + g + 8 * r;
-        if (row < lo || row >= hi) continue;
-        float* p = acc + row * pitch + 2 * t;
-#pragma unroll
-        for (int nt = 0; nt < 8; ++nt)
-            asm volatile("red.global.add.v2.f32 [%0], {%1, %2};\n" ::"l"(p + nt * 8), "f"(dq[nt * 4 + 2 * r]),
-                         "f"(dq[nt * 4 + 2 * r + 1])
-                         : "memory");
+    for (int k = 0; k < 8; ++k)
+        reinterpret_cast<float4*>(piece)[k * 128 + x] = make_float4(dq[4 * k], dq[4 * k + 1], dq[4 * k + 2], dq[4 * k + 3]);
+}
+
+// global[0, bytes) += shared[0, bytes) in fp32, by the async proxy (one thread issues it), then committed
+// as a bulk async-group.
+__device__ __forceinline__ void bulk_reduce_add(float* global, const void* shared, int bytes) {
+    asm volatile(
+        "cp.reduce.async.bulk.global.shared::cta.bulk_group.add.f32 [%0], [%1], %2;\n"
+        "cp.async.bulk.commit_group;\n" ::"l"(global), "r"(smem_u32(shared)), "r"(bytes)
+        : "memory");
+}
+// Wait until the bulk async-groups have read their shared memory (READ) or completed altogether.
+template <bool READ>
+__device__ __forceinline__ void bulk_wait() {
+    if (READ)
+        asm volatile("cp.async.bulk.wait_group.read 0;\n" ::: "memory");
+    else
+        asm volatile("cp.async.bulk.wait_group 0;\n" ::: "memory");
+}
+
+// The (query head, query block) of step `it` of a CTA: the heads of its GQA group in turn, each over the
+// query blocks [m_begin, m_begin + m_blocks) that see its keys, from block m_begin + rot (rotated) on.
+struct StepOrder {
+    int h0, m_begin, m_blocks, rot;
+    __device__ __forceinline__ void at(int it, int& h, int& mb) const {
+        h = h0 + it / m_blocks;
+        const int k = it % m_blocks + rot;
+        mb = m_begin + (k >= m_blocks ? k - m_blocks : k);
     }
+};
+
+// Deterministic mode: how many key blocks add into query block mb before key block n does (the order the
+// module comment describes). Banded: the key blocks above n that see mb. Rotated (every pair visible,
+// n_blocks <= m_blocks): key block n' reaches mb after (mb - n') mod m_blocks steps; those that reach it
+// before n does are n' in the cyclic range (mb - d, mb] of d = (mb - n) mod m_blocks.
+__device__ __forceinline__ int blocks_before(const Visibility<int>& vis, int n, int mb, int n_blocks, int m_blocks,
+                                             bool rotated) {
+    if (!rotated) {
+        int j_first, j_end;
+        vis.key_range(mb * BWD90_BLOCK_M, min(mb * BWD90_BLOCK_M + BWD90_BLOCK_M, vis.L), j_first, j_end);
+        return (j_end - 1) / dkdv90::BLOCK_N - n;
+    }
+    const int d = ((mb - n) % m_blocks + m_blocks) % m_blocks, lo = mb - d + 1, top = min(mb, n_blocks - 1);
+    return lo >= 0 ? max(0, top - lo + 1) : top + 1 + max(0, n_blocks - (m_blocks + lo));
 }
 
 // A warp's 16 rows of an accumulator (N / 4 n8 tiles), scaled and rounded, rows >= `rows` skipped.
@@ -153,13 +209,13 @@ extern "C" __global__ void __launch_bounds__(dkdv90::NTHREADS, 1)
 flash_bwd_sm90(const __grid_constant__ TmaMap tm_q, const __grid_constant__ TmaMap tm_k,
                const __grid_constant__ TmaMap tm_v, const __grid_constant__ TmaMap tm_do,
                const float* __restrict__ lse, const float* __restrict__ delta, elem_t* __restrict__ dk,
-               elem_t* __restrict__ dv, float* __restrict__ dq_accum, long long sem_offset, int sem_stride,
+               elem_t* __restrict__ dv, float* __restrict__ dq_accum, long long sem_offset, int rotate,
                const int* __restrict__ cu_q,
                const int* __restrict__ cu_k, int L, int S, int Hq, int group, int q_hm, int q_bm, int k_hm, int k_bm,
                int v_hm, int v_bm, int do_hm, int do_bm, long long dk_sb, long long dk_sh, long long dk_sm,
                long long dv_sb, long long dv_sh, long long dv_sm, long long acc_sb, long long acc_sh,
-               long long acc_sm, long long lse_sb, long long lse_sh, float scale, float scale_log2, int left,
-               int right, int lower_right) {
+               long long lse_sb, long long lse_sh, float scale, float scale_log2, int left, int right,
+               int lower_right) {
     using namespace dkdv90;
     extern __shared__ __align__(1024) unsigned char smem[];
     unsigned char* sK = smem;  // every size is a multiple of 1024: each tile keeps the swizzle alignment
@@ -167,6 +223,7 @@ flash_bwd_sm90(const __grid_constant__ TmaMap tm_q, const __grid_constant__ TmaM
     unsigned char* sQ = sV + SV_BYTES;
     unsigned char* sdO = sQ + STAGES * SQ_BYTES;
     unsigned char* sdS = sdO + STAGES * SDO_BYTES;  // two buffers: a step writes one while the last is read
+    float* sdQ = reinterpret_cast<float*>(sdS + 2 * SDS_BYTES);  // two buffers of DQ_BLOCK floats
     float* sLse = reinterpret_cast<float*>(smem + SMEM_TILES);  // [STAGES][BLOCK_M], log2 domain
     float* sD = sLse + STAGES * BLOCK_M;                        // [STAGES][BLOCK_M]
     unsigned long long* bars = reinterpret_cast<unsigned long long*>(sD + STAGES * BLOCK_M);
@@ -177,18 +234,23 @@ flash_bwd_sm90(const __grid_constant__ TmaMap tm_q, const __grid_constant__ TmaM
 
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, wg = warp / 4;
     const Slice slice = Slice::per_kv_head(Hq, group, cu_q, cu_k, L, S, left, right, lower_right);
-    const int n0 = blockIdx.x * BLOCK_N;
-    if (n0 >= slice.S) return;
+    // deterministic mode: a counter per accumulator block after the accumulator (sem_offset < 0: unordered),
+    // and the key blocks in descending order
+    int* sem = sem_offset >= 0 ? reinterpret_cast<int*>(dq_accum + sem_offset) : nullptr;
+    const int n_blocks = (slice.S + BLOCK_N - 1) / BLOCK_N;
+    const int n = sem != nullptr ? n_blocks - 1 - static_cast<int>(blockIdx.x) : static_cast<int>(blockIdx.x);
+    const int n0 = n * BLOCK_N;
+    if (n < 0 || n0 >= slice.S) return;
     const Visibility<int>& vis = slice.vis;
     const int n1 = min(n0 + BLOCK_N, slice.S);
     int i_lo, i_hi, qi_lo, qi_hi, kj_lo, kj_hi;
     vis.query_range(n0, n1, i_lo, i_hi);            // query rows that see a key of this block
     vis.query_range(0, slice.S, qi_lo, qi_hi);      // query rows that see any key
     vis.key_range(0, slice.L, kj_lo, kj_hi);        // keys some query row sees
-    // deterministic mode: [b][h][query block] counters after the accumulator (sem_offset < 0: unordered)
-    int* sem = sem_offset >= 0 ? reinterpret_cast<int*>(dq_accum + sem_offset) : nullptr;
     const int m_begin = i_lo / BLOCK_M, m_blocks = i_lo < i_hi ? (i_hi + BLOCK_M - 1) / BLOCK_M - m_begin : 0;
     const int steps = slice.L > 0 ? group * m_blocks : 0;
+    const bool rotated = rotate && vis.left < 0 && vis.right < 0 && n_blocks <= m_blocks;
+    const StepOrder order{slice.h, m_begin, m_blocks, rotated ? n : 0};
 
     if (threadIdx.x == 0) {
         mbar_init(kv_full, 1);
@@ -201,8 +263,39 @@ flash_bwd_sm90(const __grid_constant__ TmaMap tm_q, const __grid_constant__ TmaM
     }
     __syncthreads();
 
-    if (wg == 0) {  // ---- producer ----
+    if (wg == 0) {  // ---- producer and dQ writer ----
         setmaxnreg_dec<LOAD_REGS>();
+        if (warp == 1) {  // the dQ writer: each step's buffer added into its accumulator block
+            for (int buf = 0; buf < min(2, steps); ++buf) named_arrive<DQ_SYNC>(BAR_DQ_EMPTY + buf);
+            for (int it = 0; it < steps; ++it) {
+                const int buf = it % 2;
+                named_sync<DQ_SYNC>(BAR_DQ_FULL + buf);
+                if (lane == 0) {
+                    int h, mb;
+                    order.at(it, h, mb);
+                    const long long blk = slice.query_block(acc_sb, acc_sh, h, BLOCK_M, mb);
+                    if (sem != nullptr) {  // after the key blocks before this one, then release the next
+                        const int before = blocks_before(vis, n, mb, n_blocks, m_blocks, rotated);
+                        int seen;
+                        do {
+                            asm volatile("ld.acquire.gpu.global.b32 %0, [%1];\n" : "=r"(seen) : "l"(sem + blk) : "memory");
+                        } while (seen != before);
+                        asm volatile("fence.proxy.async.global;\n" ::: "memory");
+                        bulk_reduce_add(dq_accum + blk * DQ_BLOCK, sdQ + buf * DQ_BLOCK, SDQ_BYTES);
+                        bulk_wait<false>();
+                        asm volatile("fence.proxy.async.global;\n" ::: "memory");
+                        asm volatile("red.release.gpu.global.add.s32 [%0], 1;\n" ::"l"(sem + blk) : "memory");
+                    } else {
+                        bulk_reduce_add(dq_accum + blk * DQ_BLOCK, sdQ + buf * DQ_BLOCK, SDQ_BYTES);
+                        bulk_wait<true>();
+                    }
+                }
+                __syncwarp();
+                if (it + 2 < steps) named_arrive<DQ_SYNC>(BAR_DQ_EMPTY + buf);
+            }
+            if (lane == 0) bulk_wait<false>();
+            return;
+        }
         if (warp != 0 || steps == 0) return;
         u32 staged_phase = 0;
         const int krow = slice.start_k + n0;
@@ -232,7 +325,9 @@ flash_bwd_sm90(const __grid_constant__ TmaMap tm_q, const __grid_constant__ TmaM
         for (int it = 0; it < steps; ++it) {
             const int st = it % STAGES;
             const u32 phase = (it / STAGES) & 1;
-            const int h = slice.h + it / m_blocks, m0 = (m_begin + it % m_blocks) * BLOCK_M;
+            int h, mb;
+            order.at(it, h, mb);
+            const int m0 = mb * BLOCK_M;
             mbar_wait(q_empty + st, phase ^ 1);
             const long long lo = slice.stats_offset(lse_sb, lse_sh, h);
             for (int r = lane; r < BLOCK_M; r += 32) {
@@ -287,10 +382,13 @@ flash_bwd_sm90(const __grid_constant__ TmaMap tm_q, const __grid_constant__ TmaM
 
     // dQ piece of this warpgroup: 64 rows from mrow0 of the step, 64 columns from chunk dq_chunk of K
     const int mrow0 = BLOCK_M == 128 ? 64 * cw : 0, dq_chunk = BLOCK_M == 128 ? 0 : cw;
+    const int q_first = qi_lo, q_end = min(qi_hi, slice.L);  // rows that see a key
     for (int it = 0; it < steps; ++it) {
         const int st = it % STAGES;
         const u32 phase = (it / STAGES) & 1;
-        const int h = slice.h + it / m_blocks, m0 = (m_begin + it % m_blocks) * BLOCK_M;
+        int h, mb;
+        order.at(it, h, mb);
+        const int m0 = mb * BLOCK_M;
         mbar_wait_warp(q_full + st, phase);
         const unsigned char* sQs = sQ + st * SQ_BYTES;
         const unsigned char* sdOs = sdO + st * SDO_BYTES;
@@ -299,33 +397,38 @@ flash_bwd_sm90(const __grid_constant__ TmaMap tm_q, const __grid_constant__ TmaM
         fence_regs(dv_acc);
         wgmma_fence();
         issue_abt<HEAD_DIM, BLOCK_N, BLOCK_M>(s, sKw, sQs);
+        wgmma_commit();
         issue_abt<HEAD_DIM_V, BLOCK_N, BLOCK_M>(dp, sVw, sdOs);
         wgmma_commit();
-        wgmma_wait<0>();
+        // P^T while dP^T runs: element (key j + 8 r, query m0 + nt * 8 + 2 t + c) at [nt * 4 + 2 r + c]
+        wgmma_wait<1>();
         fence_regs(s);
-        fence_regs(dp);
-        // P^T and dS^T, element (key j + 8 r, query m0 + nt * 8 + 2 t + c) at [nt * 4 + 2 r + c]
         const float* sLses = sLse + st * BLOCK_M;
         const float* sDs = sD + st * BLOCK_M;
+        // P^T = 0 where the pair is unseen, as -0: dS^T is selected out there too, not computed as P^T times
+        // dP^T - D, since dP^T may be inf where a key is unseen (a seen P^T is never -0)
         const bool full = vis.tile_full(m0, BLOCK_M, n0 + cw * 64, 64);
+#pragma unroll
+        for (int x = 0; x < QT * 4; ++x) {
+            const int col = x / 4 * 8 + 2 * t + x % 2;
+            const float p = exp2f(__fmul_rn(s[x], scale_log2) - sLses[col]);
+            s[x] = full || vis.visible(m0 + col, j + 8 * (x % 4 / 2)) ? p : -0.f;
+        }
+        wgmma_wait<0>();
+        fence_regs(dp);
         u32 pt[QT * 2], dst[QT * 2];
 #pragma unroll
-        for (int nt = 0; nt < QT; ++nt) {
+        for (int nt = 0; nt < QT; ++nt)
 #pragma unroll
             for (int r = 0; r < 2; ++r) {
-                float pv[2], dsv[2];
+                const int x = nt * 4 + 2 * r, col = nt * 8 + 2 * t;
+                float ds[2];
 #pragma unroll
-                for (int c = 0; c < 2; ++c) {
-                    const int col = nt * 8 + 2 * t + c;
-                    const bool seen = full || vis.visible(m0 + col, j + 8 * r);
-                    const float p = exp2f(__fmul_rn(s[nt * 4 + 2 * r + c], scale_log2) - sLses[col]);
-                    pv[c] = seen ? p : 0.f;
-                    dsv[c] = seen ? p * (dp[nt * 4 + 2 * r + c] - sDs[col]) : 0.f;
-                }
-                pt[nt * 2 + r] = pack2<IS_BF16>(pv[0], pv[1]);
-                dst[nt * 2 + r] = pack2<IS_BF16>(dsv[0], dsv[1]);
+                for (int c = 0; c < 2; ++c)
+                    ds[c] = __float_as_uint(s[x + c]) == 0x80000000u ? 0.f : s[x + c] * (dp[x + c] - sDs[col + c]);
+                pt[nt * 2 + r] = pack2<IS_BF16>(s[x], s[x + 1]);
+                dst[nt * 2 + r] = pack2<IS_BF16>(ds[0], ds[1]);
             }
-        }
         fence_regs(pt);
         fence_regs(dst);
         fence_regs(dk_acc);
@@ -339,7 +442,7 @@ flash_bwd_sm90(const __grid_constant__ TmaMap tm_q, const __grid_constant__ TmaM
         unsigned char* sdSs = sdS + (it % 2) * SDS_BYTES;
         store_ds_t<QT>(sdSs, BLOCK_N, dst, cw * 64 + (warp % 4) * 16, lane);
         fence_proxy_async();
-        named_sync<CONSUMER_WARPS * 32>(1);
+        named_sync<CONSUMER_WARPS * 32>(BAR_DS);
         float dq[32];
         fence_regs(dq);
         wgmma_fence();
@@ -351,27 +454,19 @@ flash_bwd_sm90(const __grid_constant__ TmaMap tm_q, const __grid_constant__ TmaM
         if (lane == 0) mbar_arrive(q_empty + st);
         wgmma_wait<0>();
         fence_regs(dq);
-        int* count = nullptr;
-        if (sem != nullptr) {  // wait for the key blocks before this one, from the first that this block's rows see
-            int j_first, j_end;
-            vis.key_range(m0, min(m0 + BLOCK_M, slice.L), j_first, j_end);
-            count = sem + (static_cast<long long>(slice.b) * Hq + h) * sem_stride + m0 / BLOCK_M;
-            if (threadIdx.x == 128) {
-                const int before = blockIdx.x - j_first / BLOCK_N;
-                int seen;
-                do {
-                    asm volatile("ld.acquire.gpu.global.b32 %0, [%1];\n" : "=r"(seen) : "l"(count) : "memory");
-                } while (seen != before);
-            }
-            named_sync<CONSUMER_WARPS * 32>(2);
+        // Rows that see no key add nothing: their dS is 0, but K may hold inf (0 * inf would be NaN).
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+            const int row = m0 + mrow0 + (warp % 4) * 16 + g + 8 * r;
+            if (row < q_first || row >= q_end)
+#pragma unroll
+                for (int nt = 0; nt < 8; ++nt) dq[nt * 4 + 2 * r] = dq[nt * 4 + 2 * r + 1] = 0.f;
         }
-        reduce_dq(slice.query_rows(dq_accum, acc_sb, acc_sh, acc_sm, h) + dq_chunk * 64, acc_sm, dq,
-                  m0 + mrow0 + (warp % 4) * 16, qi_lo, min(qi_hi, slice.L), lane);
-        if (count != nullptr) {  // every thread's reductions visible before the count moves on
-            __threadfence();
-            named_sync<CONSUMER_WARPS * 32>(2);
-            if (threadIdx.x == 128) asm volatile("red.release.gpu.global.add.s32 [%0], 1;\n" ::"l"(count) : "memory");
-        }
+        const int buf = it % 2;
+        named_sync<DQ_SYNC>(BAR_DQ_EMPTY + buf);
+        store_dq(sdQ + buf * DQ_BLOCK + cw * (DQ_BLOCK / 2), dq, threadIdx.x % 128);
+        fence_proxy_async();
+        named_arrive<DQ_SYNC>(BAR_DQ_FULL + buf);
     }
 
     const int row0 = n0 + cw * 64 + (warp % 4) * 16;
@@ -380,23 +475,32 @@ flash_bwd_sm90(const __grid_constant__ TmaMap tm_q, const __grid_constant__ TmaM
 }
 
 // ---------------------------------------------------------------------------------------------------
-// dQ = scale * the fp32 accumulator flash_bwd_sm90 reduced into (zeroed by flash_bwd_preprocess, with the
-// semaphores), in the input dtype: one warp per row, two columns per lane and pass.
-constexpr int CONVERT_WARPS = 8;
+// dQ = scale * the fp32 accumulator flash_bwd_sm90 reduced into (zeroed by flash_bwd_preprocess), in the
+// input dtype and q's layout: one CTA per accumulator block (blockIdx.x, of (batch, head) blockIdx.y), each
+// float4 of the block holding two columns of two rows 8 apart (store_dq's order), rows >= L skipped.
+constexpr int CONVERT_THREADS = 256;
 
-extern "C" __global__ void __launch_bounds__(CONVERT_WARPS * 32)
+extern "C" __global__ void __launch_bounds__(CONVERT_THREADS)
 flash_bwd_dq_convert(const float* __restrict__ dq_accum, elem_t* __restrict__ dq, const int* __restrict__ cu_q,
                      const int* __restrict__ cu_k, int L, int S, int Hq, long long acc_sb, long long acc_sh,
-                     long long acc_sm, long long dq_sb, long long dq_sh, long long dq_sm, float scale, int left,
-                     int right, int lower_right, int rows_per_cta) {
+                     long long dq_sb, long long dq_sh, long long dq_sm, float scale, int left, int right,
+                     int lower_right) {
+    using dkdv90::BLOCK_M;
+    using dkdv90::DQ_BLOCK;
     const Slice slice = Slice::per_query_head(Hq, 1, cu_q, cu_k, L, S, left, right, lower_right);
-    const float* acc = slice.query_rows(dq_accum, acc_sb, acc_sh, acc_sm);
+    const int m0 = blockIdx.x * BLOCK_M;
+    if (m0 >= slice.L) return;
+    const float4* acc = reinterpret_cast<const float4*>(
+        dq_accum + slice.query_block(acc_sb, acc_sh, slice.h, BLOCK_M, blockIdx.x) * DQ_BLOCK);
     elem_t* out = slice.query_rows(dq, dq_sb, dq_sh, dq_sm);
-    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-    const int r_end = min(slice.L, (blockIdx.x + 1) * rows_per_cta);
-    for (int row = blockIdx.x * rows_per_cta + warp; row < r_end; row += CONVERT_WARPS)
-        for (int e = 2 * lane; e < HEAD_DIM; e += 64) {
-            const float2 a = *reinterpret_cast<const float2*>(acc + row * acc_sm + e);
-            *reinterpret_cast<u32*>(out + row * dq_sm + e) = pack2<IS_BF16>(a.x * scale, a.y * scale);
-        }
+#pragma unroll 4
+    for (int q4 = threadIdx.x; q4 < DQ_BLOCK / 4; q4 += CONVERT_THREADS) {
+        const int w = q4 / 1024, k = q4 % 1024 / 128, x = q4 % 128;  // piece, register group, thread
+        const int row = m0 + (BLOCK_M == 128 ? 64 * w : 0) + x / 32 * 16 + x % 32 / 4;
+        const int col = (BLOCK_M == 128 ? 0 : 64 * w) + 8 * k + 2 * (x % 4);
+        const float4 a = acc[q4];
+        if (row < slice.L) *reinterpret_cast<u32*>(out + row * dq_sm + col) = pack2<IS_BF16>(a.x * scale, a.y * scale);
+        if (row + 8 < slice.L)
+            *reinterpret_cast<u32*>(out + (row + 8) * dq_sm + col) = pack2<IS_BF16>(a.z * scale, a.w * scale);
+    }
 }

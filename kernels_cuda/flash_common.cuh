@@ -83,6 +83,14 @@ struct Slice {
         return stats_offset(sb, sh, h);
     }
 
+    // Block mb (of block_m query rows) of query head `head` in a blocked per-query-block workspace (the Hopper
+    // backward's dQ accumulator and its semaphores), with sb, sh in blocks: a dense slice's blocks at
+    // b * sb + head * sh, a packed sequence's at head * sh plus its first token's block, rounded up past
+    // the previous sequence's last block (so no two sequences share one).
+    __device__ __forceinline__ long long query_block(long long sb, long long sh, int head, int block_m, int mb) const {
+        return (packed ? (start_q + b * block_m) / block_m : b * sb) + head * sh + mb;
+    }
+
   private:
     // Takes the fields as arguments instead of reading them from *this: with member reads, NVVM folds the
     // select of load_tile's source address differently in the lambda-issued loads of flash_bwd_dkdv, which

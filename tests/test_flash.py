@@ -208,12 +208,21 @@ def test_dropout_mask_is_bit_identical_to_the_reference(rng):
     np.testing.assert_array_equal(cupy.asnumpy(out) != 0, keep)
 
 
+# mma.sync (dropout); Hopper's at both steps, its orders: banded (causal, a window; varlen) and rotated (every
+# pair visible, key blocks no more than query blocks) or not (more key blocks)
+BIT_IDENTICAL = {
+    "dropout": dict(E=128, causal="upper_left", dropout_p=0.1), "causal": dict(E=128, causal="upper_left"),
+    "causal_64": dict(E=64, causal="upper_left"), "window": dict(E=64, window=(70, 20)),
+    "rotated": dict(E=128, L=300, S=500), "long_keys": dict(E=64, L=200, S=700),
+    "varlen": dict(E=128, causal="lower_right", varlen=((300, 260), (70, 400), (0, 5), (129, 129)))}
+
+
 @pytest.mark.gpu
-@pytest.mark.parametrize("E,dropout_p", [(128, 0.1), (128, 0.0), (64, 0.0)])  # mma.sync; Hopper's at both steps
-def test_backward_is_bit_identical_run_to_run(E, dropout_p, rng):
+@pytest.mark.parametrize("name", sorted(BIT_IDENTICAL))
+def test_backward_is_bit_identical_run_to_run(name, rng):
     import cupy
 
-    pr = build(Case(hq=4, hkv=1, L=300, S=300, E=E, causal="upper_left", dropout_p=dropout_p, seed=7), cupy, rng)
+    pr = build(Case(**{**dict(hq=4, hkv=1, L=300, S=300, seed=7), **BIT_IDENTICAL[name]}), cupy, rng)
     dout = cupy.asarray(draw(rng, pr.out_shape, pr.dtype_name))
     out, lse = flash.IMPL.forward(pr)
     first = flash.IMPL.backward(pr, out, lse, dout, True)

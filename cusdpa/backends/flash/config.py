@@ -28,6 +28,7 @@ class FlashConfig:
     fwd90_pingpong: bool = True  # consumer warpgroups take turns issuing their products
     use_wgmma_bwd: bool = True  # Hopper backward (flash_bwd_sm90.cu) where the device, head dims and options allow
     bwd90_block_m: int = 64  # the Hopper backward's step: queries per step (128 at E = 64)
+    bwd90_rotate: bool = True  # key blocks start their query loops at different blocks (full visibility)
 
     @staticmethod
     @functools.cache
@@ -94,9 +95,9 @@ def smem_bytes(kind: str, cfg: FlashConfig, E: int, Ev: int) -> int:
     if kind == "fwd_sm90":  # unpadded, swizzled tiles (K and V stages), then the mbarriers
         bm, bn, st = 64 * cfg.fwd90_warpgroups, cfg.fwd90_block_n, cfg.fwd90_stages
         return 2 * (bm * E + st * bn * E + st * bn * Ev) + 8 * (3 + 4 * st)
-    if kind == "bwd_sm90":  # swizzled K, V, two Q / dO stages and two dS^T buffers, lse and D per stage, 6 mbarriers
-        bn, bm = 128, cfg.bwd90_block_m
-        return 2 * (bn * E + bn * Ev + 2 * bm * E + 2 * bm * Ev + 2 * bn * bm) + 2 * 2 * bm * 4 + 8 * 6
+    if kind == "bwd_sm90":  # swizzled K, V, two Q / dO stages, two dS^T and two fp32 dQ buffers, lse and D per
+        bn, bm = 128, cfg.bwd90_block_m  # stage, 6 mbarriers
+        return 2 * (bn * E + bn * Ev + 2 * bm * E + 2 * bm * Ev + 2 * bn * bm) + 2 * 4 * bm * E + 2 * 2 * bm * 4 + 8 * 6
     if kind == "dkdv":
         bn, bm = cfg.bwd_block_n, cfg.bwd_block_m
         return 2 * (bn * qp + bn * vp + 2 * bm * qp + 2 * bm * vp) + 4 * 4 * bm

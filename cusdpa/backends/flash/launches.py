@@ -192,37 +192,41 @@ def _sm90_forward_launch(pr, lay, o_strides, cfg, opts, tail) -> Launch:
     return Launch(fn, grid, (128 * (cfg.fwd90_warpgroups + 1),), smem, args)
 
 
-def _q_elements(pr) -> int:
-    return pr.q.shape[0] * pr.hq * pr.E if pr.varlen is not None else math.prod(pr.batch_shape) * pr.hq * pr.L * pr.E
-
-
-def _semaphore_stride(pr, cfg) -> int:
-    """Query blocks per (batch, head): the deterministic backward's semaphores per slice."""
-    return -(-pr.L // cfg.bwd90_block_m)
+def _dq_blocks(pr, cfg) -> tuple[int, int, int]:
+    """(blocks, batch stride, head stride) of the Hopper backward's blocked dQ accumulator, in blocks of
+    bwd90_block_m query rows (Slice::query_block): dense, ceil(L / block) per (batch, head); packed, per
+    head the tokens' blocks plus one per sequence (each sequence starts a fresh block)."""
+    bm = cfg.bwd90_block_m
+    if pr.varlen is not None:
+        per_head = (pr.q.shape[0] + pr.varlen.batch * bm) // bm
+        return pr.hq * per_head, 0, per_head
+    per_head = -(-pr.L // bm)
+    return math.prod(pr.batch_shape) * pr.hq * per_head, pr.hq * per_head, per_head
 
 
 def dq_accum_elements(pr, deterministic: bool) -> int:
     """4-byte elements of the workspace (slot dq_accum) the backward of ``pr`` needs, 0 for none: on the
-    Hopper kernels an fp32 dQ accumulator laid out as q, and for a ``deterministic`` one a semaphore per
-    (batch, head, query block) after it."""
+    Hopper kernels the blocked fp32 dQ accumulator, and for a ``deterministic`` one a semaphore per block
+    after it."""
     cfg = config(pr)
     if not sm90_backward_applies(pr.E, pr.Ev, sources.compute_capability(device(pr)), cfg, pr.dropout_p > 0):
         return 0
-    batch = pr.varlen.batch if pr.varlen is not None else math.prod(pr.batch_shape)
-    return _q_elements(pr) + (batch * pr.hq * _semaphore_stride(pr, cfg) if deterministic else 0)
+    blocks = _dq_blocks(pr, cfg)[0]
+    return blocks * cfg.bwd90_block_m * pr.E + (blocks if deterministic else 0)
 
 
 def backward_launches(pr, lay, strides, deterministic: bool = False) -> list[Launch]:
     """The backward kernels of ``pr`` in launch order, with slots q, k, v, o, do, lse, delta, dq, dk, dv,
     dq_accum (where ``dq_accum_elements``) and the seed; ``strides`` holds the (b, h, row) strides of o,
-    do, dq, dk, dv and dq_accum (its accumulator, laid out as q, where used)."""
+    do, dq, dk and dv."""
     if lay.B * pr.hq == 0:
         return []
     cfg, dev = config(pr), device(pr)
     hopper = sm90_backward_applies(pr.E, pr.Ev, sources.compute_capability(dev), cfg, pr.dropout_p > 0)
-    # the accumulator, where its semaphores start (-1: none) and how many per slice, its strides
-    accum = (Slot("dq_accum"), np.int64(_q_elements(pr) if deterministic else -1), np.int32(_semaphore_stride(pr, cfg)),
-             *strides["dq_accum"]) if hopper else (0, np.int64(-1), np.int32(0), *[np.int64(0)] * 3)
+    blocks, acc_sb, acc_sh = _dq_blocks(pr, cfg) if hopper else (0, 0, 0)
+    # the accumulator, where its semaphores start (-1: none), its block strides
+    accum = (Slot("dq_accum") if hopper else 0, np.int64(blocks * cfg.bwd90_block_m * pr.E if deterministic else -1),
+             np.int64(acc_sb), np.int64(acc_sh))
     vis = _visibility(pr)
     drop = _dropout(pr)
     scale, scale_log2 = np.float32(pr.scale), np.float32(pr.scale * math.log2(math.e))
@@ -238,17 +242,18 @@ def backward_launches(pr, lay, strides, deterministic: bool = False) -> list[Lau
         rows = 64
         pre = sources.kernel(dev, "flash_bwd.cu", "flash_bwd_preprocess", opts(parts[0]), 0)
         launches.append(Launch(pre, ((pr.L + rows - 1) // rows, lay.B * pr.hq), (256,), 0,
-                               (Slot("o"), Slot("do"), Slot("delta"), *accum[:3], *_common(pr, lay)[:5], *strides["o"],
-                                *strides["do"], *accum[3:], *_lse_strides(pr), *vis, np.int32(rows))))
+                               (Slot("o"), Slot("do"), Slot("delta"), *accum[:2], *_common(pr, lay)[:5], *strides["o"],
+                                *strides["do"], *accum[2:], *_lse_strides(pr), *vis, np.int32(rows))))
     if hopper:
         tail = (scale, scale_log2, *vis)
         if pr.S:
-            launches.append(_sm90_backward_launch(pr, lay, strides, cfg, opts(), tail, accum))
+            launches.append(_sm90_backward_launch(pr, lay, strides, cfg, opts(), tail, accum, deterministic))
         if pr.L:
             fn = sources.kernel(dev, "flash_bwd_sm90.cu", "flash_bwd_dq_convert", opts() + ("-arch=sm_90a",), 0)
-            launches.append(Launch(fn, ((pr.L + rows - 1) // rows, lay.B * pr.hq), (256,), 0,
-                                   (Slot("dq_accum"), Slot("dq"), *_common(pr, lay)[:5], *accum[3:], *strides["dq"],
-                                    scale, *vis, np.int32(rows))))
+            bm = cfg.bwd90_block_m
+            launches.append(Launch(fn, ((pr.L + bm - 1) // bm, lay.B * pr.hq), (256,), 0,
+                                   (Slot("dq_accum"), Slot("dq"), *_common(pr, lay)[:5], *accum[2:], *strides["dq"],
+                                    scale, *vis)))
         return launches
     if pr.S:
         grid = ((pr.S + cfg.bwd_block_n - 1) // cfg.bwd_block_n, lay.B * pr.hkv)
@@ -269,10 +274,13 @@ def backward_launches(pr, lay, strides, deterministic: bool = False) -> list[Lau
     return launches
 
 
-def _sm90_backward_launch(pr, lay, strides, cfg, opts, tail, accum) -> Launch:
+def _sm90_backward_launch(pr, lay, strides, cfg, opts, tail, accum, deterministic) -> Launch:
     """The Hopper backward kernel (kernels_cuda/flash_bwd_sm90.cu: one CTA per 128 keys of each (batch, kv
     head), writing dk and dv and adding dQ into the accumulator ``accum``: its slot, semaphore offset and
-    stride, and strides) with TMA maps of q, k, v and do (do's encoded at q's address, rewritten per call)."""
+    block strides) with TMA maps of q, k, v and do (do's encoded at q's address, rewritten per call). Key
+    blocks start their query loops rotated where every query sees every key (the kernel checks that) and
+    ``cfg.bwd90_rotate``; in deterministic mode only while all key blocks of a slice fit on the device at
+    once, since they wait on each other."""
     dev = device(pr)
     smem = smem_bytes("bwd_sm90", cfg, pr.E, pr.Ev)
     fn = sources.kernel(dev, "flash_bwd_sm90.cu", "flash_bwd_sm90", opts + ("-arch=sm_90a",), smem)
@@ -287,8 +295,11 @@ def _sm90_backward_launch(pr, lay, strides, cfg, opts, tail, accum) -> Launch:
         tensor_map, hm, bm = tma.operand_map(pr.dtype_name, ptr, D, rows, heads, 1 if packed else lay.B, st, box)
         maps.append((MapSlot(name, tensor_map), np.int32(hm), np.int32(bm)))
     multipliers = tuple(x for _, hm, bm in maps for x in (hm, bm))
-    args = (*(m for m, _, _ in maps), Slot("lse"), Slot("delta"), Slot("dk"), Slot("dv"), *accum[:3],
-            *_common(pr, lay), *multipliers, *strides["dk"], *strides["dv"], *accum[3:], *_lse_strides(pr), *tail)
+    key_blocks = -(-pr.S // 128)
+    rotate = cfg.bwd90_rotate and (not deterministic or key_blocks <= sources.multiprocessors(dev))
+    args = (*(m for m, _, _ in maps), Slot("lse"), Slot("delta"), Slot("dk"), Slot("dv"), *accum[:2],
+            np.int32(rotate), *_common(pr, lay), *multipliers, *strides["dk"], *strides["dv"], *accum[2:],
+            *_lse_strides(pr), *tail)
     return Launch(fn, ((pr.S + 127) // 128, lay.B * pr.hkv), (384,), smem, args)
 
 
@@ -361,7 +372,6 @@ def _run_backward(pr, out, lse, dout, dq, dk, dv, deterministic):
                                       ("dv", dv, pr.hkv, pr.S, pr.Ev)):
         views[name], strides[name] = _out_view(pr, lay, x, heads, rows, dim)
     if accum is not None:
-        _, strides["dq_accum"] = _out_view(pr, lay, accum[:dq.size].reshape(dq.shape), pr.hq, pr.L, pr.E)
         views["dq_accum"] = accum
     lse_c = cupy.ascontiguousarray(lse)
     slots = values(q=lay.q, k=lay.k, v=lay.v, lse=lse_c, delta=cupy.empty_like(lse_c), **views,

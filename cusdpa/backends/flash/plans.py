@@ -105,7 +105,7 @@ def build(pr, out_strides: tuple, backward: bool, dout_strides: tuple | None = N
     if o is None or do is None:
         return None
     strides = {"o": o, "do": do, "dq": contiguous(pr.hq, pr.L, pr.E), "dk": contiguous(pr.hkv, pr.S, pr.E),
-               "dv": contiguous(pr.hkv, pr.S, pr.Ev), "dq_accum": contiguous(pr.hq, pr.L, pr.E)}
+               "dv": contiguous(pr.hkv, pr.S, pr.Ev)}
     backward_launches = tuple(launches.backward_launches(pr, lay, strides, deterministic)) if backward else ()
     return Plan(launches.device(pr), pr.out_shape, tuple(out_strides), pr.lse_shape,
                 launches.forward_launch(pr, lay, strides["o"]), backward_launches,
