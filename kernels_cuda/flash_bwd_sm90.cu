@@ -11,12 +11,12 @@
 //   dQ_step = dS K                                   (wgmma, dS^T of both warpgroups through shared memory)
 // and hands dQ_step, through a shared-memory buffer, to a dQ writer warp, which adds it into an fp32 dQ
 // accumulator in global memory with one bulk reduction (cp.reduce.async.bulk .add.f32), since every key
-// block of the query rows contributes to it: the consumers store their 32 floats a thread and go on, the
+// block of the query rows contributes to it: the consumers store their part and go on, the
 // writer waits for the reduction (FlashAttention-3's dQ path). The accumulator is blocked: per (batch, head,
-// query block) BLOCK_M x E floats in the order the consumers hold them (warpgroup w's 64 x 64 piece, then
+// query block) BLOCK_M x E floats in the order the consumers hold them (warpgroup w's 64-row piece, then
 // register k of thread x at k * 128 + x), so one contiguous reduction covers a step and the threads' stores
-// into its buffer are conflict-free. Warpgroup w's piece is rows 64 w when BLOCK_M = 128 (E = 64) and the
-// column half w when BLOCK_M = 64 (E = 128). flash_bwd_dq_convert then writes dQ = scale * accumulator in
+// into its buffer are conflict-free. Warpgroup w's piece is rows 64 w when BLOCK_M = 128 and a column range
+// when BLOCK_M = 64 (DQ_N0, DQ_N1). flash_bwd_dq_convert then writes dQ = scale * accumulator in
 // the input dtype, in q's layout.
 //
 // The order of the reductions varies run to run, and with it dQ's last bits; the deterministic mode
@@ -37,11 +37,14 @@
 // (and, in a packed batch, the next sequence's rows); dQ sums over keys, so it zeroes the K rows that no
 // query of the slice sees, and rows that see no key add zeros (their accumulator stays 0).
 //
-// Extra -D options: BWD90_BLOCK_M (queries per step: 64 for E = 128, 128 for E = 64). E = Ev in
-// {64, 128}; no dropout (the host runs the mma.sync kernels for those). The accumulator's block layout
+// Head dims: E and Ev multiples of 32 up to 128, each operand's tiles in the Hopper forward's swizzle (64
+// columns of 128 bytes, or 32 of 64 bytes where the head dim is not a multiple of 64).
+//
+// Extra -D options: BWD90_BLOCK_M (queries per step: 128 where E, Ev <= 64, else 64). No dropout (the host
+// runs the mma.sync kernels for it). The accumulator's block layout
 // (DQ_BLOCK floats per block, Slice::query_block) is shared with flash_bwd_preprocess, which zeroes it.
 #include "sm90.cuh"
-// @WGMMA_WRAPPERS@ BWD90_BLOCK_M HEAD_DIM HEAD_DIM_V
+// @WGMMA_WRAPPERS@ BWD90_BLOCK_M HEAD_DIM HEAD_DIM_V 32 64
 
 namespace dkdv90 {
 constexpr int MMA_WG = 2;
@@ -61,9 +64,15 @@ constexpr int SMEM_TILES = SK_BYTES + SV_BYTES + STAGES * (SQ_BYTES + SDO_BYTES)
 // consumers' increase waits forever unless the producer warpgroup's decrease freed enough.
 constexpr int LOAD_REGS = 24, MMA_REGS = 240;
 constexpr int CONSUMER_WARPS = MMA_WG * 4;
-// dQ of a step: warpgroup w computes DQ_N = 64 columns of 64 rows (BLOCK_M = 128: rows 64 w, every
-// column; BLOCK_M = 64: columns 64 w of every row), a width the wrappers have.
-constexpr int DQ_N = HEAD_DIM * BLOCK_M / 128;
+// Swizzle of each operand's tiles, as in the Hopper forward: bytes per row of a column chunk, 128 (64
+// columns) where the head dim is a multiple of 64, else 64 (32 columns).
+constexpr int QK_SW = HEAD_DIM % 64 == 0 ? 128 : 64;  // Q, K
+constexpr int V_SW = HEAD_DIM_V % 64 == 0 ? 128 : 64;  // V, dO
+// dQ of a step, a 64-row piece per warpgroup: BLOCK_M = 128, rows 64 w and every column; BLOCK_M = 64,
+// warpgroup 0 the first DQ_N0 columns (at most 64) and warpgroup 1 the rest (none where E <= 64): pieces
+// start on a swizzle chunk, as a descriptor of K read transposed must.
+constexpr int DQ_N0 = BLOCK_M == 128 ? HEAD_DIM : (HEAD_DIM < 64 ? HEAD_DIM : 64);
+constexpr int DQ_N1 = BLOCK_M == 128 ? HEAD_DIM : HEAD_DIM - DQ_N0;
 // Named barriers (0 is __syncthreads): the consumers' dS^T exchange, and per dQ buffer "full" (consumers
 // arrive, the writer waits) and "empty" (the writer arrives, consumers wait), each met by the consumers
 // and the writer warp.
@@ -71,44 +80,44 @@ constexpr int BAR_DS = 1, BAR_DQ_FULL = 2, BAR_DQ_EMPTY = 4;
 constexpr int DQ_SYNC = CONSUMER_WARPS * 32 + 32;
 static_assert(128 * LOAD_REGS + CONSUMER_WARPS * 32 * MMA_REGS <= 65536 / NTHREADS / 8 * 8 * NTHREADS,
               "register reallocation beyond the launch allocation");
-static_assert(HEAD_DIM % 64 == 0 && HEAD_DIM_V % 64 == 0 && HEAD_DIM <= 128 && HEAD_DIM_V <= 128,
-              "the sm90 backward takes E, Ev in {64, 128}");
-static_assert(BLOCK_M % 64 == 0 && DQ_N == 64,
-              "BWD90_BLOCK_M: 64 queries per step at E = 128, 128 at E = 64");
+static_assert(HEAD_DIM % 32 == 0 && HEAD_DIM_V % 32 == 0 && HEAD_DIM <= 128 && HEAD_DIM_V <= 128,
+              "the sm90 backward takes E, Ev multiples of 32 up to 128");
+static_assert(BLOCK_M == 64 || (BLOCK_M == 128 && HEAD_DIM <= 64 && HEAD_DIM_V <= 64),
+              "BWD90_BLOCK_M: 128 queries per step only where E, Ev <= 64 (registers), else 64");
 }  // namespace dkdv90
 static_assert(!IS_DROPOUT, "dropout runs on the mma.sync kernels");
 
 // acc += A B^T over D columns: 64 rows of A (from a tile of A_ROWS rows) against all B_ROWS rows of B, both
-// K-major in the 128-byte swizzle (issued, not waited for).
-template <int D, int A_ROWS, int B_ROWS>
+// K-major in the SW-byte swizzle (issued, not waited for).
+template <int D, int A_ROWS, int B_ROWS, int SW>
 __device__ __forceinline__ void issue_abt(float (&acc)[B_ROWS / 2], const unsigned char* sA, const unsigned char* sB) {
 #pragma unroll
     for (int kk = 0; kk < D / 16; ++kk) {
-        const int chunk = kk / 4, inner = (kk % 4) * 32;
-        wgmma_ss(acc, sw_desc<128>(sA + chunk * A_ROWS * 128 + inner, 16),
-                 sw_desc<128>(sB + chunk * B_ROWS * 128 + inner, 16), kk > 0);
+        const int chunk = kk / (SW / 32), inner = (kk % (SW / 32)) * 32;
+        wgmma_ss(acc, sw_desc<SW>(sA + chunk * A_ROWS * SW + inner, 16),
+                 sw_desc<SW>(sB + chunk * B_ROWS * SW + inner, 16), kk > 0);
     }
 }
 
-// acc += X B for X (64 rows x K_ROWS) in A-fragment registers and B (K_ROWS rows x D columns) read
-// transposed from shared memory (issued, not waited for).
-template <int D, int K_ROWS>
+// acc += X B for X (64 rows x K_ROWS) in A-fragment registers and B (K_ROWS rows x D columns, SW-byte
+// swizzle) read transposed from shared memory (issued, not waited for).
+template <int D, int K_ROWS, int SW>
 __device__ __forceinline__ void issue_xtb(float (&acc)[D / 2], const u32 (&x)[K_ROWS / 4], const unsigned char* sB) {
 #pragma unroll
     for (int kk = 0; kk < K_ROWS / 16; ++kk) {
         const u32 a[4] = {x[4 * kk], x[4 * kk + 1], x[4 * kk + 2], x[4 * kk + 3]};
-        wgmma_rs(acc, a, sw_desc<128>(sB + kk * 16 * 128, K_ROWS * 128));
+        wgmma_rs(acc, a, sw_desc<SW>(sB + kk * 16 * SW, K_ROWS * SW));
     }
 }
 
-// Zero rows [0, lo) and [hi, ROWS) of a ROWS x D tile in the 128-byte swizzle (whole rows: the swizzle
-// only permutes 16-byte pieces within a row), by the 32 lanes of a warp.
-template <int ROWS, int D>
+// Zero rows [0, lo) and [hi, ROWS) of a ROWS x D tile in the SW-byte swizzle (whole rows: the swizzle
+// only permutes 16-byte pieces within a row of a column chunk), by the 32 lanes of a warp.
+template <int ROWS, int D, int SW>
 __device__ __forceinline__ void zero_rows_outside(unsigned char* tile, int lo, int hi, int lane) {
-    constexpr int PIECES = D * 2 / 16;  // 16-byte pieces of one row, over all column chunks
+    constexpr int PIECES = D * 2 / 16, CHUNK = SW / 16;  // 16-byte pieces of a row: all, and per column chunk
     for (int x = lane; x < ROWS * PIECES; x += 32) {
-        const int r = x / PIECES, c = (x % PIECES) / 8, ch = x % 8;
-        if (r < lo || r >= hi) *reinterpret_cast<uint4*>(tile + c * ROWS * 128 + r * 128 + ch * 16) = make_uint4(0, 0, 0, 0);
+        const int r = x / PIECES, c = (x % PIECES) / CHUNK, ch = x % CHUNK;
+        if (r < lo || r >= hi) *reinterpret_cast<uint4*>(tile + c * ROWS * SW + r * SW + ch * 16) = make_uint4(0, 0, 0, 0);
     }
 }
 
@@ -128,21 +137,22 @@ __device__ __forceinline__ void store_ds_t(unsigned char* sdS, int keys, const u
 }
 
 // acc += dS B over the step's keys: dS (64 queries x BLOCK_N keys) read transposed from the key-major
-// chunk of its queries, B (BLOCK_N keys x 64 columns) from the key-major 64-column chunk of K (issued,
-// not waited for).
-template <int KEYS>
-__device__ __forceinline__ void issue_ds_k(float (&acc)[32], const unsigned char* sdS, const unsigned char* sK) {
+// chunk of its queries, B (BLOCK_N keys x N columns) read transposed from K's column chunks (SW-byte
+// swizzle) from the one `sK` points at (issued, not waited for).
+template <int KEYS, int SW, int N>
+__device__ __forceinline__ void issue_ds_k(float (&acc)[N / 2], const unsigned char* sdS, const unsigned char* sK) {
 #pragma unroll
     for (int kk = 0; kk < KEYS / 16; ++kk)
-        wgmma_ss<1, 1>(acc, sw_desc<128>(sdS + kk * 16 * 128, KEYS * 128), sw_desc<128>(sK + kk * 16 * 128, KEYS * 128),
+        wgmma_ss<1, 1>(acc, sw_desc<128>(sdS + kk * 16 * 128, KEYS * 128), sw_desc<SW>(sK + kk * 16 * SW, KEYS * SW),
                        kk > 0);
 }
 
-// A warpgroup's 64 x 64 piece of dQ into its half of a step's buffer: register k of thread x (of 128) at
+// A warpgroup's 64 x N piece of dQ into its part of a step's buffer: register k of thread x (of 128) at
 // float4 k * 128 + x, so each warp's store is 512 contiguous bytes (no bank conflicts).
-__device__ __forceinline__ void store_dq(float* piece, const float (&dq)[32], int x) {
+template <int N>
+__device__ __forceinline__ void store_dq(float* piece, const float (&dq)[N / 2], int x) {
 #pragma unroll
-    for (int k = 0; k < 8; ++k)
+    for (int k = 0; k < N / 8; ++k)
         reinterpret_cast<float4*>(piece)[k * 128 + x] = make_float4(dq[4 * k], dq[4 * k + 1], dq[4 * k + 2], dq[4 * k + 3]);
 }
 
@@ -203,6 +213,46 @@ __device__ __forceinline__ void store_rows(elem_t* base, long long pitch, const 
             *reinterpret_cast<u32*>(base + row * pitch + nt * 8 + 2 * t) =
                 pack2<IS_BF16>(acc[nt * 4 + 2 * r] * scale, acc[nt * 4 + 2 * r + 1] * scale);
     }
+}
+
+// The end of a consumer step: dQ_step for this warpgroup's 64 x N piece (N = 0: none), rows from sdS_rows
+// of the shared dS^T, columns from sK_cols of K, while dV and dK finish (then the Q and dO stage is
+// released); rows outside [q_first, q_end) (no key seen) zeroed, since K may hold inf; the piece stored
+// into buffer buf for the writer warp, once it has emptied that buffer.
+template <int N>
+__device__ __forceinline__ void dq_step(float (&dk_acc)[dkdv90::ET * 4], float (&dv_acc)[dkdv90::EVT * 4],
+                                        const unsigned char* sdS_rows, const unsigned char* sK_cols, float* piece,
+                                        unsigned long long* q_empty, int buf, int row, int q_first, int q_end,
+                                        int lane) {
+    using namespace dkdv90;
+    float dq[N > 0 ? N / 2 : 1];
+    if constexpr (N > 0) {
+        fence_regs(dq);
+        wgmma_fence();
+        issue_ds_k<BLOCK_N, QK_SW, N>(dq, sdS_rows, sK_cols);
+        wgmma_commit();
+        wgmma_wait<1>();  // dV and dK done: the Q and dO stage is free
+    } else {
+        wgmma_wait<0>();
+    }
+    fence_regs(dk_acc);
+    fence_regs(dv_acc);
+    if (lane == 0) mbar_arrive(q_empty);
+    if constexpr (N > 0) {
+        wgmma_wait<0>();
+        fence_regs(dq);
+#pragma unroll
+        for (int r = 0; r < 2; ++r)
+            if (row + 8 * r < q_first || row + 8 * r >= q_end)
+#pragma unroll
+                for (int nt = 0; nt < N / 8; ++nt) dq[nt * 4 + 2 * r] = dq[nt * 4 + 2 * r + 1] = 0.f;
+    }
+    named_sync<DQ_SYNC>(BAR_DQ_EMPTY + buf);
+    if constexpr (N > 0) {
+        store_dq<N>(piece, dq, threadIdx.x % 128);
+        fence_proxy_async();
+    }
+    named_arrive<DQ_SYNC>(BAR_DQ_FULL + buf);
 }
 
 extern "C" __global__ void __launch_bounds__(dkdv90::NTHREADS, 1)
@@ -306,17 +356,17 @@ flash_bwd_sm90(const __grid_constant__ TmaMap tm_q, const __grid_constant__ TmaM
         if (lane == 0) {
             mbar_expect_tx(kbar, SK_BYTES + SV_BYTES);
 #pragma unroll
-            for (int c = 0; c < HEAD_DIM / 64; ++c)
-                tma_load(sK + c * BLOCK_N * 128, tm_k, kbar, 64 * c, krow, slice.kvh * k_hm, slice.b * k_bm);
+            for (int c = 0; c < HEAD_DIM / (QK_SW / 2); ++c)
+                tma_load(sK + c * BLOCK_N * QK_SW, tm_k, kbar, QK_SW / 2 * c, krow, slice.kvh * k_hm, slice.b * k_bm);
 #pragma unroll
-            for (int c = 0; c < HEAD_DIM_V / 64; ++c)
-                tma_load(sV + c * BLOCK_N * 128, tm_v, kbar, 64 * c, krow, slice.kvh * v_hm, slice.b * v_bm);
+            for (int c = 0; c < HEAD_DIM_V / (V_SW / 2); ++c)
+                tma_load(sV + c * BLOCK_N * V_SW, tm_v, kbar, V_SW / 2 * c, krow, slice.kvh * v_hm, slice.b * v_bm);
         }
         if (k_dirty) {
             mbar_wait(staged, staged_phase);
             staged_phase ^= 1;
             const int lo_rows = max(0, min(kj_lo - n0, BLOCK_N)), hi_row = max(lo_rows, min(kj_hi - n0, BLOCK_N));
-            zero_rows_outside<BLOCK_N, HEAD_DIM>(sK, lo_rows, hi_row, lane);
+            zero_rows_outside<BLOCK_N, HEAD_DIM, QK_SW>(sK, lo_rows, hi_row, lane);
             fence_proxy_async();
             __syncwarp();
             if (lane == 0) mbar_arrive(kv_full);
@@ -347,18 +397,18 @@ flash_bwd_sm90(const __grid_constant__ TmaMap tm_q, const __grid_constant__ TmaM
             if (lane == 0) {
                 mbar_expect_tx(bar, SQ_BYTES + SDO_BYTES);
 #pragma unroll
-                for (int c = 0; c < HEAD_DIM / 64; ++c)
-                    tma_load(sQs + c * BLOCK_M * 128, tm_q, bar, 64 * c, qrow, h * q_hm, slice.b * q_bm);
+                for (int c = 0; c < HEAD_DIM / (QK_SW / 2); ++c)
+                    tma_load(sQs + c * BLOCK_M * QK_SW, tm_q, bar, QK_SW / 2 * c, qrow, h * q_hm, slice.b * q_bm);
 #pragma unroll
-                for (int c = 0; c < HEAD_DIM_V / 64; ++c)
-                    tma_load(sdOs + c * BLOCK_M * 128, tm_do, bar, 64 * c, qrow, h * do_hm, slice.b * do_bm);
+                for (int c = 0; c < HEAD_DIM_V / (V_SW / 2); ++c)
+                    tma_load(sdOs + c * BLOCK_M * V_SW, tm_do, bar, V_SW / 2 * c, qrow, h * do_hm, slice.b * do_bm);
             }
             if (!dirty) continue;
             mbar_wait(staged, staged_phase);
             staged_phase ^= 1;
             const int lo_rows = max(0, min(qi_lo - m0, BLOCK_M)), hi_row = max(lo_rows, min(qi_hi - m0, BLOCK_M));
-            zero_rows_outside<BLOCK_M, HEAD_DIM>(sQs, lo_rows, hi_row, lane);
-            zero_rows_outside<BLOCK_M, HEAD_DIM_V>(sdOs, lo_rows, hi_row, lane);
+            zero_rows_outside<BLOCK_M, HEAD_DIM, QK_SW>(sQs, lo_rows, hi_row, lane);
+            zero_rows_outside<BLOCK_M, HEAD_DIM_V, V_SW>(sdOs, lo_rows, hi_row, lane);
             fence_proxy_async();
             __syncwarp();
             if (lane == 0) mbar_arrive(q_full + st);
@@ -376,12 +426,11 @@ flash_bwd_sm90(const __grid_constant__ TmaMap tm_q, const __grid_constant__ TmaM
     for (int x = 0; x < ET * 4; ++x) dk_acc[x] = 0.f;
 #pragma unroll
     for (int x = 0; x < EVT * 4; ++x) dv_acc[x] = 0.f;
-    const unsigned char* sKw = sK + cw * 64 * 128;
-    const unsigned char* sVw = sV + cw * 64 * 128;
+    const unsigned char* sKw = sK + cw * 64 * QK_SW;
+    const unsigned char* sVw = sV + cw * 64 * V_SW;
     if (steps > 0) mbar_wait_warp(kv_full, 0);
 
-    // dQ piece of this warpgroup: 64 rows from mrow0 of the step, 64 columns from chunk dq_chunk of K
-    const int mrow0 = BLOCK_M == 128 ? 64 * cw : 0, dq_chunk = BLOCK_M == 128 ? 0 : cw;
+    const int mrow0 = BLOCK_M == 128 ? 64 * cw : 0;  // the first row of this warpgroup's dQ piece
     const int q_first = qi_lo, q_end = min(qi_hi, slice.L);  // rows that see a key
     for (int it = 0; it < steps; ++it) {
         const int st = it % STAGES;
@@ -396,9 +445,9 @@ flash_bwd_sm90(const __grid_constant__ TmaMap tm_q, const __grid_constant__ TmaM
         fence_regs(dk_acc);
         fence_regs(dv_acc);
         wgmma_fence();
-        issue_abt<HEAD_DIM, BLOCK_N, BLOCK_M>(s, sKw, sQs);
+        issue_abt<HEAD_DIM, BLOCK_N, BLOCK_M, QK_SW>(s, sKw, sQs);
         wgmma_commit();
-        issue_abt<HEAD_DIM_V, BLOCK_N, BLOCK_M>(dp, sVw, sdOs);
+        issue_abt<HEAD_DIM_V, BLOCK_N, BLOCK_M, V_SW>(dp, sVw, sdOs);
         wgmma_commit();
         // P^T while dP^T runs: element (key j + 8 r, query m0 + nt * 8 + 2 t + c) at [nt * 4 + 2 r + c]
         wgmma_wait<1>();
@@ -434,8 +483,8 @@ flash_bwd_sm90(const __grid_constant__ TmaMap tm_q, const __grid_constant__ TmaM
         fence_regs(dk_acc);
         fence_regs(dv_acc);
         wgmma_fence();
-        issue_xtb<HEAD_DIM_V, BLOCK_M>(dv_acc, pt, sdOs);
-        issue_xtb<HEAD_DIM, BLOCK_M>(dk_acc, dst, sQs);
+        issue_xtb<HEAD_DIM_V, BLOCK_M, V_SW>(dv_acc, pt, sdOs);
+        issue_xtb<HEAD_DIM, BLOCK_M, QK_SW>(dk_acc, dst, sQs);
         wgmma_commit();
         // dQ of the step while dV and dK run: dS^T of both warpgroups into shared memory (the buffer of two
         // steps ago, which both finished reading before they met at the last step's barrier).
@@ -443,30 +492,16 @@ flash_bwd_sm90(const __grid_constant__ TmaMap tm_q, const __grid_constant__ TmaM
         store_ds_t<QT>(sdSs, BLOCK_N, dst, cw * 64 + (warp % 4) * 16, lane);
         fence_proxy_async();
         named_sync<CONSUMER_WARPS * 32>(BAR_DS);
-        float dq[32];
-        fence_regs(dq);
-        wgmma_fence();
-        issue_ds_k<BLOCK_N>(dq, sdSs + (mrow0 / 64) * BLOCK_N * 128, sK + dq_chunk * BLOCK_N * 128);
-        wgmma_commit();
-        wgmma_wait<1>();  // dV and dK done: the Q and dO stage is free
-        fence_regs(dk_acc);
-        fence_regs(dv_acc);
-        if (lane == 0) mbar_arrive(q_empty + st);
-        wgmma_wait<0>();
-        fence_regs(dq);
-        // Rows that see no key add nothing: their dS is 0, but K may hold inf (0 * inf would be NaN).
-#pragma unroll
-        for (int r = 0; r < 2; ++r) {
-            const int row = m0 + mrow0 + (warp % 4) * 16 + g + 8 * r;
-            if (row < q_first || row >= q_end)
-#pragma unroll
-                for (int nt = 0; nt < 8; ++nt) dq[nt * 4 + 2 * r] = dq[nt * 4 + 2 * r + 1] = 0.f;
-        }
-        const int buf = it % 2;
-        named_sync<DQ_SYNC>(BAR_DQ_EMPTY + buf);
-        store_dq(sdQ + buf * DQ_BLOCK + cw * (DQ_BLOCK / 2), dq, threadIdx.x % 128);
-        fence_proxy_async();
-        named_arrive<DQ_SYNC>(BAR_DQ_FULL + buf);
+        const unsigned char* sdS_rows = sdSs + (mrow0 / 64) * BLOCK_N * 128;
+        float* piece = sdQ + (it % 2) * DQ_BLOCK + cw * 64 * DQ_N0;
+        const int row = m0 + mrow0 + (warp % 4) * 16 + g;
+        const unsigned char* sK_cols = sK + (BLOCK_M == 128 ? 0 : cw * DQ_N0 / (QK_SW / 2)) * BLOCK_N * QK_SW;
+        if constexpr (DQ_N0 == DQ_N1)  // one copy of the code where the pieces are alike
+            dq_step<DQ_N0>(dk_acc, dv_acc, sdS_rows, sK_cols, piece, q_empty + st, it % 2, row, q_first, q_end, lane);
+        else if (cw == 0)
+            dq_step<DQ_N0>(dk_acc, dv_acc, sdS_rows, sK_cols, piece, q_empty + st, it % 2, row, q_first, q_end, lane);
+        else
+            dq_step<DQ_N1>(dk_acc, dv_acc, sdS_rows, sK_cols, piece, q_empty + st, it % 2, row, q_first, q_end, lane);
     }
 
     const int row0 = n0 + cw * 64 + (warp % 4) * 16;
@@ -477,7 +512,7 @@ flash_bwd_sm90(const __grid_constant__ TmaMap tm_q, const __grid_constant__ TmaM
 // ---------------------------------------------------------------------------------------------------
 // dQ = scale * the fp32 accumulator flash_bwd_sm90 reduced into (zeroed by flash_bwd_preprocess), in the
 // input dtype and q's layout: one CTA per accumulator block (blockIdx.x, of (batch, head) blockIdx.y), each
-// float4 of the block holding two columns of two rows 8 apart (store_dq's order), rows >= L skipped.
+// float4 of a piece holding two columns of two rows 8 apart (store_dq's order), rows >= L skipped.
 constexpr int CONVERT_THREADS = 256;
 
 extern "C" __global__ void __launch_bounds__(CONVERT_THREADS)
@@ -485,19 +520,19 @@ flash_bwd_dq_convert(const float* __restrict__ dq_accum, elem_t* __restrict__ dq
                      const int* __restrict__ cu_k, int L, int S, int Hq, long long acc_sb, long long acc_sh,
                      long long dq_sb, long long dq_sh, long long dq_sm, float scale, int left, int right,
                      int lower_right) {
-    using dkdv90::BLOCK_M;
-    using dkdv90::DQ_BLOCK;
+    using namespace dkdv90;
     const Slice slice = Slice::per_query_head(Hq, 1, cu_q, cu_k, L, S, left, right, lower_right);
     const int m0 = blockIdx.x * BLOCK_M;
     if (m0 >= slice.L) return;
     const float4* acc = reinterpret_cast<const float4*>(
         dq_accum + slice.query_block(acc_sb, acc_sh, slice.h, BLOCK_M, blockIdx.x) * DQ_BLOCK);
     elem_t* out = slice.query_rows(dq, dq_sb, dq_sh, dq_sm);
+    constexpr int PIECE0 = 16 * DQ_N0;  // float4s of warpgroup 0's piece
 #pragma unroll 4
     for (int q4 = threadIdx.x; q4 < DQ_BLOCK / 4; q4 += CONVERT_THREADS) {
-        const int w = q4 / 1024, k = q4 % 1024 / 128, x = q4 % 128;  // piece, register group, thread
+        const int w = q4 < PIECE0 ? 0 : 1, x4 = q4 - w * PIECE0, k = x4 / 128, x = x4 % 128;  // piece, register, thread
         const int row = m0 + (BLOCK_M == 128 ? 64 * w : 0) + x / 32 * 16 + x % 32 / 4;
-        const int col = (BLOCK_M == 128 ? 0 : 64 * w) + 8 * k + 2 * (x % 4);
+        const int col = (BLOCK_M == 128 ? 0 : w * DQ_N0) + 8 * k + 2 * (x % 4);
         const float4 a = acc[q4];
         if (row < slice.L) *reinterpret_cast<u32*>(out + row * dq_sm + col) = pack2<IS_BF16>(a.x * scale, a.y * scale);
         if (row + 8 < slice.L)

@@ -13,8 +13,9 @@ from cusdpa.backends import flash
 from cusdpa.backends.flash import config, sources
 from cusdpa.verify.harness import Case, build, draw, run_case
 
-# One representative (E, Ev) per tile configuration class, incl. E != Ev and the split dK/dV passes.
-CONFIG_DIMS = [(40, 40), (64, 64), (64, 128), (72, 128), (256, 256)]
+# One representative (E, Ev) per tile configuration class, incl. E != Ev, the split dK/dV passes and the
+# Hopper tiles of 64-byte swizzle.
+CONFIG_DIMS = [(40, 40), (64, 64), (64, 128), (72, 128), (96, 64), (256, 256)]
 
 
 def _nvrtc_jobs():
@@ -214,7 +215,8 @@ BIT_IDENTICAL = {
     "dropout": dict(E=128, causal="upper_left", dropout_p=0.1), "causal": dict(E=128, causal="upper_left"),
     "causal_64": dict(E=64, causal="upper_left"), "window": dict(E=64, window=(70, 20)),
     "rotated": dict(E=128, L=300, S=500), "long_keys": dict(E=64, L=200, S=700),
-    "varlen": dict(E=128, causal="lower_right", varlen=((300, 260), (70, 400), (0, 5), (129, 129)))}
+    "varlen": dict(E=128, causal="lower_right", varlen=((300, 260), (70, 400), (0, 5), (129, 129))),
+    "head_dim_96": dict(E=96, causal="upper_left"), "head_dims_32_128": dict(E=32, Ev=128, window=(50, 50))}
 
 
 @pytest.mark.gpu

@@ -27,7 +27,7 @@ class FlashConfig:
     fwd90_stages: int = 2  # K and V buffers of the producer's ring
     fwd90_pingpong: bool = True  # consumer warpgroups take turns issuing their products
     use_wgmma_bwd: bool = True  # Hopper backward (flash_bwd_sm90.cu) where the device, head dims and options allow
-    bwd90_block_m: int = 64  # the Hopper backward's step: queries per step (128 at E = 64)
+    bwd90_block_m: int = 64  # the Hopper backward's step: queries per step (128 where E, Ev <= 64)
     bwd90_rotate: bool = True  # key blocks start their query loops at different blocks (full visibility)
 
     @staticmethod
@@ -35,7 +35,7 @@ class FlashConfig:
     def for_head_dims(E: int, Ev: int) -> "FlashConfig":
         d = max(pad16(E), pad16(Ev))
         # Tile choices measured with benchmarks/flash_sweep.py (BENCHMARKS.md): backward on the H100.
-        if d <= 64:  # the Hopper backward: 128 queries per step, so each warpgroup's dQ piece is 64 x 64
+        if d <= 64:  # the Hopper backward: 128 queries per step (registers allow it), a 64-row dQ piece each
             return FlashConfig(bwd_block_m=128, dq_warps=4, bwd90_block_m=128)
         if d <= 128:  # 32 rows x 128 accumulators per warp leave room for a 32-key score block only
             return FlashConfig(fwd_block_n=32, dq_warps=4, dq_m_tiles=2, dq_block_n=32)
@@ -114,5 +114,6 @@ def sm90_forward_applies(E: int, Ev: int, compute_capability: int, cfg: FlashCon
 
 
 def sm90_backward_applies(E: int, Ev: int, compute_capability: int, cfg: FlashConfig, dropout: bool) -> bool:
-    """The wgmma backward takes E = Ev in {64, 128} without dropout on compute capability 9.0."""
-    return cfg.use_wgmma_bwd and compute_capability == 90 and E == Ev and E in (64, 128) and not dropout
+    """The wgmma backward takes E, Ev multiples of 32 up to 128 without dropout on compute capability 9.0."""
+    return cfg.use_wgmma_bwd and compute_capability == 90 and not dropout and \
+        all(d % 32 == 0 and 32 <= d <= 128 for d in (E, Ev))

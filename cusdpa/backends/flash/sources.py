@@ -49,11 +49,11 @@ def _define(options, name: str) -> int:
 
 def kernel_source(name: str, options: tuple = ()) -> str:
     """A kernels_cuda source with its includes inlined and, where it asks for them with a line
-    ``// @WGMMA_WRAPPERS@ NAME...``, the wgmma wrappers of the widths that those -D options give."""
+    ``// @WGMMA_WRAPPERS@ NAME...``, the wgmma wrappers of the widths that those -D options (or numbers) give."""
     text = kernels_cuda.source(name)
 
-    def wrappers(match: re.Match) -> str:
-        return _wgmma_wrappers(sorted({_define(options, n) for n in match.group(1).split()}))
+    def wrappers(match: re.Match) -> str:  # each width a -D option's name or a number
+        return _wgmma_wrappers(sorted({int(n) if n.isdigit() else _define(options, n) for n in match.group(1).split()}))
 
     return _WRAPPERS.sub(wrappers, text)
 
