@@ -40,8 +40,10 @@
 // Head dims: E and Ev multiples of 32 up to 128, each operand's tiles in the Hopper forward's swizzle (64
 // columns of 128 bytes, or 32 of 64 bytes where the head dim is not a multiple of 64).
 //
-// Extra -D options: BWD90_BLOCK_M (queries per step: 128 where E, Ev <= 64, else 64). No dropout (the host
-// runs the mma.sync kernels for it). The accumulator's block layout
+// Dropout (IS_DROPOUT): the forward's Philox keep-mask replayed, each thread's bits gathered from the calls
+// of its quad group (dropout_keep_bits).
+//
+// Extra -D options: BWD90_BLOCK_M (queries per step: 128 where E, Ev <= 64, else 64). The accumulator's block layout
 // (DQ_BLOCK floats per block, Slice::query_block) is shared with flash_bwd_preprocess, which zeroes it.
 #include "sm90.cuh"
 // @WGMMA_WRAPPERS@ BWD90_BLOCK_M HEAD_DIM HEAD_DIM_V 32 64
@@ -85,7 +87,32 @@ static_assert(HEAD_DIM % 32 == 0 && HEAD_DIM_V % 32 == 0 && HEAD_DIM <= 128 && H
 static_assert(BLOCK_M == 64 || (BLOCK_M == 128 && HEAD_DIM <= 64 && HEAD_DIM_V <= 64),
               "BWD90_BLOCK_M: 128 queries per step only where E, Ev <= 64 (registers), else 64");
 }  // namespace dkdv90
-static_assert(!IS_DROPOUT, "dropout runs on the mma.sync kernels");
+
+// Dropout keep bits of a thread's S^T elements x = nt * 4 + 2 r + c (key j + 8 r, query i0 + nt * 8 + c),
+// bit x of the result. One Philox call gives the words of 4 consecutive keys for one query, and the four
+// lanes g % 4 = u of a quad group (same t, same g / 4) hold those 4 keys: lane u makes the call of element
+// 2 r + c = u of each n8 tile and compares its 4 words, and the lanes gather each other's bit u. A loop,
+// not unrolled: the calls' registers would crowd out S^T's and dP^T's.
+template <int QT>
+__device__ __forceinline__ unsigned long long dropout_keep_bits(const Dropout& drop, u32 bh, int j, int i0, int lane) {
+    static_assert(QT * 4 <= 64, "one bit per element");
+    const int u = lane / 4 % 4;
+    const u32 jw = static_cast<u32>(j + 8 * (u >> 1)) >> 2;
+    unsigned long long keep = 0;
+#pragma unroll 1
+    for (int nt = 0; nt < QT; ++nt) {
+        const uint4 r = philox4x32_10(make_uint4(jw, static_cast<u32>(i0 + nt * 8 + (u & 1)), bh, drop.offset),
+                                      drop.key0, drop.key1);
+        const u32 nibble = u32(r.x < drop.threshold) | u32(r.y < drop.threshold) << 1 |
+                           u32(r.z < drop.threshold) << 2 | u32(r.w < drop.threshold) << 3;
+#pragma unroll
+        for (int src = 0; src < 4; ++src) {
+            const u32 theirs = __shfl_sync(0xffffffffu, nibble, (lane & ~12) | (src << 2));
+            keep |= static_cast<unsigned long long>((theirs >> u) & 1u) << (nt * 4 + src);
+        }
+    }
+    return keep;
+}
 
 // acc += A B^T over D columns: 64 rows of A (from a tile of A_ROWS rows) against all B_ROWS rows of B, both
 // K-major in the SW-byte swizzle (issued, not waited for).
@@ -265,7 +292,8 @@ flash_bwd_sm90(const __grid_constant__ TmaMap tm_q, const __grid_constant__ TmaM
                int v_hm, int v_bm, int do_hm, int do_bm, long long dk_sb, long long dk_sh, long long dk_sm,
                long long dv_sb, long long dv_sh, long long dv_sm, long long acc_sb, long long acc_sh,
                long long lse_sb, long long lse_sh, float scale, float scale_log2, int left, int right,
-               int lower_right) {
+               int lower_right, unsigned int seed_lo, unsigned int seed_hi, unsigned int offset,
+               unsigned int threshold, float rp_dropout) {
     using namespace dkdv90;
     extern __shared__ __align__(1024) unsigned char smem[];
     unsigned char* sK = smem;  // every size is a multiple of 1024: each tile keeps the swizzle alignment
@@ -418,6 +446,11 @@ flash_bwd_sm90(const __grid_constant__ TmaMap tm_q, const __grid_constant__ TmaM
 
     // ---- consumers ----
     setmaxnreg_inc<MMA_REGS>();
+#if IS_DROPOUT
+    const Dropout drop{seed_lo, seed_hi, offset, threshold};
+#else
+    (void)seed_lo, (void)seed_hi, (void)offset, (void)threshold, (void)rp_dropout;
+#endif
     const int cw = wg - 1;  // keys [64 cw, 64 cw + 64) of the block
     const int g = lane / 4, t = lane % 4;
     const int j = n0 + cw * 64 + (warp % 4) * 16 + g;  // this thread's keys are j and j + 8
@@ -438,6 +471,15 @@ flash_bwd_sm90(const __grid_constant__ TmaMap tm_q, const __grid_constant__ TmaM
         int h, mb;
         order.at(it, h, mb);
         const int m0 = mb * BLOCK_M;
+#if IS_DROPOUT
+        // Z = keep / (1 - p): dV takes (P o Z)^T, dS^T = P^T o (dP^T o Z^T - D). The keep bits first, while the
+        // tiles may still be on their way and before S^T and dP^T hold their registers.
+        const unsigned long long keep =
+            dropout_keep_bits<QT>(drop, static_cast<u32>(slice.b * Hq + h), j, m0 + 2 * t, lane);
+        const auto dropped = [&](float v, int x) { return (keep >> x) & 1u ? v * rp_dropout : 0.f; };
+#else
+        const auto dropped = [](float v, int) { return v; };
+#endif
         mbar_wait_warp(q_full + st, phase);
         const unsigned char* sQs = sQ + st * SQ_BYTES;
         const unsigned char* sdOs = sdO + st * SDO_BYTES;
@@ -474,8 +516,9 @@ flash_bwd_sm90(const __grid_constant__ TmaMap tm_q, const __grid_constant__ TmaM
                 float ds[2];
 #pragma unroll
                 for (int c = 0; c < 2; ++c)
-                    ds[c] = __float_as_uint(s[x + c]) == 0x80000000u ? 0.f : s[x + c] * (dp[x + c] - sDs[col + c]);
-                pt[nt * 2 + r] = pack2<IS_BF16>(s[x], s[x + 1]);
+                    ds[c] = __float_as_uint(s[x + c]) == 0x80000000u ? 0.f
+                                                                    : s[x + c] * (dropped(dp[x + c], x + c) - sDs[col + c]);
+                pt[nt * 2 + r] = pack2<IS_BF16>(dropped(s[x], x), dropped(s[x + 1], x + 1));
                 dst[nt * 2 + r] = pack2<IS_BF16>(ds[0], ds[1]);
             }
         fence_regs(pt);

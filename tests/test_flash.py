@@ -30,8 +30,8 @@ def _nvrtc_jobs():
                     yield "flash_fwd_sm90.cu", sources.compile_options(dtype, E, Ev, dropout, fwd_cfg) + ("-arch=sm_90a",)
             for part in ((1, 2) if cfg.split_dkdv else (3,)):
                 yield "flash_bwd.cu", sources.compile_options(dtype, E, Ev, dropout, cfg, part)
-            if config.sm90_backward_applies(E, Ev, 90, cfg, False):
-                yield "flash_bwd_sm90.cu", sources.compile_options(dtype, E, Ev, False, cfg) + ("-arch=sm_90a",)
+            if config.sm90_backward_applies(E, Ev, 90, cfg):
+                yield "flash_bwd_sm90.cu", sources.compile_options(dtype, E, Ev, dropout, cfg) + ("-arch=sm_90a",)
 
 
 def _nvrtc_compile(source: str, options: tuple, arch: str) -> str | None:
@@ -99,7 +99,7 @@ def test_config_fits_shared_memory():
         for Ev in (E, other):
             cfg = config.FlashConfig.for_problem(E, Ev, L, causal)
             kinds = ["fwd", "dkdv", "dq"] + (["fwd_sm90"] if config.sm90_forward_applies(E, Ev, 90, cfg) else []) + \
-                (["bwd_sm90"] if config.sm90_backward_applies(E, Ev, 90, cfg, False) else [])
+                (["bwd_sm90"] if config.sm90_backward_applies(E, Ev, 90, cfg) else [])
             for kind in kinds:
                 assert config.smem_bytes(kind, cfg, E, Ev) <= 227 * 1024, (E, Ev, kind)
 
@@ -209,7 +209,7 @@ def test_dropout_mask_is_bit_identical_to_the_reference(rng):
     np.testing.assert_array_equal(cupy.asnumpy(out) != 0, keep)
 
 
-# mma.sync (dropout); Hopper's at both steps, its orders: banded (causal, a window; varlen) and rotated (every
+# Hopper's backward at both steps (dropout too), its orders: banded (causal, a window; varlen) and rotated (every
 # pair visible, key blocks no more than query blocks) or not (more key blocks)
 BIT_IDENTICAL = {
     "dropout": dict(E=128, causal="upper_left", dropout_p=0.1), "causal": dict(E=128, causal="upper_left"),

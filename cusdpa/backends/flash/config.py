@@ -113,7 +113,6 @@ def sm90_forward_applies(E: int, Ev: int, compute_capability: int, cfg: FlashCon
     return cfg.use_wgmma and compute_capability == 90 and all(d % 32 == 0 and 32 <= d <= 256 for d in (E, Ev))
 
 
-def sm90_backward_applies(E: int, Ev: int, compute_capability: int, cfg: FlashConfig, dropout: bool) -> bool:
-    """The wgmma backward takes E, Ev multiples of 32 up to 128 without dropout on compute capability 9.0."""
-    return cfg.use_wgmma_bwd and compute_capability == 90 and not dropout and \
-        all(d % 32 == 0 and 32 <= d <= 128 for d in (E, Ev))
+def sm90_backward_applies(E: int, Ev: int, compute_capability: int, cfg: FlashConfig) -> bool:
+    """The wgmma backward takes E, Ev multiples of 32 up to 128 on compute capability 9.0."""
+    return cfg.use_wgmma_bwd and compute_capability == 90 and all(d % 32 == 0 and 32 <= d <= 128 for d in (E, Ev))

@@ -209,7 +209,7 @@ def dq_accum_elements(pr, deterministic: bool) -> int:
     Hopper kernels the blocked fp32 dQ accumulator, and for a ``deterministic`` one a semaphore per block
     after it."""
     cfg = config(pr)
-    if not sm90_backward_applies(pr.E, pr.Ev, sources.compute_capability(device(pr)), cfg, pr.dropout_p > 0):
+    if not sm90_backward_applies(pr.E, pr.Ev, sources.compute_capability(device(pr)), cfg):
         return 0
     blocks = _dq_blocks(pr, cfg)[0]
     return blocks * cfg.bwd90_block_m * pr.E + (blocks if deterministic else 0)
@@ -222,7 +222,7 @@ def backward_launches(pr, lay, strides, deterministic: bool = False) -> list[Lau
     if lay.B * pr.hq == 0:
         return []
     cfg, dev = config(pr), device(pr)
-    hopper = sm90_backward_applies(pr.E, pr.Ev, sources.compute_capability(dev), cfg, pr.dropout_p > 0)
+    hopper = sm90_backward_applies(pr.E, pr.Ev, sources.compute_capability(dev), cfg)
     blocks, acc_sb, acc_sh = _dq_blocks(pr, cfg) if hopper else (0, 0, 0)
     # the accumulator, where its semaphores start (-1: none), its block strides
     accum = (Slot("dq_accum") if hopper else 0, np.int64(blocks * cfg.bwd90_block_m * pr.E if deterministic else -1),
@@ -245,7 +245,7 @@ def backward_launches(pr, lay, strides, deterministic: bool = False) -> list[Lau
                                (Slot("o"), Slot("do"), Slot("delta"), *accum[:2], *_common(pr, lay)[:5], *strides["o"],
                                 *strides["do"], *accum[2:], *_lse_strides(pr), *vis, np.int32(rows))))
     if hopper:
-        tail = (scale, scale_log2, *vis)
+        tail = (scale, scale_log2, *vis, *drop)
         if pr.S:
             launches.append(_sm90_backward_launch(pr, lay, strides, cfg, opts(), tail, accum, deterministic))
         if pr.L:
