@@ -499,11 +499,21 @@ flash_bwd_sm90(const __grid_constant__ TmaMap tm_q, const __grid_constant__ TmaM
         // P^T = 0 where the pair is unseen, as -0: dS^T is selected out there too, not computed as P^T times
         // dP^T - D, since dP^T may be inf where a key is unseen (a seen P^T is never -0)
         const bool full = vis.tile_full(m0, BLOCK_M, n0 + cw * 64, 64);
+        // the visibility rule as limits: key j + 8 r is seen by queries [lo_r, hi_r) (none past S), as offsets
+        // from this thread's first column
+        int lo[2], hi[2];
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+            vis.query_range(j + 8 * r, j + 8 * r + 1, lo[r], hi[r]);
+            lo[r] -= m0 + 2 * t;
+            hi[r] = j + 8 * r < slice.S ? hi[r] - m0 - 2 * t : lo[r];
+        }
 #pragma unroll
         for (int x = 0; x < QT * 4; ++x) {
-            const int col = x / 4 * 8 + 2 * t + x % 2;
+            const int off = x / 4 * 8 + x % 2, col = off + 2 * t;
             const float p = exp2f(__fmul_rn(s[x], scale_log2) - sLses[col]);
-            s[x] = full || vis.visible(m0 + col, j + 8 * (x % 4 / 2)) ? p : -0.f;
+            const bool seen = off >= lo[x % 4 / 2] && off < hi[x % 4 / 2];
+            s[x] = full || seen ? p : -0.f;
         }
         wgmma_wait<0>();
         fence_regs(dp);
