@@ -9,13 +9,15 @@
 //   P^T = exp2(S^T scale log2 e - lse log2 e), dS^T = P^T o (dP^T - D)     (masked pairs selected to 0)
 //   dV += P^T dO, dK += dS^T Q                       (wgmma, A from registers, dO and Q read transposed)
 //   dQ_step = dS K                                   (wgmma, dS^T of both warpgroups through shared memory)
-// and hands dQ_step, through a shared-memory buffer, to a dQ writer warp, which adds it into an fp32 dQ
-// accumulator in global memory with one bulk reduction (cp.reduce.async.bulk .add.f32), since every key
-// block of the query rows contributes to it: the consumers store their part and go on, the
+// in FlashAttention-3's order: dS^T stored, dV issued, the warpgroups meet, dQ_step issued, then dK, which
+// runs while dQ_step goes out;
+// and hands dQ_step, through a shared-memory buffer, to a dQ writer warp, which adds each warpgroup's piece
+// into an fp32 dQ accumulator in global memory with one bulk reduction (cp.reduce.async.bulk .add.f32),
+// since every key block of the query rows contributes to it: the consumers store their part and go on, the
 // writer waits for the reduction (FlashAttention-3's dQ path). The accumulator is blocked: per (batch, head,
 // query block) BLOCK_M x E floats in the order the consumers hold them (warpgroup w's 64-row piece, then
 // register k of thread x at k * 128 + x), so one contiguous reduction covers a step and the threads' stores
-// into its buffer are conflict-free. Warpgroup w's piece is rows 64 w when BLOCK_M = 128 and a column range
+// into its buffer are conflict-free; each warpgroup's piece is contiguous and handed over on its own barriers. Warpgroup w's piece is rows 64 w when BLOCK_M = 128 and a column range
 // when BLOCK_M = 64 (DQ_N0, DQ_N1). flash_bwd_dq_convert then writes dQ = scale * accumulator in
 // the input dtype, in q's layout.
 //
@@ -75,11 +77,11 @@ constexpr int V_SW = HEAD_DIM_V % 64 == 0 ? 128 : 64;  // V, dO
 // start on a swizzle chunk, as a descriptor of K read transposed must.
 constexpr int DQ_N0 = BLOCK_M == 128 ? HEAD_DIM : (HEAD_DIM < 64 ? HEAD_DIM : 64);
 constexpr int DQ_N1 = BLOCK_M == 128 ? HEAD_DIM : HEAD_DIM - DQ_N0;
-// Named barriers (0 is __syncthreads): the consumers' dS^T exchange, and per dQ buffer "full" (consumers
-// arrive, the writer waits) and "empty" (the writer arrives, consumers wait), each met by the consumers
-// and the writer warp.
-constexpr int BAR_DS = 1, BAR_DQ_FULL = 2, BAR_DQ_EMPTY = 4;
-constexpr int DQ_SYNC = CONSUMER_WARPS * 32 + 32;
+// Named barriers (0 is __syncthreads): the consumers' dS^T exchange, and per dQ buffer and warpgroup
+// piece "full" (the warpgroup arrives, the writer waits) and "empty" (the writer arrives, the warpgroup
+// waits), at BAR + 2 * buffer + warpgroup, each met by one warpgroup and the writer warp.
+constexpr int BAR_DS = 1, BAR_DQ_FULL = 2, BAR_DQ_EMPTY = 6;
+constexpr int DQ_SYNC = 128 + 32;
 static_assert(128 * LOAD_REGS + CONSUMER_WARPS * 32 * MMA_REGS <= 65536 / NTHREADS / 8 * 8 * NTHREADS,
               "register reallocation beyond the launch allocation");
 static_assert(HEAD_DIM % 32 == 0 && HEAD_DIM_V % 32 == 0 && HEAD_DIM <= 128 && HEAD_DIM_V <= 128,
@@ -242,15 +244,17 @@ __device__ __forceinline__ void store_rows(elem_t* base, long long pitch, const 
     }
 }
 
-// The end of a consumer step: dQ_step for this warpgroup's 64 x N piece (N = 0: none), rows from sdS_rows
-// of the shared dS^T, columns from sK_cols of K, while dV and dK finish (then the Q and dO stage is
-// released); rows outside [q_first, q_end) (no key seen) zeroed, since K may hold inf; the piece stored
-// into buffer buf for the writer warp, once it has emptied that buffer.
+// The end of a consumer step, after dV += P^T dO was issued and both warpgroups' dS^T reached shared
+// memory: dQ_step for this warpgroup's 64 x N piece (N = 0: none; rows from sdS_rows of dS^T, columns
+// from sK_cols of K), then dK += dS^T Q, which runs while the piece goes to the writer warp (FlashAttention-3's
+// order). Rows outside [q_first, q_end) (no key seen) are zeroed, since K may hold inf; the piece is
+// stored into buffer buf once the writer has emptied it. The Q and dO stage is released when dK is done.
 template <int N>
-__device__ __forceinline__ void dq_step(float (&dk_acc)[dkdv90::ET * 4], float (&dv_acc)[dkdv90::EVT * 4],
-                                        const unsigned char* sdS_rows, const unsigned char* sK_cols, float* piece,
-                                        unsigned long long* q_empty, int buf, int row, int q_first, int q_end,
-                                        int lane) {
+__device__ __forceinline__ void dq_dk_step(float (&dk_acc)[dkdv90::ET * 4], float (&dv_acc)[dkdv90::EVT * 4],
+                                           const u32 (&dst)[dkdv90::QT * 2], const unsigned char* sQs,
+                                           const unsigned char* sdS_rows, const unsigned char* sK_cols, float* piece,
+                                           unsigned long long* q_empty, int bar, int row, int q_first, int q_end,
+                                           int lane) {
     using namespace dkdv90;
     float dq[N > 0 ? N / 2 : 1];
     if constexpr (N > 0) {
@@ -258,28 +262,29 @@ __device__ __forceinline__ void dq_step(float (&dk_acc)[dkdv90::ET * 4], float (
         wgmma_fence();
         issue_ds_k<BLOCK_N, QK_SW, N>(dq, sdS_rows, sK_cols);
         wgmma_commit();
-        wgmma_wait<1>();  // dV and dK done: the Q and dO stage is free
-    } else {
-        wgmma_wait<0>();
+        wgmma_wait<1>();  // dV done
+        fence_regs(dv_acc);
     }
-    fence_regs(dk_acc);
-    fence_regs(dv_acc);
-    if (lane == 0) mbar_arrive(q_empty);
+    wgmma_fence();
+    issue_xtb<HEAD_DIM, BLOCK_M, QK_SW>(dk_acc, dst, sQs);
+    wgmma_commit();
     if constexpr (N > 0) {
-        wgmma_wait<0>();
+        wgmma_wait<1>();  // dQ_step done
         fence_regs(dq);
 #pragma unroll
         for (int r = 0; r < 2; ++r)
             if (row + 8 * r < q_first || row + 8 * r >= q_end)
 #pragma unroll
                 for (int nt = 0; nt < N / 8; ++nt) dq[nt * 4 + 2 * r] = dq[nt * 4 + 2 * r + 1] = 0.f;
-    }
-    named_sync<DQ_SYNC>(BAR_DQ_EMPTY + buf);
-    if constexpr (N > 0) {
+        named_sync<DQ_SYNC>(BAR_DQ_EMPTY + bar);
         store_dq<N>(piece, dq, threadIdx.x % 128);
         fence_proxy_async();
+        named_arrive<DQ_SYNC>(BAR_DQ_FULL + bar);
     }
-    named_arrive<DQ_SYNC>(BAR_DQ_FULL + buf);
+    wgmma_wait<0>();  // dK (and dV) done: the Q and dO stage is free
+    fence_regs(dk_acc);
+    fence_regs(dv_acc);
+    if (lane == 0) mbar_arrive(q_empty);
 }
 
 extern "C" __global__ void __launch_bounds__(dkdv90::NTHREADS, 1)
@@ -343,33 +348,43 @@ flash_bwd_sm90(const __grid_constant__ TmaMap tm_q, const __grid_constant__ TmaM
 
     if (wg == 0) {  // ---- producer and dQ writer ----
         setmaxnreg_dec<LOAD_REGS>();
-        if (warp == 1) {  // the dQ writer: each step's buffer added into its accumulator block
-            for (int buf = 0; buf < min(2, steps); ++buf) named_arrive<DQ_SYNC>(BAR_DQ_EMPTY + buf);
+        if (warp == 1) {  // the dQ writer: each step's pieces added into their accumulator block
+            constexpr int PIECES = DQ_N1 > 0 ? 2 : 1;
+            for (int buf = 0; buf < min(2, steps); ++buf)
+                for (int w = 0; w < PIECES; ++w) named_arrive<DQ_SYNC>(BAR_DQ_EMPTY + 2 * buf + w);
             for (int it = 0; it < steps; ++it) {
                 const int buf = it % 2;
-                named_sync<DQ_SYNC>(BAR_DQ_FULL + buf);
+                int h, mb;
+                order.at(it, h, mb);
+                const long long blk = slice.query_block(acc_sb, acc_sh, h, BLOCK_M, mb);
+                if (sem != nullptr && lane == 0) {  // after the key blocks before this one
+                    const int before = blocks_before(vis, n, mb, n_blocks, m_blocks, rotated);
+                    int seen;
+                    do {
+                        asm volatile("ld.acquire.gpu.global.b32 %0, [%1];\n" : "=r"(seen) : "l"(sem + blk) : "memory");
+                    } while (seen != before);
+                    asm volatile("fence.proxy.async.global;\n" ::: "memory");
+                }
+                __syncwarp();  // converged again before the .aligned barriers
+                for (int w = 0; w < PIECES; ++w) {
+                    named_sync<DQ_SYNC>(BAR_DQ_FULL + 2 * buf + w);
+                    if (lane == 0)
+                        bulk_reduce_add(dq_accum + blk * DQ_BLOCK + w * 64 * DQ_N0, sdQ + buf * DQ_BLOCK + w * 64 * DQ_N0,
+                                        64 * (w == 0 ? DQ_N0 : DQ_N1) * 4);
+                    __syncwarp();
+                }
                 if (lane == 0) {
-                    int h, mb;
-                    order.at(it, h, mb);
-                    const long long blk = slice.query_block(acc_sb, acc_sh, h, BLOCK_M, mb);
-                    if (sem != nullptr) {  // after the key blocks before this one, then release the next
-                        const int before = blocks_before(vis, n, mb, n_blocks, m_blocks, rotated);
-                        int seen;
-                        do {
-                            asm volatile("ld.acquire.gpu.global.b32 %0, [%1];\n" : "=r"(seen) : "l"(sem + blk) : "memory");
-                        } while (seen != before);
-                        asm volatile("fence.proxy.async.global;\n" ::: "memory");
-                        bulk_reduce_add(dq_accum + blk * DQ_BLOCK, sdQ + buf * DQ_BLOCK, SDQ_BYTES);
+                    if (sem != nullptr) {  // the block's additions done before the next key block's
                         bulk_wait<false>();
                         asm volatile("fence.proxy.async.global;\n" ::: "memory");
                         asm volatile("red.release.gpu.global.add.s32 [%0], 1;\n" ::"l"(sem + blk) : "memory");
                     } else {
-                        bulk_reduce_add(dq_accum + blk * DQ_BLOCK, sdQ + buf * DQ_BLOCK, SDQ_BYTES);
                         bulk_wait<true>();
                     }
                 }
                 __syncwarp();
-                if (it + 2 < steps) named_arrive<DQ_SYNC>(BAR_DQ_EMPTY + buf);
+                if (it + 2 < steps)
+                    for (int w = 0; w < PIECES; ++w) named_arrive<DQ_SYNC>(BAR_DQ_EMPTY + 2 * buf + w);
             }
             if (lane == 0) bulk_wait<false>();
             return;
@@ -533,28 +548,31 @@ flash_bwd_sm90(const __grid_constant__ TmaMap tm_q, const __grid_constant__ TmaM
             }
         fence_regs(pt);
         fence_regs(dst);
+        // dS^T of both warpgroups into shared memory for the dQ product (the buffer of two steps ago, which
+        // both finished reading before they met at the last step's barrier), its stores ahead of the
+        // products; then dV += P^T dO
+        unsigned char* sdSs = sdS + (it % 2) * SDS_BYTES;
+        store_ds_t<QT>(sdSs, BLOCK_N, dst, cw * 64 + (warp % 4) * 16, lane);
         fence_regs(dk_acc);
         fence_regs(dv_acc);
         wgmma_fence();
         issue_xtb<HEAD_DIM_V, BLOCK_M, V_SW>(dv_acc, pt, sdOs);
-        issue_xtb<HEAD_DIM, BLOCK_M, QK_SW>(dk_acc, dst, sQs);
         wgmma_commit();
-        // dQ of the step while dV and dK run: dS^T of both warpgroups into shared memory (the buffer of two
-        // steps ago, which both finished reading before they met at the last step's barrier).
-        unsigned char* sdSs = sdS + (it % 2) * SDS_BYTES;
-        store_ds_t<QT>(sdSs, BLOCK_N, dst, cw * 64 + (warp % 4) * 16, lane);
         fence_proxy_async();
         named_sync<CONSUMER_WARPS * 32>(BAR_DS);
         const unsigned char* sdS_rows = sdSs + (mrow0 / 64) * BLOCK_N * 128;
         float* piece = sdQ + (it % 2) * DQ_BLOCK + cw * 64 * DQ_N0;
-        const int row = m0 + mrow0 + (warp % 4) * 16 + g;
+        const int row = m0 + mrow0 + (warp % 4) * 16 + g, bar = 2 * (it % 2) + cw;
         const unsigned char* sK_cols = sK + (BLOCK_M == 128 ? 0 : cw * DQ_N0 / (QK_SW / 2)) * BLOCK_N * QK_SW;
         if constexpr (DQ_N0 == DQ_N1)  // one copy of the code where the pieces are alike
-            dq_step<DQ_N0>(dk_acc, dv_acc, sdS_rows, sK_cols, piece, q_empty + st, it % 2, row, q_first, q_end, lane);
+            dq_dk_step<DQ_N0>(dk_acc, dv_acc, dst, sQs, sdS_rows, sK_cols, piece, q_empty + st, bar, row, q_first,
+                              q_end, lane);
         else if (cw == 0)
-            dq_step<DQ_N0>(dk_acc, dv_acc, sdS_rows, sK_cols, piece, q_empty + st, it % 2, row, q_first, q_end, lane);
+            dq_dk_step<DQ_N0>(dk_acc, dv_acc, dst, sQs, sdS_rows, sK_cols, piece, q_empty + st, bar, row, q_first,
+                              q_end, lane);
         else
-            dq_step<DQ_N1>(dk_acc, dv_acc, sdS_rows, sK_cols, piece, q_empty + st, it % 2, row, q_first, q_end, lane);
+            dq_dk_step<DQ_N1>(dk_acc, dv_acc, dst, sQs, sdS_rows, sK_cols, piece, q_empty + st, bar, row, q_first,
+                              q_end, lane);
     }
 
     const int row0 = n0 + cw * 64 + (warp % 4) * 16;
