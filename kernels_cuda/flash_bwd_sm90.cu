@@ -16,10 +16,10 @@
 // since every key block of the query rows contributes to it: the consumers store their part and go on, the
 // writer waits for the reduction (FlashAttention-3's dQ path). The accumulator is blocked: per (batch, head,
 // query block) BLOCK_M x E floats in the order the consumers hold them (warpgroup w's 64-row piece, then
-// register k of thread x at k * 128 + x), so one contiguous reduction covers a step and the threads' stores
-// into its buffer are conflict-free; each warpgroup's piece is contiguous and handed over on its own barriers. Warpgroup w's piece is rows 64 w when BLOCK_M = 128 and a column range
-// when BLOCK_M = 64 (DQ_N0, DQ_N1). flash_bwd_dq_convert then writes dQ = scale * accumulator in
-// the input dtype, in q's layout.
+// register k of thread x at k * 128 + x), so one contiguous reduction covers a piece and the threads'
+// stores into its buffer are conflict-free; each warpgroup hands its piece over on its own barriers.
+// Warpgroup w's piece is rows 64 w when BLOCK_M = 128 and a column range when BLOCK_M = 64 (DQ_N0, DQ_N1).
+// flash_bwd_dq_convert then writes dQ = scale * accumulator in the input dtype, in q's layout.
 //
 // The order of the reductions varies run to run, and with it dQ's last bits; the deterministic mode
 // orders them with a semaphore per accumulator block that counts the key blocks that have added theirs.
