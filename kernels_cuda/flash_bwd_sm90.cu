@@ -49,6 +49,7 @@
 // (DQ_BLOCK floats per block, Slice::query_block) is shared with flash_bwd_preprocess, which zeroes it.
 #include "sm90.cuh"
 // @WGMMA_WRAPPERS@ BWD90_BLOCK_M HEAD_DIM HEAD_DIM_V 32 64
+#include "bwd_sm90.cuh"
 
 namespace dkdv90 {
 constexpr int MMA_WG = 2;
@@ -90,92 +91,6 @@ static_assert(BLOCK_M == 64 || (BLOCK_M == 128 && HEAD_DIM <= 64 && HEAD_DIM_V <
               "BWD90_BLOCK_M: 128 queries per step only where E, Ev <= 64 (registers), else 64");
 }  // namespace dkdv90
 
-// Dropout keep bits of a thread's S^T elements x = nt * 4 + 2 r + c (key j + 8 r, query i0 + nt * 8 + c),
-// bit x of the result. One Philox call gives the words of 4 consecutive keys for one query, and the four
-// lanes g % 4 = u of a quad group (same t, same g / 4) hold those 4 keys: lane u makes the call of element
-// 2 r + c = u of each n8 tile and compares its 4 words, and the lanes gather each other's bit u. A loop,
-// not unrolled: the calls' registers would crowd out S^T's and dP^T's.
-template <int QT>
-__device__ __forceinline__ unsigned long long dropout_keep_bits(const Dropout& drop, u32 bh, int j, int i0, int lane) {
-    static_assert(QT * 4 <= 64, "one bit per element");
-    const int u = lane / 4 % 4;
-    const u32 jw = static_cast<u32>(j + 8 * (u >> 1)) >> 2;
-    unsigned long long keep = 0;
-#pragma unroll 1
-    for (int nt = 0; nt < QT; ++nt) {
-        const uint4 r = philox4x32_10(make_uint4(jw, static_cast<u32>(i0 + nt * 8 + (u & 1)), bh, drop.offset),
-                                      drop.key0, drop.key1);
-        const u32 nibble = u32(r.x < drop.threshold) | u32(r.y < drop.threshold) << 1 |
-                           u32(r.z < drop.threshold) << 2 | u32(r.w < drop.threshold) << 3;
-#pragma unroll
-        for (int src = 0; src < 4; ++src) {
-            const u32 theirs = __shfl_sync(0xffffffffu, nibble, (lane & ~12) | (src << 2));
-            keep |= static_cast<unsigned long long>((theirs >> u) & 1u) << (nt * 4 + src);
-        }
-    }
-    return keep;
-}
-
-// acc += A B^T over D columns: 64 rows of A (from a tile of A_ROWS rows) against all B_ROWS rows of B, both
-// K-major in the SW-byte swizzle (issued, not waited for).
-template <int D, int A_ROWS, int B_ROWS, int SW>
-__device__ __forceinline__ void issue_abt(float (&acc)[B_ROWS / 2], const unsigned char* sA, const unsigned char* sB) {
-#pragma unroll
-    for (int kk = 0; kk < D / 16; ++kk) {
-        const int chunk = kk / (SW / 32), inner = (kk % (SW / 32)) * 32;
-        wgmma_ss(acc, sw_desc<SW>(sA + chunk * A_ROWS * SW + inner, 16),
-                 sw_desc<SW>(sB + chunk * B_ROWS * SW + inner, 16), kk > 0);
-    }
-}
-
-// acc += X B for X (64 rows x K_ROWS) in A-fragment registers and B (K_ROWS rows x D columns, SW-byte
-// swizzle) read transposed from shared memory (issued, not waited for).
-template <int D, int K_ROWS, int SW>
-__device__ __forceinline__ void issue_xtb(float (&acc)[D / 2], const u32 (&x)[K_ROWS / 4], const unsigned char* sB) {
-#pragma unroll
-    for (int kk = 0; kk < K_ROWS / 16; ++kk) {
-        const u32 a[4] = {x[4 * kk], x[4 * kk + 1], x[4 * kk + 2], x[4 * kk + 3]};
-        wgmma_rs(acc, a, sw_desc<SW>(sB + kk * 16 * SW, K_ROWS * SW));
-    }
-}
-
-// Zero rows [0, lo) and [hi, ROWS) of a ROWS x D tile in the SW-byte swizzle (whole rows: the swizzle
-// only permutes 16-byte pieces within a row of a column chunk), by the 32 lanes of a warp.
-template <int ROWS, int D, int SW>
-__device__ __forceinline__ void zero_rows_outside(unsigned char* tile, int lo, int hi, int lane) {
-    constexpr int PIECES = D * 2 / 16, CHUNK = SW / 16;  // 16-byte pieces of a row: all, and per column chunk
-    for (int x = lane; x < ROWS * PIECES; x += 32) {
-        const int r = x / PIECES, c = (x % PIECES) / CHUNK, ch = x % CHUNK;
-        if (r < lo || r >= hi) *reinterpret_cast<uint4*>(tile + c * ROWS * SW + r * SW + ch * 16) = make_uint4(0, 0, 0, 0);
-    }
-}
-
-// A warp's share of dS^T (its 16 key rows from kr: this thread's are kr + g and kr + g + 8) into the
-// key-major shared tile the dQ product reads as its MN-major A operand: rows of 128 bytes (64 queries)
-// per key, BLOCK_M / 64 such chunks of `keys` rows, 16-byte pieces swizzled by the key row
-// (conflict-free: the 8 rows g of a store land on 8 different pieces).
-template <int QT>
-__device__ __forceinline__ void store_ds_t(unsigned char* sdS, int keys, const u32 (&dst)[QT * 2], int kr, int lane) {
-    const int g = lane / 4, t = lane % 4;
-#pragma unroll
-    for (int nt = 0; nt < QT; ++nt)
-#pragma unroll
-        for (int r = 0; r < 2; ++r)
-            *reinterpret_cast<u32*>(sdS + (nt / 8) * keys * 128 + (kr + g + 8 * r) * 128 + (((nt % 8) ^ g) * 16) +
-                                    4 * t) = dst[nt * 2 + r];
-}
-
-// acc += dS B over the step's keys: dS (64 queries x BLOCK_N keys) read transposed from the key-major
-// chunk of its queries, B (BLOCK_N keys x N columns) read transposed from K's column chunks (SW-byte
-// swizzle) from the one `sK` points at (issued, not waited for).
-template <int KEYS, int SW, int N>
-__device__ __forceinline__ void issue_ds_k(float (&acc)[N / 2], const unsigned char* sdS, const unsigned char* sK) {
-#pragma unroll
-    for (int kk = 0; kk < KEYS / 16; ++kk)
-        wgmma_ss<1, 1>(acc, sw_desc<128>(sdS + kk * 16 * 128, KEYS * 128), sw_desc<SW>(sK + kk * 16 * SW, KEYS * SW),
-                       kk > 0);
-}
-
 // A warpgroup's 64 x N piece of dQ into its part of a step's buffer: register k of thread x (of 128) at
 // float4 k * 128 + x, so each warp's store is 512 contiguous bytes (no bank conflicts).
 template <int N>
@@ -200,48 +115,6 @@ __device__ __forceinline__ void bulk_wait() {
         asm volatile("cp.async.bulk.wait_group.read 0;\n" ::: "memory");
     else
         asm volatile("cp.async.bulk.wait_group 0;\n" ::: "memory");
-}
-
-// The (query head, query block) of step `it` of a CTA: the heads of its GQA group in turn, each over the
-// query blocks [m_begin, m_begin + m_blocks) that see its keys, from block m_begin + rot (rotated) on.
-struct StepOrder {
-    int h0, m_begin, m_blocks, rot;
-    __device__ __forceinline__ void at(int it, int& h, int& mb) const {
-        h = h0 + it / m_blocks;
-        const int k = it % m_blocks + rot;
-        mb = m_begin + (k >= m_blocks ? k - m_blocks : k);
-    }
-};
-
-// Deterministic mode: how many key blocks add into query block mb before key block n does (the order the
-// module comment describes). Banded: the key blocks above n that see mb. Rotated (every pair visible,
-// n_blocks <= m_blocks): key block n' reaches mb after (mb - n') mod m_blocks steps; those that reach it
-// before n does are n' in the cyclic range (mb - d, mb] of d = (mb - n) mod m_blocks.
-__device__ __forceinline__ int blocks_before(const Visibility<int>& vis, int n, int mb, int n_blocks, int m_blocks,
-                                             bool rotated) {
-    if (!rotated) {
-        int j_first, j_end;
-        vis.key_range(mb * BWD90_BLOCK_M, min(mb * BWD90_BLOCK_M + BWD90_BLOCK_M, vis.L), j_first, j_end);
-        return (j_end - 1) / dkdv90::BLOCK_N - n;
-    }
-    const int d = ((mb - n) % m_blocks + m_blocks) % m_blocks, lo = mb - d + 1, top = min(mb, n_blocks - 1);
-    return lo >= 0 ? max(0, top - lo + 1) : top + 1 + max(0, n_blocks - (m_blocks + lo));
-}
-
-// A warp's 16 rows of an accumulator (N / 4 n8 tiles), scaled and rounded, rows >= `rows` skipped.
-template <int N>
-__device__ __forceinline__ void store_rows(elem_t* base, long long pitch, const float (&acc)[N], float scale,
-                                           int row0, int rows, int lane) {
-    const int g = lane / 4, t = lane % 4;
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-        const int row = row0 + g + 8 * r;
-        if (row >= rows) continue;
-#pragma unroll
-        for (int nt = 0; nt < N / 4; ++nt)
-            *reinterpret_cast<u32*>(base + row * pitch + nt * 8 + 2 * t) =
-                pack2<IS_BF16>(acc[nt * 4 + 2 * r] * scale, acc[nt * 4 + 2 * r + 1] * scale);
-    }
 }
 
 // The end of a consumer step, after dV += P^T dO was issued and both warpgroups' dS^T reached shared
@@ -309,41 +182,21 @@ flash_bwd_sm90(const __grid_constant__ TmaMap tm_q, const __grid_constant__ TmaM
     float* sdQ = reinterpret_cast<float*>(sdS + 2 * SDS_BYTES);  // two buffers of DQ_BLOCK floats
     float* sLse = reinterpret_cast<float*>(smem + SMEM_TILES);  // [STAGES][BLOCK_M], log2 domain
     float* sD = sLse + STAGES * BLOCK_M;                        // [STAGES][BLOCK_M]
-    unsigned long long* bars = reinterpret_cast<unsigned long long*>(sD + STAGES * BLOCK_M);
+    unsigned long long* bars = reinterpret_cast<unsigned long long*>(sD + STAGES * BLOCK_M);  // init_barriers'
     unsigned long long* kv_full = bars;
-    unsigned long long* staged = bars + 1;  // the producer's own: Q and dO tiles it zeroes rows of first
     unsigned long long* q_full = bars + 2;
     unsigned long long* q_empty = q_full + STAGES;
 
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, wg = warp / 4;
     const Slice slice = Slice::per_kv_head(Hq, group, cu_q, cu_k, L, S, left, right, lower_right);
-    // deterministic mode: a counter per accumulator block after the accumulator (sem_offset < 0: unordered),
-    // and the key blocks in descending order
+    // deterministic mode: a counter per accumulator block after the accumulator (sem_offset < 0: unordered)
     int* sem = sem_offset >= 0 ? reinterpret_cast<int*>(dq_accum + sem_offset) : nullptr;
-    const int n_blocks = (slice.S + BLOCK_N - 1) / BLOCK_N;
-    const int n = sem != nullptr ? n_blocks - 1 - static_cast<int>(blockIdx.x) : static_cast<int>(blockIdx.x);
-    const int n0 = n * BLOCK_N;
-    if (n < 0 || n0 >= slice.S) return;
+    Bwd90Cta cta;
+    if (!cta.place<BLOCK_N, BLOCK_M>(slice, group, sem != nullptr, rotate)) return;
     const Visibility<int>& vis = slice.vis;
-    const int n1 = min(n0 + BLOCK_N, slice.S);
-    int i_lo, i_hi, qi_lo, qi_hi, kj_lo, kj_hi;
-    vis.query_range(n0, n1, i_lo, i_hi);            // query rows that see a key of this block
-    vis.query_range(0, slice.S, qi_lo, qi_hi);      // query rows that see any key
-    vis.key_range(0, slice.L, kj_lo, kj_hi);        // keys some query row sees
-    const int m_begin = i_lo / BLOCK_M, m_blocks = i_lo < i_hi ? (i_hi + BLOCK_M - 1) / BLOCK_M - m_begin : 0;
-    const int steps = slice.L > 0 ? group * m_blocks : 0;
-    const bool rotated = rotate && vis.left < 0 && vis.right < 0 && n_blocks <= m_blocks;
-    const StepOrder order{slice.h, m_begin, m_blocks, rotated ? n : 0};
-
-    if (threadIdx.x == 0) {
-        mbar_init(kv_full, 1);
-        mbar_init(staged, 1);
-        for (int st = 0; st < STAGES; ++st) {
-            mbar_init(q_full + st, 1);
-            mbar_init(q_empty + st, CONSUMER_WARPS);
-        }
-        mbar_init_fence();
-    }
+    const int n = cta.n, n0 = cta.n0, steps = cta.steps;
+    const StepOrder& order = cta.order;
+    if (threadIdx.x == 0) init_barriers<STAGES>(bars, CONSUMER_WARPS);
     __syncthreads();
 
     if (wg == 0) {  // ---- producer and dQ writer ----
@@ -358,7 +211,7 @@ flash_bwd_sm90(const __grid_constant__ TmaMap tm_q, const __grid_constant__ TmaM
                 order.at(it, h, mb);
                 const long long blk = slice.query_block(acc_sb, acc_sh, h, BLOCK_M, mb);
                 if (sem != nullptr && lane == 0) {  // after the key blocks before this one
-                    const int before = blocks_before(vis, n, mb, n_blocks, m_blocks, rotated);
+                    const int before = blocks_before<BLOCK_N, BLOCK_M>(vis, n, mb, cta.n_blocks, cta.m_blocks, cta.rotated);
                     int seen;
                     do {
                         asm volatile("ld.acquire.gpu.global.b32 %0, [%1];\n" : "=r"(seen) : "l"(sem + blk) : "memory");
@@ -390,72 +243,9 @@ flash_bwd_sm90(const __grid_constant__ TmaMap tm_q, const __grid_constant__ TmaM
             return;
         }
         if (warp != 0 || steps == 0) return;
-        u32 staged_phase = 0;
-        const int krow = slice.start_k + n0;
-        // dQ sums over keys: K rows that no query sees (and, packed, the next sequence's) are zeroed first.
-        const int k_end = slice.packed ? n0 + BLOCK_N : min(n0 + BLOCK_N, slice.S);
-        const bool k_dirty = n0 < kj_lo || k_end > kj_hi;
-        unsigned long long* kbar = k_dirty ? staged : kv_full;
-        if (lane == 0) {
-            mbar_expect_tx(kbar, SK_BYTES + SV_BYTES);
-#pragma unroll
-            for (int c = 0; c < HEAD_DIM / (QK_SW / 2); ++c)
-                tma_load(sK + c * BLOCK_N * QK_SW, tm_k, kbar, QK_SW / 2 * c, krow, slice.kvh * k_hm, slice.b * k_bm);
-#pragma unroll
-            for (int c = 0; c < HEAD_DIM_V / (V_SW / 2); ++c)
-                tma_load(sV + c * BLOCK_N * V_SW, tm_v, kbar, V_SW / 2 * c, krow, slice.kvh * v_hm, slice.b * v_bm);
-        }
-        if (k_dirty) {
-            mbar_wait(staged, staged_phase);
-            staged_phase ^= 1;
-            const int lo_rows = max(0, min(kj_lo - n0, BLOCK_N)), hi_row = max(lo_rows, min(kj_hi - n0, BLOCK_N));
-            zero_rows_outside<BLOCK_N, HEAD_DIM, QK_SW>(sK, lo_rows, hi_row, lane);
-            fence_proxy_async();
-            __syncwarp();
-            if (lane == 0) mbar_arrive(kv_full);
-        }
-
-        for (int it = 0; it < steps; ++it) {
-            const int st = it % STAGES;
-            const u32 phase = (it / STAGES) & 1;
-            int h, mb;
-            order.at(it, h, mb);
-            const int m0 = mb * BLOCK_M;
-            mbar_wait(q_empty + st, phase ^ 1);
-            const long long lo = slice.stats_offset(lse_sb, lse_sh, h);
-            for (int r = lane; r < BLOCK_M; r += 32) {
-                const int row = m0 + r;
-                const bool in = row >= qi_lo && row < qi_hi;
-                sLse[st * BLOCK_M + r] = in ? __fmul_rn(lse[lo + row], LOG2E) : 0.f;
-                sD[st * BLOCK_M + r] = in ? delta[lo + row] : 0.f;
-            }
-            __syncwarp();
-            // Q and dO rows that see no key (and, packed, the next sequence's rows) are zeroed.
-            const int q_end = slice.packed ? m0 + BLOCK_M : min(m0 + BLOCK_M, slice.L);
-            const bool dirty = m0 < qi_lo || q_end > qi_hi;
-            unsigned long long* bar = dirty ? staged : q_full + st;
-            unsigned char* sQs = sQ + st * SQ_BYTES;
-            unsigned char* sdOs = sdO + st * SDO_BYTES;
-            const int qrow = slice.start_q + m0;
-            if (lane == 0) {
-                mbar_expect_tx(bar, SQ_BYTES + SDO_BYTES);
-#pragma unroll
-                for (int c = 0; c < HEAD_DIM / (QK_SW / 2); ++c)
-                    tma_load(sQs + c * BLOCK_M * QK_SW, tm_q, bar, QK_SW / 2 * c, qrow, h * q_hm, slice.b * q_bm);
-#pragma unroll
-                for (int c = 0; c < HEAD_DIM_V / (V_SW / 2); ++c)
-                    tma_load(sdOs + c * BLOCK_M * V_SW, tm_do, bar, V_SW / 2 * c, qrow, h * do_hm, slice.b * do_bm);
-            }
-            if (!dirty) continue;
-            mbar_wait(staged, staged_phase);
-            staged_phase ^= 1;
-            const int lo_rows = max(0, min(qi_lo - m0, BLOCK_M)), hi_row = max(lo_rows, min(qi_hi - m0, BLOCK_M));
-            zero_rows_outside<BLOCK_M, HEAD_DIM, QK_SW>(sQs, lo_rows, hi_row, lane);
-            zero_rows_outside<BLOCK_M, HEAD_DIM_V, V_SW>(sdOs, lo_rows, hi_row, lane);
-            fence_proxy_async();
-            __syncwarp();
-            if (lane == 0) mbar_arrive(q_full + st);
-        }
+        produce<BLOCK_N, BLOCK_M, STAGES, QK_SW, V_SW>(
+            Bwd90Smem{sK, sV, sQ, sdO, sLse, sD, bars}, slice, cta, tm_q, tm_k, tm_v, tm_do, q_hm, q_bm, k_hm, k_bm,
+            v_hm, v_bm, do_hm, do_bm, lse, delta, lse_sb, lse_sh, lane);
         return;
     }
 
@@ -479,7 +269,7 @@ flash_bwd_sm90(const __grid_constant__ TmaMap tm_q, const __grid_constant__ TmaM
     if (steps > 0) mbar_wait_warp(kv_full, 0);
 
     const int mrow0 = BLOCK_M == 128 ? 64 * cw : 0;  // the first row of this warpgroup's dQ piece
-    const int q_first = qi_lo, q_end = min(qi_hi, slice.L);  // rows that see a key
+    const int q_first = cta.qi_lo, q_end = min(cta.qi_hi, slice.L);  // rows that see a key
     for (int it = 0; it < steps; ++it) {
         const int st = it % STAGES;
         const u32 phase = (it / STAGES) & 1;
@@ -581,32 +371,12 @@ flash_bwd_sm90(const __grid_constant__ TmaMap tm_q, const __grid_constant__ TmaM
 }
 
 // ---------------------------------------------------------------------------------------------------
-// dQ = scale * the fp32 accumulator flash_bwd_sm90 reduced into (zeroed by flash_bwd_preprocess), in the
-// input dtype and q's layout: one CTA per accumulator block (blockIdx.x, of (batch, head) blockIdx.y), each
-// float4 of a piece holding two columns of two rows 8 apart (store_dq's order), rows >= L skipped.
-constexpr int CONVERT_THREADS = 256;
-
+// dQ = scale * the accumulator flash_bwd_sm90 reduced into (zeroed by flash_bwd_preprocess), in q's layout.
 extern "C" __global__ void __launch_bounds__(CONVERT_THREADS)
 flash_bwd_dq_convert(const float* __restrict__ dq_accum, elem_t* __restrict__ dq, const int* __restrict__ cu_q,
                      const int* __restrict__ cu_k, int L, int S, int Hq, long long acc_sb, long long acc_sh,
                      long long dq_sb, long long dq_sh, long long dq_sm, float scale, int left, int right,
                      int lower_right) {
-    using namespace dkdv90;
-    const Slice slice = Slice::per_query_head(Hq, 1, cu_q, cu_k, L, S, left, right, lower_right);
-    const int m0 = blockIdx.x * BLOCK_M;
-    if (m0 >= slice.L) return;
-    const float4* acc = reinterpret_cast<const float4*>(
-        dq_accum + slice.query_block(acc_sb, acc_sh, slice.h, BLOCK_M, blockIdx.x) * DQ_BLOCK);
-    elem_t* out = slice.query_rows(dq, dq_sb, dq_sh, dq_sm);
-    constexpr int PIECE0 = 16 * DQ_N0;  // float4s of warpgroup 0's piece
-#pragma unroll 4
-    for (int q4 = threadIdx.x; q4 < DQ_BLOCK / 4; q4 += CONVERT_THREADS) {
-        const int w = q4 < PIECE0 ? 0 : 1, x4 = q4 - w * PIECE0, k = x4 / 128, x = x4 % 128;  // piece, register, thread
-        const int row = m0 + (BLOCK_M == 128 ? 64 * w : 0) + x / 32 * 16 + x % 32 / 4;
-        const int col = (BLOCK_M == 128 ? 0 : w * DQ_N0) + 8 * k + 2 * (x % 4);
-        const float4 a = acc[q4];
-        if (row < slice.L) *reinterpret_cast<u32*>(out + row * dq_sm + col) = pack2<IS_BF16>(a.x * scale, a.y * scale);
-        if (row + 8 < slice.L)
-            *reinterpret_cast<u32*>(out + (row + 8) * dq_sm + col) = pack2<IS_BF16>(a.z * scale, a.w * scale);
-    }
+    dq_convert<dkdv90::BLOCK_M, dkdv90::DQ_N0>(dq_accum, dq, cu_q, cu_k, L, S, Hq, acc_sb, acc_sh, dq_sb, dq_sh, dq_sm,
+                                               scale, left, right, lower_right);
 }

@@ -13,9 +13,9 @@ from cusdpa.backends import flash
 from cusdpa.backends.flash import config, sources
 from cusdpa.verify.harness import Case, build, draw, run_case
 
-# One representative (E, Ev) per tile configuration class, incl. E != Ev, the split dK/dV passes and the
-# Hopper tiles of 64-byte swizzle.
-CONFIG_DIMS = [(40, 40), (64, 64), (64, 128), (72, 128), (96, 64), (256, 256)]
+# One representative (E, Ev) per tile configuration class, incl. E != Ev, the split dK/dV passes, the
+# Hopper tiles of 64-byte swizzle and the wide Hopper backward's two swizzles.
+CONFIG_DIMS = [(40, 40), (64, 64), (64, 128), (72, 128), (96, 64), (192, 128), (256, 256)]
 
 
 def _nvrtc_jobs():
@@ -31,7 +31,8 @@ def _nvrtc_jobs():
             for part in ((1, 2) if cfg.split_dkdv else (3,)):
                 yield "flash_bwd.cu", sources.compile_options(dtype, E, Ev, dropout, cfg, part)
             if config.sm90_backward_applies(E, Ev, 90, cfg):
-                yield "flash_bwd_sm90.cu", sources.compile_options(dtype, E, Ev, dropout, cfg) + ("-arch=sm_90a",)
+                source = "flash_bwd_sm90_wide.cu" if config.sm90_backward_is_wide(E, Ev) else "flash_bwd_sm90.cu"
+                yield source, sources.compile_options(dtype, E, Ev, dropout, cfg) + ("-arch=sm_90a",)
 
 
 def _nvrtc_compile(source: str, options: tuple, arch: str) -> str | None:
@@ -216,7 +217,8 @@ BIT_IDENTICAL = {
     "causal_64": dict(E=64, causal="upper_left"), "window": dict(E=64, window=(70, 20)),
     "rotated": dict(E=128, L=300, S=500), "long_keys": dict(E=64, L=200, S=700),
     "varlen": dict(E=128, causal="lower_right", varlen=((300, 260), (70, 400), (0, 5), (129, 129))),
-    "head_dim_96": dict(E=96, causal="upper_left"), "head_dims_32_128": dict(E=32, Ev=128, window=(50, 50))}
+    "head_dim_96": dict(E=96, causal="upper_left"), "head_dims_32_128": dict(E=32, Ev=128, window=(50, 50)),
+    "head_dim_256": dict(E=256, causal="upper_left", dropout_p=0.1), "head_dims_192_128": dict(E=192, Ev=128)}
 
 
 @pytest.mark.gpu

@@ -97,6 +97,9 @@ def smem_bytes(kind: str, cfg: FlashConfig, E: int, Ev: int) -> int:
         return 2 * (bm * E + st * bn * E + st * bn * Ev) + 8 * (3 + 4 * st)
     if kind == "bwd_sm90":  # swizzled K, V, two Q / dO stages, two dS^T and two fp32 dQ buffers, lse and D per
         bn, bm = 128, cfg.bwd90_block_m  # stage, 6 mbarriers
+        if sm90_backward_is_wide(E, Ev):  # 64 keys; two P^T and two dS^T buffers, no dQ buffers
+            bn = 64
+            return 2 * (bn * E + bn * Ev + 2 * bm * E + 2 * bm * Ev + 4 * bn * bm) + 2 * 2 * bm * 4 + 8 * 6
         return 2 * (bn * E + bn * Ev + 2 * bm * E + 2 * bm * Ev + 2 * bn * bm) + 2 * 4 * bm * E + 2 * 2 * bm * 4 + 8 * 6
     if kind == "dkdv":
         bn, bm = cfg.bwd_block_n, cfg.bwd_block_m
@@ -114,5 +117,13 @@ def sm90_forward_applies(E: int, Ev: int, compute_capability: int, cfg: FlashCon
 
 
 def sm90_backward_applies(E: int, Ev: int, compute_capability: int, cfg: FlashConfig) -> bool:
-    """The wgmma backward takes E, Ev multiples of 32 up to 128 on compute capability 9.0."""
-    return cfg.use_wgmma_bwd and compute_capability == 90 and all(d % 32 == 0 and 32 <= d <= 128 for d in (E, Ev))
+    """The wgmma backward takes, on compute capability 9.0, E and Ev multiples of 32 up to 128
+    (flash_bwd_sm90.cu) or in {64, 128, 192, 256} with one above 128 (flash_bwd_sm90_wide.cu)."""
+    if not (cfg.use_wgmma_bwd and compute_capability == 90):
+        return False
+    return all(d % 32 == 0 and 32 <= d <= 128 for d in (E, Ev)) or all(d in (64, 128, 192, 256) for d in (E, Ev))
+
+
+def sm90_backward_is_wide(E: int, Ev: int) -> bool:
+    """Head dims above 128 take flash_bwd_sm90_wide.cu: 64 keys per CTA, each warpgroup half of the head dims."""
+    return max(E, Ev) > 128

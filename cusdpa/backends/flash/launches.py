@@ -14,7 +14,7 @@ import numpy as np
 
 from ..launch import Launch, MapSlot, Slot, run, seed_values, values
 from . import sources, tma
-from .config import FlashConfig, sm90_backward_applies, sm90_forward_applies, smem_bytes
+from .config import FlashConfig, sm90_backward_applies, sm90_backward_is_wide, sm90_forward_applies, smem_bytes
 
 MAX_GRID_Y = 65535
 
@@ -249,7 +249,7 @@ def backward_launches(pr, lay, strides, deterministic: bool = False) -> list[Lau
         if pr.S:
             launches.append(_sm90_backward_launch(pr, lay, strides, cfg, opts(), tail, accum, deterministic))
         if pr.L:
-            fn = sources.kernel(dev, "flash_bwd_sm90.cu", "flash_bwd_dq_convert", opts() + ("-arch=sm_90a",), 0)
+            fn = sources.kernel(dev, _sm90_backward_source(pr), "flash_bwd_dq_convert", opts() + ("-arch=sm_90a",), 0)
             bm = cfg.bwd90_block_m
             launches.append(Launch(fn, ((pr.L + bm - 1) // bm, lay.B * pr.hq), (256,), 0,
                                    (Slot("dq_accum"), Slot("dq"), *_common(pr, lay)[:5], *accum[2:], *strides["dq"],
@@ -274,33 +274,44 @@ def backward_launches(pr, lay, strides, deterministic: bool = False) -> list[Lau
     return launches
 
 
+def _sm90_backward_source(pr) -> str:
+    return "flash_bwd_sm90_wide.cu" if sm90_backward_is_wide(pr.E, pr.Ev) else "flash_bwd_sm90.cu"
+
+
 def _sm90_backward_launch(pr, lay, strides, cfg, opts, tail, accum, deterministic) -> Launch:
     """The Hopper backward kernel (kernels_cuda/flash_bwd_sm90.cu: one CTA per 128 keys of each (batch, kv
-    head), writing dk and dv and adding dQ into the accumulator ``accum``: its slot, semaphore offset and
-    block strides) with TMA maps of q, k, v and do (do's encoded at q's address, rewritten per call). Key
-    blocks start their query loops rotated where every query sees every key (the kernel checks that) and
-    ``cfg.bwd90_rotate``; in deterministic mode only while all key blocks of a slice fit on the device at
-    once, since they wait on each other."""
+    head); flash_bwd_sm90_wide.cu for head dims above 128: 64 keys), writing dk and dv and adding dQ into
+    the accumulator ``accum``: its slot, semaphore offset and block strides, with TMA maps of q, k, v and do
+    (do's encoded at q's address, rewritten per call) in the column chunks of the kernel's swizzles (the
+    wide kernel's chunks divide each warpgroup's half of a head dim). Key blocks start their query loops
+    rotated where every query sees every key (the kernel checks that) and ``cfg.bwd90_rotate``; in
+    deterministic mode only while all key blocks of a slice fit on the device at once, since they wait on
+    each other."""
     dev = device(pr)
+    wide = sm90_backward_is_wide(pr.E, pr.Ev)
+    block_n = 64 if wide else 128
     smem = smem_bytes("bwd_sm90", cfg, pr.E, pr.Ev)
-    fn = sources.kernel(dev, "flash_bwd_sm90.cu", "flash_bwd_sm90", opts + ("-arch=sm_90a",), smem)
+    source = _sm90_backward_source(pr)
+    fn = sources.kernel(dev, source, source[:-3], opts + ("-arch=sm_90a",), smem)
     packed = pr.varlen is not None
     q_rows, k_rows = (pr.q.shape[0], pr.k.shape[0]) if packed else (pr.L, pr.S)
     maps = []
     for name, ptr, D, rows, heads, box, st in (
             ("q", lay.q.data.ptr, pr.E, q_rows, pr.hq, cfg.bwd90_block_m, lay.strides["q"]),
-            ("k", lay.k.data.ptr, pr.E, k_rows, pr.hkv, 128, lay.strides["k"]),
-            ("v", lay.v.data.ptr, pr.Ev, k_rows, pr.hkv, 128, lay.strides["v"]),
+            ("k", lay.k.data.ptr, pr.E, k_rows, pr.hkv, block_n, lay.strides["k"]),
+            ("v", lay.v.data.ptr, pr.Ev, k_rows, pr.hkv, block_n, lay.strides["v"]),
             ("do", lay.q.data.ptr, pr.Ev, q_rows, pr.hq, cfg.bwd90_block_m, strides["do"])):
-        tensor_map, hm, bm = tma.operand_map(pr.dtype_name, ptr, D, rows, heads, 1 if packed else lay.B, st, box)
+        cols = (64 if D // 2 % 64 == 0 else 32) if wide else None
+        tensor_map, hm, bm = tma.operand_map(pr.dtype_name, ptr, D, rows, heads, 1 if packed else lay.B, st, box,
+                                             cols)
         maps.append((MapSlot(name, tensor_map), np.int32(hm), np.int32(bm)))
     multipliers = tuple(x for _, hm, bm in maps for x in (hm, bm))
-    key_blocks = -(-pr.S // 128)
+    key_blocks = -(-pr.S // block_n)
     rotate = cfg.bwd90_rotate and (not deterministic or key_blocks <= sources.multiprocessors(dev))
     args = (*(m for m, _, _ in maps), Slot("lse"), Slot("delta"), Slot("dk"), Slot("dv"), *accum[:2],
             np.int32(rotate), *_common(pr, lay), *multipliers, *strides["dk"], *strides["dv"], *accum[2:],
             *_lse_strides(pr), *tail)
-    return Launch(fn, ((pr.S + 127) // 128, lay.B * pr.hkv), (384,), smem, args)
+    return Launch(fn, (key_blocks, lay.B * pr.hkv), (384,), smem, args)
 
 
 # ---- the general path ------------------------------------------------------------------------------

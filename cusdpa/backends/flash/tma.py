@@ -79,10 +79,12 @@ class TensorMap:
             ctypes.c_uint64.from_address(dst + self.offset).value = ptr
 
 
-def operand_map(dtype_name: str, ptr: int, D: int, rows: int, heads: int, batch: int, strides, box_rows: int):
+def operand_map(dtype_name: str, ptr: int, D: int, rows: int, heads: int, batch: int, strides, box_rows: int,
+                box_cols: int | None = None):
     """(TensorMap, head multiplier, batch multiplier) of a (batch, heads, rows, D) operand with element
-    strides (batch, head, row) and 2-byte elements, boxes of ``box_rows`` rows and 64 columns (32 when D is
-    not a multiple of 64: the kernel's swizzle of such tiles is 64 bytes wide). A head or batch
+    strides (batch, head, row) and 2-byte elements, boxes of ``box_rows`` rows and ``box_cols`` columns: by
+    default 64 (32 when D is not a multiple of 64), the kernel's swizzle of such tiles being 128 (64) bytes
+    wide. A head or batch
     dim that is broadcast (stride 0) or single becomes a dim of size 1 that the kernel addresses with
     coordinate 0 (multiplier 0)."""
     sb, sh, sm = (int(s) * 2 for s in strides)
@@ -95,4 +97,5 @@ def operand_map(dtype_name: str, ptr: int, D: int, rows: int, heads: int, batch:
     # A dim of size 1 is never stepped over; any stride the driver accepts serves (a multiple of 16).
     sh = sh if hm else max(16, (row_bytes + 15) // 16 * 16)
     sb = sb if bm else max(16, (dims[2] * sh + 15) // 16 * 16)
-    return TensorMap(dtype_name, ptr, dims, [sm, sh, sb], [64 if D % 64 == 0 else 32, box_rows, 1, 1]), hm, bm
+    box_cols = box_cols or (64 if D % 64 == 0 else 32)
+    return TensorMap(dtype_name, ptr, dims, [sm, sh, sb], [box_cols, box_rows, 1, 1]), hm, bm

@@ -1,0 +1,262 @@
+// FLASH backward on Hopper (sm_90a) for head dims above 128 (E and Ev in {64, 128, 192, 256}, one of them
+// above 128): flash_bwd_sm90.cu's structure (TMA producer, two consumer warpgroups, wgmma for all five
+// products, dQ into the blocked fp32 accumulator), its work split otherwise, since 64 keys' dK and dV of
+// a whole head dim no longer fit one warpgroup's registers.
+//
+// flash_bwd_sm90_wide: one CTA per block of BLOCK_N = 64 keys of one (batch, kv head), looping over the
+// query heads of the GQA group and their query blocks (BLOCK_M = 64 rows per step). Consumer warpgroup w
+//   - computes S^T = K Q^T and dP^T = V dO^T of all 64 keys for queries [32 w, 32 w + 32) of the step,
+//     and from them P^T and dS^T (masked pairs selected to 0, the dropout keep-mask applied);
+//   - stores both into shared memory (key-major tiles in the 128-byte swizzle), where the two halves meet;
+//   - keeps dK and dV of all 64 keys for its half of the head dims (columns E_W w.., Ev_W w..) in
+//     registers: dV += P^T dO and dK += dS^T Q with P^T and dS^T read from shared memory;
+//   - computes dQ_step = dS K for its half of dQ's columns and adds it into the accumulator block with
+//     vector reductions (red.add.v4.f32), coalesced in the block's fragment order (flash_dq_convert reads
+//     it), since a piece of 64 x 128 floats would leave no room for Q and dO stages in shared memory.
+// Order within a step: P^T and dS^T stored, the warpgroups meet, dV and dQ_step issued, dK issued once dV is
+// done, dQ_step reduced while dK runs.
+//
+// Deterministic mode: as flash_bwd_sm90.cu (descending key blocks under a band, rotated start blocks when
+// every pair is visible), the consumers waiting on the block's semaphore before their reductions.
+//
+// Extra -D options: BWD90_BLOCK_M (64).
+#include "sm90.cuh"
+// @WGMMA_WRAPPERS@ 32 64 96 128
+#include "bwd_sm90.cuh"
+
+namespace wide90 {
+constexpr int NTHREADS = 3 * 128;
+constexpr int BLOCK_N = 64;  // keys per CTA
+constexpr int BLOCK_M = BWD90_BLOCK_M;
+constexpr int STAGES = 2;
+constexpr int QT = 4;  // n8 tiles of a warpgroup's S^T: 32 queries
+constexpr int E_W = HEAD_DIM / 2, EV_W = HEAD_DIM_V / 2;  // columns of dK / dQ and of dV per warpgroup
+// Swizzle of each operand's tiles: 128 bytes (64 columns) where a warpgroup's half is a multiple of 64
+// columns, else 64 bytes (32 columns), so that each half starts on a column chunk.
+constexpr int QK_SW = E_W % 64 == 0 ? 128 : 64;  // Q, K
+constexpr int V_SW = EV_W % 64 == 0 ? 128 : 64;  // V, dO
+constexpr int SK_BYTES = BLOCK_N * HEAD_DIM * 2, SV_BYTES = BLOCK_N * HEAD_DIM_V * 2;
+constexpr int SQ_BYTES = BLOCK_M * HEAD_DIM * 2, SDO_BYTES = BLOCK_M * HEAD_DIM_V * 2;
+constexpr int SPDS_BYTES = BLOCK_N * BLOCK_M * 2;  // P^T or dS^T: 64 keys x 64 queries
+constexpr int SMEM_TILES = SK_BYTES + SV_BYTES + STAGES * (SQ_BYTES + SDO_BYTES) + 2 * 2 * SPDS_BYTES;
+constexpr int DQ_BLOCK = BLOCK_M * HEAD_DIM;  // floats of one accumulator block
+constexpr int LOAD_REGS = 24, MMA_REGS = 240;
+constexpr int CONSUMER_WARPS = 8;
+constexpr int BAR_PDS = 1, BAR_DET = 2;  // named barriers of the consumers: P^T/dS^T exchange, deterministic
+static_assert(128 * LOAD_REGS + CONSUMER_WARPS * 32 * MMA_REGS <= 65536 / NTHREADS / 8 * 8 * NTHREADS,
+              "register reallocation beyond the launch allocation");
+static_assert(E_W % 32 == 0 && EV_W % 32 == 0 && HEAD_DIM <= 256 && HEAD_DIM_V <= 256,
+              "the wide sm90 backward takes E, Ev in {64, 128, 192, 256}");
+static_assert(BLOCK_M == 64, "BWD90_BLOCK_M: 64 queries per step");
+}  // namespace wide90
+
+// acc += X B over the step's BLOCK_M queries: X (64 keys x BLOCK_M queries, P^T or dS^T) from its key-major
+// shared tile in the 128-byte swizzle, B (BLOCK_M queries x N columns, dO or Q) read transposed from the
+// column chunk `sB` points at (SW-byte swizzle; issued, not waited for).
+template <int N, int SW>
+__device__ __forceinline__ void issue_pds_b(float (&acc)[N / 2], const unsigned char* sX, const unsigned char* sB) {
+    using wide90::BLOCK_M;
+#pragma unroll
+    for (int kk = 0; kk < BLOCK_M / 16; ++kk)
+        wgmma_ss<0, 1>(acc, sw_desc<128>(sX + kk * 32, 16), sw_desc<SW>(sB + kk * 16 * SW, BLOCK_M * SW), 1);
+}
+
+extern "C" __global__ void __launch_bounds__(wide90::NTHREADS, 1)
+flash_bwd_sm90_wide(const __grid_constant__ TmaMap tm_q, const __grid_constant__ TmaMap tm_k,
+                    const __grid_constant__ TmaMap tm_v, const __grid_constant__ TmaMap tm_do,
+                    const float* __restrict__ lse, const float* __restrict__ delta, elem_t* __restrict__ dk,
+                    elem_t* __restrict__ dv, float* __restrict__ dq_accum, long long sem_offset, int rotate,
+                    const int* __restrict__ cu_q, const int* __restrict__ cu_k, int L, int S, int Hq, int group,
+                    int q_hm, int q_bm, int k_hm, int k_bm, int v_hm, int v_bm, int do_hm, int do_bm,
+                    long long dk_sb, long long dk_sh, long long dk_sm, long long dv_sb, long long dv_sh,
+                    long long dv_sm, long long acc_sb, long long acc_sh, long long lse_sb, long long lse_sh,
+                    float scale, float scale_log2, int left, int right, int lower_right, unsigned int seed_lo,
+                    unsigned int seed_hi, unsigned int offset, unsigned int threshold, float rp_dropout) {
+    using namespace wide90;
+    extern __shared__ __align__(1024) unsigned char smem[];
+    unsigned char* sK = smem;  // every size is a multiple of 1024: each tile keeps the swizzle alignment
+    unsigned char* sV = sK + SK_BYTES;
+    unsigned char* sQ = sV + SV_BYTES;
+    unsigned char* sdO = sQ + STAGES * SQ_BYTES;
+    unsigned char* sPt = sdO + STAGES * SDO_BYTES;  // two buffers each of P^T and dS^T: a step writes one pair
+    unsigned char* sdSt = sPt + 2 * SPDS_BYTES;     // while the last is read
+    float* sLse = reinterpret_cast<float*>(smem + SMEM_TILES);  // [STAGES][BLOCK_M], log2 domain
+    float* sD = sLse + STAGES * BLOCK_M;                        // [STAGES][BLOCK_M]
+    unsigned long long* bars = reinterpret_cast<unsigned long long*>(sD + STAGES * BLOCK_M);  // init_barriers'
+    unsigned long long* kv_full = bars;
+    unsigned long long* q_full = bars + 2;
+    unsigned long long* q_empty = q_full + STAGES;
+
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, wg = warp / 4;
+    const Slice slice = Slice::per_kv_head(Hq, group, cu_q, cu_k, L, S, left, right, lower_right);
+    // deterministic mode: a counter per accumulator block after the accumulator (sem_offset < 0: unordered)
+    int* sem = sem_offset >= 0 ? reinterpret_cast<int*>(dq_accum + sem_offset) : nullptr;
+    Bwd90Cta cta;
+    if (!cta.place<BLOCK_N, BLOCK_M>(slice, group, sem != nullptr, rotate)) return;
+    const Visibility<int>& vis = slice.vis;
+    const int n0 = cta.n0, steps = cta.steps;
+    if (threadIdx.x == 0) init_barriers<STAGES>(bars, CONSUMER_WARPS);
+    __syncthreads();
+
+    if (wg == 0) {  // ---- producer ----
+        setmaxnreg_dec<LOAD_REGS>();
+        if (warp != 0 || steps == 0) return;
+        produce<BLOCK_N, BLOCK_M, STAGES, QK_SW, V_SW>(Bwd90Smem{sK, sV, sQ, sdO, sLse, sD, bars}, slice, cta, tm_q,
+                                                       tm_k, tm_v, tm_do, q_hm, q_bm, k_hm, k_bm, v_hm, v_bm, do_hm,
+                                                       do_bm, lse, delta, lse_sb, lse_sh, lane);
+        return;
+    }
+
+    // ---- consumers ----
+    setmaxnreg_inc<MMA_REGS>();
+#if IS_DROPOUT
+    const Dropout drop{seed_lo, seed_hi, offset, threshold};
+#else
+    (void)seed_lo, (void)seed_hi, (void)offset, (void)threshold, (void)rp_dropout;
+#endif
+    const int cw = wg - 1;  // queries [32 cw, 32 cw + 32) of S^T; columns of dK, dV and dQ from E_W cw, EV_W cw
+    const int g = lane / 4, t = lane % 4, x = threadIdx.x % 128;
+    const int j = n0 + (warp % 4) * 16 + g;  // this thread's keys are j and j + 8
+    float dk_acc[E_W / 2], dv_acc[EV_W / 2];
+#pragma unroll
+    for (int i = 0; i < E_W / 2; ++i) dk_acc[i] = 0.f;
+#pragma unroll
+    for (int i = 0; i < EV_W / 2; ++i) dv_acc[i] = 0.f;
+    const unsigned char* sK_cols = sK + cw * (E_W / (QK_SW / 2)) * BLOCK_N * QK_SW;  // this warpgroup's columns
+    if (steps > 0) mbar_wait_warp(kv_full, 0);
+    const int q_first = cta.qi_lo, q_end = min(cta.qi_hi, slice.L);  // rows that see a key
+
+    for (int it = 0; it < steps; ++it) {
+        const int st = it % STAGES;
+        const u32 phase = (it / STAGES) & 1;
+        int h, mb;
+        cta.order.at(it, h, mb);
+        const int m0 = mb * BLOCK_M, c0 = m0 + 32 * cw;  // the step's rows; this warpgroup's first S^T column
+#if IS_DROPOUT
+        // Z = keep / (1 - p): dV takes (P o Z)^T, dS^T = P^T o (dP^T o Z^T - D)
+        const unsigned long long keep =
+            dropout_keep_bits<QT>(drop, static_cast<u32>(slice.b * Hq + h), j, c0 + 2 * t, lane);
+        const auto dropped = [&](float v, int i) { return (keep >> i) & 1u ? v * rp_dropout : 0.f; };
+#else
+        const auto dropped = [](float v, int) { return v; };
+#endif
+        mbar_wait_warp(q_full + st, phase);
+        const unsigned char* sQs = sQ + st * SQ_BYTES;
+        const unsigned char* sdOs = sdO + st * SDO_BYTES;
+        float s[QT * 4], dp[QT * 4];
+        fence_regs(dk_acc);
+        fence_regs(dv_acc);
+        wgmma_fence();
+        issue_abt<HEAD_DIM, BLOCK_N, BLOCK_M, QK_SW, 32>(s, sK, sQs + 32 * cw * QK_SW);
+        wgmma_commit();
+        issue_abt<HEAD_DIM_V, BLOCK_N, BLOCK_M, V_SW, 32>(dp, sV, sdOs + 32 * cw * V_SW);
+        wgmma_commit();
+        // P^T while dP^T runs: element (key j + 8 r, query c0 + nt * 8 + 2 t + c) at [nt * 4 + 2 r + c]; -0 marks
+        // an unseen pair (flash_bwd_sm90.cu says why)
+        wgmma_wait<1>();
+        fence_regs(s);
+        const float* sLses = sLse + st * BLOCK_M + 32 * cw;
+        const float* sDs = sD + st * BLOCK_M + 32 * cw;
+        const bool full = vis.tile_full(c0, 32, n0, BLOCK_N);
+        int lo[2], hi[2];
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+            vis.query_range(j + 8 * r, j + 8 * r + 1, lo[r], hi[r]);
+            lo[r] -= c0 + 2 * t;
+            hi[r] = j + 8 * r < slice.S ? hi[r] - c0 - 2 * t : lo[r];
+        }
+#pragma unroll
+        for (int i = 0; i < QT * 4; ++i) {
+            const int off = i / 4 * 8 + i % 2, col = off + 2 * t;
+            const float p = exp2f(__fmul_rn(s[i], scale_log2) - sLses[col]);
+            s[i] = full || (off >= lo[i % 4 / 2] && off < hi[i % 4 / 2]) ? p : -0.f;
+        }
+        wgmma_wait<0>();
+        fence_regs(dp);
+        u32 pt[QT * 2], dst[QT * 2];
+#pragma unroll
+        for (int nt = 0; nt < QT; ++nt)
+#pragma unroll
+            for (int r = 0; r < 2; ++r) {
+                const int i = nt * 4 + 2 * r, col = nt * 8 + 2 * t;
+                float ds[2];
+#pragma unroll
+                for (int c = 0; c < 2; ++c)
+                    ds[c] = __float_as_uint(s[i + c]) == 0x80000000u ? 0.f
+                                                                    : s[i + c] * (dropped(dp[i + c], i + c) - sDs[col + c]);
+                pt[nt * 2 + r] = pack2<IS_BF16>(dropped(s[i], i), dropped(s[i + 1], i + 1));
+                dst[nt * 2 + r] = pack2<IS_BF16>(ds[0], ds[1]);
+            }
+        // both halves of P^T and dS^T into shared memory (the buffers of two steps ago, which both warpgroups
+        // finished reading before they met at the last step's barrier)
+        unsigned char* sPts = sPt + (it % 2) * SPDS_BYTES;
+        unsigned char* sdSts = sdSt + (it % 2) * SPDS_BYTES;
+        store_ds_t<QT>(sPts, BLOCK_N, pt, (warp % 4) * 16, lane, QT * cw);
+        store_ds_t<QT>(sdSts, BLOCK_N, dst, (warp % 4) * 16, lane, QT * cw);
+        fence_proxy_async();
+        named_sync<CONSUMER_WARPS * 32>(BAR_PDS);
+        float dq[E_W / 2];
+        fence_regs(dq);
+        wgmma_fence();
+        issue_pds_b<EV_W, V_SW>(dv_acc, sPts, sdOs + cw * (EV_W / (V_SW / 2)) * BLOCK_M * V_SW);
+        wgmma_commit();
+        issue_ds_k<BLOCK_N, QK_SW, E_W>(dq, sdSts, sK_cols);
+        wgmma_commit();
+        wgmma_wait<1>();  // dV done
+        fence_regs(dv_acc);
+        wgmma_fence();
+        issue_pds_b<E_W, QK_SW>(dk_acc, sdSts, sQs + cw * (E_W / (QK_SW / 2)) * BLOCK_M * QK_SW);
+        wgmma_commit();
+        wgmma_wait<1>();  // dQ_step done
+        fence_regs(dq);
+        // dQ_step into the accumulator while dK runs: rows that see no key add zeros (K may hold inf there)
+        const int row = m0 + (warp % 4) * 16 + g;
+#pragma unroll
+        for (int r = 0; r < 2; ++r)
+            if (row + 8 * r < q_first || row + 8 * r >= q_end)
+#pragma unroll
+                for (int nt = 0; nt < E_W / 8; ++nt) dq[nt * 4 + 2 * r] = dq[nt * 4 + 2 * r + 1] = 0.f;
+        const long long blk = slice.query_block(acc_sb, acc_sh, h, BLOCK_M, mb);
+        float* piece = dq_accum + blk * DQ_BLOCK + cw * 64 * E_W;
+        if (sem != nullptr) {  // after the key blocks before this one
+            if (threadIdx.x == 128) {
+                const int before = blocks_before<BLOCK_N, BLOCK_M>(vis, cta.n, mb, cta.n_blocks, cta.m_blocks,
+                                                                   cta.rotated);
+                int seen;
+                do {
+                    asm volatile("ld.acquire.gpu.global.b32 %0, [%1];\n" : "=r"(seen) : "l"(sem + blk) : "memory");
+                } while (seen != before);
+            }
+            named_sync<CONSUMER_WARPS * 32>(BAR_DET);
+        }
+#pragma unroll
+        for (int k = 0; k < E_W / 8; ++k)
+            asm volatile("red.global.add.v4.f32 [%0], {%1, %2, %3, %4};\n" ::"l"(piece + 4 * (k * 128 + x)),
+                         "f"(dq[4 * k]), "f"(dq[4 * k + 1]), "f"(dq[4 * k + 2]), "f"(dq[4 * k + 3])
+                         : "memory");
+        if (sem != nullptr) {  // every thread's reductions visible before the count moves on
+            __threadfence();
+            named_sync<CONSUMER_WARPS * 32>(BAR_DET);
+            if (threadIdx.x == 128) asm volatile("red.release.gpu.global.add.s32 [%0], 1;\n" ::"l"(sem + blk) : "memory");
+        }
+        wgmma_wait<0>();  // dK done: the Q and dO stage is free
+        fence_regs(dk_acc);
+        if (lane == 0) mbar_arrive(q_empty + st);
+    }
+
+    const int row0 = n0 + (warp % 4) * 16;
+    store_rows(slice.key_rows(dk, dk_sb, dk_sh, dk_sm) + cw * E_W, dk_sm, dk_acc, scale, row0, slice.S, lane);
+    store_rows(slice.key_rows(dv, dv_sb, dv_sh, dv_sm) + cw * EV_W, dv_sm, dv_acc, 1.f, row0, slice.S, lane);
+}
+
+// ---------------------------------------------------------------------------------------------------
+// dQ = scale * the accumulator flash_bwd_sm90_wide reduced into (zeroed by flash_bwd_preprocess), in q's
+// layout: warpgroup w's piece holds columns [E_W w, E_W w + E_W).
+extern "C" __global__ void __launch_bounds__(CONVERT_THREADS)
+flash_bwd_dq_convert(const float* __restrict__ dq_accum, elem_t* __restrict__ dq, const int* __restrict__ cu_q,
+                     const int* __restrict__ cu_k, int L, int S, int Hq, long long acc_sb, long long acc_sh,
+                     long long dq_sb, long long dq_sh, long long dq_sm, float scale, int left, int right,
+                     int lower_right) {
+    dq_convert<wide90::BLOCK_M, wide90::E_W>(dq_accum, dq, cu_q, cu_k, L, S, Hq, acc_sb, acc_sh, dq_sb, dq_sh, dq_sm,
+                                             scale, left, right, lower_right);
+}
