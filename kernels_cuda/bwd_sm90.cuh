@@ -30,6 +30,93 @@ __device__ __forceinline__ unsigned long long dropout_keep_bits(const Dropout& d
     return keep;
 }
 
+// Z = keep / (1 - p) of a thread's S^T elements (bit i of the keep bits for element i); the identity
+// without dropout. dV takes (P o Z)^T, dS^T = P^T o (dP^T o Z^T - D).
+struct DropScale {
+#if IS_DROPOUT
+    unsigned long long keep;
+    float rp;
+    __device__ __forceinline__ float operator()(float v, int i) const { return (keep >> i) & 1u ? v * rp : 0.f; }
+#else
+    __device__ __forceinline__ float operator()(float v, int) const { return v; }
+#endif
+};
+
+// The step's DropScale of a thread whose S^T elements are keys j, j + 8 and queries i0 + nt * 8 (+ 1) of
+// query head bh: its keep bits computed at the start of the step, while the tiles may still be on their
+// way and before S^T and dP^T hold their registers.
+template <int QT>
+__device__ __forceinline__ DropScale drop_scale(u32 seed_lo, u32 seed_hi, u32 offset, u32 threshold, float rp, u32 bh,
+                                                int j, int i0, int lane) {
+#if IS_DROPOUT
+    return DropScale{dropout_keep_bits<QT>(Dropout{seed_lo, seed_hi, offset, threshold}, bh, j, i0, lane), rp};
+#else
+    (void)seed_lo, (void)seed_hi, (void)offset, (void)threshold, (void)rp, (void)bh, (void)j, (void)i0, (void)lane;
+    return DropScale{};
+#endif
+}
+
+// P^T in place of a thread's S^T elements (key j + 8 r, query c0 + nt * 8 + 2 t + c at [nt * 4 + 2 r + c]):
+// exp2(S^T scale log2 e - lse log2 e), sLse holding lse log2 e from column c0. An unseen pair gets -0: dS^T
+// is selected out there too (gradients_t), not computed as P^T times dP^T - D, since dP^T may be inf where
+// a key is unseen (a seen P^T is never -0). Unless the tile is `full`, the visibility rule as limits: key
+// j + 8 r is seen by queries [lo_r, hi_r) (none past S), two compares an element.
+template <int QT>
+__device__ __forceinline__ void probabilities_t(float (&s)[QT * 4], const Visibility<int>& vis, bool full, int j, int c0,
+                                                int t, const float* sLse, float scale_log2) {
+    int lo[2], hi[2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        vis.query_range(j + 8 * r, j + 8 * r + 1, lo[r], hi[r]);
+        lo[r] -= c0 + 2 * t;
+        hi[r] = j + 8 * r < vis.S ? hi[r] - c0 - 2 * t : lo[r];
+    }
+#pragma unroll
+    for (int x = 0; x < QT * 4; ++x) {
+        const int off = x / 4 * 8 + x % 2, col = off + 2 * t;
+        const float p = exp2f(__fmul_rn(s[x], scale_log2) - sLse[col]);
+        s[x] = full || (off >= lo[x % 4 / 2] && off < hi[x % 4 / 2]) ? p : -0.f;
+    }
+}
+
+// (P o Z)^T and dS^T = P^T o (dP^T o Z^T - D) of a thread's elements (probabilities_t's P^T, dP^T; sD
+// holding D from the thread's first column), rounded in pairs into A-fragment registers.
+template <int QT>
+__device__ __forceinline__ void gradients_t(const float (&p)[QT * 4], const float (&dp)[QT * 4], const float* sD, int t,
+                                            const DropScale& z, u32 (&pt)[QT * 2], u32 (&dst)[QT * 2]) {
+#pragma unroll
+    for (int nt = 0; nt < QT; ++nt)
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+            const int x = nt * 4 + 2 * r, col = nt * 8 + 2 * t;
+            float ds[2];
+#pragma unroll
+            for (int c = 0; c < 2; ++c)
+                ds[c] = __float_as_uint(p[x + c]) == 0x80000000u ? 0.f : p[x + c] * (z(dp[x + c], x + c) - sD[col + c]);
+            pt[nt * 2 + r] = pack2<IS_BF16>(z(p[x], x), z(p[x + 1], x + 1));
+            dst[nt * 2 + r] = pack2<IS_BF16>(ds[0], ds[1]);
+        }
+}
+
+// Zero a thread's rows (row, row + 8) of a 64 x N accumulator piece where they lie outside [lo, hi): the
+// dQ rows that see no key add zeros (their dS is 0, but K may hold inf, and 0 * inf is NaN).
+template <int N>
+__device__ __forceinline__ void zero_unseen_rows(float (&acc)[N / 2], int row, int lo, int hi) {
+#pragma unroll
+    for (int r = 0; r < 2; ++r)
+        if (row + 8 * r < lo || row + 8 * r >= hi)
+#pragma unroll
+            for (int nt = 0; nt < N / 8; ++nt) acc[nt * 4 + 2 * r] = acc[nt * 4 + 2 * r + 1] = 0.f;
+}
+
+// Deterministic mode: spin until `count` (acquired) says `before` key blocks have added theirs.
+__device__ __forceinline__ void wait_for_count(const int* count, int before) {
+    int seen;
+    do {
+        asm volatile("ld.acquire.gpu.global.b32 %0, [%1];\n" : "=r"(seen) : "l"(count) : "memory");
+    } while (seen != before);
+}
+
 // acc += A B^T over D columns: 64 rows of A (from a tile of A_ROWS rows) against N rows of B (from a tile of
 // B_ROWS rows, all of them by default), both K-major in the SW-byte swizzle (issued, not waited for).
 template <int D, int A_ROWS, int B_ROWS, int SW, int N = B_ROWS>
@@ -121,6 +208,18 @@ __device__ __forceinline__ int blocks_before(const Visibility<int>& vis, int n, 
     return lo >= 0 ? max(0, top - lo + 1) : top + 1 + max(0, n_blocks - (m_blocks + lo));
 }
 
+// The parameters of both Hopper backward kernels, which the host passes alike.
+#define BWD90_KERNEL_PARAMS                                                                                          \
+    const __grid_constant__ TmaMap tm_q, const __grid_constant__ TmaMap tm_k, const __grid_constant__ TmaMap tm_v,    \
+        const __grid_constant__ TmaMap tm_do, const float *__restrict__ lse, const float *__restrict__ delta,        \
+        elem_t *__restrict__ dk, elem_t *__restrict__ dv, float *__restrict__ dq_accum, long long sem_offset,        \
+        int rotate, const int *__restrict__ cu_q, const int *__restrict__ cu_k, int L, int S, int Hq, int group,     \
+        int q_hm, int q_bm, int k_hm, int k_bm, int v_hm, int v_bm, int do_hm, int do_bm, long long dk_sb,           \
+        long long dk_sh, long long dk_sm, long long dv_sb, long long dv_sh, long long dv_sm, long long acc_sb,       \
+        long long acc_sh, long long lse_sb, long long lse_sh, float scale, float scale_log2, int left, int right,    \
+        int lower_right, unsigned int seed_lo, unsigned int seed_hi, unsigned int offset, unsigned int threshold,    \
+        float rp_dropout
+
 // A Hopper backward CTA's place: its key block n of its (batch, kv head) slice (in deterministic mode the
 // blocks go in descending order: blockIdx.x = 0 takes the last), the rows and keys that matter, and the
 // order of its steps (rotated where every query sees every key and the key blocks are no more than the
@@ -132,7 +231,12 @@ struct Bwd90Cta {
     bool rotated;
     StepOrder order;
 
-    // false: the block holds no key of the slice (the CTA has nothing to do)
+    // The common start of both kernels: the CTA's place, then (thread 0) the mbarriers initialised and the
+    // CTA synchronised. false: the block holds no key of the slice, and every thread returns.
+    template <int BLOCK_N, int BLOCK_M, int STAGES>
+    __device__ __forceinline__ bool start(const Slice& slice, int group, bool descending, int rotate,
+                                          unsigned long long* bars, int consumer_warps);
+
     template <int BLOCK_N, int BLOCK_M>
     __device__ __forceinline__ bool place(const Slice& slice, int group, bool descending, int rotate) {
         const Visibility<int>& vis = slice.vis;
@@ -166,12 +270,38 @@ __device__ __forceinline__ void init_barriers(unsigned long long* bars, int cons
     mbar_init_fence();
 }
 
+template <int BLOCK_N, int BLOCK_M, int STAGES>
+__device__ __forceinline__ bool Bwd90Cta::start(const Slice& slice, int group, bool descending, int rotate,
+                                                unsigned long long* bars, int consumer_warps) {
+    if (!place<BLOCK_N, BLOCK_M>(slice, group, descending, rotate)) return false;
+    if (threadIdx.x == 0) init_barriers<STAGES>(bars, consumer_warps);
+    __syncthreads();
+    return true;
+}
+
 // The shared-memory tiles and barriers a Hopper backward CTA's producer fills and signals.
 struct Bwd90Smem {
     unsigned char *sK, *sV, *sQ, *sdO;  // K, V; STAGES Q and dO tiles, each in column chunks of its swizzle
     float *sLse, *sD;                    // [STAGES][BLOCK_M]: lse (log2 domain) and D per stage
     unsigned long long* bars;            // init_barriers' layout
 };
+
+// The shared memory of both kernels: K, V, the STAGES Q and dO tiles, then EXTRA bytes of the kernel's own
+// (at `extra`), lse and D per stage, the mbarriers (init_barriers' layout). Every size is a multiple of 1024,
+// so each tile keeps its swizzle's alignment.
+template <int BLOCK_N, int BLOCK_M, int STAGES, int EXTRA>
+__device__ __forceinline__ Bwd90Smem carve_smem(unsigned char* smem, unsigned char*& extra) {
+    Bwd90Smem sm;
+    sm.sK = smem;
+    sm.sV = sm.sK + BLOCK_N * HEAD_DIM * 2;
+    sm.sQ = sm.sV + BLOCK_N * HEAD_DIM_V * 2;
+    sm.sdO = sm.sQ + STAGES * BLOCK_M * HEAD_DIM * 2;
+    extra = sm.sdO + STAGES * BLOCK_M * HEAD_DIM_V * 2;
+    sm.sLse = reinterpret_cast<float*>(extra + EXTRA);
+    sm.sD = sm.sLse + STAGES * BLOCK_M;
+    sm.bars = reinterpret_cast<unsigned long long*>(sm.sD + STAGES * BLOCK_M);
+    return sm;
+}
 
 // The producer warp: K and V of the CTA's BLOCK_N keys once, then per step the Q and dO tiles of the step's
 // (head, query block) with its lse and D, into STAGES buffers. dQ sums over keys, so K rows that no query

@@ -64,7 +64,6 @@ constexpr int SQ_BYTES = BLOCK_M * HEAD_DIM * 2, SDO_BYTES = BLOCK_M * HEAD_DIM_
 constexpr int SDS_BYTES = BLOCK_N * BLOCK_M * 2;  // dS^T, key-major: BLOCK_M / 64 chunks of 64 queries
 constexpr int DQ_BLOCK = BLOCK_M * HEAD_DIM;  // floats of one accumulator block (a step's dQ)
 constexpr int SDQ_BYTES = DQ_BLOCK * 4;        // two buffers: the writer reduces one while the next is filled
-constexpr int SMEM_TILES = SK_BYTES + SV_BYTES + STAGES * (SQ_BYTES + SDO_BYTES) + 2 * SDS_BYTES + 2 * SDQ_BYTES;
 // setmaxnreg moves registers within the CTA's launch allocation (168 a thread at 384 threads): the
 // consumers' increase waits forever unless the producer warpgroup's decrease freed enough.
 constexpr int LOAD_REGS = 24, MMA_REGS = 240;
@@ -144,11 +143,7 @@ __device__ __forceinline__ void dq_dk_step(float (&dk_acc)[dkdv90::ET * 4], floa
     if constexpr (N > 0) {
         wgmma_wait<1>();  // dQ_step done
         fence_regs(dq);
-#pragma unroll
-        for (int r = 0; r < 2; ++r)
-            if (row + 8 * r < q_first || row + 8 * r >= q_end)
-#pragma unroll
-                for (int nt = 0; nt < N / 8; ++nt) dq[nt * 4 + 2 * r] = dq[nt * 4 + 2 * r + 1] = 0.f;
+        zero_unseen_rows<N>(dq, row, q_first, q_end);
         named_sync<DQ_SYNC>(BAR_DQ_EMPTY + bar);
         store_dq<N>(piece, dq, threadIdx.x % 128);
         fence_proxy_async();
@@ -161,43 +156,23 @@ __device__ __forceinline__ void dq_dk_step(float (&dk_acc)[dkdv90::ET * 4], floa
 }
 
 extern "C" __global__ void __launch_bounds__(dkdv90::NTHREADS, 1)
-flash_bwd_sm90(const __grid_constant__ TmaMap tm_q, const __grid_constant__ TmaMap tm_k,
-               const __grid_constant__ TmaMap tm_v, const __grid_constant__ TmaMap tm_do,
-               const float* __restrict__ lse, const float* __restrict__ delta, elem_t* __restrict__ dk,
-               elem_t* __restrict__ dv, float* __restrict__ dq_accum, long long sem_offset, int rotate,
-               const int* __restrict__ cu_q,
-               const int* __restrict__ cu_k, int L, int S, int Hq, int group, int q_hm, int q_bm, int k_hm, int k_bm,
-               int v_hm, int v_bm, int do_hm, int do_bm, long long dk_sb, long long dk_sh, long long dk_sm,
-               long long dv_sb, long long dv_sh, long long dv_sm, long long acc_sb, long long acc_sh,
-               long long lse_sb, long long lse_sh, float scale, float scale_log2, int left, int right,
-               int lower_right, unsigned int seed_lo, unsigned int seed_hi, unsigned int offset,
-               unsigned int threshold, float rp_dropout) {
+flash_bwd_sm90(BWD90_KERNEL_PARAMS) {
     using namespace dkdv90;
     extern __shared__ __align__(1024) unsigned char smem[];
-    unsigned char* sK = smem;  // every size is a multiple of 1024: each tile keeps the swizzle alignment
-    unsigned char* sV = sK + SK_BYTES;
-    unsigned char* sQ = sV + SV_BYTES;
-    unsigned char* sdO = sQ + STAGES * SQ_BYTES;
-    unsigned char* sdS = sdO + STAGES * SDO_BYTES;  // two buffers: a step writes one while the last is read
-    float* sdQ = reinterpret_cast<float*>(sdS + 2 * SDS_BYTES);  // two buffers of DQ_BLOCK floats
-    float* sLse = reinterpret_cast<float*>(smem + SMEM_TILES);  // [STAGES][BLOCK_M], log2 domain
-    float* sD = sLse + STAGES * BLOCK_M;                        // [STAGES][BLOCK_M]
-    unsigned long long* bars = reinterpret_cast<unsigned long long*>(sD + STAGES * BLOCK_M);  // init_barriers'
-    unsigned long long* kv_full = bars;
-    unsigned long long* q_full = bars + 2;
-    unsigned long long* q_empty = q_full + STAGES;
+    unsigned char* sdS;  // two buffers of dS^T (a step writes one while the last is read), then two of dQ
+    const Bwd90Smem sm = carve_smem<BLOCK_N, BLOCK_M, STAGES, 2 * SDS_BYTES + 2 * SDQ_BYTES>(smem, sdS);
+    float* sdQ = reinterpret_cast<float*>(sdS + 2 * SDS_BYTES);
+    unsigned long long *kv_full = sm.bars, *q_full = sm.bars + 2, *q_empty = q_full + STAGES;
 
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, wg = warp / 4;
     const Slice slice = Slice::per_kv_head(Hq, group, cu_q, cu_k, L, S, left, right, lower_right);
     // deterministic mode: a counter per accumulator block after the accumulator (sem_offset < 0: unordered)
     int* sem = sem_offset >= 0 ? reinterpret_cast<int*>(dq_accum + sem_offset) : nullptr;
     Bwd90Cta cta;
-    if (!cta.place<BLOCK_N, BLOCK_M>(slice, group, sem != nullptr, rotate)) return;
+    if (!cta.start<BLOCK_N, BLOCK_M, STAGES>(slice, group, sem != nullptr, rotate, sm.bars, CONSUMER_WARPS)) return;
     const Visibility<int>& vis = slice.vis;
     const int n = cta.n, n0 = cta.n0, steps = cta.steps;
     const StepOrder& order = cta.order;
-    if (threadIdx.x == 0) init_barriers<STAGES>(bars, CONSUMER_WARPS);
-    __syncthreads();
 
     if (wg == 0) {  // ---- producer and dQ writer ----
         setmaxnreg_dec<LOAD_REGS>();
@@ -211,11 +186,8 @@ flash_bwd_sm90(const __grid_constant__ TmaMap tm_q, const __grid_constant__ TmaM
                 order.at(it, h, mb);
                 const long long blk = slice.query_block(acc_sb, acc_sh, h, BLOCK_M, mb);
                 if (sem != nullptr && lane == 0) {  // after the key blocks before this one
-                    const int before = blocks_before<BLOCK_N, BLOCK_M>(vis, n, mb, cta.n_blocks, cta.m_blocks, cta.rotated);
-                    int seen;
-                    do {
-                        asm volatile("ld.acquire.gpu.global.b32 %0, [%1];\n" : "=r"(seen) : "l"(sem + blk) : "memory");
-                    } while (seen != before);
+                    wait_for_count(sem + blk,
+                                   blocks_before<BLOCK_N, BLOCK_M>(vis, n, mb, cta.n_blocks, cta.m_blocks, cta.rotated));
                     asm volatile("fence.proxy.async.global;\n" ::: "memory");
                 }
                 __syncwarp();  // converged again before the .aligned barriers
@@ -244,18 +216,13 @@ flash_bwd_sm90(const __grid_constant__ TmaMap tm_q, const __grid_constant__ TmaM
         }
         if (warp != 0 || steps == 0) return;
         produce<BLOCK_N, BLOCK_M, STAGES, QK_SW, V_SW>(
-            Bwd90Smem{sK, sV, sQ, sdO, sLse, sD, bars}, slice, cta, tm_q, tm_k, tm_v, tm_do, q_hm, q_bm, k_hm, k_bm,
+            sm, slice, cta, tm_q, tm_k, tm_v, tm_do, q_hm, q_bm, k_hm, k_bm,
             v_hm, v_bm, do_hm, do_bm, lse, delta, lse_sb, lse_sh, lane);
         return;
     }
 
     // ---- consumers ----
     setmaxnreg_inc<MMA_REGS>();
-#if IS_DROPOUT
-    const Dropout drop{seed_lo, seed_hi, offset, threshold};
-#else
-    (void)seed_lo, (void)seed_hi, (void)offset, (void)threshold, (void)rp_dropout;
-#endif
     const int cw = wg - 1;  // keys [64 cw, 64 cw + 64) of the block
     const int g = lane / 4, t = lane % 4;
     const int j = n0 + cw * 64 + (warp % 4) * 16 + g;  // this thread's keys are j and j + 8
@@ -264,8 +231,8 @@ flash_bwd_sm90(const __grid_constant__ TmaMap tm_q, const __grid_constant__ TmaM
     for (int x = 0; x < ET * 4; ++x) dk_acc[x] = 0.f;
 #pragma unroll
     for (int x = 0; x < EVT * 4; ++x) dv_acc[x] = 0.f;
-    const unsigned char* sKw = sK + cw * 64 * QK_SW;
-    const unsigned char* sVw = sV + cw * 64 * V_SW;
+    const unsigned char* sKw = sm.sK + cw * 64 * QK_SW;
+    const unsigned char* sVw = sm.sV + cw * 64 * V_SW;
     if (steps > 0) mbar_wait_warp(kv_full, 0);
 
     const int mrow0 = BLOCK_M == 128 ? 64 * cw : 0;  // the first row of this warpgroup's dQ piece
@@ -276,18 +243,11 @@ flash_bwd_sm90(const __grid_constant__ TmaMap tm_q, const __grid_constant__ TmaM
         int h, mb;
         order.at(it, h, mb);
         const int m0 = mb * BLOCK_M;
-#if IS_DROPOUT
-        // Z = keep / (1 - p): dV takes (P o Z)^T, dS^T = P^T o (dP^T o Z^T - D). The keep bits first, while the
-        // tiles may still be on their way and before S^T and dP^T hold their registers.
-        const unsigned long long keep =
-            dropout_keep_bits<QT>(drop, static_cast<u32>(slice.b * Hq + h), j, m0 + 2 * t, lane);
-        const auto dropped = [&](float v, int x) { return (keep >> x) & 1u ? v * rp_dropout : 0.f; };
-#else
-        const auto dropped = [](float v, int) { return v; };
-#endif
+        const DropScale z = drop_scale<QT>(seed_lo, seed_hi, offset, threshold, rp_dropout,
+                                           static_cast<u32>(slice.b * Hq + h), j, m0 + 2 * t, lane);
         mbar_wait_warp(q_full + st, phase);
-        const unsigned char* sQs = sQ + st * SQ_BYTES;
-        const unsigned char* sdOs = sdO + st * SDO_BYTES;
+        const unsigned char* sQs = sm.sQ + st * SQ_BYTES;
+        const unsigned char* sdOs = sm.sdO + st * SDO_BYTES;
         float s[QT * 4], dp[QT * 4];
         fence_regs(dk_acc);
         fence_regs(dv_acc);
@@ -296,46 +256,14 @@ flash_bwd_sm90(const __grid_constant__ TmaMap tm_q, const __grid_constant__ TmaM
         wgmma_commit();
         issue_abt<HEAD_DIM_V, BLOCK_N, BLOCK_M, V_SW>(dp, sVw, sdOs);
         wgmma_commit();
-        // P^T while dP^T runs: element (key j + 8 r, query m0 + nt * 8 + 2 t + c) at [nt * 4 + 2 r + c]
-        wgmma_wait<1>();
+        wgmma_wait<1>();  // P^T while dP^T runs
         fence_regs(s);
-        const float* sLses = sLse + st * BLOCK_M;
-        const float* sDs = sD + st * BLOCK_M;
-        // P^T = 0 where the pair is unseen, as -0: dS^T is selected out there too, not computed as P^T times
-        // dP^T - D, since dP^T may be inf where a key is unseen (a seen P^T is never -0)
-        const bool full = vis.tile_full(m0, BLOCK_M, n0 + cw * 64, 64);
-        // the visibility rule as limits: key j + 8 r is seen by queries [lo_r, hi_r) (none past S), as offsets
-        // from this thread's first column
-        int lo[2], hi[2];
-#pragma unroll
-        for (int r = 0; r < 2; ++r) {
-            vis.query_range(j + 8 * r, j + 8 * r + 1, lo[r], hi[r]);
-            lo[r] -= m0 + 2 * t;
-            hi[r] = j + 8 * r < slice.S ? hi[r] - m0 - 2 * t : lo[r];
-        }
-#pragma unroll
-        for (int x = 0; x < QT * 4; ++x) {
-            const int off = x / 4 * 8 + x % 2, col = off + 2 * t;
-            const float p = exp2f(__fmul_rn(s[x], scale_log2) - sLses[col]);
-            const bool seen = off >= lo[x % 4 / 2] && off < hi[x % 4 / 2];
-            s[x] = full || seen ? p : -0.f;
-        }
+        probabilities_t<QT>(s, vis, vis.tile_full(m0, BLOCK_M, n0 + cw * 64, 64), j, m0, t, sm.sLse + st * BLOCK_M,
+                            scale_log2);
         wgmma_wait<0>();
         fence_regs(dp);
         u32 pt[QT * 2], dst[QT * 2];
-#pragma unroll
-        for (int nt = 0; nt < QT; ++nt)
-#pragma unroll
-            for (int r = 0; r < 2; ++r) {
-                const int x = nt * 4 + 2 * r, col = nt * 8 + 2 * t;
-                float ds[2];
-#pragma unroll
-                for (int c = 0; c < 2; ++c)
-                    ds[c] = __float_as_uint(s[x + c]) == 0x80000000u ? 0.f
-                                                                    : s[x + c] * (dropped(dp[x + c], x + c) - sDs[col + c]);
-                pt[nt * 2 + r] = pack2<IS_BF16>(dropped(s[x], x), dropped(s[x + 1], x + 1));
-                dst[nt * 2 + r] = pack2<IS_BF16>(ds[0], ds[1]);
-            }
+        gradients_t<QT>(s, dp, sm.sD + st * BLOCK_M, t, z, pt, dst);
         fence_regs(pt);
         fence_regs(dst);
         // dS^T of both warpgroups into shared memory for the dQ product (the buffer of two steps ago, which
@@ -353,7 +281,7 @@ flash_bwd_sm90(const __grid_constant__ TmaMap tm_q, const __grid_constant__ TmaM
         const unsigned char* sdS_rows = sdSs + (mrow0 / 64) * BLOCK_N * 128;
         float* piece = sdQ + (it % 2) * DQ_BLOCK + cw * 64 * DQ_N0;
         const int row = m0 + mrow0 + (warp % 4) * 16 + g, bar = 2 * (it % 2) + cw;
-        const unsigned char* sK_cols = sK + (BLOCK_M == 128 ? 0 : cw * DQ_N0 / (QK_SW / 2)) * BLOCK_N * QK_SW;
+        const unsigned char* sK_cols = sm.sK + (BLOCK_M == 128 ? 0 : cw * DQ_N0 / (QK_SW / 2)) * BLOCK_N * QK_SW;
         if constexpr (DQ_N0 == DQ_N1)  // one copy of the code where the pieces are alike
             dq_dk_step<DQ_N0>(dk_acc, dv_acc, dst, sQs, sdS_rows, sK_cols, piece, q_empty + st, bar, row, q_first,
                               q_end, lane);

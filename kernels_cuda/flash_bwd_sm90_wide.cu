@@ -38,7 +38,6 @@ constexpr int V_SW = EV_W % 64 == 0 ? 128 : 64;  // V, dO
 constexpr int SK_BYTES = BLOCK_N * HEAD_DIM * 2, SV_BYTES = BLOCK_N * HEAD_DIM_V * 2;
 constexpr int SQ_BYTES = BLOCK_M * HEAD_DIM * 2, SDO_BYTES = BLOCK_M * HEAD_DIM_V * 2;
 constexpr int SPDS_BYTES = BLOCK_N * BLOCK_M * 2;  // P^T or dS^T: 64 keys x 64 queries
-constexpr int SMEM_TILES = SK_BYTES + SV_BYTES + STAGES * (SQ_BYTES + SDO_BYTES) + 2 * 2 * SPDS_BYTES;
 constexpr int DQ_BLOCK = BLOCK_M * HEAD_DIM;  // floats of one accumulator block
 constexpr int LOAD_REGS = 24, MMA_REGS = 240;
 constexpr int CONSUMER_WARPS = 8;
@@ -62,46 +61,27 @@ __device__ __forceinline__ void issue_pds_b(float (&acc)[N / 2], const unsigned 
 }
 
 extern "C" __global__ void __launch_bounds__(wide90::NTHREADS, 1)
-flash_bwd_sm90_wide(const __grid_constant__ TmaMap tm_q, const __grid_constant__ TmaMap tm_k,
-                    const __grid_constant__ TmaMap tm_v, const __grid_constant__ TmaMap tm_do,
-                    const float* __restrict__ lse, const float* __restrict__ delta, elem_t* __restrict__ dk,
-                    elem_t* __restrict__ dv, float* __restrict__ dq_accum, long long sem_offset, int rotate,
-                    const int* __restrict__ cu_q, const int* __restrict__ cu_k, int L, int S, int Hq, int group,
-                    int q_hm, int q_bm, int k_hm, int k_bm, int v_hm, int v_bm, int do_hm, int do_bm,
-                    long long dk_sb, long long dk_sh, long long dk_sm, long long dv_sb, long long dv_sh,
-                    long long dv_sm, long long acc_sb, long long acc_sh, long long lse_sb, long long lse_sh,
-                    float scale, float scale_log2, int left, int right, int lower_right, unsigned int seed_lo,
-                    unsigned int seed_hi, unsigned int offset, unsigned int threshold, float rp_dropout) {
+flash_bwd_sm90_wide(BWD90_KERNEL_PARAMS) {
     using namespace wide90;
     extern __shared__ __align__(1024) unsigned char smem[];
-    unsigned char* sK = smem;  // every size is a multiple of 1024: each tile keeps the swizzle alignment
-    unsigned char* sV = sK + SK_BYTES;
-    unsigned char* sQ = sV + SV_BYTES;
-    unsigned char* sdO = sQ + STAGES * SQ_BYTES;
-    unsigned char* sPt = sdO + STAGES * SDO_BYTES;  // two buffers each of P^T and dS^T: a step writes one pair
-    unsigned char* sdSt = sPt + 2 * SPDS_BYTES;     // while the last is read
-    float* sLse = reinterpret_cast<float*>(smem + SMEM_TILES);  // [STAGES][BLOCK_M], log2 domain
-    float* sD = sLse + STAGES * BLOCK_M;                        // [STAGES][BLOCK_M]
-    unsigned long long* bars = reinterpret_cast<unsigned long long*>(sD + STAGES * BLOCK_M);  // init_barriers'
-    unsigned long long* kv_full = bars;
-    unsigned long long* q_full = bars + 2;
-    unsigned long long* q_empty = q_full + STAGES;
+    unsigned char* sPt;  // two buffers each of P^T and dS^T: a step writes one pair while the last is read
+    const Bwd90Smem sm = carve_smem<BLOCK_N, BLOCK_M, STAGES, 4 * SPDS_BYTES>(smem, sPt);
+    unsigned char* sdSt = sPt + 2 * SPDS_BYTES;
+    unsigned long long *kv_full = sm.bars, *q_full = sm.bars + 2, *q_empty = q_full + STAGES;
 
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, wg = warp / 4;
     const Slice slice = Slice::per_kv_head(Hq, group, cu_q, cu_k, L, S, left, right, lower_right);
     // deterministic mode: a counter per accumulator block after the accumulator (sem_offset < 0: unordered)
     int* sem = sem_offset >= 0 ? reinterpret_cast<int*>(dq_accum + sem_offset) : nullptr;
     Bwd90Cta cta;
-    if (!cta.place<BLOCK_N, BLOCK_M>(slice, group, sem != nullptr, rotate)) return;
+    if (!cta.start<BLOCK_N, BLOCK_M, STAGES>(slice, group, sem != nullptr, rotate, sm.bars, CONSUMER_WARPS)) return;
     const Visibility<int>& vis = slice.vis;
     const int n0 = cta.n0, steps = cta.steps;
-    if (threadIdx.x == 0) init_barriers<STAGES>(bars, CONSUMER_WARPS);
-    __syncthreads();
 
     if (wg == 0) {  // ---- producer ----
         setmaxnreg_dec<LOAD_REGS>();
         if (warp != 0 || steps == 0) return;
-        produce<BLOCK_N, BLOCK_M, STAGES, QK_SW, V_SW>(Bwd90Smem{sK, sV, sQ, sdO, sLse, sD, bars}, slice, cta, tm_q,
+        produce<BLOCK_N, BLOCK_M, STAGES, QK_SW, V_SW>(sm, slice, cta, tm_q,
                                                        tm_k, tm_v, tm_do, q_hm, q_bm, k_hm, k_bm, v_hm, v_bm, do_hm,
                                                        do_bm, lse, delta, lse_sb, lse_sh, lane);
         return;
@@ -109,11 +89,6 @@ flash_bwd_sm90_wide(const __grid_constant__ TmaMap tm_q, const __grid_constant__
 
     // ---- consumers ----
     setmaxnreg_inc<MMA_REGS>();
-#if IS_DROPOUT
-    const Dropout drop{seed_lo, seed_hi, offset, threshold};
-#else
-    (void)seed_lo, (void)seed_hi, (void)offset, (void)threshold, (void)rp_dropout;
-#endif
     const int cw = wg - 1;  // queries [32 cw, 32 cw + 32) of S^T; columns of dK, dV and dQ from E_W cw, EV_W cw
     const int g = lane / 4, t = lane % 4, x = threadIdx.x % 128;
     const int j = n0 + (warp % 4) * 16 + g;  // this thread's keys are j and j + 8
@@ -122,7 +97,7 @@ flash_bwd_sm90_wide(const __grid_constant__ TmaMap tm_q, const __grid_constant__
     for (int i = 0; i < E_W / 2; ++i) dk_acc[i] = 0.f;
 #pragma unroll
     for (int i = 0; i < EV_W / 2; ++i) dv_acc[i] = 0.f;
-    const unsigned char* sK_cols = sK + cw * (E_W / (QK_SW / 2)) * BLOCK_N * QK_SW;  // this warpgroup's columns
+    const unsigned char* sK_cols = sm.sK + cw * (E_W / (QK_SW / 2)) * BLOCK_N * QK_SW;  // this warpgroup's columns
     if (steps > 0) mbar_wait_warp(kv_full, 0);
     const int q_first = cta.qi_lo, q_end = min(cta.qi_hi, slice.L);  // rows that see a key
 
@@ -132,61 +107,27 @@ flash_bwd_sm90_wide(const __grid_constant__ TmaMap tm_q, const __grid_constant__
         int h, mb;
         cta.order.at(it, h, mb);
         const int m0 = mb * BLOCK_M, c0 = m0 + 32 * cw;  // the step's rows; this warpgroup's first S^T column
-#if IS_DROPOUT
-        // Z = keep / (1 - p): dV takes (P o Z)^T, dS^T = P^T o (dP^T o Z^T - D)
-        const unsigned long long keep =
-            dropout_keep_bits<QT>(drop, static_cast<u32>(slice.b * Hq + h), j, c0 + 2 * t, lane);
-        const auto dropped = [&](float v, int i) { return (keep >> i) & 1u ? v * rp_dropout : 0.f; };
-#else
-        const auto dropped = [](float v, int) { return v; };
-#endif
+        const DropScale z = drop_scale<QT>(seed_lo, seed_hi, offset, threshold, rp_dropout,
+                                           static_cast<u32>(slice.b * Hq + h), j, c0 + 2 * t, lane);
         mbar_wait_warp(q_full + st, phase);
-        const unsigned char* sQs = sQ + st * SQ_BYTES;
-        const unsigned char* sdOs = sdO + st * SDO_BYTES;
+        const unsigned char* sQs = sm.sQ + st * SQ_BYTES;
+        const unsigned char* sdOs = sm.sdO + st * SDO_BYTES;
         float s[QT * 4], dp[QT * 4];
         fence_regs(dk_acc);
         fence_regs(dv_acc);
         wgmma_fence();
-        issue_abt<HEAD_DIM, BLOCK_N, BLOCK_M, QK_SW, 32>(s, sK, sQs + 32 * cw * QK_SW);
+        issue_abt<HEAD_DIM, BLOCK_N, BLOCK_M, QK_SW, 32>(s, sm.sK, sQs + 32 * cw * QK_SW);
         wgmma_commit();
-        issue_abt<HEAD_DIM_V, BLOCK_N, BLOCK_M, V_SW, 32>(dp, sV, sdOs + 32 * cw * V_SW);
+        issue_abt<HEAD_DIM_V, BLOCK_N, BLOCK_M, V_SW, 32>(dp, sm.sV, sdOs + 32 * cw * V_SW);
         wgmma_commit();
-        // P^T while dP^T runs: element (key j + 8 r, query c0 + nt * 8 + 2 t + c) at [nt * 4 + 2 r + c]; -0 marks
-        // an unseen pair (flash_bwd_sm90.cu says why)
-        wgmma_wait<1>();
+        wgmma_wait<1>();  // P^T while dP^T runs
         fence_regs(s);
-        const float* sLses = sLse + st * BLOCK_M + 32 * cw;
-        const float* sDs = sD + st * BLOCK_M + 32 * cw;
-        const bool full = vis.tile_full(c0, 32, n0, BLOCK_N);
-        int lo[2], hi[2];
-#pragma unroll
-        for (int r = 0; r < 2; ++r) {
-            vis.query_range(j + 8 * r, j + 8 * r + 1, lo[r], hi[r]);
-            lo[r] -= c0 + 2 * t;
-            hi[r] = j + 8 * r < slice.S ? hi[r] - c0 - 2 * t : lo[r];
-        }
-#pragma unroll
-        for (int i = 0; i < QT * 4; ++i) {
-            const int off = i / 4 * 8 + i % 2, col = off + 2 * t;
-            const float p = exp2f(__fmul_rn(s[i], scale_log2) - sLses[col]);
-            s[i] = full || (off >= lo[i % 4 / 2] && off < hi[i % 4 / 2]) ? p : -0.f;
-        }
+        probabilities_t<QT>(s, vis, vis.tile_full(c0, 32, n0, BLOCK_N), j, c0, t, sm.sLse + st * BLOCK_M + 32 * cw,
+                            scale_log2);
         wgmma_wait<0>();
         fence_regs(dp);
         u32 pt[QT * 2], dst[QT * 2];
-#pragma unroll
-        for (int nt = 0; nt < QT; ++nt)
-#pragma unroll
-            for (int r = 0; r < 2; ++r) {
-                const int i = nt * 4 + 2 * r, col = nt * 8 + 2 * t;
-                float ds[2];
-#pragma unroll
-                for (int c = 0; c < 2; ++c)
-                    ds[c] = __float_as_uint(s[i + c]) == 0x80000000u ? 0.f
-                                                                    : s[i + c] * (dropped(dp[i + c], i + c) - sDs[col + c]);
-                pt[nt * 2 + r] = pack2<IS_BF16>(dropped(s[i], i), dropped(s[i + 1], i + 1));
-                dst[nt * 2 + r] = pack2<IS_BF16>(ds[0], ds[1]);
-            }
+        gradients_t<QT>(s, dp, sm.sD + st * BLOCK_M + 32 * cw, t, z, pt, dst);
         // both halves of P^T and dS^T into shared memory (the buffers of two steps ago, which both warpgroups
         // finished reading before they met at the last step's barrier)
         unsigned char* sPts = sPt + (it % 2) * SPDS_BYTES;
@@ -209,24 +150,14 @@ flash_bwd_sm90_wide(const __grid_constant__ TmaMap tm_q, const __grid_constant__
         wgmma_commit();
         wgmma_wait<1>();  // dQ_step done
         fence_regs(dq);
-        // dQ_step into the accumulator while dK runs: rows that see no key add zeros (K may hold inf there)
-        const int row = m0 + (warp % 4) * 16 + g;
-#pragma unroll
-        for (int r = 0; r < 2; ++r)
-            if (row + 8 * r < q_first || row + 8 * r >= q_end)
-#pragma unroll
-                for (int nt = 0; nt < E_W / 8; ++nt) dq[nt * 4 + 2 * r] = dq[nt * 4 + 2 * r + 1] = 0.f;
+        // dQ_step into the accumulator while dK runs
+        zero_unseen_rows<E_W>(dq, m0 + (warp % 4) * 16 + g, q_first, q_end);
         const long long blk = slice.query_block(acc_sb, acc_sh, h, BLOCK_M, mb);
         float* piece = dq_accum + blk * DQ_BLOCK + cw * 64 * E_W;
         if (sem != nullptr) {  // after the key blocks before this one
-            if (threadIdx.x == 128) {
-                const int before = blocks_before<BLOCK_N, BLOCK_M>(vis, cta.n, mb, cta.n_blocks, cta.m_blocks,
-                                                                   cta.rotated);
-                int seen;
-                do {
-                    asm volatile("ld.acquire.gpu.global.b32 %0, [%1];\n" : "=r"(seen) : "l"(sem + blk) : "memory");
-                } while (seen != before);
-            }
+            if (threadIdx.x == 128)
+                wait_for_count(sem + blk,
+                               blocks_before<BLOCK_N, BLOCK_M>(vis, cta.n, mb, cta.n_blocks, cta.m_blocks, cta.rotated));
             named_sync<CONSUMER_WARPS * 32>(BAR_DET);
         }
 #pragma unroll
