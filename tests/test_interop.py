@@ -17,7 +17,7 @@ import cusdpa  # noqa: E402
 import interop  # noqa: E402
 from cusdpa import Backend, dispatch, reference
 from cusdpa.verify import harness  # noqa: E402
-from interop import arguments, functional, ops, override  # noqa: E402
+from interop import arguments, ops, override  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
