@@ -45,6 +45,27 @@ def check_tensors(tensors: dict, attn_mask=None) -> None:
                                     "with .bool())")
 
 
+def causal_bias(attn_mask, is_causal, causal_variant: str, query, key) -> tuple:
+    """(is_causal, causal_variant) for a ``torch.nn.attention.bias.CausalBias`` attn_mask, which is no dense
+    mask (its storage is a placeholder): causal attention, aligned as PyTorch's SDPA aligns it (upper-left for
+    ``causal_upper_left`` and for square biases, else lower-right), as long as the bias was made for these
+    query and key lengths."""
+    from torch.nn.attention.bias import CausalVariant
+
+    L, S = attn_mask.seq_len_q, attn_mask.seq_len_kv
+    if is_causal:
+        raise ArgumentError("attn_mask is a CausalBias and is_causal=True: pass one of them")
+    if causal_variant != "upper_left":
+        raise ArgumentError(f"attn_mask is a CausalBias and causal_variant={causal_variant!r}: the bias decides "
+                            "the alignment (causal_upper_left or causal_lower_right)")
+    if isinstance(query, torch.Tensor) and isinstance(key, torch.Tensor) and not (query.is_nested or key.is_nested) \
+            and query.dim() >= 2 and key.dim() >= 2 and (query.shape[-2], key.shape[-2]) != (L, S):
+        raise ArgumentError(f"attn_mask is a CausalBias for {L} queries and {S} keys, but query has "
+                            f"{query.shape[-2]} and key {key.shape[-2]}; make it with these lengths")
+    lower_right = attn_mask.variant == CausalVariant.LOWER_RIGHT and L != S
+    return True, "lower_right" if lower_right else "upper_left"
+
+
 _FAST_DTYPES = (torch.float16, torch.bfloat16)
 
 

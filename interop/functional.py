@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import torch
+from torch.nn.attention.bias import CausalBias
 
 from . import arguments, autograd, nested
 
@@ -15,7 +16,9 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     of the input dtype; every dim but the last two broadcasts, heads and ranks included, as in PyTorch;
     E or Ev may be 0. Under ``torch.autocast`` the floating inputs are cast to the autocast dtype first,
     as PyTorch's SDPA casts them. ``attn_mask`` is bool (True = attend) or float (added
-    to the scores; it gets a gradient), broadcastable to (..., Hq, L, S). NaN or inf where a query
+    to the scores; it gets a gradient), broadcastable to (..., Hq, L, S), or a
+    ``torch.nn.attention.bias.CausalBias`` (``causal_upper_left`` / ``causal_lower_right``), which selects the
+    causal alignment as in PyTorch and is never read as a tensor. NaN or inf where a query
     looks propagates to its output, as in PyTorch. ``is_causal`` lets query i see
     key j iff j <= i (upper-left, PyTorch's alignment); ``causal_variant="lower_right"`` iff
     j <= i + S - L. ``window=(left, right)`` keeps keys within left before and right after the equally
@@ -36,6 +39,9 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     ``cusdpa.sdpa_kernel``; by default the ones ``cusdpa.sdpa_kernel`` enables (under torch.compile:
     those enabled when the graph was traced).
     """
+    if isinstance(attn_mask, CausalBias):  # a causal alignment, not a mask
+        is_causal, causal_variant = arguments.causal_bias(attn_mask, is_causal, causal_variant, query, key)
+        attn_mask = None
     if isinstance(query, torch.Tensor):
         dtype = arguments.autocast_dtype(query.device.type)
         if dtype is not None:

@@ -17,7 +17,7 @@ import cusdpa  # noqa: E402
 import interop  # noqa: E402
 from cusdpa import Backend, dispatch, reference
 from cusdpa.verify import harness  # noqa: E402
-from interop import arguments, functional, ops, override  # noqa: E402
+from interop import arguments, ops, override  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -495,6 +495,41 @@ def test_errors_name_the_value_and_the_fix(rng):
         interop.scaled_dot_product_attention(q, k, v, window=4)
     with pytest.raises(ValueError, match="causal_variant"):
         interop.scaled_dot_product_attention(q, k, v, causal_variant="diagonal")
+
+
+@pytest.mark.parametrize("variant", ["causal_upper_left", "causal_lower_right"])
+@pytest.mark.parametrize("L,S", [(5, 9), (9, 5), (6, 6)])
+def test_causal_bias_selects_the_alignment_eager_overridden_and_compiled(rng, variant, L, S):
+    """torch.nn.attention.bias.CausalBias is a causal alignment, as PyTorch's SDPA reads it, never a dense mask."""
+    from torch.nn.attention import bias as causal_bias
+
+    q, k, v = randn(rng, 2, 3, L, 8), randn(rng, 2, 3, S, 8), randn(rng, 2, 3, S, 8)
+    dout = randn(rng, 2, 3, L, 8, grad=False)
+    with warnings.catch_warnings():  # lower-right with L > S: PyTorch warns of the rows that see nothing
+        warnings.simplefilter("ignore", UserWarning)
+        mask = getattr(causal_bias, variant)(L, S)
+    want = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    want_grads = grads_of(want, (q, k, v), dout)
+    compiled, graphs = compile_capturing(lambda q, k, v, m: interop.scaled_dot_product_attention(q, k, v, attn_mask=m))
+    with interop.sdpa_override():
+        overridden = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    for got in (interop.scaled_dot_product_attention(q, k, v, attn_mask=mask), overridden, compiled(q, k, v, mask)):
+        torch.testing.assert_close(got, want)
+        for g, w in zip(grads_of(got, (q, k, v), dout), want_grads):
+            torch.testing.assert_close(g, w)
+    assert calls_cusdpa(graphs)
+
+
+def test_causal_bias_errors_name_the_conflict(rng):
+    from torch.nn.attention.bias import causal_lower_right
+
+    q, k, v = randn(rng, 1, 2, 5, 8), randn(rng, 1, 2, 9, 8), randn(rng, 1, 2, 9, 8)
+    with pytest.raises(ValueError, match="is_causal=True"):
+        interop.scaled_dot_product_attention(q, k, v, causal_lower_right(5, 9), is_causal=True)
+    with pytest.raises(ValueError, match="causal_variant"):
+        interop.scaled_dot_product_attention(q, k, v, causal_lower_right(5, 9), causal_variant="lower_right")
+    with pytest.raises(ValueError, match="for 5 queries and 7 keys"):
+        interop.scaled_dot_product_attention(q, k, v, causal_lower_right(5, 7))
 
 
 def test_train_gpt_example_runs_on_the_cpu(capsys, monkeypatch):

@@ -13,7 +13,7 @@ from torch.nn import functional as F  # noqa: E402
 import interop  # noqa: E402
 from cusdpa import dispatch  # noqa: E402
 from cusdpa.verify import harness  # noqa: E402
-from interop import arguments, bridge, functional, ops  # noqa: E402
+from interop import arguments, bridge, ops  # noqa: E402
 
 pytestmark = pytest.mark.gpu
 
