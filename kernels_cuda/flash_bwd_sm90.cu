@@ -215,9 +215,8 @@ flash_bwd_sm90(BWD90_KERNEL_PARAMS) {
             return;
         }
         if (warp != 0 || steps == 0) return;
-        produce<BLOCK_N, BLOCK_M, STAGES, QK_SW, V_SW>(
-            sm, slice, cta, tm_q, tm_k, tm_v, tm_do, q_hm, q_bm, k_hm, k_bm,
-            v_hm, v_bm, do_hm, do_bm, lse, delta, lse_sb, lse_sh, lane);
+        produce<BLOCK_N, BLOCK_M, STAGES, QK_SW, V_SW>(sm, slice, cta, tm_q, tm_k, tm_v, tm_do, q_hm, q_bm, k_hm,
+                                                       k_bm, v_hm, v_bm, do_hm, do_bm, lse, delta, lse_sb, lse_sh, lane);
         return;
     }
 
