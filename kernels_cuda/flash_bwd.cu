@@ -56,7 +56,8 @@ flash_bwd_preprocess(const elem_t* __restrict__ o, const elem_t* __restrict__ do
     }
     if (dq_accum == nullptr || r0 >= slice.L) return;
     // The Hopper backward's accumulator block of these rows, blocked as flash_bwd_sm90.cu lays it out: the
-    // CTAs of its BWD90_BLOCK_M / rows_per_cta row ranges zero one part each (rows padded past L included).
+    // CTAs of its BWD90_BLOCK_M / rows_per_cta row ranges zero one part each. A part whose rows all lie past
+    // L has no CTA and stays as it was: the backward adds zeros there and flash_bwd_dq_convert never reads it.
     constexpr int DQ_BLOCK = BWD90_BLOCK_M * HEAD_DIM;
     const long long blk = slice.query_block(acc_sb, acc_sh, slice.h, BWD90_BLOCK_M, r0 / BWD90_BLOCK_M);
     const int part = DQ_BLOCK / (BWD90_BLOCK_M / rows_per_cta);

@@ -337,8 +337,9 @@ def forward(pr, out=None, lse=None):
 
 
 def backward(pr, out, lse, dout, deterministic=False, grads=None):
-    """dq, dk, dv. The Hopper kernel adds dQ up with fp32 atomics, whose order (and so dQ's last bits) varies
-    run to run unless ``deterministic`` orders them; every other kernel sums in a fixed order."""
+    """dq, dk, dv. The Hopper kernel adds dQ up with fp32 bulk reductions from every key block, whose order
+    (and so dQ's last bits) varies run to run unless ``deterministic`` orders them; every other kernel sums
+    in a fixed order."""
     import cupy
 
     from ...reference import sum_to_shape
