@@ -57,13 +57,15 @@ __device__ __forceinline__ DropScale drop_scale(u32 seed_lo, u32 seed_hi, u32 of
 }
 
 // P^T in place of a thread's S^T elements (key j + 8 r, query c0 + nt * 8 + 2 t + c at [nt * 4 + 2 r + c]):
-// exp2(S^T scale log2 e - lse log2 e), sLse holding lse log2 e from column c0. An unseen pair gets -0: dS^T
-// is selected out there too (gradients_t), not computed as P^T times dP^T - D, since dP^T may be inf where
-// a key is unseen (a seen P^T is never -0). Unless the tile is `full`, the visibility rule as limits: key
-// j + 8 r is seen by queries [lo_r, hi_r) (none past S), two compares an element.
-template <int QT>
-__device__ __forceinline__ void probabilities_t(float (&s)[QT * 4], const Visibility<int>& vis, bool full, int j, int c0,
-                                                int t, const float* sLse, float scale_log2) {
+// exp2(S^T scale log2 e - lse log2 e) as one fmaf (rounded once), sLse holding lse log2 e from column c0.
+// MASKED (a tile not every pair of which is visible): an unseen pair gets -0, so that dS^T is selected out
+// there too (gradients_t) rather than computed as P^T times dP^T - D, since dP^T may be inf where a key is
+// unseen (a seen P^T is never -0); the visibility rule as limits: key j + 8 r is seen by queries
+// [lo_r, hi_r) (none past S), two compares an element. Full tiles skip both: at E = 64 the compares and
+// selects were a third of a step's instructions.
+template <int QT, bool MASKED>
+__device__ __forceinline__ void probabilities_t(float (&s)[QT * 4], const Visibility<int>& vis, int j, int c0, int t,
+                                                const float* sLse, float scale_log2) {
     int lo[2], hi[2];
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
@@ -74,14 +76,15 @@ __device__ __forceinline__ void probabilities_t(float (&s)[QT * 4], const Visibi
 #pragma unroll
     for (int x = 0; x < QT * 4; ++x) {
         const int off = x / 4 * 8 + x % 2, col = off + 2 * t;
-        const float p = exp2f(__fmul_rn(s[x], scale_log2) - sLse[col]);
-        s[x] = full || (off >= lo[x % 4 / 2] && off < hi[x % 4 / 2]) ? p : -0.f;
+        const float p = exp2f(fmaf(s[x], scale_log2, -sLse[col]));
+        s[x] = !MASKED || (off >= lo[x % 4 / 2] && off < hi[x % 4 / 2]) ? p : -0.f;
     }
 }
 
 // (P o Z)^T and dS^T = P^T o (dP^T o Z^T - D) of a thread's elements (probabilities_t's P^T, dP^T; sD
-// holding D from the thread's first column), rounded in pairs into A-fragment registers.
-template <int QT>
+// holding D from the thread's first column), rounded in pairs into A-fragment registers; MASKED: dS^T = 0
+// where P^T is -0.
+template <int QT, bool MASKED>
 __device__ __forceinline__ void gradients_t(const float (&p)[QT * 4], const float (&dp)[QT * 4], const float* sD, int t,
                                             const DropScale& z, u32 (&pt)[QT * 2], u32 (&dst)[QT * 2]) {
 #pragma unroll
@@ -91,11 +94,30 @@ __device__ __forceinline__ void gradients_t(const float (&p)[QT * 4], const floa
             const int x = nt * 4 + 2 * r, col = nt * 8 + 2 * t;
             float ds[2];
 #pragma unroll
-            for (int c = 0; c < 2; ++c)
-                ds[c] = __float_as_uint(p[x + c]) == 0x80000000u ? 0.f : p[x + c] * (z(dp[x + c], x + c) - sD[col + c]);
+            for (int c = 0; c < 2; ++c) {
+                ds[c] = p[x + c] * (z(dp[x + c], x + c) - sD[col + c]);
+                if (MASKED && __float_as_uint(p[x + c]) == 0x80000000u) ds[c] = 0.f;
+            }
             pt[nt * 2 + r] = pack2<IS_BF16>(z(p[x], x), z(p[x + 1], x + 1));
             dst[nt * 2 + r] = pack2<IS_BF16>(ds[0], ds[1]);
         }
+}
+
+// P^T (from S^T, issued first) and dS^T (dP^T, issued after it) of a thread's elements, as pt and dst: P^T
+// while dP^T is still running, masked unless the tile is full (a branch per tile, uniform over the CTA).
+template <int QT>
+__device__ __forceinline__ void gradients_of_step(float (&s)[QT * 4], float (&dp)[QT * 4], bool full,
+                                                  const Visibility<int>& vis, int j, int c0, int t, const float* sLse,
+                                                  const float* sD, float scale_log2, const DropScale& z,
+                                                  u32 (&pt)[QT * 2], u32 (&dst)[QT * 2]) {
+    wgmma_wait<1>();
+    fence_regs(s);
+    if (full) probabilities_t<QT, false>(s, vis, j, c0, t, sLse, scale_log2);
+    else probabilities_t<QT, true>(s, vis, j, c0, t, sLse, scale_log2);
+    wgmma_wait<0>();
+    fence_regs(dp);
+    if (full) gradients_t<QT, false>(s, dp, sD, t, z, pt, dst);
+    else gradients_t<QT, true>(s, dp, sD, t, z, pt, dst);
 }
 
 // Zero a thread's rows (row, row + 8) of a 64 x N accumulator piece where they lie outside [lo, hi): the

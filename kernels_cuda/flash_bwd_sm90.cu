@@ -255,14 +255,9 @@ flash_bwd_sm90(BWD90_KERNEL_PARAMS) {
         wgmma_commit();
         issue_abt<HEAD_DIM_V, BLOCK_N, BLOCK_M, V_SW>(dp, sVw, sdOs);
         wgmma_commit();
-        wgmma_wait<1>();  // P^T while dP^T runs
-        fence_regs(s);
-        probabilities_t<QT>(s, vis, vis.tile_full(m0, BLOCK_M, n0 + cw * 64, 64), j, m0, t, sm.sLse + st * BLOCK_M,
-                            scale_log2);
-        wgmma_wait<0>();
-        fence_regs(dp);
         u32 pt[QT * 2], dst[QT * 2];
-        gradients_t<QT>(s, dp, sm.sD + st * BLOCK_M, t, z, pt, dst);
+        gradients_of_step<QT>(s, dp, vis.tile_full(m0, BLOCK_M, n0 + cw * 64, 64), vis, j, m0, t,
+                              sm.sLse + st * BLOCK_M, sm.sD + st * BLOCK_M, scale_log2, z, pt, dst);
         fence_regs(pt);
         fence_regs(dst);
         // dS^T of both warpgroups into shared memory for the dQ product (the buffer of two steps ago, which

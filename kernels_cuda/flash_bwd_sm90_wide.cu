@@ -119,14 +119,9 @@ flash_bwd_sm90_wide(BWD90_KERNEL_PARAMS) {
         wgmma_commit();
         issue_abt<HEAD_DIM_V, BLOCK_N, BLOCK_M, V_SW, 32>(dp, sm.sV, sdOs + 32 * cw * V_SW);
         wgmma_commit();
-        wgmma_wait<1>();  // P^T while dP^T runs
-        fence_regs(s);
-        probabilities_t<QT>(s, vis, vis.tile_full(c0, 32, n0, BLOCK_N), j, c0, t, sm.sLse + st * BLOCK_M + 32 * cw,
-                            scale_log2);
-        wgmma_wait<0>();
-        fence_regs(dp);
         u32 pt[QT * 2], dst[QT * 2];
-        gradients_t<QT>(s, dp, sm.sD + st * BLOCK_M + 32 * cw, t, z, pt, dst);
+        gradients_of_step<QT>(s, dp, vis.tile_full(c0, 32, n0, BLOCK_N), vis, j, c0, t,
+                              sm.sLse + st * BLOCK_M + 32 * cw, sm.sD + st * BLOCK_M + 32 * cw, scale_log2, z, pt, dst);
         // both halves of P^T and dS^T into shared memory (the buffers of two steps ago, which both warpgroups
         // finished reading before they met at the last step's barrier)
         unsigned char* sPts = sPt + (it % 2) * SPDS_BYTES;
