@@ -124,6 +124,7 @@ __device__ __forceinline__ void gradients_of_step(float (&s)[QT * 4], float (&dp
 // dQ rows that see no key add zeros (their dS is 0, but K may hold inf, and 0 * inf is NaN).
 template <int N>
 __device__ __forceinline__ void zero_unseen_rows(float (&acc)[N / 2], int row, int lo, int hi) {
+    if (!__any_sync(0xffffffffu, row < lo || row + 8 >= hi)) return;  // the common case: a vote, not N / 2 selects
 #pragma unroll
     for (int r = 0; r < 2; ++r)
         if (row + 8 * r < lo || row + 8 * r >= hi)
