@@ -144,11 +144,11 @@ __device__ __forceinline__ void wait_for_count(const int* count, int before) {
 // B_ROWS rows, all of them by default), both K-major in the SW-byte swizzle (issued, not waited for).
 template <int D, int A_ROWS, int B_ROWS, int SW, int N = B_ROWS>
 __device__ __forceinline__ void issue_abt(float (&acc)[N / 2], const unsigned char* sA, const unsigned char* sB) {
+    const unsigned long long da = sw_desc<SW>(sA, 16), db = sw_desc<SW>(sB, 16);
 #pragma unroll
     for (int kk = 0; kk < D / 16; ++kk) {
         const int chunk = kk / (SW / 32), inner = (kk % (SW / 32)) * 32;
-        wgmma_ss(acc, sw_desc<SW>(sA + chunk * A_ROWS * SW + inner, 16),
-                 sw_desc<SW>(sB + chunk * B_ROWS * SW + inner, 16), kk > 0);
+        wgmma_ss(acc, desc_plus(da, chunk * A_ROWS * SW + inner), desc_plus(db, chunk * B_ROWS * SW + inner), kk > 0);
     }
 }
 
@@ -156,10 +156,11 @@ __device__ __forceinline__ void issue_abt(float (&acc)[N / 2], const unsigned ch
 // swizzle) read transposed from shared memory (issued, not waited for).
 template <int D, int K_ROWS, int SW>
 __device__ __forceinline__ void issue_xtb(float (&acc)[D / 2], const u32 (&x)[K_ROWS / 4], const unsigned char* sB) {
+    const unsigned long long db = sw_desc<SW>(sB, K_ROWS * SW);
 #pragma unroll
     for (int kk = 0; kk < K_ROWS / 16; ++kk) {
         const u32 a[4] = {x[4 * kk], x[4 * kk + 1], x[4 * kk + 2], x[4 * kk + 3]};
-        wgmma_rs(acc, a, sw_desc<SW>(sB + kk * 16 * SW, K_ROWS * SW));
+        wgmma_rs(acc, a, desc_plus(db, kk * 16 * SW));
     }
 }
 
@@ -198,10 +199,10 @@ __device__ __forceinline__ void store_ds_t(unsigned char* sdS, int keys, const u
 // swizzle) from the one `sK` points at (issued, not waited for).
 template <int KEYS, int SW, int N>
 __device__ __forceinline__ void issue_ds_k(float (&acc)[N / 2], const unsigned char* sdS, const unsigned char* sK) {
+    const unsigned long long da = sw_desc<128>(sdS, KEYS * 128), db = sw_desc<SW>(sK, KEYS * SW);
 #pragma unroll
     for (int kk = 0; kk < KEYS / 16; ++kk)
-        wgmma_ss<1, 1>(acc, sw_desc<128>(sdS + kk * 16 * 128, KEYS * 128), sw_desc<SW>(sK + kk * 16 * SW, KEYS * SW),
-                       kk > 0);
+        wgmma_ss<1, 1>(acc, desc_plus(da, kk * 16 * 128), desc_plus(db, kk * 16 * SW), kk > 0);
 }
 
 // The (query head, query block) of step `it` of a CTA: the heads of its GQA group in turn, each over the

@@ -55,9 +55,9 @@ static_assert(BLOCK_M == 64, "BWD90_BLOCK_M: 64 queries per step");
 template <int N, int SW>
 __device__ __forceinline__ void issue_pds_b(float (&acc)[N / 2], const unsigned char* sX, const unsigned char* sB) {
     using wide90::BLOCK_M;
+    const unsigned long long dx = sw_desc<128>(sX, 16), db = sw_desc<SW>(sB, BLOCK_M * SW);
 #pragma unroll
-    for (int kk = 0; kk < BLOCK_M / 16; ++kk)
-        wgmma_ss<0, 1>(acc, sw_desc<128>(sX + kk * 32, 16), sw_desc<SW>(sB + kk * 16 * SW, BLOCK_M * SW), 1);
+    for (int kk = 0; kk < BLOCK_M / 16; ++kk) wgmma_ss<0, 1>(acc, desc_plus(dx, kk * 32), desc_plus(db, kk * 16 * SW), 1);
 }
 
 extern "C" __global__ void __launch_bounds__(wide90::NTHREADS, 1)
@@ -69,7 +69,7 @@ flash_bwd_sm90_wide(BWD90_KERNEL_PARAMS) {
     unsigned char* sdSt = sPt + 2 * SPDS_BYTES;
     unsigned long long *kv_full = sm.bars, *q_full = sm.bars + 2, *q_empty = q_full + STAGES;
 
-    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, wg = warp / 4;
+    const int warp = warp_index(), lane = threadIdx.x % 32, wg = warp / 4;
     const Slice slice = Slice::per_kv_head(Hq, group, cu_q, cu_k, L, S, left, right, lower_right);
     // deterministic mode: a counter per accumulator block after the accumulator (sem_offset < 0: unordered)
     int* sem = sem_offset >= 0 ? reinterpret_cast<int*>(dq_accum + sem_offset) : nullptr;

@@ -63,22 +63,22 @@ static_assert(BLOCK_N % 16 == 0 && BLOCK_N >= 16 && BLOCK_N <= 256, "FWD90_BLOCK
 
 // S = Q K^T for one warpgroup's 64 rows and one key block (issued, not waited for).
 __device__ __forceinline__ void issue_qk(float (&s)[NT * 4], const unsigned char* sQwg, const unsigned char* sKn) {
+    const unsigned long long da = sw_desc<QK_SW>(sQwg, 16), db = sw_desc<QK_SW>(sKn, 16);
 #pragma unroll
     for (int kk = 0; kk < HEAD_DIM / 16; ++kk) {
         constexpr int K16_PER_CHUNK = QK_SW / 32;
         const int chunk = kk / K16_PER_CHUNK, inner = (kk % K16_PER_CHUNK) * 32;
-        const unsigned long long da = sw_desc<QK_SW>(sQwg + chunk * BLOCK_M * QK_SW + inner, 16);
-        const unsigned long long db = sw_desc<QK_SW>(sKn + chunk * BLOCK_N * QK_SW + inner, 16);
-        wgmma_ss(s, da, db, kk > 0);
+        wgmma_ss(s, desc_plus(da, chunk * BLOCK_M * QK_SW + inner), desc_plus(db, chunk * BLOCK_N * QK_SW + inner), kk > 0);
     }
 }
 
 // acc += P V for one key block, P from registers (issued, not waited for).
 __device__ __forceinline__ void issue_pv(float (&acc)[VT * 4], const u32 (&p)[NT * 2], const unsigned char* sVn) {
+    const unsigned long long db = sw_desc<V_SW>(sVn, BLOCK_N * V_SW);
 #pragma unroll
     for (int kk = 0; kk < BLOCK_N / 16; ++kk) {
         const u32 a[4] = {p[4 * kk], p[4 * kk + 1], p[4 * kk + 2], p[4 * kk + 3]};
-        wgmma_rs(acc, a, sw_desc<V_SW>(sVn + kk * 16 * V_SW, BLOCK_N * V_SW));
+        wgmma_rs(acc, a, desc_plus(db, kk * 16 * V_SW));
     }
 }
 
@@ -222,7 +222,7 @@ flash_fwd_sm90(const __grid_constant__ TmaMap tm_q, const __grid_constant__ TmaM
     unsigned long long* v_empty = v_full + STAGES;
     unsigned long long* v_staged = v_empty + STAGES;  // the producer's own: a V block it must zero rows of
 
-    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, wg = warp / 4;
+    const int warp = warp_index(), lane = threadIdx.x % 32, wg = warp / 4;
     const int num_tiles = BH * num_m;
     if (threadIdx.x == 0) {
         mbar_init(q_full, 1);

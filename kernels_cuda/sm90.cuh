@@ -67,6 +67,10 @@ __device__ __forceinline__ void tma_prefetch(const TmaMap& map) {
     asm volatile("prefetch.tensormap [%0];\n" ::"l"(reinterpret_cast<unsigned long long>(&map)) : "memory");
 }
 
+// The calling warp's index, as a value the compiler knows to be the same in every lane (a shuffle from lane
+// 0): what derives from it (a warpgroup's tile addresses, its wgmma descriptors) stays in uniform registers.
+__device__ __forceinline__ int warp_index() { return __shfl_sync(0xffffffffu, static_cast<int>(threadIdx.x / 32), 0); }
+
 // ---- registers and named barriers ---------------------------------------------------------------------
 
 template <int N>
@@ -90,6 +94,14 @@ __device__ __forceinline__ unsigned long long sw_desc(const void* p, unsigned lb
     const unsigned long long addr = smem_u32(p);
     return ((addr & 0x3FFFF) >> 4) | (static_cast<unsigned long long>(lbo >> 4) << 16) |
            (static_cast<unsigned long long>(8 * SW >> 4) << 32) | ((SW == 128 ? 1ull : 2ull) << 62);
+}
+
+// The descriptor of the same tile's operand `bytes` further on (a compile-time step through it): the start
+// address is the low 14 bits in 16-byte units, and shared memory below 256 KB never carries out of them,
+// so one 32-bit add replaces encoding each address again (at E = 64 the encodings were a fifth of the
+// backward's instructions).
+__device__ __forceinline__ unsigned long long desc_plus(unsigned long long d, u32 bytes) {
+    return (d & 0xFFFFFFFF00000000ull) | (static_cast<u32>(d) + (bytes >> 4));
 }
 
 __device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
