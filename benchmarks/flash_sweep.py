@@ -1,7 +1,7 @@
 """Time FLASH tile configurations against each other (and PyTorch's FLASH backend) on a few grid points.
 
     python benchmarks/flash_sweep.py [--lengths 4096] [--head-dims 64 128] [--tokens 16384] [--hidden 2048]
-                                     [--forward-only] [--default-only] [--variants '' fwd90_stages=3 ...]
+                                     [--forward-only | --backward-only] [--default-only] [--variants '' fwd90_stages=3 ...]
 
 Used to choose FlashConfig.for_head_dims and for_problem (each point starts from the latter's tiles);
 prints one line per (point, direction, config), best first ("bwd det": deterministic=True), with its
@@ -65,11 +65,13 @@ def main():
     ap.add_argument("--head-dims", type=int, nargs="+", default=[64, 128])
     ap.add_argument("--causal", choices=("both", "yes", "no"), default="both")
     ap.add_argument("--forward-only", action="store_true")
+    ap.add_argument("--backward-only", action="store_true", help="time the backward alone (its forward still runs once)")
     ap.add_argument("--dtype", choices=("bfloat16", "float16"), default="bfloat16")
     ap.add_argument("--default-only", action="store_true", help="time only the tiles FlashConfig.for_problem picks")
     ap.add_argument("--variants", nargs="+", metavar="KNOB=VALUE,...",
-                    help="forward variants instead of the built-in list, each a comma-separated list of FlashConfig "
-                         "changes to the point's default ('' is the default itself), e.g. '' fwd90_stages=3")
+                    help="variants instead of the built-in lists (forward and backward alike), each a comma-separated "
+                         "list of FlashConfig changes to the point's default ('' is the default itself), e.g. '' "
+                         "fwd90_stages=3")
     ap.add_argument("--tokens", type=int, default=16384, help="B * L")
     ap.add_argument("--hidden", type=int, default=2048, help="H * E")
     ap.add_argument("--kv-heads", type=int, help="key/value heads (grouped-query attention); default H")
@@ -111,6 +113,8 @@ def main():
                         ("bwd det", [{}], lambda: flash.IMPL.backward(pr, out, lse, cdo, True), t_bwd, t_cudnn_bwd, 2.5)]
                 if args.forward_only:
                     runs = runs[:1]
+                elif args.backward_only:
+                    runs = runs[1:]
                 for kind, variants, fn, t_torch, t_cud, mult in runs:
                     if args.default_only or kind == "bwd det":  # deterministic: the default tiles only
                         variants = [{}]
