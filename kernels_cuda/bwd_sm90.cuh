@@ -373,6 +373,26 @@ __device__ __forceinline__ void produce(const Bwd90Smem& sm, const Slice& slice,
         cta.order.at(it, h, mb);
         const int m0 = mb * BLOCK_M;
         mbar_wait(q_empty + st, phase ^ 1);
+        // Q and dO rows that see no key (and, packed, the next sequence's rows) are zeroed.
+        const int q_end = slice.packed ? m0 + BLOCK_M : min(m0 + BLOCK_M, slice.L);
+        const bool dirty = m0 < qi_lo || q_end > qi_hi;
+        unsigned char* sQs = sm.sQ + st * BLOCK_M * HEAD_DIM * 2;
+        unsigned char* sdOs = sm.sdO + st * BLOCK_M * HEAD_DIM_V * 2;
+        const int qrow = slice.start_q + m0;
+        // The tiles first, then lse and D (plain loads, whose latency the copies now hide), then the
+        // arrival that completes the stage with them; a dirty stage's copies complete on `staged` instead.
+        if (lane == 0) {
+            constexpr u32 bytes = BLOCK_M * (HEAD_DIM + HEAD_DIM_V) * 2;
+            if (dirty) mbar_expect_tx(staged, bytes);
+            else mbar_expect_tx_only(q_full + st, bytes);
+            unsigned long long* bar = dirty ? staged : q_full + st;
+#pragma unroll
+            for (int c = 0; c < HEAD_DIM / (QK_SW / 2); ++c)
+                tma_load(sQs + c * BLOCK_M * QK_SW, tm_q, bar, QK_SW / 2 * c, qrow, h * q_hm, slice.b * q_bm);
+#pragma unroll
+            for (int c = 0; c < HEAD_DIM_V / (V_SW / 2); ++c)
+                tma_load(sdOs + c * BLOCK_M * V_SW, tm_do, bar, V_SW / 2 * c, qrow, h * do_hm, slice.b * do_bm);
+        }
         const long long lo = slice.stats_offset(lse_sb, lse_sh, h);
         for (int r = lane; r < BLOCK_M; r += 32) {
             const int row = m0 + r;
@@ -381,23 +401,10 @@ __device__ __forceinline__ void produce(const Bwd90Smem& sm, const Slice& slice,
             sm.sD[st * BLOCK_M + r] = in ? delta[lo + row] : 0.f;
         }
         __syncwarp();
-        // Q and dO rows that see no key (and, packed, the next sequence's rows) are zeroed.
-        const int q_end = slice.packed ? m0 + BLOCK_M : min(m0 + BLOCK_M, slice.L);
-        const bool dirty = m0 < qi_lo || q_end > qi_hi;
-        unsigned long long* bar = dirty ? staged : q_full + st;
-        unsigned char* sQs = sm.sQ + st * BLOCK_M * HEAD_DIM * 2;
-        unsigned char* sdOs = sm.sdO + st * BLOCK_M * HEAD_DIM_V * 2;
-        const int qrow = slice.start_q + m0;
-        if (lane == 0) {
-            mbar_expect_tx(bar, BLOCK_M * (HEAD_DIM + HEAD_DIM_V) * 2);
-#pragma unroll
-            for (int c = 0; c < HEAD_DIM / (QK_SW / 2); ++c)
-                tma_load(sQs + c * BLOCK_M * QK_SW, tm_q, bar, QK_SW / 2 * c, qrow, h * q_hm, slice.b * q_bm);
-#pragma unroll
-            for (int c = 0; c < HEAD_DIM_V / (V_SW / 2); ++c)
-                tma_load(sdOs + c * BLOCK_M * V_SW, tm_do, bar, V_SW / 2 * c, qrow, h * do_hm, slice.b * do_bm);
+        if (!dirty) {
+            if (lane == 0) mbar_arrive(q_full + st);
+            continue;
         }
-        if (!dirty) continue;
         mbar_wait(staged, staged_phase);
         staged_phase ^= 1;
         const int lo_rows = max(0, min(qi_lo - m0, BLOCK_M)), hi_row = max(lo_rows, min(qi_hi - m0, BLOCK_M));
