@@ -169,6 +169,9 @@ FEATURES = {
                    causal="lower_right"),
     "varlen_window_dropout": Case(dtype="float16", E=128, varlen=((130, 130), (47, 200)), window=(20, 5),
                                   dropout_p=0.2),
+    # Hopper's backward above E = 128 (flash_bwd_sm90_wide.cu) with a GQA group, packed sequences and a window
+    "wide_gqa_varlen_window": Case(hq=4, hkv=2, E=192, Ev=128, varlen=((130, 150), (65, 0), (200, 64)),
+                                   window=(40, 10)),
     "empty_queries": Case(L=0, S=40, E=64),
     "empty_keys": Case(L=40, S=0, E=64),
 }
