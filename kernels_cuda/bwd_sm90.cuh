@@ -140,6 +140,13 @@ __device__ __forceinline__ void wait_for_count(const int* count, int before) {
     } while (seen != before);
 }
 
+// Deterministic mode: this thread's global writes so far ordered (at GPU scope) before whatever it or, after a
+// barrier, its CTA does next; then one thread moves the count on with release semantics.
+__device__ __forceinline__ void fence_acq_rel_gpu() { asm volatile("fence.acq_rel.gpu;\n" ::: "memory"); }
+__device__ __forceinline__ void release_count(int* count) {
+    asm volatile("red.release.gpu.global.add.s32 [%0], 1;\n" ::"l"(count) : "memory");
+}
+
 // acc += A B^T over D columns: 64 rows of A (from a tile of A_ROWS rows) against N rows of B (from a tile of
 // B_ROWS rows, all of them by default), both K-major in the SW-byte swizzle (issued, not waited for).
 template <int D, int A_ROWS, int B_ROWS, int SW, int N = B_ROWS>
@@ -237,15 +244,15 @@ __device__ __forceinline__ int blocks_before(const Visibility<int>& vis, int n, 
     const __grid_constant__ TmaMap tm_q, const __grid_constant__ TmaMap tm_k, const __grid_constant__ TmaMap tm_v,    \
         const __grid_constant__ TmaMap tm_do, const float *__restrict__ lse, const float *__restrict__ delta,        \
         elem_t *__restrict__ dk, elem_t *__restrict__ dv, float *__restrict__ dq_accum, long long sem_offset,        \
-        int rotate, const int *__restrict__ cu_q, const int *__restrict__ cu_k, int L, int S, int Hq, int group,     \
+        int rotate, int descending, const int *__restrict__ cu_q, const int *__restrict__ cu_k, int L, int S, int Hq, int group,     \
         int q_hm, int q_bm, int k_hm, int k_bm, int v_hm, int v_bm, int do_hm, int do_bm, long long dk_sb,           \
         long long dk_sh, long long dk_sm, long long dv_sb, long long dv_sh, long long dv_sm, long long acc_sb,       \
         long long acc_sh, long long lse_sb, long long lse_sh, float scale, float scale_log2, int left, int right,    \
         int lower_right, unsigned int seed_lo, unsigned int seed_hi, unsigned int offset, unsigned int threshold,    \
         float rp_dropout
 
-// A Hopper backward CTA's place: its key block n of its (batch, kv head) slice (in deterministic mode the
-// blocks go in descending order: blockIdx.x = 0 takes the last), the rows and keys that matter, and the
+// A Hopper backward CTA's place: its key block n of its (batch, kv head) slice (`descending`: blockIdx.x = 0
+// takes the last), the rows and keys that matter, and the
 // order of its steps (rotated where every query sees every key and the key blocks are no more than the
 // query blocks, if `rotate`).
 struct Bwd90Cta {

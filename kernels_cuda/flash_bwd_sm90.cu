@@ -23,13 +23,16 @@
 //
 // The order of the reductions varies run to run, and with it dQ's last bits; the deterministic mode
 // orders them with a semaphore per accumulator block that counts the key blocks that have added theirs.
-// Its CTAs take the key blocks in descending order (blockIdx.x = 0 is the last block): under a causal or
-// window band a higher key block reaches a query block in fewer steps, so the order "highest key block
-// first" is the order they arrive in and nobody waits long. Where every query sees every key (and the
-// key blocks, all co-resident, are no more than the query blocks), key block n starts its query loop at
-// block n (rotated), so at any step the key blocks add into different query blocks, in arrival order
-// again (the default mode rotates too, FlashConfig.bwd90_rotate). A waited-for CTA is always one launched
-// earlier (banded) or co-resident (rotated): no deadlock.
+// Under a causal or window band a higher key block reaches a query block in fewer steps, so the order
+// "highest key block first" is the order they arrive in and nobody waits long. Where every query sees
+// every key (and the key blocks, all co-resident, are no more than the query blocks), key block n starts
+// its query loop at block n (rotated), so at any step the key blocks add into different query blocks, in
+// arrival order again (the default mode rotates too, FlashConfig.bwd90_rotate). A waited-for CTA is
+// co-resident, or launched earlier: where a slice's key blocks fit on the device at once they launch as
+// in the default mode (blockIdx.x = key block, the heaviest under a causal band first, less of a tail),
+// else in descending order (`descending`: blockIdx.x = 0 is the last block). No deadlock either way.
+// The writer moves a block's count on once the block's reduction completed, which it checks when it
+// comes to its next block (the buffer goes back to the consumers as soon as it was read).
 //
 // The producer warp loads K and V once and Q, dO (TMA) with lse and D (plain loads) into STAGES buffers.
 //
@@ -116,6 +119,14 @@ __device__ __forceinline__ void bulk_wait() {
         asm volatile("cp.async.bulk.wait_group 0;\n" ::: "memory");
 }
 
+// Deterministic mode: the writer's bulk reductions completed and made visible (async proxy, then release)
+// before the count of their block moves on.
+__device__ __forceinline__ void release_reduced(int* count) {
+    bulk_wait<false>();
+    asm volatile("fence.proxy.async.global;\n" ::: "memory");
+    release_count(count);
+}
+
 // The end of a consumer step, after dV += P^T dO was issued and both warpgroups' dS^T reached shared
 // memory: dQ_step for this warpgroup's 64 x N piece (N = 0: none; rows from sdS_rows of dS^T, columns
 // from sK_cols of K), then dK += dS^T Q, which runs while the piece goes to the writer warp (FlashAttention-3's
@@ -169,7 +180,7 @@ flash_bwd_sm90(BWD90_KERNEL_PARAMS) {
     // deterministic mode: a counter per accumulator block after the accumulator (sem_offset < 0: unordered)
     int* sem = sem_offset >= 0 ? reinterpret_cast<int*>(dq_accum + sem_offset) : nullptr;
     Bwd90Cta cta;
-    if (!cta.start<BLOCK_N, BLOCK_M, STAGES>(slice, group, sem != nullptr, rotate, sm.bars, CONSUMER_WARPS)) return;
+    if (!cta.start<BLOCK_N, BLOCK_M, STAGES>(slice, group, descending, rotate, sm.bars, CONSUMER_WARPS)) return;
     const Visibility<int>& vis = slice.vis;
     const int n = cta.n, n0 = cta.n0, steps = cta.steps;
     const StepOrder& order = cta.order;
@@ -180,13 +191,17 @@ flash_bwd_sm90(BWD90_KERNEL_PARAMS) {
             constexpr int PIECES = DQ_N1 > 0 ? 2 : 1;
             for (int buf = 0; buf < min(2, steps); ++buf)
                 for (int w = 0; w < PIECES; ++w) named_arrive<DQ_SYNC>(BAR_DQ_EMPTY + 2 * buf + w);
+            // Deterministic mode: a block's count moves on once its reduction completed, which the writer
+            // checks when it comes to the next block; meanwhile the buffer, read, goes back to the consumers.
+            long long pending = -1;
             for (int it = 0; it < steps; ++it) {
                 const int buf = it % 2;
                 int h, mb;
                 order.at(it, h, mb);
                 const long long blk = slice.query_block(acc_sb, acc_sh, h, BLOCK_M, mb);
-                if (sem != nullptr && lane == 0) {  // after the key blocks before this one
-                    wait_for_count(sem + blk,
+                if (sem != nullptr && lane == 0) {
+                    if (pending >= 0) release_reduced(sem + pending);
+                    wait_for_count(sem + blk,  // after the key blocks before this one
                                    blocks_before<BLOCK_N, BLOCK_M>(vis, n, mb, cta.n_blocks, cta.m_blocks, cta.rotated));
                     asm volatile("fence.proxy.async.global;\n" ::: "memory");
                 }
@@ -198,20 +213,16 @@ flash_bwd_sm90(BWD90_KERNEL_PARAMS) {
                                         64 * (w == 0 ? DQ_N0 : DQ_N1) * 4);
                     __syncwarp();
                 }
-                if (lane == 0) {
-                    if (sem != nullptr) {  // the block's additions done before the next key block's
-                        bulk_wait<false>();
-                        asm volatile("fence.proxy.async.global;\n" ::: "memory");
-                        asm volatile("red.release.gpu.global.add.s32 [%0], 1;\n" ::"l"(sem + blk) : "memory");
-                    } else {
-                        bulk_wait<true>();
-                    }
-                }
+                if (lane == 0) bulk_wait<true>();
                 __syncwarp();
+                pending = blk;
                 if (it + 2 < steps)
                     for (int w = 0; w < PIECES; ++w) named_arrive<DQ_SYNC>(BAR_DQ_EMPTY + 2 * buf + w);
             }
-            if (lane == 0) bulk_wait<false>();
+            if (lane == 0) {
+                if (sem != nullptr && pending >= 0) release_reduced(sem + pending);
+                bulk_wait<false>();
+            }
             return;
         }
         if (warp != 0 || steps == 0) return;

@@ -16,8 +16,10 @@
 // Order within a step: P^T and dS^T stored, the warpgroups meet, dV and dQ_step issued, dK issued once dV is
 // done, dQ_step reduced while dK runs.
 //
-// Deterministic mode: as flash_bwd_sm90.cu (descending key blocks under a band, rotated start blocks when
-// every pair is visible), the consumers waiting on the block's semaphore before their reductions.
+// Deterministic mode: as flash_bwd_sm90.cu (the order key blocks arrive in: highest first under a band,
+// rotated start blocks when every pair is visible), the consumers waiting on the block's semaphore before
+// their reductions and moving its count on half a step later (at the next step's exchange barrier, when
+// the reductions are long done: a fence right after them waited for their round trip, 1.4x the time).
 //
 // Extra -D options: BWD90_BLOCK_M (64).
 #include "sm90.cuh"
@@ -74,7 +76,7 @@ flash_bwd_sm90_wide(BWD90_KERNEL_PARAMS) {
     // deterministic mode: a counter per accumulator block after the accumulator (sem_offset < 0: unordered)
     int* sem = sem_offset >= 0 ? reinterpret_cast<int*>(dq_accum + sem_offset) : nullptr;
     Bwd90Cta cta;
-    if (!cta.start<BLOCK_N, BLOCK_M, STAGES>(slice, group, sem != nullptr, rotate, sm.bars, CONSUMER_WARPS)) return;
+    if (!cta.start<BLOCK_N, BLOCK_M, STAGES>(slice, group, descending, rotate, sm.bars, CONSUMER_WARPS)) return;
     const Visibility<int>& vis = slice.vis;
     const int n0 = cta.n0, steps = cta.steps;
 
@@ -99,6 +101,7 @@ flash_bwd_sm90_wide(BWD90_KERNEL_PARAMS) {
     const unsigned char* sK_cols = sm.sK + cw * (E_W / (QK_SW / 2)) * BLOCK_N * QK_SW;  // this warpgroup's columns
     if (steps > 0) mbar_wait_warp(kv_full, 0);
     const int q_first = cta.qi_lo, q_end = min(cta.qi_hi, slice.L);  // rows that see a key
+    long long pending = -1;  // deterministic mode: the accumulator block whose count this CTA has yet to move on
 
     for (int it = 0; it < steps; ++it) {
         const int st = it % STAGES;
@@ -129,7 +132,11 @@ flash_bwd_sm90_wide(BWD90_KERNEL_PARAMS) {
         store_ds_t<QT>(sPts, BLOCK_N, pt, (warp % 4) * 16, lane, QT * cw);
         store_ds_t<QT>(sdSts, BLOCK_N, dst, (warp % 4) * 16, lane, QT * cw);
         fence_proxy_async();
+        // Deterministic mode: the last step's reductions, long done by now, made visible before the count of
+        // their block moves on (released here, half a step late, rather than waited for right after them)
+        if (sem != nullptr && pending >= 0) fence_acq_rel_gpu();
         named_sync<CONSUMER_WARPS * 32>(BAR_PDS);
+        if (sem != nullptr && pending >= 0 && threadIdx.x == 128) release_count(sem + pending);
         float dq[E_W / 2];
         fence_regs(dq);
         wgmma_fence();
@@ -159,14 +166,15 @@ flash_bwd_sm90_wide(BWD90_KERNEL_PARAMS) {
             asm volatile("red.global.add.v4.f32 [%0], {%1, %2, %3, %4};\n" ::"l"(piece + 4 * (k * 128 + x)),
                          "f"(dq[4 * k]), "f"(dq[4 * k + 1]), "f"(dq[4 * k + 2]), "f"(dq[4 * k + 3])
                          : "memory");
-        if (sem != nullptr) {  // every thread's reductions visible before the count moves on
-            __threadfence();
-            named_sync<CONSUMER_WARPS * 32>(BAR_DET);
-            if (threadIdx.x == 128) asm volatile("red.release.gpu.global.add.s32 [%0], 1;\n" ::"l"(sem + blk) : "memory");
-        }
+        pending = blk;
         wgmma_wait<0>();  // dK done: the Q and dO stage is free
         fence_regs(dk_acc);
         if (lane == 0) mbar_arrive(q_empty + st);
+    }
+    if (sem != nullptr && pending >= 0) {  // the last step's count
+        fence_acq_rel_gpu();
+        named_sync<CONSUMER_WARPS * 32>(BAR_DET);
+        if (threadIdx.x == 128) release_count(sem + pending);
     }
 
     const int row0 = n0 + (warp % 4) * 16;

@@ -284,9 +284,10 @@ def _sm90_backward_launch(pr, lay, strides, cfg, opts, tail, accum, deterministi
     the accumulator ``accum``: its slot, semaphore offset and block strides, with TMA maps of q, k, v and do
     (do's encoded at q's address, rewritten per call) in the column chunks of the kernel's swizzles (the
     wide kernel's chunks divide each warpgroup's half of a head dim). Key blocks start their query loops
-    rotated where every query sees every key (the kernel checks that) and ``cfg.bwd90_rotate``; in
-    deterministic mode only while all key blocks of a slice fit on the device at once, since they wait on
-    each other."""
+    rotated where every query sees every key (the kernel checks that) and ``cfg.bwd90_rotate``. In
+    deterministic mode key blocks wait on each other: rotated only while all key blocks of a slice fit on
+    the device at once, and launched in the order they add in (descending) unless they fit, when the
+    heaviest go first as in the default mode (less of a tail; whom they wait for runs beside them)."""
     dev = device(pr)
     wide = sm90_backward_is_wide(pr.E, pr.Ev)
     block_n = 64 if wide else 128
@@ -307,9 +308,11 @@ def _sm90_backward_launch(pr, lay, strides, cfg, opts, tail, accum, deterministi
         maps.append((MapSlot(name, tensor_map), np.int32(hm), np.int32(bm)))
     multipliers = tuple(x for _, hm, bm in maps for x in (hm, bm))
     key_blocks = -(-pr.S // block_n)
-    rotate = cfg.bwd90_rotate and (not deterministic or key_blocks <= sources.multiprocessors(dev))
+    co_resident = key_blocks <= sources.multiprocessors(dev)
+    rotate = cfg.bwd90_rotate and (not deterministic or co_resident)
+    descending = deterministic and not co_resident
     args = (*(m for m, _, _ in maps), Slot("lse"), Slot("delta"), Slot("dk"), Slot("dv"), *accum[:2],
-            np.int32(rotate), *_common(pr, lay), *multipliers, *strides["dk"], *strides["dv"], *accum[2:],
+            np.int32(rotate), np.int32(descending), *_common(pr, lay), *multipliers, *strides["dk"], *strides["dv"], *accum[2:],
             *_lse_strides(pr), *tail)
     return Launch(fn, (key_blocks, lay.B * pr.hkv), (384,), smem, args)
 
