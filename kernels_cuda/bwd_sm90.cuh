@@ -57,7 +57,9 @@ __device__ __forceinline__ DropScale drop_scale(u32 seed_lo, u32 seed_hi, u32 of
 }
 
 // P^T in place of a thread's S^T elements (key j + 8 r, query c0 + nt * 8 + 2 t + c at [nt * 4 + 2 r + c]):
-// exp2(S^T scale log2 e - lse log2 e) as one fmaf (rounded once), sLse holding lse log2 e from column c0.
+// exp2(S^T scale log2 e - lse log2 e), sLse holding lse log2 e from column c0, the product rounded before
+// the subtraction as the forward rounded the row max: one fmaf would give the max element of a row with
+// huge scores exp2 of the product's rounding error (inf at |lse| ~ 1e12) instead of 1.
 // MASKED (a tile not every pair of which is visible): an unseen pair gets -0, so that dS^T is selected out
 // there too (gradients_t) rather than computed as P^T times dP^T - D, since dP^T may be inf where a key is
 // unseen (a seen P^T is never -0); the visibility rule as limits: key j + 8 r is seen by queries
@@ -76,7 +78,7 @@ __device__ __forceinline__ void probabilities_t(float (&s)[QT * 4], const Visibi
 #pragma unroll
     for (int x = 0; x < QT * 4; ++x) {
         const int off = x / 4 * 8 + x % 2, col = off + 2 * t;
-        const float p = exp2f(fmaf(s[x], scale_log2, -sLse[col]));
+        const float p = exp2f(__fmul_rn(s[x], scale_log2) - sLse[col]);
         s[x] = !MASKED || (off >= lo[x % 4 / 2] && off < hi[x % 4 / 2]) ? p : -0.f;
     }
 }
