@@ -28,9 +28,9 @@
 // every key (and the key blocks, all co-resident, are no more than the query blocks), key block n starts
 // its query loop at block n (rotated), so at any step the key blocks add into different query blocks, in
 // arrival order again (the default mode rotates too, FlashConfig.bwd90_rotate). A waited-for CTA is
-// co-resident, or launched earlier: where a slice's key blocks fit on the device at once they launch as
-// in the default mode (blockIdx.x = key block, the heaviest under a causal band first, less of a tail),
-// else in descending order (`descending`: blockIdx.x = 0 is the last block). No deadlock either way.
+// co-resident, or launched earlier: under a band, or where a slice's key blocks do not fit on the device
+// at once, they launch in descending order (`descending`: blockIdx.x = 0 is the last block), so a block
+// never starts after the blocks that add after it; else as in the default mode. No deadlock either way.
 // The writer moves a block's count on once the block's reduction completed, which it checks when it
 // comes to its next block (the buffer goes back to the consumers as soon as it was read).
 //
