@@ -142,9 +142,8 @@ __device__ __forceinline__ void wait_for_count(const int* count, int before) {
     } while (seen != before);
 }
 
-// Deterministic mode: this thread's global writes so far ordered (at GPU scope) before whatever it or, after a
-// barrier, its CTA does next; then one thread moves the count on with release semantics.
-__device__ __forceinline__ void fence_acq_rel_gpu() { asm volatile("fence.acq_rel.gpu;\n" ::: "memory"); }
+// Deterministic mode: move the count on with release semantics, after the global writes of this thread
+// and of the threads that passed a barrier with it before (a release is cumulative).
 __device__ __forceinline__ void release_count(int* count) {
     asm volatile("red.release.gpu.global.add.s32 [%0], 1;\n" ::"l"(count) : "memory");
 }
@@ -225,20 +224,22 @@ struct StepOrder {
     }
 };
 
-// Deterministic mode: how many key blocks add into query block mb before key block n does (the order
-// flash_bwd_sm90.cu describes). Banded: the key blocks above n that see mb. Rotated (every pair visible,
-// n_blocks <= m_blocks): key block n' reaches mb after (mb - n') mod m_blocks steps; those that reach it
-// before n does are n' in the cyclic range (mb - d, mb] of d = (mb - n) mod m_blocks.
+// Deterministic mode: how many key blocks of n's class (n' = n mod `copies`: those that add into the same
+// copy of the accumulator) add into query block mb before key block n does (the order flash_bwd_sm90.cu
+// describes). Banded: the key blocks above n that see mb. Rotated (every pair visible, n_blocks <=
+// m_blocks): key block n' reaches mb after (mb - n') mod m_blocks steps, so those that reach it before n
+// does are n' in (n, mb] where n <= mb, else [0, mb] and (n, n_blocks).
 template <int BLOCK_N, int BLOCK_M>
-__device__ __forceinline__ int blocks_before(const Visibility<int>& vis, int n, int mb, int n_blocks, int m_blocks,
-                                             bool rotated) {
+__device__ __forceinline__ int blocks_before(const Visibility<int>& vis, int n, int mb, int n_blocks, bool rotated,
+                                             int copies) {
     if (!rotated) {
         int j_first, j_end;
         vis.key_range(mb * BLOCK_M, min(mb * BLOCK_M + BLOCK_M, vis.L), j_first, j_end);
-        return (j_end - 1) / BLOCK_N - n;
+        return ((j_end - 1) / BLOCK_N - n) / copies;
     }
-    const int d = ((mb - n) % m_blocks + m_blocks) % m_blocks, lo = mb - d + 1, top = min(mb, n_blocks - 1);
-    return lo >= 0 ? max(0, top - lo + 1) : top + 1 + max(0, n_blocks - (m_blocks + lo));
+    const int top = min(mb, n_blocks - 1);
+    if (n <= mb) return (top - n) / copies;
+    return (top - n % copies + copies) / copies + (n_blocks - 1 - n) / copies;
 }
 
 // The parameters of both Hopper backward kernels, which the host passes alike.
@@ -248,8 +249,8 @@ __device__ __forceinline__ int blocks_before(const Visibility<int>& vis, int n, 
         elem_t *__restrict__ dk, elem_t *__restrict__ dv, float *__restrict__ dq_accum, long long sem_offset,        \
         int rotate, int descending, const int *__restrict__ cu_q, const int *__restrict__ cu_k, int L, int S, int Hq, int group,     \
         int q_hm, int q_bm, int k_hm, int k_bm, int v_hm, int v_bm, int do_hm, int do_bm, long long dk_sb,           \
-        long long dk_sh, long long dk_sm, long long dv_sb, long long dv_sh, long long dv_sm, long long acc_sb,       \
-        long long acc_sh, long long lse_sb, long long lse_sh, float scale, float scale_log2, int left, int right,    \
+        long long dk_sh, long long dk_sm, long long dv_sb, long long dv_sh, long long dv_sm, long long acc_copy,     \
+        long long acc_sb, long long acc_sh, long long lse_sb, long long lse_sh, float scale, float scale_log2, int left, int right,    \
         int lower_right, unsigned int seed_lo, unsigned int seed_hi, unsigned int offset, unsigned int threshold,    \
         float rp_dropout
 
@@ -444,15 +445,16 @@ __device__ __forceinline__ void store_rows(elem_t* base, long long pitch, const 
 
 // The body of flash_bwd_dq_convert: dQ = scale * the fp32 accumulator (blocks of BLOCK_M query rows, a
 // warpgroup's piece of 64 rows x DQ_N0 columns first, register k of thread x at float4 k * 128 + x, two
-// columns of two rows 8 apart each), in the input dtype and q's layout: one CTA of CONVERT_THREADS per
-// block (blockIdx.x, of (batch, head) blockIdx.y), rows >= L skipped.
+// columns of two rows 8 apart each; where acc_copy is not 0, copy 0 plus the copy acc_copy floats on, in
+// that order), in the input dtype and q's layout: one CTA of CONVERT_THREADS per block (blockIdx.x, of
+// (batch, head) blockIdx.y), rows >= L skipped.
 constexpr int CONVERT_THREADS = 256;
 
 template <int BLOCK_M, int DQ_N0>
 __device__ __forceinline__ void dq_convert(const float* __restrict__ dq_accum, elem_t* __restrict__ dq,
                                            const int* __restrict__ cu_q, const int* __restrict__ cu_k, int L, int S,
-                                           int Hq, long long acc_sb, long long acc_sh, long long dq_sb,
-                                           long long dq_sh, long long dq_sm, float scale, int left, int right,
+                                           int Hq, long long acc_copy, long long acc_sb, long long acc_sh,
+                                           long long dq_sb, long long dq_sh, long long dq_sm, float scale, int left, int right,
                                            int lower_right) {
     constexpr int DQ_BLOCK = BLOCK_M * HEAD_DIM, PIECE0 = 16 * DQ_N0;  // floats of a block, float4s of piece 0
     const Slice slice = Slice::per_query_head(Hq, 1, cu_q, cu_k, L, S, left, right, lower_right);
@@ -466,7 +468,11 @@ __device__ __forceinline__ void dq_convert(const float* __restrict__ dq_accum, e
         const int w = q4 < PIECE0 ? 0 : 1, x4 = q4 - w * PIECE0, k = x4 / 128, x = x4 % 128;  // piece, register, thread
         const int row = m0 + (BLOCK_M == 128 ? 64 * w : 0) + x / 32 * 16 + x % 32 / 4;
         const int col = (BLOCK_M == 128 ? 0 : w * DQ_N0) + 8 * k + 2 * (x % 4);
-        const float4 a = acc[q4];
+        float4 a = acc[q4];
+        if (acc_copy != 0) {
+            const float4 b = acc[acc_copy / 4 + q4];
+            a = make_float4(a.x + b.x, a.y + b.y, a.z + b.z, a.w + b.w);
+        }
         if (row < slice.L) *reinterpret_cast<u32*>(out + row * dq_sm + col) = pack2<IS_BF16>(a.x * scale, a.y * scale);
         if (row + 8 < slice.L)
             *reinterpret_cast<u32*>(out + (row + 8) * dq_sm + col) = pack2<IS_BF16>(a.z * scale, a.w * scale);

@@ -1,6 +1,6 @@
 // FLASH backward (FlashAttention-2 recomputation), in three deterministic kernels without atomics:
 //   flash_bwd_preprocess  D_i = rowsum(dO_i * O_i) (0 for rows that see no key); zeroes the blocked fp32
-//                         dQ accumulator of the Hopper backward (and its semaphores) when given one
+//                         dQ accumulator of the Hopper backward (its copies, its semaphores) when given one
 //   flash_bwd_dkdv        one CTA per block of keys of one kv head: loops over the query heads of its GQA
 //                         group and their query blocks, so dK/dV are summed in registers in a fixed order
 //   flash_bwd_dq          one CTA per block of queries: loops over key blocks, like the forward
@@ -26,8 +26,8 @@ extern "C" __global__ void __launch_bounds__(PRE_WARPS * 32)
 flash_bwd_preprocess(const elem_t* __restrict__ o, const elem_t* __restrict__ dout, float* __restrict__ delta,
                      float* __restrict__ dq_accum, long long sem_offset, const int* __restrict__ cu_q,
                      const int* __restrict__ cu_k, int L, int S, int Hq, long long o_sb, long long o_sh,
-                     long long o_sm, long long do_sb, long long do_sh, long long do_sm, long long acc_sb,
-                     long long acc_sh, long long lse_sb, long long lse_sh, int left, int right, int lower_right,
+                     long long o_sm, long long do_sb, long long do_sh, long long do_sm, long long acc_copy,
+                     long long acc_sb, long long acc_sh, long long lse_sb, long long lse_sh, int left, int right, int lower_right,
                      int rows_per_cta) {
     const Slice slice = Slice::per_query_head(Hq, 1, cu_q, cu_k, L, S, left, right, lower_right);  // no kv head read
     int i_lo, i_hi;
@@ -55,16 +55,20 @@ flash_bwd_preprocess(const elem_t* __restrict__ o, const elem_t* __restrict__ do
         if (lane == 0) db[row] = sum;
     }
     if (dq_accum == nullptr || r0 >= slice.L) return;
-    // The Hopper backward's accumulator block of these rows, blocked as flash_bwd_sm90.cu lays it out: the
-    // CTAs of its BWD90_BLOCK_M / rows_per_cta row ranges zero one part each. A part whose rows all lie past
-    // L has no CTA and stays as it was: the backward adds zeros there and flash_bwd_dq_convert never reads it.
+    // The Hopper backward's accumulator block of these rows, blocked as flash_bwd_sm90.cu lays it out (in
+    // each copy where acc_copy is not 0: flash_bwd_sm90_wide.cu's deterministic mode): the CTAs of its
+    // BWD90_BLOCK_M / rows_per_cta row ranges zero one part each. A part whose rows all lie past L has no
+    // CTA and stays as it was: the backward adds zeros there and flash_bwd_dq_convert never reads it.
     constexpr int DQ_BLOCK = BWD90_BLOCK_M * HEAD_DIM;
     const long long blk = slice.query_block(acc_sb, acc_sh, slice.h, BWD90_BLOCK_M, r0 / BWD90_BLOCK_M);
-    const int part = DQ_BLOCK / (BWD90_BLOCK_M / rows_per_cta);
-    float4* acc = reinterpret_cast<float4*>(dq_accum + blk * DQ_BLOCK + (r0 % BWD90_BLOCK_M) / rows_per_cta * part);
-    for (int x = threadIdx.x; x < part / 4; x += PRE_WARPS * 32) acc[x] = make_float4(0.f, 0.f, 0.f, 0.f);
-    if (sem_offset >= 0 && r0 % BWD90_BLOCK_M == 0 && threadIdx.x == 0)  // the block's semaphore
-        reinterpret_cast<int*>(dq_accum + sem_offset)[blk] = 0;
+    const int part = DQ_BLOCK / (BWD90_BLOCK_M / rows_per_cta), copies = acc_copy != 0 ? 2 : 1;
+    for (int c = 0; c < copies; ++c) {
+        float4* acc = reinterpret_cast<float4*>(dq_accum + c * acc_copy + blk * DQ_BLOCK +
+                                                (r0 % BWD90_BLOCK_M) / rows_per_cta * part);
+        for (int x = threadIdx.x; x < part / 4; x += PRE_WARPS * 32) acc[x] = make_float4(0.f, 0.f, 0.f, 0.f);
+        if (sem_offset >= 0 && r0 % BWD90_BLOCK_M == 0 && threadIdx.x == 0)  // the block's semaphore
+            reinterpret_cast<int*>(dq_accum + sem_offset)[c * (acc_copy / DQ_BLOCK) + blk] = 0;
+    }
 }
 
 // Store a 16-row x (8 * TILES)-column fp32 fragment block, scaled, as elem pairs; rows >= row_limit and

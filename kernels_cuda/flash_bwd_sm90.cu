@@ -202,7 +202,7 @@ flash_bwd_sm90(BWD90_KERNEL_PARAMS) {
                 if (sem != nullptr && lane == 0) {
                     if (pending >= 0) release_reduced(sem + pending);
                     wait_for_count(sem + blk,  // after the key blocks before this one
-                                   blocks_before<BLOCK_N, BLOCK_M>(vis, n, mb, cta.n_blocks, cta.m_blocks, cta.rotated));
+                                   blocks_before<BLOCK_N, BLOCK_M>(vis, n, mb, cta.n_blocks, cta.rotated, 1));
                     asm volatile("fence.proxy.async.global;\n" ::: "memory");
                 }
                 __syncwarp();  // converged again before the .aligned barriers
@@ -307,9 +307,9 @@ flash_bwd_sm90(BWD90_KERNEL_PARAMS) {
 // dQ = scale * the accumulator flash_bwd_sm90 reduced into (zeroed by flash_bwd_preprocess), in q's layout.
 extern "C" __global__ void __launch_bounds__(CONVERT_THREADS)
 flash_bwd_dq_convert(const float* __restrict__ dq_accum, elem_t* __restrict__ dq, const int* __restrict__ cu_q,
-                     const int* __restrict__ cu_k, int L, int S, int Hq, long long acc_sb, long long acc_sh,
-                     long long dq_sb, long long dq_sh, long long dq_sm, float scale, int left, int right,
-                     int lower_right) {
-    dq_convert<dkdv90::BLOCK_M, dkdv90::DQ_N0>(dq_accum, dq, cu_q, cu_k, L, S, Hq, acc_sb, acc_sh, dq_sb, dq_sh, dq_sm,
-                                               scale, left, right, lower_right);
+                     const int* __restrict__ cu_k, int L, int S, int Hq, long long acc_copy, long long acc_sb,
+                     long long acc_sh, long long dq_sb, long long dq_sh, long long dq_sm, float scale, int left,
+                     int right, int lower_right) {
+    dq_convert<dkdv90::BLOCK_M, dkdv90::DQ_N0>(dq_accum, dq, cu_q, cu_k, L, S, Hq, acc_copy, acc_sb, acc_sh, dq_sb,
+                                               dq_sh, dq_sm, scale, left, right, lower_right);
 }

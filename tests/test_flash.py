@@ -214,14 +214,17 @@ def test_dropout_mask_is_bit_identical_to_the_reference(rng):
 
 
 # Hopper's backward at both steps (dropout too), its orders: banded (causal, a window; varlen) and rotated (every
-# pair visible, key blocks no more than query blocks) or not (more key blocks)
+# pair visible, key blocks no more than query blocks) or not (more key blocks); the wide kernel (E > 128)
+# adds even and odd key blocks into two copies of the accumulator
 BIT_IDENTICAL = {
     "dropout": dict(E=128, causal="upper_left", dropout_p=0.1), "causal": dict(E=128, causal="upper_left"),
     "causal_64": dict(E=64, causal="upper_left"), "window": dict(E=64, window=(70, 20)),
     "rotated": dict(E=128, L=300, S=500), "long_keys": dict(E=64, L=200, S=700),
     "varlen": dict(E=128, causal="lower_right", varlen=((300, 260), (70, 400), (0, 5), (129, 129))),
     "head_dim_96": dict(E=96, causal="upper_left"), "head_dims_32_128": dict(E=32, Ev=128, window=(50, 50)),
-    "head_dim_256": dict(E=256, causal="upper_left", dropout_p=0.1), "head_dims_192_128": dict(E=192, Ev=128)}
+    "head_dim_256": dict(E=256, causal="upper_left", dropout_p=0.1), "head_dims_192_128": dict(E=192, Ev=128),
+    "head_dim_256_rotated": dict(E=256, L=500, S=300),
+    "head_dim_192_varlen": dict(E=192, causal="lower_right", varlen=((300, 260), (70, 400), (0, 5), (129, 129)))}
 
 
 @pytest.mark.gpu

@@ -204,15 +204,23 @@ def _dq_blocks(pr, cfg) -> tuple[int, int, int]:
     return math.prod(pr.batch_shape) * pr.hq * per_head, pr.hq * per_head, per_head
 
 
+def _dq_copies(pr, deterministic: bool) -> int:
+    """Copies of the dQ accumulator: two for the wide Hopper kernel's deterministic mode, where even and odd
+    key blocks add in two orders of their own, so that the blocks adding into one copy one after another
+    are two steps apart rather than one, which covers a reduction's round trip (one copy: 0.72-0.84x the
+    default's speed at E = 192/256); flash_bwd_dq_convert adds them in a fixed order."""
+    return 2 if deterministic and sm90_backward_is_wide(pr.E, pr.Ev) else 1
+
+
 def dq_accum_elements(pr, deterministic: bool) -> int:
     """4-byte elements of the workspace (slot dq_accum) the backward of ``pr`` needs, 0 for none: on the
-    Hopper kernels the blocked fp32 dQ accumulator, and for a ``deterministic`` one a semaphore per block
-    after it."""
+    Hopper kernels the blocked fp32 dQ accumulator (``_dq_copies`` of it), and for a ``deterministic`` one
+    a semaphore per block of each copy after them."""
     cfg = config(pr)
     if not sm90_backward_applies(pr.E, pr.Ev, sources.compute_capability(device(pr)), cfg):
         return 0
     blocks = _dq_blocks(pr, cfg)[0]
-    return blocks * cfg.bwd90_block_m * pr.E + (blocks if deterministic else 0)
+    return _dq_copies(pr, deterministic) * (blocks * cfg.bwd90_block_m * pr.E + (blocks if deterministic else 0))
 
 
 def backward_launches(pr, lay, strides, deterministic: bool = False) -> list[Launch]:
@@ -224,9 +232,11 @@ def backward_launches(pr, lay, strides, deterministic: bool = False) -> list[Lau
     cfg, dev = config(pr), device(pr)
     hopper = sm90_backward_applies(pr.E, pr.Ev, sources.compute_capability(dev), cfg)
     blocks, acc_sb, acc_sh = _dq_blocks(pr, cfg) if hopper else (0, 0, 0)
-    # the accumulator, where its semaphores start (-1: none), its block strides
-    accum = (Slot("dq_accum") if hopper else 0, np.int64(blocks * cfg.bwd90_block_m * pr.E if deterministic else -1),
-             np.int64(acc_sb), np.int64(acc_sh))
+    # the accumulator, where its semaphores start (-1: none), where its second copy starts (0: none), its
+    # block strides
+    copies, size = _dq_copies(pr, deterministic), blocks * cfg.bwd90_block_m * pr.E
+    accum = (Slot("dq_accum") if hopper else 0, np.int64(copies * size if deterministic else -1),
+             np.int64(size if copies == 2 else 0), np.int64(acc_sb), np.int64(acc_sh))
     vis = _visibility(pr)
     drop = _dropout(pr)
     scale, scale_log2 = np.float32(pr.scale), np.float32(pr.scale * math.log2(math.e))
@@ -281,7 +291,7 @@ def _sm90_backward_source(pr) -> str:
 def _sm90_backward_launch(pr, lay, strides, cfg, opts, tail, accum, deterministic) -> Launch:
     """The Hopper backward kernel (kernels_cuda/flash_bwd_sm90.cu: one CTA per 128 keys of each (batch, kv
     head); flash_bwd_sm90_wide.cu for head dims above 128: 64 keys), writing dk and dv and adding dQ into
-    the accumulator ``accum``: its slot, semaphore offset and block strides, with TMA maps of q, k, v and do
+    the accumulator ``accum``: its slot, semaphore offset, second copy and block strides, with TMA maps of q, k, v and do
     (do's encoded at q's address, rewritten per call) in the column chunks of the kernel's swizzles (the
     wide kernel's chunks divide each warpgroup's half of a head dim). Key blocks start their query loops
     rotated where every query sees every key (the kernel checks that) and ``cfg.bwd90_rotate``. In
