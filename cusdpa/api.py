@@ -108,7 +108,9 @@ def attention_vjp(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=Fa
                   return_lse=False, deterministic=False):
     """(output, vjp): as ``scaled_dot_product_attention``, plus ``vjp(dout)`` returning (dq, dk, dv), and
     d(attn_mask) fourth for a float mask. ``deterministic=True`` asks for bit-identical gradients run
-    to run. Dropout reuses the forward's seed, so the backward sees the same keep-mask."""
+    to run (FLASH on Hopper orders its dQ additions: 0.84-0.99x the default's speed, and head dims above
+    128 take a second fp32 dQ workspace; BENCHMARKS.md). Dropout reuses the forward's seed, so the
+    backward sees the same keep-mask."""
     shapes = (query.shape, key.shape, value.shape)
     query, key, value, heads = problem.broadcast_heads(query, key, value, enable_gqa)
     pr = problem.from_dense(query, key, value, attn_mask,
