@@ -14,8 +14,9 @@
 # inputs, the flash-attention slot, Hugging Face models), fuzz (60 s of random cases against the
 # reference), sanitize (every kernel family under compute-sanitizer's four tools), sweep, sweep-module (the
 # tutorial module's attention shape), hopper-fwd (the Hopper forward issue's points against cuDNN: the grid
-# in bf16 and fp16, head dims, the tutorial's call, GQA 32/8, long context), ncu-bwd (the Hopper backward under
-# ncu at E = 64 and 128, L = 4096: throughput, issue rate and warp stall reasons), overhead, hf (Hugging Face models, "cusdpa" against "sdpa"), bench (every provider),
+# in bf16 and fp16, head dims, the tutorial's call, GQA 32/8, long context), ncu-bwd / ncu-fwd (the Hopper backward
+# at E = 64 and 128, L = 4096, / the forward at E = 128 L = 1024 causal and L = 4096, E = 64 L = 4096, under ncu:
+# throughput, issue rate, warp stall reasons, and the SASS lines warps wait at; benchmarks/ncu_profile.sh), overhead, hf (Hugging Face models, "cusdpa" against "sdpa"), bench (every provider),
 # bench-flash (cusdpa FLASH against PyTorch's FLASH and cuDNN only), bench-module (the tutorial module: parts b
 # and c), train (bf16 autocast), train-fp32, train-compiled (bf16, torch.compile).
 set -uo pipefail
@@ -49,9 +50,11 @@ command_of() {  # the command of stage $1, into the array cmd
                      for L in 32768 131072; do $S --lengths $L --head-dims 128 --tokens $L --causal yes; done') ;;
     sweep-module) cmd=(python3 benchmarks/flash_sweep.py --forward-only --tokens 16384 --hidden 512 --lengths 256 512 1024
                        --head-dims 64 --causal yes) ;;
-    ncu-bwd) cmd=(bash -c 'for E in 64 128; do ncu --clock-control none -k regex:flash_bwd_sm90 -c 1 \
-                   --section SpeedOfLight --section SchedulerStats --section WarpStateStats --print-details all \
-                   python3 benchmarks/flash_sweep.py --default-only --lengths 4096 --head-dims $E --causal no; done') ;;
+    ncu-bwd) cmd=(bash -c 'for E in 64 128; do bash benchmarks/ncu_profile.sh flash_bwd_sm90 1 --backward-only \
+                   --lengths 4096 --head-dims $E --causal no; done') ;;
+    ncu-fwd) cmd=(bash -c 'for p in "128 1024 yes" "128 4096 no" "64 4096 no"; do set -- $p
+                   bash benchmarks/ncu_profile.sh flash_fwd_sm90 2 --forward-only --head-dims $1 --lengths $2 --causal $3
+                   done') ;;
     overhead) cmd=(python3 benchmarks/overhead.py --profile) ;;
     bench) cmd=(python3 -m cusdpa bench --out "$OUT/bench") ;;
     bench-flash) cmd=(python3 -m cusdpa bench --out "$OUT/bench" --providers cusdpa cusdpa-flash torch torch-flash
