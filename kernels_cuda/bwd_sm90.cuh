@@ -247,12 +247,12 @@ __device__ __forceinline__ int blocks_before(const Visibility<int>& vis, int n, 
     const __grid_constant__ TmaMap tm_q, const __grid_constant__ TmaMap tm_k, const __grid_constant__ TmaMap tm_v,    \
         const __grid_constant__ TmaMap tm_do, const float *__restrict__ lse, const float *__restrict__ delta,        \
         elem_t *__restrict__ dk, elem_t *__restrict__ dv, float *__restrict__ dq_accum, long long sem_offset,        \
-        int rotate, int descending, const int *__restrict__ cu_q, const int *__restrict__ cu_k, int L, int S, int Hq, int group,     \
-        int q_hm, int q_bm, int k_hm, int k_bm, int v_hm, int v_bm, int do_hm, int do_bm, long long dk_sb,           \
-        long long dk_sh, long long dk_sm, long long dv_sb, long long dv_sh, long long dv_sm, long long acc_copy,     \
-        long long acc_sb, long long acc_sh, long long lse_sb, long long lse_sh, float scale, float scale_log2, int left, int right,    \
-        int lower_right, unsigned int seed_lo, unsigned int seed_hi, unsigned int offset, unsigned int threshold,    \
-        float rp_dropout
+        int rotate, int descending, const int *__restrict__ cu_q, const int *__restrict__ cu_k, int L, int S,        \
+        int Hq, int group, int q_hm, int q_bm, int k_hm, int k_bm, int v_hm, int v_bm, int do_hm, int do_bm,         \
+        long long dk_sb, long long dk_sh, long long dk_sm, long long dv_sb, long long dv_sh, long long dv_sm,        \
+        long long acc_copy, long long acc_sb, long long acc_sh, long long lse_sb, long long lse_sh, float scale,     \
+        float scale_log2, int left, int right, int lower_right, unsigned int seed_lo, unsigned int seed_hi,          \
+        unsigned int offset, unsigned int threshold, float rp_dropout
 
 // A Hopper backward CTA's place: its key block n of its (batch, kv head) slice (`descending`: blockIdx.x = 0
 // takes the last), the rows and keys that matter, and the
@@ -454,8 +454,8 @@ template <int BLOCK_M, int DQ_N0>
 __device__ __forceinline__ void dq_convert(const float* __restrict__ dq_accum, elem_t* __restrict__ dq,
                                            const int* __restrict__ cu_q, const int* __restrict__ cu_k, int L, int S,
                                            int Hq, long long acc_copy, long long acc_sb, long long acc_sh,
-                                           long long dq_sb, long long dq_sh, long long dq_sm, float scale, int left, int right,
-                                           int lower_right) {
+                                           long long dq_sb, long long dq_sh, long long dq_sm, float scale, int left,
+                                           int right, int lower_right) {
     constexpr int DQ_BLOCK = BLOCK_M * HEAD_DIM, PIECE0 = 16 * DQ_N0;  // floats of a block, float4s of piece 0
     const Slice slice = Slice::per_query_head(Hq, 1, cu_q, cu_k, L, S, left, right, lower_right);
     const int m0 = blockIdx.x * BLOCK_M;

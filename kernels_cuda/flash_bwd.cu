@@ -27,8 +27,8 @@ flash_bwd_preprocess(const elem_t* __restrict__ o, const elem_t* __restrict__ do
                      float* __restrict__ dq_accum, long long sem_offset, const int* __restrict__ cu_q,
                      const int* __restrict__ cu_k, int L, int S, int Hq, long long o_sb, long long o_sh,
                      long long o_sm, long long do_sb, long long do_sh, long long do_sm, long long acc_copy,
-                     long long acc_sb, long long acc_sh, long long lse_sb, long long lse_sh, int left, int right, int lower_right,
-                     int rows_per_cta) {
+                     long long acc_sb, long long acc_sh, long long lse_sb, long long lse_sh, int left, int right,
+                     int lower_right, int rows_per_cta) {
     const Slice slice = Slice::per_query_head(Hq, 1, cu_q, cu_k, L, S, left, right, lower_right);  // no kv head read
     int i_lo, i_hi;
     slice.vis.query_range(0, slice.S, i_lo, i_hi);

@@ -291,9 +291,9 @@ def _sm90_backward_source(pr) -> str:
 def _sm90_backward_launch(pr, lay, strides, cfg, opts, tail, accum, deterministic) -> Launch:
     """The Hopper backward kernel (kernels_cuda/flash_bwd_sm90.cu: one CTA per 128 keys of each (batch, kv
     head); flash_bwd_sm90_wide.cu for head dims above 128: 64 keys), writing dk and dv and adding dQ into
-    the accumulator ``accum``: its slot, semaphore offset, second copy and block strides, with TMA maps of q, k, v and do
-    (do's encoded at q's address, rewritten per call) in the column chunks of the kernel's swizzles (the
-    wide kernel's chunks divide each warpgroup's half of a head dim). Key blocks start their query loops
+    the accumulator ``accum``: its slot, semaphore offset, second copy and block strides, with TMA maps of
+    q, k, v and do (do's encoded at q's address, rewritten per call) in the column chunks of the kernel's
+    swizzles (the wide kernel's chunks divide each warpgroup's half of a head dim). Key blocks start their query loops
     rotated where every query sees every key (the kernel checks that) and ``cfg.bwd90_rotate``. In
     deterministic mode key blocks wait on each other: rotated only while all key blocks of a slice fit on
     the device at once, and launched in the order they add in (descending) under a causal or window band
@@ -325,8 +325,8 @@ def _sm90_backward_launch(pr, lay, strides, cfg, opts, tail, accum, deterministi
     banded = max(pr.window_bounds) >= 0
     descending = deterministic and (banded or not co_resident)
     args = (*(m for m, _, _ in maps), Slot("lse"), Slot("delta"), Slot("dk"), Slot("dv"), *accum[:2],
-            np.int32(rotate), np.int32(descending), *_common(pr, lay), *multipliers, *strides["dk"], *strides["dv"], *accum[2:],
-            *_lse_strides(pr), *tail)
+            np.int32(rotate), np.int32(descending), *_common(pr, lay), *multipliers, *strides["dk"], *strides["dv"],
+            *accum[2:], *_lse_strides(pr), *tail)
     return Launch(fn, (key_blocks, lay.B * pr.hkv), (384,), smem, args)
 
 
