@@ -154,13 +154,8 @@ flash_bwd_sm90_wide(BWD90_KERNEL_PARAMS) {
             const unsigned char* sQs = sm.sQ + st * SQ_BYTES;
             const unsigned char* sdOs = sm.sdO + st * SDO_BYTES;
             float s[QT * 4], dp[QT * 4];
-            fence_regs(dk_acc);
-            fence_regs(dv_acc);
-            wgmma_fence();
-            issue_abt<HEAD_DIM, BLOCK_N, BLOCK_M, QK_SW, 32>(s, sm.sK, sQs + 32 * cw * QK_SW);
-            wgmma_commit();
-            issue_abt<HEAD_DIM_V, BLOCK_N, BLOCK_M, V_SW, 32>(dp, sm.sV, sdOs + 32 * cw * V_SW);
-            wgmma_commit();
+            issue_s_dp<BLOCK_N, BLOCK_M, QK_SW, V_SW, 32>(s, dp, dk_acc, dv_acc, sm.sK, sQs + 32 * cw * QK_SW, sm.sV,
+                                                          sdOs + 32 * cw * V_SW);
             u32 pt[QT * 2], dst[QT * 2];
             gradients_of_step<QT>(s, dp, vis.tile_full(c0, 32, n0, BLOCK_N), vis, j, c0, t,
                                   sm.sLse + st * BLOCK_M + 32 * cw, sm.sD + st * BLOCK_M + 32 * cw, scale_log2, z, pt, dst);
