@@ -9,7 +9,9 @@
 //     and from them P^T and dS^T (masked pairs selected to 0, the dropout keep-mask applied);
 //   - stores both into shared memory (key-major tiles in the 128-byte swizzle), where the two halves meet;
 //   - keeps dK and dV of all 64 keys for its part of the head dims in registers (warpgroup 0 the first E_W0
-//     columns of dK and dQ and EV_W0 of dV, half of each rounded up to 32, warpgroup 1 the rest):
+//     columns of dK and dQ, half of E rounded up to 32, and the first EV_W0 of dV, half of Ev rounded
+//     down to 32, warpgroup 1 the rest: where a head dim does not halve into multiples of 32 the larger
+//     parts of dK/dQ and of dV go to different warpgroups, which balances their steps):
 //     dV += P^T dO and dK += dS^T Q with P^T and dS^T read from shared memory;
 //   - computes dQ_step = dS K for its part of dQ's columns and adds it into the accumulator block with
 //     vector reductions (red.add.v4.f32), coalesced in the block's fragment order (flash_dq_convert reads
@@ -38,10 +40,13 @@ constexpr int BLOCK_N = 64;  // keys per CTA
 constexpr int BLOCK_M = BWD90_BLOCK_M;
 constexpr int STAGES = 2;
 constexpr int QT = 4;  // n8 tiles of a warpgroup's S^T: 32 queries
-// columns of dK / dQ and of dV of warpgroup 0 (half, rounded up to 32) and of warpgroup 1 (the rest): a
-// product's B operand read transposed (MN-major) starts on a swizzle chunk, never inside one
+// columns of dK / dQ and of dV of warpgroup 0 (half, rounded up to 32 for dK / dQ and down for dV) and of
+// warpgroup 1 (the rest): a product's B operand read transposed (MN-major) starts on a swizzle chunk,
+// never inside one. At E = Ev = 160 warpgroup 0 does 832 units of a step and warpgroup 1 768 (896 and 704
+// with both rounded up), the units 64 keys x 32 queries x a column: E + Ev for S^T and dP^T, twice the
+// warpgroup's columns for each of dV, dK and dQ.
 constexpr int E_W0 = (HEAD_DIM / 2 + 31) / 32 * 32, E_W1 = HEAD_DIM - E_W0;
-constexpr int EV_W0 = (HEAD_DIM_V / 2 + 31) / 32 * 32, EV_W1 = HEAD_DIM_V - EV_W0;
+constexpr int EV_W1 = (HEAD_DIM_V / 2 + 31) / 32 * 32, EV_W0 = HEAD_DIM_V - EV_W1;
 // Swizzle of each operand's tiles: 128 bytes (64 columns) where both warpgroups' parts are multiples of 64
 // columns, else 64 bytes (32 columns), so that each part starts on a column chunk (sm90_wide_chunk).
 constexpr int QK_SW = E_W0 % 64 == 0 && E_W1 % 64 == 0 ? 128 : 64;  // Q, K
