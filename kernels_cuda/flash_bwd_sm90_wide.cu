@@ -14,7 +14,7 @@
 //     parts of dK/dQ and of dV go to different warpgroups, which balances their steps):
 //     dV += P^T dO and dK += dS^T Q with P^T and dS^T read from shared memory;
 //   - computes dQ_step = dS K for its part of dQ's columns and adds it into the accumulator block with
-//     vector reductions (red.add.v4.f32), coalesced in the block's fragment order (flash_dq_convert reads
+//     vector reductions (red.add.v4.f32), coalesced in the block's fragment order (flash_bwd_dq_convert reads
 //     it), since a piece of 64 x 128 floats would leave no room for Q and dO stages in shared memory.
 // Order within a step: P^T and dS^T stored, the warpgroups meet, dV and dQ_step issued, dK issued once dV is
 // done, dQ_step reduced while dK runs.
