@@ -160,6 +160,22 @@ __device__ __forceinline__ void issue_abt(float (&acc)[N / 2], const unsigned ch
     }
 }
 
+// The first products of a step, S^T = K Q^T (over E) and dP^T = V dO^T (over Ev), for N of its BLOCK_M
+// queries (the tiles `sQ`, `sdO` point at), each its own commit group (gradients_of_step waits for them);
+// the dK and dV accumulators are fenced first, since the last step's wgmmas wrote them.
+template <int BLOCK_N, int BLOCK_M, int QK_SW, int V_SW, int N, int DK, int DV>
+__device__ __forceinline__ void issue_s_dp(float (&s)[N / 2], float (&dp)[N / 2], float (&dk_acc)[DK],
+                                           float (&dv_acc)[DV], const unsigned char* sK, const unsigned char* sQ,
+                                           const unsigned char* sV, const unsigned char* sdO) {
+    fence_regs(dk_acc);
+    fence_regs(dv_acc);
+    wgmma_fence();
+    issue_abt<HEAD_DIM, BLOCK_N, BLOCK_M, QK_SW, N>(s, sK, sQ);
+    wgmma_commit();
+    issue_abt<HEAD_DIM_V, BLOCK_N, BLOCK_M, V_SW, N>(dp, sV, sdO);
+    wgmma_commit();
+}
+
 // acc += X B for X (64 rows x K_ROWS) in A-fragment registers and B (K_ROWS rows x D columns, SW-byte
 // swizzle) read transposed from shared memory (issued, not waited for).
 template <int D, int K_ROWS, int SW>

@@ -259,13 +259,7 @@ flash_bwd_sm90(BWD90_KERNEL_PARAMS) {
         const unsigned char* sQs = sm.sQ + st * SQ_BYTES;
         const unsigned char* sdOs = sm.sdO + st * SDO_BYTES;
         float s[QT * 4], dp[QT * 4];
-        fence_regs(dk_acc);
-        fence_regs(dv_acc);
-        wgmma_fence();
-        issue_abt<HEAD_DIM, BLOCK_N, BLOCK_M, QK_SW>(s, sKw, sQs);
-        wgmma_commit();
-        issue_abt<HEAD_DIM_V, BLOCK_N, BLOCK_M, V_SW>(dp, sVw, sdOs);
-        wgmma_commit();
+        issue_s_dp<BLOCK_N, BLOCK_M, QK_SW, V_SW, BLOCK_M>(s, dp, dk_acc, dv_acc, sKw, sQs, sVw, sdOs);
         u32 pt[QT * 2], dst[QT * 2];
         gradients_of_step<QT>(s, dp, vis.tile_full(m0, BLOCK_M, n0 + cw * 64, 64), vis, j, m0, t,
                               sm.sLse + st * BLOCK_M, sm.sD + st * BLOCK_M, scale_log2, z, pt, dst);

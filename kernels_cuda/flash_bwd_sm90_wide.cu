@@ -1,5 +1,5 @@
-// FLASH backward on Hopper (sm_90a) for head dims above 128 (E and Ev in {64, 128, 192, 256}, one of them
-// above 128): flash_bwd_sm90.cu's structure (TMA producer, two consumer warpgroups, wgmma for all five
+// FLASH backward on Hopper (sm_90a) for head dims above 128 (E and Ev multiples of 32 from 64 to 256, one of
+// them above 128): flash_bwd_sm90.cu's structure (TMA producer, two consumer warpgroups, wgmma for all five
 // products, dQ into the blocked fp32 accumulator), its work split otherwise, since 64 keys' dK and dV of
 // a whole head dim no longer fit one warpgroup's registers.
 //
@@ -8,10 +8,13 @@
 //   - computes S^T = K Q^T and dP^T = V dO^T of all 64 keys for queries [32 w, 32 w + 32) of the step,
 //     and from them P^T and dS^T (masked pairs selected to 0, the dropout keep-mask applied);
 //   - stores both into shared memory (key-major tiles in the 128-byte swizzle), where the two halves meet;
-//   - keeps dK and dV of all 64 keys for its half of the head dims (columns E_W w.., Ev_W w..) in
-//     registers: dV += P^T dO and dK += dS^T Q with P^T and dS^T read from shared memory;
-//   - computes dQ_step = dS K for its half of dQ's columns and adds it into the accumulator block with
-//     vector reductions (red.add.v4.f32), coalesced in the block's fragment order (flash_dq_convert reads
+//   - keeps dK and dV of all 64 keys for its part of the head dims in registers (warpgroup 0 the first E_W0
+//     columns of dK and dQ, half of E rounded up to 32, and the first EV_W0 of dV, half of Ev rounded
+//     down to 32, warpgroup 1 the rest: where a head dim does not halve into multiples of 32 the larger
+//     parts of dK/dQ and of dV go to different warpgroups, which balances their steps):
+//     dV += P^T dO and dK += dS^T Q with P^T and dS^T read from shared memory;
+//   - computes dQ_step = dS K for its part of dQ's columns and adds it into the accumulator block with
+//     vector reductions (red.add.v4.f32), coalesced in the block's fragment order (flash_bwd_dq_convert reads
 //     it), since a piece of 64 x 128 floats would leave no room for Q and dO stages in shared memory.
 // Order within a step: P^T and dS^T stored, the warpgroups meet, dV and dQ_step issued, dK issued once dV is
 // done, dQ_step reduced while dK runs.
@@ -37,11 +40,17 @@ constexpr int BLOCK_N = 64;  // keys per CTA
 constexpr int BLOCK_M = BWD90_BLOCK_M;
 constexpr int STAGES = 2;
 constexpr int QT = 4;  // n8 tiles of a warpgroup's S^T: 32 queries
-constexpr int E_W = HEAD_DIM / 2, EV_W = HEAD_DIM_V / 2;  // columns of dK / dQ and of dV per warpgroup
-// Swizzle of each operand's tiles: 128 bytes (64 columns) where a warpgroup's half is a multiple of 64
-// columns, else 64 bytes (32 columns), so that each half starts on a column chunk.
-constexpr int QK_SW = E_W % 64 == 0 ? 128 : 64;  // Q, K
-constexpr int V_SW = EV_W % 64 == 0 ? 128 : 64;  // V, dO
+// columns of dK / dQ and of dV of warpgroup 0 (half, rounded up to 32 for dK / dQ and down for dV) and of
+// warpgroup 1 (the rest): a product's B operand read transposed (MN-major) starts on a swizzle chunk,
+// never inside one. At E = Ev = 160 warpgroup 0 does 832 units of a step and warpgroup 1 768 (896 and 704
+// with both rounded up), the units 64 keys x 32 queries x a column: E + Ev for S^T and dP^T, twice the
+// warpgroup's columns for each of dV, dK and dQ.
+constexpr int E_W0 = (HEAD_DIM / 2 + 31) / 32 * 32, E_W1 = HEAD_DIM - E_W0;
+constexpr int EV_W1 = (HEAD_DIM_V / 2 + 31) / 32 * 32, EV_W0 = HEAD_DIM_V - EV_W1;
+// Swizzle of each operand's tiles: 128 bytes (64 columns) where both warpgroups' parts are multiples of 64
+// columns, else 64 bytes (32 columns), so that each part starts on a column chunk (sm90_wide_chunk).
+constexpr int QK_SW = E_W0 % 64 == 0 && E_W1 % 64 == 0 ? 128 : 64;  // Q, K
+constexpr int V_SW = EV_W0 % 64 == 0 && EV_W1 % 64 == 0 ? 128 : 64;  // V, dO
 constexpr int SK_BYTES = BLOCK_N * HEAD_DIM * 2, SV_BYTES = BLOCK_N * HEAD_DIM_V * 2;
 constexpr int SQ_BYTES = BLOCK_M * HEAD_DIM * 2, SDO_BYTES = BLOCK_M * HEAD_DIM_V * 2;
 constexpr int SPDS_BYTES = BLOCK_N * BLOCK_M * 2;  // P^T or dS^T: 64 keys x 64 queries
@@ -53,8 +62,13 @@ constexpr int BAR_PDS = 1;  // named barrier of the consumers: P^T/dS^T exchange
 constexpr int BAR_REDUCE = 2, BAR_REDUCED = 3, ORDER_THREADS = CONSUMER_WARPS * 32 + 32;
 static_assert(128 * LOAD_REGS + CONSUMER_WARPS * 32 * MMA_REGS <= 65536 / NTHREADS / 8 * 8 * NTHREADS,
               "register reallocation beyond the launch allocation");
-static_assert(E_W % 32 == 0 && EV_W % 32 == 0 && HEAD_DIM <= 256 && HEAD_DIM_V <= 256,
-              "the wide sm90 backward takes E, Ev in {64, 128, 192, 256}");
+static_assert(HEAD_DIM % 32 == 0 && HEAD_DIM_V % 32 == 0 && E_W1 >= 32 && EV_W1 >= 32 && HEAD_DIM <= 256 &&
+                  HEAD_DIM_V <= 256,
+              "the wide sm90 backward takes E, Ev multiples of 32 from 64 to 256");
+template <int N>
+struct Cols {  // a warpgroup's column count as a type, for the consumers' generic body
+    static constexpr int value = N;
+};
 static_assert(BLOCK_M == 64, "BWD90_BLOCK_M: 64 queries per step");
 }  // namespace wide90
 
@@ -117,90 +131,93 @@ flash_bwd_sm90_wide(BWD90_KERNEL_PARAMS) {
 
     // ---- consumers ----
     setmaxnreg_inc<MMA_REGS>();
-    const int cw = wg - 1;  // queries [32 cw, 32 cw + 32) of S^T; columns of dK, dV and dQ from E_W cw, EV_W cw
+    const int cw = wg - 1;  // queries [32 cw, 32 cw + 32) of S^T; columns of dK, dV and dQ from E_W0 cw, EV_W0 cw
     const int g = lane / 4, t = lane % 4, x = threadIdx.x % 128;
     const int j = n0 + (warp % 4) * 16 + g;  // this thread's keys are j and j + 8
-    float dk_acc[E_W / 2], dv_acc[EV_W / 2];
-#pragma unroll
-    for (int i = 0; i < E_W / 2; ++i) dk_acc[i] = 0.f;
-#pragma unroll
-    for (int i = 0; i < EV_W / 2; ++i) dv_acc[i] = 0.f;
-    const unsigned char* sK_cols = sm.sK + cw * (E_W / (QK_SW / 2)) * BLOCK_N * QK_SW;  // this warpgroup's columns
-    if (steps > 0) mbar_wait_warp(kv_full, 0);
     const int q_first = cta.qi_lo, q_end = min(cta.qi_hi, slice.L);  // rows that see a key
-
-    for (int it = 0; it < steps; ++it) {
-        const int st = it % STAGES;
-        const u32 phase = (it / STAGES) & 1;
-        int h, mb;
-        cta.order.at(it, h, mb);
-        const int m0 = mb * BLOCK_M, c0 = m0 + 32 * cw;  // the step's rows; this warpgroup's first S^T column
-        const DropScale z = drop_scale<QT>(seed_lo, seed_hi, offset, threshold, rp_dropout,
-                                           static_cast<u32>(slice.b * Hq + h), j, c0 + 2 * t, lane);
-        mbar_wait_warp(q_full + st, phase);
-        const unsigned char* sQs = sm.sQ + st * SQ_BYTES;
-        const unsigned char* sdOs = sm.sdO + st * SDO_BYTES;
-        float s[QT * 4], dp[QT * 4];
-        fence_regs(dk_acc);
-        fence_regs(dv_acc);
-        wgmma_fence();
-        issue_abt<HEAD_DIM, BLOCK_N, BLOCK_M, QK_SW, 32>(s, sm.sK, sQs + 32 * cw * QK_SW);
-        wgmma_commit();
-        issue_abt<HEAD_DIM_V, BLOCK_N, BLOCK_M, V_SW, 32>(dp, sm.sV, sdOs + 32 * cw * V_SW);
-        wgmma_commit();
-        u32 pt[QT * 2], dst[QT * 2];
-        gradients_of_step<QT>(s, dp, vis.tile_full(c0, 32, n0, BLOCK_N), vis, j, c0, t,
-                              sm.sLse + st * BLOCK_M + 32 * cw, sm.sD + st * BLOCK_M + 32 * cw, scale_log2, z, pt, dst);
-        // both halves of P^T and dS^T into shared memory (the buffers of two steps ago, which both warpgroups
-        // finished reading before they met at the last step's barrier)
-        unsigned char* sPts = sPt + (it % 2) * SPDS_BYTES;
-        unsigned char* sdSts = sdSt + (it % 2) * SPDS_BYTES;
-        store_ds_t<QT>(sPts, BLOCK_N, pt, (warp % 4) * 16, lane, QT * cw);
-        store_ds_t<QT>(sdSts, BLOCK_N, dst, (warp % 4) * 16, lane, QT * cw);
-        fence_proxy_async();
-        named_sync<CONSUMER_WARPS * 32>(BAR_PDS);
-        float dq[E_W / 2];
-        fence_regs(dq);
-        wgmma_fence();
-        issue_pds_b<EV_W, V_SW>(dv_acc, sPts, sdOs + cw * (EV_W / (V_SW / 2)) * BLOCK_M * V_SW);
-        wgmma_commit();
-        issue_ds_k<BLOCK_N, QK_SW, E_W>(dq, sdSts, sK_cols);
-        wgmma_commit();
-        wgmma_wait<1>();  // dV done
-        fence_regs(dv_acc);
-        wgmma_fence();
-        issue_pds_b<E_W, QK_SW>(dk_acc, sdSts, sQs + cw * (E_W / (QK_SW / 2)) * BLOCK_M * QK_SW);
-        wgmma_commit();
-        wgmma_wait<1>();  // dQ_step done
-        fence_regs(dq);
-        // dQ_step into the accumulator while dK runs
-        zero_unseen_rows<E_W>(dq, m0 + (warp % 4) * 16 + g, q_first, q_end);
-        const long long blk = slice.query_block(acc_sb, acc_sh, h, BLOCK_M, mb);
-        float* piece = accum + blk * DQ_BLOCK + cw * 64 * E_W;
-        if (sem != nullptr) named_sync<ORDER_THREADS>(BAR_REDUCE);  // after the key blocks before this one
+    // the warpgroup's steps, over E_W columns of dK and dQ and EV_W of dV (its part: Cols)
+    auto consume = [&](auto e_cols, auto ev_cols) {
+        constexpr int E_W = decltype(e_cols)::value, EV_W = decltype(ev_cols)::value;
+        float dk_acc[E_W / 2], dv_acc[EV_W / 2];
 #pragma unroll
-        for (int k = 0; k < E_W / 8; ++k)
-            asm volatile("red.global.add.v4.f32 [%0], {%1, %2, %3, %4};\n" ::"l"(piece + 4 * (k * 128 + x)),
-                         "f"(dq[4 * k]), "f"(dq[4 * k + 1]), "f"(dq[4 * k + 2]), "f"(dq[4 * k + 3])
-                         : "memory");
-        if (sem != nullptr) named_arrive<ORDER_THREADS>(BAR_REDUCED);
-        wgmma_wait<0>();  // dK done: the Q and dO stage is free
-        fence_regs(dk_acc);
-        if (lane == 0) mbar_arrive(q_empty + st);
-    }
-    const int row0 = n0 + (warp % 4) * 16;
-    store_rows(slice.key_rows(dk, dk_sb, dk_sh, dk_sm) + cw * E_W, dk_sm, dk_acc, scale, row0, slice.S, lane);
-    store_rows(slice.key_rows(dv, dv_sb, dv_sh, dv_sm) + cw * EV_W, dv_sm, dv_acc, 1.f, row0, slice.S, lane);
+        for (int i = 0; i < E_W / 2; ++i) dk_acc[i] = 0.f;
+#pragma unroll
+        for (int i = 0; i < EV_W / 2; ++i) dv_acc[i] = 0.f;
+        const int qk_chunk0 = cw * (E_W0 / (QK_SW / 2)), v_chunk0 = cw * (EV_W0 / (V_SW / 2));  // its first chunks
+        const unsigned char* sK_cols = sm.sK + qk_chunk0 * BLOCK_N * QK_SW;
+        if (steps > 0) mbar_wait_warp(kv_full, 0);
+
+        for (int it = 0; it < steps; ++it) {
+            const int st = it % STAGES;
+            const u32 phase = (it / STAGES) & 1;
+            int h, mb;
+            cta.order.at(it, h, mb);
+            const int m0 = mb * BLOCK_M, c0 = m0 + 32 * cw;  // the step's rows; this warpgroup's first S^T column
+            const DropScale z = drop_scale<QT>(seed_lo, seed_hi, offset, threshold, rp_dropout,
+                                               static_cast<u32>(slice.b * Hq + h), j, c0 + 2 * t, lane);
+            mbar_wait_warp(q_full + st, phase);
+            const unsigned char* sQs = sm.sQ + st * SQ_BYTES;
+            const unsigned char* sdOs = sm.sdO + st * SDO_BYTES;
+            float s[QT * 4], dp[QT * 4];
+            issue_s_dp<BLOCK_N, BLOCK_M, QK_SW, V_SW, 32>(s, dp, dk_acc, dv_acc, sm.sK, sQs + 32 * cw * QK_SW, sm.sV,
+                                                          sdOs + 32 * cw * V_SW);
+            u32 pt[QT * 2], dst[QT * 2];
+            gradients_of_step<QT>(s, dp, vis.tile_full(c0, 32, n0, BLOCK_N), vis, j, c0, t,
+                                  sm.sLse + st * BLOCK_M + 32 * cw, sm.sD + st * BLOCK_M + 32 * cw, scale_log2, z, pt, dst);
+            // both halves of P^T and dS^T into shared memory (the buffers of two steps ago, which both warpgroups
+            // finished reading before they met at the last step's barrier)
+            unsigned char* sPts = sPt + (it % 2) * SPDS_BYTES;
+            unsigned char* sdSts = sdSt + (it % 2) * SPDS_BYTES;
+            store_ds_t<QT>(sPts, BLOCK_N, pt, (warp % 4) * 16, lane, QT * cw);
+            store_ds_t<QT>(sdSts, BLOCK_N, dst, (warp % 4) * 16, lane, QT * cw);
+            fence_proxy_async();
+            named_sync<CONSUMER_WARPS * 32>(BAR_PDS);
+            float dq[E_W / 2];
+            fence_regs(dq);
+            wgmma_fence();
+            issue_pds_b<EV_W, V_SW>(dv_acc, sPts, sdOs + v_chunk0 * BLOCK_M * V_SW);
+            wgmma_commit();
+            issue_ds_k<BLOCK_N, QK_SW, E_W>(dq, sdSts, sK_cols);
+            wgmma_commit();
+            wgmma_wait<1>();  // dV done
+            fence_regs(dv_acc);
+            wgmma_fence();
+            issue_pds_b<E_W, QK_SW>(dk_acc, sdSts, sQs + qk_chunk0 * BLOCK_M * QK_SW);
+            wgmma_commit();
+            wgmma_wait<1>();  // dQ_step done
+            fence_regs(dq);
+            // dQ_step into the accumulator while dK runs
+            zero_unseen_rows<E_W>(dq, m0 + (warp % 4) * 16 + g, q_first, q_end);
+            const long long blk = slice.query_block(acc_sb, acc_sh, h, BLOCK_M, mb);
+            float* piece = accum + blk * DQ_BLOCK + cw * 64 * E_W0;
+            if (sem != nullptr) named_sync<ORDER_THREADS>(BAR_REDUCE);  // after the key blocks before this one
+#pragma unroll
+            for (int k = 0; k < E_W / 8; ++k)
+                asm volatile("red.global.add.v4.f32 [%0], {%1, %2, %3, %4};\n" ::"l"(piece + 4 * (k * 128 + x)),
+                             "f"(dq[4 * k]), "f"(dq[4 * k + 1]), "f"(dq[4 * k + 2]), "f"(dq[4 * k + 3])
+                             : "memory");
+            if (sem != nullptr) named_arrive<ORDER_THREADS>(BAR_REDUCED);
+            wgmma_wait<0>();  // dK done: the Q and dO stage is free
+            fence_regs(dk_acc);
+            if (lane == 0) mbar_arrive(q_empty + st);
+        }
+        const int row0 = n0 + (warp % 4) * 16;
+        store_rows(slice.key_rows(dk, dk_sb, dk_sh, dk_sm) + cw * E_W0, dk_sm, dk_acc, scale, row0, slice.S, lane);
+        store_rows(slice.key_rows(dv, dv_sb, dv_sh, dv_sm) + cw * EV_W0, dv_sm, dv_acc, 1.f, row0, slice.S, lane);
+    };
+    if constexpr (E_W0 == E_W1 && EV_W0 == EV_W1) consume(Cols<E_W0>(), Cols<EV_W0>());
+    else if (cw == 0) consume(Cols<E_W0>(), Cols<EV_W0>());
+    else consume(Cols<E_W1>(), Cols<EV_W1>());
 }
 
 // ---------------------------------------------------------------------------------------------------
 // dQ = scale * the accumulator flash_bwd_sm90_wide reduced into (zeroed by flash_bwd_preprocess), in q's
-// layout: warpgroup w's piece holds columns [E_W w, E_W w + E_W).
+// layout: warpgroup 0's piece holds columns [0, E_W0), warpgroup 1's the rest.
 extern "C" __global__ void __launch_bounds__(CONVERT_THREADS)
 flash_bwd_dq_convert(const float* __restrict__ dq_accum, elem_t* __restrict__ dq, const int* __restrict__ cu_q,
                      const int* __restrict__ cu_k, int L, int S, int Hq, long long acc_copy, long long acc_sb,
                      long long acc_sh, long long dq_sb, long long dq_sh, long long dq_sm, float scale, int left,
                      int right, int lower_right) {
-    dq_convert<wide90::BLOCK_M, wide90::E_W>(dq_accum, dq, cu_q, cu_k, L, S, Hq, acc_copy, acc_sb, acc_sh, dq_sb,
+    dq_convert<wide90::BLOCK_M, wide90::E_W0>(dq_accum, dq, cu_q, cu_k, L, S, Hq, acc_copy, acc_sb, acc_sh, dq_sb,
                                              dq_sh, dq_sm, scale, left, right, lower_right);
 }

@@ -15,7 +15,7 @@ from cusdpa.verify.harness import Case, build, draw, run_case
 
 # One representative (E, Ev) per tile configuration class, incl. E != Ev, the split dK/dV passes, the
 # Hopper tiles of 64-byte swizzle and the wide Hopper backward's two swizzles.
-CONFIG_DIMS = [(40, 40), (64, 64), (64, 128), (72, 128), (96, 64), (192, 128), (256, 256)]
+CONFIG_DIMS = [(40, 40), (64, 64), (64, 128), (72, 128), (96, 64), (160, 224), (192, 128), (256, 256)]
 
 
 def _nvrtc_jobs():
@@ -144,7 +144,7 @@ def _gpu_check(case, rng, grads=True):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
-@pytest.mark.parametrize("E", [32, 40, 64, 72, 96, 128, 192, 256])
+@pytest.mark.parametrize("E", [32, 40, 64, 72, 96, 128, 160, 192, 224, 256])
 @pytest.mark.parametrize("n", range(len(SIZES)))
 def test_sizes_and_head_dims(dtype, E, n, rng):
     L, S = SIZES[n]
@@ -172,6 +172,8 @@ FEATURES = {
     # Hopper's backward above E = 128 (flash_bwd_sm90_wide.cu) with a GQA group, packed sequences and a window
     "wide_gqa_varlen_window": Case(hq=4, hkv=2, E=192, Ev=128, varlen=((130, 150), (65, 0), (200, 64)),
                                    window=(40, 10)),
+    # ... with head dims its warpgroups split unevenly (96 + 64 and 128 + 96 columns), dropout
+    "wide_uneven_parts": Case(hq=4, hkv=1, L=150, S=170, E=160, Ev=224, dropout_p=0.1, causal="upper_left"),
     "empty_queries": Case(L=0, S=40, E=64),
     "empty_keys": Case(L=40, S=0, E=64),
 }
@@ -223,7 +225,7 @@ BIT_IDENTICAL = {
     "varlen": dict(E=128, causal="lower_right", varlen=((300, 260), (70, 400), (0, 5), (129, 129))),
     "head_dim_96": dict(E=96, causal="upper_left"), "head_dims_32_128": dict(E=32, Ev=128, window=(50, 50)),
     "head_dim_256": dict(E=256, causal="upper_left", dropout_p=0.1), "head_dims_192_128": dict(E=192, Ev=128),
-    "head_dim_256_rotated": dict(E=256, L=500, S=300),
+    "head_dim_256_rotated": dict(E=256, L=500, S=300), "head_dim_160": dict(E=160, window=(60, 30)),
     "head_dim_192_varlen": dict(E=192, causal="lower_right", varlen=((300, 260), (70, 400), (0, 5), (129, 129)))}
 
 

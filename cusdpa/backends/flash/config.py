@@ -118,12 +118,19 @@ def sm90_forward_applies(E: int, Ev: int, compute_capability: int, cfg: FlashCon
 
 def sm90_backward_applies(E: int, Ev: int, compute_capability: int, cfg: FlashConfig) -> bool:
     """The wgmma backward takes, on compute capability 9.0, E and Ev multiples of 32 up to 128
-    (flash_bwd_sm90.cu) or in {64, 128, 192, 256} with one above 128 (flash_bwd_sm90_wide.cu)."""
-    if not (cfg.use_wgmma_bwd and compute_capability == 90):
+    (flash_bwd_sm90.cu) or from 64 to 256 with one above 128 (flash_bwd_sm90_wide.cu)."""
+    if not (cfg.use_wgmma_bwd and compute_capability == 90 and E % 32 == 0 and Ev % 32 == 0):
         return False
-    return all(d % 32 == 0 and 32 <= d <= 128 for d in (E, Ev)) or all(d in (64, 128, 192, 256) for d in (E, Ev))
+    return all(32 <= d <= 128 for d in (E, Ev)) or all(64 <= d <= 256 for d in (E, Ev))
 
 
 def sm90_backward_is_wide(E: int, Ev: int) -> bool:
-    """Head dims above 128 take flash_bwd_sm90_wide.cu: 64 keys per CTA, each warpgroup half of the head dims."""
+    """Head dims above 128 take flash_bwd_sm90_wide.cu: 64 keys per CTA, each warpgroup part of the head dims."""
     return max(E, Ev) > 128
+
+
+def sm90_wide_chunk(D: int) -> int:
+    """Columns of a swizzle chunk of a head dim D's tiles in flash_bwd_sm90_wide.cu: 64 (128-byte swizzle)
+    where both warpgroups' parts (half of D rounded up to 32, and the rest) are multiples of 64, else 32."""
+    first = (D // 2 + 31) // 32 * 32
+    return 64 if first % 64 == 0 and (D - first) % 64 == 0 else 32

@@ -14,7 +14,8 @@ import numpy as np
 
 from ..launch import Launch, MapSlot, Slot, run, seed_values, values
 from . import sources, tma
-from .config import FlashConfig, sm90_backward_applies, sm90_backward_is_wide, sm90_forward_applies, smem_bytes
+from .config import (FlashConfig, sm90_backward_applies, sm90_backward_is_wide, sm90_forward_applies, sm90_wide_chunk,
+                     smem_bytes)
 
 MAX_GRID_Y = 65535
 
@@ -314,7 +315,7 @@ def _sm90_backward_launch(pr, lay, strides, cfg, opts, tail, accum, deterministi
             ("k", lay.k.data.ptr, pr.E, k_rows, pr.hkv, block_n, lay.strides["k"]),
             ("v", lay.v.data.ptr, pr.Ev, k_rows, pr.hkv, block_n, lay.strides["v"]),
             ("do", lay.q.data.ptr, pr.Ev, q_rows, pr.hq, cfg.bwd90_block_m, strides["do"])):
-        cols = (64 if D // 2 % 64 == 0 else 32) if wide else None
+        cols = sm90_wide_chunk(D) if wide else None
         tensor_map, hm, bm = tma.operand_map(pr.dtype_name, ptr, D, rows, heads, 1 if packed else lay.B, st, box,
                                              cols)
         maps.append((MapSlot(name, tensor_map), np.int32(hm), np.int32(bm)))
