@@ -39,25 +39,32 @@ from . import philox, problem
 CHUNK_ELEMENTS = 1 << 24
 
 
-def structural_mask(L: int, S: int, causal: bool, lower_right: bool, window, xp=np):
-    """(L, S) bool visibility from causal and window, or None when everything is visible.
+def row_key_bounds(L: int, S: int, causal: bool, lower_right: bool, window, xp=np):
+    """(lo, hi): query row i sees keys [lo[i], hi[i]) (none where lo[i] >= hi[i]), from causal and window.
 
     Both align to the top-left (key j vs query i) or, with lower_right, to the bottom-right
     (key j vs query i + S - L), as FlashAttention and PyTorch's causal_lower_right do.
     """
+    diag0 = xp.arange(L) + (S - L if lower_right else 0)  # the key on row i's diagonal
+    lo, hi = xp.zeros(L, dtype=xp.int64), xp.full(L, S, dtype=xp.int64)
+    left, right = window if window is not None else (-1, -1)
+    if causal:
+        right = 0 if right < 0 else min(right, 0)
+    if left >= 0:
+        lo = xp.maximum(lo, diag0 - left)
+    if right >= 0:
+        hi = xp.minimum(hi, diag0 + right + 1)
+    return xp.clip(lo, 0, S), xp.clip(hi, 0, S)
+
+
+def structural_mask(L: int, S: int, causal: bool, lower_right: bool, window, xp=np):
+    """(L, S) bool visibility from causal and window (``row_key_bounds``), or None when everything is
+    visible."""
     if not causal and window is None:
         return None
-    diag = xp.arange(S)[None, :] - (xp.arange(L)[:, None] + (S - L if lower_right else 0))
-    allowed = xp.ones((L, S), dtype=bool)
-    if causal:
-        allowed &= diag <= 0
-    if window is not None:
-        left, right = window
-        if left >= 0:
-            allowed &= diag >= -left
-        if right >= 0:
-            allowed &= diag <= right
-    return allowed
+    lo, hi = row_key_bounds(L, S, causal, lower_right, window, xp)
+    j = xp.arange(S)[None, :]
+    return (j >= lo[:, None]) & (j < hi[:, None])
 
 
 def _errstate(xp):

@@ -17,9 +17,12 @@
 //    block n + 1 runs while P V of block n finishes; P is rounded into the wgmma operand registers only
 //    once P V of block n is done with them.
 //
-// Tiles are (batch * head, query block) pairs, dealt statically: tile t goes to CTA t % gridDim.x. The
-// order: heads in chunks of `chunk_heads` (few enough that their K and V stay in L2), and within a chunk
-// the query blocks from the last (the heaviest under causal masking) to the first, heads innermost.
+// Tiles are (batch * head, query block) pairs in this order: heads in chunks of `chunk_heads` (few enough
+// that their K and V stay in L2), and within a chunk the query blocks from the last (the heaviest under
+// causal masking) to the first, heads innermost. They are dealt statically: by the host's `schedule`
+// where it gives one (each tile in turn to the CTA with the least work so far, counted in key blocks:
+// under a causal band the round-robin deal below gave CTA 0 the heaviest tile of every round), else tile
+// t to CTA t % gridDim.x.
 //
 // Shared memory: Q [E/W][BLOCK_M][W], K [STAGES][E/W][BLOCK_N][W], V [STAGES][Ev/W'][BLOCK_N][W'], each
 // column chunk in the swizzle that TMA writes and wgmma reads: W = 64 columns (128-byte rows, 16-byte
@@ -201,6 +204,29 @@ __device__ __forceinline__ Tile tile_at(int t, int num_m, int chunk_heads, int B
     return tile;
 }
 
+// The tiles of CTA blockIdx.x in turn: schedule[schedule[b] .. schedule[b + 1]) of the tile list after the
+// gridDim.x + 1 offsets, or every gridDim.x-th tile from blockIdx.x without a schedule. The next tile's
+// index is loaded while this one runs.
+struct TileDeal {
+    const int* list;
+    int k, end, step, ahead;
+    __device__ __forceinline__ TileDeal(const int* schedule, int num_tiles) {
+        list = schedule != nullptr ? schedule + gridDim.x + 1 : nullptr;
+        k = schedule != nullptr ? schedule[blockIdx.x] : static_cast<int>(blockIdx.x);
+        end = schedule != nullptr ? schedule[blockIdx.x + 1] : num_tiles;
+        step = schedule != nullptr ? 1 : static_cast<int>(gridDim.x);
+        ahead = k < end ? at(k) : 0;
+    }
+    __device__ __forceinline__ int at(int i) const { return list != nullptr ? list[i] : i; }
+    __device__ __forceinline__ bool more() const { return k < end; }
+    __device__ __forceinline__ int next() {
+        const int t = ahead;
+        k += step;
+        if (k < end) ahead = at(k);
+        return t;
+    }
+};
+
 extern "C" __global__ void __launch_bounds__(NTHREADS, 1)
 flash_fwd_sm90(const __grid_constant__ TmaMap tm_q, const __grid_constant__ TmaMap tm_k,
                const __grid_constant__ TmaMap tm_v, elem_t* __restrict__ o, float* __restrict__ lse,
@@ -208,7 +234,8 @@ flash_fwd_sm90(const __grid_constant__ TmaMap tm_q, const __grid_constant__ TmaM
                int q_hm, int q_bm, int k_hm, int k_bm, int v_hm, int v_bm, long long o_sb, long long o_sh,
                long long o_sm, long long lse_sb, long long lse_sh, float scale_log2, int left, int right,
                int lower_right, unsigned int seed_lo, unsigned int seed_hi, unsigned int offset,
-               unsigned int threshold, float rp_dropout, int BH, int num_m, int chunk_heads) {
+               unsigned int threshold, float rp_dropout, int BH, int num_m, int chunk_heads,
+               const int* __restrict__ schedule) {
     extern __shared__ __align__(1024) unsigned char smem[];
     unsigned char* sQ = smem;  // every size is a multiple of 1024: each tile keeps the swizzle alignment
     unsigned char* sK = sQ + SQ_BYTES;
@@ -247,7 +274,8 @@ flash_fwd_sm90(const __grid_constant__ TmaMap tm_q, const __grid_constant__ TmaM
             tma_prefetch(tm_v);
         }
         u32 it = 0, q_phase = 0, staged_phase = 0;
-        for (int t = blockIdx.x; t < num_tiles; t += gridDim.x) {
+        for (TileDeal deal(schedule, num_tiles); deal.more();) {
+            const int t = deal.next();
             const Tile tile = tile_at(t, num_m, chunk_heads, BH, Hq, group, cu_q, cu_k, L, S, left, right, lower_right);
             if (!tile.live || tile.n_begin >= tile.n_end) continue;
             const Slice& sl = tile.slice;
@@ -314,8 +342,8 @@ flash_fwd_sm90(const __grid_constant__ TmaMap tm_q, const __grid_constant__ TmaM
         if (lane == 0) mbar_arrive(bar);
     };
     u32 it = 0, q_phase = 0;
-    for (int tt = blockIdx.x; tt < num_tiles; tt += gridDim.x) {
-        const Tile tile = tile_at(tt, num_m, chunk_heads, BH, Hq, group, cu_q, cu_k, L, S, left, right, lower_right);
+    for (TileDeal deal(schedule, num_tiles); deal.more();) {
+        const Tile tile = tile_at(deal.next(), num_m, chunk_heads, BH, Hq, group, cu_q, cu_k, L, S, left, right, lower_right);
         if (!tile.live) continue;
         const Slice& sl = tile.slice;
         const Visibility<int>& vis = sl.vis;

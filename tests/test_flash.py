@@ -105,6 +105,38 @@ def test_config_fits_shared_memory():
                 assert config.smem_bytes(kind, cfg, E, Ev) <= 227 * 1024, (E, Ev, kind)
 
 
+@pytest.mark.parametrize("BH, chunk_heads, key_blocks", [
+    (256, 48, np.arange(1, 9)),      # causal, E = 128, L = 1024: query block m sees m + 1 key blocks
+    (16, 3, np.arange(1, 129)),      # causal, L = 16384
+    (40, 40, np.full(8, 8)),         # every key
+    (3, 2, np.array([0, 2, 5, 1]))])  # fewer tiles than CTAs, a block that sees nothing
+def test_forward_tiles_are_dealt_once_each_to_the_least_loaded(BH, chunk_heads, key_blocks):
+    """The Hopper forward's tile schedule: every tile once, each CTA's in list order, and (causal) the
+    busiest CTA within 1.1x the average where the kernel's round-robin deal gave it 1.14x or more."""
+    from cusdpa.backends.flash import launches
+
+    grid = min(132, BH * len(key_blocks))
+    schedule = launches.deal_tiles(key_blocks, BH, chunk_heads, grid)
+    offsets, tiles = schedule[:grid + 1], schedule[grid + 1:]
+    assert schedule.dtype == np.int32 and offsets[0] == 0 and offsets[-1] == len(tiles) == BH * len(key_blocks)
+    assert sorted(tiles.tolist()) == list(range(len(tiles)))
+    num_m = len(key_blocks)
+
+    def work(t):  # tile_at's order: heads in chunks, query blocks from the last, heads innermost
+        chunk, rem = divmod(t, chunk_heads * num_m)
+        return key_blocks[num_m - 1 - rem // min(chunk_heads, BH - chunk * chunk_heads)] + 1
+
+    loads = []
+    for c in range(grid):
+        mine = tiles[offsets[c]:offsets[c + 1]]
+        assert (np.diff(mine) > 0).all()
+        loads.append(sum(work(t) for t in mine))
+    round_robin = [sum(work(t) for t in range(c, len(tiles), grid)) for c in range(grid)]
+    assert max(loads) <= max(round_robin)
+    if num_m >= 8 and key_blocks[0] != key_blocks[-1]:
+        assert max(round_robin) >= 1.14 * np.mean(round_robin) and max(loads) <= 1.1 * np.mean(loads)
+
+
 def test_harness_judges_the_math_backend_on_cpu(rng):
     """The GPU harness itself, run on the CPU: MATH in bf16 must pass it, a perturbed result must not."""
     pytest.importorskip("torch")

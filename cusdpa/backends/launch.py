@@ -81,7 +81,7 @@ class Launch:
     """One kernel launch; ``launch(values, stream_ptr)`` fills the slots from the value tuple and issues it on
     the current device, which must be the one ``fn`` was loaded on (``run`` sees to that)."""
 
-    __slots__ = ("fn", "grid", "block", "smem", "cells", "slots", "maps", "_buffers")
+    __slots__ = ("fn", "grid", "block", "smem", "cells", "slots", "maps", "arrays", "_buffers")
 
     def __init__(self, fn, grid: tuple, block: tuple, smem: int, args):
         self.fn, self.grid, self.block, self.smem = fn, grid, block, smem
@@ -90,6 +90,8 @@ class Launch:
         self.slots = tuple((i, _POSITION[a.name]) for i, a in enumerate(args) if isinstance(a, Slot))
         self.maps = tuple((i, _POSITION[a.name], a.tensor_map) for i, a in enumerate(args) if isinstance(a, MapSlot))
         self.cells = tuple(0 if isinstance(a, (Slot, MapSlot)) else _cell(a) for a in args)
+        # the CuPy arrays given as arguments (a cell holds only the address): alive while the launch is
+        self.arrays = tuple(a for a in args if hasattr(getattr(a, "data", None), "ptr"))
         self._buffers: dict = {}  # thread id -> (cells, map buffers, pointer array, its address)
 
     def _buffer(self):
