@@ -231,6 +231,22 @@ def test_mma_sync_kernels_where_wgmma_would_run(name, rng, monkeypatch):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("schedule", [True, False])
+@pytest.mark.parametrize("name", ["gqa", "window", "causal_short_keys", "dropout", "swizzles_differ", "ev_smaller"])
+def test_persistent_forward_runs_many_tiles_per_cta(name, schedule, rng, monkeypatch):
+    """A device of two SMs: each CTA of the persistent Hopper forward takes many tiles in turn, dealt by the
+    host's schedule or round-robin."""
+    import dataclasses
+
+    from cusdpa.backends.flash import launches
+
+    monkeypatch.setattr(sources, "multiprocessors", lambda device: 2)
+    monkeypatch.setattr(launches, "config", lambda pr: dataclasses.replace(
+        config.FlashConfig.for_problem(pr.E, pr.Ev, pr.L, pr.causal), fwd90_schedule=schedule))
+    _gpu_check(FEATURES[name], rng, grads=False)
+
+
+@pytest.mark.gpu
 def test_dropout_mask_is_bit_identical_to_the_reference(rng):
     """With V = I the output is the dropped attention matrix itself: its zeros are the keep-mask."""
     import cupy
