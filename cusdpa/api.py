@@ -73,8 +73,8 @@ def _planned(query, key, value, options: tuple, seed, return_lse: bool):
 
 
 def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
-                                 enable_gqa=False, *, causal_variant="upper_left", window=None, softcap=0.0, seed=None,
-                                 return_lse=False):
+                                 enable_gqa=False, *, causal_variant="upper_left", window=None, softcap=0.0,
+                                 alibi_slopes=None, seed=None, return_lse=False):
     """softmax(scale * query @ key^T + mask) @ value, on NumPy or CuPy arrays.
 
     Shapes: query (..., Hq, L, E), key (..., Hkv, S, E), value (..., Hkv, S, Ev) -> output
@@ -89,6 +89,9 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     sees propagates to that query's output, as in PyTorch. ``enable_gqa`` lets query head h read key
     head h // (Hq // Hk) and value head h // (Hq // Hv). ``softcap`` > 0 soft-caps the scaled scores,
     softcap * tanh(score / softcap), before the mask is added (FlashAttention's softcap; on the MATH
+    backend until the kernels take it). ``alibi_slopes`` (float32, (Hq,) or broadcasting to (..., Hq),
+    e.g. FlashAttention's (B, Hq)) adds -slope * |i + S - L - j| to the scores of query i and key j after
+    the cap (FlashAttention's ALiBi, aligned bottom-right whatever the causal alignment; on the MATH
     backend until the kernels take it). Dropout's keep-mask is a pure function of
     ``seed`` (an int, or a (seed, offset) pair; None draws one). ``return_lse`` also returns the
     float32 logsumexp (..., Hq, L). Bad arguments raise ``cusdpa.ArgumentError`` (a ValueError and a
@@ -96,16 +99,16 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     """
     options = (dropout_p, is_causal, scale, enable_gqa, causal_variant, window, softcap)
     query, key, value, _ = problem.broadcast_heads(query, key, value, enable_gqa)
-    if attn_mask is None:
+    if attn_mask is None and alibi_slopes is None:
         result = _planned(query, key, value, options, seed, return_lse)
         if result is not None:
             return result
-    return _run(problem.from_dense(query, key, value, attn_mask, Options(*options), seed), return_lse)
+    return _run(problem.from_dense(query, key, value, attn_mask, Options(*options), seed, alibi_slopes), return_lse)
 
 
 def attention_vjp(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
-                  enable_gqa=False, *, causal_variant="upper_left", window=None, softcap=0.0, seed=None,
-                  return_lse=False, deterministic=False):
+                  enable_gqa=False, *, causal_variant="upper_left", window=None, softcap=0.0, alibi_slopes=None,
+                  seed=None, return_lse=False, deterministic=False):
     """(output, vjp): as ``scaled_dot_product_attention``, plus ``vjp(dout)`` returning (dq, dk, dv), and
     d(attn_mask) fourth for a float mask. ``deterministic=True`` asks for bit-identical gradients run
     to run (FLASH on Hopper orders its dQ additions: 0.84-0.99x the default's speed, and head dims above
@@ -114,7 +117,8 @@ def attention_vjp(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=Fa
     shapes = (query.shape, key.shape, value.shape)
     query, key, value, heads = problem.broadcast_heads(query, key, value, enable_gqa)
     pr = problem.from_dense(query, key, value, attn_mask,
-                            Options(dropout_p, is_causal, scale, enable_gqa, causal_variant, window, softcap), seed)
+                            Options(dropout_p, is_causal, scale, enable_gqa, causal_variant, window, softcap), seed,
+                            alibi_slopes)
     result, vjp = _vjp(pr, return_lse, deterministic)
     if heads is None:
         return result, vjp
@@ -123,34 +127,38 @@ def attention_vjp(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=Fa
 
 def varlen_attention(query, key, value, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
                      is_causal=False, scale=None, enable_gqa=False, *, causal_variant="upper_left", window=None,
-                     softcap=0.0, seed=None, return_lse=False):
+                     softcap=0.0, alibi_slopes=None, seed=None, return_lse=False):
     """Attention over a packed batch of variable-length sequences (FlashAttention's layout).
 
     query (Tq, Hq, E), key (Tk, Hkv, E), value (Tk, Hkv, Ev); sequence b holds query tokens
     cu_seqlens_q[b]:cu_seqlens_q[b+1] and key tokens cu_seqlens_k[b]:cu_seqlens_k[b+1] (int32, B + 1
     entries). Output (Tq, Hq, Ev); lse (Hq, Tq). Causal and window align per sequence, as in
     ``scaled_dot_product_attention``; dropout's batch-head index is b * Hq + h, rows and columns
-    count from each sequence's start.
+    count from each sequence's start, and so does ALiBi (``alibi_slopes`` (Hq,) or (B, Hq)).
     """
     pr = problem.from_varlen(query, key, value, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                             Options(dropout_p, is_causal, scale, enable_gqa, causal_variant, window, softcap), seed)
+                             Options(dropout_p, is_causal, scale, enable_gqa, causal_variant, window, softcap), seed,
+                             alibi_slopes)
     return _run(pr, return_lse)
 
 
 def varlen_attention_vjp(query, key, value, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                          dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False, *,
-                         causal_variant="upper_left", window=None, softcap=0.0, seed=None, return_lse=False,
-                         deterministic=False):
+                         causal_variant="upper_left", window=None, softcap=0.0, alibi_slopes=None, seed=None,
+                         return_lse=False, deterministic=False):
     """(output, vjp) for ``varlen_attention``; ``vjp(dout)`` returns (dq, dk, dv) in the packed layout."""
     pr = problem.from_varlen(query, key, value, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                             Options(dropout_p, is_causal, scale, enable_gqa, causal_variant, window, softcap), seed)
+                             Options(dropout_p, is_causal, scale, enable_gqa, causal_variant, window, softcap), seed,
+                             alibi_slopes)
     return _vjp(pr, return_lse, deterministic)
 
 
 def explain(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False, *,
-            causal_variant="upper_left", window=None, softcap=0.0, seed=None, need_grad=False) -> dispatch.Explanation:
+            causal_variant="upper_left", window=None, softcap=0.0, alibi_slopes=None, seed=None,
+            need_grad=False) -> dispatch.Explanation:
     """Which backend would run these dense inputs, and the reasons each other backend would not."""
     query, key, value, _ = problem.broadcast_heads(query, key, value, enable_gqa)
     pr = problem.from_dense(query, key, value, attn_mask,
-                            Options(dropout_p, is_causal, scale, enable_gqa, causal_variant, window, softcap), seed)
+                            Options(dropout_p, is_causal, scale, enable_gqa, causal_variant, window, softcap), seed,
+                            alibi_slopes)
     return dispatch.explain_problem(pr, need_grad)

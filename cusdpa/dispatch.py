@@ -61,6 +61,7 @@ class Capabilities:
     window: bool = True
     lower_right: bool = True
     softcap: bool = True  # logit soft-capping
+    alibi: bool = True  # ALiBi slopes
     unit_stride: bool = False  # needs the last dim of q, k, v contiguous
 
     def reasons(self, pr: problem.Problem, need_grad: bool) -> list[str]:
@@ -93,6 +94,8 @@ class Capabilities:
             out.append("lower-right causal alignment not supported")
         if pr.softcap and not self.softcap:
             out.append("logit soft-capping (softcap) not supported yet")
+        if pr.alibi_slopes is not None and not self.alibi:
+            out.append("ALiBi (alibi_slopes) not supported yet")
         if self.unit_stride:
             for name, x in (("query", pr.q), ("key", pr.k), ("value", pr.v)):
                 if x.shape[-1] > 1 and x.strides[-1] != x.itemsize:

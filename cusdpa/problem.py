@@ -111,6 +111,8 @@ class Problem:
     window: tuple[int, int] | None = None  # (left, right), -1 = unbounded
     dropout_p: float = 0.0
     softcap: float = 0.0  # > 0: scaled scores become softcap * tanh(score / softcap)
+    # ALiBi: float32 (..., Hq) broadcasting to batch_shape + (Hq,); key j gets -slope * |i + S - L - j|
+    alibi_slopes: Any = None
     seed: int = 0
     offset: int = 0
     out_rank: int = 4  # rank of the caller's output; 2 means no head dim
@@ -319,6 +321,27 @@ def _check_mask(attn_mask, xp, full_shape: tuple, device: str):
     return attn_mask, kind
 
 
+def _check_alibi(slopes, xp, full_shape: tuple, device: str):
+    """ALiBi slopes as FlashAttention takes them: float32, one per query head, (Hq,) or broadcasting to
+    ``full_shape`` = (..., Hq), e.g. (B, Hq)."""
+    if slopes is None:
+        return None
+    if array_module(slopes, "alibi_slopes") is not xp:
+        raise ArgumentTypeError(f"alibi_slopes is a {type(slopes).__module__} array but query is a {xp.__name__} "
+                                "array; NumPy and CuPy arrays cannot be mixed")
+    if device_of(slopes) != device:
+        raise ArgumentError(f"alibi_slopes is on {device_of(slopes)} but query is on {device}; move it")
+    if _dtype_name(slopes) != "float32":
+        raise ArgumentTypeError(f"alibi_slopes.dtype={slopes.dtype} must be float32 (as FlashAttention's)")
+    shape = tuple(slopes.shape)
+    padded = (1,) * (len(full_shape) - len(shape)) + shape
+    if not shape or len(shape) > len(full_shape) or shape[-1] != full_shape[-1] or any(
+            m not in (1, f) for m, f in zip(padded, full_shape)):
+        raise ArgumentError(f"alibi_slopes.shape={shape} must be (Hq,) or broadcast to (batch..., Hq)={full_shape}, "
+                            "one slope per query head")
+    return slopes
+
+
 @dataclass(frozen=True)
 class HeadPlan:
     """How query, key and value heads that differ meet, as PyTorch's SDPA lets them: by broadcasting (a
@@ -401,7 +424,7 @@ def sum_head_grads(plan: HeadPlan | None, grads: tuple, shapes: tuple) -> tuple:
                  for g, s, r in zip(grads, shapes, repeats)) + tuple(grads[3:])
 
 
-def from_dense(q, k, v, attn_mask=None, options: Options = Options(), seed=None) -> Problem:
+def from_dense(q, k, v, attn_mask=None, options: Options = Options(), seed=None, alibi_slopes=None) -> Problem:
     """Validate dense (..., H, L, E) arguments of ``scaled_dot_product_attention`` whose heads meet as the
     kernels take them (``broadcast_heads`` first otherwise)."""
     dropout_p, is_causal, scale, enable_gqa, causal_variant, window, softcap = _options(options)
@@ -426,12 +449,13 @@ def from_dense(q, k, v, attn_mask=None, options: Options = Options(), seed=None)
         raise ArgumentError(f"batch dims of query {tuple(q.shape)}, key {tuple(k.shape)} and value "
                             f"{tuple(v.shape)} do not broadcast; make the leading dims equal or 1") from None
     mask, mask_kind = _check_mask(attn_mask, xp, batch_shape + (hq, L, S), device_of(q))
+    slopes = _check_alibi(alibi_slopes, xp, batch_shape + (hq,), device_of(q))
     causal, lower_right, window = _check_causal(is_causal, causal_variant, window)
     p, seed, offset = _check_dropout(dropout_p, seed)
     return Problem(xp=xp, q=q, k=k, v=v, batch_shape=batch_shape, hq=hq, hkv=hkv, L=L, S=S, E=E, Ev=Ev,
                    dtype=dtype, scale=_check_scale(scale, E), mask=mask, mask_kind=mask_kind, causal=causal,
-                   lower_right=lower_right, window=window, dropout_p=p, softcap=_check_softcap(softcap), seed=seed,
-                   offset=offset, out_rank=max(q.ndim, k.ndim, v.ndim))
+                   lower_right=lower_right, window=window, dropout_p=p, softcap=_check_softcap(softcap),
+                   alibi_slopes=slopes, seed=seed, offset=offset, out_rank=max(q.ndim, k.ndim, v.ndim))
 
 
 def _options(options: Options) -> tuple:
@@ -458,7 +482,7 @@ def _check_cu_seqlens(cu, name: str, xp, tokens: int, tokens_name: str) -> np.nd
 
 
 def from_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, options: Options = Options(),
-                seed=None) -> Problem:
+                seed=None, alibi_slopes=None) -> Problem:
     """Validate packed (total_tokens, H, E) arguments of ``varlen_attention``."""
     dropout_p, is_causal, scale, enable_gqa, causal_variant, window, softcap = _options(options)
     xp, dtype = _check_arrays(q, k, v)
@@ -486,7 +510,8 @@ def from_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
     causal, lower_right, window = _check_causal(is_causal, causal_variant, window)
     p, seed, offset = _check_dropout(dropout_p, seed)
     varlen = Varlen(cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k), host_q, host_k)
+    slopes = _check_alibi(alibi_slopes, xp, (varlen.batch, hq), device_of(q))
     return Problem(xp=xp, q=q, k=k, v=v, batch_shape=(varlen.batch,), hq=hq, hkv=hkv, L=int(max_seqlen_q),
                    S=int(max_seqlen_k), E=E, Ev=Ev, dtype=dtype, scale=_check_scale(scale, E), causal=causal,
-                   lower_right=lower_right, window=window, dropout_p=p, softcap=_check_softcap(softcap), seed=seed,
-                   offset=offset, out_rank=3, varlen=varlen)
+                   lower_right=lower_right, window=window, dropout_p=p, softcap=_check_softcap(softcap),
+                   alibi_slopes=slopes, seed=seed, offset=offset, out_rank=3, varlen=varlen)

@@ -4,8 +4,10 @@ This module is the oracle every backend is tested against. It is written against
 ``xp`` so the MATH backend runs the same code on CuPy arrays (fp32 accumulation). It works on
 chunks of whole GQA groups of heads, so the L x S score matrix of all heads never exists at once.
 
-Definitions, for one (batch, query head) slice with scores s = cap(scale * q k^T) (+ float mask), where
-cap(x) = softcap * tanh(x / softcap) with soft-capping (softcap > 0) and x without:
+Definitions, for one (batch, query head) slice with scores s = cap(scale * q k^T) (+ alibi) (+ float mask),
+where cap(x) = softcap * tanh(x / softcap) with soft-capping (softcap > 0) and x without, and ALiBi
+(FlashAttention's, aligned bottom-right whatever the causal alignment) adds -slope * |i + S - L - j| with
+the slice's slope:
   allowed[i, j] = causal & window & bool mask & (float mask != -inf); s[i, j] = -inf elsewhere
   P = softmax(s) row-wise, with P = 0 on rows where every s is -inf; lse = log sum_j exp(s[i, j])
   A = P * keep / (1 - p) under dropout (keep from cusdpa.philox), else A = P;  out = A v
@@ -115,6 +117,10 @@ def _slice(pr: problem.Problem, b, bh0: int, h0: int, h1: int, acc, allowed_stru
     if pr.softcap:
         t = xp.tanh(s / acc.type(pr.softcap))
         s, cap_grad = acc.type(pr.softcap) * t, 1 - t * t
+    if pr.alibi_slopes is not None:  # added after the cap, as a float mask: dS passes through unchanged
+        slopes = xp.broadcast_to(pr.alibi_slopes, full + (pr.hq,))[b][h0:h1].astype(acc)
+        distance = xp.abs(xp.arange(pr.L)[:, None] + (pr.S - pr.L) - xp.arange(pr.S)[None, :]).astype(acc)
+        s = s - slopes[:, None, None] * distance
     allowed = allowed_struct
     if pr.mask is not None:
         m = xp.broadcast_to(pr.mask, full + (pr.hq, pr.L, pr.S))[b][h0:h1]
@@ -239,9 +245,12 @@ def varlen_pieces(pr: problem.Problem):
     for b in range(vl.batch):
         qs, qe = int(vl.host_cu_q[b]), int(vl.host_cu_q[b + 1])
         ks, ke = int(vl.host_cu_k[b]), int(vl.host_cu_k[b + 1])
+        slopes = pr.alibi_slopes
+        if slopes is not None and slopes.ndim == 2:
+            slopes = slopes[b if slopes.shape[0] > 1 else 0]
         sub = dataclasses.replace(pr, q=pr.q[qs:qe].swapaxes(0, 1), k=pr.k[ks:ke].swapaxes(0, 1),
                                   v=pr.v[ks:ke].swapaxes(0, 1), batch_shape=(), L=qe - qs, S=ke - ks,
-                                  varlen=None, out_rank=3)
+                                  alibi_slopes=slopes, varlen=None, out_rank=3)
         yield b, sub, slice(qs, qe), slice(ks, ke)
 
 
@@ -281,7 +290,7 @@ def _as_numpy(x):
 
 
 def attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False, *,
-              causal_variant="upper_left", window=None, softcap=0.0, seed=0, accum=np.float64):
+              causal_variant="upper_left", window=None, softcap=0.0, alibi_slopes=None, seed=0, accum=np.float64):
     """Reference (out, lse) in NumPy for dense arrays (CuPy inputs are copied to the host).
 
     Shapes as ``cusdpa.scaled_dot_product_attention``; out has the input dtype. Tests and
@@ -289,16 +298,16 @@ def attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=Non
     """
     pr = problem.from_dense(*map(_as_numpy, (q, k, v)), _as_numpy(attn_mask),
                             problem.Options(dropout_p, is_causal, scale, enable_gqa, causal_variant, window,
-                                            softcap), seed)
+                                            softcap), seed, _as_numpy(alibi_slopes))
     return forward(pr, accum)
 
 
 def attention_grads(q, k, v, dout, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
-                    enable_gqa=False, *, causal_variant="upper_left", window=None, softcap=0.0, seed=0,
-                    accum=np.float64):
+                    enable_gqa=False, *, causal_variant="upper_left", window=None, softcap=0.0, alibi_slopes=None,
+                    seed=0, accum=np.float64):
     """Reference gradients (dq, dk, dv[, dmask]) in NumPy for dense arrays."""
     pr = problem.from_dense(*map(_as_numpy, (q, k, v)), _as_numpy(attn_mask),
                             problem.Options(dropout_p, is_causal, scale, enable_gqa, causal_variant, window,
-                                            softcap), seed)
+                                            softcap), seed, _as_numpy(alibi_slopes))
     return backward(pr, _as_numpy(dout), accum)
 

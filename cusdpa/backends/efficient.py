@@ -11,7 +11,7 @@ from .. import dispatch, environment
 from ..dispatch import Backend, Capabilities, Implementation
 
 CAPABILITIES = Capabilities(dtypes=frozenset({"float16", "bfloat16", "float32"}), max_head_dim=256,
-                            zero_head_dim=False, softcap=False)
+                            zero_head_dim=False, softcap=False, alibi=False)
 
 
 def _environment_reasons(pr):
