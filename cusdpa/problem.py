@@ -295,14 +295,25 @@ def _check_causal(is_causal, causal_variant, window):
     return check_flag(is_causal, "is_causal"), causal_variant == "lower_right", window
 
 
+def _check_beside(x, name: str, xp, device: str, full_shape: tuple, hint: str):
+    """An array argument beside the inputs (a mask, ALiBi slopes): query's array type and device, and a shape
+    that broadcasts to ``full_shape`` (``hint`` says what it should be)."""
+    if array_module(x, name) is not xp:
+        raise ArgumentTypeError(f"{name} is a {type(x).__module__} array but query is a {xp.__name__} "
+                                "array; NumPy and CuPy arrays cannot be mixed")
+    if device_of(x) != device:
+        raise ArgumentError(f"{name} is on {device_of(x)} but query is on {device}; move it")
+    shape = tuple(x.shape)
+    padded = (1,) * (len(full_shape) - len(shape)) + shape
+    if len(shape) > len(full_shape) or any(m not in (1, f) for m, f in zip(padded, full_shape)):
+        raise ArgumentError(f"{name}.shape={shape} does not broadcast to {full_shape}; {hint}")
+
+
 def _check_mask(attn_mask, xp, full_shape: tuple, device: str):
     if attn_mask is None:
         return None, None
-    if array_module(attn_mask, "attn_mask") is not xp:
-        raise ArgumentTypeError(f"attn_mask is a {type(attn_mask).__module__} array but query is a {xp.__name__} "
-                                "array; NumPy and CuPy arrays cannot be mixed")
-    if device_of(attn_mask) != device:
-        raise ArgumentError(f"attn_mask is on {device_of(attn_mask)} but query is on {device}; move it")
+    _check_beside(attn_mask, "attn_mask", xp, device, full_shape,
+                  "(..., Hq, L, S): give it size 1 or the full size in each dim")
     name = _dtype_name(attn_mask)
     if name == "bool":
         kind = "bool"
@@ -313,11 +324,6 @@ def _check_mask(attn_mask, xp, full_shape: tuple, device: str):
             f"attn_mask.dtype={attn_mask.dtype} is not supported; use bool (True = attend) or a float "
             "dtype added to the scores (convert an integer mask with mask.astype(bool))"
         )
-    shape = tuple(attn_mask.shape)
-    padded = (1,) * (len(full_shape) - len(shape)) + shape
-    if len(shape) > len(full_shape) or any(m not in (1, f) for m, f in zip(padded, full_shape)):
-        raise ArgumentError(f"attn_mask.shape={shape} does not broadcast to (..., Hq, L, S)={full_shape}; "
-                            "give it size 1 or the full size in each dim")
     return attn_mask, kind
 
 
@@ -326,19 +332,12 @@ def _check_alibi(slopes, xp, full_shape: tuple, device: str):
     ``full_shape`` = (..., Hq), e.g. (B, Hq)."""
     if slopes is None:
         return None
-    if array_module(slopes, "alibi_slopes") is not xp:
-        raise ArgumentTypeError(f"alibi_slopes is a {type(slopes).__module__} array but query is a {xp.__name__} "
-                                "array; NumPy and CuPy arrays cannot be mixed")
-    if device_of(slopes) != device:
-        raise ArgumentError(f"alibi_slopes is on {device_of(slopes)} but query is on {device}; move it")
+    hint = "one slope per query head: (Hq,) or (batch..., Hq)"
+    _check_beside(slopes, "alibi_slopes", xp, device, full_shape, hint)
+    if slopes.ndim == 0 or slopes.shape[-1] != full_shape[-1]:
+        raise ArgumentError(f"alibi_slopes.shape={tuple(slopes.shape)} must hold {hint}, Hq={full_shape[-1]}")
     if _dtype_name(slopes) != "float32":
         raise ArgumentTypeError(f"alibi_slopes.dtype={slopes.dtype} must be float32 (as FlashAttention's)")
-    shape = tuple(slopes.shape)
-    padded = (1,) * (len(full_shape) - len(shape)) + shape
-    if not shape or len(shape) > len(full_shape) or shape[-1] != full_shape[-1] or any(
-            m not in (1, f) for m, f in zip(padded, full_shape)):
-        raise ArgumentError(f"alibi_slopes.shape={shape} must be (Hq,) or broadcast to (batch..., Hq)={full_shape}, "
-                            "one slope per query head")
     return slopes
 
 
