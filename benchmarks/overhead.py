@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import cProfile
+import dataclasses
 import statistics
 import time
 
@@ -26,7 +27,7 @@ import cusdpa
 import interop
 from cusdpa import dispatch, problem
 from cusdpa.backends import flash
-from interop import autograd, bridge, ops
+from interop import arguments, autograd, bridge, ops
 
 # Calls per round: a back-to-back round stays under ~500 launches, since past about a thousand pending
 # launches a stream's queue is full and the with-GPU figure would stop meaning anything.
@@ -111,15 +112,16 @@ def main():
     cq, cout, clse = (bridge.as_array(t) for t in (q, out, lse))
     causal = problem.Options(is_causal=True)
     pr = problem.from_dense(cq, cq, cq, None, causal)
-    op_args = (q, q, q, None, 0.0, True, None, False, "upper_left", None, None, "flash,efficient,math")
+    values = arguments.options(**dataclasses.asdict(causal))  # the ops' option arguments, as the bridge makes them
+    backends = "flash,efficient,math"
+    op_args = (q, q, q, None, *values, None, backends)
     compiled, compiled_reference = torch.compile(module), torch.compile(reference)
     sdpa = torch.nn.functional.scaled_dot_product_attention
     qg = q.detach().requires_grad_()
     small = torch.randn(1, 8, 128, 64, device="cuda", dtype=torch.half)
     sg = small.detach().requires_grad_()
     fwd_out, fwd_lse = ops.sdpa_fwd(*op_args)
-    bwd_args = (q, q, q, q, None, fwd_out, fwd_lse, 0.0, True, None, False, "upper_left", None, None,
-                "flash,efficient,math", False)
+    bwd_args = (q, q, q, q, None, fwd_out, fwd_lse, *values, None, backends, False)
     with torch.no_grad():
         print("the general path (first calls of a signature; masks, varlen):")
         measure({"problem.from_dense": lambda: problem.from_dense(cq, cq, cq, None, causal),

@@ -247,6 +247,20 @@ def test_persistent_forward_runs_many_tiles_per_cta(name, schedule, rng, monkeyp
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("name", ["gqa", "causal_short_keys", "dropout", "varlen", "window"])
+def test_three_consumer_warpgroups(name, rng, monkeypatch):
+    """192-row tiles (three consumer warpgroups), which E <= 64 takes except on short causal problems, with
+    both causal alignments, dropout, packed sequences and windows."""
+    import dataclasses
+
+    from cusdpa.backends.flash import launches
+
+    monkeypatch.setattr(launches, "config", lambda pr: dataclasses.replace(
+        config.FlashConfig.for_problem(pr.E, pr.Ev, pr.L, pr.causal), fwd90_warpgroups=3))
+    _gpu_check(FEATURES[name], rng, grads=False)
+
+
+@pytest.mark.gpu
 def test_dropout_mask_is_bit_identical_to_the_reference(rng):
     """With V = I the output is the dropped attention matrix itself: its zeros are the keep-mask."""
     import cupy

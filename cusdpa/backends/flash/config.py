@@ -45,14 +45,17 @@ class FlashConfig:
     @staticmethod
     @functools.cache
     def for_problem(E: int, Ev: int, L: int, causal: bool) -> "FlashConfig":
-        """``for_head_dims`` with the Hopper forward's tiles, from sweeps on the H200 (BENCHMARKS.md): two
-        consumer warpgroups and 128-key blocks for E <= 128 (three warpgroups, 192 query rows, only pay on
-        long non-causal E = 64 problems); for larger head dims FlashAttention-3's key blocks, as long as
-        registers and shared memory allow. Causal problems take a third K/V stage where it fits (1-3%
-        faster: more of the next tile's loads in flight while the diagonal blocks are masked)."""
+        """``for_head_dims`` with the Hopper forward's tiles, from sweeps on the H200 (BENCHMARKS.md): 128-key
+        blocks for E <= 128, with three consumer warpgroups (192 query rows) for E <= 64 (at E = 64 the
+        exponentials cost as much as both products, and a third warpgroup's softmax fills the tensor
+        cores' gaps: +7% at L = 1024, +17% at 4096) except short causal problems, where 192-row tiles lose
+        more on the masked diagonal than they gain (-10% at L = 1024), and two for E <= 128; for larger head
+        dims FlashAttention-3's key blocks, as long as registers and shared memory allow. Causal problems
+        take a third K/V stage where it fits (1-3% faster: more of the next tile's loads in flight while the
+        diagonal blocks are masked)."""
         cfg = FlashConfig.for_head_dims(E, Ev)
         d = max(E, Ev)
-        if d <= 64 and not causal and L >= 16384:
+        if d <= 64 and (not causal or L >= 2048):
             cfg = dataclasses.replace(cfg, fwd90_warpgroups=3, fwd90_block_n=128)
         elif d <= 128:
             cfg = dataclasses.replace(cfg, fwd90_block_n=128)
