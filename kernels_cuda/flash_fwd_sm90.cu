@@ -34,9 +34,18 @@
 // batch) has those rows zeroed by the producer before the consumers may read it, so NaN stored there never
 // meets a P of 0. K needs nothing: its scores there are selected out.
 //
+// attn_mask (ATTN_MASK: 0 none, 1 bool (a byte, nonzero = attend), 2 float16, 3 bfloat16, 4 float32, added
+// to the scaled scores): each consumer thread reads the mask elements of its own score fragment (pairs of
+// neighbouring keys of rows i and i + 8) straight from global memory through the mask's strides (b, h,
+// row; 0 on broadcast dims, the keys contiguous), a block ahead of their use so that the loads fly while
+// the softmax and the next products run. A bool mask selects scores out (-inf) in the usual log2 domain. With a float
+// mask the scores are kept in natural units (s * scale + mask, the row max m of those, p = exp2((s - m) *
+// log2 e)): scaling a mask of -3.4e38 (a dtype's min, what models pass for "masked") into the log2 domain
+// would overflow to -inf and turn a row PyTorch attends uniformly into an empty one.
+//
 // Extra -D options: FWD90_WARPGROUPS (consumer warpgroups, 2 or 3), FWD90_BLOCK_N, FWD90_STAGES (K/V
-// buffers), FWD90_PINGPONG (1: consumers take turns; 0: they issue when ready). E and Ev multiples of 32
-// up to 256.
+// buffers), FWD90_PINGPONG (1: consumers take turns; 0: they issue when ready), ATTN_MASK. E and Ev
+// multiples of 32 up to 256.
 #include "sm90.cuh"
 // @WGMMA_WRAPPERS@ FWD90_BLOCK_N HEAD_DIM_V
 
@@ -62,6 +71,24 @@ constexpr int QK_SW = HEAD_DIM % 64 == 0 ? 128 : 64;
 constexpr int V_SW = HEAD_DIM_V % 64 == 0 ? 128 : 64;
 static_assert(MMA_WG == 2 || MMA_WG == 3, "FWD90_WARPGROUPS must be 2 or 3");
 static_assert(BLOCK_N % 16 == 0 && BLOCK_N >= 16 && BLOCK_N <= 256, "FWD90_BLOCK_N: a multiple of 16 up to 256");
+
+#ifndef ATTN_MASK
+#define ATTN_MASK 0
+#endif
+constexpr bool FLOAT_MASK = ATTN_MASK >= 2;  // scores in natural units (see the top of the file)
+#if ATTN_MASK == 1
+typedef unsigned char mask_t;
+typedef unsigned short mask_pair_t;  // two bytes, the lower key in the lower byte
+#elif ATTN_MASK == 2
+typedef __half mask_t;
+typedef __half2 mask_pair_t;
+#elif ATTN_MASK == 3
+typedef __nv_bfloat16 mask_t;
+typedef __nv_bfloat162 mask_pair_t;
+#else
+typedef float mask_t;
+typedef float2 mask_pair_t;
+#endif
 
 
 // S = Q K^T for one warpgroup's 64 rows and one key block (issued, not waited for).
@@ -91,6 +118,7 @@ __device__ __forceinline__ void issue_pv(float (&acc)[VT * 4], const u32 (&p)[NT
 // maxima m_i, rescales l_i, and turns the scores into unnormalised probabilities in place (l_i sums them,
 // before dropout). alpha[r] is the factor the output accumulated so far needs; the return value says
 // whether any row of the warp changed its max (else alpha is 1 everywhere and the rescale is skipped).
+// With FLOAT_MASK the scores come scaled, in natural units (apply_mask), and m_i is in those units too.
 __device__ __forceinline__ bool softmax_block(float (&s)[NT * 4], float (&m_i)[2], float (&l_i)[2], float (&alpha)[2],
                                               const Visibility<int>& vis, bool full, int i, int n0, int t,
                                               float scale_log2) {
@@ -115,9 +143,9 @@ __device__ __forceinline__ bool softmax_block(float (&s)[NT * 4], float (&m_i)[2
         mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
         mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
         // fmaxf skips NaN: a NaN score poisons the row through its p = exp2(NaN) instead.
-        const float m_new = fmaxf(m_i[r], __fmul_rn(mx, scale_log2));
+        const float m_new = fmaxf(m_i[r], FLOAT_MASK ? mx : __fmul_rn(mx, scale_log2));
         m_use[r] = m_new == -CUSDPA_INF ? 0.f : m_new;  // a row with nothing visible yet: exp2(-inf) = 0
-        alpha[r] = exp2f(m_i[r] - m_use[r]);
+        alpha[r] = exp2f(FLOAT_MASK ? (m_i[r] - m_use[r]) * LOG2E : m_i[r] - m_use[r]);
         rescale |= m_new != m_i[r];
         m_i[r] = m_new;
         l_i[r] *= alpha[r];
@@ -140,7 +168,9 @@ __device__ __forceinline__ bool softmax_block(float (&s)[NT * 4], float (&m_i)[2
             }
         }
     };
-    if (exact)
+    if (FLOAT_MASK)  // the difference first: the max element gets exp2(0) = 1 exactly
+        exponentiate([](float x, float m) { return exp2f(__fsub_rn(x, m) * LOG2E); });
+    else if (exact)
         exponentiate([scale_log2](float x, float m) { return exp2f(__fmul_rn(x, scale_log2) - m); });
     else
         exponentiate([scale_log2](float x, float m) { return exp2f(fmaf(x, scale_log2, -m)); });
@@ -171,6 +201,66 @@ __device__ __forceinline__ void rescale_acc(float (&acc)[VT * 4], const float (&
 #pragma unroll
     for (int x = 0; x < VT * 4; ++x) acc[x] *= alpha[(x % 4) / 2];
 }
+
+// ---- attn_mask -----------------------------------------------------------------------------------------
+#if ATTN_MASK
+
+// A mask pair's value where a key is past S (its score is selected out by the visibility rule already):
+// attend / add 0, so nothing turns that -inf into NaN.
+__device__ __forceinline__ mask_pair_t mask_pair(const mask_t* row, int c, int S) {
+#if ATTN_MASK == 1
+    return c + 1 < S ? *reinterpret_cast<const mask_pair_t*>(row + c)
+                     : static_cast<mask_pair_t>(0x0100u | (c < S ? row[c] : 1u));
+#else
+    if (c + 1 < S) return *reinterpret_cast<const mask_pair_t*>(row + c);
+    mask_pair_t x;
+    x.x = c < S ? row[c] : mask_t(0.f);
+    x.y = mask_t(0.f);
+    return x;
+#endif
+}
+
+// The mask elements of this thread's scores of one key block (first key n0): rows i and i + 8 (row0 and
+// row1 point at them, clamped into the mask), keys n0 + 8 nt + 2 t and the next. Loaded a block ahead, as
+// soon as the current block's are applied: an L2 read takes longer than a small head dim's S = Q K^T, and
+// the softmax in between covers it.
+__device__ __forceinline__ void load_mask(mask_pair_t (&mk)[NT * 2], const mask_t* row0, const mask_t* row1, int n0,
+                                          int t, int S) {
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+        mk[nt * 2] = mask_pair(row0, n0 + nt * 8 + 2 * t, S);
+        mk[nt * 2 + 1] = mask_pair(row1, n0 + nt * 8 + 2 * t, S);
+    }
+}
+
+// Scores with the mask applied: a bool mask's False -> -inf; a float mask: s * scale + mask (natural units).
+__device__ __forceinline__ void apply_mask(float (&s)[NT * 4], const mask_pair_t (&mk)[NT * 2], float scale) {
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+            float& s0 = s[nt * 4 + 2 * r];
+            float& s1 = s[nt * 4 + 2 * r + 1];
+            const mask_pair_t m = mk[nt * 2 + r];
+#if ATTN_MASK == 1
+            s0 = (m & 0xffu) ? s0 : -CUSDPA_INF;
+            s1 = (m & 0xff00u) ? s1 : -CUSDPA_INF;
+#elif ATTN_MASK == 4
+            s0 = fmaf(s0, scale, m.x);
+            s1 = fmaf(s1, scale, m.y);
+#else
+#if ATTN_MASK == 2
+            const float2 f = __half22float2(m);
+#else
+            const float2 f = __bfloat1622float2(m);
+#endif
+            s0 = fmaf(s0, scale, f.x);
+            s1 = fmaf(s1, scale, f.y);
+#endif
+        }
+    }
+}
+#endif
 
 // ---- tiles ---------------------------------------------------------------------------------------------
 
@@ -235,7 +325,8 @@ flash_fwd_sm90(const __grid_constant__ TmaMap tm_q, const __grid_constant__ TmaM
                long long o_sm, long long lse_sb, long long lse_sh, float scale_log2, int left, int right,
                int lower_right, unsigned int seed_lo, unsigned int seed_hi, unsigned int offset,
                unsigned int threshold, float rp_dropout, int BH, int num_m, int chunk_heads,
-               const int* __restrict__ schedule) {
+               const int* __restrict__ schedule, const mask_t* __restrict__ mask, long long m_sb, long long m_sh,
+               long long m_sm) {
     extern __shared__ __align__(1024) unsigned char smem[];
     unsigned char* sQ = smem;  // every size is a multiple of 1024: each tile keeps the swizzle alignment
     unsigned char* sK = sQ + SQ_BYTES;
@@ -327,6 +418,9 @@ flash_fwd_sm90(const __grid_constant__ TmaMap tm_q, const __grid_constant__ TmaM
     const int g = lane / 4, t4 = lane % 4;
     const unsigned char* sQwg = sQ + cw * 64 * QK_SW;
     const Dropout drop{seed_lo, seed_hi, offset, threshold};
+#if ATTN_MASK
+    const float scale = scale_log2 * LN2;  // a float mask is added to the scores scaled by this
+#endif
     // Ping-pong: consumer cw issues after barrier 1 + cw opens and then opens the next consumer's. The
     // first consumer's first turn is free; the last consumer's last opening is absorbed at the end.
     bool first_turn = cw == 0, issued = false;
@@ -351,6 +445,12 @@ flash_fwd_sm90(const __grid_constant__ TmaMap tm_q, const __grid_constant__ TmaM
         const int i = mw + (warp % 4) * 16 + g;  // this thread's rows are i and i + 8
         elem_t* ob = sl.query_rows(o, o_sb, o_sh, o_sm);
         float* lseb = lse + sl.stats_offset(lse_sb, lse_sh);
+#if ATTN_MASK
+        const mask_t* mask_b = mask + sl.b * m_sb + sl.h * m_sh;
+        const mask_t* mask_r0 = mask_b + min(i, sl.L - 1) * m_sm;  // rows past L: any row, never stored
+        const mask_t* mask_r1 = mask_b + min(i + 8, sl.L - 1) * m_sm;
+        mask_pair_t mk[NT * 2];
+#endif
         if (tile.n_begin >= tile.n_end) {  // no query of the tile sees a key: out 0, lse -inf
             for (int x = threadIdx.x - 128 * wg; x < 64 * (HEAD_DIM_V / 8); x += 128) {
                 const int row = mw + x / (HEAD_DIM_V / 8), ch = x % (HEAD_DIM_V / 8);
@@ -379,11 +479,18 @@ flash_fwd_sm90(const __grid_constant__ TmaMap tm_q, const __grid_constant__ TmaM
         issue_qk(s, sQwg, sK + st * SK_BYTES);
         wgmma_commit();
         turn_end();
+        int n0 = tile.n_begin * BLOCK_N;
+#if ATTN_MASK
+        load_mask(mk, mask_r0, mask_r1, n0, t4, sl.S);
+#endif
         wgmma_wait<0>();
         fence_regs(s);
         release(k_empty + st);
         if (tile.n_begin + 1 == tile.n_end) release(q_empty);
-        int n0 = tile.n_begin * BLOCK_N;
+#if ATTN_MASK
+        apply_mask(s, mk, scale);
+        load_mask(mk, mask_r0, mask_r1, n0 + BLOCK_N, t4, sl.S);  // the next block's, a softmax ahead
+#endif
         softmax_block(s, m_i, l_i, alpha, vis, vis.tile_full(mw, 64, n0, BLOCK_N), i, n0, t4, scale_log2);
         round_p(s, p, i, n0, t4, drop, sl.bh);
 
@@ -406,11 +513,15 @@ flash_fwd_sm90(const __grid_constant__ TmaMap tm_q, const __grid_constant__ TmaM
             issue_pv(acc, p, sV + prev * SV_BYTES);
             wgmma_commit();
             turn_end();
+            n0 = n * BLOCK_N;
             wgmma_wait<1>();  // S of block n; P V of block n - 1 still runs
             fence_regs(s);
             release(k_empty + st);
             if (n + 1 == tile.n_end) release(q_empty);
-            n0 = n * BLOCK_N;
+#if ATTN_MASK
+            apply_mask(s, mk, scale);
+            load_mask(mk, mask_r0, mask_r1, n0 + BLOCK_N, t4, sl.S);  // past the tile's last block: unused
+#endif
             const bool rescale =
                 softmax_block(s, m_i, l_i, alpha, vis, vis.tile_full(mw, 64, n0, BLOCK_N), i, n0, t4, scale_log2);
             wgmma_wait<0>();
@@ -448,7 +559,8 @@ flash_fwd_sm90(const __grid_constant__ TmaMap tm_q, const __grid_constant__ TmaM
                 for (int vt = 0; vt < VT; ++vt)
                     *reinterpret_cast<u32*>(ob + row * o_sm + vt * 8 + 2 * t4) = pack2<IS_BF16>(
                         empty ? 0.f : acc[vt * 4 + 2 * r] * inv, empty ? 0.f : acc[vt * 4 + 2 * r + 1] * inv);
-                if (t4 == 0) lseb[row] = empty ? -CUSDPA_INF : (m_i[r] + log2f(l)) * LN2;
+                if (t4 == 0)
+                    lseb[row] = empty ? -CUSDPA_INF : FLOAT_MASK ? m_i[r] + log2f(l) * LN2 : (m_i[r] + log2f(l)) * LN2;
             }
         }
     }

@@ -95,7 +95,7 @@ def test_no_backend_error_lists_every_backend_with_reasons(rng):
 
 def test_explain_names_reasons(rng):
     q, k, v = qkv(rng, dtype=np.float32)
-    ex = cusdpa.explain(q, k, v, attn_mask=np.zeros((9, 11), np.float32))
+    ex = cusdpa.explain(q, k, v, attn_mask=np.zeros((9, 11), np.float32), need_grad=True)
     assert ex.chosen is Backend.MATH and ex.reasons[Backend.MATH] == []
     flash = " ".join(ex.reasons[Backend.FLASH])
     assert "float32" in flash and "float attn_mask" in flash and "numpy arrays" in flash

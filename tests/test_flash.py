@@ -28,6 +28,12 @@ def _nvrtc_jobs():
             for fwd_cfg in {config.FlashConfig.for_problem(E, Ev, L, c) for L in (1024, 2048, 16384) for c in (0, 1)}:
                 if config.sm90_forward_applies(E, Ev, 90, fwd_cfg):
                     yield "flash_fwd_sm90.cu", sources.compile_options(dtype, E, Ev, dropout, fwd_cfg) + ("-arch=sm_90a",)
+            # ... and with each kind of attn_mask
+            for mask in (("bool", "float16") if dtype == "float16" else ("float32", "bfloat16")):
+                fwd_cfg = config.FlashConfig.for_problem(E, Ev, 4096, False, mask)
+                if config.sm90_forward_applies(E, Ev, 90, fwd_cfg):
+                    yield "flash_fwd_sm90.cu", sources.compile_options(dtype, E, Ev, dropout, fwd_cfg, mask=mask) + (
+                        "-arch=sm_90a",)
             for part in ((1, 2) if cfg.split_dkdv else (3,)):
                 yield "flash_bwd.cu", sources.compile_options(dtype, E, Ev, dropout, cfg, part)
             if config.sm90_backward_applies(E, Ev, 90, cfg):
@@ -217,6 +223,30 @@ def test_features(name, rng):
     _gpu_check(FEATURES[name], rng)
 
 
+# attn_mask on the Hopper forward: the contract's broadcast shapes, each mask kind and float dtype, rows
+# whose keys come in an odd count (the kernel reads keys in pairs: an even-length copy) or are all masked.
+MASKED = {
+    "bool_key_padding": Case(batch=(3,), hq=4, L=130, S=200, E=64, mask="bool", mask_shape=(3, 1, 1, 200)),
+    "bool_2d_causal_gqa_dropout": Case(hq=4, hkv=2, L=150, S=150, E=96, causal="lower_right", dropout_p=0.2,
+                                       mask="bool", mask_shape=(150, 150)),
+    "bool_batch_rows": Case(batch=(2,), hq=3, hkv=1, L=70, S=300, E=128, mask="bool", mask_shape=(2, 1, 70, 300)),
+    "float32_heads_odd_keys": Case(hq=3, hkv=3, L=100, S=91, E=128, mask="float", mask_shape=(1, 3, 100, 91),
+                                   mask_dtype="float32"),
+    "float_full_window": Case(dtype="float16", batch=(2,), hq=2, L=120, S=130, E=256, window=(30, 10),
+                              mask="float"),
+    "bfloat16_mask_ev_differs": Case(hq=2, L=90, S=200, E=192, Ev=128, causal="upper_left", mask="float",
+                                     mask_shape=(2, 90, 200), mask_dtype="bfloat16"),
+    "float16_mask_bf16_inputs": Case(batch=(2, 2), hq=2, L=64, S=64, E=32, mask="float",
+                                     mask_shape=(2, 1, 1, 64, 64), mask_dtype="float16"),
+}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", sorted(MASKED))
+def test_attn_mask_on_the_hopper_forward(name, rng):
+    _gpu_check(MASKED[name], rng, grads=False)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("name", ["gqa", "mqa", "dropout", "strided", "varlen", "causal_short_keys"])
 def test_mma_sync_kernels_where_wgmma_would_run(name, rng, monkeypatch):
@@ -381,5 +411,10 @@ def test_dispatch_picks_flash_and_explains_fallbacks(rng):
     assert cusdpa.explain(q, q, q).chosen is cusdpa.Backend.FLASH
     q32 = q.astype(np.float32)
     assert any("float32" in r for r in cusdpa.explain(q32, q32, q32).reasons[cusdpa.Backend.FLASH])
+    # masks: the Hopper forward reads them, the backward does not yet
     mask = cupy.zeros((16, 16), np.float16)
-    assert any("float attn_mask" in r for r in cusdpa.explain(q, q, q, mask).reasons[cusdpa.Backend.FLASH])
+    assert cusdpa.explain(q, q, q, mask).chosen is cusdpa.Backend.FLASH
+    assert any("float attn_mask" in r for r in cusdpa.explain(q, q, q, mask, need_grad=True).reasons[cusdpa.Backend.FLASH])
+    keep = cupy.ones((16, 16), bool)
+    assert any("backward" in r for r in cusdpa.explain(q, q, q, keep, need_grad=True).reasons[cusdpa.Backend.FLASH])
+    assert any("float64" in r for r in cusdpa.explain(q, q, q, mask.astype(np.float64)).reasons[cusdpa.Backend.FLASH])

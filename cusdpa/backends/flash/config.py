@@ -44,7 +44,7 @@ class FlashConfig:
 
     @staticmethod
     @functools.cache
-    def for_problem(E: int, Ev: int, L: int, causal: bool) -> "FlashConfig":
+    def for_problem(E: int, Ev: int, L: int, causal: bool, mask: str | None = None) -> "FlashConfig":
         """``for_head_dims`` with the Hopper forward's tiles, from sweeps on the H200 (BENCHMARKS.md): 128-key
         blocks for E <= 128, with three consumer warpgroups (192 query rows) for E <= 64 (at E = 64 the
         exponentials cost as much as both products, and a third warpgroup's softmax fills the tensor
@@ -52,7 +52,9 @@ class FlashConfig:
         more on the masked diagonal than they gain (-10% at L = 1024), and two for E <= 128; for larger head
         dims FlashAttention-3's key blocks, as long as registers and shared memory allow. Causal problems
         take a third K/V stage where it fits (1-3% faster: more of the next tile's loads in flight while the
-        diagonal blocks are masked)."""
+        diagonal blocks are masked). With an attn_mask (``mask``: its kind, a key of sources.MASK_CODES)
+        each thread holds its scores' mask elements too (a register per pair of keys, two for float32):
+        two warpgroups, and key blocks short enough that nothing spills (checked with ptxas)."""
         cfg = FlashConfig.for_head_dims(E, Ev)
         d = max(E, Ev)
         if d <= 64 and (not causal or L >= 2048):
@@ -63,6 +65,10 @@ class FlashConfig:
             cfg = dataclasses.replace(cfg, fwd90_block_n=112 if Ev > 128 else 128)
         else:
             cfg = dataclasses.replace(cfg, fwd90_block_n=80)
+        if mask:
+            wide = mask == "float32"
+            block_n = 128 if d <= 64 else (96 if wide else 128) if d <= 128 else (80 if wide else 96) if d <= 192 else 48
+            cfg = dataclasses.replace(cfg, fwd90_warpgroups=2, fwd90_block_n=block_n)
         deeper = dataclasses.replace(cfg, fwd90_stages=3)
         if causal and smem_bytes("fwd_sm90", deeper, E, Ev) <= MAX_SMEM:
             cfg = deeper

@@ -139,7 +139,47 @@ def _dropout(pr):
 
 
 def config(pr) -> FlashConfig:
-    return FlashConfig.for_problem(pr.E, pr.Ev, pr.L, pr.causal)
+    return FlashConfig.for_problem(pr.E, pr.Ev, pr.L, pr.causal, mask_kind(pr))
+
+
+def mask_kind(pr) -> str | None:
+    """The attn_mask as the Hopper forward's ATTN_MASK names it (sources.MASK_CODES): None, "bool" or a float
+    mask's dtype."""
+    if pr.mask is None:
+        return None
+    return "bool" if pr.mask_kind == "bool" else np.dtype(pr.mask.dtype).name
+
+
+def _mask_operand(pr):
+    """(array, [b, h, row] element strides) of the attn_mask as the Hopper forward reads it: the caller's
+    array in place, its broadcast dims at stride 0 (never expanded), keys contiguous, and every stride and
+    the base a multiple of two elements (a thread reads its keys in pairs). Otherwise a copy whose rows
+    have an even length, still unexpanded over heads and rows, and expanded over the batch dims only where
+    they do not collapse to one stride."""
+    import cupy
+
+    nb, S = len(pr.batch_shape), pr.S
+    full_shape = pr.batch_shape + (pr.hq, pr.L, S)
+    m = pr.mask.reshape((1,) * (nb + 3 - pr.mask.ndim) + tuple(pr.mask.shape))
+
+    def strides(x):
+        full, pair = cupy.broadcast_to(x, full_shape), 2 * x.itemsize
+        sb = _collapse(full.strides[:nb], pr.batch_shape)
+        if (sb is None or x.data.ptr % pair or (S > 1 and full.strides[-1] != x.itemsize)
+                or any(st % pair for st, n in zip(full.strides[:-1], full_shape[:-1]) if n > 1)):
+            return None
+        return [np.int64(st // x.itemsize) for st in (sb, full.strides[nb], full.strides[nb + 1])]
+
+    found = strides(m)
+    if found is None:
+        shape = list(m.shape)
+        if _collapse(cupy.broadcast_to(m, full_shape).strides[:nb], pr.batch_shape) is None:
+            shape[:nb] = pr.batch_shape
+        buf = cupy.zeros((*shape[:-1], S + S % 2), dtype=m.dtype)
+        buf[..., :S] = m
+        m = buf[..., :S]
+        found = strides(m)
+    return m, found
 
 
 def device(pr) -> int:
@@ -156,6 +196,8 @@ def forward_launch(pr, lay, o_strides) -> Launch | None:
     opts = sources.compile_options(pr.dtype_name, pr.E, pr.Ev, pr.dropout_p > 0, cfg)
     tail = (*_lse_strides(pr), np.float32(pr.scale * math.log2(math.e)), *_visibility(pr), *_dropout(pr))
     if sm90_forward_applies(pr.E, pr.Ev, sources.compute_capability(dev), cfg):
+        if pr.mask is not None:
+            opts = sources.compile_options(pr.dtype_name, pr.E, pr.Ev, pr.dropout_p > 0, cfg, mask=mask_kind(pr))
         return _sm90_forward_launch(pr, lay, o_strides, cfg, opts, tail)
     smem, block_m, threads = smem_bytes("fwd", cfg, pr.E, pr.Ev), cfg.fwd_block_m, cfg.fwd_warps * 32
     fn = sources.kernel(dev, "flash_fwd.cu", "flash_fwd", opts, smem)
@@ -190,9 +232,14 @@ def _sm90_forward_launch(pr, lay, o_strides, cfg, opts, tail) -> Launch:
     chunk_heads = int(min(BH, max(1, L2_SHARE // kv_bytes_per_head)))
     grid = (min(BH * num_m, sources.multiprocessors(dev)), 1)
     schedule = 0 if packed or not cfg.fwd90_schedule else _tile_schedule(pr, dev, BH, num_m, chunk_heads, grid[0], block_m, block_n)
+    if pr.mask is None:
+        mask = (np.uint64(0), np.int64(0), np.int64(0), np.int64(0))
+    else:
+        array, strides = _mask_operand(pr)
+        mask = (array, *strides)
     args = (*(m for m, _, _ in maps), Slot("o"), Slot("lse"), *_common(pr, lay),
             *(x for _, hm, bm in maps for x in (hm, bm)), *o_strides, *tail, np.int32(BH), np.int32(num_m),
-            np.int32(chunk_heads), schedule)
+            np.int32(chunk_heads), schedule, *mask)
     return Launch(fn, grid, (128 * (cfg.fwd90_warpgroups + 1),), smem, args)
 
 
@@ -417,6 +464,9 @@ def backward(pr, out, lse, dout, deterministic=False, grads=None):
 
     from ...reference import sum_to_shape
 
+    if pr.mask is not None:  # dispatch sends these to EFFICIENT (Capabilities.mask_backward)
+        raise NotImplementedError("FLASH's backward does not read an attn_mask yet")
+
     with cupy.cuda.Device(device(pr)):
         if pr.varlen is not None:
             full = (pr.q.shape, pr.k.shape, pr.v.shape)
@@ -478,6 +528,12 @@ def environment_reasons(pr) -> list[str]:
         cc = sources.compute_capability(device(pr))
         if cc < 80:
             reasons.append(f"needs compute capability >= 8.0 (bf16/fp16 mma.sync), cuda:{device(pr)} has {cc / 10}")
+        if pr.mask is not None:
+            if not sm90_forward_applies(pr.E, pr.Ev, cc, config(pr)):
+                reasons.append("attn_mask runs on the Hopper forward only (compute capability 9.0, E and Ev "
+                               "multiples of 32 up to 256)")
+            if mask_kind(pr) not in sources.MASK_CODES:
+                reasons.append(f"a {mask_kind(pr)} attn_mask is not read (bool, float16, bfloat16 or float32)")
         batch = pr.varlen.batch if pr.varlen is not None else math.prod(pr.batch_shape)
         if batch * max(pr.hq, 1) > MAX_GRID_Y:
             reasons.append(f"batch x heads = {batch * pr.hq} > {MAX_GRID_Y} (grid limit)")

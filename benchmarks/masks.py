@@ -1,0 +1,72 @@
+"""Masked attention, cusdpa against PyTorch's default SDPA given the same mask, in one process: the masks
+issue's three shapes (and the same shapes unmasked, for scale).
+
+    python benchmarks/masks.py [--backward]
+
+Shapes (bf16): a bool mask (B, 1, L, S), B=4 H=16 L=S=4096 E=128, a quarter of its entries False; a float
+mask (1, H, L, S) of the same problem (normal values); a key-padding bool mask (B, 1, 1, S) as Hugging
+Face models pass it, B=8 H=16 L=2048 E=64, the last 25% of each sequence's keys padding. Each call's output
+is compared with PyTorch's (relative Frobenius error) before it is timed; times are medians of
+triton.testing.do_bench (L2 flushed). TF/s count the dense products (4 B H L S E forward, 2.5x that
+forward + backward), as PyTorch's own benchmarks do, whatever the mask hides.
+"""
+from __future__ import annotations
+
+import argparse
+
+import torch
+import triton
+
+import interop
+
+
+def shapes():
+    g = torch.Generator(device="cuda").manual_seed(0)
+
+    def qkv(B, H, L, E):
+        return [torch.randn(B, H, L, E, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(3)]
+
+    B, H, L, E = 4, 16, 4096, 128
+    yield "bool (B,1,L,S)", qkv(B, H, L, E), torch.rand(B, 1, L, L, device="cuda", generator=g) > 0.25
+    yield "float (1,H,L,S)", qkv(B, H, L, E), torch.randn(1, H, L, L, device="cuda", generator=g,
+                                                         dtype=torch.bfloat16)
+    B, H, L, E = 8, 16, 2048, 64
+    pad = torch.ones(B, 1, 1, L, dtype=torch.bool, device="cuda")
+    pad[..., 3 * L // 4:] = False
+    yield "key padding (B,1,1,S)", qkv(B, H, L, E), pad
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--backward", action="store_true", help="also time forward + backward")
+    args = ap.parse_args()
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    rows = []
+    for name, (q, k, v), mask in shapes():
+        B, H, L, E = q.shape
+        ours, theirs = interop.scaled_dot_product_attention(q, k, v, mask), sdpa(q, k, v, mask)
+        err = ((ours.float() - theirs.float()).norm() / theirs.float().norm()).item()
+        flops = 4 * B * H * L * L * E
+        for label, m in ((name, mask), (f"{name}, no mask", None)):
+            fwd = [triton.testing.do_bench(lambda f=f: f(q, k, v, m)) for f in (interop.scaled_dot_product_attention, sdpa)]
+            row = [label, err if m is not None else float("nan"), *fwd]
+            if args.backward:
+                qg, kg, vg = (x.detach().requires_grad_() for x in (q, k, v))
+                dout = torch.randn_like(q)
+                both = [triton.testing.do_bench(lambda f=f: f(qg, kg, vg, m).backward(dout), grad_to_none=[qg, kg, vg])
+                        for f in (interop.scaled_dot_product_attention, sdpa)]
+                row += both
+            rows.append((row, flops))
+            print(row, flush=True)
+    print("\n| shape | rel. error | fwd cusdpa TF/s | fwd PyTorch TF/s | x PyTorch |"
+          + (" fwd+bwd cusdpa | fwd+bwd PyTorch | x PyTorch |" if args.backward else ""))
+    print("|---|---|---|---|---|" + ("---|---|---|" if args.backward else ""))
+    for row, flops in rows:
+        line = f"| {row[0]} | {row[1]:.1e} | {flops / row[2] / 1e9:.1f} | {flops / row[3] / 1e9:.1f} | {row[3] / row[2]:.2f} |"
+        if args.backward:
+            line += f" {2.5 * flops / row[4] / 1e9:.1f} | {2.5 * flops / row[5] / 1e9:.1f} | {row[5] / row[4]:.2f} |"
+        print(line)
+
+
+if __name__ == "__main__":
+    main()
