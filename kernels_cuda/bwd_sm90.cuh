@@ -56,6 +56,33 @@ __device__ __forceinline__ DropScale drop_scale(u32 seed_lo, u32 seed_hi, u32 of
 #endif
 }
 
+// attn_mask (ATTN_MASK = 1: bool, a byte per pair, nonzero = attend; the backward reads no float mask,
+// whose calls want its gradient, which EFFICIENT computes): bit x of the result says whether element x of
+// a thread's S^T (key j + 8 r, query i0 + nt * 8 + 2 t + c, x = nt * 4 + 2 r + c) attends. `mask` points
+// at the (batch, query head) slice; rows past L and keys past S read row L - 1 and key S - 1 (in bounds;
+// the visibility rule selects those elements out).
+#ifndef ATTN_MASK
+#define ATTN_MASK 0
+#endif
+static_assert(ATTN_MASK == 0 || ATTN_MASK == 1, "the Hopper backward reads bool masks only");
+template <int QT>
+__device__ __forceinline__ unsigned long long mask_bits(const unsigned char* mask, long long m_sm, int L, int S, int j,
+                                                        int i0, int t) {
+    static_assert(QT * 4 <= 64, "one bit per element");
+    const unsigned char* keys[2] = {mask + min(j, S - 1), mask + min(j + 8, S - 1)};
+    unsigned long long bits = 0;
+#pragma unroll
+    for (int nt = 0; nt < QT; ++nt)
+#pragma unroll
+        for (int c = 0; c < 2; ++c) {
+            const long long row = min(i0 + nt * 8 + 2 * t + c, L - 1) * m_sm;
+#pragma unroll
+            for (int r = 0; r < 2; ++r)
+                bits |= static_cast<unsigned long long>(keys[r][row] != 0) << (nt * 4 + 2 * r + c);
+        }
+    return bits;
+}
+
 // P^T in place of a thread's S^T elements (key j + 8 r, query c0 + nt * 8 + 2 t + c at [nt * 4 + 2 r + c]):
 // exp2(S^T scale log2 e - lse log2 e), sLse holding lse log2 e from column c0, the product rounded before
 // the subtraction as the forward rounded the row max: one fmaf would give the max element of a row with
@@ -63,11 +90,12 @@ __device__ __forceinline__ DropScale drop_scale(u32 seed_lo, u32 seed_hi, u32 of
 // MASKED (a tile not every pair of which is visible): an unseen pair gets -0, so that dS^T is selected out
 // there too (gradients_t) rather than computed as P^T times dP^T - D, since dP^T may be inf where a key is
 // unseen (a seen P^T is never -0); the visibility rule as limits: key j + 8 r is seen by queries
-// [lo_r, hi_r) (none past S), two compares an element. Full tiles skip both: at E = 64 the compares and
-// selects were a third of a step's instructions.
+// [lo_r, hi_r) (none past S), two compares an element, and the attn_mask's bits (`attend`, mask_bits).
+// Full tiles without a mask skip both: at E = 64 the compares and selects were a third of a step's
+// instructions.
 template <int QT, bool MASKED>
 __device__ __forceinline__ void probabilities_t(float (&s)[QT * 4], const Visibility<int>& vis, int j, int c0, int t,
-                                                const float* sLse, float scale_log2) {
+                                                const float* sLse, float scale_log2, unsigned long long attend) {
     int lo[2], hi[2];
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
@@ -79,7 +107,7 @@ __device__ __forceinline__ void probabilities_t(float (&s)[QT * 4], const Visibi
     for (int x = 0; x < QT * 4; ++x) {
         const int off = x / 4 * 8 + x % 2, col = off + 2 * t;
         const float p = exp2f(__fmul_rn(s[x], scale_log2) - sLse[col]);
-        s[x] = !MASKED || (off >= lo[x % 4 / 2] && off < hi[x % 4 / 2]) ? p : -0.f;
+        s[x] = !MASKED || (off >= lo[x % 4 / 2] && off < hi[x % 4 / 2] && ((attend >> x) & 1u)) ? p : -0.f;
     }
 }
 
@@ -106,16 +134,18 @@ __device__ __forceinline__ void gradients_t(const float (&p)[QT * 4], const floa
 }
 
 // P^T (from S^T, issued first) and dS^T (dP^T, issued after it) of a thread's elements, as pt and dst: P^T
-// while dP^T is still running, masked unless the tile is full (a branch per tile, uniform over the CTA).
+// while dP^T is still running, masked unless the tile is full and there is no attn_mask (a branch per
+// tile, uniform over the CTA); `attend`: the attn_mask's bits (mask_bits).
 template <int QT>
 __device__ __forceinline__ void gradients_of_step(float (&s)[QT * 4], float (&dp)[QT * 4], bool full,
                                                   const Visibility<int>& vis, int j, int c0, int t, const float* sLse,
                                                   const float* sD, float scale_log2, const DropScale& z,
-                                                  u32 (&pt)[QT * 2], u32 (&dst)[QT * 2]) {
+                                                  unsigned long long attend, u32 (&pt)[QT * 2], u32 (&dst)[QT * 2]) {
+    full = full && !ATTN_MASK;
     wgmma_wait<1>();
     fence_regs(s);
-    if (full) probabilities_t<QT, false>(s, vis, j, c0, t, sLse, scale_log2);
-    else probabilities_t<QT, true>(s, vis, j, c0, t, sLse, scale_log2);
+    if (full) probabilities_t<QT, false>(s, vis, j, c0, t, sLse, scale_log2, attend);
+    else probabilities_t<QT, true>(s, vis, j, c0, t, sLse, scale_log2, attend);
     wgmma_wait<0>();
     fence_regs(dp);
     if (full) gradients_t<QT, false>(s, dp, sD, t, z, pt, dst);
@@ -268,7 +298,8 @@ __device__ __forceinline__ int blocks_before(const Visibility<int>& vis, int n, 
         long long dk_sb, long long dk_sh, long long dk_sm, long long dv_sb, long long dv_sh, long long dv_sm,        \
         long long acc_copy, long long acc_sb, long long acc_sh, long long lse_sb, long long lse_sh, float scale,     \
         float scale_log2, int left, int right, int lower_right, unsigned int seed_lo, unsigned int seed_hi,          \
-        unsigned int offset, unsigned int threshold, float rp_dropout
+        unsigned int offset, unsigned int threshold, float rp_dropout, const unsigned char *__restrict__ mask,       \
+        long long m_sb, long long m_sh, long long m_sm
 
 // A Hopper backward CTA's place: its key block n of its (batch, kv head) slice (`descending`: blockIdx.x = 0
 // takes the last), the rows and keys that matter, and the

@@ -39,6 +39,8 @@ def _nvrtc_jobs():
             if config.sm90_backward_applies(E, Ev, 90, cfg):
                 source = "flash_bwd_sm90_wide.cu" if config.sm90_backward_is_wide(E, Ev) else "flash_bwd_sm90.cu"
                 yield source, sources.compile_options(dtype, E, Ev, dropout, cfg) + ("-arch=sm_90a",)
+                if dropout:  # ... with a bool attn_mask
+                    yield source, sources.compile_options(dtype, E, Ev, dropout, cfg, mask="bool") + ("-arch=sm_90a",)
 
 
 def _nvrtc_compile(source: str, options: tuple, arch: str) -> str | None:
@@ -230,6 +232,9 @@ MASKED = {
     "bool_2d_causal_gqa_dropout": Case(hq=4, hkv=2, L=150, S=150, E=96, causal="lower_right", dropout_p=0.2,
                                        mask="bool", mask_shape=(150, 150)),
     "bool_batch_rows": Case(batch=(2,), hq=3, hkv=1, L=70, S=300, E=128, mask="bool", mask_shape=(2, 1, 70, 300)),
+    "bool_wide": Case(hq=2, L=100, S=140, E=192, Ev=128, causal="upper_left", mask="bool",
+                      mask_shape=(2, 100, 140)),
+    "bool_short_keys_e32": Case(batch=(2,), hq=2, L=200, S=37, E=32, mask="bool", mask_shape=(2, 2, 200, 37)),
     "float32_heads_odd_keys": Case(hq=3, hkv=3, L=100, S=91, E=128, mask="float", mask_shape=(1, 3, 100, 91),
                                    mask_dtype="float32"),
     "float_full_window": Case(dtype="float16", batch=(2,), hq=2, L=120, S=130, E=256, window=(30, 10),
@@ -243,8 +248,10 @@ MASKED = {
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("name", sorted(MASKED))
-def test_attn_mask_on_the_hopper_forward(name, rng):
-    _gpu_check(MASKED[name], rng, grads=False)
+def test_attn_mask_on_the_hopper_kernels(name, rng):
+    """Forward and, for bool masks, backward (a float mask's call wants its gradient: EFFICIENT's). The
+    backward runs here directly; dispatch sends masked backwards to FLASH once this has passed on a GPU."""
+    _gpu_check(MASKED[name], rng, grads=MASKED[name].mask == "bool")
 
 
 @pytest.mark.gpu
@@ -411,7 +418,7 @@ def test_dispatch_picks_flash_and_explains_fallbacks(rng):
     assert cusdpa.explain(q, q, q).chosen is cusdpa.Backend.FLASH
     q32 = q.astype(np.float32)
     assert any("float32" in r for r in cusdpa.explain(q32, q32, q32).reasons[cusdpa.Backend.FLASH])
-    # masks: the Hopper forward reads them, the backward does not yet
+    # masks: the Hopper forward reads them; dispatch keeps masked backwards on EFFICIENT for now
     mask = cupy.zeros((16, 16), np.float16)
     assert cusdpa.explain(q, q, q, mask).chosen is cusdpa.Backend.FLASH
     assert any("float attn_mask" in r for r in cusdpa.explain(q, q, q, mask, need_grad=True).reasons[cusdpa.Backend.FLASH])

@@ -54,7 +54,8 @@ class FlashConfig:
         take a third K/V stage where it fits (1-3% faster: more of the next tile's loads in flight while the
         diagonal blocks are masked). With an attn_mask (``mask``: its kind, a key of sources.MASK_CODES)
         each thread holds its scores' mask elements too (a register per pair of keys, two for float32):
-        two warpgroups, and key blocks short enough that nothing spills (checked with ptxas)."""
+        two warpgroups, and key blocks short enough that nothing spills (checked with ptxas); the backward
+        keeps a bit per score of a step, which at 128 queries a step spills from E = 64 on: 64 there."""
         cfg = FlashConfig.for_head_dims(E, Ev)
         d = max(E, Ev)
         if d <= 64 and (not causal or L >= 2048):
@@ -68,7 +69,8 @@ class FlashConfig:
         if mask:
             wide = mask == "float32"
             block_n = 128 if d <= 64 else (96 if wide else 128) if d <= 128 else (80 if wide else 96) if d <= 192 else 48
-            cfg = dataclasses.replace(cfg, fwd90_warpgroups=2, fwd90_block_n=block_n)
+            cfg = dataclasses.replace(cfg, fwd90_warpgroups=2, fwd90_block_n=block_n,
+                                      bwd90_block_m=cfg.bwd90_block_m if d <= 32 else 64)
         deeper = dataclasses.replace(cfg, fwd90_stages=3)
         if causal and smem_bytes("fwd_sm90", deeper, E, Ev) <= MAX_SMEM:
             cfg = deeper

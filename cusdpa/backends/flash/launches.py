@@ -182,6 +182,14 @@ def _mask_operand(pr):
     return m, found
 
 
+def _mask_args(pr) -> tuple:
+    """The Hopper kernels' last arguments: the attn_mask and its (b, h, row) element strides, or zeros."""
+    if pr.mask is None:
+        return np.uint64(0), np.int64(0), np.int64(0), np.int64(0)
+    array, strides = _mask_operand(pr)
+    return (array, *strides)
+
+
 def device(pr) -> int:
     return pr.q.device.id
 
@@ -232,14 +240,9 @@ def _sm90_forward_launch(pr, lay, o_strides, cfg, opts, tail) -> Launch:
     chunk_heads = int(min(BH, max(1, L2_SHARE // kv_bytes_per_head)))
     grid = (min(BH * num_m, sources.multiprocessors(dev)), 1)
     schedule = 0 if packed or not cfg.fwd90_schedule else _tile_schedule(pr, dev, BH, num_m, chunk_heads, grid[0], block_m, block_n)
-    if pr.mask is None:
-        mask = (np.uint64(0), np.int64(0), np.int64(0), np.int64(0))
-    else:
-        array, strides = _mask_operand(pr)
-        mask = (array, *strides)
     args = (*(m for m, _, _ in maps), Slot("o"), Slot("lse"), *_common(pr, lay),
             *(x for _, hm, bm in maps for x in (hm, bm)), *o_strides, *tail, np.int32(BH), np.int32(num_m),
-            np.int32(chunk_heads), schedule, *mask)
+            np.int32(chunk_heads), schedule, *_mask_args(pr))
     return Launch(fn, grid, (128 * (cfg.fwd90_warpgroups + 1),), smem, args)
 
 
@@ -359,9 +362,10 @@ def backward_launches(pr, lay, strides, deterministic: bool = False) -> list[Lau
                                (Slot("o"), Slot("do"), Slot("delta"), *accum[:2], *_common(pr, lay)[:5], *strides["o"],
                                 *strides["do"], *accum[2:], *_lse_strides(pr), *vis, np.int32(rows))))
     if hopper:
-        tail = (scale, scale_log2, *vis, *drop)
+        tail = (scale, scale_log2, *vis, *drop, *_mask_args(pr))
         if pr.S:
-            launches.append(_sm90_backward_launch(pr, lay, strides, cfg, opts(), tail, accum, deterministic))
+            main = sources.compile_options(pr.dtype_name, pr.E, pr.Ev, pr.dropout_p > 0, cfg, mask=mask_kind(pr))
+            launches.append(_sm90_backward_launch(pr, lay, strides, cfg, main, tail, accum, deterministic))
         if pr.L:
             fn = sources.kernel(dev, _sm90_backward_source(pr), "flash_bwd_dq_convert", opts() + ("-arch=sm_90a",), 0)
             bm = cfg.bwd90_block_m
@@ -464,8 +468,11 @@ def backward(pr, out, lse, dout, deterministic=False, grads=None):
 
     from ...reference import sum_to_shape
 
-    if pr.mask is not None:  # dispatch sends these to EFFICIENT (Capabilities.mask_backward)
-        raise NotImplementedError("FLASH's backward does not read an attn_mask yet")
+    if pr.mask_kind == "float":  # dispatch sends these to EFFICIENT (Capabilities.mask_grad)
+        raise NotImplementedError("FLASH's backward computes no float attn_mask's gradient")
+    # A bool mask's backward runs on the Hopper kernels (mask_bits in kernels_cuda/bwd_sm90.cuh) when called
+    # here directly; dispatch still sends it to EFFICIENT (Capabilities.mask_backward) until the GPU tests
+    # have passed on it.
 
     with cupy.cuda.Device(device(pr)):
         if pr.varlen is not None:
@@ -529,9 +536,10 @@ def environment_reasons(pr) -> list[str]:
         if cc < 80:
             reasons.append(f"needs compute capability >= 8.0 (bf16/fp16 mma.sync), cuda:{device(pr)} has {cc / 10}")
         if pr.mask is not None:
-            if not sm90_forward_applies(pr.E, pr.Ev, cc, config(pr)):
-                reasons.append("attn_mask runs on the Hopper forward only (compute capability 9.0, E and Ev "
-                               "multiples of 32 up to 256)")
+            cfg = config(pr)
+            if not (sm90_forward_applies(pr.E, pr.Ev, cc, cfg) and sm90_backward_applies(pr.E, pr.Ev, cc, cfg)):
+                reasons.append("attn_mask runs on the Hopper kernels only (compute capability 9.0, E and Ev "
+                               "multiples of 32 up to 128, or from 64 to 256)")
             if mask_kind(pr) not in sources.MASK_CODES:
                 reasons.append(f"a {mask_kind(pr)} attn_mask is not read (bool, float16, bfloat16 or float32)")
         batch = pr.varlen.batch if pr.varlen is not None else math.prod(pr.batch_shape)
