@@ -114,14 +114,14 @@ def main():
     pr = problem.from_dense(cq, cq, cq, None, causal)
     values = arguments.options(**dataclasses.asdict(causal))  # the ops' option arguments, as the bridge makes them
     backends = "flash,efficient,math"
-    op_args = (q, q, q, None, *values, None, backends)
+    op_args = (q, q, q, None, None, *values, None, backends)
     compiled, compiled_reference = torch.compile(module), torch.compile(reference)
     sdpa = torch.nn.functional.scaled_dot_product_attention
     qg = q.detach().requires_grad_()
     small = torch.randn(1, 8, 128, 64, device="cuda", dtype=torch.half)
     sg = small.detach().requires_grad_()
     fwd_out, fwd_lse = ops.sdpa_fwd(*op_args)
-    bwd_args = (q, q, q, q, None, fwd_out, fwd_lse, *values, None, backends, False)
+    bwd_args = (q, q, q, q, None, None, fwd_out, fwd_lse, *values, None, backends, False)
     with torch.no_grad():
         print("the general path (first calls of a signature; masks, varlen):")
         measure({"problem.from_dense": lambda: problem.from_dense(cq, cq, cq, None, causal),

@@ -57,66 +57,71 @@ def _first_order(ctx) -> None:
 
 class Attention(torch.autograd.Function):
     """Dense attention: ``cusdpa::sdpa_fwd`` forward, ``cusdpa::sdpa_bwd`` backward. Arguments: query, key,
-    value, attn_mask, seed, backends, and the tuple of option values (``arguments.options``): one argument,
-    since autograd handles every argument of apply and of backward's result on every call."""
+    value, attn_mask, alibi_slopes, seed, backends, and the tuple of option values (``arguments.options``):
+    one argument, since autograd handles every argument of apply and of backward's result on every call.
+    The slopes get no gradient (nor do they in FlashAttention)."""
 
     @staticmethod
-    def forward(query, key, value, attn_mask, seed, backends, options):
-        return ops.call(ops.sdpa_fwd, query, key, value, attn_mask, *options, seed, backends)
+    def forward(query, key, value, attn_mask, alibi_slopes, seed, backends, options):
+        return ops.call(ops.sdpa_fwd, query, key, value, attn_mask, alibi_slopes, *options, seed, backends)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        query, key, value, attn_mask, seed, ctx.backends, ctx.options = inputs
-        ctx.save_for_backward(query, key, value, attn_mask, *output, seed)
+        query, key, value, attn_mask, alibi_slopes, seed, ctx.backends, ctx.options = inputs
+        ctx.save_for_backward(query, key, value, attn_mask, alibi_slopes, *output, seed)
         ctx.mark_non_differentiable(output[1])  # lse is for the backward only
 
     @staticmethod
     def backward(ctx, grad_out, _grad_lse):
         _first_order(ctx)
-        query, key, value, attn_mask, out, lse, seed = ctx.saved_tensors
-        dq, dk, dv, dmask = ops.call(ops.sdpa_bwd, grad_out, query, key, value, attn_mask, out, lse, *ctx.options,
-                                     seed, ctx.backends, torch.are_deterministic_algorithms_enabled())
-        return dq, dk, dv, dmask if attn_mask is not None and ctx.needs_input_grad[3] else None, None, None, None
+        query, key, value, attn_mask, alibi_slopes, out, lse, seed = ctx.saved_tensors
+        dq, dk, dv, dmask = ops.call(ops.sdpa_bwd, grad_out, query, key, value, attn_mask, alibi_slopes, out, lse,
+                                     *ctx.options, seed, ctx.backends, torch.are_deterministic_algorithms_enabled())
+        dmask = dmask if attn_mask is not None and ctx.needs_input_grad[3] else None
+        return dq, dk, dv, dmask, None, None, None, None
 
 
 class VarlenAttention(torch.autograd.Function):
     """Packed variable-length attention: ``cusdpa::varlen_fwd`` / ``cusdpa::varlen_bwd``. Arguments: query,
-    key, value, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seed, backends, option values."""
+    key, value, cu_seqlens_q, cu_seqlens_k, alibi_slopes, max_seqlen_q, max_seqlen_k, seed, backends, option
+    values."""
 
     @staticmethod
-    def forward(query, key, value, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seed, backends, options):
-        return ops.call(ops.varlen_fwd, query, key, value, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                        *options, seed, backends)
+    def forward(query, key, value, cu_seqlens_q, cu_seqlens_k, alibi_slopes, max_seqlen_q, max_seqlen_k, seed,
+                backends, options):
+        return ops.call(ops.varlen_fwd, query, key, value, cu_seqlens_q, cu_seqlens_k, alibi_slopes, max_seqlen_q,
+                        max_seqlen_k, *options, seed, backends)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        query, key, value, cu_seqlens_q, cu_seqlens_k, max_q, max_k, seed, ctx.backends, ctx.options = inputs
-        ctx.save_for_backward(query, key, value, cu_seqlens_q, cu_seqlens_k, *output, seed)
+        (query, key, value, cu_seqlens_q, cu_seqlens_k, alibi_slopes, max_q, max_k, seed, ctx.backends,
+         ctx.options) = inputs
+        ctx.save_for_backward(query, key, value, cu_seqlens_q, cu_seqlens_k, alibi_slopes, *output, seed)
         ctx.max_seqlens = (max_q, max_k)
         ctx.mark_non_differentiable(output[1])
 
     @staticmethod
     def backward(ctx, grad_out, _grad_lse):
         _first_order(ctx)
-        query, key, value, cu_seqlens_q, cu_seqlens_k, out, lse, seed = ctx.saved_tensors
-        grads = ops.call(ops.varlen_bwd, grad_out, query, key, value, cu_seqlens_q, cu_seqlens_k, out, lse,
-                         *ctx.max_seqlens, *ctx.options, seed, ctx.backends,
+        query, key, value, cu_seqlens_q, cu_seqlens_k, alibi_slopes, out, lse, seed = ctx.saved_tensors
+        grads = ops.call(ops.varlen_bwd, grad_out, query, key, value, cu_seqlens_q, cu_seqlens_k, alibi_slopes, out,
+                         lse, *ctx.max_seqlens, *ctx.options, seed, ctx.backends,
                          torch.are_deterministic_algorithms_enabled())
-        return *grads, *[None] * 7
+        return *grads, *[None] * 8
 
 
-def attention(query, key, value, attn_mask, seed, backends: str, options: tuple) -> torch.Tensor:
+def attention(query, key, value, attn_mask, alibi_slopes, seed, backends: str, options: tuple) -> torch.Tensor:
     """The output of dense attention, differentiable in query, key, value and a float attn_mask."""
     if not _needs_grad(query, key, value, attn_mask):
-        return ops.call(ops.sdpa_fwd, query, key, value, attn_mask, *options, seed, backends)[0]
-    return _apply(Attention, query, key, value, attn_mask, seed, backends, options)[0]
+        return ops.call(ops.sdpa_fwd, query, key, value, attn_mask, alibi_slopes, *options, seed, backends)[0]
+    return _apply(Attention, query, key, value, attn_mask, alibi_slopes, seed, backends, options)[0]
 
 
-def varlen_attention(query, key, value, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seed,
+def varlen_attention(query, key, value, cu_seqlens_q, cu_seqlens_k, alibi_slopes, max_seqlen_q, max_seqlen_k, seed,
                      backends: str, options: tuple) -> torch.Tensor:
     """The packed output of variable-length attention, differentiable in query, key and value."""
     if not _needs_grad(query, key, value):
-        return ops.call(ops.varlen_fwd, query, key, value, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                        *options, seed, backends)[0]
-    return _apply(VarlenAttention, query, key, value, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seed,
-                  backends, options)[0]
+        return ops.call(ops.varlen_fwd, query, key, value, cu_seqlens_q, cu_seqlens_k, alibi_slopes, max_seqlen_q,
+                        max_seqlen_k, *options, seed, backends)[0]
+    return _apply(VarlenAttention, query, key, value, cu_seqlens_q, cu_seqlens_k, alibi_slopes, max_seqlen_q,
+                  max_seqlen_k, seed, backends, options)[0]

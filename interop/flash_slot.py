@@ -45,8 +45,9 @@ Mapping (the contract of PyTorch's flash ops, read from its FlashAttention-2 ker
   forward run by PyTorch's kernel before activation) refuses dropout: it cannot replay that mask. Dropout
   while a CUDA graph is captured is refused (a host-drawn seed would be frozen into the graph); without
   dropout ``rng_state`` is an empty tensor on the inputs' device, as PyTorch's is.
-- Not taken (NotImplementedError naming the argument): ``return_debug_mask``, ``alibi_slopes``,
-  ``seqused_k``, ``block_table`` (paged KV). ``num_splits`` (a split-KV scheduling hint) is ignored.
+- Not taken (NotImplementedError naming the argument): ``return_debug_mask``, ``alibi_slopes`` (PyTorch's
+  flash backward gets no slopes, so its gradients could not include them), ``seqused_k``, ``block_table``
+  (paged KV). ``num_splits`` (a split-KV scheduling hint) is ignored.
   Whatever cusdpa itself cannot run raises cusdpa's error, naming the value and the fix.
 
 Packed calls read ``cum_seq_q``/``cum_seq_k`` back to the host (cusdpa checks them), so they synchronise
@@ -193,7 +194,7 @@ def sdpa_flash_forward(query, key, value, dropout_p=0.0, is_causal=False, return
     _not_taken(return_debug_mask=return_debug_mask)
     seed, rng_state, unused = _draw_rng(query, dropout_p)
     options, backends = _resolve(dropout_p, is_causal, scale, query.size(1) != key.size(1))
-    out, lse = ops.call(ops.sdpa_fwd, *_unit(query, key, value), None, *options, seed, backends)
+    out, lse = ops.call(ops.sdpa_fwd, *_unit(query, key, value), None, None, *options, seed, backends)
     return (_laid_out_like(out, query), lse, None, None, query.size(2), key.size(2), rng_state, unused,
             _debug_mask(query))
 
@@ -203,8 +204,8 @@ def sdpa_flash_backward(grad_out, query, key, value, out, logsumexp, cum_seq_q, 
     """``aten::_scaled_dot_product_flash_attention_backward``: (grad_query, grad_key, grad_value)."""
     seed = _replay_seed(philox_seed, dropout_p)
     options, backends = _resolve(dropout_p, is_causal, scale, query.size(1) != key.size(1))
-    dq, dk, dv, _ = ops.call(ops.sdpa_bwd, grad_out, *_unit(query, key, value), None, out, logsumexp, *options, seed,
-                             backends, torch.are_deterministic_algorithms_enabled())
+    dq, dk, dv, _ = ops.call(ops.sdpa_bwd, grad_out, *_unit(query, key, value), None, None, out, logsumexp, *options,
+                             seed, backends, torch.are_deterministic_algorithms_enabled())
     return _laid_out_like(dq, query), _laid_out_like(dk, key), _laid_out_like(dv, value)
 
 
@@ -213,6 +214,7 @@ def flash_forward(query, key, value, cum_seq_q, cum_seq_k, max_q, max_k, dropout
                   block_table=None, num_splits=None):
     """``aten::_flash_attention_forward``: dense (B, L, H, E) or packed (tokens, H, E) inputs -> (out,
     logsumexp, rng_state, unused, debug_attn_mask). ``num_splits`` is a scheduling hint, ignored."""
+    # alibi_slopes: PyTorch's flash backward takes no slopes, so its gradients could not include them
     _not_taken(return_debug_mask=return_debug_mask, seqused_k=seqused_k, alibi_slopes=alibi_slopes,
                block_table=block_table)
     if (cum_seq_q is None) != (cum_seq_k is None):
@@ -223,10 +225,11 @@ def flash_forward(query, key, value, cum_seq_q, cum_seq_k, max_q, max_k, dropout
                                  window_size_right)
     q, k, v = _unit(query, key, value)
     if cum_seq_q is None:
-        out, lse = ops.call(ops.sdpa_fwd, *_bhsd(q, k, v), None, *options, seed, backends)
+        out, lse = ops.call(ops.sdpa_fwd, *_bhsd(q, k, v), None, None, *options, seed, backends)
         out = out.transpose(1, 2)
     else:
-        out, lse = ops.call(ops.varlen_fwd, q, k, v, cum_seq_q, cum_seq_k, max_q, max_k, *options, seed, backends)
+        out, lse = ops.call(ops.varlen_fwd, q, k, v, cum_seq_q, cum_seq_k, None, max_q, max_k, *options, seed,
+                            backends)
     return _laid_out_like(out, query), lse, rng_state, unused, _debug_mask(query)
 
 
@@ -251,11 +254,11 @@ def flash_backward(grad_out, query, key, value, out, logsumexp, cum_seq_q, cum_s
     q, k, v = _unit(query, key, value)
     deterministic = torch.are_deterministic_algorithms_enabled()
     if cum_seq_q is None:
-        grads = ops.call(ops.sdpa_bwd, *_bhsd(grad_out, q, k, v), None, out.transpose(1, 2), logsumexp, *options,
-                         seed, backends, deterministic)[:3]
+        grads = ops.call(ops.sdpa_bwd, *_bhsd(grad_out, q, k, v), None, None, out.transpose(1, 2), logsumexp,
+                         *options, seed, backends, deterministic)[:3]
         grads = _bhsd(*grads)
     else:
-        grads = ops.call(ops.varlen_bwd, grad_out, q, k, v, cum_seq_q, cum_seq_k, out, logsumexp, max_q, max_k,
+        grads = ops.call(ops.varlen_bwd, grad_out, q, k, v, cum_seq_q, cum_seq_k, None, out, logsumexp, max_q, max_k,
                          *options, seed, backends, deterministic)
     return tuple(_laid_out_like(g, x) for g, x in zip(grads, (query, key, value)))
 

@@ -9,7 +9,7 @@ from . import arguments, autograd, nested
 
 def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
                                  enable_gqa=False, *, causal_variant="upper_left", window=None, softcap=0.0,
-                                 backend=None):
+                                 alibi_slopes=None, backend=None):
     """softmax(scale * query @ key^T + mask) @ value on torch tensors, with autograd; torch.compile-able.
 
     Shapes: query (..., Hq, L, E), key (..., Hkv, S, E), value (..., Hkv, S, Ev) -> (..., Hq, L, Ev)
@@ -24,8 +24,10 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     j <= i + S - L. ``window=(left, right)`` keeps keys within left before and right after the equally
     aligned diagonal (-1 = unbounded). Masks, causal and window intersect; a query that sees no key
     gets 0. ``softcap`` > 0 soft-caps the scaled scores (softcap * tanh(score / softcap)) before the mask is
-    added, as FlashAttention's softcap. ``enable_gqa`` lets query head h read key head h // (Hq // Hk) and value head
-    h // (Hq // Hv).
+    added, as FlashAttention's softcap. ``alibi_slopes`` (float32, (Hq,) or broadcasting to (..., Hq)) adds
+    FlashAttention's ALiBi bias -slope * |i + S - L - j| to the scores after the soft-cap (it gets no gradient;
+    packed nested inputs take (Hq,) or (B, Hq)). ``enable_gqa`` lets query head h read key head
+    h // (Hq // Hk) and value head h // (Hq // Hv).
 
     Jagged nested tensors (B, H, j, E) (``torch.nested``, layout=torch.jagged) run through cusdpa's
     variable-length path; causal and window then align per sequence.
@@ -46,14 +48,14 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
         dtype = arguments.autocast_dtype(query.device.type)
         if dtype is not None:
             query, key, value, attn_mask = arguments.autocast(dtype, query, key, value, attn_mask)
-    if not arguments.plain_cuda(query, key, value, attn_mask):  # else checked in a few attribute reads
-        tensors = {"query": query, "key": key, "value": value}
+    if alibi_slopes is not None or not arguments.plain_cuda(query, key, value, attn_mask):  # else checked in a
+        tensors = {"query": query, "key": key, "value": value}                              # few attribute reads
         if any(isinstance(t, torch.Tensor) and t.is_nested for t in tensors.values()):
             return nested.attention(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
-                                    causal_variant, window, softcap, backend)
-        arguments.check_tensors(tensors, attn_mask)
+                                    causal_variant, window, softcap, alibi_slopes, backend)
+        arguments.check_tensors(tensors, attn_mask, alibi_slopes)
     options, backends = arguments.resolve(dropout_p, is_causal, scale, enable_gqa, causal_variant, window, softcap,
                                           backend)
     query, key, value = arguments.broadcast_heads(query, key, value, options[3])
     return autograd.attention(arguments.unit_stride(query), arguments.unit_stride(key), arguments.unit_stride(value),
-                              attn_mask, arguments.draw_seed(dropout_p), backends, options)
+                              attn_mask, alibi_slopes, arguments.draw_seed(dropout_p), backends, options)

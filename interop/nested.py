@@ -14,7 +14,7 @@ from . import arguments, autograd
 
 
 def attention(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, causal_variant, window,
-              softcap, backend):
+              softcap, alibi_slopes, backend):
     """Attention of jagged nested (B, H, j, E) query/key/value; returns a jagged (B, H, j, Ev) tensor."""
     tensors = {"query": query, "key": key, "value": value}
     for name, t in tensors.items():
@@ -29,7 +29,7 @@ def attention(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_
     if attn_mask is not None:
         raise ArgumentError("attn_mask is not supported with nested inputs: the sequences already have their own "
                             "lengths; use is_causal / window, or pad to a dense batch for an arbitrary mask")
-    arguments.check_tensors(tensors)
+    arguments.check_tensors(tensors, alibi_slopes=alibi_slopes)
     packed = [t.transpose(1, 2) for t in (query, key, value)]  # (B, j, H, E): values() is (total, H, E)
     for name, t in zip(tensors, packed):
         if t.lengths() is not None:
@@ -39,8 +39,9 @@ def attention(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_
     offsets_q, offsets_k = packed[0].offsets(), packed[1].offsets()
     options = arguments.options(dropout_p, is_causal, scale, enable_gqa, causal_variant, window, softcap)
     out = autograd.varlen_attention(*(arguments.unit_stride(t.values()) for t in packed), offsets_q.to(torch.int32),
-                                    offsets_k.to(torch.int32), _max_seqlen(offsets_q), _max_seqlen(offsets_k),
-                                    arguments.draw_seed(dropout_p), arguments.backend_names(backend), options)
+                                    offsets_k.to(torch.int32), alibi_slopes, _max_seqlen(offsets_q),
+                                    _max_seqlen(offsets_k), arguments.draw_seed(dropout_p),
+                                    arguments.backend_names(backend), options)
     return torch.nested.nested_tensor_from_jagged(out, offsets_q).transpose(1, 2)
 
 

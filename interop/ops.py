@@ -38,17 +38,18 @@ _SCHEMA_TYPES = {"float": "float", "bool": "bool", "Optional[float]": "float?", 
 OPTIONS_SCHEMA = ", ".join(f"{_SCHEMA_TYPES[f.type]} {f.name}" for f in dataclasses.fields(problem.Options))
 
 _lib = torch.library.Library("cusdpa", "DEF")
-_lib.define(f"sdpa_fwd(Tensor query, Tensor key, Tensor value, Tensor? attn_mask, {OPTIONS_SCHEMA}, Tensor? seed, "
-            "str backends) -> (Tensor, Tensor)")
-_lib.define(f"sdpa_bwd(Tensor grad_out, Tensor query, Tensor key, Tensor value, Tensor? attn_mask, Tensor out, "
-            f"Tensor lse, {OPTIONS_SCHEMA}, Tensor? seed, str backends, bool deterministic) "
+_lib.define(f"sdpa_fwd(Tensor query, Tensor key, Tensor value, Tensor? attn_mask, Tensor? alibi_slopes, "
+            f"{OPTIONS_SCHEMA}, Tensor? seed, str backends) -> (Tensor, Tensor)")
+_lib.define(f"sdpa_bwd(Tensor grad_out, Tensor query, Tensor key, Tensor value, Tensor? attn_mask, Tensor? alibi_slopes, "
+            f"Tensor out, Tensor lse, {OPTIONS_SCHEMA}, Tensor? seed, str backends, bool deterministic) "
             "-> (Tensor, Tensor, Tensor, Tensor)")
 _lib.define(f"varlen_fwd(Tensor query, Tensor key, Tensor value, Tensor cu_seqlens_q, Tensor cu_seqlens_k, "
-            f"SymInt max_seqlen_q, SymInt max_seqlen_k, {OPTIONS_SCHEMA}, Tensor? seed, str backends) "
-            "-> (Tensor, Tensor)")
+            f"Tensor? alibi_slopes, SymInt max_seqlen_q, SymInt max_seqlen_k, {OPTIONS_SCHEMA}, Tensor? seed, "
+            "str backends) -> (Tensor, Tensor)")
 _lib.define(f"varlen_bwd(Tensor grad_out, Tensor query, Tensor key, Tensor value, Tensor cu_seqlens_q, "
-            f"Tensor cu_seqlens_k, Tensor out, Tensor lse, SymInt max_seqlen_q, SymInt max_seqlen_k, "
-            f"{OPTIONS_SCHEMA}, Tensor? seed, str backends, bool deterministic) -> (Tensor, Tensor, Tensor)")
+            f"Tensor cu_seqlens_k, Tensor? alibi_slopes, Tensor out, Tensor lse, SymInt max_seqlen_q, "
+            f"SymInt max_seqlen_k, {OPTIONS_SCHEMA}, Tensor? seed, str backends, bool deterministic) "
+            "-> (Tensor, Tensor, Tensor)")
 
 sdpa_fwd = torch.ops.cusdpa.sdpa_fwd.default
 sdpa_bwd = torch.ops.cusdpa.sdpa_bwd.default
@@ -233,13 +234,14 @@ def _nothing(like: Tensor) -> Tensor:
 
 # ---- dense ----------------------------------------------------------------------------------------------
 
-@_implement("sdpa_fwd", tensors=4)
-def _sdpa_fwd(query, key, value, attn_mask, *rest):
+@_implement("sdpa_fwd", tensors=5)
+def _sdpa_fwd(query, key, value, attn_mask, alibi_slopes, *rest):
     """(out, lse); out is laid out token-major (``plans.token_major_strides``), as PyTorch's fused kernels
-    lay out theirs. ``rest``: the option values, then ``seed`` (an int64 CPU tensor (1,), or None without
-    dropout) and ``backends`` (comma-separated cusdpa.Backend values, tried in that order)."""
+    lay out theirs. ``alibi_slopes``: float32 (..., Hq) or None. ``rest``: the option values, then ``seed``
+    (an int64 CPU tensor (1,), or None without dropout) and ``backends`` (comma-separated cusdpa.Backend
+    values, tried in that order)."""
     options, seed, backends = rest[:-2], rest[-2], rest[-1]
-    if attn_mask is None and query.is_cuda:
+    if attn_mask is None and alibi_slopes is None and query.is_cuda:
         plan = _plan(query, key, value, options, backends)
         if plan is not None:
             out = query.new_empty_strided(plan.out_shape, plan.out_strides)
@@ -250,7 +252,7 @@ def _sdpa_fwd(query, key, value, attn_mask, *rest):
             return out, lse
     with bridge.on_stream(query.device):
         pr = problem.from_dense(*_arrays(query, key, value, attn_mask), arguments.from_op(options),
-                                seed_of(seed, options[0]))
+                                seed_of(seed, options[0]), *_arrays(alibi_slopes))
         return _forward(pr, query, backends)
 
 
@@ -275,12 +277,13 @@ def _float_mask(attn_mask: Tensor | None) -> bool:
     return attn_mask is not None and attn_mask.dtype.is_floating_point
 
 
-@_implement("sdpa_bwd", tensors=7)
-def _sdpa_bwd(grad_out, query, key, value, attn_mask, out, lse, *rest):
+@_implement("sdpa_bwd", tensors=8)
+def _sdpa_bwd(grad_out, query, key, value, attn_mask, alibi_slopes, out, lse, *rest):
     """(dq, dk, dv, dmask); dmask has attn_mask's shape for a float mask and 0 elements otherwise (an op
-    cannot return None). ``rest``: the option values, seed, backends, deterministic."""
+    cannot return None); the slopes get no gradient. ``rest``: the option values, seed, backends,
+    deterministic."""
     options, seed, backends, deterministic = rest[:-3], rest[-3], rest[-2], rest[-1]
-    if attn_mask is None and query.is_cuda:
+    if attn_mask is None and alibi_slopes is None and query.is_cuda:
         plan = _backward_plan(query, key, value, options, backends, grad_out, out, lse, deterministic)
         if plan is not None:
             if plan.copies_dout:
@@ -297,7 +300,7 @@ def _sdpa_bwd(grad_out, query, key, value, attn_mask, out, lse, *rest):
     grad_out = grad_out.contiguous()
     with bridge.on_stream(query.device):
         pr = problem.from_dense(*_arrays(query, key, value, attn_mask), arguments.from_op(options),
-                                seed_of(seed, options[0]))
+                                seed_of(seed, options[0]), *_arrays(alibi_slopes))
         grads = [query.new_empty(x.shape) for x in (query, key, value)]
         dmask = attn_mask.new_empty(attn_mask.shape) if _float_mask(attn_mask) else query.new_empty(0)
         _backward(pr, grads + [dmask] if _float_mask(attn_mask) else grads, grad_out, out, lse, backends,
@@ -320,13 +323,14 @@ def _(grad_out, query, key, value, attn_mask, *rest):
 
 # ---- variable length (packed) -----------------------------------------------------------------------------
 
-@_implement("varlen_fwd", tensors=5)
-def _varlen_fwd(query, key, value, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *rest):
+@_implement("varlen_fwd", tensors=6)
+def _varlen_fwd(query, key, value, cu_seqlens_q, cu_seqlens_k, alibi_slopes, max_seqlen_q, max_seqlen_k, *rest):
     """(out (Tq, Hq, Ev), lse (Hq, Tq)) of packed variable-length attention (cusdpa.varlen_attention)."""
     options, seed, backends = rest[:-2], rest[-2], rest[-1]
     with bridge.on_stream(query.device):
         pr = problem.from_varlen(*_arrays(query, key, value, cu_seqlens_q, cu_seqlens_k), max_seqlen_q,
-                                 max_seqlen_k, arguments.from_op(options), seed_of(seed, options[0]))
+                                 max_seqlen_k, arguments.from_op(options), seed_of(seed, options[0]),
+                                 *_arrays(alibi_slopes))
         return _forward(pr, query, backends)
 
 
@@ -336,14 +340,15 @@ def _(query, key, value, *rest):
             query.new_empty((query.shape[1], query.shape[0]), dtype=torch.float32))
 
 
-@_implement("varlen_bwd", tensors=8)
-def _varlen_bwd(grad_out, query, key, value, cu_seqlens_q, cu_seqlens_k, out, lse, max_seqlen_q, max_seqlen_k,
-                *rest):
+@_implement("varlen_bwd", tensors=9)
+def _varlen_bwd(grad_out, query, key, value, cu_seqlens_q, cu_seqlens_k, alibi_slopes, out, lse, max_seqlen_q,
+                max_seqlen_k, *rest):
     """(dq, dk, dv) in the packed layout."""
     options, seed, backends, deterministic = rest[:-3], rest[-3], rest[-2], rest[-1]
     with bridge.on_stream(query.device):
         pr = problem.from_varlen(*_arrays(query, key, value, cu_seqlens_q, cu_seqlens_k), max_seqlen_q,
-                                 max_seqlen_k, arguments.from_op(options), seed_of(seed, options[0]))
+                                 max_seqlen_k, arguments.from_op(options), seed_of(seed, options[0]),
+                                 *_arrays(alibi_slopes))
         grads = [query.new_empty(x.shape) for x in (query, key, value)]
         _backward(pr, grads, grad_out.contiguous(), out, lse, backends, deterministic)
     return tuple(grads)

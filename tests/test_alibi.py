@@ -110,3 +110,55 @@ def test_bad_slopes_are_refused(bad, error, match, rng):
     q = rng.standard_normal((2, 3, 4, 8))
     with pytest.raises(error, match=match):
         cusdpa.scaled_dot_product_attention(q, q, q, alibi_slopes=bad)
+
+
+# ---- the torch bridge (CPU tensors run the reference through the same ops as CUDA tensors) -------------------
+
+@pytest.mark.parametrize("slope_shape", [(3,), (2, 3)])
+@pytest.mark.parametrize("compiled", [False, True])
+def test_torch_entry_matches_the_formula_with_gradients(slope_shape, compiled, rng):
+    import interop
+
+    q = rng.standard_normal((2, 3, 6, 8)) * 2
+    k, v = (rng.standard_normal((2, 3, 9, 8)) * 2 for _ in range(2))
+    dout = rng.standard_normal(q.shape)
+    slopes = slopes_of(*slope_shape)
+    want = torch_alibi(q, k, v, dout, slopes, softcap=3.0)
+    tq, tk, tv = (torch.tensor(x, dtype=torch.float64, requires_grad=True) for x in (q, k, v))
+    ts = torch.tensor(slopes, requires_grad=True)
+    fn = interop.scaled_dot_product_attention
+    if compiled:
+        fn = torch.compile(fn, backend="aot_eager", fullgraph=True)
+    out = fn(tq, tk, tv, softcap=3.0, alibi_slopes=ts)
+    out.backward(torch.tensor(dout))
+    for g, w in zip([out.detach(), tq.grad, tk.grad, tv.grad], want, strict=True):
+        np.testing.assert_allclose(g.numpy(), w, rtol=1e-9, atol=1e-12)
+    assert ts.grad is None  # the slopes get no gradient, as in FlashAttention
+
+
+def test_torch_nested_inputs_align_it_per_sequence(rng):
+    import interop
+
+    lengths = (4, 7)
+    slopes = slopes_of(2, 2)
+    seqs = [[torch.tensor(rng.standard_normal((2, n, 8))) for n in lengths] for _ in range(3)]
+    q, k, v = (torch.nested.nested_tensor([s.transpose(0, 1) for s in x], layout=torch.jagged).transpose(1, 2)
+               for x in seqs)
+    out = interop.scaled_dot_product_attention(q, k, v, is_causal=True, alibi_slopes=torch.tensor(slopes))
+    for b, got in enumerate(out.unbind()):
+        want = reference.attention(*(x[b].numpy() for x in seqs), is_causal=True, alibi_slopes=slopes[b])[0]
+        np.testing.assert_allclose(got.numpy(), want, rtol=1e-12)
+
+
+@pytest.mark.parametrize("bad, error, match", [
+    (lambda: np.ones(3, np.float32), TypeError, "torch.Tensor"),
+    (lambda: torch.ones(3, dtype=torch.float64), TypeError, "float32"),
+    (lambda: torch.ones(4), ValueError, "one slope per query head"),
+    (lambda: torch.ones(3, device="meta"), ValueError, "meta"),
+])
+def test_torch_entry_refuses_bad_slopes(bad, error, match, rng):
+    import interop
+
+    q = torch.tensor(rng.standard_normal((2, 3, 4, 8)), dtype=torch.float32)
+    with pytest.raises(error, match=match):
+        interop.scaled_dot_product_attention(q, q, q, alibi_slopes=bad())

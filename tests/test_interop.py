@@ -148,18 +148,19 @@ def test_opcheck_passes_for_every_op(rng):
     Function differentiates them), so their inputs here need no gradient."""
     q, k, v, mask = (x.detach() for x in make_case(rng, CASES["float_mask"]))
     seed = torch.tensor([11])
-    torch.library.opcheck(ops.sdpa_fwd, (q, k, v, mask, 0.2, True, None, False, "upper_left", None, 0.0, seed,
-                                         "math"))
+    torch.library.opcheck(ops.sdpa_fwd, (q, k, v, mask, None, 0.2, True, None, False, "upper_left", None, 0.0,
+                                         seed, "math"))
     qg, kg, vg = (x.detach() for x in make_case(rng, CASES["gqa"])[:3])
-    torch.library.opcheck(ops.sdpa_fwd, (qg, kg, vg, None, 0.0, True, 0.5, True, "lower_right", [4, 0], 2.5, None,
-                                         "math"))
-    out, lse = ops.sdpa_fwd(q, k, v, mask, 0.0, False, None, False, "upper_left", None, 0.0, None, "math")
-    torch.library.opcheck(ops.sdpa_bwd, (torch.randn_like(out), q, k, v, mask, out, lse, 0.2, False, None, False,
-                                         "upper_left", None, 0.0, seed, "math", False))
+    slopes = torch.rand(qg.shape[-3])  # ALiBi, per query head
+    torch.library.opcheck(ops.sdpa_fwd, (qg, kg, vg, None, slopes, 0.0, True, 0.5, True, "lower_right", [4, 0], 2.5,
+                                         None, "math"))
+    out, lse = ops.sdpa_fwd(q, k, v, mask, None, 0.0, False, None, False, "upper_left", None, 0.0, None, "math")
+    torch.library.opcheck(ops.sdpa_bwd, (torch.randn_like(out), q, k, v, mask, None, out, lse, 0.2, False, None,
+                                         False, "upper_left", None, 0.0, seed, "math", False))
     cu = torch.tensor([0, 3, 3, 10], dtype=torch.int32)
     qv, kv, vv = (randn(rng, 10, 2, 8, grad=False) for _ in range(3))
-    torch.library.opcheck(ops.varlen_fwd, (qv, kv, vv, cu, cu, 7, 7, 0.3, True, None, False, "upper_left", None,
-                                           0.0, seed, "math"))
+    torch.library.opcheck(ops.varlen_fwd, (qv, kv, vv, cu, cu, torch.rand(3, 2), 7, 7, 0.3, True, None, False,
+                                           "upper_left", None, 0.0, seed, "math"))
 
 
 def test_plan_signatures_are_hashable_and_tell_every_option_apart():
