@@ -9,9 +9,10 @@ and an override that routes torch.nn.functional.scaled_dot_product_attention to 
 
 Importing it registers the ``cusdpa::*`` torch.library ops (it imports torch; cusdpa itself does not).
 """
-from .functional import scaled_dot_product_attention
+from .functional import scaled_dot_product_attention, varlen_attention
+from .kv_cache import kv_cache_attention
 from .modules import CausalSelfAttention
 from .override import disable_sdpa_override, enable_sdpa_override, sdpa_override
 
-__all__ = ["scaled_dot_product_attention", "CausalSelfAttention", "sdpa_override", "enable_sdpa_override",
+__all__ = ["scaled_dot_product_attention", "varlen_attention", "kv_cache_attention", "CausalSelfAttention", "sdpa_override", "enable_sdpa_override",
            "disable_sdpa_override"]

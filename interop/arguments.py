@@ -35,19 +35,19 @@ def check_tensors(tensors: dict, attn_mask=None, alibi_slopes=None) -> None:
             raise ArgumentError(f"query is on {query.device} but {name} is on {t.device}; move them to one device "
                                 "with .to(query.device)")
     if attn_mask is not None:
-        _check_beside(attn_mask, "attn_mask", query)
+        check_beside(attn_mask, "attn_mask", query)
         if attn_mask.dtype != torch.bool and attn_mask.dtype not in bridge.SUPPORTED_DTYPES:
             raise ArgumentTypeError(f"attn_mask.dtype={attn_mask.dtype} is not supported; use torch.bool "
                                     "(True = attend) or a float dtype added to the scores (convert an integer mask "
                                     "with .bool())")
     if alibi_slopes is not None:
-        _check_beside(alibi_slopes, "alibi_slopes", query)
+        check_beside(alibi_slopes, "alibi_slopes", query)
         if alibi_slopes.dtype != torch.float32:
             raise ArgumentTypeError(f"alibi_slopes.dtype={alibi_slopes.dtype} must be torch.float32 (as "
                                     "FlashAttention's)")
 
 
-def _check_beside(t, name: str, query: torch.Tensor) -> None:
+def check_beside(t, name: str, query: torch.Tensor) -> None:
     """A tensor argument beside the inputs (a mask, ALiBi slopes): a torch.Tensor on query's device."""
     if not isinstance(t, torch.Tensor):
         raise ArgumentTypeError(f"{name} must be a torch.Tensor or None, got {type(t).__name__}")

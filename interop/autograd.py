@@ -59,15 +59,16 @@ class Attention(torch.autograd.Function):
     """Dense attention: ``cusdpa::sdpa_fwd`` forward, ``cusdpa::sdpa_bwd`` backward. Arguments: query, key,
     value, attn_mask, alibi_slopes, seed, backends, and the tuple of option values (``arguments.options``):
     one argument, since autograd handles every argument of apply and of backward's result on every call.
-    The slopes get no gradient (nor do they in FlashAttention)."""
+    The slopes get no gradient (nor do they in FlashAttention). ``deterministic``: the backward sums in a
+    fixed order even where torch's deterministic mode is off (FlashAttention's ``deterministic=True``)."""
 
     @staticmethod
-    def forward(query, key, value, attn_mask, alibi_slopes, seed, backends, options):
+    def forward(query, key, value, attn_mask, alibi_slopes, seed, backends, options, deterministic):
         return ops.call(ops.sdpa_fwd, query, key, value, attn_mask, alibi_slopes, *options, seed, backends)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        query, key, value, attn_mask, alibi_slopes, seed, ctx.backends, ctx.options = inputs
+        query, key, value, attn_mask, alibi_slopes, seed, ctx.backends, ctx.options, ctx.deterministic = inputs
         ctx.save_for_backward(query, key, value, attn_mask, alibi_slopes, *output, seed)
         ctx.mark_non_differentiable(output[1])  # lse is for the backward only
 
@@ -76,26 +77,26 @@ class Attention(torch.autograd.Function):
         _first_order(ctx)
         query, key, value, attn_mask, alibi_slopes, out, lse, seed = ctx.saved_tensors
         dq, dk, dv, dmask = ops.call(ops.sdpa_bwd, grad_out, query, key, value, attn_mask, alibi_slopes, out, lse,
-                                     *ctx.options, seed, ctx.backends, torch.are_deterministic_algorithms_enabled())
+                                     *ctx.options, seed, ctx.backends, _deterministic(ctx))
         dmask = dmask if attn_mask is not None and ctx.needs_input_grad[3] else None
-        return dq, dk, dv, dmask, None, None, None, None
+        return dq, dk, dv, dmask, None, None, None, None, None
 
 
 class VarlenAttention(torch.autograd.Function):
     """Packed variable-length attention: ``cusdpa::varlen_fwd`` / ``cusdpa::varlen_bwd``. Arguments: query,
     key, value, cu_seqlens_q, cu_seqlens_k, alibi_slopes, max_seqlen_q, max_seqlen_k, seed, backends, option
-    values."""
+    values, deterministic (as Attention's)."""
 
     @staticmethod
     def forward(query, key, value, cu_seqlens_q, cu_seqlens_k, alibi_slopes, max_seqlen_q, max_seqlen_k, seed,
-                backends, options):
+                backends, options, deterministic):
         return ops.call(ops.varlen_fwd, query, key, value, cu_seqlens_q, cu_seqlens_k, alibi_slopes, max_seqlen_q,
                         max_seqlen_k, *options, seed, backends)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
         (query, key, value, cu_seqlens_q, cu_seqlens_k, alibi_slopes, max_q, max_k, seed, ctx.backends,
-         ctx.options) = inputs
+         ctx.options, ctx.deterministic) = inputs
         ctx.save_for_backward(query, key, value, cu_seqlens_q, cu_seqlens_k, alibi_slopes, *output, seed)
         ctx.max_seqlens = (max_q, max_k)
         ctx.mark_non_differentiable(output[1])
@@ -105,23 +106,28 @@ class VarlenAttention(torch.autograd.Function):
         _first_order(ctx)
         query, key, value, cu_seqlens_q, cu_seqlens_k, alibi_slopes, out, lse, seed = ctx.saved_tensors
         grads = ops.call(ops.varlen_bwd, grad_out, query, key, value, cu_seqlens_q, cu_seqlens_k, alibi_slopes, out,
-                         lse, *ctx.max_seqlens, *ctx.options, seed, ctx.backends,
-                         torch.are_deterministic_algorithms_enabled())
-        return *grads, *[None] * 8
+                         lse, *ctx.max_seqlens, *ctx.options, seed, ctx.backends, _deterministic(ctx))
+        return *grads, *[None] * 9
 
 
-def attention(query, key, value, attn_mask, alibi_slopes, seed, backends: str, options: tuple) -> torch.Tensor:
-    """The output of dense attention, differentiable in query, key, value and a float attn_mask."""
+def _deterministic(ctx) -> bool:
+    return ctx.deterministic or torch.are_deterministic_algorithms_enabled()
+
+
+def attention(query, key, value, attn_mask, alibi_slopes, seed, backends: str, options: tuple,
+              deterministic: bool = False):
+    """(out, lse) of dense attention, out differentiable in query, key, value and a float attn_mask."""
     if not _needs_grad(query, key, value, attn_mask):
-        return ops.call(ops.sdpa_fwd, query, key, value, attn_mask, alibi_slopes, *options, seed, backends)[0]
-    return _apply(Attention, query, key, value, attn_mask, alibi_slopes, seed, backends, options)[0]
+        return ops.call(ops.sdpa_fwd, query, key, value, attn_mask, alibi_slopes, *options, seed, backends)
+    return _apply(Attention, query, key, value, attn_mask, alibi_slopes, seed, backends, options, deterministic)
 
 
 def varlen_attention(query, key, value, cu_seqlens_q, cu_seqlens_k, alibi_slopes, max_seqlen_q, max_seqlen_k, seed,
-                     backends: str, options: tuple) -> torch.Tensor:
-    """The packed output of variable-length attention, differentiable in query, key and value."""
+                     backends: str, options: tuple, deterministic: bool = False):
+    """(out, lse) of variable-length attention in the packed layout, out differentiable in query, key and
+    value."""
     if not _needs_grad(query, key, value):
         return ops.call(ops.varlen_fwd, query, key, value, cu_seqlens_q, cu_seqlens_k, alibi_slopes, max_seqlen_q,
-                        max_seqlen_k, *options, seed, backends)[0]
+                        max_seqlen_k, *options, seed, backends)
     return _apply(VarlenAttention, query, key, value, cu_seqlens_q, cu_seqlens_k, alibi_slopes, max_seqlen_q,
-                  max_seqlen_k, seed, backends, options)[0]
+                  max_seqlen_k, seed, backends, options, deterministic)

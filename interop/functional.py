@@ -1,15 +1,18 @@
-"""``scaled_dot_product_attention`` on torch tensors: PyTorch's signature plus cusdpa's extras."""
+"""``scaled_dot_product_attention`` and ``varlen_attention`` on torch tensors: PyTorch's signature plus
+cusdpa's extras, and FlashAttention's packed layout."""
 from __future__ import annotations
 
 import torch
 from torch.nn.attention.bias import CausalBias
+
+from cusdpa.problem import check_flag
 
 from . import arguments, autograd, nested
 
 
 def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
                                  enable_gqa=False, *, causal_variant="upper_left", window=None, softcap=0.0,
-                                 alibi_slopes=None, backend=None):
+                                 alibi_slopes=None, return_lse=False, deterministic=False, backend=None):
     """softmax(scale * query @ key^T + mask) @ value on torch tensors, with autograd; torch.compile-able.
 
     Shapes: query (..., Hq, L, E), key (..., Hkv, S, E), value (..., Hkv, S, Ev) -> (..., Hq, L, Ev)
@@ -39,7 +42,9 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     (cusdpa.backends.flash.plans).
     ``backend`` (a cusdpa.Backend or a sequence of them) restricts the backends tried, like
     ``cusdpa.sdpa_kernel``; by default the ones ``cusdpa.sdpa_kernel`` enables (under torch.compile:
-    those enabled when the graph was traced).
+    those enabled when the graph was traced). ``return_lse`` returns (out, lse), lse (..., Hq, L) float32
+    (natural log, no gradient); ``deterministic`` makes the backward sum in a fixed order even where
+    ``torch.use_deterministic_algorithms`` is off (dense calls only).
     """
     if isinstance(attn_mask, CausalBias):  # a causal alignment, not a mask
         is_causal, causal_variant = arguments.causal_bias(attn_mask, is_causal, causal_variant, query, key)
@@ -57,5 +62,28 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     options, backends = arguments.resolve(dropout_p, is_causal, scale, enable_gqa, causal_variant, window, softcap,
                                           backend)
     query, key, value = arguments.broadcast_heads(query, key, value, options[3])
-    return autograd.attention(arguments.unit_stride(query), arguments.unit_stride(key), arguments.unit_stride(value),
-                              attn_mask, alibi_slopes, arguments.draw_seed(dropout_p), backends, options)
+    out, lse = autograd.attention(arguments.unit_stride(query), arguments.unit_stride(key),
+                                  arguments.unit_stride(value), attn_mask, alibi_slopes, arguments.draw_seed(dropout_p),
+                                  backends, options, check_flag(deterministic, "deterministic"))
+    return (out, lse) if return_lse else out
+
+
+def varlen_attention(query, key, value, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
+                     is_causal=False, scale=None, enable_gqa=False, *, causal_variant="upper_left", window=None,
+                     softcap=0.0, alibi_slopes=None, return_lse=False, deterministic=False, backend=None):
+    """Attention over a packed batch of variable-length sequences on torch tensors, with autograd:
+    FlashAttention's layout, as ``cusdpa.varlen_attention`` takes it. query (Tq, Hq, E), key (Tk, Hkv, E),
+    value (Tk, Hkv, Ev); sequence b holds tokens cu_seqlens_q[b]:cu_seqlens_q[b+1] of the queries and
+    cu_seqlens_k[b]:cu_seqlens_k[b+1] of the keys (int32 tensors on the inputs' device). Output (Tq, Hq,
+    Ev); with ``return_lse`` also lse (Hq, Tq). The options are ``scaled_dot_product_attention``'s, causal,
+    window and ALiBi aligned per sequence (``alibi_slopes`` (Hq,) or (B, Hq))."""
+    arguments.check_tensors({"query": query, "key": key, "value": value}, alibi_slopes=alibi_slopes)
+    for name, cu in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
+        arguments.check_beside(cu, name, query)
+    options, backends = arguments.resolve(dropout_p, is_causal, scale, enable_gqa, causal_variant, window, softcap,
+                                          backend)
+    out, lse = autograd.varlen_attention(*(arguments.unit_stride(x) for x in (query, key, value)), cu_seqlens_q,
+                                         cu_seqlens_k, alibi_slopes, max_seqlen_q, max_seqlen_k,
+                                         arguments.draw_seed(dropout_p), backends, options,
+                                         check_flag(deterministic, "deterministic"))
+    return (out, lse) if return_lse else out

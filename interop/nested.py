@@ -41,7 +41,7 @@ def attention(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_
     out = autograd.varlen_attention(*(arguments.unit_stride(t.values()) for t in packed), offsets_q.to(torch.int32),
                                     offsets_k.to(torch.int32), alibi_slopes, _max_seqlen(offsets_q),
                                     _max_seqlen(offsets_k), arguments.draw_seed(dropout_p),
-                                    arguments.backend_names(backend), options)
+                                    arguments.backend_names(backend), options)[0]
     return torch.nested.nested_tensor_from_jagged(out, offsets_q).transpose(1, 2)
 
 

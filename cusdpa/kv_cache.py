@@ -1,0 +1,151 @@
+"""Attention over a KV cache (inference): new keys and values written into the cache in place, then each
+sequence's queries attend to its cached keys, FlashAttention's ``flash_attn_with_kvcache`` semantics.
+
+Layouts (FlashAttention's, token-major): query (B, Lq, Hq, E); a contiguous cache k_cache (B_cache, S_max,
+Hkv, E), v_cache (B_cache, S_max, Hkv, Ev), sequence b in row ``cache_batch_idx[b]`` (default b); or a
+paged cache (num_blocks, block_size, Hkv, E) whose sequence b holds its positions p in block
+``block_table[b, p // block_size]`` at slot ``p % block_size``. ``cache_seqlens[b]`` tokens of sequence b
+are in the cache before the call (None: the whole capacity); new ``key``/``value`` (B, Lnew, Hkv, E/Ev)
+go to positions ``cache_seqlens[b]`` onwards, and the queries then attend to the first ``cache_seqlens[b]
++ Lnew`` positions, causal and window aligned bottom-right (the last query with the last key). Output
+(B, Lq, Hq, Ev); lse (B, Hq, Lq).
+
+The plan (which cache cells are written and read) is made on the host from the sequence lengths and the
+block table, then the cells are moved with the array type's own indexing and the attention runs as packed
+variable-length attention. This reads each visible cache cell once into a packed copy; a split-KV kernel
+that reads the cache in place is the decode speed work of the inference issue.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .api import varlen_attention
+from .errors import ArgumentError, ArgumentTypeError
+from .problem import array_module
+
+
+@dataclass(frozen=True)
+class CachePlan:
+    """Host indices of one call: the cells the new tokens go to (row, slot) in token order, the cells each
+    sequence attends to, concatenated, and the packed keys' cu_seqlens."""
+
+    write_rows: np.ndarray
+    write_slots: np.ndarray
+    read_rows: np.ndarray
+    read_slots: np.ndarray
+    cu_seqlens_k: np.ndarray  # int32 (B + 1,)
+    max_seqlen_k: int
+
+
+def _host_ints(x, name: str, shape: tuple | None = None) -> np.ndarray:
+    """An integer array argument (NumPy, CuPy or torch) as a host int64 array, its shape checked."""
+    if hasattr(x, "get") and not isinstance(x, np.ndarray):  # CuPy
+        x = x.get()
+    elif hasattr(x, "detach"):  # torch
+        x = x.detach().cpu().numpy()
+    a = np.asarray(x)
+    if a.dtype.kind not in "iu":
+        raise ArgumentTypeError(f"{name}.dtype={a.dtype} must be an integer dtype (int32 as FlashAttention's)")
+    if shape is not None and a.shape != shape:
+        raise ArgumentError(f"{name}.shape={a.shape} must be {shape}")
+    return a.astype(np.int64)
+
+
+def plan(query_shape, k_cache_shape, v_cache_shape, new_shape, cache_seqlens, block_table, cache_batch_idx) -> CachePlan:
+    """Check the shapes of one call and make its CachePlan (``new_shape``: key's shape, or None)."""
+    if len(query_shape) != 4:
+        raise ArgumentError(f"query.shape={tuple(query_shape)} must be (batch, queries, heads, head_dim)")
+    B, _, hq, E = query_shape
+    for name, shape in (("k_cache", k_cache_shape), ("v_cache", v_cache_shape)):
+        if len(shape) != 4:
+            raise ArgumentError(f"{name}.shape={tuple(shape)} must be (batch or blocks, positions, kv heads, head_dim)")
+    rows, per_row, hkv, Ek = k_cache_shape
+    if tuple(v_cache_shape[:3]) != (rows, per_row, hkv):
+        raise ArgumentError(f"k_cache.shape={tuple(k_cache_shape)} and v_cache.shape={tuple(v_cache_shape)} must "
+                            "agree but in the head dim")
+    if Ek != E:
+        raise ArgumentError(f"query head dim {E} and k_cache head dim {Ek} must be equal")
+    if hkv == 0 or hq % hkv:
+        raise ArgumentError(f"query has {hq} heads and the cache {hkv}: Hq must be a multiple of Hkv")
+    new = 0
+    if new_shape is not None:
+        if len(new_shape) != 4 or new_shape[0] != B or new_shape[2] != hkv or new_shape[3] != E:
+            raise ArgumentError(f"key.shape={tuple(new_shape)} must be (B={B}, new tokens, Hkv={hkv}, E={E})")
+        new = new_shape[1]
+    if block_table is not None:
+        if cache_batch_idx is not None:
+            raise ArgumentError("cache_batch_idx and block_table exclude each other: a paged cache's rows are blocks")
+        table = _host_ints(block_table, "block_table")
+        if table.ndim != 2 or table.shape[0] != B:
+            raise ArgumentError(f"block_table.shape={table.shape} must be (B={B}, blocks per sequence)")
+        if table.size and (table.min() < 0 or table.max() >= rows):
+            raise ArgumentError(f"block_table holds blocks outside [0, {rows})")
+        capacity = table.shape[1] * per_row
+    else:
+        index = np.arange(B) if cache_batch_idx is None else _host_ints(cache_batch_idx, "cache_batch_idx", (B,))
+        if index.size and (index.min() < 0 or index.max() >= rows):
+            raise ArgumentError(f"cache_batch_idx holds rows outside [0, {rows})")
+        capacity = per_row
+    if cache_seqlens is None:
+        lengths = np.full(B, capacity - new, dtype=np.int64)
+    elif isinstance(cache_seqlens, (int, np.integer)) and not isinstance(cache_seqlens, bool):
+        lengths = np.full(B, int(cache_seqlens), dtype=np.int64)
+    else:
+        lengths = _host_ints(cache_seqlens, "cache_seqlens", (B,))
+    if lengths.size and (lengths.min() < 0 or lengths.max() + new > capacity):
+        raise ArgumentError(f"cache_seqlens + new tokens ({new}) must lie in [0, {capacity}] (the cache's capacity "
+                            "per sequence)")
+
+    def cells(positions_of):  # (rows, slots) of each sequence's positions, concatenated
+        r, s = [], []
+        for b in range(B):
+            p = positions_of(b)
+            if block_table is not None:
+                r.append(table[b, p // per_row])
+                s.append(p % per_row)
+            else:
+                r.append(np.full(len(p), index[b]))
+                s.append(p)
+        return (np.concatenate(r).astype(np.int64), np.concatenate(s).astype(np.int64)) if B else \
+            (np.zeros(0, np.int64), np.zeros(0, np.int64))
+
+    write_rows, write_slots = cells(lambda b: lengths[b] + np.arange(new))
+    seen = lengths + new
+    read_rows, read_slots = cells(lambda b: np.arange(seen[b]))
+    cu = np.concatenate([[0], np.cumsum(seen)]).astype(np.int32)
+    return CachePlan(write_rows, write_slots, read_rows, read_slots, cu, int(seen.max(initial=0)))
+
+
+def kv_cache_attention(query, k_cache, v_cache, cache_seqlens=None, key=None, value=None, *, block_table=None,
+                       cache_batch_idx=None, is_causal=False, scale=None, window=None, softcap=0.0,
+                       alibi_slopes=None, return_lse=False):
+    """Write ``key``/``value`` into the cache at ``cache_seqlens`` (in place), then attend (module docstring
+    for the layouts); NumPy or CuPy arrays. ``window=(left, right)`` (-1 = unbounded), ``softcap`` and
+    ``alibi_slopes`` ((Hq,) or (B, Hq)) as in ``varlen_attention``. Returns out, or (out, lse) with
+    ``return_lse``."""
+    xp = array_module(query, "query")
+    if (key is None) != (value is None):
+        raise ArgumentError("key and value go together: pass both new tensors or neither")
+    pl = plan(query.shape, k_cache.shape, v_cache.shape, None if key is None else key.shape, cache_seqlens,
+              block_table, cache_batch_idx)
+    if key is not None:
+        if value.shape[:3] != key.shape[:3] or value.shape[3] != v_cache.shape[3]:
+            raise ArgumentError(f"value.shape={tuple(value.shape)} must be key's but in the head dim "
+                                f"Ev={v_cache.shape[3]}")
+        for name, x, cache in (("key", key, k_cache), ("value", value, v_cache)):
+            if array_module(x, name) is not xp or x.dtype != cache.dtype:
+                raise ArgumentTypeError(f"{name} must be a {xp.__name__} array of the cache's dtype {cache.dtype}")
+        rows, slots = xp.asarray(pl.write_rows), xp.asarray(pl.write_slots)
+        k_cache[rows, slots] = key.reshape((-1,) + tuple(key.shape[2:]))
+        v_cache[rows, slots] = value.reshape((-1,) + tuple(value.shape[2:]))
+    B, Lq, hq, _ = query.shape
+    rows, slots = xp.asarray(pl.read_rows), xp.asarray(pl.read_slots)
+    out, lse = varlen_attention(query.reshape((B * Lq,) + tuple(query.shape[2:])), k_cache[rows, slots],
+                                v_cache[rows, slots], xp.asarray(np.arange(B + 1, dtype=np.int32) * Lq),
+                                xp.asarray(pl.cu_seqlens_k), Lq, pl.max_seqlen_k, is_causal=is_causal, scale=scale,
+                                enable_gqa=hq != k_cache.shape[2], causal_variant="lower_right", window=window,
+                                softcap=softcap, alibi_slopes=alibi_slopes, return_lse=True)
+    out = out.reshape((B, Lq) + tuple(out.shape[1:]))
+    return (out, lse.reshape(hq, B, Lq).transpose(1, 0, 2)) if return_lse else out

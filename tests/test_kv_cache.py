@@ -1,0 +1,108 @@
+"""KV-cache attention (cusdpa.kv_cache_attention and its torch twin): new tokens written in place, then
+attention over each sequence's cached positions, against the reference run per sequence on the cache
+contents the call should have left."""
+import numpy as np
+import pytest
+
+import cusdpa
+from cusdpa import reference
+
+B, HQ, HKV, E, EV = 3, 4, 2, 8, 16
+
+
+def _caches(rng, paged: bool):
+    """(k_cache, v_cache, block_table): a contiguous (B + 1, 24, Hkv, E) cache, or the same capacity in 6 blocks
+    of 4 positions per sequence, shuffled over 20 blocks."""
+    if not paged:
+        return rng.standard_normal((B + 1, 24, HKV, E)), rng.standard_normal((B + 1, 24, HKV, EV)), None
+    table = rng.permutation(20)[:B * 6].reshape(B, 6).astype(np.int32)
+    return rng.standard_normal((20, 4, HKV, E)), rng.standard_normal((20, 4, HKV, EV)), table
+
+
+def _sequence(cache, b, n, table, batch_idx):
+    """Positions [0, n) of sequence b of a cache, (n, H, D)."""
+    if table is None:
+        return cache[batch_idx[b], :n]
+    return np.concatenate([cache[blk] for blk in table[b]])[:n]
+
+
+def _expected(q, k_cache, v_cache, lengths, table, batch_idx, **kw):
+    outs, lses = [], []
+    for b in range(B):
+        k = _sequence(k_cache, b, lengths[b], table, batch_idx).swapaxes(0, 1)
+        v = _sequence(v_cache, b, lengths[b], table, batch_idx).swapaxes(0, 1)
+        slopes = kw.get("alibi_slopes")
+        o, lse = reference.attention(q[b].swapaxes(0, 1), k, v, enable_gqa=True, causal_variant="lower_right",
+                                     **{**kw, "alibi_slopes": None if slopes is None else slopes[b]})
+        outs.append(o.swapaxes(0, 1))
+        lses.append(lse)
+    return np.stack(outs), np.stack(lses)
+
+
+@pytest.mark.parametrize("paged", [False, True])
+@pytest.mark.parametrize("new", [0, 1, 3])
+@pytest.mark.parametrize("options", [dict(), dict(is_causal=True), dict(is_causal=True, window=(5, 0)),
+                                     dict(softcap=2.0, alibi_slopes=True)])
+def test_arrays_write_then_attend(paged, new, options, rng):
+    k_cache, v_cache, table = _caches(rng, paged)
+    lq = max(new, 1)
+    q = rng.standard_normal((B, lq, HQ, E))
+    seqlens = np.array([5, 0, 17], np.int32)
+    key, value = (rng.standard_normal((B, new, HKV, d)) for d in (E, EV)) if new else (None, None)
+    batch_idx = None if paged else np.array([2, 0, 3], np.int32)
+    kw = dict(options)
+    if kw.pop("alibi_slopes", False):
+        kw["alibi_slopes"] = (rng.random((B, HQ)) / 2).astype(np.float32)
+    before_k, before_v = k_cache.copy(), v_cache.copy()
+    out, lse = cusdpa.kv_cache_attention(q, k_cache, v_cache, seqlens, key, value, block_table=table,
+                                         cache_batch_idx=batch_idx, return_lse=True, **kw)
+    rows = np.arange(B) if batch_idx is None else batch_idx
+    for b in range(B):  # the new tokens are in the cache, nothing else moved
+        for cache, before, x in ((k_cache, before_k, key), (v_cache, before_v, value)):
+            got = _sequence(cache, b, seqlens[b] + new, table, rows)
+            want = _sequence(before, b, seqlens[b] + new, table, rows).copy()
+            if new:
+                want[seqlens[b]:] = x[b]
+            np.testing.assert_array_equal(got, want)
+    untouched = np.ones(k_cache.shape[:2], bool)
+    for b in range(B):
+        n = seqlens[b] + new
+        if table is None:
+            untouched[rows[b], seqlens[b]:n] = False
+        else:
+            p = np.arange(seqlens[b], n)
+            untouched[table[b, p // 4], p % 4] = False
+    np.testing.assert_array_equal(k_cache[untouched], before_k[untouched])
+    want_out, want_lse = _expected(q, k_cache, v_cache, seqlens + new, table, rows, **kw)
+    assert out.shape == (B, lq, HQ, EV) and lse.shape == (B, HQ, lq)
+    np.testing.assert_allclose(out, want_out, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(lse, want_lse, rtol=1e-12)
+
+
+def test_default_lengths_are_the_whole_cache(rng):
+    k_cache, v_cache, _ = _caches(rng, False)
+    q = rng.standard_normal((B + 1, 2, HQ, E))
+    out = cusdpa.kv_cache_attention(q, k_cache, v_cache, is_causal=True)
+    for b in range(B + 1):
+        want = reference.attention(q[b].swapaxes(0, 1), k_cache[b].swapaxes(0, 1), v_cache[b].swapaxes(0, 1),
+                                   is_causal=True, causal_variant="lower_right", enable_gqa=True)[0]
+        np.testing.assert_allclose(out[b], want.swapaxes(0, 1), rtol=1e-12)
+
+
+@pytest.mark.parametrize("change, error, match", [
+    (dict(cache_seqlens=np.array([5, 0, 25])), ValueError, "capacity"),
+    (dict(cache_seqlens=np.array([5, 0])), ValueError, "cache_seqlens.shape"),
+    (dict(cache_seqlens=np.array([5.0, 0, 1])), TypeError, "integer"),
+    (dict(cache_batch_idx=np.array([0, 1, 4])), ValueError, "cache_batch_idx"),
+    (dict(block_table=np.zeros((3, 2), np.int32)), ValueError, "exclude each other"),
+    (dict(key="only"), ValueError, "together"),
+])
+def test_bad_calls_are_refused(change, error, match, rng):
+    k_cache, v_cache, _ = _caches(rng, False)
+    q = rng.standard_normal((B, 1, HQ, E))
+    args = dict(cache_seqlens=np.array([5, 0, 1], np.int32), cache_batch_idx=np.array([0, 1, 2], np.int32))
+    args.update(change)
+    if args.get("key") == "only":
+        args["key"] = rng.standard_normal((B, 1, HKV, E))
+    with pytest.raises(error, match=match):
+        cusdpa.kv_cache_attention(q, k_cache, v_cache, **args)
