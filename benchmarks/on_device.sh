@@ -19,7 +19,8 @@
 # throughput, issue rate, warp stall reasons, and the SASS lines warps wait at; benchmarks/ncu_profile.sh),
 # overhead, hf (Hugging Face models, "cusdpa" against "sdpa"), bench (every provider),
 # bench-flash (cusdpa FLASH against PyTorch's FLASH and cuDNN only), bench-module (the tutorial module: parts b
-# and c), train (bf16 autocast), train-fp32, train-compiled (bf16, torch.compile).
+# and c), train (bf16 autocast), train-fp32, train-compiled (bf16, torch.compile), decode (greedy generation
+# through the KV cache against PyTorch's SDPA over a static cache), masks (the masks issue's shapes).
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
@@ -65,6 +66,8 @@ command_of() {  # the command of stage $1, into the array cmd
     train) cmd=(python3 examples/train_gpt.py --device cuda) ;;
     train-fp32) cmd=(python3 examples/train_gpt.py --device cuda --fp32) ;;
     train-compiled) cmd=(python3 examples/train_gpt.py --device cuda --compile) ;;
+    decode) cmd=(python3 examples/decode_gpt.py --device cuda) ;;
+    masks) cmd=(python3 benchmarks/masks.py --backward) ;;
     *) echo "unknown stage $stage" >&2; exit 2 ;;
   esac
 }

@@ -106,3 +106,16 @@ def test_bad_calls_are_refused(change, error, match, rng):
         args["key"] = rng.standard_normal((B, 1, HKV, E))
     with pytest.raises(error, match=match):
         cusdpa.kv_cache_attention(q, k_cache, v_cache, **args)
+
+
+def test_decode_example_agrees_with_pytorch_on_the_cpu():
+    """examples/decode_gpt.py: greedy tokens through the KV cache equal PyTorch's over a static cache."""
+    import importlib.util
+    import pathlib
+
+    pytest.importorskip("torch")
+    path = pathlib.Path(__file__).resolve().parents[1] / "examples" / "decode_gpt.py"
+    spec = importlib.util.spec_from_file_location("decode_gpt", path)
+    decode_gpt = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(decode_gpt)
+    assert decode_gpt.main(["--device", "cpu", "--new-tokens", "4"]) == 0
