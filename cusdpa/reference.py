@@ -188,7 +188,7 @@ def sum_to_shape(x, shape: tuple):
     return x
 
 
-def _dense_backward(pr: problem.Problem, dout, acc, bh_base: int = 0):
+def _dense_backward(pr: problem.Problem, dout, acc, bh_base: int = 0, stats=None):
     xp = pr.xp
     full = pr.batch_shape
     dq = xp.zeros(full + (pr.hq, pr.L, pr.E), dtype=acc)
@@ -199,19 +199,32 @@ def _dense_backward(pr: problem.Problem, dout, acc, bh_base: int = 0):
         mask_full = (1,) * (len(full) + 3 - pr.mask.ndim) + tuple(pr.mask.shape)
         dmask = xp.zeros(mask_full, dtype=acc)
     dout = dout.reshape(full + (pr.hq, pr.L, pr.Ev))
+    if stats is not None:
+        out_g, lse_g = (x.reshape(full + (pr.hq, pr.L) + tail) for x, tail in zip(stats, ((pr.Ev,), ())))
 
     def visit(b, h0, h1, sl):
         g = pr.group
         do = xp.where(sl.row_any, dout[b][h0:h1].astype(acc), 0)
-        A = sl.P if sl.drop is None else sl.P * sl.drop
+        P = sl.P
         dP = do @ sl.v.swapaxes(-1, -2)
         if sl.drop is not None:
             dP = dP * sl.drop
-        # softmax backward: dS = P * (dP - rowsum(P * dP)); rowsum(P * dP) = rowsum(dout * out)
+        # softmax backward: dS = P * (dP - D), D = rowsum(P * dP) = rowsum(dout * out). With the caller's
+        # out and lse (``stats``) P is exp(s - lse), normalised over every key the forward saw (this call's
+        # keys may be a part of them: ring attention), and D comes from that out, as the kernels take both;
+        # but where the given lse is this call's own, rounded to float32 as the contract stores it, the rows
+        # keep their own P and D, exact in the accumulation dtype (float64 stays float64-accurate).
+        D = (P * dP).sum(-1, keepdims=True)
+        if stats is not None:
+            given = lse_g[b][h0:h1]
+            own = (sl.lse.astype(np.float32) == given) | ~sl.row_any[..., 0]
+            P = P * xp.where(own, 1, xp.exp(sl.lse - given.astype(acc)))[..., None]
+            D = xp.where(own[..., None], D, (do * out_g[b][h0:h1].astype(acc)).sum(-1, keepdims=True))
+        A = P if sl.drop is None else P * sl.drop
         # Rows that see nothing: 0, where P = 0 meets NaN in dP through a value row others see.
-        dS = xp.where(sl.row_any, sl.P * (dP - (sl.P * dP).sum(-1, keepdims=True)), 0)
+        dS = xp.where(sl.row_any, P * (dP - D), 0)
         # through the cap to scale * q k^T (a float mask is added after it: its gradient is dS itself)
-        dX = dS if sl.cap_grad is None else xp.where(sl.P != 0, dS * sl.cap_grad, 0)
+        dX = dS if sl.cap_grad is None else xp.where(P != 0, dS * sl.cap_grad, 0)
         dq[b][h0:h1] = xp.where(sl.row_any, dX @ sl.k, 0) * acc.type(pr.scale)
         n_groups = (h1 - h0) // g
         dk_h = (dX.swapaxes(-1, -2) @ sl.q) * acc.type(pr.scale)
@@ -270,15 +283,20 @@ def forward(pr: problem.Problem, accum=None):
     return out, lse
 
 
-def backward(pr: problem.Problem, dout, accum=None):
-    """Gradients (dq, dk, dv[, dmask for a float mask]) for the output gradient ``dout``."""
+def backward(pr: problem.Problem, dout, accum=None, out=None, lse=None):
+    """Gradients (dq, dk, dv[, dmask for a float mask]) for the output gradient ``dout``. Given the
+    forward's ``out`` and ``lse`` (both or neither), rows whose lse is not this problem's own take the
+    probabilities exp(score - lse) and the softmax backward's row sums from out, as the kernels compute
+    them: a forward over more keys than this problem's (a chunk of ring attention) then gives this chunk's
+    exact part of the gradients."""
     acc = _accum_dtype(pr, accum)
     if pr.varlen is None:
-        return _dense_backward(pr, dout, acc)
+        return _dense_backward(pr, dout, acc, stats=None if out is None else (out, lse))
     xp = pr.xp
     dq, dk, dv = (xp.zeros(x.shape, dtype=acc) for x in (pr.q, pr.k, pr.v))
     for b, sub, qr, kr in varlen_pieces(pr):
-        gq, gk, gv = _dense_backward(sub, dout[qr].swapaxes(0, 1), acc, bh_base=b * pr.hq)
+        stats = None if out is None else (out[qr].swapaxes(0, 1), lse[:, qr])
+        gq, gk, gv = _dense_backward(sub, dout[qr].swapaxes(0, 1), acc, bh_base=b * pr.hq, stats=stats)
         dq[qr] = gq.swapaxes(0, 1)
         dk[kr] = gk.swapaxes(0, 1)
         dv[kr] = gv.swapaxes(0, 1)

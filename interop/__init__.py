@@ -11,8 +11,10 @@ Importing it registers the ``cusdpa::*`` torch.library ops (it imports torch; cu
 """
 from .functional import scaled_dot_product_attention, varlen_attention
 from .kv_cache import kv_cache_attention
+from .ring import ring_attention
 from .modules import CausalSelfAttention
 from .override import disable_sdpa_override, enable_sdpa_override, sdpa_override
 
-__all__ = ["scaled_dot_product_attention", "varlen_attention", "kv_cache_attention", "CausalSelfAttention", "sdpa_override", "enable_sdpa_override",
+__all__ = ["scaled_dot_product_attention", "varlen_attention", "kv_cache_attention", "ring_attention",
+           "CausalSelfAttention", "sdpa_override", "enable_sdpa_override",
            "disable_sdpa_override"]

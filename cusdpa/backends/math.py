@@ -24,8 +24,9 @@ def _forward(pr, out=None, lse=None):
 
 
 def _backward(pr, out, lse, dout, deterministic=False, grads=None):
-    # Fixed chunk order and library reductions: the same result run to run, deterministic or not.
-    return deliver(pr.xp, reference.backward(pr, dout), grads)
+    # Fixed chunk order and library reductions: the same result run to run, deterministic or not. The
+    # forward's out and lse are used as the kernels use them (reference.backward).
+    return deliver(pr.xp, reference.backward(pr, dout, out=out, lse=lse), grads)
 
 
 IMPL = Implementation(

@@ -1,0 +1,96 @@
+"""interop.ring_attention on CPU tensors over gloo: 2 and 4 ranks, each holding a chunk of the sequence,
+against full attention on one process (values and the gradients of q, k, v), causal and not, GQA,
+windows, both layouts."""
+import pytest
+
+torch = pytest.importorskip("torch")
+dist = pytest.importorskip("torch.distributed")
+
+CASES = [  # (options, layout, hq, hkv)
+    (dict(), "contiguous", 4, 4),
+    (dict(is_causal=True), "contiguous", 4, 2),
+    (dict(is_causal=True), "zigzag", 4, 4),
+    (dict(is_causal=True, window=(5, 0), scale=0.3), "zigzag", 2, 1),
+    (dict(window=(3, 6)), "contiguous", 2, 2),
+]
+
+
+def _run(rank: int, world: int, init: str):
+    import interop
+    from interop.ring import positions, ring_attention
+
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    try:
+        chunk = 6
+        for n, (options, layout, hq, hkv) in enumerate(CASES):
+            g = torch.Generator().manual_seed(n)  # every rank draws the same full tensors
+            L = chunk * world
+            q = torch.randn(2, hq, L, 8, generator=g, dtype=torch.float64, requires_grad=True)
+            k, v = (torch.randn(2, hkv, L, 8, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(2))
+            dout = torch.randn(2, hq, L, 8, generator=g, dtype=torch.float64)
+            full = interop.scaled_dot_product_attention(q, k, v, enable_gqa=hq != hkv, **options)
+            grads = torch.autograd.grad(full, (q, k, v), dout)
+            mine = positions(rank, world, chunk, layout)
+            local = [x.detach()[:, :, mine].clone().requires_grad_() for x in (q, k, v)]
+            out = ring_attention(*local, enable_gqa=hq != hkv, layout=layout, **options)
+            # lse is float32 (the contract), so merged chunks agree to ~1e-7 even in float64
+            torch.testing.assert_close(out, full.detach()[:, :, mine], rtol=1e-5, atol=1e-6,
+                                       msg=lambda m: f"case {n} rank {rank} out: {m}")
+            out.backward(dout[:, :, mine])
+            for name, x, want in zip("qkv", local, grads):
+                torch.testing.assert_close(x.grad, want[:, :, mine], rtol=1e-5, atol=1e-6,
+                                           msg=lambda m: f"case {n} rank {rank} d{name}: {m}")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_ring_attention_equals_full_attention(world, tmp_path):
+    import torch.multiprocessing as mp
+
+    mp.spawn(_run, args=(world, f"file://{tmp_path / 'rendezvous'}"), nprocs=world, join=True)
+
+
+def test_ring_attention_needs_a_process_group():
+    from cusdpa.errors import ArgumentError
+    from interop.ring import ring_attention
+
+    if dist.is_initialized():
+        pytest.skip("a process group is initialised in this process")
+    q = torch.zeros(1, 1, 4, 8)
+    with pytest.raises(ArgumentError, match="process group"):
+        ring_attention(q, q, q)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "zigzag"])
+def test_causal_steps_need_no_mask(layout):
+    """Causal pieces are all or nothing or the diagonal: every step runs mask-free (FLASH end to end on GPUs),
+    and zigzag gives every rank the same number of visible key positions."""
+    from interop.ring import _pairs, segments
+
+    world, chunk = 4, 8
+    work = []
+    for rank in range(world):
+        mine, seen = segments(rank, world, chunk, layout), 0
+        for s in range(world):
+            for p in _pairs(mine, segments((rank - s) % world, world, chunk, layout), True, None, "cpu"):
+                assert p.mask is None
+                n, m = p.qs.stop - p.qs.start, p.ks.stop - p.ks.start
+                seen += n * (n + 1) // 2 if p.causal else n * m
+        work.append(seen)
+    assert (len(set(work)) == 1) == (layout == "zigzag"), work
+
+
+def test_ring_attention_refuses_backends_whose_backward_does_not_take_the_merged_lse(tmp_path):
+    import cusdpa
+    from cusdpa.errors import ArgumentError
+    from interop.ring import ring_attention
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        q = torch.zeros(1, 1, 4, 8)
+        with pytest.raises(ArgumentError, match="FLASH, MATH"):
+            ring_attention(q, q, q, backend=cusdpa.Backend.EFFICIENT)
+        assert ring_attention(q, q, q, backend=[cusdpa.Backend.EFFICIENT, cusdpa.Backend.MATH]).shape == q.shape
+    finally:
+        dist.destroy_process_group()
