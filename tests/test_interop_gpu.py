@@ -284,3 +284,71 @@ def test_train_gpt_example_on_cuda(monkeypatch):
     monkeypatch.setitem(sys.modules, "train_gpt", train_gpt)
     spec.loader.exec_module(train_gpt)
     assert train_gpt.main(["--device", "cuda"]) == 0
+
+
+# ---- this session's torch entries on CUDA (the CPU tests hold their semantics; these the device path) ------
+
+@pytest.mark.parametrize("paged", [False, True])
+def test_kv_cache_on_cuda_matches_the_cpu(rng, paged):
+    from interop.flash_attn_compat import flash_attn_with_kvcache
+
+    B, new = 3, 2
+    shape = (12, 16, 2, 64) if paged else (B, 48, 2, 64)
+    caches = [randn(rng, *shape, dtype=torch.bfloat16, grad=False) for _ in range(2)]
+    table = torch.tensor(rng.permutation(12)[:9].reshape(3, 3), dtype=torch.int32, device="cuda") if paged else None
+    seqlens = torch.tensor([4, 0, 29], dtype=torch.int32, device="cuda")
+    q = randn(rng, B, new, 8, 64, dtype=torch.bfloat16, grad=False)
+    k, v = (randn(rng, B, new, 2, 64, dtype=torch.bfloat16, grad=False) for _ in range(2))
+    cpu = [x.cpu().float() for x in (q, *caches, k, v)]
+    out, lse = flash_attn_with_kvcache(q, *caches, k, v, cache_seqlens=seqlens, block_table=table, causal=True,
+                                       return_softmax_lse=True)
+    want, want_lse = flash_attn_with_kvcache(cpu[0], cpu[1], cpu[2], cpu[3], cpu[4], cache_seqlens=seqlens.cpu(),
+                                             block_table=None if table is None else table.cpu(), causal=True,
+                                             return_softmax_lse=True)
+    torch.testing.assert_close(out.float().cpu(), want, atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(lse.cpu(), want_lse, atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(caches[0].float().cpu(), cpu[1])  # the new tokens landed in the same cells
+
+
+def test_flash_attn_api_on_cuda_trains(rng):
+    from interop.flash_attn_compat import flash_attn_func, flash_attn_varlen_func
+
+    q = randn(rng, 2, 300, 8, 64, dtype=torch.bfloat16)
+    k, v = (randn(rng, 2, 333, 2, 64, dtype=torch.bfloat16) for _ in range(2))
+    slopes = torch.rand(8, device="cuda")
+    for kw in (dict(causal=True, window_size=(64, 0)), dict(softcap=5.0, alibi_slopes=slopes)):
+        out = flash_attn_func(q, k, v, deterministic=True, **kw)
+        grads = torch.autograd.grad(out.float().square().sum(), (q, k, v))
+        ref = [x.detach().cpu().double().requires_grad_() for x in (q, k, v)]
+        want = flash_attn_func(*ref, **{n: (x.cpu() if torch.is_tensor(x) else x) for n, x in kw.items()})
+        want_grads = torch.autograd.grad(want.square().sum(), ref)
+        torch.testing.assert_close(out.double().cpu(), want, atol=3e-2, rtol=3e-2)
+        for g, w in zip(grads, want_grads):
+            torch.testing.assert_close(g.double().cpu() / w.abs().max(), w / w.abs().max(), atol=3e-2, rtol=0)
+    cu = torch.tensor([0, 100, 300], dtype=torch.int32, device="cuda")
+    packed = flash_attn_varlen_func(q[0], q[0], q[0], cu, cu, 200, 200, causal=True)
+    assert packed.shape == q[0].shape and torch.isfinite(packed).all()
+
+
+def test_masked_training_through_the_torch_entry(rng):
+    """A bool key-padding mask: the Hopper forward where it runs, the backward wherever dispatch sends it."""
+    q, k, v = (randn(rng, 2, 4, 200, 64, dtype=torch.bfloat16) for _ in range(3))
+    mask = torch.ones(2, 1, 1, 200, dtype=torch.bool, device="cuda")
+    mask[1, ..., 150:] = False
+    failures = harness.run_torch(interop.scaled_dot_product_attention, q, k, v, mask, rng=rng, is_causal=False)
+    assert not failures, "\n".join(failures)
+
+
+def test_ring_of_one_on_nccl(rng, tmp_path):
+    import torch.distributed as dist
+
+    dist.init_process_group("nccl", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        q, k, v = (randn(rng, 1, 4, 256, 64, dtype=torch.bfloat16) for _ in range(3))
+        out = interop.ring_attention(q, k, v, is_causal=True, layout="zigzag")
+        want = interop.scaled_dot_product_attention(*(x.detach() for x in (q, k, v)), is_causal=True)
+        torch.testing.assert_close(out, want, atol=2e-2, rtol=2e-2)
+        out.float().sum().backward()
+        assert all(torch.isfinite(x.grad).all() for x in (q, k, v))
+    finally:
+        dist.destroy_process_group()
