@@ -41,7 +41,9 @@
 // the softmax and the next products run. A bool mask selects scores out (-inf) in the usual log2 domain. With a float
 // mask the scores are kept in natural units (s * scale + mask, the row max m of those, p = exp2((s - m) *
 // log2 e)): scaling a mask of -3.4e38 (a dtype's min, what models pass for "masked") into the log2 domain
-// would overflow to -inf and turn a row PyTorch attends uniformly into an empty one.
+// would overflow to -inf and turn a row PyTorch attends uniformly into an empty one. With the mask's block
+// summary (`blocks`, made by the host), key blocks whose pairs are all masked are skipped by the producer
+// and the consumers alike, and blocks with every pair visible read no mask.
 //
 // Extra -D options: FWD90_WARPGROUPS (consumer warpgroups, 2 or 3), FWD90_BLOCK_N, FWD90_STAGES (K/V
 // buffers), FWD90_PINGPONG (1: consumers take turns; 0: they issue when ready), ATTN_MASK. E and Ev
@@ -317,6 +319,45 @@ struct TileDeal {
     }
 };
 
+// The key blocks a tile visits: those of [n_begin, n_end), and with an attn_mask's block summary (`blocks`:
+// per batch, head, query block and key block, 0 = every pair masked, 1 = some, 2 = none) only the blocks
+// with something visible; `partial` says whether a block's mask elements must be read. Producer and
+// consumers walk the same blocks, so the K/V ring stays in step. Without a mask, every block.
+struct KeyBlocks {
+#if ATTN_MASK
+    const signed char* row;  // the tile's summary over key blocks, or nullptr: no summary
+#endif
+    int n_end;
+    // the first block to visit at or after n (n_end: none)
+    __device__ __forceinline__ int from(int n) const {
+#if ATTN_MASK
+        if (row != nullptr)
+            while (n < n_end && row[n] == 0) ++n;
+#endif
+        return n;
+    }
+    __device__ __forceinline__ bool partial(int n) const {
+#if ATTN_MASK
+        return row == nullptr || n >= n_end || row[n] == 1;
+#else
+        return true;
+#endif
+    }
+};
+
+__device__ __forceinline__ KeyBlocks key_blocks(const Tile& tile, const signed char* blocks, long long bs_b,
+                                                long long bs_h, long long bs_m) {
+#if ATTN_MASK
+    const signed char* row = blocks == nullptr ? nullptr
+                                               : blocks + tile.slice.b * bs_b + tile.slice.h * bs_h +
+                                                     (tile.m0 / BLOCK_M) * bs_m;
+    return KeyBlocks{row, tile.n_end};
+#else
+    (void)blocks, (void)bs_b, (void)bs_h, (void)bs_m;
+    return KeyBlocks{tile.n_end};
+#endif
+}
+
 extern "C" __global__ void __launch_bounds__(NTHREADS, 1)
 flash_fwd_sm90(const __grid_constant__ TmaMap tm_q, const __grid_constant__ TmaMap tm_k,
                const __grid_constant__ TmaMap tm_v, elem_t* __restrict__ o, float* __restrict__ lse,
@@ -326,7 +367,8 @@ flash_fwd_sm90(const __grid_constant__ TmaMap tm_q, const __grid_constant__ TmaM
                int lower_right, unsigned int seed_lo, unsigned int seed_hi, unsigned int offset,
                unsigned int threshold, float rp_dropout, int BH, int num_m, int chunk_heads,
                const int* __restrict__ schedule, const mask_t* __restrict__ mask, long long m_sb, long long m_sh,
-               long long m_sm) {
+               long long m_sm, const signed char* __restrict__ blocks, long long bs_b, long long bs_h,
+               long long bs_m) {
     extern __shared__ __align__(1024) unsigned char smem[];
     unsigned char* sQ = smem;  // every size is a multiple of 1024: each tile keeps the swizzle alignment
     unsigned char* sK = sQ + SQ_BYTES;
@@ -368,14 +410,17 @@ flash_fwd_sm90(const __grid_constant__ TmaMap tm_q, const __grid_constant__ TmaM
         for (TileDeal deal(schedule, num_tiles); deal.more();) {
             const int t = deal.next();
             const Tile tile = tile_at(t, num_m, chunk_heads, BH, Hq, group, cu_q, cu_k, L, S, left, right, lower_right);
-            if (!tile.live || tile.n_begin >= tile.n_end) continue;
+            if (!tile.live) continue;
+            const KeyBlocks kb = key_blocks(tile, blocks, bs_b, bs_h, bs_m);
+            const int first = kb.from(tile.n_begin);
+            if (first >= tile.n_end) continue;
             const Slice& sl = tile.slice;
             if (lane == 0) {
                 mbar_wait(q_empty, q_phase ^ 1);
                 tma_load_tile<BLOCK_M, HEAD_DIM, QK_SW>(sQ, tm_q, q_full, sl.start_q + tile.m0, sl.h * q_hm, sl.b * q_bm);
             }
             q_phase ^= 1;
-            for (int n = tile.n_begin; n < tile.n_end; ++n, ++it) {
+            for (int n = first; n < tile.n_end; n = kb.from(n + 1), ++it) {
                 const int st = it % STAGES;
                 const u32 phase = (it / STAGES) & 1;
                 const int j0 = n * BLOCK_N, row = sl.start_k + j0;
@@ -451,7 +496,9 @@ flash_fwd_sm90(const __grid_constant__ TmaMap tm_q, const __grid_constant__ TmaM
         const mask_t* mask_r1 = mask_b + min(i + 8, sl.L - 1) * m_sm;
         mask_pair_t mk[NT * 2];
 #endif
-        if (tile.n_begin >= tile.n_end) {  // no query of the tile sees a key: out 0, lse -inf
+        const KeyBlocks kb = key_blocks(tile, blocks, bs_b, bs_h, bs_m);
+        int n = kb.from(tile.n_begin);
+        if (n >= tile.n_end) {  // no query of the tile sees a key: out 0, lse -inf
             for (int x = threadIdx.x - 128 * wg; x < 64 * (HEAD_DIM_V / 8); x += 128) {
                 const int row = mw + x / (HEAD_DIM_V / 8), ch = x % (HEAD_DIM_V / 8);
                 if (row < sl.L) *reinterpret_cast<uint4*>(ob + row * o_sm + ch * 8) = make_uint4(0, 0, 0, 0);
@@ -479,23 +526,25 @@ flash_fwd_sm90(const __grid_constant__ TmaMap tm_q, const __grid_constant__ TmaM
         issue_qk(s, sQwg, sK + st * SK_BYTES);
         wgmma_commit();
         turn_end();
-        int n0 = tile.n_begin * BLOCK_N;
+        int n0 = n * BLOCK_N, next = kb.from(n + 1);
 #if ATTN_MASK
-        load_mask(mk, mask_r0, mask_r1, n0, t4, sl.S);
+        if (kb.partial(n)) load_mask(mk, mask_r0, mask_r1, n0, t4, sl.S);
 #endif
         wgmma_wait<0>();
         fence_regs(s);
         release(k_empty + st);
-        if (tile.n_begin + 1 == tile.n_end) release(q_empty);
+        if (next >= tile.n_end) release(q_empty);
 #if ATTN_MASK
-        apply_mask(s, mk, scale);
-        load_mask(mk, mask_r0, mask_r1, n0 + BLOCK_N, t4, sl.S);  // the next block's, a softmax ahead
+        if (kb.partial(n)) apply_mask(s, mk, scale);
+        // the next block's, a softmax ahead (past the tile's last block: unused)
+        if (kb.partial(next)) load_mask(mk, mask_r0, mask_r1, next * BLOCK_N, t4, sl.S);
 #endif
         softmax_block(s, m_i, l_i, alpha, vis, vis.tile_full(mw, 64, n0, BLOCK_N), i, n0, t4, scale_log2);
         round_p(s, p, i, n0, t4, drop, sl.bh);
 
         // Block n: S of block n with P V of block n - 1, whose K and V buffers are st and prev.
-        for (int n = tile.n_begin + 1; n < tile.n_end; ++n) {
+        for (n = next; n < tile.n_end; n = next) {
+            next = kb.from(n + 1);
             const int prev = st;
             const u32 prev_phase = phase;
             ++it;
@@ -517,10 +566,10 @@ flash_fwd_sm90(const __grid_constant__ TmaMap tm_q, const __grid_constant__ TmaM
             wgmma_wait<1>();  // S of block n; P V of block n - 1 still runs
             fence_regs(s);
             release(k_empty + st);
-            if (n + 1 == tile.n_end) release(q_empty);
+            if (next >= tile.n_end) release(q_empty);
 #if ATTN_MASK
-            apply_mask(s, mk, scale);
-            load_mask(mk, mask_r0, mask_r1, n0 + BLOCK_N, t4, sl.S);  // past the tile's last block: unused
+            if (kb.partial(n)) apply_mask(s, mk, scale);
+            if (kb.partial(next)) load_mask(mk, mask_r0, mask_r1, next * BLOCK_N, t4, sl.S);
 #endif
             const bool rescale =
                 softmax_block(s, m_i, l_i, alpha, vis, vis.tile_full(mw, 64, n0, BLOCK_N), i, n0, t4, scale_log2);

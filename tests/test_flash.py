@@ -259,6 +259,74 @@ def test_attn_mask_on_the_hopper_kernels(name, rng):
     _gpu_check(MASKED[name], rng, grads=MASKED[name].mask == "bool")
 
 
+def test_mask_block_summary_marks_masked_partial_and_visible_blocks():
+    """launches.mask_blocks on NumPy: 0 where every pair of a (query block, key block) is masked, 2 where none
+    is (bool masks), 1 otherwise; broadcast rows make one query block; rows and keys past the mask count as
+    visible."""
+    from types import SimpleNamespace
+
+    from cusdpa.backends.flash import launches
+
+    keep = np.ones((2, 1, 5, 7), bool)
+    keep[0, :, :, 4:] = False     # keys 4.. of batch 0 masked: its second key block is empty
+    keep[1, :, 2, 0] = False      # one pair of batch 1's first tile
+    summary = launches.mask_blocks(SimpleNamespace(xp=np, mask_kind="bool"), keep, 4, 4)
+    assert summary.dtype == np.int8 and summary.shape == (2, 1, 2, 2)
+    assert summary[0, 0].tolist() == [[2, 0], [2, 0]] and summary[1, 0].tolist() == [[1, 2], [2, 2]]
+    padding = launches.mask_blocks(SimpleNamespace(xp=np, mask_kind="bool"), keep[:, :, :1], 4, 4)
+    assert padding.shape == (2, 1, 1, 2) and padding[0, 0, 0].tolist() == [2, 0]
+    bias = np.where(keep, 0.5, -np.inf).astype(np.float32)
+    bias[1, 0, 0, 5] = np.nan  # NaN is visible: it must propagate
+    floats = launches.mask_blocks(SimpleNamespace(xp=np, mask_kind="float"), bias, 4, 4)
+    assert floats[0, 0].tolist() == [[1, 0], [1, 0]] and floats[1, 0].tolist() == [[1, 1], [1, 1]]
+
+
+def _block_masks(rng):
+    """Masks whose key blocks (128 wide) are wholly masked, wholly visible or mixed, for the block summary."""
+    padding = np.ones((2, 1, 1, 700), bool)
+    padding[0, ..., 300:] = False                     # batch 0: key blocks 3.. empty, block 2 partial
+    sparse = np.kron(rng.random((1, 1, 6, 6)) < 0.15, np.ones((128, 128), bool))[..., :700, :700]
+    sparse[..., 5, :] = True                          # a partial block row
+    bias = np.where(np.kron(rng.random((2, 1, 6, 6)) < 0.5, np.ones((128, 128), bool))[..., :700, :700],
+                    rng.standard_normal((2, 1, 700, 700)), -np.inf)
+    return {"key_padding": padding, "ninety_percent_empty": sparse, "float_blocks": bias.astype(np.float32)}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["key_padding", "ninety_percent_empty", "float_blocks"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_attn_mask_block_summary_skips_blocks(name, causal, rng, monkeypatch):
+    """The Hopper forward with the mask's block summary on (FlashConfig.fwd90_mask_blocks): empty key blocks
+    skipped by producer and consumers, fully visible ones read no mask; the same results as the reference."""
+    import dataclasses
+
+    import cupy
+
+    from cusdpa import problem
+    from cusdpa.backends.flash import launches
+    from cusdpa.verify.harness import run_problem
+
+    real = launches.config
+    monkeypatch.setattr(launches, "config", lambda pr: dataclasses.replace(real(pr), fwd90_mask_blocks=True))
+    mask = _block_masks(rng)[name]
+    q, k, v = (cupy.asarray(rng.standard_normal((2, 4, 700, 64)), dtype=cupy.float16) for _ in range(3))
+    pr = problem.from_dense(q, k, v, cupy.asarray(mask), problem.Options(is_causal=causal))
+    failures = run_problem(pr, flash.IMPL, rng, grads=False)
+    assert not failures, "\n".join(failures)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", sorted(MASKED))
+def test_attn_mask_cases_with_the_block_summary(name, rng, monkeypatch):
+    import dataclasses
+
+    from cusdpa.backends.flash import launches
+
+    real = launches.config
+    monkeypatch.setattr(launches, "config", lambda pr: dataclasses.replace(real(pr), fwd90_mask_blocks=True))
+    _gpu_check(MASKED[name], rng, grads=False)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("name", ["gqa", "mqa", "dropout", "strided", "varlen", "causal_short_keys"])
 def test_mma_sync_kernels_where_wgmma_would_run(name, rng, monkeypatch):

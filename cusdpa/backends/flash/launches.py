@@ -183,11 +183,53 @@ def _mask_operand(pr):
 
 
 def _mask_args(pr) -> tuple:
-    """The Hopper kernels' last arguments: the attn_mask and its (b, h, row) element strides, or zeros."""
+    """The Hopper kernels' mask arguments: the attn_mask and its (b, h, row) element strides, or zeros."""
     if pr.mask is None:
         return np.uint64(0), np.int64(0), np.int64(0), np.int64(0)
     array, strides = _mask_operand(pr)
     return (array, *strides)
+
+
+def mask_blocks(pr, mask, block_m: int, block_n: int):
+    """The block summary of an attn_mask operand (``_mask_operand``'s array): int8, per batch, head, query
+    block and key block (the mask's own broadcast dims kept at size 1; one query block where its rows
+    broadcast), 0 = every pair masked (False, or -inf in a float mask), 2 = every pair visible (a bool mask
+    only: a float mask's values are read wherever something is visible), else 1. Rows and keys past the
+    mask count as visible, as the kernel's visibility rule selects them out itself. NumPy or CuPy (``pr.xp``)."""
+    xp = pr.xp
+    rows, keys = mask.shape[-2], mask.shape[-1]
+    bm = block_m if rows > 1 else 1
+    n_m, n_n = -(-rows // bm), -(-keys // block_n)
+    seen = mask if pr.mask_kind == "bool" else mask != -xp.inf  # NaN is seen: it propagates
+
+    def tiles(x, fill):
+        padding = [(0, 0)] * (x.ndim - 2) + [(0, n_m * bm - rows), (0, n_n * block_n - keys)]
+        if any(p for _, p in padding):
+            x = xp.pad(x, padding, constant_values=fill)
+        return x.reshape(x.shape[:-2] + (n_m, bm, n_n, block_n))
+
+    some = tiles(seen, False).any(axis=(-3, -1))
+    every = tiles(seen, True).all(axis=(-3, -1)) if pr.mask_kind == "bool" else xp.zeros_like(some)
+    return xp.where(some, xp.where(every, 2, 1), 0).astype(np.int8)
+
+
+def _block_args(pr, cfg, mask) -> tuple:
+    """The Hopper forward's block-summary arguments for the mask operand ``mask``: the summary and its (b, h,
+    query block) strides in elements (key blocks contiguous), or zeros (no mask, or ``cfg.fwd90_mask_blocks``
+    off)."""
+    if pr.mask is None or not cfg.fwd90_mask_blocks:
+        return np.uint64(0), np.int64(0), np.int64(0), np.int64(0)
+    import cupy
+
+    nb = len(pr.batch_shape)
+    summary = mask_blocks(pr, mask, 64 * cfg.fwd90_warpgroups, cfg.fwd90_block_n)
+    full = cupy.broadcast_to(summary, pr.batch_shape + (pr.hq,) + summary.shape[-2:])
+    sb = _collapse(full.strides[:nb], pr.batch_shape)
+    if sb is None:
+        full = cupy.ascontiguousarray(full)
+        sb = _collapse(full.strides[:nb], pr.batch_shape)
+    rows = 0 if summary.shape[-2] == 1 else full.strides[nb + 1]  # one query block for broadcast rows
+    return (full, np.int64(sb), np.int64(full.strides[nb]), np.int64(rows))
 
 
 def device(pr) -> int:
@@ -240,9 +282,10 @@ def _sm90_forward_launch(pr, lay, o_strides, cfg, opts, tail) -> Launch:
     chunk_heads = int(min(BH, max(1, L2_SHARE // kv_bytes_per_head)))
     grid = (min(BH * num_m, sources.multiprocessors(dev)), 1)
     schedule = 0 if packed or not cfg.fwd90_schedule else _tile_schedule(pr, dev, BH, num_m, chunk_heads, grid[0], block_m, block_n)
+    mask = _mask_args(pr)
     args = (*(m for m, _, _ in maps), Slot("o"), Slot("lse"), *_common(pr, lay),
             *(x for _, hm, bm in maps for x in (hm, bm)), *o_strides, *tail, np.int32(BH), np.int32(num_m),
-            np.int32(chunk_heads), schedule, *_mask_args(pr))
+            np.int32(chunk_heads), schedule, *mask, *_block_args(pr, cfg, mask[0]))
     return Launch(fn, grid, (128 * (cfg.fwd90_warpgroups + 1),), smem, args)
 
 
