@@ -1,11 +1,14 @@
 """Masked attention, cusdpa against PyTorch's default SDPA given the same mask, in one process: the masks
 issue's three shapes (and the same shapes unmasked, for scale).
 
-    python benchmarks/masks.py [--backward]
+    python benchmarks/masks.py [--backward] [--mask-blocks]
 
 Shapes (bf16): a bool mask (B, 1, L, S), B=4 H=16 L=S=4096 E=128, a quarter of its entries False; a float
 mask (1, H, L, S) of the same problem (normal values); a key-padding bool mask (B, 1, 1, S) as Hugging
-Face models pass it, B=8 H=16 L=2048 E=64, the last 25% of each sequence's keys padding. Each call's output
+Face models pass it, B=8 H=16 L=2048 E=64, the last 25% of each sequence's keys padding; and a bool mask
+whose 128 x 128 blocks are 90% all False (the masks issue's block-sparsity bar: at least 5x faster than the
+unmasked shape). ``--mask-blocks`` turns on the Hopper forward's block summary (FlashConfig.fwd90_mask_blocks).
+Each call's output
 is compared with PyTorch's (relative Frobenius error) before it is timed; times are medians of
 triton.testing.do_bench (L2 flushed). TF/s count the dense products (4 B H L S E forward, 2.5x that
 forward + backward), as PyTorch's own benchmarks do, whatever the mask hides.
@@ -13,11 +16,13 @@ forward + backward), as PyTorch's own benchmarks do, whatever the mask hides.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 
 import torch
 import triton
 
 import interop
+from cusdpa.backends.flash import launches
 
 
 def shapes():
@@ -34,12 +39,21 @@ def shapes():
     pad = torch.ones(B, 1, 1, L, dtype=torch.bool, device="cuda")
     pad[..., 3 * L // 4:] = False
     yield "key padding (B,1,1,S)", qkv(B, H, L, E), pad
+    B, H, L, E = 4, 16, 4096, 128
+    blocks = torch.rand(B, 1, L // 128, L // 128, device="cuda", generator=g) < 0.1
+    blocks[..., torch.arange(L // 128), torch.arange(L // 128)] = True  # every query sees some key
+    sparse = blocks.repeat_interleave(128, -2).repeat_interleave(128, -1)
+    yield "90% empty blocks (B,1,L,S)", qkv(B, H, L, E), sparse
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--backward", action="store_true", help="also time forward + backward")
+    ap.add_argument("--mask-blocks", action="store_true", help="the Hopper forward's mask block summary on")
     args = ap.parse_args()
+    if args.mask_blocks:
+        config = launches.config
+        launches.config = lambda pr: dataclasses.replace(config(pr), fwd90_mask_blocks=True)
     sdpa = torch.nn.functional.scaled_dot_product_attention
     rows = []
     for name, (q, k, v), mask in shapes():
