@@ -70,25 +70,44 @@ class _Pair:
     causally (the same positions), or through a bool mask; pairs that see nothing are not made. Pieces
     keep most pairs mask-free (a zigzag rank's two halves against another rank's are each all or nothing)."""
 
-    def __init__(self, qs: slice, ks: slice, seen: torch.Tensor, device):
-        self.qs, self.ks = qs, ks
-        self.causal, self.mask = False, None
-        if bool(seen.all()):
-            return
-        if seen.shape[0] == seen.shape[1] and torch.equal(seen, torch.ones_like(seen).tril()):
-            self.causal = True
-        else:
-            self.mask = seen.to(device)
+    def __init__(self, qs: slice, ks: slice, causal: bool = False, mask=None):
+        self.qs, self.ks, self.causal, self.mask = qs, ks, causal, mask
+
+
+MAX_MASK = 1 << 26  # elements of a pair's mask: a window's edge between pieces longer than this is refused
+
+
+def _pair(q_piece, k_piece, is_causal: bool, window, device) -> _Pair | None:
+    """The _Pair of query piece (local start, global start, length) against key piece, decided from the
+    range of key - query offsets d the pieces span: none visible, all (no mask), the causal diagonal, or a
+    mask (only where a window's edge or a causal band crosses pieces that are not the same positions)."""
+    (ql, qg, qn), (kl, kg, kn) = q_piece, k_piece
+    lo, hi = -math.inf, math.inf  # the visible offsets d = key - query
+    if is_causal:
+        hi = 0
+    if window is not None:
+        if window[0] >= 0:
+            lo = max(lo, -window[0])
+        if window[1] >= 0:
+            hi = min(hi, window[1])
+    d_min, d_max = kg - (qg + qn - 1), (kg + kn - 1) - qg
+    qs, ks = slice(ql, ql + qn), slice(kl, kl + kn)
+    if d_max < lo or d_min > hi:
+        return None
+    if lo <= d_min and d_max <= hi:
+        return _Pair(qs, ks)
+    if qg == kg and qn == kn and hi == 0 and lo <= d_min:
+        return _Pair(qs, ks, causal=True)
+    if qn * kn > MAX_MASK:
+        raise ArgumentError(f"a window edge between chunks of {qn} and {kn} tokens would need a {qn} x {kn} mask; "
+                            "use shorter chunks per rank for windowed ring attention")
+    seen = _visible(torch.arange(qg, qg + qn), torch.arange(kg, kg + kn), is_causal, window)
+    return _Pair(qs, ks, mask=seen.to(device))
 
 
 def _pairs(q_segments, k_segments, is_causal: bool, window, device) -> tuple:
-    pairs = []
-    for ql, qg, qn in q_segments:
-        for kl, kg, kn in k_segments:
-            seen = _visible(torch.arange(qg, qg + qn), torch.arange(kg, kg + kn), is_causal, window)
-            if bool(seen.any()):
-                pairs.append(_Pair(slice(ql, ql + qn), slice(kl, kl + kn), seen, device))
-    return tuple(pairs)
+    return tuple(p for qp in q_segments for kp in k_segments
+                 if (p := _pair(qp, kp, is_causal, window, device)) is not None)
 
 
 def _accumulation(dtype: torch.dtype) -> torch.dtype:

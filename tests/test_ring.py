@@ -94,3 +94,35 @@ def test_ring_attention_refuses_backends_whose_backward_does_not_take_the_merged
         assert ring_attention(q, q, q, backend=[cusdpa.Backend.EFFICIENT, cusdpa.Backend.MATH]).shape == q.shape
     finally:
         dist.destroy_process_group()
+
+
+def test_pairs_are_decided_without_materialising_long_chunks():
+    """Each (query piece, key piece) pair is classified from its offsets, as the position-by-position rule
+    says (checked on small pieces), so a million-token causal ring makes no mask at all."""
+    import random
+
+    from interop.ring import _pair, _pairs, _visible, segments
+
+    rand = random.Random(0)
+    for _ in range(400):
+        qg, kg, qn, kn = rand.randrange(40), rand.randrange(40), rand.randrange(1, 12), rand.randrange(1, 12)
+        if rand.random() < 0.2:
+            kg, kn = qg, qn
+        causal = rand.random() < 0.6
+        window = None if rand.random() < 0.4 else (rand.randrange(-1, 15), rand.randrange(-1, 15))
+        seen = _visible(torch.arange(qg, qg + qn), torch.arange(kg, kg + kn), causal, window)
+        p = _pair((0, qg, qn), (0, kg, kn), causal, window, "cpu")
+        if not seen.any():
+            assert p is None
+        elif p.causal:
+            assert p.mask is None and torch.equal(seen, torch.ones_like(seen).tril())
+        elif p.mask is None:
+            assert bool(seen.all())
+        else:
+            assert torch.equal(p.mask, seen)
+    world, per_rank = 8, 1 << 17
+    for rank in range(world):
+        for s in range(world):
+            pairs = _pairs(segments(rank, world, per_rank, "zigzag"),
+                           segments((rank - s) % world, world, per_rank, "zigzag"), True, None, "cpu")
+            assert all(p.mask is None for p in pairs)
