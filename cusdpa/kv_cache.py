@@ -10,10 +10,13 @@ go to positions ``cache_seqlens[b]`` onwards, and the queries then attend to the
 + Lnew`` positions, causal and window aligned bottom-right (the last query with the last key). Output
 (B, Lq, Hq, Ev); lse (B, Hq, Lq).
 
-The plan (which cache cells are written and read) is made on the host from the sequence lengths and the
-block table, then the cells are moved with the array type's own indexing and the attention runs as packed
-variable-length attention. This reads each visible cache cell once into a packed copy; a split-KV kernel
-that reads the cache in place is the decode speed work of the inference issue.
+The plan (which cache cells are written) is made on the host from the sequence lengths and the block
+table, and the new tokens are moved with the array type's own indexing. On CuPy arrays (NumPy ones under
+Numba's CUDA simulator) the split-KV kernels of kernels_numba/decode.py then read the cache in place
+through the block table, where they take the call (up to 16 query rows per key/value head, head dims up to
+256); otherwise each sequence's visible cells are gathered into a packed copy for variable-length
+attention (the reference on NumPy arrays). The split-KV kernels are checked on the simulator and compiled
+for sm_90 in CI; their first GPU run and timing are the inference issue's next step.
 """
 from __future__ import annotations
 
@@ -141,6 +144,9 @@ def kv_cache_attention(query, k_cache, v_cache, cache_seqlens=None, key=None, va
         k_cache[rows, slots] = key.reshape((-1,) + tuple(key.shape[2:]))
         v_cache[rows, slots] = value.reshape((-1,) + tuple(value.shape[2:]))
     B, Lq, hq, _ = query.shape
+    if _decode_kernels(xp, query, k_cache, v_cache):
+        return _decode(xp, query, k_cache, v_cache, pl, block_table, cache_batch_idx, is_causal, scale, window,
+                       softcap, alibi_slopes, return_lse)
     rows, slots = xp.asarray(pl.read_rows), xp.asarray(pl.read_slots)
     out, lse = varlen_attention(query.reshape((B * Lq,) + tuple(query.shape[2:])), k_cache[rows, slots],
                                 v_cache[rows, slots], xp.asarray(np.arange(B + 1, dtype=np.int32) * Lq),
@@ -149,3 +155,43 @@ def kv_cache_attention(query, k_cache, v_cache, cache_seqlens=None, key=None, va
                                 softcap=softcap, alibi_slopes=alibi_slopes, return_lse=True)
     out = out.reshape((B, Lq) + tuple(out.shape[1:]))
     return (out, lse.reshape(hq, B, Lq).transpose(1, 0, 2)) if return_lse else out
+
+
+def _decode_kernels(xp, query, k_cache, v_cache) -> bool:
+    """Whether the split-KV kernels (kernels_numba/decode.py) run this call: CuPy arrays (or NumPy ones under
+    Numba's CUDA simulator) of shapes and a dtype they take."""
+    from . import environment
+
+    if xp.__name__ == "numpy" and not environment.simulator_enabled():
+        return False
+    if query.dtype != k_cache.dtype or k_cache.dtype != v_cache.dtype:
+        return False
+    from kernels_numba import decode
+
+    return decode.applies(query.shape, k_cache.shape, v_cache.shape, np.dtype(query.dtype).name)
+
+
+def _decode(xp, query, k_cache, v_cache, pl, block_table, cache_batch_idx, is_causal, scale, window, softcap,
+            alibi_slopes, return_lse):
+    """kv_cache_attention on the split-KV kernels: the cache read in place through the block table."""
+    from kernels_numba import decode
+
+    from .problem import check_alibi, checked_scalars, device_of
+
+    B, Lq, hq, E = query.shape
+    causal, window, scale, softcap = checked_scalars(is_causal, scale, window, softcap, E)
+    left, right = window if window is not None else (-1, -1)
+    slopes = None
+    if alibi_slopes is not None:
+        check_alibi(alibi_slopes, xp, (B, hq), device_of(query))
+        slopes = xp.ascontiguousarray(xp.broadcast_to(alibi_slopes, (B, hq)))
+    seqlens = np.diff(pl.cu_seqlens_k).astype(np.int32)
+    table = None if block_table is None else xp.asarray(block_table, dtype=np.int32)
+    rows_of = None if block_table is not None else xp.asarray(
+        np.arange(B, dtype=np.int32) if cache_batch_idx is None else np.asarray(_host_ints(cache_batch_idx,
+                                                                                          "cache_batch_idx")),
+        dtype=np.int32)
+    out, lse = decode.run(xp, query, k_cache, v_cache, table, rows_of, xp.asarray(seqlens), pl.max_seqlen_k, slopes,
+                          causal=causal, left=left, right=right, scale=scale, softcap=softcap)
+    out = out.astype(query.dtype)
+    return (out, lse) if return_lse else out

@@ -327,7 +327,7 @@ def _check_mask(attn_mask, xp, full_shape: tuple, device: str):
     return attn_mask, kind
 
 
-def _check_alibi(slopes, xp, full_shape: tuple, device: str):
+def check_alibi(slopes, xp, full_shape: tuple, device: str):
     """ALiBi slopes as FlashAttention takes them: float32, one per query head, (Hq,) or broadcasting to
     ``full_shape`` = (..., Hq), e.g. (B, Hq)."""
     if slopes is None:
@@ -448,7 +448,7 @@ def from_dense(q, k, v, attn_mask=None, options: Options = Options(), seed=None,
         raise ArgumentError(f"batch dims of query {tuple(q.shape)}, key {tuple(k.shape)} and value "
                             f"{tuple(v.shape)} do not broadcast; make the leading dims equal or 1") from None
     mask, mask_kind = _check_mask(attn_mask, xp, batch_shape + (hq, L, S), device_of(q))
-    slopes = _check_alibi(alibi_slopes, xp, batch_shape + (hq,), device_of(q))
+    slopes = check_alibi(alibi_slopes, xp, batch_shape + (hq,), device_of(q))
     causal, lower_right, window = _check_causal(is_causal, causal_variant, window)
     p, seed, offset = _check_dropout(dropout_p, seed)
     return Problem(xp=xp, q=q, k=k, v=v, batch_shape=batch_shape, hq=hq, hkv=hkv, L=L, S=S, E=E, Ev=Ev,
@@ -461,6 +461,14 @@ def _options(options: Options) -> tuple:
     if not isinstance(options, Options):
         raise ArgumentTypeError(f"options={options!r} must be a cusdpa.problem.Options")
     return tuple(getattr(options, name) for name in OPTION_NAMES)
+
+
+def checked_scalars(is_causal, scale, window, softcap, E: int) -> tuple:
+    """(causal, window, scale, softcap) checked and resolved as a Problem resolves them (window None when
+    unbounded, scale defaulting to 1/sqrt(E)), for the entry points that build no Problem (the KV cache's
+    decode kernels)."""
+    causal, _, window = _check_causal(is_causal, "lower_right", window)
+    return causal, window, _check_scale(scale, E), _check_softcap(softcap)
 
 
 def _check_cu_seqlens(cu, name: str, xp, tokens: int, tokens_name: str) -> np.ndarray:
@@ -509,7 +517,7 @@ def from_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
     causal, lower_right, window = _check_causal(is_causal, causal_variant, window)
     p, seed, offset = _check_dropout(dropout_p, seed)
     varlen = Varlen(cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k), host_q, host_k)
-    slopes = _check_alibi(alibi_slopes, xp, (varlen.batch, hq), device_of(q))
+    slopes = check_alibi(alibi_slopes, xp, (varlen.batch, hq), device_of(q))
     return Problem(xp=xp, q=q, k=k, v=v, batch_shape=(varlen.batch,), hq=hq, hkv=hkv, L=int(max_seqlen_q),
                    S=int(max_seqlen_k), E=E, Ev=Ev, dtype=dtype, scale=_check_scale(scale, E), causal=causal,
                    lower_right=lower_right, window=window, dropout_p=p, softcap=_check_softcap(softcap),

@@ -1,7 +1,8 @@
 """``kv_cache_attention`` on torch tensors: ``cusdpa.kv_cache_attention``'s semantics and layouts (see
-cusdpa/kv_cache.py), the cache written in place with torch's indexing and the attention through the
-variable-length op. The plan reads the sequence lengths and block table on the host, so a call waits for
-them (no CUDA-graph capture yet)."""
+cusdpa/kv_cache.py). CUDA calls that keep no gradient run it on CuPy views of the tensors (the split-KV
+kernels, cache written and read in place); others write the cache with torch's indexing and attend through
+the variable-length op (with autograd). The plan reads the sequence lengths and block table on the host,
+so a call waits for them (no CUDA-graph capture yet)."""
 from __future__ import annotations
 
 import numpy as np
@@ -10,7 +11,7 @@ import torch
 from cusdpa import kv_cache
 from cusdpa.errors import ArgumentError
 
-from . import arguments
+from . import arguments, bridge
 from .functional import varlen_attention
 
 
@@ -29,6 +30,9 @@ def kv_cache_attention(query, k_cache, v_cache, cache_seqlens=None, key=None, va
     if key is not None:
         tensors.update(key=key, value=value)
     arguments.check_tensors(tensors, alibi_slopes=alibi_slopes)
+    if query.is_cuda and not (torch.is_grad_enabled() and query.requires_grad):
+        return _on_arrays(query, k_cache, v_cache, cache_seqlens, key, value, block_table, cache_batch_idx,
+                          is_causal, scale, window, softcap, alibi_slopes, return_lse)
     pl = kv_cache.plan(query.shape, k_cache.shape, v_cache.shape, None if key is None else key.shape, cache_seqlens,
                        block_table, cache_batch_idx)
     device = query.device
@@ -53,3 +57,29 @@ def kv_cache_attention(query, k_cache, v_cache, cache_seqlens=None, key=None, va
                                 softcap=softcap, alibi_slopes=alibi_slopes, return_lse=True, backend=backend)
     out = out.reshape(B, Lq, *out.shape[1:])
     return (out, lse.reshape(hq, B, Lq).transpose(0, 1)) if return_lse else out
+
+
+def _on_arrays(query, k_cache, v_cache, cache_seqlens, key, value, block_table, cache_batch_idx, is_causal, scale,
+               window, softcap, alibi_slopes, return_lse):
+    """A CUDA call with no gradient to keep: ``cusdpa.kv_cache_attention`` on CuPy views of the tensors (the
+    split-KV kernels, the cache written and read in place), on torch's current stream."""
+    import cusdpa
+
+    def view(x):
+        return bridge.as_array(x) if isinstance(x, torch.Tensor) else x
+
+    with bridge.on_stream(query.device):
+        out, lse = cusdpa.kv_cache_attention(*map(view, (query, k_cache, v_cache, cache_seqlens, key, value)),
+                                             block_table=view(block_table), cache_batch_idx=view(cache_batch_idx),
+                                             is_causal=is_causal, scale=scale, window=window, softcap=softcap,
+                                             alibi_slopes=view(alibi_slopes), return_lse=True)
+        out = _tensor(out, query.dtype)
+        lse = _tensor(lse, torch.float32)
+    return (out, lse) if return_lse else out
+
+
+def _tensor(array, dtype: torch.dtype) -> torch.Tensor:
+    """A CuPy result as a torch tensor, no copy (bf16 crosses DLPack as its bits)."""
+    if dtype == torch.bfloat16:
+        return torch.from_dlpack(array.view(np.int16)).view(torch.bfloat16)
+    return torch.from_dlpack(array)

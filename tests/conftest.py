@@ -27,3 +27,12 @@ def pytest_runtest_setup(item):
         problem = environment.cupy_problem()
         if problem:
             pytest.skip(f"needs a CUDA GPU: {problem}")
+
+
+@pytest.fixture(scope="module")
+def simulator_results(request):
+    """The test module's simulator cases (its ``__main__`` serves them, tests/simulator_child.py), run in a
+    child process with NUMBA_ENABLE_CUDASIM=1: name -> failures."""
+    import simulator_child
+
+    return simulator_child.results(request.module.__file__)

@@ -260,24 +260,13 @@ def _run_case(name_seed):
 
     from cusdpa.verify.check import simulator_tiles
 
-    try:
-        with configured(simulator_tiles()):
-            return name, CASES[name](rng)
-    except Exception as e:  # reported as the case's failure, with its type and message
-        import traceback
-
-        return name, [f"{type(e).__name__}: {e}\n{traceback.format_exc()}"]
-
-
-@pytest.fixture(scope="module")
-def simulator_results():
-    return simulator_child.results(__file__)
+    with configured(simulator_tiles()):
+        return name, CASES[name](rng)
 
 
 @pytest.mark.parametrize("name", list(CASES))
 def test_on_the_simulator(name, simulator_results):
-    failures = simulator_results[name]
-    assert not failures, "\n".join(failures)
+    simulator_child.assert_passed(simulator_results, name)
 
 
 def test_numpy_arrays_need_the_simulator_and_an_explicit_choice(rng):

@@ -295,24 +295,13 @@ def _run_sim_case(name_seed):
 
     name, seed = name_seed
     rng = np.random.default_rng([seed, zlib.crc32(name.encode())])
-    try:
-        with configured(simulator_tiles()):
-            return name, _sim_case(efficient.IMPL, name, rng)
-    except Exception as e:  # reported as the case's failure
-        import traceback
-
-        return name, [f"{type(e).__name__}: {e}\n{traceback.format_exc()}"]
-
-
-@pytest.fixture(scope="module")
-def simulator_results():
-    return simulator_child.results(__file__)
+    with configured(simulator_tiles()):
+        return name, _sim_case(efficient.IMPL, name, rng)
 
 
 @pytest.mark.parametrize("name", SIM_CASES)
 def test_efficient_portable_on_the_simulator(name, simulator_results):
-    failures = simulator_results[name]
-    assert not failures, "\n".join(failures)
+    simulator_child.assert_passed(simulator_results, name)
 
 
 # ---- GPU: FLASH and EFFICIENT on CuPy arrays, and the torch bridge --------------------------------------
