@@ -138,13 +138,16 @@ __device__ __forceinline__ void gradients_t(const float (&p)[QT * 4], const floa
 
 // P^T (from S^T, issued first) and dS^T (dP^T, issued after it) of a thread's elements, as pt and dst: P^T
 // while dP^T is still running, masked unless the tile is full and there is no attn_mask (a branch per
-// tile, uniform over the CTA); `attend`: the attn_mask's bits (mask_bits).
+// tile, uniform over the CTA). `mask`: the attn_mask's (batch, query head) slice (ATTN_MASK), whose bits
+// (mask_bits) are gathered while S^T runs.
 template <int QT>
 __device__ __forceinline__ void gradients_of_step(float (&s)[QT * 4], float (&dp)[QT * 4], bool full,
                                                   const Visibility<int>& vis, int j, int c0, int t, const float* sLse,
                                                   const float* sD, float scale_log2, const DropScale& z,
-                                                  unsigned long long attend, u32 (&pt)[QT * 2], u32 (&dst)[QT * 2]) {
+                                                  const unsigned char* mask, long long m_sm, u32 (&pt)[QT * 2],
+                                                  u32 (&dst)[QT * 2]) {
     full = full && !ATTN_MASK;
+    const unsigned long long attend = ATTN_MASK ? mask_bits<QT>(mask, m_sm, vis.L, vis.S, j, c0, t) : ~0ull;
     wgmma_wait<1>();
     fence_regs(s);
     if (full) probabilities_t<QT, false>(s, vis, j, c0, t, sLse, scale_log2, attend);

@@ -261,10 +261,9 @@ flash_bwd_sm90(BWD90_KERNEL_PARAMS) {
         float s[QT * 4], dp[QT * 4];
         issue_s_dp<BLOCK_N, BLOCK_M, QK_SW, V_SW, BLOCK_M>(s, dp, dk_acc, dv_acc, sKw, sQs, sVw, sdOs);
         u32 pt[QT * 2], dst[QT * 2];
-        const unsigned long long attend =
-            ATTN_MASK ? mask_bits<QT>(mask + slice.b * m_sb + h * m_sh, m_sm, slice.L, slice.S, j, m0, t) : ~0ull;
         gradients_of_step<QT>(s, dp, vis.tile_full(m0, BLOCK_M, n0 + cw * 64, 64), vis, j, m0, t,
-                              sm.sLse + st * BLOCK_M, sm.sD + st * BLOCK_M, scale_log2, z, attend, pt, dst);
+                              sm.sLse + st * BLOCK_M, sm.sD + st * BLOCK_M, scale_log2, z,
+                              mask + slice.b * m_sb + h * m_sh, m_sm, pt, dst);
         fence_regs(pt);
         fence_regs(dst);
         // dS^T of both warpgroups into shared memory for the dQ product (the buffer of two steps ago, which

@@ -162,11 +162,9 @@ flash_bwd_sm90_wide(BWD90_KERNEL_PARAMS) {
             issue_s_dp<BLOCK_N, BLOCK_M, QK_SW, V_SW, 32>(s, dp, dk_acc, dv_acc, sm.sK, sQs + 32 * cw * QK_SW, sm.sV,
                                                           sdOs + 32 * cw * V_SW);
             u32 pt[QT * 2], dst[QT * 2];
-            const unsigned long long attend =
-                ATTN_MASK ? mask_bits<QT>(mask + slice.b * m_sb + h * m_sh, m_sm, slice.L, slice.S, j, c0, t) : ~0ull;
             gradients_of_step<QT>(s, dp, vis.tile_full(c0, 32, n0, BLOCK_N), vis, j, c0, t,
                                   sm.sLse + st * BLOCK_M + 32 * cw, sm.sD + st * BLOCK_M + 32 * cw, scale_log2, z,
-                                  attend, pt, dst);
+                                  mask + slice.b * m_sb + h * m_sh, m_sm, pt, dst);
             // both halves of P^T and dS^T into shared memory (the buffers of two steps ago, which both warpgroups
             // finished reading before they met at the last step's barrier)
             unsigned char* sPts = sPt + (it % 2) * SPDS_BYTES;
