@@ -1,13 +1,13 @@
 """Masked attention, cusdpa against PyTorch's default SDPA given the same mask, in one process: the masks
 issue's three shapes (and the same shapes unmasked, for scale).
 
-    python benchmarks/masks.py [--backward] [--mask-blocks]
+    python benchmarks/masks.py [--backward] [--no-mask-blocks]
 
 Shapes (bf16): a bool mask (B, 1, L, S), B=4 H=16 L=S=4096 E=128, a quarter of its entries False; a float
 mask (1, H, L, S) of the same problem (normal values); a key-padding bool mask (B, 1, 1, S) as Hugging
 Face models pass it, B=8 H=16 L=2048 E=64, the last 25% of each sequence's keys padding; and a bool mask
 whose 128 x 128 blocks are 90% all False (the masks issue's block-sparsity bar: at least 5x faster than the
-unmasked shape). ``--mask-blocks`` turns on the Hopper forward's block summary (FlashConfig.fwd90_mask_blocks).
+unmasked shape). ``--no-mask-blocks`` turns off the Hopper forward's block summary (FlashConfig.fwd90_mask_blocks).
 Each call's output
 is compared with PyTorch's (relative Frobenius error) before it is timed; times are medians of
 triton.testing.do_bench (L2 flushed). TF/s count the dense products (4 B H L S E forward, 2.5x that
@@ -49,11 +49,11 @@ def shapes():
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--backward", action="store_true", help="also time forward + backward")
-    ap.add_argument("--mask-blocks", action="store_true", help="the Hopper forward's mask block summary on")
+    ap.add_argument("--no-mask-blocks", action="store_true", help="the Hopper forward's mask block summary off")
     args = ap.parse_args()
-    if args.mask_blocks:
+    if args.no_mask_blocks:
         config = launches.config
-        launches.config = lambda pr: dataclasses.replace(config(pr), fwd90_mask_blocks=True)
+        launches.config = lambda pr: dataclasses.replace(config(pr), fwd90_mask_blocks=False)
     sdpa = torch.nn.functional.scaled_dot_product_attention
     rows = []
     for name, (q, k, v), mask in shapes():

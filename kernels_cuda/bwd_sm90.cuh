@@ -158,14 +158,19 @@ __device__ __forceinline__ void gradients_of_step(float (&s)[QT * 4], float (&dp
     else gradients_t<QT, true>(s, dp, sD, t, z, pt, dst);
 }
 
-// Zero a thread's rows (row, row + 8) of a 64 x N accumulator piece where they lie outside [lo, hi): the
-// dQ rows that see no key add zeros (their dS is 0, but K may hold inf, and 0 * inf is NaN).
+// Zero a thread's rows (row, row + 8) of a 64 x N accumulator piece where they see no key: outside [lo, hi)
+// or, with an attn_mask, where their lse is -inf (`row_lse`: the stage's lse of row `row`, 8 on that of
+// row + 8). The dQ rows that see no key add zeros (their dS is 0, but K may hold inf, and 0 * inf is NaN).
 template <int N>
-__device__ __forceinline__ void zero_unseen_rows(float (&acc)[N / 2], int row, int lo, int hi) {
-    if (!__any_sync(0xffffffffu, row < lo || row + 8 >= hi)) return;  // the common case: a vote, not N / 2 selects
+__device__ __forceinline__ void zero_unseen_rows(float (&acc)[N / 2], int row, int lo, int hi, const float* row_lse) {
+    bool none[2];
 #pragma unroll
     for (int r = 0; r < 2; ++r)
-        if (row + 8 * r < lo || row + 8 * r >= hi)
+        none[r] = row + 8 * r < lo || row + 8 * r >= hi || (ATTN_MASK && row_lse[8 * r] == -CUSDPA_INF);
+    if (!__any_sync(0xffffffffu, none[0] || none[1])) return;  // the common case: a vote, not N / 2 selects
+#pragma unroll
+    for (int r = 0; r < 2; ++r)
+        if (none[r])
 #pragma unroll
             for (int nt = 0; nt < N / 8; ++nt) acc[nt * 4 + 2 * r] = acc[nt * 4 + 2 * r + 1] = 0.f;
 }
@@ -224,14 +229,14 @@ __device__ __forceinline__ void issue_xtb(float (&acc)[D / 2], const u32 (&x)[K_
     }
 }
 
-// Zero rows [0, lo) and [hi, ROWS) of a ROWS x D tile in the SW-byte swizzle (whole rows: the swizzle
-// only permutes 16-byte pieces within a row of a column chunk), by the 32 lanes of a warp.
-template <int ROWS, int D, int SW>
-__device__ __forceinline__ void zero_rows_outside(unsigned char* tile, int lo, int hi, int lane) {
+// Zero the rows r with zero(r) of a ROWS x D tile in the SW-byte swizzle (whole rows: the swizzle only
+// permutes 16-byte pieces within a row of a column chunk), by the 32 lanes of a warp.
+template <int ROWS, int D, int SW, class Pred>
+__device__ __forceinline__ void zero_rows_where(unsigned char* tile, int lane, const Pred& zero) {
     constexpr int PIECES = D * 2 / 16, CHUNK = SW / 16;  // 16-byte pieces of a row: all, and per column chunk
     for (int x = lane; x < ROWS * PIECES; x += 32) {
         const int r = x / PIECES, c = (x % PIECES) / CHUNK, ch = x % CHUNK;
-        if (r < lo || r >= hi) *reinterpret_cast<uint4*>(tile + c * ROWS * SW + r * SW + ch * 16) = make_uint4(0, 0, 0, 0);
+        if (zero(r)) *reinterpret_cast<uint4*>(tile + c * ROWS * SW + r * SW + ch * 16) = make_uint4(0, 0, 0, 0);
     }
 }
 
@@ -305,7 +310,8 @@ __device__ __forceinline__ int blocks_before(const Visibility<int>& vis, int n, 
         long long acc_copy, long long acc_sb, long long acc_sh, long long lse_sb, long long lse_sh, float scale,     \
         float scale_log2, int left, int right, int lower_right, unsigned int seed_lo, unsigned int seed_hi,          \
         unsigned int offset, unsigned int threshold, float rp_dropout, const unsigned char *__restrict__ mask,       \
-        long long m_sb, long long m_sh, long long m_sm
+        long long m_sb, long long m_sh, long long m_sm, const unsigned char *__restrict__ seen, long long sk_b,      \
+        long long sk_h
 
 // A Hopper backward CTA's place: its key block n of its (batch, kv head) slice (`descending`: blockIdx.x = 0
 // takes the last), the rows and keys that matter, and the
@@ -400,15 +406,20 @@ __device__ __forceinline__ void produce(const Bwd90Smem& sm, const Slice& slice,
                                         const TmaMap& tm_q, const TmaMap& tm_k, const TmaMap& tm_v,
                                         const TmaMap& tm_do, int q_hm, int q_bm, int k_hm, int k_bm, int v_hm, int v_bm,
                                         int do_hm, int do_bm, const float* __restrict__ lse,
-                                        const float* __restrict__ delta, long long lse_sb, long long lse_sh, int lane) {
+                                        const float* __restrict__ delta, long long lse_sb, long long lse_sh,
+                                        const unsigned char* __restrict__ seen, long long sk_b, long long sk_h,
+                                        int group, int lane) {
     unsigned long long *kv_full = sm.bars, *staged = sm.bars + 1, *q_full = sm.bars + 2, *q_empty = q_full + STAGES;
     const int n0 = cta.n0, steps = cta.steps, qi_lo = cta.qi_lo, qi_hi = cta.qi_hi, kj_lo = cta.kj_lo,
               kj_hi = cta.kj_hi;
     u32 staged_phase = 0;
     const int krow = slice.start_k + n0;
-    // dQ sums over keys: K rows that no query sees (and, packed, the next sequence's) are zeroed first.
+    // dQ sums over keys: K rows that no query sees (and, packed, the next sequence's; with an attn_mask, the
+    // keys it lets no row of the group's query heads see) are zeroed first.
     const int k_end = slice.packed ? n0 + BLOCK_N : min(n0 + BLOCK_N, slice.S);
-    const bool k_dirty = n0 < kj_lo || k_end > kj_hi;
+    const UnseenKeys unseen(ATTN_MASK ? seen + slice.b * sk_b + slice.kvh * group * sk_h : nullptr, sk_h,
+                            sk_h ? group : 1, n0, min(n0 + BLOCK_N, slice.S), lane);
+    const bool k_dirty = n0 < kj_lo || k_end > kj_hi || unseen.any();
     unsigned long long* kbar = k_dirty ? staged : kv_full;
     if (lane == 0) {
         mbar_expect_tx(kbar, BLOCK_N * (HEAD_DIM + HEAD_DIM_V) * 2);
@@ -423,7 +434,7 @@ __device__ __forceinline__ void produce(const Bwd90Smem& sm, const Slice& slice,
         mbar_wait(staged, staged_phase);
         staged_phase ^= 1;
         const int lo_rows = max(0, min(kj_lo - n0, BLOCK_N)), hi_row = max(lo_rows, min(kj_hi - n0, BLOCK_N));
-        zero_rows_outside<BLOCK_N, HEAD_DIM, QK_SW>(sm.sK, lo_rows, hi_row, lane);
+        zero_rows_where<BLOCK_N, HEAD_DIM, QK_SW>(sm.sK, lane, [&](int r) { return r < lo_rows || r >= hi_row || unseen.at(r); });
         fence_proxy_async();
         __syncwarp();
         if (lane == 0) mbar_arrive(kv_full);
@@ -436,12 +447,25 @@ __device__ __forceinline__ void produce(const Bwd90Smem& sm, const Slice& slice,
         cta.order.at(it, h, mb);
         const int m0 = mb * BLOCK_M;
         mbar_wait(q_empty + st, phase ^ 1);
-        // Q and dO rows that see no key (and, packed, the next sequence's rows) are zeroed.
+        // Q and dO rows that see no key (and, packed, the next sequence's rows) are zeroed: rows outside the
+        // visibility rule's range and, with an attn_mask, rows whose lse is -inf (the mask hides every key).
         const int q_end = slice.packed ? m0 + BLOCK_M : min(m0 + BLOCK_M, slice.L);
-        const bool dirty = m0 < qi_lo || q_end > qi_hi;
         unsigned char* sQs = sm.sQ + st * BLOCK_M * HEAD_DIM * 2;
         unsigned char* sdOs = sm.sdO + st * BLOCK_M * HEAD_DIM_V * 2;
         const int qrow = slice.start_q + m0;
+        const long long lo = slice.stats_offset(lse_sb, lse_sh, h);
+        float* sLse = sm.sLse + st * BLOCK_M;
+        bool empty_row = false;
+        if (ATTN_MASK) {  // lse first: it decides whether the stage is dirty
+            for (int r = lane; r < BLOCK_M; r += 32) {
+                const int row = m0 + r;
+                const bool in = row >= qi_lo && row < qi_hi;
+                sLse[r] = in ? __fmul_rn(lse[lo + row], LOG2E) : 0.f;
+                empty_row |= sLse[r] == -CUSDPA_INF;
+            }
+            empty_row = __any_sync(0xffffffffu, empty_row);
+        }
+        const bool dirty = m0 < qi_lo || q_end > qi_hi || empty_row;
         // The tiles first, then lse and D (plain loads, whose latency the copies now hide), then the
         // arrival that completes the stage with them; a dirty stage's copies complete on `staged` instead.
         if (lane == 0) {
@@ -456,11 +480,10 @@ __device__ __forceinline__ void produce(const Bwd90Smem& sm, const Slice& slice,
             for (int c = 0; c < HEAD_DIM_V / (V_SW / 2); ++c)
                 tma_load(sdOs + c * BLOCK_M * V_SW, tm_do, bar, V_SW / 2 * c, qrow, h * do_hm, slice.b * do_bm);
         }
-        const long long lo = slice.stats_offset(lse_sb, lse_sh, h);
         for (int r = lane; r < BLOCK_M; r += 32) {
             const int row = m0 + r;
             const bool in = row >= qi_lo && row < qi_hi;
-            sm.sLse[st * BLOCK_M + r] = in ? __fmul_rn(lse[lo + row], LOG2E) : 0.f;
+            if (!ATTN_MASK) sLse[r] = in ? __fmul_rn(lse[lo + row], LOG2E) : 0.f;
             sm.sD[st * BLOCK_M + r] = in ? delta[lo + row] : 0.f;
         }
         __syncwarp();
@@ -471,8 +494,9 @@ __device__ __forceinline__ void produce(const Bwd90Smem& sm, const Slice& slice,
         mbar_wait(staged, staged_phase);
         staged_phase ^= 1;
         const int lo_rows = max(0, min(qi_lo - m0, BLOCK_M)), hi_row = max(lo_rows, min(qi_hi - m0, BLOCK_M));
-        zero_rows_outside<BLOCK_M, HEAD_DIM, QK_SW>(sQs, lo_rows, hi_row, lane);
-        zero_rows_outside<BLOCK_M, HEAD_DIM_V, V_SW>(sdOs, lo_rows, hi_row, lane);
+        const auto unseen_row = [&](int r) { return r < lo_rows || r >= hi_row || (ATTN_MASK && sLse[r] == -CUSDPA_INF); };
+        zero_rows_where<BLOCK_M, HEAD_DIM, QK_SW>(sQs, lane, unseen_row);
+        zero_rows_where<BLOCK_M, HEAD_DIM_V, V_SW>(sdOs, lane, unseen_row);
         fence_proxy_async();
         __syncwarp();
         if (lane == 0) mbar_arrive(q_full + st);

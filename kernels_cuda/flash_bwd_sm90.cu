@@ -137,7 +137,7 @@ __device__ __forceinline__ void dq_dk_step(float (&dk_acc)[dkdv90::ET * 4], floa
                                            const u32 (&dst)[dkdv90::QT * 2], const unsigned char* sQs,
                                            const unsigned char* sdS_rows, const unsigned char* sK_cols, float* piece,
                                            unsigned long long* q_empty, int bar, int row, int q_first, int q_end,
-                                           int lane) {
+                                           const float* row_lse, int lane) {
     using namespace dkdv90;
     float dq[N > 0 ? N / 2 : 1];
     if constexpr (N > 0) {
@@ -154,7 +154,7 @@ __device__ __forceinline__ void dq_dk_step(float (&dk_acc)[dkdv90::ET * 4], floa
     if constexpr (N > 0) {
         wgmma_wait<1>();  // dQ_step done
         fence_regs(dq);
-        zero_unseen_rows<N>(dq, row, q_first, q_end);
+        zero_unseen_rows<N>(dq, row, q_first, q_end, row_lse);
         named_sync<DQ_SYNC>(BAR_DQ_EMPTY + bar);
         store_dq<N>(piece, dq, threadIdx.x % 128);
         fence_proxy_async();
@@ -227,7 +227,8 @@ flash_bwd_sm90(BWD90_KERNEL_PARAMS) {
         }
         if (warp != 0 || steps == 0) return;
         produce<BLOCK_N, BLOCK_M, STAGES, QK_SW, V_SW>(sm, slice, cta, tm_q, tm_k, tm_v, tm_do, q_hm, q_bm, k_hm,
-                                                       k_bm, v_hm, v_bm, do_hm, do_bm, lse, delta, lse_sb, lse_sh, lane);
+                                                       k_bm, v_hm, v_bm, do_hm, do_bm, lse, delta, lse_sb, lse_sh, seen,
+                                                       sk_b, sk_h, group, lane);
         return;
     }
 
@@ -284,13 +285,13 @@ flash_bwd_sm90(BWD90_KERNEL_PARAMS) {
         const unsigned char* sK_cols = sm.sK + (BLOCK_M == 128 ? 0 : cw * DQ_N0 / (QK_SW / 2)) * BLOCK_N * QK_SW;
         if constexpr (DQ_N0 == DQ_N1)  // one copy of the code where the pieces are alike
             dq_dk_step<DQ_N0>(dk_acc, dv_acc, dst, sQs, sdS_rows, sK_cols, piece, q_empty + st, bar, row, q_first,
-                              q_end, lane);
+                              q_end, sm.sLse + st * BLOCK_M + (row - m0), lane);
         else if (cw == 0)
             dq_dk_step<DQ_N0>(dk_acc, dv_acc, dst, sQs, sdS_rows, sK_cols, piece, q_empty + st, bar, row, q_first,
-                              q_end, lane);
+                              q_end, sm.sLse + st * BLOCK_M + (row - m0), lane);
         else
             dq_dk_step<DQ_N1>(dk_acc, dv_acc, dst, sQs, sdS_rows, sK_cols, piece, q_empty + st, bar, row, q_first,
-                              q_end, lane);
+                              q_end, sm.sLse + st * BLOCK_M + (row - m0), lane);
     }
 
     const int row0 = n0 + cw * 64 + (warp % 4) * 16;

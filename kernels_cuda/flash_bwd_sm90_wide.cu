@@ -125,7 +125,8 @@ flash_bwd_sm90_wide(BWD90_KERNEL_PARAMS) {
         }
         if (warp != 0 || steps == 0) return;
         produce<BLOCK_N, BLOCK_M, STAGES, QK_SW, V_SW>(sm, slice, cta, tm_q, tm_k, tm_v, tm_do, q_hm, q_bm, k_hm,
-                                                       k_bm, v_hm, v_bm, do_hm, do_bm, lse, delta, lse_sb, lse_sh, lane);
+                                                       k_bm, v_hm, v_bm, do_hm, do_bm, lse, delta, lse_sb, lse_sh, seen,
+                                                       sk_b, sk_h, group, lane);
         return;
     }
 
@@ -188,7 +189,7 @@ flash_bwd_sm90_wide(BWD90_KERNEL_PARAMS) {
             wgmma_wait<1>();  // dQ_step done
             fence_regs(dq);
             // dQ_step into the accumulator while dK runs
-            zero_unseen_rows<E_W>(dq, m0 + (warp % 4) * 16 + g, q_first, q_end);
+            zero_unseen_rows<E_W>(dq, m0 + (warp % 4) * 16 + g, q_first, q_end, sm.sLse + st * BLOCK_M + (warp % 4) * 16 + g);
             const long long blk = slice.query_block(acc_sb, acc_sh, h, BLOCK_M, mb);
             float* piece = accum + blk * DQ_BLOCK + cw * 64 * E_W0;
             if (sem != nullptr) named_sync<ORDER_THREADS>(BAR_REDUCE);  // after the key blocks before this one

@@ -367,8 +367,8 @@ flash_fwd_sm90(const __grid_constant__ TmaMap tm_q, const __grid_constant__ TmaM
                int lower_right, unsigned int seed_lo, unsigned int seed_hi, unsigned int offset,
                unsigned int threshold, float rp_dropout, int BH, int num_m, int chunk_heads,
                const int* __restrict__ schedule, const mask_t* __restrict__ mask, long long m_sb, long long m_sh,
-               long long m_sm, const signed char* __restrict__ blocks, long long bs_b, long long bs_h,
-               long long bs_m) {
+               long long m_sm, const unsigned char* __restrict__ seen, long long sk_b, long long sk_h,
+               const signed char* __restrict__ blocks, long long bs_b, long long bs_h, long long bs_m) {
     extern __shared__ __align__(1024) unsigned char smem[];
     unsigned char* sQ = smem;  // every size is a multiple of 1024: each tile keeps the swizzle alignment
     unsigned char* sK = sQ + SQ_BYTES;
@@ -415,6 +415,7 @@ flash_fwd_sm90(const __grid_constant__ TmaMap tm_q, const __grid_constant__ TmaM
             const int first = kb.from(tile.n_begin);
             if (first >= tile.n_end) continue;
             const Slice& sl = tile.slice;
+            const unsigned char* seen_keys = ATTN_MASK ? seen + sl.b * sk_b + sl.h * sk_h : nullptr;
             if (lane == 0) {
                 mbar_wait(q_empty, q_phase ^ 1);
                 tma_load_tile<BLOCK_M, HEAD_DIM, QK_SW>(sQ, tm_q, q_full, sl.start_q + tile.m0, sl.h * q_hm, sl.b * q_bm);
@@ -430,10 +431,11 @@ flash_fwd_sm90(const __grid_constant__ TmaMap tm_q, const __grid_constant__ TmaM
                     tma_load_tile<BLOCK_N, HEAD_DIM, QK_SW>(sK + st * SK_BYTES, tm_k, k_full + st, row, sl.kvh * k_hm, sl.b * k_bm);
                 }
                 // Rows of this block past the slice's visible keys that the tensor holds (a packed tensor
-                // holds the next sequence) are zeroed before the consumers hear of the block; rows past a
-                // dense tensor's end arrive as zeros.
+                // holds the next sequence), and keys the attn_mask lets no query row see, are zeroed before
+                // the consumers hear of the block; rows past a dense tensor's end arrive as zeros.
                 const int zero_end = sl.packed ? j0 + BLOCK_N : min(j0 + BLOCK_N, sl.S);
-                const bool dirty = j0 < tile.j_lo || zero_end > tile.j_hi;
+                const UnseenKeys unseen(seen_keys, 0, 1, j0, min(j0 + BLOCK_N, sl.S), lane);
+                const bool dirty = j0 < tile.j_lo || zero_end > tile.j_hi || unseen.any();
                 mbar_wait(v_empty + st, phase ^ 1);
                 if (lane == 0)
                     tma_load_tile<BLOCK_N, HEAD_DIM_V, V_SW>(sVs, tm_v, dirty ? v_staged : v_full + st, row, sl.kvh * v_hm,
@@ -446,7 +448,7 @@ flash_fwd_sm90(const __grid_constant__ TmaMap tm_q, const __grid_constant__ TmaM
                 constexpr int ROW_CHUNKS = HEAD_DIM_V * 2 / 16;  // 16-byte pieces of one row, over all column chunks
                 for (int x = lane; x < BLOCK_N * ROW_CHUNKS; x += 32) {
                     const int r = x / ROW_CHUNKS, c = (x % ROW_CHUNKS) / (V_SW / 16), ch = x % (V_SW / 16);
-                    if (r < lo_rows || r >= hi_row)
+                    if (r < lo_rows || r >= hi_row || unseen.at(r))
                         *reinterpret_cast<uint4*>(sVs + c * BLOCK_N * V_SW + r * V_SW + ch * 16) = make_uint4(0, 0, 0, 0);
                 }
                 fence_proxy_async();

@@ -39,8 +39,12 @@ def _nvrtc_jobs():
             if config.sm90_backward_applies(E, Ev, 90, cfg):
                 source = "flash_bwd_sm90_wide.cu" if config.sm90_backward_is_wide(E, Ev) else "flash_bwd_sm90.cu"
                 yield source, sources.compile_options(dtype, E, Ev, dropout, cfg) + ("-arch=sm_90a",)
-                if dropout:  # ... with a bool attn_mask
-                    yield source, sources.compile_options(dtype, E, Ev, dropout, cfg, mask="bool") + ("-arch=sm_90a",)
+                if dropout:  # ... with a bool attn_mask, in the tiles dispatch gives masked problems
+                    mask_cfg = config.FlashConfig.for_problem(E, Ev, 4096, False, "bool")
+                    yield source, sources.compile_options(dtype, E, Ev, dropout, mask_cfg, mask="bool") + ("-arch=sm_90a",)
+    for mask in sources.MASK_CODES:  # the attn_mask's summary (kernels_cuda/mask_summary.cu)
+        if mask:
+            yield "mask_summary.cu", ("-std=c++17", f"-DATTN_MASK={sources.MASK_CODES[mask]}")
 
 
 def _nvrtc_compile(source: str, options: tuple, arch: str) -> str | None:
@@ -254,31 +258,53 @@ MASKED = {
 @pytest.mark.gpu
 @pytest.mark.parametrize("name", sorted(MASKED))
 def test_attn_mask_on_the_hopper_kernels(name, rng):
-    """Forward and, for bool masks, backward (a float mask's call wants its gradient: EFFICIENT's). The
-    backward runs here directly; dispatch sends masked backwards to FLASH once this has passed on a GPU."""
+    """Forward and, for bool masks, backward (a float mask's call wants its gradient: EFFICIENT's)."""
     _gpu_check(MASKED[name], rng, grads=MASKED[name].mask == "bool")
 
 
-def test_mask_block_summary_marks_masked_partial_and_visible_blocks():
-    """launches.mask_blocks on NumPy: 0 where every pair of a (query block, key block) is masked, 2 where none
-    is (bool masks), 1 otherwise; broadcast rows make one query block; rows and keys past the mask count as
-    visible."""
-    from types import SimpleNamespace
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind", ["bool_rows", "bool_padding", "bool_heads", "float32_rows", "float16_heads"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_mask_summary_kernel_matches_numpy(kind, causal, rng):
+    """kernels_cuda/mask_summary.cu against its definition in NumPy: the keys some query row attends (mask and
+    visibility; with broadcast rows the mask's row alone) and, per 64 x 48 tile, 0 = nothing attended,
+    2 = every visible pair attended (bool), else 1."""
+    import cupy
 
+    from cusdpa import problem
     from cusdpa.backends.flash import launches
 
-    keep = np.ones((2, 1, 5, 7), bool)
-    keep[0, :, :, 4:] = False     # keys 4.. of batch 0 masked: its second key block is empty
-    keep[1, :, 2, 0] = False      # one pair of batch 1's first tile
-    summary = launches.mask_blocks(SimpleNamespace(xp=np, mask_kind="bool"), keep, 4, 4)
-    assert summary.dtype == np.int8 and summary.shape == (2, 1, 2, 2)
-    assert summary[0, 0].tolist() == [[2, 0], [2, 0]] and summary[1, 0].tolist() == [[1, 2], [2, 2]]
-    padding = launches.mask_blocks(SimpleNamespace(xp=np, mask_kind="bool"), keep[:, :, :1], 4, 4)
-    assert padding.shape == (2, 1, 1, 2) and padding[0, 0, 0].tolist() == [2, 0]
-    bias = np.where(keep, 0.5, -np.inf).astype(np.float32)
-    bias[1, 0, 0, 5] = np.nan  # NaN is visible: it must propagate
-    floats = launches.mask_blocks(SimpleNamespace(xp=np, mask_kind="float"), bias, 4, 4)
-    assert floats[0, 0].tolist() == [[1, 0], [1, 0]] and floats[1, 0].tolist() == [[1, 1], [1, 1]]
+    B, H, L, S, bm, bn = 2, 3, 150, 130, 64, 48
+    dtype, shape = kind.split("_")
+    mshape = {"rows": (B, 1, L, S), "padding": (B, 1, 1, S), "heads": (1, H, L, S)}[shape]
+    attend = rng.random(mshape) < 0.7
+    attend[0, ..., 100:] = False                      # keys nobody attends: padding
+    attend[..., :, 10:20] = attend[..., :1, 10:20]    # columns alike in every row (whole tiles masked)
+    mask = attend if dtype == "bool" else np.where(attend, rng.standard_normal(mshape), -np.inf).astype(dtype)
+    if dtype != "bool":
+        mask[0, ..., 0, 5] = np.nan                   # NaN attends: it propagates
+        attend = attend | np.isnan(mask.astype(np.float32))
+    q, k, v = (cupy.asarray(rng.standard_normal((B, H, n, 64)), dtype=cupy.float16) for n in (L, S, S))
+    pr = problem.from_dense(q, k, v, cupy.asarray(mask), problem.Options(is_causal=causal, causal_variant="lower_right"))
+    array, strides = launches._mask_operand(pr)
+    seen, sk_b, sk_h, blocks, bs_b, bs_h, bs_m = launches.mask_summary(pr, array, strides, bm, bn, blocks=True)
+    rows = attend.shape[-2]
+    i, j = np.arange(rows)[:, None], np.arange(S)[None, :]
+    visible = (j <= i + S - L) if causal and rows > 1 else np.ones((rows, S), bool)
+    want_seen = (attend & visible).any(-2).reshape(-1, S)
+    assert cupy.asnumpy(seen).astype(bool).tolist() == want_seen.tolist()
+    bmr = bm if rows > 1 else 1
+    n_m, n_n = -(-rows // bmr), -(-S // bn)
+    got = cupy.asnumpy(blocks).reshape(-1, n_m, n_n)
+    a, h = (attend & visible).reshape(-1, rows, S), (visible & ~attend).reshape(-1, rows, S)
+    for x, (m, n) in itertools.product(range(a.shape[0]), itertools.product(range(n_m), range(n_n))):
+        tile = (slice(m * bmr, (m + 1) * bmr), slice(n * bn, (n + 1) * bn))
+        want = 0 if not a[x][tile].any() else 2 if dtype == "bool" and not h[x][tile].any() else 1
+        assert got[x, m, n] == want, (x, m, n)
+    Bm, Hm = mshape[0], mshape[1]
+    assert (int(sk_b), int(sk_h)) == ((Hm * S if Bm > 1 else 0), (S if Hm > 1 else 0))
+    assert (int(bs_b), int(bs_h), int(bs_m)) == ((Hm * n_m * n_n if Bm > 1 else 0), (n_m * n_n if Hm > 1 else 0),
+                                                  (n_n if rows > 1 else 0))
 
 
 def _block_masks(rng):
@@ -295,35 +321,32 @@ def _block_masks(rng):
 @pytest.mark.gpu
 @pytest.mark.parametrize("name", ["key_padding", "ninety_percent_empty", "float_blocks"])
 @pytest.mark.parametrize("causal", [False, True])
-def test_attn_mask_block_summary_skips_blocks(name, causal, rng, monkeypatch):
-    """The Hopper forward with the mask's block summary on (FlashConfig.fwd90_mask_blocks): empty key blocks
-    skipped by producer and consumers, fully visible ones read no mask; the same results as the reference."""
-    import dataclasses
-
+def test_attn_mask_block_summary_skips_blocks(name, causal, rng):
+    """The Hopper forward with the mask's block summary (FlashConfig.fwd90_mask_blocks, on by default): empty
+    key blocks skipped by producer and consumers, fully visible ones read no mask; the same results as the
+    reference, and the backward's too."""
     import cupy
 
     from cusdpa import problem
-    from cusdpa.backends.flash import launches
     from cusdpa.verify.harness import run_problem
 
-    real = launches.config
-    monkeypatch.setattr(launches, "config", lambda pr: dataclasses.replace(real(pr), fwd90_mask_blocks=True))
     mask = _block_masks(rng)[name]
     q, k, v = (cupy.asarray(rng.standard_normal((2, 4, 700, 64)), dtype=cupy.float16) for _ in range(3))
     pr = problem.from_dense(q, k, v, cupy.asarray(mask), problem.Options(is_causal=causal))
-    failures = run_problem(pr, flash.IMPL, rng, grads=False)
+    failures = run_problem(pr, flash.IMPL, rng, grads=mask.dtype == bool)
     assert not failures, "\n".join(failures)
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("name", sorted(MASKED))
-def test_attn_mask_cases_with_the_block_summary(name, rng, monkeypatch):
+def test_attn_mask_cases_without_the_block_summary(name, rng, monkeypatch):
+    """The Hopper forward reading every mask element (FlashConfig.fwd90_mask_blocks off)."""
     import dataclasses
 
     from cusdpa.backends.flash import launches
 
     real = launches.config
-    monkeypatch.setattr(launches, "config", lambda pr: dataclasses.replace(real(pr), fwd90_mask_blocks=True))
+    monkeypatch.setattr(launches, "config", lambda pr: dataclasses.replace(real(pr), fwd90_mask_blocks=False))
     _gpu_check(MASKED[name], rng, grads=False)
 
 
@@ -491,10 +514,11 @@ def test_dispatch_picks_flash_and_explains_fallbacks(rng):
     assert cusdpa.explain(q, q, q).chosen is cusdpa.Backend.FLASH
     q32 = q.astype(np.float32)
     assert any("float32" in r for r in cusdpa.explain(q32, q32, q32).reasons[cusdpa.Backend.FLASH])
-    # masks: the Hopper forward reads them; dispatch keeps masked backwards on EFFICIENT for now
+    # masks: the Hopper kernels read bool masks both ways and float masks forward (the backward of a float
+    # mask's call runs on EFFICIENT, which computes the mask's gradient)
     mask = cupy.zeros((16, 16), np.float16)
     assert cusdpa.explain(q, q, q, mask).chosen is cusdpa.Backend.FLASH
     assert any("float attn_mask" in r for r in cusdpa.explain(q, q, q, mask, need_grad=True).reasons[cusdpa.Backend.FLASH])
     keep = cupy.ones((16, 16), bool)
-    assert any("backward" in r for r in cusdpa.explain(q, q, q, keep, need_grad=True).reasons[cusdpa.Backend.FLASH])
+    assert cusdpa.explain(q, q, q, keep, need_grad=True).chosen is cusdpa.Backend.FLASH
     assert any("float64" in r for r in cusdpa.explain(q, q, q, mask.astype(np.float64)).reasons[cusdpa.Backend.FLASH])

@@ -182,54 +182,46 @@ def _mask_operand(pr):
     return m, found
 
 
-def _mask_args(pr) -> tuple:
-    """The Hopper kernels' mask arguments: the attn_mask and its (b, h, row) element strides, or zeros."""
+def _mask_args(pr, block_m: int = 128, block_n: int = 128, blocks: bool = False) -> tuple:
+    """The Hopper kernels' mask arguments: the attn_mask and its (b, h, row) element strides, then
+    ``mask_summary``'s (the keys seen; with ``blocks`` the block summary of ``block_m`` x ``block_n`` tiles),
+    or zeros. The backward takes the first seven."""
     if pr.mask is None:
-        return np.uint64(0), np.int64(0), np.int64(0), np.int64(0)
+        return (np.uint64(0), *(np.int64(0),) * 3, np.uint64(0), *(np.int64(0),) * 2, np.uint64(0),
+                *(np.int64(0),) * 3)
     array, strides = _mask_operand(pr)
-    return (array, *strides)
+    return (array, *strides, *mask_summary(pr, array, strides, block_m, block_n, blocks))
 
 
-def mask_blocks(pr, mask, block_m: int, block_n: int):
-    """The block summary of an attn_mask operand (``_mask_operand``'s array): int8, per batch, head, query
-    block and key block (the mask's own broadcast dims kept at size 1; one query block where its rows
-    broadcast), 0 = every pair masked (False, or -inf in a float mask), 2 = every pair visible (a bool mask
-    only: a float mask's values are read wherever something is visible), else 1. Rows and keys past the
-    mask count as visible, as the kernel's visibility rule selects them out itself. NumPy or CuPy (``pr.xp``)."""
-    xp = pr.xp
-    rows, keys = mask.shape[-2], mask.shape[-1]
-    bm = block_m if rows > 1 else 1
-    n_m, n_n = -(-rows // bm), -(-keys // block_n)
-    seen = mask if pr.mask_kind == "bool" else mask != -xp.inf  # NaN is seen: it propagates
-
-    def tiles(x, fill):
-        padding = [(0, 0)] * (x.ndim - 2) + [(0, n_m * bm - rows), (0, n_n * block_n - keys)]
-        if any(p for _, p in padding):
-            x = xp.pad(x, padding, constant_values=fill)
-        return x.reshape(x.shape[:-2] + (n_m, bm, n_n, block_n))
-
-    some = tiles(seen, False).any(axis=(-3, -1))
-    every = tiles(seen, True).all(axis=(-3, -1)) if pr.mask_kind == "bool" else xp.zeros_like(some)
-    return xp.where(some, xp.where(every, 2, 1), 0).astype(np.int8)
-
-
-def _block_args(pr, cfg, mask) -> tuple:
-    """The Hopper forward's block-summary arguments for the mask operand ``mask``: the summary and its (b, h,
-    query block) strides in elements (key blocks contiguous), or zeros (no mask, or ``cfg.fwd90_mask_blocks``
-    off)."""
-    if pr.mask is None or not cfg.fwd90_mask_blocks:
-        return np.uint64(0), np.int64(0), np.int64(0), np.int64(0)
+def mask_summary(pr, mask, strides, block_m: int, block_n: int, blocks: bool = False) -> tuple:
+    """The attn_mask operand's summary, made on the GPU in one pass (kernels_cuda/mask_summary.cu): the keys
+    some query row attends (a byte per (mask batch, mask head, key), whose K and V rows the kernels zero
+    otherwise) and, with ``blocks``, the Hopper forward's block summary (int8 per (mask batch, mask head,
+    query block of ``block_m`` rows, key block of ``block_n``): 0 = no pair attended, 2 = every visible pair
+    attended (bool masks), else 1). ``mask``, ``strides``: ``_mask_operand``'s. Returns the kernels'
+    arguments: (seen, its b and h strides in elements, then blocks, its b, h and query-block strides, or
+    zeros without ``blocks``)."""
     import cupy
 
-    nb = len(pr.batch_shape)
-    summary = mask_blocks(pr, mask, 64 * cfg.fwd90_warpgroups, cfg.fwd90_block_n)
-    full = cupy.broadcast_to(summary, pr.batch_shape + (pr.hq,) + summary.shape[-2:])
-    sb = _collapse(full.strides[:nb], pr.batch_shape)
-    if sb is None:
-        full = cupy.ascontiguousarray(full)
-        sb = _collapse(full.strides[:nb], pr.batch_shape)
-    rows = 0 if summary.shape[-2] == 1 else full.strides[nb + 1]  # one query block for broadcast rows
-    return (full, np.int64(sb), np.int64(full.strides[nb]), np.int64(rows))
+    sb, sh, sm = (int(x) for x in strides)
+    Bm, Hm = (math.prod(pr.batch_shape) if sb else 1), (pr.hq if sh else 1)
+    rows = pr.L if sm else 1  # broadcast rows: one query block, the visibility rule left to the kernels
+    bm = block_m if rows > 1 else 1
+    n_m, n_n = -(-rows // bm), -(-pr.S // block_n)
+    seen = cupy.zeros((Bm * Hm, pr.S), dtype=np.uint8)
+    summary = cupy.empty((Bm * Hm, n_m, n_n), dtype=np.int8) if blocks else None
+    fn = sources.kernel(device(pr), "mask_summary.cu", "mask_summary",
+                        ("-std=c++17", f"-DATTN_MASK={sources.MASK_CODES[mask_kind(pr)]}"), 0)
+    args = (mask, *strides, np.int32(Hm), np.int32(rows), np.int32(pr.L), np.int32(pr.S), *_visibility(pr),
+            np.int32(bm), np.int32(block_n), np.int32(n_n), summary if blocks else np.uint64(0), seen)
+    if n_n and n_m:
+        run((Launch(fn, (n_m * n_n, Bm * Hm), (256,), 0, args),), values(), cupy.cuda.get_current_stream().ptr,
+            device(pr))
+    seen_args = (seen, np.int64(Hm * pr.S if Bm > 1 else 0), np.int64(pr.S if Hm > 1 else 0))
+    if not blocks:
+        return (*seen_args, np.uint64(0), np.int64(0), np.int64(0), np.int64(0))
+    return (*seen_args, summary, np.int64(Hm * n_m * n_n if Bm > 1 else 0), np.int64(n_m * n_n if Hm > 1 else 0),
+            np.int64(n_n if rows > 1 else 0))
 
 
 def device(pr) -> int:
@@ -249,6 +241,8 @@ def forward_launch(pr, lay, o_strides) -> Launch | None:
         if pr.mask is not None:
             opts = sources.compile_options(pr.dtype_name, pr.E, pr.Ev, pr.dropout_p > 0, cfg, mask=mask_kind(pr))
         return _sm90_forward_launch(pr, lay, o_strides, cfg, opts, tail)
+    if pr.mask is not None:  # environment_reasons keeps dispatch away; a direct call must not drop the mask
+        raise NotImplementedError("FLASH reads an attn_mask on the Hopper kernels only")
     smem, block_m, threads = smem_bytes("fwd", cfg, pr.E, pr.Ev), cfg.fwd_block_m, cfg.fwd_warps * 32
     fn = sources.kernel(dev, "flash_fwd.cu", "flash_fwd", opts, smem)
     grid = ((pr.L + block_m - 1) // block_m, lay.B * pr.hq)
@@ -282,10 +276,9 @@ def _sm90_forward_launch(pr, lay, o_strides, cfg, opts, tail) -> Launch:
     chunk_heads = int(min(BH, max(1, L2_SHARE // kv_bytes_per_head)))
     grid = (min(BH * num_m, sources.multiprocessors(dev)), 1)
     schedule = 0 if packed or not cfg.fwd90_schedule else _tile_schedule(pr, dev, BH, num_m, chunk_heads, grid[0], block_m, block_n)
-    mask = _mask_args(pr)
     args = (*(m for m, _, _ in maps), Slot("o"), Slot("lse"), *_common(pr, lay),
             *(x for _, hm, bm in maps for x in (hm, bm)), *o_strides, *tail, np.int32(BH), np.int32(num_m),
-            np.int32(chunk_heads), schedule, *mask, *_block_args(pr, cfg, mask[0]))
+            np.int32(chunk_heads), schedule, *_mask_args(pr, block_m, block_n, cfg.fwd90_mask_blocks))
     return Launch(fn, grid, (128 * (cfg.fwd90_warpgroups + 1),), smem, args)
 
 
@@ -405,7 +398,7 @@ def backward_launches(pr, lay, strides, deterministic: bool = False) -> list[Lau
                                (Slot("o"), Slot("do"), Slot("delta"), *accum[:2], *_common(pr, lay)[:5], *strides["o"],
                                 *strides["do"], *accum[2:], *_lse_strides(pr), *vis, np.int32(rows))))
     if hopper:
-        tail = (scale, scale_log2, *vis, *drop, *_mask_args(pr))
+        tail = (scale, scale_log2, *vis, *drop, *_mask_args(pr)[:7])
         if pr.S:
             main = sources.compile_options(pr.dtype_name, pr.E, pr.Ev, pr.dropout_p > 0, cfg, mask=mask_kind(pr))
             launches.append(_sm90_backward_launch(pr, lay, strides, cfg, main, tail, accum, deterministic))
@@ -416,6 +409,8 @@ def backward_launches(pr, lay, strides, deterministic: bool = False) -> list[Lau
                                    (Slot("dq_accum"), Slot("dq"), *_common(pr, lay)[:5], *accum[2:], *strides["dq"],
                                     scale, *vis)))
         return launches
+    if pr.mask is not None:
+        raise NotImplementedError("FLASH reads an attn_mask on the Hopper kernels only")
     if pr.S:
         grid = ((pr.S + cfg.bwd_block_n - 1) // cfg.bwd_block_n, lay.B * pr.hkv)
         smem = smem_bytes("dkdv", cfg, pr.E, pr.Ev)
@@ -513,9 +508,7 @@ def backward(pr, out, lse, dout, deterministic=False, grads=None):
 
     if pr.mask_kind == "float":  # dispatch sends these to EFFICIENT (Capabilities.mask_grad)
         raise NotImplementedError("FLASH's backward computes no float attn_mask's gradient")
-    # A bool mask's backward runs on the Hopper kernels (mask_bits in kernels_cuda/bwd_sm90.cuh) when called
-    # here directly; dispatch still sends it to EFFICIENT (Capabilities.mask_backward) until the GPU tests
-    # have passed on it.
+    # A bool mask's backward runs on the Hopper kernels (mask_bits in kernels_cuda/bwd_sm90.cuh).
 
     with cupy.cuda.Device(device(pr)):
         if pr.varlen is not None:
