@@ -8,8 +8,8 @@ whether they generate the same tokens.
 The prompt is prefilled through the same call (its keys and values written into the empty cache, causal
 attention over them); each next token is one query per sequence attending to its cached keys. The weights
 are train_gpt's initialisation (no training: the point is the decode path, not the text). Exits with
-status 1 when the two runs' greedy tokens differ (on the GPU in bf16 a near-tie may flip one late
-token, so there the first half of the tokens must agree).
+status 1 when the two decoders' logits, both fed PyTorch's greedy tokens, differ by more than the dtype's
+rounding explains, or a token differs where PyTorch's two best logits are not a near-tie.
 """
 from __future__ import annotations
 
@@ -120,14 +120,32 @@ def main(argv=None) -> int:
         generate(Decoder(model, batch, max_len, attention, dtype), prompt, min(new_tokens, 3))  # warm: compile
         results[attention] = generate(Decoder(model, batch, max_len, attention, dtype), prompt, new_tokens)
     ours, theirs = results["cusdpa"][0], results["torch"][0]
-    checked = new_tokens // 2 if cuda else new_tokens
-    agree = bool((ours[:, :checked] == theirs[:, :checked]).all())
+    # Greedy decoding from untrained weights meets near-ties, where the last bit of bf16 decides a token. So
+    # both decoders are fed PyTorch's tokens and their logits compared step by step: a token may differ only
+    # where PyTorch's two best logits lie closer than the two decoders' logits differ.
+    logits = {attention: teacher_forced(Decoder(model, batch, max_len, attention, dtype), prompt, theirs)
+              for attention in results}
+    ref, got = logits["torch"].float(), logits["cusdpa"].float()
+    diff = (got - ref).abs().amax(-1)  # (B, steps)
+    top2 = ref.topk(2, -1).values
+    explained = (got.argmax(-1) == theirs) | (top2[..., 0] - top2[..., 1] <= 2 * diff)
+    rel = ((got - ref).norm() / ref.norm()).item()
+    bound = 2e-2 if dtype == torch.bfloat16 else 1e-4
+    agree = bool(explained.all()) and rel < bound
     print(f"batch {batch}, prompt {prompt_len}, {new_tokens} new tokens, {dtype}, {device}")
     for attention, (_, rate) in results.items():
         print(f"  {attention:7s} {rate:10.1f} tokens/s")
-    print(f"  greedy tokens agree{' (first half)' if cuda else ''}: {agree}; all tokens equal: "
-          f"{bool((ours == theirs).all())}")
+    print(f"  logits on PyTorch's tokens: relative difference {rel:.1e} (bound {bound:.0e}), largest {diff.max():.3f}; "
+          f"greedy tokens equal: {bool((ours == theirs).all())}; every difference a near-tie: {bool(explained.all())}")
     return 0 if agree else 1
+
+
+def teacher_forced(decoder: Decoder, prompt, tokens) -> torch.Tensor:
+    """Logits (B, steps, vocab) of each step fed ``tokens`` (B, steps) after the prompt."""
+    out = [decoder.logits(prompt, 0)]
+    for i in range(1, tokens.shape[1]):
+        out.append(decoder.logits(tokens[:, i - 1:i], prompt.shape[1] + i - 1))
+    return torch.stack(out, 1)
 
 
 if __name__ == "__main__":

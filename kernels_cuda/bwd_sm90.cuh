@@ -372,6 +372,18 @@ __device__ __forceinline__ bool Bwd90Cta::start(const Slice& slice, int group, b
     return true;
 }
 
+// With an attn_mask, a key block that the mask hides from every query row of the group's heads adds nothing
+// anywhere (dK = dV = 0, no dQ term): its CTA takes no steps, unless deterministic mode (`ordered`) counts
+// every key block's dQ turn. Every warp votes alike (the same bytes), so the CTA agrees without a barrier.
+template <int BLOCK_N>
+__device__ __forceinline__ void skip_unseen_block(Bwd90Cta& cta, const Slice& slice, int group,
+                                                  const unsigned char* seen, long long sk_b, long long sk_h,
+                                                  bool ordered) {
+    if (!ATTN_MASK || ordered) return;
+    const UnseenKeys unseen{seen + slice.b * sk_b + slice.kvh * group * sk_h, sk_h, sk_h ? group : 1, slice.S};
+    if (unseen.all(cta.n0, BLOCK_N, threadIdx.x % 32)) cta.steps = 0;
+}
+
 // The shared-memory tiles and barriers a Hopper backward CTA's producer fills and signals.
 struct Bwd90Smem {
     unsigned char *sK, *sV, *sQ, *sdO;  // K, V; STAGES Q and dO tiles, each in column chunks of its swizzle
@@ -417,9 +429,10 @@ __device__ __forceinline__ void produce(const Bwd90Smem& sm, const Slice& slice,
     // dQ sums over keys: K rows that no query sees (and, packed, the next sequence's; with an attn_mask, the
     // keys it lets no row of the group's query heads see) are zeroed first.
     const int k_end = slice.packed ? n0 + BLOCK_N : min(n0 + BLOCK_N, slice.S);
-    const UnseenKeys unseen(ATTN_MASK ? seen + slice.b * sk_b + slice.kvh * group * sk_h : nullptr, sk_h,
-                            sk_h ? group : 1, n0, min(n0 + BLOCK_N, slice.S), lane);
-    const bool k_dirty = n0 < kj_lo || k_end > kj_hi || unseen.any();
+    const UnseenKeys unseen{ATTN_MASK ? seen + slice.b * sk_b + slice.kvh * group * sk_h : nullptr, sk_h,
+                            sk_h ? group : 1, slice.S};
+    const bool k_unseen = unseen.any(n0, BLOCK_N, lane);
+    const bool k_dirty = n0 < kj_lo || k_end > kj_hi || k_unseen;
     unsigned long long* kbar = k_dirty ? staged : kv_full;
     if (lane == 0) {
         mbar_expect_tx(kbar, BLOCK_N * (HEAD_DIM + HEAD_DIM_V) * 2);
@@ -434,7 +447,7 @@ __device__ __forceinline__ void produce(const Bwd90Smem& sm, const Slice& slice,
         mbar_wait(staged, staged_phase);
         staged_phase ^= 1;
         const int lo_rows = max(0, min(kj_lo - n0, BLOCK_N)), hi_row = max(lo_rows, min(kj_hi - n0, BLOCK_N));
-        zero_rows_where<BLOCK_N, HEAD_DIM, QK_SW>(sm.sK, lane, [&](int r) { return r < lo_rows || r >= hi_row || unseen.at(r); });
+        zero_rows_where<BLOCK_N, HEAD_DIM, QK_SW>(sm.sK, lane, [&](int r) { return r < lo_rows || r >= hi_row || (k_unseen && n0 + r < slice.S && unseen.at(n0 + r)); });
         fence_proxy_async();
         __syncwarp();
         if (lane == 0) mbar_arrive(kv_full);

@@ -181,6 +181,7 @@ flash_bwd_sm90(BWD90_KERNEL_PARAMS) {
     int* sem = sem_offset >= 0 ? reinterpret_cast<int*>(dq_accum + sem_offset) : nullptr;
     Bwd90Cta cta;
     if (!cta.start<BLOCK_N, BLOCK_M, STAGES>(slice, group, descending, rotate, sm.bars, CONSUMER_WARPS)) return;
+    skip_unseen_block<BLOCK_N>(cta, slice, group, seen, sk_b, sk_h, sem_offset >= 0);
     const Visibility<int>& vis = slice.vis;
     const int n = cta.n, n0 = cta.n0, steps = cta.steps;
     const StepOrder& order = cta.order;

@@ -96,6 +96,7 @@ flash_bwd_sm90_wide(BWD90_KERNEL_PARAMS) {
     const Slice slice = Slice::per_kv_head(Hq, group, cu_q, cu_k, L, S, left, right, lower_right);
     Bwd90Cta cta;
     if (!cta.start<BLOCK_N, BLOCK_M, STAGES>(slice, group, descending, rotate, sm.bars, CONSUMER_WARPS)) return;
+    skip_unseen_block<BLOCK_N>(cta, slice, group, seen, sk_b, sk_h, sem_offset >= 0);
     // deterministic mode: a counter per accumulator block after the accumulator (sem_offset < 0: unordered);
     // with two copies (acc_copy floats apart) even key blocks add into copy 0, odd ones into copy 1, each
     // copy with its counters (the blocks of copy 0, then those of copy 1)

@@ -319,28 +319,36 @@ struct TileDeal {
     }
 };
 
-// The key blocks a tile visits: those of [n_begin, n_end), and with an attn_mask's block summary (`blocks`:
-// per batch, head, query block and key block, 0 = every pair masked, 1 = some, 2 = none) only the blocks
-// with something visible; `partial` says whether a block's mask elements must be read. Producer and
-// consumers walk the same blocks, so the K/V ring stays in step. Without a mask, every block.
+// The key blocks a tile visits: those of [n_begin, n_end), and with an attn_mask its summary (`blocks`, made
+// by the host, kernels_cuda/mask_summary.cu: per batch, head, query block and key block, 0 = nothing
+// attended, 1 = some, 2 = every visible pair; bit 4: a key of the block that no row of the tile attends) says
+// which to skip and where the mask elements must be read (`partial`), and the producer which V blocks may
+// hold keys no query of the slice sees (`holes`). Producer and consumers walk the same blocks, so the K/V
+// ring stays in step. Without a mask, every block.
 struct KeyBlocks {
 #if ATTN_MASK
-    const signed char* row;  // the tile's summary over key blocks, or nullptr: no summary
+    const signed char* row;  // the tile's summary over key blocks
 #endif
     int n_end;
     // the first block to visit at or after n (n_end: none)
     __device__ __forceinline__ int from(int n) const {
 #if ATTN_MASK
-        if (row != nullptr)
-            while (n < n_end && row[n] == 0) ++n;
+        while (n < n_end && (row[n] & 3) == 0) ++n;
 #endif
         return n;
     }
     __device__ __forceinline__ bool partial(int n) const {
 #if ATTN_MASK
-        return row == nullptr || n >= n_end || row[n] == 1;
+        return n >= n_end || (row[n] & 3) == 1;
 #else
         return true;
+#endif
+    }
+    __device__ __forceinline__ bool holes(int n) const {
+#if ATTN_MASK
+        return (row[n] & 4) != 0;
+#else
+        return false;
 #endif
     }
 };
@@ -348,9 +356,7 @@ struct KeyBlocks {
 __device__ __forceinline__ KeyBlocks key_blocks(const Tile& tile, const signed char* blocks, long long bs_b,
                                                 long long bs_h, long long bs_m) {
 #if ATTN_MASK
-    const signed char* row = blocks == nullptr ? nullptr
-                                               : blocks + tile.slice.b * bs_b + tile.slice.h * bs_h +
-                                                     (tile.m0 / BLOCK_M) * bs_m;
+    const signed char* row = blocks + tile.slice.b * bs_b + tile.slice.h * bs_h + (tile.m0 / BLOCK_M) * bs_m;
     return KeyBlocks{row, tile.n_end};
 #else
     (void)blocks, (void)bs_b, (void)bs_h, (void)bs_m;
@@ -415,7 +421,7 @@ flash_fwd_sm90(const __grid_constant__ TmaMap tm_q, const __grid_constant__ TmaM
             const int first = kb.from(tile.n_begin);
             if (first >= tile.n_end) continue;
             const Slice& sl = tile.slice;
-            const unsigned char* seen_keys = ATTN_MASK ? seen + sl.b * sk_b + sl.h * sk_h : nullptr;
+            const UnseenKeys unseen{ATTN_MASK ? seen + sl.b * sk_b + sl.h * sk_h : nullptr, 0, 1, sl.S};
             if (lane == 0) {
                 mbar_wait(q_empty, q_phase ^ 1);
                 tma_load_tile<BLOCK_M, HEAD_DIM, QK_SW>(sQ, tm_q, q_full, sl.start_q + tile.m0, sl.h * q_hm, sl.b * q_bm);
@@ -434,8 +440,8 @@ flash_fwd_sm90(const __grid_constant__ TmaMap tm_q, const __grid_constant__ TmaM
                 // holds the next sequence), and keys the attn_mask lets no query row see, are zeroed before
                 // the consumers hear of the block; rows past a dense tensor's end arrive as zeros.
                 const int zero_end = sl.packed ? j0 + BLOCK_N : min(j0 + BLOCK_N, sl.S);
-                const UnseenKeys unseen(seen_keys, 0, 1, j0, min(j0 + BLOCK_N, sl.S), lane);
-                const bool dirty = j0 < tile.j_lo || zero_end > tile.j_hi || unseen.any();
+                const bool block_unseen = kb.holes(n);
+                const bool dirty = j0 < tile.j_lo || zero_end > tile.j_hi || block_unseen;
                 mbar_wait(v_empty + st, phase ^ 1);
                 if (lane == 0)
                     tma_load_tile<BLOCK_N, HEAD_DIM_V, V_SW>(sVs, tm_v, dirty ? v_staged : v_full + st, row, sl.kvh * v_hm,
@@ -448,7 +454,7 @@ flash_fwd_sm90(const __grid_constant__ TmaMap tm_q, const __grid_constant__ TmaM
                 constexpr int ROW_CHUNKS = HEAD_DIM_V * 2 / 16;  // 16-byte pieces of one row, over all column chunks
                 for (int x = lane; x < BLOCK_N * ROW_CHUNKS; x += 32) {
                     const int r = x / ROW_CHUNKS, c = (x % ROW_CHUNKS) / (V_SW / 16), ch = x % (V_SW / 16);
-                    if (r < lo_rows || r >= hi_row || unseen.at(r))
+                    if (r < lo_rows || r >= hi_row || (block_unseen && j0 + r < sl.S && unseen.at(j0 + r)))
                         *reinterpret_cast<uint4*>(sVs + c * BLOCK_N * V_SW + r * V_SW + ch * 16) = make_uint4(0, 0, 0, 0);
                 }
                 fence_proxy_async();

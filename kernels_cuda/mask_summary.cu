@@ -2,14 +2,16 @@
 // tile of block_m query rows x block_n keys of each (batch, head) slice the mask holds; grid (query blocks x
 // n_n key blocks, mask batch x mask heads), the key block innermost):
 //
-//   seen[bh][j] = 1 where some query row of the slice attends key j: the mask attends (bool: nonzero; float:
+//   seen[bh][j] = 1 (rows seen_pitch bytes apart) where some query row of the slice attends key j: the mask attends (bool: nonzero; float:
 //     not -inf, NaN included, as it propagates) and the visibility rule (causal, window) lets the row see it.
 //     Kernels zero the K and V rows of unseen keys before their products, as cusdpa/reference.py does, so
 //     NaN or inf stored at a padded key never meets a probability of 0. The host zeroes `seen`; CTAs only
 //     store ones (two CTAs may store the same byte: the same value).
 //   blocks[bh][m][n] (optional): 0 when no pair of the tile is attended (the Hopper forward skips the key
 //     block), 2 when the mask attends every pair of the tile that the visibility rule shows (a bool mask:
-//     the forward reads none of it), else 1.
+//     the forward reads none of it), else 1; plus 4 where a key of the tile is attended by none of its rows
+//     (the forward's producer then zeroes the V rows of the block's keys that `seen` marks unseen: a
+//     superset of the blocks holding them, known within the tile's own pass).
 //
 // Where the mask's rows broadcast (rows = 1, key padding) one query block covers every row and the
 // visibility rule is left to the kernels, which zero the rows outside the keys the slice sees themselves.
@@ -37,7 +39,7 @@ constexpr int THREADS = 256;
 extern "C" __global__ void __launch_bounds__(THREADS)
 mask_summary(const mask_t* __restrict__ mask, long long m_sb, long long m_sh, long long m_sm, int Hm, int rows,
              int L, int S, int left, int right, int lower_right, int block_m, int block_n, int n_n,
-             signed char* __restrict__ blocks, unsigned char* __restrict__ seen) {
+             signed char* __restrict__ blocks, unsigned char* __restrict__ seen, long long seen_pitch) {
     __shared__ unsigned char col_seen[256];  // block_n <= 256
     const int bh = blockIdx.y, n0 = blockIdx.x % n_n * block_n, m0 = blockIdx.x / n_n * block_m;
     const mask_t* m = mask + (bh / Hm) * m_sb + (bh % Hm) * m_sh;
@@ -57,8 +59,9 @@ mask_summary(const mask_t* __restrict__ mask, long long m_sb, long long m_sh, lo
         if (any) col_seen[c] = 1;
     }
     const bool tile_any = __syncthreads_or(any), tile_hidden = __syncthreads_or(hidden);
-    if (threadIdx.x < block_n && j < S && col_seen[threadIdx.x]) seen[static_cast<long long>(bh) * S + j] = 1;
+    const bool mine = threadIdx.x < block_n && j < S, hole = __syncthreads_or(mine && !col_seen[threadIdx.x]);
+    if (mine && col_seen[threadIdx.x]) seen[bh * seen_pitch + j] = 1;
     if (blocks != nullptr && threadIdx.x == 0)
         blocks[static_cast<long long>(bh) * gridDim.x + blockIdx.x] =
-            !tile_any ? 0 : (ATTN_MASK == 1 && !tile_hidden ? 2 : 1);
+            (!tile_any ? 0 : (ATTN_MASK == 1 && !tile_hidden ? 2 : 1)) | (hole ? 4 : 0);
 }

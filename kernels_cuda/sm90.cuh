@@ -129,30 +129,41 @@ __device__ __forceinline__ void fence_regs(u32 (&d)[N]) {
 // Generic-proxy writes (the producer's zeroed rows) must be ordered before the tensor cores' async-proxy reads.
 __device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
 
-// The keys of a block [j0, end) that the attn_mask lets no query row see, for a producer warp that zeroes
-// their K or V rows before the products (NaN or inf stored at a padded key must not meet a probability of
-// 0). `seen`: a byte per key of the slice (kernels_cuda/mask_summary.cu), nullptr: every key seen; a key is
-// unseen when it is unseen in each of `heads` slices `head_stride` bytes apart (the query heads sharing a K
-// tile in the backward).
+// Keys that the attn_mask lets no query row see, for a producer warp that zeroes their K or V rows before the
+// products (NaN or inf stored at a padded key must not meet a probability of 0). `seen`: a byte per key of
+// the slice (kernels_cuda/mask_summary.cu), its row padded to 16 bytes with ones; nullptr: every key seen.
+// A key is unseen when it is unseen in each of `heads` slices `head_stride` bytes apart (the query heads
+// sharing a K tile in the backward).
 struct UnseenKeys {
     const unsigned char* seen;
     long long head_stride;
-    int heads, j0, end;
-    bool some;
-    __device__ __forceinline__ UnseenKeys(const unsigned char* seen_, long long head_stride_, int heads_, int j0_,
-                                          int end_, int lane)
-        : seen(seen_), head_stride(head_stride_), heads(heads_), j0(j0_), end(end_), some(false) {
-        if (seen == nullptr) return;  // (a constant nullptr: the kernels without a mask keep none of this)
-        bool mine = false;
-        for (int j = j0 + lane; j < end; j += 32) mine |= unseen(j);
-        some = __any_sync(0xffffffffu, mine);
-    }
-    __device__ __forceinline__ bool unseen(int j) const {
+    int heads, S;
+    __device__ __forceinline__ bool at(int j) const {  // key j < S
         for (int h = 0; h < heads; ++h)
             if (seen[j + h * head_stride]) return false;
         return true;
     }
-    __device__ __forceinline__ bool any() const { return some; }
-    // row r of the block (asked where any())
-    __device__ __forceinline__ bool at(int r) const { return some && j0 + r < end && unseen(j0 + r); }
+    // Whether keys [j0, j0 + n) hold one (a warp's vote; lane l reads 16-byte pieces l, l + 32, ...).
+    __device__ __forceinline__ bool any(int j0, int n, int lane) const {
+        if (seen == nullptr) return false;  // (a constant nullptr: the kernels without a mask keep none of this)
+        bool mine = false;
+        for (int x = 16 * lane; x < n && j0 + x < S; x += 16 * 32) mine |= piece_unseen(j0 + x);
+        return __any_sync(0xffffffffu, mine);
+    }
+    // Whether every key of [j0, j0 + n) (< S) is unseen (a warp's vote).
+    __device__ __forceinline__ bool all(int j0, int n, int lane) const {
+        if (seen == nullptr) return false;
+        bool mine = true;
+        for (int j = j0 + lane; j < j0 + n && j < S; j += 32) mine &= at(j);
+        return __all_sync(0xffffffffu, mine);
+    }
+    // A 16-byte piece of keys from j (a multiple of 16) holds an unseen key (bytes past S read the padding).
+    __device__ __forceinline__ bool piece_unseen(int j) const {
+        uint4 all = make_uint4(0, 0, 0, 0);
+        for (int h = 0; h < heads; ++h) {
+            const uint4 x = *reinterpret_cast<const uint4*>(seen + j + h * head_stride);
+            all = make_uint4(all.x | x.x, all.y | x.y, all.z | x.z, all.w | x.w);
+        }
+        return (__vcmpeq4(all.x, 0) | __vcmpeq4(all.y, 0) | __vcmpeq4(all.z, 0) | __vcmpeq4(all.w, 0)) != 0;
+    }
 };

@@ -268,7 +268,7 @@ def test_attn_mask_on_the_hopper_kernels(name, rng):
 def test_mask_summary_kernel_matches_numpy(kind, causal, rng):
     """kernels_cuda/mask_summary.cu against its definition in NumPy: the keys some query row attends (mask and
     visibility; with broadcast rows the mask's row alone) and, per 64 x 48 tile, 0 = nothing attended,
-    2 = every visible pair attended (bool), else 1."""
+    2 = every visible pair attended (bool), else 1, plus 4 where a key of the tile is attended by no row of it."""
     import cupy
 
     from cusdpa import problem
@@ -292,7 +292,9 @@ def test_mask_summary_kernel_matches_numpy(kind, causal, rng):
     i, j = np.arange(rows)[:, None], np.arange(S)[None, :]
     visible = (j <= i + S - L) if causal and rows > 1 else np.ones((rows, S), bool)
     want_seen = (attend & visible).any(-2).reshape(-1, S)
-    assert cupy.asnumpy(seen).astype(bool).tolist() == want_seen.tolist()
+    pitch = seen.shape[1]
+    assert pitch % 16 == 0 and cupy.asnumpy(seen[:, S:]).all()  # the padding reads as seen
+    assert cupy.asnumpy(seen[:, :S]).astype(bool).tolist() == want_seen.tolist()
     bmr = bm if rows > 1 else 1
     n_m, n_n = -(-rows // bmr), -(-S // bn)
     got = cupy.asnumpy(blocks).reshape(-1, n_m, n_n)
@@ -300,9 +302,10 @@ def test_mask_summary_kernel_matches_numpy(kind, causal, rng):
     for x, (m, n) in itertools.product(range(a.shape[0]), itertools.product(range(n_m), range(n_n))):
         tile = (slice(m * bmr, (m + 1) * bmr), slice(n * bn, (n + 1) * bn))
         want = 0 if not a[x][tile].any() else 2 if dtype == "bool" and not h[x][tile].any() else 1
+        want |= 0 if a[x][tile].any(axis=0).all() else 4  # a key no row of the tile attends
         assert got[x, m, n] == want, (x, m, n)
     Bm, Hm = mshape[0], mshape[1]
-    assert (int(sk_b), int(sk_h)) == ((Hm * S if Bm > 1 else 0), (S if Hm > 1 else 0))
+    assert (int(sk_b), int(sk_h)) == ((Hm * pitch if Bm > 1 else 0), (pitch if Hm > 1 else 0))
     assert (int(bs_b), int(bs_h), int(bs_m)) == ((Hm * n_m * n_n if Bm > 1 else 0), (n_m * n_n if Hm > 1 else 0),
                                                   (n_n if rows > 1 else 0))
 

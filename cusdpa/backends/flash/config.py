@@ -27,8 +27,8 @@ class FlashConfig:
     fwd90_stages: int = 2  # K and V buffers of the producer's ring
     fwd90_pingpong: bool = True  # consumer warpgroups take turns issuing their products
     fwd90_schedule: bool = True  # dense tiles dealt by the host's least-loaded schedule (else round-robin)
-    # an attn_mask's block summary (kernels_cuda/mask_summary.cu): key blocks all masked skipped, all visible
-    # read no mask
+    # the attn_mask's block summary (kernels_cuda/mask_summary.cu) used to skip key blocks with nothing
+    # attended and read no mask where every visible pair is attended (off: every block visited and read)
     fwd90_mask_blocks: bool = True
     use_wgmma_bwd: bool = True  # Hopper backward (flash_bwd_sm90.cu) where the device, head dims and options allow
     bwd90_block_m: int = 64  # the Hopper backward's step: queries per step (128 where E, Ev <= 64)

@@ -111,9 +111,15 @@ def layout(pr) -> Layout:
 
 
 def _out_view(pr, lay, x, heads, rows, dim):
-    """(B, H, rows, dim) contiguous view of a dense result (or the packed array itself) and its strides."""
+    """The kernels' view of a dense result or gradient operand and its (b, h, row) strides: ``x`` itself where
+    ``kernel_strides`` serve (a token-major out, as the torch bridge allocates, is written in place), else
+    a (B, H, rows, dim) reshape; a packed array as it is."""
     if pr.varlen is not None:
         return x, [np.int64(0)] + _strides(x, (1, 0))
+    if usable(x):
+        found = kernel_strides(x.shape, [st // x.itemsize for st in x.strides], x.ndim - 3, x.itemsize)
+        if found is not None:
+            return x, found
     v = x.reshape(lay.B, heads, rows, dim)
     return v, _strides(v, (0, 1, 2))
 
@@ -182,23 +188,27 @@ def _mask_operand(pr):
     return m, found
 
 
-def _mask_args(pr, block_m: int = 128, block_n: int = 128, blocks: bool = False) -> tuple:
+def _mask_args(pr, block_m: int = 128, block_n: int = 128, blocks: bool = False, skip: bool = True) -> tuple:
     """The Hopper kernels' mask arguments: the attn_mask and its (b, h, row) element strides, then
-    ``mask_summary``'s (the keys seen; with ``blocks`` the block summary of ``block_m`` x ``block_n`` tiles),
-    or zeros. The backward takes the first seven."""
+    ``mask_summary``'s (the keys seen; with ``blocks`` the forward's block summary of ``block_m`` x ``block_n``
+    tiles, every block marked partial where ``skip`` is off), or zeros. The backward takes the first seven."""
     if pr.mask is None:
         return (np.uint64(0), *(np.int64(0),) * 3, np.uint64(0), *(np.int64(0),) * 2, np.uint64(0),
                 *(np.int64(0),) * 3)
     array, strides = _mask_operand(pr)
-    return (array, *strides, *mask_summary(pr, array, strides, block_m, block_n, blocks))
+    summary = mask_summary(pr, array, strides, block_m, block_n, blocks)
+    if blocks and not skip:  # visit every block and read its mask; keep the marks of blocks with holes
+        summary = (*summary[:3], (summary[3] & 4) | 1, *summary[4:])
+    return (array, *strides, *summary)
 
 
 def mask_summary(pr, mask, strides, block_m: int, block_n: int, blocks: bool = False) -> tuple:
     """The attn_mask operand's summary, made on the GPU in one pass (kernels_cuda/mask_summary.cu): the keys
-    some query row attends (a byte per (mask batch, mask head, key), whose K and V rows the kernels zero
-    otherwise) and, with ``blocks``, the Hopper forward's block summary (int8 per (mask batch, mask head,
+    some query row attends (a byte per (mask batch, mask head, key), rows padded to 16 bytes, whose K and V
+    rows the kernels zero otherwise) and, with ``blocks``, the Hopper forward's block summary (int8 per (mask batch, mask head,
     query block of ``block_m`` rows, key block of ``block_n``): 0 = no pair attended, 2 = every visible pair
-    attended (bool masks), else 1). ``mask``, ``strides``: ``_mask_operand``'s. Returns the kernels'
+    attended (bool masks), else 1; plus 4 where a key of the tile is attended by none of its rows).
+    ``mask``, ``strides``: ``_mask_operand``'s. Returns the kernels'
     arguments: (seen, its b and h strides in elements, then blocks, its b, h and query-block strides, or
     zeros without ``blocks``)."""
     import cupy
@@ -208,16 +218,18 @@ def mask_summary(pr, mask, strides, block_m: int, block_n: int, blocks: bool = F
     rows = pr.L if sm else 1  # broadcast rows: one query block, the visibility rule left to the kernels
     bm = block_m if rows > 1 else 1
     n_m, n_n = -(-rows // bm), -(-pr.S // block_n)
-    seen = cupy.zeros((Bm * Hm, pr.S), dtype=np.uint8)
+    pitch = -(-pr.S // 16) * 16  # rows of 16-byte pieces, the padding "seen" (the kernels read whole pieces)
+    seen = cupy.zeros((Bm * Hm, pitch), dtype=np.uint8)
+    seen[:, pr.S:] = 1
     summary = cupy.empty((Bm * Hm, n_m, n_n), dtype=np.int8) if blocks else None
     fn = sources.kernel(device(pr), "mask_summary.cu", "mask_summary",
                         ("-std=c++17", f"-DATTN_MASK={sources.MASK_CODES[mask_kind(pr)]}"), 0)
     args = (mask, *strides, np.int32(Hm), np.int32(rows), np.int32(pr.L), np.int32(pr.S), *_visibility(pr),
-            np.int32(bm), np.int32(block_n), np.int32(n_n), summary if blocks else np.uint64(0), seen)
+            np.int32(bm), np.int32(block_n), np.int32(n_n), summary if blocks else np.uint64(0), seen, np.int64(pitch))
     if n_n and n_m:
         run((Launch(fn, (n_m * n_n, Bm * Hm), (256,), 0, args),), values(), cupy.cuda.get_current_stream().ptr,
             device(pr))
-    seen_args = (seen, np.int64(Hm * pr.S if Bm > 1 else 0), np.int64(pr.S if Hm > 1 else 0))
+    seen_args = (seen, np.int64(Hm * pitch if Bm > 1 else 0), np.int64(pitch if Hm > 1 else 0))
     if not blocks:
         return (*seen_args, np.uint64(0), np.int64(0), np.int64(0), np.int64(0))
     return (*seen_args, summary, np.int64(Hm * n_m * n_n if Bm > 1 else 0), np.int64(n_m * n_n if Hm > 1 else 0),
@@ -278,7 +290,7 @@ def _sm90_forward_launch(pr, lay, o_strides, cfg, opts, tail) -> Launch:
     schedule = 0 if packed or not cfg.fwd90_schedule else _tile_schedule(pr, dev, BH, num_m, chunk_heads, grid[0], block_m, block_n)
     args = (*(m for m, _, _ in maps), Slot("o"), Slot("lse"), *_common(pr, lay),
             *(x for _, hm, bm in maps for x in (hm, bm)), *o_strides, *tail, np.int32(BH), np.int32(num_m),
-            np.int32(chunk_heads), schedule, *_mask_args(pr, block_m, block_n, cfg.fwd90_mask_blocks))
+            np.int32(chunk_heads), schedule, *_mask_args(pr, block_m, block_n, True, cfg.fwd90_mask_blocks))
     return Launch(fn, grid, (128 * (cfg.fwd90_warpgroups + 1),), smem, args)
 
 
@@ -482,7 +494,8 @@ def forward(pr, out=None, lse=None):
     import cupy
 
     with cupy.cuda.Device(device(pr)):
-        res_out = out if out is not None and out.flags.c_contiguous and usable(out) else \
+        res_out = out if out is not None and (pr.varlen is None or out.flags.c_contiguous) and usable(out) and \
+            kernel_strides(out.shape, [st // out.itemsize for st in out.strides], out.ndim - 3, out.itemsize) else \
             cupy.empty(pr.out_shape, dtype=pr.dtype)
         res_lse = lse if lse is not None and lse.flags.c_contiguous else cupy.empty(pr.lse_shape, dtype=np.float32)
         if res_out.size or res_lse.size:
