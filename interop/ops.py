@@ -154,41 +154,55 @@ def _select(pr: problem.Problem, backends: str, need_grad: bool) -> dispatch.Imp
 _WINDOW = problem.OPTION_NAMES.index("window")  # the one option the ops take as a list (unhashable)
 
 
-def _signature(query, key, value, options: tuple, backends: str) -> tuple:
-    """What decides a dense call's launches: shapes, strides, dtypes, devices, 16-byte alignment, options."""
+def _signature(query, key, value, attn_mask, options: tuple, backends: str) -> tuple:
+    """What decides a dense call's launches: shapes, strides, dtypes, devices, 16-byte alignment, options; an
+    attn_mask's shape, strides, dtype, device and whether its base is a whole number of key pairs."""
     window = options[_WINDOW]
     if window is not None:
         options = options[:_WINDOW] + (tuple(window),) + options[_WINDOW + 1:]
+    mask = None if attn_mask is None else (attn_mask.shape, attn_mask.stride(), attn_mask.dtype,
+                                           attn_mask.get_device(),
+                                           attn_mask.data_ptr() % (2 * attn_mask.element_size()) == 0)
     return ("torch", query.shape, query.stride(), key.shape, key.stride(), value.shape, value.stride(), query.dtype,
             key.dtype, value.dtype, query.get_device(), key.get_device(), value.get_device(),
-            (query.data_ptr() | key.data_ptr() | value.data_ptr()) % 16 == 0, options, backends)
+            (query.data_ptr() | key.data_ptr() | value.data_ptr()) % 16 == 0, mask, options, backends)
 
 
-def _plan(query, key, value, options: tuple, backends: str) -> plans.Plan | None:
-    """The forward plan of a dense call on CUDA tensors without a mask, or None: take the general path. The
-    first call of a signature validates it as the general path would, and raises what it raises."""
+def _plan(query, key, value, attn_mask, options: tuple, backends: str) -> plans.Plan | None:
+    """The forward plan of a dense call on CUDA tensors, or None: take the general path. The first call of a
+    signature validates it as the general path would, and raises what it raises."""
     def make():
-        pr = _problem(query, key, value, options)
+        pr = _problem(query, key, value, attn_mask, options)
         if _select(pr, backends, need_grad=False).backend is not Backend.FLASH:
             return None
         return plans.build(pr, plans.token_major_strides(pr.out_shape), backward=False)
 
-    return plans.lookup(_signature(query, key, value, options, backends), make)
+    return plans.lookup(_signature(query, key, value, attn_mask, options, backends), make)
 
 
-def _backward_plan(query, key, value, options: tuple, backends: str, grad_out, out, lse,
+def _mask_buffers(query, attn_mask, plan: plans.Plan) -> tuple:
+    """The attn_mask's address and the buffers its summary writes (``Plan.seen_bytes``, ``blocks_bytes``),
+    allocated on the caller's stream, as the kernels take them (zeros without a mask)."""
+    if attn_mask is None:
+        return 0, 0, 0
+    seen = query.new_empty(plan.seen_bytes, dtype=torch.uint8)
+    blocks = query.new_empty(max(plan.blocks_bytes, 1), dtype=torch.int8)
+    return attn_mask.data_ptr(), seen.data_ptr(), blocks.data_ptr()
+
+
+def _backward_plan(query, key, value, attn_mask, options: tuple, backends: str, grad_out, out, lse,
                    deterministic: bool) -> plans.Plan | None:
     """The training plan of a dense call for these ``grad_out``, ``out`` and ``lse`` (their layouts are part of
     the signature), or None: take the general path. The forward's own out and lse always qualify; a grad_out
     the kernels cannot read in place (an expanded gradient of ``out.sum()``) gets a plan that copies it into
     out's layout first (``Plan.copies_dout``)."""
-    signature = _signature(query, key, value, options, backends) + (
+    signature = _signature(query, key, value, attn_mask, options, backends) + (
         grad_out.shape, grad_out.stride(), grad_out.dtype, grad_out.get_device(), out.shape, out.stride(), out.dtype,
         out.get_device(), lse.shape, lse.stride(), lse.dtype, lse.get_device(),
         (grad_out.data_ptr() | out.data_ptr() | lse.data_ptr()) % 16 == 0, deterministic)
 
     def make():
-        pr = _problem(query, key, value, options)
+        pr = _problem(query, key, value, attn_mask, options)
         if _select(pr, backends, need_grad=True).backend is not Backend.FLASH:
             return None
         out_strides = plans.token_major_strides(pr.out_shape)
@@ -207,10 +221,10 @@ def _backward_plan(query, key, value, options: tuple, backends: str, grad_out, o
     return plans.lookup(signature, make)
 
 
-def _problem(query, key, value, options) -> problem.Problem:
-    """The validated Problem of a dense call without a mask, on array views of the tensors."""
+def _problem(query, key, value, attn_mask, options) -> problem.Problem:
+    """The validated Problem of a dense call, on array views of the tensors."""
     with bridge.on_stream(query.device):
-        return problem.from_dense(*_arrays(query, key, value), None, arguments.from_op(options), 0)
+        return problem.from_dense(*_arrays(query, key, value, attn_mask), arguments.from_op(options), 0)
 
 
 def _stream(query: Tensor) -> int:
@@ -241,14 +255,14 @@ def _sdpa_fwd(query, key, value, attn_mask, alibi_slopes, *rest):
     (an int64 CPU tensor (1,), or None without dropout) and ``backends`` (comma-separated cusdpa.Backend
     values, tried in that order)."""
     options, seed, backends = rest[:-2], rest[-2], rest[-1]
-    if attn_mask is None and alibi_slopes is None and query.is_cuda:
-        plan = _plan(query, key, value, options, backends)
+    if alibi_slopes is None and query.is_cuda:
+        plan = _plan(query, key, value, attn_mask, options, backends)
         if plan is not None:
             out = query.new_empty_strided(plan.out_shape, plan.out_strides)
             lse = query.new_empty(plan.lse_shape, dtype=torch.float32)
             with _profiled("cusdpa::flash_fwd"):
                 plan.run_forward(_stream(query), query.data_ptr(), key.data_ptr(), value.data_ptr(), out.data_ptr(),
-                                 lse.data_ptr(), seed_of(seed, options[0]))
+                                 lse.data_ptr(), seed_of(seed, options[0]), *_mask_buffers(query, attn_mask, plan))
             return out, lse
     with bridge.on_stream(query.device):
         pr = problem.from_dense(*_arrays(query, key, value, attn_mask), arguments.from_op(options),
@@ -283,8 +297,8 @@ def _sdpa_bwd(grad_out, query, key, value, attn_mask, alibi_slopes, out, lse, *r
     cannot return None); the slopes get no gradient. ``rest``: the option values, seed, backends,
     deterministic."""
     options, seed, backends, deterministic = rest[:-3], rest[-3], rest[-2], rest[-1]
-    if attn_mask is None and alibi_slopes is None and query.is_cuda:
-        plan = _backward_plan(query, key, value, options, backends, grad_out, out, lse, deterministic)
+    if alibi_slopes is None and query.is_cuda:
+        plan = _backward_plan(query, key, value, attn_mask, options, backends, grad_out, out, lse, deterministic)
         if plan is not None:
             if plan.copies_dout:
                 grad_out = torch.empty_like(out).copy_(grad_out)
@@ -295,7 +309,8 @@ def _sdpa_bwd(grad_out, query, key, value, attn_mask, alibi_slopes, out, lse, *r
                 plan.run_backward(_stream(query), query.data_ptr(), key.data_ptr(), value.data_ptr(), out.data_ptr(),
                                   grad_out.data_ptr(), lse.data_ptr(), delta.data_ptr(), dq.data_ptr(),
                                   dk.data_ptr(), dv.data_ptr(), seed_of(seed, options[0]),
-                                  dq_accum.data_ptr() if dq_accum is not None else 0)
+                                  dq_accum.data_ptr() if dq_accum is not None else 0,
+                                  *_mask_buffers(query, attn_mask, plan)[:2])
             return dq, dk, dv, _nothing(query)
     grad_out = grad_out.contiguous()
     with bridge.on_stream(query.device):

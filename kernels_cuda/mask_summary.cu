@@ -5,11 +5,11 @@
 //   seen[bh][j] = 1 (rows seen_pitch bytes apart) where some query row of the slice attends key j: the mask attends (bool: nonzero; float:
 //     not -inf, NaN included, as it propagates) and the visibility rule (causal, window) lets the row see it.
 //     Kernels zero the K and V rows of unseen keys before their products, as cusdpa/reference.py does, so
-//     NaN or inf stored at a padded key never meets a probability of 0. The host zeroes `seen`; CTAs only
-//     store ones (two CTAs may store the same byte: the same value).
+//     NaN or inf stored at a padded key never meets a probability of 0. mask_seen_init zeroes `seen` first;
+//     CTAs only store ones (two CTAs may store the same byte: the same value).
 //   blocks[bh][m][n] (optional): 0 when no pair of the tile is attended (the Hopper forward skips the key
 //     block), 2 when the mask attends every pair of the tile that the visibility rule shows (a bool mask:
-//     the forward reads none of it), else 1; plus 4 where a key of the tile is attended by none of its rows
+//     the forward reads none of it), else 1 (always 1 where `skip` is 0: every block visited and read); plus 4 where a key of the tile is attended by none of its rows
 //     (the forward's producer then zeroes the V rows of the block's keys that `seen` marks unseen: a
 //     superset of the blocks holding them, known within the tile's own pass).
 //
@@ -39,7 +39,7 @@ constexpr int THREADS = 256;
 extern "C" __global__ void __launch_bounds__(THREADS)
 mask_summary(const mask_t* __restrict__ mask, long long m_sb, long long m_sh, long long m_sm, int Hm, int rows,
              int L, int S, int left, int right, int lower_right, int block_m, int block_n, int n_n,
-             signed char* __restrict__ blocks, unsigned char* __restrict__ seen, long long seen_pitch) {
+             signed char* __restrict__ blocks, unsigned char* __restrict__ seen, long long seen_pitch, int skip) {
     __shared__ unsigned char col_seen[256];  // block_n <= 256
     const int bh = blockIdx.y, n0 = blockIdx.x % n_n * block_n, m0 = blockIdx.x / n_n * block_m;
     const mask_t* m = mask + (bh / Hm) * m_sb + (bh % Hm) * m_sh;
@@ -63,5 +63,12 @@ mask_summary(const mask_t* __restrict__ mask, long long m_sb, long long m_sh, lo
     if (mine && col_seen[threadIdx.x]) seen[bh * seen_pitch + j] = 1;
     if (blocks != nullptr && threadIdx.x == 0)
         blocks[static_cast<long long>(bh) * gridDim.x + blockIdx.x] =
-            (!tile_any ? 0 : (ATTN_MASK == 1 && !tile_hidden ? 2 : 1)) | (hole ? 4 : 0);
+            (!skip ? 1 : !tile_any ? 0 : (ATTN_MASK == 1 && !tile_hidden ? 2 : 1)) | (hole ? 4 : 0);
+}
+
+// `seen` before mask_summary: 0 for keys [0, S) of each row of `pitch` bytes, 1 for the padding after them.
+extern "C" __global__ void __launch_bounds__(THREADS)
+mask_seen_init(unsigned char* __restrict__ seen, long long bytes, long long pitch, int S) {
+    const long long x = static_cast<long long>(blockIdx.x) * THREADS + threadIdx.x;
+    if (x < bytes) seen[x] = x % pitch < S ? 0 : 1;
 }

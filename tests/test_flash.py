@@ -286,8 +286,18 @@ def test_mask_summary_kernel_matches_numpy(kind, causal, rng):
         attend = attend | np.isnan(mask.astype(np.float32))
     q, k, v = (cupy.asarray(rng.standard_normal((B, H, n, 64)), dtype=cupy.float16) for n in (L, S, S))
     pr = problem.from_dense(q, k, v, cupy.asarray(mask), problem.Options(is_causal=causal, causal_variant="lower_right"))
-    array, strides = launches._mask_operand(pr)
-    seen, sk_b, sk_h, blocks, bs_b, bs_h, bs_m = launches.mask_summary(pr, array, strides, bm, bn, blocks=True)
+    array, strides = launches.mask_operand(pr)
+    summary = launches.MaskSummary.of(pr, strides, bm, bn)
+
+    def run(skip):
+        slots = launches.mask_values(pr, array, summary)
+        launches.run(summary.launches(pr, blocks=True, skip=skip), launches.values(**slots),
+                     cupy.cuda.get_current_stream().ptr, launches.device(pr))
+        return slots["seen"].reshape(summary.batches, summary.pitch), slots["blocks"][:summary.blocks_bytes(S)]
+
+    seen, blocks = run(skip=True)
+    _, sk_b, sk_h = summary.seen_args()
+    _, bs_b, bs_h, bs_m = summary.block_args(S)
     rows = attend.shape[-2]
     i, j = np.arange(rows)[:, None], np.arange(S)[None, :]
     visible = (j <= i + S - L) if causal and rows > 1 else np.ones((rows, S), bool)
@@ -298,12 +308,14 @@ def test_mask_summary_kernel_matches_numpy(kind, causal, rng):
     bmr = bm if rows > 1 else 1
     n_m, n_n = -(-rows // bmr), -(-S // bn)
     got = cupy.asnumpy(blocks).reshape(-1, n_m, n_n)
+    every = cupy.asnumpy(run(skip=False)[1]).reshape(-1, n_m, n_n)
     a, h = (attend & visible).reshape(-1, rows, S), (visible & ~attend).reshape(-1, rows, S)
     for x, (m, n) in itertools.product(range(a.shape[0]), itertools.product(range(n_m), range(n_n))):
         tile = (slice(m * bmr, (m + 1) * bmr), slice(n * bn, (n + 1) * bn))
         want = 0 if not a[x][tile].any() else 2 if dtype == "bool" and not h[x][tile].any() else 1
         want |= 0 if a[x][tile].any(axis=0).all() else 4  # a key no row of the tile attends
         assert got[x, m, n] == want, (x, m, n)
+        assert every[x, m, n] == want & 4 | 1, (x, m, n)  # skip off: every block read, its holes kept
     Bm, Hm = mshape[0], mshape[1]
     assert (int(sk_b), int(sk_h)) == ((Hm * pitch if Bm > 1 else 0), (pitch if Hm > 1 else 0))
     assert (int(bs_b), int(bs_h), int(bs_m)) == ((Hm * n_m * n_n if Bm > 1 else 0), (n_m * n_n if Hm > 1 else 0),

@@ -165,9 +165,16 @@ def test_opcheck_passes_for_every_op(rng):
 
 def test_plan_signatures_are_hashable_and_tell_every_option_apart():
     q = torch.zeros(1, 2, 8, 16)
-    signatures = {ops._signature(q, q, q, arguments.options(0.0, True, None, False, "upper_left", window, cap), "math")
+    signatures = {ops._signature(q, q, q, None, arguments.options(0.0, True, None, False, "upper_left", window, cap),
+                                 "math")
                   for window in (None, [4, 0], (4, 0)) for cap in (0.0, 2.0)}
     assert len(signatures) == 4  # a list window and a tuple window are one signature
+    # a mask's layout is part of it (its contents are not: each call's mask is summarised afresh)
+    options = arguments.options(0.0, False, None, False, "upper_left", None, 0.0)
+    keep = torch.ones(1, 1, 8, 8, dtype=torch.bool)
+    masks = (keep, ~keep, keep.expand(1, 2, 8, 8), keep.float(), torch.ones(1, 1, 8, 9, dtype=torch.bool)[..., 1:])
+    masked = [ops._signature(q, q, q, m, options, "math") for m in masks]
+    assert masked[0] == masked[1] and len(set(masked[1:])) == 4 and hash(masked[0])
 
 
 class TinyBlock(nn.Module):

@@ -55,6 +55,24 @@ def test_masks_match_pytorch(rng, dtype, kind):
     assert not failures, "\n".join(failures)
 
 
+@pytest.mark.parametrize("shape", [(2, 1, 1, 96), (2, 1, 80, 96)])
+def test_masked_calls_take_a_plan_and_summarise_each_mask(rng, shape):
+    """A mask the kernels read in place (rows of whole key pairs) gives its calls a plan, one per signature,
+    whose launches summarise each call's mask afresh: two masks of one signature in turn, values and
+    gradients each against the harness."""
+    from cusdpa.backends.flash import plans
+
+    q = randn(rng, 2, 4, 80, 64, dtype=torch.bfloat16)
+    k, v = (randn(rng, 2, 4, 96, 64, dtype=torch.bfloat16) for _ in range(2))
+    for padding in (0, 40):
+        keep = torch.rand(shape, device="cuda") < 0.7
+        keep[..., 0] = True  # PyTorch gives NaN on a row with no visible key
+        keep[0, ..., 96 - padding:] = False  # the second mask: padded keys, some key blocks empty
+        failures = harness.run_torch(interop.scaled_dot_product_attention, q, k, v, keep, rng=rng)
+        assert not failures, "\n".join(failures)
+    assert any(plan is not None and plan.seen_bytes for plan in plans._plans.values())
+
+
 def test_dropout_on_cuda_replays_the_reference_mask(rng):
     q, k, v = (randn(rng, 2, 4, 65, 32) for _ in range(3))
     torch.manual_seed(9)

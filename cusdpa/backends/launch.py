@@ -18,7 +18,8 @@ from typing import NamedTuple
 import numpy as np
 
 # Every slot name any kernel takes, in the order of the value tuples.
-SLOTS = ("q", "k", "v", "o", "lse", "do", "delta", "dq", "dk", "dv", "seed_lo", "seed_hi", "offset", "dq_accum")
+SLOTS = ("q", "k", "v", "o", "lse", "do", "delta", "dq", "dk", "dv", "seed_lo", "seed_hi", "offset", "dq_accum",
+         "mask", "seen", "blocks")
 _POSITION = {name: n for n, name in enumerate(SLOTS)}
 
 

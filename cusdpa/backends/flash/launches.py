@@ -156,7 +156,7 @@ def mask_kind(pr) -> str | None:
     return "bool" if pr.mask_kind == "bool" else np.dtype(pr.mask.dtype).name
 
 
-def _mask_operand(pr):
+def mask_operand(pr):
     """(array, [b, h, row] element strides) of the attn_mask as the Hopper forward reads it: the caller's
     array in place, its broadcast dims at stride 0 (never expanded), keys contiguous, and every stride and
     the base a multiple of two elements (a thread reads its keys in pairs). Otherwise a copy whose rows
@@ -188,52 +188,80 @@ def _mask_operand(pr):
     return m, found
 
 
-def _mask_args(pr, block_m: int = 128, block_n: int = 128, blocks: bool = False, skip: bool = True) -> tuple:
-    """The Hopper kernels' mask arguments: the attn_mask and its (b, h, row) element strides, then
-    ``mask_summary``'s (the keys seen; with ``blocks`` the forward's block summary of ``block_m`` x ``block_n``
-    tiles, every block marked partial where ``skip`` is off), or zeros. The backward takes the first seven."""
-    if pr.mask is None:
-        return (np.uint64(0), *(np.int64(0),) * 3, np.uint64(0), *(np.int64(0),) * 2, np.uint64(0),
-                *(np.int64(0),) * 3)
-    array, strides = _mask_operand(pr)
-    summary = mask_summary(pr, array, strides, block_m, block_n, blocks)
-    if blocks and not skip:  # visit every block and read its mask; keep the marks of blocks with holes
-        summary = (*summary[:3], (summary[3] & 4) | 1, *summary[4:])
-    return (array, *strides, *summary)
+@dataclass(frozen=True)
+class MaskSummary:
+    """How the Hopper kernels read an attn_mask whose operand (``mask_operand``) has element strides
+    ``strides``: one pass over it on the GPU (kernels_cuda/mask_summary.cu) writes the keys some query row
+    attends (a byte per (mask batch, mask head, key), rows of ``pitch`` bytes, the padding marked seen: the
+    kernels zero the K and V rows of the others) and the forward's block summary (int8 per (mask batch, mask
+    head, query block of ``block_m`` rows, key block of ``block_n``): 0 = nothing attended, 2 = every visible
+    pair attended (bool masks), else 1, plus 4 where a key of the tile is attended by none of its rows).
+    The launches take slots mask, seen and blocks, buffers of ``seen_bytes`` and ``blocks_bytes`` the caller
+    allocates."""
+
+    strides: tuple
+    batches: int  # mask batch x mask heads it holds
+    heads: int
+    rows: int  # the mask's rows: 1 where they broadcast (one query block; visibility left to the kernels)
+    block_m: int
+    block_n: int
+    pitch: int
+
+    @staticmethod
+    def of(pr, strides, block_m: int, block_n: int) -> "MaskSummary":
+        sb, sh, sm = (int(x) for x in strides)
+        heads = pr.hq if sh else 1
+        rows = pr.L if sm else 1
+        return MaskSummary(tuple(strides), (math.prod(pr.batch_shape) if sb else 1) * heads, heads, rows,
+                           block_m if rows > 1 else 1, block_n, -(-pr.S // 16) * 16)
+
+    @property
+    def seen_bytes(self) -> int:
+        return self.batches * self.pitch
+
+    def blocks_bytes(self, S: int) -> int:
+        return self.batches * -(-self.rows // self.block_m) * -(-S // self.block_n)
+
+    def launches(self, pr, blocks: bool, skip: bool = True) -> list:
+        """The seen buffer's initialisation and the summary pass (with ``blocks``: the block summary too, every
+        block marked partial where ``skip`` is off, its holes kept)."""
+        opts = ("-std=c++17", f"-DATTN_MASK={sources.MASK_CODES[mask_kind(pr)]}")
+        init = sources.kernel(device(pr), "mask_summary.cu", "mask_seen_init", opts, 0)
+        fn = sources.kernel(device(pr), "mask_summary.cu", "mask_summary", opts, 0)
+        out = [Launch(init, (-(-self.seen_bytes // 256), 1), (256,), 0,
+                      (Slot("seen"), np.int64(self.seen_bytes), np.int64(self.pitch), np.int32(pr.S)))]
+        n_m, n_n = -(-self.rows // self.block_m), -(-pr.S // self.block_n)
+        if n_m and n_n:
+            out.append(Launch(fn, (n_m * n_n, self.batches), (256,), 0,
+                              (Slot("mask"), *self.strides, np.int32(self.heads), np.int32(self.rows), np.int32(pr.L),
+                               np.int32(pr.S), *_visibility(pr), np.int32(self.block_m), np.int32(self.block_n),
+                               np.int32(n_n), Slot("blocks") if blocks else np.uint64(0), Slot("seen"),
+                               np.int64(self.pitch), np.int32(skip))))
+        return out
+
+    def seen_args(self) -> tuple:
+        """The kernels' arguments for the seen keys: the slot, its (b, h) strides in bytes."""
+        several = self.batches > self.heads
+        return (Slot("seen"), np.int64(self.heads * self.pitch if several else 0),
+                np.int64(self.pitch if self.heads > 1 else 0))
+
+    def block_args(self, S: int) -> tuple:
+        """The Hopper forward's arguments for the block summary: the slot, its (b, h, query block) strides."""
+        n_m, n_n = -(-self.rows // self.block_m), -(-S // self.block_n)
+        several = self.batches > self.heads
+        return (Slot("blocks"), np.int64(self.heads * n_m * n_n if several else 0),
+                np.int64(n_m * n_n if self.heads > 1 else 0), np.int64(n_n if self.rows > 1 else 0))
 
 
-def mask_summary(pr, mask, strides, block_m: int, block_n: int, blocks: bool = False) -> tuple:
-    """The attn_mask operand's summary, made on the GPU in one pass (kernels_cuda/mask_summary.cu): the keys
-    some query row attends (a byte per (mask batch, mask head, key), rows padded to 16 bytes, whose K and V
-    rows the kernels zero otherwise) and, with ``blocks``, the Hopper forward's block summary (int8 per (mask batch, mask head,
-    query block of ``block_m`` rows, key block of ``block_n``): 0 = no pair attended, 2 = every visible pair
-    attended (bool masks), else 1; plus 4 where a key of the tile is attended by none of its rows).
-    ``mask``, ``strides``: ``_mask_operand``'s. Returns the kernels'
-    arguments: (seen, its b and h strides in elements, then blocks, its b, h and query-block strides, or
-    zeros without ``blocks``)."""
+NO_MASK = (np.uint64(0), *(np.int64(0),) * 3, np.uint64(0), *(np.int64(0),) * 2, np.uint64(0), *(np.int64(0),) * 3)
+
+
+def mask_values(pr, operand, summary: MaskSummary) -> dict:
+    """The slot values of a masked call's launches: the mask operand and fresh seen and blocks buffers."""
     import cupy
 
-    sb, sh, sm = (int(x) for x in strides)
-    Bm, Hm = (math.prod(pr.batch_shape) if sb else 1), (pr.hq if sh else 1)
-    rows = pr.L if sm else 1  # broadcast rows: one query block, the visibility rule left to the kernels
-    bm = block_m if rows > 1 else 1
-    n_m, n_n = -(-rows // bm), -(-pr.S // block_n)
-    pitch = -(-pr.S // 16) * 16  # rows of 16-byte pieces, the padding "seen" (the kernels read whole pieces)
-    seen = cupy.zeros((Bm * Hm, pitch), dtype=np.uint8)
-    seen[:, pr.S:] = 1
-    summary = cupy.empty((Bm * Hm, n_m, n_n), dtype=np.int8) if blocks else None
-    fn = sources.kernel(device(pr), "mask_summary.cu", "mask_summary",
-                        ("-std=c++17", f"-DATTN_MASK={sources.MASK_CODES[mask_kind(pr)]}"), 0)
-    args = (mask, *strides, np.int32(Hm), np.int32(rows), np.int32(pr.L), np.int32(pr.S), *_visibility(pr),
-            np.int32(bm), np.int32(block_n), np.int32(n_n), summary if blocks else np.uint64(0), seen, np.int64(pitch))
-    if n_n and n_m:
-        run((Launch(fn, (n_m * n_n, Bm * Hm), (256,), 0, args),), values(), cupy.cuda.get_current_stream().ptr,
-            device(pr))
-    seen_args = (seen, np.int64(Hm * pitch if Bm > 1 else 0), np.int64(pitch if Hm > 1 else 0))
-    if not blocks:
-        return (*seen_args, np.uint64(0), np.int64(0), np.int64(0), np.int64(0))
-    return (*seen_args, summary, np.int64(Hm * n_m * n_n if Bm > 1 else 0), np.int64(n_m * n_n if Hm > 1 else 0),
-            np.int64(n_n if rows > 1 else 0))
+    return {"mask": operand, "seen": cupy.empty(summary.seen_bytes, dtype=np.uint8),
+            "blocks": cupy.empty(max(summary.blocks_bytes(pr.S), 1), dtype=np.int8)}
 
 
 def device(pr) -> int:
@@ -242,17 +270,35 @@ def device(pr) -> int:
 
 # ---- launches -----------------------------------------------------------------------------------------
 
-def forward_launch(pr, lay, o_strides) -> Launch | None:
-    """The forward kernel of ``pr`` with slots q, k, v, o, lse and the seed; None when there is nothing to do."""
+def forward_mask(pr, strides) -> MaskSummary:
+    """The forward's MaskSummary of an attn_mask operand with element strides ``strides``: the Hopper
+    forward's tiles."""
+    cfg = config(pr)
+    return MaskSummary.of(pr, strides, 64 * cfg.fwd90_warpgroups, cfg.fwd90_block_n)
+
+
+def backward_mask(pr, strides) -> MaskSummary:
+    """The backward's MaskSummary (the seen keys only: any tiles do)."""
+    return MaskSummary.of(pr, strides, 128, 128)
+
+
+def forward_launches(pr, lay, o_strides, mask_strides=None) -> list[Launch]:
+    """The forward's launches of ``pr``: slots q, k, v, o, lse, the seed and, with an attn_mask (whose
+    operand has element strides ``mask_strides``), mask, seen and blocks, the mask's summary first (buffer
+    sizes: ``forward_mask``); none when there is nothing to do."""
     if lay.B * pr.hq == 0 or pr.L == 0:
-        return None
+        return []
     cfg, dev = config(pr), device(pr)
     opts = sources.compile_options(pr.dtype_name, pr.E, pr.Ev, pr.dropout_p > 0, cfg)
     tail = (*_lse_strides(pr), np.float32(pr.scale * math.log2(math.e)), *_visibility(pr), *_dropout(pr))
     if sm90_forward_applies(pr.E, pr.Ev, sources.compute_capability(dev), cfg):
-        if pr.mask is not None:
-            opts = sources.compile_options(pr.dtype_name, pr.E, pr.Ev, pr.dropout_p > 0, cfg, mask=mask_kind(pr))
-        return _sm90_forward_launch(pr, lay, o_strides, cfg, opts, tail)
+        if pr.mask is None:
+            return [_sm90_forward_launch(pr, lay, o_strides, cfg, opts, tail, NO_MASK)]
+        opts = sources.compile_options(pr.dtype_name, pr.E, pr.Ev, pr.dropout_p > 0, cfg, mask=mask_kind(pr))
+        summary = forward_mask(pr, mask_strides)
+        mask = (Slot("mask"), *mask_strides, *summary.seen_args(), *summary.block_args(pr.S))
+        return [*summary.launches(pr, blocks=True, skip=cfg.fwd90_mask_blocks),
+                _sm90_forward_launch(pr, lay, o_strides, cfg, opts, tail, mask)]
     if pr.mask is not None:  # environment_reasons keeps dispatch away; a direct call must not drop the mask
         raise NotImplementedError("FLASH reads an attn_mask on the Hopper kernels only")
     smem, block_m, threads = smem_bytes("fwd", cfg, pr.E, pr.Ev), cfg.fwd_block_m, cfg.fwd_warps * 32
@@ -260,15 +306,15 @@ def forward_launch(pr, lay, o_strides) -> Launch | None:
     grid = ((pr.L + block_m - 1) // block_m, lay.B * pr.hq)
     args = (Slot("q"), Slot("k"), Slot("v"), Slot("o"), Slot("lse"), *_common(pr, lay), *lay.strides["q"],
             *lay.strides["k"], *lay.strides["v"], *o_strides, *tail)
-    return Launch(fn, grid, (threads,), smem, args)
+    return [Launch(fn, grid, (threads,), smem, args)]
 
 
 L2_SHARE = 24 << 20  # bytes of K and V that the heads of one tile chunk keep in L2 (half the H200's 50 MB)
 
 
-def _sm90_forward_launch(pr, lay, o_strides, cfg, opts, tail) -> Launch:
+def _sm90_forward_launch(pr, lay, o_strides, cfg, opts, tail, mask) -> Launch:
     """The persistent Hopper forward: TMA maps of q, k and v, one CTA per SM over the (head, query block)
-    tiles (see kernels_cuda/flash_fwd_sm90.cu)."""
+    tiles (see kernels_cuda/flash_fwd_sm90.cu); ``mask``: its attn_mask arguments (NO_MASK: none)."""
     dev = device(pr)
     smem = smem_bytes("fwd_sm90", cfg, pr.E, pr.Ev)
     block_m, block_n = 64 * cfg.fwd90_warpgroups, cfg.fwd90_block_n
@@ -290,7 +336,7 @@ def _sm90_forward_launch(pr, lay, o_strides, cfg, opts, tail) -> Launch:
     schedule = 0 if packed or not cfg.fwd90_schedule else _tile_schedule(pr, dev, BH, num_m, chunk_heads, grid[0], block_m, block_n)
     args = (*(m for m, _, _ in maps), Slot("o"), Slot("lse"), *_common(pr, lay),
             *(x for _, hm, bm in maps for x in (hm, bm)), *o_strides, *tail, np.int32(BH), np.int32(num_m),
-            np.int32(chunk_heads), schedule, *_mask_args(pr, block_m, block_n, True, cfg.fwd90_mask_blocks))
+            np.int32(chunk_heads), schedule, *mask)
     return Launch(fn, grid, (128 * (cfg.fwd90_warpgroups + 1),), smem, args)
 
 
@@ -378,10 +424,11 @@ def dq_accum_elements(pr, deterministic: bool) -> int:
     return _dq_copies(pr, deterministic) * (blocks * cfg.bwd90_block_m * pr.E + (blocks if deterministic else 0))
 
 
-def backward_launches(pr, lay, strides, deterministic: bool = False) -> list[Launch]:
+def backward_launches(pr, lay, strides, deterministic: bool = False, mask_strides=None) -> list[Launch]:
     """The backward kernels of ``pr`` in launch order, with slots q, k, v, o, do, lse, delta, dq, dk, dv,
-    dq_accum (where ``dq_accum_elements``) and the seed; ``strides`` holds the (b, h, row) strides of o,
-    do, dq, dk and dv."""
+    dq_accum (where ``dq_accum_elements``), the seed and, with an attn_mask (whose operand has element
+    strides ``mask_strides``), mask and seen (buffer size: ``backward_mask``); ``strides`` holds the (b, h,
+    row) strides of o, do, dq, dk and dv."""
     if lay.B * pr.hq == 0:
         return []
     cfg, dev = config(pr), device(pr)
@@ -410,7 +457,12 @@ def backward_launches(pr, lay, strides, deterministic: bool = False) -> list[Lau
                                (Slot("o"), Slot("do"), Slot("delta"), *accum[:2], *_common(pr, lay)[:5], *strides["o"],
                                 *strides["do"], *accum[2:], *_lse_strides(pr), *vis, np.int32(rows))))
     if hopper:
-        tail = (scale, scale_log2, *vis, *drop, *_mask_args(pr)[:7])
+        mask = NO_MASK[:7]
+        if pr.mask is not None:
+            summary = backward_mask(pr, mask_strides)
+            mask = (Slot("mask"), *mask_strides, *summary.seen_args())
+            launches[:0] = summary.launches(pr, blocks=False)
+        tail = (scale, scale_log2, *vis, *drop, *mask)
         if pr.S:
             main = sources.compile_options(pr.dtype_name, pr.E, pr.Ev, pr.dropout_p > 0, cfg, mask=mask_kind(pr))
             launches.append(_sm90_backward_launch(pr, lay, strides, cfg, main, tail, accum, deterministic))
@@ -501,10 +553,12 @@ def forward(pr, out=None, lse=None):
         if res_out.size or res_lse.size:
             lay = layout(pr)
             o_view, o_strides = _out_view(pr, lay, res_out, pr.hq, pr.L, pr.Ev)
-            fwd = forward_launch(pr, lay, o_strides)
-            if fwd is not None:
-                run((fwd,), values(q=lay.q, k=lay.k, v=lay.v, o=o_view, lse=res_lse, **seed_values(pr.seed, pr.offset)),
-                    cupy.cuda.get_current_stream().ptr, device(pr))
+            mask = mask_operand(pr) if pr.mask is not None else None
+            fwd = forward_launches(pr, lay, o_strides, mask and mask[1])
+            if fwd:
+                extra = mask_values(pr, mask[0], forward_mask(pr, mask[1])) if mask else {}
+                run(fwd, values(q=lay.q, k=lay.k, v=lay.v, o=o_view, lse=res_lse, **seed_values(pr.seed, pr.offset),
+                                **extra), cupy.cuda.get_current_stream().ptr, device(pr))
         for dst, src in ((out, res_out), (lse, res_lse)):
             if dst is not None and dst is not src:
                 cupy.copyto(dst, src)
@@ -565,9 +619,12 @@ def _run_backward(pr, out, lse, dout, dq, dk, dv, deterministic):
     if accum is not None:
         views["dq_accum"] = accum
     lse_c = cupy.ascontiguousarray(lse)
+    mask = mask_operand(pr) if pr.mask is not None else None
+    extra = mask_values(pr, mask[0], backward_mask(pr, mask[1])) if mask else {}
     slots = values(q=lay.q, k=lay.k, v=lay.v, lse=lse_c, delta=cupy.empty_like(lse_c), **views,
-                   **seed_values(pr.seed, pr.offset))
-    run(backward_launches(pr, lay, strides, deterministic), slots, cupy.cuda.get_current_stream().ptr, device(pr))
+                   **seed_values(pr.seed, pr.offset), **extra)
+    run(backward_launches(pr, lay, strides, deterministic, mask and mask[1]), slots,
+        cupy.cuda.get_current_stream().ptr, device(pr))
 
 
 def environment_reasons(pr) -> list[str]:

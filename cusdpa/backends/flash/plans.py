@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..launch import Launch, run
+from ..launch import run
 from . import launches
 
 MAX_PLANS = 1024  # distinct signatures kept; past that the cache starts over
@@ -61,32 +61,43 @@ class Plan:
     out_shape: tuple
     out_strides: tuple
     lse_shape: tuple
-    forward: Launch | None
+    forward: tuple
     backward: tuple
     copies_dout: bool = False  # dout is read in out's layout: the caller copies it there first
     dq_accum_elements: int = 0  # the backward's workspace
+    # with an attn_mask (read in place, its address passed per call): the bytes of the buffers its summary
+    # writes (the seen keys, the forward's block summary) that the caller allocates per call
+    seen_bytes: int = 0
+    blocks_bytes: int = 0
 
-    def run_forward(self, stream: int, q: int, k: int, v: int, o: int, lse: int, seed: int) -> None:
-        if self.forward is not None:  # the value tuple in launch.SLOTS order
-            run((self.forward,),
-                (q, k, v, o, lse, None, None, None, None, None, seed & 0xFFFFFFFF, seed >> 32, 0, None), stream,
-                self.device)
+    def run_forward(self, stream: int, q: int, k: int, v: int, o: int, lse: int, seed: int, mask: int = 0,
+                    seen: int = 0, blocks: int = 0) -> None:
+        if self.forward:  # the value tuple in launch.SLOTS order
+            run(self.forward, (q, k, v, o, lse, None, None, None, None, None, seed & 0xFFFFFFFF, seed >> 32, 0, None,
+                               mask, seen, blocks), stream, self.device)
 
     def run_backward(self, stream: int, q: int, k: int, v: int, o: int, do: int, lse: int, delta: int, dq: int,
-                     dk: int, dv: int, seed: int, dq_accum: int = 0) -> None:
-        run(self.backward, (q, k, v, o, lse, do, delta, dq, dk, dv, seed & 0xFFFFFFFF, seed >> 32, 0, dq_accum),
-            stream, self.device)
+                     dk: int, dv: int, seed: int, dq_accum: int = 0, mask: int = 0, seen: int = 0) -> None:
+        run(self.backward, (q, k, v, o, lse, do, delta, dq, dk, dv, seed & 0xFFFFFFFF, seed >> 32, 0, dq_accum,
+                            mask, seen, None), stream, self.device)
 
 
 def build(pr, out_strides: tuple, backward: bool, dout_strides: tuple | None = None,
           deterministic: bool = False) -> Plan | None:
-    """The Plan of a validated dense problem whose q, k and v the kernels read in place with every batch
-    dim present (no broadcast to sum gradients over), its output laid out with ``out_strides`` and the
+    """The Plan of a validated dense problem whose q, k, v (and attn_mask) the kernels read in place with every
+    batch dim present (no broadcast to sum gradients over), its output laid out with ``out_strides`` and the
     backward's dout with ``dout_strides`` (default: as out); None for anything else. Without ``backward``
     the backward kernels are neither compiled nor planned; ``deterministic`` backward kernels sum in a
     fixed order."""
-    if pr.varlen is not None or pr.mask is not None or pr.offset:
+    if pr.varlen is not None or pr.offset:
         return None
+    mask_strides, seen_bytes, blocks_bytes = None, 0, 0
+    if pr.mask is not None:  # read in place (its address is the caller's per call), or no plan
+        operand, mask_strides = launches.mask_operand(pr)
+        if operand.data.ptr != pr.mask.data.ptr:
+            return None
+        summary = launches.forward_mask(pr, mask_strides)
+        seen_bytes, blocks_bytes = summary.seen_bytes, summary.blocks_bytes(pr.S)
     q, k, v = pr.q, pr.k, pr.v
     if not (q.ndim == k.ndim == v.ndim >= 3 and q.shape[:-3] == k.shape[:-3] == v.shape[:-3] == pr.batch_shape):
         return None
@@ -106,11 +117,13 @@ def build(pr, out_strides: tuple, backward: bool, dout_strides: tuple | None = N
         return None
     strides = {"o": o, "do": do, "dq": contiguous(pr.hq, pr.L, pr.E), "dk": contiguous(pr.hkv, pr.S, pr.E),
                "dv": contiguous(pr.hkv, pr.S, pr.Ev)}
-    backward_launches = tuple(launches.backward_launches(pr, lay, strides, deterministic)) if backward else ()
+    backward_launches = tuple(launches.backward_launches(pr, lay, strides, deterministic, mask_strides)) \
+        if backward else ()
     return Plan(launches.device(pr), pr.out_shape, tuple(out_strides), pr.lse_shape,
-                launches.forward_launch(pr, lay, strides["o"]), backward_launches,
+                tuple(launches.forward_launches(pr, lay, strides["o"], mask_strides)), backward_launches,
                 copies_dout=backward and dout_strides is None,
-                dq_accum_elements=launches.dq_accum_elements(pr, deterministic) if backward else 0)
+                dq_accum_elements=launches.dq_accum_elements(pr, deterministic) if backward else 0,
+                seen_bytes=seen_bytes, blocks_bytes=blocks_bytes)
 
 
 def lookup(signature: tuple, make) -> Plan | None:
