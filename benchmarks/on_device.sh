@@ -20,7 +20,8 @@
 # overhead, hf (Hugging Face models, "cusdpa" against "sdpa"), bench (every provider),
 # bench-flash (cusdpa FLASH against PyTorch's FLASH and cuDNN only), bench-module (the tutorial module: parts b
 # and c), train (bf16 autocast), train-fp32, train-compiled (bf16, torch.compile), decode (greedy generation
-# through the KV cache against PyTorch's SDPA over a static cache), masks (the masks issue's shapes;
+# through the KV cache against PyTorch's SDPA over a static cache; decode-attn: the attention call alone against
+# PyTorch and the KV-read floor), masks (the masks issue's shapes;
 # masks-no-blocks: with the mask's block summary off),
 # ring-scaling (ring attention over 1, 2, 4, 8 of the machine's GPUs, 128k and 256k tokens per GPU).
 set -uo pipefail
@@ -69,6 +70,7 @@ command_of() {  # the command of stage $1, into the array cmd
     train-fp32) cmd=(python3 examples/train_gpt.py --device cuda --fp32) ;;
     train-compiled) cmd=(python3 examples/train_gpt.py --device cuda --compile) ;;
     decode) cmd=(python3 examples/decode_gpt.py --device cuda) ;;
+    decode-attn) cmd=(python3 benchmarks/decode.py) ;;
     masks) cmd=(python3 benchmarks/masks.py --backward) ;;
     masks-no-blocks) cmd=(python3 benchmarks/masks.py --backward --no-mask-blocks) ;;
     ring-scaling) cmd=(bash -c 'n=$(nvidia-smi -L | wc -l); w="1"; for x in 2 4 8; do [ $x -le $n ] && w="$w $x"; done

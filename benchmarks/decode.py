@@ -1,0 +1,73 @@
+"""Decode attention alone: one query token per sequence against a full KV cache, cusdpa's
+``interop.kv_cache_attention`` (contiguous and paged caches) against PyTorch's SDPA over the same cache and
+against the KV-read floor (the cache's bytes at 4.3 TB/s, what this H200 reads), in one process.
+
+    python benchmarks/decode.py [--block-size 256]
+
+Shapes (the decode issue's, bf16, Hq = 32, Hkv = 8, E = 128): B=1 S=32768, B=16 S=8192, B=64 S=2048. The
+cache is (B, S, Hkv, E), as FlashAttention's kvcache takes it; PyTorch reads it through (B, Hkv, S, E) views
+with enable_gqa, as a static-cache model does. The paged cache holds the same keys in blocks of
+``--block-size`` positions dealt to sequences in a shuffled block table. Each output is compared with
+PyTorch's (relative Frobenius error) before it is timed; times are medians of triton.testing.do_bench (L2
+flushed), in microseconds.
+"""
+from __future__ import annotations
+
+import argparse
+
+import torch
+import triton
+from torch.nn import functional as F
+
+import interop
+
+SHAPES = ((1, 32768), (16, 8192), (64, 2048))
+HQ, HKV, E = 32, 8, 128
+READ_BYTES_PER_S = 4.3e12
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--block-size", type=int, default=256, help="positions per block of the paged cache")
+    args = ap.parse_args()
+    g = torch.Generator(device="cuda").manual_seed(0)
+    rows = []
+    for B, S in SHAPES:
+        q = torch.randn(B, 1, HQ, E, device="cuda", dtype=torch.bfloat16, generator=g)
+        k_cache, v_cache = (torch.randn(B, S, HKV, E, device="cuda", dtype=torch.bfloat16, generator=g)
+                            for _ in range(2))
+        seqlens = torch.full((B,), S, dtype=torch.int32, device="cuda")
+        per_seq = S // args.block_size
+        order = torch.randperm(B * per_seq, device="cuda", generator=g)
+        table = order.reshape(B, per_seq).to(torch.int32)
+        k_paged, v_paged = (torch.empty(B * per_seq, args.block_size, HKV, E, device="cuda", dtype=torch.bfloat16)
+                            for _ in range(2))
+        for paged, dense in ((k_paged, k_cache), (v_paged, v_cache)):
+            paged[order] = dense.reshape(B * per_seq, args.block_size, HKV, E)
+
+        def ours():
+            return interop.kv_cache_attention(q, k_cache, v_cache, seqlens)
+
+        def ours_paged():
+            return interop.kv_cache_attention(q, k_paged, v_paged, seqlens, block_table=table)
+
+        def theirs():
+            return F.scaled_dot_product_attention(q.transpose(1, 2), k_cache.transpose(1, 2), v_cache.transpose(1, 2),
+                                                  enable_gqa=True).transpose(1, 2)
+
+        want = theirs().float()
+        errors = [((f().float() - want).norm() / want.norm()).item() for f in (ours, ours_paged)]
+        times = [triton.testing.do_bench(f) * 1e3 for f in (ours, ours_paged, theirs)]
+        floor = 2 * B * S * HKV * E * 2 / READ_BYTES_PER_S * 1e6
+        rows.append((B, S, *errors, *times, floor))
+        print(rows[-1], flush=True)
+    print("\n| B | S | rel. error (contiguous, paged) | cusdpa us | paged us | PyTorch us | floor us | x floor |"
+          " x PyTorch | paged / contiguous |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for B, S, e0, e1, t0, t1, t2, floor in rows:
+        print(f"| {B} | {S} | {e0:.1e}, {e1:.1e} | {t0:.1f} | {t1:.1f} | {t2:.1f} | {floor:.1f} | {t0 / floor:.2f} |"
+              f" {t2 / t0:.2f} | {t1 / t0:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
