@@ -229,7 +229,8 @@ class MaskSummary:
         init = sources.kernel(device(pr), "mask_summary.cu", "mask_seen_init", opts, 0)
         fn = sources.kernel(device(pr), "mask_summary.cu", "mask_summary", opts, 0)
         out = [Launch(init, (-(-self.seen_bytes // 256), 1), (256,), 0,
-                      (Slot("seen"), np.int64(self.seen_bytes), np.int64(self.pitch), np.int32(pr.S)))]
+                      (Slot("seen"), np.int64(self.seen_bytes), np.int64(self.pitch), np.int32(pr.S)))] \
+            if self.seen_bytes else []  # (no keys: nothing to summarise, and no empty grid launched)
         n_m, n_n = -(-self.rows // self.block_m), -(-pr.S // self.block_n)
         if n_m and n_n:
             out.append(Launch(fn, (n_m * n_n, self.batches), (256,), 0,
