@@ -54,7 +54,8 @@ class Capabilities:
     head_dim_multiple: int = 1
     zero_head_dim: bool = True  # E = 0 or Ev = 0 (PyTorch takes them; a tiled kernel has no tile to load)
     mask_kinds: frozenset = frozenset({"bool", "float"})
-    mask_grad: bool = True
+    mask_grad: bool = True  # a float attn_mask's gradient
+    float_mask_backward: bool = True  # the backward of a float attn_mask's call (its gradient not wanted)
     dropout: bool = True
     gqa: bool = True
     varlen: bool = True
@@ -64,7 +65,10 @@ class Capabilities:
     alibi: bool = True  # ALiBi slopes
     unit_stride: bool = False  # needs the last dim of q, k, v contiguous
 
-    def reasons(self, pr: problem.Problem, need_grad: bool) -> list[str]:
+    def reasons(self, pr: problem.Problem, need_grad: bool, mask_grad: bool | None = None) -> list[str]:
+        """Why this backend cannot run ``pr`` (nothing: it can), for a forward or, with ``need_grad``, a
+        backward too, and the float attn_mask's gradient where ``mask_grad`` (default: ``need_grad``)."""
+        mask_grad = need_grad if mask_grad is None else mask_grad
         out = []
         kind = "numpy" if pr.xp.__name__ == "numpy" else "cupy"
         if kind not in self.arrays:
@@ -80,8 +84,10 @@ class Capabilities:
                 out.append(f"head dim {name}={d} is not a multiple of {self.head_dim_multiple}")
         if pr.mask_kind is not None and pr.mask_kind not in self.mask_kinds:
             out.append(f"{pr.mask_kind} attn_mask not supported")
-        if pr.mask_kind == "float" and need_grad and not self.mask_grad:
+        if pr.mask_kind == "float" and need_grad and mask_grad and not self.mask_grad:
             out.append("no gradient for a float attn_mask")
+        elif pr.mask_kind == "float" and need_grad and not self.float_mask_backward:
+            out.append("a float attn_mask in the backward not supported yet")
         if pr.dropout_p > 0 and not self.dropout:
             out.append("dropout not supported")
         if pr.hq != pr.hkv and not self.gqa:
@@ -117,8 +123,9 @@ class Implementation:
     # ``grads`` likewise receives the results when given.
     backward: Callable
 
-    def not_supported_reasons(self, pr: problem.Problem, need_grad: bool = False) -> list[str]:
-        return self.environment_reasons(pr) + self.capabilities.reasons(pr, need_grad)
+    def not_supported_reasons(self, pr: problem.Problem, need_grad: bool = False,
+                              mask_grad: bool | None = None) -> list[str]:
+        return self.environment_reasons(pr) + self.capabilities.reasons(pr, need_grad, mask_grad)
 
 
 def implementation(backend: Backend) -> Implementation:
@@ -167,11 +174,11 @@ class Explanation:
         return "\n".join(lines)
 
 
-def explain_problem(pr: problem.Problem, need_grad: bool = False) -> Explanation:
+def explain_problem(pr: problem.Problem, need_grad: bool = False, mask_grad: bool | None = None) -> Explanation:
     enabled = enabled_backends()
     reasons, chosen = {}, None
     for b in DEFAULT_PRIORITY:
-        r = implementation(b).not_supported_reasons(pr, need_grad)
+        r = implementation(b).not_supported_reasons(pr, need_grad, mask_grad)
         if b not in enabled:
             r = ["disabled by sdpa_kernel"] + r
         reasons[b] = r
@@ -182,10 +189,12 @@ def explain_problem(pr: problem.Problem, need_grad: bool = False) -> Explanation
     return Explanation(chosen, reasons)
 
 
-def select(pr: problem.Problem, need_grad: bool = False) -> Implementation:
-    """The first enabled backend that takes this problem; else one error listing every reason."""
+def select(pr: problem.Problem, need_grad: bool = False, mask_grad: bool | None = None) -> Implementation:
+    """The first enabled backend that takes this problem (with ``need_grad``, its backward too, and a float
+    attn_mask's gradient where ``mask_grad``, default ``need_grad``); else one error listing every reason."""
     for b in enabled_backends():
         impl = implementation(b)
-        if not impl.not_supported_reasons(pr, need_grad):
+        if not impl.not_supported_reasons(pr, need_grad, mask_grad):
             return impl
-    raise NotImplementedError("no cusdpa backend can run these inputs:\n" + str(explain_problem(pr, need_grad)))
+    raise NotImplementedError("no cusdpa backend can run these inputs:\n" +
+                              str(explain_problem(pr, need_grad, mask_grad)))

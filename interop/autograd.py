@@ -76,9 +76,10 @@ class Attention(torch.autograd.Function):
     def backward(ctx, grad_out, _grad_lse):
         _first_order(ctx)
         query, key, value, attn_mask, alibi_slopes, out, lse, seed = ctx.saved_tensors
+        mask_grad = attn_mask is not None and ctx.needs_input_grad[3]
         dq, dk, dv, dmask = ops.call(ops.sdpa_bwd, grad_out, query, key, value, attn_mask, alibi_slopes, out, lse,
-                                     *ctx.options, seed, ctx.backends, _deterministic(ctx))
-        dmask = dmask if attn_mask is not None and ctx.needs_input_grad[3] else None
+                                     *ctx.options, seed, ctx.backends, _deterministic(ctx), mask_grad)
+        dmask = dmask if mask_grad else None
         return dq, dk, dv, dmask, None, None, None, None, None
 
 

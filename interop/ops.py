@@ -41,8 +41,8 @@ _lib = torch.library.Library("cusdpa", "DEF")
 _lib.define(f"sdpa_fwd(Tensor query, Tensor key, Tensor value, Tensor? attn_mask, Tensor? alibi_slopes, "
             f"{OPTIONS_SCHEMA}, Tensor? seed, str backends) -> (Tensor, Tensor)")
 _lib.define(f"sdpa_bwd(Tensor grad_out, Tensor query, Tensor key, Tensor value, Tensor? attn_mask, Tensor? alibi_slopes, "
-            f"Tensor out, Tensor lse, {OPTIONS_SCHEMA}, Tensor? seed, str backends, bool deterministic) "
-            "-> (Tensor, Tensor, Tensor, Tensor)")
+            f"Tensor out, Tensor lse, {OPTIONS_SCHEMA}, Tensor? seed, str backends, bool deterministic, "
+            "bool mask_grad) -> (Tensor, Tensor, Tensor, Tensor)")
 _lib.define(f"varlen_fwd(Tensor query, Tensor key, Tensor value, Tensor cu_seqlens_q, Tensor cu_seqlens_k, "
             f"Tensor? alibi_slopes, SymInt max_seqlen_q, SymInt max_seqlen_k, {OPTIONS_SCHEMA}, Tensor? seed, "
             "str backends) -> (Tensor, Tensor)")
@@ -143,10 +143,11 @@ def seed_of(seed: Tensor | None, dropout_p: float) -> int:
     return int(seed.item()) & (2**64 - 1)  # a CPU tensor: reading it never waits on a GPU
 
 
-def _select(pr: problem.Problem, backends: str, need_grad: bool) -> dispatch.Implementation:
-    """The backend that runs ``pr`` among ``backends`` (comma-separated Backend values, in priority order)."""
+def _select(pr: problem.Problem, backends: str, need_grad: bool, mask_grad: bool = False) -> dispatch.Implementation:
+    """The backend that runs ``pr`` among ``backends`` (comma-separated Backend values, in priority order);
+    ``mask_grad``: a float attn_mask's gradient is wanted too."""
     with dispatch.sdpa_kernel([Backend(name) for name in backends.split(",")], set_priority=True):
-        return dispatch.select(pr, need_grad)
+        return dispatch.select(pr, need_grad, mask_grad)
 
 
 # ---- plans --------------------------------------------------------------------------------------------
@@ -293,11 +294,12 @@ def _float_mask(attn_mask: Tensor | None) -> bool:
 
 @_implement("sdpa_bwd", tensors=8)
 def _sdpa_bwd(grad_out, query, key, value, attn_mask, alibi_slopes, out, lse, *rest):
-    """(dq, dk, dv, dmask); dmask has attn_mask's shape for a float mask and 0 elements otherwise (an op
-    cannot return None); the slopes get no gradient. ``rest``: the option values, seed, backends,
-    deterministic."""
-    options, seed, backends, deterministic = rest[:-3], rest[-3], rest[-2], rest[-1]
-    if alibi_slopes is None and query.is_cuda:
+    """(dq, dk, dv, dmask); dmask has attn_mask's shape for a float mask whose gradient is wanted
+    (``mask_grad``) and 0 elements otherwise (an op cannot return None); the slopes get no gradient.
+    ``rest``: the option values, seed, backends, deterministic, mask_grad."""
+    options, seed, backends, deterministic, mask_grad = rest[:-4], rest[-4], rest[-3], rest[-2], rest[-1]
+    mask_grad = mask_grad and _float_mask(attn_mask)
+    if alibi_slopes is None and query.is_cuda and not mask_grad:
         plan = _backward_plan(query, key, value, attn_mask, options, backends, grad_out, out, lse, deterministic)
         if plan is not None:
             if plan.copies_dout:
@@ -317,22 +319,21 @@ def _sdpa_bwd(grad_out, query, key, value, attn_mask, alibi_slopes, out, lse, *r
         pr = problem.from_dense(*_arrays(query, key, value, attn_mask), arguments.from_op(options),
                                 seed_of(seed, options[0]), *_arrays(alibi_slopes))
         grads = [query.new_empty(x.shape) for x in (query, key, value)]
-        dmask = attn_mask.new_empty(attn_mask.shape) if _float_mask(attn_mask) else query.new_empty(0)
-        _backward(pr, grads + [dmask] if _float_mask(attn_mask) else grads, grad_out, out, lse, backends,
-                  deterministic)
+        dmask = attn_mask.new_empty(attn_mask.shape) if mask_grad else query.new_empty(0)
+        _backward(pr, grads + [dmask] if mask_grad else grads, grad_out, out, lse, backends, deterministic, mask_grad)
     return (*grads, dmask)
 
 
 def _backward(pr: problem.Problem, grads: list[Tensor], grad_out: Tensor, out: Tensor, lse: Tensor, backends: str,
-              deterministic: bool) -> None:
-    impl = _select(pr, backends, need_grad=True)
+              deterministic: bool, mask_grad: bool = False) -> None:
+    impl = _select(pr, backends, need_grad=True, mask_grad=mask_grad)
     with _profiled(f"cusdpa::{impl.backend.value}_bwd"):
         impl.backward(pr, *_arrays(out, lse, grad_out), deterministic, tuple(_arrays(*grads)))
 
 
 @torch.library.register_fake("cusdpa::sdpa_bwd")
 def _(grad_out, query, key, value, attn_mask, *rest):
-    dmask = attn_mask.new_empty(attn_mask.shape) if _float_mask(attn_mask) else query.new_empty(0)
+    dmask = attn_mask.new_empty(attn_mask.shape) if rest[-1] and _float_mask(attn_mask) else query.new_empty(0)
     return query.new_empty(query.shape), key.new_empty(key.shape), value.new_empty(value.shape), dmask
 
 

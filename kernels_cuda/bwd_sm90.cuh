@@ -56,20 +56,36 @@ __device__ __forceinline__ DropScale drop_scale(u32 seed_lo, u32 seed_hi, u32 of
 #endif
 }
 
-// attn_mask (ATTN_MASK = 1: bool, a byte per pair, nonzero = attend; the backward reads no float mask,
-// whose calls want its gradient, which EFFICIENT computes): bit x of the result says whether element x of
-// a thread's S^T (key j + 8 r, query i0 + nt * 8 + 2 t + c, x = nt * 4 + 2 r + c) attends. `mask` points
-// at the (batch, query head) slice; rows past L and keys past S read row L - 1 and key S - 1 (in bounds;
-// the visibility rule selects those elements out).
+// attn_mask (ATTN_MASK: 1 bool, a byte per pair, nonzero = attend; 2 float16, 3 bfloat16, 4 float32, added to
+// the scaled scores as the forward added it, in natural units; a float mask's gradient is EFFICIENT's): bit x
+// of mask_bits says whether element x of a thread's S^T (key j + 8 r, query i0 + nt * 8 + 2 t + c, x = nt * 4
+// + 2 r + c) attends; mask_values gives a float mask's elements there. `mask` points at the (batch, query
+// head) slice; rows past L and keys past S read row L - 1 and key S - 1 (in bounds; the visibility rule
+// selects those elements out).
 #ifndef ATTN_MASK
 #define ATTN_MASK 0
 #endif
-static_assert(ATTN_MASK == 0 || ATTN_MASK == 1, "the Hopper backward reads bool masks only");
+constexpr bool FLOAT_MASK = ATTN_MASK >= 2;  // probabilities from natural-unit scores (sLse holds lse itself)
+#if ATTN_MASK == 2
+typedef __half mask_t;
+__device__ __forceinline__ float mask_float(mask_t x) { return __half2float(x); }
+#elif ATTN_MASK == 3
+typedef __nv_bfloat16 mask_t;
+__device__ __forceinline__ float mask_float(mask_t x) { return __bfloat162float(x); }
+#elif ATTN_MASK == 4
+typedef float mask_t;
+__device__ __forceinline__ float mask_float(mask_t x) { return x; }
+#else
+typedef unsigned char mask_t;
+__device__ __forceinline__ float mask_float(mask_t x) { return x; }
+#endif
+static_assert(ATTN_MASK >= 0 && ATTN_MASK <= 4, "ATTN_MASK: 0 none, 1 bool, 2 float16, 3 bfloat16, 4 float32");
+
 template <int QT>
-__device__ __forceinline__ unsigned long long mask_bits(const unsigned char* mask, long long m_sm, int L, int S, int j,
-                                                        int i0, int t) {
+__device__ __forceinline__ unsigned long long mask_bits(const mask_t* mask, long long m_sm, int L, int S, int j, int i0,
+                                                        int t) {
     static_assert(QT * 4 <= 64, "one bit per element");
-    const unsigned char* keys[2] = {mask + min(j, S - 1), mask + min(j + 8, S - 1)};
+    const mask_t* keys[2] = {mask + min(j, S - 1), mask + min(j + 8, S - 1)};
     unsigned long long bits = 0;
 #pragma unroll
     for (int nt = 0; nt < QT; ++nt)
@@ -83,6 +99,52 @@ __device__ __forceinline__ unsigned long long mask_bits(const unsigned char* mas
     return bits;
 }
 
+// A float mask's elements of a thread's S^T, in mask_bits' order (nt tiles [PART, PART + 1) * QT / PARTS): a
+// 16-bit mask's two to a register (c = 0 in the low half), a float32 mask's one, half of them at a time
+// (MASK_PARTS): at E = 128 a register per element left the products too few and ptxas serialised them
+// (C7512).
+constexpr int MASK_PACK = ATTN_MASK == 4 ? 1 : 2;  // elements per register
+constexpr int MASK_PARTS = ATTN_MASK == 4 ? 2 : 1;
+#if ATTN_MASK == 4
+typedef float mask_reg_t;
+#else
+typedef u32 mask_reg_t;
+#endif
+template <int QT, int PART, int PARTS>
+__device__ __forceinline__ void mask_values(const mask_t* mask, long long m_sm, int L, int S, int j, int i0, int t,
+                                            mask_reg_t (&mv)[QT * 4 / MASK_PACK / PARTS]) {
+    const mask_t* keys[2] = {mask + min(j, S - 1), mask + min(j + 8, S - 1)};
+    constexpr int NT0 = PART * QT / PARTS;
+#pragma unroll
+    for (int nt = NT0; nt < NT0 + QT / PARTS; ++nt)
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+            const long long row0 = min(i0 + nt * 8 + 2 * t, L - 1) * m_sm;
+            const long long row1 = min(i0 + nt * 8 + 2 * t + 1, L - 1) * m_sm;
+#if ATTN_MASK == 4
+            mv[(nt - NT0) * 4 + 2 * r] = keys[r][row0];
+            mv[(nt - NT0) * 4 + 2 * r + 1] = keys[r][row1];
+#elif ATTN_MASK >= 2
+            const unsigned short* k16 = reinterpret_cast<const unsigned short*>(keys[r]);
+            mv[(nt - NT0) * 2 + r] = k16[row0] | (static_cast<u32>(k16[row1]) << 16);
+#endif
+        }
+}
+
+// Element x of mask_values' registers as a float.
+template <int N>
+__device__ __forceinline__ float mask_at(const mask_reg_t (&mv)[N], int x) {
+#if ATTN_MASK == 4
+    return mv[x];
+#elif ATTN_MASK == 3
+    return __uint_as_float(x % 2 ? mv[x / 2] & 0xffff0000u : mv[x / 2] << 16);
+#elif ATTN_MASK == 2
+    return __half2float(__ushort_as_half(static_cast<unsigned short>(x % 2 ? mv[x / 2] >> 16 : mv[x / 2])));
+#else
+    return 0.f * x * N;  // no float mask: never asked
+#endif
+}
+
 // P^T in place of a thread's S^T elements (key j + 8 r, query c0 + nt * 8 + 2 t + c at [nt * 4 + 2 r + c]):
 // exp2(S^T scale log2 e - lse log2 e), sLse holding lse log2 e from column c0, the product rounded before
 // the subtraction as the forward rounded the row max: one fmaf would give the max element of a row with
@@ -93,9 +155,12 @@ __device__ __forceinline__ unsigned long long mask_bits(const unsigned char* mas
 // [lo_r, hi_r) (none past S), two compares an element, and the attn_mask's bits (`attend`, mask_bits).
 // Full tiles without a mask skip both: at E = 64 the compares and selects were a third of a step's
 // instructions.
-template <int QT, bool MASKED>
+// PART of PARTS: elements [PART, PART + 1) * QT * 4 / PARTS only, whose float mask values `mv` holds.
+template <int QT, bool MASKED, int PART = 0, int PARTS = 1>
 __device__ __forceinline__ void probabilities_t(float (&s)[QT * 4], const Visibility<int>& vis, int j, int c0, int t,
-                                                const float* sLse, float scale_log2, unsigned long long attend) {
+                                                const float* sLse, float scale_log2, unsigned long long attend,
+                                                const mask_reg_t (&mv)[QT * 4 / MASK_PACK / PARTS]) {
+    constexpr int X0 = PART * QT * 4 / PARTS;
     int lo[2], hi[2];
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
@@ -104,12 +169,16 @@ __device__ __forceinline__ void probabilities_t(float (&s)[QT * 4], const Visibi
         hi[r] = j + 8 * r < vis.S ? hi[r] - c0 - 2 * t : lo[r];
     }
 #pragma unroll
-    for (int x = 0; x < QT * 4; ++x) {
+    for (int x = X0; x < X0 + QT * 4 / PARTS; ++x) {
         const int off = x / 4 * 8 + x % 2, col = off + 2 * t;
-        const float p = exp2f(__fmul_rn(s[x], scale_log2) - sLse[col]);
+        // a float mask: natural units, s * scale + mask - lse rounded before the log2 e (a dtype-min mask would
+        // overflow to -inf in the log2 domain, as the forward explains)
+        const float add = FLOAT_MASK ? mask_at(mv, x - X0) : 0.f;
+        const float p = FLOAT_MASK ? exp2f(__fmul_rn(fmaf(s[x], scale_log2 * LN2, add) - sLse[col], LOG2E))
+                                   : exp2f(__fmul_rn(s[x], scale_log2) - sLse[col]);
         // the mask's term only where there is one: a constant ~0 attend still made ptxas serialise every
         // wgmma of the kernel (C7511)
-        const bool attends = !ATTN_MASK || ((attend >> x) & 1u);
+        const bool attends = !ATTN_MASK || (FLOAT_MASK ? add != -CUSDPA_INF : ((attend >> x) & 1u));
         s[x] = !MASKED || (off >= lo[x % 4 / 2] && off < hi[x % 4 / 2] && attends) ? p : -0.f;
     }
 }
@@ -144,14 +213,27 @@ template <int QT>
 __device__ __forceinline__ void gradients_of_step(float (&s)[QT * 4], float (&dp)[QT * 4], bool full,
                                                   const Visibility<int>& vis, int j, int c0, int t, const float* sLse,
                                                   const float* sD, float scale_log2, const DropScale& z,
-                                                  const unsigned char* mask, long long m_sm, u32 (&pt)[QT * 2],
+                                                  const mask_t* mask, long long m_sm, u32 (&pt)[QT * 2],
                                                   u32 (&dst)[QT * 2]) {
     full = full && !ATTN_MASK;
-    const unsigned long long attend = ATTN_MASK ? mask_bits<QT>(mask, m_sm, vis.L, vis.S, j, c0, t) : ~0ull;
+    unsigned long long attend = ~0ull;
+    if constexpr (ATTN_MASK == 1) attend = mask_bits<QT>(mask, m_sm, vis.L, vis.S, j, c0, t);
     wgmma_wait<1>();
     fence_regs(s);
-    if (full) probabilities_t<QT, false>(s, vis, j, c0, t, sLse, scale_log2, attend);
-    else probabilities_t<QT, true>(s, vis, j, c0, t, sLse, scale_log2, attend);
+    // a float mask's elements after S^T (not gathered under it as the bits are: a register each, which at
+    // E = 128 left too few for the products), while dP^T still runs
+    mask_reg_t mv[QT * 4 / MASK_PACK / MASK_PARTS];
+    if constexpr (MASK_PARTS == 1) {
+        if constexpr (FLOAT_MASK) mask_values<QT, 0, 1>(mask, m_sm, vis.L, vis.S, j, c0, t, mv);
+        if (full) probabilities_t<QT, false>(s, vis, j, c0, t, sLse, scale_log2, attend, mv);
+        else probabilities_t<QT, true>(s, vis, j, c0, t, sLse, scale_log2, attend, mv);
+    } else {  // a float32 mask, half its elements at a time; the second half loaded after the first is used
+        mask_values<QT, 0, 2>(mask, m_sm, vis.L, vis.S, j, c0, t, mv);
+        probabilities_t<QT, true, 0, 2>(s, vis, j, c0, t, sLse, scale_log2, attend, mv);
+        asm volatile("" ::: "memory");
+        mask_values<QT, 1, 2>(mask, m_sm, vis.L, vis.S, j, c0, t, mv);
+        probabilities_t<QT, true, 1, 2>(s, vis, j, c0, t, sLse, scale_log2, attend, mv);
+    }
     wgmma_wait<0>();
     fence_regs(dp);
     if (full) gradients_t<QT, false>(s, dp, sD, t, z, pt, dst);
@@ -309,7 +391,7 @@ __device__ __forceinline__ int blocks_before(const Visibility<int>& vis, int n, 
         long long dk_sb, long long dk_sh, long long dk_sm, long long dv_sb, long long dv_sh, long long dv_sm,        \
         long long acc_copy, long long acc_sb, long long acc_sh, long long lse_sb, long long lse_sh, float scale,     \
         float scale_log2, int left, int right, int lower_right, unsigned int seed_lo, unsigned int seed_hi,          \
-        unsigned int offset, unsigned int threshold, float rp_dropout, const unsigned char *__restrict__ mask,       \
+        unsigned int offset, unsigned int threshold, float rp_dropout, const mask_t *__restrict__ mask,              \
         long long m_sb, long long m_sh, long long m_sm, const unsigned char *__restrict__ seen, long long sk_b,      \
         long long sk_h
 
@@ -387,7 +469,7 @@ __device__ __forceinline__ void skip_unseen_block(Bwd90Cta& cta, const Slice& sl
 // The shared-memory tiles and barriers a Hopper backward CTA's producer fills and signals.
 struct Bwd90Smem {
     unsigned char *sK, *sV, *sQ, *sdO;  // K, V; STAGES Q and dO tiles, each in column chunks of its swizzle
-    float *sLse, *sD;                    // [STAGES][BLOCK_M]: lse (log2 domain) and D per stage
+    float *sLse, *sD;                    // [STAGES][BLOCK_M]: lse (log2 domain; natural with a float mask), D
     unsigned long long* bars;            // init_barriers' layout
 };
 
@@ -473,7 +555,7 @@ __device__ __forceinline__ void produce(const Bwd90Smem& sm, const Slice& slice,
             for (int r = lane; r < BLOCK_M; r += 32) {
                 const int row = m0 + r;
                 const bool in = row >= qi_lo && row < qi_hi;
-                sLse[r] = in ? __fmul_rn(lse[lo + row], LOG2E) : 0.f;
+                sLse[r] = in ? (FLOAT_MASK ? lse[lo + row] : __fmul_rn(lse[lo + row], LOG2E)) : 0.f;
                 empty_row |= sLse[r] == -CUSDPA_INF;
             }
             empty_row = __any_sync(0xffffffffu, empty_row);

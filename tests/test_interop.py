@@ -87,6 +87,24 @@ def test_half_precision_keeps_dtype_and_matches_pytorch(rng, dtype):
     assert [g.dtype for g in grads] == [dtype] * 4
 
 
+def test_a_float_mask_without_grad_is_not_differentiated(rng, monkeypatch):
+    """A float mask that requires no gradient: the backward asks for none (the backends that cannot give one,
+    FLASH's, may run it) and the inputs' gradients are PyTorch's; one that requires it gets dmask."""
+    wanted = []
+    real = ops._backward
+    monkeypatch.setattr(ops, "_backward", lambda *a: wanted.append(a[-1]) or real(*a))
+    q, k, v, mask = make_case(rng, CASES["float_mask"], dtype=torch.float64)
+    for needs in (False, True):
+        m = mask.detach().requires_grad_(needs)
+        dout = torch.randn(q.shape[:-1] + v.shape[-1:], dtype=torch.float64)
+        ours = grads_of(interop.scaled_dot_product_attention(q, k, v, m), (q, k, v, m), dout)
+        theirs = grads_of(F.scaled_dot_product_attention(q, k, v, m), (q, k, v, m), dout)
+        assert len(ours) == len(theirs) == 3 + needs
+        for a, b in zip(ours, theirs):
+            torch.testing.assert_close(a, b)
+    assert wanted == [False, True]
+
+
 def test_double_backward_is_refused_not_silently_zero(rng):
     """The ops have no derivative of their own: create_graph=True must raise rather than give a zero
     second-order gradient."""
@@ -155,8 +173,9 @@ def test_opcheck_passes_for_every_op(rng):
     torch.library.opcheck(ops.sdpa_fwd, (qg, kg, vg, None, slopes, 0.0, True, 0.5, True, "lower_right", [4, 0], 2.5,
                                          None, "math"))
     out, lse = ops.sdpa_fwd(q, k, v, mask, None, 0.0, False, None, False, "upper_left", None, 0.0, None, "math")
-    torch.library.opcheck(ops.sdpa_bwd, (torch.randn_like(out), q, k, v, mask, None, out, lse, 0.2, False, None,
-                                         False, "upper_left", None, 0.0, seed, "math", False))
+    for mask_grad in (True, False):  # a float mask's gradient wanted, or dmask of no elements
+        torch.library.opcheck(ops.sdpa_bwd, (torch.randn_like(out), q, k, v, mask, None, out, lse, 0.2, False, None,
+                                             False, "upper_left", None, 0.0, seed, "math", False, mask_grad))
     cu = torch.tensor([0, 3, 3, 10], dtype=torch.int32)
     qv, kv, vv = (randn(rng, 10, 2, 8, grad=False) for _ in range(3))
     torch.library.opcheck(ops.varlen_fwd, (qv, kv, vv, cu, cu, torch.rand(3, 2), 7, 7, 0.3, True, None, False,

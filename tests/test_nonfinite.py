@@ -240,9 +240,10 @@ def hidden_failures(impl, rng, name, dtype, xp, bitwise=True, **sizes):
     """Judged against the reference and, with ``bitwise``, compared bit for bit with what zeros give; None
     where the backend does not take the problem."""
     dirty, clean = hidden_case(rng, name, dtype, xp, **sizes)
-    if impl.capabilities.reasons(dirty, True) or impl.environment_reasons(dirty):
+    mask_grad = impl.capabilities.mask_grad  # a float mask's gradient where the backend gives one
+    if impl.capabilities.reasons(dirty, True, mask_grad) or impl.environment_reasons(dirty):
         return None
-    failures = harness.run_problem(dirty, impl, rng)
+    failures = harness.run_problem(dirty, impl, rng, mask_grad=mask_grad)
     if bitwise:
         dout = xp.asarray(harness.draw(rng, clean.out_shape, dtype))
         got, want = (_results(impl, pr, dout) for pr in (dirty, clean))

@@ -193,18 +193,18 @@ def test_the_ops_replay_plans_for_compiled_graphs(name, rng, monkeypatch):
     plans._plans.clear()
     out, lse = ops.sdpa_fwd(q, k, v, None, None, *opts, seed, backends)
     dout = torch.randn_like(out)
-    dq, dk, dv, _ = ops.sdpa_bwd(dout, q, k, v, None, None, out, lse, *opts, seed, backends, False)
+    dq, dk, dv, _ = ops.sdpa_bwd(dout, q, k, v, None, None, out, lse, *opts, seed, backends, False, False)
     assert sorted(bool(p.backward) for p in plans._plans.values()) == [False, True]
     with monkeypatch.context() as patched:
         patched.setattr(plans, "lookup", lambda signature, make: None)
         slow, slow_lse = ops.sdpa_fwd(q, k, v, None, None, *opts, seed, backends)
-        want = ops.sdpa_bwd(dout, q, k, v, None, None, slow, slow_lse, *opts, seed, backends, False)[:3]
+        want = ops.sdpa_bwd(dout, q, k, v, None, None, slow, slow_lse, *opts, seed, backends, False, False)[:3]
     assert torch.equal(out, slow) and torch.equal(lse, slow_lse)
     for g, w in zip((dq, dk, dv), want):
         assert torch.equal(g, w)
     strided = torch.empty(*out.shape[:-1], 2 * out.shape[-1], dtype=out.dtype, device="cuda")[..., ::2]
     strided.copy_(out)
-    again = ops.sdpa_bwd(dout, q, k, v, None, None, strided, lse, *opts, seed, backends, False)[:3]
+    again = ops.sdpa_bwd(dout, q, k, v, None, None, strided, lse, *opts, seed, backends, False, False)[:3]
     for g, w in zip(again, want):
         assert torch.equal(g, w)
 

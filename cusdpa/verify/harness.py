@@ -171,24 +171,24 @@ def judged(expected: Expected, outputs: dict) -> tuple[dict, list[str]]:
 
 # ---- running -------------------------------------------------------------------------------------------
 
-def run_problem(pr: problem.Problem, impl, rng, grads: bool = True) -> list[str]:
+def run_problem(pr: problem.Problem, impl, rng, grads: bool = True, mask_grad: bool = True) -> list[str]:
     """Failures of ``impl`` (a dispatch.Implementation) on ``pr``, forward and, with ``grads``, backward for
-    an output gradient drawn from ``rng``."""
+    an output gradient drawn from ``rng`` (a float mask's gradient too where ``mask_grad``)."""
     xp = pr.xp
     dout = xp.asarray(draw(rng, pr.out_shape, pr.dtype_name)) if grads else None
     out, lse = impl.forward(pr, out=xp.full(pr.out_shape, np.nan, dtype=pr.dtype),
                             lse=xp.full(pr.lse_shape, np.nan, dtype=np.float32))
     outputs = {"out": out, "lse": lse}
     if grads:
-        wrt = [pr.q, pr.k, pr.v] + ([pr.mask] if pr.mask_kind == "float" else [])
+        wrt = [pr.q, pr.k, pr.v] + ([pr.mask] if pr.mask_kind == "float" and mask_grad else [])
         poisoned = tuple(xp.full(x.shape, np.nan, dtype=x.dtype) for x in wrt)
         outputs.update(zip(GRADS, impl.backward(pr, out, lse, dout, False, poisoned)))
     return judged(expect(pr, dout), outputs)[1]
 
 
-def run_case(case: Case, impl, xp, rng, *, grads: bool = True) -> list[str]:
+def run_case(case: Case, impl, xp, rng, *, grads: bool = True, mask_grad: bool = True) -> list[str]:
     """Failures of ``impl`` on ``case`` with arrays of module ``xp``, each prefixed with the case."""
-    return [f"{case}: {f}" for f in run_problem(build(case, xp, rng), impl, rng, grads)]
+    return [f"{case}: {f}" for f in run_problem(build(case, xp, rng), impl, rng, grads, mask_grad)]
 
 
 def run_torch(attention, q, k, v, attn_mask=None, *, rng, seed=None, **options) -> list[str]:

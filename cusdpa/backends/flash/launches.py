@@ -574,9 +574,9 @@ def backward(pr, out, lse, dout, deterministic=False, grads=None):
 
     from ...reference import sum_to_shape
 
-    if pr.mask_kind == "float":  # dispatch sends these to EFFICIENT (Capabilities.mask_grad)
+    if grads is not None and len(grads) > 3:  # dispatch sends these to EFFICIENT (Capabilities.mask_grad)
         raise NotImplementedError("FLASH's backward computes no float attn_mask's gradient")
-    # A bool mask's backward runs on the Hopper kernels (mask_bits in kernels_cuda/bwd_sm90.cuh).
+    # A mask's backward runs on the Hopper kernels (mask_bits, mask_values in kernels_cuda/bwd_sm90.cuh).
 
     with cupy.cuda.Device(device(pr)):
         if pr.varlen is not None:
