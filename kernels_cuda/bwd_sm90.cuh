@@ -65,7 +65,13 @@ __device__ __forceinline__ DropScale drop_scale(u32 seed_lo, u32 seed_hi, u32 of
 #ifndef ATTN_MASK
 #define ATTN_MASK 0
 #endif
-constexpr bool FLOAT_MASK = ATTN_MASK >= 2;  // probabilities from natural-unit scores (sLse holds lse itself)
+#ifndef ALIBI
+#define ALIBI 0
+#endif
+constexpr bool FLOAT_MASK = ATTN_MASK >= 2;
+// probabilities from natural-unit scores (sLse holds lse itself): a float mask or ALiBi (FlashAttention's:
+// -slope * |i + S - L - j| added to score (i, j), as the forward added it)
+constexpr bool NATURAL = FLOAT_MASK || ALIBI;
 #if ATTN_MASK == 2
 typedef __half mask_t;
 __device__ __forceinline__ float mask_float(mask_t x) { return __half2float(x); }
@@ -159,7 +165,7 @@ __device__ __forceinline__ float mask_at(const mask_reg_t (&mv)[N], int x) {
 template <int QT, bool MASKED, int PART = 0, int PARTS = 1>
 __device__ __forceinline__ void probabilities_t(float (&s)[QT * 4], const Visibility<int>& vis, int j, int c0, int t,
                                                 const float* sLse, float scale_log2, unsigned long long attend,
-                                                const mask_reg_t (&mv)[QT * 4 / MASK_PACK / PARTS]) {
+                                                const mask_reg_t (&mv)[QT * 4 / MASK_PACK / PARTS], float slope) {
     constexpr int X0 = PART * QT * 4 / PARTS;
     int lo[2], hi[2];
 #pragma unroll
@@ -173,9 +179,11 @@ __device__ __forceinline__ void probabilities_t(float (&s)[QT * 4], const Visibi
         const int off = x / 4 * 8 + x % 2, col = off + 2 * t;
         // a float mask: natural units, s * scale + mask - lse rounded before the log2 e (a dtype-min mask would
         // overflow to -inf in the log2 domain, as the forward explains)
-        const float add = FLOAT_MASK ? mask_at(mv, x - X0) : 0.f;
-        const float p = FLOAT_MASK ? exp2f(__fmul_rn(fmaf(s[x], scale_log2 * LN2, add) - sLse[col], LOG2E))
-                                   : exp2f(__fmul_rn(s[x], scale_log2) - sLse[col]);
+        float add = FLOAT_MASK ? mask_at(mv, x - X0) : 0.f;
+        if (ALIBI)  // key j + 8 r, query c0 + col
+            add += -slope * static_cast<float>(abs(c0 + col + vis.S - vis.L - (j + 8 * (x % 4 / 2))));
+        const float p = NATURAL ? exp2f(__fmul_rn(fmaf(s[x], scale_log2 * LN2, add) - sLse[col], LOG2E))
+                                : exp2f(__fmul_rn(s[x], scale_log2) - sLse[col]);
         // the mask's term only where there is one: a constant ~0 attend still made ptxas serialise every
         // wgmma of the kernel (C7511)
         const bool attends = !ATTN_MASK || (FLOAT_MASK ? add != -CUSDPA_INF : ((attend >> x) & 1u));
@@ -213,9 +221,9 @@ template <int QT>
 __device__ __forceinline__ void gradients_of_step(float (&s)[QT * 4], float (&dp)[QT * 4], bool full,
                                                   const Visibility<int>& vis, int j, int c0, int t, const float* sLse,
                                                   const float* sD, float scale_log2, const DropScale& z,
-                                                  const mask_t* mask, long long m_sm, u32 (&pt)[QT * 2],
+                                                  const mask_t* mask, long long m_sm, float slope, u32 (&pt)[QT * 2],
                                                   u32 (&dst)[QT * 2]) {
-    full = full && !ATTN_MASK;
+    full = full && !ATTN_MASK && !ALIBI;
     unsigned long long attend = ~0ull;
     if constexpr (ATTN_MASK == 1) attend = mask_bits<QT>(mask, m_sm, vis.L, vis.S, j, c0, t);
     wgmma_wait<1>();
@@ -225,14 +233,14 @@ __device__ __forceinline__ void gradients_of_step(float (&s)[QT * 4], float (&dp
     mask_reg_t mv[QT * 4 / MASK_PACK / MASK_PARTS];
     if constexpr (MASK_PARTS == 1) {
         if constexpr (FLOAT_MASK) mask_values<QT, 0, 1>(mask, m_sm, vis.L, vis.S, j, c0, t, mv);
-        if (full) probabilities_t<QT, false>(s, vis, j, c0, t, sLse, scale_log2, attend, mv);
-        else probabilities_t<QT, true>(s, vis, j, c0, t, sLse, scale_log2, attend, mv);
+        if (full) probabilities_t<QT, false>(s, vis, j, c0, t, sLse, scale_log2, attend, mv, slope);
+        else probabilities_t<QT, true>(s, vis, j, c0, t, sLse, scale_log2, attend, mv, slope);
     } else {  // a float32 mask, half its elements at a time; the second half loaded after the first is used
         mask_values<QT, 0, 2>(mask, m_sm, vis.L, vis.S, j, c0, t, mv);
-        probabilities_t<QT, true, 0, 2>(s, vis, j, c0, t, sLse, scale_log2, attend, mv);
+        probabilities_t<QT, true, 0, 2>(s, vis, j, c0, t, sLse, scale_log2, attend, mv, slope);
         asm volatile("" ::: "memory");
         mask_values<QT, 1, 2>(mask, m_sm, vis.L, vis.S, j, c0, t, mv);
-        probabilities_t<QT, true, 1, 2>(s, vis, j, c0, t, sLse, scale_log2, attend, mv);
+        probabilities_t<QT, true, 1, 2>(s, vis, j, c0, t, sLse, scale_log2, attend, mv, slope);
     }
     wgmma_wait<0>();
     fence_regs(dp);
@@ -393,7 +401,7 @@ __device__ __forceinline__ int blocks_before(const Visibility<int>& vis, int n, 
         float scale_log2, int left, int right, int lower_right, unsigned int seed_lo, unsigned int seed_hi,          \
         unsigned int offset, unsigned int threshold, float rp_dropout, const mask_t *__restrict__ mask,              \
         long long m_sb, long long m_sh, long long m_sm, const unsigned char *__restrict__ seen, long long sk_b,      \
-        long long sk_h
+        long long sk_h, const float *__restrict__ slopes, long long slopes_b
 
 // A Hopper backward CTA's place: its key block n of its (batch, kv head) slice (`descending`: blockIdx.x = 0
 // takes the last), the rows and keys that matter, and the
@@ -555,7 +563,7 @@ __device__ __forceinline__ void produce(const Bwd90Smem& sm, const Slice& slice,
             for (int r = lane; r < BLOCK_M; r += 32) {
                 const int row = m0 + r;
                 const bool in = row >= qi_lo && row < qi_hi;
-                sLse[r] = in ? (FLOAT_MASK ? lse[lo + row] : __fmul_rn(lse[lo + row], LOG2E)) : 0.f;
+                sLse[r] = in ? (NATURAL ? lse[lo + row] : __fmul_rn(lse[lo + row], LOG2E)) : 0.f;
                 empty_row |= sLse[r] == -CUSDPA_INF;
             }
             empty_row = __any_sync(0xffffffffu, empty_row);
@@ -578,7 +586,7 @@ __device__ __forceinline__ void produce(const Bwd90Smem& sm, const Slice& slice,
         for (int r = lane; r < BLOCK_M; r += 32) {
             const int row = m0 + r;
             const bool in = row >= qi_lo && row < qi_hi;
-            if (!ATTN_MASK) sLse[r] = in ? __fmul_rn(lse[lo + row], LOG2E) : 0.f;
+            if (!ATTN_MASK) sLse[r] = in ? (NATURAL ? lse[lo + row] : __fmul_rn(lse[lo + row], LOG2E)) : 0.f;
             sm.sD[st * BLOCK_M + r] = in ? delta[lo + row] : 0.f;
         }
         __syncwarp();

@@ -265,7 +265,8 @@ flash_bwd_sm90(BWD90_KERNEL_PARAMS) {
         u32 pt[QT * 2], dst[QT * 2];
         gradients_of_step<QT>(s, dp, vis.tile_full(m0, BLOCK_M, n0 + cw * 64, 64), vis, j, m0, t,
                               sm.sLse + st * BLOCK_M, sm.sD + st * BLOCK_M, scale_log2, z,
-                              mask + slice.b * m_sb + h * m_sh, m_sm, pt, dst);
+                              mask + slice.b * m_sb + h * m_sh, m_sm,
+                              ALIBI ? slopes[slice.b * slopes_b + h] : 0.f, pt, dst);
         fence_regs(pt);
         fence_regs(dst);
         // dS^T of both warpgroups into shared memory for the dQ product (the buffer of two steps ago, which

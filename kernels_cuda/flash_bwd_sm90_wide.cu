@@ -166,7 +166,8 @@ flash_bwd_sm90_wide(BWD90_KERNEL_PARAMS) {
             u32 pt[QT * 2], dst[QT * 2];
             gradients_of_step<QT>(s, dp, vis.tile_full(c0, 32, n0, BLOCK_N), vis, j, c0, t,
                                   sm.sLse + st * BLOCK_M + 32 * cw, sm.sD + st * BLOCK_M + 32 * cw, scale_log2, z,
-                                  mask + slice.b * m_sb + h * m_sh, m_sm, pt, dst);
+                                  mask + slice.b * m_sb + h * m_sh, m_sm,
+                              ALIBI ? slopes[slice.b * slopes_b + h] : 0.f, pt, dst);
             // both halves of P^T and dS^T into shared memory (the buffers of two steps ago, which both warpgroups
             // finished reading before they met at the last step's barrier)
             unsigned char* sPts = sPt + (it % 2) * SPDS_BYTES;

@@ -46,8 +46,9 @@
 // and the consumers alike, and blocks with every pair visible read no mask.
 //
 // Extra -D options: FWD90_WARPGROUPS (consumer warpgroups, 2 or 3), FWD90_BLOCK_N, FWD90_STAGES (K/V
-// buffers), FWD90_PINGPONG (1: consumers take turns; 0: they issue when ready), ATTN_MASK. E and Ev
-// multiples of 32 up to 256.
+// buffers), FWD90_PINGPONG (1: consumers take turns; 0: they issue when ready), ATTN_MASK, ALIBI (1: the
+// slopes' bias added, `slopes` per (batch, head) with batch stride `slopes_b`; scores in natural units as
+// with a float mask). E and Ev multiples of 32 up to 256.
 #include "sm90.cuh"
 // @WGMMA_WRAPPERS@ FWD90_BLOCK_N HEAD_DIM_V
 
@@ -77,7 +78,11 @@ static_assert(BLOCK_N % 16 == 0 && BLOCK_N >= 16 && BLOCK_N <= 256, "FWD90_BLOCK
 #ifndef ATTN_MASK
 #define ATTN_MASK 0
 #endif
-constexpr bool FLOAT_MASK = ATTN_MASK >= 2;  // scores in natural units (see the top of the file)
+#ifndef ALIBI
+#define ALIBI 0
+#endif
+constexpr bool FLOAT_MASK = ATTN_MASK >= 2;
+constexpr bool NATURAL = FLOAT_MASK || ALIBI;  // scores in natural units (see the top of the file)
 #if ATTN_MASK == 1
 typedef unsigned char mask_t;
 typedef unsigned short mask_pair_t;  // two bytes, the lower key in the lower byte
@@ -120,7 +125,7 @@ __device__ __forceinline__ void issue_pv(float (&acc)[VT * 4], const u32 (&p)[NT
 // maxima m_i, rescales l_i, and turns the scores into unnormalised probabilities in place (l_i sums them,
 // before dropout). alpha[r] is the factor the output accumulated so far needs; the return value says
 // whether any row of the warp changed its max (else alpha is 1 everywhere and the rescale is skipped).
-// With FLOAT_MASK the scores come scaled, in natural units (apply_mask), and m_i is in those units too.
+// With NATURAL the scores come scaled, in natural units (apply_mask, apply_alibi), and m_i is in those units too.
 __device__ __forceinline__ bool softmax_block(float (&s)[NT * 4], float (&m_i)[2], float (&l_i)[2], float (&alpha)[2],
                                               const Visibility<int>& vis, bool full, int i, int n0, int t,
                                               float scale_log2) {
@@ -145,9 +150,9 @@ __device__ __forceinline__ bool softmax_block(float (&s)[NT * 4], float (&m_i)[2
         mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
         mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
         // fmaxf skips NaN: a NaN score poisons the row through its p = exp2(NaN) instead.
-        const float m_new = fmaxf(m_i[r], FLOAT_MASK ? mx : __fmul_rn(mx, scale_log2));
+        const float m_new = fmaxf(m_i[r], NATURAL ? mx : __fmul_rn(mx, scale_log2));
         m_use[r] = m_new == -CUSDPA_INF ? 0.f : m_new;  // a row with nothing visible yet: exp2(-inf) = 0
-        alpha[r] = exp2f(FLOAT_MASK ? (m_i[r] - m_use[r]) * LOG2E : m_i[r] - m_use[r]);
+        alpha[r] = exp2f(NATURAL ? (m_i[r] - m_use[r]) * LOG2E : m_i[r] - m_use[r]);
         rescale |= m_new != m_i[r];
         m_i[r] = m_new;
         l_i[r] *= alpha[r];
@@ -170,7 +175,7 @@ __device__ __forceinline__ bool softmax_block(float (&s)[NT * 4], float (&m_i)[2
             }
         }
     };
-    if (FLOAT_MASK)  // the difference first: the max element gets exp2(0) = 1 exactly
+    if (NATURAL)  // the difference first: the max element gets exp2(0) = 1 exactly
         exponentiate([](float x, float m) { return exp2f(__fsub_rn(x, m) * LOG2E); });
     else if (exact)
         exponentiate([scale_log2](float x, float m) { return exp2f(__fmul_rn(x, scale_log2) - m); });
@@ -262,6 +267,30 @@ __device__ __forceinline__ void apply_mask(float (&s)[NT * 4], const mask_pair_t
         }
     }
 }
+#endif
+
+// ---- ALiBi ---------------------------------------------------------------------------------------------
+#if ALIBI
+// FlashAttention's ALiBi: -slope * |i + S - L - j| added to score (i, j) of the slice, in natural units,
+// aligned bottom-right whatever the causal alignment (`shift` = S - L), after the scaled product and before
+// a float mask (whose apply_mask has already scaled the scores: then the bias is added alone).
+struct Alibi {
+    float slope;
+    int shift;
+    // this thread's scores: rows i (r = 0) and i + 8, keys j0 + nt * 8 + c
+    __device__ __forceinline__ void apply(float (&s)[NT * 4], int i, int j0, float scale) const {
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+            for (int r = 0; r < 2; ++r)
+#pragma unroll
+                for (int c = 0; c < 2; ++c) {
+                    float& x = s[nt * 4 + 2 * r + c];
+                    const float bias = -slope * static_cast<float>(abs(i + 8 * r + shift - (j0 + nt * 8 + c)));
+                    x = FLOAT_MASK ? x + bias : fmaf(x, scale, bias);
+                }
+    }
+};
 #endif
 
 // ---- tiles ---------------------------------------------------------------------------------------------
@@ -374,7 +403,8 @@ flash_fwd_sm90(const __grid_constant__ TmaMap tm_q, const __grid_constant__ TmaM
                unsigned int threshold, float rp_dropout, int BH, int num_m, int chunk_heads,
                const int* __restrict__ schedule, const mask_t* __restrict__ mask, long long m_sb, long long m_sh,
                long long m_sm, const unsigned char* __restrict__ seen, long long sk_b, long long sk_h,
-               const signed char* __restrict__ blocks, long long bs_b, long long bs_h, long long bs_m) {
+               const signed char* __restrict__ blocks, long long bs_b, long long bs_h, long long bs_m,
+               const float* __restrict__ slopes, long long slopes_b) {
     extern __shared__ __align__(1024) unsigned char smem[];
     unsigned char* sQ = smem;  // every size is a multiple of 1024: each tile keeps the swizzle alignment
     unsigned char* sK = sQ + SQ_BYTES;
@@ -471,8 +501,8 @@ flash_fwd_sm90(const __grid_constant__ TmaMap tm_q, const __grid_constant__ TmaM
     const int g = lane / 4, t4 = lane % 4;
     const unsigned char* sQwg = sQ + cw * 64 * QK_SW;
     const Dropout drop{seed_lo, seed_hi, offset, threshold};
-#if ATTN_MASK
-    const float scale = scale_log2 * LN2;  // a float mask is added to the scores scaled by this
+#if ATTN_MASK || ALIBI
+    const float scale = scale_log2 * LN2;  // a float mask and ALiBi are added to the scores scaled by this
 #endif
     // Ping-pong: consumer cw issues after barrier 1 + cw opens and then opens the next consumer's. The
     // first consumer's first turn is free; the last consumer's last opening is absorbed at the end.
@@ -498,6 +528,9 @@ flash_fwd_sm90(const __grid_constant__ TmaMap tm_q, const __grid_constant__ TmaM
         const int i = mw + (warp % 4) * 16 + g;  // this thread's rows are i and i + 8
         elem_t* ob = sl.query_rows(o, o_sb, o_sh, o_sm);
         float* lseb = lse + sl.stats_offset(lse_sb, lse_sh);
+#if ALIBI
+        const Alibi alibi{slopes[sl.b * slopes_b + sl.h], sl.S - sl.L};
+#endif
 #if ATTN_MASK
         const mask_t* mask_b = mask + sl.b * m_sb + sl.h * m_sh;
         const mask_t* mask_r0 = mask_b + min(i, sl.L - 1) * m_sm;  // rows past L: any row, never stored
@@ -547,6 +580,9 @@ flash_fwd_sm90(const __grid_constant__ TmaMap tm_q, const __grid_constant__ TmaM
         // the next block's, a softmax ahead (past the tile's last block: unused)
         if (kb.partial(next)) load_mask(mk, mask_r0, mask_r1, next * BLOCK_N, t4, sl.S);
 #endif
+#if ALIBI
+        alibi.apply(s, i, n0 + 2 * t4, scale);
+#endif
         softmax_block(s, m_i, l_i, alpha, vis, vis.tile_full(mw, 64, n0, BLOCK_N), i, n0, t4, scale_log2);
         round_p(s, p, i, n0, t4, drop, sl.bh);
 
@@ -578,6 +614,9 @@ flash_fwd_sm90(const __grid_constant__ TmaMap tm_q, const __grid_constant__ TmaM
 #if ATTN_MASK
             if (kb.partial(n)) apply_mask(s, mk, scale);
             if (kb.partial(next)) load_mask(mk, mask_r0, mask_r1, next * BLOCK_N, t4, sl.S);
+#endif
+#if ALIBI
+            alibi.apply(s, i, n0 + 2 * t4, scale);
 #endif
             const bool rescale =
                 softmax_block(s, m_i, l_i, alpha, vis, vis.tile_full(mw, 64, n0, BLOCK_N), i, n0, t4, scale_log2);
@@ -617,7 +656,7 @@ flash_fwd_sm90(const __grid_constant__ TmaMap tm_q, const __grid_constant__ TmaM
                     *reinterpret_cast<u32*>(ob + row * o_sm + vt * 8 + 2 * t4) = pack2<IS_BF16>(
                         empty ? 0.f : acc[vt * 4 + 2 * r] * inv, empty ? 0.f : acc[vt * 4 + 2 * r + 1] * inv);
                 if (t4 == 0)
-                    lseb[row] = empty ? -CUSDPA_INF : FLOAT_MASK ? m_i[r] + log2f(l) * LN2 : (m_i[r] + log2f(l)) * LN2;
+                    lseb[row] = empty ? -CUSDPA_INF : NATURAL ? m_i[r] + log2f(l) * LN2 : (m_i[r] + log2f(l)) * LN2;
             }
         }
     }

@@ -47,6 +47,12 @@ def _nvrtc_jobs():
                 for mask in masks:
                     mask_cfg = config.FlashConfig.for_problem(E, Ev, 4096, False, mask)
                     yield source, sources.compile_options(dtype, E, Ev, dropout, mask_cfg, mask=mask) + ("-arch=sm_90a",)
+                if E == Ev and E in (64, 128, 256) and dropout:  # ... and ALiBi, both ways
+                    mask_cfg = config.FlashConfig.for_problem(E, Ev, 4096, False, "bool")
+                    yield source, sources.compile_options(dtype, E, Ev, dropout, mask_cfg, mask="bool",
+                                                          alibi=True) + ("-arch=sm_90a",)
+                    yield "flash_fwd_sm90.cu", sources.compile_options(dtype, E, Ev, dropout, mask_cfg, mask="bool",
+                                                                       alibi=True) + ("-arch=sm_90a",)
     for mask in sources.MASK_CODES:  # the attn_mask's summary (kernels_cuda/mask_summary.cu)
         if mask:
             yield "mask_summary.cu", ("-std=c++17", f"-DATTN_MASK={sources.MASK_CODES[mask]}")
@@ -265,6 +271,25 @@ MASKED = {
 def test_attn_mask_on_the_hopper_kernels(name, rng):
     """Forward and backward (a float mask's values without its gradient: EFFICIENT computes that)."""
     _gpu_check(MASKED[name], rng)
+
+
+ALIBI = {
+    "head_causal_lower_right": Case(L=150, S=333, E=64, causal="lower_right", alibi="head"),
+    "batch_gqa_e128": Case(hq=8, hkv=2, L=130, S=200, E=128, alibi="batch"),
+    "bool_mask_window": Case(L=300, S=300, E=64, window=(37, 11), mask="bool", alibi="head"),
+    "float_mask_e96": Case(dtype="float16", L=77, S=90, E=96, mask="float", mask_shape=(2, 1, 77, 90),
+                           alibi="batch"),
+    "varlen_e256": Case(hq=4, hkv=2, E=256, varlen=((5, 70), (130, 40), (64, 64)), causal="lower_right",
+                        alibi="batch"),
+}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", sorted(ALIBI))
+def test_alibi_on_the_hopper_kernels(name, rng):
+    """ALiBi (FlashAttention's bias, bottom-right aligned) forward and backward on the Hopper kernels, called
+    directly (dispatch keeps ALiBi off FLASH until this has passed on a GPU: Capabilities.alibi)."""
+    _gpu_check(ALIBI[name], rng)
 
 
 @pytest.mark.gpu

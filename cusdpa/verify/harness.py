@@ -50,6 +50,7 @@ class Case:
     kv_batch_broadcast: bool = False  # key/value with batch dims of size 1
     transposed: bool = False  # q/k/v are (..., L, H, E) arrays viewed as (..., H, L, E)
     varlen: tuple | None = None  # ((Lb, Sb), ...) per sequence: packed layout
+    alibi: str | None = None  # ALiBi slopes: None, "head" (Hq,) or "batch" (*batch or sequences, Hq)
 
     def __repr__(self) -> str:
         """The fields that differ from the defaults, as an expression that rebuilds the case."""
@@ -112,14 +113,23 @@ def _mask(case: Case, rng, xp):
     return xp.asarray(values.astype(np.float32).astype(np_dtype(case.mask_dtype or case.dtype)))
 
 
+def _slopes(case: Case, rng, xp):
+    """ALiBi slopes in (0, 0.5), float32, per query head or per batch (sequence) and query head, or None."""
+    if case.alibi is None:
+        return None
+    lead = () if case.alibi == "head" else ((len(case.varlen),) if case.varlen is not None else case.batch)
+    return xp.asarray((0.5 * rng.random(lead + (case.hq,))).astype(np.float32))
+
+
 def build(case: Case, xp, rng) -> problem.Problem:
     """The validated Problem of ``case`` with values drawn from ``rng``, on arrays of ``xp``."""
     q, k, v, vl = _qkv(case, rng, xp)
     mask = _mask(case, rng, xp)
     seed = (int(rng.integers(0, 2**63)) if case.seed is None else case.seed, case.offset)
+    slopes = _slopes(case, rng, xp)
     if vl is None:
-        return problem.from_dense(q, k, v, mask, case.options(), seed)
-    return problem.from_varlen(q, k, v, *vl, case.options(), seed)
+        return problem.from_dense(q, k, v, mask, case.options(), seed, alibi_slopes=slopes)
+    return problem.from_varlen(q, k, v, *vl, case.options(), seed, alibi_slopes=slopes)
 
 
 # ---- judging -------------------------------------------------------------------------------------------

@@ -7,7 +7,8 @@ broadcast batch inputs; empty sizes) on NumPy or CuPy arrays and runs it in torc
 numerics of a careful fused kernel, so that a backend is held to what its precision allows:
 
   s = scale * q k^T from the low-precision inputs, accumulated in fp32 (fp64 for fp64 inputs),
-      soft-capped (softcap * tanh(s / softcap)) if asked, plus a float mask converted to that precision;
+      soft-capped (softcap * tanh(s / softcap)) if asked, ALiBi's bias (-slope * |i + S - L - j|) if given,
+      plus a float mask converted to that precision;
   causal, window and a bool mask as -inf; softmax in fp32; P = 0 on rows that see no key;
   dropout: P * keep / (1 - p), keep the exact mask of cusdpa.philox (seed, offset, flat batch-head);
   P rounded to the input dtype before P @ V, the output in the input dtype; lse = logsumexp(s) in fp32.
@@ -85,6 +86,11 @@ def _dense(torch, pr: problem.Problem, dout, bh_base: int):
     float_mask = pr.mask_kind == "float"
     allowed = reference.structural_mask(pr.L, pr.S, pr.causal, pr.lower_right, pr.window)
     allowed = None if allowed is None else torch.as_tensor(allowed, device=device)
+    slopes = None
+    if pr.alibi_slopes is not None:  # as the reference adds it: after the cap, before a float mask
+        slopes = as_tensor(pr.alibi_slopes, device).to(acc).expand(full + (pr.hq,))
+        rows, keys = torch.arange(pr.L, device=device), torch.arange(pr.S, device=device)
+        distance = (rows[:, None] + (pr.S - pr.L) - keys[None, :]).abs().to(acc)
 
     out = torch.zeros(full + (pr.hq, pr.L, pr.Ev), dtype=dt, device=device)
     lse = torch.full(full + (pr.hq, pr.L), -torch.inf, dtype=torch.float32, device=device)
@@ -99,6 +105,8 @@ def _dense(torch, pr: problem.Problem, dout, bh_base: int):
         s = (qc.to(acc) @ kc.repeat_interleave(g, 0).to(acc).transpose(-1, -2)) * pr.scale
         if pr.softcap:
             s = pr.softcap * torch.tanh(s / pr.softcap)
+        if slopes is not None:
+            s = s - slopes[b][h0:h1, None, None] * distance
         if float_mask:
             s = s + leaves[3]
         visible = allowed

@@ -89,7 +89,7 @@ def build(pr, out_strides: tuple, backward: bool, dout_strides: tuple | None = N
     backward's dout with ``dout_strides`` (default: as out); None for anything else. Without ``backward``
     the backward kernels are neither compiled nor planned; ``deterministic`` backward kernels sum in a
     fixed order."""
-    if pr.varlen is not None or pr.offset:
+    if pr.varlen is not None or pr.offset or pr.alibi_slopes is not None:  # (the slopes are no slot)
         return None
     mask_strides, seen_bytes, blocks_bytes = None, 0, 0
     if pr.mask is not None:  # read in place (its address is the caller's per call), or no plan
