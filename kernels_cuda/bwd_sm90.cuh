@@ -223,7 +223,7 @@ __device__ __forceinline__ void gradients_of_step(float (&s)[QT * 4], float (&dp
                                                   const float* sD, float scale_log2, const DropScale& z,
                                                   const mask_t* mask, long long m_sm, float slope, u32 (&pt)[QT * 2],
                                                   u32 (&dst)[QT * 2]) {
-    full = full && !ATTN_MASK && !ALIBI;
+    full = full && !ATTN_MASK;  // (ALiBi needs no selects: its p is computed the same either way)
     unsigned long long attend = ~0ull;
     if constexpr (ATTN_MASK == 1) attend = mask_bits<QT>(mask, m_sm, vis.L, vis.S, j, c0, t);
     wgmma_wait<1>();
