@@ -68,10 +68,20 @@ __device__ __forceinline__ DropScale drop_scale(u32 seed_lo, u32 seed_hi, u32 of
 #ifndef ALIBI
 #define ALIBI 0
 #endif
+#ifndef SOFTCAP
+#define SOFTCAP 0
+#endif
 constexpr bool FLOAT_MASK = ATTN_MASK >= 2;
-// probabilities from natural-unit scores (sLse holds lse itself): a float mask or ALiBi (FlashAttention's:
-// -slope * |i + S - L - j| added to score (i, j), as the forward added it)
-constexpr bool NATURAL = FLOAT_MASK || ALIBI;
+// probabilities from natural-unit scores (sLse holds lse itself): a float mask, ALiBi (FlashAttention's:
+// -slope * |i + S - L - j| added to score (i, j), as the forward added it) or soft-capping (the scaled
+// score x replaced by softcap * tanh(x / softcap) first, whose derivative 1 - tanh^2 multiplies dS)
+constexpr bool NATURAL = FLOAT_MASK || ALIBI || SOFTCAP;
+
+// The score modifiers of a step: ALiBi's slope of the step's head; soft-capping's softcap and
+// cap_k = 2 log2(e) scale / softcap (the forward's soft_cap).
+struct Modifiers {
+    float slope, cap_k, softcap;
+};
 #if ATTN_MASK == 2
 typedef __half mask_t;
 __device__ __forceinline__ float mask_float(mask_t x) { return __half2float(x); }
@@ -162,10 +172,12 @@ __device__ __forceinline__ float mask_at(const mask_reg_t (&mv)[N], int x) {
 // Full tiles without a mask skip both: at E = 64 the compares and selects were a third of a step's
 // instructions.
 // PART of PARTS: elements [PART, PART + 1) * QT * 4 / PARTS only, whose float mask values `mv` holds.
+// SOFTCAP: each element's 1 - tanh^2 into cg, as float16 pairs (element x in half x % 2 of cg[x / 2]).
 template <int QT, bool MASKED, int PART = 0, int PARTS = 1>
 __device__ __forceinline__ void probabilities_t(float (&s)[QT * 4], const Visibility<int>& vis, int j, int c0, int t,
                                                 const float* sLse, float scale_log2, unsigned long long attend,
-                                                const mask_reg_t (&mv)[QT * 4 / MASK_PACK / PARTS], float slope) {
+                                                const mask_reg_t (&mv)[QT * 4 / MASK_PACK / PARTS],
+                                                const Modifiers& mod, u32 (&cg)[QT * 2]) {
     constexpr int X0 = PART * QT * 4 / PARTS;
     int lo[2], hi[2];
 #pragma unroll
@@ -181,9 +193,17 @@ __device__ __forceinline__ void probabilities_t(float (&s)[QT * 4], const Visibi
         // overflow to -inf in the log2 domain, as the forward explains)
         float add = FLOAT_MASK ? mask_at(mv, x - X0) : 0.f;
         if (ALIBI)  // key j + 8 r, query c0 + col
-            add += -slope * static_cast<float>(abs(c0 + col + vis.S - vis.L - (j + 8 * (x % 4 / 2))));
-        const float p = NATURAL ? exp2f(__fmul_rn(fmaf(s[x], scale_log2 * LN2, add) - sLse[col], LOG2E))
-                                : exp2f(__fmul_rn(s[x], scale_log2) - sLse[col]);
+            add += -mod.slope * static_cast<float>(abs(c0 + col + vis.S - vis.L - (j + 8 * (x % 4 / 2))));
+        float score;  // natural units (NATURAL)
+        if (SOFTCAP) {  // as the forward's soft_cap, keeping 1 - tanh^2 for dS
+            const float th = 1.f - 2.f / (exp2f(s[x] * mod.cap_k) + 1.f);
+            const u32 h = __half_as_ushort(__float2half_rn(1.f - th * th));
+            cg[x / 2] = x % 2 ? (cg[x / 2] & 0xffffu) | (h << 16) : (cg[x / 2] & 0xffff0000u) | h;
+            score = mod.softcap * th + add;
+        } else {
+            score = fmaf(s[x], scale_log2 * LN2, add);
+        }
+        const float p = NATURAL ? exp2f(__fmul_rn(score - sLse[col], LOG2E)) : exp2f(__fmul_rn(s[x], scale_log2) - sLse[col]);
         // the mask's term only where there is one: a constant ~0 attend still made ptxas serialise every
         // wgmma of the kernel (C7511)
         const bool attends = !ATTN_MASK || (FLOAT_MASK ? add != -CUSDPA_INF : ((attend >> x) & 1u));
@@ -194,9 +214,11 @@ __device__ __forceinline__ void probabilities_t(float (&s)[QT * 4], const Visibi
 // (P o Z)^T and dS^T = P^T o (dP^T o Z^T - D) of a thread's elements (probabilities_t's P^T, dP^T; sD
 // holding D from the thread's first column), rounded in pairs into A-fragment registers; MASKED: dS^T = 0
 // where P^T is -0.
+// SOFTCAP: dS^T times probabilities_t's 1 - tanh^2 (cg).
 template <int QT, bool MASKED>
 __device__ __forceinline__ void gradients_t(const float (&p)[QT * 4], const float (&dp)[QT * 4], const float* sD, int t,
-                                            const DropScale& z, u32 (&pt)[QT * 2], u32 (&dst)[QT * 2]) {
+                                            const DropScale& z, const u32 (&cg)[QT * 2], u32 (&pt)[QT * 2],
+                                            u32 (&dst)[QT * 2]) {
 #pragma unroll
     for (int nt = 0; nt < QT; ++nt)
 #pragma unroll
@@ -206,6 +228,8 @@ __device__ __forceinline__ void gradients_t(const float (&p)[QT * 4], const floa
 #pragma unroll
             for (int c = 0; c < 2; ++c) {
                 ds[c] = p[x + c] * (z(dp[x + c], x + c) - sD[col + c]);
+                if (SOFTCAP)
+                    ds[c] *= __half2float(__ushort_as_half(static_cast<unsigned short>(c ? cg[x / 2] >> 16 : cg[x / 2])));
                 if (MASKED && __float_as_uint(p[x + c]) == 0x80000000u) ds[c] = 0.f;
             }
             pt[nt * 2 + r] = pack2<IS_BF16>(z(p[x], x), z(p[x + 1], x + 1));
@@ -221,8 +245,8 @@ template <int QT>
 __device__ __forceinline__ void gradients_of_step(float (&s)[QT * 4], float (&dp)[QT * 4], bool full,
                                                   const Visibility<int>& vis, int j, int c0, int t, const float* sLse,
                                                   const float* sD, float scale_log2, const DropScale& z,
-                                                  const mask_t* mask, long long m_sm, float slope, u32 (&pt)[QT * 2],
-                                                  u32 (&dst)[QT * 2]) {
+                                                  const mask_t* mask, long long m_sm, const Modifiers& mod,
+                                                  u32 (&pt)[QT * 2], u32 (&dst)[QT * 2]) {
     full = full && !ATTN_MASK;  // (ALiBi needs no selects: its p is computed the same either way)
     unsigned long long attend = ~0ull;
     if constexpr (ATTN_MASK == 1) attend = mask_bits<QT>(mask, m_sm, vis.L, vis.S, j, c0, t);
@@ -231,21 +255,22 @@ __device__ __forceinline__ void gradients_of_step(float (&s)[QT * 4], float (&dp
     // a float mask's elements after S^T (not gathered under it as the bits are: a register each, which at
     // E = 128 left too few for the products), while dP^T still runs
     mask_reg_t mv[QT * 4 / MASK_PACK / MASK_PARTS];
+    u32 cg[QT * 2];  // SOFTCAP's 1 - tanh^2
     if constexpr (MASK_PARTS == 1) {
         if constexpr (FLOAT_MASK) mask_values<QT, 0, 1>(mask, m_sm, vis.L, vis.S, j, c0, t, mv);
-        if (full) probabilities_t<QT, false>(s, vis, j, c0, t, sLse, scale_log2, attend, mv, slope);
-        else probabilities_t<QT, true>(s, vis, j, c0, t, sLse, scale_log2, attend, mv, slope);
+        if (full) probabilities_t<QT, false>(s, vis, j, c0, t, sLse, scale_log2, attend, mv, mod, cg);
+        else probabilities_t<QT, true>(s, vis, j, c0, t, sLse, scale_log2, attend, mv, mod, cg);
     } else {  // a float32 mask, half its elements at a time; the second half loaded after the first is used
         mask_values<QT, 0, 2>(mask, m_sm, vis.L, vis.S, j, c0, t, mv);
-        probabilities_t<QT, true, 0, 2>(s, vis, j, c0, t, sLse, scale_log2, attend, mv, slope);
+        probabilities_t<QT, true, 0, 2>(s, vis, j, c0, t, sLse, scale_log2, attend, mv, mod, cg);
         asm volatile("" ::: "memory");
         mask_values<QT, 1, 2>(mask, m_sm, vis.L, vis.S, j, c0, t, mv);
-        probabilities_t<QT, true, 1, 2>(s, vis, j, c0, t, sLse, scale_log2, attend, mv, slope);
+        probabilities_t<QT, true, 1, 2>(s, vis, j, c0, t, sLse, scale_log2, attend, mv, mod, cg);
     }
     wgmma_wait<0>();
     fence_regs(dp);
-    if (full) gradients_t<QT, false>(s, dp, sD, t, z, pt, dst);
-    else gradients_t<QT, true>(s, dp, sD, t, z, pt, dst);
+    if (full) gradients_t<QT, false>(s, dp, sD, t, z, cg, pt, dst);
+    else gradients_t<QT, true>(s, dp, sD, t, z, cg, pt, dst);
 }
 
 // Zero a thread's rows (row, row + 8) of a 64 x N accumulator piece where they see no key: outside [lo, hi)
@@ -401,7 +426,7 @@ __device__ __forceinline__ int blocks_before(const Visibility<int>& vis, int n, 
         float scale_log2, int left, int right, int lower_right, unsigned int seed_lo, unsigned int seed_hi,          \
         unsigned int offset, unsigned int threshold, float rp_dropout, const mask_t *__restrict__ mask,              \
         long long m_sb, long long m_sh, long long m_sm, const unsigned char *__restrict__ seen, long long sk_b,      \
-        long long sk_h, const float *__restrict__ slopes, long long slopes_b
+        long long sk_h, const float *__restrict__ slopes, long long slopes_b, float softcap
 
 // A Hopper backward CTA's place: its key block n of its (batch, kv head) slice (`descending`: blockIdx.x = 0
 // takes the last), the rows and keys that matter, and the

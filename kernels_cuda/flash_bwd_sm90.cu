@@ -235,6 +235,7 @@ flash_bwd_sm90(BWD90_KERNEL_PARAMS) {
 
     // ---- consumers ----
     setmaxnreg_inc<MMA_REGS>();
+    const float cap_k = SOFTCAP ? 2.f * LOG2E * (scale_log2 * LN2) / softcap : 0.f;  // the forward's soft_cap
     const int cw = wg - 1;  // keys [64 cw, 64 cw + 64) of the block
     const int g = lane / 4, t = lane % 4;
     const int j = n0 + cw * 64 + (warp % 4) * 16 + g;  // this thread's keys are j and j + 8
@@ -266,7 +267,7 @@ flash_bwd_sm90(BWD90_KERNEL_PARAMS) {
         gradients_of_step<QT>(s, dp, vis.tile_full(m0, BLOCK_M, n0 + cw * 64, 64), vis, j, m0, t,
                               sm.sLse + st * BLOCK_M, sm.sD + st * BLOCK_M, scale_log2, z,
                               mask + slice.b * m_sb + h * m_sh, m_sm,
-                              ALIBI ? slopes[slice.b * slopes_b + h] : 0.f, pt, dst);
+                              Modifiers{ALIBI ? slopes[slice.b * slopes_b + h] : 0.f, cap_k, softcap}, pt, dst);
         fence_regs(pt);
         fence_regs(dst);
         // dS^T of both warpgroups into shared memory for the dQ product (the buffer of two steps ago, which

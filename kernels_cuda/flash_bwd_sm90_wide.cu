@@ -133,6 +133,7 @@ flash_bwd_sm90_wide(BWD90_KERNEL_PARAMS) {
 
     // ---- consumers ----
     setmaxnreg_inc<MMA_REGS>();
+    const float cap_k = SOFTCAP ? 2.f * LOG2E * (scale_log2 * LN2) / softcap : 0.f;  // the forward's soft_cap
     const int cw = wg - 1;  // queries [32 cw, 32 cw + 32) of S^T; columns of dK, dV and dQ from E_W0 cw, EV_W0 cw
     const int g = lane / 4, t = lane % 4, x = threadIdx.x % 128;
     const int j = n0 + (warp % 4) * 16 + g;  // this thread's keys are j and j + 8
@@ -167,7 +168,7 @@ flash_bwd_sm90_wide(BWD90_KERNEL_PARAMS) {
             gradients_of_step<QT>(s, dp, vis.tile_full(c0, 32, n0, BLOCK_N), vis, j, c0, t,
                                   sm.sLse + st * BLOCK_M + 32 * cw, sm.sD + st * BLOCK_M + 32 * cw, scale_log2, z,
                                   mask + slice.b * m_sb + h * m_sh, m_sm,
-                              ALIBI ? slopes[slice.b * slopes_b + h] : 0.f, pt, dst);
+                              Modifiers{ALIBI ? slopes[slice.b * slopes_b + h] : 0.f, cap_k, softcap}, pt, dst);
             // both halves of P^T and dS^T into shared memory (the buffers of two steps ago, which both warpgroups
             // finished reading before they met at the last step's barrier)
             unsigned char* sPts = sPt + (it % 2) * SPDS_BYTES;

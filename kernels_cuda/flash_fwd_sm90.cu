@@ -48,7 +48,7 @@
 // Extra -D options: FWD90_WARPGROUPS (consumer warpgroups, 2 or 3), FWD90_BLOCK_N, FWD90_STAGES (K/V
 // buffers), FWD90_PINGPONG (1: consumers take turns; 0: they issue when ready), ATTN_MASK, ALIBI (1: the
 // slopes' bias added, `slopes` per (batch, head) with batch stride `slopes_b`; scores in natural units as
-// with a float mask). E and Ev multiples of 32 up to 256.
+// with a float mask), SOFTCAP (1: scores soft-capped by `softcap` first). E and Ev multiples of 32 up to 256.
 #include "sm90.cuh"
 // @WGMMA_WRAPPERS@ FWD90_BLOCK_N HEAD_DIM_V
 
@@ -81,8 +81,11 @@ static_assert(BLOCK_N % 16 == 0 && BLOCK_N >= 16 && BLOCK_N <= 256, "FWD90_BLOCK
 #ifndef ALIBI
 #define ALIBI 0
 #endif
+#ifndef SOFTCAP
+#define SOFTCAP 0
+#endif
 constexpr bool FLOAT_MASK = ATTN_MASK >= 2;
-constexpr bool NATURAL = FLOAT_MASK || ALIBI;  // scores in natural units (see the top of the file)
+constexpr bool NATURAL = FLOAT_MASK || ALIBI || SOFTCAP;  // scores in natural units (see the top of the file)
 #if ATTN_MASK == 1
 typedef unsigned char mask_t;
 typedef unsigned short mask_pair_t;  // two bytes, the lower key in the lower byte
@@ -253,19 +256,30 @@ __device__ __forceinline__ void apply_mask(float (&s)[NT * 4], const mask_pair_t
             s0 = (m & 0xffu) ? s0 : -CUSDPA_INF;
             s1 = (m & 0xff00u) ? s1 : -CUSDPA_INF;
 #elif ATTN_MASK == 4
-            s0 = fmaf(s0, scale, m.x);
-            s1 = fmaf(s1, scale, m.y);
+            s0 = SOFTCAP ? s0 + m.x : fmaf(s0, scale, m.x);  // soft-capped scores come scaled already
+            s1 = SOFTCAP ? s1 + m.y : fmaf(s1, scale, m.y);
 #else
 #if ATTN_MASK == 2
             const float2 f = __half22float2(m);
 #else
             const float2 f = __bfloat1622float2(m);
 #endif
-            s0 = fmaf(s0, scale, f.x);
-            s1 = fmaf(s1, scale, f.y);
+            s0 = SOFTCAP ? s0 + f.x : fmaf(s0, scale, f.x);
+            s1 = SOFTCAP ? s1 + f.y : fmaf(s1, scale, f.y);
 #endif
         }
     }
+}
+#endif
+
+// ---- logit soft-capping --------------------------------------------------------------------------------
+#if SOFTCAP
+// softcap * tanh(s * scale / softcap), the scores' first transformation (then ALiBi, then a float mask),
+// in natural units; tanh as 1 - 2 / (e^2x + 1) with the MUFU exponential (exact to fp32's last bits where
+// it matters: tanh.approx's 2^-11 would move a score of 20 by 0.01), +-1 where e^2x overflows or vanishes.
+// `k` = 2 log2(e) scale / softcap.
+__device__ __forceinline__ float soft_cap(float x, float k, float softcap) {
+    return softcap * (1.f - 2.f / (exp2f(x * k) + 1.f));
 }
 #endif
 
@@ -287,7 +301,7 @@ struct Alibi {
                 for (int c = 0; c < 2; ++c) {
                     float& x = s[nt * 4 + 2 * r + c];
                     const float bias = -slope * static_cast<float>(abs(i + 8 * r + shift - (j0 + nt * 8 + c)));
-                    x = FLOAT_MASK ? x + bias : fmaf(x, scale, bias);
+                    x = FLOAT_MASK || SOFTCAP ? x + bias : fmaf(x, scale, bias);
                 }
     }
 };
@@ -404,7 +418,7 @@ flash_fwd_sm90(const __grid_constant__ TmaMap tm_q, const __grid_constant__ TmaM
                const int* __restrict__ schedule, const mask_t* __restrict__ mask, long long m_sb, long long m_sh,
                long long m_sm, const unsigned char* __restrict__ seen, long long sk_b, long long sk_h,
                const signed char* __restrict__ blocks, long long bs_b, long long bs_h, long long bs_m,
-               const float* __restrict__ slopes, long long slopes_b) {
+               const float* __restrict__ slopes, long long slopes_b, float softcap) {
     extern __shared__ __align__(1024) unsigned char smem[];
     unsigned char* sQ = smem;  // every size is a multiple of 1024: each tile keeps the swizzle alignment
     unsigned char* sK = sQ + SQ_BYTES;
@@ -501,8 +515,11 @@ flash_fwd_sm90(const __grid_constant__ TmaMap tm_q, const __grid_constant__ TmaM
     const int g = lane / 4, t4 = lane % 4;
     const unsigned char* sQwg = sQ + cw * 64 * QK_SW;
     const Dropout drop{seed_lo, seed_hi, offset, threshold};
-#if ATTN_MASK || ALIBI
+#if ATTN_MASK || ALIBI || SOFTCAP
     const float scale = scale_log2 * LN2;  // a float mask and ALiBi are added to the scores scaled by this
+#endif
+#if SOFTCAP
+    const float cap_k = 2.f * LOG2E * scale / softcap;
 #endif
     // Ping-pong: consumer cw issues after barrier 1 + cw opens and then opens the next consumer's. The
     // first consumer's first turn is free; the last consumer's last opening is absorbed at the end.
@@ -575,6 +592,10 @@ flash_fwd_sm90(const __grid_constant__ TmaMap tm_q, const __grid_constant__ TmaM
         fence_regs(s);
         release(k_empty + st);
         if (next >= tile.n_end) release(q_empty);
+#if SOFTCAP
+#pragma unroll
+        for (int x = 0; x < NT * 4; ++x) s[x] = soft_cap(s[x], cap_k, softcap);
+#endif
 #if ATTN_MASK
         if (kb.partial(n)) apply_mask(s, mk, scale);
         // the next block's, a softmax ahead (past the tile's last block: unused)
@@ -611,6 +632,10 @@ flash_fwd_sm90(const __grid_constant__ TmaMap tm_q, const __grid_constant__ TmaM
             fence_regs(s);
             release(k_empty + st);
             if (next >= tile.n_end) release(q_empty);
+#if SOFTCAP
+#pragma unroll
+            for (int x = 0; x < NT * 4; ++x) s[x] = soft_cap(s[x], cap_k, softcap);
+#endif
 #if ATTN_MASK
             if (kb.partial(n)) apply_mask(s, mk, scale);
             if (kb.partial(next)) load_mask(mk, mask_r0, mask_r1, next * BLOCK_N, t4, sl.S);

@@ -47,12 +47,11 @@ def _nvrtc_jobs():
                 for mask in masks:
                     mask_cfg = config.FlashConfig.for_problem(E, Ev, 4096, False, mask)
                     yield source, sources.compile_options(dtype, E, Ev, dropout, mask_cfg, mask=mask) + ("-arch=sm_90a",)
-                if E == Ev and E in (64, 128, 256) and dropout:  # ... and ALiBi, both ways
-                    mask_cfg = config.FlashConfig.for_problem(E, Ev, 4096, False, "bool")
-                    yield source, sources.compile_options(dtype, E, Ev, dropout, mask_cfg, mask="bool",
-                                                          alibi=True) + ("-arch=sm_90a",)
-                    yield "flash_fwd_sm90.cu", sources.compile_options(dtype, E, Ev, dropout, mask_cfg, mask="bool",
-                                                                       alibi=True) + ("-arch=sm_90a",)
+                if E == Ev and E in (64, 128, 256) and dropout:  # ... and ALiBi and soft-capping, both ways
+                    mod_cfg = config.FlashConfig.for_problem(E, Ev, 4096, False, "bool", softcap=True)
+                    for src in (source, "flash_fwd_sm90.cu"):
+                        yield src, sources.compile_options(dtype, E, Ev, dropout, mod_cfg, mask="bool", alibi=True,
+                                                           softcap=True) + ("-arch=sm_90a",)
     for mask in sources.MASK_CODES:  # the attn_mask's summary (kernels_cuda/mask_summary.cu)
         if mask:
             yield "mask_summary.cu", ("-std=c++17", f"-DATTN_MASK={sources.MASK_CODES[mask]}")
@@ -290,6 +289,25 @@ def test_alibi_on_the_hopper_kernels(name, rng):
     """ALiBi (FlashAttention's bias, bottom-right aligned) forward and backward on the Hopper kernels, called
     directly (dispatch keeps ALiBi off FLASH until this has passed on a GPU: Capabilities.alibi)."""
     _gpu_check(ALIBI[name], rng)
+
+
+SOFTCAP = {
+    "causal_e128": Case(L=300, S=300, E=128, causal="upper_left", softcap=30.0),
+    "gqa_alibi_bool_e64": Case(hq=8, hkv=2, L=130, S=200, E=64, softcap=5.0, alibi="head", mask="bool"),
+    "float_mask_e96": Case(dtype="float16", L=77, S=90, E=96, softcap=2.0, mask="float",
+                           mask_shape=(2, 1, 77, 90)),
+    "dropout_window": Case(L=150, S=140, E=64, dropout_p=0.3, window=(40, 0), softcap=10.0),
+    "varlen_e256": Case(hq=4, hkv=2, E=256, varlen=((5, 70), (130, 40)), causal="lower_right", softcap=20.0),
+}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", sorted(SOFTCAP))
+def test_softcap_on_the_hopper_kernels(name, rng):
+    """Logit soft-capping (softcap * tanh(score / softcap), the scaled score's first transformation) forward
+    and backward on the Hopper kernels, called directly (dispatch keeps it off FLASH until this has passed
+    on a GPU: Capabilities.softcap)."""
+    _gpu_check(SOFTCAP[name], rng)
 
 
 @pytest.mark.gpu

@@ -47,7 +47,8 @@ class FlashConfig:
 
     @staticmethod
     @functools.cache
-    def for_problem(E: int, Ev: int, L: int, causal: bool, mask: str | None = None) -> "FlashConfig":
+    def for_problem(E: int, Ev: int, L: int, causal: bool, mask: str | None = None,
+                    softcap: bool = False) -> "FlashConfig":
         """``for_head_dims`` with the Hopper forward's tiles, from sweeps on the H200 (BENCHMARKS.md): 128-key
         blocks for E <= 128, with three consumer warpgroups (192 query rows) for E <= 64 (at E = 64 the
         exponentials cost as much as both products, and a third warpgroup's softmax fills the tensor
@@ -58,7 +59,9 @@ class FlashConfig:
         diagonal blocks are masked). With an attn_mask (``mask``: its kind, a key of sources.MASK_CODES)
         each thread holds its scores' mask elements too (a register per pair of keys, two for float32):
         two warpgroups, and key blocks short enough that nothing spills (checked with ptxas); the backward
-        keeps a bit per score of a step, which at 128 queries a step spills from E = 64 on: 64 there."""
+        keeps a bit per score of a step, which at 128 queries a step spills from E = 64 on: 64 there. With
+        soft-capping (``softcap``) the backward keeps each score's 1 - tanh^2 as well: 64 queries a step
+        too."""
         cfg = FlashConfig.for_head_dims(E, Ev)
         d = max(E, Ev)
         if d <= 64 and (not causal or L >= 2048):
@@ -74,6 +77,8 @@ class FlashConfig:
             block_n = 128 if d <= 64 else (96 if wide else 128) if d <= 128 else (80 if wide else 96) if d <= 192 else 48
             cfg = dataclasses.replace(cfg, fwd90_warpgroups=2, fwd90_block_n=block_n,
                                       bwd90_block_m=cfg.bwd90_block_m if d <= 32 else 64)
+        if softcap and d > 32:
+            cfg = dataclasses.replace(cfg, bwd90_block_m=64)
         deeper = dataclasses.replace(cfg, fwd90_stages=3)
         if causal and smem_bytes("fwd_sm90", deeper, E, Ev) <= MAX_SMEM:
             cfg = deeper

@@ -145,7 +145,7 @@ def _dropout(pr):
 
 
 def config(pr) -> FlashConfig:
-    return FlashConfig.for_problem(pr.E, pr.Ev, pr.L, pr.causal, mask_kind(pr))
+    return FlashConfig.for_problem(pr.E, pr.Ev, pr.L, pr.causal, mask_kind(pr), bool(pr.softcap))
 
 
 def mask_kind(pr) -> str | None:
@@ -254,6 +254,17 @@ class MaskSummary:
                 np.int64(n_m * n_n if self.heads > 1 else 0), np.int64(n_n if self.rows > 1 else 0))
 
 
+def _modified_options(pr, cfg) -> tuple:
+    """The Hopper kernels' compile options with ``pr``'s attn_mask and score modifiers."""
+    return sources.compile_options(pr.dtype_name, pr.E, pr.Ev, pr.dropout_p > 0, cfg, mask=mask_kind(pr),
+                                   alibi=pr.alibi_slopes is not None, softcap=bool(pr.softcap))
+
+
+def _modifier_args(pr) -> tuple:
+    """The Hopper kernels' last arguments: ALiBi's (``_alibi_args``), then the softcap (0: none)."""
+    return (*_alibi_args(pr), np.float32(pr.softcap))
+
+
 def _alibi_args(pr) -> tuple:
     """ALiBi's slopes as the Hopper kernels read them: float32 per (flattened batch or sequence, query head),
     heads contiguous, and the batch stride in elements (0: one slope per head for every batch), or zeros.
@@ -307,16 +318,16 @@ def forward_launches(pr, lay, o_strides, mask_strides=None) -> list[Launch]:
     opts = sources.compile_options(pr.dtype_name, pr.E, pr.Ev, pr.dropout_p > 0, cfg)
     tail = (*_lse_strides(pr), np.float32(pr.scale * math.log2(math.e)), *_visibility(pr), *_dropout(pr))
     if sm90_forward_applies(pr.E, pr.Ev, sources.compute_capability(dev), cfg):
-        opts = sources.compile_options(pr.dtype_name, pr.E, pr.Ev, pr.dropout_p > 0, cfg, mask=mask_kind(pr),
-                                       alibi=pr.alibi_slopes is not None)
+        opts = _modified_options(pr, cfg)
         if pr.mask is None:
             return [_sm90_forward_launch(pr, lay, o_strides, cfg, opts, tail, NO_MASK)]
         summary = forward_mask(pr, mask_strides)
         mask = (Slot("mask"), *mask_strides, *summary.seen_args(), *summary.block_args(pr.S))
         return [*summary.launches(pr, blocks=True, skip=cfg.fwd90_mask_blocks),
                 _sm90_forward_launch(pr, lay, o_strides, cfg, opts, tail, mask)]
-    if pr.mask is not None or pr.alibi_slopes is not None:  # environment_reasons keeps dispatch away; a
-        raise NotImplementedError("FLASH reads an attn_mask and ALiBi on the Hopper kernels only")  # direct call
+    if pr.mask is not None or pr.alibi_slopes is not None or pr.softcap:  # environment_reasons keeps dispatch
+        raise NotImplementedError(  # away; a direct call must not drop them
+            "FLASH takes an attn_mask, ALiBi and soft-capping on the Hopper kernels only")
     smem, block_m, threads = smem_bytes("fwd", cfg, pr.E, pr.Ev), cfg.fwd_block_m, cfg.fwd_warps * 32
     fn = sources.kernel(dev, "flash_fwd.cu", "flash_fwd", opts, smem)
     grid = ((pr.L + block_m - 1) // block_m, lay.B * pr.hq)
@@ -352,7 +363,7 @@ def _sm90_forward_launch(pr, lay, o_strides, cfg, opts, tail, mask) -> Launch:
     schedule = 0 if packed or not cfg.fwd90_schedule else _tile_schedule(pr, dev, BH, num_m, chunk_heads, grid[0], block_m, block_n)
     args = (*(m for m, _, _ in maps), Slot("o"), Slot("lse"), *_common(pr, lay),
             *(x for _, hm, bm in maps for x in (hm, bm)), *o_strides, *tail, np.int32(BH), np.int32(num_m),
-            np.int32(chunk_heads), schedule, *mask, *_alibi_args(pr))
+            np.int32(chunk_heads), schedule, *mask, *_modifier_args(pr))
     return Launch(fn, grid, (128 * (cfg.fwd90_warpgroups + 1),), smem, args)
 
 
@@ -478,10 +489,9 @@ def backward_launches(pr, lay, strides, deterministic: bool = False, mask_stride
             summary = backward_mask(pr, mask_strides)
             mask = (Slot("mask"), *mask_strides, *summary.seen_args())
             launches[:0] = summary.launches(pr, blocks=False)
-        tail = (scale, scale_log2, *vis, *drop, *mask, *_alibi_args(pr))
+        tail = (scale, scale_log2, *vis, *drop, *mask, *_modifier_args(pr))
         if pr.S:
-            main = sources.compile_options(pr.dtype_name, pr.E, pr.Ev, pr.dropout_p > 0, cfg, mask=mask_kind(pr),
-                                           alibi=pr.alibi_slopes is not None)
+            main = _modified_options(pr, cfg)
             launches.append(_sm90_backward_launch(pr, lay, strides, cfg, main, tail, accum, deterministic))
         if pr.L:
             fn = sources.kernel(dev, _sm90_backward_source(pr), "flash_bwd_dq_convert", opts() + ("-arch=sm_90a",), 0)
@@ -490,8 +500,8 @@ def backward_launches(pr, lay, strides, deterministic: bool = False, mask_stride
                                    (Slot("dq_accum"), Slot("dq"), *_common(pr, lay)[:5], *accum[2:], *strides["dq"],
                                     scale, *vis)))
         return launches
-    if pr.mask is not None or pr.alibi_slopes is not None:
-        raise NotImplementedError("FLASH reads an attn_mask and ALiBi on the Hopper kernels only")
+    if pr.mask is not None or pr.alibi_slopes is not None or pr.softcap:
+        raise NotImplementedError("FLASH takes an attn_mask, ALiBi and soft-capping on the Hopper kernels only")
     if pr.S:
         grid = ((pr.S + cfg.bwd_block_n - 1) // cfg.bwd_block_n, lay.B * pr.hkv)
         smem = smem_bytes("dkdv", cfg, pr.E, pr.Ev)
@@ -658,11 +668,11 @@ def environment_reasons(pr) -> list[str]:
         cc = sources.compute_capability(device(pr))
         if cc < 80:
             reasons.append(f"needs compute capability >= 8.0 (bf16/fp16 mma.sync), cuda:{device(pr)} has {cc / 10}")
-        if pr.mask is not None or pr.alibi_slopes is not None:
+        if pr.mask is not None or pr.alibi_slopes is not None or pr.softcap:
             cfg = config(pr)
             if not (sm90_forward_applies(pr.E, pr.Ev, cc, cfg) and sm90_backward_applies(pr.E, pr.Ev, cc, cfg)):
-                reasons.append("attn_mask and ALiBi run on the Hopper kernels only (compute capability 9.0, E and "
-                               "Ev multiples of 32 up to 128, or from 64 to 256)")
+                reasons.append("attn_mask, ALiBi and soft-capping run on the Hopper kernels only (compute "
+                               "capability 9.0, E and Ev multiples of 32 up to 128, or from 64 to 256)")
             if mask_kind(pr) not in sources.MASK_CODES:
                 reasons.append(f"a {mask_kind(pr)} attn_mask is not read (bool, float16, bfloat16 or float32)")
         batch = pr.varlen.batch if pr.varlen is not None else math.prod(pr.batch_shape)
