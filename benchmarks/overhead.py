@@ -121,7 +121,7 @@ def main():
     small = torch.randn(1, 8, 128, 64, device="cuda", dtype=torch.half)
     sg = small.detach().requires_grad_()
     fwd_out, fwd_lse = ops.sdpa_fwd(*op_args)
-    bwd_args = (q, q, q, q, None, None, fwd_out, fwd_lse, *values, None, backends, False)
+    bwd_args = (q, q, q, q, None, None, fwd_out, fwd_lse, *values, None, backends, False, False)
     with torch.no_grad():
         print("the general path (first calls of a signature; masks, varlen):")
         measure({"problem.from_dense": lambda: problem.from_dense(cq, cq, cq, None, causal),

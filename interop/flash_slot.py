@@ -205,7 +205,7 @@ def sdpa_flash_backward(grad_out, query, key, value, out, logsumexp, cum_seq_q, 
     seed = _replay_seed(philox_seed, dropout_p)
     options, backends = _resolve(dropout_p, is_causal, scale, query.size(1) != key.size(1))
     dq, dk, dv, _ = ops.call(ops.sdpa_bwd, grad_out, *_unit(query, key, value), None, None, out, logsumexp, *options,
-                             seed, backends, torch.are_deterministic_algorithms_enabled())
+                             seed, backends, torch.are_deterministic_algorithms_enabled(), False)
     return _laid_out_like(dq, query), _laid_out_like(dk, key), _laid_out_like(dv, value)
 
 
@@ -255,7 +255,7 @@ def flash_backward(grad_out, query, key, value, out, logsumexp, cum_seq_q, cum_s
     deterministic = torch.are_deterministic_algorithms_enabled()
     if cum_seq_q is None:
         grads = ops.call(ops.sdpa_bwd, *_bhsd(grad_out, q, k, v), None, None, out.transpose(1, 2), logsumexp,
-                         *options, seed, backends, deterministic)[:3]
+                         *options, seed, backends, deterministic, False)[:3]
         grads = _bhsd(*grads)
     else:
         grads = ops.call(ops.varlen_bwd, grad_out, q, k, v, cum_seq_q, cum_seq_k, None, out, logsumexp, max_q, max_k,

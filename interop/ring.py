@@ -177,7 +177,8 @@ class RingAttention(torch.autograd.Function):
             for p in pairs:
                 gq, gk, gv, _ = ops.call(ops.sdpa_bwd, dout[:, :, p.qs], q[:, :, p.qs], k_cur[:, :, p.ks],
                                          v_cur[:, :, p.ks], p.mask, None, out[:, :, p.qs], lse[:, :, p.qs],
-                                         *_with_causal(ctx.values, p.causal), None, ctx.backends, deterministic)
+                                         *_with_causal(ctx.values, p.causal), None, ctx.backends, deterministic,
+                                         False)
                 dq[:, :, p.qs] += gq
                 dk_cur[:, :, p.ks] += gk
                 dv_cur[:, :, p.ks] += gv
