@@ -1,13 +1,14 @@
 """Masked attention, cusdpa against PyTorch's default SDPA given the same mask, in one process: the masks
 issue's three shapes (and the same shapes unmasked, for scale).
 
-    python benchmarks/masks.py [--backward] [--no-mask-blocks]
+    python benchmarks/masks.py [--backward] [--config FIELD=INT ...]
 
 Shapes (bf16): a bool mask (B, 1, L, S), B=4 H=16 L=S=4096 E=128, a quarter of its entries False; a float
 mask (1, H, L, S) of the same problem (normal values); a key-padding bool mask (B, 1, 1, S) as Hugging
 Face models pass it, B=8 H=16 L=2048 E=64, the last 25% of each sequence's keys padding; and a bool mask
 whose 128 x 128 blocks are 90% all False (the masks issue's block-sparsity bar: at least 5x faster than the
-unmasked shape). ``--no-mask-blocks`` turns off the Hopper forward's block summary (FlashConfig.fwd90_mask_blocks).
+unmasked shape). ``--config`` overrides FlashConfig fields for every call: ``fwd90_mask_blocks=0`` reads every
+block's mask, ``fwd90_persistent=0`` launches a CTA per tile.
 Each call's output
 is compared with PyTorch's (relative Frobenius error) before it is timed; times are medians of
 triton.testing.do_bench (L2 flushed). TF/s count the dense products (4 B H L S E forward, 2.5x that
@@ -49,11 +50,13 @@ def shapes():
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--backward", action="store_true", help="also time forward + backward")
-    ap.add_argument("--no-mask-blocks", action="store_true", help="the Hopper forward's mask block summary off")
+    ap.add_argument("--config", nargs="*", default=[], metavar="FIELD=INT",
+                    help="FlashConfig fields to override, e.g. fwd90_mask_blocks=0 fwd90_persistent=0")
     args = ap.parse_args()
-    if args.no_mask_blocks:
+    if args.config:
+        changes = {field: int(value) for field, value in (item.split("=") for item in args.config)}
         config = launches.config
-        launches.config = lambda pr: dataclasses.replace(config(pr), fwd90_mask_blocks=False)
+        launches.config = lambda pr: dataclasses.replace(config(pr), **changes)
     sdpa = torch.nn.functional.scaled_dot_product_attention
     rows = []
     for name, (q, k, v), mask in shapes():

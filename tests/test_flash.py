@@ -414,6 +414,19 @@ def test_attn_mask_cases_without_the_block_summary(name, rng, monkeypatch):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("name", ["gqa", "window", "dropout", "varlen"])
+def test_hopper_forward_with_a_cta_per_tile(name, rng, monkeypatch):
+    """FlashConfig.fwd90_persistent off: a CTA per tile instead of one per SM walking its tiles."""
+    import dataclasses
+
+    from cusdpa.backends.flash import launches
+
+    real = launches.config
+    monkeypatch.setattr(launches, "config", lambda pr: dataclasses.replace(real(pr), fwd90_persistent=False))
+    _gpu_check(FEATURES[name], rng, grads=False)
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("name", ["gqa", "mqa", "dropout", "strided", "varlen", "causal_short_keys"])
 def test_mma_sync_kernels_where_wgmma_would_run(name, rng, monkeypatch):
     """On Hopper the forward and dK/dV take the wgmma kernels; the portable mma.sync ones must stay right too."""

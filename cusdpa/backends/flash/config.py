@@ -27,6 +27,9 @@ class FlashConfig:
     fwd90_stages: int = 2  # K and V buffers of the producer's ring
     fwd90_pingpong: bool = True  # consumer warpgroups take turns issuing their products
     fwd90_schedule: bool = True  # dense tiles dealt by the host's least-loaded schedule (else round-robin)
+    # one CTA per SM walking its tiles (else a CTA per tile, balanced by the hardware as CTAs finish: for
+    # tiles whose work the host cannot know, such as a mask's skipped blocks; to be measured)
+    fwd90_persistent: bool = True
     # the attn_mask's block summary (kernels_cuda/mask_summary.cu) used to skip key blocks with nothing
     # attended and read no mask where every visible pair is attended (off: every block visited and read)
     fwd90_mask_blocks: bool = True

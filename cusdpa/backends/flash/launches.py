@@ -359,8 +359,9 @@ def _sm90_forward_launch(pr, lay, o_strides, cfg, opts, tail, mask) -> Launch:
     BH, num_m = lay.B * pr.hq, (pr.L + block_m - 1) // block_m
     kv_bytes_per_head = max(pr.S, 1) * (pr.E + pr.Ev) * 2 / pr.group
     chunk_heads = int(min(BH, max(1, L2_SHARE // kv_bytes_per_head)))
-    grid = (min(BH * num_m, sources.multiprocessors(dev)), 1)
-    schedule = 0 if packed or not cfg.fwd90_schedule else _tile_schedule(pr, dev, BH, num_m, chunk_heads, grid[0], block_m, block_n)
+    grid = (min(BH * num_m, sources.multiprocessors(dev)) if cfg.fwd90_persistent else BH * num_m, 1)
+    schedule = 0 if packed or not (cfg.fwd90_schedule and cfg.fwd90_persistent) else \
+        _tile_schedule(pr, dev, BH, num_m, chunk_heads, grid[0], block_m, block_n)
     args = (*(m for m, _, _ in maps), Slot("o"), Slot("lse"), *_common(pr, lay),
             *(x for _, hm, bm in maps for x in (hm, bm)), *o_strides, *tail, np.int32(BH), np.int32(num_m),
             np.int32(chunk_heads), schedule, *mask, *_modifier_args(pr))
