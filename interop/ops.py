@@ -181,14 +181,16 @@ def _plan(query, key, value, attn_mask, options: tuple, backends: str) -> plans.
     return plans.lookup(_signature(query, key, value, attn_mask, options, backends), make)
 
 
-def _mask_buffers(query, attn_mask, plan: plans.Plan) -> tuple:
-    """The attn_mask's address and the buffers its summary writes (``Plan.seen_bytes``, ``blocks_bytes``),
-    allocated on the caller's stream, as the kernels take them (zeros without a mask)."""
+def _mask_buffers(query, attn_mask, plan: plans.Plan, blocks: bool = True) -> tuple:
+    """The attn_mask's address and the buffers its summary writes (``Plan.seen_bytes`` and, for the forward
+    (``blocks``), ``blocks_bytes``), allocated on the caller's stream, as the kernels take them (zeros without
+    a mask)."""
     if attn_mask is None:
-        return 0, 0, 0
-    seen = query.new_empty(plan.seen_bytes, dtype=torch.uint8)
-    blocks = query.new_empty(max(plan.blocks_bytes, 1), dtype=torch.int8)
-    return attn_mask.data_ptr(), seen.data_ptr(), blocks.data_ptr()
+        return (0, 0, 0) if blocks else (0, 0)
+    seen = query.new_empty(plan.seen_bytes, dtype=torch.uint8).data_ptr()
+    if not blocks:
+        return attn_mask.data_ptr(), seen
+    return attn_mask.data_ptr(), seen, query.new_empty(max(plan.blocks_bytes, 1), dtype=torch.int8).data_ptr()
 
 
 def _backward_plan(query, key, value, attn_mask, options: tuple, backends: str, grad_out, out, lse,
@@ -312,7 +314,7 @@ def _sdpa_bwd(grad_out, query, key, value, attn_mask, alibi_slopes, out, lse, *r
                                   grad_out.data_ptr(), lse.data_ptr(), delta.data_ptr(), dq.data_ptr(),
                                   dk.data_ptr(), dv.data_ptr(), seed_of(seed, options[0]),
                                   dq_accum.data_ptr() if dq_accum is not None else 0,
-                                  *_mask_buffers(query, attn_mask, plan)[:2])
+                                  *_mask_buffers(query, attn_mask, plan, blocks=False))
             return dq, dk, dv, _nothing(query)
     grad_out = grad_out.contiguous()
     with bridge.on_stream(query.device):

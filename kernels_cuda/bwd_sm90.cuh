@@ -62,20 +62,9 @@ __device__ __forceinline__ DropScale drop_scale(u32 seed_lo, u32 seed_hi, u32 of
 // + 2 r + c) attends; mask_values gives a float mask's elements there. `mask` points at the (batch, query
 // head) slice; rows past L and keys past S read row L - 1 and key S - 1 (in bounds; the visibility rule
 // selects those elements out).
-#ifndef ATTN_MASK
-#define ATTN_MASK 0
-#endif
-#ifndef ALIBI
-#define ALIBI 0
-#endif
-#ifndef SOFTCAP
-#define SOFTCAP 0
-#endif
-constexpr bool FLOAT_MASK = ATTN_MASK >= 2;
-// probabilities from natural-unit scores (sLse holds lse itself): a float mask, ALiBi (FlashAttention's:
-// -slope * |i + S - L - j| added to score (i, j), as the forward added it) or soft-capping (the scaled
-// score x replaced by softcap * tanh(x / softcap) first, whose derivative 1 - tanh^2 multiplies dS)
-constexpr bool NATURAL = FLOAT_MASK || ALIBI || SOFTCAP;
+// NATURAL (sm90.cuh): probabilities from natural-unit scores (sLse holds lse itself): a float mask, ALiBi
+// (FlashAttention's: -slope * |i + S - L - j| added to score (i, j), as the forward added it) or soft-capping
+// (the scaled score x replaced by softcap * tanh(x / softcap) first, whose derivative 1 - tanh^2 multiplies dS)
 
 // The score modifiers of a step: ALiBi's slope of the step's head; soft-capping's softcap and
 // cap_k = 2 log2(e) scale / softcap (the forward's soft_cap).
@@ -83,19 +72,12 @@ struct Modifiers {
     float slope, cap_k, softcap;
 };
 #if ATTN_MASK == 2
-typedef __half mask_t;
 __device__ __forceinline__ float mask_float(mask_t x) { return __half2float(x); }
 #elif ATTN_MASK == 3
-typedef __nv_bfloat16 mask_t;
 __device__ __forceinline__ float mask_float(mask_t x) { return __bfloat162float(x); }
-#elif ATTN_MASK == 4
-typedef float mask_t;
-__device__ __forceinline__ float mask_float(mask_t x) { return x; }
 #else
-typedef unsigned char mask_t;
 __device__ __forceinline__ float mask_float(mask_t x) { return x; }
 #endif
-static_assert(ATTN_MASK >= 0 && ATTN_MASK <= 4, "ATTN_MASK: 0 none, 1 bool, 2 float16, 3 bfloat16, 4 float32");
 
 template <int QT>
 __device__ __forceinline__ unsigned long long mask_bits(const mask_t* mask, long long m_sm, int L, int S, int j, int i0,

@@ -75,28 +75,14 @@ constexpr int V_SW = HEAD_DIM_V % 64 == 0 ? 128 : 64;
 static_assert(MMA_WG == 2 || MMA_WG == 3, "FWD90_WARPGROUPS must be 2 or 3");
 static_assert(BLOCK_N % 16 == 0 && BLOCK_N >= 16 && BLOCK_N <= 256, "FWD90_BLOCK_N: a multiple of 16 up to 256");
 
-#ifndef ATTN_MASK
-#define ATTN_MASK 0
-#endif
-#ifndef ALIBI
-#define ALIBI 0
-#endif
-#ifndef SOFTCAP
-#define SOFTCAP 0
-#endif
-constexpr bool FLOAT_MASK = ATTN_MASK >= 2;
-constexpr bool NATURAL = FLOAT_MASK || ALIBI || SOFTCAP;  // scores in natural units (see the top of the file)
+// (ATTN_MASK, ALIBI, SOFTCAP, mask_t: sm90.cuh; NATURAL scores as the top of the file says)
 #if ATTN_MASK == 1
-typedef unsigned char mask_t;
 typedef unsigned short mask_pair_t;  // two bytes, the lower key in the lower byte
 #elif ATTN_MASK == 2
-typedef __half mask_t;
 typedef __half2 mask_pair_t;
 #elif ATTN_MASK == 3
-typedef __nv_bfloat16 mask_t;
 typedef __nv_bfloat162 mask_pair_t;
 #else
-typedef float mask_t;
 typedef float2 mask_pair_t;
 #endif
 
@@ -573,6 +559,23 @@ flash_fwd_sm90(const __grid_constant__ TmaMap tm_q, const __grid_constant__ TmaM
         float s[NT * 4];
         u32 p[NT * 2];
 
+        // Block n's scores as the softmax takes them: soft-capped, masked (the next block's mask elements then
+        // loaded, a softmax ahead; past the tile's last block: unused), ALiBi's bias added.
+        auto modify_scores = [&](int n, int next, int n0) {
+#if SOFTCAP
+#pragma unroll
+            for (int x = 0; x < NT * 4; ++x) s[x] = soft_cap(s[x], cap_k, softcap);
+#endif
+#if ATTN_MASK
+            if (kb.partial(n)) apply_mask(s, mk, scale);
+            if (kb.partial(next)) load_mask(mk, mask_r0, mask_r1, next * BLOCK_N, t4, sl.S);
+#endif
+#if ALIBI
+            alibi.apply(s, i, n0 + 2 * t4, scale);
+#endif
+            (void)n, (void)next, (void)n0;
+        };
+
         // The first block: S, softmax, P.
         mbar_wait_warp(q_full, q_phase);
         q_phase ^= 1;
@@ -592,18 +595,7 @@ flash_fwd_sm90(const __grid_constant__ TmaMap tm_q, const __grid_constant__ TmaM
         fence_regs(s);
         release(k_empty + st);
         if (next >= tile.n_end) release(q_empty);
-#if SOFTCAP
-#pragma unroll
-        for (int x = 0; x < NT * 4; ++x) s[x] = soft_cap(s[x], cap_k, softcap);
-#endif
-#if ATTN_MASK
-        if (kb.partial(n)) apply_mask(s, mk, scale);
-        // the next block's, a softmax ahead (past the tile's last block: unused)
-        if (kb.partial(next)) load_mask(mk, mask_r0, mask_r1, next * BLOCK_N, t4, sl.S);
-#endif
-#if ALIBI
-        alibi.apply(s, i, n0 + 2 * t4, scale);
-#endif
+        modify_scores(n, next, n0);
         softmax_block(s, m_i, l_i, alpha, vis, vis.tile_full(mw, 64, n0, BLOCK_N), i, n0, t4, scale_log2);
         round_p(s, p, i, n0, t4, drop, sl.bh);
 
@@ -632,17 +624,7 @@ flash_fwd_sm90(const __grid_constant__ TmaMap tm_q, const __grid_constant__ TmaM
             fence_regs(s);
             release(k_empty + st);
             if (next >= tile.n_end) release(q_empty);
-#if SOFTCAP
-#pragma unroll
-            for (int x = 0; x < NT * 4; ++x) s[x] = soft_cap(s[x], cap_k, softcap);
-#endif
-#if ATTN_MASK
-            if (kb.partial(n)) apply_mask(s, mk, scale);
-            if (kb.partial(next)) load_mask(mk, mask_r0, mask_r1, next * BLOCK_N, t4, sl.S);
-#endif
-#if ALIBI
-            alibi.apply(s, i, n0 + 2 * t4, scale);
-#endif
+            modify_scores(n, next, n0);
             const bool rescale =
                 softmax_block(s, m_i, l_i, alpha, vis, vis.tile_full(mw, 64, n0, BLOCK_N), i, n0, t4, scale_log2);
             wgmma_wait<0>();

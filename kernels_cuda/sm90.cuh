@@ -129,6 +129,32 @@ __device__ __forceinline__ void fence_regs(u32 (&d)[N]) {
 // Generic-proxy writes (the producer's zeroed rows) must be ordered before the tensor cores' async-proxy reads.
 __device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
 
+// Score modifiers of the Hopper kernels, chosen at compile time (-D): ATTN_MASK (0 none, 1 bool (a byte,
+// nonzero = attend), 2 float16, 3 bfloat16, 4 float32, added to the scaled scores), ALIBI (FlashAttention's
+// bias from per-head slopes), SOFTCAP (softcap * tanh(x / softcap) of the scaled score x). A float mask, ALiBi
+// and soft-capping put the scores in natural units (NATURAL): each kernel says why.
+#ifndef ATTN_MASK
+#define ATTN_MASK 0
+#endif
+#ifndef ALIBI
+#define ALIBI 0
+#endif
+#ifndef SOFTCAP
+#define SOFTCAP 0
+#endif
+static_assert(ATTN_MASK >= 0 && ATTN_MASK <= 4, "ATTN_MASK: 0 none, 1 bool, 2 float16, 3 bfloat16, 4 float32");
+constexpr bool FLOAT_MASK = ATTN_MASK >= 2;
+constexpr bool NATURAL = FLOAT_MASK || ALIBI || SOFTCAP;
+#if ATTN_MASK == 2
+typedef __half mask_t;
+#elif ATTN_MASK == 3
+typedef __nv_bfloat16 mask_t;
+#elif ATTN_MASK == 4
+typedef float mask_t;
+#else
+typedef unsigned char mask_t;
+#endif
+
 // Keys that the attn_mask lets no query row see, for a producer warp that zeroes their K or V rows before the
 // products (NaN or inf stored at a padded key must not meet a probability of 0). `seen`: a byte per key of
 // the slice (kernels_cuda/mask_summary.cu), its row padded to 16 bytes with ones; nullptr: every key seen.

@@ -282,12 +282,15 @@ def _alibi_args(pr) -> tuple:
 NO_MASK = (np.uint64(0), *(np.int64(0),) * 3, np.uint64(0), *(np.int64(0),) * 2, np.uint64(0), *(np.int64(0),) * 3)
 
 
-def mask_values(pr, operand, summary: MaskSummary) -> dict:
-    """The slot values of a masked call's launches: the mask operand and fresh seen and blocks buffers."""
+def mask_values(pr, operand, summary: MaskSummary, blocks: bool = True) -> dict:
+    """The slot values of a masked call's launches: the mask operand and fresh seen and (``blocks``: the
+    forward's) blocks buffers."""
     import cupy
 
-    return {"mask": operand, "seen": cupy.empty(summary.seen_bytes, dtype=np.uint8),
-            "blocks": cupy.empty(max(summary.blocks_bytes(pr.S), 1), dtype=np.int8)}
+    values = {"mask": operand, "seen": cupy.empty(summary.seen_bytes, dtype=np.uint8)}
+    if blocks:
+        values["blocks"] = cupy.empty(max(summary.blocks_bytes(pr.S), 1), dtype=np.int8)
+    return values
 
 
 def device(pr) -> int:
@@ -648,7 +651,7 @@ def _run_backward(pr, out, lse, dout, dq, dk, dv, deterministic):
         views["dq_accum"] = accum
     lse_c = cupy.ascontiguousarray(lse)
     mask = mask_operand(pr) if pr.mask is not None else None
-    extra = mask_values(pr, mask[0], backward_mask(pr, mask[1])) if mask else {}
+    extra = mask_values(pr, mask[0], backward_mask(pr, mask[1]), blocks=False) if mask else {}
     slots = values(q=lay.q, k=lay.k, v=lay.v, lse=lse_c, delta=cupy.empty_like(lse_c), **views,
                    **seed_values(pr.seed, pr.offset), **extra)
     run(backward_launches(pr, lay, strides, deterministic, mask and mask[1]), slots,
