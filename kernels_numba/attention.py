@@ -182,19 +182,23 @@ def forward(pr, out=None, lse=None, config=None):
 def backward(pr, out, lse, dout, grads=None, config=None):
     """(dq, dk, dv[, dmask]) for output gradient ``dout``; deterministic (no atomics) by construction.
 
+    A float mask's gradient is computed when ``grads`` is None or holds a fourth array for it (the torch op
+    passes three when the mask requires no gradient).
+
     ``out`` is not read: delta = rowsum(P * dP) is summed from P and dP in fp32 (see gradients.py).
     """
     cfg = config or config_module.current()
     xp = pr.xp
     targets = [_target(xp, None if grads is None else grads[n], x.shape, pr.dtype)
                for n, x in enumerate((pr.q, pr.k, pr.v))]
-    if pr.mask_kind == "float":
+    want_dmask = pr.mask_kind == "float" and (grads is None or len(grads) > 3)
+    if want_dmask:
         targets.append(_target(xp, None if grads is None else grads[3], pr.mask.shape, pr.mask.dtype))
     if pr.q.size == 0 or pr.k.size == 0:
         for t in targets:
             t[...] = 0
         return _deliver(xp, targets, grads)
-    if pr.mask_kind == "float":
+    if want_dmask:
         targets[3][...] = 0  # the dq kernel writes only the visible scores' entries
     views = _views(pr)
     plan = views.plan
@@ -222,7 +226,7 @@ def backward(pr, out, lse, dout, grads=None, config=None):
         reps_q, reps_k, reps_v = n_full // n_own_q, n_full // n_own_k, n_full // n_own_v
     dmask_direct = False
     dmask_v = xp.zeros((1,) * 6, dtype=np.float32)
-    if pr.mask_kind == "float":
+    if want_dmask:
         mask_tail = (1,) * (3 + plan.nb - pr.mask.ndim) + tuple(pr.mask.shape)
         dshape = plan.own3(pr.mask.reshape(mask_tail)) + mask_tail[-3:]
         full6 = plan.shape3 + (pr.hq, pr.L, pr.S)
@@ -248,7 +252,7 @@ def backward(pr, out, lse, dout, grads=None, config=None):
                 bq, bk, bv, bmask, bdout, blse, bdelta, a(layout.bits(dk_v)), a(layout.bits(dv_v)), cu_q, cu_k,
                 views.nb1, views.nb2, own[1], own[2], reps, want_dk, want_dv, pr.hq, pr.hkv, pr.group, pr.L, pr.S,
                 pr.E, pr.Ev, pr.scale, *structure)
-        if pr.mask_kind == "float" and not dmask_direct:
+        if want_dmask and not dmask_direct:
             n = math.prod(dshape)
             gradients.dmask_kernel(dq_spec)[cdiv(n, threads), threads, stream](
                 bq, bk, bv, bmask, bdout, blse, bdelta, a(layout.bits(dmask_v)), tuple(dshape), tuple(full6),

@@ -209,6 +209,25 @@ def case_nan_padding_does_not_leak(rng):
 
 
 @case
+def case_float_mask_without_its_gradient(rng):
+    """Three gradient arrays (the torch op's call when the mask requires no gradient): dq, dk, dv as with the
+    mask's gradient, and no fourth array asked for."""
+    from cusdpa import reference
+
+    q, k, v = _qkv(rng, (1,), 2, 2, 7, 9, 4, 4)
+    mask = rng.standard_normal((2, 7, 9)).astype(np.float32)
+    pr = problem.from_dense(q, k, v, mask, problem.Options(is_causal=True), None)
+    out, lse = efficient.IMPL.forward(pr)
+    dout = rng.standard_normal(out.shape).astype(np.float32)
+    grads = tuple(np.full(x.shape, np.nan, np.float32) for x in (q, k, v))
+    got = efficient.IMPL.backward(pr, out, lse, dout, False, grads)
+    want = reference.attention_grads(q, k, v, dout, mask, is_causal=True)
+    failures = [] if len(got) == 3 else [f"{len(got)} results for three arrays"]
+    return failures + [f"{name} differs from the reference" for name, g, w in zip(("dq", "dk", "dv"), got, want)
+                       if not np.allclose(g, w, atol=1e-4)]
+
+
+@case
 def case_empty_sequences(rng):
     failures = []
     for L, S in ((0, 5), (4, 0)):
