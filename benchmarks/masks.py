@@ -1,14 +1,15 @@
 """Masked attention, cusdpa against PyTorch's default SDPA given the same mask, in one process: the masks
 issue's three shapes (and the same shapes unmasked, for scale).
 
-    python benchmarks/masks.py [--backward] [--config FIELD=INT ...]
+    python benchmarks/masks.py [--backward] [--profile] [--config FIELD=INT ...]
 
 Shapes (bf16): a bool mask (B, 1, L, S), B=4 H=16 L=S=4096 E=128, a quarter of its entries False; a float
 mask (1, H, L, S) of the same problem (normal values); a key-padding bool mask (B, 1, 1, S) as Hugging
 Face models pass it, B=8 H=16 L=2048 E=64, the last 25% of each sequence's keys padding; and a bool mask
 whose 128 x 128 blocks are 90% all False (the masks issue's block-sparsity bar: at least 5x faster than the
 unmasked shape). ``--config`` overrides FlashConfig fields for every call: ``fwd90_mask_blocks=0`` reads every
-block's mask, ``fwd90_persistent=0`` launches a CTA per tile.
+block's mask, ``fwd90_persistent=0`` launches a CTA per tile. ``--profile`` prints the GPU kernels of ten
+masked cusdpa calls of each shape (torch.profiler), to tell the mask's summary from the attention.
 Each call's output
 is compared with PyTorch's (relative Frobenius error) before it is timed; times are medians of
 triton.testing.do_bench (L2 flushed). TF/s count the dense products (4 B H L S E forward, 2.5x that
@@ -47,9 +48,21 @@ def shapes():
     yield "90% empty blocks (B,1,L,S)", qkv(B, H, L, E), sparse
 
 
+def _profile(name, fn, calls=10):
+    fn()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as kernels:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    print(f"\n{name}: GPU kernels of {calls} forward calls")
+    print(kernels.key_averages().table(sort_by="cuda_time_total", row_limit=6))
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--backward", action="store_true", help="also time forward + backward")
+    ap.add_argument("--profile", action="store_true", help="the GPU kernels of each masked call")
     ap.add_argument("--config", nargs="*", default=[], metavar="FIELD=INT",
                     help="FlashConfig fields to override, e.g. fwd90_mask_blocks=0 fwd90_persistent=0")
     args = ap.parse_args()
@@ -64,6 +77,8 @@ def main():
         ours, theirs = interop.scaled_dot_product_attention(q, k, v, mask), sdpa(q, k, v, mask)
         err = ((ours.float() - theirs.float()).norm() / theirs.float().norm()).item()
         flops = 4 * B * H * L * L * E
+        if args.profile:
+            _profile(name, lambda: interop.scaled_dot_product_attention(q, k, v, mask))
         for label, m in ((name, mask), (f"{name}, no mask", None)):
             fwd = [triton.testing.do_bench(lambda f=f: f(q, k, v, m)) for f in (interop.scaled_dot_product_attention, sdpa)]
             row = [label, err if m is not None else float("nan"), *fwd]

@@ -55,7 +55,6 @@ class Capabilities:
     zero_head_dim: bool = True  # E = 0 or Ev = 0 (PyTorch takes them; a tiled kernel has no tile to load)
     mask_kinds: frozenset = frozenset({"bool", "float"})
     mask_grad: bool = True  # a float attn_mask's gradient
-    float_mask_backward: bool = True  # the backward of a float attn_mask's call (its gradient not wanted)
     dropout: bool = True
     gqa: bool = True
     varlen: bool = True
@@ -86,8 +85,6 @@ class Capabilities:
             out.append(f"{pr.mask_kind} attn_mask not supported")
         if pr.mask_kind == "float" and need_grad and mask_grad and not self.mask_grad:
             out.append("no gradient for a float attn_mask")
-        elif pr.mask_kind == "float" and need_grad and not self.float_mask_backward:
-            out.append("a float attn_mask in the backward not supported yet")
         if pr.dropout_p > 0 and not self.dropout:
             out.append("dropout not supported")
         if pr.hq != pr.hkv and not self.gqa:

@@ -230,6 +230,11 @@ __device__ __forceinline__ void load_mask(mask_pair_t (&mk)[NT * 2], const mask_
 }
 
 // Scores with the mask applied: a bool mask's False -> -inf; a float mask: s * scale + mask (natural units).
+// HIDE (a float mask's tile that holds -inf at a visible pair, the summary's bit 8): -inf where the mask is
+// -inf whatever s is, so a NaN or inf score there (a non-finite query row that sees no key, a non-finite key
+// other rows see) stays hidden, as in the reference. Only such tiles pay the compare and select: on every
+// tile they cost a quarter of a float-masked forward's speed (the consumers spilled).
+template <bool HIDE>
 __device__ __forceinline__ void apply_mask(float (&s)[NT * 4], const mask_pair_t (&mk)[NT * 2], float scale) {
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt) {
@@ -241,17 +246,16 @@ __device__ __forceinline__ void apply_mask(float (&s)[NT * 4], const mask_pair_t
 #if ATTN_MASK == 1
             s0 = (m & 0xffu) ? s0 : -CUSDPA_INF;
             s1 = (m & 0xff00u) ? s1 : -CUSDPA_INF;
-#elif ATTN_MASK == 4
-            s0 = SOFTCAP ? s0 + m.x : fmaf(s0, scale, m.x);  // soft-capped scores come scaled already
-            s1 = SOFTCAP ? s1 + m.y : fmaf(s1, scale, m.y);
 #else
-#if ATTN_MASK == 2
+#if ATTN_MASK == 4
+            const float2 f = m;
+#elif ATTN_MASK == 2
             const float2 f = __half22float2(m);
 #else
             const float2 f = __bfloat1622float2(m);
 #endif
-            s0 = SOFTCAP ? s0 + f.x : fmaf(s0, scale, f.x);
-            s1 = SOFTCAP ? s1 + f.y : fmaf(s1, scale, f.y);
+            s0 = HIDE && f.x == -CUSDPA_INF ? f.x : SOFTCAP ? s0 + f.x : fmaf(s0, scale, f.x);  // soft-capped: scaled
+            s1 = HIDE && f.y == -CUSDPA_INF ? f.y : SOFTCAP ? s1 + f.y : fmaf(s1, scale, f.y);
 #endif
         }
     }
@@ -350,9 +354,9 @@ struct TileDeal {
 
 // The key blocks a tile visits: those of [n_begin, n_end), and with an attn_mask its summary (`blocks`, made
 // by the host, kernels_cuda/mask_summary.cu: per batch, head, query block and key block, 0 = nothing
-// attended, 1 = some, 2 = every visible pair; bit 4: a key of the block that no row of the tile attends) says
-// which to skip and where the mask elements must be read (`partial`), and the producer which V blocks may
-// hold keys no query of the slice sees (`holes`). Producer and consumers walk the same blocks, so the K/V
+// attended, 1 = some, 2 = every visible pair; bit 4: a key of the block that no row of the tile attends; bit
+// 8: a float mask's -inf at a visible pair) says which to skip and where the mask elements must be read
+// (`partial`, `hides`), and the producer which V blocks may hold keys no query of the slice sees (`holes`). Producer and consumers walk the same blocks, so the K/V
 // ring stays in step. Without a mask, every block.
 struct KeyBlocks {
 #if ATTN_MASK
@@ -371,6 +375,14 @@ struct KeyBlocks {
         return n >= n_end || (row[n] & 3) == 1;
 #else
         return true;
+#endif
+    }
+    // a float mask's -inf at a visible pair of block n (apply_mask's HIDE)
+    __device__ __forceinline__ bool hides(int n) const {
+#if ATTN_MASK
+        return (row[n] & 8) != 0;
+#else
+        return false;
 #endif
     }
     __device__ __forceinline__ bool holes(int n) const {
@@ -567,7 +579,12 @@ flash_fwd_sm90(const __grid_constant__ TmaMap tm_q, const __grid_constant__ TmaM
             for (int x = 0; x < NT * 4; ++x) s[x] = soft_cap(s[x], cap_k, softcap);
 #endif
 #if ATTN_MASK
-            if (kb.partial(n)) apply_mask(s, mk, scale);
+            if (kb.partial(n)) {
+                if (FLOAT_MASK && kb.hides(n))
+                    apply_mask<true>(s, mk, scale);
+                else
+                    apply_mask<false>(s, mk, scale);
+            }
             if (kb.partial(next)) load_mask(mk, mask_r0, mask_r1, next * BLOCK_N, t4, sl.S);
 #endif
 #if ALIBI

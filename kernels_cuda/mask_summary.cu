@@ -11,7 +11,8 @@
 //     block), 2 when the mask attends every pair of the tile that the visibility rule shows (a bool mask:
 //     the forward reads none of it), else 1 (always 1 where `skip` is 0: every block visited and read); plus 4 where a key of the tile is attended by none of its rows
 //     (the forward's producer then zeroes the V rows of the block's keys that `seen` marks unseen: a
-//     superset of the blocks holding them, known within the tile's own pass).
+//     superset of the blocks holding them, known within the tile's own pass); plus 8 where a float mask
+//     holds -inf at a visible pair of the tile (the forward then selects those scores out, NaN or not).
 //
 // Where the mask's rows broadcast (rows = 1, key padding) one query block covers every row and the
 // visibility rule is left to the kernels, which zero the rows outside the keys the slice sees themselves.
@@ -51,10 +52,20 @@ mask_summary(const mask_t* __restrict__ mask, long long m_sb, long long m_sh, lo
     bool any = false, hidden = false;  // an attended visible pair; a visible pair the mask hides
     if (threadIdx.x < groups * block_n && j < S) {
         const int r_end = min(m0 + block_m, rows);
-        for (int i = m0 + threadIdx.x / block_n; i < r_end; i += groups) {
-            const bool shown = rows == 1 || vis.visible(i, j), a = attends(m[i * m_sm + j]);
-            any |= shown && a;
-            hidden |= shown && !a;
+        // BATCH rows' loads in flight a thread (rows past the tile's end reload its last one, unused): one at a
+        // time left the pass at a quarter of the memory's speed
+        constexpr int BATCH = 8;
+        for (int i0 = m0 + threadIdx.x / block_n; i0 < r_end; i0 += BATCH * groups) {
+            mask_t x[BATCH];
+#pragma unroll
+            for (int u = 0; u < BATCH; ++u) x[u] = m[min(i0 + u * groups, r_end - 1) * m_sm + j];
+#pragma unroll
+            for (int u = 0; u < BATCH; ++u) {
+                const int i = i0 + u * groups;
+                const bool shown = i < r_end && (rows == 1 || vis.visible(i, j)), a = attends(x[u]);
+                any |= shown && a;
+                hidden |= shown && !a;
+            }
         }
         if (any) col_seen[c] = 1;
     }
@@ -63,7 +74,8 @@ mask_summary(const mask_t* __restrict__ mask, long long m_sb, long long m_sh, lo
     if (mine && col_seen[threadIdx.x]) seen[bh * seen_pitch + j] = 1;
     if (blocks != nullptr && threadIdx.x == 0)
         blocks[static_cast<long long>(bh) * gridDim.x + blockIdx.x] =
-            (!skip ? 1 : !tile_any ? 0 : (ATTN_MASK == 1 && !tile_hidden ? 2 : 1)) | (hole ? 4 : 0);
+            (!skip ? 1 : !tile_any ? 0 : (ATTN_MASK == 1 && !tile_hidden ? 2 : 1)) | (hole ? 4 : 0) |
+            (ATTN_MASK >= 2 && tile_hidden ? 8 : 0);
 }
 
 // `seen` before mask_summary: 0 for keys [0, S) of each row of `pitch` bytes, 1 for the padding after them.

@@ -286,8 +286,7 @@ ALIBI = {
 @pytest.mark.gpu
 @pytest.mark.parametrize("name", sorted(ALIBI))
 def test_alibi_on_the_hopper_kernels(name, rng):
-    """ALiBi (FlashAttention's bias, bottom-right aligned) forward and backward on the Hopper kernels, called
-    directly (dispatch keeps ALiBi off FLASH until this has passed on a GPU: Capabilities.alibi)."""
+    """ALiBi (FlashAttention's bias, bottom-right aligned) forward and backward on the Hopper kernels."""
     _gpu_check(ALIBI[name], rng)
 
 
@@ -305,8 +304,7 @@ SOFTCAP = {
 @pytest.mark.parametrize("name", sorted(SOFTCAP))
 def test_softcap_on_the_hopper_kernels(name, rng):
     """Logit soft-capping (softcap * tanh(score / softcap), the scaled score's first transformation) forward
-    and backward on the Hopper kernels, called directly (dispatch keeps it off FLASH until this has passed
-    on a GPU: Capabilities.softcap)."""
+    and backward on the Hopper kernels."""
     _gpu_check(SOFTCAP[name], rng)
 
 
@@ -316,7 +314,8 @@ def test_softcap_on_the_hopper_kernels(name, rng):
 def test_mask_summary_kernel_matches_numpy(kind, causal, rng):
     """kernels_cuda/mask_summary.cu against its definition in NumPy: the keys some query row attends (mask and
     visibility; with broadcast rows the mask's row alone) and, per 64 x 48 tile, 0 = nothing attended,
-    2 = every visible pair attended (bool), else 1, plus 4 where a key of the tile is attended by no row of it."""
+    2 = every visible pair attended (bool), else 1, plus 4 where a key of the tile is attended by no row of it
+    and 8 where a float mask holds -inf at a visible pair of it."""
     import cupy
 
     from cusdpa import problem
@@ -362,8 +361,9 @@ def test_mask_summary_kernel_matches_numpy(kind, causal, rng):
         tile = (slice(m * bmr, (m + 1) * bmr), slice(n * bn, (n + 1) * bn))
         want = 0 if not a[x][tile].any() else 2 if dtype == "bool" and not h[x][tile].any() else 1
         want |= 0 if a[x][tile].any(axis=0).all() else 4  # a key no row of the tile attends
+        want |= 8 if dtype != "bool" and h[x][tile].any() else 0  # a float mask's -inf at a visible pair
         assert got[x, m, n] == want, (x, m, n)
-        assert every[x, m, n] == want & 4 | 1, (x, m, n)  # skip off: every block read, its holes kept
+        assert every[x, m, n] == want & 12 | 1, (x, m, n)  # skip off: every block read, holes and -inf kept
     Bm, Hm = mshape[0], mshape[1]
     assert (int(sk_b), int(sk_h)) == ((Hm * pitch if Bm > 1 else 0), (pitch if Hm > 1 else 0))
     assert (int(bs_b), int(bs_h), int(bs_m)) == ((Hm * n_m * n_n if Bm > 1 else 0), (n_m * n_n if Hm > 1 else 0),

@@ -55,11 +55,13 @@ def test_masks_match_pytorch(rng, dtype, kind):
     assert not failures, "\n".join(failures)
 
 
+@pytest.mark.parametrize("kind", ["bool", "float"])
 @pytest.mark.parametrize("shape", [(2, 1, 1, 96), (2, 1, 80, 96)])
-def test_masked_calls_take_a_plan_and_summarise_each_mask(rng, shape):
+def test_masked_calls_take_a_plan_and_summarise_each_mask(rng, shape, kind):
     """A mask the kernels read in place (rows of whole key pairs) gives its calls a plan, one per signature,
     whose launches summarise each call's mask afresh: two masks of one signature in turn, values and
-    gradients each against the harness."""
+    gradients each against the harness (a float mask's values, -inf at hidden keys, require no gradient:
+    its call's backward runs on the plan too)."""
     from cusdpa.backends.flash import plans
 
     q = randn(rng, 2, 4, 80, 64, dtype=torch.bfloat16)
@@ -68,7 +70,9 @@ def test_masked_calls_take_a_plan_and_summarise_each_mask(rng, shape):
         keep = torch.rand(shape, device="cuda") < 0.7
         keep[..., 0] = True  # PyTorch gives NaN on a row with no visible key
         keep[0, ..., 96 - padding:] = False  # the second mask: padded keys, some key blocks empty
-        failures = harness.run_torch(interop.scaled_dot_product_attention, q, k, v, keep, rng=rng)
+        mask = keep if kind == "bool" else torch.randn(shape, device="cuda", dtype=torch.bfloat16).masked_fill(
+            ~keep, float("-inf"))
+        failures = harness.run_torch(interop.scaled_dot_product_attention, q, k, v, mask, rng=rng)
         assert not failures, "\n".join(failures)
     assert any(plan is not None and plan.seen_bytes for plan in plans._plans.values())
 

@@ -11,7 +11,7 @@ from . import launches
 
 CAPABILITIES = Capabilities(arrays=frozenset({"cupy"}), dtypes=frozenset({"float16", "bfloat16"}),
                             max_head_dim=256, head_dim_multiple=8, zero_head_dim=False,
-                            mask_grad=False, float_mask_backward=False, softcap=False, alibi=False)
+                            mask_grad=False)
 
 IMPL = Implementation(backend=Backend.FLASH, capabilities=CAPABILITIES,
                       environment_reasons=launches.environment_reasons, forward=launches.forward,

@@ -195,7 +195,8 @@ class MaskSummary:
     attends (a byte per (mask batch, mask head, key), rows of ``pitch`` bytes, the padding marked seen: the
     kernels zero the K and V rows of the others) and the forward's block summary (int8 per (mask batch, mask
     head, query block of ``block_m`` rows, key block of ``block_n``): 0 = nothing attended, 2 = every visible
-    pair attended (bool masks), else 1, plus 4 where a key of the tile is attended by none of its rows).
+    pair attended (bool masks), else 1, plus 4 where a key of the tile is attended by none of its rows and 8
+    where a float mask holds -inf at a visible pair of the tile).
     The launches take slots mask, seen and blocks, buffers of ``seen_bytes`` and ``blocks_bytes`` the caller
     allocates."""
 
