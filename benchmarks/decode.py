@@ -2,34 +2,57 @@
 ``interop.kv_cache_attention`` (contiguous and paged caches) against PyTorch's SDPA over the same cache and
 against the KV-read floor (the cache's bytes at 4.3 TB/s, what this H200 reads), in one process.
 
-    python benchmarks/decode.py [--block-size 256]
+    python benchmarks/decode.py [--block-size 256] [--profile] [--config TILE=32 DEPTH=2 WARPS=4]
 
 Shapes (the decode issue's, bf16, Hq = 32, Hkv = 8, E = 128): B=1 S=32768, B=16 S=8192, B=64 S=2048. The
 cache is (B, S, Hkv, E), as FlashAttention's kvcache takes it; PyTorch reads it through (B, Hkv, S, E) views
 with enable_gqa, as a static-cache model does. The paged cache holds the same keys in blocks of
 ``--block-size`` positions dealt to sequences in a shuffled block table. Each output is compared with
 PyTorch's (relative Frobenius error) before it is timed; times are medians of triton.testing.do_bench (L2
-flushed), in microseconds.
+flushed), in microseconds. ``--profile`` also prints, per shape, the GPU kernels of ten contiguous-cache calls
+(torch.profiler) and the host time of one call (until it returns, started on an idle GPU; median of 50).
+``--config`` sets the decode kernels' tile constants (cusdpa/backends/flash/decode.py) for a sweep.
 """
 from __future__ import annotations
 
 import argparse
+import statistics
+import time
 
 import torch
 import triton
 from torch.nn import functional as F
 
 import interop
+from benchmarks.bench.timing import print_kernels
+from cusdpa.backends.flash import decode
 
 SHAPES = ((1, 32768), (16, 8192), (64, 2048))
 HQ, HKV, E = 32, 8, 128
 READ_BYTES_PER_S = 4.3e12
 
 
+def _profile(name, fn):
+    print_kernels(name, fn)
+    host = []
+    for _ in range(50):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        host.append((time.perf_counter() - start) * 1e6)
+    torch.cuda.synchronize()
+    print(f"{name}: host us per call {statistics.median(host):.1f}")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--block-size", type=int, default=256, help="positions per block of the paged cache")
+    ap.add_argument("--profile", action="store_true", help="each shape's GPU kernels and host time per call")
+    ap.add_argument("--config", nargs="*", default=[], metavar="NAME=INT", help="decode kernel constants")
     args = ap.parse_args()
+    for item in args.config:
+        name, value = item.split("=")
+        setattr(decode, name, int(value))
     g = torch.Generator(device="cuda").manual_seed(0)
     rows = []
     for B, S in SHAPES:
@@ -55,6 +78,12 @@ def main():
             return F.scaled_dot_product_attention(q.transpose(1, 2), k_cache.transpose(1, 2), v_cache.transpose(1, 2),
                                                   enable_gqa=True).transpose(1, 2)
 
+        if args.profile:
+            for name, fn in (("cusdpa", ours), ("PyTorch", theirs)):
+                _profile(f"{name} B={B} S={S}", fn)
+            for plan in interop.kv_cache._plans.values():  # the grids the plans chose
+                print("launches (grid, block, smem):", [(x.grid, x.block, x.smem) for x in plan.launches])
+            interop.kv_cache._plans.clear()
         want = theirs().float()
         errors = [((f().float() - want).norm() / want.norm()).item() for f in (ours, ours_paged)]
         times = [triton.testing.do_bench(f) * 1e3 for f in (ours, ours_paged, theirs)]

@@ -24,6 +24,7 @@ import torch
 import triton
 
 import interop
+from benchmarks.bench.timing import print_kernels
 from cusdpa.backends.flash import launches
 
 
@@ -48,17 +49,6 @@ def shapes():
     yield "90% empty blocks (B,1,L,S)", qkv(B, H, L, E), sparse
 
 
-def _profile(name, fn, calls=10):
-    fn()
-    torch.cuda.synchronize()
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as kernels:
-        for _ in range(calls):
-            fn()
-        torch.cuda.synchronize()
-    print(f"\n{name}: GPU kernels of {calls} forward calls")
-    print(kernels.key_averages().table(sort_by="cuda_time_total", row_limit=6))
-
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--backward", action="store_true", help="also time forward + backward")
@@ -78,7 +68,7 @@ def main():
         err = ((ours.float() - theirs.float()).norm() / theirs.float().norm()).item()
         flops = 4 * B * H * L * L * E
         if args.profile:
-            _profile(name, lambda: interop.scaled_dot_product_attention(q, k, v, mask))
+            print_kernels(name, lambda: interop.scaled_dot_product_attention(q, k, v, mask))
         for label, m in ((name, mask), (f"{name}, no mask", None)):
             fwd = [triton.testing.do_bench(lambda f=f: f(q, k, v, m)) for f in (interop.scaled_dot_product_attention, sdpa)]
             row = [label, err if m is not None else float("nan"), *fwd]

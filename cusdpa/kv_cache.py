@@ -10,13 +10,16 @@ go to positions ``cache_seqlens[b]`` onwards, and the queries then attend to the
 + Lnew`` positions, causal and window aligned bottom-right (the last query with the last key). Output
 (B, Lq, Hq, Ev); lse (B, Hq, Lq).
 
-The plan (which cache cells are written) is made on the host from the sequence lengths and the block
-table, and the new tokens are moved with the array type's own indexing. On CuPy arrays (NumPy ones under
-Numba's CUDA simulator) the split-KV kernels of kernels_numba/decode.py then read the cache in place
-through the block table, where they take the call (up to 16 query rows per key/value head, head dims up to
-256); otherwise each sequence's visible cells are gathered into a packed copy for variable-length
-attention (the reference on NumPy arrays). The split-KV kernels are checked on the simulator and compiled
-for sm_90 in CI; their first GPU run and timing are the inference issue's next step.
+On CuPy fp16/bf16 arrays the tensor-core split-KV kernels (kernels_cuda/flash_decode.cu, planned in
+backends/flash/decode.py) take the call where they can (up to 16 query rows per kv head, head dims multiples
+of 8 up to 256, 16-byte rows): they append the new tokens and read the cache in place through the block
+table, and nothing on the host waits for the GPU, since lengths, block table and batch rows given as device
+arrays are read by the kernels only (their values are not checked, as FlashAttention does not check them;
+lengths past the capacity are clamped to it). Otherwise a host plan (which cache cells are written and read)
+is made from the lengths and the block table, the new tokens are moved with the array type's own indexing,
+and the Numba split-KV kernels of kernels_numba/decode.py (CuPy fp32, or NumPy arrays under Numba's CUDA
+simulator) read the cache in place; failing those, each sequence's visible cells are gathered into a packed
+copy for variable-length attention (the reference on NumPy arrays).
 """
 from __future__ import annotations
 
@@ -56,8 +59,9 @@ def _host_ints(x, name: str, shape: tuple | None = None) -> np.ndarray:
     return a.astype(np.int64)
 
 
-def plan(query_shape, k_cache_shape, v_cache_shape, new_shape, cache_seqlens, block_table, cache_batch_idx) -> CachePlan:
-    """Check the shapes of one call and make its CachePlan (``new_shape``: key's shape, or None)."""
+def check_shapes(query_shape, k_cache_shape, v_cache_shape, new_shape, table_shape, has_batch_idx: bool) -> tuple:
+    """Check the shapes of one call (``new_shape``: key's shape, or None; ``table_shape``: the block table's, or
+    None); returns (new tokens, capacity of a sequence in positions)."""
     if len(query_shape) != 4:
         raise ArgumentError(f"query.shape={tuple(query_shape)} must be (batch, queries, heads, head_dim)")
     B, _, hq, E = query_shape
@@ -77,29 +81,50 @@ def plan(query_shape, k_cache_shape, v_cache_shape, new_shape, cache_seqlens, bl
         if len(new_shape) != 4 or new_shape[0] != B or new_shape[2] != hkv or new_shape[3] != E:
             raise ArgumentError(f"key.shape={tuple(new_shape)} must be (B={B}, new tokens, Hkv={hkv}, E={E})")
         new = new_shape[1]
-    if block_table is not None:
-        if cache_batch_idx is not None:
-            raise ArgumentError("cache_batch_idx and block_table exclude each other: a paged cache's rows are blocks")
-        table = _host_ints(block_table, "block_table")
-        if table.ndim != 2 or table.shape[0] != B:
-            raise ArgumentError(f"block_table.shape={table.shape} must be (B={B}, blocks per sequence)")
-        if table.size and (table.min() < 0 or table.max() >= rows):
-            raise ArgumentError(f"block_table holds blocks outside [0, {rows})")
-        capacity = table.shape[1] * per_row
-    else:
-        index = np.arange(B) if cache_batch_idx is None else _host_ints(cache_batch_idx, "cache_batch_idx", (B,))
-        if index.size and (index.min() < 0 or index.max() >= rows):
-            raise ArgumentError(f"cache_batch_idx holds rows outside [0, {rows})")
-        capacity = per_row
+    if table_shape is None:
+        return new, per_row
+    if has_batch_idx:
+        raise ArgumentError("cache_batch_idx and block_table exclude each other: a paged cache's rows are blocks")
+    if len(table_shape) != 2 or table_shape[0] != B:
+        raise ArgumentError(f"block_table.shape={tuple(table_shape)} must be (B={B}, blocks per sequence)")
+    return new, table_shape[1] * per_row
+
+
+def _lengths(cache_seqlens, B: int, new: int, capacity: int) -> np.ndarray | None:
+    """The cached lengths as host int64 (B,) checked against the capacity, or None when they live on the device
+    (a CuPy array: reading them would wait for the GPU; the kernels clamp them instead)."""
     if cache_seqlens is None:
         lengths = np.full(B, capacity - new, dtype=np.int64)
     elif isinstance(cache_seqlens, (int, np.integer)) and not isinstance(cache_seqlens, bool):
         lengths = np.full(B, int(cache_seqlens), dtype=np.int64)
+    elif type(cache_seqlens).__module__.split(".")[0] == "cupy":
+        return None
     else:
         lengths = _host_ints(cache_seqlens, "cache_seqlens", (B,))
     if lengths.size and (lengths.min() < 0 or lengths.max() + new > capacity):
         raise ArgumentError(f"cache_seqlens + new tokens ({new}) must lie in [0, {capacity}] (the cache's capacity "
                             "per sequence)")
+    return lengths
+
+
+def plan(query_shape, k_cache_shape, v_cache_shape, new_shape, cache_seqlens, block_table, cache_batch_idx) -> CachePlan:
+    """Check the shapes of one call and make its CachePlan (``new_shape``: key's shape, or None)."""
+    B = query_shape[0] if len(query_shape) == 4 else 0
+    table = None if block_table is None else _host_ints(block_table, "block_table")
+    new, capacity = check_shapes(query_shape, k_cache_shape, v_cache_shape, new_shape,
+                                 None if table is None else table.shape, cache_batch_idx is not None)
+    rows, per_row = k_cache_shape[:2]
+    if table is not None:
+        if table.size and (table.min() < 0 or table.max() >= rows):
+            raise ArgumentError(f"block_table holds blocks outside [0, {rows})")
+    else:
+        index = np.arange(B) if cache_batch_idx is None else _host_ints(cache_batch_idx, "cache_batch_idx", (B,))
+        if index.size and (index.min() < 0 or index.max() >= rows):
+            raise ArgumentError(f"cache_batch_idx holds rows outside [0, {rows})")
+    lengths = _lengths(cache_seqlens, B, new, capacity)
+    if lengths is None:
+        lengths = _host_ints(cache_seqlens, "cache_seqlens", (B,))
+        _lengths(lengths, B, new, capacity)
 
     def cells(positions_of):  # (rows, slots) of each sequence's positions, concatenated
         r, s = [], []
@@ -131,8 +156,6 @@ def kv_cache_attention(query, k_cache, v_cache, cache_seqlens=None, key=None, va
     xp = array_module(query, "query")
     if (key is None) != (value is None):
         raise ArgumentError("key and value go together: pass both new tensors or neither")
-    pl = plan(query.shape, k_cache.shape, v_cache.shape, None if key is None else key.shape, cache_seqlens,
-              block_table, cache_batch_idx)
     if key is not None:
         if value.shape[:3] != key.shape[:3] or value.shape[3] != v_cache.shape[3]:
             raise ArgumentError(f"value.shape={tuple(value.shape)} must be key's but in the head dim "
@@ -140,6 +163,14 @@ def kv_cache_attention(query, k_cache, v_cache, cache_seqlens=None, key=None, va
         for name, x, cache in (("key", key, k_cache), ("value", value, v_cache)):
             if array_module(x, name) is not xp or x.dtype != cache.dtype:
                 raise ArgumentTypeError(f"{name} must be a {xp.__name__} array of the cache's dtype {cache.dtype}")
+    if xp is not np:
+        done = _flash_decode(query, k_cache, v_cache, cache_seqlens, key, value, block_table, cache_batch_idx,
+                             is_causal, scale, window, softcap, alibi_slopes)
+        if done is not None:
+            return done if return_lse else done[0]
+    pl = plan(query.shape, k_cache.shape, v_cache.shape, None if key is None else key.shape, cache_seqlens,
+              block_table, cache_batch_idx)
+    if key is not None:
         rows, slots = xp.asarray(pl.write_rows), xp.asarray(pl.write_slots)
         k_cache[rows, slots] = key.reshape((-1,) + tuple(key.shape[2:]))
         v_cache[rows, slots] = value.reshape((-1,) + tuple(value.shape[2:]))
@@ -195,3 +226,97 @@ def _decode(xp, query, k_cache, v_cache, pl, block_table, cache_batch_idx, is_ca
                           causal=causal, left=left, right=right, scale=scale, softcap=softcap)
     out = out.astype(query.dtype)
     return (out, lse) if return_lse else out
+
+
+def flash_decode_plan(query, k_cache, v_cache, key, value, table_shape, paged: bool, has_batch_idx: bool,
+                      has_seqlens: bool, is_causal, scale, window, softcap, alibi_slopes):
+    """The DecodePlan (backends/flash/decode.py) of a call on CuPy arrays, or None when those kernels do not take
+    it; what it checks (shapes, dtypes, options, the slopes' shape) is what the plan's signature fixes.
+    ``table_shape``: the block table's shape or None; ``has_seqlens``: the lengths come as a device int32 array."""
+    import cupy
+
+    from .backends.flash import decode, sources
+    from .problem import check_alibi, checked_scalars
+
+    device = query.device.id
+    arrays = (query, k_cache, v_cache) + (() if key is None else (key, value))
+    if any(type(x) is not cupy.ndarray or x.device.id != device or x.dtype != query.dtype for x in arrays):
+        return None
+
+    def operand(x):
+        return decode.Operand(x.shape, tuple(s // x.itemsize for s in x.strides), x.data.ptr % 16 == 0)
+
+    new, capacity = check_shapes(query.shape, k_cache.shape, v_cache.shape, None if key is None else key.shape,
+                                 table_shape, has_batch_idx)
+    q, kc, vc = operand(query), operand(k_cache), operand(v_cache)
+    kn, vn = (None, None) if key is None else (operand(key), operand(value))
+    if not decode.applies(query.dtype.name, q, kc, vc, kn, vn, sources.compute_capability(device)):
+        return None
+    causal, window, scale, softcap = checked_scalars(is_causal, scale, window, softcap, query.shape[3])
+    check_alibi(alibi_slopes, cupy, query.shape[0:3:2], f"cuda:{device}")
+    left, right = window if window is not None else (-1, -1)
+    return decode.build(device, query.dtype.name, q, kc, vc, capacity, table_shape[1] if paged else 0, paged, kn, vn,
+                        has_seqlens, alibi_slopes is not None, (left, 0 if causal else right), scale, softcap)
+
+
+def _flash_decode(query, k_cache, v_cache, cache_seqlens, key, value, block_table, cache_batch_idx, is_causal, scale,
+                  window, softcap, alibi_slopes):
+    """(out, lse) of a call on CuPy arrays through the tensor-core split-KV kernels, or None when they do not
+    take it. Nothing here waits for the GPU: lengths, block table and batch rows given as CuPy arrays are read
+    by the kernels only (their values are not checked; lengths past the capacity are clamped to it), host
+    ones are checked first."""
+    import cupy
+
+    def device_ints(x, name, shape=None):  # a host or device integer argument as a device int32 array
+        if type(x) is not cupy.ndarray:
+            return cupy.asarray(_host_ints(x, name, shape).astype(np.int32))
+        if x.dtype.kind not in "iu":
+            raise ArgumentTypeError(f"{name}.dtype={x.dtype} must be an integer dtype (int32 as FlashAttention's)")
+        if shape is not None and x.shape != shape:
+            raise ArgumentError(f"{name}.shape={x.shape} must be {shape}")
+        return cupy.ascontiguousarray(x, dtype=np.int32)
+
+    if not isinstance(query, cupy.ndarray) or not isinstance(k_cache, cupy.ndarray):
+        return None
+    B, _, hq, _ = query.shape if query.ndim == 4 else (0, 0, 0, 0)
+    rows = k_cache.shape[0]
+    with cupy.cuda.Device(query.device.id):
+        table = 0
+        if block_table is not None:
+            table = device_ints(block_table, "block_table")
+            if type(block_table) is not cupy.ndarray and table.size:
+                host = _host_ints(block_table, "block_table")
+                if host.min() < 0 or host.max() >= rows:
+                    raise ArgumentError(f"block_table holds blocks outside [0, {rows})")
+        elif cache_batch_idx is not None:
+            if type(cache_batch_idx) is not cupy.ndarray:
+                index = _host_ints(cache_batch_idx, "cache_batch_idx", (B,))
+                if index.size and (index.min() < 0 or index.max() >= rows):
+                    raise ArgumentError(f"cache_batch_idx holds rows outside [0, {rows})")
+            table = device_ints(cache_batch_idx, "cache_batch_idx", (B,))
+        new, capacity = check_shapes(query.shape, k_cache.shape, v_cache.shape, None if key is None else key.shape,
+                                     None if block_table is None else table.shape, cache_batch_idx is not None)
+        lengths = _lengths(cache_seqlens, B, new, capacity)
+        seqlens, fixed_len = 0, 0
+        if lengths is None:
+            seqlens = device_ints(cache_seqlens, "cache_seqlens", (B,))
+        elif lengths.size and np.all(lengths == lengths[0]):
+            fixed_len = int(lengths[0])
+        else:
+            seqlens = cupy.asarray(lengths.astype(np.int32))
+        pl = flash_decode_plan(query, k_cache, v_cache, key, value, None if block_table is None else table.shape,
+                               block_table is not None, cache_batch_idx is not None, type(seqlens) is not int,
+                               is_causal, scale, window, softcap, alibi_slopes)
+        if pl is None:
+            return None
+        slopes = 0 if alibi_slopes is None else cupy.ascontiguousarray(cupy.broadcast_to(alibi_slopes, (B, hq)))
+        out = cupy.empty(pl.out_shape, dtype=query.dtype)
+        lse = cupy.empty(pl.lse_shape, dtype=np.float32)
+        part = cupy.empty(pl.part_floats + pl.ml_floats, dtype=np.float32) if pl.part_floats else None
+
+        def ptr(x):
+            return 0 if x is None or type(x) is int else x.data.ptr
+
+        pl.run(cupy.cuda.get_current_stream().ptr, query.data.ptr, k_cache.data.ptr, v_cache.data.ptr, ptr(table),
+               ptr(seqlens), ptr(slopes), ptr(key), ptr(value), fixed_len, out.data.ptr, lse.data.ptr, ptr(part))
+    return out, lse

@@ -1,8 +1,13 @@
 """``kv_cache_attention`` on torch tensors: ``cusdpa.kv_cache_attention`` (its semantics, layouts and
 kernels: cusdpa/kv_cache.py) on zero-copy array views of the tensors, the cache written in place, on
 torch's current stream. Inference only, as FlashAttention's ``flash_attn_with_kvcache``: no gradient
-flows. The plan reads the sequence lengths and block table on the host, so a call waits for them (no
-CUDA-graph capture yet)."""
+flows.
+
+A CUDA call that the split-KV decode kernels take replays a plan cached per signature (shapes, strides,
+dtypes, devices, alignment, options) on raw pointers, as the attention ops do: a decode step is a few
+microseconds of host work and never waits for the GPU (lengths and block table stay on the device). Other
+calls (CPU tensors, fp32, lengths as int64 or on the host ...) take the general path, whose plan reads the
+lengths and block table on the host."""
 from __future__ import annotations
 
 import numpy as np
@@ -10,6 +15,7 @@ import torch
 
 import cusdpa
 from cusdpa.errors import ArgumentError
+from cusdpa.kv_cache import flash_decode_plan
 
 from . import arguments, bridge
 
@@ -28,6 +34,11 @@ def kv_cache_attention(query, k_cache, v_cache, cache_seqlens=None, key=None, va
     if key is not None:
         tensors.update(key=key, value=value)
     arguments.check_tensors(tensors, alibi_slopes=alibi_slopes)
+    if query.is_cuda:
+        done = _decode(query, k_cache, v_cache, cache_seqlens, key, value, block_table, cache_batch_idx, is_causal,
+                       scale, window, softcap, alibi_slopes)
+        if done is not None:
+            return done if return_lse else done[0]
 
     def view(x):
         return bridge.as_array(x) if isinstance(x, torch.Tensor) else x
@@ -46,3 +57,76 @@ def _tensor(array, dtype: torch.dtype) -> torch.Tensor:
     bits = array.view(np.int16) if dtype == torch.bfloat16 else array
     t = torch.from_numpy(bits) if isinstance(bits, np.ndarray) else torch.from_dlpack(bits)
     return t.view(torch.bfloat16) if dtype == torch.bfloat16 else t
+
+
+# ---- the decode kernels' plans ------------------------------------------------------------------------
+
+_plans: dict = {}  # signature -> DecodePlan, or None: the general path
+_MISS = object()
+
+
+def _int32_vector(t, device) -> bool:
+    return isinstance(t, torch.Tensor) and t.dtype == torch.int32 and t.is_contiguous() and t.device == device
+
+
+def _decode(query, k_cache, v_cache, cache_seqlens, key, value, block_table, cache_batch_idx, is_causal, scale,
+            window, softcap, alibi_slopes):
+    """(out, lse) through a cached decode plan, or None: the general path. Lengths, block table and batch rows
+    as contiguous int32 CUDA tensors are read by the kernels only (not checked, as FlashAttention does not);
+    an int or None as the length of every sequence is checked against the capacity."""
+    seqlens_kind = type(cache_seqlens)
+    if not (cache_seqlens is None or seqlens_kind is int or _int32_vector(cache_seqlens, query.device)):
+        return None
+    for t in (block_table, cache_batch_idx):
+        if t is not None and not _int32_vector(t, query.device):
+            return None
+    if alibi_slopes is not None and not alibi_slopes.is_contiguous():
+        return None
+    tensors = (query, k_cache, v_cache, key, value, block_table, cache_batch_idx, cache_seqlens, alibi_slopes)
+    described = tuple(None if not isinstance(t, torch.Tensor) else (t.shape, t.stride(), t.dtype, t.get_device())
+                      for t in tensors)
+    aligned = (query.data_ptr() | k_cache.data_ptr() | v_cache.data_ptr()
+               | (0 if key is None else key.data_ptr() | value.data_ptr())) % 16 == 0
+    signature = (described, aligned, seqlens_kind, type(is_causal), is_causal, type(scale), scale,
+                 window if window is None else tuple(window), type(softcap), softcap)
+    plan = _plans.get(signature, _MISS)
+    if plan is _MISS:
+        with bridge.on_stream(query.device):
+            def view(x):
+                return bridge.as_array(x) if isinstance(x, torch.Tensor) else x
+
+            plan = flash_decode_plan(
+                *map(view, (query, k_cache, v_cache, key, value)), None if block_table is None else block_table.shape,
+                block_table is not None, cache_batch_idx is not None, isinstance(cache_seqlens, torch.Tensor),
+                is_causal, scale, window, softcap, view(alibi_slopes))
+        if len(_plans) >= 1024:
+            _plans.clear()
+        _plans[signature] = plan
+    if plan is None:
+        return None
+    fixed_len = 0
+    if not isinstance(cache_seqlens, torch.Tensor):
+        fixed_len = plan.capacity - plan.new if cache_seqlens is None else cache_seqlens
+        if fixed_len < 0 or fixed_len + plan.new > plan.capacity:
+            raise ArgumentError(f"cache_seqlens + new tokens ({plan.new}) must lie in [0, {plan.capacity}] (the "
+                                "cache's capacity per sequence)")
+    slopes = 0
+    if alibi_slopes is not None:
+        B, hq = plan.lse_shape[:2]
+        if alibi_slopes.shape != (B, hq):  # (Hq,): one row per sequence (the plan checked the shape)
+            alibi_slopes = alibi_slopes.expand(B, hq).contiguous()
+        slopes = alibi_slopes.data_ptr()
+    out = query.new_empty(plan.out_shape)
+    lse = query.new_empty(plan.lse_shape, dtype=torch.float32)
+    part = query.new_empty(plan.part_floats + plan.ml_floats, dtype=torch.float32).data_ptr() if plan.part_floats else 0
+
+    def ptr(t):
+        return 0 if t is None else t.data_ptr()
+
+    device = query.get_device()
+    plan.run(torch._C._cuda_getCurrentRawStream(device), query.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
+             ptr(block_table if block_table is not None else cache_batch_idx),
+             ptr(cache_seqlens if isinstance(cache_seqlens, torch.Tensor) else None), slopes, ptr(key), ptr(value),
+             fixed_len, out.data_ptr(), lse.data_ptr(), part)
+    return out, lse
+

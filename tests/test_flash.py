@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from cusdpa.backends import flash
-from cusdpa.backends.flash import config, sources
+from cusdpa.backends.flash import config, decode, sources
 from cusdpa.verify.harness import Case, build, draw, run_case
 
 # One representative (E, Ev) per tile configuration class, incl. E != Ev, the split dK/dV passes, the
@@ -52,6 +52,10 @@ def _nvrtc_jobs():
                     for src in (source, "flash_fwd_sm90.cu"):
                         yield src, sources.compile_options(dtype, E, Ev, dropout, mod_cfg, mask="bool", alibi=True,
                                                            softcap=True) + ("-arch=sm_90a",)
+    for (E, Ev), dtype, paged, modifiers in (((64, 64), "float16", False, False), ((128, 128), "bfloat16", True, True),
+                                             ((192, 128), "bfloat16", True, False), ((256, 256), "float16", False, True),
+                                             ((40, 40), "bfloat16", False, False)):  # split-KV decode
+        yield "flash_decode.cu", decode.compile_options(dtype, E, Ev, paged, modifiers, modifiers)
     for mask in sources.MASK_CODES:  # the attn_mask's summary (kernels_cuda/mask_summary.cu)
         if mask:
             yield "mask_summary.cu", ("-std=c++17", f"-DATTN_MASK={sources.MASK_CODES[mask]}")

@@ -27,8 +27,9 @@ def _sequence(cache, b, n, table, batch_idx):
 
 
 def _expected(q, k_cache, v_cache, lengths, table, batch_idx, **kw):
+    """The reference per sequence of the cache's contents: (out (B, Lq, Hq, Ev), lse (B, Hq, Lq))."""
     outs, lses = [], []
-    for b in range(B):
+    for b in range(q.shape[0]):
         k = _sequence(k_cache, b, lengths[b], table, batch_idx).swapaxes(0, 1)
         v = _sequence(v_cache, b, lengths[b], table, batch_idx).swapaxes(0, 1)
         slopes = kw.get("alibi_slopes")

@@ -120,3 +120,18 @@ class CpuTimer(Timer):
             if enabled:
                 gc.enable()
         return out
+
+
+def print_kernels(name: str, fn, calls: int = 10) -> None:
+    """Print the GPU kernels of ``calls`` calls of ``fn`` (torch.profiler's table, after one warm-up call)."""
+    import torch
+
+    fn()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as kernels:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    print(f"\n{name}: GPU kernels of {calls} calls")
+    print(kernels.key_averages().table(sort_by="cuda_time_total", row_limit=6))
+

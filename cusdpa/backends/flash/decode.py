@@ -1,0 +1,159 @@
+"""Split-KV decode on tensor cores (kernels_cuda/flash_decode.cu): the launches of one KV-cache call
+signature, prepared once and replayed on raw pointers, for ``cusdpa.kv_cache_attention`` on CuPy arrays
+and its torch twin.
+
+A call issues up to three kernels: ``kv_cache_append`` writes the new keys and values at each sequence's
+length, ``flash_decode_split`` attends over (splits, B * Hkv) CTAs, ``flash_decode_combine`` merges the
+splits (skipped when there is one). The lengths are read on the device only, so a call never waits for
+the GPU, and the grid is sized from the cache's capacity: every split of a sequence takes an equal share
+of the keys that sequence actually holds.
+
+Operands are described by ``Operand`` (shape, strides in elements, 16-byte alignment), so both front ends
+build the same plan from their own arrays.
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import numpy as np
+
+from ..launch import Launch, Slot, run
+from . import sources
+
+WARPS = 4  # warps of a split CTA, each with its own pipeline of key tiles
+TILE = 16  # keys of a warp's tile
+ROWS = 16  # query rows of a CTA (Hq / Hkv x Lq): one m16 tile
+CTA_SMEM = 113 * 1024  # the pipeline's depth is chosen to fit two CTAs on an SM
+MAX_SPLITS = 128
+DEPTH = 0  # pipeline depth forced (0: ``stages`` chooses)
+DTYPES = ("float16", "bfloat16")
+
+
+class Operand(NamedTuple):
+    """What a plan knows of an array: shape, strides in elements, base 16-byte aligned."""
+
+    shape: tuple
+    strides: tuple
+    aligned: bool
+
+
+@dataclass(frozen=True)
+class DecodePlan:
+    """The launches of one signature. ``run`` takes raw device pointers (0 for an absent operand), the cached
+    length of every sequence when no lengths array is given (``fixed_len``), and the buffers the caller
+    allocates: out (``out_shape``, the query's dtype, contiguous), lse (``lse_shape``, float32) and, when
+    ``part_floats``, a float32 workspace of ``part_floats + ml_floats`` elements (the splits' outputs, then
+    their (m, l)). ``capacity`` and ``new`` are the positions a sequence holds and the tokens a call appends."""
+
+    device: int
+    launches: tuple
+    out_shape: tuple
+    lse_shape: tuple
+    part_floats: int
+    ml_floats: int
+    capacity: int
+    new: int
+
+    def run(self, stream: int, q: int, k_cache: int, v_cache: int, table: int, seqlens: int, slopes: int, key: int,
+            value: int, fixed_len: int, out: int, lse: int, part: int) -> None:
+        # the value tuple in launch.SLOTS order
+        run(self.launches, (q, k_cache, v_cache, out, lse, None, None, None, None, None, None, None, None, None, None,
+                            None, None, table, seqlens, slopes, part, part + 4 * self.part_floats, key, value,
+                            fixed_len), stream, self.device)
+
+
+def _inner(x: Operand, rank: int) -> bool:
+    """A rank-``rank`` operand whose last dim is contiguous and whose other strides keep 16-byte rows."""
+    return len(x.shape) == rank and x.aligned and x.strides[-1] == 1 and all(s % 8 == 0 for s in x.strides[:-1])
+
+
+def applies(dtype_name: str, q: Operand, k_cache: Operand, v_cache: Operand, new: Operand | None,
+            new_v: Operand | None, capability: int) -> bool:
+    """Whether these kernels take a call (shapes already checked): fp16/bf16 on sm_80 or newer, the query rows of
+    a kv head within one m16 tile, head dims multiples of 8 up to 256, every operand read by 16-byte rows."""
+    B, Lq, Hq, E = q.shape
+    Hkv, Ev = k_cache.shape[2], v_cache.shape[3]
+    return (dtype_name in DTYPES and capability >= 80 and Hkv > 0 and Hq % Hkv == 0 and 0 < Lq * (Hq // Hkv) <= ROWS
+            and 0 < B * Hkv < 2**16  # the grid's y
+            and 0 < E <= 256 and 0 < Ev <= 256 and E % 8 == 0 and Ev % 8 == 0
+            and all(_inner(x, 4) for x in (q, k_cache, v_cache) + ((new, new_v) if new is not None else ())))
+
+
+def stages(E: int, Ev: int) -> int:
+    """Pipeline depth per warp: as deep as two CTAs per SM allow, two at least, four at most (``DEPTH`` when set:
+    benchmarks/decode.py --config sweeps it)."""
+    if DEPTH:
+        return DEPTH
+    pitch = lambda d: (d + 15) // 16 * 16 + 8  # noqa: E731 (the kernel's padded shared-memory row)
+    stage = WARPS * TILE * (pitch(E) + pitch(Ev)) * 2
+    return max(2, min(4, (CTA_SMEM - ROWS * pitch(E) * 2) // stage))
+
+
+def smem_bytes(E: int, Ev: int, depth: int) -> int:
+    pitch = lambda d: (d + 15) // 16 * 16 + 8  # noqa: E731
+    return ROWS * pitch(E) * 2 + WARPS * depth * TILE * (pitch(E) + pitch(Ev)) * 2
+
+
+def split_count(pairs: int, capacity: int, resident: int) -> int:
+    """Splits of each (sequence, kv head)'s keys: the fewest whose CTAs fill the resident slots' waves within 5%
+    of the best count's fill (more splits cost each CTA its prologue and the combine more work), no split
+    shorter than one tile per warp."""
+    most = max(1, min(MAX_SPLITS, -(-capacity // (WARPS * TILE))))
+    fills = [pairs * s / (-(-(pairs * s) // resident) * resident) for s in range(1, most + 1)]
+    best = max(fills)
+    return next(s for s, fill in enumerate(fills, 1) if fill >= 0.95 * best)
+
+
+def compile_options(dtype_name: str, E: int, Ev: int, paged: bool, softcap: bool, alibi: bool) -> tuple:
+    """NVRTC/nvcc options of one module of flash_decode.cu; the CPU test compiles the same list with nvcc."""
+    return ("-std=c++17", "--use_fast_math", f"-DCUSDPA_BF16={int(dtype_name == 'bfloat16')}", f"-DHEAD_DIM={E}",
+            f"-DHEAD_DIM_V={Ev}", "-DIS_DROPOUT=0", f"-DDEC_WARPS={WARPS}", f"-DDEC_TILE={TILE}",
+            f"-DDEC_STAGES={stages(E, Ev)}", f"-DPAGED={int(paged)}", f"-DSOFTCAP={int(softcap)}",
+            f"-DALIBI={int(alibi)}")
+
+
+@functools.lru_cache(maxsize=256)
+def build(device: int, dtype_name: str, q: Operand, k_cache: Operand, v_cache: Operand, capacity: int,
+          table_row_stride: int, paged: bool, new: Operand | None, new_v: Operand | None, has_seqlens: bool,
+          alibi: bool, window: tuple, scale: float, softcap: float) -> DecodePlan:
+    """The plan of a call the kernels take (``applies``). ``capacity``: positions a sequence can hold;
+    ``paged``: the ``table`` pointer is an int32 (B, blocks) block table of row stride ``table_row_stride``
+    (else it is the contiguous cache's rows per sequence, int32 (B,), or 0 for rows 0..B-1); ``has_seqlens``:
+    the lengths come as a device int32 (B,) array (else ``fixed_len`` of each run); ``window`` (left, right),
+    -1 unbounded, causal folded in as right = 0."""
+    import cupy
+
+    B, Lq, Hq, E = q.shape
+    block_size, Hkv, Ev = k_cache.shape[1], k_cache.shape[2], v_cache.shape[3]
+    options = compile_options(dtype_name, E, Ev, paged, softcap > 0, alibi)
+    smem = smem_bytes(E, Ev, stages(E, Ev))
+    split_fn = sources.kernel(device, "flash_decode.cu", "flash_decode_split", options, smem)
+    with cupy.cuda.Device(device):
+        resident = cupy.cuda.driver.occupancyMaxActiveBlocksPerMultiprocessor(split_fn.ptr, WARPS * 32, smem)
+    splits = split_count(B * Hkv, capacity, max(1, resident) * sources.multiprocessors(device))
+    cache_strides = (*map(np.int64, k_cache.strides[:3]), *map(np.int64, v_cache.strides[:3]))
+    seqlens = Slot("seqlens") if has_seqlens else 0
+    launches = []
+    n_new = 0 if new is None else new.shape[1]
+    if n_new:
+        append = sources.kernel(device, "flash_decode.cu", "kv_cache_append", options, 0)
+        launches.append(Launch(append, (B * n_new, 1), (128,), 0, [
+            Slot("k"), Slot("v"), Slot("key"), Slot("value"), Slot("table"), seqlens, Slot("fixed_len"), Hkv, n_new,
+            *map(np.int64, new.strides[:3]), *map(np.int64, new_v.strides[:3]), np.int64(table_row_stride),
+            *cache_strides, block_size, capacity]))
+    left, right = window
+    partial = splits > 1
+    launches.append(Launch(split_fn, (splits, B * Hkv), (WARPS * 32,), smem, [
+        Slot("q"), Slot("k"), Slot("v"), Slot("table"), seqlens, Slot("slopes") if alibi else 0, Slot("o"),
+        Slot("lse"), Slot("o_part") if partial else 0, Slot("ml_part") if partial else 0, B, Hq, Hq // Hkv, Lq,
+        *map(np.int64, q.strides[:3]), np.int64(table_row_stride), *cache_strides, block_size, capacity,
+        Slot("fixed_len"), n_new, np.float32(scale), np.float32(softcap), left, right]))
+    rows = B * Hq * Lq
+    if partial:
+        combine = sources.kernel(device, "flash_decode.cu", "flash_decode_combine", options, 0)
+        launches.append(Launch(combine, (rows, 1), (128,), 0, [
+            Slot("o_part"), Slot("ml_part"), Slot("o"), Slot("lse"), splits, rows, Hq, Lq]))
+    return DecodePlan(device, tuple(launches), (B, Lq, Hq, Ev), (B, Hq, Lq),
+                      splits * rows * Ev if partial else 0, splits * rows * 2 if partial else 0, capacity, n_new)

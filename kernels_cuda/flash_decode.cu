@@ -1,0 +1,438 @@
+// Split-KV attention over a KV cache (flash-decoding) on mma.sync tensor cores: few query rows against
+// long cached keys, read once, at the speed of memory.
+//
+// Layouts (cusdpa.kv_cache_attention's): query (B, Lq, Hq, E) with strides (q_sb, q_sl, q_sh); the caches
+// (rows, slots, Hkv, E / Ev), sequence b's position p at row rows_of[b] (or b), slot p, or, PAGED, at row
+// table[b, p / block_size], slot p % block_size. Sequence b holds n_keys = seqlens[b] + n_new keys
+// (seqlens == nullptr: fixed_len), clamped to the capacity.
+//
+// flash_decode_split: grid (splits, B * Hkv). A CTA takes the query rows of one kv head's group, R = group
+// * Lq <= 16 rows (row r: query head kvh * group + r / Lq, query r % Lq), as the 16 rows of one m16 tile
+// (padding rows zero and unseen), and the keys of one split: [split * chunk, +chunk) with chunk = the
+// sequence's keys / splits rounded up to whole tiles, so every split of a sequence gets its share of the
+// keys it actually holds, whatever the grid was sized for (the host sizes it from the capacity, so a call
+// never waits for the lengths on the device). Each warp streams its own tiles of DEC_TILE keys (tiles w,
+// w + DEC_WARPS, ...) through a private DEC_STAGES-deep cp.async pipeline (no CTA barrier in the loop),
+// keeps its own online softmax (m, l) and O; the warps merge through shared memory at the end. One
+// split: out and lse are written normalised; several: the split's O (relative to its max) and (m, l) go
+// to the partial buffers, for flash_decode_combine. Scores live in the log2 domain (m in log2 units).
+//
+// kv_cache_append (launched first when a call brings new tokens) writes them at each sequence's length.
+//
+// Visibility, per query l at position n_keys - Lq + l (bottom-right): keys j < n_keys, the window (left,
+// right) with causal folded into right = 0 by the host. Keys no row of the CTA sees are never loaded
+// (zero-filled: stale cache cells may hold anything, and 0 * NaN would reach O); a row that sees nothing
+// gets 0 and lse -inf. softcap (SOFTCAP) and ALiBi (ALIBI: -slope * |pos - j|) in natural units, then
+// the scores go to log2 units.
+//
+// -D options beyond flash_common.cuh's: DEC_WARPS, DEC_TILE (keys per warp tile, a multiple of 16),
+// DEC_STAGES, PAGED, SOFTCAP, ALIBI.
+#include "flash_common.cuh"
+
+#ifndef SOFTCAP
+#define SOFTCAP 0
+#endif
+#ifndef ALIBI
+#define ALIBI 0
+#endif
+
+constexpr int NW = DEC_WARPS;
+constexpr int NTHREADS = NW * 32;
+constexpr int TILE = DEC_TILE;
+constexpr int STAGES = DEC_STAGES;
+constexpr int NT = TILE / 8;      // n8 tiles of a score row block
+constexpr int VT = EV_PAD / 8;    // n8 tiles of an output row block
+constexpr int KK = E_PAD / 16;    // k16 steps of Q K^T
+constexpr int ROWS = 16;          // query rows of a CTA: one m16 tile
+constexpr int STAGE_ELEMS = TILE * (Q_PITCH + V_PITCH);
+static_assert(TILE % 16 == 0, "DEC_TILE must be a multiple of 16");
+
+// Shared memory: sQ [ROWS][Q_PITCH], then per warp STAGES x (K tile [TILE][Q_PITCH], V tile [TILE][V_PITCH]);
+// the stages are reused by the warps' merge ([NW][ROWS][EV_PAD] floats of O, [NW][ROWS] of m and l).
+constexpr int SQ_ELEMS = ROWS * Q_PITCH;
+constexpr int PIPE_BYTES = NW * STAGES * STAGE_ELEMS * 2;
+constexpr int MERGE_BYTES = NW * ROWS * (EV_PAD + 2) * 4;
+static_assert(MERGE_BYTES <= PIPE_BYTES, "the merge reuses the pipeline's shared memory");
+
+// Where key j of sequence b sits: the element offset of its (row, slot) for kv head 0 of the K cache (`k`)
+// and of the V cache (`v`).
+struct Cache {
+    const int* table;  // PAGED: (B, blocks) with row stride table_sb; else rows_of (B,) or nullptr
+    long long table_sb, k_sr, k_ss, v_sr, v_ss;
+    int block_size;
+    __device__ __forceinline__ void at(int b, int j, long long& k, long long& v) const {
+#if PAGED
+        const long long row = table[b * table_sb + j / block_size], slot = j % block_size;
+#else
+        const long long row = table ? table[b] : b, slot = j;
+#endif
+        k = row * k_sr + slot * k_ss;
+        v = row * v_sr + slot * v_ss;
+    }
+};
+
+// Where a warp finds the keys of a tile: AFFINE (a contiguous cache, or blocks of whole tiles), key r of the
+// tile at the offsets (ko, vo) of its first key plus r rows, the same in every lane; otherwise each lane
+// holds the offsets of key lane % TILE and the copy gathers them by shuffles. Found a tile ahead of the copy,
+// so that a block table's latency hides behind a tile's products. Keys outside [lo, hi) are never read.
+template <bool AFFINE>
+__device__ __forceinline__ void key_offsets(const Cache& cache, int b, int j0, int lo, int hi, int lane, long long& k,
+                                            long long& v) {
+    const int j = AFFINE ? max(j0, lo) : j0 + lane % TILE;
+    k = v = 0;
+    if (j < hi && (AFFINE || j >= lo)) cache.at(b, j, k, v);
+    if (AFFINE && j > j0) {  // the first key of a tile cut by lo: back to the tile's start (never dereferenced)
+        k -= (j - j0) * cache.k_ss;
+        v -= (j - j0) * cache.v_ss;
+    }
+}
+
+// One warp's copy of the rows of keys [j0, j0 + TILE) of one cache (DIM columns, DIM_PAD in shared memory
+// rows of PITCH) into its stage, the offsets from key_offsets (`off`, `ss`: its slot stride); keys outside
+// [lo, hi) zero-filled, without a per-chunk test when the whole tile lies inside. Lanes take consecutive
+// 16-byte chunks of one key's row (coalesced).
+template <bool AFFINE, int DIM, int DIM_PAD, int PITCH>
+__device__ __forceinline__ void load_rows(elem_t* s, const elem_t* g, long long off, long long ss, int j0, int lo,
+                                          int hi, int lane) {
+    constexpr int C = DIM_PAD / 8;  // 16-byte chunks of a key's row
+    const bool inside = j0 >= lo && j0 + TILE <= hi;
+#pragma unroll
+    for (int c = lane; c < TILE * C; c += 32) {
+        const int r = c / C, ch = c % C, j = j0 + r;
+        const long long row = AFFINE ? off + r * ss : __shfl_sync(0xffffffffu, off, r);
+        const bool pred = (inside || (j >= lo && j < hi)) && ch * 8 < DIM;
+        cp_async_16(s + r * PITCH + ch * 8, pred ? g + row + ch * 8 : g, pred);
+    }
+}
+
+template <bool AFFINE>
+__device__ __forceinline__ void load_keys(elem_t* sK, elem_t* sV, const elem_t* kb, const elem_t* vb, const Cache& cache,
+                                          long long ko, long long vo, int j0, int lo, int hi, int lane) {
+    load_rows<AFFINE, HEAD_DIM, E_PAD, Q_PITCH>(sK, kb, ko, cache.k_ss, j0, lo, hi, lane);
+    load_rows<AFFINE, HEAD_DIM_V, EV_PAD, V_PITCH>(sV, vb, vo, cache.v_ss, j0, lo, hi, lane);
+}
+
+#if SOFTCAP
+// softcap * tanh(x / softcap) of the scaled score x, natural units; tanh as 1 - 2 / (e^2y + 1) (the Hopper
+// forward's form, exact where it matters), `k` = 2 log2(e) / softcap.
+__device__ __forceinline__ float soft_cap(float x, float k, float softcap) {
+    return softcap * (1.f - 2.f / (exp2f(x * k) + 1.f));
+}
+#endif
+
+extern "C" __global__ void __launch_bounds__(NTHREADS)
+flash_decode_split(const elem_t* __restrict__ q, const elem_t* __restrict__ k_cache, const elem_t* __restrict__ v_cache,
+                   const int* __restrict__ table, const int* __restrict__ seqlens, const float* __restrict__ slopes,
+                   elem_t* __restrict__ out, float* __restrict__ lse, float* __restrict__ o_part,
+                   float* __restrict__ ml_part, int B, int Hq, int group, int Lq, long long q_sb, long long q_sl,
+                   long long q_sh, long long table_sb, long long k_sr, long long k_ss, long long k_sh, long long v_sr,
+                   long long v_ss, long long v_sh, int block_size, int capacity, int fixed_len, int n_new, float scale,
+                   float softcap, int left, int right) {
+    extern __shared__ __align__(16) unsigned char smem_raw[];
+    elem_t* sQ = reinterpret_cast<elem_t*>(smem_raw);
+    elem_t* sPipe = sQ + SQ_ELEMS;
+
+    const int Hkv = Hq / group, b = blockIdx.y / Hkv, kvh = blockIdx.y % Hkv, split = blockIdx.x;
+    const int splits = gridDim.x, R = group * Lq;
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+    const int n_keys = min(max((seqlens ? seqlens[b] : fixed_len) + n_new, 0), capacity);
+    // this split's keys, whole tiles; then only those some row sees
+    const int per_split = (n_keys + splits - 1) / splits;
+    const int chunk = (per_split + TILE - 1) / TILE * TILE;
+    const Visibility<int> vis{Lq, n_keys, n_keys - Lq, left, right};
+    int lo, hi;
+    vis.key_range(0, Lq, lo, hi);
+    lo = max(lo, split * chunk);
+    hi = min(hi, split * chunk + chunk);
+
+    // Q rows, zero past R
+    const elem_t* qb = q + b * q_sb + (long long)(kvh * group) * q_sh;
+    for (int c = threadIdx.x; c < ROWS * (E_PAD / 8); c += NTHREADS) {
+        const int r = c / (E_PAD / 8), ch = c % (E_PAD / 8);
+        const bool pred = r < R && ch * 8 < HEAD_DIM;
+        cp_async_16(sQ + r * Q_PITCH + ch * 8, pred ? qb + (r / Lq) * q_sh + (r % Lq) * q_sl + ch * 8 : qb, pred);
+    }
+    cp_async_commit();
+
+    const Cache cache{table, table_sb, k_sr, k_ss, v_sr, v_ss, block_size};
+    const elem_t* kb = k_cache + kvh * k_sh;
+    const elem_t* vb = v_cache + kvh * v_sh;
+    elem_t* sK0 = sPipe + warp * STAGES * STAGE_ELEMS;
+    // this warp's tiles: first + warp + NW * i, i < count
+    const int first = lo / TILE, last = lo < hi ? (hi - 1) / TILE : first - 1;
+    const int count = last >= first + warp ? (last - first - warp) / NW + 1 : 0;
+    // the offsets of this warp's tile t (key_offsets), and its copy into stage t % STAGES
+    const bool affine = !PAGED || block_size % TILE == 0;
+    auto offsets = [&](int t, long long& k, long long& v) {
+        const int j0 = (first + warp + NW * t) * TILE;
+        if (affine)
+            key_offsets<true>(cache, b, j0, lo, hi, lane, k, v);
+        else
+            key_offsets<false>(cache, b, j0, lo, hi, lane, k, v);
+    };
+    auto copy = [&](int t, long long k, long long v) {
+        const int j0 = (first + warp + NW * t) * TILE;
+        elem_t* sK = sK0 + (t % STAGES) * STAGE_ELEMS;
+        if (affine)
+            load_keys<true>(sK, sK + TILE * Q_PITCH, kb, vb, cache, k, v, j0, lo, hi, lane);
+        else
+            load_keys<false>(sK, sK + TILE * Q_PITCH, kb, vb, cache, k, v, j0, lo, hi, lane);
+    };
+    long long ko, vo;  // the offsets of the next tile to copy
+#pragma unroll
+    for (int t = 0; t < STAGES - 1; ++t) {
+        if (t < count) {
+            offsets(t, ko, vo);
+            copy(t, ko, vo);
+        }
+        cp_async_commit();
+    }
+    offsets(STAGES - 1, ko, vo);
+
+    // the query of this thread's rows g and g + 8; padding rows see nothing (i = Lq)
+    int row_i[2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) row_i[r] = g + 8 * r < R ? (g + 8 * r) % Lq : Lq;
+#if ALIBI
+    float slope[2];  // of the rows' query heads (B, Hq)
+#pragma unroll
+    for (int r = 0; r < 2; ++r) slope[r] = slopes[b * Hq + kvh * group + min(g + 8 * r, R - 1) / Lq];
+#endif
+#if SOFTCAP
+    const float cap_k = 2.f * LOG2E / softcap;
+#endif
+
+    cp_async_wait<STAGES - 1>();  // Q has landed (the first group)
+    __syncthreads();
+    u32 qf[KK][4];
+#pragma unroll
+    for (int kk = 0; kk < KK; ++kk) ldmatrix_x4(qf[kk], a_frag_addr(sQ + kk * 16, Q_PITCH, lane));
+
+    float acc[1][VT][4];
+#pragma unroll
+    for (int vt = 0; vt < VT; ++vt) acc[0][vt][0] = acc[0][vt][1] = acc[0][vt][2] = acc[0][vt][3] = 0.f;
+    float m_i[2] = {-CUSDPA_INF, -CUSDPA_INF}, l_i[2] = {0.f, 0.f};
+    const float scale_log2 = scale * LOG2E;
+
+    for (int i = 0; i < count; ++i) {
+        {  // refill the stage consumed last iteration, then find the next tile's offsets
+            const int t = i + STAGES - 1;
+            if (t < count) copy(t, ko, vo);
+            cp_async_commit();
+            offsets(t + 1, ko, vo);
+        }
+        cp_async_wait<STAGES - 1>();  // tile i has landed
+        __syncwarp();
+        const elem_t* sK = sK0 + (i % STAGES) * STAGE_ELEMS;
+        const elem_t* sV = sK + TILE * Q_PITCH;
+        const int j0 = (first + warp + NW * i) * TILE;
+
+        float s[1][NT][4];
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt) s[0][nt][0] = s[0][nt][1] = s[0][nt][2] = s[0][nt][3] = 0.f;
+#pragma unroll
+        for (int kk = 0; kk < KK; ++kk)
+#pragma unroll
+            for (int nn = 0; nn < TILE / 16; ++nn) {
+                u32 bf[4];
+                ldmatrix_x4(bf, b_frag_addr(sK + nn * 16 * Q_PITCH + kk * 16, Q_PITCH, lane));
+                mma_16816<IS_BF16>(s[0][2 * nn], qf[kk], bf[0], bf[1]);
+                mma_16816<IS_BF16>(s[0][2 * nn + 1], qf[kk], bf[2], bf[3]);
+            }
+
+        // scores to log2 units, unseen ones -inf (a select: a NaN product stays out of unseen keys)
+        // (padding rows need no mask: their Q is zero and they are never written)
+        const bool full = vis.tile_full(0, Lq, j0, TILE) && j0 >= lo && j0 + TILE <= hi;
+        float alpha[2];
+        bool rescale = false;
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+            float mx = -CUSDPA_INF;
+#pragma unroll
+            for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+                for (int c = 0; c < 2; ++c) {
+                    const int j = j0 + nt * 8 + 2 * t + c;
+                    float x = s[0][nt][2 * r + c];
+#if SOFTCAP || ALIBI
+                    x *= scale;
+#if SOFTCAP
+                    x = soft_cap(x, cap_k, softcap);
+#endif
+#if ALIBI
+                    x -= slope[r] * static_cast<float>(abs(row_i[r] + n_keys - Lq - j));
+#endif
+                    x *= LOG2E;
+#else
+                    x *= scale_log2;
+#endif
+                    x = full || (j >= lo && j < hi && vis.visible(row_i[r], j)) ? x : -CUSDPA_INF;
+                    s[0][nt][2 * r + c] = x;
+                    mx = fmaxf(mx, x);  // fmaxf skips NaN: a NaN score poisons the row through its p
+                }
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+            const float m_new = fmaxf(m_i[r], mx);
+            // a row with nothing visible yet keeps m = -inf; subtract 0 instead so exp2 gives 0, not NaN
+            const float m_use = m_new == -CUSDPA_INF ? 0.f : m_new;
+            alpha[r] = exp2f(m_i[r] - m_use);
+            rescale |= m_new != m_i[r];
+            m_i[r] = m_new;
+            float sum = 0.f;
+#pragma unroll
+            for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+                for (int c = 0; c < 2; ++c) {
+                    const float p = exp2f(s[0][nt][2 * r + c] - m_use);
+                    s[0][nt][2 * r + c] = p;
+                    sum += p;
+                }
+            l_i[r] = l_i[r] * alpha[r] + sum;
+        }
+        if (__any_sync(0xffffffffu, rescale)) {
+#pragma unroll
+            for (int vt = 0; vt < VT; ++vt)
+#pragma unroll
+                for (int c = 0; c < 4; ++c) acc[0][vt][c] *= alpha[c / 2];
+        }
+        mma_pb<1, EV_PAD / 16, TILE / 16>(acc, s, Identity{}, sV, V_PITCH, lane);
+        __syncwarp();  // every lane is done with this stage before it is refilled
+    }
+    cp_async_wait<0>();
+
+    // Merge the warps: row sums over the quad, then each warp's (m, l, O) through shared memory.
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        l_i[r] += __shfl_xor_sync(0xffffffffu, l_i[r], 1);
+        l_i[r] += __shfl_xor_sync(0xffffffffu, l_i[r], 2);
+    }
+    __syncthreads();  // every warp is done with its stages
+    float* sO = reinterpret_cast<float*>(sPipe);  // [NW][ROWS][EV_PAD]
+    float* sM = sO + NW * ROWS * EV_PAD;           // [NW][ROWS]
+    float* sL = sM + NW * ROWS;
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        const int row = g + 8 * r;
+#pragma unroll
+        for (int vt = 0; vt < VT; ++vt)
+            *reinterpret_cast<float2*>(sO + (warp * ROWS + row) * EV_PAD + vt * 8 + 2 * t) =
+                make_float2(acc[0][vt][2 * r], acc[0][vt][2 * r + 1]);
+        if (t == 0) {
+            sM[warp * ROWS + row] = m_i[r];
+            sL[warp * ROWS + row] = l_i[r];
+        }
+    }
+    __syncthreads();
+
+    const bool direct = splits == 1;
+    for (int x = threadIdx.x; x < R * (HEAD_DIM_V / 2); x += NTHREADS) {
+        const int row = x / (HEAD_DIM_V / 2), e = 2 * (x % (HEAD_DIM_V / 2));
+        float m = -CUSDPA_INF;
+#pragma unroll
+        for (int w = 0; w < NW; ++w) m = fmaxf(m, sM[w * ROWS + row]);
+        const float m_use = m == -CUSDPA_INF ? 0.f : m;
+        float l = 0.f, o0 = 0.f, o1 = 0.f;
+#pragma unroll
+        for (int w = 0; w < NW; ++w) {
+            const float mw = sM[w * ROWS + row];
+            if (mw == -CUSDPA_INF) continue;  // that warp saw nothing of the row (its O may be 0 * NaN)
+            const float f = exp2f(mw - m_use);
+            const float2 ow = *reinterpret_cast<const float2*>(sO + (w * ROWS + row) * EV_PAD + e);
+            l += sL[w * ROWS + row] * f;
+            o0 += ow.x * f;
+            o1 += ow.y * f;
+        }
+        const int h = kvh * group + row / Lq, ql = row % Lq;
+        const long long bhl = ((long long)b * Hq + h) * Lq + ql;
+        if (direct) {
+            const bool empty = l == 0.f;
+            const float inv = 1.f / l;
+            *reinterpret_cast<u32*>(out + (((long long)b * Lq + ql) * Hq + h) * HEAD_DIM_V + e) =
+                pack2<IS_BF16>(empty ? 0.f : o0 * inv, empty ? 0.f : o1 * inv);
+            if (e == 0) lse[bhl] = empty ? -CUSDPA_INF : (m + log2f(l)) * LN2;
+        } else {
+            const long long part = (long long)split * B * Hq * Lq + bhl;
+            *reinterpret_cast<float2*>(o_part + part * HEAD_DIM_V + e) = make_float2(o0, o1);
+            if (e == 0) {
+                ml_part[2 * part] = m;
+                ml_part[2 * part + 1] = l;
+            }
+        }
+    }
+}
+
+// Merge the splits exactly: M = max m_s, out = sum_s O_s 2^(m_s - M) / sum_s l_s 2^(m_s - M), lse = (M +
+// log2 sum) ln 2; splits that saw nothing of the row (m_s = -inf) are left out. One CTA of 128 threads per
+// (b, h, query), blockIdx.x = (b * Hq + h) * Lq + query, splits <= 128: thread s reads split s's (m, l), the
+// weights go through shared memory, then each thread sums two output columns over the splits.
+extern "C" __global__ void __launch_bounds__(128)
+flash_decode_combine(const float* __restrict__ o_part, const float* __restrict__ ml_part, elem_t* __restrict__ out,
+                     float* __restrict__ lse, int splits, int rows, int Hq, int Lq) {
+    __shared__ float weight[128], warp_max[4], warp_sum[4];
+    const int bhl = blockIdx.x, ql = bhl % Lq, h = (bhl / Lq) % Hq, b = bhl / (Lq * Hq);
+    const int s = threadIdx.x, lane = s % 32, warp = s / 32;
+    float m = -CUSDPA_INF, l = 0.f;
+    if (s < splits) {
+        const float2 ml = *reinterpret_cast<const float2*>(ml_part + 2 * ((long long)s * rows + bhl));
+        m = ml.x;
+        l = ml.y;
+    }
+    float top = m;
+    for (int d = 16; d; d /= 2) top = fmaxf(top, __shfl_xor_sync(0xffffffffu, top, d));
+    if (lane == 0) warp_max[warp] = top;
+    __syncthreads();
+    top = fmaxf(fmaxf(warp_max[0], warp_max[1]), fmaxf(warp_max[2], warp_max[3]));
+    const float m_use = top == -CUSDPA_INF ? 0.f : top;
+    const float w = m == -CUSDPA_INF ? 0.f : exp2f(m - m_use);
+    weight[s] = w;
+    float sum = m == -CUSDPA_INF ? 0.f : l * w;
+    for (int d = 16; d; d /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, d);
+    if (lane == 0) warp_sum[warp] = sum;
+    __syncthreads();
+    const float total = warp_sum[0] + warp_sum[1] + warp_sum[2] + warp_sum[3];
+    const bool empty = total == 0.f;
+    const float inv = 1.f / total;
+    for (int e = 2 * threadIdx.x; e < HEAD_DIM_V; e += 2 * blockDim.x) {
+        float o0 = 0.f, o1 = 0.f;
+#pragma unroll 4
+        for (int x = 0; x < splits; ++x) {
+            const float f = weight[x];
+            if (f == 0.f) continue;  // saw nothing of the row (its O may be 0 * NaN), or weighs nothing
+            const float2 o = *reinterpret_cast<const float2*>(o_part + ((long long)x * rows + bhl) * HEAD_DIM_V + e);
+            o0 += o.x * f;
+            o1 += o.y * f;
+        }
+        *reinterpret_cast<u32*>(out + (((long long)b * Lq + ql) * Hq + h) * HEAD_DIM_V + e) =
+            pack2<IS_BF16>(empty ? 0.f : o0 * inv, empty ? 0.f : o1 * inv);
+    }
+    if (threadIdx.x == 0) lse[bhl] = empty ? -CUSDPA_INF : (top + log2f(total)) * LN2;
+}
+
+// New keys and values into the cache before the attention: token n of sequence b goes to position
+// seqlens[b] + n (seqlens == nullptr: fixed_len + n), found as the split kernel finds it; positions past the
+// capacity are dropped (the split kernel clamps its lengths the same way). One CTA per (b, n), blockIdx.x
+// = b * Lnew + n; new tensors (B, Lnew, Hkv, E / Ev) with strides (sb, sl, sh).
+extern "C" __global__ void __launch_bounds__(128)
+kv_cache_append(elem_t* __restrict__ k_cache, elem_t* __restrict__ v_cache, const elem_t* __restrict__ key,
+                const elem_t* __restrict__ value, const int* __restrict__ table, const int* __restrict__ seqlens,
+                int fixed_len, int Hkv, int Lnew, long long kn_sb, long long kn_sl, long long kn_sh, long long vn_sb,
+                long long vn_sl, long long vn_sh, long long table_sb, long long k_sr, long long k_ss, long long k_sh,
+                long long v_sr, long long v_ss, long long v_sh, int block_size, int capacity) {
+    const int b = blockIdx.x / Lnew, n = blockIdx.x % Lnew;
+    const int p = (seqlens ? seqlens[b] : fixed_len) + n;
+    if (p < 0 || p >= capacity) return;
+    const Cache cache{table, table_sb, k_sr, k_ss, v_sr, v_ss, block_size};
+    long long ko, vo;
+    cache.at(b, p, ko, vo);
+    constexpr int KC = HEAD_DIM / 8, VC = HEAD_DIM_V / 8;  // 16-byte chunks of a head's row
+    for (int c = threadIdx.x; c < Hkv * KC; c += blockDim.x) {
+        const int h = c / KC, ch = c % KC;
+        *reinterpret_cast<uint4*>(k_cache + ko + h * k_sh + ch * 8) =
+            *reinterpret_cast<const uint4*>(key + b * kn_sb + n * kn_sl + h * kn_sh + ch * 8);
+    }
+    for (int c = threadIdx.x; c < Hkv * VC; c += blockDim.x) {
+        const int h = c / VC, ch = c % VC;
+        *reinterpret_cast<uint4*>(v_cache + vo + h * v_sh + ch * 8) =
+            *reinterpret_cast<const uint4*>(value + b * vn_sb + n * vn_sl + h * vn_sh + ch * 8);
+    }
+}

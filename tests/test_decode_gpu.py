@@ -1,0 +1,92 @@
+"""The tensor-core split-KV kernels (kernels_cuda/flash_decode.cu) behind cusdpa.kv_cache_attention on CuPy
+fp16/bf16 arrays, on the GPU: contiguous and paged caches, new tokens appended on the device, several query
+rows per kv head, causal, windows, softcap and ALiBi, uneven and empty sequences, long ones split over many
+CTAs, and stale NaN in the cache's unused cells, against the reference run per sequence in float64."""
+import numpy as np
+import pytest
+
+from test_kv_cache import _expected
+
+import cusdpa
+
+pytestmark = pytest.mark.gpu
+
+
+def _bf16():
+    import ml_dtypes
+
+    return np.dtype(ml_dtypes.bfloat16)
+
+
+CASES = {  # name -> (E, Ev, Hq, Hkv, Lq, new, paged, lengths, capacity, options)
+    "decode_gqa": (128, 128, 32, 8, 1, 0, False, [3000, 1, 0, 777], 4096, dict()),
+    "decode_append_paged": (128, 128, 16, 4, 1, 1, True, [100, 1, 4000, 515], 4096, dict(is_causal=True)),
+    "chunk_causal_window": (64, 64, 8, 2, 4, 4, True, [60, 9, 2047, 300], 2048, dict(is_causal=True, window=(37, 0))),
+    "softcap_alibi": (128, 128, 8, 8, 2, 2, False, [1500, 31, 8, 2], 2048, dict(softcap=5.0, alibi=True)),
+    "wide_head": (256, 256, 4, 1, 1, 0, True, [9000, 17, 256, 4096], 9216, dict(is_causal=True)),
+    "different_dims": (192, 128, 16, 2, 2, 1, False, [700, 5, 1, 64], 1024, dict(is_causal=True)),
+    "odd_dim_multi_query": (40, 40, 6, 2, 5, 0, False, [50, 6, 1000, 3], 1024, dict(is_causal=True)),
+    "one_sequence_long": (128, 128, 32, 8, 1, 0, True, [32768], 32768, dict()),
+}
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("name", list(CASES))
+def test_kv_cache_on_the_decode_kernels(name, dtype):
+    import cupy
+
+    from cusdpa.backends.flash import decode
+
+    E, Ev, hq, hkv, lq, new, paged, lengths, capacity, options = CASES[name]
+    rng = np.random.default_rng(len(name))
+    B = len(lengths)
+    np_dtype = np.dtype(dtype) if dtype == "float16" else _bf16()
+    block = 256
+    if paged:
+        per_seq = capacity // block
+        table = rng.permutation(B * per_seq + 3)[:B * per_seq].reshape(B, per_seq).astype(np.int32)
+        shape = (B * per_seq + 3, block, hkv)
+        rows = None
+    else:
+        table, shape, rows = None, (B + 1, capacity, hkv), rng.permutation(B + 1)[:B].astype(np.int32)
+    k_host = rng.standard_normal(shape + (E,)).astype(np_dtype)
+    v_host = rng.standard_normal(shape + (Ev,)).astype(np_dtype)
+    seqlens = np.array(lengths, np.int32) - new
+    for b in range(B):  # stale cells past every sequence hold NaN: none may reach an output
+        for cache in (k_host, v_host):
+            if table is None:
+                cache[rows[b], lengths[b]:] = np.nan
+            else:
+                for p in range(lengths[b], capacity, 1):
+                    cache[table[b, p // block], p % block] = np.nan
+    q_host = rng.standard_normal((B, lq, hq, E)).astype(np_dtype)
+    kn = rng.standard_normal((B, new, hkv, E)).astype(np_dtype) if new else None
+    vn = rng.standard_normal((B, new, hkv, Ev)).astype(np_dtype) if new else None
+    kw = dict(options)
+    if kw.pop("alibi", False):
+        kw["alibi_slopes"] = (rng.random((B, hq)) / 4).astype(np.float32)
+    dev = {k: None if v is None else cupy.asarray(v) for k, v in dict(q=q_host, k=k_host, v=v_host, kn=kn, vn=vn,
+                                                                         table=table, rows=rows).items()}
+    built = decode.build.cache_info().misses + decode.build.cache_info().hits
+    out, lse = cusdpa.kv_cache_attention(
+        dev["q"], dev["k"], dev["v"], cupy.asarray(seqlens), dev["kn"], dev["vn"], block_table=dev["table"],
+        cache_batch_idx=dev["rows"], return_lse=True,
+        **{**kw, **({"alibi_slopes": cupy.asarray(kw["alibi_slopes"])} if "alibi_slopes" in kw else {})})
+    assert decode.build.cache_info().misses + decode.build.cache_info().hits == built + 1, "not on the decode kernels"
+    # the new tokens landed where the host puts them
+    k_after, v_after = dev["k"].get(), dev["v"].get()
+    row_of = np.arange(B) if rows is None else rows
+    for b in range(B):
+        for n in range(new):
+            p = seqlens[b] + n
+            cell = (row_of[b], p) if table is None else (table[b, p // block], p % block)
+            np.testing.assert_array_equal(k_after[cell].view(np.uint16), kn[b, n].view(np.uint16))
+            np.testing.assert_array_equal(v_after[cell].view(np.uint16), vn[b, n].view(np.uint16))
+    f64 = [x.astype(np.float64) for x in (q_host, k_after, v_after)]
+    want, want_lse = _expected(*f64, np.array(lengths), table, row_of, **kw)
+    got = out.get().astype(np.float64)
+    assert out.dtype == np_dtype and got.shape == want.shape
+    assert np.isfinite(got).all()
+    scale = max(1.0, np.abs(want).max())
+    np.testing.assert_allclose(got, want, atol=2e-2 * scale, rtol=0)
+    np.testing.assert_allclose(lse.get(), want_lse, atol=2e-3, rtol=2e-3)
