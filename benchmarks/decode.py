@@ -2,7 +2,7 @@
 ``interop.kv_cache_attention`` (contiguous and paged caches) against PyTorch's SDPA over the same cache and
 against the KV-read floor (the cache's bytes at 4.3 TB/s, what this H200 reads), in one process.
 
-    python benchmarks/decode.py [--block-size 256] [--profile] [--config TILE=32 DEPTH=2 WARPS=4]
+    python benchmarks/decode.py [--block-size 256] [--profile] [--head-major] [--config TILE=32 DEPTH=2 WARPS=4]
 
 Shapes (the decode issue's, bf16, Hq = 32, Hkv = 8, E = 128): B=1 S=32768, B=16 S=8192, B=64 S=2048. The
 cache is (B, S, Hkv, E), as FlashAttention's kvcache takes it; PyTorch reads it through (B, Hkv, S, E) views
@@ -11,7 +11,9 @@ with enable_gqa, as a static-cache model does. The paged cache holds the same ke
 PyTorch's (relative Frobenius error) before it is timed; times are medians of triton.testing.do_bench (L2
 flushed), in microseconds. ``--profile`` also prints, per shape, the GPU kernels of ten contiguous-cache calls
 (torch.profiler) and the host time of one call (until it returns, started on an idle GPU; median of 50).
-``--config`` sets the decode kernels' tile constants (cusdpa/backends/flash/decode.py) for a sweep.
+``--head-major`` lays the contiguous caches out (B, Hkv, S, E) in memory (each head's keys contiguous; the
+arguments keep their (B, S, Hkv, E) shape) for both libraries. ``--config`` sets the decode kernels' tile
+constants (cusdpa/backends/flash/decode.py) for a sweep.
 """
 from __future__ import annotations
 
@@ -48,6 +50,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--block-size", type=int, default=256, help="positions per block of the paged cache")
     ap.add_argument("--profile", action="store_true", help="each shape's GPU kernels and host time per call")
+    ap.add_argument("--head-major", action="store_true", help="contiguous caches laid out (B, Hkv, S, E) in memory")
     ap.add_argument("--config", nargs="*", default=[], metavar="NAME=INT", help="decode kernel constants")
     args = ap.parse_args()
     for item in args.config:
@@ -57,8 +60,12 @@ def main():
     rows = []
     for B, S in SHAPES:
         q = torch.randn(B, 1, HQ, E, device="cuda", dtype=torch.bfloat16, generator=g)
-        k_cache, v_cache = (torch.randn(B, S, HKV, E, device="cuda", dtype=torch.bfloat16, generator=g)
-                            for _ in range(2))
+        if args.head_major:  # (B, S, Hkv, E) views of (B, Hkv, S, E) memory: each head's keys contiguous
+            k_cache, v_cache = (torch.randn(B, HKV, S, E, device="cuda", dtype=torch.bfloat16, generator=g)
+                                .transpose(1, 2) for _ in range(2))
+        else:
+            k_cache, v_cache = (torch.randn(B, S, HKV, E, device="cuda", dtype=torch.bfloat16, generator=g)
+                                for _ in range(2))
         seqlens = torch.full((B,), S, dtype=torch.int32, device="cuda")
         per_seq = S // args.block_size
         order = torch.randperm(B * per_seq, device="cuda", generator=g)
@@ -66,7 +73,7 @@ def main():
         k_paged, v_paged = (torch.empty(B * per_seq, args.block_size, HKV, E, device="cuda", dtype=torch.bfloat16)
                             for _ in range(2))
         for paged, dense in ((k_paged, k_cache), (v_paged, v_cache)):
-            paged[order] = dense.reshape(B * per_seq, args.block_size, HKV, E)
+            paged[order] = dense.reshape(B * per_seq, args.block_size, HKV, E)  # (copies a head-major view)
 
         def ours():
             return interop.kv_cache_attention(q, k_cache, v_cache, seqlens)

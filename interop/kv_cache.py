@@ -28,17 +28,14 @@ def kv_cache_attention(query, k_cache, v_cache, cache_seqlens=None, key=None, va
     causal and window aligned bottom-right; contiguous caches (B_cache, S_max, Hkv, E) with
     ``cache_batch_idx``, or paged ones (num_blocks, block_size, Hkv, E) with ``block_table`` (B, blocks).
     Returns out (B, Lq, Hq, Ev), or (out, lse (B, Hq, Lq)) with ``return_lse``; neither carries a gradient."""
-    tensors = {"query": query, "k_cache": k_cache, "v_cache": v_cache}
     if (key is None) != (value is None):
         raise ArgumentError("key and value go together: pass both new tensors or neither")
-    if key is not None:
-        tensors.update(key=key, value=value)
-    arguments.check_tensors(tensors, alibi_slopes=alibi_slopes)
-    if query.is_cuda:
+    if isinstance(query, torch.Tensor) and query.is_cuda:  # first: a decode step's host time is the point
         done = _decode(query, k_cache, v_cache, cache_seqlens, key, value, block_table, cache_batch_idx, is_causal,
                        scale, window, softcap, alibi_slopes)
         if done is not None:
             return done if return_lse else done[0]
+    _check(query, k_cache, v_cache, key, value, alibi_slopes)
 
     def view(x):
         return bridge.as_array(x) if isinstance(x, torch.Tensor) else x
@@ -59,6 +56,14 @@ def _tensor(array, dtype: torch.dtype) -> torch.Tensor:
     return t.view(torch.bfloat16) if dtype == torch.bfloat16 else t
 
 
+def _check(query, k_cache, v_cache, key, value, alibi_slopes) -> None:
+    """Errors in torch's terms (types, devices, dtypes): ``arguments.check_tensors``."""
+    tensors = {"query": query, "k_cache": k_cache, "v_cache": v_cache}
+    if key is not None:
+        tensors.update(key=key, value=value)
+    arguments.check_tensors(tensors, alibi_slopes=alibi_slopes)
+
+
 # ---- the decode kernels' plans ------------------------------------------------------------------------
 
 _plans: dict = {}  # signature -> DecodePlan, or None: the general path
@@ -73,14 +78,17 @@ def _decode(query, k_cache, v_cache, cache_seqlens, key, value, block_table, cac
             window, softcap, alibi_slopes):
     """(out, lse) through a cached decode plan, or None: the general path. Lengths, block table and batch rows
     as contiguous int32 CUDA tensors are read by the kernels only (not checked, as FlashAttention does not);
-    an int or None as the length of every sequence is checked against the capacity."""
+    an int or None as the length of every sequence is checked against the capacity. The signature holds every
+    tensor's dtype and device, so ``_check`` runs once per signature, when its plan is made."""
+    if not all(isinstance(t, torch.Tensor) for t in (k_cache, v_cache) + (() if key is None else (key, value))):
+        return None
     seqlens_kind = type(cache_seqlens)
     if not (cache_seqlens is None or seqlens_kind is int or _int32_vector(cache_seqlens, query.device)):
         return None
     for t in (block_table, cache_batch_idx):
         if t is not None and not _int32_vector(t, query.device):
             return None
-    if alibi_slopes is not None and not alibi_slopes.is_contiguous():
+    if alibi_slopes is not None and not (isinstance(alibi_slopes, torch.Tensor) and alibi_slopes.is_contiguous()):
         return None
     tensors = (query, k_cache, v_cache, key, value, block_table, cache_batch_idx, cache_seqlens, alibi_slopes)
     described = tuple(None if not isinstance(t, torch.Tensor) else (t.shape, t.stride(), t.dtype, t.get_device())
@@ -91,6 +99,7 @@ def _decode(query, k_cache, v_cache, cache_seqlens, key, value, block_table, cac
                  window if window is None else tuple(window), type(softcap), softcap)
     plan = _plans.get(signature, _MISS)
     if plan is _MISS:
+        _check(query, k_cache, v_cache, key, value, alibi_slopes)
         with bridge.on_stream(query.device):
             def view(x):
                 return bridge.as_array(x) if isinstance(x, torch.Tensor) else x

@@ -394,13 +394,14 @@ flash_decode_combine(const float* __restrict__ o_part, const float* __restrict__
     const float inv = 1.f / total;
     for (int e = 2 * threadIdx.x; e < HEAD_DIM_V; e += 2 * blockDim.x) {
         float o0 = 0.f, o1 = 0.f;
-#pragma unroll 4
+        // loads issued whatever the weight (eight in flight), the weight applied by a select: a split that saw
+        // nothing of the row (its O may be 0 * NaN) or weighs nothing adds nothing
+#pragma unroll 8
         for (int x = 0; x < splits; ++x) {
             const float f = weight[x];
-            if (f == 0.f) continue;  // saw nothing of the row (its O may be 0 * NaN), or weighs nothing
             const float2 o = *reinterpret_cast<const float2*>(o_part + ((long long)x * rows + bhl) * HEAD_DIM_V + e);
-            o0 += o.x * f;
-            o1 += o.y * f;
+            o0 += f == 0.f ? 0.f : o.x * f;
+            o1 += f == 0.f ? 0.f : o.y * f;
         }
         *reinterpret_cast<u32*>(out + (((long long)b * Lq + ql) * Hq + h) * HEAD_DIM_V + e) =
             pack2<IS_BF16>(empty ? 0.f : o0 * inv, empty ? 0.f : o1 * inv);

@@ -90,3 +90,50 @@ def test_kv_cache_on_the_decode_kernels(name, dtype):
     scale = max(1.0, np.abs(want).max())
     np.testing.assert_allclose(got, want, atol=2e-2 * scale, rtol=0)
     np.testing.assert_allclose(lse.get(), want_lse, atol=2e-3, rtol=2e-3)
+
+
+def test_torch_decode_steps_replay_a_plan_and_capture_in_a_cuda_graph():
+    """interop.kv_cache_attention's decode plan: a repeated call gives the first one's result; lengths as an int
+    are checked against the capacity; a decode step (append one token, attend) captured in a CUDA graph and
+    replayed with new lengths written into its static tensors equals the eager step."""
+    torch = pytest.importorskip("torch")
+    import interop
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    B, S, hq, hkv, E = 3, 1024, 8, 2, 64
+
+    def randn(*shape):
+        return torch.randn(*shape, device="cuda", dtype=torch.bfloat16, generator=g)
+
+    q, k_cache, v_cache, k_new, v_new = randn(B, 1, hq, E), randn(B, S, hkv, E), randn(B, S, hkv, E), \
+        randn(B, 1, hkv, E), randn(B, 1, hkv, E)
+    seqlens = torch.tensor([5, 600, 1000], dtype=torch.int32, device="cuda")
+    first = interop.kv_cache_attention(q, k_cache, v_cache, seqlens, is_causal=True)
+    again = interop.kv_cache_attention(q, k_cache, v_cache, seqlens, is_causal=True)
+    torch.testing.assert_close(first, again, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="capacity"):
+        interop.kv_cache_attention(q, k_cache, v_cache, S, k_new, v_new)
+
+    def step():
+        return interop.kv_cache_attention(q, k_cache, v_cache, seqlens, k_new, v_new, is_causal=True)
+
+    caches = (k_cache.clone(), v_cache.clone())
+    want = step()  # eager, at lengths 5, 600, 1000 (+1)
+    k_cache.copy_(caches[0])
+    v_cache.copy_(caches[1])
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        step()  # warm: the plan and its kernels exist before capture
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        got = step()
+    k_cache.copy_(caches[0])
+    v_cache.copy_(caches[1])
+    graph.replay()
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    seqlens.copy_(torch.tensor([6, 601, 1001], dtype=torch.int32))  # the next step, same graph
+    graph.replay()
+    expected = step()  # eager on the state the replay left: it rewrites the same token where the replay did
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
