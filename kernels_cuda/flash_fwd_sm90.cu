@@ -378,16 +378,13 @@ struct KeyBlocks {
 #endif
     }
     // a float mask's -inf at a visible pair of block n (apply_mask's HIDE)
-    __device__ __forceinline__ bool hides(int n) const {
+    __device__ __forceinline__ bool hides(int n) const { return flag(n, 8); }
+    __device__ __forceinline__ bool holes(int n) const { return flag(n, 4); }
+
+  private:
+    __device__ __forceinline__ bool flag(int n, int bit) const {
 #if ATTN_MASK
-        return (row[n] & 8) != 0;
-#else
-        return false;
-#endif
-    }
-    __device__ __forceinline__ bool holes(int n) const {
-#if ATTN_MASK
-        return (row[n] & 4) != 0;
+        return (row[n] & bit) != 0;
 #else
         return false;
 #endif
