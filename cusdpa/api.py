@@ -82,7 +82,8 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     input has one head, which stretches like any dim of size 1), and ``enable_gqa`` lets key and value
     heads (the two counts may differ) each divide Hq. E or Ev may be 0 (E = 0: every visible key weighs
     the same). ``attn_mask`` is bool (True = attend) or float (added to the scores), broadcastable to
-    (..., Hq, L, S). ``is_causal`` lets query i see key j iff j <= i (upper-left); with
+    (..., Hq, L, S), or a ``cusdpa.BlockMask`` wrapping one, whose block summary FLASH makes once for every
+    call it is passed to. ``is_causal`` lets query i see key j iff j <= i (upper-left); with
     ``causal_variant="lower_right"`` iff j <= i + S - L. ``window=(left, right)`` keeps keys within
     left before and right after the (equally aligned) diagonal, -1 = unbounded. Masks, causal and
     window intersect; a query that sees no key gets 0 (lse -inf); NaN or inf at a position a query

@@ -21,6 +21,7 @@ from typing import Any, Optional
 import numpy as np
 
 from . import philox
+from .block_mask import BlockMask
 from .errors import ArgumentError, ArgumentTypeError
 
 SUPPORTED_DTYPES = ("float16", "bfloat16", "float32", "float64")
@@ -106,6 +107,8 @@ class Problem:
     scale: float
     mask: Any = None
     mask_kind: str | None = None  # None, "bool" or "float"
+    # where the mask came as a BlockMask: its summaries, which FLASH fills and reuses (launches.mask_values)
+    mask_summaries: Optional[dict] = None
     causal: bool = False
     lower_right: bool = False  # alignment of both causal and window
     window: tuple[int, int] | None = None  # (left, right), -1 = unbounded
@@ -447,12 +450,15 @@ def from_dense(q, k, v, attn_mask=None, options: Options = Options(), seed=None,
     except ValueError:
         raise ArgumentError(f"batch dims of query {tuple(q.shape)}, key {tuple(k.shape)} and value "
                             f"{tuple(v.shape)} do not broadcast; make the leading dims equal or 1") from None
-    mask, mask_kind = _check_mask(attn_mask, xp, batch_shape + (hq, L, S), device_of(q))
+    summaries = attn_mask.summaries if isinstance(attn_mask, BlockMask) else None
+    mask, mask_kind = _check_mask(attn_mask.mask if summaries is not None else attn_mask, xp,
+                                  batch_shape + (hq, L, S), device_of(q))
     slopes = check_alibi(alibi_slopes, xp, batch_shape + (hq,), device_of(q))
     causal, lower_right, window = _check_causal(is_causal, causal_variant, window)
     p, seed, offset = _check_dropout(dropout_p, seed)
     return Problem(xp=xp, q=q, k=k, v=v, batch_shape=batch_shape, hq=hq, hkv=hkv, L=L, S=S, E=E, Ev=Ev,
-                   dtype=dtype, scale=_check_scale(scale, E), mask=mask, mask_kind=mask_kind, causal=causal,
+                   dtype=dtype, scale=_check_scale(scale, E), mask=mask, mask_kind=mask_kind,
+                   mask_summaries=summaries, causal=causal,
                    lower_right=lower_right, window=window, dropout_p=p, softcap=_check_softcap(softcap),
                    alibi_slopes=slopes, seed=seed, offset=offset, out_rank=max(q.ndim, k.ndim, v.ndim))
 

@@ -27,7 +27,7 @@ from cusdpa.backends.flash import launches, plans
 from cusdpa.dispatch import Backend
 from cusdpa.errors import ArgumentError
 
-from . import arguments, bridge
+from . import arguments, bridge, mask_summaries
 
 Tensor = torch.Tensor
 
@@ -181,18 +181,6 @@ def _plan(query, key, value, attn_mask, options: tuple, backends: str) -> plans.
     return plans.lookup(_signature(query, key, value, attn_mask, options, backends), make)
 
 
-def _mask_buffers(query, attn_mask, plan: plans.Plan, blocks: bool = True) -> tuple:
-    """The attn_mask's address and the buffers its summary writes (``Plan.seen_bytes`` and, for the forward
-    (``blocks``), ``blocks_bytes``), allocated on the caller's stream, as the kernels take them (zeros without
-    a mask)."""
-    if attn_mask is None:
-        return (0, 0, 0) if blocks else (0, 0)
-    seen = query.new_empty(plan.seen_bytes, dtype=torch.uint8).data_ptr()
-    if not blocks:
-        return attn_mask.data_ptr(), seen
-    return attn_mask.data_ptr(), seen, query.new_empty(max(plan.blocks_bytes, 1), dtype=torch.int8).data_ptr()
-
-
 def _backward_plan(query, key, value, attn_mask, options: tuple, backends: str, grad_out, out, lse,
                    deterministic: bool) -> plans.Plan | None:
     """The training plan of a dense call for these ``grad_out``, ``out`` and ``lse`` (their layouts are part of
@@ -263,9 +251,11 @@ def _sdpa_fwd(query, key, value, attn_mask, alibi_slopes, *rest):
         if plan is not None:
             out = query.new_empty_strided(plan.out_shape, plan.out_strides)
             lse = query.new_empty(plan.lse_shape, dtype=torch.float32)
+            stream = _stream(query)
             with _profiled("cusdpa::flash_fwd"):
-                plan.run_forward(_stream(query), query.data_ptr(), key.data_ptr(), value.data_ptr(), out.data_ptr(),
-                                 lse.data_ptr(), seed_of(seed, options[0]), *_mask_buffers(query, attn_mask, plan))
+                plan.run_forward(stream, query.data_ptr(), key.data_ptr(), value.data_ptr(), out.data_ptr(),
+                                 lse.data_ptr(), seed_of(seed, options[0]),
+                                 *mask_summaries.buffers(query, attn_mask, plan, stream))
             return out, lse
     with bridge.on_stream(query.device):
         pr = problem.from_dense(*_arrays(query, key, value, attn_mask), arguments.from_op(options),
@@ -309,12 +299,13 @@ def _sdpa_bwd(grad_out, query, key, value, attn_mask, alibi_slopes, out, lse, *r
             dq, dk, dv = (x.new_empty(x.shape) for x in (query, key, value))
             delta = lse.new_empty(lse.shape)
             dq_accum = query.new_empty(plan.dq_accum_elements, dtype=torch.float32) if plan.dq_accum_elements else None
+            stream = _stream(query)
             with _profiled("cusdpa::flash_bwd"):
-                plan.run_backward(_stream(query), query.data_ptr(), key.data_ptr(), value.data_ptr(), out.data_ptr(),
+                plan.run_backward(stream, query.data_ptr(), key.data_ptr(), value.data_ptr(), out.data_ptr(),
                                   grad_out.data_ptr(), lse.data_ptr(), delta.data_ptr(), dq.data_ptr(),
                                   dk.data_ptr(), dv.data_ptr(), seed_of(seed, options[0]),
                                   dq_accum.data_ptr() if dq_accum is not None else 0,
-                                  *_mask_buffers(query, attn_mask, plan, blocks=False))
+                                  *mask_summaries.buffers(query, attn_mask, plan, stream)[:2])
             return dq, dk, dv, _nothing(query)
     grad_out = grad_out.contiguous()
     with bridge.on_stream(query.device):

@@ -7,7 +7,7 @@
 //     Kernels zero the K and V rows of unseen keys before their products, as cusdpa/reference.py does, so
 //     NaN or inf stored at a padded key never meets a probability of 0. mask_seen_init zeroes `seen` first;
 //     CTAs only store ones (two CTAs may store the same byte: the same value).
-//   blocks[bh][m][n] (optional): 0 when no pair of the tile is attended (the Hopper forward skips the key
+//   blocks[bh][m][n]: 0 when no pair of the tile is attended (the Hopper forward skips the key
 //     block), 2 when the mask attends every pair of the tile that the visibility rule shows (a bool mask:
 //     the forward reads none of it), else 1 (always 1 where `skip` is 0: every block visited and read); plus 4 where a key of the tile is attended by none of its rows
 //     (the forward's producer then zeroes the V rows of the block's keys that `seen` marks unseen: a
@@ -72,7 +72,7 @@ mask_summary(const mask_t* __restrict__ mask, long long m_sb, long long m_sh, lo
     const bool tile_any = __syncthreads_or(any), tile_hidden = __syncthreads_or(hidden);
     const bool mine = threadIdx.x < block_n && j < S, hole = __syncthreads_or(mine && !col_seen[threadIdx.x]);
     if (mine && col_seen[threadIdx.x]) seen[bh * seen_pitch + j] = 1;
-    if (blocks != nullptr && threadIdx.x == 0)
+    if (threadIdx.x == 0)
         blocks[static_cast<long long>(bh) * gridDim.x + blockIdx.x] =
             (!skip ? 1 : !tile_any ? 0 : (ATTN_MASK == 1 && !tile_hidden ? 2 : 1)) | (hole ? 4 : 0) |
             (ATTN_MASK >= 2 && tile_hidden ? 8 : 0);

@@ -341,8 +341,8 @@ def test_mask_summary_kernel_matches_numpy(kind, causal, rng):
     summary = launches.MaskSummary.of(pr, strides, bm, bn)
 
     def run(skip):
-        slots = launches.mask_values(pr, array, summary)
-        launches.run(summary.launches(pr, blocks=True, skip=skip), launches.values(**slots),
+        slots, first = launches.mask_values(pr, array, summary, skip)
+        launches.run(first, launches.values(**slots),
                      cupy.cuda.get_current_stream().ptr, launches.device(pr))
         return slots["seen"].reshape(summary.batches, summary.pitch), slots["blocks"][:summary.blocks_bytes(S)]
 
@@ -402,6 +402,51 @@ def test_attn_mask_block_summary_skips_blocks(name, causal, rng):
     pr = problem.from_dense(q, k, v, cupy.asarray(mask), problem.Options(is_causal=causal))
     failures = run_problem(pr, flash.IMPL, rng, grads=mask.dtype == bool)
     assert not failures, "\n".join(failures)
+
+
+@pytest.mark.gpu
+def test_block_diagonal_mask_visits_one_key_block_per_tile(rng):
+    """A mask whose 128-query blocks each attend one 128-key block (a block-diagonal document mask), over
+    enough tiles that every CTA of the persistent forward walks a dozen one-block tiles: the producer's
+    lanes once drifted a barrier phase apart there and hung (H200). Judged against the same attention
+    computed block by block (each query block against its own keys, unmasked), a wrapped BlockMask and the
+    plain array alike."""
+    import cupy
+
+    import cusdpa
+
+    B, H, L, E, n = 4, 16, 4096, 128, 32
+    q, k, v = (cupy.asarray(rng.standard_normal((B, H, L, E)), dtype=cupy.float16) for _ in range(3))
+    diagonal = cupy.kron(cupy.eye(n, dtype=cupy.int8), cupy.ones((128, 128), dtype=cupy.int8)).astype(bool)
+    mask = cupy.ascontiguousarray(cupy.broadcast_to(diagonal, (B, 1, L, L)))
+    blocks = [x.reshape(B, H, n, 128, E) for x in (q, k, v)]
+    with cusdpa.sdpa_kernel(cusdpa.Backend.FLASH):
+        want = cusdpa.scaled_dot_product_attention(*blocks).reshape(B, H, L, E)
+        for m in (mask, cusdpa.BlockMask(mask)):
+            got = cusdpa.scaled_dot_product_attention(q, k, v, m)
+            assert float(cupy.abs(got.astype(cupy.float32) - want.astype(cupy.float32)).max()) < 2e-3
+
+
+@pytest.mark.gpu
+def test_a_block_mask_is_summarised_once(rng):
+    """cusdpa.BlockMask on CuPy arrays: one summary for every call it is passed to, forward and backward,
+    with results bit-identical to the plain array's (whose summary each call makes afresh)."""
+    import cupy
+
+    import cusdpa
+
+    mask = cupy.asarray(_block_masks(rng)["ninety_percent_empty"])
+    q, k, v = (cupy.asarray(rng.standard_normal((2, 4, 700, 64)), dtype=cupy.float16) for _ in range(3))
+    dout = cupy.asarray(rng.standard_normal((2, 4, 700, 64)), dtype=cupy.float16)
+    wrapped = cusdpa.BlockMask(mask)
+    with cusdpa.sdpa_kernel(cusdpa.Backend.FLASH):
+        out, vjp = cusdpa.attention_vjp(q, k, v, mask, deterministic=True)
+        grads = vjp(dout)
+        for _ in range(2):
+            got, got_vjp = cusdpa.attention_vjp(q, k, v, wrapped, deterministic=True)
+            assert cupy.array_equal(got, out)
+            assert all(cupy.array_equal(g, w) for g, w in zip(got_vjp(dout), grads))
+    assert len(wrapped.summaries) == 1
 
 
 @pytest.mark.gpu

@@ -59,7 +59,7 @@ def test_masks_match_pytorch(rng, dtype, kind):
 @pytest.mark.parametrize("shape", [(2, 1, 1, 96), (2, 1, 80, 96)])
 def test_masked_calls_take_a_plan_and_summarise_each_mask(rng, shape, kind):
     """A mask the kernels read in place (rows of whole key pairs) gives its calls a plan, one per signature,
-    whose launches summarise each call's mask afresh: two masks of one signature in turn, values and
+    whose launches summarise each new mask: two masks of one signature in turn, values and
     gradients each against the harness (a float mask's values, -inf at hidden keys, require no gradient:
     its call's backward runs on the plan too)."""
     from cusdpa.backends.flash import plans
@@ -75,6 +75,25 @@ def test_masked_calls_take_a_plan_and_summarise_each_mask(rng, shape, kind):
         failures = harness.run_torch(interop.scaled_dot_product_attention, q, k, v, mask, rng=rng)
         assert not failures, "\n".join(failures)
     assert any(plan is not None and plan.seen_bytes for plan in plans._plans.values())
+
+
+def test_a_mask_summary_is_kept_until_the_mask_changes(rng):
+    """The ops keep a mask's summary per storage (interop.mask_summaries): calls with the mask or another
+    view of it, forward and backward, make it once; an in-place change that shows a key block the summary
+    had skipped is seen by the next call (values and gradients against the harness)."""
+    from interop import mask_summaries
+
+    q = randn(rng, 2, 4, 80, 64, dtype=torch.bfloat16)
+    k, v = (randn(rng, 2, 4, 300, 64, dtype=torch.bfloat16) for _ in range(2))
+    mask = torch.rand(2, 1, 80, 300, device="cuda") < 0.7
+    mask[..., 0] = True
+    mask[..., 256:] = False  # the third key block hidden from every query: skipped
+    for m in (mask, mask[:, :]):
+        interop.scaled_dot_product_attention(q, k, v, m).sum().backward()
+    assert len(mask_summaries._held[id(mask.untyped_storage())][2]) == 1
+    mask[..., 256:] = True
+    failures = harness.run_torch(interop.scaled_dot_product_attention, q, k, v, mask, rng=rng)
+    assert not failures, "\n".join(failures)
 
 
 def test_dropout_on_cuda_replays_the_reference_mask(rng):

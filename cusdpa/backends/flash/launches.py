@@ -198,7 +198,8 @@ class MaskSummary:
     pair attended (bool masks), else 1, plus 4 where a key of the tile is attended by none of its rows and 8
     where a float mask holds -inf at a visible pair of the tile).
     The launches take slots mask, seen and blocks, buffers of ``seen_bytes`` and ``blocks_bytes`` the caller
-    allocates."""
+    allocates (or reuses, while the mask is unchanged: ``mask_values``). Forward and backward read the same
+    summary: the forward its blocks and seen keys, the backward the seen keys."""
 
     strides: tuple
     batches: int  # mask batch x mask heads it holds
@@ -223,9 +224,9 @@ class MaskSummary:
     def blocks_bytes(self, S: int) -> int:
         return self.batches * -(-self.rows // self.block_m) * -(-S // self.block_n)
 
-    def launches(self, pr, blocks: bool, skip: bool = True) -> list:
-        """The seen buffer's initialisation and the summary pass (with ``blocks``: the block summary too, every
-        block marked partial where ``skip`` is off, its holes kept)."""
+    def launches(self, pr, skip: bool = True) -> list:
+        """The seen buffer's initialisation and the summary pass (every block marked partial where ``skip`` is
+        off, its holes kept)."""
         opts = ("-std=c++17", f"-DATTN_MASK={sources.MASK_CODES[mask_kind(pr)]}")
         init = sources.kernel(device(pr), "mask_summary.cu", "mask_seen_init", opts, 0)
         fn = sources.kernel(device(pr), "mask_summary.cu", "mask_summary", opts, 0)
@@ -237,7 +238,7 @@ class MaskSummary:
             out.append(Launch(fn, (n_m * n_n, self.batches), (256,), 0,
                               (Slot("mask"), *self.strides, np.int32(self.heads), np.int32(self.rows), np.int32(pr.L),
                                np.int32(pr.S), *_visibility(pr), np.int32(self.block_m), np.int32(self.block_n),
-                               np.int32(n_n), Slot("blocks") if blocks else np.uint64(0), Slot("seen"),
+                               np.int32(n_n), Slot("blocks"), Slot("seen"),
                                np.int64(self.pitch), np.int32(skip))))
         return out
 
@@ -283,15 +284,24 @@ def _alibi_args(pr) -> tuple:
 NO_MASK = (np.uint64(0), *(np.int64(0),) * 3, np.uint64(0), *(np.int64(0),) * 2, np.uint64(0), *(np.int64(0),) * 3)
 
 
-def mask_values(pr, operand, summary: MaskSummary, blocks: bool = True) -> dict:
-    """The slot values of a masked call's launches: the mask operand and fresh seen and (``blocks``: the
-    forward's) blocks buffers."""
+def mask_values(pr, operand, summary: MaskSummary, skip: bool = True) -> tuple[dict, list]:
+    """(slot values, launches) of a masked call: the mask operand and the seen and blocks buffers of its
+    summary, and the launches that must run before the kernels that read them: the summary pass into fresh
+    buffers, or nothing where the mask came as a BlockMask that already holds this summary (same tiles,
+    same ``skip``, same stream: another stream would not be ordered after the pass)."""
     import cupy
 
-    values = {"mask": operand, "seen": cupy.empty(summary.seen_bytes, dtype=np.uint8)}
-    if blocks:
-        values["blocks"] = cupy.empty(max(summary.blocks_bytes(pr.S), 1), dtype=np.int8)
-    return values
+    stream = cupy.cuda.get_current_stream().ptr
+    key = (summary, skip, stream)
+    held = pr.mask_summaries.get(key) if pr.mask_summaries is not None else None
+    first = []
+    if held is None:
+        held = (cupy.empty(summary.seen_bytes, dtype=np.uint8),
+                cupy.empty(max(summary.blocks_bytes(pr.S), 1), dtype=np.int8))
+        first = summary.launches(pr, skip)
+        if pr.mask_summaries is not None:
+            pr.mask_summaries[key] = held
+    return {"mask": operand, "seen": held[0], "blocks": held[1]}, first
 
 
 def device(pr) -> int:
@@ -300,22 +310,17 @@ def device(pr) -> int:
 
 # ---- launches -----------------------------------------------------------------------------------------
 
-def forward_mask(pr, strides) -> MaskSummary:
-    """The forward's MaskSummary of an attn_mask operand with element strides ``strides``: the Hopper
-    forward's tiles."""
+def mask_summary(pr, strides) -> MaskSummary:
+    """The MaskSummary of an attn_mask operand with element strides ``strides``, in the Hopper forward's
+    tiles (the backward reads only its seen keys, which any tiles give)."""
     cfg = config(pr)
     return MaskSummary.of(pr, strides, 64 * cfg.fwd90_warpgroups, cfg.fwd90_block_n)
 
 
-def backward_mask(pr, strides) -> MaskSummary:
-    """The backward's MaskSummary (the seen keys only: any tiles do)."""
-    return MaskSummary.of(pr, strides, 128, 128)
-
-
 def forward_launches(pr, lay, o_strides, mask_strides=None) -> list[Launch]:
     """The forward's launches of ``pr``: slots q, k, v, o, lse, the seed and, with an attn_mask (whose
-    operand has element strides ``mask_strides``), mask, seen and blocks, the mask's summary first (buffer
-    sizes: ``forward_mask``); none when there is nothing to do."""
+    operand has element strides ``mask_strides``), mask, seen and blocks, which its summary writes first
+    (``mask_values``); none when there is nothing to do."""
     if lay.B * pr.hq == 0 or pr.L == 0:
         return []
     cfg, dev = config(pr), device(pr)
@@ -325,10 +330,9 @@ def forward_launches(pr, lay, o_strides, mask_strides=None) -> list[Launch]:
         opts = _modified_options(pr, cfg)
         if pr.mask is None:
             return [_sm90_forward_launch(pr, lay, o_strides, cfg, opts, tail, NO_MASK)]
-        summary = forward_mask(pr, mask_strides)
+        summary = mask_summary(pr, mask_strides)
         mask = (Slot("mask"), *mask_strides, *summary.seen_args(), *summary.block_args(pr.S))
-        return [*summary.launches(pr, blocks=True, skip=cfg.fwd90_mask_blocks),
-                _sm90_forward_launch(pr, lay, o_strides, cfg, opts, tail, mask)]
+        return [_sm90_forward_launch(pr, lay, o_strides, cfg, opts, tail, mask)]
     if pr.mask is not None or pr.alibi_slopes is not None or pr.softcap:  # environment_reasons keeps dispatch
         raise NotImplementedError(  # away; a direct call must not drop them
             "FLASH takes an attn_mask, ALiBi and soft-capping on the Hopper kernels only")
@@ -459,7 +463,7 @@ def dq_accum_elements(pr, deterministic: bool) -> int:
 def backward_launches(pr, lay, strides, deterministic: bool = False, mask_strides=None) -> list[Launch]:
     """The backward kernels of ``pr`` in launch order, with slots q, k, v, o, do, lse, delta, dq, dk, dv,
     dq_accum (where ``dq_accum_elements``), the seed and, with an attn_mask (whose operand has element
-    strides ``mask_strides``), mask and seen (buffer size: ``backward_mask``); ``strides`` holds the (b, h,
+    strides ``mask_strides``), mask and seen (written first by its summary: ``mask_values``); ``strides`` holds the (b, h,
     row) strides of o, do, dq, dk and dv."""
     if lay.B * pr.hq == 0:
         return []
@@ -491,9 +495,7 @@ def backward_launches(pr, lay, strides, deterministic: bool = False, mask_stride
     if hopper:
         mask = NO_MASK[:7]
         if pr.mask is not None:
-            summary = backward_mask(pr, mask_strides)
-            mask = (Slot("mask"), *mask_strides, *summary.seen_args())
-            launches[:0] = summary.launches(pr, blocks=False)
+            mask = (Slot("mask"), *mask_strides, *mask_summary(pr, mask_strides).seen_args())
         tail = (scale, scale_log2, *vis, *drop, *mask, *_modifier_args(pr))
         if pr.S:
             main = _modified_options(pr, cfg)
@@ -588,8 +590,9 @@ def forward(pr, out=None, lse=None):
             mask = mask_operand(pr) if pr.mask is not None else None
             fwd = forward_launches(pr, lay, o_strides, mask and mask[1])
             if fwd:
-                extra = mask_values(pr, mask[0], forward_mask(pr, mask[1])) if mask else {}
-                run(fwd, values(q=lay.q, k=lay.k, v=lay.v, o=o_view, lse=res_lse, **seed_values(pr.seed, pr.offset),
+                extra, first = mask_values(pr, mask[0], mask_summary(pr, mask[1]), config(pr).fwd90_mask_blocks) \
+                    if mask else ({}, [])
+                run(first + fwd, values(q=lay.q, k=lay.k, v=lay.v, o=o_view, lse=res_lse, **seed_values(pr.seed, pr.offset),
                                 **extra), cupy.cuda.get_current_stream().ptr, device(pr))
         for dst, src in ((out, res_out), (lse, res_lse)):
             if dst is not None and dst is not src:
@@ -652,10 +655,12 @@ def _run_backward(pr, out, lse, dout, dq, dk, dv, deterministic):
         views["dq_accum"] = accum
     lse_c = cupy.ascontiguousarray(lse)
     mask = mask_operand(pr) if pr.mask is not None else None
-    extra = mask_values(pr, mask[0], backward_mask(pr, mask[1]), blocks=False) if mask else {}
+    extra, first = mask_values(pr, mask[0], mask_summary(pr, mask[1]), config(pr).fwd90_mask_blocks) \
+        if mask else ({}, [])
     slots = values(q=lay.q, k=lay.k, v=lay.v, lse=lse_c, delta=cupy.empty_like(lse_c), **views,
                    **seed_values(pr.seed, pr.offset), **extra)
-    run(backward_launches(pr, lay, strides, deterministic, mask and mask[1]), slots,
+    bwd = backward_launches(pr, lay, strides, deterministic, mask and mask[1])
+    run(first + bwd if bwd else [], slots,
         cupy.cuda.get_current_stream().ptr, device(pr))
 
 

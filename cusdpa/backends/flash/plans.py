@@ -65,10 +65,17 @@ class Plan:
     backward: tuple
     copies_dout: bool = False  # dout is read in out's layout: the caller copies it there first
     dq_accum_elements: int = 0  # the backward's workspace
-    # with an attn_mask (read in place, its address passed per call): the bytes of the buffers its summary
-    # writes (the seen keys, the forward's block summary) that the caller allocates per call
+    # with an attn_mask (read in place, its address passed per call): the launches of its summary, which
+    # write buffers of seen_bytes and blocks_bytes that forward and backward read; the caller runs them
+    # first, or reuses the buffers of an earlier run while the mask is unchanged (the same summary_key:
+    # the same tiles, hence the same buffers, for the forward and the backward plan of a signature)
+    summary: tuple = ()
+    summary_key: object = None
     seen_bytes: int = 0
     blocks_bytes: int = 0
+
+    def run_summary(self, stream: int, mask: int, seen: int, blocks: int) -> None:
+        run(self.summary, (None,) * 14 + (mask, seen, blocks), stream, self.device)
 
     def run_forward(self, stream: int, q: int, k: int, v: int, o: int, lse: int, seed: int, mask: int = 0,
                     seen: int = 0, blocks: int = 0) -> None:
@@ -91,13 +98,14 @@ def build(pr, out_strides: tuple, backward: bool, dout_strides: tuple | None = N
     fixed order."""
     if pr.varlen is not None or pr.offset or pr.alibi_slopes is not None:  # (the slopes are no slot)
         return None
-    mask_strides, seen_bytes, blocks_bytes = None, 0, 0
+    mask_strides, summary, summary_key, seen_bytes, blocks_bytes = None, (), None, 0, 0
     if pr.mask is not None:  # read in place (its address is the caller's per call), or no plan
         operand, mask_strides = launches.mask_operand(pr)
         if operand.data.ptr != pr.mask.data.ptr:
             return None
-        summary = launches.forward_mask(pr, mask_strides)
-        seen_bytes, blocks_bytes = summary.seen_bytes, summary.blocks_bytes(pr.S)
+        shape, skip = launches.mask_summary(pr, mask_strides), launches.config(pr).fwd90_mask_blocks
+        summary, summary_key = tuple(shape.launches(pr, skip)), (shape, skip)
+        seen_bytes, blocks_bytes = shape.seen_bytes, shape.blocks_bytes(pr.S)
     q, k, v = pr.q, pr.k, pr.v
     if not (q.ndim == k.ndim == v.ndim >= 3 and q.shape[:-3] == k.shape[:-3] == v.shape[:-3] == pr.batch_shape):
         return None
@@ -123,7 +131,7 @@ def build(pr, out_strides: tuple, backward: bool, dout_strides: tuple | None = N
                 tuple(launches.forward_launches(pr, lay, strides["o"], mask_strides)), backward_launches,
                 copies_dout=backward and dout_strides is None,
                 dq_accum_elements=launches.dq_accum_elements(pr, deterministic) if backward else 0,
-                seen_bytes=seen_bytes, blocks_bytes=blocks_bytes)
+                summary=summary, summary_key=summary_key, seen_bytes=seen_bytes, blocks_bytes=blocks_bytes)
 
 
 def lookup(signature: tuple, make) -> Plan | None:
