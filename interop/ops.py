@@ -305,7 +305,7 @@ def _sdpa_bwd(grad_out, query, key, value, attn_mask, alibi_slopes, out, lse, *r
                                   grad_out.data_ptr(), lse.data_ptr(), delta.data_ptr(), dq.data_ptr(),
                                   dk.data_ptr(), dv.data_ptr(), seed_of(seed, options[0]),
                                   dq_accum.data_ptr() if dq_accum is not None else 0,
-                                  *mask_summaries.buffers(query, attn_mask, plan, stream)[:2])
+                                  *mask_summaries.buffers(query, attn_mask, plan, stream))
             return dq, dk, dv, _nothing(query)
     grad_out = grad_out.contiguous()
     with bridge.on_stream(query.device):

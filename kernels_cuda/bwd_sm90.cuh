@@ -408,7 +408,8 @@ __device__ __forceinline__ int blocks_before(const Visibility<int>& vis, int n, 
         float scale_log2, int left, int right, int lower_right, unsigned int seed_lo, unsigned int seed_hi,          \
         unsigned int offset, unsigned int threshold, float rp_dropout, const mask_t *__restrict__ mask,              \
         long long m_sb, long long m_sh, long long m_sm, const unsigned char *__restrict__ seen, long long sk_b,      \
-        long long sk_h, const float *__restrict__ slopes, long long slopes_b, float softcap
+        long long sk_h, const signed char *__restrict__ blocks, long long bs_b, long long bs_h, long long bs_m,      \
+        int sum_bm, int sum_bn, const float *__restrict__ slopes, long long slopes_b, float softcap
 
 // A Hopper backward CTA's place: its key block n of its (batch, kv head) slice (`descending`: blockIdx.x = 0
 // takes the last), the rows and keys that matter, and the
@@ -444,6 +445,63 @@ struct Bwd90Cta {
         rotated = rotate && vis.left < 0 && vis.right < 0 && n_blocks <= m_blocks;
         order = StepOrder{slice.h, m_begin, m_blocks, rotated ? n : 0};
         return true;
+    }
+};
+
+// The steps a CTA takes, in order, as each warp walks them: every one of its `steps` or, given the forward's
+// block summary of an attn_mask (`blocks`: per (batch, head, query block of sum_bm rows, key block of sum_bn
+// keys) 0 where no pair is attended, with its (b, h, query block) strides; kernels_cuda/mask_summary.cu),
+// those whose query block the mask lets see some key of the CTA's block: a step the mask hides wholly adds
+// nothing to dK, dV or dQ. A warp reads 32 steps' bytes at a time, a lane a step, and keeps which it takes
+// as a ballot (as the forward's KeyBlocks does), so producer, dQ writer and consumers skip the same steps.
+// Not in deterministic mode, whose dQ order counts a turn of every key block. Every lane calls `from`.
+template <int BLOCK_N, int BLOCK_M>
+struct StepWalk {
+    const signed char* row;  // the summary at (batch, head 0, query block 0, the CTA's first key block); null: every step
+    long long bs_h, bs_m;
+    int sum_bm, key_blocks, rows, steps;  // key_blocks: summary key blocks the CTA's keys overlap
+    StepOrder order;
+    int chunk;  // the first of the 32 steps held (-32: none yet)
+    u32 taken;  // bit l: step chunk + l is taken
+
+    __device__ __forceinline__ StepWalk(const Bwd90Cta& cta, const Slice& slice, const signed char* blocks,
+                                        long long bs_b, long long bs_h_, long long bs_m_, int sum_bm_, int sum_bn,
+                                        bool ordered)
+        : row(nullptr), bs_h(bs_h_), bs_m(bs_m_), sum_bm(sum_bm_), key_blocks(0), rows(slice.L), steps(cta.steps),
+          order(cta.order), chunk(-32), taken(0u) {
+        if (!ATTN_MASK || blocks == nullptr || ordered || cta.steps == 0) return;
+        const int first = cta.n0 / sum_bn, last = (min(cta.n0 + BLOCK_N, slice.S) - 1) / sum_bn;
+        row = blocks + slice.b * bs_b + first;
+        key_blocks = last - first + 1;
+    }
+    // the first step to take at or after `it` (steps: none)
+    __device__ __forceinline__ int from(int it) {
+        if (row == nullptr) return it;
+        while (it < steps) {
+            hold(it & ~31);
+            const u32 ahead = taken >> (it & 31);
+            if (ahead) return it + __ffs(ahead) - 1;
+            it = chunk + 32;
+        }
+        return steps;
+    }
+
+  private:
+    __device__ __forceinline__ void hold(int c) {
+        if (c == chunk) return;
+        chunk = c;
+        const int it = c + static_cast<int>(threadIdx.x % 32);
+        bool take = false;
+        if (it < steps) {
+            int h, mb;
+            order.at(it, h, mb);
+            // the summary's query blocks that the step's rows fall in (one where its rows broadcast)
+            const int m0 = mb * BLOCK_M, r_first = m0 / sum_bm;
+            const int r_last = bs_m != 0 ? (min(m0 + BLOCK_M, rows) - 1) / sum_bm : r_first;
+            for (int r = r_first; r <= r_last; ++r)
+                for (int x = 0; x < key_blocks; ++x) take |= (row[h * bs_h + r * bs_m + x] & 3) != 0;
+        }
+        taken = __ballot_sync(0xffffffffu, take);
     }
 };
 
@@ -505,13 +563,14 @@ __device__ __forceinline__ Bwd90Smem carve_smem(unsigned char* smem, unsigned ch
     return sm;
 }
 
-// The producer warp: K and V of the CTA's BLOCK_N keys once, then per step the Q and dO tiles of the step's
-// (head, query block) with its lse and D, into STAGES buffers. dQ sums over keys, so K rows that no query
+// The producer warp: K and V of the CTA's BLOCK_N keys once, then per step `walk` takes the Q and dO tiles of
+// the step's (head, query block) with its lse and D, into STAGES buffers. dQ sums over keys, so K rows that no query
 // of the slice sees are zeroed; dV and dK sum over queries, so Q and dO rows that see no key are zeroed
 // (and, in a packed batch, the next sequence's rows): the producer zeroes them (barrier `staged`) before
 // it releases the tile.
 template <int BLOCK_N, int BLOCK_M, int STAGES, int QK_SW, int V_SW>
 __device__ __forceinline__ void produce(const Bwd90Smem& sm, const Slice& slice, const Bwd90Cta& cta,
+                                        StepWalk<BLOCK_N, BLOCK_M> walk,
                                         const TmaMap& tm_q, const TmaMap& tm_k, const TmaMap& tm_v,
                                         const TmaMap& tm_do, int q_hm, int q_bm, int k_hm, int k_bm, int v_hm, int v_bm,
                                         int do_hm, int do_bm, const float* __restrict__ lse,
@@ -550,9 +609,9 @@ __device__ __forceinline__ void produce(const Bwd90Smem& sm, const Slice& slice,
         if (lane == 0) mbar_arrive(kv_full);
     }
 
-    for (int it = 0; it < steps; ++it) {
-        const int st = it % STAGES;
-        const u32 phase = (it / STAGES) & 1;
+    for (int it = walk.from(0), k = 0; it < steps; it = walk.from(it + 1), ++k) {  // k: the steps taken
+        const int st = k % STAGES;
+        const u32 phase = (k / STAGES) & 1;
         int h, mb;
         cta.order.at(it, h, mb);
         const int m0 = mb * BLOCK_M;

@@ -185,18 +185,22 @@ flash_bwd_sm90(BWD90_KERNEL_PARAMS) {
     const Visibility<int>& vis = slice.vis;
     const int n = cta.n, n0 = cta.n0, steps = cta.steps;
     const StepOrder& order = cta.order;
+    StepWalk<BLOCK_N, BLOCK_M> walk(cta, slice, blocks, bs_b, bs_h, bs_m, sum_bm, sum_bn, sem_offset >= 0);
+    const int first = walk.from(0);  // steps: none taken
 
     if (wg == 0) {  // ---- producer and dQ writer ----
         setmaxnreg_dec<LOAD_REGS>();
         if (warp == 1) {  // the dQ writer: each step's pieces added into their accumulator block
             constexpr int PIECES = DQ_N1 > 0 ? 2 : 1;
-            for (int buf = 0; buf < min(2, steps); ++buf)
+            // the buffers of the first two steps taken are free; then each buffer once more, two steps on
+            const int taken = first >= steps ? 0 : walk.from(first + 1) >= steps ? 1 : 2;
+            for (int buf = 0; buf < taken; ++buf)
                 for (int w = 0; w < PIECES; ++w) named_arrive<DQ_SYNC>(BAR_DQ_EMPTY + 2 * buf + w);
             // Deterministic mode: a block's count moves on once its reduction completed, which the writer
             // checks when it comes to the next block; meanwhile the buffer, read, goes back to the consumers.
             long long pending = -1;
-            for (int it = 0; it < steps; ++it) {
-                const int buf = it % 2;
+            for (int it = first, k = 0; it < steps; ++k) {  // k: the steps taken
+                const int buf = k % 2;
                 int h, mb;
                 order.at(it, h, mb);
                 const long long blk = slice.query_block(acc_sb, acc_sh, h, BLOCK_M, mb);
@@ -217,7 +221,8 @@ flash_bwd_sm90(BWD90_KERNEL_PARAMS) {
                 if (lane == 0) bulk_wait<true>();
                 __syncwarp();
                 pending = blk;
-                if (it + 2 < steps)
+                it = walk.from(it + 1);
+                if (it < steps && walk.from(it + 1) < steps)
                     for (int w = 0; w < PIECES; ++w) named_arrive<DQ_SYNC>(BAR_DQ_EMPTY + 2 * buf + w);
             }
             if (lane == 0) {
@@ -226,8 +231,8 @@ flash_bwd_sm90(BWD90_KERNEL_PARAMS) {
             }
             return;
         }
-        if (warp != 0 || steps == 0) return;
-        produce<BLOCK_N, BLOCK_M, STAGES, QK_SW, V_SW>(sm, slice, cta, tm_q, tm_k, tm_v, tm_do, q_hm, q_bm, k_hm,
+        if (warp != 0 || first >= steps) return;
+        produce<BLOCK_N, BLOCK_M, STAGES, QK_SW, V_SW>(sm, slice, cta, walk, tm_q, tm_k, tm_v, tm_do, q_hm, q_bm, k_hm,
                                                        k_bm, v_hm, v_bm, do_hm, do_bm, lse, delta, lse_sb, lse_sh, seen,
                                                        sk_b, sk_h, group, lane);
         return;
@@ -246,13 +251,13 @@ flash_bwd_sm90(BWD90_KERNEL_PARAMS) {
     for (int x = 0; x < EVT * 4; ++x) dv_acc[x] = 0.f;
     const unsigned char* sKw = sm.sK + cw * 64 * QK_SW;
     const unsigned char* sVw = sm.sV + cw * 64 * V_SW;
-    if (steps > 0) mbar_wait_warp(kv_full, 0);
+    if (first < steps) mbar_wait_warp(kv_full, 0);
 
     const int mrow0 = BLOCK_M == 128 ? 64 * cw : 0;  // the first row of this warpgroup's dQ piece
     const int q_first = cta.qi_lo, q_end = min(cta.qi_hi, slice.L);  // rows that see a key
-    for (int it = 0; it < steps; ++it) {
-        const int st = it % STAGES;
-        const u32 phase = (it / STAGES) & 1;
+    for (int it = first, k = 0; it < steps; it = walk.from(it + 1), ++k) {  // k: the steps taken
+        const int st = k % STAGES;
+        const u32 phase = (k / STAGES) & 1;
         int h, mb;
         order.at(it, h, mb);
         const int m0 = mb * BLOCK_M;
@@ -273,7 +278,7 @@ flash_bwd_sm90(BWD90_KERNEL_PARAMS) {
         // dS^T of both warpgroups into shared memory for the dQ product (the buffer of two steps ago, which
         // both finished reading before they met at the last step's barrier), its stores ahead of the
         // products; then dV += P^T dO
-        unsigned char* sdSs = sdS + (it % 2) * SDS_BYTES;
+        unsigned char* sdSs = sdS + (k % 2) * SDS_BYTES;
         store_ds_t<QT>(sdSs, BLOCK_N, dst, cw * 64 + (warp % 4) * 16, lane);
         fence_regs(dk_acc);
         fence_regs(dv_acc);
@@ -283,8 +288,8 @@ flash_bwd_sm90(BWD90_KERNEL_PARAMS) {
         fence_proxy_async();
         named_sync<CONSUMER_WARPS * 32>(BAR_DS);
         const unsigned char* sdS_rows = sdSs + (mrow0 / 64) * BLOCK_N * 128;
-        float* piece = sdQ + (it % 2) * DQ_BLOCK + cw * 64 * DQ_N0;
-        const int row = m0 + mrow0 + (warp % 4) * 16 + g, bar = 2 * (it % 2) + cw;
+        float* piece = sdQ + (k % 2) * DQ_BLOCK + cw * 64 * DQ_N0;
+        const int row = m0 + mrow0 + (warp % 4) * 16 + g, bar = 2 * (k % 2) + cw;
         const unsigned char* sK_cols = sm.sK + (BLOCK_M == 128 ? 0 : cw * DQ_N0 / (QK_SW / 2)) * BLOCK_N * QK_SW;
         if constexpr (DQ_N0 == DQ_N1)  // one copy of the code where the pieces are alike
             dq_dk_step<DQ_N0>(dk_acc, dv_acc, dst, sQs, sdS_rows, sK_cols, piece, q_empty + st, bar, row, q_first,

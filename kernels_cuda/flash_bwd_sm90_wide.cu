@@ -105,6 +105,8 @@ flash_bwd_sm90_wide(BWD90_KERNEL_PARAMS) {
     float* const accum = dq_accum + copy * acc_copy;
     const Visibility<int>& vis = slice.vis;
     const int n0 = cta.n0, steps = cta.steps;
+    StepWalk<BLOCK_N, BLOCK_M> walk(cta, slice, blocks, bs_b, bs_h, bs_m, sum_bm, sum_bn, sem != nullptr);
+    const int first = walk.from(0);  // steps: none taken
 
     if (wg == 0) {  // ---- producer ----
         setmaxnreg_dec<LOAD_REGS>();
@@ -124,8 +126,8 @@ flash_bwd_sm90_wide(BWD90_KERNEL_PARAMS) {
             }
             return;
         }
-        if (warp != 0 || steps == 0) return;
-        produce<BLOCK_N, BLOCK_M, STAGES, QK_SW, V_SW>(sm, slice, cta, tm_q, tm_k, tm_v, tm_do, q_hm, q_bm, k_hm,
+        if (warp != 0 || first >= steps) return;
+        produce<BLOCK_N, BLOCK_M, STAGES, QK_SW, V_SW>(sm, slice, cta, walk, tm_q, tm_k, tm_v, tm_do, q_hm, q_bm, k_hm,
                                                        k_bm, v_hm, v_bm, do_hm, do_bm, lse, delta, lse_sb, lse_sh, seen,
                                                        sk_b, sk_h, group, lane);
         return;
@@ -148,11 +150,11 @@ flash_bwd_sm90_wide(BWD90_KERNEL_PARAMS) {
         for (int i = 0; i < EV_W / 2; ++i) dv_acc[i] = 0.f;
         const int qk_chunk0 = cw * (E_W0 / (QK_SW / 2)), v_chunk0 = cw * (EV_W0 / (V_SW / 2));  // its first chunks
         const unsigned char* sK_cols = sm.sK + qk_chunk0 * BLOCK_N * QK_SW;
-        if (steps > 0) mbar_wait_warp(kv_full, 0);
+        if (first < steps) mbar_wait_warp(kv_full, 0);
 
-        for (int it = 0; it < steps; ++it) {
-            const int st = it % STAGES;
-            const u32 phase = (it / STAGES) & 1;
+        for (int it = first, k = 0; it < steps; it = walk.from(it + 1), ++k) {  // k: the steps taken
+            const int st = k % STAGES;
+            const u32 phase = (k / STAGES) & 1;
             int h, mb;
             cta.order.at(it, h, mb);
             const int m0 = mb * BLOCK_M, c0 = m0 + 32 * cw;  // the step's rows; this warpgroup's first S^T column
@@ -171,8 +173,8 @@ flash_bwd_sm90_wide(BWD90_KERNEL_PARAMS) {
                               Modifiers{ALIBI ? slopes[slice.b * slopes_b + h] : 0.f, cap_k, softcap}, pt, dst);
             // both halves of P^T and dS^T into shared memory (the buffers of two steps ago, which both warpgroups
             // finished reading before they met at the last step's barrier)
-            unsigned char* sPts = sPt + (it % 2) * SPDS_BYTES;
-            unsigned char* sdSts = sdSt + (it % 2) * SPDS_BYTES;
+            unsigned char* sPts = sPt + (k % 2) * SPDS_BYTES;
+            unsigned char* sdSts = sdSt + (k % 2) * SPDS_BYTES;
             store_ds_t<QT>(sPts, BLOCK_N, pt, (warp % 4) * 16, lane, QT * cw);
             store_ds_t<QT>(sdSts, BLOCK_N, dst, (warp % 4) * 16, lane, QT * cw);
             fence_proxy_async();
@@ -197,9 +199,9 @@ flash_bwd_sm90_wide(BWD90_KERNEL_PARAMS) {
             float* piece = accum + blk * DQ_BLOCK + cw * 64 * E_W0;
             if (sem != nullptr) named_sync<ORDER_THREADS>(BAR_REDUCE);  // after the key blocks before this one
 #pragma unroll
-            for (int k = 0; k < E_W / 8; ++k)
-                asm volatile("red.global.add.v4.f32 [%0], {%1, %2, %3, %4};\n" ::"l"(piece + 4 * (k * 128 + x)),
-                             "f"(dq[4 * k]), "f"(dq[4 * k + 1]), "f"(dq[4 * k + 2]), "f"(dq[4 * k + 3])
+            for (int c = 0; c < E_W / 8; ++c)
+                asm volatile("red.global.add.v4.f32 [%0], {%1, %2, %3, %4};\n" ::"l"(piece + 4 * (c * 128 + x)),
+                             "f"(dq[4 * c]), "f"(dq[4 * c + 1]), "f"(dq[4 * c + 2]), "f"(dq[4 * c + 3])
                              : "memory");
             if (sem != nullptr) named_arrive<ORDER_THREADS>(BAR_REDUCED);
             wgmma_wait<0>();  // dK done: the Q and dO stage is free

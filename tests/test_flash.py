@@ -388,17 +388,26 @@ def _block_masks(rng):
 @pytest.mark.gpu
 @pytest.mark.parametrize("name", ["key_padding", "ninety_percent_empty", "float_blocks"])
 @pytest.mark.parametrize("causal", [False, True])
-def test_attn_mask_block_summary_skips_blocks(name, causal, rng):
+@pytest.mark.parametrize("variant", ["forward", "steps", "steps_wide"])
+def test_attn_mask_block_summary_skips_blocks(name, causal, variant, rng, monkeypatch):
     """The Hopper forward with the mask's block summary (FlashConfig.fwd90_mask_blocks, on by default): empty
     key blocks skipped by producer and consumers, fully visible ones read no mask; the same results as the
-    reference, and the backward's too."""
+    reference, and the backward's too. ``steps``: the backward skips the steps the summary shows empty too
+    (FlashConfig.bwd90_mask_blocks), in flash_bwd_sm90.cu (E = 64) and flash_bwd_sm90_wide.cu (E = 256)."""
+    import dataclasses
+
     import cupy
 
     from cusdpa import problem
+    from cusdpa.backends.flash import launches
     from cusdpa.verify.harness import run_problem
 
+    if variant != "forward":
+        real = launches.config
+        monkeypatch.setattr(launches, "config", lambda pr: dataclasses.replace(real(pr), bwd90_mask_blocks=True))
+    E = 256 if variant == "steps_wide" else 64
     mask = _block_masks(rng)[name]
-    q, k, v = (cupy.asarray(rng.standard_normal((2, 4, 700, 64)), dtype=cupy.float16) for _ in range(3))
+    q, k, v = (cupy.asarray(rng.standard_normal((2, 4, 700, E)), dtype=cupy.float16) for _ in range(3))
     pr = problem.from_dense(q, k, v, cupy.asarray(mask), problem.Options(is_causal=causal))
     failures = run_problem(pr, flash.IMPL, rng, grads=mask.dtype == bool)
     assert not failures, "\n".join(failures)

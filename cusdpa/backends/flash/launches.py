@@ -199,7 +199,8 @@ class MaskSummary:
     where a float mask holds -inf at a visible pair of the tile).
     The launches take slots mask, seen and blocks, buffers of ``seen_bytes`` and ``blocks_bytes`` the caller
     allocates (or reuses, while the mask is unchanged: ``mask_values``). Forward and backward read the same
-    summary: the forward its blocks and seen keys, the backward the seen keys."""
+    summary: the forward its blocks and seen keys, the backward its seen keys (and, with
+    ``FlashConfig.bwd90_mask_blocks``, its blocks)."""
 
     strides: tuple
     batches: int  # mask batch x mask heads it holds
@@ -463,8 +464,8 @@ def dq_accum_elements(pr, deterministic: bool) -> int:
 def backward_launches(pr, lay, strides, deterministic: bool = False, mask_strides=None) -> list[Launch]:
     """The backward kernels of ``pr`` in launch order, with slots q, k, v, o, do, lse, delta, dq, dk, dv,
     dq_accum (where ``dq_accum_elements``), the seed and, with an attn_mask (whose operand has element
-    strides ``mask_strides``), mask and seen (written first by its summary: ``mask_values``); ``strides`` holds the (b, h,
-    row) strides of o, do, dq, dk and dv."""
+    strides ``mask_strides``), mask, seen and blocks (written first by its summary: ``mask_values``);
+    ``strides`` holds the (b, h, row) strides of o, do, dq, dk and dv."""
     if lay.B * pr.hq == 0:
         return []
     cfg, dev = config(pr), device(pr)
@@ -493,10 +494,13 @@ def backward_launches(pr, lay, strides, deterministic: bool = False, mask_stride
                                (Slot("o"), Slot("do"), Slot("delta"), *accum[:2], *_common(pr, lay)[:5], *strides["o"],
                                 *strides["do"], *accum[2:], *_lse_strides(pr), *vis, np.int32(rows))))
     if hopper:
-        mask = NO_MASK[:7]
+        mask, walk = NO_MASK[:7], (np.uint64(0), *(np.int64(0),) * 3, np.int32(1), np.int32(1))
         if pr.mask is not None:
-            mask = (Slot("mask"), *mask_strides, *mask_summary(pr, mask_strides).seen_args())
-        tail = (scale, scale_log2, *vis, *drop, *mask, *_modifier_args(pr))
+            summary = mask_summary(pr, mask_strides)
+            mask = (Slot("mask"), *mask_strides, *summary.seen_args())
+            if cfg.bwd90_mask_blocks and cfg.fwd90_mask_blocks and not deterministic:  # steps skipped (StepWalk)
+                walk = (*summary.block_args(pr.S), np.int32(summary.block_m), np.int32(summary.block_n))
+        tail = (scale, scale_log2, *vis, *drop, *mask, *walk, *_modifier_args(pr))
         if pr.S:
             main = _modified_options(pr, cfg)
             launches.append(_sm90_backward_launch(pr, lay, strides, cfg, main, tail, accum, deterministic))

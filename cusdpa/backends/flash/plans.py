@@ -84,9 +84,10 @@ class Plan:
                                mask, seen, blocks), stream, self.device)
 
     def run_backward(self, stream: int, q: int, k: int, v: int, o: int, do: int, lse: int, delta: int, dq: int,
-                     dk: int, dv: int, seed: int, dq_accum: int = 0, mask: int = 0, seen: int = 0) -> None:
+                     dk: int, dv: int, seed: int, dq_accum: int = 0, mask: int = 0, seen: int = 0,
+                     blocks: int = 0) -> None:
         run(self.backward, (q, k, v, o, lse, do, delta, dq, dk, dv, seed & 0xFFFFFFFF, seed >> 32, 0, dq_accum,
-                            mask, seen, None), stream, self.device)
+                            mask, seen, blocks), stream, self.device)
 
 
 def build(pr, out_strides: tuple, backward: bool, dout_strides: tuple | None = None,
