@@ -453,7 +453,8 @@ struct Bwd90Cta {
 // keys) 0 where no pair is attended, with its (b, h, query block) strides; kernels_cuda/mask_summary.cu),
 // those whose query block the mask lets see some key of the CTA's block: a step the mask hides wholly adds
 // nothing to dK, dV or dQ. A warp reads 32 steps' bytes at a time, a lane a step, and keeps which it takes
-// as a ballot (as the forward's KeyBlocks does), so producer, dQ writer and consumers skip the same steps.
+// as a ballot (BallotWalk, as the forward's KeyBlocks does), so producer, dQ writer and consumers skip the
+// same steps.
 // Not in deterministic mode, whose dQ order counts a turn of every key block. Every lane calls `from`.
 template <int BLOCK_N, int BLOCK_M>
 struct StepWalk {
@@ -461,14 +462,13 @@ struct StepWalk {
     long long bs_h, bs_m;
     int sum_bm, key_blocks, rows, steps;  // key_blocks: summary key blocks the CTA's keys overlap
     StepOrder order;
-    int chunk;  // the first of the 32 steps held (-32: none yet)
-    u32 taken;  // bit l: step chunk + l is taken
+    BallotWalk walk;  // over the steps taken
 
     __device__ __forceinline__ StepWalk(const Bwd90Cta& cta, const Slice& slice, const signed char* blocks,
                                         long long bs_b, long long bs_h_, long long bs_m_, int sum_bm_, int sum_bn,
                                         bool ordered)
         : row(nullptr), bs_h(bs_h_), bs_m(bs_m_), sum_bm(sum_bm_), key_blocks(0), rows(slice.L), steps(cta.steps),
-          order(cta.order), chunk(-32), taken(0u) {
+          order(cta.order) {
         if (!ATTN_MASK || blocks == nullptr || ordered || cta.steps == 0) return;
         const int first = cta.n0 / sum_bn, last = (min(cta.n0 + BLOCK_N, slice.S) - 1) / sum_bn;
         row = blocks + slice.b * bs_b + first;
@@ -477,31 +477,21 @@ struct StepWalk {
     // the first step to take at or after `it` (steps: none)
     __device__ __forceinline__ int from(int it) {
         if (row == nullptr) return it;
-        while (it < steps) {
-            hold(it & ~31);
-            const u32 ahead = taken >> (it & 31);
-            if (ahead) return it + __ffs(ahead) - 1;
-            it = chunk + 32;
-        }
-        return steps;
+        return walk.from(it, steps, [&](int m) { return m < steps && takes(m); });
     }
 
   private:
-    __device__ __forceinline__ void hold(int c) {
-        if (c == chunk) return;
-        chunk = c;
-        const int it = c + static_cast<int>(threadIdx.x % 32);
+    // whether the summary shows step `it` some attended pair: its query blocks that the step's rows fall in
+    // (one where the mask's rows broadcast) against the key blocks the CTA's keys overlap
+    __device__ __forceinline__ bool takes(int it) const {
+        int h, mb;
+        order.at(it, h, mb);
+        const int m0 = mb * BLOCK_M, r_first = m0 / sum_bm;
+        const int r_last = bs_m != 0 ? (min(m0 + BLOCK_M, rows) - 1) / sum_bm : r_first;
         bool take = false;
-        if (it < steps) {
-            int h, mb;
-            order.at(it, h, mb);
-            // the summary's query blocks that the step's rows fall in (one where its rows broadcast)
-            const int m0 = mb * BLOCK_M, r_first = m0 / sum_bm;
-            const int r_last = bs_m != 0 ? (min(m0 + BLOCK_M, rows) - 1) / sum_bm : r_first;
-            for (int r = r_first; r <= r_last; ++r)
-                for (int x = 0; x < key_blocks; ++x) take |= (row[h * bs_h + r * bs_m + x] & 3) != 0;
-        }
-        taken = __ballot_sync(0xffffffffu, take);
+        for (int r = r_first; r <= r_last; ++r)
+            for (int x = 0; x < key_blocks; ++x) take |= (row[h * bs_h + r * bs_m + x] & 3) != 0;
+        return take;
     }
 };
 

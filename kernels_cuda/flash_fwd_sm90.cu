@@ -360,28 +360,24 @@ struct TileDeal {
 // Producer and consumers walk the same blocks, so the K/V ring stays in step. Without a mask, every block.
 //
 // A warp reads the summary 32 blocks at a time, a byte a lane in one load, and keeps which of them it
-// visits as a bit mask: skipping blocks is bit arithmetic. Read a byte per block as the scan went, the
+// visits as a bit mask (BallotWalk): skipping blocks is bit arithmetic. Read a byte per block as the scan went, the
 // skipped blocks were a chain of dependent loads on the producer's and the consumers' paths, about 0.6-1 us
 // each on the H200: most of a sparse mask's time (a 90%-empty mask's forward took 606 us for 13% of the
 // unmasked 840 us of work). Every lane of the warp calls `from` and `summary`.
 struct KeyBlocks {
 #if ATTN_MASK
     const signed char* row;  // the tile's summary over key blocks
-    int chunk;               // the first of the 32 blocks held (-32: none yet); lane l holds block chunk + l's
-    int byte;                // summary byte
-    u32 visited;             // bit l: block chunk + l is visited
+    BallotWalk walk;         // over the visited blocks
+    int byte;                // the summary byte of the block this lane evaluated last (block walk.chunk + lane)
 #endif
     int n_end;
     // the first block to visit at or after n (n_end: none)
     __device__ __forceinline__ int from(int n) {
 #if ATTN_MASK
-        while (n < n_end) {
-            hold(n & ~31);
-            const u32 ahead = visited >> (n & 31);
-            if (ahead) return n + __ffs(ahead) - 1;
-            n = chunk + 32;
-        }
-        return n_end;
+        return walk.from(n, n_end, [&](int m) {
+            byte = m < n_end ? row[m] : 0;
+            return (byte & 3) != 0;
+        });
 #else
         return n;
 #endif
@@ -400,24 +396,13 @@ struct KeyBlocks {
     __device__ __forceinline__ static bool partial(int x) { return (x & 3) == 1; }
     __device__ __forceinline__ static bool hides(int x) { return (x & 8) != 0; }
     __device__ __forceinline__ static bool holes(int x) { return (x & 4) != 0; }
-
-  private:
-#if ATTN_MASK
-    __device__ __forceinline__ void hold(int c) {
-        if (c == chunk) return;
-        chunk = c;
-        const int m = c + static_cast<int>(threadIdx.x % 32);
-        byte = m < n_end ? row[m] : 0;
-        visited = __ballot_sync(0xffffffffu, (byte & 3) != 0);
-    }
-#endif
 };
 
 __device__ __forceinline__ KeyBlocks key_blocks(const Tile& tile, const signed char* blocks, long long bs_b,
                                                 long long bs_h, long long bs_m) {
 #if ATTN_MASK
     const signed char* row = blocks + tile.slice.b * bs_b + tile.slice.h * bs_h + (tile.m0 / BLOCK_M) * bs_m;
-    return KeyBlocks{row, -32, 0, 0u, tile.n_end};
+    return KeyBlocks{row, BallotWalk{}, 0, tile.n_end};
 #else
     (void)blocks, (void)bs_b, (void)bs_h, (void)bs_m;
     return KeyBlocks{tile.n_end};

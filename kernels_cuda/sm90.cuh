@@ -155,6 +155,31 @@ typedef float mask_t;
 typedef unsigned char mask_t;
 #endif
 
+// A warp's walk over the indices that a predicate holds for, 32 at a time: each lane evaluates one index of
+// a chunk and a ballot keeps the chunk as bits, so skipping indices is bit arithmetic rather than a load
+// per index (the attn_mask's block summary: the Hopper forward's key blocks, the backward's query steps).
+// Every lane calls `from`, with the same arguments.
+struct BallotWalk {
+    int chunk = -32;  // the first index of the bits held (-32: none yet)
+    u32 bits = 0u;    // bit l: the predicate holds for index chunk + l
+    // The first index in [i, end) the predicate holds for (end: none); `lane_holds(m)`: whether it holds for
+    // index m, evaluated by the lane that holds m.
+    template <class Pred>
+    __device__ __forceinline__ int from(int i, int end, Pred&& lane_holds) {
+        while (i < end) {
+            const int c = i & ~31;
+            if (c != chunk) {
+                chunk = c;
+                bits = __ballot_sync(0xffffffffu, lane_holds(c + static_cast<int>(threadIdx.x % 32)));
+            }
+            const u32 ahead = bits >> (i & 31);
+            if (ahead) return i + __ffs(ahead) - 1;
+            i = chunk + 32;
+        }
+        return end;
+    }
+};
+
 // Keys that the attn_mask lets no query row see, for a producer warp that zeroes their K or V rows before the
 // products (NaN or inf stored at a padded key must not meet a probability of 0). `seen`: a byte per key of
 // the slice (kernels_cuda/mask_summary.cu), its row padded to 16 bytes with ones; nullptr: every key seen.
