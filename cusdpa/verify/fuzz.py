@@ -46,7 +46,8 @@ def _pick(rng, options):
 def draw(rng, target: Target) -> Case:
     """A random case for ``target``: odd sizes (sometimes empty), dtypes, E != Ev, GQA, causal in both
     alignments, windows, dropout with any seed and offset, packed varlen batches, masks of any broadcast
-    shape (and float dtype) where the backend takes them, broadcast and transposed inputs."""
+    shape (and float dtype) where the backend takes them, given as arrays or BlockMasks, broadcast and
+    transposed inputs."""
     caps = target.impl.capabilities
     size = SIZES["simulator" if target.simulator else "host" if target.xp_name == "numpy" else "device"]
 
@@ -80,8 +81,10 @@ def draw(rng, target: Target) -> Case:
                     mask_shape=tuple(n if rng.random() < 0.6 else 1 for n in full[-rank:]))
         if mask["mask"] == "float":
             mask["mask_dtype"] = _pick(rng, dtypes)
-    return Case(**common, **mask, batch=batch, L=L, S=S, kv_batch_broadcast=bool(batch) and rng.random() < 0.2,
-                transposed=rng.random() < 0.3)
+    kv_batch_broadcast, transposed = bool(batch) and rng.random() < 0.2, rng.random() < 0.3
+    if mask:
+        mask["block_mask"] = rng.random() < 0.5
+    return Case(**common, **mask, batch=batch, L=L, S=S, kv_batch_broadcast=kv_batch_broadcast, transposed=transposed)
 
 
 def replay(seed: int, target: Target) -> str:

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .. import problem, reference
+from ..block_mask import BlockMask
 from . import judge, yardstick
 
 GRADS = ("dq", "dk", "dv", "dmask")
@@ -47,6 +48,7 @@ class Case:
     mask: str | None = None  # None, "bool" or "float"
     mask_shape: tuple | None = None  # broadcasting to (*batch, hq, L, S); None: that full shape
     mask_dtype: str | None = None  # a float mask's dtype; None: the inputs'
+    block_mask: bool = False  # the mask given as a cusdpa.BlockMask (FLASH's backward reuses the forward's summary)
     kv_batch_broadcast: bool = False  # key/value with batch dims of size 1
     transposed: bool = False  # q/k/v are (..., L, H, E) arrays viewed as (..., H, L, E)
     varlen: tuple | None = None  # ((Lb, Sb), ...) per sequence: packed layout
@@ -125,6 +127,8 @@ def build(case: Case, xp, rng) -> problem.Problem:
     """The validated Problem of ``case`` with values drawn from ``rng``, on arrays of ``xp``."""
     q, k, v, vl = _qkv(case, rng, xp)
     mask = _mask(case, rng, xp)
+    if case.block_mask:
+        mask = BlockMask(mask)
     seed = (int(rng.integers(0, 2**63)) if case.seed is None else case.seed, case.offset)
     slopes = _slopes(case, rng, xp)
     if vl is None:
