@@ -6,8 +6,13 @@ model that passes one document or padding mask to every layer pays for one pass.
 mask storage (weakly: it goes with the storage), per view of it (offset, shape, strides, dtype), per
 summary of a plan (its tiles) and per stream (a summary made on another stream is not ordered before this
 one's kernels), and stands while the storage's version counter, which every in-place change of the mask
-or of a view of it moves, stays where it was. Calls captured in a CUDA graph, and inference tensors
-(which have no version counter), make their own summary every time, as the kernels did before.
+or of a view of it through torch moves, stays where it was.
+
+Only plain eager calls keep summaries (the ops' ``eager``). A compiled graph's generated code may write
+another mask into a buffer it reuses, by its own kernels, which move no version counter; CUDA graph
+captures must replay the pass; inference tensors have no version counter: those calls make their own
+summary every time. Writes that bypass torch's version counter in eager code (through ``.data``, DLPack
+or CuPy views, custom kernels) are not seen either: give such a mask as a new tensor after changing it.
 """
 from __future__ import annotations
 
@@ -19,13 +24,14 @@ MAX_MASKS = 16  # storages whose summaries are kept; past that the oldest goes
 _held: dict = {}  # id(storage) -> [weak reference to it, its version, {key: (seen, blocks)}]
 
 
-def buffers(query: torch.Tensor, attn_mask: torch.Tensor | None, plan, stream: int) -> tuple[int, int, int]:
+def buffers(query: torch.Tensor, attn_mask: torch.Tensor | None, plan, stream: int,
+            keep: bool) -> tuple[int, int, int]:
     """The (mask, seen, blocks) addresses that ``plan``'s kernels take, zeros without a mask; the summary is
-    made first, on ``stream``, unless a kept one serves."""
+    made first, on ``stream``, unless a kept one serves (``keep``: a plain eager call may keep and reuse one)."""
     if attn_mask is None:
         return 0, 0, 0
     mask = attn_mask.data_ptr()
-    if attn_mask.is_inference() or torch._C._cuda_isCurrentStreamCapturing():
+    if not keep or attn_mask.is_inference() or torch._C._cuda_isCurrentStreamCapturing():
         seen, blocks = _new(query, plan)
         plan.run_summary(stream, mask, seen.data_ptr(), blocks.data_ptr())
         return mask, seen.data_ptr(), blocks.data_ptr()

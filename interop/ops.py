@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 
 import torch
 
@@ -75,15 +76,18 @@ def call(op, *args):
 _KERNELS: dict = {}  # op -> (its CPU/CUDA kernel, how many of its leading arguments are tensors)
 
 
-def _implement(name: str, tensors: int):
+def _implement(name: str, tensors: int, eager: bool = False):
     """Register the decorated function as the op's CPU and CUDA kernel (CPU tensors run the reference). The
     Autograd key falls through: the op has no gradient of its own (interop.autograd's Function is its
-    derivative), so a direct call on tensors that require grad returns outputs that do not."""
+    derivative), so a direct call on tensors that require grad returns outputs that do not. ``eager``: the
+    function takes ``eager=True`` where ``call`` runs it directly (plain eager mode), never from the
+    dispatcher (compiled graphs among its callers)."""
     def register(fn):
         _lib.impl(name, fn, "CPU")
         _lib.impl(name, fn, "CUDA")
         _lib.impl(name, torch.library.fallthrough_kernel, "Autograd")
-        _KERNELS[getattr(torch.ops.cusdpa, name).default] = (fn, tensors)
+        _KERNELS[getattr(torch.ops.cusdpa, name).default] = (functools.partial(fn, eager=True) if eager else fn,
+                                                             tensors)
         return fn
 
     return register
@@ -239,12 +243,13 @@ def _nothing(like: Tensor) -> Tensor:
 
 # ---- dense ----------------------------------------------------------------------------------------------
 
-@_implement("sdpa_fwd", tensors=5)
-def _sdpa_fwd(query, key, value, attn_mask, alibi_slopes, *rest):
+@_implement("sdpa_fwd", tensors=5, eager=True)
+def _sdpa_fwd(query, key, value, attn_mask, alibi_slopes, *rest, eager=False):
     """(out, lse); out is laid out token-major (``plans.token_major_strides``), as PyTorch's fused kernels
     lay out theirs. ``alibi_slopes``: float32 (..., Hq) or None. ``rest``: the option values, then ``seed``
     (an int64 CPU tensor (1,), or None without dropout) and ``backends`` (comma-separated cusdpa.Backend
-    values, tried in that order)."""
+    values, tried in that order). ``eager``: a plain eager call, which may reuse a kept mask summary
+    (``mask_summaries``)."""
     options, seed, backends = rest[:-2], rest[-2], rest[-1]
     if alibi_slopes is None and query.is_cuda:
         plan = _plan(query, key, value, attn_mask, options, backends)
@@ -255,7 +260,7 @@ def _sdpa_fwd(query, key, value, attn_mask, alibi_slopes, *rest):
             with _profiled("cusdpa::flash_fwd"):
                 plan.run_forward(stream, query.data_ptr(), key.data_ptr(), value.data_ptr(), out.data_ptr(),
                                  lse.data_ptr(), seed_of(seed, options[0]),
-                                 *mask_summaries.buffers(query, attn_mask, plan, stream))
+                                 *mask_summaries.buffers(query, attn_mask, plan, stream, eager))
             return out, lse
     with bridge.on_stream(query.device):
         pr = problem.from_dense(*_arrays(query, key, value, attn_mask), arguments.from_op(options),
@@ -284,11 +289,11 @@ def _float_mask(attn_mask: Tensor | None) -> bool:
     return attn_mask is not None and attn_mask.dtype.is_floating_point
 
 
-@_implement("sdpa_bwd", tensors=8)
-def _sdpa_bwd(grad_out, query, key, value, attn_mask, alibi_slopes, out, lse, *rest):
+@_implement("sdpa_bwd", tensors=8, eager=True)
+def _sdpa_bwd(grad_out, query, key, value, attn_mask, alibi_slopes, out, lse, *rest, eager=False):
     """(dq, dk, dv, dmask); dmask has attn_mask's shape for a float mask whose gradient is wanted
     (``mask_grad``) and 0 elements otherwise (an op cannot return None); the slopes get no gradient.
-    ``rest``: the option values, seed, backends, deterministic, mask_grad."""
+    ``rest``: the option values, seed, backends, deterministic, mask_grad; ``eager`` as the forward's."""
     options, seed, backends, deterministic, mask_grad = rest[:-4], rest[-4], rest[-3], rest[-2], rest[-1]
     mask_grad = mask_grad and _float_mask(attn_mask)
     if alibi_slopes is None and query.is_cuda and not mask_grad:
@@ -305,7 +310,7 @@ def _sdpa_bwd(grad_out, query, key, value, attn_mask, alibi_slopes, out, lse, *r
                                   grad_out.data_ptr(), lse.data_ptr(), delta.data_ptr(), dq.data_ptr(),
                                   dk.data_ptr(), dv.data_ptr(), seed_of(seed, options[0]),
                                   dq_accum.data_ptr() if dq_accum is not None else 0,
-                                  *mask_summaries.buffers(query, attn_mask, plan, stream))
+                                  *mask_summaries.buffers(query, attn_mask, plan, stream, eager))
             return dq, dk, dv, _nothing(query)
     grad_out = grad_out.contiguous()
     with bridge.on_stream(query.device):
