@@ -313,7 +313,7 @@ def device(pr) -> int:
 
 def mask_summary(pr, strides) -> MaskSummary:
     """The MaskSummary of an attn_mask operand with element strides ``strides``, in the Hopper forward's
-    tiles (the backward reads only its seen keys, which any tiles give)."""
+    tiles, which the backward reads too (its seen keys; its blocks with ``FlashConfig.bwd90_mask_blocks``)."""
     cfg = config(pr)
     return MaskSummary.of(pr, strides, 64 * cfg.fwd90_warpgroups, cfg.fwd90_block_n)
 
