@@ -23,8 +23,8 @@
 # through the KV cache against PyTorch's SDPA over a static cache; decode-attn: the attention call alone against
 # PyTorch and the KV-read floor), masks (the masks issue's shapes;
 # masks-no-blocks: with the mask's block summary off; masks-per-tile: a CTA per tile, not persistent;
-# masks-profile: forwards only, each masked call's GPU kernels; masks-steps: the backward's step walk, its tests
-# then the shapes with it on),
+# masks-profile: forwards only, each masked call's GPU kernels; masks-no-steps: the backward visiting every query
+# step, its tests then the shapes with it off),
 # ring-scaling (ring attention over 1, 2, 4, 8 of the machine's GPUs, 128k and 256k tokens per GPU).
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
@@ -79,8 +79,7 @@ command_of() {  # the command of stage $1, into the array cmd
     masks-no-blocks) cmd=(python3 benchmarks/masks.py --backward --config fwd90_mask_blocks=0) ;;
     masks-per-tile) cmd=(python3 benchmarks/masks.py --backward --config fwd90_persistent=0) ;;
     masks-profile) cmd=(python3 benchmarks/masks.py --profile) ;;
-    masks-steps) cmd=(bash -c 'python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_flash.py -k block_summary &&
-                      python3 benchmarks/masks.py --backward --config bwd90_mask_blocks=1') ;;
+    masks-no-steps) cmd=(python3 benchmarks/masks.py --backward --config bwd90_mask_blocks=0) ;;
     ring-scaling) cmd=(bash -c 'n=$(nvidia-smi -L | wc -l); w="1"; for x in 2 4 8; do [ $x -le $n ] && w="$w $x"; done
                        python3 benchmarks/ring_scaling.py --world $w --per-rank 131072 262144') ;;
     *) echo "unknown stage $stage" >&2; exit 2 ;;

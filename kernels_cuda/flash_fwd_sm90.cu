@@ -19,15 +19,16 @@
 //
 // Tiles are (batch * head, query block) pairs in this order: heads in chunks of `chunk_heads` (few enough
 // that their K and V stay in L2), and within a chunk the query blocks from the last (the heaviest under
-// causal masking) to the first, heads innermost. They are dealt statically: by the host's `schedule`
-// where it gives one (each tile in turn to the CTA with the least work so far, counted in key blocks:
-// under a causal band the round-robin deal below gave CTA 0 the heaviest tile of every round), else tile
-// t to CTA t % gridDim.x.
+// causal masking) to the first, heads innermost. Without an attn_mask they are dealt statically: by the
+// host's `schedule` where it gives one (each tile in turn to the CTA with the least work so far, counted in
+// key blocks: under a causal band the round-robin deal below gave CTA 0 the heaviest tile of every round),
+// else tile t to CTA t % gridDim.x. With one, a tile's work is its visible blocks, which the host does not
+// know: CTAs take tiles from a counter as they finish them (TileQueue).
 //
 // Shared memory: Q [E/W][BLOCK_M][W], K [STAGES][E/W][BLOCK_N][W], V [STAGES][Ev/W'][BLOCK_N][W'], each
 // column chunk in the swizzle that TMA writes and wgmma reads: W = 64 columns (128-byte rows, 16-byte
 // chunk c of row r at c ^ (r % 8)) when the head dim is a multiple of 64, else W = 32 (64-byte rows,
-// c ^ ((r / 2) % 4)); then the mbarriers.
+// c ^ ((r / 2) % 4)); then the mbarriers, and the TileQueue's barriers and slots.
 //
 // Rows no query may see. TMA writes zeros for rows outside the tensor. A V block that reaches past the
 // keys the slice's queries see (windows, upper-left causal with S > L, the next sequence of a packed
@@ -352,6 +353,49 @@ struct TileDeal {
     }
 };
 
+// The dynamic deal of a masked forward. A static deal of a mask's tiles (each visiting the blocks the mask
+// shows, ~4 of 32 at random for a 90%-empty mask) left the busiest CTA 1.13-1.24x the average work; taking
+// tiles as CTAs finish them leaves it about 1.04x. The producer's lane 0 takes tile gridDim.x + x from
+// `taken[0]` (x its atomicAdd's old value: the first wave is blockIdx.x) a tile ahead of its use, and hands
+// each tile to the consumers through a ring of two slots in shared memory (`full`: a slot written;
+// `empty`: every consumer warp has read it); a tile past the last one ends both sides. The counter lives
+// beside the mask's block summary (one per mask and stream: kernels running the same summary are ordered),
+// zeroed by the summary pass; each CTA makes exactly one atomicAdd past the end, and the last CTA to make
+// it (counted in `taken[1]`) sets both words back to 0 for the next launch, which runs after this one.
+struct TileQueue {
+    int* taken;
+    int* slot;
+    unsigned long long* full;
+    unsigned long long* empty;
+    u32 k = 0;  // tiles put or got so far
+    // producer, lane 0: tile t into the next slot
+    __device__ __forceinline__ void put(int t) {
+        mbar_wait(empty + (k & 1), ((k >> 1) & 1) ^ 1);
+        slot[k & 1] = t;
+        mbar_arrive(full + (k & 1));
+        ++k;
+    }
+    // producer, lane 0: the tile after the first wave's (an atomicAdd on the counter)
+    __device__ __forceinline__ int take() const { return static_cast<int>(gridDim.x) + atomicAdd(taken, 1); }
+    // producer, lane 0, after its take past the last tile: the last CTA resets the counter
+    __device__ __forceinline__ void finish() const {
+        __threadfence();
+        if (atomicAdd(taken + 1, 1) == static_cast<int>(gridDim.x) - 1) {
+            taken[0] = 0;
+            taken[1] = 0;
+        }
+    }
+    // a consumer warp: the next tile (num_tiles or more: none left)
+    __device__ __forceinline__ int get() {
+        mbar_wait_warp(full + (k & 1), (k >> 1) & 1);
+        const int t = *static_cast<volatile int*>(slot + (k & 1));
+        __syncwarp();
+        if (threadIdx.x % 32 == 0) mbar_arrive(empty + (k & 1));
+        ++k;
+        return t;
+    }
+};
+
 // The key blocks a tile visits: those of [n_begin, n_end), and with an attn_mask its summary (`blocks`, made
 // by the host, kernels_cuda/mask_summary.cu: per batch, head, query block and key block, 0 = nothing
 // attended, 1 = some, 2 = every visible pair; bit 4: a key of the block that no row of the tile attends; bit
@@ -420,7 +464,7 @@ flash_fwd_sm90(const __grid_constant__ TmaMap tm_q, const __grid_constant__ TmaM
                const int* __restrict__ schedule, const mask_t* __restrict__ mask, long long m_sb, long long m_sh,
                long long m_sm, const unsigned char* __restrict__ seen, long long sk_b, long long sk_h,
                const signed char* __restrict__ blocks, long long bs_b, long long bs_h, long long bs_m,
-               const float* __restrict__ slopes, long long slopes_b, float softcap) {
+               long long taken_at, const float* __restrict__ slopes, long long slopes_b, float softcap) {
     extern __shared__ __align__(1024) unsigned char smem[];
     unsigned char* sQ = smem;  // every size is a multiple of 1024: each tile keeps the swizzle alignment
     unsigned char* sK = sQ + SQ_BYTES;
@@ -433,6 +477,12 @@ flash_fwd_sm90(const __grid_constant__ TmaMap tm_q, const __grid_constant__ TmaM
     unsigned long long* v_full = k_empty + STAGES;
     unsigned long long* v_empty = v_full + STAGES;
     unsigned long long* v_staged = v_empty + STAGES;  // the producer's own: a V block it must zero rows of
+#if ATTN_MASK
+    TileQueue queue{reinterpret_cast<int*>(const_cast<signed char*>(blocks) + taken_at),
+                    reinterpret_cast<int*>(v_staged + 5), v_staged + 1, v_staged + 3};
+#else
+    (void)taken_at;
+#endif
 
     const int warp = warp_index(), lane = threadIdx.x % 32, wg = warp / 4;
     const int num_tiles = BH * num_m;
@@ -446,6 +496,12 @@ flash_fwd_sm90(const __grid_constant__ TmaMap tm_q, const __grid_constant__ TmaM
             mbar_init(v_empty + st, CONSUMER_WARPS);
         }
         mbar_init(v_staged, 1);
+#if ATTN_MASK
+        for (int x = 0; x < 2; ++x) {
+            mbar_init(queue.full + x, 1);
+            mbar_init(queue.empty + x, CONSUMER_WARPS);
+        }
+#endif
         mbar_init_fence();
     }
     __syncthreads();
@@ -459,8 +515,21 @@ flash_fwd_sm90(const __grid_constant__ TmaMap tm_q, const __grid_constant__ TmaM
             tma_prefetch(tm_v);
         }
         u32 it = 0, q_phase = 0, staged_phase = 0;
+#if ATTN_MASK
+        int ahead = blockIdx.x;  // the tile the producer puts next (lane 0's)
+        for (;;) {
+            int t = ahead;
+            if (lane == 0) {
+                queue.put(t);
+                if (t < num_tiles) ahead = queue.take();  // in flight while this tile loads
+                else queue.finish();
+            }
+            t = __shfl_sync(0xffffffffu, t, 0);
+            if (t >= num_tiles) break;
+#else
         for (TileDeal deal(schedule, num_tiles); deal.more();) {
             const int t = deal.next();
+#endif
             const Tile tile = tile_at(t, num_m, chunk_heads, BH, Hq, group, cu_q, cu_k, L, S, left, right, lower_right);
             if (!tile.live) continue;
             KeyBlocks kb = key_blocks(tile, blocks, bs_b, bs_h, bs_m);
@@ -543,8 +612,13 @@ flash_fwd_sm90(const __grid_constant__ TmaMap tm_q, const __grid_constant__ TmaM
         if (lane == 0) mbar_arrive(bar);
     };
     u32 it = 0, q_phase = 0;
+#if ATTN_MASK
+    for (int t = queue.get(); t < num_tiles; t = queue.get()) {
+#else
     for (TileDeal deal(schedule, num_tiles); deal.more();) {
-        const Tile tile = tile_at(deal.next(), num_m, chunk_heads, BH, Hq, group, cu_q, cu_k, L, S, left, right, lower_right);
+        const int t = deal.next();
+#endif
+        const Tile tile = tile_at(t, num_m, chunk_heads, BH, Hq, group, cu_q, cu_k, L, S, left, right, lower_right);
         if (!tile.live) continue;
         const Slice& sl = tile.slice;
         const Visibility<int>& vis = sl.vis;

@@ -78,9 +78,13 @@ mask_summary(const mask_t* __restrict__ mask, long long m_sb, long long m_sh, lo
             (ATTN_MASK >= 2 && tile_hidden ? 8 : 0);
 }
 
-// `seen` before mask_summary: 0 for keys [0, S) of each row of `pitch` bytes, 1 for the padding after them.
+// `seen` before mask_summary: 0 for keys [0, S) of each row of `pitch` bytes, 1 for the padding after them;
+// and the Hopper forward's tile counter (two int32 at byte `taken_at` of `blocks`, flash_fwd_sm90.cu's
+// TileQueue) zeroed.
 extern "C" __global__ void __launch_bounds__(THREADS)
-mask_seen_init(unsigned char* __restrict__ seen, long long bytes, long long pitch, int S) {
+mask_seen_init(unsigned char* __restrict__ seen, long long bytes, long long pitch, int S, signed char* blocks,
+               long long taken_at) {
     const long long x = static_cast<long long>(blockIdx.x) * THREADS + threadIdx.x;
     if (x < bytes) seen[x] = x % pitch < S ? 0 : 1;
+    if (x < 2) reinterpret_cast<int*>(blocks + taken_at)[x] = 0;
 }

@@ -344,7 +344,7 @@ def test_mask_summary_kernel_matches_numpy(kind, causal, rng):
         slots, first = launches.mask_values(pr, array, summary, skip)
         launches.run(first, launches.values(**slots),
                      cupy.cuda.get_current_stream().ptr, launches.device(pr))
-        return slots["seen"].reshape(summary.batches, summary.pitch), slots["blocks"][:summary.blocks_bytes(S)]
+        return slots["seen"].reshape(summary.batches, summary.pitch), slots["blocks"]
 
     seen, blocks = run(skip=True)
     _, sk_b, sk_h = summary.seen_args()
@@ -358,8 +358,11 @@ def test_mask_summary_kernel_matches_numpy(kind, causal, rng):
     assert cupy.asnumpy(seen[:, :S]).astype(bool).tolist() == want_seen.tolist()
     bmr = bm if rows > 1 else 1
     n_m, n_n = -(-rows // bmr), -(-S // bn)
-    got = cupy.asnumpy(blocks).reshape(-1, n_m, n_n)
-    every = cupy.asnumpy(run(skip=False)[1]).reshape(-1, n_m, n_n)
+    count, taken = summary.batches * n_m * n_n, summary.taken_at(S)
+    assert taken >= count and blocks.size == taken + 8
+    assert cupy.asnumpy(blocks[taken:]).tolist() == [0] * 8  # the forward's tile counter, zeroed
+    got = cupy.asnumpy(blocks[:count]).reshape(-1, n_m, n_n)
+    every = cupy.asnumpy(run(skip=False)[1][:count]).reshape(-1, n_m, n_n)
     a, h = (attend & visible).reshape(-1, rows, S), (visible & ~attend).reshape(-1, rows, S)
     for x, (m, n) in itertools.product(range(a.shape[0]), itertools.product(range(n_m), range(n_n))):
         tile = (slice(m * bmr, (m + 1) * bmr), slice(n * bn, (n + 1) * bn))
@@ -392,8 +395,9 @@ def _block_masks(rng):
 def test_attn_mask_block_summary_skips_blocks(name, causal, variant, rng, monkeypatch):
     """The Hopper forward with the mask's block summary (FlashConfig.fwd90_mask_blocks, on by default): empty
     key blocks skipped by producer and consumers, fully visible ones read no mask; the same results as the
-    reference, and the backward's too. ``steps``: the backward skips the steps the summary shows empty too
-    (FlashConfig.bwd90_mask_blocks), in flash_bwd_sm90.cu (E = 64) and flash_bwd_sm90_wide.cu (E = 256)."""
+    reference, and the backward's too. ``forward``: the backward visits every step (FlashConfig.bwd90_mask_blocks
+    off); ``steps``: it skips the steps the summary shows empty (on, the default), in flash_bwd_sm90.cu (E = 64)
+    and flash_bwd_sm90_wide.cu (E = 256)."""
     import dataclasses
 
     import cupy
@@ -402,9 +406,9 @@ def test_attn_mask_block_summary_skips_blocks(name, causal, variant, rng, monkey
     from cusdpa.backends.flash import launches
     from cusdpa.verify.harness import run_problem
 
-    if variant != "forward":
-        real = launches.config
-        monkeypatch.setattr(launches, "config", lambda pr: dataclasses.replace(real(pr), bwd90_mask_blocks=True))
+    real = launches.config
+    steps = variant != "forward"
+    monkeypatch.setattr(launches, "config", lambda pr: dataclasses.replace(real(pr), bwd90_mask_blocks=steps))
     E = 256 if variant == "steps_wide" else 64
     mask = _block_masks(rng)[name]
     q, k, v = (cupy.asarray(rng.standard_normal((2, 4, 700, E)), dtype=cupy.float16) for _ in range(3))
@@ -419,7 +423,8 @@ def test_block_diagonal_mask_visits_one_key_block_per_tile(rng):
     enough tiles that every CTA of the persistent forward walks a dozen one-block tiles: the producer's
     lanes once drifted a barrier phase apart there and hung (H200). Judged against the same attention
     computed block by block (each query block against its own keys, unmasked), a wrapped BlockMask and the
-    plain array alike."""
+    plain array alike. The CTAs take these tiles from a counter beside the summary (TileQueue): the wrapped
+    mask's second call reuses it, so the last CTA of each call must have set it back to zero."""
     import cupy
 
     import cusdpa
@@ -431,9 +436,13 @@ def test_block_diagonal_mask_visits_one_key_block_per_tile(rng):
     blocks = [x.reshape(B, H, n, 128, E) for x in (q, k, v)]
     with cusdpa.sdpa_kernel(cusdpa.Backend.FLASH):
         want = cusdpa.scaled_dot_product_attention(*blocks).reshape(B, H, L, E)
-        for m in (mask, cusdpa.BlockMask(mask)):
+        wrapped = cusdpa.BlockMask(mask)
+        for m in (mask, wrapped, wrapped):
             got = cusdpa.scaled_dot_product_attention(q, k, v, m)
             assert float(cupy.abs(got.astype(cupy.float32) - want.astype(cupy.float32)).max()) < 2e-3
+    ((summary, _, _), (_, buffer)), = wrapped.summaries.items()
+    taken = summary.taken_at(L)
+    assert cupy.asnumpy(buffer[taken:]).tolist() == [0] * 8
 
 
 @pytest.mark.gpu

@@ -222,18 +222,23 @@ class MaskSummary:
     def seen_bytes(self) -> int:
         return self.batches * self.pitch
 
+    def taken_at(self, S: int) -> int:
+        """Where the forward's tile counter (two int32, flash_fwd_sm90.cu's TileQueue) sits in the blocks buffer,
+        after the block summary: it shares the summary's lifetime and stream, and the summary pass zeroes it."""
+        return -(-self.batches * -(-self.rows // self.block_m) * -(-S // self.block_n) // 8) * 8
+
     def blocks_bytes(self, S: int) -> int:
-        return self.batches * -(-self.rows // self.block_m) * -(-S // self.block_n)
+        return self.taken_at(S) + 8
 
     def launches(self, pr, skip: bool = True) -> list:
-        """The seen buffer's initialisation and the summary pass (every block marked partial where ``skip`` is
-        off, its holes kept)."""
+        """The seen buffer's and the tile counter's initialisation, and the summary pass (every block marked
+        partial where ``skip`` is off, its holes kept; none without keys)."""
         opts = ("-std=c++17", f"-DATTN_MASK={sources.MASK_CODES[mask_kind(pr)]}")
         init = sources.kernel(device(pr), "mask_summary.cu", "mask_seen_init", opts, 0)
         fn = sources.kernel(device(pr), "mask_summary.cu", "mask_summary", opts, 0)
-        out = [Launch(init, (-(-self.seen_bytes // 256), 1), (256,), 0,
-                      (Slot("seen"), np.int64(self.seen_bytes), np.int64(self.pitch), np.int32(pr.S)))] \
-            if self.seen_bytes else []  # (no keys: nothing to summarise, and no empty grid launched)
+        out = [Launch(init, (max(1, -(-self.seen_bytes // 256)), 1), (256,), 0,
+                      (Slot("seen"), np.int64(self.seen_bytes), np.int64(self.pitch), np.int32(pr.S), Slot("blocks"),
+                       np.int64(self.taken_at(pr.S))))]
         n_m, n_n = -(-self.rows // self.block_m), -(-pr.S // self.block_n)
         if n_m and n_n:
             out.append(Launch(fn, (n_m * n_n, self.batches), (256,), 0,
@@ -282,7 +287,7 @@ def _alibi_args(pr) -> tuple:
     return xp.ascontiguousarray(full, dtype=np.float32), np.int64(pr.hq)
 
 
-NO_MASK = (np.uint64(0), *(np.int64(0),) * 3, np.uint64(0), *(np.int64(0),) * 2, np.uint64(0), *(np.int64(0),) * 3)
+NO_MASK = (np.uint64(0), *(np.int64(0),) * 3, np.uint64(0), *(np.int64(0),) * 2, np.uint64(0), *(np.int64(0),) * 4)
 
 
 def mask_values(pr, operand, summary: MaskSummary, skip: bool = True) -> tuple[dict, list]:
@@ -332,7 +337,8 @@ def forward_launches(pr, lay, o_strides, mask_strides=None) -> list[Launch]:
         if pr.mask is None:
             return [_sm90_forward_launch(pr, lay, o_strides, cfg, opts, tail, NO_MASK)]
         summary = mask_summary(pr, mask_strides)
-        mask = (Slot("mask"), *mask_strides, *summary.seen_args(), *summary.block_args(pr.S))
+        mask = (Slot("mask"), *mask_strides, *summary.seen_args(), *summary.block_args(pr.S),
+                np.int64(summary.taken_at(pr.S)))
         return [_sm90_forward_launch(pr, lay, o_strides, cfg, opts, tail, mask)]
     if pr.mask is not None or pr.alibi_slopes is not None or pr.softcap:  # environment_reasons keeps dispatch
         raise NotImplementedError(  # away; a direct call must not drop them
