@@ -79,11 +79,18 @@ __device__ __forceinline__ float mask_float(mask_t x) { return __bfloat162float(
 __device__ __forceinline__ float mask_float(mask_t x) { return x; }
 #endif
 
+// `read` false (a dense step): every load reads one byte that attends (ATTEND_ALL, in L1 after the first
+// step), so every bit is set at L1 latency. Neither a branch around the loads (its join made the consumers
+// wait for them before S^T: a dense bool mask's backward lost 21% on the H200) nor predicated loads (their
+// values spilled) served.
+__device__ const unsigned char ATTEND_ALL = 1;
 template <int QT>
 __device__ __forceinline__ unsigned long long mask_bits(const mask_t* mask, long long m_sm, int L, int S, int j, int i0,
-                                                        int t) {
+                                                        int t, bool read) {
     static_assert(QT * 4 <= 64, "one bit per element");
-    const mask_t* keys[2] = {mask + min(j, S - 1), mask + min(j + 8, S - 1)};
+    const mask_t* all = reinterpret_cast<const mask_t*>(&ATTEND_ALL);
+    const mask_t* keys[2] = {read ? mask + min(j, S - 1) : all, read ? mask + min(j + 8, S - 1) : all};
+    m_sm = read ? m_sm : 0;
     unsigned long long bits = 0;
 #pragma unroll
     for (int nt = 0; nt < QT; ++nt)
@@ -222,16 +229,17 @@ __device__ __forceinline__ void gradients_t(const float (&p)[QT * 4], const floa
 // P^T (from S^T, issued first) and dS^T (dP^T, issued after it) of a thread's elements, as pt and dst: P^T
 // while dP^T is still running, masked unless the tile is full and there is no attn_mask (a branch per
 // tile, uniform over the CTA). `mask`: the attn_mask's (batch, query head) slice (ATTN_MASK), whose bits
-// (mask_bits) are gathered while S^T runs.
+// (mask_bits) are gathered while S^T runs, unless the step is `dense` (StepWalk::dense: a bool mask attends
+// every visible pair of it).
 template <int QT>
-__device__ __forceinline__ void gradients_of_step(float (&s)[QT * 4], float (&dp)[QT * 4], bool full,
+__device__ __forceinline__ void gradients_of_step(float (&s)[QT * 4], float (&dp)[QT * 4], bool full, bool dense,
                                                   const Visibility<int>& vis, int j, int c0, int t, const float* sLse,
                                                   const float* sD, float scale_log2, const DropScale& z,
                                                   const mask_t* mask, long long m_sm, const Modifiers& mod,
                                                   u32 (&pt)[QT * 2], u32 (&dst)[QT * 2]) {
     full = full && !ATTN_MASK;  // (ALiBi needs no selects: its p is computed the same either way)
     unsigned long long attend = ~0ull;
-    if constexpr (ATTN_MASK == 1) attend = mask_bits<QT>(mask, m_sm, vis.L, vis.S, j, c0, t);
+    if constexpr (ATTN_MASK == 1) attend = mask_bits<QT>(mask, m_sm, vis.L, vis.S, j, c0, t, !dense);
     wgmma_wait<1>();
     fence_regs(s);
     // a float mask's elements after S^T (not gathered under it as the bits are: a register each, which at
@@ -454,7 +462,9 @@ struct Bwd90Cta {
 // those whose query block the mask lets see some key of the CTA's block: a step the mask hides wholly adds
 // nothing to dK, dV or dQ. A warp reads 32 steps' bytes at a time, a lane a step, and keeps which it takes
 // as a ballot (BallotWalk, as the forward's KeyBlocks does), so producer, dQ writer and consumers skip the
-// same steps.
+// same steps. The lane also keeps whether the step is dense (every block byte 2: a bool mask attends every
+// visible pair), which the consumers take by shuffle and then read none of the mask: the 90%-empty mask's
+// backward waited on those byte loads at 11% of its samples (ncu), for blocks the summary showed fully attended.
 // Not in deterministic mode, whose dQ order counts a turn of every key block. Every lane calls `from`.
 template <int BLOCK_N, int BLOCK_M>
 struct StepWalk {
@@ -463,6 +473,7 @@ struct StepWalk {
     int sum_bm, key_blocks, rows, steps;  // key_blocks: summary key blocks the CTA's keys overlap
     StepOrder order;
     BallotWalk walk;  // over the steps taken
+    bool lane_dense = false;  // whether step walk.chunk + lane is dense (evaluated by `takes`)
 
     __device__ __forceinline__ StepWalk(const Bwd90Cta& cta, const Slice& slice, const signed char* blocks,
                                         long long bs_b, long long bs_h_, long long bs_m_, int sum_bm_, int sum_bn,
@@ -479,18 +490,27 @@ struct StepWalk {
         if (row == nullptr) return it;
         return walk.from(it, steps, [&](int m) { return m < steps && takes(m); });
     }
+    // whether step `it`, a step `from` returned last, reads no mask (every lane calls it)
+    __device__ __forceinline__ bool dense(int it) const {
+        return row != nullptr && __shfl_sync(0xffffffffu, static_cast<int>(lane_dense), it & 31) != 0;
+    }
 
   private:
     // whether the summary shows step `it` some attended pair: its query blocks that the step's rows fall in
     // (one where the mask's rows broadcast) against the key blocks the CTA's keys overlap
-    __device__ __forceinline__ bool takes(int it) const {
+    __device__ __forceinline__ bool takes(int it) {
         int h, mb;
         order.at(it, h, mb);
         const int m0 = mb * BLOCK_M, r_first = m0 / sum_bm;
         const int r_last = bs_m != 0 ? (min(m0 + BLOCK_M, rows) - 1) / sum_bm : r_first;
-        bool take = false;
+        bool take = false, all = true;
         for (int r = r_first; r <= r_last; ++r)
-            for (int x = 0; x < key_blocks; ++x) take |= (row[h * bs_h + r * bs_m + x] & 3) != 0;
+            for (int x = 0; x < key_blocks; ++x) {
+                const int b = row[h * bs_h + r * bs_m + x] & 3;
+                take |= b != 0;
+                all &= b == 2;
+            }
+        lane_dense = all;
         return take;
     }
 };

@@ -167,7 +167,7 @@ flash_bwd_sm90_wide(BWD90_KERNEL_PARAMS) {
             issue_s_dp<BLOCK_N, BLOCK_M, QK_SW, V_SW, 32>(s, dp, dk_acc, dv_acc, sm.sK, sQs + 32 * cw * QK_SW, sm.sV,
                                                           sdOs + 32 * cw * V_SW);
             u32 pt[QT * 2], dst[QT * 2];
-            gradients_of_step<QT>(s, dp, vis.tile_full(c0, 32, n0, BLOCK_N), vis, j, c0, t,
+            gradients_of_step<QT>(s, dp, vis.tile_full(c0, 32, n0, BLOCK_N), walk.dense(it), vis, j, c0, t,
                                   sm.sLse + st * BLOCK_M + 32 * cw, sm.sD + st * BLOCK_M + 32 * cw, scale_log2, z,
                                   mask + slice.b * m_sb + h * m_sh, m_sm,
                               Modifiers{ALIBI ? slopes[slice.b * slopes_b + h] : 0.f, cap_k, softcap}, pt, dst);
