@@ -9,9 +9,10 @@ Face models pass it, B=8 H=16 L=2048 E=64, the last 25% of each sequence's keys 
 whose 128 x 128 blocks are 90% all False (the masks issue's block-sparsity bar: at least 5x faster than the
 unmasked shape). ``--config`` overrides FlashConfig fields for every call: ``fwd90_mask_blocks=0`` reads every
 block's mask, ``fwd90_persistent=0`` launches a CTA per tile. ``--profile`` prints the GPU kernels of ten
-masked cusdpa calls of each shape (torch.profiler), to tell the mask's summary from the attention.
-Each call's output
-is compared with PyTorch's (relative Frobenius error) before it is timed; times are medians of
+masked cusdpa calls of each shape (torch.profiler), to tell the mask's summary from the attention. ``--only
+TEXT`` keeps the shapes whose name holds TEXT; ``--calls N`` times nothing but makes N masked cusdpa calls of
+each (forward, or forward + backward with ``--backward``): a target for benchmarks/ncu_profile.sh.
+Each call's output is compared with PyTorch's (relative Frobenius error) before it is timed; times are medians of
 triton.testing.do_bench (L2 flushed). TF/s count the dense products (4 B H L S E forward, 2.5x that
 forward + backward), as PyTorch's own benchmarks do, whatever the mask hides.
 """
@@ -53,6 +54,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--backward", action="store_true", help="also time forward + backward")
     ap.add_argument("--profile", action="store_true", help="the GPU kernels of each masked call")
+    ap.add_argument("--only", default="", metavar="TEXT", help="the shapes whose name holds TEXT")
+    ap.add_argument("--calls", type=int, default=0, metavar="N", help="make N masked calls of each shape, time none")
     ap.add_argument("--config", nargs="*", default=[], metavar="FIELD=INT",
                     help="FlashConfig fields to override, e.g. fwd90_mask_blocks=0 fwd90_persistent=0")
     args = ap.parse_args()
@@ -63,6 +66,11 @@ def main():
     sdpa = torch.nn.functional.scaled_dot_product_attention
     rows = []
     for name, (q, k, v), mask in shapes():
+        if args.only not in name:
+            continue
+        if args.calls:
+            _calls(args.calls, args.backward, q, k, v, mask)
+            continue
         B, H, L, E = q.shape
         ours, theirs = interop.scaled_dot_product_attention(q, k, v, mask), sdpa(q, k, v, mask)
         err = ((ours.float() - theirs.float()).norm() / theirs.float().norm()).item()
@@ -88,6 +96,17 @@ def main():
         if args.backward:
             line += f" {2.5 * flops / row[4] / 1e9:.1f} | {2.5 * flops / row[5] / 1e9:.1f} | {row[5] / row[4]:.2f} |"
         print(line)
+
+
+def _calls(n: int, backward: bool, q, k, v, mask) -> None:
+    if backward:
+        q, k, v = (x.detach().requires_grad_() for x in (q, k, v))
+        dout = torch.randn_like(q)
+    for _ in range(n):
+        out = interop.scaled_dot_product_attention(q, k, v, mask)
+        if backward:
+            torch.autograd.grad(out, (q, k, v), dout)
+    torch.cuda.synchronize()
 
 
 if __name__ == "__main__":

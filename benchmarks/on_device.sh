@@ -24,7 +24,7 @@
 # PyTorch and the KV-read floor), masks (the masks issue's shapes;
 # masks-no-blocks: with the mask's block summary off; masks-per-tile: a CTA per tile, not persistent;
 # masks-profile: forwards only, each masked call's GPU kernels; masks-no-steps: the backward visiting every query
-# step, its tests then the shapes with it off),
+# step; masks-ncu: the 90%-empty shape's forward and backward kernels under ncu),
 # ring-scaling (ring attention over 1, 2, 4, 8 of the machine's GPUs, 128k and 256k tokens per GPU).
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
@@ -80,6 +80,9 @@ command_of() {  # the command of stage $1, into the array cmd
     masks-per-tile) cmd=(python3 benchmarks/masks.py --backward --config fwd90_persistent=0) ;;
     masks-profile) cmd=(python3 benchmarks/masks.py --profile) ;;
     masks-no-steps) cmd=(python3 benchmarks/masks.py --backward --config bwd90_mask_blocks=0) ;;
+    masks-ncu) cmd=(bash -c 'for k in flash_fwd_sm90 flash_bwd_sm90; do
+                    bash benchmarks/ncu_profile.sh $k 2 -- python3 benchmarks/masks.py --only 90% --calls 4 --backward
+                    done') ;;
     ring-scaling) cmd=(bash -c 'n=$(nvidia-smi -L | wc -l); w="1"; for x in 2 4 8; do [ $x -le $n ] && w="$w $x"; done
                        python3 benchmarks/ring_scaling.py --world $w --per-rank 131072 262144') ;;
     *) echo "unknown stage $stage" >&2; exit 2 ;;
