@@ -119,10 +119,16 @@ class Implementation:
     # backward(pr, out, lse, dout, deterministic=False, grads=None) -> (dq, dk, dv[, dmask]);
     # ``grads`` likewise receives the results when given.
     backward: Callable
+    # (Problem, mask_grad) -> list[str]: what this problem's backward lacks here beyond the Capabilities (a
+    # float attn_mask's gradient where ``mask_grad``, which FLASH computes on some kernels only)
+    backward_reasons: Callable | None = None
 
     def not_supported_reasons(self, pr: problem.Problem, need_grad: bool = False,
                               mask_grad: bool | None = None) -> list[str]:
-        return self.environment_reasons(pr) + self.capabilities.reasons(pr, need_grad, mask_grad)
+        reasons = self.environment_reasons(pr) + self.capabilities.reasons(pr, need_grad, mask_grad)
+        if need_grad and self.backward_reasons is not None:
+            reasons += self.backward_reasons(pr, need_grad if mask_grad is None else mask_grad)
+        return reasons
 
 
 def implementation(backend: Backend) -> Implementation:

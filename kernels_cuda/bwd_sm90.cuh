@@ -200,14 +200,30 @@ __device__ __forceinline__ void probabilities_t(float (&s)[QT * 4], const Visibi
     }
 }
 
+// The float attn_mask's gradient (MASK_GRAD): dS itself, the gradient of the natural-unit score the mask was
+// added to (before soft-capping's factor, which belongs to the scaled product), stored in fp32 for every
+// element of a step into a (batch, query head, L, S) buffer the host zeroed and sums over the mask's broadcast
+// dims afterwards (as PyTorch's gradient of an expanded bias). `row`: the thread's first element, query
+// c0 + 2 t and key j; element (nt, r, c) at (nt * 8 + c) * S + 8 r, stored where nt * 8 + c < rows (queries
+// left before L) and 8 r < keys (keys left before S). Each element of the buffer belongs to one step of one
+// CTA: plain stores, deterministic.
+#ifndef MASK_GRAD
+#define MASK_GRAD 0
+#endif
+struct MaskGrad {
+    float* row;
+    long long S;
+    int rows, keys;
+};
+
 // (P o Z)^T and dS^T = P^T o (dP^T o Z^T - D) of a thread's elements (probabilities_t's P^T, dP^T; sD
 // holding D from the thread's first column), rounded in pairs into A-fragment registers; MASKED: dS^T = 0
 // where P^T is -0.
-// SOFTCAP: dS^T times probabilities_t's 1 - tanh^2 (cg).
+// SOFTCAP: dS^T times probabilities_t's 1 - tanh^2 (cg). MASK_GRAD: dS^T stored into `mg` (MaskGrad).
 template <int QT, bool MASKED>
 __device__ __forceinline__ void gradients_t(const float (&p)[QT * 4], const float (&dp)[QT * 4], const float* sD, int t,
-                                            const DropScale& z, const u32 (&cg)[QT * 2], u32 (&pt)[QT * 2],
-                                            u32 (&dst)[QT * 2]) {
+                                            const DropScale& z, const u32 (&cg)[QT * 2], const MaskGrad& mg,
+                                            u32 (&pt)[QT * 2], u32 (&dst)[QT * 2]) {
 #pragma unroll
     for (int nt = 0; nt < QT; ++nt)
 #pragma unroll
@@ -217,6 +233,9 @@ __device__ __forceinline__ void gradients_t(const float (&p)[QT * 4], const floa
 #pragma unroll
             for (int c = 0; c < 2; ++c) {
                 ds[c] = p[x + c] * (z(dp[x + c], x + c) - sD[col + c]);
+                if (MASK_GRAD && nt * 8 + c < mg.rows && 8 * r < mg.keys)
+                    mg.row[(nt * 8 + c) * mg.S + 8 * r] =
+                        MASKED && __float_as_uint(p[x + c]) == 0x80000000u ? 0.f : ds[c];
                 if (SOFTCAP)
                     ds[c] *= __half2float(__ushort_as_half(static_cast<unsigned short>(c ? cg[x / 2] >> 16 : cg[x / 2])));
                 if (MASKED && __float_as_uint(p[x + c]) == 0x80000000u) ds[c] = 0.f;
@@ -236,7 +255,7 @@ __device__ __forceinline__ void gradients_of_step(float (&s)[QT * 4], float (&dp
                                                   const Visibility<int>& vis, int j, int c0, int t, const float* sLse,
                                                   const float* sD, float scale_log2, const DropScale& z,
                                                   const mask_t* mask, long long m_sm, const Modifiers& mod,
-                                                  u32 (&pt)[QT * 2], u32 (&dst)[QT * 2]) {
+                                                  const MaskGrad& mg, u32 (&pt)[QT * 2], u32 (&dst)[QT * 2]) {
     full = full && !ATTN_MASK;  // (ALiBi needs no selects: its p is computed the same either way)
     unsigned long long attend = ~0ull;
     if constexpr (ATTN_MASK == 1) attend = mask_bits<QT>(mask, m_sm, vis.L, vis.S, j, c0, t, !dense);
@@ -259,8 +278,8 @@ __device__ __forceinline__ void gradients_of_step(float (&s)[QT * 4], float (&dp
     }
     wgmma_wait<0>();
     fence_regs(dp);
-    if (full) gradients_t<QT, false>(s, dp, sD, t, z, cg, pt, dst);
-    else gradients_t<QT, true>(s, dp, sD, t, z, cg, pt, dst);
+    if (full) gradients_t<QT, false>(s, dp, sD, t, z, cg, mg, pt, dst);
+    else gradients_t<QT, true>(s, dp, sD, t, z, cg, mg, pt, dst);
 }
 
 // Zero a thread's rows (row, row + 8) of a 64 x N accumulator piece where they see no key: outside [lo, hi)
@@ -417,7 +436,8 @@ __device__ __forceinline__ int blocks_before(const Visibility<int>& vis, int n, 
         unsigned int offset, unsigned int threshold, float rp_dropout, const mask_t *__restrict__ mask,              \
         long long m_sb, long long m_sh, long long m_sm, const unsigned char *__restrict__ seen, long long sk_b,      \
         long long sk_h, const signed char *__restrict__ blocks, long long bs_b, long long bs_h, long long bs_m,      \
-        int sum_bm, int sum_bn, const float *__restrict__ slopes, long long slopes_b, float softcap
+        int sum_bm, int sum_bn, const float *__restrict__ slopes, long long slopes_b, float softcap,             \
+        float *__restrict__ dmask
 
 // A Hopper backward CTA's place: its key block n of its (batch, kv head) slice (`descending`: blockIdx.x = 0
 // takes the last), the rows and keys that matter, and the

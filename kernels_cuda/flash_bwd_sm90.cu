@@ -269,10 +269,13 @@ flash_bwd_sm90(BWD90_KERNEL_PARAMS) {
         float s[QT * 4], dp[QT * 4];
         issue_s_dp<BLOCK_N, BLOCK_M, QK_SW, V_SW, BLOCK_M>(s, dp, dk_acc, dv_acc, sKw, sQs, sVw, sdOs);
         u32 pt[QT * 2], dst[QT * 2];
+        const MaskGrad mg{MASK_GRAD ? dmask + ((static_cast<long long>(slice.b) * Hq + h) * L + m0 + 2 * t) * S + j
+                                    : nullptr,
+                          S, L - m0 - 2 * t, S - j};
         gradients_of_step<QT>(s, dp, vis.tile_full(m0, BLOCK_M, n0 + cw * 64, 64), walk.dense(it), vis, j, m0, t,
                               sm.sLse + st * BLOCK_M, sm.sD + st * BLOCK_M, scale_log2, z,
                               mask + slice.b * m_sb + h * m_sh, m_sm,
-                              Modifiers{ALIBI ? slopes[slice.b * slopes_b + h] : 0.f, cap_k, softcap}, pt, dst);
+                              Modifiers{ALIBI ? slopes[slice.b * slopes_b + h] : 0.f, cap_k, softcap}, mg, pt, dst);
         fence_regs(pt);
         fence_regs(dst);
         // dS^T of both warpgroups into shared memory for the dQ product (the buffer of two steps ago, which

@@ -70,6 +70,7 @@ struct Cols {  // a warpgroup's column count as a type, for the consumers' gener
     static constexpr int value = N;
 };
 static_assert(BLOCK_M == 64, "BWD90_BLOCK_M: 64 queries per step");
+static_assert(!MASK_GRAD, "the float attn_mask's gradient is flash_bwd_sm90.cu's (E, Ev <= 128)");
 }  // namespace wide90
 
 // acc += X B over the step's BLOCK_M queries: X (64 keys x BLOCK_M queries, P^T or dS^T) from its key-major
@@ -170,7 +171,8 @@ flash_bwd_sm90_wide(BWD90_KERNEL_PARAMS) {
             gradients_of_step<QT>(s, dp, vis.tile_full(c0, 32, n0, BLOCK_N), walk.dense(it), vis, j, c0, t,
                                   sm.sLse + st * BLOCK_M + 32 * cw, sm.sD + st * BLOCK_M + 32 * cw, scale_log2, z,
                                   mask + slice.b * m_sb + h * m_sh, m_sm,
-                              Modifiers{ALIBI ? slopes[slice.b * slopes_b + h] : 0.f, cap_k, softcap}, pt, dst);
+                              Modifiers{ALIBI ? slopes[slice.b * slopes_b + h] : 0.f, cap_k, softcap}, MaskGrad{},
+                              pt, dst);
             // both halves of P^T and dS^T into shared memory (the buffers of two steps ago, which both warpgroups
             // finished reading before they met at the last step's barrier)
             unsigned char* sPts = sPt + (k % 2) * SPDS_BYTES;

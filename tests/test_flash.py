@@ -47,6 +47,9 @@ def _nvrtc_jobs():
                 for mask in masks:
                     mask_cfg = config.FlashConfig.for_problem(E, Ev, 4096, False, mask)
                     yield source, sources.compile_options(dtype, E, Ev, dropout, mask_cfg, mask=mask) + ("-arch=sm_90a",)
+                    if mask != "bool" and not config.sm90_backward_is_wide(E, Ev):  # ... storing its gradient
+                        yield source, sources.compile_options(dtype, E, Ev, dropout, mask_cfg, mask=mask,
+                                                              mask_grad=True) + ("-arch=sm_90a",)
                 if E == Ev and E in (64, 128, 256) and dropout:  # ... and ALiBi and soft-capping, both ways
                     mod_cfg = config.FlashConfig.for_problem(E, Ev, 4096, False, "bool", softcap=True)
                     for src in (source, "flash_fwd_sm90.cu"):
@@ -201,7 +204,7 @@ VARIANTS = [None, "upper_left", "lower_right"]
 def _gpu_check(case, rng, grads=True):
     import cupy
 
-    failures = run_case(case, flash.IMPL, cupy, rng, grads=grads, mask_grad=False)  # FLASH gives no dmask
+    failures = run_case(case, flash.IMPL, cupy, rng, grads=grads, mask_grad=False)  # dmask: the test below
     assert not failures, "\n".join(failures)
 
 
@@ -272,8 +275,42 @@ MASKED = {
 @pytest.mark.gpu
 @pytest.mark.parametrize("name", sorted(MASKED))
 def test_attn_mask_on_the_hopper_kernels(name, rng):
-    """Forward and backward (a float mask's values without its gradient: EFFICIENT computes that)."""
+    """Forward and backward (a float mask's values without its gradient: the test below)."""
     _gpu_check(MASKED[name], rng)
+
+
+MASK_GRADS = {
+    "full": Case(batch=(2,), hq=3, L=130, S=200, E=64, mask="float", mask_shape=(2, 3, 130, 200)),
+    "heads_causal": Case(batch=(3,), hq=2, L=150, S=150, E=128, causal="lower_right", mask="float",
+                         mask_shape=(1, 2, 150, 150), mask_dtype="float32"),
+    "key_padding_gqa_dropout": Case(dtype="float16", batch=(2,), hq=4, hkv=2, L=100, S=170, E=96, dropout_p=0.2,
+                                    mask="float", mask_shape=(2, 1, 1, 170)),
+    "2d_short_keys_e32": Case(hq=2, L=200, S=37, E=32, mask="float", mask_shape=(200, 37), mask_dtype="bfloat16"),
+    "window_two_batch_dims": Case(batch=(2, 2), hq=2, L=90, S=90, E=64, window=(20, 5), mask="float",
+                                  mask_shape=(2, 1, 1, 90, 90)),
+}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", sorted(MASK_GRADS))
+def test_float_mask_gradient_on_the_hopper_backward(name, rng, monkeypatch):
+    """FlashConfig.bwd90_mask_grad: a float attn_mask's gradient from the Hopper backward (dS stored for every
+    pair of a step, summed over the mask's broadcast dims), judged against the reference as EFFICIENT's is;
+    through dispatch, FLASH is then chosen for it, and the wide kernel (E > 128) leaves it to EFFICIENT."""
+    import dataclasses
+
+    import cupy
+
+    from cusdpa import dispatch
+    from cusdpa.backends.flash import launches
+
+    real = launches.config
+    monkeypatch.setattr(launches, "config", lambda pr: dataclasses.replace(real(pr), bwd90_mask_grad=True))
+    failures = run_case(MASK_GRADS[name], flash.IMPL, cupy, rng, grads=True, mask_grad=True)
+    assert not failures, "\n".join(failures)
+    assert dispatch.select(build(MASK_GRADS[name], cupy, rng), need_grad=True).backend is dispatch.Backend.FLASH
+    wide = build(dataclasses.replace(MASK_GRADS[name], E=192, Ev=128), cupy, rng)
+    assert flash.IMPL.not_supported_reasons(wide, True) and not flash.IMPL.not_supported_reasons(wide, True, False)
 
 
 ALIBI = {

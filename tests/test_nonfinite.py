@@ -233,15 +233,15 @@ def test_reference_large_finite_inputs_stay_finite(dtype, value, accum):
 def visible_failures(impl, rng, name, dtype, xp, **sizes):
     """The harness's verdicts, or None where the backend does not take the problem (FLASH: masks)."""
     pr = visible_case(rng, name, dtype, xp, **sizes)
-    return None if impl.capabilities.reasons(pr, True) else harness.run_problem(pr, impl, rng)
+    return None if impl.not_supported_reasons(pr, True) else harness.run_problem(pr, impl, rng)
 
 
 def hidden_failures(impl, rng, name, dtype, xp, bitwise=True, **sizes):
     """Judged against the reference and, with ``bitwise``, compared bit for bit with what zeros give; None
     where the backend does not take the problem."""
     dirty, clean = hidden_case(rng, name, dtype, xp, **sizes)
-    mask_grad = impl.capabilities.mask_grad  # a float mask's gradient where the backend gives one
-    if impl.capabilities.reasons(dirty, True, mask_grad) or impl.environment_reasons(dirty):
+    mask_grad = not impl.not_supported_reasons(dirty, True, True)  # a float mask's gradient where the backend gives one
+    if impl.not_supported_reasons(dirty, True, mask_grad):
         return None
     failures = harness.run_problem(dirty, impl, rng, mask_grad=mask_grad)
     if bitwise:

@@ -19,7 +19,8 @@ import numpy as np
 
 # Every slot name any kernel takes, in the order of the value tuples.
 SLOTS = ("q", "k", "v", "o", "lse", "do", "delta", "dq", "dk", "dv", "seed_lo", "seed_hi", "offset", "dq_accum",
-         "mask", "seen", "blocks", "table", "seqlens", "slopes", "o_part", "ml_part", "key", "value", "fixed_len")
+         "mask", "seen", "blocks", "table", "seqlens", "slopes", "o_part", "ml_part", "key", "value", "fixed_len",
+         "dmask")
 _POSITION = {name: n for n, name in enumerate(SLOTS)}
 
 

@@ -10,9 +10,8 @@ from ...dispatch import Backend, Capabilities, Implementation
 from . import launches
 
 CAPABILITIES = Capabilities(arrays=frozenset({"cupy"}), dtypes=frozenset({"float16", "bfloat16"}),
-                            max_head_dim=256, head_dim_multiple=8, zero_head_dim=False,
-                            mask_grad=False)
+                            max_head_dim=256, head_dim_multiple=8, zero_head_dim=False)
 
 IMPL = Implementation(backend=Backend.FLASH, capabilities=CAPABILITIES,
                       environment_reasons=launches.environment_reasons, forward=launches.forward,
-                      backward=launches.backward)
+                      backward=launches.backward, backward_reasons=launches.backward_reasons)

@@ -40,6 +40,10 @@ class FlashConfig:
     # block (kernels_cuda/bwd_sm90.cuh, StepWalk; not in deterministic mode). Off: every step visited, the
     # mask read where the summary shows it partial (the 90%-empty mask's backward: 3.6x faster with it on)
     bwd90_mask_blocks: bool = True
+    # a float attn_mask's gradient on the Hopper backward (flash_bwd_sm90.cu, MASK_GRAD: dS stored per step,
+    # summed over the mask's broadcast dims by the host), else on EFFICIENT. Off until run on a GPU: written and
+    # compiled in a session without device time left (tests/test_flash.py turns it on)
+    bwd90_mask_grad: bool = False
 
     @staticmethod
     @functools.cache

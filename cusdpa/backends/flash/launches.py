@@ -262,10 +262,11 @@ class MaskSummary:
                 np.int64(n_m * n_n if self.heads > 1 else 0), np.int64(n_n if self.rows > 1 else 0))
 
 
-def _modified_options(pr, cfg) -> tuple:
-    """The Hopper kernels' compile options with ``pr``'s attn_mask and score modifiers."""
+def _modified_options(pr, cfg, mask_grad: bool = False) -> tuple:
+    """The Hopper kernels' compile options with ``pr``'s attn_mask and score modifiers (and, ``mask_grad``,
+    the backward storing a float mask's gradient)."""
     return sources.compile_options(pr.dtype_name, pr.E, pr.Ev, pr.dropout_p > 0, cfg, mask=mask_kind(pr),
-                                   alibi=pr.alibi_slopes is not None, softcap=bool(pr.softcap))
+                                   alibi=pr.alibi_slopes is not None, softcap=bool(pr.softcap), mask_grad=mask_grad)
 
 
 def _modifier_args(pr) -> tuple:
@@ -467,11 +468,14 @@ def dq_accum_elements(pr, deterministic: bool) -> int:
     return _dq_copies(pr, deterministic) * (blocks * cfg.bwd90_block_m * pr.E + (blocks if deterministic else 0))
 
 
-def backward_launches(pr, lay, strides, deterministic: bool = False, mask_strides=None) -> list[Launch]:
+def backward_launches(pr, lay, strides, deterministic: bool = False, mask_strides=None,
+                      mask_grad: bool = False) -> list[Launch]:
     """The backward kernels of ``pr`` in launch order, with slots q, k, v, o, do, lse, delta, dq, dk, dv,
     dq_accum (where ``dq_accum_elements``), the seed and, with an attn_mask (whose operand has element
     strides ``mask_strides``), mask, seen and blocks (written first by its summary: ``mask_values``);
-    ``strides`` holds the (b, h, row) strides of o, do, dq, dk and dv."""
+    ``strides`` holds the (b, h, row) strides of o, do, dq, dk and dv. ``mask_grad``: the Hopper backward
+    stores dS into slot dmask, a zeroed float32 (batch..., Hq, L, S) buffer (``backward`` sums it to the
+    mask's shape)."""
     if lay.B * pr.hq == 0:
         return []
     cfg, dev = config(pr), device(pr)
@@ -506,9 +510,10 @@ def backward_launches(pr, lay, strides, deterministic: bool = False, mask_stride
             mask = (Slot("mask"), *mask_strides, *summary.seen_args())
             if cfg.bwd90_mask_blocks and cfg.fwd90_mask_blocks and not deterministic:  # steps skipped (StepWalk)
                 walk = (*summary.block_args(pr.S), np.int32(summary.block_m), np.int32(summary.block_n))
-        tail = (scale, scale_log2, *vis, *drop, *mask, *walk, *_modifier_args(pr))
+        tail = (scale, scale_log2, *vis, *drop, *mask, *walk, *_modifier_args(pr),
+                Slot("dmask") if mask_grad else np.uint64(0))
         if pr.S:
-            main = _modified_options(pr, cfg)
+            main = _modified_options(pr, cfg, mask_grad)
             launches.append(_sm90_backward_launch(pr, lay, strides, cfg, main, tail, accum, deterministic))
         if pr.L:
             fn = sources.kernel(dev, _sm90_backward_source(pr), "flash_bwd_dq_convert", opts() + ("-arch=sm_90a",), 0)
@@ -618,9 +623,18 @@ def backward(pr, out, lse, dout, deterministic=False, grads=None):
 
     from ...reference import sum_to_shape
 
-    if grads is not None and len(grads) > 3:  # dispatch sends these to EFFICIENT (Capabilities.mask_grad)
-        raise NotImplementedError("FLASH's backward computes no float attn_mask's gradient")
-    # A mask's backward runs on the Hopper kernels (mask_bits, mask_values in kernels_cuda/bwd_sm90.cuh).
+    # A mask's backward runs on the Hopper kernels (mask_bits, mask_values in kernels_cuda/bwd_sm90.cuh); a
+    # float mask's gradient where asked for (a fourth array given; with none given, wherever backward_reasons
+    # allow it, as dispatch chose FLASH for it) comes from dS stored by the kernel, summed here over the
+    # dims the mask broadcasts.
+    if pr.mask_kind != "float":
+        mask_grad = False
+    elif grads is None:
+        mask_grad = not backward_reasons(pr, True)
+    else:
+        mask_grad = len(grads) > 3
+        if mask_grad and backward_reasons(pr, True):
+            raise NotImplementedError("; ".join(backward_reasons(pr, True)))
 
     with cupy.cuda.Device(device(pr)):
         if pr.varlen is not None:
@@ -633,8 +647,9 @@ def backward(pr, out, lse, dout, deterministic=False, grads=None):
         direct = [grads is not None and math.prod(x.shape) == math.prod(f) and grads[n].flags.c_contiguous
                   and usable(grads[n]) for n, (x, f) in enumerate(zip(inputs, full))]
         work = [grads[n].reshape(f) if direct[n] else cupy.empty(f, dtype=pr.dtype) for n, f in enumerate(full)]
+        dmask = cupy.zeros(pr.batch_shape + (pr.hq, pr.L, pr.S), dtype=np.float32) if mask_grad else None
         if any(w.size for w in work):
-            _run_backward(pr, out, lse, dout, *work, deterministic)
+            _run_backward(pr, out, lse, dout, *work, deterministic, dmask)
         result = []
         for n, (x, w) in enumerate(zip(inputs, work)):
             if direct[n]:
@@ -646,10 +661,30 @@ def backward(pr, out, lse, dout, deterministic=False, grads=None):
                 cupy.copyto(grads[n], w)
                 w = grads[n]
             result.append(w)
+        if mask_grad:
+            mask = pr.mask.reshape((1,) * (dmask.ndim - pr.mask.ndim) + tuple(pr.mask.shape))
+            summed = sum_to_shape(dmask, mask.shape).reshape(pr.mask.shape).astype(pr.mask.dtype)
+            if grads is not None:
+                cupy.copyto(grads[3], summed)
+                summed = grads[3]
+            result.append(summed)
         return tuple(result)
 
 
-def _run_backward(pr, out, lse, dout, dq, dk, dv, deterministic):
+def backward_reasons(pr, mask_grad: bool) -> list[str]:
+    """What FLASH's backward lacks for ``pr`` beyond its Capabilities: a float attn_mask's gradient (where
+    ``mask_grad``) comes from the Hopper backward for head dims up to 128 on dense batches, with
+    ``FlashConfig.bwd90_mask_grad``."""
+    if not (mask_grad and pr.mask_kind == "float"):
+        return []
+    if not config(pr).bwd90_mask_grad:
+        return ["no gradient for a float attn_mask (FlashConfig.bwd90_mask_grad is off: EFFICIENT gives it)"]
+    if pr.varlen is not None or sm90_backward_is_wide(pr.E, pr.Ev):
+        return ["a float attn_mask's gradient only for dense batches and head dims up to 128"]
+    return []
+
+
+def _run_backward(pr, out, lse, dout, dq, dk, dv, deterministic, dmask=None):
     import cupy
 
     lay = layout(pr)
@@ -667,9 +702,11 @@ def _run_backward(pr, out, lse, dout, dq, dk, dv, deterministic):
     mask = mask_operand(pr) if pr.mask is not None else None
     extra, first = mask_values(pr, mask[0], mask_summary(pr, mask[1]), config(pr).fwd90_mask_blocks) \
         if mask else ({}, [])
+    if dmask is not None:
+        extra["dmask"] = dmask
     slots = values(q=lay.q, k=lay.k, v=lay.v, lse=lse_c, delta=cupy.empty_like(lse_c), **views,
                    **seed_values(pr.seed, pr.offset), **extra)
-    bwd = backward_launches(pr, lay, strides, deterministic, mask and mask[1])
+    bwd = backward_launches(pr, lay, strides, deterministic, mask and mask[1], dmask is not None)
     run(first + bwd if bwd else [], slots,
         cupy.cuda.get_current_stream().ptr, device(pr))
 
