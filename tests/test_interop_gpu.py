@@ -371,6 +371,30 @@ def test_flash_attn_api_on_cuda_trains(rng):
     assert packed.shape == q[0].shape and torch.isfinite(packed).all()
 
 
+def test_a_learnable_bias_gets_its_gradient_from_the_hopper_backward(rng, monkeypatch):
+    """FlashConfig.bwd90_mask_grad on: a float mask that requires grad (a relative-position bias, shared by
+    the batch) gets its gradient from FLASH's Hopper backward, judged against PyTorch's."""
+    from cusdpa.backends.flash import launches
+
+    real = launches.config
+    monkeypatch.setattr(launches, "config", lambda pr: dataclasses.replace(real(pr), bwd90_mask_grad=True))
+    picked = []
+    select = dispatch.select
+
+    def spy(pr, need_grad=False, mask_grad=None):
+        impl = select(pr, need_grad, mask_grad)
+        picked.append((need_grad and mask_grad, impl.backend))
+        return impl
+
+    monkeypatch.setattr(dispatch, "select", spy)
+    q, k, v = (randn(rng, 2, 4, 130, 64, dtype=torch.bfloat16) for _ in range(3))
+    bias = randn(rng, 1, 4, 130, 130, dtype=torch.bfloat16)
+    failures = harness.run_torch(interop.scaled_dot_product_attention, q, k, v, bias, rng=rng)
+    assert not failures, "\n".join(failures)
+    chosen = [backend for wanted, backend in picked if wanted]  # the calls that had to give the bias a gradient
+    assert chosen and all(backend is dispatch.Backend.FLASH for backend in chosen)
+
+
 def test_masked_training_through_the_torch_entry(rng):
     """A bool key-padding mask: the Hopper forward where it runs, the backward wherever dispatch sends it."""
     q, k, v = (randn(rng, 2, 4, 200, 64, dtype=torch.bfloat16) for _ in range(3))
