@@ -23,7 +23,8 @@
 // host's `schedule` where it gives one (each tile in turn to the CTA with the least work so far, counted in
 // key blocks: under a causal band the round-robin deal below gave CTA 0 the heaviest tile of every round),
 // else tile t to CTA t % gridDim.x. With one, a tile's work is its visible blocks, which the host does not
-// know: CTAs take tiles from a counter as they finish them (TileQueue).
+// know: CTAs take tiles from a counter as they finish them (TileQueue, FWD90_QUEUE), as they may in a packed
+// batch, whose sequences' lengths the host does not know either.
 //
 // Shared memory: Q [E/W][BLOCK_M][W], K [STAGES][E/W][BLOCK_N][W], V [STAGES][Ev/W'][BLOCK_N][W'], each
 // column chunk in the swizzle that TMA writes and wgmma reads: W = 64 columns (128-byte rows, 16-byte
@@ -46,13 +47,17 @@
 // summary (`blocks`, made by the host), key blocks whose pairs are all masked are skipped by the producer
 // and the consumers alike, and blocks with every pair visible read no mask.
 //
-// Extra -D options: FWD90_WARPGROUPS (consumer warpgroups, 2 or 3), FWD90_BLOCK_N, FWD90_STAGES (K/V
-// buffers), FWD90_PINGPONG (1: consumers take turns; 0: they issue when ready), ATTN_MASK, ALIBI (1: the
-// slopes' bias added, `slopes` per (batch, head) with batch stride `slopes_b`; scores in natural units as
-// with a float mask), SOFTCAP (1: scores soft-capped by `softcap` first). E and Ev multiples of 32 up to 256.
+// Extra -D options: FWD90_QUEUE (1: tiles dealt by TileQueue, as CTAs finish them; always with a mask),
+// FWD90_WARPGROUPS (consumer warpgroups, 2 or 3), FWD90_BLOCK_N, FWD90_STAGES (K/V buffers), FWD90_PINGPONG
+// (1: consumers take turns; 0: they issue when ready), ATTN_MASK, ALIBI (1: the slopes' bias added, `slopes`
+// per (batch, head) with batch stride `slopes_b`; scores in natural units as with a float mask), SOFTCAP (1:
+// scores soft-capped by `softcap` first). E and Ev multiples of 32 up to 256.
 #include "sm90.cuh"
 // @WGMMA_WRAPPERS@ FWD90_BLOCK_N HEAD_DIM_V
 
+#ifndef FWD90_QUEUE
+#define FWD90_QUEUE 0
+#endif
 constexpr int MMA_WG = FWD90_WARPGROUPS;
 constexpr int NTHREADS = (MMA_WG + 1) * 128;
 constexpr int BLOCK_M = MMA_WG * 64;
@@ -360,8 +365,9 @@ struct TileDeal {
 // each tile to the consumers through a ring of two slots in shared memory (`full`: a slot written;
 // `empty`: every consumer warp has read it); a tile past the last one ends both sides. The counter lives
 // beside the mask's block summary (one per mask and stream: kernels running the same summary are ordered),
-// zeroed by the summary pass; each CTA makes exactly one atomicAdd past the end, and the last CTA to make
-// it (counted in `taken[1]`) sets both words back to 0 for the next launch, which runs after this one.
+// zeroed by the summary pass (without a mask, `blocks` is a zeroed counter of the call's own); each CTA makes
+// exactly one atomicAdd past the end, and the last CTA to make it (counted in `taken[1]`) sets both words
+// back to 0 for the next launch, which runs after this one.
 struct TileQueue {
     int* taken;
     int* slot;
@@ -477,12 +483,13 @@ flash_fwd_sm90(const __grid_constant__ TmaMap tm_q, const __grid_constant__ TmaM
     unsigned long long* v_full = k_empty + STAGES;
     unsigned long long* v_empty = v_full + STAGES;
     unsigned long long* v_staged = v_empty + STAGES;  // the producer's own: a V block it must zero rows of
-#if ATTN_MASK
+#if FWD90_QUEUE
     TileQueue queue{reinterpret_cast<int*>(const_cast<signed char*>(blocks) + taken_at),
                     reinterpret_cast<int*>(v_staged + 5), v_staged + 1, v_staged + 3};
 #else
     (void)taken_at;
 #endif
+    static_assert(FWD90_QUEUE || !ATTN_MASK, "a masked forward takes its tiles from the queue");
 
     const int warp = warp_index(), lane = threadIdx.x % 32, wg = warp / 4;
     const int num_tiles = BH * num_m;
@@ -496,7 +503,7 @@ flash_fwd_sm90(const __grid_constant__ TmaMap tm_q, const __grid_constant__ TmaM
             mbar_init(v_empty + st, CONSUMER_WARPS);
         }
         mbar_init(v_staged, 1);
-#if ATTN_MASK
+#if FWD90_QUEUE
         for (int x = 0; x < 2; ++x) {
             mbar_init(queue.full + x, 1);
             mbar_init(queue.empty + x, CONSUMER_WARPS);
@@ -515,7 +522,7 @@ flash_fwd_sm90(const __grid_constant__ TmaMap tm_q, const __grid_constant__ TmaM
             tma_prefetch(tm_v);
         }
         u32 it = 0, q_phase = 0, staged_phase = 0;
-#if ATTN_MASK
+#if FWD90_QUEUE
         int ahead = blockIdx.x;  // the tile the producer puts next (lane 0's)
         for (;;) {
             int t = ahead;
@@ -612,7 +619,7 @@ flash_fwd_sm90(const __grid_constant__ TmaMap tm_q, const __grid_constant__ TmaM
         if (lane == 0) mbar_arrive(bar);
     };
     u32 it = 0, q_phase = 0;
-#if ATTN_MASK
+#if FWD90_QUEUE
     for (int t = queue.get(); t < num_tiles; t = queue.get()) {
 #else
     for (TileDeal deal(schedule, num_tiles); deal.more();) {

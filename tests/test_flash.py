@@ -28,12 +28,15 @@ def _nvrtc_jobs():
             for fwd_cfg in {config.FlashConfig.for_problem(E, Ev, L, c) for L in (1024, 2048, 16384) for c in (0, 1)}:
                 if config.sm90_forward_applies(E, Ev, 90, fwd_cfg):
                     yield "flash_fwd_sm90.cu", sources.compile_options(dtype, E, Ev, dropout, fwd_cfg) + ("-arch=sm_90a",)
-            # ... and with each kind of attn_mask
+                    if fwd_cfg.fwd90_stages == 2:  # ... a packed batch's, its tiles from the queue
+                        yield "flash_fwd_sm90.cu", sources.compile_options(dtype, E, Ev, dropout, fwd_cfg, queue=True) + (
+                            "-arch=sm_90a",)
+            # ... and with each kind of attn_mask (its tiles from the queue)
             for mask in (("bool", "float16") if dtype == "float16" else ("float32", "bfloat16")):
                 fwd_cfg = config.FlashConfig.for_problem(E, Ev, 4096, False, mask)
                 if config.sm90_forward_applies(E, Ev, 90, fwd_cfg):
-                    yield "flash_fwd_sm90.cu", sources.compile_options(dtype, E, Ev, dropout, fwd_cfg, mask=mask) + (
-                        "-arch=sm_90a",)
+                    yield "flash_fwd_sm90.cu", sources.compile_options(dtype, E, Ev, dropout, fwd_cfg, mask=mask,
+                                                                       queue=True) + ("-arch=sm_90a",)
             for part in ((1, 2) if cfg.split_dkdv else (3,)):
                 yield "flash_bwd.cu", sources.compile_options(dtype, E, Ev, dropout, cfg, part)
             if config.sm90_backward_applies(E, Ev, 90, cfg):
@@ -54,7 +57,7 @@ def _nvrtc_jobs():
                     mod_cfg = config.FlashConfig.for_problem(E, Ev, 4096, False, "bool", softcap=True)
                     for src in (source, "flash_fwd_sm90.cu"):
                         yield src, sources.compile_options(dtype, E, Ev, dropout, mod_cfg, mask="bool", alibi=True,
-                                                           softcap=True) + ("-arch=sm_90a",)
+                                                           softcap=True, queue=src != source) + ("-arch=sm_90a",)
     for (E, Ev), dtype, paged, modifiers in (((64, 64), "float16", False, False), ((128, 128), "bfloat16", True, True),
                                              ((192, 128), "bfloat16", True, False), ((256, 256), "float16", False, True),
                                              ((40, 40), "bfloat16", False, False)):  # split-KV decode
@@ -528,6 +531,23 @@ def test_hopper_forward_with_a_cta_per_tile(name, rng, monkeypatch):
     real = launches.config
     monkeypatch.setattr(launches, "config", lambda pr: dataclasses.replace(real(pr), fwd90_persistent=False))
     _gpu_check(FEATURES[name], rng, grads=False)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["varlen", "varlen_window_dropout", "many_sequences"])
+def test_packed_batch_tiles_from_the_queue(name, rng, monkeypatch):
+    """FlashConfig.fwd90_queue_varlen: a packed batch's tiles taken by the persistent forward's CTAs as they
+    finish them (TileQueue, with a zeroed counter of the call's own), judged against the reference;
+    many_sequences deals ~1600 tiles of 40 sequences from 1 to 600 queries, so most are taken from the queue."""
+    import dataclasses
+
+    from cusdpa.backends.flash import launches
+
+    real = launches.config
+    monkeypatch.setattr(launches, "config", lambda pr: dataclasses.replace(real(pr), fwd90_queue_varlen=True))
+    lengths = np.arange(40) * 37 % 600 + 1
+    many = Case(hq=8, hkv=2, E=64, varlen=tuple((int(n), int(n) + 7) for n in lengths), causal="lower_right")
+    _gpu_check(many if name == "many_sequences" else FEATURES[name], rng, grads=False)
 
 
 @pytest.mark.gpu

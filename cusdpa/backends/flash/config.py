@@ -33,6 +33,10 @@ class FlashConfig:
     # the attn_mask's block summary (kernels_cuda/mask_summary.cu) used to skip key blocks with nothing
     # attended and read no mask where every visible pair is attended (off: every block visited and read)
     fwd90_mask_blocks: bool = True
+    # a packed (varlen) batch's tiles taken by the persistent forward's CTAs as they finish them (TileQueue, as a
+    # masked forward's always are), not dealt round-robin: the host does not know the sequences' lengths. Off
+    # until run on a GPU: written and compiled in a session without device time left
+    fwd90_queue_varlen: bool = False
     use_wgmma_bwd: bool = True  # Hopper backward (flash_bwd_sm90.cu) where the device, head dims and options allow
     bwd90_block_m: int = 64  # the Hopper backward's step: queries per step (128 where E, Ev <= 64)
     bwd90_rotate: bool = True  # key blocks start their query loops at different blocks (full visibility)

@@ -262,11 +262,19 @@ class MaskSummary:
                 np.int64(n_m * n_n if self.heads > 1 else 0), np.int64(n_n if self.rows > 1 else 0))
 
 
-def _modified_options(pr, cfg, mask_grad: bool = False) -> tuple:
+def _modified_options(pr, cfg, mask_grad: bool = False, queue: bool = False) -> tuple:
     """The Hopper kernels' compile options with ``pr``'s attn_mask and score modifiers (and, ``mask_grad``,
-    the backward storing a float mask's gradient)."""
+    the backward storing a float mask's gradient; ``queue``, the forward taking tiles from a counter)."""
     return sources.compile_options(pr.dtype_name, pr.E, pr.Ev, pr.dropout_p > 0, cfg, mask=mask_kind(pr),
-                                   alibi=pr.alibi_slopes is not None, softcap=bool(pr.softcap), mask_grad=mask_grad)
+                                   alibi=pr.alibi_slopes is not None, softcap=bool(pr.softcap), mask_grad=mask_grad,
+                                   queue=queue)
+
+
+def _queued(pr, cfg) -> bool:
+    """Whether the Hopper forward's CTAs take their tiles from a counter (flash_fwd_sm90.cu's TileQueue): a
+    masked problem's (the counter beside its summary) and, with ``cfg.fwd90_queue_varlen``, a packed batch's
+    (a counter of the call's own, in slot blocks)."""
+    return pr.mask is not None or (pr.varlen is not None and cfg.fwd90_queue_varlen and cfg.fwd90_persistent)
 
 
 def _modifier_args(pr) -> tuple:
@@ -327,16 +335,18 @@ def mask_summary(pr, strides) -> MaskSummary:
 def forward_launches(pr, lay, o_strides, mask_strides=None) -> list[Launch]:
     """The forward's launches of ``pr``: slots q, k, v, o, lse, the seed and, with an attn_mask (whose
     operand has element strides ``mask_strides``), mask, seen and blocks, which its summary writes first
-    (``mask_values``); none when there is nothing to do."""
+    (``mask_values``); a packed batch whose tiles a counter deals (``_queued``) takes that counter, two zeroed
+    int32, in slot blocks. None when there is nothing to do."""
     if lay.B * pr.hq == 0 or pr.L == 0:
         return []
     cfg, dev = config(pr), device(pr)
     opts = sources.compile_options(pr.dtype_name, pr.E, pr.Ev, pr.dropout_p > 0, cfg)
     tail = (*_lse_strides(pr), np.float32(pr.scale * math.log2(math.e)), *_visibility(pr), *_dropout(pr))
     if sm90_forward_applies(pr.E, pr.Ev, sources.compute_capability(dev), cfg):
-        opts = _modified_options(pr, cfg)
-        if pr.mask is None:
-            return [_sm90_forward_launch(pr, lay, o_strides, cfg, opts, tail, NO_MASK)]
+        opts = _modified_options(pr, cfg, queue=_queued(pr, cfg))
+        if pr.mask is None:  # (a queued packed batch: its counter in slot blocks)
+            args = (*NO_MASK[:7], Slot("blocks"), *NO_MASK[8:]) if _queued(pr, cfg) else NO_MASK
+            return [_sm90_forward_launch(pr, lay, o_strides, cfg, opts, tail, args)]
         summary = mask_summary(pr, mask_strides)
         mask = (Slot("mask"), *mask_strides, *summary.seen_args(), *summary.block_args(pr.S),
                 np.int64(summary.taken_at(pr.S)))
@@ -607,6 +617,8 @@ def forward(pr, out=None, lse=None):
             if fwd:
                 extra, first = mask_values(pr, mask[0], mask_summary(pr, mask[1]), config(pr).fwd90_mask_blocks) \
                     if mask else ({}, [])
+                if not mask and _queued(pr, config(pr)):  # a packed batch's tile counter, zeroed
+                    extra["blocks"] = cupy.zeros(2, dtype=np.int32)
                 run(first + fwd, values(q=lay.q, k=lay.k, v=lay.v, o=o_view, lse=res_lse, **seed_values(pr.seed, pr.offset),
                                 **extra), cupy.cuda.get_current_stream().ptr, device(pr))
         for dst, src in ((out, res_out), (lse, res_lse)):

@@ -65,13 +65,14 @@ MASK_CODES = {None: 0, "bool": 1, "float16": 2, "bfloat16": 3, "float32": 4}
 @functools.cache
 def compile_options(dtype_name: str, E: int, Ev: int, dropout: bool, cfg: FlashConfig, dkdv_part: int = 3,
                     mask: str | None = None, alibi: bool = False, softcap: bool = False,
-                    mask_grad: bool = False) -> tuple:
+                    mask_grad: bool = False, queue: bool = False) -> tuple:
     """NVRTC/nvcc options of one module; the CPU test compiles the same list with nvcc. ``mask``: the
     attn_mask's kind for the kernels that read one (a key of MASK_CODES); ``alibi``, ``softcap``: the Hopper
     kernels add ALiBi's bias, soft-cap the scores; ``mask_grad``: the Hopper backward stores a float mask's
-    gradient."""
+    gradient; ``queue``: the Hopper forward's CTAs take tiles from a counter (a mask's, or a packed batch's)."""
     return (*(("-DATTN_MASK=%d" % MASK_CODES[mask],) if mask else ()), *(("-DALIBI=1",) if alibi else ()),
             *(("-DSOFTCAP=1",) if softcap else ()), *(("-DMASK_GRAD=1",) if mask_grad else ()),
+            *(("-DFWD90_QUEUE=1",) if queue else ()),
             "-std=c++17", "--use_fast_math", f"-DCUSDPA_BF16={int(dtype_name == 'bfloat16')}",
             f"-DHEAD_DIM={E}", f"-DHEAD_DIM_V={Ev}", f"-DIS_DROPOUT={int(dropout)}",
             f"-DFWD_WARPS={cfg.fwd_warps}", f"-DFWD_M_TILES={cfg.fwd_m_tiles}", f"-DFWD_BLOCK_N={cfg.fwd_block_n}",
