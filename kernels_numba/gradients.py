@@ -217,7 +217,9 @@ def dq_kernel(spec: Spec, dmask_direct: bool):
         h = cuda.blockIdx.x % hq
         hk = h // group
         own = cuda.blockIdx.x // hq
-        m_first = cuda.blockIdx.y * BLOCK_M
+        # the last query blocks first: under a causal band they see the most keys, and blocks start in grid
+        # order, so the heavy ones start first rather than forming the tail (FlashAttention-2's order)
+        m_first = (cuda.gridDim.y - 1 - cuda.blockIdx.y) * BLOCK_M
         scale32 = np.float32(scale)
         drop_scale = np.float32(rescale)
         buf = cuda.shared.array(STAGE, np.float32)

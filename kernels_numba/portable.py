@@ -123,7 +123,9 @@ def forward_kernel(spec: Spec):
         hk = h // group
         b0, b1, b2 = batch_index(bh // hq, nb1, nb2)
         q0, L_b, k0, S_b = sequence(cu_q, cu_k, bh // hq, L, S)
-        m_first = cuda.blockIdx.y * BLOCK_M
+        # the last query blocks first: under a causal band they see the most keys, and blocks start in grid
+        # order, so the heavy ones start first rather than forming the tail (FlashAttention-2's order)
+        m_first = (cuda.gridDim.y - 1 - cuda.blockIdx.y) * BLOCK_M
         if m_first >= L_b:
             return  # whole block: varlen grids are sized for the longest sequence
         shift = S_b - L_b if lower_right else 0

@@ -77,7 +77,9 @@ def _kernel(head_dim: int, bf16: bool):
         h = bh % hq
         hk = h // group
         flat = bh // hq
-        m_first = cuda.blockIdx.y * BLOCK_M
+        # the last query blocks first: under a causal band they see the most keys, and blocks start in grid
+        # order, so the heavy ones start first rather than forming the tail (FlashAttention-2's order)
+        m_first = (cuda.gridDim.y - 1 - cuda.blockIdx.y) * BLOCK_M
         if varlen:
             b0 = b1 = b2 = 0
             q0 = cu_q[flat]
