@@ -343,9 +343,10 @@ def forward_launches(pr, lay, o_strides, mask_strides=None) -> list[Launch]:
     opts = sources.compile_options(pr.dtype_name, pr.E, pr.Ev, pr.dropout_p > 0, cfg)
     tail = (*_lse_strides(pr), np.float32(pr.scale * math.log2(math.e)), *_visibility(pr), *_dropout(pr))
     if sm90_forward_applies(pr.E, pr.Ev, sources.compute_capability(dev), cfg):
-        opts = _modified_options(pr, cfg, queue=_queued(pr, cfg))
+        queued = _queued(pr, cfg)
+        opts = _modified_options(pr, cfg, queue=queued)
         if pr.mask is None:  # (a queued packed batch: its counter in slot blocks)
-            args = (*NO_MASK[:7], Slot("blocks"), *NO_MASK[8:]) if _queued(pr, cfg) else NO_MASK
+            args = (*NO_MASK[:7], Slot("blocks"), *NO_MASK[8:]) if queued else NO_MASK
             return [_sm90_forward_launch(pr, lay, o_strides, cfg, opts, tail, args)]
         summary = mask_summary(pr, mask_strides)
         mask = (Slot("mask"), *mask_strides, *summary.seen_args(), *summary.block_args(pr.S),
@@ -639,14 +640,10 @@ def backward(pr, out, lse, dout, deterministic=False, grads=None):
     # float mask's gradient where asked for (a fourth array given; with none given, wherever backward_reasons
     # allow it, as dispatch chose FLASH for it) comes from dS stored by the kernel, summed here over the
     # dims the mask broadcasts.
-    if pr.mask_kind != "float":
-        mask_grad = False
-    elif grads is None:
-        mask_grad = not backward_reasons(pr, True)
-    else:
-        mask_grad = len(grads) > 3
-        if mask_grad and backward_reasons(pr, True):
-            raise NotImplementedError("; ".join(backward_reasons(pr, True)))
+    lacking = backward_reasons(pr, True)  # (nothing unless the mask is float)
+    mask_grad = pr.mask_kind == "float" and (not lacking if grads is None else len(grads) > 3)
+    if mask_grad and lacking:
+        raise NotImplementedError("; ".join(lacking))
 
     with cupy.cuda.Device(device(pr)):
         if pr.varlen is not None:
