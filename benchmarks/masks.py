@@ -5,11 +5,13 @@ issue's three shapes (and the same shapes unmasked, for scale).
 
 Shapes (bf16): a bool mask (B, 1, L, S), B=4 H=16 L=S=4096 E=128, a quarter of its entries False; a float
 mask (1, H, L, S) of the same problem (normal values); a key-padding bool mask (B, 1, 1, S) as Hugging
-Face models pass it, B=8 H=16 L=2048 E=64, the last 25% of each sequence's keys padding; and a bool mask
+Face models pass it, B=8 H=16 L=2048 E=64, the last 25% of each sequence's keys padding; the float mask
+again as a learnable bias (with ``--backward`` its gradient is computed too); and a bool mask
 whose 128 x 128 blocks are 90% all False (the masks issue's block-sparsity bar: at least 5x faster than the
 unmasked shape). ``--config`` overrides FlashConfig fields for every call: ``fwd90_mask_blocks=0`` reads every
 block's mask, ``fwd90_persistent=0`` launches a CTA per tile. ``--profile`` prints the GPU kernels of ten
-masked cusdpa calls of each shape (torch.profiler), to tell the mask's summary from the attention. ``--only
+masked cusdpa calls of each shape (torch.profiler; with ``--backward`` of ten forward + backward calls too), to
+tell the mask's summary from the attention. ``--only
 TEXT`` keeps the shapes whose name holds TEXT; ``--calls N`` times nothing but makes N masked cusdpa calls of
 each (forward, or forward + backward with ``--backward``): a target for benchmarks/ncu_profile.sh.
 Each call's output is compared with PyTorch's (relative Frobenius error) before it is timed; times are medians of
@@ -37,8 +39,9 @@ def shapes():
 
     B, H, L, E = 4, 16, 4096, 128
     yield "bool (B,1,L,S)", qkv(B, H, L, E), torch.rand(B, 1, L, L, device="cuda", generator=g) > 0.25
-    yield "float (1,H,L,S)", qkv(B, H, L, E), torch.randn(1, H, L, L, device="cuda", generator=g,
-                                                         dtype=torch.bfloat16)
+    bias = torch.randn(1, H, L, L, device="cuda", generator=g, dtype=torch.bfloat16)
+    yield "float (1,H,L,S)", qkv(B, H, L, E), bias
+    yield "learnable bias (1,H,L,S)", qkv(B, H, L, E), bias
     B, H, L, E = 8, 16, 2048, 64
     pad = torch.ones(B, 1, 1, L, dtype=torch.bool, device="cuda")
     pad[..., 3 * L // 4:] = False
@@ -77,13 +80,19 @@ def main():
         flops = 4 * B * H * L * L * E
         if args.profile:
             print_kernels(name, lambda: interop.scaled_dot_product_attention(q, k, v, mask))
-        for label, m in ((name, mask), (f"{name}, no mask", None)):
+            if args.backward:
+                qg, kg, vg = (x.detach().requires_grad_() for x in (q, k, v))
+                print_kernels(f"{name}, forward + backward",
+                              lambda: interop.scaled_dot_product_attention(qg, kg, vg, mask).backward(q))
+        for label, m in ((name, mask),) + (() if name.startswith("learnable") else ((f"{name}, no mask", None),)):
             fwd = [triton.testing.do_bench(lambda f=f: f(q, k, v, m)) for f in (interop.scaled_dot_product_attention, sdpa)]
             row = [label, err if m is not None else float("nan"), *fwd]
             if args.backward:
                 qg, kg, vg = (x.detach().requires_grad_() for x in (q, k, v))
+                mg = m.detach().requires_grad_() if m is not None and name.startswith("learnable") else m
                 dout = torch.randn_like(q)
-                both = [triton.testing.do_bench(lambda f=f: f(qg, kg, vg, m).backward(dout), grad_to_none=[qg, kg, vg])
+                both = [triton.testing.do_bench(lambda f=f: f(qg, kg, vg, mg).backward(dout),
+                                                grad_to_none=[qg, kg, vg] + ([mg] if mg is not m else []))
                         for f in (interop.scaled_dot_product_attention, sdpa)]
                 row += both
             rows.append((row, flops))

@@ -93,12 +93,20 @@ def test_no_backend_error_lists_every_backend_with_reasons(rng):
     assert "float64" in text and "cupy arrays" in text
 
 
-def test_explain_names_reasons(rng):
+def test_explain_names_reasons(rng, monkeypatch):
+    import dataclasses
+
+    from cusdpa.backends.flash import launches
+
     q, k, v = qkv(rng, dtype=np.float32)
     ex = cusdpa.explain(q, k, v, attn_mask=np.zeros((9, 11), np.float32), need_grad=True)
     assert ex.chosen is Backend.MATH and ex.reasons[Backend.MATH] == []
     flash = " ".join(ex.reasons[Backend.FLASH])
-    assert "float32" in flash and "float attn_mask" in flash and "numpy arrays" in flash
+    assert "float32" in flash and "float attn_mask" not in flash and "numpy arrays" in flash
+    real = launches.config  # without the Hopper backward's mask gradient, FLASH says it lacks one
+    monkeypatch.setattr(launches, "config", lambda pr: dataclasses.replace(real(pr), bwd90_mask_grad=False))
+    ex = cusdpa.explain(q, k, v, attn_mask=np.zeros((9, 11), np.float32), need_grad=True)
+    assert "float attn_mask" in " ".join(ex.reasons[Backend.FLASH])
     assert ex.reasons[Backend.EFFICIENT]
     assert "MATH: available" in str(ex)
 

@@ -283,7 +283,7 @@ def test_attn_mask_on_the_hopper_kernels(name, rng):
 
 
 MASK_GRADS = {
-    "full": Case(batch=(2,), hq=3, L=130, S=200, E=64, mask="float", mask_shape=(2, 3, 130, 200)),
+    "full": Case(batch=(2,), hq=3, hkv=3, L=130, S=200, E=64, mask="float", mask_shape=(2, 3, 130, 200)),
     "heads_causal": Case(batch=(3,), hq=2, L=150, S=150, E=128, causal="lower_right", mask="float",
                          mask_shape=(1, 2, 150, 150), mask_dtype="float32"),
     "key_padding_gqa_dropout": Case(dtype="float16", batch=(2,), hq=4, hkv=2, L=100, S=170, E=96, dropout_p=0.2,
@@ -296,19 +296,16 @@ MASK_GRADS = {
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("name", sorted(MASK_GRADS))
-def test_float_mask_gradient_on_the_hopper_backward(name, rng, monkeypatch):
+def test_float_mask_gradient_on_the_hopper_backward(name, rng):
     """FlashConfig.bwd90_mask_grad: a float attn_mask's gradient from the Hopper backward (dS stored for every
     pair of a step, summed over the mask's broadcast dims), judged against the reference as EFFICIENT's is;
-    through dispatch, FLASH is then chosen for it, and the wide kernel (E > 128) leaves it to EFFICIENT."""
+    through dispatch, FLASH is chosen for it, and the wide kernel (E > 128) leaves it to EFFICIENT."""
     import dataclasses
 
     import cupy
 
     from cusdpa import dispatch
-    from cusdpa.backends.flash import launches
 
-    real = launches.config
-    monkeypatch.setattr(launches, "config", lambda pr: dataclasses.replace(real(pr), bwd90_mask_grad=True))
     failures = run_case(MASK_GRADS[name], flash.IMPL, cupy, rng, grads=True, mask_grad=True)
     assert not failures, "\n".join(failures)
     assert dispatch.select(build(MASK_GRADS[name], cupy, rng), need_grad=True).backend is dispatch.Backend.FLASH
@@ -534,17 +531,19 @@ def test_hopper_forward_with_a_cta_per_tile(name, rng, monkeypatch):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("queue", [True, False])
 @pytest.mark.parametrize("name", ["varlen", "varlen_window_dropout", "many_sequences"])
-def test_packed_batch_tiles_from_the_queue(name, rng, monkeypatch):
+def test_packed_batch_tiles_from_the_queue(name, queue, rng, monkeypatch):
     """FlashConfig.fwd90_queue_varlen: a packed batch's tiles taken by the persistent forward's CTAs as they
-    finish them (TileQueue, with a zeroed counter of the call's own), judged against the reference;
-    many_sequences deals ~1600 tiles of 40 sequences from 1 to 600 queries, so most are taken from the queue."""
+    finish them (TileQueue, with a zeroed counter of the call's own), or dealt round-robin, judged against the
+    reference; many_sequences deals ~1600 tiles of 40 sequences from 1 to 600 queries, so most are taken from
+    the queue."""
     import dataclasses
 
     from cusdpa.backends.flash import launches
 
     real = launches.config
-    monkeypatch.setattr(launches, "config", lambda pr: dataclasses.replace(real(pr), fwd90_queue_varlen=True))
+    monkeypatch.setattr(launches, "config", lambda pr: dataclasses.replace(real(pr), fwd90_queue_varlen=queue))
     lengths = np.arange(40) * 37 % 600 + 1
     many = Case(hq=8, hkv=2, E=64, varlen=tuple((int(n), int(n) + 7) for n in lengths), causal="lower_right")
     _gpu_check(many if name == "many_sequences" else FEATURES[name], rng, grads=False)

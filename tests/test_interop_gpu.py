@@ -372,12 +372,8 @@ def test_flash_attn_api_on_cuda_trains(rng):
 
 
 def test_a_learnable_bias_gets_its_gradient_from_the_hopper_backward(rng, monkeypatch):
-    """FlashConfig.bwd90_mask_grad on: a float mask that requires grad (a relative-position bias, shared by
-    the batch) gets its gradient from FLASH's Hopper backward, judged against PyTorch's."""
-    from cusdpa.backends.flash import launches
-
-    real = launches.config
-    monkeypatch.setattr(launches, "config", lambda pr: dataclasses.replace(real(pr), bwd90_mask_grad=True))
+    """A float mask that requires grad (a relative-position bias, shared by the batch) gets its gradient from
+    FLASH's Hopper backward (FlashConfig.bwd90_mask_grad), judged against PyTorch's."""
     picked = []
     select = dispatch.select
 
