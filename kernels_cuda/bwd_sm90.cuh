@@ -719,11 +719,60 @@ __device__ __forceinline__ void store_rows(elem_t* base, long long pitch, const 
 }
 
 
+// The epilogue of flash_bwd_sm90: a warp's 16 rows (row0 on) of its dK or dV accumulator (D / 8 n8 tiles), scaled and
+// rounded into `stage` (the block's rows of D elements, its 16-byte chunks XOR-swizzled by the row, so the 8
+// rows x 4 column pairs of one store instruction fall in different banks), for copy_rows_out. Written
+// straight from the fragments, a store instruction covered 16 bytes of each of 8 rows: half of every 32-byte
+// sector, 64 store instructions a thread per block (ncu: lg throttle at the end of every CTA).
+template <int D>
+__device__ __forceinline__ int swizzled_chunk(int row, int chunk) {
+    constexpr int CHUNKS = D / 8, SW = CHUNKS % 8 == 0 ? 8 : CHUNKS % 4 == 0 ? 4 : CHUNKS % 2 == 0 ? 2 : 1;
+    return chunk ^ (row % SW);
+}
+
+template <int D, int N>
+__device__ __forceinline__ void stage_rows(unsigned char* stage, const float (&acc)[N], float scale, int row0,
+                                           int lane) {
+    static_assert(N == D / 2, "one n8 tile per 16-byte chunk of a row");
+    // the swizzled addresses depend on the lane: made opaque here, lest the compiler hoist the 2 D / 8 of them
+    // above the step loop, where they took registers the loop needed (13 spills at E = 128, bool mask)
+    asm volatile("" : "+r"(lane));
+    const int g = lane / 4, t = lane % 4;
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        const int row = row0 + g + 8 * r;
+#pragma unroll
+        for (int nt = 0; nt < D / 8; ++nt)
+            *reinterpret_cast<u32*>(stage + row * D * 2 + swizzled_chunk<D>(row, nt) * 16 + t * 4) =
+                pack2<IS_BF16>(acc[nt * 4 + 2 * r] * scale, acc[nt * 4 + 2 * r + 1] * scale);
+    }
+}
+
+// The first `rows` of the ROWS rows that stage_rows staged, to rows of `pitch` elements at `base`, by THREADS
+// threads (`tid` of them) in whole 16-byte segments (the host's dK and dV rows start on 16 bytes: `usable`).
+template <int D, int ROWS, int THREADS>
+__device__ __forceinline__ void copy_rows_out(elem_t* base, long long pitch, const unsigned char* stage, int rows,
+                                              int tid) {
+    constexpr int CHUNKS = D / 8;
+    static_assert(ROWS * CHUNKS % THREADS == 0, "whole rounds of the threads");
+    asm volatile("" : "+r"(tid));  // as stage_rows' lane: its addresses stay below the step loop
+#pragma unroll
+    for (int i = 0; i < ROWS * CHUNKS / THREADS; ++i) {
+        const int x = tid + i * THREADS, row = x / CHUNKS, chunk = x % CHUNKS;
+        if (row >= rows) break;
+        *reinterpret_cast<uint4*>(base + row * pitch + chunk * 8) =
+            *reinterpret_cast<const uint4*>(stage + row * D * 2 + swizzled_chunk<D>(row, chunk) * 16);
+    }
+}
+
 // The body of flash_bwd_dq_convert: dQ = scale * the fp32 accumulator (blocks of BLOCK_M query rows, a
 // warpgroup's piece of 64 rows x DQ_N0 columns first, register k of thread x at float4 k * 128 + x, two
 // columns of two rows 8 apart each; where acc_copy is not 0, copy 0 plus the copy acc_copy floats on, in
 // that order), in the input dtype and q's layout: one CTA of CONVERT_THREADS per block (blockIdx.x, of
-// (batch, head) blockIdx.y), rows >= L skipped.
+// (batch, head) blockIdx.y), rows >= L skipped. The block is rounded into shared memory first (rows padded
+// by 16 bytes, so a warp's 8 rows x 4 column pairs hit 32 banks) and leaves it as whole 16-byte row
+// segments: written straight from the fragment order, a warp's store covered 16 bytes of each of 8 rows,
+// half of every 32-byte sector, and the pass ran at 2.1 TB/s (the 90%-empty mask's backward, H200).
 constexpr int CONVERT_THREADS = 256;
 
 template <int BLOCK_M, int DQ_N0>
@@ -733,24 +782,32 @@ __device__ __forceinline__ void dq_convert(const float* __restrict__ dq_accum, e
                                            long long dq_sb, long long dq_sh, long long dq_sm, float scale, int left,
                                            int right, int lower_right) {
     constexpr int DQ_BLOCK = BLOCK_M * HEAD_DIM, PIECE0 = 16 * DQ_N0;  // floats of a block, float4s of piece 0
+    constexpr int PITCH = HEAD_DIM + 8;  // elements of a staged row
+    __shared__ __align__(16) elem_t staged[BLOCK_M * PITCH];
     const Slice slice = Slice::per_query_head(Hq, 1, cu_q, cu_k, L, S, left, right, lower_right);
     const int m0 = blockIdx.x * BLOCK_M;
     if (m0 >= slice.L) return;
     const float4* acc = reinterpret_cast<const float4*>(
         dq_accum + slice.query_block(acc_sb, acc_sh, slice.h, BLOCK_M, blockIdx.x) * DQ_BLOCK);
-    elem_t* out = slice.query_rows(dq, dq_sb, dq_sh, dq_sm);
 #pragma unroll 4
     for (int q4 = threadIdx.x; q4 < DQ_BLOCK / 4; q4 += CONVERT_THREADS) {
         const int w = q4 < PIECE0 ? 0 : 1, x4 = q4 - w * PIECE0, k = x4 / 128, x = x4 % 128;  // piece, register, thread
-        const int row = m0 + (BLOCK_M == 128 ? 64 * w : 0) + x / 32 * 16 + x % 32 / 4;
+        const int row = (BLOCK_M == 128 ? 64 * w : 0) + x / 32 * 16 + x % 32 / 4;
         const int col = (BLOCK_M == 128 ? 0 : w * DQ_N0) + 8 * k + 2 * (x % 4);
         float4 a = acc[q4];
         if (acc_copy != 0) {
             const float4 b = acc[acc_copy / 4 + q4];
             a = make_float4(a.x + b.x, a.y + b.y, a.z + b.z, a.w + b.w);
         }
-        if (row < slice.L) *reinterpret_cast<u32*>(out + row * dq_sm + col) = pack2<IS_BF16>(a.x * scale, a.y * scale);
-        if (row + 8 < slice.L)
-            *reinterpret_cast<u32*>(out + (row + 8) * dq_sm + col) = pack2<IS_BF16>(a.z * scale, a.w * scale);
+        *reinterpret_cast<u32*>(staged + row * PITCH + col) = pack2<IS_BF16>(a.x * scale, a.y * scale);
+        *reinterpret_cast<u32*>(staged + (row + 8) * PITCH + col) = pack2<IS_BF16>(a.z * scale, a.w * scale);
+    }
+    __syncthreads();
+    elem_t* out = slice.query_rows(dq, dq_sb, dq_sh, dq_sm) + m0 * dq_sm;
+    const int rows = min(BLOCK_M, slice.L - m0);
+    constexpr int SEGMENTS = HEAD_DIM / 8;  // 16-byte segments of a row (the host's dQ rows start on 16 bytes)
+    for (int s = threadIdx.x; s < rows * SEGMENTS; s += CONVERT_THREADS) {
+        const int row = s / SEGMENTS, col = s % SEGMENTS * 8;
+        *reinterpret_cast<uint4*>(out + row * dq_sm + col) = *reinterpret_cast<const uint4*>(staged + row * PITCH + col);
     }
 }
