@@ -5,7 +5,8 @@ host dominates.
 
 The tutorial's module (8 heads x 64, 32 x 512 tokens, fp16, causal), eager and under torch.compile, and one
 attention call of its shape on torch tensors and on CuPy arrays, inference and forward + backward; forward
-+ backward also on a small problem (1 x 8 heads x 128 tokens), where the GPU work is negligible. "host" is the
++ backward also on a small problem (1 x 8 heads x 128 tokens), where the GPU work is negligible, and that problem
+with a bool mask on EFFICIENT against PyTorch's EFFICIENT_ATTENTION. "host" is the
 time until one call returns, started with an empty stream queue (each call follows a synchronize), so
 neither the GPU work behind earlier calls nor a full launch queue counts as host time; "with GPU" is the
 time per call of a round of back-to-back calls synchronised once. The lent machine's host speed drifts by up
@@ -149,6 +150,21 @@ def main():
             small),
         "small fwd+bwd, torch": lambda: sdpa(sg, sg, sg, is_causal=True).backward(small),
         "backward op kernel called directly": lambda: ops.call(ops.sdpa_bwd, *bwd_args)}, TRAINING_CALLS))
+    print("\na call that lands on EFFICIENT (bool mask, B=1 H=8 L=128 E=64; PyTorch's EFFICIENT_ATTENTION alike):")
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    mask = torch.rand(1, 1, 128, 128, device="cuda") > 0.2
+
+    def efficient_ours():
+        with cusdpa.sdpa_kernel([cusdpa.Backend.EFFICIENT]):
+            interop.scaled_dot_product_attention(sg, sg, sg, mask).backward(small)
+
+    def efficient_theirs():
+        with sdpa_kernel(SDPBackend.EFFICIENT_ATTENTION):
+            sdpa(sg, sg, sg, mask).backward(small)
+
+    t.update(measure({"EFFICIENT fwd+bwd, cusdpa": efficient_ours, "EFFICIENT fwd+bwd, torch": efficient_theirs},
+                     TRAINING_CALLS))
     spent = []
     real = autograd.Attention.backward
 
@@ -169,7 +185,8 @@ def main():
     for what, ours, theirs in (("eager forward", "interop.scaled_dot_product_attention", "torch SDPA"),
                                ("eager forward + backward", "fwd+bwd, cusdpa", "fwd+bwd, torch"),
                                ("small forward + backward", "small fwd+bwd, cusdpa", "small fwd+bwd, torch"),
-                               ("CuPy call vs torch eager", "cusdpa on CuPy arrays", "torch SDPA")):
+                               ("CuPy call vs torch eager", "cusdpa on CuPy arrays", "torch SDPA"),
+                               ("EFFICIENT fwd+bwd (bar 1.5)", "EFFICIENT fwd+bwd, cusdpa", "EFFICIENT fwd+bwd, torch")):
         print(f"  {what:28s} host {t[ours][0]:7.1f} / {t[theirs][0]:7.1f} us = {t[ours][0] / t[theirs][0]:5.2f}x")
     ours, theirs = t["module compiled, cusdpa"], t["module compiled, torch"]
     print(f"  {'compiled module':28s} host {ours[0]:7.1f} / {theirs[0]:7.1f} us; with GPU {ours[1]:7.1f} / "
@@ -187,6 +204,7 @@ def main():
             _profile("interop.scaled_dot_product_attention, inference",
                      lambda: interop.scaled_dot_product_attention(q, q, q, is_causal=True))
         _profile("backward op kernel called directly", lambda: ops.call(ops.sdpa_bwd, *bwd_args), calls=500)
+        _profile("EFFICIENT forward + backward, bool mask", efficient_ours, calls=200)
 
 
 if __name__ == "__main__":

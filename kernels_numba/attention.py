@@ -13,11 +13,10 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
-from numba import cuda
 
 from . import config as config_module
-from . import gradients, layout, portable, tensor_core
-from .layout import cdiv, kernel_array
+from . import gradients, launcher, layout, portable, tensor_core
+from .layout import cdiv
 
 DTYPES = ("float16", "bfloat16", "float32")
 MAX_HEAD_DIM = 256
@@ -77,13 +76,13 @@ def _views(pr) -> _Views:
     mask = _dummy_mask(xp)
     if pr.mask is not None:
         mask = layout.dense_view(xp, plan, pr.mask, (pr.hq, pr.L, pr.S))
-    dummy_cu = xp.zeros(1, dtype=np.int32)
+    dummy_cu = layout.placeholder(xp, (1,), np.int32)
     b0, b1, b2 = plan.shape3
     return _Views(q, k, v, mask, dummy_cu, dummy_cu, b1, b2, b0 * b1 * b2, plan)
 
 
 def _dummy_mask(xp):
-    return xp.zeros((1,) * 6, dtype=bool)
+    return layout.placeholder(xp, (1,) * 6, bool)
 
 
 def _rows_view(pr, plan, x, tail):
@@ -164,18 +163,16 @@ def forward(pr, out=None, lse=None, config=None):
         lse_v = _rows_view(pr, plan, lse_t.reshape(pr.batch_shape + (pr.hq, pr.L)), (pr.hq, pr.L))
     else:
         out_v, lse_v = _rows_view(pr, plan, out_t, None), lse_t[None, None, None]
-    with cuda.gpus[layout.device_of(pr.q)]:
-        stream = layout.stream_of(xp)
-        if variant_for(pr, cfg) == "tensor_core":
-            tensor_core.forward(pr, views, out_v, lse_v, stream, _structure_args(pr))
-        else:
-            spec = _spec(pr, cfg)
-            kernel = portable.forward_kernel(spec)
-            grid = (views.n_batch * pr.hq, cdiv(pr.L, spec.block_rows))
-            args = [kernel_array(layout.bits(x)) for x in (views.q, views.k, views.v, views.mask, out_v, lse_v,
-                                                          views.cu_q, views.cu_k)]
-            kernel[grid, spec.block_rows, stream](*args, views.nb1, views.nb2, pr.hq, pr.group, pr.L, pr.S,
-                                                  pr.E, pr.Ev, pr.scale, *_structure_args(pr))
+    device = layout.device_of(pr.q)
+    if variant_for(pr, cfg) == "tensor_core":
+        tensor_core.forward(pr, views, out_v, lse_v, device, _structure_args(pr))
+    else:
+        spec = _spec(pr, cfg)
+        grid = (views.n_batch * pr.hq, cdiv(pr.L, spec.block_rows))
+        arrays = [layout.bits(x) for x in (views.q, views.k, views.v, views.mask, out_v, lse_v, views.cu_q, views.cu_k)]
+        launcher.launch(portable.forward_kernel(spec), grid, spec.block_rows, device,
+                        (*arrays, views.nb1, views.nb2, pr.hq, pr.group, pr.L, pr.S, pr.E, pr.Ev, pr.scale,
+                         *_structure_args(pr)))
     return _deliver(xp, (out_t, lse_t), None if out is None else (out, lse))
 
 
@@ -225,7 +222,7 @@ def backward(pr, out, lse, dout, grads=None, config=None):
         n_own_q, n_own_k, n_own_v = (math.prod(o) for o in (own_q, own_k, own_v))
         reps_q, reps_k, reps_v = n_full // n_own_q, n_full // n_own_k, n_full // n_own_v
     dmask_direct = False
-    dmask_v = xp.zeros((1,) * 6, dtype=np.float32)
+    dmask_v = layout.placeholder(xp, (1,) * 6, np.float32)  # written only where dmask_direct
     if want_dmask:
         mask_tail = (1,) * (3 + plan.nb - pr.mask.ndim) + tuple(pr.mask.shape)
         dshape = plan.own3(pr.mask.reshape(mask_tail)) + mask_tail[-3:]
@@ -233,28 +230,24 @@ def backward(pr, out, lse, dout, grads=None, config=None):
         dmask_v = targets[3].reshape(dshape)
         dmask_direct = dshape == full6
     structure = _structure_args(pr)
-    a = kernel_array
-    with cuda.gpus[layout.device_of(pr.q)]:
-        stream = layout.stream_of(xp)
-        bq, bk, bv, bmask = (a(layout.bits(x)) for x in (views.q, views.k, views.v, views.mask))
-        bdout, blse, bdelta = a(layout.bits(dout_v)), a(lse_v), a(delta_v)
-        cu_q, cu_k = a(views.cu_q), a(views.cu_k)
-        dq_grid = (n_own_q * pr.hq, cdiv(pr.L, dq_spec.block_m))
-        gradients.dq_kernel(dq_spec, dmask_direct)[dq_grid, threads, stream](
-            bq, bk, bv, bmask, bdout, blse, bdelta, a(layout.bits(dq_v)), a(layout.bits(dmask_v)), cu_q, cu_k,
-            views.nb1, views.nb2, own_q[1], own_q[2], reps_q, pr.hq, pr.group, pr.L, pr.S, pr.E, pr.Ev, pr.scale,
-            *structure)
-        dkdv = gradients.dkdv_kernel(dkdv_spec)
-        launches = [(own_k, n_own_k, reps_k, True, True)] if own_k == own_v else \
-            [(own_k, n_own_k, reps_k, True, False), (own_v, n_own_v, reps_v, False, True)]
-        for own, n_own, reps, want_dk, want_dv in launches:
-            dkdv[(n_own * pr.hkv, cdiv(pr.S, dkdv_spec.block_n)), threads, stream](
-                bq, bk, bv, bmask, bdout, blse, bdelta, a(layout.bits(dk_v)), a(layout.bits(dv_v)), cu_q, cu_k,
-                views.nb1, views.nb2, own[1], own[2], reps, want_dk, want_dv, pr.hq, pr.hkv, pr.group, pr.L, pr.S,
-                pr.E, pr.Ev, pr.scale, *structure)
-        if want_dmask and not dmask_direct:
-            n = math.prod(dshape)
-            gradients.dmask_kernel(dq_spec)[cdiv(n, threads), threads, stream](
-                bq, bk, bv, bmask, bdout, blse, bdelta, a(layout.bits(dmask_v)), tuple(dshape), tuple(full6),
-                pr.group, pr.E, pr.Ev, pr.scale, *structure)
+    device = layout.device_of(pr.q)
+    q, k, v, mask, dout_b = (layout.bits(x) for x in (views.q, views.k, views.v, views.mask, dout_v))
+    reads = (q, k, v, mask, dout_b, lse_v, delta_v)
+    launcher.launch(gradients.dq_kernel(dq_spec, dmask_direct), (n_own_q * pr.hq, cdiv(pr.L, dq_spec.block_m)),
+                    threads, device,
+                    (*reads, layout.bits(dq_v), layout.bits(dmask_v), views.cu_q, views.cu_k, views.nb1, views.nb2,
+                     own_q[1], own_q[2], reps_q, pr.hq, pr.group, pr.L, pr.S, pr.E, pr.Ev, pr.scale, *structure))
+    dkdv = gradients.dkdv_kernel(dkdv_spec)
+    launches = [(own_k, n_own_k, reps_k, True, True)] if own_k == own_v else \
+        [(own_k, n_own_k, reps_k, True, False), (own_v, n_own_v, reps_v, False, True)]
+    for own, n_own, reps, want_dk, want_dv in launches:
+        launcher.launch(dkdv, (n_own * pr.hkv, cdiv(pr.S, dkdv_spec.block_n)), threads, device,
+                        (*reads, layout.bits(dk_v), layout.bits(dv_v), views.cu_q, views.cu_k, views.nb1, views.nb2,
+                         own[1], own[2], reps, want_dk, want_dv, pr.hq, pr.hkv, pr.group, pr.L, pr.S, pr.E, pr.Ev,
+                         pr.scale, *structure))
+    if want_dmask and not dmask_direct:
+        n = math.prod(dshape)
+        launcher.launch(gradients.dmask_kernel(dq_spec), cdiv(n, threads), threads, device,
+                        (*reads, layout.bits(dmask_v), tuple(dshape), tuple(full6), pr.group, pr.E, pr.Ev, pr.scale,
+                         *structure))
     return _deliver(xp, targets, grads)

@@ -186,7 +186,7 @@ def run(xp, query, k_cache, v_cache, table, rows_of, seqlens, max_len: int, slop
     """(out (B, Lq, Hq, Ev) fp32, lse (B, Hq, Lq)) over the cache; ``table`` (B, blocks) int32 for a paged
     cache else None, ``rows_of`` (B,) int32 the contiguous cache's rows, ``seqlens`` (B,) int32 on the
     device, ``max_len`` their maximum, ``slopes`` float32 (B, Hq) or None."""
-    from . import layout
+    from . import launcher, layout
 
     B, Lq, Hq, E = query.shape
     Hkv, Ev = k_cache.shape[2], v_cache.shape[3]
@@ -201,15 +201,14 @@ def run(xp, query, k_cache, v_cache, table, rows_of, seqlens, max_len: int, slop
     l_part = xp.empty((splits, B, Hq, Lq), dtype=np.float32)
     out = xp.empty((B, Lq, Hq, Ev), dtype=np.float32)
     lse = xp.empty((B, Hq, Lq), dtype=np.float32)
-    dummy = xp.zeros((1, 1), dtype=np.int32)
+    dummy = layout.placeholder(xp, (1, 1), np.int32)
     kernel = partial_kernel(query.dtype.name == "bfloat16", table is not None, causal, softcap > 0, slopes is not None)
-    args = [layout.kernel_array(layout.bits(x)) for x in (
+    arrays = [layout.bits(x) for x in (
         query, k_cache, v_cache, dummy if table is None else table, dummy[0] if rows_of is None else rows_of,
-        seqlens, xp.zeros((1, 1), dtype=np.float32) if slopes is None else slopes, o_part, m_part, l_part)]
-    with cuda.gpus[layout.device_of(query)]:
-        stream = layout.stream_of(xp)
-        kernel[(splits, B * Hkv), THREADS, stream](*args, Hq, Hkv, Lq, E, Ev, chunk, k_cache.shape[1],
-                                                   np.float32(scale), np.float32(softcap or 1.0), left, right)
-        combine[B * Hq * Lq, min(THREADS, Ev), stream](
-            *(layout.kernel_array(x) for x in (o_part, m_part, l_part, out, lse)), Hq, Lq, Ev)
+        seqlens, layout.placeholder(xp, (1, 1), np.float32) if slopes is None else slopes, o_part, m_part, l_part)]
+    on = layout.device_of(query)
+    launcher.launch(kernel, (splits, B * Hkv), THREADS, on,
+                    (*arrays, Hq, Hkv, Lq, E, Ev, chunk, k_cache.shape[1], np.float32(scale),
+                     np.float32(softcap or 1.0), left, right))
+    launcher.launch(combine, B * Hq * Lq, min(THREADS, Ev), on, (o_part, m_part, l_part, out, lse, Hq, Lq, Ev))
     return out, lse

@@ -115,14 +115,17 @@ def kernel_array(x):
     return cuda.as_cuda_array(x, sync=False)
 
 
-def stream_of(xp):
-    """Numba's handle on CuPy's current stream (the simulator runs everything in order)."""
-    if SIMULATOR:
-        return 0
-    import cupy
+_placeholders: dict = {}
 
-    ptr = cupy.cuda.get_current_stream().ptr
-    return cuda.external_stream(ptr) if ptr else cuda.default_stream()
+
+def placeholder(xp, shape: tuple, dtype):
+    """A zeroed array standing in for an operand a kernel does not read (no mask, no cu_seqlens), made once
+    per device, shape and dtype rather than on every call (an allocation and a fill kernel each)."""
+    key = (xp.__name__, 0 if xp is np else xp.cuda.Device().id, shape, np.dtype(dtype))
+    held = _placeholders.get(key)
+    if held is None:
+        held = _placeholders[key] = xp.zeros(shape, dtype=dtype)
+    return held
 
 
 def device_of(x) -> int:

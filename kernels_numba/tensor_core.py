@@ -18,7 +18,8 @@ from numba import cuda
 import kernels_cuda
 
 from .device import SIMULATOR
-from .layout import cdiv, kernel_array
+from . import launcher
+from .layout import cdiv
 
 HEAD_DIMS = (32, 64, 96, 128)
 BLOCK_M = 64  # 4 warps x 16 rows (efficient_fwd.cuh's EFF_BLOCK_M)
@@ -112,7 +113,7 @@ def _address_and_strides(x):
     return int(x.data.ptr), tuple(int(s) // x.itemsize for s in x.strides)
 
 
-def forward(pr, views, out_v, lse_v, stream, structure):
+def forward(pr, views, out_v, lse_v, device, structure):
     """Launch the tensor_core forward into out_v (6-D) and lse_v (5-D) views; see attention.forward."""
     _, _, left, right, seed_lo, seed_hi, offset, threshold, rescale = structure
     head_dim = head_dim_for(pr.E, pr.Ev)
@@ -129,7 +130,7 @@ def forward(pr, views, out_v, lse_v, stream, structure):
     ms = ms + (views.mask.itemsize,)
     varlen = pr.varlen is not None
     grid = (views.n_batch * pr.hq, cdiv(pr.L, BLOCK_M))
-    kernel[grid, THREADS, stream](q, qs[:5], k, ks[:5], v, vs[:5], out, os_[:5], lse, ls, mask, ms, mask_kind,
-                                  kernel_array(views.cu_q), kernel_array(views.cu_k), varlen, views.nb1, views.nb2,
-                                  pr.hq, pr.group, pr.L, pr.S, pr.E, pr.Ev, pr.scale, pr.lower_right,
-                                  left, right, pr.dropout_p > 0, seed_lo, seed_hi, offset, threshold, rescale)
+    launcher.launch(kernel, grid, THREADS, device,
+                    (q, qs[:5], k, ks[:5], v, vs[:5], out, os_[:5], lse, ls, mask, ms, mask_kind, views.cu_q, views.cu_k,
+                     varlen, views.nb1, views.nb2, pr.hq, pr.group, pr.L, pr.S, pr.E, pr.Ev, pr.scale, pr.lower_right,
+                     left, right, pr.dropout_p > 0, seed_lo, seed_hi, offset, threshold, rescale))

@@ -223,3 +223,33 @@ def test_public_api_runs_on_the_current_stream_and_compiles_once(gpu, rng):
     assert (tensor_core._kernel.cache_info().currsize, portable.forward_kernel.cache_info().currsize,
             sum(len(f.overloads) for f in (tensor_core._kernel(64, False),))) == compiled
     assert cp.array_equal(first, second)
+
+
+@pytest.mark.parametrize("variant, dtype, mask", [("tensor_core", "float16", "bool"),
+                                                  ("portable", "float32", "float"),
+                                                  ("portable", "bfloat16", "key_padding")])
+def test_repeated_calls_launch_prepared_kernels(gpu, rng, variant, dtype, mask):
+    """kernels_numba.launcher: a call whose argument signature was seen launches each kernel straight through
+    cuLaunchKernel; the second call's forward and gradients (the mask's too, through the dmask kernel's tuple
+    arguments where it broadcasts) are bit-identical to the first's, which went through Numba's dispatcher,
+    and every kernel of it was prepared (none left to Numba's path)."""
+    cp, _, kn = gpu
+    import cusdpa
+    from kernels_numba import launcher
+
+    q, k, v, dout = (cp.asarray(harness.draw(rng, (2, 4, 150, 64), dtype)) for _ in range(4))
+    attn_mask = {"bool": cp.asarray(rng.random((2, 1, 150, 150)) > 0.2),
+                 "float": cp.asarray(rng.standard_normal((4, 150, 150)).astype(np.float32)),
+                 "key_padding": cp.asarray(np.arange(150) < 120)[None, None, None].repeat(2, 0)}[mask]
+    seen = set(launcher._prepared)
+    runs = []
+    with kn.configured(kn.KernelConfig(variant=variant)), cusdpa.sdpa_kernel([cusdpa.Backend.EFFICIENT]):
+        for _ in range(2):
+            out, vjp = cusdpa.attention_vjp(q, k, v, attn_mask, is_causal=True, dropout_p=0.1, seed=5)
+            runs.append((out, *vjp(dout)))
+    cp.cuda.Device().synchronize()
+    for first, second in zip(*runs):  # as bits: bf16 arrays compare through their uint16 views
+        assert cp.array_equal(first.view(cp.uint16) if first.itemsize == 2 else first,
+                              second.view(cp.uint16) if second.itemsize == 2 else second)
+    new = set(launcher._prepared) - seen
+    assert new and all(isinstance(launcher._prepared[key], launcher._Prepared) for key in new)

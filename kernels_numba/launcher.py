@@ -1,0 +1,157 @@
+"""Numba kernels launched as prepared launches: Numba's dispatcher once per argument signature, then
+``cuLaunchKernel`` on the compiled function with the arguments flattened as Numba flattens them.
+
+Numba's own call path types every argument, wraps every CuPy array into a DeviceNDArray (parsing its
+``__cuda_array_interface__``), selects the overload and marshals the arguments through cuda.core: costs
+that a call of a few kernels with some thirty arguments each pays on every call (an EFFICIENT call spent
+about 1.5 ms of host time on a small problem where PyTorch spends 55 us). A signature here is the kind of
+each argument (an array's dtype, rank and contiguity; a scalar's Python or NumPy type; a tuple's
+elements), which decides the Numba types and so the compiled kernel and its parameter list: the first
+call of a signature goes through Numba (compiling where needed) and records the kernel's function and
+argument types; later calls flatten their values straight into a parameter buffer. Under the CUDA
+simulator everything goes through Numba.
+
+Flattening follows numba.cuda's ``_Kernel._prepare_args``: an array is (meminfo, parent, size, itemsize,
+data, *shape, *strides in bytes) with meminfo and parent null; integers, floats and booleans are one
+parameter each; tuples are their elements in order. Each parameter travels in an 8-byte cell of which the
+driver reads the parameter's own size (little-endian: the low bytes).
+"""
+from __future__ import annotations
+
+import ctypes
+import struct
+import threading
+
+import numpy as np
+from numba import cuda, types
+
+from .device import SIMULATOR
+from .layout import kernel_array
+
+_prepared: dict = {}  # (dispatcher, signature) -> _Prepared, or None where Numba's path must serve
+_lock = threading.Lock()
+_MISS = object()
+_MASK64 = (1 << 64) - 1
+
+
+def launch(dispatcher, grid, block, device: int, args) -> None:
+    """``dispatcher[grid, block, stream](*args)`` on ``device`` and CuPy's current stream; arrays in ``args``
+    are given as they are (CuPy arrays, or NumPy ones under the simulator)."""
+    if SIMULATOR:
+        dispatcher[grid, block, 0](*(kernel_array(a) if _is_array(a) else a for a in args))
+        return
+    import cupy
+
+    args = [cupy.from_dlpack(a) if _is_array(a) and not hasattr(a, "__cuda_array_interface__") else a for a in args]
+    stream = cupy.cuda.get_current_stream().ptr
+    key = (dispatcher, tuple(_kind(a) for a in args))
+    prepared = _prepared.get(key, _MISS)
+    if prepared is _MISS or prepared is None:  # the first call of this signature, or one Numba must serve
+        wrapped = [kernel_array(a) if _is_array(a) else a for a in args]
+        with cuda.gpus[device]:
+            dispatcher[grid, block, cuda.external_stream(stream) if stream else cuda.default_stream()](*wrapped)
+            if prepared is _MISS:
+                with _lock:
+                    _prepared[key] = _Prepared.of(dispatcher, wrapped)
+        return
+    with cupy.cuda.Device(device):
+        prepared(grid, block, stream, args)
+
+
+def _is_array(a) -> bool:
+    return hasattr(a, "shape") and hasattr(a, "dtype") and not isinstance(a, np.generic)
+
+
+def _kind(a):
+    """What decides an argument's Numba type (hashable, cheap)."""
+    if _is_array(a):
+        flags = a.flags
+        return a.dtype, a.ndim, flags.c_contiguous, flags.f_contiguous
+    if isinstance(a, tuple):
+        return tuple(_kind(x) for x in a)
+    return type(a)
+
+
+class _Prepared:
+    """The compiled function of one signature and its argument types; calling it launches."""
+
+    __slots__ = ("fn", "argtypes", "_buffers")
+
+    def __init__(self, fn: int, argtypes: tuple):
+        self.fn, self.argtypes = fn, argtypes
+        self._buffers: dict = {}  # thread id -> (cells, pointers)
+
+    @classmethod
+    def of(cls, dispatcher, wrapped):
+        """After Numba launched ``wrapped``: the overload it used, or None where this dispatcher picks one per
+        launch configuration (Numba's path then serves every call)."""
+        if getattr(dispatcher, "_launch_config_sensitive", True):
+            return None
+        argtypes = tuple(dispatcher.typeof_pyval(a) for a in wrapped)
+        kernel = dispatcher.overloads.get(argtypes)
+        if kernel is None or getattr(kernel, "cooperative", True) or getattr(kernel, "debug", True) \
+                or not all(map(_flattens, argtypes)):
+            return None
+        return cls(int(kernel._codelibrary.get_cufunc().handle), argtypes)
+
+    def __call__(self, grid, block, stream: int, args) -> None:
+        values: list = []
+        for ty, value in zip(self.argtypes, args):
+            _flatten(ty, value, values)
+        cells, params = self._buffer(len(values))
+        for n, value in enumerate(values):
+            cells[n] = value
+        gx, gy, gz = _dims(grid)
+        bx, by, bz = _dims(block)
+        from cupy.cuda import driver
+
+        driver.launchKernel(self.fn, gx, gy, gz, bx, by, bz, 0, stream, params, 0)
+
+    def _buffer(self, n: int):
+        # one parameter buffer per thread, made once (a signature's parameter count is fixed): the driver
+        # copies the parameters during the call, so the buffer may be refilled right after
+        key = threading.get_ident()
+        buf = self._buffers.get(key)
+        if buf is None:
+            cells = (ctypes.c_uint64 * max(n, 1))()
+            pointers = (ctypes.c_void_p * max(n, 1))(*(ctypes.addressof(cells) + 8 * i for i in range(n)))
+            buf = self._buffers[key] = (cells, ctypes.addressof(pointers), pointers)
+        return buf[0], buf[1]
+
+
+def _dims(d) -> tuple:
+    d = tuple(d) if isinstance(d, tuple) else (d,)
+    return d + (1,) * (3 - len(d))
+
+
+def _flattens(ty) -> bool:
+    """Whether ``_flatten`` takes arguments of Numba type ``ty``."""
+    if isinstance(ty, types.BaseTuple):
+        return all(map(_flattens, ty))
+    return isinstance(ty, (types.Array, types.Integer)) or ty in (types.boolean, types.float32, types.float64)
+
+
+def _flatten(ty, value, out: list) -> None:
+    """Append the parameter cells of ``value`` (of Numba type ``ty``) to ``out``: a contiguous layout's
+    strides as Numba computes them from the shape, others as the array holds them."""
+    if isinstance(ty, types.Array):
+        out += (0, 0, value.size, value.itemsize, value.data.ptr, *value.shape)
+        if ty.layout in "CF":
+            strides, inner = [0] * value.ndim, value.itemsize
+            for n in (reversed(range(value.ndim)) if ty.layout == "C" else range(value.ndim)):
+                strides[n] = inner
+                inner *= value.shape[n]
+            out += strides
+        else:
+            out += (s & _MASK64 for s in value.strides)
+    elif isinstance(ty, types.BaseTuple):
+        for t, v in zip(ty, value):
+            _flatten(t, v, out)
+    elif ty == types.boolean:
+        out.append(1 if value else 0)
+    elif isinstance(ty, types.Integer):
+        out.append(int(value) & _MASK64)
+    elif ty == types.float32:
+        out.append(struct.unpack("<I", struct.pack("<f", value))[0])
+    else:  # float64, as _flattens allows
+        out.append(struct.unpack("<Q", struct.pack("<d", value))[0])
