@@ -1,6 +1,6 @@
 """EFFICIENT backend on the GPU: correctness first, then forward/backward TFLOP/s against PyTorch.
 
-    python benchmarks/efficient_gpu.py [--reps N] [--variant auto|portable|tensor_core]
+    python benchmarks/efficient_gpu.py [--reps N] [--variant auto|portable|tensor_core] [--L L] [--prepared]
 
 Shapes (issue 4): fp16 and bf16, E in {64, 128}, L = S = 4096, B = 4, Hq * E = 2048, causal and not.
 FLOPs (docs/DESIGN.md): forward 4 * B * Hq * L * S * E, halved for causal; backward 2.5x forward.
@@ -56,6 +56,8 @@ def main(argv=None) -> int:
     parser.add_argument("--reps", type=int, default=10, help="timed runs per config and direction")
     parser.add_argument("--variant", default="auto", choices=("auto", "portable", "tensor_core"))
     parser.add_argument("--L", type=int, default=4096)
+    parser.add_argument("--prepared", action="store_true",
+                        help="launch through prepared launches (KernelConfig.prepared_launches)")
     args = parser.parse_args(argv)
 
     import cupy as cp
@@ -83,7 +85,7 @@ def main(argv=None) -> int:
                 inputs = [[torch.randn(B, H, L, E, device="cuda", dtype=_torch_dtype(torch, dtype))
                            for _ in range(4)] for _ in range(3)]
                 cu_inputs = [[cp.from_dlpack(x) for x in group] for group in inputs]
-                cfg = kernels_numba.KernelConfig(variant=args.variant)
+                cfg = kernels_numba.KernelConfig(variant=args.variant, prepared_launches=args.prepared)
 
                 def ours_fwd(q, k, v, dout):
                     with kernels_numba.configured(cfg), cusdpa.sdpa_kernel([Backend.EFFICIENT]):

@@ -35,6 +35,10 @@ class KernelConfig:
       bwd_threads per thread) stay at <= 64 registers.
     bwd_chunk: head-dim columns per staged step of the backward's score products, and the most rows per
       staged step of its gradient products (fewer where a wide head dim must fit ``smem_bytes``).
+    prepared_launches: a call whose argument signature was seen launches each kernel through
+      ``cuLaunchKernel`` with its arguments flattened (kernels_numba.launcher), not through Numba's
+      dispatcher. Off until run on a GPU: written and tested under the simulator (whose path is Numba's
+      either way) in a session without device time left; tests/test_efficient_gpu.py turns it on.
     """
 
     variant: str = "auto"
@@ -44,6 +48,7 @@ class KernelConfig:
     bwd_threads: int = 16
     bwd_sub: int = 4
     bwd_chunk: int = 32
+    prepared_launches: bool = False
 
     def __post_init__(self):
         if self.variant not in VARIANTS:

@@ -9,7 +9,7 @@ each argument (an array's dtype, rank and contiguity; a scalar's Python or NumPy
 elements), which decides the Numba types and so the compiled kernel and its parameter list: the first
 call of a signature goes through Numba (compiling where needed) and records the kernel's function and
 argument types; later calls flatten their values straight into a parameter buffer. Under the CUDA
-simulator everything goes through Numba.
+simulator, and without ``KernelConfig.prepared_launches``, everything goes through Numba.
 
 Flattening follows numba.cuda's ``_Kernel._prepare_args``: an array is (meminfo, parent, size, itemsize,
 data, *shape, *strides in bytes) with meminfo and parent null; integers, floats and booleans are one
@@ -25,6 +25,7 @@ import threading
 import numpy as np
 from numba import cuda, types
 
+from . import config
 from .device import SIMULATOR
 from .layout import kernel_array
 
@@ -42,20 +43,29 @@ def launch(dispatcher, grid, block, device: int, args) -> None:
         return
     import cupy
 
-    args = [cupy.from_dlpack(a) if _is_array(a) and not hasattr(a, "__cuda_array_interface__") else a for a in args]
     stream = cupy.cuda.get_current_stream().ptr
+    if not config.current().prepared_launches:
+        _through_numba(dispatcher, grid, block, device, stream, args)
+        return
+    args = [cupy.from_dlpack(a) if _is_array(a) and not hasattr(a, "__cuda_array_interface__") else a for a in args]
     key = (dispatcher, tuple(_kind(a) for a in args))
     prepared = _prepared.get(key, _MISS)
     if prepared is _MISS or prepared is None:  # the first call of this signature, or one Numba must serve
-        wrapped = [kernel_array(a) if _is_array(a) else a for a in args]
-        with cuda.gpus[device]:
-            dispatcher[grid, block, cuda.external_stream(stream) if stream else cuda.default_stream()](*wrapped)
-            if prepared is _MISS:
-                with _lock:
-                    _prepared[key] = _Prepared.of(dispatcher, wrapped)
+        wrapped = _through_numba(dispatcher, grid, block, device, stream, args)
+        if prepared is _MISS:
+            with cuda.gpus[device], _lock:
+                _prepared[key] = _Prepared.of(dispatcher, wrapped)
         return
     with cupy.cuda.Device(device):
         prepared(grid, block, stream, args)
+
+
+def _through_numba(dispatcher, grid, block, device: int, stream: int, args) -> list:
+    """Numba's own launch of ``args`` (arrays wrapped without a copy or a sync); the arguments as given to it."""
+    wrapped = [kernel_array(a) if _is_array(a) else a for a in args]
+    with cuda.gpus[device]:
+        dispatcher[grid, block, cuda.external_stream(stream) if stream else cuda.default_stream()](*wrapped)
+    return wrapped
 
 
 def _is_array(a) -> bool:

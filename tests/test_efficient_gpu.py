@@ -229,10 +229,10 @@ def test_public_api_runs_on_the_current_stream_and_compiles_once(gpu, rng):
                                                   ("portable", "float32", "float"),
                                                   ("portable", "bfloat16", "key_padding")])
 def test_repeated_calls_launch_prepared_kernels(gpu, rng, variant, dtype, mask):
-    """kernels_numba.launcher: a call whose argument signature was seen launches each kernel straight through
-    cuLaunchKernel; the second call's forward and gradients (the mask's too, through the dmask kernel's tuple
-    arguments where it broadcasts) are bit-identical to the first's, which went through Numba's dispatcher,
-    and every kernel of it was prepared (none left to Numba's path)."""
+    """KernelConfig.prepared_launches (kernels_numba.launcher): a call whose argument signature was seen
+    launches each kernel straight through cuLaunchKernel; the second call's forward and gradients (the mask's
+    too, through the dmask kernel's tuple arguments where it broadcasts) are bit-identical to the first's,
+    which went through Numba's dispatcher, and every kernel of it was prepared (none left to Numba's path)."""
     cp, _, kn = gpu
     import cusdpa
     from kernels_numba import launcher
@@ -243,7 +243,8 @@ def test_repeated_calls_launch_prepared_kernels(gpu, rng, variant, dtype, mask):
                  "key_padding": cp.asarray(np.arange(150) < 120)[None, None, None].repeat(2, 0)}[mask]
     seen = set(launcher._prepared)
     runs = []
-    with kn.configured(kn.KernelConfig(variant=variant)), cusdpa.sdpa_kernel([cusdpa.Backend.EFFICIENT]):
+    with kn.configured(kn.KernelConfig(variant=variant, prepared_launches=True)), \
+            cusdpa.sdpa_kernel([cusdpa.Backend.EFFICIENT]):
         for _ in range(2):
             out, vjp = cusdpa.attention_vjp(q, k, v, attn_mask, is_causal=True, dropout_p=0.1, seed=5)
             runs.append((out, *vjp(dout)))
