@@ -1,10 +1,11 @@
 """Numba CUDA kernels of the EFFICIENT backend: memory-efficient attention, forward and backward.
 
-Two variants of the forward (``KernelConfig.variant``): "portable", pure Numba with fp32 FMAs, which
-runs every dtype and feature and also runs on the CPU under NUMBA_ENABLE_CUDASIM=1; and
-"tensor_core", whose tile loop is a linked CUDA C device function on mma.sync (fp16/bf16 on a GPU).
-The backward (kernels_numba.gradients) is pure Numba in every variant: dq and dk/dv kernels blocked
-like a GEMM. Importing this package imports numba.cuda (not cusdpa, not interop).
+Two variants of the forward (``KernelConfig.variant``): "portable" (kernels_numba.blocked_forward), pure
+Numba with fp32 FMAs, blocked like a GEMM, which runs every dtype and feature and also runs on the CPU
+under NUMBA_ENABLE_CUDASIM=1; and "tensor_core", whose tile loop is a linked CUDA C device function on
+mma.sync (fp16/bf16 on a GPU). The backward (kernels_numba.gradients) is pure Numba in every variant: dq
+and dk/dv kernels on the same tile products as the portable forward. Importing this package imports
+numba.cuda (not cusdpa, not interop).
 """
 from .attention import backward, forward, reasons, variant_for
 from .config import KernelConfig, configured, current

@@ -16,6 +16,7 @@ import numpy as np
 
 from . import config as config_module
 from . import gradients, launcher, layout, portable, tensor_core
+from .blocked_forward import forward_kernel
 from .layout import cdiv
 
 DTYPES = ("float16", "bfloat16", "float32")
@@ -35,11 +36,6 @@ def _plan(pr):
     if pr.mask is not None:
         operands.append((pr.mask, 3))
     return layout.batch_plan(pr.batch_shape, operands)
-
-
-def _bucket(d: int) -> int:
-    """Local-array size for a head dim: few buckets, so few compiles (the loops run to the true size)."""
-    return next(b for b in (32, 64, 128, 256) if b >= d)
 
 
 @dataclass
@@ -92,23 +88,16 @@ def _rows_view(pr, plan, x, tail):
     return x.reshape(plan.shape3 + tail)
 
 
-def _spec(pr, cfg) -> portable.Spec:
-    head_dim, head_dim_v = _bucket(pr.E), _bucket(pr.Ev)
-    float_mask_bf16 = pr.mask_kind == "float" and pr.mask.dtype.name == "bfloat16"
-    mask = {None: portable.MASK_NONE, "bool": portable.MASK_BOOL, "float": portable.MASK_FLOAT}[pr.mask_kind]
-    return portable.Spec(block_rows=cfg.block_rows, tile=cfg.tile_for(head_dim, head_dim_v), head_dim=head_dim,
-                         head_dim_v=head_dim_v, bf16=pr.dtype.name == "bfloat16", mask=mask,
-                         mask_bf16=float_mask_bf16, dropout=pr.dropout_p > 0, varlen=pr.varlen is not None)
-
-
-def _backward_spec(pr, cfg, dkdv: bool) -> gradients.Spec:
-    step = max(16, cfg.bwd_threads)  # a multiple of bwd_threads: each thread owns every bwd_threads-th column
+def _blocked_spec(pr, cfg, dkdv: bool) -> gradients.Spec:
+    """The portable kernels' specialisation for ``pr``: the forward's and dq's tiles, or (dkdv) dk/dv's."""
+    step = max(16, cfg.threads)  # a multiple of threads: each thread owns every threads-th column
     head_dim, head_dim_v = cdiv(pr.E, step) * step, cdiv(pr.Ev, step) * step
-    sub_n, sub_m, rows = cfg.backward_tiles(head_dim, head_dim_v, dkdv)
-    fwd = _spec(pr, cfg)
-    return gradients.Spec(threads=cfg.bwd_threads, sub_n=sub_n, sub_m=sub_m, chunk=cfg.bwd_chunk, rows=rows,
-                                 head_dim=head_dim, head_dim_v=head_dim_v, bf16=fwd.bf16, mask=fwd.mask,
-                                 mask_bf16=fwd.mask_bf16, dropout=fwd.dropout, varlen=fwd.varlen)
+    sub_n, sub_m, rows = cfg.blocked_tiles(head_dim, head_dim_v, dkdv)
+    mask = {None: portable.MASK_NONE, "bool": portable.MASK_BOOL, "float": portable.MASK_FLOAT}[pr.mask_kind]
+    return gradients.Spec(threads=cfg.threads, sub_n=sub_n, sub_m=sub_m, chunk=cfg.chunk, rows=rows,
+                          head_dim=head_dim, head_dim_v=head_dim_v, bf16=pr.dtype.name == "bfloat16", mask=mask,
+                          mask_bf16=pr.mask_kind == "float" and pr.mask.dtype.name == "bfloat16",
+                          dropout=pr.dropout_p > 0, varlen=pr.varlen is not None)
 
 
 def _structure_args(pr):
@@ -167,10 +156,10 @@ def forward(pr, out=None, lse=None, config=None):
     if variant_for(pr, cfg) == "tensor_core":
         tensor_core.forward(pr, views, out_v, lse_v, device, _structure_args(pr))
     else:
-        spec = _spec(pr, cfg)
-        grid = (views.n_batch * pr.hq, cdiv(pr.L, spec.block_rows))
+        spec = _blocked_spec(pr, cfg, False)
+        grid = (views.n_batch * pr.hq, cdiv(pr.L, spec.block_m))
         arrays = [layout.bits(x) for x in (views.q, views.k, views.v, views.mask, out_v, lse_v, views.cu_q, views.cu_k)]
-        launcher.launch(portable.forward_kernel(spec), grid, spec.block_rows, device,
+        launcher.launch(forward_kernel(spec), grid, cfg.threads ** 2, device,
                         (*arrays, views.nb1, views.nb2, pr.hq, pr.group, pr.L, pr.S, pr.E, pr.Ev, pr.scale,
                          *_structure_args(pr)))
     return _deliver(xp, (out_t, lse_t), None if out is None else (out, lse))
@@ -199,8 +188,8 @@ def backward(pr, out, lse, dout, grads=None, config=None):
         targets[3][...] = 0  # the dq kernel writes only the visible scores' entries
     views = _views(pr)
     plan = views.plan
-    dq_spec, dkdv_spec = _backward_spec(pr, cfg, False), _backward_spec(pr, cfg, True)
-    threads = cfg.bwd_threads ** 2
+    dq_spec, dkdv_spec = _blocked_spec(pr, cfg, False), _blocked_spec(pr, cfg, True)
+    threads = cfg.threads ** 2
     varlen = pr.varlen is not None
     if varlen:
         dout_v, lse_v = (_rows_view(pr, plan, x, None) for x in (dout, lse))

@@ -47,7 +47,8 @@ from .portable import _common
 
 @dataclass(frozen=True)
 class Spec:
-    """Compile-time constants of one backward specialisation (the factories are cached on it)."""
+    """Compile-time constants of one blocked specialisation, forward (kernels_numba.blocked_forward) or backward (the
+    factories are cached on it)."""
 
     threads: int  # THREADS: the block is THREADS x THREADS threads
     sub_n: int  # SUB_N: keys per thread in a score tile (BLOCK_N = THREADS * SUB_N)
@@ -86,7 +87,8 @@ def _max_registers(spec: Spec) -> int:
 
 
 def _tile_ops(spec: Spec):
-    """The device functions both kernels build on, specialised to ``spec``'s tile sizes.
+    """The device functions the blocked kernels build on (the backward's two and the forward), specialised to
+    ``spec``'s tile sizes.
 
     Hot loops index with uint64 (np.uint64 casts are free): Numba adds a negative-index wraparound
     select to every signed index, which would cost more integer instructions than the FMAs they
@@ -194,7 +196,7 @@ def _tile_ops(spec: Spec):
 
 @functools.cache
 def dq_kernel(spec: Spec, dmask_direct: bool):
-    _, visible, key_range, _, sequence, batch_index, score, unmasked, _, contributor = _common(spec)
+    visible, key_range, _, sequence, batch_index, score, unmasked, contributor = _common(spec)
     score_tile, gradient_product, dropout_scale = _tile_ops(spec)
     store = device.storer(spec.bf16)
     store_mask = device.storer(spec.mask_bf16)
@@ -306,7 +308,7 @@ def dq_kernel(spec: Spec, dmask_direct: bool):
 
 @functools.cache
 def dkdv_kernel(spec: Spec):
-    _, visible, _, query_range, sequence, batch_index, score, unmasked, _, contributor = _common(spec)
+    visible, _, query_range, sequence, batch_index, score, unmasked, contributor = _common(spec)
     score_tile, gradient_product, dropout_scale = _tile_ops(spec)
     store = device.storer(spec.bf16)
     G, SUB_N, SUB_M, BLOCK_N, BLOCK_M = spec.threads, spec.sub_n, spec.sub_m, spec.block_n, spec.block_m
@@ -413,7 +415,8 @@ def dkdv_kernel(spec: Spec):
 
 @functools.cache
 def dmask_kernel(spec: Spec):
-    load, visible, _, _, _, _, score = _common(spec)[:7]
+    load = device.loader(spec.bf16)
+    visible, _, _, _, _, score = _common(spec)[:6]
     store_mask = device.storer(spec.mask_bf16)
     DROPOUT, BLOCK = spec.dropout, spec.threads * spec.threads
 

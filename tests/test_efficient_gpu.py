@@ -209,18 +209,18 @@ def test_empty_sequences(gpu, rng):
 def test_public_api_runs_on_the_current_stream_and_compiles_once(gpu, rng):
     cp, _, kn = gpu
     import cusdpa
-    from kernels_numba import portable, tensor_core
+    from kernels_numba import blocked_forward, tensor_core
 
     pr_args = [cp.asarray(rng.standard_normal((2, 4, 300, 64)).astype(np.float16)) for _ in range(3)]
     stream = cp.cuda.Stream(non_blocking=True)
     with stream, cusdpa.sdpa_kernel([cusdpa.Backend.EFFICIENT]):
         assert cusdpa.explain(*pr_args).chosen is cusdpa.Backend.EFFICIENT
         first = cusdpa.scaled_dot_product_attention(*pr_args, is_causal=True)
-        compiled = (tensor_core._kernel.cache_info().currsize, portable.forward_kernel.cache_info().currsize,
+        compiled = (tensor_core._kernel.cache_info().currsize, blocked_forward.forward_kernel.cache_info().currsize,
                     sum(len(f.overloads) for f in (tensor_core._kernel(64, False),)))
         second = cusdpa.scaled_dot_product_attention(*pr_args, is_causal=True)
         stream.synchronize()
-    assert (tensor_core._kernel.cache_info().currsize, portable.forward_kernel.cache_info().currsize,
+    assert (tensor_core._kernel.cache_info().currsize, blocked_forward.forward_kernel.cache_info().currsize,
             sum(len(f.overloads) for f in (tensor_core._kernel(64, False),))) == compiled
     assert cp.array_equal(first, second)
 

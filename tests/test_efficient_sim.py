@@ -241,8 +241,8 @@ def case_backward_tiles_of_other_shapes(rng):
     slices, and a head dim over 128 (the dk/dv kernel halves its keys per thread)."""
     from kernels_numba import KernelConfig, configured
 
-    with configured(KernelConfig(variant="portable", block_rows=8, tile_rows=4, bwd_threads=2, bwd_sub=4,
-                                 bwd_chunk=2)):
+    with configured(KernelConfig(variant="portable", threads=2, sub=4,
+                                 chunk=2)):
         mask = rng.standard_normal((11, 13)).astype(np.float32)
         return (_check(rng, *_qkv(rng, (1,), 2, 1, 11, 13, 8, 6), mask, dropout_p=0.3, seed=7, enable_gqa=True,
                        is_causal=True)
@@ -311,9 +311,9 @@ SM90_CASES = {  # (dtype, head dim, mask kind, float mask dtype, dropout, varlen
 
 
 @pytest.mark.parametrize("name", list(SM90_CASES))
-def test_backward_compiles_for_sm90(name, monkeypatch):
-    """The GPU path of the backward kernels (not the simulator's) compiles to sm_90 PTX here, without a
-    GPU, and ptxas assembles it at the kernels' register cap."""
+def test_portable_kernels_compile_for_sm90(name, monkeypatch):
+    """The GPU path of the blocked portable kernels, forward and backward (not the simulator's), compiles to
+    sm_90 PTX here, without a GPU, and ptxas assembles it at the kernels' register cap."""
     import shutil
     import types
 
@@ -325,7 +325,7 @@ def test_backward_compiles_for_sm90(name, monkeypatch):
     from numba import cuda
     from numba import types as nt
 
-    from kernels_numba import KernelConfig, gradients, portable
+    from kernels_numba import KernelConfig, blocked_forward, gradients, portable
 
     # Numba asks the current device for the target of device functions; there is none here.
     monkeypatch.setattr(numba.cuda.dispatcher, "get_current_device",
@@ -339,12 +339,16 @@ def test_backward_compiles_for_sm90(name, monkeypatch):
     structure = (f, b, b, i, i, i, i, i, i, f)  # scale, causal, lower_right, left, right, seed.., threshold, rescale
     arrays = (rows6, rows6, rows6, mask6, rows6, scalars5, scalars5)
     kinds = {None: portable.MASK_NONE, "bool": portable.MASK_BOOL, "float": portable.MASK_FLOAT}
-    for dkdv in (False, True):
-        sub_n, sub_m, rows = KernelConfig().backward_tiles(hd, hd, dkdv)
+    for kind in ("forward", "dq", "dkdv"):
+        dkdv = kind == "dkdv"
+        sub_n, sub_m, rows = KernelConfig().blocked_tiles(hd, hd, dkdv)
         spec = gradients.Spec(threads=16, sub_n=sub_n, sub_m=sub_m, chunk=32, rows=rows, head_dim=hd, head_dim_v=hd,
                               bf16=dtype == "bfloat16", mask=kinds[mask_kind], mask_bf16=mask_dtype == "bfloat16",
                               dropout=dropout, varlen=varlen)
-        if dkdv:
+        if kind == "forward":
+            kernel = blocked_forward.forward_kernel(spec)
+            sig = (rows6, rows6, rows6, mask6, rows6, scalars5, cu, cu) + (i,) * 8 + structure
+        elif dkdv:
             kernel = gradients.dkdv_kernel(spec)
             sig = arrays + (rows6, rows6, cu, cu) + (i,) * 5 + (b, b) + (i,) * 7 + structure
         else:
@@ -354,7 +358,7 @@ def test_backward_compiles_for_sm90(name, monkeypatch):
         assert ".target sm_90" in ptx
         ptxas = shutil.which("ptxas")
         if ptxas:
-            path = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"cusdpa_{name}_{dkdv}.ptx")
+            path = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"cusdpa_{name}_{kind}.ptx")
             with open(path, "w") as fh:
                 fh.write(ptx)
             proc = subprocess.run([ptxas, "-arch=sm_90", f"-maxrregcount={gradients._max_registers(spec)}", path,

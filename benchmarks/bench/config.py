@@ -83,7 +83,7 @@ PRESETS = {
 # thread is a Python thread and every barrier a round of thread switches: one 16-row tile per head at the
 # tiny sizes, 4 x 4-thread backward blocks staging 16 columns a step. The default knobs (16 x 16-thread
 # blocks, 32-column steps) take about 3 s per head for a backward at L = 16 there; these take about 0.3 s.
-SIMULATOR_KNOBS = dict(variant="portable", block_rows=16, tile_rows=16, bwd_threads=4, bwd_sub=4, bwd_chunk=16)
+SIMULATOR_KNOBS = dict(variant="portable", threads=4, sub=4, chunk=16)
 
 
 @dataclass(frozen=True)

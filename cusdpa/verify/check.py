@@ -65,8 +65,8 @@ def simulator_tiles():
     (the default 16 x 16 takes seconds a head there)."""
     import kernels_numba
 
-    return kernels_numba.KernelConfig(variant="portable", block_rows=8, tile_rows=4, bwd_threads=2, bwd_sub=2,
-                                      bwd_chunk=4)
+    return kernels_numba.KernelConfig(variant="portable", threads=2, sub=2,
+                                      chunk=4)
 
 
 def targets(backends) -> list[Target]:
