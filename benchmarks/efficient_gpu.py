@@ -1,8 +1,12 @@
 """EFFICIENT backend on the GPU: correctness first, then forward/backward TFLOP/s against PyTorch.
 
     python benchmarks/efficient_gpu.py [--reps N] [--variant auto|portable|tensor_core] [--L L] [--prepared]
+                                       [--dtypes float16 bfloat16 float32] [--head-dims 64 128] [--batch B]
+                                       [--hidden HQ_TIMES_E]
 
-Shapes (issue 4): fp16 and bf16, E in {64, 128}, L = S = 4096, B = 4, Hq * E = 2048, causal and not.
+Shapes (issue 4): fp16 and bf16, E in {64, 128}, L = S = 4096, B = 4, Hq * E = 2048, causal and not (the
+EFFICIENT issue's fp32 shape, B = 4 H = 16 L = S = 2048 E = 64: --dtypes float32 --head-dims 64 --L 2048
+--hidden 1024).
 FLOPs (docs/DESIGN.md): forward 4 * B * Hq * L * S * E, halved for causal; backward 2.5x forward.
 Timing: CUDA events around each call after a warm-up, median of ``--reps`` runs, rotating among three
 input sets so the 50 MB L2 does not serve repeats. PyTorch's EFFICIENT_ATTENTION backend runs in the
@@ -16,7 +20,7 @@ import statistics
 
 
 def _torch_dtype(torch, name):
-    return {"float16": torch.float16, "bfloat16": torch.bfloat16}[name]
+    return {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}[name]
 
 
 def _time(fn, inputs, reps, warmup=2):
@@ -45,7 +49,8 @@ def check(cp):
 
     rng = np.random.default_rng(0)
     failures = []
-    for dtype, E, causal, L in (("float16", 64, True, 300), ("bfloat16", 128, False, 257), ("float16", 128, True, 1)):
+    for dtype, E, causal, L in (("float16", 64, True, 300), ("bfloat16", 128, False, 257), ("float16", 128, True, 1),
+                                ("float32", 64, True, 300)):
         case = Case(dtype, batch=(2,), hq=4, hkv=4, L=L, S=L, E=E, causal="upper_left" if causal else None)
         failures += run_case(case, efficient.IMPL, cp, rng)
     return failures
@@ -58,6 +63,11 @@ def main(argv=None) -> int:
     parser.add_argument("--L", type=int, default=4096)
     parser.add_argument("--prepared", action="store_true",
                         help="launch through prepared launches (KernelConfig.prepared_launches)")
+    parser.add_argument("--dtypes", nargs="+", default=["float16", "bfloat16"],
+                        choices=("float16", "bfloat16", "float32"))
+    parser.add_argument("--head-dims", type=int, nargs="+", default=[64, 128])
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--hidden", type=int, default=2048, help="Hq * E")
     args = parser.parse_args(argv)
 
     import cupy as cp
@@ -75,12 +85,12 @@ def main(argv=None) -> int:
     if failures:
         return 1
 
-    B, L = 4, args.L
+    B, L = args.batch, args.L
     rows = []
-    for dtype in ("float16", "bfloat16"):
-        for E in (64, 128):
+    for dtype in args.dtypes:
+        for E in args.head_dims:
             for causal in (False, True):
-                H = 2048 // E
+                H = args.hidden // E
                 flops = 4 * B * H * L * L * E / (2 if causal else 1)
                 inputs = [[torch.randn(B, H, L, E, device="cuda", dtype=_torch_dtype(torch, dtype))
                            for _ in range(4)] for _ in range(3)]
