@@ -14,7 +14,7 @@ EFFICIENT_ATTENTION reaches 34.
 
 Only visible pairs carry weight: scores that are not allowed are -inf before any arithmetic (a bool mask
 decides before the product's value is read), so NaN in q k^T there never enters the max or a sum. V rows
-that no query of the block gives a probability above 0 are staged as zeros, so NaN or inf where no query
+that no query of the block sees (no visible score) are staged as zeros, so NaN or inf where no query
 may look (padding keys) never meets a 0 weight; a NaN or +inf score makes its row NaN, as in the
 reference (cusdpa/reference.py).
 """
@@ -68,9 +68,9 @@ def forward_kernel(spec: Spec):
         p_tile = cuda.shared.array(P_SHAPE, np.float32)  # P (times Z) as [key, query]; rows 0..G-1 also reduce
         row_alpha = cuda.shared.array(BLOCK_M, np.float32)  # this tile's rescale of each query's row of O
         row_max = cuda.shared.array(BLOCK_M, np.float32)
-        key_dead = cuda.shared.array(BLOCK_N, np.float32)  # -inf: no query of the block weighs the key
+        key_dead = cuda.shared.array(BLOCK_N, np.float32)  # -inf: no query of the block sees the key
         s_acc = cuda.local.array((SUB_N, SUB_M), np.float32)  # S, then P, of keys tr * SUB_N + a, queries tc + G * b
-        weighs = cuda.local.array(SUB_N, np.int32)  # whether some query of this thread weighs key tr * SUB_N + a
+        weighs = cuda.local.array(SUB_N, np.int32)  # whether some query of this thread sees key tr * SUB_N + a
         m_run = cuda.local.array(SUB_M, np.float32)  # running max of queries tc + G * b
         l_part = cuda.local.array(SUB_M, np.float32)  # this thread's share of their row sums
         o_acc = cuda.local.array((SUB_M, COLS), np.float32)  # rows m_first + tr * SUB_M + a, cols tc + G * c
@@ -124,11 +124,10 @@ def forward_kernel(spec: Spec):
                         words, z = dropout_scale(words, a, j, i, bh, offset, seed_lo, seed_hi, threshold, drop_scale)
                     s = s_acc[a, b]
                     p = np.float32(0.0)
-                    if s != NEG_INF:
+                    if s != NEG_INF:  # visible (NaN too): its V row is staged as it is, even where p underflows
                         p = np.float32(math.exp(s - top))
                         l_part[b] += p
-                        if p > np.float32(0.0):
-                            weighs[a] = 1
+                        weighs[a] = 1
                     s_acc[a, b] = p * z
             for a in range(SUB_N):  # an atomic, not a plain store of the same value by several threads
                 if weighs[a]:

@@ -70,8 +70,10 @@ class KernelConfig:
         fixed = block_m * (block_n + 1) + 2 * block_m if dkdv else block_n * (block_m + 1) + 2 * block_m + block_n
         score = (block_n + block_m) * (self.chunk + 1)
         room = self.smem_bytes // 4 - fixed
-        rows = min(block_m if dkdv else block_n, self.chunk, max(1, room // (widest + 1)))
-        rows = 1 << (rows.bit_length() - 1)
+        reduced = block_m if dkdv else block_n  # the rows a product's slices step through
+        rows = min(reduced, self.chunk, max(1, room // (widest + 1)))
+        # a power of two dividing the reduced block (sub = 3 makes it 48: slices of 32 would run past it)
+        rows = min(1 << (rows.bit_length() - 1), reduced & -reduced)
         if fixed + max(score, rows * (widest + 1)) > self.smem_bytes // 4:
             raise ValueError(f"the portable kernels' tiles for head dim {widest} need more than smem_bytes="
                              f"{self.smem_bytes}; lower sub ({self.sub}) or chunk ({self.chunk})")

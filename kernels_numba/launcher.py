@@ -48,22 +48,39 @@ def launch(dispatcher, grid, block, device: int, args) -> None:
         _through_numba(dispatcher, grid, block, device, stream, args)
         return
     args = [cupy.from_dlpack(a) if _is_array(a) and not hasattr(a, "__cuda_array_interface__") else a for a in args]
-    key = (dispatcher, tuple(_kind(a) for a in args))
+    # the device too: a kernel compiled for one device's architecture may not load on another's
+    key = (dispatcher, device, tuple(_kind(a) for a in args))
     prepared = _prepared.get(key, _MISS)
     if prepared is _MISS or prepared is None:  # the first call of this signature, or one Numba must serve
         wrapped = _through_numba(dispatcher, grid, block, device, stream, args)
         if prepared is _MISS:
             with cuda.gpus[device], _lock:
-                _prepared[key] = _Prepared.of(dispatcher, wrapped)
+                try:
+                    _prepared[key] = _Prepared.of(dispatcher, wrapped)
+                except Exception:  # noqa: BLE001 -- whatever Numba's internals hold, its own path serves
+                    _prepared[key] = None
         return
-    with cupy.cuda.Device(device):
+    from cupy.cuda import driver, runtime
+
+    current = runtime.getDevice()
+    if current == device and driver.ctxGetCurrent() != 0:
         prepared(grid, block, stream, args)
+        return
+    # A thread can have a current device but no current context (torch's autograd threads select the device
+    # lazily; cusdpa/backends/launch.py met it): cudaSetDevice makes the device's primary context current.
+    runtime.setDevice(device)
+    try:
+        prepared(grid, block, stream, args)
+    finally:
+        if current != device:
+            runtime.setDevice(current)
 
 
 def _through_numba(dispatcher, grid, block, device: int, stream: int, args) -> list:
-    """Numba's own launch of ``args`` (arrays wrapped without a copy or a sync); the arguments as given to it."""
-    wrapped = [kernel_array(a) if _is_array(a) else a for a in args]
+    """Numba's own launch of ``args`` (arrays wrapped without a copy or a sync, in the device's context); the
+    arguments as given to it."""
     with cuda.gpus[device]:
+        wrapped = [kernel_array(a) if _is_array(a) else a for a in args]
         dispatcher[grid, block, cuda.external_stream(stream) if stream else cuda.default_stream()](*wrapped)
     return wrapped
 
@@ -79,6 +96,8 @@ def _kind(a):
         return a.dtype, a.ndim, flags.c_contiguous, flags.f_contiguous
     if isinstance(a, tuple):
         return tuple(_kind(x) for x in a)
+    if type(a) is int and a >= 1 << 63:  # Numba types these uint64
+        return int, 64
     return type(a)
 
 
@@ -89,7 +108,7 @@ class _Prepared:
 
     def __init__(self, fn: int, argtypes: tuple):
         self.fn, self.argtypes = fn, argtypes
-        self._buffers: dict = {}  # thread id -> (cells, pointers)
+        self._buffers: dict = {}  # thread id -> (cells, pointers), one per thread that ever launched it
 
     @classmethod
     def of(cls, dispatcher, wrapped):

@@ -250,6 +250,17 @@ def case_backward_tiles_of_other_shapes(rng):
 
 
 @case
+def case_tiles_of_three_rows_a_thread(rng):
+    """sub = 3: blocks of 6 rows, so the products' staged slices (a power of two) must divide 6, not run past
+    the tile into the next one's rows."""
+    from kernels_numba import KernelConfig, configured
+
+    with configured(KernelConfig(variant="portable", threads=2, sub=3, chunk=4)):
+        return _check(rng, *_qkv(rng, (2,), 2, 2, 13, 11, 8, 8), rng.random((13, 11)) > 0.3, dropout_p=0.2, seed=3,
+                      is_causal=True)
+
+
+@case
 def case_public_api_dispatch_under_the_simulator(rng):
     import cusdpa
     from cusdpa import Backend, reference
