@@ -128,8 +128,7 @@ class _Prepared:
         for ty, value in zip(self.argtypes, args):
             _flatten(ty, value, values)
         cells, params = self._buffer(len(values))
-        for n, value in enumerate(values):
-            cells[n] = value
+        cells[:len(values)] = values
         gx, gy, gz = _dims(grid)
         bx, by, bz = _dims(block)
         from cupy.cuda import driver
