@@ -145,7 +145,7 @@ class Problem:
 
     @property
     def dtype_name(self) -> str:
-        return self.dtype.name
+        return _name_of(self.dtype)
 
     @property
     def out_shape(self) -> tuple:
@@ -193,7 +193,13 @@ class Problem:
 
 
 def _dtype_name(x) -> str:
-    return np.dtype(x.dtype).name
+    return _name_of(x.dtype)
+
+
+@functools.cache
+def _name_of(dtype) -> str:
+    """``dtype.name``, remembered per dtype (NumPy composes it on every read, a few microseconds each)."""
+    return np.dtype(dtype).name
 
 
 def _check_dtype(x, name: str) -> np.dtype:

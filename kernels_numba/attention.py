@@ -95,8 +95,8 @@ def _blocked_spec(pr, cfg, dkdv: bool) -> gradients.Spec:
     sub_n, sub_m, rows = cfg.blocked_tiles(head_dim, head_dim_v, dkdv)
     mask = {None: portable.MASK_NONE, "bool": portable.MASK_BOOL, "float": portable.MASK_FLOAT}[pr.mask_kind]
     return gradients.Spec(threads=cfg.threads, sub_n=sub_n, sub_m=sub_m, chunk=cfg.chunk, rows=rows,
-                          head_dim=head_dim, head_dim_v=head_dim_v, bf16=pr.dtype.name == "bfloat16", mask=mask,
-                          mask_bf16=pr.mask_kind == "float" and pr.mask.dtype.name == "bfloat16",
+                          head_dim=head_dim, head_dim_v=head_dim_v, bf16=layout.dtype_name(pr.dtype) == "bfloat16",
+                          mask=mask, mask_bf16=pr.mask_kind == "float" and layout.dtype_name(pr.mask.dtype) == "bfloat16",
                           dropout=pr.dropout_p > 0, varlen=pr.varlen is not None)
 
 

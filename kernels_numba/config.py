@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 from dataclasses import dataclass
 
 VARIANTS = ("auto", "portable", "tensor_core")
@@ -57,6 +58,7 @@ class KernelConfig:
         if self.chunk < 1:
             raise ValueError(f"chunk={self.chunk} must be positive")
 
+    @functools.cache  # noqa: B019 -- configs are few and frozen; a call asks up to three times
     def blocked_tiles(self, head_dim: int, head_dim_v: int, dkdv: bool) -> tuple[int, int, int]:
         """(sub_n, sub_m, rows) of a portable kernel (the dk/dv one when ``dkdv``, else the forward's and
         dq's, which keep a [keys, queries] tile of P or dS alike) for head dims rounded up to a multiple

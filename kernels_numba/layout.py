@@ -8,6 +8,7 @@ a mask broadcast over batch and heads costs its own size, as the contract demand
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -27,7 +28,7 @@ class BatchPlan:
     full: tuple  # problem batch shape
     groups: tuple  # up to three tuples of original dims, outermost first
 
-    @property
+    @functools.cached_property
     def shape3(self) -> tuple:
         sizes = tuple(math.prod(self.full[d] for d in g) for g in self.groups)
         return (1,) * (MAX_BATCH_DIMS - len(sizes)) + sizes
@@ -92,9 +93,16 @@ def dense_view(xp, plan: BatchPlan, x, tail_full: tuple):
     return as_strided(xp, x, plan.shape3 + tuple(tail_full), batch_strides + tail_strides)
 
 
+@functools.cache
+def dtype_name(dtype) -> str:
+    """``dtype.name``, remembered per dtype: NumPy composes the name on every read (a few microseconds, a
+    dozen reads a call)."""
+    return np.dtype(dtype).name
+
+
 def bits(x):
     """bf16 reaches Numba as its uint16 bits (Numba has no bf16 type); other dtypes pass as they are."""
-    return x.view(np.uint16) if x.dtype.name == "bfloat16" else x
+    return x.view(np.uint16) if dtype_name(x.dtype) == "bfloat16" else x
 
 
 def kernel_array(x):

@@ -18,7 +18,7 @@ from numba import cuda
 import kernels_cuda
 
 from .device import SIMULATOR
-from . import launcher
+from . import launcher, layout
 from .layout import cdiv
 
 HEAD_DIMS = (32, 64, 96, 128)
@@ -117,7 +117,7 @@ def forward(pr, views, out_v, lse_v, device, structure):
     """Launch the tensor_core forward into out_v (6-D) and lse_v (5-D) views; see attention.forward."""
     _, _, left, right, seed_lo, seed_hi, offset, threshold, rescale = structure
     head_dim = head_dim_for(pr.E, pr.Ev)
-    kernel = _kernel(head_dim, pr.dtype.name == "bfloat16")
+    kernel = _kernel(head_dim, layout.dtype_name(pr.dtype) == "bfloat16")
     q, qs = _address_and_strides(views.q)
     k, ks = _address_and_strides(views.k)
     v, vs = _address_and_strides(views.v)
@@ -126,7 +126,7 @@ def forward(pr, views, out_v, lse_v, device, structure):
     mask, ms = _address_and_strides(views.mask)
     mask_kind = 0
     if pr.mask_kind is not None:
-        mask_kind = MASK_KINDS["bool" if pr.mask_kind == "bool" else pr.mask.dtype.name]
+        mask_kind = MASK_KINDS["bool" if pr.mask_kind == "bool" else layout.dtype_name(pr.mask.dtype)]
     ms = ms + (views.mask.itemsize,)
     varlen = pr.varlen is not None
     grid = (views.n_batch * pr.hq, cdiv(pr.L, BLOCK_M))
