@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 from numba import cuda
@@ -71,8 +72,8 @@ def _mergeable(sizes, strides, full, a: int, b: int) -> bool:
     return sizes[a] == full[a] and sizes[b] == full[b] and strides[a] == strides[b] * full[b]
 
 
-def as_strided(xp, x, shape, strides_elems):
-    strides = tuple(int(s) * x.itemsize for s in strides_elems)
+def as_strided(xp, x, shape, strides):
+    """A view of x's memory with this shape and these byte strides."""
     if xp is np:
         return np.lib.stride_tricks.as_strided(x, shape=shape, strides=strides)
     import cupy
@@ -82,15 +83,32 @@ def as_strided(xp, x, shape, strides_elems):
 
 def dense_view(xp, plan: BatchPlan, x, tail_full: tuple):
     """x (..., *tail) as (B0, B1, B2, *tail_full) with zero strides where x is broadcast."""
+    return as_strided(xp, x, *_view_geometry(plan, tuple(x.shape), tuple(x.strides), x.itemsize, tuple(tail_full)))
+
+
+@functools.lru_cache(maxsize=4096)  # bounded: shapes change call to call in inference
+def _view_geometry(plan: BatchPlan, shape: tuple, strides: tuple, itemsize: int, tail_full: tuple) -> tuple:
+    """(shape, byte strides) of dense_view's view of an array of this shape and these byte strides: the same for
+    every call of one signature, so worked out once."""
+    x = _Geometry(shape, strides, itemsize, len(shape))
     tail = len(tail_full)
-    sizes, strides = _padded(x, plan.nb, tail)
-    batch_strides = [0 if sizes[g[0]] == 1 else strides[g[-1]] for g in plan.groups]
+    sizes, elem_strides = _padded(x, plan.nb, tail)
+    batch_strides = [0 if sizes[g[0]] == 1 else elem_strides[g[-1]] for g in plan.groups]
     batch_strides = [0] * (MAX_BATCH_DIMS - len(batch_strides)) + batch_strides
-    tail_sizes = x.shape[x.ndim - tail:] if x.ndim >= tail else (1,) * (tail - x.ndim) + tuple(x.shape)
-    tail_strides = [s // x.itemsize for s in x.strides[x.ndim - tail:]] if x.ndim >= tail else \
-        [0] * (tail - x.ndim) + [s // x.itemsize for s in x.strides]
+    tail_sizes = shape[x.ndim - tail:] if x.ndim >= tail else (1,) * (tail - x.ndim) + shape
+    tail_strides = [s // itemsize for s in strides[x.ndim - tail:]] if x.ndim >= tail else \
+        [0] * (tail - x.ndim) + [s // itemsize for s in strides]
     tail_strides = [0 if n == 1 and f != 1 else s for n, f, s in zip(tail_sizes, tail_full, tail_strides)]
-    return as_strided(xp, x, plan.shape3 + tuple(tail_full), batch_strides + tail_strides)
+    return plan.shape3 + tail_full, tuple(int(s) * itemsize for s in batch_strides + tail_strides)
+
+
+class _Geometry(NamedTuple):
+    """What _padded reads of an array."""
+
+    shape: tuple
+    strides: tuple
+    itemsize: int
+    ndim: int
 
 
 @functools.cache
