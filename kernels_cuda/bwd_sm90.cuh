@@ -735,7 +735,8 @@ __device__ __forceinline__ void stage_rows(unsigned char* stage, const float (&a
                                            int lane) {
     static_assert(N == D / 2, "one n8 tile per 16-byte chunk of a row");
     // the swizzled addresses depend on the lane: made opaque here, lest the compiler hoist the 2 D / 8 of them
-    // above the step loop, where they took registers the loop needed (13 spills at E = 128, bool mask)
+    // above the step loop, where they take registers the loop needs (ptxas: a float32 mask at E = 128 spills
+    // 3 pairs in the consumers without it, 1 with it)
     asm volatile("" : "+r"(lane));
     const int g = lane / 4, t = lane % 4;
 #pragma unroll
@@ -755,7 +756,6 @@ __device__ __forceinline__ void copy_rows_out(elem_t* base, long long pitch, con
                                               int tid) {
     constexpr int CHUNKS = D / 8;
     static_assert(ROWS * CHUNKS % THREADS == 0, "whole rounds of the threads");
-    asm volatile("" : "+r"(tid));  // as stage_rows' lane: its addresses stay below the step loop
 #pragma unroll
     for (int i = 0; i < ROWS * CHUNKS / THREADS; ++i) {
         const int x = tid + i * THREADS, row = x / CHUNKS, chunk = x % CHUNKS;

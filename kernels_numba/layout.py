@@ -11,7 +11,6 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass
-from typing import NamedTuple
 
 import numpy as np
 from numba import cuda
@@ -36,24 +35,23 @@ class BatchPlan:
 
     def own3(self, x, tail: int = 3) -> tuple:
         """The merged batch sizes of operand ``x`` itself: the full size, or 1 where it is broadcast."""
-        sizes, _ = _padded(x, self.nb, tail)
+        sizes, _ = _padded(x.shape, x.strides, x.itemsize, self.nb, tail)
         own = tuple(self.shape3[MAX_BATCH_DIMS - len(self.groups) + n] if sizes[g[0]] != 1 else 1
                     for n, g in enumerate(self.groups))
         return (1,) * (MAX_BATCH_DIMS - len(own)) + own
 
 
-def _padded(x, nb: int, tail: int):
-    """(sizes, element strides) of x's batch dims, left-padded with broadcast dims to nb."""
-    lead = max(0, x.ndim - tail)
-    sizes = (1,) * (nb - lead) + tuple(x.shape[:lead])
-    strides = (0,) * (nb - lead) + tuple(s // x.itemsize for s in x.strides[:lead])
-    return sizes, strides
+def _padded(shape, strides, itemsize: int, nb: int, tail: int):
+    """(sizes, element strides) of the batch dims of an array of this shape and these byte strides, left-padded
+    with broadcast dims to nb."""
+    lead = max(0, len(shape) - tail)
+    return (1,) * (nb - lead) + tuple(shape[:lead]), (0,) * (nb - lead) + tuple(s // itemsize for s in strides[:lead])
 
 
 def batch_plan(full: tuple, operands) -> BatchPlan | str:
     """Merge the batch dims of ``full`` for ``operands`` (pairs (array, tail rank)); a reason if > 3 remain."""
     nb = len(full)
-    infos = [_padded(x, nb, tail) for x, tail in operands]
+    infos = [_padded(x.shape, x.strides, x.itemsize, nb, tail) for x, tail in operands]
     groups: list[list[int]] = []
     for d in (d for d in range(nb) if full[d] != 1):
         if groups and all(_mergeable(sizes, strides, full, groups[-1][-1], d) for sizes, strides in infos):
@@ -90,25 +88,15 @@ def dense_view(xp, plan: BatchPlan, x, tail_full: tuple):
 def _view_geometry(plan: BatchPlan, shape: tuple, strides: tuple, itemsize: int, tail_full: tuple) -> tuple:
     """(shape, byte strides) of dense_view's view of an array of this shape and these byte strides: the same for
     every call of one signature, so worked out once."""
-    x = _Geometry(shape, strides, itemsize, len(shape))
-    tail = len(tail_full)
-    sizes, elem_strides = _padded(x, plan.nb, tail)
+    ndim, tail = len(shape), len(tail_full)
+    sizes, elem_strides = _padded(shape, strides, itemsize, plan.nb, tail)
     batch_strides = [0 if sizes[g[0]] == 1 else elem_strides[g[-1]] for g in plan.groups]
     batch_strides = [0] * (MAX_BATCH_DIMS - len(batch_strides)) + batch_strides
-    tail_sizes = shape[x.ndim - tail:] if x.ndim >= tail else (1,) * (tail - x.ndim) + shape
-    tail_strides = [s // itemsize for s in strides[x.ndim - tail:]] if x.ndim >= tail else \
-        [0] * (tail - x.ndim) + [s // itemsize for s in strides]
+    tail_sizes = shape[ndim - tail:] if ndim >= tail else (1,) * (tail - ndim) + shape
+    tail_strides = [s // itemsize for s in strides[ndim - tail:]] if ndim >= tail else \
+        [0] * (tail - ndim) + [s // itemsize for s in strides]
     tail_strides = [0 if n == 1 and f != 1 else s for n, f, s in zip(tail_sizes, tail_full, tail_strides)]
     return plan.shape3 + tail_full, tuple(int(s) * itemsize for s in batch_strides + tail_strides)
-
-
-class _Geometry(NamedTuple):
-    """What _padded reads of an array."""
-
-    shape: tuple
-    strides: tuple
-    itemsize: int
-    ndim: int
 
 
 @functools.cache
