@@ -1,6 +1,6 @@
 """EFFICIENT backend on the GPU: correctness first, then forward/backward TFLOP/s against PyTorch.
 
-    python benchmarks/efficient_gpu.py [--reps N] [--variant auto|portable|tensor_core] [--L L] [--prepared]
+    python benchmarks/efficient_gpu.py [--reps N] [--variant auto|portable|tensor_core] [--L L] [--numba-dispatch]
                                        [--dtypes float16 bfloat16 float32] [--head-dims 64 128] [--batch B]
                                        [--hidden HQ_TIMES_E]
 
@@ -61,8 +61,8 @@ def main(argv=None) -> int:
     parser.add_argument("--reps", type=int, default=10, help="timed runs per config and direction")
     parser.add_argument("--variant", default="auto", choices=("auto", "portable", "tensor_core"))
     parser.add_argument("--L", type=int, default=4096)
-    parser.add_argument("--prepared", action="store_true",
-                        help="launch through prepared launches (KernelConfig.prepared_launches)")
+    parser.add_argument("--numba-dispatch", action="store_true",
+                        help="launch every call through Numba's dispatcher (KernelConfig.prepared_launches off)")
     parser.add_argument("--dtypes", nargs="+", default=["float16", "bfloat16"],
                         choices=("float16", "bfloat16", "float32"))
     parser.add_argument("--head-dims", type=int, nargs="+", default=[64, 128])
@@ -95,7 +95,7 @@ def main(argv=None) -> int:
                 inputs = [[torch.randn(B, H, L, E, device="cuda", dtype=_torch_dtype(torch, dtype))
                            for _ in range(4)] for _ in range(3)]
                 cu_inputs = [[cp.from_dlpack(x) for x in group] for group in inputs]
-                cfg = kernels_numba.KernelConfig(variant=args.variant, prepared_launches=args.prepared)
+                cfg = kernels_numba.KernelConfig(variant=args.variant, prepared_launches=not args.numba_dispatch)
 
                 def ours_fwd(q, k, v, dout):
                     with kernels_numba.configured(cfg), cusdpa.sdpa_kernel([Backend.EFFICIENT]):

@@ -45,7 +45,7 @@ command_of() {  # the command of stage $1, into the array cmd
     efficient-tests) cmd=(python3 -m pytest -q -m "gpu and not slow" -p no:cacheprovider tests/test_efficient_gpu.py) ;;
     fidelity-tests) cmd=(python3 -m pytest -q -m "gpu and not slow" -p no:cacheprovider tests/test_fidelity.py
                          tests/test_nonfinite.py tests/test_flash_slot.py tests/test_hf.py) ;;
-    efficient-short) cmd=(bash -c 'for p in "" --prepared; do python3 benchmarks/efficient_gpu.py --L 1024 --reps 5 $p
+    efficient-short) cmd=(bash -c 'for p in --numba-dispatch ""; do python3 benchmarks/efficient_gpu.py --L 1024 --reps 5 $p
                           done') ;;
     efficient-fp32) cmd=(python3 benchmarks/efficient_gpu.py --dtypes float32 --head-dims 64 --L 2048 --hidden 1024
                          --reps 5) ;;

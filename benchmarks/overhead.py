@@ -26,7 +26,6 @@ import torch
 
 import cusdpa
 import interop
-import kernels_numba
 from cusdpa import dispatch, problem
 from cusdpa.backends import flash
 from interop import arguments, autograd, bridge, ops
@@ -156,9 +155,8 @@ def main():
 
     mask = torch.rand(1, 1, 128, 128, device="cuda") > 0.2
 
-    def efficient_ours(prepared=False):  # prepared: kernels_numba's prepared launches (KernelConfig)
-        with cusdpa.sdpa_kernel([cusdpa.Backend.EFFICIENT]), \
-                kernels_numba.configured(kernels_numba.KernelConfig(prepared_launches=prepared)):
+    def efficient_ours():  # the backward runs on autograd's thread, with kernels_numba's default knobs
+        with cusdpa.sdpa_kernel([cusdpa.Backend.EFFICIENT]):
             interop.scaled_dot_product_attention(sg, sg, sg, mask).backward(small)
 
     def efficient_theirs():
@@ -166,7 +164,6 @@ def main():
             sdpa(sg, sg, sg, mask).backward(small)
 
     t.update(measure({"EFFICIENT fwd+bwd, cusdpa": efficient_ours,
-                      "EFFICIENT fwd+bwd, cusdpa prepared": lambda: efficient_ours(True),
                       "EFFICIENT fwd+bwd, torch": efficient_theirs}, TRAINING_CALLS))
     spent = []
     real = autograd.Attention.backward
@@ -189,9 +186,7 @@ def main():
                                ("eager forward + backward", "fwd+bwd, cusdpa", "fwd+bwd, torch"),
                                ("small forward + backward", "small fwd+bwd, cusdpa", "small fwd+bwd, torch"),
                                ("CuPy call vs torch eager", "cusdpa on CuPy arrays", "torch SDPA"),
-                               ("EFFICIENT fwd+bwd (bar 1.5)", "EFFICIENT fwd+bwd, cusdpa", "EFFICIENT fwd+bwd, torch"),
-                               ("EFFICIENT, prepared launches", "EFFICIENT fwd+bwd, cusdpa prepared",
-                                "EFFICIENT fwd+bwd, torch")):
+                               ("EFFICIENT fwd+bwd (bar 1.5)", "EFFICIENT fwd+bwd, cusdpa", "EFFICIENT fwd+bwd, torch")):
         print(f"  {what:28s} host {t[ours][0]:7.1f} / {t[theirs][0]:7.1f} us = {t[ours][0] / t[theirs][0]:5.2f}x")
     ours, theirs = t["module compiled, cusdpa"], t["module compiled, torch"]
     print(f"  {'compiled module':28s} host {ours[0]:7.1f} / {theirs[0]:7.1f} us; with GPU {ours[1]:7.1f} / "
@@ -210,8 +205,6 @@ def main():
                      lambda: interop.scaled_dot_product_attention(q, q, q, is_causal=True))
         _profile("backward op kernel called directly", lambda: ops.call(ops.sdpa_bwd, *bwd_args), calls=500)
         _profile("EFFICIENT forward + backward, bool mask", efficient_ours, calls=200)
-        _profile("EFFICIENT forward + backward, bool mask, prepared launches", lambda: efficient_ours(True),
-                 calls=200)
 
 
 if __name__ == "__main__":

@@ -34,8 +34,10 @@ class KernelConfig:
       ``smem_bytes``).
     prepared_launches: a call whose argument signature was seen launches each kernel through
       ``cuLaunchKernel`` with its arguments flattened (kernels_numba.launcher), not through Numba's
-      dispatcher. Off until run on a GPU: written and tested under the simulator (whose path is Numba's
-      either way) in a session without device time left; tests/test_efficient_gpu.py turns it on.
+      dispatcher (on the H200, tests/test_efficient_gpu.py -k prepared; off: Numba's path for every call).
+
+    The knobs are a context variable of the calling thread: torch runs a backward on its own thread, which
+    sees the defaults (CuPy callers' ``attention_vjp`` runs it in theirs).
     """
 
     variant: str = "auto"
@@ -43,7 +45,7 @@ class KernelConfig:
     threads: int = 16
     sub: int = 4
     chunk: int = 32
-    prepared_launches: bool = False
+    prepared_launches: bool = True
 
     def __post_init__(self):
         if self.variant not in VARIANTS:
