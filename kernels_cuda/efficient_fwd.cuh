@@ -12,29 +12,11 @@
 //
 // Only NVRTC built-ins and inline PTX, here and in common.cuh: no headers, so it compiles wherever Numba
 // finds NVRTC.
-#include "common.cuh"
-
-#define EFF_WARPS 4
-#define EFF_BLOCK_M (16 * EFF_WARPS)
+#include "efficient_common.cuh"
 
 namespace efficient {
 
-typedef unsigned short u16;
-typedef unsigned long long u64;
-typedef long long i64;
-
-// Mask element kinds, as kernels_numba.tensor_core numbers them.
-enum MaskKind { MASK_NONE = 0, MASK_BOOL = 1, MASK_F16 = 2, MASK_BF16 = 3, MASK_F32 = 4, MASK_F64 = 5 };
-
-__device__ __forceinline__ float f16_to_f32(u16 h) {
-  float f;
-  asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
-  return f;
-}
-
-__device__ __forceinline__ float bf16_to_f32(u16 h) { return __int_as_float(((u32)h) << 16); }
-
-struct Args {
+struct Args : SliceArgs {
   const u16* q;  // q[row][e] at q + row * q_rs + e (unit stride along e), rows from this block's sequence start
   i64 q_rs;
   const u16* k;
@@ -45,56 +27,8 @@ struct Args {
   i64 out_rs;
   float* lse;
   i64 lse_rs;
-  const unsigned char* mask;  // mask[i][j] at mask + (i * mask_rs + j * mask_cs) * mask element size
-  i64 mask_rs, mask_cs;
-  int mask_kind;
-  i64 m_first, E, Ev;
-  Visibility<i64> vis;  // of this (batch, head) slice: holds its lengths L and S
-  float scale;
-  bool dropout;
-  u32 bh;
-  Dropout drop;
-  float rescale;
+  i64 m_first;
 };
-
-// Applies the mask to one scaled score; -inf means selected out. A -inf float-mask entry selects the
-// score out as a False bool entry does, so NaN in q k^T there is never added in.
-__device__ __forceinline__ float masked_score(const Args& a, i64 i, i64 j, float s) {
-  if (!a.vis.visible(i, j)) return -CUSDPA_INF;
-  if (a.mask_kind == MASK_NONE) return s;
-  i64 at = i * a.mask_rs + j * a.mask_cs;
-  float m;
-  switch (a.mask_kind) {
-    case MASK_BOOL: return a.mask[at] ? s : -CUSDPA_INF;
-    case MASK_F16: m = f16_to_f32(((const u16*)a.mask)[at]); break;
-    case MASK_BF16: m = bf16_to_f32(((const u16*)a.mask)[at]); break;
-    case MASK_F32: m = ((const float*)a.mask)[at]; break;
-    default: m = (float)((const double*)a.mask)[at];
-  }
-  return m == -CUSDPA_INF ? -CUSDPA_INF : s + m;
-}
-
-// Stages rows [n0, n0 + BLOCK_N) of a K or V tile into shared memory (row stride HEAD_DIM + 8
-// halves: the 16-byte pad spreads ldmatrix's eight row addresses over all 32 banks).
-template <int HEAD_DIM, int BLOCK_N>
-__device__ __forceinline__ void stage_tile(u16* tile, const u16* src, i64 rs, i64 n0, i64 S, i64 width,
-                                           bool vec) {
-  constexpr int STRIDE = HEAD_DIM + 8;
-  constexpr int CHUNKS = HEAD_DIM / 8;
-  for (int c = threadIdx.x; c < BLOCK_N * CHUNKS; c += 32 * EFF_WARPS) {
-    int r = c / CHUNKS, e = (c % CHUNKS) * 8;
-    u16* dst = tile + r * STRIDE + e;
-    bool row_ok = n0 + r < S;
-    if (vec && e < width) {
-      // width % 8 == 0 on this path, so a chunk is either wholly inside the head dim or wholly past it.
-      const u16* g = src + (row_ok ? (n0 + r) * rs + e : 0);
-      cp_async_16(dst, g, row_ok);
-    } else {
-#pragma unroll
-      for (int x = 0; x < 8; ++x) dst[x] = (row_ok && e + x < width) ? src[(n0 + r) * rs + e + x] : (u16)0;
-    }
-  }
-}
 
 template <int HEAD_DIM, int BLOCK_N, bool BF16>
 __device__ void forward(const Args& a) {
@@ -115,17 +49,7 @@ __device__ void forward(const Args& a) {
 
   // Q as A fragments, straight from global memory (once per block; any row stride).
   u32 qf[KSTEPS][4];
-#pragma unroll
-  for (int ks = 0; ks < KSTEPS; ++ks) {
-#pragma unroll
-    for (int r = 0; r < 4; ++r) {
-      i64 row = row0 + (r % 2) * 8;
-      i64 col = ks * 16 + (r / 2) * 8 + 2 * t;
-      u32 lo = (row < a.vis.L && col < a.E) ? a.q[row * a.q_rs + col] : 0u;
-      u32 hi = (row < a.vis.L && col + 1 < a.E) ? a.q[row * a.q_rs + col + 1] : 0u;
-      qf[ks][r] = lo | (hi << 16);
-    }
-  }
+  load_a_fragments<KSTEPS>(qf, a.q, a.q_rs, row0, a.vis.L, a.E, t);
 
   float acc[DTILES][4];
 #pragma unroll
@@ -147,7 +71,7 @@ __device__ void forward(const Args& a) {
     cp_async_commit();
     // Does every (row, key) pair of this tile pass? Then no per-element work and no V row zeroing.
     // Only the block's rows below L count: the rest hold zeros of Q and are never stored.
-    const bool check = a.mask_kind != MASK_NONE || !a.vis.tile_full(a.m_first, m_last + 1 - a.m_first, n0, BLOCK_N);
+    const bool check = a.mask.kind != MASK_NONE || !a.vis.tile_full(a.m_first, m_last + 1 - a.m_first, n0, BLOCK_N);
     if (check && threadIdx.x < BLOCK_N) col_seen[threadIdx.x] = 0;
     cp_async_wait<1>();  // K of this tile has landed (V may still be in flight)
     __syncthreads();
@@ -176,7 +100,7 @@ __device__ void forward(const Args& a) {
         float v = s[nt][x] * a.scale;
         if (check) {
           i64 i = row0 + (x / 2) * 8, j = n0 + nt * 8 + 2 * t + (x % 2);
-          v = masked_score(a, i, j, v);
+          v = masked_score(a.vis, a.mask, i, j, v);
           if (v != -CUSDPA_INF) col_seen[nt * 8 + 2 * t + (x % 2)] = 1;  // same value from every writer
         }
         s[nt][x] = v;
@@ -238,7 +162,7 @@ __device__ void forward(const Args& a) {
     }
     __syncthreads();
     if (check) {
-      for (int c = threadIdx.x; c < BLOCK_N * (HEAD_DIM / 8); c += 32 * EFF_WARPS) {
+      for (int c = threadIdx.x; c < BLOCK_N * (HEAD_DIM / 8); c += EFF_THREADS) {
         int r = c / (HEAD_DIM / 8);
         if (!col_seen[r]) {
 #pragma unroll
@@ -308,19 +232,9 @@ extern "C" __device__ int EFF_NAME(
   a.out_rs = out_rs;
   a.lse = (float*)lse;
   a.lse_rs = lse_rs;
-  a.mask = (const unsigned char*)mask;
-  a.mask_rs = mask_rs;
-  a.mask_cs = mask_cs;
-  a.mask_kind = (int)mask_kind;
   a.m_first = m_first;
-  a.E = E;
-  a.Ev = Ev;
-  a.vis = Visibility<long long>{L, S, shift, left, right};
-  a.scale = scale;
-  a.dropout = dropout != 0;
-  a.bh = (u32)bh;
-  a.drop = Dropout{(u32)seed_lo, (u32)seed_hi, (u32)offset, (u32)threshold};
-  a.rescale = rescale;
+  a.set(mask, mask_rs, mask_cs, mask_kind, E, Ev, L, S, shift, left, right, scale, dropout, bh, seed_lo, seed_hi,
+        offset, threshold, rescale);
   efficient::forward<EFF_HEAD_DIM, EFF_BLOCK_N, EFF_BF16>(a);
   return 0;
 }

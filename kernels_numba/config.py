@@ -18,9 +18,10 @@ class KernelConfig:
     """Knobs of the Numba kernels.
 
     variant: "portable" is pure Numba (fp32 FMAs; every dtype and feature; the one the CUDA
-      simulator runs); "tensor_core" runs the forward tile loop in a linked CUDA C device function on
-      mma.sync (fp16/bf16, unit-stride head dim, E and Ev <= 128, real GPU only); "auto" takes
-      tensor_core where it applies and portable elsewhere. The backward is portable in every variant.
+      simulator runs); "tensor_core" runs the tile loops, forward and backward, in linked CUDA C device
+      functions on mma.sync (fp16/bf16, unit-stride head dim, E and Ev <= 128, real GPU only; the backward
+      also needs q, k and v not broadcast over batch dims, else it is portable); "auto" takes tensor_core
+      where it applies and portable elsewhere.
     smem_bytes: shared memory the portable kernels may use per block (static, so <= 48 KiB).
     threads: the portable kernels' blocks (forward and backward, all blocked like a GEMM) are threads x
       threads threads (a power of two <= 32); 16 gives 256 threads, two blocks per SM at <= 128 registers

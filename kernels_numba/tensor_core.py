@@ -1,9 +1,9 @@
-"""The tensor_core variant of the forward: a thin Numba kernel around a linked CUDA C tile loop.
+"""The tensor_core variant: thin Numba kernels around linked CUDA C tile loops, forward and backward.
 
-The Numba kernel resolves what differs per block (batch and head from the grid, GQA's kv head,
+Each Numba kernel resolves what differs per block (batch and head from the grid, GQA's kv head,
 varlen sequence bounds, strided and broadcast operands) into row pointers and row strides, and
-calls ``efficient::forward`` in kernels_cuda/efficient_fwd.cuh, which runs FlashAttention-2's tile loop on
-mma.sync. The C source is linked through ``cuda.declare_device(..., link=[CUSource], abi="c")``,
+calls a C entry: ``efficient::forward`` in kernels_cuda/efficient_fwd.cuh (FlashAttention-2's tile loop on
+mma.sync), ``efficient::backward_dq`` / ``backward_dkdv`` in efficient_bwd.cuh (its two backward kernels). The C source is linked through ``cuda.declare_device(..., link=[CUSource], abi="c")``,
 one instantiation (head dim, dtype) per source so NVRTC compiles only what a problem needs, once
 per process. fp16/bf16, E and Ev <= 128 (padded to 32/64/96/128), unit stride along the head dim;
 every mask kind, causal, window, dropout, GQA and varlen as in the portable variant.
@@ -17,8 +17,8 @@ from numba import cuda
 
 import kernels_cuda
 
+from . import device, launcher, layout
 from .device import SIMULATOR
-from . import launcher, layout
 from .layout import cdiv
 
 HEAD_DIMS = (32, 64, 96, 128)
@@ -63,6 +63,24 @@ def _tile_loop(head_dim: int, bf16: bool):
     return cuda.declare_device(name, f"int32({_ARGS})", link=[cuda.CUSource(source, name=f"{name}.cu")], abi="c")
 
 
+@device.inline
+def _slice_of(flat, varlen, cu_q, cu_k, nb1, nb2, L, S):
+    """(b0, b1, b2, first query row, first key row, L, S) of flat problem batch element ``flat`` (varlen: of
+    sequence ``flat``, its rows from cu_seqlens)."""
+    if varlen:
+        q0 = np.int64(cu_q[flat])
+        k0 = np.int64(cu_k[flat])
+        return np.int64(0), np.int64(0), np.int64(0), q0, k0, np.int64(cu_q[flat + 1]) - q0, np.int64(cu_k[flat + 1]) - k0
+    return flat // (nb1 * nb2), (flat // nb2) % nb1, flat % nb2, np.int64(0), np.int64(0), np.int64(L), np.int64(S)
+
+
+@device.inline
+def _at(base, itemsize, st, b0, b1, b2, h, row):
+    """The address of row ``row`` of head ``h`` of batch element (b0, b1, b2) of an operand at ``base`` with
+    element strides ``st`` over (B0, B1, B2, H, row)."""
+    return base + itemsize * (b0 * st[0] + b1 * st[1] + b2 * st[2] + h * st[3] + row * st[4])
+
+
 @functools.cache
 def _kernel(head_dim: int, bf16: bool):
     tile_loop = _tile_loop(head_dim, bf16)
@@ -81,25 +99,13 @@ def _kernel(head_dim: int, bf16: bool):
         # the last query blocks first: under a causal band they see the most keys, and blocks start in grid
         # order, so the heavy ones start first rather than forming the tail (FlashAttention-2's order)
         m_first = (cuda.gridDim.y - 1 - cuda.blockIdx.y) * BLOCK_M
-        if varlen:
-            b0 = b1 = b2 = 0
-            q0 = cu_q[flat]
-            k0 = cu_k[flat]
-            L_b = cu_q[flat + 1] - q0
-            S_b = cu_k[flat + 1] - k0
-        else:
-            b0, b1, b2 = flat // (nb1 * nb2), (flat // nb2) % nb1, flat % nb2
-            q0 = k0 = 0
-            L_b = L
-            S_b = S
+        b0, b1, b2, q0, k0, L_b, S_b = _slice_of(flat, varlen, cu_q, cu_k, nb1, nb2, L, S)
         if m_first >= L_b:
             return
-        q_at = q + 2 * (b0 * qs[0] + b1 * qs[1] + b2 * qs[2] + h * qs[3] + q0 * qs[4])
-        k_at = k + 2 * (b0 * ks[0] + b1 * ks[1] + b2 * ks[2] + hk * ks[3] + k0 * ks[4])
-        v_at = v + 2 * (b0 * vs[0] + b1 * vs[1] + b2 * vs[2] + hk * vs[3] + k0 * vs[4])
-        out_at = out + 2 * (b0 * os_[0] + b1 * os_[1] + b2 * os_[2] + h * os_[3] + q0 * os_[4])
-        lse_at = lse + 4 * (b0 * ls[0] + b1 * ls[1] + b2 * ls[2] + h * ls[3] + q0 * ls[4])
-        mask_at = mask + ms[6] * (b0 * ms[0] + b1 * ms[1] + b2 * ms[2] + h * ms[3])
+        q_at, out_at = _at(q, 2, qs, b0, b1, b2, h, q0), _at(out, 2, os_, b0, b1, b2, h, q0)
+        k_at, v_at = _at(k, 2, ks, b0, b1, b2, hk, k0), _at(v, 2, vs, b0, b1, b2, hk, k0)
+        lse_at = _at(lse, 4, ls, b0, b1, b2, h, q0)
+        mask_at = _at(mask, ms[6], ms, b0, b1, b2, h, 0)
         shift = S_b - L_b if lower_right else 0
         tile_loop(q_at, qs[4], k_at, ks[4], v_at, vs[4], out_at, os_[4], lse_at, ls[4], mask_at, ms[4], ms[5],
                   mask_kind, m_first, L_b, S_b, E, Ev, shift, left, right, np.float32(scale), dropout, bh,
@@ -134,3 +140,120 @@ def forward(pr, views, out_v, lse_v, device, structure):
                     (q, qs[:5], k, ks[:5], v, vs[:5], out, os_[:5], lse, ls, mask, ms, mask_kind, views.cu_q, views.cu_k,
                      varlen, views.nb1, views.nb2, pr.hq, pr.group, pr.L, pr.S, pr.E, pr.Ev, pr.scale, pr.lower_right,
                      left, right, pr.dropout_p > 0, seed_lo, seed_hi, offset, threshold, rescale))
+
+
+# The backward's C entries (efficient_bwd.cuh, EFF_NAME): 49 parameters, pointers as int64 addresses.
+_BWD_ARGS = ", ".join(["int64"] * 38 + ["float32"] + ["int64"] * 9 + ["float32"])
+BWD_BLOCK_N = 64  # keys per dk/dv block (efficient_bwd.cuh: EFF_BLOCK_M, 16 per warp)
+
+
+def dq_block_n(head_dim: int) -> int:
+    """Keys per tile of the dq kernel: 32 over head dim 64 keeps S and dP (2 x 16 registers) beside Q, dO and
+    dQ's fragments (3 x head_dim / 4)."""
+    return 64 if head_dim <= 64 else 32
+
+
+@functools.cache
+def _bwd_tile_loop(head_dim: int, bf16: bool, dq: bool):
+    name = f"efficient_backward_{'dq' if dq else 'dkdv'}_{'bf16' if bf16 else 'f16'}_d{head_dim}"
+    source = (f"#define EFF_NAME {name}\n#define EFF_HEAD_DIM {head_dim}\n#define EFF_BLOCK_N {dq_block_n(head_dim)}\n"
+              f"#define EFF_BF16 {'true' if bf16 else 'false'}\n#define EFF_DQ {int(dq)}\n"
+              + kernels_cuda.source("efficient_bwd.cuh"))
+    return cuda.declare_device(name, f"int32({_BWD_ARGS})", link=[cuda.CUSource(source, name=f"{name}.cu")], abi="c")
+
+
+@functools.cache
+def _dq_kernel(head_dim: int, bf16: bool):
+    tile_loop = _bwd_tile_loop(head_dim, bf16, True)
+
+    @cuda.jit
+    def attention_dq_tc(q, qs, k, ks, v, vs, dout, dos, out, os_, lse, ls, delta, dls, dq, dqs, dmask, dms, mask, ms,
+                        mask_kind, cu_q, cu_k, varlen, nb1, nb2, hq, group, L, S, E, Ev, scale, lower_right, left,
+                        right, dropout, seed_lo, seed_hi, offset, threshold, rescale):
+        """One block per (batch-head, 64 query rows), as the forward's; writes D and, where dmask is not 0
+        (an address), the float mask's gradient of each score."""
+        bh = cuda.blockIdx.x
+        h = bh % hq
+        hk = h // group
+        flat = bh // hq
+        m_first = (cuda.gridDim.y - 1 - cuda.blockIdx.y) * BLOCK_M  # the heaviest (causal) blocks first
+        b0, b1, b2, q0, k0, L_b, S_b = _slice_of(flat, varlen, cu_q, cu_k, nb1, nb2, L, S)
+        if m_first >= L_b:
+            return
+        q_at, do_at = _at(q, 2, qs, b0, b1, b2, h, q0), _at(dout, 2, dos, b0, b1, b2, h, q0)
+        out_at = _at(out, 2, os_, b0, b1, b2, h, q0)
+        k_at, v_at = _at(k, 2, ks, b0, b1, b2, hk, k0), _at(v, 2, vs, b0, b1, b2, hk, k0)
+        lse_at, delta_at = _at(lse, 4, ls, b0, b1, b2, h, q0), _at(delta, 4, dls, b0, b1, b2, h, q0)
+        dq_at = _at(dq, 2, dqs, b0, b1, b2, h, q0)
+        dmask_at = dmask
+        if dmask != 0:
+            dmask_at = _at(dmask, dms[6], dms, b0, b1, b2, h, 0)
+        mask_at = _at(mask, ms[6], ms, b0, b1, b2, h, 0)
+        shift = S_b - L_b if lower_right else 0
+        tile_loop(q_at, qs[4], k_at, ks[4], v_at, vs[4], do_at, dos[4], out_at, os_[4], lse_at, ls[4], delta_at,
+                  dls[4], dq_at, dqs[4], 0, 0, dmask_at, dms[4], dms[5], mask_at, ms[4], ms[5], mask_kind, 0, 0, 0, 0,
+                  0, m_first, L_b, S_b, E, Ev, shift, left, right, np.float32(scale), dropout, bh, 1, 1, 1, seed_lo,
+                  seed_hi, offset, threshold, np.float32(rescale))
+
+    return attention_dq_tc
+
+
+@functools.cache
+def _dkdv_kernel(head_dim: int, bf16: bool):
+    tile_loop = _bwd_tile_loop(head_dim, bf16, False)
+
+    @cuda.jit
+    def attention_dkdv_tc(q, qs, k, ks, v, vs, dout, dos, lse, ls, delta, dls, dk, dks, dv, dvs, mask, ms, mask_kind,
+                          cu_q, cu_k, varlen, nb1, nb2, hq, hkv, group, L, S, E, Ev, scale, lower_right, left, right,
+                          dropout, seed_lo, seed_hi, offset, threshold, rescale):
+        """One block per (batch, kv head, 64 keys), over the query heads of its GQA group."""
+        hk = cuda.blockIdx.x % hkv
+        flat = cuda.blockIdx.x // hkv
+        n_first = cuda.blockIdx.y * BWD_BLOCK_N
+        b0, b1, b2, q0, k0, L_b, S_b = _slice_of(flat, varlen, cu_q, cu_k, nb1, nb2, L, S)
+        if n_first >= S_b:
+            return
+        h0 = hk * group
+        q_at, do_at = _at(q, 2, qs, b0, b1, b2, h0, q0), _at(dout, 2, dos, b0, b1, b2, h0, q0)
+        lse_at, delta_at = _at(lse, 4, ls, b0, b1, b2, h0, q0), _at(delta, 4, dls, b0, b1, b2, h0, q0)
+        k_at, v_at = _at(k, 2, ks, b0, b1, b2, hk, k0), _at(v, 2, vs, b0, b1, b2, hk, k0)
+        dk_at, dv_at = _at(dk, 2, dks, b0, b1, b2, hk, k0), _at(dv, 2, dvs, b0, b1, b2, hk, k0)
+        mask_at = _at(mask, ms[6], ms, b0, b1, b2, h0, 0)
+        shift = S_b - L_b if lower_right else 0
+        tile_loop(q_at, qs[4], k_at, ks[4], v_at, vs[4], do_at, dos[4], 0, 0, lse_at, ls[4], delta_at, dls[4], dk_at,
+                  dks[4], dv_at, dvs[4], 0, 0, 0, mask_at, ms[4], ms[5], mask_kind, qs[3], dos[3], ls[3], dls[3], ms[3],
+                  n_first, L_b, S_b, E, Ev, shift, left, right, np.float32(scale), dropout, flat * hq + h0, group,
+                  1, 1, seed_lo, seed_hi, offset, threshold, np.float32(rescale))
+
+    return attention_dkdv_tc
+
+
+def backward(pr, views, arrays, dmask_v, device, structure):
+    """Launch the tensor_core backward: ``arrays`` are the 6-D (5-D for lse and delta) views dout, out, lse,
+    delta, dq, dk, dv, with one own batch element per problem batch element (attention.backward checks);
+    dmask_v the float mask's gradient where each element belongs to one score, else None. D goes into
+    delta for the dmask kernel too."""
+    _, _, left, right, seed_lo, seed_hi, offset, threshold, rescale = structure
+    head_dim = head_dim_for(pr.E, pr.Ev)
+    bf16 = layout.dtype_name(pr.dtype) == "bfloat16"
+    (q, qs), (k, ks), (v, vs), (mask, ms) = (_address_and_strides(x) for x in (views.q, views.k, views.v, views.mask))
+    (dout, dos), (out, os_), (lse, ls), (delta, dls), (dq, dqs), (dk, dks), (dv, dvs) = (
+        _address_and_strides(x) for x in arrays)
+    ms = ms + (views.mask.itemsize,)
+    dmask, dms = 0, (0,) * 7
+    if dmask_v is not None:
+        dmask, dms = _address_and_strides(dmask_v)
+        dms = dms + (dmask_v.itemsize,)
+    mask_kind = 0
+    if pr.mask_kind is not None:
+        mask_kind = MASK_KINDS["bool" if pr.mask_kind == "bool" else layout.dtype_name(pr.mask.dtype)]
+    varlen = pr.varlen is not None
+    common = (mask, ms, mask_kind, views.cu_q, views.cu_k, varlen, views.nb1, views.nb2)
+    tail = (pr.L, pr.S, pr.E, pr.Ev, pr.scale, pr.lower_right, left, right, pr.dropout_p > 0, seed_lo, seed_hi, offset,
+            threshold, rescale)
+    launcher.launch(_dq_kernel(head_dim, bf16), (views.n_batch * pr.hq, cdiv(pr.L, BLOCK_M)), THREADS, device,
+                    (q, qs[:5], k, ks[:5], v, vs[:5], dout, dos[:5], out, os_[:5], lse, ls, delta, dls, dq, dqs[:5],
+                     dmask, dms, *common, pr.hq, pr.group, *tail))
+    launcher.launch(_dkdv_kernel(head_dim, bf16), (views.n_batch * pr.hkv, cdiv(pr.S, BWD_BLOCK_N)), THREADS, device,
+                    (q, qs[:5], k, ks[:5], v, vs[:5], dout, dos[:5], lse, ls, delta, dls, dk, dks[:5], dv, dvs[:5],
+                     *common, pr.hq, pr.hkv, pr.group, *tail))

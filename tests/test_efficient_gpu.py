@@ -206,6 +206,30 @@ def test_empty_sequences(gpu, rng):
         assert np.all(np.isneginf(_host(lse)))
 
 
+def test_tensor_core_backward_runs_where_it_applies(gpu, rng, monkeypatch):
+    """The tensor_core variant's gradients come from its own kernels (efficient_bwd.cuh) and match the reference,
+    a direct float mask's gradient too; q broadcast over a batch dim (one own batch element for several problem
+    ones) goes to the portable backward."""
+    cp, _, kn = gpu
+    from kernels_numba import tensor_core
+
+    calls = []
+    real = tensor_core.backward
+    monkeypatch.setattr(tensor_core, "backward", lambda *a: calls.append(1) or real(*a))
+    case = Case("bfloat16", batch=(2,), hq=4, hkv=2, L=130, S=150, E=64, mask="float", mask_shape=(2, 4, 130, 150),
+                causal="lower_right")
+    assert not (failures := _case_failures(gpu, case, rng, "tensor_core")), "\n".join(failures)
+    assert calls
+    q = cp.asarray(harness.draw(rng, (1, 4, 130, 64), "float16"))
+    k, v = (cp.asarray(harness.draw(rng, (2, 4, 150, 64), "float16")) for _ in range(2))
+    pr = problem.from_dense(q, k, v)  # one query batch element against two: dq sums over both
+    before = len(calls)
+    assert not (failures := _failures(gpu, pr, rng, "tensor_core")), "\n".join(failures)
+    case = Case("float16", batch=(2,), hq=4, hkv=2, L=97, S=130, E=64, mask="float", mask_shape=(97, 1))
+    assert not (failures := _case_failures(gpu, case, rng, "tensor_core")), "\n".join(failures)
+    assert len(calls) == before
+
+
 def test_public_api_runs_on_the_current_stream_and_compiles_once(gpu, rng):
     cp, _, kn = gpu
     import cusdpa

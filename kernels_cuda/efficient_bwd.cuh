@@ -1,0 +1,392 @@
+// Backward tile loops of the EFFICIENT backend's tensor_core variant: FlashAttention-2's two kernels on
+// mma.sync, deterministic (no atomics), called once per thread block (4 warps) by Numba kernels
+// (kernels_numba/tensor_core.py) that have resolved batch, head, varlen offsets and strides into row
+// pointers. With P = exp(S - lse) recomputed from the forward's lse and Z = keep / (1 - p):
+//   dV = (P o Z)^T dO,  dP = (dO V^T) o Z,  dS = P o (dP - D),  dQ = scale dS K,  dK = scale dS^T Q,
+// D = rowsum(dO o O) (FlashAttention's; equal to rowsum(P o dP) and one pass cheaper than summing it).
+//
+// dq: 64 query rows (16 per warp), Q and dO as A fragments in registers; per key tile S = Q K^T and
+//     dP = dO V^T, dS in registers, dQ += dS K with dS rounded to the input type as the A operand and K
+//     read back transposed. It writes D for the dk/dv kernel (launched after it), and dS itself where a
+//     float mask's gradient has one element per score.
+// dkdv: 64 keys (16 per warp), K as A fragments in registers and V in shared memory; per step of 32
+//     queries of each query head of the GQA group S^T = K Q^T and dP^T = V dO^T, then dV += (P o Z)^T dO
+//     and dK += dS^T Q.
+// Only seen pairs carry weight: P and dS are selected (not multiplied) to 0 elsewhere. The operands of the
+// gradient products are cleaned so that 0 * NaN cannot leak: non-finite K values are zeroed for dQ (a query
+// that sees such a key has a non-finite dS anyway), and Q and dO rows that see no key (lse = -inf) are
+// zeroed for dK and dV -- the portable kernels' rules (kernels_numba/gradients.py).
+#include "efficient_common.cuh"
+
+namespace efficient {
+
+struct BwdArgs : SliceArgs {  // bh: the dq slice's, or the dk/dv group's first query head's
+  const u16 *q, *k, *v, *dout, *out;  // row r at base + r * row stride, unit stride along the head dim
+  i64 q_rs, k_rs, v_rs, do_rs, o_rs;
+  const float* lse;  // natural log, -inf for a row that sees no key
+  i64 lse_rs;
+  float* delta;  // D: written by dq, read by dkdv
+  i64 delta_rs;
+  u16* dx;  // dq (dq kernel) or dk (dkdv kernel)
+  i64 dx_rs;
+  u16* dv;
+  i64 dv_rs;
+  unsigned char* dmask;  // the float mask's gradient dS, one element per score (dq kernel; null: none)
+  i64 dmask_rs, dmask_cs;
+  i64 head_q, head_do, head_lse, head_delta, head_mask;  // dkdv: strides between the group's query heads
+  i64 first;  // the block's first query row (dq) or key row (dkdv)
+  int group;
+  bool want_dk, want_dv;
+};
+
+__device__ __forceinline__ bool vectorizable(const void* p, i64 rs, i64 width) {
+  return width % 8 == 0 && rs % 8 == 0 && (u64)p % 16 == 0;
+}
+
+// x, rounded to the mask's element type, into element `at` of the mask's gradient.
+__device__ __forceinline__ void store_mask_grad(unsigned char* p, int kind, i64 at, float x) {
+  u16 h;
+  switch (kind) {
+    case MASK_F16: asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(x)); ((u16*)p)[at] = h; break;
+    case MASK_BF16: asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(h) : "f"(x)); ((u16*)p)[at] = h; break;
+    case MASK_F32: ((float*)p)[at] = x; break;
+    default: ((double*)p)[at] = (double)x;
+  }
+}
+
+__device__ __forceinline__ int mask_element_bytes(int kind) {
+  return kind == MASK_F64 ? 8 : kind == MASK_F32 ? 4 : (kind == MASK_F16 || kind == MASK_BF16) ? 2 : 1;
+}
+
+// A 16-bit value whose exponent bits are all ones (inf or NaN), for the input type.
+template <bool BF16>
+__device__ __forceinline__ bool non_finite(u32 h) {
+  return BF16 ? (h & 0x7f80u) == 0x7f80u : (h & 0x7c00u) == 0x7c00u;
+}
+
+// Acc[d] += A B for one warp's 16 rows: A the k-major fragments pf (2 registers per n8 tile of the reduced
+// dimension, as the score products leave them), B a row-major [reduced][HEAD_DIM] tile read transposed.
+template <int HEAD_DIM, int RTILES, bool BF16>
+__device__ __forceinline__ void product_pb(float (&acc)[HEAD_DIM / 8][4], const u32 (&pf)[RTILES][2],
+                                           const u16* tile, int lane) {
+  constexpr int STRIDE = HEAD_DIM + 8;
+#pragma unroll
+  for (int kk = 0; kk < RTILES / 2; ++kk) {
+    const u32 pa[4] = {pf[2 * kk][0], pf[2 * kk][1], pf[2 * kk + 1][0], pf[2 * kk + 1][1]};
+#pragma unroll
+    for (int d = 0; d < HEAD_DIM / 8; d += 2) {
+      u32 b[4];
+      ldmatrix_x4_trans(b, tile + (kk * 16 + (lane / 8 % 2) * 8 + lane % 8) * STRIDE + d * 8 + (lane / 16) * 8);
+      mma_16816<BF16>(acc[d], pa, b[0], b[1]);
+      mma_16816<BF16>(acc[d + 1], pa, b[2], b[3]);
+    }
+  }
+}
+
+// C[nt] += A B^T for one warp's 16 rows against the NT * 8 rows of a row-major tile (B^T's rows), A as
+// register fragments over KSTEPS k-steps.
+template <int HEAD_DIM, int NT, bool BF16>
+__device__ __forceinline__ void product_abt(float (&c)[NT][4], const u32 (&af)[HEAD_DIM / 16][4], const u16* tile,
+                                            int lane) {
+  constexpr int STRIDE = HEAD_DIM + 8, KSTEPS = HEAD_DIM / 16;
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt) {
+    c[nt][0] = c[nt][1] = c[nt][2] = c[nt][3] = 0.f;
+#pragma unroll
+    for (int ks = 0; ks < KSTEPS; ks += 2) {
+      // four 8x8 matrices: tile rows nt*8.., head dims ks*16 + {0, 8, 16, 24}: B fragments of two k-steps
+      u32 b[4];
+      ldmatrix_x4(b, tile + (nt * 8 + lane % 8) * STRIDE + ks * 16 + (lane / 8) * 8);
+      mma_16816<BF16>(c[nt], af[ks], b[0], b[1]);
+      mma_16816<BF16>(c[nt], af[ks + 1], b[2], b[3]);
+    }
+  }
+}
+
+// Stores a warp's 16 rows (this thread's row0 and row0 + 8) of fp32 accumulators, scaled, as 16-bit pairs.
+template <int HEAD_DIM, bool BF16>
+__device__ __forceinline__ void store_rows(u16* dst, i64 rs, const float (&acc)[HEAD_DIM / 8][4], float scale,
+                                           i64 row0, i64 n_end, i64 width, int t) {
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const i64 row = row0 + r * 8;
+    if (row >= n_end) continue;
+#pragma unroll
+    for (int d = 0; d < HEAD_DIM / 8; ++d) {
+      const i64 col = d * 8 + 2 * t;
+      const u32 two = pack2<BF16>(acc[d][2 * r] * scale, acc[d][2 * r + 1] * scale);
+      if (col < width) dst[row * rs + col] = (u16)(two & 0xffffu);
+      if (col + 1 < width) dst[row * rs + col + 1] = (u16)(two >> 16);
+    }
+  }
+}
+
+template <int HEAD_DIM, int BLOCK_N, bool BF16>
+__device__ void backward_dq(const BwdArgs& a) {
+  constexpr int STRIDE = HEAD_DIM + 8, KSTEPS = HEAD_DIM / 16, NTILES = BLOCK_N / 8;
+  static_assert(KSTEPS % 2 == 0 && NTILES % 2 == 0, "head dims and key tiles of whole 32 / 16 columns");
+  __shared__ __align__(16) u16 k_tile[BLOCK_N * STRIDE];
+  __shared__ __align__(16) u16 v_tile[BLOCK_N * STRIDE];
+
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, g = lane / 4, t = lane % 4;
+  const i64 row0 = a.first + warp * 16 + g;  // this thread's rows: row0 and row0 + 8
+  const i64 m_last = min(a.vis.L, a.first + EFF_BLOCK_M) - 1;
+  const bool vec = vectorizable(a.k, a.k_rs, a.E) && vectorizable(a.v, a.v_rs, a.Ev);
+
+  u32 qf[KSTEPS][4], df[KSTEPS][4];
+  load_a_fragments<KSTEPS>(qf, a.q, a.q_rs, row0, a.vis.L, a.E, t);
+  load_a_fragments<KSTEPS>(df, a.dout, a.do_rs, row0, a.vis.L, a.Ev, t);
+  float lse2[2], dlt[2];
+  bool live[2];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const i64 i = row0 + r * 8;
+    const float l = i < a.vis.L ? a.lse[i * a.lse_rs] : -CUSDPA_INF;
+    live[r] = l != -CUSDPA_INF;
+    lse2[r] = __fmul_rn(l, LOG2E);  // rounded alone, as the forward rounds its max (efficient_fwd.cuh)
+    float sum = 0.f;  // D_i: the quad's four lanes take every fourth column
+    if (i < a.vis.L)
+      for (i64 e = t; e < a.Ev; e += 4) sum += to_f32<BF16>(a.out[i * a.o_rs + e]) * to_f32<BF16>(a.dout[i * a.do_rs + e]);
+    sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+    sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+    dlt[r] = sum;
+    if (t == 0 && i < a.vis.L) a.delta[i * a.delta_rs] = sum;
+  }
+
+  float acc[HEAD_DIM / 8][4];
+#pragma unroll
+  for (int d = 0; d < HEAD_DIM / 8; ++d) acc[d][0] = acc[d][1] = acc[d][2] = acc[d][3] = 0.f;
+  i64 lo, hi;
+  a.vis.key_range(a.first, m_last + 1, lo, hi);
+  for (i64 n0 = lo / BLOCK_N * BLOCK_N; n0 < hi; n0 += BLOCK_N) {
+    stage_tile<HEAD_DIM, BLOCK_N>(k_tile, a.k, a.k_rs, n0, a.vis.S, a.E, vec);
+    stage_tile<HEAD_DIM, BLOCK_N>(v_tile, a.v, a.v_rs, n0, a.vis.S, a.Ev, vec);
+    cp_async_commit();
+    cp_async_wait<0>();
+    __syncthreads();
+    float s[NTILES][4], dp[NTILES][4];
+    product_abt<HEAD_DIM, NTILES, BF16>(s, qf, k_tile, lane);
+    product_abt<HEAD_DIM, NTILES, BF16>(dp, df, v_tile, lane);
+
+    const bool full = a.mask.kind == MASK_NONE && a.vis.tile_full(a.first, m_last + 1 - a.first, n0, BLOCK_N);
+    u32 sf[NTILES][2];  // dS as the A operand of dS K
+#pragma unroll
+    for (int nt = 0; nt < NTILES; ++nt) {
+      float ds[4];
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        const i64 i = row0 + r * 8, j0 = n0 + nt * 8 + 2 * t;
+        bool keep[2] = {true, true};
+        if (a.dropout) a.drop.keep_pair(a.bh, (u32)i, (u32)j0, keep[0], keep[1]);
+#pragma unroll
+        for (int c = 0; c < 2; ++c) {
+          const i64 j = j0 + c;
+          float v = s[nt][2 * r + c] * a.scale;
+          if (!full) v = masked_score(a.vis, a.mask, i, j, v);
+          float d = 0.f;
+          if (live[r] && v != -CUSDPA_INF) {
+            const float p = exp2f(__fmul_rn(v, LOG2E) - lse2[r]);
+            const float z = !a.dropout ? 1.f : keep[c] ? a.rescale : 0.f;
+            d = p * (dp[nt][2 * r + c] * z - dlt[r]);
+            if (a.dmask != nullptr) store_mask_grad(a.dmask, a.mask.kind, i * a.dmask_rs + j * a.dmask_cs, d);
+          }
+          ds[2 * r + c] = d;
+        }
+      }
+      sf[nt][0] = pack2<BF16>(ds[0], ds[1]);
+      sf[nt][1] = pack2<BF16>(ds[2], ds[3]);
+    }
+    // Zero K's non-finite values for dS K, where a row that does not see key j meets k_j with weight 0. On a
+    // full tile every row sees every key: a non-finite k_j makes every row's dQ non-finite anyway.
+    if (!full) {
+      __syncthreads();  // every warp has read K for S
+      for (int c = threadIdx.x; c < BLOCK_N * (HEAD_DIM / 8); c += EFF_THREADS) {
+        uint4* at = reinterpret_cast<uint4*>(k_tile + (c / (HEAD_DIM / 8)) * STRIDE + (c % (HEAD_DIM / 8)) * 8);
+        uint4 w = *at;
+        u32* h = reinterpret_cast<u32*>(&w);
+        bool changed = false;
+#pragma unroll
+        for (int x = 0; x < 4; ++x) {
+          const u32 lo16 = non_finite<BF16>(h[x]) ? 0u : (h[x] & 0xffffu);
+          const u32 hi16 = non_finite<BF16>(h[x] >> 16) ? 0u : (h[x] & 0xffff0000u);
+          changed |= (lo16 | hi16) != h[x];
+          h[x] = lo16 | hi16;
+        }
+        if (changed) *at = w;
+      }
+      __syncthreads();
+    }
+    product_pb<HEAD_DIM, NTILES, BF16>(acc, sf, k_tile, lane);
+    __syncthreads();  // every warp is done with both tiles before the next ones are staged
+  }
+  store_rows<HEAD_DIM, BF16>(a.dx, a.dx_rs, acc, a.scale, row0, a.vis.L, a.E, t);
+}
+
+template <int HEAD_DIM, bool BF16>
+__device__ void backward_dkdv(const BwdArgs& a) {
+  constexpr int STRIDE = HEAD_DIM + 8, KSTEPS = HEAD_DIM / 16;
+  constexpr int BLOCK_M = 32, QT = BLOCK_M / 8;  // queries per step
+  static_assert(KSTEPS % 2 == 0, "head dims of whole 32 columns");
+  __shared__ __align__(16) u16 v_tile[EFF_BLOCK_M * STRIDE];  // the block's V rows: dP^T = V dO^T's A operand
+  __shared__ __align__(16) u16 q_tile[BLOCK_M * STRIDE];
+  __shared__ __align__(16) u16 do_tile[BLOCK_M * STRIDE];
+  __shared__ float lse_tile[BLOCK_M], delta_tile[BLOCK_M];  // lse in the log2 domain
+
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, g = lane / 4, t = lane % 4;
+  const i64 key0 = a.first + warp * 16 + g;  // this thread's keys: key0 and key0 + 8
+  const i64 n_last = min(a.vis.S, a.first + EFF_BLOCK_M) - 1;
+  u32 kf[KSTEPS][4];
+  load_a_fragments<KSTEPS>(kf, a.k, a.k_rs, key0, a.vis.S, a.E, t);
+  stage_tile<HEAD_DIM, EFF_BLOCK_M>(v_tile, a.v, a.v_rs, a.first, a.vis.S, a.Ev, vectorizable(a.v, a.v_rs, a.Ev));
+  cp_async_commit();
+
+  float dk[HEAD_DIM / 8][4], dv[HEAD_DIM / 8][4];
+#pragma unroll
+  for (int d = 0; d < HEAD_DIM / 8; ++d) {
+    dk[d][0] = dk[d][1] = dk[d][2] = dk[d][3] = 0.f;
+    dv[d][0] = dv[d][1] = dv[d][2] = dv[d][3] = 0.f;
+  }
+  i64 lo, hi;
+  a.vis.query_range(a.first, n_last + 1, lo, hi);
+  const int mask_bytes = mask_element_bytes(a.mask.kind);
+  for (int hh = 0; hh < a.group; ++hh) {
+    const u16* qh = a.q + hh * a.head_q;
+    const u16* doh = a.dout + hh * a.head_do;
+    const float* lse_h = a.lse + hh * a.head_lse;
+    const float* delta_h = a.delta + hh * a.head_delta;
+    const MaskView mask{a.mask.p + hh * a.head_mask * mask_bytes, a.mask.rs, a.mask.cs, a.mask.kind};
+    const u32 bh = a.bh + hh;
+    const bool vec = vectorizable(qh, a.q_rs, a.E) && vectorizable(doh, a.do_rs, a.Ev);
+    for (i64 m0 = lo / BLOCK_M * BLOCK_M; m0 < hi; m0 += BLOCK_M) {
+      stage_tile<HEAD_DIM, BLOCK_M>(q_tile, qh, a.q_rs, m0, a.vis.L, a.E, vec);
+      stage_tile<HEAD_DIM, BLOCK_M>(do_tile, doh, a.do_rs, m0, a.vis.L, a.Ev, vec);
+      cp_async_commit();
+      if (threadIdx.x < BLOCK_M) {
+        const i64 i = m0 + threadIdx.x;
+        lse_tile[threadIdx.x] = i < a.vis.L ? __fmul_rn(lse_h[i * a.lse_rs], LOG2E) : -CUSDPA_INF;
+        delta_tile[threadIdx.x] = i < a.vis.L ? delta_h[i * a.delta_rs] : 0.f;
+      }
+      cp_async_wait<0>();
+      __syncthreads();
+      // rows that see no key read as zeros in the gradient products (P is 0 there, but 0 * NaN is NaN)
+      for (int c = threadIdx.x; c < BLOCK_M * (HEAD_DIM / 8); c += EFF_THREADS) {
+        const int r = c / (HEAD_DIM / 8), e = (c % (HEAD_DIM / 8)) * 8;
+        if (lse_tile[r] == -CUSDPA_INF) {
+          *reinterpret_cast<uint4*>(q_tile + r * STRIDE + e) = make_uint4(0u, 0u, 0u, 0u);
+          *reinterpret_cast<uint4*>(do_tile + r * STRIDE + e) = make_uint4(0u, 0u, 0u, 0u);
+        }
+      }
+      __syncthreads();
+
+      float st[QT][4], dpt[QT][4];
+      product_abt<HEAD_DIM, QT, BF16>(st, kf, q_tile, lane);
+      {
+        // dP^T = V dO^T, V's A fragments from shared memory (rows warp*16.., k-steps ks and ks + 1)
+#pragma unroll
+        for (int nt = 0; nt < QT; ++nt) dpt[nt][0] = dpt[nt][1] = dpt[nt][2] = dpt[nt][3] = 0.f;
+#pragma unroll
+        for (int ks = 0; ks < KSTEPS; ++ks) {
+          u32 vf[4];
+          ldmatrix_x4(vf, v_tile + (warp * 16 + (lane / 8 % 2) * 8 + lane % 8) * STRIDE + ks * 16 + (lane / 16) * 8);
+#pragma unroll
+          for (int nt = 0; nt < QT; nt += 2) {
+            // dO rows nt*8.. and (nt+1)*8.., head dims ks*16 + {0, 8}: B fragments of two n8 tiles
+            u32 b[4];
+            ldmatrix_x4(b, do_tile + (nt * 8 + (lane / 16) * 8 + lane % 8) * STRIDE + ks * 16 + (lane / 8 % 2) * 8);
+            mma_16816<BF16>(dpt[nt], vf, b[0], b[1]);
+            mma_16816<BF16>(dpt[nt + 1], vf, b[2], b[3]);
+          }
+        }
+      }
+      const bool full = a.mask.kind == MASK_NONE && a.vis.tile_full(m0, BLOCK_M, a.first, EFF_BLOCK_M);
+      u32 pf[QT][2], sf[QT][2];  // (P o Z)^T and dS^T as A operands
+#pragma unroll
+      for (int nt = 0; nt < QT; ++nt) {
+        float pz[4], ds[4];
+#pragma unroll
+        for (int x = 0; x < 4; ++x) {
+          const i64 j = key0 + (x / 2) * 8, col = nt * 8 + 2 * t + (x % 2), i = m0 + col;
+          float v = st[nt][x] * a.scale;
+          if (!full) v = masked_score(a.vis, mask, i, j, v);
+          float p = 0.f, d = 0.f;
+          if (lse_tile[col] != -CUSDPA_INF && v != -CUSDPA_INF) {
+            p = exp2f(__fmul_rn(v, LOG2E) - lse_tile[col]);
+            const float z = !a.dropout ? 1.f : a.drop.keep(bh, (u32)i, (u32)j) ? a.rescale : 0.f;
+            d = p * (dpt[nt][x] * z - delta_tile[col]);
+            p *= z;
+          }
+          pz[x] = p;
+          ds[x] = d;
+        }
+        pf[nt][0] = pack2<BF16>(pz[0], pz[1]);
+        pf[nt][1] = pack2<BF16>(pz[2], pz[3]);
+        sf[nt][0] = pack2<BF16>(ds[0], ds[1]);
+        sf[nt][1] = pack2<BF16>(ds[2], ds[3]);
+      }
+      if (a.want_dv) product_pb<HEAD_DIM, QT, BF16>(dv, pf, do_tile, lane);
+      if (a.want_dk) product_pb<HEAD_DIM, QT, BF16>(dk, sf, q_tile, lane);
+      __syncthreads();  // every warp is done with this step's tiles before the next ones are staged
+    }
+  }
+  cp_async_wait<0>();  // no step ran: the V tile's copies still end before the block does
+  if (a.want_dk) store_rows<HEAD_DIM, BF16>(a.dx, a.dx_rs, dk, a.scale, key0, a.vis.S, a.E, t);
+  if (a.want_dv) store_rows<HEAD_DIM, BF16>(a.dv, a.dv_rs, dv, 1.f, key0, a.vis.S, a.Ev, t);
+}
+
+}  // namespace efficient
+
+// The C-ABI entries the Numba kernels call (one of them per module: EFF_DQ or not); EFF_NAME, EFF_HEAD_DIM,
+// EFF_BLOCK_N and EFF_BF16 come in front of this source from kernels_numba.tensor_core. Pointers travel as
+// integers, strides in elements; each returns 0 (Numba's C ABI would lower a void result to a pointer).
+extern "C" __device__ int EFF_NAME(
+    unsigned long long q, long long q_rs, unsigned long long k, long long k_rs, unsigned long long v,
+    long long v_rs, unsigned long long dout, long long do_rs, unsigned long long out, long long o_rs,
+    unsigned long long lse, long long lse_rs, unsigned long long delta, long long delta_rs, unsigned long long dx,
+    long long dx_rs, unsigned long long dv, long long dv_rs, unsigned long long dmask, long long dmask_rs,
+    long long dmask_cs, unsigned long long mask, long long mask_rs, long long mask_cs, long long mask_kind,
+    long long head_q, long long head_do, long long head_lse, long long head_delta, long long head_mask,
+    long long first, long long L, long long S, long long E, long long Ev, long long shift, long long left,
+    long long right, float scale, long long dropout, long long bh, long long group, long long want_dk,
+    long long want_dv, long long seed_lo, long long seed_hi, long long offset, long long threshold,
+    float rescale) {
+  using namespace efficient;
+  BwdArgs a;
+  a.q = (const u16*)q;
+  a.k = (const u16*)k;
+  a.v = (const u16*)v;
+  a.dout = (const u16*)dout;
+  a.out = (const u16*)out;
+  a.q_rs = q_rs;
+  a.k_rs = k_rs;
+  a.v_rs = v_rs;
+  a.do_rs = do_rs;
+  a.o_rs = o_rs;
+  a.lse = (const float*)lse;
+  a.lse_rs = lse_rs;
+  a.delta = (float*)delta;
+  a.delta_rs = delta_rs;
+  a.dx = (u16*)dx;
+  a.dx_rs = dx_rs;
+  a.dv = (u16*)dv;
+  a.dv_rs = dv_rs;
+  a.dmask = (unsigned char*)dmask;
+  a.dmask_rs = dmask_rs;
+  a.dmask_cs = dmask_cs;
+  a.head_q = head_q;
+  a.head_do = head_do;
+  a.head_lse = head_lse;
+  a.head_delta = head_delta;
+  a.head_mask = head_mask;
+  a.first = first;
+  a.group = (int)group;
+  a.want_dk = want_dk != 0;
+  a.want_dv = want_dv != 0;
+  a.set(mask, mask_rs, mask_cs, mask_kind, E, Ev, L, S, shift, left, right, scale, dropout, bh, seed_lo, seed_hi,
+        offset, threshold, rescale);
+#if EFF_DQ
+  backward_dq<EFF_HEAD_DIM, EFF_BLOCK_N, EFF_BF16>(a);
+#else
+  backward_dkdv<EFF_HEAD_DIM, EFF_BF16>(a);
+#endif
+  return 0;
+}
