@@ -31,6 +31,16 @@ _ARGS = ("int64, int64, int64, int64, int64, int64, int64, int64, int64, int64, 
          "int64, int64, int64, int64, int64, int64, int64, int64, float32, int64, int64, int64, int64, int64, "
          "int64, float32")
 
+# The backward's C entries (efficient_bwd.cuh, EFF_NAME): 49 parameters, pointers as int64 addresses.
+_BWD_ARGS = ", ".join(["int64"] * 38 + ["float32"] + ["int64"] * 9 + ["float32"])
+BWD_BLOCK_N = 64  # keys per dk/dv block (efficient_bwd.cuh: EFF_BLOCK_M, 16 per warp)
+
+
+def dq_block_n(head_dim: int) -> int:
+    """Keys per tile of the dq kernel: 32 over head dim 64 keeps S and dP (2 x 16 registers) beside Q, dO and
+    dQ's fragments (3 x head_dim / 4)."""
+    return 64 if head_dim <= 64 else 32
+
 
 def reasons(pr) -> list[str]:
     """Why the tensor_core variant cannot run ``pr`` (empty: it can)."""
@@ -55,12 +65,23 @@ def head_dim_for(E: int, Ev: int) -> int:
     return next(d for d in HEAD_DIMS if d >= max(E, Ev))
 
 
+def tile_loop_source(head_dim: int, bf16: bool, kind: str) -> tuple[str, str]:
+    """(C entry name, CUDA source) of one tile loop: ``kind`` "forward", "dq" or "dkdv", for a padded head
+    dim of HEAD_DIMS; tests/test_efficient_sim.py compiles every one with NVRTC on the CPU."""
+    name = f"efficient_{kind}_{'bf16' if bf16 else 'f16'}_d{head_dim}"
+    block_n = BLOCK_N if kind == "forward" else dq_block_n(head_dim)
+    defines = (f"#define EFF_NAME {name}\n#define EFF_HEAD_DIM {head_dim}\n#define EFF_BLOCK_N {block_n}\n"
+               f"#define EFF_BF16 {'true' if bf16 else 'false'}\n")
+    if kind == "forward":
+        return name, defines + kernels_cuda.source("efficient_fwd.cuh")
+    return name, defines + f"#define EFF_DQ {int(kind == 'dq')}\n" + kernels_cuda.source("efficient_bwd.cuh")
+
+
 @functools.cache
-def _tile_loop(head_dim: int, bf16: bool):
-    name = f"efficient_forward_{'bf16' if bf16 else 'f16'}_d{head_dim}"
-    source = (f"#define EFF_NAME {name}\n#define EFF_HEAD_DIM {head_dim}\n#define EFF_BLOCK_N {BLOCK_N}\n"
-              f"#define EFF_BF16 {'true' if bf16 else 'false'}\n" + kernels_cuda.source("efficient_fwd.cuh"))
-    return cuda.declare_device(name, f"int32({_ARGS})", link=[cuda.CUSource(source, name=f"{name}.cu")], abi="c")
+def _tile_loop(head_dim: int, bf16: bool, kind: str = "forward"):
+    name, source = tile_loop_source(head_dim, bf16, kind)
+    args = _ARGS if kind == "forward" else _BWD_ARGS
+    return cuda.declare_device(name, f"int32({args})", link=[cuda.CUSource(source, name=f"{name}.cu")], abi="c")
 
 
 @device.inline
@@ -142,29 +163,9 @@ def forward(pr, views, out_v, lse_v, device, structure):
                      left, right, pr.dropout_p > 0, seed_lo, seed_hi, offset, threshold, rescale))
 
 
-# The backward's C entries (efficient_bwd.cuh, EFF_NAME): 49 parameters, pointers as int64 addresses.
-_BWD_ARGS = ", ".join(["int64"] * 38 + ["float32"] + ["int64"] * 9 + ["float32"])
-BWD_BLOCK_N = 64  # keys per dk/dv block (efficient_bwd.cuh: EFF_BLOCK_M, 16 per warp)
-
-
-def dq_block_n(head_dim: int) -> int:
-    """Keys per tile of the dq kernel: 32 over head dim 64 keeps S and dP (2 x 16 registers) beside Q, dO and
-    dQ's fragments (3 x head_dim / 4)."""
-    return 64 if head_dim <= 64 else 32
-
-
-@functools.cache
-def _bwd_tile_loop(head_dim: int, bf16: bool, dq: bool):
-    name = f"efficient_backward_{'dq' if dq else 'dkdv'}_{'bf16' if bf16 else 'f16'}_d{head_dim}"
-    source = (f"#define EFF_NAME {name}\n#define EFF_HEAD_DIM {head_dim}\n#define EFF_BLOCK_N {dq_block_n(head_dim)}\n"
-              f"#define EFF_BF16 {'true' if bf16 else 'false'}\n#define EFF_DQ {int(dq)}\n"
-              + kernels_cuda.source("efficient_bwd.cuh"))
-    return cuda.declare_device(name, f"int32({_BWD_ARGS})", link=[cuda.CUSource(source, name=f"{name}.cu")], abi="c")
-
-
 @functools.cache
 def _dq_kernel(head_dim: int, bf16: bool):
-    tile_loop = _bwd_tile_loop(head_dim, bf16, True)
+    tile_loop = _tile_loop(head_dim, bf16, "dq")
 
     @cuda.jit
     def attention_dq_tc(q, qs, k, ks, v, vs, dout, dos, out, os_, lse, ls, delta, dls, dq, dqs, dmask, dms, mask, ms,
@@ -200,7 +201,7 @@ def _dq_kernel(head_dim: int, bf16: bool):
 
 @functools.cache
 def _dkdv_kernel(head_dim: int, bf16: bool):
-    tile_loop = _bwd_tile_loop(head_dim, bf16, False)
+    tile_loop = _tile_loop(head_dim, bf16, "dkdv")
 
     @cuda.jit
     def attention_dkdv_tc(q, qs, k, ks, v, vs, dout, dos, lse, ls, delta, dls, dk, dks, dv, dvs, mask, ms, mask_kind,

@@ -107,6 +107,22 @@ def test_every_kernel_configuration_compiles_with_nvrtc():
     assert not errors, "\n\n".join(errors)
 
 
+def test_efficient_tile_loops_compile_with_nvrtc():
+    """The EFFICIENT backend's linked CUDA C (kernels_cuda/efficient_*.cuh): every tile loop it can link, forward,
+    dq and dk/dv at each padded head dim and element type, compiles as Numba compiles it (NVRTC, no headers,
+    relocatable device code)."""
+    pytest.importorskip("cuda.bindings.nvrtc")
+    from kernels_numba import tensor_core
+
+    errors = []
+    for head_dim, bf16, kind in itertools.product(tensor_core.HEAD_DIMS, (False, True), ("forward", "dq", "dkdv")):
+        name, source = tensor_core.tile_loop_source(head_dim, bf16, kind)
+        log = _nvrtc_compile(source, ("-rdc=true", "-std=c++17"), "sm_80")
+        if log is not None:
+            errors.append(f"{name}:\n{log[-2000:]}")
+    assert not errors, "\n\n".join(errors)
+
+
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not installed")
 def test_every_kernel_configuration_compiles_with_nvcc(tmp_path):
     def compile_one(job):
