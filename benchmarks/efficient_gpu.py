@@ -2,7 +2,7 @@
 
     python benchmarks/efficient_gpu.py [--reps N] [--variant auto|portable|tensor_core] [--L L] [--numba-dispatch]
                                        [--dtypes float16 bfloat16 float32] [--head-dims 64 128] [--batch B]
-                                       [--hidden HQ_TIMES_E]
+                                       [--hidden HQ_TIMES_E] [--config sub=8 threads=8 ...]
 
 Shapes (issue 4): fp16 and bf16, E in {64, 128}, L = S = 4096, B = 4, Hq * E = 2048, causal and not (the
 EFFICIENT issue's fp32 shape, B = 4 H = 16 L = S = 2048 E = 64: --dtypes float32 --head-dims 64 --L 2048
@@ -68,7 +68,11 @@ def main(argv=None) -> int:
     parser.add_argument("--head-dims", type=int, nargs="+", default=[64, 128])
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--hidden", type=int, default=2048, help="Hq * E")
+    parser.add_argument("--config", nargs="*", default=[], metavar="FIELD=INT",
+                        help="KernelConfig's integer knobs for every call, checked before timed (threads, sub, chunk, "
+                             "smem_bytes)")
     args = parser.parse_args(argv)
+    knobs = {name: int(value) for name, value in (item.split("=", 1) for item in args.config)}
 
     import cupy as cp
     import torch
@@ -79,7 +83,8 @@ def main(argv=None) -> int:
     from cusdpa import Backend
 
     print(f"GPU: {torch.cuda.get_device_name()}  torch {torch.__version__}  cupy {cp.__version__}")
-    with kernels_numba.configured(kernels_numba.KernelConfig(variant=args.variant)):
+    cfg = kernels_numba.KernelConfig(variant=args.variant, prepared_launches=not args.numba_dispatch, **knobs)
+    with kernels_numba.configured(cfg):
         failures = check(cp)
     print("correctness: " + ("ok" if not failures else "FAILED\n  " + "\n  ".join(failures)))
     if failures:
@@ -95,7 +100,6 @@ def main(argv=None) -> int:
                 inputs = [[torch.randn(B, H, L, E, device="cuda", dtype=_torch_dtype(torch, dtype))
                            for _ in range(4)] for _ in range(3)]
                 cu_inputs = [[cp.from_dlpack(x) for x in group] for group in inputs]
-                cfg = kernels_numba.KernelConfig(variant=args.variant, prepared_launches=not args.numba_dispatch)
 
                 def ours_fwd(q, k, v, dout):
                     with kernels_numba.configured(cfg), cusdpa.sdpa_kernel([Backend.EFFICIENT]):
@@ -125,7 +129,8 @@ def main(argv=None) -> int:
                 rows.append(row)
                 print(f"{dtype} E={E} causal={causal}: fwd {t_ours * 1e3:.2f} ms (torch {t_torch * 1e3:.2f}), "
                       f"bwd {t_ours_b * 1e3:.2f} ms (torch {t_torch_b * 1e3:.2f})", flush=True)
-    print(f"\nEFFICIENT ({args.variant}) vs torch EFFICIENT_ATTENTION, B={B} L=S={L} Hq*E=2048, TFLOP/s")
+    print(f"\nEFFICIENT ({args.variant}{' ' + ' '.join(args.config) if args.config else ''}) vs torch "
+          f"EFFICIENT_ATTENTION, B={B} L=S={L} Hq*E={args.hidden}, TFLOP/s")
     print(f"{'dtype':9s} {'E':>4s} {'causal':>6s} | {'fwd':>7s} {'torch':>7s} {'ratio':>6s} | "
           f"{'bwd':>7s} {'torch':>7s} {'ratio':>6s}")
     for dtype, E, causal, f, tf, b, tb in rows:

@@ -11,7 +11,8 @@
 # The machine has torch, CuPy, numba-cuda and triton but numpy 2.5, which numba-cuda 0.30 cannot import:
 # a numpy < 2.5 wheel travels in .whl (README of the device tool) and goes first on PYTHONPATH.
 # Stages: flash-tests, plans-tests, interop-tests, efficient-tests, efficient-short (EFFICIENT at L = 1024, through
-# Numba's dispatcher and through prepared launches), efficient-fp32 (the EFFICIENT issue's fp32 shape), decode-tests (the KV cache on the GPU), fidelity-tests (PyTorch's behaviours, non-finite
+# Numba's dispatcher and through prepared launches), efficient-fp32 (the EFFICIENT issue's fp32 shape; efficient-fp32-tiles: the portable kernels' register tiles swept there), efficient-ncu (the tensor_core
+# backward's dq and dk/dv kernels under ncu, bf16 E = 128 L = 4096), decode-tests (the KV cache on the GPU), fidelity-tests (PyTorch's behaviours, non-finite
 # inputs, the flash-attention slot, Hugging Face models), fuzz (60 s of random cases against the
 # reference), sanitize (every kernel family under compute-sanitizer's four tools), sweep, sweep-module (the
 # tutorial module's attention shape), hopper-fwd (the Hopper forward issue's points against cuDNN: the grid
@@ -49,6 +50,11 @@ command_of() {  # the command of stage $1, into the array cmd
                           done') ;;
     efficient-fp32) cmd=(python3 benchmarks/efficient_gpu.py --dtypes float32 --head-dims 64 --L 2048 --hidden 1024
                          --reps 5) ;;
+    efficient-ncu) cmd=(bash -c 'for k in attention_dq_tc attention_dkdv_tc; do bash benchmarks/ncu_profile.sh $k 6 -- \
+                        python3 benchmarks/efficient_gpu.py --L 4096 --reps 1 --dtypes bfloat16 --head-dims 128; done') ;;
+    efficient-fp32-tiles) cmd=(bash -c 'for c in "sub=4" "sub=8 threads=8" "sub=6 threads=8" "sub=4 threads=8"; do
+                               python3 benchmarks/efficient_gpu.py --dtypes float32 --head-dims 64 --L 2048 --hidden 1024 \
+                                 --reps 5 --config $c | tail -n 4; done') ;;
     decode-tests) cmd=(python3 -m pytest -q -m "gpu and not slow" -p no:cacheprovider tests/test_decode_gpu.py
                        tests/test_interop_gpu.py tests/test_flash_attn_compat.py -k "decode or kv_cache or kvcache") ;;
     fuzz) cmd=(python3 -m cusdpa check --fuzz 60) ;;
