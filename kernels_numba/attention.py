@@ -171,9 +171,10 @@ def backward(pr, out, lse, dout, grads=None, config=None):
     A float mask's gradient is computed when ``grads`` is None or holds a fourth array for it (the torch op
     passes three when the mask requires no gradient).
 
-    The tensor_core variant (fp16/bf16 where its forward runs, q, k and v not broadcast over batch dims)
-    takes delta = rowsum(dout * out) as FlashAttention does; the portable kernels sum rowsum(P * dP) in fp32
-    and do not read ``out`` (see gradients.py).
+    The tensor_core variant runs where its forward does (fp16/bf16) and q, k and v are not broadcast over
+    batch dims. delta is rowsum(dout * out), as FlashAttention takes it, except where a broadcast float mask's
+    gradient needs it exact or ``out`` is None: the portable dq kernel then sums rowsum(P * dP) in fp32 (see
+    gradients.py).
     """
     cfg = config or config_module.current()
     xp = pr.xp
@@ -222,23 +223,28 @@ def backward(pr, out, lse, dout, grads=None, config=None):
         dmask_direct = dshape == full6
     structure = _structure_args(pr)
     device = layout.device_of(pr.q)
-    # A broadcast float mask's gradient sums dS over scores, where sum_j dS_ij = rowsum(P * dP) - delta_i
-    # cancels: delta from the rounded output (the tensor_core kernels') leaves its rounding error there
-    # (measured: 1.7e-3 against PyTorch's 7e-7 on a (L, 1) mask), so the portable kernels take that case.
-    if out is not None and reps_q == reps_k == reps_v == 1 and not (want_dmask and not dmask_direct) and \
-            variant_for(pr, cfg) == "tensor_core":
+    # delta = rowsum(dout * out), FlashAttention's, except for a broadcast float mask's gradient: it sums dS
+    # over scores, where sum_j dS_ij = rowsum(P * dP) - delta_i cancels, and delta from the rounded output
+    # leaves its rounding error there (measured: 1.7e-3 against PyTorch's 7e-7 on a (L, 1) mask); the
+    # portable dq kernel then sums rowsum(P * dP) itself.
+    delta_from_out = out is not None and not (want_dmask and not dmask_direct)
+    out_v = None
+    if delta_from_out:
         out_v = _rows_view(pr, plan, out, None) if varlen else \
             _rows_view(pr, plan, out.reshape(full5 + (pr.Ev,)), (pr.hq, pr.L, pr.Ev))
-        if all(x.strides[-1] == x.itemsize for x in (dout_v, out_v)):
-            tensor_core.backward(pr, views, (dout_v, out_v, lse_v, delta_v, dq_v, dk_v, dv_v),
-                                 dmask_v if dmask_direct else None, device, structure)
-            return _deliver(xp, targets, grads)
+    if delta_from_out and reps_q == reps_k == reps_v == 1 and variant_for(pr, cfg) == "tensor_core" and \
+            all(x.strides[-1] == x.itemsize for x in (dout_v, out_v)):
+        tensor_core.backward(pr, views, (dout_v, out_v, lse_v, delta_v, dq_v, dk_v, dv_v),
+                             dmask_v if dmask_direct else None, device, structure)
+        return _deliver(xp, targets, grads)
     q, k, v, mask, dout_b = (layout.bits(x) for x in (views.q, views.k, views.v, views.mask, dout_v))
     reads = (q, k, v, mask, dout_b, lse_v, delta_v)
-    launcher.launch(gradients.dq_kernel(dq_spec, dmask_direct), (n_own_q * pr.hq, cdiv(pr.L, dq_spec.block_m)),
-                    threads, device,
-                    (*reads, layout.bits(dq_v), layout.bits(dmask_v), views.cu_q, views.cu_k, views.nb1, views.nb2,
-                     own_q[1], own_q[2], reps_q, pr.hq, pr.group, pr.L, pr.S, pr.E, pr.Ev, pr.scale, *structure))
+    out_b = layout.bits(out_v) if delta_from_out else dout_b  # dout stands in where out is not read
+    launcher.launch(gradients.dq_kernel(dq_spec, dmask_direct, delta_from_out),
+                    (n_own_q * pr.hq, cdiv(pr.L, dq_spec.block_m)), threads, device,
+                    (*reads[:5], out_b, *reads[5:], layout.bits(dq_v), layout.bits(dmask_v), views.cu_q, views.cu_k,
+                     views.nb1, views.nb2, own_q[1], own_q[2], reps_q, pr.hq, pr.group, pr.L, pr.S, pr.E, pr.Ev,
+                     pr.scale, *structure))
     dkdv = gradients.dkdv_kernel(dkdv_spec)
     launches = [(own_k, n_own_k, reps_k, True, True)] if own_k == own_v else \
         [(own_k, n_own_k, reps_k, True, False), (own_v, n_own_v, reps_v, False, True)]

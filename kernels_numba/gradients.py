@@ -2,11 +2,12 @@
 
 Two kernels, FlashAttention-2's split, deterministic (no atomics: every run gives the same bits):
 
-- dq (one block per BLOCK_M query rows): walks the key tiles twice. Pass 0 sums
-  delta_i = rowsum(P * dP) (written out for the dk/dv kernel); pass 1 forms dS = P * (dP - delta_i)
-  and accumulates dQ += dS K. FlashAttention takes delta from rowsum(dout * out), one pass cheaper,
-  but out is rounded to the input dtype and that rounding (2**-9 relative in bf16) lands in every
-  gradient; summed in fp32 from P and dP, the gradients stay as accurate as an fp32 reference.
+- dq (one block per BLOCK_M query rows): forms dS = P * (dP - delta_i) per key tile and accumulates
+  dQ += dS K; delta_i (written out for the dk/dv kernel) is FlashAttention's rowsum(dout * out), or,
+  where it must be exact, summed as rowsum(P * dP) in a first walk over the key tiles. Exact means a
+  broadcast float mask's gradient, a sum of dS over scores where sum_j dS_ij = rowsum(P * dP) - delta_i
+  cancels: delta from the output rounded to the input dtype (2**-9 relative in bf16) would leave that
+  rounding in it. The first walk costs two of the kernel's five tile products.
 - dk/dv (one block per BLOCK_N key rows): walks the query tiles of every query head of its GQA
   group and every problem batch its own batch element was broadcast to, accumulating
   dV += (P * Z)^T dO and dK += dS^T Q in registers.
@@ -195,24 +196,26 @@ def _tile_ops(spec: Spec):
 
 
 @functools.cache
-def dq_kernel(spec: Spec, dmask_direct: bool):
+def dq_kernel(spec: Spec, dmask_direct: bool, delta_from_out: bool):
     visible, key_range, _, sequence, batch_index, score, unmasked, contributor = _common(spec)
     score_tile, gradient_product, dropout_scale = _tile_ops(spec)
+    load = device.loader(spec.bf16)
     store = device.storer(spec.bf16)
     store_mask = device.storer(spec.mask_bf16)
     G, SUB_N, SUB_M, BLOCK_N, BLOCK_M = spec.threads, spec.sub_n, spec.sub_m, spec.block_n, spec.block_m
     HEAD_DIM, COLS = spec.head_dim, spec.head_dim // spec.threads
     STAGE = stage_floats(spec)
-    DROPOUT, DMASK_DIRECT = spec.dropout, dmask_direct
+    DROPOUT, DMASK_DIRECT, DELTA_FROM_OUT = spec.dropout, dmask_direct, delta_from_out
     DS_SHAPE = (BLOCK_N, BLOCK_M + 1)  # padded rows: a warp's column reads hit distinct banks
     dq_product = gradient_product(SUB_M, HEAD_DIM, BLOCK_N)
 
     @device.kernel(_max_registers(spec))
-    def attention_dq(q, k, v, mask, dout, lse, delta, dq, dmask, cu_q, cu_k, nb1, nb2, own1, own2, reps,
+    def attention_dq(q, k, v, mask, dout, out, lse, delta, dq, dmask, cu_q, cu_k, nb1, nb2, own1, own2, reps,
                      hq, group, L, S, E, Ev, scale, causal, lower_right, left, right, seed_lo, seed_hi, offset,
                      threshold, rescale):
         """dq_i = scale * sum_j dS_ij k_j for BLOCK_M query rows; q's own batch element sums every problem
-        batch it was broadcast to (``reps`` of them, decoded by batch_of). Writes delta."""
+        batch it was broadcast to (``reps`` of them, decoded by batch_of). Writes delta (out is read only
+        with DELTA_FROM_OUT)."""
         tid = cuda.threadIdx.x
         tr = tid // G
         tc = tid % G
@@ -250,9 +253,20 @@ def dq_kernel(spec: Spec, dmask_direct: bool):
                 lse_m[b] = lse[b0, b1, b2, h, q0 + i] if i < L_b else np.float32(NEG_INF)
                 delta_m[b] = np.float32(0.0)
             lo, hi = key_range(m_first, min(L_b, m_first + BLOCK_M) - 1, causal, shift, S_b, left, right)
-            # Pass 0 sums delta_i = rowsum(P * dP) (partial per thread in delta_m); pass 1 uses it.
+            if DELTA_FROM_OUT:  # partial sums of rowsum(dout * out): thread tr takes columns tr, tr + G, ...
+                ox = out[b0, b1, b2, h]
+                for b in range(SUB_M):
+                    i = m_first + tc + G * b
+                    if i < L_b and lse_m[b] != NEG_INF:
+                        e = tr
+                        while e < Ev:
+                            delta_m[b] += load(ox[q0 + i, e]) * load(dox[q0 + i, e])
+                            e += G
+            # Pass 0 sums delta_i's partials (over the key tiles: rowsum(P * dP)) and reduces them; pass 1
+            # uses delta_i.
             for phase in range(2):
-                for n0 in range(lo // BLOCK_N * BLOCK_N, hi, BLOCK_N):
+                n_end = lo // BLOCK_N * BLOCK_N if DELTA_FROM_OUT and phase == 0 else hi
+                for n0 in range(lo // BLOCK_N * BLOCK_N, n_end, BLOCK_N):
                     score_tile(s_acc, kx, k0 + n0, k0 + S_b, qx, q0 + m_first, q0 + L_b, E, buf, tid, tr, tc)
                     score_tile(dp_acc, vx, k0 + n0, k0 + S_b, dox, q0 + m_first, q0 + L_b, Ev, buf, tid, tr, tc)
                     for b in range(SUB_M):

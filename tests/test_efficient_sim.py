@@ -363,8 +363,9 @@ def test_portable_kernels_compile_for_sm90(name, monkeypatch):
             kernel = gradients.dkdv_kernel(spec)
             sig = arrays + (rows6, rows6, cu, cu) + (i,) * 5 + (b, b) + (i,) * 7 + structure
         else:
-            kernel = gradients.dq_kernel(spec, mask_kind == "float")
-            sig = arrays + (rows6, dmask6, cu, cu) + (i,) * 11 + structure
+            # delta from out (the default), or summed from P and dP (a broadcast float mask's gradient)
+            kernel = gradients.dq_kernel(spec, mask_kind == "float", mask_kind != "float")
+            sig = arrays[:5] + (rows6,) + arrays[5:] + (rows6, dmask6, cu, cu) + (i,) * 11 + structure
         ptx, _ = cuda.compile_ptx(kernel.py_func, sig, cc=(9, 0))
         assert ".target sm_90" in ptx
         ptxas = shutil.which("ptxas")
