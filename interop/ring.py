@@ -19,8 +19,9 @@ out and lse (its probabilities are then the global ones, P = exp(s - lse)), so t
 exact parts of the gradients; dq stays, and dk, dv accumulate as they travel with their k and v chunk,
 which reaches its owner after W sends.
 
-On CPU tensors (gloo) every step runs the NumPy reference through the same ops as CUDA tensors (NCCL),
-on FLASH or MATH (RING_BACKENDS).
+Every backend's backward takes the out and lse it is given (docs/DESIGN.md), so each runs the steps: on CUDA
+tensors (NCCL) FLASH, EFFICIENT (fp32, head dims FLASH does not take) or MATH, as dispatch chooses; on CPU
+tensors (gloo) the NumPy reference through the same ops, or EFFICIENT on Numba's CUDA simulator.
 """
 from __future__ import annotations
 
@@ -29,7 +30,6 @@ import math
 import torch
 import torch.distributed as dist
 
-from cusdpa.dispatch import Backend
 from cusdpa.errors import ArgumentError
 
 from . import arguments, ops
@@ -201,19 +201,14 @@ def _with_causal(values: tuple, causal: bool) -> tuple:
     return arguments.options(dropout_p, causal, scale, enable_gqa, "upper_left", None, softcap)
 
 
-# The backends whose backward takes the forward's out and lse as given (the contract of docs/DESIGN.md):
-# EFFICIENT's sums its softmax rows from its own probabilities, which over one chunk's keys are not the
-# whole row's.
-RING_BACKENDS = (Backend.FLASH, Backend.MATH)
-
-
 def ring_attention(query, key, value, *, group=None, is_causal=False, scale=None, enable_gqa=False, window=None,
                    layout="contiguous", backend=None):
     """This rank's chunk of attention over the sequence that the ranks of ``group`` (default: the world) hold
     in chunks (module docstring): query (B, Hq, L/W, E), key (B, Hkv, L/W, E), value (B, Hkv, L/W, Ev) of the
     same layout on every rank, returning (B, Hq, L/W, Ev), differentiable in query, key and value. Causal and
-    ``window=(left, right)`` are over global positions (upper-left: query i sees key j <= i). Every rank must
-    call it with the same options and shapes."""
+    ``window=(left, right)`` are over global positions (upper-left: query i sees key j <= i); ``backend`` as
+    ``scaled_dot_product_attention``'s (None: the enabled backends). Every rank must call it with the same
+    options and shapes."""
     if not dist.is_available() or not dist.is_initialized():
         raise ArgumentError("ring_attention needs an initialised torch.distributed process group")
     if layout not in LAYOUTS:
@@ -231,12 +226,7 @@ def ring_attention(query, key, value, *, group=None, is_causal=False, scale=None
         raise ArgumentError(f"layout='zigzag' needs an even local length (two half chunks), got {length}")
     group = group if group is not None else dist.group.WORLD
     rank, world = dist.get_rank(group), dist.get_world_size(group)
-    chosen = RING_BACKENDS if backend is None else [b for b in ([backend] if isinstance(backend, Backend) else backend)
-                                                    if b in RING_BACKENDS]
-    if not chosen:
-        raise ArgumentError(f"backend={backend!r}: ring attention runs on {', '.join(b.name for b in RING_BACKENDS)} "
-                            "(their backward takes the merged out and lse)")
-    values, backends = arguments.resolve(0.0, is_causal, scale, enable_gqa, "upper_left", window, 0.0, chosen)
+    values, backends = arguments.resolve(0.0, is_causal, scale, enable_gqa, "upper_left", window, 0.0, backend)
     window = None if values[5] is None else tuple(values[5])
     mine = segments(rank, world, length, layout)
     steps = tuple(_pairs(mine, segments((rank - s) % world, world, length, layout), values[1], window, query.device)

@@ -1,6 +1,6 @@
 """interop.ring_attention on CPU tensors over gloo: 2 and 4 ranks, each holding a chunk of the sequence,
 against full attention on one process (values and the gradients of q, k, v), causal and not, GQA,
-windows, both layouts."""
+windows, both layouts; on the NumPy reference, and on EFFICIENT under Numba's CUDA simulator."""
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -81,19 +81,47 @@ def test_causal_steps_need_no_mask(layout):
     assert (len(set(work)) == 1) == (layout == "zigzag"), work
 
 
-def test_ring_attention_refuses_backends_whose_backward_does_not_take_the_merged_lse(tmp_path):
-    import cusdpa
-    from cusdpa.errors import ArgumentError
-    from interop.ring import ring_attention
+def _run_efficient(rank: int, world: int, init: str):
+    """Ring attention on EFFICIENT (Numba's CUDA simulator: this process started with NUMBA_ENABLE_CUDASIM=1),
+    fp32, against full attention on MATH: its backward takes the merged out and lse as FLASH's does."""
+    import interop
+    import kernels_numba
+    from cusdpa import Backend
+    from cusdpa.verify.check import simulator_tiles
+    from interop.ring import positions, ring_attention
 
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
     try:
-        q = torch.zeros(1, 1, 4, 8)
-        with pytest.raises(ArgumentError, match="FLASH, MATH"):
-            ring_attention(q, q, q, backend=cusdpa.Backend.EFFICIENT)
-        assert ring_attention(q, q, q, backend=[cusdpa.Backend.EFFICIENT, cusdpa.Backend.MATH]).shape == q.shape
+        chunk = 4
+        for n, (options, layout, hq, hkv) in enumerate((CASES[1], CASES[3])):
+            g = torch.Generator().manual_seed(n)
+            L = chunk * world
+            q = torch.randn(1, hq, L, 8, generator=g, requires_grad=True)
+            k, v = (torch.randn(1, hkv, L, 8, generator=g, requires_grad=True) for _ in range(2))
+            dout = torch.randn(1, hq, L, 8, generator=g)
+            full = interop.scaled_dot_product_attention(q, k, v, enable_gqa=hq != hkv, backend=Backend.MATH, **options)
+            grads = torch.autograd.grad(full, (q, k, v), dout)
+            mine = positions(rank, world, chunk, layout)
+            local = [x.detach()[:, :, mine].clone().requires_grad_() for x in (q, k, v)]
+            with kernels_numba.configured(simulator_tiles()):  # the backward runs in this thread on CPU tensors
+                out = ring_attention(*local, enable_gqa=hq != hkv, layout=layout, backend=Backend.EFFICIENT,
+                                     **options)
+                out.backward(dout[:, :, mine])
+            torch.testing.assert_close(out, full.detach()[:, :, mine], rtol=1e-4, atol=1e-5,
+                                       msg=lambda m: f"case {n} rank {rank} out: {m}")
+            for name, x, want in zip("qkv", local, grads):
+                torch.testing.assert_close(x.grad, want[:, :, mine], rtol=1e-4, atol=1e-5,
+                                           msg=lambda m: f"case {n} rank {rank} d{name}: {m}")
     finally:
         dist.destroy_process_group()
+
+
+def test_ring_attention_runs_on_efficient(tmp_path, monkeypatch):
+    import torch.multiprocessing as mp
+
+    pytest.importorskip("numba")
+    monkeypatch.setenv("NUMBA_ENABLE_CUDASIM", "1")  # read by the spawned ranks when they first import numba
+    mp.spawn(_run_efficient, args=(2, f"file://{tmp_path / 'rendezvous'}"), nprocs=2, join=True)
 
 
 def test_pairs_are_decided_without_materialising_long_chunks():
