@@ -5,8 +5,9 @@ compute-sanitizer's memcheck, racecheck, synccheck and initcheck.
 
 FLASH: the Hopper wgmma forward (E = 64 and 128), the mma.sync forward (E = 40, E != Ev, and E = 64 with
 wgmma turned off), the backward's preprocess, dK/dV (whole and split in two passes for E = 256) and dQ
-kernels, with causal, window, GQA, dropout and varlen. EFFICIENT: the tensor_core and portable forwards,
-the dQ, dK/dV and mask-gradient kernels, with bool and float masks. Odd sizes, so every kernel runs partial
+kernels, with causal, window, GQA, dropout and varlen. EFFICIENT: the tensor_core forward and backward (dQ,
+dK/dV; E = 64 with a bool mask, E = 128 with GQA, dropout and lower-right causal), the portable forward, dQ,
+dK/dV and mask-gradient kernels, with bool and float masks. Odd sizes, so every kernel runs partial
 tiles. Each case is checked against the float64 reference, so a kernel that the sanitizer slows down or
 that reads garbage is also caught here.
 """
@@ -32,6 +33,8 @@ CASES = [  # (name, backend, dtype, (B, Hq, Hkv, L, S, E, Ev), options, mask kin
      None, "mma_sync"),
     ("efficient tensor_core bool mask", Backend.EFFICIENT, "float16", (2, 2, 2, 37, 51, 64, 64), {}, "bool",
      "tensor_core"),
+    ("efficient tensor_core E128 GQA dropout", Backend.EFFICIENT, "bfloat16", (1, 4, 2, 45, 70, 128, 128),
+     dict(dropout_p=0.2, is_causal=True, causal_variant="lower_right"), None, "tensor_core"),
     ("efficient portable float mask", Backend.EFFICIENT, "float32", (1, 2, 1, 29, 41, 72, 40), dict(is_causal=True),
      "float", "portable"),
     ("efficient portable dropout", Backend.EFFICIENT, "bfloat16", (1, 2, 2, 30, 30, 64, 64), dict(dropout_p=0.3),
