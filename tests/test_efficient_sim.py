@@ -314,6 +314,41 @@ def test_numpy_arrays_need_the_simulator_and_an_explicit_choice(rng):
     assert any("NUMBA_ENABLE_CUDASIM=1" in r for r in reasons), reasons
 
 
+@pytest.mark.parametrize("shapes, mask_shape, expect", [
+    (((2, 4, 9, 8), (2, 2, 11, 8)), None, "tensor_core"),
+    (((2, 4, 9, 8), (2, 2, 11, 8)), (2, 4, 9, 11), "tensor_core"),  # a float mask's gradient, one element a score
+    (((1, 4, 9, 8), (2, 2, 11, 8)), None, "portable from out"),  # dq sums over the problem's two batch elements
+    (((2, 4, 9, 8), (2, 2, 11, 8)), (9, 1), "portable from P dP"),  # a broadcast float mask's gradient
+])
+def test_backward_routes_to_the_variant_and_delta_that_serve_it(shapes, mask_shape, expect, monkeypatch, rng):
+    """Where the backward goes with the tensor_core variant chosen, without a GPU (launches recorded, not
+    issued): its own kernels where they apply; else the portable ones, with delta = rowsum(dout * out)
+    unless a broadcast float mask's gradient needs it summed from P and dP."""
+    from cusdpa import environment
+
+    if environment.simulator_enabled():
+        pytest.skip("this pytest process runs with NUMBA_ENABLE_CUDASIM=1")
+    from kernels_numba import attention, gradients, layout, tensor_core
+
+    routes = []
+    monkeypatch.setattr(layout, "device_of", lambda x: 0)
+    monkeypatch.setattr(attention, "variant_for", lambda pr, cfg: "tensor_core")
+    monkeypatch.setattr(attention.launcher, "launch", lambda *a: None)
+    monkeypatch.setattr(tensor_core, "backward", lambda *a: routes.append("tensor_core"))
+    real = gradients.dq_kernel
+    monkeypatch.setattr(gradients, "dq_kernel", lambda spec, direct, from_out: routes.append(
+        "portable from out" if from_out else "portable from P dP") or real(spec, direct, from_out))
+    (q_shape, k_shape) = shapes
+    q = rng.standard_normal(q_shape).astype(np.float16)
+    k, v = (rng.standard_normal(k_shape).astype(np.float16) for _ in range(2))
+    mask = None if mask_shape is None else rng.standard_normal(mask_shape).astype(np.float32)
+    pr = problem.from_dense(q, k, v, mask, problem.Options(enable_gqa=True))
+    out = np.zeros(pr.out_shape, np.float16)
+    lse = np.zeros(pr.lse_shape, np.float32)
+    attention.backward(pr, out, lse, out)
+    assert routes == [expect]
+
+
 SM90_CASES = {  # (dtype, head dim, mask kind, float mask dtype, dropout, varlen)
     "f16_d64_plain": ("float16", 64, None, None, False, False),  # the benchmark's shapes
     "f32_d128_bool_mask": ("float32", 128, "bool", None, False, False),
