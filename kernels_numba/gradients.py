@@ -208,6 +208,25 @@ def dq_kernel(spec: Spec, dmask_direct: bool, delta_from_out: bool):
     DROPOUT, DMASK_DIRECT, DELTA_FROM_OUT = spec.dropout, dmask_direct, delta_from_out
     DS_SHAPE = (BLOCK_N, BLOCK_M + 1)  # padded rows: a warp's column reads hit distinct banks
     dq_product = gradient_product(SUB_M, HEAD_DIM, BLOCK_N)
+    FIRST_PHASE = 1 if delta_from_out else 0  # a constant: the pass-0 code is not generated at all
+
+    @device.inline
+    def reduce_delta(delta_m, ds_tile, delta, b0, b1, b2, h, q0, m_first, L_b, tr, tc):
+        """delta_i from the per-thread partials: the G threads sharing a query column add theirs in a fixed
+        order (through ds_tile); written out for the dk/dv and dmask kernels, launched after."""
+        cuda.syncthreads()  # ds_tile is no longer read by the previous rep's dq product
+        for b in range(SUB_M):
+            ds_tile[tr, tc + G * b] = delta_m[b]
+        cuda.syncthreads()
+        for b in range(SUB_M):
+            total = np.float32(0.0)
+            for t in range(G):
+                total += ds_tile[t, tc + G * b]
+            delta_m[b] = total
+            i = m_first + tc + G * b
+            if tr == 0 and i < L_b:
+                delta[b0, b1, b2, h, q0 + i] = total
+        cuda.syncthreads()  # the partials are read before dS is written over them
 
     @device.kernel(_max_registers(spec))
     def attention_dq(q, k, v, mask, dout, out, lse, delta, dq, dmask, cu_q, cu_k, nb1, nb2, own1, own2, reps,
@@ -262,11 +281,11 @@ def dq_kernel(spec: Spec, dmask_direct: bool, delta_from_out: bool):
                         while e < Ev:
                             delta_m[b] += load(ox[q0 + i, e]) * load(dox[q0 + i, e])
                             e += G
-            # Pass 0 sums delta_i's partials (over the key tiles: rowsum(P * dP)) and reduces them; pass 1
-            # uses delta_i.
-            for phase in range(2):
-                n_end = lo // BLOCK_N * BLOCK_N if DELTA_FROM_OUT and phase == 0 else hi
-                for n0 in range(lo // BLOCK_N * BLOCK_N, n_end, BLOCK_N):
+                reduce_delta(delta_m, ds_tile, delta, b0, b1, b2, h, q0, m_first, L_b, tr, tc)
+            # Pass 0 (only without DELTA_FROM_OUT) sums delta_i's partials over the key tiles, rowsum(P * dP), and
+            # reduces them; pass 1 forms dS and dQ.
+            for phase in range(FIRST_PHASE, 2):
+                for n0 in range(lo // BLOCK_N * BLOCK_N, hi, BLOCK_N):
                     score_tile(s_acc, kx, k0 + n0, k0 + S_b, qx, q0 + m_first, q0 + L_b, E, buf, tid, tr, tc)
                     score_tile(dp_acc, vx, k0 + n0, k0 + S_b, dox, q0 + m_first, q0 + L_b, Ev, buf, tid, tr, tc)
                     for b in range(SUB_M):
@@ -295,20 +314,7 @@ def dq_kernel(spec: Spec, dmask_direct: bool, delta_from_out: bool):
                     if phase == 1:
                         dq_product(dq_acc, ds_tile, kx, k0 + n0, k0 + S_b, E, lse_m, False, True, buf, tid, tr, tc)
                 if phase == 0:
-                    # delta_i: the G threads sharing a query column add their partials in a fixed order.
-                    cuda.syncthreads()  # ds_tile is no longer read by the previous rep's dq product
-                    for b in range(SUB_M):
-                        ds_tile[tr, tc + G * b] = delta_m[b]
-                    cuda.syncthreads()
-                    for b in range(SUB_M):
-                        total = np.float32(0.0)
-                        for t in range(G):
-                            total += ds_tile[t, tc + G * b]
-                        delta_m[b] = total
-                        i = m_first + tc + G * b
-                        if tr == 0 and i < L_b:
-                            delta[b0, b1, b2, h, q0 + i] = total  # for the dk/dv and dmask kernels, launched after
-                    cuda.syncthreads()  # the partials are read before pass 1 writes dS over them
+                    reduce_delta(delta_m, ds_tile, delta, b0, b1, b2, h, q0, m_first, L_b, tr, tc)
         for a in range(SUB_M):
             i = m_first + tr * SUB_M + a
             if i < L_b:
