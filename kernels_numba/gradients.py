@@ -80,11 +80,14 @@ def stage_floats(spec: Spec) -> int:
 
 
 def _max_registers(spec: Spec) -> int:
-    """128 per thread lets two 256-thread blocks share an SM's 64K registers, so one block's loads and
-    barriers overlap the other's FMAs; ptxas would take ~250 otherwise (one block per SM) to hoist
-    address arithmetic. The hot loops stay spill-free at 128 (checked with ptxas/cuobjdump): the
-    spills land in the once-per-tile code."""
-    return min(128, 65536 // (spec.threads * spec.threads) // 8 * 8)
+    """Registers per thread that let two blocks share an SM's 64K, so one block's loads and barriers overlap
+    the other's FMAs: 128 at the default 16 x 16 threads, up to 255 for smaller blocks (8 x 8 threads with
+    8 x 8 register tiles need them); one block per SM where two would leave fewer than 64. ptxas would take
+    ~250 at 256 threads otherwise (one block per SM) to hoist address arithmetic. At the default the hot
+    loops stay spill-free (checked with ptxas/cuobjdump): the spills land in the once-per-tile code."""
+    threads = spec.threads * spec.threads
+    two_blocks = 65536 // (2 * threads)
+    return min(255, (two_blocks if two_blocks >= 64 else 65536 // threads) // 8 * 8)
 
 
 def _tile_ops(spec: Spec):
