@@ -1,7 +1,7 @@
 """CUDA C++ sources of cusdpa's kernels, compiled at run time by NVRTC: the FLASH kernels (through CuPy)
-and the forward tile loop that the EFFICIENT backend links into its Numba kernels, both built on one
-header of tensor-core helpers, Philox and visibility (``common.cuh``, which includes nothing, so the
-Numba-linked source compiles wherever Numba finds NVRTC, CUDA headers or not). The FLASH kernels add
+and the tile loops (forward and backward, efficient_*.cuh) that the EFFICIENT backend links into its Numba
+kernels, all built on one header of tensor-core helpers, Philox and visibility (``common.cuh``, which
+includes nothing, so the Numba-linked sources compile wherever Numba finds NVRTC, CUDA headers or not). The FLASH kernels add
 ``flash_common.cuh``: the element type from <cuda_fp16.h>/<cuda_bf16.h>, shared-memory tile loads and
 products, and the prologue that maps a CTA to its (batch, head) slice.
 

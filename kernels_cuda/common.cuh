@@ -1,5 +1,5 @@
-// Pieces shared by the FLASH kernels (through flash_common.cuh) and the EFFICIENT forward tile loop
-// (efficient_fwd.cuh): tensor-core fragments (mma.sync m16n8k16, ldmatrix), cp.async copies with zero
+// Pieces shared by the FLASH kernels (through flash_common.cuh) and the EFFICIENT tile loops (through
+// efficient_common.cuh): tensor-core fragments (mma.sync m16n8k16, ldmatrix), cp.async copies with zero
 // fill, the fp32 -> f16x2/bf16x2 packing, the Philox4x32-10 dropout keep test, and the visibility rule.
 //
 // Only NVRTC built-ins and inline PTX, no headers: the EFFICIENT source must compile wherever Numba finds
