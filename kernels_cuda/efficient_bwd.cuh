@@ -54,7 +54,7 @@ __device__ __forceinline__ void store_mask_grad(unsigned char* p, int kind, i64 
   }
 }
 
-__device__ __forceinline__ int mask_element_bytes(int kind) {
+__host__ __device__ constexpr int mask_element_bytes(int kind) {
   return kind == MASK_F64 ? 8 : kind == MASK_F32 ? 4 : (kind == MASK_F16 || kind == MASK_BF16) ? 2 : 1;
 }
 
@@ -168,7 +168,7 @@ __device__ void backward_dq(const BwdArgs& a) {
     product_abt<HEAD_DIM, NTILES, BF16>(s, qf, k_tile, lane);
     product_abt<HEAD_DIM, NTILES, BF16>(dp, df, v_tile, lane);
 
-    const bool full = a.mask.kind == MASK_NONE && a.vis.tile_full(a.first, m_last + 1 - a.first, n0, BLOCK_N);
+    const bool full = MASK_KIND == MASK_NONE && a.vis.tile_full(a.first, m_last + 1 - a.first, n0, BLOCK_N);
     u32 sf[NTILES][2];  // dS as the A operand of dS K
 #pragma unroll
     for (int nt = 0; nt < NTILES; ++nt) {
@@ -177,7 +177,7 @@ __device__ void backward_dq(const BwdArgs& a) {
       for (int r = 0; r < 2; ++r) {
         const i64 i = row0 + r * 8, j0 = n0 + nt * 8 + 2 * t;
         bool keep[2] = {true, true};
-        if (a.dropout) a.drop.keep_pair(a.bh, (u32)i, (u32)j0, keep[0], keep[1]);
+        if (DROPOUT) a.drop.keep_pair(a.bh, (u32)i, (u32)j0, keep[0], keep[1]);
 #pragma unroll
         for (int c = 0; c < 2; ++c) {
           const i64 j = j0 + c;
@@ -186,9 +186,9 @@ __device__ void backward_dq(const BwdArgs& a) {
           float d = 0.f;
           if (live[r] && v != -CUSDPA_INF) {
             const float p = exp2f(__fmul_rn(v, LOG2E) - lse2[r]);
-            const float z = !a.dropout ? 1.f : keep[c] ? a.rescale : 0.f;
+            const float z = !DROPOUT ? 1.f : keep[c] ? a.rescale : 0.f;
             d = p * (dp[nt][2 * r + c] * z - dlt[r]);
-            if (a.dmask != nullptr) store_mask_grad(a.dmask, a.mask.kind, i * a.dmask_rs + j * a.dmask_cs, d);
+            if (a.dmask != nullptr) store_mask_grad(a.dmask, MASK_KIND, i * a.dmask_rs + j * a.dmask_cs, d);
           }
           ds[2 * r + c] = d;
         }
@@ -248,13 +248,13 @@ __device__ void backward_dkdv(const BwdArgs& a) {
   }
   i64 lo, hi;
   a.vis.query_range(a.first, n_last + 1, lo, hi);
-  const int mask_bytes = mask_element_bytes(a.mask.kind);
+  constexpr int mask_bytes = mask_element_bytes(MASK_KIND);
   for (int hh = 0; hh < a.group; ++hh) {
     const u16* qh = a.q + hh * a.head_q;
     const u16* doh = a.dout + hh * a.head_do;
     const float* lse_h = a.lse + hh * a.head_lse;
     const float* delta_h = a.delta + hh * a.head_delta;
-    const MaskView mask{a.mask.p + hh * a.head_mask * mask_bytes, a.mask.rs, a.mask.cs, a.mask.kind};
+    const MaskView mask{a.mask.p + hh * a.head_mask * mask_bytes, a.mask.rs, a.mask.cs};
     const u32 bh = a.bh + hh;
     const bool vec = vectorizable(qh, a.q_rs, a.E) && vectorizable(doh, a.do_rs, a.Ev);
     for (i64 m0 = lo / BLOCK_M * BLOCK_M; m0 < hi; m0 += BLOCK_M) {
@@ -298,7 +298,7 @@ __device__ void backward_dkdv(const BwdArgs& a) {
           }
         }
       }
-      const bool full = a.mask.kind == MASK_NONE && a.vis.tile_full(m0, BLOCK_M, a.first, EFF_BLOCK_M);
+      const bool full = MASK_KIND == MASK_NONE && a.vis.tile_full(m0, BLOCK_M, a.first, EFF_BLOCK_M);
       u32 pf[QT][2], sf[QT][2];  // (P o Z)^T and dS^T as A operands
 #pragma unroll
       for (int nt = 0; nt < QT; ++nt) {
@@ -311,7 +311,7 @@ __device__ void backward_dkdv(const BwdArgs& a) {
           float p = 0.f, d = 0.f;
           if (lse_tile[col] != -CUSDPA_INF && v != -CUSDPA_INF) {
             p = exp2f(__fmul_rn(v, LOG2E) - lse_tile[col]);
-            const float z = !a.dropout ? 1.f : a.drop.keep(bh, (u32)i, (u32)j) ? a.rescale : 0.f;
+            const float z = !DROPOUT ? 1.f : a.drop.keep(bh, (u32)i, (u32)j) ? a.rescale : 0.f;
             d = p * (dpt[nt][x] * z - delta_tile[col]);
             p *= z;
           }
@@ -336,19 +336,19 @@ __device__ void backward_dkdv(const BwdArgs& a) {
 }  // namespace efficient
 
 // The C-ABI entries the Numba kernels call (one of them per module: EFF_DQ or not); EFF_NAME, EFF_HEAD_DIM,
-// EFF_BLOCK_N and EFF_BF16 come in front of this source from kernels_numba.tensor_core. Pointers travel as
+// EFF_BLOCK_N, EFF_BF16, EFF_DROPOUT and EFF_MASK_KIND come in front of this source from
+// kernels_numba.tensor_core. Pointers travel as
 // integers, strides in elements; each returns 0 (Numba's C ABI would lower a void result to a pointer).
 extern "C" __device__ int EFF_NAME(
     unsigned long long q, long long q_rs, unsigned long long k, long long k_rs, unsigned long long v,
     long long v_rs, unsigned long long dout, long long do_rs, unsigned long long out, long long o_rs,
     unsigned long long lse, long long lse_rs, unsigned long long delta, long long delta_rs, unsigned long long dx,
     long long dx_rs, unsigned long long dv, long long dv_rs, unsigned long long dmask, long long dmask_rs,
-    long long dmask_cs, unsigned long long mask, long long mask_rs, long long mask_cs, long long mask_kind,
-    long long head_q, long long head_do, long long head_lse, long long head_delta, long long head_mask,
-    long long first, long long L, long long S, long long E, long long Ev, long long shift, long long left,
-    long long right, float scale, long long dropout, long long bh, long long group, long long want_dk,
-    long long want_dv, long long seed_lo, long long seed_hi, long long offset, long long threshold,
-    float rescale) {
+    long long dmask_cs, unsigned long long mask, long long mask_rs, long long mask_cs, long long head_q,
+    long long head_do, long long head_lse, long long head_delta, long long head_mask, long long first, long long L,
+    long long S, long long E, long long Ev, long long shift, long long left, long long right, float scale,
+    long long bh, long long group, long long want_dk, long long want_dv, long long seed_lo, long long seed_hi,
+    long long offset, long long threshold, float rescale) {
   using namespace efficient;
   BwdArgs a;
   a.q = (const u16*)q;
@@ -381,8 +381,8 @@ extern "C" __device__ int EFF_NAME(
   a.group = (int)group;
   a.want_dk = want_dk != 0;
   a.want_dv = want_dv != 0;
-  a.set(mask, mask_rs, mask_cs, mask_kind, E, Ev, L, S, shift, left, right, scale, dropout, bh, seed_lo, seed_hi,
-        offset, threshold, rescale);
+  a.set(mask, mask_rs, mask_cs, E, Ev, L, S, shift, left, right, scale, bh, seed_lo, seed_hi, offset, threshold,
+        rescale);
 #if EFF_DQ
   backward_dq<EFF_HEAD_DIM, EFF_BLOCK_N, EFF_BF16>(a);
 #else

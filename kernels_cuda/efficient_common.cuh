@@ -1,6 +1,11 @@
 // Pieces of the EFFICIENT backend's tensor_core tile loops (efficient_fwd.cuh, efficient_bwd.cuh): element
 // conversions, the mask as the Numba caller hands it over (any strides, six element kinds), and staging a
 // tile of rows into shared memory for ldmatrix. Like common.cuh, no headers: Numba links it through NVRTC.
+//
+// EFF_DROPOUT (0 or 1) and EFF_MASK_KIND (a MaskKind) come in front of the source with the head dim, one
+// instantiation per problem kind, as FLASH's kernels take theirs: as run-time flags they left every element's
+// mask switch and Philox rounds in the tile loops, which took the dk/dv loop at E = 64 to 27.5K SASS
+// instructions (2.6K without), far past the instruction cache, on every path.
 #pragma once
 #include "common.cuh"
 
@@ -17,6 +22,9 @@ typedef long long i64;
 // Mask element kinds, as kernels_numba.tensor_core numbers them.
 enum MaskKind { MASK_NONE = 0, MASK_BOOL = 1, MASK_F16 = 2, MASK_BF16 = 3, MASK_F32 = 4, MASK_F64 = 5 };
 
+constexpr bool DROPOUT = EFF_DROPOUT != 0;
+constexpr int MASK_KIND = EFF_MASK_KIND;
+
 __device__ __forceinline__ float f16_to_f32(u16 h) {
   float f;
   asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
@@ -28,18 +36,17 @@ __device__ __forceinline__ float bf16_to_f32(u16 h) { return __int_as_float(((u3
 template <bool BF16>
 __device__ __forceinline__ float to_f32(u16 h) { return BF16 ? bf16_to_f32(h) : f16_to_f32(h); }
 
-// One (batch, head) slice's mask: element [i][j] at p + (i * rs + j * cs) * element size.
+// One (batch, head) slice's mask of kind MASK_KIND: element [i][j] at p + (i * rs + j * cs) * element size.
 struct MaskView {
   const unsigned char* p;
   i64 rs, cs;
-  int kind;
   // The mask applied to one scaled score of a visible pair; -inf means selected out. A -inf float-mask
   // entry selects the score out as a False bool entry does, so NaN in q k^T there is never added in.
   __device__ __forceinline__ float apply(i64 i, i64 j, float s) const {
-    if (kind == MASK_NONE) return s;
+    if (MASK_KIND == MASK_NONE) return s;
     i64 at = i * rs + j * cs;
     float m;
-    switch (kind) {
+    switch (MASK_KIND) {
       case MASK_BOOL: return p[at] ? s : -CUSDPA_INF;
       case MASK_F16: m = f16_to_f32(((const u16*)p)[at]); break;
       case MASK_BF16: m = bf16_to_f32(((const u16*)p)[at]); break;
@@ -56,20 +63,18 @@ struct SliceArgs {
   i64 E, Ev;
   Visibility<i64> vis;  // holds the slice's lengths L and S
   float scale;
-  bool dropout;
   u32 bh;
   Dropout drop;
   float rescale;  // 1 / (1 - dropout_p)
 
-  __device__ __forceinline__ void set(i64 mask_p, i64 mask_rs, i64 mask_cs, i64 mask_kind, i64 E_, i64 Ev_, i64 L,
-                                      i64 S, i64 shift, i64 left, i64 right, float scale_, i64 dropout_, i64 bh_,
-                                      i64 seed_lo, i64 seed_hi, i64 offset, i64 threshold, float rescale_) {
-    mask = MaskView{(const unsigned char*)mask_p, mask_rs, mask_cs, (int)mask_kind};
+  __device__ __forceinline__ void set(i64 mask_p, i64 mask_rs, i64 mask_cs, i64 E_, i64 Ev_, i64 L, i64 S, i64 shift,
+                                      i64 left, i64 right, float scale_, i64 bh_, i64 seed_lo, i64 seed_hi,
+                                      i64 offset, i64 threshold, float rescale_) {
+    mask = MaskView{(const unsigned char*)mask_p, mask_rs, mask_cs};
     E = E_;
     Ev = Ev_;
     vis = Visibility<i64>{L, S, shift, left, right};
     scale = scale_;
-    dropout = dropout_ != 0;
     bh = (u32)bh_;
     drop = Dropout{(u32)seed_lo, (u32)seed_hi, (u32)offset, (u32)threshold};
     rescale = rescale_;

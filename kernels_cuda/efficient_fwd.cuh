@@ -71,7 +71,7 @@ __device__ void forward(const Args& a) {
     cp_async_commit();
     // Does every (row, key) pair of this tile pass? Then no per-element work and no V row zeroing.
     // Only the block's rows below L count: the rest hold zeros of Q and are never stored.
-    const bool check = a.mask.kind != MASK_NONE || !a.vis.tile_full(a.m_first, m_last + 1 - a.m_first, n0, BLOCK_N);
+    const bool check = MASK_KIND != MASK_NONE || !a.vis.tile_full(a.m_first, m_last + 1 - a.m_first, n0, BLOCK_N);
     if (check && threadIdx.x < BLOCK_N) col_seen[threadIdx.x] = 0;
     cp_async_wait<1>();  // K of this tile has landed (V may still be in flight)
     __syncthreads();
@@ -139,7 +139,7 @@ __device__ void forward(const Args& a) {
         p[x] = exp2f(__fmul_rn(s[nt][x], LOG2E) - m_log2[x / 2]);
         l_i[x / 2] += p[x];  // the normaliser counts every visible key, dropped or not
       }
-      if (a.dropout) {
+      if (DROPOUT) {
 #pragma unroll
         for (int r = 0; r < 2; ++r) {
           bool keep0, keep1;
@@ -211,16 +211,15 @@ __device__ void forward(const Args& a) {
 
 }  // namespace efficient
 
-// The C-ABI entry the Numba kernel calls; EFF_NAME, EFF_HEAD_DIM, EFF_BLOCK_N and EFF_BF16 are
-// defined by kernels_numba.tensor_core in front of this source, one instantiation per module.
+// The C-ABI entry the Numba kernel calls; EFF_NAME, EFF_HEAD_DIM, EFF_BLOCK_N, EFF_BF16, EFF_DROPOUT and
+// EFF_MASK_KIND are defined by kernels_numba.tensor_core in front of this source, one instantiation per module.
 // It returns 0: Numba's C ABI lowers a void result to a pointer-sized one, which would not match.
 extern "C" __device__ int EFF_NAME(
     unsigned long long q, long long q_rs, unsigned long long k, long long k_rs, unsigned long long v,
     long long v_rs, unsigned long long out, long long out_rs, unsigned long long lse, long long lse_rs,
-    unsigned long long mask, long long mask_rs, long long mask_cs, long long mask_kind, long long m_first,
-    long long L, long long S, long long E, long long Ev, long long shift, long long left, long long right,
-    float scale, long long dropout, long long bh, long long seed_lo, long long seed_hi, long long offset,
-    long long threshold, float rescale) {
+    unsigned long long mask, long long mask_rs, long long mask_cs, long long m_first, long long L, long long S,
+    long long E, long long Ev, long long shift, long long left, long long right, float scale, long long bh,
+    long long seed_lo, long long seed_hi, long long offset, long long threshold, float rescale) {
   efficient::Args a;
   a.q = (const efficient::u16*)q;
   a.q_rs = q_rs;
@@ -233,8 +232,8 @@ extern "C" __device__ int EFF_NAME(
   a.lse = (float*)lse;
   a.lse_rs = lse_rs;
   a.m_first = m_first;
-  a.set(mask, mask_rs, mask_cs, mask_kind, E, Ev, L, S, shift, left, right, scale, dropout, bh, seed_lo, seed_hi,
-        offset, threshold, rescale);
+  a.set(mask, mask_rs, mask_cs, E, Ev, L, S, shift, left, right, scale, bh, seed_lo, seed_hi, offset, threshold,
+        rescale);
   efficient::forward<EFF_HEAD_DIM, EFF_BLOCK_N, EFF_BF16>(a);
   return 0;
 }

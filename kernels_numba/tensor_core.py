@@ -3,10 +3,12 @@
 Each Numba kernel resolves what differs per block (batch and head from the grid, GQA's kv head,
 varlen sequence bounds, strided and broadcast operands) into row pointers and row strides, and
 calls a C entry: ``efficient::forward`` in kernels_cuda/efficient_fwd.cuh (FlashAttention-2's tile loop on
-mma.sync), ``efficient::backward_dq`` / ``backward_dkdv`` in efficient_bwd.cuh (its two backward kernels). The C source is linked through ``cuda.declare_device(..., link=[CUSource], abi="c")``,
-one instantiation (head dim, dtype) per source so NVRTC compiles only what a problem needs, once
-per process. fp16/bf16, E and Ev <= 128 (padded to 32/64/96/128), unit stride along the head dim;
-every mask kind, causal, window, dropout, GQA and varlen as in the portable variant.
+mma.sync), ``efficient::backward_dq`` / ``backward_dkdv`` in efficient_bwd.cuh (its two backward kernels).
+The C source is linked through ``cuda.declare_device(..., link=[CUSource], abi="c")``, one instantiation
+(head dim, dtype, dropout or not, mask kind) per source, as FLASH compiles its kernels: NVRTC compiles only
+what a problem needs, once per process, and no tile loop carries the code of features it does not use.
+fp16/bf16, E and Ev <= 128 (padded to 32/64/96/128), unit stride along the head dim; every mask kind,
+causal, window, dropout, GQA and varlen as in the portable variant.
 """
 from __future__ import annotations
 
@@ -27,12 +29,10 @@ BLOCK_N = 64  # keys per shared-memory tile: 2 tiles of 64 x (128 + 8) halves = 
 THREADS = 128
 MASK_KINDS = {"bool": 1, "float16": 2, "bfloat16": 3, "float32": 4, "float64": 5}
 # The C entry's parameters (efficient_fwd.cuh, EFF_NAME): pointers travel as int64 addresses.
-_ARGS = ("int64, int64, int64, int64, int64, int64, int64, int64, int64, int64, int64, int64, int64, int64, "
-         "int64, int64, int64, int64, int64, int64, int64, int64, float32, int64, int64, int64, int64, int64, "
-         "int64, float32")
+_ARGS = ", ".join(["int64"] * 21 + ["float32"] + ["int64"] * 5 + ["float32"])
 
-# The backward's C entries (efficient_bwd.cuh, EFF_NAME): 49 parameters, pointers as int64 addresses.
-_BWD_ARGS = ", ".join(["int64"] * 38 + ["float32"] + ["int64"] * 9 + ["float32"])
+# The backward's C entries (efficient_bwd.cuh, EFF_NAME): 47 parameters, pointers as int64 addresses.
+_BWD_ARGS = ", ".join(["int64"] * 37 + ["float32"] + ["int64"] * 8 + ["float32"])
 BWD_BLOCK_N = 64  # keys per dk/dv block (efficient_bwd.cuh: EFF_BLOCK_M, 16 per warp)
 
 
@@ -65,21 +65,24 @@ def head_dim_for(E: int, Ev: int) -> int:
     return next(d for d in HEAD_DIMS if d >= max(E, Ev))
 
 
-def tile_loop_source(head_dim: int, bf16: bool, kind: str) -> tuple[str, str]:
+def tile_loop_source(head_dim: int, bf16: bool, kind: str, dropout: bool, mask_kind: int) -> tuple[str, str]:
     """(C entry name, CUDA source) of one tile loop: ``kind`` "forward", "dq" or "dkdv", for a padded head
-    dim of HEAD_DIMS; tests/test_efficient_sim.py compiles every one with NVRTC on the CPU."""
-    name = f"efficient_{kind}_{'bf16' if bf16 else 'f16'}_d{head_dim}"
+    dim of HEAD_DIMS, with dropout or not and a mask of kind ``mask_kind`` (MASK_KINDS' numbers, 0: none)
+    compiled in; tests/test_flash.py compiles them with NVRTC on the CPU."""
+    name = (f"efficient_{kind}_{'bf16' if bf16 else 'f16'}_d{head_dim}{'_dropout' if dropout else ''}"
+            f"_mask{mask_kind}")
     block_n = BLOCK_N if kind == "forward" else dq_block_n(head_dim)
     defines = (f"#define EFF_NAME {name}\n#define EFF_HEAD_DIM {head_dim}\n#define EFF_BLOCK_N {block_n}\n"
-               f"#define EFF_BF16 {'true' if bf16 else 'false'}\n")
+               f"#define EFF_BF16 {'true' if bf16 else 'false'}\n#define EFF_DROPOUT {int(dropout)}\n"
+               f"#define EFF_MASK_KIND {mask_kind}\n")
     if kind == "forward":
         return name, defines + kernels_cuda.source("efficient_fwd.cuh")
     return name, defines + f"#define EFF_DQ {int(kind == 'dq')}\n" + kernels_cuda.source("efficient_bwd.cuh")
 
 
 @functools.cache
-def _tile_loop(head_dim: int, bf16: bool, kind: str = "forward"):
-    name, source = tile_loop_source(head_dim, bf16, kind)
+def _tile_loop(head_dim: int, bf16: bool, kind: str, dropout: bool, mask_kind: int):
+    name, source = tile_loop_source(head_dim, bf16, kind, dropout, mask_kind)
     args = _ARGS if kind == "forward" else _BWD_ARGS
     return cuda.declare_device(name, f"int32({args})", link=[cuda.CUSource(source, name=f"{name}.cu")], abi="c")
 
@@ -103,13 +106,13 @@ def _at(base, itemsize, st, b0, b1, b2, h, row):
 
 
 @functools.cache
-def _kernel(head_dim: int, bf16: bool):
-    tile_loop = _tile_loop(head_dim, bf16)
+def _kernel(head_dim: int, bf16: bool, dropout: bool, mask_kind: int):
+    tile_loop = _tile_loop(head_dim, bf16, "forward", dropout, mask_kind)
 
     @cuda.jit
-    def attention_forward_tc(q, qs, k, ks, v, vs, out, os_, lse, ls, mask, ms, mask_kind, cu_q, cu_k, varlen,
-                             nb1, nb2, hq, group, L, S, E, Ev, scale, lower_right, left, right, dropout,
-                             seed_lo, seed_hi, offset, threshold, rescale):
+    def attention_forward_tc(q, qs, k, ks, v, vs, out, os_, lse, ls, mask, ms, cu_q, cu_k, varlen, nb1, nb2, hq,
+                             group, L, S, E, Ev, scale, lower_right, left, right, seed_lo, seed_hi, offset, threshold,
+                             rescale):
         """One block per (batch-head, 64 query rows); q/k/v/out/lse/mask are base addresses and
         qs/ks/... their element strides over (B0, B1, B2, H, row[, col]); causal comes folded into
         (left, right) as the window around the diagonal (Problem.window_bounds)."""
@@ -129,7 +132,7 @@ def _kernel(head_dim: int, bf16: bool):
         mask_at = _at(mask, ms[6], ms, b0, b1, b2, h, 0)
         shift = S_b - L_b if lower_right else 0
         tile_loop(q_at, qs[4], k_at, ks[4], v_at, vs[4], out_at, os_[4], lse_at, ls[4], mask_at, ms[4], ms[5],
-                  mask_kind, m_first, L_b, S_b, E, Ev, shift, left, right, np.float32(scale), dropout, bh,
+                  m_first, L_b, S_b, E, Ev, shift, left, right, np.float32(scale), bh,
                   seed_lo, seed_hi, offset, threshold, np.float32(rescale))
 
     return attention_forward_tc
@@ -143,34 +146,38 @@ def _address_and_strides(x):
 def forward(pr, views, out_v, lse_v, device, structure):
     """Launch the tensor_core forward into out_v (6-D) and lse_v (5-D) views; see attention.forward."""
     _, _, left, right, seed_lo, seed_hi, offset, threshold, rescale = structure
-    head_dim = head_dim_for(pr.E, pr.Ev)
-    kernel = _kernel(head_dim, layout.dtype_name(pr.dtype) == "bfloat16")
+    kernel = _kernel(head_dim_for(pr.E, pr.Ev), layout.dtype_name(pr.dtype) == "bfloat16", pr.dropout_p > 0,
+                     mask_kind_of(pr))
     q, qs = _address_and_strides(views.q)
     k, ks = _address_and_strides(views.k)
     v, vs = _address_and_strides(views.v)
     out, os_ = _address_and_strides(out_v)
     lse, ls = _address_and_strides(lse_v)
     mask, ms = _address_and_strides(views.mask)
-    mask_kind = 0
-    if pr.mask_kind is not None:
-        mask_kind = MASK_KINDS["bool" if pr.mask_kind == "bool" else layout.dtype_name(pr.mask.dtype)]
     ms = ms + (views.mask.itemsize,)
     varlen = pr.varlen is not None
     grid = (views.n_batch * pr.hq, cdiv(pr.L, BLOCK_M))
     launcher.launch(kernel, grid, THREADS, device,
-                    (q, qs[:5], k, ks[:5], v, vs[:5], out, os_[:5], lse, ls, mask, ms, mask_kind, views.cu_q, views.cu_k,
-                     varlen, views.nb1, views.nb2, pr.hq, pr.group, pr.L, pr.S, pr.E, pr.Ev, pr.scale, pr.lower_right,
-                     left, right, pr.dropout_p > 0, seed_lo, seed_hi, offset, threshold, rescale))
+                    (q, qs[:5], k, ks[:5], v, vs[:5], out, os_[:5], lse, ls, mask, ms, views.cu_q, views.cu_k, varlen,
+                     views.nb1, views.nb2, pr.hq, pr.group, pr.L, pr.S, pr.E, pr.Ev, pr.scale, pr.lower_right, left,
+                     right, seed_lo, seed_hi, offset, threshold, rescale))
+
+
+def mask_kind_of(pr) -> int:
+    """The tile loops' number of ``pr``'s mask kind (efficient_common.cuh's MaskKind; 0: no mask)."""
+    if pr.mask_kind is None:
+        return 0
+    return MASK_KINDS["bool" if pr.mask_kind == "bool" else layout.dtype_name(pr.mask.dtype)]
 
 
 @functools.cache
-def _dq_kernel(head_dim: int, bf16: bool):
-    tile_loop = _tile_loop(head_dim, bf16, "dq")
+def _dq_kernel(head_dim: int, bf16: bool, dropout: bool, mask_kind: int):
+    tile_loop = _tile_loop(head_dim, bf16, "dq", dropout, mask_kind)
 
     @cuda.jit
     def attention_dq_tc(q, qs, k, ks, v, vs, dout, dos, out, os_, lse, ls, delta, dls, dq, dqs, dmask, dms, mask, ms,
-                        mask_kind, cu_q, cu_k, varlen, nb1, nb2, hq, group, L, S, E, Ev, scale, lower_right, left,
-                        right, dropout, seed_lo, seed_hi, offset, threshold, rescale):
+                        cu_q, cu_k, varlen, nb1, nb2, hq, group, L, S, E, Ev, scale, lower_right, left, right,
+                        seed_lo, seed_hi, offset, threshold, rescale):
         """One block per (batch-head, 64 query rows), as the forward's; writes D and, where dmask is not 0
         (an address), the float mask's gradient of each score."""
         bh = cuda.blockIdx.x
@@ -192,21 +199,21 @@ def _dq_kernel(head_dim: int, bf16: bool):
         mask_at = _at(mask, ms[6], ms, b0, b1, b2, h, 0)
         shift = S_b - L_b if lower_right else 0
         tile_loop(q_at, qs[4], k_at, ks[4], v_at, vs[4], do_at, dos[4], out_at, os_[4], lse_at, ls[4], delta_at,
-                  dls[4], dq_at, dqs[4], 0, 0, dmask_at, dms[4], dms[5], mask_at, ms[4], ms[5], mask_kind, 0, 0, 0, 0,
-                  0, m_first, L_b, S_b, E, Ev, shift, left, right, np.float32(scale), dropout, bh, 1, 1, 1, seed_lo,
+                  dls[4], dq_at, dqs[4], 0, 0, dmask_at, dms[4], dms[5], mask_at, ms[4], ms[5], 0, 0, 0, 0, 0,
+                  m_first, L_b, S_b, E, Ev, shift, left, right, np.float32(scale), bh, 1, 1, 1, seed_lo,
                   seed_hi, offset, threshold, np.float32(rescale))
 
     return attention_dq_tc
 
 
 @functools.cache
-def _dkdv_kernel(head_dim: int, bf16: bool):
-    tile_loop = _tile_loop(head_dim, bf16, "dkdv")
+def _dkdv_kernel(head_dim: int, bf16: bool, dropout: bool, mask_kind: int):
+    tile_loop = _tile_loop(head_dim, bf16, "dkdv", dropout, mask_kind)
 
     @cuda.jit
-    def attention_dkdv_tc(q, qs, k, ks, v, vs, dout, dos, lse, ls, delta, dls, dk, dks, dv, dvs, mask, ms, mask_kind,
+    def attention_dkdv_tc(q, qs, k, ks, v, vs, dout, dos, lse, ls, delta, dls, dk, dks, dv, dvs, mask, ms,
                           cu_q, cu_k, varlen, nb1, nb2, hq, hkv, group, L, S, E, Ev, scale, lower_right, left, right,
-                          dropout, seed_lo, seed_hi, offset, threshold, rescale):
+                          seed_lo, seed_hi, offset, threshold, rescale):
         """One block per (batch, kv head, 64 keys), over the query heads of its GQA group."""
         hk = cuda.blockIdx.x % hkv
         flat = cuda.blockIdx.x // hkv
@@ -222,8 +229,8 @@ def _dkdv_kernel(head_dim: int, bf16: bool):
         mask_at = _at(mask, ms[6], ms, b0, b1, b2, h0, 0)
         shift = S_b - L_b if lower_right else 0
         tile_loop(q_at, qs[4], k_at, ks[4], v_at, vs[4], do_at, dos[4], 0, 0, lse_at, ls[4], delta_at, dls[4], dk_at,
-                  dks[4], dv_at, dvs[4], 0, 0, 0, mask_at, ms[4], ms[5], mask_kind, qs[3], dos[3], ls[3], dls[3], ms[3],
-                  n_first, L_b, S_b, E, Ev, shift, left, right, np.float32(scale), dropout, flat * hq + h0, group,
+                  dks[4], dv_at, dvs[4], 0, 0, 0, mask_at, ms[4], ms[5], qs[3], dos[3], ls[3], dls[3], ms[3],
+                  n_first, L_b, S_b, E, Ev, shift, left, right, np.float32(scale), flat * hq + h0, group,
                   1, 1, seed_lo, seed_hi, offset, threshold, np.float32(rescale))
 
     return attention_dkdv_tc
@@ -235,8 +242,8 @@ def backward(pr, views, arrays, dmask_v, device, structure):
     dmask_v the float mask's gradient where each element belongs to one score, else None. D goes into
     delta for the dmask kernel too."""
     _, _, left, right, seed_lo, seed_hi, offset, threshold, rescale = structure
-    head_dim = head_dim_for(pr.E, pr.Ev)
-    bf16 = layout.dtype_name(pr.dtype) == "bfloat16"
+    instance = (head_dim_for(pr.E, pr.Ev), layout.dtype_name(pr.dtype) == "bfloat16", pr.dropout_p > 0,
+                mask_kind_of(pr))
     (q, qs), (k, ks), (v, vs), (mask, ms) = (_address_and_strides(x) for x in (views.q, views.k, views.v, views.mask))
     (dout, dos), (out, os_), (lse, ls), (delta, dls), (dq, dqs), (dk, dks), (dv, dvs) = (
         _address_and_strides(x) for x in arrays)
@@ -245,16 +252,12 @@ def backward(pr, views, arrays, dmask_v, device, structure):
     if dmask_v is not None:
         dmask, dms = _address_and_strides(dmask_v)
         dms = dms + (dmask_v.itemsize,)
-    mask_kind = 0
-    if pr.mask_kind is not None:
-        mask_kind = MASK_KINDS["bool" if pr.mask_kind == "bool" else layout.dtype_name(pr.mask.dtype)]
     varlen = pr.varlen is not None
-    common = (mask, ms, mask_kind, views.cu_q, views.cu_k, varlen, views.nb1, views.nb2)
-    tail = (pr.L, pr.S, pr.E, pr.Ev, pr.scale, pr.lower_right, left, right, pr.dropout_p > 0, seed_lo, seed_hi, offset,
-            threshold, rescale)
-    launcher.launch(_dq_kernel(head_dim, bf16), (views.n_batch * pr.hq, cdiv(pr.L, BLOCK_M)), THREADS, device,
+    common = (mask, ms, views.cu_q, views.cu_k, varlen, views.nb1, views.nb2)
+    tail = (pr.L, pr.S, pr.E, pr.Ev, pr.scale, pr.lower_right, left, right, seed_lo, seed_hi, offset, threshold, rescale)
+    launcher.launch(_dq_kernel(*instance), (views.n_batch * pr.hq, cdiv(pr.L, BLOCK_M)), THREADS, device,
                     (q, qs[:5], k, ks[:5], v, vs[:5], dout, dos[:5], out, os_[:5], lse, ls, delta, dls, dq, dqs[:5],
                      dmask, dms, *common, pr.hq, pr.group, *tail))
-    launcher.launch(_dkdv_kernel(head_dim, bf16), (views.n_batch * pr.hkv, cdiv(pr.S, BWD_BLOCK_N)), THREADS, device,
+    launcher.launch(_dkdv_kernel(*instance), (views.n_batch * pr.hkv, cdiv(pr.S, BWD_BLOCK_N)), THREADS, device,
                     (q, qs[:5], k, ks[:5], v, vs[:5], dout, dos[:5], lse, ls, delta, dls, dk, dks[:5], dv, dvs[:5],
                      *common, pr.hq, pr.hkv, pr.group, *tail))

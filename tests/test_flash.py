@@ -108,15 +108,19 @@ def test_every_kernel_configuration_compiles_with_nvrtc():
 
 
 def test_efficient_tile_loops_compile_with_nvrtc():
-    """The EFFICIENT backend's linked CUDA C (kernels_cuda/efficient_*.cuh): every tile loop it can link, forward,
-    dq and dk/dv at each padded head dim and element type, compiles as Numba compiles it (NVRTC, no headers,
-    relocatable device code)."""
+    """The EFFICIENT backend's linked CUDA C (kernels_cuda/efficient_*.cuh) compiles as Numba compiles it (NVRTC, no
+    headers, relocatable device code): forward, dq and dk/dv at each padded head dim and element type, and with
+    dropout and each mask kind compiled in at one of them."""
     pytest.importorskip("cuda.bindings.nvrtc")
     from kernels_numba import tensor_core
 
+    kinds = ("forward", "dq", "dkdv")
+    jobs = [(head_dim, bf16, kind, False, 0)
+            for head_dim, bf16, kind in itertools.product(tensor_core.HEAD_DIMS, (False, True), kinds)]
+    jobs += [(64, True, kind, True, mask) for kind in kinds for mask in range(len(tensor_core.MASK_KINDS) + 1)]
     errors = []
-    for head_dim, bf16, kind in itertools.product(tensor_core.HEAD_DIMS, (False, True), ("forward", "dq", "dkdv")):
-        name, source = tensor_core.tile_loop_source(head_dim, bf16, kind)
+    for job in jobs:
+        name, source = tensor_core.tile_loop_source(*job)
         log = _nvrtc_compile(source, ("-rdc=true", "-std=c++17"), "sm_80")
         if log is not None:
             errors.append(f"{name}:\n{log[-2000:]}")
