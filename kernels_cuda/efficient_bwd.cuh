@@ -39,10 +39,6 @@ struct BwdArgs : SliceArgs {  // bh: the dq slice's, or the dk/dv group's first 
   bool want_dk, want_dv;
 };
 
-__device__ __forceinline__ bool vectorizable(const void* p, i64 rs, i64 width) {
-  return width % 8 == 0 && rs % 8 == 0 && (u64)p % 16 == 0;
-}
-
 // x, rounded to the mask's element type, into element `at` of the mask's gradient.
 __device__ __forceinline__ void store_mask_grad(unsigned char* p, int kind, i64 at, float x) {
   u16 h;
@@ -62,45 +58,6 @@ __host__ __device__ constexpr int mask_element_bytes(int kind) {
 template <bool BF16>
 __device__ __forceinline__ bool non_finite(u32 h) {
   return BF16 ? (h & 0x7f80u) == 0x7f80u : (h & 0x7c00u) == 0x7c00u;
-}
-
-// Acc[d] += A B for one warp's 16 rows: A the k-major fragments pf (2 registers per n8 tile of the reduced
-// dimension, as the score products leave them), B a row-major [reduced][HEAD_DIM] tile read transposed.
-template <int HEAD_DIM, int RTILES, bool BF16>
-__device__ __forceinline__ void product_pb(float (&acc)[HEAD_DIM / 8][4], const u32 (&pf)[RTILES][2],
-                                           const u16* tile, int lane) {
-  constexpr int STRIDE = HEAD_DIM + 8;
-#pragma unroll
-  for (int kk = 0; kk < RTILES / 2; ++kk) {
-    const u32 pa[4] = {pf[2 * kk][0], pf[2 * kk][1], pf[2 * kk + 1][0], pf[2 * kk + 1][1]};
-#pragma unroll
-    for (int d = 0; d < HEAD_DIM / 8; d += 2) {
-      u32 b[4];
-      ldmatrix_x4_trans(b, tile + (kk * 16 + (lane / 8 % 2) * 8 + lane % 8) * STRIDE + d * 8 + (lane / 16) * 8);
-      mma_16816<BF16>(acc[d], pa, b[0], b[1]);
-      mma_16816<BF16>(acc[d + 1], pa, b[2], b[3]);
-    }
-  }
-}
-
-// C[nt] += A B^T for one warp's 16 rows against the NT * 8 rows of a row-major tile (B^T's rows), A as
-// register fragments over KSTEPS k-steps.
-template <int HEAD_DIM, int NT, bool BF16>
-__device__ __forceinline__ void product_abt(float (&c)[NT][4], const u32 (&af)[HEAD_DIM / 16][4], const u16* tile,
-                                            int lane) {
-  constexpr int STRIDE = HEAD_DIM + 8, KSTEPS = HEAD_DIM / 16;
-#pragma unroll
-  for (int nt = 0; nt < NT; ++nt) {
-    c[nt][0] = c[nt][1] = c[nt][2] = c[nt][3] = 0.f;
-#pragma unroll
-    for (int ks = 0; ks < KSTEPS; ks += 2) {
-      // four 8x8 matrices: tile rows nt*8.., head dims ks*16 + {0, 8, 16, 24}: B fragments of two k-steps
-      u32 b[4];
-      ldmatrix_x4(b, tile + (nt * 8 + lane % 8) * STRIDE + ks * 16 + (lane / 8) * 8);
-      mma_16816<BF16>(c[nt], af[ks], b[0], b[1]);
-      mma_16816<BF16>(c[nt], af[ks + 1], b[2], b[3]);
-    }
-  }
 }
 
 // Stores a warp's 16 rows (this thread's row0 and row0 + 8) of fp32 accumulators, scaled, as 16-bit pairs.
@@ -124,7 +81,6 @@ __device__ __forceinline__ void store_rows(u16* dst, i64 rs, const float (&acc)[
 template <int HEAD_DIM, int BLOCK_N, bool BF16>
 __device__ void backward_dq(const BwdArgs& a) {
   constexpr int STRIDE = HEAD_DIM + 8, KSTEPS = HEAD_DIM / 16, NTILES = BLOCK_N / 8;
-  static_assert(KSTEPS % 2 == 0 && NTILES % 2 == 0, "head dims and key tiles of whole 32 / 16 columns");
   __shared__ __align__(16) u16 k_tile[BLOCK_N * STRIDE];
   __shared__ __align__(16) u16 v_tile[BLOCK_N * STRIDE];
 
@@ -226,7 +182,6 @@ template <int HEAD_DIM, bool BF16>
 __device__ void backward_dkdv(const BwdArgs& a) {
   constexpr int STRIDE = HEAD_DIM + 8, KSTEPS = HEAD_DIM / 16;
   constexpr int BLOCK_M = 32, QT = BLOCK_M / 8;  // queries per step
-  static_assert(KSTEPS % 2 == 0, "head dims of whole 32 columns");
   __shared__ __align__(16) u16 v_tile[EFF_BLOCK_M * STRIDE];  // the block's V rows: dP^T = V dO^T's A operand
   __shared__ __align__(16) u16 q_tile[BLOCK_M * STRIDE];
   __shared__ __align__(16) u16 do_tile[BLOCK_M * STRIDE];

@@ -1,6 +1,7 @@
 // Pieces of the EFFICIENT backend's tensor_core tile loops (efficient_fwd.cuh, efficient_bwd.cuh): element
-// conversions, the mask as the Numba caller hands it over (any strides, six element kinds), and staging a
-// tile of rows into shared memory for ldmatrix. Like common.cuh, no headers: Numba links it through NVRTC.
+// conversions, the mask as the Numba caller hands it over (any strides, six element kinds), staging a
+// tile of rows into shared memory for ldmatrix, and the two tile products on mma.sync. Like common.cuh, no
+// headers: Numba links it through NVRTC.
 //
 // EFF_DROPOUT (0 or 1) and EFF_MASK_KIND (a MaskKind) come in front of the source with the head dim, one
 // instantiation per problem kind, as FLASH's kernels take theirs: as run-time flags they left every element's
@@ -124,6 +125,52 @@ __device__ __forceinline__ void load_a_fragments(u32 (&f)[KSTEPS][4], const u16*
       u32 lo = (row < n_end && col < width) ? src[row * rs + col] : 0u;
       u32 hi = (row < n_end && col + 1 < width) ? src[row * rs + col + 1] : 0u;
       f[ks][r] = lo | (hi << 16);
+    }
+  }
+}
+
+// 16-byte copies of rows of `width` halves at `p`, row stride `rs` (halves), are legal.
+__device__ __forceinline__ bool vectorizable(const void* p, i64 rs, i64 width) {
+  return width % 8 == 0 && rs % 8 == 0 && (u64)p % 16 == 0;
+}
+
+// Acc[d] += A B for one warp's 16 rows: A the k-major fragments pf (2 registers per n8 tile of the reduced
+// dimension, as the score products leave them), B a row-major [reduced][HEAD_DIM] tile read transposed.
+template <int HEAD_DIM, int RTILES, bool BF16>
+__device__ __forceinline__ void product_pb(float (&acc)[HEAD_DIM / 8][4], const u32 (&pf)[RTILES][2],
+                                           const u16* tile, int lane) {
+  constexpr int STRIDE = HEAD_DIM + 8;
+  static_assert(RTILES % 2 == 0, "a reduced dimension of whole 16 rows");
+#pragma unroll
+  for (int kk = 0; kk < RTILES / 2; ++kk) {
+    const u32 pa[4] = {pf[2 * kk][0], pf[2 * kk][1], pf[2 * kk + 1][0], pf[2 * kk + 1][1]};
+#pragma unroll
+    for (int d = 0; d < HEAD_DIM / 8; d += 2) {
+      u32 b[4];
+      ldmatrix_x4_trans(b, tile + (kk * 16 + (lane / 8 % 2) * 8 + lane % 8) * STRIDE + d * 8 + (lane / 16) * 8);
+      mma_16816<BF16>(acc[d], pa, b[0], b[1]);
+      mma_16816<BF16>(acc[d + 1], pa, b[2], b[3]);
+    }
+  }
+}
+
+// C[nt] += A B^T for one warp's 16 rows against the NT * 8 rows of a row-major tile (B^T's rows), A as
+// register fragments over KSTEPS k-steps.
+template <int HEAD_DIM, int NT, bool BF16>
+__device__ __forceinline__ void product_abt(float (&c)[NT][4], const u32 (&af)[HEAD_DIM / 16][4], const u16* tile,
+                                            int lane) {
+  constexpr int STRIDE = HEAD_DIM + 8, KSTEPS = HEAD_DIM / 16;
+  static_assert(KSTEPS % 2 == 0, "head dims of whole 32 columns");
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt) {
+    c[nt][0] = c[nt][1] = c[nt][2] = c[nt][3] = 0.f;
+#pragma unroll
+    for (int ks = 0; ks < KSTEPS; ks += 2) {
+      // four 8x8 matrices: tile rows nt*8.., head dims ks*16 + {0, 8, 16, 24}: B fragments of two k-steps
+      u32 b[4];
+      ldmatrix_x4(b, tile + (nt * 8 + lane % 8) * STRIDE + ks * 16 + (lane / 8) * 8);
+      mma_16816<BF16>(c[nt], af[ks], b[0], b[1]);
+      mma_16816<BF16>(c[nt], af[ks + 1], b[2], b[3]);
     }
   }
 }

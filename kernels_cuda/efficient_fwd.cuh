@@ -44,8 +44,7 @@ __device__ void forward(const Args& a) {
   const int g = lane / 4, t = lane % 4;  // mma fragment coordinates: row group, thread in group
   const i64 row0 = a.m_first + warp * 16 + g;  // this thread's rows: row0 and row0 + 8
   const i64 m_last = min(a.vis.L, a.m_first + EFF_BLOCK_M) - 1;
-  const bool vec = (a.E % 8 == 0) && (a.Ev % 8 == 0) && (a.k_rs % 8 == 0) && (a.v_rs % 8 == 0) &&
-                   ((u64)a.k % 16 == 0) && ((u64)a.v % 16 == 0);
+  const bool vec = vectorizable(a.k, a.k_rs, a.E) && vectorizable(a.v, a.v_rs, a.Ev);
 
   // Q as A fragments, straight from global memory (once per block; any row stride).
   u32 qf[KSTEPS][4];
@@ -76,20 +75,8 @@ __device__ void forward(const Args& a) {
     cp_async_wait<1>();  // K of this tile has landed (V may still be in flight)
     __syncthreads();
 
-    float s[NTILES][4];
-#pragma unroll
-    for (int nt = 0; nt < NTILES; ++nt) s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
-#pragma unroll
-    for (int nt = 0; nt < NTILES; ++nt) {
-#pragma unroll
-      for (int ks = 0; ks < KSTEPS; ks += 2) {
-        // Four 8x8 matrices: key rows nt*8.., head dims ks*16 + {0, 8, 16, 24}: B fragments of two k-steps.
-        u32 b[4];
-        ldmatrix_x4(b, k_tile + (nt * 8 + lane % 8) * STRIDE + ks * 16 + (lane / 8) * 8);
-        mma_16816<BF16>(s[nt], qf[ks], b[0], b[1]);
-        if (ks + 1 < KSTEPS) mma_16816<BF16>(s[nt], qf[ks + 1], b[2], b[3]);
-      }
-    }
+    float s[NTILES][4];  // S = Q K^T
+    product_abt<HEAD_DIM, NTILES, BF16>(s, qf, k_tile, lane);
 
     // Scale, mask, and the online-softmax update, row by row (this thread holds 2 rows x 2 columns per n8 tile).
     float tile_max[2] = {-CUSDPA_INF, -CUSDPA_INF};
@@ -172,18 +159,7 @@ __device__ void forward(const Args& a) {
       __syncthreads();
     }
 
-#pragma unroll
-    for (int kk = 0; kk < NTILES / 2; ++kk) {
-      const u32 pa[4] = {pf[2 * kk][0], pf[2 * kk][1], pf[2 * kk + 1][0], pf[2 * kk + 1][1]};
-#pragma unroll
-      for (int d = 0; d < DTILES; d += 2) {
-        // Four 8x8 matrices: keys kk*16 + {0, 8}, head dims d*8 + {0, 8}; .trans gives V's B fragments.
-        u32 b[4];
-        ldmatrix_x4_trans(b, v_tile + (kk * 16 + (lane / 8 % 2) * 8 + lane % 8) * STRIDE + d * 8 + (lane / 16) * 8);
-        mma_16816<BF16>(acc[d], pa, b[0], b[1]);
-        mma_16816<BF16>(acc[d + 1], pa, b[2], b[3]);
-      }
-    }
+    product_pb<HEAD_DIM, NTILES, BF16>(acc, pf, v_tile, lane);  // O += P V, V read back transposed
     __syncthreads();  // every warp is done with this V tile before the next one is staged
   }
 

@@ -191,8 +191,6 @@ def backward(pr, out, lse, dout, grads=None, config=None):
         targets[3][...] = 0  # the dq kernel writes only the visible scores' entries
     views = _views(pr)
     plan = views.plan
-    dq_spec, dkdv_spec = _blocked_spec(pr, cfg, False), _blocked_spec(pr, cfg, True)
-    threads = cfg.threads ** 2
     varlen = pr.varlen is not None
     if varlen:
         dout_v, lse_v = (_rows_view(pr, plan, x, None) for x in (dout, lse))
@@ -237,6 +235,8 @@ def backward(pr, out, lse, dout, grads=None, config=None):
         tensor_core.backward(pr, views, (dout_v, out_v, lse_v, delta_v, dq_v, dk_v, dv_v),
                              dmask_v if dmask_direct else None, device, structure)
         return _deliver(xp, targets, grads)
+    dq_spec, dkdv_spec = _blocked_spec(pr, cfg, False), _blocked_spec(pr, cfg, True)
+    threads = cfg.threads ** 2
     q, k, v, mask, dout_b = (layout.bits(x) for x in (views.q, views.k, views.v, views.mask, dout_v))
     reads = (q, k, v, mask, dout_b, lse_v, delta_v)
     out_b = layout.bits(out_v) if delta_from_out else dout_b  # dout stands in where out is not read
