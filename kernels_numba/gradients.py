@@ -275,16 +275,19 @@ def dq_kernel(spec: Spec, dmask_direct: bool, delta_from_out: bool):
                 lse_m[b] = lse[b0, b1, b2, h, q0 + i] if i < L_b else np.float32(NEG_INF)
                 delta_m[b] = np.float32(0.0)
             lo, hi = key_range(m_first, min(L_b, m_first + BLOCK_M) - 1, causal, shift, S_b, left, right)
-            if DELTA_FROM_OUT:  # partial sums of rowsum(dout * out): thread tr takes columns tr, tr + G, ...
+            if DELTA_FROM_OUT:
+                # rowsum(dout * out), each of the G threads of a query column summing the whole row in column
+                # order, as score_tile sums dP: a row that sees one key has out == v there, so delta equals dP
+                # bit for bit and dS is exactly 0, as autograd's softmax gives. Once per block: cheap beside
+                # the key walk.
                 ox = out[b0, b1, b2, h]
                 for b in range(SUB_M):
                     i = m_first + tc + G * b
                     if i < L_b and lse_m[b] != NEG_INF:
-                        e = tr
-                        while e < Ev:
-                            delta_m[b] += load(ox[q0 + i, e]) * load(dox[q0 + i, e])
-                            e += G
-                reduce_delta(delta_m, ds_tile, delta, b0, b1, b2, h, q0, m_first, L_b, tr, tc)
+                        for e in range(Ev):
+                            delta_m[b] += load(dox[q0 + i, e]) * load(ox[q0 + i, e])
+                    if tr == 0 and i < L_b:
+                        delta[b0, b1, b2, h, q0 + i] = delta_m[b]
             # Pass 0 (only without DELTA_FROM_OUT) sums delta_i's partials over the key tiles, rowsum(P * dP), and
             # reduces them; pass 1 forms dS and dQ.
             for phase in range(FIRST_PHASE, 2):
