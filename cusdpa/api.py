@@ -1,5 +1,5 @@
 """The public functions: validate, dispatch, run; return the caller's array type. A repeated dense call on
-CuPy arrays replays the launches its first call prepared (cusdpa.backends.flash.plans)."""
+CuPy arrays replays the launches its first call prepared (cusdpa.backends.plans)."""
 from __future__ import annotations
 
 import secrets
@@ -44,20 +44,19 @@ def _planned(query, key, value, options: tuple, seed, return_lse: bool):
     dropout_p, is_causal, scale, enable_gqa, causal_variant, window, softcap = options
     if not (seed is None or (type(seed) is int and 0 <= seed < 2**64)) or not (window is None or type(window) is tuple):
         return None
-    from .backends.flash import plans
+    from .backends import plans
 
     aligned = (query.data.ptr | key.data.ptr | value.data.ptr) % 16 == 0
     signature = ("cupy", query.shape, query.strides, key.shape, key.strides, value.shape, value.strides, query.dtype,
                  key.dtype, value.dtype, query.device.id, key.device.id, value.device.id, aligned,
                  type(dropout_p), dropout_p, type(is_causal), is_causal, type(scale), scale, type(enable_gqa),
                  enable_gqa, causal_variant, window and tuple(map(type, window)), window, type(softcap), softcap,
-                 dispatch.enabled_key())
+                 dispatch.enabled_key(), dispatch.kernel_config_key())
 
     def make():
         pr = problem.from_dense(query, key, value, None, Options(*options), seed)
-        if dispatch.select(pr).backend is not dispatch.Backend.FLASH:
-            return None
-        return plans.build(pr, plans.contiguous_strides(pr.out_shape), backward=False)
+        return plans.build(pr, dispatch.select(pr).backend, plans.contiguous_strides(pr.out_shape), backward=False,
+                           addresses={"q": query.data.ptr, "k": key.data.ptr, "v": value.data.ptr})
 
     plan = plans.lookup(signature, make)
     if plan is None:

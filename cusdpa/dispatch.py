@@ -11,6 +11,7 @@ import contextlib
 import contextvars
 import enum
 import importlib
+import sys
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -142,6 +143,13 @@ def enabled_backends() -> tuple[Backend, ...]:
 def enabled_key() -> str:
     """The enabled backends as one string ("flash,efficient,math"): what a cache key should hold."""
     return _enabled.get().key
+
+
+def kernel_config_key():
+    """The EFFICIENT kernels' configuration in force (``kernels_numba.current()``, a frozen dataclass), or None
+    while kernels_numba is not imported: part of a plan's signature, since it decides which kernels run."""
+    config = sys.modules.get("kernels_numba.config")
+    return None if config is None else config.current()
 
 
 @contextlib.contextmanager

@@ -39,7 +39,7 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     the backward regenerates the forward's keep-mask. CPU tensors run on the NumPy reference; CUDA
     tensors on their own device, on torch's current stream, without copying contiguous inputs. A repeated
     call, eager or compiled, replays the kernel launches its first call prepared
-    (cusdpa.backends.flash.plans).
+    (cusdpa.backends.plans).
     ``backend`` (a cusdpa.Backend or a sequence of them) restricts the backends tried, like
     ``cusdpa.sdpa_kernel``; by default the ones ``cusdpa.sdpa_kernel`` enables (under torch.compile:
     those enabled when the graph was traced). ``return_lse`` returns (out, lse), lse (..., Hq, L) float32

@@ -31,6 +31,8 @@ def buffers(query: torch.Tensor, attn_mask: torch.Tensor | None, plan, stream: i
     if attn_mask is None:
         return 0, 0, 0
     mask = attn_mask.data_ptr()
+    if plan.summary_key is None:  # no summary to make: EFFICIENT's kernels read the mask alone
+        return mask, 0, 0
     if not keep or attn_mask.is_inference() or torch._C._cuda_isCurrentStreamCapturing():
         seen, blocks = _new(query, plan)
         plan.run_summary(stream, mask, seen.data_ptr(), blocks.data_ptr())

@@ -6,7 +6,7 @@ only remembers how a signature was launched). Their option arguments are the fie
 try are inputs, so eager mode, a compiled graph and a backward on autograd's own thread all see the same
 keep-mask and the same dispatch. Outputs are allocated by torch (its caching allocator owns them).
 
-A dense call on CUDA tensors looks its signature up once (``cusdpa.backends.flash.plans``): a hit
+A dense call on CUDA tensors looks its signature up once (``cusdpa.backends.plans``): a hit
 allocates the outputs and replays the prepared launches on raw pointers; the first call of a signature,
 and every call FLASH does not take in place, validates, dispatches and runs the backend on array views.
 The ops carry no autograd formula: ``interop.autograd`` differentiates them, in eager mode and (through
@@ -24,7 +24,8 @@ import functools
 import torch
 
 from cusdpa import dispatch, problem
-from cusdpa.backends.flash import launches, plans
+from cusdpa.backends import plans
+from cusdpa.backends.flash import launches
 from cusdpa.dispatch import Backend
 from cusdpa.errors import ArgumentError
 
@@ -170,7 +171,14 @@ def _signature(query, key, value, attn_mask, options: tuple, backends: str) -> t
                                            attn_mask.data_ptr() % (2 * attn_mask.element_size()) == 0)
     return ("torch", query.shape, query.stride(), key.shape, key.stride(), value.shape, value.stride(), query.dtype,
             key.dtype, value.dtype, query.get_device(), key.get_device(), value.get_device(),
-            (query.data_ptr() | key.data_ptr() | value.data_ptr()) % 16 == 0, mask, options, backends)
+            (query.data_ptr() | key.data_ptr() | value.data_ptr()) % 16 == 0, mask, options, backends,
+            dispatch.kernel_config_key())
+
+
+def _addresses(query, key, value, attn_mask) -> dict:
+    """The base addresses a replay passes, which a plan's problem must read in place."""
+    return {"q": query.data_ptr(), "k": key.data_ptr(), "v": value.data_ptr(),
+            "mask": None if attn_mask is None else attn_mask.data_ptr()}
 
 
 def _plan(query, key, value, attn_mask, options: tuple, backends: str) -> plans.Plan | None:
@@ -178,9 +186,8 @@ def _plan(query, key, value, attn_mask, options: tuple, backends: str) -> plans.
     signature validates it as the general path would, and raises what it raises."""
     def make():
         pr = _problem(query, key, value, attn_mask, options)
-        if _select(pr, backends, need_grad=False).backend is not Backend.FLASH:
-            return None
-        return plans.build(pr, plans.token_major_strides(pr.out_shape), backward=False)
+        return plans.build(pr, _select(pr, backends, need_grad=False).backend, plans.token_major_strides(pr.out_shape),
+                           backward=False, addresses=_addresses(query, key, value, attn_mask))
 
     return plans.lookup(_signature(query, key, value, attn_mask, options, backends), make)
 
@@ -198,8 +205,7 @@ def _backward_plan(query, key, value, attn_mask, options: tuple, backends: str, 
 
     def make():
         pr = _problem(query, key, value, attn_mask, options)
-        if _select(pr, backends, need_grad=True).backend is not Backend.FLASH:
-            return None
+        backend = _select(pr, backends, need_grad=True).backend
         out_strides = plans.token_major_strides(pr.out_shape)
         device = query.get_device()
         if not (tuple(out.shape) == tuple(grad_out.shape) == pr.out_shape and out.dtype == grad_out.dtype == query.dtype
@@ -210,8 +216,9 @@ def _backward_plan(query, key, value, attn_mask, options: tuple, backends: str, 
             return None  # out or lse are not the forward's: the general path reads any
         readable = grad_out.data_ptr() % 16 == 0 and launches.kernel_strides(
             pr.out_shape, grad_out.stride(), len(pr.batch_shape), pr.dtype.itemsize) is not None
-        return plans.build(pr, out_strides, backward=True, dout_strides=grad_out.stride() if readable else None,
-                           deterministic=deterministic)
+        return plans.build(pr, backend, out_strides, backward=True,
+                           dout_strides=grad_out.stride() if readable else None, deterministic=deterministic,
+                           addresses=_addresses(query, key, value, attn_mask))
 
     return plans.lookup(signature, make)
 
@@ -257,7 +264,7 @@ def _sdpa_fwd(query, key, value, attn_mask, alibi_slopes, *rest, eager=False):
             out = query.new_empty_strided(plan.out_shape, plan.out_strides)
             lse = query.new_empty(plan.lse_shape, dtype=torch.float32)
             stream = _stream(query)
-            with _profiled("cusdpa::flash_fwd"):
+            with _profiled(f"cusdpa::{plan.backend}_fwd"):
                 plan.run_forward(stream, query.data_ptr(), key.data_ptr(), value.data_ptr(), out.data_ptr(),
                                  lse.data_ptr(), seed_of(seed, options[0]),
                                  *mask_summaries.buffers(query, attn_mask, plan, stream, eager))
@@ -305,7 +312,7 @@ def _sdpa_bwd(grad_out, query, key, value, attn_mask, alibi_slopes, out, lse, *r
             delta = lse.new_empty(lse.shape)
             dq_accum = query.new_empty(plan.dq_accum_elements, dtype=torch.float32) if plan.dq_accum_elements else None
             stream = _stream(query)
-            with _profiled("cusdpa::flash_bwd"):
+            with _profiled(f"cusdpa::{plan.backend}_bwd"):
                 plan.run_backward(stream, query.data_ptr(), key.data_ptr(), value.data_ptr(), out.data_ptr(),
                                   grad_out.data_ptr(), lse.data_ptr(), delta.data_ptr(), dq.data_ptr(),
                                   dk.data_ptr(), dv.data_ptr(), seed_of(seed, options[0]),

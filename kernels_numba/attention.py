@@ -88,6 +88,14 @@ def _rows_view(pr, plan, x, tail):
     return x.reshape(plan.shape3 + tail)
 
 
+def _output_view(pr, plan, x):
+    """An array of the output's shape (out, dout; dense) as the kernels' 6-D view: in place where
+    ``_writes_rows`` allows (the token-major layout included), else through a reshape (a copy if need be)."""
+    if _writes_rows(x):
+        return layout.dense_view(pr.xp, plan, x, (pr.hq, pr.L, pr.Ev))
+    return _rows_view(pr, plan, x.reshape(pr.batch_shape + (pr.hq, pr.L, pr.Ev)), (pr.hq, pr.L, pr.Ev))
+
+
 def _blocked_spec(pr, cfg, dkdv: bool) -> gradients.Spec:
     """The portable kernels' specialisation for ``pr``: the forward's and dq's tiles, or (dkdv) dk/dv's."""
     step = max(16, cfg.threads)  # a multiple of threads: each thread owns every threads-th column
@@ -107,11 +115,32 @@ def _structure_args(pr):
             pr.dropout_rescale)
 
 
-def _target(xp, given, shape, dtype):
-    """The caller's array when the kernels can write it in place (C-contiguous), else a fresh one."""
-    if given is not None and tuple(given.shape) == tuple(shape) and given.flags.c_contiguous:
+def _target(xp, given, shape, dtype, rows=False):
+    """The caller's array when the kernels can write it in place, else a fresh one: C-contiguous, or with
+    ``rows`` (the output) any layout ``_writes_rows`` takes, such as the token-major one torch's bridge gives."""
+    if given is not None and tuple(given.shape) == tuple(shape) and (given.flags.c_contiguous or
+                                                                     rows and _writes_rows(given)):
         return given
     return xp.empty(shape, dtype=dtype)
+
+
+def _writes_rows(x) -> bool:
+    """Whether the kernels' 6-D view of ``x`` (..., H, rows, dim) reaches every element once: rows of unit
+    stride, the last three dims not overlapping, and the batch dims in C order outside them (so they merge
+    as the operands' do, layout.dense_view)."""
+    if x.ndim < 3 or (x.shape[-1] > 1 and x.strides[-1] != x.itemsize):
+        return False
+    extent = x.itemsize
+    for stride, n in sorted((x.strides[d], x.shape[d]) for d in range(x.ndim - 3, x.ndim) if x.shape[d] > 1):
+        if stride < extent:
+            return False
+        extent = stride * n
+    for d in reversed(range(x.ndim - 3)):
+        if x.shape[d] > 1:
+            if x.strides[d] != extent:
+                return False
+            extent *= x.shape[d]
+    return True
 
 
 def _deliver(xp, results, given):
@@ -139,7 +168,7 @@ def forward(pr, out=None, lse=None, config=None):
     """(out, lse) of ``pr``; out has pr.out_shape and the input dtype, lse is float32 pr.lse_shape."""
     cfg = config or config_module.current()
     xp = pr.xp
-    out_t = _target(xp, out, pr.out_shape, pr.dtype)
+    out_t = _target(xp, out, pr.out_shape, pr.dtype, rows=pr.varlen is None)
     lse_t = _target(xp, lse, pr.lse_shape, np.float32)
     if lse_t.size == 0 or pr.k.size == 0:
         out_t[...] = 0
@@ -148,7 +177,7 @@ def forward(pr, out=None, lse=None, config=None):
     views = _views(pr)
     plan = views.plan
     if pr.varlen is None:
-        out_v = _rows_view(pr, plan, out_t.reshape(pr.batch_shape + (pr.hq, pr.L, pr.Ev)), (pr.hq, pr.L, pr.Ev))
+        out_v = _output_view(pr, plan, out_t)
         lse_v = _rows_view(pr, plan, lse_t.reshape(pr.batch_shape + (pr.hq, pr.L)), (pr.hq, pr.L))
     else:
         out_v, lse_v = _rows_view(pr, plan, out_t, None), lse_t[None, None, None]
@@ -165,11 +194,12 @@ def forward(pr, out=None, lse=None, config=None):
     return _deliver(xp, (out_t, lse_t), None if out is None else (out, lse))
 
 
-def backward(pr, out, lse, dout, grads=None, config=None):
+def backward(pr, out, lse, dout, grads=None, config=None, delta=None):
     """(dq, dk, dv[, dmask]) for output gradient ``dout``; deterministic (no atomics) by construction.
 
     A float mask's gradient is computed when ``grads`` is None or holds a fourth array for it (the torch op
-    passes three when the mask requires no gradient).
+    passes three when the mask requires no gradient). ``delta``: a float32 array shaped like lse for the
+    kernels' per-row D (allocated when None; a plan passes its own).
 
     The tensor_core variant runs where its forward does (fp16/bf16) and q, k and v are not broadcast over
     batch dims. delta is rowsum(dout * out), as FlashAttention takes it, except where a broadcast float mask's
@@ -194,16 +224,16 @@ def backward(pr, out, lse, dout, grads=None, config=None):
     varlen = pr.varlen is not None
     if varlen:
         dout_v, lse_v = (_rows_view(pr, plan, x, None) for x in (dout, lse))
-        delta_v = xp.empty(lse.shape, dtype=np.float32)[None, None, None]
+        delta_v = _target(xp, delta, lse.shape, np.float32)[None, None, None]
         dq_v, dk_v, dv_v = (_rows_view(pr, plan, t, None) for t in targets[:3])
         own_q = own_k = own_v = (1, 1, 1)
         n_own_q, n_own_k, n_own_v = (pr.varlen.batch,) * 3
         reps_q = reps_k = reps_v = 1
     else:
         full5 = pr.batch_shape + (pr.hq, pr.L)
-        dout_v = _rows_view(pr, plan, dout.reshape(full5 + (pr.Ev,)), (pr.hq, pr.L, pr.Ev))
+        dout_v = _output_view(pr, plan, dout)
         lse_v = _rows_view(pr, plan, lse.reshape(full5), (pr.hq, pr.L))
-        delta_v = xp.empty(plan.shape3 + (pr.hq, pr.L), dtype=np.float32)
+        delta_v = _rows_view(pr, plan, _target(xp, delta, pr.lse_shape, np.float32).reshape(full5), (pr.hq, pr.L))
         own_q, own_k, own_v = (plan.own3(x) for x in (pr.q3, pr.k3, pr.v3))
         dq_v = targets[0].reshape(own_q + pr.q3.shape[-3:])
         dk_v = targets[1].reshape(own_k + pr.k3.shape[-3:])
@@ -228,8 +258,7 @@ def backward(pr, out, lse, dout, grads=None, config=None):
     delta_from_out = out is not None and not (want_dmask and not dmask_direct)
     out_v = None
     if delta_from_out:
-        out_v = _rows_view(pr, plan, out, None) if varlen else \
-            _rows_view(pr, plan, out.reshape(full5 + (pr.Ev,)), (pr.hq, pr.L, pr.Ev))
+        out_v = _rows_view(pr, plan, out, None) if varlen else _output_view(pr, plan, out)
     if delta_from_out and reps_q == reps_k == reps_v == 1 and variant_for(pr, cfg) == "tensor_core" and \
             all(x.strides[-1] == x.itemsize for x in (dout_v, out_v)):
         tensor_core.backward(pr, views, (dout_v, out_v, lse_v, delta_v, dq_v, dk_v, dv_v),

@@ -11,6 +11,9 @@ call of a signature goes through Numba (compiling where needed) and records the 
 argument types; later calls flatten their values straight into a parameter buffer. Under the CUDA
 simulator, and without ``KernelConfig.prepared_launches``, everything goes through Numba.
 
+Under ``recording()`` launches are not issued but recorded as (function, grid, block, parameter cells): what
+cusdpa's plans of EFFICIENT calls replay (cusdpa.backends.efficient.plan).
+
 Flattening follows numba.cuda's ``_Kernel._prepare_args``: an array is (meminfo, parent, size, itemsize,
 data, *shape, *strides in bytes) with meminfo and parent null; integers, floats and booleans are one
 parameter each; tuples are their elements in order. Each parameter travels in an 8-byte cell of which the
@@ -18,6 +21,7 @@ driver reads the parameter's own size (little-endian: the low bytes).
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import struct
 import threading
@@ -33,6 +37,22 @@ _prepared: dict = {}  # (dispatcher, signature) -> _Prepared, or None where Numb
 _lock = threading.Lock()
 _MISS = object()
 _MASK64 = (1 << 64) - 1
+_recorded = threading.local()  # .launches: the list recording() fills, or None
+NOT_PREPARED = "not prepared"  # a recorded launch whose signature has not been launched once yet
+NUMBA_ONLY = "launched by Numba only"  # a recorded launch Numba's own path must serve
+
+
+@contextlib.contextmanager
+def recording():
+    """Within the body, this thread's launches are recorded instead of issued: the list yielded gets one entry
+    per launch, (function handle, grid (x, y, z), block (x, y, z), parameter cells as ints), or NOT_PREPARED /
+    NUMBA_ONLY where a launch has no prepared form."""
+    launches: list = []
+    _recorded.launches = launches
+    try:
+        yield launches
+    finally:
+        _recorded.launches = None
 
 
 def launch(dispatcher, grid, block, device: int, args) -> None:
@@ -43,14 +63,23 @@ def launch(dispatcher, grid, block, device: int, args) -> None:
         return
     import cupy
 
+    recorded = getattr(_recorded, "launches", None)
+    prepared_launches = config.current().prepared_launches
+    if recorded is not None and not prepared_launches:
+        recorded.append(NUMBA_ONLY)
+        return
     stream = cupy.cuda.get_current_stream().ptr
-    if not config.current().prepared_launches:
+    if not prepared_launches:
         _through_numba(dispatcher, grid, block, device, stream, args)
         return
     args = [cupy.from_dlpack(a) if _is_array(a) and not hasattr(a, "__cuda_array_interface__") else a for a in args]
     # the device too: a kernel compiled for one device's architecture may not load on another's
     key = (dispatcher, device, tuple(_kind(a) for a in args))
     prepared = _prepared.get(key, _MISS)
+    if recorded is not None:
+        recorded.append(NOT_PREPARED if prepared is _MISS else NUMBA_ONLY if prepared is None else
+                        (prepared.fn, _dims(grid), _dims(block), prepared.cells(args)))
+        return
     if prepared is _MISS or prepared is None:  # the first call of this signature, or one Numba must serve
         wrapped = _through_numba(dispatcher, grid, block, device, stream, args)
         if prepared is _MISS:
@@ -123,10 +152,15 @@ class _Prepared:
             return None
         return cls(int(kernel._codelibrary.get_cufunc().handle), argtypes)
 
-    def __call__(self, grid, block, stream: int, args) -> None:
+    def cells(self, args) -> list:
+        """The parameter cells of ``args``."""
         values: list = []
         for ty, value in zip(self.argtypes, args):
             _flatten(ty, value, values)
+        return values
+
+    def __call__(self, grid, block, stream: int, args) -> None:
+        values = self.cells(args)
         cells, params = self._buffer(len(values))
         cells[:len(values)] = values
         gx, gy, gz = _dims(grid)

@@ -278,3 +278,26 @@ def test_repeated_calls_launch_prepared_kernels(gpu, rng, variant, dtype, mask):
                               second.view(cp.uint16) if second.itemsize == 2 else second)
     new = set(launcher._prepared) - seen
     assert new and all(isinstance(launcher._prepared[key], launcher._Prepared) for key in new)
+
+
+@pytest.mark.parametrize("variant, dtype", [("tensor_core", "bfloat16"), ("portable", "float32")])
+def test_repeated_cupy_calls_replay_a_plan(gpu, rng, variant, dtype, monkeypatch):
+    """A repeated dense call on CuPy arrays replays a plan of EFFICIENT's launches (cusdpa.backends.plans),
+    recorded once the first call prepared them: the same bits as the general path, dropout included."""
+    cp, _, kn = gpu
+    import cusdpa
+    from cusdpa.backends import plans
+
+    q, k, v = (cp.asarray(harness.draw(rng, shape, dtype)) for shape in ((2, 4, 150, 64), (2, 2, 170, 64),
+                                                                         (2, 2, 170, 64)))
+    kw = dict(is_causal=True, enable_gqa=True, dropout_p=0.1, seed=9)
+    plans._plans.clear()
+    with kn.configured(kn.KernelConfig(variant=variant)), cusdpa.sdpa_kernel([cusdpa.Backend.EFFICIENT]):
+        outs = [cusdpa.scaled_dot_product_attention(q, k, v, **kw) for _ in range(3)]
+        (plan,) = plans._plans.values()
+        assert plan is not None and plan.backend == "efficient" and not plan.backward
+        monkeypatch.setattr(plans, "lookup", lambda signature, make: None)
+        want = cusdpa.scaled_dot_product_attention(q, k, v, **kw)
+    for out in outs:
+        assert cp.array_equal(out.view(cp.uint16) if out.itemsize == 2 else out,
+                              want.view(cp.uint16) if want.itemsize == 2 else want)

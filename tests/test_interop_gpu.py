@@ -62,7 +62,7 @@ def test_masked_calls_take_a_plan_and_summarise_each_mask(rng, shape, kind):
     whose launches summarise each new mask: two masks of one signature in turn, values and
     gradients each against the harness (a float mask's values, -inf at hidden keys, require no gradient:
     its call's backward runs on the plan too)."""
-    from cusdpa.backends.flash import plans
+    from cusdpa.backends import plans
 
     q = randn(rng, 2, 4, 80, 64, dtype=torch.bfloat16)
     k, v = (randn(rng, 2, 4, 96, 64, dtype=torch.bfloat16) for _ in range(2))
@@ -133,7 +133,7 @@ def launch_context(monkeypatch):
     the backends' entry points, have their own tests in test_plans.py)."""
     import cupy
 
-    from cusdpa.backends.flash import plans
+    from cusdpa.backends import plans
 
     monkeypatch.setattr(plans, "lookup", lambda signature, make: None)
     seen = []

@@ -1,4 +1,4 @@
-"""Plans (cusdpa/backends/flash/plans.py) and the prepared launches under them (cusdpa/backends/launch.py):
+"""Plans (cusdpa/backends/plans.py) and the prepared launches under them (cusdpa/backends/launch.py):
 argument cells on the CPU; on the GPU, a replayed plan must give bit for bit what the general path gives
 (same kernels, same arguments), forward, backward and dropout, through the torch bridge and for CuPy
 callers, and calls that plans do not cover must take the general path."""
@@ -35,6 +35,41 @@ def test_slots_are_left_for_the_call():
     assert prepared.slots == ((0, launch.SLOTS.index("q")), (2, launch.SLOTS.index("seed_lo")))
     assert prepared.cells == (0, 5, 0)
     assert launch.values(q=7, seed_lo=3) == tuple({"q": 7, "seed_lo": 3}.get(name) for name in launch.SLOTS)
+
+
+def test_recorded_cells_that_move_with_an_operand_become_its_slot():
+    """EFFICIENT's plans (cusdpa.backends.efficient.plan) compare two recordings of the same launches at
+    different stand-in addresses: a cell that moves with one operand is its slot, a cell that does not move
+    is a constant (even where it equals an operand's address in one recording), and a cell that moves but
+    holds no operand (an address inside one) means no plan."""
+    from cusdpa.backends import efficient
+
+    first_values, second_values = {"q": 1 << 40, "seed_lo": 11}, {"q": (1 << 40) + (1 << 36), "seed_lo": 12}
+    first = [(5, (2, 3, 1), (128, 1, 1), [1 << 40, 64, 11, 1 << 40])]
+    second = [(5, (2, 3, 1), (128, 1, 1), [(1 << 40) + (1 << 36), 64, 12, 1 << 40])]
+    (made,) = efficient._slotted(first, second, first_values, second_values)
+    assert made.fn.ptr == 5 and made.grid == (2, 3) and made.block == (128,)
+    assert made.slots == ((0, launch.SLOTS.index("q")), (2, launch.SLOTS.index("seed_lo")))
+    assert made.cells == (0, 64, 0, 1 << 40)
+    inside = [(5, (2, 3, 1), (128, 1, 1), [(1 << 40) + (1 << 36) + 256, 64, 12, 1 << 40])]
+    assert efficient._slotted(first, inside, first_values, second_values) is None
+    other_grid = [(5, (2, 4, 1), (128, 1, 1), second[0][3])]
+    assert efficient._slotted(first, other_grid, first_values, second_values) is None
+
+
+def test_a_plan_not_ready_yet_is_tried_again_then_given_up():
+    from cusdpa.backends import plans
+
+    made = []
+
+    def not_yet():
+        made.append(1)
+        return plans.NOT_YET
+
+    signature = ("test", object())
+    for n in range(plans.TRIES + 2):
+        assert plans.lookup(signature, not_yet) is None
+    assert len(made) == plans.TRIES and plans._plans.pop(signature) is None
 
 
 def test_oversized_argument_is_refused():
@@ -142,7 +177,7 @@ def _general(monkeypatch, q, k, v, kw, dout):
     import torch
 
     import interop
-    from cusdpa.backends.flash import plans
+    from cusdpa.backends import plans
 
     with monkeypatch.context() as patched:
         patched.setattr(plans, "lookup", lambda signature, make: None)
@@ -155,7 +190,7 @@ def _general(monkeypatch, q, k, v, kw, dout):
 def test_replayed_plans_are_bit_identical_to_the_general_path(name, rng, monkeypatch):
     torch = _torch_cuda()
     import interop
-    from cusdpa.backends.flash import plans
+    from cusdpa.backends import plans
 
     case = CASES[name]
     dtype = getattr(torch, case["dtype"])
@@ -182,7 +217,7 @@ def test_the_ops_replay_plans_for_compiled_graphs(name, rng, monkeypatch):
     """The custom ops themselves (what a compiled graph calls) replay the plans; a backward op handed an out
     it cannot read in place takes the general path."""
     torch = _torch_cuda()
-    from cusdpa.backends.flash import plans
+    from cusdpa.backends import plans
     from interop import ops
 
     case = CASES[name]
@@ -206,6 +241,45 @@ def test_the_ops_replay_plans_for_compiled_graphs(name, rng, monkeypatch):
     strided.copy_(out)
     again = ops.sdpa_bwd(dout, q, k, v, None, None, strided, lse, *opts, seed, backends, False, False)[:3]
     for g, w in zip(again, want):
+        assert torch.equal(g, w)
+
+
+EFFICIENT_CASES = {  # the tensor_core kernels with a bool mask and dropout; the portable ones in fp32
+    "bf16_bool_mask_dropout": dict(q=(2, 4, 200, 64), kv=(2, 4, 200, 64), dtype="bfloat16",
+                                   kw=dict(dropout_p=0.2), mask=True),
+    "fp32_causal_gqa": dict(q=(1, 4, 130, 32), kv=(1, 2, 150, 32), dtype="float32",
+                            kw=dict(is_causal=True, enable_gqa=True, causal_variant="lower_right"), mask=False),
+}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", sorted(EFFICIENT_CASES))
+def test_efficient_plans_replay_the_general_paths_bits(name, rng, monkeypatch):
+    """EFFICIENT's plans are recorded once the general path has launched each kernel (the first call), then
+    replayed: forward and backward equal the general path bit for bit."""
+    torch = _torch_cuda()
+    import cusdpa
+    import interop
+    from cusdpa.backends import plans
+
+    case = EFFICIENT_CASES[name]
+    q, k, v = _inputs(torch, case["q"], case["kv"], getattr(torch, case["dtype"]), int(rng.integers(2**31)))
+    kw = dict(case["kw"])
+    if case["mask"]:
+        kw["attn_mask"] = torch.rand(case["q"][-2], case["kv"][-2], device="cuda") > 0.3
+    dout = torch.randn(*case["q"][:-1], case["kv"][-1], device="cuda", dtype=q.dtype)
+    plans._plans.clear()
+    with cusdpa.sdpa_kernel([cusdpa.Backend.EFFICIENT]):
+        for _ in range(3):  # general path; plan recorded and replayed; replayed
+            torch.manual_seed(5)
+            fast = interop.scaled_dot_product_attention(q, k, v, **kw)
+            got = torch.autograd.grad(fast, (q, k, v), dout)
+        built = [p for p in plans._plans.values() if p is not None]
+        assert sorted((p.backend, bool(p.backward)) for p in built) == [("efficient", False), ("efficient", True)]
+        torch.manual_seed(5)
+        slow, want = _general(monkeypatch, q, k, v, kw, dout)
+    assert torch.equal(fast.detach(), slow) and fast.stride() == slow.stride()
+    for g, w in zip(got, want):
         assert torch.equal(g, w)
 
 
@@ -245,7 +319,7 @@ def test_plans_on_the_tensors_device(monkeypatch):
     if torch.cuda.device_count() < 2:
         pytest.skip("needs two GPUs")
     import interop
-    from cusdpa.backends.flash import plans
+    from cusdpa.backends import plans
 
     with torch.cuda.device(1):
         q, k, v = _inputs(torch, (2, 4, 300, 64), (2, 4, 300, 64), torch.bfloat16, 7)
@@ -266,16 +340,14 @@ def test_plans_on_the_tensors_device(monkeypatch):
 
 @pytest.mark.gpu
 def test_calls_plans_do_not_cover_take_the_general_path():
-    """Masks, misaligned inputs and fp32 build no plan (and stay right)."""
+    """Misaligned inputs build no FLASH plan (and stay right); fp32, which EFFICIENT runs, gets EFFICIENT's
+    plan from its second call. (Masked calls take plans: test_interop_gpu.py.)"""
     torch = _torch_cuda()
     import interop
-    from cusdpa.backends.flash import plans
+    from cusdpa.backends import plans
 
     q, k, v = _inputs(torch, (2, 2, 64, 64), (2, 2, 64, 64), torch.float16, 4)
     plans._plans.clear()
-    mask = torch.ones(64, 64, dtype=torch.bool, device="cuda")
-    interop.scaled_dot_product_attention(q.detach(), k.detach(), v.detach(), attn_mask=mask)
-    assert plans._plans == {}
     base = torch.empty(2 * 2 * 64 * 64 + 1, device="cuda", dtype=torch.float16)
     shifted = base[1:].view(2, 2, 64, 64)  # 2-byte offset: cp.async needs 16-byte rows
     shifted.copy_(q.detach())
@@ -285,5 +357,6 @@ def test_calls_plans_do_not_cover_take_the_general_path():
     assert torch.equal(got, want)
     plans._plans.clear()
     q32 = q.detach().float()
-    interop.scaled_dot_product_attention(q32, q32, q32)
-    assert all(p is None for p in plans._plans.values())
+    for _ in range(2):  # the first call prepares EFFICIENT's kernels if no earlier one did
+        interop.scaled_dot_product_attention(q32, q32, q32)
+    assert [p.backend for p in plans._plans.values()] == ["efficient"]

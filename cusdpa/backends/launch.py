@@ -2,7 +2,7 @@
 
 A ``Launch`` holds a compiled function, its grid, block and shared memory, and every argument already
 encoded, except named ``Slot``s (device pointers, the dropout seed) that each call fills in. The general
-path fills the slots with CuPy arrays; a plan (``backends.flash.plans``) fills them with raw pointers, so
+path fills the slots with CuPy arrays; a plan (``backends.plans``) fills them with raw pointers, so
 a repeated call costs a few stores into a parameter buffer and one driver call instead of building CuPy
 views and converting some forty arguments every time.
 
