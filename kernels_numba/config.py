@@ -33,6 +33,10 @@ class KernelConfig:
     chunk: head-dim columns per staged step of the score products, and the most rows per staged step of
       the products with a probability-side tile (P V, dQ, dK, dV; fewer where a wide head dim must fit
       ``smem_bytes``).
+    tensor_core_blocks: 128-thread blocks per SM that the tensor_core kernels' registers leave room for: their
+      register cap is the 64K-register file over that many blocks (2: 255, the compiler's own choice; 3: 168).
+      3 on the H200 (BENCHMARKS.md): the mma.sync loops stall on fixed latencies, which a third block per SM
+      hides (backward +40% at E = 64, forward +10% at E = 128) although E = 128 then spills.
     prepared_launches: a call whose argument signature was seen launches each kernel through
       ``cuLaunchKernel`` with its arguments flattened (kernels_numba.launcher), not through Numba's
       dispatcher (on the H200, tests/test_efficient_gpu.py -k prepared; off: Numba's path for every call).
@@ -47,6 +51,12 @@ class KernelConfig:
     sub: int = 4
     chunk: int = 32
     prepared_launches: bool = True
+    tensor_core_blocks: int = 3
+
+    @property
+    def tensor_core_registers(self) -> int:
+        """The tensor_core kernels' register cap (a multiple of 8, at most 255)."""
+        return min(255, 65536 // (128 * self.tensor_core_blocks) // 8 * 8)
 
     def __post_init__(self):
         if self.variant not in VARIANTS:
@@ -56,6 +66,8 @@ class KernelConfig:
                              "the 48 KiB static shared-memory limit")
         if self.threads not in (1, 2, 4, 8, 16, 32):
             raise ValueError(f"threads={self.threads} must be a power of two <= 32 (threads**2 threads)")
+        if not 2 <= self.tensor_core_blocks <= 4:
+            raise ValueError(f"tensor_core_blocks={self.tensor_core_blocks} must be 2, 3 or 4")
         if not 1 <= self.sub <= 8:
             raise ValueError(f"sub={self.sub} must be in [1, 8] (2 * sub**2 registers of score tiles)")
         if self.chunk < 1:

@@ -106,10 +106,10 @@ def _at(base, itemsize, st, b0, b1, b2, h, row):
 
 
 @functools.cache
-def _kernel(head_dim: int, bf16: bool, dropout: bool, mask_kind: int):
+def _kernel(head_dim: int, bf16: bool, dropout: bool, mask_kind: int, registers: int):
     tile_loop = _tile_loop(head_dim, bf16, "forward", dropout, mask_kind)
 
-    @cuda.jit
+    @cuda.jit(max_registers=registers)
     def attention_forward_tc(q, qs, k, ks, v, vs, out, os_, lse, ls, mask, ms, cu_q, cu_k, varlen, nb1, nb2, hq,
                              group, L, S, E, Ev, scale, lower_right, left, right, seed_lo, seed_hi, offset, threshold,
                              rescale):
@@ -143,11 +143,12 @@ def _address_and_strides(x):
     return int(x.data.ptr), tuple(int(s) // x.itemsize for s in x.strides)
 
 
-def forward(pr, views, out_v, lse_v, device, structure):
-    """Launch the tensor_core forward into out_v (6-D) and lse_v (5-D) views; see attention.forward."""
+def forward(pr, views, out_v, lse_v, device, structure, registers: int):
+    """Launch the tensor_core forward into out_v (6-D) and lse_v (5-D) views; see attention.forward.
+    ``registers``: the kernels' register cap (KernelConfig.tensor_core_registers)."""
     _, _, left, right, seed_lo, seed_hi, offset, threshold, rescale = structure
     kernel = _kernel(head_dim_for(pr.E, pr.Ev), layout.dtype_name(pr.dtype) == "bfloat16", pr.dropout_p > 0,
-                     mask_kind_of(pr))
+                     mask_kind_of(pr), registers)
     q, qs = _address_and_strides(views.q)
     k, ks = _address_and_strides(views.k)
     v, vs = _address_and_strides(views.v)
@@ -171,10 +172,10 @@ def mask_kind_of(pr) -> int:
 
 
 @functools.cache
-def _dq_kernel(head_dim: int, bf16: bool, dropout: bool, mask_kind: int):
+def _dq_kernel(head_dim: int, bf16: bool, dropout: bool, mask_kind: int, registers: int):
     tile_loop = _tile_loop(head_dim, bf16, "dq", dropout, mask_kind)
 
-    @cuda.jit
+    @cuda.jit(max_registers=registers)
     def attention_dq_tc(q, qs, k, ks, v, vs, dout, dos, out, os_, lse, ls, delta, dls, dq, dqs, dmask, dms, mask, ms,
                         cu_q, cu_k, varlen, nb1, nb2, hq, group, L, S, E, Ev, scale, lower_right, left, right,
                         seed_lo, seed_hi, offset, threshold, rescale):
@@ -207,10 +208,10 @@ def _dq_kernel(head_dim: int, bf16: bool, dropout: bool, mask_kind: int):
 
 
 @functools.cache
-def _dkdv_kernel(head_dim: int, bf16: bool, dropout: bool, mask_kind: int):
+def _dkdv_kernel(head_dim: int, bf16: bool, dropout: bool, mask_kind: int, registers: int):
     tile_loop = _tile_loop(head_dim, bf16, "dkdv", dropout, mask_kind)
 
-    @cuda.jit
+    @cuda.jit(max_registers=registers)
     def attention_dkdv_tc(q, qs, k, ks, v, vs, dout, dos, lse, ls, delta, dls, dk, dks, dv, dvs, mask, ms,
                           cu_q, cu_k, varlen, nb1, nb2, hq, hkv, group, L, S, E, Ev, scale, lower_right, left, right,
                           seed_lo, seed_hi, offset, threshold, rescale):
@@ -236,14 +237,14 @@ def _dkdv_kernel(head_dim: int, bf16: bool, dropout: bool, mask_kind: int):
     return attention_dkdv_tc
 
 
-def backward(pr, views, arrays, dmask_v, device, structure):
+def backward(pr, views, arrays, dmask_v, device, structure, registers: int):
     """Launch the tensor_core backward: ``arrays`` are the 6-D (5-D for lse and delta) views dout, out, lse,
     delta, dq, dk, dv, with one own batch element per problem batch element (attention.backward checks);
     dmask_v the float mask's gradient where each element belongs to one score, else None. D goes into
     delta for the dmask kernel too."""
     _, _, left, right, seed_lo, seed_hi, offset, threshold, rescale = structure
     instance = (head_dim_for(pr.E, pr.Ev), layout.dtype_name(pr.dtype) == "bfloat16", pr.dropout_p > 0,
-                mask_kind_of(pr))
+                mask_kind_of(pr), registers)
     (q, qs), (k, ks), (v, vs), (mask, ms) = (_address_and_strides(x) for x in (views.q, views.k, views.v, views.mask))
     (dout, dos), (out, os_), (lse, ls), (delta, dls), (dq, dqs), (dk, dks), (dv, dvs) = (
         _address_and_strides(x) for x in arrays)

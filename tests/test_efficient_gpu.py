@@ -241,11 +241,11 @@ def test_public_api_runs_on_the_current_stream_and_compiles_once(gpu, rng):
         assert cusdpa.explain(*pr_args).chosen is cusdpa.Backend.EFFICIENT
         first = cusdpa.scaled_dot_product_attention(*pr_args, is_causal=True)
         compiled = (tensor_core._kernel.cache_info().currsize, blocked_forward.forward_kernel.cache_info().currsize,
-                    sum(len(f.overloads) for f in (tensor_core._kernel(64, False, False, 0),)))
+                    sum(len(f.overloads) for f in (tensor_core._kernel(64, False, False, 0, 255),)))
         second = cusdpa.scaled_dot_product_attention(*pr_args, is_causal=True)
         stream.synchronize()
     assert (tensor_core._kernel.cache_info().currsize, blocked_forward.forward_kernel.cache_info().currsize,
-            sum(len(f.overloads) for f in (tensor_core._kernel(64, False, False, 0),))) == compiled
+            sum(len(f.overloads) for f in (tensor_core._kernel(64, False, False, 0, 255),))) == compiled
     assert cp.array_equal(first, second)
 
 
