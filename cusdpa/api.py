@@ -1,5 +1,5 @@
 """The public functions: validate, dispatch, run; return the caller's array type. A repeated dense call on
-CuPy arrays replays the launches its first call prepared (cusdpa.backends.plans)."""
+CuPy arrays, and its vjp, replay the launches its first call prepared (cusdpa.backends.plans)."""
 from __future__ import annotations
 
 import secrets
@@ -35,9 +35,10 @@ def _vjp(pr: problem.Problem, return_lse: bool, deterministic: bool):
     return ((out, lse) if return_lse else out), vjp
 
 
-def _planned(query, key, value, options: tuple, seed, return_lse: bool):
-    """The result of a dense call on CuPy arrays through its plan, or None: take the general path (no plan
-    for this signature, or arguments only the general path checks: a (seed, offset) pair, a list window)."""
+def _plan(query, key, value, options: tuple, seed, training: bool, deterministic: bool = False):
+    """The plan of a dense call on CuPy arrays (with ``training``, forward and backward), or None: take the
+    general path (no plan for this signature, or arguments only the general path checks: a (seed, offset)
+    pair, a list window)."""
     cupy = sys.modules.get("cupy")  # no CuPy imported: no CuPy arrays
     if cupy is None or not (type(query) is type(key) is type(value) is cupy.ndarray):
         return None
@@ -51,24 +52,57 @@ def _planned(query, key, value, options: tuple, seed, return_lse: bool):
                  key.dtype, value.dtype, query.device.id, key.device.id, value.device.id, aligned,
                  type(dropout_p), dropout_p, type(is_causal), is_causal, type(scale), scale, type(enable_gqa),
                  enable_gqa, causal_variant, window and tuple(map(type, window)), window, type(softcap), softcap,
-                 dispatch.enabled_key(), dispatch.kernel_config_key())
+                 dispatch.enabled_key(), dispatch.kernel_config_key(), training, deterministic)
 
     def make():
         pr = problem.from_dense(query, key, value, None, Options(*options), seed)
-        return plans.build(pr, dispatch.select(pr).backend, plans.contiguous_strides(pr.out_shape), backward=False,
+        out_strides = plans.contiguous_strides(pr.out_shape)  # dout too: the vjp makes it contiguous
+        return plans.build(pr, dispatch.select(pr, need_grad=training).backend, out_strides, backward=training,
+                           dout_strides=out_strides, deterministic=deterministic,
                            addresses={"q": query.data.ptr, "k": key.data.ptr, "v": value.data.ptr})
 
-    plan = plans.lookup(signature, make)
+    return plans.lookup(signature, make)
+
+
+def _planned(query, key, value, options: tuple, seed, return_lse: bool, training: bool = False,
+             deterministic: bool = False):
+    """The result of a dense call on CuPy arrays through its plan (with ``training``: (result, vjp)), or None
+    where the general path serves."""
+    plan = _plan(query, key, value, options, seed, training, deterministic)
     if plan is None:
         return None
+    import cupy
+
     if seed is None:
-        seed = secrets.randbits(64) if dropout_p > 0 else 0
+        seed = secrets.randbits(64) if options[0] > 0 else 0
     with cupy.cuda.Device(plan.device):
         out = cupy.empty(plan.out_shape, dtype=query.dtype)
         lse = cupy.empty(plan.lse_shape, dtype="float32")
         plan.run_forward(cupy.cuda.get_current_stream().ptr, query.data.ptr, key.data.ptr, value.data.ptr,
                          out.data.ptr, lse.data.ptr, seed)
-    return (out, lse) if return_lse else out
+    result = (out, lse) if return_lse else out
+    if not training:
+        return result
+
+    def vjp(dout):
+        if type(dout) is not cupy.ndarray:
+            raise ArgumentTypeError(f"dout is a {type(dout).__module__} array but the inputs are cupy arrays")
+        if tuple(dout.shape) != plan.out_shape:
+            raise ArgumentError(f"dout.shape={tuple(dout.shape)} must equal the output shape {plan.out_shape}")
+        if dout.dtype != query.dtype:
+            raise ArgumentTypeError(f"dout.dtype={dout.dtype} must equal the input dtype {query.dtype}")
+        with cupy.cuda.Device(plan.device):
+            if not dout.flags.c_contiguous or dout.data.ptr % 16 or dout.device.id != plan.device:
+                dout = cupy.ascontiguousarray(cupy.asarray(dout))  # the layout the plan reads
+            dq, dk, dv = (cupy.empty(x.shape, dtype=x.dtype) for x in (query, key, value))
+            delta = cupy.empty(plan.lse_shape, dtype="float32")
+            accum = cupy.empty(plan.dq_accum_elements, dtype="float32") if plan.dq_accum_elements else None
+            plan.run_backward(cupy.cuda.get_current_stream().ptr, query.data.ptr, key.data.ptr, value.data.ptr,
+                              out.data.ptr, dout.data.ptr, lse.data.ptr, delta.data.ptr, dq.data.ptr, dk.data.ptr,
+                              dv.data.ptr, seed, 0 if accum is None else accum.data.ptr)
+        return dq, dk, dv
+
+    return result, vjp
 
 
 def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
@@ -116,10 +150,15 @@ def attention_vjp(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=Fa
     backward sees the same keep-mask."""
     shapes = (query.shape, key.shape, value.shape)
     query, key, value, heads = problem.broadcast_heads(query, key, value, enable_gqa)
-    pr = problem.from_dense(query, key, value, attn_mask,
-                            Options(dropout_p, is_causal, scale, enable_gqa, causal_variant, window, softcap), seed,
-                            alibi_slopes)
-    result, vjp = _vjp(pr, return_lse, deterministic)
+    options = (dropout_p, is_causal, scale, enable_gqa, causal_variant, window, softcap)
+    planned = None
+    if attn_mask is None and alibi_slopes is None:
+        planned = _planned(query, key, value, options, seed, return_lse, training=True, deterministic=deterministic)
+    if planned is not None:
+        result, vjp = planned
+    else:
+        pr = problem.from_dense(query, key, value, attn_mask, Options(*options), seed, alibi_slopes)
+        result, vjp = _vjp(pr, return_lse, deterministic)
     if heads is None:
         return result, vjp
     return result, lambda dout: problem.sum_head_grads(heads, vjp(dout), shapes)

@@ -360,3 +360,38 @@ def test_calls_plans_do_not_cover_take_the_general_path():
     for _ in range(2):  # the first call prepares EFFICIENT's kernels if no earlier one did
         interop.scaled_dot_product_attention(q32, q32, q32)
     assert [p.backend for p in plans._plans.values()] == ["efficient"]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype, backend", [("bfloat16", "FLASH"), ("float16", "EFFICIENT"), ("float32", "EFFICIENT")])
+def test_cupy_vjp_replays_a_training_plan(dtype, backend, rng, monkeypatch):
+    """cusdpa.attention_vjp on CuPy arrays: a repeated call replays the forward and backward launches of its
+    signature's plan, giving the general path's bits, dropout and a dout of another layout included."""
+    _torch_cuda()
+    import cupy as cp
+
+    import cusdpa
+    from cusdpa.backends import plans
+    from cusdpa.verify import harness
+
+    q = cp.asarray(harness.draw(rng, (2, 4, 190, 64), dtype))
+    k, v = (cp.asarray(harness.draw(rng, (2, 2, 210, 64), dtype)) for _ in range(2))
+    dout = cp.asarray(harness.draw(rng, (2, 4, 64, 190), dtype)).transpose(0, 1, 3, 2)  # not C-contiguous
+    kw = dict(is_causal=True, enable_gqa=True, dropout_p=0.15, seed=11)
+
+    def bits(x):
+        return x.view(cp.uint16) if x.itemsize == 2 else x
+
+    def run():
+        out, vjp = cusdpa.attention_vjp(q, k, v, deterministic=True, **kw)  # FLASH's dQ in a fixed order
+        return (out, *vjp(dout))
+
+    plans._plans.clear()
+    with cusdpa.sdpa_kernel([getattr(cusdpa.Backend, backend)]):
+        runs = [run() for _ in range(3)]  # EFFICIENT plans from the second call, FLASH's from the first
+        assert any(p is not None and p.backward and p.backend == backend.lower() for p in plans._plans.values())
+        monkeypatch.setattr(plans, "lookup", lambda signature, make: None)
+        want = run()
+    for got in runs:
+        for g, w in zip(got, want):
+            assert g.shape == w.shape and cp.array_equal(bits(g), bits(w))
