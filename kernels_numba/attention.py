@@ -90,10 +90,13 @@ def _rows_view(pr, plan, x, tail):
 
 def _output_view(pr, plan, x):
     """An array of the output's shape (out, dout; dense) as the kernels' 6-D view: in place where
-    ``_writes_rows`` allows (the token-major layout included), else through a reshape (a copy if need be)."""
-    if _writes_rows(x):
-        return layout.dense_view(pr.xp, plan, x, (pr.hq, pr.L, pr.Ev))
-    return _rows_view(pr, plan, x.reshape(pr.batch_shape + (pr.hq, pr.L, pr.Ev)), (pr.hq, pr.L, pr.Ev))
+    ``_writes_rows`` allows (torch's token-major layout included) or ``x`` is C-contiguous, else of a
+    C-contiguous copy (an expanded or transposed dout): rows of unit stride, which the tensor_core backward
+    needs, and one view for every layout, so a plan's recording (cusdpa.backends.efficient.plan) meets the
+    kernels the general path prepared. The forward's out is never copied (``_target``)."""
+    if not _writes_rows(x):
+        x = pr.xp.ascontiguousarray(x)
+    return layout.dense_view(pr.xp, plan, x, (pr.hq, pr.L, pr.Ev))
 
 
 def _blocked_spec(pr, cfg, dkdv: bool) -> gradients.Spec:

@@ -240,12 +240,16 @@ def test_public_api_runs_on_the_current_stream_and_compiles_once(gpu, rng):
     with stream, cusdpa.sdpa_kernel([cusdpa.Backend.EFFICIENT]):
         assert cusdpa.explain(*pr_args).chosen is cusdpa.Backend.EFFICIENT
         first = cusdpa.scaled_dot_product_attention(*pr_args, is_causal=True)
-        compiled = (tensor_core._kernel.cache_info().currsize, blocked_forward.forward_kernel.cache_info().currsize,
-                    sum(len(f.overloads) for f in (tensor_core._kernel(64, False, False, 0, 255),)))
+        kernel = tensor_core._kernel(64, False, False, 0, kn.current().tensor_core_registers)  # the one that ran
+
+        def compiled():
+            return (tensor_core._kernel.cache_info().currsize, blocked_forward.forward_kernel.cache_info().currsize,
+                    len(kernel.overloads))
+
+        before = compiled()
         second = cusdpa.scaled_dot_product_attention(*pr_args, is_causal=True)
         stream.synchronize()
-    assert (tensor_core._kernel.cache_info().currsize, blocked_forward.forward_kernel.cache_info().currsize,
-            sum(len(f.overloads) for f in (tensor_core._kernel(64, False, False, 0, 255),))) == compiled
+    assert compiled() == before and before[2] == 1
     assert cp.array_equal(first, second)
 
 
