@@ -365,6 +365,35 @@ def test_backward_routes_to_the_variant_and_delta_that_serve_it(shapes, mask_sha
     assert routes == [expect]
 
 
+def _output_layouts(B, H, L, E):
+    z = np.zeros
+    return {"contiguous": z((B, H, L, E)), "token_major": z((B, L, H, E)).transpose(0, 2, 1, 3),
+            "transposed": z((B, H, E, L)).transpose(0, 1, 3, 2),
+            "expanded": np.broadcast_to(z((1, H, L, E)), (B, H, L, E)),
+            "batch_inside_heads": z((H, B, L, E)).transpose(1, 0, 2, 3), "rows_padded": z((B, H, L, 2 * E))[..., :E]}
+
+
+@pytest.mark.parametrize("name, in_place", [("contiguous", True), ("token_major", True), ("transposed", False),
+                                            ("expanded", False), ("batch_inside_heads", False), ("rows_padded", True)])
+def test_outputs_are_written_in_place_only_where_the_view_reaches_each_element_once(name, in_place, rng):
+    """EFFICIENT writes a caller's output (torch's token-major one) in place where its 6-D view reaches every
+    element once with rows of unit stride; dout of any layout reads through the same view, of a contiguous
+    copy where needed."""
+    from kernels_numba import attention
+
+    B, H, L, E = 2, 3, 5, 4
+    q, k, v = _qkv(rng, (B,), H, H, L, L, E, E)
+    pr = problem.from_dense(q, k, v)
+    plan = attention._views(pr).plan
+    x = _output_layouts(B, H, L, E)[name]
+    assert attention._writes_rows(x) == in_place
+    if name != "expanded":
+        x[...] = rng.standard_normal(x.shape)
+    view = attention._output_view(pr, plan, x)
+    assert view.shape == (1, 1, B, H, L, E) and np.array_equal(view[0, 0], x)
+    assert np.shares_memory(view, x) == in_place
+
+
 SM90_CASES = {  # (dtype, head dim, mask kind, float mask dtype, dropout, varlen)
     "f16_d64_plain": ("float16", 64, None, None, False, False),  # the benchmark's shapes
     "f32_d128_bool_mask": ("float32", 128, "bool", None, False, False),
