@@ -14,7 +14,7 @@ simulator, and without ``KernelConfig.prepared_launches``, everything goes throu
 Under ``recording()`` launches are not issued but recorded as (function, grid, block, parameter cells): what
 cusdpa's plans of EFFICIENT calls replay (cusdpa.backends.efficient.plan).
 
-Flattening follows numba.cuda's ``_Kernel._prepare_args``: an array is (meminfo, parent, size, itemsize,
+Flattening (``_encoder``) follows numba.cuda's ``_Kernel._prepare_args``: an array is (meminfo, parent, size, itemsize,
 data, *shape, *strides in bytes) with meminfo and parent null; integers, floats and booleans are one
 parameter each; tuples are their elements in order. Each parameter travels in an 8-byte cell of which the
 driver reads the parameter's own size (little-endian: the low bytes).
@@ -119,24 +119,27 @@ def _is_array(a) -> bool:
 
 
 def _kind(a):
-    """What decides an argument's Numba type (hashable, cheap)."""
+    """What decides an argument's Numba type (hashable, cheap: Python ints and tuples, most of a launch's
+    arguments, are told apart by their type alone)."""
+    kind = type(a)
+    if kind is int:
+        return (int, 64) if a >= 1 << 63 else int  # Numba types those uint64
+    if isinstance(a, tuple):
+        return tuple(map(_kind, a))
     if _is_array(a):
         flags = a.flags
         return a.dtype, a.ndim, flags.c_contiguous, flags.f_contiguous
-    if isinstance(a, tuple):
-        return tuple(_kind(x) for x in a)
-    if type(a) is int and a >= 1 << 63:  # Numba types these uint64
-        return int, 64
-    return type(a)
+    return kind
 
 
 class _Prepared:
     """The compiled function of one signature and its argument types; calling it launches."""
 
-    __slots__ = ("fn", "argtypes", "_buffers")
+    __slots__ = ("fn", "argtypes", "_encoders", "_buffers")
 
     def __init__(self, fn: int, argtypes: tuple):
         self.fn, self.argtypes = fn, argtypes
+        self._encoders = tuple(map(_encoder, argtypes))
         self._buffers: dict = {}  # thread id -> (cells, pointers), one per thread that ever launched it
 
     @classmethod
@@ -155,8 +158,8 @@ class _Prepared:
     def cells(self, args) -> list:
         """The parameter cells of ``args``."""
         values: list = []
-        for ty, value in zip(self.argtypes, args):
-            _flatten(ty, value, values)
+        for encode, value in zip(self._encoders, args):
+            encode(value, values)
         return values
 
     def __call__(self, grid, block, stream: int, args) -> None:
@@ -187,33 +190,49 @@ def _dims(d) -> tuple:
 
 
 def _flattens(ty) -> bool:
-    """Whether ``_flatten`` takes arguments of Numba type ``ty``."""
+    """Whether ``_encoder`` takes arguments of Numba type ``ty``."""
     if isinstance(ty, types.BaseTuple):
         return all(map(_flattens, ty))
     return isinstance(ty, (types.Array, types.Integer)) or ty in (types.boolean, types.float32, types.float64)
 
 
-def _flatten(ty, value, out: list) -> None:
-    """Append the parameter cells of ``value`` (of Numba type ``ty``) to ``out``: a contiguous layout's
-    strides as Numba computes them from the shape, others as the array holds them."""
+def _encoder(ty):
+    """A function appending the parameter cells of a value of Numba type ``ty`` to a list: a contiguous layout's
+    strides as Numba computes them from the shape, others as the array holds them. The type's decisions are
+    made here, once per signature, so a launch only reads its values."""
     if isinstance(ty, types.Array):
-        out += (0, 0, value.size, value.itemsize, value.data.ptr, *value.shape)
-        if ty.layout in "CF":
-            strides, inner = [0] * value.ndim, value.itemsize
-            for n in (reversed(range(value.ndim)) if ty.layout == "C" else range(value.ndim)):
+        if ty.layout not in "CF":
+            def strided(value, out):
+                out += (0, 0, value.size, value.itemsize, value.data.ptr, *value.shape)
+                out += [s & _MASK64 for s in value.strides]
+            return strided
+        order = tuple(reversed(range(ty.ndim))) if ty.layout == "C" else tuple(range(ty.ndim))
+
+        def contiguous(value, out):
+            shape, inner = value.shape, value.itemsize
+            strides = [0] * len(shape)
+            for n in order:
                 strides[n] = inner
-                inner *= value.shape[n]
+                inner *= shape[n]
+            out += (0, 0, value.size, value.itemsize, value.data.ptr, *shape)
             out += strides
-        else:
-            out += (s & _MASK64 for s in value.strides)
-    elif isinstance(ty, types.BaseTuple):
-        for t, v in zip(ty, value):
-            _flatten(t, v, out)
-    elif ty == types.boolean:
-        out.append(1 if value else 0)
-    elif isinstance(ty, types.Integer):
-        out.append(int(value) & _MASK64)
-    elif ty == types.float32:
-        out.append(struct.unpack("<I", struct.pack("<f", value))[0])
-    else:  # float64, as _flattens allows
-        out.append(struct.unpack("<Q", struct.pack("<d", value))[0])
+        return contiguous
+    if isinstance(ty, types.BaseTuple):
+        if all(isinstance(t, types.Integer) for t in ty):
+            return lambda value, out: out.extend([int(x) & _MASK64 for x in value])
+        parts = tuple(map(_encoder, ty))
+
+        def elements(value, out):
+            for encode, x in zip(parts, value):
+                encode(x, out)
+        return elements
+    if ty == types.boolean:
+        return lambda value, out: out.append(1 if value else 0)
+    if isinstance(ty, types.Integer):
+        return lambda value, out: out.append(int(value) & _MASK64)
+    if ty == types.float32:
+        return lambda value, out: out.append(_F32.unpack(_F32_BITS.pack(value))[0])
+    return lambda value, out: out.append(_F64.unpack(_F64_BITS.pack(value))[0])  # float64, as _flattens allows
+
+
+_F32, _F32_BITS, _F64, _F64_BITS = struct.Struct("<I"), struct.Struct("<f"), struct.Struct("<Q"), struct.Struct("<d")

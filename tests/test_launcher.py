@@ -11,14 +11,14 @@ from kernels_numba import launcher
 
 
 def _device_array(shape, strides, dtype=np.float32, ptr=0x7000_0000):
-    """What _flatten reads of a CuPy array: size, itemsize, data.ptr, shape, strides (bytes)."""
+    """What _encoder's functions read of a CuPy array: size, itemsize, data.ptr, shape, strides (bytes)."""
     return SimpleNamespace(size=int(np.prod(shape)), itemsize=np.dtype(dtype).itemsize, data=SimpleNamespace(ptr=ptr),
                            shape=tuple(shape), strides=tuple(strides), ndim=len(shape))
 
 
 def _cells(ty, value):
     out = []
-    launcher._flatten(ty, value, out)
+    launcher._encoder(ty)(value, out)
     return out
 
 
