@@ -159,7 +159,7 @@ def variant_for(pr, cfg) -> str:
     """The kernel variant that runs this forward: the config's choice, "auto" resolved."""
     if cfg.variant == "portable":
         return "portable"
-    why = tensor_core.reasons(pr)
+    why = tensor_core.reasons(pr, cfg.tensor_core_head_dim)
     if cfg.variant == "tensor_core":
         if why:
             raise NotImplementedError("the tensor_core variant cannot run this problem: " + "; ".join(why))
@@ -263,6 +263,7 @@ def backward(pr, out, lse, dout, grads=None, config=None, delta=None):
     if delta_from_out:
         out_v = _rows_view(pr, plan, out, None) if varlen else _output_view(pr, plan, out)
     if delta_from_out and reps_q == reps_k == reps_v == 1 and variant_for(pr, cfg) == "tensor_core" and \
+            max(pr.E, pr.Ev) <= tensor_core.BACKWARD_HEAD_DIMS[-1] and \
             all(x.strides[-1] == x.itemsize for x in (dout_v, out_v)):
         tensor_core.backward(pr, views, (dout_v, out_v, lse_v, delta_v, dq_v, dk_v, dv_v),
                              dmask_v if dmask_direct else None, device, structure, cfg.tensor_core_registers)

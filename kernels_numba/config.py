@@ -37,6 +37,9 @@ class KernelConfig:
       register cap is the 64K-register file over that many blocks (2: 255, the compiler's own choice; 3: 168).
       3 on the H200 (BENCHMARKS.md): the mma.sync loops stall on fixed latencies, which a third block per SM
       hides (backward +40% at E = 64, forward +10% at E = 128) although E = 128 then spills.
+    tensor_core_head_dim: the widest head dim the tensor_core forward takes: 128, or up to 256 (padded to 160,
+      192, 224, 256; 32-key tiles, two blocks per SM). The backward's tensor_core loops stop at 128 whatever
+      this says (wider heads take the portable backward). 128 until the wide forward has run on a GPU.
     prepared_launches: a call whose argument signature was seen launches each kernel through
       ``cuLaunchKernel`` with its arguments flattened (kernels_numba.launcher), not through Numba's
       dispatcher (on the H200, tests/test_efficient_gpu.py -k prepared; off: Numba's path for every call).
@@ -52,6 +55,7 @@ class KernelConfig:
     chunk: int = 32
     prepared_launches: bool = True
     tensor_core_blocks: int = 3
+    tensor_core_head_dim: int = 128
 
     @property
     def tensor_core_registers(self) -> int:
@@ -66,6 +70,8 @@ class KernelConfig:
                              "the 48 KiB static shared-memory limit")
         if self.threads not in (1, 2, 4, 8, 16, 32):
             raise ValueError(f"threads={self.threads} must be a power of two <= 32 (threads**2 threads)")
+        if self.tensor_core_head_dim not in (128, 160, 192, 224, 256):
+            raise ValueError(f"tensor_core_head_dim={self.tensor_core_head_dim} must be 128, 160, 192, 224 or 256")
         if not 2 <= self.tensor_core_blocks <= 4:
             raise ValueError(f"tensor_core_blocks={self.tensor_core_blocks} must be 2, 3 or 4")
         if not 1 <= self.sub <= 8:

@@ -23,9 +23,12 @@ from . import device, launcher, layout
 from .device import SIMULATOR
 from .layout import cdiv
 
-HEAD_DIMS = (32, 64, 96, 128)
+# The forward's padded head dims (those past 128 only with KernelConfig.tensor_core_head_dim); the backward's
+# loops hold three head-dim-wide fragment sets per thread (Q, dO, dQ; K, dK, dV), which past 128 do not fit
+# the register file, so wider heads take the portable backward.
+HEAD_DIMS = (32, 64, 96, 128, 160, 192, 224, 256)
+BACKWARD_HEAD_DIMS = (32, 64, 96, 128)
 BLOCK_M = 64  # 4 warps x 16 rows (efficient_fwd.cuh's EFF_BLOCK_M)
-BLOCK_N = 64  # keys per shared-memory tile: 2 tiles of 64 x (128 + 8) halves = 34 KiB at head dim 128
 THREADS = 128
 MASK_KINDS = {"bool": 1, "float16": 2, "bfloat16": 3, "float32": 4, "float64": 5}
 # The C entry's parameters (efficient_fwd.cuh, EFF_NAME): pointers travel as int64 addresses.
@@ -36,14 +39,28 @@ _BWD_ARGS = ", ".join(["int64"] * 37 + ["float32"] + ["int64"] * 8 + ["float32"]
 BWD_BLOCK_N = 64  # keys per dk/dv block (efficient_bwd.cuh: EFF_BLOCK_M, 16 per warp)
 
 
+def forward_block_n(head_dim: int) -> int:
+    """Keys per shared-memory tile of the forward: 64 up to head dim 128 (K and V tiles of 64 x (128 + 8) halves,
+    34 KiB), 32 past it (head dim 256: 33 KiB of the 48 KiB of static shared memory)."""
+    return 64 if head_dim <= 128 else 32
+
+
+def forward_registers(head_dim: int, cap: int) -> int:
+    """The forward kernel's register cap: ``cap`` (KernelConfig.tensor_core_registers) up to head dim 128; past
+    it Q's and O's fragments alone take 3 x head_dim / 4 registers, so 255 (two blocks per SM; ptxas 13.0: 218
+    at 160, 242 at 192, 255 at 256, no spills, where 168 spilled 100-1644 bytes)."""
+    return cap if head_dim <= 128 else 255
+
+
 def dq_block_n(head_dim: int) -> int:
     """Keys per tile of the dq kernel: 32 over head dim 64 keeps S and dP (2 x 16 registers) beside Q, dO and
     dQ's fragments (3 x head_dim / 4)."""
     return 64 if head_dim <= 64 else 32
 
 
-def reasons(pr) -> list[str]:
-    """Why the tensor_core variant cannot run ``pr`` (empty: it can)."""
+def reasons(pr, widest: int) -> list[str]:
+    """Why the tensor_core variant cannot run ``pr``'s forward with head dims up to ``widest``
+    (KernelConfig.tensor_core_head_dim); empty: it can."""
     out = []
     if SIMULATOR:
         return ["the CUDA simulator cannot run linked CUDA C (the tensor_core variant)"]
@@ -51,8 +68,8 @@ def reasons(pr) -> list[str]:
         out.append("the tensor_core variant takes GPU arrays")
     if pr.dtype.name not in ("float16", "bfloat16"):
         out.append(f"the tensor_core variant takes float16/bfloat16, not {pr.dtype.name}")
-    if max(pr.E, pr.Ev) > HEAD_DIMS[-1]:
-        out.append(f"the tensor_core variant takes head dims up to {HEAD_DIMS[-1]}, got E={pr.E}, Ev={pr.Ev}")
+    if max(pr.E, pr.Ev) > widest:
+        out.append(f"the tensor_core variant takes head dims up to {widest}, got E={pr.E}, Ev={pr.Ev}")
     for name, x in (("query", pr.q), ("key", pr.k), ("value", pr.v)):
         if x.shape[-1] > 1 and x.strides[-1] != x.itemsize:
             out.append(f"the tensor_core variant needs unit stride along the head dim of {name}")
@@ -71,7 +88,7 @@ def tile_loop_source(head_dim: int, bf16: bool, kind: str, dropout: bool, mask_k
     compiled in; tests/test_flash.py compiles them with NVRTC on the CPU."""
     name = (f"efficient_{kind}_{'bf16' if bf16 else 'f16'}_d{head_dim}{'_dropout' if dropout else ''}"
             f"_mask{mask_kind}")
-    block_n = BLOCK_N if kind == "forward" else dq_block_n(head_dim)
+    block_n = forward_block_n(head_dim) if kind == "forward" else dq_block_n(head_dim)
     defines = (f"#define EFF_NAME {name}\n#define EFF_HEAD_DIM {head_dim}\n#define EFF_BLOCK_N {block_n}\n"
                f"#define EFF_BF16 {'true' if bf16 else 'false'}\n#define EFF_DROPOUT {int(dropout)}\n"
                f"#define EFF_MASK_KIND {mask_kind}\n")
@@ -147,8 +164,9 @@ def forward(pr, views, out_v, lse_v, device, structure, registers: int):
     """Launch the tensor_core forward into out_v (6-D) and lse_v (5-D) views; see attention.forward.
     ``registers``: the kernels' register cap (KernelConfig.tensor_core_registers)."""
     _, _, left, right, seed_lo, seed_hi, offset, threshold, rescale = structure
-    kernel = _kernel(head_dim_for(pr.E, pr.Ev), layout.dtype_name(pr.dtype) == "bfloat16", pr.dropout_p > 0,
-                     mask_kind_of(pr), registers)
+    head_dim = head_dim_for(pr.E, pr.Ev)
+    kernel = _kernel(head_dim, layout.dtype_name(pr.dtype) == "bfloat16", pr.dropout_p > 0, mask_kind_of(pr),
+                     forward_registers(head_dim, registers))
     q, qs = _address_and_strides(views.q)
     k, ks = _address_and_strides(views.k)
     v, vs = _address_and_strides(views.v)

@@ -44,12 +44,13 @@ def _host(x):
     return x if isinstance(x, np.ndarray) else x.get()
 
 
-def _failures(gpu, pr, rng, variant):
-    """EFFICIENT's failures on the validated problem ``pr`` with the kernel ``variant``, from the harness."""
+def _failures(gpu, pr, rng, variant, **knobs):
+    """EFFICIENT's failures on the validated problem ``pr`` with the kernel ``variant`` (and other KernelConfig
+    ``knobs``), from the harness."""
     from cusdpa.backends import efficient
 
     kn = gpu[2]
-    with kn.configured(kn.KernelConfig(variant=variant)):
+    with kn.configured(kn.KernelConfig(variant=variant, **knobs)):
         return harness.run_problem(pr, efficient.IMPL, rng)
 
 
@@ -59,9 +60,9 @@ def _case_failures(gpu, case, rng, variant):
 
 def _skip_unless_variant_runs(pr, variant):
     if variant == "tensor_core":
-        from kernels_numba import tensor_core
+        from kernels_numba import KernelConfig, tensor_core
 
-        why = tensor_core.reasons(pr)
+        why = tensor_core.reasons(pr, KernelConfig().tensor_core_head_dim)
         if why:
             pytest.skip("; ".join(why))
 
@@ -305,3 +306,26 @@ def test_repeated_cupy_calls_replay_a_plan(gpu, rng, variant, dtype, monkeypatch
     for out in outs:
         assert cp.array_equal(out.view(cp.uint16) if out.itemsize == 2 else out,
                               want.view(cp.uint16) if want.itemsize == 2 else want)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_wide_heads_on_the_tensor_core_forward(gpu, rng, dtype, monkeypatch):
+    """KernelConfig.tensor_core_head_dim = 256: head dims 160-256 (and E != Ev) on the tensor_core forward, with
+    causal, a mask, dropout and GQA, against the reference; their backward runs the portable kernels."""
+    from kernels_numba import gradients, tensor_core
+
+    portable = []
+    real = gradients.dq_kernel
+    monkeypatch.setattr(gradients, "dq_kernel", lambda *a: portable.append(1) or real(*a))
+    forwards = []
+    real_forward = tensor_core.forward
+    monkeypatch.setattr(tensor_core, "forward", lambda *a: forwards.append(1) or real_forward(*a))
+    cases = [Case(dtype, batch=(2,), hq=4, hkv=2, L=130, S=150, E=E, Ev=Ev, causal=causal, mask=mask, dropout_p=p)
+             for E, Ev, causal, mask, p in ((160, 160, "upper_left", None, 0.0), (192, 128, None, "bool", 0.0),
+                                            (256, 256, "lower_right", None, 0.2), (200, 256, None, "float", 0.0))]
+    failures = []
+    for case in cases:
+        pr = harness.build(case, gpu[0], rng)
+        failures += [f"{case}: {m}" for m in _failures(gpu, pr, rng, "tensor_core", tensor_core_head_dim=256)]
+    assert not failures, "\n".join(failures)
+    assert len(forwards) >= len(cases) and len(portable) >= len(cases)

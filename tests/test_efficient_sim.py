@@ -335,6 +335,7 @@ def test_numpy_arrays_need_the_simulator_and_an_explicit_choice(rng):
     (((2, 4, 9, 8), (2, 2, 11, 8)), (2, 4, 9, 11), "tensor_core"),  # a float mask's gradient, one element a score
     (((1, 4, 9, 8), (2, 2, 11, 8)), None, "portable from out"),  # dq sums over the problem's two batch elements
     (((2, 4, 9, 8), (2, 2, 11, 8)), (9, 1), "portable from P dP"),  # a broadcast float mask's gradient
+    (((2, 4, 9, 160), (2, 2, 11, 160)), None, "portable from out"),  # past the tensor_core backward's head dims
 ])
 def test_backward_routes_to_the_variant_and_delta_that_serve_it(shapes, mask_shape, expect, monkeypatch, rng):
     """Where the backward goes with the tensor_core variant chosen, without a GPU (launches recorded, not
