@@ -123,6 +123,8 @@ def plan(pr, out_strides: tuple, backward: bool, dout_strides: tuple | None = No
                                            (fake["dq"], fake["dk"], fake["dv"]), delta=fake["delta"])
         except _Allocates:
             return plans.NOT_YET
+        except Exception:  # noqa: BLE001 -- a plan only saves host time: whatever the recording meets, the
+            return None    # general path serves the call (the GPU tests assert that plans are made)
         if launcher.NUMBA_ONLY in recorded:
             return None
         if launcher.NOT_PREPARED in recorded:
