@@ -8,8 +8,8 @@ keep-mask and the same dispatch. Outputs are allocated by torch (its caching all
 
 A dense call on CUDA tensors looks its signature up once (``cusdpa.backends.plans``): a hit
 allocates the outputs and replays the prepared launches on raw pointers; the first call of a signature,
-and every call FLASH does not take in place, validates, dispatches and runs the backend on array views.
-The ops carry no autograd formula: ``interop.autograd`` differentiates them, in eager mode and (through
+and every call no plan covers (FLASH's and EFFICIENT's), validates, dispatches and runs the backend on
+array views. The ops carry no autograd formula: ``interop.autograd`` differentiates them, in eager mode and (through
 AOTAutograd) in compiled graphs alike.
 
 In torch.profiler tables each call shows as the op (``cusdpa::sdpa_fwd``, ``cusdpa::varlen_bwd``, ...)

@@ -85,7 +85,7 @@ def plan(pr, out_strides: tuple, backward: bool, dout_strides: tuple | None = No
     where Numba's own path must launch a kernel, for varlen or empty problems, or operands not read in place at
     ``addresses`` (callers plan no float mask whose gradient is wanted); plans.NOT_YET where a kernel has
     not been launched once yet or the path allocated memory (the general path then runs, preparing both).
-    Nothing is launched: the recordings only issue no kernel, and CuPy may allocate nothing meanwhile."""
+    Nothing runs on the GPU: a recording issues no kernel, and CuPy may allocate nothing meanwhile."""
     import cupy
     import kernels_numba
     from kernels_numba import launcher
