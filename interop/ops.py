@@ -9,8 +9,8 @@ keep-mask and the same dispatch. Outputs are allocated by torch (its caching all
 A dense call on CUDA tensors looks its signature up once (``cusdpa.backends.plans``): a hit
 allocates the outputs and replays the prepared launches on raw pointers; the first call of a signature,
 and every call no plan covers (FLASH's and EFFICIENT's), validates, dispatches and runs the backend on
-array views. The ops carry no autograd formula: ``interop.autograd`` differentiates them, in eager mode and (through
-AOTAutograd) in compiled graphs alike.
+array views. The ops carry no autograd formula: ``interop.autograd`` differentiates them, in eager mode and
+(through AOTAutograd) in compiled graphs alike.
 
 In torch.profiler tables each call shows as the op (``cusdpa::sdpa_fwd``, ``cusdpa::varlen_bwd``, ...)
 with the backend that ran nested inside it (``cusdpa::flash_fwd``, ``cusdpa::math_bwd``, ...).
