@@ -10,13 +10,14 @@ from .errors import ArgumentError, ArgumentTypeError
 from .problem import Options
 
 
-def _check_dout(pr: problem.Problem, dout):
-    if problem.array_module(dout, "dout") is not pr.xp:
-        raise ArgumentTypeError(f"dout is a {type(dout).__module__} array but the inputs are {pr.xp.__name__} arrays")
-    if tuple(dout.shape) != pr.out_shape:
-        raise ArgumentError(f"dout.shape={tuple(dout.shape)} must equal the output shape {pr.out_shape}")
-    if dout.dtype != pr.dtype:
-        raise ArgumentTypeError(f"dout.dtype={dout.dtype} must equal the input dtype {pr.dtype}")
+def _check_dout(dout, xp, out_shape: tuple, dtype):
+    """A vjp's dout: an array of the inputs' module (``xp``), the output's shape and the inputs' dtype."""
+    if problem.array_module(dout, "dout") is not xp:
+        raise ArgumentTypeError(f"dout is a {type(dout).__module__} array but the inputs are {xp.__name__} arrays")
+    if tuple(dout.shape) != out_shape:
+        raise ArgumentError(f"dout.shape={tuple(dout.shape)} must equal the output shape {out_shape}")
+    if dout.dtype != dtype:
+        raise ArgumentTypeError(f"dout.dtype={dout.dtype} must equal the input dtype {dtype}")
 
 
 def _run(pr: problem.Problem, return_lse: bool):
@@ -29,7 +30,7 @@ def _vjp(pr: problem.Problem, return_lse: bool, deterministic: bool):
     out, lse = impl.forward(pr)
 
     def vjp(dout):
-        _check_dout(pr, dout)
+        _check_dout(dout, pr.xp, pr.out_shape, pr.dtype)
         return impl.backward(pr, out, lse, dout, deterministic)
 
     return ((out, lse) if return_lse else out), vjp
@@ -85,12 +86,7 @@ def _planned(query, key, value, options: tuple, seed, return_lse: bool, training
         return result
 
     def vjp(dout):
-        if type(dout) is not cupy.ndarray:
-            raise ArgumentTypeError(f"dout is a {type(dout).__module__} array but the inputs are cupy arrays")
-        if tuple(dout.shape) != plan.out_shape:
-            raise ArgumentError(f"dout.shape={tuple(dout.shape)} must equal the output shape {plan.out_shape}")
-        if dout.dtype != query.dtype:
-            raise ArgumentTypeError(f"dout.dtype={dout.dtype} must equal the input dtype {query.dtype}")
+        _check_dout(dout, cupy, plan.out_shape, query.dtype)
         with cupy.cuda.Device(plan.device):
             if not dout.flags.c_contiguous or dout.data.ptr % 16 or dout.device.id != plan.device:
                 dout = cupy.ascontiguousarray(cupy.asarray(dout))  # the layout the plan reads
