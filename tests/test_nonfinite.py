@@ -58,6 +58,9 @@ def visible_case(rng, name, dtype="float64", xp=np, L=5, S=7, E=4, Ev=3):
         k[1, 0, :, 1] = np.abs(k[1, 0, :, 1].astype(np.float32)) + 0.5
     elif name == "k_neg_inf":  # +inf scores (NaN rows) and -inf ones (P = 0) at one key
         k[1, 0, 3, 1] = -np.inf
+        # q's signs in that column decide which: force both kinds (random signs all came out positive once)
+        column = np.abs(q[1, 0, :, 1].astype(np.float32)) + 0.5
+        q[1, 0, :, 1] = np.where(np.arange(L) % 2 == 0, column, -column)
     elif name == "mask_nan":
         mask[1, 1, 3, 4] = np.nan
     elif name == "mask_inf":
