@@ -9,8 +9,8 @@
 //     dP = dO V^T, dS in registers, dQ += dS K with dS rounded to the input type as the A operand and K
 //     read back transposed. It writes D for the dk/dv kernel (launched after it), and dS itself where a
 //     float mask's gradient has one element per score.
-// dkdv: 64 keys (16 per warp), K as A fragments in registers and V in shared memory; per step of 32
-//     queries of each query head of the GQA group S^T = K Q^T and dP^T = V dO^T, then dV += (P o Z)^T dO
+// dkdv: 64 keys (16 per warp), K as A fragments in registers and V in shared memory; per step of EFF_BLOCK_N
+//     (32; 16 for fp32 past head dim 64, to fit shared memory) queries of each query head of the GQA group S^T = K Q^T and dP^T = V dO^T, then dV += (P o Z)^T dO
 //     and dK += dS^T Q.
 // Only seen pairs carry weight: P and dS are selected (not multiplied) to 0 elsewhere. The operands of the
 // gradient products are cleaned so that 0 * NaN cannot leak: non-finite K values are zeroed for dQ (a query
@@ -21,15 +21,15 @@
 namespace efficient {
 
 struct BwdArgs : SliceArgs {  // bh: the dq slice's, or the dk/dv group's first query head's
-  const u16 *q, *k, *v, *dout, *out;  // row r at base + r * row stride, unit stride along the head dim
+  const Elem *q, *k, *v, *dout, *out;  // row r at base + r * row stride, unit stride along the head dim
   i64 q_rs, k_rs, v_rs, do_rs, o_rs;
   const float* lse;  // natural log, -inf for a row that sees no key
   i64 lse_rs;
   float* delta;  // D: written by dq, read by dkdv
   i64 delta_rs;
-  u16* dx;  // dq (dq kernel) or dk (dkdv kernel)
+  Elem* dx;  // dq (dq kernel) or dk (dkdv kernel)
   i64 dx_rs;
-  u16* dv;
+  Elem* dv;
   i64 dv_rs;
   unsigned char* dmask;  // the float mask's gradient dS, one element per score (dq kernel; null: none)
   i64 dmask_rs, dmask_cs;
@@ -54,15 +54,9 @@ __host__ __device__ constexpr int mask_element_bytes(int kind) {
   return kind == MASK_F64 ? 8 : kind == MASK_F32 ? 4 : (kind == MASK_F16 || kind == MASK_BF16) ? 2 : 1;
 }
 
-// A 16-bit value whose exponent bits are all ones (inf or NaN), for the input type.
-template <bool BF16>
-__device__ __forceinline__ bool non_finite(u32 h) {
-  return BF16 ? (h & 0x7f80u) == 0x7f80u : (h & 0x7c00u) == 0x7c00u;
-}
-
-// Stores a warp's 16 rows (this thread's row0 and row0 + 8) of fp32 accumulators, scaled, as 16-bit pairs.
-template <int HEAD_DIM, bool BF16>
-__device__ __forceinline__ void store_rows(u16* dst, i64 rs, const float (&acc)[HEAD_DIM / 8][4], float scale,
+// Stores a warp's 16 rows (this thread's row0 and row0 + 8) of fp32 accumulators, scaled, in the input type.
+template <int HEAD_DIM>
+__device__ __forceinline__ void store_rows(Elem* dst, i64 rs, const float (&acc)[HEAD_DIM / 8][4], float scale,
                                            i64 row0, i64 n_end, i64 width, int t) {
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
@@ -71,27 +65,25 @@ __device__ __forceinline__ void store_rows(u16* dst, i64 rs, const float (&acc)[
 #pragma unroll
     for (int d = 0; d < HEAD_DIM / 8; ++d) {
       const i64 col = d * 8 + 2 * t;
-      const u32 two = pack2<BF16>(acc[d][2 * r] * scale, acc[d][2 * r + 1] * scale);
-      if (col < width) dst[row * rs + col] = (u16)(two & 0xffffu);
-      if (col + 1 < width) dst[row * rs + col + 1] = (u16)(two >> 16);
+      Ops::store2(dst + row * rs + col, col, width, acc[d][2 * r] * scale, acc[d][2 * r + 1] * scale);
     }
   }
 }
 
-template <int HEAD_DIM, int BLOCK_N, bool BF16>
+template <int HEAD_DIM, int BLOCK_N>
 __device__ void backward_dq(const BwdArgs& a) {
-  constexpr int STRIDE = HEAD_DIM + 8, KSTEPS = HEAD_DIM / 16, NTILES = BLOCK_N / 8;
-  __shared__ __align__(16) u16 k_tile[BLOCK_N * STRIDE];
-  __shared__ __align__(16) u16 v_tile[BLOCK_N * STRIDE];
+  constexpr int VEC = Ops::VEC, STRIDE = HEAD_DIM + VEC, NTILES = BLOCK_N / 8;
+  __shared__ __align__(16) Elem k_tile[BLOCK_N * STRIDE];
+  __shared__ __align__(16) Elem v_tile[BLOCK_N * STRIDE];
 
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, g = lane / 4, t = lane % 4;
   const i64 row0 = a.first + warp * 16 + g;  // this thread's rows: row0 and row0 + 8
   const i64 m_last = min(a.vis.L, a.first + EFF_BLOCK_M) - 1;
-  const bool vec = vectorizable(a.k, a.k_rs, a.E) && vectorizable(a.v, a.v_rs, a.Ev);
+  const bool vec = vectorizable<Ops>(a.k, a.k_rs, a.E) && vectorizable<Ops>(a.v, a.v_rs, a.Ev);
 
-  u32 qf[KSTEPS][4], df[KSTEPS][4];
-  load_a_fragments<KSTEPS>(qf, a.q, a.q_rs, row0, a.vis.L, a.E, t);
-  load_a_fragments<KSTEPS>(df, a.dout, a.do_rs, row0, a.vis.L, a.Ev, t);
+  Ops::AFrag<HEAD_DIM> qf, df;
+  Ops::load_a<HEAD_DIM>(qf, a.q, a.q_rs, row0, a.vis.L, a.E, t);
+  Ops::load_a<HEAD_DIM>(df, a.dout, a.do_rs, row0, a.vis.L, a.Ev, t);
   float lse2[2], dlt[2];
   bool live[2];
 #pragma unroll
@@ -102,7 +94,7 @@ __device__ void backward_dq(const BwdArgs& a) {
     lse2[r] = __fmul_rn(l, LOG2E);  // rounded alone, as the forward rounds its max (efficient_fwd.cuh)
     float sum = 0.f;  // D_i: the quad's four lanes take every fourth column
     if (i < a.vis.L)
-      for (i64 e = t; e < a.Ev; e += 4) sum += to_f32<BF16>(a.out[i * a.o_rs + e]) * to_f32<BF16>(a.dout[i * a.do_rs + e]);
+      for (i64 e = t; e < a.Ev; e += 4) sum += Ops::to_f32(a.out[i * a.o_rs + e]) * Ops::to_f32(a.dout[i * a.do_rs + e]);
     sum += __shfl_xor_sync(0xffffffffu, sum, 1);
     sum += __shfl_xor_sync(0xffffffffu, sum, 2);
     dlt[r] = sum;
@@ -115,17 +107,17 @@ __device__ void backward_dq(const BwdArgs& a) {
   i64 lo, hi;
   a.vis.key_range(a.first, m_last + 1, lo, hi);
   for (i64 n0 = lo / BLOCK_N * BLOCK_N; n0 < hi; n0 += BLOCK_N) {
-    stage_tile<HEAD_DIM, BLOCK_N>(k_tile, a.k, a.k_rs, n0, a.vis.S, a.E, vec);
-    stage_tile<HEAD_DIM, BLOCK_N>(v_tile, a.v, a.v_rs, n0, a.vis.S, a.Ev, vec);
+    stage_tile<Ops, HEAD_DIM, BLOCK_N>(k_tile, a.k, a.k_rs, n0, a.vis.S, a.E, vec);
+    stage_tile<Ops, HEAD_DIM, BLOCK_N>(v_tile, a.v, a.v_rs, n0, a.vis.S, a.Ev, vec);
     cp_async_commit();
     cp_async_wait<0>();
     __syncthreads();
     float s[NTILES][4], dp[NTILES][4];
-    product_abt<HEAD_DIM, NTILES, BF16>(s, qf, k_tile, lane);
-    product_abt<HEAD_DIM, NTILES, BF16>(dp, df, v_tile, lane);
+    Ops::product_abt<HEAD_DIM, NTILES>(s, qf, k_tile, lane);
+    Ops::product_abt<HEAD_DIM, NTILES>(dp, df, v_tile, lane);
 
     const bool full = MASK_KIND == MASK_NONE && a.vis.tile_full(a.first, m_last + 1 - a.first, n0, BLOCK_N);
-    u32 sf[NTILES][2];  // dS as the A operand of dS K
+    Ops::PFrag<NTILES> sf;  // dS as the A operand of dS K
 #pragma unroll
     for (int nt = 0; nt < NTILES; ++nt) {
       float ds[4];
@@ -149,50 +141,49 @@ __device__ void backward_dq(const BwdArgs& a) {
           ds[2 * r + c] = d;
         }
       }
-      sf[nt][0] = pack2<BF16>(ds[0], ds[1]);
-      sf[nt][1] = pack2<BF16>(ds[2], ds[3]);
+      Ops::set_operand(sf, nt, ds);
     }
     // Zero K's non-finite values for dS K, where a row that does not see key j meets k_j with weight 0. On a
     // full tile every row sees every key: a non-finite k_j makes every row's dQ non-finite anyway.
     if (!full) {
       __syncthreads();  // every warp has read K for S
-      for (int c = threadIdx.x; c < BLOCK_N * (HEAD_DIM / 8); c += EFF_THREADS) {
-        uint4* at = reinterpret_cast<uint4*>(k_tile + (c / (HEAD_DIM / 8)) * STRIDE + (c % (HEAD_DIM / 8)) * 8);
+      for (int c = threadIdx.x; c < BLOCK_N * (HEAD_DIM / VEC); c += EFF_THREADS) {
+        uint4* at = reinterpret_cast<uint4*>(k_tile + (c / (HEAD_DIM / VEC)) * STRIDE + (c % (HEAD_DIM / VEC)) * VEC);
         uint4 w = *at;
         u32* h = reinterpret_cast<u32*>(&w);
         bool changed = false;
 #pragma unroll
         for (int x = 0; x < 4; ++x) {
-          const u32 lo16 = non_finite<BF16>(h[x]) ? 0u : (h[x] & 0xffffu);
-          const u32 hi16 = non_finite<BF16>(h[x] >> 16) ? 0u : (h[x] & 0xffff0000u);
-          changed |= (lo16 | hi16) != h[x];
-          h[x] = lo16 | hi16;
+          const u32 kept = Ops::finite_part(h[x]);
+          changed |= kept != h[x];
+          h[x] = kept;
         }
         if (changed) *at = w;
       }
       __syncthreads();
     }
-    product_pb<HEAD_DIM, NTILES, BF16>(acc, sf, k_tile, lane);
+    Ops::product_pb<HEAD_DIM, NTILES>(acc, sf, k_tile, lane);
     __syncthreads();  // every warp is done with both tiles before the next ones are staged
   }
-  store_rows<HEAD_DIM, BF16>(a.dx, a.dx_rs, acc, a.scale, row0, a.vis.L, a.E, t);
+  store_rows<HEAD_DIM>(a.dx, a.dx_rs, acc, a.scale, row0, a.vis.L, a.E, t);
 }
 
-template <int HEAD_DIM, bool BF16>
+template <int HEAD_DIM, int BLOCK_M>  // BLOCK_M: queries per step
 __device__ void backward_dkdv(const BwdArgs& a) {
-  constexpr int STRIDE = HEAD_DIM + 8, KSTEPS = HEAD_DIM / 16;
-  constexpr int BLOCK_M = 32, QT = BLOCK_M / 8;  // queries per step
-  __shared__ __align__(16) u16 v_tile[EFF_BLOCK_M * STRIDE];  // the block's V rows: dP^T = V dO^T's A operand
-  __shared__ __align__(16) u16 q_tile[BLOCK_M * STRIDE];
-  __shared__ __align__(16) u16 do_tile[BLOCK_M * STRIDE];
+  constexpr int VEC = Ops::VEC, STRIDE = HEAD_DIM + VEC;
+  constexpr int QT = BLOCK_M / 8;
+  __shared__ __align__(16) Elem v_tile[EFF_BLOCK_M * STRIDE];  // the block's V rows: dP^T = V dO^T's A operand
+  __shared__ __align__(16) Elem q_tile[BLOCK_M * STRIDE];
+  __shared__ __align__(16) Elem do_tile[BLOCK_M * STRIDE];
   __shared__ float lse_tile[BLOCK_M], delta_tile[BLOCK_M];  // lse in the log2 domain
 
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, g = lane / 4, t = lane % 4;
   const i64 key0 = a.first + warp * 16 + g;  // this thread's keys: key0 and key0 + 8
   const i64 n_last = min(a.vis.S, a.first + EFF_BLOCK_M) - 1;
-  u32 kf[KSTEPS][4];
-  load_a_fragments<KSTEPS>(kf, a.k, a.k_rs, key0, a.vis.S, a.E, t);
-  stage_tile<HEAD_DIM, EFF_BLOCK_M>(v_tile, a.v, a.v_rs, a.first, a.vis.S, a.Ev, vectorizable(a.v, a.v_rs, a.Ev));
+  Ops::AFrag<HEAD_DIM> kf;
+  Ops::load_a<HEAD_DIM>(kf, a.k, a.k_rs, key0, a.vis.S, a.E, t);
+  stage_tile<Ops, HEAD_DIM, EFF_BLOCK_M>(v_tile, a.v, a.v_rs, a.first, a.vis.S, a.Ev,
+                                         vectorizable<Ops>(a.v, a.v_rs, a.Ev));
   cp_async_commit();
 
   float dk[HEAD_DIM / 8][4], dv[HEAD_DIM / 8][4];
@@ -205,16 +196,16 @@ __device__ void backward_dkdv(const BwdArgs& a) {
   a.vis.query_range(a.first, n_last + 1, lo, hi);
   constexpr int mask_bytes = mask_element_bytes(MASK_KIND);
   for (int hh = 0; hh < a.group; ++hh) {
-    const u16* qh = a.q + hh * a.head_q;
-    const u16* doh = a.dout + hh * a.head_do;
+    const Elem* qh = a.q + hh * a.head_q;
+    const Elem* doh = a.dout + hh * a.head_do;
     const float* lse_h = a.lse + hh * a.head_lse;
     const float* delta_h = a.delta + hh * a.head_delta;
     const MaskView mask{a.mask.p + hh * a.head_mask * mask_bytes, a.mask.rs, a.mask.cs};
     const u32 bh = a.bh + hh;
-    const bool vec = vectorizable(qh, a.q_rs, a.E) && vectorizable(doh, a.do_rs, a.Ev);
+    const bool vec = vectorizable<Ops>(qh, a.q_rs, a.E) && vectorizable<Ops>(doh, a.do_rs, a.Ev);
     for (i64 m0 = lo / BLOCK_M * BLOCK_M; m0 < hi; m0 += BLOCK_M) {
-      stage_tile<HEAD_DIM, BLOCK_M>(q_tile, qh, a.q_rs, m0, a.vis.L, a.E, vec);
-      stage_tile<HEAD_DIM, BLOCK_M>(do_tile, doh, a.do_rs, m0, a.vis.L, a.Ev, vec);
+      stage_tile<Ops, HEAD_DIM, BLOCK_M>(q_tile, qh, a.q_rs, m0, a.vis.L, a.E, vec);
+      stage_tile<Ops, HEAD_DIM, BLOCK_M>(do_tile, doh, a.do_rs, m0, a.vis.L, a.Ev, vec);
       cp_async_commit();
       if (threadIdx.x < BLOCK_M) {
         const i64 i = m0 + threadIdx.x;
@@ -224,8 +215,8 @@ __device__ void backward_dkdv(const BwdArgs& a) {
       cp_async_wait<0>();
       __syncthreads();
       // rows that see no key read as zeros in the gradient products (P is 0 there, but 0 * NaN is NaN)
-      for (int c = threadIdx.x; c < BLOCK_M * (HEAD_DIM / 8); c += EFF_THREADS) {
-        const int r = c / (HEAD_DIM / 8), e = (c % (HEAD_DIM / 8)) * 8;
+      for (int c = threadIdx.x; c < BLOCK_M * (HEAD_DIM / VEC); c += EFF_THREADS) {
+        const int r = c / (HEAD_DIM / VEC), e = (c % (HEAD_DIM / VEC)) * VEC;
         if (lse_tile[r] == -CUSDPA_INF) {
           *reinterpret_cast<uint4*>(q_tile + r * STRIDE + e) = make_uint4(0u, 0u, 0u, 0u);
           *reinterpret_cast<uint4*>(do_tile + r * STRIDE + e) = make_uint4(0u, 0u, 0u, 0u);
@@ -234,27 +225,10 @@ __device__ void backward_dkdv(const BwdArgs& a) {
       __syncthreads();
 
       float st[QT][4], dpt[QT][4];
-      product_abt<HEAD_DIM, QT, BF16>(st, kf, q_tile, lane);
-      {
-        // dP^T = V dO^T, V's A fragments from shared memory (rows warp*16.., k-steps ks and ks + 1)
-#pragma unroll
-        for (int nt = 0; nt < QT; ++nt) dpt[nt][0] = dpt[nt][1] = dpt[nt][2] = dpt[nt][3] = 0.f;
-#pragma unroll
-        for (int ks = 0; ks < KSTEPS; ++ks) {
-          u32 vf[4];
-          ldmatrix_x4(vf, v_tile + (warp * 16 + (lane / 8 % 2) * 8 + lane % 8) * STRIDE + ks * 16 + (lane / 16) * 8);
-#pragma unroll
-          for (int nt = 0; nt < QT; nt += 2) {
-            // dO rows nt*8.. and (nt+1)*8.., head dims ks*16 + {0, 8}: B fragments of two n8 tiles
-            u32 b[4];
-            ldmatrix_x4(b, do_tile + (nt * 8 + (lane / 16) * 8 + lane % 8) * STRIDE + ks * 16 + (lane / 8 % 2) * 8);
-            mma_16816<BF16>(dpt[nt], vf, b[0], b[1]);
-            mma_16816<BF16>(dpt[nt + 1], vf, b[2], b[3]);
-          }
-        }
-      }
+      Ops::product_abt<HEAD_DIM, QT>(st, kf, q_tile, lane);
+      Ops::product_abt_shared<HEAD_DIM, QT>(dpt, v_tile + warp * 16 * STRIDE, do_tile, lane);  // dP^T = V dO^T
       const bool full = MASK_KIND == MASK_NONE && a.vis.tile_full(m0, BLOCK_M, a.first, EFF_BLOCK_M);
-      u32 pf[QT][2], sf[QT][2];  // (P o Z)^T and dS^T as A operands
+      Ops::PFrag<QT> pf, sf;  // (P o Z)^T and dS^T as A operands
 #pragma unroll
       for (int nt = 0; nt < QT; ++nt) {
         float pz[4], ds[4];
@@ -273,25 +247,23 @@ __device__ void backward_dkdv(const BwdArgs& a) {
           pz[x] = p;
           ds[x] = d;
         }
-        pf[nt][0] = pack2<BF16>(pz[0], pz[1]);
-        pf[nt][1] = pack2<BF16>(pz[2], pz[3]);
-        sf[nt][0] = pack2<BF16>(ds[0], ds[1]);
-        sf[nt][1] = pack2<BF16>(ds[2], ds[3]);
+        Ops::set_operand(pf, nt, pz);
+        Ops::set_operand(sf, nt, ds);
       }
-      if (a.want_dv) product_pb<HEAD_DIM, QT, BF16>(dv, pf, do_tile, lane);
-      if (a.want_dk) product_pb<HEAD_DIM, QT, BF16>(dk, sf, q_tile, lane);
+      if (a.want_dv) Ops::product_pb<HEAD_DIM, QT>(dv, pf, do_tile, lane);
+      if (a.want_dk) Ops::product_pb<HEAD_DIM, QT>(dk, sf, q_tile, lane);
       __syncthreads();  // every warp is done with this step's tiles before the next ones are staged
     }
   }
   cp_async_wait<0>();  // no step ran: the V tile's copies still end before the block does
-  if (a.want_dk) store_rows<HEAD_DIM, BF16>(a.dx, a.dx_rs, dk, a.scale, key0, a.vis.S, a.E, t);
-  if (a.want_dv) store_rows<HEAD_DIM, BF16>(a.dv, a.dv_rs, dv, 1.f, key0, a.vis.S, a.Ev, t);
+  if (a.want_dk) store_rows<HEAD_DIM>(a.dx, a.dx_rs, dk, a.scale, key0, a.vis.S, a.E, t);
+  if (a.want_dv) store_rows<HEAD_DIM>(a.dv, a.dv_rs, dv, 1.f, key0, a.vis.S, a.Ev, t);
 }
 
 }  // namespace efficient
 
 // The C-ABI entries the Numba kernels call (one of them per module: EFF_DQ or not); EFF_NAME, EFF_HEAD_DIM,
-// EFF_BLOCK_N, EFF_BF16, EFF_DROPOUT and EFF_MASK_KIND come in front of this source from
+// EFF_BLOCK_N, EFF_ELEM, EFF_DROPOUT and EFF_MASK_KIND come in front of this source from
 // kernels_numba.tensor_core. Pointers travel as
 // integers, strides in elements; each returns 0 (Numba's C ABI would lower a void result to a pointer).
 extern "C" __device__ int EFF_NAME(
@@ -306,11 +278,11 @@ extern "C" __device__ int EFF_NAME(
     long long offset, long long threshold, float rescale) {
   using namespace efficient;
   BwdArgs a;
-  a.q = (const u16*)q;
-  a.k = (const u16*)k;
-  a.v = (const u16*)v;
-  a.dout = (const u16*)dout;
-  a.out = (const u16*)out;
+  a.q = (const Elem*)q;
+  a.k = (const Elem*)k;
+  a.v = (const Elem*)v;
+  a.dout = (const Elem*)dout;
+  a.out = (const Elem*)out;
   a.q_rs = q_rs;
   a.k_rs = k_rs;
   a.v_rs = v_rs;
@@ -320,9 +292,9 @@ extern "C" __device__ int EFF_NAME(
   a.lse_rs = lse_rs;
   a.delta = (float*)delta;
   a.delta_rs = delta_rs;
-  a.dx = (u16*)dx;
+  a.dx = (Elem*)dx;
   a.dx_rs = dx_rs;
-  a.dv = (u16*)dv;
+  a.dv = (Elem*)dv;
   a.dv_rs = dv_rs;
   a.dmask = (unsigned char*)dmask;
   a.dmask_rs = dmask_rs;
@@ -339,9 +311,9 @@ extern "C" __device__ int EFF_NAME(
   a.set(mask, mask_rs, mask_cs, E, Ev, L, S, shift, left, right, scale, bh, seed_lo, seed_hi, offset, threshold,
         rescale);
 #if EFF_DQ
-  backward_dq<EFF_HEAD_DIM, EFF_BLOCK_N, EFF_BF16>(a);
+  backward_dq<EFF_HEAD_DIM, EFF_BLOCK_N>(a);
 #else
-  backward_dkdv<EFF_HEAD_DIM, EFF_BF16>(a);
+  backward_dkdv<EFF_HEAD_DIM, EFF_BLOCK_N>(a);
 #endif
   return 0;
 }

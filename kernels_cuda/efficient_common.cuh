@@ -1,7 +1,13 @@
-// Pieces of the EFFICIENT backend's tensor_core tile loops (efficient_fwd.cuh, efficient_bwd.cuh): element
-// conversions, the mask as the Numba caller hands it over (any strides, six element kinds), staging a
-// tile of rows into shared memory for ldmatrix, and the two tile products on mma.sync. Like common.cuh, no
-// headers: Numba links it through NVRTC.
+// Pieces of the EFFICIENT backend's tensor_core tile loops (efficient_fwd.cuh, efficient_bwd.cuh): the mask as
+// the Numba caller hands it over (any strides, six element kinds), staging a tile of rows into shared memory,
+// and the element families the loops are written over (Ops below: the input type, its fragments and the tile
+// products on mma.sync). Like common.cuh, no headers: Numba links it through NVRTC.
+//
+// EFF_ELEM picks the family, one per module: 0 float16 and 1 bfloat16 (m16n8k16, fragments through ldmatrix),
+// 2 float32 and 3 float32 allowed TF32 (m16n8k8 on TF32; 2 splits each operand into a TF32 "big" part and a
+// TF32 "small" remainder and adds small*big + big*small + big*big, three MMAs whose sum is as accurate as
+// fp32 FMAs -- what PyTorch's EFFICIENT_ATTENTION computes fp32 with, CUTLASS's OpMultiplyAddFastF32 -- and 3
+// takes one MMA of the big parts, TF32's 10-bit mantissa, when the caller allowed it).
 //
 // EFF_DROPOUT (0 or 1) and EFF_MASK_KIND (a MaskKind) come in front of the source with the head dim, one
 // instantiation per problem kind, as FLASH's kernels take theirs: as run-time flags they left every element's
@@ -26,6 +32,8 @@ enum MaskKind { MASK_NONE = 0, MASK_BOOL = 1, MASK_F16 = 2, MASK_BF16 = 3, MASK_
 constexpr bool DROPOUT = EFF_DROPOUT != 0;
 constexpr int MASK_KIND = EFF_MASK_KIND;
 
+enum ElemKind { ELEM_F16 = 0, ELEM_BF16 = 1, ELEM_F32 = 2, ELEM_TF32 = 3 };
+
 __device__ __forceinline__ float f16_to_f32(u16 h) {
   float f;
   asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
@@ -33,9 +41,6 @@ __device__ __forceinline__ float f16_to_f32(u16 h) {
 }
 
 __device__ __forceinline__ float bf16_to_f32(u16 h) { return __int_as_float(((u32)h) << 16); }
-
-template <bool BF16>
-__device__ __forceinline__ float to_f32(u16 h) { return BF16 ? bf16_to_f32(h) : f16_to_f32(h); }
 
 // One (batch, head) slice's mask of kind MASK_KIND: element [i][j] at p + (i * rs + j * cs) * element size.
 struct MaskView {
@@ -89,90 +94,336 @@ __device__ __forceinline__ float masked_score(const Visibility<i64>& vis, const 
 }
 
 // Stages rows [n0, n0 + ROWS) of a row-major operand (row r at src + r * rs, unit stride along the head dim)
-// into shared memory, row stride HEAD_DIM + 8 halves (the 16-byte pad spreads ldmatrix's eight row addresses
-// over all 32 banks); zeros past row n_end and past column width. vec: 16-byte copies (cp.async) are legal.
-template <int HEAD_DIM, int ROWS>
-__device__ __forceinline__ void stage_tile(u16* tile, const u16* src, i64 rs, i64 n0, i64 n_end, i64 width,
-                                           bool vec) {
-  constexpr int STRIDE = HEAD_DIM + 8;
-  constexpr int CHUNKS = HEAD_DIM / 8;
+// into shared memory, row stride HEAD_DIM + Ops::VEC elements (the 16-byte pad spreads the rows of one
+// fragment load over all 32 banks); zeros past row n_end and past column width. vec: 16-byte copies
+// (cp.async) are legal.
+template <class Ops, int HEAD_DIM, int ROWS>
+__device__ __forceinline__ void stage_tile(typename Ops::Elem* tile, const typename Ops::Elem* src, i64 rs, i64 n0,
+                                           i64 n_end, i64 width, bool vec) {
+  typedef typename Ops::Elem Elem;
+  constexpr int VEC = Ops::VEC, STRIDE = HEAD_DIM + VEC, CHUNKS = HEAD_DIM / VEC;
   for (int c = threadIdx.x; c < ROWS * CHUNKS; c += EFF_THREADS) {
-    int r = c / CHUNKS, e = (c % CHUNKS) * 8;
-    u16* dst = tile + r * STRIDE + e;
+    int r = c / CHUNKS, e = (c % CHUNKS) * VEC;
+    Elem* dst = tile + r * STRIDE + e;
     bool row_ok = n0 + r < n_end;
     if (vec && e < width) {
-      // width % 8 == 0 on this path, so a chunk is either wholly inside the head dim or wholly past it.
-      const u16* g = src + (row_ok ? (n0 + r) * rs + e : 0);
+      // width % VEC == 0 on this path, so a chunk is either wholly inside the head dim or wholly past it.
+      const Elem* g = src + (row_ok ? (n0 + r) * rs + e : 0);
       cp_async_16(dst, g, row_ok);
     } else {
 #pragma unroll
-      for (int x = 0; x < 8; ++x) dst[x] = (row_ok && e + x < width) ? src[(n0 + r) * rs + e + x] : (u16)0;
+      for (int x = 0; x < VEC; ++x) dst[x] = (row_ok && e + x < width) ? src[(n0 + r) * rs + e + x] : Elem(0);
     }
   }
 }
 
-// The A fragments (m16n8k16, row-major 16 x 16 per k-step) of rows row0 and row0 + 8 (this thread's, t = lane
-// % 4), straight from global memory (any row stride): zeros past row n_end and column width.
-template <int KSTEPS>
-__device__ __forceinline__ void load_a_fragments(u32 (&f)[KSTEPS][4], const u16* src, i64 rs, i64 row0, i64 n_end,
-                                                 i64 width, int t) {
-#pragma unroll
-  for (int ks = 0; ks < KSTEPS; ++ks) {
-#pragma unroll
-    for (int r = 0; r < 4; ++r) {
-      i64 row = row0 + (r % 2) * 8;
-      i64 col = ks * 16 + (r / 2) * 8 + 2 * t;
-      u32 lo = (row < n_end && col < width) ? src[row * rs + col] : 0u;
-      u32 hi = (row < n_end && col + 1 < width) ? src[row * rs + col + 1] : 0u;
-      f[ks][r] = lo | (hi << 16);
-    }
-  }
-}
-
-// 16-byte copies of rows of `width` halves at `p`, row stride `rs` (halves), are legal.
+// 16-byte copies of rows of `width` elements at `p`, row stride `rs` (elements), are legal.
+template <class Ops>
 __device__ __forceinline__ bool vectorizable(const void* p, i64 rs, i64 width) {
-  return width % 8 == 0 && rs % 8 == 0 && (u64)p % 16 == 0;
+  return width % Ops::VEC == 0 && rs % Ops::VEC == 0 && (u64)p % 16 == 0;
 }
 
-// Acc[d] += A B for one warp's 16 rows: A the k-major fragments pf (2 registers per n8 tile of the reduced
-// dimension, as the score products leave them), B a row-major [reduced][HEAD_DIM] tile read transposed.
-template <int HEAD_DIM, int RTILES, bool BF16>
-__device__ __forceinline__ void product_pb(float (&acc)[HEAD_DIM / 8][4], const u32 (&pf)[RTILES][2],
-                                           const u16* tile, int lane) {
-  constexpr int STRIDE = HEAD_DIM + 8;
-  static_assert(RTILES % 2 == 0, "a reduced dimension of whole 16 rows");
+// ---- float16 / bfloat16: m16n8k16, two elements per 32-bit register ----------------------------------------
+
+template <bool BF16>
+struct HalfOps {
+  typedef u16 Elem;
+  static constexpr int VEC = 8;  // elements per 16-byte copy, and the shared tiles' row pad
+  // A operands of m16n8k16 for 16 rows: 4 registers per k-step of 16 columns, as the mma takes them.
+  template <int HEAD_DIM>
+  struct AFrag {
+    u32 r[HEAD_DIM / 16][4];
+  };
+  // P or dS of 16 rows by NT n8 tiles as the A operand of a product over those columns, packed to Elem.
+  template <int NT>
+  struct PFrag {
+    u32 r[NT][2];
+  };
+
+  static __device__ __forceinline__ float to_f32(u16 h) { return BF16 ? bf16_to_f32(h) : f16_to_f32(h); }
+
+  // The 32-bit word w of two elements with each non-finite one (exponent bits all ones) made 0.
+  static __device__ __forceinline__ u32 finite_part(u32 w) {
+    const u32 ones = BF16 ? 0x7f80u : 0x7c00u;
+    const u32 lo = (w & ones) == ones ? 0u : (w & 0xffffu);
+    const u32 hi = ((w >> 16) & ones) == ones ? 0u : (w & 0xffff0000u);
+    return lo | hi;
+  }
+
+  // (lo, hi) rounded to Elem into dst[0] and dst[1], those of columns col and col + 1 below width.
+  static __device__ __forceinline__ void store2(u16* dst, i64 col, i64 width, float lo, float hi) {
+    const u32 two = pack2<BF16>(lo, hi);
+    if (col < width) dst[0] = (u16)(two & 0xffffu);
+    if (col + 1 < width) dst[1] = (u16)(two >> 16);
+  }
+
+  // n8 tile nt of a C-layout accumulator (p: rows g, g + 8 x columns 2t, 2t + 1) as A operand columns: the
+  // m16n8k16 A layout holds the same pairs, so P V needs no data movement.
+  template <int NT>
+  static __device__ __forceinline__ void set_operand(PFrag<NT>& f, int nt, const float (&p)[4]) {
+    f.r[nt][0] = pack2<BF16>(p[0], p[1]);
+    f.r[nt][1] = pack2<BF16>(p[2], p[3]);
+  }
+
+  // The A fragments of rows row0 and row0 + 8 (this thread's, t = lane % 4), straight from global memory
+  // (any row stride): zeros past row n_end and column width.
+  template <int HEAD_DIM>
+  static __device__ __forceinline__ void load_a(AFrag<HEAD_DIM>& f, const u16* src, i64 rs, i64 row0, i64 n_end,
+                                                i64 width, int t) {
 #pragma unroll
-  for (int kk = 0; kk < RTILES / 2; ++kk) {
-    const u32 pa[4] = {pf[2 * kk][0], pf[2 * kk][1], pf[2 * kk + 1][0], pf[2 * kk + 1][1]};
+    for (int ks = 0; ks < HEAD_DIM / 16; ++ks) {
 #pragma unroll
-    for (int d = 0; d < HEAD_DIM / 8; d += 2) {
-      u32 b[4];
-      ldmatrix_x4_trans(b, tile + (kk * 16 + (lane / 8 % 2) * 8 + lane % 8) * STRIDE + d * 8 + (lane / 16) * 8);
-      mma_16816<BF16>(acc[d], pa, b[0], b[1]);
-      mma_16816<BF16>(acc[d + 1], pa, b[2], b[3]);
+      for (int r = 0; r < 4; ++r) {
+        i64 row = row0 + (r % 2) * 8;
+        i64 col = ks * 16 + (r / 2) * 8 + 2 * t;
+        u32 lo = (row < n_end && col < width) ? src[row * rs + col] : 0u;
+        u32 hi = (row < n_end && col + 1 < width) ? src[row * rs + col + 1] : 0u;
+        f.r[ks][r] = lo | (hi << 16);
+      }
     }
   }
+
+  // C[nt] = A B^T for one warp's 16 rows against the NT * 8 rows of a row-major tile (B^T's rows), A as
+  // register fragments.
+  template <int HEAD_DIM, int NT>
+  static __device__ __forceinline__ void product_abt(float (&c)[NT][4], const AFrag<HEAD_DIM>& a, const u16* tile,
+                                                     int lane) {
+    constexpr int STRIDE = HEAD_DIM + VEC, KSTEPS = HEAD_DIM / 16;
+    static_assert(KSTEPS % 2 == 0, "head dims of whole 32 columns");
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+      c[nt][0] = c[nt][1] = c[nt][2] = c[nt][3] = 0.f;
+#pragma unroll
+      for (int ks = 0; ks < KSTEPS; ks += 2) {
+        // four 8x8 matrices: tile rows nt*8.., head dims ks*16 + {0, 8, 16, 24}: B fragments of two k-steps
+        u32 b[4];
+        ldmatrix_x4(b, tile + (nt * 8 + lane % 8) * STRIDE + ks * 16 + (lane / 8) * 8);
+        mma_16816<BF16>(c[nt], a.r[ks], b[0], b[1]);
+        mma_16816<BF16>(c[nt], a.r[ks + 1], b[2], b[3]);
+      }
+    }
+  }
+
+  // The same with A the 16 rows of a shared tile at a_rows (row-major, the tile's stride).
+  template <int HEAD_DIM, int NT>
+  static __device__ __forceinline__ void product_abt_shared(float (&c)[NT][4], const u16* a_rows, const u16* tile,
+                                                            int lane) {
+    constexpr int STRIDE = HEAD_DIM + VEC;
+    static_assert(NT % 2 == 0, "B fragments are read two n8 tiles at a time");
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) c[nt][0] = c[nt][1] = c[nt][2] = c[nt][3] = 0.f;
+#pragma unroll
+    for (int ks = 0; ks < HEAD_DIM / 16; ++ks) {
+      u32 af[4];
+      ldmatrix_x4(af, a_rows + ((lane / 8 % 2) * 8 + lane % 8) * STRIDE + ks * 16 + (lane / 16) * 8);
+#pragma unroll
+      for (int nt = 0; nt < NT; nt += 2) {
+        // tile rows nt*8.. and (nt+1)*8.., head dims ks*16 + {0, 8}: B fragments of two n8 tiles
+        u32 b[4];
+        ldmatrix_x4(b, tile + (nt * 8 + (lane / 16) * 8 + lane % 8) * STRIDE + ks * 16 + (lane / 8 % 2) * 8);
+        mma_16816<BF16>(c[nt], af, b[0], b[1]);
+        mma_16816<BF16>(c[nt + 1], af, b[2], b[3]);
+      }
+    }
+  }
+
+  // Acc[d] += A B for one warp's 16 rows: A the fragments pf over RT n8 tiles of the reduced dimension, B a
+  // row-major [reduced][HEAD_DIM] tile read transposed.
+  template <int HEAD_DIM, int RT>
+  static __device__ __forceinline__ void product_pb(float (&acc)[HEAD_DIM / 8][4], const PFrag<RT>& pf,
+                                                    const u16* tile, int lane) {
+    constexpr int STRIDE = HEAD_DIM + VEC;
+    static_assert(RT % 2 == 0, "a reduced dimension of whole 16 rows");
+#pragma unroll
+    for (int kk = 0; kk < RT / 2; ++kk) {
+      const u32 pa[4] = {pf.r[2 * kk][0], pf.r[2 * kk][1], pf.r[2 * kk + 1][0], pf.r[2 * kk + 1][1]};
+#pragma unroll
+      for (int d = 0; d < HEAD_DIM / 8; d += 2) {
+        u32 b[4];
+        ldmatrix_x4_trans(b, tile + (kk * 16 + (lane / 8 % 2) * 8 + lane % 8) * STRIDE + d * 8 + (lane / 16) * 8);
+        mma_16816<BF16>(acc[d], pa, b[0], b[1]);
+        mma_16816<BF16>(acc[d + 1], pa, b[2], b[3]);
+      }
+    }
+  }
+};
+
+// ---- float32: m16n8k8 on TF32, one element per register --------------------------------------------------
+//
+// Fragments hold raw fp32 values and are split into TF32 parts where a product uses them (each A part once
+// per k-step, each B element once per load), so Q, K and dO stay one register per element. The fragment
+// loads are scalar shared-memory reads: with the row stride HEAD_DIM + 4 (HEAD_DIM a multiple of 32), the
+// rows-by-columns patterns below, (g, t) and (2t, g), meet 32 different banks.
+
+// PINNED: the conversion stays where it is written (volatile). The A fragments held in registers for the whole
+// tile loop (Q, dO, K) are split per k-step where they are used: a hoistable split is taken out of the loop
+// by the compiler, doubling those fragments' registers (the fp32 dq loop at head dim 64 spilled 228 bytes at
+// 255 registers so).
+template <bool PINNED = false>
+__device__ __forceinline__ u32 to_tf32(float x) {
+  u32 r;
+  if (PINNED)
+    asm volatile("cvt.rna.tf32.f32 %0, %1;" : "=r"(r) : "f"(x));
+  else
+    asm("cvt.rna.tf32.f32 %0, %1;" : "=r"(r) : "f"(x));
+  return r;
 }
 
-// C[nt] += A B^T for one warp's 16 rows against the NT * 8 rows of a row-major tile (B^T's rows), A as
-// register fragments over KSTEPS k-steps.
-template <int HEAD_DIM, int NT, bool BF16>
-__device__ __forceinline__ void product_abt(float (&c)[NT][4], const u32 (&af)[HEAD_DIM / 16][4], const u16* tile,
-                                            int lane) {
-  constexpr int STRIDE = HEAD_DIM + 8, KSTEPS = HEAD_DIM / 16;
-  static_assert(KSTEPS % 2 == 0, "head dims of whole 32 columns");
+__device__ __forceinline__ void mma_1688_tf32(float (&d)[4], u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 "
+      "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+template <int PASSES>
+struct Tf32Ops {
+  static_assert(PASSES == 1 || PASSES == 3, "one TF32 product, or three of split operands");
+  typedef float Elem;
+  static constexpr int VEC = 4;
+  // A operands of m16n8k8 for 16 rows: per k-step of 8 columns, (row g, col t), (g + 8, t), (g, t + 4),
+  // (g + 8, t + 4).
+  template <int HEAD_DIM>
+  struct AFrag {
+    float r[HEAD_DIM / 8][4];
+  };
+  // P or dS as A operands, one k-step of 8 columns per n8 tile (set_operand says in which order).
+  template <int NT>
+  struct PFrag {
+    float r[NT][4];
+  };
+  // An operand split into TF32 parts: x ~ big + small (small unused with one pass).
+  struct Split {
+    u32 big, small;
+  };
+
+  template <bool PINNED = false>
+  static __device__ __forceinline__ Split split(float x) {
+    Split s;
+    s.big = to_tf32<PINNED>(x);
+    if (PASSES == 3) {
+      // x - big is exact; NaN only where x is +-inf or NaN, whose big part already carries it (inf - inf
+      // would turn an inf product NaN).
+      const float rest = x - __uint_as_float(s.big);
+      s.small = to_tf32<PINNED>(rest == rest ? rest : 0.f);
+    }
+    return s;
+  }
+
+  // D += A B on split operands: small * big and big * small first (the small terms), then big * big; the
+  // dropped small * small is below fp32's rounding.
+  static __device__ __forceinline__ void mma(float (&d)[4], const Split (&a)[4], const Split& b0, const Split& b1) {
+    if (PASSES == 3) {
+      mma_1688_tf32(d, a[0].small, a[1].small, a[2].small, a[3].small, b0.big, b1.big);
+      mma_1688_tf32(d, a[0].big, a[1].big, a[2].big, a[3].big, b0.small, b1.small);
+    }
+    mma_1688_tf32(d, a[0].big, a[1].big, a[2].big, a[3].big, b0.big, b1.big);
+  }
+
+  static __device__ __forceinline__ float to_f32(float x) { return x; }
+
+  static __device__ __forceinline__ u32 finite_part(u32 w) { return (w & 0x7f800000u) == 0x7f800000u ? 0u : w; }
+
+  static __device__ __forceinline__ void store2(float* dst, i64 col, i64 width, float lo, float hi) {
+    if (col < width) dst[0] = lo;
+    if (col + 1 < width) dst[1] = hi;
+  }
+
+  // The C layout's columns 2t and 2t + 1 become the A layout's columns t and t + 4: the k-step's 8 columns
+  // are taken in the order 0, 2, 4, 6, 1, 3, 5, 7, and product_pb reads B's rows in that order.
+  template <int NT>
+  static __device__ __forceinline__ void set_operand(PFrag<NT>& f, int nt, const float (&p)[4]) {
+    f.r[nt][0] = p[0];
+    f.r[nt][1] = p[2];
+    f.r[nt][2] = p[1];
+    f.r[nt][3] = p[3];
+  }
+
+  template <int HEAD_DIM>
+  static __device__ __forceinline__ void load_a(AFrag<HEAD_DIM>& f, const float* src, i64 rs, i64 row0, i64 n_end,
+                                                i64 width, int t) {
 #pragma unroll
-  for (int nt = 0; nt < NT; ++nt) {
-    c[nt][0] = c[nt][1] = c[nt][2] = c[nt][3] = 0.f;
+    for (int ks = 0; ks < HEAD_DIM / 8; ++ks) {
 #pragma unroll
-    for (int ks = 0; ks < KSTEPS; ks += 2) {
-      // four 8x8 matrices: tile rows nt*8.., head dims ks*16 + {0, 8, 16, 24}: B fragments of two k-steps
-      u32 b[4];
-      ldmatrix_x4(b, tile + (nt * 8 + lane % 8) * STRIDE + ks * 16 + (lane / 8) * 8);
-      mma_16816<BF16>(c[nt], af[ks], b[0], b[1]);
-      mma_16816<BF16>(c[nt], af[ks + 1], b[2], b[3]);
+      for (int r = 0; r < 4; ++r) {
+        const i64 row = row0 + (r % 2) * 8, col = ks * 8 + (r / 2) * 4 + t;
+        f.r[ks][r] = (row < n_end && col < width) ? src[row * rs + col] : 0.f;
+      }
     }
   }
-}
+
+  // C[nt] += A B^T for one k-step: a this thread's 4 A values, B^T the tile's rows nt * 8 + g.
+  template <int HEAD_DIM, int NT>
+  static __device__ __forceinline__ void abt_kstep(float (&c)[NT][4], const float (&a)[4], const float* tile, int ks,
+                                                   int lane) {
+    constexpr int STRIDE = HEAD_DIM + VEC;
+    const int g = lane / 4, t = lane % 4;
+    const Split as[4] = {split<true>(a[0]), split<true>(a[1]), split<true>(a[2]), split<true>(a[3])};
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+      const float* b = tile + (nt * 8 + g) * STRIDE + ks * 8 + t;
+      mma(c[nt], as, split(b[0]), split(b[4]));
+    }
+  }
+
+  template <int HEAD_DIM, int NT>
+  static __device__ __forceinline__ void product_abt(float (&c)[NT][4], const AFrag<HEAD_DIM>& a, const float* tile,
+                                                     int lane) {
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) c[nt][0] = c[nt][1] = c[nt][2] = c[nt][3] = 0.f;
+#pragma unroll
+    for (int ks = 0; ks < HEAD_DIM / 8; ++ks) abt_kstep<HEAD_DIM, NT>(c, a.r[ks], tile, ks, lane);
+  }
+
+  template <int HEAD_DIM, int NT>
+  static __device__ __forceinline__ void product_abt_shared(float (&c)[NT][4], const float* a_rows, const float* tile,
+                                                            int lane) {
+    constexpr int STRIDE = HEAD_DIM + VEC;
+    const int g = lane / 4, t = lane % 4;
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) c[nt][0] = c[nt][1] = c[nt][2] = c[nt][3] = 0.f;
+#pragma unroll
+    for (int ks = 0; ks < HEAD_DIM / 8; ++ks) {
+      const float* a = a_rows + g * STRIDE + ks * 8 + t;
+      const float af[4] = {a[0], a[8 * STRIDE], a[4], a[8 * STRIDE + 4]};
+      abt_kstep<HEAD_DIM, NT>(c, af, tile, ks, lane);
+    }
+  }
+
+  // Acc[d] += A B: A over RT k-steps of 8 (one per n8 tile of P), B the tile's rows in set_operand's order:
+  // b0 = B[2t][n], b1 = B[2t + 1][n] of the k-step's 8 rows.
+  template <int HEAD_DIM, int RT>
+  static __device__ __forceinline__ void product_pb(float (&acc)[HEAD_DIM / 8][4], const PFrag<RT>& pf,
+                                                    const float* tile, int lane) {
+    constexpr int STRIDE = HEAD_DIM + VEC;
+    const int g = lane / 4, t = lane % 4;
+#pragma unroll
+    for (int kk = 0; kk < RT; ++kk) {
+      const Split as[4] = {split(pf.r[kk][0]), split(pf.r[kk][1]), split(pf.r[kk][2]), split(pf.r[kk][3])};
+#pragma unroll
+      for (int d = 0; d < HEAD_DIM / 8; ++d) {
+        const float* b = tile + (kk * 8 + 2 * t) * STRIDE + d * 8 + g;
+        mma(acc[d], as, split(b[0]), split(b[STRIDE]));
+      }
+    }
+  }
+};
+
+// The module's family.
+template <int KIND>
+struct OpsOf {
+  typedef HalfOps<KIND == ELEM_BF16> type;
+};
+template <>
+struct OpsOf<ELEM_F32> {
+  typedef Tf32Ops<3> type;
+};
+template <>
+struct OpsOf<ELEM_TF32> {
+  typedef Tf32Ops<1> type;
+};
+typedef OpsOf<EFF_ELEM>::type Ops;
+typedef Ops::Elem Elem;
 
 }  // namespace efficient

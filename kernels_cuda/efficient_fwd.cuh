@@ -2,11 +2,11 @@
 //
 // Called once per thread block (4 warps, BLOCK_M = 64 query rows, 16 per warp) by a Numba kernel
 // that has already resolved batch, head, varlen offsets and strides into the row pointers below.
-// Per key tile: S = Q K^T on m16n8k16 tensor-core MMAs (fp32 accumulators), then mask, scale and
-// online softmax in registers (each row lives in one quad of 4 lanes), then O += P V with P
-// converted to the input type. Q stays in registers (A fragments); K and V tiles go through shared
-// memory with cp.async (16 B, zero-filled past the sequence) and are read back with ldmatrix
-// (.trans for V). The V tile for tile n+1 overlaps the softmax of tile n (FlashAttention-2's
+// Per key tile: S = Q K^T on tensor-core MMAs (fp32 accumulators; the element family's, Ops in
+// efficient_common.cuh), then mask, scale and online softmax in registers (each row lives in one quad
+// of 4 lanes), then O += P V with P converted to the input type. Q stays in registers (A fragments);
+// K and V tiles go through shared memory with cp.async (16 B, zero-filled past the sequence) and are
+// read back as fragments (ldmatrix for 16-bit types, V transposed). The V tile for tile n+1 overlaps the softmax of tile n (FlashAttention-2's
 // single-buffer schedule). Rows of the V tile that no query of the block may see are zeroed before
 // P V: P is 0 there, but 0 * NaN is NaN, and the contract says padding never leaks.
 //
@@ -17,38 +17,37 @@
 namespace efficient {
 
 struct Args : SliceArgs {
-  const u16* q;  // q[row][e] at q + row * q_rs + e (unit stride along e), rows from this block's sequence start
+  const Elem* q;  // q[row][e] at q + row * q_rs + e (unit stride along e), rows from this block's sequence start
   i64 q_rs;
-  const u16* k;
+  const Elem* k;
   i64 k_rs;
-  const u16* v;
+  const Elem* v;
   i64 v_rs;
-  u16* out;
+  Elem* out;
   i64 out_rs;
   float* lse;
   i64 lse_rs;
   i64 m_first;
 };
 
-template <int HEAD_DIM, int BLOCK_N, bool BF16>
+template <int HEAD_DIM, int BLOCK_N>
 __device__ void forward(const Args& a) {
-  constexpr int STRIDE = HEAD_DIM + 8;
-  constexpr int KSTEPS = HEAD_DIM / 16;  // k-steps of Q K^T
+  constexpr int VEC = Ops::VEC, STRIDE = HEAD_DIM + VEC;
   constexpr int NTILES = BLOCK_N / 8;    // n8 tiles of S
   constexpr int DTILES = HEAD_DIM / 8;   // n8 tiles of O
-  __shared__ __align__(16) u16 k_tile[BLOCK_N * STRIDE];
-  __shared__ __align__(16) u16 v_tile[BLOCK_N * STRIDE];
+  __shared__ __align__(16) Elem k_tile[BLOCK_N * STRIDE];
+  __shared__ __align__(16) Elem v_tile[BLOCK_N * STRIDE];
   __shared__ int col_seen[BLOCK_N];
 
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   const int g = lane / 4, t = lane % 4;  // mma fragment coordinates: row group, thread in group
   const i64 row0 = a.m_first + warp * 16 + g;  // this thread's rows: row0 and row0 + 8
   const i64 m_last = min(a.vis.L, a.m_first + EFF_BLOCK_M) - 1;
-  const bool vec = vectorizable(a.k, a.k_rs, a.E) && vectorizable(a.v, a.v_rs, a.Ev);
+  const bool vec = vectorizable<Ops>(a.k, a.k_rs, a.E) && vectorizable<Ops>(a.v, a.v_rs, a.Ev);
 
   // Q as A fragments, straight from global memory (once per block; any row stride).
-  u32 qf[KSTEPS][4];
-  load_a_fragments<KSTEPS>(qf, a.q, a.q_rs, row0, a.vis.L, a.E, t);
+  Ops::AFrag<HEAD_DIM> qf;
+  Ops::load_a<HEAD_DIM>(qf, a.q, a.q_rs, row0, a.vis.L, a.E, t);
 
   float acc[DTILES][4];
 #pragma unroll
@@ -61,12 +60,12 @@ __device__ void forward(const Args& a) {
   const i64 n_begin = lo / BLOCK_N * BLOCK_N;
 
   if (n_begin < hi) {
-    stage_tile<HEAD_DIM, BLOCK_N>(k_tile, a.k, a.k_rs, n_begin, a.vis.S, a.E, vec);
+    stage_tile<Ops, HEAD_DIM, BLOCK_N>(k_tile, a.k, a.k_rs, n_begin, a.vis.S, a.E, vec);
     cp_async_commit();
   }
   for (i64 n0 = n_begin; n0 < hi; n0 += BLOCK_N) {
     const bool has_next = n0 + BLOCK_N < hi;
-    stage_tile<HEAD_DIM, BLOCK_N>(v_tile, a.v, a.v_rs, n0, a.vis.S, a.Ev, vec);
+    stage_tile<Ops, HEAD_DIM, BLOCK_N>(v_tile, a.v, a.v_rs, n0, a.vis.S, a.Ev, vec);
     cp_async_commit();
     // Does every (row, key) pair of this tile pass? Then no per-element work and no V row zeroing.
     // Only the block's rows below L count: the rest hold zeros of Q and are never stored.
@@ -76,7 +75,7 @@ __device__ void forward(const Args& a) {
     __syncthreads();
 
     float s[NTILES][4];  // S = Q K^T
-    product_abt<HEAD_DIM, NTILES, BF16>(s, qf, k_tile, lane);
+    Ops::product_abt<HEAD_DIM, NTILES>(s, qf, k_tile, lane);
 
     // Scale, mask, and the online-softmax update, row by row (this thread holds 2 rows x 2 columns per n8 tile).
     float tile_max[2] = {-CUSDPA_INF, -CUSDPA_INF};
@@ -113,7 +112,7 @@ __device__ void forward(const Args& a) {
       acc[d][2] *= alpha[1];
       acc[d][3] *= alpha[1];
     }
-    u32 pf[NTILES][2];  // P in the input type, packed as the A operand of P V expects
+    Ops::PFrag<NTILES> pf;  // P in the input type, as the A operand of P V
 #pragma unroll
     for (int nt = 0; nt < NTILES; ++nt) {
       float p[4];
@@ -135,13 +134,12 @@ __device__ void forward(const Args& a) {
           p[2 * r + 1] = keep1 ? p[2 * r + 1] * a.rescale : 0.f;
         }
       }
-      pf[nt][0] = pack2<BF16>(p[0], p[1]);
-      pf[nt][1] = pack2<BF16>(p[2], p[3]);
+      Ops::set_operand(pf, nt, p);
     }
 
     __syncthreads();  // every warp is done with this K tile
     if (has_next) {
-      stage_tile<HEAD_DIM, BLOCK_N>(k_tile, a.k, a.k_rs, n0 + BLOCK_N, a.vis.S, a.E, vec);
+      stage_tile<Ops, HEAD_DIM, BLOCK_N>(k_tile, a.k, a.k_rs, n0 + BLOCK_N, a.vis.S, a.E, vec);
       cp_async_commit();
       cp_async_wait<1>();  // V of this tile has landed (the next K may still be in flight)
     } else {
@@ -149,17 +147,17 @@ __device__ void forward(const Args& a) {
     }
     __syncthreads();
     if (check) {
-      for (int c = threadIdx.x; c < BLOCK_N * (HEAD_DIM / 8); c += EFF_THREADS) {
-        int r = c / (HEAD_DIM / 8);
+      for (int c = threadIdx.x; c < BLOCK_N * (HEAD_DIM / VEC); c += EFF_THREADS) {
+        int r = c / (HEAD_DIM / VEC);
         if (!col_seen[r]) {
 #pragma unroll
-          for (int x = 0; x < 8; ++x) v_tile[r * STRIDE + (c % (HEAD_DIM / 8)) * 8 + x] = 0;
+          for (int x = 0; x < VEC; ++x) v_tile[r * STRIDE + (c % (HEAD_DIM / VEC)) * VEC + x] = Elem(0);
         }
       }
       __syncthreads();
     }
 
-    product_pb<HEAD_DIM, NTILES, BF16>(acc, pf, v_tile, lane);  // O += P V, V read back transposed
+    Ops::product_pb<HEAD_DIM, NTILES>(acc, pf, v_tile, lane);  // O += P V, V read back transposed
     __syncthreads();  // every warp is done with this V tile before the next one is staged
   }
 
@@ -177,9 +175,8 @@ __device__ void forward(const Args& a) {
 #pragma unroll
     for (int d = 0; d < DTILES; ++d) {
       const i64 col = d * 8 + 2 * t;
-      u32 two = pack2<BF16>(seen ? acc[d][2 * r] * inv : 0.f, seen ? acc[d][2 * r + 1] * inv : 0.f);
-      if (col < a.Ev) a.out[row * a.out_rs + col] = (u16)(two & 0xffffu);
-      if (col + 1 < a.Ev) a.out[row * a.out_rs + col + 1] = (u16)(two >> 16);
+      Ops::store2(a.out + row * a.out_rs + col, col, a.Ev, seen ? acc[d][2 * r] * inv : 0.f,
+                  seen ? acc[d][2 * r + 1] * inv : 0.f);
     }
     if (t == 0) a.lse[row * a.lse_rs] = seen ? m_i[r] + logf(l_i[r]) : -CUSDPA_INF;
   }
@@ -187,7 +184,7 @@ __device__ void forward(const Args& a) {
 
 }  // namespace efficient
 
-// The C-ABI entry the Numba kernel calls; EFF_NAME, EFF_HEAD_DIM, EFF_BLOCK_N, EFF_BF16, EFF_DROPOUT and
+// The C-ABI entry the Numba kernel calls; EFF_NAME, EFF_HEAD_DIM, EFF_BLOCK_N, EFF_ELEM, EFF_DROPOUT and
 // EFF_MASK_KIND are defined by kernels_numba.tensor_core in front of this source, one instantiation per module.
 // It returns 0: Numba's C ABI lowers a void result to a pointer-sized one, which would not match.
 extern "C" __device__ int EFF_NAME(
@@ -197,19 +194,19 @@ extern "C" __device__ int EFF_NAME(
     long long E, long long Ev, long long shift, long long left, long long right, float scale, long long bh,
     long long seed_lo, long long seed_hi, long long offset, long long threshold, float rescale) {
   efficient::Args a;
-  a.q = (const efficient::u16*)q;
+  a.q = (const efficient::Elem*)q;
   a.q_rs = q_rs;
-  a.k = (const efficient::u16*)k;
+  a.k = (const efficient::Elem*)k;
   a.k_rs = k_rs;
-  a.v = (const efficient::u16*)v;
+  a.v = (const efficient::Elem*)v;
   a.v_rs = v_rs;
-  a.out = (efficient::u16*)out;
+  a.out = (efficient::Elem*)out;
   a.out_rs = out_rs;
   a.lse = (float*)lse;
   a.lse_rs = lse_rs;
   a.m_first = m_first;
   a.set(mask, mask_rs, mask_cs, E, Ev, L, S, shift, left, right, scale, bh, seed_lo, seed_hi, offset, threshold,
         rescale);
-  efficient::forward<EFF_HEAD_DIM, EFF_BLOCK_N, EFF_BF16>(a);
+  efficient::forward<EFF_HEAD_DIM, EFF_BLOCK_N>(a);
   return 0;
 }

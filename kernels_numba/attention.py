@@ -159,7 +159,7 @@ def variant_for(pr, cfg) -> str:
     """The kernel variant that runs this forward: the config's choice, "auto" resolved."""
     if cfg.variant == "portable":
         return "portable"
-    why = tensor_core.reasons(pr, cfg.tensor_core_head_dim)
+    why = tensor_core.reasons(pr, cfg)
     if cfg.variant == "tensor_core":
         if why:
             raise NotImplementedError("the tensor_core variant cannot run this problem: " + "; ".join(why))
@@ -204,8 +204,8 @@ def backward(pr, out, lse, dout, grads=None, config=None, delta=None):
     passes three when the mask requires no gradient). ``delta``: a float32 array shaped like lse for the
     kernels' per-row D (allocated when None; a plan passes its own).
 
-    The tensor_core variant runs where its forward does (fp16/bf16) and q, k and v are not broadcast over
-    batch dims. delta is rowsum(dout * out), as FlashAttention takes it, except where a broadcast float mask's
+    The tensor_core variant runs where its forward does, up to its backward's head dims
+    (tensor_core.backward_head_dim), and q, k and v are not broadcast over batch dims. delta is rowsum(dout * out), as FlashAttention takes it, except where a broadcast float mask's
     gradient needs it exact or ``out`` is None: the portable dq kernel then sums rowsum(P * dP) in fp32 (see
     gradients.py).
     """
@@ -263,7 +263,7 @@ def backward(pr, out, lse, dout, grads=None, config=None, delta=None):
     if delta_from_out:
         out_v = _rows_view(pr, plan, out, None) if varlen else _output_view(pr, plan, out)
     if delta_from_out and reps_q == reps_k == reps_v == 1 and variant_for(pr, cfg) == "tensor_core" and \
-            max(pr.E, pr.Ev) <= tensor_core.BACKWARD_HEAD_DIMS[-1] and \
+            max(pr.E, pr.Ev) <= tensor_core.backward_head_dim(pr) and \
             all(x.strides[-1] == x.itemsize for x in (dout_v, out_v)):
         tensor_core.backward(pr, views, (dout_v, out_v, lse_v, delta_v, dq_v, dk_v, dv_v),
                              dmask_v if dmask_direct else None, device, structure, cfg.tensor_core_registers)

@@ -19,8 +19,9 @@ class KernelConfig:
 
     variant: "portable" is pure Numba (fp32 FMAs; every dtype and feature; the one the CUDA
       simulator runs); "tensor_core" runs the tile loops, forward and backward, in linked CUDA C device
-      functions on mma.sync (fp16/bf16, unit-stride head dim, E and Ev <= 128, real GPU only; the backward
-      also needs q, k and v not broadcast over batch dims, else it is portable); "auto" takes tensor_core
+      functions on mma.sync (fp16/bf16 with E and Ev <= 128, fp32 with tensor_core_fp32; unit-stride head dim,
+      real GPU only; the backward also needs q, k and v not broadcast over batch dims, else it is
+      portable); "auto" takes tensor_core
       where it applies and portable elsewhere.
     smem_bytes: shared memory the portable kernels may use per block (static, so <= 48 KiB).
     threads: the portable kernels' blocks (forward and backward, all blocked like a GEMM) are threads x
@@ -40,6 +41,9 @@ class KernelConfig:
     tensor_core_head_dim: the widest head dim the tensor_core forward takes: 128, or up to 256 (padded to 160,
       192, 224, 256; 32-key tiles, two blocks per SM). The backward's tensor_core loops stop at 128 whatever
       this says (wider heads take the portable backward). 128 until the wide forward has run on a GPU.
+    tensor_core_fp32: fp32 inputs take the tensor_core loops too (TF32 tensor cores, each product as three of
+      split operands: fp32's accuracy, as PyTorch's EFFICIENT_ATTENTION runs fp32; head dims <= 128 forward,
+      <= 96 backward); off: fp32 runs on the portable kernels' FMAs. Off until it has run on a GPU.
     prepared_launches: a call whose argument signature was seen launches each kernel through
       ``cuLaunchKernel`` with its arguments flattened (kernels_numba.launcher), not through Numba's
       dispatcher (on the H200, tests/test_efficient_gpu.py -k prepared; off: Numba's path for every call).
@@ -56,6 +60,7 @@ class KernelConfig:
     prepared_launches: bool = True
     tensor_core_blocks: int = 3
     tensor_core_head_dim: int = 128
+    tensor_core_fp32: bool = False
 
     @property
     def tensor_core_registers(self) -> int:

@@ -7,8 +7,10 @@ mma.sync), ``efficient::backward_dq`` / ``backward_dkdv`` in efficient_bwd.cuh (
 The C source is linked through ``cuda.declare_device(..., link=[CUSource], abi="c")``, one instantiation
 (head dim, dtype, dropout or not, mask kind) per source, as FLASH compiles its kernels: NVRTC compiles only
 what a problem needs, once per process, and no tile loop carries the code of features it does not use.
-fp16/bf16, E and Ev <= 128 (padded to 32/64/96/128), unit stride along the head dim; every mask kind,
-causal, window, dropout, GQA and varlen as in the portable variant.
+fp16/bf16 with E and Ev <= 128 (padded to 32/64/96/128; to 256 on the forward by KernelConfig), fp32 on TF32
+tensor cores (three products of split operands, fp32's accuracy) with E and Ev <= 128 forward, <= 96 backward;
+unit stride along the head dim; every mask kind, causal, window, dropout, GQA and varlen as in the portable
+variant.
 """
 from __future__ import annotations
 
@@ -39,37 +41,71 @@ _BWD_ARGS = ", ".join(["int64"] * 37 + ["float32"] + ["int64"] * 8 + ["float32"]
 BWD_BLOCK_N = 64  # keys per dk/dv block (efficient_bwd.cuh: EFF_BLOCK_M, 16 per warp)
 
 
-def forward_block_n(head_dim: int) -> int:
-    """Keys per shared-memory tile of the forward: 64 up to head dim 128 (K and V tiles of 64 x (128 + 8) halves,
-    34 KiB), 32 past it (head dim 256: 33 KiB of the 48 KiB of static shared memory)."""
-    return 64 if head_dim <= 128 else 32
+# The tile loops' element families (efficient_common.cuh's ElemKind): "float32" runs fp32 inputs as three TF32
+# products of split operands (fp32's accuracy, as PyTorch's EFFICIENT_ATTENTION does), "tf32" as one (only when
+# the caller allowed TF32).
+ELEMS = {"float16": 0, "bfloat16": 1, "float32": 2, "tf32": 3}
+# fp32 tiles take twice the shared memory: the forward stops at head dim 128 (32-key tiles), the dk/dv loop at
+# 96 (16 queries per step beside the block's 64 V rows).
+FP32_HEAD_DIM, FP32_BACKWARD_HEAD_DIM = 128, 96
 
 
-def forward_registers(head_dim: int, cap: int) -> int:
-    """The forward kernel's register cap: ``cap`` (KernelConfig.tensor_core_registers) up to head dim 128; past
-    it Q's and O's fragments alone take 3 x head_dim / 4 registers, so 255 (two blocks per SM; ptxas 13.0: 218
-    at 160, 242 at 192, 255 at 256, no spills, where 168 spilled 100-1644 bytes)."""
-    return cap if head_dim <= 128 else 255
+def _wide(elem: str) -> bool:
+    return elem in ("float32", "tf32")
 
 
-def dq_block_n(head_dim: int) -> int:
+def forward_block_n(head_dim: int, elem: str = "float16") -> int:
+    """Keys per shared-memory tile of the forward: 16-bit inputs 64 up to head dim 128 (K and V tiles of
+    64 x (128 + 8) halves, 34 KiB), 32 past it (head dim 256: 33 KiB of the 48 KiB of static shared memory);
+    fp32 32 (head dim 128: 34 KiB; ptxas 13.0 at 168 registers: no spills at head dims 64 and 96, where
+    64-key tiles spilled 76 bytes at 64)."""
+    return 32 if _wide(elem) else 64 if head_dim <= 128 else 32
+
+
+def dq_block_n(head_dim: int, elem: str = "float16") -> int:
     """Keys per tile of the dq kernel: 32 over head dim 64 keeps S and dP (2 x 16 registers) beside Q, dO and
-    dQ's fragments (3 x head_dim / 4)."""
-    return 64 if head_dim <= 64 else 32
+    dQ's fragments (3 x head_dim / 4, twice that for fp32, which takes 32 always: 16 bytes of spills at head
+    dim 64 where 64 keys spilled 132)."""
+    return 64 if head_dim <= 64 and not _wide(elem) else 32
 
 
-def reasons(pr, widest: int) -> list[str]:
-    """Why the tensor_core variant cannot run ``pr``'s forward with head dims up to ``widest``
-    (KernelConfig.tensor_core_head_dim); empty: it can."""
+def dkdv_block_m(head_dim: int, elem: str = "float16") -> int:
+    """Queries per step of the dk/dv kernel: 32; 16 for fp32 past head dim 64, whose Q and dO tiles would not
+    fit beside the block's 64 V rows."""
+    return 16 if _wide(elem) and head_dim > 64 else 32
+
+
+def registers_for(head_dim: int, elem: str, cap: int) -> int:
+    """A tile loop's register cap: ``cap`` (KernelConfig.tensor_core_registers) up to head dim 128 (64 for fp32,
+    whose fragments take a register per element); past it 255, two blocks per SM (ptxas 13.0, 16-bit forward:
+    218 at 160, 242 at 192, 255 at 256, no spills, where 168 spilled 100-1644 bytes; fp32 at 96: no spills
+    at 255, 192-196 bytes at 168)."""
+    return cap if head_dim <= (64 if _wide(elem) else 128) else 255
+
+
+def elem_of(pr, allow_tf32: bool = False) -> str:
+    """The tile loops' element family for ``pr``'s inputs."""
+    name = layout.dtype_name(pr.dtype)
+    return "tf32" if name == "float32" and allow_tf32 else name
+
+
+def reasons(pr, cfg) -> list[str]:
+    """Why the tensor_core variant cannot run ``pr``'s forward under the knobs ``cfg`` (a KernelConfig: head dims
+    up to its tensor_core_head_dim, fp32 only with its tensor_core_fp32); empty: it can."""
     out = []
     if SIMULATOR:
         return ["the CUDA simulator cannot run linked CUDA C (the tensor_core variant)"]
     if pr.xp is np:
         out.append("the tensor_core variant takes GPU arrays")
-    if pr.dtype.name not in ("float16", "bfloat16"):
-        out.append(f"the tensor_core variant takes float16/bfloat16, not {pr.dtype.name}")
+    widest = cfg.tensor_core_head_dim
+    if pr.dtype.name == "float32" and cfg.tensor_core_fp32:
+        widest = min(widest, FP32_HEAD_DIM)
+    elif pr.dtype.name not in ("float16", "bfloat16"):
+        out.append(f"the tensor_core variant takes float16/bfloat16{'/float32' * cfg.tensor_core_fp32}, not "
+                   f"{pr.dtype.name}")
     if max(pr.E, pr.Ev) > widest:
-        out.append(f"the tensor_core variant takes head dims up to {widest}, got E={pr.E}, Ev={pr.Ev}")
+        out.append(f"the tensor_core variant takes {pr.dtype.name} head dims up to {widest}, got E={pr.E}, "
+                   f"Ev={pr.Ev}")
     for name, x in (("query", pr.q), ("key", pr.k), ("value", pr.v)):
         if x.shape[-1] > 1 and x.strides[-1] != x.itemsize:
             out.append(f"the tensor_core variant needs unit stride along the head dim of {name}")
@@ -78,19 +114,25 @@ def reasons(pr, widest: int) -> list[str]:
     return out
 
 
+def backward_head_dim(pr) -> int:
+    """The widest head dim the tensor_core backward takes for ``pr``'s element type."""
+    return FP32_BACKWARD_HEAD_DIM if pr.dtype.name == "float32" else BACKWARD_HEAD_DIMS[-1]
+
+
 def head_dim_for(E: int, Ev: int) -> int:
     return next(d for d in HEAD_DIMS if d >= max(E, Ev))
 
 
-def tile_loop_source(head_dim: int, bf16: bool, kind: str, dropout: bool, mask_kind: int) -> tuple[str, str]:
+def tile_loop_source(head_dim: int, elem: str, kind: str, dropout: bool, mask_kind: int) -> tuple[str, str]:
     """(C entry name, CUDA source) of one tile loop: ``kind`` "forward", "dq" or "dkdv", for a padded head
-    dim of HEAD_DIMS, with dropout or not and a mask of kind ``mask_kind`` (MASK_KINDS' numbers, 0: none)
-    compiled in; tests/test_flash.py compiles them with NVRTC on the CPU."""
-    name = (f"efficient_{kind}_{'bf16' if bf16 else 'f16'}_d{head_dim}{'_dropout' if dropout else ''}"
-            f"_mask{mask_kind}")
-    block_n = forward_block_n(head_dim) if kind == "forward" else dq_block_n(head_dim)
+    dim of HEAD_DIMS and an element family of ELEMS, with dropout or not and a mask of kind ``mask_kind``
+    (MASK_KINDS' numbers, 0: none) compiled in; tests/test_flash.py compiles them with NVRTC on the CPU."""
+    short = {"float16": "f16", "bfloat16": "bf16", "float32": "f32", "tf32": "tf32"}[elem]
+    name = f"efficient_{kind}_{short}_d{head_dim}{'_dropout' if dropout else ''}_mask{mask_kind}"
+    block_n = {"forward": forward_block_n(head_dim, elem), "dq": dq_block_n(head_dim, elem),
+               "dkdv": dkdv_block_m(head_dim, elem)}[kind]
     defines = (f"#define EFF_NAME {name}\n#define EFF_HEAD_DIM {head_dim}\n#define EFF_BLOCK_N {block_n}\n"
-               f"#define EFF_BF16 {'true' if bf16 else 'false'}\n#define EFF_DROPOUT {int(dropout)}\n"
+               f"#define EFF_ELEM {ELEMS[elem]}\n#define EFF_DROPOUT {int(dropout)}\n"
                f"#define EFF_MASK_KIND {mask_kind}\n")
     if kind == "forward":
         return name, defines + kernels_cuda.source("efficient_fwd.cuh")
@@ -98,8 +140,8 @@ def tile_loop_source(head_dim: int, bf16: bool, kind: str, dropout: bool, mask_k
 
 
 @functools.cache
-def _tile_loop(head_dim: int, bf16: bool, kind: str, dropout: bool, mask_kind: int):
-    name, source = tile_loop_source(head_dim, bf16, kind, dropout, mask_kind)
+def _tile_loop(head_dim: int, elem: str, kind: str, dropout: bool, mask_kind: int):
+    name, source = tile_loop_source(head_dim, elem, kind, dropout, mask_kind)
     args = _ARGS if kind == "forward" else _BWD_ARGS
     return cuda.declare_device(name, f"int32({args})", link=[cuda.CUSource(source, name=f"{name}.cu")], abi="c")
 
@@ -123,8 +165,9 @@ def _at(base, itemsize, st, b0, b1, b2, h, row):
 
 
 @functools.cache
-def _kernel(head_dim: int, bf16: bool, dropout: bool, mask_kind: int, registers: int):
-    tile_loop = _tile_loop(head_dim, bf16, "forward", dropout, mask_kind)
+def _kernel(head_dim: int, elem: str, dropout: bool, mask_kind: int, registers: int):
+    tile_loop = _tile_loop(head_dim, elem, "forward", dropout, mask_kind)
+    size = 4 if _wide(elem) else 2  # bytes per element of q, k, v and out
 
     @cuda.jit(max_registers=registers)
     def attention_forward_tc(q, qs, k, ks, v, vs, out, os_, lse, ls, mask, ms, cu_q, cu_k, varlen, nb1, nb2, hq,
@@ -143,8 +186,8 @@ def _kernel(head_dim: int, bf16: bool, dropout: bool, mask_kind: int, registers:
         b0, b1, b2, q0, k0, L_b, S_b = _slice_of(flat, varlen, cu_q, cu_k, nb1, nb2, L, S)
         if m_first >= L_b:
             return
-        q_at, out_at = _at(q, 2, qs, b0, b1, b2, h, q0), _at(out, 2, os_, b0, b1, b2, h, q0)
-        k_at, v_at = _at(k, 2, ks, b0, b1, b2, hk, k0), _at(v, 2, vs, b0, b1, b2, hk, k0)
+        q_at, out_at = _at(q, size, qs, b0, b1, b2, h, q0), _at(out, size, os_, b0, b1, b2, h, q0)
+        k_at, v_at = _at(k, size, ks, b0, b1, b2, hk, k0), _at(v, size, vs, b0, b1, b2, hk, k0)
         lse_at = _at(lse, 4, ls, b0, b1, b2, h, q0)
         mask_at = _at(mask, ms[6], ms, b0, b1, b2, h, 0)
         shift = S_b - L_b if lower_right else 0
@@ -164,9 +207,8 @@ def forward(pr, views, out_v, lse_v, device, structure, registers: int):
     """Launch the tensor_core forward into out_v (6-D) and lse_v (5-D) views; see attention.forward.
     ``registers``: the kernels' register cap (KernelConfig.tensor_core_registers)."""
     _, _, left, right, seed_lo, seed_hi, offset, threshold, rescale = structure
-    head_dim = head_dim_for(pr.E, pr.Ev)
-    kernel = _kernel(head_dim, layout.dtype_name(pr.dtype) == "bfloat16", pr.dropout_p > 0, mask_kind_of(pr),
-                     forward_registers(head_dim, registers))
+    head_dim, elem = head_dim_for(pr.E, pr.Ev), elem_of(pr)
+    kernel = _kernel(head_dim, elem, pr.dropout_p > 0, mask_kind_of(pr), registers_for(head_dim, elem, registers))
     q, qs = _address_and_strides(views.q)
     k, ks = _address_and_strides(views.k)
     v, vs = _address_and_strides(views.v)
@@ -190,8 +232,9 @@ def mask_kind_of(pr) -> int:
 
 
 @functools.cache
-def _dq_kernel(head_dim: int, bf16: bool, dropout: bool, mask_kind: int, registers: int):
-    tile_loop = _tile_loop(head_dim, bf16, "dq", dropout, mask_kind)
+def _dq_kernel(head_dim: int, elem: str, dropout: bool, mask_kind: int, registers: int):
+    tile_loop = _tile_loop(head_dim, elem, "dq", dropout, mask_kind)
+    size = 4 if _wide(elem) else 2
 
     @cuda.jit(max_registers=registers)
     def attention_dq_tc(q, qs, k, ks, v, vs, dout, dos, out, os_, lse, ls, delta, dls, dq, dqs, dmask, dms, mask, ms,
@@ -207,11 +250,11 @@ def _dq_kernel(head_dim: int, bf16: bool, dropout: bool, mask_kind: int, registe
         b0, b1, b2, q0, k0, L_b, S_b = _slice_of(flat, varlen, cu_q, cu_k, nb1, nb2, L, S)
         if m_first >= L_b:
             return
-        q_at, do_at = _at(q, 2, qs, b0, b1, b2, h, q0), _at(dout, 2, dos, b0, b1, b2, h, q0)
-        out_at = _at(out, 2, os_, b0, b1, b2, h, q0)
-        k_at, v_at = _at(k, 2, ks, b0, b1, b2, hk, k0), _at(v, 2, vs, b0, b1, b2, hk, k0)
+        q_at, do_at = _at(q, size, qs, b0, b1, b2, h, q0), _at(dout, size, dos, b0, b1, b2, h, q0)
+        out_at = _at(out, size, os_, b0, b1, b2, h, q0)
+        k_at, v_at = _at(k, size, ks, b0, b1, b2, hk, k0), _at(v, size, vs, b0, b1, b2, hk, k0)
         lse_at, delta_at = _at(lse, 4, ls, b0, b1, b2, h, q0), _at(delta, 4, dls, b0, b1, b2, h, q0)
-        dq_at = _at(dq, 2, dqs, b0, b1, b2, h, q0)
+        dq_at = _at(dq, size, dqs, b0, b1, b2, h, q0)
         dmask_at = dmask
         if dmask != 0:
             dmask_at = _at(dmask, dms[6], dms, b0, b1, b2, h, 0)
@@ -226,8 +269,9 @@ def _dq_kernel(head_dim: int, bf16: bool, dropout: bool, mask_kind: int, registe
 
 
 @functools.cache
-def _dkdv_kernel(head_dim: int, bf16: bool, dropout: bool, mask_kind: int, registers: int):
-    tile_loop = _tile_loop(head_dim, bf16, "dkdv", dropout, mask_kind)
+def _dkdv_kernel(head_dim: int, elem: str, dropout: bool, mask_kind: int, registers: int):
+    tile_loop = _tile_loop(head_dim, elem, "dkdv", dropout, mask_kind)
+    size = 4 if _wide(elem) else 2
 
     @cuda.jit(max_registers=registers)
     def attention_dkdv_tc(q, qs, k, ks, v, vs, dout, dos, lse, ls, delta, dls, dk, dks, dv, dvs, mask, ms,
@@ -241,10 +285,10 @@ def _dkdv_kernel(head_dim: int, bf16: bool, dropout: bool, mask_kind: int, regis
         if n_first >= S_b:
             return
         h0 = hk * group
-        q_at, do_at = _at(q, 2, qs, b0, b1, b2, h0, q0), _at(dout, 2, dos, b0, b1, b2, h0, q0)
+        q_at, do_at = _at(q, size, qs, b0, b1, b2, h0, q0), _at(dout, size, dos, b0, b1, b2, h0, q0)
         lse_at, delta_at = _at(lse, 4, ls, b0, b1, b2, h0, q0), _at(delta, 4, dls, b0, b1, b2, h0, q0)
-        k_at, v_at = _at(k, 2, ks, b0, b1, b2, hk, k0), _at(v, 2, vs, b0, b1, b2, hk, k0)
-        dk_at, dv_at = _at(dk, 2, dks, b0, b1, b2, hk, k0), _at(dv, 2, dvs, b0, b1, b2, hk, k0)
+        k_at, v_at = _at(k, size, ks, b0, b1, b2, hk, k0), _at(v, size, vs, b0, b1, b2, hk, k0)
+        dk_at, dv_at = _at(dk, size, dks, b0, b1, b2, hk, k0), _at(dv, size, dvs, b0, b1, b2, hk, k0)
         mask_at = _at(mask, ms[6], ms, b0, b1, b2, h0, 0)
         shift = S_b - L_b if lower_right else 0
         tile_loop(q_at, qs[4], k_at, ks[4], v_at, vs[4], do_at, dos[4], 0, 0, lse_at, ls[4], delta_at, dls[4], dk_at,
@@ -261,8 +305,8 @@ def backward(pr, views, arrays, dmask_v, device, structure, registers: int):
     dmask_v the float mask's gradient where each element belongs to one score, else None. D goes into
     delta for the dmask kernel too."""
     _, _, left, right, seed_lo, seed_hi, offset, threshold, rescale = structure
-    instance = (head_dim_for(pr.E, pr.Ev), layout.dtype_name(pr.dtype) == "bfloat16", pr.dropout_p > 0,
-                mask_kind_of(pr), registers)
+    head_dim, elem = head_dim_for(pr.E, pr.Ev), elem_of(pr)
+    instance = (head_dim, elem, pr.dropout_p > 0, mask_kind_of(pr), registers_for(head_dim, elem, registers))
     (q, qs), (k, ks), (v, vs), (mask, ms) = (_address_and_strides(x) for x in (views.q, views.k, views.v, views.mask))
     (dout, dos), (out, os_), (lse, ls), (delta, dls), (dq, dqs), (dk, dks), (dv, dvs) = (
         _address_and_strides(x) for x in arrays)

@@ -46,10 +46,11 @@ def _host(x):
 
 def _failures(gpu, pr, rng, variant, **knobs):
     """EFFICIENT's failures on the validated problem ``pr`` with the kernel ``variant`` (and other KernelConfig
-    ``knobs``), from the harness."""
+    ``knobs``; the tensor_core variant takes fp32 too), from the harness."""
     from cusdpa.backends import efficient
 
     kn = gpu[2]
+    knobs = {"tensor_core_fp32": variant == "tensor_core", **knobs}
     with kn.configured(kn.KernelConfig(variant=variant, **knobs)):
         return harness.run_problem(pr, efficient.IMPL, rng)
 
@@ -62,7 +63,7 @@ def _skip_unless_variant_runs(pr, variant):
     if variant == "tensor_core":
         from kernels_numba import KernelConfig, tensor_core
 
-        why = tensor_core.reasons(pr, KernelConfig().tensor_core_head_dim)
+        why = tensor_core.reasons(pr, KernelConfig(tensor_core_fp32=True))
         if why:
             pytest.skip("; ".join(why))
 
@@ -71,8 +72,6 @@ def _skip_unless_variant_runs(pr, variant):
 @pytest.mark.parametrize("E", HEAD_DIMS)
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])
 def test_grid(gpu, rng, dtype, E, variant):
-    if dtype == "float32" and variant == "tensor_core":
-        pytest.skip("the tensor_core variant takes float16/bfloat16")
     failures = []
     for n, (L, S) in enumerate(PAIRS):
         pr = harness.build(Case(dtype, batch=(2,), L=L, S=S, E=E, causal="upper_left" if n % 2 else None), gpu[0],
@@ -87,8 +86,6 @@ def test_grid(gpu, rng, dtype, E, variant):
 @pytest.mark.parametrize("E", HEAD_DIMS)
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])
 def test_grid_cross_product(gpu, rng, dtype, E, variant):
-    if dtype == "float32" and variant == "tensor_core":
-        pytest.skip("the tensor_core variant takes float16/bfloat16")
     failures = []
     for (L, S), causal in itertools.product(itertools.product(SIZES, SIZES), (False, True)):
         case = Case(dtype, batch=(1,), hq=2, hkv=1, L=L, S=S, E=E, causal="upper_left" if causal else None)
@@ -102,8 +99,6 @@ def test_grid_cross_product(gpu, rng, dtype, E, variant):
 @pytest.mark.parametrize("dtype", ["float16", "float32"])
 @pytest.mark.parametrize("kind", ["bool", "float"])
 def test_every_mask_broadcast_shape(gpu, rng, kind, dtype, variant):
-    if dtype == "float32" and variant == "tensor_core":
-        pytest.skip("the tensor_core variant takes float16/bfloat16")
     failures = []
     for name, shape in MASK_SHAPES.items():
         case = Case(dtype, batch=(2,), hq=4, hkv=2, L=97, S=130, E=64, Ev=40, mask=kind,
@@ -241,7 +236,7 @@ def test_public_api_runs_on_the_current_stream_and_compiles_once(gpu, rng):
     with stream, cusdpa.sdpa_kernel([cusdpa.Backend.EFFICIENT]):
         assert cusdpa.explain(*pr_args).chosen is cusdpa.Backend.EFFICIENT
         first = cusdpa.scaled_dot_product_attention(*pr_args, is_causal=True)
-        kernel = tensor_core._kernel(64, False, False, 0, kn.current().tensor_core_registers)  # the one that ran
+        kernel = tensor_core._kernel(64, "float16", False, 0, kn.current().tensor_core_registers)  # the one that ran
 
         def compiled():
             return (tensor_core._kernel.cache_info().currsize, blocked_forward.forward_kernel.cache_info().currsize,

@@ -330,14 +330,16 @@ def test_numpy_arrays_need_the_simulator_and_an_explicit_choice(rng):
     assert any("NUMBA_ENABLE_CUDASIM=1" in r for r in reasons), reasons
 
 
-@pytest.mark.parametrize("shapes, mask_shape, expect", [
-    (((2, 4, 9, 8), (2, 2, 11, 8)), None, "tensor_core"),
-    (((2, 4, 9, 8), (2, 2, 11, 8)), (2, 4, 9, 11), "tensor_core"),  # a float mask's gradient, one element a score
-    (((1, 4, 9, 8), (2, 2, 11, 8)), None, "portable from out"),  # dq sums over the problem's two batch elements
-    (((2, 4, 9, 8), (2, 2, 11, 8)), (9, 1), "portable from P dP"),  # a broadcast float mask's gradient
-    (((2, 4, 9, 160), (2, 2, 11, 160)), None, "portable from out"),  # past the tensor_core backward's head dims
+@pytest.mark.parametrize("shapes, mask_shape, dtype, expect", [
+    (((2, 4, 9, 8), (2, 2, 11, 8)), None, np.float16, "tensor_core"),
+    (((2, 4, 9, 8), (2, 2, 11, 8)), (2, 4, 9, 11), np.float16, "tensor_core"),  # dmask: one element a score
+    (((1, 4, 9, 8), (2, 2, 11, 8)), None, np.float16, "portable from out"),  # dq sums over two batch elements
+    (((2, 4, 9, 8), (2, 2, 11, 8)), (9, 1), np.float16, "portable from P dP"),  # a broadcast float mask's gradient
+    (((2, 4, 9, 160), (2, 2, 11, 160)), None, np.float16, "portable from out"),  # past the backward's head dims
+    (((2, 4, 9, 96), (2, 2, 11, 96)), None, np.float32, "tensor_core"),  # fp32's widest
+    (((2, 4, 9, 128), (2, 2, 11, 128)), None, np.float32, "portable from out"),  # past fp32's (shared memory)
 ])
-def test_backward_routes_to_the_variant_and_delta_that_serve_it(shapes, mask_shape, expect, monkeypatch, rng):
+def test_backward_routes_to_the_variant_and_delta_that_serve_it(shapes, mask_shape, dtype, expect, monkeypatch, rng):
     """Where the backward goes with the tensor_core variant chosen, without a GPU (launches recorded, not
     issued): its own kernels where they apply; else the portable ones, with delta = rowsum(dout * out)
     unless a broadcast float mask's gradient needs it summed from P and dP."""
@@ -356,11 +358,11 @@ def test_backward_routes_to_the_variant_and_delta_that_serve_it(shapes, mask_sha
     monkeypatch.setattr(gradients, "dq_kernel", lambda spec, direct, from_out: routes.append(
         "portable from out" if from_out else "portable from P dP") or real(spec, direct, from_out))
     (q_shape, k_shape) = shapes
-    q = rng.standard_normal(q_shape).astype(np.float16)
-    k, v = (rng.standard_normal(k_shape).astype(np.float16) for _ in range(2))
+    q = rng.standard_normal(q_shape).astype(dtype)
+    k, v = (rng.standard_normal(k_shape).astype(dtype) for _ in range(2))
     mask = None if mask_shape is None else rng.standard_normal(mask_shape).astype(np.float32)
     pr = problem.from_dense(q, k, v, mask, problem.Options(enable_gqa=True))
-    out = np.zeros(pr.out_shape, np.float16)
+    out = np.zeros(pr.out_shape, dtype)
     lse = np.zeros(pr.lse_shape, np.float32)
     attention.backward(pr, out, lse, out)
     assert routes == [expect]

@@ -109,16 +109,22 @@ def test_every_kernel_configuration_compiles_with_nvrtc():
 
 def test_efficient_tile_loops_compile_with_nvrtc():
     """The EFFICIENT backend's linked CUDA C (kernels_cuda/efficient_*.cuh) compiles as Numba compiles it (NVRTC, no
-    headers, relocatable device code): forward, dq and dk/dv at each of their padded head dims and element type, and with
-    dropout and each mask kind compiled in at one of them."""
+    headers, relocatable device code): forward, dq and dk/dv at each of their padded head dims and element family, and
+    with dropout and each mask kind compiled in at one of them."""
     pytest.importorskip("cuda.bindings.nvrtc")
     from kernels_numba import tensor_core
 
+    def head_dims(kind, elem):
+        fp32 = elem in ("float32", "tf32")
+        widest = (tensor_core.FP32_HEAD_DIM if fp32 else tensor_core.HEAD_DIMS[-1]) if kind == "forward" else \
+            (tensor_core.FP32_BACKWARD_HEAD_DIM if fp32 else tensor_core.BACKWARD_HEAD_DIMS[-1])
+        return [d for d in tensor_core.HEAD_DIMS if d <= widest]
+
     kinds = ("forward", "dq", "dkdv")
-    jobs = [(head_dim, bf16, kind, False, 0)
-            for kind in kinds for head_dim, bf16 in itertools.product(
-                tensor_core.HEAD_DIMS if kind == "forward" else tensor_core.BACKWARD_HEAD_DIMS, (False, True))]
-    jobs += [(64, True, kind, True, mask) for kind in kinds for mask in range(len(tensor_core.MASK_KINDS) + 1)]
+    jobs = [(head_dim, elem, kind, False, 0)
+            for kind in kinds for elem in tensor_core.ELEMS for head_dim in head_dims(kind, elem)]
+    jobs += [(64, elem, kind, True, mask) for kind in kinds for elem in ("bfloat16", "float32")
+             for mask in range(len(tensor_core.MASK_KINDS) + 1)]
     errors = []
     for job in jobs:
         name, source = tensor_core.tile_loop_source(*job)

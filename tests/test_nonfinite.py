@@ -324,14 +324,15 @@ def on_gpu(request):
     def run(check):
         if backend != "EFFICIENT":
             return check(flash.IMPL if backend == "FLASH" else math_backend.IMPL)
-        with kernels_numba.configured(kernels_numba.KernelConfig(variant=variant)):
+        with kernels_numba.configured(kernels_numba.KernelConfig(variant=variant,
+                                                                 tensor_core_fp32=variant == "tensor_core")):
             return check(efficient.IMPL)
 
     return run
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])  # fp32: TF32 parts of an inf stay inf
 @pytest.mark.parametrize("name", KERNEL_VISIBLE)
 def test_gpu_nan_and_inf_propagate(on_gpu, dtype, name, rng):
     """Several tiles each way (L = 150, S = 130)."""
@@ -356,7 +357,7 @@ def test_gpu_nan_where_no_query_looks_stays_there(on_gpu, name, E, rng):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])
 def test_gpu_rows_that_see_nothing_stay_zero_next_to_nan_rows(on_gpu, dtype, rng):
     """Lower-right causal with L = 150 > S = 40: rows 0..109 see nothing (and hold NaN) and share tiles
     with rows that all see key 0, whose value holds NaN in one column of head 1: out, lse and dq of the
