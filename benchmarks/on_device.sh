@@ -11,7 +11,8 @@
 # The machine has torch, CuPy, numba-cuda and triton but numpy 2.5, which numba-cuda 0.30 cannot import:
 # a numpy < 2.5 wheel travels in .whl (README of the device tool) and goes first on PYTHONPATH.
 # Stages: flash-tests, plans-tests, interop-tests, efficient-tests, efficient-short (EFFICIENT at L = 1024, through
-# Numba's dispatcher and through prepared launches), efficient-fp32 (the EFFICIENT issue's fp32 shape; efficient-fp32-tiles: the portable kernels' register tiles swept there), efficient-wide (head dims 160-256 on the tensor_core forward: its GPU test, then E = 192, 256 timed with it off and on), efficient-fp32-tc (fp32 on the tensor_core loops,
+# Numba's dispatcher and through prepared launches), efficient-fp32 (the EFFICIENT issue's fp32 shape; efficient-fp32-tiles: the portable kernels' register tiles swept there), efficient-wide (head dims 160-256 on the tensor_core forward: its GPU test, then E = 192, 256 timed with it off and on), efficient-fused (the fused tensor_core backward: its GPU tests, then bf16 L = 4096 timed with it off and on),
+# efficient-fp32-tc (fp32 on the tensor_core loops,
 # three TF32 products: its GPU tests, then the fp32 shape timed with KernelConfig.tensor_core_fp32 off and on), efficient-ncu (the tensor_core
 # backward's dq and dk/dv kernels under ncu, bf16 E = 128 L = 4096), decode-tests (the KV cache on the GPU), fidelity-tests (PyTorch's behaviours, non-finite
 # inputs, the flash-attention slot, Hugging Face models), fuzz (60 s of random cases against the
@@ -60,6 +61,9 @@ command_of() {  # the command of stage $1, into the array cmd
                             tests/test_nonfinite.py -k "float32 and tensor_core" \
                             && for c in 0 1; do python3 benchmarks/efficient_gpu.py --dtypes float32 --head-dims 64 128 \
                             --L 2048 --hidden 1024 --reps 5 --config tensor_core_fp32=$c | tail -n 6; done') ;;
+    efficient-fused) cmd=(bash -c 'python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_efficient_gpu.py -k fused \
+                          && for c in 0 1; do python3 benchmarks/efficient_gpu.py --L 4096 --reps 5 --dtypes bfloat16 \
+                          --config fused_backward=$c | tail -n 6; done') ;;
     efficient-fp32-tiles) cmd=(bash -c 'for c in "sub=4" "sub=8 threads=8" "sub=6 threads=8" "sub=4 threads=8"; do
                                python3 benchmarks/efficient_gpu.py --dtypes float32 --head-dims 64 --L 2048 --hidden 1024 \
                                  --reps 5 --config $c | tail -n 4; done') ;;

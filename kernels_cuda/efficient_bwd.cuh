@@ -12,6 +12,13 @@
 // dkdv: 64 keys (16 per warp), K as A fragments in registers and V in shared memory; per step of EFF_BLOCK_N
 //     (32; 16 for fp32 past head dim 64, to fit shared memory) queries of each query head of the GQA group S^T = K Q^T and dP^T = V dO^T, then dV += (P o Z)^T dO
 //     and dK += dS^T Q.
+// dkdv with EFF_FUSED (16-bit types): dQ too, so one kernel runs the five products FlashAttention-2's backward
+//     needs instead of seven: K also in shared memory (non-finite values zeroed, as for the dq kernel), each
+//     step's dS^T written there transposed, dQ += dS K over the block's 64 keys, and the step's rows added into
+//     an fp32 accumulator with atomics (vector reductions on sm_90). The order of those adds varies run to
+//     run: the non-deterministic backward, as PyTorch's EFFICIENT_ATTENTION and FLASH's default are; a
+//     pre-pass writes D and zeroes the accumulator, a post-pass scales and rounds it into dq
+//     (kernels_numba/dq_accumulate.py). 16 queries a step at head dim 128, to fit 48 KiB.
 // Only seen pairs carry weight: P and dS are selected (not multiplied) to 0 elsewhere. The operands of the
 // gradient products are cleaned so that 0 * NaN cannot leak: non-finite K values are zeroed for dQ (a query
 // that sees such a key has a non-finite dS anyway), and Q and dO rows that see no key (lse = -inf) are
@@ -35,6 +42,8 @@ struct BwdArgs : SliceArgs {  // bh: the dq slice's, or the dk/dv group's first 
   i64 dmask_rs, dmask_cs;
   i64 head_q, head_do, head_lse, head_delta, head_mask;  // dkdv: strides between the group's query heads
   i64 first;  // the block's first query row (dq) or key row (dkdv)
+  float* dq_accum;  // fused dkdv: the fp32 dQ accumulator, row stride dqa_rs, head stride head_dqa (elements)
+  i64 dqa_rs, head_dqa;
   int group;
   bool want_dk, want_dv;
 };
@@ -67,6 +76,26 @@ __device__ __forceinline__ void store_rows(Elem* dst, i64 rs, const float (&acc)
       const i64 col = d * 8 + 2 * t;
       Ops::store2(dst + row * rs + col, col, width, acc[d][2 * r] * scale, acc[d][2 * r + 1] * scale);
     }
+  }
+}
+
+// Zeroes the non-finite elements of a shared tile of ROWS rows, for the gradient product with it (dS K), where a
+// row that does not see key j meets k_j with weight 0 (0 * inf would be NaN).
+template <int HEAD_DIM, int ROWS>
+__device__ __forceinline__ void keep_finite(Elem* tile) {
+  constexpr int VEC = Ops::VEC, STRIDE = HEAD_DIM + VEC;
+  for (int c = threadIdx.x; c < ROWS * (HEAD_DIM / VEC); c += EFF_THREADS) {
+    uint4* at = reinterpret_cast<uint4*>(tile + (c / (HEAD_DIM / VEC)) * STRIDE + (c % (HEAD_DIM / VEC)) * VEC);
+    uint4 w = *at;
+    u32* h = reinterpret_cast<u32*>(&w);
+    bool changed = false;
+#pragma unroll
+    for (int x = 0; x < 4; ++x) {
+      const u32 kept = Ops::finite_part(h[x]);
+      changed |= kept != h[x];
+      h[x] = kept;
+    }
+    if (changed) *at = w;
   }
 }
 
@@ -147,19 +176,7 @@ __device__ void backward_dq(const BwdArgs& a) {
     // full tile every row sees every key: a non-finite k_j makes every row's dQ non-finite anyway.
     if (!full) {
       __syncthreads();  // every warp has read K for S
-      for (int c = threadIdx.x; c < BLOCK_N * (HEAD_DIM / VEC); c += EFF_THREADS) {
-        uint4* at = reinterpret_cast<uint4*>(k_tile + (c / (HEAD_DIM / VEC)) * STRIDE + (c % (HEAD_DIM / VEC)) * VEC);
-        uint4 w = *at;
-        u32* h = reinterpret_cast<u32*>(&w);
-        bool changed = false;
-#pragma unroll
-        for (int x = 0; x < 4; ++x) {
-          const u32 kept = Ops::finite_part(h[x]);
-          changed |= kept != h[x];
-          h[x] = kept;
-        }
-        if (changed) *at = w;
-      }
+      keep_finite<HEAD_DIM, BLOCK_N>(k_tile);
       __syncthreads();
     }
     Ops::product_pb<HEAD_DIM, NTILES>(acc, sf, k_tile, lane);
@@ -176,6 +193,14 @@ __device__ void backward_dkdv(const BwdArgs& a) {
   __shared__ __align__(16) Elem q_tile[BLOCK_M * STRIDE];
   __shared__ __align__(16) Elem do_tile[BLOCK_M * STRIDE];
   __shared__ float lse_tile[BLOCK_M], delta_tile[BLOCK_M];  // lse in the log2 domain
+#if EFF_FUSED
+  static_assert(EFF_ELEM == ELEM_F16 || EFF_ELEM == ELEM_BF16, "the fused dQ product is written for 16-bit types");
+  constexpr bool BF16 = EFF_ELEM == ELEM_BF16;
+  constexpr int DS_STRIDE = EFF_BLOCK_M + VEC;  // ds_tile: [query][key], 64 keys (+16 bytes: ldmatrix's rows
+                                                // fall on distinct banks)
+  __shared__ __align__(16) Elem k_tile[EFF_BLOCK_M * STRIDE];  // the block's K rows: dQ = dS K's B operand
+  __shared__ __align__(16) Elem ds_tile[BLOCK_M * DS_STRIDE];
+#endif
 
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, g = lane / 4, t = lane % 4;
   const i64 key0 = a.first + warp * 16 + g;  // this thread's keys: key0 and key0 + 8
@@ -184,7 +209,16 @@ __device__ void backward_dkdv(const BwdArgs& a) {
   Ops::load_a<HEAD_DIM>(kf, a.k, a.k_rs, key0, a.vis.S, a.E, t);
   stage_tile<Ops, HEAD_DIM, EFF_BLOCK_M>(v_tile, a.v, a.v_rs, a.first, a.vis.S, a.Ev,
                                          vectorizable<Ops>(a.v, a.v_rs, a.Ev));
+#if EFF_FUSED
+  stage_tile<Ops, HEAD_DIM, EFF_BLOCK_M>(k_tile, a.k, a.k_rs, a.first, a.vis.S, a.E,
+                                         vectorizable<Ops>(a.k, a.k_rs, a.E));
+#endif
   cp_async_commit();
+#if EFF_FUSED
+  cp_async_wait<0>();
+  __syncthreads();
+  keep_finite<HEAD_DIM, EFF_BLOCK_M>(k_tile);  // read only after the first step's barriers
+#endif
 
   float dk[HEAD_DIM / 8][4], dv[HEAD_DIM / 8][4];
 #pragma unroll
@@ -249,9 +283,55 @@ __device__ void backward_dkdv(const BwdArgs& a) {
         }
         Ops::set_operand(pf, nt, pz);
         Ops::set_operand(sf, nt, ds);
+#if EFF_FUSED
+        // dS^T's elements of this n8 tile (keys key0, key0 + 8; queries col, col + 1) into ds_tile[query][key],
+        // rounded as the products take them (set_operand's pairs)
+#pragma unroll
+        for (int x = 0; x < 4; ++x) {
+          const u32 pair = sf.r[nt][x / 2];
+          ds_tile[(nt * 8 + 2 * t + x % 2) * DS_STRIDE + warp * 16 + g + (x / 2) * 8] =
+              (u16)(x % 2 ? pair >> 16 : pair & 0xffffu);
+        }
+#endif
       }
       if (a.want_dv) Ops::product_pb<HEAD_DIM, QT>(dv, pf, do_tile, lane);
       if (a.want_dk) Ops::product_pb<HEAD_DIM, QT>(dk, sf, q_tile, lane);
+#if EFF_FUSED
+      __syncthreads();  // every warp's dS of the step is in ds_tile
+      {
+        // dQ rows of the step = dS (BLOCK_M x 64 keys) K (64 x HEAD_DIM): warp w takes 16 of the rows and a
+        // HEAD_DIM / PARTS-wide slice of the columns
+        constexpr int ROW_GROUPS = BLOCK_M / 16, PARTS = EFF_WARPS / ROW_GROUPS, COLS = HEAD_DIM / PARTS;
+        constexpr int DT = COLS / 8;
+        static_assert(DT % 2 == 0, "B fragments are read two n8 tiles at a time");
+        const int qr = (warp % ROW_GROUPS) * 16, c0 = (warp / ROW_GROUPS) * COLS;
+        float dq[DT][4];
+#pragma unroll
+        for (int d = 0; d < DT; ++d) dq[d][0] = dq[d][1] = dq[d][2] = dq[d][3] = 0.f;
+#pragma unroll
+        for (int ks = 0; ks < EFF_BLOCK_M / 16; ++ks) {
+          u32 af[4];
+          ldmatrix_x4(af, ds_tile + (qr + (lane / 8 % 2) * 8 + lane % 8) * DS_STRIDE + ks * 16 + (lane / 16) * 8);
+#pragma unroll
+          for (int d = 0; d < DT; d += 2) {
+            u32 b[4];
+            ldmatrix_x4_trans(b, k_tile + (ks * 16 + (lane / 8 % 2) * 8 + lane % 8) * STRIDE + c0 + d * 8 +
+                                     (lane / 16) * 8);
+            mma_16816<BF16>(dq[d], af, b[0], b[1]);
+            mma_16816<BF16>(dq[d + 1], af, b[2], b[3]);
+          }
+        }
+        float* dq_h = a.dq_accum + hh * a.head_dqa;
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+          const int row = qr + g + r * 8;
+          if (lse_tile[row] == -CUSDPA_INF) continue;  // past L, or sees no key: dS is 0
+          float* at = dq_h + (m0 + row) * a.dqa_rs + c0 + 2 * t;
+#pragma unroll
+          for (int d = 0; d < DT; ++d) red_add2(at + d * 8, dq[d][2 * r], dq[d][2 * r + 1]);
+        }
+      }
+#endif
       __syncthreads();  // every warp is done with this step's tiles before the next ones are staged
     }
   }
@@ -275,7 +355,8 @@ extern "C" __device__ int EFF_NAME(
     long long head_do, long long head_lse, long long head_delta, long long head_mask, long long first, long long L,
     long long S, long long E, long long Ev, long long shift, long long left, long long right, float scale,
     long long bh, long long group, long long want_dk, long long want_dv, long long seed_lo, long long seed_hi,
-    long long offset, long long threshold, float rescale) {
+    long long offset, long long threshold, float rescale, unsigned long long dq_accum, long long dqa_rs,
+    long long head_dqa) {
   using namespace efficient;
   BwdArgs a;
   a.q = (const Elem*)q;
@@ -305,6 +386,9 @@ extern "C" __device__ int EFF_NAME(
   a.head_delta = head_delta;
   a.head_mask = head_mask;
   a.first = first;
+  a.dq_accum = (float*)dq_accum;
+  a.dqa_rs = dqa_rs;
+  a.head_dqa = head_dqa;
   a.group = (int)group;
   a.want_dk = want_dk != 0;
   a.want_dv = want_dv != 0;

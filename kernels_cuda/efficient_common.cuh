@@ -93,6 +93,16 @@ __device__ __forceinline__ float masked_score(const Visibility<i64>& vis, const 
   return vis.visible(i, j) ? mask.apply(i, j, s) : -CUSDPA_INF;
 }
 
+// p[0] += x, p[1] += y in global memory, atomically (p 8-byte aligned): one vector reduction on sm_90.
+__device__ __forceinline__ void red_add2(float* p, float x, float y) {
+#if __CUDA_ARCH__ >= 900
+  asm volatile("red.global.add.v2.f32 [%0], {%1, %2};\n" ::"l"(p), "f"(x), "f"(y) : "memory");
+#else
+  atomicAdd(p, x);
+  atomicAdd(p + 1, y);
+#endif
+}
+
 // Stages rows [n0, n0 + ROWS) of a row-major operand (row r at src + r * rs, unit stride along the head dim)
 // into shared memory, row stride HEAD_DIM + Ops::VEC elements (the 16-byte pad spreads the rows of one
 // fragment load over all 32 banks); zeros past row n_end and past column width. vec: 16-byte copies

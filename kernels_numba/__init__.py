@@ -8,7 +8,8 @@ CUDA C tile loops (kernels_numba.tensor_core), or pure Numba kernels on the port
 (kernels_numba.gradients). Importing this package imports
 numba.cuda (not cusdpa, not interop).
 """
-from .attention import backward, forward, reasons, variant_for
+from .attention import backward, dq_accum_elements, forward, fuses, reasons, variant_for
 from .config import KernelConfig, configured, current
 
-__all__ = ["forward", "backward", "reasons", "variant_for", "KernelConfig", "configured", "current"]
+__all__ = ["forward", "backward", "reasons", "variant_for", "fuses", "dq_accum_elements", "KernelConfig", "configured",
+           "current"]

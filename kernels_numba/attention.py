@@ -167,6 +167,17 @@ def variant_for(pr, cfg) -> str:
     return "portable" if why else "tensor_core"
 
 
+def fuses(pr, cfg, deterministic: bool) -> bool:
+    """Whether a tensor_core backward of ``pr`` runs fused (dQ through an fp32 accumulator with atomics)."""
+    return cfg.fused_backward and not deterministic and layout.dtype_name(pr.dtype) in ("float16", "bfloat16")
+
+
+def dq_accum_elements(pr) -> int:
+    """fp32 elements of the fused backward's dQ accumulator: dq's rows at the padded head dim."""
+    rows = pr.q.shape[0] if pr.varlen is not None else math.prod(pr.batch_shape) * pr.L
+    return rows * pr.hq * tensor_core.head_dim_for(pr.E, pr.Ev)
+
+
 def forward(pr, out=None, lse=None, config=None):
     """(out, lse) of ``pr``; out has pr.out_shape and the input dtype, lse is float32 pr.lse_shape."""
     cfg = config or config_module.current()
@@ -197,12 +208,15 @@ def forward(pr, out=None, lse=None, config=None):
     return _deliver(xp, (out_t, lse_t), None if out is None else (out, lse))
 
 
-def backward(pr, out, lse, dout, grads=None, config=None, delta=None):
-    """(dq, dk, dv[, dmask]) for output gradient ``dout``; deterministic (no atomics) by construction.
+def backward(pr, out, lse, dout, grads=None, config=None, delta=None, deterministic=False, dq_accum=None):
+    """(dq, dk, dv[, dmask]) for output gradient ``dout``.
 
     A float mask's gradient is computed when ``grads`` is None or holds a fourth array for it (the torch op
     passes three when the mask requires no gradient). ``delta``: a float32 array shaped like lse for the
-    kernels' per-row D (allocated when None; a plan passes its own).
+    kernels' per-row D (allocated when None; a plan passes its own). Bit-identical run to run (no atomics)
+    except with KernelConfig.fused_backward and not ``deterministic``, where the tensor_core backward for 16-bit
+    types adds dQ into an fp32 accumulator with atomics: ``dq_accum``, a float32 array of at least
+    ``dq_accum_elements(pr)`` elements (allocated when None; a plan passes its own workspace).
 
     The tensor_core variant runs where its forward does, up to its backward's head dims
     (tensor_core.backward_head_dim), and q, k and v are not broadcast over batch dims. delta is rowsum(dout * out), as FlashAttention takes it, except where a broadcast float mask's
@@ -265,8 +279,13 @@ def backward(pr, out, lse, dout, grads=None, config=None, delta=None):
     if delta_from_out and reps_q == reps_k == reps_v == 1 and variant_for(pr, cfg) == "tensor_core" and \
             max(pr.E, pr.Ev) <= tensor_core.backward_head_dim(pr) and \
             all(x.strides[-1] == x.itemsize for x in (dout_v, out_v)):
+        accum = None
+        if fuses(pr, cfg, deterministic) and not want_dmask:
+            shape = dq_v.shape[:-1] + (tensor_core.head_dim_for(pr.E, pr.Ev),)
+            accum = (xp.empty(shape, np.float32) if dq_accum is None else
+                     dq_accum[:math.prod(shape)].reshape(shape))
         tensor_core.backward(pr, views, (dout_v, out_v, lse_v, delta_v, dq_v, dk_v, dv_v),
-                             dmask_v if dmask_direct else None, device, structure, cfg.tensor_core_registers)
+                             dmask_v if dmask_direct else None, device, structure, cfg.tensor_core_registers, accum)
         return _deliver(xp, targets, grads)
     dq_spec, dkdv_spec = _blocked_spec(pr, cfg, False), _blocked_spec(pr, cfg, True)
     threads = cfg.threads ** 2

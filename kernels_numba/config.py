@@ -44,6 +44,10 @@ class KernelConfig:
     tensor_core_fp32: fp32 inputs take the tensor_core loops too (TF32 tensor cores, each product as three of
       split operands: fp32's accuracy, as PyTorch's EFFICIENT_ATTENTION runs fp32; head dims <= 128 forward,
       <= 96 backward); off: fp32 runs on the portable kernels' FMAs. Off until it has run on a GPU.
+    fused_backward: the tensor_core backward of 16-bit types in one kernel per key block (five tile products
+      instead of the two kernels' seven), dQ added into an fp32 accumulator with atomics, so its bits vary run
+      to run, as PyTorch's EFFICIENT_ATTENTION backward's do; a backward asked to be deterministic keeps the
+      two kernels. Off until it has run on a GPU.
     prepared_launches: a call whose argument signature was seen launches each kernel through
       ``cuLaunchKernel`` with its arguments flattened (kernels_numba.launcher), not through Numba's
       dispatcher (on the H200, tests/test_efficient_gpu.py -k prepared; off: Numba's path for every call).
@@ -61,6 +65,7 @@ class KernelConfig:
     tensor_core_blocks: int = 3
     tensor_core_head_dim: int = 128
     tensor_core_fp32: bool = False
+    fused_backward: bool = False
 
     @property
     def tensor_core_registers(self) -> int:

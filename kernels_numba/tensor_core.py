@@ -21,7 +21,7 @@ from numba import cuda
 
 import kernels_cuda
 
-from . import device, launcher, layout
+from . import device, dq_accumulate, launcher, layout
 from .device import SIMULATOR
 from .layout import cdiv
 
@@ -36,8 +36,8 @@ MASK_KINDS = {"bool": 1, "float16": 2, "bfloat16": 3, "float32": 4, "float64": 5
 # The C entry's parameters (efficient_fwd.cuh, EFF_NAME): pointers travel as int64 addresses.
 _ARGS = ", ".join(["int64"] * 21 + ["float32"] + ["int64"] * 5 + ["float32"])
 
-# The backward's C entries (efficient_bwd.cuh, EFF_NAME): 47 parameters, pointers as int64 addresses.
-_BWD_ARGS = ", ".join(["int64"] * 37 + ["float32"] + ["int64"] * 8 + ["float32"])
+# The backward's C entries (efficient_bwd.cuh, EFF_NAME): 50 parameters, pointers as int64 addresses.
+_BWD_ARGS = ", ".join(["int64"] * 37 + ["float32"] + ["int64"] * 8 + ["float32"] + ["int64"] * 3)
 BWD_BLOCK_N = 64  # keys per dk/dv block (efficient_bwd.cuh: EFF_BLOCK_M, 16 per warp)
 
 
@@ -69,10 +69,11 @@ def dq_block_n(head_dim: int, elem: str = "float16") -> int:
     return 64 if head_dim <= 64 and not _wide(elem) else 32
 
 
-def dkdv_block_m(head_dim: int, elem: str = "float16") -> int:
+def dkdv_block_m(head_dim: int, elem: str = "float16", fused: bool = False) -> int:
     """Queries per step of the dk/dv kernel: 32; 16 for fp32 past head dim 64, whose Q and dO tiles would not
-    fit beside the block's 64 V rows."""
-    return 16 if _wide(elem) and head_dim > 64 else 32
+    fit beside the block's 64 V rows, and for the fused kernel at head dim 128 (its K rows and dS tile too:
+    46 KiB)."""
+    return 16 if (_wide(elem) and head_dim > 64) or (fused and head_dim > 96) else 32
 
 
 def registers_for(head_dim: int, elem: str, cap: int) -> int:
@@ -124,19 +125,21 @@ def head_dim_for(E: int, Ev: int) -> int:
 
 
 def tile_loop_source(head_dim: int, elem: str, kind: str, dropout: bool, mask_kind: int) -> tuple[str, str]:
-    """(C entry name, CUDA source) of one tile loop: ``kind`` "forward", "dq" or "dkdv", for a padded head
-    dim of HEAD_DIMS and an element family of ELEMS, with dropout or not and a mask of kind ``mask_kind``
-    (MASK_KINDS' numbers, 0: none) compiled in; tests/test_flash.py compiles them with NVRTC on the CPU."""
+    """(C entry name, CUDA source) of one tile loop: ``kind`` "forward", "dq", "dkdv" or "fused" (dk/dv with dQ
+    added into an fp32 accumulator, 16-bit types), for a padded head dim of HEAD_DIMS and an element family of
+    ELEMS, with dropout or not and a mask of kind ``mask_kind`` (MASK_KINDS' numbers, 0: none) compiled in;
+    tests/test_flash.py compiles them with NVRTC on the CPU."""
     short = {"float16": "f16", "bfloat16": "bf16", "float32": "f32", "tf32": "tf32"}[elem]
     name = f"efficient_{kind}_{short}_d{head_dim}{'_dropout' if dropout else ''}_mask{mask_kind}"
     block_n = {"forward": forward_block_n(head_dim, elem), "dq": dq_block_n(head_dim, elem),
-               "dkdv": dkdv_block_m(head_dim, elem)}[kind]
+               "dkdv": dkdv_block_m(head_dim, elem), "fused": dkdv_block_m(head_dim, elem, True)}[kind]
     defines = (f"#define EFF_NAME {name}\n#define EFF_HEAD_DIM {head_dim}\n#define EFF_BLOCK_N {block_n}\n"
                f"#define EFF_ELEM {ELEMS[elem]}\n#define EFF_DROPOUT {int(dropout)}\n"
                f"#define EFF_MASK_KIND {mask_kind}\n")
     if kind == "forward":
         return name, defines + kernels_cuda.source("efficient_fwd.cuh")
-    return name, defines + f"#define EFF_DQ {int(kind == 'dq')}\n" + kernels_cuda.source("efficient_bwd.cuh")
+    return name, (defines + f"#define EFF_DQ {int(kind == 'dq')}\n#define EFF_FUSED {int(kind == 'fused')}\n" +
+                  kernels_cuda.source("efficient_bwd.cuh"))
 
 
 @functools.cache
@@ -263,21 +266,22 @@ def _dq_kernel(head_dim: int, elem: str, dropout: bool, mask_kind: int, register
         tile_loop(q_at, qs[4], k_at, ks[4], v_at, vs[4], do_at, dos[4], out_at, os_[4], lse_at, ls[4], delta_at,
                   dls[4], dq_at, dqs[4], 0, 0, dmask_at, dms[4], dms[5], mask_at, ms[4], ms[5], 0, 0, 0, 0, 0,
                   m_first, L_b, S_b, E, Ev, shift, left, right, np.float32(scale), bh, 1, 1, 1, seed_lo,
-                  seed_hi, offset, threshold, np.float32(rescale))
+                  seed_hi, offset, threshold, np.float32(rescale), 0, 0, 0)
 
     return attention_dq_tc
 
 
 @functools.cache
-def _dkdv_kernel(head_dim: int, elem: str, dropout: bool, mask_kind: int, registers: int):
-    tile_loop = _tile_loop(head_dim, elem, "dkdv", dropout, mask_kind)
+def _dkdv_kernel(head_dim: int, elem: str, dropout: bool, mask_kind: int, registers: int, fused: bool):
+    tile_loop = _tile_loop(head_dim, elem, "fused" if fused else "dkdv", dropout, mask_kind)
     size = 4 if _wide(elem) else 2
 
     @cuda.jit(max_registers=registers)
-    def attention_dkdv_tc(q, qs, k, ks, v, vs, dout, dos, lse, ls, delta, dls, dk, dks, dv, dvs, mask, ms,
+    def attention_dkdv_tc(q, qs, k, ks, v, vs, dout, dos, lse, ls, delta, dls, dk, dks, dv, dvs, mask, ms, dqa, dqas,
                           cu_q, cu_k, varlen, nb1, nb2, hq, hkv, group, L, S, E, Ev, scale, lower_right, left, right,
                           seed_lo, seed_hi, offset, threshold, rescale):
-        """One block per (batch, kv head, 64 keys), over the query heads of its GQA group."""
+        """One block per (batch, kv head, 64 keys), over the query heads of its GQA group; fused: dQ added into
+        the fp32 accumulator at dqa (element strides dqas) too."""
         hk = cuda.blockIdx.x % hkv
         flat = cuda.blockIdx.x // hkv
         n_first = cuda.blockIdx.y * BWD_BLOCK_N
@@ -290,20 +294,25 @@ def _dkdv_kernel(head_dim: int, elem: str, dropout: bool, mask_kind: int, regist
         k_at, v_at = _at(k, size, ks, b0, b1, b2, hk, k0), _at(v, size, vs, b0, b1, b2, hk, k0)
         dk_at, dv_at = _at(dk, size, dks, b0, b1, b2, hk, k0), _at(dv, size, dvs, b0, b1, b2, hk, k0)
         mask_at = _at(mask, ms[6], ms, b0, b1, b2, h0, 0)
+        dqa_at = _at(dqa, 4, dqas, b0, b1, b2, h0, q0)
         shift = S_b - L_b if lower_right else 0
         tile_loop(q_at, qs[4], k_at, ks[4], v_at, vs[4], do_at, dos[4], 0, 0, lse_at, ls[4], delta_at, dls[4], dk_at,
                   dks[4], dv_at, dvs[4], 0, 0, 0, mask_at, ms[4], ms[5], qs[3], dos[3], ls[3], dls[3], ms[3],
                   n_first, L_b, S_b, E, Ev, shift, left, right, np.float32(scale), flat * hq + h0, group,
-                  1, 1, seed_lo, seed_hi, offset, threshold, np.float32(rescale))
+                  1, 1, seed_lo, seed_hi, offset, threshold, np.float32(rescale), dqa_at, dqas[4], dqas[3])
 
     return attention_dkdv_tc
 
 
-def backward(pr, views, arrays, dmask_v, device, structure, registers: int):
+def backward(pr, views, arrays, dmask_v, device, structure, registers: int, dq_accum=None):
     """Launch the tensor_core backward: ``arrays`` are the 6-D (5-D for lse and delta) views dout, out, lse,
     delta, dq, dk, dv, with one own batch element per problem batch element (attention.backward checks);
     dmask_v the float mask's gradient where each element belongs to one score, else None. D goes into
-    delta for the dmask kernel too."""
+    delta for the dmask kernel too.
+
+    With ``dq_accum`` (a 6-D fp32 view shaped like dq with the padded head dim, 16-bit types, no dmask_v): the
+    fused kernel, between a pre-pass (D, the accumulator zeroed) and a post-pass (dq from it); else the dq
+    kernel, then the dk/dv kernel."""
     _, _, left, right, seed_lo, seed_hi, offset, threshold, rescale = structure
     head_dim, elem = head_dim_for(pr.E, pr.Ev), elem_of(pr)
     instance = (head_dim, elem, pr.dropout_p > 0, mask_kind_of(pr), registers_for(head_dim, elem, registers))
@@ -316,11 +325,24 @@ def backward(pr, views, arrays, dmask_v, device, structure, registers: int):
         dmask, dms = _address_and_strides(dmask_v)
         dms = dms + (dmask_v.itemsize,)
     varlen = pr.varlen is not None
-    common = (mask, ms, views.cu_q, views.cu_k, varlen, views.nb1, views.nb2)
+    common = (views.cu_q, views.cu_k, varlen, views.nb1, views.nb2)
     tail = (pr.L, pr.S, pr.E, pr.Ev, pr.scale, pr.lower_right, left, right, seed_lo, seed_hi, offset, threshold, rescale)
-    launcher.launch(_dq_kernel(*instance), (views.n_batch * pr.hq, cdiv(pr.L, BLOCK_M)), THREADS, device,
-                    (q, qs[:5], k, ks[:5], v, vs[:5], dout, dos[:5], out, os_[:5], lse, ls, delta, dls, dq, dqs[:5],
-                     dmask, dms, *common, pr.hq, pr.group, *tail))
-    launcher.launch(_dkdv_kernel(*instance), (views.n_batch * pr.hkv, cdiv(pr.S, BWD_BLOCK_N)), THREADS, device,
-                    (q, qs[:5], k, ks[:5], v, vs[:5], dout, dos[:5], lse, ls, delta, dls, dk, dks[:5], dv, dvs[:5],
-                     *common, pr.hq, pr.hkv, pr.group, *tail))
+    fused = dq_accum is not None
+    if fused:
+        bf16 = elem == "bfloat16"
+        dout_v, out_v, _, delta_v, dq_v = arrays[:5]
+        blocks = cdiv(dq_accumulate.rows(dq_accum), dq_accumulate.THREADS)
+        launcher.launch(dq_accumulate.prepare_kernel(bf16), blocks, dq_accumulate.THREADS, device,
+                        (layout.bits(out_v), layout.bits(dout_v), delta_v, dq_accum))
+        dqa, dqas = _address_and_strides(dq_accum)
+    else:
+        launcher.launch(_dq_kernel(*instance), (views.n_batch * pr.hq, cdiv(pr.L, BLOCK_M)), THREADS, device,
+                        (q, qs[:5], k, ks[:5], v, vs[:5], dout, dos[:5], out, os_[:5], lse, ls, delta, dls, dq,
+                         dqs[:5], dmask, dms, mask, ms, *common, pr.hq, pr.group, *tail))
+        dqa, dqas = 0, (0,) * 5
+    launcher.launch(_dkdv_kernel(*instance, fused), (views.n_batch * pr.hkv, cdiv(pr.S, BWD_BLOCK_N)), THREADS,
+                    device, (q, qs[:5], k, ks[:5], v, vs[:5], dout, dos[:5], lse, ls, delta, dls, dk, dks[:5], dv,
+                             dvs[:5], mask, ms, dqa, dqas[:5], *common, pr.hq, pr.hkv, pr.group, *tail))
+    if fused:
+        launcher.launch(dq_accumulate.convert_kernel(bf16), blocks, dq_accumulate.THREADS, device,
+                        (dq_accum, layout.bits(dq_v), pr.scale))

@@ -324,3 +324,50 @@ def test_wide_heads_on_the_tensor_core_forward(gpu, rng, dtype, monkeypatch):
         failures += [f"{case}: {m}" for m in _failures(gpu, pr, rng, "tensor_core", tensor_core_head_dim=256)]
     assert not failures, "\n".join(failures)
     assert len(forwards) >= len(cases) and len(portable) >= len(cases)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_fused_backward(gpu, rng, dtype, monkeypatch):
+    """KernelConfig.fused_backward: one kernel per key block, dQ through the fp32 accumulator with atomics,
+    judged as the two-kernel backward is, at every head dim it takes, with causal both ways, a window, GQA,
+    dropout, a bool mask and varlen; a float mask's gradient keeps the dq kernel."""
+    from kernels_numba import dq_accumulate
+
+    converts = []
+    real = dq_accumulate.convert_kernel
+    monkeypatch.setattr(dq_accumulate, "convert_kernel", lambda bf16: converts.append(1) or real(bf16))
+    cases = [Case(dtype, batch=(2,), hq=4, hkv=2, L=97, S=130, E=E, causal="upper_left") for E in (32, 64, 96, 128)]
+    cases += [Case(dtype, batch=(1, 2), hq=6, hkv=2, L=200, S=70, E=72, Ev=64, causal="lower_right"),
+              Case(dtype, batch=(2,), hq=2, hkv=1, L=150, S=150, E=64, window=(40, 7), dropout_p=0.2),
+              Case(dtype, batch=(2,), hq=4, hkv=4, L=130, S=97, E=128, mask="bool"),
+              Case(dtype, hq=4, hkv=2, E=64, varlen=((70, 64), (0, 9), (129, 200), (5, 0)), causal="lower_right")]
+    failures = []
+    for case in cases:
+        failures += [f"{case}: {m}" for m in _failures(gpu, harness.build(case, gpu[0], rng), rng, "tensor_core",
+                                                      fused_backward=True)]
+    assert not failures, "\n".join(failures)
+    assert len(converts) >= len(cases)  # every case's backward ran fused
+
+
+def test_fused_backward_plan_replays(gpu, rng, monkeypatch):
+    """A repeated cusdpa.attention_vjp with the fused backward replays a plan whose workspace is the dQ
+    accumulator; its gradients agree with the general path's (up to the atomics' order of adds)."""
+    cp, _, kn = gpu
+    import cusdpa
+    from cusdpa.backends import plans
+
+    q, k, v, dout = (cp.asarray(harness.draw(rng, (2, 4, 150, 64), "bfloat16")) for _ in range(4))
+    plans._plans.clear()
+    runs = []
+    with kn.configured(kn.KernelConfig(fused_backward=True)), cusdpa.sdpa_kernel([cusdpa.Backend.EFFICIENT]):
+        for _ in range(3):
+            out, vjp = cusdpa.attention_vjp(q, k, v, is_causal=True)
+            runs.append(vjp(dout))
+        (plan,) = plans._plans.values()
+        assert plan is not None and plan.backward and plan.dq_accum_elements == 2 * 4 * 150 * 64
+        monkeypatch.setattr(plans, "lookup", lambda signature, make: None)
+        out, vjp = cusdpa.attention_vjp(q, k, v, is_causal=True)
+        want = vjp(dout)
+    for grads in runs:
+        for got, ref in zip(grads, want):
+            assert cp.allclose(got.astype(cp.float32), ref.astype(cp.float32), rtol=2e-2, atol=2e-3)

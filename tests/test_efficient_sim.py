@@ -261,6 +261,46 @@ def case_tiles_of_three_rows_a_thread(rng):
 
 
 @case
+def case_fused_backward_passes(rng):
+    """The passes around the fused tensor_core backward (kernels_numba.dq_accumulate), on 6-D views with a padded
+    accumulator: D = rowsum(dout * out) in fp32 and the accumulator zeroed before; dq = scale * accumulator
+    rounded to fp16 or to bf16's bits (round to nearest even) after."""
+    from kernels_numba import dq_accumulate
+
+    shape, failures = (2, 1, 1, 3, 5, 7), []
+    rows = dq_accumulate.rows(np.empty(shape))
+    blocks = -(-rows // dq_accumulate.THREADS)
+    for bf16 in (False, True):
+        out32, dout32 = (rng.standard_normal(shape).astype(np.float32) for _ in range(2))
+        if bf16:  # bf16 values and their bits
+            out32, dout32 = ((x.view(np.uint32) & 0xFFFF0000).view(np.float32) for x in (out32, dout32))
+            out, dout = ((x.view(np.uint32) >> 16).astype(np.uint16) for x in (out32, dout32))
+        else:
+            out, dout = out32.astype(np.float16), dout32.astype(np.float16)
+            out32, dout32 = out.astype(np.float32), dout.astype(np.float32)
+        delta = np.full(shape[:5], np.nan, np.float32)
+        accum = np.full(shape[:5] + (32,), np.nan, np.float32)
+        dq_accumulate.prepare_kernel(bf16)[blocks, dq_accumulate.THREADS](out, dout, delta, accum)
+        want = (out32.astype(np.float64) * dout32).sum(-1)
+        if not np.allclose(delta, want, rtol=1e-5, atol=1e-6):
+            failures.append(f"bf16={bf16}: D off by {np.nanmax(np.abs(delta - want)):.3g}")
+        if np.any(accum != 0):
+            failures.append(f"bf16={bf16}: the accumulator was not zeroed")
+        accum[...] = rng.standard_normal(accum.shape)
+        dq = np.zeros(shape, np.uint16 if bf16 else np.float16)
+        dq_accumulate.convert_kernel(bf16)[blocks, dq_accumulate.THREADS](accum, dq, 0.125)
+        scaled = accum[..., :7] * np.float32(0.125)
+        if bf16:
+            bits = scaled.view(np.uint32).astype(np.uint64)
+            expect = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
+        else:
+            expect = scaled.astype(np.float16)
+        if not np.array_equal(dq, expect):
+            failures.append(f"bf16={bf16}: dq differs from scale * accumulator at {np.argwhere(dq != expect)[:3]}")
+    return failures
+
+
+@case
 def case_rows_seeing_one_key_have_no_score_gradient(rng):
     """With one visible key a row's softmax is constant, so dq and dk are exactly 0, as autograd's softmax
     gives; delta from the output must then equal dP bit for bit (summed in dP's order), or rounding noise
@@ -330,30 +370,21 @@ def test_numpy_arrays_need_the_simulator_and_an_explicit_choice(rng):
     assert any("NUMBA_ENABLE_CUDASIM=1" in r for r in reasons), reasons
 
 
-@pytest.mark.parametrize("shapes, mask_shape, dtype, expect", [
-    (((2, 4, 9, 8), (2, 2, 11, 8)), None, np.float16, "tensor_core"),
-    (((2, 4, 9, 8), (2, 2, 11, 8)), (2, 4, 9, 11), np.float16, "tensor_core"),  # dmask: one element a score
-    (((1, 4, 9, 8), (2, 2, 11, 8)), None, np.float16, "portable from out"),  # dq sums over two batch elements
-    (((2, 4, 9, 8), (2, 2, 11, 8)), (9, 1), np.float16, "portable from P dP"),  # a broadcast float mask's gradient
-    (((2, 4, 9, 160), (2, 2, 11, 160)), None, np.float16, "portable from out"),  # past the backward's head dims
-    (((2, 4, 9, 96), (2, 2, 11, 96)), None, np.float32, "tensor_core"),  # fp32's widest
-    (((2, 4, 9, 128), (2, 2, 11, 128)), None, np.float32, "portable from out"),  # past fp32's (shared memory)
-])
-def test_backward_routes_to_the_variant_and_delta_that_serve_it(shapes, mask_shape, dtype, expect, monkeypatch, rng):
-    """Where the backward goes with the tensor_core variant chosen, without a GPU (launches recorded, not
-    issued): its own kernels where they apply; else the portable ones, with delta = rowsum(dout * out)
-    unless a broadcast float mask's gradient needs it summed from P and dP."""
+def _route(monkeypatch, rng, shapes, mask_shape, dtype, fused=False, deterministic=False):
+    """Where attention.backward sends a problem with the tensor_core variant chosen, without a GPU (launches
+    recorded, not issued): "tensor_core" (" fused" with a dQ accumulator), or the portable dq kernel's delta."""
     from cusdpa import environment
 
     if environment.simulator_enabled():
         pytest.skip("this pytest process runs with NUMBA_ENABLE_CUDASIM=1")
-    from kernels_numba import attention, gradients, layout, tensor_core
+    from kernels_numba import KernelConfig, attention, configured, gradients, layout, tensor_core
 
     routes = []
     monkeypatch.setattr(layout, "device_of", lambda x: 0)
     monkeypatch.setattr(attention, "variant_for", lambda pr, cfg: "tensor_core")
     monkeypatch.setattr(attention.launcher, "launch", lambda *a: None)
-    monkeypatch.setattr(tensor_core, "backward", lambda *a: routes.append("tensor_core"))
+    monkeypatch.setattr(tensor_core, "backward", lambda *a: routes.append(
+        "tensor_core" + (" fused" if a[7] is not None else "")))
     real = gradients.dq_kernel
     monkeypatch.setattr(gradients, "dq_kernel", lambda spec, direct, from_out: routes.append(
         "portable from out" if from_out else "portable from P dP") or real(spec, direct, from_out))
@@ -364,8 +395,36 @@ def test_backward_routes_to_the_variant_and_delta_that_serve_it(shapes, mask_sha
     pr = problem.from_dense(q, k, v, mask, problem.Options(enable_gqa=True))
     out = np.zeros(pr.out_shape, dtype)
     lse = np.zeros(pr.lse_shape, np.float32)
-    attention.backward(pr, out, lse, out)
-    assert routes == [expect]
+    with configured(KernelConfig(fused_backward=fused)):
+        attention.backward(pr, out, lse, out, deterministic=deterministic)
+    return routes
+
+
+@pytest.mark.parametrize("shapes, mask_shape, dtype, expect", [
+    (((2, 4, 9, 8), (2, 2, 11, 8)), None, np.float16, "tensor_core"),
+    (((2, 4, 9, 8), (2, 2, 11, 8)), (2, 4, 9, 11), np.float16, "tensor_core"),  # dmask: one element a score
+    (((1, 4, 9, 8), (2, 2, 11, 8)), None, np.float16, "portable from out"),  # dq sums over two batch elements
+    (((2, 4, 9, 8), (2, 2, 11, 8)), (9, 1), np.float16, "portable from P dP"),  # a broadcast float mask's gradient
+    (((2, 4, 9, 160), (2, 2, 11, 160)), None, np.float16, "portable from out"),  # past the backward's head dims
+    (((2, 4, 9, 96), (2, 2, 11, 96)), None, np.float32, "tensor_core"),  # fp32's widest
+    (((2, 4, 9, 128), (2, 2, 11, 128)), None, np.float32, "portable from out"),  # past fp32's (shared memory)
+])
+def test_backward_routes_to_the_variant_and_delta_that_serve_it(shapes, mask_shape, dtype, expect, monkeypatch, rng):
+    """Its own kernels where they apply; else the portable ones, with delta = rowsum(dout * out) unless a
+    broadcast float mask's gradient needs it summed from P and dP."""
+    assert _route(monkeypatch, rng, shapes, mask_shape, dtype) == [expect]
+
+
+@pytest.mark.parametrize("mask_shape, dtype, deterministic, expect", [
+    (None, np.float16, False, "tensor_core fused"),
+    (None, np.float16, True, "tensor_core"),  # atomics vary the bits run to run
+    (None, np.float32, False, "tensor_core"),  # the fused loop is written for 16-bit types
+    ((2, 4, 9, 11), np.float16, False, "tensor_core"),  # the dq kernel writes a float mask's gradient
+])
+def test_fused_backward_only_where_asked_and_nondeterminism_allowed(mask_shape, dtype, deterministic, expect,
+                                                                     monkeypatch, rng):
+    shapes = ((2, 4, 9, 8), (2, 2, 11, 8))
+    assert _route(monkeypatch, rng, shapes, mask_shape, dtype, fused=True, deterministic=deterministic) == [expect]
 
 
 def _output_layouts(B, H, L, E):

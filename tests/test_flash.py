@@ -110,7 +110,7 @@ def test_every_kernel_configuration_compiles_with_nvrtc():
 def test_efficient_tile_loops_compile_with_nvrtc():
     """The EFFICIENT backend's linked CUDA C (kernels_cuda/efficient_*.cuh) compiles as Numba compiles it (NVRTC, no
     headers, relocatable device code): forward, dq and dk/dv at each of their padded head dims and element family, and
-    with dropout and each mask kind compiled in at one of them."""
+    with dropout and each mask kind compiled in at one of them; the fused dk/dv + dQ loop likewise for 16-bit types."""
     pytest.importorskip("cuda.bindings.nvrtc")
     from kernels_numba import tensor_core
 
@@ -123,8 +123,11 @@ def test_efficient_tile_loops_compile_with_nvrtc():
     kinds = ("forward", "dq", "dkdv")
     jobs = [(head_dim, elem, kind, False, 0)
             for kind in kinds for elem in tensor_core.ELEMS for head_dim in head_dims(kind, elem)]
+    jobs += [(head_dim, elem, "fused", False, 0) for elem in ("float16", "bfloat16")
+             for head_dim in head_dims("fused", elem)]
     jobs += [(64, elem, kind, True, mask) for kind in kinds for elem in ("bfloat16", "float32")
              for mask in range(len(tensor_core.MASK_KINDS) + 1)]
+    jobs += [(64, "float16", "fused", True, mask) for mask in range(len(tensor_core.MASK_KINDS) + 1)]
     errors = []
     for job in jobs:
         name, source = tensor_core.tile_loop_source(*job)

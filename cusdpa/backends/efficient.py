@@ -51,10 +51,10 @@ def _forward(pr, out=None, lse=None):
 
 
 def _backward(pr, out, lse, dout, deterministic=False, grads=None):
-    # No atomics anywhere in the backward: every run gives the same bits, deterministic or not.
+    # Atomics only in the fused backward (KernelConfig.fused_backward), which ``deterministic`` turns down.
     import kernels_numba
 
-    return kernels_numba.backward(pr, out, lse, dout, grads)
+    return kernels_numba.backward(pr, out, lse, dout, grads, deterministic=deterministic)
 
 
 IMPL = Implementation(backend=Backend.EFFICIENT, capabilities=CAPABILITIES, environment_reasons=_environment_reasons,
@@ -66,20 +66,22 @@ IMPL = Implementation(backend=Backend.EFFICIENT, capabilities=CAPABILITIES, envi
 # real address is: an int64); and their dropout seeds, every word distinct.
 _SPACING, _SECOND = 1 << 40, 1 << 36
 _SEEDS = (0x9E3779B97F4A7C15 >> 1, 0xD1B54A32D192ED03 >> 1)
-_OPERANDS = ("q", "k", "v", "mask", "o", "lse", "do", "delta", "dq", "dk", "dv")
+_OPERANDS = ("q", "k", "v", "mask", "o", "lse", "do", "delta", "dq", "dk", "dv", "dq_accum")
 
 
 class _Allocates(Exception):
     """The recorded kernels asked for memory the call itself would allocate."""
 
 
-def plan(pr, out_strides: tuple, backward: bool, dout_strides: tuple | None = None, addresses: dict | None = None):
+def plan(pr, out_strides: tuple, backward: bool, dout_strides: tuple | None = None, addresses: dict | None = None,
+         deterministic: bool = False):
     """The Plan of a dense problem EFFICIENT runs, found by recording its launches (kernels_numba's
     ``launcher.recording``) twice, on stand-in arrays of the problem's shapes, strides and dtypes at two sets
     of made-up addresses with two dropout seeds: a parameter cell that differs between the recordings and
     holds the same operand's address (or seed word) in both becomes that operand's slot; a cell equal in both
     is a constant. Out is laid out with ``out_strides``, dout with ``dout_strides`` (default: as out); delta,
-    dq, dk and dv are contiguous (plans.Plan).
+    dq, dk and dv are contiguous, and the fused backward's dQ accumulator (unless ``deterministic``) is the
+    plan's workspace (plans.Plan).
 
     None where a recorded cell differs but holds no operand (an address inside one: a copy or an offset view),
     where Numba's own path must launch a kernel, for varlen or empty problems, or operands not read in place at
@@ -100,10 +102,14 @@ def plan(pr, out_strides: tuple, backward: bool, dout_strides: tuple | None = No
     itemsize = pr.dtype.itemsize
     shapes = {"o": (pr.out_shape, tuple(s * itemsize for s in out_strides), pr.dtype),
               "lse": (pr.lse_shape, None, "float32"), "delta": (pr.lse_shape, None, "float32")}
+    accum = 0
     if backward:
         dout = out_strides if dout_strides is None else dout_strides
         shapes["do"] = (pr.out_shape, tuple(s * itemsize for s in dout), pr.dtype)
         shapes.update({g: (x.shape, None, pr.dtype) for g, x in (("dq", pr.q), ("dk", pr.k), ("dv", pr.v))})
+        if kernels_numba.fuses(pr, kernels_numba.current(), deterministic):
+            accum = kernels_numba.dq_accum_elements(pr)
+            shapes["dq_accum"] = ((accum,), None, "float32")
     for name, x in operands.items():
         shapes[name] = (x.shape, x.strides, x.dtype)
     device = pr.q.device.id
@@ -120,7 +126,8 @@ def plan(pr, out_strides: tuple, backward: bool, dout_strides: tuple | None = No
                 n_forward = len(recorded)
                 if backward:
                     kernels_numba.backward(stand_in, fake["o"], fake["lse"], fake["do"],
-                                           (fake["dq"], fake["dk"], fake["dv"]), delta=fake["delta"])
+                                           (fake["dq"], fake["dk"], fake["dv"]), delta=fake["delta"],
+                                           deterministic=deterministic, dq_accum=fake.get("dq_accum"))
         except _Allocates:
             return plans.NOT_YET
         except Exception:  # noqa: BLE001 -- a plan only saves host time: whatever the recording meets, the
@@ -136,7 +143,7 @@ def plan(pr, out_strides: tuple, backward: bool, dout_strides: tuple | None = No
     if launches is None:
         return None
     return plans.Plan(device, pr.out_shape, tuple(out_strides), pr.lse_shape, tuple(launches[:n_forward]),
-                      tuple(launches[n_forward:]), Backend.EFFICIENT.value)
+                      tuple(launches[n_forward:]), Backend.EFFICIENT.value, dq_accum_elements=accum)
 
 
 def _slotted(first: list, second: list, first_values: dict, second_values: dict) -> list | None:

@@ -129,5 +129,5 @@ def build(pr, backend: Backend, out_strides: tuple, backward: bool, dout_strides
     if backend is Backend.EFFICIENT:
         from . import efficient
 
-        return efficient.plan(pr, out_strides, backward, dout_strides, addresses)
+        return efficient.plan(pr, out_strides, backward, dout_strides, addresses, deterministic)
     return None
