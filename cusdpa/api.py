@@ -43,7 +43,7 @@ def _plan(query, key, value, options: tuple, seed, training: bool, deterministic
     cupy = sys.modules.get("cupy")  # no CuPy imported: no CuPy arrays
     if cupy is None or not (type(query) is type(key) is type(value) is cupy.ndarray):
         return None
-    dropout_p, is_causal, scale, enable_gqa, causal_variant, window, softcap = options
+    dropout_p, is_causal, scale, enable_gqa, causal_variant, window, softcap, allow_tf32 = options
     if not (seed is None or (type(seed) is int and 0 <= seed < 2**64)) or not (window is None or type(window) is tuple):
         return None
     from .backends import plans
@@ -53,7 +53,8 @@ def _plan(query, key, value, options: tuple, seed, training: bool, deterministic
                  key.dtype, value.dtype, query.device.id, key.device.id, value.device.id, aligned,
                  type(dropout_p), dropout_p, type(is_causal), is_causal, type(scale), scale, type(enable_gqa),
                  enable_gqa, causal_variant, window and tuple(map(type, window)), window, type(softcap), softcap,
-                 dispatch.enabled_key(), dispatch.kernel_config_key(), training, deterministic)
+                 type(allow_tf32), allow_tf32, dispatch.enabled_key(), dispatch.kernel_config_key(), training,
+                 deterministic)
 
     def make():
         pr = problem.from_dense(query, key, value, None, Options(*options), seed)
@@ -103,7 +104,7 @@ def _planned(query, key, value, options: tuple, seed, return_lse: bool, training
 
 def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
                                  enable_gqa=False, *, causal_variant="upper_left", window=None, softcap=0.0,
-                                 alibi_slopes=None, seed=None, return_lse=False):
+                                 alibi_slopes=None, seed=None, return_lse=False, allow_tf32=False):
     """softmax(scale * query @ key^T + mask) @ value, on NumPy or CuPy arrays.
 
     Shapes: query (..., Hq, L, E), key (..., Hkv, S, E), value (..., Hkv, S, Ev) -> output
@@ -124,10 +125,12 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     the cap (FlashAttention's ALiBi, aligned bottom-right whatever the causal alignment; on the MATH
     backend until the kernels take it). Dropout's keep-mask is a pure function of
     ``seed`` (an int, or a (seed, offset) pair; None draws one). ``return_lse`` also returns the
-    float32 logsumexp (..., Hq, L). Bad arguments raise ``cusdpa.ArgumentError`` (a ValueError and a
+    float32 logsumexp (..., Hq, L). ``allow_tf32=True`` lets fp32 inputs take their products on TF32 tensor
+    cores (EFFICIENT with ``KernelConfig.tensor_core_fp32``: one TF32 product, a 10-bit mantissa, where fp32
+    otherwise takes three, fp32's accuracy); a precision, not a semantic. Bad arguments raise ``cusdpa.ArgumentError`` (a ValueError and a
     RuntimeError) or ``cusdpa.ArgumentTypeError`` (a TypeError and a RuntimeError).
     """
-    options = (dropout_p, is_causal, scale, enable_gqa, causal_variant, window, softcap)
+    options = (dropout_p, is_causal, scale, enable_gqa, causal_variant, window, softcap, allow_tf32)
     query, key, value, _ = problem.broadcast_heads(query, key, value, enable_gqa)
     if attn_mask is None and alibi_slopes is None:
         result = _planned(query, key, value, options, seed, return_lse)
@@ -138,7 +141,7 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
 
 def attention_vjp(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
                   enable_gqa=False, *, causal_variant="upper_left", window=None, softcap=0.0, alibi_slopes=None,
-                  seed=None, return_lse=False, deterministic=False):
+                  seed=None, return_lse=False, deterministic=False, allow_tf32=False):
     """(output, vjp): as ``scaled_dot_product_attention``, plus ``vjp(dout)`` returning (dq, dk, dv), and
     d(attn_mask) fourth for a float mask. ``deterministic=True`` asks for bit-identical gradients run
     to run (FLASH on Hopper orders its dQ additions: 0.84-0.99x the default's speed, and head dims above
@@ -146,7 +149,7 @@ def attention_vjp(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=Fa
     backward sees the same keep-mask."""
     shapes = (query.shape, key.shape, value.shape)
     query, key, value, heads = problem.broadcast_heads(query, key, value, enable_gqa)
-    options = (dropout_p, is_causal, scale, enable_gqa, causal_variant, window, softcap)
+    options = (dropout_p, is_causal, scale, enable_gqa, causal_variant, window, softcap, allow_tf32)
     planned = None
     if attn_mask is None and alibi_slopes is None:
         planned = _planned(query, key, value, options, seed, return_lse, training=True, deterministic=deterministic)
@@ -162,7 +165,7 @@ def attention_vjp(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=Fa
 
 def varlen_attention(query, key, value, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
                      is_causal=False, scale=None, enable_gqa=False, *, causal_variant="upper_left", window=None,
-                     softcap=0.0, alibi_slopes=None, seed=None, return_lse=False):
+                     softcap=0.0, alibi_slopes=None, seed=None, return_lse=False, allow_tf32=False):
     """Attention over a packed batch of variable-length sequences (FlashAttention's layout).
 
     query (Tq, Hq, E), key (Tk, Hkv, E), value (Tk, Hkv, Ev); sequence b holds query tokens
@@ -172,28 +175,28 @@ def varlen_attention(query, key, value, cu_seqlens_q, cu_seqlens_k, max_seqlen_q
     count from each sequence's start, and so does ALiBi (``alibi_slopes`` (Hq,) or (B, Hq)).
     """
     pr = problem.from_varlen(query, key, value, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                             Options(dropout_p, is_causal, scale, enable_gqa, causal_variant, window, softcap), seed,
-                             alibi_slopes)
+                             Options(dropout_p, is_causal, scale, enable_gqa, causal_variant, window, softcap,
+                                     allow_tf32), seed, alibi_slopes)
     return _run(pr, return_lse)
 
 
 def varlen_attention_vjp(query, key, value, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                          dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False, *,
                          causal_variant="upper_left", window=None, softcap=0.0, alibi_slopes=None, seed=None,
-                         return_lse=False, deterministic=False):
+                         return_lse=False, deterministic=False, allow_tf32=False):
     """(output, vjp) for ``varlen_attention``; ``vjp(dout)`` returns (dq, dk, dv) in the packed layout."""
     pr = problem.from_varlen(query, key, value, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                             Options(dropout_p, is_causal, scale, enable_gqa, causal_variant, window, softcap), seed,
-                             alibi_slopes)
+                             Options(dropout_p, is_causal, scale, enable_gqa, causal_variant, window, softcap,
+                                     allow_tf32), seed, alibi_slopes)
     return _vjp(pr, return_lse, deterministic)
 
 
 def explain(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False, *,
             causal_variant="upper_left", window=None, softcap=0.0, alibi_slopes=None, seed=None,
-            need_grad=False) -> dispatch.Explanation:
+            need_grad=False, allow_tf32=False) -> dispatch.Explanation:
     """Which backend would run these dense inputs, and the reasons each other backend would not."""
     query, key, value, _ = problem.broadcast_heads(query, key, value, enable_gqa)
     pr = problem.from_dense(query, key, value, attn_mask,
-                            Options(dropout_p, is_causal, scale, enable_gqa, causal_variant, window, softcap), seed,
-                            alibi_slopes)
+                            Options(dropout_p, is_causal, scale, enable_gqa, causal_variant, window, softcap,
+                                    allow_tf32), seed, alibi_slopes)
     return dispatch.explain_problem(pr, need_grad)

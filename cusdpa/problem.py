@@ -53,7 +53,9 @@ class Options:
     built). ``window`` is a (left, right) pair, -1 = unbounded; ``causal_variant`` "upper_left" or
     "lower_right" aligns both causal and window; ``softcap`` > 0 caps the scaled scores at
     softcap * tanh(score / softcap) before a float mask is added (FlashAttention's logit soft-capping;
-    0 = off)."""
+    0 = off). ``allow_tf32`` lets fp32 inputs take their tile products on TF32 tensor cores (a 10-bit
+    mantissa, as torch.backends.cuda.matmul.fp32_precision = "tf32" lets PyTorch's matmuls): a precision,
+    not a semantic; the backends that have no TF32 path compute as without it."""
 
     dropout_p: float = 0.0
     is_causal: bool = False
@@ -62,6 +64,7 @@ class Options:
     causal_variant: str = "upper_left"
     window: Optional[tuple[int, int]] = None
     softcap: float = 0.0
+    allow_tf32: bool = False
 
 
 OPTION_NAMES = tuple(f.name for f in dataclasses.fields(Options))
@@ -114,6 +117,7 @@ class Problem:
     window: tuple[int, int] | None = None  # (left, right), -1 = unbounded
     dropout_p: float = 0.0
     softcap: float = 0.0  # > 0: scaled scores become softcap * tanh(score / softcap)
+    allow_tf32: bool = False  # fp32 products may run on TF32 tensor cores (Options.allow_tf32)
     # ALiBi: float32 (..., Hq) broadcasting to batch_shape + (Hq,); key j gets -slope * |i + S - L - j|
     alibi_slopes: Any = None
     seed: int = 0
@@ -435,7 +439,7 @@ def sum_head_grads(plan: HeadPlan | None, grads: tuple, shapes: tuple) -> tuple:
 def from_dense(q, k, v, attn_mask=None, options: Options = Options(), seed=None, alibi_slopes=None) -> Problem:
     """Validate dense (..., H, L, E) arguments of ``scaled_dot_product_attention`` whose heads meet as the
     kernels take them (``broadcast_heads`` first otherwise)."""
-    dropout_p, is_causal, scale, enable_gqa, causal_variant, window, softcap = _options(options)
+    dropout_p, is_causal, scale, enable_gqa, causal_variant, window, softcap, allow_tf32 = _options(options)
     xp, dtype = _check_arrays(q, k, v)
     for name, x in (("query", q), ("key", k), ("value", v)):
         if x.ndim < 2:
@@ -466,7 +470,8 @@ def from_dense(q, k, v, attn_mask=None, options: Options = Options(), seed=None,
                    dtype=dtype, scale=_check_scale(scale, E), mask=mask, mask_kind=mask_kind,
                    mask_summaries=summaries, causal=causal,
                    lower_right=lower_right, window=window, dropout_p=p, softcap=_check_softcap(softcap),
-                   alibi_slopes=slopes, seed=seed, offset=offset, out_rank=max(q.ndim, k.ndim, v.ndim))
+                   allow_tf32=check_flag(allow_tf32, "allow_tf32"), alibi_slopes=slopes, seed=seed, offset=offset,
+                   out_rank=max(q.ndim, k.ndim, v.ndim))
 
 
 def _options(options: Options) -> tuple:
@@ -503,7 +508,7 @@ def _check_cu_seqlens(cu, name: str, xp, tokens: int, tokens_name: str) -> np.nd
 def from_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, options: Options = Options(),
                 seed=None, alibi_slopes=None) -> Problem:
     """Validate packed (total_tokens, H, E) arguments of ``varlen_attention``."""
-    dropout_p, is_causal, scale, enable_gqa, causal_variant, window, softcap = _options(options)
+    dropout_p, is_causal, scale, enable_gqa, causal_variant, window, softcap, allow_tf32 = _options(options)
     xp, dtype = _check_arrays(q, k, v)
     for name, x in (("query", q), ("key", k), ("value", v)):
         if x.ndim != 3:
@@ -533,4 +538,5 @@ def from_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
     return Problem(xp=xp, q=q, k=k, v=v, batch_shape=(varlen.batch,), hq=hq, hkv=hkv, L=int(max_seqlen_q),
                    S=int(max_seqlen_k), E=E, Ev=Ev, dtype=dtype, scale=_check_scale(scale, E), causal=causal,
                    lower_right=lower_right, window=window, dropout_p=p, softcap=_check_softcap(softcap),
-                   alibi_slopes=slopes, seed=seed, offset=offset, out_rank=3, varlen=varlen)
+                   allow_tf32=check_flag(allow_tf32, "allow_tf32"), alibi_slopes=slopes, seed=seed, offset=offset,
+                   out_rank=3, varlen=varlen)

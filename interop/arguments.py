@@ -95,7 +95,7 @@ def unit_stride(x: torch.Tensor) -> torch.Tensor:
     return x if x.shape[-1] <= 1 or x.stride(-1) == 1 else x.contiguous()
 
 
-def options(dropout_p, is_causal, scale, enable_gqa, causal_variant, window, softcap) -> tuple:
+def options(dropout_p, is_causal, scale, enable_gqa, causal_variant, window, softcap, allow_tf32=False) -> tuple:
     """The values of ``Options`` in the order of its fields, as the ops take them (``window`` a list, as
     their schema says). Types are checked here, as cusdpa checks them (a bool is not a number, a number is
     not a bool); values by cusdpa inside the op."""
@@ -104,7 +104,22 @@ def options(dropout_p, is_causal, scale, enable_gqa, causal_variant, window, sof
         raise ArgumentTypeError(f"window={window!r} must be a (left, right) pair of ints (-1 = unbounded)")
     return (problem.check_real(dropout_p, "dropout_p"), problem.check_flag(is_causal, "is_causal"),
             problem.check_real(scale, "scale", optional=True), problem.check_flag(enable_gqa, "enable_gqa"),
-            causal_variant, None if window is None else list(window), problem.check_real(softcap, "softcap"))
+            causal_variant, None if window is None else list(window), problem.check_real(softcap, "softcap"),
+            problem.check_flag(allow_tf32, "allow_tf32"))
+
+
+def tf32_allowed(query) -> bool:
+    """Whether fp32 CUDA inputs may take TF32 products (Options.allow_tf32): PyTorch's switch for its own fp32
+    matmuls on CUDA. Read for fp32 CUDA tensors only (a property read per call)."""
+    return isinstance(query, torch.Tensor) and query.dtype == torch.float32 and query.device.type == "cuda" and \
+        tf32_matmuls()
+
+
+@torch.compiler.assume_constant_result  # Dynamo cannot trace the read; a compiled graph takes the traced value
+def tf32_matmuls() -> bool:
+    """torch.backends.cuda.matmul.fp32_precision == "tf32", which the legacy allow_tf32 = True and
+    set_float32_matmul_precision("high") set too (reading the legacy flag raises once the new API was used)."""
+    return torch.backends.cuda.matmul.fp32_precision == "tf32"
 
 
 def broadcast_heads(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, enable_gqa: bool) -> tuple:
@@ -154,22 +169,23 @@ def from_op(values) -> Options:
 _resolved: dict = {}  # the arguments of ``resolve`` (with their types) -> its result
 
 
-def resolve(dropout_p, is_causal, scale, enable_gqa, causal_variant, window, softcap, backend) -> tuple[tuple, str]:
+def resolve(dropout_p, is_causal, scale, enable_gqa, causal_variant, window, softcap, backend,
+            allow_tf32=False) -> tuple[tuple, str]:
     """(``options(...)``, ``backend_names(backend)``), remembered per distinct argument values: a model calls
     attention with the same few option sets over and over."""
     try:
         if torch.compiler.is_compiling():
             raise TypeError  # no memo while Dynamo traces: the result is a constant of the graph
         key = (dropout_p, type(dropout_p), is_causal, type(is_causal), scale, type(scale), enable_gqa,
-               type(enable_gqa), causal_variant, window, softcap, type(softcap), type(backend),
+               type(enable_gqa), causal_variant, window, softcap, type(softcap), allow_tf32, type(backend),
                backend if backend is None or type(backend) is Backend else tuple(backend),
                dispatch.enabled_key() if backend is None else None)
         found = _resolved.get(key)
     except TypeError:  # unhashable arguments: checked (and any error raised) without the memo
-        return (options(dropout_p, is_causal, scale, enable_gqa, causal_variant, window, softcap),
+        return (options(dropout_p, is_causal, scale, enable_gqa, causal_variant, window, softcap, allow_tf32),
                 backend_names(backend))
     if found is None:
-        found = (options(dropout_p, is_causal, scale, enable_gqa, causal_variant, window, softcap),
+        found = (options(dropout_p, is_causal, scale, enable_gqa, causal_variant, window, softcap, allow_tf32),
                  backend_names(backend))
         if len(_resolved) > 1024:  # bounded: the arguments are the caller's, whatever they are
             _resolved.clear()

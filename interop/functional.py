@@ -60,7 +60,7 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
                                     causal_variant, window, softcap, alibi_slopes, backend)
         arguments.check_tensors(tensors, attn_mask, alibi_slopes)
     options, backends = arguments.resolve(dropout_p, is_causal, scale, enable_gqa, causal_variant, window, softcap,
-                                          backend)
+                                          backend, arguments.tf32_allowed(query))
     query, key, value = arguments.broadcast_heads(query, key, value, options[3])
     out, lse = autograd.attention(arguments.unit_stride(query), arguments.unit_stride(key),
                                   arguments.unit_stride(value), attn_mask, alibi_slopes, arguments.draw_seed(dropout_p),
@@ -81,7 +81,7 @@ def varlen_attention(query, key, value, cu_seqlens_q, cu_seqlens_k, max_seqlen_q
     for name, cu in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
         arguments.check_beside(cu, name, query)
     options, backends = arguments.resolve(dropout_p, is_causal, scale, enable_gqa, causal_variant, window, softcap,
-                                          backend)
+                                          backend, arguments.tf32_allowed(query))
     out, lse = autograd.varlen_attention(*(arguments.unit_stride(x) for x in (query, key, value)), cu_seqlens_q,
                                          cu_seqlens_k, alibi_slopes, max_seqlen_q, max_seqlen_k,
                                          arguments.draw_seed(dropout_p), backends, options,

@@ -197,8 +197,8 @@ class RingAttention(torch.autograd.Function):
 def _with_causal(values: tuple, causal: bool) -> tuple:
     """The option values of a pair: the call's scale and GQA, causal for a pair of the same positions only
     (the window, and the causal band of other pairs, are in the pair's mask)."""
-    dropout_p, _, scale, enable_gqa, _, _, softcap = values
-    return arguments.options(dropout_p, causal, scale, enable_gqa, "upper_left", None, softcap)
+    dropout_p, _, scale, enable_gqa, _, _, softcap, allow_tf32 = values
+    return arguments.options(dropout_p, causal, scale, enable_gqa, "upper_left", None, softcap, allow_tf32)
 
 
 def ring_attention(query, key, value, *, group=None, is_causal=False, scale=None, enable_gqa=False, window=None,
@@ -226,7 +226,8 @@ def ring_attention(query, key, value, *, group=None, is_causal=False, scale=None
         raise ArgumentError(f"layout='zigzag' needs an even local length (two half chunks), got {length}")
     group = group if group is not None else dist.group.WORLD
     rank, world = dist.get_rank(group), dist.get_world_size(group)
-    values, backends = arguments.resolve(0.0, is_causal, scale, enable_gqa, "upper_left", window, 0.0, backend)
+    values, backends = arguments.resolve(0.0, is_causal, scale, enable_gqa, "upper_left", window, 0.0, backend,
+                                         arguments.tf32_allowed(query))
     window = None if values[5] is None else tuple(values[5])
     mine = segments(rank, world, length, layout)
     steps = tuple(_pairs(mine, segments((rank - s) % world, world, length, layout), values[1], window, query.device)

@@ -2,7 +2,7 @@
 
 ``problem`` is any object with the attributes of ``cusdpa.problem.Problem`` (xp, q, k, v, q3, k3,
 v3, batch_shape, hq, hkv, L, S, E, Ev, dtype, scale, mask, mask_kind, causal, lower_right,
-window_bounds, dropout_p, seed_words, offset, keep_threshold, dropout_rescale, varlen, out_shape,
+window_bounds, dropout_p, seed_words, offset, keep_threshold, dropout_rescale, allow_tf32, varlen, out_shape,
 lse_shape, group); this package does not import cusdpa.
 Arrays are NumPy under the CUDA simulator, CuPy (or __dlpack__ exporters) on a GPU; kernels run on
 CuPy's current stream, and results go into caller-provided arrays when given.

@@ -84,10 +84,10 @@ def registers_for(head_dim: int, elem: str, cap: int) -> int:
     return cap if head_dim <= (64 if _wide(elem) else 128) else 255
 
 
-def elem_of(pr, allow_tf32: bool = False) -> str:
-    """The tile loops' element family for ``pr``'s inputs."""
+def elem_of(pr) -> str:
+    """The tile loops' element family for ``pr``'s inputs: fp32 as "tf32" where the caller allowed TF32."""
     name = layout.dtype_name(pr.dtype)
-    return "tf32" if name == "float32" and allow_tf32 else name
+    return "tf32" if name == "float32" and pr.allow_tf32 else name
 
 
 def reasons(pr, cfg) -> list[str]:

@@ -68,6 +68,20 @@ def test_varlen_api_round_trip(rng):
     assert [g.shape for g in vjp(np.ones_like(out))] == [q.shape, k.shape, v.shape]
 
 
+def test_allow_tf32_is_a_checked_option_that_exact_backends_ignore(rng):
+    """allow_tf32 reaches the Problem (EFFICIENT's tensor_core loops read it for fp32 inputs); MATH computes
+    exactly with it as without, and a non-bool is refused."""
+    from cusdpa import problem
+
+    q, k, v = qkv(rng, dtype=np.float32)
+    assert problem.from_dense(q, k, v, None, problem.Options(allow_tf32=True)).allow_tf32
+    assert not problem.from_dense(q, k, v).allow_tf32
+    for fn in (cusdpa.scaled_dot_product_attention, lambda *a, **kw: cusdpa.attention_vjp(*a, **kw)[0]):
+        np.testing.assert_array_equal(fn(q, k, v, is_causal=True, allow_tf32=True), fn(q, k, v, is_causal=True))
+    with pytest.raises(cusdpa.ArgumentTypeError, match="allow_tf32"):
+        cusdpa.scaled_dot_product_attention(q, k, v, allow_tf32=1)
+
+
 def test_sdpa_kernel_restricts_and_reorders():
     from cusdpa import dispatch
 

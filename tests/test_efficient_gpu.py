@@ -371,3 +371,25 @@ def test_fused_backward_plan_replays(gpu, rng, monkeypatch):
     for grads in runs:
         for got, ref in zip(grads, want):
             assert cp.allclose(got.astype(cp.float32), ref.astype(cp.float32), rtol=2e-2, atol=2e-3)
+
+
+def test_fp32_with_tf32_allowed_takes_one_tf32_product(gpu, rng, monkeypatch):
+    """Options.allow_tf32 on fp32 inputs: the tensor_core loops' "tf32" family (one TF32 product per tile
+    product), judged against PyTorch computing with TF32 matmuls (the yardstick's precision for such a
+    problem); without it the same problems take the three-product "float32" family."""
+    import dataclasses
+
+    from kernels_numba import tensor_core
+
+    families = []
+    real = tensor_core.elem_of
+    monkeypatch.setattr(tensor_core, "elem_of", lambda pr: families.append(real(pr)) or families[-1])
+    cases = [Case("float32", batch=(2,), hq=4, hkv=2, L=97, S=130, E=64, causal="upper_left"),
+             Case("float32", batch=(2,), hq=2, hkv=2, L=130, S=70, E=96, Ev=64, dropout_p=0.2, mask="bool"),
+             Case("float32", batch=(1,), hq=2, hkv=1, L=64, S=200, E=128, causal="lower_right")]
+    failures = []
+    for case in cases:
+        pr = dataclasses.replace(harness.build(case, gpu[0], rng), allow_tf32=True)
+        failures += [f"{case}: {m}" for m in _failures(gpu, pr, rng, "tensor_core")]
+    assert not failures, "\n".join(failures)
+    assert families and set(families) == {"tf32"}

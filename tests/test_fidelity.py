@@ -102,7 +102,7 @@ def test_autocast_casts_inputs_as_pytorch_does(rng):
         with interop.sdpa_override():
             routed = F.scaled_dot_product_attention(q, k, v, mask)
         op_out, op_lse = ops.sdpa_fwd(q, k, v, mask, None, 0.0, False, None, False, "upper_left", None, 0.0,
-                                      None, "math")
+                                      False, None, "math")
     assert got.dtype == want.dtype == routed.dtype == op_out.dtype == torch.bfloat16
     for out in (got, routed, op_out):
         torch.testing.assert_close(out.float(), want.float(), atol=2e-2, rtol=2e-2)

@@ -167,33 +167,52 @@ def test_opcheck_passes_for_every_op(rng):
     q, k, v, mask = (x.detach() for x in make_case(rng, CASES["float_mask"]))
     seed = torch.tensor([11])
     torch.library.opcheck(ops.sdpa_fwd, (q, k, v, mask, None, 0.2, True, None, False, "upper_left", None, 0.0,
-                                         seed, "math"))
+                                         False, seed, "math"))
     qg, kg, vg = (x.detach() for x in make_case(rng, CASES["gqa"])[:3])
     slopes = torch.rand(qg.shape[-3])  # ALiBi, per query head
     torch.library.opcheck(ops.sdpa_fwd, (qg, kg, vg, None, slopes, 0.0, True, 0.5, True, "lower_right", [4, 0], 2.5,
-                                         None, "math"))
-    out, lse = ops.sdpa_fwd(q, k, v, mask, None, 0.0, False, None, False, "upper_left", None, 0.0, None, "math")
+                                         True, None, "math"))
+    out, lse = ops.sdpa_fwd(q, k, v, mask, None, 0.0, False, None, False, "upper_left", None, 0.0, False, None,
+                            "math")
     for mask_grad in (True, False):  # a float mask's gradient wanted, or dmask of no elements
         torch.library.opcheck(ops.sdpa_bwd, (torch.randn_like(out), q, k, v, mask, None, out, lse, 0.2, False, None,
-                                             False, "upper_left", None, 0.0, seed, "math", False, mask_grad))
+                                             False, "upper_left", None, 0.0, False, seed, "math", False, mask_grad))
     cu = torch.tensor([0, 3, 3, 10], dtype=torch.int32)
     qv, kv, vv = (randn(rng, 10, 2, 8, grad=False) for _ in range(3))
     torch.library.opcheck(ops.varlen_fwd, (qv, kv, vv, cu, cu, torch.rand(3, 2), 7, 7, 0.3, True, None, False,
-                                           "upper_left", None, 0.0, seed, "math"))
+                                           "upper_left", None, 0.0, False, seed, "math"))
 
 
 def test_plan_signatures_are_hashable_and_tell_every_option_apart():
     q = torch.zeros(1, 2, 8, 16)
-    signatures = {ops._signature(q, q, q, None, arguments.options(0.0, True, None, False, "upper_left", window, cap),
-                                 "math")
-                  for window in (None, [4, 0], (4, 0)) for cap in (0.0, 2.0)}
-    assert len(signatures) == 4  # a list window and a tuple window are one signature
+    signatures = {ops._signature(q, q, q, None, arguments.options(0.0, True, None, False, "upper_left", window, cap,
+                                                                  tf32), "math")
+                  for window in (None, [4, 0], (4, 0)) for cap in (0.0, 2.0) for tf32 in (False, True)}
+    assert len(signatures) == 8  # a list window and a tuple window are one signature
     # a mask's layout is part of it (its contents are not: each call's mask is summarised afresh)
     options = arguments.options(0.0, False, None, False, "upper_left", None, 0.0)
     keep = torch.ones(1, 1, 8, 8, dtype=torch.bool)
     masks = (keep, ~keep, keep.expand(1, 2, 8, 8), keep.float(), torch.ones(1, 1, 8, 9, dtype=torch.bool)[..., 1:])
     masked = [ops._signature(q, q, q, m, options, "math") for m in masks]
     assert masked[0] == masked[1] and len(set(masked[1:])) == 4 and hash(masked[0])
+
+
+def test_tf32_follows_torchs_switch_for_fp32_cuda_inputs_only():
+    """Options.allow_tf32 from torch.backends.cuda.matmul.fp32_precision (set by the new API or the legacy
+    allow_tf32 / set_float32_matmul_precision), for fp32 CUDA tensors; CPU and 16-bit inputs never take it."""
+    matmul = torch.backends.cuda.matmul
+    before = matmul.fp32_precision
+    try:
+        for precision in ("tf32", "ieee"):
+            matmul.fp32_precision = precision
+            assert arguments.tf32_matmuls() is (precision == "tf32")
+            assert not arguments.tf32_allowed(torch.zeros(2, dtype=torch.float32))  # a CPU tensor
+        assert not arguments.tf32_allowed(None)
+    finally:
+        matmul.fp32_precision = before
+    with pytest.raises(cusdpa.ArgumentTypeError, match="allow_tf32"):
+        arguments.options(0.0, False, None, False, "upper_left", None, 0.0, "yes")
+    assert arguments.resolve(0.0, False, None, False, "upper_left", None, 0.0, None, True)[0][-1] is True
 
 
 class TinyBlock(nn.Module):

@@ -249,11 +249,11 @@ def test_opcheck_on_cuda(rng):
     torch.use_deterministic_algorithms(True, warn_only=True)
     try:
         torch.library.opcheck(ops.sdpa_fwd, (q, k, v, None, None, 0.1, True, None, False, "upper_left", None, 0.0,
-                                             torch.tensor([5]), backends))
+                                             False, torch.tensor([5]), backends))
         torch.library.opcheck(ops.sdpa_fwd, (q.float(), k.float(), v.float(), mask, None, 0.0, False, None, False,
-                                             "upper_left", None, 0.0, None, backends))
+                                             "upper_left", None, 0.0, True, None, backends))
         torch.library.opcheck(ops.varlen_fwd, (qv, kv, vv, cu, cu, None, 27, 27, 0.0, True, None, False,
-                                               "upper_left", None, 0.0, None, backends))
+                                               "upper_left", None, 0.0, False, None, backends))
     finally:
         torch.use_deterministic_algorithms(False)
 

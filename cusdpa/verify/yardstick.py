@@ -11,7 +11,8 @@ numerics of a careful fused kernel, so that a backend is held to what its precis
       plus a float mask converted to that precision;
   causal, window and a bool mask as -inf; softmax in fp32; P = 0 on rows that see no key;
   dropout: P * keep / (1 - p), keep the exact mask of cusdpa.philox (seed, offset, flat batch-head);
-  P rounded to the input dtype before P @ V, the output in the input dtype; lse = logsumexp(s) in fp32.
+  P rounded to the input dtype before P @ V, the output in the input dtype; lse = logsumexp(s) in fp32;
+  fp32 matmuls on TF32 where the problem allows it (Options.allow_tf32), exact fp32 otherwise.
 
 Gradients are torch autograd through those ops: dP, dq, dk and dv are rounded to the input dtype where
 autograd rounds them, and GQA's key/value heads are repeated in the input dtype, so dk and dv sum
@@ -27,6 +28,8 @@ judgement vacuous.
 """
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 
 from .. import philox, problem, reference
@@ -40,13 +43,30 @@ def same_precision(pr: problem.Problem, dout=None):
 
     device = torch.device(pr.device)
     dout_t = None if dout is None else as_tensor(dout, device)
-    if pr.varlen is None:
-        full = pr.batch_shape + (pr.hq, pr.L, pr.Ev)
-        out, lse, grads = _dense(torch, pr, None if dout_t is None else dout_t.reshape(full), 0)
-    else:
-        out, lse, grads = _varlen(torch, pr, dout_t)
+    with _matmul_precision(torch, "tf32" if pr.allow_tf32 and pr.dtype_name == "float32" else None):
+        if pr.varlen is None:
+            full = pr.batch_shape + (pr.hq, pr.L, pr.Ev)
+            out, lse, grads = _dense(torch, pr, None if dout_t is None else dout_t.reshape(full), 0)
+        else:
+            out, lse, grads = _varlen(torch, pr, dout_t)
     return (as_float64(out.reshape(pr.out_shape)), as_float64(lse.reshape(pr.lse_shape)),
             tuple(as_float64(g) for g in grads))
+
+
+@contextlib.contextmanager
+def _matmul_precision(torch, precision):
+    """torch's fp32 matmuls on CUDA at ``precision`` ("tf32": a problem that allows TF32 is held to what TF32
+    products give) for the body; None leaves them as they are."""
+    if precision is None:
+        yield
+        return
+    matmul = torch.backends.cuda.matmul
+    before = matmul.fp32_precision
+    matmul.fp32_precision = precision
+    try:
+        yield
+    finally:
+        matmul.fp32_precision = before
 
 
 def as_float64(t):
