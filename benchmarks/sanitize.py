@@ -6,8 +6,9 @@ compute-sanitizer's memcheck, racecheck, synccheck and initcheck.
 FLASH: the Hopper wgmma forward (E = 64 and 128), the mma.sync forward (E = 40, E != Ev, and E = 64 with
 wgmma turned off), the backward's preprocess, dK/dV (whole and split in two passes for E = 256) and dQ
 kernels, with causal, window, GQA, dropout and varlen. EFFICIENT: the tensor_core forward and backward (dQ,
-dK/dV; E = 64 with a bool mask, E = 128 with GQA, dropout and lower-right causal), the portable forward, dQ,
-dK/dV and mask-gradient kernels, with bool and float masks. Odd sizes, so every kernel runs partial
+dK/dV; E = 64 with a bool mask, E = 128 with GQA, dropout and lower-right causal), the fused tensor_core backward
+and its passes, the fp32 tensor_core loops (TF32), the portable forward, dQ, dK/dV and mask-gradient kernels,
+with bool and float masks. Odd sizes, so every kernel runs partial
 tiles. Each case is checked against the float64 reference, so a kernel that the sanitizer slows down or
 that reads garbage is also caught here.
 """
@@ -22,7 +23,7 @@ import kernels_numba
 from cusdpa import Backend, reference
 from cusdpa.backends.flash import config, launches
 
-CASES = [  # (name, backend, dtype, (B, Hq, Hkv, L, S, E, Ev), options, mask kind, EFFICIENT variant)
+CASES = [  # (name, backend, dtype, (B, Hq, Hkv, L, S, E, Ev), options, mask kind, EFFICIENT variant[+knobs])
     ("flash wgmma E64 causal", Backend.FLASH, "bfloat16", (2, 4, 2, 77, 77, 64, 64), dict(is_causal=True), None, None),
     ("flash wgmma E128 window dropout", Backend.FLASH, "float16", (1, 2, 2, 70, 133, 128, 128),
      dict(window=(20, 5), dropout_p=0.2), None, None),
@@ -35,6 +36,14 @@ CASES = [  # (name, backend, dtype, (B, Hq, Hkv, L, S, E, Ev), options, mask kin
      "tensor_core"),
     ("efficient tensor_core E128 GQA dropout", Backend.EFFICIENT, "bfloat16", (1, 4, 2, 45, 70, 128, 128),
      dict(dropout_p=0.2, is_causal=True, causal_variant="lower_right"), None, "tensor_core"),
+    ("efficient fused backward E64 GQA causal", Backend.EFFICIENT, "bfloat16", (1, 4, 2, 70, 90, 64, 64),
+     dict(is_causal=True), None, "tensor_core+fused"),
+    ("efficient fused backward E128 dropout", Backend.EFFICIENT, "float16", (1, 2, 2, 45, 70, 128, 128),
+     dict(dropout_p=0.2), None, "tensor_core+fused"),
+    ("efficient tensor_core fp32 bool mask", Backend.EFFICIENT, "float32", (2, 2, 1, 37, 51, 64, 64), {}, "bool",
+     "tensor_core+fp32"),
+    ("efficient tensor_core fp32 E96/72 window", Backend.EFFICIENT, "float32", (1, 2, 2, 50, 60, 96, 72),
+     dict(window=(10, 3)), None, "tensor_core+fp32"),
     ("efficient portable float mask", Backend.EFFICIENT, "float32", (1, 2, 1, 29, 41, 72, 40), dict(is_causal=True),
      "float", "portable"),
     ("efficient portable dropout", Backend.EFFICIENT, "bfloat16", (1, 2, 2, 30, 30, 64, 64), dict(dropout_p=0.3),
@@ -62,7 +71,12 @@ def run(name, backend, dtype, dims, options, mask_kind, variant, rng) -> float:
         mask = rng.standard_normal((hq, L, S)).astype(np.float32)
     q, k, v, dout = (cupy.asarray(x) for x in host)
     kw = dict(options, enable_gqa=hq != hkv, seed=11)
-    knobs = kernels_numba.KernelConfig(variant=variant) if backend is Backend.EFFICIENT else kernels_numba.current()
+    if backend is Backend.EFFICIENT:
+        variant, *flags = variant.split("+")
+        knobs = kernels_numba.KernelConfig(variant=variant, fused_backward="fused" in flags,
+                                           tensor_core_fp32="fp32" in flags)
+    else:
+        knobs = kernels_numba.current()
     with cusdpa.sdpa_kernel([backend]), kernels_numba.configured(knobs):
         out, vjp = cusdpa.attention_vjp(q, k, v, None if mask is None else cupy.asarray(mask), **kw)
         grads = vjp(dout)
