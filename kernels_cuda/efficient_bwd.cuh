@@ -237,7 +237,16 @@ __device__ void backward_dkdv(const BwdArgs& a) {
     const MaskView mask{a.mask.p + hh * a.head_mask * mask_bytes, a.mask.rs, a.mask.cs};
     const u32 bh = a.bh + hh;
     const bool vec = vectorizable<Ops>(qh, a.q_rs, a.E) && vectorizable<Ops>(doh, a.do_rs, a.Ev);
+#if EFF_FUSED
+    // The steps in an order rotated by the key block's index: blocks that start together would otherwise add
+    // into the same dQ rows at the same time, and atomics on one address serialise.
+    const i64 m_begin = lo / BLOCK_M * BLOCK_M, steps = hi > m_begin ? (hi - m_begin + BLOCK_M - 1) / BLOCK_M : 0;
+    const i64 rotation = steps ? (a.first / EFF_BLOCK_M) % steps : 0;
+    for (i64 s = 0; s < steps; ++s) {
+      const i64 m0 = m_begin + (s + rotation < steps ? s + rotation : s + rotation - steps) * BLOCK_M;
+#else
     for (i64 m0 = lo / BLOCK_M * BLOCK_M; m0 < hi; m0 += BLOCK_M) {
+#endif
       stage_tile<Ops, HEAD_DIM, BLOCK_M>(q_tile, qh, a.q_rs, m0, a.vis.L, a.E, vec);
       stage_tile<Ops, HEAD_DIM, BLOCK_M>(do_tile, doh, a.do_rs, m0, a.vis.L, a.Ev, vec);
       cp_async_commit();
