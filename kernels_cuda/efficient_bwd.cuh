@@ -15,7 +15,7 @@
 // dkdv with EFF_FUSED (16-bit types): dQ too, so one kernel runs the five products FlashAttention-2's backward
 //     needs instead of seven: K also in shared memory (non-finite values zeroed, as for the dq kernel), each
 //     step's dS^T written there transposed, dQ += dS K over the block's 64 keys, and the step's rows added into
-//     an fp32 accumulator with atomics (vector reductions on sm_90). The order of those adds varies run to
+//     an fp32 accumulator with atomics (four-wide vector reductions on sm_90). The order of those adds varies run to
 //     run: the non-deterministic backward, as PyTorch's EFFICIENT_ATTENTION and FLASH's default are; a
 //     pre-pass writes D and zeroes the accumulator, a post-pass scales and rounds it into dq
 //     (kernels_numba/dq_accumulate.py). 16 queries a step at head dim 128, to fit 48 KiB.
@@ -330,14 +330,22 @@ __device__ void backward_dkdv(const BwdArgs& a) {
             mma_16816<BF16>(dq[d + 1], af, b[2], b[3]);
           }
         }
-        float* dq_h = a.dq_accum + hh * a.head_dqa;
+        // Four consecutive columns per reduction: lanes t and t ^ 1 trade halves, the even one then holds row g,
+        // columns 2t .. 2t + 3, the odd one row g + 8, columns 2t - 2 .. 2t + 1.
+        const bool even = (t & 1) == 0;
+        const int row = qr + g + (even ? 0 : 8);
+        float* at = a.dq_accum + hh * a.head_dqa + (m0 + row) * a.dqa_rs + c0 + 2 * (t & ~1);
+        const bool live = lse_tile[row] != -CUSDPA_INF;  // false past L and for a row that sees no key (dS = 0)
 #pragma unroll
-        for (int r = 0; r < 2; ++r) {
-          const int row = qr + g + r * 8;
-          if (lse_tile[row] == -CUSDPA_INF) continue;  // past L, or sees no key: dS is 0
-          float* at = dq_h + (m0 + row) * a.dqa_rs + c0 + 2 * t;
-#pragma unroll
-          for (int d = 0; d < DT; ++d) red_add2(at + d * 8, dq[d][2 * r], dq[d][2 * r + 1]);
+        for (int d = 0; d < DT; ++d) {
+          const float x = __shfl_xor_sync(0xffffffffu, even ? dq[d][2] : dq[d][0], 1);
+          const float y = __shfl_xor_sync(0xffffffffu, even ? dq[d][3] : dq[d][1], 1);
+          if (live) {
+            if (even)
+              red_add4(at + d * 8, dq[d][0], dq[d][1], x, y);
+            else
+              red_add4(at + d * 8, x, y, dq[d][2], dq[d][3]);
+          }
         }
       }
 #endif

@@ -93,13 +93,16 @@ __device__ __forceinline__ float masked_score(const Visibility<i64>& vis, const 
   return vis.visible(i, j) ? mask.apply(i, j, s) : -CUSDPA_INF;
 }
 
-// p[0] += x, p[1] += y in global memory, atomically (p 8-byte aligned): one vector reduction on sm_90.
-__device__ __forceinline__ void red_add2(float* p, float x, float y) {
+// p[0..3] += (x, y, z, w) in global memory, atomically (p 16-byte aligned): one vector reduction on sm_90.
+__device__ __forceinline__ void red_add4(float* p, float x, float y, float z, float w) {
 #if __CUDA_ARCH__ >= 900
-  asm volatile("red.global.add.v2.f32 [%0], {%1, %2};\n" ::"l"(p), "f"(x), "f"(y) : "memory");
+  asm volatile("red.global.add.v4.f32 [%0], {%1, %2, %3, %4};\n" ::"l"(p), "f"(x), "f"(y), "f"(z), "f"(w)
+               : "memory");
 #else
   atomicAdd(p, x);
   atomicAdd(p + 1, y);
+  atomicAdd(p + 2, z);
+  atomicAdd(p + 3, w);
 #endif
 }
 
