@@ -76,12 +76,15 @@ def dkdv_block_m(head_dim: int, elem: str = "float16", fused: bool = False) -> i
     return 16 if (_wide(elem) and head_dim > 64) or (fused and head_dim > 96) else 32
 
 
-def registers_for(head_dim: int, elem: str, cap: int) -> int:
-    """A tile loop's register cap: ``cap`` (KernelConfig.tensor_core_registers) up to head dim 128 (64 for fp32,
-    whose fragments take a register per element); past it 255, two blocks per SM (ptxas 13.0, 16-bit forward:
-    218 at 160, 242 at 192, 255 at 256, no spills, where 168 spilled 100-1644 bytes; fp32 at 96: no spills
-    at 255, 192-196 bytes at 168)."""
-    return cap if head_dim <= (64 if _wide(elem) else 128) else 255
+def registers_for(head_dim: int, elem: str, cap: int, forward: bool) -> int:
+    """A tile loop's register cap: ``cap`` (KernelConfig.tensor_core_registers) up to head dim 128, past it 255,
+    two blocks per SM (ptxas 13.0, 16-bit forward: 218 at 160, 242 at 192, 255 at 256, no spills, where 168
+    spilled 100-1644 bytes). fp32's fragments take a register per element: its backward loops take 255 past
+    head dim 64 (at 96: no spills, where 168 spilled 192-196 bytes); its forward keeps ``cap`` (at 168: 0 bytes
+    of spills at 64 and 96, 56 at 32, 96 at 128; 255 spilled as much, at two blocks per SM)."""
+    if _wide(elem):
+        return cap if forward or head_dim <= 64 else 255
+    return cap if head_dim <= 128 else 255
 
 
 def elem_of(pr) -> str:
@@ -211,7 +214,8 @@ def forward(pr, views, out_v, lse_v, device, structure, registers: int):
     ``registers``: the kernels' register cap (KernelConfig.tensor_core_registers)."""
     _, _, left, right, seed_lo, seed_hi, offset, threshold, rescale = structure
     head_dim, elem = head_dim_for(pr.E, pr.Ev), elem_of(pr)
-    kernel = _kernel(head_dim, elem, pr.dropout_p > 0, mask_kind_of(pr), registers_for(head_dim, elem, registers))
+    kernel = _kernel(head_dim, elem, pr.dropout_p > 0, mask_kind_of(pr),
+                     registers_for(head_dim, elem, registers, forward=True))
     q, qs = _address_and_strides(views.q)
     k, ks = _address_and_strides(views.k)
     v, vs = _address_and_strides(views.v)
@@ -315,7 +319,8 @@ def backward(pr, views, arrays, dmask_v, device, structure, registers: int, dq_a
     kernel, then the dk/dv kernel."""
     _, _, left, right, seed_lo, seed_hi, offset, threshold, rescale = structure
     head_dim, elem = head_dim_for(pr.E, pr.Ev), elem_of(pr)
-    instance = (head_dim, elem, pr.dropout_p > 0, mask_kind_of(pr), registers_for(head_dim, elem, registers))
+    instance = (head_dim, elem, pr.dropout_p > 0, mask_kind_of(pr),
+                registers_for(head_dim, elem, registers, forward=False))
     (q, qs), (k, ks), (v, vs), (mask, ms) = (_address_and_strides(x) for x in (views.q, views.k, views.v, views.mask))
     (dout, dos), (out, os_), (lse, ls), (delta, dls), (dq, dqs), (dk, dks), (dv, dvs) = (
         _address_and_strides(x) for x in arrays)
