@@ -14,7 +14,7 @@ import dataclasses
 from .. import dispatch, environment
 from ..dispatch import Backend, Capabilities, Implementation
 from . import plans
-from .launch import Launch, Slot
+from .launch import SLOTS, Launch, Slot
 
 CAPABILITIES = Capabilities(dtypes=frozenset({"float16", "bfloat16", "float32"}), max_head_dim=256,
                             zero_head_dim=False, softcap=False, alibi=False)
@@ -67,6 +67,9 @@ IMPL = Implementation(backend=Backend.EFFICIENT, capabilities=CAPABILITIES, envi
 _SPACING, _SECOND = 1 << 40, 1 << 36
 _SEEDS = (0x9E3779B97F4A7C15 >> 1, 0xD1B54A32D192ED03 >> 1)
 _OPERANDS = ("q", "k", "v", "mask", "o", "lse", "do", "delta", "dq", "dk", "dv", "dq_accum")
+
+
+_ACCUM_POSITION = SLOTS.index("dq_accum")
 
 
 class _Allocates(Exception):
@@ -142,6 +145,8 @@ def plan(pr, out_strides: tuple, backward: bool, dout_strides: tuple | None = No
     launches = _slotted(*records, *values)
     if launches is None:
         return None
+    if not any(position == _ACCUM_POSITION for launch in launches for _, position in launch.slots):
+        accum = 0  # the backward did not fuse (a head dim, layout or mask it does not take): no workspace
     return plans.Plan(device, pr.out_shape, tuple(out_strides), pr.lse_shape, tuple(launches[:n_forward]),
                       tuple(launches[n_forward:]), Backend.EFFICIENT.value, dq_accum_elements=accum)
 
