@@ -197,7 +197,8 @@ def forward(pr, out=None, lse=None, config=None):
         out_v, lse_v = _rows_view(pr, plan, out_t, None), lse_t[None, None, None]
     device = layout.device_of(pr.q)
     if variant_for(pr, cfg) == "tensor_core":
-        tensor_core.forward(pr, views, out_v, lse_v, device, _structure_args(pr), cfg.tensor_core_registers)
+        tensor_core.forward(pr, views, out_v, lse_v, device, _structure_args(pr), cfg.tensor_core_registers,
+                            cfg.tensor_core_block_n)
     else:
         spec = _blocked_spec(pr, cfg, False)
         grid = (views.n_batch * pr.hq, cdiv(pr.L, spec.block_m))

@@ -48,6 +48,9 @@ class KernelConfig:
       instead of the two kernels' seven), dQ added into an fp32 accumulator with atomics, so its bits vary run
       to run, as PyTorch's EFFICIENT_ATTENTION backward's do; a backward asked to be deterministic keeps the
       two kernels. Off until it has run on a GPU.
+    tensor_core_block_n: keys per tile of the tensor_core forward, 32 or 64 where its tiles fit (64-key tiles: head
+      dims <= 128, <= 64 for fp32), 0 for the default (64 for 16-bit types up to head dim 128, else 32). At head dim
+      128, 16-bit, 32-key tiles fit 168 registers without spills (ptxas: 132 bytes with 64); not yet measured.
     prepared_launches: a call whose argument signature was seen launches each kernel through
       ``cuLaunchKernel`` with its arguments flattened (kernels_numba.launcher), not through Numba's
       dispatcher (on the H200, tests/test_efficient_gpu.py -k prepared; off: Numba's path for every call).
@@ -66,6 +69,7 @@ class KernelConfig:
     tensor_core_head_dim: int = 128
     tensor_core_fp32: bool = False
     fused_backward: bool = False
+    tensor_core_block_n: int = 0
 
     @property
     def tensor_core_registers(self) -> int:
@@ -82,6 +86,8 @@ class KernelConfig:
             raise ValueError(f"threads={self.threads} must be a power of two <= 32 (threads**2 threads)")
         if self.tensor_core_head_dim not in (128, 160, 192, 224, 256):
             raise ValueError(f"tensor_core_head_dim={self.tensor_core_head_dim} must be 128, 160, 192, 224 or 256")
+        if self.tensor_core_block_n not in (0, 32, 64):
+            raise ValueError(f"tensor_core_block_n={self.tensor_core_block_n} must be 0 (the default), 32 or 64")
         if not 2 <= self.tensor_core_blocks <= 4:
             raise ValueError(f"tensor_core_blocks={self.tensor_core_blocks} must be 2, 3 or 4")
         if not 1 <= self.sub <= 8:

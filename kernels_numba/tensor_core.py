@@ -54,11 +54,16 @@ def _wide(elem: str) -> bool:
     return elem in ("float32", "tf32")
 
 
-def forward_block_n(head_dim: int, elem: str = "float16") -> int:
-    """Keys per shared-memory tile of the forward: 16-bit inputs 64 up to head dim 128 (K and V tiles of
-    64 x (128 + 8) halves, 34 KiB), 32 past it (head dim 256: 33 KiB of the 48 KiB of static shared memory);
-    fp32 32 (head dim 128: 34 KiB; ptxas 13.0 at 168 registers: no spills at head dims 64 and 96, where
-    64-key tiles spilled 76 bytes at 64)."""
+def forward_block_n(head_dim: int, elem: str = "float16", preferred: int = 0) -> int:
+    """Keys per shared-memory tile of the forward: ``preferred`` (KernelConfig.tensor_core_block_n) where its
+    tiles fit, else by default 16-bit inputs 64 up to head dim 128 (K and V tiles of 64 x (128 + 8) halves,
+    34 KiB), 32 past it (head dim 256: 33 KiB of the 48 KiB of static shared memory); fp32 32 (head dim 128:
+    34 KiB; ptxas 13.0 at 168 registers: no spills at head dims 64 and 96, where 64-key tiles spilled 76 bytes
+    at 64). 64-key tiles fit up to head dim 128 (16-bit) or 64 (fp32)."""
+    if preferred == 64 and head_dim <= (64 if _wide(elem) else 128):
+        return 64
+    if preferred == 32:
+        return 32
     return 32 if _wide(elem) else 64 if head_dim <= 128 else 32
 
 
@@ -127,15 +132,17 @@ def head_dim_for(E: int, Ev: int) -> int:
     return next(d for d in HEAD_DIMS if d >= max(E, Ev))
 
 
-def tile_loop_source(head_dim: int, elem: str, kind: str, dropout: bool, mask_kind: int) -> tuple[str, str]:
+def tile_loop_source(head_dim: int, elem: str, kind: str, dropout: bool, mask_kind: int,
+                     block_n: int = 0) -> tuple[str, str]:
     """(C entry name, CUDA source) of one tile loop: ``kind`` "forward", "dq", "dkdv" or "fused" (dk/dv with dQ
     added into an fp32 accumulator, 16-bit types), for a padded head dim of HEAD_DIMS and an element family of
     ELEMS, with dropout or not and a mask of kind ``mask_kind`` (MASK_KINDS' numbers, 0: none) compiled in;
-    tests/test_flash.py compiles them with NVRTC on the CPU."""
+    ``block_n``: the forward's keys per tile (0: forward_block_n's default). tests/test_flash.py compiles them
+    with NVRTC on the CPU."""
     short = {"float16": "f16", "bfloat16": "bf16", "float32": "f32", "tf32": "tf32"}[elem]
-    name = f"efficient_{kind}_{short}_d{head_dim}{'_dropout' if dropout else ''}_mask{mask_kind}"
-    block_n = {"forward": forward_block_n(head_dim, elem), "dq": dq_block_n(head_dim, elem),
+    block_n = {"forward": forward_block_n(head_dim, elem, block_n), "dq": dq_block_n(head_dim, elem),
                "dkdv": dkdv_block_m(head_dim, elem), "fused": dkdv_block_m(head_dim, elem, True)}[kind]
+    name = f"efficient_{kind}_{short}_d{head_dim}_n{block_n}{'_dropout' if dropout else ''}_mask{mask_kind}"
     defines = (f"#define EFF_NAME {name}\n#define EFF_HEAD_DIM {head_dim}\n#define EFF_BLOCK_N {block_n}\n"
                f"#define EFF_ELEM {ELEMS[elem]}\n#define EFF_DROPOUT {int(dropout)}\n"
                f"#define EFF_MASK_KIND {mask_kind}\n")
@@ -146,8 +153,8 @@ def tile_loop_source(head_dim: int, elem: str, kind: str, dropout: bool, mask_ki
 
 
 @functools.cache
-def _tile_loop(head_dim: int, elem: str, kind: str, dropout: bool, mask_kind: int):
-    name, source = tile_loop_source(head_dim, elem, kind, dropout, mask_kind)
+def _tile_loop(head_dim: int, elem: str, kind: str, dropout: bool, mask_kind: int, block_n: int = 0):
+    name, source = tile_loop_source(head_dim, elem, kind, dropout, mask_kind, block_n)
     args = _ARGS if kind == "forward" else _BWD_ARGS
     return cuda.declare_device(name, f"int32({args})", link=[cuda.CUSource(source, name=f"{name}.cu")], abi="c")
 
@@ -171,8 +178,8 @@ def _at(base, itemsize, st, b0, b1, b2, h, row):
 
 
 @functools.cache
-def _kernel(head_dim: int, elem: str, dropout: bool, mask_kind: int, registers: int):
-    tile_loop = _tile_loop(head_dim, elem, "forward", dropout, mask_kind)
+def _kernel(head_dim: int, elem: str, dropout: bool, mask_kind: int, registers: int, block_n: int):
+    tile_loop = _tile_loop(head_dim, elem, "forward", dropout, mask_kind, block_n)
     size = 4 if _wide(elem) else 2  # bytes per element of q, k, v and out
 
     @cuda.jit(max_registers=registers)
@@ -209,13 +216,14 @@ def _address_and_strides(x):
     return int(x.data.ptr), tuple(int(s) // x.itemsize for s in x.strides)
 
 
-def forward(pr, views, out_v, lse_v, device, structure, registers: int):
+def forward(pr, views, out_v, lse_v, device, structure, registers: int, block_n: int = 0):
     """Launch the tensor_core forward into out_v (6-D) and lse_v (5-D) views; see attention.forward.
-    ``registers``: the kernels' register cap (KernelConfig.tensor_core_registers)."""
+    ``registers``: the kernels' register cap (KernelConfig.tensor_core_registers); ``block_n`` the preferred
+    keys per tile (KernelConfig.tensor_core_block_n, 0: the default)."""
     _, _, left, right, seed_lo, seed_hi, offset, threshold, rescale = structure
     head_dim, elem = head_dim_for(pr.E, pr.Ev), elem_of(pr)
     kernel = _kernel(head_dim, elem, pr.dropout_p > 0, mask_kind_of(pr),
-                     registers_for(head_dim, elem, registers, forward=True))
+                     registers_for(head_dim, elem, registers, forward=True), forward_block_n(head_dim, elem, block_n))
     q, qs = _address_and_strides(views.q)
     k, ks = _address_and_strides(views.k)
     v, vs = _address_and_strides(views.v)

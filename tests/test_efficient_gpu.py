@@ -236,7 +236,7 @@ def test_public_api_runs_on_the_current_stream_and_compiles_once(gpu, rng):
     with stream, cusdpa.sdpa_kernel([cusdpa.Backend.EFFICIENT]):
         assert cusdpa.explain(*pr_args).chosen is cusdpa.Backend.EFFICIENT
         first = cusdpa.scaled_dot_product_attention(*pr_args, is_causal=True)
-        kernel = tensor_core._kernel(64, "float16", False, 0, kn.current().tensor_core_registers)  # the one that ran
+        kernel = tensor_core._kernel(64, "float16", False, 0, kn.current().tensor_core_registers, 64)  # the one that ran
 
         def compiled():
             return (tensor_core._kernel.cache_info().currsize, blocked_forward.forward_kernel.cache_info().currsize,
@@ -393,3 +393,16 @@ def test_fp32_with_tf32_allowed_takes_one_tf32_product(gpu, rng, monkeypatch):
         failures += [f"{case}: {m}" for m in _failures(gpu, pr, rng, "tensor_core")]
     assert not failures, "\n".join(failures)
     assert families and set(families) == {"tf32"}
+
+
+@pytest.mark.parametrize("block_n", [32, 64])
+def test_forward_keys_per_tile(gpu, rng, block_n):
+    """KernelConfig.tensor_core_block_n: the forward with 32- or 64-key tiles (where they fit), judged."""
+    cases = [Case("bfloat16", batch=(2,), hq=4, hkv=2, L=97, S=130, E=128, causal="upper_left"),
+             Case("float16", batch=(2,), hq=2, hkv=2, L=130, S=70, E=64, mask="bool", dropout_p=0.1),
+             Case("float32", batch=(1,), hq=2, hkv=1, L=64, S=100, E=64, causal="lower_right")]
+    failures = []
+    for case in cases:
+        failures += [f"{case}: {m}" for m in _failures(gpu, harness.build(case, gpu[0], rng), rng, "tensor_core",
+                                                      tensor_core_block_n=block_n)]
+    assert not failures, "\n".join(failures)
