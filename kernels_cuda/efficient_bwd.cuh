@@ -115,19 +115,43 @@ __device__ void backward_dq(const BwdArgs& a) {
   Ops::load_a<HEAD_DIM>(df, a.dout, a.do_rs, row0, a.vis.L, a.Ev, t);
   float lse2[2], dlt[2];
   bool live[2];
+#if EFF_ELEM >= 2  // fp32 (ELEM_F32, ELEM_TF32)
+  {
+    // D_i = dO_i . O_i as a tile product on dP's own fragments, splits and order (the diagonal of dO O^T over
+    // the warp's 16 rows, O staged where the key loop stages K and V): where row i sees one key j, O_i is
+    // V_j's big + small, which splits as V_j does (Tf32Ops::split), so D_i = dP_ij bit for bit and dS_ij = 0
+    // exactly, as autograd's softmax gives. An fp32 sum in another order left noise above fp32's floor there.
+    static_assert(BLOCK_N >= 32 && EFF_WARPS == 4, "two warps' 16 rows in each of the K and V tiles");
+    Elem* rows = (warp < 2 ? k_tile : v_tile) + (warp % 2) * 16 * STRIDE;
+    for (int c = lane; c < 16 * HEAD_DIM; c += 32) {
+      const int r = c / HEAD_DIM, e = c % HEAD_DIM;
+      const i64 i = a.first + warp * 16 + r;
+      rows[r * STRIDE + e] = (i < a.vis.L && e < a.Ev) ? a.out[i * a.o_rs + e] : 0.f;
+    }
+    __syncwarp();
+    float dd[2][4];
+    Ops::product_abt<HEAD_DIM, 2>(dd, df, rows, lane);
+    const int diagonal = g * 4 + g / 2;  // the lane holding column g of rows g (tile 0) and g + 8 (tile 1)
+    dlt[0] = __shfl_sync(0xffffffffu, (g & 1) ? dd[0][1] : dd[0][0], diagonal);
+    dlt[1] = __shfl_sync(0xffffffffu, (g & 1) ? dd[1][3] : dd[1][2], diagonal);
+    __syncthreads();  // every warp is done with its rows before the key loop stages its tiles there
+  }
+#endif
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     const i64 i = row0 + r * 8;
     const float l = i < a.vis.L ? a.lse[i * a.lse_rs] : -CUSDPA_INF;
     live[r] = l != -CUSDPA_INF;
     lse2[r] = __fmul_rn(l, LOG2E);  // rounded alone, as the forward rounds its max (efficient_fwd.cuh)
+#if EFF_ELEM < 2
     float sum = 0.f;  // D_i: the quad's four lanes take every fourth column
     if (i < a.vis.L)
       for (i64 e = t; e < a.Ev; e += 4) sum += Ops::to_f32(a.out[i * a.o_rs + e]) * Ops::to_f32(a.dout[i * a.do_rs + e]);
     sum += __shfl_xor_sync(0xffffffffu, sum, 1);
     sum += __shfl_xor_sync(0xffffffffu, sum, 2);
     dlt[r] = sum;
-    if (t == 0 && i < a.vis.L) a.delta[i * a.delta_rs] = sum;
+#endif
+    if (t == 0 && i < a.vis.L) a.delta[i * a.delta_rs] = dlt[r];
   }
 
   float acc[HEAD_DIM / 8][4];
@@ -268,8 +292,9 @@ __device__ void backward_dkdv(const BwdArgs& a) {
       __syncthreads();
 
       float st[QT][4], dpt[QT][4];
-      Ops::product_abt<HEAD_DIM, QT>(st, kf, q_tile, lane);
-      Ops::product_abt_shared<HEAD_DIM, QT>(dpt, v_tile + warp * 16 * STRIDE, do_tile, lane);  // dP^T = V dO^T
+      // S^T = K Q^T and dP^T = V dO^T: the other kernels' products with the operands' roles swapped
+      Ops::product_abt<HEAD_DIM, QT, true>(st, kf, q_tile, lane);
+      Ops::product_abt_shared<HEAD_DIM, QT, true>(dpt, v_tile + warp * 16 * STRIDE, do_tile, lane);
       const bool full = MASK_KIND == MASK_NONE && a.vis.tile_full(m0, BLOCK_M, a.first, EFF_BLOCK_M);
       Ops::PFrag<QT> pf, sf;  // (P o Z)^T and dS^T as A operands
 #pragma unroll

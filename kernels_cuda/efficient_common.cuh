@@ -197,8 +197,8 @@ struct HalfOps {
   }
 
   // C[nt] = A B^T for one warp's 16 rows against the NT * 8 rows of a row-major tile (B^T's rows), A as
-  // register fragments.
-  template <int HEAD_DIM, int NT>
+  // register fragments. SWAPPED orders Tf32Ops' split products; one MMA per product here has none to order.
+  template <int HEAD_DIM, int NT, bool SWAPPED = false>
   static __device__ __forceinline__ void product_abt(float (&c)[NT][4], const AFrag<HEAD_DIM>& a, const u16* tile,
                                                      int lane) {
     constexpr int STRIDE = HEAD_DIM + VEC, KSTEPS = HEAD_DIM / 16;
@@ -218,7 +218,7 @@ struct HalfOps {
   }
 
   // The same with A the 16 rows of a shared tile at a_rows (row-major, the tile's stride).
-  template <int HEAD_DIM, int NT>
+  template <int HEAD_DIM, int NT, bool SWAPPED = false>
   static __device__ __forceinline__ void product_abt_shared(float (&c)[NT][4], const u16* a_rows, const u16* tile,
                                                             int lane) {
     constexpr int STRIDE = HEAD_DIM + VEC;
@@ -311,25 +311,34 @@ struct Tf32Ops {
     u32 big, small;
   };
 
+  // big = x rounded to TF32, small = x - big (exact) truncated to TF32: a split of big + small gives big and
+  // small back (rounding small instead could reach half an ulp of big, and big + small then round to another
+  // big), so an output that is one value row's big + small (a row that sees one key) splits as that row
+  // did, which backward_dq's D relies on.
   template <bool PINNED = false>
   static __device__ __forceinline__ Split split(float x) {
     Split s;
     s.big = to_tf32<PINNED>(x);
     if (PASSES == 3) {
-      // x - big is exact; NaN only where x is +-inf or NaN, whose big part already carries it (inf - inf
-      // would turn an inf product NaN).
+      // NaN only where x is +-inf or NaN, whose big part already carries it (inf - inf would turn an inf
+      // product NaN)
       const float rest = x - __uint_as_float(s.big);
-      s.small = to_tf32<PINNED>(rest == rest ? rest : 0.f);
+      s.small = __float_as_uint(rest == rest ? rest : 0.f) & 0xffffe000u;
     }
     return s;
   }
 
-  // D += A B on split operands: small * big and big * small first (the small terms), then big * big; the
-  // dropped small * small is below fp32's rounding.
+  // D += A B on split operands: the two small terms first, then big * big; the dropped small * small is below
+  // fp32's rounding. The small terms go in the order of the products, not of the operands' roles: (a small, b
+  // big) then (a big, b small), or with SWAPPED, where a and b hold the operands of the other kernels' product
+  // the other way round (the dk/dv kernel's K Q^T and V dO^T), (a big, b small) first: every product then
+  // sums the same terms in the same order, so dP^T there equals dP and D where a row sees one key.
+  template <bool SWAPPED = false>
   static __device__ __forceinline__ void mma(float (&d)[4], const Split (&a)[4], const Split& b0, const Split& b1) {
     if (PASSES == 3) {
+      if (SWAPPED) mma_1688_tf32(d, a[0].big, a[1].big, a[2].big, a[3].big, b0.small, b1.small);
       mma_1688_tf32(d, a[0].small, a[1].small, a[2].small, a[3].small, b0.big, b1.big);
-      mma_1688_tf32(d, a[0].big, a[1].big, a[2].big, a[3].big, b0.small, b1.small);
+      if (!SWAPPED) mma_1688_tf32(d, a[0].big, a[1].big, a[2].big, a[3].big, b0.small, b1.small);
     }
     mma_1688_tf32(d, a[0].big, a[1].big, a[2].big, a[3].big, b0.big, b1.big);
   }
@@ -367,7 +376,7 @@ struct Tf32Ops {
   }
 
   // C[nt] += A B^T for one k-step: a this thread's 4 A values, B^T the tile's rows nt * 8 + g.
-  template <int HEAD_DIM, int NT>
+  template <int HEAD_DIM, int NT, bool SWAPPED>
   static __device__ __forceinline__ void abt_kstep(float (&c)[NT][4], const float (&a)[4], const float* tile, int ks,
                                                    int lane) {
     constexpr int STRIDE = HEAD_DIM + VEC;
@@ -376,20 +385,20 @@ struct Tf32Ops {
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt) {
       const float* b = tile + (nt * 8 + g) * STRIDE + ks * 8 + t;
-      mma(c[nt], as, split(b[0]), split(b[4]));
+      mma<SWAPPED>(c[nt], as, split(b[0]), split(b[4]));
     }
   }
 
-  template <int HEAD_DIM, int NT>
+  template <int HEAD_DIM, int NT, bool SWAPPED = false>
   static __device__ __forceinline__ void product_abt(float (&c)[NT][4], const AFrag<HEAD_DIM>& a, const float* tile,
                                                      int lane) {
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt) c[nt][0] = c[nt][1] = c[nt][2] = c[nt][3] = 0.f;
 #pragma unroll
-    for (int ks = 0; ks < HEAD_DIM / 8; ++ks) abt_kstep<HEAD_DIM, NT>(c, a.r[ks], tile, ks, lane);
+    for (int ks = 0; ks < HEAD_DIM / 8; ++ks) abt_kstep<HEAD_DIM, NT, SWAPPED>(c, a.r[ks], tile, ks, lane);
   }
 
-  template <int HEAD_DIM, int NT>
+  template <int HEAD_DIM, int NT, bool SWAPPED = false>
   static __device__ __forceinline__ void product_abt_shared(float (&c)[NT][4], const float* a_rows, const float* tile,
                                                             int lane) {
     constexpr int STRIDE = HEAD_DIM + VEC;
@@ -400,7 +409,7 @@ struct Tf32Ops {
     for (int ks = 0; ks < HEAD_DIM / 8; ++ks) {
       const float* a = a_rows + g * STRIDE + ks * 8 + t;
       const float af[4] = {a[0], a[8 * STRIDE], a[4], a[8 * STRIDE + 4]};
-      abt_kstep<HEAD_DIM, NT>(c, af, tile, ks, lane);
+      abt_kstep<HEAD_DIM, NT, SWAPPED>(c, af, tile, ks, lane);
     }
   }
 
