@@ -5,8 +5,9 @@
 //
 // EFF_ELEM picks the family, one per module: 0 float16 and 1 bfloat16 (m16n8k16, fragments through ldmatrix),
 // 2 float32 and 3 float32 allowed TF32 (m16n8k8 on TF32; 2 splits each operand into a TF32 "big" part and a
-// TF32 "small" remainder and adds small*big + big*small + big*big, three MMAs whose sum is as accurate as
-// fp32 FMAs -- what PyTorch's EFFICIENT_ATTENTION computes fp32 with, CUTLASS's OpMultiplyAddFastF32 -- and 3
+// TF32 "small" remainder and adds small*big + big*small + big*big, three MMAs whose operands keep 22 of
+// fp32's 24 bits (within 2^-23 relative, fp32 rounds within 2^-24) -- what PyTorch's EFFICIENT_ATTENTION
+// computes fp32 with, CUTLASS's OpMultiplyAddFastF32 -- and 3
 // takes one MMA of the big parts, TF32's 10-bit mantissa, when the caller allowed it).
 //
 // EFF_DROPOUT (0 or 1) and EFF_MASK_KIND (a MaskKind) come in front of the source with the head dim, one
