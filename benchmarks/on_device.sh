@@ -59,7 +59,7 @@ command_of() {  # the command of stage $1, into the array cmd
                          && for c in 128 256; do python3 benchmarks/efficient_gpu.py --L 4096 --reps 5 --dtypes bfloat16 \
                          --head-dims 192 256 --config tensor_core_head_dim=$c | tail -n 6; done') ;;
     efficient-fp32-tc) cmd=(bash -c 'python3 -m pytest -q -m "gpu and not slow" -p no:cacheprovider tests/test_efficient_gpu.py \
-                            tests/test_nonfinite.py -k "float32 and tensor_core" \
+                            tests/test_nonfinite.py -k "(float32 and tensor_core) or fp32 or tf32" \
                             && for c in 0 1; do python3 benchmarks/efficient_gpu.py --dtypes float32 --head-dims 64 128 \
                             --L 2048 --hidden 1024 --reps 5 --config tensor_core_fp32=$c | tail -n 6; done') ;;
     efficient-fused) cmd=(bash -c 'python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_efficient_gpu.py -k fused \
