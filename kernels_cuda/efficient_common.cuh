@@ -307,9 +307,11 @@ struct Tf32Ops {
   struct PFrag {
     float r[NT][4];
   };
-  // An operand split into TF32 parts: x ~ big + small (small unused with one pass).
+  // An operand split into TF32 parts: x ~ big + small (small unused with one pass); cross is big where x is
+  // finite and 0 where not, the factor of x in the small terms: there an inf x meeting the other operand's
+  // small part of 0 would make 0 * inf = NaN where x's product is +-inf (a V row of inf under P > 0).
   struct Split {
-    u32 big, small;
+    u32 big, small, cross;
   };
 
   // big = x rounded to TF32, small = x - big (exact) truncated to TF32: a split of big + small gives big and
@@ -321,10 +323,11 @@ struct Tf32Ops {
     Split s;
     s.big = to_tf32<PINNED>(x);
     if (PASSES == 3) {
-      // NaN only where x is +-inf or NaN, whose big part already carries it (inf - inf would turn an inf
-      // product NaN)
+      // NaN only where x is +-inf or NaN, whose big part alone carries it into big * big
       const float rest = x - __uint_as_float(s.big);
-      s.small = __float_as_uint(rest == rest ? rest : 0.f) & 0xffffe000u;
+      const bool finite = rest == rest;
+      s.small = __float_as_uint(finite ? rest : 0.f) & 0xffffe000u;
+      s.cross = finite ? s.big : 0u;
     }
     return s;
   }
@@ -337,9 +340,9 @@ struct Tf32Ops {
   template <bool SWAPPED = false>
   static __device__ __forceinline__ void mma(float (&d)[4], const Split (&a)[4], const Split& b0, const Split& b1) {
     if (PASSES == 3) {
-      if (SWAPPED) mma_1688_tf32(d, a[0].big, a[1].big, a[2].big, a[3].big, b0.small, b1.small);
-      mma_1688_tf32(d, a[0].small, a[1].small, a[2].small, a[3].small, b0.big, b1.big);
-      if (!SWAPPED) mma_1688_tf32(d, a[0].big, a[1].big, a[2].big, a[3].big, b0.small, b1.small);
+      if (SWAPPED) mma_1688_tf32(d, a[0].cross, a[1].cross, a[2].cross, a[3].cross, b0.small, b1.small);
+      mma_1688_tf32(d, a[0].small, a[1].small, a[2].small, a[3].small, b0.cross, b1.cross);
+      if (!SWAPPED) mma_1688_tf32(d, a[0].cross, a[1].cross, a[2].cross, a[3].cross, b0.small, b1.small);
     }
     mma_1688_tf32(d, a[0].big, a[1].big, a[2].big, a[3].big, b0.big, b1.big);
   }
