@@ -127,8 +127,9 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     ``seed`` (an int, or a (seed, offset) pair; None draws one). ``return_lse`` also returns the
     float32 logsumexp (..., Hq, L). ``allow_tf32=True`` lets fp32 inputs take their products on TF32 tensor
     cores (EFFICIENT with ``KernelConfig.tensor_core_fp32``: one TF32 product, a 10-bit mantissa, where fp32
-    otherwise takes three, fp32's accuracy); a precision, not a semantic. Bad arguments raise ``cusdpa.ArgumentError`` (a ValueError and a
-    RuntimeError) or ``cusdpa.ArgumentTypeError`` (a TypeError and a RuntimeError).
+    otherwise takes three, about fp32's accuracy); a precision, not a semantic. Bad arguments raise
+    ``cusdpa.ArgumentError`` (a ValueError and a RuntimeError) or ``cusdpa.ArgumentTypeError`` (a TypeError and
+    a RuntimeError).
     """
     options = (dropout_p, is_causal, scale, enable_gqa, causal_variant, window, softcap, allow_tf32)
     query, key, value, _ = problem.broadcast_heads(query, key, value, enable_gqa)

@@ -42,8 +42,8 @@ class KernelConfig:
       192, 224, 256; 32-key tiles, two blocks per SM). The backward's tensor_core loops stop at 128 whatever
       this says (wider heads take the portable backward). 128 until the wide forward has run on a GPU.
     tensor_core_fp32: fp32 inputs take the tensor_core loops too (TF32 tensor cores, each product as three of
-      split operands: fp32's accuracy, as PyTorch's EFFICIENT_ATTENTION runs fp32; head dims <= 128 forward,
-      <= 96 backward); off: fp32 runs on the portable kernels' FMAs. Off until it has run on a GPU.
+      split operands, within 2^-23 relative: about fp32's accuracy, as PyTorch's EFFICIENT_ATTENTION runs fp32;
+      head dims <= 128 forward, <= 96 backward); off: fp32 runs on the portable kernels' FMAs. Off until it has run on a GPU.
     fused_backward: the tensor_core backward of 16-bit types in one kernel per key block (five tile products
       instead of the two kernels' seven), dQ added into an fp32 accumulator with atomics, so its bits vary run
       to run, as PyTorch's EFFICIENT_ATTENTION backward's do; a backward asked to be deterministic keeps the

@@ -8,7 +8,7 @@ The C source is linked through ``cuda.declare_device(..., link=[CUSource], abi="
 (head dim, dtype, dropout or not, mask kind) per source, as FLASH compiles its kernels: NVRTC compiles only
 what a problem needs, once per process, and no tile loop carries the code of features it does not use.
 fp16/bf16 with E and Ev <= 128 (padded to 32/64/96/128; to 256 on the forward by KernelConfig), fp32 on TF32
-tensor cores (three products of split operands, fp32's accuracy) with E and Ev <= 128 forward, <= 96 backward;
+tensor cores (three products of split operands, about fp32's accuracy) with E and Ev <= 128 forward, <= 96 backward;
 unit stride along the head dim; every mask kind, causal, window, dropout, GQA and varlen as in the portable
 variant.
 """
@@ -42,7 +42,7 @@ BWD_BLOCK_N = 64  # keys per dk/dv block (efficient_bwd.cuh: EFF_BLOCK_M, 16 per
 
 
 # The tile loops' element families (efficient_common.cuh's ElemKind): "float32" runs fp32 inputs as three TF32
-# products of split operands (fp32's accuracy, as PyTorch's EFFICIENT_ATTENTION does), "tf32" as one (only when
+# products of split operands (about fp32's accuracy, as PyTorch's EFFICIENT_ATTENTION does), "tf32" as one (only when
 # the caller allowed TF32).
 ELEMS = {"float16": 0, "bfloat16": 1, "float32": 2, "tf32": 3}
 # fp32 tiles take twice the shared memory: the forward stops at head dim 128 (32-key tiles), the dk/dv loop at
