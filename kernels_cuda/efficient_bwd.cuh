@@ -19,6 +19,11 @@
 //     run: the non-deterministic backward, as PyTorch's EFFICIENT_ATTENTION and FLASH's default are; a
 //     pre-pass writes D and zeroes the accumulator, a post-pass scales and rounds it into dq
 //     (kernels_numba/dq_accumulate.py). 16 queries a step at head dim 128, to fit 48 KiB.
+// Column parts (EFF_COL_PARTS = 2) for head dims whose three fragment sets would not fit a thread's registers
+//     (16-bit past 128, fp32 past 96): the two warps of a pair take the same 16 rows, both compute S and dP over
+//     the whole head dim, and each accumulates half of dQ's (dK's and dV's) columns. A block then covers 32
+//     rows; the duplicated S and dP cost half again the tensor work of a block, far less than the portable
+//     kernels' fp32 CUDA-core products these head dims took before.
 // Only seen pairs carry weight: P and dS are selected (not multiplied) to 0 elsewhere. The operands of the
 // gradient products are cleaned so that 0 * NaN cannot leak: non-finite K values are zeroed for dQ (a query
 // that sees such a key has a non-finite dS anyway), and Q and dO rows that see no key (lse = -inf) are
@@ -26,6 +31,14 @@
 #include "efficient_common.cuh"
 
 namespace efficient {
+
+constexpr int COL_PARTS = EFF_COL_PARTS, ROW_WARPS = EFF_WARPS / COL_PARTS;
+constexpr int BLOCK_ROWS = 16 * ROW_WARPS;  // a block's query rows (dq) or key rows (dkdv)
+
+// A warp's 16 rows (row group) and its share of the gradient's columns (column part); written so that without
+// parts nothing is computed (the compiler cannot know that warp < EFF_WARPS).
+__device__ __forceinline__ int row_group(int warp) { return COL_PARTS == 1 ? warp : warp % ROW_WARPS; }
+__device__ __forceinline__ int col_part(int warp) { return COL_PARTS == 1 ? 0 : warp / ROW_WARPS; }
 
 struct BwdArgs : SliceArgs {  // bh: the dq slice's, or the dk/dv group's first query head's
   const Elem *q, *k, *v, *dout, *out;  // row r at base + r * row stride, unit stride along the head dim
@@ -105,9 +118,11 @@ __device__ void backward_dq(const BwdArgs& a) {
   __shared__ __align__(16) Elem k_tile[BLOCK_N * STRIDE];
   __shared__ __align__(16) Elem v_tile[BLOCK_N * STRIDE];
 
+  constexpr int COLS = HEAD_DIM / COL_PARTS;
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, g = lane / 4, t = lane % 4;
-  const i64 row0 = a.first + warp * 16 + g;  // this thread's rows: row0 and row0 + 8
-  const i64 m_last = min(a.vis.L, a.first + EFF_BLOCK_M) - 1;
+  const int rg = row_group(warp), part = col_part(warp), c0 = part * COLS;
+  const i64 row0 = a.first + rg * 16 + g;  // this thread's rows: row0 and row0 + 8
+  const i64 m_last = min(a.vis.L, a.first + BLOCK_ROWS) - 1;
   const bool vec = vectorizable<Ops>(a.k, a.k_rs, a.E) && vectorizable<Ops>(a.v, a.v_rs, a.Ev);
 
   Ops::AFrag<HEAD_DIM> qf, df;
@@ -125,7 +140,7 @@ __device__ void backward_dq(const BwdArgs& a) {
     Elem* rows = (warp < 2 ? k_tile : v_tile) + (warp % 2) * 16 * STRIDE;
     for (int c = lane; c < 16 * HEAD_DIM; c += 32) {
       const int r = c / HEAD_DIM, e = c % HEAD_DIM;
-      const i64 i = a.first + warp * 16 + r;
+      const i64 i = a.first + rg * 16 + r;
       rows[r * STRIDE + e] = (i < a.vis.L && e < a.Ev) ? a.out[i * a.o_rs + e] : 0.f;
     }
     __syncwarp();
@@ -151,12 +166,12 @@ __device__ void backward_dq(const BwdArgs& a) {
     sum += __shfl_xor_sync(0xffffffffu, sum, 2);
     dlt[r] = sum;
 #endif
-    if (t == 0 && i < a.vis.L) a.delta[i * a.delta_rs] = dlt[r];
+    if (t == 0 && part == 0 && i < a.vis.L) a.delta[i * a.delta_rs] = dlt[r];
   }
 
-  float acc[HEAD_DIM / 8][4];
+  float acc[COLS / 8][4];
 #pragma unroll
-  for (int d = 0; d < HEAD_DIM / 8; ++d) acc[d][0] = acc[d][1] = acc[d][2] = acc[d][3] = 0.f;
+  for (int d = 0; d < COLS / 8; ++d) acc[d][0] = acc[d][1] = acc[d][2] = acc[d][3] = 0.f;
   i64 lo, hi;
   a.vis.key_range(a.first, m_last + 1, lo, hi);
   for (i64 n0 = lo / BLOCK_N * BLOCK_N; n0 < hi; n0 += BLOCK_N) {
@@ -189,7 +204,7 @@ __device__ void backward_dq(const BwdArgs& a) {
             const float p = exp2f(__fmul_rn(v, LOG2E) - lse2[r]);
             const float z = !DROPOUT ? 1.f : keep[c] ? a.rescale : 0.f;
             d = p * (dp[nt][2 * r + c] * z - dlt[r]);
-            if (a.dmask != nullptr) store_mask_grad(a.dmask, MASK_KIND, i * a.dmask_rs + j * a.dmask_cs, d);
+            if (a.dmask != nullptr && part == 0) store_mask_grad(a.dmask, MASK_KIND, i * a.dmask_rs + j * a.dmask_cs, d);
           }
           ds[2 * r + c] = d;
         }
@@ -203,50 +218,52 @@ __device__ void backward_dq(const BwdArgs& a) {
       keep_finite<HEAD_DIM, BLOCK_N>(k_tile);
       __syncthreads();
     }
-    Ops::product_pb<HEAD_DIM, NTILES>(acc, sf, k_tile, lane);
+    Ops::product_pb<HEAD_DIM, NTILES, COLS>(acc, sf, k_tile + c0, lane);
     __syncthreads();  // every warp is done with both tiles before the next ones are staged
   }
-  store_rows<HEAD_DIM>(a.dx, a.dx_rs, acc, a.scale, row0, a.vis.L, a.E, t);
+  store_rows<COLS>(a.dx + c0, a.dx_rs, acc, a.scale, row0, a.vis.L, a.E - c0, t);
 }
 
 template <int HEAD_DIM, int BLOCK_M>  // BLOCK_M: queries per step
 __device__ void backward_dkdv(const BwdArgs& a) {
   constexpr int VEC = Ops::VEC, STRIDE = HEAD_DIM + VEC;
-  constexpr int QT = BLOCK_M / 8;
-  __shared__ __align__(16) Elem v_tile[EFF_BLOCK_M * STRIDE];  // the block's V rows: dP^T = V dO^T's A operand
+  constexpr int QT = BLOCK_M / 8, COLS = HEAD_DIM / COL_PARTS;
+  __shared__ __align__(16) Elem v_tile[BLOCK_ROWS * STRIDE];  // the block's V rows: dP^T = V dO^T's A operand
   __shared__ __align__(16) Elem q_tile[BLOCK_M * STRIDE];
   __shared__ __align__(16) Elem do_tile[BLOCK_M * STRIDE];
   __shared__ float lse_tile[BLOCK_M], delta_tile[BLOCK_M];  // lse in the log2 domain
 #if EFF_FUSED
-  static_assert(EFF_ELEM == ELEM_F16 || EFF_ELEM == ELEM_BF16, "the fused dQ product is written for 16-bit types");
+  static_assert((EFF_ELEM == ELEM_F16 || EFF_ELEM == ELEM_BF16) && COL_PARTS == 1,
+                "the fused dQ product is written for 16-bit types, whole rows per warp");
   constexpr bool BF16 = EFF_ELEM == ELEM_BF16;
-  constexpr int DS_STRIDE = EFF_BLOCK_M + VEC;  // ds_tile: [query][key], 64 keys (+16 bytes: ldmatrix's rows
+  constexpr int DS_STRIDE = BLOCK_ROWS + VEC;  // ds_tile: [query][key], 64 keys (+16 bytes: ldmatrix's rows
                                                 // fall on distinct banks)
-  __shared__ __align__(16) Elem k_tile[EFF_BLOCK_M * STRIDE];  // the block's K rows: dQ = dS K's B operand
+  __shared__ __align__(16) Elem k_tile[BLOCK_ROWS * STRIDE];  // the block's K rows: dQ = dS K's B operand
   __shared__ __align__(16) Elem ds_tile[BLOCK_M * DS_STRIDE];
 #endif
 
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, g = lane / 4, t = lane % 4;
-  const i64 key0 = a.first + warp * 16 + g;  // this thread's keys: key0 and key0 + 8
-  const i64 n_last = min(a.vis.S, a.first + EFF_BLOCK_M) - 1;
+  const int rg = row_group(warp), part = col_part(warp), c0 = part * COLS;
+  const i64 key0 = a.first + rg * 16 + g;  // this thread's keys: key0 and key0 + 8
+  const i64 n_last = min(a.vis.S, a.first + BLOCK_ROWS) - 1;
   Ops::AFrag<HEAD_DIM> kf;
   Ops::load_a<HEAD_DIM>(kf, a.k, a.k_rs, key0, a.vis.S, a.E, t);
-  stage_tile<Ops, HEAD_DIM, EFF_BLOCK_M>(v_tile, a.v, a.v_rs, a.first, a.vis.S, a.Ev,
+  stage_tile<Ops, HEAD_DIM, BLOCK_ROWS>(v_tile, a.v, a.v_rs, a.first, a.vis.S, a.Ev,
                                          vectorizable<Ops>(a.v, a.v_rs, a.Ev));
 #if EFF_FUSED
-  stage_tile<Ops, HEAD_DIM, EFF_BLOCK_M>(k_tile, a.k, a.k_rs, a.first, a.vis.S, a.E,
+  stage_tile<Ops, HEAD_DIM, BLOCK_ROWS>(k_tile, a.k, a.k_rs, a.first, a.vis.S, a.E,
                                          vectorizable<Ops>(a.k, a.k_rs, a.E));
 #endif
   cp_async_commit();
 #if EFF_FUSED
   cp_async_wait<0>();
   __syncthreads();
-  keep_finite<HEAD_DIM, EFF_BLOCK_M>(k_tile);  // read only after the first step's barriers
+  keep_finite<HEAD_DIM, BLOCK_ROWS>(k_tile);  // read only after the first step's barriers
 #endif
 
-  float dk[HEAD_DIM / 8][4], dv[HEAD_DIM / 8][4];
+  float dk[COLS / 8][4], dv[COLS / 8][4];
 #pragma unroll
-  for (int d = 0; d < HEAD_DIM / 8; ++d) {
+  for (int d = 0; d < COLS / 8; ++d) {
     dk[d][0] = dk[d][1] = dk[d][2] = dk[d][3] = 0.f;
     dv[d][0] = dv[d][1] = dv[d][2] = dv[d][3] = 0.f;
   }
@@ -265,7 +282,7 @@ __device__ void backward_dkdv(const BwdArgs& a) {
     // The steps in an order rotated by the key block's index: blocks that start together would otherwise add
     // into the same dQ rows at the same time, and atomics on one address serialise.
     const i64 m_begin = lo / BLOCK_M * BLOCK_M, steps = hi > m_begin ? (hi - m_begin + BLOCK_M - 1) / BLOCK_M : 0;
-    const i64 rotation = steps ? (a.first / EFF_BLOCK_M) % steps : 0;
+    const i64 rotation = steps ? (a.first / BLOCK_ROWS) % steps : 0;
     for (i64 s = 0; s < steps; ++s) {
       const i64 m0 = m_begin + (s + rotation < steps ? s + rotation : s + rotation - steps) * BLOCK_M;
 #else
@@ -294,8 +311,8 @@ __device__ void backward_dkdv(const BwdArgs& a) {
       float st[QT][4], dpt[QT][4];
       // S^T = K Q^T and dP^T = V dO^T: the other kernels' products with the operands' roles swapped
       Ops::product_abt<HEAD_DIM, QT, true>(st, kf, q_tile, lane);
-      Ops::product_abt_shared<HEAD_DIM, QT, true>(dpt, v_tile + warp * 16 * STRIDE, do_tile, lane);
-      const bool full = MASK_KIND == MASK_NONE && a.vis.tile_full(m0, BLOCK_M, a.first, EFF_BLOCK_M);
+      Ops::product_abt_shared<HEAD_DIM, QT, true>(dpt, v_tile + rg * 16 * STRIDE, do_tile, lane);
+      const bool full = MASK_KIND == MASK_NONE && a.vis.tile_full(m0, BLOCK_M, a.first, BLOCK_ROWS);
       Ops::PFrag<QT> pf, sf;  // (P o Z)^T and dS^T as A operands
 #pragma unroll
       for (int nt = 0; nt < QT; ++nt) {
@@ -323,13 +340,13 @@ __device__ void backward_dkdv(const BwdArgs& a) {
 #pragma unroll
         for (int x = 0; x < 4; ++x) {
           const u32 pair = sf.r[nt][x / 2];
-          ds_tile[(nt * 8 + 2 * t + x % 2) * DS_STRIDE + warp * 16 + g + (x / 2) * 8] =
+          ds_tile[(nt * 8 + 2 * t + x % 2) * DS_STRIDE + rg * 16 + g + (x / 2) * 8] =
               (u16)(x % 2 ? pair >> 16 : pair & 0xffffu);
         }
 #endif
       }
-      if (a.want_dv) Ops::product_pb<HEAD_DIM, QT>(dv, pf, do_tile, lane);
-      if (a.want_dk) Ops::product_pb<HEAD_DIM, QT>(dk, sf, q_tile, lane);
+      if (a.want_dv) Ops::product_pb<HEAD_DIM, QT, COLS>(dv, pf, do_tile + c0, lane);
+      if (a.want_dk) Ops::product_pb<HEAD_DIM, QT, COLS>(dk, sf, q_tile + c0, lane);
 #if EFF_FUSED
       __syncthreads();  // every warp's dS of the step is in ds_tile
       {
@@ -343,7 +360,7 @@ __device__ void backward_dkdv(const BwdArgs& a) {
 #pragma unroll
         for (int d = 0; d < DT; ++d) dq[d][0] = dq[d][1] = dq[d][2] = dq[d][3] = 0.f;
 #pragma unroll
-        for (int ks = 0; ks < EFF_BLOCK_M / 16; ++ks) {
+        for (int ks = 0; ks < BLOCK_ROWS / 16; ++ks) {
           u32 af[4];
           ldmatrix_x4(af, ds_tile + (qr + (lane / 8 % 2) * 8 + lane % 8) * DS_STRIDE + ks * 16 + (lane / 16) * 8);
 #pragma unroll
@@ -378,8 +395,8 @@ __device__ void backward_dkdv(const BwdArgs& a) {
     }
   }
   cp_async_wait<0>();  // no step ran: the V tile's copies still end before the block does
-  if (a.want_dk) store_rows<HEAD_DIM>(a.dx, a.dx_rs, dk, a.scale, key0, a.vis.S, a.E, t);
-  if (a.want_dv) store_rows<HEAD_DIM>(a.dv, a.dv_rs, dv, 1.f, key0, a.vis.S, a.Ev, t);
+  if (a.want_dk) store_rows<COLS>(a.dx + c0, a.dx_rs, dk, a.scale, key0, a.vis.S, a.E - c0, t);
+  if (a.want_dv) store_rows<COLS>(a.dv + c0, a.dv_rs, dv, 1.f, key0, a.vis.S, a.Ev - c0, t);
 }
 
 }  // namespace efficient

@@ -242,17 +242,17 @@ struct HalfOps {
   }
 
   // Acc[d] += A B for one warp's 16 rows: A the fragments pf over RT n8 tiles of the reduced dimension, B a
-  // row-major [reduced][HEAD_DIM] tile read transposed.
-  template <int HEAD_DIM, int RT>
-  static __device__ __forceinline__ void product_pb(float (&acc)[HEAD_DIM / 8][4], const PFrag<RT>& pf,
+  // row-major [reduced][HEAD_DIM] tile read transposed, COLS of its columns from `tile` on (a column part).
+  template <int HEAD_DIM, int RT, int COLS = HEAD_DIM>
+  static __device__ __forceinline__ void product_pb(float (&acc)[COLS / 8][4], const PFrag<RT>& pf,
                                                     const u16* tile, int lane) {
     constexpr int STRIDE = HEAD_DIM + VEC;
-    static_assert(RT % 2 == 0, "a reduced dimension of whole 16 rows");
+    static_assert(RT % 2 == 0 && COLS % 16 == 0, "a reduced dimension of whole 16 rows, whole 16 columns");
 #pragma unroll
     for (int kk = 0; kk < RT / 2; ++kk) {
       const u32 pa[4] = {pf.r[2 * kk][0], pf.r[2 * kk][1], pf.r[2 * kk + 1][0], pf.r[2 * kk + 1][1]};
 #pragma unroll
-      for (int d = 0; d < HEAD_DIM / 8; d += 2) {
+      for (int d = 0; d < COLS / 8; d += 2) {
         u32 b[4];
         ldmatrix_x4_trans(b, tile + (kk * 16 + (lane / 8 % 2) * 8 + lane % 8) * STRIDE + d * 8 + (lane / 16) * 8);
         mma_16816<BF16>(acc[d], pa, b[0], b[1]);
@@ -418,9 +418,9 @@ struct Tf32Ops {
   }
 
   // Acc[d] += A B: A over RT k-steps of 8 (one per n8 tile of P), B the tile's rows in set_operand's order:
-  // b0 = B[2t][n], b1 = B[2t + 1][n] of the k-step's 8 rows.
-  template <int HEAD_DIM, int RT>
-  static __device__ __forceinline__ void product_pb(float (&acc)[HEAD_DIM / 8][4], const PFrag<RT>& pf,
+  // b0 = B[2t][n], b1 = B[2t + 1][n] of the k-step's 8 rows; COLS columns from `tile` on.
+  template <int HEAD_DIM, int RT, int COLS = HEAD_DIM>
+  static __device__ __forceinline__ void product_pb(float (&acc)[COLS / 8][4], const PFrag<RT>& pf,
                                                     const float* tile, int lane) {
     constexpr int STRIDE = HEAD_DIM + VEC;
     const int g = lane / 4, t = lane % 4;
@@ -428,7 +428,7 @@ struct Tf32Ops {
     for (int kk = 0; kk < RT; ++kk) {
       const Split as[4] = {split(pf.r[kk][0]), split(pf.r[kk][1]), split(pf.r[kk][2]), split(pf.r[kk][3])};
 #pragma unroll
-      for (int d = 0; d < HEAD_DIM / 8; ++d) {
+      for (int d = 0; d < COLS / 8; ++d) {
         const float* b = tile + (kk * 8 + 2 * t) * STRIDE + d * 8 + g;
         mma(acc[d], as, split(b[0]), split(b[STRIDE]));
       }

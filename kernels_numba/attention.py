@@ -168,8 +168,10 @@ def variant_for(pr, cfg) -> str:
 
 
 def fuses(pr, cfg, deterministic: bool) -> bool:
-    """Whether a tensor_core backward of ``pr`` runs fused (dQ through an fp32 accumulator with atomics)."""
-    return cfg.fused_backward and not deterministic and layout.dtype_name(pr.dtype) in ("float16", "bfloat16")
+    """Whether a tensor_core backward of ``pr`` runs fused (dQ through an fp32 accumulator with atomics): 16-bit
+    types up to head dim 128 (whole rows per warp: tensor_core.col_parts)."""
+    return cfg.fused_backward and not deterministic and layout.dtype_name(pr.dtype) in ("float16", "bfloat16") \
+        and tensor_core.head_dim_for(pr.E, pr.Ev) <= 128
 
 
 def dq_accum_elements(pr) -> int:
@@ -219,8 +221,7 @@ def backward(pr, out, lse, dout, grads=None, config=None, delta=None, determinis
     types adds dQ into an fp32 accumulator with atomics: ``dq_accum``, a float32 array of at least
     ``dq_accum_elements(pr)`` elements (allocated when None; a plan passes its own workspace).
 
-    The tensor_core variant runs where its forward does, up to its backward's head dims
-    (tensor_core.backward_head_dim), and q, k and v are not broadcast over batch dims. delta is rowsum(dout * out), as FlashAttention takes it, except where a broadcast float mask's
+    The tensor_core variant runs where its forward does and q, k and v are not broadcast over batch dims. delta is rowsum(dout * out), as FlashAttention takes it, except where a broadcast float mask's
     gradient needs it exact or ``out`` is None: the portable dq kernel then sums rowsum(P * dP) in fp32 (see
     gradients.py).
     """
@@ -278,7 +279,6 @@ def backward(pr, out, lse, dout, grads=None, config=None, delta=None, determinis
     if delta_from_out:
         out_v = _rows_view(pr, plan, out, None) if varlen else _output_view(pr, plan, out)
     if delta_from_out and reps_q == reps_k == reps_v == 1 and variant_for(pr, cfg) == "tensor_core" and \
-            max(pr.E, pr.Ev) <= tensor_core.backward_head_dim(pr) and \
             all(x.strides[-1] == x.itemsize for x in (dout_v, out_v)):
         accum = None
         if fuses(pr, cfg, deterministic) and not want_dmask:

@@ -38,12 +38,12 @@ class KernelConfig:
       register cap is the 64K-register file over that many blocks (2: 255, the compiler's own choice; 3: 168).
       3 on the H200 (BENCHMARKS.md): the mma.sync loops stall on fixed latencies, which a third block per SM
       hides (backward +40% at E = 64, forward +10% at E = 128) although E = 128 then spills.
-    tensor_core_head_dim: the widest head dim the tensor_core forward takes: 128, or up to 256 (padded to 160,
-      192, 224, 256; 32-key tiles, two blocks per SM). The backward's tensor_core loops stop at 128 whatever
-      this says (wider heads take the portable backward). 128 until the wide forward has run on a GPU.
+    tensor_core_head_dim: the widest head dim the tensor_core loops take: 128, or up to 256 (padded to 160,
+      192, 224, 256; forward: 32-key tiles, two blocks per SM; backward: column parts, two warps per 16 rows).
+      128 until the wide loops have run on a GPU.
     tensor_core_fp32: fp32 inputs take the tensor_core loops too (TF32 tensor cores, each product as three of
       split operands, within 2^-23 relative: about fp32's accuracy, as PyTorch's EFFICIENT_ATTENTION runs fp32;
-      head dims <= 128 forward, <= 96 backward); off: fp32 runs on the portable kernels' FMAs. Off until it has run on a GPU.
+      head dims <= 128; past 96 the backward takes column parts); off: fp32 runs on the portable kernels' FMAs. Off until it has run on a GPU.
     fused_backward: the tensor_core backward of 16-bit types in one kernel per key block (five tile products
       instead of the two kernels' seven), dQ added into an fp32 accumulator with atomics, so its bits vary run
       to run, as PyTorch's EFFICIENT_ATTENTION backward's do; a backward asked to be deterministic keeps the

@@ -7,8 +7,8 @@ mma.sync), ``efficient::backward_dq`` / ``backward_dkdv`` in efficient_bwd.cuh (
 The C source is linked through ``cuda.declare_device(..., link=[CUSource], abi="c")``, one instantiation
 (head dim, dtype, dropout or not, mask kind) per source, as FLASH compiles its kernels: NVRTC compiles only
 what a problem needs, once per process, and no tile loop carries the code of features it does not use.
-fp16/bf16 with E and Ev <= 128 (padded to 32/64/96/128; to 256 on the forward by KernelConfig), fp32 on TF32
-tensor cores (three products of split operands, about fp32's accuracy) with E and Ev <= 128 forward, <= 96 backward;
+fp16/bf16 with E and Ev <= 128 (padded to 32/64/96/128; to 256 by KernelConfig.tensor_core_head_dim), fp32 on TF32
+tensor cores (three products of split operands, about fp32's accuracy) with E and Ev <= 128, forward and backward;
 unit stride along the head dim; every mask kind, causal, window, dropout, GQA and varlen as in the portable
 variant.
 """
@@ -25,11 +25,8 @@ from . import device, dq_accumulate, launcher, layout
 from .device import SIMULATOR
 from .layout import cdiv
 
-# The forward's padded head dims (those past 128 only with KernelConfig.tensor_core_head_dim); the backward's
-# loops hold three head-dim-wide fragment sets per thread (Q, dO, dQ; K, dK, dV), which past 128 do not fit
-# the register file, so wider heads take the portable backward.
+# The padded head dims (those past 128 only with KernelConfig.tensor_core_head_dim).
 HEAD_DIMS = (32, 64, 96, 128, 160, 192, 224, 256)
-BACKWARD_HEAD_DIMS = (32, 64, 96, 128)
 BLOCK_M = 64  # 4 warps x 16 rows (efficient_fwd.cuh's EFF_BLOCK_M)
 THREADS = 128
 MASK_KINDS = {"bool": 1, "float16": 2, "bfloat16": 3, "float32": 4, "float64": 5}
@@ -38,16 +35,14 @@ _ARGS = ", ".join(["int64"] * 21 + ["float32"] + ["int64"] * 5 + ["float32"])
 
 # The backward's C entries (efficient_bwd.cuh, EFF_NAME): 50 parameters, pointers as int64 addresses.
 _BWD_ARGS = ", ".join(["int64"] * 37 + ["float32"] + ["int64"] * 8 + ["float32"] + ["int64"] * 3)
-BWD_BLOCK_N = 64  # keys per dk/dv block (efficient_bwd.cuh: EFF_BLOCK_M, 16 per warp)
 
 
 # The tile loops' element families (efficient_common.cuh's ElemKind): "float32" runs fp32 inputs as three TF32
 # products of split operands (about fp32's accuracy, as PyTorch's EFFICIENT_ATTENTION does), "tf32" as one (only when
 # the caller allowed TF32).
 ELEMS = {"float16": 0, "bfloat16": 1, "float32": 2, "tf32": 3}
-# fp32 tiles take twice the shared memory: the forward stops at head dim 128 (32-key tiles), the dk/dv loop at
-# 96 (16 queries per step beside the block's 64 V rows).
-FP32_HEAD_DIM, FP32_BACKWARD_HEAD_DIM = 128, 96
+# fp32 tiles take twice the shared memory: the loops stop at head dim 128 (the forward with 32-key tiles).
+FP32_HEAD_DIM = 128
 
 
 def _wide(elem: str) -> bool:
@@ -70,23 +65,37 @@ def forward_block_n(head_dim: int, elem: str = "float16", preferred: int = 0) ->
 def dq_block_n(head_dim: int, elem: str = "float16") -> int:
     """Keys per tile of the dq kernel: 32 over head dim 64 keeps S and dP (2 x 16 registers) beside Q, dO and
     dQ's fragments (3 x head_dim / 4, twice that for fp32, which takes 32 always: 16 bytes of spills at head
-    dim 64 where 64 keys spilled 132)."""
-    return 64 if head_dim <= 64 and not _wide(elem) else 32
+    dim 64 where 64 keys spilled 132); 16 past head dim 192 (16-bit, column parts, 255 registers: no spills,
+    where 32 keys spilled 16 bytes at 224 and 80 at 256)."""
+    return 64 if head_dim <= 64 and not _wide(elem) else 16 if head_dim > 192 and not _wide(elem) else 32
+
+
+def col_parts(head_dim: int, elem: str = "float16") -> int:
+    """Warps per 16 rows of a backward block, each accumulating that share of the gradient's columns
+    (efficient_bwd.cuh's EFF_COL_PARTS): 2 where a thread's three head-dim-wide fragment sets (Q, dO, dQ; K,
+    dK, dV) would not fit its registers, past head dim 128 (fp32: 96), else 1."""
+    return 2 if head_dim > (96 if _wide(elem) else 128) else 1
+
+
+def backward_rows(head_dim: int, elem: str = "float16") -> int:
+    """Query rows of a dq block, key rows of a dk/dv block: 16 per row group of warps."""
+    return 16 * (THREADS // 32) // col_parts(head_dim, elem)
 
 
 def dkdv_block_m(head_dim: int, elem: str = "float16", fused: bool = False) -> int:
-    """Queries per step of the dk/dv kernel: 32; 16 for fp32 past head dim 64, whose Q and dO tiles would not
-    fit beside the block's 64 V rows, and for the fused kernel at head dim 128 (its K rows and dS tile too:
-    46 KiB)."""
-    return 16 if (_wide(elem) and head_dim > 64) or (fused and head_dim > 96) else 32
+    """Queries per step of the dk/dv kernel: 32; 16 where the Q and dO tiles would not fit 48 KiB beside the
+    block's V rows: fp32 past head dim 64, 16-bit at 256 (32 V rows), and the fused kernel at head dim 128 (its
+    K rows and dS tile too: 46 KiB)."""
+    return 16 if (_wide(elem) and head_dim > 64) or head_dim > 224 or (fused and head_dim > 96) else 32
 
 
 def registers_for(head_dim: int, elem: str, cap: int, forward: bool) -> int:
     """A tile loop's register cap: ``cap`` (KernelConfig.tensor_core_registers) up to head dim 128, past it 255,
     two blocks per SM (ptxas 13.0, 16-bit forward: 218 at 160, 242 at 192, 255 at 256, no spills, where 168
-    spilled 100-1644 bytes). fp32's fragments take a register per element: its backward loops take 255 past
-    head dim 64 (at 96: no spills, where 168 spilled 192-196 bytes); its forward keeps ``cap`` (at 168: 0 bytes
-    of spills at 64 and 96, 56 at 32, 96 at 128; 255 spilled as much, at two blocks per SM)."""
+    spilled 100-1644 bytes; the backward's column parts likewise). fp32's fragments take a register per element:
+    its backward loops take 255 past head dim 64 (at 96: no spills, where 168 spilled 192-196 bytes); its forward
+    keeps ``cap`` (at 168: 0 bytes of spills at 64 and 96, 56 at 32, 96 at 128; 255 spilled as much, at two
+    blocks per SM)."""
     if _wide(elem):
         return cap if forward or head_dim <= 64 else 255
     return cap if head_dim <= 128 else 255
@@ -123,11 +132,6 @@ def reasons(pr, cfg) -> list[str]:
     return out
 
 
-def backward_head_dim(pr) -> int:
-    """The widest head dim the tensor_core backward takes for ``pr``'s element type."""
-    return FP32_BACKWARD_HEAD_DIM if pr.dtype.name == "float32" else BACKWARD_HEAD_DIMS[-1]
-
-
 def head_dim_for(E: int, Ev: int) -> int:
     return next(d for d in HEAD_DIMS if d >= max(E, Ev))
 
@@ -148,8 +152,8 @@ def tile_loop_source(head_dim: int, elem: str, kind: str, dropout: bool, mask_ki
                f"#define EFF_MASK_KIND {mask_kind}\n")
     if kind == "forward":
         return name, defines + kernels_cuda.source("efficient_fwd.cuh")
-    return name, (defines + f"#define EFF_DQ {int(kind == 'dq')}\n#define EFF_FUSED {int(kind == 'fused')}\n" +
-                  kernels_cuda.source("efficient_bwd.cuh"))
+    return name, (defines + f"#define EFF_DQ {int(kind == 'dq')}\n#define EFF_FUSED {int(kind == 'fused')}\n"
+                  f"#define EFF_COL_PARTS {col_parts(head_dim, elem)}\n" + kernels_cuda.source("efficient_bwd.cuh"))
 
 
 @functools.cache
@@ -250,18 +254,19 @@ def mask_kind_of(pr) -> int:
 def _dq_kernel(head_dim: int, elem: str, dropout: bool, mask_kind: int, registers: int):
     tile_loop = _tile_loop(head_dim, elem, "dq", dropout, mask_kind)
     size = 4 if _wide(elem) else 2
+    rows = backward_rows(head_dim, elem)
 
     @cuda.jit(max_registers=registers)
     def attention_dq_tc(q, qs, k, ks, v, vs, dout, dos, out, os_, lse, ls, delta, dls, dq, dqs, dmask, dms, mask, ms,
                         cu_q, cu_k, varlen, nb1, nb2, hq, group, L, S, E, Ev, scale, lower_right, left, right,
                         seed_lo, seed_hi, offset, threshold, rescale):
-        """One block per (batch-head, 64 query rows), as the forward's; writes D and, where dmask is not 0
-        (an address), the float mask's gradient of each score."""
+        """One block per (batch-head, ``rows`` query rows); writes D and, where dmask is not 0 (an address), the
+        float mask's gradient of each score."""
         bh = cuda.blockIdx.x
         h = bh % hq
         hk = h // group
         flat = bh // hq
-        m_first = (cuda.gridDim.y - 1 - cuda.blockIdx.y) * BLOCK_M  # the heaviest (causal) blocks first
+        m_first = (cuda.gridDim.y - 1 - cuda.blockIdx.y) * rows  # the heaviest (causal) blocks first
         b0, b1, b2, q0, k0, L_b, S_b = _slice_of(flat, varlen, cu_q, cu_k, nb1, nb2, L, S)
         if m_first >= L_b:
             return
@@ -287,16 +292,17 @@ def _dq_kernel(head_dim: int, elem: str, dropout: bool, mask_kind: int, register
 def _dkdv_kernel(head_dim: int, elem: str, dropout: bool, mask_kind: int, registers: int, fused: bool):
     tile_loop = _tile_loop(head_dim, elem, "fused" if fused else "dkdv", dropout, mask_kind)
     size = 4 if _wide(elem) else 2
+    rows = backward_rows(head_dim, elem)
 
     @cuda.jit(max_registers=registers)
     def attention_dkdv_tc(q, qs, k, ks, v, vs, dout, dos, lse, ls, delta, dls, dk, dks, dv, dvs, mask, ms, dqa, dqas,
                           cu_q, cu_k, varlen, nb1, nb2, hq, hkv, group, L, S, E, Ev, scale, lower_right, left, right,
                           seed_lo, seed_hi, offset, threshold, rescale):
-        """One block per (batch, kv head, 64 keys), over the query heads of its GQA group; fused: dQ added into
-        the fp32 accumulator at dqa (element strides dqas) too."""
+        """One block per (batch, kv head, ``rows`` keys), over the query heads of its GQA group; fused: dQ added
+        into the fp32 accumulator at dqa (element strides dqas) too."""
         hk = cuda.blockIdx.x % hkv
         flat = cuda.blockIdx.x // hkv
-        n_first = cuda.blockIdx.y * BWD_BLOCK_N
+        n_first = cuda.blockIdx.y * rows
         b0, b1, b2, q0, k0, L_b, S_b = _slice_of(flat, varlen, cu_q, cu_k, nb1, nb2, L, S)
         if n_first >= S_b:
             return
@@ -341,6 +347,7 @@ def backward(pr, views, arrays, dmask_v, device, structure, registers: int, dq_a
     common = (views.cu_q, views.cu_k, varlen, views.nb1, views.nb2)
     tail = (pr.L, pr.S, pr.E, pr.Ev, pr.scale, pr.lower_right, left, right, seed_lo, seed_hi, offset, threshold, rescale)
     fused = dq_accum is not None
+    rows = backward_rows(head_dim, elem)
     if fused:
         bf16 = elem == "bfloat16"
         dout_v, out_v, _, delta_v, dq_v = arrays[:5]
@@ -349,11 +356,11 @@ def backward(pr, views, arrays, dmask_v, device, structure, registers: int, dq_a
                         (layout.bits(out_v), layout.bits(dout_v), delta_v, dq_accum))
         dqa, dqas = _address_and_strides(dq_accum)
     else:
-        launcher.launch(_dq_kernel(*instance), (views.n_batch * pr.hq, cdiv(pr.L, BLOCK_M)), THREADS, device,
+        launcher.launch(_dq_kernel(*instance), (views.n_batch * pr.hq, cdiv(pr.L, rows)), THREADS, device,
                         (q, qs[:5], k, ks[:5], v, vs[:5], dout, dos[:5], out, os_[:5], lse, ls, delta, dls, dq,
                          dqs[:5], dmask, dms, mask, ms, *common, pr.hq, pr.group, *tail))
         dqa, dqas = 0, (0,) * 5
-    launcher.launch(_dkdv_kernel(*instance, fused), (views.n_batch * pr.hkv, cdiv(pr.S, BWD_BLOCK_N)), THREADS,
+    launcher.launch(_dkdv_kernel(*instance, fused), (views.n_batch * pr.hkv, cdiv(pr.S, rows)), THREADS,
                     device, (q, qs[:5], k, ks[:5], v, vs[:5], dout, dos[:5], lse, ls, delta, dls, dk, dks[:5], dv,
                              dvs[:5], mask, ms, dqa, dqas[:5], *common, pr.hq, pr.hkv, pr.group, *tail))
     if fused:

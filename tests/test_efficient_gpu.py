@@ -304,26 +304,32 @@ def test_repeated_cupy_calls_replay_a_plan(gpu, rng, variant, dtype, monkeypatch
 
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
-def test_wide_heads_on_the_tensor_core_forward(gpu, rng, dtype, monkeypatch):
-    """KernelConfig.tensor_core_head_dim = 256: head dims 160-256 (and E != Ev) on the tensor_core forward, with
-    causal, a mask, dropout and GQA, against the reference; their backward runs the portable kernels."""
+def test_wide_heads_on_the_tensor_core_loops(gpu, rng, dtype, monkeypatch):
+    """KernelConfig.tensor_core_head_dim = 256: head dims 160-256 (and E != Ev) on the tensor_core forward and
+    backward (column parts: two warps per 16 rows), with causal, masks, dropout and GQA, against the reference;
+    no portable kernel runs."""
     from kernels_numba import gradients, tensor_core
 
     portable = []
     real = gradients.dq_kernel
     monkeypatch.setattr(gradients, "dq_kernel", lambda *a: portable.append(1) or real(*a))
-    forwards = []
-    real_forward = tensor_core.forward
-    monkeypatch.setattr(tensor_core, "forward", lambda *a: forwards.append(1) or real_forward(*a))
+    calls = {"forward": 0, "backward": 0}
+    for name in calls:
+        def counted(*a, name=name, real=getattr(tensor_core, name)):
+            calls[name] += 1
+            return real(*a)
+
+        monkeypatch.setattr(tensor_core, name, counted)
     cases = [Case(dtype, batch=(2,), hq=4, hkv=2, L=130, S=150, E=E, Ev=Ev, causal=causal, mask=mask, dropout_p=p)
              for E, Ev, causal, mask, p in ((160, 160, "upper_left", None, 0.0), (192, 128, None, "bool", 0.0),
-                                            (256, 256, "lower_right", None, 0.2), (200, 256, None, "float", 0.0))]
+                                            (224, 224, None, None, 0.0), (256, 256, "lower_right", None, 0.2),
+                                            (200, 256, None, "float", 0.0))]
     failures = []
     for case in cases:
         pr = harness.build(case, gpu[0], rng)
         failures += [f"{case}: {m}" for m in _failures(gpu, pr, rng, "tensor_core", tensor_core_head_dim=256)]
     assert not failures, "\n".join(failures)
-    assert len(forwards) >= len(cases) and len(portable) >= len(cases)
+    assert calls["forward"] >= len(cases) and calls["backward"] >= len(cases) and not portable
 
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
@@ -408,19 +414,20 @@ def test_forward_keys_per_tile(gpu, rng, block_n):
     assert not failures, "\n".join(failures)
 
 
+@pytest.mark.parametrize("E", [64, 128])
 @pytest.mark.parametrize("allow_tf32", [False, True])
-def test_fp32_rows_seeing_one_key_have_no_score_gradient(gpu, rng, allow_tf32):
+def test_fp32_rows_seeing_one_key_have_no_score_gradient(gpu, rng, allow_tf32, E):
     """fp32 on the tensor_core loops: with one visible key a row's softmax is constant, so dq and dk are exactly
     0, as autograd's softmax gives (fp32's floor leaves no room for rounding noise where the yardstick's error
     is 0): D is computed on dP's own fragments and split, and the dk/dv kernel orders its split products as
-    the dq kernel does."""
+    the dq kernel does; at E = 128 with the backward's column parts."""
     cp, _, kn = gpu
     import cusdpa
     from cusdpa import Backend
 
     q, k, v = (cp.asarray(rng.standard_normal(shape).astype(np.float32))
-               for shape in ((2, 2, 150, 64), (2, 2, 1, 64), (2, 2, 1, 64)))
-    dout = cp.asarray(rng.standard_normal((2, 2, 150, 64)).astype(np.float32))
+               for shape in ((2, 2, 150, E), (2, 2, 1, E), (2, 2, 1, E)))
+    dout = cp.asarray(rng.standard_normal((2, 2, 150, E)).astype(np.float32))
     with kn.configured(kn.KernelConfig(variant="tensor_core", tensor_core_fp32=True)), \
             cusdpa.sdpa_kernel([Backend.EFFICIENT]):
         out, vjp = cusdpa.attention_vjp(q, k, v, allow_tf32=allow_tf32)

@@ -405,9 +405,9 @@ def _route(monkeypatch, rng, shapes, mask_shape, dtype, fused=False, determinist
     (((2, 4, 9, 8), (2, 2, 11, 8)), (2, 4, 9, 11), np.float16, "tensor_core"),  # dmask: one element a score
     (((1, 4, 9, 8), (2, 2, 11, 8)), None, np.float16, "portable from out"),  # dq sums over two batch elements
     (((2, 4, 9, 8), (2, 2, 11, 8)), (9, 1), np.float16, "portable from P dP"),  # a broadcast float mask's gradient
-    (((2, 4, 9, 160), (2, 2, 11, 160)), None, np.float16, "portable from out"),  # past the backward's head dims
-    (((2, 4, 9, 96), (2, 2, 11, 96)), None, np.float32, "tensor_core"),  # fp32's widest
-    (((2, 4, 9, 128), (2, 2, 11, 128)), None, np.float32, "portable from out"),  # past fp32's (shared memory)
+    (((2, 4, 9, 160), (2, 2, 11, 160)), None, np.float16, "tensor_core"),  # column parts past 128
+    (((2, 4, 9, 96), (2, 2, 11, 96)), None, np.float32, "tensor_core"),
+    (((2, 4, 9, 128), (2, 2, 11, 128)), None, np.float32, "tensor_core"),  # fp32: column parts past 96
 ])
 def test_backward_routes_to_the_variant_and_delta_that_serve_it(shapes, mask_shape, dtype, expect, monkeypatch, rng):
     """Its own kernels where they apply; else the portable ones, with delta = rowsum(dout * out) unless a
@@ -425,6 +425,12 @@ def test_fused_backward_only_where_asked_and_nondeterminism_allowed(mask_shape, 
                                                                      monkeypatch, rng):
     shapes = ((2, 4, 9, 8), (2, 2, 11, 8))
     assert _route(monkeypatch, rng, shapes, mask_shape, dtype, fused=True, deterministic=deterministic) == [expect]
+
+
+def test_fused_backward_keeps_whole_rows_per_warp(monkeypatch, rng):
+    """Past head dim 128 the backward takes column parts, which the fused loop is not written for."""
+    shapes = ((2, 4, 9, 160), (2, 2, 11, 160))
+    assert _route(monkeypatch, rng, shapes, None, np.float16, fused=True) == ["tensor_core"]
 
 
 def _output_layouts(B, H, L, E):

@@ -115,9 +115,8 @@ def test_efficient_tile_loops_compile_with_nvrtc():
     from kernels_numba import tensor_core
 
     def head_dims(kind, elem):
-        fp32 = elem in ("float32", "tf32")
-        widest = (tensor_core.FP32_HEAD_DIM if fp32 else tensor_core.HEAD_DIMS[-1]) if kind == "forward" else \
-            (tensor_core.FP32_BACKWARD_HEAD_DIM if fp32 else tensor_core.BACKWARD_HEAD_DIMS[-1])
+        widest = tensor_core.FP32_HEAD_DIM if elem in ("float32", "tf32") else \
+            128 if kind == "fused" else tensor_core.HEAD_DIMS[-1]
         return [d for d in tensor_core.HEAD_DIMS if d <= widest]
 
     kinds = ("forward", "dq", "dkdv")
