@@ -2,11 +2,12 @@
 
     python benchmarks/efficient_gpu.py [--reps N] [--variant auto|portable|tensor_core] [--L L] [--numba-dispatch]
                                        [--dtypes float16 bfloat16 float32] [--head-dims 64 128] [--batch B]
-                                       [--hidden HQ_TIMES_E] [--config sub=8 threads=8 ...]
+                                       [--hidden HQ_TIMES_E] [--mask none|bool|float] [--config sub=8 threads=8 ...]
 
 Shapes (issue 4): fp16 and bf16, E in {64, 128}, L = S = 4096, B = 4, Hq * E = 2048, causal and not (the
 EFFICIENT issue's fp32 shape, B = 4 H = 16 L = S = 2048 E = 64: --dtypes float32 --head-dims 64 --L 2048
---hidden 1024).
+--hidden 1024). ``--mask`` gives both libraries the masks issue's masks, non-causal: bool (B, 1, L, S) with a
+quarter of its entries False, or float (1, H, L, S) of normal values whose gradient both backwards compute.
 FLOPs (docs/DESIGN.md): forward 4 * B * Hq * L * S * E, halved for causal; backward 2.5x forward.
 Timing: CUDA events around each call after a warm-up, median of ``--reps`` runs, rotating among three
 input sets so the 50 MB L2 does not serve repeats. PyTorch's EFFICIENT_ATTENTION backend runs in the
@@ -40,8 +41,18 @@ def _time(fn, inputs, reps, warmup=2):
     return statistics.median(times)
 
 
-def check(cp):
-    """EFFICIENT vs the float64 reference on a few shapes, judged by the one harness, before any timing."""
+def _mask(torch, kind, B, H, L, dtype):
+    """The masks issue's mask of ``kind`` for a (B, H, L, L) problem, or None."""
+    if kind == "bool":
+        return torch.rand(B, 1, L, L, device="cuda") >= 0.25
+    if kind == "float":
+        return torch.randn(1, H, L, L, device="cuda", dtype=dtype)
+    return None
+
+
+def check(cp, mask: str = "none"):
+    """EFFICIENT vs the float64 reference on a few shapes, judged by the one harness, before any timing; with
+    ``mask``, two of them masked as the timed calls are."""
     import numpy as np
 
     from cusdpa.backends import efficient
@@ -49,9 +60,14 @@ def check(cp):
 
     rng = np.random.default_rng(0)
     failures = []
-    for dtype, E, causal, L in (("float16", 64, True, 300), ("bfloat16", 128, False, 257), ("float16", 128, True, 1),
-                                ("float32", 64, True, 300)):
-        case = Case(dtype, batch=(2,), hq=4, hkv=4, L=L, S=L, E=E, causal="upper_left" if causal else None)
+    cases = [("float16", 64, True, 300, {}), ("bfloat16", 128, False, 257, {}), ("float16", 128, True, 1, {}),
+             ("float32", 64, True, 300, {})]
+    if mask != "none":
+        shape = (2, 1, 257, 257) if mask == "bool" else (1, 4, 257, 257)
+        cases += [(dtype, E, False, 257, {"mask": mask, "mask_shape": shape})
+                  for dtype, E in (("bfloat16", 64), ("float16", 128))]
+    for dtype, E, causal, L, extra in cases:
+        case = Case(dtype, batch=(2,), hq=4, hkv=4, L=L, S=L, E=E, causal="upper_left" if causal else None, **extra)
         failures += run_case(case, efficient.IMPL, cp, rng)
     return failures
 
@@ -68,6 +84,7 @@ def main(argv=None) -> int:
     parser.add_argument("--head-dims", type=int, nargs="+", default=[64, 128])
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--hidden", type=int, default=2048, help="Hq * E")
+    parser.add_argument("--mask", default="none", choices=("none", "bool", "float"))
     parser.add_argument("--config", nargs="*", default=[], metavar="FIELD=INT",
                         help="KernelConfig's integer knobs for every call, checked before timed (threads, sub, chunk, "
                              "smem_bytes, tensor_core_blocks, tensor_core_block_n; 0/1 for tensor_core_fp32, fused_backward)")
@@ -85,7 +102,7 @@ def main(argv=None) -> int:
     print(f"GPU: {torch.cuda.get_device_name()}  torch {torch.__version__}  cupy {cp.__version__}")
     cfg = kernels_numba.KernelConfig(variant=args.variant, prepared_launches=not args.numba_dispatch, **knobs)
     with kernels_numba.configured(cfg):
-        failures = check(cp)
+        failures = check(cp, args.mask)
     print("correctness: " + ("ok" if not failures else "FAILED\n  " + "\n  ".join(failures)))
     if failures:
         return 1
@@ -94,30 +111,33 @@ def main(argv=None) -> int:
     rows = []
     for dtype in args.dtypes:
         for E in args.head_dims:
-            for causal in (False, True):
+            for causal in (False, True) if args.mask == "none" else (False,):
                 H = args.hidden // E
                 flops = 4 * B * H * L * L * E / (2 if causal else 1)
-                inputs = [[torch.randn(B, H, L, E, device="cuda", dtype=_torch_dtype(torch, dtype))
-                           for _ in range(4)] for _ in range(3)]
-                cu_inputs = [[cp.from_dlpack(x) for x in group] for group in inputs]
+                torch_dtype = _torch_dtype(torch, dtype)
+                inputs = [[torch.randn(B, H, L, E, device="cuda", dtype=torch_dtype) for _ in range(4)]
+                          + [_mask(torch, args.mask, B, H, L, torch_dtype)] for _ in range(3)]
+                cu_inputs = [[None if x is None else cp.from_dlpack(x) for x in group] for group in inputs]
 
-                def ours_fwd(q, k, v, dout):
+                def ours_fwd(q, k, v, dout, mask):
                     with kernels_numba.configured(cfg), cusdpa.sdpa_kernel([Backend.EFFICIENT]):
-                        cusdpa.scaled_dot_product_attention(q, k, v, is_causal=causal)
+                        cusdpa.scaled_dot_product_attention(q, k, v, mask, is_causal=causal)
 
-                def ours_bwd(q, k, v, dout):
+                def ours_bwd(q, k, v, dout, mask):
                     with kernels_numba.configured(cfg), cusdpa.sdpa_kernel([Backend.EFFICIENT]):
-                        _, vjp = cusdpa.attention_vjp(q, k, v, is_causal=causal)
+                        _, vjp = cusdpa.attention_vjp(q, k, v, mask, is_causal=causal)
                         vjp(dout)
 
-                def torch_fwd(q, k, v, dout):
+                def torch_fwd(q, k, v, dout, mask):
                     with sdpa_kernel(SDPBackend.EFFICIENT_ATTENTION):
-                        torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal)
+                        torch.nn.functional.scaled_dot_product_attention(q, k, v, mask, is_causal=causal)
 
-                def torch_fwd_bwd(q, k, v, dout):
+                def torch_fwd_bwd(q, k, v, dout, mask):
                     q, k, v = (x.detach().requires_grad_() for x in (q, k, v))
+                    if mask is not None and mask.is_floating_point():  # its gradient, as attention_vjp computes it
+                        mask = mask.detach().requires_grad_()
                     with sdpa_kernel(SDPBackend.EFFICIENT_ATTENTION):
-                        torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal).backward(dout)
+                        torch.nn.functional.scaled_dot_product_attention(q, k, v, mask, is_causal=causal).backward(dout)
 
                 t_ours = _time(ours_fwd, cu_inputs, args.reps)
                 t_torch = _time(torch_fwd, inputs, args.reps)
@@ -130,7 +150,7 @@ def main(argv=None) -> int:
                 print(f"{dtype} E={E} causal={causal}: fwd {t_ours * 1e3:.2f} ms (torch {t_torch * 1e3:.2f}), "
                       f"bwd {t_ours_b * 1e3:.2f} ms (torch {t_torch_b * 1e3:.2f})", flush=True)
     print(f"\nEFFICIENT ({args.variant}{' ' + ' '.join(args.config) if args.config else ''}) vs torch "
-          f"EFFICIENT_ATTENTION, B={B} L=S={L} Hq*E={args.hidden}, TFLOP/s")
+          f"EFFICIENT_ATTENTION, B={B} L=S={L} Hq*E={args.hidden}, mask {args.mask}, TFLOP/s")
     print(f"{'dtype':9s} {'E':>4s} {'causal':>6s} | {'fwd':>7s} {'torch':>7s} {'ratio':>6s} | "
           f"{'bwd':>7s} {'torch':>7s} {'ratio':>6s}")
     for dtype, E, causal, f, tf, b, tb in rows:
