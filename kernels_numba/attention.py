@@ -199,8 +199,7 @@ def forward(pr, out=None, lse=None, config=None):
         out_v, lse_v = _rows_view(pr, plan, out_t, None), lse_t[None, None, None]
     device = layout.device_of(pr.q)
     if variant_for(pr, cfg) == "tensor_core":
-        tensor_core.forward(pr, views, out_v, lse_v, device, _structure_args(pr), cfg.tensor_core_registers,
-                            cfg.tensor_core_block_n)
+        tensor_core.forward(pr, views, out_v, lse_v, device, _structure_args(pr), cfg)
     else:
         spec = _blocked_spec(pr, cfg, False)
         grid = (views.n_batch * pr.hq, cdiv(pr.L, spec.block_m))
@@ -286,7 +285,7 @@ def backward(pr, out, lse, dout, grads=None, config=None, delta=None, determinis
             accum = (xp.empty(shape, np.float32) if dq_accum is None else
                      dq_accum[:math.prod(shape)].reshape(shape))
         tensor_core.backward(pr, views, (dout_v, out_v, lse_v, delta_v, dq_v, dk_v, dv_v),
-                             dmask_v if dmask_direct else None, device, structure, cfg.tensor_core_registers, accum)
+                             dmask_v if dmask_direct else None, device, structure, cfg, accum)
         return _deliver(xp, targets, grads)
     dq_spec, dkdv_spec = _blocked_spec(pr, cfg, False), _blocked_spec(pr, cfg, True)
     threads = cfg.threads ** 2

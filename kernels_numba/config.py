@@ -43,7 +43,8 @@ class KernelConfig:
       128 until the wide loops have run on a GPU.
     tensor_core_fp32: fp32 inputs take the tensor_core loops too (TF32 tensor cores, each product as three of
       split operands, within 2^-23 relative: about fp32's accuracy, as PyTorch's EFFICIENT_ATTENTION runs fp32;
-      head dims <= 128; past 96 the backward takes column parts); off: fp32 runs on the portable kernels' FMAs. Off until it has run on a GPU.
+      head dims <= 128; past 96 the backward takes column parts); off: fp32 runs on the portable kernels' FMAs.
+      Off until it has run on a GPU.
     fused_backward: the tensor_core backward of 16-bit types in one kernel per key block (five tile products
       instead of the two kernels' seven), dQ added into an fp32 accumulator with atomics, so its bits vary run
       to run, as PyTorch's EFFICIENT_ATTENTION backward's do; a backward asked to be deterministic keeps the
@@ -51,6 +52,12 @@ class KernelConfig:
     tensor_core_block_n: keys per tile of the tensor_core forward, 32 or 64 where its tiles fit (64-key tiles: head
       dims <= 128, <= 64 for fp32), 0 for the default (64 for 16-bit types up to head dim 128, else 32). At head dim
       128, 16-bit, 32-key tiles fit 168 registers without spills (ptxas: 132 bytes with 64); not yet measured.
+    head_major_grid: the tensor_core kernels' blocks in head-major order: consecutive blocks take the query
+      blocks (dk/dv: key blocks) of one (batch, head), heaviest first, so the blocks that read one head's K and V
+      (Q and dO) run together and share them through the L2 cache, as PyTorch's EFFICIENT_ATTENTION orders
+      its grid; off: heads fastest, a head's blocks a wave apart, each reading its K and V from DRAM where the
+      heads in flight hold more than L2 (B = 16 H = 16 L = 1024 E = 128: 256 heads of 512 KiB). Off until
+      measured on a GPU.
     prepared_launches: a call whose argument signature was seen launches each kernel through
       ``cuLaunchKernel`` with its arguments flattened (kernels_numba.launcher), not through Numba's
       dispatcher (on the H200, tests/test_efficient_gpu.py -k prepared; off: Numba's path for every call).
@@ -70,6 +77,7 @@ class KernelConfig:
     tensor_core_fp32: bool = False
     fused_backward: bool = False
     tensor_core_block_n: int = 0
+    head_major_grid: bool = False
 
     @property
     def tensor_core_registers(self) -> int:

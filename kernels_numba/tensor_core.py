@@ -181,8 +181,31 @@ def _at(base, itemsize, st, b0, b1, b2, h, row):
     return base + itemsize * (b0 * st[0] + b1 * st[1] + b2 * st[2] + h * st[3] + row * st[4])
 
 
+@device.inline
+def _block_of(head_major, rows, extent, x, y, grid_y):
+    """(slice, first row) of block (x, y) of a grid grid_y high: slice = batch * heads + head, its blocks of
+    ``rows`` rows over ``extent`` rows, heaviest first (descending when ``rows`` is negative: the last query
+    blocks see the most keys under a causal band; ascending for key blocks). ``head_major``: one 1-D grid whose
+    consecutive blocks take one slice's row blocks, so the blocks that read one head's K and V (Q and dO) run
+    together and share them through L2; else a (slices, row blocks) grid, slices fastest. Block indices come
+    as arguments: the simulator swaps ``cuda`` for its own module in kernels, not in device functions."""
+    step = abs(rows)
+    if head_major:
+        count = (extent + step - 1) // step
+        slice_, block = x // count, x % count
+    else:
+        count, slice_, block = grid_y, x, y
+    return slice_, (count - 1 - block if rows < 0 else block) * step
+
+
+def _grid(slices: int, rows: int, extent: int, head_major: bool) -> tuple:
+    """The grid of ``_block_of``."""
+    return (slices * cdiv(extent, rows), 1) if head_major else (slices, cdiv(extent, rows))
+
+
 @functools.cache
-def _kernel(head_dim: int, elem: str, dropout: bool, mask_kind: int, registers: int, block_n: int):
+def _kernel(head_dim: int, elem: str, dropout: bool, mask_kind: int, registers: int, block_n: int,
+            head_major: bool):
     tile_loop = _tile_loop(head_dim, elem, "forward", dropout, mask_kind, block_n)
     size = 4 if _wide(elem) else 2  # bytes per element of q, k, v and out
 
@@ -193,13 +216,12 @@ def _kernel(head_dim: int, elem: str, dropout: bool, mask_kind: int, registers: 
         """One block per (batch-head, 64 query rows); q/k/v/out/lse/mask are base addresses and
         qs/ks/... their element strides over (B0, B1, B2, H, row[, col]); causal comes folded into
         (left, right) as the window around the diagonal (Problem.window_bounds)."""
-        bh = cuda.blockIdx.x
+        # the last query blocks first: under a causal band they see the most keys, and blocks start in grid
+        # order, so the heavy ones start first rather than forming the tail (FlashAttention-2's order)
+        bh, m_first = _block_of(head_major, -BLOCK_M, L, cuda.blockIdx.x, cuda.blockIdx.y, cuda.gridDim.y)
         h = bh % hq
         hk = h // group
         flat = bh // hq
-        # the last query blocks first: under a causal band they see the most keys, and blocks start in grid
-        # order, so the heavy ones start first rather than forming the tail (FlashAttention-2's order)
-        m_first = (cuda.gridDim.y - 1 - cuda.blockIdx.y) * BLOCK_M
         b0, b1, b2, q0, k0, L_b, S_b = _slice_of(flat, varlen, cu_q, cu_k, nb1, nb2, L, S)
         if m_first >= L_b:
             return
@@ -220,14 +242,14 @@ def _address_and_strides(x):
     return int(x.data.ptr), tuple(int(s) // x.itemsize for s in x.strides)
 
 
-def forward(pr, views, out_v, lse_v, device, structure, registers: int, block_n: int = 0):
-    """Launch the tensor_core forward into out_v (6-D) and lse_v (5-D) views; see attention.forward.
-    ``registers``: the kernels' register cap (KernelConfig.tensor_core_registers); ``block_n`` the preferred
-    keys per tile (KernelConfig.tensor_core_block_n, 0: the default)."""
+def forward(pr, views, out_v, lse_v, device, structure, cfg):
+    """Launch the tensor_core forward into out_v (6-D) and lse_v (5-D) views; see attention.forward. ``cfg``:
+    the KernelConfig (register cap, preferred keys per tile, block order)."""
     _, _, left, right, seed_lo, seed_hi, offset, threshold, rescale = structure
     head_dim, elem = head_dim_for(pr.E, pr.Ev), elem_of(pr)
     kernel = _kernel(head_dim, elem, pr.dropout_p > 0, mask_kind_of(pr),
-                     registers_for(head_dim, elem, registers, forward=True), forward_block_n(head_dim, elem, block_n))
+                     registers_for(head_dim, elem, cfg.tensor_core_registers, forward=True),
+                     forward_block_n(head_dim, elem, cfg.tensor_core_block_n), cfg.head_major_grid)
     q, qs = _address_and_strides(views.q)
     k, ks = _address_and_strides(views.k)
     v, vs = _address_and_strides(views.v)
@@ -236,7 +258,7 @@ def forward(pr, views, out_v, lse_v, device, structure, registers: int, block_n:
     mask, ms = _address_and_strides(views.mask)
     ms = ms + (views.mask.itemsize,)
     varlen = pr.varlen is not None
-    grid = (views.n_batch * pr.hq, cdiv(pr.L, BLOCK_M))
+    grid = _grid(views.n_batch * pr.hq, BLOCK_M, pr.L, cfg.head_major_grid)
     launcher.launch(kernel, grid, THREADS, device,
                     (q, qs[:5], k, ks[:5], v, vs[:5], out, os_[:5], lse, ls, mask, ms, views.cu_q, views.cu_k, varlen,
                      views.nb1, views.nb2, pr.hq, pr.group, pr.L, pr.S, pr.E, pr.Ev, pr.scale, pr.lower_right, left,
@@ -251,7 +273,7 @@ def mask_kind_of(pr) -> int:
 
 
 @functools.cache
-def _dq_kernel(head_dim: int, elem: str, dropout: bool, mask_kind: int, registers: int):
+def _dq_kernel(head_dim: int, elem: str, dropout: bool, mask_kind: int, registers: int, head_major: bool):
     tile_loop = _tile_loop(head_dim, elem, "dq", dropout, mask_kind)
     size = 4 if _wide(elem) else 2
     rows = backward_rows(head_dim, elem)
@@ -262,11 +284,11 @@ def _dq_kernel(head_dim: int, elem: str, dropout: bool, mask_kind: int, register
                         seed_lo, seed_hi, offset, threshold, rescale):
         """One block per (batch-head, ``rows`` query rows); writes D and, where dmask is not 0 (an address), the
         float mask's gradient of each score."""
-        bh = cuda.blockIdx.x
+        # the heaviest (causal) blocks first
+        bh, m_first = _block_of(head_major, -rows, L, cuda.blockIdx.x, cuda.blockIdx.y, cuda.gridDim.y)
         h = bh % hq
         hk = h // group
         flat = bh // hq
-        m_first = (cuda.gridDim.y - 1 - cuda.blockIdx.y) * rows  # the heaviest (causal) blocks first
         b0, b1, b2, q0, k0, L_b, S_b = _slice_of(flat, varlen, cu_q, cu_k, nb1, nb2, L, S)
         if m_first >= L_b:
             return
@@ -289,7 +311,8 @@ def _dq_kernel(head_dim: int, elem: str, dropout: bool, mask_kind: int, register
 
 
 @functools.cache
-def _dkdv_kernel(head_dim: int, elem: str, dropout: bool, mask_kind: int, registers: int, fused: bool):
+def _dkdv_kernel(head_dim: int, elem: str, dropout: bool, mask_kind: int, registers: int, head_major: bool,
+                 fused: bool):
     tile_loop = _tile_loop(head_dim, elem, "fused" if fused else "dkdv", dropout, mask_kind)
     size = 4 if _wide(elem) else 2
     rows = backward_rows(head_dim, elem)
@@ -300,9 +323,10 @@ def _dkdv_kernel(head_dim: int, elem: str, dropout: bool, mask_kind: int, regist
                           seed_lo, seed_hi, offset, threshold, rescale):
         """One block per (batch, kv head, ``rows`` keys), over the query heads of its GQA group; fused: dQ added
         into the fp32 accumulator at dqa (element strides dqas) too."""
-        hk = cuda.blockIdx.x % hkv
-        flat = cuda.blockIdx.x // hkv
-        n_first = cuda.blockIdx.y * rows
+        # the first key blocks (the heaviest under a causal band) first
+        pair, n_first = _block_of(head_major, rows, S, cuda.blockIdx.x, cuda.blockIdx.y, cuda.gridDim.y)
+        hk = pair % hkv
+        flat = pair // hkv
         b0, b1, b2, q0, k0, L_b, S_b = _slice_of(flat, varlen, cu_q, cu_k, nb1, nb2, L, S)
         if n_first >= S_b:
             return
@@ -322,7 +346,7 @@ def _dkdv_kernel(head_dim: int, elem: str, dropout: bool, mask_kind: int, regist
     return attention_dkdv_tc
 
 
-def backward(pr, views, arrays, dmask_v, device, structure, registers: int, dq_accum=None):
+def backward(pr, views, arrays, dmask_v, device, structure, cfg, dq_accum=None):
     """Launch the tensor_core backward: ``arrays`` are the 6-D (5-D for lse and delta) views dout, out, lse,
     delta, dq, dk, dv, with one own batch element per problem batch element (attention.backward checks);
     dmask_v the float mask's gradient where each element belongs to one score, else None. D goes into
@@ -334,7 +358,7 @@ def backward(pr, views, arrays, dmask_v, device, structure, registers: int, dq_a
     _, _, left, right, seed_lo, seed_hi, offset, threshold, rescale = structure
     head_dim, elem = head_dim_for(pr.E, pr.Ev), elem_of(pr)
     instance = (head_dim, elem, pr.dropout_p > 0, mask_kind_of(pr),
-                registers_for(head_dim, elem, registers, forward=False))
+                registers_for(head_dim, elem, cfg.tensor_core_registers, forward=False), cfg.head_major_grid)
     (q, qs), (k, ks), (v, vs), (mask, ms) = (_address_and_strides(x) for x in (views.q, views.k, views.v, views.mask))
     (dout, dos), (out, os_), (lse, ls), (delta, dls), (dq, dqs), (dk, dks), (dv, dvs) = (
         _address_and_strides(x) for x in arrays)
@@ -356,13 +380,15 @@ def backward(pr, views, arrays, dmask_v, device, structure, registers: int, dq_a
                         (layout.bits(out_v), layout.bits(dout_v), delta_v, dq_accum))
         dqa, dqas = _address_and_strides(dq_accum)
     else:
-        launcher.launch(_dq_kernel(*instance), (views.n_batch * pr.hq, cdiv(pr.L, rows)), THREADS, device,
+        grid = _grid(views.n_batch * pr.hq, rows, pr.L, cfg.head_major_grid)
+        launcher.launch(_dq_kernel(*instance), grid, THREADS, device,
                         (q, qs[:5], k, ks[:5], v, vs[:5], dout, dos[:5], out, os_[:5], lse, ls, delta, dls, dq,
                          dqs[:5], dmask, dms, mask, ms, *common, pr.hq, pr.group, *tail))
         dqa, dqas = 0, (0,) * 5
-    launcher.launch(_dkdv_kernel(*instance, fused), (views.n_batch * pr.hkv, cdiv(pr.S, rows)), THREADS,
-                    device, (q, qs[:5], k, ks[:5], v, vs[:5], dout, dos[:5], lse, ls, delta, dls, dk, dks[:5], dv,
-                             dvs[:5], mask, ms, dqa, dqas[:5], *common, pr.hq, pr.hkv, pr.group, *tail))
+    grid = _grid(views.n_batch * pr.hkv, rows, pr.S, cfg.head_major_grid)
+    launcher.launch(_dkdv_kernel(*instance, fused), grid, THREADS, device,
+                    (q, qs[:5], k, ks[:5], v, vs[:5], dout, dos[:5], lse, ls, delta, dls, dk, dks[:5], dv, dvs[:5],
+                     mask, ms, dqa, dqas[:5], *common, pr.hq, pr.hkv, pr.group, *tail))
     if fused:
         launcher.launch(dq_accumulate.convert_kernel(bf16), blocks, dq_accumulate.THREADS, device,
                         (dq_accum, layout.bits(dq_v), pr.scale))

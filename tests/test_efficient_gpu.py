@@ -236,7 +236,8 @@ def test_public_api_runs_on_the_current_stream_and_compiles_once(gpu, rng):
     with stream, cusdpa.sdpa_kernel([cusdpa.Backend.EFFICIENT]):
         assert cusdpa.explain(*pr_args).chosen is cusdpa.Backend.EFFICIENT
         first = cusdpa.scaled_dot_product_attention(*pr_args, is_causal=True)
-        kernel = tensor_core._kernel(64, "float16", False, 0, kn.current().tensor_core_registers, 64)  # the one that ran
+        kernel = tensor_core._kernel(64, "float16", False, 0, kn.current().tensor_core_registers, 64,
+                                    kn.current().head_major_grid)  # the one that ran
 
         def compiled():
             return (tensor_core._kernel.cache_info().currsize, blocked_forward.forward_kernel.cache_info().currsize,
@@ -435,3 +436,18 @@ def test_fp32_rows_seeing_one_key_have_no_score_gradient(gpu, rng, allow_tf32, E
     assert not cp.any(dq != 0) and not cp.any(dk != 0)
     tolerance = 2e-2 if allow_tf32 else 1e-4  # TF32 rounds dO to 10 bits of mantissa in dV = P^T dO
     assert cp.allclose(dv, dout.sum(axis=2, keepdims=True), rtol=tolerance, atol=tolerance)
+
+
+def test_head_major_grid(gpu, rng):
+    """KernelConfig.head_major_grid: the tensor_core kernels' blocks in head-major order (forward, dq and dk/dv,
+    the fused backward), judged: causal both ways, GQA, a mask, dropout, varlen."""
+    cases = [Case("bfloat16", batch=(2,), hq=4, hkv=2, L=130, S=97, E=128, causal="upper_left"),
+             Case("float16", batch=(3,), hq=2, hkv=2, L=70, S=150, E=64, causal="lower_right", mask="bool",
+                  dropout_p=0.1),
+             Case("bfloat16", hq=4, hkv=1, E=64, varlen=((5, 70), (130, 3), (64, 64)))]
+    failures = []
+    for fused in (False, True):
+        for case in cases:
+            failures += [f"{case} fused={fused}: {m}" for m in _failures(
+                gpu, harness.build(case, gpu[0], rng), rng, "tensor_core", head_major_grid=True, fused_backward=fused)]
+    assert not failures, "\n".join(failures)

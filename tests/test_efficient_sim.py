@@ -301,6 +301,45 @@ def case_fused_backward_passes(rng):
 
 
 @case
+def case_tensor_core_block_orders(rng):
+    """The tensor_core kernels' block -> (slice, first row) map (tensor_core._block_of) over the grid of
+    tensor_core._grid, both orders: every row block of every slice once, the heaviest first (descending
+    query blocks, ascending key blocks); head-major: one slice's blocks consecutive."""
+    global cuda  # a module global: the simulator swaps such a name for its own module inside a kernel
+    from numba import cuda
+
+    from kernels_numba import tensor_core
+
+    failures = []
+    for head_major in (False, True):
+        for rows in (-4, 4):  # query blocks (the last first) and key blocks (the first first)
+            slices, extent = 3, 10
+            grid = tensor_core._grid(slices, abs(rows), extent, head_major)
+
+            @cuda.jit
+            def record(out, head_major=head_major, rows=rows, extent=extent):
+                slice_, first = tensor_core._block_of(head_major, rows, extent, cuda.blockIdx.x, cuda.blockIdx.y,
+                                                      cuda.gridDim.y)
+                n = cuda.blockIdx.x + cuda.gridDim.x * cuda.blockIdx.y
+                out[n, 0] = slice_
+                out[n, 1] = first
+
+            got = np.full((grid[0] * grid[1], 2), -1, np.int64)
+            record[grid, 1](got)
+            seen = sorted(map(tuple, got))
+            want = sorted((sl, r) for sl in range(slices) for r in range(0, extent, abs(rows)))
+            if seen != want:
+                failures.append(f"head_major={head_major} rows={rows}: blocks {seen}, want {want}")
+            order = [tuple(x) for x in got]  # in launch order (x fastest)
+            per_slice = [[r for sl, r in order if sl == s] for s in range(slices)]
+            if any(p != sorted(p, reverse=rows < 0) for p in per_slice):
+                failures.append(f"head_major={head_major} rows={rows}: not heaviest first: {per_slice}")
+            if head_major and [sl for sl, _ in order] != sorted(sl for sl, _ in order):
+                failures.append(f"rows={rows}: a slice's blocks are not consecutive: {order}")
+    return failures
+
+
+@case
 def case_rows_seeing_one_key_have_no_score_gradient(rng):
     """With one visible key a row's softmax is constant, so dq and dk are exactly 0, as autograd's softmax
     gives; delta from the output must then equal dP bit for bit (summed in dP's order), or rounding noise
