@@ -3,6 +3,7 @@
 against the KV-read floor (the cache's bytes at 4.3 TB/s, what this H200 reads), in one process.
 
     python benchmarks/decode.py [--block-size 256] [--profile] [--head-major] [--config TILE=32 DEPTH=2 WARPS=4]
+                                [--shapes 16x8192 ...]
 
 Shapes (the decode issue's, bf16, Hq = 32, Hkv = 8, E = 128): B=1 S=32768, B=16 S=8192, B=64 S=2048. The
 cache is (B, S, Hkv, E), as FlashAttention's kvcache takes it; PyTorch reads it through (B, Hkv, S, E) views
@@ -13,7 +14,8 @@ flushed), in microseconds. ``--profile`` also prints, per shape, the GPU kernels
 (torch.profiler) and the host time of one call (until it returns, started on an idle GPU; median of 50).
 ``--head-major`` lays the contiguous caches out (B, Hkv, S, E) in memory (each head's keys contiguous; the
 arguments keep their (B, S, Hkv, E) shape) for both libraries. ``--config`` sets the decode kernels' tile
-constants (cusdpa/backends/flash/decode.py) for a sweep.
+constants (cusdpa/backends/flash/decode.py) for a sweep. ``--shapes BxS ...`` keeps those shapes only (one
+shape under ncu: ``on_device.sh decode-ncu``).
 """
 from __future__ import annotations
 
@@ -52,13 +54,15 @@ def main():
     ap.add_argument("--profile", action="store_true", help="each shape's GPU kernels and host time per call")
     ap.add_argument("--head-major", action="store_true", help="contiguous caches laid out (B, Hkv, S, E) in memory")
     ap.add_argument("--config", nargs="*", default=[], metavar="NAME=INT", help="decode kernel constants")
+    ap.add_argument("--shapes", nargs="*", default=[f"{B}x{S}" for B, S in SHAPES], metavar="BxS",
+                    help="the (batch, cache length) shapes to run")
     args = ap.parse_args()
     for item in args.config:
         name, value = item.split("=")
         setattr(decode, name, int(value))
     g = torch.Generator(device="cuda").manual_seed(0)
     rows = []
-    for B, S in SHAPES:
+    for B, S in (tuple(map(int, shape.split("x"))) for shape in args.shapes):
         q = torch.randn(B, 1, HQ, E, device="cuda", dtype=torch.bfloat16, generator=g)
         if args.head_major:  # (B, S, Hkv, E) views of (B, Hkv, S, E) memory: each head's keys contiguous
             k_cache, v_cache = (torch.randn(B, HKV, S, E, device="cuda", dtype=torch.bfloat16, generator=g)
