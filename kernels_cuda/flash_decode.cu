@@ -26,7 +26,8 @@
 // the scores go to log2 units.
 //
 // -D options beyond flash_common.cuh's: DEC_WARPS, DEC_TILE (keys per warp tile, a multiple of 16),
-// DEC_STAGES, PAGED, SOFTCAP, ALIBI.
+// DEC_STAGES, PAGED, SOFTCAP, ALIBI, DEC_COMBINE_PREFETCH (the combine's partial outputs read before the splits'
+// weights are known, see flash_decode_combine).
 #include "flash_common.cuh"
 
 #ifndef SOFTCAP
@@ -34,6 +35,9 @@
 #endif
 #ifndef ALIBI
 #define ALIBI 0
+#endif
+#ifndef DEC_COMBINE_PREFETCH
+#define DEC_COMBINE_PREFETCH 0
 #endif
 
 constexpr int NW = DEC_WARPS;
@@ -365,12 +369,41 @@ flash_decode_split(const elem_t* __restrict__ q, const elem_t* __restrict__ k_ca
 // log2 sum) ln 2; splits that saw nothing of the row (m_s = -inf) are left out. One CTA of 128 threads per
 // (b, h, query), blockIdx.x = (b * Hq + h) * Lq + query, splits <= 128: thread s reads split s's (m, l), the
 // weights go through shared memory, then each thread sums two output columns over the splits.
+// DEC_COMBINE_PREFETCH: the splits' partial outputs are loaded first, all at once, while the weights are found
+// (a row of 32 splits waited on five memory latencies one after the other: (m, l), then its outputs eight
+// splits at a time; now on one): thread s takes column pair s % NC of the splits s / NC, + P, + 2P, ... (P =
+// 128 / NC parts of the threads, PREF splits each in registers, a loop past that), and the parts' sums meet in
+// shared memory.
+#if DEC_COMBINE_PREFETCH
+constexpr int COMBINE_NC = HEAD_DIM_V / 2, COMBINE_P = 128 / COMBINE_NC, COMBINE_PREF = 16;
+
+// Two floats from global memory, loaded where the load is written: volatile, and not through the read-only
+// path (ld.global.nc), which may legally move across a barrier: ptxas sank such loads below the weights'
+// barriers, next to their use, and the prefetch was gone.
+__device__ __forceinline__ float2 load_now(const float* p) {
+    float2 v;
+    asm volatile("ld.global.v2.f32 {%0, %1}, [%2];" : "=f"(v.x), "=f"(v.y) : "l"(p));
+    return v;
+}
+#endif
 extern "C" __global__ void __launch_bounds__(128)
 flash_decode_combine(const float* __restrict__ o_part, const float* __restrict__ ml_part, elem_t* __restrict__ out,
                      float* __restrict__ lse, int splits, int rows, int Hq, int Lq) {
     __shared__ float weight[128], warp_max[4], warp_sum[4];
     const int bhl = blockIdx.x, ql = bhl % Lq, h = (bhl / Lq) % Hq, b = bhl / (Lq * Hq);
     const int s = threadIdx.x, lane = s % 32, warp = s / 32;
+#if DEC_COMBINE_PREFETCH
+    __shared__ float2 part_sum[COMBINE_P * COMBINE_NC];
+    const int c = s % COMBINE_NC, part = s / COMBINE_NC;  // threads past COMBINE_P * COMBINE_NC load nothing
+    const float* o_row = o_part + (long long)bhl * HEAD_DIM_V + 2 * c;
+    const long long split_stride = (long long)rows * HEAD_DIM_V;
+    float2 o_pref[COMBINE_PREF];
+#pragma unroll
+    for (int k = 0; k < COMBINE_PREF; ++k) {
+        const int x = part + COMBINE_P * k;
+        o_pref[k] = part < COMBINE_P && x < splits ? load_now(o_row + x * split_stride) : make_float2(0.f, 0.f);
+    }
+#endif
     float m = -CUSDPA_INF, l = 0.f;
     if (s < splits) {
         const float2 ml = *reinterpret_cast<const float2*>(ml_part + 2 * ((long long)s * rows + bhl));
@@ -392,6 +425,38 @@ flash_decode_combine(const float* __restrict__ o_part, const float* __restrict__
     const float total = warp_sum[0] + warp_sum[1] + warp_sum[2] + warp_sum[3];
     const bool empty = total == 0.f;
     const float inv = 1.f / total;
+#if DEC_COMBINE_PREFETCH
+    // a split that saw nothing of the row (its O may be 0 * NaN) or weighs nothing adds nothing (a select)
+    float o0 = 0.f, o1 = 0.f;
+#pragma unroll
+    for (int k = 0; k < COMBINE_PREF; ++k) {
+        const int x = part + COMBINE_P * k;
+        const float f = x < splits ? weight[x] : 0.f;
+        o0 += f == 0.f ? 0.f : o_pref[k].x * f;
+        o1 += f == 0.f ? 0.f : o_pref[k].y * f;
+    }
+    if (part < COMBINE_P) {
+#pragma unroll 8
+        for (int x = part + COMBINE_P * COMBINE_PREF; x < splits; x += COMBINE_P) {
+            const float f = weight[x];
+            const float2 o = *reinterpret_cast<const float2*>(o_row + x * split_stride);
+            o0 += f == 0.f ? 0.f : o.x * f;
+            o1 += f == 0.f ? 0.f : o.y * f;
+        }
+        part_sum[part * COMBINE_NC + c] = make_float2(o0, o1);
+    }
+    __syncthreads();
+    for (int cc = threadIdx.x; cc < COMBINE_NC; cc += blockDim.x) {
+        float2 o = part_sum[cc];
+#pragma unroll
+        for (int p = 1; p < COMBINE_P; ++p) {
+            o.x += part_sum[p * COMBINE_NC + cc].x;
+            o.y += part_sum[p * COMBINE_NC + cc].y;
+        }
+        *reinterpret_cast<u32*>(out + (((long long)b * Lq + ql) * Hq + h) * HEAD_DIM_V + 2 * cc) =
+            pack2<IS_BF16>(empty ? 0.f : o.x * inv, empty ? 0.f : o.y * inv);
+    }
+#else
     for (int e = 2 * threadIdx.x; e < HEAD_DIM_V; e += 2 * blockDim.x) {
         float o0 = 0.f, o1 = 0.f;
         // loads issued whatever the weight (eight in flight), the weight applied by a select: a split that saw
@@ -406,6 +471,7 @@ flash_decode_combine(const float* __restrict__ o_part, const float* __restrict__
         *reinterpret_cast<u32*>(out + (((long long)b * Lq + ql) * Hq + h) * HEAD_DIM_V + e) =
             pack2<IS_BF16>(empty ? 0.f : o0 * inv, empty ? 0.f : o1 * inv);
     }
+#endif
     if (threadIdx.x == 0) lse[bhl] = empty ? -CUSDPA_INF : (top + log2f(total)) * LN2;
 }
 

@@ -33,6 +33,24 @@ CASES = {  # name -> (E, Ev, Hq, Hkv, Lq, new, paged, lengths, capacity, options
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 @pytest.mark.parametrize("name", list(CASES))
 def test_kv_cache_on_the_decode_kernels(name, dtype):
+    _check_case(name, dtype)
+
+
+@pytest.mark.parametrize("name", ["one_sequence_long", "wide_head", "odd_dim_multi_query", "decode_gqa"])
+def test_combine_with_its_loads_up_front(name, monkeypatch):
+    """decode.COMBINE_PREFETCH: the combine reads every split's partial output before it knows their weights
+    (threads in 1, 2 or 6 parts by head dim; many splits on the long sequence)."""
+    from cusdpa.backends.flash import decode
+
+    monkeypatch.setattr(decode, "COMBINE_PREFETCH", 1)
+    decode.build.cache_clear()
+    try:
+        _check_case(name, "bfloat16")
+    finally:
+        decode.build.cache_clear()
+
+
+def _check_case(name, dtype):
     import cupy
 
     from cusdpa.backends.flash import decode

@@ -28,6 +28,9 @@ ROWS = 16  # query rows of a CTA (Hq / Hkv x Lq): one m16 tile
 CTA_SMEM = 113 * 1024  # the pipeline's depth is chosen to fit two CTAs on an SM
 MAX_SPLITS = 128
 DEPTH = 0  # pipeline depth forced (0: ``stages`` chooses)
+# 1: the combine loads the splits' partial outputs while it finds their weights (flash_decode.cu's
+# DEC_COMBINE_PREFETCH); 0 until measured on a GPU (benchmarks/decode.py --config COMBINE_PREFETCH=1)
+COMBINE_PREFETCH = 0
 DTYPES = ("float16", "bfloat16")
 
 
@@ -111,7 +114,7 @@ def compile_options(dtype_name: str, E: int, Ev: int, paged: bool, softcap: bool
     return ("-std=c++17", "--use_fast_math", f"-DCUSDPA_BF16={int(dtype_name == 'bfloat16')}", f"-DHEAD_DIM={E}",
             f"-DHEAD_DIM_V={Ev}", "-DIS_DROPOUT=0", f"-DDEC_WARPS={WARPS}", f"-DDEC_TILE={TILE}",
             f"-DDEC_STAGES={stages(E, Ev)}", f"-DPAGED={int(paged)}", f"-DSOFTCAP={int(softcap)}",
-            f"-DALIBI={int(alibi)}")
+            f"-DALIBI={int(alibi)}", f"-DDEC_COMBINE_PREFETCH={COMBINE_PREFETCH}")
 
 
 @functools.lru_cache(maxsize=256)
