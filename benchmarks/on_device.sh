@@ -14,7 +14,8 @@
 # Numba's dispatcher and through prepared launches), efficient-fp32 (the EFFICIENT issue's fp32 shape; efficient-fp32-tiles: the portable kernels' register tiles swept there), efficient-wide (head dims 160-256 on the tensor_core loops, forward and backward: their GPU test, then E = 192, 256 timed with KernelConfig.tensor_core_head_dim 128 and 256), efficient-fused (the fused tensor_core backward: its GPU tests, then bf16 L = 4096 timed with it off and on),
 # efficient-fwd-tiles (the tensor_core forward at E = 128 with 32-key tiles against the default 64),
 # efficient-grid-order (the tensor_core kernels' blocks head-major, KernelConfig.head_major_grid, off and on at
-# L = 1024 and 4096), efficient-masks
+# L = 1024 and 4096), efficient-bwd-spills (the tensor_core backward's spills at head dim 128: as it is, with
+# column parts, with two blocks per SM (255 registers)), efficient-masks
 # (bool and float masks of the masks issue, bf16 L = 4096, against EFFICIENT_ATTENTION given the same mask),
 # efficient-fp32-tc (fp32 on the tensor_core loops,
 # three TF32 products: its GPU tests, then the fp32 shape timed with KernelConfig.tensor_core_fp32 off and on), efficient-ncu (the tensor_core
@@ -76,6 +77,10 @@ command_of() {  # the command of stage $1, into the array cmd
     efficient-grid-order) cmd=(bash -c 'python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_efficient_gpu.py \
                                -k head_major && for c in 0 1; do for L in 1024 4096; do python3 benchmarks/efficient_gpu.py \
                                --L $L --reps 5 --dtypes bfloat16 --config head_major_grid=$c | tail -n 5; done; done') ;;
+    efficient-bwd-spills) cmd=(bash -c 'python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_efficient_gpu.py \
+                               -k column_parts && for c in "" tensor_core_col_parts=2 tensor_core_blocks=2; do \
+                               python3 benchmarks/efficient_gpu.py --L 4096 --reps 5 --dtypes bfloat16 --config $c \
+                               | tail -n 5; done') ;;
     efficient-masks) cmd=(bash -c 'for m in bool float; do python3 benchmarks/efficient_gpu.py --L 4096 --reps 5 \
                           --dtypes bfloat16 --head-dims 64 128 --mask $m | tail -n 4; done') ;;
     efficient-fp32-tiles) cmd=(bash -c 'for c in "sub=4" "sub=8 threads=8" "sub=6 threads=8" "sub=4 threads=8"; do

@@ -169,7 +169,8 @@ def variant_for(pr, cfg) -> str:
 
 def fuses(pr, cfg, deterministic: bool) -> bool:
     """Whether a tensor_core backward of ``pr`` runs fused (dQ through an fp32 accumulator with atomics): 16-bit
-    types up to head dim 128 (whole rows per warp: tensor_core.col_parts)."""
+    types up to head dim 128 (whole rows per warp: tensor_core.col_parts), fused_backward winning over a
+    preferred tensor_core_col_parts."""
     return cfg.fused_backward and not deterministic and layout.dtype_name(pr.dtype) in ("float16", "bfloat16") \
         and tensor_core.head_dim_for(pr.E, pr.Ev) <= 128
 
@@ -220,8 +221,9 @@ def backward(pr, out, lse, dout, grads=None, config=None, delta=None, determinis
     types adds dQ into an fp32 accumulator with atomics: ``dq_accum``, a float32 array of at least
     ``dq_accum_elements(pr)`` elements (allocated when None; a plan passes its own workspace).
 
-    The tensor_core variant runs where its forward does and q, k and v are not broadcast over batch dims. delta is rowsum(dout * out), as FlashAttention takes it, except where a broadcast float mask's
-    gradient needs it exact or ``out`` is None: the portable dq kernel then sums rowsum(P * dP) in fp32 (see
+    The tensor_core variant runs where its forward does and q, k and v are not broadcast over batch dims.
+    delta is rowsum(dout * out), as FlashAttention takes it, except where a broadcast float mask's gradient
+    needs it exact or ``out`` is None: the portable dq kernel then sums rowsum(P * dP) in fp32 (see
     gradients.py).
     """
     cfg = config or config_module.current()

@@ -52,6 +52,10 @@ class KernelConfig:
     tensor_core_block_n: keys per tile of the tensor_core forward, 32 or 64 where its tiles fit (64-key tiles: head
       dims <= 128, <= 64 for fp32), 0 for the default (64 for 16-bit types up to head dim 128, else 32). At head dim
       128, 16-bit, 32-key tiles fit 168 registers without spills (ptxas: 132 bytes with 64); not yet measured.
+    tensor_core_col_parts: the tensor_core backward's column parts below the head dims that need them (16-bit:
+      128, fp32: 96): 0 or 1, whole rows per warp; 2, two warps per 16 rows each accumulating half of dQ's
+      (dK's, dV's) columns and both computing S and dP (half again the products, far fewer spills at head
+      dim 128; tensor_core.col_parts). The fused backward keeps whole rows. Not yet measured.
     head_major_grid: the tensor_core kernels' blocks in head-major order: consecutive blocks take the query
       blocks (dk/dv: key blocks) of one (batch, head), heaviest first, so the blocks that read one head's K and V
       (Q and dO) run together and share them through the L2 cache, as PyTorch's EFFICIENT_ATTENTION orders
@@ -77,6 +81,7 @@ class KernelConfig:
     tensor_core_fp32: bool = False
     fused_backward: bool = False
     tensor_core_block_n: int = 0
+    tensor_core_col_parts: int = 0
     head_major_grid: bool = False
 
     @property
@@ -94,6 +99,8 @@ class KernelConfig:
             raise ValueError(f"threads={self.threads} must be a power of two <= 32 (threads**2 threads)")
         if self.tensor_core_head_dim not in (128, 160, 192, 224, 256):
             raise ValueError(f"tensor_core_head_dim={self.tensor_core_head_dim} must be 128, 160, 192, 224 or 256")
+        if self.tensor_core_col_parts not in (0, 1, 2):
+            raise ValueError(f"tensor_core_col_parts={self.tensor_core_col_parts} must be 0 (the default), 1 or 2")
         if self.tensor_core_block_n not in (0, 32, 64):
             raise ValueError(f"tensor_core_block_n={self.tensor_core_block_n} must be 0 (the default), 32 or 64")
         if not 2 <= self.tensor_core_blocks <= 4:

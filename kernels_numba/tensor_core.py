@@ -70,16 +70,19 @@ def dq_block_n(head_dim: int, elem: str = "float16") -> int:
     return 64 if head_dim <= 64 and not _wide(elem) else 16 if head_dim > 192 and not _wide(elem) else 32
 
 
-def col_parts(head_dim: int, elem: str = "float16") -> int:
+def col_parts(head_dim: int, elem: str = "float16", preferred: int = 0) -> int:
     """Warps per 16 rows of a backward block, each accumulating that share of the gradient's columns
     (efficient_bwd.cuh's EFF_COL_PARTS): 2 where a thread's three head-dim-wide fragment sets (Q, dO, dQ; K,
-    dK, dV) would not fit its registers, past head dim 128 (fp32: 96), else 1."""
-    return 2 if head_dim > (96 if _wide(elem) else 128) else 1
+    dK, dV) would not fit its registers, past head dim 128 (fp32: 96), else ``preferred``
+    (KernelConfig.tensor_core_col_parts) or 1. At 168 registers two parts take the 16-bit loops at head dim 128
+    from 580 (dk/dv) and 176 (dq) bytes of spills to 56 and 68 (ptxas 13.0), for half again their products."""
+    return 2 if head_dim > (96 if _wide(elem) else 128) else max(1, preferred)
 
 
-def backward_rows(head_dim: int, elem: str = "float16") -> int:
-    """Query rows of a dq block, key rows of a dk/dv block: 16 per row group of warps."""
-    return 16 * (THREADS // 32) // col_parts(head_dim, elem)
+def backward_rows(parts: int) -> int:
+    """Query rows of a dq block, key rows of a dk/dv block: 16 per row group of warps, ``parts`` warps a
+    group."""
+    return 16 * (THREADS // 32) // parts
 
 
 def dkdv_block_m(head_dim: int, elem: str = "float16", fused: bool = False) -> int:
@@ -137,28 +140,30 @@ def head_dim_for(E: int, Ev: int) -> int:
 
 
 def tile_loop_source(head_dim: int, elem: str, kind: str, dropout: bool, mask_kind: int,
-                     block_n: int = 0) -> tuple[str, str]:
+                     block_n: int = 0, parts: int = 0) -> tuple[str, str]:
     """(C entry name, CUDA source) of one tile loop: ``kind`` "forward", "dq", "dkdv" or "fused" (dk/dv with dQ
     added into an fp32 accumulator, 16-bit types), for a padded head dim of HEAD_DIMS and an element family of
     ELEMS, with dropout or not and a mask of kind ``mask_kind`` (MASK_KINDS' numbers, 0: none) compiled in;
-    ``block_n``: the forward's keys per tile (0: forward_block_n's default). tests/test_flash.py compiles them
-    with NVRTC on the CPU."""
+    ``block_n``: the forward's keys per tile (0: forward_block_n's default); ``parts``: the backward's preferred
+    column parts (col_parts). tests/test_flash.py compiles them with NVRTC on the CPU."""
     short = {"float16": "f16", "bfloat16": "bf16", "float32": "f32", "tf32": "tf32"}[elem]
     block_n = {"forward": forward_block_n(head_dim, elem, block_n), "dq": dq_block_n(head_dim, elem),
                "dkdv": dkdv_block_m(head_dim, elem), "fused": dkdv_block_m(head_dim, elem, True)}[kind]
-    name = f"efficient_{kind}_{short}_d{head_dim}_n{block_n}{'_dropout' if dropout else ''}_mask{mask_kind}"
+    parts = col_parts(head_dim, elem, parts)
+    name = (f"efficient_{kind}_{short}_d{head_dim}_n{block_n}{'_dropout' if dropout else ''}_mask{mask_kind}"
+            f"{f'_p{parts}' if parts > 1 and kind != 'forward' else ''}")
     defines = (f"#define EFF_NAME {name}\n#define EFF_HEAD_DIM {head_dim}\n#define EFF_BLOCK_N {block_n}\n"
                f"#define EFF_ELEM {ELEMS[elem]}\n#define EFF_DROPOUT {int(dropout)}\n"
                f"#define EFF_MASK_KIND {mask_kind}\n")
     if kind == "forward":
         return name, defines + kernels_cuda.source("efficient_fwd.cuh")
     return name, (defines + f"#define EFF_DQ {int(kind == 'dq')}\n#define EFF_FUSED {int(kind == 'fused')}\n"
-                  f"#define EFF_COL_PARTS {col_parts(head_dim, elem)}\n" + kernels_cuda.source("efficient_bwd.cuh"))
+                  f"#define EFF_COL_PARTS {parts}\n" + kernels_cuda.source("efficient_bwd.cuh"))
 
 
 @functools.cache
-def _tile_loop(head_dim: int, elem: str, kind: str, dropout: bool, mask_kind: int, block_n: int = 0):
-    name, source = tile_loop_source(head_dim, elem, kind, dropout, mask_kind, block_n)
+def _tile_loop(head_dim: int, elem: str, kind: str, dropout: bool, mask_kind: int, block_n: int = 0, parts: int = 0):
+    name, source = tile_loop_source(head_dim, elem, kind, dropout, mask_kind, block_n, parts)
     args = _ARGS if kind == "forward" else _BWD_ARGS
     return cuda.declare_device(name, f"int32({args})", link=[cuda.CUSource(source, name=f"{name}.cu")], abi="c")
 
@@ -273,10 +278,10 @@ def mask_kind_of(pr) -> int:
 
 
 @functools.cache
-def _dq_kernel(head_dim: int, elem: str, dropout: bool, mask_kind: int, registers: int, head_major: bool):
-    tile_loop = _tile_loop(head_dim, elem, "dq", dropout, mask_kind)
+def _dq_kernel(head_dim: int, elem: str, dropout: bool, mask_kind: int, registers: int, head_major: bool, parts: int):
+    tile_loop = _tile_loop(head_dim, elem, "dq", dropout, mask_kind, 0, parts)
     size = 4 if _wide(elem) else 2
-    rows = backward_rows(head_dim, elem)
+    rows = backward_rows(parts)
 
     @cuda.jit(max_registers=registers)
     def attention_dq_tc(q, qs, k, ks, v, vs, dout, dos, out, os_, lse, ls, delta, dls, dq, dqs, dmask, dms, mask, ms,
@@ -312,10 +317,10 @@ def _dq_kernel(head_dim: int, elem: str, dropout: bool, mask_kind: int, register
 
 @functools.cache
 def _dkdv_kernel(head_dim: int, elem: str, dropout: bool, mask_kind: int, registers: int, head_major: bool,
-                 fused: bool):
-    tile_loop = _tile_loop(head_dim, elem, "fused" if fused else "dkdv", dropout, mask_kind)
+                 parts: int, fused: bool):
+    tile_loop = _tile_loop(head_dim, elem, "fused" if fused else "dkdv", dropout, mask_kind, 0, parts)
     size = 4 if _wide(elem) else 2
-    rows = backward_rows(head_dim, elem)
+    rows = backward_rows(parts)
 
     @cuda.jit(max_registers=registers)
     def attention_dkdv_tc(q, qs, k, ks, v, vs, dout, dos, lse, ls, delta, dls, dk, dks, dv, dvs, mask, ms, dqa, dqas,
@@ -357,8 +362,10 @@ def backward(pr, views, arrays, dmask_v, device, structure, cfg, dq_accum=None):
     kernel, then the dk/dv kernel."""
     _, _, left, right, seed_lo, seed_hi, offset, threshold, rescale = structure
     head_dim, elem = head_dim_for(pr.E, pr.Ev), elem_of(pr)
+    fused = dq_accum is not None
+    parts = 1 if fused else col_parts(head_dim, elem, cfg.tensor_core_col_parts)
     instance = (head_dim, elem, pr.dropout_p > 0, mask_kind_of(pr),
-                registers_for(head_dim, elem, cfg.tensor_core_registers, forward=False), cfg.head_major_grid)
+                registers_for(head_dim, elem, cfg.tensor_core_registers, forward=False), cfg.head_major_grid, parts)
     (q, qs), (k, ks), (v, vs), (mask, ms) = (_address_and_strides(x) for x in (views.q, views.k, views.v, views.mask))
     (dout, dos), (out, os_), (lse, ls), (delta, dls), (dq, dqs), (dk, dks), (dv, dvs) = (
         _address_and_strides(x) for x in arrays)
@@ -370,8 +377,7 @@ def backward(pr, views, arrays, dmask_v, device, structure, cfg, dq_accum=None):
     varlen = pr.varlen is not None
     common = (views.cu_q, views.cu_k, varlen, views.nb1, views.nb2)
     tail = (pr.L, pr.S, pr.E, pr.Ev, pr.scale, pr.lower_right, left, right, seed_lo, seed_hi, offset, threshold, rescale)
-    fused = dq_accum is not None
-    rows = backward_rows(head_dim, elem)
+    rows = backward_rows(parts)
     if fused:
         bf16 = elem == "bfloat16"
         dout_v, out_v, _, delta_v, dq_v = arrays[:5]

@@ -566,5 +566,41 @@ def test_portable_kernels_compile_for_sm90(name, monkeypatch):
             assert proc.returncode == 0, proc.stderr[-2000:]
 
 
+
+@pytest.mark.parametrize("head_major", [False, True])
+def test_tensor_core_wrappers_compile_for_sm90(head_major, monkeypatch):
+    """The Numba kernels around the tensor_core tile loops (forward, dq, dk/dv; both block orders, column parts)
+    compile to sm_90 PTX here, without a GPU (the linked CUDA C is compiled by tests/test_flash.py)."""
+    import types
+
+    from cusdpa import environment
+
+    if environment.simulator_enabled():
+        pytest.skip("this pytest process runs with NUMBA_ENABLE_CUDASIM=1")
+    import numba.cuda.dispatcher
+    from numba import cuda
+    from numba import types as nt
+
+    from kernels_numba import tensor_core
+
+    monkeypatch.setattr(numba.cuda.dispatcher, "get_current_device",
+                        lambda: types.SimpleNamespace(compute_capability=(9, 0)))
+    i, f, b = nt.int64, nt.float64, nt.boolean
+    t5, t7, cu = nt.UniTuple(i, 5), nt.UniTuple(i, 7), nt.Array(nt.int32, 1, "C")
+    tail = (i, i, i, i, f, b, i, i, i, i, i, i, f)  # L, S, E, Ev, scale, lower_right, left, right, seed.., rescale
+    operand = (i, t5)
+    # (kernel, signature, whether it counts its blocks from the last: the head-fastest order reads the grid's height)
+    kernels = [(tensor_core._kernel(64, "bfloat16", False, 0, 168, 64, head_major),
+                operand * 4 + (i, t5, i, t7, cu, cu, b, i, i, i, i) + tail, True),
+               (tensor_core._dq_kernel(64, "bfloat16", True, 1, 168, head_major, 2),
+                operand * 8 + (i, t7, i, t7, cu, cu, b, i, i, i, i) + tail, True),
+               (tensor_core._dkdv_kernel(128, "float16", False, 2, 168, head_major, 1, True),
+                operand * 8 + (i, t7, i, t5, cu, cu, b, i, i, i, i, i) + tail, False)]
+    for kernel, sig, descending in kernels:
+        ptx, _ = cuda.compile_ptx(kernel.py_func, sig, cc=(9, 0))
+        assert ".target sm_90" in ptx
+        assert ("%nctaid.y" in ptx) == (descending and not head_major)
+
+
 if __name__ == "__main__":
     simulator_child.serve(_run_case, list(CASES))
