@@ -1,11 +1,11 @@
 """The tensor-core split-KV kernels (kernels_cuda/flash_decode.cu) behind cusdpa.kv_cache_attention on CuPy
 fp16/bf16 arrays, on the GPU: contiguous and paged caches, new tokens appended on the device, several query
 rows per kv head, causal, windows, softcap and ALiBi, uneven and empty sequences, long ones split over many
-CTAs, and stale NaN in the cache's unused cells, against the reference run per sequence in float64."""
+CTAs, and stale NaN in the cache's unused cells, judged per sequence by the harness (test_kv_cache.judged)."""
 import numpy as np
 import pytest
 
-from test_kv_cache import _expected
+from test_kv_cache import judged
 
 import cusdpa
 
@@ -82,14 +82,13 @@ def _check_case(name, dtype):
     vn = rng.standard_normal((B, new, hkv, Ev)).astype(np_dtype) if new else None
     kw = dict(options)
     if kw.pop("alibi", False):
-        kw["alibi_slopes"] = (rng.random((B, hq)) / 4).astype(np.float32)
+        kw["alibi_slopes"] = cupy.asarray((rng.random((B, hq)) / 4).astype(np.float32))
     dev = {k: None if v is None else cupy.asarray(v) for k, v in dict(q=q_host, k=k_host, v=v_host, kn=kn, vn=vn,
                                                                          table=table, rows=rows).items()}
     built = decode.build.cache_info().misses + decode.build.cache_info().hits
     out, lse = cusdpa.kv_cache_attention(
         dev["q"], dev["k"], dev["v"], cupy.asarray(seqlens), dev["kn"], dev["vn"], block_table=dev["table"],
-        cache_batch_idx=dev["rows"], return_lse=True,
-        **{**kw, **({"alibi_slopes": cupy.asarray(kw["alibi_slopes"])} if "alibi_slopes" in kw else {})})
+        cache_batch_idx=dev["rows"], return_lse=True, **kw)
     assert decode.build.cache_info().misses + decode.build.cache_info().hits == built + 1, "not on the decode kernels"
     # the new tokens landed where the host puts them
     k_after, v_after = dev["k"].get(), dev["v"].get()
@@ -100,14 +99,9 @@ def _check_case(name, dtype):
             cell = (row_of[b], p) if table is None else (table[b, p // block], p % block)
             np.testing.assert_array_equal(k_after[cell].view(np.uint16), kn[b, n].view(np.uint16))
             np.testing.assert_array_equal(v_after[cell].view(np.uint16), vn[b, n].view(np.uint16))
-    f64 = [x.astype(np.float64) for x in (q_host, k_after, v_after)]
-    want, want_lse = _expected(*f64, np.array(lengths), table, row_of, **kw)
-    got = out.get().astype(np.float64)
-    assert out.dtype == np_dtype and got.shape == want.shape
-    assert np.isfinite(got).all()
-    scale = max(1.0, np.abs(want).max())
-    np.testing.assert_allclose(got, want, atol=2e-2 * scale, rtol=0)
-    np.testing.assert_allclose(lse.get(), want_lse, atol=2e-3, rtol=2e-3)
+    assert out.dtype == np_dtype and out.shape == (B, lq, hq, Ev)
+    failures = judged(dev["q"], dev["k"], dev["v"], lengths, table, row_of, out, lse, **kw)
+    assert not failures, "\n".join(failures)
 
 
 def test_torch_decode_steps_replay_a_plan_and_capture_in_a_cuda_graph():

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 import cusdpa
-from cusdpa import reference
+from cusdpa import problem, reference
 
 B, HQ, HKV, E, EV = 3, 4, 2, 8, 16
 
@@ -20,10 +20,31 @@ def _caches(rng, paged: bool):
 
 
 def _sequence(cache, b, n, table, batch_idx):
-    """Positions [0, n) of sequence b of a cache, (n, H, D)."""
+    """Positions [0, n) of sequence b of a cache (NumPy or CuPy), (n, H, D)."""
     if table is None:
-        return cache[batch_idx[b], :n]
-    return np.concatenate([cache[blk] for blk in table[b]])[:n]
+        return cache[int(batch_idx[b]), :n]
+    xp = problem.array_module(cache, "cache")
+    return xp.concatenate([cache[int(blk)] for blk in table[b]])[:n]
+
+
+def judged(q, k_cache, v_cache, lengths, table, batch_idx, out, lse, **kw) -> list[str]:
+    """Failures of kv_cache_attention's (out (B, Lq, Hq, Ev), lse (B, Hq, Lq)) on the cache contents the call
+    left, judged per sequence by the one harness (cusdpa.verify: the float64 reference, and PyTorch at the
+    inputs' precision on their device): sequence b is dense attention of q[b] over its lengths[b] cached
+    positions, causal and window aligned lower-right, with its ALiBi slopes."""
+    from cusdpa.verify import harness
+
+    options = problem.Options(is_causal=kw.get("is_causal", False), scale=kw.get("scale"), enable_gqa=True,
+                              causal_variant="lower_right", window=kw.get("window"), softcap=kw.get("softcap", 0.0))
+    slopes = kw.get("alibi_slopes")
+    failures = []
+    for b in range(q.shape[0]):
+        k, v = (_sequence(c, b, int(lengths[b]), table, batch_idx).swapaxes(0, 1) for c in (k_cache, v_cache))
+        pr = problem.from_dense(q[b].swapaxes(0, 1), k, v, None, options,
+                                alibi_slopes=None if slopes is None else slopes[b])
+        _, bad = harness.judged(harness.expect(pr), {"out": out[b].swapaxes(0, 1), "lse": lse[b]})
+        failures += [f"sequence {b} ({int(lengths[b])} keys): {m}" for m in bad]
+    return failures
 
 
 def _expected(q, k_cache, v_cache, lengths, table, batch_idx, **kw):
