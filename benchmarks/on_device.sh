@@ -16,7 +16,8 @@
 # efficient-grid-order (the tensor_core kernels' blocks head-major, KernelConfig.head_major_grid, off and on at
 # L = 1024 and 4096), efficient-bwd-spills (the tensor_core backward's spills at head dim 128: as it is, with
 # column parts, with two blocks per SM (255 registers)), efficient-masks
-# (bool and float masks of the masks issue, bf16 L = 4096, against EFFICIENT_ATTENTION given the same mask),
+# (bool and float masks of the masks issue, bf16 L = 4096, against EFFICIENT_ATTENTION given the same mask; the
+# forward's mask tiles, KernelConfig.tensor_core_mask_tiles, off and on),
 # efficient-fp32-tc (fp32 on the tensor_core loops,
 # three TF32 products: its GPU tests, then the fp32 shape timed with KernelConfig.tensor_core_fp32 off and on), efficient-ncu (the tensor_core
 # backward's dq and dk/dv kernels under ncu, bf16 E = 128 L = 4096), decode-tests (the KV cache on the GPU), fidelity-tests (PyTorch's behaviours, non-finite
@@ -81,8 +82,10 @@ command_of() {  # the command of stage $1, into the array cmd
                                -k column_parts && for c in "" tensor_core_col_parts=2 tensor_core_blocks=2; do \
                                python3 benchmarks/efficient_gpu.py --L 4096 --reps 5 --dtypes bfloat16 --config $c \
                                | tail -n 5; done') ;;
-    efficient-masks) cmd=(bash -c 'for m in bool float; do python3 benchmarks/efficient_gpu.py --L 4096 --reps 5 \
-                          --dtypes bfloat16 --head-dims 64 128 --mask $m | tail -n 4; done') ;;
+    efficient-masks) cmd=(bash -c 'python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_efficient_gpu.py \
+                          -k mask_tiles && for t in 0 1; do for m in bool float; do python3 benchmarks/efficient_gpu.py \
+                          --L 4096 --reps 5 --dtypes bfloat16 --head-dims 64 128 --mask $m \
+                          --config tensor_core_mask_tiles=$t | tail -n 4; done; done') ;;
     efficient-fp32-tiles) cmd=(bash -c 'for c in "sub=4" "sub=8 threads=8" "sub=6 threads=8" "sub=4 threads=8"; do
                                python3 benchmarks/efficient_gpu.py --dtypes float32 --head-dims 64 --L 2048 --hidden 1024 \
                                  --reps 5 --config $c | tail -n 4; done') ;;

@@ -7,7 +7,8 @@ FLASH: the Hopper wgmma forward (E = 64 and 128), the mma.sync forward (E = 40, 
 wgmma turned off), the backward's preprocess, dK/dV (whole and split in two passes for E = 256) and dQ
 kernels, with causal, window, GQA, dropout and varlen. EFFICIENT: the tensor_core forward and backward (dQ,
 dK/dV; E = 64 with a bool mask, E = 128 with GQA, dropout and lower-right causal; the backward's column parts at
-fp32 E = 128 and bf16 E = 256), the fused tensor_core backward and its passes, the fp32 tensor_core loops (TF32),
+fp32 E = 128 and bf16 E = 256; the forward's mask tiles), the fused tensor_core backward and its passes, the
+fp32 tensor_core loops (TF32),
 the portable forward, dQ, dK/dV and mask-gradient kernels,
 with bool and float masks. Odd sizes, so every kernel runs partial
 tiles. Each case is checked against the float64 reference, so a kernel that the sanitizer slows down or
@@ -43,6 +44,8 @@ CASES = [  # (name, backend, dtype, (B, Hq, Hkv, L, S, E, Ev), options, mask kin
      dict(dropout_p=0.2), None, "tensor_core+fused"),
     ("efficient tensor_core fp32 bool mask", Backend.EFFICIENT, "float32", (2, 2, 1, 37, 51, 64, 64), {}, "bool",
      "tensor_core+fp32"),
+    ("efficient tensor_core mask tiles", Backend.EFFICIENT, "float16", (2, 2, 2, 37, 80, 64, 64), {}, "bool",
+     "tensor_core+masktiles"),
     ("efficient tensor_core fp32 E96/72 window", Backend.EFFICIENT, "float32", (1, 2, 2, 50, 60, 96, 72),
      dict(window=(10, 3)), None, "tensor_core+fp32"),
     ("efficient tensor_core fp32 E128 column parts", Backend.EFFICIENT, "float32", (1, 2, 1, 45, 70, 128, 128),
@@ -80,7 +83,8 @@ def run(name, backend, dtype, dims, options, mask_kind, variant, rng) -> float:
         variant, *flags = variant.split("+")
         knobs = kernels_numba.KernelConfig(variant=variant, fused_backward="fused" in flags,
                                            tensor_core_fp32="fp32" in flags,
-                                           tensor_core_head_dim=256 if "wide" in flags else 128)
+                                           tensor_core_head_dim=256 if "wide" in flags else 128,
+                                           tensor_core_mask_tiles="masktiles" in flags)
     else:
         knobs = kernels_numba.current()
     with cusdpa.sdpa_kernel([backend]), kernels_numba.configured(knobs):

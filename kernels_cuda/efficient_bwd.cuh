@@ -72,10 +72,6 @@ __device__ __forceinline__ void store_mask_grad(unsigned char* p, int kind, i64 
   }
 }
 
-__host__ __device__ constexpr int mask_element_bytes(int kind) {
-  return kind == MASK_F64 ? 8 : kind == MASK_F32 ? 4 : (kind == MASK_F16 || kind == MASK_BF16) ? 2 : 1;
-}
-
 // Stores a warp's 16 rows (this thread's row0 and row0 + 8) of fp32 accumulators, scaled, in the input type.
 template <int HEAD_DIM>
 __device__ __forceinline__ void store_rows(Elem* dst, i64 rs, const float (&acc)[HEAD_DIM / 8][4], float scale,

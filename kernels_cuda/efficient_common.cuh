@@ -43,24 +43,32 @@ __device__ __forceinline__ float f16_to_f32(u16 h) {
 
 __device__ __forceinline__ float bf16_to_f32(u16 h) { return __int_as_float(((u32)h) << 16); }
 
+__host__ __device__ constexpr int mask_element_bytes(int kind) {
+  return kind == MASK_F64 ? 8 : kind == MASK_F32 ? 4 : (kind == MASK_F16 || kind == MASK_BF16) ? 2 : 1;
+}
+
+// Mask element `at` (in elements) of kind MASK_KIND from `p` applied to one scaled score of a visible pair; -inf
+// means selected out. A -inf float-mask entry selects the score out as a False bool entry does, so NaN in q k^T
+// there is never added in.
+__device__ __forceinline__ float apply_mask_element(const unsigned char* p, i64 at, float s) {
+  if (MASK_KIND == MASK_NONE) return s;
+  float m;
+  switch (MASK_KIND) {
+    case MASK_BOOL: return p[at] ? s : -CUSDPA_INF;
+    case MASK_F16: m = f16_to_f32(((const u16*)p)[at]); break;
+    case MASK_BF16: m = bf16_to_f32(((const u16*)p)[at]); break;
+    case MASK_F32: m = ((const float*)p)[at]; break;
+    default: m = (float)((const double*)p)[at];
+  }
+  return m == -CUSDPA_INF ? -CUSDPA_INF : s + m;
+}
+
 // One (batch, head) slice's mask of kind MASK_KIND: element [i][j] at p + (i * rs + j * cs) * element size.
 struct MaskView {
   const unsigned char* p;
   i64 rs, cs;
-  // The mask applied to one scaled score of a visible pair; -inf means selected out. A -inf float-mask
-  // entry selects the score out as a False bool entry does, so NaN in q k^T there is never added in.
   __device__ __forceinline__ float apply(i64 i, i64 j, float s) const {
-    if (MASK_KIND == MASK_NONE) return s;
-    i64 at = i * rs + j * cs;
-    float m;
-    switch (MASK_KIND) {
-      case MASK_BOOL: return p[at] ? s : -CUSDPA_INF;
-      case MASK_F16: m = f16_to_f32(((const u16*)p)[at]); break;
-      case MASK_BF16: m = bf16_to_f32(((const u16*)p)[at]); break;
-      case MASK_F32: m = ((const float*)p)[at]; break;
-      default: m = (float)((const double*)p)[at];
-    }
-    return m == -CUSDPA_INF ? -CUSDPA_INF : s + m;
+    return apply_mask_element(p, i * rs + j * cs, s);
   }
 };
 

@@ -10,6 +10,12 @@
 // single-buffer schedule). Rows of the V tile that no query of the block may see are zeroed before
 // P V: P is 0 there, but 0 * NaN is NaN, and the contract says padding never leaks.
 //
+// EFF_MASK_TILE (an attn_mask whose tile fits beside K and V): where the slice's mask rows are contiguous along
+// the keys and 16-byte aligned, each tile's mask elements are copied into shared memory with the K tile (16-byte
+// cp.async, in flight while the previous tile's products run), instead of each thread loading its 32 scores'
+// elements from global memory one by one when the scores are ready, a memory latency per tile on the critical path.
+// Other masks take the per-element loads.
+//
 // Only NVRTC built-ins and inline PTX, here and in common.cuh: no headers, so it compiles wherever Numba
 // finds NVRTC.
 #include "efficient_common.cuh"
@@ -38,6 +44,23 @@ __device__ void forward(const Args& a) {
   __shared__ __align__(16) Elem k_tile[BLOCK_N * STRIDE];
   __shared__ __align__(16) Elem v_tile[BLOCK_N * STRIDE];
   __shared__ int col_seen[BLOCK_N];
+#if EFF_MASK_TILE
+  static_assert(MASK_KIND != MASK_NONE, "a mask tile needs a mask");
+  // the block's rows x the tile's keys, rows of MROW bytes (+16: a warp's reads of 8 rows spread over the banks)
+  constexpr int MB = mask_element_bytes(MASK_KIND), MCHUNKS = BLOCK_N * MB / 16, MROW = BLOCK_N * MB + 16;
+  __shared__ __align__(16) unsigned char mask_tile[EFF_BLOCK_M * MROW];
+  // a tile's rows are whole 16-byte chunks, each wholly inside the keys or wholly past them
+  const bool mask_tiled = a.mask.cs == 1 && (a.mask.rs * MB) % 16 == 0 && (u64)a.mask.p % 16 == 0 &&
+                          (a.vis.S * MB) % 16 == 0;
+  auto stage_mask = [&](i64 n0) {
+    for (int c = threadIdx.x; c < EFF_BLOCK_M * MCHUNKS; c += EFF_THREADS) {
+      const int r = c / MCHUNKS, ch = c % MCHUNKS;
+      const i64 i = a.m_first + r, j = n0 + ch * (16 / MB);
+      const bool inside = i < a.vis.L && j < a.vis.S;  // rows past L and keys past S are never read
+      cp_async_16(mask_tile + r * MROW + ch * 16, inside ? a.mask.p + (i * a.mask.rs + j) * MB : a.mask.p, inside);
+    }
+  };
+#endif
 
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   const int g = lane / 4, t = lane % 4;  // mma fragment coordinates: row group, thread in group
@@ -61,6 +84,9 @@ __device__ void forward(const Args& a) {
 
   if (n_begin < hi) {
     stage_tile<Ops, HEAD_DIM, BLOCK_N>(k_tile, a.k, a.k_rs, n_begin, a.vis.S, a.E, vec);
+#if EFF_MASK_TILE
+    if (mask_tiled) stage_mask(n_begin);
+#endif
     cp_async_commit();
   }
   for (i64 n0 = n_begin; n0 < hi; n0 += BLOCK_N) {
@@ -71,7 +97,7 @@ __device__ void forward(const Args& a) {
     // Only the block's rows below L count: the rest hold zeros of Q and are never stored.
     const bool check = MASK_KIND != MASK_NONE || !a.vis.tile_full(a.m_first, m_last + 1 - a.m_first, n0, BLOCK_N);
     if (check && threadIdx.x < BLOCK_N) col_seen[threadIdx.x] = 0;
-    cp_async_wait<1>();  // K of this tile has landed (V may still be in flight)
+    cp_async_wait<1>();  // K (and the mask) of this tile has landed (V may still be in flight)
     __syncthreads();
 
     float s[NTILES][4];  // S = Q K^T
@@ -85,8 +111,17 @@ __device__ void forward(const Args& a) {
       for (int x = 0; x < 4; ++x) {
         float v = s[nt][x] * a.scale;
         if (check) {
+#if EFF_MASK_TILE
+          // a select per score, not two copies of this loop (1.4K more instructions, more spills at head dim 128)
+          const int r = warp * 16 + g + (x / 2) * 8, col = nt * 8 + 2 * t + (x % 2);
+          const i64 i = a.m_first + r, j = n0 + col;
+          v = !a.vis.visible(i, j) ? -CUSDPA_INF
+              : mask_tiled           ? apply_mask_element(mask_tile + r * MROW, col, v)
+                                     : a.mask.apply(i, j, v);
+#else
           i64 i = row0 + (x / 2) * 8, j = n0 + nt * 8 + 2 * t + (x % 2);
           v = masked_score(a.vis, a.mask, i, j, v);
+#endif
           if (v != -CUSDPA_INF) col_seen[nt * 8 + 2 * t + (x % 2)] = 1;  // same value from every writer
         }
         s[nt][x] = v;
@@ -137,9 +172,12 @@ __device__ void forward(const Args& a) {
       Ops::set_operand(pf, nt, p);
     }
 
-    __syncthreads();  // every warp is done with this K tile
+    __syncthreads();  // every warp is done with this K tile (and this mask tile)
     if (has_next) {
       stage_tile<Ops, HEAD_DIM, BLOCK_N>(k_tile, a.k, a.k_rs, n0 + BLOCK_N, a.vis.S, a.E, vec);
+#if EFF_MASK_TILE
+      if (mask_tiled) stage_mask(n0 + BLOCK_N);
+#endif
       cp_async_commit();
       cp_async_wait<1>();  // V of this tile has landed (the next K may still be in flight)
     } else {

@@ -62,6 +62,17 @@ def forward_block_n(head_dim: int, elem: str = "float16", preferred: int = 0) ->
     return 32 if _wide(elem) else 64 if head_dim <= 128 else 32
 
 
+def mask_tile_fits(head_dim: int, elem: str, block_n: int, mask_kind: int) -> bool:
+    """Whether the forward's shared memory holds a mask tile (efficient_fwd.cuh's EFF_MASK_TILE: 64 rows of
+    block_n elements of the mask's kind, +16 bytes a row) beside its K and V tiles, within 48 KiB."""
+    if not mask_kind:
+        return False
+    element = 4 if _wide(elem) else 2
+    mask_bytes = {1: 1, 2: 2, 3: 2, 4: 4, 5: 8}[mask_kind]
+    used = 2 * block_n * (head_dim + 16 // element) * element + 4 * block_n + BLOCK_M * (block_n * mask_bytes + 16)
+    return used <= 48 * 1024
+
+
 def dq_block_n(head_dim: int, elem: str = "float16") -> int:
     """Keys per tile of the dq kernel: 32 over head dim 64 keeps S and dP (2 x 16 registers) beside Q, dO and
     dQ's fragments (3 x head_dim / 4, twice that for fp32, which takes 32 always: 16 bytes of spills at head
@@ -140,30 +151,34 @@ def head_dim_for(E: int, Ev: int) -> int:
 
 
 def tile_loop_source(head_dim: int, elem: str, kind: str, dropout: bool, mask_kind: int,
-                     block_n: int = 0, parts: int = 0) -> tuple[str, str]:
+                     block_n: int = 0, parts: int = 0, mask_tile: bool = False) -> tuple[str, str]:
     """(C entry name, CUDA source) of one tile loop: ``kind`` "forward", "dq", "dkdv" or "fused" (dk/dv with dQ
     added into an fp32 accumulator, 16-bit types), for a padded head dim of HEAD_DIMS and an element family of
     ELEMS, with dropout or not and a mask of kind ``mask_kind`` (MASK_KINDS' numbers, 0: none) compiled in;
     ``block_n``: the forward's keys per tile (0: forward_block_n's default); ``parts``: the backward's preferred
-    column parts (col_parts). tests/test_flash.py compiles them with NVRTC on the CPU."""
+    column parts (col_parts); ``mask_tile``: the forward stages its mask tiles in shared memory where they fit
+    (mask_tile_fits; KernelConfig.tensor_core_mask_tiles). tests/test_flash.py compiles them with NVRTC on the
+    CPU."""
     short = {"float16": "f16", "bfloat16": "bf16", "float32": "f32", "tf32": "tf32"}[elem]
     block_n = {"forward": forward_block_n(head_dim, elem, block_n), "dq": dq_block_n(head_dim, elem),
                "dkdv": dkdv_block_m(head_dim, elem), "fused": dkdv_block_m(head_dim, elem, True)}[kind]
     parts = col_parts(head_dim, elem, parts)
+    mask_tile = mask_tile and kind == "forward" and mask_tile_fits(head_dim, elem, block_n, mask_kind)
     name = (f"efficient_{kind}_{short}_d{head_dim}_n{block_n}{'_dropout' if dropout else ''}_mask{mask_kind}"
-            f"{f'_p{parts}' if parts > 1 and kind != 'forward' else ''}")
+            f"{f'_p{parts}' if parts > 1 and kind != 'forward' else ''}{'_mt' if mask_tile else ''}")
     defines = (f"#define EFF_NAME {name}\n#define EFF_HEAD_DIM {head_dim}\n#define EFF_BLOCK_N {block_n}\n"
                f"#define EFF_ELEM {ELEMS[elem]}\n#define EFF_DROPOUT {int(dropout)}\n"
                f"#define EFF_MASK_KIND {mask_kind}\n")
     if kind == "forward":
-        return name, defines + kernels_cuda.source("efficient_fwd.cuh")
+        return name, defines + f"#define EFF_MASK_TILE {int(mask_tile)}\n" + kernels_cuda.source("efficient_fwd.cuh")
     return name, (defines + f"#define EFF_DQ {int(kind == 'dq')}\n#define EFF_FUSED {int(kind == 'fused')}\n"
                   f"#define EFF_COL_PARTS {parts}\n" + kernels_cuda.source("efficient_bwd.cuh"))
 
 
 @functools.cache
-def _tile_loop(head_dim: int, elem: str, kind: str, dropout: bool, mask_kind: int, block_n: int = 0, parts: int = 0):
-    name, source = tile_loop_source(head_dim, elem, kind, dropout, mask_kind, block_n, parts)
+def _tile_loop(head_dim: int, elem: str, kind: str, dropout: bool, mask_kind: int, block_n: int = 0, parts: int = 0,
+               mask_tile: bool = False):
+    name, source = tile_loop_source(head_dim, elem, kind, dropout, mask_kind, block_n, parts, mask_tile)
     args = _ARGS if kind == "forward" else _BWD_ARGS
     return cuda.declare_device(name, f"int32({args})", link=[cuda.CUSource(source, name=f"{name}.cu")], abi="c")
 
@@ -210,8 +225,8 @@ def _grid(slices: int, rows: int, extent: int, head_major: bool) -> tuple:
 
 @functools.cache
 def _kernel(head_dim: int, elem: str, dropout: bool, mask_kind: int, registers: int, block_n: int,
-            head_major: bool):
-    tile_loop = _tile_loop(head_dim, elem, "forward", dropout, mask_kind, block_n)
+            head_major: bool, mask_tile: bool = False):
+    tile_loop = _tile_loop(head_dim, elem, "forward", dropout, mask_kind, block_n, 0, mask_tile)
     size = 4 if _wide(elem) else 2  # bytes per element of q, k, v and out
 
     @cuda.jit(max_registers=registers)
@@ -254,7 +269,8 @@ def forward(pr, views, out_v, lse_v, device, structure, cfg):
     head_dim, elem = head_dim_for(pr.E, pr.Ev), elem_of(pr)
     kernel = _kernel(head_dim, elem, pr.dropout_p > 0, mask_kind_of(pr),
                      registers_for(head_dim, elem, cfg.tensor_core_registers, forward=True),
-                     forward_block_n(head_dim, elem, cfg.tensor_core_block_n), cfg.head_major_grid)
+                     forward_block_n(head_dim, elem, cfg.tensor_core_block_n), cfg.head_major_grid,
+                     cfg.tensor_core_mask_tiles)
     q, qs = _address_and_strides(views.q)
     k, ks = _address_and_strides(views.k)
     v, vs = _address_and_strides(views.v)

@@ -454,6 +454,27 @@ def test_column_parts_where_they_are_a_choice(gpu, rng):
     assert not failures, "\n".join(failures)
 
 
+@pytest.mark.parametrize("dtype", ["float16", "float32"])
+def test_forward_mask_tiles(gpu, rng, dtype):
+    """KernelConfig.tensor_core_mask_tiles: the forward's attn_mask elements staged in shared memory with each K tile,
+    judged for every mask kind the tiles take (bool, float16, bfloat16, float32; float64 does not fit), broadcast
+    rows and heads, partial tiles, with causal and dropout; and masks the kernel must read element by element (keys
+    not contiguous, rows not 16-byte aligned, a key count that ends inside a 16-byte chunk)."""
+    cases = [Case(dtype, batch=(2,), hq=2, hkv=2, L=130, S=96, E=64, mask="bool", causal="lower_right"),
+             Case(dtype, batch=(2,), hq=4, hkv=2, L=70, S=160, E=128, mask="float", mask_shape=(4, 70, 160)),
+             Case(dtype, batch=(2,), hq=2, hkv=1, L=65, S=128, E=64, mask="float", mask_dtype="bfloat16",
+                  mask_shape=(2, 1, 1, 128), dropout_p=0.1),
+             Case(dtype, batch=(1,), hq=2, hkv=2, L=40, S=64, E=64, mask="float", mask_dtype="float32"),
+             Case(dtype, batch=(1,), hq=2, hkv=2, L=40, S=64, E=64, mask="float", mask_dtype="float64"),
+             Case(dtype, batch=(2,), hq=2, hkv=2, L=50, S=70, E=64, mask="bool"),  # rows of 70 bytes
+             Case(dtype, batch=(2,), hq=2, hkv=2, L=50, S=64, E=64, mask="float", mask_shape=(50, 1))]  # keys broadcast
+    failures = []
+    for case in cases:
+        failures += [f"{case}: {m}" for m in _failures(gpu, harness.build(case, gpu[0], rng), rng, "tensor_core",
+                                                      tensor_core_mask_tiles=True)]
+    assert not failures, "\n".join(failures)
+
+
 def test_head_major_grid(gpu, rng):
     """KernelConfig.head_major_grid: the tensor_core kernels' blocks in head-major order (forward, dq and dk/dv,
     the fused backward), judged: causal both ways, GQA, a mask, dropout, varlen."""
