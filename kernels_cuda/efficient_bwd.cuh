@@ -19,6 +19,8 @@
 //     run: the non-deterministic backward, as PyTorch's EFFICIENT_ATTENTION and FLASH's default are; a
 //     pre-pass writes D and zeroes the accumulator, a post-pass scales and rounds it into dq
 //     (kernels_numba/dq_accumulate.py). 16 queries a step at head dim 128, to fit 48 KiB.
+// EFF_MASK_TILE: the mask's elements of each tile pair staged in shared memory with the operand tiles (MaskTile,
+//     as the forward's), where the mask's rows allow it.
 // Column parts (EFF_COL_PARTS = 2) for head dims whose three fragment sets would not fit a thread's registers
 //     (16-bit past 128, fp32 past 96): the two warps of a pair take the same 16 rows, both compute S and dP over
 //     the whole head dim, and each accumulates half of dQ's (dK's and dV's) columns. A block then covers 32
@@ -113,6 +115,11 @@ __device__ void backward_dq(const BwdArgs& a) {
   constexpr int VEC = Ops::VEC, STRIDE = HEAD_DIM + VEC, NTILES = BLOCK_N / 8;
   __shared__ __align__(16) Elem k_tile[BLOCK_N * STRIDE];
   __shared__ __align__(16) Elem v_tile[BLOCK_N * STRIDE];
+#if EFF_MASK_TILE
+  typedef MaskTile<BLOCK_ROWS, BLOCK_N> Tile;  // the block's rows x the key tile
+  __shared__ __align__(16) unsigned char mask_tile[Tile::BYTES];
+  const bool mask_tiled = Tile::tileable(a.mask, a.vis.S);
+#endif
 
   constexpr int COLS = HEAD_DIM / COL_PARTS;
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, g = lane / 4, t = lane % 4;
@@ -173,6 +180,9 @@ __device__ void backward_dq(const BwdArgs& a) {
   for (i64 n0 = lo / BLOCK_N * BLOCK_N; n0 < hi; n0 += BLOCK_N) {
     stage_tile<Ops, HEAD_DIM, BLOCK_N>(k_tile, a.k, a.k_rs, n0, a.vis.S, a.E, vec);
     stage_tile<Ops, HEAD_DIM, BLOCK_N>(v_tile, a.v, a.v_rs, n0, a.vis.S, a.Ev, vec);
+#if EFF_MASK_TILE
+    if (mask_tiled) Tile::stage(mask_tile, a.mask, a.first, a.vis.L, n0, a.vis.S);
+#endif
     cp_async_commit();
     cp_async_wait<0>();
     __syncthreads();
@@ -194,7 +204,14 @@ __device__ void backward_dq(const BwdArgs& a) {
         for (int c = 0; c < 2; ++c) {
           const i64 j = j0 + c;
           float v = s[nt][2 * r + c] * a.scale;
+#if EFF_MASK_TILE
+          if (!full)
+            v = !a.vis.visible(i, j) ? -CUSDPA_INF
+                : mask_tiled           ? Tile::apply(mask_tile, rg * 16 + g + r * 8, nt * 8 + 2 * t + c, v)
+                                       : a.mask.apply(i, j, v);
+#else
           if (!full) v = masked_score(a.vis, a.mask, i, j, v);
+#endif
           float d = 0.f;
           if (live[r] && v != -CUSDPA_INF) {
             const float p = exp2f(__fmul_rn(v, LOG2E) - lse2[r]);
@@ -228,6 +245,10 @@ __device__ void backward_dkdv(const BwdArgs& a) {
   __shared__ __align__(16) Elem q_tile[BLOCK_M * STRIDE];
   __shared__ __align__(16) Elem do_tile[BLOCK_M * STRIDE];
   __shared__ float lse_tile[BLOCK_M], delta_tile[BLOCK_M];  // lse in the log2 domain
+#if EFF_MASK_TILE
+  typedef MaskTile<BLOCK_M, BLOCK_ROWS> Tile;  // the step's queries x the block's keys
+  __shared__ __align__(16) unsigned char mask_tile[Tile::BYTES];
+#endif
 #if EFF_FUSED
   static_assert((EFF_ELEM == ELEM_F16 || EFF_ELEM == ELEM_BF16) && COL_PARTS == 1,
                 "the fused dQ product is written for 16-bit types, whole rows per warp");
@@ -274,6 +295,9 @@ __device__ void backward_dkdv(const BwdArgs& a) {
     const MaskView mask{a.mask.p + hh * a.head_mask * mask_bytes, a.mask.rs, a.mask.cs};
     const u32 bh = a.bh + hh;
     const bool vec = vectorizable<Ops>(qh, a.q_rs, a.E) && vectorizable<Ops>(doh, a.do_rs, a.Ev);
+#if EFF_MASK_TILE
+    const bool mask_tiled = Tile::tileable(mask, a.vis.S);
+#endif
 #if EFF_FUSED
     // The steps in an order rotated by the key block's index: blocks that start together would otherwise add
     // into the same dQ rows at the same time, and atomics on one address serialise.
@@ -286,6 +310,9 @@ __device__ void backward_dkdv(const BwdArgs& a) {
 #endif
       stage_tile<Ops, HEAD_DIM, BLOCK_M>(q_tile, qh, a.q_rs, m0, a.vis.L, a.E, vec);
       stage_tile<Ops, HEAD_DIM, BLOCK_M>(do_tile, doh, a.do_rs, m0, a.vis.L, a.Ev, vec);
+#if EFF_MASK_TILE
+      if (mask_tiled) Tile::stage(mask_tile, mask, m0, a.vis.L, a.first, a.vis.S);
+#endif
       cp_async_commit();
       if (threadIdx.x < BLOCK_M) {
         const i64 i = m0 + threadIdx.x;
@@ -317,7 +344,14 @@ __device__ void backward_dkdv(const BwdArgs& a) {
         for (int x = 0; x < 4; ++x) {
           const i64 j = key0 + (x / 2) * 8, col = nt * 8 + 2 * t + (x % 2), i = m0 + col;
           float v = st[nt][x] * a.scale;
+#if EFF_MASK_TILE
+          if (!full)
+            v = !a.vis.visible(i, j) ? -CUSDPA_INF
+                : mask_tiled           ? Tile::apply(mask_tile, col, rg * 16 + g + (x / 2) * 8, v)
+                                       : mask.apply(i, j, v);
+#else
           if (!full) v = masked_score(a.vis, mask, i, j, v);
+#endif
           float p = 0.f, d = 0.f;
           if (lse_tile[col] != -CUSDPA_INF && v != -CUSDPA_INF) {
             p = exp2f(__fmul_rn(v, LOG2E) - lse_tile[col]);

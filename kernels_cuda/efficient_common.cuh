@@ -96,6 +96,34 @@ struct SliceArgs {
   }
 };
 
+// A tile of the slice's mask in shared memory (EFF_MASK_TILE): ROWS rows from i0 by COLS keys from j0, rows of
+// ROW_BYTES (+16: a warp's reads of 8 rows spread over the banks), copied with 16-byte cp.async where the mask
+// is `tileable` (its rows contiguous along the keys and 16-byte aligned, the keys a whole number of chunks, so a
+// chunk is wholly inside the keys or wholly past them); rows past L and keys past S are left as they are, never
+// read. The tile loops copy a tile with the operand tiles it goes with and read it where they read the mask.
+template <int ROWS, int COLS>
+struct MaskTile {
+  static constexpr int MB = mask_element_bytes(MASK_KIND), CHUNKS = COLS * MB / 16, ROW_BYTES = COLS * MB + 16;
+  static constexpr int BYTES = ROWS * ROW_BYTES;
+  static_assert(MASK_KIND != MASK_NONE && COLS * MB % 16 == 0, "a mask tile's rows are whole 16-byte chunks");
+
+  static __device__ __forceinline__ bool tileable(const MaskView& m, i64 S) {
+    return m.cs == 1 && (m.rs * MB) % 16 == 0 && (u64)m.p % 16 == 0 && (S * MB) % 16 == 0;
+  }
+  static __device__ __forceinline__ void stage(unsigned char* tile, const MaskView& m, i64 i0, i64 L, i64 j0, i64 S) {
+    for (int c = threadIdx.x; c < ROWS * CHUNKS; c += EFF_THREADS) {
+      const int r = c / CHUNKS, ch = c % CHUNKS;
+      const i64 i = i0 + r, j = j0 + ch * (16 / MB);
+      const bool inside = i < L && j < S;
+      cp_async_16(tile + r * ROW_BYTES + ch * 16, inside ? m.p + (i * m.rs + j) * MB : m.p, inside);
+    }
+  }
+  // the mask applied to the score of pair (i0 + r, j0 + col), visible or not (vis says which)
+  static __device__ __forceinline__ float apply(const unsigned char* tile, int r, int col, float s) {
+    return apply_mask_element(tile + r * ROW_BYTES, col, s);
+  }
+};
+
 // The visibility rule, then the mask.
 __device__ __forceinline__ float masked_score(const Visibility<i64>& vis, const MaskView& mask, i64 i, i64 j,
                                               float s) {

@@ -45,21 +45,10 @@ __device__ void forward(const Args& a) {
   __shared__ __align__(16) Elem v_tile[BLOCK_N * STRIDE];
   __shared__ int col_seen[BLOCK_N];
 #if EFF_MASK_TILE
-  static_assert(MASK_KIND != MASK_NONE, "a mask tile needs a mask");
-  // the block's rows x the tile's keys, rows of MROW bytes (+16: a warp's reads of 8 rows spread over the banks)
-  constexpr int MB = mask_element_bytes(MASK_KIND), MCHUNKS = BLOCK_N * MB / 16, MROW = BLOCK_N * MB + 16;
-  __shared__ __align__(16) unsigned char mask_tile[EFF_BLOCK_M * MROW];
-  // a tile's rows are whole 16-byte chunks, each wholly inside the keys or wholly past them
-  const bool mask_tiled = a.mask.cs == 1 && (a.mask.rs * MB) % 16 == 0 && (u64)a.mask.p % 16 == 0 &&
-                          (a.vis.S * MB) % 16 == 0;
-  auto stage_mask = [&](i64 n0) {
-    for (int c = threadIdx.x; c < EFF_BLOCK_M * MCHUNKS; c += EFF_THREADS) {
-      const int r = c / MCHUNKS, ch = c % MCHUNKS;
-      const i64 i = a.m_first + r, j = n0 + ch * (16 / MB);
-      const bool inside = i < a.vis.L && j < a.vis.S;  // rows past L and keys past S are never read
-      cp_async_16(mask_tile + r * MROW + ch * 16, inside ? a.mask.p + (i * a.mask.rs + j) * MB : a.mask.p, inside);
-    }
-  };
+  typedef MaskTile<EFF_BLOCK_M, BLOCK_N> Tile;  // the block's rows x the tile's keys
+  __shared__ __align__(16) unsigned char mask_tile[Tile::BYTES];
+  const bool mask_tiled = Tile::tileable(a.mask, a.vis.S);
+  auto stage_mask = [&](i64 n0) { Tile::stage(mask_tile, a.mask, a.m_first, a.vis.L, n0, a.vis.S); };
 #endif
 
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
@@ -116,7 +105,7 @@ __device__ void forward(const Args& a) {
           const int r = warp * 16 + g + (x / 2) * 8, col = nt * 8 + 2 * t + (x % 2);
           const i64 i = a.m_first + r, j = n0 + col;
           v = !a.vis.visible(i, j) ? -CUSDPA_INF
-              : mask_tiled           ? apply_mask_element(mask_tile + r * MROW, col, v)
+              : mask_tiled           ? Tile::apply(mask_tile, r, col, v)
                                      : a.mask.apply(i, j, v);
 #else
           i64 i = row0 + (x / 2) * 8, j = n0 + nt * 8 + 2 * t + (x % 2);

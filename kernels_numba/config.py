@@ -56,10 +56,11 @@ class KernelConfig:
       128, fp32: 96): 0 or 1, whole rows per warp; 2, two warps per 16 rows each accumulating half of dQ's
       (dK's, dV's) columns and both computing S and dP (half again the products, far fewer spills at head
       dim 128; tensor_core.col_parts). The fused backward keeps whole rows. Not yet measured.
-    tensor_core_mask_tiles: the tensor_core forward copies each tile's attn_mask elements into shared memory with
-      its K tile (cp.async, ahead of their use), where the mask's rows are contiguous along the keys and 16-byte
-      aligned and the tile fits 48 KiB beside K and V (tensor_core.mask_tile_fits), instead of each thread loading
-      its scores' elements from global memory when the scores are ready. Not yet measured.
+    tensor_core_mask_tiles: the tensor_core loops (forward, dq, dk/dv) copy each tile's attn_mask elements into
+      shared memory with their operand tiles (cp.async, ahead of their use), where the mask's rows are contiguous
+      along the keys and 16-byte aligned and the tile fits 48 KiB beside the others (tensor_core.mask_tile_fits),
+      instead of each thread loading its scores' elements from global memory when the scores are ready. Not yet
+      measured.
     head_major_grid: the tensor_core kernels' blocks in head-major order: consecutive blocks take the query
       blocks (dk/dv: key blocks) of one (batch, head), heaviest first, so the blocks that read one head's K and V
       (Q and dO) run together and share them through the L2 cache, as PyTorch's EFFICIENT_ATTENTION orders

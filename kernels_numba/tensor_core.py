@@ -62,14 +62,24 @@ def forward_block_n(head_dim: int, elem: str = "float16", preferred: int = 0) ->
     return 32 if _wide(elem) else 64 if head_dim <= 128 else 32
 
 
-def mask_tile_fits(head_dim: int, elem: str, block_n: int, mask_kind: int) -> bool:
-    """Whether the forward's shared memory holds a mask tile (efficient_fwd.cuh's EFF_MASK_TILE: 64 rows of
-    block_n elements of the mask's kind, +16 bytes a row) beside its K and V tiles, within 48 KiB."""
+def mask_tile_fits(head_dim: int, elem: str, kind: str, block: int, mask_kind: int, parts: int = 1) -> bool:
+    """Whether a tile loop's shared memory holds a mask tile (efficient_common.cuh's MaskTile: rows of the mask's
+    elements, +16 bytes a row) beside its operand tiles within 48 KiB: the forward's and dq's 64 (dq: its block's)
+    rows by ``block`` keys, dk/dv's ``block`` queries by its block's keys."""
     if not mask_kind:
         return False
     element = 4 if _wide(elem) else 2
+    row = (head_dim + 16 // element) * element  # an operand tile's row, padded
     mask_bytes = {1: 1, 2: 2, 3: 2, 4: 4, 5: 8}[mask_kind]
-    used = 2 * block_n * (head_dim + 16 // element) * element + 4 * block_n + BLOCK_M * (block_n * mask_bytes + 16)
+    rows = backward_rows(parts)
+    if kind == "forward":
+        used = 2 * block * row + 4 * block + BLOCK_M * (block * mask_bytes + 16)
+    elif kind == "dq":
+        used = 2 * block * row + rows * (block * mask_bytes + 16)
+    else:  # dk/dv: V rows, Q and dO tiles, lse and D; fused: K rows and the dS tile too
+        used = rows * row + 2 * block * row + 8 * block + block * (rows * mask_bytes + 16)
+        if kind == "fused":
+            used += rows * row + block * (rows + 16 // element) * element
     return used <= 48 * 1024
 
 
@@ -156,23 +166,24 @@ def tile_loop_source(head_dim: int, elem: str, kind: str, dropout: bool, mask_ki
     added into an fp32 accumulator, 16-bit types), for a padded head dim of HEAD_DIMS and an element family of
     ELEMS, with dropout or not and a mask of kind ``mask_kind`` (MASK_KINDS' numbers, 0: none) compiled in;
     ``block_n``: the forward's keys per tile (0: forward_block_n's default); ``parts``: the backward's preferred
-    column parts (col_parts); ``mask_tile``: the forward stages its mask tiles in shared memory where they fit
+    column parts (col_parts); ``mask_tile``: the loop stages its mask tiles in shared memory where they fit
     (mask_tile_fits; KernelConfig.tensor_core_mask_tiles). tests/test_flash.py compiles them with NVRTC on the
     CPU."""
     short = {"float16": "f16", "bfloat16": "bf16", "float32": "f32", "tf32": "tf32"}[elem]
     block_n = {"forward": forward_block_n(head_dim, elem, block_n), "dq": dq_block_n(head_dim, elem),
                "dkdv": dkdv_block_m(head_dim, elem), "fused": dkdv_block_m(head_dim, elem, True)}[kind]
     parts = col_parts(head_dim, elem, parts)
-    mask_tile = mask_tile and kind == "forward" and mask_tile_fits(head_dim, elem, block_n, mask_kind)
+    mask_tile = mask_tile and mask_tile_fits(head_dim, elem, kind, block_n, mask_kind, parts)
     name = (f"efficient_{kind}_{short}_d{head_dim}_n{block_n}{'_dropout' if dropout else ''}_mask{mask_kind}"
             f"{f'_p{parts}' if parts > 1 and kind != 'forward' else ''}{'_mt' if mask_tile else ''}")
+    defines_tile = f"#define EFF_MASK_TILE {int(mask_tile)}\n"
     defines = (f"#define EFF_NAME {name}\n#define EFF_HEAD_DIM {head_dim}\n#define EFF_BLOCK_N {block_n}\n"
                f"#define EFF_ELEM {ELEMS[elem]}\n#define EFF_DROPOUT {int(dropout)}\n"
                f"#define EFF_MASK_KIND {mask_kind}\n")
     if kind == "forward":
-        return name, defines + f"#define EFF_MASK_TILE {int(mask_tile)}\n" + kernels_cuda.source("efficient_fwd.cuh")
+        return name, defines + defines_tile + kernels_cuda.source("efficient_fwd.cuh")
     return name, (defines + f"#define EFF_DQ {int(kind == 'dq')}\n#define EFF_FUSED {int(kind == 'fused')}\n"
-                  f"#define EFF_COL_PARTS {parts}\n" + kernels_cuda.source("efficient_bwd.cuh"))
+                  f"#define EFF_COL_PARTS {parts}\n" + defines_tile + kernels_cuda.source("efficient_bwd.cuh"))
 
 
 @functools.cache
@@ -294,8 +305,9 @@ def mask_kind_of(pr) -> int:
 
 
 @functools.cache
-def _dq_kernel(head_dim: int, elem: str, dropout: bool, mask_kind: int, registers: int, head_major: bool, parts: int):
-    tile_loop = _tile_loop(head_dim, elem, "dq", dropout, mask_kind, 0, parts)
+def _dq_kernel(head_dim: int, elem: str, dropout: bool, mask_kind: int, registers: int, head_major: bool, parts: int,
+               mask_tile: bool = False):
+    tile_loop = _tile_loop(head_dim, elem, "dq", dropout, mask_kind, 0, parts, mask_tile)
     size = 4 if _wide(elem) else 2
     rows = backward_rows(parts)
 
@@ -333,8 +345,8 @@ def _dq_kernel(head_dim: int, elem: str, dropout: bool, mask_kind: int, register
 
 @functools.cache
 def _dkdv_kernel(head_dim: int, elem: str, dropout: bool, mask_kind: int, registers: int, head_major: bool,
-                 parts: int, fused: bool):
-    tile_loop = _tile_loop(head_dim, elem, "fused" if fused else "dkdv", dropout, mask_kind, 0, parts)
+                 parts: int, mask_tile: bool, fused: bool):
+    tile_loop = _tile_loop(head_dim, elem, "fused" if fused else "dkdv", dropout, mask_kind, 0, parts, mask_tile)
     size = 4 if _wide(elem) else 2
     rows = backward_rows(parts)
 
@@ -381,7 +393,8 @@ def backward(pr, views, arrays, dmask_v, device, structure, cfg, dq_accum=None):
     fused = dq_accum is not None
     parts = 1 if fused else col_parts(head_dim, elem, cfg.tensor_core_col_parts)
     instance = (head_dim, elem, pr.dropout_p > 0, mask_kind_of(pr),
-                registers_for(head_dim, elem, cfg.tensor_core_registers, forward=False), cfg.head_major_grid, parts)
+                registers_for(head_dim, elem, cfg.tensor_core_registers, forward=False), cfg.head_major_grid, parts,
+                cfg.tensor_core_mask_tiles)
     (q, qs), (k, ks), (v, vs), (mask, ms) = (_address_and_strides(x) for x in (views.q, views.k, views.v, views.mask))
     (dout, dos), (out, os_), (lse, ls), (delta, dls), (dq, dqs), (dk, dks), (dv, dvs) = (
         _address_and_strides(x) for x in arrays)

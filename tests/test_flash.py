@@ -131,9 +131,11 @@ def test_efficient_tile_loops_compile_with_nvrtc():
     jobs += [(64, elem, kind, True, mask) for kind in kinds for elem in ("bfloat16", "float32")
              for mask in range(len(tensor_core.MASK_KINDS) + 1)]
     jobs += [(64, "float16", "fused", True, mask) for mask in range(len(tensor_core.MASK_KINDS) + 1)]
-    # the forward's mask tiles (KernelConfig.tensor_core_mask_tiles), every mask kind
-    jobs += [(head_dim, elem, "forward", False, mask, 0, 0, True) for head_dim, elem in ((64, "bfloat16"),
-             (128, "float16"), (64, "float32")) for mask in range(1, len(tensor_core.MASK_KINDS) + 1)]
+    # mask tiles (KernelConfig.tensor_core_mask_tiles), every mask kind
+    jobs += [(head_dim, elem, kind, False, mask, 0, 0, True) for head_dim, elem in ((64, "bfloat16"),
+             (128, "float16"), (64, "float32")) for mask in range(1, len(tensor_core.MASK_KINDS) + 1)
+             for kind in ("forward", "dq", "dkdv")]
+    jobs += [(64, "float16", "fused", False, mask, 0, 0, True) for mask in (1, 3)]
     # column parts where they are a choice (KernelConfig.tensor_core_col_parts)
     jobs += [(head_dim, elem, kind, False, 0, 0, 2) for head_dim, elem in ((64, "float16"), (128, "bfloat16"),
                                                                          (64, "float32")) for kind in ("dq", "dkdv")]
