@@ -17,9 +17,10 @@
 # L = 1024 and 4096), efficient-bwd-spills (the tensor_core backward's spills at head dim 128: as it is, with
 # column parts, with two blocks per SM (255 registers)), efficient-masks
 # (bool and float masks of the masks issue, bf16 L = 4096, against EFFICIENT_ATTENTION given the same mask; the
-# forward's mask tiles, KernelConfig.tensor_core_mask_tiles, off and on),
+# mask tiles, KernelConfig.tensor_core_mask_tiles, off and on),
 # efficient-fp32-tc (fp32 on the tensor_core loops,
-# three TF32 products: its GPU tests, then the fp32 shape timed with KernelConfig.tensor_core_fp32 off and on), efficient-ncu (the tensor_core
+# three TF32 products: its GPU tests, then the fp32 shape timed with KernelConfig.tensor_core_fp32 off and on), efficient-ncu-fwd (the tensor_core forward at L = 1024
+# E = 128 under ncu, heads fastest and head-major: its DRAM throughput says whether K and V came from DRAM), efficient-ncu (the tensor_core
 # backward's dq and dk/dv kernels under ncu, bf16 E = 128 L = 4096), decode-tests (the KV cache on the GPU), fidelity-tests (PyTorch's behaviours, non-finite
 # inputs, the flash-attention slot, Hugging Face models), fuzz (60 s of random cases against the
 # reference), sanitize (every kernel family under compute-sanitizer's four tools), sweep, sweep-module (the
@@ -59,6 +60,9 @@ command_of() {  # the command of stage $1, into the array cmd
                           done') ;;
     efficient-fp32) cmd=(python3 benchmarks/efficient_gpu.py --dtypes float32 --head-dims 64 --L 2048 --hidden 1024
                          --reps 5) ;;
+    efficient-ncu-fwd) cmd=(bash -c 'for c in 0 1; do bash benchmarks/ncu_profile.sh attention_forward_tc 6 -- \
+                            python3 benchmarks/efficient_gpu.py --L 1024 --reps 1 --dtypes bfloat16 --head-dims 128 \
+                            --config head_major_grid=$c; done') ;;
     efficient-ncu) cmd=(bash -c 'for k in attention_dq_tc attention_dkdv_tc; do bash benchmarks/ncu_profile.sh $k 6 -- \
                         python3 benchmarks/efficient_gpu.py --L 4096 --reps 1 --dtypes bfloat16 --head-dims 128; done') ;;
     efficient-wide) cmd=(bash -c 'python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_efficient_gpu.py -k wide_heads \
