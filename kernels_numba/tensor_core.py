@@ -281,7 +281,7 @@ def forward(pr, views, out_v, lse_v, device, structure, cfg):
     kernel = _kernel(head_dim, elem, pr.dropout_p > 0, mask_kind_of(pr),
                      registers_for(head_dim, elem, cfg.tensor_core_registers, forward=True),
                      forward_block_n(head_dim, elem, cfg.tensor_core_block_n), cfg.head_major_grid,
-                     cfg.tensor_core_mask_tiles)
+                     cfg.tensor_core_mask_tiles and pr.mask_kind is not None)
     q, qs = _address_and_strides(views.q)
     k, ks = _address_and_strides(views.k)
     v, vs = _address_and_strides(views.v)
@@ -394,7 +394,7 @@ def backward(pr, views, arrays, dmask_v, device, structure, cfg, dq_accum=None):
     parts = 1 if fused else col_parts(head_dim, elem, cfg.tensor_core_col_parts)
     instance = (head_dim, elem, pr.dropout_p > 0, mask_kind_of(pr),
                 registers_for(head_dim, elem, cfg.tensor_core_registers, forward=False), cfg.head_major_grid, parts,
-                cfg.tensor_core_mask_tiles)
+                cfg.tensor_core_mask_tiles and pr.mask_kind is not None)
     (q, qs), (k, ks), (v, vs), (mask, ms) = (_address_and_strides(x) for x in (views.q, views.k, views.v, views.mask))
     (dout, dos), (out, os_), (lse, ls), (delta, dls), (dq, dqs), (dk, dks), (dv, dvs) = (
         _address_and_strides(x) for x in arrays)
