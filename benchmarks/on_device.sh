@@ -10,7 +10,7 @@
 #
 # The machine has torch, CuPy, numba-cuda and triton but numpy 2.5, which numba-cuda 0.30 cannot import:
 # a numpy < 2.5 wheel travels in .whl (README of the device tool) and goes first on PYTHONPATH.
-# Stages: flash-tests, plans-tests, interop-tests, efficient-tests, efficient-short (EFFICIENT at L = 1024, through
+# Stages: flash-tests, plans-tests, interop-tests, efficient-tests, efficient-knob-tests, efficient-short (EFFICIENT at L = 1024, through
 # Numba's dispatcher and through prepared launches), efficient-fp32 (the EFFICIENT issue's fp32 shape; efficient-fp32-tiles: the portable kernels' register tiles swept there), efficient-wide (head dims 160-256 on the tensor_core loops, forward and backward: their GPU test, then E = 192, 256 timed with KernelConfig.tensor_core_head_dim 128 and 256), efficient-fused (the fused tensor_core backward: its GPU tests, then bf16 L = 4096 timed with it off and on),
 # efficient-fwd-tiles (the tensor_core forward at E = 128 with 32-key tiles against the default 64),
 # efficient-grid-order (the tensor_core kernels' blocks head-major, KernelConfig.head_major_grid, off and on at
@@ -47,13 +47,20 @@ if [ "${1:-}" = "-j" ]; then parallel=1; shift; fi
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,temperature.gpu --format=csv,noheader
 
+# The GPU tests of KernelConfig's knobs that are off by default (efficient-knob-tests), apart from the rest
+# (efficient-tests): two stages that -j runs side by side, each within a call's limit.
+KNOB_TESTS="wide_heads or fused or tf32 or keys_per_tile or one_key or column_parts or mask_tiles or head_major"
+
 command_of() {  # the command of stage $1, into the array cmd
   local stage=$1
   case $stage in
     flash-tests) cmd=(python3 -m pytest -q -m "gpu and not slow" -p no:cacheprovider tests/test_flash.py) ;;
     plans-tests) cmd=(python3 -m pytest -q -p no:cacheprovider tests/test_plans.py) ;;
     interop-tests) cmd=(python3 -m pytest -q -m "gpu and not slow" -p no:cacheprovider tests/test_interop_gpu.py) ;;
-    efficient-tests) cmd=(python3 -m pytest -q -m "gpu and not slow" -p no:cacheprovider tests/test_efficient_gpu.py) ;;
+    efficient-tests) cmd=(python3 -m pytest -q -m "gpu and not slow" -p no:cacheprovider tests/test_efficient_gpu.py
+                          -k "not ($KNOB_TESTS)") ;;
+    efficient-knob-tests) cmd=(python3 -m pytest -q -m "gpu and not slow" -p no:cacheprovider tests/test_efficient_gpu.py
+                               -k "$KNOB_TESTS") ;;
     fidelity-tests) cmd=(python3 -m pytest -q -m "gpu and not slow" -p no:cacheprovider tests/test_fidelity.py
                          tests/test_nonfinite.py tests/test_flash_slot.py tests/test_hf.py) ;;
     efficient-short) cmd=(bash -c 'for p in --numba-dispatch ""; do python3 benchmarks/efficient_gpu.py --L 1024 --reps 5 $p
