@@ -15,7 +15,7 @@
 # efficient-fwd-tiles (the tensor_core forward at E = 128 with 32-key tiles against the default 64),
 # efficient-grid-order (the tensor_core kernels' blocks head-major, KernelConfig.head_major_grid, off and on at
 # L = 1024 and 4096), efficient-bwd-spills (the tensor_core backward's spills at head dim 128: as it is, with
-# column parts, with two blocks per SM (255 registers)), efficient-masks
+# column parts, with dk/dv's K rows in shared memory, both, with two blocks per SM (255 registers)), efficient-masks
 # (bool and float masks of the masks issue, bf16 L = 4096, against EFFICIENT_ATTENTION given the same mask; the
 # mask tiles, KernelConfig.tensor_core_mask_tiles, off and on),
 # efficient-fp32-tc (fp32 on the tensor_core loops,
@@ -90,7 +90,8 @@ command_of() {  # the command of stage $1, into the array cmd
                                -k head_major && for c in 0 1; do for L in 1024 4096; do python3 benchmarks/efficient_gpu.py \
                                --L $L --reps 5 --dtypes bfloat16 --config head_major_grid=$c | tail -n 5; done; done') ;;
     efficient-bwd-spills) cmd=(bash -c 'python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_efficient_gpu.py \
-                               -k column_parts && for c in "" tensor_core_col_parts=2 tensor_core_blocks=2; do \
+                               -k column_parts && for c in "" tensor_core_col_parts=2 tensor_core_dkdv_k_shared=1 \
+                               "tensor_core_col_parts=2 tensor_core_dkdv_k_shared=1" tensor_core_blocks=2; do \
                                python3 benchmarks/efficient_gpu.py --L 4096 --reps 5 --dtypes bfloat16 --config $c \
                                | tail -n 5; done') ;;
     efficient-masks) cmd=(bash -c 'python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_efficient_gpu.py \

@@ -56,6 +56,10 @@ class KernelConfig:
       128, fp32: 96): 0 or 1, whole rows per warp; 2, two warps per 16 rows each accumulating half of dQ's
       (dK's, dV's) columns and both computing S and dP (half again the products, far fewer spills at head
       dim 128; tensor_core.col_parts). The fused backward keeps whole rows. Not yet measured.
+    tensor_core_dkdv_k_shared: the tensor_core dk/dv loop (not the fused one) keeps its block's K rows in shared
+      memory beside V, S^T's A operand read from there each step, instead of in registers, where they fit with 16
+      queries a step (tensor_core.dkdv_k_shared): at head dim 128 the 16-bit loop's spills go from 580 to 60 B
+      at 168 registers (ptxas 13.0), for twice the steps. Not yet measured.
     tensor_core_mask_tiles: the tensor_core loops (forward, dq, dk/dv) copy each tile's attn_mask elements into
       shared memory with their operand tiles (cp.async, ahead of their use), where the mask's rows are contiguous
       along the keys and 16-byte aligned and the tile fits 48 KiB beside the others (tensor_core.mask_tile_fits),
@@ -87,6 +91,7 @@ class KernelConfig:
     fused_backward: bool = False
     tensor_core_block_n: int = 0
     tensor_core_col_parts: int = 0
+    tensor_core_dkdv_k_shared: bool = False
     tensor_core_mask_tiles: bool = False
     head_major_grid: bool = False
 

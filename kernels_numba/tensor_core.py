@@ -106,11 +106,28 @@ def backward_rows(parts: int) -> int:
     return 16 * (THREADS // 32) // parts
 
 
-def dkdv_block_m(head_dim: int, elem: str = "float16", fused: bool = False) -> int:
+def dkdv_block_m(head_dim: int, elem: str = "float16", fused: bool = False, k_shared: bool = False,
+                 parts: int = 1) -> int:
     """Queries per step of the dk/dv kernel: 32; 16 where the Q and dO tiles would not fit 48 KiB beside the
-    block's V rows: fp32 past head dim 64, 16-bit at 256 (32 V rows), and the fused kernel at head dim 128 (its
-    K rows and dS tile too: 46 KiB)."""
-    return 16 if (_wide(elem) and head_dim > 64) or head_dim > 224 or (fused and head_dim > 96) else 32
+    block's V rows: fp32 past head dim 64, 16-bit at 256 (32 V rows), the fused kernel at head dim 128 (its
+    K rows and dS tile too: 46 KiB), and with K's rows in shared memory (``k_shared``) where 32 would not fit."""
+    if (_wide(elem) and head_dim > 64) or head_dim > 224 or (fused and head_dim > 96):
+        return 16
+    return 16 if k_shared and _dkdv_shared_bytes(head_dim, elem, 32, parts) > 48 * 1024 else 32
+
+
+def _dkdv_shared_bytes(head_dim: int, elem: str, block_m: int, parts: int) -> int:
+    """The dk/dv loop's shared memory with K's rows beside V's: both, the step's Q and dO tiles, lse and D."""
+    element = 4 if _wide(elem) else 2
+    row = (head_dim + 16 // element) * element
+    return 2 * backward_rows(parts) * row + 2 * block_m * row + 8 * block_m
+
+
+def dkdv_k_shared(head_dim: int, elem: str, preferred: bool, parts: int) -> bool:
+    """Whether the dk/dv loop keeps K's rows in shared memory (efficient_bwd.cuh's EFF_K_SHARED;
+    KernelConfig.tensor_core_dkdv_k_shared) rather than in registers: where preferred and they fit with 16
+    queries a step."""
+    return preferred and _dkdv_shared_bytes(head_dim, elem, 16, parts) <= 48 * 1024
 
 
 def registers_for(head_dim: int, elem: str, cap: int, forward: bool) -> int:
@@ -161,21 +178,25 @@ def head_dim_for(E: int, Ev: int) -> int:
 
 
 def tile_loop_source(head_dim: int, elem: str, kind: str, dropout: bool, mask_kind: int,
-                     block_n: int = 0, parts: int = 0, mask_tile: bool = False) -> tuple[str, str]:
+                     block_n: int = 0, parts: int = 0, mask_tile: bool = False,
+                     k_shared: bool = False) -> tuple[str, str]:
     """(C entry name, CUDA source) of one tile loop: ``kind`` "forward", "dq", "dkdv" or "fused" (dk/dv with dQ
     added into an fp32 accumulator, 16-bit types), for a padded head dim of HEAD_DIMS and an element family of
     ELEMS, with dropout or not and a mask of kind ``mask_kind`` (MASK_KINDS' numbers, 0: none) compiled in;
     ``block_n``: the forward's keys per tile (0: forward_block_n's default); ``parts``: the backward's preferred
     column parts (col_parts); ``mask_tile``: the loop stages its mask tiles in shared memory where they fit
-    (mask_tile_fits; KernelConfig.tensor_core_mask_tiles). tests/test_flash.py compiles them with NVRTC on the
-    CPU."""
+    (mask_tile_fits; KernelConfig.tensor_core_mask_tiles); ``k_shared``: the dk/dv loop's K rows in shared memory
+    where they fit (dkdv_k_shared). tests/test_flash.py compiles them with NVRTC on the CPU."""
     short = {"float16": "f16", "bfloat16": "bf16", "float32": "f32", "tf32": "tf32"}[elem]
-    block_n = {"forward": forward_block_n(head_dim, elem, block_n), "dq": dq_block_n(head_dim, elem),
-               "dkdv": dkdv_block_m(head_dim, elem), "fused": dkdv_block_m(head_dim, elem, True)}[kind]
     parts = col_parts(head_dim, elem, parts)
+    k_shared = kind == "dkdv" and dkdv_k_shared(head_dim, elem, k_shared, parts)
+    block_n = {"forward": forward_block_n(head_dim, elem, block_n), "dq": dq_block_n(head_dim, elem),
+               "dkdv": dkdv_block_m(head_dim, elem, False, k_shared, parts),
+               "fused": dkdv_block_m(head_dim, elem, True)}[kind]
     mask_tile = mask_tile and mask_tile_fits(head_dim, elem, kind, block_n, mask_kind, parts)
     name = (f"efficient_{kind}_{short}_d{head_dim}_n{block_n}{'_dropout' if dropout else ''}_mask{mask_kind}"
-            f"{f'_p{parts}' if parts > 1 and kind != 'forward' else ''}{'_mt' if mask_tile else ''}")
+            f"{f'_p{parts}' if parts > 1 and kind != 'forward' else ''}{'_mt' if mask_tile else ''}"
+            f"{'_ks' if k_shared else ''}")
     defines_tile = f"#define EFF_MASK_TILE {int(mask_tile)}\n"
     defines = (f"#define EFF_NAME {name}\n#define EFF_HEAD_DIM {head_dim}\n#define EFF_BLOCK_N {block_n}\n"
                f"#define EFF_ELEM {ELEMS[elem]}\n#define EFF_DROPOUT {int(dropout)}\n"
@@ -183,13 +204,14 @@ def tile_loop_source(head_dim: int, elem: str, kind: str, dropout: bool, mask_ki
     if kind == "forward":
         return name, defines + defines_tile + kernels_cuda.source("efficient_fwd.cuh")
     return name, (defines + f"#define EFF_DQ {int(kind == 'dq')}\n#define EFF_FUSED {int(kind == 'fused')}\n"
-                  f"#define EFF_COL_PARTS {parts}\n" + defines_tile + kernels_cuda.source("efficient_bwd.cuh"))
+                  f"#define EFF_COL_PARTS {parts}\n#define EFF_K_SHARED {int(k_shared)}\n" + defines_tile +
+                  kernels_cuda.source("efficient_bwd.cuh"))
 
 
 @functools.cache
 def _tile_loop(head_dim: int, elem: str, kind: str, dropout: bool, mask_kind: int, block_n: int = 0, parts: int = 0,
-               mask_tile: bool = False):
-    name, source = tile_loop_source(head_dim, elem, kind, dropout, mask_kind, block_n, parts, mask_tile)
+               mask_tile: bool = False, k_shared: bool = False):
+    name, source = tile_loop_source(head_dim, elem, kind, dropout, mask_kind, block_n, parts, mask_tile, k_shared)
     args = _ARGS if kind == "forward" else _BWD_ARGS
     return cuda.declare_device(name, f"int32({args})", link=[cuda.CUSource(source, name=f"{name}.cu")], abi="c")
 
@@ -345,8 +367,9 @@ def _dq_kernel(head_dim: int, elem: str, dropout: bool, mask_kind: int, register
 
 @functools.cache
 def _dkdv_kernel(head_dim: int, elem: str, dropout: bool, mask_kind: int, registers: int, head_major: bool,
-                 parts: int, mask_tile: bool, fused: bool):
-    tile_loop = _tile_loop(head_dim, elem, "fused" if fused else "dkdv", dropout, mask_kind, 0, parts, mask_tile)
+                 parts: int, mask_tile: bool, fused: bool, k_shared: bool = False):
+    tile_loop = _tile_loop(head_dim, elem, "fused" if fused else "dkdv", dropout, mask_kind, 0, parts, mask_tile,
+                           k_shared and not fused)
     size = 4 if _wide(elem) else 2
     rows = backward_rows(parts)
 
@@ -421,7 +444,7 @@ def backward(pr, views, arrays, dmask_v, device, structure, cfg, dq_accum=None):
                          dqs[:5], dmask, dms, mask, ms, *common, pr.hq, pr.group, *tail))
         dqa, dqas = 0, (0,) * 5
     grid = _grid(views.n_batch * pr.hkv, rows, pr.S, cfg.head_major_grid)
-    launcher.launch(_dkdv_kernel(*instance, fused), grid, THREADS, device,
+    launcher.launch(_dkdv_kernel(*instance, fused, cfg.tensor_core_dkdv_k_shared), grid, THREADS, device,
                     (q, qs[:5], k, ks[:5], v, vs[:5], dout, dos[:5], lse, ls, delta, dls, dk, dks[:5], dv, dvs[:5],
                      mask, ms, dqa, dqas[:5], *common, pr.hq, pr.hkv, pr.group, *tail))
     if fused:

@@ -136,6 +136,10 @@ def test_efficient_tile_loops_compile_with_nvrtc():
              (128, "float16"), (64, "float32")) for mask in range(1, len(tensor_core.MASK_KINDS) + 1)
              for kind in ("forward", "dq", "dkdv")]
     jobs += [(64, "float16", "fused", False, mask, 0, 0, True) for mask in (1, 3)]
+    # the dk/dv loop's K rows in shared memory (KernelConfig.tensor_core_dkdv_k_shared), alone and with parts
+    jobs += [(head_dim, elem, "dkdv", dropout, mask, 0, parts, False, True)
+             for head_dim, elem, dropout, mask, parts in ((128, "bfloat16", False, 0, 0), (64, "float16", True, 1, 0),
+                                                          (64, "float32", False, 4, 0), (128, "float16", False, 0, 2))]
     # column parts where they are a choice (KernelConfig.tensor_core_col_parts)
     jobs += [(head_dim, elem, kind, False, 0, 0, 2) for head_dim, elem in ((64, "float16"), (128, "bfloat16"),
                                                                          (64, "float32")) for kind in ("dq", "dkdv")]
