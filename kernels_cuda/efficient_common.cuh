@@ -99,8 +99,9 @@ struct SliceArgs {
 // A tile of the slice's mask in shared memory (EFF_MASK_TILE): ROWS rows from i0 by COLS keys from j0, rows of
 // ROW_BYTES (+16: a warp's reads of 8 rows spread over the banks), copied with 16-byte cp.async where the mask
 // is `tileable` (its rows contiguous along the keys and 16-byte aligned, the keys a whole number of chunks, so a
-// chunk is wholly inside the keys or wholly past them); rows past L and keys past S are left as they are, never
-// read. The tile loops copy a tile with the operand tiles it goes with and read it where they read the mask.
+// chunk is wholly inside the keys or wholly past them); rows past L and keys past S are zero-filled, never read
+// (their pairs are not visible). The tile loops copy a tile with the operand tiles it goes with and read it where
+// they read the mask.
 template <int ROWS, int COLS>
 struct MaskTile {
   static constexpr int MB = mask_element_bytes(MASK_KIND), CHUNKS = COLS * MB / 16, ROW_BYTES = COLS * MB + 16;
