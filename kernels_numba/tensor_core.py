@@ -62,25 +62,34 @@ def forward_block_n(head_dim: int, elem: str = "float16", preferred: int = 0) ->
     return 32 if _wide(elem) else 64 if head_dim <= 128 else 32
 
 
-def mask_tile_fits(head_dim: int, elem: str, kind: str, block: int, mask_kind: int, parts: int = 1) -> bool:
-    """Whether a tile loop's shared memory holds a mask tile (efficient_common.cuh's MaskTile: rows of the mask's
-    elements, +16 bytes a row) beside its operand tiles within 48 KiB: the forward's and dq's 64 (dq: its block's)
-    rows by ``block`` keys, dk/dv's ``block`` queries by its block's keys."""
-    if not mask_kind:
-        return False
+STATIC_SHARED = 48 * 1024  # the most static shared memory a block may declare (what Numba's linked C can use)
+
+
+def shared_bytes(head_dim: int, elem: str, kind: str, block: int, parts: int = 1, k_shared: bool = False,
+                 mask_kind: int = 0) -> int:
+    """A tile loop's static shared memory: its operand tiles (rows of head_dim elements, padded by 16 bytes) and,
+    with ``mask_kind``, a mask tile (efficient_common.cuh's MaskTile: rows of the mask's elements, +16 bytes a
+    row). ``block``: the forward's and dq's keys per tile, dk/dv's queries per step; the forward's and dq's mask
+    tile is their rows by ``block`` keys, dk/dv's ``block`` queries by its block's keys."""
     element = 4 if _wide(elem) else 2
-    row = (head_dim + 16 // element) * element  # an operand tile's row, padded
-    mask_bytes = {1: 1, 2: 2, 3: 2, 4: 4, 5: 8}[mask_kind]
+    row = (head_dim + 16 // element) * element
+    mask_bytes = {0: 0, 1: 1, 2: 2, 3: 2, 4: 4, 5: 8}[mask_kind]
     rows = backward_rows(parts)
-    if kind == "forward":
-        used = 2 * block * row + 4 * block + BLOCK_M * (block * mask_bytes + 16)
-    elif kind == "dq":
-        used = 2 * block * row + rows * (block * mask_bytes + 16)
-    else:  # dk/dv: V rows, Q and dO tiles, lse and D; fused: K rows and the dS tile too
-        used = rows * row + 2 * block * row + 8 * block + block * (rows * mask_bytes + 16)
-        if kind == "fused":
-            used += rows * row + block * (rows + 16 // element) * element
-    return used <= 48 * 1024
+    if kind == "forward":  # K and V tiles, the seen-columns flags
+        return 2 * block * row + 4 * block + (BLOCK_M * (block * mask_bytes + 16) if mask_kind else 0)
+    if kind == "dq":  # K and V tiles
+        return 2 * block * row + (rows * (block * mask_bytes + 16) if mask_kind else 0)
+    # dk/dv: V rows, the step's Q and dO tiles, lse and D; K rows too when shared or fused, and the fused dS tile
+    used = (2 if k_shared or kind == "fused" else 1) * rows * row + 2 * block * row + 8 * block
+    if kind == "fused":
+        used += block * (rows + 16 // element) * element
+    return used + (block * (rows * mask_bytes + 16) if mask_kind else 0)
+
+
+def mask_tile_fits(head_dim: int, elem: str, kind: str, block: int, mask_kind: int, parts: int = 1,
+                   k_shared: bool = False) -> bool:
+    """Whether a tile loop's shared memory holds a mask tile beside its operand tiles (shared_bytes)."""
+    return bool(mask_kind) and shared_bytes(head_dim, elem, kind, block, parts, k_shared, mask_kind) <= STATIC_SHARED
 
 
 def dq_block_n(head_dim: int, elem: str = "float16") -> int:
@@ -113,21 +122,14 @@ def dkdv_block_m(head_dim: int, elem: str = "float16", fused: bool = False, k_sh
     K rows and dS tile too: 46 KiB), and with K's rows in shared memory (``k_shared``) where 32 would not fit."""
     if (_wide(elem) and head_dim > 64) or head_dim > 224 or (fused and head_dim > 96):
         return 16
-    return 16 if k_shared and _dkdv_shared_bytes(head_dim, elem, 32, parts) > 48 * 1024 else 32
-
-
-def _dkdv_shared_bytes(head_dim: int, elem: str, block_m: int, parts: int) -> int:
-    """The dk/dv loop's shared memory with K's rows beside V's: both, the step's Q and dO tiles, lse and D."""
-    element = 4 if _wide(elem) else 2
-    row = (head_dim + 16 // element) * element
-    return 2 * backward_rows(parts) * row + 2 * block_m * row + 8 * block_m
+    return 16 if k_shared and shared_bytes(head_dim, elem, "dkdv", 32, parts, True) > STATIC_SHARED else 32
 
 
 def dkdv_k_shared(head_dim: int, elem: str, preferred: bool, parts: int) -> bool:
     """Whether the dk/dv loop keeps K's rows in shared memory (efficient_bwd.cuh's EFF_K_SHARED;
     KernelConfig.tensor_core_dkdv_k_shared) rather than in registers: where preferred and they fit with 16
     queries a step."""
-    return preferred and _dkdv_shared_bytes(head_dim, elem, 16, parts) <= 48 * 1024
+    return preferred and shared_bytes(head_dim, elem, "dkdv", 16, parts, True) <= STATIC_SHARED
 
 
 def registers_for(head_dim: int, elem: str, cap: int, forward: bool) -> int:
@@ -193,7 +195,7 @@ def tile_loop_source(head_dim: int, elem: str, kind: str, dropout: bool, mask_ki
     block_n = {"forward": forward_block_n(head_dim, elem, block_n), "dq": dq_block_n(head_dim, elem),
                "dkdv": dkdv_block_m(head_dim, elem, False, k_shared, parts),
                "fused": dkdv_block_m(head_dim, elem, True)}[kind]
-    mask_tile = mask_tile and mask_tile_fits(head_dim, elem, kind, block_n, mask_kind, parts)
+    mask_tile = mask_tile and mask_tile_fits(head_dim, elem, kind, block_n, mask_kind, parts, k_shared)
     name = (f"efficient_{kind}_{short}_d{head_dim}_n{block_n}{'_dropout' if dropout else ''}_mask{mask_kind}"
             f"{f'_p{parts}' if parts > 1 and kind != 'forward' else ''}{'_mt' if mask_tile else ''}"
             f"{'_ks' if k_shared else ''}")

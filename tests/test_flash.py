@@ -153,6 +153,49 @@ def test_efficient_tile_loops_compile_with_nvrtc():
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not installed")
+def test_efficient_shared_memory_is_what_ptxas_allocates(tmp_path):
+    """tensor_core.shared_bytes, which decides the tiles, mask tiles and shared K rows that fit 48 KiB, is the
+    static shared memory ptxas allocates for the tile loop, on loops near the limit and with each option."""
+    import re
+
+    from kernels_numba import tensor_core
+
+    jobs = [(128, "float16", "forward", False, 2, 0, 0, True), (64, "float32", "forward", True, 4, 0, 0, True),
+            (64, "bfloat16", "dq", False, 1, 0, 0, True), (256, "bfloat16", "dq", False, 3, 0, 0, True),
+            (128, "float16", "dkdv", False, 4, 0, 0, True, True), (128, "float16", "dkdv", False, 5, 0, 0, True, True),
+            (128, "bfloat16", "dkdv", False, 0, 0, 2, False, True), (128, "float16", "fused", False, 2, 0, 0, True),
+            (224, "bfloat16", "dkdv", False, 1, 0, 0, True), (128, "float32", "dkdv", False, 0)]
+
+    def allocated(n_job):
+        n, job = n_job
+        name, source = tensor_core.tile_loop_source(*job)
+        # a kernel around the C entry, so that ptxas reports the shared memory it allocates
+        params = [p.strip() for p in re.search(r"int EFF_NAME\((.*?)\) \{", source, re.S).group(1).split(",")]
+        source += (f'\nextern "C" __global__ void entry({", ".join(params)}) '
+                   f'{{ EFF_NAME({", ".join(p.split()[-1] for p in params)}); }}\n')
+        src = tmp_path / f"t{n}.cu"
+        src.write_text(source)
+        run = subprocess.run(["nvcc", "-arch=sm_90", "-cubin", "-o", str(src.with_suffix(".cubin")), "-Xptxas", "-v",
+                              str(src)], capture_output=True, text=True)
+        assert run.returncode == 0, run.stderr[-2000:]
+        return name, int(re.search(r"(\d+) bytes smem", run.stderr).group(1))
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
+        results = list(pool.map(allocated, enumerate(jobs)))
+    for job, (name, smem) in zip(jobs, results):
+        head_dim, elem, kind, _, mask_kind, block_n, parts, _, k_shared = job + (0, 0, False, False)[len(job) - 5:]
+        parts = tensor_core.col_parts(head_dim, elem, parts)
+        k_shared = kind == "dkdv" and tensor_core.dkdv_k_shared(head_dim, elem, k_shared, parts)
+        block = {"forward": tensor_core.forward_block_n(head_dim, elem, block_n),
+                 "dq": tensor_core.dq_block_n(head_dim, elem),
+                 "dkdv": tensor_core.dkdv_block_m(head_dim, elem, False, k_shared, parts),
+                 "fused": tensor_core.dkdv_block_m(head_dim, elem, True)}[kind]
+        tiled = name.endswith("_mt") or "_mt_" in name
+        want = tensor_core.shared_bytes(head_dim, elem, kind, block, parts, k_shared, mask_kind if tiled else 0)
+        assert smem == want <= tensor_core.STATIC_SHARED, (name, smem, want)
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not installed")
 def test_every_kernel_configuration_compiles_with_nvcc(tmp_path):
     def compile_one(job):
         n, (source, options) = job
