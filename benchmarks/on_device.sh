@@ -25,7 +25,11 @@
 # inputs, the flash-attention slot, Hugging Face models), fuzz (60 s of random cases against the
 # reference), sanitize (every kernel family under compute-sanitizer's four tools), sweep, sweep-module (the
 # tutorial module's attention shape), hopper-fwd (the Hopper forward issue's points against cuDNN: the grid
-# in bf16 and fp16, head dims, the tutorial's call, GQA 32/8, long context), ncu-bwd / ncu-fwd (the Hopper backward
+# in bf16 and fp16, head dims, the tutorial's call, GQA 32/8, long context), fwd-short-tests / fwd-short (the Hopper
+# forward's unmeasured choices for short problems: O stored by TMA, FlashConfig.fwd90_tma_store; K, V and the next Q
+# fetched into L2 ahead, fwd90_l2_prefetch; tiles head-major, fwd90_chunk_heads=1; a third K/V stage: their GPU
+# tests / each timed against the default at L = 1024), fwd-phases (where the Hopper forward's warps spend their
+# clocks, phase by phase: benchmarks/fwd90_phases.py, default, L2 prefetch, TMA store), ncu-bwd / ncu-fwd (the Hopper backward
 # at E = 64 and 128, L = 4096, / the forward at E = 128 L = 1024 causal and L = 4096, E = 64 L = 4096, under ncu:
 # throughput, issue rate, warp stall reasons, and the SASS lines warps wait at; benchmarks/ncu_profile.sh),
 # overhead, hf (Hugging Face models, "cusdpa" against "sdpa"), bench (every provider),
@@ -116,6 +120,13 @@ command_of() {  # the command of stage $1, into the array cmd
                      for L in 32768 131072; do $S --lengths $L --head-dims 128 --tokens $L --causal yes; done') ;;
     sweep-module) cmd=(python3 benchmarks/flash_sweep.py --forward-only --tokens 16384 --hidden 512 --lengths 256 512 1024
                        --head-dims 64 --causal yes) ;;
+    fwd-short-tests) cmd=(python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_flash.py tests/test_plans.py
+                          -k "tma or tile_orders") ;;
+    fwd-short) cmd=(python3 benchmarks/flash_sweep.py --forward-only --lengths 1024 --head-dims 64 128 --variants ""
+                    fwd90_l2_prefetch=2 fwd90_chunk_heads=1 fwd90_stages=3 fwd90_tma_store=1,fwd90_stages=2
+                    fwd90_tma_store=1,fwd90_stages=2,fwd90_l2_prefetch=2) ;;
+    fwd-phases) cmd=(python3 benchmarks/fwd90_phases.py --lengths 1024 4096 --head-dims 64 128 --causal both
+                     --variants "" fwd90_l2_prefetch=2 fwd90_tma_store=1,fwd90_stages=2) ;;
     ncu-bwd) cmd=(bash -c 'for E in 64 128; do bash benchmarks/ncu_profile.sh flash_bwd_sm90 1 --backward-only \
                    --lengths 4096 --head-dims $E --causal no; done') ;;
     ncu-fwd) cmd=(bash -c 'for p in "128 1024 yes" "128 4096 no" "64 4096 no"; do set -- $p

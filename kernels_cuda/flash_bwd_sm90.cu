@@ -116,15 +116,6 @@ __device__ __forceinline__ void bulk_reduce_add(float* global, const void* share
         "cp.async.bulk.commit_group;\n" ::"l"(global), "r"(smem_u32(shared)), "r"(bytes)
         : "memory");
 }
-// Wait until the bulk async-groups have read their shared memory (READ) or completed altogether.
-template <bool READ>
-__device__ __forceinline__ void bulk_wait() {
-    if (READ)
-        asm volatile("cp.async.bulk.wait_group.read 0;\n" ::: "memory");
-    else
-        asm volatile("cp.async.bulk.wait_group 0;\n" ::: "memory");
-}
-
 // Deterministic mode: the writer's bulk reductions completed and made visible (async proxy, then release)
 // before the count of their block moves on.
 __device__ __forceinline__ void release_reduced(int* count) {

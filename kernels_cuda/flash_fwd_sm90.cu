@@ -48,15 +48,29 @@
 // and the consumers alike, and blocks with every pair visible read no mask.
 //
 // Extra -D options: FWD90_QUEUE (1: tiles dealt by TileQueue, as CTAs finish them; always with a mask),
+// FWD90_L2_PREFETCH (P > 0: the producer also fetches into L2, without shared memory, the K and V blocks P blocks
+// ahead of the one it loads, and the next tile's Q when a tile starts: a block a tile reads first comes from
+// DRAM, and two stages of loads ahead cover an L2 hit's latency, not DRAM's),
+// FWD90_TMA_STORE (1: each consumer warpgroup stages its O rows in shared memory and one thread stores them with
+// TMA, so the warpgroup's epilogue is shared-memory writes and the store runs on under its next tile, as
+// FlashAttention-3's epilogue does; dense problems only, tensor map `tm_o`: a packed batch's store would clip at
+// the tensor's end, not at the sequence's), CUSDPA_PHASES (1: per-warp phase clocks, phases.cuh),
 // FWD90_WARPGROUPS (consumer warpgroups, 2 or 3), FWD90_BLOCK_N, FWD90_STAGES (K/V buffers), FWD90_PINGPONG
 // (1: consumers take turns; 0: they issue when ready), ATTN_MASK, ALIBI (1: the slopes' bias added, `slopes`
 // per (batch, head) with batch stride `slopes_b`; scores in natural units as with a float mask), SOFTCAP (1:
 // scores soft-capped by `softcap` first). E and Ev multiples of 32 up to 256.
 #include "sm90.cuh"
+#include "phases.cuh"
 // @WGMMA_WRAPPERS@ FWD90_BLOCK_N HEAD_DIM_V
 
 #ifndef FWD90_QUEUE
 #define FWD90_QUEUE 0
+#endif
+#ifndef FWD90_TMA_STORE
+#define FWD90_TMA_STORE 0
+#endif
+#ifndef FWD90_L2_PREFETCH
+#define FWD90_L2_PREFETCH 0
 #endif
 constexpr int MMA_WG = FWD90_WARPGROUPS;
 constexpr int NTHREADS = (MMA_WG + 1) * 128;
@@ -68,7 +82,10 @@ constexpr int VT = HEAD_DIM_V / 8;
 constexpr int SQ_BYTES = BLOCK_M * HEAD_DIM * 2;
 constexpr int SK_BYTES = BLOCK_N * HEAD_DIM * 2;
 constexpr int SV_BYTES = BLOCK_N * HEAD_DIM_V * 2;
-constexpr int SMEM_TILES = SQ_BYTES + STAGES * (SK_BYTES + SV_BYTES);
+// O's staging buffer (FWD90_TMA_STORE): each consumer warpgroup's 64 rows in V's swizzle.
+constexpr int SO_BYTES = FWD90_TMA_STORE ? BLOCK_M * HEAD_DIM_V * 2 : 0;
+constexpr int SMEM_TILES = SQ_BYTES + STAGES * (SK_BYTES + SV_BYTES) + SO_BYTES;
+constexpr int BAR_EPILOGUE = 4;  // named barriers 4 + cw: consumer warpgroup cw's epilogue (1..3: the ping-pong)
 // Registers per thread after setmaxnreg (FlashAttention-3's split; the sums fill the 64K register file).
 constexpr int LOAD_REGS = MMA_WG == 2 ? 24 : 32;
 constexpr int MMA_REGS = MMA_WG == 2 ? 240 : 160;
@@ -461,7 +478,11 @@ __device__ __forceinline__ KeyBlocks key_blocks(const Tile& tile, const signed c
 
 extern "C" __global__ void __launch_bounds__(NTHREADS, 1)
 flash_fwd_sm90(const __grid_constant__ TmaMap tm_q, const __grid_constant__ TmaMap tm_k,
-               const __grid_constant__ TmaMap tm_v, elem_t* __restrict__ o, float* __restrict__ lse,
+               const __grid_constant__ TmaMap tm_v,
+#if FWD90_TMA_STORE
+               const __grid_constant__ TmaMap tm_o, int o_hm, int o_bm,
+#endif
+               elem_t* __restrict__ o, float* __restrict__ lse,
                const int* __restrict__ cu_q, const int* __restrict__ cu_k, int L, int S, int Hq, int group,
                int q_hm, int q_bm, int k_hm, int k_bm, int v_hm, int v_bm, long long o_sb, long long o_sh,
                long long o_sm, long long lse_sb, long long lse_sh, float scale_log2, int left, int right,
@@ -471,10 +492,12 @@ flash_fwd_sm90(const __grid_constant__ TmaMap tm_q, const __grid_constant__ TmaM
                long long m_sm, const unsigned char* __restrict__ seen, long long sk_b, long long sk_h,
                const signed char* __restrict__ blocks, long long bs_b, long long bs_h, long long bs_m,
                long long taken_at, const float* __restrict__ slopes, long long slopes_b, float softcap) {
+    PhaseClock ph;  // (with CUSDPA_PHASES: phases.cuh)
     extern __shared__ __align__(1024) unsigned char smem[];
     unsigned char* sQ = smem;  // every size is a multiple of 1024: each tile keeps the swizzle alignment
     unsigned char* sK = sQ + SQ_BYTES;
     unsigned char* sV = sK + STAGES * SK_BYTES;
+    unsigned char* sO = sV + STAGES * SV_BYTES;
     unsigned long long* bars = reinterpret_cast<unsigned long long*>(smem + SMEM_TILES);
     unsigned long long* q_full = bars;
     unsigned long long* q_empty = bars + 1;
@@ -520,7 +543,11 @@ flash_fwd_sm90(const __grid_constant__ TmaMap tm_q, const __grid_constant__ TmaM
             tma_prefetch(tm_q);
             tma_prefetch(tm_k);
             tma_prefetch(tm_v);
+#if FWD90_TMA_STORE
+            tma_prefetch(tm_o);
+#endif
         }
+        ph.to(PH_START);
         u32 it = 0, q_phase = 0, staged_phase = 0;
 #if FWD90_QUEUE
         int ahead = blockIdx.x;  // the tile the producer puts next (lane 0's)
@@ -536,6 +563,15 @@ flash_fwd_sm90(const __grid_constant__ TmaMap tm_q, const __grid_constant__ TmaM
 #else
         for (TileDeal deal(schedule, num_tiles); deal.more();) {
             const int t = deal.next();
+#if FWD90_L2_PREFETCH
+            if (lane == 0 && deal.more()) {  // the next tile's Q into L2, to be there when this tile ends
+                const Tile next = tile_at(deal.ahead, num_m, chunk_heads, BH, Hq, group, cu_q, cu_k, L, S, left, right,
+                                          lower_right);
+                if (next.live)
+                    tma_prefetch_tile<HEAD_DIM, QK_SW>(tm_q, next.slice.start_q + next.m0, next.slice.h * q_hm,
+                                                       next.slice.b * q_bm);
+            }
+#endif
 #endif
             const Tile tile = tile_at(t, num_m, chunk_heads, BH, Hq, group, cu_q, cu_k, L, S, left, right, lower_right);
             if (!tile.live) continue;
@@ -545,8 +581,12 @@ flash_fwd_sm90(const __grid_constant__ TmaMap tm_q, const __grid_constant__ TmaM
             const Slice& sl = tile.slice;
             const UnseenKeys unseen{ATTN_MASK ? seen + sl.b * sk_b + sl.h * sk_h : nullptr, 0, 1, sl.S};
             if (lane == 0) {
+                ph.to(PH_TILE);
                 mbar_wait(q_empty, q_phase ^ 1);
+                ph.to(PH_WAIT_Q);
                 tma_load_tile<BLOCK_M, HEAD_DIM, QK_SW>(sQ, tm_q, q_full, sl.start_q + tile.m0, sl.h * q_hm, sl.b * q_bm);
+                ph.to(PH_ISSUE);
+                ph.count(PH_TILES);
             }
             q_phase ^= 1;
             for (int n = first; n < tile.n_end; n = kb.from(n + 1), ++it) {
@@ -556,7 +596,10 @@ flash_fwd_sm90(const __grid_constant__ TmaMap tm_q, const __grid_constant__ TmaM
                 unsigned char* sVs = sV + st * SV_BYTES;
                 if (lane == 0) {
                     mbar_wait(k_empty + st, phase ^ 1);
+                    ph.to(PH_WAIT_K);
                     tma_load_tile<BLOCK_N, HEAD_DIM, QK_SW>(sK + st * SK_BYTES, tm_k, k_full + st, row, sl.kvh * k_hm, sl.b * k_bm);
+                    ph.to(PH_ISSUE);
+                    ph.count(PH_BLOCKS);
                 }
                 // Rows of this block past the slice's visible keys that the tensor holds (a packed tensor
                 // holds the next sequence), and keys the attn_mask lets no query row see, are zeroed before
@@ -570,8 +613,18 @@ flash_fwd_sm90(const __grid_constant__ TmaMap tm_q, const __grid_constant__ TmaM
                 // join lane 0 on a dirty block only, at v_staged, which the copy completes after lane 0's wait.
                 if (lane == 0) {
                     mbar_wait(v_empty + st, phase ^ 1);
+                    ph.to(PH_WAIT_V);
                     tma_load_tile<BLOCK_N, HEAD_DIM_V, V_SW>(sVs, tm_v, dirty ? v_staged : v_full + st, row, sl.kvh * v_hm,
                                                        sl.b * v_bm);
+#if FWD90_L2_PREFETCH && !ATTN_MASK
+                    if (n + FWD90_L2_PREFETCH < tile.n_end) {  // the block that many ahead into L2 (a mask's walk
+                        // skips blocks: none there)
+                        const int later = row + FWD90_L2_PREFETCH * BLOCK_N;
+                        tma_prefetch_tile<HEAD_DIM, QK_SW>(tm_k, later, sl.kvh * k_hm, sl.b * k_bm);
+                        tma_prefetch_tile<HEAD_DIM_V, V_SW>(tm_v, later, sl.kvh * v_hm, sl.b * v_bm);
+                    }
+#endif
+                    ph.to(PH_ISSUE);
                 }
                 if (!dirty) continue;
                 mbar_wait(v_staged, staged_phase);
@@ -586,7 +639,10 @@ flash_fwd_sm90(const __grid_constant__ TmaMap tm_q, const __grid_constant__ TmaM
                 }
                 fence_proxy_async();
                 __syncwarp();
-                if (lane == 0) mbar_arrive(v_full + st);
+                if (lane == 0) {
+                    mbar_arrive(v_full + st);
+                    ph.to(PH_ZERO);
+                }
             }
         }
         return;
@@ -619,6 +675,7 @@ flash_fwd_sm90(const __grid_constant__ TmaMap tm_q, const __grid_constant__ TmaM
         if (lane == 0) mbar_arrive(bar);
     };
     u32 it = 0, q_phase = 0;
+    ph.to(PH_START);
 #if FWD90_QUEUE
     for (int t = queue.get(); t < num_tiles; t = queue.get()) {
 #else
@@ -651,6 +708,7 @@ flash_fwd_sm90(const __grid_constant__ TmaMap tm_q, const __grid_constant__ TmaM
             }
             for (int r = threadIdx.x - 128 * wg; r < 64; r += 128)
                 if (mw + r < sl.L) lseb[mw + r] = -CUSDPA_INF;
+            ph.to(PH_EPILOGUE);
             continue;
         }
 
@@ -684,27 +742,36 @@ flash_fwd_sm90(const __grid_constant__ TmaMap tm_q, const __grid_constant__ TmaM
         };
 
         // The first block: S, softmax, P.
+        ph.to(PH_TILE);
+        ph.count(PH_TILES);
         mbar_wait_warp(q_full, q_phase);
+        ph.to(PH_WAIT_Q);
         q_phase ^= 1;
         int st = it % STAGES;
         u32 phase = (it / STAGES) & 1;
         mbar_wait_warp(k_full + st, phase);
+        ph.to(PH_WAIT_K);
         turn_begin();
+        ph.to(PH_TURN);
         wgmma_fence();
         issue_qk(s, sQwg, sK + st * SK_BYTES);
         wgmma_commit();
         turn_end();
+        ph.to(PH_ISSUE);
         int here = kb.summary(n), n0 = n * BLOCK_N, next = kb.from(n + 1), ahead = kb.summary(next);
 #if ATTN_MASK
         if (KeyBlocks::partial(here)) load_mask(mk, mask_r0, mask_r1, n0, t4, sl.S);
 #endif
         wgmma_wait<0>();
+        ph.to(PH_WAIT_S);
         fence_regs(s);
         release(k_empty + st);
         if (next >= tile.n_end) release(q_empty);
         modify_scores(here, ahead, next, n0);
         softmax_block(s, m_i, l_i, alpha, vis, vis.tile_full(mw, 64, n0, BLOCK_N), i, n0, t4, scale_log2);
         round_p(s, p, i, n0, t4, drop, sl.bh);
+        ph.to(PH_SOFTMAX);
+        ph.count(PH_BLOCKS);
 
         // Block n: S of block n with P V of block n - 1, whose K and V buffers are st and prev.
         for (n = next; n < tile.n_end; n = next) {
@@ -717,8 +784,11 @@ flash_fwd_sm90(const __grid_constant__ TmaMap tm_q, const __grid_constant__ TmaM
             st = it % STAGES;
             phase = (it / STAGES) & 1;
             mbar_wait_warp(k_full + st, phase);
+            ph.to(PH_WAIT_K);
             mbar_wait_warp(v_full + prev, prev_phase);
+            ph.to(PH_WAIT_V);
             turn_begin();
+            ph.to(PH_TURN);
             fence_regs(p);
             fence_regs(s);
             fence_regs(acc);
@@ -728,34 +798,53 @@ flash_fwd_sm90(const __grid_constant__ TmaMap tm_q, const __grid_constant__ TmaM
             issue_pv(acc, p, sV + prev * SV_BYTES);
             wgmma_commit();
             turn_end();
+            ph.to(PH_ISSUE);
             n0 = n * BLOCK_N;
             wgmma_wait<1>();  // S of block n; P V of block n - 1 still runs
+            ph.to(PH_WAIT_S);
             fence_regs(s);
             release(k_empty + st);
             if (next >= tile.n_end) release(q_empty);
             modify_scores(here, ahead, next, n0);
             const bool rescale =
                 softmax_block(s, m_i, l_i, alpha, vis, vis.tile_full(mw, 64, n0, BLOCK_N), i, n0, t4, scale_log2);
+            ph.to(PH_SOFTMAX);
             wgmma_wait<0>();
+            ph.to(PH_WAIT_PV);
             fence_regs(acc);
             release(v_empty + prev);
             if (rescale) rescale_acc(acc, alpha);
             round_p(s, p, i, n0, t4, drop, sl.bh);
+            ph.to(PH_SOFTMAX);
+            ph.count(PH_BLOCKS);
         }
         // P V of the last block.
         mbar_wait_warp(v_full + st, phase);
+        ph.to(PH_WAIT_V);
         turn_begin();
+        ph.to(PH_TURN);
         fence_regs(p);
         fence_regs(acc);
         wgmma_fence();
         issue_pv(acc, p, sV + st * SV_BYTES);
         wgmma_commit();
         turn_end();
+        ph.to(PH_ISSUE);
         wgmma_wait<0>();
+        ph.to(PH_WAIT_PV);
         fence_regs(acc);
         release(v_empty + st);
         ++it;
 
+#if FWD90_TMA_STORE
+        // O through this warpgroup's staging buffer in shared memory, then one TMA store per column chunk,
+        // which runs on while the warpgroup goes on to its next tile (the store clips rows past L). The
+        // buffer is written again only once the previous tile's store has read it.
+        unsigned char* sOwg = sO + cw * 64 * HEAD_DIM_V * 2;
+        const bool leader = threadIdx.x % 128 == 0;
+        if (leader) bulk_wait<true>();
+        named_sync<128>(BAR_EPILOGUE + cw);
+#endif
 #pragma unroll
         for (int r = 0; r < 2; ++r) {
             float l = l_i[r];
@@ -766,6 +855,19 @@ flash_fwd_sm90(const __grid_constant__ TmaMap tm_q, const __grid_constant__ TmaM
             const bool empty = l == 0.f;
             const float inv = rp_dropout / l;
             const int row = i + 8 * r;
+#if FWD90_TMA_STORE
+            const u32 row_off = ((warp % 4) * 16 + g + 8 * r) * V_SW;  // the row within the warpgroup's 64
+#pragma unroll
+            for (int vt = 0; vt < VT; ++vt) {
+                constexpr int CHUNK_COLS = V_SW / 2;
+                const int col = vt * 8 + 2 * t4;
+                const u32 off = (col / CHUNK_COLS) * 64 * V_SW + swizzled<V_SW>(row_off + (col % CHUNK_COLS) * 2);
+                *reinterpret_cast<u32*>(sOwg + off) = pack2<IS_BF16>(
+                    empty ? 0.f : acc[vt * 4 + 2 * r] * inv, empty ? 0.f : acc[vt * 4 + 2 * r + 1] * inv);
+            }
+            if (row < sl.L && t4 == 0)
+                lseb[row] = empty ? -CUSDPA_INF : NATURAL ? m_i[r] + log2f(l) * LN2 : (m_i[r] + log2f(l)) * LN2;
+#else
             if (row < sl.L) {
 #pragma unroll
                 for (int vt = 0; vt < VT; ++vt)
@@ -774,8 +876,24 @@ flash_fwd_sm90(const __grid_constant__ TmaMap tm_q, const __grid_constant__ TmaM
                 if (t4 == 0)
                     lseb[row] = empty ? -CUSDPA_INF : NATURAL ? m_i[r] + log2f(l) * LN2 : (m_i[r] + log2f(l)) * LN2;
             }
+#endif
         }
+#if FWD90_TMA_STORE
+        fence_proxy_async();  // the generic-proxy writes, before the async proxy reads them
+        named_sync<128>(BAR_EPILOGUE + cw);
+        if (leader) {
+#pragma unroll
+            for (int c = 0; c < HEAD_DIM_V / (V_SW / 2); ++c)
+                tma_store(sOwg + c * 64 * V_SW, tm_o, c * (V_SW / 2), sl.start_q + mw, sl.h * o_hm, sl.b * o_bm);
+            bulk_commit();
+        }
+#endif
+        ph.to(PH_EPILOGUE);
     }
     // The last consumer opened the first one's barrier once more than the first consumer waited on it.
     if (FWD90_PINGPONG && cw == 0 && issued) named_sync<256>(1);
+#if FWD90_TMA_STORE
+    if (threadIdx.x % 128 == 0) bulk_wait<false>();  // the last stores done before the shared memory goes
+#endif
+    ph.to(PH_END);
 }

@@ -68,6 +68,40 @@ __device__ __forceinline__ void tma_load_tile(unsigned char* dst, const TmaMap& 
 #pragma unroll
     for (int c = 0; c < D / (SW / 2); ++c) tma_load(dst + c * ROWS * SW, map, bar, SW / 2 * c, row, head, batch);
 }
+// Box (c0, c1, c2, c3) fetched into L2 only (no shared memory, no barrier): a later load of it hits L2.
+__device__ __forceinline__ void tma_prefetch_l2(const TmaMap& map, int c0, int c1, int c2, int c3) {
+    asm volatile("cp.async.bulk.prefetch.tensor.4d.L2.global.tile [%0, {%1, %2, %3, %4}];\n"
+                 ::"l"(reinterpret_cast<unsigned long long>(&map)), "r"(c0), "r"(c1), "r"(c2), "r"(c3)
+                 : "memory");
+}
+// The tile tma_load_tile<ROWS, D, SW> would load at (row, head, batch), into L2 only.
+template <int D, int SW>
+__device__ __forceinline__ void tma_prefetch_tile(const TmaMap& map, int row, int head, int batch) {
+#pragma unroll
+    for (int c = 0; c < D / (SW / 2); ++c) tma_prefetch_l2(map, SW / 2 * c, row, head, batch);
+}
+// The other way: box (c0, c1, c2, c3) of a 4-D tensor map written from shared memory, in the issuing
+// thread's bulk group. Elements of the box outside the tensor are not written (a tile's rows past L).
+__device__ __forceinline__ void tma_store(const void* src, const TmaMap& map, int c0, int c1, int c2, int c3) {
+    asm volatile("cp.async.bulk.tensor.4d.global.shared::cta.bulk_group [%0, {%2, %3, %4, %5}], [%1];\n"
+                 ::"l"(reinterpret_cast<unsigned long long>(&map)), "r"(smem_u32(src)), "r"(c0), "r"(c1), "r"(c2), "r"(c3)
+                 : "memory");
+}
+__device__ __forceinline__ void bulk_commit() { asm volatile("cp.async.bulk.commit_group;\n" ::: "memory"); }
+// Wait until the calling thread's bulk async-groups have read their shared memory (READ: it may be written
+// again) or completed altogether (their writes performed: before the CTA exits and its shared memory goes).
+template <bool READ>
+__device__ __forceinline__ void bulk_wait() {
+    if (READ)
+        asm volatile("cp.async.bulk.wait_group.read 0;\n" ::: "memory");
+    else
+        asm volatile("cp.async.bulk.wait_group 0;\n" ::: "memory");
+}
+// The byte offset of byte `off` of a tile whose rows of SW bytes (128 or 64) are in the swizzle that TMA
+// and wgmma use: the 16-byte chunk index (bits 4..) XORed with the row's index within its 1024-byte
+// group (bits 7..), as the tile loads above write them; the tile starts 1024-byte aligned.
+template <int SW>
+__device__ __forceinline__ u32 swizzled(u32 off) { return off ^ (((off >> 7) & (SW / 16 - 1)) << 4); }
 __device__ __forceinline__ void tma_prefetch(const TmaMap& map) {
     asm volatile("prefetch.tensormap [%0];\n" ::"l"(reinterpret_cast<unsigned long long>(&map)) : "memory");
 }

@@ -1,6 +1,7 @@
 """FLASH backend: nvcc compiles every kernel configuration (CPU), and on the GPU the kernels match the
 reference over sizes and features, judged against PyTorch's error at the same precision."""
 import concurrent.futures
+import dataclasses
 import itertools
 import shutil
 import subprocess
@@ -31,9 +32,16 @@ def _nvrtc_jobs():
                     if fwd_cfg.fwd90_stages == 2:  # ... a packed batch's, its tiles from the queue
                         yield "flash_fwd_sm90.cu", sources.compile_options(dtype, E, Ev, dropout, fwd_cfg, queue=True) + (
                             "-arch=sm_90a",)
+                    if fwd_cfg.fwd90_stages == 2 and (E, Ev) in ((64, 64), (96, 64), (160, 224)):  # ... O stored by
+                        # TMA from 128- and 64-byte swizzled rows, L2 prefetches (the phase clocks in the bf16 jobs)
+                        store_cfg = dataclasses.replace(fwd_cfg, fwd90_tma_store=True, fwd90_phases=dropout,
+                                                        fwd90_l2_prefetch=2)
+                        yield "flash_fwd_sm90.cu", sources.compile_options(dtype, E, Ev, dropout, store_cfg,
+                                                                           tma_store=True) + ("-arch=sm_90a",)
             # ... and with each kind of attn_mask (its tiles from the queue)
             for mask in (("bool", "float16") if dtype == "float16" else ("float32", "bfloat16")):
                 fwd_cfg = config.FlashConfig.for_problem(E, Ev, 4096, False, mask)
+                fwd_cfg = dataclasses.replace(fwd_cfg, fwd90_phases=(E, Ev) == (64, 64))  # (the clocks' masked walk)
                 if config.sm90_forward_applies(E, Ev, 90, fwd_cfg):
                     yield "flash_fwd_sm90.cu", sources.compile_options(dtype, E, Ev, dropout, fwd_cfg, mask=mask,
                                                                        queue=True) + ("-arch=sm_90a",)
@@ -232,6 +240,7 @@ def test_config_fits_shared_memory():
 
 @pytest.mark.parametrize("BH, chunk_heads, key_blocks", [
     (256, 48, np.arange(1, 9)),      # causal, E = 128, L = 1024: query block m sees m + 1 key blocks
+    (256, 1, np.arange(1, 9)),       # ... head-major (FlashConfig.fwd90_chunk_heads = 1)
     (16, 3, np.arange(1, 129)),      # causal, L = 16384
     (40, 40, np.full(8, 8)),         # every key
     (3, 2, np.array([0, 2, 5, 1]))])  # fewer tiles than CTAs, a block that sees nothing
@@ -664,6 +673,73 @@ def test_persistent_forward_runs_many_tiles_per_cta(name, schedule, rng, monkeyp
     monkeypatch.setattr(launches, "config", lambda pr: dataclasses.replace(
         config.FlashConfig.for_problem(pr.E, pr.Ev, pr.L, pr.causal), fwd90_schedule=schedule))
     _gpu_check(FEATURES[name], rng, grads=False)
+
+
+def _tma_store(cfg, E, Ev):
+    """``cfg`` with the Hopper forward storing O by TMA, two K/V stages where the staging buffer does not fit
+    beside three."""
+    store = dataclasses.replace(cfg, fwd90_tma_store=True)
+    if config.smem_bytes("fwd_sm90", store, E, Ev) > config.MAX_SMEM:
+        store = dataclasses.replace(store, fwd90_stages=2)
+    return store
+
+
+def test_the_staged_output_fits_where_the_forward_is_dense():
+    """The TMA store's staging buffer fits beside two K/V stages at every head dim up to 128 (and E = 160, Ev =
+    224 of the wide backward's uneven parts)."""
+    for E, Ev in list(itertools.product(range(32, 129, 32), repeat=2)) + [(160, 224)]:
+        for L, causal in itertools.product((1024, 4096), (False, True)):
+            cfg = _tma_store(config.FlashConfig.for_problem(E, Ev, L, causal), E, Ev)
+            assert config.smem_bytes("fwd_sm90", cfg, E, Ev) <= config.MAX_SMEM, (E, Ev, L, causal)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["gqa", "mqa", "window", "dropout_gqa_fp16", "swizzles_differ", "batch_dims", "strided",
+                                  "varlen", "empty_keys", "wide_uneven_parts", "bool_key_padding",
+                                  "float32_heads_odd_keys"])
+def test_hopper_forward_stores_o_with_tma(name, rng, monkeypatch):
+    """FlashConfig.fwd90_tma_store: each consumer warpgroup stages O in shared memory and one thread stores it
+    with TMA (a packed batch keeps its register stores). The same arithmetic as the register stores, so the
+    same bits, judged against the reference too; on a device of two SMs, so that each warpgroup writes its
+    staging buffer again tile after tile while earlier stores may still read it."""
+    import cupy
+
+    from cusdpa.backends.flash import launches
+    from cusdpa.verify.harness import run_problem
+
+    monkeypatch.setattr(sources, "multiprocessors", lambda device: 2)
+    pr = build({**FEATURES, **MASKED}[name], cupy, rng)
+    want = flash.IMPL.forward(pr)
+    real = launches.config
+    monkeypatch.setattr(launches, "config", lambda pr: _tma_store(real(pr), pr.E, pr.Ev))
+    got = flash.IMPL.forward(pr)
+    assert all(cupy.array_equal(g, w, equal_nan=True) for g, w in zip(got, want))
+    failures = run_problem(pr, flash.IMPL, rng, grads=False)
+    assert not failures, "\n".join(failures)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("chunk_heads, prefetch", [(1, 0), (3, 2), (0, 1)])
+@pytest.mark.parametrize("name", ["gqa", "causal_short_keys", "batch_dims", "dropout_gqa_fp16", "varlen", "window"])
+def test_hopper_forward_tile_orders_and_l2_prefetch(name, chunk_heads, prefetch, rng, monkeypatch):
+    """FlashConfig.fwd90_chunk_heads (the tiles head-major, or in chunks of three heads) and fwd90_l2_prefetch (K
+    and V blocks fetched into L2 ahead of their loads, the next tile's Q): each tile's arithmetic is unchanged,
+    so the output is bit for bit the default's, and judged against the reference; a device of two SMs."""
+    import cupy
+
+    from cusdpa.backends.flash import launches
+    from cusdpa.verify.harness import run_problem
+
+    monkeypatch.setattr(sources, "multiprocessors", lambda device: 2)
+    pr = build(FEATURES[name], cupy, rng)
+    want = flash.IMPL.forward(pr)
+    real = launches.config
+    monkeypatch.setattr(launches, "config", lambda pr: dataclasses.replace(
+        real(pr), fwd90_chunk_heads=chunk_heads, fwd90_l2_prefetch=prefetch))
+    got = flash.IMPL.forward(pr)
+    assert all(cupy.array_equal(g, w, equal_nan=True) for g, w in zip(got, want))
+    failures = run_problem(pr, flash.IMPL, rng, grads=False)
+    assert not failures, "\n".join(failures)
 
 
 @pytest.mark.gpu

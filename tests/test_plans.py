@@ -212,6 +212,33 @@ def test_replayed_plans_are_bit_identical_to_the_general_path(name, rng, monkeyp
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("name", ["causal_bf16", "gqa_E128"])
+def test_plans_store_o_with_tma(name, rng, monkeypatch):
+    """FlashConfig.fwd90_tma_store through the torch bridge: the plan encodes O's tensor map with a stand-in
+    address (the output is allocated per call) and each call writes its own into it. Made, then replayed
+    twice into new outputs, the forward equals the register stores' bit for bit."""
+    torch = _torch_cuda()
+    import dataclasses
+
+    import interop
+    from cusdpa.backends import plans
+    from cusdpa.backends.flash import launches
+
+    case = CASES[name]
+    q, k, v = _inputs(torch, case["q"], case["kv"], getattr(torch, case["dtype"]), int(rng.integers(2**31)))
+    want = interop.scaled_dot_product_attention(q, k, v, **case["kw"]).detach()
+    real = launches.config
+    monkeypatch.setattr(launches, "config",
+                        lambda pr: dataclasses.replace(real(pr), fwd90_tma_store=True, fwd90_stages=2))
+    plans._plans.clear()
+    for _ in range(3):
+        got = interop.scaled_dot_product_attention(q, k, v, **case["kw"]).detach()
+        assert torch.equal(got, want)
+    assert [p for p in plans._plans.values() if p is not None], "the calls made a plan"
+    plans._plans.clear()
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("name", ["causal_bf16", "window_dropout"])
 def test_the_ops_replay_plans_for_compiled_graphs(name, rng, monkeypatch):
     """The custom ops themselves (what a compiled graph calls) replay the plans; a backward op handed an out

@@ -37,6 +37,22 @@ class FlashConfig:
     # masked forward's always are), not dealt round-robin: the host does not know the sequences' lengths
     # (48 sequences of 64-4096 tokens, E=128: +13% dense, +13% causal on the H200, BENCHMARKS.md)
     fwd90_queue_varlen: bool = True
+    # O staged in shared memory and written by TMA stores that run on under the next tile (FlashAttention-3's
+    # epilogue; dense problems only, a packed batch stores from registers): the epilogue is a per-tile cost
+    # that weighs most where tiles are short (L = 1024). Written without device time, to be measured
+    fwd90_tma_store: bool = False
+    # heads whose tiles the Hopper forward interleaves (tile_at's chunks; 0: as many as keep their K and V within
+    # launches.L2_SHARE, 48 at L = 1024 E = 128). 1 orders the tiles head-major: a head's query blocks run side
+    # by side and read its K and V blocks together. Written without device time: to measure where L = 1024
+    # falls short (0.83-0.89x cuDNN), with no kernel change
+    fwd90_chunk_heads: int = 0
+    # key blocks ahead of its loads that the Hopper forward's producer also fetches into L2 (0: none), and the
+    # next tile's Q: two stages cover an L2 hit's latency, not a first read's from DRAM. Written without device
+    # time, to be measured
+    fwd90_l2_prefetch: int = 0
+    # per-warp phase clocks compiled into the Hopper forward (kernels_cuda/phases.cuh), for
+    # benchmarks/fwd90_phases.py only
+    fwd90_phases: bool = False
     use_wgmma_bwd: bool = True  # Hopper backward (flash_bwd_sm90.cu) where the device, head dims and options allow
     bwd90_block_m: int = 64  # the Hopper backward's step: queries per step (128 where E, Ev <= 64)
     bwd90_rotate: bool = True  # key blocks start their query loops at different blocks (full visibility)
@@ -128,9 +144,10 @@ def smem_bytes(kind: str, cfg: FlashConfig, E: int, Ev: int) -> int:
     if kind == "fwd":
         bm, bn = cfg.fwd_block_m, cfg.fwd_block_n
         return 2 * (bm * max(qp, vp) + 2 * bn * qp + 2 * bn * vp)
-    if kind == "fwd_sm90":  # unpadded, swizzled tiles (K and V stages), then the mbarriers and the tile queue
+    if kind == "fwd_sm90":  # unpadded, swizzled tiles (K and V stages, O's staging), the mbarriers, the tile queue
         bm, bn, st = 64 * cfg.fwd90_warpgroups, cfg.fwd90_block_n, cfg.fwd90_stages
-        return 2 * (bm * E + st * bn * E + st * bn * Ev) + 8 * (3 + 4 * st) + 8 * 5
+        staged_o = bm * Ev if cfg.fwd90_tma_store else 0
+        return 2 * (bm * E + st * bn * E + st * bn * Ev + staged_o) + 8 * (3 + 4 * st) + 8 * 5
     if kind == "bwd_sm90":  # swizzled K, V, two Q / dO stages, two dS^T and two fp32 dQ buffers, lse and D per
         bn, bm = 128, cfg.bwd90_block_m  # stage, 6 mbarriers
         if sm90_backward_is_wide(E, Ev):  # 64 keys; two P^T and two dS^T buffers, no dQ buffers

@@ -7,6 +7,7 @@ first. Kernels run on CuPy's current stream.
 """
 from __future__ import annotations
 
+import dataclasses
 import heapq
 import math
 from dataclasses import dataclass
@@ -262,12 +263,27 @@ class MaskSummary:
                 np.int64(n_m * n_n if self.heads > 1 else 0), np.int64(n_n if self.rows > 1 else 0))
 
 
-def _modified_options(pr, cfg, mask_grad: bool = False, queue: bool = False) -> tuple:
+def _modified_options(pr, cfg, mask_grad: bool = False, queue: bool = False, tma_store: bool = False) -> tuple:
     """The Hopper kernels' compile options with ``pr``'s attn_mask and score modifiers (and, ``mask_grad``,
-    the backward storing a float mask's gradient; ``queue``, the forward taking tiles from a counter)."""
+    the backward storing a float mask's gradient; ``queue``, the forward taking tiles from a counter;
+    ``tma_store``, the forward storing O with TMA)."""
     return sources.compile_options(pr.dtype_name, pr.E, pr.Ev, pr.dropout_p > 0, cfg, mask=mask_kind(pr),
                                    alibi=pr.alibi_slopes is not None, softcap=bool(pr.softcap), mask_grad=mask_grad,
-                                   queue=queue)
+                                   queue=queue, tma_store=tma_store)
+
+
+def sm90_forward_config(pr) -> FlashConfig:
+    """``config(pr)`` as the Hopper forward takes it: a packed batch stores O from registers (a TMA store
+    clips at the tensor's end, not at a sequence's)."""
+    cfg = config(pr)
+    return dataclasses.replace(cfg, fwd90_tma_store=False) if pr.varlen is not None and cfg.fwd90_tma_store else cfg
+
+
+def sm90_forward_options(pr) -> tuple:
+    """The compile options of the Hopper forward's module for ``pr`` (benchmarks/fwd90_phases.py reads
+    the phase clocks of that module)."""
+    cfg = sm90_forward_config(pr)
+    return _modified_options(pr, cfg, queue=_queued(pr, cfg), tma_store=cfg.fwd90_tma_store) + ("-arch=sm_90a",)
 
 
 def _queued(pr, cfg) -> bool:
@@ -343,8 +359,8 @@ def forward_launches(pr, lay, o_strides, mask_strides=None) -> list[Launch]:
     opts = sources.compile_options(pr.dtype_name, pr.E, pr.Ev, pr.dropout_p > 0, cfg)
     tail = (*_lse_strides(pr), np.float32(pr.scale * math.log2(math.e)), *_visibility(pr), *_dropout(pr))
     if sm90_forward_applies(pr.E, pr.Ev, sources.compute_capability(dev), cfg):
+        cfg, opts = sm90_forward_config(pr), sm90_forward_options(pr)
         queued = _queued(pr, cfg)
-        opts = _modified_options(pr, cfg, queue=queued)
         if pr.mask is None:  # (a queued packed batch: its counter in slot blocks)
             args = (*NO_MASK[:7], Slot("blocks"), *NO_MASK[8:]) if queued else NO_MASK
             return [_sm90_forward_launch(pr, lay, o_strides, cfg, opts, tail, args)]
@@ -372,7 +388,7 @@ def _sm90_forward_launch(pr, lay, o_strides, cfg, opts, tail, mask) -> Launch:
     dev = device(pr)
     smem = smem_bytes("fwd_sm90", cfg, pr.E, pr.Ev)
     block_m, block_n = 64 * cfg.fwd90_warpgroups, cfg.fwd90_block_n
-    fn = sources.kernel(dev, "flash_fwd_sm90.cu", "flash_fwd_sm90", opts + ("-arch=sm_90a",), smem)
+    fn = sources.kernel(dev, "flash_fwd_sm90.cu", "flash_fwd_sm90", opts, smem)
     packed = pr.varlen is not None
     maps = []
     for name, x, D, rows, heads, box in (("q", lay.q, pr.E, pr.L, pr.hq, block_m),
@@ -383,13 +399,17 @@ def _sm90_forward_launch(pr, lay, o_strides, cfg, opts, tail, mask) -> Launch:
         tensor_map, hm, bm = tma.operand_map(pr.dtype_name, x.data.ptr, D, rows, heads, 1 if packed else lay.B,
                                              lay.strides[name], box)
         maps.append((MapSlot(name, tensor_map), np.int32(hm), np.int32(bm)))
+    store = ()  # O's map, boxes of a warpgroup's 64 rows (cfg.fwd90_tma_store, dense only)
+    if cfg.fwd90_tma_store:
+        o_map, hm, bm = tma.operand_map(pr.dtype_name, tma.ANY_ADDRESS, pr.Ev, pr.L, pr.hq, lay.B, o_strides, 64)
+        store = (MapSlot("o", o_map), np.int32(hm), np.int32(bm))
     BH, num_m = lay.B * pr.hq, (pr.L + block_m - 1) // block_m
     kv_bytes_per_head = max(pr.S, 1) * (pr.E + pr.Ev) * 2 / pr.group
-    chunk_heads = int(min(BH, max(1, L2_SHARE // kv_bytes_per_head)))
+    chunk_heads = int(min(BH, cfg.fwd90_chunk_heads or max(1, L2_SHARE // kv_bytes_per_head)))
     grid = (min(BH * num_m, sources.multiprocessors(dev)) if cfg.fwd90_persistent else BH * num_m, 1)
     schedule = 0 if packed or not (cfg.fwd90_schedule and cfg.fwd90_persistent) else \
         _tile_schedule(pr, dev, BH, num_m, chunk_heads, grid[0], block_m, block_n)
-    args = (*(m for m, _, _ in maps), Slot("o"), Slot("lse"), *_common(pr, lay),
+    args = (*(m for m, _, _ in maps), *store, Slot("o"), Slot("lse"), *_common(pr, lay),
             *(x for _, hm, bm in maps for x in (hm, bm)), *o_strides, *tail, np.int32(BH), np.int32(num_m),
             np.int32(chunk_heads), schedule, *mask, *_modifier_args(pr))
     return Launch(fn, grid, (128 * (cfg.fwd90_warpgroups + 1),), smem, args)

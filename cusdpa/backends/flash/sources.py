@@ -65,14 +65,17 @@ MASK_CODES = {None: 0, "bool": 1, "float16": 2, "bfloat16": 3, "float32": 4}
 @functools.cache
 def compile_options(dtype_name: str, E: int, Ev: int, dropout: bool, cfg: FlashConfig, dkdv_part: int = 3,
                     mask: str | None = None, alibi: bool = False, softcap: bool = False,
-                    mask_grad: bool = False, queue: bool = False) -> tuple:
+                    mask_grad: bool = False, queue: bool = False, tma_store: bool = False) -> tuple:
     """NVRTC/nvcc options of one module; the CPU test compiles the same list with nvcc. ``mask``: the
     attn_mask's kind for the kernels that read one (a key of MASK_CODES); ``alibi``, ``softcap``: the Hopper
     kernels add ALiBi's bias, soft-cap the scores; ``mask_grad``: the Hopper backward stores a float mask's
-    gradient; ``queue``: the Hopper forward's CTAs take tiles from a counter (a mask's, or a packed batch's)."""
+    gradient; ``queue``: the Hopper forward's CTAs take tiles from a counter (a mask's, or a packed batch's);
+    ``tma_store``: the Hopper forward stores O with TMA (FlashConfig.fwd90_tma_store, where the problem allows)."""
     return (*(("-DATTN_MASK=%d" % MASK_CODES[mask],) if mask else ()), *(("-DALIBI=1",) if alibi else ()),
             *(("-DSOFTCAP=1",) if softcap else ()), *(("-DMASK_GRAD=1",) if mask_grad else ()),
-            *(("-DFWD90_QUEUE=1",) if queue else ()),
+            *(("-DFWD90_QUEUE=1",) if queue else ()), *(("-DFWD90_TMA_STORE=1",) if tma_store else ()),
+            *(("-DCUSDPA_PHASES=1",) if cfg.fwd90_phases else ()),
+            *((f"-DFWD90_L2_PREFETCH={cfg.fwd90_l2_prefetch}",) if cfg.fwd90_l2_prefetch else ()),
             "-std=c++17", "--use_fast_math", f"-DCUSDPA_BF16={int(dtype_name == 'bfloat16')}",
             f"-DHEAD_DIM={E}", f"-DHEAD_DIM_V={Ev}", f"-DIS_DROPOUT={int(dropout)}",
             f"-DFWD_WARPS={cfg.fwd_warps}", f"-DFWD_M_TILES={cfg.fwd_m_tiles}", f"-DFWD_BLOCK_N={cfg.fwd_block_n}",
@@ -84,7 +87,8 @@ def compile_options(dtype_name: str, E: int, Ev: int, dropout: bool, cfg: FlashC
 
 
 @functools.cache
-def _module(device: int, source: str, options: tuple):
+def module(device: int, source: str, options: tuple):
+    """The cupy.RawModule of ``source`` built with ``options`` on ``device`` (one per key, compiled once)."""
     import cupy
 
     with cupy.cuda.Device(device):
@@ -100,7 +104,7 @@ def kernel(device: int, source: str, name: str, options: tuple, smem: int):
     import cupy
 
     with cupy.cuda.Device(device):  # the attribute and the driver function are per device
-        fn = _module(device, source, options).get_function(name)
+        fn = module(device, source, options).get_function(name)
         if smem > 48 * 1024 and fn.max_dynamic_shared_size_bytes < smem:
             fn.max_dynamic_shared_size_bytes = smem
         return fn.kernel  # cupy.cuda.function.Function, whose .ptr backends.launch hands to the driver

@@ -16,6 +16,9 @@ MAP_BYTES = 128
 _DTYPE = {"float16": 6, "bfloat16": 9}  # CU_TENSOR_MAP_DATA_TYPE_FLOAT16, _BFLOAT16
 _SWIZZLE = {64: 2, 128: 3}  # CU_TENSOR_MAP_SWIZZLE_64B, _128B, by bytes per swizzled row
 _L2_PROMOTION_256B, _INTERLEAVE_NONE, _OOB_FILL_ZERO = 3, 0, 0
+# An aligned address to encode a map's template with where the operand is not known until the call (a
+# result the call allocates): encoding reads no memory, and every call writes its own address (``write``).
+ANY_ADDRESS = 1 << 32
 
 
 @functools.cache
