@@ -37,7 +37,8 @@
 # and c), train (bf16 autocast), train-fp32, train-compiled (bf16, torch.compile), decode (greedy generation
 # through the KV cache against PyTorch's SDPA over a static cache; decode-attn: the attention call alone against
 # PyTorch and the KV-read floor; decode-ncu: the split kernel under ncu at B = 1 and 16;
-# decode-combine: the combine with its loads up front, decode.COMBINE_PREFETCH, tested, then timed off and on), masks (the masks issue's shapes;
+# decode-combine: the combine with its loads up front, decode.COMBINE_PREFETCH, tested, then timed off and on;
+# decode-fused: the combine fused into the split kernel's last CTAs, decode.FUSED_COMBINE, the same), masks (the masks issue's shapes;
 # masks-no-blocks: with the mask's block summary off; masks-per-tile: a CTA per tile, not persistent;
 # masks-profile: forwards only, each masked call's GPU kernels; masks-no-steps: the backward visiting every query
 # step; masks-ncu: the 90%-empty shape's forward and backward kernels under ncu),
@@ -145,6 +146,9 @@ command_of() {  # the command of stage $1, into the array cmd
     decode-attn) cmd=(python3 benchmarks/decode.py) ;;
     decode-combine) cmd=(bash -c 'python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_decode_gpu.py -k up_front \
                          && for c in 0 1; do python3 benchmarks/decode.py --config COMBINE_PREFETCH=$c | tail -n 5; done') ;;
+    decode-fused) cmd=(bash -c 'python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_decode_gpu.py \
+                       -k "fused or cuda_graph" && for c in 0 1; do python3 benchmarks/decode.py --config FUSED_COMBINE=$c \
+                       | tail -n 5; done') ;;
     decode-ncu) cmd=(bash -c 'for shape in 1x32768 16x8192; do bash benchmarks/ncu_profile.sh flash_decode_split 0 -- \
                      python3 benchmarks/decode.py --shapes $shape; done') ;;
     masks) cmd=(python3 benchmarks/masks.py --backward) ;;

@@ -312,7 +312,7 @@ def _flash_decode(query, k_cache, v_cache, cache_seqlens, key, value, block_tabl
         slopes = 0 if alibi_slopes is None else cupy.ascontiguousarray(cupy.broadcast_to(alibi_slopes, (B, hq)))
         out = cupy.empty(pl.out_shape, dtype=query.dtype)
         lse = cupy.empty(pl.lse_shape, dtype=np.float32)
-        part = cupy.empty(pl.part_floats + pl.ml_floats, dtype=np.float32) if pl.part_floats else None
+        part = cupy.empty(pl.workspace_floats, dtype=np.float32) if pl.part_floats else None
 
         def ptr(x):
             return 0 if x is None or type(x) is int else x.data.ptr

@@ -127,7 +127,7 @@ def _decode(query, k_cache, v_cache, cache_seqlens, key, value, block_table, cac
         slopes = alibi_slopes.data_ptr()
     out = query.new_empty(plan.out_shape)
     lse = query.new_empty(plan.lse_shape, dtype=torch.float32)
-    part = query.new_empty(plan.part_floats + plan.ml_floats, dtype=torch.float32).data_ptr() if plan.part_floats else 0
+    part = query.new_empty(plan.workspace_floats, dtype=torch.float32).data_ptr() if plan.part_floats else 0
 
     def ptr(t):
         return 0 if t is None else t.data_ptr()

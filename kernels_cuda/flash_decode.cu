@@ -27,7 +27,9 @@
 //
 // -D options beyond flash_common.cuh's: DEC_WARPS, DEC_TILE (keys per warp tile, a multiple of 16),
 // DEC_STAGES, PAGED, SOFTCAP, ALIBI, DEC_COMBINE_PREFETCH (the combine's partial outputs read before the splits'
-// weights are known, see flash_decode_combine).
+// weights are known, see flash_decode_combine), DEC_FUSED_COMBINE (the last split CTA of each (b, kvh) to
+// finish merges the splits itself, so no combine kernel follows: `arrivals`, one zeroed int32 per (b, kvh),
+// counts the finished splits; DEC_MAX_SPLITS bounds the splits).
 #include "flash_common.cuh"
 
 #ifndef SOFTCAP
@@ -38,6 +40,9 @@
 #endif
 #ifndef DEC_COMBINE_PREFETCH
 #define DEC_COMBINE_PREFETCH 0
+#endif
+#ifndef DEC_FUSED_COMBINE
+#define DEC_FUSED_COMBINE 0
 #endif
 
 constexpr int NW = DEC_WARPS;
@@ -124,11 +129,81 @@ __device__ __forceinline__ float soft_cap(float x, float k, float softcap) {
 }
 #endif
 
+#if DEC_FUSED_COMBINE
+// The merge of the splits (flash_decode_combine's arithmetic) by the CTA of a (b, kvh) that finished last: its R
+// rows (b, h, query) = `bhl0` + row's head and query, each over every split's (m, l) and O. A warp finds the
+// weights of its rows (lane s: splits s, s + 32, ...) into shared memory (`weight`: [ROWS][DEC_MAX_SPLITS]
+// floats, then the rows' totals and maxima); then each thread sums column pairs over the splits. The other
+// CTAs' partials are read past L1 (ld.global.cg): they were written on other SMs.
+__device__ __noinline__ void merge_splits(const float* __restrict__ o_part, const float* __restrict__ ml_part, elem_t* __restrict__ out,
+                             float* __restrict__ lse, float* weight, int splits, int rows, int R, int b, int kvh,
+                             int group, int Hq, int Lq) {
+    float* total = weight + ROWS * DEC_MAX_SPLITS;
+    float* top = total + ROWS;
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    auto bhl_of = [&](int row) { return ((long long)b * Hq + kvh * group + row / Lq) * Lq + row % Lq; };
+    for (int row = warp; row < R; row += NW) {
+        const long long bhl = bhl_of(row);
+        float m[DEC_MAX_SPLITS / 32], l[DEC_MAX_SPLITS / 32];
+        float mx = -CUSDPA_INF;
+#pragma unroll
+        for (int k = 0; k < DEC_MAX_SPLITS / 32; ++k) {
+            const int s = lane + 32 * k;
+            const float2 ml = s < splits ? __ldcg(reinterpret_cast<const float2*>(ml_part + 2 * (s * (long long)rows + bhl)))
+                                         : make_float2(-CUSDPA_INF, 0.f);
+            m[k] = ml.x;
+            l[k] = ml.y;
+            mx = fmaxf(mx, m[k]);
+        }
+        for (int d = 16; d; d /= 2) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, d));
+        const float m_use = mx == -CUSDPA_INF ? 0.f : mx;
+        float sum = 0.f;
+#pragma unroll
+        for (int k = 0; k < DEC_MAX_SPLITS / 32; ++k) {
+            const float w = m[k] == -CUSDPA_INF ? 0.f : exp2f(m[k] - m_use);
+            weight[row * DEC_MAX_SPLITS + lane + 32 * k] = w;
+            sum += m[k] == -CUSDPA_INF ? 0.f : l[k] * w;
+        }
+        for (int d = 16; d; d /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, d);
+        if (lane == 0) {
+            total[row] = sum;
+            top[row] = mx;
+        }
+    }
+    __syncthreads();
+    for (int x = threadIdx.x; x < R * (HEAD_DIM_V / 2); x += NTHREADS) {
+        const int row = x / (HEAD_DIM_V / 2), e = 2 * (x % (HEAD_DIM_V / 2));
+        const long long bhl = bhl_of(row);
+        const float* o_row = o_part + bhl * HEAD_DIM_V + e;
+        float o0 = 0.f, o1 = 0.f;
+        // loads issued whatever the weight, the weight applied by a select: a split that saw nothing of the row
+        // (its O may be 0 * NaN) or weighs nothing adds nothing
+#pragma unroll 8
+        for (int s = 0; s < splits; ++s) {
+            const float f = weight[row * DEC_MAX_SPLITS + s];
+            const float2 o = __ldcg(reinterpret_cast<const float2*>(o_row + s * (long long)rows * HEAD_DIM_V));
+            o0 += f == 0.f ? 0.f : o.x * f;
+            o1 += f == 0.f ? 0.f : o.y * f;
+        }
+        const bool empty = total[row] == 0.f;
+        const float inv = 1.f / total[row];
+        const int h = kvh * group + row / Lq, ql = row % Lq;
+        *reinterpret_cast<u32*>(out + (((long long)b * Lq + ql) * Hq + h) * HEAD_DIM_V + e) =
+            pack2<IS_BF16>(empty ? 0.f : o0 * inv, empty ? 0.f : o1 * inv);
+        if (e == 0) lse[bhl] = empty ? -CUSDPA_INF : (top[row] + log2f(total[row])) * LN2;
+    }
+}
+#endif
+
 extern "C" __global__ void __launch_bounds__(NTHREADS)
 flash_decode_split(const elem_t* __restrict__ q, const elem_t* __restrict__ k_cache, const elem_t* __restrict__ v_cache,
                    const int* __restrict__ table, const int* __restrict__ seqlens, const float* __restrict__ slopes,
                    elem_t* __restrict__ out, float* __restrict__ lse, float* __restrict__ o_part,
-                   float* __restrict__ ml_part, int B, int Hq, int group, int Lq, long long q_sb, long long q_sl,
+                   float* __restrict__ ml_part,
+#if DEC_FUSED_COMBINE
+                   int* __restrict__ arrivals,
+#endif
+                   int B, int Hq, int group, int Lq, long long q_sb, long long q_sl,
                    long long q_sh, long long table_sb, long long k_sr, long long k_ss, long long k_sh, long long v_sr,
                    long long v_ss, long long v_sh, int block_size, int capacity, int fixed_len, int n_new, float scale,
                    float softcap, int left, int right) {
@@ -363,6 +438,25 @@ flash_decode_split(const elem_t* __restrict__ q, const elem_t* __restrict__ k_ca
             }
         }
     }
+#if DEC_FUSED_COMBINE
+    static_assert(ROWS * (DEC_MAX_SPLITS + 2) * 4 <= PIPE_BYTES, "the merge's weights fit in the pipeline's memory");
+    if (!direct) {
+        // One arrival per CTA, as a grid-wide barrier arrives: the CTA's partial writes ordered before thread 0 by
+        // the barrier, then made visible device-wide by its fence before the count moves; the CTA that brings
+        // the count to `splits` fences again before its threads read the others' partials (after the barrier).
+        __shared__ int last;
+        __syncthreads();
+        if (threadIdx.x == 0) {
+            __threadfence();
+            last = atomicAdd(arrivals + blockIdx.y, 1) == splits - 1;
+            if (last) __threadfence();
+        }
+        __syncthreads();
+        if (last)
+            merge_splits(o_part, ml_part, out, lse, reinterpret_cast<float*>(sPipe), splits, B * Hq * Lq, R,
+                         blockIdx.y / Hkv, blockIdx.y % Hkv, group, Hq, Lq);
+    }
+#endif
 }
 
 // Merge the splits exactly: M = max m_s, out = sum_s O_s 2^(m_s - M) / sum_s l_s 2^(m_s - M), lse = (M +

@@ -57,6 +57,36 @@ def test_recorded_cells_that_move_with_an_operand_become_its_slot():
     assert efficient._slotted(first, other_grid, first_values, second_values) is None
 
 
+def test_zero_words_memset_their_slot_on_the_calls_stream(monkeypatch):
+    calls = []
+
+    class Runtime:
+        @staticmethod
+        def memsetAsync(ptr, value, size, stream):
+            calls.append((ptr, value, size, stream))
+
+    monkeypatch.setattr(launch._Driver, "runtime", Runtime)
+    launch.ZeroWords("arrivals", 6)(launch.values(arrivals=0x1000, q=5), 77)
+    assert calls == [(0x1000, 0, 24, 77)]
+
+
+def test_decode_plans_fill_each_slot_by_name(monkeypatch):
+    """DecodePlan.run writes its value tuple by position (no dict on the decode path): each pointer must land
+    in the slot of its name, the workspace's three parts included."""
+    from cusdpa.backends.flash import decode
+
+    seen = []
+    monkeypatch.setattr(decode, "run", lambda launches, values, stream, device: seen.append((values, stream, device)))
+    plan = decode.DecodePlan(3, (), (1, 1, 8, 64), (1, 8, 1), part_floats=1000, ml_floats=40, arrival_words=2,
+                             capacity=4096, new=1)
+    assert plan.workspace_floats == 1042
+    plan.run(9, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 4096)
+    values, stream, device = seen[0]
+    assert (stream, device) == (9, 3)
+    assert values == launch.values(q=11, k=12, v=13, table=14, seqlens=15, slopes=16, key=17, value=18, fixed_len=19,
+                                   o=20, lse=21, o_part=4096, ml_part=4096 + 4000, arrivals=4096 + 4160)
+
+
 def test_a_plan_not_ready_yet_is_tried_again_then_given_up():
     from cusdpa.backends import plans
 

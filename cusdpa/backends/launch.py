@@ -7,7 +7,8 @@ a repeated call costs a few stores into a parameter buffer and one driver call i
 views and converting some forty arguments every time.
 
 Slot values travel as one tuple in the order of ``SLOTS`` (``values(q=..., ...)`` builds it by name): a
-launch knows where each of its slots sits in that tuple, so a call does no dictionary work.
+launch knows where each of its slots sits in that tuple, so a call does no dictionary work. A plan's launches
+may include a ``ZeroWords``, a memset of one slot's words issued in the same order.
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ import numpy as np
 # Every slot name any kernel takes, in the order of the value tuples.
 SLOTS = ("q", "k", "v", "o", "lse", "do", "delta", "dq", "dk", "dv", "seed_lo", "seed_hi", "offset", "dq_accum",
          "mask", "seen", "blocks", "table", "seqlens", "slopes", "o_part", "ml_part", "key", "value", "fixed_len",
-         "dmask")
+         "dmask", "arrivals")
 _POSITION = {name: n for n, name in enumerate(SLOTS)}
 
 
@@ -125,6 +126,19 @@ class Launch:
         gx, gy = self.grid
         (_Driver.driver or _Driver.load().driver).launchKernel(self.fn.ptr, gx, gy, 1, self.block[0], 1, 1, self.smem,
                                                                stream_ptr, params, 0)
+
+
+class ZeroWords:
+    """A prepared memset in a plan's launches: ``words`` int32 at slot ``slot`` zeroed on the call's stream
+    (cudaMemsetAsync: a memset node when a CUDA graph captures the call)."""
+
+    __slots__ = ("slot", "nbytes")
+
+    def __init__(self, slot: str, words: int):
+        self.slot, self.nbytes = _POSITION[slot], 4 * words
+
+    def __call__(self, values: tuple, stream_ptr: int) -> None:
+        (_Driver.runtime or _Driver.load().runtime).memsetAsync(values[self.slot], 0, self.nbytes, stream_ptr)
 
 
 def run(launches, values: tuple, stream_ptr: int, device: int) -> None:
