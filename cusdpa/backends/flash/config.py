@@ -47,8 +47,8 @@ class FlashConfig:
     # falls short (0.83-0.89x cuDNN), with no kernel change
     fwd90_chunk_heads: int = 0
     # key blocks ahead of its loads that the Hopper forward's producer also fetches into L2 (0: none), and the
-    # next tile's Q: two stages cover an L2 hit's latency, not a first read's from DRAM. Written without device
-    # time, to be measured
+    # next tile's Q and first key blocks: two stages cover an L2 hit's latency, not a first read's from DRAM.
+    # Written without device time, to be measured
     fwd90_l2_prefetch: int = 0
     # per-warp phase clocks compiled into the Hopper forward (kernels_cuda/phases.cuh), for
     # benchmarks/fwd90_phases.py only
