@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import multiprocessing
+from concurrent.futures import ProcessPoolExecutor
 
 import cupy
 import torch
@@ -23,7 +25,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from cusdpa import problem
 from cusdpa.backends import flash
-from cusdpa.backends.flash import config, launches
+from cusdpa.backends.flash import config, launches, sources
 
 # Forward variants are absolute (not relative to the default), so every point sees the same list.
 FWD = [dict(use_wgmma=True, fwd90_warpgroups=wg, fwd90_block_n=bn)
@@ -43,6 +45,36 @@ def _knobs(spec: str) -> dict:
         name, value = item.split("=")
         out[name] = bool(int(value)) if fields[name] in ("bool", bool) else int(value)
     return out
+
+
+def precompile(pr, configs) -> None:
+    """The Hopper forward's modules of ``pr`` under each FlashConfig of ``configs``, compiled side by side in
+    processes (spawned: none inherits this one's CUDA context), each into CuPy's kernel cache on disk, so that
+    the runs that follow load them instead of compiling one after another (each takes seconds of NVRTC: a
+    sweep's compiles were a large part of a device call). Configurations the forward would refuse (too much
+    shared memory, no wgmma) are left to the run, which reports them."""
+    chosen, jobs = launches.config, set()
+    device = launches.device(pr)
+    try:
+        for cfg in configs:
+            launches.config = lambda pr, cfg=cfg: cfg
+            if config.sm90_forward_applies(pr.E, pr.Ev, sources.compute_capability(device), cfg):
+                smem = config.smem_bytes("fwd_sm90", launches.sm90_forward_config(pr), pr.E, pr.Ev)
+                if smem <= config.MAX_SMEM:
+                    jobs.add((device, launches.sm90_forward_options(pr), smem))
+    finally:
+        launches.config = chosen
+    if len(jobs) > 1:
+        try:
+            with ProcessPoolExecutor(len(jobs), mp_context=multiprocessing.get_context("spawn")) as pool:
+                list(pool.map(_compile_forward, jobs))
+        except Exception as e:  # the runs compile what is missing, one by one
+            print(f"precompile: {type(e).__name__}: {e}; compiling in turn", flush=True)
+
+
+def _compile_forward(job) -> None:
+    device, options, smem = job
+    sources.kernel(device, "flash_fwd_sm90.cu", "flash_fwd_sm90", options, smem)
 
 
 def ms(fn, calls=30):
@@ -120,6 +152,8 @@ def main():
                         variants = [{}]
                     elif args.variants is not None:
                         variants = [_knobs(spec) for spec in args.variants]
+                    if kind == "fwd":
+                        precompile(pr, [dataclasses.replace(base, **knobs) for knobs in variants])
                     for knobs in variants:
                         cfg = dataclasses.replace(base, **knobs)
                         launches.config = lambda pr, cfg=cfg: cfg

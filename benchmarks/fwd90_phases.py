@@ -23,7 +23,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import kernels_cuda
-from benchmarks.flash_sweep import _knobs, ms
+from benchmarks.flash_sweep import _knobs, ms, precompile
 from cusdpa import problem
 from cusdpa.backends import flash
 from cusdpa.backends.flash import config, launches, sources
@@ -109,6 +109,8 @@ def main():
                     t_cudnn = ms(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal))
                 flop = 4.0 * B * H * L * L * E / (2 if causal else 1)
                 base = config.FlashConfig.for_problem(E, E, L, causal)
+                configs = [dataclasses.replace(base, **_knobs(spec)) for spec in args.variants]
+                precompile(pr, configs + [dataclasses.replace(cfg, fwd90_phases=True) for cfg in configs])
                 for spec in args.variants:
                     cfg = dataclasses.replace(base, **_knobs(spec))
                     launches.config = lambda pr, cfg=cfg: cfg
