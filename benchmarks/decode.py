@@ -93,7 +93,8 @@ def main():
             for name, fn in (("cusdpa", ours), ("PyTorch", theirs)):
                 _profile(f"{name} B={B} S={S}", fn)
             for plan in interop.kv_cache._plans.values():  # the grids the plans chose
-                print("launches (grid, block, smem):", [(x.grid, x.block, x.smem) for x in plan.launches])
+                print("launches (grid, block, smem):", [(x.grid, x.block, x.smem) if hasattr(x, "grid") else x
+                                                        for x in plan.launches])
             interop.kv_cache._plans.clear()
         want = theirs().float()
         errors = [((f().float() - want).norm() / want.norm()).item() for f in (ours, ours_paged)]

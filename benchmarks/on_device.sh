@@ -124,10 +124,10 @@ command_of() {  # the command of stage $1, into the array cmd
     fwd-short-tests) cmd=(python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_flash.py tests/test_plans.py
                           -k "tma or tile_orders") ;;
     fwd-short) cmd=(python3 benchmarks/flash_sweep.py --forward-only --lengths 1024 --head-dims 64 128 --variants ""
-                    fwd90_l2_prefetch=2 fwd90_chunk_heads=1 fwd90_stages=3 fwd90_tma_store=1,fwd90_stages=2
-                    fwd90_tma_store=1,fwd90_stages=2,fwd90_l2_prefetch=2) ;;
+                    fwd90_l2_prefetch=2 fwd90_chunk_heads=1 fwd90_stages=3 fwd90_tma_store=1
+                    fwd90_tma_store=1,fwd90_l2_prefetch=2) ;;
     fwd-phases) cmd=(python3 benchmarks/fwd90_phases.py --lengths 1024 4096 --head-dims 64 128 --causal both
-                     --variants "" fwd90_l2_prefetch=2 fwd90_tma_store=1,fwd90_stages=2) ;;
+                     --variants "" fwd90_l2_prefetch=2 fwd90_tma_store=1) ;;
     ncu-bwd) cmd=(bash -c 'for E in 64 128; do bash benchmarks/ncu_profile.sh flash_bwd_sm90 1 --backward-only \
                    --lengths 4096 --head-dims $E --causal no; done') ;;
     ncu-fwd) cmd=(bash -c 'for p in "128 1024 yes" "128 4096 no" "64 4096 no"; do set -- $p

@@ -677,22 +677,25 @@ def test_persistent_forward_runs_many_tiles_per_cta(name, schedule, rng, monkeyp
     _gpu_check(FEATURES[name], rng, grads=False)
 
 
-def _tma_store(cfg, E, Ev):
-    """``cfg`` with the Hopper forward storing O by TMA, two K/V stages where the staging buffer does not fit
-    beside three."""
-    store = dataclasses.replace(cfg, fwd90_tma_store=True)
-    if config.smem_bytes("fwd_sm90", store, E, Ev) > config.MAX_SMEM:
-        store = dataclasses.replace(store, fwd90_stages=2)
-    return store
+@pytest.mark.parametrize("E, Ev, causal, stored, stages", [
+    (128, 128, False, True, 2), (128, 128, True, True, 2),  # causal's third K/V stage given up for the buffer
+    (64, 64, True, True, 3), (160, 224, True, True, 2), (96, 64, False, True, 2),
+    (192, 192, False, False, 2), (256, 256, False, False, 2)])  # no room beside two stages: register stores
+def test_the_tma_store_takes_two_stages_or_stays_off_where_it_does_not_fit(E, Ev, causal, stored, stages, rng,
+                                                                            monkeypatch):
+    from cusdpa import problem
+    from cusdpa.backends.flash import launches
 
-
-def test_the_staged_output_fits_where_the_forward_is_dense():
-    """The TMA store's staging buffer fits beside two K/V stages at every head dim up to 128 (and E = 160, Ev =
-    224 of the wide backward's uneven parts)."""
-    for E, Ev in list(itertools.product(range(32, 129, 32), repeat=2)) + [(160, 224)]:
-        for L, causal in itertools.product((1024, 4096), (False, True)):
-            cfg = _tma_store(config.FlashConfig.for_problem(E, Ev, L, causal), E, Ev)
-            assert config.smem_bytes("fwd_sm90", cfg, E, Ev) <= config.MAX_SMEM, (E, Ev, L, causal)
+    monkeypatch.setattr(launches, "config", lambda pr: dataclasses.replace(
+        config.FlashConfig.for_problem(pr.E, pr.Ev, pr.L, pr.causal), fwd90_tma_store=True))
+    q, k = (rng.standard_normal((1, 2, 1024, E)).astype(np.float16) for _ in range(2))
+    v = rng.standard_normal((1, 2, 1024, Ev)).astype(np.float16)
+    pr = problem.from_dense(q, k, v, None, problem.Options(is_causal=causal))
+    cfg = launches.sm90_forward_config(pr)
+    assert (cfg.fwd90_tma_store, cfg.fwd90_stages) == (stored, stages)
+    assert config.smem_bytes("fwd_sm90", cfg, E, Ev) <= config.MAX_SMEM
+    packed = dataclasses.replace(pr, varlen=object())  # a packed batch stores from registers
+    assert not launches.sm90_forward_config(packed).fwd90_tma_store
 
 
 @pytest.mark.gpu
@@ -713,7 +716,7 @@ def test_hopper_forward_stores_o_with_tma(name, rng, monkeypatch):
     pr = build({**FEATURES, **MASKED}[name], cupy, rng)
     want = flash.IMPL.forward(pr)
     real = launches.config
-    monkeypatch.setattr(launches, "config", lambda pr: _tma_store(real(pr), pr.E, pr.Ev))
+    monkeypatch.setattr(launches, "config", lambda pr: dataclasses.replace(real(pr), fwd90_tma_store=True))
     got = flash.IMPL.forward(pr)
     assert all(cupy.array_equal(g, w, equal_nan=True) for g, w in zip(got, want))
     failures = run_problem(pr, flash.IMPL, rng, grads=False)

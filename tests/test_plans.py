@@ -258,8 +258,7 @@ def test_plans_store_o_with_tma(name, rng, monkeypatch):
     q, k, v = _inputs(torch, case["q"], case["kv"], getattr(torch, case["dtype"]), int(rng.integers(2**31)))
     want = interop.scaled_dot_product_attention(q, k, v, **case["kw"]).detach()
     real = launches.config
-    monkeypatch.setattr(launches, "config",
-                        lambda pr: dataclasses.replace(real(pr), fwd90_tma_store=True, fwd90_stages=2))
+    monkeypatch.setattr(launches, "config", lambda pr: dataclasses.replace(real(pr), fwd90_tma_store=True))
     plans._plans.clear()
     for _ in range(3):
         got = interop.scaled_dot_product_attention(q, k, v, **case["kw"]).detach()

@@ -140,6 +140,9 @@ class ZeroWords:
     def __call__(self, values: tuple, stream_ptr: int) -> None:
         (_Driver.runtime or _Driver.load().runtime).memsetAsync(values[self.slot], 0, self.nbytes, stream_ptr)
 
+    def __repr__(self) -> str:
+        return f"ZeroWords({SLOTS[self.slot]!r}, {self.nbytes // 4})"
+
 
 def run(launches, values: tuple, stream_ptr: int, device: int) -> None:
     """Issue ``launches`` in order on ``device`` and ``stream_ptr``, restoring the caller's device after."""

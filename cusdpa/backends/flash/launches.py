@@ -17,8 +17,8 @@ import numpy as np
 from ... import reference
 from ..launch import Launch, MapSlot, Slot, run, seed_values, values
 from . import sources, tma
-from .config import (FlashConfig, sm90_backward_applies, sm90_backward_is_wide, sm90_forward_applies, sm90_wide_chunk,
-                     smem_bytes)
+from .config import (MAX_SMEM, FlashConfig, sm90_backward_applies, sm90_backward_is_wide, sm90_forward_applies,
+                     sm90_wide_chunk, smem_bytes)
 
 MAX_GRID_Y = 65535
 
@@ -273,10 +273,18 @@ def _modified_options(pr, cfg, mask_grad: bool = False, queue: bool = False, tma
 
 
 def sm90_forward_config(pr) -> FlashConfig:
-    """``config(pr)`` as the Hopper forward takes it: a packed batch stores O from registers (a TMA store
-    clips at the tensor's end, not at a sequence's)."""
+    """``config(pr)`` as the Hopper forward takes it with ``fwd90_tma_store``: a packed batch stores O from
+    registers (a TMA store clips at the tensor's end, not at a sequence's), and so does a problem whose staging
+    buffer fits in shared memory neither beside the chosen K/V stages nor beside two (head dims past 160)."""
     cfg = config(pr)
-    return dataclasses.replace(cfg, fwd90_tma_store=False) if pr.varlen is not None and cfg.fwd90_tma_store else cfg
+    if not cfg.fwd90_tma_store:
+        return cfg
+    if pr.varlen is not None:
+        return dataclasses.replace(cfg, fwd90_tma_store=False)
+    for fitted in (cfg, dataclasses.replace(cfg, fwd90_stages=2)):
+        if smem_bytes("fwd_sm90", fitted, pr.E, pr.Ev) <= MAX_SMEM:
+            return fitted
+    return dataclasses.replace(cfg, fwd90_tma_store=False)
 
 
 def sm90_forward_options(pr) -> tuple:
