@@ -45,8 +45,8 @@ def _phases() -> tuple[dict, dict]:
 
 _CONSTANTS, PH = _phases()
 PHASE_CTAS, PHASE_WARPS, PHASE_SLOTS = (_CONSTANTS[n] for n in ("PHASE_CTAS", "PHASE_WARPS", "PHASE_SLOTS"))
-CONSUMER = {n: PH[f"PH_{n.upper()}"] for n in ("tile", "wait_q", "wait_k", "wait_v", "turn", "issue", "wait_s", "softmax",
-                                                "wait_pv", "epilogue")}
+CONSUMER = {n: PH[f"PH_{n.upper()}"] for n in ("tile", "wait_q", "wait_k0", "turn0", "wait_k", "wait_v", "turn", "issue",
+                                                "wait_s", "softmax", "wait_pv", "epilogue")}
 # the producer's waits are for buffers to be released
 PRODUCER = {"tile": PH["PH_TILE"], "q_free": PH["PH_WAIT_Q"], "k_free": PH["PH_WAIT_K"], "v_free": PH["PH_WAIT_V"],
             "issue": PH["PH_ISSUE"], "zero_v": PH["PH_ZERO"]}

@@ -758,9 +758,9 @@ flash_fwd_sm90(const __grid_constant__ TmaMap tm_q, const __grid_constant__ TmaM
         int st = it % STAGES;
         u32 phase = (it / STAGES) & 1;
         mbar_wait_warp(k_full + st, phase);
-        ph.to(PH_WAIT_K);
+        ph.to(PH_WAIT_K0);
         turn_begin();
-        ph.to(PH_TURN);
+        ph.to(PH_TURN0);
         wgmma_fence();
         issue_qk(s, sQwg, sK + st * SK_BYTES);
         wgmma_commit();

@@ -16,7 +16,7 @@
 #define CUSDPA_PHASES 0
 #endif
 
-constexpr int PHASE_SLOTS = 16;
+constexpr int PHASE_SLOTS = 20;
 constexpr int PHASE_WARPS = 16;
 constexpr int PHASE_CTAS = 256;
 
@@ -25,12 +25,14 @@ constexpr int PHASE_CTAS = 256;
 // the softmax (score modifiers, softmax, P's rounding, the rescale), the epilogue (O and lse to memory).
 // The producer's: the same bookkeeping, its waits for the Q, K and V buffers to be released (slots
 // PH_WAIT_Q..PH_WAIT_V), issuing the copies, and zeroing a V block's unseen rows. PH_START: from the
-// kernel's start to the first tile; PH_END: from the last tile to the exit. PH_TILES and PH_BLOCKS count
-// tiles and key blocks (not clocks).
+// kernel's start to the first tile; PH_END: from the last tile to the exit. A consumer's waits for a tile's
+// first K block and first turn are PH_WAIT_K0 and PH_TURN0 (what a tile's start costs, apart from the steady
+// state's PH_WAIT_K and PH_TURN). PH_TILES and PH_BLOCKS count tiles and key blocks (not clocks).
 enum Phase {
     PH_TILE = 0, PH_WAIT_Q, PH_WAIT_K, PH_WAIT_V, PH_TURN, PH_ISSUE, PH_WAIT_S, PH_SOFTMAX, PH_WAIT_PV,
-    PH_EPILOGUE, PH_ZERO, PH_START, PH_END, PH_TILES = 14, PH_BLOCKS = 15
+    PH_EPILOGUE, PH_ZERO, PH_START, PH_END, PH_WAIT_K0, PH_TURN0, PH_TILES, PH_BLOCKS
 };
+static_assert(PH_BLOCKS < PHASE_SLOTS, "a cell per slot");
 
 #if CUSDPA_PHASES
 __device__ unsigned long long cusdpa_phases[PHASE_CTAS * PHASE_WARPS * PHASE_SLOTS];
