@@ -10,7 +10,9 @@ dK/dV; E = 64 with a bool mask, E = 128 with GQA, dropout and lower-right causal
 fp32 E = 128 and bf16 E = 256; the forward's mask tiles), the fused tensor_core backward and its passes, the
 fp32 tensor_core loops (TF32),
 the portable forward, dQ, dK/dV and mask-gradient kernels,
-with bool and float masks. Odd sizes, so every kernel runs partial
+with bool and float masks. The Hopper forward's unmeasured paths too (O stored by TMA, L2 prefetches), and the
+KV cache's decode kernels (append, split, combine; paged; the combine fused into the split kernel). Odd sizes,
+so every kernel runs partial
 tiles. Each case is checked against the float64 reference, so a kernel that the sanitizer slows down or
 that reads garbage is also caught here.
 """
@@ -56,6 +58,13 @@ CASES = [  # (name, backend, dtype, (B, Hq, Hkv, L, S, E, Ev), options, mask kin
      "float", "portable"),
     ("efficient portable dropout", Backend.EFFICIENT, "bfloat16", (1, 2, 2, 30, 30, 64, 64), dict(dropout_p=0.3),
      None, "portable"),
+    ("flash wgmma E128 TMA store, L2 prefetch", Backend.FLASH, "bfloat16", (2, 4, 2, 200, 150, 128, 128),
+     dict(is_causal=True), None, "fwd90_tma_store=1,fwd90_l2_prefetch=2"),
+]
+
+DECODE_CASES = [  # (name, dtype, (B, Hq, Hkv, Lq, capacity, E), paged, new tokens, combine fused)
+    ("decode split + combine", "float16", (3, 8, 2, 1, 700, 64), False, 0, False),
+    ("decode paged, appended, fused combine", "bfloat16", (2, 8, 2, 2, 1024, 128), True, 1, True),
 ]
 
 
@@ -97,14 +106,56 @@ def run(name, backend, dtype, dims, options, mask_kind, variant, rng) -> float:
                for g, w in zip((out, *grads), want))
 
 
+def run_decode(dtype, dims, paged, new, fused, rng) -> float:
+    """One call of cusdpa.kv_cache_attention (bottom-right causal, uneven cached lengths, ``new`` tokens appended,
+    a paged cache of 64-slot blocks or a contiguous one); the largest error against the reference of each
+    sequence's dense attention over its keys, relative to its scale."""
+    import cupy
+
+    from cusdpa.backends.flash import decode
+
+    B, hq, hkv, lq, cap, E = dims
+    block = 64
+    table = rng.permutation(B * cap // block).reshape(B, cap // block).astype(np.int32) if paged else None
+    cells = (B * cap // block, block) if paged else (B, cap)
+    k_host, v_host = (rng.standard_normal(cells + (hkv, E)).astype(np.float32).astype(_dtype(dtype)) for _ in range(2))
+    q_host = rng.standard_normal((B, lq, hq, E)).astype(np.float32).astype(_dtype(dtype))
+    new_host = [rng.standard_normal((B, new, hkv, E)).astype(np.float32).astype(_dtype(dtype)) for _ in range(2)]
+    lengths = rng.integers(lq, cap - new, size=B).astype(np.int32)  # cached before the call
+    decode.FUSED_COMBINE = int(fused)
+    decode.build.cache_clear()
+    try:
+        out = cusdpa.kv_cache_attention(*(cupy.asarray(x) for x in (q_host, k_host, v_host, lengths)),
+                                        *((cupy.asarray(x) for x in new_host) if new else ()),
+                                        block_table=None if table is None else cupy.asarray(table), is_causal=True)
+        got = cupy.asnumpy(out).astype(np.float64)
+    finally:
+        decode.FUSED_COMBINE = 0
+        decode.build.cache_clear()
+    err = 0.0
+    for b in range(B):
+        n = lengths[b] + new
+        where = [(table[b, p // block], p % block) if paged else (b, p) for p in range(n)]
+        keys, values = (np.stack([x[cell] for cell in where]) for x in (k_host, v_host))  # (n, hkv, E)
+        keys[lengths[b]:], values[lengths[b]:] = new_host[0][b], new_host[1][b]
+        want = reference.attention(q_host[b].transpose(1, 0, 2)[None].astype(np.float64),
+                                   keys.transpose(1, 0, 2)[None].astype(np.float64),
+                                   values.transpose(1, 0, 2)[None].astype(np.float64), is_causal=True,
+                                   causal_variant="lower_right", enable_gqa=True)[0][0].transpose(1, 0, 2)
+        err = max(err, float(np.abs(got[b] - want).max() / max(1.0, np.abs(want).max())))
+    return err
+
+
 def main() -> int:
     rng = np.random.default_rng(0)
     worst = 0.0
     for name, backend, dtype, dims, options, mask_kind, variant in CASES:
-        if variant == "mma_sync":  # the mma.sync forward where the wgmma one would run
+        if backend is Backend.FLASH and variant is not None:  # FlashConfig changes (mma_sync: wgmma off)
             real = launches.config
-            launches.config = lambda pr: dataclasses.replace(config.FlashConfig.for_head_dims(pr.E, pr.Ev),
-                                                             use_wgmma=False)
+            changes = dict(use_wgmma=False) if variant == "mma_sync" else \
+                {k: int(v) for k, v in (item.split("=") for item in variant.split(","))}
+            base = (lambda pr: config.FlashConfig.for_head_dims(pr.E, pr.Ev)) if variant == "mma_sync" else real
+            launches.config = lambda pr: dataclasses.replace(base(pr), **changes)
             try:
                 err = run(name, backend, dtype, dims, options, mask_kind, None, rng)
             finally:
@@ -113,8 +164,13 @@ def main() -> int:
             err = run(name, backend, dtype, dims, options, mask_kind, variant, rng)
         worst = max(worst, err)
         print(f"{name:40s} largest error / scale {err:.2e}", flush=True)
+    for name, dtype, dims, paged, new, fused in DECODE_CASES:
+        err = run_decode(dtype, dims, paged, new, fused, rng)
+        worst = max(worst, err)
+        print(f"{name:40s} largest error / scale {err:.2e}", flush=True)
     # bf16 outputs round to 2**-8 relative; anything far above that is a wrong kernel, not rounding
-    print(f"sanitize: {len(CASES)} cases, largest error {worst:.2e} " + ("ok" if worst < 3e-2 else "TOO LARGE"))
+    cases = len(CASES) + len(DECODE_CASES)
+    print(f"sanitize: {cases} cases, largest error {worst:.2e} " + ("ok" if worst < 3e-2 else "TOO LARGE"))
     return 0 if worst < 3e-2 else 1
 
 
