@@ -28,7 +28,7 @@
 # in bf16 and fp16, head dims, the tutorial's call, GQA 32/8, long context), fwd-short-tests / fwd-short (the Hopper
 # forward's unmeasured choices for short problems: O stored by TMA, FlashConfig.fwd90_tma_store; K, V and the next Q
 # fetched into L2 ahead, fwd90_l2_prefetch; tiles head-major, fwd90_chunk_heads=1; a third K/V stage: their GPU
-# tests / each timed against the default at L = 1024), fwd-phases (where the Hopper forward's warps spend their
+# tests / each timed against the default at L = 1024 and on the tutorial's call), fwd-phases (where the Hopper forward's warps spend their
 # clocks, phase by phase: benchmarks/fwd90_phases.py, default, L2 prefetch, TMA store), ncu-bwd / ncu-fwd (the Hopper backward
 # at E = 64 and 128, L = 4096, / the forward at E = 128 L = 1024 causal and L = 4096, E = 64 L = 4096, under ncu:
 # throughput, issue rate, warp stall reasons, and the SASS lines warps wait at; benchmarks/ncu_profile.sh),
@@ -123,9 +123,11 @@ command_of() {  # the command of stage $1, into the array cmd
                        --head-dims 64 --causal yes) ;;
     fwd-short-tests) cmd=(python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_flash.py tests/test_plans.py
                           -k "tma or tile_orders") ;;
-    fwd-short) cmd=(python3 benchmarks/flash_sweep.py --forward-only --lengths 1024 --head-dims 64 128 --variants ""
-                    fwd90_l2_prefetch=2 fwd90_chunk_heads=1 fwd90_stages=3 fwd90_tma_store=1
-                    fwd90_tma_store=1,fwd90_l2_prefetch=2) ;;
+    fwd-short) cmd=(bash -c 'V="\"\" fwd90_l2_prefetch=2 fwd90_chunk_heads=1 fwd90_stages=3 fwd90_tma_store=1
+                    fwd90_tma_store=1,fwd90_l2_prefetch=2"; S="python3 benchmarks/flash_sweep.py --forward-only"
+                    eval $S --lengths 1024 --head-dims 64 128 --variants $V
+                    eval $S --dtype float16 --lengths 1024 --head-dims 32 --tokens 32768 --hidden 1024 --causal no \
+                    --variants $V') ;;
     fwd-phases) cmd=(python3 benchmarks/fwd90_phases.py --lengths 1024 4096 --head-dims 64 128 --causal both
                      --variants "" fwd90_l2_prefetch=2 fwd90_tma_store=1) ;;
     ncu-bwd) cmd=(bash -c 'for E in 64 128; do bash benchmarks/ncu_profile.sh flash_bwd_sm90 1 --backward-only \
