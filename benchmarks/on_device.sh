@@ -128,7 +128,7 @@ command_of() {  # the command of stage $1, into the array cmd
                     eval $S --lengths 1024 --head-dims 64 128 --variants $V
                     eval $S --dtype float16 --lengths 1024 --head-dims 32 --tokens 32768 --hidden 1024 --causal no \
                     --variants $V') ;;
-    fwd-phases) cmd=(python3 benchmarks/fwd90_phases.py --lengths 1024 4096 --head-dims 64 128 --causal both
+    fwd-phases) cmd=(python3 benchmarks/fwd90_phases.py --lengths 1024 4096 --head-dims 128 --causal both
                      --variants "" fwd90_l2_prefetch=2 fwd90_tma_store=1) ;;
     ncu-bwd) cmd=(bash -c 'for E in 64 128; do bash benchmarks/ncu_profile.sh flash_bwd_sm90 1 --backward-only \
                    --lengths 4096 --head-dims $E --causal no; done') ;;
