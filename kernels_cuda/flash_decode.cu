@@ -63,6 +63,22 @@ constexpr int PIPE_BYTES = NW * STAGES * STAGE_ELEMS * 2;
 constexpr int MERGE_BYTES = NW * ROWS * (EV_PAD + 2) * 4;
 static_assert(MERGE_BYTES <= PIPE_BYTES, "the merge reuses the pipeline's shared memory");
 
+// Merging partial results (a CTA's warps, a sequence's splits). A part weighing nothing adds nothing, by a select:
+// one that saw nothing of the row may hold 0 * NaN in its O, and its load is issued whatever its weight.
+__device__ __forceinline__ void add_part(float& o0, float& o1, float2 p, float w) {
+    o0 += w == 0.f ? 0.f : p.x * w;
+    o1 += w == 0.f ? 0.f : p.y * w;
+}
+// A merged row's output pair O / total, 0 where the row saw nothing (total 0), and its lse from its max m (log2).
+__device__ __forceinline__ u32 merged_pair(float o0, float o1, float total) {
+    const bool empty = total == 0.f;
+    const float inv = 1.f / total;
+    return pack2<IS_BF16>(empty ? 0.f : o0 * inv, empty ? 0.f : o1 * inv);
+}
+__device__ __forceinline__ float merged_lse(float m, float total) {
+    return total == 0.f ? -CUSDPA_INF : (m + log2f(total)) * LN2;
+}
+
 // Where key j of sequence b sits: the element offset of its (row, slot) for kv head 0 of the K cache (`k`)
 // and of the V cache (`v`).
 struct Cache {
@@ -176,21 +192,14 @@ __device__ __noinline__ void merge_splits(const float* __restrict__ o_part, cons
         const long long bhl = bhl_of(row);
         const float* o_row = o_part + bhl * HEAD_DIM_V + e;
         float o0 = 0.f, o1 = 0.f;
-        // loads issued whatever the weight, the weight applied by a select: a split that saw nothing of the row
-        // (its O may be 0 * NaN) or weighs nothing adds nothing
 #pragma unroll 8
-        for (int s = 0; s < splits; ++s) {
-            const float f = weight[row * DEC_MAX_SPLITS + s];
-            const float2 o = __ldcg(reinterpret_cast<const float2*>(o_row + s * (long long)rows * HEAD_DIM_V));
-            o0 += f == 0.f ? 0.f : o.x * f;
-            o1 += f == 0.f ? 0.f : o.y * f;
-        }
-        const bool empty = total[row] == 0.f;
-        const float inv = 1.f / total[row];
+        for (int s = 0; s < splits; ++s)
+            add_part(o0, o1, __ldcg(reinterpret_cast<const float2*>(o_row + s * (long long)rows * HEAD_DIM_V)),
+                     weight[row * DEC_MAX_SPLITS + s]);
         const int h = kvh * group + row / Lq, ql = row % Lq;
         *reinterpret_cast<u32*>(out + (((long long)b * Lq + ql) * Hq + h) * HEAD_DIM_V + e) =
-            pack2<IS_BF16>(empty ? 0.f : o0 * inv, empty ? 0.f : o1 * inv);
-        if (e == 0) lse[bhl] = empty ? -CUSDPA_INF : (top[row] + log2f(total[row])) * LN2;
+            merged_pair(o0, o1, total[row]);
+        if (e == 0) lse[bhl] = merged_lse(top[row], total[row]);
     }
 }
 #endif
@@ -424,11 +433,8 @@ flash_decode_split(const elem_t* __restrict__ q, const elem_t* __restrict__ k_ca
         const int h = kvh * group + row / Lq, ql = row % Lq;
         const long long bhl = ((long long)b * Hq + h) * Lq + ql;
         if (direct) {
-            const bool empty = l == 0.f;
-            const float inv = 1.f / l;
-            *reinterpret_cast<u32*>(out + (((long long)b * Lq + ql) * Hq + h) * HEAD_DIM_V + e) =
-                pack2<IS_BF16>(empty ? 0.f : o0 * inv, empty ? 0.f : o1 * inv);
-            if (e == 0) lse[bhl] = empty ? -CUSDPA_INF : (m + log2f(l)) * LN2;
+            *reinterpret_cast<u32*>(out + (((long long)b * Lq + ql) * Hq + h) * HEAD_DIM_V + e) = merged_pair(o0, o1, l);
+            if (e == 0) lse[bhl] = merged_lse(m, l);
         } else {
             const long long part = (long long)split * B * Hq * Lq + bhl;
             *reinterpret_cast<float2*>(o_part + part * HEAD_DIM_V + e) = make_float2(o0, o1);
@@ -517,26 +523,17 @@ flash_decode_combine(const float* __restrict__ o_part, const float* __restrict__
     if (lane == 0) warp_sum[warp] = sum;
     __syncthreads();
     const float total = warp_sum[0] + warp_sum[1] + warp_sum[2] + warp_sum[3];
-    const bool empty = total == 0.f;
-    const float inv = 1.f / total;
 #if DEC_COMBINE_PREFETCH
-    // a split that saw nothing of the row (its O may be 0 * NaN) or weighs nothing adds nothing (a select)
     float o0 = 0.f, o1 = 0.f;
 #pragma unroll
     for (int k = 0; k < COMBINE_PREF; ++k) {
         const int x = part + COMBINE_P * k;
-        const float f = x < splits ? weight[x] : 0.f;
-        o0 += f == 0.f ? 0.f : o_pref[k].x * f;
-        o1 += f == 0.f ? 0.f : o_pref[k].y * f;
+        add_part(o0, o1, o_pref[k], x < splits ? weight[x] : 0.f);
     }
     if (part < COMBINE_P) {
 #pragma unroll 8
-        for (int x = part + COMBINE_P * COMBINE_PREF; x < splits; x += COMBINE_P) {
-            const float f = weight[x];
-            const float2 o = *reinterpret_cast<const float2*>(o_row + x * split_stride);
-            o0 += f == 0.f ? 0.f : o.x * f;
-            o1 += f == 0.f ? 0.f : o.y * f;
-        }
+        for (int x = part + COMBINE_P * COMBINE_PREF; x < splits; x += COMBINE_P)
+            add_part(o0, o1, *reinterpret_cast<const float2*>(o_row + x * split_stride), weight[x]);
         part_sum[part * COMBINE_NC + c] = make_float2(o0, o1);
     }
     __syncthreads();
@@ -548,25 +545,20 @@ flash_decode_combine(const float* __restrict__ o_part, const float* __restrict__
             o.y += part_sum[p * COMBINE_NC + cc].y;
         }
         *reinterpret_cast<u32*>(out + (((long long)b * Lq + ql) * Hq + h) * HEAD_DIM_V + 2 * cc) =
-            pack2<IS_BF16>(empty ? 0.f : o.x * inv, empty ? 0.f : o.y * inv);
+            merged_pair(o.x, o.y, total);
     }
 #else
     for (int e = 2 * threadIdx.x; e < HEAD_DIM_V; e += 2 * blockDim.x) {
         float o0 = 0.f, o1 = 0.f;
-        // loads issued whatever the weight (eight in flight), the weight applied by a select: a split that saw
-        // nothing of the row (its O may be 0 * NaN) or weighs nothing adds nothing
-#pragma unroll 8
-        for (int x = 0; x < splits; ++x) {
-            const float f = weight[x];
-            const float2 o = *reinterpret_cast<const float2*>(o_part + ((long long)x * rows + bhl) * HEAD_DIM_V + e);
-            o0 += f == 0.f ? 0.f : o.x * f;
-            o1 += f == 0.f ? 0.f : o.y * f;
-        }
+#pragma unroll 8  // eight loads in flight
+        for (int x = 0; x < splits; ++x)
+            add_part(o0, o1, *reinterpret_cast<const float2*>(o_part + ((long long)x * rows + bhl) * HEAD_DIM_V + e),
+                     weight[x]);
         *reinterpret_cast<u32*>(out + (((long long)b * Lq + ql) * Hq + h) * HEAD_DIM_V + e) =
-            pack2<IS_BF16>(empty ? 0.f : o0 * inv, empty ? 0.f : o1 * inv);
+            merged_pair(o0, o1, total);
     }
 #endif
-    if (threadIdx.x == 0) lse[bhl] = empty ? -CUSDPA_INF : (top + log2f(total)) * LN2;
+    if (threadIdx.x == 0) lse[bhl] = merged_lse(top, total);
 }
 
 // New keys and values into the cache before the attention: token n of sequence b goes to position
