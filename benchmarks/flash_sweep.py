@@ -37,16 +37,6 @@ BWD = [dict()] + [dict(use_wgmma_bwd=False, **t) for t in (
     dict(dq_warps=4, dq_m_tiles=2, dq_block_n=32))]
 
 
-def _knobs(spec: str) -> dict:
-    """'fwd90_stages=3,fwd90_pingpong=0' -> FlashConfig changes, each value of its field's type."""
-    fields = {f.name: f.type for f in dataclasses.fields(config.FlashConfig)}
-    out = {}
-    for item in filter(None, spec.split(",")):
-        name, value = item.split("=")
-        out[name] = bool(int(value)) if fields[name] in ("bool", bool) else int(value)
-    return out
-
-
 def precompile(pr, configs) -> None:
     """The Hopper forward's modules of ``pr`` under each FlashConfig of ``configs``, compiled side by side in
     processes (spawned: none inherits this one's CUDA context), each into CuPy's kernel cache on disk, so that
@@ -151,7 +141,7 @@ def main():
                     if args.default_only or kind == "bwd det":  # deterministic: the default tiles only
                         variants = [{}]
                     elif args.variants is not None:
-                        variants = [_knobs(spec) for spec in args.variants]
+                        variants = [config.knobs(spec) for spec in args.variants]
                     if kind == "fwd":
                         precompile(pr, [dataclasses.replace(base, **knobs) for knobs in variants])
                     for knobs in variants:

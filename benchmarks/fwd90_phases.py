@@ -23,7 +23,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import kernels_cuda
-from benchmarks.flash_sweep import _knobs, ms, precompile
+from benchmarks.flash_sweep import ms, precompile
 from cusdpa import problem
 from cusdpa.backends import flash
 from cusdpa.backends.flash import config, launches, sources
@@ -109,10 +109,10 @@ def main():
                     t_cudnn = ms(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal))
                 flop = 4.0 * B * H * L * L * E / (2 if causal else 1)
                 base = config.FlashConfig.for_problem(E, E, L, causal)
-                configs = [dataclasses.replace(base, **_knobs(spec)) for spec in args.variants]
+                configs = [dataclasses.replace(base, **config.knobs(spec)) for spec in args.variants]
                 precompile(pr, configs + [dataclasses.replace(cfg, fwd90_phases=True) for cfg in configs])
                 for spec in args.variants:
-                    cfg = dataclasses.replace(base, **_knobs(spec))
+                    cfg = dataclasses.replace(base, **config.knobs(spec))
                     launches.config = lambda pr, cfg=cfg: cfg
                     head = f"E={E} L={L} causal={causal!s:5} {spec or 'default':28}"
                     try:

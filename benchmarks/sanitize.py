@@ -152,8 +152,7 @@ def main() -> int:
     for name, backend, dtype, dims, options, mask_kind, variant in CASES:
         if backend is Backend.FLASH and variant is not None:  # FlashConfig changes (mma_sync: wgmma off)
             real = launches.config
-            changes = dict(use_wgmma=False) if variant == "mma_sync" else \
-                {k: int(v) for k, v in (item.split("=") for item in variant.split(","))}
+            changes = dict(use_wgmma=False) if variant == "mma_sync" else config.knobs(variant)
             base = (lambda pr: config.FlashConfig.for_head_dims(pr.E, pr.Ev)) if variant == "mma_sync" else real
             launches.config = lambda pr: dataclasses.replace(base(pr), **changes)
             try:

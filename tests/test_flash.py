@@ -230,6 +230,13 @@ def test_every_kernel_configuration_compiles_with_nvcc(tmp_path):
     assert not errors, "\n\n".join(errors)
 
 
+def test_config_knobs_parse_into_field_types():
+    changes = config.knobs("fwd90_stages=3,fwd90_pingpong=0,fwd90_tma_store=1,")
+    assert changes == {"fwd90_stages": 3, "fwd90_pingpong": False, "fwd90_tma_store": True}
+    assert type(changes["fwd90_pingpong"]) is bool and type(changes["fwd90_stages"]) is int
+    assert config.knobs("") == {}
+
+
 def test_config_fits_shared_memory():
     for E, other, L, causal in itertools.product(range(8, 257, 8), (8, 64, 256), (1024, 4096), (False, True)):
         for Ev in (E, other):

@@ -129,6 +129,17 @@ class FlashConfig:
         return self.bwd_warps * 16
 
 
+def knobs(spec: str) -> dict:
+    """FlashConfig changes from 'fwd90_stages=3,fwd90_pingpong=0' (the benchmarks' variants), each value of its
+    field's type."""
+    fields = {f.name: f.type for f in dataclasses.fields(FlashConfig)}
+    out = {}
+    for item in filter(None, spec.split(",")):
+        name, value = item.split("=")
+        out[name] = bool(int(value)) if fields[name] in ("bool", bool) else int(value)
+    return out
+
+
 def pad16(d: int) -> int:
     return (d + 15) // 16 * 16
 
