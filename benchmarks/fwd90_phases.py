@@ -1,7 +1,7 @@
 """Where the Hopper forward's warps spend their clocks, phase by phase (kernels_cuda/phases.cuh).
 
     python benchmarks/fwd90_phases.py [--lengths 1024 4096] [--head-dims 64 128] [--causal no|yes|both]
-                                      [--variants '' fwd90_tma_store=1 ...] [--reps 10]
+                                      [--variants '' fwd90_tma_store=0 ...] [--reps 10]
 
 For each point (B = tokens / L, H = hidden / E, bf16, flash_sweep.py's grid) and FlashConfig variant: the
 output is compared with cuDNN's (relative Frobenius error) before anything is timed; the kernel is timed as

@@ -26,19 +26,16 @@
 # reference), sanitize (every kernel family under compute-sanitizer's four tools), sweep, sweep-module (the
 # tutorial module's attention shape), hopper-fwd (the Hopper forward issue's points against cuDNN: the grid
 # in bf16 and fp16, head dims, the tutorial's call, GQA 32/8, long context), fwd-short-tests / fwd-short (the Hopper
-# forward's unmeasured choices for short problems: O stored by TMA, FlashConfig.fwd90_tma_store; K, V and the next Q
-# fetched into L2 ahead, fwd90_l2_prefetch; tiles head-major, fwd90_chunk_heads=1; a third K/V stage: their GPU
+# forward's choices for short problems: O stored by TMA, FlashConfig.fwd90_tma_store, and a third K/V stage: their GPU
 # tests / each timed against the default at L = 1024 and on the tutorial's call), fwd-phases (where the Hopper forward's warps spend their
-# clocks, phase by phase: benchmarks/fwd90_phases.py, default, L2 prefetch, TMA store), ncu-bwd / ncu-fwd (the Hopper backward
+# clocks, phase by phase: benchmarks/fwd90_phases.py, the default and with register stores), ncu-bwd / ncu-fwd (the Hopper backward
 # at E = 64 and 128, L = 4096, / the forward at E = 128 L = 1024 causal and L = 4096, E = 64 L = 4096, under ncu:
 # throughput, issue rate, warp stall reasons, and the SASS lines warps wait at; benchmarks/ncu_profile.sh),
 # overhead, hf (Hugging Face models, "cusdpa" against "sdpa"), bench (every provider),
 # bench-flash (cusdpa FLASH against PyTorch's FLASH and cuDNN only), bench-module (the tutorial module: parts b
 # and c), train (bf16 autocast), train-fp32, train-compiled (bf16, torch.compile), decode (greedy generation
 # through the KV cache against PyTorch's SDPA over a static cache; decode-attn: the attention call alone against
-# PyTorch and the KV-read floor; decode-ncu: the split kernel under ncu at B = 1 and 16;
-# decode-combine: the combine with its loads up front, decode.COMBINE_PREFETCH, tested, then timed off and on;
-# decode-fused: the combine fused into the split kernel's last CTAs, decode.FUSED_COMBINE, the same), masks (the masks issue's shapes;
+# PyTorch and the KV-read floor; decode-ncu: the split kernel under ncu at B = 1 and 16), masks (the masks issue's shapes;
 # masks-no-blocks: with the mask's block summary off; masks-per-tile: a CTA per tile, not persistent;
 # masks-profile: forwards only, each masked call's GPU kernels; masks-no-steps: the backward visiting every query
 # step; masks-ncu: the 90%-empty shape's forward and backward kernels under ncu),
@@ -122,14 +119,14 @@ command_of() {  # the command of stage $1, into the array cmd
     sweep-module) cmd=(python3 benchmarks/flash_sweep.py --forward-only --tokens 16384 --hidden 512 --lengths 256 512 1024
                        --head-dims 64 --causal yes) ;;
     fwd-short-tests) cmd=(python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_flash.py tests/test_plans.py
-                          -k "tma or tile_orders") ;;
-    fwd-short) cmd=(bash -c 'V="\"\" fwd90_l2_prefetch=2 fwd90_chunk_heads=1 fwd90_stages=3 fwd90_tma_store=1
-                    fwd90_tma_store=1,fwd90_l2_prefetch=2"; S="python3 benchmarks/flash_sweep.py --forward-only"
+                          -k "stores_o_with_tma or tma_store") ;;
+    fwd-short) cmd=(bash -c 'V="\"\" fwd90_tma_store=0 fwd90_stages=3 fwd90_tma_store=1,fwd90_stages=3"
+                    S="python3 benchmarks/flash_sweep.py --forward-only"
                     eval $S --lengths 1024 --head-dims 64 128 --variants $V
                     eval $S --dtype float16 --lengths 1024 --head-dims 32 --tokens 32768 --hidden 1024 --causal no \
                     --variants $V') ;;
     fwd-phases) cmd=(python3 benchmarks/fwd90_phases.py --lengths 1024 4096 --head-dims 128 --causal both
-                     --variants "" fwd90_l2_prefetch=2 fwd90_tma_store=1) ;;
+                     --variants "" fwd90_tma_store=0) ;;
     ncu-bwd) cmd=(bash -c 'for E in 64 128; do bash benchmarks/ncu_profile.sh flash_bwd_sm90 1 --backward-only \
                    --lengths 4096 --head-dims $E --causal no; done') ;;
     ncu-fwd) cmd=(bash -c 'for p in "128 1024 yes" "128 4096 no" "64 4096 no"; do set -- $p
@@ -146,11 +143,6 @@ command_of() {  # the command of stage $1, into the array cmd
     train-compiled) cmd=(python3 examples/train_gpt.py --device cuda --compile) ;;
     decode) cmd=(python3 examples/decode_gpt.py --device cuda) ;;
     decode-attn) cmd=(python3 benchmarks/decode.py) ;;
-    decode-combine) cmd=(bash -c 'python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_decode_gpu.py -k up_front \
-                         && for c in 0 1; do python3 benchmarks/decode.py --config COMBINE_PREFETCH=$c | tail -n 5; done') ;;
-    decode-fused) cmd=(bash -c 'python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_decode_gpu.py \
-                       -k "fused or cuda_graph" && for c in 0 1; do python3 benchmarks/decode.py --config FUSED_COMBINE=$c \
-                       | tail -n 5; done') ;;
     decode-ncu) cmd=(bash -c 'for shape in 1x32768 16x8192; do bash benchmarks/ncu_profile.sh flash_decode_split 0 -- \
                      python3 benchmarks/decode.py --shapes $shape; done') ;;
     masks) cmd=(python3 benchmarks/masks.py --backward) ;;

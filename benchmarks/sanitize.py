@@ -10,8 +10,8 @@ dK/dV; E = 64 with a bool mask, E = 128 with GQA, dropout and lower-right causal
 fp32 E = 128 and bf16 E = 256; the forward's mask tiles), the fused tensor_core backward and its passes, the
 fp32 tensor_core loops (TF32),
 the portable forward, dQ, dK/dV and mask-gradient kernels,
-with bool and float masks. The Hopper forward's unmeasured paths too (O stored by TMA, L2 prefetches), and the
-KV cache's decode kernels (append, split, combine; paged; the combine fused into the split kernel). Odd sizes,
+with bool and float masks. The Hopper forward with O stored by TMA, and the KV cache's decode kernels (append,
+split with its last CTAs' merge; paged). Odd sizes,
 so every kernel runs partial
 tiles. Each case is checked against the float64 reference, so a kernel that the sanitizer slows down or
 that reads garbage is also caught here.
@@ -58,13 +58,13 @@ CASES = [  # (name, backend, dtype, (B, Hq, Hkv, L, S, E, Ev), options, mask kin
      "float", "portable"),
     ("efficient portable dropout", Backend.EFFICIENT, "bfloat16", (1, 2, 2, 30, 30, 64, 64), dict(dropout_p=0.3),
      None, "portable"),
-    ("flash wgmma E128 TMA store, L2 prefetch", Backend.FLASH, "bfloat16", (2, 4, 2, 200, 150, 128, 128),
-     dict(is_causal=True), None, "fwd90_tma_store=1,fwd90_l2_prefetch=2"),
+    ("flash wgmma E128 TMA store", Backend.FLASH, "bfloat16", (2, 4, 2, 200, 150, 128, 128),
+     dict(is_causal=True), None, "fwd90_tma_store=1"),
 ]
 
-DECODE_CASES = [  # (name, dtype, (B, Hq, Hkv, Lq, capacity, E), paged, new tokens, combine fused)
-    ("decode split + combine", "float16", (3, 8, 2, 1, 700, 64), False, 0, False),
-    ("decode paged, appended, fused combine", "bfloat16", (2, 8, 2, 2, 1024, 128), True, 1, True),
+DECODE_CASES = [  # (name, dtype, (B, Hq, Hkv, Lq, capacity, E), paged, new tokens)
+    ("decode split + merge", "float16", (3, 8, 2, 1, 700, 64), False, 0),
+    ("decode paged, appended", "bfloat16", (2, 8, 2, 2, 1024, 128), True, 1),
 ]
 
 
@@ -106,13 +106,11 @@ def run(name, backend, dtype, dims, options, mask_kind, variant, rng) -> float:
                for g, w in zip((out, *grads), want))
 
 
-def run_decode(dtype, dims, paged, new, fused, rng) -> float:
+def run_decode(dtype, dims, paged, new, rng) -> float:
     """One call of cusdpa.kv_cache_attention (bottom-right causal, uneven cached lengths, ``new`` tokens appended,
     a paged cache of 64-slot blocks or a contiguous one); the largest error against the reference of each
     sequence's dense attention over its keys, relative to its scale."""
     import cupy
-
-    from cusdpa.backends.flash import decode
 
     B, hq, hkv, lq, cap, E = dims
     block = 64
@@ -122,16 +120,10 @@ def run_decode(dtype, dims, paged, new, fused, rng) -> float:
     q_host = rng.standard_normal((B, lq, hq, E)).astype(np.float32).astype(_dtype(dtype))
     new_host = [rng.standard_normal((B, new, hkv, E)).astype(np.float32).astype(_dtype(dtype)) for _ in range(2)]
     lengths = rng.integers(lq, cap - new, size=B).astype(np.int32)  # cached before the call
-    decode.FUSED_COMBINE = int(fused)
-    decode.build.cache_clear()
-    try:
-        out = cusdpa.kv_cache_attention(*(cupy.asarray(x) for x in (q_host, k_host, v_host, lengths)),
-                                        *((cupy.asarray(x) for x in new_host) if new else ()),
-                                        block_table=None if table is None else cupy.asarray(table), is_causal=True)
-        got = cupy.asnumpy(out).astype(np.float64)
-    finally:
-        decode.FUSED_COMBINE = 0
-        decode.build.cache_clear()
+    out = cusdpa.kv_cache_attention(*(cupy.asarray(x) for x in (q_host, k_host, v_host, lengths)),
+                                    *((cupy.asarray(x) for x in new_host) if new else ()),
+                                    block_table=None if table is None else cupy.asarray(table), is_causal=True)
+    got = cupy.asnumpy(out).astype(np.float64)
     err = 0.0
     for b in range(B):
         n = lengths[b] + new
@@ -163,8 +155,8 @@ def main() -> int:
             err = run(name, backend, dtype, dims, options, mask_kind, variant, rng)
         worst = max(worst, err)
         print(f"{name:40s} largest error / scale {err:.2e}", flush=True)
-    for name, dtype, dims, paged, new, fused in DECODE_CASES:
-        err = run_decode(dtype, dims, paged, new, fused, rng)
+    for name, dtype, dims, paged, new in DECODE_CASES:
+        err = run_decode(dtype, dims, paged, new, rng)
         worst = max(worst, err)
         print(f"{name:40s} largest error / scale {err:.2e}", flush=True)
     # bf16 outputs round to 2**-8 relative; anything far above that is a wrong kernel, not rounding

@@ -48,10 +48,6 @@
 // and the consumers alike, and blocks with every pair visible read no mask.
 //
 // Extra -D options: FWD90_QUEUE (1: tiles dealt by TileQueue, as CTAs finish them; always with a mask),
-// FWD90_L2_PREFETCH (P > 0: the producer also fetches into L2, without shared memory, the K and V blocks P blocks
-// ahead of the one it loads, and when a tile starts the next tile's Q and first P key blocks: a block a tile
-// reads first comes from DRAM, and two stages of loads ahead cover an L2 hit's latency, not DRAM's; a tile's
-// first loads wait for the previous tile's last S),
 // FWD90_TMA_STORE (1: each consumer warpgroup stages its O rows in shared memory and one thread stores them with
 // TMA, so the warpgroup's epilogue is shared-memory writes and the store runs on under its next tile, as
 // FlashAttention-3's epilogue does; dense problems only, tensor map `tm_o`: a packed batch's store would clip at
@@ -69,9 +65,6 @@
 #endif
 #ifndef FWD90_TMA_STORE
 #define FWD90_TMA_STORE 0
-#endif
-#ifndef FWD90_L2_PREFETCH
-#define FWD90_L2_PREFETCH 0
 #endif
 constexpr int MMA_WG = FWD90_WARPGROUPS;
 constexpr int NTHREADS = (MMA_WG + 1) * 128;
@@ -564,22 +557,6 @@ flash_fwd_sm90(const __grid_constant__ TmaMap tm_q, const __grid_constant__ TmaM
 #else
         for (TileDeal deal(schedule, num_tiles); deal.more();) {
             const int t = deal.next();
-#if FWD90_L2_PREFETCH
-            // The next tile's Q and first key blocks into L2, to be there when this tile ends: the producer
-            // loads them only once this tile's last S = Q K^T is done (Q's buffer is released then), and the
-            // consumers wait for them after their epilogue.
-            if (lane == 0 && deal.more()) {
-                const Tile next = tile_at(deal.ahead, num_m, chunk_heads, BH, Hq, group, cu_q, cu_k, L, S, left, right,
-                                          lower_right);
-                const Slice& ns = next.slice;
-                if (next.live)
-                    tma_prefetch_tile<HEAD_DIM, QK_SW>(tm_q, ns.start_q + next.m0, ns.h * q_hm, ns.b * q_bm);
-                for (int n = next.n_begin; !ATTN_MASK && n < min(next.n_end, next.n_begin + FWD90_L2_PREFETCH); ++n) {
-                    tma_prefetch_tile<HEAD_DIM, QK_SW>(tm_k, ns.start_k + n * BLOCK_N, ns.kvh * k_hm, ns.b * k_bm);
-                    tma_prefetch_tile<HEAD_DIM_V, V_SW>(tm_v, ns.start_k + n * BLOCK_N, ns.kvh * v_hm, ns.b * v_bm);
-                }
-            }
-#endif
 #endif
             const Tile tile = tile_at(t, num_m, chunk_heads, BH, Hq, group, cu_q, cu_k, L, S, left, right, lower_right);
             if (!tile.live) continue;
@@ -624,14 +601,6 @@ flash_fwd_sm90(const __grid_constant__ TmaMap tm_q, const __grid_constant__ TmaM
                     ph.to(PH_WAIT_V);
                     tma_load_tile<BLOCK_N, HEAD_DIM_V, V_SW>(sVs, tm_v, dirty ? v_staged : v_full + st, row, sl.kvh * v_hm,
                                                        sl.b * v_bm);
-#if FWD90_L2_PREFETCH && !ATTN_MASK
-                    if (n + FWD90_L2_PREFETCH < tile.n_end) {  // the block that many ahead into L2 (a mask's walk
-                        // skips blocks: none there)
-                        const int later = row + FWD90_L2_PREFETCH * BLOCK_N;
-                        tma_prefetch_tile<HEAD_DIM, QK_SW>(tm_k, later, sl.kvh * k_hm, sl.b * k_bm);
-                        tma_prefetch_tile<HEAD_DIM_V, V_SW>(tm_v, later, sl.kvh * v_hm, sl.b * v_bm);
-                    }
-#endif
                     ph.to(PH_ISSUE);
                 }
                 if (!dirty) continue;

@@ -68,18 +68,6 @@ __device__ __forceinline__ void tma_load_tile(unsigned char* dst, const TmaMap& 
 #pragma unroll
     for (int c = 0; c < D / (SW / 2); ++c) tma_load(dst + c * ROWS * SW, map, bar, SW / 2 * c, row, head, batch);
 }
-// Box (c0, c1, c2, c3) fetched into L2 only (no shared memory, no barrier): a later load of it hits L2.
-__device__ __forceinline__ void tma_prefetch_l2(const TmaMap& map, int c0, int c1, int c2, int c3) {
-    asm volatile("cp.async.bulk.prefetch.tensor.4d.L2.global.tile [%0, {%1, %2, %3, %4}];\n"
-                 ::"l"(reinterpret_cast<unsigned long long>(&map)), "r"(c0), "r"(c1), "r"(c2), "r"(c3)
-                 : "memory");
-}
-// The tile tma_load_tile<ROWS, D, SW> would load at (row, head, batch), into L2 only.
-template <int D, int SW>
-__device__ __forceinline__ void tma_prefetch_tile(const TmaMap& map, int row, int head, int batch) {
-#pragma unroll
-    for (int c = 0; c < D / (SW / 2); ++c) tma_prefetch_l2(map, SW / 2 * c, row, head, batch);
-}
 // The other way: box (c0, c1, c2, c3) of a 4-D tensor map written from shared memory, in the issuing
 // thread's bulk group. Elements of the box outside the tensor are not written (a tile's rows past L).
 __device__ __forceinline__ void tma_store(const void* src, const TmaMap& map, int c0, int c1, int c2, int c3) {

@@ -27,16 +27,16 @@ def _nvrtc_jobs():
             yield "flash_fwd.cu", sources.compile_options(dtype, E, Ev, dropout, cfg)
             # + the Hopper forward tiles of short and causal problems
             for fwd_cfg in {config.FlashConfig.for_problem(E, Ev, L, c) for L in (1024, 2048, 16384) for c in (0, 1)}:
-                if config.sm90_forward_applies(E, Ev, 90, fwd_cfg):
-                    yield "flash_fwd_sm90.cu", sources.compile_options(dtype, E, Ev, dropout, fwd_cfg) + ("-arch=sm_90a",)
-                    if fwd_cfg.fwd90_stages == 2:  # ... a packed batch's, its tiles from the queue
+                if config.sm90_forward_applies(E, Ev, 90, fwd_cfg):  # (O stored by TMA where for_problem says)
+                    yield "flash_fwd_sm90.cu", sources.compile_options(dtype, E, Ev, dropout, fwd_cfg,
+                                                                       tma_store=fwd_cfg.fwd90_tma_store) + ("-arch=sm_90a",)
+                    if fwd_cfg.fwd90_stages == 2:  # ... a packed batch's (register stores), its tiles from the queue
                         yield "flash_fwd_sm90.cu", sources.compile_options(dtype, E, Ev, dropout, fwd_cfg, queue=True) + (
                             "-arch=sm_90a",)
-                    if fwd_cfg.fwd90_stages == 2 and (E, Ev) in ((64, 64), (96, 64), (160, 224)):  # ... O stored by
-                        # TMA from 128- and 64-byte swizzled rows, L2 prefetches (the phase clocks in the bf16 jobs)
-                        store_cfg = dataclasses.replace(fwd_cfg, fwd90_tma_store=True, fwd90_phases=dropout,
-                                                        fwd90_l2_prefetch=2)
-                        yield "flash_fwd_sm90.cu", sources.compile_options(dtype, E, Ev, dropout, store_cfg,
+                    if fwd_cfg.fwd90_tma_store and (E, Ev) in ((64, 64), (96, 64), (160, 224)) and dropout:  # ... with
+                        # the phase clocks, O from 128- and 64-byte swizzled rows
+                        phased = dataclasses.replace(fwd_cfg, fwd90_phases=True)
+                        yield "flash_fwd_sm90.cu", sources.compile_options(dtype, E, Ev, dropout, phased,
                                                                            tma_store=True) + ("-arch=sm_90a",)
             # ... and with each kind of attn_mask (its tiles from the queue)
             for mask in (("bool", "float16") if dtype == "float16" else ("float32", "bfloat16")):
@@ -249,7 +249,7 @@ def test_config_fits_shared_memory():
 
 @pytest.mark.parametrize("BH, chunk_heads, key_blocks", [
     (256, 48, np.arange(1, 9)),      # causal, E = 128, L = 1024: query block m sees m + 1 key blocks
-    (256, 1, np.arange(1, 9)),       # ... head-major (FlashConfig.fwd90_chunk_heads = 1)
+    (256, 1, np.arange(1, 9)),       # ... head-major
     (16, 3, np.arange(1, 129)),      # causal, L = 16384
     (40, 40, np.full(8, 8)),         # every key
     (3, 2, np.array([0, 2, 5, 1]))])  # fewer tiles than CTAs, a block that sees nothing
@@ -721,34 +721,12 @@ def test_hopper_forward_stores_o_with_tma(name, rng, monkeypatch):
 
     monkeypatch.setattr(sources, "multiprocessors", lambda device: 2)
     pr = build({**FEATURES, **MASKED}[name], cupy, rng)
-    want = flash.IMPL.forward(pr)
     real = launches.config
-    monkeypatch.setattr(launches, "config", lambda pr: dataclasses.replace(real(pr), fwd90_tma_store=True))
-    got = flash.IMPL.forward(pr)
-    assert all(cupy.array_equal(g, w, equal_nan=True) for g, w in zip(got, want))
-    failures = run_problem(pr, flash.IMPL, rng, grads=False)
-    assert not failures, "\n".join(failures)
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("chunk_heads, prefetch", [(1, 0), (3, 2), (0, 1)])
-@pytest.mark.parametrize("name", ["gqa", "causal_short_keys", "batch_dims", "dropout_gqa_fp16", "varlen", "window"])
-def test_hopper_forward_tile_orders_and_l2_prefetch(name, chunk_heads, prefetch, rng, monkeypatch):
-    """FlashConfig.fwd90_chunk_heads (the tiles head-major, or in chunks of three heads) and fwd90_l2_prefetch (K
-    and V blocks fetched into L2 ahead of their loads, the next tile's Q): each tile's arithmetic is unchanged,
-    so the output is bit for bit the default's, and judged against the reference; a device of two SMs."""
-    import cupy
-
-    from cusdpa.backends.flash import launches
-    from cusdpa.verify.harness import run_problem
-
-    monkeypatch.setattr(sources, "multiprocessors", lambda device: 2)
-    pr = build(FEATURES[name], cupy, rng)
-    want = flash.IMPL.forward(pr)
-    real = launches.config
-    monkeypatch.setattr(launches, "config", lambda pr: dataclasses.replace(
-        real(pr), fwd90_chunk_heads=chunk_heads, fwd90_l2_prefetch=prefetch))
-    got = flash.IMPL.forward(pr)
+    stored = {}
+    for on in (False, True):
+        monkeypatch.setattr(launches, "config", lambda pr, on=on: dataclasses.replace(real(pr), fwd90_tma_store=on))
+        stored[on] = flash.IMPL.forward(pr)
+    want, got = stored[False], stored[True]
     assert all(cupy.array_equal(g, w, equal_nan=True) for g, w in zip(got, want))
     failures = run_problem(pr, flash.IMPL, rng, grads=False)
     assert not failures, "\n".join(failures)
@@ -889,11 +867,14 @@ def test_dispatch_picks_flash_and_explains_fallbacks(rng):
     assert cusdpa.explain(q, q, q).chosen is cusdpa.Backend.FLASH
     q32 = q.astype(np.float32)
     assert any("float32" in r for r in cusdpa.explain(q32, q32, q32).reasons[cusdpa.Backend.FLASH])
-    # masks: the Hopper kernels read bool masks both ways and float masks forward (the backward of a float
-    # mask's call runs on EFFICIENT, which computes the mask's gradient)
+    # masks: the Hopper kernels read bool and float masks both ways, and give a float mask's gradient up to head
+    # dim 128 (FlashConfig.bwd90_mask_grad); past that EFFICIENT computes it (the GPU tests run on an H200)
     mask = cupy.zeros((16, 16), np.float16)
     assert cusdpa.explain(q, q, q, mask).chosen is cusdpa.Backend.FLASH
-    assert any("float attn_mask" in r for r in cusdpa.explain(q, q, q, mask, need_grad=True).reasons[cusdpa.Backend.FLASH])
+    assert cusdpa.explain(q, q, q, mask, need_grad=True).chosen is cusdpa.Backend.FLASH
+    wide = cupy.asarray(rng.standard_normal((1, 2, 16, 192)), dtype=np.float16)
+    assert any("float attn_mask" in r
+               for r in cusdpa.explain(wide, wide, wide, mask, need_grad=True).reasons[cusdpa.Backend.FLASH])
     keep = cupy.ones((16, 16), bool)
     assert cusdpa.explain(q, q, q, keep, need_grad=True).chosen is cusdpa.Backend.FLASH
     assert any("float64" in r for r in cusdpa.explain(q, q, q, mask.astype(np.float64)).reasons[cusdpa.Backend.FLASH])

@@ -256,8 +256,10 @@ def test_plans_store_o_with_tma(name, rng, monkeypatch):
 
     case = CASES[name]
     q, k, v = _inputs(torch, case["q"], case["kv"], getattr(torch, case["dtype"]), int(rng.integers(2**31)))
-    want = interop.scaled_dot_product_attention(q, k, v, **case["kw"]).detach()
     real = launches.config
+    monkeypatch.setattr(launches, "config", lambda pr: dataclasses.replace(real(pr), fwd90_tma_store=False))
+    plans._plans.clear()
+    want = interop.scaled_dot_product_attention(q, k, v, **case["kw"]).detach()
     monkeypatch.setattr(launches, "config", lambda pr: dataclasses.replace(real(pr), fwd90_tma_store=True))
     plans._plans.clear()
     for _ in range(3):

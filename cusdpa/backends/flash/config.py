@@ -39,17 +39,8 @@ class FlashConfig:
     fwd90_queue_varlen: bool = True
     # O staged in shared memory and written by TMA stores that run on under the next tile (FlashAttention-3's
     # epilogue; dense problems only, a packed batch stores from registers): the epilogue is a per-tile cost
-    # that weighs most where tiles are short (L = 1024). Written without device time, to be measured
+    # that weighs most where tiles are short. for_problem turns it on where it measured faster
     fwd90_tma_store: bool = False
-    # heads whose tiles the Hopper forward interleaves (tile_at's chunks; 0: as many as keep their K and V within
-    # launches.L2_SHARE, 48 at L = 1024 E = 128). 1 orders the tiles head-major: a head's query blocks run side
-    # by side and read its K and V blocks together. Written without device time: to measure where L = 1024
-    # falls short (0.83-0.89x cuDNN), with no kernel change
-    fwd90_chunk_heads: int = 0
-    # key blocks ahead of its loads that the Hopper forward's producer also fetches into L2 (0: none), and the
-    # next tile's Q and first key blocks: two stages cover an L2 hit's latency, not a first read's from DRAM.
-    # Written without device time, to be measured
-    fwd90_l2_prefetch: int = 0
     # per-warp phase clocks compiled into the Hopper forward (kernels_cuda/phases.cuh), for
     # benchmarks/fwd90_phases.py only
     fwd90_phases: bool = False
@@ -93,7 +84,10 @@ class FlashConfig:
         two warpgroups, and key blocks short enough that nothing spills (checked with ptxas); the backward
         keeps a bit per score of a step, which at 128 queries a step spills from E = 64 on: 64 there. With
         soft-capping (``softcap``) the backward keeps each score's 1 - tanh^2 as well: 64 queries a step
-        too."""
+        too. Without a mask, for Ev >= 64 and L <= 4096, O leaves through shared memory by TMA stores under
+        the next tile (``fwd90_tma_store``): bf16 L = 1024 E = 128 +7.6%, causal +10% (though its staging buffer
+        takes the third stage), L = 4096 E = 96 and 128 +1.5-3.8%, E = 64 within 1.5%; at L = 16384 it lost
+        1.6-5.8% and at E = 32 about 1%, so not there."""
         cfg = FlashConfig.for_head_dims(E, Ev)
         d = max(E, Ev)
         if d <= 64 and (not causal or L >= 2048):
@@ -114,7 +108,19 @@ class FlashConfig:
         deeper = dataclasses.replace(cfg, fwd90_stages=3)
         if (causal or mask == "bool") and smem_bytes("fwd_sm90", deeper, E, Ev) <= MAX_SMEM:
             cfg = deeper
+        if not mask and Ev >= 64 and L <= 4096:
+            cfg = cfg.fitted_tma_store(E, Ev)
         return cfg
+
+    def fitted_tma_store(self, E: int, Ev: int) -> "FlashConfig":
+        """This configuration with the Hopper forward's O stored by TMA where its staging buffer fits in shared
+        memory beside the K/V stages, else beside two (a third stage given up), else with register stores
+        (head dims past 160)."""
+        stored = dataclasses.replace(self, fwd90_tma_store=True)
+        for fitted in (stored, dataclasses.replace(stored, fwd90_stages=2)):
+            if smem_bytes("fwd_sm90", fitted, E, Ev) <= MAX_SMEM:
+                return fitted
+        return dataclasses.replace(self, fwd90_tma_store=False)
 
     @property
     def fwd_block_m(self) -> int:

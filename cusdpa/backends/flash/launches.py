@@ -17,7 +17,7 @@ import numpy as np
 from ... import reference
 from ..launch import Launch, MapSlot, Slot, run, seed_values, values
 from . import sources, tma
-from .config import (MAX_SMEM, FlashConfig, sm90_backward_applies, sm90_backward_is_wide, sm90_forward_applies,
+from .config import (FlashConfig, sm90_backward_applies, sm90_backward_is_wide, sm90_forward_applies,
                      sm90_wide_chunk, smem_bytes)
 
 MAX_GRID_Y = 65535
@@ -274,17 +274,14 @@ def _modified_options(pr, cfg, mask_grad: bool = False, queue: bool = False, tma
 
 def sm90_forward_config(pr) -> FlashConfig:
     """``config(pr)`` as the Hopper forward takes it with ``fwd90_tma_store``: a packed batch stores O from
-    registers (a TMA store clips at the tensor's end, not at a sequence's), and so does a problem whose staging
-    buffer fits in shared memory neither beside the chosen K/V stages nor beside two (head dims past 160)."""
+    registers (a TMA store clips at the tensor's end, not at a sequence's), and a configuration given the store
+    by hand is fitted to shared memory as ``FlashConfig.for_problem`` fits its own."""
     cfg = config(pr)
     if not cfg.fwd90_tma_store:
         return cfg
     if pr.varlen is not None:
         return dataclasses.replace(cfg, fwd90_tma_store=False)
-    for fitted in (cfg, dataclasses.replace(cfg, fwd90_stages=2)):
-        if smem_bytes("fwd_sm90", fitted, pr.E, pr.Ev) <= MAX_SMEM:
-            return fitted
-    return dataclasses.replace(cfg, fwd90_tma_store=False)
+    return cfg.fitted_tma_store(pr.E, pr.Ev)
 
 
 def sm90_forward_options(pr) -> tuple:
@@ -413,7 +410,7 @@ def _sm90_forward_launch(pr, lay, o_strides, cfg, opts, tail, mask) -> Launch:
         store = (MapSlot("o", o_map), np.int32(hm), np.int32(bm))
     BH, num_m = lay.B * pr.hq, (pr.L + block_m - 1) // block_m
     kv_bytes_per_head = max(pr.S, 1) * (pr.E + pr.Ev) * 2 / pr.group
-    chunk_heads = int(min(BH, cfg.fwd90_chunk_heads or max(1, L2_SHARE // kv_bytes_per_head)))
+    chunk_heads = int(min(BH, max(1, L2_SHARE // kv_bytes_per_head)))
     grid = (min(BH * num_m, sources.multiprocessors(dev)) if cfg.fwd90_persistent else BH * num_m, 1)
     schedule = 0 if packed or not (cfg.fwd90_schedule and cfg.fwd90_persistent) else \
         _tile_schedule(pr, dev, BH, num_m, chunk_heads, grid[0], block_m, block_n)
