@@ -15,7 +15,10 @@
 // w + DEC_WARPS, ...) through a private DEC_STAGES-deep cp.async pipeline (no CTA barrier in the loop),
 // keeps its own online softmax (m, l) and O; the warps merge through shared memory at the end. One
 // split: out and lse are written normalised; several: the split's O (relative to its max) and (m, l) go
-// to the partial buffers, for flash_decode_combine. Scores live in the log2 domain (m in log2 units).
+// to the partial buffers, and the split CTA of each (b, kvh) that finishes last merges them (merge_splits:
+// `arrivals`, one int32 per (b, kvh) zeroed by the host's memset, counts the finished splits), so no combine
+// kernel follows (on the H200 B = 1 S = 32768 took 54.5 us against 56.6 with one). Scores live in the log2
+// domain (m in log2 units).
 //
 // kv_cache_append (launched first when a call brings new tokens) writes them at each sequence's length.
 //
@@ -26,10 +29,7 @@
 // the scores go to log2 units.
 //
 // -D options beyond flash_common.cuh's: DEC_WARPS, DEC_TILE (keys per warp tile, a multiple of 16),
-// DEC_STAGES, PAGED, SOFTCAP, ALIBI, DEC_COMBINE_PREFETCH (the combine's partial outputs read before the splits'
-// weights are known, see flash_decode_combine), DEC_FUSED_COMBINE (the last split CTA of each (b, kvh) to
-// finish merges the splits itself, so no combine kernel follows: `arrivals`, one zeroed int32 per (b, kvh),
-// counts the finished splits; DEC_MAX_SPLITS bounds the splits).
+// DEC_STAGES, PAGED, SOFTCAP, ALIBI, DEC_MAX_SPLITS (bounds the splits).
 #include "flash_common.cuh"
 
 #ifndef SOFTCAP
@@ -37,12 +37,6 @@
 #endif
 #ifndef ALIBI
 #define ALIBI 0
-#endif
-#ifndef DEC_COMBINE_PREFETCH
-#define DEC_COMBINE_PREFETCH 0
-#endif
-#ifndef DEC_FUSED_COMBINE
-#define DEC_FUSED_COMBINE 0
 #endif
 
 constexpr int NW = DEC_WARPS;
@@ -145,9 +139,9 @@ __device__ __forceinline__ float soft_cap(float x, float k, float softcap) {
 }
 #endif
 
-#if DEC_FUSED_COMBINE
-// The merge of the splits (flash_decode_combine's arithmetic) by the CTA of a (b, kvh) that finished last: its R
-// rows (b, h, query) = `bhl0` + row's head and query, each over every split's (m, l) and O. A warp finds the
+// The merge of the splits by the CTA of a (b, kvh) that finished last, exactly: M = max m_s, out = sum_s O_s
+// 2^(m_s - M) / sum_s l_s 2^(m_s - M), lse = (M + log2 sum) ln 2; splits that saw nothing of the row (m_s =
+// -inf) are left out. Its R rows (b, h, query), each over every split's (m, l) and O. A warp finds the
 // weights of its rows (lane s: splits s, s + 32, ...) into shared memory (`weight`: [ROWS][DEC_MAX_SPLITS]
 // floats, then the rows' totals and maxima); then each thread sums column pairs over the splits. The other
 // CTAs' partials are read past L1 (ld.global.cg): they were written on other SMs.
@@ -202,16 +196,12 @@ __device__ __noinline__ void merge_splits(const float* __restrict__ o_part, cons
         if (e == 0) lse[bhl] = merged_lse(top[row], total[row]);
     }
 }
-#endif
 
 extern "C" __global__ void __launch_bounds__(NTHREADS)
 flash_decode_split(const elem_t* __restrict__ q, const elem_t* __restrict__ k_cache, const elem_t* __restrict__ v_cache,
                    const int* __restrict__ table, const int* __restrict__ seqlens, const float* __restrict__ slopes,
                    elem_t* __restrict__ out, float* __restrict__ lse, float* __restrict__ o_part,
-                   float* __restrict__ ml_part,
-#if DEC_FUSED_COMBINE
-                   int* __restrict__ arrivals,
-#endif
+                   float* __restrict__ ml_part, int* __restrict__ arrivals,
                    int B, int Hq, int group, int Lq, long long q_sb, long long q_sl,
                    long long q_sh, long long table_sb, long long k_sr, long long k_ss, long long k_sh, long long v_sr,
                    long long v_ss, long long v_sh, int block_size, int capacity, int fixed_len, int n_new, float scale,
@@ -444,7 +434,6 @@ flash_decode_split(const elem_t* __restrict__ q, const elem_t* __restrict__ k_ca
             }
         }
     }
-#if DEC_FUSED_COMBINE
     static_assert(ROWS * (DEC_MAX_SPLITS + 2) * 4 <= PIPE_BYTES, "the merge's weights fit in the pipeline's memory");
     if (!direct) {
         // One arrival per CTA, as a grid-wide barrier arrives: the CTA's partial writes ordered before thread 0 by
@@ -462,103 +451,6 @@ flash_decode_split(const elem_t* __restrict__ q, const elem_t* __restrict__ k_ca
             merge_splits(o_part, ml_part, out, lse, reinterpret_cast<float*>(sPipe), splits, B * Hq * Lq, R,
                          blockIdx.y / Hkv, blockIdx.y % Hkv, group, Hq, Lq);
     }
-#endif
-}
-
-// Merge the splits exactly: M = max m_s, out = sum_s O_s 2^(m_s - M) / sum_s l_s 2^(m_s - M), lse = (M +
-// log2 sum) ln 2; splits that saw nothing of the row (m_s = -inf) are left out. One CTA of 128 threads per
-// (b, h, query), blockIdx.x = (b * Hq + h) * Lq + query, splits <= 128: thread s reads split s's (m, l), the
-// weights go through shared memory, then each thread sums two output columns over the splits.
-// DEC_COMBINE_PREFETCH: the splits' partial outputs are loaded first, all at once, while the weights are found
-// (a row of 32 splits waited on five memory latencies one after the other: (m, l), then its outputs eight
-// splits at a time; now on one): thread s takes column pair s % NC of the splits s / NC, + P, + 2P, ... (P =
-// 128 / NC parts of the threads, PREF splits each in registers, a loop past that), and the parts' sums meet in
-// shared memory.
-#if DEC_COMBINE_PREFETCH
-constexpr int COMBINE_NC = HEAD_DIM_V / 2, COMBINE_P = 128 / COMBINE_NC, COMBINE_PREF = 16;
-
-// Two floats from global memory, loaded where the load is written: volatile, and not through the read-only
-// path (ld.global.nc), which may legally move across a barrier: ptxas sank such loads below the weights'
-// barriers, next to their use, and the prefetch was gone.
-__device__ __forceinline__ float2 load_now(const float* p) {
-    float2 v;
-    asm volatile("ld.global.v2.f32 {%0, %1}, [%2];" : "=f"(v.x), "=f"(v.y) : "l"(p));
-    return v;
-}
-#endif
-extern "C" __global__ void __launch_bounds__(128)
-flash_decode_combine(const float* __restrict__ o_part, const float* __restrict__ ml_part, elem_t* __restrict__ out,
-                     float* __restrict__ lse, int splits, int rows, int Hq, int Lq) {
-    __shared__ float weight[128], warp_max[4], warp_sum[4];
-    const int bhl = blockIdx.x, ql = bhl % Lq, h = (bhl / Lq) % Hq, b = bhl / (Lq * Hq);
-    const int s = threadIdx.x, lane = s % 32, warp = s / 32;
-#if DEC_COMBINE_PREFETCH
-    __shared__ float2 part_sum[COMBINE_P * COMBINE_NC];
-    const int c = s % COMBINE_NC, part = s / COMBINE_NC;  // threads past COMBINE_P * COMBINE_NC load nothing
-    const float* o_row = o_part + (long long)bhl * HEAD_DIM_V + 2 * c;
-    const long long split_stride = (long long)rows * HEAD_DIM_V;
-    float2 o_pref[COMBINE_PREF];
-#pragma unroll
-    for (int k = 0; k < COMBINE_PREF; ++k) {
-        const int x = part + COMBINE_P * k;
-        o_pref[k] = part < COMBINE_P && x < splits ? load_now(o_row + x * split_stride) : make_float2(0.f, 0.f);
-    }
-#endif
-    float m = -CUSDPA_INF, l = 0.f;
-    if (s < splits) {
-        const float2 ml = *reinterpret_cast<const float2*>(ml_part + 2 * ((long long)s * rows + bhl));
-        m = ml.x;
-        l = ml.y;
-    }
-    float top = m;
-    for (int d = 16; d; d /= 2) top = fmaxf(top, __shfl_xor_sync(0xffffffffu, top, d));
-    if (lane == 0) warp_max[warp] = top;
-    __syncthreads();
-    top = fmaxf(fmaxf(warp_max[0], warp_max[1]), fmaxf(warp_max[2], warp_max[3]));
-    const float m_use = top == -CUSDPA_INF ? 0.f : top;
-    const float w = m == -CUSDPA_INF ? 0.f : exp2f(m - m_use);
-    weight[s] = w;
-    float sum = m == -CUSDPA_INF ? 0.f : l * w;
-    for (int d = 16; d; d /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, d);
-    if (lane == 0) warp_sum[warp] = sum;
-    __syncthreads();
-    const float total = warp_sum[0] + warp_sum[1] + warp_sum[2] + warp_sum[3];
-#if DEC_COMBINE_PREFETCH
-    float o0 = 0.f, o1 = 0.f;
-#pragma unroll
-    for (int k = 0; k < COMBINE_PREF; ++k) {
-        const int x = part + COMBINE_P * k;
-        add_part(o0, o1, o_pref[k], x < splits ? weight[x] : 0.f);
-    }
-    if (part < COMBINE_P) {
-#pragma unroll 8
-        for (int x = part + COMBINE_P * COMBINE_PREF; x < splits; x += COMBINE_P)
-            add_part(o0, o1, *reinterpret_cast<const float2*>(o_row + x * split_stride), weight[x]);
-        part_sum[part * COMBINE_NC + c] = make_float2(o0, o1);
-    }
-    __syncthreads();
-    for (int cc = threadIdx.x; cc < COMBINE_NC; cc += blockDim.x) {
-        float2 o = part_sum[cc];
-#pragma unroll
-        for (int p = 1; p < COMBINE_P; ++p) {
-            o.x += part_sum[p * COMBINE_NC + cc].x;
-            o.y += part_sum[p * COMBINE_NC + cc].y;
-        }
-        *reinterpret_cast<u32*>(out + (((long long)b * Lq + ql) * Hq + h) * HEAD_DIM_V + 2 * cc) =
-            merged_pair(o.x, o.y, total);
-    }
-#else
-    for (int e = 2 * threadIdx.x; e < HEAD_DIM_V; e += 2 * blockDim.x) {
-        float o0 = 0.f, o1 = 0.f;
-#pragma unroll 8  // eight loads in flight
-        for (int x = 0; x < splits; ++x)
-            add_part(o0, o1, *reinterpret_cast<const float2*>(o_part + ((long long)x * rows + bhl) * HEAD_DIM_V + e),
-                     weight[x]);
-        *reinterpret_cast<u32*>(out + (((long long)b * Lq + ql) * Hq + h) * HEAD_DIM_V + e) =
-            merged_pair(o0, o1, total);
-    }
-#endif
-    if (threadIdx.x == 0) lse[bhl] = merged_lse(top, total);
 }
 
 // New keys and values into the cache before the attention: token n of sequence b goes to position

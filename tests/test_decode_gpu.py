@@ -36,34 +36,6 @@ def test_kv_cache_on_the_decode_kernels(name, dtype):
     _check_case(name, dtype)
 
 
-@pytest.mark.parametrize("name", ["one_sequence_long", "wide_head", "odd_dim_multi_query", "decode_gqa"])
-def test_combine_with_its_loads_up_front(name, monkeypatch):
-    """decode.COMBINE_PREFETCH: the combine reads every split's partial output before it knows their weights
-    (threads in 1, 2 or 6 parts by head dim; many splits on the long sequence)."""
-    _check_with("COMBINE_PREFETCH", name, "bfloat16", monkeypatch)
-
-
-@pytest.mark.parametrize("name", ["one_sequence_long", "wide_head", "odd_dim_multi_query", "chunk_causal_window",
-                                  "decode_append_paged"])
-def test_combine_fused_into_the_split_kernel(name, monkeypatch):
-    """decode.FUSED_COMBINE: no combine kernel; the split CTA of each (b, kvh) that finishes last merges the splits
-    (arrivals counted in the workspace after a memset), on many splits, 16 query rows a CTA, paged caches and
-    appended tokens."""
-    _check_with("FUSED_COMBINE", name, "float16", monkeypatch)
-
-
-def _check_with(knob, name, dtype, monkeypatch):
-    """_check_case with the decode constant ``knob`` set to 1, the plans built afresh for it and after."""
-    from cusdpa.backends.flash import decode
-
-    monkeypatch.setattr(decode, knob, 1)
-    decode.build.cache_clear()
-    try:
-        _check_case(name, dtype)
-    finally:
-        decode.build.cache_clear()
-
-
 def _check_case(name, dtype):
     import cupy
 
@@ -118,18 +90,16 @@ def _check_case(name, dtype):
     assert not failures, "\n".join(failures)
 
 
-@pytest.mark.parametrize("fused", [0, 1])
-def test_torch_decode_steps_replay_a_plan_and_capture_in_a_cuda_graph(fused, monkeypatch):
+def test_torch_decode_steps_replay_a_plan_and_capture_in_a_cuda_graph(monkeypatch):
     """interop.kv_cache_attention's decode plan: a repeated call gives the first one's result; lengths as an int
     are checked against the capacity; a decode step (append one token, attend) captured in a CUDA graph and
-    replayed with new lengths written into its static tensors equals the eager step; with decode.FUSED_COMBINE
-    the graph holds the arrivals' memset and no combine kernel."""
+    replayed with new lengths written into its static tensors equals the eager step (the graph holds the split
+    kernel's arrival memset)."""
     torch = pytest.importorskip("torch")
     import interop
     from cusdpa.backends.flash import decode
     from interop import kv_cache
 
-    monkeypatch.setattr(decode, "FUSED_COMBINE", fused)
     monkeypatch.setattr(kv_cache, "_plans", {})
     decode.build.cache_clear()
 

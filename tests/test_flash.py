@@ -71,11 +71,6 @@ def _nvrtc_jobs():
                                              ((40, 40), "bfloat16", False, False)):  # split-KV decode
         options = decode.compile_options(dtype, E, Ev, paged, modifiers, modifiers)
         yield "flash_decode.cu", options
-        if Ev in (40, 128, 256):  # the combine with its loads up front: 6, 2 and 1 parts of the threads
-            yield "flash_decode.cu", tuple(o.replace("DEC_COMBINE_PREFETCH=0", "DEC_COMBINE_PREFETCH=1")
-                                           for o in options)
-        if Ev in (64, 256):  # the combine fused into the split kernel's last CTAs
-            yield "flash_decode.cu", tuple(o.replace("DEC_FUSED_COMBINE=0", "DEC_FUSED_COMBINE=1") for o in options)
     for mask in sources.MASK_CODES:  # the attn_mask's summary (kernels_cuda/mask_summary.cu)
         if mask:
             yield "mask_summary.cu", ("-std=c++17", f"-DATTN_MASK={sources.MASK_CODES[mask]}")

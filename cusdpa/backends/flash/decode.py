@@ -2,12 +2,11 @@
 signature, prepared once and replayed on raw pointers, for ``cusdpa.kv_cache_attention`` on CuPy arrays
 and its torch twin.
 
-A call issues up to three kernels: ``kv_cache_append`` writes the new keys and values at each sequence's
-length, ``flash_decode_split`` attends over (splits, B * Hkv) CTAs, ``flash_decode_combine`` merges the
-splits (skipped when there is one; with ``FUSED_COMBINE`` the last split CTA of each kv head merges them, after
-a memset of the arrival counts). The lengths are read on the device only, so a call never waits for
-the GPU, and the grid is sized from the cache's capacity: every split of a sequence takes an equal share
-of the keys that sequence actually holds.
+A call issues ``kv_cache_append``, which writes the new keys and values at each sequence's length (when a
+call brings any), a memset of the arrival counts (when the keys are split), and ``flash_decode_split`` over
+(splits, B * Hkv) CTAs, whose last CTA of each (sequence, kv head) merges that pair's splits. The lengths
+are read on the device only, so a call never waits for the GPU, and the grid is sized from the cache's
+capacity: every split of a sequence takes an equal share of the keys that sequence actually holds.
 
 Operands are described by ``Operand`` (shape, strides in elements, 16-byte alignment), so both front ends
 build the same plan from their own arrays.
@@ -29,14 +28,6 @@ ROWS = 16  # query rows of a CTA (Hq / Hkv x Lq): one m16 tile
 CTA_SMEM = 113 * 1024  # the pipeline's depth is chosen to fit two CTAs on an SM
 MAX_SPLITS = 128
 DEPTH = 0  # pipeline depth forced (0: ``stages`` chooses)
-# 1: the combine loads the splits' partial outputs while it finds their weights (flash_decode.cu's
-# DEC_COMBINE_PREFETCH); 0 until measured on a GPU (benchmarks/decode.py --config COMBINE_PREFETCH=1)
-COMBINE_PREFETCH = 0
-# 1: no combine kernel: the split CTA of a (b, kvh) that finishes last merges the splits (flash_decode.cu's
-# DEC_FUSED_COMBINE), the arrivals counted in the workspace, zeroed by a memset before the split kernel. Predicted:
-# the combine's 6.1 us at B = 1 (2.9 at B = 16) and one kernel's launch gap fewer, for a memset and a merge in
-# the last CTAs' tail; 0 until measured on a GPU (benchmarks/decode.py --config FUSED_COMBINE=1)
-FUSED_COMBINE = 0
 DTYPES = ("float16", "bfloat16")
 
 
@@ -54,7 +45,7 @@ class DecodePlan:
     length of every sequence when no lengths array is given (``fixed_len``), and the buffers the caller
     allocates: out (``out_shape``, the query's dtype, contiguous), lse (``lse_shape``, float32) and, when
     ``part_floats``, a float32 workspace of ``workspace_floats`` elements (the splits' outputs, then
-    their (m, l), then with FUSED_COMBINE one int32 arrival count per (b, kvh)).
+    their (m, l), then one int32 arrival count per (b, kvh)).
     ``capacity`` and ``new`` are the positions a sequence holds and the tokens a call appends."""
 
     device: int
@@ -114,7 +105,7 @@ def smem_bytes(E: int, Ev: int, depth: int) -> int:
 
 def split_count(pairs: int, capacity: int, resident: int) -> int:
     """Splits of each (sequence, kv head)'s keys: the fewest whose CTAs fill the resident slots' waves within 5%
-    of the best count's fill (more splits cost each CTA its prologue and the combine more work), no split
+    of the best count's fill (more splits cost each CTA its prologue and the merge more work), no split
     shorter than one tile per warp."""
     most = max(1, min(MAX_SPLITS, -(-capacity // (WARPS * TILE))))
     fills = [pairs * s / (-(-(pairs * s) // resident) * resident) for s in range(1, most + 1)]
@@ -127,8 +118,7 @@ def compile_options(dtype_name: str, E: int, Ev: int, paged: bool, softcap: bool
     return ("-std=c++17", "--use_fast_math", f"-DCUSDPA_BF16={int(dtype_name == 'bfloat16')}", f"-DHEAD_DIM={E}",
             f"-DHEAD_DIM_V={Ev}", "-DIS_DROPOUT=0", f"-DDEC_WARPS={WARPS}", f"-DDEC_TILE={TILE}",
             f"-DDEC_STAGES={stages(E, Ev)}", f"-DPAGED={int(paged)}", f"-DSOFTCAP={int(softcap)}",
-            f"-DALIBI={int(alibi)}", f"-DDEC_COMBINE_PREFETCH={COMBINE_PREFETCH}",
-            f"-DDEC_FUSED_COMBINE={FUSED_COMBINE}", f"-DDEC_MAX_SPLITS={MAX_SPLITS}")
+            f"-DALIBI={int(alibi)}", f"-DDEC_MAX_SPLITS={MAX_SPLITS}")
 
 
 @functools.lru_cache(maxsize=256)
@@ -162,19 +152,15 @@ def build(device: int, dtype_name: str, q: Operand, k_cache: Operand, v_cache: O
             *cache_strides, block_size, capacity]))
     left, right = window
     partial = splits > 1
-    arrivals = B * Hkv if partial and FUSED_COMBINE else 0
+    arrivals = B * Hkv if partial else 0
     if arrivals:
         launches.append(ZeroWords("arrivals", arrivals))
     launches.append(Launch(split_fn, (splits, B * Hkv), (WARPS * 32,), smem, [
         Slot("q"), Slot("k"), Slot("v"), Slot("table"), seqlens, Slot("slopes") if alibi else 0, Slot("o"),
         Slot("lse"), Slot("o_part") if partial else 0, Slot("ml_part") if partial else 0,
-        *((Slot("arrivals") if arrivals else 0,) if FUSED_COMBINE else ()), B, Hq, Hq // Hkv, Lq,
+        Slot("arrivals") if arrivals else 0, B, Hq, Hq // Hkv, Lq,
         *map(np.int64, q.strides[:3]), np.int64(table_row_stride), *cache_strides, block_size, capacity,
         Slot("fixed_len"), n_new, np.float32(scale), np.float32(softcap), left, right]))
     rows = B * Hq * Lq
-    if partial and not FUSED_COMBINE:
-        combine = sources.kernel(device, "flash_decode.cu", "flash_decode_combine", options, 0)
-        launches.append(Launch(combine, (rows, 1), (128,), 0, [
-            Slot("o_part"), Slot("ml_part"), Slot("o"), Slot("lse"), splits, rows, Hq, Lq]))
     return DecodePlan(device, tuple(launches), (B, Lq, Hq, Ev), (B, Hq, Lq),
                       splits * rows * Ev if partial else 0, splits * rows * 2 if partial else 0, arrivals, capacity, n_new)
