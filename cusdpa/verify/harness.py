@@ -165,7 +165,9 @@ def expect(pr: problem.Problem, dout=None) -> Expected:
         base.update(zip(GRADS, base_grads))
     dtypes = dict.fromkeys(truth, pr.dtype_name)
     if pr.mask_kind == "float":
-        dtypes["dmask"] = pr.mask.dtype.name
+        # dS is formed at the inputs' precision and rounded to the mask's dtype: the coarser of the two sets
+        # its floor (an fp64 mask's gradient is fp32 arithmetic for fp32 inputs, not fp64's)
+        dtypes["dmask"] = judge.coarser(pr.dtype_name, pr.mask.dtype.name)
     return Expected(truth, {name: judge.bound(name, truth[name], base[name], dtypes[name]) for name in truth})
 
 

@@ -4,7 +4,8 @@ The project's rule: a kernel's error against the float64 reference may be at mos
 error of the same computation done by PyTorch at the same precision (the yardstick,
 cusdpa.verify.yardstick), plus a small floor; never a loose fixed tolerance that could hide a bug.
 The factor is 2 for the output and lse, 3 for gradients; the floor is ``FLOOR`` of the output's dtype
-(``LSE_FLOOR`` for lse), relative to max|reference| (``bound``).
+(``LSE_FLOOR`` for lse; for a float mask's gradient the coarser of the inputs' and the mask's dtype),
+relative to max|reference| (``bound``).
 """
 from __future__ import annotations
 
@@ -95,9 +96,16 @@ class Bound:
                 f"({self.limit:.3g})")
 
 
+def coarser(a: str, b: str) -> str:
+    """Of two dtypes (FLOOR's keys), the one with the larger floor: the precision a value computed in one and
+    stored in the other has at best."""
+    return a if FLOOR[a] >= FLOOR[b] else b
+
+
 def bound(name: str, ref, yardstick, dtype: str) -> Bound:
-    """The rule's bound for the output ``name`` (out, lse, dq, dk, dv, dmask) in ``dtype`` (the mask's for
-    dmask), given its float64 reference and the yardstick's value."""
+    """The rule's bound for the output ``name`` (out, lse, dq, dk, dv, dmask) in ``dtype`` (for dmask the
+    coarser of the inputs' and the mask's, ``coarser``), given its float64 reference and the yardstick's
+    value."""
     factor = 2.0 if name in ("out", "lse") else 3.0
     floor = LSE_FLOOR if name == "lse" else FLOOR[dtype]
     # Where NaN/inf inputs make the reference NaN or inf, an output must match it exactly (max_error); the

@@ -14,6 +14,14 @@ numerics of a careful fused kernel, so that a backend is held to what its precis
   P rounded to the input dtype before P @ V, the output in the input dtype; lse = logsumexp(s) in fp32;
   fp32 matmuls on TF32 where the problem allows it (Options.allow_tf32), exact fp32 otherwise.
 
+TF32 is computed, not asked for: both operands of each product (forward and autograd's backward ones)
+rounded to TF32 (10-bit mantissa, to nearest, ties away, as cvt.rna.tf32.f32 does), then multiplied in
+exact fp32 (products of 11-bit significands are exact; fp32 sums). cuBLAS takes fp32_precision = "tf32" as
+leave to use TF32, not an order (its heuristics may pick exact fp32 kernels for a shape): asking for it, the
+yardstick of one TF32 problem on the H200 (L = 130, S = 70, E = 96, dropout, a bool mask) had fp32's error,
+6e-7 on out, where TF32's is ~1e-3, and the TF32 kernels failed against it. The fp32 matmuls of the
+yardstick otherwise run with fp32_precision = "ieee", whatever the process set.
+
 Gradients are torch autograd through those ops: dP, dq, dk and dv are rounded to the input dtype where
 autograd rounds them, and GQA's key/value heads are repeated in the input dtype, so dk and dv sum
 their group's rounded gradients. A float mask's gradient is dS summed over its broadcast dims in fp32,
@@ -43,30 +51,57 @@ def same_precision(pr: problem.Problem, dout=None):
 
     device = torch.device(pr.device)
     dout_t = None if dout is None else as_tensor(dout, device)
-    with _matmul_precision(torch, "tf32" if pr.allow_tf32 and pr.dtype_name == "float32" else None):
+    mm = _tf32_matmul(torch) if pr.allow_tf32 and pr.dtype_name == "float32" else torch.matmul
+    with _exact_fp32_matmuls(torch):
         if pr.varlen is None:
             full = pr.batch_shape + (pr.hq, pr.L, pr.Ev)
-            out, lse, grads = _dense(torch, pr, None if dout_t is None else dout_t.reshape(full), 0)
+            out, lse, grads = _dense(torch, pr, None if dout_t is None else dout_t.reshape(full), 0, mm)
         else:
-            out, lse, grads = _varlen(torch, pr, dout_t)
+            out, lse, grads = _varlen(torch, pr, dout_t, mm)
     return (as_float64(out.reshape(pr.out_shape)), as_float64(lse.reshape(pr.lse_shape)),
             tuple(as_float64(g) for g in grads))
 
 
 @contextlib.contextmanager
-def _matmul_precision(torch, precision):
-    """torch's fp32 matmuls on CUDA at ``precision`` ("tf32": a problem that allows TF32 is held to what TF32
-    products give) for the body; None leaves them as they are."""
-    if precision is None:
-        yield
-        return
+def _exact_fp32_matmuls(torch):
+    """torch's fp32 matmuls on CUDA in exact fp32 (fp32_precision "ieee") for the body, whatever the process
+    set: TF32, where a problem allows it, is the yardstick's own rounding (_tf32_matmul)."""
     matmul = torch.backends.cuda.matmul
-    before = matmul.fp32_precision
-    matmul.fp32_precision = precision
+    name, exact = ("fp32_precision", "ieee") if hasattr(matmul, "fp32_precision") else ("allow_tf32", False)
+    before = getattr(matmul, name)
+    setattr(matmul, name, exact)
     try:
         yield
     finally:
-        matmul.fp32_precision = before
+        setattr(matmul, name, before)
+
+
+def to_tf32(torch, x):
+    """fp32 tensor ``x`` rounded to TF32's 10-bit mantissa, to nearest with ties away from zero (PTX's
+    cvt.rna.tf32.f32): half an ulp added to the magnitude's bits, the 13 low bits cleared. inf stays inf;
+    values within half a TF32 ulp of fp32's largest round to inf, as cvt.rna does."""
+    bits = x.contiguous().view(torch.int32)
+    return ((bits + 0x1000) & -0x2000).view(torch.float32)
+
+
+def _tf32_matmul(torch):
+    """a @ b (fp32, batched) as TF32 tensor cores compute it: both operands rounded to TF32, the products
+    exact and summed in fp32 -- and so its gradients, g @ b^T and a^T @ g with g rounded too."""
+    class Tf32MatMul(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, a, b):
+            a, b = to_tf32(torch, a), to_tf32(torch, b)
+            ctx.save_for_backward(a, b)
+            return a @ b
+
+        @staticmethod
+        def backward(ctx, grad):
+            a, b = ctx.saved_tensors
+            grad = to_tf32(torch, grad)
+            return (grad @ b.transpose(-1, -2) if ctx.needs_input_grad[0] else None,
+                    a.transpose(-1, -2) @ grad if ctx.needs_input_grad[1] else None)
+
+    return Tf32MatMul.apply
 
 
 def as_float64(t):
@@ -91,9 +126,10 @@ def as_tensor(x, device):
     return (t.view(bits[1]) if bits else t).to(device)
 
 
-def _dense(torch, pr: problem.Problem, dout, bh_base: int):
+def _dense(torch, pr: problem.Problem, dout, bh_base: int, mm):
     """Torch tensors out (*batch, Hq, L, Ev), lse (*batch, Hq, L) and, given ``dout`` of out's shape, the
-    gradients in the inputs' shapes and dtypes. ``bh_base``: the dropout counter's first batch-head."""
+    gradients in the inputs' shapes and dtypes. ``bh_base``: the dropout counter's first batch-head; ``mm``:
+    the matmul of the problem's precision (torch.matmul, or _tf32_matmul's)."""
     device, dt = torch.device(pr.device), getattr(torch, pr.dtype_name)
     acc = torch.float64 if dt == torch.float64 else torch.float32
     full, g = pr.batch_shape, pr.group
@@ -122,7 +158,7 @@ def _dense(torch, pr: problem.Problem, dout, bh_base: int):
         parts = [q[b][h0:h1], k[b][kv], v[b][kv]] + ([mask[b][h0:h1].to(acc)] if float_mask else [])
         leaves = [x.detach().requires_grad_(dout is not None) for x in parts]
         qc, kc, vc = leaves[:3]
-        s = (qc.to(acc) @ kc.repeat_interleave(g, 0).to(acc).transpose(-1, -2)) * pr.scale
+        s = mm(qc.to(acc), kc.repeat_interleave(g, 0).to(acc).transpose(-1, -2)) * pr.scale
         if pr.softcap:
             s = pr.softcap * torch.tanh(s / pr.softcap)
         if slopes is not None:
@@ -141,7 +177,7 @@ def _dense(torch, pr: problem.Problem, dout, bh_base: int):
             bh = np.arange(bh_base + flat * pr.hq + h0, bh_base + flat * pr.hq + h1)
             keep = philox.keep_mask(pr.seed, pr.offset, bh, pr.L, pr.S, pr.dropout_p, pr.xp)
             P = P * as_tensor(keep, device) * pr.dropout_rescale
-        o = P.to(dt) @ vc.repeat_interleave(g, 0)
+        o = mm(P.to(dt), vc.repeat_interleave(g, 0))
         out[b][h0:h1] = o.detach()
         lse[b][h0:h1] = torch.logsumexp(s.detach(), -1)
         if dout is not None:
@@ -153,14 +189,14 @@ def _dense(torch, pr: problem.Problem, dout, bh_base: int):
     return out, lse, grads
 
 
-def _varlen(torch, pr: problem.Problem, dout):
+def _varlen(torch, pr: problem.Problem, dout, mm):
     """_dense's results for a packed problem, sequence by sequence."""
     device, dt = torch.device(pr.device), getattr(torch, pr.dtype_name)
     out = torch.zeros(pr.out_shape, dtype=dt, device=device)
     lse = torch.full(pr.lse_shape, -torch.inf, dtype=torch.float32, device=device)
     grads = [torch.zeros(x.shape, dtype=dt, device=device) for x in (pr.q, pr.k, pr.v)] if dout is not None else []
     for b, sub, qr, kr in reference.varlen_pieces(pr):
-        o, l, gs = _dense(torch, sub, None if dout is None else dout[qr].transpose(0, 1), b * pr.hq)
+        o, l, gs = _dense(torch, sub, None if dout is None else dout[qr].transpose(0, 1), b * pr.hq, mm)
         out[qr], lse[:, qr] = o.transpose(0, 1), l
         for total, rows, grad in zip(grads, (qr, kr, kr), gs):
             total[rows] = grad.transpose(0, 1)
