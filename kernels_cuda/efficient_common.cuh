@@ -49,7 +49,12 @@ __host__ __device__ constexpr int mask_element_bytes(int kind) {
 
 // Mask element `at` (in elements) of kind MASK_KIND from `p` applied to one scaled score of a visible pair; -inf
 // means selected out. A -inf float-mask entry selects the score out as a False bool entry does, so NaN in q k^T
-// there is never added in.
+// there is never added in. The add is __fadd_rn, which the compiler never contracts with the scaling multiply
+// in front of it: a plain `s + m` became fma(qk, scale, m) where the multiply and the add landed in one basic
+// block (the per-element loads) and stayed two roundings where they did not (EFF_MASK_TILE's select between
+// the shared tile and the global fallback), so the two paths, and the forward and the backward's recomputed
+// scores, could differ in the last bit. Pinned, every loop computes (qk * scale rounded) + m rounded, as the
+// yardstick's recipe does.
 __device__ __forceinline__ float apply_mask_element(const unsigned char* p, i64 at, float s) {
   if (MASK_KIND == MASK_NONE) return s;
   float m;
@@ -60,7 +65,7 @@ __device__ __forceinline__ float apply_mask_element(const unsigned char* p, i64 
     case MASK_F32: m = ((const float*)p)[at]; break;
     default: m = (float)((const double*)p)[at];
   }
-  return m == -CUSDPA_INF ? -CUSDPA_INF : s + m;
+  return m == -CUSDPA_INF ? -CUSDPA_INF : __fadd_rn(s, m);
 }
 
 // One (batch, head) slice's mask of kind MASK_KIND: element [i][j] at p + (i * rs + j * cs) * element size.

@@ -292,6 +292,10 @@ def backward(pr, out, lse, dout, grads=None, config=None, delta=None, determinis
     dq_spec, dkdv_spec = _blocked_spec(pr, cfg, False), _blocked_spec(pr, cfg, True)
     threads = cfg.threads ** 2
     q, k, v, mask, dout_b = (layout.bits(x) for x in (views.q, views.k, views.v, views.mask, dout_v))
+    if not delta_from_out:
+        # the dq kernel moves lse to the normaliser of its own scores (gradients.reduce_delta), for itself and the
+        # dk/dv and dmask kernels: in a copy, the caller's lse stays the forward's
+        lse_v = lse_v.copy()
     reads = (q, k, v, mask, dout_b, lse_v, delta_v)
     out_b = layout.bits(out_v) if delta_from_out else dout_b  # dout stands in where out is not read
     launcher.launch(gradients.dq_kernel(dq_spec, dmask_direct, delta_from_out),

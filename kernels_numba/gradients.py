@@ -7,7 +7,10 @@ Two kernels, FlashAttention-2's split, deterministic (no atomics: every run give
   where it must be exact, summed as rowsum(P * dP) in a first walk over the key tiles. Exact means a
   broadcast float mask's gradient, a sum of dS over scores where sum_j dS_ij = rowsum(P * dP) - delta_i
   cancels: delta from the output rounded to the input dtype (2**-9 relative in bf16) would leave that
-  rounding in it. The first walk costs two of the kernel's five tile products.
+  rounding in it. The first walk costs two of the kernel's five tile products. It also sums P's rows
+  and moves lse_i by the log of that sum (written into the backward's copy of lse, which the dk/dv and
+  dmask kernels read): the forward's lse may come from other arithmetic (the tensor_core loops), and a
+  row of P summing to 1 + eps would scale every dS of the row by it and leave sum_j dS_ij = -delta_i eps.
 - dk/dv (one block per BLOCK_N key rows): walks the query tiles of every query head of its GQA
   group and every problem batch its own batch element was broadcast to, accumulating
   dV += (P * Z)^T dO and dK += dS^T Q in registers.
@@ -214,22 +217,40 @@ def dq_kernel(spec: Spec, dmask_direct: bool, delta_from_out: bool):
     FIRST_PHASE = 1 if delta_from_out else 0  # a constant: the pass-0 code is not generated at all
 
     @device.inline
-    def reduce_delta(delta_m, ds_tile, delta, b0, b1, b2, h, q0, m_first, L_b, tr, tc):
-        """delta_i from the per-thread partials: the G threads sharing a query column add theirs in a fixed
-        order (through ds_tile); written out for the dk/dv and dmask kernels, launched after."""
-        cuda.syncthreads()  # ds_tile is no longer read by the previous rep's dq product
+    def reduce_partials(part, ds_tile, tr, tc):
+        """part[b] becomes the total of the G threads' partials of query column tc + G * b, added in a fixed
+        order (through ds_tile)."""
+        cuda.syncthreads()  # ds_tile is no longer read (the previous rep's dq product, the previous reduction)
         for b in range(SUB_M):
-            ds_tile[tr, tc + G * b] = delta_m[b]
+            ds_tile[tr, tc + G * b] = part[b]
         cuda.syncthreads()
         for b in range(SUB_M):
             total = np.float32(0.0)
             for t in range(G):
                 total += ds_tile[t, tc + G * b]
-            delta_m[b] = total
+            part[b] = total
+        cuda.syncthreads()  # the partials are read before they (or dS) are written over
+
+    @device.inline
+    def reduce_delta(delta_m, norm_m, lse_m, ds_tile, delta, lse, b0, b1, b2, h, q0, m_first, L_b, tr, tc):
+        """delta_i and the row's normaliser sum_j P_ij from the per-thread partials; then lse_i is moved by
+        log(sum_j P_ij) and delta_i divided by it, so that P = exp(s - lse) over the scores these kernels
+        recompute sums to 1 (to rounding) and sum_j dS_ij cancels. The forward's lse comes from its own
+        scores, the tensor_core loops' where they ran (fp32 there: TF32 products of split operands, not these
+        fp32 FMAs), and against these scores its P summed to 1 + eps, eps ~1e-6: every dS of the row off by
+        that factor and sum_j dS_ij = -delta_i eps (on the H200, fp32 float masks broadcast over the batch
+        or the keys had dmask, dq and dk at 2-10x PyTorch's error). Both written out for the dk/dv and dmask
+        kernels, launched after: lse into this backward's own copy (attention.backward passes one here)."""
+        reduce_partials(delta_m, ds_tile, tr, tc)
+        reduce_partials(norm_m, ds_tile, tr, tc)
+        for b in range(SUB_M):
+            if norm_m[b] > np.float32(0.0):  # a row that sees a finite score (NaN stays as it is)
+                lse_m[b] = lse_m[b] + np.float32(math.log(norm_m[b]))
+                delta_m[b] = delta_m[b] / norm_m[b]
             i = m_first + tc + G * b
             if tr == 0 and i < L_b:
-                delta[b0, b1, b2, h, q0 + i] = total
-        cuda.syncthreads()  # the partials are read before dS is written over them
+                delta[b0, b1, b2, h, q0 + i] = delta_m[b]
+                lse[b0, b1, b2, h, q0 + i] = lse_m[b]
 
     @device.kernel(_max_registers(spec))
     def attention_dq(q, k, v, mask, dout, out, lse, delta, dq, dmask, cu_q, cu_k, nb1, nb2, own1, own2, reps,
@@ -237,7 +258,8 @@ def dq_kernel(spec: Spec, dmask_direct: bool, delta_from_out: bool):
                      threshold, rescale):
         """dq_i = scale * sum_j dS_ij k_j for BLOCK_M query rows; q's own batch element sums every problem
         batch it was broadcast to (``reps`` of them, decoded by batch_of). Writes delta (out is read only
-        with DELTA_FROM_OUT)."""
+        with DELTA_FROM_OUT); without DELTA_FROM_OUT also lse, each block its own rows, moved to these scores'
+        normaliser (reduce_delta): ``lse`` is then the backward's copy, not the forward's."""
         tid = cuda.threadIdx.x
         tr = tid // G
         tc = tid % G
@@ -255,6 +277,7 @@ def dq_kernel(spec: Spec, dmask_direct: bool, delta_from_out: bool):
         dp_acc = cuda.local.array((SUB_N, SUB_M), np.float32)
         lse_m = cuda.local.array(SUB_M, np.float32)  # of queries m_first + tc + G * b
         delta_m = cuda.local.array(SUB_M, np.float32)
+        norm_m = cuda.local.array(SUB_M, np.float32)  # pass 0: sum_j P_ij
         dq_acc = cuda.local.array((SUB_M, COLS), np.float32)  # rows m_first + tr * SUB_M + a, cols tc + G * c
         for a in range(SUB_M):
             for c in range(COLS):
@@ -274,6 +297,7 @@ def dq_kernel(spec: Spec, dmask_direct: bool, delta_from_out: bool):
                 i = m_first + tc + G * b
                 lse_m[b] = lse[b0, b1, b2, h, q0 + i] if i < L_b else np.float32(NEG_INF)
                 delta_m[b] = np.float32(0.0)
+                norm_m[b] = np.float32(0.0)
             lo, hi = key_range(m_first, min(L_b, m_first + BLOCK_M) - 1, causal, shift, S_b, left, right)
             if DELTA_FROM_OUT:
                 # rowsum(dout * out), each of the G threads of a query column summing the whole row in column
@@ -311,6 +335,7 @@ def dq_kernel(spec: Spec, dmask_direct: bool, delta_from_out: bool):
                                     p = np.float32(math.exp(s - lse_m[b]))
                                     if phase == 0:
                                         delta_m[b] += p * (dp_acc[a, b] * z)
+                                        norm_m[b] += p
                                     else:
                                         ds = p * (dp_acc[a, b] * z - delta_m[b])
                                         if DMASK_DIRECT:
@@ -320,7 +345,8 @@ def dq_kernel(spec: Spec, dmask_direct: bool, delta_from_out: bool):
                     if phase == 1:
                         dq_product(dq_acc, ds_tile, kx, k0 + n0, k0 + S_b, E, lse_m, False, True, buf, tid, tr, tc)
                 if phase == 0:
-                    reduce_delta(delta_m, ds_tile, delta, b0, b1, b2, h, q0, m_first, L_b, tr, tc)
+                    reduce_delta(delta_m, norm_m, lse_m, ds_tile, delta, lse, b0, b1, b2, h, q0, m_first, L_b, tr,
+                                 tc)
         for a in range(SUB_M):
             i = m_first + tr * SUB_M + a
             if i < L_b:
@@ -451,7 +477,11 @@ def dmask_kernel(spec: Spec):
                         lower_right, left, right,
                         seed_lo, seed_hi, offset, threshold, rescale):
         """One thread per element of a broadcast float mask's gradient: the sum of dS over every score
-        the element was added to, recomputed pair by pair in a fixed order (no atomics)."""
+        the element was added to, recomputed pair by pair in a fixed order (no atomics), each dS in fp32 as
+        the other kernels form it, their sum in fp64: the sum runs over up to batch x heads x L (or S) scores
+        one after another, where an fp32 total would gather a rounding of the running total per score
+        (PyTorch's sum_to_size adds pairwise) -- and on a key-broadcast mask those dS cancel to ~0, so the
+        rounding is all of the result."""
         t = cuda.blockIdx.x * BLOCK + cuda.threadIdx.x
         n = 1
         for a in range(6):
@@ -473,7 +503,7 @@ def dmask_kernel(spec: Spec):
         scale32 = np.float32(scale)
         drop_scale = np.float32(rescale)
         idx = cuda.local.array(6, np.int64)
-        total = np.float32(0.0)
+        total = np.float64(0.0)
         for rep in range(reps):
             r = rep
             for a in range(5, -1, -1):
@@ -500,7 +530,7 @@ def dmask_kernel(spec: Spec):
             if DROPOUT:
                 bh = ((b0 * full[1] + b1) * full[2] + b2) * full[3] + h
                 dp *= device.keep_scale(j, i, bh, offset, seed_lo, seed_hi, threshold, drop_scale)
-            total += p * (dp - delta[b0, b1, b2, h, i])
-        dmask[own[0], own[1], own[2], own[3], own[4], own[5]] = store_mask(total)
+            total += np.float64(p * (dp - delta[b0, b1, b2, h, i]))
+        dmask[own[0], own[1], own[2], own[3], own[4], own[5]] = store_mask(np.float32(total))
 
     return attention_dmask

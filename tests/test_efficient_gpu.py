@@ -224,6 +224,33 @@ def test_empty_sequences(gpu, rng):
         assert np.all(np.isneginf(_host(lse)))
 
 
+def test_portable_backward_normalises_p_over_its_own_scores(gpu, rng):
+    """A broadcast float mask's gradient runs the portable backward, whose dq kernel sums rowsum(P * dP) and
+    rowsum(P) and moves lse by log(rowsum(P)): the forward's lse may come from other arithmetic (the tensor_core
+    loops' fp32 is TF32 products of split operands), and P summing to 1 + eps scaled every dS of the row by it
+    and left sum_j dS_ij = -delta_i eps (fp32 float masks 2-10x PyTorch's error, test_mask_tiles). An lse off by
+    row offsets of 1e-5 then leaves the judged gradients as accurate as the forward's own, and the caller's
+    lse as it was."""
+    from cusdpa.backends import efficient
+
+    cp, _, kn = gpu
+    failures = []
+    for case in (Case("float32", batch=(2,), hq=4, hkv=2, L=70, S=160, E=64, mask="float", mask_shape=(4, 70, 160)),
+                 Case("float32", batch=(2,), hq=2, hkv=2, L=50, S=64, E=64, mask="float", mask_shape=(50, 1))):
+        pr = harness.build(case, cp, rng)
+        dout = cp.asarray(harness.draw(rng, pr.out_shape, pr.dtype_name))
+        expected = harness.expect(pr, dout)
+        with kn.configured(kn.KernelConfig(variant="portable")):
+            out, lse = efficient.IMPL.forward(pr)
+            shifted = lse + cp.asarray(1e-5 * rng.standard_normal(lse.shape), dtype=cp.float32)
+            given = shifted.copy()
+            grads = efficient.IMPL.backward(pr, out, shifted, dout, False,
+                                            tuple(cp.empty_like(x) for x in (pr.q, pr.k, pr.v, pr.mask)))
+        assert cp.array_equal(shifted, given)
+        failures += [f"{case}: {m}" for m in harness.judged(expected, dict(zip(harness.GRADS, grads)))[1]]
+    assert not failures, "\n".join(failures)
+
+
 def test_tensor_core_backward_runs_where_it_applies(gpu, rng, monkeypatch):
     """The tensor_core variant's gradients come from its own kernels (efficient_bwd.cuh) and match the reference,
     a direct float mask's gradient too; q broadcast over a batch dim (one own batch element for several problem
@@ -258,8 +285,10 @@ def test_public_api_runs_on_the_current_stream_and_compiles_once(gpu, rng):
     with stream, cusdpa.sdpa_kernel([cusdpa.Backend.EFFICIENT]):
         assert cusdpa.explain(*pr_args).chosen is cusdpa.Backend.EFFICIENT
         first = cusdpa.scaled_dot_product_attention(*pr_args, is_causal=True)
+        # the one that ran: tensor_core.forward's arguments exactly (functools.cache keys on them as given; the
+        # mask_tile flag left to its default made another, never-compiled kernel, with no overloads)
         kernel = tensor_core._kernel(64, "float16", False, 0, kn.current().tensor_core_registers, 64,
-                                    kn.current().head_major_grid)  # the one that ran
+                                    kn.current().head_major_grid, False)
 
         def compiled():
             return (tensor_core._kernel.cache_info().currsize, blocked_forward.forward_kernel.cache_info().currsize,
