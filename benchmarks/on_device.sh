@@ -30,7 +30,8 @@
 # in bf16 and fp16, head dims, the tutorial's call, GQA 32/8, long context), fwd-short-tests / fwd-short (the Hopper
 # forward's choices for short problems: O stored by TMA, FlashConfig.fwd90_tma_store, and a third K/V stage: their GPU
 # tests / each timed against the default at L = 1024 and on the tutorial's call), fwd-phases (where the Hopper forward's warps spend their
-# clocks, phase by phase: benchmarks/fwd90_phases.py, the default and with register stores), ncu-bwd / ncu-fwd (the Hopper backward
+# clocks, phase by phase: benchmarks/fwd90_phases.py, the default and with register stores, E = 128; fwd-phases-64: the
+# same at E = 64, where O's TMA store gained only 1.5% at L = 1024), ncu-bwd / ncu-fwd (the Hopper backward
 # at E = 64 and 128, L = 4096, / the forward at E = 128 L = 1024 causal and L = 4096, E = 64 L = 4096, under ncu:
 # throughput, issue rate, warp stall reasons, and the SASS lines warps wait at; benchmarks/ncu_profile.sh),
 # overhead, hf (Hugging Face models, "cusdpa" against "sdpa"), bench (every provider),
@@ -133,6 +134,8 @@ command_of() {  # the command of stage $1, into the array cmd
                     --variants $V') ;;
     fwd-phases) cmd=(python3 benchmarks/fwd90_phases.py --lengths 1024 4096 --head-dims 128 --causal both
                      --variants "" fwd90_tma_store=0) ;;
+    fwd-phases-64) cmd=(python3 benchmarks/fwd90_phases.py --lengths 1024 4096 --head-dims 64 --causal both
+                        --variants "" fwd90_stages=3) ;;
     ncu-bwd) cmd=(bash -c 'for E in 64 128; do bash benchmarks/ncu_profile.sh flash_bwd_sm90 1 --backward-only \
                    --lengths 4096 --head-dims $E --causal no; done') ;;
     ncu-fwd) cmd=(bash -c 'for p in "128 1024 yes" "128 4096 no" "64 4096 no"; do set -- $p
