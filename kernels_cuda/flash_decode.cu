@@ -57,7 +57,8 @@ constexpr int PIPE_BYTES = NW * STAGES * STAGE_ELEMS * 2;
 constexpr int MERGE_BYTES = NW * ROWS * (EV_PAD + 2) * 4;
 static_assert(MERGE_BYTES <= PIPE_BYTES, "the merge reuses the pipeline's shared memory");
 
-// Merging partial results (a CTA's warps, a sequence's splits). A part weighing nothing adds nothing, by a select:
+// Merging partial results: a sequence's splits (add_part), and the rows' results of a CTA's warps or splits
+// (merged_pair, merged_lse). A part weighing nothing adds nothing, by a select:
 // one that saw nothing of the row may hold 0 * NaN in its O, and its load is issued whatever its weight.
 __device__ __forceinline__ void add_part(float& o0, float& o1, float2 p, float w) {
     o0 += w == 0.f ? 0.f : p.x * w;
@@ -145,9 +146,9 @@ __device__ __forceinline__ float soft_cap(float x, float k, float softcap) {
 // weights of its rows (lane s: splits s, s + 32, ...) into shared memory (`weight`: [ROWS][DEC_MAX_SPLITS]
 // floats, then the rows' totals and maxima); then each thread sums column pairs over the splits. The other
 // CTAs' partials are read past L1 (ld.global.cg): they were written on other SMs.
-__device__ __noinline__ void merge_splits(const float* __restrict__ o_part, const float* __restrict__ ml_part, elem_t* __restrict__ out,
-                             float* __restrict__ lse, float* weight, int splits, int rows, int R, int b, int kvh,
-                             int group, int Hq, int Lq) {
+__device__ __noinline__ void merge_splits(const float* __restrict__ o_part, const float* __restrict__ ml_part,
+                                         elem_t* __restrict__ out, float* __restrict__ lse, float* weight, int splits,
+                                         int rows, int R, int b, int kvh, int group, int Hq, int Lq) {
     float* total = weight + ROWS * DEC_MAX_SPLITS;
     float* top = total + ROWS;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;

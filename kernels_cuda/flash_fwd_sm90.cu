@@ -832,6 +832,9 @@ flash_fwd_sm90(const __grid_constant__ TmaMap tm_q, const __grid_constant__ TmaM
             const bool empty = l == 0.f;
             const float inv = rp_dropout / l;
             const int row = i + 8 * r;
+            auto o_pair = [&](int vt) {  // this thread's columns vt * 8 + 2 t4 and the next of the row, normalised
+                return pack2<IS_BF16>(empty ? 0.f : acc[vt * 4 + 2 * r] * inv, empty ? 0.f : acc[vt * 4 + 2 * r + 1] * inv);
+            };
 #if FWD90_TMA_STORE
             const u32 row_off = ((warp % 4) * 16 + g + 8 * r) * V_SW;  // the row within the warpgroup's 64
 #pragma unroll
@@ -839,17 +842,14 @@ flash_fwd_sm90(const __grid_constant__ TmaMap tm_q, const __grid_constant__ TmaM
                 constexpr int CHUNK_COLS = V_SW / 2;
                 const int col = vt * 8 + 2 * t4;
                 const u32 off = (col / CHUNK_COLS) * 64 * V_SW + swizzled<V_SW>(row_off + (col % CHUNK_COLS) * 2);
-                *reinterpret_cast<u32*>(sOwg + off) = pack2<IS_BF16>(
-                    empty ? 0.f : acc[vt * 4 + 2 * r] * inv, empty ? 0.f : acc[vt * 4 + 2 * r + 1] * inv);
+                *reinterpret_cast<u32*>(sOwg + off) = o_pair(vt);
             }
             if (row < sl.L && t4 == 0)
                 lseb[row] = empty ? -CUSDPA_INF : NATURAL ? m_i[r] + log2f(l) * LN2 : (m_i[r] + log2f(l)) * LN2;
 #else
             if (row < sl.L) {
 #pragma unroll
-                for (int vt = 0; vt < VT; ++vt)
-                    *reinterpret_cast<u32*>(ob + row * o_sm + vt * 8 + 2 * t4) = pack2<IS_BF16>(
-                        empty ? 0.f : acc[vt * 4 + 2 * r] * inv, empty ? 0.f : acc[vt * 4 + 2 * r + 1] * inv);
+                for (int vt = 0; vt < VT; ++vt) *reinterpret_cast<u32*>(ob + row * o_sm + vt * 8 + 2 * t4) = o_pair(vt);
                 if (t4 == 0)
                     lseb[row] = empty ? -CUSDPA_INF : NATURAL ? m_i[r] + log2f(l) * LN2 : (m_i[r] + log2f(l)) * LN2;
             }

@@ -97,11 +97,9 @@ def test_torch_decode_steps_replay_a_plan_and_capture_in_a_cuda_graph(monkeypatc
     kernel's arrival memset)."""
     torch = pytest.importorskip("torch")
     import interop
-    from cusdpa.backends.flash import decode
     from interop import kv_cache
 
     monkeypatch.setattr(kv_cache, "_plans", {})
-    decode.build.cache_clear()
 
     g = torch.Generator(device="cuda").manual_seed(0)
     B, S, hq, hkv, E = 3, 1024, 8, 2, 64
@@ -141,4 +139,3 @@ def test_torch_decode_steps_replay_a_plan_and_capture_in_a_cuda_graph(monkeypatc
     graph.replay()
     expected = step()  # eager on the state the replay left: it rewrites the same token where the replay did
     torch.testing.assert_close(got, expected, rtol=0, atol=0)
-    decode.build.cache_clear()

@@ -70,7 +70,6 @@ class DecodePlan:
                             fixed_len, None, part + 4 * (self.part_floats + self.ml_floats)), stream, self.device)
 
 
-
 def _inner(x: Operand, rank: int) -> bool:
     """A rank-``rank`` operand whose last dim is contiguous and whose other strides keep 16-byte rows."""
     return len(x.shape) == rank and x.aligned and x.strides[-1] == 1 and all(s % 8 == 0 for s in x.strides[:-1])
