@@ -461,6 +461,10 @@ struct Tf32Ops {
 
   // Acc[d] += A B: A over RT k-steps of 8 (one per n8 tile of P), B the tile's rows in set_operand's order:
   // b0 = B[2t][n], b1 = B[2t + 1][n] of the k-step's 8 rows; COLS columns from `tile` on.
+  // With three passes each k-step's product is taken into a zeroed fragment and added to Acc by FADD: the
+  // tensor cores add into their accumulator truncating, a bias that grows with the number of additions, and
+  // Acc adds one per k-step of the whole loop (dV over 1025 queries of one key: 20x the fp32 yardstick's
+  // error on the H200); rounded to nearest the additions' errors cancel as fp32's do.
   template <int HEAD_DIM, int RT, int COLS = HEAD_DIM>
   static __device__ __forceinline__ void product_pb(float (&acc)[COLS / 8][4], const PFrag<RT>& pf,
                                                     const float* tile, int lane) {
@@ -472,7 +476,14 @@ struct Tf32Ops {
 #pragma unroll
       for (int d = 0; d < COLS / 8; ++d) {
         const float* b = tile + (kk * 8 + 2 * t) * STRIDE + d * 8 + g;
-        mma(acc[d], as, split(b[0]), split(b[STRIDE]));
+        if (PASSES == 3) {
+          float step[4] = {0.f, 0.f, 0.f, 0.f};
+          mma(step, as, split(b[0]), split(b[STRIDE]));
+#pragma unroll
+          for (int i = 0; i < 4; ++i) acc[d][i] += step[i];
+        } else {
+          mma(acc[d], as, split(b[0]), split(b[STRIDE]));
+        }
       }
     }
   }
