@@ -19,7 +19,7 @@ class KernelConfig:
 
     variant: "portable" is pure Numba (fp32 FMAs; every dtype and feature; the one the CUDA
       simulator runs); "tensor_core" runs the tile loops, forward and backward, in linked CUDA C device
-      functions on mma.sync (fp16/bf16 with E and Ev <= 128, fp32 with tensor_core_fp32; unit-stride head dim,
+      functions on mma.sync (fp16/bf16 with E and Ev <= 128, fp32 too with tensor_core_fp32; unit-stride head dim,
       real GPU only; the backward also needs q, k and v not broadcast over batch dims, else it is
       portable); "auto" takes tensor_core
       where it applies and portable elsewhere.
@@ -43,8 +43,11 @@ class KernelConfig:
       128 until the wide loops have run on a GPU.
     tensor_core_fp32: fp32 inputs take the tensor_core loops too (TF32 tensor cores, each product as three of
       split operands, within 2^-23 relative: about fp32's accuracy, as PyTorch's EFFICIENT_ATTENTION runs fp32;
-      head dims <= 128; past 96 the backward takes column parts); off: fp32 runs on the portable kernels' FMAs.
-      Off until it has run on a GPU.
+      head dims <= 128; past 96 the backward takes column parts; each k-step's three products are added to the
+      accumulators rounded to nearest, not in the tensor cores' truncating accumulator); off: fp32 runs on the
+      portable kernels' FMAs. On: on the H200 (B=4 L=2048 Hq*E=1024) it ran the forward 2.0-2.4x and the
+      backward at E = 64 1.8x faster than the portable kernels (E = 128's backward level), passing the fp32
+      judge on the GPU test grid.
     fused_backward: the tensor_core backward of 16-bit types in one kernel per key block (five tile products
       instead of the two kernels' seven), dQ added into an fp32 accumulator with atomics, so its bits vary run
       to run, as PyTorch's EFFICIENT_ATTENTION backward's do; a backward asked to be deterministic keeps the
@@ -87,7 +90,7 @@ class KernelConfig:
     prepared_launches: bool = True
     tensor_core_blocks: int = 3
     tensor_core_head_dim: int = 128
-    tensor_core_fp32: bool = False
+    tensor_core_fp32: bool = True
     fused_backward: bool = False
     tensor_core_block_n: int = 0
     tensor_core_col_parts: int = 0

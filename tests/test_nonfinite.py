@@ -369,7 +369,10 @@ def test_gpu_rows_that_see_nothing_stay_zero_next_to_nan_rows(on_gpu, dtype, rng
     v[:, 1, 0, 5] = np.nan
     pr = problem.from_dense(*map(cupy.asarray, (q, k, v)), None,
                             problem.Options(is_causal=True, causal_variant="lower_right"))
-    failures = on_gpu(lambda impl: harness.run_problem(pr, impl, rng))
+    failures = on_gpu(lambda impl: None if impl.not_supported_reasons(pr, True)
+                      else harness.run_problem(pr, impl, rng))
+    if failures is None:
+        pytest.skip("the backend does not take this problem")
     assert not failures, "\n".join(failures)
 
 

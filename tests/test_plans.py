@@ -302,11 +302,14 @@ def test_the_ops_replay_plans_for_compiled_graphs(name, rng, monkeypatch):
         assert torch.equal(g, w)
 
 
-EFFICIENT_CASES = {  # the tensor_core kernels with a bool mask and dropout; the portable ones in fp32
+EFFICIENT_CASES = {  # the tensor_core kernels with a bool mask and dropout, and in fp32; the portable ones past
+    # fp32's tensor_core head dims
     "bf16_bool_mask_dropout": dict(q=(2, 4, 200, 64), kv=(2, 4, 200, 64), dtype="bfloat16",
                                    kw=dict(dropout_p=0.2), mask=True),
     "fp32_causal_gqa": dict(q=(1, 4, 130, 32), kv=(1, 2, 150, 32), dtype="float32",
                             kw=dict(is_causal=True, enable_gqa=True, causal_variant="lower_right"), mask=False),
+    "fp32_wide_portable": dict(q=(1, 2, 70, 160), kv=(1, 2, 90, 160), dtype="float32", kw=dict(is_causal=True),
+                               mask=False),
 }
 
 
