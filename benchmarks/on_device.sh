@@ -33,7 +33,8 @@
 # clocks, phase by phase: benchmarks/fwd90_phases.py, the default and with register stores, E = 128; fwd-phases-64: the
 # same at E = 64, where O's TMA store gained only 1.5% at L = 1024), ncu-bwd / ncu-fwd (the Hopper backward
 # at E = 64 and 128, L = 4096, / the forward at E = 128 L = 1024 causal and L = 4096, E = 64 L = 4096, under ncu:
-# throughput, issue rate, warp stall reasons, and the SASS lines warps wait at; benchmarks/ncu_profile.sh),
+# throughput, issue rate, warp stall reasons, and the SASS lines warps wait at; benchmarks/ncu_profile.sh;
+# ncu-fwd-64: the forward at E = 64 L = 4096 alone, whose softmax takes half of every consumer's clocks),
 # overhead, hf (Hugging Face models, "cusdpa" against "sdpa"), bench (every provider),
 # bench-flash (cusdpa FLASH against PyTorch's FLASH and cuDNN only), bench-module (the tutorial module: parts b
 # and c), train (bf16 autocast), train-fp32, train-compiled (bf16, torch.compile), decode (greedy generation
@@ -141,6 +142,8 @@ command_of() {  # the command of stage $1, into the array cmd
     ncu-fwd) cmd=(bash -c 'for p in "128 1024 yes" "128 4096 no" "64 4096 no"; do set -- $p
                    bash benchmarks/ncu_profile.sh flash_fwd_sm90 2 --forward-only --head-dims $1 --lengths $2 --causal $3
                    done') ;;
+    ncu-fwd-64) cmd=(bash benchmarks/ncu_profile.sh flash_fwd_sm90 2 --forward-only --head-dims 64 --lengths 4096
+                     --causal no) ;;
     overhead) cmd=(python3 benchmarks/overhead.py --profile) ;;
     bench) cmd=(python3 -m cusdpa bench --out "$OUT/bench") ;;
     bench-flash) cmd=(python3 -m cusdpa bench --out "$OUT/bench" --providers cusdpa cusdpa-flash torch torch-flash
