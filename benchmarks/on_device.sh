@@ -10,10 +10,10 @@
 #
 # The machine has torch, CuPy, numba-cuda and triton but numpy 2.5, which numba-cuda 0.30 cannot import:
 # a numpy < 2.5 wheel travels in .whl (README of the device tool) and goes first on PYTHONPATH.
-# Stages: flash-tests, plans-tests, interop-tests, efficient-tests, efficient-knob-tests, efficient-mended-tests (the tests
-# that failed on the H200 on 2026-12-05 and their fixes, with short tracebacks; efficient-fp32-tc-grid: the fp32 grid on
-# the TF32 tensor_core loops alone, so its messages print), efficient-short (EFFICIENT at L = 1024, through
-# Numba's dispatcher and through prepared launches), efficient-fp32 (the EFFICIENT issue's fp32 shape; efficient-fp32-tiles: the portable kernels' register tiles swept there), efficient-wide (head dims 160-256 on the tensor_core loops, forward and backward: their GPU test, then E = 192, 256 timed with KernelConfig.tensor_core_head_dim 128 and 256), efficient-fused (the fused tensor_core backward: its GPU tests, then bf16 L = 4096 timed with it off and on),
+# Stages: flash-tests, plans-tests, interop-tests, efficient-tests, efficient-knob-tests, efficient-short (EFFICIENT at L = 1024, through
+# Numba's dispatcher and through prepared launches), efficient-fp32 (the EFFICIENT issue's fp32 shape; efficient-fp32-tiles: the portable kernels' register tiles swept there;
+# efficient-fp32-regs: there, the 3xTF32 loops at 168 registers and at 255, two blocks per SM, where their spills
+# fall from 40-348 bytes to 0-124), efficient-wide (head dims 160-256 on the tensor_core loops, forward and backward: their GPU test, then E = 192, 256 timed with KernelConfig.tensor_core_head_dim 128 and 256), efficient-fused (the fused tensor_core backward: its GPU tests, then bf16 L = 4096 timed with it off and on),
 # efficient-fwd-tiles (the tensor_core forward at E = 128 with 32-key tiles against the default 64),
 # efficient-grid-order (the tensor_core kernels' blocks head-major, KernelConfig.head_major_grid, off and on at
 # L = 1024 and 4096), efficient-bwd-spills (the tensor_core backward's spills at head dim 128: as it is, with
@@ -67,10 +67,6 @@ command_of() {  # the command of stage $1, into the array cmd
                           -k "not ($KNOB_TESTS)") ;;
     efficient-knob-tests) cmd=(python3 -m pytest -q -m "gpu and not slow" -p no:cacheprovider tests/test_efficient_gpu.py
                                -k "$KNOB_TESTS") ;;
-    efficient-mended-tests) cmd=(python3 -m pytest -q --tb=short -m gpu -p no:cacheprovider tests/test_efficient_gpu.py
-                                 -k "mask_tiles or tf32_allowed or normalises_p or public_api or every_mask_broadcast_shape") ;;
-    efficient-fp32-tc-grid) cmd=(python3 -m pytest -q --tb=short -m "gpu and not slow" -p no:cacheprovider tests/test_efficient_gpu.py
-                                 -k "test_grid and float32 and tensor_core") ;;
     fidelity-tests) cmd=(python3 -m pytest -q -m "gpu and not slow" -p no:cacheprovider tests/test_fidelity.py
                          tests/test_nonfinite.py tests/test_flash_slot.py tests/test_hf.py) ;;
     efficient-short) cmd=(bash -c 'for p in --numba-dispatch ""; do python3 benchmarks/efficient_gpu.py --L 1024 --reps 5 $p
@@ -108,6 +104,8 @@ command_of() {  # the command of stage $1, into the array cmd
                           -k mask_tiles && for t in 0 1; do for m in bool float; do python3 benchmarks/efficient_gpu.py \
                           --L 4096 --reps 5 --dtypes bfloat16 --head-dims 64 128 --mask $m \
                           --config tensor_core_mask_tiles=$t | tail -n 4; done; done') ;;
+    efficient-fp32-regs) cmd=(bash -c 'for c in 3 2; do python3 benchmarks/efficient_gpu.py --dtypes float32 --head-dims 64 128 \
+                              --L 2048 --hidden 1024 --reps 5 --config tensor_core_blocks=$c | tail -n 6; done') ;;
     efficient-fp32-tiles) cmd=(bash -c 'for c in "sub=4" "sub=8 threads=8" "sub=6 threads=8" "sub=4 threads=8"; do
                                python3 benchmarks/efficient_gpu.py --dtypes float32 --head-dims 64 --L 2048 --hidden 1024 \
                                  --reps 5 --config $c | tail -n 4; done') ;;
