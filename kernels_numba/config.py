@@ -46,8 +46,8 @@ class KernelConfig:
       head dims <= 128; past 96 the backward takes column parts; each k-step's three products are added to the
       accumulators rounded to nearest, not in the tensor cores' truncating accumulator); off: fp32 runs on the
       portable kernels' FMAs. On: on the H200 (B=4 L=2048 Hq*E=1024) it ran the forward 2.0-2.4x and the
-      backward at E = 64 1.8x faster than the portable kernels (E = 128's backward level), passing the fp32
-      judge on the GPU test grid.
+      backward at E = 64 1.8x faster than the portable kernels (at E = 128 the backward only matches them),
+      passing the fp32 judge on the GPU test grid.
     fused_backward: the tensor_core backward of 16-bit types in one kernel per key block (five tile products
       instead of the two kernels' seven), dQ added into an fp32 accumulator with atomics, so its bits vary run
       to run, as PyTorch's EFFICIENT_ATTENTION backward's do; a backward asked to be deterministic keeps the
