@@ -29,7 +29,9 @@
 # tutorial module's attention shape), hopper-fwd (the Hopper forward issue's points against cuDNN: the grid
 # in bf16 and fp16, head dims, the tutorial's call, GQA 32/8, long context), fwd-short-tests / fwd-short (the Hopper
 # forward's choices for short problems: O stored by TMA, FlashConfig.fwd90_tma_store, and a third K/V stage: their GPU
-# tests / each timed against the default at L = 1024 and on the tutorial's call), fwd-phases (where the Hopper forward's warps spend their
+# tests / each timed against the default at L = 1024 and on the tutorial's call), fwd-deeper (E = 128 L = 1024 not
+# causal with shorter key blocks and so a third or fourth K/V stage beside O's staging buffer: 96-key blocks in 3
+# stages fit 208 KB, 64-key blocks in 4 stages 192, where 128-key blocks fit only 2), fwd-phases (where the Hopper forward's warps spend their
 # clocks, phase by phase: benchmarks/fwd90_phases.py, the default and with register stores, E = 128; fwd-phases-64: the
 # same at E = 64, where O's TMA store gained only 1.5% at L = 1024), ncu-bwd / ncu-fwd (the Hopper backward
 # at E = 64 and 128, L = 4096, / the forward at E = 128 L = 1024 causal and L = 4096, E = 64 L = 4096, under ncu:
@@ -131,6 +133,9 @@ command_of() {  # the command of stage $1, into the array cmd
                     eval $S --lengths 1024 --head-dims 64 128 --variants $V
                     eval $S --dtype float16 --lengths 1024 --head-dims 32 --tokens 32768 --hidden 1024 --causal no \
                     --variants $V') ;;
+    fwd-deeper) cmd=(bash -c 'python3 benchmarks/flash_sweep.py --forward-only --lengths 1024 --head-dims 128 --causal no \
+                     --variants "" fwd90_block_n=96,fwd90_stages=3 fwd90_block_n=96,fwd90_stages=3,fwd90_tma_store=0 \
+                     fwd90_block_n=64,fwd90_stages=4,fwd90_tma_store=1') ;;
     fwd-phases) cmd=(python3 benchmarks/fwd90_phases.py --lengths 1024 4096 --head-dims 128 --causal both
                      --variants "" fwd90_tma_store=0) ;;
     fwd-phases-64) cmd=(python3 benchmarks/fwd90_phases.py --lengths 1024 4096 --head-dims 64 --causal both
