@@ -182,10 +182,6 @@ def _bhsd(*tensors: torch.Tensor) -> tuple:
     return tuple(t.transpose(1, 2) for t in tensors)
 
 
-def _unit(*tensors: torch.Tensor) -> tuple:
-    return tuple(arguments.unit_stride(t) for t in tensors)
-
-
 # ---- the kernels ----------------------------------------------------------------------------------------
 
 def sdpa_flash_forward(query, key, value, dropout_p=0.0, is_causal=False, return_debug_mask=False, *, scale=None):
@@ -194,7 +190,7 @@ def sdpa_flash_forward(query, key, value, dropout_p=0.0, is_causal=False, return
     _not_taken(return_debug_mask=return_debug_mask)
     seed, rng_state, unused = _draw_rng(query, dropout_p)
     options, backends = _resolve(dropout_p, is_causal, scale, query.size(1) != key.size(1))
-    out, lse = ops.call(ops.sdpa_fwd, *_unit(query, key, value), None, None, *options, seed, backends)
+    out, lse = ops.call(ops.sdpa_fwd, *arguments.unit_strides(query, key, value), None, None, *options, seed, backends)
     return (_laid_out_like(out, query), lse, None, None, query.size(2), key.size(2), rng_state, unused,
             _debug_mask(query))
 
@@ -204,7 +200,7 @@ def sdpa_flash_backward(grad_out, query, key, value, out, logsumexp, cum_seq_q, 
     """``aten::_scaled_dot_product_flash_attention_backward``: (grad_query, grad_key, grad_value)."""
     seed = _replay_seed(philox_seed, dropout_p)
     options, backends = _resolve(dropout_p, is_causal, scale, query.size(1) != key.size(1))
-    dq, dk, dv, _ = ops.call(ops.sdpa_bwd, grad_out, *_unit(query, key, value), None, None, out, logsumexp, *options,
+    dq, dk, dv, _ = ops.call(ops.sdpa_bwd, grad_out, *arguments.unit_strides(query, key, value), None, None, out, logsumexp, *options,
                              seed, backends, torch.are_deterministic_algorithms_enabled(), False)
     return _laid_out_like(dq, query), _laid_out_like(dk, key), _laid_out_like(dv, value)
 
@@ -223,7 +219,7 @@ def flash_forward(query, key, value, cum_seq_q, cum_seq_k, max_q, max_k, dropout
     heads = 1 if cum_seq_q is not None else 2
     options, backends = _resolve(dropout_p, is_causal, scale, query.size(heads) != key.size(heads), window_size_left,
                                  window_size_right)
-    q, k, v = _unit(query, key, value)
+    q, k, v = arguments.unit_strides(query, key, value)
     if cum_seq_q is None:
         out, lse = ops.call(ops.sdpa_fwd, *_bhsd(q, k, v), None, None, *options, seed, backends)
         out = out.transpose(1, 2)
@@ -251,7 +247,7 @@ def flash_backward(grad_out, query, key, value, out, logsumexp, cum_seq_q, cum_s
     heads = 1 if cum_seq_q is not None else 2
     options, backends = _resolve(dropout_p, is_causal, scale, query.size(heads) != key.size(heads), window_size_left,
                                  window_size_right)
-    q, k, v = _unit(query, key, value)
+    q, k, v = arguments.unit_strides(query, key, value)
     deterministic = torch.are_deterministic_algorithms_enabled()
     if cum_seq_q is None:
         grads = ops.call(ops.sdpa_bwd, *_bhsd(grad_out, q, k, v), None, None, out.transpose(1, 2), logsumexp,

@@ -62,8 +62,8 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     options, backends = arguments.resolve(dropout_p, is_causal, scale, enable_gqa, causal_variant, window, softcap,
                                           backend, arguments.tf32_allowed(query))
     query, key, value = arguments.broadcast_heads(query, key, value, options[3])
-    out, lse = autograd.attention(arguments.unit_stride(query), arguments.unit_stride(key),
-                                  arguments.unit_stride(value), attn_mask, alibi_slopes, arguments.draw_seed(dropout_p),
+    out, lse = autograd.attention(*arguments.unit_strides(query, key, value), attn_mask, alibi_slopes,
+                                  arguments.draw_seed(dropout_p),
                                   backends, options, check_flag(deterministic, "deterministic"))
     return (out, lse) if return_lse else out
 
@@ -82,7 +82,7 @@ def varlen_attention(query, key, value, cu_seqlens_q, cu_seqlens_k, max_seqlen_q
         arguments.check_beside(cu, name, query)
     options, backends = arguments.resolve(dropout_p, is_causal, scale, enable_gqa, causal_variant, window, softcap,
                                           backend, arguments.tf32_allowed(query))
-    out, lse = autograd.varlen_attention(*(arguments.unit_stride(x) for x in (query, key, value)), cu_seqlens_q,
+    out, lse = autograd.varlen_attention(*arguments.unit_strides(query, key, value), cu_seqlens_q,
                                          cu_seqlens_k, alibi_slopes, max_seqlen_q, max_seqlen_k,
                                          arguments.draw_seed(dropout_p), backends, options,
                                          check_flag(deterministic, "deterministic"))

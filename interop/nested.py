@@ -39,7 +39,7 @@ def attention(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_
     offsets_q, offsets_k = packed[0].offsets(), packed[1].offsets()
     options = arguments.options(dropout_p, is_causal, scale, enable_gqa, causal_variant, window, softcap,
                                 arguments.tf32_allowed(query))
-    out = autograd.varlen_attention(*(arguments.unit_stride(t.values()) for t in packed), offsets_q.to(torch.int32),
+    out = autograd.varlen_attention(*arguments.unit_strides(*(t.values() for t in packed)), offsets_q.to(torch.int32),
                                     offsets_k.to(torch.int32), alibi_slopes, _max_seqlen(offsets_q),
                                     _max_seqlen(offsets_k), arguments.draw_seed(dropout_p),
                                     arguments.backend_names(backend), options)[0]
