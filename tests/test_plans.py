@@ -110,8 +110,8 @@ def test_oversized_argument_is_refused():
 class FakeMap:  # a TensorMap that writes the address at byte 16 of a 128-byte template
     template = bytes(range(128))
 
-    def write(self, dst, ptr):
-        ctypes.c_uint64.from_address(dst + 16).value = ptr
+    def writer(self, dst):
+        return lambda ptr: setattr(ctypes.c_uint64.from_address(dst + 16), "value", ptr)
 
 
 def test_map_slots_pass_each_calls_map_by_value(monkeypatch):
@@ -153,8 +153,11 @@ def test_tensor_maps_find_where_the_address_lives(monkeypatch):
     assert dims == (96, 300, 1, 2) and box == (32, 128, 1, 1)  # 96 columns: 64-byte swizzle, 32-column boxes
     assert strides[0] == 192 and strides[2] == 4 * 300 * 96 * 2 and all(x % 16 == 0 for x in strides)
     buf = ctypes.create_string_buffer(m.template, 128)
-    m.write(ctypes.addressof(buf), 0x20000)
+    write = m.writer(ctypes.addressof(buf))
+    write(0x20000)
     assert buf.raw == encode("bfloat16", 0x20000, *calls[0])
+    write(0x40000)  # the writer is made once per buffer and serves every call
+    assert buf.raw == encode("bfloat16", 0x40000, *calls[0])
     before = len(calls)
     _, _, bm = tma.operand_map("float16", 0x10000, 64, 0, 2, 1, (0, 64 * 5, 64), box_rows=80)
     assert len(calls) == before + 1  # the driver was probed once, by the first map: one encode per map after
@@ -164,7 +167,7 @@ def test_tensor_maps_find_where_the_address_lives(monkeypatch):
     monkeypatch.setattr(tma, "_DRIVER", {})
     m = tma.TensorMap("bfloat16", 0x10000, (64, 8, 1, 1), (128, 1024, 1024), (64, 8, 1, 1))
     assert m.offset is None
-    m.write(ctypes.addressof(buf), 0x30000)
+    m.writer(ctypes.addressof(buf))(0x30000)
     assert buf.raw[:16] == (0x30000 * 3).to_bytes(16, "little")
 
 

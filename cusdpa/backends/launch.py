@@ -106,10 +106,10 @@ class Launch:
             n = max(1, len(self.cells))
             cells = (ctypes.c_uint64 * n)(*self.cells)
             addresses = [ctypes.addressof(cells) + 8 * i for i in range(n)]
-            maps = []
+            maps = []  # (the map's writer, its storage, kept alive with the buffer)
             for i, _, tensor_map in self.maps:
                 storage = (ctypes.c_uint64 * 16).from_buffer_copy(tensor_map.template)
-                maps.append((ctypes.addressof(storage), storage))
+                maps.append((tensor_map.writer(ctypes.addressof(storage)), storage))
                 addresses[i] = ctypes.addressof(storage)
             pointers = (ctypes.c_void_p * n)(*addresses)
             buf = self._buffers[key] = (cells, tuple(maps), pointers, ctypes.addressof(pointers))
@@ -120,9 +120,9 @@ class Launch:
         for i, j in self.slots:
             value = values[j]
             cells[i] = value if type(value) is int else _cell(value)  # raw pointers and seeds are ints
-        for (_, j, tensor_map), (address, _) in zip(self.maps, maps):
+        for (_, j, _), (write, _) in zip(self.maps, maps):
             value = values[j]
-            tensor_map.write(address, value if type(value) is int else _cell(value))
+            write(value if type(value) is int else _cell(value))
         gx, gy = self.grid
         (_Driver.driver or _Driver.load().driver).launchKernel(self.fn.ptr, gx, gy, 1, self.block[0], 1, 1, self.smem,
                                                                stream_ptr, params, 0)
