@@ -233,10 +233,13 @@ def test_reference_large_finite_inputs_stay_finite(dtype, value, accum):
 
 # ---- kernels: the checks the simulator and the GPU share ---------------------------------------------
 
-def visible_failures(impl, rng, name, dtype, xp, **sizes):
-    """The harness's verdicts, or None where the backend does not take the problem (FLASH: masks)."""
-    pr = visible_case(rng, name, dtype, xp, **sizes)
+def failures_where_taken(impl, pr, rng):
+    """The harness's verdicts on ``pr``, or None where the backend does not take it (FLASH: masks, fp32)."""
     return None if impl.not_supported_reasons(pr, True) else harness.run_problem(pr, impl, rng)
+
+
+def visible_failures(impl, rng, name, dtype, xp, **sizes):
+    return failures_where_taken(impl, visible_case(rng, name, dtype, xp, **sizes), rng)
 
 
 def hidden_failures(impl, rng, name, dtype, xp, bitwise=True, **sizes):
@@ -369,8 +372,7 @@ def test_gpu_rows_that_see_nothing_stay_zero_next_to_nan_rows(on_gpu, dtype, rng
     v[:, 1, 0, 5] = np.nan
     pr = problem.from_dense(*map(cupy.asarray, (q, k, v)), None,
                             problem.Options(is_causal=True, causal_variant="lower_right"))
-    failures = on_gpu(lambda impl: None if impl.not_supported_reasons(pr, True)
-                      else harness.run_problem(pr, impl, rng))
+    failures = on_gpu(lambda impl: failures_where_taken(impl, pr, rng))
     if failures is None:
         pytest.skip("the backend does not take this problem")
     assert not failures, "\n".join(failures)
