@@ -51,7 +51,8 @@
 // FWD90_TMA_STORE (1: each consumer warpgroup stages its O rows in shared memory and one thread stores them with
 // TMA, so the warpgroup's epilogue is shared-memory writes and the store runs on under its next tile, as
 // FlashAttention-3's epilogue does; dense problems only, tensor map `tm_o`: a packed batch's store would clip at
-// the tensor's end, not at the sequence's), CUSDPA_PHASES (1: per-warp phase clocks, phases.cuh),
+// the tensor's end, not at the sequence's), FWD90_SOFTMAX_TREE (1: the row maxima reduced as trees, both rows at
+// once: row_maxima), CUSDPA_PHASES (1: per-warp phase clocks, phases.cuh),
 // FWD90_WARPGROUPS (consumer warpgroups, 2 or 3), FWD90_BLOCK_N, FWD90_STAGES (K/V buffers), FWD90_PINGPONG
 // (1: consumers take turns; 0: they issue when ready), ATTN_MASK, ALIBI (1: the slopes' bias added, `slopes`
 // per (batch, head) with batch stride `slopes_b`; scores in natural units as with a float mask), SOFTCAP (1:
@@ -65,6 +66,9 @@
 #endif
 #ifndef FWD90_TMA_STORE
 #define FWD90_TMA_STORE 0
+#endif
+#ifndef FWD90_SOFTMAX_TREE
+#define FWD90_SOFTMAX_TREE 0
 #endif
 constexpr int MMA_WG = FWD90_WARPGROUPS;
 constexpr int NTHREADS = (MMA_WG + 1) * 128;
@@ -132,31 +136,75 @@ __device__ __forceinline__ void issue_pv(float (&acc)[VT * 4], const u32 (&p)[NT
 // before dropout). alpha[r] is the factor the output accumulated so far needs; the return value says
 // whether any row of the warp changed its max (else alpha is 1 everywhere and the rescale is skipped).
 // With NATURAL the scores come scaled, in natural units (apply_mask, apply_alibi), and m_i is in those units too.
+// Scores outside row i + 8 r's visible keys selected out (-inf).
+__device__ __forceinline__ void mask_row(float (&s)[NT * 4], int r, const Visibility<int>& vis, int i, int n0, int t) {
+    int lo, hi;
+    vis.row_keys(i + 8 * r, lo, hi);
+    lo -= n0 + 2 * t;  // compared with the column offsets nt * 8 + c below
+    hi -= n0 + 2 * t;
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+        for (int c = 0; c < 2; ++c)
+            if (nt * 8 + c < lo || nt * 8 + c >= hi) s[nt * 4 + 2 * r + c] = -CUSDPA_INF;
+}
+
+// The maxima of this thread's rows over the block's masked scores, across the row's four threads. fmaxf
+// skips NaN (a NaN score poisons the row through its p = exp2(NaN) instead) and is exact, so any order of
+// the reduction gives the same maxima.
+__device__ __forceinline__ void row_maxima(float (&s)[NT * 4], float (&mx)[2], const Visibility<int>& vis, bool full,
+                                           int i, int n0, int t) {
+#if FWD90_SOFTMAX_TREE
+    // Both rows at once, each a tree (depth log2 NT + 1 where a chain is NT + 1 deep), their shuffles in
+    // flight together: the two rows' reductions are independent, and one branch masks both, so nothing
+    // separates them into two serial halves as a row-by-row loop with its masking branch did.
+    if (!full) {
+#pragma unroll
+        for (int r = 0; r < 2; ++r) mask_row(s, r, vis, i, n0, t);
+    }
+    float v[2][NT];
+#pragma unroll
+    for (int r = 0; r < 2; ++r)
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt) v[r][nt] = fmaxf(s[nt * 4 + 2 * r], s[nt * 4 + 2 * r + 1]);
+#pragma unroll
+    for (int w = 1; w < NT; w *= 2)
+#pragma unroll
+        for (int k = 0; k + w < NT; k += 2 * w)
+#pragma unroll
+            for (int r = 0; r < 2; ++r) v[r][k] = fmaxf(v[r][k], v[r][k + w]);
+#pragma unroll
+    for (int lane_mask = 1; lane_mask <= 2; lane_mask *= 2) {
+        float other[2];
+#pragma unroll
+        for (int r = 0; r < 2; ++r) other[r] = __shfl_xor_sync(0xffffffffu, v[r][0], lane_mask);
+#pragma unroll
+        for (int r = 0; r < 2; ++r) v[r][0] = fmaxf(v[r][0], other[r]);
+    }
+    mx[0] = v[0][0];
+    mx[1] = v[1][0];
+#else
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        if (!full) mask_row(s, r, vis, i, n0, t);
+        float m = -CUSDPA_INF;
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt) m = fmaxf(m, fmaxf(s[nt * 4 + 2 * r], s[nt * 4 + 2 * r + 1]));
+        m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 1));
+        mx[r] = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 2));
+    }
+#endif
+}
+
 __device__ __forceinline__ bool softmax_block(float (&s)[NT * 4], float (&m_i)[2], float (&l_i)[2], float (&alpha)[2],
                                               const Visibility<int>& vis, bool full, int i, int n0, int t,
                                               float scale_log2) {
-    float m_use[2];
+    float mx[2], m_use[2];
+    row_maxima(s, mx, vis, full, i, n0, t);
     bool rescale = false;
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
-        if (!full) {
-            int lo, hi;
-            vis.row_keys(i + 8 * r, lo, hi);
-            lo -= n0 + 2 * t;  // compared with the column offsets nt * 8 + c below
-            hi -= n0 + 2 * t;
-#pragma unroll
-            for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-                for (int c = 0; c < 2; ++c)
-                    if (nt * 8 + c < lo || nt * 8 + c >= hi) s[nt * 4 + 2 * r + c] = -CUSDPA_INF;
-        }
-        float mx = -CUSDPA_INF;
-#pragma unroll
-        for (int nt = 0; nt < NT; ++nt) mx = fmaxf(mx, fmaxf(s[nt * 4 + 2 * r], s[nt * 4 + 2 * r + 1]));
-        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-        // fmaxf skips NaN: a NaN score poisons the row through its p = exp2(NaN) instead.
-        const float m_new = fmaxf(m_i[r], NATURAL ? mx : __fmul_rn(mx, scale_log2));
+        const float m_new = fmaxf(m_i[r], NATURAL ? mx[r] : __fmul_rn(mx[r], scale_log2));
         m_use[r] = m_new == -CUSDPA_INF ? 0.f : m_new;  // a row with nothing visible yet: exp2(-inf) = 0
         alpha[r] = exp2f(NATURAL ? (m_i[r] - m_use[r]) * LOG2E : m_i[r] - m_use[r]);
         rescale |= m_new != m_i[r];

@@ -34,8 +34,8 @@ def _nvrtc_jobs():
                         yield "flash_fwd_sm90.cu", sources.compile_options(dtype, E, Ev, dropout, fwd_cfg, queue=True) + (
                             "-arch=sm_90a",)
                     if fwd_cfg.fwd90_tma_store and (E, Ev) in ((64, 64), (96, 64), (160, 224)) and dropout:  # ... with
-                        # the phase clocks, O from 128- and 64-byte swizzled rows
-                        phased = dataclasses.replace(fwd_cfg, fwd90_phases=True)
+                        # the phase clocks, O from 128- and 64-byte swizzled rows, the row maxima as trees
+                        phased = dataclasses.replace(fwd_cfg, fwd90_phases=True, fwd90_softmax_tree=True)
                         yield "flash_fwd_sm90.cu", sources.compile_options(dtype, E, Ev, dropout, phased,
                                                                            tma_store=True) + ("-arch=sm_90a",)
             # ... and with each kind of attn_mask (its tiles from the queue)
@@ -723,6 +723,31 @@ def test_hopper_forward_stores_o_with_tma(name, rng, monkeypatch):
         stored[on] = flash.IMPL.forward(pr)
     want, got = stored[False], stored[True]
     assert all(cupy.array_equal(g, w, equal_nan=True) for g, w in zip(got, want))
+    failures = run_problem(pr, flash.IMPL, rng, grads=False)
+    assert not failures, "\n".join(failures)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["gqa", "window_lower_right", "dropout", "swizzles_differ", "varlen", "empty_keys",
+                                  "bool_key_padding", "float32_heads_odd_keys", "bool_short_keys_e32"])
+@pytest.mark.parametrize("warpgroups", [2, 3])
+def test_hopper_forward_softmax_tree(name, warpgroups, rng, monkeypatch):
+    """FlashConfig.fwd90_softmax_tree: the row maxima reduced as trees, both rows at once. fmaxf is exact in any
+    order, so out and lse are the same bits as the row-by-row chains', masked, windowed and packed alike; and
+    the reference judges them too."""
+    import cupy
+
+    from cusdpa.backends.flash import launches
+    from cusdpa.verify.harness import run_problem
+
+    pr = build({**FEATURES, **MASKED}[name], cupy, rng)
+    real = launches.config
+    results = {}
+    for on in (False, True):
+        monkeypatch.setattr(launches, "config", lambda pr, on=on: dataclasses.replace(
+            real(pr), fwd90_softmax_tree=on, fwd90_warpgroups=2 if pr.mask is not None else warpgroups))
+        results[on] = flash.IMPL.forward(pr)
+    assert all(cupy.array_equal(g, w, equal_nan=True) for g, w in zip(results[True], results[False]))
     failures = run_problem(pr, flash.IMPL, rng, grads=False)
     assert not failures, "\n".join(failures)
 

@@ -41,6 +41,10 @@ class FlashConfig:
     # epilogue; dense problems only, a packed batch stores from registers): the epilogue is a per-tile cost
     # that weighs most where tiles are short. for_problem turns it on where it measured faster
     fwd90_tma_store: bool = False
+    # the softmax's row maxima reduced as trees, both rows at once (kernels_cuda/flash_fwd_sm90.cu, row_maxima):
+    # the same maxima, shorter dependency chains; off until timed on the GPU (benchmarks/on_device.sh
+    # softmax-tree)
+    fwd90_softmax_tree: bool = False
     # per-warp phase clocks compiled into the Hopper forward (kernels_cuda/phases.cuh), for
     # benchmarks/fwd90_phases.py only
     fwd90_phases: bool = False
