@@ -92,10 +92,11 @@ def plain_cuda(query, key, value, attn_mask) -> bool:
 def unit_strides(*tensors: torch.Tensor) -> tuple:
     """``tensors``, each itself where its last dim is contiguous (no copy), else a contiguous copy, as PyTorch's
     SDPA does: the fused backends read rows of E elements. The common call (every last dim contiguous) in one
-    loop of stride reads, which per-tensor calls took twice as long for (an eager call's host time)."""
+    loop of stride reads, which per-tensor calls took twice as long for (an eager call's host time); the
+    stride tuple's last item, since ``stride(-1)`` costs twice as much as ``stride()``."""
     for t in tensors:
-        if t.stride(-1) != 1 and t.shape[-1] > 1:
-            return tuple(x if x.shape[-1] <= 1 or x.stride(-1) == 1 else x.contiguous() for x in tensors)
+        if t.stride()[-1] != 1 and t.shape[-1] > 1:
+            return tuple(x if x.shape[-1] <= 1 or x.stride()[-1] == 1 else x.contiguous() for x in tensors)
     return tensors
 
 
@@ -147,9 +148,13 @@ def broadcast_heads(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     return heads(query, plan.hq, 1), heads(key, plan.hkv, plan.k_repeat), heads(value, plan.hkv, plan.v_repeat)
 
 
-def autocast_dtype(device_type: str) -> torch.dtype | None:
-    """The dtype autocast casts attention's inputs to on ``device_type``, or None outside autocast (and on
-    devices cusdpa does not run, which the argument checks then name)."""
+def autocast_dtype(tensor) -> torch.dtype | None:
+    """The dtype autocast casts attention's inputs on ``tensor``'s device to, or None outside autocast (and on
+    devices cusdpa does not run, which the argument checks then name). Outside any autocast region, the
+    common call, one C call answers (reading the device type would cost three times as much)."""
+    if not torch._C._is_any_autocast_enabled():
+        return None
+    device_type = tensor.device.type
     if device_type not in ("cuda", "cpu") or not torch.is_autocast_enabled(device_type):
         return None
     return torch.get_autocast_dtype(device_type)

@@ -50,7 +50,7 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
         is_causal, causal_variant = arguments.causal_bias(attn_mask, is_causal, causal_variant, query, key)
         attn_mask = None
     if isinstance(query, torch.Tensor):
-        dtype = arguments.autocast_dtype(query.device.type)
+        dtype = arguments.autocast_dtype(query)
         if dtype is not None:
             query, key, value, attn_mask = arguments.autocast(dtype, query, key, value, attn_mask)
     if alibi_slopes is not None or not arguments.plain_cuda(query, key, value, attn_mask):  # else checked in a
