@@ -52,7 +52,8 @@
 // TMA, so the warpgroup's epilogue is shared-memory writes and the store runs on under its next tile, as
 // FlashAttention-3's epilogue does; dense problems only, tensor map `tm_o`: a packed batch's store would clip at
 // the tensor's end, not at the sequence's), FWD90_SOFTMAX_TREE (1: the row maxima reduced as trees, both rows at
-// once: row_maxima), CUSDPA_PHASES (1: per-warp phase clocks, phases.cuh),
+// once: row_maxima), FWD90_SKIP_IDLE (1: a consumer warpgroup whose rows all lie past the queries computes
+// nothing, walk_idle), CUSDPA_PHASES (1: per-warp phase clocks, phases.cuh),
 // FWD90_WARPGROUPS (consumer warpgroups, 2 or 3), FWD90_BLOCK_N, FWD90_STAGES (K/V buffers), FWD90_PINGPONG
 // (1: consumers take turns; 0: they issue when ready), ATTN_MASK, ALIBI (1: the slopes' bias added, `slopes`
 // per (batch, head) with batch stride `slopes_b`; scores in natural units as with a float mask), SOFTCAP (1:
@@ -69,6 +70,9 @@
 #endif
 #ifndef FWD90_SOFTMAX_TREE
 #define FWD90_SOFTMAX_TREE 0
+#endif
+#ifndef FWD90_SKIP_IDLE
+#define FWD90_SKIP_IDLE 0
 #endif
 constexpr int MMA_WG = FWD90_WARPGROUPS;
 constexpr int NTHREADS = (MMA_WG + 1) * 128;
@@ -700,6 +704,42 @@ flash_fwd_sm90(const __grid_constant__ TmaMap tm_q, const __grid_constant__ TmaM
         if (lane == 0) mbar_arrive(bar);
     };
     u32 it = 0, q_phase = 0;
+#if FWD90_SKIP_IDLE
+    // A warpgroup whose rows all lie past the slice's queries (the last query block of a length that is no
+    // multiple of BLOCK_M) walks the tile's key blocks from block n keeping the pipeline's protocol -- each
+    // buffer waited for (so that its release counts towards the phase it belongs to), released, and its
+    // ping-pong turns taken -- and computes nothing. Its own loop, not the compute loop with its products
+    // skipped: ptxas serialises every wgmma where a path may read accumulators between issue and wait.
+    auto walk_idle = [&](KeyBlocks& kb, int n, int n_end) {
+        mbar_wait_warp(q_full, q_phase);
+        q_phase ^= 1;
+        u32 st = it % STAGES, phase = (it / STAGES) & 1;
+        mbar_wait_warp(k_full + st, phase);
+        turn_begin();  // S of the first block
+        turn_end();
+        for (;;) {
+            const int next = kb.from(n + 1);
+            release(k_empty + st);
+            if (next >= n_end) release(q_empty);
+            if (next >= n_end) break;
+            n = next;
+            const u32 prev = st, prev_phase = phase;
+            ++it;
+            st = it % STAGES;
+            phase = (it / STAGES) & 1;
+            mbar_wait_warp(k_full + st, phase);
+            mbar_wait_warp(v_full + prev, prev_phase);
+            turn_begin();  // S of block n with P V of the block before
+            turn_end();
+            release(v_empty + prev);
+        }
+        mbar_wait_warp(v_full + st, phase);
+        turn_begin();  // P V of the last block
+        turn_end();
+        release(v_empty + st);
+        ++it;
+    };
+#endif
     ph.to(PH_START);
 #if FWD90_QUEUE
     for (int t = queue.get(); t < num_tiles; t = queue.get()) {
@@ -736,6 +776,13 @@ flash_fwd_sm90(const __grid_constant__ TmaMap tm_q, const __grid_constant__ TmaM
             ph.to(PH_EPILOGUE);
             continue;
         }
+#if FWD90_SKIP_IDLE
+        if (mw >= sl.L) {  // this warpgroup's rows all lie past the queries: nothing to compute or store
+            walk_idle(kb, n, tile.n_end);
+            ph.to(PH_EPILOGUE);
+            continue;
+        }
+#endif
 
         float acc[VT * 4];
 #pragma unroll

@@ -34,14 +34,17 @@ def _nvrtc_jobs():
                         yield "flash_fwd_sm90.cu", sources.compile_options(dtype, E, Ev, dropout, fwd_cfg, queue=True) + (
                             "-arch=sm_90a",)
                     if fwd_cfg.fwd90_tma_store and (E, Ev) in ((64, 64), (96, 64), (160, 224)) and dropout:  # ... with
-                        # the phase clocks, O from 128- and 64-byte swizzled rows, the row maxima as trees
-                        phased = dataclasses.replace(fwd_cfg, fwd90_phases=True, fwd90_softmax_tree=True)
+                        # the phase clocks, O from 128- and 64-byte swizzled rows, the row maxima as trees, idle
+                        # warpgroups skipping their tiles
+                        phased = dataclasses.replace(fwd_cfg, fwd90_phases=True, fwd90_softmax_tree=True,
+                                                     fwd90_skip_idle=True)
                         yield "flash_fwd_sm90.cu", sources.compile_options(dtype, E, Ev, dropout, phased,
                                                                            tma_store=True) + ("-arch=sm_90a",)
             # ... and with each kind of attn_mask (its tiles from the queue)
             for mask in (("bool", "float16") if dtype == "float16" else ("float32", "bfloat16")):
                 fwd_cfg = config.FlashConfig.for_problem(E, Ev, 4096, False, mask)
-                fwd_cfg = dataclasses.replace(fwd_cfg, fwd90_phases=(E, Ev) == (64, 64))  # (the clocks' masked walk)
+                # (the clocks' masked walk, and idle warpgroups' walk of a queue's tiles)
+                fwd_cfg = dataclasses.replace(fwd_cfg, fwd90_phases=(E, Ev) == (64, 64), fwd90_skip_idle=(E, Ev) == (64, 64))
                 if config.sm90_forward_applies(E, Ev, 90, fwd_cfg):
                     yield "flash_fwd_sm90.cu", sources.compile_options(dtype, E, Ev, dropout, fwd_cfg, mask=mask,
                                                                        queue=True) + ("-arch=sm_90a",)
@@ -731,10 +734,12 @@ def test_hopper_forward_stores_o_with_tma(name, rng, monkeypatch):
 @pytest.mark.parametrize("name", ["gqa", "window_lower_right", "dropout", "swizzles_differ", "varlen", "empty_keys",
                                   "bool_key_padding", "float32_heads_odd_keys", "bool_short_keys_e32"])
 @pytest.mark.parametrize("warpgroups", [2, 3])
-def test_hopper_forward_softmax_tree(name, warpgroups, rng, monkeypatch):
-    """FlashConfig.fwd90_softmax_tree: the row maxima reduced as trees, both rows at once. fmaxf is exact in any
-    order, so out and lse are the same bits as the row-by-row chains', masked, windowed and packed alike; and
-    the reference judges them too."""
+@pytest.mark.parametrize("knob", ["fwd90_softmax_tree", "fwd90_skip_idle"])
+def test_hopper_forward_knob_keeps_the_bits(knob, warpgroups, name, rng, monkeypatch):
+    """The Hopper forward's knobs that change no arithmetic give the same out and lse, bit for bit, off and on,
+    and the reference judges them too: fwd90_softmax_tree (the row maxima as trees; fmaxf is exact in any
+    order) and fwd90_skip_idle (a warpgroup whose rows all lie past the queries computes nothing: every case
+    here has such tiles, L or a packed sequence's length being no multiple of 128 or 192 rows)."""
     import cupy
 
     from cusdpa.backends.flash import launches
@@ -745,7 +750,7 @@ def test_hopper_forward_softmax_tree(name, warpgroups, rng, monkeypatch):
     results = {}
     for on in (False, True):
         monkeypatch.setattr(launches, "config", lambda pr, on=on: dataclasses.replace(
-            real(pr), fwd90_softmax_tree=on, fwd90_warpgroups=2 if pr.mask is not None else warpgroups))
+            real(pr), **{knob: on}, fwd90_warpgroups=2 if pr.mask is not None else warpgroups))
         results[on] = flash.IMPL.forward(pr)
     assert all(cupy.array_equal(g, w, equal_nan=True) for g, w in zip(results[True], results[False]))
     failures = run_problem(pr, flash.IMPL, rng, grads=False)

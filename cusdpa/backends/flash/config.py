@@ -45,6 +45,11 @@ class FlashConfig:
     # the same maxima, shorter dependency chains; off until timed on the GPU (benchmarks/on_device.sh
     # softmax-tree)
     fwd90_softmax_tree: bool = False
+    # a consumer warpgroup whose 64 rows all lie past the queries (the last query block where L is no multiple
+    # of the tile's rows: 1024 = 5 x 192 + 64 leaves two of three warpgroups idle there, 11% of E <= 64's
+    # products and exponentials at L = 1024) skips its products and softmax and only keeps the pipeline's
+    # protocol; off until timed on the GPU (benchmarks/on_device.sh skip-idle)
+    fwd90_skip_idle: bool = False
     # per-warp phase clocks compiled into the Hopper forward (kernels_cuda/phases.cuh), for
     # benchmarks/fwd90_phases.py only
     fwd90_phases: bool = False
