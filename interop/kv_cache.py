@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 import cusdpa
+from cusdpa.backends.flash import decode
 from cusdpa.errors import ArgumentError
 from cusdpa.kv_cache import flash_decode_plan
 
@@ -127,15 +128,45 @@ def _decode(query, k_cache, v_cache, cache_seqlens, key, value, block_table, cac
         slopes = alibi_slopes.data_ptr()
     out = query.new_empty(plan.out_shape)
     lse = query.new_empty(plan.lse_shape, dtype=torch.float32)
-    part = query.new_empty(plan.workspace_floats, dtype=torch.float32).data_ptr() if plan.part_floats else 0
+    device = query.get_device()
+    stream = torch._C._cuda_getCurrentRawStream(device)
+    part, arrivals = _workspace(query, plan, device, stream) if plan.part_floats else (0, 0)
 
     def ptr(t):
         return 0 if t is None else t.data_ptr()
 
-    device = query.get_device()
-    plan.run(torch._C._cuda_getCurrentRawStream(device), query.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
+    plan.run(stream, query.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
              ptr(block_table if block_table is not None else cache_batch_idx),
              ptr(cache_seqlens if isinstance(cache_seqlens, torch.Tensor) else None), slopes, ptr(key), ptr(value),
-             fixed_len, out.data_ptr(), lse.data_ptr(), part)
+             fixed_len, out.data_ptr(), lse.data_ptr(), part, arrivals)
     return out, lse
+
+
+# (device, stream) -> [the splits' float32 workspace, their int32 arrival counts], kept from call to call
+# (decode.KEEP_WORKSPACE). On one stream the calls' kernels run in order, so one workspace serves them all;
+# the counts start zeroed and every launch leaves them so. A larger call replaces a buffer: the stream's
+# earlier kernels still hold the old memory, which torch's allocator gives out again only after them, to
+# work on the same stream. Not while a CUDA graph is captured: a graph's buffers come from its own pool.
+_kept: dict = {}
+MAX_KEPT_FLOATS = 1 << 24  # 64 MiB of workspace at most is kept per stream; a larger call allocates its own
+MAX_KEPT_STREAMS = 16
+
+
+def _workspace(query, plan, device: int, stream: int) -> tuple[int, int]:
+    """(workspace, arrival counts) addresses for ``plan``'s split launches: kept buffers, or a fresh workspace
+    that holds the counts too (0: the plan's launches zero them)."""
+    floats = plan.part_floats + plan.ml_floats
+    if not decode.KEEP_WORKSPACE or floats > MAX_KEPT_FLOATS or torch._C._cuda_isCurrentStreamCapturing():
+        return query.new_empty(plan.workspace_floats, dtype=torch.float32).data_ptr(), 0
+    kept = _kept.get((device, stream))
+    if kept is None:
+        if len(_kept) >= MAX_KEPT_STREAMS:  # (a buffer goes back to torch's allocator for its own stream only)
+            _kept.clear()
+        kept = _kept[(device, stream)] = [query.new_empty(0, dtype=torch.float32),
+                                          query.new_zeros(0, dtype=torch.int32)]
+    if kept[0].numel() < floats:
+        kept[0] = query.new_empty(floats, dtype=torch.float32)
+    if kept[1].numel() < plan.arrival_words:
+        kept[1] = query.new_zeros(plan.arrival_words, dtype=torch.int32)
+    return kept[0].data_ptr(), kept[1].data_ptr()
 

@@ -90,16 +90,20 @@ def _check_case(name, dtype):
     assert not failures, "\n".join(failures)
 
 
-def test_torch_decode_steps_replay_a_plan_and_capture_in_a_cuda_graph(monkeypatch):
+@pytest.mark.parametrize("keep", [0, 1])
+def test_torch_decode_steps_replay_a_plan_and_capture_in_a_cuda_graph(keep, monkeypatch):
     """interop.kv_cache_attention's decode plan: a repeated call gives the first one's result; lengths as an int
     are checked against the capacity; a decode step (append one token, attend) captured in a CUDA graph and
     replayed with new lengths written into its static tensors equals the eager step (the graph holds the split
-    kernel's arrival memset)."""
+    kernel's arrival memset, also where eager calls keep their workspace: ``keep``, decode.KEEP_WORKSPACE)."""
     torch = pytest.importorskip("torch")
     import interop
+    from cusdpa.backends.flash import decode
     from interop import kv_cache
 
     monkeypatch.setattr(kv_cache, "_plans", {})
+    monkeypatch.setattr(kv_cache, "_kept", {})
+    monkeypatch.setattr(decode, "KEEP_WORKSPACE", keep)
 
     g = torch.Generator(device="cuda").manual_seed(0)
     B, S, hq, hkv, E = 3, 1024, 8, 2, 64
@@ -139,3 +143,41 @@ def test_torch_decode_steps_replay_a_plan_and_capture_in_a_cuda_graph(monkeypatc
     graph.replay()
     expected = step()  # eager on the state the replay left: it rewrites the same token where the replay did
     torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+def test_kept_decode_workspace_serves_calls_of_any_size_and_stays_zeroed(monkeypatch):
+    """decode.KEEP_WORKSPACE: the torch front end keeps the splits' workspace and arrival counts per stream, and
+    issues no memset: calls of different sizes (many splits and few, one kv head and eight) alternating on one
+    stream give the bits of the calls with a fresh workspace each, and leave the counts zeroed (the merging CTA
+    resets its count)."""
+    torch = pytest.importorskip("torch")
+    import interop
+    from cusdpa.backends.flash import decode
+    from interop import kv_cache
+
+    monkeypatch.setattr(kv_cache, "_plans", {})
+    monkeypatch.setattr(kv_cache, "_kept", {})
+    g = torch.Generator(device="cuda").manual_seed(1)
+
+    def problem(B, S, hq, hkv, E):
+        def randn(*shape):
+            return torch.randn(*shape, device="cuda", dtype=torch.float16, generator=g)
+
+        lengths = torch.randint(1, S + 1, (B,), device="cuda", dtype=torch.int32, generator=g)
+        return randn(B, 1, hq, E), randn(B, S, hkv, E), randn(B, S, hkv, E), lengths
+
+    problems = [problem(1, 32768, 32, 8, 128), problem(3, 1024, 8, 2, 64), problem(2, 8192, 4, 1, 128)]
+    want = []
+    for args in problems:
+        monkeypatch.setattr(decode, "KEEP_WORKSPACE", 0)
+        want.append(interop.kv_cache_attention(*args, return_lse=True))
+    monkeypatch.setattr(decode, "KEEP_WORKSPACE", 1)
+    for _ in range(3):
+        for args, (out, lse) in zip(problems, want):
+            got_out, got_lse = interop.kv_cache_attention(*args, return_lse=True)
+            torch.testing.assert_close(got_out, out, rtol=0, atol=0)
+            torch.testing.assert_close(got_lse, lse, rtol=0, atol=0, equal_nan=True)
+    (workspace, counts), = kv_cache._kept.values()
+    assert counts.numel() == 8 and workspace.numel() > 0
+    torch.cuda.synchronize()
+    assert int(counts.count_nonzero()) == 0

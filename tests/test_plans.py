@@ -72,19 +72,25 @@ def test_zero_words_memset_their_slot_on_the_calls_stream(monkeypatch):
 
 def test_decode_plans_fill_each_slot_by_name(monkeypatch):
     """DecodePlan.run writes its value tuple by position (no dict on the decode path): each pointer must land
-    in the slot of its name, the workspace's three parts included."""
+    in the slot of its name, the workspace's three parts included; with arrival counts the caller keeps, they
+    are the slot's and the memset of the counts is not issued."""
     from cusdpa.backends.flash import decode
 
     seen = []
-    monkeypatch.setattr(decode, "run", lambda launches, values, stream, device: seen.append((values, stream, device)))
-    plan = decode.DecodePlan(3, (), (1, 1, 8, 64), (1, 8, 1), part_floats=1000, ml_floats=40, arrival_words=2,
-                             capacity=4096, new=1)
+    monkeypatch.setattr(decode, "run", lambda launches, values, stream, device: seen.append((launches, values, stream,
+                                                                                           device)))
+    memset, split = launch.ZeroWords("arrivals", 2), object()
+    plan = decode.DecodePlan(3, (memset, split), (split,), (1, 1, 8, 64), (1, 8, 1), part_floats=1000, ml_floats=40,
+                             arrival_words=2, capacity=4096, new=1)
     assert plan.workspace_floats == 1042
     plan.run(9, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 4096)
-    values, stream, device = seen[0]
+    plan.run(9, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 4096, arrivals=8192)
+    (launches, values, stream, device), (kept_launches, kept_values, _, _) = seen
     assert (stream, device) == (9, 3)
     assert values == launch.values(q=11, k=12, v=13, table=14, seqlens=15, slopes=16, key=17, value=18, fixed_len=19,
                                    o=20, lse=21, o_part=4096, ml_part=4096 + 4000, arrivals=4096 + 4160)
+    assert launches == (memset, split) and kept_launches == (split,)
+    assert kept_values == values[:-1] + (8192,) and launch.SLOTS[-1] == "arrivals"
 
 
 def test_a_plan_not_ready_yet_is_tried_again_then_given_up():

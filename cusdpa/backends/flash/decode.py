@@ -3,8 +3,9 @@ signature, prepared once and replayed on raw pointers, for ``cusdpa.kv_cache_att
 and its torch twin.
 
 A call issues ``kv_cache_append``, which writes the new keys and values at each sequence's length (when a
-call brings any), a memset of the arrival counts (when the keys are split), and ``flash_decode_split`` over
-(splits, B * Hkv) CTAs, whose last CTA of each (sequence, kv head) merges that pair's splits. The lengths
+call brings any), a memset of the arrival counts (when the keys are split, unless the caller passes counts it
+keeps: the kernel leaves them zeroed), and ``flash_decode_split`` over (splits, B * Hkv) CTAs, whose last CTA of
+each (sequence, kv head) merges that pair's splits. The lengths
 are read on the device only, so a call never waits for the GPU, and the grid is sized from the cache's
 capacity: every split of a sequence takes an equal share of the keys that sequence actually holds.
 
@@ -28,6 +29,10 @@ ROWS = 16  # query rows of a CTA (Hq / Hkv x Lq): one m16 tile
 CTA_SMEM = 113 * 1024  # the pipeline's depth is chosen to fit two CTAs on an SM
 MAX_SPLITS = 128
 DEPTH = 0  # pipeline depth forced (0: ``stages`` chooses)
+# the torch front end keeps the splits' workspace and arrival counts per (device, stream) from call to call
+# (interop.kv_cache): no allocation and no memset launch per call, host time that B = 1 is bound by; off until
+# timed on the GPU (benchmarks/decode.py --config KEEP_WORKSPACE=1)
+KEEP_WORKSPACE = 0
 DTYPES = ("float16", "bfloat16")
 
 
@@ -45,11 +50,14 @@ class DecodePlan:
     length of every sequence when no lengths array is given (``fixed_len``), and the buffers the caller
     allocates: out (``out_shape``, the query's dtype, contiguous), lse (``lse_shape``, float32) and, when
     ``part_floats``, a float32 workspace of ``workspace_floats`` elements (the splits' outputs, then
-    their (m, l), then one int32 arrival count per (b, kvh)).
+    their (m, l), then one int32 arrival count per (b, kvh), zeroed by the call), or of ``part_floats +
+    ml_floats`` with ``arrivals``: ``arrival_words`` int32 counts the caller keeps zeroed (the launches leave
+    them so), which the call then does not zero (``kept_launches``: ``launches`` without that memset).
     ``capacity`` and ``new`` are the positions a sequence holds and the tokens a call appends."""
 
     device: int
     launches: tuple
+    kept_launches: tuple
     out_shape: tuple
     lse_shape: tuple
     part_floats: int
@@ -63,11 +71,14 @@ class DecodePlan:
         return self.part_floats + self.ml_floats + self.arrival_words
 
     def run(self, stream: int, q: int, k_cache: int, v_cache: int, table: int, seqlens: int, slopes: int, key: int,
-            value: int, fixed_len: int, out: int, lse: int, part: int) -> None:
+            value: int, fixed_len: int, out: int, lse: int, part: int, arrivals: int = 0) -> None:
+        launches = self.kept_launches if arrivals else self.launches
+        if not arrivals:
+            arrivals = part + 4 * (self.part_floats + self.ml_floats)
         # the value tuple in launch.SLOTS order
-        run(self.launches, (q, k_cache, v_cache, out, lse, None, None, None, None, None, None, None, None, None, None,
-                            None, None, table, seqlens, slopes, part, part + 4 * self.part_floats, key, value,
-                            fixed_len, None, part + 4 * (self.part_floats + self.ml_floats)), stream, self.device)
+        run(launches, (q, k_cache, v_cache, out, lse, None, None, None, None, None, None, None, None, None, None,
+                       None, None, table, seqlens, slopes, part, part + 4 * self.part_floats, key, value,
+                       fixed_len, None, arrivals), stream, self.device)
 
 
 def _inner(x: Operand, rank: int) -> bool:
@@ -161,5 +172,6 @@ def build(device: int, dtype_name: str, q: Operand, k_cache: Operand, v_cache: O
         *map(np.int64, q.strides[:3]), np.int64(table_row_stride), *cache_strides, block_size, capacity,
         Slot("fixed_len"), n_new, np.float32(scale), np.float32(softcap), left, right]))
     rows = B * Hq * Lq
-    return DecodePlan(device, tuple(launches), (B, Lq, Hq, Ev), (B, Hq, Lq),
+    kept = tuple(x for x in launches if not isinstance(x, ZeroWords))
+    return DecodePlan(device, tuple(launches), kept, (B, Lq, Hq, Ev), (B, Hq, Lq),
                       splits * rows * Ev if partial else 0, splits * rows * 2 if partial else 0, arrivals, capacity, n_new)
