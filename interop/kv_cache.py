@@ -156,7 +156,8 @@ def _workspace(query, plan, device: int, stream: int) -> tuple[int, int]:
     """(workspace, arrival counts) addresses for ``plan``'s split launches: kept buffers, or a fresh workspace
     that holds the counts too (0: the plan's launches zero them)."""
     floats = plan.part_floats + plan.ml_floats
-    if not decode.KEEP_WORKSPACE or floats > MAX_KEPT_FLOATS or torch._C._cuda_isCurrentStreamCapturing():
+    if (not decode.KEEP_WORKSPACE or floats > MAX_KEPT_FLOATS or torch._C._cuda_getDevice() != device
+            or torch._C._cuda_isCurrentStreamCapturing()):  # (the capture check reads the current device's stream)
         return query.new_empty(plan.workspace_floats, dtype=torch.float32).data_ptr(), 0
     kept = _kept.get((device, stream))
     if kept is None:
@@ -169,4 +170,3 @@ def _workspace(query, plan, device: int, stream: int) -> tuple[int, int]:
     if kept[1].numel() < plan.arrival_words:
         kept[1] = query.new_zeros(plan.arrival_words, dtype=torch.int32)
     return kept[0].data_ptr(), kept[1].data_ptr()
-

@@ -778,8 +778,9 @@ flash_fwd_sm90(const __grid_constant__ TmaMap tm_q, const __grid_constant__ TmaM
         }
 #if FWD90_SKIP_IDLE
         if (mw >= sl.L) {  // this warpgroup's rows all lie past the queries: nothing to compute or store
+            ph.to(PH_TILE);
             walk_idle(kb, n, tile.n_end);
-            ph.to(PH_EPILOGUE);
+            ph.to(PH_TURN);  // (the walk's clocks: waits for buffers and turns)
             continue;
         }
 #endif

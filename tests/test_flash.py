@@ -730,31 +730,58 @@ def test_hopper_forward_stores_o_with_tma(name, rng, monkeypatch):
     assert not failures, "\n".join(failures)
 
 
+# Cases of the Hopper forward's bit-keeping knobs: query lengths (L, or a packed sequence's) that leave the last
+# query block's last warpgroup without rows in 128- and in 192-row tiles alike (L mod 128 in (0, 64], L mod 192 in
+# (0, 128]: 257, 300), and key blocks of 10, 12 and 16 n8 tiles for the row maxima's trees.
+KNOB_CASES = {
+    "causal_gqa": (Case(hq=8, hkv=2, L=300, S=300, E=64, causal="upper_left"), (2, 3)),
+    "window": (FEATURES["window"], (2, 3)),
+    "dropout_lower_right": (Case(L=257, S=200, E=64, dropout_p=0.3, causal="lower_right"), (2, 3)),
+    "swizzles_differ": (Case(L=257, S=120, E=96, Ev=64, causal="lower_right"), (2,)),
+    "varlen": (FEATURES["varlen"], (2, 3)),
+    "empty_keys": (FEATURES["empty_keys"], (2,)),  # the tile's early exit comes before the idle check
+    "bool_key_padding": (Case(batch=(3,), hq=4, L=257, S=200, E=64, mask="bool", mask_shape=(3, 1, 1, 200)), (2,)),
+    "float32_mask_odd_keys": (Case(hq=3, L=257, S=91, E=128, mask="float", mask_shape=(1, 3, 257, 91),
+                                   mask_dtype="float32"), (2,)),
+    "wide_uneven_parts": (Case(hq=4, hkv=1, L=257, S=170, E=160, Ev=224, dropout_p=0.1, causal="upper_left"), (2,)),
+}
+
+
 @pytest.mark.gpu
-@pytest.mark.parametrize("name", ["gqa", "window_lower_right", "dropout", "swizzles_differ", "varlen", "empty_keys",
-                                  "bool_key_padding", "float32_heads_odd_keys", "bool_short_keys_e32"])
-@pytest.mark.parametrize("warpgroups", [2, 3])
+@pytest.mark.parametrize("name,warpgroups", [(n, w) for n, (_, ws) in KNOB_CASES.items() for w in ws])
 @pytest.mark.parametrize("knob", ["fwd90_softmax_tree", "fwd90_skip_idle"])
-def test_hopper_forward_knob_keeps_the_bits(knob, warpgroups, name, rng, monkeypatch):
+def test_hopper_forward_knob_keeps_the_bits(knob, name, warpgroups, rng, monkeypatch):
     """The Hopper forward's knobs that change no arithmetic give the same out and lse, bit for bit, off and on,
     and the reference judges them too: fwd90_softmax_tree (the row maxima as trees; fmaxf is exact in any
-    order) and fwd90_skip_idle (a warpgroup whose rows all lie past the queries computes nothing: every case
-    here has such tiles, L or a packed sequence's length being no multiple of 128 or 192 rows)."""
+    order) and fwd90_skip_idle (a warpgroup whose rows all lie past the queries computes nothing, only keeps
+    the pipeline's protocol). On a device of two SMs, so that each CTA goes on to tiles after such a walk."""
     import cupy
 
     from cusdpa.backends.flash import launches
     from cusdpa.verify.harness import run_problem
 
-    pr = build({**FEATURES, **MASKED}[name], cupy, rng)
+    monkeypatch.setattr(sources, "multiprocessors", lambda device: 2)
+    case, _ = KNOB_CASES[name]
+    pr = build(case, cupy, rng)
     real = launches.config
     results = {}
     for on in (False, True):
         monkeypatch.setattr(launches, "config", lambda pr, on=on: dataclasses.replace(
-            real(pr), **{knob: on}, fwd90_warpgroups=2 if pr.mask is not None else warpgroups))
+            real(pr), **{knob: on}, fwd90_warpgroups=warpgroups))
         results[on] = flash.IMPL.forward(pr)
     assert all(cupy.array_equal(g, w, equal_nan=True) for g, w in zip(results[True], results[False]))
     failures = run_problem(pr, flash.IMPL, rng, grads=False)
     assert not failures, "\n".join(failures)
+
+
+def test_knob_cases_leave_a_warpgroup_idle():
+    """Every case of the knob test above (but the one without keys) has a query block whose last warpgroup has no
+    rows, in each tile size it runs, and runs on the Hopper forward's head dims."""
+    for name, (case, warpgroups) in KNOB_CASES.items():
+        assert config.sm90_forward_applies(case.E, case.Ev or case.E, 90, config.FlashConfig()), name
+        lengths = [lq for lq, _ in case.varlen] if case.varlen else [case.L]
+        for w in warpgroups:
+            assert name == "empty_keys" or any(0 < lq % (64 * w) <= 64 * (w - 1) for lq in lengths), (name, w)
 
 
 @pytest.mark.gpu

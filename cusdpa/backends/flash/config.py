@@ -43,12 +43,12 @@ class FlashConfig:
     fwd90_tma_store: bool = False
     # the softmax's row maxima reduced as trees, both rows at once (kernels_cuda/flash_fwd_sm90.cu, row_maxima):
     # the same maxima, shorter dependency chains; off until timed on the GPU (benchmarks/on_device.sh
-    # softmax-tree)
+    # fwd-knobs)
     fwd90_softmax_tree: bool = False
     # a consumer warpgroup whose 64 rows all lie past the queries (the last query block where L is no multiple
     # of the tile's rows: 1024 = 5 x 192 + 64 leaves two of three warpgroups idle there, 11% of E <= 64's
     # products and exponentials at L = 1024) skips its products and softmax and only keeps the pipeline's
-    # protocol; off until timed on the GPU (benchmarks/on_device.sh skip-idle)
+    # protocol; off until timed on the GPU (benchmarks/on_device.sh fwd-knobs)
     fwd90_skip_idle: bool = False
     # per-warp phase clocks compiled into the Hopper forward (kernels_cuda/phases.cuh), for
     # benchmarks/fwd90_phases.py only
