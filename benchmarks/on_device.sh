@@ -38,10 +38,10 @@
 # throughput, issue rate, warp stall reasons, and the SASS lines warps wait at; benchmarks/ncu_profile.sh;
 # ncu-fwd-64: the forward at E = 64 L = 4096 alone, whose softmax takes half of every consumer's clocks),
 # fwd-knobs-tests / fwd-knobs (the Hopper forward's knobs that keep its bits, off by default until timed: the row
-# maxima as trees, FlashConfig.fwd90_softmax_tree, and idle warpgroups skipping the last query block,
-# fwd90_skip_idle: their GPU test (same bits off and on, judged by the reference) / E = 64 and 128 at L = 1024
-# and 4096 and the tutorial's call timed with each and both, and causal E = 64 at L = 1024 and 2048 in 192-row
-# tiles with idle warpgroups skipping),
+# maxima as trees, FlashConfig.fwd90_softmax_tree; idle warpgroups skipping the last query block,
+# fwd90_skip_idle; O rescaled under the next S's product, fwd90_rescale_under_s: their GPU test (same bits off and
+# on, judged by the reference) / E = 64 and 128 at L = 1024 and 4096 and the tutorial's call timed with each and
+# all three, and causal E = 64 at L = 1024 and 2048 in 192-row tiles with idle warpgroups skipping),
 # overhead, hf (Hugging Face models, "cusdpa" against "sdpa"), bench (every provider),
 # bench-flash (cusdpa FLASH against PyTorch's FLASH and cuDNN only), bench-module (the tutorial module: parts b
 # and c), train (bf16 autocast), train-fp32, train-compiled (bf16, torch.compile), decode (greedy generation
@@ -143,7 +143,8 @@ command_of() {  # the command of stage $1, into the array cmd
                      --variants "" fwd90_block_n=96,fwd90_stages=3 fwd90_block_n=96,fwd90_stages=3,fwd90_tma_store=0 \
                      fwd90_block_n=64,fwd90_stages=4,fwd90_tma_store=1') ;;
     fwd-knobs-tests) cmd=(python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_flash.py -k knob_keeps_the_bits) ;;
-    fwd-knobs) cmd=(bash -c 'V="\"\" fwd90_softmax_tree=1 fwd90_skip_idle=1 fwd90_softmax_tree=1,fwd90_skip_idle=1" \
+    fwd-knobs) cmd=(bash -c 'V="\"\" fwd90_softmax_tree=1 fwd90_skip_idle=1 fwd90_rescale_under_s=1 \
+                    fwd90_softmax_tree=1,fwd90_skip_idle=1,fwd90_rescale_under_s=1" \
                     && S="python3 benchmarks/flash_sweep.py --forward-only" \
                     && eval $S --lengths 1024 4096 --head-dims 64 128 --variants $V \
                     && $S --lengths 1024 2048 --head-dims 64 --causal yes --variants "" fwd90_warpgroups=3,fwd90_skip_idle=1 \

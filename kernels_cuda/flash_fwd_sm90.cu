@@ -53,7 +53,8 @@
 // FlashAttention-3's epilogue does; dense problems only, tensor map `tm_o`: a packed batch's store would clip at
 // the tensor's end, not at the sequence's), FWD90_SOFTMAX_TREE (1: the row maxima reduced as trees, both rows at
 // once: row_maxima), FWD90_SKIP_IDLE (1: a consumer warpgroup whose rows all lie past the queries computes
-// nothing, walk_idle), CUSDPA_PHASES (1: per-warp phase clocks, phases.cuh),
+// nothing, walk_idle), FWD90_RESCALE_UNDER_S (1: O rescaled while S's product runs, rescale_pending),
+// CUSDPA_PHASES (1: per-warp phase clocks, phases.cuh),
 // FWD90_WARPGROUPS (consumer warpgroups, 2 or 3), FWD90_BLOCK_N, FWD90_STAGES (K/V buffers), FWD90_PINGPONG
 // (1: consumers take turns; 0: they issue when ready), ATTN_MASK, ALIBI (1: the slopes' bias added, `slopes`
 // per (batch, head) with batch stride `slopes_b`; scores in natural units as with a float mask), SOFTCAP (1:
@@ -73,6 +74,9 @@
 #endif
 #ifndef FWD90_SKIP_IDLE
 #define FWD90_SKIP_IDLE 0
+#endif
+#ifndef FWD90_RESCALE_UNDER_S
+#define FWD90_RESCALE_UNDER_S 0
 #endif
 constexpr int MMA_WG = FWD90_WARPGROUPS;
 constexpr int NTHREADS = (MMA_WG + 1) * 128;
@@ -265,6 +269,18 @@ __device__ __forceinline__ void round_p(const float (&s)[NT * 4], u32 (&p)[NT * 
 __device__ __forceinline__ void rescale_acc(float (&acc)[VT * 4], const float (&alpha)[2]) {
 #pragma unroll
     for (int x = 0; x < VT * 4; ++x) acc[x] *= alpha[(x % 4) / 2];
+}
+
+// FWD90_RESCALE_UNDER_S: O rescaled for block n - 1's softmax after S of block n is issued and before P V of
+// block n - 1, inside the warpgroup's turn, so the multiplies run while the tensor cores compute S (FlashAttention-3's
+// order) instead of between the softmax and the next turn. The same products in the same order: the same bits.
+// The registers are fenced again (wgmma.fence) before P V reads them as its accumulator.
+__device__ __forceinline__ void rescale_pending(float (&acc)[VT * 4], const float (&alpha)[2], bool pending) {
+    if (pending) {
+        rescale_acc(acc, alpha);
+        fence_regs(acc);
+        wgmma_fence();
+    }
 }
 
 // ---- attn_mask -----------------------------------------------------------------------------------------
@@ -789,6 +805,9 @@ flash_fwd_sm90(const __grid_constant__ TmaMap tm_q, const __grid_constant__ TmaM
 #pragma unroll
         for (int x = 0; x < VT * 4; ++x) acc[x] = 0.f;
         float m_i[2] = {-CUSDPA_INF, -CUSDPA_INF}, l_i[2] = {0.f, 0.f}, alpha[2];
+#if FWD90_RESCALE_UNDER_S
+        bool pending = false;  // the previous block's softmax moved a row max: O is rescaled before its P V
+#endif
         float s[NT * 4];
         u32 p[NT * 2];
 
@@ -868,6 +887,9 @@ flash_fwd_sm90(const __grid_constant__ TmaMap tm_q, const __grid_constant__ TmaM
             wgmma_fence();
             issue_qk(s, sQwg, sK + st * SK_BYTES);
             wgmma_commit();
+#if FWD90_RESCALE_UNDER_S
+            rescale_pending(acc, alpha, pending);
+#endif
             issue_pv(acc, p, sV + prev * SV_BYTES);
             wgmma_commit();
             turn_end();
@@ -886,7 +908,11 @@ flash_fwd_sm90(const __grid_constant__ TmaMap tm_q, const __grid_constant__ TmaM
             ph.to(PH_WAIT_PV);
             fence_regs(acc);
             release(v_empty + prev);
+#if FWD90_RESCALE_UNDER_S
+            pending = rescale;
+#else
             if (rescale) rescale_acc(acc, alpha);
+#endif
             round_p(s, p, i, n0, t4, drop, sl.bh);
             ph.to(PH_SOFTMAX);
             ph.count(PH_BLOCKS);
@@ -899,6 +925,9 @@ flash_fwd_sm90(const __grid_constant__ TmaMap tm_q, const __grid_constant__ TmaM
         fence_regs(p);
         fence_regs(acc);
         wgmma_fence();
+#if FWD90_RESCALE_UNDER_S
+        rescale_pending(acc, alpha, pending);
+#endif
         issue_pv(acc, p, sV + st * SV_BYTES);
         wgmma_commit();
         turn_end();

@@ -35,9 +35,9 @@ def _nvrtc_jobs():
                             "-arch=sm_90a",)
                     if fwd_cfg.fwd90_tma_store and (E, Ev) in ((64, 64), (96, 64), (160, 224)) and dropout:  # ... with
                         # the phase clocks, O from 128- and 64-byte swizzled rows, the row maxima as trees, idle
-                        # warpgroups skipping their tiles
+                        # warpgroups skipping their tiles, O rescaled under S's product
                         phased = dataclasses.replace(fwd_cfg, fwd90_phases=True, fwd90_softmax_tree=True,
-                                                     fwd90_skip_idle=True)
+                                                     fwd90_skip_idle=True, fwd90_rescale_under_s=True)
                         yield "flash_fwd_sm90.cu", sources.compile_options(dtype, E, Ev, dropout, phased,
                                                                            tma_store=True) + ("-arch=sm_90a",)
             # ... and with each kind of attn_mask (its tiles from the queue)
@@ -749,12 +749,13 @@ KNOB_CASES = {
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("name,warpgroups", [(n, w) for n, (_, ws) in KNOB_CASES.items() for w in ws])
-@pytest.mark.parametrize("knob", ["fwd90_softmax_tree", "fwd90_skip_idle"])
+@pytest.mark.parametrize("knob", ["fwd90_softmax_tree", "fwd90_skip_idle", "fwd90_rescale_under_s"])
 def test_hopper_forward_knob_keeps_the_bits(knob, name, warpgroups, rng, monkeypatch):
     """The Hopper forward's knobs that change no arithmetic give the same out and lse, bit for bit, off and on,
     and the reference judges them too: fwd90_softmax_tree (the row maxima as trees; fmaxf is exact in any
-    order) and fwd90_skip_idle (a warpgroup whose rows all lie past the queries computes nothing, only keeps
-    the pipeline's protocol). On a device of two SMs, so that each CTA goes on to tiles after such a walk."""
+    order), fwd90_skip_idle (a warpgroup whose rows all lie past the queries computes nothing, only keeps the
+    pipeline's protocol) and fwd90_rescale_under_s (O's rescale moved under the next S's product). On a device
+    of two SMs, so that each CTA goes on to tiles after such a walk."""
     import cupy
 
     from cusdpa.backends.flash import launches

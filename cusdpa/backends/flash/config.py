@@ -50,6 +50,10 @@ class FlashConfig:
     # products and exponentials at L = 1024) skips its products and softmax and only keeps the pipeline's
     # protocol; off until timed on the GPU (benchmarks/on_device.sh fwd-knobs)
     fwd90_skip_idle: bool = False
+    # O rescaled for a block's moved row maxima while the next block's S = Q K^T runs on the tensor cores, inside
+    # the warpgroup's turn (FlashAttention-3's order), not between its softmax and its next turn; off until timed
+    # on the GPU (benchmarks/on_device.sh fwd-knobs)
+    fwd90_rescale_under_s: bool = False
     # per-warp phase clocks compiled into the Hopper forward (kernels_cuda/phases.cuh), for
     # benchmarks/fwd90_phases.py only
     fwd90_phases: bool = False
