@@ -139,11 +139,6 @@ __device__ __forceinline__ void issue_pv(float (&acc)[VT * 4], const u32 (&p)[NT
 
 // ---- softmax -------------------------------------------------------------------------------------------
 
-// Online softmax of one key block for this thread's rows i (g) and i + 8: masks the scores, moves the row
-// maxima m_i, rescales l_i, and turns the scores into unnormalised probabilities in place (l_i sums them,
-// before dropout). alpha[r] is the factor the output accumulated so far needs; the return value says
-// whether any row of the warp changed its max (else alpha is 1 everywhere and the rescale is skipped).
-// With NATURAL the scores come scaled, in natural units (apply_mask, apply_alibi), and m_i is in those units too.
 // Scores outside row i + 8 r's visible keys selected out (-inf).
 __device__ __forceinline__ void mask_row(float (&s)[NT * 4], int r, const Visibility<int>& vis, int i, int n0, int t) {
     int lo, hi;
@@ -157,15 +152,13 @@ __device__ __forceinline__ void mask_row(float (&s)[NT * 4], int r, const Visibi
             if (nt * 8 + c < lo || nt * 8 + c >= hi) s[nt * 4 + 2 * r + c] = -CUSDPA_INF;
 }
 
-// The maxima of this thread's rows over the block's masked scores, across the row's four threads. fmaxf
-// skips NaN (a NaN score poisons the row through its p = exp2(NaN) instead) and is exact, so any order of
-// the reduction gives the same maxima.
+#if FWD90_SOFTMAX_TREE
+// The maxima of this thread's rows over the block's masked scores, across the row's four threads: both rows at
+// once, each a tree (depth log2 NT + 1 where a chain is NT + 1 deep), their shuffles in flight together (one
+// branch masks both rows, where masking each row in turn put a branch between the two rows' reductions and
+// made them serial). fmaxf skips NaN and is exact, so any order of the reduction gives the same maxima.
 __device__ __forceinline__ void row_maxima(float (&s)[NT * 4], float (&mx)[2], const Visibility<int>& vis, bool full,
                                            int i, int n0, int t) {
-#if FWD90_SOFTMAX_TREE
-    // Both rows at once, each a tree (depth log2 NT + 1 where a chain is NT + 1 deep), their shuffles in
-    // flight together: the two rows' reductions are independent, and one branch masks both, so nothing
-    // separates them into two serial halves as a row-by-row loop with its masking branch did.
     if (!full) {
 #pragma unroll
         for (int r = 0; r < 2; ++r) mask_row(s, r, vis, i, n0, t);
@@ -191,34 +184,46 @@ __device__ __forceinline__ void row_maxima(float (&s)[NT * 4], float (&mx)[2], c
     }
     mx[0] = v[0][0];
     mx[1] = v[1][0];
-#else
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-        if (!full) mask_row(s, r, vis, i, n0, t);
-        float m = -CUSDPA_INF;
-#pragma unroll
-        for (int nt = 0; nt < NT; ++nt) m = fmaxf(m, fmaxf(s[nt * 4 + 2 * r], s[nt * 4 + 2 * r + 1]));
-        m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 1));
-        mx[r] = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 2));
-    }
-#endif
 }
+#endif
 
+// Online softmax of one key block for this thread's rows i (g) and i + 8: masks the scores, moves the row
+// maxima m_i, rescales l_i, and turns the scores into unnormalised probabilities in place (l_i sums them,
+// before dropout). alpha[r] is the factor the output accumulated so far needs; the return value says
+// whether any row of the warp changed its max (else alpha is 1 everywhere and the rescale is skipped).
+// With NATURAL the scores come scaled, in natural units (apply_mask, apply_alibi), and m_i is in those units too.
 __device__ __forceinline__ bool softmax_block(float (&s)[NT * 4], float (&m_i)[2], float (&l_i)[2], float (&alpha)[2],
                                               const Visibility<int>& vis, bool full, int i, int n0, int t,
                                               float scale_log2) {
-    float mx[2], m_use[2];
-    row_maxima(s, mx, vis, full, i, n0, t);
+    float m_use[2];
     bool rescale = false;
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-        const float m_new = fmaxf(m_i[r], NATURAL ? mx[r] : __fmul_rn(mx[r], scale_log2));
+    // row r's max over the block mx moves m_i[r]; alpha[r] rescales what was summed before
+    auto move_max = [&](int r, float mx) {
+        const float m_new = fmaxf(m_i[r], NATURAL ? mx : __fmul_rn(mx, scale_log2));
         m_use[r] = m_new == -CUSDPA_INF ? 0.f : m_new;  // a row with nothing visible yet: exp2(-inf) = 0
         alpha[r] = exp2f(NATURAL ? (m_i[r] - m_use[r]) * LOG2E : m_i[r] - m_use[r]);
         rescale |= m_new != m_i[r];
         m_i[r] = m_new;
         l_i[r] *= alpha[r];
+    };
+#if FWD90_SOFTMAX_TREE
+    float mx[2];
+    row_maxima(s, mx, vis, full, i, n0, t);
+#pragma unroll
+    for (int r = 0; r < 2; ++r) move_max(r, mx[r]);
+#else
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        if (!full) mask_row(s, r, vis, i, n0, t);
+        float mx = -CUSDPA_INF;
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt) mx = fmaxf(mx, fmaxf(s[nt * 4 + 2 * r], s[nt * 4 + 2 * r + 1]));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+        // fmaxf skips NaN: a NaN score poisons the row through its p = exp2(NaN) instead.
+        move_max(r, mx);
     }
+#endif
     // p = exp2(s * scale_log2 - m) as one fmaf: the max element gets exp2 of the product's rounding error,
     // within 2^-8 of 1 while |m| < 2^15. Beyond that (scores near fp32's range) the error grows with m and
     // can overflow, so the warp rounds the product alone, as the row max was, and the max element gets
