@@ -41,7 +41,9 @@
 # maxima as trees, FlashConfig.fwd90_softmax_tree; idle warpgroups skipping the last query block,
 # fwd90_skip_idle; O rescaled under the next S's product, fwd90_rescale_under_s: their GPU test (same bits off and
 # on, judged by the reference) / E = 64 and 128 at L = 1024 and 4096 and the tutorial's call timed with each and
-# all three, and causal E = 64 at L = 1024 and 2048 in 192-row tiles with idle warpgroups skipping),
+# all three, as is the tutorial module's attention (fp16 B = 32 H = 8 L = 512 E = 64 causal, whose compiled
+# module is 0.946x PyTorch's speed), and causal E = 64 at L = 1024 and 2048 in 192-row tiles with idle
+# warpgroups skipping),
 # overhead, hf (Hugging Face models, "cusdpa" against "sdpa"), bench (every provider),
 # bench-flash (cusdpa FLASH against PyTorch's FLASH and cuDNN only), bench-module (the tutorial module: parts b
 # and c), train (bf16 autocast), train-fp32, train-compiled (bf16, torch.compile), decode (greedy generation
@@ -149,6 +151,8 @@ command_of() {  # the command of stage $1, into the array cmd
                     && eval $S --lengths 1024 4096 --head-dims 64 128 --variants $V \
                     && $S --lengths 1024 2048 --head-dims 64 --causal yes --variants "" fwd90_warpgroups=3,fwd90_skip_idle=1 \
                     && eval $S --dtype float16 --lengths 1024 --head-dims 32 --tokens 32768 --hidden 1024 --causal no \
+                    --variants $V \
+                    && eval $S --dtype float16 --lengths 512 --head-dims 64 --tokens 16384 --hidden 512 --causal yes \
                     --variants $V') ;;
     fwd-phases) cmd=(python3 benchmarks/fwd90_phases.py --lengths 1024 4096 --head-dims 128 --causal both
                      --variants "" fwd90_tma_store=0) ;;
