@@ -741,8 +741,10 @@ flash_fwd_sm90(const __grid_constant__ TmaMap tm_q, const __grid_constant__ TmaM
         for (;;) {
             const int next = kb.from(n + 1);
             release(k_empty + st);
-            if (next >= n_end) release(q_empty);
-            if (next >= n_end) break;
+            if (next >= n_end) {
+                release(q_empty);
+                break;
+            }
             n = next;
             const u32 prev = st, prev_phase = phase;
             ++it;
