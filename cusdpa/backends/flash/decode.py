@@ -4,10 +4,10 @@ and its torch twin.
 
 A call issues ``kv_cache_append``, which writes the new keys and values at each sequence's length (when a
 call brings any), a memset of the arrival counts (when the keys are split, unless the caller passes counts it
-keeps: the kernel leaves them zeroed), and ``flash_decode_split`` over (splits, B * Hkv) CTAs, whose last CTA of
-each (sequence, kv head) merges that pair's splits. The lengths
-are read on the device only, so a call never waits for the GPU, and the grid is sized from the cache's
-capacity: every split of a sequence takes an equal share of the keys that sequence actually holds.
+keeps: the kernel leaves them zeroed), and ``flash_decode_split`` over (splits, B * Hkv) CTAs, whose last CTA
+of each (sequence, kv head) merges that pair's splits. The lengths are read on the device only, so a call
+never waits for the GPU, and the grid is sized from the cache's capacity: every split of a sequence takes an
+equal share of the keys that sequence actually holds.
 
 Operands are described by ``Operand`` (shape, strides in elements, 16-byte alignment), so both front ends
 build the same plan from their own arrays.
