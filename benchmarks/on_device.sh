@@ -44,7 +44,9 @@
 # all three, as is the tutorial module's attention (fp16 B = 32 H = 8 L = 512 E = 64 causal, whose compiled
 # module is 0.946x PyTorch's speed), and causal E = 64 at L = 1024 and 2048 in 192-row tiles with idle
 # warpgroups skipping),
-# overhead, hf (Hugging Face models, "cusdpa" against "sdpa"), bench (every provider),
+# fwd-p-smem (P through shared memory, FlashConfig.fwd90_p_smem, and with it FlashAttention-3's 192-key blocks at
+# E <= 64, which registers did not allow: E = 64 at L = 1024, 4096 and 16384 and the tutorial's call; its GPU test
+# is fwd-knobs-tests), overhead, hf (Hugging Face models, "cusdpa" against "sdpa"), bench (every provider),
 # bench-flash (cusdpa FLASH against PyTorch's FLASH and cuDNN only), bench-module (the tutorial module: parts b
 # and c), train (bf16 autocast), train-fp32, train-compiled (bf16, torch.compile), decode (greedy generation
 # through the KV cache against PyTorch's SDPA over a static cache; decode-attn: the attention call alone against
@@ -154,6 +156,11 @@ command_of() {  # the command of stage $1, into the array cmd
                     --variants $V \
                     && eval $S --dtype float16 --lengths 512 --head-dims 64 --tokens 16384 --hidden 512 --causal yes \
                     --variants $V') ;;
+    fwd-p-smem) cmd=(bash -c 'V="\"\" fwd90_p_smem=1 fwd90_p_smem=1,fwd90_block_n=192" \
+                     && S="python3 benchmarks/flash_sweep.py --forward-only" \
+                     && eval $S --lengths 1024 4096 16384 --head-dims 64 --variants $V \
+                     && eval $S --dtype float16 --lengths 1024 --head-dims 32 --tokens 32768 --hidden 1024 --causal no \
+                     --variants $V') ;;
     fwd-phases) cmd=(python3 benchmarks/fwd90_phases.py --lengths 1024 4096 --head-dims 128 --causal both
                      --variants "" fwd90_tma_store=0) ;;
     fwd-phases-64) cmd=(python3 benchmarks/fwd90_phases.py --lengths 1024 4096 --head-dims 64 --causal both

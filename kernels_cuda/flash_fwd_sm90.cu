@@ -54,7 +54,8 @@
 // the tensor's end, not at the sequence's), FWD90_SOFTMAX_TREE (1: the row maxima reduced as trees, both rows at
 // once: row_maxima), FWD90_SKIP_IDLE (1: a consumer warpgroup whose rows all lie past the queries computes
 // nothing, walk_idle), FWD90_RESCALE_UNDER_S (1: O rescaled while S's product runs, rescale_pending),
-// CUSDPA_PHASES (1: per-warp phase clocks, phases.cuh),
+// FWD90_P_SMEM (1: P through shared memory, P V's A operand read from there: the registers P held while S of the
+// next block ran are free, for longer key blocks), CUSDPA_PHASES (1: per-warp phase clocks, phases.cuh),
 // FWD90_WARPGROUPS (consumer warpgroups, 2 or 3), FWD90_BLOCK_N, FWD90_STAGES (K/V buffers), FWD90_PINGPONG
 // (1: consumers take turns; 0: they issue when ready), ATTN_MASK, ALIBI (1: the slopes' bias added, `slopes`
 // per (batch, head) with batch stride `slopes_b`; scores in natural units as with a float mask), SOFTCAP (1:
@@ -78,6 +79,9 @@
 #ifndef FWD90_RESCALE_UNDER_S
 #define FWD90_RESCALE_UNDER_S 0
 #endif
+#ifndef FWD90_P_SMEM
+#define FWD90_P_SMEM 0
+#endif
 constexpr int MMA_WG = FWD90_WARPGROUPS;
 constexpr int NTHREADS = (MMA_WG + 1) * 128;
 constexpr int BLOCK_M = MMA_WG * 64;
@@ -90,7 +94,10 @@ constexpr int SK_BYTES = BLOCK_N * HEAD_DIM * 2;
 constexpr int SV_BYTES = BLOCK_N * HEAD_DIM_V * 2;
 // O's staging buffer (FWD90_TMA_STORE): each consumer warpgroup's 64 rows in V's swizzle.
 constexpr int SO_BYTES = FWD90_TMA_STORE ? BLOCK_M * HEAD_DIM_V * 2 : 0;
-constexpr int SMEM_TILES = SQ_BYTES + STAGES * (SK_BYTES + SV_BYTES) + SO_BYTES;
+// P's tiles (FWD90_P_SMEM): each consumer warpgroup's [BLOCK_N / (P_SW / 2)][64][P_SW], the keys contiguous, as Q's.
+constexpr int P_SW = BLOCK_N % 64 == 0 ? 128 : 64;
+constexpr int SP_BYTES = FWD90_P_SMEM ? BLOCK_M * BLOCK_N * 2 : 0;
+constexpr int SMEM_TILES = SQ_BYTES + STAGES * (SK_BYTES + SV_BYTES) + SO_BYTES + SP_BYTES;
 constexpr int BAR_EPILOGUE = 4;  // named barriers 4 + cw: consumer warpgroup cw's epilogue (1..3: the ping-pong)
 // Registers per thread after setmaxnreg (FlashAttention-3's split; the sums fill the 64K register file).
 constexpr int LOAD_REGS = MMA_WG == 2 ? 24 : 32;
@@ -103,6 +110,7 @@ constexpr int QK_SW = HEAD_DIM % 64 == 0 ? 128 : 64;
 constexpr int V_SW = HEAD_DIM_V % 64 == 0 ? 128 : 64;
 static_assert(MMA_WG == 2 || MMA_WG == 3, "FWD90_WARPGROUPS must be 2 or 3");
 static_assert(BLOCK_N % 16 == 0 && BLOCK_N >= 16 && BLOCK_N <= 256, "FWD90_BLOCK_N: a multiple of 16 up to 256");
+static_assert(!FWD90_P_SMEM || BLOCK_N % 32 == 0, "P in shared memory takes key blocks of whole 64-byte rows");
 
 // (ATTN_MASK, ALIBI, SOFTCAP, mask_t: sm90.cuh; NATURAL scores as the top of the file says)
 #if ATTN_MASK == 1
@@ -134,6 +142,17 @@ __device__ __forceinline__ void issue_pv(float (&acc)[VT * 4], const u32 (&p)[NT
     for (int kk = 0; kk < BLOCK_N / 16; ++kk) {
         const u32 a[4] = {p[4 * kk], p[4 * kk + 1], p[4 * kk + 2], p[4 * kk + 3]};
         wgmma_rs(acc, a, desc_plus(db, kk * 16 * V_SW));
+    }
+}
+
+// acc += P V for one key block, P from this warpgroup's tile in shared memory (FWD90_P_SMEM; issued, not waited for).
+__device__ __forceinline__ void issue_pv_smem(float (&acc)[VT * 4], const unsigned char* sPwg, const unsigned char* sVn) {
+    const unsigned long long da = sw_desc<P_SW>(sPwg, 16), db = sw_desc<V_SW>(sVn, BLOCK_N * V_SW);
+#pragma unroll
+    for (int kk = 0; kk < BLOCK_N / 16; ++kk) {
+        constexpr int K16_PER_CHUNK = P_SW / 32;
+        const int chunk = kk / K16_PER_CHUNK, inner = (kk % K16_PER_CHUNK) * 32;
+        wgmma_ss<0, 1>(acc, desc_plus(da, chunk * 64 * P_SW + inner), desc_plus(db, kk * 16 * V_SW), 1);
     }
 }
 
@@ -267,6 +286,23 @@ __device__ __forceinline__ void round_p(const float (&s)[NT * 4], u32 (&p)[NT * 
             p1 = keep1 ? p1 : 0.f;
 #endif
             p[nt * 2 + r] = pack2<IS_BF16>(p0, p1);
+        }
+    }
+}
+
+// P's registers (round_p's) into this warpgroup's P tile in shared memory (FWD90_P_SMEM), swizzled as TMA writes
+// and wgmma reads: this thread's rows wrow and wrow + 8 of the warpgroup's 64, keys 8 nt + 2 t and the next. A
+// warp's stores of one n8 tile fill one 16-byte chunk of each of 8 rows, which the swizzle puts in 8 different
+// bank groups.
+__device__ __forceinline__ void store_p(const u32 (&p)[NT * 2], unsigned char* sPwg, int wrow, int t) {
+    constexpr int CHUNK_COLS = P_SW / 2;
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+            const int col = nt * 8 + 2 * t;
+            const u32 off = (col / CHUNK_COLS) * 64 * P_SW + swizzled<P_SW>((wrow + 8 * r) * P_SW + (col % CHUNK_COLS) * 2);
+            *reinterpret_cast<u32*>(sPwg + off) = p[nt * 2 + r];
         }
     }
 }
@@ -565,6 +601,7 @@ flash_fwd_sm90(const __grid_constant__ TmaMap tm_q, const __grid_constant__ TmaM
     unsigned char* sK = sQ + SQ_BYTES;
     unsigned char* sV = sK + STAGES * SK_BYTES;
     unsigned char* sO = sV + STAGES * SV_BYTES;
+    unsigned char* sP = sO + SO_BYTES;
     unsigned long long* bars = reinterpret_cast<unsigned long long*>(smem + SMEM_TILES);
     unsigned long long* q_full = bars;
     unsigned long long* q_empty = bars + 1;
@@ -839,6 +876,21 @@ flash_fwd_sm90(const __grid_constant__ TmaMap tm_q, const __grid_constant__ TmaM
 #endif
             (void)here, (void)ahead, (void)next, (void)n0;
         };
+#if FWD90_P_SMEM
+        unsigned char* sPwg = sP + cw * 64 * BLOCK_N * 2;
+        // P rounded, then through shared memory: written once P V of the block before has read the tile (the
+        // caller's wait), fenced for the async proxy, and the warpgroup's four warps met before its P V reads it.
+        auto publish_p = [&](int n0) {
+            round_p(s, p, i, n0, t4, drop, sl.bh);
+            store_p(p, sPwg, (warp % 4) * 16 + g, t4);
+            fence_proxy_async();
+            named_sync<128>(BAR_EPILOGUE + cw);
+        };
+        auto pv = [&](int stage) { issue_pv_smem(acc, sPwg, sV + stage * SV_BYTES); };
+#else
+        auto publish_p = [&](int n0) { round_p(s, p, i, n0, t4, drop, sl.bh); };
+        auto pv = [&](int stage) { issue_pv(acc, p, sV + stage * SV_BYTES); };
+#endif
 
         // The first block: S, softmax, P.
         ph.to(PH_TILE);
@@ -868,7 +920,7 @@ flash_fwd_sm90(const __grid_constant__ TmaMap tm_q, const __grid_constant__ TmaM
         if (next >= tile.n_end) release(q_empty);
         modify_scores(here, ahead, next, n0);
         softmax_block(s, m_i, l_i, alpha, vis, vis.tile_full(mw, 64, n0, BLOCK_N), i, n0, t4, scale_log2);
-        round_p(s, p, i, n0, t4, drop, sl.bh);
+        publish_p(n0);
         ph.to(PH_SOFTMAX);
         ph.count(PH_BLOCKS);
 
@@ -888,7 +940,9 @@ flash_fwd_sm90(const __grid_constant__ TmaMap tm_q, const __grid_constant__ TmaM
             ph.to(PH_WAIT_V);
             turn_begin();
             ph.to(PH_TURN);
+#if !FWD90_P_SMEM
             fence_regs(p);
+#endif
             fence_regs(s);
             fence_regs(acc);
             wgmma_fence();
@@ -897,7 +951,7 @@ flash_fwd_sm90(const __grid_constant__ TmaMap tm_q, const __grid_constant__ TmaM
 #if FWD90_RESCALE_UNDER_S
             rescale_pending(acc, alpha, pending);
 #endif
-            issue_pv(acc, p, sV + prev * SV_BYTES);
+            pv(prev);
             wgmma_commit();
             turn_end();
             ph.to(PH_ISSUE);
@@ -920,7 +974,7 @@ flash_fwd_sm90(const __grid_constant__ TmaMap tm_q, const __grid_constant__ TmaM
 #else
             if (rescale) rescale_acc(acc, alpha);
 #endif
-            round_p(s, p, i, n0, t4, drop, sl.bh);
+            publish_p(n0);
             ph.to(PH_SOFTMAX);
             ph.count(PH_BLOCKS);
         }
@@ -929,13 +983,15 @@ flash_fwd_sm90(const __grid_constant__ TmaMap tm_q, const __grid_constant__ TmaM
         ph.to(PH_WAIT_V);
         turn_begin();
         ph.to(PH_TURN);
+#if !FWD90_P_SMEM
         fence_regs(p);
+#endif
         fence_regs(acc);
         wgmma_fence();
 #if FWD90_RESCALE_UNDER_S
         rescale_pending(acc, alpha, pending);
 #endif
-        issue_pv(acc, p, sV + st * SV_BYTES);
+        pv(st);
         wgmma_commit();
         turn_end();
         ph.to(PH_ISSUE);

@@ -35,9 +35,10 @@ def _nvrtc_jobs():
                             "-arch=sm_90a",)
                     if fwd_cfg.fwd90_tma_store and (E, Ev) in ((64, 64), (96, 64), (160, 224)) and dropout:  # ... with
                         # the phase clocks, O from 128- and 64-byte swizzled rows, the row maxima as trees, idle
-                        # warpgroups skipping their tiles, O rescaled under S's product
+                        # warpgroups skipping their tiles, O rescaled under S's product, P through shared memory
                         phased = dataclasses.replace(fwd_cfg, fwd90_phases=True, fwd90_softmax_tree=True,
-                                                     fwd90_skip_idle=True, fwd90_rescale_under_s=True)
+                                                     fwd90_skip_idle=True, fwd90_rescale_under_s=True,
+                                                     fwd90_p_smem=fwd_cfg.fwd90_block_n % 32 == 0)
                         yield "flash_fwd_sm90.cu", sources.compile_options(dtype, E, Ev, dropout, phased,
                                                                            tma_store=True) + ("-arch=sm_90a",)
             # ... and with each kind of attn_mask (its tiles from the queue)
@@ -747,15 +748,25 @@ KNOB_CASES = {
 }
 
 
+FORWARD_KNOBS = ("fwd90_softmax_tree", "fwd90_skip_idle", "fwd90_rescale_under_s", "fwd90_p_smem")
+
+
+def _knob_applies(knob: str, case: Case) -> bool:
+    """P in shared memory takes key blocks of whole 64-byte rows (wide_uneven_parts's 80 keys are not)."""
+    cfg = config.FlashConfig.for_problem(case.E, case.Ev or case.E, case.L, case.causal is not None, case.mask)
+    return knob != "fwd90_p_smem" or cfg.fwd90_block_n % 32 == 0
+
+
 @pytest.mark.gpu
-@pytest.mark.parametrize("name,warpgroups", [(n, w) for n, (_, ws) in KNOB_CASES.items() for w in ws])
-@pytest.mark.parametrize("knob", ["fwd90_softmax_tree", "fwd90_skip_idle", "fwd90_rescale_under_s"])
+@pytest.mark.parametrize("knob,name,warpgroups", [(k, n, w) for k in FORWARD_KNOBS for n, (c, ws) in KNOB_CASES.items()
+                                                  for w in ws if _knob_applies(k, c)])
 def test_hopper_forward_knob_keeps_the_bits(knob, name, warpgroups, rng, monkeypatch):
     """The Hopper forward's knobs that change no arithmetic give the same out and lse, bit for bit, off and on,
     and the reference judges them too: fwd90_softmax_tree (the row maxima as trees; fmaxf is exact in any
     order), fwd90_skip_idle (a warpgroup whose rows all lie past the queries computes nothing, only keeps the
-    pipeline's protocol) and fwd90_rescale_under_s (O's rescale moved under the next S's product). On a device
-    of two SMs, so that each CTA goes on to tiles after such a walk."""
+    pipeline's protocol), fwd90_rescale_under_s (O's rescale moved under the next S's product) and fwd90_p_smem
+    (P V's A operand read from shared memory, the same bf16 values). On a device of two SMs, so that each CTA
+    goes on to tiles after such a walk."""
     import cupy
 
     from cusdpa.backends.flash import launches

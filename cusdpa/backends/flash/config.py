@@ -54,6 +54,11 @@ class FlashConfig:
     # the warpgroup's turn (FlashAttention-3's order), not between its softmax and its next turn; off until timed
     # on the GPU (benchmarks/on_device.sh fwd-knobs)
     fwd90_rescale_under_s: bool = False
+    # P written to shared memory and P V's A operand read from there (FlashAttention-3's choice for its 192 x 192
+    # tiles at head dim 64), not held in registers through the next S = Q K^T: the same bits at the same key
+    # blocks, and room in 160 registers for 192-key blocks at E <= 64; off until timed on the GPU
+    # (benchmarks/on_device.sh fwd-knobs)
+    fwd90_p_smem: bool = False
     # per-warp phase clocks compiled into the Hopper forward (kernels_cuda/phases.cuh), for
     # benchmarks/fwd90_phases.py only
     fwd90_phases: bool = False
@@ -176,10 +181,11 @@ def smem_bytes(kind: str, cfg: FlashConfig, E: int, Ev: int) -> int:
     if kind == "fwd":
         bm, bn = cfg.fwd_block_m, cfg.fwd_block_n
         return 2 * (bm * max(qp, vp) + 2 * bn * qp + 2 * bn * vp)
-    if kind == "fwd_sm90":  # unpadded, swizzled tiles (K and V stages, O's staging), the mbarriers, the tile queue
+    if kind == "fwd_sm90":  # unpadded, swizzled tiles (K and V stages, O's and P's staging), the mbarriers, the queue
         bm, bn, st = 64 * cfg.fwd90_warpgroups, cfg.fwd90_block_n, cfg.fwd90_stages
         staged_o = bm * Ev if cfg.fwd90_tma_store else 0
-        return 2 * (bm * E + st * bn * E + st * bn * Ev + staged_o) + 8 * (3 + 4 * st) + 8 * 5
+        staged_p = bm * bn if cfg.fwd90_p_smem else 0
+        return 2 * (bm * E + st * bn * E + st * bn * Ev + staged_o + staged_p) + 8 * (3 + 4 * st) + 8 * 5
     if kind == "bwd_sm90":  # swizzled K, V, two Q / dO stages, two dS^T and two fp32 dQ buffers, lse and D per
         bn, bm = 128, cfg.bwd90_block_m  # stage, 6 mbarriers
         if sm90_backward_is_wide(E, Ev):  # 64 keys; two P^T and two dS^T buffers, no dQ buffers
