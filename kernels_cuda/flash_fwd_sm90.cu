@@ -315,13 +315,12 @@ __device__ __forceinline__ void rescale_acc(float (&acc)[VT * 4], const float (&
 // FWD90_RESCALE_UNDER_S: O rescaled for block n - 1's softmax after S of block n is issued and before P V of
 // block n - 1, inside the warpgroup's turn, so the multiplies run while the tensor cores compute S (FlashAttention-3's
 // order) instead of between the softmax and the next turn. The same products in the same order: the same bits.
-// The registers are fenced again (wgmma.fence) before P V reads them as its accumulator.
+// The registers are fenced again (wgmma.fence) before P V reads them as its accumulator, by every warp of the
+// warpgroup: `pending` is a warp's (its rows' maxima), and wgmma.fence is warpgroup-wide.
 __device__ __forceinline__ void rescale_pending(float (&acc)[VT * 4], const float (&alpha)[2], bool pending) {
-    if (pending) {
-        rescale_acc(acc, alpha);
-        fence_regs(acc);
-        wgmma_fence();
-    }
+    if (pending) rescale_acc(acc, alpha);
+    fence_regs(acc);
+    wgmma_fence();
 }
 
 // ---- attn_mask -----------------------------------------------------------------------------------------
@@ -601,7 +600,9 @@ flash_fwd_sm90(const __grid_constant__ TmaMap tm_q, const __grid_constant__ TmaM
     unsigned char* sK = sQ + SQ_BYTES;
     unsigned char* sV = sK + STAGES * SK_BYTES;
     unsigned char* sO = sV + STAGES * SV_BYTES;
+#if FWD90_P_SMEM
     unsigned char* sP = sO + SO_BYTES;
+#endif
     unsigned long long* bars = reinterpret_cast<unsigned long long*>(smem + SMEM_TILES);
     unsigned long long* q_full = bars;
     unsigned long long* q_empty = bars + 1;

@@ -752,8 +752,10 @@ FORWARD_KNOBS = ("fwd90_softmax_tree", "fwd90_skip_idle", "fwd90_rescale_under_s
 
 
 def _knob_applies(knob: str, case: Case) -> bool:
-    """P in shared memory takes key blocks of whole 64-byte rows (wide_uneven_parts's 80 keys are not)."""
-    cfg = config.FlashConfig.for_problem(case.E, case.Ev or case.E, case.L, case.causal is not None, case.mask)
+    """P in shared memory takes key blocks of whole 64-byte rows (wide_uneven_parts's 80 keys are not: there the
+    forward keeps P in registers, and the comparison would be of one build with itself)."""
+    mask = case.mask_dtype or case.dtype if case.mask == "float" else case.mask  # launches.mask_kind's name
+    cfg = config.FlashConfig.for_problem(case.E, case.Ev or case.E, case.L, case.causal is not None, mask)
     return knob != "fwd90_p_smem" or cfg.fwd90_block_n % 32 == 0
 
 
@@ -784,6 +786,28 @@ def test_hopper_forward_knob_keeps_the_bits(knob, name, warpgroups, rng, monkeyp
     assert all(cupy.array_equal(g, w, equal_nan=True) for g, w in zip(results[True], results[False]))
     failures = run_problem(pr, flash.IMPL, rng, grads=False)
     assert not failures, "\n".join(failures)
+
+
+@pytest.mark.parametrize("E,causal,mask,block_n", [(64, False, None, 192), (64, True, None, 192), (32, False, None, 192),
+                                                  (128, True, None, 128), (128, False, "bool", 128),
+                                                  (256, False, None, 80)])
+def test_p_in_shared_memory_is_fitted_to_the_forward(E, causal, mask, block_n, monkeypatch):
+    """FlashConfig.fwd90_p_smem set by hand (the benchmarks' variants): the Hopper forward's configuration gives up
+    a third K/V stage where P's tiles need the room, and keeps P in registers where key blocks are no whole
+    64-byte rows; whatever it chooses fits in shared memory."""
+    from cusdpa import problem
+    from cusdpa.backends.flash import launches
+
+    L = 16384 if causal else 1024
+    x = np.zeros((1, 1, L, E), np.float16)
+    m = np.ones((L, L), bool) if mask else None
+    pr = problem.from_dense(x, x, x, m, problem.Options(is_causal=causal))
+    monkeypatch.setattr(launches, "config", lambda pr: dataclasses.replace(
+        config.FlashConfig.for_problem(pr.E, pr.Ev, pr.L, pr.causal, launches.mask_kind(pr)), fwd90_p_smem=True,
+        fwd90_block_n=block_n))
+    cfg = launches.sm90_forward_config(pr)
+    assert config.smem_bytes("fwd_sm90", cfg, E, E) <= config.MAX_SMEM
+    assert cfg.fwd90_p_smem == (block_n % 32 == 0)
 
 
 def test_knob_cases_leave_a_warpgroup_idle():
