@@ -146,7 +146,10 @@ command_of() {  # the command of stage $1, into the array cmd
     fwd-deeper) cmd=(bash -c 'python3 benchmarks/flash_sweep.py --forward-only --lengths 1024 --head-dims 128 --causal no \
                      --variants "" fwd90_block_n=96,fwd90_stages=3 fwd90_block_n=96,fwd90_stages=3,fwd90_tma_store=0 \
                      fwd90_block_n=64,fwd90_stages=4,fwd90_tma_store=1') ;;
-    fwd-knobs-tests) cmd=(python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_flash.py -k knob_keeps_the_bits) ;;
+    fwd-knobs-tests) cmd=(bash -c 'for k in softmax_tree skip_idle rescale_under_s p_smem; do  # a process per knob:
+                          python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_flash.py \
+                          -k "knob_keeps_the_bits and $k" > /tmp/knob_$k.log 2>&1 & done  # the builds in parallel
+                          rc=0; for j in $(jobs -p); do wait $j || rc=1; done; tail -n 4 /tmp/knob_*.log; exit $rc') ;;
     fwd-knobs) cmd=(bash -c 'V="\"\" fwd90_softmax_tree=1 fwd90_skip_idle=1 fwd90_rescale_under_s=1 \
                     fwd90_softmax_tree=1,fwd90_skip_idle=1,fwd90_rescale_under_s=1" \
                     && S="python3 benchmarks/flash_sweep.py --forward-only" \
