@@ -39,11 +39,11 @@
 # ncu-fwd-64: the forward at E = 64 L = 4096 alone, whose softmax takes half of every consumer's clocks),
 # fwd-knobs-tests / fwd-knobs (the Hopper forward's knobs that keep its bits, off by default until timed: the row
 # maxima as trees, FlashConfig.fwd90_softmax_tree; idle warpgroups skipping the last query block,
-# fwd90_skip_idle; O rescaled under the next S's product, fwd90_rescale_under_s: their GPU test (same bits off and
-# on, judged by the reference) / E = 64 and 128 at L = 1024 and 4096 and the tutorial's call timed with each and
-# all three, as is the tutorial module's attention (fp16 B = 32 H = 8 L = 512 E = 64 causal, whose compiled
-# module is 0.946x PyTorch's speed), and causal E = 64 at L = 1024 and 2048 in 192-row tiles with idle
-# warpgroups skipping),
+# fwd90_skip_idle; O rescaled under the next S's product, fwd90_rescale_under_s; P in shared memory,
+# fwd90_p_smem: their GPU test (same bits off and on, judged by the reference) / E = 64 and 128 at L = 1024 and
+# 4096 timed with each of the first three and the three together; fwd-knobs-extra: the same for the tutorial's
+# call and the tutorial module's attention (fp16 B = 32 H = 8 L = 512 E = 64 causal, whose compiled module is
+# 0.946x PyTorch's speed), and causal E = 64 at L = 1024 and 2048 in 192-row tiles with idle warpgroups skipping),
 # fwd-p-smem (P through shared memory, FlashConfig.fwd90_p_smem, and with it FlashAttention-3's 192-key blocks at
 # E <= 64, which registers did not allow: E = 64 at L = 1024, 4096 and 16384 and the tutorial's call; its GPU test
 # is fwd-knobs-tests), overhead, hf (Hugging Face models, "cusdpa" against "sdpa"), bench (every provider),
@@ -150,15 +150,15 @@ command_of() {  # the command of stage $1, into the array cmd
                           python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_flash.py \
                           -k "knob_keeps_the_bits and $k" > /tmp/knob_$k.log 2>&1 & done  # the builds in parallel
                           rc=0; for j in $(jobs -p); do wait $j || rc=1; done; tail -n 4 /tmp/knob_*.log; exit $rc') ;;
-    fwd-knobs) cmd=(bash -c 'V="\"\" fwd90_softmax_tree=1 fwd90_skip_idle=1 fwd90_rescale_under_s=1 \
+    fwd-knobs|fwd-knobs-extra) cmd=(bash -c 'V="\"\" fwd90_softmax_tree=1 fwd90_skip_idle=1 fwd90_rescale_under_s=1 \
                     fwd90_softmax_tree=1,fwd90_skip_idle=1,fwd90_rescale_under_s=1" \
                     && S="python3 benchmarks/flash_sweep.py --forward-only" \
-                    && eval $S --lengths 1024 4096 --head-dims 64 128 --variants $V \
-                    && $S --lengths 1024 2048 --head-dims 64 --causal yes --variants "" fwd90_warpgroups=3,fwd90_skip_idle=1 \
+                    && if [ "$0" = fwd-knobs ]; then eval $S --lengths 1024 4096 --head-dims 64 128 --variants $V; \
+                    else $S --lengths 1024 2048 --head-dims 64 --causal yes --variants "" fwd90_warpgroups=3,fwd90_skip_idle=1 \
                     && eval $S --dtype float16 --lengths 1024 --head-dims 32 --tokens 32768 --hidden 1024 --causal no \
                     --variants $V \
                     && eval $S --dtype float16 --lengths 512 --head-dims 64 --tokens 16384 --hidden 512 --causal yes \
-                    --variants $V') ;;
+                    --variants $V; fi' "$stage") ;;
     fwd-p-smem) cmd=(bash -c 'V="\"\" fwd90_p_smem=1 fwd90_p_smem=1,fwd90_block_n=192" \
                      && S="python3 benchmarks/flash_sweep.py --forward-only" \
                      && eval $S --lengths 1024 4096 16384 --head-dims 64 --variants $V \
