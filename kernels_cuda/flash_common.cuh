@@ -48,6 +48,12 @@ struct Slice {
         const int h = bh % Hq;
         return Slice(bh / Hq, h, h / group, bh, cu_q, cu_k, L, S, left, right, lower_right);
     }
+    // The slice of query head h of batch b, kv head kvh, bh = b * Hq + h: query_head with the caller's divisions.
+    static __device__ __forceinline__ Slice query_head_of(int b, int h, int kvh, int bh, const int* cu_q,
+                                                          const int* cu_k, int L, int S, int left, int right,
+                                                          int lower_right) {
+        return Slice(b, h, kvh, bh, cu_q, cu_k, L, S, left, right, lower_right);
+    }
     // Grid rows over (batch, query head): blockIdx.y = b * Hq + h.
     static __device__ __forceinline__ Slice per_query_head(int Hq, int group, const int* cu_q, const int* cu_k,
                                                            int L, int S, int left, int right, int lower_right) {

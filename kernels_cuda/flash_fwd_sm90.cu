@@ -53,8 +53,8 @@
 // FlashAttention-3's epilogue does; dense problems only, tensor map `tm_o`: a packed batch's store would clip at
 // the tensor's end, not at the sequence's), FWD90_SOFTMAX_TREE (1: the row maxima reduced as trees, both rows at
 // once: row_maxima), FWD90_SKIP_IDLE (1: a consumer warpgroup whose rows all lie past the queries computes
-// nothing, walk_idle), FWD90_RESCALE_UNDER_S (1: O rescaled while S's product runs, rescale_pending),
-// FWD90_P_SMEM (1: P through shared memory, P V's A operand read from there: the registers P held while S of the
+// nothing, walk_idle), FWD90_FAST_DIVMOD (1: tile_at's divisions by multiplies, FastDiv), FWD90_RESCALE_UNDER_S
+// (1: O rescaled while S's product runs, rescale_pending), FWD90_P_SMEM (1: P through shared memory, P V's A operand read from there: the registers P held while S of the
 // next block ran are free, for longer key blocks), CUSDPA_PHASES (1: per-warp phase clocks, phases.cuh),
 // FWD90_WARPGROUPS (consumer warpgroups, 2 or 3), FWD90_BLOCK_N, FWD90_STAGES (K/V buffers), FWD90_PINGPONG
 // (1: consumers take turns; 0: they issue when ready), ATTN_MASK, ALIBI (1: the slopes' bias added, `slopes`
@@ -81,6 +81,9 @@
 #endif
 #ifndef FWD90_P_SMEM
 #define FWD90_P_SMEM 0
+#endif
+#ifndef FWD90_FAST_DIVMOD
+#define FWD90_FAST_DIVMOD 0
 #endif
 constexpr int MMA_WG = FWD90_WARPGROUPS;
 constexpr int NTHREADS = (MMA_WG + 1) * 128;
@@ -433,15 +436,9 @@ struct Tile {
     bool live;           // false when the tile starts past the slice's queries (a short packed sequence)
 };
 
-__device__ __forceinline__ Tile tile_at(int t, int num_m, int chunk_heads, int BH, int Hq, int group, const int* cu_q,
-                                        const int* cu_k, int L, int S, int left, int right, int lower_right) {
-    const int per_chunk = chunk_heads * num_m;
-    const int chunk = t / per_chunk, rem = t - chunk * per_chunk;
-    const int heads = min(chunk_heads, BH - chunk * chunk_heads);
-    const int m_block = num_m - 1 - rem / heads;
-    const int bh = chunk * chunk_heads + rem % heads;
-    Tile tile{Slice::query_head(bh, Hq, group, cu_q, cu_k, L, S, left, right, lower_right), m_block * BLOCK_M, 0, 0, 0,
-              0, false};
+// The tile of query block m_block of `slice`: its key blocks and the keys its slice sees.
+__device__ __forceinline__ Tile tile_of(const Slice& slice, int m_block) {
+    Tile tile{slice, m_block * BLOCK_M, 0, 0, 0, 0, false};
     if (tile.m0 >= tile.slice.L) return tile;
     tile.live = true;
     int lo, hi;
@@ -453,6 +450,78 @@ __device__ __forceinline__ Tile tile_at(int t, int num_m, int chunk_heads, int B
     tile.slice.vis.key_range(0, tile.slice.L, tile.j_lo, tile.j_hi);
     return tile;
 }
+
+__device__ __forceinline__ Tile tile_at(int t, int num_m, int chunk_heads, int BH, int Hq, int group, const int* cu_q,
+                                        const int* cu_k, int L, int S, int left, int right, int lower_right) {
+    const int per_chunk = chunk_heads * num_m;
+    const int chunk = t / per_chunk, rem = t - chunk * per_chunk;
+    const int heads = min(chunk_heads, BH - chunk * chunk_heads);
+    const int m_block = num_m - 1 - rem / heads;
+    const int bh = chunk * chunk_heads + rem % heads;
+    return tile_of(Slice::query_head(bh, Hq, group, cu_q, cu_k, L, S, left, right, lower_right), m_block);
+}
+
+#if FWD90_FAST_DIVMOD
+// n / d for 0 <= n < 2^31 by a multiply-high and a shift (Granlund and Montgomery's method): m = 2^p / d
+// rounded up with p = 31 + ceil(log2 d), then n / d = floor(n m / 2^p), exact for every such n since the
+// rounding adds less than n / 2^p < 1 / d to n / d. Set up once per kernel; tile_at's divisions by values
+// known only at run time are each a chain of ~25 dependent instructions as `/`, every tile, on the producer's
+// and the consumers' paths (the tile's setup was 4-6% of E = 64's consumer clocks).
+struct FastDiv {
+    int d = 1;
+    u32 mul = 0, shift = 0;
+    FastDiv() = default;
+    __device__ __forceinline__ explicit FastDiv(int divisor) : d(divisor) {
+        if (d > 1) {
+            const u32 p = 31 + (32 - __clz(d - 1));  // 31 + ceil(log2 d)
+            mul = static_cast<u32>(((1ull << p) + d - 1) / static_cast<unsigned long long>(d));
+            shift = p - 32;
+        }
+    }
+    __device__ __forceinline__ int div(int n) const {
+        return d > 1 ? static_cast<int>(__umulhi(static_cast<u32>(n), mul) >> shift) : n;
+    }
+    // lane `from`'s FastDiv (the whole warp calls it)
+    __device__ __forceinline__ FastDiv of_lane(int from) const {
+        FastDiv x;
+        x.d = __shfl_sync(0xffffffffu, d, from);
+        x.mul = __shfl_sync(0xffffffffu, mul, from);
+        x.shift = __shfl_sync(0xffffffffu, shift, from);
+        return x;
+    }
+};
+
+// tile_at's divisors, set up once: query blocks per chunk of heads, heads per chunk (and in the last chunk,
+// which may hold fewer), query heads, and query heads per kv head. Each of the first five lanes of a warp
+// finds one reciprocal (a 64-bit division, side by side), which the others then read.
+struct TileDivisors {
+    FastDiv per_chunk, chunk_heads, last_heads, hq, group;
+    __device__ __forceinline__ TileDivisors(int num_m, int chunk_heads_, int BH, int Hq, int group_) {
+        const int lane = threadIdx.x % 32;
+        const int last = BH - (BH - 1) / chunk_heads_ * chunk_heads_;
+        const FastDiv mine(lane == 0 ? chunk_heads_ * num_m : lane == 1 ? chunk_heads_ : lane == 2 ? last
+                           : lane == 3 ? Hq : group_);
+        per_chunk = mine.of_lane(0);
+        chunk_heads = mine.of_lane(1);
+        last_heads = mine.of_lane(2);
+        hq = mine.of_lane(3);
+        group = mine.of_lane(4);
+    }
+};
+
+// tile_at with its divisions by multiplies.
+__device__ __forceinline__ Tile tile_at(int t, const TileDivisors& dv, int num_m, int BH, const int* cu_q,
+                                        const int* cu_k, int L, int S, int left, int right, int lower_right) {
+    const int chunk = dv.per_chunk.div(t), rem = t - chunk * dv.per_chunk.d;
+    const int heads = min(dv.chunk_heads.d, BH - chunk * dv.chunk_heads.d);
+    const FastDiv by_heads = heads == dv.chunk_heads.d ? dv.chunk_heads : dv.last_heads;  // (a copy: registers)
+    const int q = by_heads.div(rem);
+    const int bh = chunk * dv.chunk_heads.d + rem - q * heads;
+    const int b = dv.hq.div(bh), h = bh - b * dv.hq.d;
+    return tile_of(Slice::query_head_of(b, h, dv.group.div(h), bh, cu_q, cu_k, L, S, left, right, lower_right),
+                   num_m - 1 - q);
+}
+#endif
 
 // The tiles of CTA blockIdx.x in turn: schedule[schedule[b] .. schedule[b + 1]) of the tile list after the
 // gridDim.x + 1 offsets, or every gridDim.x-th tile from blockIdx.x without a schedule. The next tile's
@@ -621,6 +690,14 @@ flash_fwd_sm90(const __grid_constant__ TmaMap tm_q, const __grid_constant__ TmaM
 
     const int warp = warp_index(), lane = threadIdx.x % 32, wg = warp / 4;
     const int num_tiles = BH * num_m;
+#if FWD90_FAST_DIVMOD
+    const TileDivisors divisors(num_m, chunk_heads, BH, Hq, group);
+    auto decode_tile = [&](int t) { return tile_at(t, divisors, num_m, BH, cu_q, cu_k, L, S, left, right, lower_right); };
+#else
+    auto decode_tile = [&](int t) {
+        return tile_at(t, num_m, chunk_heads, BH, Hq, group, cu_q, cu_k, L, S, left, right, lower_right);
+    };
+#endif
     if (threadIdx.x == 0) {
         mbar_init(q_full, 1);
         mbar_init(q_empty, CONSUMER_WARPS);
@@ -669,7 +746,7 @@ flash_fwd_sm90(const __grid_constant__ TmaMap tm_q, const __grid_constant__ TmaM
         for (TileDeal deal(schedule, num_tiles); deal.more();) {
             const int t = deal.next();
 #endif
-            const Tile tile = tile_at(t, num_m, chunk_heads, BH, Hq, group, cu_q, cu_k, L, S, left, right, lower_right);
+            const Tile tile = decode_tile(t);
             if (!tile.live) continue;
             KeyBlocks kb = key_blocks(tile, blocks, bs_b, bs_h, bs_m);
             const int first = kb.from(tile.n_begin);
@@ -808,7 +885,7 @@ flash_fwd_sm90(const __grid_constant__ TmaMap tm_q, const __grid_constant__ TmaM
     for (TileDeal deal(schedule, num_tiles); deal.more();) {
         const int t = deal.next();
 #endif
-        const Tile tile = tile_at(t, num_m, chunk_heads, BH, Hq, group, cu_q, cu_k, L, S, left, right, lower_right);
+        const Tile tile = decode_tile(t);
         if (!tile.live) continue;
         const Slice& sl = tile.slice;
         const Visibility<int>& vis = sl.vis;

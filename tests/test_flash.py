@@ -35,17 +35,21 @@ def _nvrtc_jobs():
                             "-arch=sm_90a",)
                     if fwd_cfg.fwd90_tma_store and (E, Ev) in ((64, 64), (96, 64), (160, 224)) and dropout:  # ... with
                         # the phase clocks, O from 128- and 64-byte swizzled rows, the row maxima as trees, idle
-                        # warpgroups skipping their tiles, O rescaled under S's product, P through shared memory
+                        # warpgroups skipping their tiles, O rescaled under S's product, P through shared memory,
+                        # the tile decode's divisions by multiplies
                         phased = dataclasses.replace(fwd_cfg, fwd90_phases=True, fwd90_softmax_tree=True,
                                                      fwd90_skip_idle=True, fwd90_rescale_under_s=True,
-                                                     fwd90_p_smem=fwd_cfg.fwd90_block_n % 32 == 0)
+                                                     fwd90_p_smem=fwd_cfg.fwd90_block_n % 32 == 0,
+                                                     fwd90_fast_divmod=True)
                         yield "flash_fwd_sm90.cu", sources.compile_options(dtype, E, Ev, dropout, phased,
                                                                            tma_store=True) + ("-arch=sm_90a",)
             # ... and with each kind of attn_mask (its tiles from the queue)
             for mask in (("bool", "float16") if dtype == "float16" else ("float32", "bfloat16")):
                 fwd_cfg = config.FlashConfig.for_problem(E, Ev, 4096, False, mask)
-                # (the clocks' masked walk, and idle warpgroups' walk of a queue's tiles)
-                fwd_cfg = dataclasses.replace(fwd_cfg, fwd90_phases=(E, Ev) == (64, 64), fwd90_skip_idle=(E, Ev) == (64, 64))
+                # (the clocks' masked walk, idle warpgroups' walk of a queue's tiles, the queue's tile decode)
+                knobs = (E, Ev) == (64, 64)
+                fwd_cfg = dataclasses.replace(fwd_cfg, fwd90_phases=knobs, fwd90_skip_idle=knobs,
+                                              fwd90_fast_divmod=knobs)
                 if config.sm90_forward_applies(E, Ev, 90, fwd_cfg):
                     yield "flash_fwd_sm90.cu", sources.compile_options(dtype, E, Ev, dropout, fwd_cfg, mask=mask,
                                                                        queue=True) + ("-arch=sm_90a",)
@@ -748,7 +752,8 @@ KNOB_CASES = {
 }
 
 
-FORWARD_KNOBS = ("fwd90_softmax_tree", "fwd90_skip_idle", "fwd90_rescale_under_s", "fwd90_p_smem")
+FORWARD_KNOBS = ("fwd90_softmax_tree", "fwd90_skip_idle", "fwd90_rescale_under_s", "fwd90_p_smem",
+                 "fwd90_fast_divmod")
 
 
 def _knob_applies(knob: str, case: Case) -> bool:
@@ -766,9 +771,10 @@ def test_hopper_forward_knob_keeps_the_bits(knob, name, warpgroups, rng, monkeyp
     """The Hopper forward's knobs that change no arithmetic give the same out and lse, bit for bit, off and on,
     and the reference judges them too: fwd90_softmax_tree (the row maxima as trees; fmaxf is exact in any
     order), fwd90_skip_idle (a warpgroup whose rows all lie past the queries computes nothing, only keeps the
-    pipeline's protocol), fwd90_rescale_under_s (O's rescale moved under the next S's product) and fwd90_p_smem
-    (P V's A operand read from shared memory, the same bf16 values). On a device of two SMs, so that each CTA
-    goes on to tiles after such a walk."""
+    pipeline's protocol), fwd90_rescale_under_s (O's rescale moved under the next S's product), fwd90_p_smem
+    (P V's A operand read from shared memory, the same bf16 values) and fwd90_fast_divmod (the tile decode's
+    divisions by multiplies: the same tiles). On a device of two SMs, so that each CTA goes on to tiles after
+    such a walk."""
     import cupy
 
     from cusdpa.backends.flash import launches
@@ -788,9 +794,9 @@ def test_hopper_forward_knob_keeps_the_bits(knob, name, warpgroups, rng, monkeyp
     assert not failures, "\n".join(failures)
 
 
-@pytest.mark.parametrize("E,causal,mask,block_n", [(64, False, None, 192), (64, True, None, 192), (32, False, None, 192),
-                                                  (128, True, None, 128), (128, False, "bool", 128),
-                                                  (256, False, None, 80)])
+@pytest.mark.parametrize("E,causal,mask,block_n", [(64, False, None, 192), (64, True, None, 192),
+                                                  (32, False, None, 192), (128, True, None, 128),
+                                                  (128, False, "bool", 128), (256, False, None, 80)])
 def test_p_in_shared_memory_is_fitted_to_the_forward(E, causal, mask, block_n, monkeypatch):
     """FlashConfig.fwd90_p_smem set by hand (the benchmarks' variants): the Hopper forward's configuration gives up
     a third K/V stage where P's tiles need the room, and keeps P in registers where key blocks are no whole

@@ -59,6 +59,10 @@ class FlashConfig:
     # blocks, and room in 160 registers for 192-key blocks at E <= 64; off until timed on the GPU
     # (benchmarks/on_device.sh fwd-knobs)
     fwd90_p_smem: bool = False
+    # the tile decode's divisions by run-time values (heads per chunk, Hq, the GQA group) as multiplies by
+    # reciprocals set up once per kernel (FastDiv), on the producer's and the consumers' path every tile; the
+    # same tiles; off until timed on the GPU (benchmarks/on_device.sh fwd-knobs)
+    fwd90_fast_divmod: bool = False
     # per-warp phase clocks compiled into the Hopper forward (kernels_cuda/phases.cuh), for
     # benchmarks/fwd90_phases.py only
     fwd90_phases: bool = False
