@@ -54,8 +54,9 @@
 // the tensor's end, not at the sequence's), FWD90_SOFTMAX_TREE (1: the row maxima reduced as trees, both rows at
 // once: row_maxima), FWD90_SKIP_IDLE (1: a consumer warpgroup whose rows all lie past the queries computes
 // nothing, walk_idle), FWD90_FAST_DIVMOD (1: tile_at's divisions by multiplies, FastDiv), FWD90_RESCALE_UNDER_S
-// (1: O rescaled while S's product runs, rescale_pending), FWD90_P_SMEM (1: P through shared memory, P V's A operand read from there: the registers P held while S of the
-// next block ran are free, for longer key blocks), CUSDPA_PHASES (1: per-warp phase clocks, phases.cuh),
+// (1: O rescaled while S's product runs, rescale_pending), FWD90_P_SMEM (1: P through shared memory, P V's A
+// operand read from there: the registers P held while S of the next block ran are free, for longer key blocks),
+// CUSDPA_PHASES (1: per-warp phase clocks, phases.cuh),
 // FWD90_WARPGROUPS (consumer warpgroups, 2 or 3), FWD90_BLOCK_N, FWD90_STAGES (K/V buffers), FWD90_PINGPONG
 // (1: consumers take turns; 0: they issue when ready), ATTN_MASK, ALIBI (1: the slopes' bias added, `slopes`
 // per (batch, head) with batch stride `slopes_b`; scores in natural units as with a float mask), SOFTCAP (1:
@@ -149,7 +150,8 @@ __device__ __forceinline__ void issue_pv(float (&acc)[VT * 4], const u32 (&p)[NT
 }
 
 // acc += P V for one key block, P from this warpgroup's tile in shared memory (FWD90_P_SMEM; issued, not waited for).
-__device__ __forceinline__ void issue_pv_smem(float (&acc)[VT * 4], const unsigned char* sPwg, const unsigned char* sVn) {
+__device__ __forceinline__ void issue_pv_smem(float (&acc)[VT * 4], const unsigned char* sPwg,
+                                              const unsigned char* sVn) {
     const unsigned long long da = sw_desc<P_SW>(sPwg, 16), db = sw_desc<V_SW>(sVn, BLOCK_N * V_SW);
 #pragma unroll
     for (int kk = 0; kk < BLOCK_N / 16; ++kk) {
@@ -304,7 +306,8 @@ __device__ __forceinline__ void store_p(const u32 (&p)[NT * 2], unsigned char* s
 #pragma unroll
         for (int r = 0; r < 2; ++r) {
             const int col = nt * 8 + 2 * t;
-            const u32 off = (col / CHUNK_COLS) * 64 * P_SW + swizzled<P_SW>((wrow + 8 * r) * P_SW + (col % CHUNK_COLS) * 2);
+            const u32 off =
+                (col / CHUNK_COLS) * 64 * P_SW + swizzled<P_SW>((wrow + 8 * r) * P_SW + (col % CHUNK_COLS) * 2);
             *reinterpret_cast<u32*>(sPwg + off) = p[nt * 2 + r];
         }
     }
@@ -692,7 +695,9 @@ flash_fwd_sm90(const __grid_constant__ TmaMap tm_q, const __grid_constant__ TmaM
     const int num_tiles = BH * num_m;
 #if FWD90_FAST_DIVMOD
     const TileDivisors divisors(num_m, chunk_heads, BH, Hq, group);
-    auto decode_tile = [&](int t) { return tile_at(t, divisors, num_m, BH, cu_q, cu_k, L, S, left, right, lower_right); };
+    auto decode_tile = [&](int t) {
+        return tile_at(t, divisors, num_m, BH, cu_q, cu_k, L, S, left, right, lower_right);
+    };
 #else
     auto decode_tile = [&](int t) {
         return tile_at(t, num_m, chunk_heads, BH, Hq, group, cu_q, cu_k, L, S, left, right, lower_right);
