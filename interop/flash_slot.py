@@ -200,8 +200,8 @@ def sdpa_flash_backward(grad_out, query, key, value, out, logsumexp, cum_seq_q, 
     """``aten::_scaled_dot_product_flash_attention_backward``: (grad_query, grad_key, grad_value)."""
     seed = _replay_seed(philox_seed, dropout_p)
     options, backends = _resolve(dropout_p, is_causal, scale, query.size(1) != key.size(1))
-    dq, dk, dv, _ = ops.call(ops.sdpa_bwd, grad_out, *arguments.unit_strides(query, key, value), None, None, out, logsumexp, *options,
-                             seed, backends, torch.are_deterministic_algorithms_enabled(), False)
+    dq, dk, dv, _ = ops.call(ops.sdpa_bwd, grad_out, *arguments.unit_strides(query, key, value), None, None, out,
+                             logsumexp, *options, seed, backends, torch.are_deterministic_algorithms_enabled(), False)
     return _laid_out_like(dq, query), _laid_out_like(dk, key), _laid_out_like(dv, value)
 
 

@@ -133,18 +133,19 @@ class FlashConfig:
         if (causal or mask == "bool" or d <= 32) and smem_bytes("fwd_sm90", deeper, E, Ev) <= MAX_SMEM:
             cfg = deeper
         if not mask and Ev >= 64 and L <= 4096:
-            cfg = cfg.fitted_tma_store(E, Ev)
+            cfg = dataclasses.replace(cfg, fwd90_tma_store=True).fitted(E, Ev)
         return cfg
 
-    def fitted_tma_store(self, E: int, Ev: int) -> "FlashConfig":
-        """This configuration with the Hopper forward's O stored by TMA where its staging buffer fits in shared
-        memory beside the K/V stages, else beside two (a third stage given up), else with register stores
-        (head dims past 160)."""
-        stored = dataclasses.replace(self, fwd90_tma_store=True)
-        for fitted in (stored, dataclasses.replace(stored, fwd90_stages=2)):
+    def fitted(self, E: int, Ev: int) -> "FlashConfig":
+        """This configuration of the Hopper forward in shared memory: as it is where it fits, else with two K/V
+        stages (a third given up for O's or P's staging), else with O stored from registers (head dims past
+        160), else both."""
+        stores = dataclasses.replace(self, fwd90_tma_store=False)
+        for fitted in (self, dataclasses.replace(self, fwd90_stages=2), stores,
+                       dataclasses.replace(stores, fwd90_stages=2)):
             if smem_bytes("fwd_sm90", fitted, E, Ev) <= MAX_SMEM:
                 return fitted
-        return dataclasses.replace(self, fwd90_tma_store=False)
+        return self  # sources.kernel refuses it, naming the shared memory it needs
 
     @property
     def fwd_block_m(self) -> int:

@@ -72,9 +72,10 @@ class DecodePlan:
 
     def run(self, stream: int, q: int, k_cache: int, v_cache: int, table: int, seqlens: int, slopes: int, key: int,
             value: int, fixed_len: int, out: int, lse: int, part: int, arrivals: int = 0) -> None:
-        launches = self.kept_launches if arrivals else self.launches
-        if not arrivals:
-            arrivals = part + 4 * (self.part_floats + self.ml_floats)
+        if arrivals:
+            launches = self.kept_launches
+        else:  # the counts at the workspace's end, zeroed by the plan's memset
+            launches, arrivals = self.launches, part + 4 * (self.part_floats + self.ml_floats)
         # the value tuple in launch.SLOTS order
         run(launches, (q, k_cache, v_cache, out, lse, None, None, None, None, None, None, None, None, None, None,
                        None, None, table, seqlens, slopes, part, part + 4 * self.part_floats, key, value,

@@ -17,7 +17,7 @@ import numpy as np
 from ... import reference
 from ..launch import Launch, MapSlot, Slot, run, seed_values, values
 from . import sources, tma
-from .config import (MAX_SMEM, FlashConfig, sm90_backward_applies, sm90_backward_is_wide, sm90_forward_applies,
+from .config import (FlashConfig, sm90_backward_applies, sm90_backward_is_wide, sm90_forward_applies,
                      sm90_wide_chunk, smem_bytes)
 
 MAX_GRID_Y = 65535
@@ -273,22 +273,16 @@ def _modified_options(pr, cfg, mask_grad: bool = False, queue: bool = False, tma
 
 
 def sm90_forward_config(pr) -> FlashConfig:
-    """``config(pr)`` as the Hopper forward takes it: with ``fwd90_tma_store``, a packed batch stores O from
-    registers (a TMA store clips at the tensor's end, not at a sequence's), and a configuration given the store
-    by hand is fitted to shared memory as ``FlashConfig.for_problem`` fits its own; with ``fwd90_p_smem``
-    (a knob set by hand), P stays in registers where the key blocks are no whole 64-byte rows, and a third
-    K/V stage goes where P's tiles need its room."""
+    """``config(pr)`` as the Hopper forward takes it: a packed batch stores O from registers (a TMA store clips
+    at the tensor's end, not at a sequence's), P stays in registers where the key blocks are no whole 64-byte
+    rows (``fwd90_p_smem``, a knob set by hand), and a configuration given such a knob by hand is fitted to
+    shared memory as ``FlashConfig.for_problem`` fits its own."""
     cfg = config(pr)
-    if cfg.fwd90_p_smem:
-        if cfg.fwd90_block_n % 32:
-            cfg = dataclasses.replace(cfg, fwd90_p_smem=False)
-        elif cfg.fwd90_stages > 2 and smem_bytes("fwd_sm90", cfg, pr.E, pr.Ev) > MAX_SMEM:
-            cfg = dataclasses.replace(cfg, fwd90_stages=2)
-    if not cfg.fwd90_tma_store:
-        return cfg
-    if pr.varlen is not None:
-        return dataclasses.replace(cfg, fwd90_tma_store=False)
-    return cfg.fitted_tma_store(pr.E, pr.Ev)
+    if cfg.fwd90_tma_store and pr.varlen is not None:
+        cfg = dataclasses.replace(cfg, fwd90_tma_store=False)
+    if cfg.fwd90_p_smem and cfg.fwd90_block_n % 32:
+        cfg = dataclasses.replace(cfg, fwd90_p_smem=False)
+    return cfg.fitted(pr.E, pr.Ev)
 
 
 def sm90_forward_options(pr) -> tuple:
