@@ -61,8 +61,7 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
         arguments.check_tensors(tensors, attn_mask, alibi_slopes)
     options, backends = arguments.resolve(dropout_p, is_causal, scale, enable_gqa, causal_variant, window, softcap,
                                           backend, arguments.tf32_allowed(query))
-    query, key, value = arguments.broadcast_heads(query, key, value, options[3])
-    out, lse = autograd.attention(*arguments.unit_strides(query, key, value), attn_mask, alibi_slopes,
+    out, lse = autograd.attention(*arguments.kernel_operands(query, key, value, options[3]), attn_mask, alibi_slopes,
                                   arguments.draw_seed(dropout_p),
                                   backends, options, check_flag(deterministic, "deterministic"))
     return (out, lse) if return_lse else out
