@@ -113,14 +113,22 @@ def test_oversized_argument_is_refused():
         launch._cell(np.zeros(3, np.float64))
 
 
-class FakeMap:  # a TensorMap that writes the address at byte 16 of a 128-byte template
+class FakeMap:  # a TensorMap whose driver keeps the address at byte 16 of a 128-byte template
     template = bytes(range(128))
-
-    def writer(self, dst):
-        return lambda ptr: setattr(ctypes.c_uint64.from_address(dst + 16), "value", ptr)
+    offset = 16
 
 
-def test_map_slots_pass_each_calls_map_by_value(monkeypatch):
+class FreshMap(FakeMap):  # one whose driver does not: every call encodes (here: the address at byte 40)
+    offset = None
+
+    def write(self, dst, ptr):
+        want = bytearray(self.template)
+        want[40:48] = ptr.to_bytes(8, "little")
+        ctypes.memmove(dst, bytes(want), 128)
+
+
+@pytest.mark.parametrize("tensor_map", [FakeMap(), FreshMap()], ids=["address word", "encoded afresh"])
+def test_map_slots_pass_each_calls_map_by_value(monkeypatch, tensor_map):
     """A MapSlot's parameter is 128 bytes of its own: the template with the call's address written in."""
     seen = {}
 
@@ -133,12 +141,13 @@ def test_map_slots_pass_each_calls_map_by_value(monkeypatch):
 
     monkeypatch.setattr(launch._Driver, "driver", Driver)
     fn = type("Fn", (), {"ptr": 1})()
-    prepared = launch.Launch(fn, (1, 1), (128,), 0, (launch.MapSlot("q", FakeMap()), launch.Slot("o"), np.int32(9)))
-    assert prepared.maps == ((0, launch.SLOTS.index("q"), prepared.maps[0][2]),) and prepared.slots == ((1, 3),)
-    for q, o in ((0x1000, 0x2000), (0x7F00_0000_1230, 0x3000)):
+    prepared = launch.Launch(fn, (1, 1), (128,), 0, (launch.MapSlot("q", tensor_map), launch.Slot("o"), np.int32(9)))
+    assert prepared.maps == ((0, launch.SLOTS.index("q"), tensor_map),) and prepared.slots == ((1, 3),)
+    at = 40 if tensor_map.offset is None else tensor_map.offset
+    for q, o in ((0x1000, 0x2000), (0x7F00_0000_1230, 0x3000), (FakeCupyArray(), 0x4000)):
         prepared(launch.values(q=q, o=o), 0)
         want = bytearray(FakeMap.template)
-        want[16:24] = q.to_bytes(8, "little")
+        want[at:at + 8] = launch._cell(q).to_bytes(8, "little")
         assert seen["map"] == bytes(want) and seen["cells"] == [o, 9]
 
 
@@ -158,12 +167,7 @@ def test_tensor_maps_find_where_the_address_lives(monkeypatch):
     dims, strides, box = calls[0]
     assert dims == (96, 300, 1, 2) and box == (32, 128, 1, 1)  # 96 columns: 64-byte swizzle, 32-column boxes
     assert strides[0] == 192 and strides[2] == 4 * 300 * 96 * 2 and all(x % 16 == 0 for x in strides)
-    buf = ctypes.create_string_buffer(m.template, 128)
-    write = m.writer(ctypes.addressof(buf))
-    write(0x20000)
-    assert buf.raw == encode("bfloat16", 0x20000, *calls[0])
-    write(0x40000)  # the writer is made once per buffer and serves every call
-    assert buf.raw == encode("bfloat16", 0x40000, *calls[0])
+    assert m.template == encode("bfloat16", 0x10000, *calls[0])
     before = len(calls)
     _, _, bm = tma.operand_map("float16", 0x10000, 64, 0, 2, 1, (0, 64 * 5, 64), box_rows=80)
     assert len(calls) == before + 1  # the driver was probed once, by the first map: one encode per map after
@@ -173,7 +177,8 @@ def test_tensor_maps_find_where_the_address_lives(monkeypatch):
     monkeypatch.setattr(tma, "_DRIVER", {})
     m = tma.TensorMap("bfloat16", 0x10000, (64, 8, 1, 1), (128, 1024, 1024), (64, 8, 1, 1))
     assert m.offset is None
-    m.writer(ctypes.addressof(buf))(0x30000)
+    buf = ctypes.create_string_buffer(m.template, 128)
+    m.write(ctypes.addressof(buf), 0x30000)
     assert buf.raw[:16] == (0x30000 * 3).to_bytes(16, "little")
 
 

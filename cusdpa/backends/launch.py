@@ -33,7 +33,8 @@ class Slot(NamedTuple):
 
 class MapSlot(NamedTuple):
     """A TMA tensor map argument (128 bytes, passed by value) of the tensor a slot names: ``tensor_map``
-    (``backends.flash.tma.TensorMap``) writes the map of each call's address."""
+    (``backends.flash.tma.TensorMap``) gives the map's bytes for any address, and where the address sits in
+    them (``offset``, or None: each call encodes its map afresh)."""
 
     name: str
     tensor_map: object
@@ -89,40 +90,45 @@ class Launch:
     def __init__(self, fn, grid: tuple, block: tuple, smem: int, args):
         self.fn, self.grid, self.block, self.smem = fn, grid, block, smem
         # (cell index, position in the value tuple) of each slot; a map's cell is unused, its bytes live in
-        # a buffer of their own: (cell index, position, TensorMap)
+        # 16 words of their own: (cell index, position, TensorMap)
         self.slots = tuple((i, _POSITION[a.name]) for i, a in enumerate(args) if isinstance(a, Slot))
         self.maps = tuple((i, _POSITION[a.name], a.tensor_map) for i, a in enumerate(args) if isinstance(a, MapSlot))
         self.cells = tuple(0 if isinstance(a, (Slot, MapSlot)) else _cell(a) for a in args)
         # the CuPy arrays given as arguments (a cell holds only the address): alive while the launch is
         self.arrays = tuple(a for a in args if hasattr(getattr(a, "data", None), "ptr"))
-        self._buffers: dict = {}  # thread id -> (cells, map buffers, pointer array, its address)
+        self._buffers: dict = {}  # thread id -> (words, stores, fresh maps, pointer array, its address)
 
-    def _buffer(self):
-        # One parameter buffer per thread, made once: the driver copies the parameters during the call, so
-        # the buffer may be refilled right after, and threads launching the same kernel never share one.
-        key = threading.get_ident()
-        buf = self._buffers.get(key)
-        if buf is None:
-            n = max(1, len(self.cells))
-            cells = (ctypes.c_uint64 * n)(*self.cells)
-            addresses = [ctypes.addressof(cells) + 8 * i for i in range(n)]
-            maps = []  # (the map's writer, its storage, kept alive with the buffer)
-            for i, _, tensor_map in self.maps:
-                storage = (ctypes.c_uint64 * 16).from_buffer_copy(tensor_map.template)
-                maps.append((tensor_map.writer(ctypes.addressof(storage)), storage))
-                addresses[i] = ctypes.addressof(storage)
-            pointers = (ctypes.c_void_p * n)(*addresses)
-            buf = self._buffers[key] = (cells, tuple(maps), pointers, ctypes.addressof(pointers))
+    def _new_buffer(self) -> tuple:
+        # One parameter buffer per thread, made at its first call: the driver copies the parameters during the
+        # call, so the buffer may be refilled right after, and threads launching the same kernel never share
+        # one. The cells, then each map's 16 words, in one array, so that a call's every store (a slot's cell,
+        # a map's address word) is one item assignment of one loop.
+        n = max(1, len(self.cells))
+        words = (ctypes.c_uint64 * (n + 16 * len(self.maps)))(*self.cells)
+        base = ctypes.addressof(words)
+        addresses = [base + 8 * i for i in range(n)]
+        stores, fresh = list(self.slots), []  # fresh: (map's address, position, TensorMap)
+        for m, (i, j, tensor_map) in enumerate(self.maps):
+            first = n + 16 * m
+            addresses[i] = base + 8 * first
+            ctypes.memmove(addresses[i], tensor_map.template, len(tensor_map.template))
+            if tensor_map.offset is None:
+                fresh.append((addresses[i], j, tensor_map))
+            else:
+                stores.append((first + tensor_map.offset // 8, j))
+        pointers = (ctypes.c_void_p * n)(*addresses)
+        buf = self._buffers[threading.get_ident()] = (words, tuple(stores), tuple(fresh), pointers,
+                                                      ctypes.addressof(pointers))
         return buf
 
     def __call__(self, values: tuple, stream_ptr: int) -> None:
-        cells, maps, _, params = self._buffer()
-        for i, j in self.slots:
+        words, stores, fresh, _, params = self._buffers.get(threading.get_ident()) or self._new_buffer()
+        for i, j in stores:
             value = values[j]
-            cells[i] = value if type(value) is int else _cell(value)  # raw pointers and seeds are ints
-        for (_, j, _), (write, _) in zip(self.maps, maps):
+            words[i] = value if type(value) is int else _cell(value)  # raw pointers and seeds are ints
+        for dst, j, tensor_map in fresh:
             value = values[j]
-            write(value if type(value) is int else _cell(value))
+            tensor_map.write(dst, value if type(value) is int else _cell(value))
         gx, gy = self.grid
         (_Driver.driver or _Driver.load().driver).launchKernel(self.fn.ptr, gx, gy, 1, self.block[0], 1, 1, self.smem,
                                                                stream_ptr, params, 0)

@@ -61,8 +61,10 @@ _DRIVER: dict = {}  # probed once: "address_offset" -> where this driver's maps 
 
 
 class TensorMap:
-    """A map of one operand's shape, strides and box, for any address: ``writer(dst)(ptr)`` puts the map of
-    the tensor at ``ptr`` into the 128 bytes at host address ``dst``, which hold this map already."""
+    """A map of one operand's shape, strides and box, for any address: ``template`` holds the map of some
+    address, kept at byte ``offset`` (None: the driver does not keep it verbatim, and ``write`` encodes the
+    whole map of each address). A prepared launch stores each call's address at ``offset`` of its copy of
+    the template (``backends.launch.Launch``)."""
 
     __slots__ = ("args", "template", "offset")
 
@@ -75,18 +77,9 @@ class TensorMap:
                                                         ptr, other)
         self.offset = _DRIVER["address_offset"]
 
-    def writer(self, dst: int):
-        """The function of a pointer that writes its map into the 128 bytes at ``dst``: where the driver keeps
-        the address in one word, a store into a view of that word made once here (a launch's parameter buffer
-        is made once and refilled every call, and a view made per call cost more than the store)."""
-        if self.offset is None:
-            return lambda ptr: ctypes.memmove(dst, encode(self.args[0], ptr, *self.args[1:]), MAP_BYTES)
-        word = ctypes.c_uint64.from_address(dst + self.offset)
-
-        def write(ptr: int) -> None:
-            word.value = ptr
-
-        return write
+    def write(self, dst: int, ptr: int) -> None:
+        """The map of the tensor at ``ptr`` into the 128 bytes at host address ``dst``."""
+        ctypes.memmove(dst, encode(self.args[0], ptr, *self.args[1:]), MAP_BYTES)
 
 
 def operand_map(dtype_name: str, ptr: int, D: int, rows: int, heads: int, batch: int, strides, box_rows: int,
