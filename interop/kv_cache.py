@@ -126,8 +126,9 @@ def _decode(query, k_cache, v_cache, cache_seqlens, key, value, block_table, cac
         if alibi_slopes.shape != (B, hq):  # (Hq,): one row per sequence (the plan checked the shape)
             alibi_slopes = alibi_slopes.expand(B, hq).contiguous()
         slopes = alibi_slopes.data_ptr()
-    out = query.new_empty(plan.out_shape)
-    lse = query.new_empty(plan.lse_shape, dtype=torch.float32)
+    out_strides, lse_strides = plan.strides
+    out = query.new_empty_strided(plan.out_shape, out_strides)
+    lse = query.new_empty_strided(plan.lse_shape, lse_strides, dtype=torch.float32)
     device = query.get_device()
     stream = torch._C._cuda_getCurrentRawStream(device)
     part, arrivals = _workspace(query, plan, device, stream) if plan.part_floats else (0, 0)

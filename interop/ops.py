@@ -261,7 +261,7 @@ def _sdpa_fwd(query, key, value, attn_mask, alibi_slopes, *rest, eager=False):
         plan = _plan(query, key, value, attn_mask, options, backends)
         if plan is not None:
             out = query.new_empty_strided(plan.out_shape, plan.out_strides)
-            lse = query.new_empty(plan.lse_shape, dtype=torch.float32)
+            lse = query.new_empty_strided(plan.lse_shape, plan.lse_strides, dtype=torch.float32)
             stream = _stream(query)
             _ranged(plan.backend, "fwd", plan.run_forward, stream, query.data_ptr(), key.data_ptr(), value.data_ptr(),
                     out.data_ptr(), lse.data_ptr(), seed_of(seed, options[0]),
@@ -306,8 +306,9 @@ def _sdpa_bwd(grad_out, query, key, value, attn_mask, alibi_slopes, out, lse, *r
             if plan.copies_dout:
                 grad_out = torch.empty_like(out).copy_(grad_out)
             dq, dk, dv = (x.new_empty(x.shape) for x in (query, key, value))
-            delta = lse.new_empty(lse.shape)
-            dq_accum = query.new_empty(plan.dq_accum_elements, dtype=torch.float32) if plan.dq_accum_elements else None
+            delta = lse.new_empty_strided(plan.lse_shape, plan.lse_strides)
+            dq_accum = query.new_empty_strided((plan.dq_accum_elements,), (1,), dtype=torch.float32) \
+                if plan.dq_accum_elements else None
             stream = _stream(query)
             _ranged(plan.backend, "bwd", plan.run_backward, stream, query.data_ptr(), key.data_ptr(), value.data_ptr(),
                     out.data_ptr(), grad_out.data_ptr(), lse.data_ptr(), delta.data_ptr(), dq.data_ptr(), dk.data_ptr(),

@@ -21,6 +21,7 @@ from typing import NamedTuple
 import numpy as np
 
 from ..launch import Launch, Slot, ZeroWords, run
+from ..plans import contiguous_strides
 from . import sources
 
 WARPS = 4  # warps of a split CTA, each with its own pipeline of key tiles
@@ -65,6 +66,12 @@ class DecodePlan:
     arrival_words: int
     capacity: int
     new: int
+
+    @functools.cached_property
+    def strides(self) -> tuple:
+        """(out's, lse's) contiguous element strides: ``torch.Tensor.new_empty_strided`` allocates in fewer
+        microseconds than ``new_empty``."""
+        return contiguous_strides(self.out_shape), contiguous_strides(self.lse_shape)
 
     @property
     def workspace_floats(self) -> int:
