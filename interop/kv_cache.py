@@ -159,7 +159,7 @@ def _workspace(query, plan, device: int, stream: int) -> tuple[int, int]:
     floats = plan.part_floats + plan.ml_floats
     if (not decode.KEEP_WORKSPACE or floats > MAX_KEPT_FLOATS or torch._C._cuda_getDevice() != device
             or torch._C._cuda_isCurrentStreamCapturing()):  # (the capture check reads the current device's stream)
-        return query.new_empty(plan.workspace_floats, dtype=torch.float32).data_ptr(), 0
+        return query.new_empty_strided((plan.workspace_floats,), (1,), dtype=torch.float32).data_ptr(), 0
     kept = _kept.get((device, stream))
     if kept is None:
         if len(_kept) >= MAX_KEPT_STREAMS:  # (a buffer goes back to torch's allocator for its own stream only)
