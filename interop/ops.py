@@ -305,7 +305,8 @@ def _sdpa_bwd(grad_out, query, key, value, attn_mask, alibi_slopes, out, lse, *r
         if plan is not None:
             if plan.copies_dout:
                 grad_out = torch.empty_like(out).copy_(grad_out)
-            dq, dk, dv = (x.new_empty(x.shape) for x in (query, key, value))
+            (sq, sk, sv), (tq, tk, tv) = plan.grad_shapes, plan.grad_strides
+            dq, dk, dv = query.new_empty_strided(sq, tq), key.new_empty_strided(sk, tk), value.new_empty_strided(sv, tv)
             delta = lse.new_empty_strided(plan.lse_shape, plan.lse_strides)
             dq_accum = query.new_empty_strided((plan.dq_accum_elements,), (1,), dtype=torch.float32) \
                 if plan.dq_accum_elements else None

@@ -108,6 +108,26 @@ def test_a_plan_not_ready_yet_is_tried_again_then_given_up():
     assert len(made) == plans.TRIES and plans._plans.pop(signature) is None
 
 
+def test_training_plans_know_the_gradients_shapes_and_strides(monkeypatch):
+    """A backward plan carries dq's, dk's and dv's shapes and contiguous strides (the op allocates them with
+    new_empty_strided), whichever backend built it; a forward plan none."""
+    from types import SimpleNamespace
+
+    from cusdpa.backends import plans
+    from cusdpa.backends.flash import plans as flash_plans
+    from cusdpa.dispatch import Backend
+
+    built = plans.Plan(0, (2, 4, 8, 16), (512, 16, 64, 1), (2, 4, 8), (), (), "flash")
+    monkeypatch.setattr(flash_plans, "build", lambda *args: built)
+    pr = SimpleNamespace(q=np.empty((2, 4, 8, 16)), k=np.empty((2, 1, 5, 16)), v=np.empty((2, 1, 5, 32)))
+    plan = plans.build(pr, Backend.FLASH, built.out_strides, backward=True)
+    assert plan.grad_shapes == ((2, 4, 8, 16), (2, 1, 5, 16), (2, 1, 5, 32))
+    assert plan.grad_strides == ((512, 128, 16, 1), (80, 80, 16, 1), (160, 160, 32, 1))
+    assert plan.lse_strides == (32, 8, 1)
+    assert plans.build(pr, Backend.FLASH, built.out_strides, backward=False) is built and built.grad_shapes == ()
+    assert plans.build(pr, Backend.MATH, built.out_strides, backward=True) is None
+
+
 def test_oversized_argument_is_refused():
     with pytest.raises(TypeError, match="does not fit"):
         launch._cell(np.zeros(3, np.float64))

@@ -13,6 +13,7 @@ copies of its inputs, caches None and takes the general path.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import threading
 from dataclasses import dataclass
@@ -78,12 +79,18 @@ class Plan:
     summary_key: object = None
     seen_bytes: int = 0
     blocks_bytes: int = 0
+    grad_shapes: tuple = ()  # dq's, dk's and dv's shapes (q's, k's and v's), where the plan has a backward
 
     @functools.cached_property
     def lse_strides(self) -> tuple:
         """lse's (and delta's) element strides: contiguous (``torch.Tensor.new_empty_strided`` allocates
         in fewer microseconds than ``new_empty``)."""
         return contiguous_strides(self.lse_shape)
+
+    @functools.cached_property
+    def grad_strides(self) -> tuple:
+        """dq's, dk's and dv's element strides: contiguous."""
+        return tuple(contiguous_strides(shape) for shape in self.grad_shapes)
 
     def run_summary(self, stream: int, mask: int, seen: int, blocks: int) -> None:
         run(self.summary, (None,) * 14 + (mask, seen, blocks), stream, self.device)
@@ -132,9 +139,13 @@ def build(pr, backend: Backend, out_strides: tuple, backward: bool, dout_strides
     if backend is Backend.FLASH:
         from .flash import plans
 
-        return plans.build(pr, out_strides, backward, dout_strides, deterministic)
-    if backend is Backend.EFFICIENT:
+        plan = plans.build(pr, out_strides, backward, dout_strides, deterministic)
+    elif backend is Backend.EFFICIENT:
         from . import efficient
 
-        return efficient.plan(pr, out_strides, backward, dout_strides, addresses, deterministic)
-    return None
+        plan = efficient.plan(pr, out_strides, backward, dout_strides, addresses, deterministic)
+    else:
+        return None
+    if backward and isinstance(plan, Plan):
+        plan = dataclasses.replace(plan, grad_shapes=(tuple(pr.q.shape), tuple(pr.k.shape), tuple(pr.v.shape)))
+    return plan
