@@ -141,3 +141,40 @@ def test_decode_example_agrees_with_pytorch_on_the_cpu():
     decode_gpt = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(decode_gpt)
     assert decode_gpt.main(["--device", "cpu", "--new-tokens", "4"]) == 0
+
+
+def test_decode_plans_are_told_apart_by_every_argument_that_shapes_them(monkeypatch):
+    """The torch front end's decode signature (interop.kv_cache._decode) is written out argument by argument: a
+    plan is made once per distinct call, and again whenever a tensor's shape, strides, dtype or kind of lengths,
+    or an option, differs (here on CPU tensors, the plan builder counted instead of run)."""
+    torch = pytest.importorskip("torch")
+    from interop import kv_cache
+
+    made = []
+    monkeypatch.setattr(kv_cache, "flash_decode_plan", lambda *args: made.append(args))
+    monkeypatch.setattr(kv_cache, "_plans", {})
+    q = torch.zeros(2, 1, 8, 64, dtype=torch.bfloat16)
+    cache = torch.zeros(2, 32, 2, 64, dtype=torch.bfloat16)
+    lengths = torch.zeros(2, dtype=torch.int32)
+    table = torch.zeros(2, 4, dtype=torch.int32)
+    calls = [dict(), dict(cache_seqlens=lengths), dict(cache_seqlens=5), dict(cache_seqlens=lengths, block_table=table),
+             dict(cache_seqlens=lengths, block_table=table[:, :3].contiguous()), dict(cache_batch_idx=lengths),
+             dict(key=q[:, :, :2], value=q[:, :, :2]), dict(is_causal=True), dict(scale=0.5), dict(window=(4, 0)),
+             dict(softcap=2.0), dict(alibi_slopes=torch.ones(8)), dict(alibi_slopes=torch.ones(2, 8))]
+    for kw in calls + calls:  # each a second time: no new plan
+        args = dict(cache_seqlens=None, key=None, value=None, block_table=None, cache_batch_idx=None, is_causal=False,
+                    scale=None, window=None, softcap=0.0, alibi_slopes=None) | kw
+        assert kv_cache._decode(q, cache, cache, **args) is None  # the builder gave None: the general path
+    assert len(made) == len(calls)
+    kv_cache._decode(q, cache.transpose(1, 2).contiguous().transpose(1, 2), cache, None, None, None, None, None,
+                     False, None, None, 0.0, None)  # other strides
+    kv_cache._decode(q.half(), cache.half(), cache.half(), None, None, None, None, None, False, None, None, 0.0, None)
+    assert len(made) == len(calls) + 2
+    with pytest.raises(TypeError, match="float32"):  # checked when the plan of a signature is made
+        kv_cache._decode(q, cache, cache, None, None, None, None, None, False, None, None, 0.0, torch.ones(8).double())
+    # int32 vectors that are not contiguous, or not int32, take the general path without a plan
+    assert kv_cache._decode(q, cache, cache, lengths.long(), None, None, None, None, False, None, None, 0.0,
+                            None) is None
+    assert kv_cache._decode(q, cache, cache, None, None, None, table[:, ::2], None, False, None, None, 0.0,
+                            None) is None
+    assert len(made) == len(calls) + 2
