@@ -53,14 +53,15 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
         dtype = arguments.autocast_dtype(query)
         if dtype is not None:
             query, key, value, attn_mask = arguments.autocast(dtype, query, key, value, attn_mask)
-    if alibi_slopes is not None or not arguments.plain_cuda(query, key, value, attn_mask):  # else checked in a
-        tensors = {"query": query, "key": key, "value": value}                              # few attribute reads
+    plain = alibi_slopes is None and arguments.plain_cuda(query, key, value, attn_mask)
+    if not plain:  # else checked in a few attribute reads
+        tensors = {"query": query, "key": key, "value": value}
         if any(isinstance(t, torch.Tensor) and t.is_nested for t in tensors.values()):
             return nested.attention(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
                                     causal_variant, window, softcap, alibi_slopes, backend)
         arguments.check_tensors(tensors, attn_mask, alibi_slopes)
     options, backends = arguments.resolve(dropout_p, is_causal, scale, enable_gqa, causal_variant, window, softcap,
-                                          backend, arguments.tf32_allowed(query))
+                                          backend, not plain and arguments.tf32_allowed(query))  # plain: fp16/bf16
     out, lse = autograd.attention(*arguments.kernel_operands(query, key, value, options[3]), attn_mask, alibi_slopes,
                                   arguments.draw_seed(dropout_p),
                                   backends, options, check_flag(deterministic, "deterministic"))
