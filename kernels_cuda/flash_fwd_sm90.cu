@@ -53,10 +53,7 @@
 // FlashAttention-3's epilogue does; dense problems only, tensor map `tm_o`: a packed batch's store would clip at
 // the tensor's end, not at the sequence's), FWD90_SOFTMAX_TREE (1: the row maxima reduced as trees, both rows at
 // once: row_maxima), FWD90_SKIP_IDLE (1: a consumer warpgroup whose rows all lie past the queries computes
-// nothing, walk_idle), FWD90_FAST_DIVMOD (1: tile_at's divisions by multiplies, FastDiv), FWD90_RESCALE_UNDER_S
-// (1: O rescaled while S's product runs, rescale_pending), FWD90_P_SMEM (1: P through shared memory, P V's A
-// operand read from there: the registers P held while S of the next block ran are free, for longer key blocks),
-// CUSDPA_PHASES (1: per-warp phase clocks, phases.cuh),
+// nothing, walk_idle), FWD90_FAST_DIVMOD (1: tile_at's divisions by multiplies, FastDiv), CUSDPA_PHASES (1: per-warp phase clocks, phases.cuh),
 // FWD90_WARPGROUPS (consumer warpgroups, 2 or 3), FWD90_BLOCK_N, FWD90_STAGES (K/V buffers), FWD90_PINGPONG
 // (1: consumers take turns; 0: they issue when ready), ATTN_MASK, ALIBI (1: the slopes' bias added, `slopes`
 // per (batch, head) with batch stride `slopes_b`; scores in natural units as with a float mask), SOFTCAP (1:
@@ -77,12 +74,6 @@
 #ifndef FWD90_SKIP_IDLE
 #define FWD90_SKIP_IDLE 0
 #endif
-#ifndef FWD90_RESCALE_UNDER_S
-#define FWD90_RESCALE_UNDER_S 0
-#endif
-#ifndef FWD90_P_SMEM
-#define FWD90_P_SMEM 0
-#endif
 #ifndef FWD90_FAST_DIVMOD
 #define FWD90_FAST_DIVMOD 0
 #endif
@@ -98,10 +89,7 @@ constexpr int SK_BYTES = BLOCK_N * HEAD_DIM * 2;
 constexpr int SV_BYTES = BLOCK_N * HEAD_DIM_V * 2;
 // O's staging buffer (FWD90_TMA_STORE): each consumer warpgroup's 64 rows in V's swizzle.
 constexpr int SO_BYTES = FWD90_TMA_STORE ? BLOCK_M * HEAD_DIM_V * 2 : 0;
-// P's tiles (FWD90_P_SMEM): each consumer warpgroup's [BLOCK_N / (P_SW / 2)][64][P_SW], the keys contiguous, as Q's.
-constexpr int P_SW = BLOCK_N % 64 == 0 ? 128 : 64;
-constexpr int SP_BYTES = FWD90_P_SMEM ? BLOCK_M * BLOCK_N * 2 : 0;
-constexpr int SMEM_TILES = SQ_BYTES + STAGES * (SK_BYTES + SV_BYTES) + SO_BYTES + SP_BYTES;
+constexpr int SMEM_TILES = SQ_BYTES + STAGES * (SK_BYTES + SV_BYTES) + SO_BYTES;
 constexpr int BAR_EPILOGUE = 4;  // named barriers 4 + cw: consumer warpgroup cw's epilogue (1..3: the ping-pong)
 // Registers per thread after setmaxnreg (FlashAttention-3's split; the sums fill the 64K register file).
 constexpr int LOAD_REGS = MMA_WG == 2 ? 24 : 32;
@@ -114,7 +102,6 @@ constexpr int QK_SW = HEAD_DIM % 64 == 0 ? 128 : 64;
 constexpr int V_SW = HEAD_DIM_V % 64 == 0 ? 128 : 64;
 static_assert(MMA_WG == 2 || MMA_WG == 3, "FWD90_WARPGROUPS must be 2 or 3");
 static_assert(BLOCK_N % 16 == 0 && BLOCK_N >= 16 && BLOCK_N <= 256, "FWD90_BLOCK_N: a multiple of 16 up to 256");
-static_assert(!FWD90_P_SMEM || BLOCK_N % 32 == 0, "P in shared memory takes key blocks of whole 64-byte rows");
 
 // (ATTN_MASK, ALIBI, SOFTCAP, mask_t: sm90.cuh; NATURAL scores as the top of the file says)
 #if ATTN_MASK == 1
@@ -146,18 +133,6 @@ __device__ __forceinline__ void issue_pv(float (&acc)[VT * 4], const u32 (&p)[NT
     for (int kk = 0; kk < BLOCK_N / 16; ++kk) {
         const u32 a[4] = {p[4 * kk], p[4 * kk + 1], p[4 * kk + 2], p[4 * kk + 3]};
         wgmma_rs(acc, a, desc_plus(db, kk * 16 * V_SW));
-    }
-}
-
-// acc += P V for one key block, P from this warpgroup's tile in shared memory (FWD90_P_SMEM; issued, not waited for).
-__device__ __forceinline__ void issue_pv_smem(float (&acc)[VT * 4], const unsigned char* sPwg,
-                                              const unsigned char* sVn) {
-    const unsigned long long da = sw_desc<P_SW>(sPwg, 16), db = sw_desc<V_SW>(sVn, BLOCK_N * V_SW);
-#pragma unroll
-    for (int kk = 0; kk < BLOCK_N / 16; ++kk) {
-        constexpr int K16_PER_CHUNK = P_SW / 32;
-        const int chunk = kk / K16_PER_CHUNK, inner = (kk % K16_PER_CHUNK) * 32;
-        wgmma_ss<0, 1>(acc, desc_plus(da, chunk * 64 * P_SW + inner), desc_plus(db, kk * 16 * V_SW), 1);
     }
 }
 
@@ -295,38 +270,9 @@ __device__ __forceinline__ void round_p(const float (&s)[NT * 4], u32 (&p)[NT * 
     }
 }
 
-// P's registers (round_p's) into this warpgroup's P tile in shared memory (FWD90_P_SMEM), swizzled as TMA writes
-// and wgmma reads: this thread's rows wrow and wrow + 8 of the warpgroup's 64, keys 8 nt + 2 t and the next. A
-// warp's stores of one n8 tile fill one 16-byte chunk of each of 8 rows, which the swizzle puts in 8 different
-// bank groups.
-__device__ __forceinline__ void store_p(const u32 (&p)[NT * 2], unsigned char* sPwg, int wrow, int t) {
-    constexpr int CHUNK_COLS = P_SW / 2;
-#pragma unroll
-    for (int nt = 0; nt < NT; ++nt) {
-#pragma unroll
-        for (int r = 0; r < 2; ++r) {
-            const int col = nt * 8 + 2 * t;
-            const u32 off =
-                (col / CHUNK_COLS) * 64 * P_SW + swizzled<P_SW>((wrow + 8 * r) * P_SW + (col % CHUNK_COLS) * 2);
-            *reinterpret_cast<u32*>(sPwg + off) = p[nt * 2 + r];
-        }
-    }
-}
-
 __device__ __forceinline__ void rescale_acc(float (&acc)[VT * 4], const float (&alpha)[2]) {
 #pragma unroll
     for (int x = 0; x < VT * 4; ++x) acc[x] *= alpha[(x % 4) / 2];
-}
-
-// FWD90_RESCALE_UNDER_S: O rescaled for block n - 1's softmax after S of block n is issued and before P V of
-// block n - 1, inside the warpgroup's turn, so the multiplies run while the tensor cores compute S (FlashAttention-3's
-// order) instead of between the softmax and the next turn. The same products in the same order: the same bits.
-// The registers are fenced again (wgmma.fence) before P V reads them as its accumulator, by every warp of the
-// warpgroup: `pending` is a warp's (its rows' maxima), and wgmma.fence is warpgroup-wide.
-__device__ __forceinline__ void rescale_pending(float (&acc)[VT * 4], const float (&alpha)[2], bool pending) {
-    if (pending) rescale_acc(acc, alpha);
-    fence_regs(acc);
-    wgmma_fence();
 }
 
 // ---- attn_mask -----------------------------------------------------------------------------------------
@@ -672,9 +618,6 @@ flash_fwd_sm90(const __grid_constant__ TmaMap tm_q, const __grid_constant__ TmaM
     unsigned char* sK = sQ + SQ_BYTES;
     unsigned char* sV = sK + STAGES * SK_BYTES;
     unsigned char* sO = sV + STAGES * SV_BYTES;
-#if FWD90_P_SMEM
-    unsigned char* sP = sO + SO_BYTES;
-#endif
     unsigned long long* bars = reinterpret_cast<unsigned long long*>(smem + SMEM_TILES);
     unsigned long long* q_full = bars;
     unsigned long long* q_empty = bars + 1;
@@ -932,9 +875,6 @@ flash_fwd_sm90(const __grid_constant__ TmaMap tm_q, const __grid_constant__ TmaM
 #pragma unroll
         for (int x = 0; x < VT * 4; ++x) acc[x] = 0.f;
         float m_i[2] = {-CUSDPA_INF, -CUSDPA_INF}, l_i[2] = {0.f, 0.f}, alpha[2];
-#if FWD90_RESCALE_UNDER_S
-        bool pending = false;  // the previous block's softmax moved a row max: O is rescaled before its P V
-#endif
         float s[NT * 4];
         u32 p[NT * 2];
 
@@ -959,21 +899,6 @@ flash_fwd_sm90(const __grid_constant__ TmaMap tm_q, const __grid_constant__ TmaM
 #endif
             (void)here, (void)ahead, (void)next, (void)n0;
         };
-#if FWD90_P_SMEM
-        unsigned char* sPwg = sP + cw * 64 * BLOCK_N * 2;
-        // P rounded, then through shared memory: written once P V of the block before has read the tile (the
-        // caller's wait), fenced for the async proxy, and the warpgroup's four warps met before its P V reads it.
-        auto publish_p = [&](int n0) {
-            round_p(s, p, i, n0, t4, drop, sl.bh);
-            store_p(p, sPwg, (warp % 4) * 16 + g, t4);
-            fence_proxy_async();
-            named_sync<128>(BAR_EPILOGUE + cw);
-        };
-        auto pv = [&](int stage) { issue_pv_smem(acc, sPwg, sV + stage * SV_BYTES); };
-#else
-        auto publish_p = [&](int n0) { round_p(s, p, i, n0, t4, drop, sl.bh); };
-        auto pv = [&](int stage) { issue_pv(acc, p, sV + stage * SV_BYTES); };
-#endif
 
         // The first block: S, softmax, P.
         ph.to(PH_TILE);
@@ -1003,7 +928,7 @@ flash_fwd_sm90(const __grid_constant__ TmaMap tm_q, const __grid_constant__ TmaM
         if (next >= tile.n_end) release(q_empty);
         modify_scores(here, ahead, next, n0);
         softmax_block(s, m_i, l_i, alpha, vis, vis.tile_full(mw, 64, n0, BLOCK_N), i, n0, t4, scale_log2);
-        publish_p(n0);
+        round_p(s, p, i, n0, t4, drop, sl.bh);
         ph.to(PH_SOFTMAX);
         ph.count(PH_BLOCKS);
 
@@ -1023,18 +948,13 @@ flash_fwd_sm90(const __grid_constant__ TmaMap tm_q, const __grid_constant__ TmaM
             ph.to(PH_WAIT_V);
             turn_begin();
             ph.to(PH_TURN);
-#if !FWD90_P_SMEM
             fence_regs(p);
-#endif
             fence_regs(s);
             fence_regs(acc);
             wgmma_fence();
             issue_qk(s, sQwg, sK + st * SK_BYTES);
             wgmma_commit();
-#if FWD90_RESCALE_UNDER_S
-            rescale_pending(acc, alpha, pending);
-#endif
-            pv(prev);
+            issue_pv(acc, p, sV + prev * SV_BYTES);
             wgmma_commit();
             turn_end();
             ph.to(PH_ISSUE);
@@ -1052,12 +972,8 @@ flash_fwd_sm90(const __grid_constant__ TmaMap tm_q, const __grid_constant__ TmaM
             ph.to(PH_WAIT_PV);
             fence_regs(acc);
             release(v_empty + prev);
-#if FWD90_RESCALE_UNDER_S
-            pending = rescale;
-#else
             if (rescale) rescale_acc(acc, alpha);
-#endif
-            publish_p(n0);
+            round_p(s, p, i, n0, t4, drop, sl.bh);
             ph.to(PH_SOFTMAX);
             ph.count(PH_BLOCKS);
         }
@@ -1066,15 +982,10 @@ flash_fwd_sm90(const __grid_constant__ TmaMap tm_q, const __grid_constant__ TmaM
         ph.to(PH_WAIT_V);
         turn_begin();
         ph.to(PH_TURN);
-#if !FWD90_P_SMEM
         fence_regs(p);
-#endif
         fence_regs(acc);
         wgmma_fence();
-#if FWD90_RESCALE_UNDER_S
-        rescale_pending(acc, alpha, pending);
-#endif
-        pv(st);
+        issue_pv(acc, p, sV + st * SV_BYTES);
         wgmma_commit();
         turn_end();
         ph.to(PH_ISSUE);

@@ -34,22 +34,20 @@ def _nvrtc_jobs():
                         yield "flash_fwd_sm90.cu", sources.compile_options(dtype, E, Ev, dropout, fwd_cfg, queue=True) + (
                             "-arch=sm_90a",)
                     if fwd_cfg.fwd90_tma_store and (E, Ev) in ((64, 64), (96, 64), (160, 224)) and dropout:  # ... with
-                        # the phase clocks, O from 128- and 64-byte swizzled rows, the row maxima as trees, idle
-                        # warpgroups skipping their tiles, O rescaled under S's product, P through shared memory,
-                        # the tile decode's divisions by multiplies
-                        phased = dataclasses.replace(fwd_cfg, fwd90_phases=True, fwd90_softmax_tree=True,
-                                                     fwd90_skip_idle=True, fwd90_rescale_under_s=True,
-                                                     fwd90_p_smem=fwd_cfg.fwd90_block_n % 32 == 0,
-                                                     fwd90_fast_divmod=True)
+                        # the phase clocks, O from 128- and 64-byte swizzled rows, idle warpgroups skipping their
+                        # tiles, the row maxima in chains and the tile decode by divisions (the knobs off)
+                        phased = dataclasses.replace(fwd_cfg, fwd90_phases=True, fwd90_softmax_tree=False,
+                                                     fwd90_skip_idle=True, fwd90_fast_divmod=False)
                         yield "flash_fwd_sm90.cu", sources.compile_options(dtype, E, Ev, dropout, phased,
                                                                            tma_store=True) + ("-arch=sm_90a",)
             # ... and with each kind of attn_mask (its tiles from the queue)
             for mask in (("bool", "float16") if dtype == "float16" else ("float32", "bfloat16")):
                 fwd_cfg = config.FlashConfig.for_problem(E, Ev, 4096, False, mask)
-                # (the clocks' masked walk, idle warpgroups' walk of a queue's tiles, the queue's tile decode)
+                # (the clocks' masked walk, idle warpgroups' walk of a queue's tiles, the queue's tile decode by
+                # divisions and its row maxima in chains)
                 knobs = (E, Ev) == (64, 64)
                 fwd_cfg = dataclasses.replace(fwd_cfg, fwd90_phases=knobs, fwd90_skip_idle=knobs,
-                                              fwd90_fast_divmod=knobs)
+                                              fwd90_fast_divmod=not knobs, fwd90_softmax_tree=not knobs)
                 if config.sm90_forward_applies(E, Ev, 90, fwd_cfg):
                     yield "flash_fwd_sm90.cu", sources.compile_options(dtype, E, Ev, dropout, fwd_cfg, mask=mask,
                                                                        queue=True) + ("-arch=sm_90a",)
@@ -746,34 +744,23 @@ KNOB_CASES = {
     "varlen": (FEATURES["varlen"], (2, 3)),
     "empty_keys": (FEATURES["empty_keys"], (2,)),  # the tile's early exit comes before the idle check
     "bool_key_padding": (Case(batch=(3,), hq=4, L=257, S=200, E=64, mask="bool", mask_shape=(3, 1, 1, 200)), (2,)),
-    "float32_mask_odd_keys": (Case(hq=3, L=257, S=91, E=128, mask="float", mask_shape=(1, 3, 257, 91),
+    "float32_mask_odd_keys": (Case(hq=3, hkv=3, L=257, S=91, E=128, mask="float", mask_shape=(1, 3, 257, 91),
                                    mask_dtype="float32"), (2,)),
     "wide_uneven_parts": (Case(hq=4, hkv=1, L=257, S=170, E=160, Ev=224, dropout_p=0.1, causal="upper_left"), (2,)),
 }
 
 
-FORWARD_KNOBS = ("fwd90_softmax_tree", "fwd90_skip_idle", "fwd90_rescale_under_s", "fwd90_p_smem",
-                 "fwd90_fast_divmod")
-
-
-def _knob_applies(knob: str, case: Case) -> bool:
-    """P in shared memory takes key blocks of whole 64-byte rows (wide_uneven_parts's 80 keys are not: there the
-    forward keeps P in registers, and the comparison would be of one build with itself)."""
-    mask = case.mask_dtype or case.dtype if case.mask == "float" else case.mask  # launches.mask_kind's name
-    cfg = config.FlashConfig.for_problem(case.E, case.Ev or case.E, case.L, case.causal is not None, mask)
-    return knob != "fwd90_p_smem" or cfg.fwd90_block_n % 32 == 0
+FORWARD_KNOBS = ("fwd90_softmax_tree", "fwd90_skip_idle", "fwd90_fast_divmod")
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("knob,name,warpgroups", [(k, n, w) for k in FORWARD_KNOBS for n, (c, ws) in KNOB_CASES.items()
-                                                  for w in ws if _knob_applies(k, c)])
+                                                  for w in ws])
 def test_hopper_forward_knob_keeps_the_bits(knob, name, warpgroups, rng, monkeypatch):
     """The Hopper forward's knobs that change no arithmetic give the same out and lse, bit for bit, off and on,
     and the reference judges them too: fwd90_softmax_tree (the row maxima as trees; fmaxf is exact in any
     order), fwd90_skip_idle (a warpgroup whose rows all lie past the queries computes nothing, only keeps the
-    pipeline's protocol), fwd90_rescale_under_s (O's rescale moved under the next S's product), fwd90_p_smem
-    (P V's A operand read from shared memory, the same bf16 values) and fwd90_fast_divmod (the tile decode's
-    divisions by multiplies: the same tiles). On a device of two SMs, so that each CTA goes on to tiles after
+    pipeline's protocol) and fwd90_fast_divmod (the tile decode's divisions by multiplies: the same tiles). On a device of two SMs, so that each CTA goes on to tiles after
     such a walk."""
     import cupy
 
@@ -792,28 +779,6 @@ def test_hopper_forward_knob_keeps_the_bits(knob, name, warpgroups, rng, monkeyp
     assert all(cupy.array_equal(g, w, equal_nan=True) for g, w in zip(results[True], results[False]))
     failures = run_problem(pr, flash.IMPL, rng, grads=False)
     assert not failures, "\n".join(failures)
-
-
-@pytest.mark.parametrize("E,causal,mask,block_n", [(64, False, None, 192), (64, True, None, 192),
-                                                  (32, False, None, 192), (128, True, None, 128),
-                                                  (128, False, "bool", 128), (256, False, None, 80)])
-def test_p_in_shared_memory_is_fitted_to_the_forward(E, causal, mask, block_n, monkeypatch):
-    """FlashConfig.fwd90_p_smem set by hand (the benchmarks' variants): the Hopper forward's configuration gives up
-    a third K/V stage where P's tiles need the room, and keeps P in registers where key blocks are no whole
-    64-byte rows; whatever it chooses fits in shared memory."""
-    from cusdpa import problem
-    from cusdpa.backends.flash import launches
-
-    L = 16384 if causal else 1024
-    x = np.zeros((1, 1, L, E), np.float16)
-    m = np.ones((L, L), bool) if mask else None
-    pr = problem.from_dense(x, x, x, m, problem.Options(is_causal=causal))
-    monkeypatch.setattr(launches, "config", lambda pr: dataclasses.replace(
-        config.FlashConfig.for_problem(pr.E, pr.Ev, pr.L, pr.causal, launches.mask_kind(pr)), fwd90_p_smem=True,
-        fwd90_block_n=block_n))
-    cfg = launches.sm90_forward_config(pr)
-    assert config.smem_bytes("fwd_sm90", cfg, E, E) <= config.MAX_SMEM
-    assert cfg.fwd90_p_smem == (block_n % 32 == 0)
 
 
 def test_knob_cases_leave_a_warpgroup_idle():

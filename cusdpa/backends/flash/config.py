@@ -42,27 +42,19 @@ class FlashConfig:
     # that weighs most where tiles are short. for_problem turns it on where it measured faster
     fwd90_tma_store: bool = False
     # the softmax's row maxima reduced as trees, both rows at once (kernels_cuda/flash_fwd_sm90.cu, row_maxima):
-    # the same maxima, shorter dependency chains; off until timed on the GPU (benchmarks/on_device.sh
-    # fwd-knobs)
-    fwd90_softmax_tree: bool = False
+    # the same maxima, shorter dependency chains; with fwd90_fast_divmod 1.5-9.5% faster at L = 1024 on the
+    # H100 (BENCHMARKS.md, twenty-first session), within noise at 4096
+    fwd90_softmax_tree: bool = True
     # a consumer warpgroup whose 64 rows all lie past the queries (the last query block where L is no multiple
     # of the tile's rows: 1024 = 5 x 192 + 64 leaves two of three warpgroups idle there, 11% of E <= 64's
     # products and exponentials at L = 1024) skips its products and softmax and only keeps the pipeline's
-    # protocol; off until timed on the GPU (benchmarks/on_device.sh fwd-knobs)
+    # protocol; for_problem turns it on where such a warpgroup exists at L < 2048 (E = 64 L = 1024 +1.5%, the
+    # tutorial's call +3.2% on the H100; at L = 4096, 3% idle, it measured -2%, within that run's noise)
     fwd90_skip_idle: bool = False
-    # O rescaled for a block's moved row maxima while the next block's S = Q K^T runs on the tensor cores, inside
-    # the warpgroup's turn (FlashAttention-3's order), not between its softmax and its next turn; off until timed
-    # on the GPU (benchmarks/on_device.sh fwd-knobs)
-    fwd90_rescale_under_s: bool = False
-    # P written to shared memory and P V's A operand read from there (FlashAttention-3's choice for its 192 x 192
-    # tiles at head dim 64), not held in registers through the next S = Q K^T: the same bits at the same key
-    # blocks, and room in 160 registers for 192-key blocks at E <= 64; off until timed on the GPU
-    # (benchmarks/on_device.sh fwd-knobs)
-    fwd90_p_smem: bool = False
     # the tile decode's divisions by run-time values (heads per chunk, Hq, the GQA group) as multiplies by
     # reciprocals set up once per kernel (FastDiv), on the producer's and the consumers' path every tile; the
-    # same tiles; off until timed on the GPU (benchmarks/on_device.sh fwd-knobs)
-    fwd90_fast_divmod: bool = False
+    # same tiles (on: see fwd90_softmax_tree)
+    fwd90_fast_divmod: bool = True
     # per-warp phase clocks compiled into the Hopper forward (kernels_cuda/phases.cuh), for
     # benchmarks/fwd90_phases.py only
     fwd90_phases: bool = False
@@ -111,7 +103,9 @@ class FlashConfig:
         too. Without a mask, for Ev >= 64 and L <= 4096, O leaves through shared memory by TMA stores under
         the next tile (``fwd90_tma_store``): bf16 L = 1024 E = 128 +7.6%, causal +10% (though its staging buffer
         takes the third stage), L = 4096 E = 96 and 128 +1.5-3.8%, E = 64 within 1.5%; at L = 16384 it lost
-        1.6-5.8% and at E = 32 about 1%, so not there."""
+        1.6-5.8% and at E = 32 about 1%, so not there. Where three warpgroups leave one idle in the last query block at
+        L < 2048, it walks its tiles without computing (``fwd90_skip_idle``: E = 64 L = 1024 +1.5%, the tutorial's
+        call +3.2% on the H100)."""
         cfg = FlashConfig.for_head_dims(E, Ev)
         d = max(E, Ev)
         if d <= 64 and (not causal or L >= 2048):
@@ -134,11 +128,13 @@ class FlashConfig:
             cfg = deeper
         if not mask and Ev >= 64 and L <= 4096:
             cfg = dataclasses.replace(cfg, fwd90_tma_store=True).fitted(E, Ev)
+        if cfg.fwd90_warpgroups == 3 and L < 2048 and -(-L // 64) % 3:  # the last query block leaves one idle
+            cfg = dataclasses.replace(cfg, fwd90_skip_idle=True)
         return cfg
 
     def fitted(self, E: int, Ev: int) -> "FlashConfig":
         """This configuration of the Hopper forward in shared memory: as it is where it fits, else with two K/V
-        stages (a third given up for O's or P's staging), else with O stored from registers (head dims past
+        stages (a third given up for O's staging), else with O stored from registers (head dims past
         160), else both."""
         stores = dataclasses.replace(self, fwd90_tma_store=False)
         for fitted in (self, dataclasses.replace(self, fwd90_stages=2), stores,
@@ -186,11 +182,10 @@ def smem_bytes(kind: str, cfg: FlashConfig, E: int, Ev: int) -> int:
     if kind == "fwd":
         bm, bn = cfg.fwd_block_m, cfg.fwd_block_n
         return 2 * (bm * max(qp, vp) + 2 * bn * qp + 2 * bn * vp)
-    if kind == "fwd_sm90":  # unpadded, swizzled tiles (K and V stages, O's and P's staging), the mbarriers, the queue
+    if kind == "fwd_sm90":  # unpadded, swizzled tiles (K and V stages, O's staging), the mbarriers, the queue
         bm, bn, st = 64 * cfg.fwd90_warpgroups, cfg.fwd90_block_n, cfg.fwd90_stages
         staged_o = bm * Ev if cfg.fwd90_tma_store else 0
-        staged_p = bm * bn if cfg.fwd90_p_smem else 0
-        return 2 * (bm * E + st * bn * E + st * bn * Ev + staged_o + staged_p) + 8 * (3 + 4 * st) + 8 * 5
+        return 2 * (bm * E + st * bn * E + st * bn * Ev + staged_o) + 8 * (3 + 4 * st) + 8 * 5
     if kind == "bwd_sm90":  # swizzled K, V, two Q / dO stages, two dS^T and two fp32 dQ buffers, lse and D per
         bn, bm = 128, cfg.bwd90_block_m  # stage, 6 mbarriers
         if sm90_backward_is_wide(E, Ev):  # 64 keys; two P^T and two dS^T buffers, no dQ buffers

@@ -274,14 +274,11 @@ def _modified_options(pr, cfg, mask_grad: bool = False, queue: bool = False, tma
 
 def sm90_forward_config(pr) -> FlashConfig:
     """``config(pr)`` as the Hopper forward takes it: a packed batch stores O from registers (a TMA store clips
-    at the tensor's end, not at a sequence's), P stays in registers where the key blocks are no whole 64-byte
-    rows (``fwd90_p_smem``, a knob set by hand), and a configuration given such a knob by hand is fitted to
-    shared memory as ``FlashConfig.for_problem`` fits its own."""
+    at the tensor's end, not at a sequence's), and a configuration given knobs by hand is fitted to shared
+    memory as ``FlashConfig.for_problem`` fits its own."""
     cfg = config(pr)
     if cfg.fwd90_tma_store and pr.varlen is not None:
         cfg = dataclasses.replace(cfg, fwd90_tma_store=False)
-    if cfg.fwd90_p_smem and cfg.fwd90_block_n % 32:
-        cfg = dataclasses.replace(cfg, fwd90_p_smem=False)
     return cfg.fitted(pr.E, pr.Ev)
 
 

@@ -77,8 +77,6 @@ def compile_options(dtype_name: str, E: int, Ev: int, dropout: bool, cfg: FlashC
             *(("-DCUSDPA_PHASES=1",) if cfg.fwd90_phases else ()),
             *(("-DFWD90_SOFTMAX_TREE=1",) if cfg.fwd90_softmax_tree else ()),
             *(("-DFWD90_SKIP_IDLE=1",) if cfg.fwd90_skip_idle else ()),
-            *(("-DFWD90_RESCALE_UNDER_S=1",) if cfg.fwd90_rescale_under_s else ()),
-            *(("-DFWD90_P_SMEM=1",) if cfg.fwd90_p_smem else ()),
             *(("-DFWD90_FAST_DIVMOD=1",) if cfg.fwd90_fast_divmod else ()),
             "-std=c++17", "--use_fast_math", f"-DCUSDPA_BF16={int(dtype_name == 'bfloat16')}",
             f"-DHEAD_DIM={E}", f"-DHEAD_DIM_V={Ev}", f"-DIS_DROPOUT={int(dropout)}",
