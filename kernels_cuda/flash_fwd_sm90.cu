@@ -51,9 +51,8 @@
 // FWD90_TMA_STORE (1: each consumer warpgroup stages its O rows in shared memory and one thread stores them with
 // TMA, so the warpgroup's epilogue is shared-memory writes and the store runs on under its next tile, as
 // FlashAttention-3's epilogue does; dense problems only, tensor map `tm_o`: a packed batch's store would clip at
-// the tensor's end, not at the sequence's), FWD90_SOFTMAX_TREE (1: the row maxima reduced as trees, both rows at
-// once: row_maxima), FWD90_SKIP_IDLE (1: a consumer warpgroup whose rows all lie past the queries computes
-// nothing, walk_idle), FWD90_FAST_DIVMOD (1: tile_at's divisions by multiplies, FastDiv), CUSDPA_PHASES (1: per-warp phase clocks, phases.cuh),
+// the tensor's end, not at the sequence's), FWD90_SKIP_IDLE (1: a consumer warpgroup whose rows all lie past the queries computes
+// nothing, walk_idle), CUSDPA_PHASES (1: per-warp phase clocks, phases.cuh),
 // FWD90_WARPGROUPS (consumer warpgroups, 2 or 3), FWD90_BLOCK_N, FWD90_STAGES (K/V buffers), FWD90_PINGPONG
 // (1: consumers take turns; 0: they issue when ready), ATTN_MASK, ALIBI (1: the slopes' bias added, `slopes`
 // per (batch, head) with batch stride `slopes_b`; scores in natural units as with a float mask), SOFTCAP (1:
@@ -68,14 +67,8 @@
 #ifndef FWD90_TMA_STORE
 #define FWD90_TMA_STORE 0
 #endif
-#ifndef FWD90_SOFTMAX_TREE
-#define FWD90_SOFTMAX_TREE 0
-#endif
 #ifndef FWD90_SKIP_IDLE
 #define FWD90_SKIP_IDLE 0
-#endif
-#ifndef FWD90_FAST_DIVMOD
-#define FWD90_FAST_DIVMOD 0
 #endif
 constexpr int MMA_WG = FWD90_WARPGROUPS;
 constexpr int NTHREADS = (MMA_WG + 1) * 128;
@@ -151,11 +144,11 @@ __device__ __forceinline__ void mask_row(float (&s)[NT * 4], int r, const Visibi
             if (nt * 8 + c < lo || nt * 8 + c >= hi) s[nt * 4 + 2 * r + c] = -CUSDPA_INF;
 }
 
-#if FWD90_SOFTMAX_TREE
 // The maxima of this thread's rows over the block's masked scores, across the row's four threads: both rows at
 // once, each a tree (depth log2 NT + 1 where a chain is NT + 1 deep), their shuffles in flight together (one
 // branch masks both rows, where masking each row in turn put a branch between the two rows' reductions and
-// made them serial). fmaxf skips NaN and is exact, so any order of the reduction gives the same maxima.
+// made them serial). fmaxf skips NaN and is exact, so any order of the reduction gives the same maxima (a NaN score
+// poisons its row through its p = exp2(NaN) instead).
 __device__ __forceinline__ void row_maxima(float (&s)[NT * 4], float (&mx)[2], const Visibility<int>& vis, bool full,
                                            int i, int n0, int t) {
     if (!full) {
@@ -184,7 +177,6 @@ __device__ __forceinline__ void row_maxima(float (&s)[NT * 4], float (&mx)[2], c
     mx[0] = v[0][0];
     mx[1] = v[1][0];
 }
-#endif
 
 // Online softmax of one key block for this thread's rows i (g) and i + 8: masks the scores, moves the row
 // maxima m_i, rescales l_i, and turns the scores into unnormalised probabilities in place (l_i sums them,
@@ -205,24 +197,10 @@ __device__ __forceinline__ bool softmax_block(float (&s)[NT * 4], float (&m_i)[2
         m_i[r] = m_new;
         l_i[r] *= alpha[r];
     };
-#if FWD90_SOFTMAX_TREE
     float mx[2];
     row_maxima(s, mx, vis, full, i, n0, t);
 #pragma unroll
     for (int r = 0; r < 2; ++r) move_max(r, mx[r]);
-#else
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-        if (!full) mask_row(s, r, vis, i, n0, t);
-        float mx = -CUSDPA_INF;
-#pragma unroll
-        for (int nt = 0; nt < NT; ++nt) mx = fmaxf(mx, fmaxf(s[nt * 4 + 2 * r], s[nt * 4 + 2 * r + 1]));
-        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-        // fmaxf skips NaN: a NaN score poisons the row through its p = exp2(NaN) instead.
-        move_max(r, mx);
-    }
-#endif
     // p = exp2(s * scale_log2 - m) as one fmaf: the max element gets exp2 of the product's rounding error,
     // within 2^-8 of 1 while |m| < 2^15. Beyond that (scores near fp32's range) the error grows with m and
     // can overflow, so the warp rounds the product alone, as the row max was, and the max element gets
@@ -400,17 +378,6 @@ __device__ __forceinline__ Tile tile_of(const Slice& slice, int m_block) {
     return tile;
 }
 
-__device__ __forceinline__ Tile tile_at(int t, int num_m, int chunk_heads, int BH, int Hq, int group, const int* cu_q,
-                                        const int* cu_k, int L, int S, int left, int right, int lower_right) {
-    const int per_chunk = chunk_heads * num_m;
-    const int chunk = t / per_chunk, rem = t - chunk * per_chunk;
-    const int heads = min(chunk_heads, BH - chunk * chunk_heads);
-    const int m_block = num_m - 1 - rem / heads;
-    const int bh = chunk * chunk_heads + rem % heads;
-    return tile_of(Slice::query_head(bh, Hq, group, cu_q, cu_k, L, S, left, right, lower_right), m_block);
-}
-
-#if FWD90_FAST_DIVMOD
 // n / d for 0 <= n < 2^31 by a multiply-high and a shift (Granlund and Montgomery's method): m = 2^p / d
 // rounded up with p = 31 + ceil(log2 d), then n / d = floor(n m / 2^p), exact for every such n since the
 // rounding adds less than n / 2^p < 1 / d to n / d. Set up once per kernel; tile_at's divisions by values
@@ -458,7 +425,7 @@ struct TileDivisors {
     }
 };
 
-// tile_at with its divisions by multiplies.
+// Tile t of the order described at the top, decoded by multiplies, not divisions.
 __device__ __forceinline__ Tile tile_at(int t, const TileDivisors& dv, int num_m, int BH, const int* cu_q,
                                         const int* cu_k, int L, int S, int left, int right, int lower_right) {
     const int chunk = dv.per_chunk.div(t), rem = t - chunk * dv.per_chunk.d;
@@ -470,7 +437,6 @@ __device__ __forceinline__ Tile tile_at(int t, const TileDivisors& dv, int num_m
     return tile_of(Slice::query_head_of(b, h, dv.group.div(h), bh, cu_q, cu_k, L, S, left, right, lower_right),
                    num_m - 1 - q);
 }
-#endif
 
 // The tiles of CTA blockIdx.x in turn: schedule[schedule[b] .. schedule[b + 1]) of the tile list after the
 // gridDim.x + 1 offsets, or every gridDim.x-th tile from blockIdx.x without a schedule. The next tile's
@@ -636,16 +602,10 @@ flash_fwd_sm90(const __grid_constant__ TmaMap tm_q, const __grid_constant__ TmaM
 
     const int warp = warp_index(), lane = threadIdx.x % 32, wg = warp / 4;
     const int num_tiles = BH * num_m;
-#if FWD90_FAST_DIVMOD
     const TileDivisors divisors(num_m, chunk_heads, BH, Hq, group);
     auto decode_tile = [&](int t) {
         return tile_at(t, divisors, num_m, BH, cu_q, cu_k, L, S, left, right, lower_right);
     };
-#else
-    auto decode_tile = [&](int t) {
-        return tile_at(t, num_m, chunk_heads, BH, Hq, group, cu_q, cu_k, L, S, left, right, lower_right);
-    };
-#endif
     if (threadIdx.x == 0) {
         mbar_init(q_full, 1);
         mbar_init(q_empty, CONSUMER_WARPS);

@@ -41,20 +41,12 @@ class FlashConfig:
     # epilogue; dense problems only, a packed batch stores from registers): the epilogue is a per-tile cost
     # that weighs most where tiles are short. for_problem turns it on where it measured faster
     fwd90_tma_store: bool = False
-    # the softmax's row maxima reduced as trees, both rows at once (kernels_cuda/flash_fwd_sm90.cu, row_maxima):
-    # the same maxima, shorter dependency chains; with fwd90_fast_divmod 1.5-9.5% faster at L = 1024 on the
-    # H100 (BENCHMARKS.md, twenty-first session), within noise at 4096
-    fwd90_softmax_tree: bool = True
     # a consumer warpgroup whose 64 rows all lie past the queries (the last query block where L is no multiple
     # of the tile's rows: 1024 = 5 x 192 + 64 leaves two of three warpgroups idle there, 11% of E <= 64's
     # products and exponentials at L = 1024) skips its products and softmax and only keeps the pipeline's
     # protocol; for_problem turns it on where such a warpgroup exists at L < 2048 (E = 64 L = 1024 +1.5%, the
     # tutorial's call +3.2% on the H100; at L = 4096, 3% idle, it measured -2%, within that run's noise)
     fwd90_skip_idle: bool = False
-    # the tile decode's divisions by run-time values (heads per chunk, Hq, the GQA group) as multiplies by
-    # reciprocals set up once per kernel (FastDiv), on the producer's and the consumers' path every tile; the
-    # same tiles (on: see fwd90_softmax_tree)
-    fwd90_fast_divmod: bool = True
     # per-warp phase clocks compiled into the Hopper forward (kernels_cuda/phases.cuh), for
     # benchmarks/fwd90_phases.py only
     fwd90_phases: bool = False
