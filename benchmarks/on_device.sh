@@ -42,7 +42,8 @@
 # L < 2048, and a tile's last P V issued beside the next tile's first S, fwd90_cross_tile, alone and with the next
 # tile's Q in a second buffer, fwd90_q_buffers = 2: their GPU test (same bits off and on, judged by the
 # reference) / E = 64 and 128 at L = 1024 and 4096, the tutorial's call and the tutorial module's attention (fp16
-# B = 32 H = 8 L = 512 E = 64 causal) timed with those off, the first on, both on),
+# B = 32 H = 8 L = 512 E = 64 causal) timed with those off, the first on, both on, both with a third K/V stage
+# (where it fits: E = 64)),
 # overhead, hf (Hugging Face models, "cusdpa" against "sdpa"), bench (every provider),
 # bench-flash (cusdpa FLASH against PyTorch's FLASH and cuDNN only), bench-module (the tutorial module: parts b
 # and c), train (bf16 autocast), train-fp32, train-compiled (bf16, torch.compile), decode (greedy generation
@@ -147,7 +148,7 @@ command_of() {  # the command of stage $1, into the array cmd
                           python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_flash.py \
                           -k "knob_keeps_the_bits and $k" > "/tmp/knob_$k.log" 2>&1 & done  # the builds in parallel
                           rc=0; for j in $(jobs -p); do wait $j || rc=1; done; tail -n 4 /tmp/knob_*.log; exit $rc') ;;
-    fwd-knobs) cmd=(bash -c 'V="\"\" fwd90_cross_tile=1 fwd90_cross_tile=1,fwd90_q_buffers=2" \
+    fwd-knobs) cmd=(bash -c 'V="\"\" fwd90_cross_tile=1 fwd90_cross_tile=1,fwd90_q_buffers=2 fwd90_cross_tile=1,fwd90_q_buffers=2,fwd90_stages=3" \
                     && S="python3 benchmarks/flash_sweep.py --forward-only" \
                     && eval $S --lengths 1024 4096 --head-dims 64 128 --variants $V \
                     && eval $S --dtype float16 --lengths 1024 --head-dims 32 --tokens 32768 --hidden 1024 --causal no \
