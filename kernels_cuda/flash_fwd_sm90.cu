@@ -26,7 +26,7 @@
 // know: CTAs take tiles from a counter as they finish them (TileQueue, FWD90_QUEUE), as they may in a packed
 // batch, whose sequences' lengths the host does not know either.
 //
-// Shared memory: Q [Q_BUFS][E/W][BLOCK_M][W], K [STAGES][E/W][BLOCK_N][W], V [STAGES][Ev/W'][BLOCK_N][W'], each
+// Shared memory: Q [E/W][BLOCK_M][W], K [STAGES][E/W][BLOCK_N][W], V [STAGES][Ev/W'][BLOCK_N][W'], each
 // column chunk in the swizzle that TMA writes and wgmma reads: W = 64 columns (128-byte rows, 16-byte
 // chunk c of row r at c ^ (r % 8)) when the head dim is a multiple of 64, else W = 32 (64-byte rows,
 // c ^ ((r / 2) % 4)); then the mbarriers, and the TileQueue's barriers and slots.
@@ -52,9 +52,7 @@
 // TMA, so the warpgroup's epilogue is shared-memory writes and the store runs on under its next tile, as
 // FlashAttention-3's epilogue does; dense problems only, tensor map `tm_o`: a packed batch's store would clip at
 // the tensor's end, not at the sequence's), FWD90_SKIP_IDLE (1: a consumer warpgroup whose rows all lie past the queries computes
-// nothing, walk_idle), FWD90_CROSS_TILE (1: a tile's last P V issued in the warpgroup's next turn, beside the next
-// tile's first S: last_turn), FWD90_Q_BUFFERS (2: the next tile's Q loaded into a second buffer while this tile
-// runs), CUSDPA_PHASES (1: per-warp phase clocks, phases.cuh),
+// nothing, walk_idle), CUSDPA_PHASES (1: per-warp phase clocks, phases.cuh),
 // FWD90_WARPGROUPS (consumer warpgroups, 2 or 3), FWD90_BLOCK_N, FWD90_STAGES (K/V buffers), FWD90_PINGPONG
 // (1: consumers take turns; 0: they issue when ready), ATTN_MASK, ALIBI (1: the slopes' bias added, `slopes`
 // per (batch, head) with batch stride `slopes_b`; scores in natural units as with a float mask), SOFTCAP (1:
@@ -72,12 +70,6 @@
 #ifndef FWD90_SKIP_IDLE
 #define FWD90_SKIP_IDLE 0
 #endif
-#ifndef FWD90_CROSS_TILE
-#define FWD90_CROSS_TILE 0
-#endif
-#ifndef FWD90_Q_BUFFERS
-#define FWD90_Q_BUFFERS 1
-#endif
 constexpr int MMA_WG = FWD90_WARPGROUPS;
 constexpr int NTHREADS = (MMA_WG + 1) * 128;
 constexpr int BLOCK_M = MMA_WG * 64;
@@ -90,8 +82,7 @@ constexpr int SK_BYTES = BLOCK_N * HEAD_DIM * 2;
 constexpr int SV_BYTES = BLOCK_N * HEAD_DIM_V * 2;
 // O's staging buffer (FWD90_TMA_STORE): each consumer warpgroup's 64 rows in V's swizzle.
 constexpr int SO_BYTES = FWD90_TMA_STORE ? BLOCK_M * HEAD_DIM_V * 2 : 0;
-constexpr int Q_BUFS = FWD90_Q_BUFFERS;
-constexpr int SMEM_TILES = Q_BUFS * SQ_BYTES + STAGES * (SK_BYTES + SV_BYTES) + SO_BYTES;
+constexpr int SMEM_TILES = SQ_BYTES + STAGES * (SK_BYTES + SV_BYTES) + SO_BYTES;
 constexpr int BAR_EPILOGUE = 4;  // named barriers 4 + cw: consumer warpgroup cw's epilogue (1..3: the ping-pong)
 // Registers per thread after setmaxnreg (FlashAttention-3's split; the sums fill the 64K register file).
 constexpr int LOAD_REGS = MMA_WG == 2 ? 24 : 32;
@@ -590,13 +581,13 @@ flash_fwd_sm90(const __grid_constant__ TmaMap tm_q, const __grid_constant__ TmaM
     PhaseClock ph;  // (with CUSDPA_PHASES: phases.cuh)
     extern __shared__ __align__(1024) unsigned char smem[];
     unsigned char* sQ = smem;  // every size is a multiple of 1024: each tile keeps the swizzle alignment
-    unsigned char* sK = sQ + Q_BUFS * SQ_BYTES;
+    unsigned char* sK = sQ + SQ_BYTES;
     unsigned char* sV = sK + STAGES * SK_BYTES;
     unsigned char* sO = sV + STAGES * SV_BYTES;
     unsigned long long* bars = reinterpret_cast<unsigned long long*>(smem + SMEM_TILES);
-    unsigned long long* q_full = bars;  // one per Q buffer
-    unsigned long long* q_empty = bars + Q_BUFS;
-    unsigned long long* k_full = bars + 2 * Q_BUFS;
+    unsigned long long* q_full = bars;
+    unsigned long long* q_empty = bars + 1;
+    unsigned long long* k_full = bars + 2;
     unsigned long long* k_empty = k_full + STAGES;
     unsigned long long* v_full = k_empty + STAGES;
     unsigned long long* v_empty = v_full + STAGES;
@@ -616,10 +607,8 @@ flash_fwd_sm90(const __grid_constant__ TmaMap tm_q, const __grid_constant__ TmaM
         return tile_at(t, divisors, num_m, BH, cu_q, cu_k, L, S, left, right, lower_right);
     };
     if (threadIdx.x == 0) {
-        for (int x = 0; x < Q_BUFS; ++x) {
-            mbar_init(q_full + x, 1);
-            mbar_init(q_empty + x, CONSUMER_WARPS);
-        }
+        mbar_init(q_full, 1);
+        mbar_init(q_empty, CONSUMER_WARPS);
         for (int st = 0; st < STAGES; ++st) {
             mbar_init(k_full + st, 1);
             mbar_init(v_full + st, 1);
@@ -649,7 +638,7 @@ flash_fwd_sm90(const __grid_constant__ TmaMap tm_q, const __grid_constant__ TmaM
 #endif
         }
         ph.to(PH_START);
-        u32 it = 0, qn = 0, staged_phase = 0;  // qn: tiles whose Q was loaded
+        u32 it = 0, q_phase = 0, staged_phase = 0;
 #if FWD90_QUEUE
         int ahead = blockIdx.x;  // the tile the producer puts next (lane 0's)
         for (;;) {
@@ -674,13 +663,13 @@ flash_fwd_sm90(const __grid_constant__ TmaMap tm_q, const __grid_constant__ TmaM
             const UnseenKeys unseen{ATTN_MASK ? seen + sl.b * sk_b + sl.h * sk_h : nullptr, 0, 1, sl.S};
             if (lane == 0) {
                 ph.to(PH_TILE);
-                mbar_wait(q_empty + qn % Q_BUFS, ((qn / Q_BUFS) & 1) ^ 1);
+                mbar_wait(q_empty, q_phase ^ 1);
                 ph.to(PH_WAIT_Q);
-                tma_load_tile<BLOCK_M, HEAD_DIM, QK_SW>(sQ + qn % Q_BUFS * SQ_BYTES, tm_q, q_full + qn % Q_BUFS, sl.start_q + tile.m0, sl.h * q_hm, sl.b * q_bm);
+                tma_load_tile<BLOCK_M, HEAD_DIM, QK_SW>(sQ, tm_q, q_full, sl.start_q + tile.m0, sl.h * q_hm, sl.b * q_bm);
                 ph.to(PH_ISSUE);
                 ph.count(PH_TILES);
             }
-            ++qn;
+            q_phase ^= 1;
             for (int n = first; n < tile.n_end; n = kb.from(n + 1), ++it) {
                 const int st = it % STAGES;
                 const u32 phase = (it / STAGES) & 1;
@@ -736,6 +725,7 @@ flash_fwd_sm90(const __grid_constant__ TmaMap tm_q, const __grid_constant__ TmaM
     setmaxnreg_inc<MMA_REGS>();
     const int cw = wg - 1;  // consumer index: rows 64 cw .. 64 cw + 63 of each tile
     const int g = lane / 4, t4 = lane % 4;
+    const unsigned char* sQwg = sQ + cw * 64 * QK_SW;
     const Dropout drop{seed_lo, seed_hi, offset, threshold};
 #if ATTN_MASK || ALIBI || SOFTCAP
     const float scale = scale_log2 * LN2;  // a float mask and ALiBi are added to the scores scaled by this
@@ -757,126 +747,25 @@ flash_fwd_sm90(const __grid_constant__ TmaMap tm_q, const __grid_constant__ TmaM
     auto release = [&](unsigned long long* bar) {
         if (lane == 0) mbar_arrive(bar);
     };
-    u32 it = 0, qn = 0;  // qn: tiles whose Q was taken (Q buffer qn % Q_BUFS)
-    float acc[VT * 4];  // O of the tile in hand (or of the pending tile, until its last P V is stored)
-    float m_i[2], l_i[2], alpha[2];
-    float s[NT * 4];
-    u32 p[NT * 2];
-    // The tile whose last P V is not yet issued: its index, that block's V buffer, its rows' m and l. With
-    // FWD90_CROSS_TILE that product is issued in the warpgroup's next turn, beside the next tile's first S,
-    // and O stored after that tile's first softmax: a tile's start then waits on no product alone and takes
-    // no turn of its own. Without, in a turn of its own at the tile's end.
-    bool pending = false;
-    int pend_t = 0, pend_st = 0;
-    u32 pend_phase = 0;
-    float pend_m[2], pend_l[2];
-
-    // O and lse of `tile` from acc, its rows' maxima m and this thread's partial sums l.
-    auto store_o = [&](const Tile& tile, const float (&m)[2], const float (&l_part)[2]) {
-        const Slice& sl = tile.slice;
-        const int mw = tile.m0 + cw * 64;
-        const int i = mw + (warp % 4) * 16 + g;
-        elem_t* ob = sl.query_rows(o, o_sb, o_sh, o_sm);
-        float* lseb = lse + sl.stats_offset(lse_sb, lse_sh);
-#if FWD90_TMA_STORE
-        // O through this warpgroup's staging buffer in shared memory, then one TMA store per column chunk,
-        // which runs on while the warpgroup goes on to its next tile (the store clips rows past L). The
-        // buffer is written again only once the previous tile's store has read it.
-        unsigned char* sOwg = sO + cw * 64 * HEAD_DIM_V * 2;
-        const bool leader = threadIdx.x % 128 == 0;
-        if (leader) bulk_wait<true>();
-        named_sync<128>(BAR_EPILOGUE + cw);
-#endif
-#pragma unroll
-        for (int r = 0; r < 2; ++r) {
-            float l = l_part[r];
-            l += __shfl_xor_sync(0xffffffffu, l, 1);
-            l += __shfl_xor_sync(0xffffffffu, l, 2);
-            // l = 0: the row sees nothing and stores 0, not acc * 0 (NaN after 0 * NaN of a V row another
-            // row sees); l = NaN (a NaN or +inf score) stays NaN.
-            const bool empty = l == 0.f;
-            const float inv = rp_dropout / l;
-            const int row = i + 8 * r;
-            auto o_pair = [&](int vt) {  // this thread's columns vt * 8 + 2 t4 and the next of the row, normalised
-                return pack2<IS_BF16>(empty ? 0.f : acc[vt * 4 + 2 * r] * inv, empty ? 0.f : acc[vt * 4 + 2 * r + 1] * inv);
-            };
-#if FWD90_TMA_STORE
-            const u32 row_off = ((warp % 4) * 16 + g + 8 * r) * V_SW;  // the row within the warpgroup's 64
-#pragma unroll
-            for (int vt = 0; vt < VT; ++vt) {
-                constexpr int CHUNK_COLS = V_SW / 2;
-                const int col = vt * 8 + 2 * t4;
-                const u32 off = (col / CHUNK_COLS) * 64 * V_SW + swizzled<V_SW>(row_off + (col % CHUNK_COLS) * 2);
-                *reinterpret_cast<u32*>(sOwg + off) = o_pair(vt);
-            }
-            if (row < sl.L && t4 == 0)
-                lseb[row] = empty ? -CUSDPA_INF : NATURAL ? m[r] + log2f(l) * LN2 : (m[r] + log2f(l)) * LN2;
-#else
-            if (row < sl.L) {
-#pragma unroll
-                for (int vt = 0; vt < VT; ++vt) *reinterpret_cast<u32*>(ob + row * o_sm + vt * 8 + 2 * t4) = o_pair(vt);
-                if (t4 == 0)
-                    lseb[row] = empty ? -CUSDPA_INF : NATURAL ? m[r] + log2f(l) * LN2 : (m[r] + log2f(l)) * LN2;
-            }
-#endif
-        }
-#if FWD90_TMA_STORE
-        fence_proxy_async();  // the generic-proxy writes, before the async proxy reads them
-        named_sync<128>(BAR_EPILOGUE + cw);
-        if (leader) {
-#pragma unroll
-            for (int c = 0; c < HEAD_DIM_V / (V_SW / 2); ++c)
-                tma_store(sOwg + c * 64 * V_SW, tm_o, c * (V_SW / 2), sl.start_q + mw, sl.h * o_hm, sl.b * o_bm);
-            bulk_commit();
-        }
-#endif
-        ph.to(PH_EPILOGUE);
-    };
-    // The pending tile's last P V in a turn of its own, then its O stored. (Every path from a wgmma's issue to
-    // its wait lies inside one branch: ptxas serialises every wgmma where a path may read accumulators in
-    // between.)
-    auto last_turn = [&](const Tile& tile) {
-        mbar_wait_warp(v_full + pend_st, pend_phase);
-        ph.to(PH_WAIT_V);
-        turn_begin();
-        ph.to(PH_TURN);
-        fence_regs(p);
-        fence_regs(acc);
-        wgmma_fence();
-        issue_pv(acc, p, sV + pend_st * SV_BYTES);
-        wgmma_commit();
-        turn_end();
-        ph.to(PH_ISSUE);
-        wgmma_wait<0>();
-        ph.to(PH_WAIT_PV);
-        fence_regs(acc);
-        release(v_empty + pend_st);
-        pending = false;
-        store_o(tile, pend_m, pend_l);
-    };
+    u32 it = 0, q_phase = 0;
 #if FWD90_SKIP_IDLE
     // A warpgroup whose rows all lie past the slice's queries (the last query block of a length that is no
     // multiple of BLOCK_M) walks the tile's key blocks from block n keeping the pipeline's protocol -- each
     // buffer waited for (so that its release counts towards the phase it belongs to), released, and its
-    // ping-pong turns taken -- and computes nothing (but a pending tile's last P V, in its first turn). Its
-    // own loop, not the compute loop with its products skipped (see last_turn).
+    // ping-pong turns taken -- and computes nothing. Its own loop, not the compute loop with its products
+    // skipped: ptxas serialises every wgmma where a path may read accumulators between issue and wait.
     auto walk_idle = [&](KeyBlocks& kb, int n, int n_end) {
-        const int qs = qn % Q_BUFS;
-        mbar_wait_warp(q_full + qs, (qn / Q_BUFS) & 1);
-        ++qn;
+        mbar_wait_warp(q_full, q_phase);
+        q_phase ^= 1;
         u32 st = it % STAGES, phase = (it / STAGES) & 1;
         mbar_wait_warp(k_full + st, phase);
-        if (FWD90_CROSS_TILE && pending)
-            last_turn(decode_tile(pend_t));  // with S of the first block
-        else {
-            turn_begin();  // S of the first block
-            turn_end();
-        }
+        turn_begin();  // S of the first block
+        turn_end();
         for (;;) {
             const int next = kb.from(n + 1);
             release(k_empty + st);
             if (next >= n_end) {
-                release(q_empty + qs);
+                release(q_empty);
                 break;
             }
             n = next;
@@ -891,10 +780,8 @@ flash_fwd_sm90(const __grid_constant__ TmaMap tm_q, const __grid_constant__ TmaM
             release(v_empty + prev);
         }
         mbar_wait_warp(v_full + st, phase);
-        if (!FWD90_CROSS_TILE) {  // P V of the last block, in the next tile's first turn with FWD90_CROSS_TILE
-            turn_begin();
-            turn_end();
-        }
+        turn_begin();  // P V of the last block
+        turn_end();
         release(v_empty + st);
         ++it;
     };
@@ -912,6 +799,8 @@ flash_fwd_sm90(const __grid_constant__ TmaMap tm_q, const __grid_constant__ TmaM
         const Visibility<int>& vis = sl.vis;
         const int mw = tile.m0 + cw * 64;   // this warpgroup's first row
         const int i = mw + (warp % 4) * 16 + g;  // this thread's rows are i and i + 8
+        elem_t* ob = sl.query_rows(o, o_sb, o_sh, o_sm);
+        float* lseb = lse + sl.stats_offset(lse_sb, lse_sh);
 #if ALIBI
         const Alibi alibi{slopes[sl.b * slopes_b + sl.h], sl.S - sl.L};
 #endif
@@ -924,8 +813,6 @@ flash_fwd_sm90(const __grid_constant__ TmaMap tm_q, const __grid_constant__ TmaM
         KeyBlocks kb = key_blocks(tile, blocks, bs_b, bs_h, bs_m);
         int n = kb.from(tile.n_begin);
         if (n >= tile.n_end) {  // no query of the tile sees a key: out 0, lse -inf
-            elem_t* ob = sl.query_rows(o, o_sb, o_sh, o_sm);
-            float* lseb = lse + sl.stats_offset(lse_sb, lse_sh);
             for (int x = threadIdx.x - 128 * wg; x < 64 * (HEAD_DIM_V / 8); x += 128) {
                 const int row = mw + x / (HEAD_DIM_V / 8), ch = x % (HEAD_DIM_V / 8);
                 if (row < sl.L) *reinterpret_cast<uint4*>(ob + row * o_sm + ch * 8) = make_uint4(0, 0, 0, 0);
@@ -943,6 +830,13 @@ flash_fwd_sm90(const __grid_constant__ TmaMap tm_q, const __grid_constant__ TmaM
             continue;
         }
 #endif
+
+        float acc[VT * 4];
+#pragma unroll
+        for (int x = 0; x < VT * 4; ++x) acc[x] = 0.f;
+        float m_i[2] = {-CUSDPA_INF, -CUSDPA_INF}, l_i[2] = {0.f, 0.f}, alpha[2];
+        float s[NT * 4];
+        u32 p[NT * 2];
 
         // Block n's scores as the softmax takes them: soft-capped, masked (the next block's mask elements then
         // loaded, a softmax ahead), ALiBi's bias added. `here`, `ahead`: the summary bytes of blocks n and next.
@@ -966,76 +860,34 @@ flash_fwd_sm90(const __grid_constant__ TmaMap tm_q, const __grid_constant__ TmaM
             (void)here, (void)ahead, (void)next, (void)n0;
         };
 
-        // The first block: S (with FWD90_CROSS_TILE beside the pending tile's last P V), softmax, P.
+        // The first block: S, softmax, P.
         ph.to(PH_TILE);
         ph.count(PH_TILES);
-        const int qs = qn % Q_BUFS;
-        mbar_wait_warp(q_full + qs, (qn / Q_BUFS) & 1);
+        mbar_wait_warp(q_full, q_phase);
         ph.to(PH_WAIT_Q);
-        ++qn;
-        const unsigned char* sQwg = sQ + qs * SQ_BYTES + cw * 64 * QK_SW;
+        q_phase ^= 1;
         int st = it % STAGES;
         u32 phase = (it / STAGES) & 1;
         mbar_wait_warp(k_full + st, phase);
         ph.to(PH_WAIT_K0);
+        turn_begin();
+        ph.to(PH_TURN0);
+        wgmma_fence();
+        issue_qk(s, sQwg, sK + st * SK_BYTES);
+        wgmma_commit();
+        turn_end();
+        ph.to(PH_ISSUE);
         int here = kb.summary(n), n0 = n * BLOCK_N, next = kb.from(n + 1), ahead = kb.summary(next);
-        // S of the block in K buffer k_st, then P V of the block before (in V buffer v_st), each its own group
-        auto issue_s_pv = [&](int k_st, int v_st) {
-            fence_regs(p);
-            fence_regs(s);
-            fence_regs(acc);
-            wgmma_fence();
-            issue_qk(s, sQwg, sK + k_st * SK_BYTES);
-            wgmma_commit();
-            issue_pv(acc, p, sV + v_st * SV_BYTES);
-            wgmma_commit();
-        };
-        auto first_softmax = [&] {  // S of the first block waited for
-            ph.to(PH_WAIT_S);
-            fence_regs(s);
-            release(k_empty + st);
-            if (next >= tile.n_end) release(q_empty + qs);
-            modify_scores(here, ahead, next, n0);
-            m_i[0] = m_i[1] = -CUSDPA_INF;
-            l_i[0] = l_i[1] = 0.f;
-            softmax_block(s, m_i, l_i, alpha, vis, vis.tile_full(mw, 64, n0, BLOCK_N), i, n0, t4, scale_log2);
-            ph.to(PH_SOFTMAX);
-        };
-        if (FWD90_CROSS_TILE && pending) {
-            mbar_wait_warp(v_full + pend_st, pend_phase);
-            ph.to(PH_WAIT_V);
-            turn_begin();
-            ph.to(PH_TURN0);
-            issue_s_pv(st, pend_st);
-            turn_end();
-            ph.to(PH_ISSUE);
 #if ATTN_MASK
-            if (KeyBlocks::partial(here)) load_mask(mk, mask_r0, mask_r1, n0, t4, sl.S);
+        if (KeyBlocks::partial(here)) load_mask(mk, mask_r0, mask_r1, n0, t4, sl.S);
 #endif
-            wgmma_wait<1>();  // S; the pending P V still runs
-            first_softmax();
-            wgmma_wait<0>();
-            ph.to(PH_WAIT_PV);
-            fence_regs(acc);
-            release(v_empty + pend_st);
-            pending = false;
-            store_o(decode_tile(pend_t), pend_m, pend_l);
-        } else {
-            turn_begin();
-            ph.to(PH_TURN0);
-            wgmma_fence();
-            issue_qk(s, sQwg, sK + st * SK_BYTES);
-            wgmma_commit();
-            turn_end();
-            ph.to(PH_ISSUE);
-#if ATTN_MASK
-            if (KeyBlocks::partial(here)) load_mask(mk, mask_r0, mask_r1, n0, t4, sl.S);
-#endif
-            wgmma_wait<0>();
-            first_softmax();
-        }
-#pragma unroll
-        for (int x = 0; x < VT * 4; ++x) acc[x] = 0.f;
+        wgmma_wait<0>();
+        ph.to(PH_WAIT_S);
+        fence_regs(s);
+        release(k_empty + st);
+        if (next >= tile.n_end) release(q_empty);
+        modify_scores(here, ahead, next, n0);
+        softmax_block(s, m_i, l_i, alpha, vis, vis.tile_full(mw, 64, n0, BLOCK_N), i, n0, t4, scale_log2);
         round_p(s, p, i, n0, t4, drop, sl.bh);
         ph.to(PH_SOFTMAX);
         ph.count(PH_BLOCKS);
@@ -1056,7 +908,14 @@ flash_fwd_sm90(const __grid_constant__ TmaMap tm_q, const __grid_constant__ TmaM
             ph.to(PH_WAIT_V);
             turn_begin();
             ph.to(PH_TURN);
-            issue_s_pv(st, prev);
+            fence_regs(p);
+            fence_regs(s);
+            fence_regs(acc);
+            wgmma_fence();
+            issue_qk(s, sQwg, sK + st * SK_BYTES);
+            wgmma_commit();
+            issue_pv(acc, p, sV + prev * SV_BYTES);
+            wgmma_commit();
             turn_end();
             ph.to(PH_ISSUE);
             n0 = n * BLOCK_N;
@@ -1064,7 +923,7 @@ flash_fwd_sm90(const __grid_constant__ TmaMap tm_q, const __grid_constant__ TmaM
             ph.to(PH_WAIT_S);
             fence_regs(s);
             release(k_empty + st);
-            if (next >= tile.n_end) release(q_empty + qs);
+            if (next >= tile.n_end) release(q_empty);
             modify_scores(here, ahead, next, n0);
             const bool rescale =
                 softmax_block(s, m_i, l_i, alpha, vis, vis.tile_full(mw, 64, n0, BLOCK_N), i, n0, t4, scale_log2);
@@ -1078,23 +937,77 @@ flash_fwd_sm90(const __grid_constant__ TmaMap tm_q, const __grid_constant__ TmaM
             ph.to(PH_SOFTMAX);
             ph.count(PH_BLOCKS);
         }
-        // P V of the last block is pending.
-        pending = true;
-        pend_t = t;
-        pend_st = st;
-        pend_phase = phase;
-        pend_m[0] = m_i[0], pend_m[1] = m_i[1];
-        pend_l[0] = l_i[0], pend_l[1] = l_i[1];
-        ++it;
-        if (!FWD90_CROSS_TILE) last_turn(tile);
-    }
-    // The last tile's last P V (with FWD90_CROSS_TILE), or a turn for the protocol's sake where the last tile
-    // was idle: every consumer takes as many turns as the others.
-    if (FWD90_CROSS_TILE && pending)
-        last_turn(decode_tile(pend_t));
-    else if (FWD90_CROSS_TILE && issued) {
+        // P V of the last block.
+        mbar_wait_warp(v_full + st, phase);
+        ph.to(PH_WAIT_V);
         turn_begin();
+        ph.to(PH_TURN);
+        fence_regs(p);
+        fence_regs(acc);
+        wgmma_fence();
+        issue_pv(acc, p, sV + st * SV_BYTES);
+        wgmma_commit();
         turn_end();
+        ph.to(PH_ISSUE);
+        wgmma_wait<0>();
+        ph.to(PH_WAIT_PV);
+        fence_regs(acc);
+        release(v_empty + st);
+        ++it;
+
+#if FWD90_TMA_STORE
+        // O through this warpgroup's staging buffer in shared memory, then one TMA store per column chunk,
+        // which runs on while the warpgroup goes on to its next tile (the store clips rows past L). The
+        // buffer is written again only once the previous tile's store has read it.
+        unsigned char* sOwg = sO + cw * 64 * HEAD_DIM_V * 2;
+        const bool leader = threadIdx.x % 128 == 0;
+        if (leader) bulk_wait<true>();
+        named_sync<128>(BAR_EPILOGUE + cw);
+#endif
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+            float l = l_i[r];
+            l += __shfl_xor_sync(0xffffffffu, l, 1);
+            l += __shfl_xor_sync(0xffffffffu, l, 2);
+            // l = 0: the row sees nothing and stores 0, not acc * 0 (NaN after 0 * NaN of a V row another
+            // row sees); l = NaN (a NaN or +inf score) stays NaN.
+            const bool empty = l == 0.f;
+            const float inv = rp_dropout / l;
+            const int row = i + 8 * r;
+            auto o_pair = [&](int vt) {  // this thread's columns vt * 8 + 2 t4 and the next of the row, normalised
+                return pack2<IS_BF16>(empty ? 0.f : acc[vt * 4 + 2 * r] * inv, empty ? 0.f : acc[vt * 4 + 2 * r + 1] * inv);
+            };
+#if FWD90_TMA_STORE
+            const u32 row_off = ((warp % 4) * 16 + g + 8 * r) * V_SW;  // the row within the warpgroup's 64
+#pragma unroll
+            for (int vt = 0; vt < VT; ++vt) {
+                constexpr int CHUNK_COLS = V_SW / 2;
+                const int col = vt * 8 + 2 * t4;
+                const u32 off = (col / CHUNK_COLS) * 64 * V_SW + swizzled<V_SW>(row_off + (col % CHUNK_COLS) * 2);
+                *reinterpret_cast<u32*>(sOwg + off) = o_pair(vt);
+            }
+            if (row < sl.L && t4 == 0)
+                lseb[row] = empty ? -CUSDPA_INF : NATURAL ? m_i[r] + log2f(l) * LN2 : (m_i[r] + log2f(l)) * LN2;
+#else
+            if (row < sl.L) {
+#pragma unroll
+                for (int vt = 0; vt < VT; ++vt) *reinterpret_cast<u32*>(ob + row * o_sm + vt * 8 + 2 * t4) = o_pair(vt);
+                if (t4 == 0)
+                    lseb[row] = empty ? -CUSDPA_INF : NATURAL ? m_i[r] + log2f(l) * LN2 : (m_i[r] + log2f(l)) * LN2;
+            }
+#endif
+        }
+#if FWD90_TMA_STORE
+        fence_proxy_async();  // the generic-proxy writes, before the async proxy reads them
+        named_sync<128>(BAR_EPILOGUE + cw);
+        if (leader) {
+#pragma unroll
+            for (int c = 0; c < HEAD_DIM_V / (V_SW / 2); ++c)
+                tma_store(sOwg + c * 64 * V_SW, tm_o, c * (V_SW / 2), sl.start_q + mw, sl.h * o_hm, sl.b * o_bm);
+            bulk_commit();
+        }
+#endif
+        ph.to(PH_EPILOGUE);
     }
     // The last consumer opened the first one's barrier once more than the first consumer waited on it.
     if (FWD90_PINGPONG && cw == 0 && issued) named_sync<256>(1);
