@@ -68,7 +68,7 @@ command_of() {  # the command of stage $1, into the array cmd
   local stage=$1
   case $stage in
     flash-tests) cmd=(python3 -m pytest -q -m "gpu and not slow" -p no:cacheprovider tests/test_flash.py
-                      -k "not skip_idle_keeps_the_bits") ;;  # (fwd-idle-tests runs those beside it)
+                      -k "not skipping_keeps_the_bits") ;;  # (fwd-idle-tests runs those beside it)
     plans-tests) cmd=(python3 -m pytest -q -p no:cacheprovider tests/test_plans.py) ;;
     interop-tests) cmd=(python3 -m pytest -q -m "gpu and not slow" -p no:cacheprovider tests/test_interop_gpu.py) ;;
     efficient-tests) cmd=(python3 -m pytest -q -m "gpu and not slow" -p no:cacheprovider tests/test_efficient_gpu.py
@@ -120,9 +120,13 @@ command_of() {  # the command of stage $1, into the array cmd
     decode-tests) cmd=(python3 -m pytest -q -m "gpu and not slow" -p no:cacheprovider tests/test_decode_gpu.py
                        tests/test_interop_gpu.py tests/test_flash_attn_compat.py -k "decode or kv_cache or kvcache") ;;
     fuzz) cmd=(python3 -m cusdpa check --fuzz 60) ;;
-    sanitize) cmd=(bash -c 'set -o pipefail; for tool in memcheck racecheck synccheck initcheck; do
-                     echo "--- $tool"; compute-sanitizer --tool $tool --report-api-errors no --error-exitcode 3 \
-                       python3 benchmarks/sanitize.py | tail -n 12 || exit $?; done') ;;
+    sanitize) cmd=(bash -c 'python3 benchmarks/sanitize.py > /tmp/san_plain.log 2>&1 || { tail -n 12 /tmp/san_plain.log; exit 1; }
+                     for tool in memcheck racecheck synccheck initcheck; do  # the kernels compiled once above (CuPy
+                       compute-sanitizer --tool $tool --report-api-errors no --error-exitcode 3 \
+                         python3 benchmarks/sanitize.py > /tmp/san_$tool.log 2>&1 &  # caches them), the tools side
+                     done; rc=0; for j in $(jobs -p); do wait $j || rc=1; done  # by side: one ran past 190 s alone
+                     for tool in memcheck racecheck synccheck initcheck; do echo "--- $tool"; tail -n 8 /tmp/san_$tool.log; done
+                     exit $rc') ;;
     sweep) cmd=(python3 benchmarks/flash_sweep.py --forward-only --lengths 1024 4096 16384) ;;
     hopper-fwd) cmd=(bash -c 'S="python3 benchmarks/flash_sweep.py --forward-only --default-only"
                      for dt in bfloat16 float16; do $S --dtype $dt --lengths 1024 4096 16384 --head-dims 64 128; done
@@ -142,7 +146,7 @@ command_of() {  # the command of stage $1, into the array cmd
     fwd-deeper) cmd=(bash -c 'python3 benchmarks/flash_sweep.py --forward-only --lengths 1024 --head-dims 128 --causal no \
                      --variants "" fwd90_block_n=96,fwd90_stages=3 fwd90_block_n=96,fwd90_stages=3,fwd90_tma_store=0 \
                      fwd90_block_n=64,fwd90_stages=4,fwd90_tma_store=1') ;;
-    fwd-idle-tests) cmd=(python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_flash.py -k skip_idle_keeps_the_bits) ;;
+    fwd-idle-tests) cmd=(python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_flash.py -k skipping_keeps_the_bits) ;;
     fwd-idle) cmd=(bash -c 'V="\"\" fwd90_skip_idle=0 fwd90_skip_idle=1" \
                   && S="python3 benchmarks/flash_sweep.py --forward-only" \
                   && eval $S --lengths 1024 4096 --head-dims 64 128 --variants $V \
