@@ -46,7 +46,8 @@
 # and c), train (bf16 autocast), train-fp32, train-compiled (bf16, torch.compile), decode (greedy generation
 # through the KV cache against PyTorch's SDPA over a static cache; decode-attn: the attention call alone against
 # PyTorch and the KV-read floor; decode-kept: the torch front end keeping the splits' workspace per stream, no
-# memset launch, decode.KEEP_WORKSPACE: its GPU tests, then the attention call timed with it off and on; decode-ncu: the split kernel under ncu at B = 1 and 16), masks (the masks issue's shapes;
+# memset launch, decode.KEEP_WORKSPACE: its GPU tests, then the attention call timed with it off and on; decode-copy: the
+# key tiles copied with one stepped pointer a lane, decode.STEPPED_COPY: its GPU tests, then timed off and on; decode-ncu: the split kernel under ncu at B = 1 and 16), masks (the masks issue's shapes;
 # masks-no-blocks: with the mask's block summary off; masks-per-tile: a CTA per tile, not persistent;
 # masks-profile: forwards only, each masked call's GPU kernels; masks-no-steps: the backward visiting every query
 # step; masks-ncu: the 90%-empty shape's forward and backward kernels under ncu),
@@ -179,6 +180,8 @@ command_of() {  # the command of stage $1, into the array cmd
     decode-kept) cmd=(bash -c 'python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_decode_gpu.py \
                       -k "kept or cuda_graph or one_sequence_long" \
                       && for k in 0 1; do python3 benchmarks/decode.py --profile --config KEEP_WORKSPACE=$k; done') ;;
+    decode-copy) cmd=(bash -c 'python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_decode_gpu.py -k stepped_copy \
+                      && for k in 0 1; do python3 benchmarks/decode.py --config STEPPED_COPY=$k; done') ;;
     decode-ncu) cmd=(bash -c 'for shape in 1x32768 16x8192; do bash benchmarks/ncu_profile.sh flash_decode_split 0 -- \
                      python3 benchmarks/decode.py --shapes $shape; done') ;;
     masks) cmd=(python3 benchmarks/masks.py --backward) ;;

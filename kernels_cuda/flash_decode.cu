@@ -30,7 +30,8 @@
 // the scores go to log2 units.
 //
 // -D options beyond flash_common.cuh's: DEC_WARPS, DEC_TILE (keys per warp tile, a multiple of 16),
-// DEC_STAGES, PAGED, SOFTCAP, ALIBI, DEC_MAX_SPLITS (bounds the splits).
+// DEC_STAGES, PAGED, SOFTCAP, ALIBI, DEC_MAX_SPLITS (bounds the splits), DEC_STEPPED_COPY (1: load_rows steps one
+// pointer a lane where it can).
 #include "flash_common.cuh"
 
 #ifndef SOFTCAP
@@ -38,6 +39,9 @@
 #endif
 #ifndef ALIBI
 #define ALIBI 0
+#endif
+#ifndef DEC_STEPPED_COPY
+#define DEC_STEPPED_COPY 0
 #endif
 
 constexpr int NW = DEC_WARPS;
@@ -117,6 +121,31 @@ __device__ __forceinline__ void load_rows(elem_t* s, const elem_t* g, long long 
                                           int hi, int lane) {
     constexpr int C = DIM_PAD / 8;  // 16-byte chunks of a key's row
     const bool inside = j0 >= lo && j0 + TILE <= hi;
+#if DEC_STEPPED_COPY
+    // Where a row's chunks divide a warp's 32 (E = 64, 128, 256), a lane copies the same chunk of every (32 / C)-th
+    // row: one pointer stepped by that many rows, and no predicate where the tile lies inside (the general loop
+    // below spends about 15 instructions on each 16-byte copy: a 64-bit row product, a reloaded stride, a test).
+    if constexpr (AFFINE && 32 % C == 0 && 32 / C <= TILE) {
+        constexpr int STEP = 32 / C;
+        const int ch = lane % C, r0 = lane / C;
+        const bool column = ch * 8 < DIM;
+        const long long step = STEP * ss;
+        const elem_t* src = g + off + r0 * ss + ch * 8;
+        elem_t* dst = s + r0 * PITCH + ch * 8;
+        if (inside && column) {
+#pragma unroll
+            for (int i = 0; i < TILE / STEP; ++i, src += step) cp_async_16(dst + i * STEP * PITCH, src, true);
+        } else {
+#pragma unroll
+            for (int i = 0; i < TILE / STEP; ++i, src += step) {
+                const int j = j0 + r0 + i * STEP;
+                const bool pred = column && j >= lo && j < hi;
+                cp_async_16(dst + i * STEP * PITCH, pred ? src : g, pred);
+            }
+        }
+        return;
+    }
+#endif
 #pragma unroll
     for (int c = lane; c < TILE * C; c += 32) {
         const int r = c / C, ch = c % C, j = j0 + r;
