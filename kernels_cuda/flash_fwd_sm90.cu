@@ -51,9 +51,9 @@
 // FWD90_TMA_STORE (1: each consumer warpgroup stages its O rows in shared memory and one thread stores them with
 // TMA, so the warpgroup's epilogue is shared-memory writes and the store runs on under its next tile, as
 // FlashAttention-3's epilogue does; dense problems only, tensor map `tm_o`: a packed batch's store would clip at
-// the tensor's end, not at the sequence's), FWD90_SKIP_IDLE (1: a consumer warpgroup whose rows all lie past the queries computes
-// nothing, walk_idle), FWD90_Q_BUFFERS (2: the next tile's Q, and so its first K and V, loaded while this tile
-// runs), CUSDPA_PHASES (1: per-warp phase clocks, phases.cuh),
+// the tensor's end, not at the sequence's), FWD90_SKIP_IDLE (1: a consumer warpgroup whose rows all lie past the
+// queries computes nothing, walk_idle), FWD90_Q_BUFFERS (2: the next tile's Q, and so its first K and V, loaded
+// while this tile runs), CUSDPA_PHASES (1: per-warp phase clocks, phases.cuh),
 // FWD90_WARPGROUPS (consumer warpgroups, 2 or 3), FWD90_BLOCK_N, FWD90_STAGES (K/V buffers), FWD90_PINGPONG
 // (1: consumers take turns; 0: they issue when ready), ATTN_MASK, ALIBI (1: the slopes' bias added, `slopes`
 // per (batch, head) with batch stride `slopes_b`; scores in natural units as with a float mask), SOFTCAP (1:
@@ -680,7 +680,8 @@ flash_fwd_sm90(const __grid_constant__ TmaMap tm_q, const __grid_constant__ TmaM
                 ph.to(PH_TILE);
                 mbar_wait(q_empty + q_slot, q_phase ^ 1);
                 ph.to(PH_WAIT_Q);
-                tma_load_tile<BLOCK_M, HEAD_DIM, QK_SW>(sQ + q_slot * SQ_BYTES, tm_q, q_full + q_slot, sl.start_q + tile.m0, sl.h * q_hm, sl.b * q_bm);
+                tma_load_tile<BLOCK_M, HEAD_DIM, QK_SW>(sQ + q_slot * SQ_BYTES, tm_q, q_full + q_slot, sl.start_q + tile.m0,
+                                                        sl.h * q_hm, sl.b * q_bm);
                 ph.to(PH_ISSUE);
                 ph.count(PH_TILES);
             }
