@@ -207,6 +207,28 @@ def test_efficient_shared_memory_is_what_ptxas_allocates(tmp_path):
         assert smem == want <= tensor_core.STATIC_SHARED, (name, smem, want)
 
 
+def test_sass_tool_builds_the_defaults_and_the_knobs_and_tells_changes_apart(tmp_path):
+    """benchmarks/sass.py: every forward build under a knob where it fits (fitted gives two Q buffers up at E = 256),
+    every decode build, and its comparison of two runs' SASS: same text, same opcodes, same multiset, different."""
+    from benchmarks import sass
+
+    plain = {name: options for name, _, options, _ in sass.jobs({})}
+    ring = {name: options for name, _, options, _ in sass.jobs(config.knobs("fwd90_q_buffers=2"))}
+    assert len(plain) == len(sass.FORWARD) + len(sass.DECODE) == len(ring)
+    assert not any("-DFWD90_Q_BUFFERS=2" in options for options in plain.values())
+    assert "-DFWD90_Q_BUFFERS=2" in ring["fwd_e128_128_l1024_causal_nomask"]
+    assert "-DFWD90_Q_BUFFERS=2" not in ring["fwd_e256_256_l4096_full_nomask"]
+    kernel = "        /*0000*/                   IMAD R1, R2, R3, RZ ;\n        /*0010*/               @P0 BRA 0x40 ;\n"
+    variants = {"same": kernel, "renamed": kernel.replace("R1", "R7"),
+                "reordered": "\n".join(reversed(kernel.splitlines())), "other": kernel.replace("IMAD", "IADD3")}
+    for directory, text in [("before", kernel)] + [(name, text) for name, text in variants.items()]:
+        (tmp_path / directory).mkdir()
+        (tmp_path / directory / "k.sass").write_text(text)
+    verdicts = {name: sass.compare("k", str(tmp_path / name), str(tmp_path / "before")) for name in variants}
+    assert verdicts == {"same": "same SASS", "renamed": "same opcodes in the same order, other operands (registers)",
+                        "reordered": "same opcodes, another order", "other": "different: 2 -> 2 instructions"}
+
+
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not installed")
 def test_every_kernel_configuration_compiles_with_nvcc(tmp_path):
     def compile_one(job):
