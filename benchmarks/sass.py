@@ -25,9 +25,7 @@ import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from cusdpa.backends.flash import config, decode, sources  # noqa: E402
+from cusdpa.backends.flash import config, decode, sources
 
 FORWARD = [(64, 64, 1024, False, None), (64, 64, 1024, True, None), (128, 128, 1024, True, None),
            (128, 128, 4096, False, None), (32, 32, 1024, False, None), (256, 256, 4096, False, None),
