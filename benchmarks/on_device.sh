@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One call of the lent GPU machine: set up, then run the named stages in order, logged to $OUT/log.txt
-# (one file: the tool brings back at most 8), each stage's tail also on screen.
+# (sanitize adds its four reports), each stage's tail also on screen.
 #
 #   bash benchmarks/on_device.sh [-j] STAGE...     (from the repository root, with .whl carried)
 #
@@ -25,7 +25,8 @@
 # E = 128 under ncu, heads fastest and head-major: its DRAM throughput says whether K and V came from DRAM), efficient-ncu (the tensor_core
 # backward's dq and dk/dv kernels under ncu, bf16 E = 128 L = 4096), decode-tests (the KV cache on the GPU), fidelity-tests (PyTorch's behaviours, non-finite
 # inputs, the flash-attention slot, Hugging Face models), fuzz (60 s of random cases against the
-# reference), sanitize (every kernel family under compute-sanitizer's four tools), sweep, sweep-module (the
+# reference), sanitize (every kernel family under compute-sanitizer's four tools; SANITIZE_ONLY=TEXT: the cases
+# whose name holds it, SANITIZE_TOOLS: some of the tools), sweep, sweep-module (the
 # tutorial module's attention shape), hopper-fwd (the Hopper forward issue's points against cuDNN: the grid
 # in bf16 and fp16, head dims, the tutorial's call, GQA 32/8, long context), fwd-short-tests / fwd-short (the Hopper
 # forward's choices for short problems: O stored by TMA, FlashConfig.fwd90_tma_store, and a third K/V stage: their GPU
@@ -54,7 +55,7 @@
 # step; masks-ncu: the 90%-empty shape's forward and backward kernels under ncu),
 # ring-scaling (ring attention over 1, 2, 4, 8 of the machine's GPUs, 128k and 256k tokens per GPU).
 set -uo pipefail
-OUT=${OUT:-/tmp/out}
+export OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
 parallel=0
 if [ "${1:-}" = "-j" ]; then parallel=1; shift; fi
@@ -122,12 +123,18 @@ command_of() {  # the command of stage $1, into the array cmd
     decode-tests) cmd=(python3 -m pytest -q -m "gpu and not slow" -p no:cacheprovider tests/test_decode_gpu.py
                        tests/test_interop_gpu.py tests/test_flash_attn_compat.py -k "decode or kv_cache or kvcache") ;;
     fuzz) cmd=(python3 -m cusdpa check --fuzz 60) ;;
-    sanitize) cmd=(bash -c 'python3 benchmarks/sanitize.py > /tmp/san_plain.log 2>&1 || { tail -n 12 /tmp/san_plain.log; exit 1; }
-                     for tool in memcheck racecheck synccheck initcheck; do  # the kernels compiled once above (CuPy
-                       compute-sanitizer --tool $tool --report-api-errors no --error-exitcode 3 \
-                         python3 benchmarks/sanitize.py > /tmp/san_$tool.log 2>&1 &  # caches them), the tools side
-                     done; rc=0; for j in $(jobs -p); do wait $j || rc=1; done  # by side: one ran past 190 s alone
-                     for tool in memcheck racecheck synccheck initcheck; do echo "--- $tool"; tail -n 8 /tmp/san_$tool.log; done
+    sanitize) cmd=(bash -c 'S="python3 benchmarks/sanitize.py --only \"${SANITIZE_ONLY:-}\""
+                     eval $S > /tmp/san_plain.log 2>&1 || { tail -n 12 /tmp/san_plain.log; exit 1; }
+                     tools=${SANITIZE_TOOLS:-memcheck racecheck synccheck initcheck}
+                     for tool in $tools; do  # the kernels compiled once above (CuPy caches them), the tools side by side
+                       extra=$([ $tool = racecheck ] && echo --racecheck-report hazard)  # each hazard with its threads
+                       eval compute-sanitizer --tool $tool $extra --report-api-errors no --error-exitcode 3 \
+                         --print-limit 100000 $S > $OUT/sanitize_$tool.log 2>&1 &
+                     done; rc=0; for j in $(jobs -p); do wait $j || rc=1; done
+                     for tool in $tools; do  # per case, each report site once with its count; the log compressed
+                       echo "--- $tool"; grep -E "SUMMARY" $OUT/sanitize_$tool.log | tail -n 2
+                       python3 benchmarks/sanitize.py --report $OUT/sanitize_$tool.log | head -n 80
+                       gzip $OUT/sanitize_$tool.log; done
                      exit $rc') ;;
     sweep) cmd=(python3 benchmarks/flash_sweep.py --forward-only --lengths 1024 4096 16384) ;;
     hopper-fwd) cmd=(bash -c 'S="python3 benchmarks/flash_sweep.py --forward-only --default-only"

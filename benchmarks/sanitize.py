@@ -18,7 +18,10 @@ that reads garbage is also caught here.
 """
 from __future__ import annotations
 
+import argparse
+import collections
 import dataclasses
+import re
 
 import numpy as np
 
@@ -138,10 +141,47 @@ def run_decode(dtype, dims, paged, new, rng) -> float:
     return err
 
 
-def main() -> int:
+REPORT_LINE = re.compile(r"Potential (?P<hazard>\w+) hazard"
+                         r"|(?P<access>Write|Read) Thread \((?P<thread>\d+),\d+,\d+\) at (?P<by>[\w+]+)"
+                         r"|(?P<uninit>Uninitialized __\w+__ memory \w+)|^=+\s+at (?P<site>[\w+]+)"
+                         r"|(?P<race>Race reported between \w+ access at [\w+]+)")
+
+
+def report(path: str) -> None:
+    """A compute-sanitizer log of this script, summarised: each case's reports (the line that prints its error
+    ends it) as distinct report lines with their counts; a hazard's threads as 'producer' (threads 0-127, the
+    Hopper kernels' load warpgroup) or 'consumer'."""
+    counts, item = collections.Counter(), []
+    for line in open(path, errors="replace"):
+        if "largest error" in line and not line.startswith("sanitize:"):  # a case's line, not the summary
+            print(line.split(" largest")[0].strip() + ":" + ("" if counts else " none"))
+            for what, n in counts.most_common():
+                print(f"  {n:6d}  {what}")
+            counts.clear()
+            continue
+        m = REPORT_LINE.search(line)
+        if not m:
+            continue
+        if m["hazard"] or m["uninit"]:  # a report's first line; its sites follow
+            item = [m["hazard"] or m["uninit"]]
+        elif m["access"] and item:
+            item.append(f"{m['access']} by {'producer' if int(m['thread']) < 128 else 'consumer'} at {m['by']}")
+            if len(item) == 3:
+                counts[" / ".join(item)] += 1
+                item = []
+        elif m["site"] and item:
+            counts[f"{item[0]} at {m['site']}"] += 1
+            item = []
+        elif m["race"]:
+            counts[m["race"]] += 1
+
+
+def main(only: str = "") -> int:
     rng = np.random.default_rng(0)
     worst = 0.0
     for name, backend, dtype, dims, options, mask_kind, variant in CASES:
+        if only not in name:
+            continue
         if backend is Backend.FLASH and variant is not None:  # FlashConfig changes (mma_sync: wgmma off)
             real = launches.config
             changes = dict(use_wgmma=False) if variant == "mma_sync" else config.knobs(variant)
@@ -156,14 +196,23 @@ def main() -> int:
         worst = max(worst, err)
         print(f"{name:40s} largest error / scale {err:.2e}", flush=True)
     for name, dtype, dims, paged, new in DECODE_CASES:
+        if only not in name:
+            continue
         err = run_decode(dtype, dims, paged, new, rng)
         worst = max(worst, err)
         print(f"{name:40s} largest error / scale {err:.2e}", flush=True)
     # bf16 outputs round to 2**-8 relative; anything far above that is a wrong kernel, not rounding
-    cases = len(CASES) + len(DECODE_CASES)
+    cases = sum(only in name for name, *_ in CASES + DECODE_CASES)
     print(f"sanitize: {cases} cases, largest error {worst:.2e} " + ("ok" if worst < 3e-2 else "TOO LARGE"))
     return 0 if worst < 3e-2 else 1
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--only", default="", help="the cases whose name holds this text")
+    parser.add_argument("--report", metavar="LOG", help="summarise a compute-sanitizer log of this script instead")
+    args = parser.parse_args()
+    if args.report:
+        report(args.report)
+        raise SystemExit(0)
+    raise SystemExit(main(args.only))

@@ -536,7 +536,8 @@ struct StepWalk {
 };
 
 // The mbarriers (init_barriers' layout): K/V full, the producer's own "staged" (tiles it zeroes rows of
-// before releasing them), then per stage Q/dO full and empty (one arrival per consumer warp).
+// before releasing them), then per stage Q/dO full, empty (one arrival per consumer warp) and lse/D full
+// (one arrival per producer lane, each after its own stores).
 template <int STAGES>
 __device__ __forceinline__ void init_barriers(unsigned long long* bars, int consumer_warps) {
     mbar_init(bars, 1);
@@ -544,6 +545,7 @@ __device__ __forceinline__ void init_barriers(unsigned long long* bars, int cons
     for (int st = 0; st < STAGES; ++st) {
         mbar_init(bars + 2 + st, 1);
         mbar_init(bars + 2 + STAGES + st, consumer_warps);
+        mbar_init(bars + 2 + 2 * STAGES + st, 32);
     }
     mbar_init_fence();
 }
@@ -607,7 +609,8 @@ __device__ __forceinline__ void produce(const Bwd90Smem& sm, const Slice& slice,
                                         const float* __restrict__ delta, long long lse_sb, long long lse_sh,
                                         const unsigned char* __restrict__ seen, long long sk_b, long long sk_h,
                                         int group, int lane) {
-    unsigned long long *kv_full = sm.bars, *staged = sm.bars + 1, *q_full = sm.bars + 2, *q_empty = q_full + STAGES;
+    unsigned long long *kv_full = sm.bars, *staged = sm.bars + 1, *q_full = sm.bars + 2, *q_empty = q_full + STAGES,
+                       *stats_full = q_empty + STAGES;
     const int n0 = cta.n0, steps = cta.steps, qi_lo = cta.qi_lo, qi_hi = cta.qi_hi, kj_lo = cta.kj_lo,
               kj_hi = cta.kj_hi;
     u32 staged_phase = 0;
@@ -665,13 +668,15 @@ __device__ __forceinline__ void produce(const Bwd90Smem& sm, const Slice& slice,
             empty_row = __any_sync(0xffffffffu, empty_row);
         }
         const bool dirty = m0 < qi_lo || q_end > qi_hi || empty_row;
-        // The tiles first, then lse and D (plain loads, whose latency the copies now hide), then the
-        // arrival that completes the stage with them; a dirty stage's copies complete on `staged` instead.
+        // The tiles first (a dirty stage's complete on `staged`), then lse and D (plain loads, whose latency
+        // the copies hide), released on their own barrier by each lane after its stores: the consumers'
+        // reads are then ordered after the stores lane by lane, whichever of the copies and the stores ends
+        // last (on the tiles' barrier, where lane 0 arrived for all, compute-sanitizer's racecheck reported
+        // the stores as racing with the consumers' reads).
         if (lane == 0) {
             constexpr u32 bytes = BLOCK_M * (HEAD_DIM + HEAD_DIM_V) * 2;
-            if (dirty) mbar_expect_tx(staged, bytes);
-            else mbar_expect_tx_only(q_full + st, bytes);
             unsigned long long* bar = dirty ? staged : q_full + st;
+            mbar_expect_tx(bar, bytes);
 #pragma unroll
             for (int c = 0; c < HEAD_DIM / (QK_SW / 2); ++c)
                 tma_load(sQs + c * BLOCK_M * QK_SW, tm_q, bar, QK_SW / 2 * c, qrow, h * q_hm, slice.b * q_bm);
@@ -685,11 +690,9 @@ __device__ __forceinline__ void produce(const Bwd90Smem& sm, const Slice& slice,
             if (!ATTN_MASK) sLse[r] = in ? (NATURAL ? lse[lo + row] : __fmul_rn(lse[lo + row], LOG2E)) : 0.f;
             sm.sD[st * BLOCK_M + r] = in ? delta[lo + row] : 0.f;
         }
-        __syncwarp();
-        if (!dirty) {
-            if (lane == 0) mbar_arrive(q_full + st);
-            continue;
-        }
+        mbar_arrive(stats_full + st);
+        if (!dirty) continue;
+        __syncwarp();  // the lanes' lse stores before the rows they pick
         mbar_wait(staged, staged_phase);
         staged_phase ^= 1;
         const int lo_rows = max(0, min(qi_lo - m0, BLOCK_M)), hi_row = max(lo_rows, min(qi_hi - m0, BLOCK_M));
@@ -789,10 +792,13 @@ __device__ __forceinline__ void dq_convert(const float* __restrict__ dq_accum, e
     if (m0 >= slice.L) return;
     const float4* acc = reinterpret_cast<const float4*>(
         dq_accum + slice.query_block(acc_sb, acc_sh, slice.h, BLOCK_M, blockIdx.x) * DQ_BLOCK);
+    const int rows = min(BLOCK_M, slice.L - m0);
 #pragma unroll 4
     for (int q4 = threadIdx.x; q4 < DQ_BLOCK / 4; q4 += CONVERT_THREADS) {
         const int w = q4 < PIECE0 ? 0 : 1, x4 = q4 - w * PIECE0, k = x4 / 128, x = x4 % 128;  // piece, register, thread
         const int row = (BLOCK_M == 128 ? 64 * w : 0) + x / 32 * 16 + x % 32 / 4;
+        // rows past L: a piece the preprocess left as it was (no CTA of its rows), never zeroed (initcheck)
+        if (row >= rows) continue;
         const int col = (BLOCK_M == 128 ? 0 : w * DQ_N0) + 8 * k + 2 * (x % 4);
         float4 a = acc[q4];
         if (acc_copy != 0) {
@@ -804,7 +810,6 @@ __device__ __forceinline__ void dq_convert(const float* __restrict__ dq_accum, e
     }
     __syncthreads();
     elem_t* out = slice.query_rows(dq, dq_sb, dq_sh, dq_sm) + m0 * dq_sm;
-    const int rows = min(BLOCK_M, slice.L - m0);
     constexpr int SEGMENTS = HEAD_DIM / 8;  // 16-byte segments of a row (the host's dQ rows start on 16 bytes)
     for (int s = threadIdx.x; s < rows * SEGMENTS; s += CONVERT_THREADS) {
         const int row = s / SEGMENTS, col = s % SEGMENTS * 8;

@@ -170,7 +170,8 @@ flash_bwd_sm90(BWD90_KERNEL_PARAMS) {
     unsigned char* sdS;  // two buffers of dS^T (a step writes one while the last is read), then two of dQ
     const Bwd90Smem sm = carve_smem<BLOCK_N, BLOCK_M, STAGES, 2 * SDS_BYTES + 2 * SDQ_BYTES>(smem, sdS);
     float* sdQ = reinterpret_cast<float*>(sdS + 2 * SDS_BYTES);
-    unsigned long long *kv_full = sm.bars, *q_full = sm.bars + 2, *q_empty = q_full + STAGES;
+    unsigned long long *kv_full = sm.bars, *q_full = sm.bars + 2, *q_empty = q_full + STAGES,
+                       *stats_full = q_empty + STAGES;
 
     const int warp = warp_index(), lane = threadIdx.x % 32, wg = warp / 4;
     const Slice slice = Slice::per_kv_head(Hq, group, cu_q, cu_k, L, S, left, right, lower_right);
@@ -261,6 +262,7 @@ flash_bwd_sm90(BWD90_KERNEL_PARAMS) {
         const DropScale z = drop_scale<QT>(seed_lo, seed_hi, offset, threshold, rp_dropout,
                                            static_cast<u32>(slice.b * Hq + h), j, m0 + 2 * t, lane);
         mbar_wait_warp(q_full + st, phase);
+        mbar_wait(stats_full + st, phase);  // lse and D
         const unsigned char* sQs = sm.sQ + st * SQ_BYTES;
         const unsigned char* sdOs = sm.sdO + st * SDO_BYTES;
         float s[QT * 4], dp[QT * 4];

@@ -91,7 +91,8 @@ flash_bwd_sm90_wide(BWD90_KERNEL_PARAMS) {
     unsigned char* sPt;  // two buffers each of P^T and dS^T: a step writes one pair while the last is read
     const Bwd90Smem sm = carve_smem<BLOCK_N, BLOCK_M, STAGES, 4 * SPDS_BYTES>(smem, sPt);
     unsigned char* sdSt = sPt + 2 * SPDS_BYTES;
-    unsigned long long *kv_full = sm.bars, *q_full = sm.bars + 2, *q_empty = q_full + STAGES;
+    unsigned long long *kv_full = sm.bars, *q_full = sm.bars + 2, *q_empty = q_full + STAGES,
+                       *stats_full = q_empty + STAGES;
 
     const int warp = warp_index(), lane = threadIdx.x % 32, wg = warp / 4;
     const Slice slice = Slice::per_kv_head(Hq, group, cu_q, cu_k, L, S, left, right, lower_right);
@@ -162,6 +163,7 @@ flash_bwd_sm90_wide(BWD90_KERNEL_PARAMS) {
             const DropScale z = drop_scale<QT>(seed_lo, seed_hi, offset, threshold, rp_dropout,
                                                static_cast<u32>(slice.b * Hq + h), j, c0 + 2 * t, lane);
             mbar_wait_warp(q_full + st, phase);
+            mbar_wait(stats_full + st, phase);  // lse and D
             const unsigned char* sQs = sm.sQ + st * SQ_BYTES;
             const unsigned char* sdOs = sm.sdO + st * SDO_BYTES;
             float s[QT * 4], dp[QT * 4];

@@ -19,11 +19,6 @@ __device__ __forceinline__ void mbar_init(unsigned long long* bar, u32 count) {
 __device__ __forceinline__ void mbar_expect_tx(unsigned long long* bar, u32 bytes) {
     asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(smem_u32(bar)), "r"(bytes) : "memory");
 }
-// Add `bytes` to the transaction count without arriving: the phase waits for them and for an arrival made
-// later (a producer that has more to store before it releases the phase).
-__device__ __forceinline__ void mbar_expect_tx_only(unsigned long long* bar, u32 bytes) {
-    asm volatile("mbarrier.expect_tx.relaxed.cta.shared::cta.b64 [%0], %1;\n" ::"r"(smem_u32(bar)), "r"(bytes) : "memory");
-}
 // After the inits, before the CTA-wide barrier that publishes them: the inits made visible to the other
 // threads' arrives and to the async proxy, whose TMA copies complete transactions on them.
 __device__ __forceinline__ void mbar_init_fence() {

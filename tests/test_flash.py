@@ -164,6 +164,29 @@ def test_efficient_tile_loops_compile_with_nvrtc():
     assert not errors, "\n\n".join(errors)
 
 
+def test_sanitizer_report_counts_each_case_s_reports(tmp_path, capsys):
+    """benchmarks/sanitize.py --report: a case's reports are the ones logged before its error line; racecheck's
+    hazards by kind and both sides (threads 0-127: producer), initcheck's by site, each distinct one counted."""
+    from benchmarks import sanitize
+
+    hazard = ("========= Error: Potential RAW hazard detected at __shared__ 0x38404 in block (0,2,0) :\n"
+              "=========     Write Thread (1,0,0) at flash_bwd_sm90+0xb070\n"
+              "=========     Read Thread (160,0,0) at flash_bwd_sm90+0x1f00\n"
+              "=========     Current Value : 183\n")
+    uninit = ("========= Uninitialized __global__ memory read of size 16 bytes\n"
+              "=========     at flash_bwd_preprocess+0xfc0\n"
+              "=========     by thread (0,0,0) in block (0,4,0)\n")
+    log = tmp_path / "log"
+    log.write_text(hazard * 2 + uninit + "first case      largest error / scale 4.35e-03\n"
+                   + "second case     largest error / scale 1.0e-03\n")
+    sanitize.report(str(log))
+    assert capsys.readouterr().out.splitlines() == [
+        "first case:",
+        "       2  RAW / Write by producer at flash_bwd_sm90+0xb070 / Read by consumer at flash_bwd_sm90+0x1f00",
+        "       1  Uninitialized __global__ memory read at flash_bwd_preprocess+0xfc0",
+        "second case: none"]
+
+
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not installed")
 def test_efficient_shared_memory_is_what_ptxas_allocates(tmp_path):
     """tensor_core.shared_bytes, which decides the tiles, mask tiles and shared K rows that fit 48 KiB, is the

@@ -186,11 +186,11 @@ def smem_bytes(kind: str, cfg: FlashConfig, E: int, Ev: int) -> int:
         staged_o = bm * Ev if cfg.fwd90_tma_store else 0
         return 2 * (qb * bm * E + st * bn * E + st * bn * Ev + staged_o) + 8 * (2 * qb + 1 + 4 * st) + 8 * 5
     if kind == "bwd_sm90":  # swizzled K, V, two Q / dO stages, two dS^T and two fp32 dQ buffers, lse and D per
-        bn, bm = 128, cfg.bwd90_block_m  # stage, 6 mbarriers
+        bn, bm = 128, cfg.bwd90_block_m  # stage, 8 mbarriers
         if sm90_backward_is_wide(E, Ev):  # 64 keys; two P^T and two dS^T buffers, no dQ buffers
             bn = 64
-            return 2 * (bn * E + bn * Ev + 2 * bm * E + 2 * bm * Ev + 4 * bn * bm) + 2 * 2 * bm * 4 + 8 * 6
-        return 2 * (bn * E + bn * Ev + 2 * bm * E + 2 * bm * Ev + 2 * bn * bm) + 2 * 4 * bm * E + 2 * 2 * bm * 4 + 8 * 6
+            return 2 * (bn * E + bn * Ev + 2 * bm * E + 2 * bm * Ev + 4 * bn * bm) + 2 * 2 * bm * 4 + 8 * 8
+        return 2 * (bn * E + bn * Ev + 2 * bm * E + 2 * bm * Ev + 2 * bn * bm) + 2 * 4 * bm * E + 2 * 2 * bm * 4 + 8 * 8
     if kind == "dkdv":
         bn, bm = cfg.bwd_block_n, cfg.bwd_block_m
         return 2 * (bn * qp + bn * vp + 2 * bm * qp + 2 * bm * vp) + 4 * 4 * bm
