@@ -38,11 +38,10 @@
 # at E = 64 and 128, L = 4096, / the forward at E = 128 L = 1024 causal and L = 4096, E = 64 L = 4096, under ncu:
 # throughput, issue rate, warp stall reasons, and the SASS lines warps wait at; benchmarks/ncu_profile.sh;
 # ncu-fwd-64: the forward at E = 64 L = 4096 alone, whose softmax takes half of every consumer's clocks),
-# fwd-knobs-tests / fwd-knobs (the Hopper forward's knobs that keep its bits: idle warpgroups skipping the last
-# query block, FlashConfig.fwd90_skip_idle, which for_problem turns on where three warpgroups leave one idle at
-# L < 2048, and the next tile's Q loaded while this tile runs, fwd90_q_buffers = 2: their GPU test (same bits off
-# and on, judged by the reference) / E = 64 and 128 at L = 1024 and 4096, the tutorial's call and the tutorial
-# module's attention (fp16 B = 32 H = 8 L = 512 E = 64 causal) timed with two Q buffers and without),
+# fwd-idle-tests / fwd-idle (idle warpgroups skipping the last query block, FlashConfig.fwd90_skip_idle, which
+# for_problem turns on where three warpgroups leave one idle at L < 2048: its GPU test (same bits off and on,
+# judged by the reference) / E = 64 and 128 at L = 1024 and 4096, the tutorial's call and the tutorial module's
+# attention (fp16 B = 32 H = 8 L = 512 E = 64 causal) timed with it off and on),
 # overhead, hf (Hugging Face models, "cusdpa" against "sdpa"), bench (every provider),
 # bench-flash (cusdpa FLASH against PyTorch's FLASH and cuDNN only), bench-module (the tutorial module: parts b
 # and c), train (bf16 autocast), train-fp32, train-compiled (bf16, torch.compile), decode (greedy generation
@@ -71,7 +70,7 @@ command_of() {  # the command of stage $1, into the array cmd
   local stage=$1
   case $stage in
     flash-tests) cmd=(python3 -m pytest -q -m "gpu and not slow" -p no:cacheprovider tests/test_flash.py
-                      -k "not knob_keeps_the_bits") ;;  # (fwd-knobs-tests runs those beside it)
+                      -k "not skipping_keeps_the_bits") ;;  # (fwd-idle-tests runs those beside it)
     plans-tests) cmd=(python3 -m pytest -q -p no:cacheprovider tests/test_plans.py) ;;
     interop-tests) cmd=(python3 -m pytest -q -m "gpu and not slow" -p no:cacheprovider tests/test_interop_gpu.py) ;;
     efficient-tests) cmd=(python3 -m pytest -q -m "gpu and not slow" -p no:cacheprovider tests/test_efficient_gpu.py
@@ -155,17 +154,14 @@ command_of() {  # the command of stage $1, into the array cmd
     fwd-deeper) cmd=(bash -c 'python3 benchmarks/flash_sweep.py --forward-only --lengths 1024 --head-dims 128 --causal no \
                      --variants "" fwd90_block_n=96,fwd90_stages=3 fwd90_block_n=96,fwd90_stages=3,fwd90_tma_store=0 \
                      fwd90_block_n=64,fwd90_stages=4,fwd90_tma_store=1') ;;
-    fwd-knobs-tests) cmd=(bash -c 'for k in skip_idle q_buffers; do  # a process each: the builds in parallel
-                          python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_flash.py \
-                          -k "knob_keeps_the_bits and $k" > /tmp/knob_$k.log 2>&1 & done
-                          rc=0; for j in $(jobs -p); do wait $j || rc=1; done; tail -n 4 /tmp/knob_*.log; exit $rc') ;;
-    fwd-knobs) cmd=(bash -c 'V="\"\" fwd90_q_buffers=2" \
-                    && S="python3 benchmarks/flash_sweep.py --forward-only" \
-                    && eval $S --lengths 1024 4096 --head-dims 64 128 --variants $V \
-                    && eval $S --dtype float16 --lengths 1024 --head-dims 32 --tokens 32768 --hidden 1024 --causal no \
-                    --variants $V \
-                    && eval $S --dtype float16 --lengths 512 --head-dims 64 --tokens 16384 --hidden 512 --causal yes \
-                    --variants $V') ;;
+    fwd-idle-tests) cmd=(python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_flash.py -k skipping_keeps_the_bits) ;;
+    fwd-idle) cmd=(bash -c 'V="\"\" fwd90_skip_idle=0 fwd90_skip_idle=1" \
+                  && S="python3 benchmarks/flash_sweep.py --forward-only" \
+                  && eval $S --lengths 1024 4096 --head-dims 64 128 --variants $V \
+                  && eval $S --dtype float16 --lengths 1024 --head-dims 32 --tokens 32768 --hidden 1024 --causal no \
+                  --variants $V \
+                  && eval $S --dtype float16 --lengths 512 --head-dims 64 --tokens 16384 --hidden 512 --causal yes \
+                  --variants $V') ;;
     fwd-phases) cmd=(python3 benchmarks/fwd90_phases.py --lengths 1024 4096 --head-dims 128 --causal both
                      --variants "" fwd90_tma_store=0) ;;
     fwd-phases-64) cmd=(python3 benchmarks/fwd90_phases.py --lengths 1024 4096 --head-dims 64 --causal both

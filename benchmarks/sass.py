@@ -1,7 +1,7 @@
 """The SASS of the Hopper forward and of the decode kernel, built here with nvcc (no GPU): each build's
 registers, spills and instruction count, and with ``--against`` which builds changed since an earlier run.
 
-    python benchmarks/sass.py OUT [--knobs fwd90_q_buffers=2,...] [--decode STEPPED_COPY=1 ...] [--against DIR]
+    python benchmarks/sass.py OUT [--knobs fwd90_stages=3,...] [--decode STEPPED_COPY=1 ...] [--against DIR]
 
 Builds bf16 modules of the configurations ``FlashConfig.for_problem`` gives a few problems (E = 32, 64, 128,
 192 / 128 and 256, causal and not, short and long, a bool mask) and of flash_decode.cu (E = 40, 64, 128,
@@ -94,7 +94,7 @@ def compare(name: str, out: str, against: str) -> str:
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("out", help="directory for sources, cubins and SASS")
-    ap.add_argument("--knobs", default="", help="FlashConfig changes for every forward build, e.g. fwd90_q_buffers=2")
+    ap.add_argument("--knobs", default="", help="FlashConfig changes for every forward build, e.g. fwd90_stages=3")
     ap.add_argument("--decode", nargs="*", default=[], metavar="NAME=INT", help="decode.py constants")
     ap.add_argument("--against", help="an earlier OUT to compare each build's SASS with")
     ap.add_argument("--nvdisasm", default=shutil.which("nvdisasm"), help="path of nvdisasm")

@@ -26,7 +26,7 @@
 // know: CTAs take tiles from a counter as they finish them (TileQueue, FWD90_QUEUE), as they may in a packed
 // batch, whose sequences' lengths the host does not know either.
 //
-// Shared memory: Q [Q_BUFS][E/W][BLOCK_M][W], K [STAGES][E/W][BLOCK_N][W], V [STAGES][Ev/W'][BLOCK_N][W'], each
+// Shared memory: Q [E/W][BLOCK_M][W], K [STAGES][E/W][BLOCK_N][W], V [STAGES][Ev/W'][BLOCK_N][W'], each
 // column chunk in the swizzle that TMA writes and wgmma reads: W = 64 columns (128-byte rows, 16-byte
 // chunk c of row r at c ^ (r % 8)) when the head dim is a multiple of 64, else W = 32 (64-byte rows,
 // c ^ ((r / 2) % 4)); then the mbarriers, and the TileQueue's barriers and slots.
@@ -52,8 +52,7 @@
 // TMA, so the warpgroup's epilogue is shared-memory writes and the store runs on under its next tile, as
 // FlashAttention-3's epilogue does; dense problems only, tensor map `tm_o`: a packed batch's store would clip at
 // the tensor's end, not at the sequence's), FWD90_SKIP_IDLE (1: a consumer warpgroup whose rows all lie past the
-// queries computes nothing, walk_idle), FWD90_Q_BUFFERS (2: the next tile's Q, and so its first K and V, loaded
-// while this tile runs), CUSDPA_PHASES (1: per-warp phase clocks, phases.cuh),
+// queries computes nothing, walk_idle), CUSDPA_PHASES (1: per-warp phase clocks, phases.cuh),
 // FWD90_WARPGROUPS (consumer warpgroups, 2 or 3), FWD90_BLOCK_N, FWD90_STAGES (K/V buffers), FWD90_PINGPONG
 // (1: consumers take turns; 0: they issue when ready), ATTN_MASK, ALIBI (1: the slopes' bias added, `slopes`
 // per (batch, head) with batch stride `slopes_b`; scores in natural units as with a float mask), SOFTCAP (1:
@@ -71,9 +70,6 @@
 #ifndef FWD90_SKIP_IDLE
 #define FWD90_SKIP_IDLE 0
 #endif
-#ifndef FWD90_Q_BUFFERS
-#define FWD90_Q_BUFFERS 1
-#endif
 constexpr int MMA_WG = FWD90_WARPGROUPS;
 constexpr int NTHREADS = (MMA_WG + 1) * 128;
 constexpr int BLOCK_M = MMA_WG * 64;
@@ -86,8 +82,7 @@ constexpr int SK_BYTES = BLOCK_N * HEAD_DIM * 2;
 constexpr int SV_BYTES = BLOCK_N * HEAD_DIM_V * 2;
 // O's staging buffer (FWD90_TMA_STORE): each consumer warpgroup's 64 rows in V's swizzle.
 constexpr int SO_BYTES = FWD90_TMA_STORE ? BLOCK_M * HEAD_DIM_V * 2 : 0;
-constexpr int Q_BUFS = FWD90_Q_BUFFERS;
-constexpr int SMEM_TILES = Q_BUFS * SQ_BYTES + STAGES * (SK_BYTES + SV_BYTES) + SO_BYTES;
+constexpr int SMEM_TILES = SQ_BYTES + STAGES * (SK_BYTES + SV_BYTES) + SO_BYTES;
 constexpr int BAR_EPILOGUE = 4;  // named barriers 4 + cw: consumer warpgroup cw's epilogue (1..3: the ping-pong)
 // Registers per thread after setmaxnreg (FlashAttention-3's split; the sums fill the 64K register file).
 constexpr int LOAD_REGS = MMA_WG == 2 ? 24 : 32;
@@ -586,13 +581,13 @@ flash_fwd_sm90(const __grid_constant__ TmaMap tm_q, const __grid_constant__ TmaM
     PhaseClock ph;  // (with CUSDPA_PHASES: phases.cuh)
     extern __shared__ __align__(1024) unsigned char smem[];
     unsigned char* sQ = smem;  // every size is a multiple of 1024: each tile keeps the swizzle alignment
-    unsigned char* sK = sQ + Q_BUFS * SQ_BYTES;
+    unsigned char* sK = sQ + SQ_BYTES;
     unsigned char* sV = sK + STAGES * SK_BYTES;
     unsigned char* sO = sV + STAGES * SV_BYTES;
     unsigned long long* bars = reinterpret_cast<unsigned long long*>(smem + SMEM_TILES);
-    unsigned long long* q_full = bars;  // one per Q buffer
-    unsigned long long* q_empty = bars + Q_BUFS;
-    unsigned long long* k_full = bars + 2 * Q_BUFS;
+    unsigned long long* q_full = bars;
+    unsigned long long* q_empty = bars + 1;
+    unsigned long long* k_full = bars + 2;
     unsigned long long* k_empty = k_full + STAGES;
     unsigned long long* v_full = k_empty + STAGES;
     unsigned long long* v_empty = v_full + STAGES;
@@ -607,22 +602,13 @@ flash_fwd_sm90(const __grid_constant__ TmaMap tm_q, const __grid_constant__ TmaM
 
     const int warp = warp_index(), lane = threadIdx.x % 32, wg = warp / 4;
     const int num_tiles = BH * num_m;
-    // The Q ring's position (buffer, parity), moved on once per tile that loads a Q.
-    auto next_q = [](int& slot, u32& phase) {
-        if (++slot == Q_BUFS) {
-            slot = 0;
-            phase ^= 1;
-        }
-    };
     const TileDivisors divisors(num_m, chunk_heads, BH, Hq, group);
     auto decode_tile = [&](int t) {
         return tile_at(t, divisors, num_m, BH, cu_q, cu_k, L, S, left, right, lower_right);
     };
     if (threadIdx.x == 0) {
-        for (int x = 0; x < Q_BUFS; ++x) {
-            mbar_init(q_full + x, 1);
-            mbar_init(q_empty + x, CONSUMER_WARPS);
-        }
+        mbar_init(q_full, 1);
+        mbar_init(q_empty, CONSUMER_WARPS);
         for (int st = 0; st < STAGES; ++st) {
             mbar_init(k_full + st, 1);
             mbar_init(v_full + st, 1);
@@ -653,7 +639,6 @@ flash_fwd_sm90(const __grid_constant__ TmaMap tm_q, const __grid_constant__ TmaM
         }
         ph.to(PH_START);
         u32 it = 0, q_phase = 0, staged_phase = 0;
-        int q_slot = 0;
 #if FWD90_QUEUE
         int ahead = blockIdx.x;  // the tile the producer puts next (lane 0's)
         for (;;) {
@@ -678,14 +663,13 @@ flash_fwd_sm90(const __grid_constant__ TmaMap tm_q, const __grid_constant__ TmaM
             const UnseenKeys unseen{ATTN_MASK ? seen + sl.b * sk_b + sl.h * sk_h : nullptr, 0, 1, sl.S};
             if (lane == 0) {
                 ph.to(PH_TILE);
-                mbar_wait(q_empty + q_slot, q_phase ^ 1);
+                mbar_wait(q_empty, q_phase ^ 1);
                 ph.to(PH_WAIT_Q);
-                tma_load_tile<BLOCK_M, HEAD_DIM, QK_SW>(sQ + q_slot * SQ_BYTES, tm_q, q_full + q_slot, sl.start_q + tile.m0,
-                                                        sl.h * q_hm, sl.b * q_bm);
+                tma_load_tile<BLOCK_M, HEAD_DIM, QK_SW>(sQ, tm_q, q_full, sl.start_q + tile.m0, sl.h * q_hm, sl.b * q_bm);
                 ph.to(PH_ISSUE);
                 ph.count(PH_TILES);
             }
-            next_q(q_slot, q_phase);
+            q_phase ^= 1;
             for (int n = first; n < tile.n_end; n = kb.from(n + 1), ++it) {
                 const int st = it % STAGES;
                 const u32 phase = (it / STAGES) & 1;
@@ -741,6 +725,7 @@ flash_fwd_sm90(const __grid_constant__ TmaMap tm_q, const __grid_constant__ TmaM
     setmaxnreg_inc<MMA_REGS>();
     const int cw = wg - 1;  // consumer index: rows 64 cw .. 64 cw + 63 of each tile
     const int g = lane / 4, t4 = lane % 4;
+    const unsigned char* sQwg = sQ + cw * 64 * QK_SW;
     const Dropout drop{seed_lo, seed_hi, offset, threshold};
 #if ATTN_MASK || ALIBI || SOFTCAP
     const float scale = scale_log2 * LN2;  // a float mask and ALiBi are added to the scores scaled by this
@@ -763,7 +748,6 @@ flash_fwd_sm90(const __grid_constant__ TmaMap tm_q, const __grid_constant__ TmaM
         if (lane == 0) mbar_arrive(bar);
     };
     u32 it = 0, q_phase = 0;
-    int q_slot = 0;
 #if FWD90_SKIP_IDLE
     // A warpgroup whose rows all lie past the slice's queries (the last query block of a length that is no
     // multiple of BLOCK_M) walks the tile's key blocks from block n keeping the pipeline's protocol -- each
@@ -771,9 +755,8 @@ flash_fwd_sm90(const __grid_constant__ TmaMap tm_q, const __grid_constant__ TmaM
     // ping-pong turns taken -- and computes nothing. Its own loop, not the compute loop with its products
     // skipped: ptxas serialises every wgmma where a path may read accumulators between issue and wait.
     auto walk_idle = [&](KeyBlocks& kb, int n, int n_end) {
-        const int qs = q_slot;
-        mbar_wait_warp(q_full + qs, q_phase);
-        next_q(q_slot, q_phase);
+        mbar_wait_warp(q_full, q_phase);
+        q_phase ^= 1;
         u32 st = it % STAGES, phase = (it / STAGES) & 1;
         mbar_wait_warp(k_full + st, phase);
         turn_begin();  // S of the first block
@@ -782,7 +765,7 @@ flash_fwd_sm90(const __grid_constant__ TmaMap tm_q, const __grid_constant__ TmaM
             const int next = kb.from(n + 1);
             release(k_empty + st);
             if (next >= n_end) {
-                release(q_empty + qs);
+                release(q_empty);
                 break;
             }
             n = next;
@@ -880,11 +863,9 @@ flash_fwd_sm90(const __grid_constant__ TmaMap tm_q, const __grid_constant__ TmaM
         // The first block: S, softmax, P.
         ph.to(PH_TILE);
         ph.count(PH_TILES);
-        const int qs = q_slot;
-        const unsigned char* sQwg = sQ + qs * SQ_BYTES + cw * 64 * QK_SW;
-        mbar_wait_warp(q_full + qs, q_phase);
+        mbar_wait_warp(q_full, q_phase);
         ph.to(PH_WAIT_Q);
-        next_q(q_slot, q_phase);
+        q_phase ^= 1;
         int st = it % STAGES;
         u32 phase = (it / STAGES) & 1;
         mbar_wait_warp(k_full + st, phase);
@@ -904,7 +885,7 @@ flash_fwd_sm90(const __grid_constant__ TmaMap tm_q, const __grid_constant__ TmaM
         ph.to(PH_WAIT_S);
         fence_regs(s);
         release(k_empty + st);
-        if (next >= tile.n_end) release(q_empty + qs);
+        if (next >= tile.n_end) release(q_empty);
         modify_scores(here, ahead, next, n0);
         softmax_block(s, m_i, l_i, alpha, vis, vis.tile_full(mw, 64, n0, BLOCK_N), i, n0, t4, scale_log2);
         round_p(s, p, i, n0, t4, drop, sl.bh);
@@ -942,7 +923,7 @@ flash_fwd_sm90(const __grid_constant__ TmaMap tm_q, const __grid_constant__ TmaM
             ph.to(PH_WAIT_S);
             fence_regs(s);
             release(k_empty + st);
-            if (next >= tile.n_end) release(q_empty + qs);
+            if (next >= tile.n_end) release(q_empty);
             modify_scores(here, ahead, next, n0);
             const bool rescale =
                 softmax_block(s, m_i, l_i, alpha, vis, vis.tile_full(mw, 64, n0, BLOCK_N), i, n0, t4, scale_log2);

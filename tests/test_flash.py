@@ -35,18 +35,16 @@ def _nvrtc_jobs():
                             "-arch=sm_90a",)
                     if fwd_cfg.fwd90_tma_store and (E, Ev) in ((64, 64), (96, 64), (160, 224)) and dropout:  # ... with
                         # the phase clocks, O from 128- and 64-byte swizzled rows, idle warpgroups skipping their
-                        # tiles, two Q buffers
-                        phased = dataclasses.replace(fwd_cfg, fwd90_phases=True, fwd90_skip_idle=True,
-                                                     fwd90_q_buffers=2).fitted(E, Ev)
+                        # tiles
+                        phased = dataclasses.replace(fwd_cfg, fwd90_phases=True, fwd90_skip_idle=True)
                         yield "flash_fwd_sm90.cu", sources.compile_options(dtype, E, Ev, dropout, phased,
                                                                            tma_store=True) + ("-arch=sm_90a",)
             # ... and with each kind of attn_mask (its tiles from the queue)
             for mask in (("bool", "float16") if dtype == "float16" else ("float32", "bfloat16")):
                 fwd_cfg = config.FlashConfig.for_problem(E, Ev, 4096, False, mask)
-                # (the clocks' masked walk, idle warpgroups' walk of a queue's tiles, two Q buffers)
+                # (the clocks' masked walk, idle warpgroups' walk of a queue's tiles)
                 knobs = (E, Ev) == (64, 64)
-                fwd_cfg = dataclasses.replace(fwd_cfg, fwd90_phases=knobs, fwd90_skip_idle=knobs,
-                                              fwd90_q_buffers=2 if knobs else 1).fitted(E, Ev)
+                fwd_cfg = dataclasses.replace(fwd_cfg, fwd90_phases=knobs, fwd90_skip_idle=knobs)
                 if config.sm90_forward_applies(E, Ev, 90, fwd_cfg):
                     yield "flash_fwd_sm90.cu", sources.compile_options(dtype, E, Ev, dropout, fwd_cfg, mask=mask,
                                                                        queue=True) + ("-arch=sm_90a",)
@@ -231,16 +229,17 @@ def test_efficient_shared_memory_is_what_ptxas_allocates(tmp_path):
 
 
 def test_sass_tool_builds_the_defaults_and_the_knobs_and_tells_changes_apart(tmp_path):
-    """benchmarks/sass.py: every forward build under a knob where it fits (fitted gives two Q buffers up at E = 256),
+    """benchmarks/sass.py: every forward build under a knob (and fitted: a third K/V stage only where it fits),
     every decode build, and its comparison of two runs' SASS: same text, same opcodes, same multiset, different."""
     from benchmarks import sass
 
     plain = {name: options for name, _, options, _ in sass.jobs({})}
-    ring = {name: options for name, _, options, _ in sass.jobs(config.knobs("fwd90_q_buffers=2"))}
-    assert len(plain) == len(sass.FORWARD) + len(sass.DECODE) == len(ring)
-    assert not any("-DFWD90_Q_BUFFERS=2" in options for options in plain.values())
-    assert "-DFWD90_Q_BUFFERS=2" in ring["fwd_e128_128_l1024_causal_nomask"]
-    assert "-DFWD90_Q_BUFFERS=2" not in ring["fwd_e256_256_l4096_full_nomask"]
+    knob = {name: options for name, _, options, _ in sass.jobs(config.knobs("fwd90_phases=1,fwd90_stages=3"))}
+    assert len(plain) == len(sass.FORWARD) + len(sass.DECODE) == len(knob)
+    assert not any("-DCUSDPA_PHASES=1" in options for options in plain.values())
+    assert all(("-DCUSDPA_PHASES=1" in options) == name.startswith("fwd_") for name, options in knob.items())
+    assert "-DFWD90_STAGES=3" in knob["fwd_e64_64_l1024_full_nomask"]
+    assert "-DFWD90_STAGES=3" not in knob["fwd_e256_256_l4096_full_nomask"]
     kernel = "        /*0000*/                   IMAD R1, R2, R3, RZ ;\n        /*0010*/               @P0 BRA 0x40 ;\n"
     variants = {"same": kernel, "renamed": kernel.replace("R1", "R7"),
                 "reordered": "\n".join(reversed(kernel.splitlines())), "other": kernel.replace("IMAD", "IADD3")}
@@ -779,11 +778,10 @@ def test_hopper_forward_stores_o_with_tma(name, rng, monkeypatch):
     assert not failures, "\n".join(failures)
 
 
-# Cases of the Hopper forward's bit-keeping knobs: query lengths (L, or a packed sequence's) that leave the last
+# Cases of idle warpgroups skipping their tiles: query lengths (L, or a packed sequence's) that leave the last
 # query block's last warpgroup without rows in 128- and in 192-row tiles alike (L mod 128 in (0, 64], L mod 192 in
-# (0, 128]: 257, 300), tiles of one key block and of several, every kind of tile deal (static, a mask's queue, a
-# packed batch's).
-KNOB_CASES = {
+# (0, 128]: 257, 300).
+IDLE_CASES = {
     "causal_gqa": (Case(hq=8, hkv=2, L=300, S=300, E=64, causal="upper_left"), (2, 3)),
     "window": (FEATURES["window"], (2, 3)),
     "dropout_lower_right": (Case(L=257, S=200, E=64, dropout_p=0.3, causal="lower_right"), (2, 3)),
@@ -797,45 +795,35 @@ KNOB_CASES = {
 }
 
 
-# Each knob's settings off and on: idle warpgroups skipping their tiles; two Q buffers (where they fit), idle
-# warpgroups skipping, so that their walk keeps the Q ring's protocol too.
-FORWARD_KNOBS = {
-    "skip_idle": ({"fwd90_skip_idle": False}, {"fwd90_skip_idle": True}),
-    "q_buffers": ({"fwd90_skip_idle": True}, {"fwd90_skip_idle": True, "fwd90_q_buffers": 2}),
-}
-
-
 @pytest.mark.gpu
-@pytest.mark.parametrize("knob,name,warpgroups", [(k, n, w) for k in FORWARD_KNOBS for n, (c, ws) in KNOB_CASES.items()
-                                                  for w in ws])
-def test_hopper_forward_knob_keeps_the_bits(knob, name, warpgroups, rng, monkeypatch):
-    """The Hopper forward's knobs that change no arithmetic give the same out and lse, bit for bit, off and on,
-    and the reference judges them too: fwd90_skip_idle (a warpgroup whose rows all lie past the queries computes
-    nothing, only keeps the pipeline's protocol) and fwd90_q_buffers (the next tile's Q loaded while this tile
-    runs). On a device of two SMs, so that each CTA goes on to many tiles."""
+@pytest.mark.parametrize("name,warpgroups", [(n, w) for n, (c, ws) in IDLE_CASES.items() for w in ws])
+def test_idle_warpgroups_skipping_keeps_the_bits(name, warpgroups, rng, monkeypatch):
+    """fwd90_skip_idle (a warpgroup whose rows all lie past the queries computes nothing, only keeps the
+    pipeline's protocol) gives the same out and lse, bit for bit, off and on, and the reference judges them too.
+    On a device of two SMs, so that each CTA goes on to tiles after such a walk."""
     import cupy
 
     from cusdpa.backends.flash import launches
     from cusdpa.verify.harness import run_problem
 
     monkeypatch.setattr(sources, "multiprocessors", lambda device: 2)
-    case, _ = KNOB_CASES[name]
+    case, _ = IDLE_CASES[name]
     pr = build(case, cupy, rng)
     real = launches.config
     results = {}
-    for on, settings in enumerate(FORWARD_KNOBS[knob]):
-        monkeypatch.setattr(launches, "config", lambda pr, settings=settings: dataclasses.replace(
-            real(pr), **settings, fwd90_warpgroups=warpgroups).fitted(pr.E, pr.Ev))
+    for on in (False, True):
+        monkeypatch.setattr(launches, "config", lambda pr, on=on: dataclasses.replace(
+            real(pr), fwd90_skip_idle=on, fwd90_warpgroups=warpgroups))
         results[on] = flash.IMPL.forward(pr)
-    assert all(cupy.array_equal(g, w, equal_nan=True) for g, w in zip(results[1], results[0]))
+    assert all(cupy.array_equal(g, w, equal_nan=True) for g, w in zip(results[True], results[False]))
     failures = run_problem(pr, flash.IMPL, rng, grads=False)
     assert not failures, "\n".join(failures)
 
 
-def test_knob_cases_leave_a_warpgroup_idle():
-    """Every case of the knob test above (but the one without keys) has a query block whose last warpgroup has no
+def test_idle_cases_leave_a_warpgroup_idle():
+    """Every case of the skipping test above (but the one without keys) has a query block whose last warpgroup has no
     rows, in each tile size it runs, and runs on the Hopper forward's head dims."""
-    for name, (case, warpgroups) in KNOB_CASES.items():
+    for name, (case, warpgroups) in IDLE_CASES.items():
         assert config.sm90_forward_applies(case.E, case.Ev or case.E, 90, config.FlashConfig()), name
         lengths = [lq for lq, _ in case.varlen] if case.varlen else [case.L]
         for w in warpgroups:

@@ -47,11 +47,6 @@ class FlashConfig:
     # protocol; for_problem turns it on where such a warpgroup exists at L < 2048 (E = 64 L = 1024 +1.5%, the
     # tutorial's call +3.2% on the H100; at L = 4096, 3% idle, it measured -2%, within that run's noise)
     fwd90_skip_idle: bool = False
-    # Q buffers of the Hopper forward: with 2 the producer loads the next tile's Q, and after it that tile's first K
-    # and V, while this tile runs, where with one it waits for every consumer warp to release Q. ncu put an eighth
-    # of E = 128 L = 1024's time at tile boundaries, 4.4% in a spin on Q or the first K block (H100, twenty-second
-    # session); two buffers measured no gain in the fourth session, before O left by TMA. Off until measured again
-    fwd90_q_buffers: int = 1
     # per-warp phase clocks compiled into the Hopper forward (kernels_cuda/phases.cuh), for
     # benchmarks/fwd90_phases.py only
     fwd90_phases: bool = False
@@ -130,11 +125,9 @@ class FlashConfig:
         return cfg
 
     def fitted(self, E: int, Ev: int) -> "FlashConfig":
-        """This configuration of the Hopper forward in shared memory: as it is where it fits, else with one Q
-        buffer, else with two K/V stages (a third given up for O's staging), else with O stored from registers
-        (head dims past 160), else both."""
-        if self.fwd90_q_buffers > 1 and smem_bytes("fwd_sm90", self, E, Ev) > MAX_SMEM:
-            return dataclasses.replace(self, fwd90_q_buffers=1).fitted(E, Ev)
+        """This configuration of the Hopper forward in shared memory: as it is where it fits, else with two K/V
+        stages (a third given up for O's staging), else with O stored from registers (head dims past
+        160), else both."""
         stores = dataclasses.replace(self, fwd90_tma_store=False)
         for fitted in (self, dataclasses.replace(self, fwd90_stages=2), stores,
                        dataclasses.replace(stores, fwd90_stages=2)):
@@ -182,9 +175,9 @@ def smem_bytes(kind: str, cfg: FlashConfig, E: int, Ev: int) -> int:
         bm, bn = cfg.fwd_block_m, cfg.fwd_block_n
         return 2 * (bm * max(qp, vp) + 2 * bn * qp + 2 * bn * vp)
     if kind == "fwd_sm90":  # unpadded, swizzled tiles (K and V stages, O's staging), the mbarriers, the queue
-        bm, bn, st, qb = 64 * cfg.fwd90_warpgroups, cfg.fwd90_block_n, cfg.fwd90_stages, cfg.fwd90_q_buffers
+        bm, bn, st = 64 * cfg.fwd90_warpgroups, cfg.fwd90_block_n, cfg.fwd90_stages
         staged_o = bm * Ev if cfg.fwd90_tma_store else 0
-        return 2 * (qb * bm * E + st * bn * E + st * bn * Ev + staged_o) + 8 * (2 * qb + 1 + 4 * st) + 8 * 5
+        return 2 * (bm * E + st * bn * E + st * bn * Ev + staged_o) + 8 * (3 + 4 * st) + 8 * 5
     if kind == "bwd_sm90":  # swizzled K, V, two Q / dO stages, two dS^T and two fp32 dQ buffers, lse and D per
         bn, bm = 128, cfg.bwd90_block_m  # stage, 8 mbarriers
         if sm90_backward_is_wide(E, Ev):  # 64 keys; two P^T and two dS^T buffers, no dQ buffers
