@@ -26,7 +26,7 @@
 # backward's dq and dk/dv kernels under ncu, bf16 E = 128 L = 4096), decode-tests (the KV cache on the GPU), fidelity-tests (PyTorch's behaviours, non-finite
 # inputs, the flash-attention slot, Hugging Face models), fuzz (60 s of random cases against the
 # reference), sanitize (every kernel family under compute-sanitizer's four tools; SANITIZE_ONLY=TEXT: the cases
-# whose name holds it, SANITIZE_TOOLS: some of the tools), sweep, sweep-module (the
+# whose name holds it, SANITIZE_TOOLS: some of the tools, RACECHECK_REPORT=hazard: each hazard, not the races), sweep, sweep-module (the
 # tutorial module's attention shape), hopper-fwd (the Hopper forward issue's points against cuDNN: the grid
 # in bf16 and fp16, head dims, the tutorial's call, GQA 32/8, long context), fwd-short-tests / fwd-short (the Hopper
 # forward's choices for short problems: O stored by TMA, FlashConfig.fwd90_tma_store, and a third K/V stage: their GPU
@@ -47,8 +47,7 @@
 # and c), train (bf16 autocast), train-fp32, train-compiled (bf16, torch.compile), decode (greedy generation
 # through the KV cache against PyTorch's SDPA over a static cache; decode-attn: the attention call alone against
 # PyTorch and the KV-read floor; decode-kept: the torch front end keeping the splits' workspace per stream, no
-# memset launch, decode.KEEP_WORKSPACE: its GPU tests, then the attention call timed with it off and on; decode-copy: the
-# key tiles copied with one stepped pointer a lane, decode.STEPPED_COPY: its GPU tests, then timed off and on; decode-ncu: the split kernel under ncu at B = 1 and 16), masks (the masks issue's shapes;
+# memset launch, decode.KEEP_WORKSPACE: its GPU tests, then the attention call timed with it off and on; decode-ncu: the split kernel under ncu at B = 1 and 16), masks (the masks issue's shapes;
 # masks-no-blocks: with the mask's block summary off; masks-per-tile: a CTA per tile, not persistent;
 # masks-profile: forwards only, each masked call's GPU kernels; masks-no-steps: the backward visiting every query
 # step; masks-ncu: the 90%-empty shape's forward and backward kernels under ncu),
@@ -126,7 +125,8 @@ command_of() {  # the command of stage $1, into the array cmd
                      eval $S > /tmp/san_plain.log 2>&1 || { tail -n 12 /tmp/san_plain.log; exit 1; }
                      tools=${SANITIZE_TOOLS:-memcheck racecheck synccheck initcheck}
                      for tool in $tools; do  # the kernels compiled once above (CuPy caches them), the tools side by side
-                       extra=$([ $tool = racecheck ] && echo --racecheck-report hazard)  # each hazard with its threads
+                       # racecheck: the races its analysis finds; RACECHECK_REPORT=hazard: every hazard with its threads
+                       extra=$([ $tool = racecheck ] && echo --racecheck-report ${RACECHECK_REPORT:-analysis})
                        eval compute-sanitizer --tool $tool $extra --report-api-errors no --error-exitcode 3 \
                          --print-limit 100000 $S > $OUT/sanitize_$tool.log 2>&1 &
                      done; rc=0; for j in $(jobs -p); do wait $j || rc=1; done
@@ -187,8 +187,6 @@ command_of() {  # the command of stage $1, into the array cmd
     decode-kept) cmd=(bash -c 'python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_decode_gpu.py \
                       -k "kept or cuda_graph or one_sequence_long" \
                       && for k in 0 1; do python3 benchmarks/decode.py --profile --config KEEP_WORKSPACE=$k; done') ;;
-    decode-copy) cmd=(bash -c 'python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_decode_gpu.py -k stepped_copy \
-                      && for k in 0 1; do python3 benchmarks/decode.py --config STEPPED_COPY=$k; done') ;;
     decode-ncu) cmd=(bash -c 'for shape in 1x32768 16x8192; do bash benchmarks/ncu_profile.sh flash_decode_split 0 -- \
                      python3 benchmarks/decode.py --shapes $shape; done') ;;
     masks) cmd=(python3 benchmarks/masks.py --backward) ;;

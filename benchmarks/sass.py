@@ -1,7 +1,7 @@
 """The SASS of the Hopper forward and of the decode kernel, built here with nvcc (no GPU): each build's
 registers, spills and instruction count, and with ``--against`` which builds changed since an earlier run.
 
-    python benchmarks/sass.py OUT [--knobs fwd90_stages=3,...] [--decode STEPPED_COPY=1 ...] [--against DIR]
+    python benchmarks/sass.py OUT [--knobs fwd90_stages=3,...] [--decode DEPTH=2 ...] [--against DIR]
 
 Builds bf16 modules of the configurations ``FlashConfig.for_problem`` gives a few problems (E = 32, 64, 128,
 192 / 128 and 256, causal and not, short and long, a bool mask) and of flash_decode.cu (E = 40, 64, 128,

@@ -90,21 +90,6 @@ def _check_case(name, dtype):
     assert not failures, "\n".join(failures)
 
 
-@pytest.mark.parametrize("name", ["decode_gqa", "decode_append_paged", "chunk_causal_window", "wide_head", "different_dims",
-                                  "one_sequence_long"])
-def test_stepped_copy_on_the_decode_kernels(name, monkeypatch):
-    """decode.STEPPED_COPY: the key tiles copied with one pointer a lane (E = 64, 128, 256; for E = 192 the keys keep
-    the general copy and the values take it), contiguous and paged, tiles cut by windows and split ends."""
-    from cusdpa.backends.flash import decode
-
-    monkeypatch.setattr(decode, "STEPPED_COPY", 1)
-    decode.build.cache_clear()  # plans are kept per signature, whatever the knob
-    try:
-        _check_case(name, "bfloat16")
-    finally:
-        decode.build.cache_clear()
-
-
 @pytest.mark.parametrize("keep", [0, 1])
 def test_torch_decode_steps_replay_a_plan_and_capture_in_a_cuda_graph(keep, monkeypatch):
     """interop.kv_cache_attention's decode plan: a repeated call gives the first one's result; lengths as an int

@@ -72,10 +72,7 @@ def _nvrtc_jobs():
     for (E, Ev), dtype, paged, modifiers in (((64, 64), "float16", False, False), ((128, 128), "bfloat16", True, True),
                                              ((192, 128), "bfloat16", True, False), ((256, 256), "float16", False, True),
                                              ((40, 40), "bfloat16", False, False)):  # split-KV decode
-        options = decode.compile_options(dtype, E, Ev, paged, modifiers, modifiers)
-        yield "flash_decode.cu", options
-        if (E, Ev) in ((128, 128), (192, 128)):  # ... with the stepped copy (decode.STEPPED_COPY), whole and half
-            yield "flash_decode.cu", tuple(o.replace("STEPPED_COPY=0", "STEPPED_COPY=1") for o in options)
+        yield "flash_decode.cu", decode.compile_options(dtype, E, Ev, paged, modifiers, modifiers)
     for mask in sources.MASK_CODES:  # the attn_mask's summary (kernels_cuda/mask_summary.cu)
         if mask:
             yield "mask_summary.cu", ("-std=c++17", f"-DATTN_MASK={sources.MASK_CODES[mask]}")

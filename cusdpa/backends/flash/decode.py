@@ -34,11 +34,6 @@ DEPTH = 0  # pipeline depth forced (0: ``stages`` chooses)
 # (interop.kv_cache): no allocation and no memset launch per call, host time that B = 1 is bound by (on the H100:
 # B = 1 S = 32768 71.8 -> 70.9 us, B = 16 and 64 within 0.5%; benchmarks/decode.py --config KEEP_WORKSPACE=0|1)
 KEEP_WORKSPACE = 1
-# the copy of a key tile with one pointer a lane stepped row by row where a row's 16-byte chunks divide 32 (E = 64,
-# 128, 256), no per-copy predicate inside the tile: under ncu (H100) the copy's address arithmetic, about 15
-# instructions a 16-byte copy, held about a tenth of B = 1's samples. Written without a GPU: off until measured
-# (benchmarks/decode.py --config STEPPED_COPY=1)
-STEPPED_COPY = 0
 DTYPES = ("float16", "bfloat16")
 
 
@@ -141,7 +136,7 @@ def compile_options(dtype_name: str, E: int, Ev: int, paged: bool, softcap: bool
     return ("-std=c++17", "--use_fast_math", f"-DCUSDPA_BF16={int(dtype_name == 'bfloat16')}", f"-DHEAD_DIM={E}",
             f"-DHEAD_DIM_V={Ev}", "-DIS_DROPOUT=0", f"-DDEC_WARPS={WARPS}", f"-DDEC_TILE={TILE}",
             f"-DDEC_STAGES={stages(E, Ev)}", f"-DPAGED={int(paged)}", f"-DSOFTCAP={int(softcap)}",
-            f"-DALIBI={int(alibi)}", f"-DDEC_MAX_SPLITS={MAX_SPLITS}", f"-DDEC_STEPPED_COPY={STEPPED_COPY}")
+            f"-DALIBI={int(alibi)}", f"-DDEC_MAX_SPLITS={MAX_SPLITS}")
 
 
 @functools.lru_cache(maxsize=256)
