@@ -78,6 +78,12 @@ def _nvrtc_jobs():
             yield "mask_summary.cu", ("-std=c++17", f"-DATTN_MASK={sources.MASK_CODES[mask]}")
 
 
+def _on_two_threads(fn, jobs) -> list:
+    """fn of each job, two at a time: NVRTC and nvcc run outside the GIL, and CI's machine has two cores."""
+    with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
+        return list(pool.map(fn, jobs))
+
+
 def _nvrtc_compile(source: str, options: tuple, arch: str) -> str | None:
     """Compile as CuPy does at run time (NVRTC, no system headers); None or the error log."""
     from cuda.bindings import nvrtc
@@ -108,13 +114,14 @@ def test_every_kernel_configuration_compiles_with_nvrtc():
     include = Path(numba_cuda.__file__).parent / "numba" / "cuda" / "include" / "13"
     if not (include / "cuda_bf16.h").exists():
         pytest.skip(f"no cuda_bf16.h under {include}")
-    errors = []
-    for source, options in _nvrtc_jobs():
+    def compile_one(job):
+        source, options = job
         arch = "sm_90a" if "-arch=sm_90a" in options else "sm_90"
         options = tuple(o for o in options if o != "-arch=sm_90a") + (f"-I{include}",)
         log = _nvrtc_compile(sources.kernel_source(source, options), options, arch)
-        if log is not None:
-            errors.append(f"{source} {options}:\n{log[-2000:]}")
+        return None if log is None else f"{source} {options}:\n{log[-2000:]}"
+
+    errors = [e for e in _on_two_threads(compile_one, _nvrtc_jobs()) if e]
     assert not errors, "\n\n".join(errors)
 
 
@@ -150,12 +157,12 @@ def test_efficient_tile_loops_compile_with_nvrtc():
     # column parts where they are a choice (KernelConfig.tensor_core_col_parts)
     jobs += [(head_dim, elem, kind, False, 0, 0, 2) for head_dim, elem in ((64, "float16"), (128, "bfloat16"),
                                                                          (64, "float32")) for kind in ("dq", "dkdv")]
-    errors = []
-    for job in jobs:
+    def compile_one(job):
         name, source = tensor_core.tile_loop_source(*job)
         log = _nvrtc_compile(source, ("-rdc=true", "-std=c++17"), "sm_80")
-        if log is not None:
-            errors.append(f"{name}:\n{log[-2000:]}")
+        return None if log is None else f"{name}:\n{log[-2000:]}"
+
+    errors = [e for e in _on_two_threads(compile_one, jobs) if e]
     assert not errors, "\n\n".join(errors)
 
 
@@ -268,8 +275,7 @@ def test_every_kernel_configuration_compiles_with_nvcc(tmp_path):
         serialised = [line for line in (run.stdout + run.stderr).splitlines() if "are serialized" in line]
         return f"{' '.join(cmd)}\n" + "\n".join(serialised) if serialised else None
 
-    with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
-        errors = [e for e in pool.map(compile_one, enumerate(_nvrtc_jobs())) if e]
+    errors = [e for e in _on_two_threads(compile_one, enumerate(_nvrtc_jobs())) if e]
     assert not errors, "\n\n".join(errors)
 
 
