@@ -127,8 +127,10 @@ command_of() {  # the command of stage $1, into the array cmd
                      for tool in $tools; do  # the kernels compiled once above (CuPy caches them), the tools side by side
                        # racecheck: the races its analysis finds; RACECHECK_REPORT=hazard: every hazard with its threads
                        extra=$([ $tool = racecheck ] && echo --racecheck-report ${RACECHECK_REPORT:-analysis})
+                       # initcheck counts no TMA store as initialising: its forwards store O from registers
+                       own=$([ $tool = initcheck ] && echo --o-from-registers)
                        eval compute-sanitizer --tool $tool $extra --report-api-errors no --error-exitcode 3 \
-                         --print-limit 100000 $S > $OUT/sanitize_$tool.log 2>&1 &
+                         --print-limit 100000 $S $own > $OUT/sanitize_$tool.log 2>&1 &
                      done; rc=0; for j in $(jobs -p); do wait $j || rc=1; done
                      for tool in $tools; do  # per case, each report site once with its count; the log compressed
                        echo "--- $tool"; grep -E "SUMMARY" $OUT/sanitize_$tool.log | tail -n 2
