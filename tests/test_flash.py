@@ -783,7 +783,8 @@ def test_hopper_forward_stores_o_with_tma(name, rng, monkeypatch):
 
 # Cases of idle warpgroups skipping their tiles: query lengths (L, or a packed sequence's) that leave the last
 # query block's last warpgroup without rows in 128- and in 192-row tiles alike (L mod 128 in (0, 64], L mod 192 in
-# (0, 128]: 257, 300).
+# (0, 128]: 257, 300), tiles of one key block and of several, every kind of tile deal (static, a mask's queue, a
+# packed batch's).
 IDLE_CASES = {
     "causal_gqa": (Case(hq=8, hkv=2, L=300, S=300, E=64, causal="upper_left"), (2, 3)),
     "window": (FEATURES["window"], (2, 3)),
@@ -816,7 +817,7 @@ def test_idle_warpgroups_skipping_keeps_the_bits(name, warpgroups, rng, monkeypa
     results = {}
     for on in (False, True):
         monkeypatch.setattr(launches, "config", lambda pr, on=on: dataclasses.replace(
-            real(pr), fwd90_skip_idle=on, fwd90_warpgroups=warpgroups))
+            real(pr), fwd90_skip_idle=on, fwd90_warpgroups=warpgroups).fitted(pr.E, pr.Ev))
         results[on] = flash.IMPL.forward(pr)
     assert all(cupy.array_equal(g, w, equal_nan=True) for g, w in zip(results[True], results[False]))
     failures = run_problem(pr, flash.IMPL, rng, grads=False)
