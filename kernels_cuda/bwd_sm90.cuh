@@ -454,7 +454,7 @@ struct Bwd90Cta {
     // CTA synchronised. false: the block holds no key of the slice, and every thread returns.
     template <int BLOCK_N, int BLOCK_M, int STAGES>
     __device__ __forceinline__ bool start(const Slice& slice, int group, bool descending, int rotate,
-                                          unsigned long long* bars, int consumer_warps);
+                                          unsigned long long* bars, int consumer_threads);
 
     template <int BLOCK_N, int BLOCK_M>
     __device__ __forceinline__ bool place(const Slice& slice, int group, bool descending, int rotate) {
@@ -536,15 +536,16 @@ struct StepWalk {
 };
 
 // The mbarriers (init_barriers' layout): K/V full, the producer's own "staged" (tiles it zeroes rows of
-// before releasing them), then per stage Q/dO full, empty (one arrival per consumer warp) and lse/D full
+// before releasing them), then per stage Q/dO full, empty (one arrival per consumer thread, each after its own
+// reads of the stage: racecheck orders reads by their own thread's arrival only) and lse/D full
 // (one arrival per producer lane, each after its own stores).
 template <int STAGES>
-__device__ __forceinline__ void init_barriers(unsigned long long* bars, int consumer_warps) {
+__device__ __forceinline__ void init_barriers(unsigned long long* bars, int consumer_threads) {
     mbar_init(bars, 1);
     mbar_init(bars + 1, 1);
     for (int st = 0; st < STAGES; ++st) {
         mbar_init(bars + 2 + st, 1);
-        mbar_init(bars + 2 + STAGES + st, consumer_warps);
+        mbar_init(bars + 2 + STAGES + st, consumer_threads);
         mbar_init(bars + 2 + 2 * STAGES + st, 32);
     }
     mbar_init_fence();
@@ -552,9 +553,9 @@ __device__ __forceinline__ void init_barriers(unsigned long long* bars, int cons
 
 template <int BLOCK_N, int BLOCK_M, int STAGES>
 __device__ __forceinline__ bool Bwd90Cta::start(const Slice& slice, int group, bool descending, int rotate,
-                                                unsigned long long* bars, int consumer_warps) {
+                                                unsigned long long* bars, int consumer_threads) {
     if (!place<BLOCK_N, BLOCK_M>(slice, group, descending, rotate)) return false;
-    if (threadIdx.x == 0) init_barriers<STAGES>(bars, consumer_warps);
+    if (threadIdx.x == 0) init_barriers<STAGES>(bars, consumer_threads);
     __syncthreads();
     return true;
 }

@@ -160,7 +160,7 @@ __device__ __forceinline__ void dq_dk_step(float (&dk_acc)[dkdv90::ET * 4], floa
     wgmma_wait<0>();  // dK (and dV) done: the Q and dO stage is free
     fence_regs(dk_acc);
     fence_regs(dv_acc);
-    if (lane == 0) mbar_arrive(q_empty);
+    mbar_arrive(q_empty);  // every thread, after its reads of the stage
 }
 
 extern "C" __global__ void __launch_bounds__(dkdv90::NTHREADS, 1)
@@ -178,7 +178,7 @@ flash_bwd_sm90(BWD90_KERNEL_PARAMS) {
     // deterministic mode: a counter per accumulator block after the accumulator (sem_offset < 0: unordered)
     int* sem = sem_offset >= 0 ? reinterpret_cast<int*>(dq_accum + sem_offset) : nullptr;
     Bwd90Cta cta;
-    if (!cta.start<BLOCK_N, BLOCK_M, STAGES>(slice, group, descending, rotate, sm.bars, CONSUMER_WARPS)) return;
+    if (!cta.start<BLOCK_N, BLOCK_M, STAGES>(slice, group, descending, rotate, sm.bars, CONSUMER_WARPS * 32)) return;
     skip_unseen_block<BLOCK_N>(cta, slice, group, seen, sk_b, sk_h, sem_offset >= 0);
     const Visibility<int>& vis = slice.vis;
     const int n = cta.n, n0 = cta.n0, steps = cta.steps;

@@ -97,7 +97,7 @@ flash_bwd_sm90_wide(BWD90_KERNEL_PARAMS) {
     const int warp = warp_index(), lane = threadIdx.x % 32, wg = warp / 4;
     const Slice slice = Slice::per_kv_head(Hq, group, cu_q, cu_k, L, S, left, right, lower_right);
     Bwd90Cta cta;
-    if (!cta.start<BLOCK_N, BLOCK_M, STAGES>(slice, group, descending, rotate, sm.bars, CONSUMER_WARPS)) return;
+    if (!cta.start<BLOCK_N, BLOCK_M, STAGES>(slice, group, descending, rotate, sm.bars, CONSUMER_WARPS * 32)) return;
     skip_unseen_block<BLOCK_N>(cta, slice, group, seen, sk_b, sk_h, sem_offset >= 0);
     // deterministic mode: a counter per accumulator block after the accumulator (sem_offset < 0: unordered);
     // with two copies (acc_copy floats apart) even key blocks add into copy 0, odd ones into copy 1, each
@@ -210,7 +210,7 @@ flash_bwd_sm90_wide(BWD90_KERNEL_PARAMS) {
             if (sem != nullptr) named_arrive<ORDER_THREADS>(BAR_REDUCED);
             wgmma_wait<0>();  // dK done: the Q and dO stage is free
             fence_regs(dk_acc);
-            if (lane == 0) mbar_arrive(q_empty + st);
+            mbar_arrive(q_empty + st);  // every thread, after its reads of the stage
         }
         const int row0 = n0 + (warp % 4) * 16;
         store_rows(slice.key_rows(dk, dk_sb, dk_sh, dk_sm) + cw * E_W0, dk_sm, dk_acc, scale, row0, slice.S, lane);
