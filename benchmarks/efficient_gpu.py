@@ -87,8 +87,8 @@ def main(argv=None) -> int:
     parser.add_argument("--mask", default="none", choices=("none", "bool", "float"))
     parser.add_argument("--config", nargs="*", default=[], metavar="FIELD=INT",
                         help="KernelConfig's integer knobs for every call, checked before timed (threads, sub, chunk, "
-                             "smem_bytes, tensor_core_blocks, tensor_core_block_n, tensor_core_col_parts; 0/1 for "
-                             "tensor_core_fp32, fused_backward, head_major_grid)")
+                             "smem_bytes, tensor_core_blocks, tensor_core_block_n, fused_backward_head_dim; 0/1 "
+                             "for tensor_core_fp32, head_major_grid)")
     args = parser.parse_args(argv)
     knobs = {name: int(value) for name, value in (item.split("=", 1) for item in args.config)}
 

@@ -13,7 +13,7 @@
 # Stages: flash-tests, plans-tests, interop-tests, efficient-tests, efficient-knob-tests, efficient-short (EFFICIENT at L = 1024, through
 # Numba's dispatcher and through prepared launches), efficient-fp32 (the EFFICIENT issue's fp32 shape; efficient-fp32-tiles: the portable kernels' register tiles swept there;
 # efficient-fp32-regs: there, the 3xTF32 loops at 168 registers and at 255, two blocks per SM, where their spills
-# fall from 40-348 bytes to 0-124), efficient-wide (head dims 160-256 on the tensor_core loops, forward and backward: their GPU test, then E = 192, 256 timed with KernelConfig.tensor_core_head_dim 128 and 256), efficient-fused (the fused tensor_core backward: its GPU tests, then bf16 L = 4096 timed with it off and on),
+# fall from 40-348 bytes to 0-124), efficient-wide (head dims 160-256 on the tensor_core loops, forward and backward: their GPU test, then E = 192, 256 timed with KernelConfig.tensor_core_head_dim 128 and 256), efficient-fused (the fused tensor_core backward: its GPU tests, then bf16 L = 4096 timed with it never and at every head dim up to 128; the default fuses up to 64),
 # efficient-fwd-tiles (the tensor_core forward at E = 128 with 32-key tiles against the default 64),
 # efficient-grid-order (the tensor_core kernels' blocks head-major, KernelConfig.head_major_grid, off and on at
 # L = 1024 and 4096), efficient-bwd-spills (the tensor_core backward's spills at head dim 128: as it is, with
@@ -95,8 +95,8 @@ command_of() {  # the command of stage $1, into the array cmd
                             && for c in 0 1; do python3 benchmarks/efficient_gpu.py --dtypes float32 --head-dims 64 128 \
                             --L 2048 --hidden 1024 --reps 5 --config tensor_core_fp32=$c | tail -n 6; done') ;;
     efficient-fused) cmd=(bash -c 'python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_efficient_gpu.py -k fused \
-                          && for c in 0 1; do python3 benchmarks/efficient_gpu.py --L 4096 --reps 5 --dtypes bfloat16 \
-                          --config fused_backward=$c | tail -n 6; done') ;;
+                          && for c in 0 128; do python3 benchmarks/efficient_gpu.py --L 4096 --reps 5 --dtypes bfloat16 \
+                          --config fused_backward_head_dim=$c | tail -n 6; done') ;;
     efficient-fwd-tiles) cmd=(bash -c 'python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_efficient_gpu.py \
                               -k keys_per_tile && for n in 0 32; do for L in 1024 4096; do python3 benchmarks/efficient_gpu.py \
                               --L $L --reps 5 --dtypes bfloat16 --head-dims 128 --config tensor_core_block_n=$n | tail -n 3

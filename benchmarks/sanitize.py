@@ -93,7 +93,7 @@ def run(name, backend, dtype, dims, options, mask_kind, variant, rng) -> float:
     kw = dict(options, enable_gqa=hq != hkv, seed=11)
     if backend is Backend.EFFICIENT:
         variant, *flags = variant.split("+")
-        knobs = kernels_numba.KernelConfig(variant=variant, fused_backward="fused" in flags,
+        knobs = kernels_numba.KernelConfig(variant=variant, fused_backward_head_dim=128 if "fused" in flags else 0,
                                            tensor_core_fp32="fp32" in flags,
                                            tensor_core_head_dim=256 if "wide" in flags else 128,
                                            tensor_core_mask_tiles="masktiles" in flags)

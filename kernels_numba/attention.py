@@ -169,10 +169,11 @@ def variant_for(pr, cfg) -> str:
 
 def fuses(pr, cfg, deterministic: bool) -> bool:
     """Whether a tensor_core backward of ``pr`` runs fused (dQ through an fp32 accumulator with atomics): 16-bit
-    types up to head dim 128 (whole rows per warp: tensor_core.col_parts), fused_backward winning over a
-    preferred tensor_core_col_parts."""
-    return cfg.fused_backward and not deterministic and layout.dtype_name(pr.dtype) in ("float16", "bfloat16") \
-        and tensor_core.head_dim_for(pr.E, pr.Ev) <= 128
+    types up to KernelConfig.fused_backward_head_dim (whole rows per warp: tensor_core.col_parts), a backward not
+    asked to be deterministic, where the tensor_core variant runs."""
+    return (not deterministic and layout.dtype_name(pr.dtype) in ("float16", "bfloat16")
+            and tensor_core.head_dim_for(pr.E, pr.Ev) <= cfg.fused_backward_head_dim
+            and variant_for(pr, cfg) == "tensor_core")
 
 
 def dq_accum_elements(pr) -> int:
@@ -217,8 +218,8 @@ def backward(pr, out, lse, dout, grads=None, config=None, delta=None, determinis
     A float mask's gradient is computed when ``grads`` is None or holds a fourth array for it (the torch op
     passes three when the mask requires no gradient). ``delta``: a float32 array shaped like lse for the
     kernels' per-row D (allocated when None; a plan passes its own). Bit-identical run to run (no atomics)
-    except with KernelConfig.fused_backward and not ``deterministic``, where the tensor_core backward for 16-bit
-    types adds dQ into an fp32 accumulator with atomics: ``dq_accum``, a float32 array of at least
+    except where the tensor_core backward of 16-bit types runs fused (fuses: KernelConfig.fused_backward_head_dim,
+    not ``deterministic``), adding dQ into an fp32 accumulator with atomics: ``dq_accum``, a float32 array of at least
     ``dq_accum_elements(pr)`` elements (allocated when None; a plan passes its own workspace).
 
     The tensor_core variant runs where its forward does and q, k and v are not broadcast over batch dims.

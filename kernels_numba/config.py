@@ -48,10 +48,12 @@ class KernelConfig:
       portable kernels' FMAs. On: on the H200 (B=4 L=2048 Hq*E=1024) it ran the forward 2.0-2.4x and the
       backward at E = 64 1.8x faster than the portable kernels (at E = 128 the backward only matches them),
       passing the fp32 judge on the GPU test grid.
-    fused_backward: the tensor_core backward of 16-bit types in one kernel per key block (five tile products
-      instead of the two kernels' seven), dQ added into an fp32 accumulator with atomics, so its bits vary run
-      to run, as PyTorch's EFFICIENT_ATTENTION backward's do; a backward asked to be deterministic keeps the
-      two kernels. Off until it has run on a GPU.
+    fused_backward_head_dim: the widest head dim (padded, tensor_core.head_dim_for; at most 128) whose tensor_core
+      backward of 16-bit types runs in one kernel per key block (five tile products instead of the two kernels'
+      seven), dQ added into an fp32 accumulator with atomics, so its bits vary run to run, as PyTorch's
+      EFFICIENT_ATTENTION backward's do; a backward asked to be deterministic keeps the two kernels; 0: never.
+      64 from the H100 (bf16 B=4 L=4096, BENCHMARKS.md): fused, the backward at head dim 64 ran 86 -> 102 TFLOP/s
+      (causal 84 -> 84), at 128 102 -> 94 (causal 104 -> 79).
     tensor_core_block_n: keys per tile of the tensor_core forward, 32 or 64 where its tiles fit (64-key tiles: head
       dims <= 128, <= 64 for fp32), 0 for the default (64 for 16-bit types up to head dim 128, else 32). At head dim
       128, 16-bit, 32-key tiles fit 168 registers without spills (ptxas: 132 bytes with 64); not yet measured.
@@ -91,7 +93,7 @@ class KernelConfig:
     tensor_core_blocks: int = 3
     tensor_core_head_dim: int = 128
     tensor_core_fp32: bool = True
-    fused_backward: bool = False
+    fused_backward_head_dim: int = 64
     tensor_core_block_n: int = 0
     tensor_core_col_parts: int = 0
     tensor_core_dkdv_k_shared: bool = False
@@ -115,6 +117,8 @@ class KernelConfig:
             raise ValueError(f"tensor_core_head_dim={self.tensor_core_head_dim} must be 128, 160, 192, 224 or 256")
         if self.tensor_core_col_parts not in (0, 1, 2):
             raise ValueError(f"tensor_core_col_parts={self.tensor_core_col_parts} must be 0 (the default), 1 or 2")
+        if not 0 <= self.fused_backward_head_dim <= 128:
+            raise ValueError(f"fused_backward_head_dim={self.fused_backward_head_dim} must be in [0, 128]")
         if self.tensor_core_block_n not in (0, 32, 64):
             raise ValueError(f"tensor_core_block_n={self.tensor_core_block_n} must be 0 (the default), 32 or 64")
         if not 2 <= self.tensor_core_blocks <= 4:

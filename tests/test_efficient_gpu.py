@@ -65,7 +65,8 @@ def _results(gpu, pr, dout, **knobs):
     with kn.configured(kn.KernelConfig(variant="tensor_core", tensor_core_fp32=True, **knobs)):
         out, lse = efficient.IMPL.forward(pr)
         wrt = [pr.q, pr.k, pr.v] + ([pr.mask] if pr.mask_kind == "float" else [])
-        grads = efficient.IMPL.backward(pr, out, lse, dout, False, tuple(pr.xp.empty_like(x) for x in wrt))
+        # deterministic: the fused backward's atomics would vary dQ's bits run to run
+        grads = efficient.IMPL.backward(pr, out, lse, dout, True, tuple(pr.xp.empty_like(x) for x in wrt))
     return [_host(x) for x in (out, lse, *grads)]
 
 
@@ -384,11 +385,13 @@ def test_wide_heads_on_the_tensor_core_loops(gpu, rng, dtype, monkeypatch):
     assert calls["forward"] >= len(cases) and calls["backward"] >= len(cases) and not portable
 
 
+@pytest.mark.parametrize("fused_head_dim", [0, 128])
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
-def test_fused_backward(gpu, rng, dtype, monkeypatch):
-    """KernelConfig.fused_backward: one kernel per key block, dQ through the fp32 accumulator with atomics,
-    judged as the two-kernel backward is, at every head dim it takes, with causal both ways, a window, GQA,
-    dropout, a bool mask and varlen; a float mask's gradient keeps the dq kernel."""
+def test_fused_backward(gpu, rng, dtype, fused_head_dim, monkeypatch):
+    """KernelConfig.fused_backward_head_dim: one kernel per key block, dQ through the fp32 accumulator with
+    atomics (128: at every head dim it takes), judged as the two kernels are (0: also at the head dims the default
+    fuses), with causal both ways, a window, GQA, dropout, a bool mask and varlen; a float mask's gradient keeps
+    the dq kernel."""
     from kernels_numba import dq_accumulate
 
     converts = []
@@ -402,23 +405,23 @@ def test_fused_backward(gpu, rng, dtype, monkeypatch):
     failures = []
     for case in cases:
         failures += [f"{case}: {m}" for m in _failures(gpu, harness.build(case, gpu[0], rng), rng, "tensor_core",
-                                                      fused_backward=True)]
+                                                      fused_backward_head_dim=fused_head_dim)]
     assert not failures, "\n".join(failures)
-    assert len(converts) >= len(cases)  # every case's backward ran fused
+    assert len(converts) >= len(cases) if fused_head_dim else not converts  # every case's backward fused, or none
 
 
 def test_fused_backward_plan_replays(gpu, rng, monkeypatch):
-    """A repeated cusdpa.attention_vjp with the fused backward replays a plan whose workspace is the dQ
-    accumulator; the gradients of every run, planned or not, pass the judge (their bits differ with the
-    atomics' order of adds)."""
-    cp, _, kn = gpu
+    """A repeated cusdpa.attention_vjp with the fused backward (the default at head dim 64) replays a plan whose
+    workspace is the dQ accumulator; the gradients of every run, planned or not, pass the judge (their bits differ
+    with the atomics' order of adds)."""
+    cp = gpu[0]
     import cusdpa
     from cusdpa.backends import plans
 
     q, k, v, dout = (cp.asarray(harness.draw(rng, (2, 4, 150, 64), "bfloat16")) for _ in range(4))
     plans._plans.clear()
     runs = []
-    with kn.configured(kn.KernelConfig(fused_backward=True)), cusdpa.sdpa_kernel([cusdpa.Backend.EFFICIENT]):
+    with cusdpa.sdpa_kernel([cusdpa.Backend.EFFICIENT]):
         for _ in range(3):
             out, vjp = cusdpa.attention_vjp(q, k, v, is_causal=True)
             runs.append(vjp(dout))
@@ -527,7 +530,8 @@ def test_mask_tiles(gpu, rng, dtype):
         fused = n == 0 and dtype == "float16"  # a bool mask: the fused backward takes it
         pr = harness.build(case, gpu[0], rng)
         failures += [f"{case} fused={fused}: {m}" for m in _failures(gpu, pr, rng, "tensor_core",
-                                                                    tensor_core_mask_tiles=True, fused_backward=fused)]
+                                                                    tensor_core_mask_tiles=True,
+                                                                    fused_backward_head_dim=128 if fused else 0)]
         if not fused:  # the same elements, only staged: the same bits as per-element loads
             failures += [f"{case}: {m}" for m in _same_bits(gpu, pr, rng, tensor_core_mask_tiles=True)]
     assert not failures, "\n".join(failures)
@@ -545,7 +549,7 @@ def test_head_major_grid(gpu, rng):
         for case in cases:
             pr = harness.build(case, gpu[0], rng)
             failures += [f"{case} fused={fused}: {m}" for m in _failures(
-                gpu, pr, rng, "tensor_core", head_major_grid=True, fused_backward=fused)]
+                gpu, pr, rng, "tensor_core", head_major_grid=True, fused_backward_head_dim=128 if fused else 0)]
             if not fused:  # each block's work unchanged, only where it runs (the fused dq adds up in arrival order)
                 failures += [f"{case}: {m}" for m in _same_bits(gpu, pr, rng, head_major_grid=True)]
     assert not failures, "\n".join(failures)

@@ -409,7 +409,7 @@ def test_numpy_arrays_need_the_simulator_and_an_explicit_choice(rng):
     assert any("NUMBA_ENABLE_CUDASIM=1" in r for r in reasons), reasons
 
 
-def _route(monkeypatch, rng, shapes, mask_shape, dtype, fused=False, deterministic=False):
+def _route(monkeypatch, rng, shapes, mask_shape, dtype, fused_head_dim=0, deterministic=False):
     """Where attention.backward sends a problem with the tensor_core variant chosen, without a GPU (launches
     recorded, not issued): "tensor_core" (" fused" with a dQ accumulator), or the portable dq kernel's delta."""
     from cusdpa import environment
@@ -434,7 +434,7 @@ def _route(monkeypatch, rng, shapes, mask_shape, dtype, fused=False, determinist
     pr = problem.from_dense(q, k, v, mask, problem.Options(enable_gqa=True))
     out = np.zeros(pr.out_shape, dtype)
     lse = np.zeros(pr.lse_shape, np.float32)
-    with configured(KernelConfig(fused_backward=fused)):
+    with configured(KernelConfig(fused_backward_head_dim=fused_head_dim)):
         attention.backward(pr, out, lse, out, deterministic=deterministic)
     return routes
 
@@ -454,22 +454,26 @@ def test_backward_routes_to_the_variant_and_delta_that_serve_it(shapes, mask_sha
     assert _route(monkeypatch, rng, shapes, mask_shape, dtype) == [expect]
 
 
-@pytest.mark.parametrize("mask_shape, dtype, deterministic, expect", [
-    (None, np.float16, False, "tensor_core fused"),
-    (None, np.float16, True, "tensor_core"),  # atomics vary the bits run to run
-    (None, np.float32, False, "tensor_core"),  # the fused loop is written for 16-bit types
-    ((2, 4, 9, 11), np.float16, False, "tensor_core"),  # the dq kernel writes a float mask's gradient
+@pytest.mark.parametrize("E, mask_shape, dtype, deterministic, fused_head_dim, expect", [
+    (8, None, np.float16, False, 64, "tensor_core fused"),  # the default: up to head dim 64
+    (64, None, np.float16, False, 64, "tensor_core fused"),
+    (72, None, np.float16, False, 64, "tensor_core"),  # padded to 96
+    (72, None, np.float16, False, 96, "tensor_core fused"),
+    (8, None, np.float16, False, 0, "tensor_core"),  # never
+    (8, None, np.float16, True, 64, "tensor_core"),  # atomics vary the bits run to run
+    (8, None, np.float32, False, 64, "tensor_core"),  # the fused loop is written for 16-bit types
+    (8, (2, 4, 9, 11), np.float16, False, 64, "tensor_core"),  # the dq kernel writes a float mask's gradient
 ])
-def test_fused_backward_only_where_asked_and_nondeterminism_allowed(mask_shape, dtype, deterministic, expect,
-                                                                     monkeypatch, rng):
-    shapes = ((2, 4, 9, 8), (2, 2, 11, 8))
-    assert _route(monkeypatch, rng, shapes, mask_shape, dtype, fused=True, deterministic=deterministic) == [expect]
+def test_fused_backward_up_to_its_head_dim_where_nondeterminism_is_allowed(E, mask_shape, dtype, deterministic,
+                                                                           fused_head_dim, expect, monkeypatch, rng):
+    shapes = ((2, 4, 9, E), (2, 2, 11, E))
+    assert _route(monkeypatch, rng, shapes, mask_shape, dtype, fused_head_dim, deterministic) == [expect]
 
 
 def test_fused_backward_keeps_whole_rows_per_warp(monkeypatch, rng):
     """Past head dim 128 the backward takes column parts, which the fused loop is not written for."""
     shapes = ((2, 4, 9, 160), (2, 2, 11, 160))
-    assert _route(monkeypatch, rng, shapes, None, np.float16, fused=True) == ["tensor_core"]
+    assert _route(monkeypatch, rng, shapes, None, np.float16, fused_head_dim=128) == ["tensor_core"]
 
 
 def _output_layouts(B, H, L, E):
