@@ -16,8 +16,7 @@
 # fall from 40-348 bytes to 0-124), efficient-wide (head dims 160-256 on the tensor_core loops, forward and backward: their GPU test, then E = 192, 256 timed with KernelConfig.tensor_core_head_dim 128 and 256), efficient-fused (the fused tensor_core backward: its GPU tests, then bf16 L = 4096 timed with it never and at every head dim up to 128; the default fuses up to 64),
 # efficient-fwd-tiles (the tensor_core forward at E = 128 with 32-key tiles against the default 64),
 # efficient-grid-order (the tensor_core kernels' blocks head-major, KernelConfig.head_major_grid, off and on at
-# L = 1024 and 4096), efficient-bwd-spills (the tensor_core backward's spills at head dim 128: as it is, with
-# column parts, with dk/dv's K rows in shared memory, both, with two blocks per SM (255 registers)), efficient-masks
+# L = 1024 and 4096), efficient-masks
 # (bool and float masks of the masks issue, bf16 L = 4096, against EFFICIENT_ATTENTION given the same mask; the
 # mask tiles, KernelConfig.tensor_core_mask_tiles, off and on),
 # efficient-fp32-tc (fp32 on the tensor_core loops,
@@ -63,7 +62,7 @@ nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,temperature.gpu --format=csv
 
 # The GPU tests of KernelConfig's knobs that are off by default (efficient-knob-tests), apart from the rest
 # (efficient-tests): two stages that -j runs side by side, each within a call's limit.
-KNOB_TESTS="wide_heads or fused or tf32 or keys_per_tile or one_key or column_parts or mask_tiles or head_major"
+KNOB_TESTS="wide_heads or fused or tf32 or keys_per_tile or one_key or mask_tiles or head_major"
 
 command_of() {  # the command of stage $1, into the array cmd
   local stage=$1
@@ -104,11 +103,6 @@ command_of() {  # the command of stage $1, into the array cmd
     efficient-grid-order) cmd=(bash -c 'python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_efficient_gpu.py \
                                -k head_major && for c in 0 1; do for L in 1024 4096; do python3 benchmarks/efficient_gpu.py \
                                --L $L --reps 5 --dtypes bfloat16 --config head_major_grid=$c | tail -n 5; done; done') ;;
-    efficient-bwd-spills) cmd=(bash -c 'python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_efficient_gpu.py \
-                               -k column_parts && for c in "" tensor_core_col_parts=2 tensor_core_dkdv_k_shared=1 \
-                               "tensor_core_col_parts=2 tensor_core_dkdv_k_shared=1" tensor_core_blocks=2; do \
-                               python3 benchmarks/efficient_gpu.py --L 4096 --reps 5 --dtypes bfloat16 --config $c \
-                               | tail -n 5; done') ;;
     efficient-masks) cmd=(bash -c 'python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_efficient_gpu.py \
                           -k mask_tiles && for t in 0 1; do for m in bool float; do python3 benchmarks/efficient_gpu.py \
                           --L 4096 --reps 5 --dtypes bfloat16 --head-dims 64 128 --mask $m \

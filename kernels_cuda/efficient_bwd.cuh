@@ -19,9 +19,6 @@
 //     run: the non-deterministic backward, as PyTorch's EFFICIENT_ATTENTION and FLASH's default are; a
 //     pre-pass writes D and zeroes the accumulator, a post-pass scales and rounds it into dq
 //     (kernels_numba/dq_accumulate.py). 16 queries a step at head dim 128, to fit 48 KiB.
-// EFF_K_SHARED (dk/dv, not fused): the block's K rows in shared memory beside V, S^T's A operand read from there
-//     per step instead of held in registers (at head dim 128 the 16-bit loop then spills 60 B at 168 registers,
-//     16 queries a step, where K in registers spilled 580 B).
 // EFF_MASK_TILE: the mask's elements of each tile pair staged in shared memory with the operand tiles (MaskTile,
 //     as the forward's), where the mask's rows allow it.
 // Column parts (EFF_COL_PARTS = 2) for head dims whose three fragment sets would not fit a thread's registers
@@ -252,10 +249,6 @@ __device__ void backward_dkdv(const BwdArgs& a) {
   typedef MaskTile<BLOCK_M, BLOCK_ROWS> Tile;  // the step's queries x the block's keys
   __shared__ __align__(16) unsigned char mask_tile[Tile::BYTES];
 #endif
-#if EFF_K_SHARED
-  static_assert(!EFF_FUSED, "the fused loop keeps K's raw values in registers (its shared K rows are cleaned)");
-  __shared__ __align__(16) Elem kt_tile[BLOCK_ROWS * STRIDE];  // the block's K rows: S^T = K Q^T's A operand
-#endif
 #if EFF_FUSED
   static_assert((EFF_ELEM == ELEM_F16 || EFF_ELEM == ELEM_BF16) && COL_PARTS == 1,
                 "the fused dQ product is written for 16-bit types, whole rows per warp");
@@ -270,13 +263,8 @@ __device__ void backward_dkdv(const BwdArgs& a) {
   const int rg = row_group(warp), part = col_part(warp), c0 = part * COLS;
   const i64 key0 = a.first + rg * 16 + g;  // this thread's keys: key0 and key0 + 8
   const i64 n_last = min(a.vis.S, a.first + BLOCK_ROWS) - 1;
-#if EFF_K_SHARED
-  stage_tile<Ops, HEAD_DIM, BLOCK_ROWS>(kt_tile, a.k, a.k_rs, a.first, a.vis.S, a.E,
-                                        vectorizable<Ops>(a.k, a.k_rs, a.E));  // landed by the first step's wait
-#else
   Ops::AFrag<HEAD_DIM> kf;
   Ops::load_a<HEAD_DIM>(kf, a.k, a.k_rs, key0, a.vis.S, a.E, t);
-#endif
   stage_tile<Ops, HEAD_DIM, BLOCK_ROWS>(v_tile, a.v, a.v_rs, a.first, a.vis.S, a.Ev,
                                          vectorizable<Ops>(a.v, a.v_rs, a.Ev));
 #if EFF_FUSED
@@ -345,11 +333,7 @@ __device__ void backward_dkdv(const BwdArgs& a) {
 
       float st[QT][4], dpt[QT][4];
       // S^T = K Q^T and dP^T = V dO^T: the other kernels' products with the operands' roles swapped
-#if EFF_K_SHARED
-      Ops::product_abt_shared<HEAD_DIM, QT, true>(st, kt_tile + rg * 16 * STRIDE, q_tile, lane);
-#else
       Ops::product_abt<HEAD_DIM, QT, true>(st, kf, q_tile, lane);
-#endif
       Ops::product_abt_shared<HEAD_DIM, QT, true>(dpt, v_tile + rg * 16 * STRIDE, do_tile, lane);
       const bool full = MASK_KIND == MASK_NONE && a.vis.tile_full(m0, BLOCK_M, a.first, BLOCK_ROWS);
       Ops::PFrag<QT> pf, sf;  // (P o Z)^T and dS^T as A operands

@@ -57,14 +57,6 @@ class KernelConfig:
     tensor_core_block_n: keys per tile of the tensor_core forward, 32 or 64 where its tiles fit (64-key tiles: head
       dims <= 128, <= 64 for fp32), 0 for the default (64 for 16-bit types up to head dim 128, else 32). At head dim
       128, 16-bit, 32-key tiles fit 168 registers without spills (ptxas: 132 bytes with 64); not yet measured.
-    tensor_core_col_parts: the tensor_core backward's column parts below the head dims that need them (16-bit:
-      128, fp32: 96): 0 or 1, whole rows per warp; 2, two warps per 16 rows each accumulating half of dQ's
-      (dK's, dV's) columns and both computing S and dP (half again the products, far fewer spills at head
-      dim 128; tensor_core.col_parts). The fused backward keeps whole rows. Not yet measured.
-    tensor_core_dkdv_k_shared: the tensor_core dk/dv loop (not the fused one) keeps its block's K rows in shared
-      memory beside V, S^T's A operand read from there each step, instead of in registers, where they fit with 16
-      queries a step (tensor_core.dkdv_k_shared): at head dim 128 the 16-bit loop's spills go from 580 to 60 B
-      at 168 registers (ptxas 13.0), for twice the steps. Not yet measured.
     tensor_core_mask_tiles: the tensor_core loops (forward, dq, dk/dv) copy each tile's attn_mask elements into
       shared memory with their operand tiles (cp.async, ahead of their use), where the mask's rows are contiguous
       along the keys and 16-byte aligned and the tile fits 48 KiB beside the others (tensor_core.mask_tile_fits),
@@ -95,8 +87,6 @@ class KernelConfig:
     tensor_core_fp32: bool = True
     fused_backward_head_dim: int = 64
     tensor_core_block_n: int = 0
-    tensor_core_col_parts: int = 0
-    tensor_core_dkdv_k_shared: bool = False
     tensor_core_mask_tiles: bool = False
     head_major_grid: bool = False
 
@@ -115,8 +105,6 @@ class KernelConfig:
             raise ValueError(f"threads={self.threads} must be a power of two <= 32 (threads**2 threads)")
         if self.tensor_core_head_dim not in (128, 160, 192, 224, 256):
             raise ValueError(f"tensor_core_head_dim={self.tensor_core_head_dim} must be 128, 160, 192, 224 or 256")
-        if self.tensor_core_col_parts not in (0, 1, 2):
-            raise ValueError(f"tensor_core_col_parts={self.tensor_core_col_parts} must be 0 (the default), 1 or 2")
         if not 0 <= self.fused_backward_head_dim <= 128:
             raise ValueError(f"fused_backward_head_dim={self.fused_backward_head_dim} must be in [0, 128]")
         if self.tensor_core_block_n not in (0, 32, 64):

@@ -65,8 +65,7 @@ def forward_block_n(head_dim: int, elem: str = "float16", preferred: int = 0) ->
 STATIC_SHARED = 48 * 1024  # the most static shared memory a block may declare (what Numba's linked C can use)
 
 
-def shared_bytes(head_dim: int, elem: str, kind: str, block: int, parts: int = 1, k_shared: bool = False,
-                 mask_kind: int = 0) -> int:
+def shared_bytes(head_dim: int, elem: str, kind: str, block: int, parts: int = 1, mask_kind: int = 0) -> int:
     """A tile loop's static shared memory: its operand tiles (rows of head_dim elements, padded by 16 bytes) and,
     with ``mask_kind``, a mask tile (efficient_common.cuh's MaskTile: rows of the mask's elements, +16 bytes a
     row). ``block``: the forward's and dq's keys per tile, dk/dv's queries per step; the forward's and dq's mask
@@ -79,17 +78,16 @@ def shared_bytes(head_dim: int, elem: str, kind: str, block: int, parts: int = 1
         return 2 * block * row + 4 * block + (BLOCK_M * (block * mask_bytes + 16) if mask_kind else 0)
     if kind == "dq":  # K and V tiles
         return 2 * block * row + (rows * (block * mask_bytes + 16) if mask_kind else 0)
-    # dk/dv: V rows, the step's Q and dO tiles, lse and D; K rows too when shared or fused, and the fused dS tile
-    used = (2 if k_shared or kind == "fused" else 1) * rows * row + 2 * block * row + 8 * block
+    # dk/dv: V rows, the step's Q and dO tiles, lse and D; fused, K rows too and the dS tile
+    used = (2 if kind == "fused" else 1) * rows * row + 2 * block * row + 8 * block
     if kind == "fused":
         used += block * (rows + 16 // element) * element
     return used + (block * (rows * mask_bytes + 16) if mask_kind else 0)
 
 
-def mask_tile_fits(head_dim: int, elem: str, kind: str, block: int, mask_kind: int, parts: int = 1,
-                   k_shared: bool = False) -> bool:
+def mask_tile_fits(head_dim: int, elem: str, kind: str, block: int, mask_kind: int, parts: int = 1) -> bool:
     """Whether a tile loop's shared memory holds a mask tile beside its operand tiles (shared_bytes)."""
-    return bool(mask_kind) and shared_bytes(head_dim, elem, kind, block, parts, k_shared, mask_kind) <= STATIC_SHARED
+    return bool(mask_kind) and shared_bytes(head_dim, elem, kind, block, parts, mask_kind) <= STATIC_SHARED
 
 
 def dq_block_n(head_dim: int, elem: str = "float16") -> int:
@@ -100,13 +98,13 @@ def dq_block_n(head_dim: int, elem: str = "float16") -> int:
     return 64 if head_dim <= 64 and not _wide(elem) else 16 if head_dim > 192 and not _wide(elem) else 32
 
 
-def col_parts(head_dim: int, elem: str = "float16", preferred: int = 0) -> int:
+def col_parts(head_dim: int, elem: str = "float16") -> int:
     """Warps per 16 rows of a backward block, each accumulating that share of the gradient's columns
     (efficient_bwd.cuh's EFF_COL_PARTS): 2 where a thread's three head-dim-wide fragment sets (Q, dO, dQ; K,
-    dK, dV) would not fit its registers, past head dim 128 (fp32: 96), else ``preferred``
-    (KernelConfig.tensor_core_col_parts) or 1. At 168 registers two parts take the 16-bit loops at head dim 128
-    from 580 (dk/dv) and 176 (dq) bytes of spills to 56 and 68 (ptxas 13.0), for half again their products."""
-    return 2 if head_dim > (96 if _wide(elem) else 128) else max(1, preferred)
+    dK, dV) would not fit its registers, past head dim 128 (fp32: 96), else 1. At head dims that fit whole rows
+    two parts were slower although they spill less (the H100, bf16 L = 4096: the backward at head dim 128 103 ->
+    74 TFLOP/s, at 64 87 -> 50; BENCHMARKS.md)."""
+    return 2 if head_dim > (96 if _wide(elem) else 128) else 1
 
 
 def backward_rows(parts: int) -> int:
@@ -115,21 +113,11 @@ def backward_rows(parts: int) -> int:
     return 16 * (THREADS // 32) // parts
 
 
-def dkdv_block_m(head_dim: int, elem: str = "float16", fused: bool = False, k_shared: bool = False,
-                 parts: int = 1) -> int:
+def dkdv_block_m(head_dim: int, elem: str = "float16", fused: bool = False) -> int:
     """Queries per step of the dk/dv kernel: 32; 16 where the Q and dO tiles would not fit 48 KiB beside the
     block's V rows: fp32 past head dim 64, 16-bit at 256 (32 V rows), the fused kernel at head dim 128 (its
-    K rows and dS tile too: 46 KiB), and with K's rows in shared memory (``k_shared``) where 32 would not fit."""
-    if (_wide(elem) and head_dim > 64) or head_dim > 224 or (fused and head_dim > 96):
-        return 16
-    return 16 if k_shared and shared_bytes(head_dim, elem, "dkdv", 32, parts, True) > STATIC_SHARED else 32
-
-
-def dkdv_k_shared(head_dim: int, elem: str, preferred: bool, parts: int) -> bool:
-    """Whether the dk/dv loop keeps K's rows in shared memory (efficient_bwd.cuh's EFF_K_SHARED;
-    KernelConfig.tensor_core_dkdv_k_shared) rather than in registers: where preferred and they fit with 16
-    queries a step."""
-    return preferred and shared_bytes(head_dim, elem, "dkdv", 16, parts, True) <= STATIC_SHARED
+    K rows and dS tile too: 46 KiB)."""
+    return 16 if (_wide(elem) and head_dim > 64) or head_dim > 224 or (fused and head_dim > 96) else 32
 
 
 def registers_for(head_dim: int, elem: str, cap: int, forward: bool) -> int:
@@ -180,25 +168,20 @@ def head_dim_for(E: int, Ev: int) -> int:
 
 
 def tile_loop_source(head_dim: int, elem: str, kind: str, dropout: bool, mask_kind: int,
-                     block_n: int = 0, parts: int = 0, mask_tile: bool = False,
-                     k_shared: bool = False) -> tuple[str, str]:
+                     block_n: int = 0, mask_tile: bool = False) -> tuple[str, str]:
     """(C entry name, CUDA source) of one tile loop: ``kind`` "forward", "dq", "dkdv" or "fused" (dk/dv with dQ
     added into an fp32 accumulator, 16-bit types), for a padded head dim of HEAD_DIMS and an element family of
     ELEMS, with dropout or not and a mask of kind ``mask_kind`` (MASK_KINDS' numbers, 0: none) compiled in;
-    ``block_n``: the forward's keys per tile (0: forward_block_n's default); ``parts``: the backward's preferred
-    column parts (col_parts); ``mask_tile``: the loop stages its mask tiles in shared memory where they fit
-    (mask_tile_fits; KernelConfig.tensor_core_mask_tiles); ``k_shared``: the dk/dv loop's K rows in shared memory
-    where they fit (dkdv_k_shared). tests/test_flash.py compiles them with NVRTC on the CPU."""
+    ``block_n``: the forward's keys per tile (0: forward_block_n's default; the backward's column parts:
+    col_parts); ``mask_tile``: the loop stages its mask tiles in shared memory where they fit (mask_tile_fits;
+    KernelConfig.tensor_core_mask_tiles). tests/test_flash.py compiles them with NVRTC on the CPU."""
     short = {"float16": "f16", "bfloat16": "bf16", "float32": "f32", "tf32": "tf32"}[elem]
-    parts = col_parts(head_dim, elem, parts)
-    k_shared = kind == "dkdv" and dkdv_k_shared(head_dim, elem, k_shared, parts)
+    parts = col_parts(head_dim, elem)
     block_n = {"forward": forward_block_n(head_dim, elem, block_n), "dq": dq_block_n(head_dim, elem),
-               "dkdv": dkdv_block_m(head_dim, elem, False, k_shared, parts),
-               "fused": dkdv_block_m(head_dim, elem, True)}[kind]
-    mask_tile = mask_tile and mask_tile_fits(head_dim, elem, kind, block_n, mask_kind, parts, k_shared)
+               "dkdv": dkdv_block_m(head_dim, elem), "fused": dkdv_block_m(head_dim, elem, True)}[kind]
+    mask_tile = mask_tile and mask_tile_fits(head_dim, elem, kind, block_n, mask_kind, parts)
     name = (f"efficient_{kind}_{short}_d{head_dim}_n{block_n}{'_dropout' if dropout else ''}_mask{mask_kind}"
-            f"{f'_p{parts}' if parts > 1 and kind != 'forward' else ''}{'_mt' if mask_tile else ''}"
-            f"{'_ks' if k_shared else ''}")
+            f"{f'_p{parts}' if parts > 1 and kind != 'forward' else ''}{'_mt' if mask_tile else ''}")
     defines_tile = f"#define EFF_MASK_TILE {int(mask_tile)}\n"
     defines = (f"#define EFF_NAME {name}\n#define EFF_HEAD_DIM {head_dim}\n#define EFF_BLOCK_N {block_n}\n"
                f"#define EFF_ELEM {ELEMS[elem]}\n#define EFF_DROPOUT {int(dropout)}\n"
@@ -206,14 +189,14 @@ def tile_loop_source(head_dim: int, elem: str, kind: str, dropout: bool, mask_ki
     if kind == "forward":
         return name, defines + defines_tile + kernels_cuda.source("efficient_fwd.cuh")
     return name, (defines + f"#define EFF_DQ {int(kind == 'dq')}\n#define EFF_FUSED {int(kind == 'fused')}\n"
-                  f"#define EFF_COL_PARTS {parts}\n#define EFF_K_SHARED {int(k_shared)}\n" + defines_tile +
+                  f"#define EFF_COL_PARTS {parts}\n" + defines_tile +
                   kernels_cuda.source("efficient_bwd.cuh"))
 
 
 @functools.cache
-def _tile_loop(head_dim: int, elem: str, kind: str, dropout: bool, mask_kind: int, block_n: int = 0, parts: int = 0,
-               mask_tile: bool = False, k_shared: bool = False):
-    name, source = tile_loop_source(head_dim, elem, kind, dropout, mask_kind, block_n, parts, mask_tile, k_shared)
+def _tile_loop(head_dim: int, elem: str, kind: str, dropout: bool, mask_kind: int, block_n: int = 0,
+               mask_tile: bool = False):
+    name, source = tile_loop_source(head_dim, elem, kind, dropout, mask_kind, block_n, mask_tile)
     args = _ARGS if kind == "forward" else _BWD_ARGS
     return cuda.declare_device(name, f"int32({args})", link=[cuda.CUSource(source, name=f"{name}.cu")], abi="c")
 
@@ -261,7 +244,7 @@ def _grid(slices: int, rows: int, extent: int, head_major: bool) -> tuple:
 @functools.cache
 def _kernel(head_dim: int, elem: str, dropout: bool, mask_kind: int, registers: int, block_n: int,
             head_major: bool, mask_tile: bool = False):
-    tile_loop = _tile_loop(head_dim, elem, "forward", dropout, mask_kind, block_n, 0, mask_tile)
+    tile_loop = _tile_loop(head_dim, elem, "forward", dropout, mask_kind, block_n, mask_tile)
     size = 4 if _wide(elem) else 2  # bytes per element of q, k, v and out
 
     @cuda.jit(max_registers=registers)
@@ -331,7 +314,7 @@ def mask_kind_of(pr) -> int:
 @functools.cache
 def _dq_kernel(head_dim: int, elem: str, dropout: bool, mask_kind: int, registers: int, head_major: bool, parts: int,
                mask_tile: bool = False):
-    tile_loop = _tile_loop(head_dim, elem, "dq", dropout, mask_kind, 0, parts, mask_tile)
+    tile_loop = _tile_loop(head_dim, elem, "dq", dropout, mask_kind, 0, mask_tile)
     size = 4 if _wide(elem) else 2
     rows = backward_rows(parts)
 
@@ -369,9 +352,8 @@ def _dq_kernel(head_dim: int, elem: str, dropout: bool, mask_kind: int, register
 
 @functools.cache
 def _dkdv_kernel(head_dim: int, elem: str, dropout: bool, mask_kind: int, registers: int, head_major: bool,
-                 parts: int, mask_tile: bool, fused: bool, k_shared: bool = False):
-    tile_loop = _tile_loop(head_dim, elem, "fused" if fused else "dkdv", dropout, mask_kind, 0, parts, mask_tile,
-                           k_shared and not fused)
+                 parts: int, mask_tile: bool, fused: bool):
+    tile_loop = _tile_loop(head_dim, elem, "fused" if fused else "dkdv", dropout, mask_kind, 0, mask_tile)
     size = 4 if _wide(elem) else 2
     rows = backward_rows(parts)
 
@@ -416,7 +398,7 @@ def backward(pr, views, arrays, dmask_v, device, structure, cfg, dq_accum=None):
     _, _, left, right, seed_lo, seed_hi, offset, threshold, rescale = structure
     head_dim, elem = head_dim_for(pr.E, pr.Ev), elem_of(pr)
     fused = dq_accum is not None
-    parts = 1 if fused else col_parts(head_dim, elem, cfg.tensor_core_col_parts)
+    parts = col_parts(head_dim, elem)  # 1 wherever the backward fuses
     instance = (head_dim, elem, pr.dropout_p > 0, mask_kind_of(pr),
                 registers_for(head_dim, elem, cfg.tensor_core_registers, forward=False), cfg.head_major_grid, parts,
                 cfg.tensor_core_mask_tiles and pr.mask_kind is not None)
@@ -446,7 +428,7 @@ def backward(pr, views, arrays, dmask_v, device, structure, cfg, dq_accum=None):
                          dqs[:5], dmask, dms, mask, ms, *common, pr.hq, pr.group, *tail))
         dqa, dqas = 0, (0,) * 5
     grid = _grid(views.n_batch * pr.hkv, rows, pr.S, cfg.head_major_grid)
-    launcher.launch(_dkdv_kernel(*instance, fused, cfg.tensor_core_dkdv_k_shared), grid, THREADS, device,
+    launcher.launch(_dkdv_kernel(*instance, fused), grid, THREADS, device,
                     (q, qs[:5], k, ks[:5], v, vs[:5], dout, dos[:5], lse, ls, delta, dls, dk, dks[:5], dv, dvs[:5],
                      mask, ms, dqa, dqas[:5], *common, pr.hq, pr.hkv, pr.group, *tail))
     if fused:

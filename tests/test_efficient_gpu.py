@@ -494,23 +494,6 @@ def test_fp32_rows_seeing_one_key_have_no_score_gradient(gpu, rng, allow_tf32, E
     assert cp.allclose(dv, dout.sum(axis=2, keepdims=True), rtol=tolerance, atol=tolerance)
 
 
-@pytest.mark.parametrize("knobs", [dict(tensor_core_col_parts=2), dict(tensor_core_dkdv_k_shared=True),
-                                   dict(tensor_core_col_parts=2, tensor_core_dkdv_k_shared=True)])
-def test_column_parts_where_they_are_a_choice(gpu, rng, knobs):
-    """KernelConfig.tensor_core_col_parts = 2 (the backward's column parts at head dims that fit whole rows too:
-    16-bit 64 and 128, fp32 64) and tensor_core_dkdv_k_shared (the dk/dv loop's K rows in shared memory), judged:
-    causal, GQA, a float mask's gradient, dropout."""
-    cases = [Case("bfloat16", batch=(2,), hq=4, hkv=2, L=130, S=97, E=128, causal="upper_left"),
-             Case("float16", batch=(2,), hq=2, hkv=2, L=70, S=150, E=64, mask="float", mask_shape=(2, 2, 70, 150),
-                  dropout_p=0.1),
-             Case("float32", batch=(1,), hq=2, hkv=1, L=90, S=64, E=64, causal="lower_right")]
-    failures = []
-    for case in cases:
-        failures += [f"{case}: {m}" for m in _failures(gpu, harness.build(case, gpu[0], rng), rng, "tensor_core",
-                                                      **knobs)]
-    assert not failures, "\n".join(failures)
-
-
 @pytest.mark.parametrize("dtype", ["float16", "float32"])
 def test_mask_tiles(gpu, rng, dtype):
     """KernelConfig.tensor_core_mask_tiles: the attn_mask elements staged in shared memory with each tile (forward,

@@ -146,17 +146,11 @@ def test_efficient_tile_loops_compile_with_nvrtc():
              for mask in range(len(tensor_core.MASK_KINDS) + 1)]
     jobs += [(64, "float16", "fused", True, mask) for mask in range(len(tensor_core.MASK_KINDS) + 1)]
     # mask tiles (KernelConfig.tensor_core_mask_tiles), every mask kind
-    jobs += [(head_dim, elem, kind, False, mask, 0, 0, True) for head_dim, elem in ((64, "bfloat16"),
+    jobs += [(head_dim, elem, kind, False, mask, 0, True) for head_dim, elem in ((64, "bfloat16"),
              (128, "float16"), (64, "float32")) for mask in range(1, len(tensor_core.MASK_KINDS) + 1)
              for kind in ("forward", "dq", "dkdv")]
-    jobs += [(64, "float16", "fused", False, mask, 0, 0, True) for mask in (1, 3)]
-    # the dk/dv loop's K rows in shared memory (KernelConfig.tensor_core_dkdv_k_shared), alone and with parts
-    jobs += [(head_dim, elem, "dkdv", dropout, mask, 0, parts, False, True)
-             for head_dim, elem, dropout, mask, parts in ((128, "bfloat16", False, 0, 0), (64, "float16", True, 1, 0),
-                                                          (64, "float32", False, 4, 0), (128, "float16", False, 0, 2))]
-    # column parts where they are a choice (KernelConfig.tensor_core_col_parts)
-    jobs += [(head_dim, elem, kind, False, 0, 0, 2) for head_dim, elem in ((64, "float16"), (128, "bfloat16"),
-                                                                         (64, "float32")) for kind in ("dq", "dkdv")]
+    jobs += [(64, "float16", "fused", False, mask, 0, True) for mask in (1, 3)]
+
     def compile_one(job):
         name, source = tensor_core.tile_loop_source(*job)
         log = _nvrtc_compile(source, ("-rdc=true", "-std=c++17"), "sm_80")
@@ -191,17 +185,17 @@ def test_sanitizer_report_counts_each_case_s_reports(tmp_path, capsys):
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not installed")
 def test_efficient_shared_memory_is_what_ptxas_allocates(tmp_path):
-    """tensor_core.shared_bytes, which decides the tiles, mask tiles and shared K rows that fit 48 KiB, is the
+    """tensor_core.shared_bytes, which decides the tiles and mask tiles that fit 48 KiB, is the
     static shared memory ptxas allocates for the tile loop, on loops near the limit and with each option."""
     import re
 
     from kernels_numba import tensor_core
 
-    jobs = [(128, "float16", "forward", False, 2, 0, 0, True), (64, "float32", "forward", True, 4, 0, 0, True),
-            (64, "bfloat16", "dq", False, 1, 0, 0, True), (256, "bfloat16", "dq", False, 3, 0, 0, True),
-            (128, "float16", "dkdv", False, 4, 0, 0, True, True), (128, "float16", "dkdv", False, 5, 0, 0, True, True),
-            (128, "bfloat16", "dkdv", False, 0, 0, 2, False, True), (128, "float16", "fused", False, 2, 0, 0, True),
-            (224, "bfloat16", "dkdv", False, 1, 0, 0, True), (128, "float32", "dkdv", False, 0)]
+    jobs = [(128, "float16", "forward", False, 2, 0, True), (64, "float32", "forward", True, 4, 0, True),
+            (64, "bfloat16", "dq", False, 1, 0, True), (256, "bfloat16", "dq", False, 3, 0, True),
+            (128, "float16", "dkdv", False, 4, 0, True), (128, "float16", "dkdv", False, 5, 0, True),
+            (160, "bfloat16", "dkdv", False, 0), (128, "float16", "fused", False, 2, 0, True),
+            (224, "bfloat16", "dkdv", False, 1, 0, True), (128, "float32", "dkdv", False, 0)]
 
     def allocated(n_job):
         n, job = n_job
@@ -220,15 +214,13 @@ def test_efficient_shared_memory_is_what_ptxas_allocates(tmp_path):
     with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
         results = list(pool.map(allocated, enumerate(jobs)))
     for job, (name, smem) in zip(jobs, results):
-        head_dim, elem, kind, _, mask_kind, block_n, parts, _, k_shared = job + (0, 0, False, False)[len(job) - 5:]
-        parts = tensor_core.col_parts(head_dim, elem, parts)
-        k_shared = kind == "dkdv" and tensor_core.dkdv_k_shared(head_dim, elem, k_shared, parts)
+        head_dim, elem, kind, _, mask_kind, block_n, _ = job + (0, False)[len(job) - 5:]
+        parts = tensor_core.col_parts(head_dim, elem)
         block = {"forward": tensor_core.forward_block_n(head_dim, elem, block_n),
-                 "dq": tensor_core.dq_block_n(head_dim, elem),
-                 "dkdv": tensor_core.dkdv_block_m(head_dim, elem, False, k_shared, parts),
+                 "dq": tensor_core.dq_block_n(head_dim, elem), "dkdv": tensor_core.dkdv_block_m(head_dim, elem),
                  "fused": tensor_core.dkdv_block_m(head_dim, elem, True)}[kind]
-        tiled = name.endswith("_mt") or "_mt_" in name
-        want = tensor_core.shared_bytes(head_dim, elem, kind, block, parts, k_shared, mask_kind if tiled else 0)
+        tiled = name.endswith("_mt")
+        want = tensor_core.shared_bytes(head_dim, elem, kind, block, parts, mask_kind if tiled else 0)
         assert smem == want <= tensor_core.STATIC_SHARED, (name, smem, want)
 
 
