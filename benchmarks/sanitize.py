@@ -55,6 +55,8 @@ CASES = [  # (name, backend, dtype, (B, Hq, Hkv, L, S, E, Ev), options, mask kin
      dict(window=(10, 3)), None, "tensor_core+fp32"),
     ("efficient tensor_core fp32 E128 column parts", Backend.EFFICIENT, "float32", (1, 2, 1, 45, 70, 128, 128),
      dict(is_causal=True), None, "tensor_core+fp32"),
+    ("efficient tensor_core fp32 fast split E128 bool mask", Backend.EFFICIENT, "float32", (1, 2, 1, 45, 70, 128, 128),
+     {}, "bool", "tensor_core+fp32+fastsplit"),
     ("efficient tensor_core E256 column parts float mask", Backend.EFFICIENT, "bfloat16", (1, 2, 2, 37, 51, 256, 192),
      {}, "float", "tensor_core+wide"),
     ("efficient portable float mask", Backend.EFFICIENT, "float32", (1, 2, 1, 29, 41, 72, 40), dict(is_causal=True),
@@ -95,6 +97,7 @@ def run(name, backend, dtype, dims, options, mask_kind, variant, rng) -> float:
         variant, *flags = variant.split("+")
         knobs = kernels_numba.KernelConfig(variant=variant, fused_backward_head_dim=128 if "fused" in flags else 0,
                                            tensor_core_fp32="fp32" in flags,
+                                           tensor_core_fp32_fast_split="fastsplit" in flags,
                                            tensor_core_head_dim=256 if "wide" in flags else 128,
                                            tensor_core_mask_tiles="masktiles" in flags)
     else:

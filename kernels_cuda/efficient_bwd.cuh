@@ -185,10 +185,10 @@ __device__ void backward_dq(const BwdArgs& a) {
 #endif
     cp_async_commit();
     cp_async_wait<0>();
-    __syncthreads();
+    const bool finite = landed<Ops, HEAD_DIM, BLOCK_N>(k_tile, v_tile);
     float s[NTILES][4], dp[NTILES][4];
-    Ops::product_abt<HEAD_DIM, NTILES>(s, qf, k_tile, lane);
-    Ops::product_abt<HEAD_DIM, NTILES>(dp, df, v_tile, lane);
+    EFF_SPLIT_BY(finite, (Ops::product_abt<HEAD_DIM, NTILES, false, FAST>(s, qf, k_tile, lane)));
+    EFF_SPLIT_BY(finite, (Ops::product_abt<HEAD_DIM, NTILES, false, FAST>(dp, df, v_tile, lane)));
 
     const bool full = MASK_KIND == MASK_NONE && a.vis.tile_full(a.first, m_last + 1 - a.first, n0, BLOCK_N);
     Ops::PFrag<NTILES> sf;  // dS as the A operand of dS K
@@ -231,7 +231,7 @@ __device__ void backward_dq(const BwdArgs& a) {
       keep_finite<HEAD_DIM, BLOCK_N>(k_tile);
       __syncthreads();
     }
-    Ops::product_pb<HEAD_DIM, NTILES, COLS>(acc, sf, k_tile + c0, lane);
+    EFF_SPLIT_BY(finite, (Ops::product_pb<HEAD_DIM, NTILES, COLS, FAST>(acc, sf, k_tile + c0, lane)));
     __syncthreads();  // every warp is done with both tiles before the next ones are staged
   }
   store_rows<COLS>(a.dx + c0, a.dx_rs, acc, a.scale, row0, a.vis.L, a.E - c0, t);
@@ -320,7 +320,8 @@ __device__ void backward_dkdv(const BwdArgs& a) {
         delta_tile[threadIdx.x] = i < a.vis.L ? delta_h[i * a.delta_rs] : 0.f;
       }
       cp_async_wait<0>();
-      __syncthreads();
+      // (non-finite values in rows that see no key, zeroed below, count too: the general split then, results alike)
+      const bool finite = landed<Ops, HEAD_DIM, BLOCK_M>(q_tile, do_tile);
       // rows that see no key read as zeros in the gradient products (P is 0 there, but 0 * NaN is NaN)
       for (int c = threadIdx.x; c < BLOCK_M * (HEAD_DIM / VEC); c += EFF_THREADS) {
         const int r = c / (HEAD_DIM / VEC), e = (c % (HEAD_DIM / VEC)) * VEC;
@@ -333,8 +334,9 @@ __device__ void backward_dkdv(const BwdArgs& a) {
 
       float st[QT][4], dpt[QT][4];
       // S^T = K Q^T and dP^T = V dO^T: the other kernels' products with the operands' roles swapped
-      Ops::product_abt<HEAD_DIM, QT, true>(st, kf, q_tile, lane);
-      Ops::product_abt_shared<HEAD_DIM, QT, true>(dpt, v_tile + rg * 16 * STRIDE, do_tile, lane);
+      EFF_SPLIT_BY(finite, (Ops::product_abt<HEAD_DIM, QT, true, FAST>(st, kf, q_tile, lane)));
+      EFF_SPLIT_BY(finite, (Ops::product_abt_shared<HEAD_DIM, QT, true, FAST>(dpt, v_tile + rg * 16 * STRIDE, do_tile,
+                                                                            lane)));
       const bool full = MASK_KIND == MASK_NONE && a.vis.tile_full(m0, BLOCK_M, a.first, BLOCK_ROWS);
       Ops::PFrag<QT> pf, sf;  // (P o Z)^T and dS^T as A operands
 #pragma unroll
@@ -375,8 +377,8 @@ __device__ void backward_dkdv(const BwdArgs& a) {
         }
 #endif
       }
-      if (a.want_dv) Ops::product_pb<HEAD_DIM, QT, COLS>(dv, pf, do_tile + c0, lane);
-      if (a.want_dk) Ops::product_pb<HEAD_DIM, QT, COLS>(dk, sf, q_tile + c0, lane);
+      if (a.want_dv) EFF_SPLIT_BY(finite, (Ops::product_pb<HEAD_DIM, QT, COLS, FAST>(dv, pf, do_tile + c0, lane)));
+      if (a.want_dk) EFF_SPLIT_BY(finite, (Ops::product_pb<HEAD_DIM, QT, COLS, FAST>(dk, sf, q_tile + c0, lane)));
 #if EFF_FUSED
       __syncthreads();  // every warp's dS of the step is in ds_tile
       {

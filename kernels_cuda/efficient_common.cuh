@@ -14,6 +14,10 @@
 // instantiation per problem kind, as FLASH's kernels take theirs: as run-time flags they left every element's
 // mask switch and Philox rounds in the tile loops, which took the dk/dv loop at E = 64 to 27.5K SASS
 // instructions (2.6K without), far past the instruction cache, on every path.
+//
+// EFF_FAST_SPLIT (float32 only; KernelConfig.tensor_core_fp32_fast_split): every staged tile says when it lands
+// whether all its elements are finite (landed), and the products split such a tile's elements without the
+// non-finite cases (Tf32Ops::split), 4 instructions an element where those cases take 9, the same bits.
 #pragma once
 #include "common.cuh"
 
@@ -173,6 +177,50 @@ __device__ __forceinline__ void stage_tile(typename Ops::Elem* tile, const typen
   }
 }
 
+// The barrier after staged tiles have landed (this thread waited for its copies). With EFF_FAST_SPLIT it also says
+// whether every element of the ROWS x HEAD_DIM tiles at `a` (and `b`) is finite: each thread reads back its own
+// share (stage_tile's), which its wait made visible to it, and the barrier ANDs the answers. Else false.
+template <class Ops, int HEAD_DIM, int ROWS>
+__device__ __forceinline__ bool landed(const typename Ops::Elem* a, const typename Ops::Elem* b = nullptr) {
+#if EFF_FAST_SPLIT
+  static_assert(Ops::VEC == 4, "fp32 tiles: four elements in a 16-byte chunk");
+  constexpr int STRIDE = HEAD_DIM + Ops::VEC, CHUNKS = HEAD_DIM / Ops::VEC;
+  u32 widest = 0;  // of the magnitudes' bits: non-finite ones from 0x7f800000 on
+  for (int tile = 0; tile < (b == nullptr ? 1 : 2); ++tile) {
+    const typename Ops::Elem* base = tile == 0 ? a : b;
+    for (int c = threadIdx.x; c < ROWS * CHUNKS; c += EFF_THREADS) {
+      const uint4 w = *reinterpret_cast<const uint4*>(base + (c / CHUNKS) * STRIDE + (c % CHUNKS) * Ops::VEC);
+      widest = max(max(widest, max(w.x & 0x7fffffffu, w.y & 0x7fffffffu)), max(w.z & 0x7fffffffu, w.w & 0x7fffffffu));
+    }
+  }
+  return __syncthreads_and(widest < 0x7f800000u);
+#else
+  __syncthreads();
+  return false;
+#endif
+}
+
+// `call` (a parenthesised product whose template arguments end with FAST) on tiles that landed finite or not:
+// both instantiations of Tf32Ops' split with EFF_FAST_SPLIT, the general one alone without.
+#if EFF_FAST_SPLIT
+#define EFF_SPLIT_BY(fast, call)    \
+  do {                              \
+    if (fast) {                     \
+      constexpr bool FAST = true;   \
+      call;                         \
+    } else {                        \
+      constexpr bool FAST = false;  \
+      call;                         \
+    }                               \
+  } while (0)
+#else
+#define EFF_SPLIT_BY(fast, call) \
+  do {                           \
+    constexpr bool FAST = false; \
+    call;                        \
+  } while (0)
+#endif
+
 // 16-byte copies of rows of `width` elements at `p`, row stride `rs` (elements), are legal.
 template <class Ops>
 __device__ __forceinline__ bool vectorizable(const void* p, i64 rs, i64 width) {
@@ -240,8 +288,9 @@ struct HalfOps {
   }
 
   // C[nt] = A B^T for one warp's 16 rows against the NT * 8 rows of a row-major tile (B^T's rows), A as
-  // register fragments. SWAPPED orders Tf32Ops' split products; one MMA per product here has none to order.
-  template <int HEAD_DIM, int NT, bool SWAPPED = false>
+  // register fragments. SWAPPED orders Tf32Ops' split products, FAST says its tile landed finite; one MMA per
+  // product here has neither to do.
+  template <int HEAD_DIM, int NT, bool SWAPPED = false, bool FAST = false>
   static __device__ __forceinline__ void product_abt(float (&c)[NT][4], const AFrag<HEAD_DIM>& a, const u16* tile,
                                                      int lane) {
     constexpr int STRIDE = HEAD_DIM + VEC, KSTEPS = HEAD_DIM / 16;
@@ -261,7 +310,7 @@ struct HalfOps {
   }
 
   // The same with A the 16 rows of a shared tile at a_rows (row-major, the tile's stride).
-  template <int HEAD_DIM, int NT, bool SWAPPED = false>
+  template <int HEAD_DIM, int NT, bool SWAPPED = false, bool FAST = false>
   static __device__ __forceinline__ void product_abt_shared(float (&c)[NT][4], const u16* a_rows, const u16* tile,
                                                             int lane) {
     constexpr int STRIDE = HEAD_DIM + VEC;
@@ -285,7 +334,7 @@ struct HalfOps {
 
   // Acc[d] += A B for one warp's 16 rows: A the fragments pf over RT n8 tiles of the reduced dimension, B a
   // row-major [reduced][HEAD_DIM] tile read transposed, COLS of its columns from `tile` on (a column part).
-  template <int HEAD_DIM, int RT, int COLS = HEAD_DIM>
+  template <int HEAD_DIM, int RT, int COLS = HEAD_DIM, bool FAST = false>
   static __device__ __forceinline__ void product_pb(float (&acc)[COLS / 8][4], const PFrag<RT>& pf,
                                                     const u16* tile, int lane) {
     constexpr int STRIDE = HEAD_DIM + VEC;
@@ -360,9 +409,17 @@ struct Tf32Ops {
   // small back (rounding small instead could reach half an ulp of big, and big + small then round to another
   // big), so an output that is one value row's big + small (a row that sees one key) splits as that row
   // did, which backward_dq's D relies on.
-  template <bool PINNED = false>
+  // FAST: x is finite (its tile landed so), where cvt.rna.tf32 is (bits + 0x1000) & ~0x1fff and x - big is not
+  // NaN (-inf where big rounded up to inf, as below): the same three parts in 4 instructions.
+  template <bool PINNED = false, bool FAST = false>
   static __device__ __forceinline__ Split split(float x) {
     Split s;
+    if (FAST && !PINNED && PASSES == 3) {
+      s.big = (__float_as_uint(x) + 0x1000u) & 0xffffe000u;
+      s.small = __float_as_uint(x - __uint_as_float(s.big)) & 0xffffe000u;
+      s.cross = s.big;
+      return s;
+    }
     s.big = to_tf32<PINNED>(x);
     if (PASSES == 3) {
       // NaN only where x is +-inf or NaN, whose big part alone carries it into big * big
@@ -422,7 +479,8 @@ struct Tf32Ops {
   }
 
   // C[nt] += A B^T for one k-step: a this thread's 4 A values, B^T the tile's rows nt * 8 + g.
-  template <int HEAD_DIM, int NT, bool SWAPPED>
+  // FAST: the tile (B) landed finite; A's values are split in full (held Q, K or dO, whose loads no tile check saw).
+  template <int HEAD_DIM, int NT, bool SWAPPED, bool FAST>
   static __device__ __forceinline__ void abt_kstep(float (&c)[NT][4], const float (&a)[4], const float* tile, int ks,
                                                    int lane) {
     constexpr int STRIDE = HEAD_DIM + VEC;
@@ -431,20 +489,20 @@ struct Tf32Ops {
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt) {
       const float* b = tile + (nt * 8 + g) * STRIDE + ks * 8 + t;
-      mma<SWAPPED>(c[nt], as, split(b[0]), split(b[4]));
+      mma<SWAPPED>(c[nt], as, split<false, FAST>(b[0]), split<false, FAST>(b[4]));
     }
   }
 
-  template <int HEAD_DIM, int NT, bool SWAPPED = false>
+  template <int HEAD_DIM, int NT, bool SWAPPED = false, bool FAST = false>
   static __device__ __forceinline__ void product_abt(float (&c)[NT][4], const AFrag<HEAD_DIM>& a, const float* tile,
                                                      int lane) {
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt) c[nt][0] = c[nt][1] = c[nt][2] = c[nt][3] = 0.f;
 #pragma unroll
-    for (int ks = 0; ks < HEAD_DIM / 8; ++ks) abt_kstep<HEAD_DIM, NT, SWAPPED>(c, a.r[ks], tile, ks, lane);
+    for (int ks = 0; ks < HEAD_DIM / 8; ++ks) abt_kstep<HEAD_DIM, NT, SWAPPED, FAST>(c, a.r[ks], tile, ks, lane);
   }
 
-  template <int HEAD_DIM, int NT, bool SWAPPED = false>
+  template <int HEAD_DIM, int NT, bool SWAPPED = false, bool FAST = false>
   static __device__ __forceinline__ void product_abt_shared(float (&c)[NT][4], const float* a_rows, const float* tile,
                                                             int lane) {
     constexpr int STRIDE = HEAD_DIM + VEC;
@@ -455,7 +513,7 @@ struct Tf32Ops {
     for (int ks = 0; ks < HEAD_DIM / 8; ++ks) {
       const float* a = a_rows + g * STRIDE + ks * 8 + t;
       const float af[4] = {a[0], a[8 * STRIDE], a[4], a[8 * STRIDE + 4]};
-      abt_kstep<HEAD_DIM, NT, SWAPPED>(c, af, tile, ks, lane);
+      abt_kstep<HEAD_DIM, NT, SWAPPED, FAST>(c, af, tile, ks, lane);
     }
   }
 
@@ -465,7 +523,7 @@ struct Tf32Ops {
   // tensor cores add into their accumulator truncating, a bias that grows with the number of additions, and
   // Acc adds one per k-step of the whole loop (dV over 1025 queries of one key: 20x the fp32 yardstick's
   // error on the H200); rounded to nearest the additions' errors cancel as fp32's do.
-  template <int HEAD_DIM, int RT, int COLS = HEAD_DIM>
+  template <int HEAD_DIM, int RT, int COLS = HEAD_DIM, bool FAST = false>
   static __device__ __forceinline__ void product_pb(float (&acc)[COLS / 8][4], const PFrag<RT>& pf,
                                                     const float* tile, int lane) {
     constexpr int STRIDE = HEAD_DIM + VEC;
@@ -478,11 +536,11 @@ struct Tf32Ops {
         const float* b = tile + (kk * 8 + 2 * t) * STRIDE + d * 8 + g;
         if (PASSES == 3) {
           float step[4] = {0.f, 0.f, 0.f, 0.f};
-          mma(step, as, split(b[0]), split(b[STRIDE]));
+          mma(step, as, split<false, FAST>(b[0]), split<false, FAST>(b[STRIDE]));
 #pragma unroll
           for (int i = 0; i < 4; ++i) acc[d][i] += step[i];
         } else {
-          mma(acc[d], as, split(b[0]), split(b[STRIDE]));
+          mma(acc[d], as, split<false, FAST>(b[0]), split<false, FAST>(b[STRIDE]));
         }
       }
     }

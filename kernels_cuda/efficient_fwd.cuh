@@ -87,10 +87,10 @@ __device__ void forward(const Args& a) {
     const bool check = MASK_KIND != MASK_NONE || !a.vis.tile_full(a.m_first, m_last + 1 - a.m_first, n0, BLOCK_N);
     if (check && threadIdx.x < BLOCK_N) col_seen[threadIdx.x] = 0;
     cp_async_wait<1>();  // K (and the mask) of this tile has landed (V may still be in flight)
-    __syncthreads();
+    const bool k_finite = landed<Ops, HEAD_DIM, BLOCK_N>(k_tile);
 
     float s[NTILES][4];  // S = Q K^T
-    Ops::product_abt<HEAD_DIM, NTILES>(s, qf, k_tile, lane);
+    EFF_SPLIT_BY(k_finite, (Ops::product_abt<HEAD_DIM, NTILES, false, FAST>(s, qf, k_tile, lane)));
 
     // Scale, mask, and the online-softmax update, row by row (this thread holds 2 rows x 2 columns per n8 tile).
     float tile_max[2] = {-CUSDPA_INF, -CUSDPA_INF};
@@ -172,7 +172,8 @@ __device__ void forward(const Args& a) {
     } else {
       cp_async_wait<0>();
     }
-    __syncthreads();
+    // (non-finite values in rows no row sees, zeroed below, count too: the general split then, results alike)
+    const bool v_finite = landed<Ops, HEAD_DIM, BLOCK_N>(v_tile);
     if (check) {
       for (int c = threadIdx.x; c < BLOCK_N * (HEAD_DIM / VEC); c += EFF_THREADS) {
         int r = c / (HEAD_DIM / VEC);
@@ -184,7 +185,8 @@ __device__ void forward(const Args& a) {
       __syncthreads();
     }
 
-    Ops::product_pb<HEAD_DIM, NTILES>(acc, pf, v_tile, lane);  // O += P V, V read back transposed
+    // O += P V, V read back transposed
+    EFF_SPLIT_BY(v_finite, (Ops::product_pb<HEAD_DIM, NTILES, HEAD_DIM, FAST>(acc, pf, v_tile, lane)));
     __syncthreads();  // every warp is done with this V tile before the next one is staged
   }
 

@@ -168,21 +168,25 @@ def head_dim_for(E: int, Ev: int) -> int:
 
 
 def tile_loop_source(head_dim: int, elem: str, kind: str, dropout: bool, mask_kind: int,
-                     block_n: int = 0, mask_tile: bool = False) -> tuple[str, str]:
+                     block_n: int = 0, mask_tile: bool = False, fast_split: bool = False) -> tuple[str, str]:
     """(C entry name, CUDA source) of one tile loop: ``kind`` "forward", "dq", "dkdv" or "fused" (dk/dv with dQ
     added into an fp32 accumulator, 16-bit types), for a padded head dim of HEAD_DIMS and an element family of
     ELEMS, with dropout or not and a mask of kind ``mask_kind`` (MASK_KINDS' numbers, 0: none) compiled in;
     ``block_n``: the forward's keys per tile (0: forward_block_n's default; the backward's column parts:
     col_parts); ``mask_tile``: the loop stages its mask tiles in shared memory where they fit (mask_tile_fits;
-    KernelConfig.tensor_core_mask_tiles). tests/test_flash.py compiles them with NVRTC on the CPU."""
+    KernelConfig.tensor_core_mask_tiles); ``fast_split``: fp32's products split the elements of tiles that landed
+    finite in 4 instructions (efficient_common.cuh's EFF_FAST_SPLIT; KernelConfig.tensor_core_fp32_fast_split).
+    tests/test_flash.py compiles them with NVRTC on the CPU."""
     short = {"float16": "f16", "bfloat16": "bf16", "float32": "f32", "tf32": "tf32"}[elem]
     parts = col_parts(head_dim, elem)
     block_n = {"forward": forward_block_n(head_dim, elem, block_n), "dq": dq_block_n(head_dim, elem),
                "dkdv": dkdv_block_m(head_dim, elem), "fused": dkdv_block_m(head_dim, elem, True)}[kind]
     mask_tile = mask_tile and mask_tile_fits(head_dim, elem, kind, block_n, mask_kind, parts)
+    fast_split = fast_split and elem == "float32"
     name = (f"efficient_{kind}_{short}_d{head_dim}_n{block_n}{'_dropout' if dropout else ''}_mask{mask_kind}"
-            f"{f'_p{parts}' if parts > 1 and kind != 'forward' else ''}{'_mt' if mask_tile else ''}")
-    defines_tile = f"#define EFF_MASK_TILE {int(mask_tile)}\n"
+            f"{f'_p{parts}' if parts > 1 and kind != 'forward' else ''}{'_mt' if mask_tile else ''}"
+            f"{'_fs' if fast_split else ''}")
+    defines_tile = f"#define EFF_MASK_TILE {int(mask_tile)}\n#define EFF_FAST_SPLIT {int(fast_split)}\n"
     defines = (f"#define EFF_NAME {name}\n#define EFF_HEAD_DIM {head_dim}\n#define EFF_BLOCK_N {block_n}\n"
                f"#define EFF_ELEM {ELEMS[elem]}\n#define EFF_DROPOUT {int(dropout)}\n"
                f"#define EFF_MASK_KIND {mask_kind}\n")
@@ -195,8 +199,8 @@ def tile_loop_source(head_dim: int, elem: str, kind: str, dropout: bool, mask_ki
 
 @functools.cache
 def _tile_loop(head_dim: int, elem: str, kind: str, dropout: bool, mask_kind: int, block_n: int = 0,
-               mask_tile: bool = False):
-    name, source = tile_loop_source(head_dim, elem, kind, dropout, mask_kind, block_n, mask_tile)
+               mask_tile: bool = False, fast_split: bool = False):
+    name, source = tile_loop_source(head_dim, elem, kind, dropout, mask_kind, block_n, mask_tile, fast_split)
     args = _ARGS if kind == "forward" else _BWD_ARGS
     return cuda.declare_device(name, f"int32({args})", link=[cuda.CUSource(source, name=f"{name}.cu")], abi="c")
 
@@ -243,8 +247,8 @@ def _grid(slices: int, rows: int, extent: int, head_major: bool) -> tuple:
 
 @functools.cache
 def _kernel(head_dim: int, elem: str, dropout: bool, mask_kind: int, registers: int, block_n: int,
-            head_major: bool, mask_tile: bool = False):
-    tile_loop = _tile_loop(head_dim, elem, "forward", dropout, mask_kind, block_n, mask_tile)
+            head_major: bool, mask_tile: bool = False, fast_split: bool = False):
+    tile_loop = _tile_loop(head_dim, elem, "forward", dropout, mask_kind, block_n, mask_tile, fast_split)
     size = 4 if _wide(elem) else 2  # bytes per element of q, k, v and out
 
     @cuda.jit(max_registers=registers)
@@ -288,7 +292,7 @@ def forward(pr, views, out_v, lse_v, device, structure, cfg):
     kernel = _kernel(head_dim, elem, pr.dropout_p > 0, mask_kind_of(pr),
                      registers_for(head_dim, elem, cfg.tensor_core_registers, forward=True),
                      forward_block_n(head_dim, elem, cfg.tensor_core_block_n), cfg.head_major_grid,
-                     cfg.tensor_core_mask_tiles and pr.mask_kind is not None)
+                     cfg.tensor_core_mask_tiles and pr.mask_kind is not None, cfg.tensor_core_fp32_fast_split)
     q, qs = _address_and_strides(views.q)
     k, ks = _address_and_strides(views.k)
     v, vs = _address_and_strides(views.v)
@@ -313,8 +317,8 @@ def mask_kind_of(pr) -> int:
 
 @functools.cache
 def _dq_kernel(head_dim: int, elem: str, dropout: bool, mask_kind: int, registers: int, head_major: bool, parts: int,
-               mask_tile: bool = False):
-    tile_loop = _tile_loop(head_dim, elem, "dq", dropout, mask_kind, 0, mask_tile)
+               mask_tile: bool = False, fast_split: bool = False):
+    tile_loop = _tile_loop(head_dim, elem, "dq", dropout, mask_kind, 0, mask_tile, fast_split)
     size = 4 if _wide(elem) else 2
     rows = backward_rows(parts)
 
@@ -352,8 +356,8 @@ def _dq_kernel(head_dim: int, elem: str, dropout: bool, mask_kind: int, register
 
 @functools.cache
 def _dkdv_kernel(head_dim: int, elem: str, dropout: bool, mask_kind: int, registers: int, head_major: bool,
-                 parts: int, mask_tile: bool, fused: bool):
-    tile_loop = _tile_loop(head_dim, elem, "fused" if fused else "dkdv", dropout, mask_kind, 0, mask_tile)
+                 parts: int, mask_tile: bool, fast_split: bool, fused: bool):
+    tile_loop = _tile_loop(head_dim, elem, "fused" if fused else "dkdv", dropout, mask_kind, 0, mask_tile, fast_split)
     size = 4 if _wide(elem) else 2
     rows = backward_rows(parts)
 
@@ -401,7 +405,7 @@ def backward(pr, views, arrays, dmask_v, device, structure, cfg, dq_accum=None):
     parts = col_parts(head_dim, elem)  # 1 wherever the backward fuses
     instance = (head_dim, elem, pr.dropout_p > 0, mask_kind_of(pr),
                 registers_for(head_dim, elem, cfg.tensor_core_registers, forward=False), cfg.head_major_grid, parts,
-                cfg.tensor_core_mask_tiles and pr.mask_kind is not None)
+                cfg.tensor_core_mask_tiles and pr.mask_kind is not None, cfg.tensor_core_fp32_fast_split)
     (q, qs), (k, ks), (v, vs), (mask, ms) = (_address_and_strides(x) for x in (views.q, views.k, views.v, views.mask))
     (dout, dos), (out, os_), (lse, ls), (delta, dls), (dq, dqs), (dk, dks), (dv, dvs) = (
         _address_and_strides(x) for x in arrays)

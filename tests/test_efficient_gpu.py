@@ -494,6 +494,29 @@ def test_fp32_rows_seeing_one_key_have_no_score_gradient(gpu, rng, allow_tf32, E
     assert cp.allclose(dv, dout.sum(axis=2, keepdims=True), rtol=tolerance, atol=tolerance)
 
 
+def test_fp32_fast_split_keeps_the_bits(gpu, rng):
+    """KernelConfig.tensor_core_fp32_fast_split: the fp32 loops split the elements of tiles that landed finite in 4
+    instructions and the others in full: out, lse and the gradients are the default's bit for bit, with finite
+    inputs (causal, a bool mask, GQA, dropout, a window, column parts at head dim 128, E != Ev) and with an inf in
+    a K row and a V row that queries see, an inf in a V row none sees and a NaN in a query row; and judged."""
+    cases = [Case("float32", batch=(2,), hq=4, hkv=2, L=97, S=130, E=64, causal="lower_right", mask="bool"),
+             Case("float32", batch=(1,), hq=2, hkv=1, L=70, S=90, E=128, dropout_p=0.1),
+             Case("float32", batch=(2,), hq=2, hkv=2, L=50, S=64, E=96, Ev=72, window=(10, 3))]
+    failures = []
+    for case in cases:
+        pr = harness.build(case, gpu[0], rng)
+        failures += [f"{case}: {m}" for m in _failures(gpu, pr, rng, "tensor_core", tensor_core_fp32_fast_split=True)]
+        failures += [f"{case}: {m}" for m in _same_bits(gpu, pr, rng, tensor_core_fp32_fast_split=True)]
+    case = Case("float32", batch=(1,), hq=2, hkv=2, L=40, S=70, E=64, causal="upper_left")
+    pr = harness.build(case, gpu[0], rng)
+    pr.k[0, 0, 5, 3] = np.inf  # seen by rows 5 and on (upper-left causal)
+    pr.v[0, 1, 9, 7] = -np.inf
+    pr.v[0, 0, 60, 2] = np.inf  # key 60: no row of 40 sees it
+    pr.q[0, 1, 12, 0] = np.nan
+    failures += [f"non-finite inputs: {m}" for m in _same_bits(gpu, pr, rng, tensor_core_fp32_fast_split=True)]
+    assert not failures, "\n".join(failures)
+
+
 @pytest.mark.parametrize("dtype", ["float16", "float32"])
 def test_mask_tiles(gpu, rng, dtype):
     """KernelConfig.tensor_core_mask_tiles: the attn_mask elements staged in shared memory with each tile (forward,

@@ -150,6 +150,9 @@ def test_efficient_tile_loops_compile_with_nvrtc():
              (128, "float16"), (64, "float32")) for mask in range(1, len(tensor_core.MASK_KINDS) + 1)
              for kind in ("forward", "dq", "dkdv")]
     jobs += [(64, "float16", "fused", False, mask, 0, True) for mask in (1, 3)]
+    # fp32's split of tiles that landed finite (KernelConfig.tensor_core_fp32_fast_split)
+    jobs += [(head_dim, "float32", kind, dropout, mask, 0, mask_tile, True) for head_dim, dropout, mask, mask_tile in
+             ((64, False, 0, False), (128, True, 1, False), (64, False, 4, True)) for kind in kinds]
 
     def compile_one(job):
         name, source = tensor_core.tile_loop_source(*job)
@@ -158,6 +161,19 @@ def test_efficient_tile_loops_compile_with_nvrtc():
 
     errors = [e for e in _on_two_threads(compile_one, jobs) if e]
     assert not errors, "\n\n".join(errors)
+
+
+def test_efficient_fast_split_is_fp32_s_alone():
+    """KernelConfig.tensor_core_fp32_fast_split compiles EFF_FAST_SPLIT into fp32's tile loops alone (16-bit types
+    and TF32-allowed fp32 take unsplit operands), and names those loops apart."""
+    from kernels_numba import tensor_core
+
+    for elem in tensor_core.ELEMS:
+        for kind in ("forward", "dq", "dkdv"):
+            name, source = tensor_core.tile_loop_source(64, elem, kind, False, 0, fast_split=True)
+            assert ("#define EFF_FAST_SPLIT 1" in source) == (elem == "float32") == name.endswith("_fs")
+            plain_name, plain = tensor_core.tile_loop_source(64, elem, kind, False, 0)
+            assert "#define EFF_FAST_SPLIT 0" in plain and not plain_name.endswith("_fs")
 
 
 def test_sanitizer_report_counts_each_case_s_reports(tmp_path, capsys):
