@@ -131,6 +131,7 @@ __device__ void backward_dq(const BwdArgs& a) {
   Ops::AFrag<HEAD_DIM> qf, df;
   Ops::load_a<HEAD_DIM>(qf, a.q, a.q_rs, row0, a.vis.L, a.E, t);
   Ops::load_a<HEAD_DIM>(df, a.dout, a.do_rs, row0, a.vis.L, a.Ev, t);
+  const bool q_held = held_finite<HEAD_DIM>(qf), do_held = held_finite<HEAD_DIM>(df), held = q_held && do_held;
   float lse2[2], dlt[2];
   bool live[2];
 #if EFF_ELEM >= 2  // fp32 (ELEM_F32, ELEM_TF32)
@@ -187,8 +188,8 @@ __device__ void backward_dq(const BwdArgs& a) {
     cp_async_wait<0>();
     const bool finite = landed<Ops, HEAD_DIM, BLOCK_N>(k_tile, v_tile);
     float s[NTILES][4], dp[NTILES][4];
-    EFF_SPLIT_BY(finite, (Ops::product_abt<HEAD_DIM, NTILES, false, FAST>(s, qf, k_tile, lane)));
-    EFF_SPLIT_BY(finite, (Ops::product_abt<HEAD_DIM, NTILES, false, FAST>(dp, df, v_tile, lane)));
+    EFF_SPLIT_BY(held && finite, (Ops::product_abt<HEAD_DIM, NTILES, false, FAST>(s, qf, k_tile, lane)));
+    EFF_SPLIT_BY(held && finite, (Ops::product_abt<HEAD_DIM, NTILES, false, FAST>(dp, df, v_tile, lane)));
 
     const bool full = MASK_KIND == MASK_NONE && a.vis.tile_full(a.first, m_last + 1 - a.first, n0, BLOCK_N);
     Ops::PFrag<NTILES> sf;  // dS as the A operand of dS K
@@ -265,6 +266,7 @@ __device__ void backward_dkdv(const BwdArgs& a) {
   const i64 n_last = min(a.vis.S, a.first + BLOCK_ROWS) - 1;
   Ops::AFrag<HEAD_DIM> kf;
   Ops::load_a<HEAD_DIM>(kf, a.k, a.k_rs, key0, a.vis.S, a.E, t);
+  const bool k_held = held_finite<HEAD_DIM>(kf);
   stage_tile<Ops, HEAD_DIM, BLOCK_ROWS>(v_tile, a.v, a.v_rs, a.first, a.vis.S, a.Ev,
                                          vectorizable<Ops>(a.v, a.v_rs, a.Ev));
 #if EFF_FUSED
@@ -334,7 +336,7 @@ __device__ void backward_dkdv(const BwdArgs& a) {
 
       float st[QT][4], dpt[QT][4];
       // S^T = K Q^T and dP^T = V dO^T: the other kernels' products with the operands' roles swapped
-      EFF_SPLIT_BY(finite, (Ops::product_abt<HEAD_DIM, QT, true, FAST>(st, kf, q_tile, lane)));
+      EFF_SPLIT_BY(k_held && finite, (Ops::product_abt<HEAD_DIM, QT, true, FAST>(st, kf, q_tile, lane)));
       EFF_SPLIT_BY(finite, (Ops::product_abt_shared<HEAD_DIM, QT, true, FAST>(dpt, v_tile + rg * 16 * STRIDE, do_tile,
                                                                             lane)));
       const bool full = MASK_KIND == MASK_NONE && a.vis.tile_full(m0, BLOCK_M, a.first, BLOCK_ROWS);

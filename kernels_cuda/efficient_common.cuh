@@ -409,13 +409,19 @@ struct Tf32Ops {
   // small back (rounding small instead could reach half an ulp of big, and big + small then round to another
   // big), so an output that is one value row's big + small (a row that sees one key) splits as that row
   // did, which backward_dq's D relies on.
-  // FAST: x is finite (its tile landed so), where cvt.rna.tf32 is (bits + 0x1000) & ~0x1fff and x - big is not
-  // NaN (-inf where big rounded up to inf, as below): the same three parts in 4 instructions.
+  // FAST: x is finite (its tile landed so, or its held fragments are: held_finite), where cvt.rna.tf32 is
+  // (bits + 0x1000) & ~0x1fff and x - big is not NaN (-inf where big rounded up to inf, as below): the same three
+  // parts in 4 instructions.
   template <bool PINNED = false, bool FAST = false>
   static __device__ __forceinline__ Split split(float x) {
     Split s;
-    if (FAST && !PINNED && PASSES == 3) {
-      s.big = (__float_as_uint(x) + 0x1000u) & 0xffffe000u;
+    if (FAST && PASSES == 3) {
+      u32 bits = __float_as_uint(x);
+      if (PINNED)
+        asm volatile("add.u32 %0, %0, 4096;" : "+r"(bits));
+      else
+        bits += 0x1000u;
+      s.big = bits & 0xffffe000u;
       s.small = __float_as_uint(x - __uint_as_float(s.big)) & 0xffffe000u;
       s.cross = s.big;
       return s;
@@ -479,19 +485,22 @@ struct Tf32Ops {
   }
 
   // C[nt] += A B^T for one k-step: a this thread's 4 A values, B^T the tile's rows nt * 8 + g.
-  // FAST: the tile (B) landed finite; A's values are split in full (held Q, K or dO, whose loads no tile check saw).
-  template <int HEAD_DIM, int NT, bool SWAPPED, bool FAST>
+  // A_FAST, B_FAST: A's four values, the tile (B), are finite (Tf32Ops::split).
+  template <int HEAD_DIM, int NT, bool SWAPPED, bool A_FAST, bool B_FAST>
   static __device__ __forceinline__ void abt_kstep(float (&c)[NT][4], const float (&a)[4], const float* tile, int ks,
                                                    int lane) {
     constexpr int STRIDE = HEAD_DIM + VEC;
     const int g = lane / 4, t = lane % 4;
-    const Split as[4] = {split<true>(a[0]), split<true>(a[1]), split<true>(a[2]), split<true>(a[3])};
+    const Split as[4] = {split<true, A_FAST>(a[0]), split<true, A_FAST>(a[1]), split<true, A_FAST>(a[2]),
+                         split<true, A_FAST>(a[3])};
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt) {
       const float* b = tile + (nt * 8 + g) * STRIDE + ks * 8 + t;
-      mma<SWAPPED>(c[nt], as, split<false, FAST>(b[0]), split<false, FAST>(b[4]));
+      mma<SWAPPED>(c[nt], as, split<false, B_FAST>(b[0]), split<false, B_FAST>(b[4]));
     }
   }
+
+  // FAST: the held fragments a and the tile are finite.
 
   template <int HEAD_DIM, int NT, bool SWAPPED = false, bool FAST = false>
   static __device__ __forceinline__ void product_abt(float (&c)[NT][4], const AFrag<HEAD_DIM>& a, const float* tile,
@@ -499,9 +508,10 @@ struct Tf32Ops {
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt) c[nt][0] = c[nt][1] = c[nt][2] = c[nt][3] = 0.f;
 #pragma unroll
-    for (int ks = 0; ks < HEAD_DIM / 8; ++ks) abt_kstep<HEAD_DIM, NT, SWAPPED, FAST>(c, a.r[ks], tile, ks, lane);
+    for (int ks = 0; ks < HEAD_DIM / 8; ++ks) abt_kstep<HEAD_DIM, NT, SWAPPED, FAST, FAST>(c, a.r[ks], tile, ks, lane);
   }
 
+  // FAST: the tile is finite (a_rows' values are split in full).
   template <int HEAD_DIM, int NT, bool SWAPPED = false, bool FAST = false>
   static __device__ __forceinline__ void product_abt_shared(float (&c)[NT][4], const float* a_rows, const float* tile,
                                                             int lane) {
@@ -513,7 +523,7 @@ struct Tf32Ops {
     for (int ks = 0; ks < HEAD_DIM / 8; ++ks) {
       const float* a = a_rows + g * STRIDE + ks * 8 + t;
       const float af[4] = {a[0], a[8 * STRIDE], a[4], a[8 * STRIDE + 4]};
-      abt_kstep<HEAD_DIM, NT, SWAPPED, FAST>(c, af, tile, ks, lane);
+      abt_kstep<HEAD_DIM, NT, SWAPPED, false, FAST>(c, af, tile, ks, lane);
     }
   }
 
@@ -562,5 +572,21 @@ struct OpsOf<ELEM_TF32> {
 };
 typedef OpsOf<EFF_ELEM>::type Ops;
 typedef Ops::Elem Elem;
+
+// Whether every value of this warp's held A fragments is finite, with EFF_FAST_SPLIT (else false): a product
+// on them and a tile that landed finite takes Tf32Ops' 4-instruction split for both. Every lane calls it.
+template <int HEAD_DIM>
+__device__ __forceinline__ bool held_finite(const Ops::AFrag<HEAD_DIM>& f) {
+#if EFF_FAST_SPLIT
+  u32 widest = 0;  // of the magnitudes' bits: non-finite ones from 0x7f800000 on
+#pragma unroll
+  for (int ks = 0; ks < HEAD_DIM / 8; ++ks)
+#pragma unroll
+    for (int r = 0; r < 4; ++r) widest = max(widest, __float_as_uint(f.r[ks][r]) & 0x7fffffffu);
+  return __all_sync(0xffffffffu, widest < 0x7f800000u);
+#else
+  return false;
+#endif
+}
 
 }  // namespace efficient

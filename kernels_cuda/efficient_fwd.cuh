@@ -60,6 +60,7 @@ __device__ void forward(const Args& a) {
   // Q as A fragments, straight from global memory (once per block; any row stride).
   Ops::AFrag<HEAD_DIM> qf;
   Ops::load_a<HEAD_DIM>(qf, a.q, a.q_rs, row0, a.vis.L, a.E, t);
+  const bool q_finite = held_finite<HEAD_DIM>(qf);
 
   float acc[DTILES][4];
 #pragma unroll
@@ -90,7 +91,7 @@ __device__ void forward(const Args& a) {
     const bool k_finite = landed<Ops, HEAD_DIM, BLOCK_N>(k_tile);
 
     float s[NTILES][4];  // S = Q K^T
-    EFF_SPLIT_BY(k_finite, (Ops::product_abt<HEAD_DIM, NTILES, false, FAST>(s, qf, k_tile, lane)));
+    EFF_SPLIT_BY(q_finite && k_finite, (Ops::product_abt<HEAD_DIM, NTILES, false, FAST>(s, qf, k_tile, lane)));
 
     // Scale, mask, and the online-softmax update, row by row (this thread holds 2 rows x 2 columns per n8 tile).
     float tile_max[2] = {-CUSDPA_INF, -CUSDPA_INF};

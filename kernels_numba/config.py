@@ -49,10 +49,11 @@ class KernelConfig:
       backward at E = 64 1.8x faster than the portable kernels (at E = 128 the backward only matches them),
       passing the fp32 judge on the GPU test grid.
     tensor_core_fp32_fast_split: fp32's tensor_core loops learn, as each staged tile lands, whether all its
-      elements are finite (one read-back of a thread's own share, ANDed by the barrier that was there), and split
-      such a tile's elements into their TF32 parts in 4 instructions where the non-finite cases take 9 (the split
-      was most of the fp32 loops' instructions: about 9 an element, against 7% MMAs, nvcc 13.0 SASS at head dim
-      128); the same bits. Off until measured on a GPU.
+      elements are finite (one read-back of a thread's own share, ANDed by the barrier that was there), and each
+      warp whether its held Q, dO or K fragments are, and split finite operands into their TF32 parts in 4
+      instructions where the non-finite cases take 9 (the split was most of the fp32 loops' instructions, against
+      7% MMAs at head dim 128); the same bits. nvcc 13.0 SASS: the loops' fast paths 15-31% fewer instructions.
+      Off until measured on a GPU.
     fused_backward_head_dim: the widest head dim (padded, tensor_core.head_dim_for; at most 128) whose tensor_core
       backward of 16-bit types runs in one kernel per key block (five tile products instead of the two kernels'
       seven), dQ added into an fp32 accumulator with atomics, so its bits vary run to run, as PyTorch's
