@@ -72,9 +72,10 @@ command_of() {  # the command of stage $1, into the array cmd
                       -k "not skipping_keeps_the_bits") ;;  # (fwd-idle-tests runs those beside it)
     plans-tests) cmd=(python3 -m pytest -q -p no:cacheprovider tests/test_plans.py) ;;
     interop-tests) cmd=(python3 -m pytest -q -m "gpu and not slow" -p no:cacheprovider tests/test_interop_gpu.py) ;;
-    efficient-tests) cmd=(python3 -m pytest -q -m "gpu and not slow" -p no:cacheprovider tests/test_efficient_gpu.py
+    # three shards side by side: one process compiling the suite's kernels ran past a call's limit
+    efficient-tests) cmd=(bash benchmarks/sharded_pytest.sh 3 -m "gpu and not slow" tests/test_efficient_gpu.py
                           -k "not ($KNOB_TESTS)") ;;
-    efficient-knob-tests) cmd=(python3 -m pytest -q -m "gpu and not slow" -p no:cacheprovider tests/test_efficient_gpu.py
+    efficient-knob-tests) cmd=(bash benchmarks/sharded_pytest.sh 3 -m "gpu and not slow" tests/test_efficient_gpu.py
                                -k "$KNOB_TESTS") ;;
     fidelity-tests) cmd=(python3 -m pytest -q -m "gpu and not slow" -p no:cacheprovider tests/test_fidelity.py
                          tests/test_nonfinite.py tests/test_flash_slot.py tests/test_hf.py) ;;

@@ -9,6 +9,25 @@ import pytest
 SESSION_SEED = int(os.environ.get("CUSDPA_TEST_SEED", secrets.randbits(32)))
 
 
+def pytest_addoption(parser):
+    parser.addoption("--shard", default=None, metavar="I/N",
+                     help="run the I-th of N shards (0 <= I < N): every N-th collected test from the I-th on, so N "
+                          "processes side by side run each test once (benchmarks/sharded_pytest.sh)")
+
+
+def pytest_collection_modifyitems(config, items):
+    shard = config.getoption("--shard")
+    if shard is None:
+        return
+    index, count = (int(x) for x in shard.split("/"))
+    if not 0 <= index < count:
+        raise pytest.UsageError(f"--shard {shard}: I must be in [0, N)")
+    # round robin over the collection order: neighbours (one test's parameters) cost alike, so shards even out
+    kept, dropped = items[index::count], [x for n, x in enumerate(items) if n % count != index]
+    config.hook.pytest_deselected(items=dropped)
+    items[:] = kept
+
+
 def pytest_report_header(config):
     return f"cusdpa random seed: {SESSION_SEED} (replay with CUSDPA_TEST_SEED={SESSION_SEED})"
 

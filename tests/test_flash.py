@@ -5,6 +5,7 @@ import dataclasses
 import itertools
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -174,6 +175,20 @@ def test_efficient_fast_split_is_fp32_s_alone():
             assert ("#define EFF_FAST_SPLIT 1" in source) == (elem == "float32") == name.endswith("_fs")
             plain_name, plain = tensor_core.tile_loop_source(64, elem, kind, False, 0)
             assert "#define EFF_FAST_SPLIT 0" in plain and not plain_name.endswith("_fs")
+
+
+def test_shards_split_a_selection_between_processes():
+    """tests/conftest.py's --shard I/N (benchmarks/sharded_pytest.sh runs N side by side on the GPU machine): the
+    shards' tests are disjoint and together the unsharded selection."""
+    def collected(*extra):
+        run = subprocess.run([sys.executable, "-m", "pytest", "-q", "--collect-only", "-p", "no:cacheprovider",
+                              "tests/test_reference.py", *extra], capture_output=True, text=True,
+                             cwd=Path(__file__).parent.parent)
+        assert run.returncode == 0, run.stdout[-2000:]
+        return [line for line in run.stdout.splitlines() if "::" in line]
+
+    shards = [collected("--shard", f"{i}/3") for i in range(3)]
+    assert sorted(sum(shards, [])) == sorted(collected()) and all(shards)
 
 
 def test_sanitizer_report_counts_each_case_s_reports(tmp_path, capsys):
