@@ -16,8 +16,9 @@
 // instructions (2.6K without), far past the instruction cache, on every path.
 //
 // EFF_FAST_SPLIT (float32 only; KernelConfig.tensor_core_fp32_fast_split): every staged tile says when it lands
-// whether all its elements are finite (landed), and the products split such a tile's elements without the
-// non-finite cases (Tf32Ops::split), 4 instructions an element where those cases take 9, the same bits.
+// whether all its elements are finite (landed), each warp whether its held fragments are (held_finite), and the
+// products split finite operands without the non-finite cases (Tf32Ops::split), 4 instructions an element where
+// those cases take 9, the same bits.
 #pragma once
 #include "common.cuh"
 
@@ -501,7 +502,6 @@ struct Tf32Ops {
   }
 
   // FAST: the held fragments a and the tile are finite.
-
   template <int HEAD_DIM, int NT, bool SWAPPED = false, bool FAST = false>
   static __device__ __forceinline__ void product_abt(float (&c)[NT][4], const AFrag<HEAD_DIM>& a, const float* tile,
                                                      int lane) {
