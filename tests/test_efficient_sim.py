@@ -573,8 +573,8 @@ def test_portable_kernels_compile_for_sm90(name, monkeypatch):
 
 @pytest.mark.parametrize("head_major", [False, True])
 def test_tensor_core_wrappers_compile_for_sm90(head_major, monkeypatch):
-    """The Numba kernels around the tensor_core tile loops (forward, dq, dk/dv; both block orders, column parts,
-    mask tiles) compile to sm_90 PTX here, without a GPU (the linked CUDA C is compiled by tests/test_flash.py)."""
+    """The Numba kernels around the tensor_core tile loops (forward, dq, dk/dv fused; both block orders, column
+    parts, mask tiles) compile to sm_90 PTX here, without a GPU (the linked CUDA C is compiled by tests/test_flash.py)."""
     import types
 
     from cusdpa import environment
@@ -596,9 +596,9 @@ def test_tensor_core_wrappers_compile_for_sm90(head_major, monkeypatch):
     # (kernel, signature, whether it counts its blocks from the last: the head-fastest order reads the grid's height)
     kernels = [(tensor_core._kernel(64, "bfloat16", False, 0, 168, 64, head_major),
                 operand * 4 + (i, t5, i, t7, cu, cu, b, i, i, i, i) + tail, True),
-               (tensor_core._dq_kernel(64, "bfloat16", True, 1, 168, head_major, 2, True),
+               (tensor_core._dq_kernel(160, "bfloat16", True, 1, 255, head_major, tensor_core.col_parts(160), True),
                 operand * 8 + (i, t7, i, t7, cu, cu, b, i, i, i, i) + tail, True),
-               (tensor_core._dkdv_kernel(128, "float16", False, 2, 168, head_major, 1, True, True),
+               (tensor_core._dkdv_kernel(128, "float16", False, 2, 168, head_major, 1, True, False, True),
                 operand * 8 + (i, t7, i, t5, cu, cu, b, i, i, i, i, i) + tail, False)]
     for kernel, sig, descending in kernels:
         ptx, _ = cuda.compile_ptx(kernel.py_func, sig, cc=(9, 0))
