@@ -59,6 +59,11 @@ CASES = [  # (name, backend, dtype, (B, Hq, Hkv, L, S, E, Ev), options, mask kin
      {}, "bool", "tensor_core+fp32+fastsplit"),
     ("efficient tensor_core E256 column parts float mask", Backend.EFFICIENT, "bfloat16", (1, 2, 2, 37, 51, 256, 192),
      {}, "float", "tensor_core+wide"),
+    # column parts' score products split across the pair, traded through shared memory under named barriers
+    ("efficient tensor_core fp32 E128 shared scores GQA dropout bool mask", Backend.EFFICIENT, "float32",
+     (1, 4, 2, 45, 70, 128, 128), dict(dropout_p=0.2), "bool", "tensor_core+fp32+sharedscores"),
+    ("efficient tensor_core E192 shared scores causal float mask", Backend.EFFICIENT, "bfloat16",
+     (1, 2, 2, 37, 51, 192, 160), dict(is_causal=True), "float", "tensor_core+wide+sharedscores+masktiles"),
     ("efficient portable float mask", Backend.EFFICIENT, "float32", (1, 2, 1, 29, 41, 72, 40), dict(is_causal=True),
      "float", "portable"),
     ("efficient portable dropout", Backend.EFFICIENT, "bfloat16", (1, 2, 2, 30, 30, 64, 64), dict(dropout_p=0.3),
@@ -98,6 +103,7 @@ def run(name, backend, dtype, dims, options, mask_kind, variant, rng) -> float:
         knobs = kernels_numba.KernelConfig(variant=variant, fused_backward_head_dim=128 if "fused" in flags else 0,
                                            tensor_core_fp32="fp32" in flags,
                                            tensor_core_fp32_fast_split="fastsplit" in flags,
+                                           tensor_core_shared_scores="sharedscores" in flags,
                                            tensor_core_head_dim=256 if "wide" in flags else 128,
                                            tensor_core_mask_tiles="masktiles" in flags)
     else:

@@ -26,6 +26,11 @@
 //     the whole head dim, and each accumulates half of dQ's (dK's and dV's) columns. A block then covers 32
 //     rows; the duplicated S and dP cost half again the tensor work of a block, far less than the portable
 //     kernels' fp32 CUDA-core products these head dims took before.
+// EFF_SHARE_SCORES (column parts only; KernelConfig.tensor_core_shared_scores): the pair splits the score
+//     products instead of duplicating them -- part 0 takes S (S^T = K Q^T), part 1 dP (dP^T = V dO^T), so a dq
+//     warp holds one A fragment set, not two -- and trades halves through shared memory (ScoreSwap): each warp
+//     takes dS (and P o Z) of half the n8 tiles, and both read the whole as the A operand of their column half
+//     of the gradient products. The same products and scalar steps as without it, so the same bits.
 // Only seen pairs carry weight: P and dS are selected (not multiplied) to 0 elsewhere. The operands of the
 // gradient products are cleaned so that 0 * NaN cannot leak: non-finite K values are zeroed for dQ (a query
 // that sees such a key has a non-finite dS anyway), and Q and dO rows that see no key (lse = -inf) are
@@ -41,6 +46,100 @@ constexpr int BLOCK_ROWS = 16 * ROW_WARPS;  // a block's query rows (dq) or key 
 // parts nothing is computed (the compiler cannot know that warp < EFF_WARPS).
 __device__ __forceinline__ int row_group(int warp) { return COL_PARTS == 1 ? warp : warp % ROW_WARPS; }
 __device__ __forceinline__ int col_part(int warp) { return COL_PARTS == 1 ? 0 : warp / ROW_WARPS; }
+
+#ifndef EFF_SHARE_SCORES
+#define EFF_SHARE_SCORES 0
+#endif
+constexpr bool SHARE = EFF_SHARE_SCORES != 0;
+static_assert(!SHARE || (COL_PARTS == 2 && !EFF_FUSED), "shared scores split a pair of column parts' products");
+
+// Shared scores' exchange between the two warps of a row group (warps rg and rg + ROW_WARPS), in a buffer of
+// SLOTS x 32 lanes x 16 bytes of the row group's (one float4 a lane: an n8 tile's C fragment, or operands),
+// synchronised by the pair's own named barrier (ids 1 and 2: 0 is __syncthreads'; no other named barrier in
+// these loops). A warp's half of NT n8 tiles is tiles part * NT / 2 on. The order, per step, of who writes and
+// reads which slots (tiles nt of one half, then of the other) makes one buffer serve both exchanges: a warp
+// writes scores into the other half's slots, reads its own half's, then writes its operands into its own half's
+// slots (which the other warp only reads after the next barrier), and reads them all; the tile loops' closing
+// __syncthreads orders the next step's first writes after this step's last reads.
+template <int NT>
+struct ScoreSwap {
+  static constexpr int HALF = NT / 2;
+  static_assert(NT % 2 == 0, "halves of whole n8 tiles");
+  float4* buf;  // this row group's slots
+  int part, lane, rg;
+
+  __device__ __forceinline__ void sync() const { asm volatile("bar.sync %0, 64;" ::"r"(1 + rg) : "memory"); }
+  __device__ __forceinline__ float4* slot(int s) const { return buf + s * 32 + lane; }
+
+  // mine: S (part 0) or dP (part 1) over all NT tiles. Out: S and dP of this warp's half, as computed (selected,
+  // not recomputed or rounded).
+  __device__ __forceinline__ void scores(const float (&mine)[NT][4], float (&s)[HALF][4], float (&dp)[HALF][4]) const {
+#pragma unroll
+    for (int h = 0; h < HALF; ++h) {  // the other warp's half of mine
+      float x[4];
+#pragma unroll
+      for (int i = 0; i < 4; ++i) x[i] = part == 0 ? mine[HALF + h][i] : mine[h][i];
+      *slot((1 - part) * HALF + h) = make_float4(x[0], x[1], x[2], x[3]);
+    }
+    sync();
+#pragma unroll
+    for (int h = 0; h < HALF; ++h) {
+      const float4 w = *slot(part * HALF + h);
+      const float theirs[4] = {w.x, w.y, w.z, w.w};
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        s[h][i] = part == 0 ? mine[h][i] : theirs[i];
+        dp[h][i] = part == 0 ? theirs[i] : mine[HALF + h][i];
+      }
+    }
+  }
+
+  // One n8 tile of an A operand (a PFrag's r[nt]): float[4] (fp32) fills a slot, u32[2] (16-bit) its lower or
+  // upper 8 bytes.
+  static __device__ __forceinline__ void put(float4* at, const float (&x)[4]) {
+    *at = make_float4(x[0], x[1], x[2], x[3]);
+  }
+  static __device__ __forceinline__ void get(const float4* at, float (&x)[4]) {
+    const float4 w = *at;
+    x[0] = w.x, x[1] = w.y, x[2] = w.z, x[3] = w.w;
+  }
+  static __device__ __forceinline__ void put(float4* at, const u32 (&x)[2], int half) {
+    reinterpret_cast<uint2*>(at)[half] = make_uint2(x[0], x[1]);
+  }
+  static __device__ __forceinline__ void get(const float4* at, u32 (&x)[2], int half) {
+    const uint2 w = reinterpret_cast<const uint2*>(at)[half];
+    x[0] = w.x, x[1] = w.y;
+  }
+  // This warp's half of the A operands (a PFrag<HALF>) out, into its own half's slots; the pair's whole
+  // (a PFrag<NT>) in. Two operands: the second in the upper 8 bytes of the slots (16-bit) or the slots NT on.
+  template <class F, class G>
+  __device__ __forceinline__ void operands(const F& mine, G& all) const {
+#pragma unroll
+    for (int h = 0; h < HALF; ++h) put_one(part * HALF + h, mine.r[h], 0);
+    sync();
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) get_one(nt, all.r[nt], 0);
+  }
+  template <class F, class G>
+  __device__ __forceinline__ void operands(const F& mine_a, const F& mine_b, G& all_a, G& all_b) const {
+#pragma unroll
+    for (int h = 0; h < HALF; ++h) {
+      put_one(part * HALF + h, mine_a.r[h], 0);
+      put_one(part * HALF + h, mine_b.r[h], 1);
+    }
+    sync();
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+      get_one(nt, all_a.r[nt], 0);
+      get_one(nt, all_b.r[nt], 1);
+    }
+  }
+  // which = 1: the second operand, in the slot's upper 8 bytes (u32[2]) or the slot NT on (float[4])
+  __device__ __forceinline__ void put_one(int s, const float (&x)[4], int which) const { put(slot(s + which * NT), x); }
+  __device__ __forceinline__ void put_one(int s, const u32 (&x)[2], int which) const { put(slot(s), x, which); }
+  __device__ __forceinline__ void get_one(int s, float (&x)[4], int which) const { get(slot(s + which * NT), x); }
+  __device__ __forceinline__ void get_one(int s, u32 (&x)[2], int which) const { get(slot(s), x, which); }
+};
 
 struct BwdArgs : SliceArgs {  // bh: the dq slice's, or the dk/dv group's first query head's
   const Elem *q, *k, *v, *dout, *out;  // row r at base + r * row stride, unit stride along the head dim
@@ -120,6 +219,9 @@ __device__ void backward_dq(const BwdArgs& a) {
   __shared__ __align__(16) unsigned char mask_tile[Tile::BYTES];
   const bool mask_tiled = Tile::tileable(a.mask, a.vis.S);
 #endif
+#if EFF_SHARE_SCORES
+  __shared__ __align__(16) float4 swap_buf[ROW_WARPS * NTILES * 32];  // ScoreSwap's slots, NTILES a row group
+#endif
 
   constexpr int COLS = HEAD_DIM / COL_PARTS;
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, g = lane / 4, t = lane % 4;
@@ -128,10 +230,19 @@ __device__ void backward_dq(const BwdArgs& a) {
   const i64 m_last = min(a.vis.L, a.first + BLOCK_ROWS) - 1;
   const bool vec = vectorizable<Ops>(a.k, a.k_rs, a.E) && vectorizable<Ops>(a.v, a.v_rs, a.Ev);
 
+#if EFF_SHARE_SCORES
+  // One held set: Q (part 0, for S) or dO (part 1, for dP). dO first, in both: fp32's D below is taken on dO's
+  // fragments (as without shared scores, so the same bits); part 0 then loads Q in its place.
+  Ops::AFrag<HEAD_DIM> df;
+  Ops::load_a<HEAD_DIM>(df, a.dout, a.do_rs, row0, a.vis.L, a.Ev, t);
+  Ops::AFrag<HEAD_DIM>& af = df;
+  const ScoreSwap<NTILES> swap{swap_buf + rg * NTILES * 32, part, lane, rg};
+#else
   Ops::AFrag<HEAD_DIM> qf, df;
   Ops::load_a<HEAD_DIM>(qf, a.q, a.q_rs, row0, a.vis.L, a.E, t);
   Ops::load_a<HEAD_DIM>(df, a.dout, a.do_rs, row0, a.vis.L, a.Ev, t);
   const bool q_held = held_finite<HEAD_DIM>(qf), do_held = held_finite<HEAD_DIM>(df), held = q_held && do_held;
+#endif
   float lse2[2], dlt[2];
   bool live[2];
 #if EFF_ELEM >= 2  // fp32 (ELEM_F32, ELEM_TF32)
@@ -172,6 +283,10 @@ __device__ void backward_dq(const BwdArgs& a) {
 #endif
     if (t == 0 && part == 0 && i < a.vis.L) a.delta[i * a.delta_rs] = dlt[r];
   }
+#if EFF_SHARE_SCORES
+  if (part == 0) Ops::load_a<HEAD_DIM>(af, a.q, a.q_rs, row0, a.vis.L, a.E, t);
+  const bool held = held_finite<HEAD_DIM>(af);  // the fast split's check follows the fragments held
+#endif
 
   float acc[COLS / 8][4];
 #pragma unroll
@@ -187,14 +302,31 @@ __device__ void backward_dq(const BwdArgs& a) {
     cp_async_commit();
     cp_async_wait<0>();
     const bool finite = landed<Ops, HEAD_DIM, BLOCK_N>(k_tile, v_tile);
-    float s[NTILES][4], dp[NTILES][4];
+    // this warp's n8 tiles of dS: all, or with shared scores its half (tiles nt = part * MINE + h)
+    constexpr int MINE = SHARE ? NTILES / 2 : NTILES;
+    float s[MINE][4], dp[MINE][4];
+#if EFF_SHARE_SCORES
+    {
+      float mine[NTILES][4];  // S = Q K^T (part 0) or dP = dO V^T (part 1): one product a warp, not both
+      EFF_SPLIT_BY(held && finite,
+                   (Ops::product_abt<HEAD_DIM, NTILES, false, FAST>(mine, af, part == 0 ? k_tile : v_tile, lane)));
+      swap.scores(mine, s, dp);
+    }
+#else
     EFF_SPLIT_BY(held && finite, (Ops::product_abt<HEAD_DIM, NTILES, false, FAST>(s, qf, k_tile, lane)));
     EFF_SPLIT_BY(held && finite, (Ops::product_abt<HEAD_DIM, NTILES, false, FAST>(dp, df, v_tile, lane)));
+#endif
 
     const bool full = MASK_KIND == MASK_NONE && a.vis.tile_full(a.first, m_last + 1 - a.first, n0, BLOCK_N);
     Ops::PFrag<NTILES> sf;  // dS as the A operand of dS K
+#if EFF_SHARE_SCORES
+    Ops::PFrag<MINE> sf_mine;  // this warp's half of it, traded below
+#else
+    Ops::PFrag<NTILES>& sf_mine = sf;
+#endif
 #pragma unroll
-    for (int nt = 0; nt < NTILES; ++nt) {
+    for (int h = 0; h < MINE; ++h) {
+      const int nt = SHARE ? part * MINE + h : h;
       float ds[4];
 #pragma unroll
       for (int r = 0; r < 2; ++r) {
@@ -204,7 +336,7 @@ __device__ void backward_dq(const BwdArgs& a) {
 #pragma unroll
         for (int c = 0; c < 2; ++c) {
           const i64 j = j0 + c;
-          float v = s[nt][2 * r + c] * a.scale;
+          float v = s[h][2 * r + c] * a.scale;
 #if EFF_MASK_TILE
           if (!full)
             v = !a.vis.visible(i, j) ? -CUSDPA_INF
@@ -217,14 +349,19 @@ __device__ void backward_dq(const BwdArgs& a) {
           if (live[r] && v != -CUSDPA_INF) {
             const float p = exp2f(__fmul_rn(v, LOG2E) - lse2[r]);
             const float z = !DROPOUT ? 1.f : keep[c] ? a.rescale : 0.f;
-            d = p * (dp[nt][2 * r + c] * z - dlt[r]);
-            if (a.dmask != nullptr && part == 0) store_mask_grad(a.dmask, MASK_KIND, i * a.dmask_rs + j * a.dmask_cs, d);
+            d = p * (dp[h][2 * r + c] * z - dlt[r]);
+            // one warp a score: the pair's part 0, or with shared scores the warp that computes it
+            if (a.dmask != nullptr && (SHARE || part == 0))
+              store_mask_grad(a.dmask, MASK_KIND, i * a.dmask_rs + j * a.dmask_cs, d);
           }
           ds[2 * r + c] = d;
         }
       }
-      Ops::set_operand(sf, nt, ds);
+      Ops::set_operand(sf_mine, h, ds);
     }
+#if EFF_SHARE_SCORES
+    swap.operands(sf_mine, sf);  // both warps' halves: dS whole, the A operand of each one's column half
+#endif
     // Zero K's non-finite values for dS K, where a row that does not see key j meets k_j with weight 0. On a
     // full tile every row sees every key: a non-finite k_j makes every row's dQ non-finite anyway.
     if (!full) {
@@ -259,13 +396,24 @@ __device__ void backward_dkdv(const BwdArgs& a) {
   __shared__ __align__(16) Elem k_tile[BLOCK_ROWS * STRIDE];  // the block's K rows: dQ = dS K's B operand
   __shared__ __align__(16) Elem ds_tile[BLOCK_M * DS_STRIDE];
 #endif
+#if EFF_SHARE_SCORES
+  // ScoreSwap's slots, a row group's: the scores, then (P o Z)^T and dS^T (four-word fp32 operands: two slots)
+  constexpr int SWAP_SLOTS = QT * (sizeof(Ops::PFrag<1>) > 8 ? 2 : 1);
+  __shared__ __align__(16) float4 swap_buf[ROW_WARPS * SWAP_SLOTS * 32];
+#endif
 
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, g = lane / 4, t = lane % 4;
   const int rg = row_group(warp), part = col_part(warp), c0 = part * COLS;
   const i64 key0 = a.first + rg * 16 + g;  // this thread's keys: key0 and key0 + 8
   const i64 n_last = min(a.vis.S, a.first + BLOCK_ROWS) - 1;
   Ops::AFrag<HEAD_DIM> kf;
+#if EFF_SHARE_SCORES
+  // K held by part 0 alone (S^T = K Q^T); part 1 takes dP^T = V dO^T from shared memory
+  if (part == 0) Ops::load_a<HEAD_DIM>(kf, a.k, a.k_rs, key0, a.vis.S, a.E, t);
+  const ScoreSwap<QT> swap{swap_buf + rg * SWAP_SLOTS * 32, part, lane, rg};
+#else
   Ops::load_a<HEAD_DIM>(kf, a.k, a.k_rs, key0, a.vis.S, a.E, t);
+#endif
   const bool k_held = held_finite<HEAD_DIM>(kf);
   stage_tile<Ops, HEAD_DIM, BLOCK_ROWS>(v_tile, a.v, a.v_rs, a.first, a.vis.S, a.Ev,
                                          vectorizable<Ops>(a.v, a.v_rs, a.Ev));
@@ -334,20 +482,40 @@ __device__ void backward_dkdv(const BwdArgs& a) {
       }
       __syncthreads();
 
-      float st[QT][4], dpt[QT][4];
+      // this warp's n8 tiles of P and dS: all, or with shared scores its half (tiles nt = part * MINE + h)
+      constexpr int MINE = SHARE ? QT / 2 : QT;
+      float st[MINE][4], dpt[MINE][4];
       // S^T = K Q^T and dP^T = V dO^T: the other kernels' products with the operands' roles swapped
+#if EFF_SHARE_SCORES
+      {
+        float mine[QT][4];  // part 0 S^T, part 1 dP^T: one product a warp, not both
+        if (part == 0)
+          EFF_SPLIT_BY(k_held && finite, (Ops::product_abt<HEAD_DIM, QT, true, FAST>(mine, kf, q_tile, lane)));
+        else
+          EFF_SPLIT_BY(finite, (Ops::product_abt_shared<HEAD_DIM, QT, true, FAST>(mine, v_tile + rg * 16 * STRIDE,
+                                                                                do_tile, lane)));
+        swap.scores(mine, st, dpt);
+      }
+#else
       EFF_SPLIT_BY(k_held && finite, (Ops::product_abt<HEAD_DIM, QT, true, FAST>(st, kf, q_tile, lane)));
       EFF_SPLIT_BY(finite, (Ops::product_abt_shared<HEAD_DIM, QT, true, FAST>(dpt, v_tile + rg * 16 * STRIDE, do_tile,
                                                                             lane)));
+#endif
       const bool full = MASK_KIND == MASK_NONE && a.vis.tile_full(m0, BLOCK_M, a.first, BLOCK_ROWS);
       Ops::PFrag<QT> pf, sf;  // (P o Z)^T and dS^T as A operands
+#if EFF_SHARE_SCORES
+      Ops::PFrag<MINE> pf_mine, sf_mine;  // this warp's half of them, traded below
+#else
+      Ops::PFrag<QT>&pf_mine = pf, &sf_mine = sf;
+#endif
 #pragma unroll
-      for (int nt = 0; nt < QT; ++nt) {
+      for (int h = 0; h < MINE; ++h) {
+        const int nt = SHARE ? part * MINE + h : h;
         float pz[4], ds[4];
 #pragma unroll
         for (int x = 0; x < 4; ++x) {
           const i64 j = key0 + (x / 2) * 8, col = nt * 8 + 2 * t + (x % 2), i = m0 + col;
-          float v = st[nt][x] * a.scale;
+          float v = st[h][x] * a.scale;
 #if EFF_MASK_TILE
           if (!full)
             v = !a.vis.visible(i, j) ? -CUSDPA_INF
@@ -360,14 +528,14 @@ __device__ void backward_dkdv(const BwdArgs& a) {
           if (lse_tile[col] != -CUSDPA_INF && v != -CUSDPA_INF) {
             p = exp2f(__fmul_rn(v, LOG2E) - lse_tile[col]);
             const float z = !DROPOUT ? 1.f : a.drop.keep(bh, (u32)i, (u32)j) ? a.rescale : 0.f;
-            d = p * (dpt[nt][x] * z - delta_tile[col]);
+            d = p * (dpt[h][x] * z - delta_tile[col]);
             p *= z;
           }
           pz[x] = p;
           ds[x] = d;
         }
-        Ops::set_operand(pf, nt, pz);
-        Ops::set_operand(sf, nt, ds);
+        Ops::set_operand(pf_mine, h, pz);
+        Ops::set_operand(sf_mine, h, ds);
 #if EFF_FUSED
         // dS^T's elements of this n8 tile (keys key0, key0 + 8; queries col, col + 1) into ds_tile[query][key],
         // rounded as the products take them (set_operand's pairs)
@@ -379,6 +547,9 @@ __device__ void backward_dkdv(const BwdArgs& a) {
         }
 #endif
       }
+#if EFF_SHARE_SCORES
+      swap.operands(pf_mine, sf_mine, pf, sf);  // both warps' halves: the A operands of each one's column half
+#endif
       if (a.want_dv) EFF_SPLIT_BY(finite, (Ops::product_pb<HEAD_DIM, QT, COLS, FAST>(dv, pf, do_tile + c0, lane)));
       if (a.want_dk) EFF_SPLIT_BY(finite, (Ops::product_pb<HEAD_DIM, QT, COLS, FAST>(dk, sf, q_tile + c0, lane)));
 #if EFF_FUSED

@@ -54,6 +54,22 @@ class KernelConfig:
       instructions where the non-finite cases take 9 (the split was most of the fp32 loops' instructions, against
       7% MMAs at head dim 128); the same bits. nvcc 13.0 SASS: the loops' fast paths 15-31% fewer instructions.
       Off until measured on a GPU.
+    tensor_core_shared_scores: where the tensor_core backward takes column parts (16-bit past head dim 128, fp32
+      past 96: two warps a 16 rows, each accumulating half the gradient's columns), the pair splits the score
+      products instead of both computing them: in dq one warp S = Q K^T, the other dP = dO V^T (each then holds
+      one A fragment set, Q or dO, not both), in dk/dv one S^T = K Q^T, the other dP^T = V dO^T; they trade
+      halves through shared memory under a named barrier a pair, each computes dS (and P o Z) of half the score
+      tiles, and both take the whole as the A operand of their column half. The duplicated products cost 1.67x the
+      needed MMAs in dq and 1.5x in dk/dv (and their fp32 splits), where a compile-only analysis found the fp32
+      head dim 128 loops issue-bound (its backward ran 10 TFLOP/s on the H200, PyTorch's 33). The same products
+      and scalar steps, so the same bits; 2-4 KiB more static shared memory a loop (tensor_core.shared_bytes;
+      a mask tile that no longer fits 48 KiB beside it is read from global memory, the same bits: dk/dv at head
+      dim 192 with float64 masks, at 224 with bool and 16-bit ones). Compile-only (nvcc 13.0, sm_90, 255
+      registers), SASS instructions of a warp's pass of the main loop: fp32 head dim 128 dq 6632 -> 4265 (HMMA
+      480 -> 288, LDL/STL 23/13 -> 5/0), dk/dv 4604 -> 3216 and 3158 (the two warps' paths; HMMA 288 -> 192,
+      LDL/STL 16/2 -> 11/0 and 0/0); with the fast split's fast path dq 4551 -> 2895, dk/dv 3449 -> 2344 and 2644;
+      bf16 head dim 192 dq 1533 -> 1071, dk/dv 1502 -> 1216 and 1177. Two named barriers a step per pair added.
+      Off until measured on a GPU.
     fused_backward_head_dim: the widest head dim (padded, tensor_core.head_dim_for; at most 128) whose tensor_core
       backward of 16-bit types runs in one kernel per key block (five tile products instead of the two kernels'
       seven), dQ added into an fp32 accumulator with atomics, so its bits vary run to run, as PyTorch's
@@ -92,6 +108,7 @@ class KernelConfig:
     tensor_core_head_dim: int = 128
     tensor_core_fp32: bool = True
     tensor_core_fp32_fast_split: bool = False
+    tensor_core_shared_scores: bool = False
     fused_backward_head_dim: int = 64
     tensor_core_block_n: int = 0
     tensor_core_mask_tiles: bool = False

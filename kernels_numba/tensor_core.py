@@ -65,29 +65,38 @@ def forward_block_n(head_dim: int, elem: str = "float16", preferred: int = 0) ->
 STATIC_SHARED = 48 * 1024  # the most static shared memory a block may declare (what Numba's linked C can use)
 
 
-def shared_bytes(head_dim: int, elem: str, kind: str, block: int, parts: int = 1, mask_kind: int = 0) -> int:
+def shared_bytes(head_dim: int, elem: str, kind: str, block: int, parts: int = 1, mask_kind: int = 0,
+                 shared_scores: bool = False) -> int:
     """A tile loop's static shared memory: its operand tiles (rows of head_dim elements, padded by 16 bytes) and,
     with ``mask_kind``, a mask tile (efficient_common.cuh's MaskTile: rows of the mask's elements, +16 bytes a
     row). ``block``: the forward's and dq's keys per tile, dk/dv's queries per step; the forward's and dq's mask
-    tile is their rows by ``block`` keys, dk/dv's ``block`` queries by its block's keys."""
+    tile is their rows by ``block`` keys, dk/dv's ``block`` queries by its block's keys. ``shared_scores`` (dq and
+    dk/dv with column parts): the pairs' exchange buffer too (efficient_bwd.cuh's ScoreSwap: per row group of
+    warps, 16 bytes a lane for each of the ``block / 8`` n8 tiles, twice that for fp32's dk/dv, whose two
+    operands of four words each take two)."""
     element = 4 if _wide(elem) else 2
     row = (head_dim + 16 // element) * element
     mask_bytes = {0: 0, 1: 1, 2: 2, 3: 2, 4: 4, 5: 8}[mask_kind]
     rows = backward_rows(parts)
+    swap = 0
+    if shared_scores and parts == 2 and kind in ("dq", "dkdv"):
+        swap = (THREADS // 32 // parts) * (block // 8) * 32 * 16 * (2 if kind == "dkdv" and _wide(elem) else 1)
     if kind == "forward":  # K and V tiles, the seen-columns flags
         return 2 * block * row + 4 * block + (BLOCK_M * (block * mask_bytes + 16) if mask_kind else 0)
     if kind == "dq":  # K and V tiles
-        return 2 * block * row + (rows * (block * mask_bytes + 16) if mask_kind else 0)
+        return 2 * block * row + swap + (rows * (block * mask_bytes + 16) if mask_kind else 0)
     # dk/dv: V rows, the step's Q and dO tiles, lse and D; fused, K rows too and the dS tile
     used = (2 if kind == "fused" else 1) * rows * row + 2 * block * row + 8 * block
     if kind == "fused":
         used += block * (rows + 16 // element) * element
-    return used + (block * (rows * mask_bytes + 16) if mask_kind else 0)
+    return used + swap + (block * (rows * mask_bytes + 16) if mask_kind else 0)
 
 
-def mask_tile_fits(head_dim: int, elem: str, kind: str, block: int, mask_kind: int, parts: int = 1) -> bool:
+def mask_tile_fits(head_dim: int, elem: str, kind: str, block: int, mask_kind: int, parts: int = 1,
+                   shared_scores: bool = False) -> bool:
     """Whether a tile loop's shared memory holds a mask tile beside its operand tiles (shared_bytes)."""
-    return bool(mask_kind) and shared_bytes(head_dim, elem, kind, block, parts, mask_kind) <= STATIC_SHARED
+    return bool(mask_kind) and shared_bytes(head_dim, elem, kind, block, parts, mask_kind,
+                                            shared_scores) <= STATIC_SHARED
 
 
 def dq_block_n(head_dim: int, elem: str = "float16") -> int:
@@ -168,24 +177,28 @@ def head_dim_for(E: int, Ev: int) -> int:
 
 
 def tile_loop_source(head_dim: int, elem: str, kind: str, dropout: bool, mask_kind: int,
-                     block_n: int = 0, mask_tile: bool = False, fast_split: bool = False) -> tuple[str, str]:
+                     block_n: int = 0, mask_tile: bool = False, fast_split: bool = False,
+                     shared_scores: bool = False) -> tuple[str, str]:
     """(C entry name, CUDA source) of one tile loop: ``kind`` "forward", "dq", "dkdv" or "fused" (dk/dv with dQ
     added into an fp32 accumulator, 16-bit types), for a padded head dim of HEAD_DIMS and an element family of
     ELEMS, with dropout or not and a mask of kind ``mask_kind`` (MASK_KINDS' numbers, 0: none) compiled in;
     ``block_n``: the forward's keys per tile (0: forward_block_n's default; the backward's column parts:
     col_parts); ``mask_tile``: the loop stages its mask tiles in shared memory where they fit (mask_tile_fits;
     KernelConfig.tensor_core_mask_tiles); ``fast_split``: fp32's products split the elements of tiles that landed
-    finite in 4 instructions (efficient_common.cuh's EFF_FAST_SPLIT; KernelConfig.tensor_core_fp32_fast_split).
-    tests/test_flash.py compiles them with NVRTC on the CPU."""
+    finite in 4 instructions (efficient_common.cuh's EFF_FAST_SPLIT; KernelConfig.tensor_core_fp32_fast_split);
+    ``shared_scores``: where the backward takes column parts (dq, dk/dv), the pair splits the score products
+    and trades them through shared memory (efficient_bwd.cuh's EFF_SHARE_SCORES;
+    KernelConfig.tensor_core_shared_scores). tests/test_flash.py compiles them with NVRTC on the CPU."""
     short = {"float16": "f16", "bfloat16": "bf16", "float32": "f32", "tf32": "tf32"}[elem]
     parts = col_parts(head_dim, elem)
     block_n = {"forward": forward_block_n(head_dim, elem, block_n), "dq": dq_block_n(head_dim, elem),
                "dkdv": dkdv_block_m(head_dim, elem), "fused": dkdv_block_m(head_dim, elem, True)}[kind]
-    mask_tile = mask_tile and mask_tile_fits(head_dim, elem, kind, block_n, mask_kind, parts)
     fast_split = fast_split and elem == "float32"
+    shared_scores = shared_scores and parts == 2 and kind in ("dq", "dkdv")
+    mask_tile = mask_tile and mask_tile_fits(head_dim, elem, kind, block_n, mask_kind, parts, shared_scores)
     name = (f"efficient_{kind}_{short}_d{head_dim}_n{block_n}{'_dropout' if dropout else ''}_mask{mask_kind}"
             f"{f'_p{parts}' if parts > 1 and kind != 'forward' else ''}{'_mt' if mask_tile else ''}"
-            f"{'_fs' if fast_split else ''}")
+            f"{'_fs' if fast_split else ''}{'_ss' if shared_scores else ''}")
     defines_tile = f"#define EFF_MASK_TILE {int(mask_tile)}\n#define EFF_FAST_SPLIT {int(fast_split)}\n"
     defines = (f"#define EFF_NAME {name}\n#define EFF_HEAD_DIM {head_dim}\n#define EFF_BLOCK_N {block_n}\n"
                f"#define EFF_ELEM {ELEMS[elem]}\n#define EFF_DROPOUT {int(dropout)}\n"
@@ -194,13 +207,15 @@ def tile_loop_source(head_dim: int, elem: str, kind: str, dropout: bool, mask_ki
         return name, defines + defines_tile + kernels_cuda.source("efficient_fwd.cuh")
     return name, (defines + f"#define EFF_DQ {int(kind == 'dq')}\n#define EFF_FUSED {int(kind == 'fused')}\n"
                   f"#define EFF_COL_PARTS {parts}\n" + defines_tile +
+                  ("#define EFF_SHARE_SCORES 1\n" if shared_scores else "") +
                   kernels_cuda.source("efficient_bwd.cuh"))
 
 
 @functools.cache
 def _tile_loop(head_dim: int, elem: str, kind: str, dropout: bool, mask_kind: int, block_n: int = 0,
-               mask_tile: bool = False, fast_split: bool = False):
-    name, source = tile_loop_source(head_dim, elem, kind, dropout, mask_kind, block_n, mask_tile, fast_split)
+               mask_tile: bool = False, fast_split: bool = False, shared_scores: bool = False):
+    name, source = tile_loop_source(head_dim, elem, kind, dropout, mask_kind, block_n, mask_tile, fast_split,
+                                    shared_scores)
     args = _ARGS if kind == "forward" else _BWD_ARGS
     return cuda.declare_device(name, f"int32({args})", link=[cuda.CUSource(source, name=f"{name}.cu")], abi="c")
 
@@ -317,8 +332,8 @@ def mask_kind_of(pr) -> int:
 
 @functools.cache
 def _dq_kernel(head_dim: int, elem: str, dropout: bool, mask_kind: int, registers: int, head_major: bool, parts: int,
-               mask_tile: bool = False, fast_split: bool = False):
-    tile_loop = _tile_loop(head_dim, elem, "dq", dropout, mask_kind, 0, mask_tile, fast_split)
+               mask_tile: bool = False, fast_split: bool = False, shared_scores: bool = False):
+    tile_loop = _tile_loop(head_dim, elem, "dq", dropout, mask_kind, 0, mask_tile, fast_split, shared_scores)
     size = 4 if _wide(elem) else 2
     rows = backward_rows(parts)
 
@@ -356,8 +371,9 @@ def _dq_kernel(head_dim: int, elem: str, dropout: bool, mask_kind: int, register
 
 @functools.cache
 def _dkdv_kernel(head_dim: int, elem: str, dropout: bool, mask_kind: int, registers: int, head_major: bool,
-                 parts: int, mask_tile: bool, fast_split: bool, fused: bool):
-    tile_loop = _tile_loop(head_dim, elem, "fused" if fused else "dkdv", dropout, mask_kind, 0, mask_tile, fast_split)
+                 parts: int, mask_tile: bool, fast_split: bool, fused: bool, shared_scores: bool = False):
+    tile_loop = _tile_loop(head_dim, elem, "fused" if fused else "dkdv", dropout, mask_kind, 0, mask_tile, fast_split,
+                           shared_scores)
     size = 4 if _wide(elem) else 2
     rows = backward_rows(parts)
 
@@ -406,6 +422,7 @@ def backward(pr, views, arrays, dmask_v, device, structure, cfg, dq_accum=None):
     instance = (head_dim, elem, pr.dropout_p > 0, mask_kind_of(pr),
                 registers_for(head_dim, elem, cfg.tensor_core_registers, forward=False), cfg.head_major_grid, parts,
                 cfg.tensor_core_mask_tiles and pr.mask_kind is not None, cfg.tensor_core_fp32_fast_split)
+    shared_scores = cfg.tensor_core_shared_scores and parts == 2  # (tile_loop_source checks too)
     (q, qs), (k, ks), (v, vs), (mask, ms) = (_address_and_strides(x) for x in (views.q, views.k, views.v, views.mask))
     (dout, dos), (out, os_), (lse, ls), (delta, dls), (dq, dqs), (dk, dks), (dv, dvs) = (
         _address_and_strides(x) for x in arrays)
@@ -427,12 +444,12 @@ def backward(pr, views, arrays, dmask_v, device, structure, cfg, dq_accum=None):
         dqa, dqas = _address_and_strides(dq_accum)
     else:
         grid = _grid(views.n_batch * pr.hq, rows, pr.L, cfg.head_major_grid)
-        launcher.launch(_dq_kernel(*instance), grid, THREADS, device,
+        launcher.launch(_dq_kernel(*instance, shared_scores), grid, THREADS, device,
                         (q, qs[:5], k, ks[:5], v, vs[:5], dout, dos[:5], out, os_[:5], lse, ls, delta, dls, dq,
                          dqs[:5], dmask, dms, mask, ms, *common, pr.hq, pr.group, *tail))
         dqa, dqas = 0, (0,) * 5
     grid = _grid(views.n_batch * pr.hkv, rows, pr.S, cfg.head_major_grid)
-    launcher.launch(_dkdv_kernel(*instance, fused), grid, THREADS, device,
+    launcher.launch(_dkdv_kernel(*instance, fused, shared_scores), grid, THREADS, device,
                     (q, qs[:5], k, ks[:5], v, vs[:5], dout, dos[:5], lse, ls, delta, dls, dk, dks[:5], dv, dvs[:5],
                      mask, ms, dqa, dqas[:5], *common, pr.hq, pr.hkv, pr.group, *tail))
     if fused:

@@ -70,11 +70,14 @@ def _results(gpu, pr, dout, **knobs):
     return [_host(x) for x in (out, lse, *grads)]
 
 
-def _same_bits(gpu, pr, rng, **knobs) -> list[str]:
+def _same_bits(gpu, pr, rng, base=None, **knobs) -> list[str]:
+    """Which of out, lse and the gradients under KernelConfig ``knobs`` differ from the default's (both on the
+    ``base`` knobs, a dict)."""
+    base = base or {}
     dout = pr.xp.asarray(harness.draw(rng, pr.out_shape, pr.dtype_name))
     names = ("out", "lse", "dq", "dk", "dv", "dmask")
     return [f"{name} differs from the default's" for name, got, want in
-            zip(names, _results(gpu, pr, dout, **knobs), _results(gpu, pr, dout))
+            zip(names, _results(gpu, pr, dout, **base, **knobs), _results(gpu, pr, dout, **base))
             if not np.array_equal(got.view(np.uint8), want.view(np.uint8))]
 
 
@@ -514,6 +517,32 @@ def test_fp32_fast_split_keeps_the_bits(gpu, rng):
     pr.v[0, 0, 60, 2] = np.inf  # key 60: no row of 40 sees it
     pr.q[0, 1, 12, 0] = np.nan
     failures += [f"non-finite inputs: {m}" for m in _same_bits(gpu, pr, rng, tensor_core_fp32_fast_split=True)]
+    assert not failures, "\n".join(failures)
+
+
+def test_shared_scores_keep_the_bits(gpu, rng):
+    """KernelConfig.tensor_core_shared_scores: where the backward takes column parts (fp32 at head dim 128, bf16
+    at 192) the pair of warps splits S and dP (dk/dv: S^T and dP^T) and trades them and dS through shared memory:
+    out, lse and the gradients (a float mask's with one element per score too) are the default's bit for bit, with
+    causal, GQA, dropout, a bool mask and a float mask, mask tiles on and off, the fast split; and judged."""
+    wide = {"tensor_core_head_dim": 256}
+    cases = [(Case("float32", batch=(2,), hq=4, hkv=2, L=97, S=130, E=128, causal="lower_right", mask="bool"), {}),
+             (Case("float32", batch=(1,), hq=2, hkv=1, L=70, S=90, E=128, Ev=112, dropout_p=0.1),
+              {"tensor_core_fp32_fast_split": True}),
+             (Case("float32", batch=(2,), hq=4, hkv=2, L=50, S=76, E=128, mask="float", mask_shape=(2, 4, 50, 76)),
+              {"tensor_core_mask_tiles": True}),
+             (Case("bfloat16", batch=(2,), hq=4, hkv=2, L=130, S=150, E=192, causal="upper_left", dropout_p=0.2),
+              wide),
+             (Case("bfloat16", batch=(2,), hq=4, hkv=2, L=97, S=128, E=192, mask="bool"),
+              {**wide, "tensor_core_mask_tiles": True}),
+             (Case("bfloat16", batch=(2,), hq=2, hkv=1, L=70, S=96, E=192, Ev=160, mask="float",
+                   mask_shape=(2, 2, 70, 96), dropout_p=0.1), wide)]
+    failures = []
+    for case, base in cases:
+        pr = harness.build(case, gpu[0], rng)
+        failures += [f"{case}: {m}" for m in _failures(gpu, pr, rng, "tensor_core", **base,
+                                                       tensor_core_shared_scores=True)]
+        failures += [f"{case}: {m}" for m in _same_bits(gpu, pr, rng, base, tensor_core_shared_scores=True)]
     assert not failures, "\n".join(failures)
 
 

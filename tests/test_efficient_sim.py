@@ -574,7 +574,8 @@ def test_portable_kernels_compile_for_sm90(name, monkeypatch):
 @pytest.mark.parametrize("head_major", [False, True])
 def test_tensor_core_wrappers_compile_for_sm90(head_major, monkeypatch):
     """The Numba kernels around the tensor_core tile loops (forward, dq, dk/dv fused; both block orders, column
-    parts, mask tiles) compile to sm_90 PTX here, without a GPU (the linked CUDA C is compiled by tests/test_flash.py)."""
+    parts, mask tiles, shared scores) compile to sm_90 PTX here, without a GPU (the linked CUDA C is compiled by
+    tests/test_flash.py)."""
     import types
 
     from cusdpa import environment
@@ -599,6 +600,11 @@ def test_tensor_core_wrappers_compile_for_sm90(head_major, monkeypatch):
                (tensor_core._dq_kernel(160, "bfloat16", True, 1, 255, head_major, tensor_core.col_parts(160), True),
                 operand * 8 + (i, t7, i, t7, cu, cu, b, i, i, i, i) + tail, True),
                (tensor_core._dkdv_kernel(128, "float16", False, 2, 168, head_major, 1, True, False, True),
+                operand * 8 + (i, t7, i, t5, cu, cu, b, i, i, i, i, i) + tail, False),
+               # column parts' shared scores (KernelConfig.tensor_core_shared_scores): the last argument of each
+               (tensor_core._dq_kernel(128, "float32", False, 0, 255, head_major, 2, False, True, True),
+                operand * 8 + (i, t7, i, t7, cu, cu, b, i, i, i, i) + tail, True),
+               (tensor_core._dkdv_kernel(160, "bfloat16", True, 1, 255, head_major, 2, True, False, False, True),
                 operand * 8 + (i, t7, i, t5, cu, cu, b, i, i, i, i, i) + tail, False)]
     for kernel, sig, descending in kernels:
         ptx, _ = cuda.compile_ptx(kernel.py_func, sig, cc=(9, 0))

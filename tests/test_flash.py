@@ -154,6 +154,15 @@ def test_efficient_tile_loops_compile_with_nvrtc():
     # fp32's split of tiles that landed finite (KernelConfig.tensor_core_fp32_fast_split)
     jobs += [(head_dim, "float32", kind, dropout, mask, 0, mask_tile, True) for head_dim, dropout, mask, mask_tile in
              ((64, False, 0, False), (128, True, 1, False), (64, False, 4, True)) for kind in kinds]
+    # column parts' score products split across the pair (KernelConfig.tensor_core_shared_scores), with the fast split
+    jobs += [(head_dim, elem, kind, dropout, mask, 0, mask_tile, fast_split, True)
+             for head_dim, elem, dropout, mask, mask_tile, fast_split in
+             ((128, "float32", False, 0, False, False), (128, "float32", True, 5, True, False),
+              (128, "float32", True, 1, False, True), (128, "float32", False, 4, True, True),
+              (128, "tf32", False, 2, True, False), (160, "bfloat16", False, 0, False, False),
+              (160, "bfloat16", True, 3, True, False), (256, "bfloat16", False, 0, False, False),
+              (256, "bfloat16", True, 4, True, False), (256, "float16", True, 1, False, False))
+             for kind in ("dq", "dkdv")]
 
     def compile_one(job):
         name, source = tensor_core.tile_loop_source(*job)
@@ -175,6 +184,27 @@ def test_efficient_fast_split_is_fp32_s_alone():
             assert ("#define EFF_FAST_SPLIT 1" in source) == (elem == "float32") == name.endswith("_fs")
             plain_name, plain = tensor_core.tile_loop_source(64, elem, kind, False, 0)
             assert "#define EFF_FAST_SPLIT 0" in plain and not plain_name.endswith("_fs")
+
+
+def test_efficient_shared_scores_are_column_parts_alone():
+    """KernelConfig.tensor_core_shared_scores compiles EFF_SHARE_SCORES into the dq and dk/dv loops that take column
+    parts alone (not the forward, the fused loop, or whole-row loops, whose sources stay as they were), and names
+    those loops apart."""
+    from kernels_numba import tensor_core
+
+    for elem in tensor_core.ELEMS:
+        for head_dim in (64, 128, 160, 256):
+            for kind in ("forward", "dq", "dkdv", "fused"):
+                if kind == "fused" and (elem not in ("float16", "bfloat16") or head_dim > 128) or \
+                        elem in ("float32", "tf32") and head_dim > tensor_core.FP32_HEAD_DIM:
+                    continue
+                name, source = tensor_core.tile_loop_source(head_dim, elem, kind, False, 0, shared_scores=True)
+                want = kind in ("dq", "dkdv") and tensor_core.col_parts(head_dim, elem) == 2
+                assert ("#define EFF_SHARE_SCORES 1" in source) == want == name.endswith("_ss"), name
+                plain_name, plain = tensor_core.tile_loop_source(head_dim, elem, kind, False, 0)
+                assert "#define EFF_SHARE_SCORES 1" not in plain and not plain_name.endswith("_ss")
+                if not want:
+                    assert (name, source) == (plain_name, plain)
 
 
 def test_shards_split_a_selection_between_processes():
@@ -226,7 +256,13 @@ def test_efficient_shared_memory_is_what_ptxas_allocates(tmp_path):
             (64, "bfloat16", "dq", False, 1, 0, True), (256, "bfloat16", "dq", False, 3, 0, True),
             (128, "float16", "dkdv", False, 4, 0, True), (128, "float16", "dkdv", False, 5, 0, True),
             (160, "bfloat16", "dkdv", False, 0), (128, "float16", "fused", False, 2, 0, True),
-            (224, "bfloat16", "dkdv", False, 1, 0, True), (128, "float32", "dkdv", False, 0)]
+            (224, "bfloat16", "dkdv", False, 1, 0, True), (128, "float32", "dkdv", False, 0),
+            # shared scores' exchange buffers (KernelConfig.tensor_core_shared_scores)
+            (128, "float32", "dq", False, 5, 0, True, False, True),
+            (128, "float32", "dkdv", False, 5, 0, True, True, True),
+            (192, "bfloat16", "dq", False, 0, 0, False, False, True),
+            (192, "bfloat16", "dkdv", False, 3, 0, True, False, True),
+            (256, "bfloat16", "dkdv", False, 1, 0, True, False, True)]
 
     def allocated(n_job):
         n, job = n_job
@@ -245,13 +281,14 @@ def test_efficient_shared_memory_is_what_ptxas_allocates(tmp_path):
     with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
         results = list(pool.map(allocated, enumerate(jobs)))
     for job, (name, smem) in zip(jobs, results):
-        head_dim, elem, kind, _, mask_kind, block_n, _ = job + (0, False)[len(job) - 5:]
+        head_dim, elem, kind, _, mask_kind, block_n, _, _, shared = job + (0, False, False, False)[len(job) - 5:]
         parts = tensor_core.col_parts(head_dim, elem)
         block = {"forward": tensor_core.forward_block_n(head_dim, elem, block_n),
                  "dq": tensor_core.dq_block_n(head_dim, elem), "dkdv": tensor_core.dkdv_block_m(head_dim, elem),
                  "fused": tensor_core.dkdv_block_m(head_dim, elem, True)}[kind]
-        tiled = name.endswith("_mt")
-        want = tensor_core.shared_bytes(head_dim, elem, kind, block, parts, mask_kind if tiled else 0)
+        tiled = "mt" in name.split("_")
+        want = tensor_core.shared_bytes(head_dim, elem, kind, block, parts, mask_kind if tiled else 0,
+                                        name.endswith("_ss"))
         assert smem == want <= tensor_core.STATIC_SHARED, (name, smem, want)
 
 
