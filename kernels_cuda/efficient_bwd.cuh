@@ -414,7 +414,8 @@ __device__ void backward_dkdv(const BwdArgs& a) {
 #else
   Ops::load_a<HEAD_DIM>(kf, a.k, a.k_rs, key0, a.vis.S, a.E, t);
 #endif
-  const bool k_held = held_finite<HEAD_DIM>(kf);
+  // (with shared scores part 1 holds no K: its S^T products are part 0's)
+  const bool k_held = (!SHARE || part == 0) && held_finite<HEAD_DIM>(kf);
   stage_tile<Ops, HEAD_DIM, BLOCK_ROWS>(v_tile, a.v, a.v_rs, a.first, a.vis.S, a.Ev,
                                          vectorizable<Ops>(a.v, a.v_rs, a.Ev));
 #if EFF_FUSED

@@ -61,7 +61,7 @@ class KernelConfig:
       halves through shared memory under a named barrier a pair, each computes dS (and P o Z) of half the score
       tiles, and both take the whole as the A operand of their column half. The duplicated products cost 1.67x the
       needed MMAs in dq and 1.5x in dk/dv (and their fp32 splits), where a compile-only analysis found the fp32
-      head dim 128 loops issue-bound (its backward ran 10 TFLOP/s on the H200, PyTorch's 33). The same products
+      head dim 128 loops issue-bound (its backward ran 10 TFLOP/s on an H100, PyTorch's 33). The same products
       and scalar steps, so the same bits; 2-4 KiB more static shared memory a loop (tensor_core.shared_bytes;
       a mask tile that no longer fits 48 KiB beside it is read from global memory, the same bits: dk/dv at head
       dim 192 with float64 masks, at 224 with bool and 16-bit ones). Compile-only (nvcc 13.0, sm_90, 255
