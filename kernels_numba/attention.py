@@ -168,12 +168,16 @@ def variant_for(pr, cfg) -> str:
 
 
 def fuses(pr, cfg, deterministic: bool) -> bool:
-    """Whether a tensor_core backward of ``pr`` runs fused (dQ through an fp32 accumulator with atomics): 16-bit
-    types up to KernelConfig.fused_backward_head_dim (whole rows per warp: tensor_core.col_parts), a backward not
-    asked to be deterministic, where the tensor_core variant runs."""
+    """Whether a backward of ``pr`` runs fused (dQ through an fp32 accumulator with atomics): where the
+    tensor_core variant runs and _fusable."""
+    return _fusable(pr, cfg, deterministic) and variant_for(pr, cfg) == "tensor_core"
+
+
+def _fusable(pr, cfg, deterministic: bool) -> bool:
+    """Whether a tensor_core backward of ``pr`` runs fused: 16-bit types up to KernelConfig.fused_backward_head_dim
+    (whole rows per warp: tensor_core.col_parts), a backward not asked to be deterministic."""
     return (not deterministic and layout.dtype_name(pr.dtype) in ("float16", "bfloat16")
-            and tensor_core.head_dim_for(pr.E, pr.Ev) <= cfg.fused_backward_head_dim
-            and variant_for(pr, cfg) == "tensor_core")
+            and tensor_core.head_dim_for(pr.E, pr.Ev) <= cfg.fused_backward_head_dim)
 
 
 def dq_accum_elements(pr) -> int:
@@ -283,7 +287,7 @@ def backward(pr, out, lse, dout, grads=None, config=None, delta=None, determinis
     if delta_from_out and reps_q == reps_k == reps_v == 1 and variant_for(pr, cfg) == "tensor_core" and \
             all(x.strides[-1] == x.itemsize for x in (dout_v, out_v)):
         accum = None
-        if fuses(pr, cfg, deterministic) and not want_dmask:
+        if _fusable(pr, cfg, deterministic) and not want_dmask:  # (the variant decided above)
             shape = dq_v.shape[:-1] + (tensor_core.head_dim_for(pr.E, pr.Ev),)
             accum = (xp.empty(shape, np.float32) if dq_accum is None else
                      dq_accum[:math.prod(shape)].reshape(shape))
