@@ -28,7 +28,7 @@
 # backward's dq and dk/dv kernels under ncu, bf16 E = 128 L = 4096), decode-tests (the KV cache on the GPU), fidelity-tests (PyTorch's behaviours, non-finite
 # inputs, the flash-attention slot, Hugging Face models), fuzz (60 s of random cases against the
 # reference), sanitize (every kernel family under compute-sanitizer's four tools; SANITIZE_ONLY=TEXT: the cases
-# whose name holds it, SANITIZE_TOOLS: some of the tools, RACECHECK_REPORT=hazard: each hazard, not the races), sweep, sweep-module (the
+# whose name holds it (A|B: either text), SANITIZE_TOOLS: some of the tools, RACECHECK_REPORT=hazard: each hazard, not the races), sweep, sweep-module (the
 # tutorial module's attention shape), hopper-fwd (the Hopper forward issue's points against cuDNN: the grid
 # in bf16 and fp16, head dims, the tutorial's call, GQA 32/8, long context), fwd-short-tests / fwd-short (the Hopper
 # forward's choices for short problems: O stored by TMA, FlashConfig.fwd90_tma_store, and a third K/V stage: their GPU

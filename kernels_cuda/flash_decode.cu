@@ -58,6 +58,12 @@ constexpr int PIPE_BYTES = NW * STAGES * STAGE_ELEMS * 2;
 constexpr int MERGE_BYTES = NW * ROWS * (EV_PAD + 2) * 4;
 static_assert(MERGE_BYTES <= PIPE_BYTES, "the merge reuses the pipeline's shared memory");
 
+// A compile-time flag as a value, to instantiate a generic lambda per case.
+template <bool B>
+struct Flag {
+    static constexpr bool value = B;
+};
+
 // Merging partial results: a sequence's splits (add_part), and the rows' results of a CTA's warps or splits
 // (merged_pair, merged_lse). A part weighing nothing adds nothing, by a select:
 // one that saw nothing of the row may hold 0 * NaN in its O, and its load is issued whatever its weight.
@@ -294,10 +300,16 @@ flash_decode_split(const elem_t* __restrict__ q, const elem_t* __restrict__ k_ca
     }
     offsets(STAGES - 1, ko, vo);
 
-    // the query of this thread's rows g and g + 8; padding rows see nothing (i = Lq)
-    int row_i[2];
+    // the query of this thread's rows g and g + 8; padding rows see nothing (i = Lq); and the keys [row_lo,
+    // row_hi) each row sees within this split: the per-element rule as two limits, found once
+    int row_i[2], row_lo[2], row_hi[2];
 #pragma unroll
-    for (int r = 0; r < 2; ++r) row_i[r] = g + 8 * r < R ? (g + 8 * r) % Lq : Lq;
+    for (int r = 0; r < 2; ++r) {
+        row_i[r] = g + 8 * r < R ? (g + 8 * r) % Lq : Lq;
+        vis.row_keys(row_i[r], row_lo[r], row_hi[r]);
+        row_lo[r] = max(row_lo[r], lo);
+        row_hi[r] = min(row_hi[r], hi);
+    }
 #if ALIBI
     float slope[2];  // of the rows' query heads (B, Hq)
 #pragma unroll
@@ -345,55 +357,64 @@ flash_decode_split(const elem_t* __restrict__ q, const elem_t* __restrict__ k_ca
                 mma_16816<IS_BF16>(s[0][2 * nn + 1], qf[kk], bf[2], bf[3]);
             }
 
-        // scores to log2 units, unseen ones -inf (a select: a NaN product stays out of unseen keys)
-        // (padding rows need no mask: their Q is zero and they are never written)
-        const bool full = vis.tile_full(0, Lq, j0, TILE) && j0 >= lo && j0 + TILE <= hi;
+        // Scores to log2 units, unseen ones -inf (a select: a NaN product stays out of unseen keys), then the
+        // online softmax. A tile every row sees whole (most of a long cache) takes the branch without a
+        // per-element test: with the test the compiler kept the 32 comparisons in a packed predicate word
+        // across the tile's products, a hundred instructions a tile. (Padding rows need no mask: their Q is
+        // zero and they are never written.)
         float alpha[2];
         bool rescale = false;
+        auto softmax = [&](auto full_tile) {
+            constexpr bool FULL = decltype(full_tile)::value;
 #pragma unroll
-        for (int r = 0; r < 2; ++r) {
-            float mx = -CUSDPA_INF;
+            for (int r = 0; r < 2; ++r) {
+                float mx = -CUSDPA_INF;
 #pragma unroll
-            for (int nt = 0; nt < NT; ++nt)
+                for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
-                for (int c = 0; c < 2; ++c) {
-                    const int j = j0 + nt * 8 + 2 * t + c;
-                    float x = s[0][nt][2 * r + c];
+                    for (int c = 0; c < 2; ++c) {
+                        const int j = j0 + nt * 8 + 2 * t + c;
+                        float x = s[0][nt][2 * r + c];
 #if SOFTCAP || ALIBI
-                    x *= scale;
+                        x *= scale;
 #if SOFTCAP
-                    x = soft_cap(x, cap_k, softcap);
+                        x = soft_cap(x, cap_k, softcap);
 #endif
 #if ALIBI
-                    x -= slope[r] * static_cast<float>(abs(row_i[r] + n_keys - Lq - j));
+                        x -= slope[r] * static_cast<float>(abs(row_i[r] + n_keys - Lq - j));
 #endif
-                    x *= LOG2E;
+                        x *= LOG2E;
 #else
-                    x *= scale_log2;
+                        x *= scale_log2;
 #endif
-                    x = full || (j >= lo && j < hi && vis.visible(row_i[r], j)) ? x : -CUSDPA_INF;
-                    s[0][nt][2 * r + c] = x;
-                    mx = fmaxf(mx, x);  // fmaxf skips NaN: a NaN score poisons the row through its p
-                }
-            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-            const float m_new = fmaxf(m_i[r], mx);
-            // a row with nothing visible yet keeps m = -inf; subtract 0 instead so exp2 gives 0, not NaN
-            const float m_use = m_new == -CUSDPA_INF ? 0.f : m_new;
-            alpha[r] = exp2f(m_i[r] - m_use);
-            rescale |= m_new != m_i[r];
-            m_i[r] = m_new;
-            float sum = 0.f;
+                        if (!FULL) x = j >= row_lo[r] && j < row_hi[r] ? x : -CUSDPA_INF;
+                        s[0][nt][2 * r + c] = x;
+                        mx = fmaxf(mx, x);  // fmaxf skips NaN: a NaN score poisons the row through its p
+                    }
+                mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+                mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+                const float m_new = fmaxf(m_i[r], mx);
+                // a row with nothing visible yet keeps m = -inf; subtract 0 instead so exp2 gives 0, not NaN
+                const float m_use = m_new == -CUSDPA_INF ? 0.f : m_new;
+                alpha[r] = exp2f(m_i[r] - m_use);
+                rescale |= m_new != m_i[r];
+                m_i[r] = m_new;
+                float sum = 0.f;
 #pragma unroll
-            for (int nt = 0; nt < NT; ++nt)
+                for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
-                for (int c = 0; c < 2; ++c) {
-                    const float p = exp2f(s[0][nt][2 * r + c] - m_use);
-                    s[0][nt][2 * r + c] = p;
-                    sum += p;
-                }
-            l_i[r] = l_i[r] * alpha[r] + sum;
-        }
+                    for (int c = 0; c < 2; ++c) {
+                        const float p = exp2f(s[0][nt][2 * r + c] - m_use);
+                        s[0][nt][2 * r + c] = p;
+                        sum += p;
+                    }
+                l_i[r] = l_i[r] * alpha[r] + sum;
+            }
+        };
+        if (vis.tile_full(0, Lq, j0, TILE) && j0 >= lo && j0 + TILE <= hi)
+            softmax(Flag<true>{});
+        else
+            softmax(Flag<false>{});
         if (__any_sync(0xffffffffu, rescale)) {
 #pragma unroll
             for (int vt = 0; vt < VT; ++vt)
