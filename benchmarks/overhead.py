@@ -6,7 +6,8 @@ host dominates.
 The tutorial's module (8 heads x 64, 32 x 512 tokens, fp16, causal), eager and under torch.compile, and one
 attention call of its shape on torch tensors and on CuPy arrays, inference and forward + backward; forward
 + backward also on a small problem (1 x 8 heads x 128 tokens), where the GPU work is negligible, and that problem
-with a bool mask on EFFICIENT against PyTorch's EFFICIENT_ATTENTION. "host" is the
+with a bool mask on EFFICIENT against PyTorch's EFFICIENT_ATTENTION; the eager torch calls also through the
+compiled replay (interop.native, built here first if it is not cached). "host" is the
 time until one call returns, started with an empty stream queue (each call follows a synchronize), so
 neither the GPU work behind earlier calls nor a full launch queue counts as host time; "with GPU" is the
 time per call of a round of back-to-back calls synchronised once. The lent machine's host speed drifts by up
@@ -28,7 +29,7 @@ import cusdpa
 import interop
 from cusdpa import dispatch, problem
 from cusdpa.backends import flash
-from interop import arguments, autograd, bridge, ops
+from interop import arguments, autograd, bridge, native, ops
 
 # Calls per round: a back-to-back round stays under ~500 launches, since past about a thousand pending
 # launches a stream's queue is full and the with-GPU figure would stop meaning anything.
@@ -84,6 +85,18 @@ class _Trivial(torch.autograd.Function):
         return grad, grad, grad
 
 
+def _compiled(fn):
+    """``fn`` with the compiled replay (interop.native) on, for its rounds only."""
+    def run():
+        native.enable(True)
+        try:
+            return fn()
+        finally:
+            native.enable(False)
+
+    return run
+
+
 def _profile(name: str, fn, calls=2000, rows=18):
     """cProfile of ``calls`` calls of fn, own time per call in microseconds, largest first."""
     prof = cProfile.Profile()
@@ -104,6 +117,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--profile", action="store_true")
     args = ap.parse_args()
+    if not native.load():
+        print(f"the compiled replay did not build: {native.reason()}")
     torch.manual_seed(0)
     module = interop.CausalSelfAttention(8, 512, is_causal=True).cuda().half().eval()
     reference = interop.CausalSelfAttention(8, 512, is_causal=True, attention="torch").cuda().half().eval()
@@ -136,6 +151,8 @@ def main():
             "cusdpa on CuPy arrays": lambda: cusdpa.scaled_dot_product_attention(cq, cq, cq, is_causal=True),
             "interop.scaled_dot_product_attention": lambda: interop.scaled_dot_product_attention(
                 q, q, q, is_causal=True),
+            "interop.sdpa, compiled replay": _compiled(lambda: interop.scaled_dot_product_attention(
+                q, q, q, is_causal=True)),
             "torch SDPA": lambda: sdpa(q, q, q, is_causal=True)})
         print("\nthe tutorial's module, inference:")
         t.update(measure({"module, cusdpa": lambda: module(x), "module, torch": lambda: reference(x),
@@ -145,10 +162,14 @@ def main():
     t.update(measure({
         "fwd+bwd, cusdpa": lambda: interop.scaled_dot_product_attention(qg, qg, qg, is_causal=True).backward(q),
         "fwd+bwd, torch": lambda: sdpa(qg, qg, qg, is_causal=True).backward(q),
+        "fwd+bwd, compiled replay": _compiled(
+            lambda: interop.scaled_dot_product_attention(qg, qg, qg, is_causal=True).backward(q)),
         "fwd+bwd, trivial Python Function": lambda: _Trivial.apply(qg, qg, qg).backward(q),
         "small fwd+bwd, cusdpa": lambda: interop.scaled_dot_product_attention(sg, sg, sg, is_causal=True).backward(
             small),
         "small fwd+bwd, torch": lambda: sdpa(sg, sg, sg, is_causal=True).backward(small),
+        "small fwd+bwd, compiled replay": _compiled(
+            lambda: interop.scaled_dot_product_attention(sg, sg, sg, is_causal=True).backward(small)),
         "backward op kernel called directly": lambda: ops.call(ops.sdpa_bwd, *bwd_args)}, TRAINING_CALLS))
     print("\na call that lands on EFFICIENT (bool mask, B=1 H=8 L=128 E=64; PyTorch's EFFICIENT_ATTENTION alike):")
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -183,8 +204,11 @@ def main():
     print("\ncusdpa's host time over PyTorch's (bars: eager forward 1.3, forward + backward 1.3, CuPy call against "
           "torch eager 1.5), and the compiled module's speed, PyTorch's time with GPU over cusdpa's (bar 0.95)")
     for what, ours, theirs in (("eager forward", "interop.scaled_dot_product_attention", "torch SDPA"),
+                               ("eager forward, compiled", "interop.sdpa, compiled replay", "torch SDPA"),
                                ("eager forward + backward", "fwd+bwd, cusdpa", "fwd+bwd, torch"),
+                               ("fwd + bwd, compiled replay", "fwd+bwd, compiled replay", "fwd+bwd, torch"),
                                ("small forward + backward", "small fwd+bwd, cusdpa", "small fwd+bwd, torch"),
+                               ("small fwd + bwd, compiled", "small fwd+bwd, compiled replay", "small fwd+bwd, torch"),
                                ("CuPy call vs torch eager", "cusdpa on CuPy arrays", "torch SDPA"),
                                ("EFFICIENT fwd+bwd (bar 1.5)", "EFFICIENT fwd+bwd, cusdpa", "EFFICIENT fwd+bwd, torch")):
         print(f"  {what:28s} host {t[ours][0]:7.1f} / {t[theirs][0]:7.1f} us = {t[ours][0] / t[theirs][0]:5.2f}x")

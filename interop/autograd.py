@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from . import ops
+from . import native, ops
 
 # The C implementation behind Function.apply (torch/autograd/function.py): a classmethod of _FunctionBase.
 _C_APPLY = torch._C._FunctionBase.__dict__["apply"]
@@ -123,8 +123,15 @@ def _deterministic(ctx) -> bool:
 
 def attention(query, key, value, attn_mask, alibi_slopes, seed, backends: str, options: tuple,
               deterministic: bool = False):
-    """(out, lse) of dense attention, out differentiable in query, key, value and a float attn_mask."""
-    if not _needs_grad(query, key, value, attn_mask):
+    """(out, lse) of dense attention, out differentiable in query, key, value and a float attn_mask. Plain eager
+    calls without mask or slopes on CUDA tensors replay their plans in compiled code where that is enabled
+    (``interop.native``)."""
+    need_grad = _needs_grad(query, key, value, attn_mask)
+    if native.ENABLED and attn_mask is None and alibi_slopes is None and query.is_cuda:
+        got = native.attention(query, key, value, seed, backends, options, deterministic, need_grad)
+        if got is not None:
+            return got
+    if not need_grad:
         return ops.call(ops.sdpa_fwd, query, key, value, attn_mask, alibi_slopes, *options, seed, backends)
     return _apply(Attention, query, key, value, attn_mask, alibi_slopes, seed, backends, options, deterministic)
 

@@ -58,19 +58,27 @@ varlen_fwd = torch.ops.cusdpa.varlen_fwd.default
 varlen_bwd = torch.ops.cusdpa.varlen_bwd.default
 
 
-def call(op, *args):
-    """``op(*args)``; in plain eager mode (tensors of class Tensor, no compilation, profiler, functorch transform
-    or dispatch mode) its kernel is called directly, which is what the dispatcher would call, without boxing
-    a dozen arguments into it and back (a few microseconds of host time per call)."""
-    kernel = _KERNELS.get(op)
-    if (kernel is None or torch.compiler.is_compiling() or torch.autograd.profiler._is_profiler_enabled
+def plain_eager(tensors) -> bool:
+    """Plain eager mode: no compilation, profiler, functorch transform or dispatch mode, and every tensor of
+    ``tensors`` (None allowed) of class Tensor, not meta (a subclass or meta tensor: the dispatcher decides,
+    the meta kernel being the fake op)."""
+    if (torch.compiler.is_compiling() or torch.autograd.profiler._is_profiler_enabled
             or torch._C._len_torch_dispatch_stack() or torch._C._are_functorch_transforms_active()):
+        return False
+    for a in tensors:
+        if a is not None and (type(a) is not Tensor or a.is_meta):
+            return False
+    return True
+
+
+def call(op, *args):
+    """``op(*args)``; in plain eager mode (``plain_eager``) its kernel is called directly, which is what the
+    dispatcher would call, without boxing a dozen arguments into it and back (a few microseconds of host time
+    per call)."""
+    kernel = _KERNELS.get(op)
+    if kernel is None or not plain_eager(args[:kernel[1]]):
         return op(*args)
-    fn, tensors = kernel
-    for a in args[:tensors]:
-        if a is not None and (type(a) is not Tensor or a.is_meta):  # a subclass or meta tensor: the dispatcher
-            return op(*args)                                        # decides (the meta kernel is the fake op)
-    return fn(*args)
+    return kernel[0](*args)
 
 
 _KERNELS: dict = {}  # op -> (its CPU/CUDA kernel, how many of its leading arguments are tensors)

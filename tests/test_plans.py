@@ -490,3 +490,89 @@ def test_cupy_vjp_replays_a_training_plan(dtype, backend, rng, monkeypatch):
     for got in runs:
         for g, w in zip(got, want):
             assert g.shape == w.shape and cp.array_equal(bits(g), bits(w))
+
+
+# ---- the compiled replay (interop.native) ---------------------------------------------------------------------
+
+def _native(monkeypatch, on: bool):
+    from interop import native
+
+    if not native.load():
+        pytest.fail(f"the compiled replay did not build: {native.reason()}")
+    monkeypatch.setattr(native, "ENABLED", on)
+
+
+def _run(torch, q, k, v, kw, dout, calls=2):
+    import interop
+
+    for _ in range(calls):  # the first call builds the plans (EFFICIENT's: the second), the last replays them
+        torch.manual_seed(5)
+        out = interop.scaled_dot_product_attention(q, k, v, **kw)
+    return out.detach(), torch.autograd.grad(out, (q, k, v), dout)
+
+
+NATIVE_CASES = dict(CASES, efficient_fp32_gqa=dict(q=(1, 4, 130, 32), kv=(1, 2, 150, 32), dtype="float32",
+                                                   kw=dict(is_causal=True, enable_gqa=True)),
+                    efficient_bf16_dropout=dict(q=(2, 2, 100, 64), kv=(2, 2, 120, 64), dtype="bfloat16",
+                                                kw=dict(dropout_p=0.2), backend="EFFICIENT"))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", sorted(NATIVE_CASES))
+def test_compiled_replay_gives_the_python_path_s_bits(name, rng, monkeypatch):
+    """The plans replayed by the C++ op (forward, and the backward on autograd's thread) against the same plans
+    replayed in Python: outputs, their strides and gradients bit for bit, dropout included."""
+    torch = _torch_cuda()
+    import cusdpa
+    from cusdpa.backends import plans
+
+    case = NATIVE_CASES[name]
+    q, k, v = _inputs(torch, case["q"], case["kv"], getattr(torch, case["dtype"]), int(rng.integers(2**31)))
+    dout = torch.randn(*case["q"][:-1], case["kv"][-1], device="cuda", dtype=q.dtype)
+    backends = [getattr(cusdpa.Backend, case["backend"])] if "backend" in case else list(cusdpa.Backend)
+    plans._plans.clear()
+    with cusdpa.sdpa_kernel(backends):
+        _native(monkeypatch, False)
+        slow, want = _run(torch, q, k, v, case["kw"], dout, calls=3)
+        _native(monkeypatch, True)
+        fast, got = _run(torch, q, k, v, case["kw"], dout, calls=3)
+    assert any(type(p) is int for p in plans._plans.values()), "no call took the compiled replay"
+    assert torch.equal(fast, slow) and fast.stride() == slow.stride()
+    for g, w in zip(got, want):
+        assert g.shape == w.shape and g.stride() == w.stride() and torch.equal(g, w)
+
+
+@pytest.mark.gpu
+def test_compiled_replay_falls_back_when_deterministic_mode_turns(monkeypatch):
+    """A backward whose deterministic mode turned on since the forward takes the general path's deterministic
+    backward (the plan prepared a non-deterministic one); inference tensors and a side stream replay too."""
+    torch = _torch_cuda()
+    import interop
+
+    q, k, v = _inputs(torch, (2, 4, 300, 64), (2, 4, 300, 64), torch.bfloat16, 3)
+    dout = torch.randn(2, 4, 300, 64, device="cuda", dtype=torch.bfloat16)
+    _native(monkeypatch, False)
+    torch.use_deterministic_algorithms(True)
+    try:
+        out = interop.scaled_dot_product_attention(q, k, v, is_causal=True)
+        want = torch.autograd.grad(out, (q, k, v), dout)
+    finally:
+        torch.use_deterministic_algorithms(False)
+    _native(monkeypatch, True)
+    for _ in range(2):
+        out = interop.scaled_dot_product_attention(q, k, v, is_causal=True)
+    torch.use_deterministic_algorithms(True)
+    try:
+        got = torch.autograd.grad(out, (q, k, v), dout)
+    finally:
+        torch.use_deterministic_algorithms(False)
+    for g, w in zip(got, want):
+        assert torch.equal(g, w)
+    with torch.inference_mode():
+        again = interop.scaled_dot_product_attention(q, k, v, is_causal=True)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side), torch.no_grad():
+        on_side = interop.scaled_dot_product_attention(q, k, v, is_causal=True)
+    torch.cuda.current_stream().wait_stream(side)
+    assert torch.equal(again, out.detach()) and torch.equal(on_side, out.detach())

@@ -1,0 +1,211 @@
+"""Plans replayed in compiled code (replay.cpp): plain eager dense calls on CUDA tensors through one C++ op,
+``cusdpa_native::attention``, whose autograd Function allocates and launches what the Python ops would
+(the same plans, ``cusdpa.backends.plans``), without the Python autograd Function, the ops' bodies and their
+per-call Python. What stays in Python is the front end and one signature lookup per call.
+
+The library is built on first use with the system's C++ compiler (``CXX``, default g++) against the headers
+and libraries of the installed torch, into a per-user cache (``CUSDPA_CACHE_DIR``, default
+~/.cache/cusdpa), about 25 s once per torch version, and loaded with ``torch.ops.load_library``. Where it
+cannot be built or loaded, calls take the Python path (``interop.autograd``) and ``reason()`` says why.
+
+Off until measured on the GPU: ``CUSDPA_NATIVE=1`` in the environment, or ``enable()``. Calls it takes: no
+attn_mask, no ALiBi slopes, dense (not nested or packed), plain eager mode (``ops.plain_eager``), a plan for
+the forward and, where a gradient is wanted, one for the backward, and TMA maps whose address the driver
+keeps at a known offset. Everything else, and the first call of each signature, is the Python path's.
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+import struct
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+import torch
+
+from cusdpa.backends import plans
+from cusdpa.backends.launch import Launch, ZeroWords
+
+from .. import ops
+
+SOURCE = Path(__file__).with_name("replay.cpp")
+ENABLED = os.environ.get("CUSDPA_NATIVE", "0") == "1"
+_state = {"loaded": None, "reason": "not built yet"}  # loaded: None (not tried), True, False
+_lock = threading.Lock()
+_fallbacks: dict = {}  # plan id -> the general path's backward of its calls (grad_out, q, k, v, out, lse, seed)
+_kept: dict = {}  # plan id -> the Python plans whose launches it replays (their modules and arrays stay alive)
+# The library keeps its plans for the process's life (a backward may run long after its forward), so a
+# process that keeps making new signatures stops making compiled plans past this many: the Python path's
+# plans take the rest.
+MAX_PLANS = 4 * plans.MAX_PLANS
+
+
+def enable(on: bool = True) -> None:
+    """Take (or stop taking) the compiled path for the calls it serves, from the next call on."""
+    global ENABLED
+    ENABLED = on
+
+
+def reason() -> str:
+    """Why the compiled path is not loaded ("" once it is)."""
+    return _state["reason"]
+
+
+def _compile_command(out: str) -> list[str]:
+    root = Path(torch.__file__).parent
+    return [os.environ.get("CXX", "g++"), "-O2", "-std=c++20", "-shared", "-fPIC",
+            f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}", f"-I{root / 'include'}",
+            f"-I{root / 'include' / 'torch' / 'csrc' / 'api' / 'include'}", str(SOURCE), "-o", out,
+            f"-L{root / 'lib'}", "-lc10", "-ltorch_cpu", "-ltorch", f"-Wl,-rpath,{root / 'lib'}", "-ldl"]
+
+
+def library_path() -> Path:
+    """Where the library of this source, torch version and compiler lives (built or not)."""
+    digest = hashlib.sha256(SOURCE.read_bytes() + torch.__version__.encode()
+                            + " ".join(_compile_command("x")[:1]).encode()).hexdigest()[:16]
+    base = Path(os.environ.get("CUSDPA_CACHE_DIR") or Path.home() / ".cache" / "cusdpa")
+    return base / "native" / f"replay-{digest}.so"
+
+
+def load() -> bool:
+    """Build (once) and load the library; False, with ``reason()``, where that fails."""
+    if _state["loaded"] is not None:
+        return _state["loaded"]
+    with _lock:
+        if _state["loaded"] is None:
+            try:
+                path = library_path()
+                if not path.exists():
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".so", delete=False) as tmp:
+                        pass
+                    run = subprocess.run(_compile_command(tmp.name), capture_output=True, text=True)
+                    if run.returncode != 0:
+                        os.unlink(tmp.name)
+                        raise RuntimeError(f"compiling {SOURCE.name} failed:\n{run.stderr[-3000:]}")
+                    os.replace(tmp.name, path)  # whole or not at all, for processes building side by side
+                torch.ops.load_library(str(path))
+                # the op the library calls back for a backward its plan did not prepare
+                torch.library.impl("cusdpa_native::fallback_backward", ("CPU", "CUDA"))(_fallback_backward)
+                _state.update(loaded=True, reason="")
+            except Exception as e:  # noqa: BLE001 (any failure leaves the Python path, and says why)
+                _state.update(loaded=False, reason=f"{type(e).__name__}: {e}")
+    return _state["loaded"]
+
+
+def _fallback_backward(grad_out, query, key, value, out, lse, plan: int, seed: int):
+    return _fallbacks[plan](grad_out, query, key, value, out, lse, seed)
+
+
+# ---- plans into integers ------------------------------------------------------------------------------------
+
+class Unencodable(Exception):
+    """A plan the compiled replay cannot take (a launch of another kind, a TMA map encoded afresh per call)."""
+
+
+def _signed(x: int) -> int:
+    x &= 0xFFFF_FFFF_FFFF_FFFF
+    return x - (1 << 64) if x >> 63 else x
+
+
+def _shape(shape, strides=None) -> list[int]:
+    return [len(shape), *shape, *(strides or ())]
+
+
+def _launches(launches) -> list[int]:
+    out = [len(launches)]
+    for x in launches:
+        if isinstance(x, ZeroWords):
+            out += [2, x.slot, x.nbytes]
+        elif isinstance(x, Launch):
+            if any(tensor_map.offset is None for _, _, tensor_map in x.maps):
+                raise Unencodable("a TMA map encoded afresh per call")
+            out += [1, x.fn.ptr, *x.grid, x.block[0], x.smem, len(x.cells), *x.cells, len(x.maps)]
+            for cell, slot, tensor_map in x.maps:
+                out += [cell, slot, tensor_map.offset // 8, *struct.unpack("<16Q", tensor_map.template)]
+            out += [len(x.slots)]
+            for cell, slot in x.slots:
+                out += [cell, slot]
+        else:
+            raise Unencodable(f"a launch of kind {type(x).__name__}")
+    return out
+
+
+def encode(forward: plans.Plan, backward: plans.Plan | None, deterministic: bool, forced: bool) -> list[int]:
+    """The integers of replay.cpp's plan encoding: ``forward``'s launches, out and lse, and where a gradient is
+    wanted ``backward``'s (a training plan reading dout in out's layout), summing in a fixed order
+    (``deterministic``), whatever torch's deterministic mode (``forced``)."""
+    if forward.summary or (backward is not None and backward.summary):
+        raise Unencodable("an attn_mask's summary")
+    code = [forward.device, int(deterministic), int(forced), *_shape(forward.out_shape, forward.out_strides),
+            *_shape(forward.lse_shape), *_launches(forward.forward)]
+    if backward is None:
+        code.append(0)
+    else:
+        code.append(1)
+        for shape, strides in zip(backward.grad_shapes, backward.grad_strides):
+            code += _shape(shape, strides)
+        code += [backward.dq_accum_elements, *_launches(backward.backward)]
+    return [_signed(x) for x in code]
+
+
+def add(forward: plans.Plan, backward: plans.Plan | None, deterministic: bool, forced: bool, fallback) -> int:
+    """Register a plan with the library; its id. ``fallback(grad_out, q, k, v, out, lse, seed)``: the backward
+    when the one prepared does not serve (torch's deterministic mode turned since the forward)."""
+    pid = torch.ops.cusdpa_native.add_plan(encode(forward, backward, deterministic, forced))
+    _fallbacks[pid] = fallback
+    _kept[pid] = (forward, backward)
+    return pid
+
+
+# ---- the calls -----------------------------------------------------------------------------------------------
+
+def _general_backward(options: tuple, backends: str, forced: bool, grad_out, query, key, value, out, lse, seed: int):
+    seed_tensor = torch.tensor([seed], dtype=torch.int64) if options[0] > 0 else None
+    dq, dk, dv, _ = ops.call(ops.sdpa_bwd, grad_out, query, key, value, None, None, out, lse, *options, seed_tensor,
+                             backends, forced or torch.are_deterministic_algorithms_enabled(), False)
+    return dq, dk, dv
+
+
+def _make(query, key, value, options: tuple, backends: str, need_grad: bool, forced: bool):
+    """The plan id of a call's signature: None where the compiled path does not take it, plans.NOT_YET where a
+    later call may (EFFICIENT records its launches on the general path first). Validates as the general path
+    would, raising what it raises."""
+    pr = ops._problem(query, key, value, None, options)
+    if len(_kept) >= MAX_PLANS:
+        return None
+    out_strides = plans.token_major_strides(pr.out_shape)
+    addresses = ops._addresses(query, key, value, None)
+    forward = plans.build(pr, ops._select(pr, backends, need_grad=False).backend, out_strides, backward=False,
+                          addresses=addresses)
+    deterministic = forced or torch.are_deterministic_algorithms_enabled()
+    backward = None
+    if need_grad and isinstance(forward, plans.Plan):
+        backward = plans.build(pr, ops._select(pr, backends, need_grad=True).backend, out_strides, backward=True,
+                               deterministic=deterministic, addresses=addresses)
+    if forward is plans.NOT_YET or backward is plans.NOT_YET:
+        return plans.NOT_YET
+    if not isinstance(forward, plans.Plan) or (need_grad and not isinstance(backward, plans.Plan)):
+        return None
+    try:
+        return add(forward, backward, deterministic, forced,
+                   functools.partial(_general_backward, options, backends, forced))
+    except Unencodable:
+        return None
+
+
+def attention(query, key, value, seed, backends: str, options: tuple, deterministic: bool, need_grad: bool):
+    """(out, lse) of a dense call without mask or slopes on CUDA tensors through the compiled replay, or None:
+    take the Python path."""
+    if not ops.plain_eager((query, key, value)) or not (_state["loaded"] or load()):
+        return None
+    forced = bool(deterministic)
+    signature = ops._signature(query, key, value, None, options, backends) + (
+        "native", need_grad, forced, need_grad and torch.are_deterministic_algorithms_enabled())
+    pid = plans.lookup(signature, lambda: _make(query, key, value, options, backends, need_grad, forced))
+    if pid is None:
+        return None
+    return torch.ops.cusdpa_native.attention(query, key, value, pid, _signed(ops.seed_of(seed, options[0])))
