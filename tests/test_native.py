@@ -185,8 +185,9 @@ def test_a_library_that_does_not_build_leaves_the_python_path(monkeypatch, tmp_p
 
 
 def test_the_front_end_makes_a_plan_once_a_signature(driver, monkeypatch):
-    """interop.native.attention: one plan a signature (gradient wanted or not apart), the dropout seed into its
-    cells, and no compiled replay under the profiler (the Python path names its ranges)."""
+    """interop.native.attention: one plan a signature (gradient wanted or not apart), found by the library from
+    the second call on, the dropout seed into its cells, and no compiled replay under the profiler (the Python
+    path names its ranges)."""
     from interop import arguments
 
     fwd, bwd = _plans(driver)
@@ -197,7 +198,6 @@ def test_the_front_end_makes_a_plan_once_a_signature(driver, monkeypatch):
         return native.add(fwd, bwd if need_grad else None, forced, forced, None)
 
     monkeypatch.setattr(native, "_make", make)
-    monkeypatch.setattr(plans, "_plans", {})
     q, k, v = _inputs()
     options = arguments.options(0.25, True, None, False, "upper_left", None, 0.0)
     seed = torch.tensor([(3 << 32) | 9], dtype=torch.int64)
@@ -210,3 +210,26 @@ def test_the_front_end_makes_a_plan_once_a_signature(driver, monkeypatch):
     assert lse.view(-1)[1].item() == 10 and lse.view(-1)[0].item() == 12  # seed_lo + row, + seed_hi at row 0
     with torch.autograd.profiler.profile():
         assert native.attention(q, k, v, seed, "flash", options, False, True) is None
+
+
+def test_signatures_without_a_plan_take_the_python_path_without_asking_again(driver, monkeypatch):
+    """A signature _make refuses is bound to none (the library answers for it from then on); one whose plan is
+    not ready yet (EFFICIENT's first call) is asked again, plans.TRIES times in all."""
+    from interop import arguments
+
+    answers = [None, plans.NOT_YET]
+    made = []
+
+    def make(*args):
+        made.append(answers[0])
+        return answers[0]
+
+    monkeypatch.setattr(native, "_make", make)
+    q, k, v = _inputs()
+    for causal, answer in ((False, None), (True, plans.NOT_YET)):
+        answers[0] = answer
+        made.clear()
+        options = arguments.options(0.0, causal, 0.125, False, "upper_left", [3, 1], 0.0)
+        for _ in range(plans.TRIES + 2):
+            assert native.attention(q, k, v, None, "flash,math", options, False, True) is None
+        assert len(made) == (1 if answer is None else plans.TRIES)

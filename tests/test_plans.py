@@ -494,12 +494,22 @@ def test_cupy_vjp_replays_a_training_plan(dtype, backend, rng, monkeypatch):
 
 # ---- the compiled replay (interop.native) ---------------------------------------------------------------------
 
-def _native(monkeypatch, on: bool):
+def _native(monkeypatch, on: bool) -> list:
+    """The compiled replay on or off; the list of whether each call took it since."""
     from interop import native
 
     if not native.load():
         pytest.fail(f"the compiled replay did not build: {native.reason()}")
     monkeypatch.setattr(native, "ENABLED", on)
+    taken, real = [], native.attention
+
+    def spy(*args):
+        got = real(*args)
+        taken.append(got is not None)
+        return got
+
+    monkeypatch.setattr(native, "attention", spy)
+    return taken
 
 
 def _run(torch, q, k, v, kw, dout, calls=2):
@@ -525,6 +535,7 @@ def test_compiled_replay_gives_the_python_path_s_bits(name, rng, monkeypatch):
     torch = _torch_cuda()
     import cusdpa
     from cusdpa.backends import plans
+    from interop import native
 
     case = NATIVE_CASES[name]
     q, k, v = _inputs(torch, case["q"], case["kv"], getattr(torch, case["dtype"]), int(rng.integers(2**31)))
@@ -534,9 +545,9 @@ def test_compiled_replay_gives_the_python_path_s_bits(name, rng, monkeypatch):
     with cusdpa.sdpa_kernel(backends):
         _native(monkeypatch, False)
         slow, want = _run(torch, q, k, v, case["kw"], dout, calls=3)
-        _native(monkeypatch, True)
+        taken = _native(monkeypatch, True)
         fast, got = _run(torch, q, k, v, case["kw"], dout, calls=3)
-    assert any(type(p) is int for p in plans._plans.values()), "no call took the compiled replay"
+    assert taken[-1], f"the last call did not take the compiled replay: {native.reason() or taken}"
     assert torch.equal(fast, slow) and fast.stride() == slow.stride()
     for g, w in zip(got, want):
         assert g.shape == w.shape and g.stride() == w.stride() and torch.equal(g, w)
@@ -558,9 +569,10 @@ def test_compiled_replay_falls_back_when_deterministic_mode_turns(monkeypatch):
         want = torch.autograd.grad(out, (q, k, v), dout)
     finally:
         torch.use_deterministic_algorithms(False)
-    _native(monkeypatch, True)
+    taken = _native(monkeypatch, True)
     for _ in range(2):
         out = interop.scaled_dot_product_attention(q, k, v, is_causal=True)
+    assert taken == [True, True]
     torch.use_deterministic_algorithms(True)
     try:
         got = torch.autograd.grad(out, (q, k, v), dout)

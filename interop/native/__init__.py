@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from cusdpa import dispatch, problem
 from cusdpa.backends import plans
 from cusdpa.backends.launch import Launch, ZeroWords
 
@@ -197,15 +198,47 @@ def _make(query, key, value, options: tuple, backends: str, need_grad: bool, for
         return None
 
 
+_WINDOW = problem.OPTION_NAMES.index("window")  # the one option the ops take as a list (unhashable)
+_kinds: dict = {}  # call kind (everything of a signature but the tensors) -> its int for the library
+_tries: dict = {}  # signature -> calls whose plan was not ready yet (EFFICIENT's, before its general path ran)
+
+
+def _kind(options: tuple, backends: str, need_grad: bool, forced: bool) -> int:
+    window = options[_WINDOW]
+    if window is not None:
+        options = options[:_WINDOW] + (tuple(window),) + options[_WINDOW + 1:]
+    kind = (options, backends, need_grad, forced, need_grad and torch.are_deterministic_algorithms_enabled(),
+            dispatch.kernel_config_key())
+    found = _kinds.get(kind)
+    if found is None:
+        with _lock:
+            found = _kinds.setdefault(kind, len(_kinds))
+    return found
+
+
 def attention(query, key, value, seed, backends: str, options: tuple, deterministic: bool, need_grad: bool):
     """(out, lse) of a dense call without mask or slopes on CUDA tensors through the compiled replay, or None:
-    take the Python path."""
+    take the Python path. The library finds the plan by the call's signature; the first call of a signature
+    builds it (``_make``) and binds it there."""
     if not ops.plain_eager((query, key, value)) or not (_state["loaded"] or load()):
         return None
     forced = bool(deterministic)
-    signature = ops._signature(query, key, value, None, options, backends) + (
-        "native", need_grad, forced, need_grad and torch.are_deterministic_algorithms_enabled())
-    pid = plans.lookup(signature, lambda: _make(query, key, value, options, backends, need_grad, forced))
+    kind = _kind(options, backends, need_grad, forced)
+    seed_word = _signed(ops.seed_of(seed, options[0]))
+    out, lse, found = torch.ops.cusdpa_native.call(query, key, value, kind, seed_word)
+    if found > 0:
+        return out, lse
+    if found < 0:  # bound to none: the Python path's
+        return None
+    pid = _make(query, key, value, options, backends, need_grad, forced)
+    if pid is plans.NOT_YET:  # a later call tries again, a few times
+        signature = ops._signature(query, key, value, None, options, backends) + (kind,)
+        with _lock:
+            tries = _tries[signature] = _tries.get(signature, 0) + 1
+        if tries < plans.TRIES:
+            return None
+        pid = None
+    torch.ops.cusdpa_native.bind(kind, query, key, value, -1 if pid is None else pid)
     if pid is None:
         return None
-    return torch.ops.cusdpa_native.attention(query, key, value, pid, _signed(ops.seed_of(seed, options[0])))
+    return torch.ops.cusdpa_native.attention(query, key, value, pid, seed_word)

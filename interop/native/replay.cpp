@@ -4,7 +4,8 @@
 //
 // A plan (cusdpa/backends/plans.py) is every launch of one call signature with the operands' addresses left as
 // slots; interop/native.py encodes one into integers once (``add_plan``) and then calls
-// ``cusdpa_native::attention(q, k, v, plan, seed)``, whose autograd kernel is a C++ autograd Function: its forward
+// ``cusdpa_native::attention(q, k, v, plan, seed)`` (``call``: the plan bound to the call's signature, found
+// here), whose autograd kernel is a C++ autograd Function: its forward
 // allocates out and lse and issues the forward launches, its backward allocates dq, dk, dv, delta and the dQ
 // workspace and issues the backward launches, on torch's current stream of the inputs' device. The driver is
 // opened at run time (libcuda.so.1, or CUSDPA_LIBCUDA: the CPU tests' stand-in), so this file needs no CUDA
@@ -34,6 +35,7 @@
 #include <cstring>
 #include <memory>
 #include <mutex>
+#include <unordered_map>
 #include <vector>
 
 namespace {
@@ -176,6 +178,57 @@ struct Reader {
 
 std::mutex plans_lock;
 std::vector<std::unique_ptr<Plan>> plans;
+
+// ---- signatures ------------------------------------------------------------------------------------------------
+// A call's plan is found by its signature: the Python side's "call kind" (options, backends, whether a gradient
+// is wanted, the deterministic flags, the kernel configuration: everything but the tensors, as a small int) and
+// the tensors' ranks, sizes, strides, dtypes and devices and whether their bases are 16-byte aligned, which this
+// file reads in a few nanoseconds where Python took microseconds (interop/ops.py _signature).
+
+using Signature = std::vector<int64_t>;
+
+struct SignatureHash {
+    size_t operator()(const Signature& s) const {
+        uint64_t h = 1469598103934665603ull;
+        for (int64_t x : s) h = (h ^ static_cast<uint64_t>(x)) * 1099511628211ull;
+        return static_cast<size_t>(h);
+    }
+};
+
+Signature signature_of(int64_t kind, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
+    Signature s{kind};
+    s.reserve(40);
+    uint64_t bases = 0;
+    for (const at::Tensor* t : {&q, &k, &v}) {
+        s.push_back(t->dim());
+        for (int64_t x : t->sizes()) s.push_back(x);
+        for (int64_t x : t->strides()) s.push_back(x);
+        s.push_back(static_cast<int64_t>(t->scalar_type()));
+        s.push_back(static_cast<int64_t>(t->device().type()) * 1024 + t->device().index());
+        bases |= reinterpret_cast<uint64_t>(t->data_ptr());
+    }
+    s.push_back(bases % 16 == 0);
+    return s;
+}
+
+std::mutex bound_lock;
+std::unordered_map<Signature, int64_t, SignatureHash> bound;  // signature -> plan id
+
+// Plan `plan` serves the calls of kind `kind` on tensors like these (-1: none does).
+void bind(int64_t kind, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t plan) {
+    Signature s = signature_of(kind, q, k, v);
+    std::lock_guard<std::mutex> guard(bound_lock);
+    if (bound.size() >= 4096) bound.clear();  // the Python side binds again on a miss
+    bound[std::move(s)] = plan;
+}
+
+// The plan bound to a call's signature, -1 where "none" was bound, -2 where nothing was.
+int64_t bound_plan(int64_t kind, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
+    const Signature s = signature_of(kind, q, k, v);
+    std::lock_guard<std::mutex> guard(bound_lock);
+    const auto found = bound.find(s);
+    return found == bound.end() ? -2 : found->second;
+}
 
 const Plan& plan_of(int64_t id) {
     std::lock_guard<std::mutex> guard(plans_lock);
@@ -341,16 +394,37 @@ std::tuple<Tensor, Tensor> attention_forward(const Tensor& q, const Tensor& k, c
     return {outs[0], outs[1]};
 }
 
+// `attention` by the plan bound to the call's signature, and 1; or no outputs (None in Python) and 0 where no
+// plan is bound yet, -1 where the Python side bound "none" (plan -1: those calls take the Python path).
+template <std::tuple<Tensor, Tensor> (*RUN)(const Tensor&, const Tensor&, const Tensor&, int64_t, int64_t)>
+std::tuple<Tensor, Tensor, int64_t> call(const Tensor& q, const Tensor& k, const Tensor& v, int64_t kind, int64_t seed) {
+    const int64_t plan = bound_plan(kind, q, k, v);
+    if (plan < 0) return {Tensor(), Tensor(), plan == -1 ? -1 : 0};
+    auto [out, lse] = RUN(q, k, v, plan, seed);
+    return {out, lse, 1};
+}
+
 }  // namespace
 
 TORCH_LIBRARY(cusdpa_native, m) {
     m.def("add_plan(int[] code) -> int", add_plan);
+    m.def("bind(int kind, Tensor q, Tensor k, Tensor v, int plan) -> ()", bind);
     m.def("attention(Tensor q, Tensor k, Tensor v, int plan, int seed) -> (Tensor, Tensor)");
+    m.def("call(Tensor q, Tensor k, Tensor v, int kind, int seed) -> (Tensor, Tensor, int)");
     // implemented in Python (interop/native.py): the general path's backward of a plan's call
     m.def("fallback_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, int plan, "
           "int seed) -> (Tensor, Tensor, Tensor)");
 }
 
-TORCH_LIBRARY_IMPL(cusdpa_native, Autograd, m) { m.impl("attention", attention); }
-TORCH_LIBRARY_IMPL(cusdpa_native, CUDA, m) { m.impl("attention", attention_forward); }
-TORCH_LIBRARY_IMPL(cusdpa_native, CPU, m) { m.impl("attention", attention_forward); }
+TORCH_LIBRARY_IMPL(cusdpa_native, Autograd, m) {
+    m.impl("attention", attention);
+    m.impl("call", call<attention>);
+}
+TORCH_LIBRARY_IMPL(cusdpa_native, CUDA, m) {
+    m.impl("attention", attention_forward);
+    m.impl("call", call<attention_forward>);
+}
+TORCH_LIBRARY_IMPL(cusdpa_native, CPU, m) {
+    m.impl("attention", attention_forward);
+    m.impl("call", call<attention_forward>);
+}
