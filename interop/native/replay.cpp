@@ -75,6 +75,20 @@ const Driver& driver() {
     return d;
 }
 
+// torch's current CUDA stream of a device, as a cudaStream_t: through the C shim libtorch_cuda exports for
+// AOTInductor's generated code (torch 2.3 on), else through c10::Stream::native_handle (torch 2.11 on), which
+// a CUDA build without the shim must have. Neither needs CUDA headers or linking libtorch_cuda.
+void* current_stream(const c10::Device& device) {
+    using Shim = int (*)(int32_t, void**);
+    static const Shim shim = [] {
+        void* lib = dlopen("libtorch_cuda.so", RTLD_NOW | RTLD_NOLOAD);
+        return lib ? reinterpret_cast<Shim>(dlsym(lib, "aoti_torch_get_current_cuda_stream")) : nullptr;
+    }();
+    void* stream = nullptr;
+    if (shim && shim(device.index(), &stream) == 0) return stream;
+    return c10::impl::getDeviceGuardImpl(c10::DeviceType::CUDA)->getStream(device).native_handle();
+}
+
 void check(int result, const char* what) { TORCH_CHECK(result == 0, "cusdpa native replay: ", what, " failed (CUresult ", result, ")"); }
 
 // ---- plans --------------------------------------------------------------------------------------------------
@@ -278,7 +292,7 @@ void issue(const std::vector<Launch>& launches, const Values& values, const c10:
             check(driver().primary_ctx_retain(&ctx, dev), "cuDevicePrimaryCtxRetain");
             check(driver().ctx_set_current(ctx), "cuCtxSetCurrent");
         }
-        stream = c10::impl::getDeviceGuardImpl(c10::DeviceType::CUDA)->getStream(device).native_handle();
+        stream = current_stream(device);
     }
     std::vector<uint64_t> words;
     std::vector<void*> params;
