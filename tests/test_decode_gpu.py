@@ -27,7 +27,10 @@ CASES = {  # name -> (E, Ev, Hq, Hkv, Lq, new, paged, lengths, capacity, options
     "different_dims": (192, 128, 16, 2, 2, 1, False, [700, 5, 1, 64], 1024, dict(is_causal=True)),
     "odd_dim_multi_query": (40, 40, 6, 2, 5, 0, False, [50, 6, 1000, 3], 1024, dict(is_causal=True)),
     "one_sequence_long": (128, 128, 32, 8, 1, 0, True, [32768], 32768, dict()),
+    # blocks of 24 positions: a tile straddles blocks, so each key's address is gathered (the non-affine copy)
+    "paged_small_blocks": (64, 64, 8, 2, 1, 1, True, [100, 37, 0, 250], 264, dict(is_causal=True, window=(50, 0))),
 }
+BLOCK_SIZE = {"paged_small_blocks": 24}  # positions per block of a paged case (default 256)
 
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
@@ -45,7 +48,7 @@ def _check_case(name, dtype):
     rng = np.random.default_rng(len(name))
     B = len(lengths)
     np_dtype = np.dtype(dtype) if dtype == "float16" else _bf16()
-    block = 256
+    block = BLOCK_SIZE.get(name, 256)
     if paged:
         per_seq = capacity // block
         table = rng.permutation(B * per_seq + 3)[:B * per_seq].reshape(B, per_seq).astype(np.int32)
