@@ -64,6 +64,11 @@ CASES = [  # (name, backend, dtype, (B, Hq, Hkv, L, S, E, Ev), options, mask kin
      (1, 4, 2, 45, 70, 128, 128), dict(dropout_p=0.2), "bool", "tensor_core+fp32+sharedscores"),
     ("efficient tensor_core E192 shared scores causal float mask", Backend.EFFICIENT, "bfloat16",
      (1, 2, 2, 37, 51, 192, 160), dict(is_causal=True), "float", "tensor_core+wide+sharedscores+masktiles"),
+    # the dk/dv loops' 32-query steps in dynamic shared memory past 48 KiB: fused (bf16 E128), fp32 column parts
+    ("efficient tensor_core fused E128 dynamic shared memory bool mask", Backend.EFFICIENT, "bfloat16",
+     (1, 4, 2, 45, 70, 128, 128), dict(dropout_p=0.2), "bool", "tensor_core+fused+dynamic+masktiles"),
+    ("efficient tensor_core fp32 E128 dynamic shared memory causal", Backend.EFFICIENT, "float32",
+     (1, 2, 1, 45, 70, 128, 128), dict(is_causal=True), None, "tensor_core+fp32+dynamic"),
     ("efficient portable float mask", Backend.EFFICIENT, "float32", (1, 2, 1, 29, 41, 72, 40), dict(is_causal=True),
      "float", "portable"),
     ("efficient portable dropout", Backend.EFFICIENT, "bfloat16", (1, 2, 2, 30, 30, 64, 64), dict(dropout_p=0.3),
@@ -105,7 +110,8 @@ def run(name, backend, dtype, dims, options, mask_kind, variant, rng) -> float:
                                            tensor_core_fp32_fast_split="fastsplit" in flags,
                                            tensor_core_shared_scores="sharedscores" in flags,
                                            tensor_core_head_dim=256 if "wide" in flags else 128,
-                                           tensor_core_mask_tiles="masktiles" in flags)
+                                           tensor_core_mask_tiles="masktiles" in flags,
+                                           tensor_core_dynamic_smem="dynamic" in flags)
     else:
         knobs = kernels_numba.current()
     with cusdpa.sdpa_kernel([backend]), kernels_numba.configured(knobs):

@@ -375,17 +375,43 @@ __device__ void backward_dq(const BwdArgs& a) {
   store_rows<COLS>(a.dx + c0, a.dx_rs, acc, a.scale, row0, a.vis.L, a.E - c0, t);
 }
 
+// EFF_DYNAMIC_SMEM (dk/dv loops; KernelConfig.tensor_core_dynamic_smem): the loop's tiles in the block's dynamic
+// shared memory, which the launch sizes past the 48 KiB a block may declare statically, so that steps of 32
+// queries fit where static memory held 16 (the fused loop at head dim 128, fp32 past 64, 16-bit past 224).
+// EFF_SHARED declares one tile either way: a static array, or the next 16-byte-aligned piece of that memory.
+#ifndef EFF_DYNAMIC_SMEM
+#define EFF_DYNAMIC_SMEM 0
+#endif
+#if EFF_DYNAMIC_SMEM
+template <class T>
+__device__ __forceinline__ T* carve(unsigned char*& cursor, int count) {
+  T* piece = reinterpret_cast<T*>(cursor);
+  cursor += (count * int(sizeof(T)) + 15) / 16 * 16;
+  return piece;
+}
+#define EFF_SHARED(T, name, count) T* name = carve<T>(dynamic_cursor, count)
+#define EFF_SHARED_WORDS(T, name, count) EFF_SHARED(T, name, count)
+#else
+#define EFF_SHARED(T, name, count) __shared__ __align__(16) T name[count]
+#define EFF_SHARED_WORDS(T, name, count) __shared__ T name[count]  // 4-byte aligned
+#endif
+
 template <int HEAD_DIM, int BLOCK_M>  // BLOCK_M: queries per step
 __device__ void backward_dkdv(const BwdArgs& a) {
   constexpr int VEC = Ops::VEC, STRIDE = HEAD_DIM + VEC;
   constexpr int QT = BLOCK_M / 8, COLS = HEAD_DIM / COL_PARTS;
-  __shared__ __align__(16) Elem v_tile[BLOCK_ROWS * STRIDE];  // the block's V rows: dP^T = V dO^T's A operand
-  __shared__ __align__(16) Elem q_tile[BLOCK_M * STRIDE];
-  __shared__ __align__(16) Elem do_tile[BLOCK_M * STRIDE];
-  __shared__ float lse_tile[BLOCK_M], delta_tile[BLOCK_M];  // lse in the log2 domain
+#if EFF_DYNAMIC_SMEM
+  extern __shared__ __align__(16) unsigned char eff_dynamic[];
+  unsigned char* dynamic_cursor = eff_dynamic;
+#endif
+  EFF_SHARED(Elem, v_tile, BLOCK_ROWS * STRIDE);  // the block's V rows: dP^T = V dO^T's A operand
+  EFF_SHARED(Elem, q_tile, BLOCK_M * STRIDE);
+  EFF_SHARED(Elem, do_tile, BLOCK_M * STRIDE);
+  EFF_SHARED_WORDS(float, lse_tile, BLOCK_M);  // lse in the log2 domain
+  EFF_SHARED_WORDS(float, delta_tile, BLOCK_M);
 #if EFF_MASK_TILE
   typedef MaskTile<BLOCK_M, BLOCK_ROWS> Tile;  // the step's queries x the block's keys
-  __shared__ __align__(16) unsigned char mask_tile[Tile::BYTES];
+  EFF_SHARED(unsigned char, mask_tile, Tile::BYTES);
 #endif
 #if EFF_FUSED
   static_assert((EFF_ELEM == ELEM_F16 || EFF_ELEM == ELEM_BF16) && COL_PARTS == 1,
@@ -393,13 +419,13 @@ __device__ void backward_dkdv(const BwdArgs& a) {
   constexpr bool BF16 = EFF_ELEM == ELEM_BF16;
   constexpr int DS_STRIDE = BLOCK_ROWS + VEC;  // ds_tile: [query][key], 64 keys (+16 bytes: ldmatrix's rows
                                                 // fall on distinct banks)
-  __shared__ __align__(16) Elem k_tile[BLOCK_ROWS * STRIDE];  // the block's K rows: dQ = dS K's B operand
-  __shared__ __align__(16) Elem ds_tile[BLOCK_M * DS_STRIDE];
+  EFF_SHARED(Elem, k_tile, BLOCK_ROWS * STRIDE);  // the block's K rows: dQ = dS K's B operand
+  EFF_SHARED(Elem, ds_tile, BLOCK_M * DS_STRIDE);
 #endif
 #if EFF_SHARE_SCORES
   // ScoreSwap's slots, a row group's: the scores, then (P o Z)^T and dS^T (four-word fp32 operands: two slots)
   constexpr int SWAP_SLOTS = QT * (sizeof(Ops::PFrag<1>) > 8 ? 2 : 1);
-  __shared__ __align__(16) float4 swap_buf[ROW_WARPS * SWAP_SLOTS * 32];
+  EFF_SHARED(float4, swap_buf, ROW_WARPS * SWAP_SLOTS * 32);
 #endif
 
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, g = lane / 4, t = lane % 4;

@@ -70,6 +70,17 @@ class KernelConfig:
       LDL/STL 16/2 -> 11/0 and 0/0); with the fast split's fast path dq 4551 -> 2895, dk/dv 3449 -> 2344 and 2644;
       bf16 head dim 192 dq 1533 -> 1071, dk/dv 1502 -> 1216 and 1177. Two named barriers a step per pair added.
       Off until measured on a GPU.
+    tensor_core_dynamic_smem: the tensor_core dk/dv loops (the fused one too) take 32 queries a step where 48 KiB
+      of static shared memory held only 16 (the fused loop at head dim 128, fp32 past 64, 16-bit past 224), their
+      tiles in dynamic shared memory that the launch sizes past 48 KiB (tensor_core.DYNAMIC_SHARED at most, what
+      every sm_80+ GPU gives a block) and the kernel's attribute allows. Half the steps, each its products
+      twice as wide: the fused backward at head dim 128 ran 102 -> 94 TFLOP/s with 16 queries (bf16 L = 4096 on an
+      H100; 64 -> fused 86 -> 102 at head dim 64 with 32), fp32's backward at head dim 128 10 TFLOP/s. The fused
+      loop then takes 255 registers (two blocks an SM): ptxas 13.0 gives it 248 without spills, where the
+      default cap of 168 spills 428 bytes (and 220 at 16 queries, the fused default's at head dim 128). fp32's
+      32-query dk/dv loops spill more at 255 registers than its 16-query ones (head dim 96: 372 bytes against 4;
+      128 with every option: 232 against 88). The default builds' SASS is unchanged (the static declarations
+      are as they were). Off until measured on a GPU.
     fused_backward_head_dim: the widest head dim (padded, tensor_core.head_dim_for; at most 128) whose tensor_core
       backward of 16-bit types runs in one kernel per key block (five tile products instead of the two kernels'
       seven), dQ added into an fp32 accumulator with atomics, so its bits vary run to run, as PyTorch's
@@ -109,6 +120,7 @@ class KernelConfig:
     tensor_core_fp32: bool = True
     tensor_core_fp32_fast_split: bool = False
     tensor_core_shared_scores: bool = False
+    tensor_core_dynamic_smem: bool = False
     fused_backward_head_dim: int = 64
     tensor_core_block_n: int = 0
     tensor_core_mask_tiles: bool = False

@@ -11,7 +11,8 @@ call of a signature goes through Numba (compiling where needed) and records the 
 argument types; later calls flatten their values straight into a parameter buffer. Under the CUDA
 simulator, and without ``KernelConfig.prepared_launches``, everything goes through Numba.
 
-Under ``recording()`` launches are not issued but recorded as (function, grid, block, parameter cells): what
+Under ``recording()`` launches are not issued but recorded as (function, grid, block, parameter cells, dynamic
+shared memory bytes): what
 cusdpa's plans of EFFICIENT calls replay (cusdpa.backends.efficient.plan).
 
 Flattening (``_encoder``) follows numba.cuda's ``_Kernel._prepare_args``: an array is (meminfo, parent, size, itemsize,
@@ -45,7 +46,8 @@ NUMBA_ONLY = "launched by Numba only"  # a recorded launch Numba's own path must
 @contextlib.contextmanager
 def recording():
     """Within the body, this thread's launches are recorded instead of issued: the list yielded gets one entry
-    per launch, (function handle, grid (x, y, z), block (x, y, z), parameter cells as ints), or NOT_PREPARED /
+    per launch, (function handle, grid (x, y, z), block (x, y, z), parameter cells as ints, dynamic shared memory
+    bytes), or NOT_PREPARED /
     NUMBA_ONLY where a launch has no prepared form."""
     launches: list = []
     _recorded.launches = launches
@@ -55,10 +57,11 @@ def recording():
         _recorded.launches = None
 
 
-def launch(dispatcher, grid, block, device: int, args) -> None:
-    """``dispatcher[grid, block, stream](*args)`` on ``device`` and CuPy's current stream; arrays in ``args``
-    are given as they are (CuPy arrays, or NumPy ones under the simulator)."""
-    if SIMULATOR:
+def launch(dispatcher, grid, block, device: int, args, smem: int = 0) -> None:
+    """``dispatcher[grid, block, stream, smem](*args)`` on ``device`` and CuPy's current stream; arrays in
+    ``args`` are given as they are (CuPy arrays, or NumPy ones under the simulator). ``smem``: dynamic shared
+    memory bytes (past 48 KiB the kernel's attribute is raised first)."""
+    if SIMULATOR:  # (which runs no linked C, so no loop that takes dynamic shared memory)
         dispatcher[grid, block, 0](*(kernel_array(a) if _is_array(a) else a for a in args))
         return
     import cupy
@@ -70,7 +73,7 @@ def launch(dispatcher, grid, block, device: int, args) -> None:
         return
     stream = cupy.cuda.get_current_stream().ptr
     if not prepared_launches:
-        _through_numba(dispatcher, grid, block, device, stream, args)
+        _through_numba(dispatcher, grid, block, device, stream, args, smem)
         return
     args = [cupy.from_dlpack(a) if _is_array(a) and not hasattr(a, "__cuda_array_interface__") else a for a in args]
     # the device too: a kernel compiled for one device's architecture may not load on another's
@@ -78,10 +81,10 @@ def launch(dispatcher, grid, block, device: int, args) -> None:
     prepared = _prepared.get(key, _MISS)
     if recorded is not None:
         recorded.append(NOT_PREPARED if prepared is _MISS else NUMBA_ONLY if prepared is None else
-                        (prepared.fn, _dims(grid), _dims(block), prepared.cells(args)))
+                        (prepared.fn, _dims(grid), _dims(block), prepared.cells(args), smem))
         return
     if prepared is _MISS or prepared is None:  # the first call of this signature, or one Numba must serve
-        wrapped = _through_numba(dispatcher, grid, block, device, stream, args)
+        wrapped = _through_numba(dispatcher, grid, block, device, stream, args, smem)
         if prepared is _MISS:
             with cuda.gpus[device], _lock:
                 try:
@@ -93,25 +96,43 @@ def launch(dispatcher, grid, block, device: int, args) -> None:
 
     current = runtime.getDevice()
     if current == device and driver.ctxGetCurrent() != 0:
-        prepared(grid, block, stream, args)
+        prepared(grid, block, stream, args, smem)
         return
     # A thread can have a current device but no current context (torch's autograd threads select the device
     # lazily; cusdpa/backends/launch.py met it): cudaSetDevice makes the device's primary context current.
     runtime.setDevice(device)
     try:
-        prepared(grid, block, stream, args)
+        prepared(grid, block, stream, args, smem)
     finally:
         if current != device:
             runtime.setDevice(current)
 
 
-def _through_numba(dispatcher, grid, block, device: int, stream: int, args) -> list:
-    """Numba's own launch of ``args`` (arrays wrapped without a copy or a sync, in the device's context); the
-    arguments as given to it."""
+STATIC_SHARED = 48 * 1024  # dynamic shared memory a kernel may take without raising its attribute
+_MAX_DYNAMIC_SHARED = 8  # CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
+_raised: set = set()  # (function handle, bytes) whose dynamic shared memory attribute was raised
+
+
+def _through_numba(dispatcher, grid, block, device: int, stream: int, args, smem: int = 0) -> list:
+    """Numba's own launch of ``args`` (arrays wrapped without a copy or a sync, in the device's context), with
+    ``smem`` bytes of dynamic shared memory; the arguments as given to it."""
     with cuda.gpus[device]:
         wrapped = [kernel_array(a) if _is_array(a) else a for a in args]
-        dispatcher[grid, block, cuda.external_stream(stream) if stream else cuda.default_stream()](*wrapped)
+        if smem > STATIC_SHARED:  # the overload compiled first (Numba raises no attribute), then its limit raised
+            kernel = dispatcher.compile(tuple(dispatcher.typeof_pyval(a) for a in wrapped))
+            _allow_shared(int(kernel._codelibrary.get_cufunc().handle), smem)
+        dispatcher[grid, block, cuda.external_stream(stream) if stream else cuda.default_stream(), smem](*wrapped)
     return wrapped
+
+
+def _allow_shared(fn: int, smem: int) -> None:
+    """Raise function ``fn``'s dynamic shared memory limit to ``smem`` bytes (the current context's)."""
+    if (fn, smem) in _raised:
+        return
+    from cupy.cuda import driver
+
+    driver.funcSetAttribute(fn, _MAX_DYNAMIC_SHARED, smem)
+    _raised.add((fn, smem))
 
 
 def _is_array(a) -> bool:
@@ -162,7 +183,7 @@ class _Prepared:
             encode(value, values)
         return values
 
-    def __call__(self, grid, block, stream: int, args) -> None:
+    def __call__(self, grid, block, stream: int, args, smem: int = 0) -> None:
         values = self.cells(args)
         cells, params = self._buffer(len(values))
         cells[:len(values)] = values
@@ -170,7 +191,9 @@ class _Prepared:
         bx, by, bz = _dims(block)
         from cupy.cuda import driver
 
-        driver.launchKernel(self.fn, gx, gy, gz, bx, by, bz, 0, stream, params, 0)
+        if smem > STATIC_SHARED:
+            _allow_shared(self.fn, smem)
+        driver.launchKernel(self.fn, gx, gy, gz, bx, by, bz, smem, stream, params, 0)
 
     def _buffer(self, n: int):
         # one parameter buffer per thread, made once (a signature's parameter count is fixed): the driver

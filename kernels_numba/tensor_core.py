@@ -63,6 +63,9 @@ def forward_block_n(head_dim: int, elem: str = "float16", preferred: int = 0) ->
 
 
 STATIC_SHARED = 48 * 1024  # the most static shared memory a block may declare (what Numba's linked C can use)
+# The most dynamic shared memory every sm_80+ GPU gives a block (sm_86 and sm_89: 99 KiB; sm_80 163, sm_90 227),
+# which the dk/dv loops may take with KernelConfig.tensor_core_dynamic_smem.
+DYNAMIC_SHARED = 99 * 1024
 
 
 def shared_bytes(head_dim: int, elem: str, kind: str, block: int, parts: int = 1, mask_kind: int = 0,
@@ -93,10 +96,10 @@ def shared_bytes(head_dim: int, elem: str, kind: str, block: int, parts: int = 1
 
 
 def mask_tile_fits(head_dim: int, elem: str, kind: str, block: int, mask_kind: int, parts: int = 1,
-                   shared_scores: bool = False) -> bool:
-    """Whether a tile loop's shared memory holds a mask tile beside its operand tiles (shared_bytes)."""
-    return bool(mask_kind) and shared_bytes(head_dim, elem, kind, block, parts, mask_kind,
-                                            shared_scores) <= STATIC_SHARED
+                   shared_scores: bool = False, limit: int = STATIC_SHARED) -> bool:
+    """Whether a tile loop's shared memory (``limit`` bytes) holds a mask tile beside its operand tiles
+    (shared_bytes)."""
+    return bool(mask_kind) and shared_bytes(head_dim, elem, kind, block, parts, mask_kind, shared_scores) <= limit
 
 
 def dq_block_n(head_dim: int, elem: str = "float16") -> int:
@@ -122,11 +125,33 @@ def backward_rows(parts: int) -> int:
     return 16 * (THREADS // 32) // parts
 
 
-def dkdv_block_m(head_dim: int, elem: str = "float16", fused: bool = False) -> int:
+def dkdv_block_m(head_dim: int, elem: str = "float16", fused: bool = False, dynamic: bool = False) -> int:
     """Queries per step of the dk/dv kernel: 32; 16 where the Q and dO tiles would not fit 48 KiB beside the
     block's V rows: fp32 past head dim 64, 16-bit at 256 (32 V rows), the fused kernel at head dim 128 (its
-    K rows and dS tile too: 46 KiB)."""
+    K rows and dS tile too: 46 KiB); with ``dynamic`` shared memory (KernelConfig.tensor_core_dynamic_smem) 32
+    everywhere (at most 57 KiB)."""
+    if dynamic:
+        return 32
     return 16 if (_wide(elem) and head_dim > 64) or head_dim > 224 or (fused and head_dim > 96) else 32
+
+
+def takes_dynamic(head_dim: int, elem: str, kind: str, dynamic: bool) -> bool:
+    """Whether a tile loop puts its tiles in dynamic shared memory: ``dynamic`` asked for, a dk/dv loop, and its
+    steps then larger than static memory allowed."""
+    fused = kind == "fused"
+    return dynamic and kind in ("dkdv", "fused") and \
+        dkdv_block_m(head_dim, elem, fused, True) != dkdv_block_m(head_dim, elem, fused)
+
+
+def dynamic_bytes(head_dim: int, elem: str, kind: str, mask_kind: int, mask_tile: bool,
+                  shared_scores: bool) -> int:
+    """The dynamic shared memory a dk/dv loop that takes it (takes_dynamic) is launched with: its tiles
+    (shared_bytes, with the mask tile where one is staged), each piece rounded up to 16 bytes."""
+    parts = col_parts(head_dim, elem)
+    block = dkdv_block_m(head_dim, elem, kind == "fused", True)
+    tiled = mask_tile and mask_tile_fits(head_dim, elem, kind, block, mask_kind, parts, shared_scores,
+                                         DYNAMIC_SHARED)
+    return shared_bytes(head_dim, elem, kind, block, parts, mask_kind if tiled else 0, shared_scores) + 8 * 16
 
 
 def registers_for(head_dim: int, elem: str, cap: int, forward: bool) -> int:
@@ -178,7 +203,7 @@ def head_dim_for(E: int, Ev: int) -> int:
 
 def tile_loop_source(head_dim: int, elem: str, kind: str, dropout: bool, mask_kind: int,
                      block_n: int = 0, mask_tile: bool = False, fast_split: bool = False,
-                     shared_scores: bool = False) -> tuple[str, str]:
+                     shared_scores: bool = False, dynamic: bool = False) -> tuple[str, str]:
     """(C entry name, CUDA source) of one tile loop: ``kind`` "forward", "dq", "dkdv" or "fused" (dk/dv with dQ
     added into an fp32 accumulator, 16-bit types), for a padded head dim of HEAD_DIMS and an element family of
     ELEMS, with dropout or not and a mask of kind ``mask_kind`` (MASK_KINDS' numbers, 0: none) compiled in;
@@ -188,18 +213,24 @@ def tile_loop_source(head_dim: int, elem: str, kind: str, dropout: bool, mask_ki
     finite in 4 instructions (efficient_common.cuh's EFF_FAST_SPLIT; KernelConfig.tensor_core_fp32_fast_split);
     ``shared_scores``: where the backward takes column parts (dq, dk/dv), the pair splits the score products
     and trades them through shared memory (efficient_bwd.cuh's EFF_SHARE_SCORES;
-    KernelConfig.tensor_core_shared_scores). tests/test_flash.py compiles them with NVRTC on the CPU."""
+    KernelConfig.tensor_core_shared_scores); ``dynamic``: a dk/dv loop whose steps static memory kept at 16
+    queries takes 32, its tiles in dynamic shared memory (takes_dynamic; EFF_DYNAMIC_SMEM;
+    KernelConfig.tensor_core_dynamic_smem). tests/test_flash.py compiles them with NVRTC on the CPU."""
     short = {"float16": "f16", "bfloat16": "bf16", "float32": "f32", "tf32": "tf32"}[elem]
     parts = col_parts(head_dim, elem)
+    dynamic = takes_dynamic(head_dim, elem, kind, dynamic)
     block_n = {"forward": forward_block_n(head_dim, elem, block_n), "dq": dq_block_n(head_dim, elem),
-               "dkdv": dkdv_block_m(head_dim, elem), "fused": dkdv_block_m(head_dim, elem, True)}[kind]
+               "dkdv": dkdv_block_m(head_dim, elem, False, dynamic),
+               "fused": dkdv_block_m(head_dim, elem, True, dynamic)}[kind]
     fast_split = fast_split and elem == "float32"
     shared_scores = shared_scores and parts == 2 and kind in ("dq", "dkdv")
-    mask_tile = mask_tile and mask_tile_fits(head_dim, elem, kind, block_n, mask_kind, parts, shared_scores)
+    mask_tile = mask_tile and mask_tile_fits(head_dim, elem, kind, block_n, mask_kind, parts, shared_scores,
+                                             DYNAMIC_SHARED if dynamic else STATIC_SHARED)
     name = (f"efficient_{kind}_{short}_d{head_dim}_n{block_n}{'_dropout' if dropout else ''}_mask{mask_kind}"
             f"{f'_p{parts}' if parts > 1 and kind != 'forward' else ''}{'_mt' if mask_tile else ''}"
-            f"{'_fs' if fast_split else ''}{'_ss' if shared_scores else ''}")
-    defines_tile = f"#define EFF_MASK_TILE {int(mask_tile)}\n#define EFF_FAST_SPLIT {int(fast_split)}\n"
+            f"{'_fs' if fast_split else ''}{'_ss' if shared_scores else ''}{'_dyn' if dynamic else ''}")
+    defines_tile = (f"#define EFF_MASK_TILE {int(mask_tile)}\n#define EFF_FAST_SPLIT {int(fast_split)}\n"
+                    + ("#define EFF_DYNAMIC_SMEM 1\n" if dynamic else ""))
     defines = (f"#define EFF_NAME {name}\n#define EFF_HEAD_DIM {head_dim}\n#define EFF_BLOCK_N {block_n}\n"
                f"#define EFF_ELEM {ELEMS[elem]}\n#define EFF_DROPOUT {int(dropout)}\n"
                f"#define EFF_MASK_KIND {mask_kind}\n")
@@ -213,9 +244,9 @@ def tile_loop_source(head_dim: int, elem: str, kind: str, dropout: bool, mask_ki
 
 @functools.cache
 def _tile_loop(head_dim: int, elem: str, kind: str, dropout: bool, mask_kind: int, block_n: int = 0,
-               mask_tile: bool = False, fast_split: bool = False, shared_scores: bool = False):
+               mask_tile: bool = False, fast_split: bool = False, shared_scores: bool = False, dynamic: bool = False):
     name, source = tile_loop_source(head_dim, elem, kind, dropout, mask_kind, block_n, mask_tile, fast_split,
-                                    shared_scores)
+                                    shared_scores, dynamic)
     args = _ARGS if kind == "forward" else _BWD_ARGS
     return cuda.declare_device(name, f"int32({args})", link=[cuda.CUSource(source, name=f"{name}.cu")], abi="c")
 
@@ -371,9 +402,10 @@ def _dq_kernel(head_dim: int, elem: str, dropout: bool, mask_kind: int, register
 
 @functools.cache
 def _dkdv_kernel(head_dim: int, elem: str, dropout: bool, mask_kind: int, registers: int, head_major: bool,
-                 parts: int, mask_tile: bool, fast_split: bool, fused: bool, shared_scores: bool = False):
+                 parts: int, mask_tile: bool, fast_split: bool, fused: bool, shared_scores: bool = False,
+                 dynamic: bool = False):
     tile_loop = _tile_loop(head_dim, elem, "fused" if fused else "dkdv", dropout, mask_kind, 0, mask_tile, fast_split,
-                           shared_scores)
+                           shared_scores, dynamic)
     size = 4 if _wide(elem) else 2
     rows = backward_rows(parts)
 
@@ -449,9 +481,15 @@ def backward(pr, views, arrays, dmask_v, device, structure, cfg, dq_accum=None):
                          dqs[:5], dmask, dms, mask, ms, *common, pr.hq, pr.group, *tail))
         dqa, dqas = 0, (0,) * 5
     grid = _grid(views.n_batch * pr.hkv, rows, pr.S, cfg.head_major_grid)
-    launcher.launch(_dkdv_kernel(*instance, fused, shared_scores), grid, THREADS, device,
+    kind = "fused" if fused else "dkdv"
+    dynamic = takes_dynamic(head_dim, elem, kind, cfg.tensor_core_dynamic_smem)
+    smem = dynamic_bytes(head_dim, elem, kind, instance[3], instance[7], shared_scores and kind == "dkdv") \
+        if dynamic else 0
+    if dynamic and fused:  # two blocks an SM: 248 registers without spills (168: 428 bytes; ptxas 13.0, bf16)
+        instance = instance[:4] + (255,) + instance[5:]
+    launcher.launch(_dkdv_kernel(*instance, fused, shared_scores, dynamic), grid, THREADS, device,
                     (q, qs[:5], k, ks[:5], v, vs[:5], dout, dos[:5], lse, ls, delta, dls, dk, dks[:5], dv, dvs[:5],
-                     mask, ms, dqa, dqas[:5], *common, pr.hq, pr.hkv, pr.group, *tail))
+                     mask, ms, dqa, dqas[:5], *common, pr.hq, pr.hkv, pr.group, *tail), smem)
     if fused:
         launcher.launch(dq_accumulate.convert_kernel(bf16), blocks, dq_accumulate.THREADS, device,
                         (dq_accum, layout.bits(dq_v), pr.scale))

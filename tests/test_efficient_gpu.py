@@ -546,6 +546,50 @@ def test_shared_scores_keep_the_bits(gpu, rng):
     assert not failures, "\n".join(failures)
 
 
+def test_dynamic_shared_memory_takes_32_queries_a_step(gpu, rng):
+    """KernelConfig.tensor_core_dynamic_smem: the dk/dv loops that 48 KiB of static shared memory held at 16 queries
+    a step take 32, their tiles in dynamic shared memory past 48 KiB: the fused backward at head dim 128 (16-bit,
+    255 registers), fp32's dk/dv past head dim 64, 16-bit's at 256; judged with causal, GQA, dropout, a bool mask
+    with its tiles, a float mask and E != Ev, twice (Numba's launch, which raises the kernel's limit, then the
+    prepared one); and an fp32 attention_vjp on CuPy arrays replayed from its plan, whose launch keeps the size,
+    with the same bits."""
+    import cusdpa
+    from cusdpa import Backend
+    from cusdpa.backends import plans
+
+    cp, _, kn = gpu
+    fused, wide = {"fused_backward_head_dim": 128}, {"tensor_core_head_dim": 256}
+    cases = [(Case("bfloat16", batch=(2,), hq=4, hkv=2, L=130, S=150, E=128, causal="lower_right", dropout_p=0.1),
+              fused),
+             (Case("float16", batch=(2,), hq=2, hkv=2, L=97, S=128, E=128, mask="bool"),
+              {**fused, "tensor_core_mask_tiles": True}),
+             (Case("float32", batch=(2,), hq=4, hkv=2, L=97, S=130, E=128, causal="upper_left"), {}),
+             (Case("float32", batch=(1,), hq=2, hkv=1, L=70, S=90, E=96, Ev=80, mask="float",
+                   mask_shape=(1, 2, 70, 90)), {}),
+             (Case("bfloat16", batch=(2,), hq=2, hkv=2, L=80, S=100, E=256, dropout_p=0.2), wide)]
+    failures = []
+    for case, base in cases:
+        pr = harness.build(case, gpu[0], rng)
+        for _ in range(2):
+            failures += [f"{case}: {m}" for m in _failures(gpu, pr, rng, "tensor_core", **base,
+                                                           tensor_core_dynamic_smem=True)]
+    assert not failures, "\n".join(failures)
+    q, k, v = (cp.asarray(harness.draw(rng, (2, 2, 150, 128), "float32")) for _ in range(3))
+    dout = cp.asarray(harness.draw(rng, (2, 2, 150, 128), "float32"))
+    plans._plans.clear()
+    with kn.configured(kn.KernelConfig(variant="tensor_core", tensor_core_dynamic_smem=True)), \
+            cusdpa.sdpa_kernel([Backend.EFFICIENT]):
+        runs = []
+        for _ in range(3):  # the general path, then a plan recorded and replayed
+            out, vjp = cusdpa.attention_vjp(q, k, v, is_causal=True)
+            runs.append((out, *vjp(dout)))
+    assert any(x.smem > 48 * 1024 for p in plans._plans.values() if p is not None for x in p.backward
+               if hasattr(x, "smem")), "no plan launched a loop with dynamic shared memory"
+    for got in runs[1:]:
+        for g, w in zip(got, runs[0]):
+            assert cp.array_equal(g, w)
+
+
 @pytest.mark.parametrize("dtype", ["float16", "float32"])
 def test_mask_tiles(gpu, rng, dtype):
     """KernelConfig.tensor_core_mask_tiles: the attn_mask elements staged in shared memory with each tile (forward,

@@ -163,6 +163,12 @@ def test_efficient_tile_loops_compile_with_nvrtc():
               (160, "bfloat16", True, 3, True, False), (256, "bfloat16", False, 0, False, False),
               (256, "bfloat16", True, 4, True, False), (256, "float16", True, 1, False, False))
              for kind in ("dq", "dkdv")]
+    # the dk/dv loops' steps of 32 queries in dynamic shared memory (KernelConfig.tensor_core_dynamic_smem)
+    jobs += [(128, "bfloat16", "fused", False, 0, 0, False, False, False, True),
+             (128, "float16", "fused", True, 1, 0, True, False, False, True),
+             (96, "float32", "dkdv", False, 0, 0, False, False, False, True),
+             (128, "float32", "dkdv", True, 5, 0, True, True, True, True),
+             (256, "bfloat16", "dkdv", True, 3, 0, True, False, True, True)]
 
     def compile_one(job):
         name, source = tensor_core.tile_loop_source(*job)
@@ -267,16 +273,7 @@ def test_efficient_shared_memory_is_what_ptxas_allocates(tmp_path):
     def allocated(n_job):
         n, job = n_job
         name, source = tensor_core.tile_loop_source(*job)
-        # a kernel around the C entry, so that ptxas reports the shared memory it allocates
-        params = [p.strip() for p in re.search(r"int EFF_NAME\((.*?)\) \{", source, re.S).group(1).split(",")]
-        source += (f'\nextern "C" __global__ void entry({", ".join(params)}) '
-                   f'{{ EFF_NAME({", ".join(p.split()[-1] for p in params)}); }}\n')
-        src = tmp_path / f"t{n}.cu"
-        src.write_text(source)
-        run = subprocess.run(["nvcc", "-arch=sm_90", "-cubin", "-o", str(src.with_suffix(".cubin")), "-Xptxas", "-v",
-                              str(src)], capture_output=True, text=True)
-        assert run.returncode == 0, run.stderr[-2000:]
-        return name, int(re.search(r"(\d+) bytes smem", run.stderr).group(1))
+        return name, int(re.search(r"(\d+) bytes smem", _ptxas_report(source, tmp_path / f"t{n}.cu")).group(1))
 
     with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
         results = list(pool.map(allocated, enumerate(jobs)))
@@ -290,6 +287,56 @@ def test_efficient_shared_memory_is_what_ptxas_allocates(tmp_path):
         want = tensor_core.shared_bytes(head_dim, elem, kind, block, parts, mask_kind if tiled else 0,
                                         name.endswith("_ss"))
         assert smem == want <= tensor_core.STATIC_SHARED, (name, smem, want)
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not installed")
+def test_efficient_dynamic_shared_memory_holds_the_32_query_steps(tmp_path):
+    """KernelConfig.tensor_core_dynamic_smem: exactly the dk/dv loops that static memory kept at 16 queries a step
+    take 32 in dynamic shared memory, which they are launched with (tensor_core.dynamic_bytes: what the carved
+    tiles take, within every sm_80+ GPU's limit); their builds declare no static shared memory (ptxas)."""
+    import re
+
+    from kernels_numba import tensor_core
+
+    for head_dim in tensor_core.HEAD_DIMS:
+        for elem in tensor_core.ELEMS:
+            wide = elem in ("float32", "tf32")
+            if wide and head_dim > tensor_core.FP32_HEAD_DIM:
+                continue
+            for kind in ("dkdv", "fused"):
+                if kind == "fused" and (wide or head_dim > 128):
+                    continue
+                fused = kind == "fused"
+                static = tensor_core.dkdv_block_m(head_dim, elem, fused)
+                dynamic = tensor_core.takes_dynamic(head_dim, elem, kind, True)
+                assert dynamic == (static == 16) and not tensor_core.takes_dynamic(head_dim, elem, kind, False)
+                if dynamic:
+                    assert tensor_core.dkdv_block_m(head_dim, elem, fused, True) == 32
+                    for mask_kind in range(len(tensor_core.MASK_KINDS) + 1):
+                        assert tensor_core.dynamic_bytes(head_dim, elem, kind, mask_kind, True, True) <= \
+                            tensor_core.DYNAMIC_SHARED
+    assert not tensor_core.takes_dynamic(128, "bfloat16", "dq", True)
+    for n, job in enumerate([(128, "bfloat16", "fused", False, 0, 0, False, False, False, True),
+                             (128, "float32", "dkdv", True, 5, 0, True, True, True, True)]):
+        name, source = tensor_core.tile_loop_source(*job)
+        assert name.endswith("_dyn") and "_n32_" in name and "#define EFF_DYNAMIC_SMEM 1" in source
+        report = _ptxas_report(source, tmp_path / f"d{n}.cu")
+        assert not re.search(r"[1-9]\d* bytes smem", report), report
+
+
+def _ptxas_report(source: str, path) -> str:
+    """ptxas's report (nvcc -Xptxas -v, sm_90) of a tile loop's C entry, called from a kernel around it so that
+    ptxas reports the shared memory the loop allocates."""
+    import re
+
+    params = [p.strip() for p in re.search(r"int EFF_NAME\((.*?)\) \{", source, re.S).group(1).split(",")]
+    source += (f'\nextern "C" __global__ void entry({", ".join(params)}) '
+               f'{{ EFF_NAME({", ".join(p.split()[-1] for p in params)}); }}\n')
+    path.write_text(source)
+    run = subprocess.run(["nvcc", "-arch=sm_90", "-cubin", "-o", str(path.with_suffix(".cubin")), "-Xptxas", "-v",
+                          str(path)], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-2000:]
+    return run.stderr
 
 
 def test_sass_tool_builds_the_defaults_and_the_knobs_and_tells_changes_apart(tmp_path):

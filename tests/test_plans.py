@@ -41,20 +41,22 @@ def test_recorded_cells_that_move_with_an_operand_become_its_slot():
     """EFFICIENT's plans (cusdpa.backends.efficient.plan) compare two recordings of the same launches at
     different stand-in addresses: a cell that moves with one operand is its slot, a cell that does not move
     is a constant (even where it equals an operand's address in one recording), and a cell that moves but
-    holds no operand (an address inside one) means no plan."""
+    holds no operand (an address inside one) means no plan; the launch keeps its dynamic shared memory."""
     from cusdpa.backends import efficient
 
     first_values, second_values = {"q": 1 << 40, "seed_lo": 11}, {"q": (1 << 40) + (1 << 36), "seed_lo": 12}
-    first = [(5, (2, 3, 1), (128, 1, 1), [1 << 40, 64, 11, 1 << 40])]
-    second = [(5, (2, 3, 1), (128, 1, 1), [(1 << 40) + (1 << 36), 64, 12, 1 << 40])]
+    first = [(5, (2, 3, 1), (128, 1, 1), [1 << 40, 64, 11, 1 << 40], 60000)]
+    second = [(5, (2, 3, 1), (128, 1, 1), [(1 << 40) + (1 << 36), 64, 12, 1 << 40], 60000)]
     (made,) = efficient._slotted(first, second, first_values, second_values)
-    assert made.fn.ptr == 5 and made.grid == (2, 3) and made.block == (128,)
+    assert made.fn.ptr == 5 and made.grid == (2, 3) and made.block == (128,) and made.smem == 60000
     assert made.slots == ((0, launch.SLOTS.index("q")), (2, launch.SLOTS.index("seed_lo")))
     assert made.cells == (0, 64, 0, 1 << 40)
-    inside = [(5, (2, 3, 1), (128, 1, 1), [(1 << 40) + (1 << 36) + 256, 64, 12, 1 << 40])]
+    inside = [(5, (2, 3, 1), (128, 1, 1), [(1 << 40) + (1 << 36) + 256, 64, 12, 1 << 40], 60000)]
     assert efficient._slotted(first, inside, first_values, second_values) is None
-    other_grid = [(5, (2, 4, 1), (128, 1, 1), second[0][3])]
+    other_grid = [(5, (2, 4, 1), (128, 1, 1), second[0][3], 60000)]
     assert efficient._slotted(first, other_grid, first_values, second_values) is None
+    other_smem = [(5, (2, 3, 1), (128, 1, 1), second[0][3], 0)]
+    assert efficient._slotted(first, other_smem, first_values, second_values) is None
 
 
 def test_zero_words_memset_their_slot_on_the_calls_stream(monkeypatch):

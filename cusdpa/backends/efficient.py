@@ -153,11 +153,14 @@ def plan(pr, out_strides: tuple, backward: bool, dout_strides: tuple | None = No
 
 def _slotted(first: list, second: list, first_values: dict, second_values: dict) -> list | None:
     """The Launches of two recordings of the same calls: cells that differ become the Slot of the one operand
-    whose values they hold in both (None if there is none, or if functions, grids or blocks differ)."""
+    whose values they hold in both (None if there is none, or if functions, grids, blocks or shared memory
+    differ). A kernel launched with more than 48 KiB of dynamic shared memory had its limit raised when the
+    general path launched it (kernels_numba.launcher), which a plan's replay of the same function keeps."""
     by_pair = {(first_values[name], second_values[name]): name for name in first_values}
     launches = []
-    for (fn, grid, block, cells), (fn2, grid2, block2, cells2) in zip(first, second):
-        if (fn, grid, block, len(cells)) != (fn2, grid2, block2, len(cells2)) or grid[2] != 1 or block[1:] != (1, 1):
+    for (fn, grid, block, cells, smem), (fn2, grid2, block2, cells2, smem2) in zip(first, second):
+        if (fn, grid, block, len(cells), smem) != (fn2, grid2, block2, len(cells2), smem2) or grid[2] != 1 \
+                or block[1:] != (1, 1):
             return None
         args = []
         for a, b in zip(cells, cells2):
@@ -167,7 +170,7 @@ def _slotted(first: list, second: list, first_values: dict, second_values: dict)
                 args.append(Slot(by_pair[a, b]))
             else:
                 return None
-        launches.append(Launch(_Function(fn), grid[:2], block[:1], 0, args))
+        launches.append(Launch(_Function(fn), grid[:2], block[:1], smem, args))
     return launches if len(first) == len(second) else None
 
 
