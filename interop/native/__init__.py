@@ -1,10 +1,11 @@
 """Plans replayed in compiled code (replay.cpp): plain eager dense calls on CUDA tensors through one C++ op,
-``cusdpa_native::attention``, whose autograd Function allocates and launches what the Python ops would
-(the same plans, ``cusdpa.backends.plans``), without the Python autograd Function, the ops' bodies and their
-per-call Python. What stays in Python is the front end and one signature lookup per call.
+``cusdpa_native::call``, which finds the call's plan by its signature and whose autograd Function allocates and
+launches what the Python ops would (the same plans, ``cusdpa.backends.plans``), without the Python autograd
+Function, the ops' bodies and their per-call Python. What stays in Python is the front end and the call's
+"kind" (its options, backends and flags as a small int).
 
-The library is built on first use with the system's C++ compiler (``CXX``, default g++) against the headers
-and libraries of the installed torch, into a per-user cache (``CUSDPA_CACHE_DIR``, default
+The library is built on first use with the system's C++ compiler (``CXX``, else g++, c++ or clang++) against
+the headers and libraries of the installed torch, into a per-user cache (``CUSDPA_CACHE_DIR``, default
 ~/.cache/cusdpa), about 25 s once per torch version, and loaded with ``torch.ops.load_library``. Where it
 cannot be built or loaded, calls take the Python path (``interop.autograd``) and ``reason()`` says why.
 
@@ -18,6 +19,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import os
+import shutil
 import struct
 import subprocess
 import tempfile
@@ -55,9 +57,15 @@ def reason() -> str:
     return _state["reason"]
 
 
+def _compiler() -> str:
+    """``CXX``, else the first C++ compiler on PATH of g++, c++ and clang++."""
+    return os.environ.get("CXX") or next(
+        (c for c in ("g++", "c++", "clang++") if shutil.which(c)), "g++")
+
+
 def _compile_command(out: str) -> list[str]:
     root = Path(torch.__file__).parent
-    return [os.environ.get("CXX", "g++"), "-O2", "-std=c++20", "-shared", "-fPIC",
+    return [_compiler(), "-O2", "-std=c++20", "-shared", "-fPIC",
             f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}", f"-I{root / 'include'}",
             f"-I{root / 'include' / 'torch' / 'csrc' / 'api' / 'include'}", str(SOURCE), "-o", out,
             f"-L{root / 'lib'}", "-lc10", "-ltorch_cpu", "-ltorch", f"-Wl,-rpath,{root / 'lib'}", "-ldl"]

@@ -3,7 +3,7 @@
 // cost 1.4-1.7x PyTorch's host time per call (BENCHMARKS.md, host cost).
 //
 // A plan (cusdpa/backends/plans.py) is every launch of one call signature with the operands' addresses left as
-// slots; interop/native.py encodes one into integers once (``add_plan``) and then calls
+// slots; interop/native encodes one into integers once (``add_plan``) and then calls
 // ``cusdpa_native::attention(q, k, v, plan, seed)`` (``call``: the plan bound to the call's signature, found
 // here), whose autograd kernel is a C++ autograd Function: its forward
 // allocates out and lse and issues the forward launches, its backward allocates dq, dk, dv, delta and the dQ
@@ -11,14 +11,15 @@
 // opened at run time (libcuda.so.1, or CUSDPA_LIBCUDA: the CPU tests' stand-in), so this file needs no CUDA
 // headers and links only torch's CPU libraries.
 //
-// The encoding (interop/native.py ``encode``), one launch after another:
+// The encoding of launches, one after another:
 //   kernel: 1, function, grid x, grid y, block x, shared bytes, cells n, the n cell words, maps m, per map
 //           (cell, slot, address word within the map's 16) and its 16 words, slots s, per slot (cell, slot)
 //   memset: 2, slot, bytes (that slot's words zeroed: ZeroWords)
 // where a slot is a position in the value tuple (cusdpa/backends/launch.py SLOTS) and a map's 16 words follow
-// the n cells in the parameter buffer. A plan: device, deterministic, forced deterministic, out's rank, shape and strides, lse's
-// rank and shape, the forward's launch count and launches, then (training plans) dq, dk, dv's ranks, shapes
-// and strides, the dQ workspace's elements, the backward's launch count and launches.
+// the n cells in the parameter buffer. A plan: device, deterministic, forced deterministic, out's rank, shape
+// and strides, lse's rank and shape, the forward's launch count and launches, whether it trains, then (training
+// plans) dq, dk, dv's ranks, shapes and strides, the dQ workspace's elements, the backward's launch count and
+// launches. (interop/native/__init__.py's ``encode``.)
 #include <ATen/core/Tensor.h>
 #include <ATen/Context.h>
 #include <ATen/ops/empty_strided.h>
@@ -89,7 +90,9 @@ void* current_stream(const c10::Device& device) {
     return c10::impl::getDeviceGuardImpl(c10::DeviceType::CUDA)->getStream(device).native_handle();
 }
 
-void check(int result, const char* what) { TORCH_CHECK(result == 0, "cusdpa native replay: ", what, " failed (CUresult ", result, ")"); }
+void check(int result, const char* what) {
+    TORCH_CHECK(result == 0, "cusdpa native replay: ", what, " failed (CUresult ", result, ")");
+}
 
 // ---- plans --------------------------------------------------------------------------------------------------
 
@@ -171,7 +174,8 @@ struct Reader {
             for (int i = 0; i < l.cells; ++i) l.cell_word[i] = i;
             const int64_t maps = next();
             for (int64_t m = 0; m < maps; ++m) {
-                const int cell = static_cast<int>(next()), slot = static_cast<int>(next()), word = static_cast<int>(next());
+                const int cell = static_cast<int>(next()), slot = static_cast<int>(next());
+                const int word = static_cast<int>(next());
                 const int first = static_cast<int>(l.words.size());
                 for (int w = 0; w < 16; ++w) l.words.push_back(static_cast<uint64_t>(next()));
                 l.cell_word.at(cell) = first;
@@ -305,7 +309,8 @@ void issue(const std::vector<Launch>& launches, const Values& values, const c10:
         for (const auto& store : l.stores) words[store.first] = values[store.second];
         params.resize(l.cells);
         for (int i = 0; i < l.cells; ++i) params[i] = &words[l.cell_word[i]];
-        check(driver().launch(l.fn, l.gx, l.gy, 1, l.bx, 1, 1, l.smem, stream, params.data(), nullptr), "cuLaunchKernel");
+        check(driver().launch(l.fn, l.gx, l.gy, 1, l.bx, 1, 1, l.smem, stream, params.data(), nullptr),
+              "cuLaunchKernel");
     }
 }
 
@@ -411,7 +416,8 @@ std::tuple<Tensor, Tensor> attention_forward(const Tensor& q, const Tensor& k, c
 // `attention` by the plan bound to the call's signature, and 1; or no outputs (None in Python) and 0 where no
 // plan is bound yet, -1 where the Python side bound "none" (plan -1: those calls take the Python path).
 template <std::tuple<Tensor, Tensor> (*RUN)(const Tensor&, const Tensor&, const Tensor&, int64_t, int64_t)>
-std::tuple<Tensor, Tensor, int64_t> call(const Tensor& q, const Tensor& k, const Tensor& v, int64_t kind, int64_t seed) {
+std::tuple<Tensor, Tensor, int64_t> call(const Tensor& q, const Tensor& k, const Tensor& v, int64_t kind,
+                                         int64_t seed) {
     const int64_t plan = bound_plan(kind, q, k, v);
     if (plan < 0) return {Tensor(), Tensor(), plan == -1 ? -1 : 0};
     auto [out, lse] = RUN(q, k, v, plan, seed);
@@ -425,7 +431,7 @@ TORCH_LIBRARY(cusdpa_native, m) {
     m.def("bind(int kind, Tensor q, Tensor k, Tensor v, int plan) -> ()", bind);
     m.def("attention(Tensor q, Tensor k, Tensor v, int plan, int seed) -> (Tensor, Tensor)");
     m.def("call(Tensor q, Tensor k, Tensor v, int kind, int seed) -> (Tensor, Tensor, int)");
-    // implemented in Python (interop/native.py): the general path's backward of a plan's call
+    // implemented in Python (interop/native): the general path's backward of a plan's call
     m.def("fallback_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, int plan, "
           "int seed) -> (Tensor, Tensor, Tensor)");
 }
