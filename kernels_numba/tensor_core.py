@@ -62,7 +62,7 @@ def forward_block_n(head_dim: int, elem: str = "float16", preferred: int = 0) ->
     return 32 if _wide(elem) else 64 if head_dim <= 128 else 32
 
 
-STATIC_SHARED = 48 * 1024  # the most static shared memory a block may declare (what Numba's linked C can use)
+STATIC_SHARED = launcher.STATIC_SHARED  # the most static shared memory a block may declare (Numba's linked C's)
 # The most dynamic shared memory every sm_80+ GPU gives a block (sm_86 and sm_89: 99 KiB; sm_80 163, sm_90 227),
 # which the dk/dv loops may take with KernelConfig.tensor_core_dynamic_smem.
 DYNAMIC_SHARED = 99 * 1024
@@ -143,15 +143,30 @@ def takes_dynamic(head_dim: int, elem: str, kind: str, dynamic: bool) -> bool:
         dkdv_block_m(head_dim, elem, fused, True) != dkdv_block_m(head_dim, elem, fused)
 
 
+def _loop_choices(head_dim: int, elem: str, kind: str, mask_kind: int, block_n: int, mask_tile: bool,
+                  shared_scores: bool, dynamic: bool) -> tuple:
+    """(block, mask_tile, shared_scores, dynamic) as a tile loop is built from what was asked for: the one place
+    that decides them, for tile_loop_source and for the shared memory a launch gives it (dynamic_bytes)."""
+    parts = col_parts(head_dim, elem)
+    dynamic = takes_dynamic(head_dim, elem, kind, dynamic)
+    block = {"forward": forward_block_n(head_dim, elem, block_n), "dq": dq_block_n(head_dim, elem),
+             "dkdv": dkdv_block_m(head_dim, elem, False, dynamic),
+             "fused": dkdv_block_m(head_dim, elem, True, dynamic)}[kind]
+    shared_scores = shared_scores and parts == 2 and kind in ("dq", "dkdv")
+    mask_tile = mask_tile and mask_tile_fits(head_dim, elem, kind, block, mask_kind, parts, shared_scores,
+                                             DYNAMIC_SHARED if dynamic else STATIC_SHARED)
+    return block, mask_tile, shared_scores, dynamic
+
+
 def dynamic_bytes(head_dim: int, elem: str, kind: str, mask_kind: int, mask_tile: bool,
                   shared_scores: bool) -> int:
-    """The dynamic shared memory a dk/dv loop that takes it (takes_dynamic) is launched with: its tiles
-    (shared_bytes, with the mask tile where one is staged), each piece rounded up to 16 bytes."""
-    parts = col_parts(head_dim, elem)
-    block = dkdv_block_m(head_dim, elem, kind == "fused", True)
-    tiled = mask_tile and mask_tile_fits(head_dim, elem, kind, block, mask_kind, parts, shared_scores,
-                                         DYNAMIC_SHARED)
-    return shared_bytes(head_dim, elem, kind, block, parts, mask_kind if tiled else 0, shared_scores) + 8 * 16
+    """The dynamic shared memory a dk/dv loop that takes it (takes_dynamic) is launched with, for the knobs
+    asked for: its tiles (shared_bytes, the mask tile where one is staged) and 16 bytes a piece of slack for the
+    carving's alignment."""
+    block, tiled, shared_scores, _ = _loop_choices(head_dim, elem, kind, mask_kind, 0, mask_tile, shared_scores,
+                                                   True)
+    return shared_bytes(head_dim, elem, kind, block, col_parts(head_dim, elem), mask_kind if tiled else 0,
+                        shared_scores) + 8 * 16
 
 
 def registers_for(head_dim: int, elem: str, cap: int, forward: bool) -> int:
@@ -218,14 +233,9 @@ def tile_loop_source(head_dim: int, elem: str, kind: str, dropout: bool, mask_ki
     KernelConfig.tensor_core_dynamic_smem). tests/test_flash.py compiles them with NVRTC on the CPU."""
     short = {"float16": "f16", "bfloat16": "bf16", "float32": "f32", "tf32": "tf32"}[elem]
     parts = col_parts(head_dim, elem)
-    dynamic = takes_dynamic(head_dim, elem, kind, dynamic)
-    block_n = {"forward": forward_block_n(head_dim, elem, block_n), "dq": dq_block_n(head_dim, elem),
-               "dkdv": dkdv_block_m(head_dim, elem, False, dynamic),
-               "fused": dkdv_block_m(head_dim, elem, True, dynamic)}[kind]
+    block_n, mask_tile, shared_scores, dynamic = _loop_choices(head_dim, elem, kind, mask_kind, block_n, mask_tile,
+                                                               shared_scores, dynamic)
     fast_split = fast_split and elem == "float32"
-    shared_scores = shared_scores and parts == 2 and kind in ("dq", "dkdv")
-    mask_tile = mask_tile and mask_tile_fits(head_dim, elem, kind, block_n, mask_kind, parts, shared_scores,
-                                             DYNAMIC_SHARED if dynamic else STATIC_SHARED)
     name = (f"efficient_{kind}_{short}_d{head_dim}_n{block_n}{'_dropout' if dropout else ''}_mask{mask_kind}"
             f"{f'_p{parts}' if parts > 1 and kind != 'forward' else ''}{'_mt' if mask_tile else ''}"
             f"{'_fs' if fast_split else ''}{'_ss' if shared_scores else ''}{'_dyn' if dynamic else ''}")
@@ -483,8 +493,7 @@ def backward(pr, views, arrays, dmask_v, device, structure, cfg, dq_accum=None):
     grid = _grid(views.n_batch * pr.hkv, rows, pr.S, cfg.head_major_grid)
     kind = "fused" if fused else "dkdv"
     dynamic = takes_dynamic(head_dim, elem, kind, cfg.tensor_core_dynamic_smem)
-    smem = dynamic_bytes(head_dim, elem, kind, instance[3], instance[7], shared_scores and kind == "dkdv") \
-        if dynamic else 0
+    smem = dynamic_bytes(head_dim, elem, kind, instance[3], instance[7], shared_scores) if dynamic else 0
     if dynamic and fused:  # two blocks an SM: 248 registers without spills (168: 428 bytes; ptxas 13.0, bf16)
         instance = instance[:4] + (255,) + instance[5:]
     launcher.launch(_dkdv_kernel(*instance, fused, shared_scores, dynamic), grid, THREADS, device,

@@ -183,9 +183,9 @@ def _make(query, key, value, options: tuple, backends: str, need_grad: bool, for
     """The plan id of a call's signature: None where the compiled path does not take it, plans.NOT_YET where a
     later call may (EFFICIENT records its launches on the general path first). Validates as the general path
     would, raising what it raises."""
-    pr = ops._problem(query, key, value, None, options)
     if len(_kept) >= MAX_PLANS:
         return None
+    pr = ops._problem(query, key, value, None, options)
     out_strides = plans.token_major_strides(pr.out_shape)
     addresses = ops._addresses(query, key, value, None)
     forward = plans.build(pr, ops._select(pr, backends, need_grad=False).backend, out_strides, backward=False,
