@@ -43,6 +43,10 @@
 # at E = 64 and 128, L = 4096, / the forward at E = 128 L = 1024 causal and L = 4096, E = 64 L = 4096, under ncu:
 # throughput, issue rate, warp stall reasons, and the SASS lines warps wait at; benchmarks/ncu_profile.sh;
 # ncu-fwd-64: the forward at E = 64 L = 4096 alone, whose softmax takes half of every consumer's clocks),
+# fwd-wg-tests / fwd-wg (each consumer warpgroup stopping at the last key block its own rows see,
+# FlashConfig.fwd90_wg_blocks: its GPU test (same bits off and on, judged by the reference) / causal E = 64 at the
+# tutorial module's shape and L = 1024-4096 with it on the default tiles, on three warpgroups and on 64-key
+# blocks, and E = 128 L = 1024 on 64-key blocks),
 # fwd-idle-tests / fwd-idle (idle warpgroups skipping the last query block, FlashConfig.fwd90_skip_idle, which
 # for_problem turns on where three warpgroups leave one idle at L < 2048: its GPU test (same bits off and on,
 # judged by the reference) / E = 64 and 128 at L = 1024 and 4096, the tutorial's call and the tutorial module's
@@ -173,6 +177,13 @@ command_of() {  # the command of stage $1, into the array cmd
     fwd-deeper) cmd=(bash -c 'python3 benchmarks/flash_sweep.py --forward-only --lengths 1024 --head-dims 128 --causal no \
                      --variants "" fwd90_block_n=96,fwd90_stages=3 fwd90_block_n=96,fwd90_stages=3,fwd90_tma_store=0 \
                      fwd90_block_n=64,fwd90_stages=4,fwd90_tma_store=1') ;;
+    fwd-wg-tests) cmd=(python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_flash.py -k own_blocks_keep_the_bits) ;;
+    fwd-wg) cmd=(bash -c 'V="\"\" fwd90_wg_blocks=1 fwd90_warpgroups=3,fwd90_skip_idle=1,fwd90_wg_blocks=1 \
+                 fwd90_block_n=64,fwd90_wg_blocks=1"
+                 S="python3 benchmarks/flash_sweep.py --forward-only --causal yes"
+                 eval $S --dtype float16 --lengths 512 --head-dims 64 --tokens 16384 --hidden 512 --variants $V
+                 eval $S --lengths 1024 2048 4096 --head-dims 64 --variants $V
+                 eval $S --lengths 1024 --head-dims 128 --variants \"\" fwd90_block_n=64,fwd90_wg_blocks=1') ;;
     fwd-idle-tests) cmd=(python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_flash.py -k skipping_keeps_the_bits) ;;
     fwd-idle) cmd=(bash -c 'V="\"\" fwd90_skip_idle=0 fwd90_skip_idle=1" \
                   && S="python3 benchmarks/flash_sweep.py --forward-only" \

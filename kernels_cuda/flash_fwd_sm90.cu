@@ -52,7 +52,8 @@
 // TMA, so the warpgroup's epilogue is shared-memory writes and the store runs on under its next tile, as
 // FlashAttention-3's epilogue does; dense problems only, tensor map `tm_o`: a packed batch's store would clip at
 // the tensor's end, not at the sequence's), FWD90_SKIP_IDLE (1: a consumer warpgroup whose rows all lie past the
-// queries computes nothing, walk_idle), CUSDPA_PHASES (1: per-warp phase clocks, phases.cuh),
+// queries computes nothing, walk_idle), FWD90_WG_BLOCKS (1: each consumer warpgroup stops at the last key
+// block its own rows see and walks the tile's blocks past it), CUSDPA_PHASES (1: per-warp phase clocks, phases.cuh),
 // FWD90_WARPGROUPS (consumer warpgroups, 2 or 3), FWD90_BLOCK_N, FWD90_STAGES (K/V buffers), FWD90_PINGPONG
 // (1: consumers take turns; 0: they issue when ready), ATTN_MASK, ALIBI (1: the slopes' bias added, `slopes`
 // per (batch, head) with batch stride `slopes_b`; scores in natural units as with a float mask), SOFTCAP (1:
@@ -69,6 +70,9 @@
 #endif
 #ifndef FWD90_SKIP_IDLE
 #define FWD90_SKIP_IDLE 0
+#endif
+#ifndef FWD90_WG_BLOCKS
+#define FWD90_WG_BLOCKS 0
 #endif
 constexpr int MMA_WG = FWD90_WARPGROUPS;
 constexpr int NTHREADS = (MMA_WG + 1) * 128;
@@ -831,6 +835,20 @@ flash_fwd_sm90(const __grid_constant__ TmaMap tm_q, const __grid_constant__ TmaM
         }
 #endif
 
+        // The key blocks this warpgroup computes end at n_stop. With FWD90_WG_BLOCKS at its own rows' last
+        // visible key (under a causal band a tile's last blocks are seen by its later rows only: with 192-row
+        // tiles and 128-key blocks a third of the tiles' first warpgroups see none of the last block); the
+        // blocks past it are walked after the products, as walk_idle walks a tile. Always the first block, so
+        // that a warpgroup whose rows see nothing still stores 0 and lse -inf.
+        int n_stop = tile.n_end;
+#if FWD90_WG_BLOCKS
+        if (mw < sl.L) {
+            int lo, hi;
+            vis.key_range(mw, min(mw + 64, sl.L), lo, hi);
+            n_stop = min(n_stop, max((hi + BLOCK_N - 1) / BLOCK_N, n + 1));
+        }
+#endif
+
         float acc[VT * 4];
 #pragma unroll
         for (int x = 0; x < VT * 4; ++x) acc[x] = 0.f;
@@ -885,7 +903,7 @@ flash_fwd_sm90(const __grid_constant__ TmaMap tm_q, const __grid_constant__ TmaM
         ph.to(PH_WAIT_S);
         fence_regs(s);
         release(k_empty + st);
-        if (next >= tile.n_end) release(q_empty);
+        if (next >= n_stop) release(q_empty);
         modify_scores(here, ahead, next, n0);
         softmax_block(s, m_i, l_i, alpha, vis, vis.tile_full(mw, 64, n0, BLOCK_N), i, n0, t4, scale_log2);
         round_p(s, p, i, n0, t4, drop, sl.bh);
@@ -893,7 +911,7 @@ flash_fwd_sm90(const __grid_constant__ TmaMap tm_q, const __grid_constant__ TmaM
         ph.count(PH_BLOCKS);
 
         // Block n: S of block n with P V of block n - 1, whose K and V buffers are st and prev.
-        for (n = next; n < tile.n_end; n = next) {
+        for (n = next; n < n_stop; n = next) {
             here = ahead;
             next = kb.from(n + 1);
             ahead = kb.summary(next);
@@ -923,7 +941,7 @@ flash_fwd_sm90(const __grid_constant__ TmaMap tm_q, const __grid_constant__ TmaM
             ph.to(PH_WAIT_S);
             fence_regs(s);
             release(k_empty + st);
-            if (next >= tile.n_end) release(q_empty);
+            if (next >= n_stop) release(q_empty);
             modify_scores(here, ahead, next, n0);
             const bool rescale =
                 softmax_block(s, m_i, l_i, alpha, vis, vis.tile_full(mw, 64, n0, BLOCK_N), i, n0, t4, scale_log2);
@@ -949,6 +967,21 @@ flash_fwd_sm90(const __grid_constant__ TmaMap tm_q, const __grid_constant__ TmaM
         wgmma_commit();
         turn_end();
         ph.to(PH_ISSUE);
+#if FWD90_WG_BLOCKS
+        // The blocks past n_stop (n is the first): each buffer waited for and released, each turn taken (the
+        // turn given back while this warpgroup's last P V runs, so that the next one's products follow).
+        for (u32 w = it + 1; n < tile.n_end; n = kb.from(n + 1), ++w) {
+            const int ws = w % STAGES;
+            const u32 wphase = (w / STAGES) & 1;
+            mbar_wait_warp(k_full + ws, wphase);
+            mbar_wait_warp(v_full + ws, wphase);
+            turn_begin();
+            turn_end();
+            release(k_empty + ws);
+            release(v_empty + ws);
+            it = w;
+        }
+#endif
         wgmma_wait<0>();
         ph.to(PH_WAIT_PV);
         fence_regs(acc);

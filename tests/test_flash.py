@@ -36,16 +36,17 @@ def _nvrtc_jobs():
                             "-arch=sm_90a",)
                     if fwd_cfg.fwd90_tma_store and (E, Ev) in ((64, 64), (96, 64), (160, 224)) and dropout:  # ... with
                         # the phase clocks, O from 128- and 64-byte swizzled rows, idle warpgroups skipping their
-                        # tiles
-                        phased = dataclasses.replace(fwd_cfg, fwd90_phases=True, fwd90_skip_idle=True)
+                        # tiles, warpgroups stopping at their own key blocks
+                        phased = dataclasses.replace(fwd_cfg, fwd90_phases=True, fwd90_skip_idle=True,
+                                                     fwd90_wg_blocks=True)
                         yield "flash_fwd_sm90.cu", sources.compile_options(dtype, E, Ev, dropout, phased,
                                                                            tma_store=True) + ("-arch=sm_90a",)
             # ... and with each kind of attn_mask (its tiles from the queue)
             for mask in (("bool", "float16") if dtype == "float16" else ("float32", "bfloat16")):
                 fwd_cfg = config.FlashConfig.for_problem(E, Ev, 4096, False, mask)
-                # (the clocks' masked walk, idle warpgroups' walk of a queue's tiles)
+                # (the clocks' masked walk, idle warpgroups' walk of a queue's tiles, warpgroups' own blocks)
                 knobs = (E, Ev) == (64, 64)
-                fwd_cfg = dataclasses.replace(fwd_cfg, fwd90_phases=knobs, fwd90_skip_idle=knobs)
+                fwd_cfg = dataclasses.replace(fwd_cfg, fwd90_phases=knobs, fwd90_skip_idle=knobs, fwd90_wg_blocks=knobs)
                 if config.sm90_forward_applies(E, Ev, 90, fwd_cfg):
                     yield "flash_fwd_sm90.cu", sources.compile_options(dtype, E, Ev, dropout, fwd_cfg, mask=mask,
                                                                        queue=True) + ("-arch=sm_90a",)
@@ -940,6 +941,66 @@ def test_idle_cases_leave_a_warpgroup_idle():
         for w in warpgroups:
             assert name == "empty_keys" or any(0 < lq % (64 * w) <= 64 * (w - 1) for lq in lengths), (name, w)
 
+
+# fwd90_wg_blocks: problems where a warpgroup's rows see none of its tile's last key blocks, in the tiles
+# (consumer warpgroups, key block) that leave such blocks: causal both ways, a window, dropout, a packed batch
+# (a queue's tiles), a bool mask (its summary's walk), GQA, idle warpgroups beside it, head dims on 64-byte rows
+WG_BLOCKS_CASES = {
+    "causal_gqa": (Case(hq=8, hkv=2, L=600, S=600, E=64, causal="upper_left"), ((3, 128), (2, 64))),
+    "lower_right_dropout": (Case(L=450, S=520, E=64, dropout_p=0.3, causal="lower_right"), ((3, 128), (2, 64))),
+    "window": (Case(L=500, S=500, E=64, window=(100, 30)), ((3, 128), (2, 64))),
+    "varlen": (Case(hq=4, hkv=2, E=64, varlen=((400, 400), (0, 5), (257, 300), (130, 0)), causal="lower_right"),
+               ((3, 128), (2, 64))),
+    "bool_mask_causal": (Case(batch=(2,), hq=2, L=450, S=450, E=64, causal="upper_left", mask="bool",
+                              mask_shape=(2, 1, 1, 450)), ((2, 64),)),
+    "swizzles_differ": (Case(L=400, S=400, E=96, Ev=64, causal="upper_left"), ((2, 64),)),
+}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name,tiles", [(n, t) for n, (c, ts) in WG_BLOCKS_CASES.items() for t in ts])
+def test_warpgroups_stopping_at_their_own_blocks_keep_the_bits(name, tiles, rng, monkeypatch):
+    """fwd90_wg_blocks (each consumer warpgroup stops at its own rows' last key block and walks the rest) gives
+    the same out and lse, bit for bit, off and on, with idle warpgroups skipping too, and the reference judges
+    them. On a device of two SMs, so that each CTA goes on to tiles after such a walk."""
+    import cupy
+
+    from cusdpa.backends.flash import launches
+    from cusdpa.verify.harness import run_problem
+
+    monkeypatch.setattr(sources, "multiprocessors", lambda device: 2)
+    case, _ = WG_BLOCKS_CASES[name]
+    warpgroups, block_n = tiles
+    pr = build(case, cupy, rng)
+    real = launches.config
+    results = {}
+    for on in (False, True):
+        monkeypatch.setattr(launches, "config", lambda pr, on=on: dataclasses.replace(
+            real(pr), fwd90_wg_blocks=on, fwd90_skip_idle=True, fwd90_warpgroups=warpgroups,
+            fwd90_block_n=block_n).fitted(pr.E, pr.Ev))
+        results[on] = flash.IMPL.forward(pr)
+    assert all(cupy.array_equal(g, w, equal_nan=True) for g, w in zip(results[True], results[False]))
+    failures = run_problem(pr, flash.IMPL, rng, grads=False)
+    assert not failures, "\n".join(failures)
+
+
+def test_wg_blocks_cases_leave_a_warpgroup_blocks_it_does_not_see():
+    """In every case of the test above, for each tile size it runs, some warpgroup's rows see none of the last
+    key block of their tile (else the walk goes untested)."""
+    for name, (case, tiles) in WG_BLOCKS_CASES.items():
+        lengths = [(lq, lk) for lq, lk in case.varlen] if case.varlen else [(case.L, case.S)]
+        for warpgroups, block_n in tiles:
+            def unseen(L, S):
+                shift = S - L if case.causal == "lower_right" else 0
+                right = case.window[1] if case.window else 0
+                for m0 in range(0, L, 64 * warpgroups):
+                    last = min(m0 + 64 * warpgroups, L) - 1 + shift + right  # the tile's last key seen
+                    for mw in range(m0, min(m0 + 64 * warpgroups, L), 64):
+                        own = min(mw + 64, L) - 1 + shift + right
+                        if own // block_n < min(last, S - 1) // block_n:
+                            return True
+                return False
+            assert any(unseen(L, S) for L, S in lengths), (name, tiles)
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("name", ["gqa", "causal_short_keys", "dropout", "varlen", "window"])
