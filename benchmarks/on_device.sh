@@ -56,7 +56,9 @@
 # and c), train (bf16 autocast), train-fp32, train-compiled (bf16, torch.compile), decode (greedy generation
 # through the KV cache against PyTorch's SDPA over a static cache; decode-attn: the attention call alone against
 # PyTorch and the KV-read floor; decode-kept: the torch front end keeping the splits' workspace per stream, no
-# memset launch, decode.KEEP_WORKSPACE: its GPU tests, then the attention call timed with it off and on; decode-ncu: the split kernel under ncu at B = 1 and 16), masks (the masks issue's shapes;
+# memset launch, decode.KEEP_WORKSPACE: its GPU tests, then the attention call timed with it off and on; decode-ncu: the split kernel under ncu at B = 1 and 16; decode-sweep: the attention call with
+# more warps resident a scheduler (the kernel issues 0.3 instructions a cycle a scheduler with two warps each,
+# latency-bound): a 2-deep pipeline (three CTAs an SM), CTAs of two warps, 32-key tiles), masks (the masks issue's shapes;
 # masks-no-blocks: with the mask's block summary off; masks-per-tile: a CTA per tile, not persistent;
 # masks-profile: forwards only, each masked call's GPU kernels; masks-no-steps: the backward visiting every query
 # step; masks-ncu: the 90%-empty shape's forward and backward kernels under ncu),
@@ -214,6 +216,8 @@ command_of() {  # the command of stage $1, into the array cmd
     train-compiled) cmd=(python3 examples/train_gpt.py --device cuda --compile) ;;
     decode) cmd=(python3 examples/decode_gpt.py --device cuda) ;;
     decode-attn) cmd=(python3 benchmarks/decode.py) ;;
+    decode-sweep) cmd=(bash -c 'for c in "" DEPTH=2 "WARPS=2 DEPTH=2" "WARPS=2 DEPTH=3" "TILE=32 WARPS=2 DEPTH=2"; do
+                       echo "--- config: ${c:-default}"; python3 benchmarks/decode.py --config $c; done') ;;
     decode-kept) cmd=(bash -c 'python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_decode_gpu.py \
                       -k "kept or cuda_graph or one_sequence_long" \
                       && for k in 0 1; do python3 benchmarks/decode.py --profile --config KEEP_WORKSPACE=$k; done') ;;
