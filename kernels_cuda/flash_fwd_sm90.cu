@@ -968,18 +968,11 @@ flash_fwd_sm90(const __grid_constant__ TmaMap tm_q, const __grid_constant__ TmaM
         turn_end();
         ph.to(PH_ISSUE);
 #if FWD90_WG_BLOCKS
-        // The blocks past n_stop (n is the first): each buffer waited for and released, each turn taken (the
-        // turn given back while this warpgroup's last P V runs, so that the next one's products follow).
-        for (u32 w = it + 1; n < tile.n_end; n = kb.from(n + 1), ++w) {
-            const int ws = w % STAGES;
-            const u32 wphase = (w / STAGES) & 1;
-            mbar_wait_warp(k_full + ws, wphase);
-            mbar_wait_warp(v_full + ws, wphase);
+        // The blocks past n_stop (n is the first): their turns given back at once, while this warpgroup's last
+        // P V runs, so that the next warpgroup's products follow it ...
+        for (int w = n; w < tile.n_end; w = kb.from(w + 1)) {
             turn_begin();
             turn_end();
-            release(k_empty + ws);
-            release(v_empty + ws);
-            it = w;
         }
 #endif
         wgmma_wait<0>();
@@ -987,6 +980,19 @@ flash_fwd_sm90(const __grid_constant__ TmaMap tm_q, const __grid_constant__ TmaM
         fence_regs(acc);
         release(v_empty + st);
         ++it;
+#if FWD90_WG_BLOCKS
+        // ... and their buffers each waited for (so that its release counts towards the phase it belongs to) and
+        // released, only after the last V buffer read: a walked block may come to that buffer's stage, which the
+        // producer refills only once every consumer warp has released it.
+        for (; n < tile.n_end; n = kb.from(n + 1), ++it) {
+            const int ws = it % STAGES;
+            const u32 wphase = (it / STAGES) & 1;
+            mbar_wait_warp(k_full + ws, wphase);
+            mbar_wait_warp(v_full + ws, wphase);
+            release(k_empty + ws);
+            release(v_empty + ws);
+        }
+#endif
 
 #if FWD90_TMA_STORE
         // O through this warpgroup's staging buffer in shared memory, then one TMA store per column chunk,

@@ -946,11 +946,12 @@ def test_idle_cases_leave_a_warpgroup_idle():
 # (consumer warpgroups, key block) that leave such blocks: causal both ways, a window, dropout, a packed batch
 # (a queue's tiles), a bool mask (its summary's walk), GQA, idle warpgroups beside it, head dims on 64-byte rows
 WG_BLOCKS_CASES = {
-    "causal_gqa": (Case(hq=8, hkv=2, L=600, S=600, E=64, causal="upper_left"), ((3, 128), (2, 64))),
+    # (three warpgroups on 64-key blocks: the first walks two blocks, one of them in the stage its last P V reads)
+    "causal_gqa": (Case(hq=8, hkv=2, L=600, S=600, E=64, causal="upper_left"), ((3, 128), (2, 64), (3, 64))),
     "lower_right_dropout": (Case(L=450, S=520, E=64, dropout_p=0.3, causal="lower_right"), ((3, 128), (2, 64))),
     "window": (Case(L=500, S=500, E=64, window=(100, 30)), ((3, 128), (2, 64))),
     "varlen": (Case(hq=4, hkv=2, E=64, varlen=((400, 400), (0, 5), (257, 300), (130, 0)), causal="lower_right"),
-               ((3, 128), (2, 64))),
+               ((3, 128), (2, 64), (3, 64))),
     "bool_mask_causal": (Case(batch=(2,), hq=2, L=450, S=450, E=64, causal="upper_left", mask="bool",
                               mask_shape=(2, 1, 1, 450)), ((2, 64),)),
     "swizzles_differ": (Case(L=400, S=400, E=96, Ev=64, causal="upper_left"), ((2, 64),)),
