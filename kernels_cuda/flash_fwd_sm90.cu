@@ -837,7 +837,7 @@ flash_fwd_sm90(const __grid_constant__ TmaMap tm_q, const __grid_constant__ TmaM
 
         // The key blocks this warpgroup computes end at n_stop. With FWD90_WG_BLOCKS at its own rows' last
         // visible key (under a causal band a tile's last blocks are seen by its later rows only: with 192-row
-        // tiles and 128-key blocks a third of the tiles' first warpgroups see none of the last block); the
+        // tiles and 128-key blocks every tile's first warpgroup sees none of the last block); the
         // blocks past it are walked after the products, as walk_idle walks a tile. Always the first block, so
         // that a warpgroup whose rows see nothing still stores 0 and lse -inf.
         int n_stop = tile.n_end;

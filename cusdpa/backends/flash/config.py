@@ -49,8 +49,8 @@ class FlashConfig:
     fwd90_skip_idle: bool = False
     # each consumer warpgroup stops at the last key block its own 64 rows see and only keeps the pipeline's
     # protocol for the tile's blocks past it: under a causal band with 192-row tiles and 128-key blocks, the
-    # first warpgroup of two tiles in three sees none of the last block (and the second of one in three), so
-    # those products and exponentials are spared; with 128-row tiles only 64-key blocks leave a block unseen
+    # first warpgroup of every tile sees none of the tile's last block and the second that of every other tile,
+    # so those products and exponentials are spared; with 128-row tiles only 64-key blocks leave a block unseen
     fwd90_wg_blocks: bool = False
     # per-warp phase clocks compiled into the Hopper forward (kernels_cuda/phases.cuh), for
     # benchmarks/fwd90_phases.py only
