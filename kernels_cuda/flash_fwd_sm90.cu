@@ -968,9 +968,10 @@ flash_fwd_sm90(const __grid_constant__ TmaMap tm_q, const __grid_constant__ TmaM
         turn_end();
         ph.to(PH_ISSUE);
 #if FWD90_WG_BLOCKS
-        // The blocks past n_stop (n is the first): their turns given back at once, while this warpgroup's last
-        // P V runs, so that the next warpgroup's products follow it ...
-        for (int w = n; w < tile.n_end; w = kb.from(w + 1)) {
+        // The blocks past n_stop (n is the first), counted: their turns given back at once, while this
+        // warpgroup's last P V runs, so that the next warpgroup's products follow it ...
+        int walked = 0;
+        for (; n < tile.n_end; n = kb.from(n + 1), ++walked) {
             turn_begin();
             turn_end();
         }
@@ -984,7 +985,7 @@ flash_fwd_sm90(const __grid_constant__ TmaMap tm_q, const __grid_constant__ TmaM
         // ... and their buffers each waited for (so that its release counts towards the phase it belongs to) and
         // released, only after the last V buffer read: a walked block may come to that buffer's stage, which the
         // producer refills only once every consumer warp has released it.
-        for (; n < tile.n_end; n = kb.from(n + 1), ++it) {
+        for (; walked > 0; --walked, ++it) {
             const int ws = it % STAGES;
             const u32 wphase = (it / STAGES) & 1;
             mbar_wait_warp(k_full + ws, wphase);
