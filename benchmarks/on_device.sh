@@ -2,7 +2,7 @@
 # One call of the lent GPU machine: set up, then run the named stages in order, logged to $OUT/log.txt
 # (sanitize adds its four reports), each stage's tail also on screen.
 #
-#   bash benchmarks/on_device.sh [-j] STAGE...     (from the repository root, with .whl carried)
+#   bash benchmarks/on_device.sh [-j] STAGE...     (from the repository root, with .whl and .kcache carried)
 #
 # STAGE_TIMEOUT=SECONDS stops a stage that runs longer (rc 124), so a call of the lent machine ends within
 # its limit with every log written. With -j the stages run concurrently (tests and sanitizer runs are mostly compilation on the host's 16 cores;
@@ -70,6 +70,21 @@ parallel=0
 if [ "${1:-}" = "-j" ]; then parallel=1; shift; fi
 [ -d /tmp/site/numpy ] || python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
+# CuPy's compiled kernels travel between calls (most of a test stage's time is NVRTC): each call leaves its
+# cache in $OUT/cupy-cache.tgz; copied to .kcache/ here and carried (`carry: [".whl", ".kcache"]`), the next
+# call starts from it. CuPy keys each entry by source, options, architecture and NVRTC version, so an entry
+# from another machine image or an edited source is never taken for the current one.
+export CUPY_CACHE_DIR=/tmp/cupy-cache
+[ -d $CUPY_CACHE_DIR ] || { mkdir -p $CUPY_CACHE_DIR; [ -f .kcache/cupy-cache.tgz ] && tar xzf .kcache/cupy-cache.tgz -C $CUPY_CACHE_DIR; }
+save_cache() {  # within the 16 MiB a returned file may hold: the newest entries that fit
+  ls -t $CUPY_CACHE_DIR | head -n 400 > /tmp/cache-list
+  while :; do
+    tar czf "$OUT/cupy-cache.tgz" -C $CUPY_CACHE_DIR -T /tmp/cache-list 2>/dev/null
+    [ "$(stat -c %s "$OUT/cupy-cache.tgz")" -le $((15 * 1024 * 1024)) ] && break
+    head -n $(( $(wc -l < /tmp/cache-list) * 3 / 4 )) /tmp/cache-list > /tmp/cache-list2; mv /tmp/cache-list2 /tmp/cache-list
+  done
+}
+trap save_cache EXIT
 nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,temperature.gpu --format=csv,noheader
 
 # The GPU tests of KernelConfig's knobs that are off by default (efficient-knob-tests), apart from the rest
