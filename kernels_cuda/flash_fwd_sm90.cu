@@ -57,7 +57,19 @@
 // FWD90_WARPGROUPS (consumer warpgroups, 2 or 3), FWD90_BLOCK_N, FWD90_STAGES (K/V buffers), FWD90_PINGPONG
 // (1: consumers take turns; 0: they issue when ready), ATTN_MASK, ALIBI (1: the slopes' bias added, `slopes`
 // per (batch, head) with batch stride `slopes_b`; scores in natural units as with a float mask), SOFTCAP (1:
-// scores soft-capped by `softcap` first). E and Ev multiples of 32 up to 256.
+// scores soft-capped by `softcap` first), FWD90_CLUSTER (2: clusters of two CTAs share each K and V block, below).
+// E and Ev multiples of 32 up to 256.
+//
+// Clusters (FWD90_CLUSTER = 2, FlashAttention-3's choice where every tile of a head reads the same key blocks:
+// no causal band, window or mask, a dense batch, an even number of query blocks). The two CTAs of a cluster take
+// neighbouring query blocks of one head, tile for tile, so they walk the same key blocks in the same order; each
+// CTA's producer loads half of each K and V block's rows and multicasts them into both CTAs' buffers, which
+// halves the K/V bytes read from L2 (at E = 128 a CTA otherwise reads 64 KB a key block, about 4 TB/s over the
+// card at 500 TFLOP/s). A buffer is refilled only once the consumers of both CTAs have released it: each
+// consumer warp arrives on the empty barrier of each CTA of the cluster (2 x CONSUMER_WARPS arrivals a phase),
+// and a full barrier counts the whole block's bytes, this CTA's half and its neighbour's. Q and O stay the
+// CTA's own. The CTAs meet at a cluster barrier after the barriers' initialisation (no arrival or copy before
+// it) and before they exit (no arrival reaches a CTA that is gone).
 #include "sm90.cuh"
 #include "phases.cuh"
 // @WGMMA_WRAPPERS@ FWD90_BLOCK_N HEAD_DIM_V
@@ -74,6 +86,12 @@
 #ifndef FWD90_WG_BLOCKS
 #define FWD90_WG_BLOCKS 0
 #endif
+#ifndef FWD90_CLUSTER
+#define FWD90_CLUSTER 1
+#endif
+constexpr int CLUSTER = FWD90_CLUSTER;
+static_assert(CLUSTER == 1 || CLUSTER == 2, "FWD90_CLUSTER must be 1 or 2");
+static_assert(CLUSTER == 1 || !FWD90_QUEUE, "clusters take their tiles in pairs, not from the queue");
 constexpr int MMA_WG = FWD90_WARPGROUPS;
 constexpr int NTHREADS = (MMA_WG + 1) * 128;
 constexpr int BLOCK_M = MMA_WG * 64;
@@ -430,8 +448,9 @@ struct TileDivisors {
 };
 
 // Tile t of the order described at the top, decoded by multiplies, not divisions.
+// With clusters, num_m counts units of CLUSTER neighbouring query blocks and `rank` picks this CTA's block of the unit.
 __device__ __forceinline__ Tile tile_at(int t, const TileDivisors& dv, int num_m, int BH, const int* cu_q,
-                                        const int* cu_k, int L, int S, int left, int right, int lower_right) {
+                                        const int* cu_k, int L, int S, int left, int right, int lower_right, int rank) {
     const int chunk = dv.per_chunk.div(t), rem = t - chunk * dv.per_chunk.d;
     const int heads = min(dv.chunk_heads.d, BH - chunk * dv.chunk_heads.d);
     const FastDiv by_heads = heads == dv.chunk_heads.d ? dv.chunk_heads : dv.last_heads;  // (a copy: registers)
@@ -439,20 +458,21 @@ __device__ __forceinline__ Tile tile_at(int t, const TileDivisors& dv, int num_m
     const int bh = chunk * dv.chunk_heads.d + rem - q * heads;
     const int b = dv.hq.div(bh), h = bh - b * dv.hq.d;
     return tile_of(Slice::query_head_of(b, h, dv.group.div(h), bh, cu_q, cu_k, L, S, left, right, lower_right),
-                   num_m - 1 - q);
+                   (num_m - 1 - q) * CLUSTER + rank);
 }
 
 // The tiles of CTA blockIdx.x in turn: schedule[schedule[b] .. schedule[b + 1]) of the tile list after the
-// gridDim.x + 1 offsets, or every gridDim.x-th tile from blockIdx.x without a schedule. The next tile's
+// gridDim.x + 1 offsets, or every gridDim.x-th tile from blockIdx.x without a schedule (with clusters, which
+// have none: the units of cluster blockIdx.x / CLUSTER, every gridDim.x / CLUSTER-th, the same for its CTAs). The next tile's
 // index is loaded while this one runs.
 struct TileDeal {
     const int* list;
     int k, end, step, ahead;
     __device__ __forceinline__ TileDeal(const int* schedule, int num_tiles) {
         list = schedule != nullptr ? schedule + gridDim.x + 1 : nullptr;
-        k = schedule != nullptr ? schedule[blockIdx.x] : static_cast<int>(blockIdx.x);
+        k = schedule != nullptr ? schedule[blockIdx.x] : static_cast<int>(blockIdx.x) / CLUSTER;
         end = schedule != nullptr ? schedule[blockIdx.x + 1] : num_tiles;
-        step = schedule != nullptr ? 1 : static_cast<int>(gridDim.x);
+        step = schedule != nullptr ? 1 : static_cast<int>(gridDim.x) / CLUSTER;
         ahead = k < end ? at(k) : 0;
     }
     __device__ __forceinline__ int at(int i) const { return list != nullptr ? list[i] : i; }
@@ -566,7 +586,12 @@ __device__ __forceinline__ KeyBlocks key_blocks(const Tile& tile, const signed c
 #endif
 }
 
-extern "C" __global__ void __launch_bounds__(NTHREADS, 1)
+#if FWD90_CLUSTER > 1
+#define FWD90_CLUSTER_DIMS __cluster_dims__(FWD90_CLUSTER, 1, 1)
+#else
+#define FWD90_CLUSTER_DIMS
+#endif
+extern "C" __global__ void __launch_bounds__(NTHREADS, 1) FWD90_CLUSTER_DIMS
 flash_fwd_sm90(const __grid_constant__ TmaMap tm_q, const __grid_constant__ TmaMap tm_k,
                const __grid_constant__ TmaMap tm_v,
 #if FWD90_TMA_STORE
@@ -605,10 +630,12 @@ flash_fwd_sm90(const __grid_constant__ TmaMap tm_q, const __grid_constant__ TmaM
     static_assert(FWD90_QUEUE || !ATTN_MASK, "a masked forward takes its tiles from the queue");
 
     const int warp = warp_index(), lane = threadIdx.x % 32, wg = warp / 4;
-    const int num_tiles = BH * num_m;
-    const TileDivisors divisors(num_m, chunk_heads, BH, Hq, group);
+    const int num_units = num_m / CLUSTER;  // query blocks of a head as the CTAs deal them (the host: a multiple)
+    const int num_tiles = BH * num_units;
+    const TileDivisors divisors(num_units, chunk_heads, BH, Hq, group);
+    const int rank = CLUSTER > 1 ? static_cast<int>(cluster_rank()) : 0;
     auto decode_tile = [&](int t) {
-        return tile_at(t, divisors, num_m, BH, cu_q, cu_k, L, S, left, right, lower_right);
+        return tile_at(t, divisors, num_units, BH, cu_q, cu_k, L, S, left, right, lower_right, rank);
     };
     if (threadIdx.x == 0) {
         mbar_init(q_full, 1);
@@ -616,8 +643,8 @@ flash_fwd_sm90(const __grid_constant__ TmaMap tm_q, const __grid_constant__ TmaM
         for (int st = 0; st < STAGES; ++st) {
             mbar_init(k_full + st, 1);
             mbar_init(v_full + st, 1);
-            mbar_init(k_empty + st, CONSUMER_WARPS);
-            mbar_init(v_empty + st, CONSUMER_WARPS);
+            mbar_init(k_empty + st, CONSUMER_WARPS * CLUSTER);  // the consumer warps of every CTA of the cluster
+            mbar_init(v_empty + st, CONSUMER_WARPS * CLUSTER);
         }
         mbar_init(v_staged, 1);
 #if FWD90_QUEUE
@@ -628,7 +655,10 @@ flash_fwd_sm90(const __grid_constant__ TmaMap tm_q, const __grid_constant__ TmaM
 #endif
         mbar_init_fence();
     }
-    __syncthreads();
+    if (CLUSTER > 1)
+        cluster_sync();  // (the other CTA's barriers initialised before any arrival or copy reaches them)
+    else
+        __syncthreads();
 
     if (wg == 0) {  // ---- producer ----
         setmaxnreg_dec<LOAD_REGS>();
@@ -682,7 +712,12 @@ flash_fwd_sm90(const __grid_constant__ TmaMap tm_q, const __grid_constant__ TmaM
                 if (lane == 0) {
                     mbar_wait(k_empty + st, phase ^ 1);
                     ph.to(PH_WAIT_K);
+#if FWD90_CLUSTER > 1
+                    tma_load_tile_shared<BLOCK_N, HEAD_DIM, QK_SW, CLUSTER>(sK + st * SK_BYTES, tm_k, k_full + st, row,
+                                                                            sl.kvh * k_hm, sl.b * k_bm, rank);
+#else
                     tma_load_tile<BLOCK_N, HEAD_DIM, QK_SW>(sK + st * SK_BYTES, tm_k, k_full + st, row, sl.kvh * k_hm, sl.b * k_bm);
+#endif
                     ph.to(PH_ISSUE);
                     ph.count(PH_BLOCKS);
                 }
@@ -691,7 +726,8 @@ flash_fwd_sm90(const __grid_constant__ TmaMap tm_q, const __grid_constant__ TmaM
                 // the consumers hear of the block; rows past a dense tensor's end arrive as zeros.
                 const int zero_end = sl.packed ? j0 + BLOCK_N : min(j0 + BLOCK_N, sl.S);
                 const bool block_unseen = KeyBlocks::holes(kb.summary(n));
-                const bool dirty = j0 < tile.j_lo || zero_end > tile.j_hi || block_unseen;
+                // (never with clusters: the host takes them only where every query sees every key)
+                const bool dirty = CLUSTER == 1 && (j0 < tile.j_lo || zero_end > tile.j_hi || block_unseen);
                 // Only lane 0 waits on the ring's barriers. The other lanes skip its Q and K waits, so, had they
                 // spun on v_empty too, they would drift apart from it by whole phases, which a parity wait
                 // cannot tell apart: with a mask whose tiles each visit one key block they hung (H200). They
@@ -699,8 +735,13 @@ flash_fwd_sm90(const __grid_constant__ TmaMap tm_q, const __grid_constant__ TmaM
                 if (lane == 0) {
                     mbar_wait(v_empty + st, phase ^ 1);
                     ph.to(PH_WAIT_V);
+#if FWD90_CLUSTER > 1
+                    tma_load_tile_shared<BLOCK_N, HEAD_DIM_V, V_SW, CLUSTER>(sVs, tm_v, v_full + st, row, sl.kvh * v_hm,
+                                                                             sl.b * v_bm, rank);
+#else
                     tma_load_tile<BLOCK_N, HEAD_DIM_V, V_SW>(sVs, tm_v, dirty ? v_staged : v_full + st, row, sl.kvh * v_hm,
                                                        sl.b * v_bm);
+#endif
                     ph.to(PH_ISSUE);
                 }
                 if (!dirty) continue;
@@ -751,6 +792,17 @@ flash_fwd_sm90(const __grid_constant__ TmaMap tm_q, const __grid_constant__ TmaM
     auto release = [&](unsigned long long* bar) {
         if (lane == 0) mbar_arrive(bar);
     };
+    // a K or V buffer: released in every CTA of the cluster, whose producers all write into it
+    auto release_kv = [&](unsigned long long* bar) {
+        if (lane == 0) {
+            if (CLUSTER == 1) {
+                mbar_arrive(bar);
+            } else {
+#pragma unroll
+                for (int c = 0; c < CLUSTER; ++c) mbar_arrive_cta(bar, c);
+            }
+        }
+    };
     u32 it = 0, q_phase = 0;
 #if FWD90_SKIP_IDLE
     // A warpgroup whose rows all lie past the slice's queries (the last query block of a length that is no
@@ -767,7 +819,7 @@ flash_fwd_sm90(const __grid_constant__ TmaMap tm_q, const __grid_constant__ TmaM
         turn_end();
         for (;;) {
             const int next = kb.from(n + 1);
-            release(k_empty + st);
+            release_kv(k_empty + st);
             if (next >= n_end) {
                 release(q_empty);
                 break;
@@ -781,12 +833,12 @@ flash_fwd_sm90(const __grid_constant__ TmaMap tm_q, const __grid_constant__ TmaM
             mbar_wait_warp(v_full + prev, prev_phase);
             turn_begin();  // S of block n with P V of the block before
             turn_end();
-            release(v_empty + prev);
+            release_kv(v_empty + prev);
         }
         mbar_wait_warp(v_full + st, phase);
         turn_begin();  // P V of the last block
         turn_end();
-        release(v_empty + st);
+        release_kv(v_empty + st);
         ++it;
     };
 #endif
@@ -902,7 +954,7 @@ flash_fwd_sm90(const __grid_constant__ TmaMap tm_q, const __grid_constant__ TmaM
         wgmma_wait<0>();
         ph.to(PH_WAIT_S);
         fence_regs(s);
-        release(k_empty + st);
+        release_kv(k_empty + st);
         if (next >= n_stop) release(q_empty);
         modify_scores(here, ahead, next, n0);
         softmax_block(s, m_i, l_i, alpha, vis, vis.tile_full(mw, 64, n0, BLOCK_N), i, n0, t4, scale_log2);
@@ -940,7 +992,7 @@ flash_fwd_sm90(const __grid_constant__ TmaMap tm_q, const __grid_constant__ TmaM
             wgmma_wait<1>();  // S of block n; P V of block n - 1 still runs
             ph.to(PH_WAIT_S);
             fence_regs(s);
-            release(k_empty + st);
+            release_kv(k_empty + st);
             if (next >= n_stop) release(q_empty);
             modify_scores(here, ahead, next, n0);
             const bool rescale =
@@ -949,7 +1001,7 @@ flash_fwd_sm90(const __grid_constant__ TmaMap tm_q, const __grid_constant__ TmaM
             wgmma_wait<0>();
             ph.to(PH_WAIT_PV);
             fence_regs(acc);
-            release(v_empty + prev);
+            release_kv(v_empty + prev);
             if (rescale) rescale_acc(acc, alpha);
             round_p(s, p, i, n0, t4, drop, sl.bh);
             ph.to(PH_SOFTMAX);
@@ -979,7 +1031,7 @@ flash_fwd_sm90(const __grid_constant__ TmaMap tm_q, const __grid_constant__ TmaM
         wgmma_wait<0>();
         ph.to(PH_WAIT_PV);
         fence_regs(acc);
-        release(v_empty + st);
+        release_kv(v_empty + st);
         ++it;
 #if FWD90_WG_BLOCKS
         // ... and their buffers each waited for (so that its release counts towards the phase it belongs to) and
@@ -990,8 +1042,8 @@ flash_fwd_sm90(const __grid_constant__ TmaMap tm_q, const __grid_constant__ TmaM
             const u32 wphase = (it / STAGES) & 1;
             mbar_wait_warp(k_full + ws, wphase);
             mbar_wait_warp(v_full + ws, wphase);
-            release(k_empty + ws);
-            release(v_empty + ws);
+            release_kv(k_empty + ws);
+            release_kv(v_empty + ws);
         }
 #endif
 
@@ -1054,5 +1106,6 @@ flash_fwd_sm90(const __grid_constant__ TmaMap tm_q, const __grid_constant__ TmaM
 #if FWD90_TMA_STORE
     if (threadIdx.x % 128 == 0) bulk_wait<false>();  // the last stores done before the shared memory goes
 #endif
+    if (CLUSTER > 1) cluster_sync();  // the other CTA's consumers are done arriving on this CTA's barriers
     ph.to(PH_END);
 }

@@ -63,6 +63,53 @@ __device__ __forceinline__ void tma_load_tile(unsigned char* dst, const TmaMap& 
 #pragma unroll
     for (int c = 0; c < D / (SW / 2); ++c) tma_load(dst + c * ROWS * SW, map, bar, SW / 2 * c, row, head, batch);
 }
+// ---- clusters (FWD90_CLUSTER) -------------------------------------------------------------------------
+
+// This CTA's rank in its cluster.
+__device__ __forceinline__ u32 cluster_rank() {
+    u32 r;
+    asm volatile("mov.u32 %0, %%cluster_ctarank;\n" : "=r"(r));
+    return r;
+}
+// Every non-exited thread of the cluster meets here (all lanes of a warp together); the arrive releases this
+// thread's earlier writes and mbarrier arrivals to the cluster, the wait acquires the others'.
+__device__ __forceinline__ void cluster_sync() {
+    asm volatile("barrier.cluster.arrive.release.aligned;\nbarrier.cluster.wait.acquire.aligned;\n" ::: "memory");
+}
+// Arrive on the mbarrier at `bar`'s offset in the shared memory of cluster CTA `cta` (this CTA's own too). The
+// consumers arrive so once their products have completed (wgmma_wait): their reads of the buffer are done, not
+// merely ordered, so the default .cta-scoped release suffices, as CUTLASS's ClusterBarrier arrives; a
+// .release.cluster arrive costs a MEMBAR.ALL.GPU before each arrival (nvcc 13.0 SASS).
+__device__ __forceinline__ void mbar_arrive_cta(unsigned long long* bar, u32 cta) {
+    asm volatile("{\n.reg .b32 remote;\nmapa.shared::cluster.u32 remote, %0, %1;\n"
+                 "mbarrier.arrive.shared::cluster.b64 _, [remote];\n}\n"
+                 ::"r"(smem_u32(bar)), "r"(cta) : "memory");
+}
+// tma_load's box written to `dst`'s offset in the shared memory of every CTA of `ctas` (a bit per rank), each
+// completing its bytes on the mbarrier at `bar`'s offset there.
+__device__ __forceinline__ void tma_load_multicast(void* dst, const TmaMap& map, unsigned long long* bar, int c0,
+                                                   int c1, int c2, int c3, unsigned short ctas) {
+    asm volatile(
+        "cp.async.bulk.tensor.4d.shared::cluster.global.mbarrier::complete_tx::bytes.multicast::cluster"
+        " [%0], [%1, {%3, %4, %5, %6}], [%2], %7;\n"
+        ::"r"(smem_u32(dst)), "l"(reinterpret_cast<unsigned long long>(&map)), "r"(smem_u32(bar)), "r"(c0), "r"(c1),
+        "r"(c2), "r"(c3), "h"(ctas)
+        : "memory");
+}
+// A ROWS x D tile as tma_load_tile loads it, shared by the CTAs of a cluster of CLUSTER: this CTA (`rank`) loads
+// its ROWS / CLUSTER rows into every CTA's buffer, the others the rest, so the tile's whole bytes arrive on `bar`
+// (the map's box is ROWS / CLUSTER rows). Row groups of 8 keep the swizzle: ROWS / CLUSTER is a multiple of 8.
+template <int ROWS, int D, int SW, int CLUSTER>
+__device__ __forceinline__ void tma_load_tile_shared(unsigned char* dst, const TmaMap& map, unsigned long long* bar,
+                                                     int row, int head, int batch, u32 rank) {
+    constexpr int PART = ROWS / CLUSTER;
+    static_assert(PART % 8 == 0, "a cluster's share of a tile: whole groups of 8 rows");
+    mbar_expect_tx(bar, ROWS * D * 2);
+#pragma unroll
+    for (int c = 0; c < D / (SW / 2); ++c)
+        tma_load_multicast(dst + c * ROWS * SW + rank * PART * SW, map, bar, SW / 2 * c, row + rank * PART, head, batch,
+                           static_cast<unsigned short>((1u << CLUSTER) - 1));
+}
 // The other way: box (c0, c1, c2, c3) of a 4-D tensor map written from shared memory, in the issuing
 // thread's bulk group. Elements of the box outside the tensor are not written (a tile's rows past L).
 __device__ __forceinline__ void tma_store(const void* src, const TmaMap& map, int c0, int c1, int c2, int c3) {

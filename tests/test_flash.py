@@ -41,6 +41,13 @@ def _nvrtc_jobs():
                                                      fwd90_wg_blocks=True)
                         yield "flash_fwd_sm90.cu", sources.compile_options(dtype, E, Ev, dropout, phased,
                                                                            tma_store=True) + ("-arch=sm_90a",)
+            if (E, Ev) in ((64, 64), (96, 64), (256, 256)) and dropout:
+                # ... with clusters sharing the key blocks (three warpgroups, 64-byte rows, 80-key blocks), idle
+                # warpgroups walking their tiles
+                clustered = dataclasses.replace(config.FlashConfig.for_problem(E, Ev, 4096, False), fwd90_cluster=2,
+                                                fwd90_skip_idle=True).fitted(E, Ev)
+                yield "flash_fwd_sm90.cu", sources.compile_options(dtype, E, Ev, dropout, clustered,
+                                                                   tma_store=clustered.fwd90_tma_store) + ("-arch=sm_90a",)
             # ... and with each kind of attn_mask (its tiles from the queue)
             for mask in (("bool", "float16") if dtype == "float16" else ("float32", "bfloat16")):
                 fwd_cfg = config.FlashConfig.for_problem(E, Ev, 4096, False, mask)
@@ -1002,6 +1009,69 @@ def test_wg_blocks_cases_leave_a_warpgroup_blocks_it_does_not_see():
                             return True
                 return False
             assert any(unseen(L, S) for L, S in lengths), (name, tiles)
+
+# fwd90_cluster: problems every query of which sees every key (what clusters take), across the tile shapes: an
+# idle warpgroup in the last query block (its walk keeps the shared ring), key blocks past S zero-filled by TMA,
+# GQA, dropout, three warpgroups, 64-byte rows (E = 96) beside 128-byte ones, 80-key blocks (E = 256: 40-row
+# shares), soft-capping and ALiBi
+CLUSTER_CASES = {
+    "gqa_partial_tile": Case(batch=(2,), hq=4, hkv=2, L=1000, S=1000, E=128),
+    "idle_warpgroup_short_keys": Case(hq=2, L=900, S=333, E=96, Ev=64),
+    "dropout_three_warpgroups": Case(batch=(3,), hq=2, L=768, S=700, E=64, dropout_p=0.25),
+    "e256": Case(hq=2, L=512, S=520, E=256),
+    "softcap_alibi": Case(hq=4, L=256, S=300, E=128, softcap=30.0, alibi="head"),
+}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", list(CLUSTER_CASES))
+@pytest.mark.parametrize("clusters", [1, 3])
+def test_clusters_sharing_key_blocks_keep_the_bits(name, clusters, rng, monkeypatch):
+    """fwd90_cluster = 2 (two CTAs of a cluster take neighbouring query blocks of a head and multicast each K and V
+    block's halves into both) gives the same out and lse, bit for bit, as one CTA a tile, and the reference judges
+    them; with one cluster and with three at once, so that each cluster walks many tiles."""
+    import cupy
+
+    from cusdpa.backends.flash import launches
+    from cusdpa.verify.harness import run_problem
+
+    monkeypatch.setattr(sources, "max_active_clusters", lambda *args: clusters)
+    case = CLUSTER_CASES[name]
+    pr = build(case, cupy, rng)
+    real = launches.config
+    results = {}
+    for on in (False, True):
+        monkeypatch.setattr(launches, "config", lambda pr, on=on: dataclasses.replace(
+            real(pr), fwd90_cluster=2 if on else 1, fwd90_skip_idle=True))
+        assert launches.sm90_forward_config(pr).fwd90_cluster == (2 if on else 1)
+        results[on] = flash.IMPL.forward(pr)
+    assert all(cupy.array_equal(g, w, equal_nan=True) for g, w in zip(results[True], results[False]))
+    failures = run_problem(pr, flash.IMPL, rng, grads=False)
+    assert not failures, "\n".join(failures)
+
+
+def test_clusters_only_where_every_query_sees_every_key():
+    """sm90_forward_config keeps fwd90_cluster only where every tile of a head walks the same key blocks and the
+    query blocks pair up: not under a causal band, a window, an attn_mask or in a packed batch, nor with an odd
+    number of query blocks."""
+    from cusdpa.backends.flash import launches
+
+    def cluster_of(**changes):
+        case = dataclasses.replace(Case(hq=2, L=512, S=512, E=128), **changes)
+        pr = build(case, np, np.random.default_rng(0))
+        with pytest.MonkeyPatch.context() as mp:
+            real = launches.config
+            mp.setattr(launches, "config", lambda pr: dataclasses.replace(real(pr), fwd90_cluster=2))
+            return launches.sm90_forward_config(pr).fwd90_cluster
+
+    assert cluster_of() == 2
+    assert cluster_of(dropout_p=0.1, alibi="head", softcap=5.0) == 2
+    assert cluster_of(causal="upper_left") == 1
+    assert cluster_of(window=(100, -1)) == 1
+    assert cluster_of(mask="bool") == 1
+    assert cluster_of(varlen=((512, 512), (300, 200))) == 1
+    assert cluster_of(L=300) == 1  # three query blocks of 128 rows
+
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("name", ["gqa", "causal_short_keys", "dropout", "varlen", "window"])

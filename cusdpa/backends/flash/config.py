@@ -52,6 +52,11 @@ class FlashConfig:
     # first warpgroup of every tile sees none of the tile's last block and the second that of every other tile,
     # so those products and exponentials are spared; with 128-row tiles only 64-key blocks leave a block unseen
     fwd90_wg_blocks: bool = False
+    # clusters of this many CTAs (1 or 2) share each K and V block of the Hopper forward, each CTA loading its
+    # part into all of them by TMA multicast (FlashAttention-3 does so at E = 128 and 256 without a causal band):
+    # half the K/V bytes read from L2. Taken only where every tile of a head reads the same key blocks (no causal
+    # band, window or attn_mask, a dense batch, an even number of query blocks: launches.sm90_forward_config)
+    fwd90_cluster: int = 1
     # per-warp phase clocks compiled into the Hopper forward (kernels_cuda/phases.cuh), for
     # benchmarks/fwd90_phases.py only
     fwd90_phases: bool = False

@@ -279,7 +279,19 @@ def sm90_forward_config(pr) -> FlashConfig:
     cfg = config(pr)
     if cfg.fwd90_tma_store and pr.varlen is not None:
         cfg = dataclasses.replace(cfg, fwd90_tma_store=False)
+    if cfg.fwd90_cluster > 1 and not _clusters_apply(pr, cfg):
+        cfg = dataclasses.replace(cfg, fwd90_cluster=1)
     return cfg.fitted(pr.E, pr.Ev)
+
+
+def _clusters_apply(pr, cfg) -> bool:
+    """Whether the CTAs of a cluster of ``cfg.fwd90_cluster`` can take neighbouring query blocks of one head and
+    walk the same key blocks (kernels_cuda/flash_fwd_sm90.cu, FWD90_CLUSTER): every query sees every key (no
+    causal band, window or attn_mask), a dense batch on the persistent grid, whole units of query blocks, and
+    key blocks whose share per CTA is whole groups of 8 rows (the swizzle's)."""
+    num_m = -(-pr.L // (64 * cfg.fwd90_warpgroups))
+    return (pr.mask is None and pr.window_bounds == (-1, -1) and pr.varlen is None and cfg.fwd90_persistent
+            and num_m % cfg.fwd90_cluster == 0 and cfg.fwd90_block_n % (8 * cfg.fwd90_cluster) == 0)
 
 
 def sm90_forward_options(pr) -> tuple:
@@ -394,9 +406,10 @@ def _sm90_forward_launch(pr, lay, o_strides, cfg, opts, tail, mask) -> Launch:
     fn = sources.kernel(dev, "flash_fwd_sm90.cu", "flash_fwd_sm90", opts, smem)
     packed = pr.varlen is not None
     maps = []
+    cluster = cfg.fwd90_cluster  # (with 2, each CTA of a cluster loads half of each K and V block's rows)
     for name, x, D, rows, heads, box in (("q", lay.q, pr.E, pr.L, pr.hq, block_m),
-                                         ("k", lay.k, pr.E, pr.S, pr.hkv, block_n),
-                                         ("v", lay.v, pr.Ev, pr.S, pr.hkv, block_n)):
+                                         ("k", lay.k, pr.E, pr.S, pr.hkv, block_n // cluster),
+                                         ("v", lay.v, pr.Ev, pr.S, pr.hkv, block_n // cluster)):
         if packed:
             rows = x.shape[0]
         tensor_map, hm, bm = tma.operand_map(pr.dtype_name, x.data.ptr, D, rows, heads, 1 if packed else lay.B,
@@ -409,9 +422,14 @@ def _sm90_forward_launch(pr, lay, o_strides, cfg, opts, tail, mask) -> Launch:
     BH, num_m = lay.B * pr.hq, (pr.L + block_m - 1) // block_m
     kv_bytes_per_head = max(pr.S, 1) * (pr.E + pr.Ev) * 2 / pr.group
     chunk_heads = int(min(BH, max(1, L2_SHARE // kv_bytes_per_head)))
-    grid = (min(BH * num_m, sources.multiprocessors(dev)) if cfg.fwd90_persistent else BH * num_m, 1)
-    schedule = 0 if packed or not (cfg.fwd90_schedule and cfg.fwd90_persistent) else \
-        _tile_schedule(pr, dev, BH, num_m, chunk_heads, grid[0], block_m, block_n)
+    if cluster > 1:  # as many clusters as run at once, each taking units of `cluster` query blocks; no schedule
+        grid = (cluster * min(BH * num_m // cluster, sources.max_active_clusters(
+            dev, fn, cluster, 128 * (cfg.fwd90_warpgroups + 1), smem)), 1)
+        schedule = 0
+    else:
+        grid = (min(BH * num_m, sources.multiprocessors(dev)) if cfg.fwd90_persistent else BH * num_m, 1)
+        schedule = 0 if packed or not (cfg.fwd90_schedule and cfg.fwd90_persistent) else \
+            _tile_schedule(pr, dev, BH, num_m, chunk_heads, grid[0], block_m, block_n)
     args = (*(m for m, _, _ in maps), *store, Slot("o"), Slot("lse"), *_common(pr, lay),
             *(x for _, hm, bm in maps for x in (hm, bm)), *o_strides, *tail, np.int32(BH), np.int32(num_m),
             np.int32(chunk_heads), schedule, *mask, *_modifier_args(pr))

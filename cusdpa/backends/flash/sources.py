@@ -2,6 +2,7 @@
 memory here and on disk by CuPy."""
 from __future__ import annotations
 
+import ctypes
 import functools
 import re
 
@@ -77,6 +78,7 @@ def compile_options(dtype_name: str, E: int, Ev: int, dropout: bool, cfg: FlashC
             *(("-DCUSDPA_PHASES=1",) if cfg.fwd90_phases else ()),
             *(("-DFWD90_SKIP_IDLE=1",) if cfg.fwd90_skip_idle else ()),
             *(("-DFWD90_WG_BLOCKS=1",) if cfg.fwd90_wg_blocks else ()),
+            *((f"-DFWD90_CLUSTER={cfg.fwd90_cluster}",) if cfg.fwd90_cluster > 1 else ()),
             "-std=c++17", "--use_fast_math", f"-DCUSDPA_BF16={int(dtype_name == 'bfloat16')}",
             f"-DHEAD_DIM={E}", f"-DHEAD_DIM_V={Ev}", f"-DIS_DROPOUT={int(dropout)}",
             f"-DFWD_WARPS={cfg.fwd_warps}", f"-DFWD_M_TILES={cfg.fwd_m_tiles}", f"-DFWD_BLOCK_N={cfg.fwd_block_n}",
@@ -123,3 +125,31 @@ def multiprocessors(device: int) -> int:
     import cupy
 
     return int(cupy.cuda.Device(device).attributes["MultiProcessorCount"])
+
+
+class _LaunchConfig(ctypes.Structure):  # CUlaunchConfig (cuda.h), without launch attributes
+    _fields_ = [("grid", ctypes.c_uint * 3), ("block", ctypes.c_uint * 3), ("smem", ctypes.c_uint),
+                ("stream", ctypes.c_void_p), ("attrs", ctypes.c_void_p), ("num_attrs", ctypes.c_uint)]
+
+
+@functools.cache
+def max_active_clusters(device: int, fn, cluster: int, threads: int, smem: int) -> int:
+    """How many clusters of ``cluster`` CTAs of ``fn`` (compiled with that cluster size, ``threads`` threads and
+    ``smem`` bytes of dynamic shared memory each) the device runs at once (cuOccupancyMaxActiveClusters): a
+    persistent grid of more would run its last clusters after the others. Where the driver cannot say, one
+    cluster per ``cluster`` SMs."""
+    import cupy
+
+    fallback = multiprocessors(device) // cluster
+    try:
+        query = ctypes.CDLL("libcuda.so.1").cuOccupancyMaxActiveClusters
+    except (OSError, AttributeError):
+        return fallback
+    query.restype = ctypes.c_int
+    query.argtypes = [ctypes.POINTER(ctypes.c_int), ctypes.c_void_p, ctypes.POINTER(_LaunchConfig)]
+    config = _LaunchConfig((ctypes.c_uint * 3)(cluster * multiprocessors(device), 1, 1),
+                           (ctypes.c_uint * 3)(threads, 1, 1), smem, None, None, 0)
+    found = ctypes.c_int(0)
+    with cupy.cuda.Device(device):
+        err = query(ctypes.byref(found), ctypes.c_void_p(fn.ptr), ctypes.byref(config))
+    return found.value if err == 0 and found.value > 0 else fallback
