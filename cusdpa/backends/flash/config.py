@@ -107,7 +107,11 @@ class FlashConfig:
         takes the third stage), L = 4096 E = 96 and 128 +1.5-3.8%, E = 64 within 1.5%; at L = 16384 it lost
         1.6-5.8% and at E = 32 about 1%, so not there. Where three warpgroups leave one idle in the last query block at
         L < 2048, it walks its tiles without computing (``fwd90_skip_idle``: E = 64 L = 1024 +1.5%, the tutorial's
-        call +3.2% on the H100)."""
+        call +3.2% on the H100). Causal problems on three warpgroups stop each warpgroup at its own last key block
+        (``fwd90_wg_blocks``: E = 64 L = 2048 +3.4%, 4096 +1.3% on the H100; with two warpgroups and 128-key blocks
+        no warpgroup skips a block and it cost 1.3% at L = 1024). Without a causal band or a mask, clusters of two
+        CTAs share each K and V block (``fwd90_cluster``, on the H100, bf16: E = 128 L = 1024 +8.3%, 4096 +2.5%,
+        16384 +2.9%; E = 64 L = 4096 +2.3%; E = 256 +0.7%)."""
         cfg = FlashConfig.for_head_dims(E, Ev)
         d = max(E, Ev)
         if d <= 64 and (not causal or L >= 2048):
@@ -132,6 +136,10 @@ class FlashConfig:
             cfg = dataclasses.replace(cfg, fwd90_tma_store=True).fitted(E, Ev)
         if cfg.fwd90_warpgroups == 3 and L < 2048 and -(-L // 64) % 3:  # the last query block leaves one idle
             cfg = dataclasses.replace(cfg, fwd90_skip_idle=True)
+        if cfg.fwd90_warpgroups == 3 and causal:  # the first warpgroup of every tile sees none of its last block
+            cfg = dataclasses.replace(cfg, fwd90_wg_blocks=True)
+        if not causal and not mask:  # (where every query sees every key: launches.sm90_forward_config decides)
+            cfg = dataclasses.replace(cfg, fwd90_cluster=2)
         return cfg
 
     def fitted(self, E: int, Ev: int) -> "FlashConfig":
