@@ -28,7 +28,8 @@ CASES = {  # name -> (E, Ev, Hq, Hkv, Lq, new, paged, lengths, capacity, options
     "odd_dim_multi_query": (40, 40, 6, 2, 5, 0, False, [50, 6, 1000, 3], 1024, dict(is_causal=True)),
     "one_sequence_long": (128, 128, 32, 8, 1, 0, True, [32768], 32768, dict()),
     # blocks of 24 positions: a tile straddles blocks, so each key's address is gathered (the non-affine copy)
-    "paged_small_blocks": (64, 64, 8, 2, 1, 1, True, [100, 37, 0, 250], 264, dict(is_causal=True, window=(50, 0))),
+    # (each sequence holds at least its new token: a length of 1 is the new token alone)
+    "paged_small_blocks": (64, 64, 8, 2, 1, 1, True, [100, 37, 1, 250], 264, dict(is_causal=True, window=(50, 0))),
 }
 BLOCK_SIZE = {"paged_small_blocks": 24}  # positions per block of a paged case (default 256)
 
