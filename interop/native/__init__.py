@@ -9,7 +9,9 @@ the headers and libraries of the installed torch, into a per-user cache (``CUSDP
 ~/.cache/cusdpa), about 25 s once per torch version, and loaded with ``torch.ops.load_library``. Where it
 cannot be built or loaded, calls take the Python path (``interop.autograd``) and ``reason()`` says why.
 
-Off until measured on the GPU: ``CUSDPA_NATIVE=1`` in the environment, or ``enable()``. Calls it takes: no
+On by default (``CUSDPA_NATIVE=0`` in the environment, or ``enable(False)``, turns it off): on the H100 an eager
+forward's host time went from 1.35x PyTorch's to 1.09x, a forward and backward's from 1.50x to 0.97x
+(benchmarks/overhead.py). Calls it takes: no
 attn_mask, no ALiBi slopes, dense (not nested or packed), plain eager mode (``ops.plain_eager``), a plan for
 the forward and, where a gradient is wanted, one for the backward, and TMA maps whose address the driver
 keeps at a known offset. Everything else, and the first call of each signature, is the Python path's.
@@ -35,7 +37,7 @@ from cusdpa.backends.launch import Launch, ZeroWords
 from .. import ops
 
 SOURCE = Path(__file__).with_name("replay.cpp")
-ENABLED = os.environ.get("CUSDPA_NATIVE", "0") == "1"
+ENABLED = os.environ.get("CUSDPA_NATIVE", "1") == "1"
 _state = {"loaded": None, "reason": "not built yet"}  # loaded: None (not tried), True, False
 _lock = threading.Lock()
 _fallbacks: dict = {}  # plan id -> the general path's backward of its calls (grad_out, q, k, v, out, lse, seed)
