@@ -98,7 +98,7 @@ KNOB_TESTS="$KNOB_TESTS or shared_scores or dynamic_shared"
 command_of() {  # the command of stage $1, into the array cmd
   local stage=$1
   case $stage in
-    flash-tests) cmd=(python3 -m pytest -q -m "gpu and not slow" -p no:cacheprovider tests/test_flash.py
+    flash-tests) cmd=(bash benchmarks/sharded_pytest.sh 3 -m "gpu and not slow" tests/test_flash.py
                       -k "not skipping_keeps_the_bits") ;;  # (fwd-idle-tests runs those beside it)
     plans-tests) cmd=(python3 -m pytest -q -p no:cacheprovider tests/test_plans.py) ;;
     native-tests) cmd=(python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_plans.py -k compiled_replay) ;;
