@@ -75,6 +75,8 @@ CASES = [  # (name, backend, dtype, (B, Hq, Hkv, L, S, E, Ev), options, mask kin
      None, "portable"),
     ("flash wgmma E128 O from registers", Backend.FLASH, "bfloat16", (2, 4, 2, 200, 150, 128, 128),
      dict(is_causal=True), None, "fwd90_tma_store=0"),
+    # clusters of two CTAs multicasting K and V (the default where every query sees every key: two query blocks)
+    ("flash wgmma E128 clusters GQA", Backend.FLASH, "bfloat16", (2, 4, 2, 200, 150, 128, 128), {}, None, None),
 ]
 
 DECODE_CASES = [  # (name, dtype, (B, Hq, Hkv, Lq, capacity, E), paged, new tokens)
