@@ -32,7 +32,8 @@ def _nvrtc_jobs():
                     yield "flash_fwd_sm90.cu", sources.compile_options(dtype, E, Ev, dropout, fwd_cfg,
                                                                        tma_store=fwd_cfg.fwd90_tma_store) + ("-arch=sm_90a",)
                     if fwd_cfg.fwd90_stages == 2:  # ... a packed batch's (register stores), its tiles from the queue
-                        yield "flash_fwd_sm90.cu", sources.compile_options(dtype, E, Ev, dropout, fwd_cfg, queue=True) + (
+                        packed = dataclasses.replace(fwd_cfg, fwd90_cluster=1)  # (as sm90_forward_config gives it)
+                        yield "flash_fwd_sm90.cu", sources.compile_options(dtype, E, Ev, dropout, packed, queue=True) + (
                             "-arch=sm_90a",)
                     if fwd_cfg.fwd90_tma_store and (E, Ev) in ((64, 64), (96, 64), (160, 224)) and dropout:  # ... with
                         # the phase clocks, O from 128- and 64-byte swizzled rows, idle warpgroups skipping their

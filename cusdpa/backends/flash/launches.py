@@ -422,9 +422,10 @@ def _sm90_forward_launch(pr, lay, o_strides, cfg, opts, tail, mask) -> Launch:
     BH, num_m = lay.B * pr.hq, (pr.L + block_m - 1) // block_m
     kv_bytes_per_head = max(pr.S, 1) * (pr.E + pr.Ev) * 2 / pr.group
     chunk_heads = int(min(BH, max(1, L2_SHARE // kv_bytes_per_head)))
-    if cluster > 1:  # as many clusters as run at once, each taking units of `cluster` query blocks; no schedule
-        grid = (cluster * min(BH * num_m // cluster, sources.max_active_clusters(
-            dev, fn, cluster, 128 * (cfg.fwd90_warpgroups + 1), smem)), 1)
+    if cluster > 1:  # as many clusters as run at once (a CTA an SM), each taking units of `cluster` query blocks;
+        # no schedule (every tile the same work)
+        grid = (cluster * min(BH * num_m // cluster, sources.multiprocessors(dev) // cluster,
+                              sources.max_active_clusters(dev, fn, cluster, 128 * (cfg.fwd90_warpgroups + 1), smem)), 1)
         schedule = 0
     else:
         grid = (min(BH * num_m, sources.multiprocessors(dev)) if cfg.fwd90_persistent else BH * num_m, 1)
