@@ -712,12 +712,8 @@ flash_fwd_sm90(const __grid_constant__ TmaMap tm_q, const __grid_constant__ TmaM
                 if (lane == 0) {
                     mbar_wait(k_empty + st, phase ^ 1);
                     ph.to(PH_WAIT_K);
-#if FWD90_CLUSTER > 1
-                    tma_load_tile_shared<BLOCK_N, HEAD_DIM, QK_SW, CLUSTER>(sK + st * SK_BYTES, tm_k, k_full + st, row,
-                                                                            sl.kvh * k_hm, sl.b * k_bm, rank);
-#else
-                    tma_load_tile<BLOCK_N, HEAD_DIM, QK_SW>(sK + st * SK_BYTES, tm_k, k_full + st, row, sl.kvh * k_hm, sl.b * k_bm);
-#endif
+                    tma_load_tile<BLOCK_N, HEAD_DIM, QK_SW, CLUSTER>(sK + st * SK_BYTES, tm_k, k_full + st, row,
+                                                                     sl.kvh * k_hm, sl.b * k_bm, rank);
                     ph.to(PH_ISSUE);
                     ph.count(PH_BLOCKS);
                 }
@@ -735,13 +731,8 @@ flash_fwd_sm90(const __grid_constant__ TmaMap tm_q, const __grid_constant__ TmaM
                 if (lane == 0) {
                     mbar_wait(v_empty + st, phase ^ 1);
                     ph.to(PH_WAIT_V);
-#if FWD90_CLUSTER > 1
-                    tma_load_tile_shared<BLOCK_N, HEAD_DIM_V, V_SW, CLUSTER>(sVs, tm_v, v_full + st, row, sl.kvh * v_hm,
-                                                                             sl.b * v_bm, rank);
-#else
-                    tma_load_tile<BLOCK_N, HEAD_DIM_V, V_SW>(sVs, tm_v, dirty ? v_staged : v_full + st, row, sl.kvh * v_hm,
-                                                       sl.b * v_bm);
-#endif
+                    tma_load_tile<BLOCK_N, HEAD_DIM_V, V_SW, CLUSTER>(sVs, tm_v, dirty ? v_staged : v_full + st, row,
+                                                                      sl.kvh * v_hm, sl.b * v_bm, rank);
                     ph.to(PH_ISSUE);
                 }
                 if (!dirty) continue;

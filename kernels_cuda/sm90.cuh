@@ -54,15 +54,6 @@ __device__ __forceinline__ void tma_load(void* dst, const TmaMap& map, unsigned 
         "r"(c2), "r"(c3)
         : "memory");
 }
-// A ROWS x D tile (its D / (SW / 2) swizzled column chunks) at row `row`, head and batch coordinates
-// `head`, `batch`: the bytes announced on `bar`, then the copies that complete them.
-template <int ROWS, int D, int SW>
-__device__ __forceinline__ void tma_load_tile(unsigned char* dst, const TmaMap& map, unsigned long long* bar, int row,
-                                              int head, int batch) {
-    mbar_expect_tx(bar, ROWS * D * 2);
-#pragma unroll
-    for (int c = 0; c < D / (SW / 2); ++c) tma_load(dst + c * ROWS * SW, map, bar, SW / 2 * c, row, head, batch);
-}
 // ---- clusters (FWD90_CLUSTER) -------------------------------------------------------------------------
 
 // This CTA's rank in its cluster.
@@ -96,19 +87,25 @@ __device__ __forceinline__ void tma_load_multicast(void* dst, const TmaMap& map,
         "r"(c2), "r"(c3), "h"(ctas)
         : "memory");
 }
-// A ROWS x D tile as tma_load_tile loads it, shared by the CTAs of a cluster of CLUSTER: this CTA (`rank`) loads
-// its ROWS / CLUSTER rows into every CTA's buffer, the others the rest, so the tile's whole bytes arrive on `bar`
-// (the map's box is ROWS / CLUSTER rows). Row groups of 8 keep the swizzle: ROWS / CLUSTER is a multiple of 8.
-template <int ROWS, int D, int SW, int CLUSTER>
-__device__ __forceinline__ void tma_load_tile_shared(unsigned char* dst, const TmaMap& map, unsigned long long* bar,
-                                                     int row, int head, int batch, u32 rank) {
+// A ROWS x D tile (its D / (SW / 2) swizzled column chunks) at row `row`, head and batch coordinates `head`,
+// `batch`: the bytes announced on `bar`, then the copies that complete them. With CLUSTER > 1 the tile is shared
+// by the CTAs of the cluster: this CTA (`rank`) loads its ROWS / CLUSTER rows into every CTA's buffer and the
+// others the rest, so the whole tile's bytes arrive on each CTA's `bar` (the map's box is ROWS / CLUSTER rows;
+// whole groups of 8 rows keep the swizzle).
+template <int ROWS, int D, int SW, int CLUSTER = 1>
+__device__ __forceinline__ void tma_load_tile(unsigned char* dst, const TmaMap& map, unsigned long long* bar, int row,
+                                              int head, int batch, u32 rank = 0) {
     constexpr int PART = ROWS / CLUSTER;
-    static_assert(PART % 8 == 0, "a cluster's share of a tile: whole groups of 8 rows");
+    static_assert(CLUSTER == 1 || PART % 8 == 0, "a cluster's share of a tile: whole groups of 8 rows");
     mbar_expect_tx(bar, ROWS * D * 2);
 #pragma unroll
-    for (int c = 0; c < D / (SW / 2); ++c)
-        tma_load_multicast(dst + c * ROWS * SW + rank * PART * SW, map, bar, SW / 2 * c, row + rank * PART, head, batch,
-                           static_cast<unsigned short>((1u << CLUSTER) - 1));
+    for (int c = 0; c < D / (SW / 2); ++c) {
+        if (CLUSTER == 1)
+            tma_load(dst + c * ROWS * SW, map, bar, SW / 2 * c, row, head, batch);
+        else
+            tma_load_multicast(dst + c * ROWS * SW + rank * PART * SW, map, bar, SW / 2 * c, row + rank * PART, head,
+                               batch, static_cast<unsigned short>((1u << CLUSTER) - 1));
+    }
 }
 // The other way: box (c0, c1, c2, c3) of a 4-D tensor map written from shared memory, in the issuing
 // thread's bulk group. Elements of the box outside the tensor are not written (a tile's rows past L).
