@@ -12,8 +12,9 @@ argument types; later calls flatten their values straight into a parameter buffe
 simulator, and without ``KernelConfig.prepared_launches``, everything goes through Numba.
 
 Under ``recording()`` launches are not issued but recorded as (function, grid, block, parameter cells, dynamic
-shared memory bytes): what
-cusdpa's plans of EFFICIENT calls replay (cusdpa.backends.efficient.plan).
+shared memory bytes): what cusdpa's plans of EFFICIENT calls replay (cusdpa.backends.efficient.plan). A
+signature first met while recording is compiled there, not launched: a replay may lay an operand out as no
+eager call did (the compiled replay's dout, in out's layout).
 
 Flattening (``_encoder``) follows numba.cuda's ``_Kernel._prepare_args``: an array is (meminfo, parent, size, itemsize,
 data, *shape, *strides in bytes) with meminfo and parent null; integers, floats and booleans are one
@@ -39,7 +40,7 @@ _lock = threading.Lock()
 _MISS = object()
 _MASK64 = (1 << 64) - 1
 _recorded = threading.local()  # .launches: the list recording() fills, or None
-NOT_PREPARED = "not prepared"  # a recorded launch whose signature has not been launched once yet
+NOT_PREPARED = "not prepared"  # a recorded launch whose signature only a launch through Numba can prepare
 NUMBA_ONLY = "launched by Numba only"  # a recorded launch Numba's own path must serve
 
 
@@ -80,6 +81,8 @@ def launch(dispatcher, grid, block, device: int, args, smem: int = 0) -> None:
     key = (dispatcher, device, tuple(_kind(a) for a in args))
     prepared = _prepared.get(key, _MISS)
     if recorded is not None:
+        if prepared is _MISS:  # a signature no call has launched yet (a replay's own layout): compiled here
+            prepared = _prepare(dispatcher, device, key, args, smem)
         recorded.append(NOT_PREPARED if prepared is _MISS else NUMBA_ONLY if prepared is None else
                         (prepared.fn, _dims(grid), _dims(block), prepared.cells(args), smem))
         return
@@ -106,6 +109,24 @@ def launch(dispatcher, grid, block, device: int, args, smem: int = 0) -> None:
     finally:
         if current != device:
             runtime.setDevice(current)
+
+
+def _prepare(dispatcher, device: int, key, args, smem: int):
+    """The _Prepared of ``args``' signature without launching it: Numba compiles the overload (as its first
+    launch would) and a kernel taking more than 48 KiB of dynamic shared memory has its limit raised, so a
+    plan recorded from it replays as one recorded after a launch. _MISS where compiling outside a launch
+    fails (a kernel Numba specialises per launch configuration): the general path's launch prepares it."""
+    with cuda.gpus[device], _lock:
+        wrapped = [kernel_array(a) if _is_array(a) else a for a in args]
+        try:
+            dispatcher.compile(tuple(dispatcher.typeof_pyval(a) for a in wrapped))
+            prepared = _Prepared.of(dispatcher, wrapped)
+        except Exception:  # noqa: BLE001 -- whatever Numba's internals hold, a launch through it prepares
+            return _MISS
+        if prepared is not None and smem > STATIC_SHARED:
+            _allow_shared(prepared.fn, smem)
+        _prepared[key] = prepared
+    return prepared
 
 
 STATIC_SHARED = 48 * 1024  # dynamic shared memory a kernel may take without raising its attribute

@@ -88,8 +88,8 @@ def plan(pr, out_strides: tuple, backward: bool, dout_strides: tuple | None = No
 
     None where a recorded cell differs but holds no operand (an address inside one: a copy or an offset view),
     where Numba's own path must launch a kernel, for varlen or empty problems, or operands not read in place at
-    ``addresses`` (callers plan no float mask whose gradient is wanted); plans.NOT_YET where a kernel has
-    not been launched once yet or the path allocated memory (the general path then runs, preparing both).
+    ``addresses`` (callers plan no float mask whose gradient is wanted); plans.NOT_YET where a kernel could
+    not be prepared without a launch or the path allocated memory (the general path then runs, preparing both).
     Nothing runs on the GPU: a recording issues no kernel, and CuPy may allocate nothing meanwhile."""
     import cupy
     import kernels_numba
@@ -155,7 +155,7 @@ def _slotted(first: list, second: list, first_values: dict, second_values: dict)
     """The Launches of two recordings of the same calls: cells that differ become the Slot of the one operand
     whose values they hold in both (None if there is none, or if functions, grids, blocks or shared memory
     differ). A kernel launched with more than 48 KiB of dynamic shared memory had its limit raised when the
-    general path launched it (kernels_numba.launcher), which a plan's replay of the same function keeps."""
+    general path launched it or the recording prepared it (kernels_numba.launcher), which a replay keeps."""
     by_pair = {(first_values[name], second_values[name]): name for name in first_values}
     launches = []
     for (fn, grid, block, cells, smem), (fn2, grid2, block2, cells2, smem2) in zip(first, second):
