@@ -124,11 +124,12 @@ def _deterministic(ctx) -> bool:
 def attention(query, key, value, attn_mask, alibi_slopes, seed, backends: str, options: tuple,
               deterministic: bool = False):
     """(out, lse) of dense attention, out differentiable in query, key, value and a float attn_mask. Plain eager
-    calls without mask or slopes on CUDA tensors replay their plans in compiled code where that is enabled
-    (``interop.native``)."""
+    calls on CUDA tensors without slopes or a mask's gradient replay their plans in compiled code where that is
+    enabled (``interop.native``)."""
     need_grad = _needs_grad(query, key, value, attn_mask)
-    if native.ENABLED and attn_mask is None and alibi_slopes is None and query.is_cuda:
-        got = native.attention(query, key, value, seed, backends, options, deterministic, need_grad)
+    if native.ENABLED and alibi_slopes is None and query.is_cuda and not (attn_mask is not None
+                                                                          and attn_mask.requires_grad):
+        got = native.attention(query, key, value, attn_mask, seed, backends, options, deterministic, need_grad)
         if got is not None:
             return got
     if not need_grad:

@@ -78,7 +78,7 @@ def test_forward_and_backward_replay_the_plan(driver):
     q, k, v = _inputs()
     seed = native._signed((7 << 32) | 5)
     before = ctypes.c_int.in_dll(driver, "launches").value
-    out, lse = torch.ops.cusdpa_native.attention(q, k, v, pid, seed)
+    out, lse = torch.ops.cusdpa_native.attention(q, k, v, None, pid, seed)
     assert ctypes.c_int.in_dll(driver, "launches").value == before + 1
     assert ctypes.c_int.in_dll(driver, "map_ok").value == 1
     assert (ctypes.c_uint * 2).in_dll(driver, "last_grid")[:] == [7, 3]
@@ -102,11 +102,11 @@ def test_a_gradient_in_another_layout_is_copied_into_out_s(driver):
     fwd, bwd = _plans(driver)
     pid = native.add(fwd, bwd, False, False, lambda *a: None)
     q, k, v = _inputs()
-    out, _ = torch.ops.cusdpa_native.attention(q, k, v, pid, 0)
+    out, _ = torch.ops.cusdpa_native.attention(q, k, v, None, pid, 0)
     out.sum().backward()  # an expanded gradient: stride 0 everywhere
     torch.testing.assert_close(k.grad, torch.full(SHAPE, 3.0))
     q2, k2, v2 = _inputs()
-    out, _ = torch.ops.cusdpa_native.attention(q2, k2, v2, pid, 0)
+    out, _ = torch.ops.cusdpa_native.attention(q2, k2, v2, None, pid, 0)
     grad = torch.randn(tuple(reversed(SHAPE))).permute(3, 2, 1, 0)  # transposed memory
     out.backward(grad)
     torch.testing.assert_close(v2.grad, 2 * grad)
@@ -116,7 +116,7 @@ def test_double_backward_is_refused(driver):
     fwd, bwd = _plans(driver)
     pid = native.add(fwd, bwd, False, False, lambda *a: None)
     q, k, v = _inputs()
-    out, _ = torch.ops.cusdpa_native.attention(q, k, v, pid, 0)
+    out, _ = torch.ops.cusdpa_native.attention(q, k, v, None, pid, 0)
     with pytest.raises(RuntimeError, match="differentiable once"):
         torch.autograd.grad(out.sum(), q, create_graph=True)
 
@@ -125,13 +125,13 @@ def test_deterministic_mode_turned_since_the_forward_takes_the_fallback(driver):
     fwd, bwd = _plans(driver)
     calls = []
 
-    def fallback(grad_out, q, k, v, out, lse, seed):
+    def fallback(grad_out, q, k, v, mask, out, lse, seed):
         calls.append(seed)
         return -grad_out, -grad_out, -grad_out
 
     pid = native.add(fwd, bwd, deterministic=False, forced=False, fallback=fallback)
     q, k, v = _inputs()
-    out, _ = torch.ops.cusdpa_native.attention(q, k, v, pid, 11)
+    out, _ = torch.ops.cusdpa_native.attention(q, k, v, None, pid, 11)
     was = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True)
     try:
@@ -143,7 +143,7 @@ def test_deterministic_mode_turned_since_the_forward_takes_the_fallback(driver):
     # a plan forced deterministic (FlashAttention's deterministic=True) serves whatever the mode
     pid = native.add(fwd, bwd, deterministic=True, forced=True, fallback=fallback)
     q, k, v = _inputs()
-    out, _ = torch.ops.cusdpa_native.attention(q, k, v, pid, 12)
+    out, _ = torch.ops.cusdpa_native.attention(q, k, v, None, pid, 12)
     out.sum().backward()
     assert calls == [11]
     torch.testing.assert_close(q.grad, torch.ones(SHAPE))
@@ -154,10 +154,10 @@ def test_inference_tensors_run_the_forward_alone(driver):
     pid = native.add(fwd, None, False, False, lambda *a: None)
     with torch.inference_mode():
         q, k, v = (t.detach().clone() for t in _inputs())
-        out, lse = torch.ops.cusdpa_native.attention(q, k, v, pid, 0)
+        out, lse = torch.ops.cusdpa_native.attention(q, k, v, None, pid, 0)
     torch.testing.assert_close(out, q + 3 * k + 2 * v)
     with torch.no_grad():
-        out, _ = torch.ops.cusdpa_native.attention(*_inputs(), pid, 0)
+        out, _ = torch.ops.cusdpa_native.attention(*_inputs(), None, pid, 0)
     assert not out.requires_grad
 
 
@@ -169,7 +169,7 @@ def test_plans_it_cannot_take_are_refused(driver):
         native.encode(plans.Plan(0, SHAPE, plans.contiguous_strides(SHAPE), SHAPE[:-1], (launch,), (), "flash"),
                       None, False, False)
     with pytest.raises(RuntimeError, match="no plan"):
-        torch.ops.cusdpa_native.attention(*_inputs(), 10**6, 0)
+        torch.ops.cusdpa_native.attention(*_inputs(), None, 10**6, 0)
     with pytest.raises(RuntimeError, match="ends early"):
         torch.ops.cusdpa_native.add_plan(native.encode(fwd, bwd, False, False)[:-3])
     assert native._signed(2**64 - 1) == -1 and native._signed(2**63 - 1) == 2**63 - 1
@@ -193,7 +193,7 @@ def test_the_front_end_makes_a_plan_once_a_signature(driver, monkeypatch):
     fwd, bwd = _plans(driver)
     made = []
 
-    def make(query, key, value, options, backends, need_grad, forced):
+    def make(query, key, value, mask, options, backends, need_grad, forced):
         made.append((need_grad, forced))
         return native.add(fwd, bwd if need_grad else None, forced, forced, None)
 
@@ -202,14 +202,14 @@ def test_the_front_end_makes_a_plan_once_a_signature(driver, monkeypatch):
     options = arguments.options(0.25, True, None, False, "upper_left", None, 0.0)
     seed = torch.tensor([(3 << 32) | 9], dtype=torch.int64)
     for _ in range(2):
-        out, lse = native.attention(q, k, v, seed, "flash", options, False, True)
+        out, lse = native.attention(q, k, v, None, seed, "flash", options, False, True)
     with torch.no_grad():
-        native.attention(q, k, v, seed, "flash", options, False, False)
+        native.attention(q, k, v, None, seed, "flash", options, False, False)
     assert made == [(True, False), (False, False)]
     torch.testing.assert_close(out, q + 3 * k + 2 * v)
     assert lse.view(-1)[1].item() == 10 and lse.view(-1)[0].item() == 12  # seed_lo + row, + seed_hi at row 0
     with torch.autograd.profiler.profile():
-        assert native.attention(q, k, v, seed, "flash", options, False, True) is None
+        assert native.attention(q, k, v, None, seed, "flash", options, False, True) is None
 
 
 def test_signatures_without_a_plan_take_the_python_path_without_asking_again(driver, monkeypatch):
@@ -231,5 +231,47 @@ def test_signatures_without_a_plan_take_the_python_path_without_asking_again(dri
         made.clear()
         options = arguments.options(0.0, causal, 0.125, False, "upper_left", [3, 1], 0.0)
         for _ in range(plans.TRIES + 2):
-            assert native.attention(q, k, v, None, "flash,math", options, False, True) is None
+            assert native.attention(q, k, v, None, None, "flash,math", options, False, True) is None
         assert len(made) == (1 if answer is None else plans.TRIES)
+
+
+def test_an_attn_mask_travels_in_its_slot_and_the_signature(driver, monkeypatch):
+    """An attn_mask without gradient: its address in the plan's mask slot (the forward's kernel reads it) and
+    handed to the fallback backward; its layout part of the signature (a mask laid out otherwise, or no mask,
+    makes a plan of its own)."""
+    from interop import arguments
+
+    _, bwd = _plans(driver)
+    forward = (Launch(_fn(driver, "fake_masked_forward"), (1, 1), (32,), 0,
+                      [Slot("q"), Slot("k"), Slot("v"), Slot("mask"), Slot("o"), np.int64(N)]),)
+    masked = plans.Plan(0, SHAPE, plans.contiguous_strides(SHAPE), SHAPE[:-1], forward, bwd.backward, "efficient",
+                        copies_dout=True, dq_accum_elements=6, grad_shapes=(SHAPE, SHAPE, SHAPE))
+    made, given = [], []
+
+    def fallback(grad_out, q, k, v, mask, out, lse, seed):
+        given.append(mask)
+        return grad_out, grad_out, grad_out
+
+    def make(query, key, value, mask, options, backends, need_grad, forced):
+        made.append(None if mask is None else mask.stride())
+        return native.add(masked, masked, False, False, fallback)
+
+    monkeypatch.setattr(native, "_make", make)
+    q, k, v = _inputs()
+    mask = torch.randn(SHAPE)
+    options = arguments.options(0.0, False, None, False, "upper_left", None, 0.0)
+    for _ in range(2):
+        out, _ = native.attention(q, k, v, mask, None, "efficient", options, False, True)
+    torch.testing.assert_close(out, q + 3 * k + 2 * v + mask)
+    other = mask.permute(3, 2, 1, 0).contiguous().permute(3, 2, 1, 0)  # the same values, transposed in memory
+    out, _ = native.attention(q, k, v, other, None, "efficient", options, False, True)
+    in_memory = mask.permute(3, 2, 1, 0).reshape(SHAPE)  # (the stand-in kernel reads a mask's memory in order)
+    torch.testing.assert_close(out, q + 3 * k + 2 * v + in_memory)
+    assert made == [mask.stride(), other.stride()]
+    was = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)  # a backward the plan did not prepare: the fallback, given the mask
+    try:
+        out.sum().backward()
+    finally:
+        torch.use_deterministic_algorithms(was)
+    assert len(given) == 1 and given[0].data_ptr() == other.data_ptr()

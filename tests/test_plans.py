@@ -526,7 +526,10 @@ def _run(torch, q, k, v, kw, dout, calls=2):
 NATIVE_CASES = dict(CASES, efficient_fp32_gqa=dict(q=(1, 4, 130, 32), kv=(1, 2, 150, 32), dtype="float32",
                                                    kw=dict(is_causal=True, enable_gqa=True)),
                     efficient_bf16_dropout=dict(q=(2, 2, 100, 64), kv=(2, 2, 120, 64), dtype="bfloat16",
-                                                kw=dict(dropout_p=0.2), backend="EFFICIENT"))
+                                                kw=dict(dropout_p=0.2), backend="EFFICIENT"),
+                    # an attn_mask without gradient, read through the plan's mask slot (broadcast over heads)
+                    efficient_bool_mask=dict(q=(2, 2, 70, 64), kv=(2, 2, 90, 64), dtype="float16", kw={},
+                                             mask=(2, 1, 70, 90), backend="EFFICIENT"))
 
 
 @pytest.mark.gpu
@@ -542,13 +545,16 @@ def test_compiled_replay_gives_the_python_path_s_bits(name, rng, monkeypatch):
     case = NATIVE_CASES[name]
     q, k, v = _inputs(torch, case["q"], case["kv"], getattr(torch, case["dtype"]), int(rng.integers(2**31)))
     dout = torch.randn(*case["q"][:-1], case["kv"][-1], device="cuda", dtype=q.dtype)
+    kw = dict(case["kw"])
+    if "mask" in case:
+        kw["attn_mask"] = torch.rand(case["mask"], device="cuda") > 0.3
     backends = [getattr(cusdpa.Backend, case["backend"])] if "backend" in case else list(cusdpa.Backend)
     plans._plans.clear()
     with cusdpa.sdpa_kernel(backends):
         _native(monkeypatch, False)
-        slow, want = _run(torch, q, k, v, case["kw"], dout, calls=3)
+        slow, want = _run(torch, q, k, v, kw, dout, calls=3)
         taken = _native(monkeypatch, True)
-        fast, got = _run(torch, q, k, v, case["kw"], dout, calls=3)
+        fast, got = _run(torch, q, k, v, kw, dout, calls=3)
     assert taken[-1], f"the last call did not take the compiled replay: {native.reason() or taken}"
     assert torch.equal(fast, slow) and fast.stride() == slow.stride()
     for g, w in zip(got, want):

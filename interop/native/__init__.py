@@ -11,10 +11,11 @@ cannot be built or loaded, calls take the Python path (``interop.autograd``) and
 
 On by default (``CUSDPA_NATIVE=0`` in the environment, or ``enable(False)``, turns it off): on the H100 an eager
 forward's host time went from 1.35x PyTorch's to 1.09x, a forward and backward's from 1.50x to 0.97x
-(benchmarks/overhead.py). Calls it takes: no
-attn_mask, no ALiBi slopes, dense (not nested or packed), plain eager mode (``ops.plain_eager``), a plan for
-the forward and, where a gradient is wanted, one for the backward, and TMA maps whose address the driver
-keeps at a known offset. Everything else, and the first call of each signature, is the Python path's.
+(benchmarks/overhead.py). Calls it takes: no ALiBi slopes, no attn_mask whose gradient is wanted, dense (not
+nested or packed), plain eager mode (``ops.plain_eager``), a plan for the forward and, where a gradient is wanted,
+one for the backward, with no attn_mask summary (an attn_mask's plans on EFFICIENT read the mask through a slot;
+FLASH's make the mask's block summary, which only Python keeps), and TMA maps whose address the driver keeps at a
+known offset. Everything else, and the first call of each signature, is the Python path's.
 """
 from __future__ import annotations
 
@@ -107,8 +108,8 @@ def load() -> bool:
     return _state["loaded"]
 
 
-def _fallback_backward(grad_out, query, key, value, out, lse, plan: int, seed: int):
-    return _fallbacks[plan](grad_out, query, key, value, out, lse, seed)
+def _fallback_backward(grad_out, query, key, value, mask, out, lse, plan: int, seed: int):
+    return _fallbacks[plan](grad_out, query, key, value, mask, out, lse, seed)
 
 
 # ---- plans into integers ------------------------------------------------------------------------------------
@@ -164,8 +165,8 @@ def encode(forward: plans.Plan, backward: plans.Plan | None, deterministic: bool
 
 
 def add(forward: plans.Plan, backward: plans.Plan | None, deterministic: bool, forced: bool, fallback) -> int:
-    """Register a plan with the library; its id. ``fallback(grad_out, q, k, v, out, lse, seed)``: the backward
-    when the one prepared does not serve (torch's deterministic mode turned since the forward)."""
+    """Register a plan with the library; its id. ``fallback(grad_out, q, k, v, mask, out, lse, seed)``: the
+    backward when the one prepared does not serve (torch's deterministic mode turned since the forward)."""
     pid = torch.ops.cusdpa_native.add_plan(encode(forward, backward, deterministic, forced))
     _fallbacks[pid] = fallback
     _kept[pid] = (forward, backward)
@@ -174,22 +175,23 @@ def add(forward: plans.Plan, backward: plans.Plan | None, deterministic: bool, f
 
 # ---- the calls -----------------------------------------------------------------------------------------------
 
-def _general_backward(options: tuple, backends: str, forced: bool, grad_out, query, key, value, out, lse, seed: int):
+def _general_backward(options: tuple, backends: str, forced: bool, grad_out, query, key, value, mask, out, lse,
+                      seed: int):
     seed_tensor = torch.tensor([seed], dtype=torch.int64) if options[0] > 0 else None
-    dq, dk, dv, _ = ops.call(ops.sdpa_bwd, grad_out, query, key, value, None, None, out, lse, *options, seed_tensor,
+    dq, dk, dv, _ = ops.call(ops.sdpa_bwd, grad_out, query, key, value, mask, None, out, lse, *options, seed_tensor,
                              backends, forced or torch.are_deterministic_algorithms_enabled(), False)
     return dq, dk, dv
 
 
-def _make(query, key, value, options: tuple, backends: str, need_grad: bool, forced: bool):
+def _make(query, key, value, mask, options: tuple, backends: str, need_grad: bool, forced: bool):
     """The plan id of a call's signature: None where the compiled path does not take it, plans.NOT_YET where a
     later call may (EFFICIENT records its launches on the general path first). Validates as the general path
     would, raising what it raises."""
     if len(_kept) >= MAX_PLANS:
         return None
-    pr = ops._problem(query, key, value, None, options)
+    pr = ops._problem(query, key, value, mask, options)
     out_strides = plans.token_major_strides(pr.out_shape)
-    addresses = ops._addresses(query, key, value, None)
+    addresses = ops._addresses(query, key, value, mask)
     forward = plans.build(pr, ops._select(pr, backends, need_grad=False).backend, out_strides, backward=False,
                           addresses=addresses)
     deterministic = forced or torch.are_deterministic_algorithms_enabled()
@@ -226,29 +228,29 @@ def _kind(options: tuple, backends: str, need_grad: bool, forced: bool) -> int:
     return found
 
 
-def attention(query, key, value, seed, backends: str, options: tuple, deterministic: bool, need_grad: bool):
-    """(out, lse) of a dense call without mask or slopes on CUDA tensors through the compiled replay, or None:
-    take the Python path. The library finds the plan by the call's signature; the first call of a signature
-    builds it (``_make``) and binds it there."""
-    if not ops.plain_eager((query, key, value)) or not (_state["loaded"] or load()):
+def attention(query, key, value, mask, seed, backends: str, options: tuple, deterministic: bool, need_grad: bool):
+    """(out, lse) of a dense call without slopes on CUDA tensors through the compiled replay, or None: take the
+    Python path. ``mask``: an attn_mask whose gradient is not wanted, or None. The library finds the plan by the
+    call's signature; the first call of a signature builds it (``_make``) and binds it there."""
+    if not ops.plain_eager((query, key, value, mask)) or not (_state["loaded"] or load()):
         return None
     forced = bool(deterministic)
     kind = _kind(options, backends, need_grad, forced)
     seed_word = _signed(ops.seed_of(seed, options[0]))
-    out, lse, found = torch.ops.cusdpa_native.call(query, key, value, kind, seed_word)
+    out, lse, found = torch.ops.cusdpa_native.call(query, key, value, mask, kind, seed_word)
     if found > 0:
         return out, lse
     if found < 0:  # bound to none: the Python path's
         return None
-    pid = _make(query, key, value, options, backends, need_grad, forced)
+    pid = _make(query, key, value, mask, options, backends, need_grad, forced)
     if pid is plans.NOT_YET:  # a later call tries again, a few times
-        signature = ops._signature(query, key, value, None, options, backends) + (kind,)
+        signature = ops._signature(query, key, value, mask, options, backends) + (kind,)
         with _lock:
             tries = _tries[signature] = _tries.get(signature, 0) + 1
         if tries < plans.TRIES:
             return None
         pid = None
-    torch.ops.cusdpa_native.bind(kind, query, key, value, -1 if pid is None else pid)
+    torch.ops.cusdpa_native.bind(kind, query, key, value, mask, -1 if pid is None else pid)
     if pid is None:
         return None
-    return torch.ops.cusdpa_native.attention(query, key, value, pid, seed_word)
+    return torch.ops.cusdpa_native.attention(query, key, value, mask, pid, seed_word)

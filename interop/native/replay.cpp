@@ -4,10 +4,10 @@
 //
 // A plan (cusdpa/backends/plans.py) is every launch of one call signature with the operands' addresses left as
 // slots; interop/native encodes one into integers once (``add_plan``) and then calls
-// ``cusdpa_native::attention(q, k, v, plan, seed)`` (``call``: the plan bound to the call's signature, found
-// here), whose autograd kernel is a C++ autograd Function: its forward
-// allocates out and lse and issues the forward launches, its backward allocates dq, dk, dv, delta and the dQ
-// workspace and issues the backward launches, on torch's current stream of the inputs' device. The driver is
+// ``cusdpa_native::attention(q, k, v, mask, plan, seed)`` (``call``: the plan bound to the call's signature,
+// found here; mask: an attn_mask without gradient, or None), whose autograd kernel is a C++ autograd Function:
+// its forward allocates out and lse and issues the forward launches, its backward allocates dq, dk, dv, delta
+// and the dQ workspace and issues the backward launches, on torch's current stream of the inputs' device. The driver is
 // opened at run time (libcuda.so.1, or CUSDPA_LIBCUDA: the CPU tests' stand-in), so this file needs no CUDA
 // headers and links only torch's CPU libraries.
 //
@@ -36,6 +36,7 @@
 #include <cstring>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <unordered_map>
 #include <vector>
 
@@ -97,7 +98,7 @@ void check(int result, const char* what) {
 // ---- plans --------------------------------------------------------------------------------------------------
 
 constexpr int SLOTS = 27;  // len(cusdpa.backends.launch.SLOTS)
-enum Slot { Q, K, V, O, LSE, DO, DELTA, DQ, DK, DV, SEED_LO, SEED_HI, OFFSET, DQ_ACCUM };
+enum Slot { Q, K, V, O, LSE, DO, DELTA, DQ, DK, DV, SEED_LO, SEED_HI, OFFSET, DQ_ACCUM, MASK };
 using Values = std::array<uint64_t, SLOTS>;
 
 struct Launch {
@@ -200,7 +201,8 @@ std::vector<std::unique_ptr<Plan>> plans;
 // ---- signatures ------------------------------------------------------------------------------------------------
 // A call's plan is found by its signature: the Python side's "call kind" (options, backends, whether a gradient
 // is wanted, the deterministic flags, the kernel configuration: everything but the tensors, as a small int) and
-// the tensors' ranks, sizes, strides, dtypes and devices and whether their bases are 16-byte aligned, which this
+// the tensors' ranks, sizes, strides, dtypes and devices and whether their bases are 16-byte aligned, and an
+// attn_mask's rank, sizes, strides, dtype, device and whether its base is a whole number of key pairs, which this
 // file reads in a few nanoseconds where Python took microseconds (interop/ops.py _signature).
 
 using Signature = std::vector<int64_t>;
@@ -213,19 +215,31 @@ struct SignatureHash {
     }
 };
 
-Signature signature_of(int64_t kind, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
+using Mask = std::optional<Tensor>;
+
+void describe(Signature& s, const at::Tensor& t) {
+    s.push_back(t.dim());
+    for (int64_t x : t.sizes()) s.push_back(x);
+    for (int64_t x : t.strides()) s.push_back(x);
+    s.push_back(static_cast<int64_t>(t.scalar_type()));
+    s.push_back(static_cast<int64_t>(t.device().type()) * 1024 + t.device().index());
+}
+
+Signature signature_of(int64_t kind, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const Mask& mask) {
     Signature s{kind};
-    s.reserve(40);
+    s.reserve(56);
     uint64_t bases = 0;
     for (const at::Tensor* t : {&q, &k, &v}) {
-        s.push_back(t->dim());
-        for (int64_t x : t->sizes()) s.push_back(x);
-        for (int64_t x : t->strides()) s.push_back(x);
-        s.push_back(static_cast<int64_t>(t->scalar_type()));
-        s.push_back(static_cast<int64_t>(t->device().type()) * 1024 + t->device().index());
+        describe(s, *t);
         bases |= reinterpret_cast<uint64_t>(t->data_ptr());
     }
     s.push_back(bases % 16 == 0);
+    if (mask && mask->defined()) {
+        describe(s, *mask);
+        s.push_back(reinterpret_cast<uint64_t>(mask->data_ptr()) % (2 * mask->element_size()) == 0);
+    } else {
+        s.push_back(-1);
+    }
     return s;
 }
 
@@ -233,16 +247,17 @@ std::mutex bound_lock;
 std::unordered_map<Signature, int64_t, SignatureHash> bound;  // signature -> plan id
 
 // Plan `plan` serves the calls of kind `kind` on tensors like these (-1: none does).
-void bind(int64_t kind, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t plan) {
-    Signature s = signature_of(kind, q, k, v);
+void bind(int64_t kind, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const Mask& mask,
+          int64_t plan) {
+    Signature s = signature_of(kind, q, k, v, mask);
     std::lock_guard<std::mutex> guard(bound_lock);
     if (bound.size() >= 4096) bound.clear();  // the Python side binds again on a miss
     bound[std::move(s)] = plan;
 }
 
 // The plan bound to a call's signature, -1 where "none" was bound, -2 where nothing was.
-int64_t bound_plan(int64_t kind, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
-    const Signature s = signature_of(kind, q, k, v);
+int64_t bound_plan(int64_t kind, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const Mask& mask) {
+    const Signature s = signature_of(kind, q, k, v, mask);
     std::lock_guard<std::mutex> guard(bound_lock);
     const auto found = bound.find(s);
     return found == bound.end() ? -2 : found->second;
@@ -319,7 +334,8 @@ Tensor empty(const Shape& s, const Tensor& like, c10::ScalarType dtype) {
 }
 
 // The slots forward and backward share: the operands, out, lse and the dropout seed's words.
-Values operands(int64_t seed, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out, const Tensor& lse) {
+Values operands(int64_t seed, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& mask, const Tensor& out,
+                const Tensor& lse) {
     Values values{};
     const uint64_t s = static_cast<uint64_t>(seed);
     values[SEED_LO] = s & 0xFFFFFFFFu;
@@ -327,6 +343,7 @@ Values operands(int64_t seed, const Tensor& q, const Tensor& k, const Tensor& v,
     values[Q] = address(q);
     values[K] = address(k);
     values[V] = address(v);
+    values[MASK] = address(mask);
     values[O] = address(out);
     values[LSE] = address(lse);
     return values;
@@ -335,26 +352,29 @@ Values operands(int64_t seed, const Tensor& q, const Tensor& k, const Tensor& v,
 // ---- the autograd Function --------------------------------------------------------------------------------
 
 std::tuple<Tensor, Tensor, Tensor> fallback_backward(const Tensor& grad_out, const Tensor& q, const Tensor& k,
-                                                     const Tensor& v, const Tensor& out, const Tensor& lse,
-                                                     int64_t plan, int64_t seed) {
+                                                     const Tensor& v, const Mask& mask, const Tensor& out,
+                                                     const Tensor& lse, int64_t plan, int64_t seed) {
     static auto op = c10::Dispatcher::singleton()
                          .findSchemaOrThrow("cusdpa_native::fallback_backward", "")
                          .typed<std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&,
-                                                                   const Tensor&, const Tensor&, const Tensor&, int64_t,
-                                                                   int64_t)>();
-    return op.call(grad_out, q, k, v, out, lse, plan, seed);
+                                                                   const Tensor&, const Mask&, const Tensor&,
+                                                                   const Tensor&, int64_t, int64_t)>();
+    return op.call(grad_out, q, k, v, mask, out, lse, plan, seed);
 }
 
 struct Attention : public torch::autograd::Function<Attention> {
+    // mask: an attn_mask the kernels read (its gradient is not wanted: such calls take the Python path)
     static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx, const Tensor& q,
-                                                  const Tensor& k, const Tensor& v, int64_t plan, int64_t seed) {
+                                                  const Tensor& k, const Tensor& v, const Mask& mask, int64_t plan,
+                                                  int64_t seed) {
         const Plan& p = plan_of(plan);
         TORCH_CHECK(!q.is_cuda() || q.device().index() == p.device, "cusdpa native replay: plan ", plan,
                     " was made for device ", p.device, ", not ", q.device());
         Tensor out = empty(p.out, q, q.scalar_type());
         Tensor lse = empty(p.lse, q, at::kFloat);
-        issue(p.forward, operands(seed, q, k, v, out, lse), q.device());
-        ctx->save_for_backward({q, k, v, out, lse});
+        const Tensor m = mask.value_or(Tensor());
+        issue(p.forward, operands(seed, q, k, v, m, out, lse), q.device());
+        ctx->save_for_backward({q, k, v, out, lse, m});
         ctx->saved_data["plan"] = plan;
         ctx->saved_data["seed"] = seed;
         ctx->mark_non_differentiable({lse});  // for the backward only
@@ -367,15 +387,16 @@ struct Attention : public torch::autograd::Function<Attention> {
         TORCH_CHECK(!c10::GradMode::is_enabled(), "cusdpa attention is differentiable once: its backward cannot be "
                                                   "differentiated (create_graph=True, double backward)");
         const auto saved = ctx->get_saved_variables();
-        const Tensor &q = saved[0], &k = saved[1], &v = saved[2], &out = saved[3], &lse = saved[4];
+        const Tensor &q = saved[0], &k = saved[1], &v = saved[2], &out = saved[3], &lse = saved[4], &mask = saved[5];
         const int64_t plan = ctx->saved_data["plan"].toInt(), seed = ctx->saved_data["seed"].toInt();
         const Plan& p = plan_of(plan);
         Tensor grad_out = grads[0];
         if (!p.trains || p.deterministic != (p.forced || at::globalContext().deterministicAlgorithms())) {
             // a backward this plan did not prepare (torch's deterministic mode turned since the forward): the
             // general path's
-            auto [dq, dk, dv] = fallback_backward(grad_out, q, k, v, out, lse, plan, seed);
-            return {dq, dk, dv, Tensor(), Tensor()};
+            auto [dq, dk, dv] = fallback_backward(grad_out, q, k, v, mask.defined() ? Mask(mask) : Mask(), out, lse,
+                                                  plan, seed);
+            return {dq, dk, dv, Tensor(), Tensor(), Tensor()};
         }
         if (grad_out.strides() != out.strides() || grad_out.scalar_type() != out.scalar_type() ||
             grad_out.device() != out.device() || address(grad_out) % 16 != 0) {
@@ -388,7 +409,7 @@ struct Attention : public torch::autograd::Function<Attention> {
                dv = empty(p.grads[2], v, v.scalar_type());
         Tensor delta = empty(p.lse, q, at::kFloat);
         Tensor dq_accum = p.dq_accum ? at::empty_strided({p.dq_accum}, {1}, q.options().dtype(at::kFloat)) : Tensor();
-        Values values = operands(seed, q, k, v, out, lse);
+        Values values = operands(seed, q, k, v, mask, out, lse);
         values[DO] = address(grad_out);
         values[DELTA] = address(delta);
         values[DQ] = address(dq);
@@ -396,31 +417,33 @@ struct Attention : public torch::autograd::Function<Attention> {
         values[DV] = address(dv);
         values[DQ_ACCUM] = address(dq_accum);
         issue(p.backward, values, q.device());
-        return {dq, dk, dv, Tensor(), Tensor()};
+        return {dq, dk, dv, Tensor(), Tensor(), Tensor()};
     }
 };
 
-std::tuple<Tensor, Tensor> attention(const Tensor& q, const Tensor& k, const Tensor& v, int64_t plan, int64_t seed) {
-    auto outs = Attention::apply(q, k, v, plan, seed);
+std::tuple<Tensor, Tensor> attention(const Tensor& q, const Tensor& k, const Tensor& v, const Mask& mask, int64_t plan,
+                                     int64_t seed) {
+    auto outs = Attention::apply(q, k, v, mask, plan, seed);
     return {outs[0], outs[1]};
 }
 
 // Below autograd (inference tensors, which carry no autograd key): the forward alone.
-std::tuple<Tensor, Tensor> attention_forward(const Tensor& q, const Tensor& k, const Tensor& v, int64_t plan,
-                                             int64_t seed) {
+std::tuple<Tensor, Tensor> attention_forward(const Tensor& q, const Tensor& k, const Tensor& v, const Mask& mask,
+                                             int64_t plan, int64_t seed) {
     torch::autograd::AutogradContext unused;
-    auto outs = Attention::forward(&unused, q, k, v, plan, seed);
+    auto outs = Attention::forward(&unused, q, k, v, mask, plan, seed);
     return {outs[0], outs[1]};
 }
 
 // `attention` by the plan bound to the call's signature, and 1; or no outputs (None in Python) and 0 where no
 // plan is bound yet, -1 where the Python side bound "none" (plan -1: those calls take the Python path).
-template <std::tuple<Tensor, Tensor> (*RUN)(const Tensor&, const Tensor&, const Tensor&, int64_t, int64_t)>
-std::tuple<Tensor, Tensor, int64_t> call(const Tensor& q, const Tensor& k, const Tensor& v, int64_t kind,
-                                         int64_t seed) {
-    const int64_t plan = bound_plan(kind, q, k, v);
+template <std::tuple<Tensor, Tensor> (*RUN)(const Tensor&, const Tensor&, const Tensor&, const Mask&, int64_t,
+                                            int64_t)>
+std::tuple<Tensor, Tensor, int64_t> call(const Tensor& q, const Tensor& k, const Tensor& v, const Mask& mask,
+                                         int64_t kind, int64_t seed) {
+    const int64_t plan = bound_plan(kind, q, k, v, mask);
     if (plan < 0) return {Tensor(), Tensor(), plan == -1 ? -1 : 0};
-    auto [out, lse] = RUN(q, k, v, plan, seed);
+    auto [out, lse] = RUN(q, k, v, mask, plan, seed);
     return {out, lse, 1};
 }
 
@@ -428,12 +451,12 @@ std::tuple<Tensor, Tensor, int64_t> call(const Tensor& q, const Tensor& k, const
 
 TORCH_LIBRARY(cusdpa_native, m) {
     m.def("add_plan(int[] code) -> int", add_plan);
-    m.def("bind(int kind, Tensor q, Tensor k, Tensor v, int plan) -> ()", bind);
-    m.def("attention(Tensor q, Tensor k, Tensor v, int plan, int seed) -> (Tensor, Tensor)");
-    m.def("call(Tensor q, Tensor k, Tensor v, int kind, int seed) -> (Tensor, Tensor, int)");
+    m.def("bind(int kind, Tensor q, Tensor k, Tensor v, Tensor? mask, int plan) -> ()", bind);
+    m.def("attention(Tensor q, Tensor k, Tensor v, Tensor? mask, int plan, int seed) -> (Tensor, Tensor)");
+    m.def("call(Tensor q, Tensor k, Tensor v, Tensor? mask, int kind, int seed) -> (Tensor, Tensor, int)");
     // implemented in Python (interop/native): the general path's backward of a plan's call
-    m.def("fallback_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, int plan, "
-          "int seed) -> (Tensor, Tensor, Tensor)");
+    m.def("fallback_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor? mask, Tensor out, Tensor lse, "
+          "int plan, int seed) -> (Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(cusdpa_native, Autograd, m) {
