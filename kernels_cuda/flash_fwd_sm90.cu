@@ -7,9 +7,9 @@
 // (it needs few) to the consumers, which hold S, P and O in registers.
 //
 // Overlap at three levels:
-//  - across tiles: the grid is persistent (one CTA per SM, two with one consumer warpgroup); the producer
-//    loads the next tile's Q, K and V while the consumers finish the current tile, and the Q buffer is
-//    released as soon as its last product is done, before the epilogue.
+//  - across tiles: the grid is persistent (one CTA per SM); the producer loads the next tile's Q, K and V
+//    while the consumers finish the current tile, and the Q buffer is released as soon as its last
+//    product is done, before the epilogue.
 //  - across warpgroups (ping-pong): consumers take turns issuing their products (named barriers, in a
 //    cycle), so one warpgroup's softmax runs on the CUDA cores while another's products run on the tensor
 //    cores.
@@ -54,7 +54,7 @@
 // the tensor's end, not at the sequence's), FWD90_SKIP_IDLE (1: a consumer warpgroup whose rows all lie past the
 // queries computes nothing, walk_idle), FWD90_WG_BLOCKS (1: each consumer warpgroup stops at the last key
 // block its own rows see and walks the tile's blocks past it), CUSDPA_PHASES (1: per-warp phase clocks, phases.cuh),
-// FWD90_WARPGROUPS (consumer warpgroups, 1 (two CTAs an SM), 2 or 3), FWD90_BLOCK_N, FWD90_STAGES (K/V buffers), FWD90_PINGPONG
+// FWD90_WARPGROUPS (consumer warpgroups, 2 or 3), FWD90_BLOCK_N, FWD90_STAGES (K/V buffers), FWD90_PINGPONG
 // (1: consumers take turns; 0: they issue when ready), ATTN_MASK, ALIBI (1: the slopes' bias added, `slopes`
 // per (batch, head) with batch stride `slopes_b`; scores in natural units as with a float mask), SOFTCAP (1:
 // scores soft-capped by `softcap` first), FWD90_CLUSTER (2: clusters of two CTAs share each K and V block, below).
@@ -94,12 +94,6 @@ static_assert(CLUSTER == 1 || CLUSTER == 2, "FWD90_CLUSTER must be 1 or 2");
 static_assert(CLUSTER == 1 || !FWD90_QUEUE, "clusters take their tiles in pairs, not from the queue");
 constexpr int MMA_WG = FWD90_WARPGROUPS;
 constexpr int NTHREADS = (MMA_WG + 1) * 128;
-// One consumer warpgroup: two CTAs share an SM (their shared memory within half of it, launch bounds that give
-// each CTA half the register file), so one CTA's tile boundary -- the Q load, the first S and its softmax, the
-// last P V, the epilogue, none of which the ping-pong or the intra-warpgroup overlap covers -- runs under the
-// other CTA's products: short tiles (short and causal problems) are mostly boundary. No ping-pong then.
-constexpr int CTAS_PER_SM = MMA_WG == 1 ? 2 : 1;
-constexpr bool PINGPONG = FWD90_PINGPONG && MMA_WG > 1;
 constexpr int BLOCK_M = MMA_WG * 64;
 constexpr int BLOCK_N = FWD90_BLOCK_N;
 constexpr int STAGES = FWD90_STAGES;
@@ -113,17 +107,15 @@ constexpr int SO_BYTES = FWD90_TMA_STORE ? BLOCK_M * HEAD_DIM_V * 2 : 0;
 constexpr int SMEM_TILES = SQ_BYTES + STAGES * (SK_BYTES + SV_BYTES) + SO_BYTES;
 constexpr int BAR_EPILOGUE = 4;  // named barriers 4 + cw: consumer warpgroup cw's epilogue (1..3: the ping-pong)
 // Registers per thread after setmaxnreg (FlashAttention-3's split; the sums fill the 64K register file).
-// One consumer warpgroup: 128 registers a thread at launch (two CTAs of 256 threads), the producer's 104
-// spare ones to the consumers.
-constexpr int LOAD_REGS = MMA_WG == 3 ? 32 : 24;
-constexpr int MMA_REGS = MMA_WG == 1 ? 232 : MMA_WG == 2 ? 240 : 160;
+constexpr int LOAD_REGS = MMA_WG == 2 ? 24 : 32;
+constexpr int MMA_REGS = MMA_WG == 2 ? 240 : 160;
 constexpr int CONSUMER_WARPS = MMA_WG * 4;
 static_assert(HEAD_DIM % 32 == 0 && HEAD_DIM_V % 32 == 0 && HEAD_DIM <= 256 && HEAD_DIM_V <= 256,
               "the sm90 kernel takes E, Ev multiples of 32 up to 256");
 // Swizzle of each operand's tiles: bytes per row of a column chunk (128 or 64).
 constexpr int QK_SW = HEAD_DIM % 64 == 0 ? 128 : 64;
 constexpr int V_SW = HEAD_DIM_V % 64 == 0 ? 128 : 64;
-static_assert(MMA_WG >= 1 && MMA_WG <= 3, "FWD90_WARPGROUPS must be 1, 2 or 3");
+static_assert(MMA_WG == 2 || MMA_WG == 3, "FWD90_WARPGROUPS must be 2 or 3");
 static_assert(BLOCK_N % 16 == 0 && BLOCK_N >= 16 && BLOCK_N <= 256, "FWD90_BLOCK_N: a multiple of 16 up to 256");
 
 // (ATTN_MASK, ALIBI, SOFTCAP, mask_t: sm90.cuh; NATURAL scores as the top of the file says)
@@ -599,7 +591,7 @@ __device__ __forceinline__ KeyBlocks key_blocks(const Tile& tile, const signed c
 #else
 #define FWD90_CLUSTER_DIMS
 #endif
-extern "C" __global__ void __launch_bounds__(NTHREADS, CTAS_PER_SM) FWD90_CLUSTER_DIMS
+extern "C" __global__ void __launch_bounds__(NTHREADS, 1) FWD90_CLUSTER_DIMS
 flash_fwd_sm90(const __grid_constant__ TmaMap tm_q, const __grid_constant__ TmaMap tm_k,
                const __grid_constant__ TmaMap tm_v,
 #if FWD90_TMA_STORE
@@ -781,11 +773,11 @@ flash_fwd_sm90(const __grid_constant__ TmaMap tm_q, const __grid_constant__ TmaM
     // first consumer's first turn is free; the last consumer's last opening is absorbed at the end.
     bool first_turn = cw == 0, issued = false;
     auto turn_begin = [&] {
-        if (PINGPONG && !first_turn) named_sync<256>(1 + cw);
+        if (FWD90_PINGPONG && !first_turn) named_sync<256>(1 + cw);
         first_turn = false;
     };
     auto turn_end = [&] {
-        if (PINGPONG) named_arrive<256>(1 + (cw + 1) % MMA_WG);
+        if (FWD90_PINGPONG) named_arrive<256>(1 + (cw + 1) % MMA_WG);
         issued = true;
     };
     auto release = [&](unsigned long long* bar) {
@@ -1101,7 +1093,7 @@ flash_fwd_sm90(const __grid_constant__ TmaMap tm_q, const __grid_constant__ TmaM
         ph.to(PH_EPILOGUE);
     }
     // The last consumer opened the first one's barrier once more than the first consumer waited on it.
-    if (PINGPONG && cw == 0 && issued) named_sync<256>(1);
+    if (FWD90_PINGPONG && cw == 0 && issued) named_sync<256>(1);
 #if FWD90_TMA_STORE
     if (threadIdx.x % 128 == 0) bulk_wait<false>();  // the last stores done before the shared memory goes
 #endif

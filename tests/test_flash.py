@@ -49,11 +49,6 @@ def _nvrtc_jobs():
                                                 fwd90_skip_idle=True).fitted(E, Ev)
                 yield "flash_fwd_sm90.cu", sources.compile_options(dtype, E, Ev, dropout, clustered,
                                                                    tma_store=clustered.fwd90_tma_store) + ("-arch=sm_90a",)
-            if (E, Ev) in ((64, 64), (96, 64)) and dropout:  # ... with one consumer warpgroup (two CTAs an SM)
-                one = dataclasses.replace(config.FlashConfig.for_problem(E, Ev, 1024, True), fwd90_warpgroups=1,
-                                          fwd90_block_n=128 if E <= 64 else 64).fitted(E, Ev)
-                yield "flash_fwd_sm90.cu", sources.compile_options(dtype, E, Ev, dropout, one,
-                                                                   tma_store=one.fwd90_tma_store) + ("-arch=sm_90a",)
             # ... and with each kind of attn_mask (its tiles from the queue)
             for mask in (("bool", "float16") if dtype == "float16" else ("float32", "bfloat16")):
                 fwd_cfg = config.FlashConfig.for_problem(E, Ev, 4096, False, mask)
@@ -1054,68 +1049,6 @@ def test_clusters_sharing_key_blocks_keep_the_bits(name, clusters, rng, monkeypa
     assert all(cupy.array_equal(g, w, equal_nan=True) for g, w in zip(results[True], results[False]))
     failures = run_problem(pr, flash.IMPL, rng, grads=False)
     assert not failures, "\n".join(failures)
-
-
-# fwd90_warpgroups = 1 (two CTAs an SM, no ping-pong) across what the kernel takes: both causal alignments,
-# windows, GQA, dropout, a packed batch (its tiles from the queue), a bool mask (the queue, the mask's summary
-# over 64-row blocks), 64- and 128-byte rows, 64-key blocks at E = 128 (what fits half an SM), soft-capping and
-# ALiBi, clusters beside it
-ONE_WARPGROUP_CASES = {
-    "causal_gqa": (Case(batch=(2,), hq=4, hkv=2, L=300, S=300, E=64, causal="upper_left"), 128),
-    "lower_right_dropout": (Case(hq=2, L=200, S=333, E=64, causal="lower_right", dropout_p=0.2), 128),
-    "window_e128": (Case(hq=2, L=260, S=300, E=128, window=(70, 9)), 64),
-    "varlen": (Case(hq=4, hkv=2, E=64, varlen=((100, 130), (0, 5), (257, 64), (64, 64)), causal="lower_right"),
-               128),
-    "bool_mask": (Case(batch=(2,), hq=2, L=130, S=200, E=64, mask="bool", mask_shape=(2, 1, 130, 200)), 128),
-    "e32_softcap_alibi": (Case(hq=4, L=129, S=150, E=32, softcap=20.0, alibi="head"), 128),
-    "e96_clusters": (Case(hq=2, L=256, S=250, E=96, Ev=64), 64),
-}
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("name", list(ONE_WARPGROUP_CASES))
-def test_one_warpgroup_two_ctas_an_sm_keep_the_bits(name, rng, monkeypatch):
-    """fwd90_warpgroups = 1 (one consumer warpgroup, two CTAs an SM) gives the same out and lse, bit for bit, as
-    two warpgroups with the same key blocks (each warpgroup's 64 rows take the same steps either way), its grid
-    holds two CTAs an SM, and the reference judges it."""
-    import cupy
-
-    from cusdpa.backends.flash import launches
-    from cusdpa.verify.harness import run_problem
-
-    case, block_n = ONE_WARPGROUP_CASES[name]
-    pr = build(case, cupy, rng)
-    real = launches.config
-    results = {}
-    for warpgroups in (2, 1):
-        monkeypatch.setattr(launches, "config", lambda pr, w=warpgroups: dataclasses.replace(
-            real(pr), fwd90_warpgroups=w, fwd90_block_n=block_n, fwd90_wg_blocks=False, fwd90_skip_idle=False,
-            fwd90_cluster=2 if name.endswith("clusters") else 1))
-        cfg = launches.sm90_forward_config(pr)
-        assert cfg.fwd90_warpgroups == warpgroups and cfg.fwd90_block_n == block_n
-        if warpgroups == 1:
-            fn = sources.kernel(pr.q.device.id, "flash_fwd_sm90.cu", "flash_fwd_sm90",
-                                launches.sm90_forward_options(pr), config.smem_bytes("fwd_sm90", cfg, pr.E, pr.Ev))
-            assert sources.resident(pr.q.device.id, fn, 256, config.smem_bytes("fwd_sm90", cfg, pr.E, pr.Ev)) == 2
-        results[warpgroups] = flash.IMPL.forward(pr)
-    assert all(cupy.array_equal(g, w, equal_nan=True) for g, w in zip(results[1], results[2]))
-    failures = run_problem(pr, flash.IMPL, rng, grads=False)
-    assert not failures, "\n".join(failures)
-
-
-def test_one_warpgroup_fits_half_an_sm():
-    """With one consumer warpgroup the Hopper forward's CTA is fitted into half an SM's shared memory (two CTAs an
-    SM): stages, then O's staging, given up as needed; with more warpgroups the whole opt-in limit. Ev past 128
-    is refused with one warpgroup."""
-    for E, Ev, block_n in ((32, 32, 128), (64, 64, 128), (128, 128, 64), (256, 128, 32)):
-        cfg = dataclasses.replace(config.FlashConfig.for_problem(E, Ev, 1024, True), fwd90_warpgroups=1,
-                                  fwd90_block_n=block_n).fitted(E, Ev)
-        assert config.smem_bytes("fwd_sm90", cfg, E, Ev) <= config.HALF_SMEM < config.MAX_SMEM // 2 + 1024
-    with pytest.raises(ValueError, match="Ev up to 128"):  # (an Ev = 256 accumulator needs more registers)
-        dataclasses.replace(config.FlashConfig.for_problem(256, 256, 1024, True), fwd90_warpgroups=1).fitted(256, 256)
-    wide = config.FlashConfig.for_problem(128, 128, 1024, True)
-    assert wide.fwd90_warpgroups == 2 and config.smem_bytes("fwd_sm90", wide, 128, 128) > config.HALF_SMEM
-    assert wide.fitted(128, 128) == wide
 
 
 def test_clusters_only_where_every_query_sees_every_key():

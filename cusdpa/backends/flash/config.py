@@ -6,9 +6,6 @@ import functools
 from dataclasses import dataclass
 
 MAX_SMEM = 227 * 1024  # opt-in shared memory per block on sm_80 / sm_90
-# per block where two share an SM (the Hopper forward with one consumer warpgroup): 228 KiB an SM, of which the
-# driver reserves 1 KiB a block
-HALF_SMEM = 228 * 1024 // 2 - 1024
 
 
 @dataclass(frozen=True)
@@ -25,8 +22,7 @@ class FlashConfig:
     dq_m_tiles: int = 1
     dq_block_n: int = 64
     use_wgmma: bool = True  # Hopper forward (flash_fwd_sm90.cu) where the device and head dims allow
-    # consumer warpgroups, 64 query rows each; with one, two CTAs share an SM (each in half its shared memory)
-    fwd90_warpgroups: int = 2
+    fwd90_warpgroups: int = 2  # consumer warpgroups, 64 query rows each
     fwd90_block_n: int = 128
     fwd90_stages: int = 2  # K and V buffers of the producer's ring
     fwd90_pingpong: bool = True  # consumer warpgroups take turns issuing their products
@@ -150,20 +146,12 @@ class FlashConfig:
         """This configuration of the Hopper forward in shared memory: as it is where it fits, else with two K/V
         stages (a third given up for O's staging), else with O stored from registers (head dims past
         160), else both."""
-        if self.fwd90_warpgroups == 1 and Ev > 128:  # (ptxas: an Ev = 256 accumulator's wgmma wants 158 registers)
-            raise ValueError("the Hopper forward with one consumer warpgroup (128 registers a thread at launch) takes "
-                             f"Ev up to 128, not {Ev}")
         stores = dataclasses.replace(self, fwd90_tma_store=False)
         for fitted in (self, dataclasses.replace(self, fwd90_stages=2), stores,
                        dataclasses.replace(stores, fwd90_stages=2)):
-            if smem_bytes("fwd_sm90", fitted, E, Ev) <= fitted.fwd90_smem_limit:
+            if smem_bytes("fwd_sm90", fitted, E, Ev) <= MAX_SMEM:
                 return fitted
         return self  # sources.kernel refuses it, naming the shared memory it needs
-
-    @property
-    def fwd90_smem_limit(self) -> int:
-        """Shared memory a CTA of the Hopper forward may take: half an SM's with one consumer warpgroup."""
-        return HALF_SMEM if self.fwd90_warpgroups == 1 else MAX_SMEM
 
     @property
     def fwd_block_m(self) -> int:

@@ -422,23 +422,19 @@ def _sm90_forward_launch(pr, lay, o_strides, cfg, opts, tail, mask) -> Launch:
     BH, num_m = lay.B * pr.hq, (pr.L + block_m - 1) // block_m
     kv_bytes_per_head = max(pr.S, 1) * (pr.E + pr.Ev) * 2 / pr.group
     chunk_heads = int(min(BH, max(1, L2_SHARE // kv_bytes_per_head)))
-    threads = 128 * (cfg.fwd90_warpgroups + 1)
-    # the CTAs that run at once: one an SM, two with one consumer warpgroup where their shared memory allows
-    per_sm = sources.resident(dev, fn, threads, smem) if cfg.fwd90_warpgroups == 1 else 1
-    slots = sources.multiprocessors(dev) * per_sm
-    if cluster > 1:  # as many clusters as run at once, each taking units of `cluster` query blocks;
+    if cluster > 1:  # as many clusters as run at once (a CTA an SM), each taking units of `cluster` query blocks;
         # no schedule (every tile the same work)
-        grid = (cluster * min(BH * num_m // cluster, slots // cluster,
-                              sources.max_active_clusters(dev, fn, cluster, threads, smem)), 1)
+        grid = (cluster * min(BH * num_m // cluster, sources.multiprocessors(dev) // cluster,
+                              sources.max_active_clusters(dev, fn, cluster, 128 * (cfg.fwd90_warpgroups + 1), smem)), 1)
         schedule = 0
     else:
-        grid = (min(BH * num_m, slots) if cfg.fwd90_persistent else BH * num_m, 1)
+        grid = (min(BH * num_m, sources.multiprocessors(dev)) if cfg.fwd90_persistent else BH * num_m, 1)
         schedule = 0 if packed or not (cfg.fwd90_schedule and cfg.fwd90_persistent) else \
             _tile_schedule(pr, dev, BH, num_m, chunk_heads, grid[0], block_m, block_n)
     args = (*(m for m, _, _ in maps), *store, Slot("o"), Slot("lse"), *_common(pr, lay),
             *(x for _, hm, bm in maps for x in (hm, bm)), *o_strides, *tail, np.int32(BH), np.int32(num_m),
             np.int32(chunk_heads), schedule, *mask, *_modifier_args(pr))
-    return Launch(fn, grid, (threads,), smem, args)
+    return Launch(fn, grid, (128 * (cfg.fwd90_warpgroups + 1),), smem, args)
 
 
 _schedules: dict = {}  # the key of a dense forward's tiles -> its schedule on the device

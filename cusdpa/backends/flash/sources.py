@@ -127,15 +127,6 @@ def multiprocessors(device: int) -> int:
     return int(cupy.cuda.Device(device).attributes["MultiProcessorCount"])
 
 
-def resident(device: int, fn, threads: int, smem: int) -> int:
-    """CTAs of ``fn`` (``threads`` threads, ``smem`` bytes of dynamic shared memory each) an SM holds at once
-    (at least 1): a persistent grid's CTAs an SM."""
-    import cupy
-
-    with cupy.cuda.Device(device):
-        return max(1, cupy.cuda.driver.occupancyMaxActiveBlocksPerMultiprocessor(fn.ptr, threads, smem))
-
-
 class _LaunchConfig(ctypes.Structure):  # CUlaunchConfig (cuda.h), without launch attributes
     _fields_ = [("grid", ctypes.c_uint * 3), ("block", ctypes.c_uint * 3), ("smem", ctypes.c_uint),
                 ("stream", ctypes.c_void_p), ("attrs", ctypes.c_void_p), ("num_attrs", ctypes.c_uint)]
