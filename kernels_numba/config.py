@@ -53,7 +53,7 @@ class KernelConfig:
       warp whether its held Q, dO or K fragments are, and split finite operands into their TF32 parts in 4
       instructions where the non-finite cases take 9 (the split was most of the fp32 loops' instructions, against
       7% MMAs at head dim 128); the same bits. nvcc 13.0 SASS: the loops' fast paths 15-31% fewer instructions.
-      Off until measured on a GPU.
+      On the H100 (B = 4 L = 2048 Hq * E = 1024): forward +16-26%, backward +29-31% (BENCHMARKS.md).
     tensor_core_shared_scores: where the tensor_core backward takes column parts (16-bit past head dim 128, fp32
       past 96: two warps a 16 rows, each accumulating half the gradient's columns), the pair splits the score
       products instead of both computing them: in dq one warp S = Q K^T, the other dP = dO V^T (each then holds
@@ -69,7 +69,7 @@ class KernelConfig:
       480 -> 288, LDL/STL 23/13 -> 5/0), dk/dv 4604 -> 3216 and 3158 (the two warps' paths; HMMA 288 -> 192,
       LDL/STL 16/2 -> 11/0 and 0/0); with the fast split's fast path dq 4551 -> 2895, dk/dv 3449 -> 2344 and 2644;
       bf16 head dim 192 dq 1533 -> 1071, dk/dv 1502 -> 1216 and 1177. Two named barriers a step per pair added.
-      Off until measured on a GPU.
+      On the H100, fp32 head dim 128 backward: +45-48% alone, +68-70% with the fast split (BENCHMARKS.md).
     tensor_core_dynamic_smem: the tensor_core dk/dv loops (the fused one too) take 32 queries a step where 48 KiB
       of static shared memory held only 16 (the fused loop at head dim 128, fp32 past 64, 16-bit past 224), their
       tiles in dynamic shared memory that the launch sizes past 48 KiB (tensor_core.DYNAMIC_SHARED at most, what
@@ -118,8 +118,8 @@ class KernelConfig:
     tensor_core_blocks: int = 3
     tensor_core_head_dim: int = 128
     tensor_core_fp32: bool = True
-    tensor_core_fp32_fast_split: bool = False
-    tensor_core_shared_scores: bool = False
+    tensor_core_fp32_fast_split: bool = True
+    tensor_core_shared_scores: bool = True
     tensor_core_dynamic_smem: bool = False
     fused_backward_head_dim: int = 64
     tensor_core_block_n: int = 0

@@ -77,7 +77,7 @@ def _same_bits(gpu, pr, rng, base=None, **knobs) -> list[str]:
     dout = pr.xp.asarray(harness.draw(rng, pr.out_shape, pr.dtype_name))
     names = ("out", "lse", "dq", "dk", "dv", "dmask")
     return [f"{name} differs from the default's" for name, got, want in
-            zip(names, _results(gpu, pr, dout, **base, **knobs), _results(gpu, pr, dout, **base))
+            zip(names, _results(gpu, pr, dout, **{**base, **knobs}), _results(gpu, pr, dout, **base))
             if not np.array_equal(got.view(np.uint8), want.view(np.uint8))]
 
 
@@ -292,7 +292,7 @@ def test_public_api_runs_on_the_current_stream_and_compiles_once(gpu, rng):
         # the one that ran: tensor_core.forward's arguments exactly (functools.cache keys on them as given; the
         # mask_tile flag left to its default made another, never-compiled kernel, with no overloads)
         kernel = tensor_core._kernel(64, "float16", False, 0, kn.current().tensor_core_registers, 64,
-                                    kn.current().head_major_grid, False)
+                                    kn.current().head_major_grid, False, kn.current().tensor_core_fp32_fast_split)
 
         def compiled():
             return (tensor_core._kernel.cache_info().currsize, blocked_forward.forward_kernel.cache_info().currsize,
@@ -497,9 +497,13 @@ def test_fp32_rows_seeing_one_key_have_no_score_gradient(gpu, rng, allow_tf32, E
     assert cp.allclose(dv, dout.sum(axis=2, keepdims=True), rtol=tolerance, atol=tolerance)
 
 
+# the two on-by-default knobs below, off: what each is judged against
+OFF = {"tensor_core_fp32_fast_split": False, "tensor_core_shared_scores": False}
+
+
 def test_fp32_fast_split_keeps_the_bits(gpu, rng):
     """KernelConfig.tensor_core_fp32_fast_split: the fp32 loops split the elements of tiles that landed finite in 4
-    instructions and the others in full: out, lse and the gradients are the default's bit for bit, with finite
+    instructions and the others in full: out, lse and the gradients are those with it off bit for bit, with finite
     inputs (causal, a bool mask, GQA, dropout, a window, column parts at head dim 128, E != Ev) and with an inf in
     a K row and a V row that queries see, an inf in a V row none sees and a NaN in a query row; and judged."""
     cases = [Case("float32", batch=(2,), hq=4, hkv=2, L=97, S=130, E=64, causal="lower_right", mask="bool"),
@@ -509,21 +513,21 @@ def test_fp32_fast_split_keeps_the_bits(gpu, rng):
     for case in cases:
         pr = harness.build(case, gpu[0], rng)
         failures += [f"{case}: {m}" for m in _failures(gpu, pr, rng, "tensor_core", tensor_core_fp32_fast_split=True)]
-        failures += [f"{case}: {m}" for m in _same_bits(gpu, pr, rng, tensor_core_fp32_fast_split=True)]
+        failures += [f"{case}: {m}" for m in _same_bits(gpu, pr, rng, OFF, tensor_core_fp32_fast_split=True)]
     case = Case("float32", batch=(1,), hq=2, hkv=2, L=40, S=70, E=64, causal="upper_left")
     pr = harness.build(case, gpu[0], rng)
     pr.k[0, 0, 5, 3] = np.inf  # seen by rows 5 and on (upper-left causal)
     pr.v[0, 1, 9, 7] = -np.inf
     pr.v[0, 0, 60, 2] = np.inf  # key 60: no row of 40 sees it
     pr.q[0, 1, 12, 0] = np.nan
-    failures += [f"non-finite inputs: {m}" for m in _same_bits(gpu, pr, rng, tensor_core_fp32_fast_split=True)]
+    failures += [f"non-finite inputs: {m}" for m in _same_bits(gpu, pr, rng, OFF, tensor_core_fp32_fast_split=True)]
     assert not failures, "\n".join(failures)
 
 
 def test_shared_scores_keep_the_bits(gpu, rng):
     """KernelConfig.tensor_core_shared_scores: where the backward takes column parts (fp32 at head dim 128, bf16
     at 192) the pair of warps splits S and dP (dk/dv: S^T and dP^T) and trades them and dS through shared memory:
-    out, lse and the gradients (a float mask's with one element per score too) are the default's bit for bit, with
+    out, lse and the gradients (a float mask's with one element per score too) are those with it off bit for bit, with
     causal, GQA, dropout, a bool mask and a float mask, mask tiles on and off, the fast split; and judged."""
     wide = {"tensor_core_head_dim": 256}
     cases = [(Case("float32", batch=(2,), hq=4, hkv=2, L=97, S=130, E=128, causal="lower_right", mask="bool"), {}),
@@ -542,7 +546,7 @@ def test_shared_scores_keep_the_bits(gpu, rng):
         pr = harness.build(case, gpu[0], rng)
         failures += [f"{case}: {m}" for m in _failures(gpu, pr, rng, "tensor_core", **base,
                                                        tensor_core_shared_scores=True)]
-        failures += [f"{case}: {m}" for m in _same_bits(gpu, pr, rng, base, tensor_core_shared_scores=True)]
+        failures += [f"{case}: {m}" for m in _same_bits(gpu, pr, rng, {**OFF, **base}, tensor_core_shared_scores=True)]
     assert not failures, "\n".join(failures)
 
 
