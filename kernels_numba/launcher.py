@@ -99,13 +99,13 @@ def launch(dispatcher, grid, block, device: int, args, smem: int = 0) -> None:
 
     current = runtime.getDevice()
     if current == device and driver.ctxGetCurrent() != 0:
-        prepared(grid, block, stream, args, smem)
+        prepared(grid, block, stream, args, smem, device)
         return
     # A thread can have a current device but no current context (torch's autograd threads select the device
     # lazily; cusdpa/backends/launch.py met it): cudaSetDevice makes the device's primary context current.
     runtime.setDevice(device)
     try:
-        prepared(grid, block, stream, args, smem)
+        prepared(grid, block, stream, args, smem, device)
     finally:
         if current != device:
             runtime.setDevice(current)
@@ -124,14 +124,14 @@ def _prepare(dispatcher, device: int, key, args, smem: int):
         except Exception:  # noqa: BLE001 -- whatever Numba's internals hold, a launch through it prepares
             return _MISS
         if prepared is not None and smem > STATIC_SHARED:
-            _allow_shared(prepared.fn, smem)
+            _allow_shared(prepared.fn, smem, device)
         _prepared[key] = prepared
     return prepared
 
 
 STATIC_SHARED = 48 * 1024  # dynamic shared memory a kernel may take without raising its attribute
 _MAX_DYNAMIC_SHARED = 8  # CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
-_raised: set = set()  # (function handle, bytes) whose dynamic shared memory attribute was raised
+_raised: set = set()  # (kernel handle, bytes, device) whose dynamic shared memory attribute was raised
 
 
 def _through_numba(dispatcher, grid, block, device: int, stream: int, args, smem: int = 0) -> list:
@@ -141,19 +141,24 @@ def _through_numba(dispatcher, grid, block, device: int, stream: int, args, smem
         wrapped = [kernel_array(a) if _is_array(a) else a for a in args]
         if smem > STATIC_SHARED:  # the overload compiled first (Numba raises no attribute), then its limit raised
             kernel = dispatcher.compile(tuple(dispatcher.typeof_pyval(a) for a in wrapped))
-            _allow_shared(int(kernel._codelibrary.get_cufunc().handle), smem)
+            _allow_shared(int(kernel._codelibrary.get_cufunc().handle), smem, device)
         dispatcher[grid, block, cuda.external_stream(stream) if stream else cuda.default_stream(), smem](*wrapped)
     return wrapped
 
 
-def _allow_shared(fn: int, smem: int) -> None:
-    """Raise function ``fn``'s dynamic shared memory limit to ``smem`` bytes (the current context's)."""
-    if (fn, smem) in _raised:
+def _allow_shared(fn: int, smem: int, device: int) -> None:
+    """Raise kernel ``fn``'s dynamic shared memory limit to ``smem`` bytes on ``device``. Numba's functions are
+    library kernels (cuda.core loads modules with cuLibraryLoadData): a CUkernel handle, which cuLaunchKernel takes
+    but cuFuncSetAttribute refuses (CUDA_ERROR_INVALID_HANDLE, H100): cuKernelSetAttribute sets it per device."""
+    if (fn, smem, device) in _raised:
         return
-    from cupy.cuda import driver
-
-    driver.funcSetAttribute(fn, _MAX_DYNAMIC_SHARED, smem)
-    _raised.add((fn, smem))
+    lib = ctypes.CDLL("libcuda.so.1")
+    ordinal = ctypes.c_int(0)
+    err = lib.cuDeviceGet(ctypes.byref(ordinal), ctypes.c_int(device)) or lib.cuKernelSetAttribute(
+        ctypes.c_int(_MAX_DYNAMIC_SHARED), ctypes.c_int(smem), ctypes.c_void_p(fn), ordinal)
+    if err:
+        raise RuntimeError(f"raising a kernel's dynamic shared memory to {smem} bytes failed (CUresult {err})")
+    _raised.add((fn, smem, device))
 
 
 def _is_array(a) -> bool:
@@ -204,7 +209,7 @@ class _Prepared:
             encode(value, values)
         return values
 
-    def __call__(self, grid, block, stream: int, args, smem: int = 0) -> None:
+    def __call__(self, grid, block, stream: int, args, smem: int = 0, device: int = 0) -> None:
         values = self.cells(args)
         cells, params = self._buffer(len(values))
         cells[:len(values)] = values
@@ -213,7 +218,7 @@ class _Prepared:
         from cupy.cuda import driver
 
         if smem > STATIC_SHARED:
-            _allow_shared(self.fn, smem)
+            _allow_shared(self.fn, smem, device)
         driver.launchKernel(self.fn, gx, gy, gz, bx, by, bz, smem, stream, params, 0)
 
     def _buffer(self, n: int):
