@@ -43,7 +43,9 @@
 # same at E = 64, where O's TMA store gained only 1.5% at L = 1024), ncu-bwd / ncu-fwd (the Hopper backward
 # at E = 64 and 128, L = 4096, / the forward at E = 128 L = 1024 causal and L = 4096, E = 64 L = 4096, under ncu:
 # throughput, issue rate, warp stall reasons, and the SASS lines warps wait at; benchmarks/ncu_profile.sh;
-# ncu-fwd-64: the forward at E = 64 L = 4096 alone, whose softmax takes half of every consumer's clocks),
+# ncu-fwd-64: the forward at E = 64 L = 4096 alone, whose softmax takes half of every consumer's clocks;
+# short-causal: the tutorial module's attention, causal E = 64 L = 512 B = 32 H = 8, its phase clocks and ncu: what
+# keeps the compiled module at 0.90x PyTorch's),
 # fwd-wg-tests / fwd-wg (each consumer warpgroup stopping at the last key block its own rows see,
 # FlashConfig.fwd90_wg_blocks: its GPU test (same bits off and on, judged by the reference) / causal E = 64 at the
 # tutorial module's shape and L = 1024-4096 with it on the default tiles, on three warpgroups and on 64-key
@@ -231,6 +233,9 @@ command_of() {  # the command of stage $1, into the array cmd
     ncu-fwd) cmd=(bash -c 'for p in "128 1024 yes" "128 4096 no" "64 4096 no"; do set -- $p
                    bash benchmarks/ncu_profile.sh flash_fwd_sm90 2 --forward-only --head-dims $1 --lengths $2 --causal $3
                    done') ;;
+    short-causal) cmd=(bash -c 'A="--lengths 512 --head-dims 64 --tokens 16384 --hidden 512 --causal yes"
+                       python3 benchmarks/fwd90_phases.py $A
+                       bash benchmarks/ncu_profile.sh flash_fwd_sm90 2 --forward-only --dtype float16 $A') ;;
     ncu-fwd-64) cmd=(bash benchmarks/ncu_profile.sh flash_fwd_sm90 2 --forward-only --head-dims 64 --lengths 4096
                      --causal no) ;;
     overhead) cmd=(python3 benchmarks/overhead.py --profile) ;;
