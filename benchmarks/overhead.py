@@ -6,8 +6,8 @@ host dominates.
 The tutorial's module (8 heads x 64, 32 x 512 tokens, fp16, causal), eager and under torch.compile, and one
 attention call of its shape on torch tensors and on CuPy arrays, inference and forward + backward; forward
 + backward also on a small problem (1 x 8 heads x 128 tokens), where the GPU work is negligible, and that problem
-with a bool mask on EFFICIENT against PyTorch's EFFICIENT_ATTENTION; the eager torch calls also through the
-compiled replay (interop.native, built here first if it is not cached). "host" is the
+with a bool mask on EFFICIENT against PyTorch's EFFICIENT_ATTENTION; the eager torch calls on the Python path
+and also through the compiled replay (interop.native, built here first if it is not cached). "host" is the
 time until one call returns, started with an empty stream queue (each call follows a synchronize), so
 neither the GPU work behind earlier calls nor a full launch queue counts as host time; "with GPU" is the
 time per call of a round of back-to-back calls synchronised once. The lent machine's host speed drifts by up
@@ -119,6 +119,7 @@ def main():
     args = ap.parse_args()
     if not native.load():
         print(f"the compiled replay did not build: {native.reason()}")
+    native.enable(False)  # the Python path, but in the rounds _compiled wraps
     torch.manual_seed(0)
     module = interop.CausalSelfAttention(8, 512, is_causal=True).cuda().half().eval()
     reference = interop.CausalSelfAttention(8, 512, is_causal=True, attention="torch").cuda().half().eval()
@@ -185,7 +186,8 @@ def main():
             sdpa(sg, sg, sg, mask).backward(small)
 
     t.update(measure({"EFFICIENT fwd+bwd, cusdpa": efficient_ours,
-                      "EFFICIENT fwd+bwd, torch": efficient_theirs}, TRAINING_CALLS))
+                      "EFFICIENT fwd+bwd, torch": efficient_theirs,
+                      "EFFICIENT fwd+bwd, compiled replay": _compiled(efficient_ours)}, TRAINING_CALLS))
     spent = []
     real = autograd.Attention.backward
 
@@ -210,7 +212,9 @@ def main():
                                ("small forward + backward", "small fwd+bwd, cusdpa", "small fwd+bwd, torch"),
                                ("small fwd + bwd, compiled", "small fwd+bwd, compiled replay", "small fwd+bwd, torch"),
                                ("CuPy call vs torch eager", "cusdpa on CuPy arrays", "torch SDPA"),
-                               ("EFFICIENT fwd+bwd (bar 1.5)", "EFFICIENT fwd+bwd, cusdpa", "EFFICIENT fwd+bwd, torch")):
+                               ("EFFICIENT fwd+bwd (bar 1.5)", "EFFICIENT fwd+bwd, cusdpa", "EFFICIENT fwd+bwd, torch"),
+                               ("EFFICIENT fwd+bwd, compiled", "EFFICIENT fwd+bwd, compiled replay",
+                                "EFFICIENT fwd+bwd, torch")):
         print(f"  {what:28s} host {t[ours][0]:7.1f} / {t[theirs][0]:7.1f} us = {t[ours][0] / t[theirs][0]:5.2f}x")
     ours, theirs = t["module compiled, cusdpa"], t["module compiled, torch"]
     print(f"  {'compiled module':28s} host {ours[0]:7.1f} / {theirs[0]:7.1f} us; with GPU {ours[1]:7.1f} / "
