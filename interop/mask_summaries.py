@@ -30,20 +30,28 @@ def buffers(query: torch.Tensor, attn_mask: torch.Tensor | None, plan, stream: i
     made first, on ``stream``, unless a kept one serves (``keep``: a plain eager call may keep and reuse one)."""
     if attn_mask is None:
         return 0, 0, 0
-    mask = attn_mask.data_ptr()
     if plan.summary_key is None:  # no summary to make: EFFICIENT's kernels read the mask alone
-        return mask, 0, 0
-    if not keep or attn_mask.is_inference() or torch._C._cuda_isCurrentStreamCapturing():
+        return attn_mask.data_ptr(), 0, 0
+    seen, blocks = tensors(query, attn_mask, plan, stream, keep)
+    return attn_mask.data_ptr(), seen.data_ptr(), blocks.data_ptr()
+
+
+def tensors(query: torch.Tensor, attn_mask: torch.Tensor, plan, stream: int,
+            keep: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (seen, blocks) buffers of ``attn_mask``'s summary for ``plan`` (which has one), made on ``stream``
+    unless a kept one serves; a kept pair stays alive while the mask's storage does and its version holds."""
+    mask = attn_mask.data_ptr()
+    if not keep or attn_mask.is_inference() or (query.is_cuda and torch._C._cuda_isCurrentStreamCapturing()):
         seen, blocks = _new(query, plan)
         plan.run_summary(stream, mask, seen.data_ptr(), blocks.data_ptr())
-        return mask, seen.data_ptr(), blocks.data_ptr()
+        return seen, blocks
     summaries = _summaries_of(attn_mask)
     key = (attn_mask.storage_offset(), attn_mask.shape, attn_mask.stride(), attn_mask.dtype, plan.summary_key, stream)
     held = summaries.get(key)
     if held is None:
         held = summaries[key] = _new(query, plan)
         plan.run_summary(stream, mask, held[0].data_ptr(), held[1].data_ptr())
-    return mask, held[0].data_ptr(), held[1].data_ptr()
+    return held
 
 
 def _new(query: torch.Tensor, plan) -> tuple[torch.Tensor, torch.Tensor]:

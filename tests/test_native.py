@@ -275,3 +275,41 @@ def test_an_attn_mask_travels_in_its_slot_and_the_signature(driver, monkeypatch)
     finally:
         torch.use_deterministic_algorithms(was)
     assert len(given) == 1 and given[0].data_ptr() == other.data_ptr()
+
+
+def test_a_mask_summary_comes_from_python_once_a_forward(driver, monkeypatch):
+    """A plan whose kernels read an attn_mask's summary (FLASH's, with native.MASK_SUMMARIES): the library asks
+    Python's ``summary`` op for its (seen, blocks) buffers once a forward, on the launches' stream, hands their
+    addresses to the forward's kernels and the same buffers to the backward's; without MASK_SUMMARIES such a plan
+    is refused."""
+    strides = plans.contiguous_strides(SHAPE)
+    forward = (Launch(_fn(driver, "fake_summarised_forward"), (1, 1), (32,), 0,
+                      [Slot("q"), Slot("k"), Slot("v"), Slot("mask"), Slot("seen"), Slot("blocks"), Slot("o"),
+                       np.int64(N)]),)
+    backward = (Launch(_fn(driver, "fake_summarised_backward"), (1, 1), (32,), 0,
+                       [Slot("do"), Slot("seen"), Slot("blocks"), Slot("dq"), Slot("dk"), Slot("dv"), np.int64(N)]),)
+    plan = plans.Plan(0, SHAPE, strides, SHAPE[:-1], forward, backward, "flash", copies_dout=True,
+                      grad_shapes=(SHAPE, SHAPE, SHAPE), summary=("its launches",), summary_key="tiles")
+    with pytest.raises(native.Unencodable):
+        native.encode(plan, plan, False, False)
+    monkeypatch.setattr(native, "MASK_SUMMARIES", True)
+    asked = []
+
+    def summary(query, mask, pid, stream):
+        asked.append((pid, stream, mask.data_ptr()))
+        return torch.full(SHAPE, 2.0), torch.full(SHAPE, 3.0)
+
+    monkeypatch.setattr(native, "_summary", summary)
+    pid = native.add(plan, plan, False, False, None)
+    q, k, v = _inputs()
+    mask = torch.randn(SHAPE)
+    out, _ = torch.ops.cusdpa_native.attention(q, k, v, mask, pid, 0)
+    torch.testing.assert_close(out, q + 3 * k + 2 * v + mask + 5)
+    grad = torch.randn(SHAPE)
+    out.backward(grad)
+    assert asked == [(pid, 0, mask.data_ptr())]  # the backward read the forward's buffers
+    torch.testing.assert_close(q.grad, 2 * grad)
+    torch.testing.assert_close(k.grad, 3 * grad)
+    torch.testing.assert_close(v.grad, grad)
+    with pytest.raises(RuntimeError, match="no mask given"):
+        torch.ops.cusdpa_native.attention(q, k, v, None, pid, 0)

@@ -529,7 +529,11 @@ NATIVE_CASES = dict(CASES, efficient_fp32_gqa=dict(q=(1, 4, 130, 32), kv=(1, 2, 
                                                 kw=dict(dropout_p=0.2), backend="EFFICIENT"),
                     # an attn_mask without gradient, read through the plan's mask slot (broadcast over heads)
                     efficient_bool_mask=dict(q=(2, 2, 70, 64), kv=(2, 2, 90, 64), dtype="float16", kw={},
-                                             mask=(2, 1, 70, 90), backend="EFFICIENT"))
+                                             mask=(2, 1, 70, 90), backend="EFFICIENT"),
+                    # ... and FLASH's, whose kernels read the mask's summary (native.MASK_SUMMARIES: buffers kept by
+                    # interop.mask_summaries, asked for by the library)
+                    flash_bool_mask_summary=dict(q=(2, 2, 130, 64), kv=(2, 2, 200, 64), dtype="bfloat16", kw={},
+                                                 mask=(2, 1, 130, 200), summaries=True))
 
 
 @pytest.mark.gpu
@@ -548,6 +552,7 @@ def test_compiled_replay_gives_the_python_path_s_bits(name, rng, monkeypatch):
     kw = dict(case["kw"])
     if "mask" in case:
         kw["attn_mask"] = torch.rand(case["mask"], device="cuda") > 0.3
+    monkeypatch.setattr(native, "MASK_SUMMARIES", case.get("summaries", False))
     backends = [getattr(cusdpa.Backend, case["backend"])] if "backend" in case else list(cusdpa.Backend)
     plans._plans.clear()
     with cusdpa.sdpa_kernel(backends):

@@ -13,9 +13,11 @@ On by default (``CUSDPA_NATIVE=0`` in the environment, or ``enable(False)``, tur
 forward's host time went from 1.35x PyTorch's to 1.09x, a forward and backward's from 1.50x to 0.97x
 (benchmarks/overhead.py). Calls it takes: no ALiBi slopes, no attn_mask whose gradient is wanted, dense (not
 nested or packed), plain eager mode (``ops.plain_eager``), a plan for the forward and, where a gradient is wanted,
-one for the backward, with no attn_mask summary (an attn_mask's plans on EFFICIENT read the mask through a slot;
-FLASH's make the mask's block summary, which only Python keeps), and TMA maps whose address the driver keeps at a
-known offset. Everything else, and the first call of each signature, is the Python path's.
+one for the backward, and TMA maps whose address the driver keeps at a known offset. An attn_mask's plans on
+EFFICIENT read the mask through a slot; FLASH's read the mask's block summary too, whose buffers the library asks
+Python for (``summary``, over ``interop.mask_summaries``, which keeps one per unchanged mask): those plans are taken
+only with ``MASK_SUMMARIES`` (written without device time, off until a GPU run has tested and timed it). Everything
+else, and the first call of each signature, is the Python path's.
 """
 from __future__ import annotations
 
@@ -35,10 +37,11 @@ from cusdpa import dispatch, problem
 from cusdpa.backends import plans
 from cusdpa.backends.launch import Launch, ZeroWords
 
-from .. import ops
+from .. import mask_summaries, ops
 
 SOURCE = Path(__file__).with_name("replay.cpp")
 ENABLED = os.environ.get("CUSDPA_NATIVE", "1") == "1"
+MASK_SUMMARIES = False  # FLASH's masked plans (their summary's buffers from Python) too
 _state = {"loaded": None, "reason": "not built yet"}  # loaded: None (not tried), True, False
 _lock = threading.Lock()
 _fallbacks: dict = {}  # plan id -> the general path's backward of its calls (grad_out, q, k, v, out, lse, seed)
@@ -102,6 +105,8 @@ def load() -> bool:
                 torch.ops.load_library(str(path))
                 # the op the library calls back for a backward its plan did not prepare
                 torch.library.impl("cusdpa_native::fallback_backward", ("CPU", "CUDA"))(_fallback_backward)
+                torch.library.impl("cusdpa_native::summary", ("CPU", "CUDA"))(
+                    lambda query, mask, plan, stream: _summary(query, mask, plan, stream))
                 _state.update(loaded=True, reason="")
             except Exception as e:  # noqa: BLE001 (any failure leaves the Python path, and says why)
                 _state.update(loaded=False, reason=f"{type(e).__name__}: {e}")
@@ -110,6 +115,12 @@ def load() -> bool:
 
 def _fallback_backward(grad_out, query, key, value, mask, out, lse, plan: int, seed: int):
     return _fallbacks[plan](grad_out, query, key, value, mask, out, lse, seed)
+
+
+def _summary(query, mask, plan: int, stream: int):
+    """(seen, blocks) of ``mask``'s summary for the kernels of plan ``plan``, kept while the mask is unchanged
+    (a plain eager call's, as the Python path's ops keep them)."""
+    return mask_summaries.tensors(query, mask, _kept[plan][0], stream, True)
 
 
 # ---- plans into integers ------------------------------------------------------------------------------------
@@ -150,9 +161,12 @@ def encode(forward: plans.Plan, backward: plans.Plan | None, deterministic: bool
     """The integers of replay.cpp's plan encoding: ``forward``'s launches, out and lse, and where a gradient is
     wanted ``backward``'s (a training plan reading dout in out's layout), summing in a fixed order
     (``deterministic``), whatever torch's deterministic mode (``forced``)."""
-    if forward.summary or (backward is not None and backward.summary):
+    if forward.summary and not MASK_SUMMARIES:
         raise Unencodable("an attn_mask's summary")
-    code = [forward.device, int(deterministic), int(forced), *_shape(forward.out_shape, forward.out_strides),
+    if backward is not None and backward.summary_key != forward.summary_key:
+        raise Unencodable("a backward reading another summary than its forward's")
+    code = [forward.device, int(deterministic), int(forced), int(bool(forward.summary)),
+            *_shape(forward.out_shape, forward.out_strides),
             *_shape(forward.lse_shape), *_launches(forward.forward)]
     if backward is None:
         code.append(0)

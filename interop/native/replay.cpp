@@ -16,8 +16,9 @@
 //           (cell, slot, address word within the map's 16) and its 16 words, slots s, per slot (cell, slot)
 //   memset: 2, slot, bytes (that slot's words zeroed: ZeroWords)
 // where a slot is a position in the value tuple (cusdpa/backends/launch.py SLOTS) and a map's 16 words follow
-// the n cells in the parameter buffer. A plan: device, deterministic, forced deterministic, out's rank, shape
-// and strides, lse's rank and shape, the forward's launch count and launches, whether it trains, then (training
+// the n cells in the parameter buffer. A plan: device, deterministic, forced deterministic, whether its kernels
+// read an attn_mask's summary (FLASH's: its buffers come from Python, interop/mask_summaries, which keeps one per
+// unchanged mask), out's rank, shape and strides, lse's rank and shape, the forward's launch count and launches, whether it trains, then (training
 // plans) dq, dk, dv's ranks, shapes and strides, the dQ workspace's elements, the backward's launch count and
 // launches. (interop/native/__init__.py's ``encode``.)
 #include <ATen/core/Tensor.h>
@@ -37,6 +38,7 @@
 #include <memory>
 #include <mutex>
 #include <optional>
+#include <tuple>
 #include <unordered_map>
 #include <vector>
 
@@ -98,7 +100,7 @@ void check(int result, const char* what) {
 // ---- plans --------------------------------------------------------------------------------------------------
 
 constexpr int SLOTS = 27;  // len(cusdpa.backends.launch.SLOTS)
-enum Slot { Q, K, V, O, LSE, DO, DELTA, DQ, DK, DV, SEED_LO, SEED_HI, OFFSET, DQ_ACCUM, MASK };
+enum Slot { Q, K, V, O, LSE, DO, DELTA, DQ, DK, DV, SEED_LO, SEED_HI, OFFSET, DQ_ACCUM, MASK, SEEN, BLOCKS };
 using Values = std::array<uint64_t, SLOTS>;
 
 struct Launch {
@@ -121,6 +123,7 @@ struct Plan {
     int device = 0;
     bool deterministic = false;  // the backward sums in a fixed order
     bool forced = false;         // ... whatever torch's deterministic mode (FlashAttention's deterministic=True)
+    bool summary = false;        // the kernels read the mask's summary (seen, blocks)
     Shape out, lse;
     std::vector<Launch> forward, backward;
     bool trains = false;
@@ -275,6 +278,7 @@ int64_t add_plan(std::vector<int64_t> code) {
     p->device = static_cast<int>(r.next());
     p->deterministic = r.next() != 0;
     p->forced = r.next() != 0;
+    p->summary = r.next() != 0;
     p->out = r.shape(true);
     p->lse = r.shape(false);
     p->forward = r.launches();
@@ -349,6 +353,21 @@ Values operands(int64_t seed, const Tensor& q, const Tensor& k, const Tensor& v,
     return values;
 }
 
+// The raw stream the launches of `device` go on: torch's current stream of a CUDA device, 0 on the CPU (the stand-in
+// driver's tests).
+int64_t stream_word(const c10::Device& device) {
+    return device.is_cuda() ? static_cast<int64_t>(reinterpret_cast<uintptr_t>(current_stream(device))) : 0;
+}
+
+// The (seen, blocks) buffers of `mask`'s summary for plan `plan`, made on `stream` unless Python keeps them for
+// this unchanged mask (interop/native's `summary` op, over interop/mask_summaries).
+std::tuple<Tensor, Tensor> mask_summary(const Tensor& q, const Tensor& mask, int64_t plan, int64_t stream) {
+    static auto op = c10::Dispatcher::singleton()
+                         .findSchemaOrThrow("cusdpa_native::summary", "")
+                         .typed<std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, int64_t, int64_t)>();
+    return op.call(q, mask, plan, stream);
+}
+
 // ---- the autograd Function --------------------------------------------------------------------------------
 
 std::tuple<Tensor, Tensor, Tensor> fallback_backward(const Tensor& grad_out, const Tensor& q, const Tensor& k,
@@ -373,8 +392,16 @@ struct Attention : public torch::autograd::Function<Attention> {
         Tensor out = empty(p.out, q, q.scalar_type());
         Tensor lse = empty(p.lse, q, at::kFloat);
         const Tensor m = mask.value_or(Tensor());
-        issue(p.forward, operands(seed, q, k, v, m, out, lse), q.device());
-        ctx->save_for_backward({q, k, v, out, lse, m});
+        Values values = operands(seed, q, k, v, m, out, lse);
+        Tensor seen, blocks;  // the mask's summary, read by forward and backward alike
+        if (p.summary) {
+            TORCH_CHECK(m.defined(), "cusdpa native replay: plan ", plan, " reads an attn_mask's summary: no mask given");
+            std::tie(seen, blocks) = mask_summary(q, m, plan, stream_word(q.device()));
+            values[SEEN] = address(seen);
+            values[BLOCKS] = address(blocks);
+        }
+        issue(p.forward, values, q.device());
+        ctx->save_for_backward({q, k, v, out, lse, m, seen, blocks});
         ctx->saved_data["plan"] = plan;
         ctx->saved_data["seed"] = seed;
         ctx->mark_non_differentiable({lse});  // for the backward only
@@ -410,6 +437,8 @@ struct Attention : public torch::autograd::Function<Attention> {
         Tensor delta = empty(p.lse, q, at::kFloat);
         Tensor dq_accum = p.dq_accum ? at::empty_strided({p.dq_accum}, {1}, q.options().dtype(at::kFloat)) : Tensor();
         Values values = operands(seed, q, k, v, mask, out, lse);
+        values[SEEN] = address(saved[6]);
+        values[BLOCKS] = address(saved[7]);
         values[DO] = address(grad_out);
         values[DELTA] = address(delta);
         values[DQ] = address(dq);
@@ -457,6 +486,8 @@ TORCH_LIBRARY(cusdpa_native, m) {
     // implemented in Python (interop/native): the general path's backward of a plan's call
     m.def("fallback_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor? mask, Tensor out, Tensor lse, "
           "int plan, int seed) -> (Tensor, Tensor, Tensor)");
+    // implemented in Python (interop/native): an attn_mask's summary buffers (seen, blocks) for a plan's kernels
+    m.def("summary(Tensor q, Tensor mask, int plan, int stream) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(cusdpa_native, Autograd, m) {

@@ -70,3 +70,24 @@ void fake_masked_forward(void** params, unsigned gx, unsigned gy, unsigned bx, u
     const int64_t n = CELL(5, int64_t);
     for (int64_t i = 0; i < n; ++i) o[i] = q[i] + 3.f * k[i] + 2.f * v[i] + mask[i];
 }
+
+/* params: q, k, v, mask, seen, blocks, o, n (i64): the kernels of a plan that reads a mask's summary (float
+ * buffers of n here). o = q + 3 k + 2 v + mask + seen + blocks. */
+void fake_summarised_forward(void** params, unsigned gx, unsigned gy, unsigned bx, unsigned smem) {
+    (void)gx, (void)gy, (void)bx, (void)smem;
+    float *q = PTR(0), *k = PTR(1), *v = PTR(2), *mask = PTR(3), *seen = PTR(4), *blocks = PTR(5), *o = PTR(6);
+    const int64_t n = CELL(7, int64_t);
+    for (int64_t i = 0; i < n; ++i) o[i] = q[i] + 3.f * k[i] + 2.f * v[i] + mask[i] + seen[i] + blocks[i];
+}
+
+/* params: do, seen, blocks, dq, dk, dv, n (i64). dq = seen * do, dk = blocks * do, dv = do. */
+void fake_summarised_backward(void** params, unsigned gx, unsigned gy, unsigned bx, unsigned smem) {
+    (void)gx, (void)gy, (void)bx, (void)smem;
+    float *dout = PTR(0), *seen = PTR(1), *blocks = PTR(2), *dq = PTR(3), *dk = PTR(4), *dv = PTR(5);
+    const int64_t n = CELL(6, int64_t);
+    for (int64_t i = 0; i < n; ++i) {
+        dq[i] = seen[i] * dout[i];
+        dk[i] = blocks[i] * dout[i];
+        dv[i] = dout[i];
+    }
+}
