@@ -6,7 +6,8 @@ host dominates.
 The tutorial's module (8 heads x 64, 32 x 512 tokens, fp16, causal), eager and under torch.compile, and one
 attention call of its shape on torch tensors and on CuPy arrays, inference and forward + backward; forward
 + backward also on a small problem (1 x 8 heads x 128 tokens), where the GPU work is negligible, and that problem
-with a bool mask on EFFICIENT against PyTorch's EFFICIENT_ATTENTION; the eager torch calls on the Python path
+with a bool mask on EFFICIENT against PyTorch's EFFICIENT_ATTENTION and on the default backends (FLASH, whose
+compiled replay takes it with native.MASK_SUMMARIES); the eager torch calls on the Python path
 and also through the compiled replay (interop.native, built here first if it is not cached). "host" is the
 time until one call returns, started with an empty stream queue (each call follows a synchronize), so
 neither the GPU work behind earlier calls nor a full launch queue counts as host time; "with GPU" is the
@@ -93,6 +94,19 @@ def _compiled(fn):
             return fn()
         finally:
             native.enable(False)
+
+    return run
+
+
+def _summaries(fn):
+    """``fn`` through the compiled replay with FLASH's masked plans too (``native.MASK_SUMMARIES``), for its rounds
+    only."""
+    def run():
+        native.MASK_SUMMARIES = True
+        try:
+            return _compiled(fn)()
+        finally:
+            native.MASK_SUMMARIES = False
 
     return run
 
@@ -188,6 +202,14 @@ def main():
     t.update(measure({"EFFICIENT fwd+bwd, cusdpa": efficient_ours,
                       "EFFICIENT fwd+bwd, torch": efficient_theirs,
                       "EFFICIENT fwd+bwd, compiled replay": _compiled(efficient_ours)}, TRAINING_CALLS))
+    print("\nthe same masked call on FLASH (cusdpa's default backends; PyTorch's default choice):")
+
+    def flash_ours():
+        interop.scaled_dot_product_attention(sg, sg, sg, mask).backward(small)
+
+    t.update(measure({"FLASH masked fwd+bwd, cusdpa": flash_ours,
+                      "FLASH masked fwd+bwd, torch": lambda: sdpa(sg, sg, sg, mask).backward(small),
+                      "FLASH masked fwd+bwd, compiled replay": _summaries(flash_ours)}, TRAINING_CALLS))
     spent = []
     real = autograd.Attention.backward
 
@@ -214,7 +236,10 @@ def main():
                                ("CuPy call vs torch eager", "cusdpa on CuPy arrays", "torch SDPA"),
                                ("EFFICIENT fwd+bwd (bar 1.5)", "EFFICIENT fwd+bwd, cusdpa", "EFFICIENT fwd+bwd, torch"),
                                ("EFFICIENT fwd+bwd, compiled", "EFFICIENT fwd+bwd, compiled replay",
-                                "EFFICIENT fwd+bwd, torch")):
+                                "EFFICIENT fwd+bwd, torch"),
+                               ("FLASH masked fwd+bwd", "FLASH masked fwd+bwd, cusdpa", "FLASH masked fwd+bwd, torch"),
+                               ("FLASH masked, compiled", "FLASH masked fwd+bwd, compiled replay",
+                                "FLASH masked fwd+bwd, torch")):
         print(f"  {what:28s} host {t[ours][0]:7.1f} / {t[theirs][0]:7.1f} us = {t[ours][0] / t[theirs][0]:5.2f}x")
     ours, theirs = t["module compiled, cusdpa"], t["module compiled, torch"]
     print(f"  {'compiled module':28s} host {ours[0]:7.1f} / {theirs[0]:7.1f} us; with GPU {ours[1]:7.1f} / "
