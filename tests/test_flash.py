@@ -83,6 +83,8 @@ def _nvrtc_jobs():
                                              ((192, 128), "bfloat16", True, False), ((256, 256), "float16", False, True),
                                              ((40, 40), "bfloat16", False, False)):  # split-KV decode
         yield "flash_decode.cu", decode.compile_options(dtype, E, Ev, paged, modifiers, modifiers)
+        if E % 16 == 0 and max(E, Ev) + 8 <= 256:  # ... with its tiles by TMA (decode.TMA; built for sm_90 here)
+            yield "flash_decode.cu", decode.compile_options(dtype, E, Ev, paged, modifiers, modifiers, True)
     for mask in sources.MASK_CODES:  # the attn_mask's summary (kernels_cuda/mask_summary.cu)
         if mask:
             yield "mask_summary.cu", ("-std=c++17", f"-DATTN_MASK={sources.MASK_CODES[mask]}")
