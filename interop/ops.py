@@ -188,6 +188,19 @@ def _addresses(query, key, value, attn_mask) -> dict:
             "mask": None if attn_mask is None else attn_mask.data_ptr()}
 
 
+_native = None  # interop.native, once imported (it imports this module)
+
+
+def _native_ops() -> bool:
+    """Whether the op's forward tries the compiled replay (``native.ENABLED`` and ``native.COMPILED_OPS``)."""
+    global _native
+    if _native is None:
+        from . import native
+
+        _native = native
+    return _native.ENABLED and _native.COMPILED_OPS
+
+
 def _plan(query, key, value, attn_mask, options: tuple, backends: str) -> plans.Plan | None:
     """The forward plan of a dense call on CUDA tensors, or None: take the general path. The first call of a
     signature validates it as the general path would, and raises what it raises."""
@@ -263,9 +276,15 @@ def _sdpa_fwd(query, key, value, attn_mask, alibi_slopes, *rest, eager=False):
     lay out theirs. ``alibi_slopes``: float32 (..., Hq) or None. ``rest``: the option values, then ``seed``
     (an int64 CPU tensor (1,), or None without dropout) and ``backends`` (comma-separated cusdpa.Backend
     values, tried in that order). ``eager``: a plain eager call, which may reuse a kept mask summary
-    (``mask_summaries``)."""
+    (``mask_summaries``). Called by the dispatcher (compiled graphs) without a mask, on tensors that want no
+    gradient, it may take the compiled replay's forward (``native.COMPILED_OPS``)."""
     options, seed, backends = rest[:-2], rest[-2], rest[-1]
     if alibi_slopes is None and query.is_cuda:
+        if not eager and attn_mask is None and _native_ops() and not (query.requires_grad or key.requires_grad
+                                                                       or value.requires_grad):
+            got = _native.attention(query, key, value, None, seed, backends, options, False, False)
+            if got is not None:
+                return got
         plan = _plan(query, key, value, attn_mask, options, backends)
         if plan is not None:
             out = query.new_empty_strided(plan.out_shape, plan.out_strides)

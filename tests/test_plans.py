@@ -178,16 +178,17 @@ def test_tensor_maps_find_where_the_address_lives(monkeypatch):
 
     calls = []
 
-    def encode(dtype_name, ptr, dims, strides, box):  # a driver that keeps the address at byte 8
-        calls.append((dims, strides, box))
+    def encode(dtype_name, ptr, dims, strides, box, swizzled=True):  # a driver that keeps the address at byte 8
+        calls.append((dims, strides, box, swizzled))
         return bytes(8) + ptr.to_bytes(8, "little") + bytes([len(dims)]) * 112
 
     monkeypatch.setattr(tma, "encode", encode)
     monkeypatch.setattr(tma, "_DRIVER", {})
     m, hm, bm = tma.operand_map("bfloat16", 0x10000, 96, 300, 4, 2, (4 * 300 * 96, 0, 96), box_rows=128)
     assert m.offset == 8 and (hm, bm) == (0, 1)  # head stride 0: a broadcast head, addressed at coordinate 0
-    dims, strides, box = calls[0]
-    assert dims == (96, 300, 1, 2) and box == (32, 128, 1, 1)  # 96 columns: 64-byte swizzle, 32-column boxes
+    dims, strides, box, swizzled = calls[0]
+    assert dims == (96, 300, 1, 2) and box == (32, 128, 1, 1) and swizzled  # 96 columns: 64-byte swizzle, 32-column
+    # boxes
     assert strides[0] == 192 and strides[2] == 4 * 300 * 96 * 2 and all(x % 16 == 0 for x in strides)
     assert m.template == encode("bfloat16", 0x10000, *calls[0])
     before = len(calls)
@@ -202,6 +203,34 @@ def test_tensor_maps_find_where_the_address_lives(monkeypatch):
     buf = ctypes.create_string_buffer(m.template, 128)
     m.write(ctypes.addressof(buf), 0x30000)
     assert buf.raw[:16] == (0x30000 * 3).to_bytes(16, "little")
+
+
+def test_decode_caches_map_as_rows_of_heads_by_tiles(monkeypatch):
+    """decode.TMA's maps: a cache (rows, slots, Hkv, D) as (Hkv * D, slots, rows, 1), unswizzled boxes of a tile's
+    whole shared-memory rows (D + 8 columns) by TILE slots; and where the split kernel takes them."""
+    from cusdpa.backends.flash import decode, tma
+
+    calls = []
+    monkeypatch.setattr(tma, "encode", lambda *args: calls.append(args[2:]) or bytes(128))
+    monkeypatch.setattr(tma, "_DRIVER", {"address_offset": 8})
+    cache = decode.Operand((5, 256, 8, 128), (256 * 8 * 128, 8 * 128, 128, 1), True)
+    decode._cache_map("bfloat16", cache, 128)
+    dims, strides, box, swizzled = calls[0]
+    assert dims == (8 * 128, 256, 5, 1) and box == (136, decode.TILE, 1, 1) and not swizzled
+    assert strides == (8 * 128 * 2, 256 * 8 * 128 * 2, 5 * 256 * 8 * 128 * 2)
+    monkeypatch.setattr(decode, "TMA", 1)
+    assert decode.takes_tma(128, 128, cache, cache, False, 90)
+    assert not decode.takes_tma(128, 128, cache, cache, False, 80)  # sm_90 only
+    assert not decode.takes_tma(40, 40, cache, cache, False, 90)  # head dims multiples of 16
+    assert not decode.takes_tma(256, 256, cache, cache, False, 90)  # a box row of 264 elements
+    one_head = decode.Operand((5, 256, 1, 128), (256 * 128, 128, 128, 1), True)
+    assert not decode.takes_tma(128, 128, one_head, one_head, False, 90)  # a box row wider than the cache's
+    spaced = decode.Operand((5, 256, 8, 128), (256 * 8 * 192, 8 * 192, 192, 1), True)
+    assert not decode.takes_tma(128, 128, spaced, spaced, False, 90)  # heads not contiguous in a row
+    blocks = decode.Operand((40, 24, 8, 128), (24 * 8 * 128, 8 * 128, 128, 1), True)
+    assert not decode.takes_tma(128, 128, blocks, blocks, True, 90)  # a tile across blocks of 24
+    monkeypatch.setattr(decode, "TMA", 0)
+    assert not decode.takes_tma(128, 128, cache, cache, False, 90)
 
 
 # ---- GPU ------------------------------------------------------------------------------------------------
@@ -601,3 +630,32 @@ def test_compiled_replay_falls_back_when_deterministic_mode_turns(monkeypatch):
         on_side = interop.scaled_dot_product_attention(q, k, v, is_causal=True)
     torch.cuda.current_stream().wait_stream(side)
     assert torch.equal(again, out.detach()) and torch.equal(on_side, out.detach())
+
+
+@pytest.mark.gpu
+def test_the_forward_op_called_by_the_dispatcher_takes_the_compiled_replay(rng, monkeypatch):
+    """native.COMPILED_OPS: torch.ops.cusdpa.sdpa_fwd called through the dispatcher, as compiled graphs call it
+    (no mask, tensors that want no gradient), takes the compiled replay once its signature is bound, with the
+    Python body's bits; with a mask it keeps the Python body."""
+    torch = _torch_cuda()
+    from interop import native
+
+    q, k, v = (x.detach() for x in _inputs(torch, (2, 4, 300, 64), (2, 4, 300, 64), torch.bfloat16,
+                                           int(rng.integers(2**31))))
+    options = _options(dict(is_causal=True, window=(100, 0)))
+    backends = "flash,efficient,math"
+
+    def run(mask=None):
+        return torch.ops.cusdpa.sdpa_fwd.default(q, k, v, mask, None, *options, None, backends)
+
+    monkeypatch.setattr(native, "COMPILED_OPS", False)
+    want = run()
+    monkeypatch.setattr(native, "COMPILED_OPS", True)
+    taken = _native(monkeypatch, True)
+    for _ in range(3):
+        got = run()
+    assert taken and taken[-1], f"the op did not take the compiled replay: {native.reason() or taken}"
+    assert all(torch.equal(g, w) and g.stride() == w.stride() for g, w in zip(got, want))
+    calls = len(taken)
+    run(torch.ones(300, 300, dtype=torch.bool, device="cuda"))
+    assert len(taken) == calls  # a masked call: the Python body

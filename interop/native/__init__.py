@@ -42,6 +42,10 @@ from .. import mask_summaries, ops
 SOURCE = Path(__file__).with_name("replay.cpp")
 ENABLED = os.environ.get("CUSDPA_NATIVE", "1") == "1"
 MASK_SUMMARIES = False  # FLASH's masked plans (their summary's buffers from Python) too
+# the forward op called by the dispatcher (compiled graphs: torch.ops.cusdpa.sdpa_fwd without a mask, on tensors
+# that want no gradient) through the replay too, where its Python body cost a compiled module 13.7 us a call over
+# PyTorch's (BENCHMARKS.md): written without device time, off until a GPU run tests and times it
+COMPILED_OPS = False
 _state = {"loaded": None, "reason": "not built yet"}  # loaded: None (not tried), True, False
 _lock = threading.Lock()
 _fallbacks: dict = {}  # plan id -> the general path's backward of its calls (grad_out, q, k, v, out, lse, seed)
