@@ -98,28 +98,15 @@ def _compiled(fn):
     return run
 
 
-def _summaries(fn):
-    """``fn`` through the compiled replay with FLASH's masked plans too (``native.MASK_SUMMARIES``), for its rounds
-    only."""
+def _flagged(flag: str, fn):
+    """``fn`` through the compiled replay with ``native``'s flag ``flag`` on (MASK_SUMMARIES: FLASH's masked plans
+    too; COMPILED_OPS: the forward op as compiled graphs call it), for its rounds only."""
     def run():
-        native.MASK_SUMMARIES = True
+        setattr(native, flag, True)
         try:
             return _compiled(fn)()
         finally:
-            native.MASK_SUMMARIES = False
-
-    return run
-
-
-def _compiled_ops(fn):
-    """``fn`` with the forward op taking the compiled replay from compiled graphs (``native.COMPILED_OPS``), for
-    its rounds only."""
-    def run():
-        native.COMPILED_OPS = True
-        try:
-            return _compiled(fn)()
-        finally:
-            native.COMPILED_OPS = False
+            setattr(native, flag, False)
 
     return run
 
@@ -185,7 +172,7 @@ def main():
         print("\nthe tutorial's module, inference:")
         t.update(measure({"module, cusdpa": lambda: module(x), "module, torch": lambda: reference(x),
                           "module compiled, cusdpa": lambda: compiled(x),
-                          "module compiled, cusdpa, op on the replay": _compiled_ops(lambda: compiled(x)),
+                          "module compiled, cusdpa, op on the replay": _flagged("COMPILED_OPS", lambda: compiled(x)),
                           "module compiled, torch": lambda: compiled_reference(x)}, MODULE_CALLS))
     print("\none call, forward and backward (gradients to q, k and v):")
     t.update(measure({
@@ -223,7 +210,7 @@ def main():
 
     t.update(measure({"FLASH masked fwd+bwd, cusdpa": flash_ours,
                       "FLASH masked fwd+bwd, torch": lambda: sdpa(sg, sg, sg, mask).backward(small),
-                      "FLASH masked fwd+bwd, compiled replay": _summaries(flash_ours)}, TRAINING_CALLS))
+                      "FLASH masked fwd+bwd, compiled replay": _flagged("MASK_SUMMARIES", flash_ours)}, TRAINING_CALLS))
     spent = []
     real = autograd.Attention.backward
 
