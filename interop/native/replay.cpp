@@ -7,9 +7,9 @@
 // ``cusdpa_native::attention(q, k, v, mask, plan, seed)`` (``call``: the plan bound to the call's signature,
 // found here; mask: an attn_mask without gradient, or None), whose autograd kernel is a C++ autograd Function:
 // its forward allocates out and lse and issues the forward launches, its backward allocates dq, dk, dv, delta
-// and the dQ workspace and issues the backward launches, on torch's current stream of the inputs' device. The driver is
-// opened at run time (libcuda.so.1, or CUSDPA_LIBCUDA: the CPU tests' stand-in), so this file needs no CUDA
-// headers and links only torch's CPU libraries.
+// and the dQ workspace and issues the backward launches, on torch's current stream of the inputs' device. The
+// driver is opened at run time (libcuda.so.1, or CUSDPA_LIBCUDA: the CPU tests' stand-in), so this file needs no
+// CUDA headers and links only torch's CPU libraries.
 //
 // The encoding of launches, one after another:
 //   kernel: 1, function, grid x, grid y, block x, shared bytes, cells n, the n cell words, maps m, per map
@@ -18,9 +18,9 @@
 // where a slot is a position in the value tuple (cusdpa/backends/launch.py SLOTS) and a map's 16 words follow
 // the n cells in the parameter buffer. A plan: device, deterministic, forced deterministic, whether its kernels
 // read an attn_mask's summary (FLASH's: its buffers come from Python, interop/mask_summaries, which keeps one per
-// unchanged mask), out's rank, shape and strides, lse's rank and shape, the forward's launch count and launches, whether it trains, then (training
-// plans) dq, dk, dv's ranks, shapes and strides, the dQ workspace's elements, the backward's launch count and
-// launches. (interop/native/__init__.py's ``encode``.)
+// unchanged mask), out's rank, shape and strides, lse's rank and shape, the forward's launch count and launches,
+// whether it trains, then (training plans) dq, dk, dv's ranks, shapes and strides, the dQ workspace's elements,
+// the backward's launch count and launches. (interop/native/__init__.py's ``encode``.)
 #include <ATen/core/Tensor.h>
 #include <ATen/Context.h>
 #include <ATen/ops/empty_strided.h>
@@ -395,7 +395,8 @@ struct Attention : public torch::autograd::Function<Attention> {
         Values values = operands(seed, q, k, v, m, out, lse);
         Tensor seen, blocks;  // the mask's summary, read by forward and backward alike
         if (p.summary) {
-            TORCH_CHECK(m.defined(), "cusdpa native replay: plan ", plan, " reads an attn_mask's summary: no mask given");
+            TORCH_CHECK(m.defined(), "cusdpa native replay: plan ", plan,
+                        " reads an attn_mask's summary: no mask given");
             std::tie(seen, blocks) = mask_summary(q, m, plan, stream_word(q.device()));
             values[SEEN] = address(seen);
             values[BLOCKS] = address(blocks);
