@@ -83,8 +83,9 @@ def _nvrtc_jobs():
                                              ((192, 128), "bfloat16", True, False), ((256, 256), "float16", False, True),
                                              ((40, 40), "bfloat16", False, False)):  # split-KV decode
         yield "flash_decode.cu", decode.compile_options(dtype, E, Ev, paged, modifiers, modifiers)
-        if E % 16 == 0 and max(E, Ev) + 8 <= 256:  # ... with its tiles by TMA (decode.TMA; built for sm_90 here)
-            yield "flash_decode.cu", decode.compile_options(dtype, E, Ev, paged, modifiers, modifiers, True)
+        if E % 16 == 0 and max(E, Ev) + 8 <= 256:  # ... with its tiles by TMA (decode.TMA: sm_90 only)
+            yield "flash_decode.cu", decode.compile_options(dtype, E, Ev, paged, modifiers, modifiers, True) + (
+                "-arch=sm_90",)
     for mask in sources.MASK_CODES:  # the attn_mask's summary (kernels_cuda/mask_summary.cu)
         if mask:
             yield "mask_summary.cu", ("-std=c++17", f"-DATTN_MASK={sources.MASK_CODES[mask]}")
@@ -94,6 +95,11 @@ def _on_two_threads(fn, jobs) -> list:
     """fn of each job, two at a time: NVRTC and nvcc run outside the GIL, and CI's machine has two cores."""
     with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
         return list(pool.map(fn, jobs))
+
+
+def _arch(options: tuple) -> str | None:
+    """The one architecture a compile job is for (its ``-arch=`` option), or None: any."""
+    return next((o.split("=", 1)[1] for o in options if o.startswith("-arch=")), None)
 
 
 def _nvrtc_compile(source: str, options: tuple, arch: str) -> str | None:
@@ -128,8 +134,8 @@ def test_every_kernel_configuration_compiles_with_nvrtc():
         pytest.skip(f"no cuda_bf16.h under {include}")
     def compile_one(job):
         source, options = job
-        arch = "sm_90a" if "-arch=sm_90a" in options else "sm_90"
-        options = tuple(o for o in options if o != "-arch=sm_90a") + (f"-I{include}",)
+        arch = _arch(options) or "sm_90"
+        options = tuple(o for o in options if not o.startswith("-arch=")) + (f"-I{include}",)
         log = _nvrtc_compile(sources.kernel_source(source, options), options, arch)
         return None if log is None else f"{source} {options}:\n{log[-2000:]}"
 
@@ -379,11 +385,10 @@ def test_every_kernel_configuration_compiles_with_nvcc(tmp_path):
         n, (source, options) = job
         src = tmp_path / f"k{n}.cu"
         src.write_text(sources.kernel_source(source, options))
-        if "-arch=sm_90a" in options:  # wgmma: only the sm_90a target, spelled as nvcc 13.0 accepts it
-            options = tuple(o for o in options if o != "-arch=sm_90a") + ("-Xptxas", "-v")
-            targets = ["-gencode=arch=compute_90a,code=sm_90a"]
-        elif "-DDEC_TMA=1" in options:  # the decode kernel's TMA copies: sm_90 only (decode.takes_tma)
-            targets = ["-gencode=arch=compute_90,code=sm_90"]
+        arch = _arch(options)
+        if arch:  # a job for one architecture (wgmma: sm_90a; the decode kernel's TMA copies: sm_90)
+            options = tuple(o for o in options if not o.startswith("-arch=")) + ("-Xptxas", "-v")
+            targets = [f"-gencode=arch={arch.replace('sm_', 'compute_')},code={arch}"]
         else:  # one front-end pass, machine code for both architectures
             targets = ["-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90,code=sm_90"]
         cmd = ["nvcc", *targets, "-fatbin", "-o", str(src.with_suffix(".fatbin")), *options, str(src)]
