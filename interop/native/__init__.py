@@ -48,7 +48,7 @@ MASK_SUMMARIES = False  # FLASH's masked plans (their summary's buffers from Pyt
 COMPILED_OPS = False
 _state = {"loaded": None, "reason": "not built yet"}  # loaded: None (not tried), True, False
 _lock = threading.Lock()
-_fallbacks: dict = {}  # plan id -> the general path's backward of its calls (grad_out, q, k, v, out, lse, seed)
+_fallbacks: dict = {}  # plan id -> the general path's backward (grad_out, q, k, v, mask, out, lse, seed)
 _kept: dict = {}  # plan id -> the Python plans whose launches it replays (their modules and arrays stay alive)
 # The library keeps its plans for the process's life (a backward may run long after its forward), so a
 # process that keeps making new signatures stops making compiled plans past this many: the Python path's
