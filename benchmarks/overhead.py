@@ -7,14 +7,15 @@ The tutorial's module (8 heads x 64, 32 x 512 tokens, fp16, causal), eager and u
 attention call of its shape on torch tensors and on CuPy arrays, inference and forward + backward; forward
 + backward also on a small problem (1 x 8 heads x 128 tokens), where the GPU work is negligible, and that problem
 with a bool mask on EFFICIENT against PyTorch's EFFICIENT_ATTENTION and on the default backends (FLASH, whose
-compiled replay takes it with native.MASK_SUMMARIES); the eager torch calls on the Python path
-and also through the compiled replay (interop.native, built here first if it is not cached). "host" is the
-time until one call returns, started with an empty stream queue (each call follows a synchronize), so
-neither the GPU work behind earlier calls nor a full launch queue counts as host time; "with GPU" is the
-time per call of a round of back-to-back calls synchronised once. The lent machine's host speed drifts by up
-to 2x within minutes, so cusdpa's and PyTorch's rounds alternate, seven of each, and the table reports
-medians. ``--profile`` adds the GPU kernel times of both modules (torch.profiler) and cProfile tables, in
-microseconds per call, of the eager forward call and of the backward op.
+masked plans the compiled replay takes too, native.MASK_SUMMARIES); the eager torch calls and the compiled module
+on the Python path and also through the compiled replay (interop.native, built here first if it is not cached;
+the compiled module's forward op through it with native.COMPILED_OPS). "host" is the time until one call
+returns, started with an empty stream queue (each call follows a synchronize), so neither the GPU work behind
+earlier calls nor a full launch queue counts as host time; "with GPU" is the time per call of a round of
+back-to-back calls synchronised once. The lent machine's host speed drifts by up to 2x within minutes, so
+cusdpa's and PyTorch's rounds alternate, seven of each, and the table reports medians. ``--profile`` adds the
+GPU kernel times of both modules (torch.profiler) and cProfile tables, in microseconds per call, of the eager
+forward call and of the backward op.
 """
 from __future__ import annotations
 
@@ -98,19 +99,6 @@ def _compiled(fn):
     return run
 
 
-def _flagged(flag: str, fn):
-    """``fn`` through the compiled replay with ``native``'s flag ``flag`` on (MASK_SUMMARIES: FLASH's masked plans
-    too; COMPILED_OPS: the forward op as compiled graphs call it), for its rounds only."""
-    def run():
-        setattr(native, flag, True)
-        try:
-            return _compiled(fn)()
-        finally:
-            setattr(native, flag, False)
-
-    return run
-
-
 def _profile(name: str, fn, calls=2000, rows=18):
     """cProfile of ``calls`` calls of fn, own time per call in microseconds, largest first."""
     prof = cProfile.Profile()
@@ -172,7 +160,7 @@ def main():
         print("\nthe tutorial's module, inference:")
         t.update(measure({"module, cusdpa": lambda: module(x), "module, torch": lambda: reference(x),
                           "module compiled, cusdpa": lambda: compiled(x),
-                          "module compiled, cusdpa, op on the replay": _flagged("COMPILED_OPS", lambda: compiled(x)),
+                          "module compiled, cusdpa, op on the replay": _compiled(lambda: compiled(x)),
                           "module compiled, torch": lambda: compiled_reference(x)}, MODULE_CALLS))
     print("\none call, forward and backward (gradients to q, k and v):")
     t.update(measure({
@@ -210,7 +198,7 @@ def main():
 
     t.update(measure({"FLASH masked fwd+bwd, cusdpa": flash_ours,
                       "FLASH masked fwd+bwd, torch": lambda: sdpa(sg, sg, sg, mask).backward(small),
-                      "FLASH masked fwd+bwd, compiled replay": _flagged("MASK_SUMMARIES", flash_ours)}, TRAINING_CALLS))
+                      "FLASH masked fwd+bwd, compiled replay": _compiled(flash_ours)}, TRAINING_CALLS))
     spent = []
     real = autograd.Attention.backward
 

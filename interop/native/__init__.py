@@ -15,9 +15,9 @@ forward's host time went from 1.35x PyTorch's to 1.09x, a forward and backward's
 nested or packed), plain eager mode (``ops.plain_eager``), a plan for the forward and, where a gradient is wanted,
 one for the backward, and TMA maps whose address the driver keeps at a known offset. An attn_mask's plans on
 EFFICIENT read the mask through a slot; FLASH's read the mask's block summary too, whose buffers the library asks
-Python for (``summary``, over ``interop.mask_summaries``, which keeps one per unchanged mask): those plans are taken
-only with ``MASK_SUMMARIES`` (written without device time, off until a GPU run has tested and timed it). Everything
-else, and the first call of each signature, is the Python path's.
+Python for (``summary``, over ``interop.mask_summaries``, which keeps one per unchanged mask), with ``MASK_SUMMARIES``
+(on; off, such plans take the Python path). Everything else, and the first call of each signature, is the Python
+path's.
 """
 from __future__ import annotations
 
@@ -41,11 +41,13 @@ from .. import mask_summaries, ops
 
 SOURCE = Path(__file__).with_name("replay.cpp")
 ENABLED = os.environ.get("CUSDPA_NATIVE", "1") == "1"
-MASK_SUMMARIES = False  # FLASH's masked plans (their summary's buffers from Python) too
+# FLASH's masked plans (their summary's buffers from Python) too: on the H100 a small bool-masked forward and
+# backward 1.11x PyTorch's host time on the Python path, 1.00x so (BENCHMARKS.md)
+MASK_SUMMARIES = True
 # the forward op called by the dispatcher (compiled graphs: torch.ops.cusdpa.sdpa_fwd without a mask, on tensors
 # that want no gradient) through the replay too, where its Python body cost a compiled module 13.7 us a call over
-# PyTorch's (BENCHMARKS.md): written without device time, off until a GPU run tests and times it
-COMPILED_OPS = False
+# PyTorch's (BENCHMARKS.md); on the H100 the compiled module went from 0.85x to 0.90x PyTorch's compiled speed so
+COMPILED_OPS = True
 _state = {"loaded": None, "reason": "not built yet"}  # loaded: None (not tried), True, False
 _lock = threading.Lock()
 _fallbacks: dict = {}  # plan id -> the general path's backward (grad_out, q, k, v, mask, out, lse, seed)
