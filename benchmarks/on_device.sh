@@ -46,8 +46,7 @@
 # at E = 64 and 128, L = 4096, / the forward at E = 128 L = 1024 causal and L = 4096, E = 64 L = 4096, under ncu:
 # throughput, issue rate, warp stall reasons, and the SASS lines warps wait at; benchmarks/ncu_profile.sh;
 # ncu-fwd-64: the forward at E = 64 L = 4096 alone, whose softmax takes half of every consumer's clocks;
-# decode-tma: the split kernel's tiles by TMA (decode.TMA): its GPU test (bits of the cp.async copy's, judged), then
-# benchmarks/decode.py with it off and on; short-causal: the tutorial module's attention, causal E = 64 L = 512 B = 32 H = 8, its phase clocks and ncu: what
+# short-causal: the tutorial module's attention, causal E = 64 L = 512 B = 32 H = 8, its phase clocks and ncu: what
 # keeps the compiled module at 0.90x PyTorch's),
 # fwd-wg-tests / fwd-wg (each consumer warpgroup stopping at the last key block its own rows see,
 # FlashConfig.fwd90_wg_blocks: its GPU test (same bits off and on, judged by the reference) / causal E = 64 at the
@@ -258,8 +257,6 @@ command_of() {  # the command of stage $1, into the array cmd
     decode-attn) cmd=(python3 benchmarks/decode.py) ;;
     decode-sweep) cmd=(bash -c 'for c in "" DEPTH=2 "WARPS=2 DEPTH=2" "WARPS=2 DEPTH=3" "TILE=32 WARPS=2 DEPTH=2"; do
                        echo "--- config: ${c:-default}"; python3 benchmarks/decode.py --config $c; done') ;;
-    decode-tma) cmd=(bash -c 'python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_decode_gpu.py -k by_tma \
-                     && for c in 0 1; do echo "--- TMA=$c"; python3 benchmarks/decode.py --config TMA=$c; done') ;;
     decode-kept) cmd=(bash -c 'python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_decode_gpu.py \
                       -k "kept or cuda_graph or one_sequence_long" \
                       && for k in 0 1; do python3 benchmarks/decode.py --profile --config KEEP_WORKSPACE=$k; done') ;;

@@ -30,22 +30,8 @@
 // the scores go to log2 units.
 //
 // -D options beyond flash_common.cuh's: DEC_WARPS, DEC_TILE (keys per warp tile, a multiple of 16),
-// DEC_STAGES, PAGED, SOFTCAP, ALIBI, DEC_MAX_SPLITS (bounds the splits), DEC_TMA (sm_90, below).
-//
-// DEC_TMA: where a tile's keys lie in one cache row (contiguous caches, blocks of whole tiles), a warp's tile
-// comes by two TMA copies (K's 16 rows and V's, one instruction each by lane 0; tm_k, tm_v: maps of the caches
-// as (Hkv * E, slots, rows) boxes of (pitch, TILE, 1)) where the cp.async copy spends about 5 instructions a
-// lane on every 16 bytes. A box row is a whole shared-memory row (the head's columns and the 8 of the pitch's
-// padding, which hold the next head's first columns or zeros, never read: the host takes this path for head
-// dims that are multiples of 16); rows of the split's keys that lie outside the keys some row sees are loaded
-// too and V's are zeroed once the tile lands (K's scores are selected out). Other tiles: the cp.async copy.
-#ifndef DEC_TMA
-#define DEC_TMA 0
-#endif
+// DEC_STAGES, PAGED, SOFTCAP, ALIBI, DEC_MAX_SPLITS (bounds the splits).
 #include "flash_common.cuh"
-#if DEC_TMA
-#include "sm90.cuh"
-#endif
 
 #ifndef SOFTCAP
 #define SOFTCAP 0
@@ -66,8 +52,7 @@ constexpr int STAGE_ELEMS = TILE * (Q_PITCH + V_PITCH);
 static_assert(TILE % 16 == 0, "DEC_TILE must be a multiple of 16");
 
 // Shared memory: sQ [ROWS][Q_PITCH], then per warp STAGES x (K tile [TILE][Q_PITCH], V tile [TILE][V_PITCH]);
-// the stages are reused by the warps' merge ([NW][ROWS][EV_PAD] floats of O, [NW][ROWS] of m and l); with
-// DEC_TMA, then per warp STAGES mbarriers (a stage's TMA copies landed).
+// the stages are reused by the warps' merge ([NW][ROWS][EV_PAD] floats of O, [NW][ROWS] of m and l).
 constexpr int SQ_ELEMS = ROWS * Q_PITCH;
 constexpr int PIPE_BYTES = NW * STAGES * STAGE_ELEMS * 2;
 constexpr int MERGE_BYTES = NW * ROWS * (EV_PAD + 2) * 4;
@@ -246,11 +231,7 @@ __device__ __noinline__ void merge_splits(const float* __restrict__ o_part, cons
 }
 
 extern "C" __global__ void __launch_bounds__(NTHREADS)
-flash_decode_split(
-#if DEC_TMA
-                   const __grid_constant__ TmaMap tm_k, const __grid_constant__ TmaMap tm_v,
-#endif
-                   const elem_t* __restrict__ q, const elem_t* __restrict__ k_cache, const elem_t* __restrict__ v_cache,
+flash_decode_split(const elem_t* __restrict__ q, const elem_t* __restrict__ k_cache, const elem_t* __restrict__ v_cache,
                    const int* __restrict__ table, const int* __restrict__ seqlens, const float* __restrict__ slopes,
                    elem_t* __restrict__ out, float* __restrict__ lse, float* __restrict__ o_part,
                    float* __restrict__ ml_part, int* __restrict__ arrivals,
@@ -258,16 +239,9 @@ flash_decode_split(
                    long long q_sh, long long table_sb, long long k_sr, long long k_ss, long long k_sh, long long v_sr,
                    long long v_ss, long long v_sh, int block_size, int capacity, int fixed_len, int n_new, float scale,
                    float softcap, int left, int right) {
-    extern __shared__ __align__(DEC_TMA ? 128 : 16) unsigned char smem_raw[];  // (TMA writes 128-byte aligned tiles)
+    extern __shared__ __align__(16) unsigned char smem_raw[];
     elem_t* sQ = reinterpret_cast<elem_t*>(smem_raw);
     elem_t* sPipe = sQ + SQ_ELEMS;
-#if DEC_TMA
-    static_assert(E_PAD == HEAD_DIM && EV_PAD == HEAD_DIM_V && Q_PITCH <= 256 && V_PITCH <= 256 &&
-                  (TILE * Q_PITCH * 2) % 128 == 0 && (SQ_ELEMS * 2) % 128 == 0, "DEC_TMA's boxes and tiles");
-    // this warp's barriers: stage s of its ring landed
-    unsigned long long* bars = reinterpret_cast<unsigned long long*>(smem_raw + SQ_ELEMS * 2 + PIPE_BYTES) +
-                               threadIdx.x / 32 * STAGES;
-#endif
 
     const int Hkv = Hq / group, b = blockIdx.y / Hkv, kvh = blockIdx.y % Hkv, split = blockIdx.x;
     const int splits = gridDim.x, R = group * Lq;
@@ -302,21 +276,6 @@ flash_decode_split(
     const bool affine = !PAGED || block_size % TILE == 0;
     auto offsets = [&](int t, long long& k, long long& v) {
         const int j0 = (first + warp + NW * t) * TILE;
-#if DEC_TMA
-        if (affine) {  // for its TMA copies, the cache row (k) and slot (v) of the tile's first key
-            k = v = 0;
-            if (j0 < hi) {
-#if PAGED
-                k = table[b * table_sb + j0 / block_size];
-                v = j0 % block_size;
-#else
-                k = table ? table[b] : b;
-                v = j0;
-#endif
-            }
-            return;
-        }
-#endif
         if (affine)
             key_offsets<true>(cache, b, j0, lo, hi, lane, k, v);
         else
@@ -325,29 +284,11 @@ flash_decode_split(
     auto copy = [&](int t, long long k, long long v) {
         const int j0 = (first + warp + NW * t) * TILE;
         elem_t* sK = sK0 + (t % STAGES) * STAGE_ELEMS;
-#if DEC_TMA
-        if (affine) {  // k, v: the cache row and slot of the tile's first key (offsets)
-            if (lane == 0) {
-                unsigned long long* bar = bars + t % STAGES;
-                mbar_expect_tx(bar, TILE * (Q_PITCH + V_PITCH) * 2);
-                tma_load(sK, tm_k, bar, kvh * HEAD_DIM, static_cast<int>(v), static_cast<int>(k), 0);
-                tma_load(sK + TILE * Q_PITCH, tm_v, bar, kvh * HEAD_DIM_V, static_cast<int>(v), static_cast<int>(k), 0);
-            }
-            return;
-        }
-#endif
         if (affine)
             load_keys<true>(sK, sK + TILE * Q_PITCH, kb, vb, cache, k, v, j0, lo, hi, lane);
         else
             load_keys<false>(sK, sK + TILE * Q_PITCH, kb, vb, cache, k, v, j0, lo, hi, lane);
     };
-#if DEC_TMA
-    if (affine && lane == 0) {
-        for (int st = 0; st < STAGES; ++st) mbar_init(bars + st, 1);
-        mbar_init_fence();
-    }
-    __syncwarp();
-#endif
     long long ko, vo;  // the offsets of the next tile to copy
 #pragma unroll
     for (int t = 0; t < STAGES - 1; ++t) {
@@ -378,12 +319,7 @@ flash_decode_split(
     const float cap_k = 2.f * LOG2E / softcap;
 #endif
 
-#if DEC_TMA
-    if (affine)
-        cp_async_wait<0>();  // Q has landed (the only group: the tiles come by TMA)
-    else
-#endif
-        cp_async_wait<STAGES - 1>();  // Q has landed (the first group)
+    cp_async_wait<STAGES - 1>();  // Q has landed (the first group)
     __syncthreads();
     u32 qf[KK][4];
 #pragma unroll
@@ -402,28 +338,11 @@ flash_decode_split(
             cp_async_commit();
             offsets(t + 1, ko, vo);
         }
-        const int j0 = (first + warp + NW * i) * TILE;
-#if DEC_TMA
-        if (affine) {
-            mbar_wait_warp(bars + i % STAGES, (i / STAGES) & 1);  // tile i has landed
-            if (j0 < lo || j0 + TILE > hi) {  // V rows of keys outside [lo, hi): zeros (stale cells hold anything)
-                elem_t* v_rows = sK0 + (i % STAGES) * STAGE_ELEMS + TILE * Q_PITCH;
-                for (int x = lane; x < TILE * (EV_PAD / 8); x += 32) {
-                    const int r = x / (EV_PAD / 8), j = j0 + r;
-                    if (j < lo || j >= hi) *reinterpret_cast<uint4*>(v_rows + r * V_PITCH + (x % (EV_PAD / 8)) * 8) =
-                        make_uint4(0, 0, 0, 0);
-                }
-                fence_proxy_async();  // (before a later TMA copy into these rows)
-                __syncwarp();
-            }
-        } else
-#endif
-        {
-            cp_async_wait<STAGES - 1>();  // tile i has landed
-            __syncwarp();
-        }
+        cp_async_wait<STAGES - 1>();  // tile i has landed
+        __syncwarp();
         const elem_t* sK = sK0 + (i % STAGES) * STAGE_ELEMS;
         const elem_t* sV = sK + TILE * Q_PITCH;
+        const int j0 = (first + warp + NW * i) * TILE;
 
         float s[1][NT][4];
 #pragma unroll

@@ -92,36 +92,6 @@ def _check_case(name, dtype):
     assert out.dtype == np_dtype and out.shape == (B, lq, hq, Ev)
     failures = judged(dev["q"], dev["k"], dev["v"], lengths, table, row_of, out, lse, **kw)
     assert not failures, "\n".join(failures)
-    return out, lse
-
-
-# decode.TMA: the cases whose tiles lie in one cache row (contiguous caches, blocks of whole tiles) with head dims
-# that are multiples of 16 up to 240 and two kv heads or more
-TMA_CASES = [name for name in CASES if name not in ("wide_head", "odd_dim_multi_query", "paged_small_blocks")]
-
-
-@pytest.mark.parametrize("name", TMA_CASES)
-def test_tiles_by_tma_keep_the_bits(name, monkeypatch):
-    """decode.TMA (sm_90): a warp's tiles come by two TMA copies, the V rows of keys outside the split's seen
-    keys zeroed after they land (the cases' stale cells hold NaN): out and lse are the cp.async copy's bit for
-    bit, and judged."""
-    import cupy
-
-    from cusdpa.backends.flash import decode, sources
-
-    if sources.compute_capability(0) < 90:
-        pytest.skip("TMA copies need compute capability 9.0")
-    mapped = []
-    real = decode._cache_map
-    monkeypatch.setattr(decode, "_cache_map", lambda *args: mapped.append(args) or real(*args))
-    results = {}
-    for on in (0, 1):
-        monkeypatch.setattr(decode, "TMA", on)
-        decode.build.cache_clear()
-        results[on] = _check_case(name, "bfloat16")
-    decode.build.cache_clear()
-    assert len(mapped) == 2, "the TMA build was not taken"
-    assert all(cupy.array_equal(g, w, equal_nan=True) for g, w in zip(results[1], results[0]))
 
 
 @pytest.mark.parametrize("keep", [0, 1])

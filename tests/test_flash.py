@@ -84,9 +84,6 @@ def _nvrtc_jobs():
                                              ((192, 128), "bfloat16", True, False), ((256, 256), "float16", False, True),
                                              ((40, 40), "bfloat16", False, False)):  # split-KV decode
         yield "flash_decode.cu", decode.compile_options(dtype, E, Ev, paged, modifiers, modifiers)
-        if E % 16 == 0 and max(E, Ev) + 8 <= 256:  # ... with its tiles by TMA (decode.TMA: sm_90 only)
-            yield "flash_decode.cu", decode.compile_options(dtype, E, Ev, paged, modifiers, modifiers, True) + (
-                "-arch=sm_90",)
     for mask in sources.MASK_CODES:  # the attn_mask's summary (kernels_cuda/mask_summary.cu)
         if mask:
             yield "mask_summary.cu", ("-std=c++17", f"-DATTN_MASK={sources.MASK_CODES[mask]}")
@@ -478,7 +475,7 @@ def test_every_kernel_configuration_compiles_with_nvcc(tmp_path):
         src = tmp_path / f"k{n}.cu"
         src.write_text(sources.kernel_source(source, options))
         arch = _arch(options)
-        if arch:  # a job for one architecture (wgmma: sm_90a; the decode kernel's TMA copies: sm_90)
+        if arch:  # a job for one architecture (wgmma: sm_90a)
             options = tuple(o for o in options if not o.startswith("-arch=")) + ("-Xptxas", "-v")
             targets = [f"-gencode=arch={arch.replace('sm_', 'compute_')},code={arch}"]
         else:  # one front-end pass, machine code for both architectures

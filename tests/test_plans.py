@@ -178,17 +178,16 @@ def test_tensor_maps_find_where_the_address_lives(monkeypatch):
 
     calls = []
 
-    def encode(dtype_name, ptr, dims, strides, box, swizzled=True):  # a driver that keeps the address at byte 8
-        calls.append((dims, strides, box, swizzled))
+    def encode(dtype_name, ptr, dims, strides, box):  # a driver that keeps the address at byte 8
+        calls.append((dims, strides, box))
         return bytes(8) + ptr.to_bytes(8, "little") + bytes([len(dims)]) * 112
 
     monkeypatch.setattr(tma, "encode", encode)
     monkeypatch.setattr(tma, "_DRIVER", {})
     m, hm, bm = tma.operand_map("bfloat16", 0x10000, 96, 300, 4, 2, (4 * 300 * 96, 0, 96), box_rows=128)
     assert m.offset == 8 and (hm, bm) == (0, 1)  # head stride 0: a broadcast head, addressed at coordinate 0
-    dims, strides, box, swizzled = calls[0]
-    assert dims == (96, 300, 1, 2) and box == (32, 128, 1, 1) and swizzled  # 96 columns: 64-byte swizzle, 32-column
-    # boxes
+    dims, strides, box = calls[0]
+    assert dims == (96, 300, 1, 2) and box == (32, 128, 1, 1)  # 96 columns: 64-byte swizzle, 32-column boxes
     assert strides[0] == 192 and strides[2] == 4 * 300 * 96 * 2 and all(x % 16 == 0 for x in strides)
     assert m.template == encode("bfloat16", 0x10000, *calls[0])
     before = len(calls)
@@ -203,34 +202,6 @@ def test_tensor_maps_find_where_the_address_lives(monkeypatch):
     buf = ctypes.create_string_buffer(m.template, 128)
     m.write(ctypes.addressof(buf), 0x30000)
     assert buf.raw[:16] == (0x30000 * 3).to_bytes(16, "little")
-
-
-def test_decode_caches_map_as_rows_of_heads_by_tiles(monkeypatch):
-    """decode.TMA's maps: a cache (rows, slots, Hkv, D) as (Hkv * D, slots, rows, 1), unswizzled boxes of a tile's
-    whole shared-memory rows (D + 8 columns) by TILE slots; and where the split kernel takes them."""
-    from cusdpa.backends.flash import decode, tma
-
-    calls = []
-    monkeypatch.setattr(tma, "encode", lambda *args: calls.append(args[2:]) or bytes(128))
-    monkeypatch.setattr(tma, "_DRIVER", {"address_offset": 8})
-    cache = decode.Operand((5, 256, 8, 128), (256 * 8 * 128, 8 * 128, 128, 1), True)
-    decode._cache_map("bfloat16", cache, 128)
-    dims, strides, box, swizzled = calls[0]
-    assert dims == (8 * 128, 256, 5, 1) and box == (136, decode.TILE, 1, 1) and not swizzled
-    assert strides == (8 * 128 * 2, 256 * 8 * 128 * 2, 5 * 256 * 8 * 128 * 2)
-    monkeypatch.setattr(decode, "TMA", 1)
-    assert decode.takes_tma(128, 128, cache, cache, False, 90)
-    assert not decode.takes_tma(128, 128, cache, cache, False, 80)  # sm_90 only
-    assert not decode.takes_tma(40, 40, cache, cache, False, 90)  # head dims multiples of 16
-    assert not decode.takes_tma(256, 256, cache, cache, False, 90)  # a box row of 264 elements
-    one_head = decode.Operand((5, 256, 1, 128), (256 * 128, 128, 128, 1), True)
-    assert not decode.takes_tma(128, 128, one_head, one_head, False, 90)  # a box row wider than the cache's
-    spaced = decode.Operand((5, 256, 8, 128), (256 * 8 * 192, 8 * 192, 192, 1), True)
-    assert not decode.takes_tma(128, 128, spaced, spaced, False, 90)  # heads not contiguous in a row
-    blocks = decode.Operand((40, 24, 8, 128), (24 * 8 * 128, 8 * 128, 128, 1), True)
-    assert not decode.takes_tma(128, 128, blocks, blocks, True, 90)  # a tile across blocks of 24
-    monkeypatch.setattr(decode, "TMA", 0)
-    assert not decode.takes_tma(128, 128, cache, cache, False, 90)
 
 
 # ---- GPU ------------------------------------------------------------------------------------------------

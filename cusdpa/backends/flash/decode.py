@@ -20,7 +20,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from ..launch import Launch, MapSlot, Slot, ZeroWords, run
+from ..launch import Launch, Slot, ZeroWords, run
 from ..plans import contiguous_strides
 from . import sources
 
@@ -34,10 +34,6 @@ DEPTH = 0  # pipeline depth forced (0: ``stages`` chooses)
 # (interop.kv_cache): no allocation and no memset launch per call, host time that B = 1 is bound by (on the H100:
 # B = 1 S = 32768 71.8 -> 70.9 us, B = 16 and 64 within 0.5%; benchmarks/decode.py --config KEEP_WORKSPACE=0|1)
 KEEP_WORKSPACE = 1
-# sm_90: a warp's tile of keys that lie in one cache row comes by two TMA copies (flash_decode.cu, DEC_TMA) where
-# the cp.async copy spends about 5 instructions a lane on every 16 bytes; head dims multiples of 16 up to 240,
-# heads of a cache row contiguous. Written without device time: off until a GPU run (decode-tma) decides
-TMA = 0
 DTYPES = ("float16", "bfloat16")
 
 
@@ -120,35 +116,10 @@ def stages(E: int, Ev: int) -> int:
     return max(2, min(4, (CTA_SMEM - ROWS * pitch(E) * 2) // stage))
 
 
-def smem_bytes(E: int, Ev: int, depth: int, tma: bool = False) -> int:
-    """The split kernel's dynamic shared memory: Q, the warps' rings and, with ``tma``, their mbarriers."""
+def smem_bytes(E: int, Ev: int, depth: int) -> int:
+    """The split kernel's dynamic shared memory: Q and the warps' rings."""
     pitch = lambda d: (d + 15) // 16 * 16 + 8  # noqa: E731
-    return ROWS * pitch(E) * 2 + WARPS * depth * TILE * (pitch(E) + pitch(Ev)) * 2 + (8 * WARPS * depth if tma else 0)
-
-
-def takes_tma(E: int, Ev: int, k_cache: Operand, v_cache: Operand, paged: bool, capability: int) -> bool:
-    """Whether the split kernel's tiles come by TMA (``TMA``, sm_90): a box row is a tile's whole shared-memory
-    row (the head dim and the pitch's 8 columns, which read the next head's first columns: heads contiguous in a
-    cache row, head dims multiples of 16, so those columns are never read, and a box row of at most 256 elements),
-    and a tile's 16 keys lie in one cache row (contiguous caches, blocks of whole tiles). Two kv heads at least: a
-    box row no wider than the cache's."""
-    block_size, heads = k_cache.shape[1], k_cache.shape[2]
-    return (bool(TMA) and capability >= 90 and heads > 1 and E % 16 == 0 and Ev % 16 == 0 and max(E, Ev) + 8 <= 256
-            and k_cache.strides[2] == E and v_cache.strides[2] == Ev and (not paged or block_size % TILE == 0))
-
-
-def _cache_map(dtype_name: str, cache: Operand, D: int):
-    """The TMA map of a cache (rows, slots, Hkv, D) as (Hkv * D, slots, rows): boxes of a tile's shared-memory
-    rows (D + 8 columns) by TILE slots, unswizzled; the kernel adds the head's columns and the tile's slot and row."""
-    from . import tma
-
-    rows, slots, heads, _ = cache.shape
-    dims = [heads * D, max(slots, 1), max(rows, 1), 1]
-    sr, ss = cache.strides[0] * 2, cache.strides[1] * 2
-    ss = ss if slots > 1 else (heads * D * 2 + 15) // 16 * 16  # (a dim of size 1 is never stepped over)
-    sr = sr if rows > 1 else dims[1] * ss
-    return tma.TensorMap(dtype_name, tma.ANY_ADDRESS, dims, [ss, sr, dims[2] * sr], [D + 8, TILE, 1, 1],
-                         swizzled=False)
+    return ROWS * pitch(E) * 2 + WARPS * depth * TILE * (pitch(E) + pitch(Ev)) * 2
 
 
 def split_count(pairs: int, capacity: int, resident: int) -> int:
@@ -161,14 +132,12 @@ def split_count(pairs: int, capacity: int, resident: int) -> int:
     return next(s for s, fill in enumerate(fills, 1) if fill >= 0.95 * best)
 
 
-def compile_options(dtype_name: str, E: int, Ev: int, paged: bool, softcap: bool, alibi: bool,
-                    tma: bool = False) -> tuple:
-    """NVRTC/nvcc options of one module of flash_decode.cu; the CPU test compiles the same list with nvcc.
-    ``tma``: DEC_TMA (``takes_tma``)."""
+def compile_options(dtype_name: str, E: int, Ev: int, paged: bool, softcap: bool, alibi: bool) -> tuple:
+    """NVRTC/nvcc options of one module of flash_decode.cu; the CPU test compiles the same list with nvcc."""
     return ("-std=c++17", "--use_fast_math", f"-DCUSDPA_BF16={int(dtype_name == 'bfloat16')}", f"-DHEAD_DIM={E}",
             f"-DHEAD_DIM_V={Ev}", "-DIS_DROPOUT=0", f"-DDEC_WARPS={WARPS}", f"-DDEC_TILE={TILE}",
             f"-DDEC_STAGES={stages(E, Ev)}", f"-DPAGED={int(paged)}", f"-DSOFTCAP={int(softcap)}",
-            f"-DALIBI={int(alibi)}", f"-DDEC_MAX_SPLITS={MAX_SPLITS}") + (("-DDEC_TMA=1",) if tma else ())
+            f"-DALIBI={int(alibi)}", f"-DDEC_MAX_SPLITS={MAX_SPLITS}")
 
 
 @functools.lru_cache(maxsize=256)
@@ -184,9 +153,8 @@ def build(device: int, dtype_name: str, q: Operand, k_cache: Operand, v_cache: O
 
     B, Lq, Hq, E = q.shape
     block_size, Hkv, Ev = k_cache.shape[1], k_cache.shape[2], v_cache.shape[3]
-    tma = takes_tma(E, Ev, k_cache, v_cache, paged, sources.compute_capability(device))
-    options = compile_options(dtype_name, E, Ev, paged, softcap > 0, alibi, tma)
-    smem = smem_bytes(E, Ev, stages(E, Ev), tma)
+    options = compile_options(dtype_name, E, Ev, paged, softcap > 0, alibi)
+    smem = smem_bytes(E, Ev, stages(E, Ev))
     split_fn = sources.kernel(device, "flash_decode.cu", "flash_decode_split", options, smem)
     with cupy.cuda.Device(device):
         resident = cupy.cuda.driver.occupancyMaxActiveBlocksPerMultiprocessor(split_fn.ptr, WARPS * 32, smem)
@@ -206,10 +174,8 @@ def build(device: int, dtype_name: str, q: Operand, k_cache: Operand, v_cache: O
     arrivals = B * Hkv if partial else 0
     if arrivals:
         launches.append(ZeroWords("arrivals", arrivals))
-    maps = [MapSlot("k", _cache_map(dtype_name, k_cache, E)), MapSlot("v", _cache_map(dtype_name, v_cache, Ev))] \
-        if tma else []
     launches.append(Launch(split_fn, (splits, B * Hkv), (WARPS * 32,), smem, [
-        *maps, Slot("q"), Slot("k"), Slot("v"), Slot("table"), seqlens, Slot("slopes") if alibi else 0, Slot("o"),
+        Slot("q"), Slot("k"), Slot("v"), Slot("table"), seqlens, Slot("slopes") if alibi else 0, Slot("o"),
         Slot("lse"), Slot("o_part") if partial else 0, Slot("ml_part") if partial else 0,
         Slot("arrivals") if arrivals else 0, B, Hq, Hq // Hkv, Lq,
         *map(np.int64, q.strides[:3]), np.int64(table_row_stride), *cache_strides, block_size, capacity,

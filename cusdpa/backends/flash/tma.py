@@ -32,17 +32,16 @@ def _encoder():
     return fn
 
 
-def encode(dtype_name: str, ptr: int, dims, strides_bytes, box, swizzled: bool = True) -> bytes:
+def encode(dtype_name: str, ptr: int, dims, strides_bytes, box) -> bytes:
     """The 128 bytes of a tiled map over a tensor at ``ptr``: ``dims`` innermost first, ``strides_bytes``
     of dims 1.. (the innermost is contiguous), ``box`` the tile each copy moves (its rows of 64 or 128
-    bytes swizzled at that width; not ``swizzled``: rows of any multiple of 16 bytes, as they are), zeros
-    outside the tensor."""
+    bytes swizzled at that width), zeros outside the tensor."""
     rank = len(dims)
     out = (ctypes.c_uint64 * (MAP_BYTES // 8))()  # 8-byte aligned; the driver asks 64 only of device copies
     err = _encoder()(ctypes.addressof(out), _DTYPE[dtype_name], rank, ctypes.c_void_p(ptr),
                      (ctypes.c_uint64 * rank)(*dims), (ctypes.c_uint64 * (rank - 1))(*strides_bytes),
                      (ctypes.c_uint32 * rank)(*box), (ctypes.c_uint32 * rank)(*([1] * rank)), _INTERLEAVE_NONE,
-                     _SWIZZLE[box[0] * 2] if swizzled else 0, _L2_PROMOTION_256B, _OOB_FILL_ZERO)
+                     _SWIZZLE[box[0] * 2], _L2_PROMOTION_256B, _OOB_FILL_ZERO)
     if err != 0:
         raise RuntimeError(f"cuTensorMapEncodeTiled failed (CUresult {err}) for dims {dims}, strides {strides_bytes} "
                            f"bytes, box {box}")
@@ -69,8 +68,8 @@ class TensorMap:
 
     __slots__ = ("args", "template", "offset")
 
-    def __init__(self, dtype_name: str, ptr: int, dims, strides_bytes, box, swizzled: bool = True):
-        self.args = (dtype_name, tuple(dims), tuple(strides_bytes), tuple(box), swizzled)
+    def __init__(self, dtype_name: str, ptr: int, dims, strides_bytes, box):
+        self.args = (dtype_name, tuple(dims), tuple(strides_bytes), tuple(box))
         self.template = encode(dtype_name, ptr, *self.args[1:])
         if "address_offset" not in _DRIVER:
             other = ptr + (1 << 20)
