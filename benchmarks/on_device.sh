@@ -52,6 +52,9 @@
 # FlashConfig.fwd90_wg_blocks: its GPU test (same bits off and on, judged by the reference) / causal E = 64 at the
 # tutorial module's shape and L = 1024-4096 with it on the default tiles, on three warpgroups and on 64-key
 # blocks, and E = 128 L = 1024 on 64-key blocks),
+# fwd-wgq (each consumer warpgroup's rows of Q on mbarriers of their own, FlashConfig.fwd90_wg_q: its GPU test (same
+# bits off and on, judged by the reference), then off and on at the tutorial module's attention, E = 64 and 128 at
+# L = 1024 and 4096, the tutorial's call),
 # fwd-cluster-tests / fwd-cluster (clusters of two CTAs sharing each K and V block by TMA multicast,
 # FlashConfig.fwd90_cluster: its GPU test (same bits off and on, judged by the reference) / bf16 not causal, E = 128
 # at L = 1024-16384 and E = 64, 256 at 4096, off and on),
@@ -218,6 +221,11 @@ command_of() {  # the command of stage $1, into the array cmd
                  eval $S --dtype float16 --lengths 512 --head-dims 64 --tokens 16384 --hidden 512 --variants $V
                  eval $S --lengths 1024 2048 4096 --head-dims 64 --variants $V
                  eval $S --lengths 1024 --head-dims 128 --variants \"\" fwd90_block_n=64,fwd90_wg_blocks=1') ;;
+    fwd-wgq) cmd=(bash -c 'python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_flash.py -k own_q_barriers || exit 1
+                  S="python3 benchmarks/flash_sweep.py --forward-only --variants \"\" fwd90_wg_q=1"
+                  eval $S --dtype float16 --lengths 512 --head-dims 64 --tokens 16384 --hidden 512 --causal yes
+                  eval $S --lengths 1024 4096 --head-dims 64 128
+                  eval $S --dtype float16 --lengths 1024 --head-dims 32 --tokens 32768 --hidden 1024 --causal no') ;;
     fwd-cluster-tests) cmd=(python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_flash.py -k clusters_sharing) ;;
     fwd-cluster) cmd=(bash -c 'S="python3 benchmarks/flash_sweep.py --forward-only --causal no --variants \"\" fwd90_cluster=2"
                       eval $S --lengths 1024 4096 16384 --head-dims 128

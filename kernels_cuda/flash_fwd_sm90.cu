@@ -53,7 +53,11 @@
 // FlashAttention-3's epilogue does; dense problems only, tensor map `tm_o`: a packed batch's store would clip at
 // the tensor's end, not at the sequence's), FWD90_SKIP_IDLE (1: a consumer warpgroup whose rows all lie past the
 // queries computes nothing, walk_idle), FWD90_WG_BLOCKS (1: each consumer warpgroup stops at the last key
-// block its own rows see and walks the tile's blocks past it), CUSDPA_PHASES (1: per-warp phase clocks, phases.cuh),
+// block its own rows see and walks the tile's blocks past it), FWD90_WG_Q (1: each consumer warpgroup's 64 rows of Q
+// load, land and are released on a pair of mbarriers of their own, so the producer reloads a warpgroup's rows for
+// the next tile once that warpgroup's last S has read them, not once the ping-pong's later warpgroup has too: on
+// short tiles the consumers wait for Q at every tile's start, 4.8% of their clocks at the tutorial module's
+// causal L = 512 with one pair), CUSDPA_PHASES (1: per-warp phase clocks, phases.cuh),
 // FWD90_WARPGROUPS (consumer warpgroups, 2 or 3), FWD90_BLOCK_N, FWD90_STAGES (K/V buffers), FWD90_PINGPONG
 // (1: consumers take turns; 0: they issue when ready), ATTN_MASK, ALIBI (1: the slopes' bias added, `slopes`
 // per (batch, head) with batch stride `slopes_b`; scores in natural units as with a float mask), SOFTCAP (1:
@@ -86,6 +90,9 @@
 #ifndef FWD90_WG_BLOCKS
 #define FWD90_WG_BLOCKS 0
 #endif
+#ifndef FWD90_WG_Q
+#define FWD90_WG_Q 0
+#endif
 #ifndef FWD90_CLUSTER
 #define FWD90_CLUSTER 1
 #endif
@@ -110,6 +117,7 @@ constexpr int BAR_EPILOGUE = 4;  // named barriers 4 + cw: consumer warpgroup cw
 constexpr int LOAD_REGS = MMA_WG == 2 ? 24 : 32;
 constexpr int MMA_REGS = MMA_WG == 2 ? 240 : 160;
 constexpr int CONSUMER_WARPS = MMA_WG * 4;
+constexpr int Q_BARS = FWD90_WG_Q ? MMA_WG : 1;  // pairs of Q's mbarriers: one for the tile, or one a warpgroup
 static_assert(HEAD_DIM % 32 == 0 && HEAD_DIM_V % 32 == 0 && HEAD_DIM <= 256 && HEAD_DIM_V <= 256,
               "the sm90 kernel takes E, Ev multiples of 32 up to 256");
 // Swizzle of each operand's tiles: bytes per row of a column chunk (128 or 64).
@@ -615,8 +623,8 @@ flash_fwd_sm90(const __grid_constant__ TmaMap tm_q, const __grid_constant__ TmaM
     unsigned char* sO = sV + STAGES * SV_BYTES;
     unsigned long long* bars = reinterpret_cast<unsigned long long*>(smem + SMEM_TILES);
     unsigned long long* q_full = bars;
-    unsigned long long* q_empty = bars + 1;
-    unsigned long long* k_full = bars + 2;
+    unsigned long long* q_empty = bars + Q_BARS;
+    unsigned long long* k_full = bars + 2 * Q_BARS;
     unsigned long long* k_empty = k_full + STAGES;
     unsigned long long* v_full = k_empty + STAGES;
     unsigned long long* v_empty = v_full + STAGES;
@@ -638,8 +646,10 @@ flash_fwd_sm90(const __grid_constant__ TmaMap tm_q, const __grid_constant__ TmaM
         return tile_at(t, divisors, num_units, BH, cu_q, cu_k, L, S, left, right, lower_right, rank);
     };
     if (threadIdx.x == 0) {
-        mbar_init(q_full, 1);
-        mbar_init(q_empty, CONSUMER_WARPS);
+        for (int w = 0; w < Q_BARS; ++w) {
+            mbar_init(q_full + w, 1);
+            mbar_init(q_empty + w, CONSUMER_WARPS / Q_BARS);
+        }
         for (int st = 0; st < STAGES; ++st) {
             mbar_init(k_full + st, 1);
             mbar_init(v_full + st, 1);
@@ -697,10 +707,22 @@ flash_fwd_sm90(const __grid_constant__ TmaMap tm_q, const __grid_constant__ TmaM
             const UnseenKeys unseen{ATTN_MASK ? seen + sl.b * sk_b + sl.h * sk_h : nullptr, 0, 1, sl.S};
             if (lane == 0) {
                 ph.to(PH_TILE);
+#if FWD90_WG_Q
+                // each warpgroup's rows as soon as that warpgroup has released its rows of the tile before
+                for (int w = 0; w < MMA_WG; ++w) {
+                    mbar_wait(q_empty + w, q_phase ^ 1);
+                    ph.to(PH_WAIT_Q);
+                    tma_load_tile<64, HEAD_DIM, QK_SW, 1, BLOCK_M>(sQ + w * 64 * QK_SW, tm_q, q_full + w,
+                                                                   sl.start_q + tile.m0 + w * 64, sl.h * q_hm,
+                                                                   sl.b * q_bm);
+                    ph.to(PH_ISSUE);
+                }
+#else
                 mbar_wait(q_empty, q_phase ^ 1);
                 ph.to(PH_WAIT_Q);
                 tma_load_tile<BLOCK_M, HEAD_DIM, QK_SW>(sQ, tm_q, q_full, sl.start_q + tile.m0, sl.h * q_hm, sl.b * q_bm);
                 ph.to(PH_ISSUE);
+#endif
                 ph.count(PH_TILES);
             }
             q_phase ^= 1;
@@ -762,6 +784,8 @@ flash_fwd_sm90(const __grid_constant__ TmaMap tm_q, const __grid_constant__ TmaM
     const int cw = wg - 1;  // consumer index: rows 64 cw .. 64 cw + 63 of each tile
     const int g = lane / 4, t4 = lane % 4;
     const unsigned char* sQwg = sQ + cw * 64 * QK_SW;
+    unsigned long long* const q_full_wg = q_full + (FWD90_WG_Q ? cw : 0);  // this warpgroup's Q barriers
+    unsigned long long* const q_empty_wg = q_empty + (FWD90_WG_Q ? cw : 0);
     const Dropout drop{seed_lo, seed_hi, offset, threshold};
 #if ATTN_MASK || ALIBI || SOFTCAP
     const float scale = scale_log2 * LN2;  // a float mask and ALiBi are added to the scores scaled by this
@@ -802,7 +826,7 @@ flash_fwd_sm90(const __grid_constant__ TmaMap tm_q, const __grid_constant__ TmaM
     // ping-pong turns taken -- and computes nothing. Its own loop, not the compute loop with its products
     // skipped: ptxas serialises every wgmma where a path may read accumulators between issue and wait.
     auto walk_idle = [&](KeyBlocks& kb, int n, int n_end) {
-        mbar_wait_warp(q_full, q_phase);
+        mbar_wait_warp(q_full_wg, q_phase);
         q_phase ^= 1;
         u32 st = it % STAGES, phase = (it / STAGES) & 1;
         mbar_wait_warp(k_full + st, phase);
@@ -812,7 +836,7 @@ flash_fwd_sm90(const __grid_constant__ TmaMap tm_q, const __grid_constant__ TmaM
             const int next = kb.from(n + 1);
             release_kv(k_empty + st);
             if (next >= n_end) {
-                release(q_empty);
+                release(q_empty_wg);
                 break;
             }
             n = next;
@@ -924,7 +948,7 @@ flash_fwd_sm90(const __grid_constant__ TmaMap tm_q, const __grid_constant__ TmaM
         // The first block: S, softmax, P.
         ph.to(PH_TILE);
         ph.count(PH_TILES);
-        mbar_wait_warp(q_full, q_phase);
+        mbar_wait_warp(q_full_wg, q_phase);
         ph.to(PH_WAIT_Q);
         q_phase ^= 1;
         int st = it % STAGES;
@@ -946,7 +970,7 @@ flash_fwd_sm90(const __grid_constant__ TmaMap tm_q, const __grid_constant__ TmaM
         ph.to(PH_WAIT_S);
         fence_regs(s);
         release_kv(k_empty + st);
-        if (next >= n_stop) release(q_empty);
+        if (next >= n_stop) release(q_empty_wg);
         modify_scores(here, ahead, next, n0);
         softmax_block(s, m_i, l_i, alpha, vis, vis.tile_full(mw, 64, n0, BLOCK_N), i, n0, t4, scale_log2);
         round_p(s, p, i, n0, t4, drop, sl.bh);
@@ -984,7 +1008,7 @@ flash_fwd_sm90(const __grid_constant__ TmaMap tm_q, const __grid_constant__ TmaM
             ph.to(PH_WAIT_S);
             fence_regs(s);
             release_kv(k_empty + st);
-            if (next >= n_stop) release(q_empty);
+            if (next >= n_stop) release(q_empty_wg);
             modify_scores(here, ahead, next, n0);
             const bool rescale =
                 softmax_block(s, m_i, l_i, alpha, vis, vis.tile_full(mw, 64, n0, BLOCK_N), i, n0, t4, scale_log2);

@@ -38,16 +38,16 @@ def _nvrtc_jobs():
                             "-arch=sm_90a",)
                     if fwd_cfg.fwd90_tma_store and (E, Ev) in ((64, 64), (96, 64), (160, 224)) and dropout:  # ... with
                         # the phase clocks, O from 128- and 64-byte swizzled rows, idle warpgroups skipping their
-                        # tiles, warpgroups stopping at their own key blocks
+                        # tiles, warpgroups stopping at their own key blocks, each warpgroup's Q on its own barriers
                         phased = dataclasses.replace(fwd_cfg, fwd90_phases=True, fwd90_skip_idle=True,
-                                                     fwd90_wg_blocks=True)
+                                                     fwd90_wg_blocks=True, fwd90_wg_q=True)
                         yield "flash_fwd_sm90.cu", sources.compile_options(dtype, E, Ev, dropout, phased,
                                                                            tma_store=True) + ("-arch=sm_90a",)
             if (E, Ev) in ((64, 64), (96, 64), (256, 256)) and dropout:
                 # ... with clusters sharing the key blocks (three warpgroups, 64-byte rows, 80-key blocks), idle
-                # warpgroups walking their tiles
+                # warpgroups walking their tiles, each warpgroup's Q on its own barriers
                 clustered = dataclasses.replace(config.FlashConfig.for_problem(E, Ev, 4096, False), fwd90_cluster=2,
-                                                fwd90_skip_idle=True).fitted(E, Ev)
+                                                fwd90_skip_idle=True, fwd90_wg_q=True).fitted(E, Ev)
                 yield "flash_fwd_sm90.cu", sources.compile_options(dtype, E, Ev, dropout, clustered,
                                                                    tma_store=clustered.fwd90_tma_store) + ("-arch=sm_90a",)
             # ... and with each kind of attn_mask (its tiles from the queue)
@@ -1013,6 +1013,27 @@ IDLE_CASES = {
 }
 
 
+def _knob_keeps_the_bits(pr, rng, monkeypatch, knob: str, values: tuple, **fixed) -> None:
+    """The Hopper forward of ``pr`` with FlashConfig's ``knob`` at each of ``values`` (each taken:
+    sm90_forward_config keeps it) and the ``fixed`` fields: the same out and lse, bit for bit, and the reference
+    judges them."""
+    import cupy
+
+    from cusdpa.backends.flash import launches
+    from cusdpa.verify.harness import run_problem
+
+    real = launches.config
+    results = []
+    for value in values:
+        monkeypatch.setattr(launches, "config", lambda pr, value=value: dataclasses.replace(
+            real(pr), **{knob: value}, **fixed).fitted(pr.E, pr.Ev))
+        assert getattr(launches.sm90_forward_config(pr), knob) == value, (knob, value)
+        results.append(flash.IMPL.forward(pr))
+    assert all(cupy.array_equal(g, w, equal_nan=True) for g, w in zip(*results))
+    failures = run_problem(pr, flash.IMPL, rng, grads=False)
+    assert not failures, "\n".join(failures)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("name,warpgroups", [(n, w) for n, (c, ws) in IDLE_CASES.items() for w in ws])
 def test_idle_warpgroups_skipping_keeps_the_bits(name, warpgroups, rng, monkeypatch):
@@ -1021,21 +1042,10 @@ def test_idle_warpgroups_skipping_keeps_the_bits(name, warpgroups, rng, monkeypa
     On a device of two SMs, so that each CTA goes on to tiles after such a walk."""
     import cupy
 
-    from cusdpa.backends.flash import launches
-    from cusdpa.verify.harness import run_problem
-
     monkeypatch.setattr(sources, "multiprocessors", lambda device: 2)
     case, _ = IDLE_CASES[name]
-    pr = build(case, cupy, rng)
-    real = launches.config
-    results = {}
-    for on in (False, True):
-        monkeypatch.setattr(launches, "config", lambda pr, on=on: dataclasses.replace(
-            real(pr), fwd90_skip_idle=on, fwd90_warpgroups=warpgroups).fitted(pr.E, pr.Ev))
-        results[on] = flash.IMPL.forward(pr)
-    assert all(cupy.array_equal(g, w, equal_nan=True) for g, w in zip(results[True], results[False]))
-    failures = run_problem(pr, flash.IMPL, rng, grads=False)
-    assert not failures, "\n".join(failures)
+    _knob_keeps_the_bits(build(case, cupy, rng), rng, monkeypatch, "fwd90_skip_idle", (False, True),
+                         fwd90_warpgroups=warpgroups)
 
 
 def test_idle_cases_leave_a_warpgroup_idle():
@@ -1072,23 +1082,11 @@ def test_warpgroups_stopping_at_their_own_blocks_keep_the_bits(name, tiles, rng,
     them. On a device of two SMs, so that each CTA goes on to tiles after such a walk."""
     import cupy
 
-    from cusdpa.backends.flash import launches
-    from cusdpa.verify.harness import run_problem
-
     monkeypatch.setattr(sources, "multiprocessors", lambda device: 2)
     case, _ = WG_BLOCKS_CASES[name]
     warpgroups, block_n = tiles
-    pr = build(case, cupy, rng)
-    real = launches.config
-    results = {}
-    for on in (False, True):
-        monkeypatch.setattr(launches, "config", lambda pr, on=on: dataclasses.replace(
-            real(pr), fwd90_wg_blocks=on, fwd90_skip_idle=True, fwd90_warpgroups=warpgroups,
-            fwd90_block_n=block_n).fitted(pr.E, pr.Ev))
-        results[on] = flash.IMPL.forward(pr)
-    assert all(cupy.array_equal(g, w, equal_nan=True) for g, w in zip(results[True], results[False]))
-    failures = run_problem(pr, flash.IMPL, rng, grads=False)
-    assert not failures, "\n".join(failures)
+    _knob_keeps_the_bits(build(case, cupy, rng), rng, monkeypatch, "fwd90_wg_blocks", (False, True),
+                         fwd90_skip_idle=True, fwd90_warpgroups=warpgroups, fwd90_block_n=block_n)
 
 
 def test_wg_blocks_cases_leave_a_warpgroup_blocks_it_does_not_see():
@@ -1131,22 +1129,39 @@ def test_clusters_sharing_key_blocks_keep_the_bits(name, clusters, rng, monkeypa
     them; with one cluster and with three at once, so that each cluster walks many tiles."""
     import cupy
 
-    from cusdpa.backends.flash import launches
-    from cusdpa.verify.harness import run_problem
-
     monkeypatch.setattr(sources, "max_active_clusters", lambda *args: clusters)
-    case = CLUSTER_CASES[name]
-    pr = build(case, cupy, rng)
-    real = launches.config
-    results = {}
-    for on in (False, True):
-        monkeypatch.setattr(launches, "config", lambda pr, on=on: dataclasses.replace(
-            real(pr), fwd90_cluster=2 if on else 1, fwd90_skip_idle=True))
-        assert launches.sm90_forward_config(pr).fwd90_cluster == (2 if on else 1)
-        results[on] = flash.IMPL.forward(pr)
-    assert all(cupy.array_equal(g, w, equal_nan=True) for g, w in zip(results[True], results[False]))
-    failures = run_problem(pr, flash.IMPL, rng, grads=False)
-    assert not failures, "\n".join(failures)
+    _knob_keeps_the_bits(build(CLUSTER_CASES[name], cupy, rng), rng, monkeypatch, "fwd90_cluster", (1, 2),
+                         fwd90_skip_idle=True)
+
+
+# fwd90_wg_q: each consumer warpgroup's rows of Q on barriers of their own, in the tiles and paths that wait for
+# and release Q: the tutorial module's short causal tiles, two and three warpgroups, an idle warpgroup's walk,
+# warpgroups stopping at their own key blocks (Q released earlier by the first), a packed batch and a bool mask
+# (the queue's tiles, a tile whose rows see no key skipping Q), clusters (Q the CTA's own beside shared K and V),
+# 64-byte rows
+WG_Q_CASES = {
+    "short_causal": (Case(batch=(3,), hq=2, L=512, S=512, E=64, causal="upper_left"), {}),
+    "three_idle_wg_blocks": (Case(hq=4, hkv=2, L=600, S=600, E=64, causal="lower_right", dropout_p=0.2),
+                             dict(fwd90_warpgroups=3, fwd90_skip_idle=True, fwd90_wg_blocks=True)),
+    "varlen_queue": (Case(hq=2, E=128, varlen=((300, 300), (0, 7), (129, 200), (64, 0)), causal="lower_right"), {}),
+    "bool_mask_window": (Case(batch=(2,), hq=2, L=450, S=500, E=96, Ev=64, window=(120, 10), mask="bool",
+                              mask_shape=(2, 1, 450, 500)), {}),
+    "clusters": (Case(batch=(2,), hq=2, L=1000, S=900, E=128), dict(fwd90_cluster=2, fwd90_skip_idle=True)),
+}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", list(WG_Q_CASES))
+def test_warpgroups_own_q_barriers_keep_the_bits(name, rng, monkeypatch):
+    """fwd90_wg_q (each warpgroup's 64 rows of Q loaded, waited for and released on their own mbarriers) gives
+    the same out and lse, bit for bit, off and on, and the reference judges them. On a device of two SMs (clusters:
+    one cluster), so that each CTA walks many tiles and every barrier many phases."""
+    import cupy
+
+    monkeypatch.setattr(sources, "multiprocessors", lambda device: 2)
+    monkeypatch.setattr(sources, "max_active_clusters", lambda *args: 1)
+    case, knobs = WG_Q_CASES[name]
+    _knob_keeps_the_bits(build(case, cupy, rng), rng, monkeypatch, "fwd90_wg_q", (False, True), **knobs)
 
 
 def test_clusters_only_where_every_query_sees_every_key():
