@@ -11,7 +11,7 @@
 # The machine has torch, CuPy, numba-cuda and triton but numpy 2.5, which numba-cuda 0.30 cannot import:
 # a numpy < 2.5 wheel travels in .whl (README of the device tool) and goes first on PYTHONPATH.
 # Stages: flash-tests, plans-tests, native-tests (the compiled replay, interop.native, against the Python path's
-# bits; overhead times it), interop-tests, efficient-tests, efficient-knob-tests, efficient-short (EFFICIENT at L = 1024, through
+# bits, and a compiled function through the library's graph_forward; overhead times it), interop-tests, efficient-tests, efficient-knob-tests, efficient-short (EFFICIENT at L = 1024, through
 # Numba's dispatcher and through prepared launches), efficient-fp32 (the EFFICIENT issue's fp32 shape; efficient-fp32-tiles: the portable kernels' register tiles swept there;
 # efficient-fp32-split: there, the fp32 loops splitting tiles that landed finite in 4 instructions,
 # KernelConfig.tensor_core_fp32_fast_split, its GPU test then off and on; efficient-shared-scores: the fp32 shape
@@ -109,7 +109,7 @@ command_of() {  # the command of stage $1, into the array cmd
     flash-tests) cmd=(bash benchmarks/sharded_pytest.sh 3 -m "gpu and not slow" tests/test_flash.py
                       -k "not skipping_keeps_the_bits") ;;  # (fwd-idle-tests runs those beside it)
     plans-tests) cmd=(python3 -m pytest -q -p no:cacheprovider tests/test_plans.py) ;;
-    native-tests) cmd=(python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_plans.py -k compiled_replay) ;;
+    native-tests) cmd=(python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_plans.py -k "compiled_replay or library_s_forward") ;;
     interop-tests) cmd=(python3 -m pytest -q -m "gpu and not slow" -p no:cacheprovider tests/test_interop_gpu.py) ;;
     # three shards side by side: one process compiling the suite's kernels ran past a call's limit
     efficient-tests) cmd=(bash benchmarks/sharded_pytest.sh 3 -m "gpu and not slow" tests/test_efficient_gpu.py

@@ -9,13 +9,13 @@ attention call of its shape on torch tensors and on CuPy arrays, inference and f
 with a bool mask on EFFICIENT against PyTorch's EFFICIENT_ATTENTION and on the default backends (FLASH, whose
 masked plans the compiled replay takes too, native.MASK_SUMMARIES); the eager torch calls and the compiled module
 on the Python path and also through the compiled replay (interop.native, built here first if it is not cached;
-the compiled module's forward op through it with native.COMPILED_OPS). "host" is the time until one call
-returns, started with an empty stream queue (each call follows a synchronize), so neither the GPU work behind
-earlier calls nor a full launch queue counts as host time; "with GPU" is the time per call of a round of
-back-to-back calls synchronised once. The lent machine's host speed drifts by up to 2x within minutes, so
-cusdpa's and PyTorch's rounds alternate, seven of each, and the table reports medians. ``--profile`` adds the
-GPU kernel times of both modules (torch.profiler) and cProfile tables, in microseconds per call, of the eager
-forward call and of the backward op.
+its forward op's body replays, and with native.GRAPH_FORWARD its attention is the library's graph_forward).
+"host" is the time until one call returns, started with an empty stream queue (each call follows a synchronize),
+so neither the GPU work behind earlier calls nor a full launch queue counts as host time; "with GPU" is the time
+per call of a round of back-to-back calls synchronised once. The lent machine's host speed drifts by up to 2x
+within minutes, so cusdpa's and PyTorch's rounds alternate, seven of each, and the table reports medians.
+``--profile`` adds the GPU kernel times of both modules (torch.profiler) and cProfile tables, in microseconds per
+call, of the eager forward call and of the backward op.
 """
 from __future__ import annotations
 
@@ -87,14 +87,17 @@ class _Trivial(torch.autograd.Function):
         return grad, grad, grad
 
 
-def _compiled(fn):
-    """``fn`` with the compiled replay (interop.native) on, for its rounds only."""
+def _compiled(fn, graph_forward: bool = False):
+    """``fn`` with the compiled replay (interop.native) on, for its rounds only; ``graph_forward``: with
+    native.GRAPH_FORWARD too (a compiled module traced in its first round holds the library's graph_forward)."""
     def run():
         native.enable(True)
+        native.GRAPH_FORWARD = graph_forward
         try:
             return fn()
         finally:
             native.enable(False)
+            native.GRAPH_FORWARD = False
 
     return run
 
@@ -135,6 +138,10 @@ def main():
     backends = "flash,efficient,math"
     op_args = (q, q, q, None, None, *values, None, backends)
     compiled, compiled_reference = torch.compile(module), torch.compile(reference)
+    # traced with the compiled replay on (other frames than `compiled`'s, so Dynamo keeps each graph): the forward
+    # op's body replays the plan, or with native.GRAPH_FORWARD the attention is the library's graph_forward
+    compiled_native = torch.compile(lambda x: module(x))
+    compiled_graph = torch.compile(lambda x: module(x))
     sdpa = torch.nn.functional.scaled_dot_product_attention
     qg = q.detach().requires_grad_()
     small = torch.randn(1, 8, 128, 64, device="cuda", dtype=torch.half)
@@ -160,7 +167,9 @@ def main():
         print("\nthe tutorial's module, inference:")
         t.update(measure({"module, cusdpa": lambda: module(x), "module, torch": lambda: reference(x),
                           "module compiled, cusdpa": lambda: compiled(x),
-                          "module compiled, cusdpa, op on the replay": _compiled(lambda: compiled(x)),
+                          "module compiled, cusdpa, compiled replay": _compiled(lambda: compiled_native(x)),
+                          "module compiled, cusdpa, graph_forward": _compiled(lambda: compiled_graph(x),
+                                                                              graph_forward=True),
                           "module compiled, torch": lambda: compiled_reference(x)}, MODULE_CALLS))
     print("\none call, forward and backward (gradients to q, k and v):")
     t.update(measure({
@@ -231,7 +240,8 @@ def main():
                                 "FLASH masked fwd+bwd, torch")):
         print(f"  {what:28s} host {t[ours][0]:7.1f} / {t[theirs][0]:7.1f} us = {t[ours][0] / t[theirs][0]:5.2f}x")
     for what, name in (("compiled module", "module compiled, cusdpa"),
-                       ("compiled module, op replayed", "module compiled, cusdpa, op on the replay")):
+                       ("compiled module, replayed", "module compiled, cusdpa, compiled replay"),
+                       ("compiled module, graph op", "module compiled, cusdpa, graph_forward")):
         ours, theirs = t[name], t["module compiled, torch"]
         print(f"  {what:28s} host {ours[0]:7.1f} / {theirs[0]:7.1f} us; with GPU {ours[1]:7.1f} / "
               f"{theirs[1]:7.1f} us: speed {theirs[1] / ours[1]:5.2f}x")

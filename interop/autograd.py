@@ -133,6 +133,12 @@ def attention(query, key, value, attn_mask, alibi_slopes, seed, backends: str, o
         if got is not None:
             return got
     if not need_grad:
+        if (attn_mask is None and alibi_slopes is None and seed is None and query.is_cuda
+                and torch.compiler.is_compiling()):
+            # a compiled graph's call: the library's op, which replays the call's plan without Python
+            kind = native.graph_kind(options, backends)
+            if kind >= 0:
+                return torch.ops.cusdpa_native.graph_forward(query, key, value, kind)
         return ops.call(ops.sdpa_fwd, query, key, value, attn_mask, alibi_slopes, *options, seed, backends)
     return _apply(Attention, query, key, value, attn_mask, alibi_slopes, seed, backends, options, deterministic)
 

@@ -310,7 +310,8 @@ def _forward(pr: problem.Problem, like: Tensor, backends: str) -> tuple[Tensor, 
 
 
 @torch.library.register_fake("cusdpa::sdpa_fwd")
-def _(query, key, value, *rest):
+def fake_forward(query, key, value, *rest):
+    """(out, lse) as a dense forward lays them out, for tracing (interop.native's graph_forward too)."""
     shape = dense_out_shape(query, key, value)
     return (query.new_empty_strided(shape, plans.token_major_strides(shape)),
             query.new_empty(shape[:-1], dtype=torch.float32))

@@ -314,3 +314,41 @@ def test_a_mask_summary_comes_from_python_once_a_forward(driver, monkeypatch):
     torch.testing.assert_close(v.grad, grad)
     with pytest.raises(RuntimeError, match="no mask given"):
         torch.ops.cusdpa_native.attention(q, k, v, None, pid, 0)
+
+
+def test_a_compiled_graph_s_forward_replays_the_bound_plan(driver, monkeypatch):
+    """graph_forward, the forward compiled graphs call (interop.autograd puts it there where Dynamo traces a call
+    without mask, slopes, dropout or gradient): the general path's forward (interop.native's general_forward) until
+    a plan is bound to the call's signature, that plan's replay after; Dynamo traces it and graph_kind into one
+    graph; graph_kind answers -1 (trace the ops' forward) with GRAPH_FORWARD off."""
+    from interop import arguments
+
+    fwd, _ = _plans(driver)
+    q, k, v = (x.detach() for x in _inputs())
+    options = arguments.options(0.0, True, None, False, "upper_left", None, 0.0)
+    general = []
+
+    def general_forward(query, key, value, kind):
+        general.append(kind)
+        return query + 1, query.sum(-1)
+
+    monkeypatch.setattr(native, "_general_forward", general_forward)
+    monkeypatch.setattr(native, "GRAPH_FORWARD", True)
+    kind = native.graph_kind(options, "flash")
+    assert kind >= 0 and native._graph_kinds[kind] == (options, "flash")
+    out, _ = torch.ops.cusdpa_native.graph_forward(q, k, v, kind)
+    assert general == [kind]
+    torch.testing.assert_close(out, q + 1)
+    torch.ops.cusdpa_native.bind(kind, q, k, v, None, native.add(fwd, None, False, False, None))
+    out, lse = torch.ops.cusdpa_native.graph_forward(q, k, v, kind)
+    assert general == [kind]
+    torch.testing.assert_close(out, q + 3 * k + 2 * v)
+
+    def traced(query, key, value):
+        return torch.ops.cusdpa_native.graph_forward(query, key, value, native.graph_kind(options, "flash"))[0] * 2
+
+    torch._dynamo.reset()
+    torch.testing.assert_close(torch.compile(traced, backend="eager", fullgraph=True)(q, k, v), 2 * (q + 3 * k + 2 * v))
+    assert general == [kind]
+    monkeypatch.setattr(native, "GRAPH_FORWARD", False)
+    assert native.graph_kind(options, "flash") == -1

@@ -604,6 +604,40 @@ def test_compiled_replay_falls_back_when_deterministic_mode_turns(monkeypatch):
 
 
 @pytest.mark.gpu
+def test_a_compiled_function_calls_the_library_s_forward(rng, monkeypatch):
+    """A compiled function's inference call (no mask, slopes, dropout or gradient) is the library's graph_forward
+    in the graph: the general path's forward at its first call, which binds the signature's plan, the plan's
+    replay after, with the Python path's bits and layout (native.GRAPH_FORWARD); off, the graph holds the ops'
+    forward."""
+    torch = _torch_cuda()
+    import interop
+    from interop import native
+
+    q, k, v = (x.detach() for x in _inputs(torch, (2, 4, 300, 64), (2, 4, 300, 64), torch.bfloat16,
+                                           int(rng.integers(2**31))))
+    _native(monkeypatch, True)
+    general, real = [], native._general_forward
+    monkeypatch.setattr(native, "_general_forward", lambda *args: general.append(1) or real(*args))
+
+    def attend(q, k, v):
+        return interop.scaled_dot_product_attention(q, k, v, is_causal=True, scale=0.1)
+
+    for graph_forward, first in ((True, [1]), (False, [])):
+        monkeypatch.setattr(native, "GRAPH_FORWARD", graph_forward)
+        torch._dynamo.reset()
+        general.clear()
+        compiled = torch.compile(attend, fullgraph=True)
+        with torch.no_grad():
+            outs = [compiled(q, k, v) for _ in range(3)]
+        assert general == first  # the first call binds the plan, the others replay it
+        monkeypatch.setattr(native, "ENABLED", False)
+        with torch.no_grad():
+            want = attend(q, k, v)
+        monkeypatch.setattr(native, "ENABLED", True)
+        assert all(torch.equal(o, want) and o.stride() == want.stride() for o in outs)
+
+
+@pytest.mark.gpu
 def test_the_forward_op_called_by_the_dispatcher_takes_the_compiled_replay(rng, monkeypatch):
     """native.COMPILED_OPS: torch.ops.cusdpa.sdpa_fwd called through the dispatcher, as compiled graphs call it
     (no mask, tensors that want no gradient), takes the compiled replay once its signature is bound, with the

@@ -18,6 +18,12 @@ EFFICIENT read the mask through a slot; FLASH's read the mask's block summary to
 Python for (``summary``, over ``interop.mask_summaries``, which keeps one per unchanged mask), with ``MASK_SUMMARIES``
 (on; off, such plans take the Python path). Everything else, and the first call of each signature, is the Python
 path's.
+
+Compiled graphs: where Dynamo traces a call without mask, slopes, dropout or gradient, ``interop.autograd`` puts
+the library's ``graph_forward`` in the graph (``graph_kind``, run once at tracing, gives the call's kind), so a
+compiled module's call runs no Python once its signature's plan is bound; its first call, and calls of signatures
+without a plan, take the ops' forward through ``general_forward`` (``GRAPH_FORWARD``, off until a GPU run has tested
+and timed it). The ops' forward as graphs that hold it call it takes the replay's forward too (``COMPILED_OPS``).
 """
 from __future__ import annotations
 
@@ -48,6 +54,9 @@ MASK_SUMMARIES = True
 # that want no gradient) through the replay too, where its Python body cost a compiled module 13.7 us a call over
 # PyTorch's (BENCHMARKS.md); on the H100 the compiled module went from 0.85x to 0.90x PyTorch's compiled speed so
 COMPILED_OPS = True
+# a compiled graph's inference call traced as the library's graph_forward (graph_kind), which replays its plan with
+# no Python on the way: written without device time, off until a GPU run tests and times it
+GRAPH_FORWARD = False
 _state = {"loaded": None, "reason": "not built yet"}  # loaded: None (not tried), True, False
 _lock = threading.Lock()
 _fallbacks: dict = {}  # plan id -> the general path's backward (grad_out, q, k, v, mask, out, lse, seed)
@@ -113,6 +122,10 @@ def load() -> bool:
                 torch.library.impl("cusdpa_native::fallback_backward", ("CPU", "CUDA"))(_fallback_backward)
                 torch.library.impl("cusdpa_native::summary", ("CPU", "CUDA"))(
                     lambda query, mask, plan, stream: _summary(query, mask, plan, stream))
+                # the forward compiled graphs call, and the general path it falls back to
+                torch.library.register_fake("cusdpa_native::graph_forward")(ops.fake_forward)
+                torch.library.impl("cusdpa_native::general_forward", ("CPU", "CUDA"))(
+                    lambda query, key, value, kind: _general_forward(query, key, value, kind))
                 _state.update(loaded=True, reason="")
             except Exception as e:  # noqa: BLE001 (any failure leaves the Python path, and says why)
                 _state.update(loaded=False, reason=f"{type(e).__name__}: {e}")
@@ -121,6 +134,28 @@ def load() -> bool:
 
 def _fallback_backward(grad_out, query, key, value, mask, out, lse, plan: int, seed: int):
     return _fallbacks[plan](grad_out, query, key, value, mask, out, lse, seed)
+
+
+_graph_kinds: dict = {}  # kind -> (options, backends) of the calls compiled graphs make through graph_forward
+
+
+@torch.compiler.assume_constant_result
+def graph_kind(options: tuple, backends: str) -> int:
+    """The kind a compiled graph's call without mask, slopes, dropout or gradient passes to the library's
+    ``graph_forward``, or -1: trace the ops' forward (the library off or not loadable, or ``GRAPH_FORWARD`` off).
+    Dynamo runs it once, when it traces the call, and puts its result in the graph."""
+    if not (ENABLED and GRAPH_FORWARD and load()):
+        return -1
+    kind = _kind(options, backends, False, False)
+    _graph_kinds[kind] = (options, backends)
+    return kind
+
+
+def _general_forward(query, key, value, kind: int):
+    """The ops' forward of a ``graph_forward`` call whose signature has no plan bound (its first, which binds
+    one where a plan is made)."""
+    options, backends = _graph_kinds[kind]
+    return ops.sdpa_fwd(query, key, value, None, None, *options, None, backends)
 
 
 def _summary(query, mask, plan: int, stream: int):

@@ -477,9 +477,31 @@ std::tuple<Tensor, Tensor, int64_t> call(const Tensor& q, const Tensor& k, const
     return {out, lse, 1};
 }
 
+// ---- compiled graphs --------------------------------------------------------------------------------------
+
+// The general path's forward of a call of `kind` (interop/native, in Python: the ops' forward, which binds a
+// plan to the call's signature where it makes one).
+std::tuple<Tensor, Tensor> general_forward(const Tensor& q, const Tensor& k, const Tensor& v, int64_t kind) {
+    static auto op = c10::Dispatcher::singleton()
+                         .findSchemaOrThrow("cusdpa_native::general_forward", "")
+                         .typed<std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&, int64_t)>();
+    return op.call(q, k, v, kind);
+}
+
+// The forward a compiled graph calls (interop/autograd puts it there for calls without mask, slopes, dropout or
+// gradient): the plan bound to the call's signature, with no Python on the way once one is; until then, and for
+// signatures bound to none, the general path's.
+std::tuple<Tensor, Tensor> graph_forward(const Tensor& q, const Tensor& k, const Tensor& v, int64_t kind) {
+    const int64_t plan = bound_plan(kind, q, k, v, Mask());
+    if (plan < 0) return general_forward(q, k, v, kind);
+    return attention_forward(q, k, v, Mask(), plan, 0);
+}
+
 }  // namespace
 
 TORCH_LIBRARY(cusdpa_native, m) {
+    // its fake (shapes for tracing) is registered by interop.native
+    m.set_python_module("interop.native");
     m.def("add_plan(int[] code) -> int", add_plan);
     m.def("bind(int kind, Tensor q, Tensor k, Tensor v, Tensor? mask, int plan) -> ()", bind);
     m.def("attention(Tensor q, Tensor k, Tensor v, Tensor? mask, int plan, int seed) -> (Tensor, Tensor)");
@@ -489,6 +511,9 @@ TORCH_LIBRARY(cusdpa_native, m) {
           "int plan, int seed) -> (Tensor, Tensor, Tensor)");
     // implemented in Python (interop/native): an attn_mask's summary buffers (seen, blocks) for a plan's kernels
     m.def("summary(Tensor q, Tensor mask, int plan, int stream) -> (Tensor, Tensor)");
+    m.def("graph_forward(Tensor q, Tensor k, Tensor v, int kind) -> (Tensor, Tensor)");
+    // implemented in Python (interop/native): the general path's forward of a graph_forward call
+    m.def("general_forward(Tensor q, Tensor k, Tensor v, int kind) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(cusdpa_native, Autograd, m) {
@@ -498,8 +523,10 @@ TORCH_LIBRARY_IMPL(cusdpa_native, Autograd, m) {
 TORCH_LIBRARY_IMPL(cusdpa_native, CUDA, m) {
     m.impl("attention", attention_forward);
     m.impl("call", call<attention_forward>);
+    m.impl("graph_forward", graph_forward);
 }
 TORCH_LIBRARY_IMPL(cusdpa_native, CPU, m) {
     m.impl("attention", attention_forward);
     m.impl("call", call<attention_forward>);
+    m.impl("graph_forward", graph_forward);
 }
