@@ -59,6 +59,8 @@ def main():
     args = ap.parse_args()
     for item in args.config:
         name, value = item.split("=")
+        if not isinstance(getattr(decode, name, None), int):  # a constant that is gone would change nothing
+            ap.error(f"--config {item}: cusdpa.backends.flash.decode has no integer constant {name}")
         setattr(decode, name, int(value))
     g = torch.Generator(device="cuda").manual_seed(0)
     rows = []
