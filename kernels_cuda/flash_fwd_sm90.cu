@@ -57,7 +57,9 @@
 // load, land and are released on a pair of mbarriers of their own, so the producer reloads a warpgroup's rows for
 // the next tile once that warpgroup's last S has read them, not once the ping-pong's later warpgroup has too: on
 // short tiles the consumers wait for Q at every tile's start, 4.8% of their clocks at the tutorial module's
-// causal L = 512 with one pair), CUSDPA_PHASES (1: per-warp phase clocks, phases.cuh),
+// causal L = 512 with one pair), FWD90_POLY_EXP (k > 0: the softmax's exponentials of every k-th n8 column tile by a
+// polynomial on the FMA pipe, exp2_poly, where the others take the MUFU unit's ex2, 16 a clock an SM, which the
+// exponentials of head dim 64 wait on), CUSDPA_PHASES (1: per-warp phase clocks, phases.cuh),
 // FWD90_WARPGROUPS (consumer warpgroups, 2 or 3), FWD90_BLOCK_N, FWD90_STAGES (K/V buffers), FWD90_PINGPONG
 // (1: consumers take turns; 0: they issue when ready), ATTN_MASK, ALIBI (1: the slopes' bias added, `slopes`
 // per (batch, head) with batch stride `slopes_b`; scores in natural units as with a float mask), SOFTCAP (1:
@@ -92,6 +94,9 @@
 #endif
 #ifndef FWD90_WG_Q
 #define FWD90_WG_Q 0
+#endif
+#ifndef FWD90_POLY_EXP
+#define FWD90_POLY_EXP 0
 #endif
 #ifndef FWD90_CLUSTER
 #define FWD90_CLUSTER 1
@@ -213,6 +218,20 @@ __device__ __forceinline__ void row_maxima(float (&s)[NT * 4], float (&mx)[2], c
 // before dropout). alpha[r] is the factor the output accumulated so far needs; the return value says
 // whether any row of the warp changed its max (else alpha is 1 everywhere and the rescale is skipped).
 // With NATURAL the scores come scaled, in natural units (apply_mask, apply_alibi), and m_i is in those units too.
+// 2^x for x <= 0 on the FMA pipe (FlashAttention-4's remedy for an exponential unit the products outrun): x
+// clamped at -127 (max.NaN: a NaN score stays NaN, as ex2 keeps it, where fmaxf would make it -127), split by the
+// round-to-nearest of adding 1.5 * 2^23 into an integer j (r's low mantissa bits) and f in [-0.5, 0.5]; 2^f by a
+// cubic whose constant term is 1 (relative error 1.0e-4, below half an ulp of the fp16 and bf16 P it becomes),
+// times 2^j made from j's bits. Exactly 1 at x = 0 and exactly 0 at x <= -127 (-inf included: 2^-127's factor is
+// the bits 0).
+__device__ __forceinline__ float exp2_poly(float x) {
+    asm("max.NaN.f32 %0, %0, 0fC2FE0000;" : "+f"(x));  // -127
+    const float r = __fadd_rn(x, 12582912.f);
+    const float f = __fsub_rn(x, __fsub_rn(r, 12582912.f));
+    const float p = fmaf(fmaf(fmaf(0.05500892922282219f, f, 0.2422109693288803f), f, 0.6932829022407532f), f, 1.f);
+    return p * __int_as_float((__float_as_int(r) + 127) << 23);
+}
+
 __device__ __forceinline__ bool softmax_block(float (&s)[NT * 4], float (&m_i)[2], float (&l_i)[2], float (&alpha)[2],
                                               const Visibility<int>& vis, bool full, int i, int n0, int t,
                                               float scale_log2) {
@@ -241,8 +260,8 @@ __device__ __forceinline__ bool softmax_block(float (&s)[NT * 4], float (&m_i)[2
         for (int nt = 0; nt < NT; ++nt) {
 #pragma unroll
             for (int r = 0; r < 2; ++r) {
-                const float p0 = power(s[nt * 4 + 2 * r], m_use[r]);
-                const float p1 = power(s[nt * 4 + 2 * r + 1], m_use[r]);
+                const float p0 = power(s[nt * 4 + 2 * r], m_use[r], nt);
+                const float p1 = power(s[nt * 4 + 2 * r + 1], m_use[r], nt);
                 l_i[r] += p0 + p1;
                 s[nt * 4 + 2 * r] = p0;
                 s[nt * 4 + 2 * r + 1] = p1;
@@ -250,11 +269,14 @@ __device__ __forceinline__ bool softmax_block(float (&s)[NT * 4], float (&m_i)[2
         }
     };
     if (NATURAL)  // the difference first: the max element gets exp2(0) = 1 exactly
-        exponentiate([](float x, float m) { return exp2f(__fsub_rn(x, m) * LOG2E); });
+        exponentiate([](float x, float m, int) { return exp2f(__fsub_rn(x, m) * LOG2E); });
     else if (exact)
-        exponentiate([scale_log2](float x, float m) { return exp2f(__fmul_rn(x, scale_log2) - m); });
-    else
-        exponentiate([scale_log2](float x, float m) { return exp2f(fmaf(x, scale_log2, -m)); });
+        exponentiate([scale_log2](float x, float m, int) { return exp2f(__fmul_rn(x, scale_log2) - m); });
+    else  // (nt is a constant of the unrolled loop: the choice is made at compile time)
+        exponentiate([scale_log2](float x, float m, int nt) {
+            const float t = fmaf(x, scale_log2, -m);
+            return FWD90_POLY_EXP > 0 && nt % (FWD90_POLY_EXP > 0 ? FWD90_POLY_EXP : 1) == 0 ? exp2_poly(t) : exp2f(t);
+        });
     return __any_sync(0xffffffffu, rescale);
 }
 

@@ -38,9 +38,10 @@ def _nvrtc_jobs():
                             "-arch=sm_90a",)
                     if fwd_cfg.fwd90_tma_store and (E, Ev) in ((64, 64), (96, 64), (160, 224)) and dropout:  # ... with
                         # the phase clocks, O from 128- and 64-byte swizzled rows, idle warpgroups skipping their
-                        # tiles, warpgroups stopping at their own key blocks, each warpgroup's Q on its own barriers
+                        # tiles, warpgroups stopping at their own key blocks, each warpgroup's Q on its own
+                        # barriers, a quarter of the exponentials by the cubic
                         phased = dataclasses.replace(fwd_cfg, fwd90_phases=True, fwd90_skip_idle=True,
-                                                     fwd90_wg_blocks=True, fwd90_wg_q=True)
+                                                     fwd90_wg_blocks=True, fwd90_wg_q=True, fwd90_poly_exp=4)
                         yield "flash_fwd_sm90.cu", sources.compile_options(dtype, E, Ev, dropout, phased,
                                                                            tma_store=True) + ("-arch=sm_90a",)
             if (E, Ev) in ((64, 64), (96, 64), (256, 256)) and dropout:
@@ -1162,6 +1163,37 @@ def test_warpgroups_own_q_barriers_keep_the_bits(name, rng, monkeypatch):
     monkeypatch.setattr(sources, "max_active_clusters", lambda *args: 1)
     case, knobs = WG_Q_CASES[name]
     _knob_keeps_the_bits(build(case, cupy, rng), rng, monkeypatch, "fwd90_wg_q", (False, True), **knobs)
+
+
+# fwd90_poly_exp: the softmax's exponentials partly by exp2_poly, judged by the reference (their bits differ):
+# every element by the cubic (k = 1) and one n8 tile in eight (k = 8), on the causal diagonal's -inf scores, rows
+# that see no key (lower-right causal, L > S), dropout, GQA with a window, a bool mask, fp16 and bf16
+POLY_EXP_CASES = {
+    "short_causal_fp16": Case(dtype="float16", batch=(3,), hq=2, L=512, S=512, E=64, causal="upper_left"),
+    "rows_seeing_nothing": Case(L=300, S=200, E=64, causal="lower_right", dropout_p=0.2),
+    "gqa_window": Case(hq=4, hkv=2, L=300, S=400, E=128, window=(50, 20)),
+    "bool_mask": Case(dtype="float16", batch=(2,), L=200, S=260, E=64, mask="bool", mask_shape=(2, 1, 200, 260)),
+}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", list(POLY_EXP_CASES))
+@pytest.mark.parametrize("every", [1, 8])
+def test_exponentials_by_a_polynomial_pass_the_reference(name, every, rng, monkeypatch):
+    """fwd90_poly_exp: the forward with every element's (1) or every eighth n8 tile's (8) exponentials by the cubic
+    meets the reference's judgement, out and lse; a row that sees no key still gives out 0 and lse -inf (the
+    cubic's 2^-inf is exactly 0)."""
+    import cupy
+
+    from cusdpa.backends.flash import launches
+    from cusdpa.verify.harness import run_problem
+
+    real = launches.config
+    monkeypatch.setattr(launches, "config", lambda pr: dataclasses.replace(real(pr), fwd90_poly_exp=every))
+    pr = build(POLY_EXP_CASES[name], cupy, rng)
+    assert launches.sm90_forward_config(pr).fwd90_poly_exp == every
+    failures = run_problem(pr, flash.IMPL, rng, grads=False)
+    assert not failures, "\n".join(failures)
 
 
 def test_clusters_only_where_every_query_sees_every_key():

@@ -58,6 +58,11 @@ class FlashConfig:
     # L = 512: consumers wait for Q 4.8% of their clocks, the producer for Q's release 39% of its own; written
     # without device time, off until its bit test and timing run)
     fwd90_wg_q: bool = False
+    # the softmax's exponentials of every k-th n8 column tile (k = this; 0: none) by a cubic on the FMA pipe, the
+    # others by the MUFU unit's ex2, which the exponentials of head dim 64 wait on (its ex2 at mio 45% of their
+    # stalls, the twenty-second session's ncu): FlashAttention-4's remedy, relative error 1e-4 on those elements;
+    # written without device time, off until its test and timing run
+    fwd90_poly_exp: int = 0
     # clusters of this many CTAs (1 or 2) share each K and V block of the Hopper forward, each CTA loading its
     # part into all of them by TMA multicast (FlashAttention-3 does so at E = 128 and 256 without a causal band):
     # half the K/V bytes read from L2. Taken only where every tile of a head reads the same key blocks (no causal
