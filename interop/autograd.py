@@ -134,8 +134,9 @@ def attention(query, key, value, attn_mask, alibi_slopes, seed, backends: str, o
             return got
     if not need_grad:
         if (attn_mask is None and alibi_slopes is None and seed is None and query.is_cuda
-                and torch.compiler.is_compiling()):
-            # a compiled graph's call: the library's op, which replays the call's plan without Python
+                and torch.compiler.is_compiling() and not torch.compiler.is_exporting()):
+            # a compiled graph's call: the library's op, which replays the call's plan without Python (not in an
+            # exported program: its kind means something only to the process that traced it)
             kind = native.graph_kind(options, backends)
             if kind >= 0:
                 return torch.ops.cusdpa_native.graph_forward(query, key, value, kind)

@@ -152,10 +152,11 @@ def graph_kind(options: tuple, backends: str) -> int:
 
 
 def _general_forward(query, key, value, kind: int):
-    """The ops' forward of a ``graph_forward`` call whose signature has no plan bound (its first, which binds
-    one where a plan is made)."""
+    """A ``graph_forward`` call whose signature has no plan bound: ``attention``'s (its first call, which binds
+    one where a plan is made), else the ops' forward."""
     options, backends = _graph_kinds[kind]
-    return ops.sdpa_fwd(query, key, value, None, None, *options, None, backends)
+    got = attention(query, key, value, None, None, backends, options, False, False)
+    return got if got is not None else ops.sdpa_fwd(query, key, value, None, None, *options, None, backends)
 
 
 def _summary(query, mask, plan: int, stream: int):
