@@ -10,7 +10,8 @@
 #
 # The machine has torch, CuPy, numba-cuda and triton but numpy 2.5, which numba-cuda 0.30 cannot import:
 # a numpy < 2.5 wheel travels in .whl (README of the device tool) and goes first on PYTHONPATH.
-# Stages: flash-tests, plans-tests, native-tests (the compiled replay, interop.native, against the Python path's
+# Stages: pending-tests (the GPU tests of code written without device time and not yet run: each warpgroup's Q
+# barriers, the exponentials' cubic, EFFICIENT fp32's presplit tiles and compile-once test, graph_forward), flash-tests, plans-tests, native-tests (the compiled replay, interop.native, against the Python path's
 # bits, and a compiled function through the library's graph_forward; overhead times it), interop-tests, efficient-tests, efficient-knob-tests, efficient-short (EFFICIENT at L = 1024, through
 # Numba's dispatcher and through prepared launches), efficient-fp32 (the EFFICIENT issue's fp32 shape; efficient-fp32-tiles: the portable kernels' register tiles swept there;
 # efficient-fp32-split: there, the fp32 loops splitting tiles that landed finite in 4 instructions,
@@ -112,6 +113,10 @@ command_of() {  # the command of stage $1, into the array cmd
     flash-tests) cmd=(bash benchmarks/sharded_pytest.sh 3 -m "gpu and not slow" tests/test_flash.py
                       -k "not skipping_keeps_the_bits") ;;  # (fwd-idle-tests runs those beside it)
     plans-tests) cmd=(python3 -m pytest -q -p no:cacheprovider tests/test_plans.py) ;;
+    pending-tests) cmd=(bash -c 'python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_flash.py \
+                        -k "own_q_barriers or by_a_polynomial" && python3 -m pytest -q -m gpu -p no:cacheprovider \
+                        tests/test_efficient_gpu.py -k "presplit or compiles_once" && python3 -m pytest -q -m gpu \
+                        -p no:cacheprovider tests/test_plans.py -k library_s_forward') ;;
     native-tests) cmd=(python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_plans.py -k "compiled_replay or library_s_forward") ;;
     interop-tests) cmd=(python3 -m pytest -q -m "gpu and not slow" -p no:cacheprovider tests/test_interop_gpu.py) ;;
     # three shards side by side: one process compiling the suite's kernels ran past a call's limit
