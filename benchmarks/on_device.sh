@@ -58,7 +58,7 @@
 # L = 1024 and 4096, the tutorial's call),
 # fwd-poly (the softmax's exponentials of every 8th or 4th n8 column tile by a cubic on the FMA pipe,
 # FlashConfig.fwd90_poly_exp: its GPU test (judged by the reference), then E = 64 at the tutorial module's attention
-# and L = 1024, 4096, and E = 128 L = 4096, off, 8 and 4),
+# and L = 1024, 4096, the tutorial's call (E = 32), and E = 128 L = 4096, off, 8 and 4),
 # fwd-cluster-tests / fwd-cluster (clusters of two CTAs sharing each K and V block by TMA multicast,
 # FlashConfig.fwd90_cluster: its GPU test (same bits off and on, judged by the reference) / bf16 not causal, E = 128
 # at L = 1024-16384 and E = 64, 256 at 4096, off and on),
@@ -238,6 +238,7 @@ command_of() {  # the command of stage $1, into the array cmd
                    S="python3 benchmarks/flash_sweep.py --forward-only --variants \"\" fwd90_poly_exp=8 fwd90_poly_exp=4"
                    eval $S --dtype float16 --lengths 512 --head-dims 64 --tokens 16384 --hidden 512 --causal yes
                    eval $S --lengths 1024 4096 --head-dims 64
+                   eval $S --dtype float16 --lengths 1024 --head-dims 32 --tokens 32768 --hidden 1024 --causal no
                    eval $S --lengths 4096 --head-dims 128 --causal no') ;;
     fwd-cluster-tests) cmd=(python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_flash.py -k clusters_sharing) ;;
     fwd-cluster) cmd=(bash -c 'S="python3 benchmarks/flash_sweep.py --forward-only --causal no --variants \"\" fwd90_cluster=2"
