@@ -11,7 +11,8 @@
 # The machine has torch, CuPy, numba-cuda and triton but numpy 2.5, which numba-cuda 0.30 cannot import:
 # a numpy < 2.5 wheel travels in .whl (README of the device tool) and goes first on PYTHONPATH.
 # Stages: pending-tests (the GPU tests of code written without device time and not yet run: each warpgroup's Q
-# barriers, the exponentials' cubic, EFFICIENT fp32's presplit tiles and compile-once test, graph_forward), flash-tests, plans-tests, native-tests (the compiled replay, interop.native, against the Python path's
+# barriers, the exponentials' cubic, the forward knobs' bit tests on their shared helper, EFFICIENT fp32's presplit
+# tiles and compile-once test, graph_forward), flash-tests, plans-tests, native-tests (the compiled replay, interop.native, against the Python path's
 # bits, and a compiled function through the library's graph_forward; overhead times it), interop-tests, efficient-tests, efficient-knob-tests, efficient-short (EFFICIENT at L = 1024, through
 # Numba's dispatcher and through prepared launches), efficient-fp32 (the EFFICIENT issue's fp32 shape; efficient-fp32-tiles: the portable kernels' register tiles swept there;
 # efficient-fp32-split: there, the fp32 loops splitting tiles that landed finite in 4 instructions,
@@ -114,7 +115,7 @@ command_of() {  # the command of stage $1, into the array cmd
                       -k "not skipping_keeps_the_bits") ;;  # (fwd-idle-tests runs those beside it)
     plans-tests) cmd=(python3 -m pytest -q -p no:cacheprovider tests/test_plans.py) ;;
     pending-tests) cmd=(bash -c 'P="python3 -m pytest -q -m gpu -p no:cacheprovider"; rc=0  # (each runs, whatever failed)
-                        $P tests/test_flash.py -k "own_q_barriers or by_a_polynomial" || rc=1
+                        $P tests/test_flash.py -k "keep_the_bits or keeps_the_bits or by_a_polynomial" || rc=1
                         $P tests/test_efficient_gpu.py -k "presplit or compiles_once" || rc=1
                         $P tests/test_plans.py -k library_s_forward || rc=1; exit $rc') ;;
     native-tests) cmd=(python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_plans.py -k "compiled_replay or library_s_forward") ;;
