@@ -21,7 +21,7 @@
 // those cases take 9, the same bits.
 //
 // EFF_PRESPLIT (float32 only; KernelConfig.tensor_core_fp32_presplit): bit 1 and bit 2 name the loop's staged
-// B-operand tiles that are split once per block where they land (forward K and V, dq K and V, dk/dv Q and dO):
+// B-operand tiles that are split once per block where they land (dq's K and V, dk/dv's Q and dO):
 // landed() writes each element's big part in place and its small part into a second tile of the same shape, so
 // the products read both parts with no split instructions, where every warp split every element it read each
 // time it read it (the split was most of the fp32 loops' instructions). The same parts, the same MMAs in the

@@ -16,11 +16,6 @@
 // elements from global memory one by one when the scores are ready, a memory latency per tile on the critical path.
 // Other masks take the per-element loads.
 //
-// EFF_PRESPLIT (3: K and V): each K and V tile is split into its TF32 parts once as it lands (landed), the small
-// parts in one more tile that K and V take in turn (K's are read by S = Q K^T, before the barrier after which V
-// lands; V's by P V, before the barrier that ends the step), so 48 KiB holds it up to head dim 96. Written and
-// compiled, but not taken: at 168 registers these builds spill more than without it (tensor_core.PRESPLIT_SPILLS).
-//
 // Only NVRTC built-ins and inline PTX, here and in common.cuh: no headers, so it compiles wherever Numba
 // finds NVRTC.
 #include "efficient_common.cuh"
@@ -49,15 +44,6 @@ __device__ void forward(const Args& a) {
   __shared__ __align__(16) Elem k_tile[BLOCK_N * STRIDE];
   __shared__ __align__(16) Elem v_tile[BLOCK_N * STRIDE];
   __shared__ int col_seen[BLOCK_N];
-  constexpr bool PRE_K = (EFF_PRESPLIT & 1) != 0, PRE_V = (EFF_PRESPLIT & 2) != 0;
-#if EFF_PRESPLIT
-  __shared__ __align__(16) Elem small_tile[BLOCK_N * STRIDE];  // the small parts of K, then of V
-  Elem* const k_small = PRE_K ? small_tile : k_tile;  // (the tile itself: unread)
-  Elem* const v_small = PRE_V ? small_tile : v_tile;
-#else
-  Elem* const k_small = k_tile;  // (unread)
-  Elem* const v_small = v_tile;  // (unread)
-#endif
 #if EFF_MASK_TILE
   typedef MaskTile<EFF_BLOCK_M, BLOCK_N> Tile;  // the block's rows x the tile's keys
   __shared__ __align__(16) unsigned char mask_tile[Tile::BYTES];
@@ -102,11 +88,10 @@ __device__ void forward(const Args& a) {
     const bool check = MASK_KIND != MASK_NONE || !a.vis.tile_full(a.m_first, m_last + 1 - a.m_first, n0, BLOCK_N);
     if (check && threadIdx.x < BLOCK_N) col_seen[threadIdx.x] = 0;
     cp_async_wait<1>();  // K (and the mask) of this tile has landed (V may still be in flight)
-    const bool k_finite = landed<Ops, HEAD_DIM, BLOCK_N, PRE_K>(k_tile, nullptr, k_small);
+    const bool k_finite = landed<Ops, HEAD_DIM, BLOCK_N>(k_tile);
 
     float s[NTILES][4];  // S = Q K^T
-    EFF_SPLIT_BY(q_finite && k_finite,
-                 (Ops::product_abt<HEAD_DIM, NTILES, false, FAST, PRE_K>(s, qf, k_tile, lane, k_small)));
+    EFF_SPLIT_BY(q_finite && k_finite, (Ops::product_abt<HEAD_DIM, NTILES, false, FAST>(s, qf, k_tile, lane)));
 
     // Scale, mask, and the online-softmax update, row by row (this thread holds 2 rows x 2 columns per n8 tile).
     float tile_max[2] = {-CUSDPA_INF, -CUSDPA_INF};
@@ -189,23 +174,20 @@ __device__ void forward(const Args& a) {
       cp_async_wait<0>();
     }
     // (non-finite values in rows no row sees, zeroed below, count too: the general split then, results alike)
-    const bool v_finite = landed<Ops, HEAD_DIM, BLOCK_N, PRE_V>(v_tile, nullptr, v_small);
+    const bool v_finite = landed<Ops, HEAD_DIM, BLOCK_N>(v_tile);
     if (check) {
       for (int c = threadIdx.x; c < BLOCK_N * (HEAD_DIM / VEC); c += EFF_THREADS) {
         int r = c / (HEAD_DIM / VEC);
         if (!col_seen[r]) {
 #pragma unroll
           for (int x = 0; x < VEC; ++x) v_tile[r * STRIDE + (c % (HEAD_DIM / VEC)) * VEC + x] = Elem(0);
-          // presplit: 0's parts, both 0
-          if (PRE_V)
-            *reinterpret_cast<uint4*>(v_small + r * STRIDE + (c % (HEAD_DIM / VEC)) * VEC) = make_uint4(0, 0, 0, 0);
         }
       }
       __syncthreads();
     }
 
     // O += P V, V read back transposed
-    EFF_SPLIT_BY(v_finite, (Ops::product_pb<HEAD_DIM, NTILES, HEAD_DIM, FAST, PRE_V>(acc, pf, v_tile, lane, v_small)));
+    EFF_SPLIT_BY(v_finite, (Ops::product_pb<HEAD_DIM, NTILES, HEAD_DIM, FAST>(acc, pf, v_tile, lane)));
     __syncthreads();  // every warp is done with this V tile before the next one is staged
   }
 

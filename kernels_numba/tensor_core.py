@@ -76,8 +76,8 @@ def shared_bytes(head_dim: int, elem: str, kind: str, block: int, parts: int = 1
     tile is their rows by ``block`` keys, dk/dv's ``block`` queries by its block's keys. ``shared_scores`` (dq and
     dk/dv with column parts): the pairs' exchange buffer too (efficient_bwd.cuh's ScoreSwap: per row group of
     warps, 16 bytes a lane for each of the ``block / 8`` n8 tiles, twice that for fp32's dk/dv, whose two
-    operands of four words each take two). ``presplit`` (fp32; efficient_common.cuh's EFF_PRESPLIT bits): the
-    small parts' tiles too, one the forward's K and V take in turn, one a presplit tile in dq and dk/dv."""
+    operands of four words each take two). ``presplit`` (fp32's dq and dk/dv; efficient_common.cuh's EFF_PRESPLIT
+    bits): the small parts' tiles too, one a presplit tile."""
     element = 4 if _wide(elem) else 2
     row = (head_dim + 16 // element) * element
     mask_bytes = {0: 0, 1: 1, 2: 2, 3: 2, 4: 4, 5: 8}[mask_kind]
@@ -85,9 +85,9 @@ def shared_bytes(head_dim: int, elem: str, kind: str, block: int, parts: int = 1
     swap = 0
     if shared_scores and parts == 2 and kind in ("dq", "dkdv"):
         swap = (THREADS // 32 // parts) * (block // 8) * 32 * 16 * (2 if kind == "dkdv" and _wide(elem) else 1)
-    small = (1 if kind == "forward" else bin(presplit).count("1")) * block * row if presplit else 0
+    small = bin(presplit).count("1") * block * row
     if kind == "forward":  # K and V tiles, the seen-columns flags
-        return 2 * block * row + 4 * block + small + (BLOCK_M * (block * mask_bytes + 16) if mask_kind else 0)
+        return 2 * block * row + 4 * block + (BLOCK_M * (block * mask_bytes + 16) if mask_kind else 0)
     if kind == "dq":  # K and V tiles
         return 2 * block * row + swap + small + (rows * (block * mask_bytes + 16) if mask_kind else 0)
     # dk/dv: V rows, the step's Q and dO tiles, lse and D; fused, K rows too and the dS tile
@@ -147,12 +147,10 @@ def takes_dynamic(head_dim: int, elem: str, kind: str, dynamic: bool) -> bool:
 
 # fp32 loops whose presplit builds (KernelConfig.tensor_core_fp32_presplit) spill more than their builds without it, as
 # (kind, head dim, dynamic shared memory): ptxas 13.0, sm_90, registers_for's caps at the default 3 blocks an SM, no
-# mask or dropout, spill stores/loads in bytes without -> with: forward 32: 0/0 -> 4/4, 64: 40/32 -> 56/56, 96:
-# 8/16 -> 116/108; dq 64: 200/172 -> 224/192; dk/dv 32: 16/16 -> 24/32, 64: 404/420 -> 440/448 (Q alone), dynamic
+# mask or dropout, spill stores/loads in bytes without -> with: dq 64: 200/172 -> 224/192; dk/dv 32: 16/16 -> 24/32, 64: 404/420 -> 440/448 (Q alone), dynamic
 # 96: 556/572 -> 608/624, dynamic 128: 8/24 -> 28/64. Presplit stays off there; where it is taken spills fell: dq
 # 32: 24/24 -> 12/12, 96: 412/324 -> 204/176 (K alone), dk/dv 96: 456/460 -> 416/424, 128: 4/4 -> 0/0 (Q alone).
-PRESPLIT_SPILLS = frozenset({("forward", 32, False), ("forward", 64, False), ("forward", 96, False),
-                             ("dq", 64, False), ("dkdv", 32, False), ("dkdv", 64, False), ("dkdv", 96, True),
+PRESPLIT_SPILLS = frozenset({("dq", 64, False), ("dkdv", 32, False), ("dkdv", 64, False), ("dkdv", 96, True),
                              ("dkdv", 128, True)})
 
 
@@ -160,10 +158,11 @@ def _loop_choices(head_dim: int, elem: str, kind: str, mask_kind: int, block_n: 
                   shared_scores: bool, dynamic: bool, presplit: bool = False) -> tuple:
     """(block, mask_tile, shared_scores, dynamic, presplit) as a tile loop is built from what was asked for: the one
     place that decides them, for tile_loop_source and for the shared memory a launch gives it (dynamic_bytes).
-    presplit (KernelConfig.tensor_core_fp32_presplit; fp32's forward, dq and dk/dv): efficient_common.cuh's
-    EFF_PRESPLIT bits, the B-operand tiles split once a block whose small parts' tiles fit beside the rest (a mask
-    tile first, as it was): both (3) or else the first (1: dq's K, read twice, dk/dv's Q); the forward's two share
-    one tile. Not dq with shared scores (its pair reads K or V by one call; at head dim 128 neither fits anyway),
+    presplit (KernelConfig.tensor_core_fp32_presplit; fp32's dq and dk/dv): efficient_common.cuh's EFF_PRESPLIT
+    bits, the B-operand tiles split once a block whose small parts' tiles fit beside the rest (a mask tile first, as
+    it was): both (3) or else the first (1: dq's K, read twice, dk/dv's Q). Not the forward (its builds with K and V
+    sharing one small tile spilled more at every head dim where that tile fits, 32-96: deleted). Not dq with shared
+    scores (its pair reads K or V by one call; at head dim 128 neither fits anyway),
     nor the loops that spill more with it (PRESPLIT_SPILLS)."""
     parts = col_parts(head_dim, elem)
     dynamic = takes_dynamic(head_dim, elem, kind, dynamic)
@@ -174,7 +173,7 @@ def _loop_choices(head_dim: int, elem: str, kind: str, mask_kind: int, block_n: 
     limit = DYNAMIC_SHARED if dynamic else STATIC_SHARED
     mask_tile = mask_tile and mask_tile_fits(head_dim, elem, kind, block, mask_kind, parts, shared_scores, limit)
     bits = 0
-    if presplit and elem == "float32" and kind in ("forward", "dq", "dkdv") and not (kind == "dq" and shared_scores) \
+    if presplit and elem == "float32" and kind in ("dq", "dkdv") and not (kind == "dq" and shared_scores) \
             and (kind, head_dim, dynamic) not in PRESPLIT_SPILLS:
         bits = next((b for b in (3, 1) if shared_bytes(head_dim, elem, kind, block, parts,
                                                        mask_kind if mask_tile else 0, shared_scores, b) <= limit), 0)
@@ -331,9 +330,8 @@ def _grid(slices: int, rows: int, extent: int, head_major: bool) -> tuple:
 
 @functools.cache
 def _kernel(head_dim: int, elem: str, dropout: bool, mask_kind: int, registers: int, block_n: int,
-            head_major: bool, mask_tile: bool = False, fast_split: bool = False, presplit: bool = False):
-    tile_loop = _tile_loop(head_dim, elem, "forward", dropout, mask_kind, block_n, mask_tile, fast_split,
-                           presplit=presplit)
+            head_major: bool, mask_tile: bool = False, fast_split: bool = False):
+    tile_loop = _tile_loop(head_dim, elem, "forward", dropout, mask_kind, block_n, mask_tile, fast_split)
     size = 4 if _wide(elem) else 2  # bytes per element of q, k, v and out
 
     @cuda.jit(max_registers=registers)
@@ -377,8 +375,7 @@ def forward(pr, views, out_v, lse_v, device, structure, cfg):
     kernel = _kernel(head_dim, elem, pr.dropout_p > 0, mask_kind_of(pr),
                      registers_for(head_dim, elem, cfg.tensor_core_registers, forward=True),
                      forward_block_n(head_dim, elem, cfg.tensor_core_block_n), cfg.head_major_grid,
-                     cfg.tensor_core_mask_tiles and pr.mask_kind is not None, cfg.tensor_core_fp32_fast_split,
-                     cfg.tensor_core_fp32_presplit)
+                     cfg.tensor_core_mask_tiles and pr.mask_kind is not None, cfg.tensor_core_fp32_fast_split)
     q, qs = _address_and_strides(views.q)
     k, ks = _address_and_strides(views.k)
     v, vs = _address_and_strides(views.v)

@@ -204,7 +204,7 @@ def presplit_jobs():
     """tile_loop_source's arguments of the presplit builds the compile tests take (tensor_core_fp32_presplit)."""
     from kernels_numba import tensor_core
 
-    kinds = ("forward", "dq", "dkdv")
+    kinds = ("dq", "dkdv")
     jobs = [(head_dim, "float32", kind, False, 0, 0, False, True, True, False, True)
             for head_dim in tensor_core.HEAD_DIMS if head_dim <= tensor_core.FP32_HEAD_DIM for kind in kinds]
     jobs += [(64, "float32", kind, True, 1, 0, True, True, True, False, True) for kind in kinds]
@@ -216,10 +216,9 @@ def presplit_jobs():
 
 
 def test_efficient_presplit_tiles_are_those_that_fit():
-    """KernelConfig.tensor_core_fp32_presplit compiles EFF_PRESPLIT into fp32's forward, dq and dk/dv loops alone (not
-    TF32-allowed fp32, 16-bit types or the fused loop), with the tiles whose small parts' tiles fit beside the others
-    (the forward's K and V share one; dq's K before V, dk/dv's Q before dO), named apart; elsewhere the source is the
-    one without it."""
+    """KernelConfig.tensor_core_fp32_presplit compiles EFF_PRESPLIT into fp32's dq and dk/dv loops alone (not the
+    forward, TF32-allowed fp32, 16-bit types or the fused loop), with the tiles whose small parts' tiles fit beside
+    the others (dq's K before V, dk/dv's Q before dO), named apart; elsewhere the source is the one without it."""
     from kernels_numba import tensor_core
 
     for elem in tensor_core.ELEMS:
@@ -238,7 +237,7 @@ def test_efficient_presplit_tiles_are_those_that_fit():
                     parts = tensor_core.col_parts(head_dim, elem)
                     used = functools.partial(tensor_core.shared_bytes, head_dim, elem, kind, block, parts,
                                              mask_kind if tiled else 0, shared)
-                    if elem != "float32" or kind == "fused" or kind == "dq" and shared or \
+                    if elem != "float32" or kind in ("forward", "fused") or kind == "dq" and shared or \
                             (kind, head_dim, dyn) in tensor_core.PRESPLIT_SPILLS:
                         assert bits == 0
                     elif bits == 0:
@@ -249,16 +248,14 @@ def test_efficient_presplit_tiles_are_those_that_fit():
                     assert defined == bool(bits) == name.endswith(f"_ps{bits}"), name
                     if not bits:
                         assert (name, source) == (plain_name, plain)
-    # taken: dq's K and V at 32, K alone at 96, dk/dv's Q alone at 96 and 128; the forward's two tiles share one
-    # (both wherever one fits, up to head dim 96) but spill more, as dq at 64 does; dq at 128 never fits
+    # taken: dq's K and V at 32, K alone at 96, dk/dv's Q alone at 96 and 128; dq at 64 spills more; dq at 128
+    # never fits
     assert [tensor_core._loop_choices(*args, 0, False, True, False, True)[4] for args in
             ((32, "float32", "dq", 0), (96, "float32", "dq", 0), (96, "float32", "dkdv", 0),
              (128, "float32", "dkdv", 0), (64, "float32", "forward", 0), (64, "float32", "dq", 0),
              (128, "float32", "dq", 0))] == [3, 1, 1, 1, 0, 0, 0]
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(tensor_core, "PRESPLIT_SPILLS", frozenset())
-        assert tensor_core._loop_choices(96, "float32", "forward", 0, 0, False, True, False, True)[4] == 3
-        assert tensor_core._loop_choices(128, "float32", "forward", 0, 0, False, True, False, True)[4] == 0
         assert tensor_core._loop_choices(128, "float32", "dq", 0, 0, False, False, False, True)[4] == 0
 
 
