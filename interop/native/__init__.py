@@ -153,10 +153,11 @@ def graph_kind(options: tuple, backends: str) -> int:
 
 def _general_forward(query, key, value, kind: int):
     """A ``graph_forward`` call whose signature has no plan bound: ``attention``'s (its first call, which binds
-    one where a plan is made), else the ops' forward."""
+    one where a plan is made), else the ops' forward as an eager call runs it (its kernel called directly, which
+    does not ask the replay again)."""
     options, backends = _graph_kinds[kind]
     got = attention(query, key, value, None, None, backends, options, False, False)
-    return got if got is not None else ops.sdpa_fwd(query, key, value, None, None, *options, None, backends)
+    return got if got is not None else ops.call(ops.sdpa_fwd, query, key, value, None, None, *options, None, backends)
 
 
 def _summary(query, mask, plan: int, stream: int):

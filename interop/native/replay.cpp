@@ -479,8 +479,8 @@ std::tuple<Tensor, Tensor, int64_t> call(const Tensor& q, const Tensor& k, const
 
 // ---- compiled graphs --------------------------------------------------------------------------------------
 
-// The general path's forward of a call of `kind` (interop/native, in Python: the ops' forward, which binds a
-// plan to the call's signature where it makes one).
+// The general path's forward of a call of `kind` (interop/native, in Python: the replay's front end, which binds
+// a plan to the call's signature where it makes one, else the ops' forward).
 std::tuple<Tensor, Tensor> general_forward(const Tensor& q, const Tensor& k, const Tensor& v, int64_t kind) {
     static auto op = c10::Dispatcher::singleton()
                          .findSchemaOrThrow("cusdpa_native::general_forward", "")
