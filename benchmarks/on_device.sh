@@ -10,9 +10,8 @@
 #
 # The machine has torch, CuPy, numba-cuda and triton but numpy 2.5, which numba-cuda 0.30 cannot import:
 # a numpy < 2.5 wheel travels in .whl (README of the device tool) and goes first on PYTHONPATH.
-# Stages: pending-tests (the GPU tests of code written without device time and not yet run: each warpgroup's Q
-# barriers, the exponentials' cubic, the forward knobs' bit tests on their shared helper, EFFICIENT fp32's presplit
-# tiles and compile-once test, graph_forward), flash-tests, plans-tests, native-tests (the compiled replay, interop.native, against the Python path's
+# Stages: pending-tests (the GPU tests changed since their last run: EFFICIENT's compile-once test, a compiled
+# function through graph_forward), flash-tests, plans-tests, native-tests (the compiled replay, interop.native, against the Python path's
 # bits, and a compiled function through the library's graph_forward; overhead times it), interop-tests, efficient-tests, efficient-knob-tests, efficient-short (EFFICIENT at L = 1024, through
 # Numba's dispatcher and through prepared launches), efficient-fp32 (the EFFICIENT issue's fp32 shape; efficient-fp32-tiles: the portable kernels' register tiles swept there;
 # efficient-fp32-split: there, the fp32 loops splitting tiles that landed finite in 4 instructions,
@@ -54,12 +53,6 @@
 # FlashConfig.fwd90_wg_blocks: its GPU test (same bits off and on, judged by the reference) / causal E = 64 at the
 # tutorial module's shape and L = 1024-4096 with it on the default tiles, on three warpgroups and on 64-key
 # blocks, and E = 128 L = 1024 on 64-key blocks),
-# fwd-wgq (each consumer warpgroup's rows of Q on mbarriers of their own, FlashConfig.fwd90_wg_q: its GPU test (same
-# bits off and on, judged by the reference), then off and on at the tutorial module's attention, E = 64 and 128 at
-# L = 1024 and 4096, the tutorial's call),
-# fwd-poly (the softmax's exponentials of every 8th or 4th n8 column tile by a cubic on the FMA pipe,
-# FlashConfig.fwd90_poly_exp: its GPU test (judged by the reference), then E = 64 at the tutorial module's attention
-# and L = 1024, 4096, the tutorial's call (E = 32), and E = 128 L = 4096, off, 8 and 4),
 # fwd-cluster-tests / fwd-cluster (clusters of two CTAs sharing each K and V block by TMA multicast,
 # FlashConfig.fwd90_cluster: its GPU test (same bits off and on, judged by the reference) / bf16 not causal, E = 128
 # at L = 1024-16384 and E = 64, 256 at 4096, off and on),
@@ -115,8 +108,7 @@ command_of() {  # the command of stage $1, into the array cmd
                       -k "not skipping_keeps_the_bits") ;;  # (fwd-idle-tests runs those beside it)
     plans-tests) cmd=(python3 -m pytest -q -p no:cacheprovider tests/test_plans.py) ;;
     pending-tests) cmd=(bash -c 'P="python3 -m pytest -q -m gpu -p no:cacheprovider"; rc=0  # (each runs, whatever failed)
-                        $P tests/test_flash.py -k "keep_the_bits or keeps_the_bits or by_a_polynomial" || rc=1
-                        $P tests/test_efficient_gpu.py -k "presplit or compiles_once" || rc=1
+                        $P tests/test_efficient_gpu.py -k compiles_once || rc=1
                         $P tests/test_plans.py -k library_s_forward || rc=1; exit $rc') ;;
     native-tests) cmd=(python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_plans.py -k "compiled_replay or library_s_forward") ;;
     interop-tests) cmd=(python3 -m pytest -q -m "gpu and not slow" -p no:cacheprovider tests/test_interop_gpu.py) ;;
@@ -230,17 +222,6 @@ command_of() {  # the command of stage $1, into the array cmd
                  eval $S --dtype float16 --lengths 512 --head-dims 64 --tokens 16384 --hidden 512 --variants $V
                  eval $S --lengths 1024 2048 4096 --head-dims 64 --variants $V
                  eval $S --lengths 1024 --head-dims 128 --variants \"\" fwd90_block_n=64,fwd90_wg_blocks=1') ;;
-    fwd-wgq) cmd=(bash -c 'python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_flash.py -k own_q_barriers || exit 1
-                  S="python3 benchmarks/flash_sweep.py --forward-only --variants \"\" fwd90_wg_q=1"
-                  eval $S --dtype float16 --lengths 512 --head-dims 64 --tokens 16384 --hidden 512 --causal yes
-                  eval $S --lengths 1024 4096 --head-dims 64 128
-                  eval $S --dtype float16 --lengths 1024 --head-dims 32 --tokens 32768 --hidden 1024 --causal no') ;;
-    fwd-poly) cmd=(bash -c 'python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_flash.py -k by_a_polynomial || exit 1
-                   S="python3 benchmarks/flash_sweep.py --forward-only --variants \"\" fwd90_poly_exp=8 fwd90_poly_exp=4"
-                   eval $S --dtype float16 --lengths 512 --head-dims 64 --tokens 16384 --hidden 512 --causal yes
-                   eval $S --lengths 1024 4096 --head-dims 64
-                   eval $S --dtype float16 --lengths 1024 --head-dims 32 --tokens 32768 --hidden 1024 --causal no
-                   eval $S --lengths 4096 --head-dims 128 --causal no') ;;
     fwd-cluster-tests) cmd=(python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_flash.py -k clusters_sharing) ;;
     fwd-cluster) cmd=(bash -c 'S="python3 benchmarks/flash_sweep.py --forward-only --causal no --variants \"\" fwd90_cluster=2"
                       eval $S --lengths 1024 4096 16384 --head-dims 128

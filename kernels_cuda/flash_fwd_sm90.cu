@@ -53,13 +53,7 @@
 // FlashAttention-3's epilogue does; dense problems only, tensor map `tm_o`: a packed batch's store would clip at
 // the tensor's end, not at the sequence's), FWD90_SKIP_IDLE (1: a consumer warpgroup whose rows all lie past the
 // queries computes nothing, walk_idle), FWD90_WG_BLOCKS (1: each consumer warpgroup stops at the last key
-// block its own rows see and walks the tile's blocks past it), FWD90_WG_Q (1: each consumer warpgroup's 64 rows of Q
-// load, land and are released on a pair of mbarriers of their own, so the producer reloads a warpgroup's rows for
-// the next tile once that warpgroup's last S has read them, not once the ping-pong's later warpgroup has too: on
-// short tiles the consumers wait for Q at every tile's start, 4.8% of their clocks at the tutorial module's
-// causal L = 512 with one pair), FWD90_POLY_EXP (k > 0: the softmax's exponentials of every k-th n8 column tile by a
-// polynomial on the FMA pipe, exp2_poly, where the others take the MUFU unit's ex2, 16 a clock an SM, which the
-// exponentials of head dim 64 wait on), CUSDPA_PHASES (1: per-warp phase clocks, phases.cuh),
+// block its own rows see and walks the tile's blocks past it), CUSDPA_PHASES (1: per-warp phase clocks, phases.cuh),
 // FWD90_WARPGROUPS (consumer warpgroups, 2 or 3), FWD90_BLOCK_N, FWD90_STAGES (K/V buffers), FWD90_PINGPONG
 // (1: consumers take turns; 0: they issue when ready), ATTN_MASK, ALIBI (1: the slopes' bias added, `slopes`
 // per (batch, head) with batch stride `slopes_b`; scores in natural units as with a float mask), SOFTCAP (1:
@@ -92,12 +86,6 @@
 #ifndef FWD90_WG_BLOCKS
 #define FWD90_WG_BLOCKS 0
 #endif
-#ifndef FWD90_WG_Q
-#define FWD90_WG_Q 0
-#endif
-#ifndef FWD90_POLY_EXP
-#define FWD90_POLY_EXP 0
-#endif
 #ifndef FWD90_CLUSTER
 #define FWD90_CLUSTER 1
 #endif
@@ -122,7 +110,6 @@ constexpr int BAR_EPILOGUE = 4;  // named barriers 4 + cw: consumer warpgroup cw
 constexpr int LOAD_REGS = MMA_WG == 2 ? 24 : 32;
 constexpr int MMA_REGS = MMA_WG == 2 ? 240 : 160;
 constexpr int CONSUMER_WARPS = MMA_WG * 4;
-constexpr int Q_BARS = FWD90_WG_Q ? MMA_WG : 1;  // pairs of Q's mbarriers: one for the tile, or one a warpgroup
 static_assert(HEAD_DIM % 32 == 0 && HEAD_DIM_V % 32 == 0 && HEAD_DIM <= 256 && HEAD_DIM_V <= 256,
               "the sm90 kernel takes E, Ev multiples of 32 up to 256");
 // Swizzle of each operand's tiles: bytes per row of a column chunk (128 or 64).
@@ -218,20 +205,6 @@ __device__ __forceinline__ void row_maxima(float (&s)[NT * 4], float (&mx)[2], c
 // before dropout). alpha[r] is the factor the output accumulated so far needs; the return value says
 // whether any row of the warp changed its max (else alpha is 1 everywhere and the rescale is skipped).
 // With NATURAL the scores come scaled, in natural units (apply_mask, apply_alibi), and m_i is in those units too.
-// 2^x for x <= 0 on the FMA pipe (FlashAttention-4's remedy for an exponential unit the products outrun): x
-// clamped at -127 (max.NaN: a NaN score stays NaN, as ex2 keeps it, where fmaxf would make it -127), split by the
-// round-to-nearest of adding 1.5 * 2^23 into an integer j (r's low mantissa bits) and f in [-0.5, 0.5]; 2^f by a
-// cubic whose constant term is 1 (relative error 1.0e-4, below half an ulp of the fp16 and bf16 P it becomes),
-// times 2^j made from j's bits. Exactly 1 at x = 0 and exactly 0 at x <= -127 (-inf included: 2^-127's factor is
-// the bits 0).
-__device__ __forceinline__ float exp2_poly(float x) {
-    asm("max.NaN.f32 %0, %0, 0fC2FE0000;" : "+f"(x));  // -127
-    const float r = __fadd_rn(x, 12582912.f);
-    const float f = __fsub_rn(x, __fsub_rn(r, 12582912.f));
-    const float p = fmaf(fmaf(fmaf(0.05500892922282219f, f, 0.2422109693288803f), f, 0.6932829022407532f), f, 1.f);
-    return p * __int_as_float((__float_as_int(r) + 127) << 23);
-}
-
 __device__ __forceinline__ bool softmax_block(float (&s)[NT * 4], float (&m_i)[2], float (&l_i)[2], float (&alpha)[2],
                                               const Visibility<int>& vis, bool full, int i, int n0, int t,
                                               float scale_log2) {
@@ -260,8 +233,8 @@ __device__ __forceinline__ bool softmax_block(float (&s)[NT * 4], float (&m_i)[2
         for (int nt = 0; nt < NT; ++nt) {
 #pragma unroll
             for (int r = 0; r < 2; ++r) {
-                const float p0 = power(s[nt * 4 + 2 * r], m_use[r], nt);
-                const float p1 = power(s[nt * 4 + 2 * r + 1], m_use[r], nt);
+                const float p0 = power(s[nt * 4 + 2 * r], m_use[r]);
+                const float p1 = power(s[nt * 4 + 2 * r + 1], m_use[r]);
                 l_i[r] += p0 + p1;
                 s[nt * 4 + 2 * r] = p0;
                 s[nt * 4 + 2 * r + 1] = p1;
@@ -269,14 +242,11 @@ __device__ __forceinline__ bool softmax_block(float (&s)[NT * 4], float (&m_i)[2
         }
     };
     if (NATURAL)  // the difference first: the max element gets exp2(0) = 1 exactly
-        exponentiate([](float x, float m, int) { return exp2f(__fsub_rn(x, m) * LOG2E); });
+        exponentiate([](float x, float m) { return exp2f(__fsub_rn(x, m) * LOG2E); });
     else if (exact)
-        exponentiate([scale_log2](float x, float m, int) { return exp2f(__fmul_rn(x, scale_log2) - m); });
-    else  // (nt is a constant of the unrolled loop: the choice is made at compile time)
-        exponentiate([scale_log2](float x, float m, int nt) {
-            const float t = fmaf(x, scale_log2, -m);
-            return FWD90_POLY_EXP > 0 && nt % (FWD90_POLY_EXP > 0 ? FWD90_POLY_EXP : 1) == 0 ? exp2_poly(t) : exp2f(t);
-        });
+        exponentiate([scale_log2](float x, float m) { return exp2f(__fmul_rn(x, scale_log2) - m); });
+    else
+        exponentiate([scale_log2](float x, float m) { return exp2f(fmaf(x, scale_log2, -m)); });
     return __any_sync(0xffffffffu, rescale);
 }
 
@@ -645,8 +615,8 @@ flash_fwd_sm90(const __grid_constant__ TmaMap tm_q, const __grid_constant__ TmaM
     unsigned char* sO = sV + STAGES * SV_BYTES;
     unsigned long long* bars = reinterpret_cast<unsigned long long*>(smem + SMEM_TILES);
     unsigned long long* q_full = bars;
-    unsigned long long* q_empty = bars + Q_BARS;
-    unsigned long long* k_full = bars + 2 * Q_BARS;
+    unsigned long long* q_empty = bars + 1;
+    unsigned long long* k_full = bars + 2;
     unsigned long long* k_empty = k_full + STAGES;
     unsigned long long* v_full = k_empty + STAGES;
     unsigned long long* v_empty = v_full + STAGES;
@@ -668,10 +638,8 @@ flash_fwd_sm90(const __grid_constant__ TmaMap tm_q, const __grid_constant__ TmaM
         return tile_at(t, divisors, num_units, BH, cu_q, cu_k, L, S, left, right, lower_right, rank);
     };
     if (threadIdx.x == 0) {
-        for (int w = 0; w < Q_BARS; ++w) {
-            mbar_init(q_full + w, 1);
-            mbar_init(q_empty + w, CONSUMER_WARPS / Q_BARS);
-        }
+        mbar_init(q_full, 1);
+        mbar_init(q_empty, CONSUMER_WARPS);
         for (int st = 0; st < STAGES; ++st) {
             mbar_init(k_full + st, 1);
             mbar_init(v_full + st, 1);
@@ -729,22 +697,10 @@ flash_fwd_sm90(const __grid_constant__ TmaMap tm_q, const __grid_constant__ TmaM
             const UnseenKeys unseen{ATTN_MASK ? seen + sl.b * sk_b + sl.h * sk_h : nullptr, 0, 1, sl.S};
             if (lane == 0) {
                 ph.to(PH_TILE);
-#if FWD90_WG_Q
-                // each warpgroup's rows as soon as that warpgroup has released its rows of the tile before
-                for (int w = 0; w < MMA_WG; ++w) {
-                    mbar_wait(q_empty + w, q_phase ^ 1);
-                    ph.to(PH_WAIT_Q);
-                    tma_load_tile<64, HEAD_DIM, QK_SW, 1, BLOCK_M>(sQ + w * 64 * QK_SW, tm_q, q_full + w,
-                                                                   sl.start_q + tile.m0 + w * 64, sl.h * q_hm,
-                                                                   sl.b * q_bm);
-                    ph.to(PH_ISSUE);
-                }
-#else
                 mbar_wait(q_empty, q_phase ^ 1);
                 ph.to(PH_WAIT_Q);
                 tma_load_tile<BLOCK_M, HEAD_DIM, QK_SW>(sQ, tm_q, q_full, sl.start_q + tile.m0, sl.h * q_hm, sl.b * q_bm);
                 ph.to(PH_ISSUE);
-#endif
                 ph.count(PH_TILES);
             }
             q_phase ^= 1;
@@ -806,8 +762,6 @@ flash_fwd_sm90(const __grid_constant__ TmaMap tm_q, const __grid_constant__ TmaM
     const int cw = wg - 1;  // consumer index: rows 64 cw .. 64 cw + 63 of each tile
     const int g = lane / 4, t4 = lane % 4;
     const unsigned char* sQwg = sQ + cw * 64 * QK_SW;
-    unsigned long long* const q_full_wg = q_full + (FWD90_WG_Q ? cw : 0);  // this warpgroup's Q barriers
-    unsigned long long* const q_empty_wg = q_empty + (FWD90_WG_Q ? cw : 0);
     const Dropout drop{seed_lo, seed_hi, offset, threshold};
 #if ATTN_MASK || ALIBI || SOFTCAP
     const float scale = scale_log2 * LN2;  // a float mask and ALiBi are added to the scores scaled by this
@@ -848,7 +802,7 @@ flash_fwd_sm90(const __grid_constant__ TmaMap tm_q, const __grid_constant__ TmaM
     // ping-pong turns taken -- and computes nothing. Its own loop, not the compute loop with its products
     // skipped: ptxas serialises every wgmma where a path may read accumulators between issue and wait.
     auto walk_idle = [&](KeyBlocks& kb, int n, int n_end) {
-        mbar_wait_warp(q_full_wg, q_phase);
+        mbar_wait_warp(q_full, q_phase);
         q_phase ^= 1;
         u32 st = it % STAGES, phase = (it / STAGES) & 1;
         mbar_wait_warp(k_full + st, phase);
@@ -858,7 +812,7 @@ flash_fwd_sm90(const __grid_constant__ TmaMap tm_q, const __grid_constant__ TmaM
             const int next = kb.from(n + 1);
             release_kv(k_empty + st);
             if (next >= n_end) {
-                release(q_empty_wg);
+                release(q_empty);
                 break;
             }
             n = next;
@@ -970,7 +924,7 @@ flash_fwd_sm90(const __grid_constant__ TmaMap tm_q, const __grid_constant__ TmaM
         // The first block: S, softmax, P.
         ph.to(PH_TILE);
         ph.count(PH_TILES);
-        mbar_wait_warp(q_full_wg, q_phase);
+        mbar_wait_warp(q_full, q_phase);
         ph.to(PH_WAIT_Q);
         q_phase ^= 1;
         int st = it % STAGES;
@@ -992,7 +946,7 @@ flash_fwd_sm90(const __grid_constant__ TmaMap tm_q, const __grid_constant__ TmaM
         ph.to(PH_WAIT_S);
         fence_regs(s);
         release_kv(k_empty + st);
-        if (next >= n_stop) release(q_empty_wg);
+        if (next >= n_stop) release(q_empty);
         modify_scores(here, ahead, next, n0);
         softmax_block(s, m_i, l_i, alpha, vis, vis.tile_full(mw, 64, n0, BLOCK_N), i, n0, t4, scale_log2);
         round_p(s, p, i, n0, t4, drop, sl.bh);
@@ -1030,7 +984,7 @@ flash_fwd_sm90(const __grid_constant__ TmaMap tm_q, const __grid_constant__ TmaM
             ph.to(PH_WAIT_S);
             fence_regs(s);
             release_kv(k_empty + st);
-            if (next >= n_stop) release(q_empty_wg);
+            if (next >= n_stop) release(q_empty);
             modify_scores(here, ahead, next, n0);
             const bool rescale =
                 softmax_block(s, m_i, l_i, alpha, vis, vis.tile_full(mw, 64, n0, BLOCK_N), i, n0, t4, scale_log2);

@@ -91,9 +91,8 @@ __device__ __forceinline__ void tma_load_multicast(void* dst, const TmaMap& map,
 // `batch`: the bytes announced on `bar`, then the copies that complete them. With CLUSTER > 1 the tile is shared
 // by the CTAs of the cluster: this CTA (`rank`) loads its ROWS / CLUSTER rows into every CTA's buffer and the
 // others the rest, so the whole tile's bytes arrive on each CTA's `bar` (the map's box is ROWS / CLUSTER rows;
-// whole groups of 8 rows keep the swizzle). PITCH: the rows of the buffer's column chunks, where the tile is ROWS
-// rows of a taller buffer (a warpgroup's rows of the Hopper forward's Q, FWD90_WG_Q).
-template <int ROWS, int D, int SW, int CLUSTER = 1, int PITCH = ROWS>
+// whole groups of 8 rows keep the swizzle).
+template <int ROWS, int D, int SW, int CLUSTER = 1>
 __device__ __forceinline__ void tma_load_tile(unsigned char* dst, const TmaMap& map, unsigned long long* bar, int row,
                                               int head, int batch, u32 rank = 0) {
     constexpr int PART = ROWS / CLUSTER;
@@ -102,9 +101,9 @@ __device__ __forceinline__ void tma_load_tile(unsigned char* dst, const TmaMap& 
 #pragma unroll
     for (int c = 0; c < D / (SW / 2); ++c) {
         if (CLUSTER == 1)
-            tma_load(dst + c * PITCH * SW, map, bar, SW / 2 * c, row, head, batch);
+            tma_load(dst + c * ROWS * SW, map, bar, SW / 2 * c, row, head, batch);
         else
-            tma_load_multicast(dst + c * PITCH * SW + rank * PART * SW, map, bar, SW / 2 * c, row + rank * PART, head,
+            tma_load_multicast(dst + c * ROWS * SW + rank * PART * SW, map, bar, SW / 2 * c, row + rank * PART, head,
                                batch, static_cast<unsigned short>((1u << CLUSTER) - 1));
     }
 }

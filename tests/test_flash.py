@@ -38,17 +38,16 @@ def _nvrtc_jobs():
                             "-arch=sm_90a",)
                     if fwd_cfg.fwd90_tma_store and (E, Ev) in ((64, 64), (96, 64), (160, 224)) and dropout:  # ... with
                         # the phase clocks, O from 128- and 64-byte swizzled rows, idle warpgroups skipping their
-                        # tiles, warpgroups stopping at their own key blocks, each warpgroup's Q on its own
-                        # barriers, a quarter of the exponentials by the cubic
+                        # tiles, warpgroups stopping at their own key blocks
                         phased = dataclasses.replace(fwd_cfg, fwd90_phases=True, fwd90_skip_idle=True,
-                                                     fwd90_wg_blocks=True, fwd90_wg_q=True, fwd90_poly_exp=4)
+                                                     fwd90_wg_blocks=True)
                         yield "flash_fwd_sm90.cu", sources.compile_options(dtype, E, Ev, dropout, phased,
                                                                            tma_store=True) + ("-arch=sm_90a",)
             if (E, Ev) in ((64, 64), (96, 64), (256, 256)) and dropout:
                 # ... with clusters sharing the key blocks (three warpgroups, 64-byte rows, 80-key blocks), idle
-                # warpgroups walking their tiles, each warpgroup's Q on its own barriers
+                # warpgroups walking their tiles
                 clustered = dataclasses.replace(config.FlashConfig.for_problem(E, Ev, 4096, False), fwd90_cluster=2,
-                                                fwd90_skip_idle=True, fwd90_wg_q=True).fitted(E, Ev)
+                                                fwd90_skip_idle=True).fitted(E, Ev)
                 yield "flash_fwd_sm90.cu", sources.compile_options(dtype, E, Ev, dropout, clustered,
                                                                    tma_store=clustered.fwd90_tma_store) + ("-arch=sm_90a",)
             # ... and with each kind of attn_mask (its tiles from the queue)
@@ -1130,67 +1129,6 @@ def test_clusters_sharing_key_blocks_keep_the_bits(name, clusters, rng, monkeypa
     monkeypatch.setattr(sources, "max_active_clusters", lambda *args: clusters)
     _knob_keeps_the_bits(build(CLUSTER_CASES[name], cupy, rng), rng, monkeypatch, "fwd90_cluster", (1, 2),
                          fwd90_skip_idle=True)
-
-
-# fwd90_wg_q: each consumer warpgroup's rows of Q on barriers of their own, in the tiles and paths that wait for
-# and release Q: the tutorial module's short causal tiles, two and three warpgroups, an idle warpgroup's walk,
-# warpgroups stopping at their own key blocks (Q released earlier by the first), a packed batch and a bool mask
-# (the queue's tiles, a tile whose rows see no key skipping Q), clusters (Q the CTA's own beside shared K and V),
-# 64-byte rows
-WG_Q_CASES = {
-    "short_causal": (Case(batch=(3,), hq=2, L=512, S=512, E=64, causal="upper_left"), {}),
-    "three_idle_wg_blocks": (Case(hq=4, hkv=2, L=600, S=600, E=64, causal="lower_right", dropout_p=0.2),
-                             dict(fwd90_warpgroups=3, fwd90_skip_idle=True, fwd90_wg_blocks=True)),
-    "varlen_queue": (Case(hq=2, E=128, varlen=((300, 300), (0, 7), (129, 200), (64, 0)), causal="lower_right"), {}),
-    "bool_mask_window": (Case(batch=(2,), hq=2, L=450, S=500, E=96, Ev=64, window=(120, 10), mask="bool",
-                              mask_shape=(2, 1, 450, 500)), {}),
-    "clusters": (Case(batch=(2,), hq=2, L=1000, S=900, E=128), dict(fwd90_cluster=2, fwd90_skip_idle=True)),
-}
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("name", list(WG_Q_CASES))
-def test_warpgroups_own_q_barriers_keep_the_bits(name, rng, monkeypatch):
-    """fwd90_wg_q (each warpgroup's 64 rows of Q loaded, waited for and released on their own mbarriers) gives
-    the same out and lse, bit for bit, off and on, and the reference judges them. On a device of two SMs (clusters:
-    one cluster), so that each CTA walks many tiles and every barrier many phases."""
-    import cupy
-
-    monkeypatch.setattr(sources, "multiprocessors", lambda device: 2)
-    monkeypatch.setattr(sources, "max_active_clusters", lambda *args: 1)
-    case, knobs = WG_Q_CASES[name]
-    _knob_keeps_the_bits(build(case, cupy, rng), rng, monkeypatch, "fwd90_wg_q", (False, True), **knobs)
-
-
-# fwd90_poly_exp: the softmax's exponentials partly by exp2_poly, judged by the reference (their bits differ):
-# every element by the cubic (k = 1) and one n8 tile in eight (k = 8), on the causal diagonal's -inf scores, rows
-# that see no key (lower-right causal, L > S), dropout, GQA with a window, a bool mask, fp16 and bf16
-POLY_EXP_CASES = {
-    "short_causal_fp16": Case(dtype="float16", batch=(3,), hq=2, L=512, S=512, E=64, causal="upper_left"),
-    "rows_seeing_nothing": Case(L=300, S=200, E=64, causal="lower_right", dropout_p=0.2),
-    "gqa_window": Case(hq=4, hkv=2, L=300, S=400, E=128, window=(50, 20)),
-    "bool_mask": Case(dtype="float16", batch=(2,), L=200, S=260, E=64, mask="bool", mask_shape=(2, 1, 200, 260)),
-}
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("name", list(POLY_EXP_CASES))
-@pytest.mark.parametrize("every", [1, 8])
-def test_exponentials_by_a_polynomial_pass_the_reference(name, every, rng, monkeypatch):
-    """fwd90_poly_exp: the forward with every element's (1) or every eighth n8 tile's (8) exponentials by the cubic
-    meets the reference's judgement, out and lse; a row that sees no key still gives out 0 and lse -inf (the
-    cubic's 2^-inf is exactly 0)."""
-    import cupy
-
-    from cusdpa.backends.flash import launches
-    from cusdpa.verify.harness import run_problem
-
-    real = launches.config
-    monkeypatch.setattr(launches, "config", lambda pr: dataclasses.replace(real(pr), fwd90_poly_exp=every))
-    pr = build(POLY_EXP_CASES[name], cupy, rng)
-    assert launches.sm90_forward_config(pr).fwd90_poly_exp == every
-    failures = run_problem(pr, flash.IMPL, rng, grads=False)
-    assert not failures, "\n".join(failures)
 
 
 def test_clusters_only_where_every_query_sees_every_key():

@@ -52,17 +52,6 @@ class FlashConfig:
     # first warpgroup of every tile sees none of the tile's last block and the second that of every other tile,
     # so those products and exponentials are spared; with 128-row tiles only 64-key blocks leave a block unseen
     fwd90_wg_blocks: bool = False
-    # each consumer warpgroup's 64 rows of Q on their own mbarriers, loaded as soon as that warpgroup has read its
-    # rows of the tile before (its last S): one Q buffer still, whose halves the producer refills one at a time,
-    # where with one pair of barriers it waits for the ping-pong's later warpgroup (the tutorial module's causal
-    # L = 512: consumers wait for Q 4.8% of their clocks, the producer for Q's release 39% of its own; written
-    # without device time, off until its bit test and timing run)
-    fwd90_wg_q: bool = False
-    # the softmax's exponentials of every k-th n8 column tile (k = this; 0: none) by a cubic on the FMA pipe, the
-    # others by the MUFU unit's ex2, which the exponentials of head dim 64 wait on (its ex2 at mio 45% of their
-    # stalls, the twenty-second session's ncu): FlashAttention-4's remedy, relative error 1e-4 on those elements;
-    # written without device time, off until its test and timing run
-    fwd90_poly_exp: int = 0
     # clusters of this many CTAs (1 or 2) share each K and V block of the Hopper forward, each CTA loading its
     # part into all of them by TMA multicast (FlashAttention-3 does so at E = 128 and 256 without a causal band):
     # half the K/V bytes read from L2. Taken only where every tile of a head reads the same key blocks (no causal
@@ -206,8 +195,7 @@ def smem_bytes(kind: str, cfg: FlashConfig, E: int, Ev: int) -> int:
     if kind == "fwd_sm90":  # unpadded, swizzled tiles (K and V stages, O's staging), the mbarriers, the queue
         bm, bn, st = 64 * cfg.fwd90_warpgroups, cfg.fwd90_block_n, cfg.fwd90_stages
         staged_o = bm * Ev if cfg.fwd90_tma_store else 0
-        q_bars = 2 * cfg.fwd90_warpgroups if cfg.fwd90_wg_q else 2
-        return 2 * (bm * E + st * bn * E + st * bn * Ev + staged_o) + 8 * (q_bars + 1 + 4 * st) + 8 * 5
+        return 2 * (bm * E + st * bn * E + st * bn * Ev + staged_o) + 8 * (3 + 4 * st) + 8 * 5
     if kind == "bwd_sm90":  # swizzled K, V, two Q / dO stages, two dS^T and two fp32 dQ buffers, lse and D per
         bn, bm = 128, cfg.bwd90_block_m  # stage, 8 mbarriers
         if sm90_backward_is_wide(E, Ev):  # 64 keys; two P^T and two dS^T buffers, no dQ buffers

@@ -407,8 +407,7 @@ def _sm90_forward_launch(pr, lay, o_strides, cfg, opts, tail, mask) -> Launch:
     packed = pr.varlen is not None
     maps = []
     cluster = cfg.fwd90_cluster  # (with 2, each CTA of a cluster loads half of each K and V block's rows)
-    q_box = 64 if cfg.fwd90_wg_q else block_m  # (a warpgroup's rows a copy with fwd90_wg_q)
-    for name, x, D, rows, heads, box in (("q", lay.q, pr.E, pr.L, pr.hq, q_box),
+    for name, x, D, rows, heads, box in (("q", lay.q, pr.E, pr.L, pr.hq, block_m),
                                          ("k", lay.k, pr.E, pr.S, pr.hkv, block_n // cluster),
                                          ("v", lay.v, pr.Ev, pr.S, pr.hkv, block_n // cluster)):
         if packed:
