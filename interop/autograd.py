@@ -29,6 +29,13 @@ def _needs_grad(*tensors) -> bool:
     return False
 
 
+def _exporting() -> bool:
+    """Whether torch.export traces the call: the flag it sets, which Dynamo reads as a module's global.
+    ``torch.compiler.is_exporting()`` is no answer: torch 2.11's Dynamo folds it to True in every trace, so
+    compiled graphs never held the library's forward there."""
+    return getattr(torch.compiler, "_is_exporting_flag", False)
+
+
 def _apply(function, *args):
     if torch.compiler.is_compiling():
         return function.apply(*_distinct(args))
@@ -135,7 +142,7 @@ def attention(query, key, value, attn_mask, alibi_slopes, seed, backends: str, o
     if not need_grad:
         if (attn_mask is None and alibi_slopes is None and seed is None and query.is_cuda
                 and type(query) is torch.Tensor and type(key) is torch.Tensor and type(value) is torch.Tensor
-                and torch.compiler.is_compiling() and not torch.compiler.is_exporting()):
+                and torch.compiler.is_compiling() and not _exporting()):
             # a compiled graph's call on plain tensors (a subclass's dispatch stays the ops'): the library's op,
             # which replays the call's plan without Python (not in an exported program: its kind means something
             # only to the process that traced it)

@@ -258,6 +258,27 @@ def test_compile_fullgraph_matches_eager_values_and_gradients(rng):
         torch.testing.assert_close(g, w)
 
 
+def test_compiled_graphs_are_told_from_exported_programs():
+    """interop.autograd traces the library's graph_forward into compiled graphs, never into exported programs (its
+    kind means something only to the process that traced it): its test of export is False under torch.compile and
+    True under torch.export with every torch it runs on. (torch 2.11's Dynamo folds torch.compiler.is_exporting()
+    to True in every trace, which kept graph_forward out of every compiled graph there.)"""
+    from interop import autograd
+
+    def f(x):
+        return x + 1 if autograd._exporting() else x - 1
+
+    class Module(torch.nn.Module):
+        def forward(self, x):
+            return f(x)
+
+    x = torch.zeros(3)
+    torch._dynamo.reset()
+    assert torch.equal(torch.compile(f, backend="eager", fullgraph=True)(x), x - 1)
+    assert torch.equal(torch.export.export(Module(), (x,)).module()(x), x + 1)
+    assert not autograd._exporting()
+
+
 def test_compile_float_mask_gradient_and_dropout(rng):
     q, k, v, mask = make_case(rng, CASES["float_mask"])
 
