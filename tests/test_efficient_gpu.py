@@ -295,10 +295,11 @@ def test_public_api_runs_on_the_current_stream_and_compiles_once(gpu, rng, monke
         assert cusdpa.explain(*pr_args).chosen is cusdpa.Backend.EFFICIENT
         first = cusdpa.scaled_dot_product_attention(*pr_args, is_causal=True)
         assert launched, "the first call launched no kernel through kernels_numba.launcher"
+        kernels = list(launched)  # the first call's (later calls append theirs to `launched`)
 
         def compiled():
             return (tensor_core._kernel.cache_info().currsize, blocked_forward.forward_kernel.cache_info().currsize,
-                    [len(kernel.overloads) for kernel in launched])
+                    [len(kernel.overloads) for kernel in kernels])
 
         before = compiled()
         second = cusdpa.scaled_dot_product_attention(*pr_args, is_causal=True)
