@@ -31,11 +31,6 @@
 //     warp holds one A fragment set, not two -- and trades halves through shared memory (ScoreSwap): each warp
 //     takes dS (and P o Z) of half the n8 tiles, and both read the whole as the A operand of their column half
 //     of the gradient products. The same products and scalar steps as without it, so the same bits.
-// EFF_PRESPLIT (fp32; KernelConfig.tensor_core_fp32_presplit): the staged B-operand tiles split into their TF32 parts
-//     once as they land (efficient_common.cuh's landed), small parts in tiles of their own: dq's K (bit 1) and V
-//     (bit 2), dk/dv's Q (bit 1) and dO (bit 2), those whose second tile fits (tensor_core._loop_choices). dq's K
-//     then needs no keep_finite pass: its dS K reads each element's split with non-finite values made 0 from the
-//     parts (Tf32Ops::b_part's clean); the rows dk/dv zeroes are zeroed in both parts.
 // Only seen pairs carry weight: P and dS are selected (not multiplied) to 0 elsewhere. The operands of the
 // gradient products are cleaned so that 0 * NaN cannot leak: non-finite K values are zeroed for dQ (a query
 // that sees such a key has a non-finite dS anyway), and Q and dO rows that see no key (lse = -inf) are
@@ -227,16 +222,6 @@ __device__ void backward_dq(const BwdArgs& a) {
 #if EFF_SHARE_SCORES
   __shared__ __align__(16) float4 swap_buf[ROW_WARPS * NTILES * 32];  // ScoreSwap's slots, NTILES a row group
 #endif
-  constexpr bool PRE_K = (EFF_PRESPLIT & 1) != 0, PRE_V = (EFF_PRESPLIT & 2) != 0;
-  static_assert(!SHARE || EFF_PRESPLIT == 0, "a pair's score products read K or V by one call");
-#if EFF_PRESPLIT
-  __shared__ __align__(16) Elem presplit_small[(PRE_K + PRE_V) * BLOCK_N * STRIDE];  // K's small parts, then V's
-  Elem* const k_small = PRE_K ? presplit_small : k_tile;  // (the tile itself: unread)
-  Elem* const v_small = PRE_V ? presplit_small + PRE_K * BLOCK_N * STRIDE : v_tile;
-#else
-  Elem* const k_small = k_tile;  // (unread)
-  Elem* const v_small = v_tile;  // (unread)
-#endif
 
   constexpr int COLS = HEAD_DIM / COL_PARTS;
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, g = lane / 4, t = lane % 4;
@@ -316,7 +301,7 @@ __device__ void backward_dq(const BwdArgs& a) {
 #endif
     cp_async_commit();
     cp_async_wait<0>();
-    const bool finite = landed<Ops, HEAD_DIM, BLOCK_N, PRE_K, PRE_V>(k_tile, v_tile, k_small, v_small);
+    const bool finite = landed<Ops, HEAD_DIM, BLOCK_N>(k_tile, v_tile);
     // this warp's n8 tiles of dS: all, or with shared scores its half (tiles nt = part * MINE + h)
     constexpr int MINE = SHARE ? NTILES / 2 : NTILES;
     float s[MINE][4], dp[MINE][4];
@@ -328,10 +313,8 @@ __device__ void backward_dq(const BwdArgs& a) {
       swap.scores(mine, s, dp);
     }
 #else
-    EFF_SPLIT_BY(held && finite,
-                 (Ops::product_abt<HEAD_DIM, NTILES, false, FAST, PRE_K>(s, qf, k_tile, lane, k_small)));
-    EFF_SPLIT_BY(held && finite,
-                 (Ops::product_abt<HEAD_DIM, NTILES, false, FAST, PRE_V>(dp, df, v_tile, lane, v_small)));
+    EFF_SPLIT_BY(held && finite, (Ops::product_abt<HEAD_DIM, NTILES, false, FAST>(s, qf, k_tile, lane)));
+    EFF_SPLIT_BY(held && finite, (Ops::product_abt<HEAD_DIM, NTILES, false, FAST>(dp, df, v_tile, lane)));
 #endif
 
     const bool full = MASK_KIND == MASK_NONE && a.vis.tile_full(a.first, m_last + 1 - a.first, n0, BLOCK_N);
@@ -380,15 +363,13 @@ __device__ void backward_dq(const BwdArgs& a) {
     swap.operands(sf_mine, sf);  // both warps' halves: dS whole, the A operand of each one's column half
 #endif
     // Zero K's non-finite values for dS K, where a row that does not see key j meets k_j with weight 0. On a
-    // full tile every row sees every key: a non-finite k_j makes every row's dQ non-finite anyway. A presplit K is
-    // read so zeroed by the product itself (b_part's clean), and a tile that landed finite has nothing to zero.
-    if (!full && !PRE_K) {
+    // full tile every row sees every key: a non-finite k_j makes every row's dQ non-finite anyway.
+    if (!full) {
       __syncthreads();  // every warp has read K for S
       keep_finite<HEAD_DIM, BLOCK_N>(k_tile);
       __syncthreads();
     }
-    EFF_SPLIT_BY(finite, (Ops::product_pb<HEAD_DIM, NTILES, COLS, FAST, PRE_K>(acc, sf, k_tile + c0, lane,
-                                                                             k_small + c0, !full)));
+    EFF_SPLIT_BY(finite, (Ops::product_pb<HEAD_DIM, NTILES, COLS, FAST>(acc, sf, k_tile + c0, lane)));
     __syncthreads();  // every warp is done with both tiles before the next ones are staged
   }
   store_rows<COLS>(a.dx + c0, a.dx_rs, acc, a.scale, row0, a.vis.L, a.E - c0, t);
@@ -445,15 +426,6 @@ __device__ void backward_dkdv(const BwdArgs& a) {
   // ScoreSwap's slots, a row group's: the scores, then (P o Z)^T and dS^T (four-word fp32 operands: two slots)
   constexpr int SWAP_SLOTS = QT * (sizeof(Ops::PFrag<1>) > 8 ? 2 : 1);
   EFF_SHARED(float4, swap_buf, ROW_WARPS * SWAP_SLOTS * 32);
-#endif
-  constexpr bool PRE_Q = (EFF_PRESPLIT & 1) != 0, PRE_DO = (EFF_PRESPLIT & 2) != 0;
-#if EFF_PRESPLIT
-  EFF_SHARED(Elem, presplit_small, (PRE_Q + PRE_DO) * BLOCK_M * STRIDE);  // Q's small parts, then dO's
-  Elem* const q_small = PRE_Q ? presplit_small : q_tile;  // (the tile itself: unread)
-  Elem* const do_small = PRE_DO ? presplit_small + PRE_Q * BLOCK_M * STRIDE : do_tile;
-#else
-  Elem* const q_small = q_tile;  // (unread)
-  Elem* const do_small = do_tile;  // (unread)
 #endif
 
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, g = lane / 4, t = lane % 4;
@@ -526,16 +498,13 @@ __device__ void backward_dkdv(const BwdArgs& a) {
       }
       cp_async_wait<0>();
       // (non-finite values in rows that see no key, zeroed below, count too: the general split then, results alike)
-      const bool finite = landed<Ops, HEAD_DIM, BLOCK_M, PRE_Q, PRE_DO>(q_tile, do_tile, q_small, do_small);
+      const bool finite = landed<Ops, HEAD_DIM, BLOCK_M>(q_tile, do_tile);
       // rows that see no key read as zeros in the gradient products (P is 0 there, but 0 * NaN is NaN)
       for (int c = threadIdx.x; c < BLOCK_M * (HEAD_DIM / VEC); c += EFF_THREADS) {
         const int r = c / (HEAD_DIM / VEC), e = (c % (HEAD_DIM / VEC)) * VEC;
         if (lse_tile[r] == -CUSDPA_INF) {
           *reinterpret_cast<uint4*>(q_tile + r * STRIDE + e) = make_uint4(0u, 0u, 0u, 0u);
           *reinterpret_cast<uint4*>(do_tile + r * STRIDE + e) = make_uint4(0u, 0u, 0u, 0u);
-          // presplit: 0's parts, both 0
-          if (PRE_Q) *reinterpret_cast<uint4*>(q_small + r * STRIDE + e) = make_uint4(0u, 0u, 0u, 0u);
-          if (PRE_DO) *reinterpret_cast<uint4*>(do_small + r * STRIDE + e) = make_uint4(0u, 0u, 0u, 0u);
         }
       }
       __syncthreads();
@@ -548,18 +517,16 @@ __device__ void backward_dkdv(const BwdArgs& a) {
       {
         float mine[QT][4];  // part 0 S^T, part 1 dP^T: one product a warp, not both
         if (part == 0)
-          EFF_SPLIT_BY(k_held && finite,
-                       (Ops::product_abt<HEAD_DIM, QT, true, FAST, PRE_Q>(mine, kf, q_tile, lane, q_small)));
+          EFF_SPLIT_BY(k_held && finite, (Ops::product_abt<HEAD_DIM, QT, true, FAST>(mine, kf, q_tile, lane)));
         else
-          EFF_SPLIT_BY(finite, (Ops::product_abt_shared<HEAD_DIM, QT, true, FAST, PRE_DO>(
-                                   mine, v_tile + rg * 16 * STRIDE, do_tile, lane, do_small)));
+          EFF_SPLIT_BY(finite, (Ops::product_abt_shared<HEAD_DIM, QT, true, FAST>(mine, v_tile + rg * 16 * STRIDE,
+                                                                                do_tile, lane)));
         swap.scores(mine, st, dpt);
       }
 #else
-      EFF_SPLIT_BY(k_held && finite,
-                   (Ops::product_abt<HEAD_DIM, QT, true, FAST, PRE_Q>(st, kf, q_tile, lane, q_small)));
-      EFF_SPLIT_BY(finite, (Ops::product_abt_shared<HEAD_DIM, QT, true, FAST, PRE_DO>(dpt, v_tile + rg * 16 * STRIDE,
-                                                                                    do_tile, lane, do_small)));
+      EFF_SPLIT_BY(k_held && finite, (Ops::product_abt<HEAD_DIM, QT, true, FAST>(st, kf, q_tile, lane)));
+      EFF_SPLIT_BY(finite, (Ops::product_abt_shared<HEAD_DIM, QT, true, FAST>(dpt, v_tile + rg * 16 * STRIDE, do_tile,
+                                                                            lane)));
 #endif
       const bool full = MASK_KIND == MASK_NONE && a.vis.tile_full(m0, BLOCK_M, a.first, BLOCK_ROWS);
       Ops::PFrag<QT> pf, sf;  // (P o Z)^T and dS^T as A operands
@@ -610,12 +577,8 @@ __device__ void backward_dkdv(const BwdArgs& a) {
 #if EFF_SHARE_SCORES
       swap.operands(pf_mine, sf_mine, pf, sf);  // both warps' halves: the A operands of each one's column half
 #endif
-      if (a.want_dv)
-        EFF_SPLIT_BY(finite, (Ops::product_pb<HEAD_DIM, QT, COLS, FAST, PRE_DO>(dv, pf, do_tile + c0, lane,
-                                                                               do_small + c0)));
-      if (a.want_dk)
-        EFF_SPLIT_BY(finite, (Ops::product_pb<HEAD_DIM, QT, COLS, FAST, PRE_Q>(dk, sf, q_tile + c0, lane,
-                                                                              q_small + c0)));
+      if (a.want_dv) EFF_SPLIT_BY(finite, (Ops::product_pb<HEAD_DIM, QT, COLS, FAST>(dv, pf, do_tile + c0, lane)));
+      if (a.want_dk) EFF_SPLIT_BY(finite, (Ops::product_pb<HEAD_DIM, QT, COLS, FAST>(dk, sf, q_tile + c0, lane)));
 #if EFF_FUSED
       __syncthreads();  // every warp's dS of the step is in ds_tile
       {

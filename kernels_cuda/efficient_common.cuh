@@ -19,13 +19,6 @@
 // whether all its elements are finite (landed), each warp whether its held fragments are (held_finite), and the
 // products split finite operands without the non-finite cases (Tf32Ops::split), 4 instructions an element where
 // those cases take 9, the same bits.
-//
-// EFF_PRESPLIT (float32 only; KernelConfig.tensor_core_fp32_presplit): bit 1 and bit 2 name the loop's staged
-// B-operand tiles that are split once per block where they land (dq's K and V, dk/dv's Q and dO):
-// landed() writes each element's big part in place and its small part into a second tile of the same shape, so
-// the products read both parts with no split instructions, where every warp split every element it read each
-// time it read it (the split was most of the fp32 loops' instructions). The same parts, the same MMAs in the
-// same order: the same bits. tensor_core._loop_choices sets the bits where the second tiles fit.
 #pragma once
 #include "common.cuh"
 
@@ -185,52 +178,24 @@ __device__ __forceinline__ void stage_tile(typename Ops::Elem* tile, const typen
   }
 }
 
-#ifndef EFF_PRESPLIT
-#define EFF_PRESPLIT 0
-#endif
-static_assert(EFF_PRESPLIT == 0 || EFF_ELEM == ELEM_F32, "presplit tiles hold the parts of fp32's three products");
-
 // The barrier after staged tiles have landed (this thread waited for its copies). With EFF_FAST_SPLIT it also says
 // whether every element of the ROWS x HEAD_DIM tiles at `a` (and `b`) is finite: each thread reads back its own
 // share (stage_tile's), which its wait made visible to it, and the barrier ANDs the answers. Else false.
-// PRE_A, PRE_B (EFF_PRESPLIT): that tile is split in the read-back (Tf32Ops::presplit4: big parts in place, small
-// parts at the same offsets of a_small, b_small), before the barrier that makes them visible to every warp: the
-// split adds no barrier, and no raw value is kept (a tile that is not all finite is read as presplit too:
-// Tf32Ops::b_part finds its cross parts). Without EFF_PRESPLIT the read-back is written as it was (a build with
-// its loop restructured spilled more: ptxas is sensitive to it).
-template <class Ops, int HEAD_DIM, int ROWS, bool PRE_A = false, bool PRE_B = false>
-__device__ __forceinline__ bool landed(typename Ops::Elem* a, typename Ops::Elem* b = nullptr,
-                                       typename Ops::Elem* a_small = nullptr, typename Ops::Elem* b_small = nullptr) {
-#if EFF_FAST_SPLIT || EFF_PRESPLIT
+template <class Ops, int HEAD_DIM, int ROWS>
+__device__ __forceinline__ bool landed(const typename Ops::Elem* a, const typename Ops::Elem* b = nullptr) {
+#if EFF_FAST_SPLIT
   static_assert(Ops::VEC == 4, "fp32 tiles: four elements in a 16-byte chunk");
   constexpr int STRIDE = HEAD_DIM + Ops::VEC, CHUNKS = HEAD_DIM / Ops::VEC;
   u32 widest = 0;  // of the magnitudes' bits: non-finite ones from 0x7f800000 on
   for (int tile = 0; tile < (b == nullptr ? 1 : 2); ++tile) {
-    typename Ops::Elem* base = tile == 0 ? a : b;
-#if EFF_PRESPLIT
-    typename Ops::Elem* small = tile == 0 ? a_small : b_small;
-    const bool pre = tile == 0 ? PRE_A : PRE_B;
-#endif
+    const typename Ops::Elem* base = tile == 0 ? a : b;
     for (int c = threadIdx.x; c < ROWS * CHUNKS; c += EFF_THREADS) {
-#if EFF_PRESPLIT
-      const int at = (c / CHUNKS) * STRIDE + (c % CHUNKS) * Ops::VEC;
-      const uint4 w = *reinterpret_cast<const uint4*>(base + at);
-      const u32 chunk = max(max(w.x & 0x7fffffffu, w.y & 0x7fffffffu), max(w.z & 0x7fffffffu, w.w & 0x7fffffffu));
-      widest = max(widest, chunk);
-      if (pre) Ops::presplit4(base + at, small + at, w, chunk < 0x7f800000u);
-#else
       const uint4 w = *reinterpret_cast<const uint4*>(base + (c / CHUNKS) * STRIDE + (c % CHUNKS) * Ops::VEC);
       widest = max(max(widest, max(w.x & 0x7fffffffu, w.y & 0x7fffffffu)), max(w.z & 0x7fffffffu, w.w & 0x7fffffffu));
-#endif
     }
   }
-#endif
-#if EFF_FAST_SPLIT
   return __syncthreads_and(widest < 0x7f800000u);
 #else
-#if EFF_PRESPLIT
-  (void)widest;
-#endif
   __syncthreads();
   return false;
 #endif
@@ -326,11 +291,9 @@ struct HalfOps {
   // C[nt] = A B^T for one warp's 16 rows against the NT * 8 rows of a row-major tile (B^T's rows), A as
   // register fragments. SWAPPED orders Tf32Ops' split products, FAST says its tile landed finite; one MMA per
   // product here has neither to do.
-  // PRE (EFF_PRESPLIT) is fp32's alone.
-  template <int HEAD_DIM, int NT, bool SWAPPED = false, bool FAST = false, bool PRE = false>
+  template <int HEAD_DIM, int NT, bool SWAPPED = false, bool FAST = false>
   static __device__ __forceinline__ void product_abt(float (&c)[NT][4], const AFrag<HEAD_DIM>& a, const u16* tile,
-                                                     int lane, const u16* = nullptr) {
-    static_assert(!PRE, "presplit tiles are fp32's");
+                                                     int lane) {
     constexpr int STRIDE = HEAD_DIM + VEC, KSTEPS = HEAD_DIM / 16;
     static_assert(KSTEPS % 2 == 0, "head dims of whole 32 columns");
 #pragma unroll
@@ -348,11 +311,11 @@ struct HalfOps {
   }
 
   // The same with A the 16 rows of a shared tile at a_rows (row-major, the tile's stride).
-  template <int HEAD_DIM, int NT, bool SWAPPED = false, bool FAST = false, bool PRE = false>
+  template <int HEAD_DIM, int NT, bool SWAPPED = false, bool FAST = false>
   static __device__ __forceinline__ void product_abt_shared(float (&c)[NT][4], const u16* a_rows, const u16* tile,
-                                                            int lane, const u16* = nullptr) {
+                                                            int lane) {
     constexpr int STRIDE = HEAD_DIM + VEC;
-    static_assert(NT % 2 == 0 && !PRE, "B fragments are read two n8 tiles at a time; presplit tiles are fp32's");
+    static_assert(NT % 2 == 0, "B fragments are read two n8 tiles at a time");
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt) c[nt][0] = c[nt][1] = c[nt][2] = c[nt][3] = 0.f;
 #pragma unroll
@@ -372,12 +335,11 @@ struct HalfOps {
 
   // Acc[d] += A B for one warp's 16 rows: A the fragments pf over RT n8 tiles of the reduced dimension, B a
   // row-major [reduced][HEAD_DIM] tile read transposed, COLS of its columns from `tile` on (a column part).
-  template <int HEAD_DIM, int RT, int COLS = HEAD_DIM, bool FAST = false, bool PRE = false>
+  template <int HEAD_DIM, int RT, int COLS = HEAD_DIM, bool FAST = false>
   static __device__ __forceinline__ void product_pb(float (&acc)[COLS / 8][4], const PFrag<RT>& pf,
-                                                    const u16* tile, int lane, const u16* = nullptr, bool = false) {
+                                                    const u16* tile, int lane) {
     constexpr int STRIDE = HEAD_DIM + VEC;
-    static_assert(RT % 2 == 0 && COLS % 16 == 0 && !PRE, "a reduced dimension of whole 16 rows, whole 16 columns; "
-                  "presplit tiles are fp32's");
+    static_assert(RT % 2 == 0 && COLS % 16 == 0, "a reduced dimension of whole 16 rows, whole 16 columns");
 #pragma unroll
     for (int kk = 0; kk < RT / 2; ++kk) {
       const u32 pa[4] = {pf.r[2 * kk][0], pf.r[2 * kk][1], pf.r[2 * kk + 1][0], pf.r[2 * kk + 1][1]};
@@ -491,49 +453,6 @@ struct Tf32Ops {
     mma_1688_tf32(d, a[0].big, a[1].big, a[2].big, a[3].big, b0.big, b1.big);
   }
 
-  // EFF_PRESPLIT: a landed chunk w of four elements (at `big`, 16-byte aligned) split once for the block, big
-  // parts in place and small parts at `small` -- split's bits (FAST where the chunk is finite: the same parts).
-  // The cross part is not stored: b_part finds it from the other two.
-  static __device__ __forceinline__ void presplit4(float* big, float* small, const uint4& w, bool finite) {
-    const u32 x[4] = {w.x, w.y, w.z, w.w};
-    u32 b[4], s[4];
-    if (finite) {
-#pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        const Split p = split<false, true>(__uint_as_float(x[i]));
-        b[i] = p.big, s[i] = p.small;
-      }
-    } else {
-#pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        const Split p = split(__uint_as_float(x[i]));
-        b[i] = p.big, s[i] = p.small;
-      }
-    }
-    *reinterpret_cast<uint4*>(big) = make_uint4(b[0], b[1], b[2], b[3]);
-    *reinterpret_cast<uint4*>(small) = make_uint4(s[0], s[1], s[2], s[3]);
-  }
-
-  // The split of B element `at` of a tile: of its raw value, or with PRE its parts from a presplit tile (big in
-  // `tile`, small in `small`: no split instructions). cross is big but where x is +-inf or NaN (0 there): split
-  // gives those a non-finite big and a small of 0, where a finite x whose big rounded up to +-inf has a small of
-  // -+inf, so on a tile that is not all finite (FAST false) cross is 0 where big is non-finite and small is 0.
-  // clean (dq's dS K, where keep_finite zeroes K's non-finite values on tiles some row does not wholly see): the
-  // split of 0 in x's place where x is non-finite, which is {cross, small, cross}.
-  template <bool FAST, bool PRE>
-  static __device__ __forceinline__ Split b_part(const float* tile, const float* small, int at, bool clean = false) {
-    if (!PRE) return split<false, FAST>(tile[at]);
-    Split s;
-    s.big = __float_as_uint(tile[at]);
-    s.small = __float_as_uint(small[at]);
-    s.cross = s.big;
-    if (!FAST && PASSES == 3) {
-      if ((s.big & 0x7f800000u) == 0x7f800000u && s.small == 0u) s.cross = 0u;
-      if (clean) s.big = s.cross;
-    }
-    return s;
-  }
-
   static __device__ __forceinline__ float to_f32(float x) { return x; }
 
   static __device__ __forceinline__ u32 finite_part(u32 w) { return (w & 0x7f800000u) == 0x7f800000u ? 0u : w; }
@@ -567,37 +486,35 @@ struct Tf32Ops {
   }
 
   // C[nt] += A B^T for one k-step: a this thread's 4 A values, B^T the tile's rows nt * 8 + g.
-  // A_FAST, B_FAST: A's four values, the tile (B), are finite (Tf32Ops::split). B_PRE: the tile is presplit, its
-  // small parts at `small` (b_part).
-  template <int HEAD_DIM, int NT, bool SWAPPED, bool A_FAST, bool B_FAST, bool B_PRE = false>
+  // A_FAST, B_FAST: A's four values, the tile (B), are finite (Tf32Ops::split).
+  template <int HEAD_DIM, int NT, bool SWAPPED, bool A_FAST, bool B_FAST>
   static __device__ __forceinline__ void abt_kstep(float (&c)[NT][4], const float (&a)[4], const float* tile, int ks,
-                                                   int lane, const float* small = nullptr) {
+                                                   int lane) {
     constexpr int STRIDE = HEAD_DIM + VEC;
     const int g = lane / 4, t = lane % 4;
     const Split as[4] = {split<true, A_FAST>(a[0]), split<true, A_FAST>(a[1]), split<true, A_FAST>(a[2]),
                          split<true, A_FAST>(a[3])};
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt) {
-      const int at = (nt * 8 + g) * STRIDE + ks * 8 + t;
-      mma<SWAPPED>(c[nt], as, b_part<B_FAST, B_PRE>(tile, small, at), b_part<B_FAST, B_PRE>(tile, small, at + 4));
+      const float* b = tile + (nt * 8 + g) * STRIDE + ks * 8 + t;
+      mma<SWAPPED>(c[nt], as, split<false, B_FAST>(b[0]), split<false, B_FAST>(b[4]));
     }
   }
 
-  // FAST: the held fragments a and the tile are finite. PRE: the tile is presplit (small parts at `small`).
-  template <int HEAD_DIM, int NT, bool SWAPPED = false, bool FAST = false, bool PRE = false>
+  // FAST: the held fragments a and the tile are finite.
+  template <int HEAD_DIM, int NT, bool SWAPPED = false, bool FAST = false>
   static __device__ __forceinline__ void product_abt(float (&c)[NT][4], const AFrag<HEAD_DIM>& a, const float* tile,
-                                                     int lane, const float* small = nullptr) {
+                                                     int lane) {
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt) c[nt][0] = c[nt][1] = c[nt][2] = c[nt][3] = 0.f;
 #pragma unroll
-    for (int ks = 0; ks < HEAD_DIM / 8; ++ks)
-      abt_kstep<HEAD_DIM, NT, SWAPPED, FAST, FAST, PRE>(c, a.r[ks], tile, ks, lane, small);
+    for (int ks = 0; ks < HEAD_DIM / 8; ++ks) abt_kstep<HEAD_DIM, NT, SWAPPED, FAST, FAST>(c, a.r[ks], tile, ks, lane);
   }
 
-  // FAST: the tile is finite (a_rows' values are split in full). PRE: as product_abt's.
-  template <int HEAD_DIM, int NT, bool SWAPPED = false, bool FAST = false, bool PRE = false>
+  // FAST: the tile is finite (a_rows' values are split in full).
+  template <int HEAD_DIM, int NT, bool SWAPPED = false, bool FAST = false>
   static __device__ __forceinline__ void product_abt_shared(float (&c)[NT][4], const float* a_rows, const float* tile,
-                                                            int lane, const float* small = nullptr) {
+                                                            int lane) {
     constexpr int STRIDE = HEAD_DIM + VEC;
     const int g = lane / 4, t = lane % 4;
 #pragma unroll
@@ -606,7 +523,7 @@ struct Tf32Ops {
     for (int ks = 0; ks < HEAD_DIM / 8; ++ks) {
       const float* a = a_rows + g * STRIDE + ks * 8 + t;
       const float af[4] = {a[0], a[8 * STRIDE], a[4], a[8 * STRIDE + 4]};
-      abt_kstep<HEAD_DIM, NT, SWAPPED, false, FAST, PRE>(c, af, tile, ks, lane, small);
+      abt_kstep<HEAD_DIM, NT, SWAPPED, false, FAST>(c, af, tile, ks, lane);
     }
   }
 
@@ -616,11 +533,9 @@ struct Tf32Ops {
   // tensor cores add into their accumulator truncating, a bias that grows with the number of additions, and
   // Acc adds one per k-step of the whole loop (dV over 1025 queries of one key: 20x the fp32 yardstick's
   // error on the H200); rounded to nearest the additions' errors cancel as fp32's do.
-  // PRE: the tile is presplit (small parts at `small`); clean: b_part's, for dq's dS K.
-  template <int HEAD_DIM, int RT, int COLS = HEAD_DIM, bool FAST = false, bool PRE = false>
+  template <int HEAD_DIM, int RT, int COLS = HEAD_DIM, bool FAST = false>
   static __device__ __forceinline__ void product_pb(float (&acc)[COLS / 8][4], const PFrag<RT>& pf,
-                                                    const float* tile, int lane, const float* small = nullptr,
-                                                    bool clean = false) {
+                                                    const float* tile, int lane) {
     constexpr int STRIDE = HEAD_DIM + VEC;
     const int g = lane / 4, t = lane % 4;
 #pragma unroll
@@ -628,16 +543,14 @@ struct Tf32Ops {
       const Split as[4] = {split(pf.r[kk][0]), split(pf.r[kk][1]), split(pf.r[kk][2]), split(pf.r[kk][3])};
 #pragma unroll
       for (int d = 0; d < COLS / 8; ++d) {
-        const int at = (kk * 8 + 2 * t) * STRIDE + d * 8 + g;
-        const Split b0 = b_part<FAST, PRE>(tile, small, at, clean);
-        const Split b1 = b_part<FAST, PRE>(tile, small, at + STRIDE, clean);
+        const float* b = tile + (kk * 8 + 2 * t) * STRIDE + d * 8 + g;
         if (PASSES == 3) {
           float step[4] = {0.f, 0.f, 0.f, 0.f};
-          mma(step, as, b0, b1);
+          mma(step, as, split<false, FAST>(b[0]), split<false, FAST>(b[STRIDE]));
 #pragma unroll
           for (int i = 0; i < 4; ++i) acc[d][i] += step[i];
         } else {
-          mma(acc[d], as, b0, b1);
+          mma(acc[d], as, split<false, FAST>(b[0]), split<false, FAST>(b[STRIDE]));
         }
       }
     }

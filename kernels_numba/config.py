@@ -54,22 +54,6 @@ class KernelConfig:
       instructions where the non-finite cases take 9 (the split was most of the fp32 loops' instructions, against
       7% MMAs at head dim 128); the same bits. nvcc 13.0 SASS: the loops' fast paths 15-31% fewer instructions.
       On the H100 (B = 4 L = 2048 Hq * E = 1024): forward +16-26%, backward +29-31% (BENCHMARKS.md).
-    tensor_core_fp32_presplit: fp32's tensor_core backward loops split each staged B-operand tile (dq's K and V,
-      dk/dv's Q and dO) into its TF32 parts once a block, as it lands: each thread splits its own share of the
-      tile in the read-back that tells whether the tile is finite (before the barrier that was there, so no barrier
-      is added), the big parts in place and the small parts in a second tile of the same shape, and the products
-      then read both parts where every warp had split every element it read, each time it read it (4 instructions
-      an element on the fast split's path, 9 otherwise: most of the fp32 loops' instructions). The cross part
-      (big, or 0 where the element is +-inf or NaN) is not stored: on a tile that landed finite it is big, on
-      another the products find it from the two parts (3 instructions), so non-finite inputs take the presplit
-      tiles too and no raw value is kept. The same parts and MMAs in the same order: the same bits. Only where the
-      second tiles fit beside the others (48 KiB static; dk/dv's dynamic memory with tensor_core_dynamic_smem) and
-      ptxas spills no more than without it (tensor_core._loop_choices, PRESPLIT_SPILLS): dq at head dims 32 (K and
-      V) and 96 (K), dk/dv at 96 and 128 (Q); dq at 64 and dk/dv at 32 and 64 spill more with it, dq at 128 does not
-      fit. The forward does not take it: with K and V sharing one small tile its builds spilled more wherever that
-      tile fits (head dims 32-96), and 128 does not fit. Compile-only (nvcc 13.0, sm_90, a warp's fast-path pass
-      of the main loop): dq 32 3249 -> 2837 SASS instructions, 96 4691 -> 4196, dk/dv 96 3414 -> 3327, 128 3250 ->
-      3162. Written without device time; off until measured on a GPU.
     tensor_core_shared_scores: where the tensor_core backward takes column parts (16-bit past head dim 128, fp32
       past 96: two warps a 16 rows, each accumulating half the gradient's columns), the pair splits the score
       products instead of both computing them: in dq one warp S = Q K^T, the other dP = dO V^T (each then holds
@@ -135,7 +119,6 @@ class KernelConfig:
     tensor_core_head_dim: int = 128
     tensor_core_fp32: bool = True
     tensor_core_fp32_fast_split: bool = True
-    tensor_core_fp32_presplit: bool = False
     tensor_core_shared_scores: bool = True
     tensor_core_dynamic_smem: bool = False
     fused_backward_head_dim: int = 64

@@ -69,15 +69,14 @@ DYNAMIC_SHARED = 99 * 1024
 
 
 def shared_bytes(head_dim: int, elem: str, kind: str, block: int, parts: int = 1, mask_kind: int = 0,
-                 shared_scores: bool = False, presplit: int = 0) -> int:
+                 shared_scores: bool = False) -> int:
     """A tile loop's static shared memory: its operand tiles (rows of head_dim elements, padded by 16 bytes) and,
     with ``mask_kind``, a mask tile (efficient_common.cuh's MaskTile: rows of the mask's elements, +16 bytes a
     row). ``block``: the forward's and dq's keys per tile, dk/dv's queries per step; the forward's and dq's mask
     tile is their rows by ``block`` keys, dk/dv's ``block`` queries by its block's keys. ``shared_scores`` (dq and
     dk/dv with column parts): the pairs' exchange buffer too (efficient_bwd.cuh's ScoreSwap: per row group of
     warps, 16 bytes a lane for each of the ``block / 8`` n8 tiles, twice that for fp32's dk/dv, whose two
-    operands of four words each take two). ``presplit`` (fp32's dq and dk/dv; efficient_common.cuh's EFF_PRESPLIT
-    bits): the small parts' tiles too, one a presplit tile."""
+    operands of four words each take two)."""
     element = 4 if _wide(elem) else 2
     row = (head_dim + 16 // element) * element
     mask_bytes = {0: 0, 1: 1, 2: 2, 3: 2, 4: 4, 5: 8}[mask_kind]
@@ -85,16 +84,15 @@ def shared_bytes(head_dim: int, elem: str, kind: str, block: int, parts: int = 1
     swap = 0
     if shared_scores and parts == 2 and kind in ("dq", "dkdv"):
         swap = (THREADS // 32 // parts) * (block // 8) * 32 * 16 * (2 if kind == "dkdv" and _wide(elem) else 1)
-    small = bin(presplit).count("1") * block * row
     if kind == "forward":  # K and V tiles, the seen-columns flags
         return 2 * block * row + 4 * block + (BLOCK_M * (block * mask_bytes + 16) if mask_kind else 0)
     if kind == "dq":  # K and V tiles
-        return 2 * block * row + swap + small + (rows * (block * mask_bytes + 16) if mask_kind else 0)
+        return 2 * block * row + swap + (rows * (block * mask_bytes + 16) if mask_kind else 0)
     # dk/dv: V rows, the step's Q and dO tiles, lse and D; fused, K rows too and the dS tile
     used = (2 if kind == "fused" else 1) * rows * row + 2 * block * row + 8 * block
     if kind == "fused":
         used += block * (rows + 16 // element) * element
-    return used + swap + small + (block * (rows * mask_bytes + 16) if mask_kind else 0)
+    return used + swap + (block * (rows * mask_bytes + 16) if mask_kind else 0)
 
 
 def mask_tile_fits(head_dim: int, elem: str, kind: str, block: int, mask_kind: int, parts: int = 1,
@@ -145,50 +143,30 @@ def takes_dynamic(head_dim: int, elem: str, kind: str, dynamic: bool) -> bool:
         dkdv_block_m(head_dim, elem, fused, True) != dkdv_block_m(head_dim, elem, fused)
 
 
-# fp32 loops whose presplit builds (KernelConfig.tensor_core_fp32_presplit) spill more than their builds without it, as
-# (kind, head dim, dynamic shared memory): ptxas 13.0, sm_90, registers_for's caps at the default 3 blocks an SM, no
-# mask or dropout, spill stores/loads in bytes without -> with: dq 64: 200/172 -> 224/192; dk/dv 32: 16/16 -> 24/32, 64: 404/420 -> 440/448 (Q alone), dynamic
-# 96: 556/572 -> 608/624, dynamic 128: 8/24 -> 28/64. Presplit stays off there; where it is taken spills fell: dq
-# 32: 24/24 -> 12/12, 96: 412/324 -> 204/176 (K alone), dk/dv 96: 456/460 -> 416/424, 128: 4/4 -> 0/0 (Q alone).
-PRESPLIT_SPILLS = frozenset({("dq", 64, False), ("dkdv", 32, False), ("dkdv", 64, False), ("dkdv", 96, True),
-                             ("dkdv", 128, True)})
-
-
 def _loop_choices(head_dim: int, elem: str, kind: str, mask_kind: int, block_n: int, mask_tile: bool,
-                  shared_scores: bool, dynamic: bool, presplit: bool = False) -> tuple:
-    """(block, mask_tile, shared_scores, dynamic, presplit) as a tile loop is built from what was asked for: the one
-    place that decides them, for tile_loop_source and for the shared memory a launch gives it (dynamic_bytes).
-    presplit (KernelConfig.tensor_core_fp32_presplit; fp32's dq and dk/dv): efficient_common.cuh's EFF_PRESPLIT
-    bits, the B-operand tiles split once a block whose small parts' tiles fit beside the rest (a mask tile first, as
-    it was): both (3) or else the first (1: dq's K, read twice, dk/dv's Q). Not the forward (its builds with K and V
-    sharing one small tile spilled more at every head dim where that tile fits, 32-96: deleted). Not dq with shared
-    scores (its pair reads K or V by one call; at head dim 128 neither fits anyway),
-    nor the loops that spill more with it (PRESPLIT_SPILLS)."""
+                  shared_scores: bool, dynamic: bool) -> tuple:
+    """(block, mask_tile, shared_scores, dynamic) as a tile loop is built from what was asked for: the one place
+    that decides them, for tile_loop_source and for the shared memory a launch gives it (dynamic_bytes)."""
     parts = col_parts(head_dim, elem)
     dynamic = takes_dynamic(head_dim, elem, kind, dynamic)
     block = {"forward": forward_block_n(head_dim, elem, block_n), "dq": dq_block_n(head_dim, elem),
              "dkdv": dkdv_block_m(head_dim, elem, False, dynamic),
              "fused": dkdv_block_m(head_dim, elem, True, dynamic)}[kind]
     shared_scores = shared_scores and parts == 2 and kind in ("dq", "dkdv")
-    limit = DYNAMIC_SHARED if dynamic else STATIC_SHARED
-    mask_tile = mask_tile and mask_tile_fits(head_dim, elem, kind, block, mask_kind, parts, shared_scores, limit)
-    bits = 0
-    if presplit and elem == "float32" and kind in ("dq", "dkdv") and not (kind == "dq" and shared_scores) \
-            and (kind, head_dim, dynamic) not in PRESPLIT_SPILLS:
-        bits = next((b for b in (3, 1) if shared_bytes(head_dim, elem, kind, block, parts,
-                                                       mask_kind if mask_tile else 0, shared_scores, b) <= limit), 0)
-    return block, mask_tile, shared_scores, dynamic, bits
+    mask_tile = mask_tile and mask_tile_fits(head_dim, elem, kind, block, mask_kind, parts, shared_scores,
+                                             DYNAMIC_SHARED if dynamic else STATIC_SHARED)
+    return block, mask_tile, shared_scores, dynamic
 
 
 def dynamic_bytes(head_dim: int, elem: str, kind: str, mask_kind: int, mask_tile: bool,
-                  shared_scores: bool, presplit: bool = False) -> int:
+                  shared_scores: bool) -> int:
     """The dynamic shared memory a dk/dv loop that takes it (takes_dynamic) is launched with, for the knobs
-    asked for: its tiles (shared_bytes, the mask tile and the presplit tiles where they are staged) and 16 bytes a
-    piece of slack for the carving's alignment."""
-    block, tiled, shared_scores, _, bits = _loop_choices(head_dim, elem, kind, mask_kind, 0, mask_tile, shared_scores,
-                                                         True, presplit)
+    asked for: its tiles (shared_bytes, the mask tile where one is staged) and 16 bytes a piece of slack for the
+    carving's alignment."""
+    block, tiled, shared_scores, _ = _loop_choices(head_dim, elem, kind, mask_kind, 0, mask_tile, shared_scores,
+                                                   True)
     return shared_bytes(head_dim, elem, kind, block, col_parts(head_dim, elem), mask_kind if tiled else 0,
-                        shared_scores, bits) + 8 * 16
+                        shared_scores) + 8 * 16
 
 
 def registers_for(head_dim: int, elem: str, cap: int, forward: bool) -> int:
@@ -240,7 +218,7 @@ def head_dim_for(E: int, Ev: int) -> int:
 
 def tile_loop_source(head_dim: int, elem: str, kind: str, dropout: bool, mask_kind: int,
                      block_n: int = 0, mask_tile: bool = False, fast_split: bool = False,
-                     shared_scores: bool = False, dynamic: bool = False, presplit: bool = False) -> tuple[str, str]:
+                     shared_scores: bool = False, dynamic: bool = False) -> tuple[str, str]:
     """(C entry name, CUDA source) of one tile loop: ``kind`` "forward", "dq", "dkdv" or "fused" (dk/dv with dQ
     added into an fp32 accumulator, 16-bit types), for a padded head dim of HEAD_DIMS and an element family of
     ELEMS, with dropout or not and a mask of kind ``mask_kind`` (MASK_KINDS' numbers, 0: none) compiled in;
@@ -252,21 +230,17 @@ def tile_loop_source(head_dim: int, elem: str, kind: str, dropout: bool, mask_ki
     and trades them through shared memory (efficient_bwd.cuh's EFF_SHARE_SCORES;
     KernelConfig.tensor_core_shared_scores); ``dynamic``: a dk/dv loop whose steps static memory kept at 16
     queries takes 32, its tiles in dynamic shared memory (takes_dynamic; EFF_DYNAMIC_SMEM;
-    KernelConfig.tensor_core_dynamic_smem); ``presplit``: fp32's B-operand tiles split once a block as they land,
-    those whose small parts fit (_loop_choices; efficient_common.cuh's EFF_PRESPLIT;
-    KernelConfig.tensor_core_fp32_presplit). tests/test_flash.py compiles them with NVRTC on the CPU."""
+    KernelConfig.tensor_core_dynamic_smem). tests/test_flash.py compiles them with NVRTC on the CPU."""
     short = {"float16": "f16", "bfloat16": "bf16", "float32": "f32", "tf32": "tf32"}[elem]
     parts = col_parts(head_dim, elem)
-    block_n, mask_tile, shared_scores, dynamic, presplit = _loop_choices(head_dim, elem, kind, mask_kind, block_n,
-                                                                         mask_tile, shared_scores, dynamic, presplit)
+    block_n, mask_tile, shared_scores, dynamic = _loop_choices(head_dim, elem, kind, mask_kind, block_n, mask_tile,
+                                                               shared_scores, dynamic)
     fast_split = fast_split and elem == "float32"
     name = (f"efficient_{kind}_{short}_d{head_dim}_n{block_n}{'_dropout' if dropout else ''}_mask{mask_kind}"
             f"{f'_p{parts}' if parts > 1 and kind != 'forward' else ''}{'_mt' if mask_tile else ''}"
-            f"{'_fs' if fast_split else ''}{'_ss' if shared_scores else ''}{'_dyn' if dynamic else ''}"
-            f"{f'_ps{presplit}' if presplit else ''}")
+            f"{'_fs' if fast_split else ''}{'_ss' if shared_scores else ''}{'_dyn' if dynamic else ''}")
     defines_tile = (f"#define EFF_MASK_TILE {int(mask_tile)}\n#define EFF_FAST_SPLIT {int(fast_split)}\n"
-                    + ("#define EFF_DYNAMIC_SMEM 1\n" if dynamic else "")
-                    + (f"#define EFF_PRESPLIT {presplit}\n" if presplit else ""))
+                    + ("#define EFF_DYNAMIC_SMEM 1\n" if dynamic else ""))
     defines = (f"#define EFF_NAME {name}\n#define EFF_HEAD_DIM {head_dim}\n#define EFF_BLOCK_N {block_n}\n"
                f"#define EFF_ELEM {ELEMS[elem]}\n#define EFF_DROPOUT {int(dropout)}\n"
                f"#define EFF_MASK_KIND {mask_kind}\n")
@@ -280,10 +254,9 @@ def tile_loop_source(head_dim: int, elem: str, kind: str, dropout: bool, mask_ki
 
 @functools.cache
 def _tile_loop(head_dim: int, elem: str, kind: str, dropout: bool, mask_kind: int, block_n: int = 0,
-               mask_tile: bool = False, fast_split: bool = False, shared_scores: bool = False, dynamic: bool = False,
-               presplit: bool = False):
+               mask_tile: bool = False, fast_split: bool = False, shared_scores: bool = False, dynamic: bool = False):
     name, source = tile_loop_source(head_dim, elem, kind, dropout, mask_kind, block_n, mask_tile, fast_split,
-                                    shared_scores, dynamic, presplit)
+                                    shared_scores, dynamic)
     args = _ARGS if kind == "forward" else _BWD_ARGS
     return cuda.declare_device(name, f"int32({args})", link=[cuda.CUSource(source, name=f"{name}.cu")], abi="c")
 
@@ -400,9 +373,8 @@ def mask_kind_of(pr) -> int:
 
 @functools.cache
 def _dq_kernel(head_dim: int, elem: str, dropout: bool, mask_kind: int, registers: int, head_major: bool, parts: int,
-               mask_tile: bool = False, fast_split: bool = False, shared_scores: bool = False, presplit: bool = False):
-    tile_loop = _tile_loop(head_dim, elem, "dq", dropout, mask_kind, 0, mask_tile, fast_split, shared_scores,
-                           presplit=presplit)
+               mask_tile: bool = False, fast_split: bool = False, shared_scores: bool = False):
+    tile_loop = _tile_loop(head_dim, elem, "dq", dropout, mask_kind, 0, mask_tile, fast_split, shared_scores)
     size = 4 if _wide(elem) else 2
     rows = backward_rows(parts)
 
@@ -441,9 +413,9 @@ def _dq_kernel(head_dim: int, elem: str, dropout: bool, mask_kind: int, register
 @functools.cache
 def _dkdv_kernel(head_dim: int, elem: str, dropout: bool, mask_kind: int, registers: int, head_major: bool,
                  parts: int, mask_tile: bool, fast_split: bool, fused: bool, shared_scores: bool = False,
-                 dynamic: bool = False, presplit: bool = False):
+                 dynamic: bool = False):
     tile_loop = _tile_loop(head_dim, elem, "fused" if fused else "dkdv", dropout, mask_kind, 0, mask_tile, fast_split,
-                           shared_scores, dynamic, presplit)
+                           shared_scores, dynamic)
     size = 4 if _wide(elem) else 2
     rows = backward_rows(parts)
 
@@ -514,19 +486,17 @@ def backward(pr, views, arrays, dmask_v, device, structure, cfg, dq_accum=None):
         dqa, dqas = _address_and_strides(dq_accum)
     else:
         grid = _grid(views.n_batch * pr.hq, rows, pr.L, cfg.head_major_grid)
-        launcher.launch(_dq_kernel(*instance, shared_scores, cfg.tensor_core_fp32_presplit), grid, THREADS, device,
+        launcher.launch(_dq_kernel(*instance, shared_scores), grid, THREADS, device,
                         (q, qs[:5], k, ks[:5], v, vs[:5], dout, dos[:5], out, os_[:5], lse, ls, delta, dls, dq,
                          dqs[:5], dmask, dms, mask, ms, *common, pr.hq, pr.group, *tail))
         dqa, dqas = 0, (0,) * 5
     grid = _grid(views.n_batch * pr.hkv, rows, pr.S, cfg.head_major_grid)
     kind = "fused" if fused else "dkdv"
     dynamic = takes_dynamic(head_dim, elem, kind, cfg.tensor_core_dynamic_smem)
-    smem = dynamic_bytes(head_dim, elem, kind, instance[3], instance[7], shared_scores,
-                         cfg.tensor_core_fp32_presplit) if dynamic else 0
+    smem = dynamic_bytes(head_dim, elem, kind, instance[3], instance[7], shared_scores) if dynamic else 0
     if dynamic and fused:  # two blocks an SM: 248 registers without spills (168: 428 bytes; ptxas 13.0, bf16)
         instance = instance[:4] + (255,) + instance[5:]
-    launcher.launch(_dkdv_kernel(*instance, fused, shared_scores, dynamic, cfg.tensor_core_fp32_presplit), grid,
-                    THREADS, device,
+    launcher.launch(_dkdv_kernel(*instance, fused, shared_scores, dynamic), grid, THREADS, device,
                     (q, qs[:5], k, ks[:5], v, vs[:5], dout, dos[:5], lse, ls, delta, dls, dk, dks[:5], dv, dvs[:5],
                      mask, ms, dqa, dqas[:5], *common, pr.hq, pr.hkv, pr.group, *tail), smem)
     if fused:

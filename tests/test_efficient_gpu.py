@@ -527,43 +527,6 @@ def test_fp32_fast_split_keeps_the_bits(gpu, rng):
     assert not failures, "\n".join(failures)
 
 
-def test_fp32_presplit_keeps_the_bits(gpu, rng):
-    """KernelConfig.tensor_core_fp32_presplit: the fp32 loops split each staged B-operand tile once a block as it
-    lands (big parts in place, small parts in a tile of their own) where it fits without more spills
-    (tensor_core._loop_choices: dq at head dims 32 and 96, dk/dv at 96 and 128): out, lse and the gradients are
-    those with it off bit for bit -- with the fast split and without it (the general path reading presplit tiles:
-    cross found from the parts), causal, a bool mask, GQA, dropout, a window, E != Ev, a float64 mask with its tiles,
-    column parts at head dim 128 -- and with an inf in a K row and a V row that queries see (dq's dS K reading K's
-    parts with non-finite values made 0), an inf in K and V rows none sees, a NaN in a query row and a finite K value
-    whose big part rounds up to inf; and judged."""
-    fast_off = {"tensor_core_fp32_fast_split": False}
-    cases = [(Case("float32", batch=(2,), hq=4, hkv=2, L=97, S=130, E=32, causal="lower_right", mask="bool"), {}),
-             (Case("float32", batch=(1,), hq=2, hkv=1, L=70, S=90, E=96, dropout_p=0.1), fast_off),
-             (Case("float32", batch=(2,), hq=2, hkv=2, L=50, S=64, E=96, Ev=72, window=(10, 3)), {}),
-             (Case("float32", batch=(2,), hq=2, hkv=2, L=50, S=76, E=32, mask="float", mask_shape=(2, 2, 50, 76),
-                   mask_dtype="float64"), {"tensor_core_mask_tiles": True}),
-             (Case("float32", batch=(2,), hq=4, hkv=2, L=97, S=130, E=128, causal="upper_left"), {}),
-             (Case("float32", batch=(1,), hq=2, hkv=1, L=70, S=90, E=128, Ev=112, dropout_p=0.1), fast_off)]
-    failures = []
-    for case, base in cases:
-        pr = harness.build(case, gpu[0], rng)
-        failures += [f"{case}: {m}" for m in _failures(gpu, pr, rng, "tensor_core", **base,
-                                                       tensor_core_fp32_presplit=True)]
-        failures += [f"{case}: {m}" for m in _same_bits(gpu, pr, rng, base, tensor_core_fp32_presplit=True)]
-    for E, base in ((32, {}), (96, fast_off), (128, {})):
-        case = Case("float32", batch=(1,), hq=2, hkv=2, L=40, S=70, E=E, causal="upper_left")
-        pr = harness.build(case, gpu[0], rng)
-        pr.k[0, 0, 5, 3] = np.inf  # seen by rows 5 and on (upper-left causal)
-        pr.k[0, 1, 50, 1] = -np.inf  # key 50: no row of 40 sees it
-        pr.v[0, 1, 9, 7] = -np.inf
-        pr.v[0, 0, 60, 2] = np.inf  # key 60: no row of 40 sees it
-        pr.q[0, 1, 12, 0] = np.nan
-        pr.k[0, 1, 20, 4] = np.float32(3.4e38)  # finite, its big part rounds up to inf
-        failures += [f"non-finite inputs, E={E} {base}: {m}"
-                     for m in _same_bits(gpu, pr, rng, base, tensor_core_fp32_presplit=True)]
-    assert not failures, "\n".join(failures)
-
-
 def test_shared_scores_keep_the_bits(gpu, rng):
     """KernelConfig.tensor_core_shared_scores: where the backward takes column parts (fp32 at head dim 128, bf16
     at 192) the pair of warps splits S and dP (dk/dv: S^T and dP^T) and trades them and dS through shared memory:

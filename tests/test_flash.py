@@ -2,7 +2,6 @@
 reference over sizes and features, judged against PyTorch's error at the same precision."""
 import concurrent.futures
 import dataclasses
-import functools
 import itertools
 import shutil
 import subprocess
@@ -141,7 +140,7 @@ def test_every_kernel_configuration_compiles_with_nvrtc():
     assert not errors, "\n\n".join(errors)
 
 
-def test_efficient_tile_loops_compile_with_nvrtc(monkeypatch):
+def test_efficient_tile_loops_compile_with_nvrtc():
     """The EFFICIENT backend's linked CUDA C (kernels_cuda/efficient_*.cuh) compiles as Numba compiles it (NVRTC, no
     headers, relocatable device code): forward, dq and dk/dv at each of their padded head dims and element family, and
     with dropout and each mask kind compiled in at one of them; the fused dk/dv + dQ loop likewise for 16-bit types."""
@@ -184,11 +183,6 @@ def test_efficient_tile_loops_compile_with_nvrtc(monkeypatch):
              (96, "float32", "dkdv", False, 0, 0, False, False, False, True),
              (128, "float32", "dkdv", True, 5, 0, True, True, True, True),
              (256, "bfloat16", "dkdv", True, 3, 0, True, False, True, True)]
-    # fp32's B-operand tiles split once a block as they land (KernelConfig.tensor_core_fp32_presplit): every head
-    # dim, with and without the fast split, dropout and masks (their tiles too), dk/dv in dynamic shared memory; the
-    # loops it leaves off for their spills too (PRESPLIT_SPILLS)
-    jobs += presplit_jobs()
-    monkeypatch.setattr(tensor_core, "PRESPLIT_SPILLS", frozenset())
 
     def compile_one(job):
         name, source = tensor_core.tile_loop_source(*job)
@@ -197,65 +191,6 @@ def test_efficient_tile_loops_compile_with_nvrtc(monkeypatch):
 
     errors = [e for e in _on_two_threads(compile_one, jobs) if e]
     assert not errors, "\n\n".join(errors)
-
-
-def presplit_jobs():
-    """tile_loop_source's arguments of the presplit builds the compile tests take (tensor_core_fp32_presplit)."""
-    from kernels_numba import tensor_core
-
-    kinds = ("dq", "dkdv")
-    jobs = [(head_dim, "float32", kind, False, 0, 0, False, True, True, False, True)
-            for head_dim in tensor_core.HEAD_DIMS if head_dim <= tensor_core.FP32_HEAD_DIM for kind in kinds]
-    jobs += [(64, "float32", kind, True, 1, 0, True, True, True, False, True) for kind in kinds]
-    jobs += [(64, "float32", kind, False, 4, 0, False, False, True, False, True) for kind in kinds]
-    jobs += [(64, "float32", "dq", True, 5, 0, True, True, True, False, True),
-             (96, "float32", "dkdv", False, 0, 0, False, False, False, True, True),
-             (128, "float32", "dkdv", True, 5, 0, True, True, True, True, True)]
-    return jobs
-
-
-def test_efficient_presplit_tiles_are_those_that_fit():
-    """KernelConfig.tensor_core_fp32_presplit compiles EFF_PRESPLIT into fp32's dq and dk/dv loops alone (not the
-    forward, TF32-allowed fp32, 16-bit types or the fused loop), with the tiles whose small parts' tiles fit beside
-    the others (dq's K before V, dk/dv's Q before dO), named apart; elsewhere the source is the one without it."""
-    from kernels_numba import tensor_core
-
-    for elem in tensor_core.ELEMS:
-        for head_dim in (32, 64, 96, 128, 256):
-            for kind in ("forward", "dq", "dkdv", "fused"):
-                wide = elem in ("float32", "tf32")
-                if kind == "fused" and (wide or head_dim > 128) or wide and head_dim > tensor_core.FP32_HEAD_DIM:
-                    continue
-                for mask_kind, mask_tile, dynamic in ((0, False, False), (5, True, False), (1, True, True)):
-                    args = (head_dim, elem, kind, False, mask_kind, 0, mask_tile, True, True, dynamic)
-                    name, source = tensor_core.tile_loop_source(*args, True)
-                    plain_name, plain = tensor_core.tile_loop_source(*args)
-                    block, tiled, shared, dyn, bits = tensor_core._loop_choices(
-                        head_dim, elem, kind, mask_kind, 0, mask_tile, True, dynamic, True)
-                    limit = tensor_core.DYNAMIC_SHARED if dyn else tensor_core.STATIC_SHARED
-                    parts = tensor_core.col_parts(head_dim, elem)
-                    used = functools.partial(tensor_core.shared_bytes, head_dim, elem, kind, block, parts,
-                                             mask_kind if tiled else 0, shared)
-                    if elem != "float32" or kind in ("forward", "fused") or kind == "dq" and shared or \
-                            (kind, head_dim, dyn) in tensor_core.PRESPLIT_SPILLS:
-                        assert bits == 0
-                    elif bits == 0:
-                        assert used(1) > limit
-                    else:
-                        assert used(bits) <= limit and (bits == 3 or used(3) > limit)
-                    defined = f"#define EFF_PRESPLIT {bits}\n" in source and bits > 0  # (the .cuh's default: 0)
-                    assert defined == bool(bits) == name.endswith(f"_ps{bits}"), name
-                    if not bits:
-                        assert (name, source) == (plain_name, plain)
-    # taken: dq's K and V at 32, K alone at 96, dk/dv's Q alone at 96 and 128; dq at 64 spills more; dq at 128
-    # never fits
-    assert [tensor_core._loop_choices(*args, 0, False, True, False, True)[4] for args in
-            ((32, "float32", "dq", 0), (96, "float32", "dq", 0), (96, "float32", "dkdv", 0),
-             (128, "float32", "dkdv", 0), (64, "float32", "forward", 0), (64, "float32", "dq", 0),
-             (128, "float32", "dq", 0))] == [3, 1, 1, 1, 0, 0, 0]
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(tensor_core, "PRESPLIT_SPILLS", frozenset())
-        assert tensor_core._loop_choices(128, "float32", "dq", 0, 0, False, False, False, True)[4] == 0
 
 
 def test_efficient_fast_split_is_fp32_s_alone():
@@ -365,30 +300,6 @@ def test_efficient_shared_memory_is_what_ptxas_allocates(tmp_path):
         tiled = "mt" in name.split("_")
         want = tensor_core.shared_bytes(head_dim, elem, kind, block, parts, mask_kind if tiled else 0,
                                         name.endswith("_ss"))
-        assert smem == want <= tensor_core.STATIC_SHARED, (name, smem, want)
-
-
-@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not installed")
-def test_efficient_presplit_shared_memory_is_what_ptxas_allocates(tmp_path):
-    """tensor_core.shared_bytes with the presplit tiles (KernelConfig.tensor_core_fp32_presplit) that _loop_choices
-    takes is the static shared memory ptxas allocates: dq with both (head dim 32, a float64 mask's tiles too) and K
-    alone (96), dk/dv with Q alone (128, shared scores)."""
-    import re
-
-    from kernels_numba import tensor_core
-
-    jobs = [(32, "float32", "dq", False, 5, 0, True, True, True, False, True),
-            (96, "float32", "dq", False, 0, 0, False, True, True, False, True),
-            (128, "float32", "dkdv", True, 1, 0, True, True, True, False, True)]
-    for n, job in enumerate(jobs):
-        name, source = tensor_core.tile_loop_source(*job)
-        head_dim, elem, kind, _, mask_kind, block_n, mask_tile, _, shared, dynamic, presplit = job
-        block, tiled, shared, _, bits = tensor_core._loop_choices(head_dim, elem, kind, mask_kind, block_n, mask_tile,
-                                                                  shared, dynamic, presplit)
-        assert bits and name.endswith(f"_ps{bits}"), name
-        smem = int(re.search(r"(\d+) bytes smem", _ptxas_report(source, tmp_path / f"p{n}.cu")).group(1))
-        want = tensor_core.shared_bytes(head_dim, elem, kind, block, tensor_core.col_parts(head_dim, elem),
-                                        mask_kind if tiled else 0, shared, bits)
         assert smem == want <= tensor_core.STATIC_SHARED, (name, smem, want)
 
 
