@@ -79,8 +79,10 @@ class KernelConfig:
       loop then takes 255 registers (two blocks an SM): ptxas 13.0 gives it 248 without spills, where the
       default cap of 168 spills 428 bytes (and 220 at 16 queries, the fused default's at head dim 128). fp32's
       32-query dk/dv loops spill more at 255 registers than its 16-query ones (head dim 96: 372 bytes against 4;
-      128 with every option: 232 against 88). The default builds' SASS is unchanged (the static declarations
-      are as they were). Off until measured on a GPU.
+      128 with every option: 232 against 88), and yet at 128 the 32-query steps win: on the H200 (B = 4 L = 2048
+      Hq * E = 1024) fp32's backward 17.2 -> 19.2 TFLOP/s, causal 16.6 -> 17.9; bf16 L = 4096 fused at head dim 128
+      101.4 -> 107.3, causal 87.1 -> 91.2 (BENCHMARKS.md). On; fp32 at head dim 96 and 16-bit at 256 not yet
+      timed with it.
     fused_backward_head_dim: the widest head dim (padded, tensor_core.head_dim_for; at most 128) whose tensor_core
       backward of 16-bit types runs in one kernel per key block (five tile products instead of the two kernels'
       seven), dQ added into an fp32 accumulator with atomics, so its bits vary run to run, as PyTorch's
@@ -120,7 +122,7 @@ class KernelConfig:
     tensor_core_fp32: bool = True
     tensor_core_fp32_fast_split: bool = True
     tensor_core_shared_scores: bool = True
-    tensor_core_dynamic_smem: bool = False
+    tensor_core_dynamic_smem: bool = True
     fused_backward_head_dim: int = 64
     tensor_core_block_n: int = 0
     tensor_core_mask_tiles: bool = False
