@@ -19,8 +19,9 @@
 # at head dim 128, column parts splitting their score products across the pair (KernelConfig.tensor_core_shared_scores),
 # its GPU test then off and on; efficient-fp32-knobs: both tests, then the fp32 shape at head dims 64 and 128 with
 # neither, each and both (the default since they were measured) of those two knobs; efficient-dynamic: the dk/dv loops' steps of 32 queries in dynamic shared memory
-# (KernelConfig.tensor_core_dynamic_smem): its GPU test, then bf16 L = 4096 head dim 128 fused and the fp32 shape at
-# 128, off and on; efficient-fp32-regs: there, the 3xTF32 loops at 168 registers and at 255, two blocks per SM, where their spills
+# (KernelConfig.tensor_core_dynamic_smem, on since the H200 measured it at fp32 128 and bf16 fused 128): its GPU
+# test, then the fp32 shape at head dims 96 and 128 off and on, and bf16 L = 4096 head dim 128 unfused (the
+# default) against fused with it (fused_backward_head_dim=128); efficient-fp32-regs: there, the 3xTF32 loops at 168 registers and at 255, two blocks per SM, where their spills
 # fall from 40-348 bytes to 0-124), efficient-wide (head dims 160-256 on the tensor_core loops, forward and backward: their GPU test, then E = 192, 256 timed with KernelConfig.tensor_core_head_dim 128 and 256), efficient-fused (the fused tensor_core backward: its GPU tests, then bf16 L = 4096 timed with it never and at every head dim up to 128; the default fuses up to 64),
 # efficient-fwd-tiles (the tensor_core forward at E = 128 with 32-key tiles against the default 64),
 # efficient-grid-order (the tensor_core kernels' blocks head-major, KernelConfig.head_major_grid, off and on at
@@ -161,11 +162,11 @@ command_of() {  # the command of stage $1, into the array cmd
                                echo "--- config: ${c:-default}"; python3 benchmarks/efficient_gpu.py --dtypes float32 \
                                --head-dims 64 128 --L 2048 --hidden 1024 --reps 5 --config $c | tail -n 6; done') ;;
     efficient-dynamic) cmd=(bash -c 'python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_efficient_gpu.py \
-                            -k dynamic_shared && for c in 0 1; do python3 benchmarks/efficient_gpu.py --L 4096 --reps 5 \
-                            --dtypes bfloat16 --head-dims 128 --config fused_backward_head_dim=128 \
-                            tensor_core_dynamic_smem=$c | tail -n 3; python3 benchmarks/efficient_gpu.py --dtypes float32 \
-                            --head-dims 128 --L 2048 --hidden 1024 --reps 5 --config tensor_core_dynamic_smem=$c \
-                            | tail -n 3; done') ;;
+                            -k dynamic_shared || exit 1; for c in 0 1; do python3 benchmarks/efficient_gpu.py \
+                            --dtypes float32 --head-dims 96 128 --L 2048 --hidden 1024 --reps 5 \
+                            --config tensor_core_dynamic_smem=$c | tail -n 5; done
+                            for f in 64 128; do python3 benchmarks/efficient_gpu.py --L 4096 --reps 5 --dtypes bfloat16 \
+                            --head-dims 128 --config fused_backward_head_dim=$f | tail -n 3; done') ;;
     efficient-fp32-regs) cmd=(bash -c 'for c in 3 2; do python3 benchmarks/efficient_gpu.py --dtypes float32 --head-dims 64 128 \
                               --L 2048 --hidden 1024 --reps 5 --config tensor_core_blocks=$c | tail -n 6; done') ;;
     efficient-fp32-tiles) cmd=(bash -c 'for c in "sub=4" "sub=8 threads=8" "sub=6 threads=8" "sub=4 threads=8"; do
