@@ -11,7 +11,7 @@
 # The machine has torch, CuPy, numba-cuda and triton but numpy 2.5, which numba-cuda 0.30 cannot import:
 # a numpy < 2.5 wheel travels in .whl (README of the device tool) and goes first on PYTHONPATH.
 # Stages: pending-tests (the GPU tests changed since their last run: EFFICIENT's compile-once test, a compiled
-# function through graph_forward), flash-tests, plans-tests, native-tests (the compiled replay, interop.native, against the Python path's
+# function through graph_forward, decode's merge in batches), flash-tests, plans-tests, native-tests (the compiled replay, interop.native, against the Python path's
 # bits, and a compiled function through the library's graph_forward; overhead times it), interop-tests, efficient-tests, efficient-knob-tests, efficient-short (EFFICIENT at L = 1024, through
 # Numba's dispatcher and through prepared launches), efficient-fp32 (the EFFICIENT issue's fp32 shape; efficient-fp32-tiles: the portable kernels' register tiles swept there;
 # efficient-fp32-split: there, the fp32 loops splitting tiles that landed finite in 4 instructions,
@@ -66,7 +66,8 @@
 # PyTorch and the KV-read floor; decode-kept: the torch front end keeping the splits' workspace per stream, no
 # memset launch, decode.KEEP_WORKSPACE: its GPU tests, then the attention call timed with it off and on; decode-ncu: the split kernel under ncu at B = 1 and 16; decode-sweep: the attention call with
 # more warps resident a scheduler (the kernel issues 0.3 instructions a cycle a scheduler with two warps each,
-# latency-bound): a 2-deep pipeline (three CTAs an SM), CTAs of two warps, 32-key tiles), masks (the masks issue's shapes;
+# latency-bound): a 2-deep pipeline (three CTAs an SM), CTAs of two warps, 32-key tiles; decode-merge: the splits'
+# merge loading 8, 16 or 32 partial outputs a batch, decode.MERGE_UNROLL: its GPU test, then the attention call), masks (the masks issue's shapes;
 # masks-no-blocks: with the mask's block summary off; masks-per-tile: a CTA per tile, not persistent;
 # masks-profile: forwards only, each masked call's GPU kernels; masks-no-steps: the backward visiting every query
 # step; masks-ncu: the 90%-empty shape's forward and backward kernels under ncu),
@@ -108,7 +109,8 @@ command_of() {  # the command of stage $1, into the array cmd
     plans-tests) cmd=(python3 -m pytest -q -p no:cacheprovider tests/test_plans.py) ;;
     pending-tests) cmd=(bash -c 'P="python3 -m pytest -q -m gpu -p no:cacheprovider"; rc=0  # (each runs, whatever failed)
                         $P tests/test_efficient_gpu.py -k compiles_once || rc=1
-                        $P tests/test_plans.py -k library_s_forward || rc=1; exit $rc') ;;
+                        $P tests/test_plans.py -k library_s_forward || rc=1
+                        $P tests/test_decode_gpu.py -k "merge_in_batches or decode_kernels" || rc=1; exit $rc') ;;
     native-tests) cmd=(python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_plans.py -k "compiled_replay or library_s_forward") ;;
     interop-tests) cmd=(python3 -m pytest -q -m "gpu and not slow" -p no:cacheprovider tests/test_interop_gpu.py) ;;
     # three shards side by side: one process compiling the suite's kernels ran past a call's limit
@@ -256,6 +258,9 @@ command_of() {  # the command of stage $1, into the array cmd
     decode-attn) cmd=(python3 benchmarks/decode.py) ;;
     decode-sweep) cmd=(bash -c 'for c in "" DEPTH=2 "WARPS=2 DEPTH=2" "WARPS=2 DEPTH=3" "TILE=32 WARPS=2 DEPTH=2"; do
                        echo "--- config: ${c:-default}"; python3 benchmarks/decode.py --config $c; done') ;;
+    decode-merge) cmd=(bash -c 'python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_decode_gpu.py \
+                       -k merge_in_batches || exit 1; for u in 8 16 32; do echo "--- MERGE_UNROLL=$u"
+                       python3 benchmarks/decode.py --config MERGE_UNROLL=$u; done') ;;
     decode-kept) cmd=(bash -c 'python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_decode_gpu.py \
                       -k "kept or cuda_graph or one_sequence_long" \
                       && for k in 0 1; do python3 benchmarks/decode.py --profile --config KEEP_WORKSPACE=$k; done') ;;

@@ -30,7 +30,8 @@
 // the scores go to log2 units.
 //
 // -D options beyond flash_common.cuh's: DEC_WARPS, DEC_TILE (keys per warp tile, a multiple of 16),
-// DEC_STAGES, PAGED, SOFTCAP, ALIBI, DEC_MAX_SPLITS (bounds the splits).
+// DEC_STAGES, PAGED, SOFTCAP, ALIBI, DEC_MAX_SPLITS (bounds the splits), DEC_MERGE_UNROLL (the splits' partial
+// outputs a merging thread loads at once).
 #include "flash_common.cuh"
 
 #ifndef SOFTCAP
@@ -38,6 +39,9 @@
 #endif
 #ifndef ALIBI
 #define ALIBI 0
+#endif
+#ifndef DEC_MERGE_UNROLL
+#define DEC_MERGE_UNROLL 8
 #endif
 
 constexpr int NW = DEC_WARPS;
@@ -49,6 +53,7 @@ constexpr int VT = EV_PAD / 8;    // n8 tiles of an output row block
 constexpr int KK = E_PAD / 16;    // k16 steps of Q K^T
 constexpr int ROWS = 16;          // query rows of a CTA: one m16 tile
 constexpr int STAGE_ELEMS = TILE * (Q_PITCH + V_PITCH);
+constexpr int MERGE_UNROLL = DEC_MERGE_UNROLL;
 static_assert(TILE % 16 == 0, "DEC_TILE must be a multiple of 16");
 
 // Shared memory: sQ [ROWS][Q_PITCH], then per warp STAGES x (K tile [TILE][Q_PITCH], V tile [TILE][V_PITCH]);
@@ -177,7 +182,10 @@ __device__ __forceinline__ float soft_cap(float x, float k, float softcap) {
 // -inf) are left out. Its R rows (b, h, query), each over every split's (m, l) and O. A warp finds the
 // weights of its rows (lane s: splits s, s + 32, ...) into shared memory (`weight`: [ROWS][DEC_MAX_SPLITS]
 // floats, then the rows' totals and maxima); then each thread sums column pairs over the splits. The other
-// CTAs' partials are read past L1 (ld.global.cg): they were written on other SMs.
+// CTAs' partials are read past L1 (ld.global.cg): they were written on other SMs. The merge is the call's tail
+// (one CTA a (b, kvh), after every split), and its sum a chain of L2 round trips, a batch of DEC_MERGE_UNROLL
+// predicated loads each (any split count: a loop unrolled by the compiler left the remainder's loads one trip
+// each): at B = 1 S = 32768 (32 splits) 8 loads a batch make 4 trips a column pair, 32 one.
 __device__ __noinline__ void merge_splits(const float* __restrict__ o_part, const float* __restrict__ ml_part,
                                          elem_t* __restrict__ out, float* __restrict__ lse, float* weight, int splits,
                                          int rows, int R, int b, int kvh, int group, int Hq, int Lq) {
@@ -219,10 +227,17 @@ __device__ __noinline__ void merge_splits(const float* __restrict__ o_part, cons
         const long long bhl = bhl_of(row);
         const float* o_row = o_part + bhl * HEAD_DIM_V + e;
         float o0 = 0.f, o1 = 0.f;
-#pragma unroll 8
-        for (int s = 0; s < splits; ++s)
-            add_part(o0, o1, __ldcg(reinterpret_cast<const float2*>(o_row + s * (long long)rows * HEAD_DIM_V)),
-                     weight[row * DEC_MAX_SPLITS + s]);
+        for (int s0 = 0; s0 < splits; s0 += MERGE_UNROLL) {  // a batch's loads issued together, then summed
+            float2 part[MERGE_UNROLL];
+#pragma unroll
+            for (int u = 0; u < MERGE_UNROLL; ++u)
+                part[u] = s0 + u < splits
+                              ? __ldcg(reinterpret_cast<const float2*>(o_row + (s0 + u) * (long long)rows * HEAD_DIM_V))
+                              : make_float2(0.f, 0.f);
+#pragma unroll
+            for (int u = 0; u < MERGE_UNROLL; ++u)
+                if (s0 + u < splits) add_part(o0, o1, part[u], weight[row * DEC_MAX_SPLITS + s0 + u]);
+        }
         const int h = kvh * group + row / Lq, ql = row % Lq;
         *reinterpret_cast<u32*>(out + (((long long)b * Lq + ql) * Hq + h) * HEAD_DIM_V + e) =
             merged_pair(o0, o1, total[row]);

@@ -41,6 +41,7 @@ def test_kv_cache_on_the_decode_kernels(name, dtype):
 
 
 def _check_case(name, dtype):
+    """Case ``name`` run on the decode kernels and judged; its (out, lse)."""
     import cupy
 
     from cusdpa.backends.flash import decode
@@ -92,6 +93,26 @@ def _check_case(name, dtype):
     assert out.dtype == np_dtype and out.shape == (B, lq, hq, Ev)
     failures = judged(dev["q"], dev["k"], dev["v"], lengths, table, row_of, out, lse, **kw)
     assert not failures, "\n".join(failures)
+    return out, lse
+
+
+@pytest.mark.parametrize("name", ["one_sequence_long", "decode_gqa", "wide_head"])
+def test_the_splits_merge_in_batches_with_the_same_bits(name, monkeypatch):
+    """decode.MERGE_UNROLL: the splits' merge loading 8 partial outputs a batch (the default), 3 (batches cut
+    short at most split counts) or 32 gives the same out and lse, bit for bit, each judged; cases of 8 to 128
+    splits a (sequence, kv head)."""
+    import cupy
+
+    from cusdpa.backends.flash import decode
+
+    results = []
+    for unroll in (8, 3, 32):
+        monkeypatch.setattr(decode, "MERGE_UNROLL", unroll)
+        decode.build.cache_clear()  # (plans are kept per signature, not per constant)
+        results.append(_check_case(name, "bfloat16"))
+    decode.build.cache_clear()
+    for out, lse in results[1:]:
+        assert cupy.array_equal(out, results[0][0]) and cupy.array_equal(lse, results[0][1], equal_nan=True)
 
 
 @pytest.mark.parametrize("keep", [0, 1])

@@ -30,6 +30,10 @@ ROWS = 16  # query rows of a CTA (Hq / Hkv x Lq): one m16 tile
 CTA_SMEM = 113 * 1024  # the pipeline's depth is chosen to fit two CTAs on an SM
 MAX_SPLITS = 128
 DEPTH = 0  # pipeline depth forced (0: ``stages`` chooses)
+# the partial outputs a thread of the splits' merge loads in one batch (predicated, issued together): the merge is
+# the call's tail at B = 1, a chain of L2 round trips, 4 a column pair at 32 splits with 8, 1 with 32. 8, as the
+# loop unrolled by 8 had it, until benchmarks/decode.py --config MERGE_UNROLL=16|32 times the others
+MERGE_UNROLL = 8
 # the torch front end keeps the splits' workspace and arrival counts per (device, stream) from call to call
 # (interop.kv_cache): no allocation and no memset launch per call, host time that B = 1 is bound by (on the H100:
 # B = 1 S = 32768 71.8 -> 70.9 us, B = 16 and 64 within 0.5%; benchmarks/decode.py --config KEEP_WORKSPACE=0|1)
@@ -137,7 +141,7 @@ def compile_options(dtype_name: str, E: int, Ev: int, paged: bool, softcap: bool
     return ("-std=c++17", "--use_fast_math", f"-DCUSDPA_BF16={int(dtype_name == 'bfloat16')}", f"-DHEAD_DIM={E}",
             f"-DHEAD_DIM_V={Ev}", "-DIS_DROPOUT=0", f"-DDEC_WARPS={WARPS}", f"-DDEC_TILE={TILE}",
             f"-DDEC_STAGES={stages(E, Ev)}", f"-DPAGED={int(paged)}", f"-DSOFTCAP={int(softcap)}",
-            f"-DALIBI={int(alibi)}", f"-DDEC_MAX_SPLITS={MAX_SPLITS}")
+            f"-DALIBI={int(alibi)}", f"-DDEC_MAX_SPLITS={MAX_SPLITS}", f"-DDEC_MERGE_UNROLL={MERGE_UNROLL}")
 
 
 @functools.lru_cache(maxsize=256)
