@@ -140,9 +140,9 @@ def attention(query, key, value, attn_mask, alibi_slopes, seed, backends: str, o
         if got is not None:
             return got
     if not need_grad:
-        if (attn_mask is None and alibi_slopes is None and seed is None and query.is_cuda
-                and type(query) is torch.Tensor and type(key) is torch.Tensor and type(value) is torch.Tensor
-                and torch.compiler.is_compiling() and not _exporting()):
+        if (torch.compiler.is_compiling() and not _exporting() and attn_mask is None and alibi_slopes is None
+                and seed is None and query.is_cuda
+                and type(query) is torch.Tensor and type(key) is torch.Tensor and type(value) is torch.Tensor):
             # a compiled graph's call on plain tensors (a subclass's dispatch stays the ops'): the library's op,
             # which replays the call's plan without Python (not in an exported program: its kind means something
             # only to the process that traced it)
