@@ -57,8 +57,8 @@
 # FlashConfig.fwd90_cluster: its GPU test (same bits off and on, judged by the reference) / bf16 not causal, E = 128
 # at L = 1024-16384 and E = 64, 256 at 4096, off and on),
 # fwd-carry-tests / fwd-carry (a tile's last P V issued in one turn with the next tile's first S,
-# FlashConfig.fwd90_carry: its GPU test (same bits off and on, judged by the reference) / E = 64 and 128 at L = 1024
-# and 4096, E = 256, the tutorial's call and the tutorial module's attention, off and on),
+# FlashConfig.fwd90_carry: its GPU test (same bits off and both ways on, judged by the reference) / E = 64 and 128 at
+# L = 1024 and 4096, E = 256, the tutorial's call and the tutorial module's attention, off and both ways on),
 # fwd-idle-tests / fwd-idle (idle warpgroups skipping the last query block, FlashConfig.fwd90_skip_idle, which
 # for_problem turns on where three warpgroups leave one idle at L < 2048: its GPU test (same bits off and on,
 # judged by the reference) / E = 64 and 128 at L = 1024 and 4096, the tutorial's call and the tutorial module's
@@ -231,7 +231,7 @@ command_of() {  # the command of stage $1, into the array cmd
                       eval $S --lengths 1024 4096 16384 --head-dims 128
                       eval $S --lengths 4096 --head-dims 64 256') ;;
     fwd-carry-tests) cmd=(bash benchmarks/sharded_pytest.sh 4 -m gpu tests/test_flash.py -k carried_tiles_keep_the_bits) ;;
-    fwd-carry) cmd=(bash -c 'V="\"\" fwd90_carry=1" S="python3 benchmarks/flash_sweep.py --forward-only"
+    fwd-carry) cmd=(bash -c 'V="\"\" fwd90_carry=1 fwd90_carry=2" S="python3 benchmarks/flash_sweep.py --forward-only"
                     eval $S --lengths 1024 4096 --head-dims 64 128 --variants $V
                     eval $S --lengths 4096 --head-dims 256 --causal no --variants $V
                     eval $S --dtype float16 --lengths 1024 --head-dims 32 --tokens 32768 --hidden 1024 --causal no \

@@ -15,9 +15,10 @@
 //    cores.
 //  - inside a warpgroup: S = Q K^T of block n + 1 is issued with O += P V of block n, and the softmax of
 //    block n + 1 runs while P V of block n finishes; P is rounded into the wgmma operand registers only
-//    once P V of block n is done with them. With FWD90_CARRY the same holds across a tile's end: its last
-//    P V is issued with the next tile's first S, so a tile's start and end cost no turn of their own (the
-//    turns are a cycle: a warpgroup's gap between turns holds up every other warpgroup).
+//    once P V of block n is done with them. With FWD90_CARRY a tile's last P V is issued with the next tile's
+//    first S, so a tile's start and end cost no turn of their own (the turns are a cycle: a warpgroup's gap
+//    between turns holds up every other warpgroup); with FWD90_CARRY = 2, S first, and its softmax runs under
+//    that P V as in the loop (the tile's epilogue after both), with 1 the epilogue and then the softmax.
 //
 // Tiles are (batch * head, query block) pairs in this order: heads in chunks of `chunk_heads` (few enough
 // that their K and V stay in L2), and within a chunk the query blocks from the last (the heaviest under
@@ -55,7 +56,7 @@
 // FlashAttention-3's epilogue does; dense problems only, tensor map `tm_o`: a packed batch's store would clip at
 // the tensor's end, not at the sequence's), FWD90_SKIP_IDLE (1: a consumer warpgroup whose rows all lie past the
 // queries computes nothing, walk_idle), FWD90_WG_BLOCKS (1: each consumer warpgroup stops at the last key
-// block its own rows see and walks the tile's blocks past it), FWD90_CARRY (1: a tile's last P V and the next
+// block its own rows see and walks the tile's blocks past it), FWD90_CARRY (1, 2: a tile's last P V and the next
 // tile's first S in one turn, above), CUSDPA_PHASES (1: per-warp phase clocks, phases.cuh),
 // FWD90_WARPGROUPS (consumer warpgroups, 2 or 3), FWD90_BLOCK_N, FWD90_STAGES (K/V buffers), FWD90_PINGPONG
 // (1: consumers take turns; 0: they issue when ready), ATTN_MASK, ALIBI (1: the slopes' bias added, `slopes`
@@ -1058,17 +1059,44 @@ flash_fwd_sm90(const __grid_constant__ TmaMap tm_q, const __grid_constant__ TmaM
 #endif
         // Each branch waits for its own products: where the two met with S in flight, ptxas serialised every
         // wgmma of the kernel (C7515: s defined by other instructions within the stage).
+        float m_o[2] = {m_i[0], m_i[1]}, l_o[2] = {l_i[0], l_i[1]};  // this tile's rows' max and sum, for its epilogue
+        const int nmw = nxt.m0 + cw * 64, ni = nmw + (warp % 4) * 16 + g, nn0 = nxt.n_begin * BLOCK_N;
+        // the next tile's first block's softmax
+        auto carried_softmax = [&] {
+#pragma unroll
+            for (int r = 0; r < 2; ++r) m_i[r] = -CUSDPA_INF, l_i[r] = 0.f;
+            modify_scores(0, 0, 0, 0);  // (soft-capping at most: CARRY takes no mask or ALiBi)
+            softmax_block(s, m_i, l_i, alpha, nxt.slice.vis, nxt.slice.vis.tile_full(nmw, 64, nn0, BLOCK_N), ni, nn0,
+                          t4, scale_log2);
+            ph.to(PH_SOFTMAX);
+        };
         if (carry) {
             fence_regs(s);
             wgmma_fence();
-            issue_pv(acc, p, sV + st * SV_BYTES);
-            wgmma_commit();
-            issue_qk(s, sQwg, sK + nst * SK_BYTES);
-            wgmma_commit();
+            if (FWD90_CARRY == 2) {  // S first: its softmax runs under the P V, as in the loop
+                issue_qk(s, sQwg, sK + nst * SK_BYTES);
+                wgmma_commit();
+                issue_pv(acc, p, sV + st * SV_BYTES);
+                wgmma_commit();
+            } else {
+                issue_pv(acc, p, sV + st * SV_BYTES);
+                wgmma_commit();
+                issue_qk(s, sQwg, sK + nst * SK_BYTES);
+                wgmma_commit();
+            }
             turn_end();
             ph.to(PH_ISSUE);
+            if (FWD90_CARRY == 2) {
+                wgmma_wait<1>();
+                ph.to(PH_WAIT_S);
+                fence_regs(s);
+                release_kv(k_empty + nst);
+                carried_softmax();
+            }
             wgmma_wait<0>();
             fence_regs(s);
+            if (FWD90_CARRY != 2) release_kv(k_empty + nst);
+            if (nxt.n_begin + 1 >= nxt.n_end) release(q_empty);
         } else {
             wgmma_fence();
             issue_pv(acc, p, sV + st * SV_BYTES);
@@ -1114,7 +1142,7 @@ flash_fwd_sm90(const __grid_constant__ TmaMap tm_q, const __grid_constant__ TmaM
 #endif
 #pragma unroll
         for (int r = 0; r < 2; ++r) {
-            float l = l_i[r];
+            float l = l_o[r];
             l += __shfl_xor_sync(0xffffffffu, l, 1);
             l += __shfl_xor_sync(0xffffffffu, l, 2);
             // l = 0: the row sees nothing and stores 0, not acc * 0 (NaN after 0 * NaN of a V row another
@@ -1135,13 +1163,13 @@ flash_fwd_sm90(const __grid_constant__ TmaMap tm_q, const __grid_constant__ TmaM
                 *reinterpret_cast<u32*>(sOwg + off) = o_pair(vt);
             }
             if (row < sl.L && t4 == 0)
-                lseb[row] = empty ? -CUSDPA_INF : NATURAL ? m_i[r] + log2f(l) * LN2 : (m_i[r] + log2f(l)) * LN2;
+                lseb[row] = empty ? -CUSDPA_INF : NATURAL ? m_o[r] + log2f(l) * LN2 : (m_o[r] + log2f(l)) * LN2;
 #else
             if (row < sl.L) {
 #pragma unroll
                 for (int vt = 0; vt < VT; ++vt) *reinterpret_cast<u32*>(ob + row * o_sm + vt * 8 + 2 * t4) = o_pair(vt);
                 if (t4 == 0)
-                    lseb[row] = empty ? -CUSDPA_INF : NATURAL ? m_i[r] + log2f(l) * LN2 : (m_i[r] + log2f(l)) * LN2;
+                    lseb[row] = empty ? -CUSDPA_INF : NATURAL ? m_o[r] + log2f(l) * LN2 : (m_o[r] + log2f(l)) * LN2;
             }
 #endif
         }
@@ -1155,17 +1183,10 @@ flash_fwd_sm90(const __grid_constant__ TmaMap tm_q, const __grid_constant__ TmaM
             bulk_commit();
         }
 #endif
-        if (carry) {  // the next tile's first block: softmax and P
-            const int nmw = nxt.m0 + cw * 64, ni = nmw + (warp % 4) * 16 + g, nn0 = nxt.n_begin * BLOCK_N;
-            release_kv(k_empty + nst);
-            if (nxt.n_begin + 1 >= nxt.n_end) release(q_empty);
+        if (carry) {  // the next tile's first block: (softmax and) P
 #pragma unroll
             for (int x = 0; x < VT * 4; ++x) acc[x] = 0.f;
-#pragma unroll
-            for (int r = 0; r < 2; ++r) m_i[r] = -CUSDPA_INF, l_i[r] = 0.f;
-            modify_scores(0, 0, 0, 0);  // (soft-capping at most: CARRY takes no mask or ALiBi)
-            softmax_block(s, m_i, l_i, alpha, nxt.slice.vis, nxt.slice.vis.tile_full(nmw, 64, nn0, BLOCK_N), ni, nn0,
-                          t4, scale_log2);
+            if (FWD90_CARRY != 2) carried_softmax();
             round_p(s, p, ni, nn0, t4, drop, nxt.slice.bh);
             ph.to(PH_SOFTMAX);
             carried = true;

@@ -283,7 +283,7 @@ def sm90_forward_config(pr) -> FlashConfig:
     if cfg.fwd90_cluster > 1 and not _clusters_apply(pr, cfg):
         cfg = dataclasses.replace(cfg, fwd90_cluster=1)
     if cfg.fwd90_carry and (pr.alibi_slopes is not None or cfg.fwd90_wg_blocks or _queued(pr, cfg)):
-        cfg = dataclasses.replace(cfg, fwd90_carry=False)  # (as the kernel's CARRY: tiles dealt ahead, no mask)
+        cfg = dataclasses.replace(cfg, fwd90_carry=0)  # (as the kernel's CARRY: tiles dealt ahead, no mask)
     return cfg.fitted(pr.E, pr.Ev)
 
 
