@@ -57,12 +57,6 @@ class FlashConfig:
     # half the K/V bytes read from L2. Taken only where every tile of a head reads the same key blocks (no causal
     # band, window or attn_mask, a dense batch, an even number of query blocks: launches.sm90_forward_config)
     fwd90_cluster: int = 1
-    # a tile's last P V issued in one turn with the next tile's first S (kernels_cuda/flash_fwd_sm90.cu, CARRY):
-    # the turns are a cycle, so a warpgroup's gap at a tile's end and start (last P V waited for, epilogue, first
-    # S waited for) held up the other warpgroups, a turn and a gap per tile, most of it where tiles have few key
-    # blocks. 1: P V first, then the epilogue and the next tile's first softmax; 2: S first, its softmax under
-    # the P V as in the loop, then the epilogue. 0 off; not with an attn_mask, ALiBi, a queue or fwd90_wg_blocks
-    fwd90_carry: int = 0
     # per-warp phase clocks compiled into the Hopper forward (kernels_cuda/phases.cuh), for
     # benchmarks/fwd90_phases.py only
     fwd90_phases: bool = False
