@@ -91,13 +91,14 @@ def _compiled(fn, graph_forward: bool = False):
     """``fn`` with the compiled replay (interop.native) on, for its rounds only; ``graph_forward``: with
     native.GRAPH_FORWARD too (a compiled module traced in its first round holds the library's graph_forward)."""
     def run():
+        default = native.GRAPH_FORWARD
         native.enable(True)
         native.GRAPH_FORWARD = graph_forward
         try:
             return fn()
         finally:
             native.enable(False)
-            native.GRAPH_FORWARD = False
+            native.GRAPH_FORWARD = default
 
     return run
 
