@@ -29,10 +29,10 @@
 // know: CTAs take tiles from a counter as they finish them (TileQueue, FWD90_QUEUE), as they may in a packed
 // batch, whose sequences' lengths the host does not know either.
 //
-// Shared memory: Q [FWD90_Q_BUFFERS][E/W][BLOCK_M][W], K [STAGES][E/W][BLOCK_N][W], V [STAGES][Ev/W'][BLOCK_N][W'], each
-// column chunk in the swizzle that TMA writes and wgmma reads: W = 64 columns (128-byte rows, 16-byte
-// chunk c of row r at c ^ (r % 8)) when the head dim is a multiple of 64, else W = 32 (64-byte rows,
-// c ^ ((r / 2) % 4)); then the mbarriers, and the TileQueue's barriers and slots.
+// Shared memory: Q [FWD90_Q_BUFFERS][E/W][BLOCK_M][W], K [STAGES][E/W][BLOCK_N][W],
+// V [STAGES][Ev/W'][BLOCK_N][W'], each column chunk in the swizzle that TMA writes and wgmma reads: W = 64
+// columns (128-byte rows, 16-byte chunk c of row r at c ^ (r % 8)) when the head dim is a multiple of 64, else
+// W = 32 (64-byte rows, c ^ ((r / 2) % 4)); then the mbarriers, and the TileQueue's barriers and slots.
 //
 // Rows no query may see. TMA writes zeros for rows outside the tensor. A V block that reaches past the
 // keys the slice's queries see (windows, upper-left causal with S > L, the next sequence of a packed
@@ -57,7 +57,8 @@
 // the tensor's end, not at the sequence's), FWD90_SKIP_IDLE (1: a consumer warpgroup whose rows all lie past the
 // queries computes nothing, walk_idle), FWD90_WG_BLOCKS (1: each consumer warpgroup stops at the last key
 // block its own rows see and walks the tile's blocks past it), FWD90_CARRY (1, 2: a tile's last P V and the next
-// tile's first S in one turn, above), FWD90_Q_BUFFERS (1 or 2: below), CUSDPA_PHASES (1: per-warp phase clocks, phases.cuh),
+// tile's first S in one turn, above), FWD90_Q_BUFFERS (1 or 2: below), CUSDPA_PHASES (1: per-warp phase
+// clocks, phases.cuh),
 // FWD90_WARPGROUPS (consumer warpgroups, 2 or 3), FWD90_BLOCK_N, FWD90_STAGES (K/V buffers), FWD90_PINGPONG
 // (1: consumers take turns; 0: they issue when ready), ATTN_MASK, ALIBI (1: the slopes' bias added, `slopes`
 // per (batch, head) with batch stride `slopes_b`; scores in natural units as with a float mask), SOFTCAP (1:
@@ -1052,9 +1053,10 @@ flash_fwd_sm90(const __grid_constant__ TmaMap tm_q, const __grid_constant__ TmaM
             ph.to(PH_SOFTMAX);
             ph.count(PH_BLOCKS);
         }
-        // P V of the last block; with CARRY, where every warpgroup of this tile and the next computes, followed in
-        // the same turn by the next tile's first S (its Q is in or on its way: released after this tile's last S),
-        // whose softmax follows this tile's epilogue.
+        // P V of the last block; with CARRY, where every warpgroup of this tile and the next computes, in the same
+        // turn as the next tile's first S (its Q in the other buffer, or with one buffer loaded only once this
+        // tile's last S is done everywhere), whose softmax runs under that P V (FWD90_CARRY = 2) or after this
+        // tile's epilogue (1).
 #if FWD90_QUEUE
         const bool more = false;  // (CARRY takes tiles dealt in advance, not the queue's)
         const int t_next = t;
@@ -1081,8 +1083,6 @@ flash_fwd_sm90(const __grid_constant__ TmaMap tm_q, const __grid_constant__ TmaM
 #if FWD90_WG_BLOCKS
         int walked = 0;
 #endif
-        // Each branch waits for its own products: where the two met with S in flight, ptxas serialised every
-        // wgmma of the kernel (C7515: s defined by other instructions within the stage).
         float m_o[2] = {m_i[0], m_i[1]}, l_o[2] = {l_i[0], l_i[1]};  // this tile's rows' max and sum, for its epilogue
         const int nmw = nxt.m0 + cw * 64, ni = nmw + (warp % 4) * 16 + g, nn0 = nxt.n_begin * BLOCK_N;
         // the next tile's first block's softmax
@@ -1094,6 +1094,8 @@ flash_fwd_sm90(const __grid_constant__ TmaMap tm_q, const __grid_constant__ TmaM
                           t4, scale_log2);
             ph.to(PH_SOFTMAX);
         };
+        // Each branch waits for its own products: where the two met with S in flight, ptxas serialised every
+        // wgmma of the kernel (C7515: s defined by other instructions within the stage).
         if (carry) {
             fence_regs(s);
             wgmma_fence();

@@ -23,7 +23,8 @@ Compiled graphs: where Dynamo traces a call without mask, slopes, dropout or gra
 the library's ``graph_forward`` in the graph (``graph_kind``, run once at tracing, gives the call's kind), so a
 compiled module's call runs no Python once its signature's plan is bound; its first call, and calls of signatures
 without a plan, take the ops' forward through ``general_forward`` (``GRAPH_FORWARD``, on: the compiled module's host
-time 118-123 us -> 93-94 us on an H100, its speed with the GPU unchanged). The ops' forward as graphs that hold it call it takes the replay's forward too (``COMPILED_OPS``).
+time 118-123 us -> 93-94 us on an H100, its speed with the GPU unchanged). The ops' forward as graphs that hold
+it call it takes the replay's forward too (``COMPILED_OPS``).
 """
 from __future__ import annotations
 

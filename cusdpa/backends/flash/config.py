@@ -204,7 +204,7 @@ def smem_bytes(kind: str, cfg: FlashConfig, E: int, Ev: int) -> int:
     if kind == "fwd":
         bm, bn = cfg.fwd_block_m, cfg.fwd_block_n
         return 2 * (bm * max(qp, vp) + 2 * bn * qp + 2 * bn * vp)
-    if kind == "fwd_sm90":  # unpadded, swizzled tiles (Q buffers, K and V stages, O's staging), the mbarriers, the queue
+    if kind == "fwd_sm90":  # unpadded, swizzled tiles (Q buffers, K/V stages, O's staging), mbarriers, the queue
         bm, bn, st = 64 * cfg.fwd90_warpgroups, cfg.fwd90_block_n, cfg.fwd90_stages
         staged_o = bm * Ev if cfg.fwd90_tma_store else 0
         qb = cfg.fwd90_q_buffers

@@ -31,8 +31,9 @@ CTA_SMEM = 113 * 1024  # the pipeline's depth is chosen to fit two CTAs on an SM
 MAX_SPLITS = 128
 DEPTH = 0  # pipeline depth forced (0: ``stages`` chooses)
 # the partial outputs a thread of the splits' merge loads in one batch (predicated, issued together): the merge is
-# the call's tail at B = 1, a chain of L2 round trips, 4 a column pair at 32 splits with 8, 1 with 32. 8, as the
-# loop unrolled by 8 had it, until benchmarks/decode.py --config MERGE_UNROLL=16|32 times the others
+# the call's tail at B = 1, a chain of L2 round trips, 4 a column pair at 32 splits with 8, 1 with 32. On the H100
+# 8, 16 and 32 timed within 0.4% of one another (benchmarks/decode.py --config MERGE_UNROLL=8|16|32): 8, the
+# fewest instructions
 MERGE_UNROLL = 8
 # the torch front end keeps the splits' workspace and arrival counts per (device, stream) from call to call
 # (interop.kv_cache): no allocation and no memset launch per call, host time that B = 1 is bound by (on the H100:
