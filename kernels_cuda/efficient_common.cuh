@@ -446,11 +446,20 @@ struct Tf32Ops {
   template <bool SWAPPED = false>
   static __device__ __forceinline__ void mma(float (&d)[4], const Split (&a)[4], const Split& b0, const Split& b1) {
     if (PASSES == 3) {
-      if (SWAPPED) mma_1688_tf32(d, a[0].cross, a[1].cross, a[2].cross, a[3].cross, b0.small, b1.small);
-      mma_1688_tf32(d, a[0].small, a[1].small, a[2].small, a[3].small, b0.cross, b1.cross);
-      if (!SWAPPED) mma_1688_tf32(d, a[0].cross, a[1].cross, a[2].cross, a[3].cross, b0.small, b1.small);
+      small_term<SWAPPED>(d, a, b0, b1, 0);
+      small_term<SWAPPED>(d, a, b0, b1, 1);
     }
     mma_1688_tf32(d, a[0].big, a[1].big, a[2].big, a[3].big, b0.big, b1.big);
+  }
+
+  // mma's small term number `pass` (0 or 1), in its order.
+  template <bool SWAPPED>
+  static __device__ __forceinline__ void small_term(float (&d)[4], const Split (&a)[4], const Split& b0,
+                                                    const Split& b1, int pass) {
+    if ((pass == 0) == SWAPPED)
+      mma_1688_tf32(d, a[0].cross, a[1].cross, a[2].cross, a[3].cross, b0.small, b1.small);
+    else
+      mma_1688_tf32(d, a[0].small, a[1].small, a[2].small, a[3].small, b0.cross, b1.cross);
   }
 
   static __device__ __forceinline__ float to_f32(float x) { return x; }
@@ -487,6 +496,10 @@ struct Tf32Ops {
 
   // C[nt] += A B^T for one k-step: a this thread's 4 A values, B^T the tile's rows nt * 8 + g.
   // A_FAST, B_FAST: A's four values, the tile (B), are finite (Tf32Ops::split).
+  // The passes go one at a time across the NT tiles: each C[nt] takes mma's terms in mma's order (the same
+  // bits), but NT independent products stand between two that share an accumulator, where mma per tile chained
+  // three dependent ones and ptxas kept them close (nvcc 13.0, fp32 head dim 64: a median of 4-7 instructions
+  // between an MMA and the one waiting for its sum, 15-25 this way; ncu saw the loops stalled 41% on such waits).
   template <int HEAD_DIM, int NT, bool SWAPPED, bool A_FAST, bool B_FAST>
   static __device__ __forceinline__ void abt_kstep(float (&c)[NT][4], const float (&a)[4], const float* tile, int ks,
                                                    int lane) {
@@ -494,11 +507,22 @@ struct Tf32Ops {
     const int g = lane / 4, t = lane % 4;
     const Split as[4] = {split<true, A_FAST>(a[0]), split<true, A_FAST>(a[1]), split<true, A_FAST>(a[2]),
                          split<true, A_FAST>(a[3])};
+    Split b0[NT], b1[NT];
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt) {
       const float* b = tile + (nt * 8 + g) * STRIDE + ks * 8 + t;
-      mma<SWAPPED>(c[nt], as, split<false, B_FAST>(b[0]), split<false, B_FAST>(b[4]));
+      b0[nt] = split<false, B_FAST>(b[0]);
+      b1[nt] = split<false, B_FAST>(b[4]);
     }
+    if (PASSES == 3) {
+#pragma unroll
+      for (int pass = 0; pass < 2; ++pass)
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt) small_term<SWAPPED>(c[nt], as, b0[nt], b1[nt], pass);
+    }
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) mma_1688_tf32(c[nt], as[0].big, as[1].big, as[2].big, as[3].big, b0[nt].big,
+                                                  b1[nt].big);
   }
 
   // FAST: the held fragments a and the tile are finite.
