@@ -498,8 +498,9 @@ struct Tf32Ops {
   // A_FAST, B_FAST: A's four values, the tile (B), are finite (Tf32Ops::split).
   // The passes go one at a time across the NT tiles: each C[nt] takes mma's terms in mma's order (the same
   // bits), but NT independent products stand between two that share an accumulator, where mma per tile chained
-  // three dependent ones and ptxas kept them close (nvcc 13.0, fp32 head dim 64: a median of 4-7 instructions
-  // between an MMA and the one waiting for its sum, 15-25 this way; ncu saw the loops stalled 41% on such waits).
+  // three dependent ones and ptxas kept them close (nvcc 13.0, fp32: a median of 4-10 instructions between an
+  // MMA and the one waiting for its sum in most loops, 13-86 this way). Alone it timed the same on the H100
+  // (ncu's 41% "wait" stalls of the backward are not these chains); with product_pb's pairs, BENCHMARKS.md.
   template <int HEAD_DIM, int NT, bool SWAPPED, bool A_FAST, bool B_FAST>
   static __device__ __forceinline__ void abt_kstep(float (&c)[NT][4], const float (&a)[4], const float* tile, int ks,
                                                    int lane) {
@@ -556,25 +557,42 @@ struct Tf32Ops {
   // With three passes each k-step's product is taken into a zeroed fragment and added to Acc by FADD: the
   // tensor cores add into their accumulator truncating, a bias that grows with the number of additions, and
   // Acc adds one per k-step of the whole loop (dV over 1025 queries of one key: 20x the fp32 yardstick's
-  // error on the H200); rounded to nearest the additions' errors cancel as fp32's do.
+  // error on the H200); rounded to nearest the additions' errors cancel as fp32's do. Two column tiles at a
+  // time take their passes in turn, as abt_kstep's tiles do (each fragment its terms in mma's order): on the
+  // H100 fp32 head dim 128 +2-3% forward and backward, 96 forward +10-12%, 32 and 64 the same (BENCHMARKS.md).
   template <int HEAD_DIM, int RT, int COLS = HEAD_DIM, bool FAST = false>
   static __device__ __forceinline__ void product_pb(float (&acc)[COLS / 8][4], const PFrag<RT>& pf,
                                                     const float* tile, int lane) {
     constexpr int STRIDE = HEAD_DIM + VEC;
+    static_assert(COLS % 16 == 0, "column tiles in pairs");
     const int g = lane / 4, t = lane % 4;
 #pragma unroll
     for (int kk = 0; kk < RT; ++kk) {
       const Split as[4] = {split(pf.r[kk][0]), split(pf.r[kk][1]), split(pf.r[kk][2]), split(pf.r[kk][3])};
 #pragma unroll
-      for (int d = 0; d < COLS / 8; ++d) {
-        const float* b = tile + (kk * 8 + 2 * t) * STRIDE + d * 8 + g;
-        if (PASSES == 3) {
-          float step[4] = {0.f, 0.f, 0.f, 0.f};
-          mma(step, as, split<false, FAST>(b[0]), split<false, FAST>(b[STRIDE]));
+      for (int d0 = 0; d0 < COLS / 8; d0 += 2) {
+        Split b0[2], b1[2];
 #pragma unroll
-          for (int i = 0; i < 4; ++i) acc[d][i] += step[i];
+        for (int j = 0; j < 2; ++j) {
+          const float* b = tile + (kk * 8 + 2 * t) * STRIDE + (d0 + j) * 8 + g;
+          b0[j] = split<false, FAST>(b[0]);
+          b1[j] = split<false, FAST>(b[STRIDE]);
+        }
+        if (PASSES == 3) {
+          float step[2][4] = {};
+#pragma unroll
+          for (int pass = 0; pass < 2; ++pass)
+#pragma unroll
+            for (int j = 0; j < 2; ++j) small_term<false>(step[j], as, b0[j], b1[j], pass);
+#pragma unroll
+          for (int j = 0; j < 2; ++j) {
+            mma_1688_tf32(step[j], as[0].big, as[1].big, as[2].big, as[3].big, b0[j].big, b1[j].big);
+#pragma unroll
+            for (int i = 0; i < 4; ++i) acc[d0 + j][i] += step[j][i];
+          }
         } else {
-          mma(acc[d], as, split<false, FAST>(b[0]), split<false, FAST>(b[STRIDE]));
+#pragma unroll
+          for (int j = 0; j < 2; ++j) mma(acc[d0 + j], as, b0[j], b1[j]);
         }
       }
     }
