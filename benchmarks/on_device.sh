@@ -56,10 +56,6 @@
 # fwd-cluster-tests / fwd-cluster (clusters of two CTAs sharing each K and V block by TMA multicast,
 # FlashConfig.fwd90_cluster: its GPU test (same bits off and on, judged by the reference) / bf16 not causal, E = 128
 # at L = 1024-16384 and E = 64, 256 at 4096, off and on),
-# fwd-carry-tests / fwd-carry (two Q buffers, FlashConfig.fwd90_q_buffers, and with them a tile's last P V issued in
-# one turn with the next tile's first S, FlashConfig.fwd90_carry: their GPU test (same bits, judged by the
-# reference) / E = 64 and 128 at L = 1024 and the tutorial's call, the default against two Q buffers alone and with
-# either carry; fwd-carry-long: the same at L = 4096, E = 256 and the tutorial module's attention),
 # fwd-idle-tests / fwd-idle (idle warpgroups skipping the last query block, FlashConfig.fwd90_skip_idle, which
 # for_problem turns on where three warpgroups leave one idle at L < 2048: its GPU test (same bits off and on,
 # judged by the reference) / E = 64 and 128 at L = 1024 and 4096, the tutorial's call and the tutorial module's
@@ -231,16 +227,6 @@ command_of() {  # the command of stage $1, into the array cmd
     fwd-cluster) cmd=(bash -c 'S="python3 benchmarks/flash_sweep.py --forward-only --causal no --variants \"\" fwd90_cluster=2"
                       eval $S --lengths 1024 4096 16384 --head-dims 128
                       eval $S --lengths 4096 --head-dims 64 256') ;;
-    fwd-carry-tests) cmd=(bash benchmarks/sharded_pytest.sh 4 -m gpu tests/test_flash.py -k carried_tiles_keep_the_bits) ;;
-    fwd-carry) cmd=(bash -c 'V="\"\" fwd90_q_buffers=2 fwd90_q_buffers=2,fwd90_carry=1 fwd90_q_buffers=2,fwd90_carry=2" S="python3 benchmarks/flash_sweep.py --forward-only"
-                    eval $S --lengths 1024 --head-dims 64 128 --variants $V
-                    eval $S --dtype float16 --lengths 1024 --head-dims 32 --tokens 32768 --hidden 1024 --causal no \
-                    --variants $V') ;;
-    fwd-carry-long) cmd=(bash -c 'V="\"\" fwd90_q_buffers=2 fwd90_q_buffers=2,fwd90_carry=1 fwd90_q_buffers=2,fwd90_carry=2" S="python3 benchmarks/flash_sweep.py --forward-only"
-                         eval $S --lengths 4096 --head-dims 64 128 --variants $V
-                         eval $S --lengths 4096 --head-dims 256 --causal no --variants $V
-                         eval $S --dtype float16 --lengths 512 --head-dims 64 --tokens 16384 --hidden 512 --causal yes \
-                         --variants $V') ;;
     fwd-idle-tests) cmd=(python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_flash.py -k skipping_keeps_the_bits) ;;
     fwd-idle) cmd=(bash -c 'V="\"\" fwd90_skip_idle=0 fwd90_skip_idle=1" \
                   && S="python3 benchmarks/flash_sweep.py --forward-only" \

@@ -15,10 +15,7 @@
 //    cores.
 //  - inside a warpgroup: S = Q K^T of block n + 1 is issued with O += P V of block n, and the softmax of
 //    block n + 1 runs while P V of block n finishes; P is rounded into the wgmma operand registers only
-//    once P V of block n is done with them. With FWD90_CARRY a tile's last P V is issued with the next tile's
-//    first S, so a tile's start and end cost no turn of their own (the turns are a cycle: a warpgroup's gap
-//    between turns holds up every other warpgroup); with FWD90_CARRY = 2, S first, and its softmax runs under
-//    that P V as in the loop (the tile's epilogue after both), with 1 the epilogue and then the softmax.
+//    once P V of block n is done with them.
 //
 // Tiles are (batch * head, query block) pairs in this order: heads in chunks of `chunk_heads` (few enough
 // that their K and V stay in L2), and within a chunk the query blocks from the last (the heaviest under
@@ -29,10 +26,10 @@
 // know: CTAs take tiles from a counter as they finish them (TileQueue, FWD90_QUEUE), as they may in a packed
 // batch, whose sequences' lengths the host does not know either.
 //
-// Shared memory: Q [FWD90_Q_BUFFERS][E/W][BLOCK_M][W], K [STAGES][E/W][BLOCK_N][W],
-// V [STAGES][Ev/W'][BLOCK_N][W'], each column chunk in the swizzle that TMA writes and wgmma reads: W = 64
-// columns (128-byte rows, 16-byte chunk c of row r at c ^ (r % 8)) when the head dim is a multiple of 64, else
-// W = 32 (64-byte rows, c ^ ((r / 2) % 4)); then the mbarriers, and the TileQueue's barriers and slots.
+// Shared memory: Q [E/W][BLOCK_M][W], K [STAGES][E/W][BLOCK_N][W], V [STAGES][Ev/W'][BLOCK_N][W'], each
+// column chunk in the swizzle that TMA writes and wgmma reads: W = 64 columns (128-byte rows, 16-byte
+// chunk c of row r at c ^ (r % 8)) when the head dim is a multiple of 64, else W = 32 (64-byte rows,
+// c ^ ((r / 2) % 4)); then the mbarriers, and the TileQueue's barriers and slots.
 //
 // Rows no query may see. TMA writes zeros for rows outside the tensor. A V block that reaches past the
 // keys the slice's queries see (windows, upper-left causal with S > L, the next sequence of a packed
@@ -56,9 +53,7 @@
 // FlashAttention-3's epilogue does; dense problems only, tensor map `tm_o`: a packed batch's store would clip at
 // the tensor's end, not at the sequence's), FWD90_SKIP_IDLE (1: a consumer warpgroup whose rows all lie past the
 // queries computes nothing, walk_idle), FWD90_WG_BLOCKS (1: each consumer warpgroup stops at the last key
-// block its own rows see and walks the tile's blocks past it), FWD90_CARRY (1, 2: a tile's last P V and the next
-// tile's first S in one turn, above), FWD90_Q_BUFFERS (1 or 2: below), CUSDPA_PHASES (1: per-warp phase
-// clocks, phases.cuh),
+// block its own rows see and walks the tile's blocks past it), CUSDPA_PHASES (1: per-warp phase clocks, phases.cuh),
 // FWD90_WARPGROUPS (consumer warpgroups, 2 or 3), FWD90_BLOCK_N, FWD90_STAGES (K/V buffers), FWD90_PINGPONG
 // (1: consumers take turns; 0: they issue when ready), ATTN_MASK, ALIBI (1: the slopes' bias added, `slopes`
 // per (batch, head) with batch stride `slopes_b`; scores in natural units as with a float mask), SOFTCAP (1:
@@ -94,20 +89,6 @@
 #ifndef FWD90_CLUSTER
 #define FWD90_CLUSTER 1
 #endif
-#ifndef FWD90_CARRY
-#define FWD90_CARRY 0
-#endif
-#ifndef FWD90_Q_BUFFERS
-#define FWD90_Q_BUFFERS 1
-#endif
-// Q buffers: with two, tile k + 1's Q loads while tile k runs (the producer is past its Q once tile k's last K and
-// V loads are issued), not once every consumer warp has passed tile k's last S, which CARRY's turn waits for
-constexpr int Q_BUFFERS = FWD90_Q_BUFFERS;
-static_assert(Q_BUFFERS == 1 || Q_BUFFERS == 2, "FWD90_Q_BUFFERS must be 1 or 2");
-// A tile's last turn also issues the next tile's first S (FWD90_CARRY), where the next tile's first block needs
-// nothing the tile before holds: no attn_mask (its elements are loaded a block ahead) or ALiBi (a bias per
-// tile's rows), and every warpgroup takes every turn (not FWD90_WG_BLOCKS, whose walked turns follow the last)
-constexpr bool CARRY = FWD90_CARRY && !FWD90_QUEUE && !ATTN_MASK && !ALIBI && !FWD90_WG_BLOCKS;
 constexpr int CLUSTER = FWD90_CLUSTER;
 static_assert(CLUSTER == 1 || CLUSTER == 2, "FWD90_CLUSTER must be 1 or 2");
 static_assert(CLUSTER == 1 || !FWD90_QUEUE, "clusters take their tiles in pairs, not from the queue");
@@ -123,7 +104,7 @@ constexpr int SK_BYTES = BLOCK_N * HEAD_DIM * 2;
 constexpr int SV_BYTES = BLOCK_N * HEAD_DIM_V * 2;
 // O's staging buffer (FWD90_TMA_STORE): each consumer warpgroup's 64 rows in V's swizzle.
 constexpr int SO_BYTES = FWD90_TMA_STORE ? BLOCK_M * HEAD_DIM_V * 2 : 0;
-constexpr int SMEM_TILES = Q_BUFFERS * SQ_BYTES + STAGES * (SK_BYTES + SV_BYTES) + SO_BYTES;
+constexpr int SMEM_TILES = SQ_BYTES + STAGES * (SK_BYTES + SV_BYTES) + SO_BYTES;
 constexpr int BAR_EPILOGUE = 4;  // named barriers 4 + cw: consumer warpgroup cw's epilogue (1..3: the ping-pong)
 // Registers per thread after setmaxnreg (FlashAttention-3's split; the sums fill the 64K register file).
 constexpr int LOAD_REGS = MMA_WG == 2 ? 24 : 32;
@@ -448,14 +429,6 @@ struct FastDiv {
     }
 };
 
-// The Q buffers in turn: the k-th tile a warp takes (counting from 0) has its Q in buffer k % Q_BUFFERS, in phase
-// (k / Q_BUFFERS) & 1 of that buffer's barriers.
-struct QTurn {
-    u32 k = 0;
-    __device__ __forceinline__ int buf() const { return static_cast<int>(k % Q_BUFFERS); }
-    __device__ __forceinline__ u32 phase() const { return (k / Q_BUFFERS) & 1; }
-};
-
 // tile_at's divisors, set up once: query blocks per chunk of heads, heads per chunk (and in the last chunk,
 // which may hold fewer), query heads, and query heads per kv head. Each of the first five lanes of a warp
 // finds one reciprocal (a 64-bit division, side by side), which the others then read.
@@ -637,13 +610,13 @@ flash_fwd_sm90(const __grid_constant__ TmaMap tm_q, const __grid_constant__ TmaM
     PhaseClock ph;  // (with CUSDPA_PHASES: phases.cuh)
     extern __shared__ __align__(1024) unsigned char smem[];
     unsigned char* sQ = smem;  // every size is a multiple of 1024: each tile keeps the swizzle alignment
-    unsigned char* sK = sQ + Q_BUFFERS * SQ_BYTES;
+    unsigned char* sK = sQ + SQ_BYTES;
     unsigned char* sV = sK + STAGES * SK_BYTES;
     unsigned char* sO = sV + STAGES * SV_BYTES;
     unsigned long long* bars = reinterpret_cast<unsigned long long*>(smem + SMEM_TILES);
-    unsigned long long* q_full = bars;  // [Q_BUFFERS]
-    unsigned long long* q_empty = bars + Q_BUFFERS;
-    unsigned long long* k_full = bars + 2 * Q_BUFFERS;
+    unsigned long long* q_full = bars;
+    unsigned long long* q_empty = bars + 1;
+    unsigned long long* k_full = bars + 2;
     unsigned long long* k_empty = k_full + STAGES;
     unsigned long long* v_full = k_empty + STAGES;
     unsigned long long* v_empty = v_full + STAGES;
@@ -665,10 +638,8 @@ flash_fwd_sm90(const __grid_constant__ TmaMap tm_q, const __grid_constant__ TmaM
         return tile_at(t, divisors, num_units, BH, cu_q, cu_k, L, S, left, right, lower_right, rank);
     };
     if (threadIdx.x == 0) {
-        for (int b = 0; b < Q_BUFFERS; ++b) {
-            mbar_init(q_full + b, 1);
-            mbar_init(q_empty + b, CONSUMER_WARPS);
-        }
+        mbar_init(q_full, 1);
+        mbar_init(q_empty, CONSUMER_WARPS);
         for (int st = 0; st < STAGES; ++st) {
             mbar_init(k_full + st, 1);
             mbar_init(v_full + st, 1);
@@ -701,8 +672,7 @@ flash_fwd_sm90(const __grid_constant__ TmaMap tm_q, const __grid_constant__ TmaM
 #endif
         }
         ph.to(PH_START);
-        u32 it = 0, staged_phase = 0;
-        QTurn q;
+        u32 it = 0, q_phase = 0, staged_phase = 0;
 #if FWD90_QUEUE
         int ahead = blockIdx.x;  // the tile the producer puts next (lane 0's)
         for (;;) {
@@ -727,14 +697,13 @@ flash_fwd_sm90(const __grid_constant__ TmaMap tm_q, const __grid_constant__ TmaM
             const UnseenKeys unseen{ATTN_MASK ? seen + sl.b * sk_b + sl.h * sk_h : nullptr, 0, 1, sl.S};
             if (lane == 0) {
                 ph.to(PH_TILE);
-                mbar_wait(q_empty + q.buf(), q.phase() ^ 1);
+                mbar_wait(q_empty, q_phase ^ 1);
                 ph.to(PH_WAIT_Q);
-                tma_load_tile<BLOCK_M, HEAD_DIM, QK_SW>(sQ + q.buf() * SQ_BYTES, tm_q, q_full + q.buf(),
-                                                        sl.start_q + tile.m0, sl.h * q_hm, sl.b * q_bm);
+                tma_load_tile<BLOCK_M, HEAD_DIM, QK_SW>(sQ, tm_q, q_full, sl.start_q + tile.m0, sl.h * q_hm, sl.b * q_bm);
                 ph.to(PH_ISSUE);
                 ph.count(PH_TILES);
             }
-            ++q.k;
+            q_phase ^= 1;
             for (int n = first; n < tile.n_end; n = kb.from(n + 1), ++it) {
                 const int st = it % STAGES;
                 const u32 phase = (it / STAGES) & 1;
@@ -792,7 +761,7 @@ flash_fwd_sm90(const __grid_constant__ TmaMap tm_q, const __grid_constant__ TmaM
     setmaxnreg_inc<MMA_REGS>();
     const int cw = wg - 1;  // consumer index: rows 64 cw .. 64 cw + 63 of each tile
     const int g = lane / 4, t4 = lane % 4;
-    auto q_wg = [&](int b) { return sQ + b * SQ_BYTES + cw * 64 * QK_SW; };  // this warpgroup's rows of Q buffer b
+    const unsigned char* sQwg = sQ + cw * 64 * QK_SW;
     const Dropout drop{seed_lo, seed_hi, offset, threshold};
 #if ATTN_MASK || ALIBI || SOFTCAP
     const float scale = scale_log2 * LN2;  // a float mask and ALiBi are added to the scores scaled by this
@@ -825,8 +794,7 @@ flash_fwd_sm90(const __grid_constant__ TmaMap tm_q, const __grid_constant__ TmaM
             }
         }
     };
-    u32 it = 0;
-    QTurn q;
+    u32 it = 0, q_phase = 0;
 #if FWD90_SKIP_IDLE
     // A warpgroup whose rows all lie past the slice's queries (the last query block of a length that is no
     // multiple of BLOCK_M) walks the tile's key blocks from block n keeping the pipeline's protocol -- each
@@ -834,9 +802,8 @@ flash_fwd_sm90(const __grid_constant__ TmaMap tm_q, const __grid_constant__ TmaM
     // ping-pong turns taken -- and computes nothing. Its own loop, not the compute loop with its products
     // skipped: ptxas serialises every wgmma where a path may read accumulators between issue and wait.
     auto walk_idle = [&](KeyBlocks& kb, int n, int n_end) {
-        const int qb = q.buf();
-        mbar_wait_warp(q_full + qb, q.phase());
-        ++q.k;
+        mbar_wait_warp(q_full, q_phase);
+        q_phase ^= 1;
         u32 st = it % STAGES, phase = (it / STAGES) & 1;
         mbar_wait_warp(k_full + st, phase);
         turn_begin();  // S of the first block
@@ -845,7 +812,7 @@ flash_fwd_sm90(const __grid_constant__ TmaMap tm_q, const __grid_constant__ TmaM
             const int next = kb.from(n + 1);
             release_kv(k_empty + st);
             if (next >= n_end) {
-                release(q_empty + qb);
+                release(q_empty);
                 break;
             }
             n = next;
@@ -867,19 +834,6 @@ flash_fwd_sm90(const __grid_constant__ TmaMap tm_q, const __grid_constant__ TmaM
     };
 #endif
     ph.to(PH_START);
-    // Every warpgroup computes rows of tile `tl` and it has key blocks: the tiles whose boundary CARRY crosses
-    // (the same answer in every warpgroup, so their turns stay in step)
-    auto busy = [&](const Tile& tl) {
-        return tl.live && tl.n_begin < tl.n_end && (!FWD90_SKIP_IDLE || tl.m0 + BLOCK_M - 64 < tl.slice.L);
-    };
-    // The output so far, the row maxima and sums, the scores and P of the block in hand: across tiles, since a
-    // carried tile (CARRY, below) starts with its first block's softmax done in the tile before.
-    float acc[VT * 4];
-    float m_i[2], l_i[2], alpha[2];
-    float s[NT * 4];
-    u32 p[NT * 2];
-    bool carried = false;
-    int qb = 0;  // the Q buffer of the tile in hand
 #if FWD90_QUEUE
     for (int t = queue.get(); t < num_tiles; t = queue.get()) {
 #else
@@ -938,6 +892,13 @@ flash_fwd_sm90(const __grid_constant__ TmaMap tm_q, const __grid_constant__ TmaM
         }
 #endif
 
+        float acc[VT * 4];
+#pragma unroll
+        for (int x = 0; x < VT * 4; ++x) acc[x] = 0.f;
+        float m_i[2] = {-CUSDPA_INF, -CUSDPA_INF}, l_i[2] = {0.f, 0.f}, alpha[2];
+        float s[NT * 4];
+        u32 p[NT * 2];
+
         // Block n's scores as the softmax takes them: soft-capped, masked (the next block's mask elements then
         // loaded, a softmax ahead), ALiBi's bias added. `here`, `ahead`: the summary bytes of blocks n and next.
         auto modify_scores = [&](int here, int ahead, int next, int n0) {
@@ -960,52 +921,36 @@ flash_fwd_sm90(const __grid_constant__ TmaMap tm_q, const __grid_constant__ TmaM
             (void)here, (void)ahead, (void)next, (void)n0;
         };
 
+        // The first block: S, softmax, P.
         ph.to(PH_TILE);
         ph.count(PH_TILES);
+        mbar_wait_warp(q_full, q_phase);
+        ph.to(PH_WAIT_Q);
+        q_phase ^= 1;
         int st = it % STAGES;
         u32 phase = (it / STAGES) & 1;
-        int here, n0, next, ahead;
-        auto first_keys = [&] {
-            here = kb.summary(n);
-            n0 = n * BLOCK_N;
-            next = kb.from(n + 1);
-            ahead = kb.summary(next);
-        };
-        if (carried) {  // the first block's S, softmax and P came with the tile before's last turn
-            first_keys();
-            carried = false;
-        } else {  // the first block: S, softmax, P
-#pragma unroll
-            for (int x = 0; x < VT * 4; ++x) acc[x] = 0.f;
-#pragma unroll
-            for (int r = 0; r < 2; ++r) m_i[r] = -CUSDPA_INF, l_i[r] = 0.f;
-            qb = q.buf();
-            mbar_wait_warp(q_full + qb, q.phase());
-            ph.to(PH_WAIT_Q);
-            ++q.k;
-            mbar_wait_warp(k_full + st, phase);
-            ph.to(PH_WAIT_K0);
-            turn_begin();
-            ph.to(PH_TURN0);
-            wgmma_fence();
-            issue_qk(s, q_wg(qb), sK + st * SK_BYTES);
-            wgmma_commit();
-            turn_end();
-            ph.to(PH_ISSUE);
-            first_keys();
+        mbar_wait_warp(k_full + st, phase);
+        ph.to(PH_WAIT_K0);
+        turn_begin();
+        ph.to(PH_TURN0);
+        wgmma_fence();
+        issue_qk(s, sQwg, sK + st * SK_BYTES);
+        wgmma_commit();
+        turn_end();
+        ph.to(PH_ISSUE);
+        int here = kb.summary(n), n0 = n * BLOCK_N, next = kb.from(n + 1), ahead = kb.summary(next);
 #if ATTN_MASK
-            if (KeyBlocks::partial(here)) load_mask(mk, mask_r0, mask_r1, n0, t4, sl.S);
+        if (KeyBlocks::partial(here)) load_mask(mk, mask_r0, mask_r1, n0, t4, sl.S);
 #endif
-            wgmma_wait<0>();
-            ph.to(PH_WAIT_S);
-            fence_regs(s);
-            release_kv(k_empty + st);
-            if (next >= n_stop) release(q_empty + qb);
-            modify_scores(here, ahead, next, n0);
-            softmax_block(s, m_i, l_i, alpha, vis, vis.tile_full(mw, 64, n0, BLOCK_N), i, n0, t4, scale_log2);
-            round_p(s, p, i, n0, t4, drop, sl.bh);
-            ph.to(PH_SOFTMAX);
-        }
+        wgmma_wait<0>();
+        ph.to(PH_WAIT_S);
+        fence_regs(s);
+        release_kv(k_empty + st);
+        if (next >= n_stop) release(q_empty);
+        modify_scores(here, ahead, next, n0);
+        softmax_block(s, m_i, l_i, alpha, vis, vis.tile_full(mw, 64, n0, BLOCK_N), i, n0, t4, scale_log2);
+        round_p(s, p, i, n0, t4, drop, sl.bh);
+        ph.to(PH_SOFTMAX);
         ph.count(PH_BLOCKS);
 
         // Block n: S of block n with P V of block n - 1, whose K and V buffers are st and prev.
@@ -1028,7 +973,7 @@ flash_fwd_sm90(const __grid_constant__ TmaMap tm_q, const __grid_constant__ TmaM
             fence_regs(s);
             fence_regs(acc);
             wgmma_fence();
-            issue_qk(s, q_wg(qb), sK + st * SK_BYTES);
+            issue_qk(s, sQwg, sK + st * SK_BYTES);
             wgmma_commit();
             issue_pv(acc, p, sV + prev * SV_BYTES);
             wgmma_commit();
@@ -1039,7 +984,7 @@ flash_fwd_sm90(const __grid_constant__ TmaMap tm_q, const __grid_constant__ TmaM
             ph.to(PH_WAIT_S);
             fence_regs(s);
             release_kv(k_empty + st);
-            if (next >= n_stop) release(q_empty + qb);
+            if (next >= n_stop) release(q_empty);
             modify_scores(here, ahead, next, n0);
             const bool rescale =
                 softmax_block(s, m_i, l_i, alpha, vis, vis.tile_full(mw, 64, n0, BLOCK_N), i, n0, t4, scale_log2);
@@ -1053,92 +998,28 @@ flash_fwd_sm90(const __grid_constant__ TmaMap tm_q, const __grid_constant__ TmaM
             ph.to(PH_SOFTMAX);
             ph.count(PH_BLOCKS);
         }
-        // P V of the last block; with CARRY, where every warpgroup of this tile and the next computes, in the same
-        // turn as the next tile's first S (its Q in the other buffer, or with one buffer loaded only once this
-        // tile's last S is done everywhere), whose softmax runs under that P V (FWD90_CARRY = 2) or after this
-        // tile's epilogue (1).
-#if FWD90_QUEUE
-        const bool more = false;  // (CARRY takes tiles dealt in advance, not the queue's)
-        const int t_next = t;
-#else
-        const bool more = CARRY && busy(tile) && deal.more();
-        const int t_next = more ? deal.ahead : t;
-#endif
-        const Tile nxt = decode_tile(t_next);
-        const bool carry = more && busy(nxt);
-        const int nst = (it + 1) % STAGES;
-        const u32 nphase = ((it + 1) / STAGES) & 1;
-        const int nqb = q.buf();  // (the next tile's Q buffer, where it is carried)
-        if (carry) {
-            mbar_wait_warp(q_full + nqb, q.phase());
-            ++q.k;
-            mbar_wait_warp(k_full + nst, nphase);
-        }
+        // P V of the last block.
         mbar_wait_warp(v_full + st, phase);
         ph.to(PH_WAIT_V);
         turn_begin();
         ph.to(PH_TURN);
         fence_regs(p);
         fence_regs(acc);
+        wgmma_fence();
+        issue_pv(acc, p, sV + st * SV_BYTES);
+        wgmma_commit();
+        turn_end();
+        ph.to(PH_ISSUE);
 #if FWD90_WG_BLOCKS
+        // The blocks past n_stop (n is the first), counted: their turns given back at once, while this
+        // warpgroup's last P V runs, so that the next warpgroup's products follow it ...
         int walked = 0;
-#endif
-        float m_o[2] = {m_i[0], m_i[1]}, l_o[2] = {l_i[0], l_i[1]};  // this tile's rows' max and sum, for its epilogue
-        const int nmw = nxt.m0 + cw * 64, ni = nmw + (warp % 4) * 16 + g, nn0 = nxt.n_begin * BLOCK_N;
-        // the next tile's first block's softmax
-        auto carried_softmax = [&] {
-#pragma unroll
-            for (int r = 0; r < 2; ++r) m_i[r] = -CUSDPA_INF, l_i[r] = 0.f;
-            modify_scores(0, 0, 0, 0);  // (soft-capping at most: CARRY takes no mask or ALiBi)
-            softmax_block(s, m_i, l_i, alpha, nxt.slice.vis, nxt.slice.vis.tile_full(nmw, 64, nn0, BLOCK_N), ni, nn0,
-                          t4, scale_log2);
-            ph.to(PH_SOFTMAX);
-        };
-        // Each branch waits for its own products: where the two met with S in flight, ptxas serialised every
-        // wgmma of the kernel (C7515: s defined by other instructions within the stage).
-        if (carry) {
-            fence_regs(s);
-            wgmma_fence();
-            if (FWD90_CARRY == 2) {  // S first: its softmax runs under the P V, as in the loop
-                issue_qk(s, q_wg(nqb), sK + nst * SK_BYTES);
-                wgmma_commit();
-                issue_pv(acc, p, sV + st * SV_BYTES);
-                wgmma_commit();
-            } else {
-                issue_pv(acc, p, sV + st * SV_BYTES);
-                wgmma_commit();
-                issue_qk(s, q_wg(nqb), sK + nst * SK_BYTES);
-                wgmma_commit();
-            }
+        for (; n < tile.n_end; n = kb.from(n + 1), ++walked) {
+            turn_begin();
             turn_end();
-            ph.to(PH_ISSUE);
-            if (FWD90_CARRY == 2) {
-                wgmma_wait<1>();
-                ph.to(PH_WAIT_S);
-                fence_regs(s);
-                release_kv(k_empty + nst);
-                carried_softmax();
-            }
-            wgmma_wait<0>();
-            fence_regs(s);
-            if (FWD90_CARRY != 2) release_kv(k_empty + nst);
-            if (nxt.n_begin + 1 >= nxt.n_end) release(q_empty + nqb);
-        } else {
-            wgmma_fence();
-            issue_pv(acc, p, sV + st * SV_BYTES);
-            wgmma_commit();
-            turn_end();
-            ph.to(PH_ISSUE);
-#if FWD90_WG_BLOCKS
-            // The blocks past n_stop (n is the first), counted: their turns given back at once, while this
-            // warpgroup's last P V runs, so that the next warpgroup's products follow it ...
-            for (; n < tile.n_end; n = kb.from(n + 1), ++walked) {
-                turn_begin();
-                turn_end();
-            }
-#endif
-            wgmma_wait<0>();
         }
+#endif
+        wgmma_wait<0>();
         ph.to(PH_WAIT_PV);
         fence_regs(acc);
         release_kv(v_empty + st);
@@ -1168,7 +1049,7 @@ flash_fwd_sm90(const __grid_constant__ TmaMap tm_q, const __grid_constant__ TmaM
 #endif
 #pragma unroll
         for (int r = 0; r < 2; ++r) {
-            float l = l_o[r];
+            float l = l_i[r];
             l += __shfl_xor_sync(0xffffffffu, l, 1);
             l += __shfl_xor_sync(0xffffffffu, l, 2);
             // l = 0: the row sees nothing and stores 0, not acc * 0 (NaN after 0 * NaN of a V row another
@@ -1189,13 +1070,13 @@ flash_fwd_sm90(const __grid_constant__ TmaMap tm_q, const __grid_constant__ TmaM
                 *reinterpret_cast<u32*>(sOwg + off) = o_pair(vt);
             }
             if (row < sl.L && t4 == 0)
-                lseb[row] = empty ? -CUSDPA_INF : NATURAL ? m_o[r] + log2f(l) * LN2 : (m_o[r] + log2f(l)) * LN2;
+                lseb[row] = empty ? -CUSDPA_INF : NATURAL ? m_i[r] + log2f(l) * LN2 : (m_i[r] + log2f(l)) * LN2;
 #else
             if (row < sl.L) {
 #pragma unroll
                 for (int vt = 0; vt < VT; ++vt) *reinterpret_cast<u32*>(ob + row * o_sm + vt * 8 + 2 * t4) = o_pair(vt);
                 if (t4 == 0)
-                    lseb[row] = empty ? -CUSDPA_INF : NATURAL ? m_o[r] + log2f(l) * LN2 : (m_o[r] + log2f(l)) * LN2;
+                    lseb[row] = empty ? -CUSDPA_INF : NATURAL ? m_i[r] + log2f(l) * LN2 : (m_i[r] + log2f(l)) * LN2;
             }
 #endif
         }
@@ -1209,15 +1090,6 @@ flash_fwd_sm90(const __grid_constant__ TmaMap tm_q, const __grid_constant__ TmaM
             bulk_commit();
         }
 #endif
-        if (carry) {  // the next tile's first block: (softmax and) P
-#pragma unroll
-            for (int x = 0; x < VT * 4; ++x) acc[x] = 0.f;
-            if (FWD90_CARRY != 2) carried_softmax();
-            round_p(s, p, ni, nn0, t4, drop, nxt.slice.bh);
-            ph.to(PH_SOFTMAX);
-            carried = true;
-            qb = nqb;
-        }
         ph.to(PH_EPILOGUE);
     }
     // The last consumer opened the first one's barrier once more than the first consumer waited on it.

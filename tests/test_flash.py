@@ -44,10 +44,9 @@ def _nvrtc_jobs():
                                                                            tma_store=True) + ("-arch=sm_90a",)
             if (E, Ev) in ((64, 64), (96, 64), (256, 256)) and dropout:
                 # ... with clusters sharing the key blocks (three warpgroups, 64-byte rows, 80-key blocks), idle
-                # warpgroups walking their tiles, tiles carried into the next, two Q buffers
+                # warpgroups walking their tiles
                 clustered = dataclasses.replace(config.FlashConfig.for_problem(E, Ev, 4096, False), fwd90_cluster=2,
-                                                fwd90_skip_idle=True, fwd90_carry=1 + (E == 64),
-                                                fwd90_q_buffers=2).fitted(E, Ev)
+                                                fwd90_skip_idle=True).fitted(E, Ev)
                 yield "flash_fwd_sm90.cu", sources.compile_options(dtype, E, Ev, dropout, clustered,
                                                                    tma_store=clustered.fwd90_tma_store) + ("-arch=sm_90a",)
             # ... and with each kind of attn_mask (its tiles from the queue)
@@ -941,7 +940,7 @@ def _knob_keeps_the_bits(pr, rng, monkeypatch, knob: str, values: tuple, **fixed
             real(pr), **{knob: value}, **fixed).fitted(pr.E, pr.Ev))
         assert getattr(launches.sm90_forward_config(pr), knob) == value, (knob, value)
         results.append(flash.IMPL.forward(pr))
-    assert all(cupy.array_equal(g, w, equal_nan=True) for other in results[1:] for g, w in zip(other, results[0]))
+    assert all(cupy.array_equal(g, w, equal_nan=True) for g, w in zip(*results))
     failures = run_problem(pr, flash.IMPL, rng, grads=False)
     assert not failures, "\n".join(failures)
 
@@ -1067,61 +1066,6 @@ def test_clusters_only_where_every_query_sees_every_key():
     assert cluster_of(mask="bool") == 1
     assert cluster_of(varlen=((512, 512), (300, 200))) == 1
     assert cluster_of(L=300) == 1  # three query blocks of 128 rows
-
-
-# fwd90_carry: a tile's last P V and the next tile's first S in one turn. Cases whose tiles meet every kind of
-# neighbour (two SMs or one cluster, so each CTA walks many tiles): tiles with idle warpgroups (no carry into or
-# out of them) and without keys, both causal alignments, a window, dropout (the carried P takes the next tile's
-# counters), GQA, soft-capping, 64- and 128-byte rows, clusters, O stored by TMA and from registers.
-CARRY_CASES = {
-    "causal_gqa": (Case(hq=8, hkv=2, L=300, S=300, E=64, causal="upper_left"), {}),
-    "idle_warpgroups_dropout": (Case(hq=3, hkv=3, L=257, S=400, E=64, dropout_p=0.3, causal="lower_right"),
-                                {"fwd90_warpgroups": 3, "fwd90_skip_idle": True}),
-    "keyless_tiles": (Case(hq=2, L=400, S=70, E=64, causal="lower_right"), {}),  # rows < 330 see no key
-    "window_registers": (Case(L=500, S=500, E=64, window=(100, 30)), {"fwd90_tma_store": False}),
-    "softcap_e128": (Case(hq=4, L=300, S=300, E=128, softcap=30.0), {}),
-    "swizzles_differ": (Case(L=257, S=300, E=96, Ev=64, causal="lower_right"), {}),
-    "clusters_three_warpgroups": (Case(batch=(3,), hq=2, L=768, S=700, E=64, dropout_p=0.25),
-                                  {"fwd90_warpgroups": 3, "fwd90_cluster": 2}),
-    "clusters_e256": (Case(hq=2, L=512, S=520, E=256), {"fwd90_cluster": 2}),
-    "e32_fp16": (Case(dtype="float16", hq=4, L=600, S=600, E=32), {}),
-}
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("name", list(CARRY_CASES))
-@pytest.mark.parametrize("knob,values,q_buffers", [("fwd90_q_buffers", (1, 2), {}),
-                                                   ("fwd90_carry", (0, 1, 2), {"fwd90_q_buffers": 2})])
-def test_carried_tiles_keep_the_bits(name, knob, values, q_buffers, rng, monkeypatch):
-    """Two Q buffers (the next tile's Q loaded while a tile runs) give the same out and lse, bit for bit, as one;
-    and with them fwd90_carry (a tile's last P V issued in one turn with the next tile's first S, whose softmax
-    and P come before the next tile's loop) off and either way on; the reference judges them."""
-    import cupy
-
-    monkeypatch.setattr(sources, "multiprocessors", lambda device: 2)
-    monkeypatch.setattr(sources, "max_active_clusters", lambda *args: 1)
-    case, fixed = CARRY_CASES[name]
-    _knob_keeps_the_bits(build(case, cupy, rng), rng, monkeypatch, knob, values, **q_buffers, **fixed)
-
-
-def test_carry_only_where_the_kernel_carries():
-    """sm90_forward_config keeps fwd90_carry only where the kernel's CARRY holds: not with ALiBi, an attn_mask
-    or a packed batch's queue (tiles not dealt ahead), nor with warpgroups stopping at their own blocks."""
-    from cusdpa.backends.flash import launches
-
-    def carry_of(knobs=None, **changes):
-        case = dataclasses.replace(Case(hq=2, L=512, S=512, E=64, causal="upper_left"), **changes)
-        pr = build(case, np, np.random.default_rng(0))
-        with pytest.MonkeyPatch.context() as mp:
-            real = launches.config
-            mp.setattr(launches, "config", lambda pr: dataclasses.replace(real(pr), fwd90_carry=2, **(knobs or {})))
-            return launches.sm90_forward_config(pr).fwd90_carry
-
-    assert carry_of() and carry_of(dropout_p=0.1, softcap=5.0, window=(50, 0))
-    assert not carry_of(alibi="head")
-    assert not carry_of(mask="bool")
-    assert not carry_of(varlen=((512, 512), (300, 200)))
-    assert not carry_of({"fwd90_warpgroups": 3, "fwd90_wg_blocks": True})
 
 
 @pytest.mark.gpu

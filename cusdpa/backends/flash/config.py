@@ -57,18 +57,6 @@ class FlashConfig:
     # half the K/V bytes read from L2. Taken only where every tile of a head reads the same key blocks (no causal
     # band, window or attn_mask, a dense batch, an even number of query blocks: launches.sm90_forward_config)
     fwd90_cluster: int = 1
-    # a tile's last P V issued in one turn with the next tile's first S (kernels_cuda/flash_fwd_sm90.cu, CARRY):
-    # the turns are a cycle, so a warpgroup's gap at a tile's end and start (last P V waited for, epilogue, first
-    # S waited for) held up the other warpgroups, a turn and a gap per tile, most of it where tiles have few key
-    # blocks. 1: P V first, then the epilogue and the next tile's first softmax; 2: S first, its softmax under
-    # the P V as in the loop, then the epilogue. 0 off; not with an attn_mask, ALiBi, a queue or fwd90_wg_blocks.
-    # With one Q buffer it measured 3-12% slower on the H100 (BENCHMARKS.md): off, to be measured with two, and
-    # deleted if it loses again
-    fwd90_carry: int = 0
-    # Q buffers of the Hopper forward (1 or 2): with two, the next tile's Q loads while a tile runs, where with one
-    # it loads once every consumer warp has passed the tile's last S, which fwd90_carry's merged turn then waits
-    # for (the likely cause of the carry's 3-12% loss on the H100). Written without device time: off
-    fwd90_q_buffers: int = 1
     # per-warp phase clocks compiled into the Hopper forward (kernels_cuda/phases.cuh), for
     # benchmarks/fwd90_phases.py only
     fwd90_phases: bool = False
@@ -204,11 +192,10 @@ def smem_bytes(kind: str, cfg: FlashConfig, E: int, Ev: int) -> int:
     if kind == "fwd":
         bm, bn = cfg.fwd_block_m, cfg.fwd_block_n
         return 2 * (bm * max(qp, vp) + 2 * bn * qp + 2 * bn * vp)
-    if kind == "fwd_sm90":  # unpadded, swizzled tiles (Q buffers, K/V stages, O's staging), mbarriers, the queue
+    if kind == "fwd_sm90":  # unpadded, swizzled tiles (K and V stages, O's staging), the mbarriers, the queue
         bm, bn, st = 64 * cfg.fwd90_warpgroups, cfg.fwd90_block_n, cfg.fwd90_stages
         staged_o = bm * Ev if cfg.fwd90_tma_store else 0
-        qb = cfg.fwd90_q_buffers
-        return 2 * (qb * bm * E + st * bn * E + st * bn * Ev + staged_o) + 8 * (1 + 2 * qb + 4 * st) + 8 * 5
+        return 2 * (bm * E + st * bn * E + st * bn * Ev + staged_o) + 8 * (3 + 4 * st) + 8 * 5
     if kind == "bwd_sm90":  # swizzled K, V, two Q / dO stages, two dS^T and two fp32 dQ buffers, lse and D per
         bn, bm = 128, cfg.bwd90_block_m  # stage, 8 mbarriers
         if sm90_backward_is_wide(E, Ev):  # 64 keys; two P^T and two dS^T buffers, no dQ buffers

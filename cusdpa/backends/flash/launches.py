@@ -274,16 +274,13 @@ def _modified_options(pr, cfg, mask_grad: bool = False, queue: bool = False, tma
 
 def sm90_forward_config(pr) -> FlashConfig:
     """``config(pr)`` as the Hopper forward takes it: a packed batch stores O from registers (a TMA store clips
-    at the tensor's end, not at a sequence's), a tile's end carries into the next one only where the kernel
-    can (``fwd90_carry``: no ALiBi or attn_mask, tiles dealt ahead, not ``fwd90_wg_blocks``), and a
-    configuration given knobs by hand is fitted to shared memory as ``FlashConfig.for_problem`` fits its own."""
+    at the tensor's end, not at a sequence's), and a configuration given knobs by hand is fitted to shared
+    memory as ``FlashConfig.for_problem`` fits its own."""
     cfg = config(pr)
     if cfg.fwd90_tma_store and pr.varlen is not None:
         cfg = dataclasses.replace(cfg, fwd90_tma_store=False)
     if cfg.fwd90_cluster > 1 and not _clusters_apply(pr, cfg):
         cfg = dataclasses.replace(cfg, fwd90_cluster=1)
-    if cfg.fwd90_carry and (pr.alibi_slopes is not None or cfg.fwd90_wg_blocks or _queued(pr, cfg)):
-        cfg = dataclasses.replace(cfg, fwd90_carry=0)  # (as the kernel's CARRY: tiles dealt ahead, no mask)
     return cfg.fitted(pr.E, pr.Ev)
 
 

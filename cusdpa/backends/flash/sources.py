@@ -79,8 +79,6 @@ def compile_options(dtype_name: str, E: int, Ev: int, dropout: bool, cfg: FlashC
             *(("-DFWD90_SKIP_IDLE=1",) if cfg.fwd90_skip_idle else ()),
             *(("-DFWD90_WG_BLOCKS=1",) if cfg.fwd90_wg_blocks else ()),
             *((f"-DFWD90_CLUSTER={cfg.fwd90_cluster}",) if cfg.fwd90_cluster > 1 else ()),
-            *((f"-DFWD90_CARRY={cfg.fwd90_carry}",) if cfg.fwd90_carry else ()),
-            *(("-DFWD90_Q_BUFFERS=2",) if cfg.fwd90_q_buffers == 2 else ()),
             "-std=c++17", "--use_fast_math", f"-DCUSDPA_BF16={int(dtype_name == 'bfloat16')}",
             f"-DHEAD_DIM={E}", f"-DHEAD_DIM_V={Ev}", f"-DIS_DROPOUT={int(dropout)}",
             f"-DFWD_WARPS={cfg.fwd_warps}", f"-DFWD_M_TILES={cfg.fwd_m_tiles}", f"-DFWD_BLOCK_N={cfg.fwd_block_n}",
