@@ -14,7 +14,7 @@ rc=0
 for job in $(jobs -p); do wait "$job" || rc=1; done
 for ((i = 0; i < n; i++)); do
   echo "--- shard $i/$n"
-  grep -E "^(FAILED|ERROR)|passed|failed|error" "$logs/$i.log" | tail -n 20
+  grep -aE "^(FAILED|ERROR)|passed|failed|error" "$logs/$i.log" | tail -n 20
 done
 [ -n "${OUT:-}" ] && cp -r "$logs" "$OUT/shards.$(basename "$logs")"  # the shards' whole logs come back
 exit $rc
