@@ -438,21 +438,12 @@ struct Tf32Ops {
     return s;
   }
 
-  // D += A B on split operands: the two small terms first, then big * big; the dropped small * small is below
-  // fp32's rounding. The small terms go in the order of the products, not of the operands' roles: (a small, b
-  // big) then (a big, b small), or with SWAPPED, where a and b hold the operands of the other kernels' product
-  // the other way round (the dk/dv kernel's K Q^T and V dO^T), (a big, b small) first: every product then
-  // sums the same terms in the same order, so dP^T there equals dP and D where a row sees one key.
-  template <bool SWAPPED = false>
-  static __device__ __forceinline__ void mma(float (&d)[4], const Split (&a)[4], const Split& b0, const Split& b1) {
-    if (PASSES == 3) {
-      small_term<SWAPPED>(d, a, b0, b1, 0);
-      small_term<SWAPPED>(d, a, b0, b1, 1);
-    }
-    mma_1688_tf32(d, a[0].big, a[1].big, a[2].big, a[3].big, b0.big, b1.big);
-  }
-
-  // mma's small term number `pass` (0 or 1), in its order.
+  // D += A B on split operands is small_term 0, small_term 1, then big_term (the dropped small * small is below
+  // fp32's rounding); the callers take each pass across several products before the next, each D its terms in
+  // this order. The small terms go in the order of the products, not of the operands' roles: (a small, b big)
+  // then (a big, b small), or with SWAPPED, where a and b hold the operands of the other kernels' product the
+  // other way round (the dk/dv kernel's K Q^T and V dO^T), (a big, b small) first: every product then sums the
+  // same terms in the same order, so dP^T there equals dP and D where a row sees one key.
   template <bool SWAPPED>
   static __device__ __forceinline__ void small_term(float (&d)[4], const Split (&a)[4], const Split& b0,
                                                     const Split& b1, int pass) {
@@ -460,6 +451,12 @@ struct Tf32Ops {
       mma_1688_tf32(d, a[0].cross, a[1].cross, a[2].cross, a[3].cross, b0.small, b1.small);
     else
       mma_1688_tf32(d, a[0].small, a[1].small, a[2].small, a[3].small, b0.cross, b1.cross);
+  }
+
+  // big * big: the whole product with one pass
+  static __device__ __forceinline__ void big_term(float (&d)[4], const Split (&a)[4], const Split& b0,
+                                                  const Split& b1) {
+    mma_1688_tf32(d, a[0].big, a[1].big, a[2].big, a[3].big, b0.big, b1.big);
   }
 
   static __device__ __forceinline__ float to_f32(float x) { return x; }
@@ -496,9 +493,9 @@ struct Tf32Ops {
 
   // C[nt] += A B^T for one k-step: a this thread's 4 A values, B^T the tile's rows nt * 8 + g.
   // A_FAST, B_FAST: A's four values, the tile (B), are finite (Tf32Ops::split).
-  // The passes go one at a time across the NT tiles: each C[nt] takes mma's terms in mma's order (the same
-  // bits), but NT independent products stand between two that share an accumulator, where mma per tile chained
-  // three dependent ones and ptxas kept them close (nvcc 13.0, fp32: a median of 4-10 instructions between an
+  // The passes go one at a time across the NT tiles: each C[nt] takes its terms in small_term's order (the
+  // same bits), with NT independent products between two that share an accumulator, where taking a tile's three
+  // at once chained them and ptxas kept them close (nvcc 13.0, fp32: a median of 4-10 instructions between an
   // MMA and the one waiting for its sum in most loops, 13-86 this way). Alone it timed the same on the H100
   // (ncu's 41% "wait" stalls of the backward are not these chains); with product_pb's pairs, BENCHMARKS.md.
   template <int HEAD_DIM, int NT, bool SWAPPED, bool A_FAST, bool B_FAST>
@@ -522,8 +519,7 @@ struct Tf32Ops {
         for (int nt = 0; nt < NT; ++nt) small_term<SWAPPED>(c[nt], as, b0[nt], b1[nt], pass);
     }
 #pragma unroll
-    for (int nt = 0; nt < NT; ++nt) mma_1688_tf32(c[nt], as[0].big, as[1].big, as[2].big, as[3].big, b0[nt].big,
-                                                  b1[nt].big);
+    for (int nt = 0; nt < NT; ++nt) big_term(c[nt], as, b0[nt], b1[nt]);
   }
 
   // FAST: the held fragments a and the tile are finite.
@@ -558,7 +554,7 @@ struct Tf32Ops {
   // tensor cores add into their accumulator truncating, a bias that grows with the number of additions, and
   // Acc adds one per k-step of the whole loop (dV over 1025 queries of one key: 20x the fp32 yardstick's
   // error on the H200); rounded to nearest the additions' errors cancel as fp32's do. Two column tiles at a
-  // time take their passes in turn, as abt_kstep's tiles do (each fragment its terms in mma's order): on the
+  // time take their passes in turn, as abt_kstep's tiles do (each fragment its terms in the same order): on the
   // H100 fp32 head dim 128 +2-3% forward and backward, 96 forward +10-12%, 32 and 64 the same (BENCHMARKS.md).
   template <int HEAD_DIM, int RT, int COLS = HEAD_DIM, bool FAST = false>
   static __device__ __forceinline__ void product_pb(float (&acc)[COLS / 8][4], const PFrag<RT>& pf,
@@ -586,13 +582,13 @@ struct Tf32Ops {
             for (int j = 0; j < 2; ++j) small_term<false>(step[j], as, b0[j], b1[j], pass);
 #pragma unroll
           for (int j = 0; j < 2; ++j) {
-            mma_1688_tf32(step[j], as[0].big, as[1].big, as[2].big, as[3].big, b0[j].big, b1[j].big);
+            big_term(step[j], as, b0[j], b1[j]);
 #pragma unroll
             for (int i = 0; i < 4; ++i) acc[d0 + j][i] += step[j][i];
           }
         } else {
 #pragma unroll
-          for (int j = 0; j < 2; ++j) mma(acc[d0 + j], as, b0[j], b1[j]);
+          for (int j = 0; j < 2; ++j) big_term(acc[d0 + j], as, b0[j], b1[j]);
         }
       }
     }
