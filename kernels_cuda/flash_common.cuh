@@ -182,9 +182,9 @@ __device__ __forceinline__ void mma_abt(float (&c)[MT][2 * N16][4], const elem_t
 // are one m16k16 A fragment once rounded to elem) and B (K16*16 rows x N16*16 columns) row-major in shared
 // memory, read transposed by ldmatrix: the O += P V shape (also dQ += dS K, dV += P^T dO, dK += dS^T Q).
 // f(value, nt, c) transforms each element on the way (dropout, identity).
-template <int MT, int N16, int K16, class F>
-__device__ __forceinline__ void mma_pb(float (&c)[MT][2 * N16][4], const float (&p)[MT][2 * K16][4], F f,
-                                       const elem_t* sB, int b_pitch, int lane) {
+// (mma_pb_at: the same with B anywhere, `at(kk, nn)` the lane's ldmatrix .trans address of k block kk, n block nn.)
+template <int MT, int N16, int K16, class F, class At>
+__device__ __forceinline__ void mma_pb_at(float (&c)[MT][2 * N16][4], const float (&p)[MT][2 * K16][4], F f, At at) {
 #pragma unroll
     for (int kk = 0; kk < K16; ++kk) {
         u32 a[MT][4];
@@ -200,7 +200,7 @@ __device__ __forceinline__ void mma_pb(float (&c)[MT][2 * N16][4], const float (
 #pragma unroll
         for (int nn = 0; nn < N16; ++nn) {
             u32 b[4];
-            ldmatrix_x4_trans(b, bt_frag_addr(sB + kk * 16 * b_pitch + nn * 16, b_pitch, lane));
+            ldmatrix_x4_trans(b, at(kk, nn));
 #pragma unroll
             for (int mt = 0; mt < MT; ++mt) {
                 mma_16816<IS_BF16>(c[mt][2 * nn], a[mt], b[0], b[1]);
@@ -208,6 +208,13 @@ __device__ __forceinline__ void mma_pb(float (&c)[MT][2 * N16][4], const float (
             }
         }
     }
+}
+template <int MT, int N16, int K16, class F>
+__device__ __forceinline__ void mma_pb(float (&c)[MT][2 * N16][4], const float (&p)[MT][2 * K16][4], F f,
+                                       const elem_t* sB, int b_pitch, int lane) {
+    mma_pb_at<MT, N16, K16>(c, p, f, [&](int kk, int nn) {
+        return bt_frag_addr(sB + kk * 16 * b_pitch + nn * 16, b_pitch, lane);
+    });
 }
 
 struct Identity {

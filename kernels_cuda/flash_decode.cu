@@ -52,16 +52,27 @@ constexpr int NT = TILE / 8;      // n8 tiles of a score row block
 constexpr int VT = EV_PAD / 8;    // n8 tiles of an output row block
 constexpr int KK = E_PAD / 16;    // k16 steps of Q K^T
 constexpr int ROWS = 16;          // query rows of a CTA: one m16 tile
-constexpr int STAGE_ELEMS = TILE * (Q_PITCH + V_PITCH);
+// A key's row of K and of V in a stage: whole 128-byte lines, unpadded, its 16-byte chunks swizzled (swz).
+constexpr int K_ROW = (E_PAD + 63) / 64 * 64;
+constexpr int V_ROW = (EV_PAD + 63) / 64 * 64;
+constexpr int STAGE_ELEMS = TILE * (K_ROW + V_ROW);
 constexpr int MERGE_UNROLL = DEC_MERGE_UNROLL;
 static_assert(TILE % 16 == 0, "DEC_TILE must be a multiple of 16");
 
-// Shared memory: sQ [ROWS][Q_PITCH], then per warp STAGES x (K tile [TILE][Q_PITCH], V tile [TILE][V_PITCH]);
+// Shared memory: sQ [ROWS][Q_PITCH], then per warp STAGES x (K tile [TILE][K_ROW], V tile [TILE][V_ROW]);
 // the stages are reused by the warps' merge ([NW][ROWS][EV_PAD] floats of O, [NW][ROWS] of m and l).
 constexpr int SQ_ELEMS = ROWS * Q_PITCH;
 constexpr int PIPE_BYTES = NW * STAGES * STAGE_ELEMS * 2;
 constexpr int MERGE_BYTES = NW * ROWS * (EV_PAD + 2) * 4;
 static_assert(MERGE_BYTES <= PIPE_BYTES, "the merge reuses the pipeline's shared memory");
+
+// Where chunk c (16 bytes) of row r of a stage's tile lies in its row: the chunk's place within its 128-byte line
+// XORed with the row, so that each 128-byte piece of a key's row in memory fills one aligned line of shared
+// memory, and ldmatrix's 8 rows at one chunk fall in 8 different bank groups. Rows padded by 16 bytes instead
+// (ldmatrix's usual remedy) put most 128-byte pieces across two lines, and the L1 split each copy instruction's
+// requests there, the sector at the seam requested twice (ncu, H100, B = 1 S = 32768: 6.3 M sectors read from
+// L2 in 2.8 M requests for 4.2 M sectors of keys, 34% of them hits; swizzled, 4.2 M in 1.06 M, as cuDNN's).
+__device__ __forceinline__ int swz(int r, int c) { return (c & ~7) | ((c ^ r) & 7); }
 
 // A compile-time flag as a value, to instantiate a generic lambda per case.
 template <bool B>
@@ -120,10 +131,10 @@ __device__ __forceinline__ void key_offsets(const Cache& cache, int b, int j0, i
 }
 
 // One warp's copy of the rows of keys [j0, j0 + TILE) of one cache (DIM columns, DIM_PAD in shared memory
-// rows of PITCH) into its stage, the offsets from key_offsets (`off`, `ss`: its slot stride); keys outside
-// [lo, hi) zero-filled, without a per-chunk test when the whole tile lies inside. Lanes take consecutive
-// 16-byte chunks of one key's row (coalesced).
-template <bool AFFINE, int DIM, int DIM_PAD, int PITCH>
+// rows of ROW, swizzled by swz) into its stage, the offsets from key_offsets (`off`, `ss`: its slot stride);
+// keys outside [lo, hi) zero-filled, without a per-chunk test when the whole tile lies inside. Lanes take
+// consecutive 16-byte chunks of one key's row (coalesced).
+template <bool AFFINE, int DIM, int DIM_PAD, int ROW>
 __device__ __forceinline__ void load_rows(elem_t* s, const elem_t* g, long long off, long long ss, int j0, int lo,
                                           int hi, int lane) {
     constexpr int C = DIM_PAD / 8;  // 16-byte chunks of a key's row
@@ -139,16 +150,16 @@ __device__ __forceinline__ void load_rows(elem_t* s, const elem_t* g, long long 
         const bool column = ch * 8 < DIM;
         const long long step = STEP * ss;
         const elem_t* src = g + off + r0 * ss + ch * 8;
-        elem_t* dst = s + r0 * PITCH + ch * 8;
+        auto dst = [&](int i) { return s + (r0 + i * STEP) * ROW + swz(r0 + i * STEP, ch) * 8; };
         if (inside && column) {
 #pragma unroll
-            for (int i = 0; i < TILE / STEP; ++i, src += step) cp_async_16(dst + i * STEP * PITCH, src, true);
+            for (int i = 0; i < TILE / STEP; ++i, src += step) cp_async_16(dst(i), src, true);
         } else {
 #pragma unroll
             for (int i = 0; i < TILE / STEP; ++i, src += step) {
                 const int j = j0 + r0 + i * STEP;
                 const bool pred = column && j >= lo && j < hi;
-                cp_async_16(dst + i * STEP * PITCH, pred ? src : g, pred);
+                cp_async_16(dst(i), pred ? src : g, pred);
             }
         }
         return;
@@ -158,15 +169,26 @@ __device__ __forceinline__ void load_rows(elem_t* s, const elem_t* g, long long 
         const int r = c / C, ch = c % C, j = j0 + r;
         const long long row = AFFINE ? off + r * ss : __shfl_sync(0xffffffffu, off, r);
         const bool pred = (inside || (j >= lo && j < hi)) && ch * 8 < DIM;
-        cp_async_16(s + r * PITCH + ch * 8, pred ? g + row + ch * 8 : g, pred);
+        cp_async_16(s + r * ROW + swz(r, ch) * 8, pred ? g + row + ch * 8 : g, pred);
     }
 }
 
 template <bool AFFINE>
 __device__ __forceinline__ void load_keys(elem_t* sK, elem_t* sV, const elem_t* kb, const elem_t* vb, const Cache& cache,
                                           long long ko, long long vo, int j0, int lo, int hi, int lane) {
-    load_rows<AFFINE, HEAD_DIM, E_PAD, Q_PITCH>(sK, kb, ko, cache.k_ss, j0, lo, hi, lane);
-    load_rows<AFFINE, HEAD_DIM_V, EV_PAD, V_PITCH>(sV, vb, vo, cache.v_ss, j0, lo, hi, lane);
+    load_rows<AFFINE, HEAD_DIM, E_PAD, K_ROW>(sK, kb, ko, cache.k_ss, j0, lo, hi, lane);
+    load_rows<AFFINE, HEAD_DIM_V, EV_PAD, V_ROW>(sV, vb, vo, cache.v_ss, j0, lo, hi, lane);
+}
+
+// The lane's ldmatrix addresses in a stage's swizzled tiles: b_frag_addr's rows and chunks for K (keys 16 nn..,
+// dims 16 kk..) and bt_frag_addr's for V (keys 16 kk.., dims 16 nn..).
+__device__ __forceinline__ const elem_t* k_frag_addr(const elem_t* sK, int nn, int kk, int lane) {
+    const int r = nn * 16 + (lane / 16) * 8 + lane % 8, c = 2 * kk + (lane / 8) % 2;
+    return sK + r * K_ROW + swz(r, c) * 8;
+}
+__device__ __forceinline__ const elem_t* v_frag_addr(const elem_t* sV, int kk, int nn, int lane) {
+    const int r = kk * 16 + ((lane / 8) % 2) * 8 + lane % 8, c = 2 * nn + lane / 16;
+    return sV + r * V_ROW + swz(r, c) * 8;
 }
 
 #if SOFTCAP
@@ -254,7 +276,7 @@ flash_decode_split(const elem_t* __restrict__ q, const elem_t* __restrict__ k_ca
                    long long q_sh, long long table_sb, long long k_sr, long long k_ss, long long k_sh, long long v_sr,
                    long long v_ss, long long v_sh, int block_size, int capacity, int fixed_len, int n_new, float scale,
                    float softcap, int left, int right) {
-    extern __shared__ __align__(16) unsigned char smem_raw[];
+    extern __shared__ __align__(128) unsigned char smem_raw[];  // (stage rows are whole 128-byte lines)
     elem_t* sQ = reinterpret_cast<elem_t*>(smem_raw);
     elem_t* sPipe = sQ + SQ_ELEMS;
 
@@ -300,9 +322,9 @@ flash_decode_split(const elem_t* __restrict__ q, const elem_t* __restrict__ k_ca
         const int j0 = (first + warp + NW * t) * TILE;
         elem_t* sK = sK0 + (t % STAGES) * STAGE_ELEMS;
         if (affine)
-            load_keys<true>(sK, sK + TILE * Q_PITCH, kb, vb, cache, k, v, j0, lo, hi, lane);
+            load_keys<true>(sK, sK + TILE * K_ROW, kb, vb, cache, k, v, j0, lo, hi, lane);
         else
-            load_keys<false>(sK, sK + TILE * Q_PITCH, kb, vb, cache, k, v, j0, lo, hi, lane);
+            load_keys<false>(sK, sK + TILE * K_ROW, kb, vb, cache, k, v, j0, lo, hi, lane);
     };
     long long ko, vo;  // the offsets of the next tile to copy
 #pragma unroll
@@ -356,7 +378,7 @@ flash_decode_split(const elem_t* __restrict__ q, const elem_t* __restrict__ k_ca
         cp_async_wait<STAGES - 1>();  // tile i has landed
         __syncwarp();
         const elem_t* sK = sK0 + (i % STAGES) * STAGE_ELEMS;
-        const elem_t* sV = sK + TILE * Q_PITCH;
+        const elem_t* sV = sK + TILE * K_ROW;
         const int j0 = (first + warp + NW * i) * TILE;
 
         float s[1][NT][4];
@@ -367,7 +389,7 @@ flash_decode_split(const elem_t* __restrict__ q, const elem_t* __restrict__ k_ca
 #pragma unroll
             for (int nn = 0; nn < TILE / 16; ++nn) {
                 u32 bf[4];
-                ldmatrix_x4(bf, b_frag_addr(sK + nn * 16 * Q_PITCH + kk * 16, Q_PITCH, lane));
+                ldmatrix_x4(bf, k_frag_addr(sK, nn, kk, lane));
                 mma_16816<IS_BF16>(s[0][2 * nn], qf[kk], bf[0], bf[1]);
                 mma_16816<IS_BF16>(s[0][2 * nn + 1], qf[kk], bf[2], bf[3]);
             }
@@ -436,7 +458,8 @@ flash_decode_split(const elem_t* __restrict__ q, const elem_t* __restrict__ k_ca
 #pragma unroll
                 for (int c = 0; c < 4; ++c) acc[0][vt][c] *= alpha[c / 2];
         }
-        mma_pb<1, EV_PAD / 16, TILE / 16>(acc, s, Identity{}, sV, V_PITCH, lane);
+        mma_pb_at<1, EV_PAD / 16, TILE / 16>(acc, s, Identity{},
+                                             [&](int kk, int nn) { return v_frag_addr(sV, kk, nn, lane); });
         __syncwarp();  // every lane is done with this stage before it is refilled
     }
     cp_async_wait<0>();

@@ -116,15 +116,22 @@ def stages(E: int, Ev: int) -> int:
     benchmarks/decode.py --config sweeps it)."""
     if DEPTH:
         return DEPTH
-    pitch = lambda d: (d + 15) // 16 * 16 + 8  # noqa: E731 (the kernel's padded shared-memory row)
-    stage = WARPS * TILE * (pitch(E) + pitch(Ev)) * 2
-    return max(2, min(4, (CTA_SMEM - ROWS * pitch(E) * 2) // stage))
+    return max(2, min(4, (CTA_SMEM - _q_bytes(E)) // _stage_bytes(E, Ev)))
+
+
+def _q_bytes(E: int) -> int:
+    """Q's rows in the split kernel's shared memory (padded by 16 bytes)."""
+    return ROWS * ((E + 15) // 16 * 16 + 8) * 2
+
+
+def _stage_bytes(E: int, Ev: int) -> int:
+    """One stage of every warp's ring: a tile's K and V rows, each whole 128-byte lines."""
+    return WARPS * TILE * ((E + 63) // 64 * 64 + (Ev + 63) // 64 * 64) * 2
 
 
 def smem_bytes(E: int, Ev: int, depth: int) -> int:
     """The split kernel's dynamic shared memory: Q and the warps' rings."""
-    pitch = lambda d: (d + 15) // 16 * 16 + 8  # noqa: E731
-    return ROWS * pitch(E) * 2 + WARPS * depth * TILE * (pitch(E) + pitch(Ev)) * 2
+    return _q_bytes(E) + depth * _stage_bytes(E, Ev)
 
 
 def split_count(pairs: int, capacity: int, resident: int) -> int:
