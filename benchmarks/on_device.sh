@@ -13,7 +13,7 @@
 # Stages: pending-tests (the GPU tests changed since their last run: EFFICIENT's compile-once test, a compiled
 # function through graph_forward, decode's merge in batches), flash-tests, plans-tests, native-tests (the compiled replay, interop.native, against the Python path's
 # bits, and a compiled function through the library's graph_forward; overhead times it), interop-tests, efficient-tests, efficient-knob-tests, efficient-short (EFFICIENT at L = 1024, through
-# Numba's dispatcher and through prepared launches), efficient-fp32 (the EFFICIENT issue's fp32 shape; efficient-fp32-tiles: the portable kernels' register tiles swept there;
+# Numba's dispatcher and through prepared launches), efficient-fp32 (the EFFICIENT issue's fp32 shape at head dims 64, 96 and 128; efficient-fp32-tiles: the portable kernels' register tiles swept there;
 # efficient-fp32-split: there, the fp32 loops splitting tiles that landed finite in 4 instructions,
 # KernelConfig.tensor_core_fp32_fast_split, its GPU test then off and on; efficient-shared-scores: the fp32 shape
 # at head dim 128, column parts splitting their score products across the pair (KernelConfig.tensor_core_shared_scores),
@@ -63,9 +63,11 @@
 # overhead, hf (Hugging Face models, "cusdpa" against "sdpa"), bench (every provider),
 # bench-flash (cusdpa FLASH against PyTorch's FLASH and cuDNN only), bench-module (the tutorial module: parts b
 # and c), train (bf16 autocast), train-fp32, train-compiled (bf16, torch.compile), decode (greedy generation
-# through the KV cache against PyTorch's SDPA over a static cache; decode-attn: the attention call alone against
+# through the KV cache against PyTorch's SDPA over a static cache; decode-attn: the attention call alone (do_bench's times and after a clean L2) against
 # PyTorch and the KV-read floor; decode-kept: the torch front end keeping the splits' workspace per stream, no
-# memset launch, decode.KEEP_WORKSPACE: its GPU tests, then the attention call timed with it off and on; decode-ncu: the split kernel under ncu at B = 1 and 16; decode-sweep: the attention call with
+# memset launch, decode.KEEP_WORKSPACE: its GPU tests, then the attention call timed with it off and on; decode-ncu: the split kernel under ncu at B = 1 and 16; l2-requests: ncu's L2 read requests and sectors
+# of the split kernel and cuDNN's at B = 1 S = 32768 and of EFFICIENT's tensor-core kernels (fp32 E = 64 L = 2048, bf16
+# E = 128 L = 4096), whose tiles sit in rows padded by 16 bytes as decode's did: how many requests each copy splits into; decode-sweep: the attention call with
 # more warps resident a scheduler (the kernel issues 0.3 instructions a cycle a scheduler with two warps each,
 # latency-bound): a 2-deep pipeline (three CTAs an SM), CTAs of two warps, 32-key tiles; decode-merge: the splits'
 # merge loading 8, 16 or 32 partial outputs a batch, decode.MERGE_UNROLL: its GPU test, then the attention call), masks (the masks issue's shapes;
@@ -123,7 +125,7 @@ command_of() {  # the command of stage $1, into the array cmd
                          tests/test_nonfinite.py tests/test_flash_slot.py tests/test_hf.py) ;;
     efficient-short) cmd=(bash -c 'for p in --numba-dispatch ""; do python3 benchmarks/efficient_gpu.py --L 1024 --reps 5 $p
                           done') ;;
-    efficient-fp32) cmd=(python3 benchmarks/efficient_gpu.py --dtypes float32 --head-dims 64 --L 2048 --hidden 1024
+    efficient-fp32) cmd=(python3 benchmarks/efficient_gpu.py --dtypes float32 --head-dims 64 96 128 --L 2048 --hidden 1024
                          --reps 5) ;;
     efficient-ncu-fwd) cmd=(bash -c 'for c in 0 1; do bash benchmarks/ncu_profile.sh attention_forward_tc 6 -- \
                             python3 benchmarks/efficient_gpu.py --L 1024 --reps 1 --dtypes bfloat16 --head-dims 128 \
@@ -270,6 +272,12 @@ command_of() {  # the command of stage $1, into the array cmd
                       && for k in 0 1; do python3 benchmarks/decode.py --profile --config KEEP_WORKSPACE=$k; done') ;;
     decode-ncu) cmd=(bash -c 'for shape in 1x32768 16x8192; do bash benchmarks/ncu_profile.sh flash_decode_split 0 -- \
                      python3 benchmarks/decode.py --shapes $shape; done') ;;
+    l2-requests) cmd=(bash -c 'N="ncu --clock-control none --metrics lts__t_requests_srcunit_tex_op_read.sum,\
+lts__t_sectors_srcunit_tex_op_read.sum,lts__t_sector_op_read_hit_rate.pct,gpu__time_duration.sum"
+                      { $N -k regex:"flash_decode|cudnn_gen" --launch-skip 2 -c 2 python3 benchmarks/decode.py --shapes 1x32768
+                        for x in "float32 --head-dims 64 --L 2048 --hidden 1024" "bfloat16 --head-dims 128 --L 4096"; do
+                          $N -k regex:"attention_.*_tc" --launch-skip 6 -c 4 python3 benchmarks/efficient_gpu.py --reps 1 \
+                            --dtypes $x; done; } 2>&1 | grep -E "^  [a-z_]|lts__|gpu__"') ;;
     masks) cmd=(python3 benchmarks/masks.py --backward) ;;
     masks-no-blocks) cmd=(python3 benchmarks/masks.py --backward --config fwd90_mask_blocks=0) ;;
     masks-per-tile) cmd=(python3 benchmarks/masks.py --backward --config fwd90_persistent=0) ;;
