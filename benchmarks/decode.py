@@ -2,8 +2,8 @@
 ``interop.kv_cache_attention`` (contiguous and paged caches) against PyTorch's SDPA over the same cache and
 against the KV-read floor (the cache's bytes at 4.3 TB/s, what this H200 reads), in one process.
 
-    python benchmarks/decode.py [--block-size 256] [--profile] [--head-major] [--config TILE=32 DEPTH=2 WARPS=4]
-                                [--shapes 16x8192 ...]
+    python benchmarks/decode.py [--block-size 256] [--profile] [--phases] [--head-major]
+                                [--config TILE=32 DEPTH=2 WARPS=4] [--shapes 16x8192 ...]
 
 Shapes (the decode issue's, bf16, Hq = 32, Hkv = 8, E = 128): B=1 S=32768, B=16 S=8192, B=64 S=2048. The
 cache is (B, S, Hkv, E), as FlashAttention's kvcache takes it; PyTorch reads it through (B, Hkv, S, E) views
@@ -15,6 +15,10 @@ zeroes a buffer, which leaves the L2 (50 MB) holding dirty lines that the timed 
 back to DRAM, against 134 MB of keys read at B = 1; after a read the evicted lines are clean, as the KV-read
 floor assumes. ``--profile`` also prints, per shape, the GPU kernels of ten contiguous-cache calls
 (torch.profiler) and the host time of one call (until it returns, started on an idle GPU; median of 50).
+``--phases`` also runs, per shape, the contiguous-cache call built with phases.cuh's per-warp clocks (ten
+calls; the slots flash_decode.cu names) and prints each phase's share of the warps' clocks: the start, per
+tile the copies' issue, the wait for the tile, S's products, the softmax, P V (with their clocks a tile),
+then the epilogue and the end (the splits' merge).
 ``--head-major`` lays the contiguous caches out (B, Hkv, S, E) in memory (each head's keys contiguous; the
 arguments keep their (B, S, Hkv, E) shape) for both libraries. ``--config`` sets the decode kernels' tile
 constants (cusdpa/backends/flash/decode.py) for a sweep. ``--shapes BxS ...`` keeps those shapes only (one
@@ -26,6 +30,7 @@ import argparse
 import statistics
 import time
 
+import numpy as np
 import torch
 import triton
 from torch.nn import functional as F
@@ -51,6 +56,49 @@ def _profile(name, fn):
     print(f"{name}: host us per call {statistics.median(host):.1f}")
 
 
+# phases.cuh's slots as flash_decode.cu uses them: (name, slot); per tile the loop's, once a warp the others
+PHASE_ROWS = (("start (Q)", "PH_START"), ("copies issued", "PH_ISSUE"), ("wait for the tile", "PH_WAIT_K"),
+              ("S products issued", "PH_WAIT_S"), ("softmax (waits for S)", "PH_SOFTMAX"), ("P V issued", "PH_WAIT_PV"),
+              ("epilogue (warps' merge, split's writes)", "PH_EPILOGUE"), ("end (arrival, splits' merge)", "PH_END"))
+
+
+def phase_report(fn, E: int, reps: int = 10) -> list[str]:
+    """The clocks of ``reps`` calls of ``fn`` (a contiguous-cache bf16 call, E = Ev) built with the per-warp phase
+    clocks, as an average warp's per phase (and per tile for the loop's)."""
+    import cupy
+
+    from benchmarks.fwd90_phases import phase_header
+    from cusdpa.backends.flash import sources
+
+    constants, slots = phase_header()
+    decode.PHASES = 1
+    interop.kv_cache._plans.clear()  # (plans and builds are cached by signature, not by the module's constants)
+    decode.build.cache_clear()
+    try:
+        fn()  # compiled, then the counters zeroed
+        module = sources.module(torch.cuda.current_device(), "flash_decode.cu",
+                                decode.compile_options("bfloat16", E, E, False, False, False))
+        cells = cupy.ndarray((constants["PHASE_CTAS"], constants["PHASE_WARPS"], constants["PHASE_SLOTS"]),
+                             dtype=cupy.uint64, memptr=module.get_global("cusdpa_phases"))
+        cells.fill(0)
+        torch.cuda.synchronize()
+        for _ in range(reps):
+            fn()
+        torch.cuda.synchronize()
+        sums = cupy.asnumpy(cells).astype(np.float64).sum(axis=(0, 1))
+    finally:
+        decode.PHASES = 0
+        interop.kv_cache._plans.clear()
+        decode.build.cache_clear()
+    tiles = sums[slots["PH_BLOCKS"]]
+    total = sum(sums[slots[slot]] for _, slot in PHASE_ROWS)
+    lines = [f"  {tiles / reps:.0f} warp tiles a call; each phase's share of the warps' clocks (a tile's clocks):"]
+    for name, slot in PHASE_ROWS:
+        per = "" if slot in ("PH_START", "PH_EPILOGUE", "PH_END") else f", {sums[slots[slot]] / tiles:.0f} a tile"
+        lines.append(f"    {name:<42} {100 * sums[slots[slot]] / total:5.1f}%{per}")
+    return lines
+
+
 def clean_l2_us(fn, reps: int = 50) -> float:
     """Median GPU time of ``fn()`` in microseconds, each call after a read of 512 MB (an L2 of clean lines)."""
     flush = torch.empty(512 << 20, dtype=torch.uint8, device="cuda").view(torch.int64)
@@ -70,6 +118,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--block-size", type=int, default=256, help="positions per block of the paged cache")
     ap.add_argument("--profile", action="store_true", help="each shape's GPU kernels and host time per call")
+    ap.add_argument("--phases", action="store_true", help="each shape's per-warp phase clocks")
     ap.add_argument("--head-major", action="store_true", help="contiguous caches laid out (B, Hkv, S, E) in memory")
     ap.add_argument("--config", nargs="*", default=[], metavar="NAME=INT", help="decode kernel constants")
     ap.add_argument("--shapes", nargs="*", default=[f"{B}x{S}" for B, S in SHAPES], metavar="BxS",
@@ -116,6 +165,8 @@ def main():
                 print("launches (grid, block, smem):", [(x.grid, x.block, x.smem) if hasattr(x, "grid") else x
                                                         for x in plan.launches])
             interop.kv_cache._plans.clear()
+        if args.phases:
+            print(f"phases B={B} S={S}:", *phase_report(ours, E), sep="\n")
         want = theirs().float()
         errors = [((f().float() - want).norm() / want.norm()).item() for f in (ours, ours_paged)]
         times = [triton.testing.do_bench(f) * 1e3 for f in (ours, ours_paged, theirs)]

@@ -30,7 +30,7 @@ from cusdpa.backends.flash import config, launches, sources
 
 
 
-def _phases() -> tuple[dict, dict]:
+def phase_header() -> tuple[dict, dict]:
     """kernels_cuda/phases.cuh's constants (PHASE_CTAS, ...) and slots (PH_TILE: 0, ...), read from its text."""
     text = kernels_cuda.source("phases.cuh")
     constants = {name: int(value) for name, value in re.findall(r"constexpr int (PHASE_\w+) = (\d+);", text)}
@@ -43,7 +43,7 @@ def _phases() -> tuple[dict, dict]:
     return constants, slots
 
 
-_CONSTANTS, PH = _phases()
+_CONSTANTS, PH = phase_header()
 PHASE_CTAS, PHASE_WARPS, PHASE_SLOTS = (_CONSTANTS[n] for n in ("PHASE_CTAS", "PHASE_WARPS", "PHASE_SLOTS"))
 CONSUMER = {n: PH[f"PH_{n.upper()}"] for n in ("tile", "wait_q", "wait_k0", "turn0", "wait_k", "wait_v", "turn", "issue",
                                                 "wait_s", "softmax", "wait_pv", "epilogue")}

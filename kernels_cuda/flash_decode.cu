@@ -29,10 +29,17 @@
 // gets 0 and lse -inf. softcap (SOFTCAP) and ALiBi (ALIBI: -slope * |pos - j|) in natural units, then
 // the scores go to log2 units.
 //
+// With -DCUSDPA_PHASES=1 each warp's clocks go to phases.cuh's slots (benchmarks/decode.py --phases reads them):
+// PH_START to Q's fragments, then per tile PH_ISSUE (the refill's copies and the next offsets), PH_WAIT_K (the
+// tile's landing), PH_WAIT_S (S's loads and products issued), PH_SOFTMAX (with the wait for S), PH_WAIT_PV (P V
+// issued), and PH_EPILOGUE (the warps' merge, the split's writes), PH_END (the arrival and the splits' merge);
+// PH_BLOCKS counts tiles.
+//
 // -D options beyond flash_common.cuh's: DEC_WARPS, DEC_TILE (keys per warp tile, a multiple of 16),
 // DEC_STAGES, PAGED, SOFTCAP, ALIBI, DEC_MAX_SPLITS (bounds the splits), DEC_MERGE_UNROLL (the splits' partial
 // outputs a merging thread loads at once).
 #include "flash_common.cuh"
+#include "phases.cuh"
 
 #ifndef SOFTCAP
 #define SOFTCAP 0
@@ -277,6 +284,7 @@ flash_decode_split(const elem_t* __restrict__ q, const elem_t* __restrict__ k_ca
                    long long v_ss, long long v_sh, int block_size, int capacity, int fixed_len, int n_new, float scale,
                    float softcap, int left, int right) {
     extern __shared__ __align__(128) unsigned char smem_raw[];  // (stage rows are whole 128-byte lines)
+    PhaseClock clock;
     elem_t* sQ = reinterpret_cast<elem_t*>(smem_raw);
     elem_t* sPipe = sQ + SQ_ELEMS;
 
@@ -361,6 +369,7 @@ flash_decode_split(const elem_t* __restrict__ q, const elem_t* __restrict__ k_ca
     u32 qf[KK][4];
 #pragma unroll
     for (int kk = 0; kk < KK; ++kk) ldmatrix_x4(qf[kk], a_frag_addr(sQ + kk * 16, Q_PITCH, lane));
+    clock.to(PH_START);
 
     float acc[1][VT][4];
 #pragma unroll
@@ -375,8 +384,10 @@ flash_decode_split(const elem_t* __restrict__ q, const elem_t* __restrict__ k_ca
             cp_async_commit();
             offsets(t + 1, ko, vo);
         }
+        clock.to(PH_ISSUE);
         cp_async_wait<STAGES - 1>();  // tile i has landed
         __syncwarp();
+        clock.to(PH_WAIT_K);
         const elem_t* sK = sK0 + (i % STAGES) * STAGE_ELEMS;
         const elem_t* sV = sK + TILE * K_ROW;
         const int j0 = (first + warp + NW * i) * TILE;
@@ -393,6 +404,7 @@ flash_decode_split(const elem_t* __restrict__ q, const elem_t* __restrict__ k_ca
                 mma_16816<IS_BF16>(s[0][2 * nn], qf[kk], bf[0], bf[1]);
                 mma_16816<IS_BF16>(s[0][2 * nn + 1], qf[kk], bf[2], bf[3]);
             }
+        clock.to(PH_WAIT_S);
 
         // Scores to log2 units, unseen ones -inf (a select: a NaN product stays out of unseen keys), then the
         // online softmax. A tile every row sees whole (most of a long cache) takes the branch without a
@@ -458,9 +470,12 @@ flash_decode_split(const elem_t* __restrict__ q, const elem_t* __restrict__ k_ca
 #pragma unroll
                 for (int c = 0; c < 4; ++c) acc[0][vt][c] *= alpha[c / 2];
         }
+        clock.to(PH_SOFTMAX);
         mma_pb_at<1, EV_PAD / 16, TILE / 16>(acc, s, Identity{},
                                              [&](int kk, int nn) { return v_frag_addr(sV, kk, nn, lane); });
         __syncwarp();  // every lane is done with this stage before it is refilled
+        clock.to(PH_WAIT_PV);
+        clock.count(PH_BLOCKS);
     }
     cp_async_wait<0>();
 
@@ -521,6 +536,7 @@ flash_decode_split(const elem_t* __restrict__ q, const elem_t* __restrict__ k_ca
         }
     }
     static_assert(ROWS * (DEC_MAX_SPLITS + 2) * 4 <= PIPE_BYTES, "the merge's weights fit in the pipeline's memory");
+    clock.to(PH_EPILOGUE);
     if (!direct) {
         // One arrival per CTA, as a grid-wide barrier arrives: the CTA's partial writes ordered before thread 0 by
         // the barrier, then made visible device-wide by its fence before the count moves; the CTA that brings
@@ -540,6 +556,7 @@ flash_decode_split(const elem_t* __restrict__ q, const elem_t* __restrict__ k_ca
             merge_splits(o_part, ml_part, out, lse, reinterpret_cast<float*>(sPipe), splits, B * Hq * Lq, R,
                          blockIdx.y / Hkv, blockIdx.y % Hkv, group, Hq, Lq);
     }
+    clock.to(PH_END);
 }
 
 // New keys and values into the cache before the attention: token n of sequence b goes to position

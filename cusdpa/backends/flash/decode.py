@@ -39,6 +39,7 @@ MERGE_UNROLL = 8
 # (interop.kv_cache): no allocation and no memset launch per call, host time that B = 1 is bound by (on the H100:
 # B = 1 S = 32768 71.8 -> 70.9 us, B = 16 and 64 within 0.5%; benchmarks/decode.py --config KEEP_WORKSPACE=0|1)
 KEEP_WORKSPACE = 1
+PHASES = 0  # 1: the split kernel built with phases.cuh's per-warp clocks (benchmarks/decode.py --phases)
 DTYPES = ("float16", "bfloat16")
 
 
@@ -149,7 +150,8 @@ def compile_options(dtype_name: str, E: int, Ev: int, paged: bool, softcap: bool
     return ("-std=c++17", "--use_fast_math", f"-DCUSDPA_BF16={int(dtype_name == 'bfloat16')}", f"-DHEAD_DIM={E}",
             f"-DHEAD_DIM_V={Ev}", "-DIS_DROPOUT=0", f"-DDEC_WARPS={WARPS}", f"-DDEC_TILE={TILE}",
             f"-DDEC_STAGES={stages(E, Ev)}", f"-DPAGED={int(paged)}", f"-DSOFTCAP={int(softcap)}",
-            f"-DALIBI={int(alibi)}", f"-DDEC_MAX_SPLITS={MAX_SPLITS}", f"-DDEC_MERGE_UNROLL={MERGE_UNROLL}")
+            f"-DALIBI={int(alibi)}", f"-DDEC_MAX_SPLITS={MAX_SPLITS}", f"-DDEC_MERGE_UNROLL={MERGE_UNROLL}",
+            *(("-DCUSDPA_PHASES=1",) if PHASES else ()))
 
 
 @functools.lru_cache(maxsize=256)
