@@ -79,7 +79,27 @@ static_assert(MERGE_BYTES <= PIPE_BYTES, "the merge reuses the pipeline's shared
 // (ldmatrix's usual remedy) put most 128-byte pieces across two lines, and the L1 split each copy instruction's
 // requests there, the sector at the seam requested twice (ncu, H100, B = 1 S = 32768: 6.3 M sectors read from
 // L2 in 2.8 M requests for 4.2 M sectors of keys, 34% of them hits; swizzled, 4.2 M in 1.06 M, as cuDNN's).
-__device__ __forceinline__ int swz(int r, int c) { return (c & ~7) | ((c ^ r) & 7); }
+__host__ __device__ constexpr int swz(int r, int c) { return (c & ~7) | ((c ^ r) & 7); }
+
+// What the layout relies on, checked as it compiles: each chunk of a row of C stays in its 128-byte line and
+// within the row's lines, no two chunks of a row share a place, and ldmatrix's 8 rows (8 aligned rows at one
+// chunk) take 8 places; stages, tiles and rows start on lines.
+__host__ __device__ constexpr bool swizzle_holds(int C) {
+    for (int r = 0; r < 8; ++r)
+        for (int c = 0; c < C; ++c) {
+            if (swz(r, c) / 8 != c / 8 || swz(r, c) >= (C + 7) / 8 * 8) return false;
+            for (int k = 0; k < 8; ++k) {
+                const int mate = (c & ~7) + k;  // a chunk of the same line
+                if (k != r && swz(k, c) == swz(r, c)) return false;
+                if (mate != c && mate < C && swz(r, mate) == swz(r, c)) return false;
+            }
+        }
+    return true;
+}
+static_assert(swizzle_holds(E_PAD / 8) && swizzle_holds(EV_PAD / 8), "swz: a permutation within each line");
+static_assert((SQ_ELEMS * 2) % 128 == 0 && (STAGE_ELEMS * 2) % 128 == 0 && (TILE * K_ROW * 2) % 128 == 0 &&
+                  (K_ROW * 2) % 128 == 0 && (V_ROW * 2) % 128 == 0,
+              "every stage, tile and row starts a 128-byte line");
 
 // A compile-time flag as a value, to instantiate a generic lambda per case.
 template <bool B>
