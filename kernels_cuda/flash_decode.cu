@@ -97,9 +97,8 @@ __host__ __device__ constexpr bool swizzle_holds(int C) {
     return true;
 }
 static_assert(swizzle_holds(E_PAD / 8) && swizzle_holds(EV_PAD / 8), "swz: a permutation within each line");
-static_assert((SQ_ELEMS * 2) % 128 == 0 && (STAGE_ELEMS * 2) % 128 == 0 && (TILE * K_ROW * 2) % 128 == 0 &&
-                  (K_ROW * 2) % 128 == 0 && (V_ROW * 2) % 128 == 0,
-              "every stage, tile and row starts a 128-byte line");
+static_assert((SQ_ELEMS * 2) % 128 == 0 && (K_ROW * 2) % 128 == 0 && (V_ROW * 2) % 128 == 0,
+              "Q's rows end, and so every stage, tile and row starts, on a 128-byte line");
 
 // A compile-time flag as a value, to instantiate a generic lambda per case.
 template <bool B>
