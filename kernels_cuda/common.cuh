@@ -43,25 +43,33 @@ __device__ __forceinline__ void mma_16816(float (&d)[4], const u32 (&a)[4], u32 
             : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
+// A shared-memory pointer's byte address in the shared window.
+__device__ __forceinline__ u32 smem_u32(const void* p) { return static_cast<u32>(__cvta_generic_to_shared(p)); }
+
 // Four 8x8 b16 matrices from shared memory; lanes 8i..8i+7 give the row addresses of matrix i, register i
-// receives it.
-__device__ __forceinline__ void ldmatrix_x4(u32 (&r)[4], const void* smem) {
-    u32 addr = static_cast<u32>(__cvta_generic_to_shared(smem));
+// receives it. (By shared-window byte address too: arithmetic on it stays 32-bit and folds into the instruction's
+// immediate offset.)
+__device__ __forceinline__ void ldmatrix_x4(u32 (&r)[4], u32 addr) {
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
                  : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(addr));
 }
+__device__ __forceinline__ void ldmatrix_x4(u32 (&r)[4], const void* smem) {
+    ldmatrix_x4(r, smem_u32(smem));
+}
 
 // The same, each matrix transposed: B fragments of a k-major (row-major V) tile.
-__device__ __forceinline__ void ldmatrix_x4_trans(u32 (&r)[4], const void* smem) {
-    u32 addr = static_cast<u32>(__cvta_generic_to_shared(smem));
+__device__ __forceinline__ void ldmatrix_x4_trans(u32 (&r)[4], u32 addr) {
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
                  : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(addr));
+}
+__device__ __forceinline__ void ldmatrix_x4_trans(u32 (&r)[4], const void* smem) {
+    ldmatrix_x4_trans(r, smem_u32(smem));
 }
 
 // 16-byte asynchronous copy global -> shared; when `pred` is false nothing is read and zeros are written
 // (src-size 0), so rows past a sequence read as zeros without a branch.
 __device__ __forceinline__ void cp_async_16(void* smem, const void* gmem, bool pred) {
-    u32 s = static_cast<u32>(__cvta_generic_to_shared(smem));
+    const u32 s = smem_u32(smem);
     int src_bytes = pred ? 16 : 0;
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem), "r"(src_bytes));
 }

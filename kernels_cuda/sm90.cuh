@@ -8,8 +8,6 @@ struct __align__(64) TmaMap {
     unsigned long long bits[16];
 };
 
-__device__ __forceinline__ u32 smem_u32(const void* p) { return static_cast<u32>(__cvta_generic_to_shared(p)); }
-
 // ---- mbarriers and TMA ---------------------------------------------------------------------------------
 
 __device__ __forceinline__ void mbar_init(unsigned long long* bar, u32 count) {
