@@ -263,25 +263,28 @@ __device__ __forceinline__ float soft_cap(float x, float k, float softcap) {
 // The merge of the splits by the CTA of a (b, kvh) that finished last, exactly: M = max m_s, out = sum_s O_s
 // 2^(m_s - M) / sum_s l_s 2^(m_s - M), lse = (M + log2 sum) ln 2; splits that saw nothing of the row (m_s =
 // -inf) are left out. Its R rows (b, h, query), each over every split's (m, l) and O. A warp finds the
-// weights of its rows (lane s: splits s, s + 32, ...) into shared memory (`weight`: [ROWS][DEC_MAX_SPLITS]
+// weights of its rows (lane s: splits s, s + 32, ...) into shared memory (`weight`: [ROWS][SPLIT_SLOTS]
 // floats, then the rows' totals and maxima); then each thread sums column pairs over the splits. The other
 // CTAs' partials are read past L1 (ld.global.cg): they were written on other SMs. The merge is the call's tail
 // (one CTA a (b, kvh), after every split), and its sum a chain of L2 round trips, a batch of DEC_MERGE_UNROLL
 // predicated loads each (any split count: a loop unrolled by the compiler left the remainder's loads one trip
 // each): at B = 1 S = 32768 (32 splits) 8 loads a batch make 4 trips a column pair, 32 one.
+// a row's weight slots: DEC_MAX_SPLITS in whole warps (lane s holds splits s, s + 32, ...), also where a knob
+// asks for fewer than 32
+constexpr int SPLIT_SLOTS = (DEC_MAX_SPLITS + 31) / 32 * 32;
 __device__ __noinline__ void merge_splits(const float* __restrict__ o_part, const float* __restrict__ ml_part,
                                          elem_t* __restrict__ out, float* __restrict__ lse, float* weight, int splits,
                                          int rows, int R, int b, int kvh, int group, int Hq, int Lq) {
-    float* total = weight + ROWS * DEC_MAX_SPLITS;
+    float* total = weight + ROWS * SPLIT_SLOTS;
     float* top = total + ROWS;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     auto bhl_of = [&](int row) { return ((long long)b * Hq + kvh * group + row / Lq) * Lq + row % Lq; };
     for (int row = warp; row < R; row += NW) {
         const long long bhl = bhl_of(row);
-        float m[DEC_MAX_SPLITS / 32], l[DEC_MAX_SPLITS / 32];
+        float m[SPLIT_SLOTS / 32], l[SPLIT_SLOTS / 32];
         float mx = -CUSDPA_INF;
 #pragma unroll
-        for (int k = 0; k < DEC_MAX_SPLITS / 32; ++k) {
+        for (int k = 0; k < SPLIT_SLOTS / 32; ++k) {
             const int s = lane + 32 * k;
             const float2 ml = s < splits ? __ldcg(reinterpret_cast<const float2*>(ml_part + 2 * (s * (long long)rows + bhl)))
                                          : make_float2(-CUSDPA_INF, 0.f);
@@ -293,9 +296,9 @@ __device__ __noinline__ void merge_splits(const float* __restrict__ o_part, cons
         const float m_use = mx == -CUSDPA_INF ? 0.f : mx;
         float sum = 0.f;
 #pragma unroll
-        for (int k = 0; k < DEC_MAX_SPLITS / 32; ++k) {
+        for (int k = 0; k < SPLIT_SLOTS / 32; ++k) {
             const float w = m[k] == -CUSDPA_INF ? 0.f : exp2f(m[k] - m_use);
-            weight[row * DEC_MAX_SPLITS + lane + 32 * k] = w;
+            weight[row * SPLIT_SLOTS + lane + 32 * k] = w;
             sum += m[k] == -CUSDPA_INF ? 0.f : l[k] * w;
         }
         for (int d = 16; d; d /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, d);
@@ -319,7 +322,7 @@ __device__ __noinline__ void merge_splits(const float* __restrict__ o_part, cons
                               : make_float2(0.f, 0.f);
 #pragma unroll
             for (int u = 0; u < MERGE_UNROLL; ++u)
-                if (s0 + u < splits) add_part(o0, o1, part[u], weight[row * DEC_MAX_SPLITS + s0 + u]);
+                if (s0 + u < splits) add_part(o0, o1, part[u], weight[row * SPLIT_SLOTS + s0 + u]);
         }
         const int h = kvh * group + row / Lq, ql = row % Lq;
         *reinterpret_cast<u32*>(out + (((long long)b * Lq + ql) * Hq + h) * HEAD_DIM_V + e) =
@@ -589,7 +592,7 @@ flash_decode_split(const elem_t* __restrict__ q, const elem_t* __restrict__ k_ca
             }
         }
     }
-    static_assert(ROWS * (DEC_MAX_SPLITS + 2) * 4 <= PIPE_BYTES, "the merge's weights fit in the pipeline's memory");
+    static_assert(ROWS * (SPLIT_SLOTS + 2) * 4 <= PIPE_BYTES, "the merge's weights fit in the pipeline's memory");
     clock.to(PH_EPILOGUE);
     if (!direct) {
         // One arrival per CTA, as a grid-wide barrier arrives: the CTA's partial writes ordered before thread 0 by
