@@ -280,10 +280,11 @@ command_of() {  # the command of stage $1, into the array cmd
     l2-requests) cmd=(bash -c 'N="ncu --clock-control none --metrics lts__t_requests_srcunit_tex_op_read.sum,\
 lts__t_sectors_srcunit_tex_op_read.sum,lts__t_sector_op_read_hit_rate.pct,gpu__time_duration.sum,\
 dram__throughput.avg.pct_of_peak_sustained_elapsed,smsp__inst_executed.sum"
-                      { $N -k regex:"flash_decode|cudnn_gen" --launch-skip 2 -c 2 python3 benchmarks/decode.py --shapes 1x32768
+                      { for k in flash_decode_split flash_fprop; do
+                          $N -k regex:$k --launch-skip 2 -c 1 python3 benchmarks/decode.py --shapes 1x32768; done
                         for x in "float32 --head-dims 64 --L 2048 --hidden 1024" "bfloat16 --head-dims 128 --L 4096"; do
-                          $N -k regex:"attention_.*_tc" --launch-skip 6 -c 4 python3 benchmarks/efficient_gpu.py --reps 1 \
-                            --dtypes $x; done; } 2>&1 | grep -E "^  [a-z_]|lts__|gpu__|dram__|smsp__"') ;;
+                          $N -k regex:"attention_.*_tc" --launch-skip 18 -c 3 python3 benchmarks/efficient_gpu.py --reps 1 \
+                            --dtypes $x; done; } 2>&1 | grep -a -E "^  [a-z_]|lts__|gpu__|dram__|smsp__"') ;;
     masks) cmd=(python3 benchmarks/masks.py --backward) ;;
     masks-no-blocks) cmd=(python3 benchmarks/masks.py --backward --config fwd90_mask_blocks=0) ;;
     masks-per-tile) cmd=(python3 benchmarks/masks.py --backward --config fwd90_persistent=0) ;;
