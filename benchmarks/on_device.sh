@@ -65,7 +65,9 @@
 # and c), train (bf16 autocast), train-fp32, train-compiled (bf16, torch.compile), decode (greedy generation
 # through the KV cache against PyTorch's SDPA over a static cache; decode-attn: the attention call alone (do_bench's times and after a clean L2) against
 # PyTorch and the KV-read floor; decode-kept: the torch front end keeping the splits' workspace per stream, no
-# memset launch, decode.KEEP_WORKSPACE: its GPU tests, then the attention call timed with it off and on; decode-ncu: the split kernel under ncu at B = 1 and 16; decode-phases: its warps' clocks by phase (phases.cuh) at the three shapes; decode-splits:
+# memset launch, decode.KEEP_WORKSPACE: its GPU tests, then the attention call timed with it off and on; decode-ncu: the split kernel under ncu at B = 1 and 16; decode-phases: its warps' clocks by phase (phases.cuh) at the three shapes;
+# decode-tma-blocks: the CTA's keys in blocks a producer warp loads by TMA (decode.TMA_BLOCKS): the decode GPU tests
+# (its own among them), then the attention call with it off and on, twice; decode-splits:
 # the attention call with at most one or two splits a sequence (cuDNN's kernel runs B = 16 as one, 128 CTAs of four
 # warps, at 91% of DRAM peak on the H100), and one with a 4-deep ring (one CTA an SM); l2-requests: ncu's L2 read requests and sectors
 # of the split kernel and cuDNN's at B = 1 S = 32768 and of EFFICIENT's tensor-core kernels (fp32 E = 64 L = 2048, bf16
@@ -273,6 +275,9 @@ command_of() {  # the command of stage $1, into the array cmd
                       -k "kept or cuda_graph or one_sequence_long" \
                       && for k in 0 1; do python3 benchmarks/decode.py --profile --config KEEP_WORKSPACE=$k; done') ;;
     decode-phases) cmd=(python3 benchmarks/decode.py --phases) ;;
+    decode-tma-blocks) cmd=(bash -c 'python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_decode_gpu.py || exit 1
+                            for c in 0 1 0 1; do echo "--- TMA_BLOCKS=$c"; python3 benchmarks/decode.py --config TMA_BLOCKS=$c
+                            done') ;;
     decode-splits) cmd=(bash -c 'for c in "" MAX_SPLITS=1 MAX_SPLITS=2 "MAX_SPLITS=1 DEPTH=4"; do
                         echo "--- config: ${c:-default}"; python3 benchmarks/decode.py --config $c | grep "^| "; done') ;;
     decode-ncu) cmd=(bash -c 'for shape in 1x32768 16x8192; do bash benchmarks/ncu_profile.sh flash_decode_split 0 -- \

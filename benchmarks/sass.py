@@ -44,9 +44,10 @@ def jobs(knobs: dict) -> list:
                                           tma_store=cfg.fwd90_tma_store)
         out.append((f"fwd_e{E}_{Ev}_l{L}_{'causal' if causal else 'full'}_{mask or 'nomask'}", "flash_fwd_sm90.cu",
                     options, "sm_90a"))
-    for E, Ev, paged in DECODE:
+    for E, Ev, paged in DECODE:  # (decode.TMA_BLOCKS: where takes_tma would, pages taken as of whole blocks)
+        tma = bool(decode.TMA_BLOCKS) and E % 64 == 0 and Ev % 64 == 0
         out.append((f"decode_e{E}_{Ev}_{'paged' if paged else 'contiguous'}", "flash_decode.cu",
-                    decode.compile_options("bfloat16", E, Ev, paged, False, False), "sm_90"))
+                    decode.compile_options("bfloat16", E, Ev, paged, False, False, tma), "sm_90"))
     return out
 
 

@@ -37,9 +37,24 @@
 //
 // -D options beyond flash_common.cuh's: DEC_WARPS, DEC_TILE (keys per warp tile, a multiple of 16),
 // DEC_STAGES, PAGED, SOFTCAP, ALIBI, DEC_MAX_SPLITS (bounds the splits), DEC_MERGE_UNROLL (the splits' partial
-// outputs a merging thread loads at once).
+// outputs a merging thread loads at once), DEC_TMA (below).
+//
+// DEC_TMA (sm_90; head dims multiples of 64, a block of keys within one cache row: contiguous caches, pages of
+// whole blocks): the CTA's keys come in blocks of DEC_WARPS x DEC_TILE keys, a stage of a ring shared by the
+// CTA, loaded by a producer warp with TMA (boxes of 64 columns by the block's keys, swizzled 128 bytes as swz
+// places them) and handed over by mbarriers, as FlashAttention-3's producer does; warp w takes the block's
+// keys [w TILE, +TILE). No consumer issues a copy: the cp.async ring's lanes spent a third of their clocks
+// stalled issuing theirs (the memory pipeline's queue full). The split's chunks are whole blocks. Rows of a
+// block outside the keys some row sees are loaded as they are (zeros past the capacity): their scores are
+// selected out, and the consumer zeroes their V rows (0 * a stale NaN would reach O).
+#ifndef DEC_TMA
+#define DEC_TMA 0
+#endif
 #include "flash_common.cuh"
 #include "phases.cuh"
+#if DEC_TMA
+#include "sm90.cuh"
+#endif
 
 #ifndef SOFTCAP
 #define SOFTCAP 0
@@ -51,8 +66,8 @@
 #define DEC_MERGE_UNROLL 8
 #endif
 
-constexpr int NW = DEC_WARPS;
-constexpr int NTHREADS = NW * 32;
+constexpr int NW = DEC_WARPS;           // warps that attend
+constexpr int NTHREADS = (NW + DEC_TMA) * 32;  // and DEC_TMA's producer warp
 constexpr int TILE = DEC_TILE;
 constexpr int STAGES = DEC_STAGES;
 constexpr int NT = TILE / 8;      // n8 tiles of a score row block
@@ -62,12 +77,24 @@ constexpr int ROWS = 16;          // query rows of a CTA: one m16 tile
 // A key's row of K and of V in a stage: whole 128-byte lines, unpadded, its 16-byte chunks swizzled (swz).
 constexpr int K_ROW = (E_PAD + 63) / 64 * 64;
 constexpr int V_ROW = (EV_PAD + 63) / 64 * 64;
-constexpr int STAGE_ELEMS = TILE * (K_ROW + V_ROW);
+constexpr int STAGE_ELEMS = TILE * (K_ROW + V_ROW);  // a warp's tile (DEC_TMA: a stage holds NW of them)
+// Element distances in a stage's K and V: from a key's row to the next (K_ROW_STEP, V_ROW_STEP) and from a row's
+// 64-column line to its next (K_LINE, V_LINE). A warp's ring keeps a key's lines together; DEC_TMA's blocks
+// keep each 64-column box whole, as TMA writes it ([line][key][64]).
+#if DEC_TMA
+constexpr int BLOCK = NW * TILE;  // keys of a block
+constexpr int K_ROW_STEP = 64, V_ROW_STEP = 64, K_LINE = BLOCK * 64, V_LINE = BLOCK * 64;
+static_assert(E_PAD % 64 == 0 && EV_PAD % 64 == 0, "DEC_TMA: head dims of whole 64-column boxes");
+#else
+constexpr int K_ROW_STEP = K_ROW, V_ROW_STEP = V_ROW, K_LINE = 64, V_LINE = 64;
+#endif
 constexpr int MERGE_UNROLL = DEC_MERGE_UNROLL;
 static_assert(TILE % 16 == 0, "DEC_TILE must be a multiple of 16");
 
 // Shared memory: sQ [ROWS][Q_PITCH], then per warp STAGES x (K tile [TILE][K_ROW], V tile [TILE][V_ROW]);
-// the stages are reused by the warps' merge ([NW][ROWS][EV_PAD] floats of O, [NW][ROWS] of m and l).
+// DEC_TMA: the ring first, from a 1024-byte boundary (TMA's 128-byte swizzle repeats every 8 rows of 128 bytes),
+// STAGES x (K block [K_ROW / 64][BLOCK][64], V block [V_ROW / 64][BLOCK][64]), then sQ. The stages are reused by
+// the warps' merge ([NW][ROWS][EV_PAD] floats of O, [NW][ROWS] of m and l).
 constexpr int SQ_ELEMS = ROWS * Q_PITCH;
 constexpr int PIPE_BYTES = NW * STAGES * STAGE_ELEMS * 2;
 constexpr int MERGE_BYTES = NW * ROWS * (EV_PAD + 2) * 4;
@@ -208,13 +235,14 @@ __device__ __forceinline__ void load_keys(elem_t* sK, elem_t* sV, const elem_t* 
 
 // The lane's ldmatrix offsets (elements) in a stage's swizzled tiles: b_frag_addr's row and chunk for K (keys
 // 16 nn.., dims 16 kk..) and bt_frag_addr's for V (keys 16 kk.., dims 16 nn..).
+// Element (row r, chunk c) of a stage's K or V at r * pitch + (c / 8) * line + (swz(r, c) % 8) * 8.
 __host__ __device__ constexpr int k_frag_at(int nn, int kk, int lane) {
     const int r = nn * 16 + (lane / 16) * 8 + lane % 8, c = 2 * kk + (lane / 8) % 2;
-    return r * K_ROW + swz(r, c) * 8;
+    return r * K_ROW_STEP + c / 8 * K_LINE + swz(r, c) % 8 * 8;
 }
 __host__ __device__ constexpr int v_frag_at(int kk, int nn, int lane) {
     const int r = kk * 16 + ((lane / 8) % 2) * 8 + lane % 8, c = 2 * nn + lane / 16;
-    return r * V_ROW + swz(r, c) * 8;
+    return r * V_ROW_STEP + c / 8 * V_LINE + swz(r, c) % 8 * 8;
 }
 // A lane's row is lane % 8 within its 8 aligned rows, so its chunk 2 kk + h lies at 8 (kk / 4) + ((2 (kk % 4) + h)
 // ^ (lane % 8)): four offsets a lane (by kk % 4 for K, nn % 4 for V) plus constants of the unrolled loops, which
@@ -224,10 +252,12 @@ __host__ __device__ constexpr bool frag_split_holds() {
     for (int lane = 0; lane < 32; ++lane) {
         for (int nn = 0; nn < TILE / 16; ++nn)
             for (int kk = 0; kk < KK; ++kk)
-                if (k_frag_at(nn, kk, lane) != k_frag_at(0, kk % 4, lane) + nn * 16 * K_ROW + kk / 4 * 64) return false;
+                if (k_frag_at(nn, kk, lane) != k_frag_at(0, kk % 4, lane) + nn * 16 * K_ROW_STEP + kk / 4 * K_LINE)
+                    return false;
         for (int kk = 0; kk < TILE / 16; ++kk)
             for (int nn = 0; nn < EV_PAD / 16; ++nn)
-                if (v_frag_at(kk, nn, lane) != v_frag_at(0, nn % 4, lane) + kk * 16 * V_ROW + nn / 4 * 64) return false;
+                if (v_frag_at(kk, nn, lane) != v_frag_at(0, nn % 4, lane) + kk * 16 * V_ROW_STEP + nn / 4 * V_LINE)
+                    return false;
     }
     return true;
 }
@@ -245,10 +275,10 @@ struct FragLanes {
     }
     // by the tiles' shared-window byte addresses
     __device__ __forceinline__ u32 k_at(u32 sK, int nn, int kk) const {
-        return sK + k[kk % 4] + 2 * (nn * 16 * K_ROW + kk / 4 * 64);
+        return sK + k[kk % 4] + 2 * (nn * 16 * K_ROW_STEP + kk / 4 * K_LINE);
     }
     __device__ __forceinline__ u32 v_at(u32 sV, int kk, int nn) const {
-        return sV + v[nn % 4] + 2 * (kk * 16 * V_ROW + nn / 4 * 64);
+        return sV + v[nn % 4] + 2 * (kk * 16 * V_ROW_STEP + nn / 4 * V_LINE);
     }
 };
 
@@ -279,7 +309,7 @@ __device__ __noinline__ void merge_splits(const float* __restrict__ o_part, cons
     float* top = total + ROWS;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     auto bhl_of = [&](int row) { return ((long long)b * Hq + kvh * group + row / Lq) * Lq + row % Lq; };
-    for (int row = warp; row < R; row += NW) {
+    for (int row = warp; row < R; row += NTHREADS / 32) {
         const long long bhl = bhl_of(row);
         float m[SPLIT_SLOTS / 32], l[SPLIT_SLOTS / 32];
         float mx = -CUSDPA_INF;
@@ -332,7 +362,11 @@ __device__ __noinline__ void merge_splits(const float* __restrict__ o_part, cons
 }
 
 extern "C" __global__ void __launch_bounds__(NTHREADS)
-flash_decode_split(const elem_t* __restrict__ q, const elem_t* __restrict__ k_cache, const elem_t* __restrict__ v_cache,
+flash_decode_split(
+#if DEC_TMA
+                   const __grid_constant__ TmaMap tm_k, const __grid_constant__ TmaMap tm_v,
+#endif
+                   const elem_t* __restrict__ q, const elem_t* __restrict__ k_cache, const elem_t* __restrict__ v_cache,
                    const int* __restrict__ table, const int* __restrict__ seqlens, const float* __restrict__ slopes,
                    elem_t* __restrict__ out, float* __restrict__ lse, float* __restrict__ o_part,
                    float* __restrict__ ml_part, int* __restrict__ arrivals,
@@ -342,16 +376,23 @@ flash_decode_split(const elem_t* __restrict__ q, const elem_t* __restrict__ k_ca
                    float softcap, int left, int right) {
     extern __shared__ __align__(128) unsigned char smem_raw[];  // (stage rows are whole 128-byte lines)
     PhaseClock clock;
+#if DEC_TMA
+    elem_t* sPipe = reinterpret_cast<elem_t*>(smem_raw + ((1024 - smem_u32(smem_raw) % 1024) % 1024));
+    elem_t* sQ = sPipe + PIPE_BYTES / 2;
+    __shared__ unsigned long long full[STAGES], empty[STAGES];  // a stage's block landed / released by every warp
+#else
     elem_t* sQ = reinterpret_cast<elem_t*>(smem_raw);
     elem_t* sPipe = sQ + SQ_ELEMS;
+#endif
 
     const int Hkv = Hq / group, b = blockIdx.y / Hkv, kvh = blockIdx.y % Hkv, split = blockIdx.x;
     const int splits = gridDim.x, R = group * Lq;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
     const int n_keys = min(max((seqlens ? seqlens[b] : fixed_len) + n_new, 0), capacity);
-    // this split's keys, whole tiles; then only those some row sees
+    // this split's keys, whole tiles (DEC_TMA: blocks); then only those some row sees
+    constexpr int UNIT = DEC_TMA ? NW * TILE : TILE;
     const int per_split = (n_keys + splits - 1) / splits;
-    const int chunk = (per_split + TILE - 1) / TILE * TILE;
+    const int chunk = (per_split + UNIT - 1) / UNIT * UNIT;
     const Visibility<int> vis{Lq, n_keys, n_keys - Lq, left, right};
     int lo, hi;
     vis.key_range(0, Lq, lo, hi);
@@ -367,6 +408,17 @@ flash_decode_split(const elem_t* __restrict__ q, const elem_t* __restrict__ k_ca
     }
     cp_async_commit();
 
+#if DEC_TMA
+    // the split's blocks first_block + i, i < count
+    const int first_block = lo / BLOCK, count = lo < hi ? (hi - 1) / BLOCK - first_block + 1 : 0;
+    if (threadIdx.x == 0) {
+        for (int s = 0; s < STAGES; ++s) {
+            mbar_init(&full[s], 1);
+            mbar_init(&empty[s], NW);
+        }
+        mbar_init_fence();
+    }
+#else
     const Cache cache{table, table_sb, k_sr, k_ss, v_sr, v_ss, block_size};
     const elem_t* kb = k_cache + kvh * k_sh;
     const elem_t* vb = v_cache + kvh * v_sh;
@@ -401,6 +453,7 @@ flash_decode_split(const elem_t* __restrict__ q, const elem_t* __restrict__ k_ca
         cp_async_commit();
     }
     offsets(STAGES - 1, ko, vo);
+#endif
 
     // the query of this thread's rows g and g + 8; padding rows see nothing (i = Lq); and the keys [row_lo,
     // row_hi) each row sees within this split: the per-element rule as two limits, found once
@@ -421,34 +474,46 @@ flash_decode_split(const elem_t* __restrict__ q, const elem_t* __restrict__ k_ca
     const float cap_k = 2.f * LOG2E / softcap;
 #endif
 
-    cp_async_wait<STAGES - 1>();  // Q has landed (the first group)
-    __syncthreads();
-    u32 qf[KK][4];
-#pragma unroll
-    for (int kk = 0; kk < KK; ++kk) ldmatrix_x4(qf[kk], a_frag_addr(sQ + kk * 16, Q_PITCH, lane));
-    clock.to(PH_START);
-
+    cp_async_wait<DEC_TMA ? 0 : STAGES - 1>();  // Q has landed (the first group)
+    __syncthreads();  // (and DEC_TMA's barriers are initialised)
     float acc[1][VT][4];
 #pragma unroll
     for (int vt = 0; vt < VT; ++vt) acc[0][vt][0] = acc[0][vt][1] = acc[0][vt][2] = acc[0][vt][3] = 0.f;
     float m_i[2] = {-CUSDPA_INF, -CUSDPA_INF}, l_i[2] = {0.f, 0.f};
+
+#if DEC_TMA
+    if (warp == NW) {  // the producer: block i into stage i % STAGES once every warp released what it held
+        if (lane == 0) {
+            for (int i = 0; i < count; ++i) {
+                const int s = i % STAGES, j0 = (first_block + i) * BLOCK;
+                mbar_wait(&empty[s], (i / STAGES + 1) % 2);
+#if PAGED
+                const int row = table[b * table_sb + j0 / block_size], slot = j0 % block_size;
+#else
+                const int row = table ? table[b] : b, slot = j0;
+#endif
+                unsigned char* stage = reinterpret_cast<unsigned char*>(sPipe + s * NW * STAGE_ELEMS);
+                mbar_expect_tx(&full[s], NW * STAGE_ELEMS * 2);
+#pragma unroll
+                for (int h = 0; h < K_ROW / 64; ++h) tma_load(stage + h * K_LINE * 2, tm_k, &full[s], h * 64, kvh, slot, row);
+                stage += BLOCK * K_ROW * 2;
+#pragma unroll
+                for (int h = 0; h < V_ROW / 64; ++h) tma_load(stage + h * V_LINE * 2, tm_v, &full[s], h * 64, kvh, slot, row);
+            }
+        }
+        __syncwarp();
+    } else {
+#endif
+    u32 qf[KK][4];
+#pragma unroll
+    for (int kk = 0; kk < KK; ++kk) ldmatrix_x4(qf[kk], a_frag_addr(sQ + kk * 16, Q_PITCH, lane));
+    clock.to(PH_START);
     const float scale_log2 = scale * LOG2E;
     const FragLanes frags(lane);
 
-    for (int i = 0; i < count; ++i) {
-        {  // refill the stage consumed last iteration, then find the next tile's offsets
-            const int t = i + STAGES - 1;
-            if (t < count) copy(t, ko, vo);
-            cp_async_commit();
-            offsets(t + 1, ko, vo);
-        }
-        clock.to(PH_ISSUE);
-        cp_async_wait<STAGES - 1>();  // tile i has landed
-        __syncwarp();
-        clock.to(PH_WAIT_K);
-        const u32 sK = smem_u32(sK0 + (i % STAGES) * STAGE_ELEMS), sV = sK + 2 * TILE * K_ROW;
-        const int j0 = (first + warp + NW * i) * TILE;
-
+    // The warp's tile of keys [j0, j0 + TILE), K and V at shared-window addresses sK, sV: S, the online
+    // softmax, O += P V.
+    auto attend = [&](u32 sK, u32 sV, int j0) {
         float s[1][NT][4];
 #pragma unroll
         for (int nt = 0; nt < NT; ++nt) s[0][nt][0] = s[0][nt][1] = s[0][nt][2] = s[0][nt][3] = 0.f;
@@ -533,8 +598,47 @@ flash_decode_split(const elem_t* __restrict__ q, const elem_t* __restrict__ k_ca
         __syncwarp();  // every lane is done with this stage before it is refilled
         clock.to(PH_WAIT_PV);
         clock.count(PH_BLOCKS);
+    };
+
+#if DEC_TMA
+    for (int i = 0; i < count; ++i) {
+        const int s = i % STAGES, j0 = (first_block + i) * BLOCK + warp * TILE;
+        elem_t* sK = sPipe + s * NW * STAGE_ELEMS + warp * TILE * K_ROW_STEP;
+        elem_t* sV = sPipe + s * NW * STAGE_ELEMS + BLOCK * K_ROW + warp * TILE * V_ROW_STEP;
+        mbar_wait_warp(&full[s], (i / STAGES) % 2);
+        clock.to(PH_WAIT_K);
+        if (j0 + TILE > lo && j0 < hi) {  // (warp-uniform) some row sees a key of this warp's tile
+            if (j0 < lo || j0 + TILE > hi) {  // V rows of unseen keys to zero: P is 0 there, a stale NaN is not
+                for (int c = lane; c < TILE * (V_ROW / 8); c += 32) {
+                    const int r = c % TILE, ch = c / TILE;
+                    if (j0 + r < lo || j0 + r >= hi)
+                        *reinterpret_cast<uint4*>(sV + r * V_ROW_STEP + ch / 8 * V_LINE + ch % 8 * 8) = make_uint4(0, 0, 0, 0);
+                }
+                __syncwarp();
+                fence_proxy_async();  // the zeroes before the stage's next TMA writes (the async proxy)
+            }
+            attend(smem_u32(sK), smem_u32(sV), j0);
+        }
+        if (lane == 0) mbar_arrive(&empty[s]);
+    }
+    }  // the producer and the attending warps meet again
+#else
+    for (int i = 0; i < count; ++i) {
+        {  // refill the stage consumed last iteration, then find the next tile's offsets
+            const int t = i + STAGES - 1;
+            if (t < count) copy(t, ko, vo);
+            cp_async_commit();
+            offsets(t + 1, ko, vo);
+        }
+        clock.to(PH_ISSUE);
+        cp_async_wait<STAGES - 1>();  // tile i has landed
+        __syncwarp();
+        clock.to(PH_WAIT_K);
+        const u32 sK = smem_u32(sK0 + (i % STAGES) * STAGE_ELEMS), sV = sK + 2 * TILE * K_ROW;
+        attend(sK, sV, (first + warp + NW * i) * TILE);
     }
     cp_async_wait<0>();
+#endif
 
     // Merge the warps: row sums over the quad, then each warp's (m, l, O) through shared memory.
 #pragma unroll
@@ -547,7 +651,7 @@ flash_decode_split(const elem_t* __restrict__ q, const elem_t* __restrict__ k_ca
     float* sM = sO + NW * ROWS * EV_PAD;           // [NW][ROWS]
     float* sL = sM + NW * ROWS;
 #pragma unroll
-    for (int r = 0; r < 2; ++r) {
+    for (int r = 0; r < 2 && warp < NW; ++r) {  // (not DEC_TMA's producer)
         const int row = g + 8 * r;
 #pragma unroll
         for (int vt = 0; vt < VT; ++vt)

@@ -96,6 +96,31 @@ def _check_case(name, dtype):
     return out, lse
 
 
+# decode.TMA_BLOCKS takes head dims of whole 64-column boxes and pages of whole 64-key blocks
+TMA_CASES = [name for name in CASES if name not in ("odd_dim_multi_query", "paged_small_blocks")]
+
+
+@pytest.mark.parametrize("name", TMA_CASES)
+def test_blocks_by_tma(name, monkeypatch):
+    """decode.TMA_BLOCKS (sm_90): a producer warp loads the CTA's blocks of keys by TMA into a shared ring; the
+    V rows of keys outside a split's seen keys are zeroed once landed (the cases' stale cells hold NaN): judged,
+    and the TMA build was the one taken."""
+    from cusdpa.backends.flash import decode, sources
+
+    if sources.compute_capability(0) < 90:
+        pytest.skip("TMA copies need compute capability 9.0")
+    mapped = []
+    real = decode._cache_map
+    monkeypatch.setattr(decode, "_cache_map", lambda *args: mapped.append(args) or real(*args))
+    monkeypatch.setattr(decode, "TMA_BLOCKS", 1)
+    decode.build.cache_clear()
+    try:
+        _check_case(name, "bfloat16")
+    finally:
+        decode.build.cache_clear()
+    assert len(mapped) == 2, "the TMA build was not taken"
+
+
 @pytest.mark.parametrize("name", ["one_sequence_long", "decode_gqa", "wide_head"])
 def test_the_splits_merge_in_batches_with_the_same_bits(name, monkeypatch):
     """decode.MERGE_UNROLL: the splits' merge loading 8 partial outputs a batch (the default), 3 (batches cut

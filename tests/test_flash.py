@@ -83,6 +83,8 @@ def _nvrtc_jobs():
                                              ((192, 128), "bfloat16", True, False), ((256, 256), "float16", False, True),
                                              ((40, 40), "bfloat16", False, False)):  # split-KV decode
         yield "flash_decode.cu", decode.compile_options(dtype, E, Ev, paged, modifiers, modifiers)
+        if E % 64 == 0 and Ev % 64 == 0:  # ... with its blocks by TMA (decode.TMA_BLOCKS; built for sm_90 here)
+            yield "flash_decode.cu", decode.compile_options(dtype, E, Ev, paged, modifiers, modifiers, True)
     # ... and the splits' merge loading 32 partials a batch (decode.MERGE_UNROLL, benchmarks/decode.py --config)
     yield "flash_decode.cu", tuple("-DDEC_MERGE_UNROLL=32" if o.startswith("-DDEC_MERGE_UNROLL=") else o
                                    for o in decode.compile_options("bfloat16", 128, 128, True, False, False))

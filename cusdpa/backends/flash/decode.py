@@ -20,7 +20,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from ..launch import Launch, Slot, ZeroWords, run
+from ..launch import Launch, MapSlot, Slot, ZeroWords, run
 from ..plans import contiguous_strides
 from . import sources
 
@@ -40,6 +40,10 @@ MERGE_UNROLL = 8
 # B = 1 S = 32768 71.8 -> 70.9 us, B = 16 and 64 within 0.5%; benchmarks/decode.py --config KEEP_WORKSPACE=0|1)
 KEEP_WORKSPACE = 1
 PHASES = 0  # 1: the split kernel built with phases.cuh's per-warp clocks (benchmarks/decode.py --phases)
+# sm_90: the CTA's keys in blocks of WARPS x TILE that a producer warp loads by TMA into a ring the warps share
+# (flash_decode.cu, DEC_TMA), where each warp's cp.async copies stall at issue for a third of its clocks. Written
+# without device time: off until a GPU run (decode-tma-blocks) decides
+TMA_BLOCKS = 0
 DTYPES = ("float16", "bfloat16")
 
 
@@ -130,9 +134,30 @@ def _stage_bytes(E: int, Ev: int) -> int:
     return WARPS * TILE * ((E + 63) // 64 * 64 + (Ev + 63) // 64 * 64) * 2
 
 
-def smem_bytes(E: int, Ev: int, depth: int) -> int:
-    """The split kernel's dynamic shared memory: Q and the warps' rings."""
-    return _q_bytes(E) + depth * _stage_bytes(E, Ev)
+def smem_bytes(E: int, Ev: int, depth: int, tma: bool = False) -> int:
+    """The split kernel's dynamic shared memory: Q and the warps' rings (``tma``: the shared ring, from a
+    1024-byte boundary the kernel finds)."""
+    return _q_bytes(E) + depth * _stage_bytes(E, Ev) + (1024 if tma else 0)
+
+
+def takes_tma(E: int, Ev: int, k_cache: Operand, paged: bool, capability: int) -> bool:
+    """Whether the split kernel's keys come in blocks by TMA (``TMA_BLOCKS``, sm_90): head dims of whole
+    64-column boxes, and a block of keys within one cache row (contiguous caches, pages of whole blocks)."""
+    return (bool(TMA_BLOCKS) and capability >= 90 and E % 64 == 0 and Ev % 64 == 0
+            and (not paged or k_cache.shape[1] % (WARPS * TILE) == 0))
+
+
+def _cache_map(dtype_name: str, cache: Operand, D: int):
+    """The TMA map of a cache (rows, slots, Hkv, D) as (D, Hkv, slots, rows), boxes of 64 columns by a block's
+    keys, swizzled by 128 bytes (the kernel's `swz`). A dim of size 1, never stepped over, gets a stride TMA
+    takes whatever the array's says."""
+    from . import tma
+
+    rows, slots, heads, _ = cache.shape
+    sh = cache.strides[2] * 2 if heads > 1 else D * 2
+    ss = cache.strides[1] * 2 if slots > 1 else heads * sh
+    sr = cache.strides[0] * 2 if rows > 1 else slots * ss
+    return tma.TensorMap(dtype_name, tma.ANY_ADDRESS, [D, heads, slots, rows], [sh, ss, sr], [64, 1, WARPS * TILE, 1])
 
 
 def split_count(pairs: int, capacity: int, resident: int) -> int:
@@ -145,13 +170,15 @@ def split_count(pairs: int, capacity: int, resident: int) -> int:
     return next(s for s, fill in enumerate(fills, 1) if fill >= 0.95 * best)
 
 
-def compile_options(dtype_name: str, E: int, Ev: int, paged: bool, softcap: bool, alibi: bool) -> tuple:
-    """NVRTC/nvcc options of one module of flash_decode.cu; the CPU test compiles the same list with nvcc."""
+def compile_options(dtype_name: str, E: int, Ev: int, paged: bool, softcap: bool, alibi: bool,
+                    tma: bool = False) -> tuple:
+    """NVRTC/nvcc options of one module of flash_decode.cu; the CPU test compiles the same list with nvcc.
+    ``tma``: DEC_TMA (``takes_tma``)."""
     return ("-std=c++17", "--use_fast_math", f"-DCUSDPA_BF16={int(dtype_name == 'bfloat16')}", f"-DHEAD_DIM={E}",
             f"-DHEAD_DIM_V={Ev}", "-DIS_DROPOUT=0", f"-DDEC_WARPS={WARPS}", f"-DDEC_TILE={TILE}",
             f"-DDEC_STAGES={stages(E, Ev)}", f"-DPAGED={int(paged)}", f"-DSOFTCAP={int(softcap)}",
             f"-DALIBI={int(alibi)}", f"-DDEC_MAX_SPLITS={MAX_SPLITS}", f"-DDEC_MERGE_UNROLL={MERGE_UNROLL}",
-            *(("-DCUSDPA_PHASES=1",) if PHASES else ()))
+            *(("-DCUSDPA_PHASES=1",) if PHASES else ()), *(("-DDEC_TMA=1",) if tma else ()))
 
 
 @functools.lru_cache(maxsize=256)
@@ -167,11 +194,13 @@ def build(device: int, dtype_name: str, q: Operand, k_cache: Operand, v_cache: O
 
     B, Lq, Hq, E = q.shape
     block_size, Hkv, Ev = k_cache.shape[1], k_cache.shape[2], v_cache.shape[3]
-    options = compile_options(dtype_name, E, Ev, paged, softcap > 0, alibi)
-    smem = smem_bytes(E, Ev, stages(E, Ev))
+    tma = takes_tma(E, Ev, k_cache, paged, sources.compute_capability(device))
+    options = compile_options(dtype_name, E, Ev, paged, softcap > 0, alibi, tma)
+    smem = smem_bytes(E, Ev, stages(E, Ev), tma)
+    threads = (WARPS + tma) * 32
     split_fn = sources.kernel(device, "flash_decode.cu", "flash_decode_split", options, smem)
     with cupy.cuda.Device(device):
-        resident = cupy.cuda.driver.occupancyMaxActiveBlocksPerMultiprocessor(split_fn.ptr, WARPS * 32, smem)
+        resident = cupy.cuda.driver.occupancyMaxActiveBlocksPerMultiprocessor(split_fn.ptr, threads, smem)
     splits = split_count(B * Hkv, capacity, max(1, resident) * sources.multiprocessors(device))
     cache_strides = (*map(np.int64, k_cache.strides[:3]), *map(np.int64, v_cache.strides[:3]))
     seqlens = Slot("seqlens") if has_seqlens else 0
@@ -188,8 +217,10 @@ def build(device: int, dtype_name: str, q: Operand, k_cache: Operand, v_cache: O
     arrivals = B * Hkv if partial else 0
     if arrivals:
         launches.append(ZeroWords("arrivals", arrivals))
-    launches.append(Launch(split_fn, (splits, B * Hkv), (WARPS * 32,), smem, [
-        Slot("q"), Slot("k"), Slot("v"), Slot("table"), seqlens, Slot("slopes") if alibi else 0, Slot("o"),
+    maps = [MapSlot("k", _cache_map(dtype_name, k_cache, E)), MapSlot("v", _cache_map(dtype_name, v_cache, Ev))] \
+        if tma else []
+    launches.append(Launch(split_fn, (splits, B * Hkv), (threads,), smem, [
+        *maps, Slot("q"), Slot("k"), Slot("v"), Slot("table"), seqlens, Slot("slopes") if alibi else 0, Slot("o"),
         Slot("lse"), Slot("o_part") if partial else 0, Slot("ml_part") if partial else 0,
         Slot("arrivals") if arrivals else 0, B, Hq, Hq // Hkv, Lq,
         *map(np.int64, q.strides[:3]), np.int64(table_row_stride), *cache_strides, block_size, capacity,
