@@ -379,7 +379,8 @@ flash_decode_split(
 #if DEC_TMA
     elem_t* sPipe = reinterpret_cast<elem_t*>(smem_raw + ((1024 - smem_u32(smem_raw) % 1024) % 1024));
     elem_t* sQ = sPipe + PIPE_BYTES / 2;
-    __shared__ unsigned long long full[STAGES], empty[STAGES];  // a stage's block landed / released by every warp
+    // a stage's K block landed, its V block landed, the stage released by every warp
+    __shared__ unsigned long long full_k[STAGES], full_v[STAGES], empty[STAGES];
 #else
     elem_t* sQ = reinterpret_cast<elem_t*>(smem_raw);
     elem_t* sPipe = sQ + SQ_ELEMS;
@@ -413,7 +414,8 @@ flash_decode_split(
     const int first_block = lo / BLOCK, count = lo < hi ? (hi - 1) / BLOCK - first_block + 1 : 0;
     if (threadIdx.x == 0) {
         for (int s = 0; s < STAGES; ++s) {
-            mbar_init(&full[s], 1);
+            mbar_init(&full_k[s], 1);
+            mbar_init(&full_v[s], 1);
             mbar_init(&empty[s], NW);
         }
         mbar_init_fence();
@@ -493,12 +495,15 @@ flash_decode_split(
                 const int row = table ? table[b] : b, slot = j0;
 #endif
                 unsigned char* stage = reinterpret_cast<unsigned char*>(sPipe + s * NW * STAGE_ELEMS);
-                mbar_expect_tx(&full[s], NW * STAGE_ELEMS * 2);
+                mbar_expect_tx(&full_k[s], BLOCK * K_ROW * 2);
 #pragma unroll
-                for (int h = 0; h < K_ROW / 64; ++h) tma_load(stage + h * K_LINE * 2, tm_k, &full[s], h * 64, kvh, slot, row);
+                for (int h = 0; h < K_ROW / 64; ++h)
+                    tma_load(stage + h * K_LINE * 2, tm_k, &full_k[s], h * 64, kvh, slot, row);
                 stage += BLOCK * K_ROW * 2;
+                mbar_expect_tx(&full_v[s], BLOCK * V_ROW * 2);
 #pragma unroll
-                for (int h = 0; h < V_ROW / 64; ++h) tma_load(stage + h * V_LINE * 2, tm_v, &full[s], h * 64, kvh, slot, row);
+                for (int h = 0; h < V_ROW / 64; ++h)
+                    tma_load(stage + h * V_LINE * 2, tm_v, &full_v[s], h * 64, kvh, slot, row);
             }
         }
         __syncwarp();
@@ -512,8 +517,8 @@ flash_decode_split(
     const FragLanes frags(lane);
 
     // The warp's tile of keys [j0, j0 + TILE), K and V at shared-window addresses sK, sV: S, the online
-    // softmax, O += P V.
-    auto attend = [&](u32 sK, u32 sV, int j0) {
+    // softmax, `before_pv()` (DEC_TMA: V's wait), O += P V.
+    auto attend = [&](u32 sK, u32 sV, int j0, auto before_pv) {
         float s[1][NT][4];
 #pragma unroll
         for (int nt = 0; nt < NT; ++nt) s[0][nt][0] = s[0][nt][1] = s[0][nt][2] = s[0][nt][3] = 0.f;
@@ -593,6 +598,7 @@ flash_decode_split(
                 for (int c = 0; c < 4; ++c) acc[0][vt][c] *= alpha[c / 2];
         }
         clock.to(PH_SOFTMAX);
+        before_pv();
         mma_pb_at<1, EV_PAD / 16, TILE / 16>(acc, s, Identity{},
                                              [&](int kk, int nn) { return frags.v_at(sV, kk, nn); });
         __syncwarp();  // every lane is done with this stage before it is refilled
@@ -605,19 +611,25 @@ flash_decode_split(
         const int s = i % STAGES, j0 = (first_block + i) * BLOCK + warp * TILE;
         elem_t* sK = sPipe + s * NW * STAGE_ELEMS + warp * TILE * K_ROW_STEP;
         elem_t* sV = sPipe + s * NW * STAGE_ELEMS + BLOCK * K_ROW + warp * TILE * V_ROW_STEP;
-        mbar_wait_warp(&full[s], (i / STAGES) % 2);
+        mbar_wait_warp(&full_k[s], (i / STAGES) % 2);
         clock.to(PH_WAIT_K);
         if (j0 + TILE > lo && j0 < hi) {  // (warp-uniform) some row sees a key of this warp's tile
-            if (j0 < lo || j0 + TILE > hi) {  // V rows of unseen keys to zero: P is 0 there, a stale NaN is not
-                for (int c = lane; c < TILE * (V_ROW / 8); c += 32) {
-                    const int r = c % TILE, ch = c / TILE;
-                    if (j0 + r < lo || j0 + r >= hi)
-                        *reinterpret_cast<uint4*>(sV + r * V_ROW_STEP + ch / 8 * V_LINE + ch % 8 * 8) = make_uint4(0, 0, 0, 0);
+            // V lands while S and the softmax run; then the V rows of unseen keys are zeroed (P is 0 there, a
+            // stale NaN is not). (A warp that skips its tile never waits for V: some warp of the block reads
+            // it, and the stage is refilled only once that warp has released it.)
+            attend(smem_u32(sK), smem_u32(sV), j0, [&] {
+                mbar_wait_warp(&full_v[s], (i / STAGES) % 2);
+                if (j0 < lo || j0 + TILE > hi) {
+                    for (int c = lane; c < TILE * (V_ROW / 8); c += 32) {
+                        const int r = c % TILE, ch = c / TILE;
+                        if (j0 + r < lo || j0 + r >= hi)
+                            *reinterpret_cast<uint4*>(sV + r * V_ROW_STEP + ch / 8 * V_LINE + ch % 8 * 8) =
+                                make_uint4(0, 0, 0, 0);
+                    }
+                    __syncwarp();
+                    fence_proxy_async();  // the zeroes before the stage's next TMA writes (the async proxy)
                 }
-                __syncwarp();
-                fence_proxy_async();  // the zeroes before the stage's next TMA writes (the async proxy)
-            }
-            attend(smem_u32(sK), smem_u32(sV), j0);
+            });
         }
         if (lane == 0) mbar_arrive(&empty[s]);
     }
@@ -635,7 +647,7 @@ flash_decode_split(
         __syncwarp();
         clock.to(PH_WAIT_K);
         const u32 sK = smem_u32(sK0 + (i % STAGES) * STAGE_ELEMS), sV = sK + 2 * TILE * K_ROW;
-        attend(sK, sV, (first + warp + NW * i) * TILE);
+        attend(sK, sV, (first + warp + NW * i) * TILE, [] {});
     }
     cp_async_wait<0>();
 #endif
