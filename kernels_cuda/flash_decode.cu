@@ -12,8 +12,9 @@
 // sequence's keys / splits rounded up to whole tiles, so every split of a sequence gets its share of the
 // keys it actually holds, whatever the grid was sized for (the host sizes it from the capacity, so a call
 // never waits for the lengths on the device). Each warp streams its own tiles of DEC_TILE keys (tiles w,
-// w + DEC_WARPS, ...) through a private DEC_STAGES-deep cp.async pipeline (no CTA barrier in the loop),
-// keeps its own online softmax (m, l) and O; the warps merge through shared memory at the end. One
+// w + DEC_WARPS, ...) through a private DEC_STAGES-deep cp.async pipeline (no CTA barrier in the loop; DEC_TMA,
+// the default on sm_90: a producer warp's TMA ring shared by the CTA, below), keeps its own online softmax (m, l)
+// and O; the warps merge through shared memory at the end. One
 // split: out and lse are written normalised; several: the split's O (relative to its max) and (m, l) go
 // to the partial buffers, and the split CTA of each (b, kvh) that finishes last merges them (merge_splits:
 // `arrivals`, one int32 per (b, kvh), zero at the launch, counts the finished splits; the merging CTA sets it

@@ -96,15 +96,17 @@ def _check_case(name, dtype):
     return out, lse
 
 
-# decode.TMA_BLOCKS takes head dims of whole 64-column boxes and pages of whole 64-key blocks
+# decode.TMA_BLOCKS takes head dims of whole 64-column boxes and pages of whole blocks (8 warps x 16 keys)
 TMA_CASES = [name for name in CASES if name not in ("odd_dim_multi_query", "paged_small_blocks")]
 
 
+@pytest.mark.parametrize("tma", [0, 1])
 @pytest.mark.parametrize("name", TMA_CASES)
-def test_blocks_by_tma(name, monkeypatch):
-    """decode.TMA_BLOCKS (sm_90): a producer warp loads the CTA's blocks of keys by TMA into a shared ring; the
-    V rows of keys outside a split's seen keys are zeroed once landed (the cases' stale cells hold NaN): judged,
-    and the TMA build was the one taken."""
+def test_blocks_by_tma_and_tiles_by_cp_async(name, tma, monkeypatch):
+    """On sm_90 both copies of the split kernel: decode.TMA_BLOCKS (the default), a producer warp loading the CTA's
+    blocks of keys by TMA into a shared ring, V rows of keys outside a split's seen keys zeroed once landed (the
+    cases' stale cells hold NaN), and each warp's cp.async ring: judged, and the build asked for was the one
+    taken."""
     from cusdpa.backends.flash import decode, sources
 
     if sources.compute_capability(0) < 90:
@@ -112,13 +114,13 @@ def test_blocks_by_tma(name, monkeypatch):
     mapped = []
     real = decode._cache_map
     monkeypatch.setattr(decode, "_cache_map", lambda *args: mapped.append(args) or real(*args))
-    monkeypatch.setattr(decode, "TMA_BLOCKS", 1)
+    monkeypatch.setattr(decode, "TMA_BLOCKS", tma)
     decode.build.cache_clear()
     try:
         _check_case(name, "bfloat16")
     finally:
         decode.build.cache_clear()
-    assert len(mapped) == 2, "the TMA build was not taken"
+    assert len(mapped) == 2 * tma, "not the copy asked for"
 
 
 @pytest.mark.parametrize("name", ["one_sequence_long", "decode_gqa", "wide_head"])

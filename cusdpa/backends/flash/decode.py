@@ -24,10 +24,15 @@ from ..launch import Launch, MapSlot, Slot, ZeroWords, run
 from ..plans import contiguous_strides
 from . import sources
 
-WARPS = 4  # warps of a split CTA, each with its own pipeline of key tiles
+# warps of a split CTA that attend (``warps``: fewer where two stages of them do not fit an SM). Eight in two stages,
+# one CTA an SM, against four in three, two CTAs an SM (H100, bf16 Hq = 32 Hkv = 8 E = 128, us, B = 1 S = 32768 /
+# B = 16 S = 8192 / B = 64 S = 2048; benchmarks/decode.py --config): cp.async 67.0 / 189.4 / 190.7 -> 63.0 / 185.6 /
+# 192.9, by TMA (TMA_BLOCKS) 63.5 / 185.7 / 190.4, PyTorch 63.3 / 183.5 / 187.8
+WARPS = 8
 TILE = 16  # keys of a warp's tile
 ROWS = 16  # query rows of a CTA (Hq / Hkv x Lq): one m16 tile
-CTA_SMEM = 113 * 1024  # the pipeline's depth is chosen to fit two CTAs on an SM
+CTA_SMEM = 113 * 1024  # the pipeline's depth is chosen to fit two CTAs on an SM where it can (two stages at least)
+SM_SMEM = 227 * 1024  # the most dynamic shared memory a CTA may take (sm_90)
 MAX_SPLITS = 128
 DEPTH = 0  # pipeline depth forced (0: ``stages`` chooses)
 # the partial outputs a thread of the splits' merge loads in one batch (predicated, issued together): the merge is
@@ -40,10 +45,11 @@ MERGE_UNROLL = 8
 # B = 1 S = 32768 71.8 -> 70.9 us, B = 16 and 64 within 0.5%; benchmarks/decode.py --config KEEP_WORKSPACE=0|1)
 KEEP_WORKSPACE = 1
 PHASES = 0  # 1: the split kernel built with phases.cuh's per-warp clocks (benchmarks/decode.py --phases)
-# sm_90: the CTA's keys in blocks of WARPS x TILE that a producer warp loads by TMA into a ring the warps share
-# (flash_decode.cu, DEC_TMA), where each warp's cp.async copies stall at issue for a third of its clocks. Written
-# without device time: off until a GPU run (decode-tma-blocks) decides
-TMA_BLOCKS = 0
+# sm_90: the CTA's keys in blocks of warps x TILE that a producer warp loads by TMA into a ring the warps share
+# (flash_decode.cu, DEC_TMA), where each warp's cp.async copies stall at issue for a third of its clocks. With
+# eight warps (above) the most even of the choices: 0.99-1.00x PyTorch at the three shapes, where cp.async is
+# 1.00 / 0.99 / 0.97x
+TMA_BLOCKS = 1
 DTYPES = ("float16", "bfloat16")
 
 
@@ -116,12 +122,21 @@ def applies(dtype_name: str, q: Operand, k_cache: Operand, v_cache: Operand, new
             and all(_inner(x, 4) for x in (q, k_cache, v_cache) + ((new, new_v) if new is not None else ())))
 
 
+def warps(E: int, Ev: int) -> int:
+    """Warps of a split CTA that attend: ``WARPS``, halved while two stages of their tiles, Q and the TMA ring's
+    alignment do not fit ``SM_SMEM`` (head dim 256: four)."""
+    w = WARPS
+    while w > 1 and _q_bytes(E) + 2 * _stage_bytes(E, Ev, w) + 1024 > SM_SMEM:
+        w //= 2
+    return w
+
+
 def stages(E: int, Ev: int) -> int:
     """Pipeline depth per warp: as deep as two CTAs per SM allow, two at least, four at most (``DEPTH`` when set:
     benchmarks/decode.py --config sweeps it)."""
     if DEPTH:
         return DEPTH
-    return max(2, min(4, (CTA_SMEM - _q_bytes(E)) // _stage_bytes(E, Ev)))
+    return max(2, min(4, (CTA_SMEM - _q_bytes(E)) // _stage_bytes(E, Ev, warps(E, Ev))))
 
 
 def _q_bytes(E: int) -> int:
@@ -129,27 +144,27 @@ def _q_bytes(E: int) -> int:
     return ROWS * ((E + 15) // 16 * 16 + 8) * 2
 
 
-def _stage_bytes(E: int, Ev: int) -> int:
-    """One stage of every warp's ring: a tile's K and V rows, each whole 128-byte lines."""
-    return WARPS * TILE * ((E + 63) // 64 * 64 + (Ev + 63) // 64 * 64) * 2
+def _stage_bytes(E: int, Ev: int, w: int) -> int:
+    """One stage of the rings of ``w`` warps: a tile's K and V rows, each whole 128-byte lines."""
+    return w * TILE * ((E + 63) // 64 * 64 + (Ev + 63) // 64 * 64) * 2
 
 
 def smem_bytes(E: int, Ev: int, depth: int, tma: bool = False) -> int:
     """The split kernel's dynamic shared memory: Q and the warps' rings (``tma``: the shared ring, from a
     1024-byte boundary the kernel finds)."""
-    return _q_bytes(E) + depth * _stage_bytes(E, Ev) + (1024 if tma else 0)
+    return _q_bytes(E) + depth * _stage_bytes(E, Ev, warps(E, Ev)) + (1024 if tma else 0)
 
 
 def takes_tma(E: int, Ev: int, k_cache: Operand, paged: bool, capability: int) -> bool:
     """Whether the split kernel's keys come in blocks by TMA (``TMA_BLOCKS``, sm_90): head dims of whole
     64-column boxes, and a block of keys within one cache row (contiguous caches, pages of whole blocks)."""
     return (bool(TMA_BLOCKS) and capability >= 90 and E % 64 == 0 and Ev % 64 == 0
-            and (not paged or k_cache.shape[1] % (WARPS * TILE) == 0))
+            and (not paged or k_cache.shape[1] % (warps(E, Ev) * TILE) == 0))
 
 
-def _cache_map(dtype_name: str, cache: Operand, D: int):
+def _cache_map(dtype_name: str, cache: Operand, D: int, keys: int):
     """The TMA map of a cache (rows, slots, Hkv, D) as (D, Hkv, slots, rows), boxes of 64 columns by a block's
-    keys, swizzled by 128 bytes (the kernel's `swz`). A dim of size 1, never stepped over, gets a stride TMA
+    ``keys``, swizzled by 128 bytes (the kernel's `swz`). A dim of size 1, never stepped over, gets a stride TMA
     takes whatever the array's says."""
     from . import tma
 
@@ -157,14 +172,14 @@ def _cache_map(dtype_name: str, cache: Operand, D: int):
     sh = cache.strides[2] * 2 if heads > 1 else D * 2
     ss = cache.strides[1] * 2 if slots > 1 else heads * sh
     sr = cache.strides[0] * 2 if rows > 1 else slots * ss
-    return tma.TensorMap(dtype_name, tma.ANY_ADDRESS, [D, heads, slots, rows], [sh, ss, sr], [64, 1, WARPS * TILE, 1])
+    return tma.TensorMap(dtype_name, tma.ANY_ADDRESS, [D, heads, slots, rows], [sh, ss, sr], [64, 1, keys, 1])
 
 
-def split_count(pairs: int, capacity: int, resident: int) -> int:
+def split_count(pairs: int, capacity: int, resident: int, w: int) -> int:
     """Splits of each (sequence, kv head)'s keys: the fewest whose CTAs fill the resident slots' waves within 5%
     of the best count's fill (more splits cost each CTA its prologue and the merge more work), no split
-    shorter than one tile per warp."""
-    most = max(1, min(MAX_SPLITS, -(-capacity // (WARPS * TILE))))
+    shorter than one tile for each of the CTA's ``w`` warps."""
+    most = max(1, min(MAX_SPLITS, -(-capacity // (w * TILE))))
     fills = [pairs * s / (-(-(pairs * s) // resident) * resident) for s in range(1, most + 1)]
     best = max(fills)
     return next(s for s, fill in enumerate(fills, 1) if fill >= 0.95 * best)
@@ -175,7 +190,7 @@ def compile_options(dtype_name: str, E: int, Ev: int, paged: bool, softcap: bool
     """NVRTC/nvcc options of one module of flash_decode.cu; the CPU test compiles the same list with nvcc.
     ``tma``: DEC_TMA (``takes_tma``)."""
     return ("-std=c++17", "--use_fast_math", f"-DCUSDPA_BF16={int(dtype_name == 'bfloat16')}", f"-DHEAD_DIM={E}",
-            f"-DHEAD_DIM_V={Ev}", "-DIS_DROPOUT=0", f"-DDEC_WARPS={WARPS}", f"-DDEC_TILE={TILE}",
+            f"-DHEAD_DIM_V={Ev}", "-DIS_DROPOUT=0", f"-DDEC_WARPS={warps(E, Ev)}", f"-DDEC_TILE={TILE}",
             f"-DDEC_STAGES={stages(E, Ev)}", f"-DPAGED={int(paged)}", f"-DSOFTCAP={int(softcap)}",
             f"-DALIBI={int(alibi)}", f"-DDEC_MAX_SPLITS={MAX_SPLITS}", f"-DDEC_MERGE_UNROLL={MERGE_UNROLL}",
             *(("-DCUSDPA_PHASES=1",) if PHASES else ()), *(("-DDEC_TMA=1",) if tma else ()))
@@ -197,11 +212,12 @@ def build(device: int, dtype_name: str, q: Operand, k_cache: Operand, v_cache: O
     tma = takes_tma(E, Ev, k_cache, paged, sources.compute_capability(device))
     options = compile_options(dtype_name, E, Ev, paged, softcap > 0, alibi, tma)
     smem = smem_bytes(E, Ev, stages(E, Ev), tma)
-    threads = (WARPS + tma) * 32
+    w = warps(E, Ev)
+    threads = (w + tma) * 32
     split_fn = sources.kernel(device, "flash_decode.cu", "flash_decode_split", options, smem)
     with cupy.cuda.Device(device):
         resident = cupy.cuda.driver.occupancyMaxActiveBlocksPerMultiprocessor(split_fn.ptr, threads, smem)
-    splits = split_count(B * Hkv, capacity, max(1, resident) * sources.multiprocessors(device))
+    splits = split_count(B * Hkv, capacity, max(1, resident) * sources.multiprocessors(device), w)
     cache_strides = (*map(np.int64, k_cache.strides[:3]), *map(np.int64, v_cache.strides[:3]))
     seqlens = Slot("seqlens") if has_seqlens else 0
     launches = []
@@ -217,7 +233,8 @@ def build(device: int, dtype_name: str, q: Operand, k_cache: Operand, v_cache: O
     arrivals = B * Hkv if partial else 0
     if arrivals:
         launches.append(ZeroWords("arrivals", arrivals))
-    maps = [MapSlot("k", _cache_map(dtype_name, k_cache, E)), MapSlot("v", _cache_map(dtype_name, v_cache, Ev))] \
+    maps = [MapSlot("k", _cache_map(dtype_name, k_cache, E, w * TILE)),
+            MapSlot("v", _cache_map(dtype_name, v_cache, Ev, w * TILE))] \
         if tma else []
     launches.append(Launch(split_fn, (splits, B * Hkv), (threads,), smem, [
         *maps, Slot("q"), Slot("k"), Slot("v"), Slot("table"), seqlens, Slot("slopes") if alibi else 0, Slot("o"),
