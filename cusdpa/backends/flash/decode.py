@@ -47,7 +47,7 @@ KEEP_WORKSPACE = 1
 PHASES = 0  # 1: the split kernel built with phases.cuh's per-warp clocks (benchmarks/decode.py --phases)
 # sm_90: the CTA's keys in blocks of warps x TILE that a producer warp loads by TMA into a ring the warps share
 # (flash_decode.cu, DEC_TMA), where each warp's cp.async copies stall at issue for a third of its clocks. With
-# eight warps (above) the most even of the choices: 0.99-1.00x PyTorch at the three shapes, where cp.async is
+# eight warps (above) the most even of the choices: 0.98-1.00x PyTorch at the three shapes, where cp.async is
 # 1.00 / 0.99 / 0.97x
 TMA_BLOCKS = 1
 DTYPES = ("float16", "bfloat16")
