@@ -31,10 +31,11 @@ from . import sources
 WARPS = 8
 TILE = 16  # keys of a warp's tile
 ROWS = 16  # query rows of a CTA (Hq / Hkv x Lq): one m16 tile
-CTA_SMEM = 113 * 1024  # the pipeline's depth is chosen to fit two CTAs on an SM where it can (two stages at least)
 SM_SMEM = 227 * 1024  # the most dynamic shared memory a CTA may take (sm_90)
 MAX_SPLITS = 128
-DEPTH = 0  # pipeline depth forced (0: ``stages`` chooses)
+# stages of the rings: two (eight warps by TMA in three timed 63.4 / 186.1 / 191.8 us, in two 63.2-64.1 / 185.2-186.0 /
+# 190.1-190.8, the shapes above; benchmarks/decode.py --config DEPTH=3)
+DEPTH = 2
 # the partial outputs a thread of the splits' merge loads in one batch (predicated, issued together): the merge is
 # the call's tail at B = 1, a chain of L2 round trips, 4 a column pair at 32 splits with 8, 1 with 32. On the H100
 # 8, 16 and 32 timed within 0.4% of one another (benchmarks/decode.py --config MERGE_UNROLL=8|16|32): 8, the
@@ -123,20 +124,12 @@ def applies(dtype_name: str, q: Operand, k_cache: Operand, v_cache: Operand, new
 
 
 def warps(E: int, Ev: int) -> int:
-    """Warps of a split CTA that attend: ``WARPS``, halved while two stages of their tiles, Q and the TMA ring's
-    alignment do not fit ``SM_SMEM`` (head dim 256: four)."""
+    """Warps of a split CTA that attend: ``WARPS``, halved while ``DEPTH`` stages of their tiles, Q and the TMA
+    ring's alignment do not fit ``SM_SMEM`` (head dim 256: four)."""
     w = WARPS
-    while w > 1 and _q_bytes(E) + 2 * _stage_bytes(E, Ev, w) + 1024 > SM_SMEM:
+    while w > 1 and _q_bytes(E) + DEPTH * _stage_bytes(E, Ev, w) + 1024 > SM_SMEM:
         w //= 2
     return w
-
-
-def stages(E: int, Ev: int) -> int:
-    """Pipeline depth per warp: as deep as two CTAs per SM allow, two at least, four at most (``DEPTH`` when set:
-    benchmarks/decode.py --config sweeps it)."""
-    if DEPTH:
-        return DEPTH
-    return max(2, min(4, (CTA_SMEM - _q_bytes(E)) // _stage_bytes(E, Ev, warps(E, Ev))))
 
 
 def _q_bytes(E: int) -> int:
@@ -191,7 +184,7 @@ def compile_options(dtype_name: str, E: int, Ev: int, paged: bool, softcap: bool
     ``tma``: DEC_TMA (``takes_tma``)."""
     return ("-std=c++17", "--use_fast_math", f"-DCUSDPA_BF16={int(dtype_name == 'bfloat16')}", f"-DHEAD_DIM={E}",
             f"-DHEAD_DIM_V={Ev}", "-DIS_DROPOUT=0", f"-DDEC_WARPS={warps(E, Ev)}", f"-DDEC_TILE={TILE}",
-            f"-DDEC_STAGES={stages(E, Ev)}", f"-DPAGED={int(paged)}", f"-DSOFTCAP={int(softcap)}",
+            f"-DDEC_STAGES={DEPTH}", f"-DPAGED={int(paged)}", f"-DSOFTCAP={int(softcap)}",
             f"-DALIBI={int(alibi)}", f"-DDEC_MAX_SPLITS={MAX_SPLITS}", f"-DDEC_MERGE_UNROLL={MERGE_UNROLL}",
             *(("-DCUSDPA_PHASES=1",) if PHASES else ()), *(("-DDEC_TMA=1",) if tma else ()))
 
@@ -211,7 +204,7 @@ def build(device: int, dtype_name: str, q: Operand, k_cache: Operand, v_cache: O
     block_size, Hkv, Ev = k_cache.shape[1], k_cache.shape[2], v_cache.shape[3]
     tma = takes_tma(E, Ev, k_cache, paged, sources.compute_capability(device))
     options = compile_options(dtype_name, E, Ev, paged, softcap > 0, alibi, tma)
-    smem = smem_bytes(E, Ev, stages(E, Ev), tma)
+    smem = smem_bytes(E, Ev, DEPTH, tma)
     w = warps(E, Ev)
     threads = (w + tma) * 32
     split_fn = sources.kernel(device, "flash_decode.cu", "flash_decode_split", options, smem)
