@@ -23,15 +23,15 @@ import numpy as np
 from ..launch import Launch, MapSlot, Slot, ZeroWords, run
 from ..plans import contiguous_strides
 from . import sources
+from .config import MAX_SMEM
 
-# warps of a split CTA that attend (``warps``: fewer where two stages of them do not fit an SM). Eight in two stages,
+# warps of a split CTA that attend (``warps``: fewer where their stages do not fit a CTA). Eight in two stages,
 # one CTA an SM, against four in three, two CTAs an SM (H100, bf16 Hq = 32 Hkv = 8 E = 128, us, B = 1 S = 32768 /
 # B = 16 S = 8192 / B = 64 S = 2048; benchmarks/decode.py --config): cp.async 67.0 / 189.4 / 190.7 -> 63.0 / 185.6 /
 # 192.9, by TMA (TMA_BLOCKS) 63.5 / 185.7 / 190.4, PyTorch 63.3 / 183.5 / 187.8
 WARPS = 8
 TILE = 16  # keys of a warp's tile
 ROWS = 16  # query rows of a CTA (Hq / Hkv x Lq): one m16 tile
-SM_SMEM = 227 * 1024  # the most dynamic shared memory a CTA may take (sm_90)
 MAX_SPLITS = 128
 # stages of the rings: two (eight warps by TMA in three timed 63.4 / 186.1 / 191.8 us, in two 63.2-64.1 / 185.2-186.0 /
 # 190.1-190.8, the shapes above; benchmarks/decode.py --config DEPTH=3)
@@ -123,11 +123,11 @@ def applies(dtype_name: str, q: Operand, k_cache: Operand, v_cache: Operand, new
             and all(_inner(x, 4) for x in (q, k_cache, v_cache) + ((new, new_v) if new is not None else ())))
 
 
-def warps(E: int, Ev: int) -> int:
-    """Warps of a split CTA that attend: ``WARPS``, halved while ``DEPTH`` stages of their tiles, Q and the TMA
-    ring's alignment do not fit ``SM_SMEM`` (head dim 256: four)."""
+def warps(E: int, Ev: int, limit: int = MAX_SMEM) -> int:
+    """Warps of a split CTA that attend: ``WARPS``, halved while their shared memory (smem_bytes, TMA's ring) does
+    not fit ``limit`` bytes, the device's (sources.shared_per_block; sm_90's by default: head dim 256 four)."""
     w = WARPS
-    while w > 1 and _q_bytes(E) + DEPTH * _stage_bytes(E, Ev, w) + 1024 > SM_SMEM:
+    while w > 1 and smem_bytes(E, Ev, w, True) > limit:
         w //= 2
     return w
 
@@ -142,17 +142,18 @@ def _stage_bytes(E: int, Ev: int, w: int) -> int:
     return w * TILE * ((E + 63) // 64 * 64 + (Ev + 63) // 64 * 64) * 2
 
 
-def smem_bytes(E: int, Ev: int, depth: int, tma: bool = False) -> int:
-    """The split kernel's dynamic shared memory: Q and the warps' rings (``tma``: the shared ring, from a
-    1024-byte boundary the kernel finds)."""
-    return _q_bytes(E) + depth * _stage_bytes(E, Ev, warps(E, Ev)) + (1024 if tma else 0)
+def smem_bytes(E: int, Ev: int, w: int, tma: bool) -> int:
+    """The split kernel's dynamic shared memory with ``w`` warps: Q and the rings' ``DEPTH`` stages (``tma``: the
+    shared ring, from a 1024-byte boundary the kernel finds)."""
+    return _q_bytes(E) + DEPTH * _stage_bytes(E, Ev, w) + (1024 if tma else 0)
 
 
-def takes_tma(E: int, Ev: int, k_cache: Operand, paged: bool, capability: int) -> bool:
+def takes_tma(E: int, Ev: int, k_cache: Operand, paged: bool, capability: int, w: int) -> bool:
     """Whether the split kernel's keys come in blocks by TMA (``TMA_BLOCKS``, sm_90): head dims of whole
-    64-column boxes, and a block of keys within one cache row (contiguous caches, pages of whole blocks)."""
+    64-column boxes, and a block of keys (``w`` warps' tiles) within one cache row (contiguous caches, pages of
+    whole blocks)."""
     return (bool(TMA_BLOCKS) and capability >= 90 and E % 64 == 0 and Ev % 64 == 0
-            and (not paged or k_cache.shape[1] % (warps(E, Ev) * TILE) == 0))
+            and (not paged or k_cache.shape[1] % (w * TILE) == 0))
 
 
 def _cache_map(dtype_name: str, cache: Operand, D: int, keys: int):
@@ -179,11 +180,11 @@ def split_count(pairs: int, capacity: int, resident: int, w: int) -> int:
 
 
 def compile_options(dtype_name: str, E: int, Ev: int, paged: bool, softcap: bool, alibi: bool,
-                    tma: bool = False) -> tuple:
+                    tma: bool = False, w: int = 0) -> tuple:
     """NVRTC/nvcc options of one module of flash_decode.cu; the CPU test compiles the same list with nvcc.
-    ``tma``: DEC_TMA (``takes_tma``)."""
+    ``tma``: DEC_TMA (``takes_tma``); ``w``: the attending warps (0: ``warps`` on sm_90)."""
     return ("-std=c++17", "--use_fast_math", f"-DCUSDPA_BF16={int(dtype_name == 'bfloat16')}", f"-DHEAD_DIM={E}",
-            f"-DHEAD_DIM_V={Ev}", "-DIS_DROPOUT=0", f"-DDEC_WARPS={warps(E, Ev)}", f"-DDEC_TILE={TILE}",
+            f"-DHEAD_DIM_V={Ev}", "-DIS_DROPOUT=0", f"-DDEC_WARPS={w or warps(E, Ev)}", f"-DDEC_TILE={TILE}",
             f"-DDEC_STAGES={DEPTH}", f"-DPAGED={int(paged)}", f"-DSOFTCAP={int(softcap)}",
             f"-DALIBI={int(alibi)}", f"-DDEC_MAX_SPLITS={MAX_SPLITS}", f"-DDEC_MERGE_UNROLL={MERGE_UNROLL}",
             *(("-DCUSDPA_PHASES=1",) if PHASES else ()), *(("-DDEC_TMA=1",) if tma else ()))
@@ -202,10 +203,10 @@ def build(device: int, dtype_name: str, q: Operand, k_cache: Operand, v_cache: O
 
     B, Lq, Hq, E = q.shape
     block_size, Hkv, Ev = k_cache.shape[1], k_cache.shape[2], v_cache.shape[3]
-    tma = takes_tma(E, Ev, k_cache, paged, sources.compute_capability(device))
-    options = compile_options(dtype_name, E, Ev, paged, softcap > 0, alibi, tma)
-    smem = smem_bytes(E, Ev, DEPTH, tma)
-    w = warps(E, Ev)
+    w = warps(E, Ev, sources.shared_per_block(device))
+    tma = takes_tma(E, Ev, k_cache, paged, sources.compute_capability(device), w)
+    options = compile_options(dtype_name, E, Ev, paged, softcap > 0, alibi, tma, w)
+    smem = smem_bytes(E, Ev, w, tma)
     threads = (w + tma) * 32
     split_fn = sources.kernel(device, "flash_decode.cu", "flash_decode_split", options, smem)
     with cupy.cuda.Device(device):

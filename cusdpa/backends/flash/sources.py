@@ -121,6 +121,14 @@ def compute_capability(device: int) -> int:
 
 
 @functools.cache
+def shared_per_block(device: int) -> int:
+    """The most shared memory a CTA on ``device`` may opt in to (sm_90 227 KB, sm_80 163, sm_86 and sm_89 99)."""
+    import cupy
+
+    return int(cupy.cuda.runtime.deviceGetAttribute(97, device))  # cudaDevAttrMaxSharedMemoryPerBlockOptin
+
+
+@functools.cache
 def multiprocessors(device: int) -> int:
     import cupy
 
