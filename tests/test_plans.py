@@ -95,6 +95,21 @@ def test_decode_plans_fill_each_slot_by_name(monkeypatch):
     assert kept_values == values[:-1] + (8192,) and launch.SLOTS[-1] == "arrivals"
 
 
+@pytest.mark.parametrize("limit", [227 * 1024, 163 * 1024, 99 * 1024])  # sm_90, sm_80, sm_86 / sm_89
+def test_decode_ctas_fit_the_device_shared_memory(limit):
+    """decode.warps: at every head dim pair the decode kernels take, the split CTA's shared memory (Q, two stages,
+    TMA's alignment) fits the device's opt-in limit, with as many warps as fit (eight where they do) and whole
+    blocks for TMA's boxes (at most 256 keys)."""
+    from cusdpa.backends.flash import decode
+
+    for E in range(8, 257, 8):
+        for Ev in (E, 128):
+            w = decode.warps(E, Ev, limit)
+            assert decode.smem_bytes(E, Ev, w, True) <= limit, (E, Ev, w)
+            assert w == decode.WARPS or decode.smem_bytes(E, Ev, 2 * w, True) > limit, (E, Ev, w)
+            assert w >= 2 and w * decode.TILE <= 256, (E, Ev, w)
+
+
 def test_a_plan_not_ready_yet_is_tried_again_then_given_up():
     from cusdpa.backends import plans
 
