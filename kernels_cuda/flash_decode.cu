@@ -44,10 +44,11 @@
 // whole blocks): the CTA's keys come in blocks of DEC_WARPS x DEC_TILE keys, a stage of a ring shared by the
 // CTA, loaded by a producer warp with TMA (boxes of 64 columns by the block's keys, swizzled 128 bytes as swz
 // places them) and handed over by mbarriers, as FlashAttention-3's producer does; warp w takes the block's
-// keys [w TILE, +TILE). No consumer issues a copy: the cp.async ring's lanes spent a third of their clocks
-// stalled issuing theirs (the memory pipeline's queue full). The split's chunks are whole blocks. Rows of a
-// block outside the keys some row sees are loaded as they are (zeros past the capacity): their scores are
-// selected out, and the consumer zeroes their V rows (0 * a stale NaN would reach O).
+// keys [w TILE, +TILE). No attending warp issues a copy (the cp.async ring's lanes spend a third of their clocks
+// stalled issuing theirs); measured on the H100, that alone changed nothing at four warps, and at eight in two
+// stages it kept B = 64 S = 2048 1.3% faster than the ring (BENCHMARKS.md). The split's chunks are whole
+// blocks. Rows of a block outside the keys some row sees are loaded as they are (zeros past the capacity):
+// their scores are selected out, and the reading warp zeroes their V rows (0 * a stale NaN would reach O).
 #ifndef DEC_TMA
 #define DEC_TMA 0
 #endif
