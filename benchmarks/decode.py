@@ -76,8 +76,10 @@ def phase_report(fn, E: int, reps: int = 10) -> list[str]:
     decode.build.cache_clear()
     try:
         fn()  # compiled, then the counters zeroed
-        module = sources.module(torch.cuda.current_device(), "flash_decode.cu",
-                                decode.compile_options("bfloat16", E, E, False, False, False))
+        device = torch.cuda.current_device()
+        cache = decode.Operand((1, 1, HKV, E), (HKV * E, HKV * E, E, 1), True)  # (only paged caches' shape counts)
+        _, _, options = decode.choices(device, "bfloat16", E, E, cache, False, False, False)
+        module = sources.module(device, "flash_decode.cu", options)
         cells = cupy.ndarray((constants["PHASE_CTAS"], constants["PHASE_WARPS"], constants["PHASE_SLOTS"]),
                              dtype=cupy.uint64, memptr=module.get_global("cusdpa_phases"))
         cells.fill(0)

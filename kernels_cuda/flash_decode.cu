@@ -31,10 +31,10 @@
 // the scores go to log2 units.
 //
 // With -DCUSDPA_PHASES=1 each warp's clocks go to phases.cuh's slots (benchmarks/decode.py --phases reads them):
-// PH_START to Q's fragments, then per tile PH_ISSUE (the refill's copies and the next offsets), PH_WAIT_K (the
-// tile's landing), PH_WAIT_S (S's loads and products issued), PH_SOFTMAX (with the wait for S), PH_WAIT_PV (P V
-// issued), and PH_EPILOGUE (the warps' merge, the split's writes), PH_END (the arrival and the splits' merge);
-// PH_BLOCKS counts tiles.
+// PH_START to Q's fragments, then per tile PH_ISSUE (the refill's copies and the next offsets; DEC_TMA: the
+// producer's whole loop), PH_WAIT_K (the tile's landing), PH_WAIT_S (S's loads and products issued), PH_SOFTMAX
+// (with the wait for S), PH_WAIT_PV (P V issued), and PH_EPILOGUE (the warps' merge, the split's writes), PH_END
+// (the arrival and the splits' merge); PH_BLOCKS counts tiles.
 //
 // -D options beyond flash_common.cuh's: DEC_WARPS, DEC_TILE (keys per warp tile, a multiple of 16),
 // DEC_STAGES, PAGED, SOFTCAP, ALIBI, DEC_MAX_SPLITS (bounds the splits), DEC_MERGE_UNROLL (the splits' partial
@@ -509,6 +509,7 @@ flash_decode_split(
             }
         }
         __syncwarp();
+        clock.to(PH_ISSUE);  // (the producer's loop: its copies and its waits for free stages)
     } else {
 #endif
     u32 qf[KK][4];

@@ -91,8 +91,10 @@ def _nvrtc_jobs():
     # ... and bounded to two splits (decode.MAX_SPLITS under a warp's 32, stage decode-splits)
     yield "flash_decode.cu", tuple("-DDEC_MAX_SPLITS=2" if o.startswith("-DDEC_MAX_SPLITS=") else o
                                    for o in decode.compile_options("bfloat16", 128, 128, False, False, False))
-    # ... and with its warps' phase clocks (decode.PHASES, benchmarks/decode.py --phases)
-    yield "flash_decode.cu", decode.compile_options("bfloat16", 128, 128, False, False, False) + ("-DCUSDPA_PHASES=1",)
+    # ... and with its warps' phase clocks (decode.PHASES, benchmarks/decode.py --phases), either copy
+    for tma in (False, True):
+        yield "flash_decode.cu", decode.compile_options("bfloat16", 128, 128, False, False, False, tma) + (
+            "-DCUSDPA_PHASES=1",)
     for mask in sources.MASK_CODES:  # the attn_mask's summary (kernels_cuda/mask_summary.cu)
         if mask:
             yield "mask_summary.cu", ("-std=c++17", f"-DATTN_MASK={sources.MASK_CODES[mask]}")

@@ -190,6 +190,15 @@ def compile_options(dtype_name: str, E: int, Ev: int, paged: bool, softcap: bool
             *(("-DCUSDPA_PHASES=1",) if PHASES else ()), *(("-DDEC_TMA=1",) if tma else ()))
 
 
+def choices(device: int, dtype_name: str, E: int, Ev: int, k_cache: Operand, paged: bool, softcap: bool,
+            alibi: bool) -> tuple:
+    """(attending warps, TMA blocks or not, compile options) of the split kernel for a call on ``device``: what
+    ``build`` launches, and which module benchmarks/decode.py --phases reads."""
+    w = warps(E, Ev, sources.shared_per_block(device))
+    tma = takes_tma(E, Ev, k_cache, paged, sources.compute_capability(device), w)
+    return w, tma, compile_options(dtype_name, E, Ev, paged, softcap, alibi, tma, w)
+
+
 @functools.lru_cache(maxsize=256)
 def build(device: int, dtype_name: str, q: Operand, k_cache: Operand, v_cache: Operand, capacity: int,
           table_row_stride: int, paged: bool, new: Operand | None, new_v: Operand | None, has_seqlens: bool,
@@ -203,9 +212,7 @@ def build(device: int, dtype_name: str, q: Operand, k_cache: Operand, v_cache: O
 
     B, Lq, Hq, E = q.shape
     block_size, Hkv, Ev = k_cache.shape[1], k_cache.shape[2], v_cache.shape[3]
-    w = warps(E, Ev, sources.shared_per_block(device))
-    tma = takes_tma(E, Ev, k_cache, paged, sources.compute_capability(device), w)
-    options = compile_options(dtype_name, E, Ev, paged, softcap > 0, alibi, tma, w)
+    w, tma, options = choices(device, dtype_name, E, Ev, k_cache, paged, softcap > 0, alibi)
     smem = smem_bytes(E, Ev, w, tma)
     threads = (w + tma) * 32
     split_fn = sources.kernel(device, "flash_decode.cu", "flash_decode_split", options, smem)
