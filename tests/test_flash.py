@@ -83,8 +83,9 @@ def _nvrtc_jobs():
                                              ((192, 128), "bfloat16", True, False), ((256, 256), "float16", False, True),
                                              ((40, 40), "bfloat16", False, False)):  # split-KV decode
         yield "flash_decode.cu", decode.compile_options(dtype, E, Ev, paged, modifiers, modifiers)
-        if E % 64 == 0 and Ev % 64 == 0:  # ... with its blocks by TMA (decode.TMA_BLOCKS; built for sm_90 here)
-            yield "flash_decode.cu", decode.compile_options(dtype, E, Ev, paged, modifiers, modifiers, True)
+        if E % 64 == 0 and Ev % 64 == 0:  # ... with its blocks by TMA (decode.TMA_BLOCKS; sm_90 only)
+            yield "flash_decode.cu", decode.compile_options(dtype, E, Ev, paged, modifiers, modifiers, True) + (
+                "-arch=sm_90",)
     # ... and the splits' merge loading 32 partials a batch (decode.MERGE_UNROLL, benchmarks/decode.py --config)
     yield "flash_decode.cu", tuple("-DDEC_MERGE_UNROLL=32" if o.startswith("-DDEC_MERGE_UNROLL=") else o
                                    for o in decode.compile_options("bfloat16", 128, 128, True, False, False))
@@ -94,7 +95,7 @@ def _nvrtc_jobs():
     # ... and with its warps' phase clocks (decode.PHASES, benchmarks/decode.py --phases), either copy
     for tma in (False, True):
         yield "flash_decode.cu", decode.compile_options("bfloat16", 128, 128, False, False, False, tma) + (
-            "-DCUSDPA_PHASES=1",)
+            "-DCUSDPA_PHASES=1",) + (("-arch=sm_90",) if tma else ())
     for mask in sources.MASK_CODES:  # the attn_mask's summary (kernels_cuda/mask_summary.cu)
         if mask:
             yield "mask_summary.cu", ("-std=c++17", f"-DATTN_MASK={sources.MASK_CODES[mask]}")
