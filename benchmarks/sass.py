@@ -45,7 +45,7 @@ def jobs(knobs: dict) -> list:
         out.append((f"fwd_e{E}_{Ev}_l{L}_{'causal' if causal else 'full'}_{mask or 'nomask'}", "flash_fwd_sm90.cu",
                     options, "sm_90a"))
     for E, Ev, paged in DECODE:  # (decode.TMA_BLOCKS: where takes_tma would, pages taken as of whole blocks)
-        tma = bool(decode.TMA_BLOCKS) and E % 64 == 0 and Ev % 64 == 0
+        tma = bool(decode.TMA_BLOCKS) and decode.tma_head_dims(E, Ev)
         out.append((f"decode_e{E}_{Ev}_{'paged' if paged else 'contiguous'}", "flash_decode.cu",
                     decode.compile_options("bfloat16", E, Ev, paged, False, False, tma), "sm_90"))
     return out

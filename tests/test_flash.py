@@ -83,7 +83,7 @@ def _nvrtc_jobs():
                                              ((192, 128), "bfloat16", True, False), ((256, 256), "float16", False, True),
                                              ((40, 40), "bfloat16", False, False)):  # split-KV decode
         yield "flash_decode.cu", decode.compile_options(dtype, E, Ev, paged, modifiers, modifiers)
-        if E % 64 == 0 and Ev % 64 == 0:  # ... with its blocks by TMA (decode.TMA_BLOCKS; sm_90 only)
+        if decode.tma_head_dims(E, Ev):  # ... with its blocks by TMA (decode.TMA_BLOCKS; sm_90 only)
             yield "flash_decode.cu", decode.compile_options(dtype, E, Ev, paged, modifiers, modifiers, True) + (
                 "-arch=sm_90",)
     # ... and the splits' merge loading 32 partials a batch (decode.MERGE_UNROLL, benchmarks/decode.py --config)

@@ -148,11 +148,16 @@ def smem_bytes(E: int, Ev: int, w: int, tma: bool) -> int:
     return _q_bytes(E) + DEPTH * _stage_bytes(E, Ev, w) + (1024 if tma else 0)
 
 
+def tma_head_dims(E: int, Ev: int) -> bool:
+    """Head dims TMA's blocks take: whole 64-column boxes."""
+    return E % 64 == 0 and Ev % 64 == 0
+
+
 def takes_tma(E: int, Ev: int, k_cache: Operand, paged: bool, capability: int, w: int) -> bool:
     """Whether the split kernel's keys come in blocks by TMA (``TMA_BLOCKS``, sm_90): head dims of whole
     64-column boxes, and a block of keys (``w`` warps' tiles) within one cache row (contiguous caches, pages of
     whole blocks)."""
-    return (bool(TMA_BLOCKS) and capability >= 90 and E % 64 == 0 and Ev % 64 == 0
+    return (bool(TMA_BLOCKS) and capability >= 90 and tma_head_dims(E, Ev)
             and (not paged or k_cache.shape[1] % (w * TILE) == 0))
 
 
