@@ -228,8 +228,8 @@ def backward(pr, out, lse, dout, grads=None, config=None, delta=None, determinis
 
     The tensor_core variant runs where its forward does and q, k and v are not broadcast over batch dims.
     delta is rowsum(dout * out), as FlashAttention takes it, except where a broadcast float mask's gradient
-    needs it exact, the portable kernels run on fp32, or ``out`` is None: the portable dq kernel then sums
-    rowsum(P * dP) in fp32 (see gradients.py).
+    needs it exact or ``out`` is None: the portable dq kernel then sums rowsum(P * dP) in fp32 (see
+    gradients.py).
     """
     cfg = config or config_module.current()
     xp = pr.xp
@@ -294,12 +294,6 @@ def backward(pr, out, lse, dout, grads=None, config=None, delta=None, determinis
         tensor_core.backward(pr, views, (dout_v, out_v, lse_v, delta_v, dq_v, dk_v, dv_v),
                              dmask_v if dmask_direct else None, device, structure, cfg, accum)
         return _deliver(xp, targets, grads)
-    # In fp32 the portable dq kernel sums delta as rowsum(P * dP) too: dP_ij - delta_i cancels on a row that one key
-    # dominates, and delta from out carries the forward's error in out (summed over Ev), which the dP it meets does
-    # not share. Measured on the simulator (E = 136, window (2, 1)): dk 5.6e-6 from out, 2.3e-7 from P * dP, PyTorch's
-    # composite 3.5e-7. A 16-bit output's rounding dominates such error; the tensor_core kernels keep FlashAttention's
-    # delta for speed.
-    delta_from_out = delta_from_out and layout.dtype_name(pr.dtype) != "float32"
     dq_spec, dkdv_spec = _blocked_spec(pr, cfg, False), _blocked_spec(pr, cfg, True)
     threads = cfg.threads ** 2
     q, k, v, mask, dout_b = (layout.bits(x) for x in (views.q, views.k, views.v, views.mask, dout_v))

@@ -7,9 +7,7 @@ Two kernels, FlashAttention-2's split, deterministic (no atomics: every run give
   where it must be exact, summed as rowsum(P * dP) in a first walk over the key tiles. Exact means a
   broadcast float mask's gradient, a sum of dS over scores where sum_j dS_ij = rowsum(P * dP) - delta_i
   cancels: delta from the output rounded to the input dtype (2**-9 relative in bf16) would leave that
-  rounding in it; and fp32, where dP_ij - delta_i cancels on a row one key dominates and delta from out
-  would carry out's error, which that dP does not share. The first walk costs two of the kernel's five
-  tile products. It also sums P's rows
+  rounding in it. The first walk costs two of the kernel's five tile products. It also sums P's rows
   and moves lse_i by the log of that sum (written into the backward's copy of lse, which the dk/dv and
   dmask kernels read): the forward's lse may come from other arithmetic (the tensor_core loops), and a
   row of P summing to 1 + eps would scale every dS of the row by it and leave sum_j dS_ij = -delta_i eps.
