@@ -108,7 +108,8 @@ def _blocked_spec(pr, cfg, dkdv: bool) -> gradients.Spec:
     return gradients.Spec(threads=cfg.threads, sub_n=sub_n, sub_m=sub_m, chunk=cfg.chunk, rows=rows,
                           head_dim=head_dim, head_dim_v=head_dim_v, bf16=layout.dtype_name(pr.dtype) == "bfloat16",
                           mask=mask, mask_bf16=pr.mask_kind == "float" and layout.dtype_name(pr.mask.dtype) == "bfloat16",
-                          dropout=pr.dropout_p > 0, varlen=pr.varlen is not None)
+                          dropout=pr.dropout_p > 0, varlen=pr.varlen is not None,
+                          wide=layout.dtype_name(pr.dtype) == "float32")
 
 
 def _structure_args(pr):

@@ -35,7 +35,7 @@ from .portable import _common
 @functools.cache
 def forward_kernel(spec: Spec):
     visible, key_range, _, sequence, batch_index, score, unmasked, _ = _common(spec)
-    score_tile, gradient_product, dropout_scale = _tile_ops(spec)
+    score_tile, _, gradient_product, dropout_scale = _tile_ops(spec)
     store = device.storer(spec.bf16)
     G, SUB_N, SUB_M, BLOCK_N, BLOCK_M = spec.threads, spec.sub_n, spec.sub_m, spec.block_n, spec.block_m
     HEAD_DIM_V = spec.head_dim_v

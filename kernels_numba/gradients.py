@@ -66,6 +66,11 @@ class Spec:
     mask_bf16: bool  # float mask stored as bf16 bits
     dropout: bool
     varlen: bool
+    # fp32 inputs: the backward's dP and delta = rowsum(dout * out) summed in fp64 from exact products. dS = P (dP -
+    # delta) cancels on a row that one key dominates, where fp32 sums of Ev products left dP ~20 units off that
+    # delta did not share (dk at 16x PyTorch's error, E = 136); rounded to fp32 after the sums, a row that sees one
+    # key still has dP == delta bit for bit (out == v there)
+    wide: bool = False
 
     @property
     def block_m(self) -> int:
@@ -124,30 +129,37 @@ def _tile_ops(spec: Spec):
             buf[U(at) + r * U(STRIDE) + c] = val
             t += U(NT)
 
-    @device.inline
-    def score_tile(acc, kx, first_key, limit_key, qx, first_query, limit_query, width, buf, tid, tr, tc):
-        """acc[a, b] = kx[first_key + tr * SUB_N + a] . qx[first_query + tc + G * b] over the first ``width``
-        columns (rows past the limits read as 0): one SUB_N x SUB_M piece of K Q^T or V dO^T."""
-        q_col = cuda.local.array(SUB_M, np.float32)
-        for a in range(SUB_N):
-            for b in range(SUB_M):
-                acc[a, b] = np.float32(0.0)
-        k_at = U(tr * SUB_N * STRIDE)
-        q_at = U(B_AT + tc * STRIDE)
-        for e0 in range(0, width, CHUNK):
-            cuda.syncthreads()  # the previous chunk (or gradient product) is no longer read
-            stage_chunk(buf, 0, kx, first_key, limit_key, e0, width, BLOCK_N, tid)
-            stage_chunk(buf, B_AT, qx, first_query, limit_query, e0, width, BLOCK_M, tid)
-            cuda.syncthreads()
-            e = U(0)
-            while e < U(CHUNK):
+    def score_product(ACC):
+        """score_tile summing in ACC: np.float32, or np.float64 (exact products of the fp32 operands)."""
+
+        @device.inline
+        def score_tile(acc, kx, first_key, limit_key, qx, first_query, limit_query, width, buf, tid, tr, tc):
+            """acc[a, b] = kx[first_key + tr * SUB_N + a] . qx[first_query + tc + G * b] over the first ``width``
+            columns in order (rows past the limits read as 0): one SUB_N x SUB_M piece of K Q^T or V dO^T."""
+            q_col = cuda.local.array(SUB_M, np.float32)
+            for a in range(SUB_N):
                 for b in range(SUB_M):
-                    q_col[b] = buf[q_at + U(G * b * STRIDE) + e]
-                for a in range(SUB_N):
-                    k_val = buf[k_at + U(a * STRIDE) + e]
+                    acc[a, b] = ACC(0.0)
+            k_at = U(tr * SUB_N * STRIDE)
+            q_at = U(B_AT + tc * STRIDE)
+            for e0 in range(0, width, CHUNK):
+                cuda.syncthreads()  # the previous chunk (or gradient product) is no longer read
+                stage_chunk(buf, 0, kx, first_key, limit_key, e0, width, BLOCK_N, tid)
+                stage_chunk(buf, B_AT, qx, first_query, limit_query, e0, width, BLOCK_M, tid)
+                cuda.syncthreads()
+                e = U(0)
+                while e < U(CHUNK):
                     for b in range(SUB_M):
-                        acc[a, b] += k_val * q_col[b]
-                e += U(1)
+                        q_col[b] = buf[q_at + U(G * b * STRIDE) + e]
+                    for a in range(SUB_N):
+                        k_val = buf[k_at + U(a * STRIDE) + e]
+                        for b in range(SUB_M):
+                            acc[a, b] += ACC(k_val) * ACC(q_col[b])
+                    e += U(1)
+
+        return score_tile
+
+    score_tile = score_product(np.float32)
 
     def gradient_product(T: int, HEAD_DIM: int, REDUCED: int):
         """acc[a, c] += sum_r weights[r, tr * T + a] * x[first_row + r, tc + G * c] over the REDUCED rows of
@@ -198,13 +210,16 @@ def _tile_ops(spec: Spec):
         keep = device.pick_word(words, j) < np.uint64(threshold)
         return words, (rescale if keep else np.float32(0.0))
 
-    return score_tile, gradient_product, dropout_scale
+    # dP's tiles: summed in fp64 for fp32 inputs (Spec.wide)
+    dp_tile = score_product(np.float64 if spec.wide else np.float32)
+    return score_tile, dp_tile, gradient_product, dropout_scale
 
 
 @functools.cache
 def dq_kernel(spec: Spec, dmask_direct: bool, delta_from_out: bool):
     visible, key_range, _, sequence, batch_index, score, unmasked, contributor = _common(spec)
-    score_tile, gradient_product, dropout_scale = _tile_ops(spec)
+    score_tile, dp_tile, gradient_product, dropout_scale = _tile_ops(spec)
+    DP = np.float64 if spec.wide else np.float32  # dP's and delta's sums (Spec.wide)
     load = device.loader(spec.bf16)
     store = device.storer(spec.bf16)
     store_mask = device.storer(spec.mask_bf16)
@@ -274,9 +289,9 @@ def dq_kernel(spec: Spec, dmask_direct: bool, delta_from_out: bool):
         buf = cuda.shared.array(STAGE, np.float32)
         ds_tile = cuda.shared.array(DS_SHAPE, np.float32)  # dS[n, m]; rows 0..G-1 also reduce delta
         s_acc = cuda.local.array((SUB_N, SUB_M), np.float32)
-        dp_acc = cuda.local.array((SUB_N, SUB_M), np.float32)
+        dp_acc = cuda.local.array((SUB_N, SUB_M), DP)
         lse_m = cuda.local.array(SUB_M, np.float32)  # of queries m_first + tc + G * b
-        delta_m = cuda.local.array(SUB_M, np.float32)
+        delta_m = cuda.local.array(SUB_M, DP)
         norm_m = cuda.local.array(SUB_M, np.float32)  # pass 0: sum_j P_ij
         dq_acc = cuda.local.array((SUB_M, COLS), np.float32)  # rows m_first + tr * SUB_M + a, cols tc + G * c
         for a in range(SUB_M):
@@ -296,7 +311,7 @@ def dq_kernel(spec: Spec, dmask_direct: bool, delta_from_out: bool):
             for b in range(SUB_M):
                 i = m_first + tc + G * b
                 lse_m[b] = lse[b0, b1, b2, h, q0 + i] if i < L_b else np.float32(NEG_INF)
-                delta_m[b] = np.float32(0.0)
+                delta_m[b] = DP(0.0)
                 norm_m[b] = np.float32(0.0)
             lo, hi = key_range(m_first, min(L_b, m_first + BLOCK_M) - 1, causal, shift, S_b, left, right)
             if DELTA_FROM_OUT:
@@ -309,7 +324,8 @@ def dq_kernel(spec: Spec, dmask_direct: bool, delta_from_out: bool):
                     i = m_first + tc + G * b
                     if i < L_b and lse_m[b] != NEG_INF:
                         for e in range(Ev):
-                            delta_m[b] += load(dox[q0 + i, e]) * load(ox[q0 + i, e])
+                            delta_m[b] += DP(load(dox[q0 + i, e])) * DP(load(ox[q0 + i, e]))
+                    delta_m[b] = np.float32(delta_m[b])  # as dP is rounded below
                     if tr == 0 and i < L_b:
                         delta[b0, b1, b2, h, q0 + i] = delta_m[b]
             # Pass 0 (only without DELTA_FROM_OUT) sums delta_i's partials over the key tiles, rowsum(P * dP), and
@@ -317,7 +333,7 @@ def dq_kernel(spec: Spec, dmask_direct: bool, delta_from_out: bool):
             for phase in range(FIRST_PHASE, 2):
                 for n0 in range(lo // BLOCK_N * BLOCK_N, hi, BLOCK_N):
                     score_tile(s_acc, kx, k0 + n0, k0 + S_b, qx, q0 + m_first, q0 + L_b, E, buf, tid, tr, tc)
-                    score_tile(dp_acc, vx, k0 + n0, k0 + S_b, dox, q0 + m_first, q0 + L_b, Ev, buf, tid, tr, tc)
+                    dp_tile(dp_acc, vx, k0 + n0, k0 + S_b, dox, q0 + m_first, q0 + L_b, Ev, buf, tid, tr, tc)
                     for b in range(SUB_M):
                         i = m_first + tc + G * b
                         words = (np.uint64(0), np.uint64(0), np.uint64(0), np.uint64(0))
@@ -333,11 +349,12 @@ def dq_kernel(spec: Spec, dmask_direct: bool, delta_from_out: bool):
                                 s = np.float32(score(mask, b0, b1, b2, h, i, j, s_acc[a, b] * scale32))
                                 if s != NEG_INF:
                                     p = np.float32(math.exp(s - lse_m[b]))
+                                    dpz = np.float32(dp_acc[a, b]) * z
                                     if phase == 0:
-                                        delta_m[b] += p * (dp_acc[a, b] * z)
+                                        delta_m[b] += p * dpz
                                         norm_m[b] += p
                                     else:
-                                        ds = p * (dp_acc[a, b] * z - delta_m[b])
+                                        ds = p * (dpz - np.float32(delta_m[b]))
                                         if DMASK_DIRECT:
                                             dmask[b0, b1, b2, h, i, j] = store_mask(ds)
                             if phase == 1:
@@ -361,7 +378,8 @@ def dq_kernel(spec: Spec, dmask_direct: bool, delta_from_out: bool):
 @functools.cache
 def dkdv_kernel(spec: Spec):
     visible, _, query_range, sequence, batch_index, score, unmasked, contributor = _common(spec)
-    score_tile, gradient_product, dropout_scale = _tile_ops(spec)
+    score_tile, dp_tile, gradient_product, dropout_scale = _tile_ops(spec)
+    DP = np.float64 if spec.wide else np.float32  # dP's and delta's sums (Spec.wide)
     store = device.storer(spec.bf16)
     G, SUB_N, SUB_M, BLOCK_N, BLOCK_M = spec.threads, spec.sub_n, spec.sub_m, spec.block_n, spec.block_m
     HEAD_DIM, HEAD_DIM_V = spec.head_dim, spec.head_dim_v
@@ -391,7 +409,7 @@ def dkdv_kernel(spec: Spec):
         lse_tile = cuda.shared.array(BLOCK_M, np.float32)
         delta_tile = cuda.shared.array(BLOCK_M, np.float32)
         s_acc = cuda.local.array((SUB_N, SUB_M), np.float32)  # S, then dS, of keys tr * SUB_N + a, queries tc + G * b
-        dp_acc = cuda.local.array((SUB_N, SUB_M), np.float32)
+        dp_acc = cuda.local.array((SUB_N, SUB_M), DP)
         dk_acc = cuda.local.array((SUB_N, COLS), np.float32)  # rows n_first + tr * SUB_N + a, cols tc + G * c
         dv_acc = cuda.local.array((SUB_N, COLS_V), np.float32)
         for a in range(SUB_N):
@@ -420,7 +438,7 @@ def dkdv_kernel(spec: Spec):
                         lse_tile[r] = lse[b0, b1, b2, h, q0 + m0 + r] if ok else np.float32(NEG_INF)
                         delta_tile[r] = delta[b0, b1, b2, h, q0 + m0 + r] if ok else np.float32(0.0)
                     score_tile(s_acc, kx, k0 + n_first, k0 + S_b, qx, q0 + m0, q0 + L_b, E, buf, tid, tr, tc)
-                    score_tile(dp_acc, vx, k0 + n_first, k0 + S_b, dox, q0 + m0, q0 + L_b, Ev, buf, tid, tr, tc)
+                    dp_tile(dp_acc, vx, k0 + n_first, k0 + S_b, dox, q0 + m0, q0 + L_b, Ev, buf, tid, tr, tc)
                     for b in range(SUB_M):
                         i = m0 + tc + G * b
                         lse_i = lse_tile[tc + G * b]
@@ -439,7 +457,7 @@ def dkdv_kernel(spec: Spec):
                                 if s != NEG_INF:
                                     p = np.float32(math.exp(s - lse_i))
                                     pz = p * z
-                                    ds = p * (dp_acc[a, b] * z - delta_tile[tc + G * b])
+                                    ds = p * (np.float32(dp_acc[a, b]) * z - delta_tile[tc + G * b])
                             weights[tc + G * b, tr * SUB_N + a] = pz
                             s_acc[a, b] = ds
                     if want_dv:
