@@ -489,6 +489,7 @@ def dmask_kernel(spec: Spec):
     visible, _, _, _, _, score = _common(spec)[:6]
     store_mask = device.storer(spec.mask_bf16)
     DROPOUT, BLOCK = spec.dropout, spec.threads * spec.threads
+    DP = np.float64 if spec.wide else np.float32  # dP's sums, as the dq kernel's (Spec.wide)
 
     @cuda.jit
     def attention_dmask(q, k, v, mask, dout, lse, delta, dmask, dshape, full, group, E, Ev, scale, causal,
@@ -496,8 +497,8 @@ def dmask_kernel(spec: Spec):
                         seed_lo, seed_hi, offset, threshold, rescale):
         """One thread per element of a broadcast float mask's gradient: the sum of dS over every score
         the element was added to, recomputed pair by pair in a fixed order (no atomics), each dS in fp32 as
-        the other kernels form it, their sum in fp64: the sum runs over up to batch x heads x L (or S) scores
-        one after another, where an fp32 total would gather a rounding of the running total per score
+        the other kernels form it (dP summed as theirs are), their sum in fp64: the sum runs over up to batch x
+        heads x L (or S) scores one after another, where an fp32 total would gather a rounding of the running total per score
         (PyTorch's sum_to_size adds pairwise) -- and on a key-broadcast mask those dS cancel to ~0, so the
         rounding is all of the result."""
         t = cuda.blockIdx.x * BLOCK + cuda.threadIdx.x
@@ -542,9 +543,10 @@ def dmask_kernel(spec: Spec):
             if s == NEG_INF:
                 continue
             p = np.float32(math.exp(s - lse_i))
-            dp = np.float32(0.0)
+            dp_sum = DP(0.0)
             for d in range(Ev):
-                dp += load(dout[b0, b1, b2, h, i, d]) * load(v[b0, b1, b2, hk, j, d])
+                dp_sum += DP(load(dout[b0, b1, b2, h, i, d])) * DP(load(v[b0, b1, b2, hk, j, d]))
+            dp = np.float32(dp_sum)
             if DROPOUT:
                 bh = ((b0 * full[1] + b1) * full[2] + b2) * full[3] + h
                 dp *= device.keep_scale(j, i, bh, offset, seed_lo, seed_hi, threshold, drop_scale)

@@ -527,8 +527,9 @@ SM90_CASES = {  # (dtype, head dim, mask kind, float mask dtype, dropout, varlen
 
 @pytest.mark.parametrize("name", list(SM90_CASES))
 def test_portable_kernels_compile_for_sm90(name, monkeypatch):
-    """The GPU path of the blocked portable kernels, forward and backward (not the simulator's), compiles to
-    sm_90 PTX here, without a GPU, and ptxas assembles it at the kernels' register cap."""
+    """The GPU path of the blocked portable kernels, forward and backward (a broadcast float mask's gradient too;
+    not the simulator's), compiles to sm_90 PTX here, without a GPU, and ptxas assembles it at the kernels'
+    register cap."""
     import shutil
     import types
 
@@ -554,7 +555,7 @@ def test_portable_kernels_compile_for_sm90(name, monkeypatch):
     structure = (f, b, b, i, i, i, i, i, i, f)  # scale, causal, lower_right, left, right, seed.., threshold, rescale
     arrays = (rows6, rows6, rows6, mask6, rows6, scalars5, scalars5)
     kinds = {None: portable.MASK_NONE, "bool": portable.MASK_BOOL, "float": portable.MASK_FLOAT}
-    for kind in ("forward", "dq", "dkdv"):
+    for kind in ("forward", "dq", "dkdv") + (("dmask",) if mask_kind == "float" else ()):
         dkdv = kind == "dkdv"
         sub_n, sub_m, rows = KernelConfig().blocked_tiles(hd, hd, dkdv)
         spec = gradients.Spec(threads=16, sub_n=sub_n, sub_m=sub_m, chunk=32, rows=rows, head_dim=hd, head_dim_v=hd,
@@ -563,6 +564,9 @@ def test_portable_kernels_compile_for_sm90(name, monkeypatch):
         if kind == "forward":
             kernel = blocked_forward.forward_kernel(spec)
             sig = (rows6, rows6, rows6, mask6, rows6, scalars5, cu, cu) + (i,) * 8 + structure
+        elif kind == "dmask":  # a broadcast float mask's gradient, on the dq kernel's spec
+            kernel = gradients.dmask_kernel(spec)
+            sig = arrays + (dmask6, nt.UniTuple(i, 6), nt.UniTuple(i, 6), i, i, i) + structure
         elif dkdv:
             kernel = gradients.dkdv_kernel(spec)
             sig = arrays + (rows6, rows6, cu, cu) + (i,) * 5 + (b, b) + (i,) * 7 + structure
