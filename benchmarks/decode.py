@@ -1,6 +1,8 @@
 """Decode attention alone: one query token per sequence against a full KV cache, cusdpa's
 ``interop.kv_cache_attention`` (contiguous and paged caches) against PyTorch's SDPA over the same cache and
-against the KV-read floor (the cache's bytes at 4.3 TB/s, what this H200 reads), in one process.
+against the KV-read floor (the cache's bytes at 4.3 TB/s, what this H200 reads) and against a plain read of the
+same bytes (one kernel streaming both caches, nothing computed: what a call that only reads costs on this card,
+launch, ramp and tail included), in one process.
 
     python benchmarks/decode.py [--block-size 256] [--profile] [--phases] [--head-major]
                                 [--config TILE=32 DEPTH=2 WARPS=4] [--shapes 16x8192 ...]
@@ -19,6 +21,8 @@ floor assumes. ``--profile`` also prints, per shape, the GPU kernels of ten cont
 calls; the slots flash_decode.cu names) and prints each phase's share of the warps' clocks: the start, per
 tile the copies' issue, the wait for the tile, S's products, the softmax, P V (with their clocks a tile),
 then the epilogue and the end (the splits' merge).
+The plain read's clean-L2 times at two sizes give a line, fixed microseconds a call plus bytes at a rate, printed
+after the table beside the same line through cusdpa's and PyTorch's clean times.
 ``--head-major`` lays the contiguous caches out (B, Hkv, S, E) in memory (each head's keys contiguous; the
 arguments keep their (B, S, Hkv, E) shape) for both libraries. ``--config`` sets the decode kernels' tile
 constants (cusdpa/backends/flash/decode.py) for a sweep. ``--shapes BxS ...`` keeps those shapes only (one
@@ -116,6 +120,56 @@ def clean_l2_us(fn, reps: int = 50) -> float:
     return statistics.median(times)
 
 
+# One kernel that reads every byte of both caches once with 16-byte streaming loads, four in flight a thread,
+# and stores nothing unless the data's xor hits a value no random cache gives (so no load is dead).
+READ_SOURCE = r"""
+extern "C" __global__ void read_both(const uint4* __restrict__ a, const uint4* __restrict__ b, long long n,
+                                     unsigned* out) {
+    unsigned acc = 0;
+    const long long stride = (long long)gridDim.x * blockDim.x;
+    for (int t = 0; t < 2; ++t) {
+        const uint4* p = t ? b : a;
+        long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+        for (; i + 3 * stride < n; i += 4 * stride) {
+            uint4 x0 = __ldcs(p + i), x1 = __ldcs(p + i + stride), x2 = __ldcs(p + i + 2 * stride),
+                  x3 = __ldcs(p + i + 3 * stride);
+            acc ^= x0.x ^ x0.y ^ x0.z ^ x0.w ^ x1.x ^ x1.y ^ x1.z ^ x1.w ^ x2.x ^ x2.y ^ x2.z ^ x2.w
+                 ^ x3.x ^ x3.y ^ x3.z ^ x3.w;
+        }
+        for (; i < n; i += stride) {
+            uint4 x = __ldcs(p + i);
+            acc ^= x.x ^ x.y ^ x.z ^ x.w;
+        }
+    }
+    if (acc == 0x9e3779b9u) out[0] = acc;
+}
+"""
+
+
+def plain_read(k_cache, v_cache):
+    """A function launching READ_SOURCE over both caches (each contiguous, a multiple of 16 bytes) on the current
+    stream: 4 CTAs of 512 threads an SM."""
+    import cupy
+
+    kernel = cupy.RawKernel(READ_SOURCE, "read_both")
+    out = cupy.zeros(1, dtype=cupy.uint32)
+    n = k_cache.numel() * k_cache.element_size() // 16
+    grid = 4 * torch.cuda.get_device_properties(k_cache.device).multi_processor_count
+    args = (cupy.uint64(k_cache.data_ptr()), cupy.uint64(v_cache.data_ptr()), cupy.int64(n), out)
+
+    def read():
+        with cupy.cuda.ExternalStream(torch.cuda.current_stream().cuda_stream):
+            kernel((grid,), (512,), args)
+    return read
+
+
+def fit_line(points):
+    """(fixed us, TB/s) of the line through two (bytes, us) points."""
+    (b0, t0), (b1, t1) = points
+    slope = (t1 - t0) / (b1 - b0)
+    return t0 - slope * b0, 1e-6 / slope  # (bytes a microsecond, 1e6 a second, over 1e12)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--block-size", type=int, default=256, help="positions per block of the paged cache")
@@ -172,16 +226,28 @@ def main():
         want = theirs().float()
         errors = [((f().float() - want).norm() / want.norm()).item() for f in (ours, ours_paged)]
         times = [triton.testing.do_bench(f) * 1e3 for f in (ours, ours_paged, theirs)]
-        clean = [clean_l2_us(f) for f in (ours, theirs)]
+        read = plain_read(k_cache, v_cache) if k_cache.is_contiguous() else None
+        clean = [clean_l2_us(f) for f in (ours, theirs, read) if f is not None]
         floor = 2 * B * S * HKV * E * 2 / READ_BYTES_PER_S * 1e6
-        rows.append((B, S, *errors, *times, *clean, floor))
+        rows.append((B, S, *errors, *times, *clean[:2], clean[2] if read else float("nan"), floor))
         print(rows[-1], flush=True)
     print("\n| B | S | rel. error (contiguous, paged) | cusdpa us | paged us | PyTorch us | floor us | x floor |"
-          " x PyTorch | paged / contiguous | clean L2: cusdpa us | PyTorch us | x floor | x PyTorch |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
-    for B, S, e0, e1, t0, t1, t2, c0, c2, floor in rows:
+          " x PyTorch | paged / contiguous | clean L2: cusdpa us | PyTorch us | x floor | x PyTorch | plain read us |"
+          " x read |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for B, S, e0, e1, t0, t1, t2, c0, c2, c3, floor in rows:
         print(f"| {B} | {S} | {e0:.1e}, {e1:.1e} | {t0:.1f} | {t1:.1f} | {t2:.1f} | {floor:.1f} | {t0 / floor:.2f} |"
-              f" {t2 / t0:.2f} | {t1 / t0:.2f} | {c0:.1f} | {c2:.1f} | {c0 / floor:.2f} | {c2 / c0:.2f} |")
+              f" {t2 / t0:.2f} | {t1 / t0:.2f} | {c0:.1f} | {c2:.1f} | {c0 / floor:.2f} | {c2 / c0:.2f} | {c3:.1f} |"
+              f" {c0 / c3:.2f} |")
+    sizes = {}
+    for B, S, *_, c0, c2, c3, floor in rows:  # bytes of the caches, clean times
+        sizes.setdefault(2 * B * S * HKV * E * 2, (c0, c2, c3))
+    if len(sizes) >= 2:
+        (b0, t0), (b1, t1) = sorted(sizes.items())[:2]
+        for i, name in enumerate(("cusdpa", "PyTorch", "plain read")):
+            fixed, rate = fit_line(((b0, t0[i]), (b1, t1[i])))
+            print(f"clean L2, a line through {b0 / 1e6:.0f} and {b1 / 1e6:.0f} MB: {name} {fixed:.1f} us a call"
+                  f" + {rate:.2f} TB/s")
 
 
 if __name__ == "__main__":
