@@ -29,7 +29,8 @@
 // Shared memory: Q [E/W][BLOCK_M][W], K [STAGES][E/W][BLOCK_N][W], V [STAGES][Ev/W'][BLOCK_N][W'], each
 // column chunk in the swizzle that TMA writes and wgmma reads: W = 64 columns (128-byte rows, 16-byte
 // chunk c of row r at c ^ (r % 8)) when the head dim is a multiple of 64, else W = 32 (64-byte rows,
-// c ^ ((r / 2) % 4)); then the mbarriers, and the TileQueue's barriers and slots.
+// c ^ ((r / 2) % 4)); then O's staging (FWD90_TMA_STORE) and the split tiles' hand-over (FWD90_SPLIT_LAST) buffers,
+// the mbarriers, and the TileQueue's barriers and slots.
 //
 // Rows no query may see. TMA writes zeros for rows outside the tensor. A V block that reaches past the
 // keys the slice's queries see (windows, upper-left causal with S > L, the next sequence of a packed
@@ -53,7 +54,9 @@
 // FlashAttention-3's epilogue does; dense problems only, tensor map `tm_o`: a packed batch's store would clip at
 // the tensor's end, not at the sequence's), FWD90_SKIP_IDLE (1: a consumer warpgroup whose rows all lie past the
 // queries computes nothing, walk_idle), FWD90_WG_BLOCKS (1: each consumer warpgroup stops at the last key
-// block its own rows see and walks the tile's blocks past it), CUSDPA_PHASES (1: per-warp phase clocks, phases.cuh),
+// block its own rows see and walks the tile's blocks past it), FWD90_SPLIT_LAST (1: a tile whose rows fill the first
+// warpgroup only is computed by every warpgroup, each on its share of the key blocks, split_tile below),
+// CUSDPA_PHASES (1: per-warp phase clocks, phases.cuh),
 // FWD90_WARPGROUPS (consumer warpgroups, 2 or 3), FWD90_BLOCK_N, FWD90_STAGES (K/V buffers), FWD90_PINGPONG
 // (1: consumers take turns; 0: they issue when ready), ATTN_MASK, ALIBI (1: the slopes' bias added, `slopes`
 // per (batch, head) with batch stride `slopes_b`; scores in natural units as with a float mask), SOFTCAP (1:
@@ -89,9 +92,14 @@
 #ifndef FWD90_CLUSTER
 #define FWD90_CLUSTER 1
 #endif
+#ifndef FWD90_SPLIT_LAST
+#define FWD90_SPLIT_LAST 0
+#endif
 constexpr int CLUSTER = FWD90_CLUSTER;
 static_assert(CLUSTER == 1 || CLUSTER == 2, "FWD90_CLUSTER must be 1 or 2");
 static_assert(CLUSTER == 1 || !FWD90_QUEUE, "clusters take their tiles in pairs, not from the queue");
+// (a cluster's CTAs walk their key blocks in step: a split tile would wait for its neighbour's whole tile)
+static_assert(!FWD90_SPLIT_LAST || (CLUSTER == 1 && !ATTN_MASK), "split tiles: no clusters, no attn_mask");
 constexpr int MMA_WG = FWD90_WARPGROUPS;
 constexpr int NTHREADS = (MMA_WG + 1) * 128;
 constexpr int BLOCK_M = MMA_WG * 64;
@@ -104,8 +112,13 @@ constexpr int SK_BYTES = BLOCK_N * HEAD_DIM * 2;
 constexpr int SV_BYTES = BLOCK_N * HEAD_DIM_V * 2;
 // O's staging buffer (FWD90_TMA_STORE): each consumer warpgroup's 64 rows in V's swizzle.
 constexpr int SO_BYTES = FWD90_TMA_STORE ? BLOCK_M * HEAD_DIM_V * 2 : 0;
-constexpr int SMEM_TILES = SQ_BYTES + STAGES * (SK_BYTES + SV_BYTES) + SO_BYTES;
+// The split tiles' partial outputs (FWD90_SPLIT_LAST): each warpgroup but the first hands over its O accumulators
+// and row statistics, float4 (VT + 1) x 128 threads, a thread's float4 k at [k][thread] (no bank conflicts).
+constexpr int SPLIT_BYTES = FWD90_SPLIT_LAST ? (MMA_WG - 1) * (VT + 1) * 128 * 16 : 0;
+constexpr int SMEM_TILES = SQ_BYTES + STAGES * (SK_BYTES + SV_BYTES) + SO_BYTES + SPLIT_BYTES;
 constexpr int BAR_EPILOGUE = 4;  // named barriers 4 + cw: consumer warpgroup cw's epilogue (1..3: the ping-pong)
+// named barriers of the split tiles' hand-over: the partial outputs written; read by the first warpgroup
+constexpr int BAR_SPLIT_FULL = BAR_EPILOGUE + MMA_WG, BAR_SPLIT_READ = BAR_SPLIT_FULL + 1;
 // Registers per thread after setmaxnreg (FlashAttention-3's split; the sums fill the 64K register file).
 constexpr int LOAD_REGS = MMA_WG == 2 ? 24 : 32;
 constexpr int MMA_REGS = MMA_WG == 2 ? 240 : 160;
@@ -274,6 +287,61 @@ __device__ __forceinline__ void rescale_acc(float (&acc)[VT * 4], const float (&
 #pragma unroll
     for (int x = 0; x < VT * 4; ++x) acc[x] *= alpha[(x % 4) / 2];
 }
+
+#if FWD90_SPLIT_LAST
+// A split tile's partial outputs merged into the first warpgroup's (acc, m_i, l_i): each part's accumulators and
+// unnormalised row sums weighted by exp2 of its row max less the largest (FlashAttention's rescaling, as the
+// loop rescales across blocks). `part` points at this thread's float4 of the first other part. A part whose rows
+// saw nothing (max -inf) weighs 0; a row no part saw keeps max -inf and sum 0 (stored as 0, lse -inf); NaN and
+// inf propagate as in the loop (exp2(inf - inf) is NaN).
+__device__ __forceinline__ void merge_split(float (&acc)[VT * 4], float (&m_i)[2], float (&l_i)[2],
+                                            const float4* part) {
+    float4 stats[MMA_WG - 1];
+#pragma unroll
+    for (int w = 0; w < MMA_WG - 1; ++w) stats[w] = part[(w * (VT + 1) + VT) * 128];
+    float m[2] = {m_i[0], m_i[1]}, weight[MMA_WG][2];
+#pragma unroll
+    for (int w = 0; w < MMA_WG - 1; ++w) {
+        m[0] = fmaxf(m[0], stats[w].x);
+        m[1] = fmaxf(m[1], stats[w].y);
+    }
+    auto weigh = [&](float mw, float mx) {
+        return mw == -CUSDPA_INF ? 0.f : exp2f(NATURAL ? (mw - mx) * LOG2E : mw - mx);
+    };
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        weight[0][r] = weigh(m_i[r], m[r]);
+        l_i[r] *= weight[0][r];
+    }
+#pragma unroll
+    for (int w = 0; w < MMA_WG - 1; ++w) {
+        weight[w + 1][0] = weigh(stats[w].x, m[0]);
+        weight[w + 1][1] = weigh(stats[w].y, m[1]);
+        l_i[0] += weight[w + 1][0] * stats[w].z;
+        l_i[1] += weight[w + 1][1] * stats[w].w;
+    }
+#pragma unroll
+    for (int vt = 0; vt < VT; ++vt) {
+        // (registers 4 vt .. 4 vt + 3: columns of row g, then of row g + 8)
+        float4 x = make_float4(acc[vt * 4] * weight[0][0], acc[vt * 4 + 1] * weight[0][0],
+                               acc[vt * 4 + 2] * weight[0][1], acc[vt * 4 + 3] * weight[0][1]);
+#pragma unroll
+        for (int w = 0; w < MMA_WG - 1; ++w) {
+            const float4 y = part[(w * (VT + 1) + vt) * 128];
+            x.x += weight[w + 1][0] * y.x;
+            x.y += weight[w + 1][0] * y.y;
+            x.z += weight[w + 1][1] * y.z;
+            x.w += weight[w + 1][1] * y.w;
+        }
+        acc[vt * 4] = x.x;
+        acc[vt * 4 + 1] = x.y;
+        acc[vt * 4 + 2] = x.z;
+        acc[vt * 4 + 3] = x.w;
+    }
+    m_i[0] = m[0];
+    m_i[1] = m[1];
+}
+#endif
 
 // ---- attn_mask -----------------------------------------------------------------------------------------
 #if ATTN_MASK
@@ -613,6 +681,7 @@ flash_fwd_sm90(const __grid_constant__ TmaMap tm_q, const __grid_constant__ TmaM
     unsigned char* sK = sQ + SQ_BYTES;
     unsigned char* sV = sK + STAGES * SK_BYTES;
     unsigned char* sO = sV + STAGES * SV_BYTES;
+    float4* sSplit = reinterpret_cast<float4*>(sO + SO_BYTES);  // (FWD90_SPLIT_LAST)
     unsigned long long* bars = reinterpret_cast<unsigned long long*>(smem + SMEM_TILES);
     unsigned long long* q_full = bars;
     unsigned long long* q_empty = bars + 1;
@@ -795,6 +864,9 @@ flash_fwd_sm90(const __grid_constant__ TmaMap tm_q, const __grid_constant__ TmaM
         }
     };
     u32 it = 0, q_phase = 0;
+#if FWD90_SPLIT_LAST
+    bool split_handed = false;  // this warpgroup (not the first) handed a split tile over, not yet known read
+#endif
 #if FWD90_SKIP_IDLE
     // A warpgroup whose rows all lie past the slice's queries (the last query block of a length that is no
     // multiple of BLOCK_M) walks the tile's key blocks from block n keeping the pipeline's protocol -- each
@@ -844,7 +916,12 @@ flash_fwd_sm90(const __grid_constant__ TmaMap tm_q, const __grid_constant__ TmaM
         if (!tile.live) continue;
         const Slice& sl = tile.slice;
         const Visibility<int>& vis = sl.vis;
-        const int mw = tile.m0 + cw * 64;   // this warpgroup's first row
+#if FWD90_SPLIT_LAST
+        const bool split = tile.m0 + 64 >= sl.L;  // the tile's rows fill the first warpgroup only: split_tile
+#else
+        constexpr bool split = false;
+#endif
+        const int mw = tile.m0 + (split ? 0 : cw * 64);   // this warpgroup's first row
         const int i = mw + (warp % 4) * 16 + g;  // this thread's rows are i and i + 8
         elem_t* ob = sl.query_rows(o, o_sb, o_sh, o_sm);
         float* lseb = lse + sl.stats_offset(lse_sb, lse_sh);
@@ -860,6 +937,7 @@ flash_fwd_sm90(const __grid_constant__ TmaMap tm_q, const __grid_constant__ TmaM
         KeyBlocks kb = key_blocks(tile, blocks, bs_b, bs_h, bs_m);
         int n = kb.from(tile.n_begin);
         if (n >= tile.n_end) {  // no query of the tile sees a key: out 0, lse -inf
+            if (split && cw > 0) continue;  // (the first warpgroup's rows: its to store)
             for (int x = threadIdx.x - 128 * wg; x < 64 * (HEAD_DIM_V / 8); x += 128) {
                 const int row = mw + x / (HEAD_DIM_V / 8), ch = x % (HEAD_DIM_V / 8);
                 if (row < sl.L) *reinterpret_cast<uint4*>(ob + row * o_sm + ch * 8) = make_uint4(0, 0, 0, 0);
@@ -875,20 +953,6 @@ flash_fwd_sm90(const __grid_constant__ TmaMap tm_q, const __grid_constant__ TmaM
             walk_idle(kb, n, tile.n_end);
             ph.to(PH_TURN);  // (the walk's clocks: waits for buffers and turns)
             continue;
-        }
-#endif
-
-        // The key blocks this warpgroup computes end at n_stop. With FWD90_WG_BLOCKS at its own rows' last
-        // visible key (under a causal band a tile's last blocks are seen by its later rows only: with 192-row
-        // tiles and 128-key blocks every tile's first warpgroup sees none of the last block); the
-        // blocks past it are walked after the products, as walk_idle walks a tile. Always the first block, so
-        // that a warpgroup whose rows see nothing still stores 0 and lse -inf.
-        int n_stop = tile.n_end;
-#if FWD90_WG_BLOCKS
-        if (mw < sl.L) {
-            int lo, hi;
-            vis.key_range(mw, min(mw + 64, sl.L), lo, hi);
-            n_stop = min(n_stop, max((hi + BLOCK_N - 1) / BLOCK_N, n + 1));
         }
 #endif
 
@@ -921,122 +985,207 @@ flash_fwd_sm90(const __grid_constant__ TmaMap tm_q, const __grid_constant__ TmaM
             (void)here, (void)ahead, (void)next, (void)n0;
         };
 
-        // The first block: S, softmax, P.
-        ph.to(PH_TILE);
-        ph.count(PH_TILES);
-        mbar_wait_warp(q_full, q_phase);
-        ph.to(PH_WAIT_Q);
-        q_phase ^= 1;
-        int st = it % STAGES;
-        u32 phase = (it / STAGES) & 1;
-        mbar_wait_warp(k_full + st, phase);
-        ph.to(PH_WAIT_K0);
-        turn_begin();
-        ph.to(PH_TURN0);
-        wgmma_fence();
-        issue_qk(s, sQwg, sK + st * SK_BYTES);
-        wgmma_commit();
-        turn_end();
-        ph.to(PH_ISSUE);
-        int here = kb.summary(n), n0 = n * BLOCK_N, next = kb.from(n + 1), ahead = kb.summary(next);
-#if ATTN_MASK
-        if (KeyBlocks::partial(here)) load_mask(mk, mask_r0, mask_r1, n0, t4, sl.S);
+#if FWD90_SPLIT_LAST
+        if (split) {
+            ph.to(PH_TILE);
+            ph.count(PH_TILES);
+            // Split tile: the last query block of a slice whose rows fill the first warpgroup only (1024 = 5 x 192
+            // + 64 rows). Every warpgroup computes those 64 rows, each against every MMA_WG-th of the tile's key
+            // blocks (block k to warpgroup k % MMA_WG), and the first merges the partial outputs (split-KV inside
+            // the CTA), where one warpgroup alone would walk all of them while the others idle. A warpgroup
+            // takes its blocks one at a time -- S, softmax, P V, each waited for -- and releases each buffer
+            // as soon as it is done with it; another warpgroup's blocks it only waits for and releases, so
+            // that every buffer's release counts towards its phase. Nothing it waits for at block k needs a
+            // release at a later block, so the ring cannot deadlock whatever its depth; the warpgroups' blocks
+            // overlap one another instead of a warpgroup's own. No ping-pong turns: every warpgroup skips as
+            // many, so the cycle is where it was.
+            mbar_wait_warp(q_full, q_phase);
+            q_phase ^= 1;
+            const int blocks = tile.n_end - n;  // (no attn_mask: every block of [n, n_end))
+            if (cw >= blocks) release(q_empty);
+            for (int k = 0; k < blocks; ++k, ++it) {
+                const int st = it % STAGES;
+                const u32 phase = (it / STAGES) & 1;
+                mbar_wait_warp(k_full + st, phase);
+                if (k % MMA_WG != cw) {
+                    release_kv(k_empty + st);
+                    mbar_wait_warp(v_full + st, phase);
+                    release_kv(v_empty + st);
+                    continue;
+                }
+                fence_regs(s);
+                wgmma_fence();
+                issue_qk(s, sQ, sK + st * SK_BYTES);
+                wgmma_commit();
+                wgmma_wait<0>();
+                fence_regs(s);
+                release_kv(k_empty + st);
+                if (k + MMA_WG >= blocks) release(q_empty);  // this warpgroup's last S
+                const int n0 = (n + k) * BLOCK_N;
+                modify_scores(0, 0, n + k + 1, n0);
+                if (softmax_block(s, m_i, l_i, alpha, vis, vis.tile_full(mw, 64, n0, BLOCK_N), i, n0, t4, scale_log2))
+                    rescale_acc(acc, alpha);
+                round_p(s, p, i, n0, t4, drop, sl.bh);
+                mbar_wait_warp(v_full + st, phase);
+                fence_regs(p);
+                fence_regs(acc);
+                wgmma_fence();
+                issue_pv(acc, p, sV + st * SV_BYTES);
+                wgmma_commit();
+                wgmma_wait<0>();
+                fence_regs(acc);
+                release_kv(v_empty + st);
+            }
+            ph.to(PH_SOFTMAX);
+            if (cw > 0) {  // hand the partial output over to the first warpgroup, which stores the tile
+                if (split_handed) named_sync<MMA_WG * 128>(BAR_SPLIT_READ);  // (the last one read)
+                float4* mine = sSplit + (cw - 1) * (VT + 1) * 128 + threadIdx.x % 128;
+#pragma unroll
+                for (int vt = 0; vt < VT; ++vt)
+                    mine[vt * 128] = make_float4(acc[vt * 4], acc[vt * 4 + 1], acc[vt * 4 + 2], acc[vt * 4 + 3]);
+                mine[VT * 128] = make_float4(m_i[0], m_i[1], l_i[0], l_i[1]);
+                named_arrive<MMA_WG * 128>(BAR_SPLIT_FULL);
+                split_handed = true;
+                ph.to(PH_EPILOGUE);
+                continue;
+            }
+            named_sync<MMA_WG * 128>(BAR_SPLIT_FULL);
+            merge_split(acc, m_i, l_i, sSplit + threadIdx.x % 128);
+            named_arrive<MMA_WG * 128>(BAR_SPLIT_READ);
+        } else
 #endif
-        wgmma_wait<0>();
-        ph.to(PH_WAIT_S);
-        fence_regs(s);
-        release_kv(k_empty + st);
-        if (next >= n_stop) release(q_empty);
-        modify_scores(here, ahead, next, n0);
-        softmax_block(s, m_i, l_i, alpha, vis, vis.tile_full(mw, 64, n0, BLOCK_N), i, n0, t4, scale_log2);
-        round_p(s, p, i, n0, t4, drop, sl.bh);
-        ph.to(PH_SOFTMAX);
-        ph.count(PH_BLOCKS);
+        {
+            // The key blocks this warpgroup computes end at n_stop. With FWD90_WG_BLOCKS at its own rows' last
+            // visible key (under a causal band a tile's last blocks are seen by its later rows only: with 192-row
+            // tiles and 128-key blocks every tile's first warpgroup sees none of the last block); the
+            // blocks past it are walked after the products, as walk_idle walks a tile. Always the first block, so
+            // that a warpgroup whose rows see nothing still stores 0 and lse -inf.
+            int n_stop = tile.n_end;
+#if FWD90_WG_BLOCKS
+            if (mw < sl.L) {
+                int lo, hi;
+                vis.key_range(mw, min(mw + 64, sl.L), lo, hi);
+                n_stop = min(n_stop, max((hi + BLOCK_N - 1) / BLOCK_N, n + 1));
+            }
+#endif
 
-        // Block n: S of block n with P V of block n - 1, whose K and V buffers are st and prev.
-        for (n = next; n < n_stop; n = next) {
-            here = ahead;
-            next = kb.from(n + 1);
-            ahead = kb.summary(next);
-            const int prev = st;
-            const u32 prev_phase = phase;
-            ++it;
-            st = it % STAGES;
-            phase = (it / STAGES) & 1;
+            // The first block: S, softmax, P.
+            ph.to(PH_TILE);
+            ph.count(PH_TILES);
+            mbar_wait_warp(q_full, q_phase);
+            ph.to(PH_WAIT_Q);
+            q_phase ^= 1;
+            int st = it % STAGES;
+            u32 phase = (it / STAGES) & 1;
             mbar_wait_warp(k_full + st, phase);
-            ph.to(PH_WAIT_K);
-            mbar_wait_warp(v_full + prev, prev_phase);
-            ph.to(PH_WAIT_V);
+            ph.to(PH_WAIT_K0);
             turn_begin();
-            ph.to(PH_TURN);
-            fence_regs(p);
-            fence_regs(s);
-            fence_regs(acc);
+            ph.to(PH_TURN0);
             wgmma_fence();
             issue_qk(s, sQwg, sK + st * SK_BYTES);
             wgmma_commit();
-            issue_pv(acc, p, sV + prev * SV_BYTES);
-            wgmma_commit();
             turn_end();
             ph.to(PH_ISSUE);
-            n0 = n * BLOCK_N;
-            wgmma_wait<1>();  // S of block n; P V of block n - 1 still runs
+            int here = kb.summary(n), n0 = n * BLOCK_N, next = kb.from(n + 1), ahead = kb.summary(next);
+#if ATTN_MASK
+            if (KeyBlocks::partial(here)) load_mask(mk, mask_r0, mask_r1, n0, t4, sl.S);
+#endif
+            wgmma_wait<0>();
             ph.to(PH_WAIT_S);
             fence_regs(s);
             release_kv(k_empty + st);
             if (next >= n_stop) release(q_empty);
             modify_scores(here, ahead, next, n0);
-            const bool rescale =
-                softmax_block(s, m_i, l_i, alpha, vis, vis.tile_full(mw, 64, n0, BLOCK_N), i, n0, t4, scale_log2);
-            ph.to(PH_SOFTMAX);
-            wgmma_wait<0>();
-            ph.to(PH_WAIT_PV);
-            fence_regs(acc);
-            release_kv(v_empty + prev);
-            if (rescale) rescale_acc(acc, alpha);
+            softmax_block(s, m_i, l_i, alpha, vis, vis.tile_full(mw, 64, n0, BLOCK_N), i, n0, t4, scale_log2);
             round_p(s, p, i, n0, t4, drop, sl.bh);
             ph.to(PH_SOFTMAX);
             ph.count(PH_BLOCKS);
-        }
-        // P V of the last block.
-        mbar_wait_warp(v_full + st, phase);
-        ph.to(PH_WAIT_V);
-        turn_begin();
-        ph.to(PH_TURN);
-        fence_regs(p);
-        fence_regs(acc);
-        wgmma_fence();
-        issue_pv(acc, p, sV + st * SV_BYTES);
-        wgmma_commit();
-        turn_end();
-        ph.to(PH_ISSUE);
-#if FWD90_WG_BLOCKS
-        // The blocks past n_stop (n is the first), counted: their turns given back at once, while this
-        // warpgroup's last P V runs, so that the next warpgroup's products follow it ...
-        int walked = 0;
-        for (; n < tile.n_end; n = kb.from(n + 1), ++walked) {
+
+            // Block n: S of block n with P V of block n - 1, whose K and V buffers are st and prev.
+            for (n = next; n < n_stop; n = next) {
+                here = ahead;
+                next = kb.from(n + 1);
+                ahead = kb.summary(next);
+                const int prev = st;
+                const u32 prev_phase = phase;
+                ++it;
+                st = it % STAGES;
+                phase = (it / STAGES) & 1;
+                mbar_wait_warp(k_full + st, phase);
+                ph.to(PH_WAIT_K);
+                mbar_wait_warp(v_full + prev, prev_phase);
+                ph.to(PH_WAIT_V);
+                turn_begin();
+                ph.to(PH_TURN);
+                fence_regs(p);
+                fence_regs(s);
+                fence_regs(acc);
+                wgmma_fence();
+                issue_qk(s, sQwg, sK + st * SK_BYTES);
+                wgmma_commit();
+                issue_pv(acc, p, sV + prev * SV_BYTES);
+                wgmma_commit();
+                turn_end();
+                ph.to(PH_ISSUE);
+                n0 = n * BLOCK_N;
+                wgmma_wait<1>();  // S of block n; P V of block n - 1 still runs
+                ph.to(PH_WAIT_S);
+                fence_regs(s);
+                release_kv(k_empty + st);
+                if (next >= n_stop) release(q_empty);
+                modify_scores(here, ahead, next, n0);
+                const bool rescale =
+                    softmax_block(s, m_i, l_i, alpha, vis, vis.tile_full(mw, 64, n0, BLOCK_N), i, n0, t4, scale_log2);
+                ph.to(PH_SOFTMAX);
+                wgmma_wait<0>();
+                ph.to(PH_WAIT_PV);
+                fence_regs(acc);
+                release_kv(v_empty + prev);
+                if (rescale) rescale_acc(acc, alpha);
+                round_p(s, p, i, n0, t4, drop, sl.bh);
+                ph.to(PH_SOFTMAX);
+                ph.count(PH_BLOCKS);
+            }
+            // P V of the last block.
+            mbar_wait_warp(v_full + st, phase);
+            ph.to(PH_WAIT_V);
             turn_begin();
+            ph.to(PH_TURN);
+            fence_regs(p);
+            fence_regs(acc);
+            wgmma_fence();
+            issue_pv(acc, p, sV + st * SV_BYTES);
+            wgmma_commit();
             turn_end();
-        }
-#endif
-        wgmma_wait<0>();
-        ph.to(PH_WAIT_PV);
-        fence_regs(acc);
-        release_kv(v_empty + st);
-        ++it;
+            ph.to(PH_ISSUE);
 #if FWD90_WG_BLOCKS
-        // ... and their buffers each waited for (so that its release counts towards the phase it belongs to) and
-        // released, only after the last V buffer read: a walked block may come to that buffer's stage, which the
-        // producer refills only once every consumer warp has released it.
-        for (; walked > 0; --walked, ++it) {
-            const int ws = it % STAGES;
-            const u32 wphase = (it / STAGES) & 1;
-            mbar_wait_warp(k_full + ws, wphase);
-            mbar_wait_warp(v_full + ws, wphase);
-            release_kv(k_empty + ws);
-            release_kv(v_empty + ws);
-        }
+            // The blocks past n_stop (n is the first), counted: their turns given back at once, while this
+            // warpgroup's last P V runs, so that the next warpgroup's products follow it ...
+            int walked = 0;
+            for (; n < tile.n_end; n = kb.from(n + 1), ++walked) {
+                turn_begin();
+                turn_end();
+            }
 #endif
+            wgmma_wait<0>();
+            ph.to(PH_WAIT_PV);
+            fence_regs(acc);
+            release_kv(v_empty + st);
+            ++it;
+#if FWD90_WG_BLOCKS
+            // ... and their buffers each waited for (so that its release counts towards the phase it belongs to) and
+            // released, only after the last V buffer read: a walked block may come to that buffer's stage, which the
+            // producer refills only once every consumer warp has released it.
+            for (; walked > 0; --walked, ++it) {
+                const int ws = it % STAGES;
+                const u32 wphase = (it / STAGES) & 1;
+                mbar_wait_warp(k_full + ws, wphase);
+                mbar_wait_warp(v_full + ws, wphase);
+                release_kv(k_empty + ws);
+                release_kv(v_empty + ws);
+            }
+#endif
+        }
 
 #if FWD90_TMA_STORE
         // O through this warpgroup's staging buffer in shared memory, then one TMA store per column chunk,
@@ -1094,6 +1243,9 @@ flash_fwd_sm90(const __grid_constant__ TmaMap tm_q, const __grid_constant__ TmaM
     }
     // The last consumer opened the first one's barrier once more than the first consumer waited on it.
     if (FWD90_PINGPONG && cw == 0 && issued) named_sync<256>(1);
+#if FWD90_SPLIT_LAST
+    if (split_handed) named_sync<MMA_WG * 128>(BAR_SPLIT_READ);  // (the first warpgroup's last arrival there)
+#endif
 #if FWD90_TMA_STORE
     if (threadIdx.x % 128 == 0) bulk_wait<false>();  // the last stores done before the shared memory goes
 #endif

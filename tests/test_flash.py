@@ -42,11 +42,15 @@ def _nvrtc_jobs():
                                                      fwd90_wg_blocks=True)
                         yield "flash_fwd_sm90.cu", sources.compile_options(dtype, E, Ev, dropout, phased,
                                                                            tma_store=True) + ("-arch=sm_90a",)
+            if (E, Ev) == (64, 64) and dropout:  # ... split tiles with ALiBi and soft-capping (scores in natural units)
+                split_cfg = config.FlashConfig.for_problem(E, Ev, 1024, False)
+                yield "flash_fwd_sm90.cu", sources.compile_options(dtype, E, Ev, dropout, split_cfg, alibi=True,
+                                                                   softcap=True, tma_store=True) + ("-arch=sm_90a",)
             if (E, Ev) in ((64, 64), (96, 64), (256, 256)) and dropout:
                 # ... with clusters sharing the key blocks (three warpgroups, 64-byte rows, 80-key blocks), idle
                 # warpgroups walking their tiles
                 clustered = dataclasses.replace(config.FlashConfig.for_problem(E, Ev, 4096, False), fwd90_cluster=2,
-                                                fwd90_skip_idle=True).fitted(E, Ev)
+                                                fwd90_skip_idle=True, fwd90_split_last=False).fitted(E, Ev)
                 yield "flash_fwd_sm90.cu", sources.compile_options(dtype, E, Ev, dropout, clustered,
                                                                    tma_store=clustered.fwd90_tma_store) + ("-arch=sm_90a",)
             # ... and with each kind of attn_mask (its tiles from the queue)
@@ -462,6 +466,29 @@ def test_forward_tiles_are_dealt_once_each_to_the_least_loaded(BH, chunk_heads, 
     assert max(loads) <= max(round_robin)
     if num_m >= 8 and key_blocks[0] != key_blocks[-1]:
         assert max(round_robin) >= 1.14 * np.mean(round_robin) and max(loads) <= 1.1 * np.mean(loads)
+
+
+def test_split_tiles_where_the_last_query_block_fills_one_warpgroup():
+    """for_problem splits the last query block's key blocks over three warpgroups where that block holds 64 rows
+    or fewer (L mod 192 in (0, 64]) and it measured faster (causal, or L <= 4096, without clusters: their CTAs
+    walk in step), taking three warpgroups for short causal problems there; elsewhere nothing changes. The host's
+    schedule counts a split tile's work as a warpgroup's share of its key blocks."""
+    from cusdpa.backends.flash import launches
+
+    split = {(E, L, causal): config.FlashConfig.for_problem(E, E, L, causal)
+             for E in (32, 64, 128) for L in (512, 1000, 1024, 2048, 4096, 16384) for causal in (False, True)}
+    for (E, L, causal), cfg in split.items():
+        want = E <= 64 and -(-L // 64) % 3 == 1 and (causal or L <= 4096)
+        assert cfg.fwd90_split_last == want, (E, L, causal)
+        if want:
+            assert cfg.fwd90_warpgroups == 3 and cfg.fwd90_cluster == 1, (E, L, causal)
+            assert cfg.fwd90_stages == (3 if causal or L < 2048 or E <= 32 else 2), (E, L, causal)
+    assert split[64, 16384, False].fwd90_cluster == 2 and split[64, 512, True].fwd90_warpgroups == 2
+    pr = build(Case(hq=2, L=1024, S=1024, E=64, causal="upper_left"), np, np.random.default_rng(0))
+    assert launches.tile_work(pr, 6, 192, 128).tolist() == [2, 3, 5, 6, 8, 8]
+    assert launches.tile_work(pr, 6, 192, 128, split=3).tolist() == [2, 3, 5, 6, 8, 3]
+    pr = build(Case(hq=2, L=1100, S=1024, E=64), np, np.random.default_rng(0))  # (1100 = 5 x 192 + 140: no split)
+    assert launches.tile_work(pr, 6, 192, 128, split=3).tolist() == [8] * 6
 
 
 def test_harness_judges_the_math_backend_on_cpu(rng):
@@ -977,6 +1004,59 @@ def test_idle_cases_leave_a_warpgroup_idle():
         lengths = [lq for lq, _ in case.varlen] if case.varlen else [case.L]
         for w in warpgroups:
             assert name == "empty_keys" or any(0 < lq % (64 * w) <= 64 * (w - 1) for lq in lengths), (name, w)
+
+
+# fwd90_split_last: problems with a query block whose rows fill the first warpgroup only (L mod 64 w in (0, 64]),
+# in the tiles (consumer warpgroups) that leave one: causal both ways, a window, dropout, GQA, a packed batch,
+# more key blocks than warpgroups and fewer (a part with no block), every tile split (L <= 64, so that a CTA hands
+# over tile after tile), ALiBi and soft-capping (scores in natural units), 64-byte rows, no keys at all
+SPLIT_CASES = {
+    "causal_gqa": (Case(hq=8, hkv=2, L=400, S=400, E=64, causal="upper_left"), (2, 3)),
+    "dropout_lower_right": (Case(L=400, S=333, E=64, dropout_p=0.3, causal="lower_right"), (2, 3)),
+    "window": (Case(L=400, S=400, E=64, window=(37, 11)), (2, 3)),
+    "nine_key_blocks": (Case(batch=(2,), hq=2, L=1000, S=1100, E=64), (3,)),
+    "one_key_block": (Case(L=400, S=100, E=64), (2, 3)),
+    "every_tile_split": (Case(batch=(3,), hq=4, L=50, S=700, E=64, dropout_p=0.1), (2, 3)),
+    "varlen": (FEATURES["varlen"], (2, 3)),
+    "softcap_alibi": (Case(hq=4, L=400, S=300, E=128, softcap=30.0, alibi="head"), (2,)),
+    "e32_float16": (Case(dtype="float16", L=400, S=520, E=32), (3,)),
+    "e96_64": (Case(L=257, S=300, E=96, Ev=64, causal="lower_right"), (2,)),
+    "empty_keys": (FEATURES["empty_keys"], (2, 3)),
+}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name,warpgroups", [(n, w) for n, (c, ws) in SPLIT_CASES.items() for w in ws])
+def test_split_tiles_match_the_reference(name, warpgroups, rng, monkeypatch):
+    """fwd90_split_last (a tile whose rows fill the first warpgroup computed by every warpgroup on its share of the
+    key blocks, the parts merged through shared memory): out and lse judged by the reference. On a device of two
+    SMs, so that each CTA goes on to tiles after a split one."""
+    import cupy
+
+    from cusdpa.backends.flash import launches
+    from cusdpa.verify.harness import run_problem
+
+    monkeypatch.setattr(sources, "multiprocessors", lambda device: 2)
+    real = launches.config
+    monkeypatch.setattr(launches, "config", lambda pr: dataclasses.replace(
+        real(pr), fwd90_split_last=True, fwd90_cluster=1, fwd90_warpgroups=warpgroups).fitted(pr.E, pr.Ev))
+    pr = build(SPLIT_CASES[name][0], cupy, rng)
+    assert launches.sm90_forward_config(pr).fwd90_split_last
+    failures = run_problem(pr, flash.IMPL, rng, grads=False)
+    assert not failures, "\n".join(failures)
+
+
+def test_split_cases_split_a_tile():
+    """Every case of the test above (but the one without keys) has a query block whose rows fill only the first
+    warpgroup, in each tile size it runs; the hand-over buffer fits beside the tiles in every such configuration."""
+    for name, (case, warpgroups) in SPLIT_CASES.items():
+        lengths = [lq for lq, _ in case.varlen] if case.varlen else [case.L]
+        for w in warpgroups:
+            assert name == "empty_keys" or any(0 < lq % (64 * w) <= 64 for lq in lengths), (name, w)
+            Ev = case.Ev or case.E
+            cfg = dataclasses.replace(config.FlashConfig.for_problem(case.E, Ev, 4096, False), fwd90_split_last=True,
+                                      fwd90_cluster=1, fwd90_warpgroups=w).fitted(case.E, Ev)
+            assert cfg.fwd90_split_last, (name, w)
 
 
 # fwd90_wg_blocks: problems where a warpgroup's rows see none of its tile's last key blocks, in the tiles

@@ -52,6 +52,11 @@ class FlashConfig:
     # first warpgroup of every tile sees none of the tile's last block and the second that of every other tile,
     # so those products and exponentials are spared; with 128-row tiles only 64-key blocks leave a block unseen
     fwd90_wg_blocks: bool = False
+    # a tile whose rows fill the first consumer warpgroup only (a slice's last query block: 1024 = 5 x 192 + 64)
+    # computed by every warpgroup, each on its share of the key blocks, their partial outputs merged through
+    # shared memory (split-KV inside the CTA), where one warpgroup would walk every block while the others idle
+    # (or, with fwd90_skip_idle, wait). Not with clusters or an attn_mask (launches.sm90_forward_config)
+    fwd90_split_last: bool = False
     # clusters of this many CTAs (1 or 2) share each K and V block of the Hopper forward, each CTA loading its
     # part into all of them by TMA multicast (FlashAttention-3 does so at E = 128 and 256 without a causal band):
     # half the K/V bytes read from L2. Taken only where every tile of a head reads the same key blocks (no causal
@@ -111,10 +116,18 @@ class FlashConfig:
         (``fwd90_wg_blocks``: E = 64 L = 2048 +3.4%, 4096 +1.3% on the H100; with two warpgroups and 128-key blocks
         no warpgroup skips a block and it cost 1.3% at L = 1024). Without a causal band or a mask, clusters of two
         CTAs share each K and V block (``fwd90_cluster``, on the H100, bf16: E = 128 L = 1024 +8.3%, 4096 +2.5%,
-        16384 +2.9%; E = 64 L = 4096 +2.3%; E = 256 +0.7%)."""
+        16384 +2.9%; E = 64 L = 4096 +2.3%; E = 256 +0.7%), except where the last query block's rows fill one
+        of three warpgroups (L mod 192 in (0, 64]): there every warpgroup takes a share of that tile's key blocks
+        (``fwd90_split_last``; at L < 2048 with a third K/V stage, +1.1%), which a cluster's CTAs, walking their
+        blocks in step, cannot. On the H200, bf16: E = 64 L = 1024 +5.4%, fp16 +5.6% (against clusters; clusters
+        alone there lost 4%), L = 4096 +5.0% (clusters kept at 16384, where split tiles without them lost 3%);
+        causal, with three warpgroups at L = 1024 too, +4.9%, fp16 +5.7%, causal L = 4096 +6.1%, 16384 +2-5%;
+        E = 32 L = 4096 +4.1%, causal +7.6%; the tutorial's call +1.6%."""
         cfg = FlashConfig.for_head_dims(E, Ev)
         d = max(E, Ev)
-        if d <= 64 and (not causal or L >= 2048):
+        # the last query block of 192-row tiles holds 64 rows or fewer: it is split where measured faster
+        split = d <= 64 and not mask and -(-L // 64) % 3 == 1 and (causal or L <= 4096)
+        if d <= 64 and (not causal or L >= 2048 or split):
             cfg = dataclasses.replace(cfg, fwd90_warpgroups=3, fwd90_block_n=128)
         elif d <= 128:
             cfg = dataclasses.replace(cfg, fwd90_block_n=128)
@@ -129,8 +142,11 @@ class FlashConfig:
                                       bwd90_block_m=cfg.bwd90_block_m if d <= 32 else 64)
         if softcap and d > 32:
             cfg = dataclasses.replace(cfg, bwd90_block_m=64)
+        if split:
+            cfg = dataclasses.replace(cfg, fwd90_split_last=True)
         deeper = dataclasses.replace(cfg, fwd90_stages=3)
-        if (causal or mask == "bool" or d <= 32) and smem_bytes("fwd_sm90", deeper, E, Ev) <= MAX_SMEM:
+        if (causal or mask == "bool" or d <= 32 or (split and L < 2048)) and \
+                smem_bytes("fwd_sm90", deeper, E, Ev) <= MAX_SMEM:
             cfg = deeper
         if not mask and Ev >= 64 and L <= 4096:
             cfg = dataclasses.replace(cfg, fwd90_tma_store=True).fitted(E, Ev)
@@ -138,19 +154,20 @@ class FlashConfig:
             cfg = dataclasses.replace(cfg, fwd90_skip_idle=True)
         if cfg.fwd90_warpgroups == 3 and causal:  # the first warpgroup of every tile sees none of its last block
             cfg = dataclasses.replace(cfg, fwd90_wg_blocks=True)
-        if not causal and not mask:  # (where every query sees every key: launches.sm90_forward_config decides)
+        if not causal and not mask and not split:  # (where every query sees every key: sm90_forward_config decides)
             cfg = dataclasses.replace(cfg, fwd90_cluster=2)
         return cfg
 
     def fitted(self, E: int, Ev: int) -> "FlashConfig":
         """This configuration of the Hopper forward in shared memory: as it is where it fits, else with two K/V
         stages (a third given up for O's staging), else with O stored from registers (head dims past
-        160), else both."""
-        stores = dataclasses.replace(self, fwd90_tma_store=False)
-        for fitted in (self, dataclasses.replace(self, fwd90_stages=2), stores,
-                       dataclasses.replace(stores, fwd90_stages=2)):
-            if smem_bytes("fwd_sm90", fitted, E, Ev) <= MAX_SMEM:
-                return fitted
+        160), else both; then the same without the split tiles' hand-over buffer."""
+        for kept in (self, dataclasses.replace(self, fwd90_split_last=False)):
+            stores = dataclasses.replace(kept, fwd90_tma_store=False)
+            for fitted in (kept, dataclasses.replace(kept, fwd90_stages=2), stores,
+                           dataclasses.replace(stores, fwd90_stages=2)):
+                if smem_bytes("fwd_sm90", fitted, E, Ev) <= MAX_SMEM:
+                    return fitted
         return self  # sources.kernel refuses it, naming the shared memory it needs
 
     @property
@@ -195,7 +212,8 @@ def smem_bytes(kind: str, cfg: FlashConfig, E: int, Ev: int) -> int:
     if kind == "fwd_sm90":  # unpadded, swizzled tiles (K and V stages, O's staging), the mbarriers, the queue
         bm, bn, st = 64 * cfg.fwd90_warpgroups, cfg.fwd90_block_n, cfg.fwd90_stages
         staged_o = bm * Ev if cfg.fwd90_tma_store else 0
-        return 2 * (bm * E + st * bn * E + st * bn * Ev + staged_o) + 8 * (3 + 4 * st) + 8 * 5
+        split = (cfg.fwd90_warpgroups - 1) * (Ev // 8 + 1) * 128 * 16 if cfg.fwd90_split_last else 0
+        return 2 * (bm * E + st * bn * E + st * bn * Ev + staged_o) + split + 8 * (3 + 4 * st) + 8 * 5
     if kind == "bwd_sm90":  # swizzled K, V, two Q / dO stages, two dS^T and two fp32 dQ buffers, lse and D per
         bn, bm = 128, cfg.bwd90_block_m  # stage, 8 mbarriers
         if sm90_backward_is_wide(E, Ev):  # 64 keys; two P^T and two dS^T buffers, no dQ buffers

@@ -281,6 +281,8 @@ def sm90_forward_config(pr) -> FlashConfig:
         cfg = dataclasses.replace(cfg, fwd90_tma_store=False)
     if cfg.fwd90_cluster > 1 and not _clusters_apply(pr, cfg):
         cfg = dataclasses.replace(cfg, fwd90_cluster=1)
+    if cfg.fwd90_split_last and (cfg.fwd90_cluster > 1 or pr.mask is not None):  # (flash_fwd_sm90.cu's rule)
+        cfg = dataclasses.replace(cfg, fwd90_split_last=False)
     return cfg.fitted(pr.E, pr.Ev)
 
 
@@ -430,7 +432,8 @@ def _sm90_forward_launch(pr, lay, o_strides, cfg, opts, tail, mask) -> Launch:
     else:
         grid = (min(BH * num_m, sources.multiprocessors(dev)) if cfg.fwd90_persistent else BH * num_m, 1)
         schedule = 0 if packed or not (cfg.fwd90_schedule and cfg.fwd90_persistent) else \
-            _tile_schedule(pr, dev, BH, num_m, chunk_heads, grid[0], block_m, block_n)
+            _tile_schedule(pr, dev, BH, num_m, chunk_heads, grid[0], block_m, block_n,
+                           cfg.fwd90_warpgroups if cfg.fwd90_split_last else 1)
     args = (*(m for m, _, _ in maps), *store, Slot("o"), Slot("lse"), *_common(pr, lay),
             *(x for _, hm, bm in maps for x in (hm, bm)), *o_strides, *tail, np.int32(BH), np.int32(num_m),
             np.int32(chunk_heads), schedule, *mask, *_modifier_args(pr))
@@ -440,29 +443,40 @@ def _sm90_forward_launch(pr, lay, o_strides, cfg, opts, tail, mask) -> Launch:
 _schedules: dict = {}  # the key of a dense forward's tiles -> its schedule on the device
 
 
-def _tile_schedule(pr, dev, BH, num_m, chunk_heads, grid, block_m, block_n):
+def _tile_schedule(pr, dev, BH, num_m, chunk_heads, grid, block_m, block_n, split: int = 1):
     """The persistent Hopper forward's tiles per CTA for a dense problem (kernels_cuda/flash_fwd_sm90.cu,
     `schedule`): ``deal_tiles`` of the key blocks each query block sees, made once per shape and kept on the
-    device (a Launch keeps its own alive)."""
+    device (a Launch keeps its own alive). ``split``: the consumer warpgroups that share a split tile's key blocks
+    (FlashConfig.fwd90_split_last; 1: none), whose work counts as that share."""
     import cupy
 
     left, right = pr.window_bounds
-    key = (dev, BH, num_m, chunk_heads, grid, block_m, block_n, pr.L, pr.S, left, right, pr.lower_right)
+    key = (dev, BH, num_m, chunk_heads, grid, block_m, block_n, pr.L, pr.S, left, right, pr.lower_right, split)
     found = _schedules.get(key)
     if found is None:
-        lo, hi = reference.row_key_bounds(pr.L, pr.S, pr.causal, pr.lower_right, pr.window)
-        pad = num_m * block_m - pr.L  # rows past L see nothing
-        lo = np.concatenate([lo, np.full(pad, pr.S)]).reshape(num_m, block_m)
-        hi = np.concatenate([hi, np.zeros(pad, dtype=hi.dtype)]).reshape(num_m, block_m)
-        seen = lo < hi
-        first = np.where(seen, lo, pr.S).min(axis=1) // block_n
-        end = -(-np.where(seen, hi, 0).max(axis=1) // block_n)
         with cupy.cuda.Device(dev):
-            found = cupy.asarray(deal_tiles(np.maximum(end - first, 0), BH, chunk_heads, grid))
+            found = cupy.asarray(deal_tiles(tile_work(pr, num_m, block_m, block_n, split), BH, chunk_heads, grid))
         if len(_schedules) >= 64:
             _schedules.clear()
         _schedules[key] = found
     return found
+
+
+def tile_work(pr, num_m: int, block_m: int, block_n: int, split: int = 1) -> np.ndarray:
+    """The key blocks each query block of ``pr``'s dense slices sees (a tile's work for ``deal_tiles``); with
+    ``split`` > 1 warpgroups sharing a split tile's key blocks (FlashConfig.fwd90_split_last), the last query
+    block's count is its share where its rows fill one warpgroup (64 rows) only."""
+    lo, hi = reference.row_key_bounds(pr.L, pr.S, pr.causal, pr.lower_right, pr.window)
+    pad = num_m * block_m - pr.L  # rows past L see nothing
+    lo = np.concatenate([lo, np.full(pad, pr.S)]).reshape(num_m, block_m)
+    hi = np.concatenate([hi, np.zeros(pad, dtype=hi.dtype)]).reshape(num_m, block_m)
+    seen = lo < hi
+    first = np.where(seen, lo, pr.S).min(axis=1) // block_n
+    end = -(-np.where(seen, hi, 0).max(axis=1) // block_n)
+    blocks = np.maximum(end - first, 0)
+    if split > 1 and pr.L - (num_m - 1) * block_m <= 64:
+        blocks[-1] = -(-blocks[-1] // split)
+    return blocks
 
 
 def deal_tiles(key_blocks, BH: int, chunk_heads: int, grid: int) -> np.ndarray:
