@@ -55,7 +55,7 @@
 // the tensor's end, not at the sequence's), FWD90_SKIP_IDLE (1: a consumer warpgroup whose rows all lie past the
 // queries computes nothing, walk_idle), FWD90_WG_BLOCKS (1: each consumer warpgroup stops at the last key
 // block its own rows see and walks the tile's blocks past it), FWD90_SPLIT_LAST (1: a tile whose rows fill the first
-// warpgroup only is computed by every warpgroup, each on its share of the key blocks, split_tile below),
+// warpgroup only is computed by every warpgroup, each on its share of the key blocks: the consumers' split tile),
 // CUSDPA_PHASES (1: per-warp phase clocks, phases.cuh),
 // FWD90_WARPGROUPS (consumer warpgroups, 2 or 3), FWD90_BLOCK_N, FWD90_STAGES (K/V buffers), FWD90_PINGPONG
 // (1: consumers take turns; 0: they issue when ready), ATTN_MASK, ALIBI (1: the slopes' bias added, `slopes`
