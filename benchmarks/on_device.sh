@@ -59,7 +59,8 @@
 # fwd-split-tests / fwd-split (a slice's last query block whose rows fill the first warpgroup only computed by every
 # warpgroup on its share of the key blocks, FlashConfig.fwd90_split_last: its GPU test (judged by the reference) /
 # the default against split tiles off and against the default before them (clusters, two stages; causal L = 1024:
-# two warpgroups) at E = 64 L = 1024 and 4096, the tutorial's call, causal E = 64 L = 4096 and 16384),
+# two warpgroups) at E = 64 L = 1024 and 4096, the tutorial's call, causal E = 64 L = 4096 and 16384; then split
+# tiles on two warpgroups, off by default, at E = 128 L = 1088 and 4160 (L mod 128 = 64), with clusters off too),
 # fwd-idle-tests / fwd-idle (idle warpgroups skipping the last query block, FlashConfig.fwd90_skip_idle, which
 # for_problem turns on where three warpgroups leave one idle at L < 2048: its GPU test (same bits off and on,
 # judged by the reference) / E = 64 and 128 at L = 1024 and 4096, the tutorial's call and the tutorial module's
@@ -253,7 +254,9 @@ command_of() {  # the command of stage $1, into the array cmd
                     --variants $V
                     eval $S --lengths 1024 --head-dims 64 --causal yes --variants \"\" \
                     fwd90_warpgroups=2,fwd90_split_last=0,fwd90_wg_blocks=0
-                    eval $S --lengths 4096 16384 --head-dims 64 --causal yes --variants \"\" fwd90_split_last=0') ;;
+                    eval $S --lengths 4096 16384 --head-dims 64 --causal yes --variants \"\" fwd90_split_last=0
+                    eval $S --lengths 1088 4160 --head-dims 128 --variants \"\" fwd90_split_last=1 \
+                    fwd90_split_last=1,fwd90_cluster=1') ;;
     fwd-phases) cmd=(python3 benchmarks/fwd90_phases.py --lengths 1024 4096 --head-dims 128 --causal both
                      --variants "" fwd90_tma_store=0) ;;
     fwd-phases-64) cmd=(python3 benchmarks/fwd90_phases.py --lengths 1024 4096 --head-dims 64 --causal both
