@@ -59,7 +59,8 @@
 # fwd-split-tests / fwd-split (a slice's last query block whose rows fill the first warpgroup only computed by every
 # warpgroup on its share of the key blocks, FlashConfig.fwd90_split_last: its GPU test (judged by the reference) /
 # the default against split tiles off and against the default before them (clusters, two stages; causal L = 1024:
-# two warpgroups) at E = 64 L = 1024 and 4096, the tutorial's call, causal E = 64 L = 4096 and 16384; then split
+# two warpgroups) at E = 64 L = 1024 and 4096 (at 1024 also a fourth K/V stage), the tutorial's call, causal
+# E = 64 L = 4096 and 16384; then split
 # tiles on two warpgroups, off by default, at E = 128 L = 1088 and 4160 (L mod 128 = 64), with clusters off too),
 # fwd-idle-tests / fwd-idle (idle warpgroups skipping the last query block, FlashConfig.fwd90_skip_idle, which
 # for_problem turns on where three warpgroups leave one idle at L < 2048: its GPU test (same bits off and on,
@@ -77,8 +78,8 @@
 # warps, at 91% of DRAM peak on the H100), and one with a 4-deep ring (one CTA an SM); l2-requests: ncu's L2 read requests and sectors
 # of the split kernel and cuDNN's at B = 1 S = 32768 and of EFFICIENT's tensor-core kernels (fp32 E = 64 L = 2048, bf16
 # E = 128 L = 4096), whose tiles sit in rows padded by 16 bytes as decode's did: how many requests each copy splits into; decode-sweep: the attention call with
-# more warps resident a scheduler (the kernel issues 0.3 instructions a cycle a scheduler with two warps each,
-# latency-bound): a 2-deep pipeline (three CTAs an SM), CTAs of two warps, 32-key tiles; decode-merge: the splits'
+# the TMA ring deeper (more bytes in flight an SM: at B = 16, 128 CTAs each stream 4 MB): eight warps in three
+# stages (192 KB), four in three and in four; decode-merge: the splits'
 # merge loading 8, 16 or 32 partial outputs a batch, decode.MERGE_UNROLL: its GPU test, then the attention call), masks (the masks issue's shapes;
 # masks-no-blocks: with the mask's block summary off; masks-per-tile: a CTA per tile, not persistent;
 # masks-profile: forwards only, each masked call's GPU kernels; masks-no-steps: the backward visiting every query
@@ -250,6 +251,7 @@ command_of() {  # the command of stage $1, into the array cmd
     fwd-split) cmd=(bash -c 'V="\"\" fwd90_split_last=0 fwd90_split_last=0,fwd90_cluster=2,fwd90_stages=2"
                     S="python3 benchmarks/flash_sweep.py --forward-only"
                     eval $S --lengths 1024 4096 --head-dims 64 --causal no --variants $V
+                    eval $S --lengths 1024 --head-dims 64 --causal both --variants \"\" fwd90_stages=4
                     eval $S --dtype float16 --lengths 1024 --head-dims 32 --tokens 32768 --hidden 1024 --causal no \
                     --variants $V
                     eval $S --lengths 1024 --head-dims 64 --causal yes --variants \"\" \
@@ -282,7 +284,7 @@ command_of() {  # the command of stage $1, into the array cmd
     train-compiled) cmd=(python3 examples/train_gpt.py --device cuda --compile) ;;
     decode) cmd=(python3 examples/decode_gpt.py --device cuda) ;;
     decode-attn) cmd=(python3 benchmarks/decode.py) ;;
-    decode-sweep) cmd=(bash -c 'for c in "" DEPTH=2 "WARPS=2 DEPTH=2" "WARPS=2 DEPTH=3" "TILE=32 WARPS=2 DEPTH=2"; do
+    decode-sweep) cmd=(bash -c 'for c in "" DEPTH=3 "WARPS=4 DEPTH=3" "WARPS=4 DEPTH=4"; do
                        echo "--- config: ${c:-default}"; python3 benchmarks/decode.py --config $c; done') ;;
     decode-merge) cmd=(bash -c 'python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_decode_gpu.py \
                        -k merge_in_batches || exit 1; for u in 8 16 32; do echo "--- MERGE_UNROLL=$u"
