@@ -77,6 +77,10 @@ CASES = [  # (name, backend, dtype, (B, Hq, Hkv, L, S, E, Ev), options, mask kin
      dict(is_causal=True), None, "fwd90_tma_store=0"),
     # clusters of two CTAs multicasting K and V (the default where every query sees every key: two query blocks)
     ("flash wgmma E128 clusters GQA", Backend.FLASH, "bfloat16", (2, 4, 2, 200, 150, 128, 128), {}, None, None),
+    # split tiles: 200 = 192 + 8 rows, the last query block's key blocks shared by three warpgroups whose partial
+    # outputs meet in shared memory between two named barriers (the default at E = 64, causal)
+    ("flash wgmma E64 split tiles causal", Backend.FLASH, "bfloat16", (2, 4, 2, 200, 200, 64, 64),
+     dict(is_causal=True), None, None),
 ]
 
 DECODE_CASES = [  # (name, dtype, (B, Hq, Hkv, Lq, capacity, E), paged, new tokens)

@@ -586,14 +586,18 @@ struct TileQueue {
             taken[1] = 0;
         }
     }
-    // a consumer warp: the next tile (num_tiles or more: none left)
+    // a consumer warp: the next tile (num_tiles or more: none left). Lane 0 alone reads the slot and hands it
+    // to the warp before it frees the slot, so the read precedes the arrival in one thread's order (where every
+    // lane read and a __syncwarp ordered them, compute-sanitizer's racecheck saw a write-after-read hazard)
     __device__ __forceinline__ int get() {
         mbar_wait_warp(full + (k & 1), (k >> 1) & 1);
-        const int t = *static_cast<volatile int*>(slot + (k & 1));
-        __syncwarp();
-        if (threadIdx.x % 32 == 0) mbar_arrive(empty + (k & 1));
+        int t = 0;
+        if (threadIdx.x % 32 == 0) {
+            t = *static_cast<volatile int*>(slot + (k & 1));
+            mbar_arrive(empty + (k & 1));
+        }
         ++k;
-        return t;
+        return __shfl_sync(0xffffffffu, t, 0);
     }
 };
 
