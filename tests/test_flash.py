@@ -1165,7 +1165,8 @@ def test_clusters_only_where_every_query_sees_every_key():
 FREE_ENDS_CASES = {
     "causal_own_blocks": (WG_BLOCKS_CASES["causal_gqa"][0], dict(fwd90_warpgroups=3, fwd90_wg_blocks=True)),
     "idle_two": (IDLE_CASES["dropout_lower_right"][0], dict(fwd90_warpgroups=2)),
-    "split_three": (SPLIT_CASES["nine_key_blocks"][0], dict(fwd90_warpgroups=3, fwd90_split_last=True, fwd90_cluster=1)),
+    "split_three": (SPLIT_CASES["nine_key_blocks"][0],
+                    dict(fwd90_warpgroups=3, fwd90_split_last=True, fwd90_cluster=1)),
     "every_tile_split": (SPLIT_CASES["every_tile_split"][0],
                          dict(fwd90_warpgroups=2, fwd90_split_last=True, fwd90_cluster=1)),
     "varlen_own_blocks": (WG_BLOCKS_CASES["varlen"][0], dict(fwd90_warpgroups=3, fwd90_wg_blocks=True)),
@@ -1180,9 +1181,9 @@ FREE_ENDS_CASES = {
 @pytest.mark.parametrize("name", list(FREE_ENDS_CASES))
 def test_free_tile_ends_keep_the_bits(name, rng, monkeypatch):
     """fwd90_free_ends (a tile's last P V, and its first S too, issued without a ping-pong turn; the steady loop's
-    turns kept) gives the same out and lse, bit for bit, off and with either, and the reference judges them: the turns order
-    the warpgroups' issue only. On a device of two SMs, so that each CTA takes many tiles and a miscounted
-    turn hangs the cycle."""
+    turns kept) gives the same out and lse, bit for bit, off and with either, and the reference judges them: the
+    turns order the warpgroups' issue only. On a device of two SMs, so that each CTA takes many tiles and a
+    miscounted turn hangs the cycle."""
     import cupy
 
     monkeypatch.setattr(sources, "multiprocessors", lambda device: 2)
