@@ -43,7 +43,7 @@
 # causal with shorter key blocks and so a third or fourth K/V stage beside O's staging buffer: 96-key blocks in 3
 # stages fit 208 KB, 64-key blocks in 4 stages 192, where 128-key blocks fit only 2), fwd-phases (where the Hopper forward's warps spend their
 # clocks, phase by phase: benchmarks/fwd90_phases.py, the default and with register stores, E = 128; fwd-phases-64: the
-# same at E = 64, where O's TMA store gained only 1.5% at L = 1024), ncu-bwd / ncu-fwd (the Hopper backward
+# same at E = 64, the default, a tile's last P V without a turn (fwd90_free_ends=1) and a fourth K/V stage), ncu-bwd / ncu-fwd (the Hopper backward
 # at E = 64 and 128, L = 4096, / the forward at E = 128 L = 1024 causal and L = 4096, E = 64 L = 4096, under ncu:
 # throughput, issue rate, warp stall reasons, and the SASS lines warps wait at; benchmarks/ncu_profile.sh;
 # ncu-fwd-64: the forward at E = 64 L = 4096 alone, whose softmax takes half of every consumer's clocks;
@@ -272,7 +272,7 @@ command_of() {  # the command of stage $1, into the array cmd
     fwd-phases) cmd=(python3 benchmarks/fwd90_phases.py --lengths 1024 4096 --head-dims 128 --causal both
                      --variants "" fwd90_tma_store=0) ;;
     fwd-phases-64) cmd=(python3 benchmarks/fwd90_phases.py --lengths 1024 4096 --head-dims 64 --causal both
-                        --variants "" fwd90_stages=4) ;;
+                        --variants "" fwd90_free_ends=1 fwd90_stages=4) ;;
     ncu-bwd) cmd=(bash -c 'for E in 64 128; do bash benchmarks/ncu_profile.sh flash_bwd_sm90 1 --backward-only \
                    --lengths 4096 --head-dims $E --causal no; done') ;;
     ncu-fwd) cmd=(bash -c 'for p in "128 1024 yes" "128 4096 no" "64 4096 no"; do set -- $p
