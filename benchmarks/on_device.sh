@@ -43,7 +43,7 @@
 # causal with shorter key blocks and so a third or fourth K/V stage beside O's staging buffer: 96-key blocks in 3
 # stages fit 208 KB, 64-key blocks in 4 stages 192, where 128-key blocks fit only 2), fwd-phases (where the Hopper forward's warps spend their
 # clocks, phase by phase: benchmarks/fwd90_phases.py, the default and with register stores, E = 128; fwd-phases-64: the
-# same at E = 64, the default, a tile's last P V without a turn (fwd90_free_ends=1) and a fourth K/V stage), ncu-bwd / ncu-fwd (the Hopper backward
+# same at E = 64, the default and a fourth K/V stage), ncu-bwd / ncu-fwd (the Hopper backward
 # at E = 64 and 128, L = 4096, / the forward at E = 128 L = 1024 causal and L = 4096, E = 64 L = 4096, under ncu:
 # throughput, issue rate, warp stall reasons, and the SASS lines warps wait at; benchmarks/ncu_profile.sh;
 # ncu-fwd-64: the forward at E = 64 L = 4096 alone, whose softmax takes half of every consumer's clocks;
@@ -62,9 +62,6 @@
 # two warpgroups) at E = 64 L = 1024 and 4096 (at 1024 also a fourth K/V stage), the tutorial's call, causal
 # E = 64 L = 4096 and 16384; then split
 # tiles on two warpgroups, off by default, at E = 128 L = 1088 and 4160 (L mod 128 = 64), with clusters off too),
-# fwd-free-ends-tests / fwd-free-ends (a tile's first S and last P V issued without a ping-pong turn,
-# FlashConfig.fwd90_free_ends: its GPU test (same bits off and on, judged by the reference) / E = 64 and 128 at
-# L = 1024 and 4096 causal and not, the tutorial's call and the tutorial module's attention, off and on),
 # fwd-idle-tests / fwd-idle (idle warpgroups skipping the last query block, FlashConfig.fwd90_skip_idle, which
 # for_problem turns on where three warpgroups leave one idle at L < 2048: its GPU test (same bits off and on,
 # judged by the reference) / E = 64 and 128 at L = 1024 and 4096, the tutorial's call and the tutorial module's
@@ -262,17 +259,10 @@ command_of() {  # the command of stage $1, into the array cmd
                     eval $S --lengths 4096 16384 --head-dims 64 --causal yes --variants \"\" fwd90_split_last=0
                     eval $S --lengths 1088 4160 --head-dims 128 --variants \"\" fwd90_split_last=1 \
                     fwd90_split_last=1,fwd90_cluster=1') ;;
-    fwd-free-ends-tests) cmd=(python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_flash.py -k free_tile_ends) ;;
-    fwd-free-ends) cmd=(bash -c 'V="\"\" fwd90_free_ends=1 fwd90_free_ends=3" S="python3 benchmarks/flash_sweep.py --forward-only"
-                        eval $S --lengths 1024 4096 --head-dims 64 128 --causal both --variants $V
-                        eval $S --dtype float16 --lengths 1024 --head-dims 32 --tokens 32768 --hidden 1024 --causal no \
-                        --variants $V
-                        eval $S --dtype float16 --lengths 512 --head-dims 64 --tokens 16384 --hidden 512 --causal yes \
-                        --variants $V') ;;
     fwd-phases) cmd=(python3 benchmarks/fwd90_phases.py --lengths 1024 4096 --head-dims 128 --causal both
                      --variants "" fwd90_tma_store=0) ;;
     fwd-phases-64) cmd=(python3 benchmarks/fwd90_phases.py --lengths 1024 4096 --head-dims 64 --causal both
-                        --variants "" fwd90_free_ends=1 fwd90_stages=4) ;;
+                        --variants "" fwd90_stages=4) ;;
     ncu-bwd) cmd=(bash -c 'for E in 64 128; do bash benchmarks/ncu_profile.sh flash_bwd_sm90 1 --backward-only \
                    --lengths 4096 --head-dims $E --causal no; done') ;;
     ncu-fwd) cmd=(bash -c 'for p in "128 1024 yes" "128 4096 no" "64 4096 no"; do set -- $p

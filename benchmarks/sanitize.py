@@ -81,10 +81,6 @@ CASES = [  # (name, backend, dtype, (B, Hq, Hkv, L, S, E, Ev), options, mask kin
     # outputs meet in shared memory between two named barriers (the default at E = 64, causal)
     ("flash wgmma E64 split tiles causal", Backend.FLASH, "bfloat16", (2, 4, 2, 200, 200, 64, 64),
      dict(is_causal=True), None, None),
-    # a tile's ends without ping-pong turns (their waits a warpgroup's own barrier), beside walked blocks and a
-    # split tile
-    ("flash wgmma E64 free tile ends causal", Backend.FLASH, "bfloat16", (2, 4, 2, 400, 400, 64, 64),
-     dict(is_causal=True), None, "fwd90_free_ends=3"),
 ]
 
 DECODE_CASES = [  # (name, dtype, (B, Hq, Hkv, Lq, capacity, E), paged, new tokens)

@@ -56,7 +56,6 @@
 // queries computes nothing, walk_idle), FWD90_WG_BLOCKS (1: each consumer warpgroup stops at the last key
 // block its own rows see and walks the tile's blocks past it), FWD90_SPLIT_LAST (1: a tile whose rows fill the first
 // warpgroup only is computed by every warpgroup, each on its share of the key blocks: the consumers' split tile),
-// FWD90_FREE_ENDS (bits: 1 a tile's last P V, 2 its first S issued without a ping-pong turn, below),
 // CUSDPA_PHASES (1: per-warp phase clocks, phases.cuh),
 // FWD90_WARPGROUPS (consumer warpgroups, 2 or 3), FWD90_BLOCK_N, FWD90_STAGES (K/V buffers), FWD90_PINGPONG
 // (1: consumers take turns; 0: they issue when ready), ATTN_MASK, ALIBI (1: the slopes' bias added, `slopes`
@@ -95,9 +94,6 @@
 #endif
 #ifndef FWD90_SPLIT_LAST
 #define FWD90_SPLIT_LAST 0
-#endif
-#ifndef FWD90_FREE_ENDS
-#define FWD90_FREE_ENDS 0
 #endif
 constexpr int CLUSTER = FWD90_CLUSTER;
 static_assert(CLUSTER == 1 || CLUSTER == 2, "FWD90_CLUSTER must be 1 or 2");
@@ -857,27 +853,6 @@ flash_fwd_sm90(const __grid_constant__ TmaMap tm_q, const __grid_constant__ TmaM
         if (FWD90_PINGPONG) named_arrive<256>(1 + (cw + 1) % MMA_WG);
         issued = true;
     };
-    // The turns of a tile's last P V and first S (and of a walk's), which FWD90_FREE_ENDS does without (bit 1: the
-    // last P V's, bit 2: the first S's): the turns are a cycle, so a warpgroup that ends its tile waits, before its
-    // next tile's first S, for every other one to take its turn of the last P V, which comes after that one's last
-    // softmax. Without them a warpgroup issues its last P V and its next first S as soon as it can (products the
-    // tensor cores may overlap with the others'; the steady loop's turns keep their order). Every warpgroup drops
-    // the same turns of every tile it takes turns in (its own blocks, walked ones and walk_idle's alike; a split
-    // tile takes none), so the cycle stays in step and the end's count holds.
-    // (a dropped turn's wait becomes a meeting of the warpgroup's own warps, its arrival nothing: with no barrier
-    // there, ptxas moved code across the tile's ends and spilled inside the products' loop at E = 64)
-    auto last_turn_begin = [&] {
-        if (FWD90_FREE_ENDS & 1) named_sync<128>(BAR_EPILOGUE + cw); else turn_begin();
-    };
-    auto last_turn_end = [&] {
-        if (!(FWD90_FREE_ENDS & 1)) turn_end();
-    };
-    auto first_turn_begin = [&] {
-        if (FWD90_FREE_ENDS & 2) named_sync<128>(BAR_EPILOGUE + cw); else turn_begin();
-    };
-    auto first_turn_end = [&] {
-        if (!(FWD90_FREE_ENDS & 2)) turn_end();
-    };
     auto release = [&](unsigned long long* bar) {
         if (lane == 0) mbar_arrive(bar);
     };
@@ -907,8 +882,8 @@ flash_fwd_sm90(const __grid_constant__ TmaMap tm_q, const __grid_constant__ TmaM
         q_phase ^= 1;
         u32 st = it % STAGES, phase = (it / STAGES) & 1;
         mbar_wait_warp(k_full + st, phase);
-        first_turn_begin();  // S of the first block
-        first_turn_end();
+        turn_begin();  // S of the first block
+        turn_end();
         for (;;) {
             const int next = kb.from(n + 1);
             release_kv(k_empty + st);
@@ -928,8 +903,8 @@ flash_fwd_sm90(const __grid_constant__ TmaMap tm_q, const __grid_constant__ TmaM
             release_kv(v_empty + prev);
         }
         mbar_wait_warp(v_full + st, phase);
-        last_turn_begin();  // P V of the last block
-        last_turn_end();
+        turn_begin();  // P V of the last block
+        turn_end();
         release_kv(v_empty + st);
         ++it;
     };
@@ -1108,12 +1083,12 @@ flash_fwd_sm90(const __grid_constant__ TmaMap tm_q, const __grid_constant__ TmaM
             u32 phase = (it / STAGES) & 1;
             mbar_wait_warp(k_full + st, phase);
             ph.to(PH_WAIT_K0);
-            first_turn_begin();
+            turn_begin();
             ph.to(PH_TURN0);
             wgmma_fence();
             issue_qk(s, sQwg, sK + st * SK_BYTES);
             wgmma_commit();
-            first_turn_end();
+            turn_end();
             ph.to(PH_ISSUE);
             int here = kb.summary(n), n0 = n * BLOCK_N, next = kb.from(n + 1), ahead = kb.summary(next);
 #if ATTN_MASK
@@ -1178,14 +1153,14 @@ flash_fwd_sm90(const __grid_constant__ TmaMap tm_q, const __grid_constant__ TmaM
             // P V of the last block.
             mbar_wait_warp(v_full + st, phase);
             ph.to(PH_WAIT_V);
-            last_turn_begin();
+            turn_begin();
             ph.to(PH_TURN);
             fence_regs(p);
             fence_regs(acc);
             wgmma_fence();
             issue_pv(acc, p, sV + st * SV_BYTES);
             wgmma_commit();
-            last_turn_end();
+            turn_end();
             ph.to(PH_ISSUE);
 #if FWD90_WG_BLOCKS
             // The blocks past n_stop (n is the first), counted: their turns given back at once, while this

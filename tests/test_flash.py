@@ -37,9 +37,9 @@ def _nvrtc_jobs():
                             "-arch=sm_90a",)
                     if fwd_cfg.fwd90_tma_store and (E, Ev) in ((64, 64), (96, 64), (160, 224)) and dropout:  # ... with
                         # the phase clocks, O from 128- and 64-byte swizzled rows, idle warpgroups skipping their
-                        # tiles, warpgroups stopping at their own key blocks, a tile's ends without turns
+                        # tiles, warpgroups stopping at their own key blocks
                         phased = dataclasses.replace(fwd_cfg, fwd90_phases=True, fwd90_skip_idle=True,
-                                                     fwd90_wg_blocks=True, fwd90_free_ends=3)
+                                                     fwd90_wg_blocks=True)
                         yield "flash_fwd_sm90.cu", sources.compile_options(dtype, E, Ev, dropout, phased,
                                                                            tma_store=True) + ("-arch=sm_90a",)
             if (E, Ev) == (64, 64) and dropout:  # ... split tiles with ALiBi and soft-capping (scores in natural units)
@@ -1156,41 +1156,6 @@ def test_clusters_only_where_every_query_sees_every_key():
     assert cluster_of(mask="bool") == 1
     assert cluster_of(varlen=((512, 512), (300, 200))) == 1
     assert cluster_of(L=300) == 1  # three query blocks of 128 rows
-
-
-# fwd90_free_ends: a tile's last P V (and first S) issued without a ping-pong turn, on every path that takes turns --
-# two and three warpgroups, warpgroups walking the blocks past their own (causal) and idle ones walking whole
-# tiles, split tiles (which take none) between others, a queue's tiles (a packed batch; a mask's summary skipping
-# blocks), clusters, tiles of one key block, 64-byte rows
-FREE_ENDS_CASES = {
-    "causal_own_blocks": (WG_BLOCKS_CASES["causal_gqa"][0], dict(fwd90_warpgroups=3, fwd90_wg_blocks=True)),
-    "idle_two": (IDLE_CASES["dropout_lower_right"][0], dict(fwd90_warpgroups=2)),
-    "split_three": (SPLIT_CASES["nine_key_blocks"][0],
-                    dict(fwd90_warpgroups=3, fwd90_split_last=True, fwd90_cluster=1)),
-    "every_tile_split": (SPLIT_CASES["every_tile_split"][0],
-                         dict(fwd90_warpgroups=2, fwd90_split_last=True, fwd90_cluster=1)),
-    "varlen_own_blocks": (WG_BLOCKS_CASES["varlen"][0], dict(fwd90_warpgroups=3, fwd90_wg_blocks=True)),
-    "bool_key_padding": (IDLE_CASES["bool_key_padding"][0], {}),
-    "clusters": (CLUSTER_CASES["dropout_three_warpgroups"], dict(fwd90_cluster=2)),
-    "one_key_block": (SPLIT_CASES["one_key_block"][0], dict(fwd90_split_last=False)),
-    "swizzles_differ": (IDLE_CASES["swizzles_differ"][0], {}),
-}
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("name", list(FREE_ENDS_CASES))
-def test_free_tile_ends_keep_the_bits(name, rng, monkeypatch):
-    """fwd90_free_ends (a tile's last P V, and its first S too, issued without a ping-pong turn; the steady loop's
-    turns kept) gives the same out and lse, bit for bit, off and with either, and the reference judges them: the
-    turns order the warpgroups' issue only. On a device of two SMs, so that each CTA takes many tiles and a
-    miscounted turn hangs the cycle."""
-    import cupy
-
-    monkeypatch.setattr(sources, "multiprocessors", lambda device: 2)
-    monkeypatch.setattr(sources, "max_active_clusters", lambda *args: 1)
-    case, fixed = FREE_ENDS_CASES[name]
-    _knob_keeps_the_bits(build(case, cupy, rng), rng, monkeypatch, "fwd90_free_ends", (0, 1, 3),
-                         fwd90_skip_idle=True, **fixed)
 
 
 @pytest.mark.gpu

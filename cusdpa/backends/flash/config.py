@@ -57,11 +57,6 @@ class FlashConfig:
     # shared memory (split-KV inside the CTA), where one warpgroup would walk every block while the others idle
     # (or, with fwd90_skip_idle, wait). Not with clusters or an attn_mask (launches.sm90_forward_config)
     fwd90_split_last: bool = False
-    # a tile's last P V (1), and its first S too (3), issued without a ping-pong turn (FWD90_FREE_ENDS): the turns
-    # are a cycle, so at a tile's end each warpgroup waits, before its next tile's first S, for the others' turns
-    # of their last P V, which follow their last softmaxes; short tiles pay that once a few key blocks. Off (0)
-    # until measured
-    fwd90_free_ends: int = 0
     # clusters of this many CTAs (1 or 2) share each K and V block of the Hopper forward, each CTA loading its
     # part into all of them by TMA multicast (FlashAttention-3 does so at E = 128 and 256 without a causal band):
     # half the K/V bytes read from L2. Taken only where every tile of a head reads the same key blocks (no causal

@@ -79,7 +79,6 @@ def compile_options(dtype_name: str, E: int, Ev: int, dropout: bool, cfg: FlashC
             *(("-DFWD90_SKIP_IDLE=1",) if cfg.fwd90_skip_idle else ()),
             *(("-DFWD90_WG_BLOCKS=1",) if cfg.fwd90_wg_blocks else ()),
             *(("-DFWD90_SPLIT_LAST=1",) if cfg.fwd90_split_last else ()),
-            *((f"-DFWD90_FREE_ENDS={cfg.fwd90_free_ends}",) if cfg.fwd90_free_ends else ()),
             *((f"-DFWD90_CLUSTER={cfg.fwd90_cluster}",) if cfg.fwd90_cluster > 1 else ()),
             "-std=c++17", "--use_fast_math", f"-DCUSDPA_BF16={int(dtype_name == 'bfloat16')}",
             f"-DHEAD_DIM={E}", f"-DHEAD_DIM_V={Ev}", f"-DIS_DROPOUT={int(dropout)}",
