@@ -499,8 +499,8 @@ def dmask_kernel(spec: Spec):
         the element was added to, recomputed pair by pair in a fixed order (no atomics), each dS in fp32 as
         the other kernels form it (dP summed as theirs are), their sum in fp64: the sum runs over up to batch x
         heads x L (or S) scores one after another, where an fp32 total would gather a rounding of the running
-        total per score (PyTorch's sum_to_size adds pairwise) -- and on a key-broadcast mask those dS cancel to ~0, so the
-        rounding is all of the result."""
+        total per score (PyTorch's sum_to_size adds pairwise) -- and on a key-broadcast mask those dS cancel to
+        ~0, so the rounding is all of the result."""
         t = cuda.blockIdx.x * BLOCK + cuda.threadIdx.x
         n = 1
         for a in range(6):
