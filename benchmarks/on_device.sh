@@ -56,6 +56,8 @@
 # fwd-cluster-tests / fwd-cluster (clusters of two CTAs sharing each K and V block by TMA multicast,
 # FlashConfig.fwd90_cluster: its GPU test (same bits off and on, judged by the reference) / bf16 not causal, E = 128
 # at L = 1024-16384 and E = 64, 256 at 4096, off and on),
+# fwd-schedule-tests (the host's schedule, each tile decoded, against the round-robin deal the kernel decodes: same
+# bits, judged by the reference),
 # fwd-split-tests / fwd-split (a slice's last query block whose rows fill the first warpgroup only computed by every
 # warpgroup on its share of the key blocks, FlashConfig.fwd90_split_last: its GPU test (judged by the reference) /
 # the default against split tiles off and against the default before them (clusters, two stages; causal L = 1024:
@@ -259,6 +261,7 @@ command_of() {  # the command of stage $1, into the array cmd
                     eval $S --lengths 4096 16384 --head-dims 64 --causal yes --variants \"\" fwd90_split_last=0
                     eval $S --lengths 1088 4160 --head-dims 128 --variants \"\" fwd90_split_last=1 \
                     fwd90_split_last=1,fwd90_cluster=1') ;;
+    fwd-schedule-tests) cmd=(python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_flash.py -k scheduled_tiles) ;;
     fwd-phases) cmd=(python3 benchmarks/fwd90_phases.py --lengths 1024 4096 --head-dims 128 --causal both
                      --variants "" fwd90_tma_store=0) ;;
     fwd-phases-64) cmd=(python3 benchmarks/fwd90_phases.py --lengths 1024 4096 --head-dims 64 --causal both

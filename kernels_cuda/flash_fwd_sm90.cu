@@ -20,9 +20,9 @@
 // Tiles are (batch * head, query block) pairs in this order: heads in chunks of `chunk_heads` (few enough
 // that their K and V stay in L2), and within a chunk the query blocks from the last (the heaviest under
 // causal masking) to the first, heads innermost. Without an attn_mask they are dealt statically: by the
-// host's `schedule` where it gives one (each tile in turn to the CTA with the least work so far, counted in
-// key blocks: under a causal band the round-robin deal below gave CTA 0 the heaviest tile of every round),
-// else tile t to CTA t % gridDim.x. With one, a tile's work is its visible blocks, which the host does not
+// host's `schedule` where it gives one (FWD90_SCHEDULE: each tile in turn to the CTA with the least work so far,
+// counted in key blocks: under a causal band the round-robin deal below gave CTA 0 the heaviest tile of every
+// round), else tile t to CTA t % gridDim.x. With one, a tile's work is its visible blocks, which the host does not
 // know: CTAs take tiles from a counter as they finish them (TileQueue, FWD90_QUEUE), as they may in a packed
 // batch, whose sequences' lengths the host does not know either.
 //
@@ -56,7 +56,8 @@
 // queries computes nothing, walk_idle), FWD90_WG_BLOCKS (1: each consumer warpgroup stops at the last key
 // block its own rows see and walks the tile's blocks past it), FWD90_SPLIT_LAST (1: a tile whose rows fill the first
 // warpgroup only is computed by every warpgroup, each on its share of the key blocks: the consumers' split tile),
-// CUSDPA_PHASES (1: per-warp phase clocks, phases.cuh),
+// FWD90_SCHEDULE (1: the tiles dealt by the host's `schedule`, TileDeal), CUSDPA_PHASES (1: per-warp phase clocks,
+// phases.cuh),
 // FWD90_WARPGROUPS (consumer warpgroups, 2 or 3), FWD90_BLOCK_N, FWD90_STAGES (K/V buffers), FWD90_PINGPONG
 // (1: consumers take turns; 0: they issue when ready), ATTN_MASK, ALIBI (1: the slopes' bias added, `slopes`
 // per (batch, head) with batch stride `slopes_b`; scores in natural units as with a float mask), SOFTCAP (1:
@@ -95,11 +96,15 @@
 #ifndef FWD90_SPLIT_LAST
 #define FWD90_SPLIT_LAST 0
 #endif
+#ifndef FWD90_SCHEDULE
+#define FWD90_SCHEDULE 0
+#endif
 constexpr int CLUSTER = FWD90_CLUSTER;
 static_assert(CLUSTER == 1 || CLUSTER == 2, "FWD90_CLUSTER must be 1 or 2");
 static_assert(CLUSTER == 1 || !FWD90_QUEUE, "clusters take their tiles in pairs, not from the queue");
 // (a cluster's CTAs walk their key blocks in step: a split tile would wait for its neighbour's whole tile)
 static_assert(!FWD90_SPLIT_LAST || (CLUSTER == 1 && !ATTN_MASK), "split tiles: no clusters, no attn_mask");
+static_assert(!FWD90_SCHEDULE || (CLUSTER == 1 && !FWD90_QUEUE), "clusters and the queue deal tiles of their own");
 constexpr int MMA_WG = FWD90_WARPGROUPS;
 constexpr int NTHREADS = (MMA_WG + 1) * 128;
 constexpr int BLOCK_M = MMA_WG * 64;
@@ -529,28 +534,44 @@ __device__ __forceinline__ Tile tile_at(int t, const TileDivisors& dv, int num_m
                    (num_m - 1 - q) * CLUSTER + rank);
 }
 
-// The tiles of CTA blockIdx.x in turn: schedule[schedule[b] .. schedule[b + 1]) of the tile list after the
-// gridDim.x + 1 offsets, or every gridDim.x-th tile from blockIdx.x without a schedule (with clusters, which
-// have none: the units of cluster blockIdx.x / CLUSTER, every gridDim.x / CLUSTER-th, the same for its CTAs). The next tile's
-// index is loaded while this one runs.
+// The tiles of CTA blockIdx.x in turn. With FWD90_SCHEDULE, entries schedule[b] .. schedule[b + 1] of the host's
+// list, which follows the gridDim.x + 1 offsets from a 16-byte boundary: each tile decoded, int4 (batch, query head,
+// kv head, query block). (Where it held tile indices, tile_at's chain of divisions and the schedule's load ran at
+// every tile's start on the producer's and each consumer warp's path: a tile's setup took 6.7% of a consumer's
+// clocks at causal E = 64 L = 1024, now 5.4%; the divisors' registers spilled. The list is read-only memory read
+// at one address a warp: the compiler keeps its entries in uniform registers, as it kept tile_at's results.)
+// Without, every gridDim.x-th tile from blockIdx.x (with clusters: the units of cluster blockIdx.x / CLUSTER, every
+// gridDim.x / CLUSTER-th, the same for its CTAs), decoded by tile_at. The next tile's entry is loaded while this one
+// runs.
 struct TileDeal {
-    const int* list;
-    int k, end, step, ahead;
-    __device__ __forceinline__ TileDeal(const int* schedule, int num_tiles) {
-        list = schedule != nullptr ? schedule + gridDim.x + 1 : nullptr;
-        k = schedule != nullptr ? schedule[blockIdx.x] : static_cast<int>(blockIdx.x) / CLUSTER;
-        end = schedule != nullptr ? schedule[blockIdx.x + 1] : num_tiles;
-        step = schedule != nullptr ? 1 : static_cast<int>(gridDim.x) / CLUSTER;
-        ahead = k < end ? at(k) : 0;
+#if FWD90_SCHEDULE
+    const int4* list;
+    int4 ahead;
+    int k, end;
+    __device__ __forceinline__ TileDeal(const int* schedule, int num_tiles)
+        : list(reinterpret_cast<const int4*>(schedule + (gridDim.x + 4) / 4 * 4)), ahead{},
+          k(schedule[blockIdx.x]), end(schedule[blockIdx.x + 1]) {
+        (void)num_tiles;
+        if (k < end) ahead = __ldg(list + k);
     }
-    __device__ __forceinline__ int at(int i) const { return list != nullptr ? list[i] : i; }
-    __device__ __forceinline__ bool more() const { return k < end; }
-    __device__ __forceinline__ int next() {
-        const int t = ahead;
-        k += step;
-        if (k < end) ahead = at(k);
+    __device__ __forceinline__ int4 next() {
+        const int4 t = ahead;
+        if (++k < end) ahead = __ldg(list + k);
         return t;
     }
+#else
+    int k, end, step;
+    __device__ __forceinline__ TileDeal(const int* schedule, int num_tiles)
+        : k(static_cast<int>(blockIdx.x) / CLUSTER), end(num_tiles), step(static_cast<int>(gridDim.x) / CLUSTER) {
+        (void)schedule;
+    }
+    __device__ __forceinline__ int next() {
+        const int t = k;
+        k += step;
+        return t;
+    }
+#endif
+    __device__ __forceinline__ bool more() const { return k < end; }
 };
 
 // The dynamic deal of a masked forward. A static deal of a mask's tiles (each visiting the blocks the mask
@@ -705,11 +726,20 @@ flash_fwd_sm90(const __grid_constant__ TmaMap tm_q, const __grid_constant__ TmaM
     const int warp = warp_index(), lane = threadIdx.x % 32, wg = warp / 4;
     const int num_units = num_m / CLUSTER;  // query blocks of a head as the CTAs deal them (the host: a multiple)
     const int num_tiles = BH * num_units;
-    const TileDivisors divisors(num_units, chunk_heads, BH, Hq, group);
     const int rank = CLUSTER > 1 ? static_cast<int>(cluster_rank()) : 0;
+#if FWD90_SCHEDULE
+    (void)chunk_heads;
+    auto decode_tile = [&](int4 e) {  // an entry of the host's schedule (no clusters: rank 0)
+        return tile_of(Slice::query_head_of(e.x, e.y, e.z, e.x * Hq + e.y, cu_q, cu_k, L, S, left, right, lower_right),
+                       e.w);
+    };
+#else
+    const TileDivisors divisors(num_units, chunk_heads, BH, Hq, group);
     auto decode_tile = [&](int t) {
         return tile_at(t, divisors, num_units, BH, cu_q, cu_k, L, S, left, right, lower_right, rank);
     };
+#endif
+
     if (threadIdx.x == 0) {
         mbar_init(q_full, 1);
         mbar_init(q_empty, CONSUMER_WARPS);
@@ -759,7 +789,7 @@ flash_fwd_sm90(const __grid_constant__ TmaMap tm_q, const __grid_constant__ TmaM
             if (t >= num_tiles) break;
 #else
         for (TileDeal deal(schedule, num_tiles); deal.more();) {
-            const int t = deal.next();
+            const auto t = deal.next();
 #endif
             const Tile tile = decode_tile(t);
             if (!tile.live) continue;
@@ -914,7 +944,7 @@ flash_fwd_sm90(const __grid_constant__ TmaMap tm_q, const __grid_constant__ TmaM
     for (int t = queue.get(); t < num_tiles; t = queue.get()) {
 #else
     for (TileDeal deal(schedule, num_tiles); deal.more();) {
-        const int t = deal.next();
+        const auto t = deal.next();
 #endif
         const Tile tile = decode_tile(t);
         if (!tile.live) continue;

@@ -29,8 +29,9 @@ def _nvrtc_jobs():
             # + the Hopper forward tiles of short and causal problems
             for fwd_cfg in {config.FlashConfig.for_problem(E, Ev, L, c) for L in (1024, 2048, 16384) for c in (0, 1)}:
                 if config.sm90_forward_applies(E, Ev, 90, fwd_cfg):  # (O stored by TMA where for_problem says)
-                    yield "flash_fwd_sm90.cu", sources.compile_options(dtype, E, Ev, dropout, fwd_cfg,
-                                                                       tma_store=fwd_cfg.fwd90_tma_store) + ("-arch=sm_90a",)
+                    yield "flash_fwd_sm90.cu", sources.compile_options(  # (the host's schedule without clusters)
+                        dtype, E, Ev, dropout, fwd_cfg, tma_store=fwd_cfg.fwd90_tma_store,
+                        scheduled=fwd_cfg.fwd90_cluster == 1) + ("-arch=sm_90a",)
                     if fwd_cfg.fwd90_stages == 2:  # ... a packed batch's (register stores), its tiles from the queue
                         packed = dataclasses.replace(fwd_cfg, fwd90_cluster=1)  # (as sm90_forward_config gives it)
                         yield "flash_fwd_sm90.cu", sources.compile_options(dtype, E, Ev, dropout, packed, queue=True) + (
@@ -466,6 +467,32 @@ def test_forward_tiles_are_dealt_once_each_to_the_least_loaded(BH, chunk_heads, 
     assert max(loads) <= max(round_robin)
     if num_m >= 8 and key_blocks[0] != key_blocks[-1]:
         assert max(round_robin) >= 1.14 * np.mean(round_robin) and max(loads) <= 1.1 * np.mean(loads)
+
+
+@pytest.mark.parametrize("BH, Hq, group, chunk_heads, num_m", [(256, 16, 1, 48, 8), (24, 8, 4, 5, 3), (3, 3, 3, 2, 4)])
+def test_decoded_tiles_name_every_query_block_once(BH, Hq, group, chunk_heads, num_m):
+    """decoded_tiles (the Hopper forward's schedule as its FWD90_SCHEDULE reads it): deal_tiles' offsets, padded to
+    16 bytes, then each CTA's tiles as (batch, query head, kv head, query block), every (batch, head, block) once; a
+    CTA's query blocks of one head from the last (tile_at's order within a chunk of heads)."""
+    from cusdpa.backends.flash import launches
+
+    grid = min(132, BH * num_m)
+    schedule = launches.deal_tiles(np.arange(1, num_m + 1), BH, chunk_heads, grid)
+    dealt = launches.decoded_tiles(schedule, grid, BH, num_m, chunk_heads, Hq, group)
+    start = -(-(grid + 1) // 4) * 4
+    assert dealt.dtype == np.int32 and (dealt[:grid + 1] == schedule[:grid + 1]).all()
+    assert not dealt[grid + 1:start].any()
+    entries = dealt[start:].reshape(-1, 4)
+    assert len(entries) == BH * num_m
+    b, h, kvh, m = entries.T
+    assert ((b >= 0) & (b < BH // Hq) & (h >= 0) & (h < Hq) & (m >= 0) & (m < num_m)).all()
+    assert (kvh == h // group).all()
+    assert len({(x, y, z) for x, y, z in zip(b, h, m)}) == BH * num_m
+    for c in range(grid):
+        mine = entries[schedule[c]:schedule[c + 1]]
+        for x, y in {(x, y) for x, y in mine[:, :2]}:
+            blocks = mine[(mine[:, 0] == x) & (mine[:, 1] == y), 3]
+            assert (np.diff(blocks) < 0).all()
 
 
 def test_split_tiles_where_the_last_query_block_fills_one_warpgroup():
@@ -1133,6 +1160,50 @@ def test_clusters_sharing_key_blocks_keep_the_bits(name, clusters, rng, monkeypa
     monkeypatch.setattr(sources, "max_active_clusters", lambda *args: clusters)
     _knob_keeps_the_bits(build(CLUSTER_CASES[name], cupy, rng), rng, monkeypatch, "fwd90_cluster", (1, 2),
                          fwd90_skip_idle=True)
+
+
+# Tiles dealt by the host's schedule, decoded (fwd90_schedule): causal with split tiles and GQA, batch dims, a window
+# with dropout at E = 128 (one kv head), K and V broadcast over the batch, transposed (strided) operands.
+SCHEDULE_CASES = {
+    "causal_split_gqa": Case(hq=8, hkv=2, L=400, S=400, E=64, causal="upper_left"),
+    "batch_dims": FEATURES["batch_dims"],
+    "window_dropout_e128": Case(batch=(2,), hq=3, hkv=1, L=300, S=300, E=128, window=(37, 11), dropout_p=0.2),
+    "kv_batch_broadcast": FEATURES["kv_batch_broadcast"],
+    "strided": FEATURES["strided"],
+}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", list(SCHEDULE_CASES))
+def test_scheduled_tiles_keep_the_bits(name, rng, monkeypatch):
+    """The host's schedule, each tile decoded (fwd90_schedule, FWD90_SCHEDULE), gives the same out and lse, bit for
+    bit, as the round-robin deal whose tile indices the kernel decodes, and the reference judges them. On a device
+    of two SMs, so that each CTA walks many tiles."""
+    import cupy
+
+    monkeypatch.setattr(sources, "multiprocessors", lambda device: 2)
+    _knob_keeps_the_bits(build(SCHEDULE_CASES[name], cupy, rng), rng, monkeypatch, "fwd90_schedule", (False, True),
+                         fwd90_cluster=1)
+
+
+def test_the_schedule_only_where_the_host_deals_the_tiles():
+    """The Hopper forward reads the host's schedule (FWD90_SCHEDULE) where the host deals the tiles: a dense batch
+    without clusters, a mask's queue or a packed batch's, and with fwd90_schedule on."""
+    from cusdpa.backends.flash import launches
+
+    def scheduled(schedule=True, **changes):
+        case = dataclasses.replace(Case(hq=2, L=512, S=512, E=128, causal="upper_left"), **changes)
+        pr = build(case, np, np.random.default_rng(0))
+        with pytest.MonkeyPatch.context() as mp:
+            real = launches.config
+            mp.setattr(launches, "config", lambda pr: dataclasses.replace(real(pr), fwd90_schedule=schedule))
+            return "-DFWD90_SCHEDULE=1" in launches.sm90_forward_options(pr)
+
+    assert scheduled()
+    assert not scheduled(schedule=False)
+    assert not scheduled(causal=None)  # (clusters)
+    assert not scheduled(mask="bool", mask_shape=(512, 512))
+    assert not scheduled(varlen=((100, 130), (64, 64)))
 
 
 def test_clusters_only_where_every_query_sees_every_key():

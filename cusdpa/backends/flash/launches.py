@@ -263,13 +263,14 @@ class MaskSummary:
                 np.int64(n_m * n_n if self.heads > 1 else 0), np.int64(n_n if self.rows > 1 else 0))
 
 
-def _modified_options(pr, cfg, mask_grad: bool = False, queue: bool = False, tma_store: bool = False) -> tuple:
+def _modified_options(pr, cfg, mask_grad: bool = False, queue: bool = False, tma_store: bool = False,
+                      scheduled: bool = False) -> tuple:
     """The Hopper kernels' compile options with ``pr``'s attn_mask and score modifiers (and, ``mask_grad``,
     the backward storing a float mask's gradient; ``queue``, the forward taking tiles from a counter;
-    ``tma_store``, the forward storing O with TMA)."""
+    ``tma_store``, the forward storing O with TMA; ``scheduled``, its tiles dealt by the host's schedule)."""
     return sources.compile_options(pr.dtype_name, pr.E, pr.Ev, pr.dropout_p > 0, cfg, mask=mask_kind(pr),
                                    alibi=pr.alibi_slopes is not None, softcap=bool(pr.softcap), mask_grad=mask_grad,
-                                   queue=queue, tma_store=tma_store)
+                                   queue=queue, tma_store=tma_store, scheduled=scheduled)
 
 
 def sm90_forward_config(pr) -> FlashConfig:
@@ -300,7 +301,15 @@ def sm90_forward_options(pr) -> tuple:
     """The compile options of the Hopper forward's module for ``pr`` (benchmarks/fwd90_phases.py reads
     the phase clocks of that module)."""
     cfg = sm90_forward_config(pr)
-    return _modified_options(pr, cfg, queue=_queued(pr, cfg), tma_store=cfg.fwd90_tma_store) + ("-arch=sm_90a",)
+    return _modified_options(pr, cfg, queue=_queued(pr, cfg), tma_store=cfg.fwd90_tma_store,
+                             scheduled=_scheduled(pr, cfg)) + ("-arch=sm_90a",)
+
+
+def _scheduled(pr, cfg) -> bool:
+    """Whether the Hopper forward's tiles are dealt by the host's schedule (``_tile_schedule``): a dense batch on the
+    persistent grid, without clusters (which deal their units round-robin) or a queue."""
+    return (cfg.fwd90_schedule and cfg.fwd90_persistent and cfg.fwd90_cluster == 1 and pr.varlen is None
+            and not _queued(pr, cfg))
 
 
 def _queued(pr, cfg) -> bool:
@@ -431,7 +440,7 @@ def _sm90_forward_launch(pr, lay, o_strides, cfg, opts, tail, mask) -> Launch:
         schedule = 0
     else:
         grid = (min(BH * num_m, sources.multiprocessors(dev)) if cfg.fwd90_persistent else BH * num_m, 1)
-        schedule = 0 if packed or not (cfg.fwd90_schedule and cfg.fwd90_persistent) else \
+        schedule = 0 if not _scheduled(pr, cfg) else \
             _tile_schedule(pr, dev, BH, num_m, chunk_heads, grid[0], block_m, block_n,
                            cfg.fwd90_warpgroups if cfg.fwd90_split_last else 1)
     args = (*(m for m, _, _ in maps), *store, Slot("o"), Slot("lse"), *_common(pr, lay),
@@ -447,15 +456,17 @@ def _tile_schedule(pr, dev, BH, num_m, chunk_heads, grid, block_m, block_n, spli
     """The persistent Hopper forward's tiles per CTA for a dense problem (kernels_cuda/flash_fwd_sm90.cu,
     `schedule`): ``deal_tiles`` of the key blocks each query block sees, made once per shape and kept on the
     device (a Launch keeps its own alive). ``split``: the consumer warpgroups that share a split tile's key blocks
-    (FlashConfig.fwd90_split_last; 1: none), whose work counts as that share."""
+    (FlashConfig.fwd90_split_last; 1: none), whose work counts as that share. Each tile decoded (``decoded_tiles``)."""
     import cupy
 
     left, right = pr.window_bounds
-    key = (dev, BH, num_m, chunk_heads, grid, block_m, block_n, pr.L, pr.S, left, right, pr.lower_right, split)
+    key = (dev, BH, num_m, chunk_heads, grid, block_m, block_n, pr.L, pr.S, left, right, pr.lower_right, split,
+           pr.hq, pr.group)
     found = _schedules.get(key)
     if found is None:
+        schedule = deal_tiles(tile_work(pr, num_m, block_m, block_n, split), BH, chunk_heads, grid)
         with cupy.cuda.Device(dev):
-            found = cupy.asarray(deal_tiles(tile_work(pr, num_m, block_m, block_n, split), BH, chunk_heads, grid))
+            found = cupy.asarray(decoded_tiles(schedule, grid, BH, num_m, chunk_heads, pr.hq, pr.group))
         if len(_schedules) >= 64:
             _schedules.clear()
         _schedules[key] = found
@@ -502,6 +513,24 @@ def deal_tiles(key_blocks, BH: int, chunk_heads: int, grid: int) -> np.ndarray:
     order = np.argsort(owner, kind="stable")
     offsets = np.searchsorted(owner[order], np.arange(grid + 1))
     return np.concatenate([offsets, order]).astype(np.int32)
+
+
+def decoded_tiles(schedule: np.ndarray, grid: int, BH: int, num_m: int, chunk_heads: int, Hq: int,
+                  group: int) -> np.ndarray:
+    """``deal_tiles``' schedule with each tile decoded as the kernel's tile_at decodes a tile index (the kernel's
+    FWD90_SCHEDULE reads it so): the grid + 1 offsets, zeros up to a multiple of 4 words (16-byte entries), then
+    per tile (batch, query head, kv head, query block). int32."""
+    offsets, tiles = schedule[:grid + 1], schedule[grid + 1:].astype(np.int64)
+    per_chunk = chunk_heads * num_m
+    chunk, rem = tiles // per_chunk, tiles % per_chunk
+    heads = np.minimum(chunk_heads, BH - chunk * chunk_heads)
+    q = rem // heads
+    bh = chunk * chunk_heads + rem - q * heads
+    b, h = bh // Hq, bh % Hq
+    entries = np.stack([b, h, h // group, num_m - 1 - q], axis=1)
+    head = np.zeros(-(-(grid + 1) // 4) * 4, dtype=np.int64)
+    head[:grid + 1] = offsets
+    return np.concatenate([head, entries.reshape(-1)]).astype(np.int32)
 
 
 def _dq_blocks(pr, cfg) -> tuple[int, int, int]:

@@ -66,12 +66,14 @@ MASK_CODES = {None: 0, "bool": 1, "float16": 2, "bfloat16": 3, "float32": 4}
 @functools.cache
 def compile_options(dtype_name: str, E: int, Ev: int, dropout: bool, cfg: FlashConfig, dkdv_part: int = 3,
                     mask: str | None = None, alibi: bool = False, softcap: bool = False,
-                    mask_grad: bool = False, queue: bool = False, tma_store: bool = False) -> tuple:
+                    mask_grad: bool = False, queue: bool = False, tma_store: bool = False,
+                    scheduled: bool = False) -> tuple:
     """NVRTC/nvcc options of one module; the CPU test compiles the same list with nvcc. ``mask``: the
     attn_mask's kind for the kernels that read one (a key of MASK_CODES); ``alibi``, ``softcap``: the Hopper
     kernels add ALiBi's bias, soft-cap the scores; ``mask_grad``: the Hopper backward stores a float mask's
     gradient; ``queue``: the Hopper forward's CTAs take tiles from a counter (a mask's, or a packed batch's);
-    ``tma_store``: the Hopper forward stores O with TMA (FlashConfig.fwd90_tma_store, where the problem allows)."""
+    ``tma_store``: the Hopper forward stores O with TMA (FlashConfig.fwd90_tma_store, where the problem allows);
+    ``scheduled``: the Hopper forward's tiles are dealt by the host's schedule (launches._scheduled)."""
     return (*(("-DATTN_MASK=%d" % MASK_CODES[mask],) if mask else ()), *(("-DALIBI=1",) if alibi else ()),
             *(("-DSOFTCAP=1",) if softcap else ()), *(("-DMASK_GRAD=1",) if mask_grad else ()),
             *(("-DFWD90_QUEUE=1",) if queue else ()), *(("-DFWD90_TMA_STORE=1",) if tma_store else ()),
@@ -79,6 +81,7 @@ def compile_options(dtype_name: str, E: int, Ev: int, dropout: bool, cfg: FlashC
             *(("-DFWD90_SKIP_IDLE=1",) if cfg.fwd90_skip_idle else ()),
             *(("-DFWD90_WG_BLOCKS=1",) if cfg.fwd90_wg_blocks else ()),
             *(("-DFWD90_SPLIT_LAST=1",) if cfg.fwd90_split_last else ()),
+            *(("-DFWD90_SCHEDULE=1",) if scheduled else ()),
             *((f"-DFWD90_CLUSTER={cfg.fwd90_cluster}",) if cfg.fwd90_cluster > 1 else ()),
             "-std=c++17", "--use_fast_math", f"-DCUSDPA_BF16={int(dtype_name == 'bfloat16')}",
             f"-DHEAD_DIM={E}", f"-DHEAD_DIM_V={Ev}", f"-DIS_DROPOUT={int(dropout)}",
