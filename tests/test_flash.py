@@ -488,6 +488,10 @@ def test_decoded_tiles_name_every_query_block_once(BH, Hq, group, chunk_heads, n
     assert ((b >= 0) & (b < BH // Hq) & (h >= 0) & (h < Hq) & (m >= 0) & (m < num_m)).all()
     assert (kvh == h // group).all()
     assert len({(x, y, z) for x, y, z in zip(b, h, m)}) == BH * num_m
+    tiles = schedule[grid + 1:]  # the query block and head each index stands for in tile_at's order
+    chunk, rem = tiles // (chunk_heads * num_m), tiles % (chunk_heads * num_m)
+    heads = np.minimum(chunk_heads, BH - chunk * chunk_heads)
+    assert (m == num_m - 1 - rem // heads).all() and (b * Hq + h == chunk * chunk_heads + rem % heads).all()
     for c in range(grid):
         mine = entries[schedule[c]:schedule[c + 1]]
         for x, y in {(x, y) for x, y in mine[:, :2]}:
