@@ -490,6 +490,15 @@ def tile_work(pr, num_m: int, block_m: int, block_n: int, split: int = 1) -> np.
     return blocks
 
 
+def _tile_at(tiles: np.ndarray, BH: int, num_m: int, chunk_heads: int) -> tuple[np.ndarray, np.ndarray]:
+    """(batch * head, query block) of each of the Hopper forward's tile indices, in its tile_at's order: heads in
+    chunks of ``chunk_heads``, within a chunk the query blocks from the last, heads innermost."""
+    per_chunk = chunk_heads * num_m
+    chunk, rem = tiles // per_chunk, tiles % per_chunk
+    heads = np.minimum(chunk_heads, BH - chunk * chunk_heads)
+    return chunk * chunk_heads + rem % heads, num_m - 1 - rem // heads
+
+
 def deal_tiles(key_blocks, BH: int, chunk_heads: int, grid: int) -> np.ndarray:
     """The Hopper forward's tiles dealt to ``grid`` CTAs: its tile list (tile_at's order: heads in chunks,
     query blocks from the last, heads innermost) given in turn to the CTA with the least work so far, a
@@ -500,10 +509,7 @@ def deal_tiles(key_blocks, BH: int, chunk_heads: int, grid: int) -> np.ndarray:
     order."""
     num_m = len(key_blocks)
     tiles = np.arange(BH * num_m)
-    per_chunk = chunk_heads * num_m
-    chunk, rem = tiles // per_chunk, tiles % per_chunk
-    heads = np.minimum(chunk_heads, BH - chunk * chunk_heads)
-    work = np.asarray(key_blocks)[num_m - 1 - rem // heads] + 1
+    work = np.asarray(key_blocks)[_tile_at(tiles, BH, num_m, chunk_heads)[1]] + 1
     loads = [(0, c) for c in range(grid)]
     owner = np.empty(len(tiles), dtype=np.int64)
     for t, w in enumerate(work.tolist()):
@@ -517,17 +523,13 @@ def deal_tiles(key_blocks, BH: int, chunk_heads: int, grid: int) -> np.ndarray:
 
 def decoded_tiles(schedule: np.ndarray, grid: int, BH: int, num_m: int, chunk_heads: int, Hq: int,
                   group: int) -> np.ndarray:
-    """``deal_tiles``' schedule with each tile decoded as the kernel's tile_at decodes a tile index (the kernel's
-    FWD90_SCHEDULE reads it so): the grid + 1 offsets, zeros up to a multiple of 4 words (16-byte entries), then
-    per tile (batch, query head, kv head, query block). int32."""
+    """``deal_tiles``' schedule with each tile decoded (``_tile_at``, as the kernel's tile_at decodes a tile index;
+    the kernel's FWD90_SCHEDULE reads it so): the grid + 1 offsets, zeros up to a multiple of 4 words (16-byte
+    entries), then per tile (batch, query head, kv head, query block). int32."""
     offsets, tiles = schedule[:grid + 1], schedule[grid + 1:].astype(np.int64)
-    per_chunk = chunk_heads * num_m
-    chunk, rem = tiles // per_chunk, tiles % per_chunk
-    heads = np.minimum(chunk_heads, BH - chunk * chunk_heads)
-    q = rem // heads
-    bh = chunk * chunk_heads + rem - q * heads
+    bh, m = _tile_at(tiles, BH, num_m, chunk_heads)
     b, h = bh // Hq, bh % Hq
-    entries = np.stack([b, h, h // group, num_m - 1 - q], axis=1)
+    entries = np.stack([b, h, h // group, m], axis=1)
     head = np.zeros(-(-(grid + 1) // 4) * 4, dtype=np.int64)
     head[:grid + 1] = offsets
     return np.concatenate([head, entries.reshape(-1)]).astype(np.int32)
