@@ -1221,6 +1221,26 @@ flash_fwd_sm90(const __grid_constant__ TmaMap tm_q, const __grid_constant__ TmaM
 #endif
         }
 
+        // The rows' sums (l_i[r] from here on), their reciprocals -- with dropout's 1 / (1 - p) -- and empty rows.
+        // A row that sees no key (l = 0) stores 0, not acc * 0, which is NaN after 0 * NaN of a V row another row
+        // sees: its accumulators are cleared, in a warp that holds such a row only (l = NaN, from a NaN or +inf
+        // score, stays NaN).
+        bool empty[2];
+        float inv[2];
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+            l_i[r] += __shfl_xor_sync(0xffffffffu, l_i[r], 1);
+            l_i[r] += __shfl_xor_sync(0xffffffffu, l_i[r], 2);
+            empty[r] = l_i[r] == 0.f;
+            inv[r] = empty[r] ? 0.f : rp_dropout / l_i[r];
+        }
+        if (__any_sync(0xffffffffu, empty[0] || empty[1])) {
+#pragma unroll
+            for (int x = 0; x < VT * 4; ++x) acc[x] = empty[(x / 2) % 2] ? 0.f : acc[x];
+        }
+        auto o_pair = [&](int vt, int r) {  // this thread's columns vt * 8 + 2 t4 and the next of row i + 8 r
+            return pack2<IS_BF16>(acc[vt * 4 + 2 * r] * inv[r], acc[vt * 4 + 2 * r + 1] * inv[r]);
+        };
 #if FWD90_TMA_STORE
         // O through this warpgroup's staging buffer in shared memory, then one TMA store per column chunk,
         // which runs on while the warpgroup goes on to its next tile (the store clips rows past L). The
@@ -1229,41 +1249,21 @@ flash_fwd_sm90(const __grid_constant__ TmaMap tm_q, const __grid_constant__ TmaM
         const bool leader = threadIdx.x % 128 == 0;
         if (leader) bulk_wait<true>();
         named_sync<128>(BAR_EPILOGUE + cw);
-#endif
+        // Into the buffer by stmatrix, two column blocks of both rows an instruction: lane l gives row l % 8
+        // (+ 8 for odd l / 8) of column block vt + l / 16. Its address is found once: the column block's 16-byte
+        // chunk enters the swizzle by XOR (vt even: it leaves bit 4, l / 16's, alone).
+        {
+            static_assert(VT % 2 == 0, "column blocks in pairs");
+            constexpr int CHUNK_COLS = V_SW / 2;
+            const int q = lane / 8;
+            const u32 base = smem_u32(sOwg);
+            const u32 row_chunk = swizzled<V_SW>(((warp % 4) * 16 + lane % 8 + 8 * (q % 2)) * V_SW + (q / 2) * 16);
 #pragma unroll
-        for (int r = 0; r < 2; ++r) {
-            float l = l_i[r];
-            l += __shfl_xor_sync(0xffffffffu, l, 1);
-            l += __shfl_xor_sync(0xffffffffu, l, 2);
-            // l = 0: the row sees nothing and stores 0, not acc * 0 (NaN after 0 * NaN of a V row another
-            // row sees); l = NaN (a NaN or +inf score) stays NaN.
-            const bool empty = l == 0.f;
-            const float inv = rp_dropout / l;
-            const int row = i + 8 * r;
-            auto o_pair = [&](int vt) {  // this thread's columns vt * 8 + 2 t4 and the next of the row, normalised
-                return pack2<IS_BF16>(empty ? 0.f : acc[vt * 4 + 2 * r] * inv, empty ? 0.f : acc[vt * 4 + 2 * r + 1] * inv);
-            };
-#if FWD90_TMA_STORE
-            const u32 row_off = ((warp % 4) * 16 + g + 8 * r) * V_SW;  // the row within the warpgroup's 64
-#pragma unroll
-            for (int vt = 0; vt < VT; ++vt) {
-                constexpr int CHUNK_COLS = V_SW / 2;
-                const int col = vt * 8 + 2 * t4;
-                const u32 off = (col / CHUNK_COLS) * 64 * V_SW + swizzled<V_SW>(row_off + (col % CHUNK_COLS) * 2);
-                *reinterpret_cast<u32*>(sOwg + off) = o_pair(vt);
+            for (int vt = 0; vt < VT; vt += 2) {
+                const u32 off = (vt * 8 / CHUNK_COLS) * 64 * V_SW + (row_chunk ^ (vt % (CHUNK_COLS / 8)) * 16);
+                stmatrix_x4(base + off, o_pair(vt, 0), o_pair(vt, 1), o_pair(vt + 1, 0), o_pair(vt + 1, 1));
             }
-            if (row < sl.L && t4 == 0)
-                lseb[row] = empty ? -CUSDPA_INF : NATURAL ? m_i[r] + log2f(l) * LN2 : (m_i[r] + log2f(l)) * LN2;
-#else
-            if (row < sl.L) {
-#pragma unroll
-                for (int vt = 0; vt < VT; ++vt) *reinterpret_cast<u32*>(ob + row * o_sm + vt * 8 + 2 * t4) = o_pair(vt);
-                if (t4 == 0)
-                    lseb[row] = empty ? -CUSDPA_INF : NATURAL ? m_i[r] + log2f(l) * LN2 : (m_i[r] + log2f(l)) * LN2;
-            }
-#endif
         }
-#if FWD90_TMA_STORE
         fence_proxy_async();  // the generic-proxy writes, before the async proxy reads them
         named_sync<128>(BAR_EPILOGUE + cw);
         if (leader) {
@@ -1272,7 +1272,22 @@ flash_fwd_sm90(const __grid_constant__ TmaMap tm_q, const __grid_constant__ TmaM
                 tma_store(sOwg + c * 64 * V_SW, tm_o, c * (V_SW / 2), sl.start_q + mw, sl.h * o_hm, sl.b * o_bm);
             bulk_commit();
         }
+#else
+#pragma unroll
+        for (int r = 0; r < 2; ++r)
+            if (i + 8 * r < sl.L) {
+#pragma unroll
+                for (int vt = 0; vt < VT; ++vt)
+                    *reinterpret_cast<u32*>(ob + (i + 8 * r) * o_sm + vt * 8 + 2 * t4) = o_pair(vt, r);
+            }
 #endif
+        // lse after O (with TMA stores, after their issue: no fence waits for these global stores)
+#pragma unroll
+        for (int r = 0; r < 2; ++r)
+            if (i + 8 * r < sl.L && t4 == 0)
+                lseb[i + 8 * r] = empty[r] ? -CUSDPA_INF
+                                  : NATURAL  ? m_i[r] + log2f(l_i[r]) * LN2
+                                             : (m_i[r] + log2f(l_i[r])) * LN2;
         ph.to(PH_EPILOGUE);
     }
     // The last consumer opened the first one's barrier once more than the first consumer waited on it.

@@ -173,6 +173,16 @@ __device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_grou
 template <int N>
 __device__ __forceinline__ void wgmma_wait() { asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory"); }
 // After the wait: tell the compiler the accumulators change here, so no read of them moves above it.
+// Four 8x8 matrices of 16-bit elements from the warp's registers into shared memory (stmatrix): register q of
+// every thread holds its pair of matrix q -- row lane / 4, columns 2 (lane % 4) and the next, an mma
+// accumulator fragment's layout -- and lane l gives the address of row l % 8 of matrix l / 8 (16 bytes, which
+// a 16-byte swizzle keeps together). One instruction where the same stores take four 32-bit ones.
+__device__ __forceinline__ void stmatrix_x4(u32 addr, u32 a, u32 b, u32 c, u32 d) {
+    asm volatile("stmatrix.sync.aligned.m8n8.x4.shared.b16 [%0], {%1, %2, %3, %4};\n" ::"r"(addr), "r"(a), "r"(b),
+                 "r"(c), "r"(d)
+                 : "memory");
+}
+
 // Before wgmma.fence, the same pins the last definition of a wgmma's input registers: a register move
 // the compiler sinks between wgmma.fence and the wgmma makes ptxas serialise the wgmmas (C7513).
 template <int N>
