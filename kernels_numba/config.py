@@ -97,12 +97,14 @@ class KernelConfig:
       along the keys and 16-byte aligned and the tile fits 48 KiB beside the others (tensor_core.mask_tile_fits),
       instead of each thread loading its scores' elements from global memory when the scores are ready. Not yet
       measured.
-    head_major_grid: the tensor_core kernels' blocks in head-major order: consecutive blocks take the query
-      blocks (dk/dv: key blocks) of one (batch, head), heaviest first, so the blocks that read one head's K and V
-      (Q and dO) run together and share them through the L2 cache, as PyTorch's EFFICIENT_ATTENTION orders
-      its grid; off: heads fastest, a head's blocks a wave apart, each reading its K and V from DRAM where the
-      heads in flight hold more than L2 (B = 16 H = 16 L = 1024 E = 128: 256 heads of 512 KiB). Off until
-      measured on a GPU.
+    head_major_grid: the tensor_core kernels' blocks in head-major order where every block of a head does the same
+      work (no causal band or window; tensor_core.head_major): consecutive blocks take the query blocks (dk/dv:
+      key blocks) of one (batch, head), so the blocks that read one head's K and V (Q and dO) run together and
+      share them through the L2 cache, as PyTorch's EFFICIENT_ATTENTION orders its grid; else, and under a band,
+      heads fastest, heaviest first, a head's blocks a wave apart. On the H100 (bf16, three runs a side at B = 4
+      L = 4096 Hq * E = 2048): the forward at head dim 128 +11%, 64 +2.5%, the backward at 64 +5%, 128 +2%;
+      under a causal band the backward at 128 lost 7% (and the forward at B = 16 L = 1024 head dim 64 lost 7%
+      once), hence not there (BENCHMARKS.md).
     prepared_launches: a call whose argument signature was seen launches each kernel through
       ``cuLaunchKernel`` with its arguments flattened (kernels_numba.launcher), not through Numba's
       dispatcher (on the H200, tests/test_efficient_gpu.py -k prepared; off: Numba's path for every call).
@@ -126,7 +128,7 @@ class KernelConfig:
     fused_backward_head_dim: int = 64
     tensor_core_block_n: int = 0
     tensor_core_mask_tiles: bool = False
-    head_major_grid: bool = False
+    head_major_grid: bool = True
 
     @property
     def tensor_core_registers(self) -> int:

@@ -296,6 +296,16 @@ def _block_of(head_major, rows, extent, x, y, grid_y):
     return slice_, (count - 1 - block if rows < 0 else block) * step
 
 
+def head_major(pr, cfg) -> bool:
+    """Whether ``pr``'s tensor_core kernels take the head-major grid (``_block_of``): KernelConfig.head_major_grid
+    where every block of a head does the same work -- no causal band or window -- so that a head's blocks run
+    together and share its K and V (Q and dO) through L2. Under a band the heads-fastest grid, every head's
+    heaviest blocks first, balanced better (bf16 on an H100: head-major lost 7% in the causal backward at L = 4096
+    E = 128 and in the causal forward at B = 16 L = 1024 E = 64, where it gained 2-13% without a band;
+    BENCHMARKS.md)."""
+    return cfg.head_major_grid and pr.window_bounds == (-1, -1)
+
+
 def _grid(slices: int, rows: int, extent: int, head_major: bool) -> tuple:
     """The grid of ``_block_of``."""
     return (slices * cdiv(extent, rows), 1) if head_major else (slices, cdiv(extent, rows))
@@ -347,7 +357,7 @@ def forward(pr, views, out_v, lse_v, device, structure, cfg):
     head_dim, elem = head_dim_for(pr.E, pr.Ev), elem_of(pr)
     kernel = _kernel(head_dim, elem, pr.dropout_p > 0, mask_kind_of(pr),
                      registers_for(head_dim, elem, cfg.tensor_core_registers, forward=True),
-                     forward_block_n(head_dim, elem, cfg.tensor_core_block_n), cfg.head_major_grid,
+                     forward_block_n(head_dim, elem, cfg.tensor_core_block_n), head_major(pr, cfg),
                      cfg.tensor_core_mask_tiles and pr.mask_kind is not None, cfg.tensor_core_fp32_fast_split)
     q, qs = _address_and_strides(views.q)
     k, ks = _address_and_strides(views.k)
@@ -357,7 +367,7 @@ def forward(pr, views, out_v, lse_v, device, structure, cfg):
     mask, ms = _address_and_strides(views.mask)
     ms = ms + (views.mask.itemsize,)
     varlen = pr.varlen is not None
-    grid = _grid(views.n_batch * pr.hq, BLOCK_M, pr.L, cfg.head_major_grid)
+    grid = _grid(views.n_batch * pr.hq, BLOCK_M, pr.L, head_major(pr, cfg))
     launcher.launch(kernel, grid, THREADS, device,
                     (q, qs[:5], k, ks[:5], v, vs[:5], out, os_[:5], lse, ls, mask, ms, views.cu_q, views.cu_k, varlen,
                      views.nb1, views.nb2, pr.hq, pr.group, pr.L, pr.S, pr.E, pr.Ev, pr.scale, pr.lower_right, left,
@@ -461,8 +471,9 @@ def backward(pr, views, arrays, dmask_v, device, structure, cfg, dq_accum=None):
     head_dim, elem = head_dim_for(pr.E, pr.Ev), elem_of(pr)
     fused = dq_accum is not None
     parts = col_parts(head_dim, elem)  # 1 wherever the backward fuses
+    major = head_major(pr, cfg)
     instance = (head_dim, elem, pr.dropout_p > 0, mask_kind_of(pr),
-                registers_for(head_dim, elem, cfg.tensor_core_registers, forward=False), cfg.head_major_grid, parts,
+                registers_for(head_dim, elem, cfg.tensor_core_registers, forward=False), major, parts,
                 cfg.tensor_core_mask_tiles and pr.mask_kind is not None, cfg.tensor_core_fp32_fast_split)
     shared_scores = cfg.tensor_core_shared_scores and parts == 2  # (tile_loop_source checks too)
     (q, qs), (k, ks), (v, vs), (mask, ms) = (_address_and_strides(x) for x in (views.q, views.k, views.v, views.mask))
@@ -485,12 +496,12 @@ def backward(pr, views, arrays, dmask_v, device, structure, cfg, dq_accum=None):
                         (layout.bits(out_v), layout.bits(dout_v), delta_v, dq_accum))
         dqa, dqas = _address_and_strides(dq_accum)
     else:
-        grid = _grid(views.n_batch * pr.hq, rows, pr.L, cfg.head_major_grid)
+        grid = _grid(views.n_batch * pr.hq, rows, pr.L, major)
         launcher.launch(_dq_kernel(*instance, shared_scores), grid, THREADS, device,
                         (q, qs[:5], k, ks[:5], v, vs[:5], dout, dos[:5], out, os_[:5], lse, ls, delta, dls, dq,
                          dqs[:5], dmask, dms, mask, ms, *common, pr.hq, pr.group, *tail))
         dqa, dqas = 0, (0,) * 5
-    grid = _grid(views.n_batch * pr.hkv, rows, pr.S, cfg.head_major_grid)
+    grid = _grid(views.n_batch * pr.hkv, rows, pr.S, major)
     kind = "fused" if fused else "dkdv"
     dynamic = takes_dynamic(head_dim, elem, kind, cfg.tensor_core_dynamic_smem)
     smem = dynamic_bytes(head_dim, elem, kind, instance[3], instance[7], shared_scores) if dynamic else 0

@@ -488,6 +488,20 @@ def test_fused_backward_keeps_whole_rows_per_warp(monkeypatch, rng):
     assert _route(monkeypatch, rng, shapes, None, np.float16, fused_head_dim=128) == ["tensor_core"]
 
 
+@pytest.mark.parametrize("options, major", [
+    ({}, True), ({"mask": "bool"}, True), ({"dropout_p": 0.1}, True), ({"varlen": ((5, 7), (9, 3))}, True),
+    ({"causal": "upper_left"}, False), ({"causal": "lower_right"}, False), ({"window": (4, 4)}, False),
+    ({"window": (-1, 0)}, False)])
+def test_the_head_major_grid_only_where_a_head_s_blocks_do_equal_work(options, major, rng):
+    """tensor_core.head_major: KernelConfig.head_major_grid (the default) where no causal band or window makes a
+    head's blocks unequal; under one, heads fastest, heaviest first; never with the knob off."""
+    from kernels_numba import KernelConfig, tensor_core
+
+    pr = harness.build(harness.Case("bfloat16", **options), np, rng)
+    assert tensor_core.head_major(pr, KernelConfig()) == major
+    assert not tensor_core.head_major(pr, KernelConfig(head_major_grid=False))
+
+
 def _output_layouts(B, H, L, E):
     z = np.zeros
     return {"contiguous": z((B, H, L, E)), "token_major": z((B, L, H, E)).transpose(0, 2, 1, 3),
