@@ -12,13 +12,14 @@
 // dkdv: 64 keys (16 per warp), K as A fragments in registers and V in shared memory; per step of EFF_BLOCK_N
 //     (32; 16 for fp32 past head dim 64, to fit shared memory) queries of each query head of the GQA group S^T = K Q^T and dP^T = V dO^T, then dV += (P o Z)^T dO
 //     and dK += dS^T Q.
-// dkdv with EFF_FUSED (16-bit types): dQ too, so one kernel runs the five products FlashAttention-2's backward
-//     needs instead of seven: K also in shared memory (non-finite values zeroed, as for the dq kernel), each
-//     step's dS^T written there transposed, dQ += dS K over the block's 64 keys, and the step's rows added into
-//     an fp32 accumulator with atomics (four-wide vector reductions on sm_90). The order of those adds varies run to
-//     run: the non-deterministic backward, as PyTorch's EFFICIENT_ATTENTION and FLASH's default are; a
-//     pre-pass writes D and zeroes the accumulator, a post-pass scales and rounds it into dq
-//     (kernels_numba/dq_accumulate.py). 16 queries a step at head dim 128, to fit 48 KiB.
+// dkdv with EFF_FUSED (whole rows per warp): dQ too, so one kernel runs the five products FlashAttention-2's
+//     backward needs instead of seven: K also in shared memory (non-finite values zeroed, as for the dq kernel),
+//     each step's dS^T written there transposed, dQ += dS K over the block's 64 keys, and the step's rows added
+//     into an fp32 accumulator with atomics (four-wide vector reductions on sm_90). The order of those adds varies
+//     run to run: the non-deterministic backward, as PyTorch's EFFICIENT_ATTENTION and FLASH's default are; a
+//     pre-pass writes D and zeroes the accumulator (16-bit types: kernels_numba/dq_accumulate.py; fp32: the dq
+//     kernel over no keys, whose D is exact where a row sees one key), a post-pass scales and rounds it into dq.
+//     16 queries a step at head dim 128 (fp32: at every head dim) in static shared memory, to fit 48 KiB.
 // EFF_MASK_TILE: the mask's elements of each tile pair staged in shared memory with the operand tiles (MaskTile,
 //     as the forward's), where the mask's rows allow it.
 // Column parts (EFF_COL_PARTS = 2) for head dims whose three fragment sets would not fit a thread's registers
@@ -414,11 +415,9 @@ __device__ void backward_dkdv(const BwdArgs& a) {
   EFF_SHARED(unsigned char, mask_tile, Tile::BYTES);
 #endif
 #if EFF_FUSED
-  static_assert((EFF_ELEM == ELEM_F16 || EFF_ELEM == ELEM_BF16) && COL_PARTS == 1,
-                "the fused dQ product is written for 16-bit types, whole rows per warp");
-  constexpr bool BF16 = EFF_ELEM == ELEM_BF16;
+  static_assert(COL_PARTS == 1, "the fused dQ product is written for whole rows per warp");
   constexpr int DS_STRIDE = BLOCK_ROWS + VEC;  // ds_tile: [query][key], 64 keys (+16 bytes: ldmatrix's rows
-                                                // fall on distinct banks)
+                                                // fall on distinct banks; fp32's writes too)
   EFF_SHARED(Elem, k_tile, BLOCK_ROWS * STRIDE);  // the block's K rows: dQ = dS K's B operand
   EFF_SHARED(Elem, ds_tile, BLOCK_M * DS_STRIDE);
 #endif
@@ -564,13 +563,18 @@ __device__ void backward_dkdv(const BwdArgs& a) {
         Ops::set_operand(pf_mine, h, pz);
         Ops::set_operand(sf_mine, h, ds);
 #if EFF_FUSED
-        // dS^T's elements of this n8 tile (keys key0, key0 + 8; queries col, col + 1) into ds_tile[query][key],
-        // rounded as the products take them (set_operand's pairs)
+        // dS^T's elements of this n8 tile (keys key0, key0 + 8; queries col, col + 1) into ds_tile[query][key]:
+        // 16-bit rounded as the products take them (set_operand's pairs), fp32 as they are (the product splits
+        // them as dK's does)
 #pragma unroll
         for (int x = 0; x < 4; ++x) {
+          Elem& at = ds_tile[(nt * 8 + 2 * t + x % 2) * DS_STRIDE + rg * 16 + g + (x / 2) * 8];
+#if EFF_ELEM >= 2
+          at = ds[x];
+#else
           const u32 pair = sf.r[nt][x / 2];
-          ds_tile[(nt * 8 + 2 * t + x % 2) * DS_STRIDE + rg * 16 + g + (x / 2) * 8] =
-              (u16)(x % 2 ? pair >> 16 : pair & 0xffffu);
+          at = (u16)(x % 2 ? pair >> 16 : pair & 0xffffu);
+#endif
         }
 #endif
       }
@@ -586,11 +590,28 @@ __device__ void backward_dkdv(const BwdArgs& a) {
         // HEAD_DIM / PARTS-wide slice of the columns
         constexpr int ROW_GROUPS = BLOCK_M / 16, PARTS = EFF_WARPS / ROW_GROUPS, COLS = HEAD_DIM / PARTS;
         constexpr int DT = COLS / 8;
-        static_assert(DT % 2 == 0, "B fragments are read two n8 tiles at a time");
         const int qr = (warp % ROW_GROUPS) * 16, c0 = (warp / ROW_GROUPS) * COLS;
         float dq[DT][4];
 #pragma unroll
         for (int d = 0; d < DT; ++d) dq[d][0] = dq[d][1] = dq[d][2] = dq[d][3] = 0.f;
+#if EFF_ELEM >= 2
+        {
+          // fp32: dS's rows as A operands in set_operand's order (an n8 tile's C fragment: rows qr + g and
+          // qr + g + 8, keys 2t and 2t + 1 of each 8), K's rows read by product_pb in that order; K was kept
+          // finite above, so its split takes the fast path where EFF_FAST_SPLIT allows
+          Ops::PFrag<BLOCK_ROWS / 8> dsf;
+#pragma unroll
+          for (int kk = 0; kk < BLOCK_ROWS / 8; ++kk) {
+            const float2 lo = *reinterpret_cast<const float2*>(ds_tile + (qr + g) * DS_STRIDE + kk * 8 + 2 * t);
+            const float2 hi = *reinterpret_cast<const float2*>(ds_tile + (qr + g + 8) * DS_STRIDE + kk * 8 + 2 * t);
+            const float c[4] = {lo.x, lo.y, hi.x, hi.y};
+            Ops::set_operand(dsf, kk, c);
+          }
+          EFF_SPLIT_BY(true, (Ops::product_pb<HEAD_DIM, BLOCK_ROWS / 8, COLS, FAST>(dq, dsf, k_tile + c0, lane)));
+        }
+#else
+        constexpr bool BF16 = EFF_ELEM == ELEM_BF16;
+        static_assert(DT % 2 == 0, "B fragments are read two n8 tiles at a time");
 #pragma unroll
         for (int ks = 0; ks < BLOCK_ROWS / 16; ++ks) {
           u32 af[4];
@@ -604,6 +625,7 @@ __device__ void backward_dkdv(const BwdArgs& a) {
             mma_16816<BF16>(dq[d + 1], af, b[2], b[3]);
           }
         }
+#endif
         // Four consecutive columns per reduction: lanes t and t ^ 1 trade halves, the even one then holds row g,
         // columns 2t .. 2t + 3, the odd one row g + 8, columns 2t - 2 .. 2t + 1.
         const bool even = (t & 1) == 0;

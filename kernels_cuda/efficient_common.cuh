@@ -556,20 +556,22 @@ struct Tf32Ops {
   // error on the H200); rounded to nearest the additions' errors cancel as fp32's do. Two column tiles at a
   // time take their passes in turn, as abt_kstep's tiles do (each fragment its terms in the same order): on the
   // H100 fp32 head dim 128 +2-3% forward and backward, 96 forward +10-12%, 32 and 64 the same (BENCHMARKS.md).
+  // (An odd last column tile, the fused backward's dQ slice at head dims 32 and 96, goes alone.)
   template <int HEAD_DIM, int RT, int COLS = HEAD_DIM, bool FAST = false>
   static __device__ __forceinline__ void product_pb(float (&acc)[COLS / 8][4], const PFrag<RT>& pf,
                                                     const float* tile, int lane) {
     constexpr int STRIDE = HEAD_DIM + VEC;
-    static_assert(COLS % 16 == 0, "column tiles in pairs");
+    static_assert(COLS % 8 == 0, "whole column tiles");
     const int g = lane / 4, t = lane % 4;
 #pragma unroll
     for (int kk = 0; kk < RT; ++kk) {
       const Split as[4] = {split(pf.r[kk][0]), split(pf.r[kk][1]), split(pf.r[kk][2]), split(pf.r[kk][3])};
 #pragma unroll
       for (int d0 = 0; d0 < COLS / 8; d0 += 2) {
+        const int w = COLS / 8 - d0 < 2 ? 1 : 2;  // column tiles of this step (known once unrolled)
         Split b0[2], b1[2];
 #pragma unroll
-        for (int j = 0; j < 2; ++j) {
+        for (int j = 0; j < w; ++j) {
           const float* b = tile + (kk * 8 + 2 * t) * STRIDE + (d0 + j) * 8 + g;
           b0[j] = split<false, FAST>(b[0]);
           b1[j] = split<false, FAST>(b[STRIDE]);
@@ -579,16 +581,16 @@ struct Tf32Ops {
 #pragma unroll
           for (int pass = 0; pass < 2; ++pass)
 #pragma unroll
-            for (int j = 0; j < 2; ++j) small_term<false>(step[j], as, b0[j], b1[j], pass);
+            for (int j = 0; j < w; ++j) small_term<false>(step[j], as, b0[j], b1[j], pass);
 #pragma unroll
-          for (int j = 0; j < 2; ++j) {
+          for (int j = 0; j < w; ++j) {
             big_term(step[j], as, b0[j], b1[j]);
 #pragma unroll
             for (int i = 0; i < 4; ++i) acc[d0 + j][i] += step[j][i];
           }
         } else {
 #pragma unroll
-          for (int j = 0; j < 2; ++j) big_term(acc[d0 + j], as, b0[j], b1[j]);
+          for (int j = 0; j < w; ++j) big_term(acc[d0 + j], as, b0[j], b1[j]);
         }
       }
     }

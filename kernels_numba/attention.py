@@ -175,10 +175,12 @@ def fuses(pr, cfg, deterministic: bool) -> bool:
 
 
 def _fusable(pr, cfg, deterministic: bool) -> bool:
-    """Whether a tensor_core backward of ``pr`` runs fused: 16-bit types up to KernelConfig.fused_backward_head_dim
-    (whole rows per warp: tensor_core.col_parts), a backward not asked to be deterministic."""
-    return (not deterministic and layout.dtype_name(pr.dtype) in ("float16", "bfloat16")
-            and tensor_core.head_dim_for(pr.E, pr.Ev) <= cfg.fused_backward_head_dim)
+    """Whether a tensor_core backward of ``pr`` runs fused: head dims up to KernelConfig.fused_backward_head_dim
+    that a warp takes in whole rows (tensor_core.col_parts: 16-bit up to 128, fp32 up to 96), a backward not
+    asked to be deterministic."""
+    head_dim = tensor_core.head_dim_for(pr.E, pr.Ev)
+    return (not deterministic and head_dim <= cfg.fused_backward_head_dim
+            and tensor_core.col_parts(head_dim, layout.dtype_name(pr.dtype)) == 1)
 
 
 def dq_accum_elements(pr) -> int:
@@ -223,7 +225,7 @@ def backward(pr, out, lse, dout, grads=None, config=None, delta=None, determinis
     A float mask's gradient is computed when ``grads`` is None or holds a fourth array for it (the torch op
     passes three when the mask requires no gradient). ``delta``: a float32 array shaped like lse for the
     kernels' per-row D (allocated when None; a plan passes its own). Bit-identical run to run (no atomics)
-    except where the tensor_core backward of 16-bit types runs fused (fuses: KernelConfig.fused_backward_head_dim,
+    except where the tensor_core backward runs fused (fuses: KernelConfig.fused_backward_head_dim,
     not ``deterministic``), adding dQ into an fp32 accumulator with atomics: ``dq_accum``, a float32 array of at least
     ``dq_accum_elements(pr)`` elements (allocated when None; a plan passes its own workspace).
 

@@ -127,12 +127,12 @@ def backward_rows(parts: int) -> int:
 
 def dkdv_block_m(head_dim: int, elem: str = "float16", fused: bool = False, dynamic: bool = False) -> int:
     """Queries per step of the dk/dv kernel: 32; 16 where the Q and dO tiles would not fit 48 KiB beside the
-    block's V rows: fp32 past head dim 64, 16-bit at 256 (32 V rows), the fused kernel at head dim 128 (its
-    K rows and dS tile too: 46 KiB); with ``dynamic`` shared memory (KernelConfig.tensor_core_dynamic_smem) 32
-    everywhere (at most 57 KiB)."""
+    block's V rows: fp32 past head dim 64 and fused (its K rows and dS tile too: 60 KiB at 32 queries, head dim
+    64), 16-bit at 256 (32 V rows), the fused kernel at head dim 128 (46 KiB); with ``dynamic`` shared memory
+    (KernelConfig.tensor_core_dynamic_smem) 32 everywhere (at most 86 KiB: fp32 fused at head dim 96)."""
     if dynamic:
         return 32
-    return 16 if (_wide(elem) and head_dim > 64) or head_dim > 224 or (fused and head_dim > 96) else 32
+    return 16 if (_wide(elem) and (head_dim > 64 or fused)) or head_dim > 224 or (fused and head_dim > 96) else 32
 
 
 def takes_dynamic(head_dim: int, elem: str, kind: str, dynamic: bool) -> bool:
@@ -220,7 +220,7 @@ def tile_loop_source(head_dim: int, elem: str, kind: str, dropout: bool, mask_ki
                      block_n: int = 0, mask_tile: bool = False, fast_split: bool = False,
                      shared_scores: bool = False, dynamic: bool = False) -> tuple[str, str]:
     """(C entry name, CUDA source) of one tile loop: ``kind`` "forward", "dq", "dkdv" or "fused" (dk/dv with dQ
-    added into an fp32 accumulator, 16-bit types), for a padded head dim of HEAD_DIMS and an element family of
+    added into an fp32 accumulator, whole rows per warp), for a padded head dim of HEAD_DIMS and an element family of
     ELEMS, with dropout or not and a mask of kind ``mask_kind`` (MASK_KINDS' numbers, 0: none) compiled in;
     ``block_n``: the forward's keys per tile (0: forward_block_n's default; the backward's column parts:
     col_parts); ``mask_tile``: the loop stages its mask tiles in shared memory where they fit (mask_tile_fits;
@@ -391,9 +391,10 @@ def _dq_kernel(head_dim: int, elem: str, dropout: bool, mask_kind: int, register
     @cuda.jit(max_registers=registers)
     def attention_dq_tc(q, qs, k, ks, v, vs, dout, dos, out, os_, lse, ls, delta, dls, dq, dqs, dmask, dms, mask, ms,
                         cu_q, cu_k, varlen, nb1, nb2, hq, group, L, S, E, Ev, scale, lower_right, left, right,
-                        seed_lo, seed_hi, offset, threshold, rescale):
+                        seed_lo, seed_hi, offset, threshold, rescale, keys):
         """One block per (batch-head, ``rows`` query rows); writes D and, where dmask is not 0 (an address), the
-        float mask's gradient of each score."""
+        float mask's gradient of each score. ``keys`` 0: D alone (the fused fp32 backward's D pass), the slice
+        taken as holding no keys, so that no key block runs and dQ's rows are written as zeros."""
         # the heaviest (causal) blocks first
         bh, m_first = _block_of(head_major, -rows, L, cuda.blockIdx.x, cuda.blockIdx.y, cuda.gridDim.y)
         h = bh % hq
@@ -412,9 +413,10 @@ def _dq_kernel(head_dim: int, elem: str, dropout: bool, mask_kind: int, register
             dmask_at = _at(dmask, dms[6], dms, b0, b1, b2, h, 0)
         mask_at = _at(mask, ms[6], ms, b0, b1, b2, h, 0)
         shift = S_b - L_b if lower_right else 0
+        keys_b = S_b if keys else 0
         tile_loop(q_at, qs[4], k_at, ks[4], v_at, vs[4], do_at, dos[4], out_at, os_[4], lse_at, ls[4], delta_at,
                   dls[4], dq_at, dqs[4], 0, 0, dmask_at, dms[4], dms[5], mask_at, ms[4], ms[5], 0, 0, 0, 0, 0,
-                  m_first, L_b, S_b, E, Ev, shift, left, right, np.float32(scale), bh, 1, 1, 1, seed_lo,
+                  m_first, L_b, keys_b, E, Ev, shift, left, right, np.float32(scale), bh, 1, 1, 1, seed_lo,
                   seed_hi, offset, threshold, np.float32(rescale), 0, 0, 0)
 
     return attention_dq_tc
@@ -464,9 +466,10 @@ def backward(pr, views, arrays, dmask_v, device, structure, cfg, dq_accum=None):
     dmask_v the float mask's gradient where each element belongs to one score, else None. D goes into
     delta for the dmask kernel too.
 
-    With ``dq_accum`` (a 6-D fp32 view shaped like dq with the padded head dim, 16-bit types, no dmask_v): the
-    fused kernel, between a pre-pass (D, the accumulator zeroed) and a post-pass (dq from it); else the dq
-    kernel, then the dk/dv kernel."""
+    With ``dq_accum`` (a 6-D fp32 view shaped like dq with the padded head dim, no dmask_v): the fused kernel,
+    between a pre-pass (D, the accumulator zeroed: 16-bit types by dq_accumulate, fp32 by the dq kernel without
+    its keys, whose D is exact where a row sees one key) and a post-pass (dq from it); else the dq kernel, then
+    the dk/dv kernel."""
     _, _, left, right, seed_lo, seed_hi, offset, threshold, rescale = structure
     head_dim, elem = head_dim_for(pr.E, pr.Ev), elem_of(pr)
     fused = dq_accum is not None
@@ -488,18 +491,24 @@ def backward(pr, views, arrays, dmask_v, device, structure, cfg, dq_accum=None):
     common = (views.cu_q, views.cu_k, varlen, views.nb1, views.nb2)
     tail = (pr.L, pr.S, pr.E, pr.Ev, pr.scale, pr.lower_right, left, right, seed_lo, seed_hi, offset, threshold, rescale)
     rows = backward_rows(parts)
+    def dq_kernel(into, strides, keys):  # the dq kernel, writing dQ's rows at ``into``
+        launcher.launch(_dq_kernel(*instance, shared_scores), _grid(views.n_batch * pr.hq, rows, pr.L, major),
+                        THREADS, device, (q, qs[:5], k, ks[:5], v, vs[:5], dout, dos[:5], out, os_[:5], lse, ls, delta,
+                                          dls, into, strides[:5], dmask, dms, mask, ms, *common, pr.hq, pr.group,
+                                          *tail, keys))
+
     if fused:
         bf16 = elem == "bfloat16"
         dout_v, out_v, _, delta_v, dq_v = arrays[:5]
         blocks = cdiv(dq_accumulate.rows(dq_accum), dq_accumulate.THREADS)
-        launcher.launch(dq_accumulate.prepare_kernel(bf16), blocks, dq_accumulate.THREADS, device,
-                        (layout.bits(out_v), layout.bits(dout_v), delta_v, dq_accum))
         dqa, dqas = _address_and_strides(dq_accum)
+        if _wide(elem):  # fp32's D as the dq kernel takes it (on dP's fragments: exact where a row sees one key)
+            dq_kernel(dqa, dqas, 0)
+        else:
+            launcher.launch(dq_accumulate.prepare_kernel(bf16), blocks, dq_accumulate.THREADS, device,
+                            (layout.bits(out_v), layout.bits(dout_v), delta_v, dq_accum))
     else:
-        grid = _grid(views.n_batch * pr.hq, rows, pr.L, major)
-        launcher.launch(_dq_kernel(*instance, shared_scores), grid, THREADS, device,
-                        (q, qs[:5], k, ks[:5], v, vs[:5], dout, dos[:5], out, os_[:5], lse, ls, delta, dls, dq,
-                         dqs[:5], dmask, dms, mask, ms, *common, pr.hq, pr.group, *tail))
+        dq_kernel(dq, dqs, 1)
         dqa, dqas = 0, (0,) * 5
     grid = _grid(views.n_batch * pr.hkv, rows, pr.S, major)
     kind = "fused" if fused else "dkdv"

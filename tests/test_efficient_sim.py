@@ -473,7 +473,9 @@ def test_backward_routes_to_the_variant_and_delta_that_serve_it(shapes, mask_sha
     (72, None, np.float16, False, 96, "tensor_core fused"),
     (8, None, np.float16, False, 0, "tensor_core"),  # never
     (8, None, np.float16, True, 64, "tensor_core"),  # atomics vary the bits run to run
-    (8, None, np.float32, False, 64, "tensor_core"),  # the fused loop is written for 16-bit types
+    (8, None, np.float32, False, 64, "tensor_core fused"),  # fp32 too, its D from the dq kernel without keys
+    (96, None, np.float32, False, 128, "tensor_core fused"),
+    (128, None, np.float32, False, 128, "tensor_core"),  # fp32's column parts past 96: no whole rows per warp
     (8, (2, 4, 9, 11), np.float16, False, 64, "tensor_core"),  # the dq kernel writes a float mask's gradient
 ])
 def test_fused_backward_up_to_its_head_dim_where_nondeterminism_is_allowed(E, mask_shape, dtype, deterministic,
@@ -629,12 +631,12 @@ def test_tensor_core_wrappers_compile_for_sm90(head_major, monkeypatch):
     kernels = [(tensor_core._kernel(64, "bfloat16", False, 0, 168, 64, head_major),
                 operand * 4 + (i, t5, i, t7, cu, cu, b, i, i, i, i) + tail, True),
                (tensor_core._dq_kernel(160, "bfloat16", True, 1, 255, head_major, tensor_core.col_parts(160), True),
-                operand * 8 + (i, t7, i, t7, cu, cu, b, i, i, i, i) + tail, True),
+                operand * 8 + (i, t7, i, t7, cu, cu, b, i, i, i, i) + tail + (i,), True),
                (tensor_core._dkdv_kernel(128, "float16", False, 2, 168, head_major, 1, True, False, True),
                 operand * 8 + (i, t7, i, t5, cu, cu, b, i, i, i, i, i) + tail, False),
                # column parts' shared scores (KernelConfig.tensor_core_shared_scores): the last argument of each
                (tensor_core._dq_kernel(128, "float32", False, 0, 255, head_major, 2, False, True, True),
-                operand * 8 + (i, t7, i, t7, cu, cu, b, i, i, i, i) + tail, True),
+                operand * 8 + (i, t7, i, t7, cu, cu, b, i, i, i, i) + tail + (i,), True),
                (tensor_core._dkdv_kernel(160, "bfloat16", True, 1, 255, head_major, 2, True, False, False, True),
                 operand * 8 + (i, t7, i, t5, cu, cu, b, i, i, i, i, i) + tail, False)]
     for kernel, sig, descending in kernels:

@@ -161,20 +161,21 @@ def test_every_kernel_configuration_compiles_with_nvrtc():
 def test_efficient_tile_loops_compile_with_nvrtc():
     """The EFFICIENT backend's linked CUDA C (kernels_cuda/efficient_*.cuh) compiles as Numba compiles it (NVRTC, no
     headers, relocatable device code): forward, dq and dk/dv at each of their padded head dims and element family, and
-    with dropout and each mask kind compiled in at one of them; the fused dk/dv + dQ loop likewise for 16-bit types."""
+    with dropout and each mask kind compiled in at one of them; the fused dk/dv + dQ loop likewise where a warp takes
+    whole rows (16-bit up to head dim 128, fp32 up to 96)."""
     pytest.importorskip("cuda.bindings.nvrtc")
     from kernels_numba import tensor_core
 
     def head_dims(kind, elem):
-        widest = tensor_core.FP32_HEAD_DIM if elem in ("float32", "tf32") else \
-            128 if kind == "fused" else tensor_core.HEAD_DIMS[-1]
-        return [d for d in tensor_core.HEAD_DIMS if d <= widest]
+        widest = tensor_core.FP32_HEAD_DIM if elem in ("float32", "tf32") else tensor_core.HEAD_DIMS[-1]
+        return [d for d in tensor_core.HEAD_DIMS
+                if d <= widest and (kind != "fused" or tensor_core.col_parts(d, elem) == 1)]
 
     kinds = ("forward", "dq", "dkdv")
     jobs = [(head_dim, elem, kind, False, 0)
             for kind in kinds for elem in tensor_core.ELEMS for head_dim in head_dims(kind, elem)]
-    jobs += [(head_dim, elem, "fused", False, 0) for elem in ("float16", "bfloat16")
-             for head_dim in head_dims("fused", elem)]
+    jobs += [(head_dim, elem, "fused", False, 0) for elem in tensor_core.ELEMS for head_dim in head_dims("fused", elem)]
+    jobs += [(64, "float32", "fused", True, mask, 0, False, True, False, True) for mask in (1, 4)]
     jobs += [(64, elem, kind, True, mask) for kind in kinds for elem in ("bfloat16", "float32")
              for mask in range(len(tensor_core.MASK_KINDS) + 1)]
     jobs += [(64, "float16", "fused", True, mask) for mask in range(len(tensor_core.MASK_KINDS) + 1)]
@@ -336,7 +337,7 @@ def test_efficient_dynamic_shared_memory_holds_the_32_query_steps(tmp_path):
             if wide and head_dim > tensor_core.FP32_HEAD_DIM:
                 continue
             for kind in ("dkdv", "fused"):
-                if kind == "fused" and (wide or head_dim > 128):
+                if kind == "fused" and tensor_core.col_parts(head_dim, elem) > 1:
                     continue
                 fused = kind == "fused"
                 static = tensor_core.dkdv_block_m(head_dim, elem, fused)
