@@ -95,7 +95,9 @@ class KernelConfig:
       0.95-0.96x PyTorch), causal 23.7-24.5 -> 28.3-28.9 (1.02-1.04x); head dim 32 +10%, causal +7%.
     tensor_core_block_n: keys per tile of the tensor_core forward, 32 or 64 where its tiles fit (64-key tiles: head
       dims <= 128, <= 64 for fp32), 0 for the default (64 for 16-bit types up to head dim 128, else 32). At head dim
-      128, 16-bit, 32-key tiles fit 168 registers without spills (ptxas: 132 bytes with 64); not yet measured.
+      128, 16-bit, 32-key tiles fit 168 registers without spills (ptxas: 132 bytes with 64), and yet they ran no
+      faster on the H100 (bf16 B = 4 Hq * E = 2048: L = 1024 0.86-0.87x PyTorch either way, L = 4096 1-2% slower;
+      BENCHMARKS.md), so the default stays.
     tensor_core_mask_tiles: the tensor_core loops (forward, dq, dk/dv) copy each tile's attn_mask elements into
       shared memory with their operand tiles (cp.async, ahead of their use), where the mask's rows are contiguous
       along the keys and 16-byte aligned and the tile fits 48 KiB beside the others (tensor_core.mask_tile_fits),
