@@ -491,6 +491,7 @@ def backward(pr, views, arrays, dmask_v, device, structure, cfg, dq_accum=None):
     common = (views.cu_q, views.cu_k, varlen, views.nb1, views.nb2)
     tail = (pr.L, pr.S, pr.E, pr.Ev, pr.scale, pr.lower_right, left, right, seed_lo, seed_hi, offset, threshold, rescale)
     rows = backward_rows(parts)
+
     def dq_kernel(into, strides, keys):  # the dq kernel, writing dQ's rows at ``into``
         launcher.launch(_dq_kernel(*instance, shared_scores), _grid(views.n_batch * pr.hq, rows, pr.L, major),
                         THREADS, device, (q, qs[:5], k, ks[:5], v, vs[:5], dout, dos[:5], out, os_[:5], lse, ls, delta,
