@@ -175,12 +175,13 @@ def fuses(pr, cfg, deterministic: bool) -> bool:
 
 
 def _fusable(pr, cfg, deterministic: bool) -> bool:
-    """Whether a tensor_core backward of ``pr`` runs fused: head dims up to KernelConfig.fused_backward_head_dim
-    that a warp takes in whole rows (tensor_core.col_parts: 16-bit up to 128, fp32 up to 96), a backward not
-    asked to be deterministic."""
-    head_dim = tensor_core.head_dim_for(pr.E, pr.Ev)
-    return (not deterministic and head_dim <= cfg.fused_backward_head_dim
-            and tensor_core.col_parts(head_dim, layout.dtype_name(pr.dtype)) == 1)
+    """Whether a tensor_core backward of ``pr`` runs fused: a backward not asked to be deterministic, at a head dim
+    a warp takes in whole rows (tensor_core.col_parts: 16-bit up to 128, fp32 up to 96), for 16-bit types up to
+    KernelConfig.fused_backward_head_dim, for fp32 at each (where it measured faster at every one), unless that
+    knob is 0 (never)."""
+    head_dim, dtype = tensor_core.head_dim_for(pr.E, pr.Ev), layout.dtype_name(pr.dtype)
+    return (not deterministic and cfg.fused_backward_head_dim > 0 and tensor_core.col_parts(head_dim, dtype) == 1
+            and (dtype == "float32" or head_dim <= cfg.fused_backward_head_dim))
 
 
 def dq_accum_elements(pr) -> int:

@@ -83,16 +83,17 @@ class KernelConfig:
       Hq * E = 1024) fp32's backward 17.2 -> 19.2 TFLOP/s, causal 16.6 -> 17.9; bf16 L = 4096 fused at head dim 128
       101.4 -> 107.3, causal 87.1 -> 91.2 (BENCHMARKS.md). On; fp32 at head dim 96 and 16-bit at 256 not yet
       timed with it.
-    fused_backward_head_dim: the widest head dim (padded, tensor_core.head_dim_for; at most 128) whose tensor_core
-      backward runs in one kernel per key block (five tile products instead of the two kernels' seven), dQ added
-      into an fp32 accumulator with atomics, so its bits vary run to run, as PyTorch's EFFICIENT_ATTENTION
-      backward's do; where a warp takes whole rows (16-bit up to 128, fp32 up to 96); a backward asked to be
-      deterministic keeps the two kernels; 0: never. 64 from the H100 (bf16 B=4 L=4096, BENCHMARKS.md): fused,
-      the backward at head dim 64 ran 86 -> 102 TFLOP/s (causal 84 -> 84), at 128 102 -> 94 (causal 104 -> 79).
-      fp32 fuses too (its D from a pass of the dq kernel without keys): the two kernels' backward ran at the
+    fused_backward_head_dim: the widest head dim (padded, tensor_core.head_dim_for; at most 128) whose 16-bit
+      tensor_core backward runs in one kernel per key block (five tile products instead of the two kernels'
+      seven), dQ added into an fp32 accumulator with atomics, so its bits vary run to run, as PyTorch's
+      EFFICIENT_ATTENTION backward's do; a backward asked to be deterministic keeps the two kernels; 0: never
+      (for fp32 too). 64 from the H100 (bf16 B=4 L=4096, BENCHMARKS.md): fused, the backward at head dim 64 ran
+      86 -> 102 TFLOP/s (causal 84 -> 84), at 128 102 -> 94 (causal 104 -> 79). fp32 fuses at every head dim a warp
+      takes in whole rows (up to 96; its D from a pass of the dq kernel without keys): its two kernels ran at the
       forward's rate a tile product, so seven products against five were its gap to PyTorch's. On the H100 (B = 4
-      L = 2048 Hq * E = 1024, two runs a side): head dim 64 23.1-23.8 -> 29.8-30.4 TFLOP/s (0.73-0.75x ->
-      0.95-0.96x PyTorch), causal 23.7-24.5 -> 28.3-28.9 (1.02-1.04x); head dim 32 +10%, causal +7%.
+      L = 2048 Hq * E = 1024, two runs a side): head dim 32 +10% (causal +7%), 64 23.1-23.8 -> 29.8-30.4 TFLOP/s
+      (0.73-0.75x -> 0.95-0.96x PyTorch; causal 1.02-1.04x), 96 22.8-23.0 -> 30.9-32.1 (0.83x -> 1.10-1.12x; causal
+      0.91x -> 1.13-1.15x).
     tensor_core_block_n: keys per tile of the tensor_core forward, 32 or 64 where its tiles fit (64-key tiles: head
       dims <= 128, <= 64 for fp32), 0 for the default (64 for 16-bit types up to head dim 128, else 32). At head dim
       128, 16-bit, 32-key tiles fit 168 registers without spills (ptxas: 132 bytes with 64), and yet they ran no
