@@ -14,8 +14,8 @@
 # function through graph_forward, decode's merge in batches), flash-tests, plans-tests, native-tests (the compiled replay, interop.native, against the Python path's
 # bits, and a compiled function through the library's graph_forward; overhead times it), interop-tests, efficient-tests, efficient-knob-tests, efficient-short (EFFICIENT at L = 1024, through
 # Numba's dispatcher and through prepared launches), efficient-fp32 (the EFFICIENT issue's fp32 shape at head dims 64, 96 and 128; efficient-fp32-tiles: the portable kernels' register tiles swept there;
-# efficient-fp32-fused: the fused backward's GPU tests, then fp32 at head dims 64 and 96 (Hq * E = 1536) with the
-# backward fused (fused_backward_head_dim=96) and not;
+# efficient-fp32-fused: the fused backward's GPU tests, then fp32 at head dims 64, 96 and 128 (Hq * E = 1536) with
+# the backward fused (fused_backward_head_dim=128: at 128 on column parts, not yet timed) and not;
 # efficient-fp32-split: there, the fp32 loops splitting tiles that landed finite in 4 instructions,
 # KernelConfig.tensor_core_fp32_fast_split, its GPU test then off and on; efficient-shared-scores: the fp32 shape
 # at head dim 128, column parts splitting their score products across the pair (KernelConfig.tensor_core_shared_scores),
@@ -171,8 +171,8 @@ command_of() {  # the command of stage $1, into the array cmd
                           --L 4096 --reps 5 --dtypes bfloat16 --head-dims 64 128 --mask $m \
                           --config tensor_core_mask_tiles=$t | tail -n 4; done; done') ;;
     efficient-fp32-fused) cmd=(bash -c 'python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_efficient_gpu.py \
-                               -k "fused or one_key" && for f in 0 96; do python3 benchmarks/efficient_gpu.py \
-                               --dtypes float32 --head-dims 64 96 --L 2048 --hidden 1536 --reps 5 \
+                               -k "fused or one_key" && for f in 0 128; do python3 benchmarks/efficient_gpu.py \
+                               --dtypes float32 --head-dims 64 96 128 --L 2048 --hidden 1536 --reps 5 \
                                --config fused_backward_head_dim=$f | tail -n 6; done') ;;
     efficient-fp32-split) cmd=(bash -c 'python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_efficient_gpu.py \
                                -k fast_split && for c in 0 1; do python3 benchmarks/efficient_gpu.py --dtypes float32 \

@@ -12,7 +12,7 @@
 // dkdv: 64 keys (16 per warp), K as A fragments in registers and V in shared memory; per step of EFF_BLOCK_N
 //     (32; 16 for fp32 past head dim 64, to fit shared memory) queries of each query head of the GQA group S^T = K Q^T and dP^T = V dO^T, then dV += (P o Z)^T dO
 //     and dK += dS^T Q.
-// dkdv with EFF_FUSED (whole rows per warp): dQ too, so one kernel runs the five products FlashAttention-2's
+// dkdv with EFF_FUSED (16-bit types: whole rows per warp; fp32 with column parts too): dQ too, so one kernel runs the five products FlashAttention-2's
 //     backward needs instead of seven: K also in shared memory (non-finite values zeroed, as for the dq kernel),
 //     each step's dS^T written there transposed, dQ += dS K over the block's 64 keys, and the step's rows added
 //     into an fp32 accumulator with atomics (four-wide vector reductions on sm_90). The order of those adds varies
@@ -52,7 +52,7 @@ __device__ __forceinline__ int col_part(int warp) { return COL_PARTS == 1 ? 0 : 
 #define EFF_SHARE_SCORES 0
 #endif
 constexpr bool SHARE = EFF_SHARE_SCORES != 0;
-static_assert(!SHARE || (COL_PARTS == 2 && !EFF_FUSED), "shared scores split a pair of column parts' products");
+static_assert(!SHARE || COL_PARTS == 2, "shared scores split a pair of column parts' products");
 
 // Shared scores' exchange between the two warps of a row group (warps rg and rg + ROW_WARPS), in a buffer of
 // SLOTS x 32 lanes x 16 bytes of the row group's (one float4 a lane: an n8 tile's C fragment, or operands),
@@ -415,7 +415,9 @@ __device__ void backward_dkdv(const BwdArgs& a) {
   EFF_SHARED(unsigned char, mask_tile, Tile::BYTES);
 #endif
 #if EFF_FUSED
-  static_assert(COL_PARTS == 1, "the fused dQ product is written for whole rows per warp");
+  // (16-bit types take dS^T from the whole operand sf, which column parts with shared scores fill only after
+  // the tile loop's exchange; fp32 writes each element as computed)
+  static_assert(COL_PARTS == 1 || EFF_ELEM >= 2, "the fused 16-bit loop is written for whole rows per warp");
   constexpr int DS_STRIDE = BLOCK_ROWS + VEC;  // ds_tile: [query][key], 64 keys (+16 bytes: ldmatrix's rows
                                                 // fall on distinct banks; fp32's writes too)
   EFF_SHARED(Elem, k_tile, BLOCK_ROWS * STRIDE);  // the block's K rows: dQ = dS K's B operand
@@ -565,12 +567,13 @@ __device__ void backward_dkdv(const BwdArgs& a) {
 #if EFF_FUSED
         // dS^T's elements of this n8 tile (keys key0, key0 + 8; queries col, col + 1) into ds_tile[query][key]:
         // 16-bit rounded as the products take them (set_operand's pairs), fp32 as they are (the product splits
-        // them as dK's does)
+        // them as dK's does; with column parts each element once: shared scores split the tiles between the
+        // pair, else part 0 writes)
 #pragma unroll
         for (int x = 0; x < 4; ++x) {
           Elem& at = ds_tile[(nt * 8 + 2 * t + x % 2) * DS_STRIDE + rg * 16 + g + (x / 2) * 8];
 #if EFF_ELEM >= 2
-          at = ds[x];
+          if (SHARE || part == 0) at = ds[x];
 #else
           const u32 pair = sf.r[nt][x / 2];
           at = (u16)(x % 2 ? pair >> 16 : pair & 0xffffu);

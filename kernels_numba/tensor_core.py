@@ -82,8 +82,8 @@ def shared_bytes(head_dim: int, elem: str, kind: str, block: int, parts: int = 1
     mask_bytes = {0: 0, 1: 1, 2: 2, 3: 2, 4: 4, 5: 8}[mask_kind]
     rows = backward_rows(parts)
     swap = 0
-    if shared_scores and parts == 2 and kind in ("dq", "dkdv"):
-        swap = (THREADS // 32 // parts) * (block // 8) * 32 * 16 * (2 if kind == "dkdv" and _wide(elem) else 1)
+    if shared_scores and parts == 2 and kind in ("dq", "dkdv", "fused"):
+        swap = (THREADS // 32 // parts) * (block // 8) * 32 * 16 * (2 if kind != "dq" and _wide(elem) else 1)
     if kind == "forward":  # K and V tiles, the seen-columns flags
         return 2 * block * row + 4 * block + (BLOCK_M * (block * mask_bytes + 16) if mask_kind else 0)
     if kind == "dq":  # K and V tiles
@@ -152,7 +152,7 @@ def _loop_choices(head_dim: int, elem: str, kind: str, mask_kind: int, block_n: 
     block = {"forward": forward_block_n(head_dim, elem, block_n), "dq": dq_block_n(head_dim, elem),
              "dkdv": dkdv_block_m(head_dim, elem, False, dynamic),
              "fused": dkdv_block_m(head_dim, elem, True, dynamic)}[kind]
-    shared_scores = shared_scores and parts == 2 and kind in ("dq", "dkdv")
+    shared_scores = shared_scores and parts == 2 and kind in ("dq", "dkdv", "fused")
     mask_tile = mask_tile and mask_tile_fits(head_dim, elem, kind, block, mask_kind, parts, shared_scores,
                                              DYNAMIC_SHARED if dynamic else STATIC_SHARED)
     return block, mask_tile, shared_scores, dynamic
@@ -473,7 +473,7 @@ def backward(pr, views, arrays, dmask_v, device, structure, cfg, dq_accum=None):
     _, _, left, right, seed_lo, seed_hi, offset, threshold, rescale = structure
     head_dim, elem = head_dim_for(pr.E, pr.Ev), elem_of(pr)
     fused = dq_accum is not None
-    parts = col_parts(head_dim, elem)  # 1 wherever the backward fuses
+    parts = col_parts(head_dim, elem)  # (fused: 1, or 2 for fp32 past head dim 96)
     major = head_major(pr, cfg)
     instance = (head_dim, elem, pr.dropout_p > 0, mask_kind_of(pr),
                 registers_for(head_dim, elem, cfg.tensor_core_registers, forward=False), major, parts,

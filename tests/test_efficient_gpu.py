@@ -395,10 +395,10 @@ def test_wide_heads_on_the_tensor_core_loops(gpu, rng, dtype, monkeypatch):
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])
 def test_fused_backward(gpu, rng, dtype, fused_head_dim, monkeypatch):
     """KernelConfig.fused_backward_head_dim: one kernel per key block, dQ through the fp32 accumulator with
-    atomics (128: at every head dim it takes, fp32's up to 96), judged as the two kernels are (0: also at the head
-    dims the default fuses), with causal both ways, a window, GQA, dropout, a bool mask and varlen; a float mask's
-    gradient keeps the dq kernel."""
-    from kernels_numba import dq_accumulate, tensor_core
+    atomics (128: at every head dim it takes, fp32's column parts at 128 among them), judged as the two kernels are
+    (0: also at the head dims the default fuses), with causal both ways, a window, GQA, dropout, a bool mask and
+    varlen; a float mask's gradient keeps the dq kernel."""
+    from kernels_numba import dq_accumulate
 
     converts = []
     real = dq_accumulate.convert_kernel
@@ -413,8 +413,21 @@ def test_fused_backward(gpu, rng, dtype, fused_head_dim, monkeypatch):
         failures += [f"{case}: {m}" for m in _failures(gpu, harness.build(case, gpu[0], rng), rng, "tensor_core",
                                                       fused_backward_head_dim=fused_head_dim)]
     assert not failures, "\n".join(failures)
-    fusing = [c for c in cases if tensor_core.col_parts(tensor_core.head_dim_for(c.E, c.Ev or c.E), dtype) == 1]
-    assert len(converts) >= len(fusing) if fused_head_dim else not converts  # every such case's backward fused, or none
+    assert len(converts) >= len(cases) if fused_head_dim else not converts  # every case's backward fused, or none
+
+
+def test_fused_fp32_backward_on_column_parts_with_and_without_shared_scores(gpu, rng):
+    """fp32 past head dim 96 fused (fused_backward_head_dim=128): column parts, the pair's dS^T written once (shared
+    scores: each warp its half of the tiles; without: part 0), judged with causal, GQA, dropout and a bool mask."""
+    cases = [Case("float32", batch=(2,), hq=4, hkv=2, L=97, S=130, E=128, causal="lower_right", dropout_p=0.1),
+             Case("float32", batch=(2,), hq=2, hkv=2, L=130, S=97, E=112, Ev=128, mask="bool")]
+    failures = []
+    for shared in (True, False):
+        for case in cases:
+            failures += [f"{case} shared={shared}: {m}" for m in _failures(
+                gpu, harness.build(case, gpu[0], rng), rng, "tensor_core", fused_backward_head_dim=128,
+                tensor_core_shared_scores=shared)]
+    assert not failures, "\n".join(failures)
 
 
 def test_fused_backward_plan_replays(gpu, rng, monkeypatch):

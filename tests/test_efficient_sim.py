@@ -477,7 +477,8 @@ def test_backward_routes_to_the_variant_and_delta_that_serve_it(shapes, mask_sha
     (96, None, np.float32, False, 64, "tensor_core fused"),  # fp32 at every head dim of whole rows
     (8, None, np.float32, False, 0, "tensor_core"),  # never
     (8, None, np.float32, True, 64, "tensor_core"),
-    (128, None, np.float32, False, 128, "tensor_core"),  # fp32's column parts past 96: no whole rows per warp
+    (128, None, np.float32, False, 64, "tensor_core"),  # fp32's column parts past 96: only where the knob reaches
+    (128, None, np.float32, False, 128, "tensor_core fused"),
     (8, (2, 4, 9, 11), np.float16, False, 64, "tensor_core"),  # the dq kernel writes a float mask's gradient
 ])
 def test_fused_backward_up_to_its_head_dim_where_nondeterminism_is_allowed(E, mask_shape, dtype, deterministic,

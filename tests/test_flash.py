@@ -176,6 +176,11 @@ def test_efficient_tile_loops_compile_with_nvrtc():
             for kind in kinds for elem in tensor_core.ELEMS for head_dim in head_dims(kind, elem)]
     jobs += [(head_dim, elem, "fused", False, 0) for elem in tensor_core.ELEMS for head_dim in head_dims("fused", elem)]
     jobs += [(64, "float32", "fused", True, mask, 0, False, True, False, True) for mask in (1, 4)]
+    # fp32's fused loop on column parts (head dim 128: dynamic shared memory), with and without shared scores
+    jobs += [(128, elem, "fused", dropout, mask, 0, mask_tile, fast_split, shared, True)
+             for elem, dropout, mask, mask_tile, fast_split, shared in
+             (("float32", False, 0, False, True, True), ("float32", True, 1, True, True, True),
+              ("float32", False, 4, False, False, False), ("tf32", True, 2, False, False, True))]
     jobs += [(64, elem, kind, True, mask) for kind in kinds for elem in ("bfloat16", "float32")
              for mask in range(len(tensor_core.MASK_KINDS) + 1)]
     jobs += [(64, "float16", "fused", True, mask) for mask in range(len(tensor_core.MASK_KINDS) + 1)]
@@ -337,7 +342,7 @@ def test_efficient_dynamic_shared_memory_holds_the_32_query_steps(tmp_path):
             if wide and head_dim > tensor_core.FP32_HEAD_DIM:
                 continue
             for kind in ("dkdv", "fused"):
-                if kind == "fused" and tensor_core.col_parts(head_dim, elem) > 1:
+                if kind == "fused" and tensor_core.col_parts(head_dim, elem) > 1 and not wide:
                     continue
                 fused = kind == "fused"
                 static = tensor_core.dkdv_block_m(head_dim, elem, fused)
