@@ -12,14 +12,15 @@
 // dkdv: 64 keys (16 per warp), K as A fragments in registers and V in shared memory; per step of EFF_BLOCK_N
 //     (32; 16 for fp32 past head dim 64, to fit shared memory) queries of each query head of the GQA group S^T = K Q^T and dP^T = V dO^T, then dV += (P o Z)^T dO
 //     and dK += dS^T Q.
-// dkdv with EFF_FUSED (16-bit types: whole rows per warp; fp32 with column parts too): dQ too, so one kernel runs the five products FlashAttention-2's
-//     backward needs instead of seven: K also in shared memory (non-finite values zeroed, as for the dq kernel),
-//     each step's dS^T written there transposed, dQ += dS K over the block's 64 keys, and the step's rows added
-//     into an fp32 accumulator with atomics (four-wide vector reductions on sm_90). The order of those adds varies
-//     run to run: the non-deterministic backward, as PyTorch's EFFICIENT_ATTENTION and FLASH's default are; a
-//     pre-pass writes D and zeroes the accumulator (16-bit types: kernels_numba/dq_accumulate.py; fp32: the dq
-//     kernel over no keys, whose D is exact where a row sees one key), a post-pass scales and rounds it into dq.
-//     16 queries a step at head dim 128 (fp32: at every head dim) in static shared memory, to fit 48 KiB.
+// dkdv with EFF_FUSED (16-bit types: whole rows per warp; fp32 with column parts too): dQ too, so one kernel
+//     runs the five products FlashAttention-2's backward needs instead of seven: K also in shared memory
+//     (non-finite values zeroed, as for the dq kernel), each step's dS^T written there transposed, dQ += dS K
+//     over the block's keys (64, or 32 with column parts), and the step's rows added into an fp32 accumulator
+//     with atomics (four-wide vector reductions on sm_90). The order of those adds varies run to run: the
+//     non-deterministic backward, as PyTorch's EFFICIENT_ATTENTION and FLASH's default are; a pre-pass writes D
+//     and zeroes the accumulator (16-bit types: kernels_numba/dq_accumulate.py; fp32: the dq kernel over no keys,
+//     whose D is exact where a row sees one key), a post-pass scales and rounds it into dq. 16 queries a step at
+//     head dim 128 (fp32: at every head dim) in static shared memory, to fit 48 KiB.
 // EFF_MASK_TILE: the mask's elements of each tile pair staged in shared memory with the operand tiles (MaskTile,
 //     as the forward's), where the mask's rows allow it.
 // Column parts (EFF_COL_PARTS = 2) for head dims whose three fragment sets would not fit a thread's registers
@@ -418,8 +419,8 @@ __device__ void backward_dkdv(const BwdArgs& a) {
   // (16-bit types take dS^T from the whole operand sf, which column parts with shared scores fill only after
   // the tile loop's exchange; fp32 writes each element as computed)
   static_assert(COL_PARTS == 1 || EFF_ELEM >= 2, "the fused 16-bit loop is written for whole rows per warp");
-  constexpr int DS_STRIDE = BLOCK_ROWS + VEC;  // ds_tile: [query][key], 64 keys (+16 bytes: ldmatrix's rows
-                                                // fall on distinct banks; fp32's writes too)
+  constexpr int DS_STRIDE = BLOCK_ROWS + VEC;  // ds_tile: [query][key], the block's keys (+16 bytes: ldmatrix's
+                                                // rows fall on distinct banks; fp32's writes too)
   EFF_SHARED(Elem, k_tile, BLOCK_ROWS * STRIDE);  // the block's K rows: dQ = dS K's B operand
   EFF_SHARED(Elem, ds_tile, BLOCK_M * DS_STRIDE);
 #endif
@@ -589,8 +590,8 @@ __device__ void backward_dkdv(const BwdArgs& a) {
 #if EFF_FUSED
       __syncthreads();  // every warp's dS of the step is in ds_tile
       {
-        // dQ rows of the step = dS (BLOCK_M x 64 keys) K (64 x HEAD_DIM): warp w takes 16 of the rows and a
-        // HEAD_DIM / PARTS-wide slice of the columns
+        // dQ rows of the step = dS (BLOCK_M x BLOCK_ROWS keys) K (BLOCK_ROWS x HEAD_DIM): warp w takes 16 of the
+        // rows and a HEAD_DIM / PARTS-wide slice of the columns
         constexpr int ROW_GROUPS = BLOCK_M / 16, PARTS = EFF_WARPS / ROW_GROUPS, COLS = HEAD_DIM / PARTS;
         constexpr int DT = COLS / 8;
         const int qr = (warp % ROW_GROUPS) * 16, c0 = (warp / ROW_GROUPS) * COLS;
