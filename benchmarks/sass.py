@@ -25,7 +25,7 @@ import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
 
-from cusdpa.backends.flash import config, decode, sources
+from cusdpa.backends.flash import config, decode, launches, sources
 
 FORWARD = [(64, 64, 1024, False, None), (64, 64, 1024, True, None), (128, 128, 1024, True, None),
            (128, 128, 4096, False, None), (32, 32, 1024, False, None), (256, 256, 4096, False, None),
@@ -41,7 +41,7 @@ def jobs(knobs: dict) -> list:
     for E, Ev, L, causal, mask in FORWARD:
         cfg = dataclasses.replace(config.FlashConfig.for_problem(E, Ev, L, causal, mask), **knobs).fitted(E, Ev)
         options = sources.compile_options("bfloat16", E, Ev, False, cfg, mask=mask, queue=mask is not None,
-                                          scheduled=mask is None and cfg.fwd90_cluster == 1,
+                                          scheduled=launches.deals_by_schedule(cfg, False, mask is not None),
                                           tma_store=cfg.fwd90_tma_store)
         out.append((f"fwd_e{E}_{Ev}_l{L}_{'causal' if causal else 'full'}_{mask or 'nomask'}", "flash_fwd_sm90.cu",
                     options, "sm_90a"))

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from cusdpa.backends import flash
-from cusdpa.backends.flash import config, decode, sources
+from cusdpa.backends.flash import config, decode, launches, sources
 from cusdpa.verify.harness import Case, build, draw, run_case
 
 # One representative (E, Ev) per tile configuration class, incl. E != Ev, the split dK/dV passes, the
@@ -31,7 +31,7 @@ def _nvrtc_jobs():
                 if config.sm90_forward_applies(E, Ev, 90, fwd_cfg):  # (O stored by TMA where for_problem says)
                     yield "flash_fwd_sm90.cu", sources.compile_options(  # (the host's schedule without clusters)
                         dtype, E, Ev, dropout, fwd_cfg, tma_store=fwd_cfg.fwd90_tma_store,
-                        scheduled=fwd_cfg.fwd90_cluster == 1) + ("-arch=sm_90a",)
+                        scheduled=launches.deals_by_schedule(fwd_cfg, False, False)) + ("-arch=sm_90a",)
                     if fwd_cfg.fwd90_stages == 2:  # ... a packed batch's (register stores), its tiles from the queue
                         packed = dataclasses.replace(fwd_cfg, fwd90_cluster=1)  # (as sm90_forward_config gives it)
                         yield "flash_fwd_sm90.cu", sources.compile_options(dtype, E, Ev, dropout, packed, queue=True) + (
@@ -451,7 +451,6 @@ def test_config_fits_shared_memory():
 def test_forward_tiles_are_dealt_once_each_to_the_least_loaded(BH, chunk_heads, key_blocks):
     """The Hopper forward's tile schedule: every tile once, each CTA's in list order, and (causal) the
     busiest CTA within 1.1x the average where the kernel's round-robin deal gave it 1.14x or more."""
-    from cusdpa.backends.flash import launches
 
     grid = min(132, BH * len(key_blocks))
     schedule = launches.deal_tiles(key_blocks, BH, chunk_heads, grid)
@@ -480,7 +479,6 @@ def test_decoded_tiles_name_every_query_block_once(BH, Hq, group, chunk_heads, n
     """decoded_tiles (the Hopper forward's schedule as its FWD90_SCHEDULE reads it): deal_tiles' offsets, padded to
     16 bytes, then each CTA's tiles as (batch, query head, kv head, query block), every (batch, head, block) once; a
     CTA's query blocks of one head from the last (tile_at's order within a chunk of heads)."""
-    from cusdpa.backends.flash import launches
 
     grid = min(132, BH * num_m)
     schedule = launches.deal_tiles(np.arange(1, num_m + 1), BH, chunk_heads, grid)
@@ -510,7 +508,6 @@ def test_split_tiles_where_the_last_query_block_fills_one_warpgroup():
     or fewer (L mod 192 in (0, 64]) and it measured faster (causal, or L <= 4096, without clusters: their CTAs
     walk in step), taking three warpgroups for short causal problems there; elsewhere nothing changes. The host's
     schedule counts a split tile's work as a warpgroup's share of its key blocks."""
-    from cusdpa.backends.flash import launches
 
     split = {(E, L, causal): config.FlashConfig.for_problem(E, E, L, causal)
              for E in (32, 64, 128) for L in (512, 1000, 1024, 2048, 4096, 16384) for causal in (False, True)}
@@ -714,7 +711,6 @@ def test_mask_summary_kernel_matches_numpy(kind, causal, rng):
     import cupy
 
     from cusdpa import problem
-    from cusdpa.backends.flash import launches
 
     B, H, L, S, bm, bn = 2, 3, 150, 130, 64, 48
     dtype, shape = kind.split("_")
@@ -794,7 +790,6 @@ def test_attn_mask_block_summary_skips_blocks(name, causal, variant, rng, monkey
     import cupy
 
     from cusdpa import problem
-    from cusdpa.backends.flash import launches
     from cusdpa.verify.harness import run_problem
 
     real = launches.config
@@ -864,7 +859,6 @@ def test_attn_mask_cases_without_the_block_summary(name, rng, monkeypatch):
     """The Hopper forward reading every mask element (FlashConfig.fwd90_mask_blocks off)."""
     import dataclasses
 
-    from cusdpa.backends.flash import launches
 
     real = launches.config
     monkeypatch.setattr(launches, "config", lambda pr: dataclasses.replace(real(pr), fwd90_mask_blocks=False))
@@ -877,7 +871,6 @@ def test_hopper_forward_with_a_cta_per_tile(name, rng, monkeypatch):
     """FlashConfig.fwd90_persistent off: a CTA per tile instead of one per SM walking its tiles."""
     import dataclasses
 
-    from cusdpa.backends.flash import launches
 
     real = launches.config
     monkeypatch.setattr(launches, "config", lambda pr: dataclasses.replace(real(pr), fwd90_persistent=False))
@@ -894,7 +887,6 @@ def test_packed_batch_tiles_from_the_queue(name, queue, rng, monkeypatch):
     the queue."""
     import dataclasses
 
-    from cusdpa.backends.flash import launches
 
     real = launches.config
     monkeypatch.setattr(launches, "config", lambda pr: dataclasses.replace(real(pr), fwd90_queue_varlen=queue))
@@ -909,7 +901,6 @@ def test_mma_sync_kernels_where_wgmma_would_run(name, rng, monkeypatch):
     """On Hopper the forward and dK/dV take the wgmma kernels; the portable mma.sync ones must stay right too."""
     import dataclasses
 
-    from cusdpa.backends.flash import launches
 
     monkeypatch.setattr(launches, "config", lambda pr: dataclasses.replace(
         config.FlashConfig.for_head_dims(pr.E, pr.Ev), use_wgmma=False, use_wgmma_bwd=False))
@@ -924,7 +915,6 @@ def test_persistent_forward_runs_many_tiles_per_cta(name, schedule, rng, monkeyp
     host's schedule or round-robin."""
     import dataclasses
 
-    from cusdpa.backends.flash import launches
 
     monkeypatch.setattr(sources, "multiprocessors", lambda device: 2)
     monkeypatch.setattr(launches, "config", lambda pr: dataclasses.replace(
@@ -939,7 +929,6 @@ def test_persistent_forward_runs_many_tiles_per_cta(name, schedule, rng, monkeyp
 def test_the_tma_store_takes_two_stages_or_stays_off_where_it_does_not_fit(E, Ev, causal, stored, stages, rng,
                                                                             monkeypatch):
     from cusdpa import problem
-    from cusdpa.backends.flash import launches
 
     monkeypatch.setattr(launches, "config", lambda pr: dataclasses.replace(
         config.FlashConfig.for_problem(pr.E, pr.Ev, pr.L, pr.causal), fwd90_tma_store=True))
@@ -964,7 +953,6 @@ def test_hopper_forward_stores_o_with_tma(name, rng, monkeypatch):
     staging buffer again tile after tile while earlier stores may still read it."""
     import cupy
 
-    from cusdpa.backends.flash import launches
     from cusdpa.verify.harness import run_problem
 
     monkeypatch.setattr(sources, "multiprocessors", lambda device: 2)
@@ -1004,7 +992,6 @@ def _knob_keeps_the_bits(pr, rng, monkeypatch, knob: str, values: tuple, **fixed
     judges them."""
     import cupy
 
-    from cusdpa.backends.flash import launches
     from cusdpa.verify.harness import run_problem
 
     real = launches.config
@@ -1070,7 +1057,6 @@ def test_split_tiles_match_the_reference(name, warpgroups, rng, monkeypatch):
     SMs, so that each CTA goes on to tiles after a split one."""
     import cupy
 
-    from cusdpa.backends.flash import launches
     from cusdpa.verify.harness import run_problem
 
     monkeypatch.setattr(sources, "multiprocessors", lambda device: 2)
@@ -1199,7 +1185,6 @@ def test_scheduled_tiles_keep_the_bits(name, rng, monkeypatch):
 def test_the_schedule_only_where_the_host_deals_the_tiles():
     """The Hopper forward reads the host's schedule (FWD90_SCHEDULE) where the host deals the tiles: a dense batch
     without clusters, a mask's queue or a packed batch's, and with fwd90_schedule on."""
-    from cusdpa.backends.flash import launches
 
     def scheduled(schedule=True, **changes):
         case = dataclasses.replace(Case(hq=2, L=512, S=512, E=128, causal="upper_left"), **changes)
@@ -1220,7 +1205,6 @@ def test_clusters_only_where_every_query_sees_every_key():
     """sm90_forward_config keeps fwd90_cluster only where every tile of a head walks the same key blocks and the
     query blocks pair up: not under a causal band, a window, an attn_mask or in a packed batch, nor with an odd
     number of query blocks."""
-    from cusdpa.backends.flash import launches
 
     def cluster_of(**changes):
         case = dataclasses.replace(Case(hq=2, L=512, S=512, E=128), **changes)
@@ -1246,7 +1230,6 @@ def test_three_consumer_warpgroups(name, rng, monkeypatch):
     both causal alignments, dropout, packed sequences and windows."""
     import dataclasses
 
-    from cusdpa.backends.flash import launches
 
     monkeypatch.setattr(launches, "config", lambda pr: dataclasses.replace(
         config.FlashConfig.for_problem(pr.E, pr.Ev, pr.L, pr.causal), fwd90_warpgroups=3))

@@ -306,10 +306,14 @@ def sm90_forward_options(pr) -> tuple:
 
 
 def _scheduled(pr, cfg) -> bool:
-    """Whether the Hopper forward's tiles are dealt by the host's schedule (``_tile_schedule``): a dense batch on the
+    """Whether the Hopper forward's tiles of ``pr`` are dealt by the host's schedule (``_tile_schedule``)."""
+    return deals_by_schedule(cfg, pr.varlen is not None, _queued(pr, cfg))
+
+
+def deals_by_schedule(cfg, packed: bool, queued: bool) -> bool:
+    """The rule of ``_scheduled`` (benchmarks/sass.py and the compile tests build by it too): a dense batch on the
     persistent grid, without clusters (which deal their units round-robin) or a queue."""
-    return (cfg.fwd90_schedule and cfg.fwd90_persistent and cfg.fwd90_cluster == 1 and pr.varlen is None
-            and not _queued(pr, cfg))
+    return cfg.fwd90_schedule and cfg.fwd90_persistent and cfg.fwd90_cluster == 1 and not packed and not queued
 
 
 def _queued(pr, cfg) -> bool:
