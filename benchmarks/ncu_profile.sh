@@ -21,7 +21,7 @@ fi
 profile=(ncu --clock-control none -k "regex:$kernel" --launch-skip "$skip" -c 1)
 echo "--- $kernel, ${sweep[*]}"
 "${profile[@]}" --section SpeedOfLight --section SchedulerStats --section WarpStateStats --print-details all \
-    "${sweep[@]}" 2>&1 | grep -E "^ +(Duration|.*Throughput|Issued Warp Per Scheduler|Warp Cycles Per Issued|Stall [A-Z])"
+    "${sweep[@]}" 2>&1 | grep -a -E "^ +(Duration|.*Throughput|Issued Warp Per Scheduler|Warp Cycles Per Issued|Stall [A-Z])"
 "${profile[@]}" --section WarpStateStats --section SourceCounters --page source --print-source sass --csv \
     "${sweep[@]}" > /tmp/ncu_source.csv 2>&1
 python3 benchmarks/ncu_source.py /tmp/ncu_source.csv --top 25

@@ -15,7 +15,7 @@
 # bits, and a compiled function through the library's graph_forward; overhead times it), interop-tests, efficient-tests, efficient-knob-tests, efficient-short (EFFICIENT at L = 1024, through
 # Numba's dispatcher and through prepared launches), efficient-fp32 (the EFFICIENT issue's fp32 shape at head dims 64, 96 and 128; efficient-fp32-tiles: the portable kernels' register tiles swept there;
 # efficient-fp32-fused: the fused backward's GPU tests, then fp32 at head dims 64, 96 and 128 (Hq * E = 1536) with
-# the backward fused (fused_backward_head_dim=128: at 128 on column parts, not yet timed) and not;
+# the backward fused (the default; at 128 on column parts) and not (fused_backward_head_dim=0);
 # efficient-fp32-split: there, the fp32 loops splitting tiles that landed finite in 4 instructions,
 # KernelConfig.tensor_core_fp32_fast_split, its GPU test then off and on; efficient-shared-scores: the fp32 shape
 # at head dim 128, column parts splitting their score products across the pair (KernelConfig.tensor_core_shared_scores),
@@ -34,7 +34,7 @@
 # three TF32 products: its GPU tests, then the fp32 shape timed with KernelConfig.tensor_core_fp32 off and on), efficient-ncu-fwd (the tensor_core forward at L = 1024
 # E = 128 under ncu, heads fastest and head-major: its DRAM throughput says whether K and V came from DRAM), efficient-ncu (the tensor_core
 # backward's dq and dk/dv kernels under ncu, bf16 E = 128 L = 4096; efficient-ncu-fp32: the same kernels at the
-# EFFICIENT issue's fp32 shape, E = 64 L = 2048, its backward 0.68x PyTorch's on the H200), decode-tests (the KV cache on the GPU), fidelity-tests (PyTorch's behaviours, non-finite
+# EFFICIENT issue's fp32 shape, E = 64 L = 2048, its backward 0.68x PyTorch's on the H200; efficient-ncu-fwd-fp32: the forward there at E = 128, 0.73x PyTorch's), decode-tests (the KV cache on the GPU), fidelity-tests (PyTorch's behaviours, non-finite
 # inputs, the flash-attention slot, Hugging Face models), fuzz (60 s of random cases against the
 # reference), sanitize (every kernel family under compute-sanitizer's four tools; SANITIZE_ONLY=TEXT: the cases
 # whose name holds it (A|B: either text), SANITIZE_TOOLS: some of the tools, RACECHECK_REPORT=hazard: each hazard, not the races), sweep, sweep-module (the
@@ -149,6 +149,8 @@ command_of() {  # the command of stage $1, into the array cmd
     efficient-ncu-fp32) cmd=(bash -c 'for k in attention_dq_tc attention_dkdv_tc; do bash benchmarks/ncu_profile.sh $k 6 -- \
                              python3 benchmarks/efficient_gpu.py --L 2048 --hidden 1024 --reps 1 --dtypes float32 \
                              --head-dims 64; done') ;;
+    efficient-ncu-fwd-fp32) cmd=(bash benchmarks/ncu_profile.sh attention_forward_tc 6 -- python3 benchmarks/efficient_gpu.py \
+                                 --L 2048 --hidden 1024 --reps 1 --dtypes float32 --head-dims 128) ;;
     efficient-wide) cmd=(bash -c 'python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_efficient_gpu.py -k wide_heads \
                          && for c in 128 256; do python3 benchmarks/efficient_gpu.py --L 4096 --reps 5 --dtypes bfloat16 \
                          --head-dims 192 256 --config tensor_core_head_dim=$c | tail -n 6; done') ;;

@@ -177,14 +177,14 @@ def fuses(pr, cfg, deterministic: bool) -> bool:
 def _fusable(pr, cfg, deterministic: bool) -> bool:
     """Whether a tensor_core backward of ``pr`` runs fused: a backward not asked to be deterministic, and not with
     KernelConfig.fused_backward_head_dim 0 (never); 16-bit types up to that head dim (whole rows per warp:
-    tensor_core.col_parts); fp32 at every head dim a warp takes in whole rows (up to 96, where it measured faster
-    at each), and past them, on column parts in dynamic shared memory, only up to that head dim (not yet timed)."""
+    tensor_core.col_parts); fp32 at every head dim, past 96 on column parts in dynamic shared memory (it measured
+    faster at each, BENCHMARKS.md)."""
     head_dim, dtype = tensor_core.head_dim_for(pr.E, pr.Ev), layout.dtype_name(pr.dtype)
     if deterministic or cfg.fused_backward_head_dim == 0:
         return False
     whole = tensor_core.col_parts(head_dim, dtype) == 1
     if dtype == "float32":
-        return whole or (head_dim <= cfg.fused_backward_head_dim and cfg.tensor_core_dynamic_smem)
+        return whole or cfg.tensor_core_dynamic_smem
     return whole and head_dim <= cfg.fused_backward_head_dim
 
 

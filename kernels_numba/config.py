@@ -93,8 +93,9 @@ class KernelConfig:
       forward's rate a tile product, so seven products against five were its gap to PyTorch's. On the H100 (B = 4
       L = 2048 Hq * E = 1024, two runs a side): head dim 32 +10% (causal +7%), 64 23.1-23.8 -> 29.8-30.4 TFLOP/s
       (0.73-0.75x -> 0.95-0.96x PyTorch; causal 1.02-1.04x), 96 22.8-23.0 -> 30.9-32.1 (0.83x -> 1.10-1.12x; causal
-      0.91x -> 1.13-1.15x). fp32 past 96 (column parts, shared scores, dynamic shared memory) fuses only where this
-      knob reaches its head dim (128): written, not yet timed.
+      0.91x -> 1.13-1.15x). fp32 past 96 fuses too, on column parts (shared scores, dynamic shared memory; with
+      tensor_core_dynamic_smem off it keeps the two kernels there): on the H100 (Hq * E = 1536) head dim 128 19.9 ->
+      25.3 TFLOP/s (0.57x -> 0.74x PyTorch; causal 0.64x -> 0.77x).
     tensor_core_block_n: keys per tile of the tensor_core forward, 32 or 64 where its tiles fit (64-key tiles: head
       dims <= 128, <= 64 for fp32), 0 for the default (64 for 16-bit types up to head dim 128, else 32). At head dim
       128, 16-bit, 32-key tiles fit 168 registers without spills (ptxas: 132 bytes with 64), and yet they ran no

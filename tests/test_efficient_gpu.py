@@ -417,16 +417,15 @@ def test_fused_backward(gpu, rng, dtype, fused_head_dim, monkeypatch):
 
 
 def test_fused_fp32_backward_on_column_parts_with_and_without_shared_scores(gpu, rng):
-    """fp32 past head dim 96 fused (fused_backward_head_dim=128): column parts, the pair's dS^T written once (shared
-    scores: each warp its half of the tiles; without: part 0), judged with causal, GQA, dropout and a bool mask."""
+    """fp32 past head dim 96 fused (the default): column parts, the pair's dS^T written once (shared scores: each
+    warp its half of the tiles; without: part 0), judged with causal, GQA, dropout and a bool mask."""
     cases = [Case("float32", batch=(2,), hq=4, hkv=2, L=97, S=130, E=128, causal="lower_right", dropout_p=0.1),
              Case("float32", batch=(2,), hq=2, hkv=2, L=130, S=97, E=112, Ev=128, mask="bool")]
     failures = []
     for shared in (True, False):
         for case in cases:
             failures += [f"{case} shared={shared}: {m}" for m in _failures(
-                gpu, harness.build(case, gpu[0], rng), rng, "tensor_core", fused_backward_head_dim=128,
-                tensor_core_shared_scores=shared)]
+                gpu, harness.build(case, gpu[0], rng), rng, "tensor_core", tensor_core_shared_scores=shared)]
     assert not failures, "\n".join(failures)
 
 

@@ -421,7 +421,7 @@ def test_numpy_arrays_need_the_simulator_and_an_explicit_choice(rng):
     assert any("NUMBA_ENABLE_CUDASIM=1" in r for r in reasons), reasons
 
 
-def _route(monkeypatch, rng, shapes, mask_shape, dtype, fused_head_dim=0, deterministic=False):
+def _route(monkeypatch, rng, shapes, mask_shape, dtype, fused_head_dim=0, deterministic=False, dynamic_smem=True):
     """Where attention.backward sends a problem with the tensor_core variant chosen, without a GPU (launches
     recorded, not issued): "tensor_core" (" fused" with a dQ accumulator), or the portable dq kernel's delta."""
     from cusdpa import environment
@@ -446,7 +446,7 @@ def _route(monkeypatch, rng, shapes, mask_shape, dtype, fused_head_dim=0, determ
     pr = problem.from_dense(q, k, v, mask, problem.Options(enable_gqa=True))
     out = np.zeros(pr.out_shape, dtype)
     lse = np.zeros(pr.lse_shape, np.float32)
-    with configured(KernelConfig(fused_backward_head_dim=fused_head_dim)):
+    with configured(KernelConfig(fused_backward_head_dim=fused_head_dim, tensor_core_dynamic_smem=dynamic_smem)):
         attention.backward(pr, out, lse, out, deterministic=deterministic)
     return routes
 
@@ -477,14 +477,20 @@ def test_backward_routes_to_the_variant_and_delta_that_serve_it(shapes, mask_sha
     (96, None, np.float32, False, 64, "tensor_core fused"),  # fp32 at every head dim of whole rows
     (8, None, np.float32, False, 0, "tensor_core"),  # never
     (8, None, np.float32, True, 64, "tensor_core"),
-    (128, None, np.float32, False, 64, "tensor_core"),  # fp32's column parts past 96: only where the knob reaches
-    (128, None, np.float32, False, 128, "tensor_core fused"),
+    (128, None, np.float32, False, 64, "tensor_core fused"),  # and past 96 on column parts
     (8, (2, 4, 9, 11), np.float16, False, 64, "tensor_core"),  # the dq kernel writes a float mask's gradient
 ])
 def test_fused_backward_up_to_its_head_dim_where_nondeterminism_is_allowed(E, mask_shape, dtype, deterministic,
                                                                            fused_head_dim, expect, monkeypatch, rng):
     shapes = ((2, 4, 9, E), (2, 2, 11, E))
     assert _route(monkeypatch, rng, shapes, mask_shape, dtype, fused_head_dim, deterministic) == [expect]
+
+
+def test_fp32_fuses_on_column_parts_only_in_dynamic_shared_memory(monkeypatch, rng):
+    """fp32's fused loop on column parts (head dim 128) takes its 32-query steps from dynamic shared memory."""
+    shapes = ((2, 4, 9, 128), (2, 2, 11, 128))
+    assert _route(monkeypatch, rng, shapes, None, np.float32, 64, dynamic_smem=False) == ["tensor_core"]
+    assert _route(monkeypatch, rng, shapes, None, np.float32, 64) == ["tensor_core fused"]
 
 
 def test_fused_backward_keeps_whole_rows_per_warp(monkeypatch, rng):
