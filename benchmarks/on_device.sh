@@ -34,7 +34,8 @@
 # three TF32 products: its GPU tests, then the fp32 shape timed with KernelConfig.tensor_core_fp32 off and on), efficient-ncu-fwd (the tensor_core forward at L = 1024
 # E = 128 under ncu, heads fastest and head-major: its DRAM throughput says whether K and V came from DRAM), efficient-ncu (the tensor_core
 # backward's dq and dk/dv kernels under ncu, bf16 E = 128 L = 4096; efficient-ncu-fp32: the same kernels at the
-# EFFICIENT issue's fp32 shape, E = 64 L = 2048, its backward 0.68x PyTorch's on the H200; efficient-ncu-fwd-fp32: the forward there at E = 128, 0.73x PyTorch's), decode-tests (the KV cache on the GPU), fidelity-tests (PyTorch's behaviours, non-finite
+# EFFICIENT issue's fp32 shape, E = 64 L = 2048, its backward 0.68x PyTorch's on the H200; efficient-ncu-fwd-fp32: the forward there at E = 128, 0.73x PyTorch's; efficient-blocks: the tensor_core loops at three blocks an SM (168 registers, the default) and four (128):
+# fp32 at head dims 96 and 128, bf16 L = 1024 E = 128, whose 1024 blocks are 2.6 waves at three and 1.9 at four), decode-tests (the KV cache on the GPU), fidelity-tests (PyTorch's behaviours, non-finite
 # inputs, the flash-attention slot, Hugging Face models), fuzz (60 s of random cases against the
 # reference), sanitize (every kernel family under compute-sanitizer's four tools; SANITIZE_ONLY=TEXT: the cases
 # whose name holds it (A|B: either text), SANITIZE_TOOLS: some of the tools, RACECHECK_REPORT=hazard: each hazard, not the races), sweep, sweep-module (the
@@ -151,6 +152,10 @@ command_of() {  # the command of stage $1, into the array cmd
                              --head-dims 64; done') ;;
     efficient-ncu-fwd-fp32) cmd=(bash benchmarks/ncu_profile.sh attention_forward_tc 6 -- python3 benchmarks/efficient_gpu.py \
                                  --L 2048 --hidden 1024 --reps 1 --dtypes float32 --head-dims 128) ;;
+    efficient-blocks) cmd=(bash -c 'for c in 3 4; do python3 benchmarks/efficient_gpu.py --dtypes float32 --head-dims 96 128 \
+                           --L 2048 --hidden 1024 --reps 5 --config tensor_core_blocks=$c | tail -n 4; python3 \
+                           benchmarks/efficient_gpu.py --dtypes bfloat16 --head-dims 128 --L 1024 --reps 7 \
+                           --config tensor_core_blocks=$c | tail -n 2; done') ;;
     efficient-wide) cmd=(bash -c 'python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_efficient_gpu.py -k wide_heads \
                          && for c in 128 256; do python3 benchmarks/efficient_gpu.py --L 4096 --reps 5 --dtypes bfloat16 \
                          --head-dims 192 256 --config tensor_core_head_dim=$c | tail -n 6; done') ;;
