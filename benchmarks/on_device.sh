@@ -24,12 +24,13 @@
 # (KernelConfig.tensor_core_dynamic_smem, on since the H200 measured it at fp32 128 and bf16 fused 128): its GPU
 # test, then the fp32 shape at head dims 96 and 128 off and on, and bf16 L = 4096 head dim 128 unfused (the
 # default) against fused with it (fused_backward_head_dim=128); efficient-fp32-regs: there, the 3xTF32 loops at 168 registers and at 255, two blocks per SM, where their spills
-# fall from 40-348 bytes to 0-124), efficient-wide (head dims 160-256 on the tensor_core loops, forward and backward: their GPU test, then E = 192, 256 timed with KernelConfig.tensor_core_head_dim 128 and 256), efficient-fused (the fused tensor_core backward: its GPU tests, then bf16 L = 4096 timed with it never and at every head dim up to 128; the default fuses up to 64),
+# fall from 40-348 bytes to 0-124), efficient-wide-tests / efficient-wide (head dims 160-256 on the tensor_core loops, forward and backward: their GPU test / E = 192, 256 timed with KernelConfig.tensor_core_head_dim 128 and 256), efficient-fused (the fused tensor_core backward: its GPU tests, then bf16 L = 4096 timed with it never and at every head dim up to 128; the default fuses up to 64),
 # efficient-fwd-tiles (the tensor_core forward at E = 128 with 32-key tiles against the default 64),
 # efficient-grid-order (the tensor_core kernels' blocks head-major, KernelConfig.head_major_grid, off and on at
-# L = 1024 and 4096), efficient-masks
-# (bool and float masks of the masks issue, bf16 L = 4096, against EFFICIENT_ATTENTION given the same mask; the
-# mask tiles, KernelConfig.tensor_core_mask_tiles, off and on),
+# L = 1024 and 4096), efficient-masks-tests / efficient-masks
+# (the mask tiles' GPU test / bool and float masks of the masks issue, bf16 L = 4096, against EFFICIENT_ATTENTION given
+# the same mask, with the mask tiles, KernelConfig.tensor_core_mask_tiles, off (the default), then on; each process
+# about 200 s: run the tests side by side first, with -j),
 # efficient-fp32-tc (fp32 on the tensor_core loops,
 # three TF32 products: its GPU tests, then the fp32 shape timed with KernelConfig.tensor_core_fp32 off and on), efficient-ncu-fwd (the tensor_core forward at L = 1024
 # E = 128 under ncu, heads fastest and head-major: its DRAM throughput says whether K and V came from DRAM), efficient-ncu (the tensor_core
@@ -156,8 +157,8 @@ command_of() {  # the command of stage $1, into the array cmd
                            --L 2048 --hidden 1024 --reps 5 --config tensor_core_blocks=$c | tail -n 4; python3 \
                            benchmarks/efficient_gpu.py --dtypes bfloat16 --head-dims 128 --L 1024 --reps 7 \
                            --config tensor_core_blocks=$c | tail -n 2; done') ;;
-    efficient-wide) cmd=(bash -c 'python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_efficient_gpu.py -k wide_heads \
-                         && for c in 128 256; do python3 benchmarks/efficient_gpu.py --L 4096 --reps 5 --dtypes bfloat16 \
+    efficient-wide-tests) cmd=(python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_efficient_gpu.py -k wide_heads) ;;
+    efficient-wide) cmd=(bash -c 'for c in 128 256; do python3 benchmarks/efficient_gpu.py --L 4096 --reps 5 --dtypes bfloat16 \
                          --head-dims 192 256 --config tensor_core_head_dim=$c | tail -n 6; done') ;;
     efficient-fp32-tc) cmd=(bash -c 'python3 -m pytest -q -m "gpu and not slow" -p no:cacheprovider tests/test_efficient_gpu.py \
                             tests/test_nonfinite.py -k "(float32 and tensor_core) or fp32 or tf32" \
@@ -173,8 +174,8 @@ command_of() {  # the command of stage $1, into the array cmd
     efficient-grid-order) cmd=(bash -c 'python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_efficient_gpu.py \
                                -k head_major && for c in 0 1; do for L in 1024 4096; do python3 benchmarks/efficient_gpu.py \
                                --L $L --reps 5 --dtypes bfloat16 --config head_major_grid=$c | tail -n 5; done; done') ;;
-    efficient-masks) cmd=(bash -c 'python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_efficient_gpu.py \
-                          -k mask_tiles && for t in 0 1; do for m in bool float; do python3 benchmarks/efficient_gpu.py \
+    efficient-masks-tests) cmd=(python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_efficient_gpu.py -k mask_tiles) ;;
+    efficient-masks) cmd=(bash -c 'for t in 0 1; do for m in bool float; do python3 benchmarks/efficient_gpu.py \
                           --L 4096 --reps 5 --dtypes bfloat16 --head-dims 64 128 --mask $m \
                           --config tensor_core_mask_tiles=$t | tail -n 4; done; done') ;;
     efficient-fp32-fused) cmd=(bash -c 'python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_efficient_gpu.py \
