@@ -40,7 +40,9 @@ class KernelConfig:
       hides (backward +40% at E = 64, forward +10% at E = 128) although E = 128 then spills.
     tensor_core_head_dim: the widest head dim the tensor_core loops take: 128, or up to 256 (padded to 160,
       192, 224, 256; forward: 32-key tiles, two blocks per SM; backward: column parts, two warps per 16 rows).
-      128 until the wide loops have run on a GPU.
+      256: on the H100 (bf16 L = 4096 Hq * E = 2048) head dims 192 and 256 ran forward 142-161 TFLOP/s (0.95-1.23x
+      PyTorch's EFFICIENT_ATTENTION) and backward 78-82 (2.1-2.5x) on them, against 11 and 6 on the portable
+      kernels that 128 leaves them (BENCHMARKS.md).
     tensor_core_fp32: fp32 inputs take the tensor_core loops too (TF32 tensor cores, each product as three of
       split operands, within 2^-23 relative: about fp32's accuracy, as PyTorch's EFFICIENT_ATTENTION runs fp32;
       head dims <= 128; past 96 the backward takes column parts; each k-step's three products are added to the
@@ -129,7 +131,7 @@ class KernelConfig:
     chunk: int = 32
     prepared_launches: bool = True
     tensor_core_blocks: int = 3
-    tensor_core_head_dim: int = 128
+    tensor_core_head_dim: int = 256
     tensor_core_fp32: bool = True
     tensor_core_fp32_fast_split: bool = True
     tensor_core_shared_scores: bool = True

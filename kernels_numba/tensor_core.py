@@ -7,7 +7,7 @@ mma.sync), ``efficient::backward_dq`` / ``backward_dkdv`` in efficient_bwd.cuh (
 The C source is linked through ``cuda.declare_device(..., link=[CUSource], abi="c")``, one instantiation
 (head dim, dtype, dropout or not, mask kind) per source, as FLASH compiles its kernels: NVRTC compiles only
 what a problem needs, once per process, and no tile loop carries the code of features it does not use.
-fp16/bf16 with E and Ev <= 128 (padded to 32/64/96/128; to 256 by KernelConfig.tensor_core_head_dim), fp32 on TF32
+fp16/bf16 with E and Ev <= 256 (padded to 32/64/96/128/160/192/224/256; KernelConfig.tensor_core_head_dim), fp32 on TF32
 tensor cores (three products of split operands, about fp32's accuracy) with E and Ev <= 128, forward and backward;
 unit stride along the head dim; every mask kind, causal, window, dropout, GQA and varlen as in the portable
 variant.
@@ -25,7 +25,7 @@ from . import device, dq_accumulate, launcher, layout
 from .device import SIMULATOR
 from .layout import cdiv
 
-# The padded head dims (those past 128 only with KernelConfig.tensor_core_head_dim).
+# The padded head dims (those past 128 up to KernelConfig.tensor_core_head_dim, 256 by default).
 HEAD_DIMS = (32, 64, 96, 128, 160, 192, 224, 256)
 BLOCK_M = 64  # 4 warps x 16 rows (efficient_fwd.cuh's EFF_BLOCK_M)
 THREADS = 128
