@@ -30,7 +30,10 @@
 # L = 1024 and 4096), efficient-masks-tests / efficient-masks
 # (the mask tiles' GPU test / bool and float masks of the masks issue, bf16 L = 4096, against EFFICIENT_ATTENTION given
 # the same mask, with the mask tiles, KernelConfig.tensor_core_mask_tiles, off (the default), then on; each process
-# about 200 s: run the tests side by side first, with -j),
+# about 200 s: run the tests side by side first, with -j), efficient-mask-sums-tests / efficient-mask-sums (a float
+# mask broadcast over batch or heads: its gradient added into fp32 sums by the tensor_core dq kernel,
+# KernelConfig.tensor_core_mask_grad_sum: its GPU test / the (1, H, L, S) float mask of efficient-masks with it on,
+# where the portable kernels gave 1.0 TFLOP/s on the H100),
 # efficient-fp32-tc (fp32 on the tensor_core loops,
 # three TF32 products: its GPU tests, then the fp32 shape timed with KernelConfig.tensor_core_fp32 off and on), efficient-ncu-fwd (the tensor_core forward at L = 1024
 # E = 128 under ncu, heads fastest and head-major: its DRAM throughput says whether K and V came from DRAM), efficient-ncu (the tensor_core
@@ -118,7 +121,7 @@ nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,temperature.gpu --format=csv
 # The GPU tests of KernelConfig's knobs that are off by default (efficient-knob-tests), apart from the rest
 # (efficient-tests): two stages that -j runs side by side, each within a call's limit.
 KNOB_TESTS="wide_heads or fused or tf32 or keys_per_tile or one_key or mask_tiles or head_major or fast_split"
-KNOB_TESTS="$KNOB_TESTS or shared_scores or dynamic_shared"
+KNOB_TESTS="$KNOB_TESTS or shared_scores or dynamic_shared or gradient_sums"
 
 command_of() {  # the command of stage $1, into the array cmd
   local stage=$1
@@ -174,6 +177,9 @@ command_of() {  # the command of stage $1, into the array cmd
     efficient-grid-order) cmd=(bash -c 'python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_efficient_gpu.py \
                                -k head_major && for c in 0 1; do for L in 1024 4096; do python3 benchmarks/efficient_gpu.py \
                                --L $L --reps 5 --dtypes bfloat16 --config head_major_grid=$c | tail -n 5; done; done') ;;
+    efficient-mask-sums-tests) cmd=(python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_efficient_gpu.py -k gradient_sums) ;;
+    efficient-mask-sums) cmd=(bash -c 'python3 benchmarks/efficient_gpu.py --L 4096 --reps 5 --dtypes bfloat16 --head-dims 64 128 \
+                              --mask float --config tensor_core_mask_grad_sum=1 | tail -n 4') ;;
     efficient-masks-tests) cmd=(python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_efficient_gpu.py -k mask_tiles) ;;
     efficient-masks) cmd=(bash -c 'for t in 0 1; do for m in bool float; do python3 benchmarks/efficient_gpu.py \
                           --L 4096 --reps 5 --dtypes bfloat16 --head-dims 64 128 --mask $m \

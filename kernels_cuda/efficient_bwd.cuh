@@ -8,7 +8,9 @@
 // dq: 64 query rows (16 per warp), Q and dO as A fragments in registers; per key tile S = Q K^T and
 //     dP = dO V^T, dS in registers, dQ += dS K with dS rounded to the input type as the A operand and K
 //     read back transposed. It writes D for the dk/dv kernel (launched after it), and dS itself where a
-//     float mask's gradient has one element per score.
+//     float mask's gradient has one element per score, or adds dS with atomics into an fp32 sum where its
+//     elements are shared by several scores (EFF_DMASK_ADD: a mask broadcast over batch, heads or queries; the
+//     order of the adds varies run to run, so not in a deterministic backward).
 // dkdv: 64 keys (16 per warp), K as A fragments in registers and V in shared memory; per step of EFF_BLOCK_N
 //     (32; 16 for fp32 past head dim 64, to fit shared memory) queries of each query head of the GQA group S^T = K Q^T and dP^T = V dO^T, then dV += (P o Z)^T dO
 //     and dK += dS^T Q.
@@ -51,6 +53,9 @@ __device__ __forceinline__ int col_part(int warp) { return COL_PARTS == 1 ? 0 : 
 
 #ifndef EFF_SHARE_SCORES
 #define EFF_SHARE_SCORES 0
+#endif
+#ifndef EFF_DMASK_ADD
+#define EFF_DMASK_ADD 0
 #endif
 constexpr bool SHARE = EFF_SHARE_SCORES != 0;
 static_assert(!SHARE || COL_PARTS == 2, "shared scores split a pair of column parts' products");
@@ -354,7 +359,11 @@ __device__ void backward_dq(const BwdArgs& a) {
             d = p * (dp[h][2 * r + c] * z - dlt[r]);
             // one warp a score: the pair's part 0, or with shared scores the warp that computes it
             if (a.dmask != nullptr && (SHARE || part == 0))
+#if EFF_DMASK_ADD
+              atomicAdd((float*)a.dmask + (i * a.dmask_rs + j * a.dmask_cs), d);  // fp32 sums of shared elements
+#else
               store_mask_grad(a.dmask, MASK_KIND, i * a.dmask_rs + j * a.dmask_cs, d);
+#endif
           }
           ds[2 * r + c] = d;
         }

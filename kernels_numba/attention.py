@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import config as config_module
-from . import gradients, launcher, layout, portable, tensor_core
+from . import dq_accumulate, gradients, launcher, layout, portable, tensor_core
 from .blocked_forward import forward_kernel
 from .layout import cdiv
 
@@ -237,7 +237,9 @@ def backward(pr, out, lse, dout, grads=None, config=None, delta=None, determinis
     The tensor_core variant runs where its forward does and q, k and v are not broadcast over batch dims.
     delta is rowsum(dout * out), as FlashAttention takes it, except where a broadcast float mask's gradient
     needs it exact or ``out`` is None: the portable dq kernel then sums rowsum(P * dP) in fp32 (see
-    gradients.py).
+    gradients.py). With KernelConfig.tensor_core_mask_grad_sum, a float mask broadcast over batch or heads but not
+    keys has its gradient on the tensor_core backward instead (not ``deterministic``): the dq kernel adds dS into
+    fp32 sums with atomics.
     """
     cfg = config or config_module.current()
     xp = pr.xp
@@ -288,19 +290,29 @@ def backward(pr, out, lse, dout, grads=None, config=None, delta=None, determinis
     # over scores, where sum_j dS_ij = rowsum(P * dP) - delta_i cancels, and delta from the rounded output
     # leaves its rounding error there (measured: 1.7e-3 against PyTorch's 7e-7 on a (L, 1) mask); the
     # portable dq kernel then sums rowsum(P * dP) itself.
-    delta_from_out = out is not None and not (want_dmask and not dmask_direct)
     out_v = None
-    if delta_from_out:
+    if out is not None:
         out_v = _rows_view(pr, plan, out, None) if varlen else _output_view(pr, plan, out)
-    if delta_from_out and reps_q == reps_k == reps_v == 1 and variant_for(pr, cfg) == "tensor_core" and \
-            all(x.strides[-1] == x.itemsize for x in (dout_v, out_v)):
+    on_tensor_cores = out_v is not None and reps_q == reps_k == reps_v == 1 and \
+        variant_for(pr, cfg) == "tensor_core" and all(x.strides[-1] == x.itemsize for x in (dout_v, out_v))
+    # a gradient summed over the mask's broadcast batch or head dims, not over keys (rows of dS cancel there)
+    dmask_add = want_dmask and not dmask_direct and on_tensor_cores and cfg.tensor_core_mask_grad_sum and \
+        not deterministic and dshape[-1] == full6[-1]
+    delta_from_out = out is not None and not (want_dmask and not dmask_direct and not dmask_add)
+    if delta_from_out and on_tensor_cores:
         accum = None
         if _fusable(pr, cfg, deterministic) and not want_dmask:  # (the variant decided above)
             shape = dq_v.shape[:-1] + (tensor_core.head_dim_for(pr.E, pr.Ev),)
             accum = (xp.empty(shape, np.float32) if dq_accum is None else
                      dq_accum[:math.prod(shape)].reshape(shape))
+        sums = xp.zeros(dshape, np.float32) if dmask_add else None
         tensor_core.backward(pr, views, (dout_v, out_v, lse_v, delta_v, dq_v, dk_v, dv_v),
-                             dmask_v if dmask_direct else None, device, structure, cfg, accum)
+                             xp.broadcast_to(sums, full6) if dmask_add else dmask_v if dmask_direct else None,
+                             device, structure, cfg, accum, mask_grad_sum=dmask_add)
+        if dmask_add:  # the fp32 sums rounded into the mask's dtype
+            launcher.launch(dq_accumulate.convert_kernel(layout.dtype_name(pr.mask.dtype) == "bfloat16"),
+                            cdiv(dq_accumulate.rows(dmask_v), dq_accumulate.THREADS), dq_accumulate.THREADS, device,
+                            (sums, layout.bits(dmask_v), 1.0))
         return _deliver(xp, targets, grads)
     dq_spec, dkdv_spec = _blocked_spec(pr, cfg, False), _blocked_spec(pr, cfg, True)
     threads = cfg.threads ** 2

@@ -108,6 +108,13 @@ class KernelConfig:
       along the keys and 16-byte aligned and the tile fits 48 KiB beside the others (tensor_core.mask_tile_fits),
       instead of each thread loading its scores' elements from global memory when the scores are ready. Not yet
       measured.
+    tensor_core_mask_grad_sum: a float mask broadcast over batch or heads (not over keys), whose gradient sums
+      dS over the scores that share an element, takes the tensor_core backward: the dq kernel adds each score's dS
+      into a zeroed fp32 sum with atomics, then rounded into the mask's dtype. The order of the adds varies run to
+      run, so a deterministic backward, and a mask broadcast over keys (whose rows of dS cancel to ~0, leaving only
+      rounding: the portable kernels' fp64 sums keep it exact), stay on the portable kernels, which ran such a
+      gradient at 1 TFLOP/s on the H100 (bf16 L = 4096, a (1, H, L, S) mask: 0.01x PyTorch). Off until it has run on
+      a GPU.
     head_major_grid: the tensor_core kernels' blocks in head-major order where every block of a head does the same
       work (no causal band or window; tensor_core.head_major): consecutive blocks take the query blocks (dk/dv:
       key blocks) of one (batch, head), so the blocks that read one head's K and V (Q and dO) run together and
@@ -139,6 +146,7 @@ class KernelConfig:
     fused_backward_head_dim: int = 64
     tensor_core_block_n: int = 0
     tensor_core_mask_tiles: bool = False
+    tensor_core_mask_grad_sum: bool = False
     head_major_grid: bool = True
 
     @property

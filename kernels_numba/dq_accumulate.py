@@ -58,7 +58,8 @@ def convert_kernel(bf16: bool):
 
     @cuda.jit
     def attention_dq_convert(accum, dq, scale):
-        """dq[row, e] = scale * accum[row, e] for the head dim of dq (the accumulator's is padded)."""
+        """dq[row, e] = scale * accum[row, e] for the head dim of dq (the accumulator's is padded); also a float
+        mask's gradient from its fp32 sums (attention.backward, scale 1)."""
         shape = dq.shape
         t = cuda.blockIdx.x * THREADS + cuda.threadIdx.x
         if t >= shape[0] * shape[1] * shape[2] * shape[3] * shape[4]:

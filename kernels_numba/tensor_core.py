@@ -218,7 +218,8 @@ def head_dim_for(E: int, Ev: int) -> int:
 
 def tile_loop_source(head_dim: int, elem: str, kind: str, dropout: bool, mask_kind: int,
                      block_n: int = 0, mask_tile: bool = False, fast_split: bool = False,
-                     shared_scores: bool = False, dynamic: bool = False) -> tuple[str, str]:
+                     shared_scores: bool = False, dynamic: bool = False,
+                     mask_grad_sum: bool = False) -> tuple[str, str]:
     """(C entry name, CUDA source) of one tile loop: ``kind`` "forward", "dq", "dkdv" or "fused" (dk/dv with dQ
     added into an fp32 accumulator, whole rows per warp), for a padded head dim of HEAD_DIMS and an element family of
     ELEMS, with dropout or not and a mask of kind ``mask_kind`` (MASK_KINDS' numbers, 0: none) compiled in;
@@ -230,15 +231,19 @@ def tile_loop_source(head_dim: int, elem: str, kind: str, dropout: bool, mask_ki
     and trades them through shared memory (efficient_bwd.cuh's EFF_SHARE_SCORES;
     KernelConfig.tensor_core_shared_scores); ``dynamic``: a dk/dv loop whose steps static memory kept at 16
     queries takes 32, its tiles in dynamic shared memory (takes_dynamic; EFF_DYNAMIC_SMEM;
-    KernelConfig.tensor_core_dynamic_smem). tests/test_flash.py compiles them with NVRTC on the CPU."""
+    KernelConfig.tensor_core_dynamic_smem); ``mask_grad_sum``: a dq loop with a float mask adds each score's dS into
+    fp32 sums its broadcast elements share (EFF_DMASK_ADD; KernelConfig.tensor_core_mask_grad_sum). tests/test_flash.py
+    compiles them with NVRTC on the CPU."""
     short = {"float16": "f16", "bfloat16": "bf16", "float32": "f32", "tf32": "tf32"}[elem]
     parts = col_parts(head_dim, elem)
     block_n, mask_tile, shared_scores, dynamic = _loop_choices(head_dim, elem, kind, mask_kind, block_n, mask_tile,
                                                                shared_scores, dynamic)
     fast_split = fast_split and elem == "float32"
+    mask_grad_sum = mask_grad_sum and kind == "dq" and mask_kind > MASK_KINDS["bool"]
     name = (f"efficient_{kind}_{short}_d{head_dim}_n{block_n}{'_dropout' if dropout else ''}_mask{mask_kind}"
             f"{f'_p{parts}' if parts > 1 and kind != 'forward' else ''}{'_mt' if mask_tile else ''}"
-            f"{'_fs' if fast_split else ''}{'_ss' if shared_scores else ''}{'_dyn' if dynamic else ''}")
+            f"{'_fs' if fast_split else ''}{'_ss' if shared_scores else ''}{'_dyn' if dynamic else ''}"
+            f"{'_ms' if mask_grad_sum else ''}")
     defines_tile = (f"#define EFF_MASK_TILE {int(mask_tile)}\n#define EFF_FAST_SPLIT {int(fast_split)}\n"
                     + ("#define EFF_DYNAMIC_SMEM 1\n" if dynamic else ""))
     defines = (f"#define EFF_NAME {name}\n#define EFF_HEAD_DIM {head_dim}\n#define EFF_BLOCK_N {block_n}\n"
@@ -249,14 +254,16 @@ def tile_loop_source(head_dim: int, elem: str, kind: str, dropout: bool, mask_ki
     return name, (defines + f"#define EFF_DQ {int(kind == 'dq')}\n#define EFF_FUSED {int(kind == 'fused')}\n"
                   f"#define EFF_COL_PARTS {parts}\n" + defines_tile +
                   ("#define EFF_SHARE_SCORES 1\n" if shared_scores else "") +
+                  ("#define EFF_DMASK_ADD 1\n" if mask_grad_sum else "") +
                   kernels_cuda.source("efficient_bwd.cuh"))
 
 
 @functools.cache
 def _tile_loop(head_dim: int, elem: str, kind: str, dropout: bool, mask_kind: int, block_n: int = 0,
-               mask_tile: bool = False, fast_split: bool = False, shared_scores: bool = False, dynamic: bool = False):
+               mask_tile: bool = False, fast_split: bool = False, shared_scores: bool = False, dynamic: bool = False,
+               mask_grad_sum: bool = False):
     name, source = tile_loop_source(head_dim, elem, kind, dropout, mask_kind, block_n, mask_tile, fast_split,
-                                    shared_scores, dynamic)
+                                    shared_scores, dynamic, mask_grad_sum)
     args = _ARGS if kind == "forward" else _BWD_ARGS
     return cuda.declare_device(name, f"int32({args})", link=[cuda.CUSource(source, name=f"{name}.cu")], abi="c")
 
@@ -383,8 +390,10 @@ def mask_kind_of(pr) -> int:
 
 @functools.cache
 def _dq_kernel(head_dim: int, elem: str, dropout: bool, mask_kind: int, registers: int, head_major: bool, parts: int,
-               mask_tile: bool = False, fast_split: bool = False, shared_scores: bool = False):
-    tile_loop = _tile_loop(head_dim, elem, "dq", dropout, mask_kind, 0, mask_tile, fast_split, shared_scores)
+               mask_tile: bool = False, fast_split: bool = False, shared_scores: bool = False,
+               mask_grad_sum: bool = False):
+    tile_loop = _tile_loop(head_dim, elem, "dq", dropout, mask_kind, 0, mask_tile, fast_split, shared_scores,
+                           mask_grad_sum=mask_grad_sum)
     size = 4 if _wide(elem) else 2
     rows = backward_rows(parts)
 
@@ -393,8 +402,9 @@ def _dq_kernel(head_dim: int, elem: str, dropout: bool, mask_kind: int, register
                         cu_q, cu_k, varlen, nb1, nb2, hq, group, L, S, E, Ev, scale, lower_right, left, right,
                         seed_lo, seed_hi, offset, threshold, rescale, keys):
         """One block per (batch-head, ``rows`` query rows); writes D and, where dmask is not 0 (an address), the
-        float mask's gradient of each score. ``keys`` 0: D alone (the fused fp32 backward's D pass), the slice
-        taken as holding no keys, so that no key block runs and dQ's rows are written as zeros."""
+        float mask's gradient of each score (``mask_grad_sum``: adds it into fp32 sums). ``keys`` 0: D alone (the
+        fused fp32 backward's D pass), the slice taken as holding no keys, so that no key block runs and dQ's rows
+        are written as zeros."""
         # the heaviest (causal) blocks first
         bh, m_first = _block_of(head_major, -rows, L, cuda.blockIdx.x, cuda.blockIdx.y, cuda.gridDim.y)
         h = bh % hq
@@ -460,11 +470,12 @@ def _dkdv_kernel(head_dim: int, elem: str, dropout: bool, mask_kind: int, regist
     return attention_dkdv_tc
 
 
-def backward(pr, views, arrays, dmask_v, device, structure, cfg, dq_accum=None):
+def backward(pr, views, arrays, dmask_v, device, structure, cfg, dq_accum=None, mask_grad_sum=False):
     """Launch the tensor_core backward: ``arrays`` are the 6-D (5-D for lse and delta) views dout, out, lse,
     delta, dq, dk, dv, with one own batch element per problem batch element (attention.backward checks);
-    dmask_v the float mask's gradient where each element belongs to one score, else None. D goes into
-    delta for the dmask kernel too.
+    dmask_v the float mask's gradient where each element belongs to one score, or with ``mask_grad_sum`` zeroed
+    fp32 sums viewed over every score (zero strides along the mask's broadcast dims) that the dq kernel adds each
+    score's dS into; else None.
 
     With ``dq_accum`` (a 6-D fp32 view shaped like dq with the padded head dim, no dmask_v): the fused kernel,
     between a pre-pass (D, the accumulator zeroed: 16-bit types by dq_accumulate, fp32 by the dq kernel without
@@ -493,10 +504,10 @@ def backward(pr, views, arrays, dmask_v, device, structure, cfg, dq_accum=None):
     rows = backward_rows(parts)
 
     def dq_kernel(into, strides, keys):  # the dq kernel, writing dQ's rows at ``into``
-        launcher.launch(_dq_kernel(*instance, shared_scores), _grid(views.n_batch * pr.hq, rows, pr.L, major),
-                        THREADS, device, (q, qs[:5], k, ks[:5], v, vs[:5], dout, dos[:5], out, os_[:5], lse, ls, delta,
-                                          dls, into, strides[:5], dmask, dms, mask, ms, *common, pr.hq, pr.group,
-                                          *tail, keys))
+        launcher.launch(_dq_kernel(*instance, shared_scores, mask_grad_sum),
+                        _grid(views.n_batch * pr.hq, rows, pr.L, major), THREADS, device,
+                        (q, qs[:5], k, ks[:5], v, vs[:5], dout, dos[:5], out, os_[:5], lse, ls, delta, dls, into,
+                         strides[:5], dmask, dms, mask, ms, *common, pr.hq, pr.group, *tail, keys))
 
     if fused:
         bf16 = elem == "bfloat16"

@@ -362,6 +362,31 @@ def test_repeated_cupy_calls_replay_a_plan(gpu, rng, variant, dtype, monkeypatch
                               want.view(cp.uint16) if want.itemsize == 2 else want)
 
 
+def test_broadcast_float_masks_gradient_sums_on_the_tensor_core_loops(gpu, rng, monkeypatch):
+    """KernelConfig.tensor_core_mask_grad_sum: float masks broadcast over batch, heads or queries (not keys) get
+    their gradient from the tensor_core dq kernel's fp32 sums, with causal, GQA, dropout, column parts and each
+    mask dtype, judged against the reference; no portable kernel runs."""
+    from kernels_numba import gradients
+
+    portable = []
+    real = gradients.dq_kernel
+    monkeypatch.setattr(gradients, "dq_kernel", lambda *a: portable.append(1) or real(*a))
+    cases = [Case("bfloat16", batch=(2,), hq=4, hkv=2, L=97, S=130, E=64, mask="float", mask_shape=(1, 4, 97, 130),
+                  causal="lower_right"),
+             Case("float16", batch=(3,), hq=2, hkv=2, L=70, S=90, E=128, mask="float", mask_shape=(3, 1, 70, 90),
+                  dropout_p=0.1),
+             Case("float32", batch=(2,), hq=4, hkv=1, L=50, S=76, E=64, mask="float", mask_shape=(76,),
+                  mask_dtype="float64"),
+             Case("bfloat16", batch=(2,), hq=2, hkv=1, L=65, S=80, E=192, Ev=160, mask="float",
+                  mask_shape=(1, 2, 65, 80))]
+    failures = []
+    for case in cases:
+        pr = harness.build(case, gpu[0], rng)
+        failures += [f"{case}: {m}" for m in _failures(gpu, pr, rng, "tensor_core", tensor_core_mask_grad_sum=True)]
+    assert not failures, "\n".join(failures)
+    assert not portable
+
+
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 def test_wide_heads_on_the_tensor_core_loops(gpu, rng, dtype, monkeypatch):
     """KernelConfig.tensor_core_head_dim = 256: head dims 160-256 (and E != Ev) on the tensor_core forward and

@@ -421,9 +421,11 @@ def test_numpy_arrays_need_the_simulator_and_an_explicit_choice(rng):
     assert any("NUMBA_ENABLE_CUDASIM=1" in r for r in reasons), reasons
 
 
-def _route(monkeypatch, rng, shapes, mask_shape, dtype, fused_head_dim=0, deterministic=False, dynamic_smem=True):
+def _route(monkeypatch, rng, shapes, mask_shape, dtype, fused_head_dim=0, deterministic=False, dynamic_smem=True,
+           mask_grad_sum=False):
     """Where attention.backward sends a problem with the tensor_core variant chosen, without a GPU (launches
-    recorded, not issued): "tensor_core" (" fused" with a dQ accumulator), or the portable dq kernel's delta."""
+    recorded, not issued): "tensor_core" (" fused" with a dQ accumulator, " sums" adding a float mask's gradient
+    into fp32 sums), or the portable dq kernel's delta."""
     from cusdpa import environment
 
     if environment.simulator_enabled():
@@ -434,8 +436,8 @@ def _route(monkeypatch, rng, shapes, mask_shape, dtype, fused_head_dim=0, determ
     monkeypatch.setattr(layout, "device_of", lambda x: 0)
     monkeypatch.setattr(attention, "variant_for", lambda pr, cfg: "tensor_core")
     monkeypatch.setattr(attention.launcher, "launch", lambda *a: None)
-    monkeypatch.setattr(tensor_core, "backward", lambda *a: routes.append(
-        "tensor_core" + (" fused" if a[7] is not None else "")))
+    monkeypatch.setattr(tensor_core, "backward", lambda *a, **kw: routes.append(
+        "tensor_core" + (" fused" if a[7] is not None else "") + (" sums" if kw.get("mask_grad_sum") else "")))
     real = gradients.dq_kernel
     monkeypatch.setattr(gradients, "dq_kernel", lambda spec, direct, from_out: routes.append(
         "portable from out" if from_out else "portable from P dP") or real(spec, direct, from_out))
@@ -446,7 +448,8 @@ def _route(monkeypatch, rng, shapes, mask_shape, dtype, fused_head_dim=0, determ
     pr = problem.from_dense(q, k, v, mask, problem.Options(enable_gqa=True))
     out = np.zeros(pr.out_shape, dtype)
     lse = np.zeros(pr.lse_shape, np.float32)
-    with configured(KernelConfig(fused_backward_head_dim=fused_head_dim, tensor_core_dynamic_smem=dynamic_smem)):
+    with configured(KernelConfig(fused_backward_head_dim=fused_head_dim, tensor_core_dynamic_smem=dynamic_smem,
+                                 tensor_core_mask_grad_sum=mask_grad_sum)):
         attention.backward(pr, out, lse, out, deterministic=deterministic)
     return routes
 
@@ -491,6 +494,25 @@ def test_fp32_fuses_on_column_parts_only_in_dynamic_shared_memory(monkeypatch, r
     shapes = ((2, 4, 9, 128), (2, 2, 11, 128))
     assert _route(monkeypatch, rng, shapes, None, np.float32, 64, dynamic_smem=False) == ["tensor_core"]
     assert _route(monkeypatch, rng, shapes, None, np.float32, 64) == ["tensor_core fused"]
+
+
+@pytest.mark.parametrize("mask_shape, deterministic, expect", [
+    ((1, 4, 9, 11), False, "tensor_core sums"),  # broadcast over batch: dS added into fp32 sums
+    ((2, 1, 9, 11), False, "tensor_core sums"),  # over heads
+    ((11,), False, "tensor_core sums"),  # over batch, heads and queries: never summed along a row of dS
+    ((1, 4, 9, 11), True, "portable from P dP"),  # atomics vary the bits run to run
+    ((9, 1), False, "portable from P dP"),  # over keys: a row's dS cancel to ~0, exact in the portable kernels
+])
+def test_a_broadcast_float_mask_s_gradient_sums_on_tensor_cores_where_allowed(mask_shape, deterministic, expect,
+                                                                                monkeypatch, rng):
+    """KernelConfig.tensor_core_mask_grad_sum: a float mask broadcast over batch, heads or queries, not keys, gets its
+    gradient from the tensor_core dq kernel's fp32 sums, where the backward may be non-deterministic; off, the
+    portable kernels as before."""
+    shapes = ((2, 4, 9, 8), (2, 2, 11, 8))
+    assert _route(monkeypatch, rng, shapes, mask_shape, np.float16, deterministic=deterministic,
+                  mask_grad_sum=True) == [expect]
+    assert _route(monkeypatch, rng, shapes, mask_shape, np.float16, deterministic=deterministic) == \
+        ["portable from P dP"]
 
 
 def test_fused_backward_keeps_whole_rows_per_warp(monkeypatch, rng):

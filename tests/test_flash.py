@@ -207,6 +207,10 @@ def test_efficient_tile_loops_compile_with_nvrtc():
              (96, "float32", "dkdv", False, 0, 0, False, False, False, True),
              (128, "float32", "dkdv", True, 5, 0, True, True, True, True),
              (256, "bfloat16", "dkdv", True, 3, 0, True, False, True, True)]
+    # a broadcast float mask's gradient added into fp32 sums (KernelConfig.tensor_core_mask_grad_sum)
+    jobs += [(64, "bfloat16", "dq", True, 3, 0, False, False, False, False, True),
+             (192, "float16", "dq", False, 5, 0, True, False, True, False, True),
+             (128, "float32", "dq", False, 4, 0, False, True, True, False, True)]
 
     def compile_one(job):
         name, source = tensor_core.tile_loop_source(*job)
@@ -228,6 +232,20 @@ def test_efficient_fast_split_is_fp32_s_alone():
             assert ("#define EFF_FAST_SPLIT 1" in source) == (elem == "float32") == name.endswith("_fs")
             plain_name, plain = tensor_core.tile_loop_source(64, elem, kind, False, 0)
             assert "#define EFF_FAST_SPLIT 0" in plain and not plain_name.endswith("_fs")
+
+
+def test_efficient_mask_grad_sums_are_float_masked_dq_loops_alone():
+    """KernelConfig.tensor_core_mask_grad_sum compiles EFF_DMASK_ADD into the dq loops of float masks alone (every other
+    loop's source stays as it was), and names them apart."""
+    from kernels_numba import tensor_core
+
+    for kind in ("forward", "dq", "dkdv", "fused"):
+        for mask_kind in (0, 1, 2, 5):
+            name, source = tensor_core.tile_loop_source(64, "float16", kind, False, mask_kind, mask_grad_sum=True)
+            want = kind == "dq" and mask_kind >= 2
+            assert ("#define EFF_DMASK_ADD 1" in source) == want == name.endswith("_ms"), name
+            if not want:
+                assert (name, source) == tensor_core.tile_loop_source(64, "float16", kind, False, mask_kind)
 
 
 def test_efficient_shared_scores_are_column_parts_alone():

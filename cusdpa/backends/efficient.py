@@ -51,7 +51,8 @@ def _forward(pr, out=None, lse=None):
 
 
 def _backward(pr, out, lse, dout, deterministic=False, grads=None):
-    # Atomics only in the fused backward (KernelConfig.fused_backward_head_dim), which ``deterministic`` turns down.
+    # Atomics only in the fused backward (KernelConfig.fused_backward_head_dim) and a broadcast float mask's summed
+    # gradient (KernelConfig.tensor_core_mask_grad_sum), which ``deterministic`` turns down.
     import kernels_numba
 
     return kernels_numba.backward(pr, out, lse, dout, grads, deterministic=deterministic)
