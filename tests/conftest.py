@@ -32,6 +32,13 @@ def pytest_report_header(config):
     return f"cusdpa random seed: {SESSION_SEED} (replay with CUSDPA_TEST_SEED={SESSION_SEED})"
 
 
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    # again after failures: -q (the GPU machine's stages) drops the header, and a failure on random inputs is
+    # only worth as much as its replay
+    if terminalreporter.stats.get("failed") or terminalreporter.stats.get("error"):
+        terminalreporter.write_line(pytest_report_header(config))
+
+
 @pytest.fixture
 def rng(request):
     """A generator seeded from the session seed and the test id: fresh each run, reproducible on demand."""
