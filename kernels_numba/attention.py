@@ -237,9 +237,9 @@ def backward(pr, out, lse, dout, grads=None, config=None, delta=None, determinis
     The tensor_core variant runs where its forward does and q, k and v are not broadcast over batch dims.
     delta is rowsum(dout * out), as FlashAttention takes it, except where a broadcast float mask's gradient
     needs it exact or ``out`` is None: the portable dq kernel then sums rowsum(P * dP) in fp32 (see
-    gradients.py). With KernelConfig.tensor_core_mask_grad_sum, a float mask broadcast over batch or heads but not
-    keys has its gradient on the tensor_core backward instead (not ``deterministic``): the dq kernel adds dS into
-    fp32 sums with atomics.
+    gradients.py). With KernelConfig.tensor_core_mask_grad_sum, a float mask broadcast over batch, heads or queries
+    but not keys has its gradient on the tensor_core backward instead (not ``deterministic``): the dq kernel adds dS
+    into fp32 sums with atomics.
     """
     cfg = config or config_module.current()
     xp = pr.xp
@@ -295,7 +295,7 @@ def backward(pr, out, lse, dout, grads=None, config=None, delta=None, determinis
         out_v = _rows_view(pr, plan, out, None) if varlen else _output_view(pr, plan, out)
     on_tensor_cores = out_v is not None and reps_q == reps_k == reps_v == 1 and \
         variant_for(pr, cfg) == "tensor_core" and all(x.strides[-1] == x.itemsize for x in (dout_v, out_v))
-    # a gradient summed over the mask's broadcast batch or head dims, not over keys (rows of dS cancel there)
+    # a gradient summed over the mask's broadcast batch, head or query dims, not over keys (rows of dS cancel there)
     dmask_add = want_dmask and not dmask_direct and on_tensor_cores and cfg.tensor_core_mask_grad_sum and \
         not deterministic and dshape[-1] == full6[-1]
     delta_from_out = out is not None and not (want_dmask and not dmask_direct and not dmask_add)

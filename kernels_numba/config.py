@@ -108,7 +108,7 @@ class KernelConfig:
       along the keys and 16-byte aligned and the tile fits 48 KiB beside the others (tensor_core.mask_tile_fits),
       instead of each thread loading its scores' elements from global memory when the scores are ready. Not yet
       measured.
-    tensor_core_mask_grad_sum: a float mask broadcast over batch or heads (not over keys), whose gradient sums
+    tensor_core_mask_grad_sum: a float mask broadcast over batch, heads or queries (not keys), whose gradient sums
       dS over the scores that share an element, takes the tensor_core backward: the dq kernel adds each score's dS
       into a zeroed fp32 sum with atomics, then rounded into the mask's dtype. The order of the adds varies run to
       run, so a deterministic backward, and a mask broadcast over keys (whose rows of dS cancel to ~0, leaving only
