@@ -31,7 +31,7 @@
 # (the mask tiles' GPU test / bool and float masks of the masks issue, bf16 L = 4096, against EFFICIENT_ATTENTION given
 # the same mask, with the mask tiles, KernelConfig.tensor_core_mask_tiles, off (the default), then on; each process
 # about 200 s: run the tests side by side first, with -j), efficient-mask-sums-tests / efficient-mask-sums (a float
-# mask broadcast over batch or heads: its gradient added into fp32 sums by the tensor_core dq kernel,
+# mask broadcast over batch, heads or queries: its gradient added into fp32 sums by the tensor_core dq kernel,
 # KernelConfig.tensor_core_mask_grad_sum: its GPU test / the (1, H, L, S) float mask of efficient-masks with it on,
 # where the portable kernels gave 1.0 TFLOP/s on the H100),
 # efficient-fp32-tc (fp32 on the tensor_core loops,

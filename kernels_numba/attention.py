@@ -252,8 +252,6 @@ def backward(pr, out, lse, dout, grads=None, config=None, delta=None, determinis
         for t in targets:
             t[...] = 0
         return _deliver(xp, targets, grads)
-    if want_dmask:
-        targets[3][...] = 0  # the dq kernel writes only the visible scores' entries
     views = _views(pr)
     plan = views.plan
     varlen = pr.varlen is not None
@@ -296,20 +294,22 @@ def backward(pr, out, lse, dout, grads=None, config=None, delta=None, determinis
     on_tensor_cores = out_v is not None and reps_q == reps_k == reps_v == 1 and \
         variant_for(pr, cfg) == "tensor_core" and all(x.strides[-1] == x.itemsize for x in (dout_v, out_v))
     # a gradient summed over the mask's broadcast batch, head or query dims, not over keys (rows of dS cancel there)
-    dmask_add = want_dmask and not dmask_direct and on_tensor_cores and cfg.tensor_core_mask_grad_sum and \
+    mask_grad_sum = want_dmask and not dmask_direct and on_tensor_cores and cfg.tensor_core_mask_grad_sum and \
         not deterministic and dshape[-1] == full6[-1]
-    delta_from_out = out is not None and not (want_dmask and not dmask_direct and not dmask_add)
+    if want_dmask and not mask_grad_sum:  # (the sums' pass writes every entry)
+        targets[3][...] = 0  # the dq kernel writes only the visible scores' entries
+    delta_from_out = out is not None and not (want_dmask and not dmask_direct and not mask_grad_sum)
     if delta_from_out and on_tensor_cores:
         accum = None
         if _fusable(pr, cfg, deterministic) and not want_dmask:  # (the variant decided above)
             shape = dq_v.shape[:-1] + (tensor_core.head_dim_for(pr.E, pr.Ev),)
             accum = (xp.empty(shape, np.float32) if dq_accum is None else
                      dq_accum[:math.prod(shape)].reshape(shape))
-        sums = xp.zeros(dshape, np.float32) if dmask_add else None
+        sums = xp.zeros(dshape, np.float32) if mask_grad_sum else None
         tensor_core.backward(pr, views, (dout_v, out_v, lse_v, delta_v, dq_v, dk_v, dv_v),
-                             xp.broadcast_to(sums, full6) if dmask_add else dmask_v if dmask_direct else None,
-                             device, structure, cfg, accum, mask_grad_sum=dmask_add)
-        if dmask_add:  # the fp32 sums rounded into the mask's dtype
+                             xp.broadcast_to(sums, full6) if mask_grad_sum else dmask_v if dmask_direct else None,
+                             device, structure, cfg, accum, mask_grad_sum=mask_grad_sum)
+        if mask_grad_sum:  # the fp32 sums rounded into the mask's dtype
             launcher.launch(dq_accumulate.convert_kernel(layout.dtype_name(pr.mask.dtype) == "bfloat16"),
                             cdiv(dq_accumulate.rows(dmask_v), dq_accumulate.THREADS), dq_accumulate.THREADS, device,
                             (sums, layout.bits(dmask_v), 1.0))
