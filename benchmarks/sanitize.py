@@ -59,6 +59,9 @@ CASES = [  # (name, backend, dtype, (B, Hq, Hkv, L, S, E, Ev), options, mask kin
      {}, "bool", "tensor_core+fp32+fastsplit"),
     ("efficient tensor_core E256 column parts float mask", Backend.EFFICIENT, "bfloat16", (1, 2, 2, 37, 51, 256, 192),
      {}, "float", "tensor_core+wide"),
+    # a float mask broadcast over the batch: its gradient's fp32 sums added with atomics by the dq loop
+    ("efficient tensor_core float mask gradient sums", Backend.EFFICIENT, "bfloat16", (2, 2, 2, 37, 51, 64, 64),
+     dict(is_causal=True), "float", "tensor_core+masksums+masktiles"),
     # column parts' score products split across the pair, traded through shared memory under named barriers
     ("efficient tensor_core fp32 E128 shared scores GQA dropout bool mask", Backend.EFFICIENT, "float32",
      (1, 4, 2, 45, 70, 128, 128), dict(dropout_p=0.2), "bool", "tensor_core+fp32+sharedscores"),
@@ -117,6 +120,7 @@ def run(name, backend, dtype, dims, options, mask_kind, variant, rng) -> float:
                                            tensor_core_shared_scores="sharedscores" in flags,
                                            tensor_core_head_dim=256 if "wide" in flags else 128,
                                            tensor_core_mask_tiles="masktiles" in flags,
+                                           tensor_core_mask_grad_sum="masksums" in flags,
                                            tensor_core_dynamic_smem="dynamic" in flags)
     else:
         knobs = kernels_numba.current()

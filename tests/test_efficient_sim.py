@@ -422,7 +422,7 @@ def test_numpy_arrays_need_the_simulator_and_an_explicit_choice(rng):
 
 
 def _route(monkeypatch, rng, shapes, mask_shape, dtype, fused_head_dim=0, deterministic=False, dynamic_smem=True,
-           mask_grad_sum=False):
+           mask_grad_sum=True):
     """Where attention.backward sends a problem with the tensor_core variant chosen, without a GPU (launches
     recorded, not issued): "tensor_core" (" fused" with a dQ accumulator, " sums" adding a float mask's gradient
     into fp32 sums), or the portable dq kernel's delta."""
@@ -509,10 +509,9 @@ def test_a_broadcast_float_mask_s_gradient_sums_on_tensor_cores_where_allowed(ma
     gradient from the tensor_core dq kernel's fp32 sums, where the backward may be non-deterministic; off, the
     portable kernels as before."""
     shapes = ((2, 4, 9, 8), (2, 2, 11, 8))
+    assert _route(monkeypatch, rng, shapes, mask_shape, np.float16, deterministic=deterministic) == [expect]
     assert _route(monkeypatch, rng, shapes, mask_shape, np.float16, deterministic=deterministic,
-                  mask_grad_sum=True) == [expect]
-    assert _route(monkeypatch, rng, shapes, mask_shape, np.float16, deterministic=deterministic) == \
-        ["portable from P dP"]
+                  mask_grad_sum=False) == ["portable from P dP"]
 
 
 def test_fused_backward_keeps_whole_rows_per_warp(monkeypatch, rng):
