@@ -24,7 +24,7 @@
 //     whose D is exact where a row sees one key), a post-pass scales and rounds it into dq. 16 queries a step at
 //     head dim 128 (fp32: at every head dim) in static shared memory, to fit 48 KiB.
 // EFF_MASK_TILE: the mask's elements of each tile pair staged in shared memory with the operand tiles (MaskTile,
-//     as the forward's), where the mask's rows allow it.
+//     as the forward's).
 // Column parts (EFF_COL_PARTS = 2) for head dims whose three fragment sets would not fit a thread's registers
 //     (16-bit past 128, fp32 past 96): the two warps of a pair take the same 16 rows, both compute S and dP over
 //     the whole head dim, and each accumulates half of dQ's (dK's and dV's) columns. A block then covers 32
@@ -224,7 +224,6 @@ __device__ void backward_dq(const BwdArgs& a) {
 #if EFF_MASK_TILE
   typedef MaskTile<BLOCK_ROWS, BLOCK_N> Tile;  // the block's rows x the key tile
   __shared__ __align__(16) unsigned char mask_tile[Tile::BYTES];
-  const bool mask_tiled = Tile::tileable(a.mask, a.vis.S);
 #endif
 #if EFF_SHARE_SCORES
   __shared__ __align__(16) float4 swap_buf[ROW_WARPS * NTILES * 32];  // ScoreSwap's slots, NTILES a row group
@@ -304,7 +303,7 @@ __device__ void backward_dq(const BwdArgs& a) {
     stage_tile<Ops, HEAD_DIM, BLOCK_N>(k_tile, a.k, a.k_rs, n0, a.vis.S, a.E, vec);
     stage_tile<Ops, HEAD_DIM, BLOCK_N>(v_tile, a.v, a.v_rs, n0, a.vis.S, a.Ev, vec);
 #if EFF_MASK_TILE
-    if (mask_tiled) Tile::stage(mask_tile, a.mask, a.first, a.vis.L, n0, a.vis.S);
+    Tile::stage(mask_tile, a.mask, a.first, a.vis.L, n0, a.vis.S);
 #endif
     cp_async_commit();
     cp_async_wait<0>();
@@ -325,6 +324,7 @@ __device__ void backward_dq(const BwdArgs& a) {
 #endif
 
     const bool full = MASK_KIND == MASK_NONE && a.vis.tile_full(a.first, m_last + 1 - a.first, n0, BLOCK_N);
+    const PairVisibility pv(a.vis, row0, n0 + 2 * t);  // pairs (row0 + dr, n0 + 2 t + dc)
     Ops::PFrag<NTILES> sf;  // dS as the A operand of dS K
 #if EFF_SHARE_SCORES
     Ops::PFrag<MINE> sf_mine;  // this warp's half of it, traded below
@@ -346,11 +346,10 @@ __device__ void backward_dq(const BwdArgs& a) {
           float v = s[h][2 * r + c] * a.scale;
 #if EFF_MASK_TILE
           if (!full)
-            v = !a.vis.visible(i, j) ? -CUSDPA_INF
-                : mask_tiled           ? Tile::apply(mask_tile, rg * 16 + g + r * 8, nt * 8 + 2 * t + c, v)
-                                       : a.mask.apply(i, j, v);
+            v = pv.visible(r * 8, nt * 8 + c) ? Tile::apply(mask_tile, rg * 16 + g + r * 8, nt * 8 + 2 * t + c, v)
+                                              : -CUSDPA_INF;
 #else
-          if (!full) v = masked_score(a.vis, a.mask, i, j, v);
+          if (!full) v = masked_score(pv, a.mask, row0, n0 + 2 * t, r * 8, nt * 8 + c, v);
 #endif
           float d = 0.f;
           if (live[r] && v != -CUSDPA_INF) {
@@ -483,9 +482,6 @@ __device__ void backward_dkdv(const BwdArgs& a) {
     const MaskView mask{a.mask.p + hh * a.head_mask * mask_bytes, a.mask.rs, a.mask.cs};
     const u32 bh = a.bh + hh;
     const bool vec = vectorizable<Ops>(qh, a.q_rs, a.E) && vectorizable<Ops>(doh, a.do_rs, a.Ev);
-#if EFF_MASK_TILE
-    const bool mask_tiled = Tile::tileable(mask, a.vis.S);
-#endif
 #if EFF_FUSED
     // The steps in an order rotated by the key block's index: blocks that start together would otherwise add
     // into the same dQ rows at the same time, and atomics on one address serialise.
@@ -499,7 +495,7 @@ __device__ void backward_dkdv(const BwdArgs& a) {
       stage_tile<Ops, HEAD_DIM, BLOCK_M>(q_tile, qh, a.q_rs, m0, a.vis.L, a.E, vec);
       stage_tile<Ops, HEAD_DIM, BLOCK_M>(do_tile, doh, a.do_rs, m0, a.vis.L, a.Ev, vec);
 #if EFF_MASK_TILE
-      if (mask_tiled) Tile::stage(mask_tile, mask, m0, a.vis.L, a.first, a.vis.S);
+      Tile::stage(mask_tile, mask, m0, a.vis.L, a.first, a.vis.S);
 #endif
       cp_async_commit();
       if (threadIdx.x < BLOCK_M) {
@@ -540,6 +536,7 @@ __device__ void backward_dkdv(const BwdArgs& a) {
                                                                             lane)));
 #endif
       const bool full = MASK_KIND == MASK_NONE && a.vis.tile_full(m0, BLOCK_M, a.first, BLOCK_ROWS);
+      const PairVisibility pv(a.vis, m0 + 2 * t, key0);  // pairs (m0 + 2 t + dr, key0 + dc)
       Ops::PFrag<QT> pf, sf;  // (P o Z)^T and dS^T as A operands
 #if EFF_SHARE_SCORES
       Ops::PFrag<MINE> pf_mine, sf_mine;  // this warp's half of them, traded below
@@ -556,11 +553,10 @@ __device__ void backward_dkdv(const BwdArgs& a) {
           float v = st[h][x] * a.scale;
 #if EFF_MASK_TILE
           if (!full)
-            v = !a.vis.visible(i, j) ? -CUSDPA_INF
-                : mask_tiled           ? Tile::apply(mask_tile, col, rg * 16 + g + (x / 2) * 8, v)
-                                       : mask.apply(i, j, v);
+            v = pv.visible(nt * 8 + x % 2, (x / 2) * 8) ? Tile::apply(mask_tile, col, rg * 16 + g + (x / 2) * 8, v)
+                                                        : -CUSDPA_INF;
 #else
-          if (!full) v = masked_score(a.vis, mask, i, j, v);
+          if (!full) v = masked_score(pv, mask, m0 + 2 * t, key0, nt * 8 + x % 2, (x / 2) * 8, v);
 #endif
           float p = 0.f, d = 0.f;
           if (lse_tile[col] != -CUSDPA_INF && v != -CUSDPA_INF) {

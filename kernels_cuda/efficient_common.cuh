@@ -109,9 +109,10 @@ struct SliceArgs {
 // A tile of the slice's mask in shared memory (EFF_MASK_TILE): ROWS rows from i0 by COLS keys from j0, rows of
 // ROW_BYTES (+16: a warp's reads of 8 rows spread over the banks), copied with 16-byte cp.async where the mask
 // is `tileable` (its rows contiguous along the keys and 16-byte aligned, the keys a whole number of chunks, so a
-// chunk is wholly inside the keys or wholly past them); rows past L and keys past S are zero-filled, never read
-// (their pairs are not visible). The tile loops copy a tile with the operand tiles it goes with and read it where
-// they read the mask.
+// chunk is wholly inside the keys or wholly past them), else element by element (any strides: broadcast keys,
+// rows that are not aligned); rows past L and keys past S are zero-filled, never read (their pairs are not
+// visible). The tile loops copy a tile with the operand tiles it goes with and read every score's element from
+// it: one path a score, where a select between the tile and global memory cost a branch a score.
 template <int ROWS, int COLS>
 struct MaskTile {
   static constexpr int MB = mask_element_bytes(MASK_KIND), CHUNKS = COLS * MB / 16, ROW_BYTES = COLS * MB + 16;
@@ -122,23 +123,62 @@ struct MaskTile {
     return m.cs == 1 && (m.rs * MB) % 16 == 0 && (u64)m.p % 16 == 0 && (S * MB) % 16 == 0;
   }
   static __device__ __forceinline__ void stage(unsigned char* tile, const MaskView& m, i64 i0, i64 L, i64 j0, i64 S) {
-    for (int c = threadIdx.x; c < ROWS * CHUNKS; c += EFF_THREADS) {
-      const int r = c / CHUNKS, ch = c % CHUNKS;
-      const i64 i = i0 + r, j = j0 + ch * (16 / MB);
-      const bool inside = i < L && j < S;
-      cp_async_16(tile + r * ROW_BYTES + ch * 16, inside ? m.p + (i * m.rs + j) * MB : m.p, inside);
+    if (tileable(m, S)) {
+      for (int c = threadIdx.x; c < ROWS * CHUNKS; c += EFF_THREADS) {
+        const int r = c / CHUNKS, ch = c % CHUNKS;
+        const i64 i = i0 + r, j = j0 + ch * (16 / MB);
+        const bool inside = i < L && j < S;
+        cp_async_16(tile + r * ROW_BYTES + ch * 16, inside ? m.p + (i * m.rs + j) * MB : m.p, inside);
+      }
+    } else {
+      // plain loads and stores: the callers stage while no warp reads the tile, as for the cp.async copies
+      for (int e = threadIdx.x; e < ROWS * COLS; e += EFF_THREADS) {
+        const int r = e / COLS, c = e % COLS;
+        const i64 i = i0 + r, j = j0 + c;
+        copy_element(tile + r * ROW_BYTES + c * MB, i < L && j < S ? m.p + (i * m.rs + j * m.cs) * MB : nullptr);
+      }
     }
   }
-  // the mask applied to the score of pair (i0 + r, j0 + col), visible or not (vis says which)
+  // one element of MB bytes (its natural alignment), or zero where src is null
+  static __device__ __forceinline__ void copy_element(unsigned char* dst, const unsigned char* src) {
+    switch (MB) {
+      case 1: *dst = src ? *src : 0; break;
+      case 2: *(u16*)dst = src ? *(const u16*)src : 0; break;
+      case 4: *(u32*)dst = src ? *(const u32*)src : 0u; break;
+      default: *(u64*)dst = src ? *(const u64*)src : 0ull;
+    }
+  }
+  // the mask applied to the score of pair (i0 + r, j0 + col), visible or not (the caller's rule says which)
   static __device__ __forceinline__ float apply(const unsigned char* tile, int r, int col, float s) {
     return apply_mask_element(tile + r * ROW_BYTES, col, s);
   }
 };
 
-// The visibility rule, then the mask.
-__device__ __forceinline__ float masked_score(const Visibility<i64>& vis, const MaskView& mask, i64 i, i64 j,
-                                              float s) {
-  return vis.visible(i, j) ? mask.apply(i, j, s) : -CUSDPA_INF;
+// The visibility rule for the pairs (i0 + dr, j0 + dc) a thread holds of a tile, dr and dc small non-negative
+// offsets that the unrolled tile loops know at compile time: four 32-bit compares against limits set once a
+// tile, where Visibility::visible's 64-bit indices and band took about 15 instructions a score, on every score
+// of a masked tile. The limits are clamped into [-FAR, FAR], past any offset a tile has, to fit 32 bits.
+struct PairVisibility {
+  static constexpr i64 FAR = 1 << 20;
+  int rows, keys, lo, hi;  // visible iff dr < rows, dc < keys and lo <= dc - dr <= hi
+
+  static __device__ __forceinline__ int clamp(i64 x) { return (int)max(-FAR, min(FAR, x)); }
+  __device__ __forceinline__ PairVisibility(const Visibility<i64>& vis, i64 i0, i64 j0) {
+    const i64 base = j0 - i0 - vis.shift;  // j - i - shift = base + dc - dr
+    rows = clamp(vis.L - i0);
+    keys = clamp(vis.S - j0);
+    lo = vis.left < 0 ? -(int)FAR : clamp(-vis.left - base);
+    hi = vis.right < 0 ? (int)FAR : clamp(vis.right - base);
+  }
+  __device__ __forceinline__ bool visible(int dr, int dc) const {
+    return dr < rows && dc < keys && dc - dr >= lo && dc - dr <= hi;
+  }
+};
+
+// The visibility rule, then the mask, for pair (i0 + dr, j0 + dc).
+__device__ __forceinline__ float masked_score(const PairVisibility& pv, const MaskView& mask, i64 i0, i64 j0, int dr,
+                                              int dc, float s) {
+  return pv.visible(dr, dc) ? mask.apply(i0 + dr, j0 + dc, s) : -CUSDPA_INF;
 }
 
 // p[0..3] += (x, y, z, w) in global memory, atomically (p 16-byte aligned): one vector reduction on sm_90.
