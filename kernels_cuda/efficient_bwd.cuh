@@ -351,19 +351,18 @@ __device__ void backward_dq(const BwdArgs& a) {
 #else
           if (!full) v = masked_score(pv, a.mask, row0, n0 + 2 * t, r * 8, nt * 8 + c, v);
 #endif
-          float d = 0.f;
-          if (live[r] && v != -CUSDPA_INF) {
-            const float p = exp2f(__fmul_rn(v, LOG2E) - lse2[r]);
-            const float z = !DROPOUT ? 1.f : keep[c] ? a.rescale : 0.f;
-            d = p * (dp[h][2 * r + c] * z - dlt[r]);
-            // one warp a score: the pair's part 0, or with shared scores the warp that computes it
-            if (a.dmask != nullptr && (SHARE || part == 0))
+          // a score no row takes: dS = 0 by the select (exp2_always)
+          const bool on = live[r] && v != -CUSDPA_INF;
+          const float p = exp2_always(__fmul_rn(v, LOG2E) - lse2[r]);
+          const float z = !DROPOUT ? 1.f : keep[c] ? a.rescale : 0.f;
+          const float d = on ? p * (dp[h][2 * r + c] * z - dlt[r]) : 0.f;
+          // one warp a score: the pair's part 0, or with shared scores the warp that computes it
+          if (on && a.dmask != nullptr && (SHARE || part == 0))
 #if EFF_DMASK_ADD
-              atomicAdd((float*)a.dmask + (i * a.dmask_rs + j * a.dmask_cs), d);  // fp32 sums of shared elements
+            atomicAdd((float*)a.dmask + (i * a.dmask_rs + j * a.dmask_cs), d);  // fp32 sums of shared elements
 #else
-              store_mask_grad(a.dmask, MASK_KIND, i * a.dmask_rs + j * a.dmask_cs, d);
+            store_mask_grad(a.dmask, MASK_KIND, i * a.dmask_rs + j * a.dmask_cs, d);
 #endif
-          }
           ds[2 * r + c] = d;
         }
       }
@@ -558,15 +557,13 @@ __device__ void backward_dkdv(const BwdArgs& a) {
 #else
           if (!full) v = masked_score(pv, mask, m0 + 2 * t, key0, nt * 8 + x % 2, (x / 2) * 8, v);
 #endif
-          float p = 0.f, d = 0.f;
-          if (lse_tile[col] != -CUSDPA_INF && v != -CUSDPA_INF) {
-            p = exp2f(__fmul_rn(v, LOG2E) - lse_tile[col]);
-            const float z = !DROPOUT ? 1.f : a.drop.keep(bh, (u32)i, (u32)j) ? a.rescale : 0.f;
-            d = p * (dpt[h][x] * z - delta_tile[col]);
-            p *= z;
-          }
-          pz[x] = p;
-          ds[x] = d;
+          // a score not seen (v = -inf, or a query row that sees nothing, whose lse is -inf): P = dS = 0 by the
+          // selects (exp2_always)
+          const bool on = lse_tile[col] != -CUSDPA_INF && v != -CUSDPA_INF;
+          const float e = exp2_always(__fmul_rn(v, LOG2E) - lse_tile[col]), p = on ? e : 0.f;
+          const float z = !DROPOUT ? 1.f : a.drop.keep(bh, (u32)i, (u32)j) ? a.rescale : 0.f;
+          ds[x] = on ? p * (dpt[h][x] * z - delta_tile[col]) : 0.f;
+          pz[x] = p * z;
         }
         Ops::set_operand(pf_mine, h, pz);
         Ops::set_operand(sf_mine, h, ds);

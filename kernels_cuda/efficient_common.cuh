@@ -52,6 +52,16 @@ __host__ __device__ constexpr int mask_element_bytes(int kind) {
   return kind == MASK_F64 ? 8 : kind == MASK_F32 ? 4 : (kind == MASK_F16 || kind == MASK_BF16) ? 2 : 1;
 }
 
+// exp2f's own instruction (ex2.approx.f32, subnormal results kept: the same bits), issued where it stands. The
+// backward's loops select away the exponential of a score no row takes; with exp2f the compiler sank it into a
+// branch a score (BSSY/BSYNC around it), which cost more than the exponential and kept the scores' exponentials
+// from overlapping.
+__device__ __forceinline__ float exp2_always(float x) {
+  float y;
+  asm volatile("ex2.approx.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+
 // Mask element `at` (in elements) of kind MASK_KIND from `p` applied to one scaled score of a visible pair; -inf
 // means selected out. A -inf float-mask entry selects the score out as a False bool entry does, so NaN in q k^T
 // there is never added in. The add is __fadd_rn, which the compiler never contracts with the scaling multiply
