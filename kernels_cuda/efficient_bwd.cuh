@@ -251,6 +251,12 @@ __device__ void backward_dq(const BwdArgs& a) {
 #endif
   float lse2[2], dlt[2];
   bool live[2];
+#if EFF_DMASK_ADD
+  // a score pair's two sums adjacent and 8-byte aligned (the sums are contiguous along the keys, which they never
+  // broadcast over): one v2 reduction a pair
+  const bool sum_pairs = a.dmask_cs == 1 && a.dmask_rs % 2 == 0 && a.vis.S % 2 == 0 &&
+                         reinterpret_cast<unsigned long long>(a.dmask) % 8 == 0;
+#endif
 #if EFF_ELEM >= 2  // fp32 (ELEM_F32, ELEM_TF32)
   {
     // D_i = dO_i . O_i as a tile product on dP's own fragments, splits and order (the diagonal of dO O^T over
@@ -340,6 +346,9 @@ __device__ void backward_dq(const BwdArgs& a) {
         const i64 i = row0 + r * 8, j0 = n0 + nt * 8 + 2 * t;
         bool keep[2] = {true, true};
         if (DROPOUT) a.drop.keep_pair(a.bh, (u32)i, (u32)j0, keep[0], keep[1]);
+#if EFF_DMASK_ADD
+        bool took[2];
+#endif
 #pragma unroll
         for (int c = 0; c < 2; ++c) {
           const i64 j = j0 + c;
@@ -356,15 +365,28 @@ __device__ void backward_dq(const BwdArgs& a) {
           const float p = exp2_always(__fmul_rn(v, LOG2E) - lse2[r]);
           const float z = !DROPOUT ? 1.f : keep[c] ? a.rescale : 0.f;
           const float d = on ? p * (dp[h][2 * r + c] * z - dlt[r]) : 0.f;
+#if EFF_DMASK_ADD
+          took[c] = on;
+#else
           // one warp a score: the pair's part 0, or with shared scores the warp that computes it
           if (on && a.dmask != nullptr && (SHARE || part == 0))
-#if EFF_DMASK_ADD
-            atomicAdd((float*)a.dmask + (i * a.dmask_rs + j * a.dmask_cs), d);  // fp32 sums of shared elements
-#else
             store_mask_grad(a.dmask, MASK_KIND, i * a.dmask_rs + j * a.dmask_cs, d);
 #endif
           ds[2 * r + c] = d;
         }
+#if EFF_DMASK_ADD
+        // fp32 sums of shared elements, by the warp that owns the score (as above); a pair of adjacent sums in
+        // one vector reduction, adding +0 for a score not taken (its dS), which leaves a sum as it was
+        if (a.dmask != nullptr && (SHARE || part == 0)) {
+          float* at = (float*)a.dmask + (i * a.dmask_rs + j0 * a.dmask_cs);
+          if (sum_pairs) {
+            if (took[0] || took[1]) red_add2(at, ds[2 * r], ds[2 * r + 1]);
+          } else {
+            if (took[0]) atomicAdd(at, ds[2 * r]);
+            if (took[1]) atomicAdd(at + a.dmask_cs, ds[2 * r + 1]);
+          }
+        }
+#endif
       }
       Ops::set_operand(sf_mine, h, ds);
     }

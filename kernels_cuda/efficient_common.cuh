@@ -191,6 +191,16 @@ __device__ __forceinline__ float masked_score(const PairVisibility& pv, const Ma
   return pv.visible(dr, dc) ? mask.apply(i0 + dr, j0 + dc, s) : -CUSDPA_INF;
 }
 
+// p[0..1] += (x, y) in global memory, atomically (p 8-byte aligned): one vector reduction on sm_90.
+__device__ __forceinline__ void red_add2(float* p, float x, float y) {
+#if __CUDA_ARCH__ >= 900
+  asm volatile("red.global.add.v2.f32 [%0], {%1, %2};\n" ::"l"(p), "f"(x), "f"(y) : "memory");
+#else
+  atomicAdd(p, x);
+  atomicAdd(p + 1, y);
+#endif
+}
+
 // p[0..3] += (x, y, z, w) in global memory, atomically (p 16-byte aligned): one vector reduction on sm_90.
 __device__ __forceinline__ void red_add4(float* p, float x, float y, float z, float w) {
 #if __CUDA_ARCH__ >= 900
