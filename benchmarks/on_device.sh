@@ -34,6 +34,8 @@
 # mask broadcast over batch, heads or queries: its gradient added into fp32 sums by the tensor_core dq kernel,
 # KernelConfig.tensor_core_mask_grad_sum: its GPU test / the (1, H, L, S) float mask of efficient-masks with it on,
 # where the portable kernels gave 1.0 TFLOP/s on the H100),
+# efficient-ab (benchmarks/ab_loops.sh: each variant of ab/, carried, timed at bf16 L = 4096 E = 64 and 128 with
+# each mask of AB_MASKS, default bool float none; about 40 s a variant and mask),
 # efficient-fp32-tc (fp32 on the tensor_core loops,
 # three TF32 products: its GPU tests, then the fp32 shape timed with KernelConfig.tensor_core_fp32 off and on), efficient-ncu-fwd (the tensor_core forward at L = 1024
 # E = 128 under ncu, heads fastest and head-major: its DRAM throughput says whether K and V came from DRAM), efficient-ncu (the tensor_core
@@ -181,6 +183,9 @@ command_of() {  # the command of stage $1, into the array cmd
     efficient-mask-sums) cmd=(bash -c 'python3 benchmarks/efficient_gpu.py --L 4096 --reps 5 --dtypes bfloat16 --head-dims 64 128 \
                               --mask float --config tensor_core_mask_grad_sum=1 | tail -n 4') ;;
     efficient-masks-tests) cmd=(python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_efficient_gpu.py -k mask_tiles) ;;
+    efficient-ab) cmd=(bash -c 'for m in ${AB_MASKS:-bool float none}; do a=; [ $m = none ] || a="--mask $m"
+                       AB_TAG=$m bash benchmarks/ab_loops.sh time python3 benchmarks/efficient_gpu.py --L 4096 \
+                       --reps 5 --dtypes bfloat16 --head-dims 64 128 $a; done') ;;
     efficient-masks) cmd=(bash -c 'for t in 0 1; do for m in bool float; do python3 benchmarks/efficient_gpu.py \
                           --L 4096 --reps 5 --dtypes bfloat16 --head-dims 64 128 --mask $m \
                           --config tensor_core_mask_tiles=$t | tail -n 4; done; done') ;;
