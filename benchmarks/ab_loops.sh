@@ -22,7 +22,7 @@ case $verb in
     [ -d ab ] || { echo "no ab/ in the tree: carry it"; exit 1; }
     out=${OUT:-/tmp/out}; mkdir -p "$out"
     # the tree's own versions of every file some variant replaces, put back at the end
-    mkdir -p /tmp/ab-orig && (cd ab && find . -mindepth 2 -type f) | cut -d/ -f3- | sort -u | \
+    rm -rf /tmp/ab-orig; mkdir -p /tmp/ab-orig && (cd ab && find . -mindepth 2 -type f) | cut -d/ -f3- | sort -u | \
       while read -r f; do [ -f "$f" ] && mkdir -p "/tmp/ab-orig/$(dirname "$f")" && cp "$f" "/tmp/ab-orig/$f"; done
     for v in ${AB_VARIANTS:-$(ls ab)}; do
       cp -r "ab/$v/." .
