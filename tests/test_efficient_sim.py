@@ -422,10 +422,10 @@ def test_numpy_arrays_need_the_simulator_and_an_explicit_choice(rng):
 
 
 def _route(monkeypatch, rng, shapes, mask_shape, dtype, fused_head_dim=0, deterministic=False, dynamic_smem=True,
-           mask_grad_sum=True):
+           mask_grad_sum=None):
     """Where attention.backward sends a problem with the tensor_core variant chosen, without a GPU (launches
     recorded, not issued): "tensor_core" (" fused" with a dQ accumulator, " sums" adding a float mask's gradient
-    into fp32 sums), or the portable dq kernel's delta."""
+    into fp32 sums), or the portable dq kernel's delta. ``mask_grad_sum`` None: KernelConfig's default."""
     from cusdpa import environment
 
     if environment.simulator_enabled():
@@ -448,8 +448,9 @@ def _route(monkeypatch, rng, shapes, mask_shape, dtype, fused_head_dim=0, determ
     pr = problem.from_dense(q, k, v, mask, problem.Options(enable_gqa=True))
     out = np.zeros(pr.out_shape, dtype)
     lse = np.zeros(pr.lse_shape, np.float32)
+    sums = {} if mask_grad_sum is None else {"tensor_core_mask_grad_sum": mask_grad_sum}
     with configured(KernelConfig(fused_backward_head_dim=fused_head_dim, tensor_core_dynamic_smem=dynamic_smem,
-                                 tensor_core_mask_grad_sum=mask_grad_sum)):
+                                 **sums)):
         attention.backward(pr, out, lse, out, deterministic=deterministic)
     return routes
 
