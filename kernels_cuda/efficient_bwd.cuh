@@ -349,14 +349,16 @@ __device__ void backward_dq(const BwdArgs& a) {
 #if EFF_DMASK_ADD
         bool took[2];
 #endif
+        float sc[2] = {s[h][2 * r] * a.scale, s[h][2 * r + 1] * a.scale};
+#if EFF_MASK_TILE
+        if (!full) Tile::apply_pair(mask_tile, rg * 16 + g + r * 8, nt * 8 + 2 * t, sc[0], sc[1]);
+#endif
 #pragma unroll
         for (int c = 0; c < 2; ++c) {
           const i64 j = j0 + c;
-          float v = s[h][2 * r + c] * a.scale;
+          float v = sc[c];
 #if EFF_MASK_TILE
-          if (!full)
-            v = pv.visible(r * 8, nt * 8 + c) ? Tile::apply(mask_tile, rg * 16 + g + r * 8, nt * 8 + 2 * t + c, v)
-                                              : -CUSDPA_INF;
+          if (!full && !pv.visible(r * 8, nt * 8 + c)) v = -CUSDPA_INF;
 #else
           if (!full) v = masked_score(pv, a.mask, row0, n0 + 2 * t, r * 8, nt * 8 + c, v);
 #endif

@@ -70,6 +70,8 @@ __device__ __forceinline__ float exp2_always(float x) {
 // the shared tile and the global fallback), so the two paths, and the forward and the backward's recomputed
 // scores, could differ in the last bit. Pinned, every loop computes (qk * scale rounded) + m rounded, as the
 // yardstick's recipe does.
+__device__ __forceinline__ float add_mask(float s, float m) { return m == -CUSDPA_INF ? -CUSDPA_INF : __fadd_rn(s, m); }
+
 __device__ __forceinline__ float apply_mask_element(const unsigned char* p, i64 at, float s) {
   if (MASK_KIND == MASK_NONE) return s;
   float m;
@@ -80,7 +82,41 @@ __device__ __forceinline__ float apply_mask_element(const unsigned char* p, i64 
     case MASK_F32: m = ((const float*)p)[at]; break;
     default: m = (float)((const double*)p)[at];
   }
-  return m == -CUSDPA_INF ? -CUSDPA_INF : __fadd_rn(s, m);
+  return add_mask(s, m);
+}
+
+// Mask elements 0 and 1 at `p` (aligned to two elements) applied to two scores as apply_mask_element does, both
+// read by one load: a thread's two adjacent keys of an n8 tile, whose elements one byte (or half, or float)
+// load apiece took twice the shared loads, each behind its own visibility predicate.
+__device__ __forceinline__ void apply_mask_pair(const unsigned char* p, float& s0, float& s1) {
+  switch (MASK_KIND) {
+    case MASK_NONE: return;
+    case MASK_BOOL: {
+      const u32 w = *(const u16*)p;
+      s0 = (w & 0xffu) ? s0 : -CUSDPA_INF;
+      s1 = (w & 0xff00u) ? s1 : -CUSDPA_INF;
+      return;
+    }
+    case MASK_F16:
+    case MASK_BF16: {
+      const u32 w = *(const u32*)p;
+      const bool bf = MASK_KIND == MASK_BF16;
+      s0 = add_mask(s0, bf ? bf16_to_f32((u16)(w & 0xffffu)) : f16_to_f32((u16)(w & 0xffffu)));
+      s1 = add_mask(s1, bf ? bf16_to_f32((u16)(w >> 16)) : f16_to_f32((u16)(w >> 16)));
+      return;
+    }
+    case MASK_F32: {
+      const float2 m = *(const float2*)p;
+      s0 = add_mask(s0, m.x);
+      s1 = add_mask(s1, m.y);
+      return;
+    }
+    default: {
+      const double2 m = *(const double2*)p;
+      s0 = add_mask(s0, (float)m.x);
+      s1 = add_mask(s1, (float)m.y);
+    }
+  }
 }
 
 // One (batch, head) slice's mask of kind MASK_KIND: element [i][j] at p + (i * rs + j * cs) * element size.
@@ -161,6 +197,10 @@ struct MaskTile {
   // the mask applied to the score of pair (i0 + r, j0 + col), visible or not (the caller's rule says which)
   static __device__ __forceinline__ float apply(const unsigned char* tile, int r, int col, float s) {
     return apply_mask_element(tile + r * ROW_BYTES, col, s);
+  }
+  // ... to the scores of pairs (i0 + r, j0 + col) and (i0 + r, j0 + col + 1), col even: one load of both
+  static __device__ __forceinline__ void apply_pair(const unsigned char* tile, int r, int col, float& s0, float& s1) {
+    apply_mask_pair(tile + r * ROW_BYTES + col * MB, s0, s1);
   }
 };
 

@@ -106,19 +106,27 @@ __device__ void forward(const Args& a) {
 #pragma unroll
     for (int nt = 0; nt < NTILES; ++nt) {
 #pragma unroll
-      for (int x = 0; x < 4; ++x) {
-        float v = s[nt][x] * a.scale;
+      for (int r = 0; r < 2; ++r) {
+        float v[2] = {s[nt][2 * r] * a.scale, s[nt][2 * r + 1] * a.scale};  // keys nt * 8 + 2 t, + 1
         if (check) {
-          const int dr = (x / 2) * 8, dc = nt * 8 + x % 2;
 #if EFF_MASK_TILE
-          v = pv.visible(dr, dc) ? Tile::apply(mask_tile, warp * 16 + g + dr, 2 * t + dc, v) : -CUSDPA_INF;
-#else
-          v = masked_score(pv, a.mask, row0, n0 + 2 * t, dr, dc, v);
+          Tile::apply_pair(mask_tile, warp * 16 + g + r * 8, nt * 8 + 2 * t, v[0], v[1]);
 #endif
-          if (v != -CUSDPA_INF) seen |= 1u << (2 * nt + x % 2);
+#pragma unroll
+          for (int c = 0; c < 2; ++c) {
+#if EFF_MASK_TILE
+            if (!pv.visible(r * 8, nt * 8 + c)) v[c] = -CUSDPA_INF;
+#else
+            v[c] = masked_score(pv, a.mask, row0, n0 + 2 * t, r * 8, nt * 8 + c, v[c]);
+#endif
+            if (v[c] != -CUSDPA_INF) seen |= 1u << (2 * nt + c);
+          }
         }
-        s[nt][x] = v;
-        tile_max[x / 2] = fmaxf(tile_max[x / 2], v);  // skips NaN: a NaN score poisons l_i through its p
+#pragma unroll
+        for (int c = 0; c < 2; ++c) {
+          s[nt][2 * r + c] = v[c];
+          tile_max[r] = fmaxf(tile_max[r], v[c]);  // skips NaN: a NaN score poisons l_i through its p
+        }
       }
     }
     float alpha[2], m_use[2], m_log2[2];
