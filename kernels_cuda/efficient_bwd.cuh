@@ -330,6 +330,9 @@ __device__ void backward_dq(const BwdArgs& a) {
 #endif
 
     const bool full = MASK_KIND == MASK_NONE && a.vis.tile_full(a.first, m_last + 1 - a.first, n0, BLOCK_N);
+    // (masked loops) NaN where a raw score this warp holds is not finite. A non-finite k_j makes every row's raw
+    // score with key j non-finite (0 * inf is NaN), so where no warp's is, K needs no cleaning below.
+    float poison = 0.f;
     const PairVisibility pv(a.vis, row0, n0 + 2 * t);  // pairs (row0 + dr, n0 + 2 t + dc)
     Ops::PFrag<NTILES> sf;  // dS as the A operand of dS K
 #if EFF_SHARE_SCORES
@@ -350,6 +353,7 @@ __device__ void backward_dq(const BwdArgs& a) {
         bool took[2];
 #endif
         float sc[2] = {s[h][2 * r] * a.scale, s[h][2 * r + 1] * a.scale};
+        if (MASK_KIND != MASK_NONE) poison = fmaf(s[h][2 * r], 0.f, fmaf(s[h][2 * r + 1], 0.f, poison));
 #if EFF_MASK_TILE
         if (!full) Tile::apply_pair(mask_tile, rg * 16 + g + r * 8, nt * 8 + 2 * t, sc[0], sc[1]);
 #endif
@@ -396,11 +400,21 @@ __device__ void backward_dq(const BwdArgs& a) {
     swap.operands(sf_mine, sf);  // both warps' halves: dS whole, the A operand of each one's column half
 #endif
     // Zero K's non-finite values for dS K, where a row that does not see key j meets k_j with weight 0. On a
-    // full tile every row sees every key: a non-finite k_j makes every row's dQ non-finite anyway.
+    // full tile every row sees every key: a non-finite k_j makes every row's dQ non-finite anyway. A masked
+    // loop's barrier (every warp has read K for S) also says whether some warp's raw scores were not finite;
+    // else K is finite, and the pass and its barrier are skipped on each of its tiles. (Unmasked loops clean
+    // their few tiles that are not full, at the band's edges and the lengths' ends, as they did: the poison
+    // test raised their spills, 120 -> 148 bytes at head dim 128.)
     if (!full) {
-      __syncthreads();  // every warp has read K for S
-      keep_finite<HEAD_DIM, BLOCK_N>(k_tile);
-      __syncthreads();
+      bool dirty = true;
+      if (MASK_KIND == MASK_NONE)
+        __syncthreads();
+      else
+        dirty = __syncthreads_or(poison != 0.f);
+      if (dirty) {
+        keep_finite<HEAD_DIM, BLOCK_N>(k_tile);
+        __syncthreads();
+      }
     }
     EFF_SPLIT_BY(finite, (Ops::product_pb<HEAD_DIM, NTILES, COLS, FAST>(acc, sf, k_tile + c0, lane)));
     __syncthreads();  // every warp is done with both tiles before the next ones are staged
@@ -442,6 +456,8 @@ __device__ void backward_dkdv(const BwdArgs& a) {
   EFF_SHARED(Elem, do_tile, BLOCK_M * STRIDE);
   EFF_SHARED_WORDS(float, lse_tile, BLOCK_M);  // lse in the log2 domain
   EFF_SHARED_WORDS(float, delta_tile, BLOCK_M);
+  static_assert(BLOCK_M <= 32, "a step's rows: one bit each of a word");
+  EFF_SHARED_WORDS(u32, dead_rows, 1);  // bit r: the step's row r lies below L and sees no key
 #if EFF_MASK_TILE
   typedef MaskTile<BLOCK_M, BLOCK_ROWS> Tile;  // the step's queries x the block's keys
   EFF_SHARED(unsigned char, mask_tile, Tile::BYTES);
@@ -521,23 +537,32 @@ __device__ void backward_dkdv(const BwdArgs& a) {
       Tile::stage(mask_tile, mask, m0, a.vis.L, a.first, a.vis.S);
 #endif
       cp_async_commit();
-      if (threadIdx.x < BLOCK_M) {
-        const i64 i = m0 + threadIdx.x;
-        lse_tile[threadIdx.x] = i < a.vis.L ? __fmul_rn(lse_h[i * a.lse_rs], LOG2E) : -CUSDPA_INF;
-        delta_tile[threadIdx.x] = i < a.vis.L ? delta_h[i * a.delta_rs] : 0.f;
+      if (warp == 0) {  // (BLOCK_M <= 32: the step's rows are warp 0's lanes)
+        const i64 i = m0 + lane;
+        const float l2 = i < a.vis.L ? __fmul_rn(lse_h[i * a.lse_rs], LOG2E) : -CUSDPA_INF;
+        if (lane < BLOCK_M) {
+          lse_tile[lane] = l2;
+          delta_tile[lane] = i < a.vis.L ? delta_h[i * a.delta_rs] : 0.f;
+        }
+        // a row below L that sees no key (rows past L were staged as zeros)
+        const u32 dead = __ballot_sync(0xffffffffu, lane < BLOCK_M && i < a.vis.L && l2 == -CUSDPA_INF);
+        if (lane == 0) *dead_rows = dead;
       }
       cp_async_wait<0>();
       // (non-finite values in rows that see no key, zeroed below, count too: the general split then, results alike)
       const bool finite = landed<Ops, HEAD_DIM, BLOCK_M>(q_tile, do_tile);
-      // rows that see no key read as zeros in the gradient products (P is 0 there, but 0 * NaN is NaN)
-      for (int c = threadIdx.x; c < BLOCK_M * (HEAD_DIM / VEC); c += EFF_THREADS) {
-        const int r = c / (HEAD_DIM / VEC), e = (c % (HEAD_DIM / VEC)) * VEC;
-        if (lse_tile[r] == -CUSDPA_INF) {
-          *reinterpret_cast<uint4*>(q_tile + r * STRIDE + e) = make_uint4(0u, 0u, 0u, 0u);
-          *reinterpret_cast<uint4*>(do_tile + r * STRIDE + e) = make_uint4(0u, 0u, 0u, 0u);
+      // rows that see no key read as zeros in the gradient products (P is 0 there, but 0 * NaN is NaN); a step
+      // without such rows, the usual case, skips the pass and its barrier
+      if (*dead_rows) {
+        for (int c = threadIdx.x; c < BLOCK_M * (HEAD_DIM / VEC); c += EFF_THREADS) {
+          const int r = c / (HEAD_DIM / VEC), e = (c % (HEAD_DIM / VEC)) * VEC;
+          if ((*dead_rows >> r) & 1u) {
+            *reinterpret_cast<uint4*>(q_tile + r * STRIDE + e) = make_uint4(0u, 0u, 0u, 0u);
+            *reinterpret_cast<uint4*>(do_tile + r * STRIDE + e) = make_uint4(0u, 0u, 0u, 0u);
+          }
         }
+        __syncthreads();
       }
-      __syncthreads();
 
       // this warp's n8 tiles of P and dS: all, or with shared scores its half (tiles nt = part * MINE + h)
       constexpr int MINE = SHARE ? QT / 2 : QT;
