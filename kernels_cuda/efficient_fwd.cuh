@@ -129,6 +129,16 @@ __device__ void forward(const Args& a) {
         }
       }
     }
+    if (check) {
+      // A register and three shuffles (OR over the warp's 8 row groups), not a shared store per score (32 a tile a
+      // thread, which the masked loops paid); here, before the exponentials, so that the compiler
+      // may lift the barrier below above them, as it does where the keys are not tested, and the next K tile's
+      // copies start early (after them, the unmasked forward ran 3-5% slower on the H100)
+      seen |= __shfl_xor_sync(0xffffffffu, seen, 4);
+      seen |= __shfl_xor_sync(0xffffffffu, seen, 8);
+      seen |= __shfl_xor_sync(0xffffffffu, seen, 16);
+      if (g == 0) keys_seen[t][warp] = seen;
+    }
     float alpha[2], m_use[2], m_log2[2];
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
@@ -173,14 +183,6 @@ __device__ void forward(const Args& a) {
       Ops::set_operand(pf, nt, p);
     }
 
-    if (check) {
-      // A register and three shuffles (OR over the warp's 8 row groups), not a shared store per score (32 a tile a
-      // thread, which the masked loops paid)
-      seen |= __shfl_xor_sync(0xffffffffu, seen, 4);
-      seen |= __shfl_xor_sync(0xffffffffu, seen, 8);
-      seen |= __shfl_xor_sync(0xffffffffu, seen, 16);
-      if (g == 0) keys_seen[t][warp] = seen;
-    }
     __syncthreads();  // every warp is done with this K tile (and this mask tile)
     if (has_next) {
       stage_tile<Ops, HEAD_DIM, BLOCK_N>(k_tile, a.k, a.k_rs, n0 + BLOCK_N, a.vis.S, a.E, vec);
