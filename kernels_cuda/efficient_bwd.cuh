@@ -24,7 +24,7 @@
 //     whose D is exact where a row sees one key), a post-pass scales and rounds it into dq. 16 queries a step at
 //     head dim 128 (fp32: at every head dim) in static shared memory, to fit 48 KiB.
 // EFF_MASK_TILE: the mask's elements of each tile pair staged in shared memory with the operand tiles (MaskTile,
-//     as the forward's), where the mask's rows allow it.
+//     as the forward's).
 // Column parts (EFF_COL_PARTS = 2) for head dims whose three fragment sets would not fit a thread's registers
 //     (16-bit past 128, fp32 past 96): the two warps of a pair take the same 16 rows, both compute S and dP over
 //     the whole head dim, and each accumulates half of dQ's (dK's and dV's) columns. A block then covers 32
@@ -224,7 +224,6 @@ __device__ void backward_dq(const BwdArgs& a) {
 #if EFF_MASK_TILE
   typedef MaskTile<BLOCK_ROWS, BLOCK_N> Tile;  // the block's rows x the key tile
   __shared__ __align__(16) unsigned char mask_tile[Tile::BYTES];
-  const bool mask_tiled = Tile::tileable(a.mask, a.vis.S);
 #endif
 #if EFF_SHARE_SCORES
   __shared__ __align__(16) float4 swap_buf[ROW_WARPS * NTILES * 32];  // ScoreSwap's slots, NTILES a row group
@@ -252,6 +251,12 @@ __device__ void backward_dq(const BwdArgs& a) {
 #endif
   float lse2[2], dlt[2];
   bool live[2];
+#if EFF_DMASK_ADD
+  // a score pair's two sums adjacent and 8-byte aligned (the sums are contiguous along the keys, which they never
+  // broadcast over): one v2 reduction a pair
+  const bool sum_pairs = a.dmask_cs == 1 && a.dmask_rs % 2 == 0 && a.vis.S % 2 == 0 &&
+                         reinterpret_cast<unsigned long long>(a.dmask) % 8 == 0;
+#endif
 #if EFF_ELEM >= 2  // fp32 (ELEM_F32, ELEM_TF32)
   {
     // D_i = dO_i . O_i as a tile product on dP's own fragments, splits and order (the diagonal of dO O^T over
@@ -304,7 +309,7 @@ __device__ void backward_dq(const BwdArgs& a) {
     stage_tile<Ops, HEAD_DIM, BLOCK_N>(k_tile, a.k, a.k_rs, n0, a.vis.S, a.E, vec);
     stage_tile<Ops, HEAD_DIM, BLOCK_N>(v_tile, a.v, a.v_rs, n0, a.vis.S, a.Ev, vec);
 #if EFF_MASK_TILE
-    if (mask_tiled) Tile::stage(mask_tile, a.mask, a.first, a.vis.L, n0, a.vis.S);
+    Tile::stage(mask_tile, a.mask, a.first, a.vis.L, n0, a.vis.S);
 #endif
     cp_async_commit();
     cp_async_wait<0>();
@@ -325,6 +330,10 @@ __device__ void backward_dq(const BwdArgs& a) {
 #endif
 
     const bool full = MASK_KIND == MASK_NONE && a.vis.tile_full(a.first, m_last + 1 - a.first, n0, BLOCK_N);
+    // (masked loops) NaN where a raw score this warp holds is not finite. A non-finite k_j makes every row's raw
+    // score with key j non-finite (0 * inf is NaN), so where no warp's is, K needs no cleaning below.
+    float poison = 0.f;
+    const PairVisibility pv(a.vis, row0, n0 + 2 * t);  // pairs (row0 + dr, n0 + 2 t + dc)
     Ops::PFrag<NTILES> sf;  // dS as the A operand of dS K
 #if EFF_SHARE_SCORES
     Ops::PFrag<MINE> sf_mine;  // this warp's half of it, traded below
@@ -340,33 +349,50 @@ __device__ void backward_dq(const BwdArgs& a) {
         const i64 i = row0 + r * 8, j0 = n0 + nt * 8 + 2 * t;
         bool keep[2] = {true, true};
         if (DROPOUT) a.drop.keep_pair(a.bh, (u32)i, (u32)j0, keep[0], keep[1]);
+#if EFF_DMASK_ADD
+        bool took[2];
+#endif
+        float sc[2] = {s[h][2 * r] * a.scale, s[h][2 * r + 1] * a.scale};
+        if (MASK_KIND != MASK_NONE) poison = fmaf(s[h][2 * r], 0.f, fmaf(s[h][2 * r + 1], 0.f, poison));
+#if EFF_MASK_TILE
+        if (!full) Tile::apply_pair(mask_tile, rg * 16 + g + r * 8, nt * 8 + 2 * t, sc[0], sc[1]);
+#endif
 #pragma unroll
         for (int c = 0; c < 2; ++c) {
           const i64 j = j0 + c;
-          float v = s[h][2 * r + c] * a.scale;
+          float v = sc[c];
 #if EFF_MASK_TILE
-          if (!full)
-            v = !a.vis.visible(i, j) ? -CUSDPA_INF
-                : mask_tiled           ? Tile::apply(mask_tile, rg * 16 + g + r * 8, nt * 8 + 2 * t + c, v)
-                                       : a.mask.apply(i, j, v);
+          if (!full && !pv.visible(r * 8, nt * 8 + c)) v = -CUSDPA_INF;
 #else
-          if (!full) v = masked_score(a.vis, a.mask, i, j, v);
+          if (!full) v = masked_score(pv, a.mask, row0, n0 + 2 * t, r * 8, nt * 8 + c, v);
 #endif
-          float d = 0.f;
-          if (live[r] && v != -CUSDPA_INF) {
-            const float p = exp2f(__fmul_rn(v, LOG2E) - lse2[r]);
-            const float z = !DROPOUT ? 1.f : keep[c] ? a.rescale : 0.f;
-            d = p * (dp[h][2 * r + c] * z - dlt[r]);
-            // one warp a score: the pair's part 0, or with shared scores the warp that computes it
-            if (a.dmask != nullptr && (SHARE || part == 0))
+          // a score no row takes: dS = 0 by the select (exp2_always)
+          const bool on = live[r] && v != -CUSDPA_INF;
+          const float p = exp2_always(__fmul_rn(v, LOG2E) - lse2[r]);
+          const float z = !DROPOUT ? 1.f : keep[c] ? a.rescale : 0.f;
+          const float d = on ? p * (dp[h][2 * r + c] * z - dlt[r]) : 0.f;
 #if EFF_DMASK_ADD
-              atomicAdd((float*)a.dmask + (i * a.dmask_rs + j * a.dmask_cs), d);  // fp32 sums of shared elements
+          took[c] = on;
 #else
-              store_mask_grad(a.dmask, MASK_KIND, i * a.dmask_rs + j * a.dmask_cs, d);
+          // one warp a score: the pair's part 0, or with shared scores the warp that computes it
+          if (on && a.dmask != nullptr && (SHARE || part == 0))
+            store_mask_grad(a.dmask, MASK_KIND, i * a.dmask_rs + j * a.dmask_cs, d);
 #endif
-          }
           ds[2 * r + c] = d;
         }
+#if EFF_DMASK_ADD
+        // fp32 sums of shared elements, by the warp that owns the score (as above); a pair of adjacent sums in
+        // one vector reduction, adding +0 for a score not taken (its dS), which leaves a sum as it was
+        if (a.dmask != nullptr && (SHARE || part == 0)) {
+          float* at = (float*)a.dmask + (i * a.dmask_rs + j0 * a.dmask_cs);
+          if (sum_pairs) {
+            if (took[0] || took[1]) red_add2(at, ds[2 * r], ds[2 * r + 1]);
+          } else {
+            if (took[0]) atomicAdd(at, ds[2 * r]);
+            if (took[1]) atomicAdd(at + a.dmask_cs, ds[2 * r + 1]);
+          }
+        }
+#endif
       }
       Ops::set_operand(sf_mine, h, ds);
     }
@@ -374,11 +400,21 @@ __device__ void backward_dq(const BwdArgs& a) {
     swap.operands(sf_mine, sf);  // both warps' halves: dS whole, the A operand of each one's column half
 #endif
     // Zero K's non-finite values for dS K, where a row that does not see key j meets k_j with weight 0. On a
-    // full tile every row sees every key: a non-finite k_j makes every row's dQ non-finite anyway.
+    // full tile every row sees every key: a non-finite k_j makes every row's dQ non-finite anyway. A masked
+    // loop's barrier (every warp has read K for S) also says whether some warp's raw scores were not finite;
+    // else K is finite, and the pass and its barrier are skipped on each of its tiles. (Unmasked loops clean
+    // their few tiles that are not full, at the band's edges and the lengths' ends, as they did: the poison
+    // test raised their spills, 120 -> 148 bytes at head dim 128.)
     if (!full) {
-      __syncthreads();  // every warp has read K for S
-      keep_finite<HEAD_DIM, BLOCK_N>(k_tile);
-      __syncthreads();
+      bool dirty = true;
+      if (MASK_KIND == MASK_NONE)
+        __syncthreads();
+      else
+        dirty = __syncthreads_or(poison != 0.f);
+      if (dirty) {
+        keep_finite<HEAD_DIM, BLOCK_N>(k_tile);
+        __syncthreads();
+      }
     }
     EFF_SPLIT_BY(finite, (Ops::product_pb<HEAD_DIM, NTILES, COLS, FAST>(acc, sf, k_tile + c0, lane)));
     __syncthreads();  // every warp is done with both tiles before the next ones are staged
@@ -420,6 +456,8 @@ __device__ void backward_dkdv(const BwdArgs& a) {
   EFF_SHARED(Elem, do_tile, BLOCK_M * STRIDE);
   EFF_SHARED_WORDS(float, lse_tile, BLOCK_M);  // lse in the log2 domain
   EFF_SHARED_WORDS(float, delta_tile, BLOCK_M);
+  static_assert(BLOCK_M <= 32, "a step's rows: one bit each of a word");
+  EFF_SHARED_WORDS(u32, dead_rows, 1);  // bit r: the step's row r lies below L and sees no key
 #if EFF_MASK_TILE
   typedef MaskTile<BLOCK_M, BLOCK_ROWS> Tile;  // the step's queries x the block's keys
   EFF_SHARED(unsigned char, mask_tile, Tile::BYTES);
@@ -483,9 +521,6 @@ __device__ void backward_dkdv(const BwdArgs& a) {
     const MaskView mask{a.mask.p + hh * a.head_mask * mask_bytes, a.mask.rs, a.mask.cs};
     const u32 bh = a.bh + hh;
     const bool vec = vectorizable<Ops>(qh, a.q_rs, a.E) && vectorizable<Ops>(doh, a.do_rs, a.Ev);
-#if EFF_MASK_TILE
-    const bool mask_tiled = Tile::tileable(mask, a.vis.S);
-#endif
 #if EFF_FUSED
     // The steps in an order rotated by the key block's index: blocks that start together would otherwise add
     // into the same dQ rows at the same time, and atomics on one address serialise.
@@ -499,26 +534,35 @@ __device__ void backward_dkdv(const BwdArgs& a) {
       stage_tile<Ops, HEAD_DIM, BLOCK_M>(q_tile, qh, a.q_rs, m0, a.vis.L, a.E, vec);
       stage_tile<Ops, HEAD_DIM, BLOCK_M>(do_tile, doh, a.do_rs, m0, a.vis.L, a.Ev, vec);
 #if EFF_MASK_TILE
-      if (mask_tiled) Tile::stage(mask_tile, mask, m0, a.vis.L, a.first, a.vis.S);
+      Tile::stage(mask_tile, mask, m0, a.vis.L, a.first, a.vis.S);
 #endif
       cp_async_commit();
-      if (threadIdx.x < BLOCK_M) {
-        const i64 i = m0 + threadIdx.x;
-        lse_tile[threadIdx.x] = i < a.vis.L ? __fmul_rn(lse_h[i * a.lse_rs], LOG2E) : -CUSDPA_INF;
-        delta_tile[threadIdx.x] = i < a.vis.L ? delta_h[i * a.delta_rs] : 0.f;
+      if (warp == 0) {  // (BLOCK_M <= 32: the step's rows are warp 0's lanes)
+        const i64 i = m0 + lane;
+        const float l2 = i < a.vis.L ? __fmul_rn(lse_h[i * a.lse_rs], LOG2E) : -CUSDPA_INF;
+        if (lane < BLOCK_M) {
+          lse_tile[lane] = l2;
+          delta_tile[lane] = i < a.vis.L ? delta_h[i * a.delta_rs] : 0.f;
+        }
+        // a row below L that sees no key (rows past L were staged as zeros)
+        const u32 dead = __ballot_sync(0xffffffffu, lane < BLOCK_M && i < a.vis.L && l2 == -CUSDPA_INF);
+        if (lane == 0) *dead_rows = dead;
       }
       cp_async_wait<0>();
       // (non-finite values in rows that see no key, zeroed below, count too: the general split then, results alike)
       const bool finite = landed<Ops, HEAD_DIM, BLOCK_M>(q_tile, do_tile);
-      // rows that see no key read as zeros in the gradient products (P is 0 there, but 0 * NaN is NaN)
-      for (int c = threadIdx.x; c < BLOCK_M * (HEAD_DIM / VEC); c += EFF_THREADS) {
-        const int r = c / (HEAD_DIM / VEC), e = (c % (HEAD_DIM / VEC)) * VEC;
-        if (lse_tile[r] == -CUSDPA_INF) {
-          *reinterpret_cast<uint4*>(q_tile + r * STRIDE + e) = make_uint4(0u, 0u, 0u, 0u);
-          *reinterpret_cast<uint4*>(do_tile + r * STRIDE + e) = make_uint4(0u, 0u, 0u, 0u);
+      // rows that see no key read as zeros in the gradient products (P is 0 there, but 0 * NaN is NaN); a step
+      // without such rows, the usual case, skips the pass and its barrier
+      if (*dead_rows) {
+        for (int c = threadIdx.x; c < BLOCK_M * (HEAD_DIM / VEC); c += EFF_THREADS) {
+          const int r = c / (HEAD_DIM / VEC), e = (c % (HEAD_DIM / VEC)) * VEC;
+          if ((*dead_rows >> r) & 1u) {
+            *reinterpret_cast<uint4*>(q_tile + r * STRIDE + e) = make_uint4(0u, 0u, 0u, 0u);
+            *reinterpret_cast<uint4*>(do_tile + r * STRIDE + e) = make_uint4(0u, 0u, 0u, 0u);
+          }
         }
+        __syncthreads();
       }
-      __syncthreads();
 
       // this warp's n8 tiles of P and dS: all, or with shared scores its half (tiles nt = part * MINE + h)
       constexpr int MINE = SHARE ? QT / 2 : QT;
@@ -540,6 +584,7 @@ __device__ void backward_dkdv(const BwdArgs& a) {
                                                                             lane)));
 #endif
       const bool full = MASK_KIND == MASK_NONE && a.vis.tile_full(m0, BLOCK_M, a.first, BLOCK_ROWS);
+      const PairVisibility pv(a.vis, m0 + 2 * t, key0);  // pairs (m0 + 2 t + dr, key0 + dc)
       Ops::PFrag<QT> pf, sf;  // (P o Z)^T and dS^T as A operands
 #if EFF_SHARE_SCORES
       Ops::PFrag<MINE> pf_mine, sf_mine;  // this warp's half of them, traded below
@@ -556,21 +601,18 @@ __device__ void backward_dkdv(const BwdArgs& a) {
           float v = st[h][x] * a.scale;
 #if EFF_MASK_TILE
           if (!full)
-            v = !a.vis.visible(i, j) ? -CUSDPA_INF
-                : mask_tiled           ? Tile::apply(mask_tile, col, rg * 16 + g + (x / 2) * 8, v)
-                                       : mask.apply(i, j, v);
+            v = pv.visible(nt * 8 + x % 2, (x / 2) * 8) ? Tile::apply(mask_tile, col, rg * 16 + g + (x / 2) * 8, v)
+                                                        : -CUSDPA_INF;
 #else
-          if (!full) v = masked_score(a.vis, mask, i, j, v);
+          if (!full) v = masked_score(pv, mask, m0 + 2 * t, key0, nt * 8 + x % 2, (x / 2) * 8, v);
 #endif
-          float p = 0.f, d = 0.f;
-          if (lse_tile[col] != -CUSDPA_INF && v != -CUSDPA_INF) {
-            p = exp2f(__fmul_rn(v, LOG2E) - lse_tile[col]);
-            const float z = !DROPOUT ? 1.f : a.drop.keep(bh, (u32)i, (u32)j) ? a.rescale : 0.f;
-            d = p * (dpt[h][x] * z - delta_tile[col]);
-            p *= z;
-          }
-          pz[x] = p;
-          ds[x] = d;
+          // a score not seen (v = -inf, or a query row that sees nothing, whose lse is -inf): P = dS = 0 by the
+          // selects (exp2_always)
+          const bool on = lse_tile[col] != -CUSDPA_INF && v != -CUSDPA_INF;
+          const float e = exp2_always(__fmul_rn(v, LOG2E) - lse_tile[col]), p = on ? e : 0.f;
+          const float z = !DROPOUT ? 1.f : a.drop.keep(bh, (u32)i, (u32)j) ? a.rescale : 0.f;
+          ds[x] = on ? p * (dpt[h][x] * z - delta_tile[col]) : 0.f;
+          pz[x] = p * z;
         }
         Ops::set_operand(pf_mine, h, pz);
         Ops::set_operand(sf_mine, h, ds);

@@ -52,6 +52,16 @@ __host__ __device__ constexpr int mask_element_bytes(int kind) {
   return kind == MASK_F64 ? 8 : kind == MASK_F32 ? 4 : (kind == MASK_F16 || kind == MASK_BF16) ? 2 : 1;
 }
 
+// exp2f's own instruction (ex2.approx.f32, subnormal results kept: the same bits), issued where it stands. The
+// backward's loops select away the exponential of a score no row takes; with exp2f the compiler sank it into a
+// branch a score (BSSY/BSYNC around it), which cost more than the exponential and kept the scores' exponentials
+// from overlapping.
+__device__ __forceinline__ float exp2_always(float x) {
+  float y;
+  asm volatile("ex2.approx.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+
 // Mask element `at` (in elements) of kind MASK_KIND from `p` applied to one scaled score of a visible pair; -inf
 // means selected out. A -inf float-mask entry selects the score out as a False bool entry does, so NaN in q k^T
 // there is never added in. The add is __fadd_rn, which the compiler never contracts with the scaling multiply
@@ -60,6 +70,8 @@ __host__ __device__ constexpr int mask_element_bytes(int kind) {
 // the shared tile and the global fallback), so the two paths, and the forward and the backward's recomputed
 // scores, could differ in the last bit. Pinned, every loop computes (qk * scale rounded) + m rounded, as the
 // yardstick's recipe does.
+__device__ __forceinline__ float add_mask(float s, float m) { return m == -CUSDPA_INF ? -CUSDPA_INF : __fadd_rn(s, m); }
+
 __device__ __forceinline__ float apply_mask_element(const unsigned char* p, i64 at, float s) {
   if (MASK_KIND == MASK_NONE) return s;
   float m;
@@ -70,7 +82,41 @@ __device__ __forceinline__ float apply_mask_element(const unsigned char* p, i64 
     case MASK_F32: m = ((const float*)p)[at]; break;
     default: m = (float)((const double*)p)[at];
   }
-  return m == -CUSDPA_INF ? -CUSDPA_INF : __fadd_rn(s, m);
+  return add_mask(s, m);
+}
+
+// Mask elements 0 and 1 at `p` (aligned to two elements) applied to two scores as apply_mask_element does, both
+// read by one load: a thread's two adjacent keys of an n8 tile, whose elements one byte (or half, or float)
+// load apiece took twice the shared loads, each behind its own visibility predicate.
+__device__ __forceinline__ void apply_mask_pair(const unsigned char* p, float& s0, float& s1) {
+  switch (MASK_KIND) {
+    case MASK_NONE: return;
+    case MASK_BOOL: {
+      const u32 w = *(const u16*)p;
+      s0 = (w & 0xffu) ? s0 : -CUSDPA_INF;
+      s1 = (w & 0xff00u) ? s1 : -CUSDPA_INF;
+      return;
+    }
+    case MASK_F16:
+    case MASK_BF16: {
+      const u32 w = *(const u32*)p;
+      const bool bf = MASK_KIND == MASK_BF16;
+      s0 = add_mask(s0, bf ? bf16_to_f32((u16)(w & 0xffffu)) : f16_to_f32((u16)(w & 0xffffu)));
+      s1 = add_mask(s1, bf ? bf16_to_f32((u16)(w >> 16)) : f16_to_f32((u16)(w >> 16)));
+      return;
+    }
+    case MASK_F32: {
+      const float2 m = *(const float2*)p;
+      s0 = add_mask(s0, m.x);
+      s1 = add_mask(s1, m.y);
+      return;
+    }
+    default: {
+      const double2 m = *(const double2*)p;
+      s0 = add_mask(s0, (float)m.x);
+      s1 = add_mask(s1, (float)m.y);
+    }
+  }
 }
 
 // One (batch, head) slice's mask of kind MASK_KIND: element [i][j] at p + (i * rs + j * cs) * element size.
@@ -109,9 +155,10 @@ struct SliceArgs {
 // A tile of the slice's mask in shared memory (EFF_MASK_TILE): ROWS rows from i0 by COLS keys from j0, rows of
 // ROW_BYTES (+16: a warp's reads of 8 rows spread over the banks), copied with 16-byte cp.async where the mask
 // is `tileable` (its rows contiguous along the keys and 16-byte aligned, the keys a whole number of chunks, so a
-// chunk is wholly inside the keys or wholly past them); rows past L and keys past S are zero-filled, never read
-// (their pairs are not visible). The tile loops copy a tile with the operand tiles it goes with and read it where
-// they read the mask.
+// chunk is wholly inside the keys or wholly past them), else element by element (any strides: broadcast keys,
+// rows that are not aligned); rows past L and keys past S are zero-filled, never read (their pairs are not
+// visible). The tile loops copy a tile with the operand tiles it goes with and read every score's element from
+// it: one path a score, where a select between the tile and global memory cost a branch a score.
 template <int ROWS, int COLS>
 struct MaskTile {
   static constexpr int MB = mask_element_bytes(MASK_KIND), CHUNKS = COLS * MB / 16, ROW_BYTES = COLS * MB + 16;
@@ -122,23 +169,76 @@ struct MaskTile {
     return m.cs == 1 && (m.rs * MB) % 16 == 0 && (u64)m.p % 16 == 0 && (S * MB) % 16 == 0;
   }
   static __device__ __forceinline__ void stage(unsigned char* tile, const MaskView& m, i64 i0, i64 L, i64 j0, i64 S) {
-    for (int c = threadIdx.x; c < ROWS * CHUNKS; c += EFF_THREADS) {
-      const int r = c / CHUNKS, ch = c % CHUNKS;
-      const i64 i = i0 + r, j = j0 + ch * (16 / MB);
-      const bool inside = i < L && j < S;
-      cp_async_16(tile + r * ROW_BYTES + ch * 16, inside ? m.p + (i * m.rs + j) * MB : m.p, inside);
+    if (tileable(m, S)) {
+      for (int c = threadIdx.x; c < ROWS * CHUNKS; c += EFF_THREADS) {
+        const int r = c / CHUNKS, ch = c % CHUNKS;
+        const i64 i = i0 + r, j = j0 + ch * (16 / MB);
+        const bool inside = i < L && j < S;
+        cp_async_16(tile + r * ROW_BYTES + ch * 16, inside ? m.p + (i * m.rs + j) * MB : m.p, inside);
+      }
+    } else {
+      // plain loads and stores: the callers stage while no warp reads the tile, as for the cp.async copies
+      for (int e = threadIdx.x; e < ROWS * COLS; e += EFF_THREADS) {
+        const int r = e / COLS, c = e % COLS;
+        const i64 i = i0 + r, j = j0 + c;
+        copy_element(tile + r * ROW_BYTES + c * MB, i < L && j < S ? m.p + (i * m.rs + j * m.cs) * MB : nullptr);
+      }
     }
   }
-  // the mask applied to the score of pair (i0 + r, j0 + col), visible or not (vis says which)
+  // one element of MB bytes (its natural alignment), or zero where src is null
+  static __device__ __forceinline__ void copy_element(unsigned char* dst, const unsigned char* src) {
+    switch (MB) {
+      case 1: *dst = src ? *src : 0; break;
+      case 2: *(u16*)dst = src ? *(const u16*)src : 0; break;
+      case 4: *(u32*)dst = src ? *(const u32*)src : 0u; break;
+      default: *(u64*)dst = src ? *(const u64*)src : 0ull;
+    }
+  }
+  // the mask applied to the score of pair (i0 + r, j0 + col), visible or not (the caller's rule says which)
   static __device__ __forceinline__ float apply(const unsigned char* tile, int r, int col, float s) {
     return apply_mask_element(tile + r * ROW_BYTES, col, s);
   }
+  // ... to the scores of pairs (i0 + r, j0 + col) and (i0 + r, j0 + col + 1), col even: one load of both
+  static __device__ __forceinline__ void apply_pair(const unsigned char* tile, int r, int col, float& s0, float& s1) {
+    apply_mask_pair(tile + r * ROW_BYTES + col * MB, s0, s1);
+  }
 };
 
-// The visibility rule, then the mask.
-__device__ __forceinline__ float masked_score(const Visibility<i64>& vis, const MaskView& mask, i64 i, i64 j,
-                                              float s) {
-  return vis.visible(i, j) ? mask.apply(i, j, s) : -CUSDPA_INF;
+// The visibility rule for the pairs (i0 + dr, j0 + dc) a thread holds of a tile, dr and dc small non-negative
+// offsets that the unrolled tile loops know at compile time: four 32-bit compares against limits set once a
+// tile, where Visibility::visible's 64-bit indices and band took about 15 instructions a score, on every score
+// of a masked tile. The limits are clamped into [-FAR, FAR], past any offset a tile has, to fit 32 bits.
+struct PairVisibility {
+  static constexpr i64 FAR = 1 << 20;
+  int rows, keys, lo, hi;  // visible iff dr < rows, dc < keys and lo <= dc - dr <= hi
+
+  static __device__ __forceinline__ int clamp(i64 x) { return (int)max(-FAR, min(FAR, x)); }
+  __device__ __forceinline__ PairVisibility(const Visibility<i64>& vis, i64 i0, i64 j0) {
+    const i64 base = j0 - i0 - vis.shift;  // j - i - shift = base + dc - dr
+    rows = clamp(vis.L - i0);
+    keys = clamp(vis.S - j0);
+    lo = vis.left < 0 ? -(int)FAR : clamp(-vis.left - base);
+    hi = vis.right < 0 ? (int)FAR : clamp(vis.right - base);
+  }
+  __device__ __forceinline__ bool visible(int dr, int dc) const {
+    return dr < rows && dc < keys && dc - dr >= lo && dc - dr <= hi;
+  }
+};
+
+// The visibility rule, then the mask, for pair (i0 + dr, j0 + dc).
+__device__ __forceinline__ float masked_score(const PairVisibility& pv, const MaskView& mask, i64 i0, i64 j0, int dr,
+                                              int dc, float s) {
+  return pv.visible(dr, dc) ? mask.apply(i0 + dr, j0 + dc, s) : -CUSDPA_INF;
+}
+
+// p[0..1] += (x, y) in global memory, atomically (p 8-byte aligned): one vector reduction on sm_90.
+__device__ __forceinline__ void red_add2(float* p, float x, float y) {
+#if __CUDA_ARCH__ >= 900
+  asm volatile("red.global.add.v2.f32 [%0], {%1, %2};\n" ::"l"(p), "f"(x), "f"(y) : "memory");
+#else
+  atomicAdd(p, x);
+  atomicAdd(p + 1, y);
+#endif
 }
 
 // p[0..3] += (x, y, z, w) in global memory, atomically (p 16-byte aligned): one vector reduction on sm_90.

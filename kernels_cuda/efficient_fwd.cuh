@@ -8,13 +8,14 @@
 // K and V tiles go through shared memory with cp.async (16 B, zero-filled past the sequence) and are
 // read back as fragments (ldmatrix for 16-bit types, V transposed). The V tile for tile n+1 overlaps the softmax of tile n (FlashAttention-2's
 // single-buffer schedule). Rows of the V tile that no query of the block may see are zeroed before
-// P V: P is 0 there, but 0 * NaN is NaN, and the contract says padding never leaks.
+// P V: P is 0 there, but 0 * NaN is NaN, and the contract says padding never leaks. Which keys some row sees
+// is gathered in a register a thread and a word a warp's thread group.
 //
-// EFF_MASK_TILE (an attn_mask whose tile fits beside K and V): where the slice's mask rows are contiguous along
-// the keys and 16-byte aligned, each tile's mask elements are copied into shared memory with the K tile (16-byte
-// cp.async, in flight while the previous tile's products run), instead of each thread loading its 32 scores'
-// elements from global memory one by one when the scores are ready, a memory latency per tile on the critical path.
-// Other masks take the per-element loads.
+// EFF_MASK_TILE (an attn_mask whose tile fits beside K and V): each tile's mask elements are copied into shared
+// memory with the K tile (where the slice's mask rows are contiguous along the keys and 16-byte aligned, by 16-byte
+// cp.async, in flight while the previous tile's products run; other masks element by element), instead of each
+// thread loading its 32 scores' elements from global memory one by one when the scores are ready, a memory latency
+// per tile on the critical path.
 //
 // Only NVRTC built-ins and inline PTX, here and in common.cuh: no headers, so it compiles wherever Numba
 // finds NVRTC.
@@ -43,11 +44,17 @@ __device__ void forward(const Args& a) {
   constexpr int DTILES = HEAD_DIM / 8;   // n8 tiles of O
   __shared__ __align__(16) Elem k_tile[BLOCK_N * STRIDE];
   __shared__ __align__(16) Elem v_tile[BLOCK_N * STRIDE];
-  __shared__ int col_seen[BLOCK_N];
+  static_assert(EFF_WARPS == 4 && NTILES <= 16, "the keys seen: a uint4 of warps' words per thread of a group");
+  // [t][warp], bit 2 nt + c: a row of the warp sees key nt * 8 + 2 t + c of this tile
+  __shared__ __align__(16) u32 keys_seen[4][EFF_WARPS];
+  // the bits of thread-in-group t's keys that some warp's row sees
+  auto seen_by_block = [&](int t_) {
+    const uint4 w = *reinterpret_cast<const uint4*>(keys_seen[t_]);
+    return w.x | w.y | w.z | w.w;
+  };
 #if EFF_MASK_TILE
   typedef MaskTile<EFF_BLOCK_M, BLOCK_N> Tile;  // the block's rows x the tile's keys
   __shared__ __align__(16) unsigned char mask_tile[Tile::BYTES];
-  const bool mask_tiled = Tile::tileable(a.mask, a.vis.S);
   auto stage_mask = [&](i64 n0) { Tile::stage(mask_tile, a.mask, a.m_first, a.vis.L, n0, a.vis.S); };
 #endif
 
@@ -75,7 +82,7 @@ __device__ void forward(const Args& a) {
   if (n_begin < hi) {
     stage_tile<Ops, HEAD_DIM, BLOCK_N>(k_tile, a.k, a.k_rs, n_begin, a.vis.S, a.E, vec);
 #if EFF_MASK_TILE
-    if (mask_tiled) stage_mask(n_begin);
+    stage_mask(n_begin);
 #endif
     cp_async_commit();
   }
@@ -86,7 +93,6 @@ __device__ void forward(const Args& a) {
     // Does every (row, key) pair of this tile pass? Then no per-element work and no V row zeroing.
     // Only the block's rows below L count: the rest hold zeros of Q and are never stored.
     const bool check = MASK_KIND != MASK_NONE || !a.vis.tile_full(a.m_first, m_last + 1 - a.m_first, n0, BLOCK_N);
-    if (check && threadIdx.x < BLOCK_N) col_seen[threadIdx.x] = 0;
     cp_async_wait<1>();  // K (and the mask) of this tile has landed (V may still be in flight)
     const bool k_finite = landed<Ops, HEAD_DIM, BLOCK_N>(k_tile);
 
@@ -95,28 +101,43 @@ __device__ void forward(const Args& a) {
 
     // Scale, mask, and the online-softmax update, row by row (this thread holds 2 rows x 2 columns per n8 tile).
     float tile_max[2] = {-CUSDPA_INF, -CUSDPA_INF};
+    u32 seen = 0;  // bit 2 nt + c: one of this thread's rows sees key nt * 8 + 2 t + c
+    const PairVisibility pv(a.vis, row0, n0 + 2 * t);  // pairs (row0 + dr, n0 + 2 t + dc)
 #pragma unroll
     for (int nt = 0; nt < NTILES; ++nt) {
 #pragma unroll
-      for (int x = 0; x < 4; ++x) {
-        float v = s[nt][x] * a.scale;
+      for (int r = 0; r < 2; ++r) {
+        float v[2] = {s[nt][2 * r] * a.scale, s[nt][2 * r + 1] * a.scale};  // keys nt * 8 + 2 t, + 1
         if (check) {
 #if EFF_MASK_TILE
-          // a select per score, not two copies of this loop (1.4K more instructions, more spills at head dim 128)
-          const int r = warp * 16 + g + (x / 2) * 8, col = nt * 8 + 2 * t + (x % 2);
-          const i64 i = a.m_first + r, j = n0 + col;
-          v = !a.vis.visible(i, j) ? -CUSDPA_INF
-              : mask_tiled           ? Tile::apply(mask_tile, r, col, v)
-                                     : a.mask.apply(i, j, v);
-#else
-          i64 i = row0 + (x / 2) * 8, j = n0 + nt * 8 + 2 * t + (x % 2);
-          v = masked_score(a.vis, a.mask, i, j, v);
+          Tile::apply_pair(mask_tile, warp * 16 + g + r * 8, nt * 8 + 2 * t, v[0], v[1]);
 #endif
-          if (v != -CUSDPA_INF) col_seen[nt * 8 + 2 * t + (x % 2)] = 1;  // same value from every writer
+#pragma unroll
+          for (int c = 0; c < 2; ++c) {
+#if EFF_MASK_TILE
+            if (!pv.visible(r * 8, nt * 8 + c)) v[c] = -CUSDPA_INF;
+#else
+            v[c] = masked_score(pv, a.mask, row0, n0 + 2 * t, r * 8, nt * 8 + c, v[c]);
+#endif
+            if (v[c] != -CUSDPA_INF) seen |= 1u << (2 * nt + c);
+          }
         }
-        s[nt][x] = v;
-        tile_max[x / 2] = fmaxf(tile_max[x / 2], v);  // skips NaN: a NaN score poisons l_i through its p
+#pragma unroll
+        for (int c = 0; c < 2; ++c) {
+          s[nt][2 * r + c] = v[c];
+          tile_max[r] = fmaxf(tile_max[r], v[c]);  // skips NaN: a NaN score poisons l_i through its p
+        }
       }
+    }
+    if (check) {
+      // A register and three shuffles (OR over the warp's 8 row groups), not a shared store per score (32 a tile a
+      // thread, which the masked loops paid); here, before the exponentials, so that the compiler
+      // may lift the barrier below above them, as it does where the keys are not tested, and the next K tile's
+      // copies start early (after them, the unmasked forward ran 3-5% slower on the H100)
+      seen |= __shfl_xor_sync(0xffffffffu, seen, 4);
+      seen |= __shfl_xor_sync(0xffffffffu, seen, 8);
+      seen |= __shfl_xor_sync(0xffffffffu, seen, 16);
+      if (g == 0) keys_seen[t][warp] = seen;
     }
     float alpha[2], m_use[2], m_log2[2];
 #pragma unroll
@@ -166,7 +187,7 @@ __device__ void forward(const Args& a) {
     if (has_next) {
       stage_tile<Ops, HEAD_DIM, BLOCK_N>(k_tile, a.k, a.k_rs, n0 + BLOCK_N, a.vis.S, a.E, vec);
 #if EFF_MASK_TILE
-      if (mask_tiled) stage_mask(n0 + BLOCK_N);
+      stage_mask(n0 + BLOCK_N);
 #endif
       cp_async_commit();
       cp_async_wait<1>();  // V of this tile has landed (the next K may still be in flight)
@@ -176,9 +197,10 @@ __device__ void forward(const Args& a) {
     // (non-finite values in rows no row sees, zeroed below, count too: the general split then, results alike)
     const bool v_finite = landed<Ops, HEAD_DIM, BLOCK_N>(v_tile);
     if (check) {
+      // (a branch around the pass where every key is seen raised ptxas's spills at head dim 128: 124 -> 292 bytes)
       for (int c = threadIdx.x; c < BLOCK_N * (HEAD_DIM / VEC); c += EFF_THREADS) {
-        int r = c / (HEAD_DIM / VEC);
-        if (!col_seen[r]) {
+        const int r = c / (HEAD_DIM / VEC);  // key nt * 8 + 2 t + c of the tile
+        if (!((seen_by_block((r % 8) / 2) >> (2 * (r / 8) + r % 2)) & 1)) {
 #pragma unroll
           for (int x = 0; x < VEC; ++x) v_tile[r * STRIDE + (c % (HEAD_DIM / VEC)) * VEC + x] = Elem(0);
         }

@@ -84,12 +84,12 @@ def shared_bytes(head_dim: int, elem: str, kind: str, block: int, parts: int = 1
     swap = 0
     if shared_scores and parts == 2 and kind in ("dq", "dkdv", "fused"):
         swap = (THREADS // 32 // parts) * (block // 8) * 32 * 16 * (2 if kind != "dq" and _wide(elem) else 1)
-    if kind == "forward":  # K and V tiles, the seen-columns flags
-        return 2 * block * row + 4 * block + (BLOCK_M * (block * mask_bytes + 16) if mask_kind else 0)
+    if kind == "forward":  # K and V tiles, the keys-seen words (4 x 4 u32)
+        return 2 * block * row + 64 + (BLOCK_M * (block * mask_bytes + 16) if mask_kind else 0)
     if kind == "dq":  # K and V tiles
         return 2 * block * row + swap + (rows * (block * mask_bytes + 16) if mask_kind else 0)
-    # dk/dv: V rows, the step's Q and dO tiles, lse and D; fused, K rows too and the dS tile
-    used = (2 if kind == "fused" else 1) * rows * row + 2 * block * row + 8 * block
+    # dk/dv: V rows, the step's Q and dO tiles, lse and D, the dead rows' word; fused, K rows too and the dS tile
+    used = (2 if kind == "fused" else 1) * rows * row + 2 * block * row + 8 * block + 4
     if kind == "fused":
         used += block * (rows + 16 // element) * element
     return used + swap + (block * (rows * mask_bytes + 16) if mask_kind else 0)

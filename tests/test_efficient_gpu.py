@@ -364,8 +364,8 @@ def test_repeated_cupy_calls_replay_a_plan(gpu, rng, variant, dtype, monkeypatch
 
 def test_broadcast_float_masks_gradient_sums_on_the_tensor_core_loops(gpu, rng, monkeypatch):
     """KernelConfig.tensor_core_mask_grad_sum: float masks broadcast over batch, heads or queries (not keys) get
-    their gradient from the tensor_core dq kernel's fp32 sums, with causal, GQA, dropout, column parts and each
-    mask dtype, judged against the reference; no portable kernel runs."""
+    their gradient from the tensor_core dq kernel's fp32 sums, with causal, GQA, dropout, column parts, each mask
+    dtype and an odd key count, judged against the reference; no portable kernel runs."""
     from kernels_numba import gradients
 
     portable = []
@@ -378,7 +378,9 @@ def test_broadcast_float_masks_gradient_sums_on_the_tensor_core_loops(gpu, rng, 
              Case("float32", batch=(2,), hq=4, hkv=1, L=50, S=76, E=64, mask="float", mask_shape=(76,),
                   mask_dtype="float64"),
              Case("bfloat16", batch=(2,), hq=2, hkv=1, L=65, S=80, E=192, Ev=160, mask="float",
-                  mask_shape=(1, 2, 65, 80))]
+                  mask_shape=(1, 2, 65, 80)),
+             # an odd S: a score pair's sums not 8-byte aligned, added one by one (the others: one v2 reduction)
+             Case("float16", batch=(2,), hq=2, hkv=2, L=40, S=77, E=64, mask="float", mask_shape=(2, 1, 40, 77))]
     failures = []
     for case in cases:
         pr = harness.build(case, gpu[0], rng)
