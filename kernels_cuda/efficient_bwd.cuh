@@ -539,7 +539,7 @@ __device__ void backward_dkdv(const BwdArgs& a) {
       cp_async_commit();
       if (warp == 0) {  // (BLOCK_M <= 32: the step's rows are warp 0's lanes)
         const i64 i = m0 + lane;
-        const float l2 = i < a.vis.L ? __fmul_rn(lse_h[i * a.lse_rs], LOG2E) : -CUSDPA_INF;
+        const float l2 = lane < BLOCK_M && i < a.vis.L ? __fmul_rn(lse_h[i * a.lse_rs], LOG2E) : -CUSDPA_INF;
         if (lane < BLOCK_M) {
           lse_tile[lane] = l2;
           delta_tile[lane] = i < a.vis.L ? delta_h[i * a.delta_rs] : 0.f;
