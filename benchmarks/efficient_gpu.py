@@ -3,6 +3,7 @@
     python benchmarks/efficient_gpu.py [--reps N] [--variant auto|portable|tensor_core] [--L L] [--numba-dispatch]
                                        [--dtypes float16 bfloat16 float32] [--head-dims 64 128] [--batch B]
                                        [--hidden HQ_TIMES_E] [--mask none|bool|float] [--config sub=8 threads=8 ...]
+                                       [--profile]
 
 Shapes (issue 4): fp16 and bf16, E in {64, 128}, L = S = 4096, B = 4, Hq * E = 2048, causal and not (the
 EFFICIENT issue's fp32 shape, B = 4 H = 16 L = S = 2048 E = 64: --dtypes float32 --head-dims 64 --L 2048
@@ -11,7 +12,8 @@ quarter of its entries False, or float (1, H, L, S) of normal values whose gradi
 FLOPs (docs/DESIGN.md): forward 4 * B * Hq * L * S * E, halved for causal; backward 2.5x forward.
 Timing: CUDA events around each call after a warm-up, median of ``--reps`` runs, rotating among three
 input sets so the 50 MB L2 does not serve repeats. PyTorch's EFFICIENT_ATTENTION backend runs in the
-same process on the same inputs. The table comes last. A few minutes on an H100, most of it Numba
+same process on the same inputs. ``--profile``: the GPU kernels of one forward + backward call of each library
+at each point (torch.profiler), where the backward's time goes. The table comes last. A few minutes on an H100, most of it Numba
 compiling the kernels (once per dtype and head dim) and PyTorch's and our backward runs.
 """
 from __future__ import annotations
@@ -85,6 +87,7 @@ def main(argv=None) -> int:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--hidden", type=int, default=2048, help="Hq * E")
     parser.add_argument("--mask", default="none", choices=("none", "bool", "float"))
+    parser.add_argument("--profile", action="store_true", help="the GPU kernels of one call of each library")
     parser.add_argument("--config", nargs="*", default=[], metavar="FIELD=INT",
                         help="KernelConfig's integer knobs for every call, checked before timed (threads, sub, chunk, "
                              "smem_bytes, tensor_core_blocks, tensor_core_block_n, fused_backward_head_dim; 0/1 "
@@ -148,6 +151,13 @@ def main(argv=None) -> int:
                 row = (dtype, E, causal, flops / t_ours / 1e12, flops / t_torch / 1e12,
                        2.5 * flops / t_ours_b / 1e12, 2.5 * flops / t_torch_b / 1e12)
                 rows.append(row)
+                if args.profile:
+                    from benchmarks.bench.timing import print_kernels
+
+                    print_kernels(f"cusdpa {dtype} E={E} causal={causal}", lambda: ours_bwd(*cu_inputs[0]), calls=1,
+                                  rows=10)
+                    print_kernels(f"torch {dtype} E={E} causal={causal}", lambda: torch_fwd_bwd(*inputs[0]), calls=1,
+                                  rows=10)
                 print(f"{dtype} E={E} causal={causal}: fwd {t_ours * 1e3:.2f} ms (torch {t_torch * 1e3:.2f}), "
                       f"bwd {t_ours_b * 1e3:.2f} ms (torch {t_torch_b * 1e3:.2f})", flush=True)
     print(f"\nEFFICIENT ({args.variant}{' ' + ' '.join(args.config) if args.config else ''}) vs torch "

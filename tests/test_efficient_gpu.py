@@ -401,9 +401,9 @@ def test_wide_heads_on_the_tensor_core_loops(gpu, rng, dtype, monkeypatch):
     monkeypatch.setattr(gradients, "dq_kernel", lambda *a: portable.append(1) or real(*a))
     calls = {"forward": 0, "backward": 0}
     for name in calls:
-        def counted(*a, name=name, real=getattr(tensor_core, name)):
-            calls[name] += 1
-            return real(*a)
+        def counted(*a, _name=name, _real=getattr(tensor_core, name), **kw):  # (keywords: mask_grad_sum)
+            calls[_name] += 1
+            return _real(*a, **kw)
 
         monkeypatch.setattr(tensor_core, name, counted)
     cases = [Case(dtype, batch=(2,), hq=4, hkv=2, L=130, S=150, E=E, Ev=Ev, causal=causal, mask=mask, dropout_p=p)
@@ -599,8 +599,8 @@ def test_dynamic_shared_memory_takes_32_queries_a_step(gpu, rng):
     a step take 32, their tiles in dynamic shared memory past 48 KiB: the fused backward at head dim 128 (16-bit,
     255 registers), fp32's dk/dv past head dim 64, 16-bit's at 256; judged with causal, GQA, dropout, a bool mask
     with its tiles, a float mask and E != Ev, twice (Numba's launch, which raises the kernel's limit, then the
-    prepared one); and an fp32 attention_vjp on CuPy arrays replayed from its plan, whose launch keeps the size,
-    with the same bits."""
+    prepared one); and a deterministic fp32 attention_vjp on CuPy arrays replayed from its plan, whose launch
+    keeps the size, with the same bits."""
     import cusdpa
     from cusdpa import Backend
     from cusdpa.backends import plans
@@ -628,8 +628,10 @@ def test_dynamic_shared_memory_takes_32_queries_a_step(gpu, rng):
     with kn.configured(kn.KernelConfig(variant="tensor_core", tensor_core_dynamic_smem=True)), \
             cusdpa.sdpa_kernel([Backend.EFFICIENT]):
         runs = []
-        for _ in range(3):  # the general path, then a plan recorded and replayed
-            out, vjp = cusdpa.attention_vjp(q, k, v, is_causal=True)
+        for _ in range(3):  # the general path, then a plan recorded and replayed; deterministic: fp32's fused
+            # backward (its default here) adds dQ with atomics, whose bits vary; the two kernels' dk/dv loop
+            # takes dynamic shared memory too
+            out, vjp = cusdpa.attention_vjp(q, k, v, is_causal=True, deterministic=True)
             runs.append((out, *vjp(dout)))
     assert any(x.smem > 48 * 1024 for p in plans._plans.values() if p is not None for x in p.backward
                if hasattr(x, "smem")), "no plan launched a loop with dynamic shared memory"

@@ -122,8 +122,9 @@ class CpuTimer(Timer):
         return out
 
 
-def print_kernels(name: str, fn, calls: int = 10) -> None:
-    """Print the GPU kernels of ``calls`` calls of ``fn`` (torch.profiler's table, after one warm-up call)."""
+def print_kernels(name: str, fn, calls: int = 10, rows: int = 6) -> None:
+    """Print the GPU kernels of ``calls`` calls of ``fn`` (torch.profiler's table of ``rows`` rows, after one
+    warm-up call)."""
     import torch
 
     fn()
@@ -133,5 +134,5 @@ def print_kernels(name: str, fn, calls: int = 10) -> None:
             fn()
         torch.cuda.synchronize()
     print(f"\n{name}: GPU kernels of {calls} calls")
-    print(kernels.key_averages().table(sort_by="cuda_time_total", row_limit=6))
+    print(kernels.key_averages().table(sort_by="cuda_time_total", row_limit=rows))
 
