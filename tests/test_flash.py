@@ -395,6 +395,25 @@ def _ptxas_report(source: str, path) -> str:
     return run.stderr
 
 
+def test_tf32_error_model_splits_exactly_and_orders_its_modes():
+    """benchmarks/tf32_error_model.py: big + small gives x back within TF32's split (2^-21 |x|: small truncated),
+    big is x rounded; on a small head, the split rounded to nearest stays within the error rule's bound and
+    truncation toward zero moves dq further from the reference."""
+    from benchmarks import tf32_error_model as model
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal(4096).astype(np.float32)
+    big, small = model._split(x)
+    assert np.all(np.abs(big + small - x) <= 2.0**-21 * np.abs(x))
+    assert np.all(np.abs(big - x) <= 2.0**-11 * np.abs(x))
+    q, k, v, do = (rng.standard_normal(shape).astype(np.float32) for shape in ((16, 64), (40, 64), (40, 64), (16, 64)))
+    ref = model.dq(q, k, v, do, "reference")
+    yardstick = np.abs(model.dq(q, k, v, do, "fp32") - ref).max()
+    rounded, truncated = (np.abs(model.dq(q, k, v, do, mode) - ref).max() for mode in ("split", "split-rz"))
+    assert 0 < rounded <= 3 * yardstick + 2.0**-19 * max(np.abs(ref).max(), 1.0)
+    assert truncated > rounded
+
+
 def test_sass_tool_builds_the_defaults_and_the_knobs_and_tells_changes_apart(tmp_path):
     """benchmarks/sass.py: every forward build under a knob (and fitted: a third K/V stage only where it fits),
     every decode build, and its comparison of two runs' SASS: same text, same opcodes, same multiset, different."""
