@@ -13,8 +13,8 @@ FLOPs (docs/DESIGN.md): forward 4 * B * Hq * L * S * E, halved for causal; backw
 Timing: CUDA events around each call after a warm-up, median of ``--reps`` runs, rotating among three
 input sets so the 50 MB L2 does not serve repeats. PyTorch's EFFICIENT_ATTENTION backend runs in the
 same process on the same inputs. ``--profile``: the GPU kernels of one forward + backward call of each library
-at each point (torch.profiler), where the backward's time goes. The table comes last. A few minutes on an H100, most of it Numba
-compiling the kernels (once per dtype and head dim) and PyTorch's and our backward runs.
+at each point (torch.profiler), where the backward's time goes. The table comes last. A few minutes on an H100,
+most of it Numba compiling the kernels (once per dtype and head dim) and PyTorch's and our backward runs.
 """
 from __future__ import annotations
 
