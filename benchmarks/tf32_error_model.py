@@ -4,12 +4,13 @@
 
 fp32 runs on three TF32 products of split operands (efficient_common.cuh, Tf32Ops: big = x rounded to TF32 by
 adding half an ulp, small = x - big truncated to TF32; small * big, big * small, then big * big, a k-step of 8 at
-a time). The model computes dq = scale * (P o (dP - D)) K for one head, non-causal, no dropout, three ways:
-float64 (the reference), fp32 products (the yardstick's kind), and the split products, each k-step's exact
-products added into an fp32 accumulator rounded to nearest, or toward zero (as tensor cores are reported to
-normalise their sums). It prints, over ``--seeds`` draws of standard normal inputs, the split's error over the
-yardstick's and how often it passes the rule's bound for gradients (3 x the yardstick's error + 2^-19 x
-max|reference|). CPU only; a model of the arithmetic, not of the kernels' order of work.
+a time, each term's pass over every k-step before the next). The model computes dq = scale * (P o (dP - D)) K
+for one head, non-causal, no dropout, three ways: float64 (the reference), fp32 products (the yardstick's kind),
+and the split products, each product's exact k-step added into an fp32 accumulator rounded to nearest ("split"),
+or toward zero ("split-rz", as tensor cores are reported to normalise their sums). It prints, over ``--seeds``
+draws of standard normal inputs, the split's error over the yardstick's and how often it passes the rule's bound
+for gradients (3 x the yardstick's error + 2^-19 x max|reference|). CPU only; a model of the arithmetic, not of
+the kernels' order of work across blocks.
 """
 from __future__ import annotations
 
@@ -35,17 +36,25 @@ def _toward_zero(x):
     return np.where(np.abs(r.astype(np.float64)) > np.abs(x), np.nextafter(r, np.float32(0)), r)
 
 
-def _product(a, b, split: bool, rz: bool):
-    """a @ b: per k-step of 8, the exact products (split: its three terms) added into an fp32 accumulator."""
+def _product(a, b, mode: str):
+    """a @ b: per k-step of 8, the exact products (split: each of its three terms) added into an fp32
+    accumulator (``mode``: dq's)."""
+    rnd = _toward_zero if mode.endswith("rz") else (lambda x: x.astype(np.float32))
     acc = np.zeros((a.shape[0], b.shape[1]), np.float32)
-    if split:
+    if mode.startswith("split"):
         (ab, as_), (bb, bs) = _split(a), _split(b)
-    for s in range(0, a.shape[1], 8):
-        k = slice(s, s + 8)
-        part = as_[:, k] @ bb[k] + ab[:, k] @ bs[k] + ab[:, k] @ bb[k] if split else \
-            a[:, k].astype(np.float64) @ b[k].astype(np.float64)
-        total = acc.astype(np.float64) + part
-        acc = _toward_zero(total) if rz else total.astype(np.float32)
+    steps = [slice(s, s + 8) for s in range(0, a.shape[1], 8)]
+    if not mode.startswith("split"):
+        for k in steps:
+            acc = rnd(acc.astype(np.float64) + a[:, k].astype(np.float64) @ b[k].astype(np.float64))
+        return acc
+    # as the loops issue them: each pass over every k-step before the next (small * big, big * small, big * big),
+    # one product (mma) a k-step and term
+    for x, y in ((as_, bb), (ab, bs)):
+        for k in steps:
+            acc = rnd(acc.astype(np.float64) + x[:, k] @ y[k])
+    for k in steps:
+        acc = rnd(acc.astype(np.float64) + ab[:, k] @ bb[k])
     return acc
 
 
@@ -59,13 +68,12 @@ def dq(q, k, v, do, mode: str):
         p /= p.sum(1, keepdims=True)
         d = (do * (p @ v)).sum(1, keepdims=True)
         return (p * (do @ v.T - d)) @ k * scale
-    split, rz = mode.startswith("split"), mode.endswith("rz")
-    s = _product(q, k.T, split, rz) * np.float32(scale)
+    s = _product(q, k.T, mode) * np.float32(scale)
     p = np.exp(s - s.max(1, keepdims=True))
     p /= p.sum(1, keepdims=True)
-    d = (do * _product(p, v, split, rz)).sum(1, keepdims=True, dtype=np.float32)
-    ds = (p * (_product(do, v.T, split, rz) - d)).astype(np.float32)
-    return _product(ds, k, split, rz) * np.float32(scale)
+    d = (do * _product(p, v, mode)).sum(1, keepdims=True, dtype=np.float32)
+    ds = (p * (_product(do, v.T, mode) - d)).astype(np.float32)
+    return _product(ds, k, mode) * np.float32(scale)
 
 
 def main() -> int:
