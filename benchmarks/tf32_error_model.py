@@ -3,16 +3,18 @@
     python benchmarks/tf32_error_model.py [--L 97] [--S 130] [--E 128] [--seeds 40] [--chunk 4]
 
 fp32 runs on three TF32 products of split operands (efficient_common.cuh, Tf32Ops: big = x rounded to TF32 by
-adding half an ulp, small = x - big truncated to TF32; small * big, big * small, then big * big, a k-step of 8 at
-a time, each term's pass over every k-step before the next). The model computes dq = scale * (P o (dP - D)) K
-for one head, non-causal, no dropout, three ways: float64 (the reference), fp32 products (the yardstick's kind),
-and the split products, each product's exact k-step added into an fp32 accumulator rounded to nearest ("split"),
-or toward zero ("split-rz", as tensor cores are reported to normalise their sums; "split-rz-chunk": a fix to
-weigh, the big * big pass in partial sums of ``--chunk`` k-steps, each from zero, added into the accumulator
-rounded to nearest). It prints, over ``--seeds``
-draws of standard normal inputs, the split's error over the yardstick's and how often it passes the rule's bound
-for gradients (3 x the yardstick's error + 2^-19 x max|reference|). CPU only; a model of the arithmetic, not of
-the kernels' order of work across blocks.
+adding half an ulp, small = x - big truncated to TF32; small * big, big * small, then big * big, one mma a k-step
+of 8 and term). The model computes dq = scale * (P o (dP - D)) K for one head, non-causal, no dropout: in float64
+(the reference), with fp32 products (the yardstick's kind), and with the split products as the loops add them:
+the score products (S = Q K^T, dP = dO V^T, D on dP's fragments: product_abt) take each term's pass over every
+k-step into one accumulator, the products with P or dS (O = P V, dQ = dS K: product_pb) each k-step's three terms
+into a zeroed fragment then added to the accumulator by an FADD, which rounds to nearest. The mma's additions
+round to nearest ("split") or toward zero ("split-rz"; tensor cores truncate, which made product_pb take its
+FADDs: BENCHMARKS.md); "split-rz-chunk", a fix to weigh: the score products' big * big pass in partial sums of
+``--chunk`` k-steps, each from zero, added by an FADD. It prints, over ``--seeds`` draws of standard normal
+inputs, the error over the yardstick's and how often it passes the rule's bound for gradients (3 x the
+yardstick's error + 2^-19 x max|reference|). CPU only; a model of the arithmetic, not of the kernels' order of
+work across blocks.
 """
 from __future__ import annotations
 
@@ -38,32 +40,42 @@ def _toward_zero(x):
     return np.where(np.abs(r.astype(np.float64)) > np.abs(x), np.nextafter(r, np.float32(0)), r)
 
 
-def _product(a, b, mode: str, chunk: int = 4):
-    """a @ b: per k-step of 8, the exact products (split: each of its three terms) added into an fp32
-    accumulator (``mode``: dq's)."""
-    rnd = _toward_zero if "-rz" in mode else (lambda x: x.astype(np.float32))
+def _mma(acc, a, b, rz: bool):
+    """acc + a @ b (exact in float64) rounded into fp32: to nearest, or toward zero."""
+    total = acc.astype(np.float64) + a @ b
+    return _toward_zero(total) if rz else total.astype(np.float32)
+
+
+def _product(a, b, mode: str, scores: bool, chunk: int):
+    """a @ b in ``mode`` (dq's), a k-step of 8 at a time; ``scores``: product_abt's order, else product_pb's."""
     acc = np.zeros((a.shape[0], b.shape[1]), np.float32)
-    if mode.startswith("split"):
-        (ab, as_), (bb, bs) = _split(a), _split(b)
     steps = [slice(s, s + 8) for s in range(0, a.shape[1], 8)]
-    if not mode.startswith("split"):
+    if mode == "fp32":
         for k in steps:
-            acc = rnd(acc.astype(np.float64) + a[:, k].astype(np.float64) @ b[k].astype(np.float64))
+            acc = _mma(acc, a[:, k].astype(np.float64), b[k].astype(np.float64), False)
         return acc
-    # as the loops issue them: each pass over every k-step before the next (small * big, big * small, big * big),
-    # one product (mma) a k-step and term
-    for x, y in ((as_, bb), (ab, bs)):
+    rz = mode != "split"
+    (ab, as_), (bb, bs) = _split(a), _split(b)
+    terms = ((as_, bb), (ab, bs), (ab, bb))
+    if not scores:  # each k-step's terms from zero, then an FADD
         for k in steps:
-            acc = rnd(acc.astype(np.float64) + x[:, k] @ y[k])
-    if not mode.endswith("chunk"):
+            step = np.zeros_like(acc)
+            for x, y in terms:
+                step = _mma(step, x[:, k], y[k], rz)
+            acc = acc + step
+        return acc
+    for x, y in terms[:2]:  # the small terms' passes, then the big one's
         for k in steps:
-            acc = rnd(acc.astype(np.float64) + ab[:, k] @ bb[k])
+            acc = _mma(acc, x[:, k], y[k], rz)
+    if mode != "split-rz-chunk":
+        for k in steps:
+            acc = _mma(acc, ab[:, k], bb[k], rz)
         return acc
     for c in range(0, len(steps), chunk):
         part = np.zeros_like(acc)
         for k in steps[c:c + chunk]:
-            part = _toward_zero(part.astype(np.float64) + ab[:, k] @ bb[k])
-        acc = (acc.astype(np.float64) + part).astype(np.float32)
+            part = _mma(part, ab[:, k], bb[k], rz)
+        acc = acc + part
     return acc
 
 
@@ -77,12 +89,14 @@ def dq(q, k, v, do, mode: str, chunk: int = 4):
         p /= p.sum(1, keepdims=True)
         d = (do * (p @ v)).sum(1, keepdims=True)
         return (p * (do @ v.T - d)) @ k * scale
-    s = _product(q, k.T, mode, chunk) * np.float32(scale)
+    s = _product(q, k.T, mode, True, chunk) * np.float32(scale)
     p = np.exp(s - s.max(1, keepdims=True))
     p /= p.sum(1, keepdims=True)
-    d = (do * _product(p, v, mode, chunk)).sum(1, keepdims=True, dtype=np.float32)
-    ds = (p * (_product(do, v.T, mode, chunk) - d)).astype(np.float32)
-    return _product(ds, k, mode, chunk) * np.float32(scale)
+    o = _product(p, v, mode, False, chunk)
+    d = np.diagonal(_product(do, o.T, mode, True, chunk))[:, None] if mode != "fp32" else \
+        (do * o).sum(1, keepdims=True, dtype=np.float32)
+    ds = (p * (_product(do, v.T, mode, True, chunk) - d)).astype(np.float32)
+    return _product(ds, k, mode, False, chunk) * np.float32(scale)
 
 
 def main() -> int:

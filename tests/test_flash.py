@@ -414,19 +414,6 @@ def test_tf32_error_model_splits_exactly_and_orders_its_modes():
     assert truncated > rounded
 
 
-def test_mma_rounding_tool_compiles_and_tells_the_roundings_apart():
-    """benchmarks/mma_rounding.py: its kernel compiles with NVRTC for sm_80 (where mma .tf32 begins), and each case
-    puts the products' sum where rounding to nearest and toward zero differ (or, below half an ulp, agree)."""
-    pytest.importorskip("cuda.bindings.nvrtc")
-    from benchmarks import mma_rounding
-
-    assert _nvrtc_compile(mma_rounding.SOURCE, (), "sm_80") is None
-    for name, a, b, c, n in mma_rounding.cases():
-        nearest, toward_zero = (mma_rounding.expected(a, b, c, n, t) for t in (False, True))
-        assert (nearest == toward_zero) == ("0.25 ulp" in name), name
-        assert abs(float(toward_zero)) <= abs(c + n * a * b) <= abs(float(nearest)) + mma_rounding.ULP
-
-
 def test_sass_tool_builds_the_defaults_and_the_knobs_and_tells_changes_apart(tmp_path):
     """benchmarks/sass.py: every forward build under a knob (and fitted: a third K/V stage only where it fits),
     every decode build, and its comparison of two runs' SASS: same text, same opcodes, same multiset, different."""
