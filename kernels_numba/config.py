@@ -111,8 +111,8 @@ class KernelConfig:
       PyTorch's, its summed gradient 0.40-0.42x -> 0.47-0.51x; a (B, 1, L, S) bool mask's forward as without
       (0.73-0.76x), its backward at head dim 128 0.52x -> 0.58x, at 64 0.86x -> 0.83x (BENCHMARKS.md). Since the
       masked loops' per-score work was cut (a thread's two keys' elements read by one load, the visibility rule
-      as four 32-bit compares; BENCHMARKS.md, forty-fifth session): bool forward 0.99-1.16x, backward 0.83-1.10x;
-      float forward 0.90-1.05x.
+      as four 32-bit compares; BENCHMARKS.md, forty-fifth and forty-sixth sessions, two runs): bool forward
+      0.99-1.16x, backward 0.68-1.11x (0.68-0.83x at head dim 128); float forward 0.90-1.11x.
     tensor_core_mask_grad_sum: a float mask broadcast over batch, heads or queries (not keys), whose gradient sums
       dS over the scores that share an element, takes the tensor_core backward: the dq kernel adds each score's dS
       into a zeroed fp32 sum with atomics, then rounded into the mask's dtype. The order of the adds varies run to
@@ -120,7 +120,7 @@ class KernelConfig:
       rounding: the portable kernels' fp64 sums keep it exact), stay on the portable kernels, which ran such a
       gradient at 1 TFLOP/s on the H100 (bf16 L = 4096, a (1, H, L, S) mask: 0.01x PyTorch); this path at 26-41
       TFLOP/s (0.40-0.42x, mask tiles off; 0.47-0.51x with them; 0.62-0.63x since a pair of adjacent sums takes
-      one vector reduction and the masked loops' per-score work was cut).
+      one vector reduction and the masked loops' per-score work was cut; 0.57-0.62x in the next session's run).
     head_major_grid: the tensor_core kernels' blocks in head-major order where every block of a head does the same
       work (no causal band or window; tensor_core.head_major): consecutive blocks take the query blocks (dk/dv:
       key blocks) of one (batch, head), so the blocks that read one head's K and V (Q and dO) run together and
