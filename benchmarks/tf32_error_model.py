@@ -12,15 +12,16 @@ into a zeroed fragment then added to the accumulator by an FADD, which rounds to
 round to nearest ("split") or toward zero ("split-rz"; tensor cores truncate, which made product_pb take its
 FADDs: BENCHMARKS.md); "split-rz-chunk", a fix to weigh: the score products' big * big pass in partial sums of
 ``--chunk`` k-steps, each from zero, added by an FADD. It prints, over ``--seeds`` draws of standard normal
-inputs, the error over the yardstick's and how often it passes the rule's bound for gradients (3 x the
-yardstick's error + 2^-19 x max|reference|). CPU only; a model of the arithmetic, not of the kernels' order of
-work across blocks.
+inputs, the error over the yardstick's and how often it passes the rule's bound for gradients (judge.bound). CPU
+only; a model of the arithmetic, not of the kernels' order of work across blocks.
 """
 from __future__ import annotations
 
 import argparse
 
 import numpy as np
+
+from cusdpa.verify import judge
 
 
 def _tf32(x, rounded: bool):
@@ -115,10 +116,10 @@ def main() -> int:
             q, k, v, do = (rng.standard_normal(shape).astype(np.float32)
                            for shape in ((args.L, args.E), (args.S, args.E), (args.S, args.E), (args.L, args.E)))
             ref = dq(q, k, v, do, "reference")
-            yardstick = np.abs(dq(q, k, v, do, "fp32") - ref).max()
-            error = np.abs(dq(q, k, v, do, mode, args.chunk) - ref).max()
-            ratios.append(error / yardstick)
-            passed += error <= 3 * yardstick + 2.0**-19 * max(np.abs(ref).max(), 1.0)
+            rule = judge.bound("dq", ref, dq(q, k, v, do, "fp32"), "float32")
+            error = judge.max_error(dq(q, k, v, do, mode, args.chunk), ref)
+            ratios.append(error / rule.yardstick_error)
+            passed += rule.verdict(error) is None
         print(f"{mode:14s} median {np.median(ratios):5.2f}  max {max(ratios):5.2f}  "
               f"within the bound {passed}/{args.seeds}")
     return 0

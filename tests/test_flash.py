@@ -400,6 +400,7 @@ def test_tf32_error_model_splits_exactly_and_orders_its_modes():
     big is x rounded; on a small head, the split rounded to nearest stays within the error rule's bound and
     truncation toward zero moves dq further from the reference."""
     from benchmarks import tf32_error_model as model
+    from cusdpa.verify import judge
 
     rng = np.random.default_rng(0)
     x = rng.standard_normal(4096).astype(np.float32)
@@ -408,9 +409,9 @@ def test_tf32_error_model_splits_exactly_and_orders_its_modes():
     assert np.all(np.abs(big - x) <= 2.0**-11 * np.abs(x))
     q, k, v, do = (rng.standard_normal(shape).astype(np.float32) for shape in ((16, 64), (40, 64), (40, 64), (16, 64)))
     ref = model.dq(q, k, v, do, "reference")
-    yardstick = np.abs(model.dq(q, k, v, do, "fp32") - ref).max()
-    rounded, truncated = (np.abs(model.dq(q, k, v, do, mode) - ref).max() for mode in ("split", "split-rz"))
-    assert 0 < rounded <= 3 * yardstick + 2.0**-19 * max(np.abs(ref).max(), 1.0)
+    rule = judge.bound("dq", ref, model.dq(q, k, v, do, "fp32"), "float32")
+    rounded, truncated = (judge.max_error(model.dq(q, k, v, do, mode), ref) for mode in ("split", "split-rz"))
+    assert rounded > 0 and rule.verdict(rounded) is None
     assert truncated > rounded
 
 
