@@ -311,8 +311,7 @@ def backward(pr, out, lse, dout, grads=None, config=None, delta=None, determinis
                              device, structure, cfg, accum, mask_grad_sum=mask_grad_sum)
         if mask_grad_sum:  # the fp32 sums rounded into the mask's dtype
             launcher.launch(dq_accumulate.convert_kernel(layout.dtype_name(pr.mask.dtype) == "bfloat16"),
-                            cdiv(dq_accumulate.rows(dmask_v), dq_accumulate.THREADS), dq_accumulate.THREADS, device,
-                            (sums, layout.bits(dmask_v), 1.0))
+                            *dq_accumulate.launch_shape(dmask_v), device, (sums, layout.bits(dmask_v), 1.0))
         return _deliver(xp, targets, grads)
     dq_spec, dkdv_spec = _blocked_spec(pr, cfg, False), _blocked_spec(pr, cfg, True)
     threads = cfg.threads ** 2

@@ -1,9 +1,12 @@
 """The passes around the fused tensor_core backward (efficient_bwd.cuh with EFF_FUSED), whose dk/dv blocks add
 their dQ rows into an fp32 accumulator with atomics: before it, D = rowsum(dout * out) and the accumulator
-zeroed (a plan's workspace arrives uninitialised); after it, dq = scale * accumulator in the input type.
+zeroed (a plan's workspace arrives uninitialised); after it, dq = scale * accumulator in the input type. The
+convert pass also rounds a float mask's summed gradient (attention.backward), whose rows are thousands of keys.
 
-One thread per query row over the kernels' 6-D views (batch dims, head, row, head dim); plain Numba, so the
-CUDA simulator runs them too (tests/test_efficient_sim.py)."""
+A block takes THREADS // cols rows, ``cols`` threads a row on consecutive columns (``launch_shape``), so that a
+warp's load touches a few adjacent cache lines: one thread a row had each lane on its own line, one element per
+line per instruction. Over the kernels' 6-D views (batch dims, head, row, column); plain Numba, so the CUDA
+simulator runs them too (tests/test_efficient_sim.py)."""
 from __future__ import annotations
 
 import functools
@@ -13,8 +16,10 @@ import numpy as np
 from numba import cuda
 
 from . import device
+from .layout import cdiv
 
 THREADS = 128
+WARP = 32
 
 
 @device.inline
@@ -36,18 +41,32 @@ def prepare_kernel(bf16: bool):
 
     @cuda.jit
     def attention_dq_prepare(out, dout, delta, accum):
-        """delta[row] = rowsum(dout * out) in fp32, accum[row, :] = 0."""
+        """delta[row] = rowsum(dout * out) in fp32, accum[row, :] = 0; a row's partial sums meet in shared
+        memory (the simulator has no warp shuffles), a tree over its cols threads."""
+        partial = cuda.shared.array(THREADS, np.float32)
         shape = accum.shape
-        t = cuda.blockIdx.x * THREADS + cuda.threadIdx.x
-        if t >= shape[0] * shape[1] * shape[2] * shape[3] * shape[4]:
-            return
-        b0, b1, b2, h, i = _row(t, shape)
+        cols, lane = cuda.blockDim.x, cuda.threadIdx.x
+        slot = cuda.threadIdx.y * cols + lane
+        t = cuda.blockIdx.x * cuda.blockDim.y + cuda.threadIdx.y
+        live = t < shape[0] * shape[1] * shape[2] * shape[3] * shape[4]
         total = np.float32(0.0)
-        for e in range(out.shape[5]):
-            total += load(out[b0, b1, b2, h, i, e]) * load(dout[b0, b1, b2, h, i, e])
-        delta[b0, b1, b2, h, i] = total
-        for e in range(shape[5]):
-            accum[b0, b1, b2, h, i, e] = np.float32(0.0)
+        if live:
+            b0, b1, b2, h, i = _row(t, shape)
+            for e in range(lane, out.shape[5], cols):
+                total += load(out[b0, b1, b2, h, i, e]) * load(dout[b0, b1, b2, h, i, e])
+            for e in range(lane, shape[5], cols):
+                accum[b0, b1, b2, h, i, e] = np.float32(0.0)
+        partial[slot] = total
+        cuda.syncthreads()
+        step = cols // 2
+        while step > 0:  # (every thread reaches each barrier: no return above)
+            if lane < step:
+                partial[slot] += partial[slot + step]
+            cuda.syncthreads()
+            step //= 2
+        if live and lane == 0:
+            b0, b1, b2, h, i = _row(t, shape)
+            delta[b0, b1, b2, h, i] = partial[slot]
 
     return attention_dq_prepare
 
@@ -61,17 +80,20 @@ def convert_kernel(bf16: bool):
         """dq[row, e] = scale * accum[row, e] for the head dim of dq (the accumulator's is padded); also a float
         mask's gradient from its fp32 sums (attention.backward, scale 1)."""
         shape = dq.shape
-        t = cuda.blockIdx.x * THREADS + cuda.threadIdx.x
+        cols, lane = cuda.blockDim.x, cuda.threadIdx.x
+        t = cuda.blockIdx.x * cuda.blockDim.y + cuda.threadIdx.y
         if t >= shape[0] * shape[1] * shape[2] * shape[3] * shape[4]:
             return
         b0, b1, b2, h, i = _row(t, shape)
         s = np.float32(scale)
-        for e in range(shape[5]):
+        for e in range(lane, shape[5], cols):
             dq[b0, b1, b2, h, i, e] = store(accum[b0, b1, b2, h, i, e] * s)
 
     return attention_dq_convert
 
 
-def rows(x) -> int:
-    """Query rows of a 6-D view: one thread each."""
-    return math.prod(x.shape[:5])
+def launch_shape(x) -> tuple:
+    """(grid, block) of a pass over the rows of the 6-D view ``x``: block (cols, THREADS // cols), cols the
+    power of two that covers a row's columns, at most a warp (a row's threads then share a warp)."""
+    cols = min(WARP, 1 << max(0, x.shape[5] - 1).bit_length())
+    return cdiv(math.prod(x.shape[:5]), THREADS // cols), (cols, THREADS // cols)

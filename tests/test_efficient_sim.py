@@ -276,39 +276,42 @@ def case_tiles_of_three_rows_a_thread(rng):
 def case_fused_backward_passes(rng):
     """The passes around the fused tensor_core backward (kernels_numba.dq_accumulate), on 6-D views with a padded
     accumulator: D = rowsum(dout * out) in fp32 and the accumulator zeroed before; dq = scale * accumulator
-    rounded to fp16 or to bf16's bits (round to nearest even) after."""
+    rounded to fp16 or to bf16's bits (round to nearest even) after. Rows of 7 columns (8 threads a row, 16 rows a
+    block) and of 200 (32 threads a row looping over them), 30 rows: the last block runs partly past them."""
     from kernels_numba import dq_accumulate
 
-    shape, failures = (2, 1, 1, 3, 5, 7), []
-    rows = dq_accumulate.rows(np.empty(shape))
-    blocks = -(-rows // dq_accumulate.THREADS)
-    for bf16 in (False, True):
-        out32, dout32 = (rng.standard_normal(shape).astype(np.float32) for _ in range(2))
-        if bf16:  # bf16 values and their bits
-            out32, dout32 = ((x.view(np.uint32) & 0xFFFF0000).view(np.float32) for x in (out32, dout32))
-            out, dout = ((x.view(np.uint32) >> 16).astype(np.uint16) for x in (out32, dout32))
-        else:
-            out, dout = out32.astype(np.float16), dout32.astype(np.float16)
-            out32, dout32 = out.astype(np.float32), dout.astype(np.float32)
-        delta = np.full(shape[:5], np.nan, np.float32)
-        accum = np.full(shape[:5] + (32,), np.nan, np.float32)
-        dq_accumulate.prepare_kernel(bf16)[blocks, dq_accumulate.THREADS](out, dout, delta, accum)
-        want = (out32.astype(np.float64) * dout32).sum(-1)
-        if not np.allclose(delta, want, rtol=1e-5, atol=1e-6):
-            failures.append(f"bf16={bf16}: D off by {np.nanmax(np.abs(delta - want)):.3g}")
-        if np.any(accum != 0):
-            failures.append(f"bf16={bf16}: the accumulator was not zeroed")
-        accum[...] = rng.standard_normal(accum.shape)
-        dq = np.zeros(shape, np.uint16 if bf16 else np.float16)
-        dq_accumulate.convert_kernel(bf16)[blocks, dq_accumulate.THREADS](accum, dq, 0.125)
-        scaled = accum[..., :7] * np.float32(0.125)
-        if bf16:
-            bits = scaled.view(np.uint32).astype(np.uint64)
-            expect = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
-        else:
-            expect = scaled.astype(np.float16)
-        if not np.array_equal(dq, expect):
-            failures.append(f"bf16={bf16}: dq differs from scale * accumulator at {np.argwhere(dq != expect)[:3]}")
+    failures = []
+    for cols, padded in ((7, 8), (200, 208)):
+        shape = (2, 1, 1, 3, 5, cols)
+        for bf16 in (False, True):
+            out32, dout32 = (rng.standard_normal(shape).astype(np.float32) for _ in range(2))
+            if bf16:  # bf16 values and their bits
+                out32, dout32 = ((x.view(np.uint32) & 0xFFFF0000).view(np.float32) for x in (out32, dout32))
+                out, dout = ((x.view(np.uint32) >> 16).astype(np.uint16) for x in (out32, dout32))
+            else:
+                out, dout = out32.astype(np.float16), dout32.astype(np.float16)
+                out32, dout32 = out.astype(np.float32), dout.astype(np.float32)
+            delta = np.full(shape[:5], np.nan, np.float32)
+            accum = np.full(shape[:5] + (padded,), np.nan, np.float32)
+            grid, block = dq_accumulate.launch_shape(accum)
+            dq_accumulate.prepare_kernel(bf16)[grid, block](out, dout, delta, accum)
+            want = (out32.astype(np.float64) * dout32).sum(-1)
+            if not np.allclose(delta, want, rtol=1e-5, atol=1e-5):
+                failures.append(f"{cols=} bf16={bf16}: D off by {np.nanmax(np.abs(delta - want)):.3g}")
+            if np.any(accum != 0):
+                failures.append(f"{cols=} bf16={bf16}: the accumulator was not zeroed")
+            accum[...] = rng.standard_normal(accum.shape)
+            dq = np.zeros(shape, np.uint16 if bf16 else np.float16)
+            dq_accumulate.convert_kernel(bf16)[grid, block](accum, dq, 0.125)
+            scaled = accum[..., :cols] * np.float32(0.125)
+            if bf16:
+                bits = scaled.view(np.uint32).astype(np.uint64)
+                expect = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
+            else:
+                expect = scaled.astype(np.float16)
+            if not np.array_equal(dq, expect):
+                failures.append(f"{cols=} bf16={bf16}: dq differs from scale * accumulator at "
+                                f"{np.argwhere(dq != expect)[:3]}")
     return failures
 
 
@@ -674,6 +677,35 @@ def test_tensor_core_wrappers_compile_for_sm90(head_major, monkeypatch):
         ptx, _ = cuda.compile_ptx(kernel.py_func, sig, cc=(9, 0))
         assert ".target sm_90" in ptx
         assert ("%nctaid.y" in ptx) == (descending and not head_major)
+
+
+
+def test_dq_accumulate_passes_compile_for_sm90(monkeypatch):
+    """The fused backward's passes (kernels_numba.dq_accumulate: D and the zeroed accumulator, dq or a float mask's
+    gradient from fp32 sums) compile to sm_90 PTX here, without a GPU; D's per-row reduction in shared memory."""
+    import types
+
+    from cusdpa import environment
+
+    if environment.simulator_enabled():
+        pytest.skip("this pytest process runs with NUMBA_ENABLE_CUDASIM=1")
+    import numba.cuda.dispatcher
+    from numba import cuda
+    from numba import types as nt
+
+    from kernels_numba import dq_accumulate
+
+    monkeypatch.setattr(numba.cuda.dispatcher, "get_current_device",
+                        lambda: types.SimpleNamespace(compute_capability=(9, 0)))
+    f32_6, f32_5 = nt.Array(nt.float32, 6, "A"), nt.Array(nt.float32, 5, "A")
+    for bf16, element in ((True, nt.uint16), (False, nt.float16), (False, nt.float32)):
+        rows6 = nt.Array(element, 6, "A")
+        prepare, _ = cuda.compile_ptx(dq_accumulate.prepare_kernel(bf16).py_func, (rows6, rows6, f32_5, f32_6),
+                                      cc=(9, 0))
+        convert, _ = cuda.compile_ptx(dq_accumulate.convert_kernel(bf16).py_func, (f32_6, rows6, nt.float64),
+                                      cc=(9, 0))
+        assert ".target sm_90" in prepare and ".target sm_90" in convert
+        assert ".shared" in prepare and "bar.sync" in prepare
 
 
 if __name__ == "__main__":
