@@ -129,6 +129,15 @@ class KernelConfig:
       L = 4096 Hq * E = 2048): the forward at head dim 128 +11%, 64 +2.5%, the backward at 64 +5%, 128 +2%;
       under a causal band the backward at 128 lost 7% (and the forward at B = 16 L = 1024 head dim 64 lost 7%
       once), hence not there (BENCHMARKS.md).
+    mask_order_group: with the head-major grid, the summed float-mask gradient's dq kernel runs up to this many of
+      the slices that add into one sum (a summed batch or head dim) side by side for each row block
+      (tensor_core.grid_order), so that their atomic adds meet in L2; 0 or 1: one slice's blocks in a row. The sums
+      outgrow L2 (1 GB at L = S = 4096, 16 heads), so in a row each add is a round trip to memory. On the H100
+      (bf16 B = 4 L = 4096 Hq * E = 2048, a (1, H, L, S) float mask), grouping 4 in every kernel took that
+      backward from 0.62x to 0.71x PyTorch's at head dim 64 and 0.57x to 0.63x at 128, and cost a (B, 1, L, S)
+      bool mask's forward 8% at 128 (the group's K and V in L2 at once) while a float mask's forward and a bool
+      mask's backward, whose mask reads it shares too, gained nothing: the gain is the sums', so only their dq
+      kernel takes the order (BENCHMARKS.md; that form not yet timed on its own).
     prepared_launches: a call whose argument signature was seen launches each kernel through
       ``cuLaunchKernel`` with its arguments flattened (kernels_numba.launcher), not through Numba's
       dispatcher (on the H200, tests/test_efficient_gpu.py -k prepared; off: Numba's path for every call).
@@ -154,6 +163,7 @@ class KernelConfig:
     tensor_core_mask_tiles: bool = True
     tensor_core_mask_grad_sum: bool = True
     head_major_grid: bool = True
+    mask_order_group: int = 4
 
     @property
     def tensor_core_registers(self) -> int:
@@ -180,6 +190,8 @@ class KernelConfig:
             raise ValueError(f"sub={self.sub} must be in [1, 8] (2 * sub**2 registers of score tiles)")
         if self.chunk < 1:
             raise ValueError(f"chunk={self.chunk} must be positive")
+        if self.mask_order_group < 0:
+            raise ValueError(f"mask_order_group={self.mask_order_group} must be >= 0 (0 or 1: no grouping)")
 
     @functools.cache  # noqa: B019 -- configs are few and frozen; a call asks up to three times
     def blocked_tiles(self, head_dim: int, head_dim_v: int, dkdv: bool) -> tuple[int, int, int]:

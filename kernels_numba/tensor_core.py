@@ -287,17 +287,21 @@ def _at(base, itemsize, st, b0, b1, b2, h, row):
 
 
 @device.inline
-def _block_of(head_major, rows, extent, x, y, grid_y):
+def _block_of(head_major, rows, extent, x, y, grid_y, n, stride):
     """(slice, first row) of block (x, y) of a grid grid_y high: slice = batch * heads + head, its blocks of
     ``rows`` rows over ``extent`` rows, heaviest first (descending when ``rows`` is negative: the last query
     blocks see the most keys under a causal band; ascending for key blocks). ``head_major``: one 1-D grid whose
     consecutive blocks take one slice's row blocks, so the blocks that read one head's K and V (Q and dO) run
-    together and share them through L2; else a (slices, row blocks) grid, slices fastest. Block indices come
-    as arguments: the simulator swaps ``cuda`` for its own module in kernels, not in device functions."""
+    together and share them through L2 -- or, with a group of ``n`` slices ``stride`` apart (``grid_order``), the
+    group's slices side by side for each row block; (1, 1) is one slice's blocks in a row, a compile-time constant
+    where the callers pass it. Else a (slices, row blocks) grid, slices fastest. Block indices come as arguments:
+    the simulator swaps ``cuda`` for its own module in kernels, not in device functions."""
     step = abs(rows)
     if head_major:
         count = (extent + step - 1) // step
-        slice_, block = x // count, x % count
+        group, rest = x // (n * count), x % (n * count)
+        block, member = rest // n, rest % n
+        slice_ = ((group // stride) * n + member) * stride + group % stride
     else:
         count, slice_, block = grid_y, x, y
     return slice_, (count - 1 - block if rows < 0 else block) * step
@@ -318,6 +322,23 @@ def _grid(slices: int, rows: int, extent: int, head_major: bool) -> tuple:
     return (slices * cdiv(extent, rows), 1) if head_major else (slices, cdiv(extent, rows))
 
 
+def grid_order(sums, most: int) -> tuple:
+    """``_block_of``'s group (n, stride) for the dq kernel that adds a float mask's dS into fp32 ``sums`` (a 6-D
+    view with zero strides along the dims it sums over): up to ``most`` slices (KernelConfig.mask_order_group) of
+    one summed dim, the heads' or else the innermost batch dim's, run each row block side by side. Their adds into
+    one sum then meet in L2, where one slice's blocks in a row leave the next slice's add to a line long evicted
+    (1 GB of sums at L = S = 4096 and 16 heads). n divides the dim so that groups tile the slices; (1, 1) where
+    nothing is summed over the slices or ``most`` < 2."""
+    _, nb1, nb2, hq = sums.shape[:4]
+    slice_strides = (hq * nb1 * nb2, hq * nb2, hq, 1)  # of B0, B1, B2, H in bh
+    for dim in (3, 2, 1, 0):
+        size = sums.shape[dim]
+        if sums.strides[dim] == 0 and size > 1 and most > 1:
+            n = max(d for d in range(1, min(most, size) + 1) if size % d == 0)
+            return n, slice_strides[dim]
+    return 1, 1
+
+
 @functools.cache
 def _kernel(head_dim: int, elem: str, dropout: bool, mask_kind: int, registers: int, block_n: int,
             head_major: bool, mask_tile: bool = False, fast_split: bool = False):
@@ -333,7 +354,7 @@ def _kernel(head_dim: int, elem: str, dropout: bool, mask_kind: int, registers: 
         (left, right) as the window around the diagonal (Problem.window_bounds)."""
         # the last query blocks first: under a causal band they see the most keys, and blocks start in grid
         # order, so the heavy ones start first rather than forming the tail (FlashAttention-2's order)
-        bh, m_first = _block_of(head_major, -BLOCK_M, L, cuda.blockIdx.x, cuda.blockIdx.y, cuda.gridDim.y)
+        bh, m_first = _block_of(head_major, -BLOCK_M, L, cuda.blockIdx.x, cuda.blockIdx.y, cuda.gridDim.y, 1, 1)
         h = bh % hq
         hk = h // group
         flat = bh // hq
@@ -388,6 +409,16 @@ def mask_kind_of(pr) -> int:
     return MASK_KINDS["bool" if pr.mask_kind == "bool" else layout.dtype_name(pr.mask.dtype)]
 
 
+@device.inline
+def _given_order(order):
+    return order[0], order[1]
+
+
+@device.inline
+def _one_slice_order(order):
+    return 1, 1
+
+
 @functools.cache
 def _dq_kernel(head_dim: int, elem: str, dropout: bool, mask_kind: int, registers: int, head_major: bool, parts: int,
                mask_tile: bool = False, fast_split: bool = False, shared_scores: bool = False,
@@ -396,17 +427,19 @@ def _dq_kernel(head_dim: int, elem: str, dropout: bool, mask_kind: int, register
                            mask_grad_sum=mask_grad_sum)
     size = 4 if _wide(elem) else 2
     rows = backward_rows(parts)
+    group_of = _given_order if mask_grad_sum else _one_slice_order  # (constants 1, 1 fold into the decode)
 
     @cuda.jit(max_registers=registers)
     def attention_dq_tc(q, qs, k, ks, v, vs, dout, dos, out, os_, lse, ls, delta, dls, dq, dqs, dmask, dms, mask, ms,
                         cu_q, cu_k, varlen, nb1, nb2, hq, group, L, S, E, Ev, scale, lower_right, left, right,
-                        seed_lo, seed_hi, offset, threshold, rescale, keys):
+                        seed_lo, seed_hi, offset, threshold, rescale, keys, order):
         """One block per (batch-head, ``rows`` query rows); writes D and, where dmask is not 0 (an address), the
         float mask's gradient of each score (``mask_grad_sum``: adds it into fp32 sums). ``keys`` 0: D alone (the
         fused fp32 backward's D pass), the slice taken as holding no keys, so that no key block runs and dQ's rows
-        are written as zeros."""
+        are written as zeros. ``order``: the summed gradient's slice group (grid_order), else unread."""
         # the heaviest (causal) blocks first
-        bh, m_first = _block_of(head_major, -rows, L, cuda.blockIdx.x, cuda.blockIdx.y, cuda.gridDim.y)
+        n, stride = group_of(order)
+        bh, m_first = _block_of(head_major, -rows, L, cuda.blockIdx.x, cuda.blockIdx.y, cuda.gridDim.y, n, stride)
         h = bh % hq
         hk = h // group
         flat = bh // hq
@@ -448,7 +481,7 @@ def _dkdv_kernel(head_dim: int, elem: str, dropout: bool, mask_kind: int, regist
         """One block per (batch, kv head, ``rows`` keys), over the query heads of its GQA group; fused: dQ added
         into the fp32 accumulator at dqa (element strides dqas) too."""
         # the first key blocks (the heaviest under a causal band) first
-        pair, n_first = _block_of(head_major, rows, S, cuda.blockIdx.x, cuda.blockIdx.y, cuda.gridDim.y)
+        pair, n_first = _block_of(head_major, rows, S, cuda.blockIdx.x, cuda.blockIdx.y, cuda.gridDim.y, 1, 1)
         hk = pair % hkv
         flat = pair // hkv
         b0, b1, b2, q0, k0, L_b, S_b = _slice_of(flat, varlen, cu_q, cu_k, nb1, nb2, L, S)
@@ -502,12 +535,13 @@ def backward(pr, views, arrays, dmask_v, device, structure, cfg, dq_accum=None, 
     common = (views.cu_q, views.cu_k, varlen, views.nb1, views.nb2)
     tail = (pr.L, pr.S, pr.E, pr.Ev, pr.scale, pr.lower_right, left, right, seed_lo, seed_hi, offset, threshold, rescale)
     rows = backward_rows(parts)
+    order = grid_order(dmask_v, cfg.mask_order_group) if mask_grad_sum and major and not varlen else (1, 1)
 
     def dq_kernel(into, strides, keys):  # the dq kernel, writing dQ's rows at ``into``
         launcher.launch(_dq_kernel(*instance, shared_scores, mask_grad_sum),
                         _grid(views.n_batch * pr.hq, rows, pr.L, major), THREADS, device,
                         (q, qs[:5], k, ks[:5], v, vs[:5], dout, dos[:5], out, os_[:5], lse, ls, delta, dls, into,
-                         strides[:5], dmask, dms, mask, ms, *common, pr.hq, pr.group, *tail, keys))
+                         strides[:5], dmask, dms, mask, ms, *common, pr.hq, pr.group, *tail, keys, order))
 
     if fused:
         bf16 = elem == "bfloat16"

@@ -365,12 +365,15 @@ def test_repeated_cupy_calls_replay_a_plan(gpu, rng, variant, dtype, monkeypatch
 def test_broadcast_float_masks_gradient_sums_on_the_tensor_core_loops(gpu, rng, monkeypatch):
     """KernelConfig.tensor_core_mask_grad_sum: float masks broadcast over batch, heads or queries (not keys) get
     their gradient from the tensor_core dq kernel's fp32 sums, with causal, GQA, dropout, column parts, each mask
-    dtype and an odd key count, judged against the reference; no portable kernel runs."""
-    from kernels_numba import gradients
+    dtype and an odd key count, judged against the reference; no portable kernel runs. Each with the slices that
+    share a sum side by side (KernelConfig.mask_order_group, the default 4; groups of 2, 3 and 4 along batch or
+    heads) and one slice's blocks in a row (0)."""
+    from kernels_numba import gradients, tensor_core
 
-    portable = []
-    real = gradients.dq_kernel
+    portable, orders = [], set()
+    real, real_order = gradients.dq_kernel, tensor_core.grid_order
     monkeypatch.setattr(gradients, "dq_kernel", lambda *a: portable.append(1) or real(*a))
+    monkeypatch.setattr(tensor_core, "grid_order", lambda *a: orders.add(real_order(*a)) or real_order(*a))
     cases = [Case("bfloat16", batch=(2,), hq=4, hkv=2, L=97, S=130, E=64, mask="float", mask_shape=(1, 4, 97, 130),
                   causal="lower_right"),
              Case("float16", batch=(3,), hq=2, hkv=2, L=70, S=90, E=128, mask="float", mask_shape=(3, 1, 70, 90),
@@ -380,13 +383,18 @@ def test_broadcast_float_masks_gradient_sums_on_the_tensor_core_loops(gpu, rng, 
              Case("bfloat16", batch=(2,), hq=2, hkv=1, L=65, S=80, E=192, Ev=160, mask="float",
                   mask_shape=(1, 2, 65, 80)),
              # an odd S: a score pair's sums not 8-byte aligned, added one by one (the others: one v2 reduction)
-             Case("float16", batch=(2,), hq=2, hkv=2, L=40, S=77, E=64, mask="float", mask_shape=(2, 1, 40, 77))]
+             Case("float16", batch=(2,), hq=2, hkv=2, L=40, S=77, E=64, mask="float", mask_shape=(2, 1, 40, 77)),
+             Case("bfloat16", batch=(4,), hq=3, hkv=3, L=65, S=128, E=64, mask="float", mask_shape=(1, 3, 65, 128)),
+             Case("float16", batch=(2,), hq=8, hkv=2, L=33, S=64, E=128, mask="float", mask_shape=(1, 1, 33, 64))]
     failures = []
     for case in cases:
         pr = harness.build(case, gpu[0], rng)
-        failures += [f"{case}: {m}" for m in _failures(gpu, pr, rng, "tensor_core", tensor_core_mask_grad_sum=True)]
+        for group in (4, 0):
+            failures += [f"{case} mask_order_group={group}: {m}" for m in _failures(
+                gpu, pr, rng, "tensor_core", tensor_core_mask_grad_sum=True, mask_order_group=group)]
     assert not failures, "\n".join(failures)
     assert not portable
+    assert {(2, 1), (2, 2), (4, 3), (4, 1), (1, 1)} <= orders, orders
 
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])

@@ -319,38 +319,47 @@ def case_fused_backward_passes(rng):
 def case_tensor_core_block_orders(rng):
     """The tensor_core kernels' block -> (slice, first row) map (tensor_core._block_of) over the grid of
     tensor_core._grid, both orders: every row block of every slice once, the heaviest first (descending
-    query blocks, ascending key blocks); head-major: one slice's blocks consecutive."""
+    query blocks, ascending key blocks); head-major: one slice's blocks consecutive, or with a group of n slices
+    stride apart (tensor_core.grid_order), the group's n slices side by side on each row block."""
     global cuda  # a module global: the simulator swaps such a name for its own module inside a kernel
     from numba import cuda
 
     from kernels_numba import tensor_core
 
     failures = []
-    for head_major in (False, True):
+    slices, extent = 12, 10
+    orders = [(False, 1, 1)] + [(True, n, stride) for n, stride in ((1, 1), (2, 3), (4, 1), (3, 4))]
+    for head_major, n, stride in orders:
         for rows in (-4, 4):  # query blocks (the last first) and key blocks (the first first)
-            slices, extent = 3, 10
             grid = tensor_core._grid(slices, abs(rows), extent, head_major)
+            name = f"head_major={head_major} order=({n}, {stride}) rows={rows}"
 
             @cuda.jit
-            def record(out, head_major=head_major, rows=rows, extent=extent):
+            def record(out, head_major=head_major, rows=rows, extent=extent, n=n, stride=stride):
                 slice_, first = tensor_core._block_of(head_major, rows, extent, cuda.blockIdx.x, cuda.blockIdx.y,
-                                                      cuda.gridDim.y)
-                n = cuda.blockIdx.x + cuda.gridDim.x * cuda.blockIdx.y
-                out[n, 0] = slice_
-                out[n, 1] = first
+                                                      cuda.gridDim.y, n, stride)
+                at = cuda.blockIdx.x + cuda.gridDim.x * cuda.blockIdx.y
+                out[at, 0] = slice_
+                out[at, 1] = first
 
             got = np.full((grid[0] * grid[1], 2), -1, np.int64)
             record[grid, 1](got)
             seen = sorted(map(tuple, got))
             want = sorted((sl, r) for sl in range(slices) for r in range(0, extent, abs(rows)))
             if seen != want:
-                failures.append(f"head_major={head_major} rows={rows}: blocks {seen}, want {want}")
+                failures.append(f"{name}: blocks {seen}, want {want}")
             order = [tuple(x) for x in got]  # in launch order (x fastest)
             per_slice = [[r for sl, r in order if sl == s] for s in range(slices)]
             if any(p != sorted(p, reverse=rows < 0) for p in per_slice):
-                failures.append(f"head_major={head_major} rows={rows}: not heaviest first: {per_slice}")
-            if head_major and [sl for sl, _ in order] != sorted(sl for sl, _ in order):
-                failures.append(f"rows={rows}: a slice's blocks are not consecutive: {order}")
+                failures.append(f"{name}: not heaviest first: {per_slice}")
+            if not head_major:
+                continue
+            for at in range(0, len(order), n):  # each run of n launches: one group's slices on one row block
+                run = order[at:at + n]
+                base = run[0][0]
+                if [sl for sl, _ in run] != [base + j * stride for j in range(n)] or len({r for _, r in run}) != 1:
+                    failures.append(f"{name}: launches {at}..{at + n - 1} are {run}, not a group on one block")
+                    break
     return failures
 
 
@@ -575,6 +584,25 @@ SM90_CASES = {  # (dtype, head dim, mask kind, float mask dtype, dropout, varlen
 }
 
 
+
+@pytest.mark.parametrize("full, summed, most, want", [
+    ((4, 1, 1, 16), (1, 1, 1, 16), 4, (4, 16)),  # a (1, H, L, S) mask over 4 batch elements: 16 slices apart
+    ((4, 1, 1, 16), (1, 1, 1, 16), 3, (2, 16)),  # a divisor of the dim, so that groups tile the slices
+    ((4, 1, 1, 16), (4, 1, 1, 1), 4, (4, 1)),  # a (B, 1, L, S) mask: adjacent heads
+    ((4, 1, 1, 16), (1, 1, 1, 1), 8, (8, 1)),  # summed over both: the heads
+    ((2, 3, 1, 16), (2, 1, 1, 16), 4, (3, 16)),  # a batch dim of 3 inside the first
+    ((4, 1, 1, 16), (1, 1, 1, 16), 0, (1, 1)),  # the knob off
+    ((4, 1, 1, 16), (4, 1, 1, 16), 4, (1, 1)),  # summed over queries alone: no slices share a sum
+])
+def test_grid_order_groups_the_slices_that_add_into_one_sum(full, summed, most, want):
+    """tensor_core.grid_order: the summed float-mask gradient's slice group from the sums view's zero strides."""
+    from kernels_numba import tensor_core
+
+    queries = 1 if summed == full else 5  # (the last case sums over the queries instead)
+    sums = np.broadcast_to(np.zeros(summed + (queries, 7), np.float32), full + (5, 7))
+    assert tensor_core.grid_order(sums, most) == want
+
+
 @pytest.mark.parametrize("name", list(SM90_CASES))
 def test_portable_kernels_compile_for_sm90(name, monkeypatch):
     """The GPU path of the blocked portable kernels, forward and backward (a broadcast float mask's gradient too;
@@ -658,19 +686,22 @@ def test_tensor_core_wrappers_compile_for_sm90(head_major, monkeypatch):
     monkeypatch.setattr(numba.cuda.dispatcher, "get_current_device",
                         lambda: types.SimpleNamespace(compute_capability=(9, 0)))
     i, f, b = nt.int64, nt.float64, nt.boolean
-    t5, t7, cu = nt.UniTuple(i, 5), nt.UniTuple(i, 7), nt.Array(nt.int32, 1, "C")
+    t2, t5, t7, cu = nt.UniTuple(i, 2), nt.UniTuple(i, 5), nt.UniTuple(i, 7), nt.Array(nt.int32, 1, "C")
     tail = (i, i, i, i, f, b, i, i, i, i, i, i, f)  # L, S, E, Ev, scale, lower_right, left, right, seed.., rescale
     operand = (i, t5)
     # (kernel, signature, whether it counts its blocks from the last: the head-fastest order reads the grid's height)
     kernels = [(tensor_core._kernel(64, "bfloat16", False, 0, 168, 64, head_major),
                 operand * 4 + (i, t5, i, t7, cu, cu, b, i, i, i, i) + tail, True),
                (tensor_core._dq_kernel(160, "bfloat16", True, 1, 255, head_major, tensor_core.col_parts(160), True),
-                operand * 8 + (i, t7, i, t7, cu, cu, b, i, i, i, i) + tail + (i,), True),
+                operand * 8 + (i, t7, i, t7, cu, cu, b, i, i, i, i) + tail + (i, t2), True),
+               # the summed float-mask gradient's, which takes the slice group (grid_order)
+               (tensor_core._dq_kernel(64, "bfloat16", False, 2, 168, head_major, 1, True, False, False, True),
+                operand * 8 + (i, t7, i, t7, cu, cu, b, i, i, i, i) + tail + (i, t2), True),
                (tensor_core._dkdv_kernel(128, "float16", False, 2, 168, head_major, 1, True, False, True),
                 operand * 8 + (i, t7, i, t5, cu, cu, b, i, i, i, i, i) + tail, False),
                # column parts' shared scores (KernelConfig.tensor_core_shared_scores): the last argument of each
                (tensor_core._dq_kernel(128, "float32", False, 0, 255, head_major, 2, False, True, True),
-                operand * 8 + (i, t7, i, t7, cu, cu, b, i, i, i, i) + tail + (i,), True),
+                operand * 8 + (i, t7, i, t7, cu, cu, b, i, i, i, i) + tail + (i, t2), True),
                (tensor_core._dkdv_kernel(160, "bfloat16", True, 1, 255, head_major, 2, True, False, False, True),
                 operand * 8 + (i, t7, i, t5, cu, cu, b, i, i, i, i, i) + tail, False)]
     for kernel, sig, descending in kernels:
