@@ -1,19 +1,18 @@
 """A NumPy model of dq's error on EFFICIENT's fp32 tensor-core path, against the error rule (cusdpa.verify.judge).
 
-    python benchmarks/tf32_error_model.py [--L 97] [--S 130] [--E 128] [--seeds 40] [--chunk 4]
+    python benchmarks/tf32_error_model.py [--L 97] [--S 130] [--E 128] [--seeds 40]
 
 fp32 runs on three TF32 products of split operands (efficient_common.cuh, Tf32Ops: big = x rounded to TF32 by
 adding half an ulp, small = x - big truncated to TF32; small * big, big * small, then big * big, one mma a k-step
 of 8 and term). The model computes dq = scale * (P o (dP - D)) K for one head, non-causal, no dropout: in float64
 (the reference), with fp32 products (the yardstick's kind), and with the split products as the loops add them:
-the score products (S = Q K^T, dP = dO V^T, D on dP's fragments: product_abt) take each term's pass over every
-k-step into one accumulator, the products with P or dS (O = P V, dQ = dS K: product_pb) each k-step's three terms
-into a zeroed fragment then added to the accumulator by an FADD, which rounds to nearest. The mma's additions
-round to nearest ("split") or toward zero ("split-rz"; tensor cores truncate, which made product_pb take its
-FADDs: BENCHMARKS.md); "split-rz-chunk", a fix to weigh: the score products' big * big pass in partial sums of
-``--chunk`` k-steps, each from zero, added by an FADD. It prints, over ``--seeds`` draws of standard normal
-inputs, the error over the yardstick's and how often it passes the rule's bound for gradients (judge.bound). CPU
-only; a model of the arithmetic, not of the kernels' order of work across blocks.
+every product (S = Q K^T, dP = dO V^T, D on dP's fragments: product_abt; O = P V, dQ = dS K: product_pb) takes
+each k-step's three terms into a zeroed fragment, then adds it to the accumulator by an FADD, which rounds to
+nearest. The mma's additions round to nearest ("split") or toward zero ("split-rz", the loops: tensor cores
+truncate, BENCHMARKS.md). "split-rz-chained": the score products as the loops took them before the forty-seventh
+session, every k-step's three terms chained in the one accumulator. It prints, over ``--seeds`` draws of
+standard normal inputs, the error over the yardstick's and how often it passes the rule's bound for gradients
+(judge.bound). CPU only; a model of the arithmetic, not of the kernels' order of work across blocks.
 """
 from __future__ import annotations
 
@@ -47,8 +46,9 @@ def _mma(acc, a, b, rz: bool):
     return _toward_zero(total) if rz else total.astype(np.float32)
 
 
-def _product(a, b, mode: str, scores: bool, chunk: int):
-    """a @ b in ``mode`` (dq's), a k-step of 8 at a time; ``scores``: product_abt's order, else product_pb's."""
+def _product(a, b, mode: str, scores: bool):
+    """a @ b in ``mode`` (dq's), a k-step of 8 at a time; ``scores``: a product_abt (which "split-rz-chained"
+    chains), else a product_pb."""
     acc = np.zeros((a.shape[0], b.shape[1]), np.float32)
     steps = [slice(s, s + 8) for s in range(0, a.shape[1], 8)]
     if mode == "fp32":
@@ -58,30 +58,17 @@ def _product(a, b, mode: str, scores: bool, chunk: int):
     rz = mode != "split"
     (ab, as_), (bb, bs) = _split(a), _split(b)
     terms = ((as_, bb), (ab, bs), (ab, bb))
-    if not scores:  # each k-step's terms from zero, then an FADD
-        for k in steps:
-            step = np.zeros_like(acc)
-            for x, y in terms:
-                step = _mma(step, x[:, k], y[k], rz)
-            acc = acc + step
-        return acc
-    for x, y in terms[:2]:  # the small terms' passes, then the big one's
-        for k in steps:
-            acc = _mma(acc, x[:, k], y[k], rz)
-    if mode != "split-rz-chunk":
-        for k in steps:
-            acc = _mma(acc, ab[:, k], bb[k], rz)
-        return acc
-    for c in range(0, len(steps), chunk):
-        part = np.zeros_like(acc)
-        for k in steps[c:c + chunk]:
-            part = _mma(part, ab[:, k], bb[k], rz)
-        acc = acc + part
+    chained = scores and mode == "split-rz-chained"
+    for k in steps:
+        step = acc if chained else np.zeros_like(acc)
+        for x, y in terms:
+            step = _mma(step, x[:, k], y[k], rz)
+        acc = step if chained else acc + step
     return acc
 
 
-def dq(q, k, v, do, mode: str, chunk: int = 4):
-    """dq of one head: mode "reference" (float64), "fp32", "split", "split-rz" or "split-rz-chunk"."""
+def dq(q, k, v, do, mode: str):
+    """dq of one head: mode "reference" (float64), "fp32", "split", "split-rz" or "split-rz-chained"."""
     scale = 1 / np.sqrt(q.shape[1])
     if mode == "reference":
         q, k, v, do = (x.astype(np.float64) for x in (q, k, v, do))
@@ -90,14 +77,14 @@ def dq(q, k, v, do, mode: str, chunk: int = 4):
         p /= p.sum(1, keepdims=True)
         d = (do * (p @ v)).sum(1, keepdims=True)
         return (p * (do @ v.T - d)) @ k * scale
-    s = _product(q, k.T, mode, True, chunk) * np.float32(scale)
+    s = _product(q, k.T, mode, True) * np.float32(scale)
     p = np.exp(s - s.max(1, keepdims=True))
     p /= p.sum(1, keepdims=True)
-    o = _product(p, v, mode, False, chunk)
-    d = np.diagonal(_product(do, o.T, mode, True, chunk))[:, None] if mode != "fp32" else \
+    o = _product(p, v, mode, False)
+    d = np.diagonal(_product(do, o.T, mode, True))[:, None] if mode != "fp32" else \
         (do * o).sum(1, keepdims=True, dtype=np.float32)
-    ds = (p * (_product(do, v.T, mode, True, chunk) - d)).astype(np.float32)
-    return _product(ds, k, mode, False, chunk) * np.float32(scale)
+    ds = (p * (_product(do, v.T, mode, True) - d)).astype(np.float32)
+    return _product(ds, k, mode, False) * np.float32(scale)
 
 
 def main() -> int:
@@ -106,10 +93,9 @@ def main() -> int:
     ap.add_argument("--S", type=int, default=130)
     ap.add_argument("--E", type=int, default=128)
     ap.add_argument("--seeds", type=int, default=40)
-    ap.add_argument("--chunk", type=int, default=4, help="k-steps a partial sum of split-rz-chunk")
     args = ap.parse_args()
     print(f"L={args.L} S={args.S} E={args.E}, {args.seeds} draws: dq's error over the fp32 yardstick's")
-    for mode in ("split", "split-rz", "split-rz-chunk"):
+    for mode in ("split", "split-rz", "split-rz-chained"):
         ratios, passed = [], 0
         for seed in range(args.seeds):
             rng = np.random.default_rng(seed)
@@ -117,10 +103,10 @@ def main() -> int:
                            for shape in ((args.L, args.E), (args.S, args.E), (args.S, args.E), (args.L, args.E)))
             ref = dq(q, k, v, do, "reference")
             rule = judge.bound("dq", ref, dq(q, k, v, do, "fp32"), "float32")
-            error = judge.max_error(dq(q, k, v, do, mode, args.chunk), ref)
+            error = judge.max_error(dq(q, k, v, do, mode), ref)
             ratios.append(error / rule.yardstick_error)
             passed += rule.verdict(error) is None
-        print(f"{mode:14s} median {np.median(ratios):5.2f}  max {max(ratios):5.2f}  "
+        print(f"{mode:16s} median {np.median(ratios):5.2f}  max {max(ratios):5.2f}  "
               f"within the bound {passed}/{args.seeds}")
     return 0
 

@@ -593,11 +593,12 @@ struct Tf32Ops {
 
   // C[nt] += A B^T for one k-step: a this thread's 4 A values, B^T the tile's rows nt * 8 + g.
   // A_FAST, B_FAST: A's four values, the tile (B), are finite (Tf32Ops::split).
-  // The passes go one at a time across the NT tiles: each C[nt] takes its terms in small_term's order (the
-  // same bits), with NT independent products between two that share an accumulator, where taking a tile's three
-  // at once chained them and ptxas kept them close (nvcc 13.0, fp32: a median of 4-10 instructions between an
-  // MMA and the one waiting for its sum in most loops, 13-86 this way). Alone it timed the same on the H100
-  // (ncu's 41% "wait" stalls of the backward are not these chains); with product_pb's pairs, BENCHMARKS.md.
+  // With three passes, as product_pb: each pair of n8 tiles takes the k-step's three terms into zeroed fragments
+  // (small_term's order, so each C[nt] its terms in the same order: SWAPPED's bits) and adds them to C by FADD.
+  // The tensor cores' additions truncate: the three terms of every k-step chained in C, 3 * HEAD_DIM / 8 such
+  // additions (the small terms' into C's full magnitude), made dq's error 7-11x the fp32 yardstick's (median of
+  // benchmarks/tf32_error_model.py at L = 97 S = 130, head dims 64 and 128); from zero a k-step, 1.4-1.5x. The
+  // pair also bounds the B splits held to two tiles' (all NT tiles' before).
   template <int HEAD_DIM, int NT, bool SWAPPED, bool A_FAST, bool B_FAST>
   static __device__ __forceinline__ void abt_kstep(float (&c)[NT][4], const float (&a)[4], const float* tile, int ks,
                                                    int lane) {
@@ -605,21 +606,33 @@ struct Tf32Ops {
     const int g = lane / 4, t = lane % 4;
     const Split as[4] = {split<true, A_FAST>(a[0]), split<true, A_FAST>(a[1]), split<true, A_FAST>(a[2]),
                          split<true, A_FAST>(a[3])};
-    Split b0[NT], b1[NT];
 #pragma unroll
-    for (int nt = 0; nt < NT; ++nt) {
-      const float* b = tile + (nt * 8 + g) * STRIDE + ks * 8 + t;
-      b0[nt] = split<false, B_FAST>(b[0]);
-      b1[nt] = split<false, B_FAST>(b[4]);
+    for (int n0 = 0; n0 < NT; n0 += 2) {
+      const int w = NT - n0 < 2 ? 1 : 2;  // n8 tiles of this step (known once unrolled)
+      Split b0[2], b1[2];
+#pragma unroll
+      for (int j = 0; j < w; ++j) {
+        const float* b = tile + ((n0 + j) * 8 + g) * STRIDE + ks * 8 + t;
+        b0[j] = split<false, B_FAST>(b[0]);
+        b1[j] = split<false, B_FAST>(b[4]);
+      }
+      if (PASSES == 3) {
+        float step[2][4] = {};
+#pragma unroll
+        for (int pass = 0; pass < 2; ++pass)
+#pragma unroll
+          for (int j = 0; j < w; ++j) small_term<SWAPPED>(step[j], as, b0[j], b1[j], pass);
+#pragma unroll
+        for (int j = 0; j < w; ++j) {
+          big_term(step[j], as, b0[j], b1[j]);
+#pragma unroll
+          for (int i = 0; i < 4; ++i) c[n0 + j][i] += step[j][i];
+        }
+      } else {
+#pragma unroll
+        for (int j = 0; j < w; ++j) big_term(c[n0 + j], as, b0[j], b1[j]);
+      }
     }
-    if (PASSES == 3) {
-#pragma unroll
-      for (int pass = 0; pass < 2; ++pass)
-#pragma unroll
-        for (int nt = 0; nt < NT; ++nt) small_term<SWAPPED>(c[nt], as, b0[nt], b1[nt], pass);
-    }
-#pragma unroll
-    for (int nt = 0; nt < NT; ++nt) big_term(c[nt], as, b0[nt], b1[nt]);
   }
 
   // FAST: the held fragments a and the tile are finite.

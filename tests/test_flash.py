@@ -397,8 +397,8 @@ def _ptxas_report(source: str, path) -> str:
 
 def test_tf32_error_model_splits_exactly_and_orders_its_modes():
     """benchmarks/tf32_error_model.py: big + small gives x back within TF32's split (2^-21 |x|: small truncated),
-    big is x rounded; on a small head, the split rounded to nearest stays within the error rule's bound and
-    truncation toward zero moves dq further from the reference."""
+    big is x rounded; on a small head, the split rounded to nearest and the loops' truncating one stay within the
+    error rule's bound, and chaining the score products' k-steps in one accumulator moves dq further."""
     from benchmarks import tf32_error_model as model
     from cusdpa.verify import judge
 
@@ -410,9 +410,10 @@ def test_tf32_error_model_splits_exactly_and_orders_its_modes():
     q, k, v, do = (rng.standard_normal(shape).astype(np.float32) for shape in ((16, 64), (40, 64), (40, 64), (16, 64)))
     ref = model.dq(q, k, v, do, "reference")
     rule = judge.bound("dq", ref, model.dq(q, k, v, do, "fp32"), "float32")
-    rounded, truncated = (judge.max_error(model.dq(q, k, v, do, mode), ref) for mode in ("split", "split-rz"))
-    assert rounded > 0 and rule.verdict(rounded) is None
-    assert truncated > rounded
+    rounded, truncated, chained = (judge.max_error(model.dq(q, k, v, do, mode), ref)
+                                   for mode in ("split", "split-rz", "split-rz-chained"))
+    assert rounded > 0 and rule.verdict(rounded) is None and rule.verdict(truncated) is None
+    assert chained > 2 * truncated
 
 
 def test_sass_tool_builds_the_defaults_and_the_knobs_and_tells_changes_apart(tmp_path):
