@@ -591,14 +591,40 @@ struct Tf32Ops {
     }
   }
 
-  // C[nt] += A B^T for one k-step: a this thread's 4 A values, B^T the tile's rows nt * 8 + g.
-  // A_FAST, B_FAST: A's four values, the tile (B), are finite (Tf32Ops::split).
-  // With three passes, as product_pb: each pair of n8 tiles takes the k-step's three terms into zeroed fragments
-  // (small_term's order, so each C[nt] its terms in the same order: SWAPPED's bits) and adds them to C by FADD.
-  // The tensor cores' additions truncate: the three terms of every k-step chained in C, 3 * HEAD_DIM / 8 such
-  // additions (the small terms' into C's full magnitude), made dq's error 7-11x the fp32 yardstick's (median of
-  // benchmarks/tf32_error_model.py at L = 97 S = 130, head dims 64 and 128); from zero a k-step, 1.4-1.5x. The
-  // pair also bounds the B splits held to two tiles' (all NT tiles' before).
+  // acc[n0 + j] += A B_j for the w (1 or 2) n8 tiles j of one k-step: A split as `as`, B_j as b0[j], b1[j].
+  // With three passes each tile's terms go into a zeroed fragment, in small_term's order (so every product sums
+  // the same terms in the same order: SWAPPED's bits), and are added to acc by FADD. The tensor cores add into
+  // their accumulator truncating, a bias that grows with the number of additions: a k-step's three terms chained
+  // into acc for every k-step, as the score products took them (3 * HEAD_DIM / 8 additions a score, the small
+  // terms' into its full magnitude), made dq's error 7-11x the fp32 yardstick's (median of
+  // benchmarks/tf32_error_model.py at L = 97 S = 130, head dims 64 and 128), 1.4-1.5x this way; and dV over 1025
+  // queries of one key was 20x on the H200 before product_pb took its FADDs. The two tiles take their passes in
+  // turn, so each mma has the other tile's between it and the next on the same fragment: on the H100 fp32 head
+  // dim 128 +2-3% forward and backward, 96 forward +10-12%, 32 and 64 the same (product_pb; BENCHMARKS.md).
+  template <bool SWAPPED, int N>
+  static __device__ __forceinline__ void add_kstep(float (&acc)[N][4], int n0, int w, const Split (&as)[4],
+                                                   const Split (&b0)[2], const Split (&b1)[2]) {
+    if (PASSES == 3) {
+      float step[2][4] = {};
+#pragma unroll
+      for (int pass = 0; pass < 2; ++pass)
+#pragma unroll
+        for (int j = 0; j < w; ++j) small_term<SWAPPED>(step[j], as, b0[j], b1[j], pass);
+#pragma unroll
+      for (int j = 0; j < w; ++j) {
+        big_term(step[j], as, b0[j], b1[j]);
+#pragma unroll
+        for (int i = 0; i < 4; ++i) acc[n0 + j][i] += step[j][i];
+      }
+    } else {
+#pragma unroll
+      for (int j = 0; j < w; ++j) big_term(acc[n0 + j], as, b0[j], b1[j]);
+    }
+  }
+
+  // C[nt] += A B^T for one k-step: a this thread's 4 A values, B^T the tile's rows nt * 8 + g, a pair of n8
+  // tiles at a time (add_kstep; the B splits held are two tiles'). A_FAST, B_FAST: A's four values, the tile
+  // (B), are finite (Tf32Ops::split).
   template <int HEAD_DIM, int NT, bool SWAPPED, bool A_FAST, bool B_FAST>
   static __device__ __forceinline__ void abt_kstep(float (&c)[NT][4], const float (&a)[4], const float* tile, int ks,
                                                    int lane) {
@@ -616,22 +642,7 @@ struct Tf32Ops {
         b0[j] = split<false, B_FAST>(b[0]);
         b1[j] = split<false, B_FAST>(b[4]);
       }
-      if (PASSES == 3) {
-        float step[2][4] = {};
-#pragma unroll
-        for (int pass = 0; pass < 2; ++pass)
-#pragma unroll
-          for (int j = 0; j < w; ++j) small_term<SWAPPED>(step[j], as, b0[j], b1[j], pass);
-#pragma unroll
-        for (int j = 0; j < w; ++j) {
-          big_term(step[j], as, b0[j], b1[j]);
-#pragma unroll
-          for (int i = 0; i < 4; ++i) c[n0 + j][i] += step[j][i];
-        }
-      } else {
-#pragma unroll
-        for (int j = 0; j < w; ++j) big_term(c[n0 + j], as, b0[j], b1[j]);
-      }
+      add_kstep<SWAPPED>(c, n0, w, as, b0, b1);
     }
   }
 
@@ -662,14 +673,8 @@ struct Tf32Ops {
   }
 
   // Acc[d] += A B: A over RT k-steps of 8 (one per n8 tile of P), B the tile's rows in set_operand's order:
-  // b0 = B[2t][n], b1 = B[2t + 1][n] of the k-step's 8 rows; COLS columns from `tile` on.
-  // With three passes each k-step's product is taken into a zeroed fragment and added to Acc by FADD: the
-  // tensor cores add into their accumulator truncating, a bias that grows with the number of additions, and
-  // Acc adds one per k-step of the whole loop (dV over 1025 queries of one key: 20x the fp32 yardstick's
-  // error on the H200); rounded to nearest the additions' errors cancel as fp32's do. Two column tiles at a
-  // time take their passes in turn, as abt_kstep's tiles do (each fragment its terms in the same order): on the
-  // H100 fp32 head dim 128 +2-3% forward and backward, 96 forward +10-12%, 32 and 64 the same (BENCHMARKS.md).
-  // (An odd last column tile, the fused backward's dQ slice at head dims 32 and 96, goes alone.)
+  // b0 = B[2t][n], b1 = B[2t + 1][n] of the k-step's 8 rows; COLS columns from `tile` on, two column tiles a
+  // time (add_kstep). (An odd last column tile, the fused backward's dQ slice at head dims 32 and 96, goes alone.)
   template <int HEAD_DIM, int RT, int COLS = HEAD_DIM, bool FAST = false>
   static __device__ __forceinline__ void product_pb(float (&acc)[COLS / 8][4], const PFrag<RT>& pf,
                                                     const float* tile, int lane) {
@@ -689,22 +694,7 @@ struct Tf32Ops {
           b0[j] = split<false, FAST>(b[0]);
           b1[j] = split<false, FAST>(b[STRIDE]);
         }
-        if (PASSES == 3) {
-          float step[2][4] = {};
-#pragma unroll
-          for (int pass = 0; pass < 2; ++pass)
-#pragma unroll
-            for (int j = 0; j < w; ++j) small_term<false>(step[j], as, b0[j], b1[j], pass);
-#pragma unroll
-          for (int j = 0; j < w; ++j) {
-            big_term(step[j], as, b0[j], b1[j]);
-#pragma unroll
-            for (int i = 0; i < 4; ++i) acc[d0 + j][i] += step[j][i];
-          }
-        } else {
-#pragma unroll
-          for (int j = 0; j < w; ++j) big_term(acc[d0 + j], as, b0[j], b1[j]);
-        }
+        add_kstep<false>(acc, d0, w, as, b0, b1);
       }
     }
   }
