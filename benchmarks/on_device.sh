@@ -123,7 +123,7 @@ nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,temperature.gpu --format=csv
 # The GPU tests of KernelConfig's knobs that are off by default (efficient-knob-tests), apart from the rest
 # (efficient-tests): two stages that -j runs side by side, each within a call's limit.
 KNOB_TESTS="wide_heads or fused or tf32 or keys_per_tile or one_key or mask_tiles or head_major or fast_split"
-KNOB_TESTS="$KNOB_TESTS or shared_scores or dynamic_shared or gradient_sums"
+KNOB_TESTS="$KNOB_TESTS or shared_scores or dynamic_shared or gradient_sums or dkdv_blocks"
 
 command_of() {  # the command of stage $1, into the array cmd
   local stage=$1

@@ -38,6 +38,11 @@ class KernelConfig:
       register cap is the 64K-register file over that many blocks (2: 255, the compiler's own choice; 3: 168).
       3 on the H200 (BENCHMARKS.md): the mma.sync loops stall on fixed latencies, which a third block per SM
       hides (backward +40% at E = 64, forward +10% at E = 128) although E = 128 then spills.
+    tensor_core_dkdv_blocks: the same for the 16-bit dk/dv loop alone (not fused) at head dims up to 128; 0: as
+      tensor_core_blocks. At head dim 128 its dK and dV accumulators (128 registers a thread) spill at 168
+      registers: 98 loads and 72 stores of local memory a step of its main loop (nvcc 13.0, bf16), at 255 (2) 19
+      and 11. The earlier run of 2 blocks for every kernel (the backward at head dim 128 95.0 against 99.2
+      TFLOP/s at 3) gave the dq kernel 2 blocks too. Not yet timed on its own.
     tensor_core_head_dim: the widest head dim the tensor_core loops take: 128, or up to 256 (padded to 160,
       192, 224, 256; forward: 32-key tiles, two blocks per SM; backward: column parts, two warps per 16 rows).
       256: on the H100 (bf16 L = 4096 Hq * E = 2048) head dims 192 and 256 ran forward 142-161 TFLOP/s (0.95-1.23x
@@ -153,6 +158,7 @@ class KernelConfig:
     chunk: int = 32
     prepared_launches: bool = True
     tensor_core_blocks: int = 3
+    tensor_core_dkdv_blocks: int = 0
     tensor_core_head_dim: int = 256
     tensor_core_fp32: bool = True
     tensor_core_fp32_fast_split: bool = True
@@ -168,7 +174,7 @@ class KernelConfig:
     @property
     def tensor_core_registers(self) -> int:
         """The tensor_core kernels' register cap (a multiple of 8, at most 255)."""
-        return min(255, 65536 // (128 * self.tensor_core_blocks) // 8 * 8)
+        return block_registers(self.tensor_core_blocks)
 
     def __post_init__(self):
         if self.variant not in VARIANTS:
@@ -186,6 +192,9 @@ class KernelConfig:
             raise ValueError(f"tensor_core_block_n={self.tensor_core_block_n} must be 0 (the default), 32 or 64")
         if not 2 <= self.tensor_core_blocks <= 4:
             raise ValueError(f"tensor_core_blocks={self.tensor_core_blocks} must be 2, 3 or 4")
+        if self.tensor_core_dkdv_blocks not in (0, 2, 3, 4):
+            raise ValueError(f"tensor_core_dkdv_blocks={self.tensor_core_dkdv_blocks} must be 0 (tensor_core_blocks'), "
+                             "2, 3 or 4")
         if not 1 <= self.sub <= 8:
             raise ValueError(f"sub={self.sub} must be in [1, 8] (2 * sub**2 registers of score tiles)")
         if self.chunk < 1:
@@ -215,6 +224,11 @@ class KernelConfig:
             raise ValueError(f"the portable kernels' tiles for head dim {widest} need more than smem_bytes="
                              f"{self.smem_bytes}; lower sub ({self.sub}) or chunk ({self.chunk})")
         return sub_n, self.sub, rows
+
+
+def block_registers(blocks: int) -> int:
+    """The register cap that leaves room for ``blocks`` 128-thread blocks per SM (a multiple of 8, at most 255)."""
+    return min(255, 65536 // (128 * blocks) // 8 * 8)
 
 
 _current: contextvars.ContextVar[KernelConfig] = contextvars.ContextVar("kernels_numba_config",

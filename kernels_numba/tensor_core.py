@@ -21,7 +21,7 @@ from numba import cuda
 
 import kernels_cuda
 
-from . import device, dq_accumulate, launcher, layout
+from . import config, device, dq_accumulate, launcher, layout
 from .device import SIMULATOR
 from .layout import cdiv
 
@@ -562,6 +562,8 @@ def backward(pr, views, arrays, dmask_v, device, structure, cfg, dq_accum=None, 
     smem = dynamic_bytes(head_dim, elem, kind, instance[3], instance[7], shared_scores) if dynamic else 0
     if dynamic and fused:  # two blocks an SM: 248 registers without spills (168: 428 bytes; ptxas 13.0, bf16)
         instance = instance[:4] + (255,) + instance[5:]
+    elif not fused and cfg.tensor_core_dkdv_blocks and not _wide(elem) and head_dim <= 128:
+        instance = instance[:4] + (config.block_registers(cfg.tensor_core_dkdv_blocks),) + instance[5:]
     launcher.launch(_dkdv_kernel(*instance, fused, shared_scores, dynamic), grid, THREADS, device,
                     (q, qs[:5], k, ks[:5], v, vs[:5], dout, dos[:5], lse, ls, delta, dls, dk, dks[:5], dv, dvs[:5],
                      mask, ms, dqa, dqas[:5], *common, pr.hq, pr.hkv, pr.group, *tail), smem)

@@ -675,6 +675,29 @@ def test_mask_tiles(gpu, rng, dtype):
     assert not failures, "\n".join(failures)
 
 
+def test_dkdv_blocks_changes_the_registers_not_the_bits(gpu, rng, monkeypatch):
+    """KernelConfig.tensor_core_dkdv_blocks = 2: the 16-bit dk/dv loop (not fused) at head dims up to 128 at 255
+    registers, two blocks an SM: the same PTX, so the default's bits, and judged; head dims 64 and 128, causal, a
+    bool mask with dropout, GQA."""
+    from kernels_numba import tensor_core
+
+    caps = set()
+    real = tensor_core._dkdv_kernel
+    monkeypatch.setattr(tensor_core, "_dkdv_kernel", lambda *a: caps.add(a[4]) or real(*a))
+    cases = [Case("bfloat16", batch=(2,), hq=4, hkv=2, L=130, S=97, E=128, causal="upper_left"),
+             Case("float16", batch=(2,), hq=2, hkv=2, L=70, S=150, E=128, mask="bool", dropout_p=0.1),
+             Case("bfloat16", batch=(3,), hq=2, hkv=1, L=65, S=80, E=64)]
+    failures = []
+    for case in cases:
+        pr = harness.build(case, gpu[0], rng)
+        failures += [f"{case}: {m}" for m in _failures(gpu, pr, rng, "tensor_core", fused_backward_head_dim=0,
+                                                       tensor_core_dkdv_blocks=2)]
+        failures += [f"{case}: {m}" for m in _same_bits(gpu, pr, rng, {"fused_backward_head_dim": 0},
+                                                         tensor_core_dkdv_blocks=2)]
+    assert not failures, "\n".join(failures)
+    assert {168, 255} <= caps, caps
+
+
 def test_head_major_grid(gpu, rng):
     """KernelConfig.head_major_grid (the default, where no causal band or window makes a head's blocks unequal):
     the tensor_core kernels' blocks in head-major order (forward, dq and dk/dv, the fused backward), judged, and
