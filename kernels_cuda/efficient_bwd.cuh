@@ -252,9 +252,15 @@ __device__ void backward_dq(const BwdArgs& a) {
   float lse2[2], dlt[2];
   bool live[2];
 #if EFF_DMASK_ADD
-  // a score pair's two sums adjacent and 8-byte aligned (the sums are contiguous along the keys, which they never
-  // broadcast over): one v2 reduction a pair
-  const bool sum_pairs = a.dmask_cs == 1 && a.dmask_rs % 2 == 0 && a.vis.S % 2 == 0 &&
+  // The sums are the caller's fp32 buffer, contiguous along the keys (which they never broadcast over; dmask_cs is
+  // 1, tensor_core.backward checks): this thread's two rows of them from its first key pair on, found once here,
+  // put a pair's sums at sum_row[r] + n0 + nt * 8. Per pair, the 64-bit row and column products were
+  // rematerialised under the loop's register pressure: about 25 instructions a reduction (nvcc 13.0, bf16 E = 64).
+  // A pair's two sums 8-byte aligned: one v2 reduction a pair.
+  float* sum_row[2];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) sum_row[r] = (float*)a.dmask + ((row0 + r * 8) * a.dmask_rs + 2 * t);
+  const bool sum_pairs = a.dmask_rs % 2 == 0 && a.vis.S % 2 == 0 &&
                          reinterpret_cast<unsigned long long>(a.dmask) % 8 == 0;
 #endif
 #if EFF_ELEM >= 2  // fp32 (ELEM_F32, ELEM_TF32)
@@ -384,12 +390,12 @@ __device__ void backward_dq(const BwdArgs& a) {
         // fp32 sums of shared elements, by the warp that owns the score (as above); a pair of adjacent sums in
         // one vector reduction, adding +0 for a score not taken (its dS), which leaves a sum as it was
         if (a.dmask != nullptr && (SHARE || part == 0)) {
-          float* at = (float*)a.dmask + (i * a.dmask_rs + j0 * a.dmask_cs);
+          float* at = sum_row[r] + (n0 + nt * 8);
           if (sum_pairs) {
             if (took[0] || took[1]) red_add2(at, ds[2 * r], ds[2 * r + 1]);
           } else {
-            if (took[0]) atomicAdd(at, ds[2 * r]);
-            if (took[1]) atomicAdd(at + a.dmask_cs, ds[2 * r + 1]);
+            if (took[0]) red_add1(at, ds[2 * r]);
+            if (took[1]) red_add1(at + 1, ds[2 * r + 1]);
           }
         }
 #endif

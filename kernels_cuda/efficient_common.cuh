@@ -231,13 +231,19 @@ __device__ __forceinline__ float masked_score(const PairVisibility& pv, const Ma
   return pv.visible(dr, dc) ? mask.apply(i0 + dr, j0 + dc, s) : -CUSDPA_INF;
 }
 
+// p[0] += x in global memory, atomically. atomicAdd on a generic pointer also compiles a compare-and-swap loop and
+// a load and store for the case that p is local memory (nvcc 13.0), into every loop that adds.
+__device__ __forceinline__ void red_add1(float* p, float x) {
+  asm volatile("red.global.add.f32 [%0], %1;\n" ::"l"(p), "f"(x) : "memory");
+}
+
 // p[0..1] += (x, y) in global memory, atomically (p 8-byte aligned): one vector reduction on sm_90.
 __device__ __forceinline__ void red_add2(float* p, float x, float y) {
 #if __CUDA_ARCH__ >= 900
   asm volatile("red.global.add.v2.f32 [%0], {%1, %2};\n" ::"l"(p), "f"(x), "f"(y) : "memory");
 #else
-  atomicAdd(p, x);
-  atomicAdd(p + 1, y);
+  red_add1(p, x);
+  red_add1(p + 1, y);
 #endif
 }
 
@@ -247,10 +253,10 @@ __device__ __forceinline__ void red_add4(float* p, float x, float y, float z, fl
   asm volatile("red.global.add.v4.f32 [%0], {%1, %2, %3, %4};\n" ::"l"(p), "f"(x), "f"(y), "f"(z), "f"(w)
                : "memory");
 #else
-  atomicAdd(p, x);
-  atomicAdd(p + 1, y);
-  atomicAdd(p + 2, z);
-  atomicAdd(p + 3, w);
+  red_add1(p, x);
+  red_add1(p + 1, y);
+  red_add1(p + 2, z);
+  red_add1(p + 3, w);
 #endif
 }
 

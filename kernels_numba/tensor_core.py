@@ -531,6 +531,9 @@ def backward(pr, views, arrays, dmask_v, device, structure, cfg, dq_accum=None, 
     if dmask_v is not None:
         dmask, dms = _address_and_strides(dmask_v)
         dms = dms + (dmask_v.itemsize,)
+        if mask_grad_sum and dms[5] != 1:  # (the dq loop finds a score pair's sums at its row's plus the key)
+            raise ValueError(f"the summed float-mask gradient's fp32 sums must be contiguous along the keys; their "
+                             f"element strides are {dms[:6]}")
     varlen = pr.varlen is not None
     common = (views.cu_q, views.cu_k, varlen, views.nb1, views.nb2)
     tail = (pr.L, pr.S, pr.E, pr.Ev, pr.scale, pr.lower_right, left, right, seed_lo, seed_hi, offset, threshold, rescale)
