@@ -35,7 +35,10 @@
 # KernelConfig.tensor_core_mask_grad_sum: its GPU test / the (1, H, L, S) float mask of efficient-masks with it on,
 # where the portable kernels gave 1.0 TFLOP/s on the H100),
 # efficient-ab (benchmarks/ab_loops.sh: each variant of ab/, carried, timed at bf16 L = 4096 E = 64 and 128 with
-# each mask of AB_MASKS, default bool float none; about 40 s a variant and mask),
+# each mask of AB_MASKS, default bool float none; about 40 s a variant and mask; efficient-fp32-ab: each variant at
+# the fp32 shape, head dims 64, 96 and 128, Hq * E = 1536), efficient-dkdv-blocks (bf16 L = 4096 E = 128, unmasked
+# and with a bool mask, the 16-bit dk/dv loop at its default 168 registers and at 255, two blocks an SM,
+# KernelConfig.tensor_core_dkdv_blocks, alternated twice),
 # efficient-fp32-tc (fp32 on the tensor_core loops,
 # three TF32 products: its GPU tests, then the fp32 shape timed with KernelConfig.tensor_core_fp32 off and on), efficient-ncu-fwd (the tensor_core forward at L = 1024
 # E = 128 under ncu, heads fastest and head-major: its DRAM throughput says whether K and V came from DRAM), efficient-ncu (the tensor_core
@@ -186,6 +189,11 @@ command_of() {  # the command of stage $1, into the array cmd
     efficient-ab) cmd=(bash -c 'for m in ${AB_MASKS:-bool float none}; do a=; [ $m = none ] || a="--mask $m"
                        AB_TAG=$m bash benchmarks/ab_loops.sh time python3 benchmarks/efficient_gpu.py --L 4096 \
                        --reps 5 --dtypes bfloat16 --head-dims 64 128 $a; done') ;;
+    efficient-fp32-ab) cmd=(bash benchmarks/ab_loops.sh time python3 benchmarks/efficient_gpu.py --dtypes float32
+                            --head-dims 64 96 128 --L 2048 --hidden 1536 --reps 5) ;;
+    efficient-dkdv-blocks) cmd=(bash -c 'for m in none bool; do a=; [ $m = none ] || a="--mask $m"; for c in 0 2 0 2
+                                do python3 benchmarks/efficient_gpu.py --L 4096 --reps 5 --dtypes bfloat16 --head-dims 128 \
+                                $a --config tensor_core_dkdv_blocks=$c | tail -n 4; done; done') ;;
     efficient-masks) cmd=(bash -c 'for t in 0 1; do for m in bool float; do python3 benchmarks/efficient_gpu.py \
                           --L 4096 --reps 5 --dtypes bfloat16 --head-dims 64 128 --mask $m \
                           --config tensor_core_mask_tiles=$t | tail -n 4; done; done') ;;
