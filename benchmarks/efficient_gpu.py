@@ -103,7 +103,12 @@ def main(argv=None) -> int:
     import kernels_numba
     from cusdpa import Backend
 
-    print(f"GPU: {torch.cuda.get_device_name()}  torch {torch.__version__}  cupy {cp.__version__}")
+    # whether Numba links the tile loops' C with link-time optimisation (its default where nvJitLink loads): then
+    # the loops are inlined into their kernels; else called through the ABI, which spills far more (BENCHMARKS.md)
+    from numba.cuda.cudadrv.driver import _have_nvjitlink
+
+    print(f"GPU: {torch.cuda.get_device_name()}  torch {torch.__version__}  cupy {cp.__version__}  "
+          f"numba LTO {'on' if _have_nvjitlink() else 'off'}")
     cfg = kernels_numba.KernelConfig(variant=args.variant, prepared_launches=not args.numba_dispatch, **knobs)
     with kernels_numba.configured(cfg):
         failures = check(cp, args.mask)
