@@ -254,8 +254,8 @@ __device__ void backward_dq(const BwdArgs& a) {
 #if EFF_DMASK_ADD
   // The sums are the caller's fp32 buffer, contiguous along the keys (which they never broadcast over; dmask_cs is
   // 1, tensor_core.backward checks): this thread's two rows of them from its first key pair on, found once here,
-  // put a pair's sums at sum_row[r] + n0 + nt * 8. Per pair, the 64-bit row and column products were
-  // rematerialised under the loop's register pressure: about 25 instructions a reduction (nvcc 13.0, bf16 E = 64).
+  // put a pair's sums at sum_row[r] + n0 + nt * 8, where the row and column products per pair took 10% of the
+  // loop's instructions (nvcc 13.0, bf16 E = 64, inlined; 25 instructions a reduction called through the ABI).
   // A pair's two sums 8-byte aligned: one v2 reduction a pair.
   float* sum_row[2];
 #pragma unroll

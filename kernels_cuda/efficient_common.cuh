@@ -231,8 +231,9 @@ __device__ __forceinline__ float masked_score(const PairVisibility& pv, const Ma
   return pv.visible(dr, dc) ? mask.apply(i0 + dr, j0 + dc, s) : -CUSDPA_INF;
 }
 
-// p[0] += x in global memory, atomically. atomicAdd on a generic pointer also compiles a compare-and-swap loop and
-// a load and store for the case that p is local memory (nvcc 13.0), into every loop that adds.
+// p[0] += x in global memory, atomically. atomicAdd on a generic pointer that the compiler cannot place (a loop
+// called through the ABI) also compiles a compare-and-swap loop for shared memory and a load and store for local
+// memory into every loop that adds (nvcc 13.0).
 __device__ __forceinline__ void red_add1(float* p, float x) {
   asm volatile("red.global.add.f32 [%0], %1;\n" ::"l"(p), "f"(x) : "memory");
 }

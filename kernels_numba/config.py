@@ -40,9 +40,10 @@ class KernelConfig:
       hides (backward +40% at E = 64, forward +10% at E = 128) although E = 128 then spills.
     tensor_core_dkdv_blocks: the same for the 16-bit dk/dv loop alone (not fused) at head dims up to 128; 0: as
       tensor_core_blocks. At head dim 128 its dK and dV accumulators (128 registers a thread) spill at 168
-      registers: 98 loads and 72 stores of local memory a step of its main loop (nvcc 13.0, bf16), at 255 (2) 19
-      and 11. The earlier run of 2 blocks for every kernel (the backward at head dim 128 95.0 against 99.2
-      TFLOP/s at 3) gave the dq kernel 2 blocks too. Not yet timed on its own.
+      registers: 41 loads and 33 stores of local memory a step of its main loop (nvcc 13.0, bf16, the loop
+      inlined as Numba's LTO links it), none at 255 (2). The earlier run of 2 blocks for every kernel (the
+      backward at head dim 128 95.0 against 99.2 TFLOP/s at 3) gave the dq kernel 2 blocks too. Not yet timed on
+      its own.
     tensor_core_head_dim: the widest head dim the tensor_core loops take: 128, or up to 256 (padded to 160,
       192, 224, 256; forward: 32-key tiles, two blocks per SM; backward: column parts, two warps per 16 rows).
       256: on the H100 (bf16 L = 4096 Hq * E = 2048) head dims 192 and 256 ran forward 142-161 TFLOP/s (0.95-1.23x
