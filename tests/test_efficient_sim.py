@@ -603,6 +603,19 @@ def test_grid_order_groups_the_slices_that_add_into_one_sum(full, summed, most, 
     assert tensor_core.grid_order(sums, most) == want
 
 
+
+@pytest.mark.parametrize("knobs", [{"tensor_core_dkdv_blocks": 1}, {"tensor_core_dkdv_blocks": 5},
+                                   {"mask_order_group": -1}])
+def test_the_backward_s_new_knobs_refuse_values_out_of_range(knobs):
+    """KernelConfig refuses a dk/dv block count that no register cap serves and a negative slice group, naming
+    the field and its value."""
+    from kernels_numba import KernelConfig
+
+    (name, value), = knobs.items()
+    with pytest.raises(ValueError, match=f"{name}={value}"):
+        KernelConfig(**knobs)
+
+
 @pytest.mark.parametrize("name", list(SM90_CASES))
 def test_portable_kernels_compile_for_sm90(name, monkeypatch):
     """The GPU path of the blocked portable kernels, forward and backward (a broadcast float mask's gradient too;
