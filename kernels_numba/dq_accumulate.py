@@ -49,9 +49,9 @@ def prepare_kernel(bf16: bool):
         slot = cuda.threadIdx.y * cols + lane
         t = cuda.blockIdx.x * cuda.blockDim.y + cuda.threadIdx.y
         live = t < shape[0] * shape[1] * shape[2] * shape[3] * shape[4]
+        b0, b1, b2, h, i = _row(t, shape)  # (past the rows: indices never used)
         total = np.float32(0.0)
         if live:
-            b0, b1, b2, h, i = _row(t, shape)
             for e in range(lane, out.shape[5], cols):
                 total += load(out[b0, b1, b2, h, i, e]) * load(dout[b0, b1, b2, h, i, e])
             for e in range(lane, shape[5], cols):
@@ -65,7 +65,6 @@ def prepare_kernel(bf16: bool):
             cuda.syncthreads()
             step //= 2
         if live and lane == 0:
-            b0, b1, b2, h, i = _row(t, shape)
             delta[b0, b1, b2, h, i] = partial[slot]
 
     return attention_dq_prepare
