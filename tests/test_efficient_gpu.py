@@ -702,9 +702,9 @@ def test_mask_tiles(gpu, rng, dtype):
 
 
 def test_dkdv_blocks_changes_the_registers_not_the_bits(gpu, rng, monkeypatch):
-    """KernelConfig.tensor_core_dkdv_blocks = 2: the 16-bit dk/dv loop (not fused) at head dims up to 128 at 255
-    registers, two blocks an SM: the same PTX, so the default's bits, and judged; head dims 64 and 128, causal, a
-    bool mask with dropout, GQA."""
+    """KernelConfig.tensor_core_dkdv_blocks = 2 (the default): the 16-bit dk/dv loop (not fused) at head dims up
+    to 128 at 255 registers, two blocks an SM: the same PTX, so the bits of 0 (tensor_core_blocks' 168), and
+    judged; head dims 64 and 128, causal, a bool mask with dropout, GQA."""
     from kernels_numba import tensor_core
 
     caps = set()
@@ -718,7 +718,8 @@ def test_dkdv_blocks_changes_the_registers_not_the_bits(gpu, rng, monkeypatch):
         pr = harness.build(case, gpu[0], rng)
         failures += [f"{case}: {m}" for m in _failures(gpu, pr, rng, "tensor_core", fused_backward_head_dim=0,
                                                        tensor_core_dkdv_blocks=2)]
-        failures += [f"{case}: {m}" for m in _same_bits(gpu, pr, rng, {"fused_backward_head_dim": 0},
+        failures += [f"{case}: {m}" for m in _same_bits(gpu, pr, rng, {"fused_backward_head_dim": 0,
+                                                                        "tensor_core_dkdv_blocks": 0},
                                                          tensor_core_dkdv_blocks=2)]
     assert not failures, "\n".join(failures)
     assert {168, 255} <= caps, caps
