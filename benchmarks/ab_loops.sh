@@ -39,7 +39,7 @@ case $verb in
       echo "== $v: $*"
       log="$out/ab-$v${AB_TAG:+-$AB_TAG}.log"
       "$@" > "$log" 2>&1
-      grep -E "^GPU|correctness|^(float16|bfloat16|float32) |FAIL|Error" "$log"
+      grep -aE "^GPU|correctness|^(float16|bfloat16|float32) |FAIL|Error" "$log"
     done
     restore ;;
   *) echo "usage: ab_loops.sh export NAME REV FILE... | time COMMAND..."; exit 2 ;;
