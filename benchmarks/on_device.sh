@@ -37,8 +37,9 @@
 # efficient-ab (benchmarks/ab_loops.sh: each variant of ab/, carried, timed at bf16 L = 4096 E = 64 and 128 with
 # each mask of AB_MASKS, default bool float none; about 40 s a variant and mask; efficient-fp32-ab: each variant at
 # the fp32 shape, head dims 64, 96 and 128, Hq * E = 1536), efficient-dkdv-blocks (bf16 L = 4096 E = 128, unmasked
-# and with a bool mask, the 16-bit dk/dv loop at its default 168 registers and at 255, two blocks an SM,
-# KernelConfig.tensor_core_dkdv_blocks, alternated twice),
+# and with a bool mask, the 16-bit dk/dv loop at 168 registers and at 255 (its default since measured), two blocks an
+# SM, KernelConfig.tensor_core_dkdv_blocks 0 and 2, alternated twice; efficient-dq-blocks: the same for the dq loop,
+# tensor_core_dq_blocks),
 # efficient-fp32-tc (fp32 on the tensor_core loops,
 # three TF32 products: its GPU tests, then the fp32 shape timed with KernelConfig.tensor_core_fp32 off and on), efficient-ncu-fwd (the tensor_core forward at L = 1024
 # E = 128 under ncu, heads fastest and head-major: its DRAM throughput says whether K and V came from DRAM), efficient-ncu (the tensor_core
@@ -126,7 +127,7 @@ nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,temperature.gpu --format=csv
 # The GPU tests of KernelConfig's knobs that are off by default (efficient-knob-tests), apart from the rest
 # (efficient-tests): two stages that -j runs side by side, each within a call's limit.
 KNOB_TESTS="wide_heads or fused or tf32 or keys_per_tile or one_key or mask_tiles or head_major or fast_split"
-KNOB_TESTS="$KNOB_TESTS or shared_scores or dynamic_shared or gradient_sums or dkdv_blocks"
+KNOB_TESTS="$KNOB_TESTS or shared_scores or dynamic_shared or gradient_sums or backward_blocks"
 
 command_of() {  # the command of stage $1, into the array cmd
   local stage=$1
@@ -191,9 +192,11 @@ command_of() {  # the command of stage $1, into the array cmd
                        --reps 5 --dtypes bfloat16 --head-dims 64 128 $a; done') ;;
     efficient-fp32-ab) cmd=(bash benchmarks/ab_loops.sh time python3 benchmarks/efficient_gpu.py --dtypes float32
                             --head-dims 64 96 128 --L 2048 --hidden 1536 --reps 5) ;;
-    efficient-dkdv-blocks) cmd=(bash -c 'for m in none bool; do a=; [ $m = none ] || a="--mask $m"; for c in 0 2 0 2
-                                do python3 benchmarks/efficient_gpu.py --L 4096 --reps 5 --dtypes bfloat16 --head-dims 128 \
-                                $a --config tensor_core_dkdv_blocks=$c | tail -n 4; done; done') ;;
+    efficient-dkdv-blocks|efficient-dq-blocks)
+      local knob=tensor_core_${stage#efficient-}; knob=${knob%-blocks}_blocks
+      cmd=(bash -c 'for m in none bool; do a=; [ $m = none ] || a="--mask $m"; for c in 0 2 0 2
+           do python3 benchmarks/efficient_gpu.py --L 4096 --reps 5 --dtypes bfloat16 --head-dims 128 \
+           $a --config '$knob'=$c | tail -n 4; done; done') ;;
     efficient-masks) cmd=(bash -c 'for t in 0 1; do for m in bool float; do python3 benchmarks/efficient_gpu.py \
                           --L 4096 --reps 5 --dtypes bfloat16 --head-dims 64 128 --mask $m \
                           --config tensor_core_mask_tiles=$t | tail -n 4; done; done') ;;

@@ -45,6 +45,9 @@ class KernelConfig:
       runs a side) the backward at head dim 128 rose 0.81x -> 0.94x PyTorch's, causal 0.91x -> 1.04x, with a bool
       mask 0.83x -> 0.93x (BENCHMARKS.md, forty-eighth session); the dq kernel keeps three blocks (2 for every
       kernel had cost the backward 4%).
+    tensor_core_dq_blocks: the same for the 16-bit dq loop (not fused) at head dims up to 128; 0: as
+      tensor_core_blocks. At head dim 128 and 168 registers it spills 15 loads and 6 stores a step of its main
+      loop, 1426 instructions a step against 1120 at 255 (nvcc 13.0, bf16, inlined). Not yet timed.
     tensor_core_head_dim: the widest head dim the tensor_core loops take: 128, or up to 256 (padded to 160,
       192, 224, 256; forward: 32-key tiles, two blocks per SM; backward: column parts, two warps per 16 rows).
       256: on the H100 (bf16 L = 4096 Hq * E = 2048) head dims 192 and 256 ran forward 142-161 TFLOP/s (0.95-1.23x
@@ -161,6 +164,7 @@ class KernelConfig:
     prepared_launches: bool = True
     tensor_core_blocks: int = 3
     tensor_core_dkdv_blocks: int = 2
+    tensor_core_dq_blocks: int = 0
     tensor_core_head_dim: int = 256
     tensor_core_fp32: bool = True
     tensor_core_fp32_fast_split: bool = True
@@ -194,9 +198,9 @@ class KernelConfig:
             raise ValueError(f"tensor_core_block_n={self.tensor_core_block_n} must be 0 (the default), 32 or 64")
         if not 2 <= self.tensor_core_blocks <= 4:
             raise ValueError(f"tensor_core_blocks={self.tensor_core_blocks} must be 2, 3 or 4")
-        if self.tensor_core_dkdv_blocks not in (0, 2, 3, 4):
-            raise ValueError(f"tensor_core_dkdv_blocks={self.tensor_core_dkdv_blocks} must be 0 (tensor_core_blocks'), "
-                             "2, 3 or 4")
+        for name in ("tensor_core_dkdv_blocks", "tensor_core_dq_blocks"):
+            if getattr(self, name) not in (0, 2, 3, 4):
+                raise ValueError(f"{name}={getattr(self, name)} must be 0 (tensor_core_blocks'), 2, 3 or 4")
         if not 1 <= self.sub <= 8:
             raise ValueError(f"sub={self.sub} must be in [1, 8] (2 * sub**2 registers of score tiles)")
         if self.chunk < 1:

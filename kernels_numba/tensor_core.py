@@ -540,8 +540,14 @@ def backward(pr, views, arrays, dmask_v, device, structure, cfg, dq_accum=None, 
     rows = backward_rows(parts)
     order = grid_order(dmask_v, cfg.mask_order_group) if mask_grad_sum and major and not varlen else (1, 1)
 
+    # the 16-bit loops apart (not fused) at head dims up to 128 may take their own register caps
+    own_caps = not fused and not _wide(elem) and head_dim <= 128
+
+    def capped(blocks):  # ``instance`` at the register cap of ``blocks`` blocks an SM, 0: as it is
+        return instance[:4] + (config.block_registers(blocks),) + instance[5:] if own_caps and blocks else instance
+
     def dq_kernel(into, strides, keys):  # the dq kernel, writing dQ's rows at ``into``
-        launcher.launch(_dq_kernel(*instance, shared_scores, mask_grad_sum),
+        launcher.launch(_dq_kernel(*capped(cfg.tensor_core_dq_blocks), shared_scores, mask_grad_sum),
                         _grid(views.n_batch * pr.hq, rows, pr.L, major), THREADS, device,
                         (q, qs[:5], k, ks[:5], v, vs[:5], dout, dos[:5], out, os_[:5], lse, ls, delta, dls, into,
                          strides[:5], dmask, dms, mask, ms, *common, pr.hq, pr.group, *tail, keys, order))
@@ -565,8 +571,8 @@ def backward(pr, views, arrays, dmask_v, device, structure, cfg, dq_accum=None, 
     smem = dynamic_bytes(head_dim, elem, kind, instance[3], instance[7], shared_scores) if dynamic else 0
     if dynamic and fused:  # two blocks an SM: 248 registers without spills (168: 428 bytes; ptxas 13.0, bf16)
         instance = instance[:4] + (255,) + instance[5:]
-    elif not fused and cfg.tensor_core_dkdv_blocks and not _wide(elem) and head_dim <= 128:
-        instance = instance[:4] + (config.block_registers(cfg.tensor_core_dkdv_blocks),) + instance[5:]
+    else:
+        instance = capped(cfg.tensor_core_dkdv_blocks)
     launcher.launch(_dkdv_kernel(*instance, fused, shared_scores, dynamic), grid, THREADS, device,
                     (q, qs[:5], k, ks[:5], v, vs[:5], dout, dos[:5], lse, ls, delta, dls, dk, dks[:5], dv, dvs[:5],
                      mask, ms, dqa, dqas[:5], *common, pr.hq, pr.hkv, pr.group, *tail), smem)

@@ -701,15 +701,17 @@ def test_mask_tiles(gpu, rng, dtype):
     assert not failures, "\n".join(failures)
 
 
-def test_dkdv_blocks_changes_the_registers_not_the_bits(gpu, rng, monkeypatch):
-    """KernelConfig.tensor_core_dkdv_blocks = 2 (the default): the 16-bit dk/dv loop (not fused) at head dims up
-    to 128 at 255 registers, two blocks an SM: the same PTX, so the bits of 0 (tensor_core_blocks' 168), and
-    judged; head dims 64 and 128, causal, a bool mask with dropout, GQA."""
+@pytest.mark.parametrize("knob, kernel", [("tensor_core_dkdv_blocks", "_dkdv_kernel"),
+                                          ("tensor_core_dq_blocks", "_dq_kernel")])
+def test_backward_blocks_change_the_registers_not_the_bits(gpu, rng, monkeypatch, knob, kernel):
+    """KernelConfig.tensor_core_dkdv_blocks and tensor_core_dq_blocks = 2: that 16-bit loop (not fused) at head
+    dims up to 128 at 255 registers, two blocks an SM: the same PTX, so the bits of 0 (tensor_core_blocks' 168),
+    and judged; head dims 64 and 128, causal, a bool mask with dropout, GQA."""
     from kernels_numba import tensor_core
 
     caps = set()
-    real = tensor_core._dkdv_kernel
-    monkeypatch.setattr(tensor_core, "_dkdv_kernel", lambda *a: caps.add(a[4]) or real(*a))
+    real = getattr(tensor_core, kernel)
+    monkeypatch.setattr(tensor_core, kernel, lambda *a: caps.add(a[4]) or real(*a))
     cases = [Case("bfloat16", batch=(2,), hq=4, hkv=2, L=130, S=97, E=128, causal="upper_left"),
              Case("float16", batch=(2,), hq=2, hkv=2, L=70, S=150, E=128, mask="bool", dropout_p=0.1),
              Case("bfloat16", batch=(3,), hq=2, hkv=1, L=65, S=80, E=64)]
@@ -717,10 +719,9 @@ def test_dkdv_blocks_changes_the_registers_not_the_bits(gpu, rng, monkeypatch):
     for case in cases:
         pr = harness.build(case, gpu[0], rng)
         failures += [f"{case}: {m}" for m in _failures(gpu, pr, rng, "tensor_core", fused_backward_head_dim=0,
-                                                       tensor_core_dkdv_blocks=2)]
-        failures += [f"{case}: {m}" for m in _same_bits(gpu, pr, rng, {"fused_backward_head_dim": 0,
-                                                                        "tensor_core_dkdv_blocks": 0},
-                                                         tensor_core_dkdv_blocks=2)]
+                                                       **{knob: 2})]
+        failures += [f"{case}: {m}" for m in _same_bits(gpu, pr, rng, {"fused_backward_head_dim": 0, knob: 0},
+                                                         **{knob: 2})]
     assert not failures, "\n".join(failures)
     assert {168, 255} <= caps, caps
 

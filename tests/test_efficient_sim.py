@@ -605,9 +605,10 @@ def test_grid_order_groups_the_slices_that_add_into_one_sum(full, summed, most, 
 
 
 @pytest.mark.parametrize("knobs", [{"tensor_core_dkdv_blocks": 1}, {"tensor_core_dkdv_blocks": 5},
+                                   {"tensor_core_dq_blocks": 1},
                                    {"mask_order_group": -1}])
 def test_the_backward_s_new_knobs_refuse_values_out_of_range(knobs):
-    """KernelConfig refuses a dk/dv block count that no register cap serves and a negative slice group, naming
+    """KernelConfig refuses a dk/dv or dq block count that no register cap serves and a negative slice group, naming
     the field and its value."""
     from kernels_numba import KernelConfig
 
