@@ -310,8 +310,9 @@ def backward(pr, out, lse, dout, grads=None, config=None, delta=None, determinis
                              xp.broadcast_to(sums, full6) if mask_grad_sum else dmask_v if dmask_direct else None,
                              device, structure, cfg, accum, mask_grad_sum=mask_grad_sum)
         if mask_grad_sum:  # the fp32 sums rounded into the mask's dtype
-            launcher.launch(dq_accumulate.convert_kernel(layout.dtype_name(pr.mask.dtype) == "bfloat16"),
-                            *dq_accumulate.launch_shape(dmask_v), device, (sums, layout.bits(dmask_v), 1.0))
+            passes, cols = dq_accumulate.launch_shape(dmask_v)
+            launcher.launch(dq_accumulate.convert_kernel(layout.dtype_name(pr.mask.dtype) == "bfloat16"), passes,
+                            dq_accumulate.THREADS, device, (sums, layout.bits(dmask_v), 1.0, cols))
         return _deliver(xp, targets, grads)
     dq_spec, dkdv_spec = _blocked_spec(pr, cfg, False), _blocked_spec(pr, cfg, True)
     threads = cfg.threads ** 2

@@ -40,14 +40,14 @@ def prepare_kernel(bf16: bool):
     load = device.loader(bf16)
 
     @cuda.jit
-    def attention_dq_prepare(out, dout, delta, accum):
+    def attention_dq_prepare(out, dout, delta, accum, cols):
         """delta[row] = rowsum(dout * out) in fp32, accum[row, :] = 0; a row's partial sums meet in shared
         memory (the simulator has no warp shuffles), a tree over its cols threads."""
         partial = cuda.shared.array(THREADS, np.float32)
         shape = accum.shape
-        cols, lane = cuda.blockDim.x, cuda.threadIdx.x
-        slot = cuda.threadIdx.y * cols + lane
-        t = cuda.blockIdx.x * cuda.blockDim.y + cuda.threadIdx.y
+        slot = cuda.threadIdx.x
+        lane = slot % cols
+        t = cuda.blockIdx.x * (THREADS // cols) + slot // cols
         live = t < shape[0] * shape[1] * shape[2] * shape[3] * shape[4]
         b0, b1, b2, h, i = _row(t, shape)  # (past the rows: indices never used)
         total = np.float32(0.0)
@@ -75,12 +75,12 @@ def convert_kernel(bf16: bool):
     store = device.storer(bf16)
 
     @cuda.jit
-    def attention_dq_convert(accum, dq, scale):
+    def attention_dq_convert(accum, dq, scale, cols):
         """dq[row, e] = scale * accum[row, e] for the head dim of dq (the accumulator's is padded); also a float
         mask's gradient from its fp32 sums (attention.backward, scale 1)."""
         shape = dq.shape
-        cols, lane = cuda.blockDim.x, cuda.threadIdx.x
-        t = cuda.blockIdx.x * cuda.blockDim.y + cuda.threadIdx.y
+        lane = cuda.threadIdx.x % cols
+        t = cuda.blockIdx.x * (THREADS // cols) + cuda.threadIdx.x // cols
         if t >= shape[0] * shape[1] * shape[2] * shape[3] * shape[4]:
             return
         b0, b1, b2, h, i = _row(t, shape)
@@ -92,7 +92,8 @@ def convert_kernel(bf16: bool):
 
 
 def launch_shape(x) -> tuple:
-    """(grid, block) of a pass over the rows of the 6-D view ``x``: block (cols, THREADS // cols), cols the
-    power of two that covers a row's columns, at most a warp (a row's threads then share a warp)."""
+    """(grid, cols) of a pass over the rows of the 6-D view ``x`` in blocks of THREADS: cols, the kernels' last
+    argument, is the power of two that covers a row's columns, at most a warp (a row's threads then share a
+    warp). The blocks are one-dimensional, as a plan's recorded launches must be (cusdpa.backends.efficient)."""
     cols = min(WARP, 1 << max(0, x.shape[5] - 1).bit_length())
-    return cdiv(math.prod(x.shape[:5]), THREADS // cols), (cols, THREADS // cols)
+    return cdiv(math.prod(x.shape[:5]), THREADS // cols), cols

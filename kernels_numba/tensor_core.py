@@ -555,13 +555,13 @@ def backward(pr, views, arrays, dmask_v, device, structure, cfg, dq_accum=None, 
     if fused:
         bf16 = elem == "bfloat16"
         dout_v, out_v, _, delta_v, dq_v = arrays[:5]
-        passes = dq_accumulate.launch_shape(dq_accum)
+        passes, cols = dq_accumulate.launch_shape(dq_accum)
         dqa, dqas = _address_and_strides(dq_accum)
         if _wide(elem):  # fp32's D as the dq kernel takes it (on dP's fragments: exact where a row sees one key)
             dq_kernel(dqa, dqas, 0)
         else:
-            launcher.launch(dq_accumulate.prepare_kernel(bf16), *passes, device,
-                            (layout.bits(out_v), layout.bits(dout_v), delta_v, dq_accum))
+            launcher.launch(dq_accumulate.prepare_kernel(bf16), passes, dq_accumulate.THREADS, device,
+                            (layout.bits(out_v), layout.bits(dout_v), delta_v, dq_accum, cols))
     else:
         dq_kernel(dq, dqs, 1)
         dqa, dqas = 0, (0,) * 5
@@ -577,5 +577,5 @@ def backward(pr, views, arrays, dmask_v, device, structure, cfg, dq_accum=None, 
                     (q, qs[:5], k, ks[:5], v, vs[:5], dout, dos[:5], lse, ls, delta, dls, dk, dks[:5], dv, dvs[:5],
                      mask, ms, dqa, dqas[:5], *common, pr.hq, pr.hkv, pr.group, *tail), smem)
     if fused:
-        launcher.launch(dq_accumulate.convert_kernel(bf16), *passes, device,
-                        (dq_accum, layout.bits(dq_v), pr.scale))
+        launcher.launch(dq_accumulate.convert_kernel(bf16), passes, dq_accumulate.THREADS, device,
+                        (dq_accum, layout.bits(dq_v), pr.scale, cols))

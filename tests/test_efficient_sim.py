@@ -293,8 +293,8 @@ def case_fused_backward_passes(rng):
                 out32, dout32 = out.astype(np.float32), dout.astype(np.float32)
             delta = np.full(shape[:5], np.nan, np.float32)
             accum = np.full(shape[:5] + (padded,), np.nan, np.float32)
-            grid, block = dq_accumulate.launch_shape(accum)
-            dq_accumulate.prepare_kernel(bf16)[grid, block](out, dout, delta, accum)
+            grid, per_row = dq_accumulate.launch_shape(accum)
+            dq_accumulate.prepare_kernel(bf16)[grid, dq_accumulate.THREADS](out, dout, delta, accum, per_row)
             want = (out32.astype(np.float64) * dout32).sum(-1)
             if not np.allclose(delta, want, rtol=1e-5, atol=1e-5):
                 failures.append(f"{cols=} bf16={bf16}: D off by {np.nanmax(np.abs(delta - want)):.3g}")
@@ -302,7 +302,7 @@ def case_fused_backward_passes(rng):
                 failures.append(f"{cols=} bf16={bf16}: the accumulator was not zeroed")
             accum[...] = rng.standard_normal(accum.shape)
             dq = np.zeros(shape, np.uint16 if bf16 else np.float16)
-            dq_accumulate.convert_kernel(bf16)[grid, block](accum, dq, 0.125)
+            dq_accumulate.convert_kernel(bf16)[grid, dq_accumulate.THREADS](accum, dq, 0.125, per_row)
             scaled = accum[..., :cols] * np.float32(0.125)
             if bf16:
                 bits = scaled.view(np.uint32).astype(np.uint64)
@@ -745,10 +745,10 @@ def test_dq_accumulate_passes_compile_for_sm90(monkeypatch):
     f32_6, f32_5 = nt.Array(nt.float32, 6, "A"), nt.Array(nt.float32, 5, "A")
     for bf16, element in ((True, nt.uint16), (False, nt.float16), (False, nt.float32)):
         rows6 = nt.Array(element, 6, "A")
-        prepare, _ = cuda.compile_ptx(dq_accumulate.prepare_kernel(bf16).py_func, (rows6, rows6, f32_5, f32_6),
-                                      cc=(9, 0))
-        convert, _ = cuda.compile_ptx(dq_accumulate.convert_kernel(bf16).py_func, (f32_6, rows6, nt.float64),
-                                      cc=(9, 0))
+        prepare, _ = cuda.compile_ptx(dq_accumulate.prepare_kernel(bf16).py_func, (rows6, rows6, f32_5, f32_6,
+                                                                                    nt.int64), cc=(9, 0))
+        convert, _ = cuda.compile_ptx(dq_accumulate.convert_kernel(bf16).py_func, (f32_6, rows6, nt.float64,
+                                                                                    nt.int64), cc=(9, 0))
         assert ".target sm_90" in prepare and ".target sm_90" in convert
         assert ".shared" in prepare and "bar.sync" in prepare
 
