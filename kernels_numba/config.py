@@ -122,7 +122,9 @@ class KernelConfig:
       (0.73-0.76x), its backward at head dim 128 0.52x -> 0.58x, at 64 0.86x -> 0.83x (BENCHMARKS.md). Since the
       masked loops' per-score work was cut (a thread's two keys' elements read by one load, the visibility rule
       as four 32-bit compares; BENCHMARKS.md, forty-fifth and forty-sixth sessions, two runs): bool forward
-      0.99-1.16x, backward 0.68-1.11x (0.68-0.83x at head dim 128); float forward 0.90-1.11x.
+      0.99-1.16x, backward 0.68-1.11x (0.68-0.83x at head dim 128); float forward 0.90-1.11x. Forty-eighth
+      session: bool backward 1.29x at head dim 64 (the fused backward's passes coalesced), 0.93x at 128 (the dk/dv
+      loop at 255 registers).
     tensor_core_mask_grad_sum: a float mask broadcast over batch, heads or queries (not keys), whose gradient sums
       dS over the scores that share an element, takes the tensor_core backward: the dq kernel adds each score's dS
       into a zeroed fp32 sum with atomics, then rounded into the mask's dtype. The order of the adds varies run to
@@ -130,7 +132,8 @@ class KernelConfig:
       rounding: the portable kernels' fp64 sums keep it exact), stay on the portable kernels, which ran such a
       gradient at 1 TFLOP/s on the H100 (bf16 L = 4096, a (1, H, L, S) mask: 0.01x PyTorch); this path at 26-41
       TFLOP/s (0.40-0.42x, mask tiles off; 0.47-0.51x with them; 0.62-0.63x since a pair of adjacent sums takes
-      one vector reduction and the masked loops' per-score work was cut; 0.57-0.62x in the next session's run).
+      one vector reduction and the masked loops' per-score work was cut; 0.57-0.62x in the next session's run;
+      0.87-1.15x since its passes read rows coalesced and mask_order_group).
     head_major_grid: the tensor_core kernels' blocks in head-major order where every block of a head does the same
       work (no causal band or window; tensor_core.head_major): consecutive blocks take the query blocks (dk/dv:
       key blocks) of one (batch, head), so the blocks that read one head's K and V (Q and dO) run together and
@@ -143,11 +146,10 @@ class KernelConfig:
       the slices that add into one sum (a summed batch or head dim) side by side for each row block
       (tensor_core.grid_order), so that their atomic adds meet in L2; 0 or 1: one slice's blocks in a row. The sums
       outgrow L2 (1 GB at L = S = 4096, 16 heads), so in a row each add is a round trip to memory. On the H100
-      (bf16 B = 4 L = 4096 Hq * E = 2048, a (1, H, L, S) float mask), grouping 4 in every kernel took that
-      backward from 0.62x to 0.71x PyTorch's at head dim 64 and 0.57x to 0.63x at 128, and cost a (B, 1, L, S)
-      bool mask's forward 8% at 128 (the group's K and V in L2 at once) while a float mask's forward and a bool
-      mask's backward, whose mask reads it shares too, gained nothing: the gain is the sums', so only their dq
-      kernel takes the order (BENCHMARKS.md; that form not yet timed on its own).
+      (bf16 B = 4 L = 4096 Hq * E = 2048, a (1, H, L, S) float mask, after the coalesced passes), 4 took that
+      backward from 0.92x to 1.15x PyTorch's at head dim 64 and 0.79x to 0.87x at 128 (BENCHMARKS.md, forty-eighth
+      session). Only the sums' dq kernel takes the order: grouping every kernel had cost a bool mask's forward 8%
+      at 128 and gained the others nothing.
     prepared_launches: a call whose argument signature was seen launches each kernel through
       ``cuLaunchKernel`` with its arguments flattened (kernels_numba.launcher), not through Numba's
       dispatcher (on the H200, tests/test_efficient_gpu.py -k prepared; off: Numba's path for every call).
