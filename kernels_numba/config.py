@@ -38,16 +38,17 @@ class KernelConfig:
       register cap is the 64K-register file over that many blocks (2: 255, the compiler's own choice; 3: 168).
       3 on the H200 (BENCHMARKS.md): the mma.sync loops stall on fixed latencies, which a third block per SM
       hides (backward +40% at E = 64, forward +10% at E = 128) although E = 128 then spills.
-    tensor_core_dkdv_blocks: the same for the 16-bit dk/dv loop alone (not fused) at head dims up to 128; 0: as
-      tensor_core_blocks. 2 (255 registers): at head dim 128 its dK and dV accumulators (128 registers a thread)
-      spill at 168 registers, 41 loads and 33 stores of local memory a step of its main loop (nvcc 13.0, bf16, the
-      loop inlined as Numba's LTO links it), none at 255. On the H100 (bf16 B = 4 L = 4096 Hq * E = 2048, two
-      runs a side) the backward at head dim 128 rose 0.81x -> 0.94x PyTorch's, causal 0.91x -> 1.04x, with a bool
-      mask 0.83x -> 0.93x (BENCHMARKS.md, forty-eighth session); the dq kernel keeps three blocks (2 for every
-      kernel had cost the backward 4%).
-    tensor_core_dq_blocks: the same for the 16-bit dq loop (not fused) at head dims up to 128; 0: as
-      tensor_core_blocks. At head dim 128 and 168 registers it spills 15 loads and 6 stores a step of its main
-      loop, 1426 instructions a step against 1120 at 255 (nvcc 13.0, bf16, inlined). Not yet timed.
+    tensor_core_dkdv_blocks: the same for the 16-bit dk/dv loop alone (not fused) at head dim 128 (97-128, padded
+      to it); 0: as tensor_core_blocks. 2 (255 registers): there its dK and dV accumulators (128 registers a
+      thread) spill at 168 registers, 41 loads and 33 stores of local memory a step of its main loop (nvcc 13.0,
+      bf16, the loop inlined as Numba's LTO links it), none at 255. On the H100 (bf16 B = 4 L = 4096 Hq * E = 2048,
+      two runs a side) the backward at head dim 128 rose 0.81x -> 0.94x PyTorch's, causal 0.91x -> 1.04x, with a
+      bool mask 0.83x -> 0.93x (BENCHMARKS.md, forty-eighth session). At head dim 96 the loop spills 9-12 a step
+      at 168: not measured, so not taken there.
+    tensor_core_dq_blocks: the same for the 16-bit dq loop (not fused) at head dim 128; 0: as tensor_core_blocks.
+      At 168 registers it spills 15 loads and 6 stores a step of its main loop, 1426 instructions a step against
+      1120 at 255 (nvcc 13.0, bf16, inlined). Not yet timed (2 blocks for every kernel, dq included, had cost the
+      backward at 128 4% before the dk/dv loop took its own cap).
     tensor_core_head_dim: the widest head dim the tensor_core loops take: 128, or up to 256 (padded to 160,
       192, 224, 256; forward: 32-key tiles, two blocks per SM; backward: column parts, two warps per 16 rows).
       256: on the H100 (bf16 L = 4096 Hq * E = 2048) head dims 192 and 256 ran forward 142-161 TFLOP/s (0.95-1.23x

@@ -540,8 +540,9 @@ def backward(pr, views, arrays, dmask_v, device, structure, cfg, dq_accum=None, 
     rows = backward_rows(parts)
     order = grid_order(dmask_v, cfg.mask_order_group) if mask_grad_sum and major and not varlen else (1, 1)
 
-    # the 16-bit loops apart (not fused) at head dims up to 128 may take their own register caps
-    own_caps = not fused and not _wide(elem) and head_dim <= 128
+    # the 16-bit loops apart (not fused) at head dim 128, whose accumulators spill at 168 registers, may take their
+    # own register caps (at 96 they spill a quarter as much: not measured)
+    own_caps = not fused and not _wide(elem) and head_dim == 128
 
     def capped(blocks):  # ``instance`` at the register cap of ``blocks`` blocks an SM, 0: as it is
         return instance[:4] + (config.block_registers(blocks),) + instance[5:] if own_caps and blocks else instance

@@ -705,8 +705,8 @@ def test_mask_tiles(gpu, rng, dtype):
                                           ("tensor_core_dq_blocks", "_dq_kernel")])
 def test_backward_blocks_change_the_registers_not_the_bits(gpu, rng, monkeypatch, knob, kernel):
     """KernelConfig.tensor_core_dkdv_blocks and tensor_core_dq_blocks = 2: that 16-bit loop (not fused) at head
-    dims up to 128 at 255 registers, two blocks an SM: the same PTX, so the bits of 0 (tensor_core_blocks' 168),
-    and judged; head dims 64 and 128, causal, a bool mask with dropout, GQA."""
+    dim 128 at 255 registers, two blocks an SM: the same PTX, so the bits of 0 (tensor_core_blocks' 168), and
+    judged; head dims 128 (causal; a bool mask with dropout) and 64 (GQA: the knobs leave it at 168)."""
     from kernels_numba import tensor_core
 
     caps = set()
